@@ -48,6 +48,8 @@ func newRootCmd() *cobra.Command {
 	}
 	root.AddCommand(
 		newVersionCmd(),
+		newServeCmd(),
+		newCACmd(),
 	)
 	return root
 }

@@ -1,0 +1,293 @@
+package authn
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/base64"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"golang.org/x/time/rate"
+	authv1 "k8s.io/api/authentication/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/utils/clock"
+
+	"github.com/trustmesh/trustmesh/ca"
+	"github.com/trustmesh/trustmesh/ca/journal"
+)
+
+// DefaultAudience is the audience service-account tokens must carry, as
+// Istio's CA expects.
+const DefaultAudience = "istio-ca"
+
+// maxJWTSize bounds the tokens that are looked at at all.
+const maxJWTSize = 16 << 10
+
+// KubernetesConfig configures the Kubernetes authenticator.
+type KubernetesConfig struct {
+	TrustDomain spiffeid.TrustDomain
+	Client      kubernetes.Interface
+	// Audience the token must be bound to. Default "istio-ca".
+	Audience string
+	Clock    clock.PassiveClock
+	// QPS and Burst bound TokenReviews sent to the apiserver. Defaults 50, 100.
+	QPS   float64
+	Burst int
+	// MaxWait is how long a request may wait for a TokenReview slot before it
+	// is refused as unavailable. Default 2s.
+	MaxWait time.Duration
+	// CacheTTL is how long a positive review is reused, never past the
+	// token's own expiry. Default 30s. CacheSize bounds the cache. Default 4096.
+	CacheTTL  time.Duration
+	CacheSize int
+}
+
+// Kubernetes authenticates service-account tokens with TokenReview. Reviews
+// are rate-limited and positive results cached briefly, so a flood of bad
+// tokens cannot overload the apiserver; cheap local checks (form, audience,
+// expiry) refuse most bad tokens before any review is sent.
+type Kubernetes struct {
+	cfg     KubernetesConfig
+	limiter *rate.Limiter
+
+	mu    sync.Mutex
+	cache map[[sha256.Size]byte]cachedReview
+}
+
+type cachedReview struct {
+	caller  ca.Caller
+	expires time.Time
+}
+
+// NewKubernetes fills in defaults and returns the authenticator.
+func NewKubernetes(cfg KubernetesConfig) (*Kubernetes, error) {
+	if cfg.Client == nil {
+		return nil, errors.New("authn: a Kubernetes client is required")
+	}
+	if cfg.TrustDomain.IsZero() {
+		return nil, errors.New("authn: a trust domain is required")
+	}
+	if cfg.Audience == "" {
+		cfg.Audience = DefaultAudience
+	}
+	if cfg.Clock == nil {
+		cfg.Clock = clock.RealClock{}
+	}
+	if cfg.QPS <= 0 {
+		cfg.QPS = 50
+	}
+	if cfg.Burst <= 0 {
+		cfg.Burst = 100
+	}
+	if cfg.MaxWait <= 0 {
+		cfg.MaxWait = 2 * time.Second
+	}
+	if cfg.CacheTTL <= 0 {
+		cfg.CacheTTL = 30 * time.Second
+	}
+	if cfg.CacheSize <= 0 {
+		cfg.CacheSize = 4096
+	}
+	return &Kubernetes{
+		cfg:     cfg,
+		limiter: rate.NewLimiter(rate.Limit(cfg.QPS), cfg.Burst),
+		cache:   map[[sha256.Size]byte]cachedReview{},
+	}, nil
+}
+
+// Authenticate checks a service-account token and returns
+// spiffe://TD/ns/NS/sa/SA.
+func (k *Kubernetes) Authenticate(ctx context.Context, token string) (ca.Caller, error) {
+	now := k.cfg.Clock.Now()
+	claims, err := k.precheck(token, now)
+	if err != nil {
+		return ca.Caller{}, err
+	}
+	key := sha256.Sum256([]byte(token))
+	if c, ok := k.cached(key, now); ok {
+		return c, nil
+	}
+
+	wctx, cancel := context.WithTimeout(ctx, k.cfg.MaxWait)
+	err = k.limiter.Wait(wctx)
+	cancel()
+	if err != nil {
+		return ca.Caller{}, ca.Refuse(ca.KindUnavailable, ca.ReasonTokenReviewBusy, fmt.Errorf("TokenReview rate limit: %w", err))
+	}
+	review, err := k.cfg.Client.AuthenticationV1().TokenReviews().Create(ctx, &authv1.TokenReview{
+		Spec: authv1.TokenReviewSpec{Token: token, Audiences: []string{k.cfg.Audience}},
+	}, metav1.CreateOptions{})
+	if err != nil {
+		return ca.Caller{}, ca.Refuse(ca.KindUnavailable, ca.ReasonTokenReviewFailed, fmt.Errorf("TokenReview: %w", err))
+	}
+	st := review.Status
+	if !st.Authenticated {
+		return ca.Caller{}, ca.Refuse(ca.KindUnauthenticated, ca.ReasonTokenRejected, fmt.Errorf("TokenReview refused the token: %s", st.Error))
+	}
+	if !contains(st.Audiences, k.cfg.Audience) {
+		return ca.Caller{}, ca.Refuse(ca.KindUnauthenticated, ca.ReasonTokenAudience,
+			fmt.Errorf("TokenReview audiences %v do not include %q", st.Audiences, k.cfg.Audience))
+	}
+	ns, sa, ok := parseServiceAccountUser(st.User.Username)
+	if !ok {
+		return ca.Caller{}, ca.Refuse(ca.KindUnauthenticated, ca.ReasonTokenNotSA,
+			fmt.Errorf("token user %q is not a service account", st.User.Username))
+	}
+	id, err := spiffeid.FromSegments(k.cfg.TrustDomain, "ns", ns, "sa", sa)
+	if err != nil {
+		return ca.Caller{}, ca.Refuse(ca.KindUnauthenticated, ca.ReasonTokenNotSA, fmt.Errorf("service account %s/%s: %w", ns, sa, err))
+	}
+	caller := ca.Caller{
+		ID:         id,
+		Method:     "kubernetes",
+		Subject:    st.User.Username,
+		Origin:     journal.OriginKubernetes,
+		SubjectUID: st.User.UID,
+	}
+	expires := now.Add(k.cfg.CacheTTL)
+	if !claims.expiry.IsZero() && claims.expiry.Before(expires) {
+		expires = claims.expiry
+	}
+	k.store(key, cachedReview{caller: caller, expires: expires}, now)
+	return caller, nil
+}
+
+// CheckServiceAccount refuses a renewal when the service account behind an
+// identity no longer exists, or was deleted and created again (uid differs).
+func (k *Kubernetes) CheckServiceAccount(ctx context.Context, id spiffeid.ID, uid string) error {
+	segs := strings.Split(strings.TrimPrefix(id.Path(), "/"), "/")
+	if len(segs) != 4 || segs[0] != "ns" || segs[2] != "sa" {
+		return ca.Refuse(ca.KindDenied, ca.ReasonCertNotRenewable, fmt.Errorf("%s is not a service-account identity", id))
+	}
+	sa, err := k.cfg.Client.CoreV1().ServiceAccounts(segs[1]).Get(ctx, segs[3], metav1.GetOptions{})
+	if apierrors.IsNotFound(err) {
+		return ca.Refuse(ca.KindDenied, ca.ReasonAccountDeleted, fmt.Errorf("service account %s/%s no longer exists", segs[1], segs[3]))
+	}
+	if err != nil {
+		return ca.Refuse(ca.KindUnavailable, ca.ReasonRenewalCheckFailed, fmt.Errorf("look up service account %s/%s: %w", segs[1], segs[3], err))
+	}
+	if uid != "" && string(sa.UID) != uid {
+		return ca.Refuse(ca.KindDenied, ca.ReasonAccountDeleted,
+			fmt.Errorf("service account %s/%s was deleted and created again (uid %s, was %s)", segs[1], segs[3], sa.UID, uid))
+	}
+	return nil
+}
+
+type jwtClaims struct {
+	expiry time.Time
+}
+
+// precheck refuses tokens that cannot pass a TokenReview, without asking the
+// apiserver. It trusts nothing it reads: a token that passes is still
+// reviewed.
+func (k *Kubernetes) precheck(token string, now time.Time) (jwtClaims, error) {
+	malformed := func(why string) error {
+		return ca.Refuse(ca.KindUnauthenticated, ca.ReasonTokenMalformed, errors.New(why))
+	}
+	if len(token) > maxJWTSize {
+		return jwtClaims{}, malformed("token is too large")
+	}
+	parts := strings.Split(token, ".")
+	if len(parts) != 3 || parts[0] == "" || parts[1] == "" || parts[2] == "" {
+		return jwtClaims{}, malformed("token is not a JWT")
+	}
+	payload, err := base64.RawURLEncoding.DecodeString(parts[1])
+	if err != nil {
+		return jwtClaims{}, malformed("token payload is not base64url")
+	}
+	var claims struct {
+		Aud audience `json:"aud"`
+		Exp *float64 `json:"exp"`
+	}
+	if err := json.Unmarshal(payload, &claims); err != nil {
+		return jwtClaims{}, malformed("token payload is not a JSON claims set")
+	}
+	if !contains(claims.Aud, k.cfg.Audience) {
+		return jwtClaims{}, ca.Refuse(ca.KindUnauthenticated, ca.ReasonTokenAudience,
+			fmt.Errorf("token audiences %v do not include %q", []string(claims.Aud), k.cfg.Audience))
+	}
+	var out jwtClaims
+	if claims.Exp != nil {
+		out.expiry = time.Unix(int64(*claims.Exp), 0)
+		if !now.Before(out.expiry) {
+			return jwtClaims{}, ca.Refuse(ca.KindUnauthenticated, ca.ReasonTokenExpired,
+				fmt.Errorf("token expired at %s", out.expiry.UTC().Format(time.RFC3339)))
+		}
+	}
+	return out, nil
+}
+
+func (k *Kubernetes) cached(key [sha256.Size]byte, now time.Time) (ca.Caller, bool) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	c, ok := k.cache[key]
+	if !ok {
+		return ca.Caller{}, false
+	}
+	if !now.Before(c.expires) {
+		delete(k.cache, key)
+		return ca.Caller{}, false
+	}
+	return c.caller, true
+}
+
+func (k *Kubernetes) store(key [sha256.Size]byte, c cachedReview, now time.Time) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if len(k.cache) >= k.cfg.CacheSize {
+		for kk, v := range k.cache {
+			if !now.Before(v.expires) {
+				delete(k.cache, kk)
+			}
+		}
+		if len(k.cache) >= k.cfg.CacheSize {
+			return // full of live entries: skip caching rather than grow
+		}
+	}
+	k.cache[key] = c
+}
+
+// audience is a JWT "aud" claim, a string or an array of strings.
+type audience []string
+
+func (a *audience) UnmarshalJSON(b []byte) error {
+	var one string
+	if err := json.Unmarshal(b, &one); err == nil {
+		*a = []string{one}
+		return nil
+	}
+	var many []string
+	if err := json.Unmarshal(b, &many); err != nil {
+		return err
+	}
+	*a = many
+	return nil
+}
+
+func parseServiceAccountUser(u string) (ns, sa string, ok bool) {
+	const prefix = "system:serviceaccount:"
+	if !strings.HasPrefix(u, prefix) {
+		return "", "", false
+	}
+	parts := strings.Split(strings.TrimPrefix(u, prefix), ":")
+	if len(parts) != 2 || parts[0] == "" || parts[1] == "" {
+		return "", "", false
+	}
+	return parts[0], parts[1], true
+}
+
+func contains(list []string, s string) bool {
+	for _, v := range list {
+		if v == s {
+			return true
+		}
+	}
+	return false
+}

@@ -1,0 +1,120 @@
+package authn
+
+import (
+	"context"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+	"k8s.io/utils/clock"
+
+	"github.com/trustmesh/trustmesh/ca"
+	"github.com/trustmesh/trustmesh/ca/journal"
+)
+
+// DefaultMaxEnrolmentAge bounds how long a join-token enrolment may be
+// renewed without enrolling again.
+const DefaultMaxEnrolmentAge = 30 * 24 * time.Hour
+
+// RenewalStore is what renewal checks read from the journal.
+type RenewalStore interface {
+	LookupIssuance(ctx context.Context, serial string) (journal.Issuance, error)
+	LookupEnrolment(ctx context.Context, id string) (journal.Enrolment, error)
+}
+
+// Renewal authenticates a caller by its current trustmesh certificate, for a
+// certificate of the same identity only. It re-checks that the identity still
+// stands with the authority it first came from, so a stolen key cannot renew
+// forever: a Kubernetes identity needs its service account, a join-token
+// identity an unrevoked enrolment younger than MaxEnrolmentAge.
+type Renewal struct {
+	TrustDomain spiffeid.TrustDomain
+	Bundle      x509bundle.Source
+	Store       RenewalStore
+	// Kubernetes checks service accounts; nil off Kubernetes, in which case
+	// Kubernetes identities cannot renew.
+	Kubernetes      *Kubernetes
+	MaxEnrolmentAge time.Duration
+	Clock           clock.PassiveClock
+}
+
+// Authenticate verifies the client chain against the current bundle and
+// returns the identity it names.
+func (r *Renewal) Authenticate(ctx context.Context, chain []*x509.Certificate) (ca.Caller, error) {
+	now := r.Clock.Now()
+	id, _, err := x509svid.Verify(chain, r.Bundle, x509svid.WithTime(now))
+	if err != nil {
+		return ca.Caller{}, ca.Refuse(ca.KindUnauthenticated, ca.ReasonCertInvalid, fmt.Errorf("client certificate: %w", err))
+	}
+	if id.TrustDomain() != r.TrustDomain {
+		return ca.Caller{}, ca.Refuse(ca.KindUnauthenticated, ca.ReasonCertInvalid, fmt.Errorf("client certificate is for trust domain %s", id.TrustDomain()))
+	}
+	serial := ca.SerialHex(chain[0])
+	iss, err := r.Store.LookupIssuance(ctx, serial)
+	if errors.Is(err, journal.ErrNotFound) {
+		return ca.Caller{}, ca.Refuse(ca.KindUnauthenticated, ca.ReasonCertNotRecorded,
+			fmt.Errorf("client certificate %s verifies but was never recorded as issued", serial))
+	}
+	if err != nil {
+		return ca.Caller{}, ca.Refuse(ca.KindUnavailable, ca.ReasonRenewalCheckFailed, err)
+	}
+	if iss.SPIFFEID != id.String() {
+		return ca.Caller{}, ca.Refuse(ca.KindUnauthenticated, ca.ReasonCertNotRecorded,
+			fmt.Errorf("client certificate %s names %s but was recorded for %s", serial, id, iss.SPIFFEID))
+	}
+	switch iss.Origin {
+	case journal.OriginKubernetes:
+		if r.Kubernetes == nil {
+			return ca.Caller{}, ca.Refuse(ca.KindDenied, ca.ReasonRenewalCheckFailed,
+				errors.New("a Kubernetes identity cannot renew while Kubernetes authentication is off"))
+		}
+		if err := r.Kubernetes.CheckServiceAccount(ctx, id, iss.SubjectUID); err != nil {
+			return ca.Caller{}, err
+		}
+	case journal.OriginJoinToken:
+		if err := r.checkEnrolment(ctx, iss.EnrolmentID, id, now); err != nil {
+			return ca.Caller{}, err
+		}
+	default:
+		return ca.Caller{}, ca.Refuse(ca.KindDenied, ca.ReasonCertNotRenewable,
+			fmt.Errorf("certificate %s of origin %q cannot be renewed by a client", serial, iss.Origin))
+	}
+	return ca.Caller{
+		ID:          id,
+		Method:      "x509-renewal",
+		Subject:     "x509:" + serial,
+		Origin:      iss.Origin,
+		EnrolmentID: iss.EnrolmentID,
+		SubjectUID:  iss.SubjectUID,
+	}, nil
+}
+
+func (r *Renewal) checkEnrolment(ctx context.Context, enrolmentID string, id spiffeid.ID, now time.Time) error {
+	e, err := r.Store.LookupEnrolment(ctx, enrolmentID)
+	if errors.Is(err, journal.ErrNotFound) {
+		return ca.Refuse(ca.KindDenied, ca.ReasonEnrolmentRevoked, fmt.Errorf("enrolment %q of %s does not exist", enrolmentID, id))
+	}
+	if err != nil {
+		return ca.Refuse(ca.KindUnavailable, ca.ReasonRenewalCheckFailed, err)
+	}
+	if e.SPIFFEID != id.String() {
+		return ca.Refuse(ca.KindDenied, ca.ReasonEnrolmentRevoked, fmt.Errorf("enrolment %s is for %s, not %s", e.ID, e.SPIFFEID, id))
+	}
+	if !e.RevokedAt.IsZero() {
+		return ca.Refuse(ca.KindDenied, ca.ReasonEnrolmentRevoked,
+			fmt.Errorf("enrolment %s of %s was revoked at %s", e.ID, id, e.RevokedAt.Format(time.RFC3339)))
+	}
+	maxAge := r.MaxEnrolmentAge
+	if maxAge <= 0 {
+		maxAge = DefaultMaxEnrolmentAge
+	}
+	if age := now.Sub(e.EnrolledAt); age > maxAge {
+		return ca.Refuse(ca.KindDenied, ca.ReasonEnrolmentExpired,
+			fmt.Errorf("enrolment %s of %s is %s old; the maximum is %s", e.ID, id, age.Round(time.Second), maxAge))
+	}
+	return nil
+}

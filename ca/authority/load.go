@@ -1,0 +1,350 @@
+package authority
+
+import (
+	"bytes"
+	"context"
+	"crypto"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"io/fs"
+	"net/url"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"go.step.sm/crypto/keyutil"
+	"go.step.sm/crypto/kms"
+	"go.step.sm/crypto/kms/apiv1"
+	"go.step.sm/crypto/pemutil"
+	"go.step.sm/crypto/x509util"
+)
+
+// The file names of Istio's cacerts layout, which trustmesh also uses for the
+// material it manages itself.
+const (
+	CACertFile    = "ca-cert.pem"
+	CAKeyFile     = "ca-key.pem"
+	CertChainFile = "cert-chain.pem"
+	RootCertFile  = "root-cert.pem"
+	// RootKeyFile exists only for self-managed material; trustmesh needs the
+	// root key to sign the next intermediate.
+	RootKeyFile = "root-key.pem"
+)
+
+// Lifetimes of self-managed CA certificates.
+const (
+	RootLifetime         = 10 * 365 * 24 * time.Hour
+	IntermediateLifetime = 365 * 24 * time.Hour
+	// backdate covers clock skew between the CA and relying parties.
+	backdate = 5 * time.Minute
+)
+
+// Config says where the CA material lives.
+type Config struct {
+	TrustDomain spiffeid.TrustDomain
+	// Dir is where self-managed material is created on first start and read
+	// on every later start. Used when CACertsDir is empty.
+	Dir string
+	// CACertsDir, when set, holds operator-supplied material in Istio's
+	// cacerts layout; nothing is created.
+	CACertsDir string
+	// KeyURI, when set, names the signing key in a KMS (go.step.sm/crypto/kms
+	// URI, e.g. "pkcs11:..."), instead of ca-key.pem beside the certificates.
+	KeyURI string
+	// Now is the time the material is checked against.
+	Now time.Time
+}
+
+// Load returns the configured CA material, creating self-managed material on
+// first start. Every problem found is reported together.
+func Load(ctx context.Context, cfg Config) (*Material, error) {
+	if cfg.TrustDomain.IsZero() {
+		return nil, errors.New("authority: a trust domain is required")
+	}
+	dir := cfg.CACertsDir
+	if dir == "" {
+		if cfg.Dir == "" {
+			return nil, errors.New("authority: either a data directory or a cacerts directory is required")
+		}
+		dir = cfg.Dir
+		if err := ensureSelfManaged(cfg); err != nil {
+			return nil, err
+		}
+	}
+	keyURI := cfg.KeyURI
+	if keyURI == "" {
+		abs, err := filepath.Abs(filepath.Join(dir, CAKeyFile))
+		if err != nil {
+			return nil, fmt.Errorf("authority: %w", err)
+		}
+		keyURI = (&url.URL{Scheme: "softkms", Opaque: "path=" + abs}).String()
+	}
+	signer, err := OpenSigner(ctx, keyURI)
+	if err != nil {
+		return nil, err
+	}
+	m, err := readMaterial(dir, signer)
+	if err != nil {
+		return nil, err
+	}
+	if err := Validate(m, cfg.Now); err != nil {
+		return nil, fmt.Errorf("authority: material in %s: %w", dir, err)
+	}
+	return m, nil
+}
+
+// OpenSigner returns the signing key named by a KMS key URI. Only softkms is
+// built in; other KMS back ends are linked in by build tag.
+func OpenSigner(ctx context.Context, keyURI string) (crypto.Signer, error) {
+	km, err := kms.New(ctx, apiv1.Options{URI: keyURI})
+	if err != nil {
+		return nil, fmt.Errorf("authority: open KMS for %q: %w", keyURI, err)
+	}
+	signer, err := km.CreateSigner(&apiv1.CreateSignerRequest{SigningKey: keyURI})
+	if err != nil {
+		return nil, fmt.Errorf("authority: open signing key %q: %w", keyURI, err)
+	}
+	return signer, nil
+}
+
+func readMaterial(dir string, signer crypto.Signer) (*Material, error) {
+	var errs []error
+	read := func(name string) []*x509.Certificate {
+		certs, err := pemutil.ReadCertificateBundle(filepath.Join(dir, name))
+		if err != nil {
+			errs = append(errs, fmt.Errorf("%s: %w", name, err))
+		}
+		return certs
+	}
+	caCerts, chain, roots := read(CACertFile), read(CertChainFile), read(RootCertFile)
+	if len(errs) > 0 {
+		return nil, fmt.Errorf("authority: %w", errors.Join(errs...))
+	}
+	if len(caCerts) != 1 {
+		return nil, fmt.Errorf("authority: %s must hold exactly one certificate, found %d", CACertFile, len(caCerts))
+	}
+	m := &Material{Signer: signer, Cert: caCerts[0], Roots: roots}
+	// cert-chain.pem runs from ca-cert.pem up to and often including the
+	// root; the chain carried in issued certificates stops below the roots.
+	for _, c := range chain {
+		if isIn(c, roots) {
+			continue
+		}
+		m.Chain = append(m.Chain, c)
+	}
+	if len(m.Chain) == 0 || !m.Chain[0].Equal(m.Cert) {
+		m.Chain = append([]*x509.Certificate{m.Cert}, m.Chain...)
+	}
+	return m, nil
+}
+
+// Validate checks that material is usable at now: the signer owns the issuing
+// certificate, every certificate is a valid CA, and the chain verifies to a
+// root of the bundle.
+func Validate(m *Material, now time.Time) error {
+	var errs []error
+	if !publicKeyEqual(m.Signer.Public(), m.Cert.PublicKey) {
+		errs = append(errs, errors.New("the signing key does not belong to the CA certificate"))
+	}
+	if len(m.Roots) == 0 {
+		errs = append(errs, errors.New("the trust bundle holds no root"))
+	}
+	for _, c := range append(append([]*x509.Certificate{}, m.Chain...), m.Roots...) {
+		if !c.IsCA || !c.BasicConstraintsValid {
+			errs = append(errs, fmt.Errorf("certificate %q is not a CA", c.Subject))
+		}
+		if c.KeyUsage != 0 && c.KeyUsage&x509.KeyUsageCertSign == 0 {
+			errs = append(errs, fmt.Errorf("certificate %q may not sign certificates", c.Subject))
+		}
+	}
+	for _, r := range m.Roots {
+		if err := r.CheckSignatureFrom(r); err != nil || !bytes.Equal(r.RawIssuer, r.RawSubject) {
+			errs = append(errs, fmt.Errorf("root %q is not self-signed; intermediates never enter the trust bundle", r.Subject))
+		}
+	}
+	if now.Before(m.Cert.NotBefore) || !now.Before(m.Cert.NotAfter) {
+		errs = append(errs, fmt.Errorf("CA certificate %q is not valid now (valid %s to %s)",
+			m.Cert.Subject, m.Cert.NotBefore.Format(time.RFC3339), m.Cert.NotAfter.Format(time.RFC3339)))
+	}
+	if len(errs) == 0 {
+		roots, inter := x509.NewCertPool(), x509.NewCertPool()
+		for _, r := range m.Roots {
+			roots.AddCert(r)
+		}
+		for _, c := range m.Chain[1:] {
+			inter.AddCert(c)
+		}
+		if _, err := m.Cert.Verify(x509.VerifyOptions{
+			Roots: roots, Intermediates: inter, CurrentTime: now,
+			KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny},
+		}); err != nil {
+			errs = append(errs, fmt.Errorf("the CA certificate does not chain to the trust bundle: %w", err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// ensureSelfManaged creates a root and an intermediate in cfg.Dir unless they
+// exist. A directory holding only some of the files is an error, never
+// overwritten.
+func ensureSelfManaged(cfg Config) error {
+	names := []string{RootCertFile, RootKeyFile, CACertFile, CAKeyFile, CertChainFile}
+	present := 0
+	for _, n := range names {
+		if _, err := os.Stat(filepath.Join(cfg.Dir, n)); err == nil {
+			present++
+		} else if !errors.Is(err, fs.ErrNotExist) {
+			return fmt.Errorf("authority: %w", err)
+		}
+	}
+	switch present {
+	case len(names):
+		return nil
+	case 0:
+	default:
+		return fmt.Errorf("authority: %s holds only %d of the %d CA files; restore them or move the directory away, it is never overwritten",
+			cfg.Dir, present, len(names))
+	}
+	if err := os.MkdirAll(cfg.Dir, 0o700); err != nil {
+		return fmt.Errorf("authority: %w", err)
+	}
+	if err := os.Chmod(cfg.Dir, 0o700); err != nil {
+		return fmt.Errorf("authority: %w", err)
+	}
+	now := cfg.Now
+	rootKey, err := keyutil.GenerateSigner("EC", "P-256", 0)
+	if err != nil {
+		return fmt.Errorf("authority: generate root key: %w", err)
+	}
+	rootTmpl := &x509.Certificate{
+		Subject:               pkix.Name{Organization: []string{"trustmesh"}, CommonName: "trustmesh root " + cfg.TrustDomain.Name()},
+		URIs:                  []*url.URL{cfg.TrustDomain.ID().URL()},
+		NotBefore:             now.Add(-backdate),
+		NotAfter:              now.Add(RootLifetime),
+		IsCA:                  true,
+		BasicConstraintsValid: true,
+		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageCRLSign,
+	}
+	root, err := x509util.CreateCertificate(rootTmpl, rootTmpl, rootKey.Public(), rootKey)
+	if err != nil {
+		return fmt.Errorf("authority: create root: %w", err)
+	}
+	inter, interKey, err := NewIntermediate(cfg.TrustDomain, root, rootKey, now, IntermediateLifetime)
+	if err != nil {
+		return err
+	}
+	files := []struct {
+		name string
+		data []byte
+	}{
+		{RootKeyFile, mustKeyPEM(rootKey)},
+		{CAKeyFile, mustKeyPEM(interKey)},
+		{RootCertFile, certPEM(root)},
+		{CACertFile, certPEM(inter)},
+		{CertChainFile, certPEM(inter, root)},
+	}
+	for _, f := range files {
+		if f.data == nil {
+			return fmt.Errorf("authority: encode %s", f.name)
+		}
+		if err := writeFileAtomic(filepath.Join(cfg.Dir, f.name), f.data); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// NewIntermediate creates an issuing CA certificate and key under parent.
+func NewIntermediate(td spiffeid.TrustDomain, parent *x509.Certificate, parentKey crypto.Signer, now time.Time, lifetime time.Duration) (*x509.Certificate, crypto.Signer, error) {
+	key, err := keyutil.GenerateSigner("EC", "P-256", 0)
+	if err != nil {
+		return nil, nil, fmt.Errorf("authority: generate intermediate key: %w", err)
+	}
+	notAfter := now.Add(lifetime)
+	if notAfter.After(parent.NotAfter) {
+		notAfter = parent.NotAfter
+	}
+	cert, err := x509util.CreateCertificate(&x509.Certificate{
+		Subject: pkix.Name{
+			Organization: []string{"trustmesh"},
+			CommonName:   fmt.Sprintf("trustmesh intermediate %s %s", td.Name(), now.UTC().Format("2006-01-02T15:04:05Z")),
+		},
+		URIs:                  []*url.URL{td.ID().URL()},
+		NotBefore:             now.Add(-backdate),
+		NotAfter:              notAfter,
+		IsCA:                  true,
+		BasicConstraintsValid: true,
+		MaxPathLenZero:        true,
+		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageCRLSign,
+	}, parent, key.Public(), parentKey)
+	if err != nil {
+		return nil, nil, fmt.Errorf("authority: create intermediate: %w", err)
+	}
+	return cert, key, nil
+}
+
+// EncodeCertificates returns certs as concatenated PEM blocks.
+func EncodeCertificates(certs ...*x509.Certificate) []byte { return certPEM(certs...) }
+
+func certPEM(certs ...*x509.Certificate) []byte {
+	var b bytes.Buffer
+	for _, c := range certs {
+		_ = pem.Encode(&b, &pem.Block{Type: "CERTIFICATE", Bytes: c.Raw})
+	}
+	return b.Bytes()
+}
+
+func mustKeyPEM(key crypto.Signer) []byte {
+	der, err := x509.MarshalPKCS8PrivateKey(key)
+	if err != nil {
+		return nil
+	}
+	return pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der})
+}
+
+// writeFileAtomic writes an owner-only file through a temporary file, so a
+// crash never leaves a half-written key or certificate.
+func writeFileAtomic(path string, data []byte) error {
+	tmp, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".*")
+	if err != nil {
+		return fmt.Errorf("authority: %w", err)
+	}
+	defer os.Remove(tmp.Name())
+	if err := tmp.Chmod(0o600); err != nil {
+		tmp.Close()
+		return fmt.Errorf("authority: %w", err)
+	}
+	if _, err := tmp.Write(data); err != nil {
+		tmp.Close()
+		return fmt.Errorf("authority: write %s: %w", path, err)
+	}
+	if err := tmp.Sync(); err != nil {
+		tmp.Close()
+		return fmt.Errorf("authority: sync %s: %w", path, err)
+	}
+	if err := tmp.Close(); err != nil {
+		return fmt.Errorf("authority: %w", err)
+	}
+	if err := os.Rename(tmp.Name(), path); err != nil {
+		return fmt.Errorf("authority: %w", err)
+	}
+	return nil
+}
+
+func isIn(c *x509.Certificate, set []*x509.Certificate) bool {
+	for _, s := range set {
+		if s.Equal(c) {
+			return true
+		}
+	}
+	return false
+}
+
+func publicKeyEqual(a, b crypto.PublicKey) bool {
+	ea, ok := a.(interface{ Equal(crypto.PublicKey) bool })
+	return ok && ea.Equal(b)
+}

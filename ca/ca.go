@@ -1,0 +1,295 @@
+// Package ca is trustmesh's signing core: it turns an authenticated caller and
+// a CSR into an X.509-SVID, enforcing that the CA, never the CSR, decides the
+// identity, verifying every certificate it mints, and recording each one
+// durably before it is handed out.
+package ca
+
+import (
+	"context"
+	"crypto"
+	"crypto/rand"
+	"crypto/rsa"
+	"crypto/sha256"
+	"crypto/x509"
+	"encoding/hex"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"math/big"
+	"net"
+	"net/url"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+	"k8s.io/utils/clock"
+
+	"github.com/trustmesh/trustmesh/ca/authority"
+	"github.com/trustmesh/trustmesh/ca/journal"
+)
+
+// Default workload certificate lifetimes.
+const (
+	DefaultTTL    = time.Hour
+	DefaultMinTTL = 5 * time.Minute
+	DefaultMaxTTL = 24 * time.Hour
+	// leafBackdate covers small clock skew between the CA and its peers.
+	leafBackdate = 30 * time.Second
+)
+
+// Caller is an authenticated caller: who it is and how it proved it.
+type Caller struct {
+	ID spiffeid.ID
+	// Method is how this request authenticated: "kubernetes", "join-token"
+	// or "x509-renewal".
+	Method string
+	// Subject names the credential: a token's subject, a join-token id, or
+	// the serial of the certificate being renewed.
+	Subject     string
+	Origin      journal.Origin
+	EnrolmentID string
+	SubjectUID  string
+	// Redeem, when set, is the join token spent by this issuance.
+	Redeem *journal.Redemption
+}
+
+// Recorder durably records issuances. It must return only once the record is
+// durable; an error means nothing was recorded.
+type Recorder interface {
+	RecordIssuance(ctx context.Context, iss journal.Issuance, redeem *journal.Redemption) (int64, error)
+}
+
+// Authority is the key material the CA signs with, and the bundle it
+// verifies against.
+type Authority interface {
+	Current() *authority.Material
+	x509bundle.Source
+}
+
+// Config configures a CA.
+type Config struct {
+	TrustDomain spiffeid.TrustDomain
+	Authority   Authority
+	Recorder    Recorder
+	Clock       clock.PassiveClock
+	// DefaultTTL applies when a caller asks for no lifetime; MinTTL and
+	// MaxTTL clamp what callers ask for.
+	DefaultTTL, MinTTL, MaxTTL time.Duration
+}
+
+// CA issues workload certificates.
+type CA struct {
+	cfg Config
+}
+
+// New validates cfg, fills in defaults and returns a CA.
+func New(cfg Config) (*CA, error) {
+	if cfg.DefaultTTL == 0 {
+		cfg.DefaultTTL = DefaultTTL
+	}
+	if cfg.MinTTL == 0 {
+		cfg.MinTTL = DefaultMinTTL
+	}
+	if cfg.MaxTTL == 0 {
+		cfg.MaxTTL = DefaultMaxTTL
+	}
+	if cfg.Clock == nil {
+		cfg.Clock = clock.RealClock{}
+	}
+	var errs []error
+	if cfg.TrustDomain.IsZero() {
+		errs = append(errs, errors.New("a trust domain is required"))
+	}
+	if cfg.Authority == nil {
+		errs = append(errs, errors.New("an authority is required"))
+	}
+	if cfg.Recorder == nil {
+		errs = append(errs, errors.New("a recorder is required: the CA never issues what it cannot record"))
+	}
+	if cfg.MinTTL <= 0 || cfg.MinTTL > cfg.MaxTTL {
+		errs = append(errs, fmt.Errorf("minimum workload TTL %s must be positive and at most the maximum %s", cfg.MinTTL, cfg.MaxTTL))
+	}
+	if cfg.DefaultTTL < cfg.MinTTL || cfg.DefaultTTL > cfg.MaxTTL {
+		errs = append(errs, fmt.Errorf("default workload TTL %s is outside [%s, %s]", cfg.DefaultTTL, cfg.MinTTL, cfg.MaxTTL))
+	}
+	if len(errs) > 0 {
+		return nil, fmt.Errorf("ca: %w", errors.Join(errs...))
+	}
+	return &CA{cfg: cfg}, nil
+}
+
+// TrustDomain is the trust domain the CA issues for.
+func (c *CA) TrustDomain() spiffeid.TrustDomain { return c.cfg.TrustDomain }
+
+// Issued is a minted, verified and recorded certificate with what a relying
+// party needs to verify it.
+type Issued struct {
+	Leaf *x509.Certificate
+	// Chain is the issuing CA certificate and any further intermediates.
+	Chain []*x509.Certificate
+	Roots []*x509.Certificate
+	// Seq is the record's position in the journal.
+	Seq int64
+}
+
+// PEMChain returns the leaf, the intermediates and the roots, one PEM
+// certificate per element, in that order, as Istio's API returns them.
+func (i *Issued) PEMChain() []string {
+	out := make([]string, 0, 1+len(i.Chain)+len(i.Roots))
+	for _, c := range append(append([]*x509.Certificate{i.Leaf}, i.Chain...), i.Roots...) {
+		out = append(out, string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: c.Raw})))
+	}
+	return out
+}
+
+// Issue mints a workload certificate for an authenticated caller. The CSR
+// contributes only its key; requested is the lifetime the caller asked for
+// (zero for the default). The certificate is verified against the current
+// bundle and durably recorded before it is returned.
+func (c *CA) Issue(ctx context.Context, caller Caller, csrPEM []byte, requested time.Duration) (*Issued, error) {
+	if caller.ID.TrustDomain() != c.cfg.TrustDomain {
+		return nil, refuse(ReasonTrustDomain, KindDenied, "identity %s is not in trust domain %s", caller.ID, c.cfg.TrustDomain)
+	}
+	csr, err := parseCSR(csrPEM, caller.ID)
+	if err != nil {
+		return nil, err
+	}
+	usage := x509.KeyUsageDigitalSignature
+	if _, ok := csr.PublicKey.(*rsa.PublicKey); ok {
+		usage |= x509.KeyUsageKeyEncipherment
+	}
+	return c.issue(ctx, caller, &x509.Certificate{
+		URIs:     []*url.URL{caller.ID.URL()},
+		KeyUsage: usage,
+	}, csr.PublicKey, c.clampTTL(requested))
+}
+
+// ServingRequest asks for a certificate for one of trustmesh's own servers.
+type ServingRequest struct {
+	ID        spiffeid.ID
+	DNSNames  []string
+	IPs       []net.IP
+	PublicKey crypto.PublicKey
+	TTL       time.Duration
+}
+
+// IssueServing mints a certificate for trustmesh's own servers, with DNS and
+// IP names beside the SPIFFE ID. It is recorded like every issuance, and can
+// never be renewed by a client.
+func (c *CA) IssueServing(ctx context.Context, req ServingRequest) (*Issued, error) {
+	caller := Caller{ID: req.ID, Method: "ca", Subject: "trustmesh", Origin: journal.OriginCA}
+	return c.issue(ctx, caller, &x509.Certificate{
+		URIs:        []*url.URL{req.ID.URL()},
+		DNSNames:    req.DNSNames,
+		IPAddresses: req.IPs,
+		KeyUsage:    x509.KeyUsageDigitalSignature,
+	}, req.PublicKey, req.TTL)
+}
+
+func (c *CA) clampTTL(requested time.Duration) time.Duration {
+	switch {
+	case requested <= 0:
+		return c.cfg.DefaultTTL
+	case requested < c.cfg.MinTTL:
+		return c.cfg.MinTTL
+	case requested > c.cfg.MaxTTL:
+		return c.cfg.MaxTTL
+	}
+	return requested
+}
+
+func (c *CA) issue(ctx context.Context, caller Caller, tmpl *x509.Certificate, pub crypto.PublicKey, ttl time.Duration) (*Issued, error) {
+	m := c.cfg.Authority.Current()
+	now := c.cfg.Clock.Now()
+	serial, err := newSerial()
+	if err != nil {
+		return nil, refuseErr(ReasonSignFailed, KindInternal, err)
+	}
+	notAfter := now.Add(ttl)
+	if notAfter.After(m.Cert.NotAfter) {
+		// Never outlive the issuer; rotation keeps this from biting.
+		notAfter = m.Cert.NotAfter
+	}
+	tmpl.SerialNumber = serial
+	tmpl.NotBefore = now.Add(-leafBackdate)
+	tmpl.NotAfter = notAfter
+	tmpl.ExtKeyUsage = []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth}
+	tmpl.BasicConstraintsValid = true
+	tmpl.IsCA = false
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, m.Cert, pub, m.Signer)
+	if err != nil {
+		return nil, refuseErr(ReasonSignFailed, KindInternal, fmt.Errorf("sign: %w", err))
+	}
+	leaf, err := x509.ParseCertificate(der)
+	if err != nil {
+		return nil, refuseErr(ReasonSignFailed, KindInternal, fmt.Errorf("parse minted certificate: %w", err))
+	}
+	if err := c.selfCheck(leaf, m, caller.ID, now, notAfter); err != nil {
+		return nil, refuseErr(ReasonSelfCheckFailed, KindInternal, err)
+	}
+	spki := sha256.Sum256(leaf.RawSubjectPublicKeyInfo)
+	sum := sha256.Sum256(leaf.Raw)
+	seq, err := c.cfg.Recorder.RecordIssuance(ctx, journal.Issuance{
+		Time:            now,
+		Serial:          SerialHex(leaf),
+		SPIFFEID:        caller.ID.String(),
+		Method:          caller.Method,
+		Caller:          caller.Subject,
+		Origin:          caller.Origin,
+		EnrolmentID:     caller.EnrolmentID,
+		SubjectUID:      caller.SubjectUID,
+		NotBefore:       leaf.NotBefore,
+		NotAfter:        leaf.NotAfter,
+		Issuer:          SerialHex(m.Cert),
+		PublicKeySHA256: hex.EncodeToString(spki[:]),
+		CertSHA256:      hex.EncodeToString(sum[:]),
+	}, caller.Redeem)
+	if err != nil {
+		if errors.Is(err, journal.ErrTokenSpent) {
+			return nil, refuseErr(ReasonJoinTokenUsed, KindUnauthenticated, err)
+		}
+		return nil, refuseErr(ReasonRecordFailed, KindInternal, err)
+	}
+	return &Issued{Leaf: leaf, Chain: m.Chain, Roots: m.Roots, Seq: seq}, nil
+}
+
+// selfCheck verifies a freshly minted certificate as a relying party would:
+// it chains to the current bundle at now, names exactly the caller's SPIFFE
+// ID, is no CA, and is valid for the window it was minted for.
+func (c *CA) selfCheck(leaf *x509.Certificate, m *authority.Material, want spiffeid.ID, now, notAfter time.Time) error {
+	certs := append([]*x509.Certificate{leaf}, m.Chain...)
+	id, _, err := x509svid.Verify(certs, c.cfg.Authority, x509svid.WithTime(now))
+	if err != nil {
+		return fmt.Errorf("self-check: %w", err)
+	}
+	if id != want {
+		return fmt.Errorf("self-check: minted %s, want %s", id, want)
+	}
+	if len(leaf.URIs) != 1 {
+		return fmt.Errorf("self-check: minted %d URI SANs, want 1", len(leaf.URIs))
+	}
+	if leaf.IsCA || leaf.KeyUsage&(x509.KeyUsageCertSign|x509.KeyUsageCRLSign) != 0 {
+		return errors.New("self-check: minted a CA certificate")
+	}
+	if now.Before(leaf.NotBefore) || !leaf.NotAfter.Equal(notAfter.Truncate(time.Second)) {
+		return fmt.Errorf("self-check: validity %s to %s does not match the window ending %s", leaf.NotBefore, leaf.NotAfter, notAfter)
+	}
+	return nil
+}
+
+// SerialHex is the journal's spelling of a certificate's serial number.
+func SerialHex(c *x509.Certificate) string { return c.SerialNumber.Text(16) }
+
+func newSerial() (*big.Int, error) {
+	limit := new(big.Int).Lsh(big.NewInt(1), 128)
+	for {
+		n, err := rand.Int(rand.Reader, limit)
+		if err != nil {
+			return nil, fmt.Errorf("serial: %w", err)
+		}
+		if n.Sign() > 0 {
+			return n, nil
+		}
+	}
+}

@@ -1,0 +1,141 @@
+// Package journal is the CA's durable record: an append-only sequence of
+// entries (issuances, refusals, join-token creations, revocations) plus the
+// enrolment state that renewal checks read. Every entry is stored as the
+// exact bytes of its JSON body, so the sequence can later be committed to a
+// Merkle log without re-encoding anything.
+package journal
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"time"
+)
+
+// Kind names what an entry records.
+type Kind string
+
+const (
+	KindIssuance   Kind = "issuance"
+	KindRefusal    Kind = "refusal"
+	KindJoinToken  Kind = "join-token"
+	KindRevocation Kind = "revocation"
+)
+
+// Origin says how the identity behind a chain of renewals first proved itself.
+// A renewal inherits the origin of the certificate it renews, so that the
+// renewal check can ask the original authority whether the identity still
+// stands.
+type Origin string
+
+const (
+	OriginKubernetes Origin = "kubernetes"
+	OriginJoinToken  Origin = "join-token"
+	// OriginCA marks certificates the CA issues to itself, such as its serving
+	// certificate. They can never be renewed by a client.
+	OriginCA Origin = "ca"
+)
+
+// ErrNotFound is returned when a looked-up record does not exist.
+var ErrNotFound = errors.New("journal: not found")
+
+// Issuance records one certificate the CA issued.
+type Issuance struct {
+	Time     time.Time `json:"time"`
+	Serial   string    `json:"serial"` // lower-case hex
+	SPIFFEID string    `json:"spiffe_id"`
+	// Method is how this request authenticated: "kubernetes", "join-token",
+	// "x509-renewal" or "ca".
+	Method string `json:"method"`
+	// Caller names the authenticated caller: the token subject, the join-token
+	// id, or the renewing certificate's serial.
+	Caller      string `json:"caller"`
+	Origin      Origin `json:"origin"`
+	EnrolmentID string `json:"enrolment_id,omitempty"`
+	// SubjectUID is the Kubernetes service account's UID, so that a renewal
+	// can tell a recreated account from the one that was authenticated.
+	SubjectUID string    `json:"subject_uid,omitempty"`
+	NotBefore  time.Time `json:"not_before"`
+	NotAfter   time.Time `json:"not_after"`
+	// Issuer is the serial of the intermediate that signed the certificate.
+	Issuer          string `json:"issuer"`
+	PublicKeySHA256 string `json:"public_key_sha256"`
+	CertSHA256      string `json:"cert_sha256"`
+}
+
+// Refusal records one or more refused requests that share a reason, method,
+// caller and claimed identity. Count is how many were aggregated; First and
+// Last bound when they happened.
+type Refusal struct {
+	First    time.Time `json:"first"`
+	Last     time.Time `json:"last"`
+	Reason   string    `json:"reason"`
+	Method   string    `json:"method,omitempty"`
+	Caller   string    `json:"caller,omitempty"`
+	SPIFFEID string    `json:"spiffe_id,omitempty"`
+	Count    int64     `json:"count"`
+}
+
+// JoinTokenCreated records the creation of a join token. The token itself is
+// never recorded, only its id.
+type JoinTokenCreated struct {
+	Time      time.Time `json:"time"`
+	TokenID   string    `json:"token_id"`
+	SPIFFEID  string    `json:"spiffe_id"`
+	ExpiresAt time.Time `json:"expires_at"`
+}
+
+// Revocation records the revocation of every enrolment of an identity.
+type Revocation struct {
+	Time       time.Time `json:"time"`
+	SPIFFEID   string    `json:"spiffe_id"`
+	Enrolments int       `json:"enrolments"`
+	Tokens     int       `json:"tokens"`
+}
+
+// Entry is one record as stored: its position, kind and exact body bytes.
+type Entry struct {
+	Seq  int64
+	Kind Kind
+	Body []byte
+}
+
+// envelope is the stored body: the kind beside the record's own fields.
+type envelope[T any] struct {
+	Kind   Kind `json:"kind"`
+	Record T    `json:"record"`
+}
+
+func encode[T any](kind Kind, rec T) ([]byte, error) {
+	b, err := json.Marshal(envelope[T]{Kind: kind, Record: rec})
+	if err != nil {
+		return nil, fmt.Errorf("journal: encode %s: %w", kind, err)
+	}
+	return b, nil
+}
+
+// Decode returns the record an entry holds: *Issuance, *Refusal,
+// *JoinTokenCreated or *Revocation.
+func (e Entry) Decode() (any, error) {
+	var rec any
+	switch e.Kind {
+	case KindIssuance:
+		rec = &Issuance{}
+	case KindRefusal:
+		rec = &Refusal{}
+	case KindJoinToken:
+		rec = &JoinTokenCreated{}
+	case KindRevocation:
+		rec = &Revocation{}
+	default:
+		return nil, fmt.Errorf("journal: entry %d has unknown kind %q", e.Seq, e.Kind)
+	}
+	env := envelope[any]{Record: rec}
+	if err := json.Unmarshal(e.Body, &env); err != nil {
+		return nil, fmt.Errorf("journal: decode entry %d: %w", e.Seq, err)
+	}
+	if env.Kind != e.Kind {
+		return nil, fmt.Errorf("journal: entry %d is stored as %q but its body says %q", e.Seq, e.Kind, env.Kind)
+	}
+	return rec, nil
+}

@@ -1,0 +1,63 @@
+package server
+
+import (
+	"net/http"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
+	"github.com/spiffe/go-spiffe/v2/federation"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	cav1 "github.com/trustmesh/trustmesh/api/ca/v1"
+)
+
+// BundleWatcher yields the current bundle and a channel closed when it
+// changes.
+type BundleWatcher interface {
+	Bundle() (*spiffebundle.Bundle, <-chan struct{})
+}
+
+// DefaultRefreshHint is how often a client that cannot stream should poll.
+const DefaultRefreshHint = 5 * time.Minute
+
+// BundleService implements trustmesh.ca.v1.TrustBundleService.
+type BundleService struct {
+	cav1.UnimplementedTrustBundleServiceServer
+	Bundles BundleWatcher
+}
+
+// WatchBundle sends the current bundle, then every change, until the caller
+// goes away.
+func (s *BundleService) WatchBundle(_ *cav1.WatchBundleRequest, stream cav1.TrustBundleService_WatchBundleServer) error {
+	for {
+		b, changed := s.Bundles.Bundle()
+		if err := stream.Send(ToProto(b)); err != nil {
+			return err
+		}
+		select {
+		case <-changed:
+		case <-stream.Context().Done():
+			return nil
+		}
+	}
+}
+
+// ToProto converts a bundle to its wire form.
+func ToProto(b *spiffebundle.Bundle) *cav1.TrustBundle {
+	out := &cav1.TrustBundle{
+		TrustDomain:        b.TrustDomain().Name(),
+		RefreshHintSeconds: int64(DefaultRefreshHint / time.Second),
+	}
+	if seq, ok := b.SequenceNumber(); ok {
+		out.SequenceNumber = seq
+	}
+	for _, c := range b.X509Authorities() {
+		out.X509Authorities = append(out.X509Authorities, c.Raw)
+	}
+	return out
+}
+
+// FederationHandler serves the SPIFFE bundle endpoint (JWKS) for federation.
+func FederationHandler(td spiffeid.TrustDomain, src spiffebundle.Source) (http.Handler, error) {
+	return federation.NewHandler(td, src)
+}

@@ -1,0 +1,187 @@
+// Package server serves the CA over gRPC: Istio's certificate service, so an
+// unmodified istio-agent can use trustmesh as its CA, and trustmesh's trust
+// bundle stream. It maps the CA's refusals to gRPC status in one place.
+package server
+
+import (
+	"context"
+	"crypto/x509"
+	"errors"
+	"log/slog"
+	"time"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/peer"
+	"google.golang.org/grpc/status"
+	pb "istio.io/api/security/v1alpha1"
+	"k8s.io/utils/clock"
+
+	"github.com/trustmesh/trustmesh/ca"
+	"github.com/trustmesh/trustmesh/ca/authn"
+)
+
+// Issuer mints certificates for authenticated callers.
+type Issuer interface {
+	Issue(ctx context.Context, caller ca.Caller, csrPEM []byte, requested time.Duration) (*ca.Issued, error)
+}
+
+// Authenticator decides who is calling.
+type Authenticator interface {
+	Authenticate(ctx context.Context, creds authn.Credentials) (ca.Caller, error)
+}
+
+// RefusalRecorder records refusals off the request path; it must not block.
+type RefusalRecorder interface {
+	Record(at time.Time, reason, method, caller, spiffeID string)
+}
+
+// CertificateServiceConfig configures the certificate service.
+type CertificateServiceConfig struct {
+	Issuer        Issuer
+	Authenticator Authenticator
+	Refusals      RefusalRecorder
+	Metrics       *Metrics
+	Clock         clock.PassiveClock
+	Log           *slog.Logger
+}
+
+// CertificateService implements istio.v1.auth.IstioCertificateService.
+type CertificateService struct {
+	pb.UnimplementedIstioCertificateServiceServer
+	cfg CertificateServiceConfig
+}
+
+// NewCertificateService returns the service.
+func NewCertificateService(cfg CertificateServiceConfig) *CertificateService {
+	if cfg.Clock == nil {
+		cfg.Clock = clock.RealClock{}
+	}
+	if cfg.Log == nil {
+		cfg.Log = slog.Default()
+	}
+	return &CertificateService{cfg: cfg}
+}
+
+// Messages for refusals. Authentication failures all get the same one, so a
+// caller learns nothing from it; the detail goes to the log and the record.
+const (
+	msgUnauthenticated = "authentication failed"
+	msgDenied          = "this identity may not obtain a certificate"
+	msgUnavailable     = "the CA cannot serve this request now; try again"
+	msgInternal        = "the CA could not issue a certificate"
+)
+
+// impersonationKey is the metadata field istiod uses to ask for another
+// node's identity. trustmesh never issues one identity to another's caller.
+const impersonationKey = "ImpersonatedIdentity"
+
+// CreateCertificate authenticates the caller, then issues a certificate for
+// the caller's own identity.
+func (s *CertificateService) CreateCertificate(ctx context.Context, req *pb.IstioCertificateRequest) (*pb.IstioCertificateResponse, error) {
+	start := s.cfg.Clock.Now()
+	creds := credentialsFrom(ctx)
+	caller, err := s.cfg.Authenticator.Authenticate(ctx, creds)
+	if err == nil && req.GetMetadata().GetFields()[impersonationKey] != nil {
+		err = ca.Refuse(ca.KindDenied, ca.ReasonImpersonation, errors.New("impersonation of another identity is not supported"))
+	}
+	var issued *ca.Issued
+	if err == nil {
+		issued, err = s.cfg.Issuer.Issue(ctx, caller, []byte(req.GetCsr()), time.Duration(req.GetValidityDuration())*time.Second)
+	}
+	if err != nil {
+		return nil, s.refusal(start, creds, caller, err)
+	}
+	s.cfg.Metrics.issued.WithLabelValues(caller.Method).Inc()
+	s.cfg.Metrics.observe("issued", s.cfg.Clock.Since(start))
+	s.cfg.Log.Info("issued certificate", "spiffe_id", caller.ID.String(), "method", caller.Method,
+		"caller", caller.Subject, "serial", ca.SerialHex(issued.Leaf), "not_after", issued.Leaf.NotAfter)
+	return &pb.IstioCertificateResponse{CertChain: issued.PEMChain()}, nil
+}
+
+// refusal logs, counts and records a refusal and returns its gRPC status.
+// This is the one place CA errors become gRPC codes.
+func (s *CertificateService) refusal(start time.Time, creds authn.Credentials, caller ca.Caller, err error) error {
+	r, ok := ca.AsRefusal(err)
+	if !ok {
+		r = ca.Refuse(ca.KindInternal, "internal", err)
+	}
+	var code codes.Code
+	var msg string
+	switch r.Kind {
+	case ca.KindUnauthenticated:
+		code, msg = codes.Unauthenticated, msgUnauthenticated
+	case ca.KindDenied:
+		code, msg = codes.PermissionDenied, msgDenied
+	case ca.KindInvalid:
+		// The caller is authenticated: telling it which rule its request
+		// broke reveals nothing it does not know.
+		code, msg = codes.InvalidArgument, r.Err.Error()
+	case ca.KindUnavailable:
+		code, msg = codes.Unavailable, msgUnavailable
+	default:
+		code, msg = codes.Internal, msgInternal
+	}
+	method := caller.Method
+	if method == "" {
+		method = attemptedMethod(creds)
+	}
+	idStr := ""
+	if !caller.ID.IsZero() {
+		idStr = caller.ID.String()
+	}
+	callerName := caller.Subject
+	if callerName == "" && len(creds.PeerCertificates) > 0 {
+		callerName = "x509:" + ca.SerialHex(creds.PeerCertificates[0])
+	}
+	s.cfg.Refusals.Record(s.cfg.Clock.Now(), r.Reason, method, callerName, idStr)
+	s.cfg.Metrics.refused.WithLabelValues(r.Reason, code.String()).Inc()
+	s.cfg.Metrics.observe("refused", s.cfg.Clock.Since(start))
+	level := slog.LevelWarn
+	if r.Kind == ca.KindInternal {
+		level = slog.LevelError
+	}
+	s.cfg.Log.Log(context.Background(), level, "refused certificate request",
+		"reason", r.Reason, "code", code.String(), "method", method, "caller", callerName, "spiffe_id", idStr, "error", r.Err)
+	return status.Error(code, msg)
+}
+
+func attemptedMethod(creds authn.Credentials) string {
+	switch {
+	case creds.BearerToken != "" && authn.IsJoinToken(creds.BearerToken):
+		return "join-token"
+	case creds.BearerToken != "":
+		return "kubernetes"
+	case len(creds.PeerCertificates) > 0:
+		return "x509-renewal"
+	}
+	return "none"
+}
+
+// credentialsFrom collects the bearer token and the TLS client chain.
+func credentialsFrom(ctx context.Context) authn.Credentials {
+	var c authn.Credentials
+	if md, ok := metadata.FromIncomingContext(ctx); ok {
+		for _, v := range md.Get("authorization") {
+			if tok, ok := authn.BearerFromHeader(v); ok {
+				c.BearerToken = tok
+				break
+			}
+		}
+	}
+	c.PeerCertificates = peerCertificates(ctx)
+	return c
+}
+
+func peerCertificates(ctx context.Context) []*x509.Certificate {
+	p, ok := peer.FromContext(ctx)
+	if !ok {
+		return nil
+	}
+	info, ok := p.AuthInfo.(credentials.TLSInfo)
+	if !ok {
+		return nil
+	}
+	return info.State.PeerCertificates
+}

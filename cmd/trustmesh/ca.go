@@ -1,0 +1,106 @@
+package main
+
+import (
+	"encoding/pem"
+	"fmt"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/trustmesh/trustmesh/controlplane"
+)
+
+func newCACmd() *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "ca",
+		Short: "Operate the CA in a data directory: join tokens, revocation, the trust bundle",
+	}
+	token := &cobra.Command{Use: "token", Short: "Manage one-time join tokens"}
+	token.AddCommand(newTokenCreateCmd())
+	cmd.AddCommand(token, newRevokeCmd(), newBundleCmd())
+	return cmd
+}
+
+func newTokenCreateCmd() *cobra.Command {
+	var dataDir, id string
+	var ttl time.Duration
+	cmd := &cobra.Command{
+		Use:   "create",
+		Short: "Create a one-time join token bound to a SPIFFE ID; prints only the token",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			tok, err := controlplane.CreateJoinToken(cmd.Context(), controlplane.DataDir(dataDir), id, ttl)
+			if err != nil {
+				return err
+			}
+			_, err = fmt.Fprintln(cmd.OutOrStdout(), tok)
+			return err
+		},
+	}
+	cmd.Flags().StringVar(&dataDir, "data-dir", controlplane.DefaultDataDir, "the CA's data directory")
+	cmd.Flags().StringVar(&id, "spiffe-id", "", "SPIFFE ID the token enrols (required)")
+	cmd.Flags().DurationVar(&ttl, "ttl", 10*time.Minute, "how long the token may wait to be used")
+	_ = cmd.MarkFlagRequired("spiffe-id")
+	return cmd
+}
+
+func newRevokeCmd() *cobra.Command {
+	var dataDir, id string
+	cmd := &cobra.Command{
+		Use:   "revoke",
+		Short: "Revoke a join-token identity's enrolments so it can no longer renew",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			rev, err := controlplane.Revoke(cmd.Context(), controlplane.DataDir(dataDir), id)
+			if err != nil {
+				return err
+			}
+			if rev.Enrolments == 0 && rev.Tokens == 0 {
+				return fmt.Errorf("%s has no standing enrolment or unused join token", id)
+			}
+			_, err = fmt.Fprintf(cmd.OutOrStdout(), "revoked %s: %d enrolment(s), %d unused token(s)\n", id, rev.Enrolments, rev.Tokens)
+			return err
+		},
+	}
+	cmd.Flags().StringVar(&dataDir, "data-dir", controlplane.DefaultDataDir, "the CA's data directory")
+	cmd.Flags().StringVar(&id, "spiffe-id", "", "SPIFFE ID to revoke (required)")
+	_ = cmd.MarkFlagRequired("spiffe-id")
+	return cmd
+}
+
+func newBundleCmd() *cobra.Command {
+	var dataDir, cacerts, format string
+	cmd := &cobra.Command{
+		Use:   "bundle",
+		Short: "Print the trust bundle, as PEM or as a SPIFFE bundle (JWKS)",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			b, err := controlplane.TrustBundle(cmd.Context(), controlplane.DataDir(dataDir), cacerts)
+			if err != nil {
+				return err
+			}
+			out := cmd.OutOrStdout()
+			switch format {
+			case "pem":
+				for _, c := range b.X509Authorities() {
+					if err := pem.Encode(out, &pem.Block{Type: "CERTIFICATE", Bytes: c.Raw}); err != nil {
+						return err
+					}
+				}
+				return nil
+			case "spiffe":
+				doc, err := b.Marshal()
+				if err != nil {
+					return err
+				}
+				_, err = fmt.Fprintln(out, string(doc))
+				return err
+			}
+			return &exitError{code: 2, err: fmt.Errorf("format %q is not pem or spiffe", format)}
+		},
+	}
+	cmd.Flags().StringVar(&dataDir, "data-dir", controlplane.DefaultDataDir, "the CA's data directory")
+	cmd.Flags().StringVar(&cacerts, "cacerts", "", "operator-supplied CA directory, when serve uses --cacerts")
+	cmd.Flags().StringVar(&format, "format", "pem", "pem or spiffe")
+	return cmd
+}

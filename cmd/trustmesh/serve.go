@@ -1,0 +1,80 @@
+package main
+
+import (
+	"fmt"
+	"log/slog"
+	"os"
+	"strings"
+
+	"github.com/spf13/cobra"
+
+	"github.com/trustmesh/trustmesh/controlplane"
+)
+
+func newServeCmd() *cobra.Command {
+	var cfg controlplane.Config
+	var validate bool
+	var logFormat, logLevel string
+	cmd := &cobra.Command{
+		Use:   "serve",
+		Short: "Run the control plane: the CA, with health and metrics",
+		Long: `Run the trustmesh control plane on embedded defaults: CA material and the
+journal live in --data-dir (created on first start), and Kubernetes is used
+only when running in a cluster or given --kubeconfig.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			log, err := newLogger(logFormat, logLevel)
+			if err != nil {
+				return &exitError{code: 2, err: err}
+			}
+			cfg.Log = log
+			if validate {
+				if err := cfg.Validate(); err != nil {
+					return &exitError{code: 2, err: err}
+				}
+				_, err := fmt.Fprintln(cmd.OutOrStdout(), "configuration is valid")
+				return err
+			}
+			cp, err := controlplane.New(cmd.Context(), cfg)
+			if err != nil {
+				return err
+			}
+			return cp.Run(cmd.Context())
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&cfg.DataDir, "data-dir", controlplane.DefaultDataDir, "directory for CA material and the journal")
+	f.StringVar(&cfg.TrustDomain, "trust-domain", controlplane.DefaultTrustDomain, "SPIFFE trust domain")
+	f.StringVar(&cfg.ListenCA, "listen-ca", controlplane.DefaultListenCA, "address of the CA's gRPC port")
+	f.StringVar(&cfg.ListenMonitoring, "listen-monitoring", controlplane.DefaultListenMonitoring, "address for /healthz, /readyz and /metrics")
+	f.StringVar(&cfg.ListenBundle, "listen-bundle", controlplane.DefaultListenBundle, "address of the SPIFFE bundle endpoint (HTTPS); empty turns it off")
+	f.StringSliceVar(&cfg.CADNSNames, "ca-dns-names", controlplane.DefaultCADNSNames, "DNS names and IPs in the CA's serving certificate")
+	f.StringVar(&cfg.CACertsDir, "cacerts", "", "operator-supplied CA in Istio's cacerts layout (ca-cert.pem, ca-key.pem, cert-chain.pem, root-cert.pem)")
+	f.StringVar(&cfg.CAKeyURI, "ca-key-uri", "", "KMS URI of the CA signing key, instead of ca-key.pem (needs --cacerts)")
+	f.StringVar(&cfg.Kubernetes, "kubernetes", controlplane.KubernetesAuto, "Kubernetes integration: auto, on or off")
+	f.StringVar(&cfg.Kubeconfig, "kubeconfig", "", "kubeconfig file; in a cluster the pod's service account is used")
+	f.StringVar(&cfg.TokenAudience, "token-audience", "istio-ca", "audience service-account tokens must carry")
+	f.DurationVar(&cfg.MinWorkloadTTL, "min-workload-ttl", 0, "shortest workload certificate lifetime (default 5m)")
+	f.DurationVar(&cfg.MaxWorkloadTTL, "max-workload-ttl", 0, "longest workload certificate lifetime (default 24h)")
+	f.DurationVar(&cfg.DefaultWorkloadTTL, "default-workload-ttl", 0, "lifetime when none is asked for (default 1h)")
+	f.DurationVar(&cfg.MaxEnrolmentAge, "max-enrolment-age", 0, "how long a join-token enrolment may renew (default 720h)")
+	f.BoolVar(&validate, "validate", false, "check the configuration and exit")
+	f.StringVar(&logFormat, "log-format", "text", "log format: text or json")
+	f.StringVar(&logLevel, "log-level", "info", "log level: debug, info, warn or error")
+	return cmd
+}
+
+func newLogger(format, level string) (*slog.Logger, error) {
+	var lvl slog.Level
+	if err := lvl.UnmarshalText([]byte(level)); err != nil {
+		return nil, fmt.Errorf("log level %q: %w", level, err)
+	}
+	opts := &slog.HandlerOptions{Level: lvl}
+	switch strings.ToLower(format) {
+	case "text":
+		return slog.New(slog.NewTextHandler(os.Stderr, opts)), nil
+	case "json":
+		return slog.New(slog.NewJSONHandler(os.Stderr, opts)), nil
+	}
+	return nil, fmt.Errorf("log format %q is not text or json", format)
+}

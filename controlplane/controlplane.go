@@ -1,0 +1,450 @@
+// Package controlplane assembles trustmesh's control plane from its
+// components and runs it: the CA on its gRPC port, the SPIFFE bundle
+// endpoint, and health and metrics on the monitoring port. `trustmesh serve`
+// is a thin wrapper around it.
+package controlplane
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"sync/atomic"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"golang.org/x/sync/errgroup"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
+	pb "istio.io/api/security/v1alpha1"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
+	"k8s.io/client-go/tools/clientcmd"
+	"k8s.io/utils/clock"
+
+	cav1 "github.com/trustmesh/trustmesh/api/ca/v1"
+	"github.com/trustmesh/trustmesh/ca"
+	"github.com/trustmesh/trustmesh/ca/authn"
+	"github.com/trustmesh/trustmesh/ca/authority"
+	"github.com/trustmesh/trustmesh/ca/journal"
+	"github.com/trustmesh/trustmesh/ca/server"
+)
+
+// Kubernetes modes.
+const (
+	KubernetesAuto = "auto" // on when in a cluster or given a kubeconfig
+	KubernetesOn   = "on"
+	KubernetesOff  = "off"
+)
+
+// Config is the control plane's configuration. Load fills in defaults and
+// checks it; `serve --validate` and start-up share that check.
+type Config struct {
+	DataDir     string
+	TrustDomain string
+
+	ListenCA         string
+	ListenMonitoring string
+	// ListenBundle serves the SPIFFE bundle endpoint; empty turns it off.
+	ListenBundle string
+	// CADNSNames are the DNS names and IP addresses in the CA's serving
+	// certificate.
+	CADNSNames []string
+	// ControlPlaneID is the SPIFFE ID in the control plane's own
+	// certificates. Default spiffe://TD/ns/trustmesh-system/sa/trustmesh.
+	ControlPlaneID string
+
+	// CACertsDir holds operator-supplied CA material (Istio's layout).
+	CACertsDir string
+	// CAKeyURI names the CA signing key in a KMS.
+	CAKeyURI string
+
+	// Kubernetes is "auto", "on" or "off".
+	Kubernetes    string
+	Kubeconfig    string
+	TokenAudience string
+
+	MinWorkloadTTL, MaxWorkloadTTL, DefaultWorkloadTTL time.Duration
+	MaxEnrolmentAge                                    time.Duration
+
+	Log   *slog.Logger
+	Clock clock.WithTicker
+}
+
+// Defaults of the serve command.
+const (
+	DefaultDataDir          = "trustmesh-data"
+	DefaultTrustDomain      = "cluster.local"
+	DefaultListenCA         = ":15012"
+	DefaultListenMonitoring = ":15014"
+	DefaultListenBundle     = ":15016"
+	DefaultNamespace        = "trustmesh-system"
+)
+
+// DefaultCADNSNames are the names in the CA's serving certificate.
+var DefaultCADNSNames = []string{"trustmesh.trustmesh-system.svc", "localhost", "127.0.0.1"}
+
+// validated is Config after defaults and checks.
+type validated struct {
+	Config
+	td     spiffeid.TrustDomain
+	cpID   spiffeid.ID
+	dns    []string
+	ips    []net.IP
+	inKube bool
+}
+
+// Validate fills in defaults and checks every field, reporting all problems.
+func (c Config) Validate() error {
+	_, err := c.validate()
+	return err
+}
+
+func (c Config) validate() (*validated, error) {
+	if c.DataDir == "" {
+		c.DataDir = DefaultDataDir
+	}
+	if c.TrustDomain == "" {
+		c.TrustDomain = DefaultTrustDomain
+	}
+	if c.ListenCA == "" {
+		c.ListenCA = DefaultListenCA
+	}
+	if c.ListenMonitoring == "" {
+		c.ListenMonitoring = DefaultListenMonitoring
+	}
+	if c.CADNSNames == nil {
+		c.CADNSNames = DefaultCADNSNames
+	}
+	if c.Kubernetes == "" {
+		c.Kubernetes = KubernetesAuto
+	}
+	if c.TokenAudience == "" {
+		c.TokenAudience = authn.DefaultAudience
+	}
+	if c.DefaultWorkloadTTL == 0 {
+		c.DefaultWorkloadTTL = ca.DefaultTTL
+	}
+	if c.MinWorkloadTTL == 0 {
+		c.MinWorkloadTTL = ca.DefaultMinTTL
+	}
+	if c.MaxWorkloadTTL == 0 {
+		c.MaxWorkloadTTL = ca.DefaultMaxTTL
+	}
+	if c.MaxEnrolmentAge == 0 {
+		c.MaxEnrolmentAge = authn.DefaultMaxEnrolmentAge
+	}
+	if c.Log == nil {
+		c.Log = slog.Default()
+	}
+	if c.Clock == nil {
+		c.Clock = clock.RealClock{}
+	}
+	v := &validated{Config: c}
+	var errs []error
+	td, err := spiffeid.TrustDomainFromString(c.TrustDomain)
+	if err != nil {
+		errs = append(errs, fmt.Errorf("trust domain %q: %w", c.TrustDomain, err))
+	}
+	v.td = td
+	if c.ControlPlaneID == "" && err == nil {
+		c.ControlPlaneID = fmt.Sprintf("spiffe://%s/ns/%s/sa/trustmesh", td.Name(), DefaultNamespace)
+		v.ControlPlaneID = c.ControlPlaneID
+	}
+	if c.ControlPlaneID != "" {
+		if v.cpID, err = spiffeid.FromString(c.ControlPlaneID); err != nil {
+			errs = append(errs, fmt.Errorf("control plane SPIFFE ID %q: %w", c.ControlPlaneID, err))
+		} else if !td.IsZero() && v.cpID.TrustDomain() != td {
+			errs = append(errs, fmt.Errorf("control plane SPIFFE ID %s is outside trust domain %s", v.cpID, td))
+		}
+	}
+	for _, n := range c.CADNSNames {
+		if ip := net.ParseIP(n); ip != nil {
+			v.ips = append(v.ips, ip)
+		} else if n != "" {
+			v.dns = append(v.dns, n)
+		}
+	}
+	for name, addr := range map[string]string{"CA": c.ListenCA, "monitoring": c.ListenMonitoring, "bundle": c.ListenBundle} {
+		if addr == "" && name == "bundle" {
+			continue
+		}
+		if _, _, err := net.SplitHostPort(addr); err != nil {
+			errs = append(errs, fmt.Errorf("%s listen address %q: %w", name, addr, err))
+		}
+	}
+	switch c.Kubernetes {
+	case KubernetesOn:
+		v.inKube = true
+	case KubernetesOff:
+	case KubernetesAuto:
+		v.inKube = c.Kubeconfig != "" || os.Getenv("KUBERNETES_SERVICE_HOST") != ""
+	default:
+		errs = append(errs, fmt.Errorf("kubernetes mode %q is not auto, on or off", c.Kubernetes))
+	}
+	if c.CAKeyURI != "" && c.CACertsDir == "" {
+		errs = append(errs, errors.New("a CA key URI needs operator-supplied certificates (--cacerts)"))
+	}
+	if c.MinWorkloadTTL <= 0 || c.MinWorkloadTTL > c.MaxWorkloadTTL {
+		errs = append(errs, fmt.Errorf("minimum workload TTL %s must be positive and at most the maximum %s", c.MinWorkloadTTL, c.MaxWorkloadTTL))
+	}
+	if c.DefaultWorkloadTTL < c.MinWorkloadTTL || c.DefaultWorkloadTTL > c.MaxWorkloadTTL {
+		errs = append(errs, fmt.Errorf("default workload TTL %s is outside [%s, %s]", c.DefaultWorkloadTTL, c.MinWorkloadTTL, c.MaxWorkloadTTL))
+	}
+	if c.MaxEnrolmentAge <= 0 {
+		errs = append(errs, fmt.Errorf("maximum enrolment age %s must be positive", c.MaxEnrolmentAge))
+	}
+	if len(errs) > 0 {
+		return nil, fmt.Errorf("controlplane: invalid configuration: %w", errors.Join(errs...))
+	}
+	return v, nil
+}
+
+// ControlPlane is a loaded control plane with its listeners bound.
+type ControlPlane struct {
+	cfg       *validated
+	Authority *authority.Authority
+	CA        *ca.CA
+	Journal   *journal.Store
+	refusals  *journal.RefusalLog
+	serving   *server.ServingCert
+	registry  *prometheus.Registry
+
+	grpc       *grpc.Server
+	monitoring *http.Server
+	bundle     *http.Server
+	caLis      net.Listener
+	monLis     net.Listener
+	bundleLis  net.Listener
+	ready      atomic.Bool
+}
+
+// New loads the CA material and the journal and binds every listener. An
+// error leaves nothing running.
+func New(ctx context.Context, cfg Config) (_ *ControlPlane, err error) {
+	v, err := cfg.validate()
+	if err != nil {
+		return nil, err
+	}
+	cp := &ControlPlane{cfg: v, registry: prometheus.NewRegistry()}
+	defer func() {
+		if err != nil {
+			cp.close()
+		}
+	}()
+	dir := DataDir(v.DataDir)
+	if cp.Journal, _, err = dir.openJournal(ctx, v.td.Name()); err != nil {
+		return nil, err
+	}
+	material, err := authority.Load(ctx, authority.Config{
+		TrustDomain: v.td, Dir: dir.CADir(), CACertsDir: v.CACertsDir, KeyURI: v.CAKeyURI, Now: v.Clock.Now(),
+	})
+	if err != nil {
+		return nil, err
+	}
+	cp.Authority = authority.New(v.td, material)
+	if cp.CA, err = ca.New(ca.Config{
+		TrustDomain: v.td, Authority: cp.Authority, Recorder: cp.Journal, Clock: v.Clock,
+		DefaultTTL: v.DefaultWorkloadTTL, MinTTL: v.MinWorkloadTTL, MaxTTL: v.MaxWorkloadTTL,
+	}); err != nil {
+		return nil, err
+	}
+	authenticator := &authn.Authenticator{
+		TrustDomain: v.td,
+		JoinTokens:  &authn.JoinTokens{TrustDomain: v.td, Store: cp.Journal, Clock: v.Clock},
+		Renewal: &authn.Renewal{
+			TrustDomain: v.td, Bundle: cp.Authority, Store: cp.Journal,
+			MaxEnrolmentAge: v.MaxEnrolmentAge, Clock: v.Clock,
+		},
+	}
+	if v.inKube {
+		client, err := kubeClient(v.Kubeconfig)
+		if err != nil {
+			return nil, err
+		}
+		if authenticator.Kubernetes, err = authn.NewKubernetes(authn.KubernetesConfig{
+			TrustDomain: v.td, Client: client, Audience: v.TokenAudience, Clock: v.Clock,
+		}); err != nil {
+			return nil, err
+		}
+		authenticator.Renewal.Kubernetes = authenticator.Kubernetes
+	}
+	cp.refusals = journal.NewRefusalLog(journal.RefusalLogConfig{Appender: cp.Journal, Clock: v.Clock, Log: v.Log})
+	cp.registry.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	metrics := server.NewMetrics(cp.registry, cp.Authority.Current)
+
+	if cp.serving, err = server.NewServingCert(ctx, server.ServingCertConfig{
+		Issuer: cp.CA, ID: v.cpID, DNSNames: v.dns, IPs: v.ips, Clock: v.Clock, Log: v.Log,
+	}); err != nil {
+		return nil, err
+	}
+	cp.grpc = grpc.NewServer(grpc.Creds(credentials.NewTLS(cp.serving.TLSConfig())))
+	pb.RegisterIstioCertificateServiceServer(cp.grpc, server.NewCertificateService(server.CertificateServiceConfig{
+		Issuer: cp.CA, Authenticator: authenticator, Refusals: cp.refusals, Metrics: metrics, Clock: v.Clock, Log: v.Log,
+	}))
+	cav1.RegisterTrustBundleServiceServer(cp.grpc, &server.BundleService{Bundles: cp.Authority})
+
+	mux := http.NewServeMux()
+	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { _, _ = w.Write([]byte("ok\n")) })
+	mux.HandleFunc("/readyz", cp.readyz)
+	mux.Handle("/metrics", promhttp.HandlerFor(cp.registry, promhttp.HandlerOpts{}))
+	cp.monitoring = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+
+	if v.ListenBundle != "" {
+		h, err := server.FederationHandler(v.td, cp.Authority)
+		if err != nil {
+			return nil, fmt.Errorf("controlplane: bundle endpoint: %w", err)
+		}
+		tlsCfg := cp.serving.TLSConfig()
+		tlsCfg.ClientAuth, tlsCfg.NextProtos = 0, nil
+		cp.bundle = &http.Server{Handler: h, TLSConfig: tlsCfg, ReadHeaderTimeout: 10 * time.Second}
+	}
+
+	if cp.caLis, err = listen(v.ListenCA, "CA"); err != nil {
+		return nil, err
+	}
+	if cp.monLis, err = listen(v.ListenMonitoring, "monitoring"); err != nil {
+		return nil, err
+	}
+	if cp.bundle != nil {
+		if cp.bundleLis, err = listen(v.ListenBundle, "bundle endpoint"); err != nil {
+			return nil, err
+		}
+	}
+	return cp, nil
+}
+
+func listen(addr, what string) (net.Listener, error) {
+	l, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("controlplane: listen for %s on %s: %w", what, addr, err)
+	}
+	return l, nil
+}
+
+// Addrs are the bound addresses, useful when listening on port 0.
+type Addrs struct {
+	CA, Monitoring, Bundle net.Addr
+}
+
+// Addrs returns the bound listener addresses.
+func (cp *ControlPlane) Addrs() Addrs {
+	a := Addrs{CA: cp.caLis.Addr(), Monitoring: cp.monLis.Addr()}
+	if cp.bundleLis != nil {
+		a.Bundle = cp.bundleLis.Addr()
+	}
+	return a
+}
+
+// Run serves until ctx ends or a server fails, then stops everything. A
+// cancelled ctx is a clean exit.
+func (cp *ControlPlane) Run(ctx context.Context) error {
+	defer cp.close()
+	g, gctx := errgroup.WithContext(ctx)
+	g.Go(func() error { return cp.refusals.Run(gctx) })
+	g.Go(func() error {
+		if err := cp.grpc.Serve(cp.caLis); err != nil {
+			return fmt.Errorf("controlplane: CA server: %w", err)
+		}
+		return nil
+	})
+	g.Go(func() error { return serveHTTP(cp.monitoring, cp.monLis, false, "monitoring") })
+	if cp.bundle != nil {
+		g.Go(func() error { return serveHTTP(cp.bundle, cp.bundleLis, true, "bundle endpoint") })
+	}
+	g.Go(func() error {
+		<-gctx.Done()
+		cp.ready.Store(false)
+		stopped := make(chan struct{})
+		go func() { cp.grpc.GracefulStop(); close(stopped) }()
+		select {
+		case <-stopped:
+		case <-time.After(10 * time.Second):
+			cp.grpc.Stop()
+		}
+		sctx, cancel := context.WithTimeout(context.WithoutCancel(gctx), 5*time.Second)
+		defer cancel()
+		errs := []error{cp.monitoring.Shutdown(sctx)}
+		if cp.bundle != nil {
+			errs = append(errs, cp.bundle.Shutdown(sctx))
+		}
+		return errors.Join(errs...)
+	})
+	a := cp.Addrs()
+	cp.cfg.Log.Info("trustmesh control plane serving", "trust_domain", cp.cfg.td.Name(),
+		"ca", a.CA.String(), "monitoring", a.Monitoring.String(), "bundle_endpoint", addrString(a.Bundle),
+		"data_dir", cp.cfg.DataDir, "kubernetes", cp.cfg.inKube)
+	cp.ready.Store(true)
+	err := g.Wait()
+	if errors.Is(err, context.Canceled) || (err == nil && ctx.Err() != nil) {
+		return nil
+	}
+	return err
+}
+
+func serveHTTP(s *http.Server, l net.Listener, tls bool, what string) error {
+	var err error
+	if tls {
+		err = s.ServeTLS(l, "", "")
+	} else {
+		err = s.Serve(l)
+	}
+	if err != nil && !errors.Is(err, http.ErrServerClosed) {
+		return fmt.Errorf("controlplane: %s server: %w", what, err)
+	}
+	return nil
+}
+
+func (cp *ControlPlane) readyz(w http.ResponseWriter, r *http.Request) {
+	if !cp.ready.Load() {
+		http.Error(w, "not ready", http.StatusServiceUnavailable)
+		return
+	}
+	if err := cp.Journal.Ping(r.Context()); err != nil {
+		http.Error(w, "journal unavailable", http.StatusServiceUnavailable)
+		return
+	}
+	_, _ = w.Write([]byte("ok\n"))
+}
+
+func (cp *ControlPlane) close() {
+	for _, l := range []net.Listener{cp.caLis, cp.monLis, cp.bundleLis} {
+		if l != nil {
+			_ = l.Close()
+		}
+	}
+	if cp.Journal != nil {
+		_ = cp.Journal.Close()
+	}
+}
+
+func addrString(a net.Addr) string {
+	if a == nil {
+		return ""
+	}
+	return a.String()
+}
+
+func kubeClient(kubeconfig string) (kubernetes.Interface, error) {
+	var cfg *rest.Config
+	var err error
+	if kubeconfig != "" {
+		cfg, err = clientcmd.BuildConfigFromFlags("", kubeconfig)
+	} else {
+		cfg, err = rest.InClusterConfig()
+	}
+	if err != nil {
+		return nil, fmt.Errorf("controlplane: Kubernetes client configuration: %w", err)
+	}
+	client, err := kubernetes.NewForConfig(cfg)
+	if err != nil {
+		return nil, fmt.Errorf("controlplane: Kubernetes client: %w", err)
+	}
+	return client, nil
+}
