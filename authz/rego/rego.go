@@ -1,0 +1,224 @@
+// Package rego is the Rego back end of the policy model: it compiles
+// AuthorizationPolicies (authz/policy) into Rego modules that OPA
+// evaluates.
+//
+// Each policy becomes one package, data.trustmesh.policy.<id>, with two
+// partial sets of the indexes of its matching rules: "http" for HTTP checks
+// and "tcp" for TCP checks (see policy.Rule.ForTCP). The entry module,
+// data.trustmesh.authz, evaluates only the policies whose ids the caller
+// lists in input.policies, so the caller's per-workload index decides which
+// policies run:
+//
+//	data.trustmesh.authz.matches == {id: {rule index, ...}, ...}
+//
+// The generated modules read this input, which the engine builds from the
+// CheckRequest (absent attributes are absent keys, never empty strings):
+//
+//	input.proto                 "http" or "tcp"
+//	input.policies              [id, ...]
+//	input.source.principal      peer SPIFFE ID without "spiffe://"
+//	input.source.namespace      from the peer SPIFFE ID
+//	input.source.sa             "namespace/serviceaccount" from the peer SPIFFE ID
+//	input.source.td             trust domain of the peer SPIFFE ID
+//	input.source.ip             direct peer address
+//	input.remote.ip             original client address
+//	input.destination.ip
+//	input.destination.port      number
+//	input.sni
+//	input.http.host             lower-cased
+//	input.http.method
+//	input.http.path             normalized (authz/pathnorm), no query
+//	input.http.headers[name]    lower-cased names
+package rego
+
+import (
+	"encoding/json"
+	"fmt"
+	"strconv"
+	"strings"
+
+	"github.com/trustmesh/trustmesh/authz/policy"
+)
+
+// Package paths of the generated modules.
+const (
+	PolicyPackage = "trustmesh.policy"
+	EntryPackage  = "trustmesh.authz"
+	// MatchesQuery is the query the engine prepares once per policy set.
+	MatchesQuery = "data.trustmesh.authz.matches"
+)
+
+// EntryModule returns the entry module that evaluates the listed policies.
+func EntryModule() string {
+	return `package ` + EntryPackage + `
+
+# matches maps each listed policy id to the set of its rules that match.
+matches[id] := rules if {
+	some id in input.policies
+	rules := data.` + PolicyPackage + `[id][input.proto]
+}
+`
+}
+
+// ID returns the package-safe id of the i-th policy of a set.
+func ID(i int) string { return "p" + strconv.Itoa(i) }
+
+// Module compiles one policy into a Rego module in package
+// trustmesh.policy.<id>. A policy without rules compiles to a package that
+// never matches.
+func Module(id string, p *policy.Policy) string {
+	g := &gen{}
+	g.printf("package %s.%s\n\n", PolicyPackage, id)
+	g.printf("# %s (%s) from %s\n", p.Key(), p.Action, p.Origin)
+	if len(p.Rules) == 0 {
+		g.printf("# no rules: matches nothing\n")
+		g.printf("http := set()\n\ntcp := set()\n")
+		return g.b.String()
+	}
+	for i, r := range p.Rules {
+		g.rule("http", i, r, p.Action)
+		if tr, ok := r.ForTCP(p.Action); ok {
+			g.rule("tcp", i, tr, p.Action)
+		} else {
+			g.printf("# rules[%d] uses HTTP-only fields: dropped for TCP in an ALLOW policy\n\n", i)
+		}
+	}
+	if !g.hasTCP {
+		g.printf("tcp := set()\n")
+	}
+	return g.b.String()
+}
+
+type gen struct {
+	b      strings.Builder
+	hasTCP bool
+}
+
+func (g *gen) printf(format string, args ...any) { fmt.Fprintf(&g.b, format, args...) }
+
+// rule emits `<proto> contains i if {...}` and its helpers.
+func (g *gen) rule(proto string, i int, r policy.Rule, a policy.Action) {
+	if proto == "tcp" {
+		g.hasTCP = true
+	}
+	prefix := fmt.Sprintf("%s_r%d", proto, i)
+	var body []string
+	if len(r.From) > 0 {
+		body = append(body, g.matches(prefix+"_from", r.From, a))
+	}
+	if len(r.To) > 0 {
+		body = append(body, g.matches(prefix+"_to", r.To, a))
+	}
+	for k, f := range r.When {
+		body = append(body, g.field(fmt.Sprintf("%s_when%d", prefix, k), f, a)...)
+	}
+	if len(body) == 0 {
+		g.printf("%s contains %d\n\n", proto, i)
+		return
+	}
+	g.printf("%s contains %d if {\n", proto, i)
+	for _, e := range body {
+		g.printf("\t%s\n", e)
+	}
+	g.printf("}\n\n")
+}
+
+// matches emits one rule per entry (ORed by sharing a name) and returns the
+// expression that references them.
+func (g *gen) matches(name string, ms []policy.Match, a policy.Action) string {
+	for j, m := range ms {
+		var body []string
+		for k, f := range m {
+			body = append(body, g.field(fmt.Sprintf("%s%d_f%d", name, j, k), f, a)...)
+		}
+		if len(body) == 0 {
+			g.printf("%s if true\n\n", name)
+			continue
+		}
+		g.printf("%s if {\n", name)
+		for _, e := range body {
+			g.printf("\t%s\n", e)
+		}
+		g.printf("}\n\n")
+	}
+	return name
+}
+
+// field emits a helper that is true when any value matches and returns the
+// expressions that use it in a rule body.
+func (g *gen) field(name string, f policy.Field, a policy.Action) []string {
+	ref := attrRef(f)
+	g.printf("# %s\n", f.Name)
+	for _, v := range f.Values {
+		g.printf("%s if %s\n", name, valueExpr(ref, v))
+	}
+	g.printf("\n")
+	if !f.Not {
+		return []string{name}
+	}
+	// A negated field never matches a request that lacks a peer identity in
+	// an ALLOW policy, so a missing certificate never opens access; in the
+	// other actions it matches (as in Istio), so DENY policies deny more.
+	if f.Attr.NeedsPeer() && a == policy.Allow {
+		return []string{ref, "not " + name}
+	}
+	return []string{"not " + name}
+}
+
+func attrRef(f policy.Field) string {
+	switch f.Attr {
+	case policy.SourcePrincipal:
+		return "input.source.principal"
+	case policy.SourceNamespace:
+		return "input.source.namespace"
+	case policy.SourceServiceAccount:
+		return "input.source.sa"
+	case policy.SourceTrustDomain:
+		return "input.source.td"
+	case policy.SourceIP:
+		return "input.source.ip"
+	case policy.RemoteIP:
+		return "input.remote.ip"
+	case policy.DestinationIP:
+		return "input.destination.ip"
+	case policy.DestinationPort:
+		return "input.destination.port"
+	case policy.SNI:
+		return "input.sni"
+	case policy.Host:
+		return "input.http.host"
+	case policy.Method:
+		return "input.http.method"
+	case policy.Path:
+		return "input.http.path"
+	case policy.Header:
+		return "input.http.headers[" + quote(f.HeaderName) + "]"
+	}
+	panic(fmt.Sprintf("rego: unknown attribute %v", f.Attr))
+}
+
+func valueExpr(ref string, v policy.Value) string {
+	switch v.Kind {
+	case policy.Exact:
+		return ref + " == " + quote(v.S)
+	case policy.Prefix:
+		return "startswith(" + ref + ", " + quote(v.S) + ")"
+	case policy.Suffix:
+		return "endswith(" + ref + ", " + quote(v.S) + ")"
+	case policy.Presence:
+		return ref + ` != ""`
+	case policy.Template:
+		return "regex.match(" + quote(v.Regexp) + ", " + ref + ")"
+	case policy.CIDR:
+		return "net.cidr_contains(" + quote(v.Prefix.String()) + ", " + ref + ")"
+	case policy.Port:
+		return ref + " == " + strconv.Itoa(v.Port)
+	}
+	panic(fmt.Sprintf("rego: unknown value kind %v", v.Kind))
+}
+
+// quote returns a Rego string literal; JSON strings are valid Rego strings.
+func quote(s string) string {
+	b, _ := json.Marshal(s)
+	return string(b)
+}

@@ -1,0 +1,271 @@
+// Package source feeds the engine: it loads AuthorizationPolicies from a
+// PolicySource (a watched YAML directory; Kubernetes informers plug in
+// through the same interface) and Rego bundles (directories or .tar.gz),
+// builds a complete engine.Set and swaps it in. An update that does not
+// parse, validate or compile is refused with an error naming the file,
+// object or bundle, and the last good set stays in force.
+package source
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/fsnotify/fsnotify"
+
+	"github.com/trustmesh/trustmesh/authz/engine"
+	"github.com/trustmesh/trustmesh/authz/policy"
+)
+
+// PolicySource provides AuthorizationPolicies.
+type PolicySource interface {
+	// Policies returns the current policies, or an error naming the file or
+	// object at fault.
+	Policies() ([]*policy.Policy, error)
+	// Watch calls changed whenever the policies may have changed, until ctx
+	// ends; it returns nil then.
+	Watch(ctx context.Context, changed func()) error
+}
+
+// Dir is a directory of AuthorizationPolicy YAML files (local mode).
+type Dir struct {
+	Path string
+	// DefaultNamespace is given to policies that name none.
+	DefaultNamespace string
+}
+
+var _ PolicySource = (*Dir)(nil)
+
+// Policies parses every YAML file in the directory.
+func (d *Dir) Policies() ([]*policy.Policy, error) {
+	return policy.ParseDir(d.Path, d.DefaultNamespace)
+}
+
+// Watch reports changes to the directory's files.
+func (d *Dir) Watch(ctx context.Context, changed func()) error {
+	return watchPaths(ctx, []string{d.Path}, changed)
+}
+
+// ErrRefused wraps every load failure: the update was refused and the
+// previous set still serves.
+var ErrRefused = errors.New("source: update refused, last good policy set kept")
+
+// Config configures a Loader.
+type Config struct {
+	Engine *engine.Engine
+	// Policies may be nil when only bundles are loaded.
+	Policies      PolicySource
+	Bundles       []BundleConfig
+	RootNamespace string
+	EvalTimeout   time.Duration
+	Log           *slog.Logger
+	// OnLoad, if set, is called after every load attempt with its result.
+	OnLoad func(error)
+}
+
+// Validate checks the configuration, collecting every error.
+func (c *Config) Validate() error {
+	var errs []error
+	if c.Engine == nil {
+		errs = append(errs, errors.New("source: an engine is required"))
+	}
+	for _, b := range c.Bundles {
+		errs = append(errs, b.Validate())
+	}
+	return errors.Join(errs...)
+}
+
+// Loader loads and hot-reloads the engine's policy set.
+type Loader struct {
+	cfg Config
+	log *slog.Logger
+}
+
+// New validates cfg and returns a Loader.
+func New(cfg Config) (*Loader, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	log := cfg.Log
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	return &Loader{cfg: cfg, log: log}, nil
+}
+
+// Build reads every source and compiles a Set without swapping it in.
+func (l *Loader) Build(ctx context.Context) (*engine.Set, error) {
+	var ps []*policy.Policy
+	if l.cfg.Policies != nil {
+		var err error
+		if ps, err = l.cfg.Policies.Policies(); err != nil {
+			return nil, err
+		}
+	}
+	var bs []engine.NamedBundle
+	for _, bc := range l.cfg.Bundles {
+		b, err := LoadBundle(bc)
+		if err != nil {
+			return nil, err
+		}
+		bs = append(bs, engine.NamedBundle{Name: bc.Path, Bundle: b})
+	}
+	return engine.Build(ctx, engine.SetConfig{
+		RootNamespace: l.cfg.RootNamespace,
+		Policies:      ps,
+		Bundles:       bs,
+		EvalTimeout:   l.cfg.EvalTimeout,
+	})
+}
+
+// Load builds a new Set and swaps it in. On error the engine keeps its
+// current set and the error wraps ErrRefused.
+func (l *Loader) Load(ctx context.Context) error {
+	s, err := l.Build(ctx)
+	if err != nil {
+		err = fmt.Errorf("%w: %w", ErrRefused, err)
+		l.log.Error("policy update refused; last good policy set kept", "error", err)
+	} else {
+		l.cfg.Engine.Swap(s)
+		l.log.Info("policy set loaded", "policies", len(s.Policies()))
+	}
+	if l.cfg.OnLoad != nil {
+		l.cfg.OnLoad(err)
+	}
+	return err
+}
+
+// Run loads once, failing if the first load fails, then reloads whenever a
+// source changes until ctx ends.
+func (l *Loader) Run(ctx context.Context) error {
+	kick := make(chan struct{}, 1)
+	changed := func() {
+		select {
+		case kick <- struct{}{}:
+		default:
+		}
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	errc := make(chan error, 2)
+	watchers := 0
+	if l.cfg.Policies != nil {
+		watchers++
+		go func() { errc <- l.cfg.Policies.Watch(ctx, changed) }()
+	}
+	if len(l.cfg.Bundles) > 0 {
+		var paths []string
+		for _, b := range l.cfg.Bundles {
+			paths = append(paths, b.Path)
+		}
+		watchers++
+		go func() { errc <- watchPaths(ctx, paths, changed) }()
+	}
+	// The watches are in place before the first load, so no change between
+	// the two is missed.
+	if err := l.Load(ctx); err != nil {
+		cancel()
+		for range watchers {
+			<-errc
+		}
+		return err
+	}
+	for {
+		select {
+		case <-ctx.Done():
+			for range watchers {
+				<-errc
+			}
+			return nil
+		case err := <-errc:
+			watchers--
+			if err != nil {
+				cancel()
+				for range watchers {
+					<-errc
+				}
+				return fmt.Errorf("source: watching: %w", err)
+			}
+		case <-kick:
+			_ = l.Load(ctx) // refused updates are logged; the old set serves
+		}
+	}
+}
+
+// watchPaths watches files and directory trees. A file is watched through
+// its parent directory, so that editors that replace files are seen.
+func watchPaths(ctx context.Context, paths []string, changed func()) error {
+	w, err := fsnotify.NewWatcher()
+	if err != nil {
+		return fmt.Errorf("source: %w", err)
+	}
+	defer w.Close()
+	files := map[string]bool{}    // watched files
+	fileDirs := map[string]bool{} // their parent directories
+	trees := map[string]bool{}    // directories watched as trees
+	for _, p := range paths {
+		abs, err := filepath.Abs(p)
+		if err != nil {
+			return fmt.Errorf("source: %w", err)
+		}
+		fi, err := os.Stat(abs)
+		if err != nil {
+			return fmt.Errorf("source: %w", err)
+		}
+		if !fi.IsDir() {
+			files[abs] = true
+			fileDirs[filepath.Dir(abs)] = true
+			if err := w.Add(filepath.Dir(abs)); err != nil {
+				return fmt.Errorf("source: watching %s: %w", abs, err)
+			}
+			continue
+		}
+		if err := addTree(w, abs, trees); err != nil {
+			return err
+		}
+	}
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case ev, ok := <-w.Events:
+			if !ok {
+				return nil
+			}
+			dir := filepath.Dir(ev.Name)
+			if fileDirs[dir] && !trees[dir] && !files[ev.Name] {
+				continue // another file beside a watched bundle file
+			}
+			if ev.Has(fsnotify.Create) {
+				if fi, err := os.Stat(ev.Name); err == nil && fi.IsDir() {
+					_ = addTree(w, ev.Name, trees)
+				}
+			}
+			changed()
+		case err, ok := <-w.Errors:
+			if !ok {
+				return nil
+			}
+			return fmt.Errorf("source: %w", err)
+		}
+	}
+}
+
+func addTree(w *fsnotify.Watcher, root string, trees map[string]bool) error {
+	return filepath.WalkDir(root, func(p string, d os.DirEntry, err error) error {
+		if err != nil {
+			return fmt.Errorf("source: %w", err)
+		}
+		if d.IsDir() {
+			if err := w.Add(p); err != nil {
+				return fmt.Errorf("source: watching %s: %w", p, err)
+			}
+			trees[p] = true
+		}
+		return nil
+	})
+}
