@@ -1,0 +1,362 @@
+package ca_test
+
+import (
+	"context"
+	"crypto"
+	"crypto/ecdsa"
+	"crypto/ed25519"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/rsa"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/asn1"
+	"encoding/pem"
+	"errors"
+	"net"
+	"net/url"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+	clocktesting "k8s.io/utils/clock/testing"
+
+	"github.com/trustmesh/trustmesh/ca"
+	"github.com/trustmesh/trustmesh/ca/authority"
+	"github.com/trustmesh/trustmesh/ca/journal"
+)
+
+var (
+	td     = spiffeid.RequireTrustDomainFromString("cluster.local")
+	alice  = spiffeid.RequireFromPath(td, "/ns/default/sa/alice")
+	bob    = spiffeid.RequireFromPath(td, "/ns/default/sa/bob")
+	t0     = time.Date(2026, 11, 23, 12, 0, 0, 0, time.UTC)
+	caller = ca.Caller{ID: alice, Method: "kubernetes", Subject: "system:serviceaccount:default:alice", Origin: journal.OriginKubernetes}
+)
+
+type fixture struct {
+	ca    *ca.CA
+	auth  *authority.Authority
+	store *journal.Store
+	clock *clocktesting.FakeClock
+}
+
+func newFixture(t testing.TB) *fixture {
+	t.Helper()
+	ctx := context.Background()
+	dir := t.TempDir()
+	m, err := authority.Load(ctx, authority.Config{TrustDomain: td, Dir: filepath.Join(dir, "ca"), Now: t0})
+	if err != nil {
+		t.Fatal(err)
+	}
+	store, err := journal.OpenSQLite(ctx, filepath.Join(dir, "journal.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { store.Close() })
+	clk := clocktesting.NewFakeClock(t0)
+	auth := authority.New(td, m)
+	c, err := ca.New(ca.Config{TrustDomain: td, Authority: auth, Recorder: store, Clock: clk})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &fixture{ca: c, auth: auth, store: store, clock: clk}
+}
+
+// csrOpts shape a test CSR.
+type csrOpts struct {
+	key        crypto.Signer
+	uris       []string
+	dns        []string
+	ips        []net.IP
+	emails     []string
+	extensions []pkix.Extension
+}
+
+func makeCSR(t testing.TB, o csrOpts) []byte {
+	t.Helper()
+	if o.key == nil {
+		o.key = ecKey(t, elliptic.P256())
+	}
+	tmpl := &x509.CertificateRequest{DNSNames: o.dns, IPAddresses: o.ips, EmailAddresses: o.emails, ExtraExtensions: o.extensions}
+	for _, u := range o.uris {
+		parsed, err := url.Parse(u)
+		if err != nil {
+			t.Fatal(err)
+		}
+		tmpl.URIs = append(tmpl.URIs, parsed)
+	}
+	der, err := x509.CreateCertificateRequest(rand.Reader, tmpl, o.key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE REQUEST", Bytes: der})
+}
+
+func ecKey(t testing.TB, c elliptic.Curve) crypto.Signer {
+	k, err := ecdsa.GenerateKey(c, rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return k
+}
+
+func rsaKey(t testing.TB, bits int) crypto.Signer {
+	k, err := rsa.GenerateKey(rand.Reader, bits)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return k
+}
+
+func mustExt(t testing.TB, oid asn1.ObjectIdentifier, v any) pkix.Extension {
+	b, err := asn1.Marshal(v)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return pkix.Extension{Id: oid, Value: b}
+}
+
+// TestIssueRules is the table of every rule the CA applies to a request.
+func TestIssueRules(t *testing.T) {
+	f := newFixture(t)
+	_, edKey, _ := ed25519.GenerateKey(rand.Reader)
+	otherName := pkix.Extension{Id: asn1.ObjectIdentifier{2, 5, 29, 17}, Value: mustSANs(t,
+		asn1.RawValue{Class: asn1.ClassContextSpecific, Tag: 0, IsCompound: true, Bytes: []byte{0x06, 0x01, 0x2a, 0xa0, 0x03, 0x0c, 0x01, 0x78}})}
+	corrupt := makeCSR(t, csrOpts{})
+	block, _ := pem.Decode(corrupt)
+	block.Bytes[len(block.Bytes)-1] ^= 0xff
+	badSig := pem.EncodeToMemory(block)
+
+	cases := []struct {
+		name   string
+		caller ca.Caller
+		csr    []byte
+		ttl    time.Duration
+		// wantReason is empty when the request must be served.
+		wantReason string
+		wantTTL    time.Duration
+	}{
+		{name: "no SANs", csr: makeCSR(t, csrOpts{}), wantTTL: time.Hour},
+		{name: "exactly the caller's ID", csr: makeCSR(t, csrOpts{uris: []string{alice.String()}}), wantTTL: time.Hour},
+		{name: "another SPIFFE ID", csr: makeCSR(t, csrOpts{uris: []string{bob.String()}}), wantReason: ca.ReasonCSRIdentity},
+		{name: "caller's ID and another", csr: makeCSR(t, csrOpts{uris: []string{alice.String(), bob.String()}}), wantReason: ca.ReasonCSRIdentity},
+		{name: "a DNS SAN", csr: makeCSR(t, csrOpts{dns: []string{"example.com"}}), wantReason: ca.ReasonCSRIdentity},
+		{name: "an IP SAN", csr: makeCSR(t, csrOpts{ips: []net.IP{net.IPv4(10, 0, 0, 1)}}), wantReason: ca.ReasonCSRIdentity},
+		{name: "an email SAN", csr: makeCSR(t, csrOpts{emails: []string{"a@example.com"}}), wantReason: ca.ReasonCSRIdentity},
+		{name: "an otherName SAN Go does not parse", csr: makeCSR(t, csrOpts{extensions: []pkix.Extension{otherName}}), wantReason: ca.ReasonCSRIdentity},
+		{name: "asks to be a CA", csr: makeCSR(t, csrOpts{extensions: []pkix.Extension{
+			mustExt(t, asn1.ObjectIdentifier{2, 5, 29, 19}, struct{ IsCA bool }{true})}}), wantReason: ca.ReasonCSRCA},
+		{name: "asks for cert signing", csr: makeCSR(t, csrOpts{extensions: []pkix.Extension{
+			mustExt(t, asn1.ObjectIdentifier{2, 5, 29, 15}, asn1.BitString{Bytes: []byte{0x04}, BitLength: 6})}}), wantReason: ca.ReasonCSRCA},
+		{name: "other extensions are ignored", csr: makeCSR(t, csrOpts{extensions: []pkix.Extension{
+			mustExt(t, asn1.ObjectIdentifier{1, 2, 3, 4}, "anything")}}), wantTTL: time.Hour},
+		{name: "bad signature", csr: badSig, wantReason: ca.ReasonCSRSignature},
+		{name: "not PEM", csr: []byte("hello"), wantReason: ca.ReasonCSRMalformed},
+		{name: "PEM of the wrong type", csr: pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: block.Bytes}), wantReason: ca.ReasonCSRMalformed},
+		{name: "two PEM blocks", csr: append(makeCSR(t, csrOpts{}), makeCSR(t, csrOpts{})...), wantReason: ca.ReasonCSRMalformed},
+		{name: "larger than 16 KiB", csr: append(makeCSR(t, csrOpts{}), make([]byte, ca.MaxCSRSize)...), wantReason: ca.ReasonCSRTooLarge},
+		{name: "P-384", csr: makeCSR(t, csrOpts{key: ecKey(t, elliptic.P384())}), wantTTL: time.Hour},
+		{name: "P-224 refused", csr: makeCSR(t, csrOpts{key: ecKey(t, elliptic.P224())}), wantReason: ca.ReasonCSRKey},
+		{name: "P-521 refused", csr: makeCSR(t, csrOpts{key: ecKey(t, elliptic.P521())}), wantReason: ca.ReasonCSRKey},
+		{name: "RSA 2048", csr: makeCSR(t, csrOpts{key: rsaKey(t, 2048)}), wantTTL: time.Hour},
+		{name: "RSA 1024 refused", csr: makeCSR(t, csrOpts{key: rsaKey(t, 1024)}), wantReason: ca.ReasonCSRKey},
+		{name: "Ed25519", csr: makeCSR(t, csrOpts{key: edKey}), wantTTL: time.Hour},
+		{name: "TTL below minimum is raised", csr: makeCSR(t, csrOpts{}), ttl: time.Minute, wantTTL: 5 * time.Minute},
+		{name: "TTL above maximum is lowered", csr: makeCSR(t, csrOpts{}), ttl: 72 * time.Hour, wantTTL: 24 * time.Hour},
+		{name: "TTL within bounds is kept", csr: makeCSR(t, csrOpts{}), ttl: 2 * time.Hour, wantTTL: 2 * time.Hour},
+		{name: "caller outside the trust domain", caller: ca.Caller{ID: spiffeid.RequireFromString("spiffe://other.org/ns/a/sa/b")},
+			csr: makeCSR(t, csrOpts{}), wantReason: ca.ReasonTrustDomain},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			c := tc.caller
+			if c.ID.IsZero() {
+				c = caller
+			}
+			got, err := f.ca.Issue(context.Background(), c, tc.csr, tc.ttl)
+			if tc.wantReason != "" {
+				r, ok := ca.AsRefusal(err)
+				if !ok {
+					t.Fatalf("Issue() = %v, %v; want refusal %q", got, err, tc.wantReason)
+				}
+				if r.Reason != tc.wantReason {
+					t.Fatalf("refusal reason = %q (%v), want %q", r.Reason, r.Err, tc.wantReason)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatalf("Issue() error = %v", err)
+			}
+			checkIssued(t, f, got, alice)
+			if life := got.Leaf.NotAfter.Sub(t0); life != tc.wantTTL {
+				t.Errorf("lifetime from now = %s, want %s", life, tc.wantTTL)
+			}
+		})
+	}
+}
+
+func mustSANs(t testing.TB, names ...asn1.RawValue) []byte {
+	b, err := asn1.Marshal(names)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+// checkIssued verifies a certificate as a relying party would and checks the
+// properties every issued certificate must have.
+func checkIssued(t testing.TB, f *fixture, got *ca.Issued, want spiffeid.ID) {
+	t.Helper()
+	id, _, err := x509svid.Verify(append([]*x509.Certificate{got.Leaf}, got.Chain...), f.auth, x509svid.WithTime(f.clock.Now()))
+	if err != nil {
+		t.Fatalf("issued certificate does not verify: %v", err)
+	}
+	if id != want {
+		t.Fatalf("issued identity = %s, want %s", id, want)
+	}
+	l := got.Leaf
+	if l.IsCA || len(l.URIs) != 1 || len(l.DNSNames)+len(l.IPAddresses)+len(l.EmailAddresses) != 0 {
+		t.Fatalf("issued certificate has CA=%v URIs=%v DNS=%v IPs=%v emails=%v", l.IsCA, l.URIs, l.DNSNames, l.IPAddresses, l.EmailAddresses)
+	}
+	if len(l.ExtKeyUsage) != 2 || l.ExtKeyUsage[0] != x509.ExtKeyUsageServerAuth || l.ExtKeyUsage[1] != x509.ExtKeyUsageClientAuth {
+		t.Fatalf("extended key usage = %v, want serverAuth and clientAuth", l.ExtKeyUsage)
+	}
+	rec, err := f.store.LookupIssuance(context.Background(), ca.SerialHex(l))
+	if err != nil {
+		t.Fatalf("issued certificate is not recorded: %v", err)
+	}
+	if rec.SPIFFEID != want.String() || !rec.NotAfter.Equal(l.NotAfter) {
+		t.Fatalf("record = %+v, does not match the certificate", rec)
+	}
+	chain := got.PEMChain()
+	if len(chain) != 3 || !strings.Contains(chain[0], "CERTIFICATE") {
+		t.Fatalf("PEM chain has %d elements, want leaf, intermediate and root", len(chain))
+	}
+}
+
+// A CA that cannot record does not issue.
+func TestIssueFailsClosedWhenRecordFails(t *testing.T) {
+	f := newFixture(t)
+	c, err := ca.New(ca.Config{TrustDomain: td, Authority: f.auth, Recorder: failingRecorder{}, Clock: f.clock})
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := c.Issue(context.Background(), caller, makeCSR(t, csrOpts{}), 0)
+	r, ok := ca.AsRefusal(err)
+	if !ok || r.Reason != ca.ReasonRecordFailed || r.Kind != ca.KindInternal || got != nil {
+		t.Fatalf("Issue() = %v, %v; want an internal record-failed refusal and no certificate", got, err)
+	}
+	if _, err := ca.New(ca.Config{TrustDomain: td, Authority: f.auth}); err == nil {
+		t.Fatal("New() without a recorder succeeded")
+	}
+}
+
+type failingRecorder struct{}
+
+func (failingRecorder) RecordIssuance(context.Context, journal.Issuance, *journal.Redemption) (int64, error) {
+	return 0, errors.New("disk full")
+}
+
+// A certificate never outlives the intermediate that signs it.
+func TestIssueNeverOutlivesIssuer(t *testing.T) {
+	f := newFixture(t)
+	issuerEnd := f.auth.Current().Cert.NotAfter
+	f.clock.SetTime(issuerEnd.Add(-10 * time.Minute))
+	got, err := f.ca.Issue(context.Background(), caller, makeCSR(t, csrOpts{}), 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !got.Leaf.NotAfter.Equal(issuerEnd) {
+		t.Fatalf("NotAfter = %s, want the issuer's %s", got.Leaf.NotAfter, issuerEnd)
+	}
+}
+
+func TestIssueServingCarriesNames(t *testing.T) {
+	f := newFixture(t)
+	id := spiffeid.RequireFromPath(td, "/ns/trustmesh-system/sa/trustmesh")
+	got, err := f.ca.IssueServing(context.Background(), ca.ServingRequest{
+		ID: id, DNSNames: []string{"localhost"}, IPs: []net.IP{net.IPv4(127, 0, 0, 1)},
+		PublicKey: ecKey(t, elliptic.P256()).Public(), TTL: time.Hour,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := got.Leaf.VerifyHostname("127.0.0.1"); err != nil {
+		t.Fatal(err)
+	}
+	rec, err := f.store.LookupIssuance(context.Background(), ca.SerialHex(got.Leaf))
+	if err != nil || rec.Origin != journal.OriginCA {
+		t.Fatalf("serving certificate record = %+v, %v; want origin ca", rec, err)
+	}
+}
+
+// FuzzIssueCSR feeds arbitrary CSR bytes to the CA. Whatever it is given, it
+// never issues a certificate naming anyone but the authenticated caller, and
+// never a CA certificate.
+func FuzzIssueCSR(f *testing.F) {
+	fx := newFixture(f)
+	f.Add(makeCSR(f, csrOpts{}))
+	f.Add(makeCSR(f, csrOpts{uris: []string{alice.String()}}))
+	f.Add(makeCSR(f, csrOpts{uris: []string{bob.String()}}))
+	f.Add(makeCSR(f, csrOpts{dns: []string{"x"}}))
+	f.Add(makeCSR(f, csrOpts{extensions: []pkix.Extension{mustExt(f, asn1.ObjectIdentifier{2, 5, 29, 19}, struct{ IsCA bool }{true})}}))
+	f.Add([]byte("-----BEGIN CERTIFICATE REQUEST-----\nMIIB\n-----END CERTIFICATE REQUEST-----\n"))
+	f.Fuzz(func(t *testing.T, csr []byte) {
+		got, err := fx.ca.Issue(context.Background(), caller, csr, 0)
+		if err != nil {
+			if got != nil {
+				t.Fatal("refused, yet returned a certificate")
+			}
+			if _, ok := ca.AsRefusal(err); !ok {
+				t.Fatalf("error is not a refusal: %v", err)
+			}
+			return
+		}
+		l := got.Leaf
+		if l.IsCA || l.KeyUsage&x509.KeyUsageCertSign != 0 {
+			t.Fatal("issued a CA certificate")
+		}
+		if len(l.URIs) != 1 || l.URIs[0].String() != alice.String() || len(l.DNSNames)+len(l.IPAddresses)+len(l.EmailAddresses) != 0 {
+			t.Fatalf("issued identity %v %v %v, want only %s", l.URIs, l.DNSNames, l.IPAddresses, alice)
+		}
+		if id, err := x509svid.IDFromCert(l); err != nil || id != alice {
+			t.Fatalf("issued %v (%v), want %s", id, err, alice)
+		}
+	})
+}
+
+// BenchmarkIssue measures in-process issuance: CSR parsing and verification,
+// signing, the self-check, and the durable record.
+func BenchmarkIssue(b *testing.B) {
+	f := newFixture(b)
+	csr := makeCSR(b, csrOpts{uris: []string{alice.String()}})
+	ctx := context.Background()
+	b.ReportAllocs()
+	b.ResetTimer()
+	for b.Loop() {
+		if _, err := f.ca.Issue(ctx, caller, csr, 0); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+// BenchmarkIssueParallel is the same with concurrent callers.
+func BenchmarkIssueParallel(b *testing.B) {
+	f := newFixture(b)
+	csr := makeCSR(b, csrOpts{uris: []string{alice.String()}})
+	ctx := context.Background()
+	b.ReportAllocs()
+	b.ResetTimer()
+	b.RunParallel(func(pb *testing.PB) {
+		for pb.Next() {
+			if _, err := f.ca.Issue(ctx, caller, csr, 0); err != nil {
+				b.Error(err)
+				return
+			}
+		}
+	})
+}
