@@ -335,4 +335,3 @@ func parsedBody(h *authv3.AttributeContext_HttpRequest) (any, bool, error) {
 	}
 	return v, false, nil
 }
-

@@ -1,0 +1,114 @@
+package policy
+
+import (
+	"errors"
+	"strings"
+	"testing"
+)
+
+const head = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p, namespace: foo}\n"
+
+// TestRefusals checks that every field trustmesh does not implement, and
+// every invalid value, is refused with an error naming the field.
+func TestRefusals(t *testing.T) {
+	tests := []struct {
+		name  string
+		doc   string
+		field string
+		kind  error
+	}{
+		{"requestPrincipals", "spec: {rules: [{from: [{source: {requestPrincipals: [a/b]}}]}]}", "spec.rules[0].from[0].source.requestPrincipals", ErrUnsupported},
+		{"notRequestPrincipals", "spec: {rules: [{from: [{source: {notRequestPrincipals: [a/b]}}]}]}", "spec.rules[0].from[0].source.notRequestPrincipals", ErrUnsupported},
+		{"request.auth claims", "spec: {rules: [{when: [{key: 'request.auth.claims[iss]', values: [x]}]}]}", "spec.rules[0].when[0].key", ErrUnsupported},
+		{"unknown when key", "spec: {rules: [{when: [{key: source.serviceAccount, values: [x]}]}]}", "spec.rules[0].when[0].key", ErrUnsupported},
+		{"experimental when key", "spec: {rules: [{when: [{key: 'experimental.envoy.filters.a', values: [x]}]}]}", "spec.rules[0].when[0].key", ErrUnsupported},
+		{"targetRef", "spec: {targetRef: {kind: Gateway, group: gateway.networking.k8s.io, name: g}}", "spec.targetRef", ErrUnsupported},
+		{"targetRefs", "spec: {targetRefs: [{kind: Service, group: '', name: s}]}", "spec.targetRefs", ErrUnsupported},
+		{"when without values", "spec: {rules: [{when: [{key: source.ip}]}]}", "spec.rules[0].when[0]", ErrInvalid},
+		{"empty source", "spec: {rules: [{from: [{source: {}}]}]}", "spec.rules[0].from[0].source", ErrInvalid},
+		{"empty operation", "spec: {rules: [{to: [{operation: {}}]}]}", "spec.rules[0].to[0].operation", ErrInvalid},
+		{"bad port", "spec: {rules: [{to: [{operation: {ports: ['80*']}}]}]}", "spec.rules[0].to[0].operation.ports[0]", ErrInvalid},
+		{"bad ip", "spec: {rules: [{from: [{source: {ipBlocks: [10.0.0.0/33]}}]}]}", "spec.rules[0].from[0].source.ipBlocks[0]", ErrInvalid},
+		{"bad destination.port", "spec: {rules: [{when: [{key: destination.port, values: [http]}]}]}", "spec.rules[0].when[0].values[0]", ErrInvalid},
+		{"wildcard inside", "spec: {rules: [{to: [{operation: {hosts: ['a*b']}}]}]}", "spec.rules[0].to[0].operation.hosts[0]", ErrInvalid},
+		{"template not last", "spec: {rules: [{to: [{operation: {paths: ['/{**}/a/{*}']}}]}]}", "spec.rules[0].to[0].operation.paths[0]", ErrInvalid},
+		{"template mixed segment", "spec: {rules: [{to: [{operation: {paths: ['/foo/{*}.txt']}}]}]}", "spec.rules[0].to[0].operation.paths[0]", ErrInvalid},
+		{"template with glob", "spec: {rules: [{to: [{operation: {paths: ['/*/baz/{*}']}}]}]}", "spec.rules[0].to[0].operation.paths[0]", ErrInvalid},
+		{"serviceAccounts wildcard", "spec: {rules: [{from: [{source: {serviceAccounts: ['ns/*']}}]}]}", "spec.rules[0].from[0].source.serviceAccounts[0]", ErrInvalid},
+		{"serviceAccounts with principals", "spec: {rules: [{from: [{source: {serviceAccounts: [a], principals: [b]}}]}]}", "spec.rules[0].from[0].source.serviceAccounts", ErrInvalid},
+		{"provider without CUSTOM", "spec: {action: DENY, provider: {name: x}}", "spec.provider", ErrInvalid},
+		{"CUSTOM without provider", "spec: {action: CUSTOM}", "spec.provider.name", ErrInvalid},
+		{"dry-run CUSTOM", "metadata: {name: p, namespace: foo, annotations: {istio.io/dry-run: 'true'}}\nspec: {action: CUSTOM, provider: {name: 'rego:a/b'}}", "metadata.annotations[istio.io/dry-run]", ErrUnsupported},
+		{"dry-run value", "metadata: {name: p, namespace: foo, annotations: {istio.io/dry-run: 'yes'}}\nspec: {}", "metadata.annotations[istio.io/dry-run]", ErrInvalid},
+		{"unknown spec field", "spec: {rules: [{to: [{operation: {pathz: [/a]}}]}]}", "spec", ErrInvalid},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			doc := head + tt.doc
+			if strings.HasPrefix(tt.doc, "metadata:") {
+				doc = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n" + tt.doc
+			}
+			_, err := ParseYAML("test.yaml", []byte(doc), "default")
+			if err == nil {
+				t.Fatal("accepted, want a refusal")
+			}
+			var fe *FieldError
+			if !errors.As(err, &fe) {
+				t.Fatalf("error %v is not a *FieldError", err)
+			}
+			if fe.Field != tt.field || !errors.Is(fe, tt.kind) || fe.Origin != "test.yaml (document 1)" || fe.Policy != "foo/p" {
+				t.Fatalf("got %+v (%v), want field %s, kind %v", fe, err, tt.field, tt.kind)
+			}
+		})
+	}
+}
+
+func TestParse(t *testing.T) {
+	doc := `apiVersion: security.istio.io/v1beta1
+kind: AuthorizationPolicy
+metadata: {name: p}
+spec:
+  selector: {matchLabels: {app: web}}
+  action: DENY
+  rules:
+  - from: [{source: {serviceAccounts: [sa], notIpBlocks: [10.0.0.1]}}]
+    to: [{operation: {paths: ["/a/{*}"], hosts: ["Example.COM"]}}]
+    when: [{key: "request.headers[X-A]", values: ["v*"], notValues: ["vx"]}]
+---
+# a comment-only document is skipped
+`
+	ps, err := ParseYAML("t.yaml", []byte(doc), "defns")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(ps) != 1 {
+		t.Fatalf("got %d policies", len(ps))
+	}
+	p := ps[0]
+	if p.Key() != "defns/p" || p.Action != Deny || p.Selector["app"] != "web" || len(p.Rules) != 1 {
+		t.Fatalf("policy %+v", p)
+	}
+	r := p.Rules[0]
+	if got := r.From[0][0]; got.Attr != SourceServiceAccount || got.Values[0].S != "defns/sa" {
+		t.Errorf("serviceAccounts = %+v", got)
+	}
+	if got := r.From[0][1]; got.Attr != SourceIP || !got.Not || got.Values[0].Prefix.String() != "10.0.0.1/32" {
+		t.Errorf("notIpBlocks = %+v", got)
+	}
+	if got := r.To[0][1]; got.Attr != Path || got.Values[0].Kind != Template || got.Values[0].Regexp != "^/a/[^/]+$" {
+		t.Errorf("paths = %+v", got)
+	}
+	if got := r.To[0][0]; got.Values[0].S != "example.com" {
+		t.Errorf("hosts = %+v", got)
+	}
+	if len(r.When) != 2 || r.When[0].HeaderName != "x-a" || r.When[0].Values[0].Kind != Prefix || !r.When[1].Not {
+		t.Errorf("when = %+v", r.When)
+	}
+	if _, ok := r.ForTCP(Allow); ok {
+		t.Error("ForTCP(Allow) kept a rule with HTTP-only fields")
+	}
+	tcp, ok := r.ForTCP(Deny)
+	if !ok || len(tcp.When) != 0 || len(tcp.To) != 1 || len(tcp.To[0]) != 0 || len(tcp.From[0]) != 2 {
+		t.Errorf("ForTCP(Deny) = %+v, %v", tcp, ok)
+	}
+}
