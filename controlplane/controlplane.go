@@ -66,8 +66,11 @@ type Config struct {
 	CAKeyURI string
 
 	// Kubernetes is "auto", "on" or "off".
-	Kubernetes    string
-	Kubeconfig    string
+	Kubernetes string
+	Kubeconfig string
+	// RestConfig, when set, is used instead of Kubeconfig or the in-cluster
+	// configuration (for embedding and tests).
+	RestConfig    *rest.Config
 	TokenAudience string
 
 	MinWorkloadTTL, MaxWorkloadTTL, DefaultWorkloadTTL time.Duration
@@ -184,7 +187,7 @@ func (c Config) validate() (*validated, error) {
 		v.inKube = true
 	case KubernetesOff:
 	case KubernetesAuto:
-		v.inKube = c.Kubeconfig != "" || os.Getenv("KUBERNETES_SERVICE_HOST") != ""
+		v.inKube = c.RestConfig != nil || c.Kubeconfig != "" || os.Getenv("KUBERNETES_SERVICE_HOST") != ""
 	default:
 		errs = append(errs, fmt.Errorf("kubernetes mode %q is not auto, on or off", c.Kubernetes))
 	}
@@ -264,7 +267,7 @@ func New(ctx context.Context, cfg Config) (_ *ControlPlane, err error) {
 		},
 	}
 	if v.inKube {
-		client, err := kubeClient(v.Kubeconfig)
+		client, err := kubeClient(v.RestConfig, v.Kubeconfig)
 		if err != nil {
 			return nil, err
 		}
@@ -431,12 +434,13 @@ func addrString(a net.Addr) string {
 	return a.String()
 }
 
-func kubeClient(kubeconfig string) (kubernetes.Interface, error) {
-	var cfg *rest.Config
+func kubeClient(cfg *rest.Config, kubeconfig string) (kubernetes.Interface, error) {
 	var err error
-	if kubeconfig != "" {
+	switch {
+	case cfg != nil:
+	case kubeconfig != "":
 		cfg, err = clientcmd.BuildConfigFromFlags("", kubeconfig)
-	} else {
+	default:
 		cfg, err = rest.InClusterConfig()
 	}
 	if err != nil {

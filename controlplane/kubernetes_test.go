@@ -1,0 +1,189 @@
+package controlplane_test
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"google.golang.org/grpc/codes"
+	authv1 "k8s.io/api/authentication/v1"
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
+	"sigs.k8s.io/controller-runtime/pkg/envtest"
+
+	"github.com/trustmesh/trustmesh/controlplane"
+	"github.com/trustmesh/trustmesh/test/kubeapi"
+)
+
+// One real kube-apiserver for the package, started by the first test that
+// needs it.
+var (
+	kubeOnce sync.Once
+	kubeEnv  *envtest.Environment
+	kubeCfg  *rest.Config
+	kubeErr  error
+)
+
+func TestMain(m *testing.M) {
+	code := m.Run()
+	if kubeEnv != nil {
+		if err := kubeEnv.Stop(); err != nil {
+			fmt.Fprintln(os.Stderr, "stop envtest:", err)
+		}
+	}
+	if code == 0 {
+		code = checkGoroutines()
+	}
+	os.Exit(code)
+}
+
+func kube(t *testing.T) (*rest.Config, kubernetes.Interface) {
+	t.Helper()
+	kubeOnce.Do(func() { kubeEnv, kubeCfg, kubeErr = kubeapi.Start() })
+	if kubeErr != nil {
+		t.Fatal(kubeErr)
+	}
+	return kubeCfg, kubernetes.NewForConfigOrDie(kubeCfg)
+}
+
+type cluster struct {
+	t  *testing.T
+	cs kubernetes.Interface
+	ns string
+}
+
+func (c *cluster) serviceAccount(name string) *corev1.ServiceAccount {
+	c.t.Helper()
+	sa, err := c.cs.CoreV1().ServiceAccounts(c.ns).Create(context.Background(),
+		&corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Name: name}}, metav1.CreateOptions{})
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	return sa
+}
+
+func (c *cluster) pod(name, sa string) *corev1.Pod {
+	c.t.Helper()
+	p, err := c.cs.CoreV1().Pods(c.ns).Create(context.Background(), &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Name: name},
+		Spec: corev1.PodSpec{ServiceAccountName: sa, AutomountServiceAccountToken: new(bool),
+			Containers: []corev1.Container{{Name: "app", Image: "registry.invalid/app"}}},
+	}, metav1.CreateOptions{})
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	return p
+}
+
+// token asks the TokenRequest API for a token of sa, bound to pod when given,
+// as the kubelet does for a projected token.
+func (c *cluster) token(sa, audience string, pod *corev1.Pod) string {
+	c.t.Helper()
+	exp := int64(600)
+	req := &authv1.TokenRequest{Spec: authv1.TokenRequestSpec{Audiences: []string{audience}, ExpirationSeconds: &exp}}
+	if pod != nil {
+		req.Spec.BoundObjectRef = &authv1.BoundObjectReference{Kind: "Pod", APIVersion: "v1", Name: pod.Name, UID: pod.UID}
+	}
+	resp, err := c.cs.CoreV1().ServiceAccounts(c.ns).CreateToken(context.Background(), sa, req, metav1.CreateOptions{})
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	return resp.Status.Token
+}
+
+func (c *cluster) deleteServiceAccount(name string) {
+	c.t.Helper()
+	if err := c.cs.CoreV1().ServiceAccounts(c.ns).Delete(context.Background(), name, metav1.DeleteOptions{}); err != nil {
+		c.t.Fatal(err)
+	}
+}
+
+func TestKubernetesServiceAccountTokens(t *testing.T) {
+	ctx := context.Background()
+	cfg, cs := kube(t)
+	ns := "team-a"
+	if _, err := cs.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	cl := &cluster{t: t, cs: cs, ns: ns}
+	cl.serviceAccount("web")
+	cl.serviceAccount("gone")
+	cl.serviceAccount("temp")
+	webPod := cl.pod("web-0", "web")
+	webID := spiffeid.RequireFromString("spiffe://cluster.local/ns/team-a/sa/web")
+
+	e := start(t, func(c *controlplane.Config) {
+		c.RestConfig = cfg
+		c.Kubernetes = controlplane.KubernetesOn
+	})
+	// istio-agent reaches istiod by its Service name; trustmesh's default
+	// serving names include the equivalent.
+	const serverName = "trustmesh.trustmesh-system.svc"
+
+	t.Run("a pod's token gets its service account's SPIFFE ID", func(t *testing.T) {
+		c := newClient(t)
+		resp, err := request(ctx, e.dial(nil, serverName), cl.token("web", "istio-ca", webPod), c.csr(t, webID.String()), 24*time.Hour)
+		if err != nil {
+			t.Fatal(err)
+		}
+		e.checkResponse(resp, webID)
+	})
+	refused := []struct {
+		name  string
+		token func() string
+		want  codes.Code
+	}{
+		{"a token for another audience", func() string { return cl.token("web", "https://kubernetes.default.svc", webPod) }, codes.Unauthenticated},
+		{"a malformed token", func() string { return "not-a-jwt" }, codes.Unauthenticated},
+		{"a token with a forged signature", func() string {
+			tok := cl.token("web", "istio-ca", webPod)
+			return tok[:strings.LastIndex(tok, ".")+1] + "AAAA" + tok[strings.LastIndex(tok, ".")+5:]
+		}, codes.Unauthenticated},
+		{"a token whose service account was deleted", func() string {
+			tok := cl.token("gone", "istio-ca", nil)
+			cl.deleteServiceAccount("gone")
+			return tok
+		}, codes.Unauthenticated},
+	}
+	for _, tc := range refused {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := request(ctx, e.dial(nil, serverName), tc.token(), newClient(t).csr(t, ""), time.Hour)
+			wantCode(t, err, tc.want)
+		})
+	}
+	t.Run("a CSR asking for another identity", func(t *testing.T) {
+		c := newClient(t)
+		_, err := request(ctx, e.dial(nil, serverName), cl.token("web", "istio-ca", webPod),
+			c.csr(t, "spiffe://cluster.local/ns/team-a/sa/admin"), time.Hour)
+		wantCode(t, err, codes.InvalidArgument)
+	})
+	t.Run("renewal is refused once the service account is deleted", func(t *testing.T) {
+		tempID := spiffeid.RequireFromString("spiffe://cluster.local/ns/team-a/sa/temp")
+		c := newClient(t)
+		e.obtain(c, cl.token("temp", "istio-ca", nil), tempID)
+		e.obtain(c, "", tempID) // renewal works while the account exists
+		cl.deleteServiceAccount("temp")
+		_, err := request(ctx, e.dial(c, serverName), "", c.csr(t, ""), time.Hour)
+		wantCode(t, err, codes.PermissionDenied)
+	})
+	t.Run("an expired token", func(t *testing.T) {
+		tok := cl.token("web", "istio-ca", webPod)
+		e.clock.Step(11 * time.Minute) // TokenRequest's shortest lifetime is 10 minutes
+		_, err := request(ctx, e.dial(nil, serverName), tok, newClient(t).csr(t, ""), time.Hour)
+		wantCode(t, err, codes.Unauthenticated)
+	})
+	m := e.metrics()
+	for _, want := range []string{`reason="token-audience"`, `reason="token-malformed"`, `reason="token-rejected"`,
+		`reason="token-expired"`, `reason="service-account-deleted"`, `trustmesh_ca_issued_total{method="kubernetes"} 2`} {
+		if !strings.Contains(m, want) {
+			t.Errorf("metrics lack %s", want)
+		}
+	}
+}
