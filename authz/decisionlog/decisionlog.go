@@ -1,0 +1,248 @@
+// Package decisionlog writes one JSON line per authorization decision.
+//
+// Log never blocks the Check path: it stamps the time and hands the request
+// and decision to a bounded queue; Run formats and writes them. When the
+// queue is full the entry is dropped and counted (Dropped), because a slow
+// disk must not slow or stop authorization. Query-string values and header
+// values are redacted unless their names are allowlisted.
+package decisionlog
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/url"
+	"strings"
+	"sync/atomic"
+	"time"
+
+	authv3 "github.com/envoyproxy/go-control-plane/envoy/service/auth/v3"
+	"github.com/google/uuid"
+	"k8s.io/utils/clock"
+
+	"github.com/trustmesh/trustmesh/authz/engine"
+)
+
+// Redacted replaces values that are not allowlisted.
+const Redacted = "REDACTED"
+
+// DefaultHeaderAllowlist lists the headers whose values are logged by
+// default.
+var DefaultHeaderAllowlist = []string{"x-request-id", "user-agent", "content-type"}
+
+// Config configures a Logger.
+type Config struct {
+	// Writer receives the JSON lines (stdout or a file).
+	Writer io.Writer
+	// Clock stamps decisions; nil means the real clock.
+	Clock clock.PassiveClock
+	// QueueSize bounds the entries waiting to be written; zero means 8192.
+	QueueSize int
+	// HeaderAllowlist names headers whose values are logged; nil means
+	// DefaultHeaderAllowlist. Other headers are logged with Redacted.
+	HeaderAllowlist []string
+	// QueryAllowlist names query parameters whose values are logged.
+	QueryAllowlist []string
+	// NewID returns decision ids; nil means random UUIDs.
+	NewID func() string
+}
+
+// Logger is a non-blocking decision log.
+type Logger struct {
+	w       io.Writer
+	clock   clock.PassiveClock
+	queue   chan item
+	headers map[string]bool
+	query   map[string]bool
+	newID   func() string
+	dropped atomic.Uint64
+}
+
+type item struct {
+	at  time.Time
+	req *authv3.CheckRequest
+	d   *engine.Decision
+}
+
+// New validates cfg and returns a Logger; call Run to write.
+func New(cfg Config) (*Logger, error) {
+	if cfg.Writer == nil {
+		return nil, errors.New("decisionlog: a writer is required")
+	}
+	if cfg.QueueSize < 0 {
+		return nil, errors.New("decisionlog: queue size must not be negative")
+	}
+	l := &Logger{w: cfg.Writer, clock: cfg.Clock, newID: cfg.NewID, headers: set(cfg.HeaderAllowlist), query: set(cfg.QueryAllowlist)}
+	if cfg.HeaderAllowlist == nil {
+		l.headers = set(DefaultHeaderAllowlist)
+	}
+	if l.clock == nil {
+		l.clock = clock.RealClock{}
+	}
+	if l.newID == nil {
+		l.newID = uuid.NewString
+	}
+	n := cfg.QueueSize
+	if n == 0 {
+		n = 8192
+	}
+	l.queue = make(chan item, n)
+	return l, nil
+}
+
+func set(names []string) map[string]bool {
+	m := make(map[string]bool, len(names))
+	for _, n := range names {
+		m[strings.ToLower(n)] = true
+	}
+	return m
+}
+
+// Log queues a decision. It never blocks; a full queue drops the entry.
+func (l *Logger) Log(req *authv3.CheckRequest, d *engine.Decision) {
+	select {
+	case l.queue <- item{at: l.clock.Now(), req: req, d: d}:
+	default:
+		l.dropped.Add(1)
+	}
+}
+
+// Dropped returns how many entries were dropped because the queue was full.
+func (l *Logger) Dropped() uint64 { return l.dropped.Load() }
+
+// Run writes queued entries until ctx ends, then writes what is still
+// queued and returns nil. A write error is returned.
+func (l *Logger) Run(ctx context.Context) error {
+	bw := bufio.NewWriter(l.w)
+	write := func(it item) error {
+		b, err := json.Marshal(l.Entry(it.at, it.req, it.d))
+		if err != nil {
+			return fmt.Errorf("decisionlog: %w", err)
+		}
+		b = append(b, '\n')
+		if _, err := bw.Write(b); err != nil {
+			return fmt.Errorf("decisionlog: %w", err)
+		}
+		return nil
+	}
+	for {
+		select {
+		case <-ctx.Done():
+			for {
+				select {
+				case it := <-l.queue:
+					if err := write(it); err != nil {
+						return err
+					}
+				default:
+					if err := bw.Flush(); err != nil {
+						return fmt.Errorf("decisionlog: %w", err)
+					}
+					return nil
+				}
+			}
+		case it := <-l.queue:
+			if err := write(it); err != nil {
+				return err
+			}
+			if len(l.queue) == 0 {
+				if err := bw.Flush(); err != nil {
+					return fmt.Errorf("decisionlog: %w", err)
+				}
+			}
+		}
+	}
+}
+
+// Entry is one decision log line.
+type Entry struct {
+	DecisionID  string            `json:"decision_id"`
+	Time        time.Time         `json:"time"`
+	Source      Peer              `json:"source"`
+	Destination Peer              `json:"destination"`
+	Protocol    string            `json:"protocol"`
+	Method      string            `json:"method,omitempty"`
+	Host        string            `json:"host,omitempty"`
+	Path        string            `json:"path,omitempty"`
+	Headers     map[string]string `json:"headers,omitempty"`
+	Allowed     bool              `json:"allowed"`
+	HTTPStatus  int               `json:"http_status,omitempty"`
+	Reason      string            `json:"reason"`
+	Policy      string            `json:"policy,omitempty"`
+	Rule        *int              `json:"rule,omitempty"`
+	Action      string            `json:"action,omitempty"`
+	Audit       []engine.Match    `json:"audit,omitempty"`
+	DryRun      *engine.Shadow    `json:"dry_run,omitempty"`
+	Error       string            `json:"error,omitempty"`
+}
+
+// Peer is one side of the connection.
+type Peer struct {
+	Principal string `json:"principal,omitempty"`
+	Address   string `json:"address,omitempty"`
+}
+
+// Entry builds the (redacted) log entry of a decision.
+func (l *Logger) Entry(at time.Time, req *authv3.CheckRequest, d *engine.Decision) Entry {
+	a := req.GetAttributes()
+	e := Entry{
+		DecisionID:  l.newID(),
+		Time:        at.UTC(),
+		Source:      Peer{Principal: a.GetSource().GetPrincipal(), Address: a.GetSource().GetAddress().GetSocketAddress().GetAddress()},
+		Destination: Peer{Principal: a.GetDestination().GetPrincipal(), Address: a.GetDestination().GetAddress().GetSocketAddress().GetAddress()},
+		Protocol:    "tcp",
+		Allowed:     d.Allowed,
+		Reason:      d.Reason,
+		Policy:      d.Policy,
+		Rule:        d.Rule,
+		Action:      d.Action,
+		Audit:       d.Audit,
+		DryRun:      d.DryRun,
+		Error:       d.Error,
+	}
+	if !d.Allowed {
+		e.HTTPStatus = d.HTTPStatus
+	}
+	if h := a.GetRequest().GetHttp(); h != nil {
+		e.Protocol = "http"
+		e.Method, e.Host = h.GetMethod(), h.GetHost()
+		e.Path = l.redactPath(h.GetPath())
+		if len(h.GetHeaders()) > 0 {
+			e.Headers = make(map[string]string, len(h.GetHeaders()))
+			for k, v := range h.GetHeaders() {
+				if !l.headers[strings.ToLower(k)] {
+					v = Redacted
+				}
+				e.Headers[k] = v
+			}
+		}
+	}
+	return e
+}
+
+// redactPath keeps the path and the query parameter names, and replaces
+// values of parameters not allowlisted.
+func (l *Logger) redactPath(p string) string {
+	path, q, ok := strings.Cut(p, "?")
+	if !ok {
+		return p
+	}
+	if i := strings.IndexByte(q, '#'); i >= 0 {
+		q = q[:i]
+	}
+	parts := strings.Split(q, "&")
+	for i, kv := range parts {
+		k, _, hasValue := strings.Cut(kv, "=")
+		name, err := url.QueryUnescape(k)
+		if err != nil {
+			name = k
+		}
+		if hasValue && !l.query[name] {
+			parts[i] = k + "=" + Redacted
+		}
+	}
+	return path + "?" + strings.Join(parts, "&")
+}
