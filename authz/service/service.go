@@ -1,0 +1,152 @@
+// Package service assembles the authorization service: the engine, the
+// policy and bundle loader with hot reload, the decision log and the
+// ext_authz gRPC server, run together. `trustmesh authz` runs it alone and
+// `trustmesh serve` runs it beside the CA.
+package service
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"sync"
+	"time"
+
+	"golang.org/x/sync/errgroup"
+	"google.golang.org/grpc/credentials"
+
+	"github.com/trustmesh/trustmesh/authz/decisionlog"
+	"github.com/trustmesh/trustmesh/authz/engine"
+	"github.com/trustmesh/trustmesh/authz/server"
+	"github.com/trustmesh/trustmesh/authz/source"
+)
+
+// Config configures the service.
+type Config struct {
+	// Address is "host:port" or "unix:///path"; empty means ":9191".
+	Address string
+	// Creds are the server's mTLS credentials.
+	Creds             credentials.TransportCredentials
+	InsecurePlaintext bool
+	FailOpen          bool
+	// PolicyDir is a directory of AuthorizationPolicy YAML (local mode).
+	// Policies, if set, replaces it (e.g. Kubernetes informers).
+	PolicyDir     string
+	Policies      source.PolicySource
+	Bundles       []source.BundleConfig
+	RootNamespace string
+	EvalTimeout   time.Duration
+	// DecisionLog receives JSON lines; nil disables the decision log.
+	DecisionLog     io.Writer
+	HeaderAllowlist []string
+	QueryAllowlist  []string
+	Log             *slog.Logger
+}
+
+// Service is the assembled authorization service.
+type Service struct {
+	Engine *engine.Engine
+	loader *source.Loader
+	server *server.Server
+	dlog   *decisionlog.Logger
+	ready  chan struct{} // closed after the first successful load
+}
+
+// New validates cfg (collecting every error) and assembles the service.
+// Nothing is loaded or listened on until Run.
+func New(cfg Config) (*Service, error) {
+	var errs []error
+	if cfg.PolicyDir == "" && cfg.Policies == nil && len(cfg.Bundles) == 0 {
+		errs = append(errs, errors.New("service: no policy source: set a policy directory or bundles"))
+	}
+	if cfg.PolicyDir != "" && cfg.Policies != nil {
+		errs = append(errs, errors.New("service: set a policy directory or a policy source, not both"))
+	}
+	s := &Service{Engine: engine.New(), ready: make(chan struct{})}
+	var once sync.Once
+	onLoad := func(err error) {
+		if err == nil {
+			once.Do(func() { close(s.ready) })
+		}
+	}
+	ps := cfg.Policies
+	if cfg.PolicyDir != "" {
+		ps = &source.Dir{Path: cfg.PolicyDir, DefaultNamespace: "default"}
+	}
+	var err error
+	s.loader, err = source.New(source.Config{
+		Engine: s.Engine, Policies: ps, Bundles: cfg.Bundles,
+		RootNamespace: cfg.RootNamespace, EvalTimeout: cfg.EvalTimeout, Log: cfg.Log, OnLoad: onLoad,
+	})
+	errs = append(errs, err)
+	var dl server.DecisionLogger
+	if cfg.DecisionLog != nil {
+		s.dlog, err = decisionlog.New(decisionlog.Config{Writer: cfg.DecisionLog, HeaderAllowlist: cfg.HeaderAllowlist, QueryAllowlist: cfg.QueryAllowlist})
+		errs = append(errs, err)
+		dl = s.dlog
+	}
+	s.server, err = server.New(server.Config{
+		Engine: s.Engine, Log: dl, Address: cfg.Address, Creds: cfg.Creds,
+		InsecurePlaintext: cfg.InsecurePlaintext, FailOpen: cfg.FailOpen,
+	})
+	errs = append(errs, err)
+	if err := errors.Join(errs...); err != nil {
+		return nil, err
+	}
+	return s, nil
+}
+
+// Run loads the policies (failing if the first load fails), then serves and
+// hot-reloads until ctx ends or a component fails, which stops the others.
+func (s *Service) Run(ctx context.Context) error {
+	g, ctx := errgroup.WithContext(ctx)
+	g.Go(func() error {
+		return s.loader.Run(ctx)
+	})
+	if s.dlog != nil {
+		g.Go(func() error { return s.dlog.Run(ctx) })
+	}
+	g.Go(func() error {
+		// Serve only once a policy set is in force; until then the engine
+		// would deny everything.
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-s.ready:
+		}
+		return s.server.Run(ctx)
+	})
+	err := g.Wait()
+	if errors.Is(err, context.Canceled) {
+		return nil
+	}
+	return err
+}
+
+// ServerTLS builds the mTLS server configuration from PEM files: the
+// server's certificate and key, and the CA bundle client certificates must
+// chain to. `trustmesh serve` passes its own credentials instead.
+func ServerTLS(certFile, keyFile, clientCAFile string) (*tls.Config, error) {
+	cert, err := tls.LoadX509KeyPair(certFile, keyFile)
+	if err != nil {
+		return nil, fmt.Errorf("service: %w", err)
+	}
+	pem, err := os.ReadFile(clientCAFile)
+	if err != nil {
+		return nil, fmt.Errorf("service: %w", err)
+	}
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM(pem) {
+		return nil, fmt.Errorf("service: %s holds no PEM certificates", clientCAFile)
+	}
+	return &tls.Config{
+		Certificates: []tls.Certificate{cert},
+		ClientCAs:    pool,
+		ClientAuth:   tls.RequireAndVerifyClientCert,
+		MinVersion:   tls.VersionTLS12,
+	}, nil
+}

@@ -1,0 +1,85 @@
+package main
+
+import (
+	"io"
+	"log/slog"
+	"os"
+	"time"
+
+	"github.com/spf13/cobra"
+	"google.golang.org/grpc/credentials"
+
+	"github.com/trustmesh/trustmesh/authz/decisionlog"
+	"github.com/trustmesh/trustmesh/authz/engine"
+	"github.com/trustmesh/trustmesh/authz/server"
+	"github.com/trustmesh/trustmesh/authz/service"
+)
+
+func newAuthzCmd() *cobra.Command {
+	var (
+		addr, dir, root                 string
+		certFile, keyFile, clientCAFile string
+		insecurePlaintext, failOpen     bool
+		decisionLog                     string
+		headerAllow, queryAllow         []string
+		evalTimeout                     time.Duration
+		bundles                         bundleFlags
+	)
+	cmd := &cobra.Command{
+		Use:   "authz",
+		Short: "Serve the Envoy ext_authz service alone",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			bs, err := bundles.configs()
+			if err != nil {
+				return err
+			}
+			cfg := service.Config{
+				Address: addr, InsecurePlaintext: insecurePlaintext, FailOpen: failOpen,
+				PolicyDir: dir, Bundles: bs, RootNamespace: root, EvalTimeout: evalTimeout,
+				HeaderAllowlist: headerAllow, QueryAllowlist: queryAllow,
+				Log: slog.New(slog.NewTextHandler(cmd.ErrOrStderr(), nil)),
+			}
+			if certFile != "" || keyFile != "" || clientCAFile != "" {
+				tc, err := service.ServerTLS(certFile, keyFile, clientCAFile)
+				if err != nil {
+					return err
+				}
+				cfg.Creds = credentials.NewTLS(tc)
+			}
+			switch decisionLog {
+			case "":
+			case "-":
+				cfg.DecisionLog = cmd.OutOrStdout()
+			default:
+				f, err := os.OpenFile(decisionLog, os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o600)
+				if err != nil {
+					return err
+				}
+				defer f.Close()
+				cfg.DecisionLog = io.Writer(f)
+			}
+			svc, err := service.New(cfg)
+			if err != nil {
+				return err
+			}
+			return svc.Run(cmd.Context())
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&addr, "listen", server.DefaultAddress, `address to serve on: "host:port" or "unix:///path"`)
+	f.StringVar(&dir, "policies", "", "directory of AuthorizationPolicy YAML files (watched)")
+	f.StringVar(&root, "root-namespace", engine.DefaultRootNamespace, "namespace whose policies apply mesh-wide")
+	f.StringVar(&certFile, "tls-cert", "", "server certificate (PEM)")
+	f.StringVar(&keyFile, "tls-key", "", "server private key (PEM)")
+	f.StringVar(&clientCAFile, "client-ca", "", "CA bundle that client certificates must chain to (PEM)")
+	f.BoolVar(&insecurePlaintext, "insecure-plaintext", false, "serve plaintext on TCP (local testing only)")
+	f.BoolVar(&failOpen, "fail-open", false, "allow requests whose evaluation failed (default: deny with 403)")
+	f.StringVar(&decisionLog, "decision-log", "-", `decision log file, "-" for stdout, "" to disable`)
+	f.StringSliceVar(&headerAllow, "log-header-allowlist", decisionlog.DefaultHeaderAllowlist, "headers whose values the decision log keeps")
+	f.StringSliceVar(&queryAllow, "log-query-allowlist", nil, "query parameters whose values the decision log keeps")
+	f.DurationVar(&evalTimeout, "eval-timeout", engine.DefaultEvalTimeout, "time limit of each Rego bundle evaluation; running out denies")
+	bundles.register(cmd)
+	return cmd
+}
+
