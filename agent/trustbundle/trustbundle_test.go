@@ -1,0 +1,214 @@
+package trustbundle
+
+import (
+	"context"
+	"errors"
+	"os"
+	"testing"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	clocktesting "k8s.io/utils/clock/testing"
+
+	"github.com/trustmesh/trustmesh/agent/identity"
+	"github.com/trustmesh/trustmesh/agent/internal/leakcheck"
+	"github.com/trustmesh/trustmesh/agent/internal/testca"
+	cav1 "github.com/trustmesh/trustmesh/api/ca/v1"
+)
+
+func TestMain(m *testing.M) { os.Exit(leakcheck.Run(m)) }
+
+var (
+	td    = spiffeid.RequireTrustDomainFromString("cluster.local")
+	start = time.Date(2030, 1, 1, 0, 0, 0, 0, time.UTC)
+)
+
+// streams is a Watcher whose every WatchBundle call takes the next script:
+// bundles to deliver, then the stream breaks (or blocks until canceled if
+// the script says so).
+type streams struct {
+	scripts chan script
+	opened  chan struct{}
+}
+
+type script struct {
+	bundles []*cav1.TrustBundle
+	hold    bool
+}
+
+func (s *streams) WatchBundle(ctx context.Context, fn func(*cav1.TrustBundle) error) error {
+	s.opened <- struct{}{}
+	var sc script
+	select {
+	case sc = <-s.scripts:
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	for _, b := range sc.bundles {
+		if err := fn(b); err != nil {
+			return err
+		}
+	}
+	if sc.hold {
+		<-ctx.Done()
+		return ctx.Err()
+	}
+	return status.Error(codes.Unavailable, "stream broken")
+}
+
+func msg(seq uint64, domain string, roots ...[]byte) *cav1.TrustBundle {
+	return &cav1.TrustBundle{TrustDomain: domain, X509Authorities: roots, SequenceNumber: seq}
+}
+
+type harness struct {
+	t        *testing.T
+	clock    *clocktesting.FakeClock
+	streams  *streams
+	store    *identity.Store
+	follower *Follower
+}
+
+func newHarness(t *testing.T) *harness {
+	t.Helper()
+	h := &harness{
+		t:       t,
+		clock:   clocktesting.NewFakeClock(start),
+		streams: &streams{scripts: make(chan script, 10), opened: make(chan struct{}, 10)},
+		store:   identity.New(),
+	}
+	var err error
+	h.follower, err = New(Config{CA: h.streams, Store: h.store, Clock: h.clock})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- h.follower.Run(ctx) }()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; !errors.Is(err, context.Canceled) {
+			t.Errorf("Run returned %v, want context.Canceled", err)
+		}
+	})
+	return h
+}
+
+func (h *harness) waitOpened() {
+	h.t.Helper()
+	select {
+	case <-h.streams.opened:
+	case <-time.After(10 * time.Second):
+		h.t.Fatal("stream not opened")
+	}
+}
+
+// waitBackoff waits until the follower sleeps on the clock, then wakes it.
+func (h *harness) waitBackoff() {
+	h.t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !h.clock.HasWaiters() {
+		if time.Now().After(deadline) {
+			h.t.Fatal("follower did not back off")
+		}
+		time.Sleep(time.Millisecond)
+	}
+	h.clock.Step(time.Minute)
+}
+
+func (h *harness) waitVersion(v uint64) identity.Snapshot {
+	h.t.Helper()
+	for {
+		snap, changed := h.store.Load()
+		if snap.Version >= v {
+			return snap
+		}
+		select {
+		case <-changed:
+		case <-time.After(10 * time.Second):
+			h.t.Fatalf("store never reached version %d", v)
+		}
+	}
+}
+
+func TestFollowsStreamAndReconnects(t *testing.T) {
+	a, _ := testca.NewAuthority(td, start)
+	b, _ := testca.NewAuthority(td, start)
+	h := newHarness(t)
+
+	h.waitOpened()
+	if h.follower.Synced() {
+		t.Fatal("synced before any bundle")
+	}
+	h.streams.scripts <- script{bundles: []*cav1.TrustBundle{msg(1, "cluster.local", a.Root.Raw), msg(2, "cluster.local", a.Root.Raw)}}
+	snap := h.waitVersion(1)
+	if !snap.Bundle.Equal(a.Bundle()) || !h.follower.Synced() {
+		t.Fatal("first bundle not applied")
+	}
+
+	// The stream broke; after backoff the follower reconnects and applies
+	// the next root.
+	h.waitBackoff()
+	h.waitOpened()
+	h.streams.scripts <- script{bundles: []*cav1.TrustBundle{msg(3, "cluster.local", a.Root.Raw, b.Root.Raw)}, hold: true}
+	snap = h.waitVersion(2)
+	if len(snap.Bundle.X509Authorities()) != 2 {
+		t.Fatalf("bundle has %d roots after the update, want 2", len(snap.Bundle.X509Authorities()))
+	}
+	if snap.Version != 2 {
+		t.Fatalf("store version %d: an unchanged bundle was stored again", snap.Version)
+	}
+	if got := counter(t, h.follower.updates); got != 2 {
+		t.Fatalf("updates metric %v, want 2", got)
+	}
+}
+
+func TestRefusesAnotherTrustDomain(t *testing.T) {
+	a, _ := testca.NewAuthority(td, start)
+	foreign, _ := testca.NewAuthority(spiffeid.RequireTrustDomainFromString("example.org"), start)
+	h := newHarness(t)
+	h.waitOpened()
+	h.streams.scripts <- script{bundles: []*cav1.TrustBundle{msg(1, "cluster.local", a.Root.Raw), msg(2, "example.org", foreign.Root.Raw)}}
+	h.waitVersion(1)
+	h.waitBackoff() // the bad bundle ended the stream
+	h.waitOpened()
+	snap, _ := h.store.Load()
+	if snap.Bundle.TrustDomain() != td || snap.Version != 1 {
+		t.Fatalf("store holds %s bundle at version %d, want the cluster.local one untouched", snap.Bundle.TrustDomain(), snap.Version)
+	}
+	h.streams.scripts <- script{hold: true}
+}
+
+func TestParse(t *testing.T) {
+	a, _ := testca.NewAuthority(td, start)
+	leaf, err := a.Issue(a.Root.PublicKey, spiffeid.RequireFromString("spiffe://cluster.local/x"), start, time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		name string
+		msg  *cav1.TrustBundle
+		ok   bool
+	}{
+		{"root", msg(1, "cluster.local", a.Root.Raw), true},
+		{"trust domain as ID", msg(1, "spiffe://cluster.local", a.Root.Raw), true},
+		{"no roots", msg(1, "cluster.local"), false},
+		{"bad trust domain", msg(1, "Cluster Local", a.Root.Raw), false},
+		{"garbage", msg(1, "cluster.local", []byte("garbage")), false},
+		{"leaf as authority", msg(1, "cluster.local", leaf[0].Raw), false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			b, err := Parse(tc.msg)
+			if !tc.ok {
+				if !errors.Is(err, ErrInvalidBundle) {
+					t.Fatalf("error %v, want ErrInvalidBundle", err)
+				}
+				return
+			}
+			if err != nil || b.TrustDomain() != td {
+				t.Fatalf("Parse = %v, %v", b, err)
+			}
+		})
+	}
+}
