@@ -1,0 +1,383 @@
+// Package rotation obtains the agent's X.509-SVID from the CA and keeps it
+// fresh. It generates a new key for every certificate, renews over mTLS with
+// the current certificate at half its lifetime (±10% jitter), retries with
+// capped exponential backoff while the CA cannot be reached, keeps the current
+// certificate in service while it is valid, and refuses any certificate that
+// does not verify or names another identity than the agent's own.
+//
+// The agent's identity is pinned the first time it is known: from
+// Config.ID when the operator names it, from the persisted certificate after
+// a restart, or else from the first certificate the CA issues for the
+// bearer token. Every later certificate must carry exactly that ID.
+package rotation
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math/rand/v2"
+	"os"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"k8s.io/utils/clock"
+
+	"github.com/trustmesh/trustmesh/agent/backoff"
+	"github.com/trustmesh/trustmesh/agent/identity"
+	"github.com/trustmesh/trustmesh/agent/svid"
+)
+
+// ErrNoCredential: the agent has neither a valid certificate to renew with
+// nor a token to be issued one.
+var ErrNoCredential = errors.New("rotation: no credential to authenticate to the CA")
+
+// Issuer is the CA's issuance API.
+type Issuer interface {
+	// IssueWithToken asks for a certificate authenticated by a bearer token.
+	IssueWithToken(ctx context.Context, token string, csrPEM []byte, ttl time.Duration) ([]*x509.Certificate, error)
+	// Renew asks for a certificate authenticated by the current one over mTLS.
+	Renew(ctx context.Context, current tls.Certificate, csrPEM []byte, ttl time.Duration) ([]*x509.Certificate, error)
+}
+
+// TokenSource yields the bearer token for a first issuance. It is asked at
+// every use, so a projected service-account token that the kubelet refreshes
+// is always current.
+type TokenSource interface {
+	Token() (string, error)
+}
+
+// Store holds the current SVID and bundle.
+type Store interface {
+	Load() (identity.Snapshot, <-chan struct{})
+	SetSVID(*x509svid.SVID)
+}
+
+// Config configures a Manager.
+type Config struct {
+	Issuer Issuer
+	// Token may be nil when the agent starts with a persisted certificate;
+	// it then cannot recover once that certificate expires.
+	Token TokenSource
+	Store Store
+	Clock clock.Clock
+	// KeyType is the type of every generated key; default svid.ECP256.
+	KeyType svid.KeyType
+	// TTL is the lifetime asked of the CA; zero lets the CA choose.
+	TTL time.Duration
+	// ID is the agent's SPIFFE ID, if known before the first issuance.
+	ID spiffeid.ID
+	// Backoff paces retries while issuance fails.
+	Backoff backoff.Backoff
+	// CallTimeout bounds one call to the CA; default 30s.
+	CallTimeout time.Duration
+	// Rand returns a uniform value in [0, 1) for the renewal jitter;
+	// default math/rand/v2.Float64.
+	Rand   func() float64
+	Logger *slog.Logger
+	// Registerer receives the manager's metrics; nil registers nowhere.
+	Registerer prometheus.Registerer
+}
+
+// Manager keeps the store's SVID current.
+type Manager struct {
+	cfg Config
+
+	mu sync.Mutex
+	id spiffeid.ID
+
+	// scheduled is the SVID whose renewal time is renewAt.
+	scheduled *x509svid.SVID
+	renewAt   time.Time
+
+	rotations prometheus.Counter
+	failures  *prometheus.CounterVec
+}
+
+// Failure reasons, the label values of trustmesh_agent_rotation_failures_total.
+const (
+	ReasonUnavailable      = "ca_unavailable"
+	ReasonRefused          = "refused"
+	ReasonIdentityMismatch = "identity_mismatch"
+	ReasonInvalid          = "invalid_certificate"
+	ReasonNoCredential     = "no_credential"
+	ReasonOther            = "other"
+)
+
+// New checks cfg and returns a manager.
+func New(cfg Config) (*Manager, error) {
+	var errs []error
+	if cfg.Issuer == nil {
+		errs = append(errs, errors.New("rotation: Issuer is required"))
+	}
+	if cfg.Store == nil {
+		errs = append(errs, errors.New("rotation: Store is required"))
+	}
+	if cfg.Clock == nil {
+		errs = append(errs, errors.New("rotation: Clock is required"))
+	}
+	if cfg.TTL < 0 {
+		errs = append(errs, fmt.Errorf("rotation: negative TTL %s", cfg.TTL))
+	}
+	if cfg.KeyType == "" {
+		cfg.KeyType = svid.ECP256
+	} else if _, err := svid.ParseKeyType(string(cfg.KeyType)); err != nil {
+		errs = append(errs, fmt.Errorf("rotation: %w", err))
+	}
+	if err := errors.Join(errs...); err != nil {
+		return nil, err
+	}
+	if cfg.CallTimeout <= 0 {
+		cfg.CallTimeout = 30 * time.Second
+	}
+	if cfg.Rand == nil {
+		cfg.Rand = rand.Float64
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	m := &Manager{
+		cfg: cfg,
+		id:  cfg.ID,
+		rotations: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "trustmesh_agent_rotations_total",
+			Help: "Certificates obtained from the CA, the first issuance included.",
+		}),
+		failures: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "trustmesh_agent_rotation_failures_total",
+			Help: "Failed attempts to obtain a certificate, by reason.",
+		}, []string{"reason"}),
+	}
+	for _, r := range []string{ReasonUnavailable, ReasonRefused, ReasonIdentityMismatch, ReasonInvalid, ReasonNoCredential, ReasonOther} {
+		m.failures.WithLabelValues(r)
+	}
+	if cfg.Registerer != nil {
+		for _, c := range []prometheus.Collector{m.rotations, m.failures} {
+			if err := cfg.Registerer.Register(c); err != nil {
+				return nil, fmt.Errorf("rotation: register metrics: %w", err)
+			}
+		}
+	}
+	return m, nil
+}
+
+// ID returns the agent's SPIFFE ID, zero until known.
+func (m *Manager) ID() spiffeid.ID {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.id
+}
+
+// Run keeps the SVID current until ctx ends, and returns ctx.Err().
+func (m *Manager) Run(ctx context.Context) error {
+	bo := m.cfg.Backoff
+	for {
+		snap, changed := m.cfg.Store.Load()
+		now := m.cfg.Clock.Now()
+		var (
+			wait  time.Duration
+			wake  <-chan struct{}
+			renew = true
+		)
+		switch {
+		case snap.Bundle == nil:
+			// Nothing can be verified before the bundle stream delivers.
+			renew, wake = false, changed
+		case snap.SVID != nil && !now.Before(svid.Expiry(snap.SVID)):
+			m.cfg.Logger.Error("certificate expired without renewal; withdrawing it",
+				"spiffe_id", snap.SVID.ID.String(), "expired", svid.Expiry(snap.SVID))
+			m.cfg.Store.SetSVID(nil)
+			continue
+		case snap.SVID != nil:
+			renewAt := m.renewalTime(snap.SVID)
+			if now.Before(renewAt) {
+				renew, wait = false, renewAt.Sub(now)
+			}
+		}
+		if renew {
+			err := m.rotate(ctx, snap)
+			if err == nil {
+				bo.Reset()
+				continue
+			}
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+			reason := classify(err)
+			m.failures.WithLabelValues(reason).Inc()
+			wait = bo.Next()
+			if snap.SVID != nil {
+				wait = min(wait, svid.Expiry(snap.SVID).Sub(now))
+			}
+			m.cfg.Logger.Warn("certificate rotation failed", "reason", reason, "error", err,
+				"retry_in", wait, "serving_current", snap.SVID != nil)
+		}
+		if err := m.sleep(ctx, wait, wake); err != nil {
+			return err
+		}
+	}
+}
+
+// sleep waits for d on the clock (if d > 0), for wake (if not nil), or for
+// ctx.
+func (m *Manager) sleep(ctx context.Context, d time.Duration, wake <-chan struct{}) error {
+	var tc <-chan time.Time
+	if d > 0 {
+		t := m.cfg.Clock.NewTimer(d)
+		defer t.Stop()
+		tc = t.C()
+	} else if wake == nil {
+		return nil
+	}
+	select {
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-tc:
+	case <-wake:
+	}
+	return nil
+}
+
+// renewalTime returns when s is due for renewal: at half its lifetime,
+// moved by up to ±10% of that half, drawn once per certificate.
+func (m *Manager) renewalTime(s *x509svid.SVID) time.Time {
+	if m.scheduled != s {
+		leaf := s.Certificates[0]
+		half := svid.Expiry(s).Sub(leaf.NotBefore) / 2
+		jitter := time.Duration((2*m.cfg.Rand() - 1) * 0.1 * float64(half))
+		m.scheduled, m.renewAt = s, leaf.NotBefore.Add(half+jitter)
+		m.cfg.Logger.Info("certificate renewal scheduled", "spiffe_id", s.ID.String(),
+			"renew_at", m.renewAt, "expires", svid.Expiry(s))
+	}
+	return m.renewAt
+}
+
+// rotate obtains, verifies and stores a new SVID.
+func (m *Manager) rotate(ctx context.Context, snap identity.Snapshot) error {
+	key, err := svid.GenerateKey(m.cfg.KeyType)
+	if err != nil {
+		return fmt.Errorf("rotation: %w", err)
+	}
+	want := m.ID()
+	csr, err := svid.NewCSR(key, want)
+	if err != nil {
+		return fmt.Errorf("rotation: %w", err)
+	}
+	chain, err := m.issue(ctx, snap.SVID, csr)
+	if err != nil {
+		return err
+	}
+	// Verify against the bundle as it is now: it may have changed during
+	// the call.
+	latest, _ := m.cfg.Store.Load()
+	got, err := svid.Verify(svid.VerifyRequest{
+		Chain: chain, Key: key, Bundle: latest.Bundle, Want: want, Now: m.cfg.Clock.Now(),
+	})
+	if err != nil {
+		return fmt.Errorf("rotation: refusing certificate from the CA: %w", err)
+	}
+	if want.IsZero() {
+		m.mu.Lock()
+		m.id = got.ID
+		m.mu.Unlock()
+		m.cfg.Logger.Info("identity learned from first issuance", "spiffe_id", got.ID.String())
+	}
+	m.cfg.Store.SetSVID(got)
+	m.rotations.Inc()
+	m.cfg.Logger.Info("certificate rotated", "spiffe_id", got.ID.String(),
+		"serial", got.Certificates[0].SerialNumber.String(), "expires", svid.Expiry(got))
+	return nil
+}
+
+// issue renews with the current certificate when there is one. When there is
+// none, or the CA refuses the renewal, it falls back to the bearer token.
+func (m *Manager) issue(ctx context.Context, current *x509svid.SVID, csr []byte) ([]*x509.Certificate, error) {
+	ctx, cancel := context.WithTimeout(ctx, m.cfg.CallTimeout)
+	defer cancel()
+	var renewErr error
+	if current != nil {
+		chain, err := m.cfg.Issuer.Renew(ctx, tlsCertificate(current), csr, m.cfg.TTL)
+		if err == nil {
+			return chain, nil
+		}
+		if c := status.Code(err); m.cfg.Token == nil || (c != codes.Unauthenticated && c != codes.PermissionDenied) {
+			return nil, fmt.Errorf("rotation: renew: %w", err)
+		}
+		renewErr = err
+		m.cfg.Logger.Warn("renewal refused; trying the bearer token", "error", err)
+	}
+	if m.cfg.Token == nil {
+		return nil, ErrNoCredential
+	}
+	token, err := m.cfg.Token.Token()
+	if err != nil {
+		return nil, errors.Join(renewErr, fmt.Errorf("%w: %w", ErrNoCredential, err))
+	}
+	chain, err := m.cfg.Issuer.IssueWithToken(ctx, token, csr, m.cfg.TTL)
+	if err != nil {
+		return nil, fmt.Errorf("rotation: issue with token: %w", err)
+	}
+	return chain, nil
+}
+
+func tlsCertificate(s *x509svid.SVID) tls.Certificate {
+	der := make([][]byte, len(s.Certificates))
+	for i, c := range s.Certificates {
+		der[i] = c.Raw
+	}
+	return tls.Certificate{Certificate: der, PrivateKey: s.PrivateKey, Leaf: s.Certificates[0]}
+}
+
+func classify(err error) string {
+	switch {
+	case errors.Is(err, svid.ErrIdentityMismatch):
+		return ReasonIdentityMismatch
+	case errors.Is(err, svid.ErrUntrusted), errors.Is(err, svid.ErrKeyMismatch):
+		return ReasonInvalid
+	case errors.Is(err, ErrNoCredential):
+		return ReasonNoCredential
+	}
+	switch status.Code(err) {
+	case codes.Unavailable, codes.DeadlineExceeded:
+		return ReasonUnavailable
+	case codes.Unauthenticated, codes.PermissionDenied:
+		return ReasonRefused
+	}
+	return ReasonOther
+}
+
+// FileToken reads the token from a file at every use, like a projected
+// service-account token that the kubelet rewrites.
+type FileToken string
+
+// Token returns the file's content without surrounding white space.
+func (f FileToken) Token() (string, error) {
+	b, err := os.ReadFile(string(f))
+	if err != nil {
+		return "", fmt.Errorf("rotation: read token: %w", err)
+	}
+	tok := strings.TrimSpace(string(b))
+	if tok == "" {
+		return "", fmt.Errorf("rotation: token file %s is empty", string(f))
+	}
+	return tok, nil
+}
+
+// StaticToken is a token held in memory, e.g. from the environment.
+type StaticToken string
+
+// Token returns the token.
+func (s StaticToken) Token() (string, error) {
+	if s == "" {
+		return "", errors.New("rotation: empty token")
+	}
+	return string(s), nil
+}

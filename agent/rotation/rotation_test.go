@@ -1,0 +1,423 @@
+package rotation
+
+import (
+	"context"
+	"crypto"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"os"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	clocktesting "k8s.io/utils/clock/testing"
+
+	"github.com/trustmesh/trustmesh/agent/identity"
+	"github.com/trustmesh/trustmesh/agent/internal/leakcheck"
+	"github.com/trustmesh/trustmesh/agent/internal/testca"
+	"github.com/trustmesh/trustmesh/agent/svid"
+)
+
+func TestMain(m *testing.M) { os.Exit(leakcheck.Run(m)) }
+
+var (
+	td      = spiffeid.RequireTrustDomainFromString("cluster.local")
+	ownID   = spiffeid.RequireFromString("spiffe://cluster.local/ns/shop/sa/cart")
+	otherID = spiffeid.RequireFromString("spiffe://cluster.local/ns/shop/sa/payments")
+	start   = time.Date(2030, 1, 1, 0, 0, 0, 0, time.UTC)
+)
+
+// fakeCA is the Issuer, backed by a real test authority. It checks the
+// credential as the CA does: a known token, or a certificate that verifies
+// under the authority's bundle now.
+type fakeCA struct {
+	auth  *testca.Authority
+	clock *clocktesting.FakeClock
+
+	mu       sync.Mutex
+	down     bool
+	override spiffeid.ID
+	refuse   bool
+	calls    []string
+}
+
+func (f *fakeCA) IssueWithToken(_ context.Context, token string, csr []byte, ttl time.Duration) ([]*x509.Certificate, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.calls = append(f.calls, "token")
+	if f.down {
+		return nil, status.Error(codes.Unavailable, "connection refused")
+	}
+	if token != "join-token" {
+		return nil, status.Error(codes.Unauthenticated, "authentication failed")
+	}
+	return f.sign(ownID, csr, ttl)
+}
+
+func (f *fakeCA) Renew(_ context.Context, cert tls.Certificate, csr []byte, ttl time.Duration) ([]*x509.Certificate, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.calls = append(f.calls, "renew")
+	if f.down {
+		return nil, status.Error(codes.Unavailable, "connection refused")
+	}
+	id, _, err := x509svid.ParseAndVerify(cert.Certificate, f.auth.Bundle(), x509svid.WithTime(f.clock.Now()))
+	if err != nil || f.refuse {
+		return nil, status.Error(codes.Unauthenticated, "authentication failed")
+	}
+	return f.sign(id, csr, ttl)
+}
+
+func (f *fakeCA) sign(id spiffeid.ID, csr []byte, ttl time.Duration) ([]*x509.Certificate, error) {
+	if !f.override.IsZero() {
+		id = f.override
+	}
+	if ttl == 0 {
+		ttl = time.Hour // the CA's default
+	}
+	return f.auth.SignCSR(csr, id, f.clock.Now(), ttl)
+}
+
+func (f *fakeCA) set(fn func(*fakeCA)) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	fn(f)
+}
+
+func (f *fakeCA) callLog() []string {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return append([]string(nil), f.calls...)
+}
+
+type harness struct {
+	t     *testing.T
+	clock *clocktesting.FakeClock
+	ca    *fakeCA
+	store *identity.Store
+	mgr   *Manager
+}
+
+// newHarness starts a manager with a bundle in the store, TTL 1h and no
+// jitter (renewal at exactly 30m). Edit cfg before it starts with mod.
+func newHarness(t *testing.T, mod func(*Config)) *harness {
+	t.Helper()
+	fc := clocktesting.NewFakeClock(start)
+	auth, err := testca.NewAuthority(td, start)
+	if err != nil {
+		t.Fatal(err)
+	}
+	h := &harness{t: t, clock: fc, ca: &fakeCA{auth: auth, clock: fc}, store: identity.New()}
+	h.store.SetBundle(auth.Bundle())
+	cfg := Config{
+		Issuer: h.ca,
+		Token:  StaticToken("join-token"),
+		Store:  h.store,
+		Clock:  fc,
+		TTL:    time.Hour,
+		Rand:   func() float64 { return 0.5 },
+	}
+	if mod != nil {
+		mod(&cfg)
+	}
+	h.mgr, err = New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- h.mgr.Run(ctx) }()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; !errors.Is(err, context.Canceled) {
+			t.Errorf("Run returned %v, want context.Canceled", err)
+		}
+	})
+	return h
+}
+
+// settle waits until the manager is blocked on the fake clock, so that what
+// it has done so far is complete.
+func (h *harness) settle() {
+	h.t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !h.clock.HasWaiters() {
+		if time.Now().After(deadline) {
+			h.t.Fatal("manager never waited on the clock")
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
+// step advances the fake clock and lets the manager act on it.
+func (h *harness) step(d time.Duration) {
+	h.t.Helper()
+	h.settle()
+	h.clock.Step(d)
+	h.settle()
+}
+
+func (h *harness) svid() *x509svid.SVID {
+	snap, _ := h.store.Load()
+	return snap.SVID
+}
+
+func TestIssuesWithTokenThenRenewsOverMTLSAtHalfLife(t *testing.T) {
+	h := newHarness(t, nil)
+	h.settle()
+	first := h.svid()
+	if first == nil || first.ID != ownID {
+		t.Fatalf("after start SVID = %v, want one for %s", first, ownID)
+	}
+	if got := h.mgr.ID(); got != ownID {
+		t.Fatalf("learned ID %s, want %s", got, ownID)
+	}
+
+	h.step(29 * time.Minute)
+	if h.svid() != first {
+		t.Fatal("renewed before half-life")
+	}
+	h.step(time.Minute)
+	second := h.svid()
+	if second == first {
+		t.Fatal("not renewed at half-life")
+	}
+	if second.ID != ownID {
+		t.Fatalf("renewed SVID has ID %s", second.ID)
+	}
+	if second.Certificates[0].PublicKey.(interface{ Equal(crypto.PublicKey) bool }).Equal(first.Certificates[0].PublicKey) {
+		t.Fatal("renewal reused the key")
+	}
+	if got, want := h.ca.callLog(), []string{"token", "renew"}; !equal(got, want) {
+		t.Fatalf("CA calls %v, want %v (first issuance by token, renewal over mTLS)", got, want)
+	}
+	if got := counterValue(t, h.mgr.rotations); got != 2 {
+		t.Fatalf("rotations metric %v, want 2", got)
+	}
+}
+
+func TestCADownAtRenewalKeepsServingAndRecovers(t *testing.T) {
+	h := newHarness(t, nil)
+	h.settle()
+	first := h.svid()
+	h.ca.set(func(f *fakeCA) { f.down = true })
+
+	h.step(30 * time.Minute) // renewal fails
+	for range 3 {
+		h.step(time.Minute) // backoff retries fail too (steps cap at 1m)
+	}
+	if h.svid() != first {
+		t.Fatal("the current certificate is not served while the CA is down")
+	}
+	if got := counterValue(t, h.mgr.failures.WithLabelValues(ReasonUnavailable)); got < 4 {
+		t.Fatalf("ca_unavailable failures = %v, want at least 4", got)
+	}
+
+	h.ca.set(func(f *fakeCA) { f.down = false })
+	h.step(time.Minute)
+	renewed := h.svid()
+	if renewed == first || renewed == nil || renewed.ID != ownID {
+		t.Fatalf("no renewal after the CA came back: %v", renewed)
+	}
+	calls := h.ca.callLog()
+	if calls[len(calls)-1] != "renew" {
+		t.Fatalf("recovery used %q, want renewal over mTLS", calls[len(calls)-1])
+	}
+}
+
+func TestRefusesCertificateForAnotherIdentity(t *testing.T) {
+	t.Run("at renewal", func(t *testing.T) {
+		h := newHarness(t, nil)
+		h.settle()
+		first := h.svid()
+		h.ca.set(func(f *fakeCA) { f.override = otherID })
+		h.step(30 * time.Minute)
+		h.step(time.Minute)
+		if h.svid() != first {
+			t.Fatalf("agent replaced its certificate with %s's", h.svid().ID)
+		}
+		if got := counterValue(t, h.mgr.failures.WithLabelValues(ReasonIdentityMismatch)); got < 2 {
+			t.Fatalf("identity_mismatch failures = %v, want at least 2", got)
+		}
+		h.ca.set(func(f *fakeCA) { f.override = spiffeid.ID{} })
+		h.step(time.Minute)
+		if s := h.svid(); s == first || s.ID != ownID {
+			t.Fatal("no renewal once the CA issued the right identity again")
+		}
+	})
+	t.Run("at first issuance with a pinned ID", func(t *testing.T) {
+		h := newHarness(t, func(c *Config) { c.ID = otherID })
+		h.settle()
+		if s := h.svid(); s != nil {
+			t.Fatalf("agent pinned to %s accepted a certificate for %s", otherID, s.ID)
+		}
+		if got := counterValue(t, h.mgr.failures.WithLabelValues(ReasonIdentityMismatch)); got != 1 {
+			t.Fatalf("identity_mismatch failures = %v, want 1", got)
+		}
+	})
+}
+
+func TestExpiredCertificateIsWithdrawnAndTokenUsedAgain(t *testing.T) {
+	h := newHarness(t, nil)
+	h.settle()
+	h.ca.set(func(f *fakeCA) { f.down = true })
+	h.step(30 * time.Minute)
+	for h.clock.Now().Before(start.Add(time.Hour)) {
+		h.step(time.Minute)
+	}
+	if s := h.svid(); s != nil {
+		t.Fatalf("expired certificate still served (expired %s, now %s)", s.Certificates[0].NotAfter, h.clock.Now())
+	}
+	h.ca.set(func(f *fakeCA) { f.down = false })
+	h.step(time.Minute)
+	s := h.svid()
+	if s == nil || s.ID != ownID {
+		t.Fatal("no new certificate after the CA came back")
+	}
+	calls := h.ca.callLog()
+	if calls[len(calls)-1] != "token" {
+		t.Fatalf("after expiry the agent used %q, want the token", calls[len(calls)-1])
+	}
+}
+
+func TestRefusedRenewalFallsBackToToken(t *testing.T) {
+	h := newHarness(t, nil)
+	h.settle()
+	first := h.svid()
+	h.ca.set(func(f *fakeCA) { f.refuse = true })
+	h.step(30 * time.Minute)
+	if s := h.svid(); s == first || s.ID != ownID {
+		t.Fatal("no certificate from the token after the renewal was refused")
+	}
+	if got, want := h.ca.callLog(), []string{"token", "renew", "token"}; !equal(got, want) {
+		t.Fatalf("CA calls %v, want %v", got, want)
+	}
+}
+
+func TestWaitsForTrustBundle(t *testing.T) {
+	fc := clocktesting.NewFakeClock(start)
+	auth, err := testca.NewAuthority(td, start)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ca := &fakeCA{auth: auth, clock: fc}
+	store := identity.New()
+	m, err := New(Config{Issuer: ca, Token: StaticToken("join-token"), Store: store, Clock: fc})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	done := make(chan error, 1)
+	go func() { done <- m.Run(ctx) }()
+
+	_, changed := store.Load()
+	select {
+	case <-changed:
+		t.Fatal("the manager changed the store before it had a bundle")
+	case <-time.After(50 * time.Millisecond):
+	}
+	if calls := ca.callLog(); len(calls) != 0 {
+		t.Fatalf("CA called %v before the agent had a bundle to verify with", calls)
+	}
+	store.SetBundle(auth.Bundle())
+	for {
+		snap, changed := store.Load()
+		if snap.SVID != nil {
+			break
+		}
+		select {
+		case <-changed:
+		case <-time.After(10 * time.Second):
+			t.Fatal("no SVID after the bundle arrived")
+		}
+	}
+	cancel()
+	if err := <-done; !errors.Is(err, context.Canceled) {
+		t.Fatalf("Run returned %v", err)
+	}
+}
+
+func TestRenewalTimeJitter(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		rand float64
+		want time.Duration
+	}{
+		{"lowest", 0, 27 * time.Minute},
+		{"middle", 0.5, 30 * time.Minute},
+		{"highest", 0.999999, 33 * time.Minute},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			auth, err := testca.NewAuthority(td, start)
+			if err != nil {
+				t.Fatal(err)
+			}
+			m := &Manager{cfg: Config{Rand: func() float64 { return tc.rand }, Logger: discard()}}
+			key, err := svid.GenerateKey(svid.ECP256)
+			if err != nil {
+				t.Fatal(err)
+			}
+			chain, err := auth.Issue(key.Public(), ownID, start, time.Hour)
+			if err != nil {
+				t.Fatal(err)
+			}
+			s := &x509svid.SVID{ID: ownID, Certificates: chain[:2], PrivateKey: key}
+			got := m.renewalTime(s).Sub(start)
+			if d := got - tc.want; d < -time.Second || d > time.Second {
+				t.Fatalf("renewal after %s, want %s", got, tc.want)
+			}
+		})
+	}
+}
+
+func TestNewRejectsBadConfig(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		cfg  Config
+	}{
+		{"empty", Config{}},
+		{"negative TTL", Config{Issuer: &fakeCA{}, Store: identity.New(), Clock: clocktesting.NewFakeClock(start), TTL: -time.Second}},
+		{"unknown key type", Config{Issuer: &fakeCA{}, Store: identity.New(), Clock: clocktesting.NewFakeClock(start), KeyType: "dsa"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if _, err := New(tc.cfg); err == nil {
+				t.Fatal("New accepted a bad config")
+			}
+		})
+	}
+}
+
+func TestFileTokenRereadsFile(t *testing.T) {
+	path := t.TempDir() + "/token"
+	src := FileToken(path)
+	if _, err := src.Token(); err == nil {
+		t.Fatal("missing token file accepted")
+	}
+	for _, tok := range []string{"first", "second"} {
+		if err := os.WriteFile(path, []byte(tok+"\n"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		got, err := src.Token()
+		if err != nil || got != tok {
+			t.Fatalf("Token() = %q, %v; want %q", got, err, tok)
+		}
+	}
+}
+
+func equal(a, b []string) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for i := range a {
+		if a[i] != b[i] {
+			return false
+		}
+	}
+	return true
+}
