@@ -1,0 +1,261 @@
+package workloadapi
+
+import (
+	"context"
+	"crypto"
+	"net"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/proto/spiffe/workload"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+	"github.com/spiffe/go-spiffe/v2/workloadapi"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
+
+	"github.com/trustmesh/trustmesh/agent/identity"
+	"github.com/trustmesh/trustmesh/agent/internal/leakcheck"
+	"github.com/trustmesh/trustmesh/agent/internal/testca"
+	"github.com/trustmesh/trustmesh/agent/svid"
+)
+
+func TestMain(m *testing.M) { os.Exit(leakcheck.Run(m)) }
+
+var (
+	td  = spiffeid.RequireTrustDomainFromString("cluster.local")
+	own = spiffeid.RequireFromString("spiffe://cluster.local/ns/shop/sa/cart")
+)
+
+type fixture struct {
+	auth  *testca.Authority
+	store *identity.Store
+	addr  string
+}
+
+// newFixture serves the Workload API from a fresh store on a unix socket.
+func newFixture(t *testing.T) *fixture {
+	t.Helper()
+	auth, err := testca.NewAuthority(td, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := &fixture{auth: auth, store: identity.New()}
+	srv, err := New(Config{Source: f.store})
+	if err != nil {
+		t.Fatal(err)
+	}
+	g := grpc.NewServer()
+	srv.Register(g)
+	path := filepath.Join(t.TempDir(), "agent.sock")
+	lis, err := net.Listen("unix", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		_ = g.Serve(lis)
+	}()
+	t.Cleanup(func() {
+		g.Stop()
+		<-done
+	})
+	f.addr = "unix://" + path
+	return f
+}
+
+func (f *fixture) issue(t *testing.T) *x509svid.SVID {
+	t.Helper()
+	key, err := svid.GenerateKey(svid.ECP256)
+	if err != nil {
+		t.Fatal(err)
+	}
+	chain, err := f.auth.Issue(key.Public(), own, time.Now().Add(-time.Minute), time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &x509svid.SVID{ID: own, Certificates: chain[:2], PrivateKey: key}
+}
+
+func (f *fixture) client(t *testing.T) *workloadapi.Client {
+	t.Helper()
+	c, err := workloadapi.New(context.Background(), workloadapi.WithAddr(f.addr))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c
+}
+
+type watcher struct {
+	updates chan *workloadapi.X509Context
+}
+
+func (w watcher) OnX509ContextUpdate(c *workloadapi.X509Context) { w.updates <- c }
+func (w watcher) OnX509ContextWatchError(error)                  {}
+
+func TestGoSPIFFEClientFetchesVerifiesAndFollowsRotation(t *testing.T) {
+	f := newFixture(t)
+	first := f.issue(t)
+	f.store.SetBundle(f.auth.Bundle())
+	f.store.SetSVID(first)
+	c := f.client(t)
+
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	x509ctx, err := c.FetchX509Context(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := x509ctx.DefaultSVID()
+	id, _, err := x509svid.Verify(got.Certificates, x509ctx.Bundles)
+	if err != nil {
+		t.Fatalf("fetched SVID does not verify against the fetched bundle: %v", err)
+	}
+	if id != own || got.ID != own {
+		t.Fatalf("fetched SVID for %s, want %s", id, own)
+	}
+	if !got.Certificates[0].Equal(first.Certificates[0]) {
+		t.Fatal("fetched another certificate than the agent holds")
+	}
+	if !got.PrivateKey.Public().(interface{ Equal(crypto.PublicKey) bool }).Equal(got.Certificates[0].PublicKey) {
+		t.Fatal("fetched key does not match the fetched certificate")
+	}
+
+	w := watcher{updates: make(chan *workloadapi.X509Context, 10)}
+	watchCtx, stopWatch := context.WithCancel(context.Background())
+	watchDone := make(chan error, 1)
+	go func() { watchDone <- c.WatchX509Context(watchCtx, w) }()
+	if u := next(t, w.updates); !u.DefaultSVID().Certificates[0].Equal(first.Certificates[0]) {
+		t.Fatal("watch did not start with the current SVID")
+	}
+	second := f.issue(t)
+	f.store.SetSVID(second)
+	u := next(t, w.updates)
+	if !u.DefaultSVID().Certificates[0].Equal(second.Certificates[0]) {
+		t.Fatal("rotation not streamed to the watcher")
+	}
+	if _, _, err := x509svid.Verify(u.DefaultSVID().Certificates, u.Bundles); err != nil {
+		t.Fatalf("rotated SVID does not verify: %v", err)
+	}
+	stopWatch()
+	<-watchDone
+}
+
+func TestBundlesStreamed(t *testing.T) {
+	f := newFixture(t)
+	f.store.SetBundle(f.auth.Bundle())
+	c := f.client(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	set, err := c.FetchX509Bundles(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, ok := set.Get(td)
+	if !ok || !b.Equal(f.auth.Bundle()) {
+		t.Fatalf("fetched bundles %v, want the cluster.local bundle", set.Bundles())
+	}
+}
+
+func TestStreamWaitsForFirstSVID(t *testing.T) {
+	f := newFixture(t)
+	f.store.SetBundle(f.auth.Bundle())
+	c := f.client(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
+	defer cancel()
+	if _, err := c.FetchX509SVID(ctx); status.Code(err) != codes.DeadlineExceeded {
+		t.Fatalf("fetch without an SVID: %v, want DeadlineExceeded", err)
+	}
+	result := make(chan error, 1)
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		_, err := c.FetchX509SVID(ctx)
+		result <- err
+	}()
+	f.store.SetSVID(f.issue(t))
+	if err := <-result; err != nil {
+		t.Fatalf("waiting fetch did not get the first SVID: %v", err)
+	}
+}
+
+func TestSecurityHeaderRequired(t *testing.T) {
+	f := newFixture(t)
+	f.store.SetBundle(f.auth.Bundle())
+	f.store.SetSVID(f.issue(t))
+	conn, err := grpc.NewClient(f.addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	wl := workload.NewSpiffeWorkloadAPIClient(conn)
+	calls := []struct {
+		name string
+		call func(context.Context) error
+		// withHeader is the code once the header is sent.
+		withHeader codes.Code
+	}{
+		{"FetchX509SVID", func(ctx context.Context) error {
+			s, err := wl.FetchX509SVID(ctx, &workload.X509SVIDRequest{})
+			if err != nil {
+				return err
+			}
+			_, err = s.Recv()
+			return err
+		}, codes.OK},
+		{"FetchX509Bundles", func(ctx context.Context) error {
+			s, err := wl.FetchX509Bundles(ctx, &workload.X509BundlesRequest{})
+			if err != nil {
+				return err
+			}
+			_, err = s.Recv()
+			return err
+		}, codes.OK},
+		{"FetchJWTSVID", func(ctx context.Context) error {
+			_, err := wl.FetchJWTSVID(ctx, &workload.JWTSVIDRequest{Audience: []string{"x"}})
+			return err
+		}, codes.Unimplemented},
+	}
+	for _, tc := range calls {
+		t.Run(tc.name, func(t *testing.T) {
+			for _, hc := range []struct {
+				name string
+				md   metadata.MD
+				want codes.Code
+			}{
+				{"no header", nil, codes.InvalidArgument},
+				{"header false", metadata.Pairs("workload.spiffe.io", "false"), codes.InvalidArgument},
+				{"header twice", metadata.Pairs("workload.spiffe.io", "true", "workload.spiffe.io", "true"), codes.InvalidArgument},
+				{"header true", metadata.Pairs("workload.spiffe.io", "true"), tc.withHeader},
+			} {
+				ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+				if hc.md != nil {
+					ctx = metadata.NewOutgoingContext(ctx, hc.md)
+				}
+				err := tc.call(ctx)
+				cancel()
+				if got := status.Code(err); got != hc.want {
+					t.Errorf("%s: code %s (%v), want %s", hc.name, got, err, hc.want)
+				}
+			}
+		})
+	}
+}
+
+func next(t *testing.T, ch <-chan *workloadapi.X509Context) *workloadapi.X509Context {
+	t.Helper()
+	select {
+	case u := <-ch:
+		return u
+	case <-time.After(10 * time.Second):
+		t.Fatal("no update")
+		return nil
+	}
+}
