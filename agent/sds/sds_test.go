@@ -1,0 +1,303 @@
+package sds
+
+import (
+	"context"
+	"crypto"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/pem"
+	"errors"
+	"net"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	core "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
+	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
+	secretv3 "github.com/envoyproxy/go-control-plane/envoy/service/secret/v3"
+	resourcev3 "github.com/envoyproxy/go-control-plane/pkg/resource/v3"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/protobuf/types/known/anypb"
+
+	"github.com/trustmesh/trustmesh/agent/identity"
+	"github.com/trustmesh/trustmesh/agent/internal/leakcheck"
+	"github.com/trustmesh/trustmesh/agent/internal/testca"
+	"github.com/trustmesh/trustmesh/agent/svid"
+)
+
+func TestMain(m *testing.M) { os.Exit(leakcheck.Run(m)) }
+
+var (
+	td  = spiffeid.RequireTrustDomainFromString("cluster.local")
+	own = spiffeid.RequireFromString("spiffe://cluster.local/ns/shop/sa/cart")
+)
+
+type fixture struct {
+	auth   *testca.Authority
+	store  *identity.Store
+	client secretv3.SecretDiscoveryServiceClient
+}
+
+// newFixture serves SDS from a fresh store on a unix socket, with Run
+// copying the store into the cache.
+func newFixture(t *testing.T) *fixture {
+	t.Helper()
+	auth, err := testca.NewAuthority(td, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := &fixture{auth: auth, store: identity.New()}
+	srv, err := New(Config{Source: f.store})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	runDone := make(chan error, 1)
+	go func() { runDone <- srv.Run(ctx) }()
+	g := grpc.NewServer()
+	srv.Register(g)
+	path := filepath.Join(t.TempDir(), "sds.sock")
+	lis, err := net.Listen("unix", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	serveDone := make(chan struct{})
+	go func() {
+		defer close(serveDone)
+		_ = g.Serve(lis)
+	}()
+	conn, err := grpc.NewClient("unix://"+path, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		conn.Close()
+		g.Stop()
+		<-serveDone
+		cancel()
+		if err := <-runDone; !errors.Is(err, context.Canceled) {
+			t.Errorf("Run returned %v", err)
+		}
+	})
+	f.client = secretv3.NewSecretDiscoveryServiceClient(conn)
+	return f
+}
+
+func (f *fixture) rotate(t *testing.T) *x509svid.SVID {
+	t.Helper()
+	key, err := svid.GenerateKey(svid.ECP256)
+	if err != nil {
+		t.Fatal(err)
+	}
+	chain, err := f.auth.Issue(key.Public(), own, time.Now().Add(-time.Minute), time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := &x509svid.SVID{ID: own, Certificates: chain[:2], PrivateKey: key}
+	f.store.SetSVID(s)
+	return s
+}
+
+var node = &core.Node{Id: "sidecar~10.0.0.1~cart-7d9f.shop~shop.svc.cluster.local", Cluster: "cart.shop"}
+
+// secrets decodes a response's resources by name.
+func secrets(t *testing.T, resources []*anypb.Any) map[string]*tlsv3.Secret {
+	t.Helper()
+	out := map[string]*tlsv3.Secret{}
+	for _, r := range resources {
+		if r.GetTypeUrl() != resourcev3.SecretType {
+			t.Fatalf("resource of type %s", r.GetTypeUrl())
+		}
+		var s tlsv3.Secret
+		if err := r.UnmarshalTo(&s); err != nil {
+			t.Fatal(err)
+		}
+		out[s.GetName()] = &s
+	}
+	return out
+}
+
+// checkDefault checks that the secret holds s's chain and matching key,
+// usable as an Envoy/Go TLS certificate.
+func checkDefault(t *testing.T, secret *tlsv3.Secret, s *x509svid.SVID) {
+	t.Helper()
+	tc := secret.GetTlsCertificate()
+	pair, err := tls.X509KeyPair(tc.GetCertificateChain().GetInlineBytes(), tc.GetPrivateKey().GetInlineBytes())
+	if err != nil {
+		t.Fatalf("default secret is not a usable key pair: %v", err)
+	}
+	if len(pair.Certificate) != len(s.Certificates) {
+		t.Fatalf("default chain has %d certificates, want %d", len(pair.Certificate), len(s.Certificates))
+	}
+	leaf, err := x509.ParseCertificate(pair.Certificate[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !leaf.Equal(s.Certificates[0]) {
+		t.Fatalf("default secret holds serial %s, want %s", leaf.SerialNumber, s.Certificates[0].SerialNumber)
+	}
+	if !pair.PrivateKey.(crypto.Signer).Public().(interface{ Equal(crypto.PublicKey) bool }).Equal(leaf.PublicKey) {
+		t.Fatal("default key does not match its certificate")
+	}
+}
+
+func checkRootCA(t *testing.T, secret *tlsv3.Secret, roots ...*x509.Certificate) {
+	t.Helper()
+	rest := secret.GetValidationContext().GetTrustedCa().GetInlineBytes()
+	var got []*x509.Certificate
+	for {
+		var block *pem.Block
+		if block, rest = pem.Decode(rest); block == nil {
+			break
+		}
+		c, err := x509.ParseCertificate(block.Bytes)
+		if err != nil {
+			t.Fatal(err)
+		}
+		got = append(got, c)
+	}
+	if len(got) != len(roots) {
+		t.Fatalf("ROOTCA holds %d roots, want %d", len(got), len(roots))
+	}
+	for i := range roots {
+		if !got[i].Equal(roots[i]) {
+			t.Fatalf("ROOTCA root %d differs", i)
+		}
+	}
+}
+
+func TestStateOfTheWorld(t *testing.T) {
+	f := newFixture(t)
+	first := f.rotate(t)
+	f.store.SetBundle(f.auth.Bundle())
+
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	stream, err := f.client.StreamSecrets(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	names := []string{CertificateName, RootCAName}
+	if err := stream.Send(&discoveryv3.DiscoveryRequest{Node: node, TypeUrl: resourcev3.SecretType, ResourceNames: names}); err != nil {
+		t.Fatal(err)
+	}
+	// Receive and ACK, as Envoy does, until both secrets have arrived (the
+	// cache may hold one before the other).
+	got := map[string]*tlsv3.Secret{}
+	var resp *discoveryv3.DiscoveryResponse
+	for len(got) < 2 {
+		resp, err = stream.Recv()
+		if err != nil {
+			t.Fatal(err)
+		}
+		for name, secret := range secrets(t, resp.GetResources()) {
+			got[name] = secret
+		}
+		ack := &discoveryv3.DiscoveryRequest{Node: node, TypeUrl: resourcev3.SecretType, ResourceNames: names,
+			VersionInfo: resp.GetVersionInfo(), ResponseNonce: resp.GetNonce()}
+		if err := stream.Send(ack); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if len(got) != 2 || got[CertificateName] == nil || got[RootCAName] == nil {
+		t.Fatalf("responses hold %v, want default and ROOTCA", keys(got))
+	}
+	checkDefault(t, got[CertificateName], first)
+	checkRootCA(t, got[RootCAName], f.auth.Root)
+
+	second := f.rotate(t)
+	resp2, err := stream.Recv()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if resp2.GetVersionInfo() == resp.GetVersionInfo() {
+		t.Fatal("rotation pushed with the same version")
+	}
+	got = secrets(t, resp2.GetResources())
+	if got[CertificateName] == nil {
+		t.Fatalf("rotation pushed %v, want default", keys(got))
+	}
+	checkDefault(t, got[CertificateName], second)
+}
+
+func TestDelta(t *testing.T) {
+	f := newFixture(t)
+	f.store.SetBundle(f.auth.Bundle())
+	first := f.rotate(t)
+
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	stream, err := f.client.DeltaSecrets(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := stream.Send(&discoveryv3.DeltaDiscoveryRequest{Node: node, TypeUrl: resourcev3.SecretType,
+		ResourceNamesSubscribe: []string{CertificateName, RootCAName}}); err != nil {
+		t.Fatal(err)
+	}
+	got := map[string]*tlsv3.Secret{}
+	for len(got) < 2 {
+		resp, err := stream.Recv()
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, r := range resp.GetResources() {
+			for name, s := range secrets(t, []*anypb.Any{r.GetResource()}) {
+				if r.GetName() != name || r.GetVersion() == "" {
+					t.Fatalf("delta resource %q (version %q) carries secret %q", r.GetName(), r.GetVersion(), name)
+				}
+				got[name] = s
+			}
+		}
+		if err := stream.Send(&discoveryv3.DeltaDiscoveryRequest{Node: node, TypeUrl: resourcev3.SecretType, ResponseNonce: resp.GetNonce()}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	checkDefault(t, got[CertificateName], first)
+	checkRootCA(t, got[RootCAName], f.auth.Root)
+
+	// A new root arrives before anything is signed under it, then the
+	// certificate rotates: each is pushed as it happens.
+	next, err := testca.NewAuthority(td, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	bundle := f.auth.Bundle()
+	bundle.AddX509Authority(next.Root)
+	f.store.SetBundle(bundle)
+	resp, err := stream.Recv()
+	if err != nil {
+		t.Fatal(err)
+	}
+	got = secrets(t, []*anypb.Any{resp.GetResources()[0].GetResource()})
+	if len(resp.GetResources()) != 1 || got[RootCAName] == nil {
+		t.Fatalf("bundle change pushed %d resources, want only ROOTCA", len(resp.GetResources()))
+	}
+	checkRootCA(t, got[RootCAName], f.auth.Root, next.Root)
+
+	if err := stream.Send(&discoveryv3.DeltaDiscoveryRequest{Node: node, TypeUrl: resourcev3.SecretType, ResponseNonce: resp.GetNonce()}); err != nil {
+		t.Fatal(err)
+	}
+	second := f.rotate(t)
+	resp, err = stream.Recv()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(resp.GetResources()) != 1 || resp.GetResources()[0].GetName() != CertificateName {
+		t.Fatalf("rotation pushed %d resources, want only default", len(resp.GetResources()))
+	}
+	checkDefault(t, secrets(t, []*anypb.Any{resp.GetResources()[0].GetResource()})[CertificateName], second)
+}
+
+func keys(m map[string]*tlsv3.Secret) []string {
+	var out []string
+	for k := range m {
+		out = append(out, k)
+	}
+	return out
+}
