@@ -1,0 +1,176 @@
+package state
+
+import (
+	"context"
+	"errors"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+
+	"github.com/trustmesh/trustmesh/agent/identity"
+	"github.com/trustmesh/trustmesh/agent/internal/leakcheck"
+	"github.com/trustmesh/trustmesh/agent/internal/testca"
+	"github.com/trustmesh/trustmesh/agent/svid"
+)
+
+func TestMain(m *testing.M) { os.Exit(leakcheck.Run(m)) }
+
+var (
+	td  = spiffeid.RequireTrustDomainFromString("cluster.local")
+	own = spiffeid.RequireFromString("spiffe://cluster.local/vm/db-1")
+)
+
+func issue(t *testing.T, auth *testca.Authority) *x509svid.SVID {
+	t.Helper()
+	key, err := svid.GenerateKey(svid.ECP256)
+	if err != nil {
+		t.Fatal(err)
+	}
+	chain, err := auth.Issue(key.Public(), own, time.Now().Add(-time.Minute), time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &x509svid.SVID{ID: own, Certificates: chain[:2], PrivateKey: key}
+}
+
+func TestSaveLoadRoundTrip(t *testing.T) {
+	auth, err := testca.NewAuthority(td, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	path := filepath.Join(t.TempDir(), "state")
+	d, err := Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if info, _ := os.Stat(path); info.Mode().Perm() != 0o700 {
+		t.Fatalf("state directory mode %s, want 0700", info.Mode().Perm())
+	}
+	if _, _, err := d.Load(); !errors.Is(err, ErrEmpty) {
+		t.Fatalf("empty directory: %v, want ErrEmpty", err)
+	}
+	s := issue(t, auth)
+	if err := d.Save(s, auth.Bundle()); err != nil {
+		t.Fatal(err)
+	}
+	for _, name := range []string{SVIDFile, BundleFile} {
+		info, err := os.Stat(filepath.Join(path, name))
+		if err != nil || info.Mode().Perm() != 0o600 {
+			t.Fatalf("%s: %v, mode %v; want 0600", name, err, info.Mode().Perm())
+		}
+	}
+	got, bundle, err := d.Load()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got.ID != own || !got.Certificates[0].Equal(s.Certificates[0]) || len(got.Certificates) != 2 {
+		t.Fatal("loaded SVID differs from the saved one")
+	}
+	if !bundle.Equal(auth.Bundle()) {
+		t.Fatal("loaded bundle differs from the saved one")
+	}
+	// The loaded key is the saved key: it still verifies as the same SVID.
+	if _, err := svid.Verify(svid.VerifyRequest{Chain: got.Certificates, Key: got.PrivateKey, Bundle: bundle, Want: own, Now: time.Now()}); err != nil {
+		t.Fatalf("loaded identity does not verify: %v", err)
+	}
+}
+
+func TestRefusesLooseDirectory(t *testing.T) {
+	auth, err := testca.NewAuthority(td, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Run("directory readable by others", func(t *testing.T) {
+		path := filepath.Join(t.TempDir(), "state")
+		if err := os.Mkdir(path, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Chmod(path, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := Open(path); !errors.Is(err, ErrInsecure) {
+			t.Fatalf("Open: %v, want ErrInsecure", err)
+		}
+	})
+	t.Run("key file readable by group", func(t *testing.T) {
+		path := filepath.Join(t.TempDir(), "state")
+		d, err := Open(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := d.Save(issue(t, auth), auth.Bundle()); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Chmod(filepath.Join(path, SVIDFile), 0o640); err != nil {
+			t.Fatal(err)
+		}
+		if _, _, err := d.Load(); !errors.Is(err, ErrInsecure) {
+			t.Fatalf("Load: %v, want ErrInsecure", err)
+		}
+	})
+	t.Run("key file is a symlink", func(t *testing.T) {
+		path := filepath.Join(t.TempDir(), "state")
+		d, err := Open(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := d.Save(issue(t, auth), auth.Bundle()); err != nil {
+			t.Fatal(err)
+		}
+		elsewhere := filepath.Join(t.TempDir(), "svid.pem")
+		if err := os.Rename(filepath.Join(path, SVIDFile), elsewhere); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Symlink(elsewhere, filepath.Join(path, SVIDFile)); err != nil {
+			t.Fatal(err)
+		}
+		if _, _, err := d.Load(); !errors.Is(err, ErrInsecure) {
+			t.Fatalf("Load: %v, want ErrInsecure", err)
+		}
+	})
+}
+
+func TestPersisterSavesRotations(t *testing.T) {
+	auth, err := testca.NewAuthority(td, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	d, err := Open(filepath.Join(t.TempDir(), "state"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	store := identity.New()
+	p, err := NewPersister(PersisterConfig{Dir: d, Source: store})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- p.Run(ctx) }()
+	defer func() {
+		cancel()
+		if err := <-done; !errors.Is(err, context.Canceled) {
+			t.Errorf("Run returned %v", err)
+		}
+	}()
+	store.SetBundle(auth.Bundle())
+	for range 2 {
+		s := issue(t, auth)
+		store.SetSVID(s)
+		deadline := time.Now().Add(10 * time.Second)
+		for {
+			got, _, err := d.Load()
+			if err == nil && got.Certificates[0].Equal(s.Certificates[0]) {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatal("rotation not saved")
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+	}
+}
