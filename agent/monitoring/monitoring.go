@@ -1,0 +1,152 @@
+// Package monitoring serves the agent's health and metrics over HTTP:
+// /healthz answers 200 while the agent holds a valid certificate and a trust
+// bundle, 503 otherwise; /metrics is Prometheus, including the current
+// certificate's expiry.
+package monitoring
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"k8s.io/utils/clock"
+
+	"github.com/trustmesh/trustmesh/agent/identity"
+	"github.com/trustmesh/trustmesh/agent/svid"
+)
+
+// Source is the agent's identity.
+type Source interface {
+	Load() (identity.Snapshot, <-chan struct{})
+}
+
+// Config configures a Server.
+type Config struct {
+	// Address is host:port to listen on.
+	Address string
+	Source  Source
+	Clock   clock.PassiveClock
+	// Registry receives the expiry gauges and is served on /metrics.
+	Registry *prometheus.Registry
+	Logger   *slog.Logger
+}
+
+// Server is the monitoring HTTP server.
+type Server struct {
+	cfg     Config
+	handler http.Handler
+
+	mu   sync.Mutex
+	addr net.Addr
+}
+
+// New registers the identity gauges and returns a server.
+func New(cfg Config) (*Server, error) {
+	if cfg.Source == nil || cfg.Clock == nil || cfg.Registry == nil {
+		return nil, errors.New("monitoring: Source, Clock and Registry are required")
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	s := &Server{cfg: cfg}
+	gauges := []prometheus.Collector{
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "trustmesh_agent_svid_expiry_timestamp_seconds",
+			Help: "When the current certificate expires, as a Unix time; 0 without one.",
+		}, func() float64 {
+			snap, _ := cfg.Source.Load()
+			if snap.SVID == nil {
+				return 0
+			}
+			return float64(svid.Expiry(snap.SVID).Unix())
+		}),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "trustmesh_agent_svid_remaining_seconds",
+			Help: "Seconds until the current certificate expires; 0 without one.",
+		}, func() float64 {
+			snap, _ := cfg.Source.Load()
+			if snap.SVID == nil {
+				return 0
+			}
+			return max(0, svid.Expiry(snap.SVID).Sub(cfg.Clock.Now()).Seconds())
+		}),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "trustmesh_agent_bundle_roots",
+			Help: "Roots in the current trust bundle.",
+		}, func() float64 {
+			snap, _ := cfg.Source.Load()
+			if snap.Bundle == nil {
+				return 0
+			}
+			return float64(len(snap.Bundle.X509Authorities()))
+		}),
+	}
+	for _, g := range gauges {
+		if err := cfg.Registry.Register(g); err != nil {
+			return nil, fmt.Errorf("monitoring: register metrics: %w", err)
+		}
+	}
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /healthz", s.healthz)
+	mux.Handle("GET /metrics", promhttp.HandlerFor(cfg.Registry, promhttp.HandlerOpts{Registry: cfg.Registry}))
+	s.handler = mux
+	return s, nil
+}
+
+// Handler returns the HTTP handler.
+func (s *Server) Handler() http.Handler { return s.handler }
+
+// Addr returns the listening address once Run listens, else nil.
+func (s *Server) Addr() net.Addr {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.addr
+}
+
+func (s *Server) healthz(w http.ResponseWriter, _ *http.Request) {
+	snap, _ := s.cfg.Source.Load()
+	now := s.cfg.Clock.Now()
+	switch {
+	case snap.Bundle == nil:
+		http.Error(w, "no trust bundle yet", http.StatusServiceUnavailable)
+	case snap.SVID == nil:
+		http.Error(w, "no valid certificate", http.StatusServiceUnavailable)
+	case !now.Before(svid.Expiry(snap.SVID)):
+		http.Error(w, "certificate expired", http.StatusServiceUnavailable)
+	default:
+		fmt.Fprintf(w, "ok: %s, expires %s\n", snap.SVID.ID, svid.Expiry(snap.SVID).UTC().Format(time.RFC3339))
+	}
+}
+
+// Run serves until ctx ends. It returns the listen error if it cannot
+// listen, else ctx.Err() after shutting down.
+func (s *Server) Run(ctx context.Context) error {
+	lis, err := net.Listen("tcp", s.cfg.Address)
+	if err != nil {
+		return fmt.Errorf("monitoring: %w", err)
+	}
+	s.mu.Lock()
+	s.addr = lis.Addr()
+	s.mu.Unlock()
+	srv := &http.Server{Handler: s.handler, ReadHeaderTimeout: 10 * time.Second}
+	errc := make(chan error, 1)
+	go func() { errc <- srv.Serve(lis) }()
+	s.cfg.Logger.Info("serving health and metrics", "address", lis.Addr().String())
+	select {
+	case err := <-errc:
+		return fmt.Errorf("monitoring: %w", err)
+	case <-ctx.Done():
+	}
+	shutdownCtx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	_ = srv.Shutdown(shutdownCtx)
+	<-errc
+	return ctx.Err()
+}

@@ -1,0 +1,139 @@
+package monitoring
+
+import (
+	"context"
+	"errors"
+	"io"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+	clocktesting "k8s.io/utils/clock/testing"
+
+	"github.com/trustmesh/trustmesh/agent/identity"
+	"github.com/trustmesh/trustmesh/agent/internal/leakcheck"
+	"github.com/trustmesh/trustmesh/agent/internal/testca"
+	"github.com/trustmesh/trustmesh/agent/svid"
+)
+
+func TestMain(m *testing.M) { os.Exit(leakcheck.Run(m)) }
+
+var (
+	td    = spiffeid.RequireTrustDomainFromString("cluster.local")
+	own   = spiffeid.RequireFromString("spiffe://cluster.local/ns/shop/sa/cart")
+	start = time.Date(2030, 1, 1, 0, 0, 0, 0, time.UTC)
+)
+
+func get(t *testing.T, h http.Handler, path string) (int, string) {
+	t.Helper()
+	rec := httptest.NewRecorder()
+	h.ServeHTTP(rec, httptest.NewRequest(http.MethodGet, path, nil))
+	return rec.Code, rec.Body.String()
+}
+
+func TestHealthAndExpiryMetric(t *testing.T) {
+	auth, err := testca.NewAuthority(td, start)
+	if err != nil {
+		t.Fatal(err)
+	}
+	key, err := svid.GenerateKey(svid.ECP256)
+	if err != nil {
+		t.Fatal(err)
+	}
+	chain, err := auth.Issue(key.Public(), own, start, time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fc := clocktesting.NewFakeClock(start)
+	store := identity.New()
+	s, err := New(Config{Source: store, Clock: fc, Registry: prometheus.NewRegistry()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	h := s.Handler()
+
+	steps := []struct {
+		name   string
+		do     func()
+		code   int
+		expiry string
+	}{
+		{"nothing yet", func() {}, http.StatusServiceUnavailable, "0"},
+		{"bundle only", func() { store.SetBundle(auth.Bundle()) }, http.StatusServiceUnavailable, "0"},
+		{"certificate", func() { store.SetSVID(&x509svid.SVID{ID: own, Certificates: chain[:2], PrivateKey: key}) }, http.StatusOK,
+			strconv.FormatInt(start.Add(time.Hour).Unix(), 10)},
+		{"certificate expired", func() { fc.Step(time.Hour) }, http.StatusServiceUnavailable,
+			strconv.FormatInt(start.Add(time.Hour).Unix(), 10)},
+	}
+	for _, st := range steps {
+		st.do()
+		if code, body := get(t, h, "/healthz"); code != st.code {
+			t.Fatalf("%s: /healthz %d (%s), want %d", st.name, code, strings.TrimSpace(body), st.code)
+		}
+		_, metrics := get(t, h, "/metrics")
+		want := "trustmesh_agent_svid_expiry_timestamp_seconds " + st.expiry
+		if !strings.Contains(metrics, want) {
+			// Prometheus may print large values in exponent form.
+			f, _ := strconv.ParseFloat(st.expiry, 64)
+			if !strings.Contains(metrics, "trustmesh_agent_svid_expiry_timestamp_seconds "+strconv.FormatFloat(f, 'g', -1, 64)) {
+				t.Fatalf("%s: metrics lack %q:\n%s", st.name, want, metrics)
+			}
+		}
+	}
+}
+
+func TestRunReturnsListenError(t *testing.T) {
+	taken, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer taken.Close()
+	s, err := New(Config{Address: taken.Addr().String(), Source: identity.New(), Clock: clocktesting.NewFakeClock(start), Registry: prometheus.NewRegistry()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := s.Run(ctx); err == nil || errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("Run on a taken address returned %v, want the listen error", err)
+	}
+}
+
+func TestRunServesUntilCanceled(t *testing.T) {
+	s, err := New(Config{Address: "127.0.0.1:0", Source: identity.New(), Clock: clocktesting.NewFakeClock(start), Registry: prometheus.NewRegistry()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- s.Run(ctx) }()
+	deadline := time.Now().Add(10 * time.Second)
+	for s.Addr() == nil {
+		if time.Now().After(deadline) {
+			t.Fatal("never listened")
+		}
+		time.Sleep(time.Millisecond)
+	}
+	resp, err := http.Get("http://" + s.Addr().String() + "/healthz")
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, _ = io.Copy(io.Discard, resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusServiceUnavailable {
+		t.Fatalf("/healthz %d before any identity, want 503", resp.StatusCode)
+	}
+	http.DefaultClient.CloseIdleConnections()
+	cancel()
+	if err := <-done; !errors.Is(err, context.Canceled) {
+		t.Fatalf("Run returned %v", err)
+	}
+}
