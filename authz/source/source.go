@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/fsnotify/fsnotify"
+	"k8s.io/utils/clock"
 
 	"github.com/trustmesh/trustmesh/authz/engine"
 	"github.com/trustmesh/trustmesh/authz/policy"
@@ -65,7 +66,16 @@ type Config struct {
 	Log           *slog.Logger
 	// OnLoad, if set, is called after every load attempt with its result.
 	OnLoad func(error)
+	// Settle is how long changes must stop before a reload, so that a file
+	// caught half-written (an empty file is a valid, empty policy set) is
+	// not loaded; zero means DefaultSettle.
+	Settle time.Duration
+	// Clock times Settle; nil means the real clock.
+	Clock clock.WithTicker
 }
+
+// DefaultSettle is the default quiet period before a reload.
+const DefaultSettle = 250 * time.Millisecond
 
 // Validate checks the configuration, collecting every error.
 func (c *Config) Validate() error {
@@ -89,6 +99,12 @@ type Loader struct {
 func New(cfg Config) (*Loader, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
+	}
+	if cfg.Settle <= 0 {
+		cfg.Settle = DefaultSettle
+	}
+	if cfg.Clock == nil {
+		cfg.Clock = clock.RealClock{}
 	}
 	log := cfg.Log
 	if log == nil {
@@ -174,6 +190,15 @@ func (l *Loader) Run(ctx context.Context) error {
 		}
 		return err
 	}
+	var (
+		settle clock.Timer
+		fire   <-chan time.Time
+	)
+	defer func() {
+		if settle != nil {
+			settle.Stop()
+		}
+	}()
 	for {
 		select {
 		case <-ctx.Done():
@@ -191,6 +216,14 @@ func (l *Loader) Run(ctx context.Context) error {
 				return fmt.Errorf("source: watching: %w", err)
 			}
 		case <-kick:
+			// Restart the quiet period on every change.
+			if settle != nil {
+				settle.Stop()
+			}
+			settle = l.cfg.Clock.NewTimer(l.cfg.Settle)
+			fire = settle.C()
+		case <-fire:
+			settle, fire = nil, nil
 			_ = l.Load(ctx) // refused updates are logged; the old set serves
 		}
 	}

@@ -82,4 +82,3 @@ func newAuthzCmd() *cobra.Command {
 	bundles.register(cmd)
 	return cmd
 }
-
