@@ -78,10 +78,9 @@ func LoadBundle(c BundleConfig) (*bundle.Bundle, error) {
 		if alg == "" {
 			alg = "RS256"
 		}
-		kc, err := keys.NewKeyConfig(c.VerificationKey, alg, "")
-		if err != nil {
-			return nil, fmt.Errorf("source: bundle %s: verification key: %w", c.Path, err)
-		}
+		// The key is PEM text (or an HMAC secret), never a path: OPA's
+		// NewKeyConfig would stat it as a file name.
+		kc := &keys.Config{Key: c.VerificationKey, Algorithm: alg}
 		r = r.WithBundleVerificationConfig(bundle.NewVerificationConfig(map[string]*bundle.KeyConfig{"trustmesh": kc}, "trustmesh", "", nil))
 	} else {
 		r = r.WithSkipBundleVerification(true)

@@ -27,9 +27,10 @@ type PolicySource interface {
 	// Policies returns the current policies, or an error naming the file or
 	// object at fault.
 	Policies() ([]*policy.Policy, error)
-	// Watch calls changed whenever the policies may have changed, until ctx
-	// ends; it returns nil then.
-	Watch(ctx context.Context, changed func()) error
+	// Watch returns once the watch is in place, then calls changed whenever
+	// the policies may have changed, until ctx ends. The channel receives
+	// the watch's final error: nil when ctx ended.
+	Watch(ctx context.Context, changed func()) (<-chan error, error)
 }
 
 // Dir is a directory of AuthorizationPolicy YAML files (local mode).
@@ -47,7 +48,7 @@ func (d *Dir) Policies() ([]*policy.Policy, error) {
 }
 
 // Watch reports changes to the directory's files.
-func (d *Dir) Watch(ctx context.Context, changed func()) error {
+func (d *Dir) Watch(ctx context.Context, changed func()) (<-chan error, error) {
 	return watchPaths(ctx, []string{d.Path}, changed)
 }
 
@@ -169,25 +170,39 @@ func (l *Loader) Run(ctx context.Context) error {
 	defer cancel()
 	errc := make(chan error, 2)
 	watchers := 0
-	if l.cfg.Policies != nil {
+	forward := func(c <-chan error) {
 		watchers++
-		go func() { errc <- l.cfg.Policies.Watch(ctx, changed) }()
+		go func() { errc <- <-c }()
+	}
+	stopWatchers := func() {
+		cancel()
+		for range watchers {
+			<-errc
+		}
+	}
+	if l.cfg.Policies != nil {
+		c, err := l.cfg.Policies.Watch(ctx, changed)
+		if err != nil {
+			return fmt.Errorf("source: watching policies: %w", err)
+		}
+		forward(c)
 	}
 	if len(l.cfg.Bundles) > 0 {
 		var paths []string
 		for _, b := range l.cfg.Bundles {
 			paths = append(paths, b.Path)
 		}
-		watchers++
-		go func() { errc <- watchPaths(ctx, paths, changed) }()
+		c, err := watchPaths(ctx, paths, changed)
+		if err != nil {
+			stopWatchers()
+			return err
+		}
+		forward(c)
 	}
 	// The watches are in place before the first load, so no change between
 	// the two is missed.
 	if err := l.Load(ctx); err != nil {
-		cancel()
-		for range watchers {
-			<-errc
-		}
+		stopWatchers()
 		return err
 	}
 	var (
@@ -202,17 +217,12 @@ func (l *Loader) Run(ctx context.Context) error {
 	for {
 		select {
 		case <-ctx.Done():
-			for range watchers {
-				<-errc
-			}
+			stopWatchers()
 			return nil
 		case err := <-errc:
 			watchers--
 			if err != nil {
-				cancel()
-				for range watchers {
-					<-errc
-				}
+				stopWatchers()
 				return fmt.Errorf("source: watching: %w", err)
 			}
 		case <-kick:
@@ -231,36 +241,48 @@ func (l *Loader) Run(ctx context.Context) error {
 
 // watchPaths watches files and directory trees. A file is watched through
 // its parent directory, so that editors that replace files are seen.
-func watchPaths(ctx context.Context, paths []string, changed func()) error {
+func watchPaths(ctx context.Context, paths []string, changed func()) (<-chan error, error) {
 	w, err := fsnotify.NewWatcher()
 	if err != nil {
-		return fmt.Errorf("source: %w", err)
+		return nil, fmt.Errorf("source: %w", err)
 	}
-	defer w.Close()
+	fail := func(err error) (<-chan error, error) {
+		w.Close()
+		return nil, err
+	}
 	files := map[string]bool{}    // watched files
 	fileDirs := map[string]bool{} // their parent directories
 	trees := map[string]bool{}    // directories watched as trees
 	for _, p := range paths {
 		abs, err := filepath.Abs(p)
 		if err != nil {
-			return fmt.Errorf("source: %w", err)
+			return fail(fmt.Errorf("source: %w", err))
 		}
 		fi, err := os.Stat(abs)
 		if err != nil {
-			return fmt.Errorf("source: %w", err)
+			return fail(fmt.Errorf("source: %w", err))
 		}
 		if !fi.IsDir() {
 			files[abs] = true
 			fileDirs[filepath.Dir(abs)] = true
 			if err := w.Add(filepath.Dir(abs)); err != nil {
-				return fmt.Errorf("source: watching %s: %w", abs, err)
+				return fail(fmt.Errorf("source: watching %s: %w", abs, err))
 			}
 			continue
 		}
 		if err := addTree(w, abs, trees); err != nil {
-			return err
+			return fail(err)
 		}
 	}
+	done := make(chan error, 1)
+	go func() {
+		defer w.Close()
+		done <- loop(ctx, w, files, fileDirs, trees, changed)
+	}()
+	return done, nil
+}
+
+func loop(ctx context.Context, w *fsnotify.Watcher, files, fileDirs, trees map[string]bool, changed func()) error {
 	for {
 		select {
 		case <-ctx.Done():

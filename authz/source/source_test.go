@@ -133,8 +133,9 @@ func bundleTarball(t *testing.T, path, rego string, sign *rsa.PrivateKey) {
 	}
 	if sign != nil {
 		der := x509.MarshalPKCS1PrivateKey(sign)
-		key := string(pem.EncodeToMemory(&pem.Block{Type: "RSA PRIVATE KEY", Bytes: der}))
-		if err := b.GenerateSignature(bundle.NewSigningConfig(key, "RS256", ""), "trustmesh", false); err != nil {
+		keyFile := filepath.Join(t.TempDir(), "key.pem")
+		write(t, keyFile, string(pem.EncodeToMemory(&pem.Block{Type: "RSA PRIVATE KEY", Bytes: der})))
+		if err := b.GenerateSignature(bundle.NewSigningConfig(keyFile, "RS256", ""), "trustmesh", false); err != nil {
 			t.Fatal(err)
 		}
 	}
