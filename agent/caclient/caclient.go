@@ -42,6 +42,9 @@ type Config struct {
 	// to. It is called at every dial, so it should return the current trust
 	// bundle.
 	Roots func() []*x509.Certificate
+	// Now is the time at which the CA's serving certificate must be valid;
+	// default time.Now. The agent passes its clock.
+	Now func() time.Time
 }
 
 // Client talks to the CA. It is safe for concurrent use.
@@ -60,6 +63,9 @@ func New(cfg Config) (*Client, error) {
 	}
 	if cfg.Roots == nil {
 		return nil, errors.New("caclient: no roots to verify the CA with")
+	}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
 	}
 	return &Client{cfg: cfg}, nil
 }
@@ -139,6 +145,7 @@ func (c *Client) dial(cert *tls.Certificate) (*grpc.ClientConn, error) {
 		RootCAs:    pool,
 		ServerName: c.cfg.ServerName,
 		MinVersion: tls.VersionTLS12,
+		Time:       c.cfg.Now,
 	}
 	if cert != nil {
 		// GetClientCertificate presents the certificate even when the

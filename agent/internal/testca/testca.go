@@ -255,6 +255,7 @@ func (s *Server) serve(lis net.Listener) {
 		ClientAuth:   tls.VerifyClientCertIfGiven,
 		ClientCAs:    pool,
 		MinVersion:   tls.VersionTLS12,
+		Time:         s.cfg.Now,
 	})
 	g := grpc.NewServer(grpc.Creds(creds))
 	pb.RegisterIstioCertificateServiceServer(g, &issuer{s: s})
