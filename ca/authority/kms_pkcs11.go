@@ -1,0 +1,8 @@
+//go:build pkcs11
+
+package authority
+
+// Building with -tags pkcs11 links the pkcs11 back end of go.step.sm/crypto/kms, so
+// that --ca-key-uri may name a key there. It is left out of default builds
+// to keep the binary free of that back end's dependencies.
+import _ "go.step.sm/crypto/kms/pkcs11"
