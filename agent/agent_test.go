@@ -32,7 +32,13 @@ import (
 	"github.com/trustmesh/trustmesh/agent/sds"
 )
 
-func TestMain(m *testing.M) { os.Exit(leakcheck.Run(m)) }
+func TestMain(m *testing.M) {
+	code := leakcheck.Run(m)
+	if binDir != "" {
+		os.RemoveAll(binDir)
+	}
+	os.Exit(code)
+}
 
 var (
 	td      = spiffeid.RequireTrustDomainFromString("cluster.local")
