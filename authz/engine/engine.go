@@ -20,6 +20,7 @@ import (
 
 	authv3 "github.com/envoyproxy/go-control-plane/envoy/service/auth/v3"
 	"github.com/open-policy-agent/opa/v1/ast"
+	"github.com/open-policy-agent/opa/v1/metrics"
 	oparego "github.com/open-policy-agent/opa/v1/rego"
 
 	"github.com/trustmesh/trustmesh/authz/policy"
@@ -236,7 +237,13 @@ func (s *Set) evalMatches(ctx context.Context, r *request, applicable []*entry) 
 	for i, e := range applicable {
 		ids[i] = e.id
 	}
-	rs, err := s.matches.Eval(ctx, oparego.EvalParsedInput(r.input(ids)))
+	rs, err := s.matches.Eval(ctx,
+		oparego.EvalParsedInput(r.input(ids, s.headers)),
+		oparego.EvalMetrics(noMetrics),
+		// Keep the result as Rego terms: converting it to Go values would
+		// only be undone below.
+		oparego.EvalGenerateJSON(func(t *ast.Term, _ *oparego.EvalContext) (any, error) { return t, nil }),
+	)
 	if err != nil {
 		return nil, fmt.Errorf("evaluating policies: %w", err)
 	}
@@ -244,42 +251,54 @@ func (s *Set) evalMatches(ctx context.Context, r *request, applicable []*entry) 
 	if len(rs) == 0 || len(rs[0].Expressions) == 0 {
 		return out, nil
 	}
-	obj, ok := rs[0].Expressions[0].Value.(map[string]any)
+	t, ok := rs[0].Expressions[0].Value.(*ast.Term)
 	if !ok {
 		return nil, fmt.Errorf("evaluating policies: unexpected result %T", rs[0].Expressions[0].Value)
 	}
-	for id, v := range obj {
-		rules, ok := v.([]any)
+	obj, ok := t.Value.(ast.Object)
+	if !ok {
+		return nil, fmt.Errorf("evaluating policies: unexpected result %v", t)
+	}
+	err = obj.Iter(func(k, v *ast.Term) error {
+		id, ok := k.Value.(ast.String)
 		if !ok {
-			return nil, fmt.Errorf("evaluating policies: unexpected rules %T", v)
+			return fmt.Errorf("unexpected policy id %v", k)
+		}
+		rules, ok := v.Value.(ast.Set)
+		if !ok {
+			return fmt.Errorf("unexpected rules %v", v)
 		}
 		best := -1
-		for _, x := range rules {
-			n, err := toInt(x)
-			if err != nil {
-				return nil, fmt.Errorf("evaluating policies: %w", err)
+		err := rules.Iter(func(x *ast.Term) error {
+			n, ok := x.Value.(ast.Number)
+			if !ok {
+				return fmt.Errorf("unexpected rule index %v", x)
 			}
-			if best < 0 || n < best {
-				best = n
+			i, ok := n.Int()
+			if !ok {
+				return fmt.Errorf("unexpected rule index %v", x)
 			}
+			if best < 0 || i < best {
+				best = i
+			}
+			return nil
+		})
+		if err != nil {
+			return err
 		}
 		if best >= 0 {
-			out[id] = best
+			out[string(id)] = best
 		}
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("evaluating policies: %w", err)
 	}
 	return out, nil
 }
 
-func toInt(x any) (int, error) {
-	switch n := x.(type) {
-	case int:
-		return n, nil
-	case interface{ Int64() (int64, error) }:
-		v, err := n.Int64()
-		return int(v), err
-	}
-	return 0, fmt.Errorf("unexpected rule index %T", x)
-}
+// noMetrics keeps OPA from allocating timers on every evaluation.
+var noMetrics = metrics.NoOp()
 
 func (s *Set) evalProvider(ctx context.Context, req *authv3.CheckRequest, r *request, name string) (*ProviderResult, error) {
 	prov, ok := s.providers[name]

@@ -3,6 +3,7 @@ package engine
 import (
 	"errors"
 	"net/netip"
+	"sort"
 	"strings"
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
@@ -10,6 +11,7 @@ import (
 	"github.com/open-policy-agent/opa/v1/ast"
 
 	"github.com/trustmesh/trustmesh/authz/pathnorm"
+	"github.com/trustmesh/trustmesh/authz/policy"
 )
 
 // ExternalAddressHeader carries the original client address that Envoy
@@ -105,9 +107,32 @@ func newRequest(req *authv3.CheckRequest) (*request, error) {
 	r.host = strings.ToLower(h.GetHost())
 	r.method = h.GetMethod()
 	r.rawPath = h.GetPath()
-	r.headers = make(map[string]string, len(h.GetHeaders()))
-	for k, v := range h.GetHeaders() {
-		r.headers[strings.ToLower(k)] = v
+	var mixed []string
+	for k := range h.GetHeaders() {
+		if strings.ToLower(k) != k {
+			mixed = append(mixed, k)
+		}
+	}
+	if len(mixed) == 0 && len(h.GetHeaderMap().GetHeaders()) == 0 {
+		r.headers = h.GetHeaders() // read only
+	} else {
+		r.headers = make(map[string]string, len(h.GetHeaders()))
+		for k, v := range h.GetHeaders() {
+			if strings.ToLower(k) == k {
+				r.headers[k] = v
+			}
+		}
+	}
+	// Envoy sends lower-case names; should a request carry one name in two
+	// cases, the values are joined (as Envoy joins repeated headers) in a
+	// fixed order, so the result never depends on map order.
+	sort.Strings(mixed)
+	for _, k := range mixed {
+		lk, v := strings.ToLower(k), h.GetHeaders()[k]
+		if prev, ok := r.headers[lk]; ok {
+			v = prev + "," + v
+		}
+		r.headers[lk] = v
 	}
 	for _, hv := range h.GetHeaderMap().GetHeaders() {
 		k := strings.ToLower(hv.GetKey())
@@ -139,55 +164,71 @@ func addrIP(a *corev3.Address) string {
 
 func str(s string) *ast.Term { return ast.StringTerm(s) }
 
-// input builds the Rego input of the generated modules (documented in
-// authz/rego) for the listed policy ids.
-func (r *request) input(ids []*ast.Term) ast.Value {
-	proto := "tcp"
+// The keys of the input object (documented in authz/rego), allocated once.
+var (
+	kProto     = str("proto")
+	kPolicies  = str("policies")
+	kPrincipal = str(policy.SourcePrincipal.String())
+	kTD        = str(policy.SourceTrustDomain.String())
+	kNamespace = str(policy.SourceNamespace.String())
+	kSA        = str(policy.SourceServiceAccount.String())
+	kSourceIP  = str(policy.SourceIP.String())
+	kRemoteIP  = str(policy.RemoteIP.String())
+	kDestIP    = str(policy.DestinationIP.String())
+	kDestPort  = str(policy.DestinationPort.String())
+	kSNI       = str(policy.SNI.String())
+	kHost      = str(policy.Host.String())
+	kMethod    = str(policy.Method.String())
+	kPath      = str(policy.Path.String())
+	vHTTP      = str("http")
+	vTCP       = str("tcp")
+)
+
+// headerKey is the input key of a header.
+type headerKey struct {
+	name string
+	key  *ast.Term
+}
+
+// input builds the flat Rego input of the generated modules for the listed
+// policy ids. Only the headers some policy of the set matches on are
+// included.
+func (r *request) input(ids []*ast.Term, headers []headerKey) ast.Value {
+	proto := vTCP
 	if r.http {
-		proto = "http"
+		proto = vHTTP
 	}
-	src := ast.NewObject()
+	items := make([][2]*ast.Term, 0, 16+len(headers))
+	items = append(items, ast.Item(kProto, proto), ast.Item(kPolicies, ast.ArrayTerm(ids...)))
 	if r.hasSource {
-		src.Insert(str("principal"), str(r.source.Principal))
-		src.Insert(str("td"), str(r.source.TrustDomain))
+		items = append(items, ast.Item(kPrincipal, str(r.source.Principal)), ast.Item(kTD, str(r.source.TrustDomain)))
 		if r.source.Namespace != "" {
-			src.Insert(str("namespace"), str(r.source.Namespace))
-			src.Insert(str("sa"), str(r.source.Namespace+"/"+r.source.ServiceAccount))
+			items = append(items, ast.Item(kNamespace, str(r.source.Namespace)),
+				ast.Item(kSA, str(r.source.Namespace+"/"+r.source.ServiceAccount)))
 		}
 	}
 	if r.sourceIP != "" {
-		src.Insert(str("ip"), str(r.sourceIP))
+		items = append(items, ast.Item(kSourceIP, str(r.sourceIP)))
 	}
-	obj := ast.NewObject(
-		ast.Item(str("proto"), str(proto)),
-		ast.Item(str("policies"), ast.ArrayTerm(ids...)),
-		ast.Item(str("source"), ast.NewTerm(src)),
-	)
 	if r.remoteIP != "" {
-		obj.Insert(str("remote"), ast.ObjectTerm(ast.Item(str("ip"), str(r.remoteIP))))
+		items = append(items, ast.Item(kRemoteIP, str(r.remoteIP)))
 	}
-	dst := ast.NewObject()
 	if r.destIP != "" {
-		dst.Insert(str("ip"), str(r.destIP))
+		items = append(items, ast.Item(kDestIP, str(r.destIP)))
 	}
 	if r.hasPort {
-		dst.Insert(str("port"), ast.IntNumberTerm(int(r.destPort)))
+		items = append(items, ast.Item(kDestPort, ast.IntNumberTerm(int(r.destPort))))
 	}
-	obj.Insert(str("destination"), ast.NewTerm(dst))
 	if r.sni != "" {
-		obj.Insert(str("sni"), str(r.sni))
+		items = append(items, ast.Item(kSNI, str(r.sni)))
 	}
 	if r.http {
-		hdrs := ast.NewObject()
-		for k, v := range r.headers {
-			hdrs.Insert(str(k), str(v))
+		items = append(items, ast.Item(kHost, str(r.host)), ast.Item(kMethod, str(r.method)), ast.Item(kPath, str(r.path)))
+		for _, h := range headers {
+			if v, ok := r.headers[h.name]; ok {
+				items = append(items, ast.Item(h.key, str(v)))
+			}
 		}
-		obj.Insert(str("http"), ast.ObjectTerm(
-			ast.Item(str("host"), str(r.host)),
-			ast.Item(str("method"), str(r.method)),
-			ast.Item(str("path"), str(r.path)),
-			ast.Item(str("headers"), ast.NewTerm(hdrs)),
-		))
 	}
-	return obj
+	return ast.NewObject(items...)
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"sort"
 	"strings"
 	"time"
@@ -57,6 +58,8 @@ type Set struct {
 	modules     map[string]string // file name -> generated Rego
 	providers   map[string]*provider
 	evalTimeout time.Duration
+	// headers are the request headers some policy matches on.
+	headers []headerKey
 }
 
 type entry struct {
@@ -95,6 +98,13 @@ func Build(ctx context.Context, cfg SetConfig) (*Set, error) {
 		s.entries = append(s.entries, e)
 		s.byNamespace[p.Namespace] = append(s.byNamespace[p.Namespace], e)
 		s.modules[fmt.Sprintf("policy/%s.rego", id)] = authzrego.Module(id, p)
+		for _, r := range p.Rules {
+			for _, f := range r.When {
+				if f.Attr == policy.Header && !slices.ContainsFunc(s.headers, func(h headerKey) bool { return h.name == f.HeaderName }) {
+					s.headers = append(s.headers, headerKey{name: f.HeaderName, key: ast.StringTerm(authzrego.InputKey(f))})
+				}
+			}
+		}
 	}
 	s.modules["authz.rego"] = authzrego.EntryModule()
 

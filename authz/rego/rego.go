@@ -11,24 +11,25 @@
 //
 //	data.trustmesh.authz.matches == {id: {rule index, ...}, ...}
 //
-// The generated modules read this input, which the engine builds from the
-// CheckRequest (absent attributes are absent keys, never empty strings):
+// The generated modules read a flat input object, which the engine builds
+// from the CheckRequest; its keys are the Istio attribute names (absent
+// attributes are absent keys, never empty strings):
 //
-//	input.proto                 "http" or "tcp"
-//	input.policies              [id, ...]
-//	input.source.principal      peer SPIFFE ID without "spiffe://"
-//	input.source.namespace      from the peer SPIFFE ID
-//	input.source.sa             "namespace/serviceaccount" from the peer SPIFFE ID
-//	input.source.td             trust domain of the peer SPIFFE ID
-//	input.source.ip             direct peer address
-//	input.remote.ip             original client address
-//	input.destination.ip
-//	input.destination.port      number
-//	input.sni
-//	input.http.host             lower-cased
-//	input.http.method
-//	input.http.path             normalized (authz/pathnorm), no query
-//	input.http.headers[name]    lower-cased names
+//	input.proto                        "http" or "tcp"
+//	input.policies                     [id, ...]
+//	input["source.principal"]          peer SPIFFE ID without "spiffe://"
+//	input["source.namespace"]          from the peer SPIFFE ID
+//	input["source.serviceAccount"]     "namespace/serviceaccount" from the peer SPIFFE ID
+//	input["source.trustDomain"]        trust domain of the peer SPIFFE ID
+//	input["source.ip"]                 direct peer address
+//	input["remote.ip"]                 original client address
+//	input["destination.ip"]
+//	input["destination.port"]          number
+//	input["connection.sni"]
+//	input["request.host"]              lower-cased
+//	input["request.method"]
+//	input["request.path"]              normalized (authz/pathnorm), no query
+//	input["request.headers[NAME]"]     lower-cased NAME; only headers some policy names
 package rego
 
 import (
@@ -148,53 +149,58 @@ func (g *gen) matches(name string, ms []policy.Match, a policy.Action) string {
 // expressions that use it in a rule body.
 func (g *gen) field(name string, f policy.Field, a policy.Action) []string {
 	ref := attrRef(f)
-	g.printf("# %s\n", f.Name)
-	for _, v := range f.Values {
-		g.printf("%s if %s\n", name, valueExpr(ref, v))
-	}
-	g.printf("\n")
+	expr := g.fieldExpr(name, ref, f)
+	comment := " # " + f.Name
 	if !f.Not {
-		return []string{name}
+		return []string{expr + comment}
 	}
 	// A negated field never matches a request that lacks a peer identity in
 	// an ALLOW policy, so a missing certificate never opens access; in the
 	// other actions it matches (as in Istio), so DENY policies deny more.
 	if f.Attr.NeedsPeer() && a == policy.Allow {
-		return []string{ref, "not " + name}
+		return []string{ref, "not " + expr + comment}
 	}
-	return []string{"not " + name}
+	return []string{"not " + expr + comment}
+}
+
+// fieldExpr returns one expression that is true when any value matches: a
+// comparison or set membership when it can, else a helper rule with one
+// definition per value.
+func (g *gen) fieldExpr(name, ref string, f policy.Field) string {
+	allExact := true
+	for _, v := range f.Values {
+		if v.Kind != policy.Exact {
+			allExact = false
+		}
+	}
+	switch {
+	case len(f.Values) == 1:
+		return valueExpr(ref, f.Values[0])
+	case allExact:
+		lits := make([]string, len(f.Values))
+		for i, v := range f.Values {
+			lits[i] = quote(v.S)
+		}
+		return ref + " in {" + strings.Join(lits, ", ") + "}"
+	}
+	g.printf("# %s\n", f.Name)
+	for _, v := range f.Values {
+		g.printf("%s if %s\n", name, valueExpr(ref, v))
+	}
+	g.printf("\n")
+	return name
+}
+
+// InputKey is the input key of a field's attribute.
+func InputKey(f policy.Field) string {
+	if f.Attr == policy.Header {
+		return "request.headers[" + f.HeaderName + "]"
+	}
+	return f.Attr.String()
 }
 
 func attrRef(f policy.Field) string {
-	switch f.Attr {
-	case policy.SourcePrincipal:
-		return "input.source.principal"
-	case policy.SourceNamespace:
-		return "input.source.namespace"
-	case policy.SourceServiceAccount:
-		return "input.source.sa"
-	case policy.SourceTrustDomain:
-		return "input.source.td"
-	case policy.SourceIP:
-		return "input.source.ip"
-	case policy.RemoteIP:
-		return "input.remote.ip"
-	case policy.DestinationIP:
-		return "input.destination.ip"
-	case policy.DestinationPort:
-		return "input.destination.port"
-	case policy.SNI:
-		return "input.sni"
-	case policy.Host:
-		return "input.http.host"
-	case policy.Method:
-		return "input.http.method"
-	case policy.Path:
-		return "input.http.path"
-	case policy.Header:
-		return "input.http.headers[" + quote(f.HeaderName) + "]"
-	}
-	panic(fmt.Sprintf("rego: unknown attribute %v", f.Attr))
+	return "input[" + quote(InputKey(f)) + "]"
 }
 
 func valueExpr(ref string, v policy.Value) string {
