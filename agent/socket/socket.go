@@ -155,16 +155,8 @@ func (s *Socket) Run(ctx context.Context) error {
 			}
 			s.cfg.Logger.Warn("socket file was removed; recreating it", "path", s.cfg.Path)
 			_ = lis.Close()
-			if err := os.MkdirAll(dir, 0o755); err != nil {
-				return fmt.Errorf("socket: recreate: %w", err)
-			}
-			// Watching the directory again covers its own removal; adding
-			// an existing watch is harmless.
-			if err := w.Add(dir); err != nil {
-				return fmt.Errorf("socket: watch %s: %w", dir, err)
-			}
-			if lis, info, err = s.listen(); err != nil {
-				return fmt.Errorf("socket: recreate: %w", err)
+			if lis, info, err = s.recreate(w); err != nil {
+				return err
 			}
 			gen++
 			serve(lis, gen)
@@ -174,6 +166,32 @@ func (s *Socket) Run(ctx context.Context) error {
 			}
 		}
 	}
+}
+
+// recreate makes the socket again after its file was removed. A directory
+// being removed at the same time (rm -rf of the socket's directory) can pull
+// the ground from under one attempt, so a few are made.
+func (s *Socket) recreate(w *fsnotify.Watcher) (*net.UnixListener, fs.FileInfo, error) {
+	dir := filepath.Dir(s.cfg.Path)
+	var err error
+	for range 5 {
+		if err = os.MkdirAll(dir, 0o755); err != nil {
+			continue
+		}
+		// Watching the directory again covers its own removal; adding an
+		// existing watch is harmless.
+		if err = w.Add(dir); err != nil {
+			continue
+		}
+		var (
+			lis  *net.UnixListener
+			info fs.FileInfo
+		)
+		if lis, info, err = s.listen(); err == nil {
+			return lis, info, nil
+		}
+	}
+	return nil, nil, fmt.Errorf("socket: recreate %s: %w", s.cfg.Path, err)
 }
 
 // listen binds the socket in a private directory beside Path, restricts it,
