@@ -26,6 +26,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
 	testclock "k8s.io/utils/clock/testing"
 
@@ -361,7 +362,7 @@ func TestEngineErrors(t *testing.T) {
 			errc := make(chan error, 1)
 			go func() { errc <- srv.Serve(ctx, lis) }()
 			defer func() { cancel(); <-errc }()
-			conn, err := grpc.NewClient("unix://"+sock, grpc.WithTransportCredentials(insecureCreds()))
+			conn, err := grpc.NewClient("unix://"+sock, grpc.WithTransportCredentials(insecure.NewCredentials()))
 			if err != nil {
 				t.Fatal(err)
 			}
