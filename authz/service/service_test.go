@@ -1,0 +1,112 @@
+package service
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"os"
+	"path/filepath"
+	"testing"
+
+	authv3 "github.com/envoyproxy/go-control-plane/envoy/service/auth/v3"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
+
+	"github.com/trustmesh/trustmesh/authz/source"
+)
+
+const denyAdmin = `apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-admin, namespace: foo}
+spec:
+  action: DENY
+  rules:
+  - to: [{operation: {paths: ["/admin"]}}]
+`
+
+func request(path string) *authv3.CheckRequest {
+	return &authv3.CheckRequest{Attributes: &authv3.AttributeContext{
+		Destination: &authv3.AttributeContext_Peer{Principal: "spiffe://cluster.local/ns/foo/sa/web"},
+		Request:     &authv3.AttributeContext_Request{Http: &authv3.AttributeContext_HttpRequest{Method: "GET", Path: path}},
+	}}
+}
+
+func TestRunServesAndStops(t *testing.T) {
+	dir := t.TempDir()
+	if err := os.WriteFile(filepath.Join(dir, "p.yaml"), []byte(denyAdmin), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	sock := filepath.Join(t.TempDir(), "authz.sock")
+	var dl bytes.Buffer // read only after Run returned
+	svc, err := New(Config{Address: "unix://" + sock, PolicyDir: dir, DecisionLog: &dl})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- svc.Run(ctx) }()
+
+	conn, err := grpc.NewClient("unix://"+sock, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	client := authv3.NewAuthorizationClient(conn)
+	for _, tt := range []struct {
+		path string
+		want codes.Code
+	}{{"/admin", codes.PermissionDenied}, {"/ok", codes.OK}} {
+		// WaitForReady: the socket appears once the first load succeeded.
+		resp, err := client.Check(ctx, request(tt.path), grpc.WaitForReady(true))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := codes.Code(resp.GetStatus().GetCode()); got != tt.want {
+			t.Errorf("%s: %v, want %v", tt.path, got, tt.want)
+		}
+	}
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatalf("Run: %v", err)
+	}
+	if n := bytes.Count(dl.Bytes(), []byte("\n")); n != 2 {
+		t.Errorf("decision log has %d lines, want 2", n)
+	}
+}
+
+func TestRunFailsOnABrokenFirstLoad(t *testing.T) {
+	dir := t.TempDir()
+	if err := os.WriteFile(filepath.Join(dir, "p.yaml"), []byte("kind: Nope\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	sock := filepath.Join(t.TempDir(), "authz.sock")
+	svc, err := New(Config{Address: "unix://" + sock, PolicyDir: dir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := svc.Run(context.Background()); !errors.Is(err, source.ErrRefused) {
+		t.Fatalf("Run = %v, want ErrRefused", err)
+	}
+	if _, err := os.Stat(sock); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("the server listened before a policy set loaded: %v", err)
+	}
+}
+
+func TestConfigErrors(t *testing.T) {
+	tests := []struct {
+		name string
+		cfg  Config
+	}{
+		{"no source", Config{Address: "unix:///tmp/x.sock"}},
+		{"plaintext tcp", Config{Address: "127.0.0.1:0", PolicyDir: "."}},
+		{"unsigned bundles required", Config{Address: "unix:///tmp/x.sock", Bundles: []source.BundleConfig{{Path: ".", RequireSignature: true}}}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			if _, err := New(tt.cfg); err == nil {
+				t.Fatal("New accepted an invalid config")
+			}
+		})
+	}
+}
