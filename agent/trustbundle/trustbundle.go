@@ -138,8 +138,8 @@ func (f *Follower) apply(msg *cav1.TrustBundle) error {
 	}
 	f.seq.Set(float64(msg.GetSequenceNumber()))
 	if snap.Bundle == nil || !snap.Bundle.Equal(bundle) {
-		f.cfg.Store.SetBundle(bundle)
 		f.updates.Inc()
+		f.cfg.Store.SetBundle(bundle)
 		f.cfg.Logger.Info("trust bundle updated", "trust_domain", bundle.TrustDomain().Name(),
 			"roots", len(bundle.X509Authorities()), "sequence", msg.GetSequenceNumber())
 	}

@@ -143,8 +143,14 @@ func TestFollowsStreamAndReconnects(t *testing.T) {
 	}
 	h.streams.scripts <- script{bundles: []*cav1.TrustBundle{msg(1, "cluster.local", a.Root.Raw), msg(2, "cluster.local", a.Root.Raw)}}
 	snap := h.waitVersion(1)
-	if !snap.Bundle.Equal(a.Bundle()) || !h.follower.Synced() {
+	if !snap.Bundle.Equal(a.Bundle()) {
 		t.Fatal("first bundle not applied")
+	}
+	// Synced is set just after the store is updated.
+	for deadline := time.Now().Add(10 * time.Second); !h.follower.Synced(); time.Sleep(time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("not synced after the first bundle")
+		}
 	}
 
 	// The stream broke; after backoff the follower reconnects and applies
