@@ -13,9 +13,12 @@ build:
 envtest:
 	@hack/envtest-assets.sh >/dev/null
 
-# Every test, with the race detector, against real components.
+# Every test, with the race detector, against real components: a real
+# kube-apiserver and etcd, and a PostgreSQL started on loopback for the run.
 test: envtest
-	KUBEBUILDER_ASSETS="$$(hack/envtest-assets.sh)" $(GO) test -race -count=1 -timeout 30m ./...
+	@dsn=$$(hack/postgres.sh start) && trap 'hack/postgres.sh stop' EXIT && \
+	KUBEBUILDER_ASSETS="$$(hack/envtest-assets.sh)" TRUSTMESH_TEST_POSTGRES_DSN="$$dsn" \
+	$(GO) test -race -count=1 -timeout 30m ./...
 
 # Benchmarks, each quoted against a peer measured in the same run.
 bench:

@@ -55,7 +55,15 @@ func newFixture(t testing.TB) *fixture {
 	if err != nil {
 		t.Fatal(err)
 	}
-	store, err := journal.OpenSQLite(ctx, filepath.Join(dir, "journal.db"))
+	_, ckey, err := ed25519.GenerateKey(rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	signer, _, err := journal.NewCheckpointSigner("trustmesh.journal/test", ckey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	store, err := journal.Open(ctx, journal.Config{DSN: filepath.Join(dir, "journal.db"), Signer: signer})
 	if err != nil {
 		t.Fatal(err)
 	}

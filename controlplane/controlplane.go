@@ -60,6 +60,16 @@ type Config struct {
 	// certificates. Default spiffe://TD/ns/trustmesh-system/sa/trustmesh.
 	ControlPlaneID string
 
+	// JournalDSN selects PostgreSQL for the journal and join tokens, which
+	// replicas must share; empty keeps them in SQLite in DataDir.
+	JournalDSN string
+	// CheckpointKeyURI names the journal's Ed25519 checkpoint key in a KMS;
+	// empty keeps it in DataDir. It is never the CA key.
+	CheckpointKeyURI string
+	// Witness, a file outside DataDir or an http(s) URL, receives every
+	// signed checkpoint.
+	Witness string
+
 	// CACertsDir holds operator-supplied CA material (Istio's layout).
 	CACertsDir string
 	// CAKeyURI names the CA signing key in a KMS.
@@ -216,6 +226,7 @@ type ControlPlane struct {
 	CA        *ca.CA
 	Journal   *journal.Store
 	refusals  *journal.RefusalLog
+	witness   *journal.ExportWitness
 	serving   *server.ServingCert
 	registry  *prometheus.Registry
 
@@ -242,7 +253,12 @@ func New(ctx context.Context, cfg Config) (_ *ControlPlane, err error) {
 		}
 	}()
 	dir := DataDir(v.DataDir)
-	if cp.Journal, _, err = dir.openJournal(ctx, v.td.Name()); err != nil {
+	jo := JournalOptions{DSN: v.JournalDSN, CheckpointKeyURI: v.CheckpointKeyURI, Log: v.Log}
+	if v.Witness != "" {
+		cp.witness = journal.NewExportWitness(v.Witness, v.Log)
+		jo.Witness = cp.witness
+	}
+	if cp.Journal, _, err = dir.OpenJournal(ctx, v.td.Name(), jo, false); err != nil {
 		return nil, err
 	}
 	material, err := authority.Load(ctx, authority.Config{
@@ -351,6 +367,9 @@ func (cp *ControlPlane) Run(ctx context.Context) error {
 	defer cp.close()
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return cp.refusals.Run(gctx) })
+	if cp.witness != nil {
+		g.Go(func() error { return cp.witness.Run(gctx) })
+	}
 	g.Go(func() error {
 		if err := cp.grpc.Serve(cp.caLis); err != nil {
 			return fmt.Errorf("controlplane: CA server: %w", err)

@@ -27,7 +27,7 @@ var vmID = spiffeid.RequireFromString("spiffe://cluster.local/vm/db")
 
 func (e *env) token(id spiffeid.ID, ttl time.Duration) string {
 	e.t.Helper()
-	tok, err := controlplane.CreateJoinToken(context.Background(), controlplane.DataDir(e.dataDir), id.String(), ttl)
+	tok, err := controlplane.CreateJoinToken(context.Background(), controlplane.DataDir(e.dataDir), controlplane.JournalOptions{}, id.String(), ttl)
 	if err != nil {
 		e.t.Fatal(err)
 	}
@@ -103,7 +103,7 @@ func TestRenewalRefusedAfterRevocation(t *testing.T) {
 	e := start(t, nil)
 	c := newClient(t)
 	e.obtain(c, e.token(vmID, 10*time.Minute), vmID)
-	rev, err := controlplane.Revoke(context.Background(), controlplane.DataDir(e.dataDir), vmID.String())
+	rev, err := controlplane.Revoke(context.Background(), controlplane.DataDir(e.dataDir), controlplane.JournalOptions{}, vmID.String())
 	if err != nil || rev.Enrolments != 1 {
 		t.Fatalf("Revoke() = %+v, %v; want one enrolment revoked", rev, err)
 	}

@@ -2,8 +2,13 @@ package controlplane
 
 import (
 	"context"
+	"crypto/ed25519"
+	"crypto/rand"
 	"errors"
 	"fmt"
+	"io/fs"
+	"log/slog"
+	"os"
 	"path/filepath"
 	"time"
 
@@ -19,9 +24,11 @@ import (
 
 // The layout of a data directory.
 const (
-	caSubdir        = "ca"
-	journalFile     = "journal.db"
-	metaTrustDomain = "trust_domain"
+	caSubdir          = "ca"
+	journalFile       = "journal.db"
+	checkpointKeyFile = "checkpoint-key.pem"
+	checkpointPubFile = "checkpoint.pub"
+	metaTrustDomain   = "trust_domain"
 )
 
 // DataDir is a trustmesh data directory.
@@ -33,11 +40,36 @@ func (d DataDir) CADir() string { return filepath.Join(string(d), caSubdir) }
 // JournalPath is the embedded journal database.
 func (d DataDir) JournalPath() string { return filepath.Join(string(d), journalFile) }
 
-// openJournal opens the journal and binds it to a trust domain: the first
-// start records the trust domain, and every later use must agree with it.
-// An empty td accepts the recorded one.
-func (d DataDir) openJournal(ctx context.Context, td string) (*journal.Store, spiffeid.TrustDomain, error) {
-	store, err := journal.OpenSQLite(ctx, d.JournalPath())
+// CheckpointPubPath holds the verifier key of the journal's checkpoints, for
+// `trustmesh audit` and outsiders.
+func (d DataDir) CheckpointPubPath() string { return filepath.Join(string(d), checkpointPubFile) }
+
+// JournalOptions say where the journal and its checkpoint key live.
+type JournalOptions struct {
+	// DSN is a PostgreSQL URL; empty selects SQLite in the data directory.
+	DSN string
+	// CheckpointKeyURI names the Ed25519 checkpoint key in a KMS; empty
+	// selects (and on first use creates) a key file in the data directory.
+	CheckpointKeyURI string
+	// Witness receives every new checkpoint.
+	Witness journal.Witness
+	Log     *slog.Logger
+}
+
+// OpenJournal opens the journal and binds it to a trust domain: the first
+// start records the trust domain, and every later use must agree. An empty
+// td accepts the recorded one. readOnly opens it without the checkpoint key,
+// for audits.
+func (d DataDir) OpenJournal(ctx context.Context, td string, o JournalOptions, readOnly bool) (*journal.Store, spiffeid.TrustDomain, error) {
+	dsn := o.DSN
+	if dsn == "" {
+		dsn = d.JournalPath()
+		if _, err := os.Stat(dsn); readOnly && errors.Is(err, fs.ErrNotExist) {
+			return nil, spiffeid.TrustDomain{}, fmt.Errorf("controlplane: %s has no journal; start trustmesh serve on it first", d)
+		}
+	}
+	cfg := journal.Config{DSN: dsn, Witness: o.Witness, Log: o.Log}
+	store, err := journal.Open(ctx, cfg)
 	if err != nil {
 		return nil, spiffeid.TrustDomain{}, err
 	}
@@ -45,30 +77,77 @@ func (d DataDir) openJournal(ctx context.Context, td string) (*journal.Store, sp
 	if td == "" {
 		stored, err = store.Meta(ctx, metaTrustDomain)
 		if errors.Is(err, journal.ErrNotFound) {
-			err = fmt.Errorf("controlplane: %s has no trust domain yet; start trustmesh serve on it first or name one", d)
+			err = fmt.Errorf("controlplane: %s has no trust domain yet; start trustmesh serve on it first", d)
 		}
 	} else {
 		stored, err = store.SetMetaOnce(ctx, metaTrustDomain, td)
 		if err == nil && stored != td {
-			err = fmt.Errorf("controlplane: %s belongs to trust domain %q, not %q", d, stored, td)
+			err = fmt.Errorf("controlplane: the journal belongs to trust domain %q, not %q", stored, td)
 		}
+	}
+	var parsed spiffeid.TrustDomain
+	if err == nil {
+		if parsed, err = spiffeid.TrustDomainFromString(stored); err != nil {
+			err = fmt.Errorf("controlplane: trust domain %q: %w", stored, err)
+		}
+	}
+	if err == nil && !readOnly {
+		if err = store.Integrity(); err != nil {
+			err = fmt.Errorf("controlplane: refusing to append to the journal: %w; run trustmesh audit verify", err)
+		}
+	}
+	if err == nil && !readOnly {
+		err = d.attachSigner(ctx, store, parsed, o)
 	}
 	if err != nil {
 		store.Close()
 		return nil, spiffeid.TrustDomain{}, err
 	}
-	parsed, err := spiffeid.TrustDomainFromString(stored)
-	if err != nil {
-		store.Close()
-		return nil, spiffeid.TrustDomain{}, fmt.Errorf("controlplane: trust domain %q: %w", stored, err)
-	}
 	return store, parsed, nil
+}
+
+// JournalOrigin names a trust domain's journal in its checkpoints.
+func JournalOrigin(td spiffeid.TrustDomain) string { return "trustmesh.journal/" + td.Name() }
+
+// attachSigner loads (or on first use creates) the checkpoint key, which is
+// separate from the CA key, and publishes its verifier key.
+func (d DataDir) attachSigner(ctx context.Context, store *journal.Store, td spiffeid.TrustDomain, o JournalOptions) error {
+	uri := o.CheckpointKeyURI
+	if uri == "" {
+		path := filepath.Join(string(d), checkpointKeyFile)
+		if _, err := os.Stat(path); errors.Is(err, fs.ErrNotExist) {
+			_, key, err := ed25519.GenerateKey(rand.Reader)
+			if err != nil {
+				return fmt.Errorf("controlplane: checkpoint key: %w", err)
+			}
+			if err := authority.WriteKeyFile(path, key); err != nil {
+				return err
+			}
+		}
+		var err error
+		if uri, err = authority.SoftKMSURI(path); err != nil {
+			return err
+		}
+	}
+	key, err := authority.OpenSigner(ctx, uri)
+	if err != nil {
+		return err
+	}
+	signer, vkey, err := journal.NewCheckpointSigner(JournalOrigin(td), key)
+	if err != nil {
+		return err
+	}
+	if err := os.WriteFile(d.CheckpointPubPath(), []byte(vkey+"\n"), 0o644); err != nil {
+		return fmt.Errorf("controlplane: %w", err)
+	}
+	store.SetSigner(signer)
+	return nil
 }
 
 // CreateJoinToken makes a one-time join token for id in the data directory's
 // CA, records its creation, and returns the token.
-func CreateJoinToken(ctx context.Context, dir DataDir, id string, ttl time.Duration) (string, error) {
-	store, td, err := dir.openJournal(ctx, "")
+func CreateJoinToken(ctx context.Context, dir DataDir, o JournalOptions, id string, ttl time.Duration) (string, error) {
+	store, td, err := dir.OpenJournal(ctx, "", o, false)
 	if err != nil {
 		return "", err
 	}
@@ -84,8 +163,8 @@ func CreateJoinToken(ctx context.Context, dir DataDir, id string, ttl time.Durat
 
 // Revoke revokes every enrolment of id and its unused join tokens, so the
 // identity can no longer renew.
-func Revoke(ctx context.Context, dir DataDir, id string) (journal.Revocation, error) {
-	store, td, err := dir.openJournal(ctx, "")
+func Revoke(ctx context.Context, dir DataDir, o JournalOptions, id string) (journal.Revocation, error) {
+	store, td, err := dir.OpenJournal(ctx, "", o, false)
 	if err != nil {
 		return journal.Revocation{}, err
 	}
@@ -102,8 +181,8 @@ func Revoke(ctx context.Context, dir DataDir, id string) (journal.Revocation, er
 
 // TrustBundle reads the trust bundle of the data directory's CA, or of
 // operator-supplied material in cacertsDir.
-func TrustBundle(ctx context.Context, dir DataDir, cacertsDir string) (*spiffebundle.Bundle, error) {
-	store, td, err := dir.openJournal(ctx, "")
+func TrustBundle(ctx context.Context, dir DataDir, o JournalOptions, cacertsDir string) (*spiffebundle.Bundle, error) {
+	store, td, err := dir.OpenJournal(ctx, "", o, true)
 	if err != nil {
 		return nil, err
 	}

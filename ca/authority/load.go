@@ -77,11 +77,10 @@ func Load(ctx context.Context, cfg Config) (*Material, error) {
 	}
 	keyURI := cfg.KeyURI
 	if keyURI == "" {
-		abs, err := filepath.Abs(filepath.Join(dir, CAKeyFile))
-		if err != nil {
-			return nil, fmt.Errorf("authority: %w", err)
+		var err error
+		if keyURI, err = SoftKMSURI(filepath.Join(dir, CAKeyFile)); err != nil {
+			return nil, err
 		}
-		keyURI = (&url.URL{Scheme: "softkms", Opaque: "path=" + abs}).String()
 	}
 	signer, err := OpenSigner(ctx, keyURI)
 	if err != nil {
@@ -285,6 +284,24 @@ func NewIntermediate(td spiffeid.TrustDomain, parent *x509.Certificate, parentKe
 		return nil, nil, fmt.Errorf("authority: create intermediate: %w", err)
 	}
 	return cert, key, nil
+}
+
+// WriteKeyFile writes a private key as owner-only PKCS#8 PEM, atomically.
+func WriteKeyFile(path string, key crypto.Signer) error {
+	data := mustKeyPEM(key)
+	if data == nil {
+		return fmt.Errorf("authority: encode key for %s", path)
+	}
+	return writeFileAtomic(path, data)
+}
+
+// SoftKMSURI is the KMS URI of a key file.
+func SoftKMSURI(path string) (string, error) {
+	abs, err := filepath.Abs(path)
+	if err != nil {
+		return "", fmt.Errorf("authority: %w", err)
+	}
+	return (&url.URL{Scheme: "softkms", Opaque: "path=" + abs}).String(), nil
 }
 
 // EncodeCertificates returns certs as concatenated PEM blocks.

@@ -93,11 +93,13 @@ type Revocation struct {
 	Tokens     int       `json:"tokens"`
 }
 
-// Entry is one record as stored: its position, kind and exact body bytes.
+// Entry is one record as stored: its leaf index, kind and exact body bytes,
+// and the leaf hash written beside it.
 type Entry struct {
-	Seq  int64
-	Kind Kind
-	Body []byte
+	Index    uint64
+	Kind     Kind
+	Body     []byte
+	LeafHash []byte
 }
 
 // envelope is the stored body: the kind beside the record's own fields.
@@ -128,14 +130,14 @@ func (e Entry) Decode() (any, error) {
 	case KindRevocation:
 		rec = &Revocation{}
 	default:
-		return nil, fmt.Errorf("journal: entry %d has unknown kind %q", e.Seq, e.Kind)
+		return nil, fmt.Errorf("journal: entry %d has unknown kind %q", e.Index, e.Kind)
 	}
 	env := envelope[any]{Record: rec}
 	if err := json.Unmarshal(e.Body, &env); err != nil {
-		return nil, fmt.Errorf("journal: decode entry %d: %w", e.Seq, err)
+		return nil, fmt.Errorf("journal: decode entry %d: %w", e.Index, err)
 	}
 	if env.Kind != e.Kind {
-		return nil, fmt.Errorf("journal: entry %d is stored as %q but its body says %q", e.Seq, e.Kind, env.Kind)
+		return nil, fmt.Errorf("journal: entry %d is stored as %q but its body says %q", e.Index, e.Kind, env.Kind)
 	}
 	return rec, nil
 }

@@ -3,7 +3,6 @@ package journal_test
 import (
 	"context"
 	"errors"
-	"path/filepath"
 	"sync"
 	"testing"
 	"time"
@@ -15,15 +14,6 @@ import (
 
 var t0 = time.Date(2026, 11, 23, 12, 0, 0, 0, time.UTC)
 
-func open(t *testing.T) *journal.Store {
-	t.Helper()
-	s, err := journal.OpenSQLite(context.Background(), filepath.Join(t.TempDir(), "journal.db"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { s.Close() })
-	return s
-}
 
 func issuance(serial, id string) journal.Issuance {
 	return journal.Issuance{Time: t0, Serial: serial, SPIFFEID: id, Method: "join-token", Origin: journal.OriginJoinToken,
@@ -32,8 +22,10 @@ func issuance(serial, id string) journal.Issuance {
 
 // A join token is redeemed by exactly one issuance, even when many race for
 // it, and a failed redemption writes nothing.
-func TestRedeemOnce(t *testing.T) {
-	s := open(t)
+func TestRedeemOnce(t *testing.T) { eachBackend(t, testRedeemOnce) }
+
+func testRedeemOnce(t *testing.T, b backend) {
+	s := b.open(t)
 	ctx := context.Background()
 	const id = "spiffe://cluster.local/vm/a"
 	hash := []byte("0123456789abcdef0123456789abcdef")
@@ -83,7 +75,11 @@ func TestRedeemOnce(t *testing.T) {
 }
 
 func TestRedeemRefusesExpiredOrOtherIdentity(t *testing.T) {
-	s := open(t)
+	eachBackend(t, testRedeemRefusesExpiredOrOtherIdentity)
+}
+
+func testRedeemRefusesExpiredOrOtherIdentity(t *testing.T, b backend) {
+	s := b.open(t)
 	ctx := context.Background()
 	hash := []byte("h")
 	if err := s.CreateJoinToken(ctx, hash, journal.JoinToken{ID: "t", SPIFFEID: "spiffe://cluster.local/a", CreatedAt: t0, ExpiresAt: t0.Add(time.Minute)}); err != nil {
@@ -104,7 +100,11 @@ func TestRedeemRefusesExpiredOrOtherIdentity(t *testing.T) {
 }
 
 func TestEntriesDecodeToWhatWasRecorded(t *testing.T) {
-	s := open(t)
+	eachBackend(t, testEntriesDecodeToWhatWasRecorded)
+}
+
+func testEntriesDecodeToWhatWasRecorded(t *testing.T, b backend) {
+	s := b.open(t)
 	ctx := context.Background()
 	want := issuance("abc", "spiffe://cluster.local/x")
 	want.CertSHA256 = "00ff"

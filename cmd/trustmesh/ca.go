@@ -23,13 +23,14 @@ func newCACmd() *cobra.Command {
 
 func newTokenCreateCmd() *cobra.Command {
 	var dataDir, id string
+	var jo controlplane.JournalOptions
 	var ttl time.Duration
 	cmd := &cobra.Command{
 		Use:   "create",
 		Short: "Create a one-time join token bound to a SPIFFE ID; prints only the token",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			tok, err := controlplane.CreateJoinToken(cmd.Context(), controlplane.DataDir(dataDir), id, ttl)
+			tok, err := controlplane.CreateJoinToken(cmd.Context(), controlplane.DataDir(dataDir), jo, id, ttl)
 			if err != nil {
 				return err
 			}
@@ -37,7 +38,7 @@ func newTokenCreateCmd() *cobra.Command {
 			return err
 		},
 	}
-	cmd.Flags().StringVar(&dataDir, "data-dir", controlplane.DefaultDataDir, "the CA's data directory")
+	addDataFlags(cmd, &dataDir, &jo)
 	cmd.Flags().StringVar(&id, "spiffe-id", "", "SPIFFE ID the token enrols (required)")
 	cmd.Flags().DurationVar(&ttl, "ttl", 10*time.Minute, "how long the token may wait to be used")
 	_ = cmd.MarkFlagRequired("spiffe-id")
@@ -46,12 +47,13 @@ func newTokenCreateCmd() *cobra.Command {
 
 func newRevokeCmd() *cobra.Command {
 	var dataDir, id string
+	var jo controlplane.JournalOptions
 	cmd := &cobra.Command{
 		Use:   "revoke",
 		Short: "Revoke a join-token identity's enrolments so it can no longer renew",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			rev, err := controlplane.Revoke(cmd.Context(), controlplane.DataDir(dataDir), id)
+			rev, err := controlplane.Revoke(cmd.Context(), controlplane.DataDir(dataDir), jo, id)
 			if err != nil {
 				return err
 			}
@@ -62,7 +64,7 @@ func newRevokeCmd() *cobra.Command {
 			return err
 		},
 	}
-	cmd.Flags().StringVar(&dataDir, "data-dir", controlplane.DefaultDataDir, "the CA's data directory")
+	addDataFlags(cmd, &dataDir, &jo)
 	cmd.Flags().StringVar(&id, "spiffe-id", "", "SPIFFE ID to revoke (required)")
 	_ = cmd.MarkFlagRequired("spiffe-id")
 	return cmd
@@ -70,12 +72,13 @@ func newRevokeCmd() *cobra.Command {
 
 func newBundleCmd() *cobra.Command {
 	var dataDir, cacerts, format string
+	var jo controlplane.JournalOptions
 	cmd := &cobra.Command{
 		Use:   "bundle",
 		Short: "Print the trust bundle, as PEM or as a SPIFFE bundle (JWKS)",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			b, err := controlplane.TrustBundle(cmd.Context(), controlplane.DataDir(dataDir), cacerts)
+			b, err := controlplane.TrustBundle(cmd.Context(), controlplane.DataDir(dataDir), jo, cacerts)
 			if err != nil {
 				return err
 			}
@@ -99,8 +102,15 @@ func newBundleCmd() *cobra.Command {
 			return &exitError{code: 2, err: fmt.Errorf("format %q is not pem or spiffe", format)}
 		},
 	}
-	cmd.Flags().StringVar(&dataDir, "data-dir", controlplane.DefaultDataDir, "the CA's data directory")
+	addDataFlags(cmd, &dataDir, &jo)
 	cmd.Flags().StringVar(&cacerts, "cacerts", "", "operator-supplied CA directory, when serve uses --cacerts")
 	cmd.Flags().StringVar(&format, "format", "pem", "pem or spiffe")
 	return cmd
+}
+
+// addDataFlags adds the flags that locate a CA's data directory and journal.
+func addDataFlags(cmd *cobra.Command, dataDir *string, jo *controlplane.JournalOptions) {
+	cmd.Flags().StringVar(dataDir, "data-dir", controlplane.DefaultDataDir, "the CA's data directory")
+	cmd.Flags().StringVar(&jo.DSN, "journal-dsn", "", "PostgreSQL URL of the shared journal (default: SQLite in the data directory)")
+	cmd.Flags().StringVar(&jo.CheckpointKeyURI, "checkpoint-key-uri", "", "KMS URI of the journal's checkpoint key (default: a key file in the data directory)")
 }

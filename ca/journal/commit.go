@@ -1,0 +1,213 @@
+package journal
+
+import (
+	"context"
+	"database/sql"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/transparency-dev/merkle/compact"
+	"github.com/transparency-dev/merkle/rfc6962"
+)
+
+// pending is one entry an op appends.
+type pending struct {
+	kind     Kind
+	time     time.Time
+	spiffeID string
+	serial   string
+	body     []byte
+}
+
+// op is one append: a precondition run inside the transaction (for example
+// spending a join token), then its entries. An op that fails leaves nothing
+// behind, and does not fail the others in its batch.
+type op struct {
+	pre     func(ctx context.Context, tx *sql.Tx) error
+	entries []pending
+	// first is the index of the op's first entry, set on success.
+	first uint64
+	done  chan error
+}
+
+// submit queues an op and waits until it is durable or has failed.
+func (s *Store) submit(ctx context.Context, o *op) error {
+	if s.cfg.Signer == nil {
+		return errors.New("journal: opened without a checkpoint signer; appends are disabled")
+	}
+	if s.integrity != nil {
+		return s.integrity
+	}
+	o.done = make(chan error, 1)
+	select {
+	case s.ops <- o:
+	case <-s.closed:
+		return ErrClosed
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	// Once queued, wait for the outcome even if ctx ends: the caller must
+	// know whether its entry is durable.
+	return <-o.done
+}
+
+// commitLoop groups queued ops into batches: whatever queued while the
+// previous batch committed goes into the next one, so the batch size follows
+// the load with no timer.
+func (s *Store) commitLoop() {
+	defer s.wg.Done()
+	for {
+		var first *op
+		select {
+		case first = <-s.ops:
+		case <-s.closed:
+			s.drain()
+			return
+		}
+		batch := []*op{first}
+	fill:
+		for len(batch) < s.cfg.MaxBatch {
+			select {
+			case o := <-s.ops:
+				batch = append(batch, o)
+			default:
+				break fill
+			}
+		}
+		s.commit(batch)
+	}
+}
+
+// drain fails whatever is still queued at Close.
+func (s *Store) drain() {
+	for {
+		select {
+		case o := <-s.ops:
+			o.done <- ErrClosed
+		default:
+			return
+		}
+	}
+}
+
+func (s *Store) commit(batch []*op) {
+	errs, note, err := s.commitBatch(context.Background(), batch)
+	for i, o := range batch {
+		switch {
+		case err != nil:
+			o.done <- err
+		default:
+			o.done <- errs[i]
+		}
+	}
+	if err == nil && note != nil && s.cfg.Witness != nil {
+		s.cfg.Witness.Offer(note)
+	}
+}
+
+// commitBatch writes a batch in one transaction: it takes the log's write
+// lock, catches up with appends from elsewhere, runs each op under a
+// savepoint, then signs and stores a checkpoint over the new size. Either the
+// whole transaction commits or the in-memory tree is put back.
+func (s *Store) commitBatch(ctx context.Context, batch []*op) (opErrs []error, signed []byte, err error) {
+	saved, err := copyRange(&s.hasher.f, s.rng)
+	if err != nil {
+		return nil, nil, err
+	}
+	defer func() {
+		if err != nil {
+			s.rng = saved
+		}
+	}()
+	tx, err := s.db.BeginTx(ctx, nil)
+	if err != nil {
+		return nil, nil, fmt.Errorf("journal: begin: %w", err)
+	}
+	defer tx.Rollback() //nolint:errcheck // after Commit it is a no-op
+	if s.postgres {
+		if _, err := tx.ExecContext(ctx, postgresAppendLock); err != nil {
+			return nil, nil, fmt.Errorf("journal: lock: %w", err)
+		}
+	}
+	if err := s.catchUp(ctx, tx); err != nil {
+		return nil, nil, err
+	}
+	start := s.rng.End()
+	opErrs = make([]error, len(batch))
+	for i, o := range batch {
+		opErrs[i] = s.applyOp(ctx, tx, o)
+	}
+	if s.rng.End() == start {
+		// Nothing to publish; failed preconditions wrote nothing.
+		return opErrs, nil, tx.Commit()
+	}
+	root, err := s.rng.GetRootHash(nil)
+	if err != nil {
+		return nil, nil, fmt.Errorf("journal: root: %w", err)
+	}
+	cp := Checkpoint{Origin: s.cfg.Origin, Size: s.rng.End(), Root: root}
+	signed, err = signCheckpoint(cp, s.cfg.Signer)
+	if err != nil {
+		return nil, nil, err
+	}
+	if _, err := tx.ExecContext(ctx, `INSERT INTO checkpoints (size, root, note, time_ns) VALUES ($1, $2, $3, $4)`,
+		int64(cp.Size), root, signed, time.Now().UnixNano()); err != nil {
+		return nil, nil, fmt.Errorf("journal: store checkpoint: %w", err)
+	}
+	if err := tx.Commit(); err != nil {
+		return nil, nil, fmt.Errorf("journal: commit: %w", err)
+	}
+	return opErrs, signed, nil
+}
+
+// applyOp runs one op under a savepoint; on failure the savepoint and the
+// in-memory range are rolled back and the op's error returned.
+func (s *Store) applyOp(ctx context.Context, tx *sql.Tx, o *op) (err error) {
+	before, err := copyRange(&s.hasher.f, s.rng)
+	if err != nil {
+		return err
+	}
+	if _, err := tx.ExecContext(ctx, `SAVEPOINT journal_op`); err != nil {
+		return fmt.Errorf("journal: savepoint: %w", err)
+	}
+	defer func() {
+		if err != nil {
+			s.rng = before
+			if _, rerr := tx.ExecContext(ctx, `ROLLBACK TO SAVEPOINT journal_op`); rerr != nil {
+				err = errors.Join(err, rerr)
+			}
+		}
+		if _, rerr := tx.ExecContext(ctx, `RELEASE SAVEPOINT journal_op`); rerr != nil && err == nil {
+			err = rerr
+		}
+	}()
+	if o.pre != nil {
+		if err := o.pre(ctx, tx); err != nil {
+			return err
+		}
+	}
+	o.first = s.rng.End()
+	for _, e := range o.entries {
+		idx := s.rng.End()
+		leaf := rfc6962.DefaultHasher.HashLeaf(e.body)
+		if _, err := tx.ExecContext(ctx, `INSERT INTO entries (idx, kind, time_ns, spiffe_id, serial, body, leaf_hash)
+			VALUES ($1, $2, $3, $4, $5, $6, $7)`, int64(idx), string(e.kind), e.time.UnixNano(), e.spiffeID, e.serial, e.body, leaf); err != nil {
+			return fmt.Errorf("journal: append: %w", err)
+		}
+		if err := s.rng.Append(leaf, nil); err != nil {
+			return fmt.Errorf("journal: append: %w", err)
+		}
+	}
+	return nil
+}
+
+func copyRange(f *compact.RangeFactory, r *compact.Range) (*compact.Range, error) {
+	hashes := make([][]byte, len(r.Hashes()))
+	copy(hashes, r.Hashes())
+	c, err := f.NewRange(r.Begin(), r.End(), hashes)
+	if err != nil {
+		return nil, fmt.Errorf("journal: copy range: %w", err)
+	}
+	return c, nil
+}

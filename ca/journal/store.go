@@ -1,0 +1,311 @@
+package journal
+
+import (
+	"context"
+	"database/sql"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/url"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"time"
+
+	_ "github.com/jackc/pgx/v5/stdlib" // PostgreSQL, registered as "pgx"
+	"github.com/transparency-dev/merkle/compact"
+	"github.com/transparency-dev/merkle/rfc6962"
+	"golang.org/x/mod/sumdb/note"
+	_ "modernc.org/sqlite" // the embedded SQLite driver, registered as "sqlite"
+)
+
+var (
+	// ErrTokenSpent is returned when an issuance tries to redeem a join token
+	// that has been used, revoked or has expired since it was authenticated.
+	ErrTokenSpent = errors.New("journal: join token already used, revoked or expired")
+	// ErrClosed is returned for appends after Close.
+	ErrClosed = errors.New("journal: closed")
+	// ErrTampered is returned when the stored log no longer matches what was
+	// appended: it shrank, or it disagrees with its latest checkpoint. The
+	// journal then refuses every append, so that no new checkpoint ever
+	// vouches for altered history.
+	ErrTampered = errors.New("journal: the log does not match its checkpoints")
+)
+
+// Config configures a Store.
+type Config struct {
+	// DSN is a PostgreSQL URL (postgres://…) or the path of an SQLite file.
+	DSN string
+	// Origin names the log in its checkpoints, e.g. "trustmesh.journal/cluster.local".
+	Origin string
+	// Signer signs checkpoints. It is separate from the CA key. Nil opens
+	// the journal read-only: appends fail.
+	Signer note.Signer
+	// Witness, when set, receives every new signed checkpoint.
+	Witness Witness
+	// MaxBatch bounds how many appends share one commit. Default 512.
+	MaxBatch int
+	Log      *slog.Logger
+}
+
+// Store is the journal: an append-only Merkle log of entries in SQLite or
+// PostgreSQL, with the enrolment state that renewals check. Appends from
+// concurrent callers are grouped into one transaction and one durable commit,
+// after which a signed checkpoint is published; each caller returns only
+// once its entry is durable.
+type Store struct {
+	cfg      Config
+	db       *sql.DB
+	postgres bool
+	hasher   compactHasher
+
+	ops    chan *op
+	closed chan struct{}
+	wg     sync.WaitGroup
+
+	// Committer state: the compact range of the whole log. Only the
+	// committer goroutine touches it after Open.
+	rng *compact.Range
+	// integrity is why the stored log cannot be trusted, found at Open; it
+	// blocks every append. Reads and audits still work.
+	integrity error
+}
+
+type compactHasher struct{ f compact.RangeFactory }
+
+func newHasher() compactHasher {
+	return compactHasher{f: compact.RangeFactory{Hash: rfc6962.DefaultHasher.HashChildren}}
+}
+
+// Open opens (creating if needed) the journal and rebuilds its Merkle state.
+// A log that does not match its latest checkpoint can still be read and
+// audited, but Integrity reports it and every append fails.
+func Open(ctx context.Context, cfg Config) (*Store, error) {
+	if cfg.MaxBatch <= 0 {
+		cfg.MaxBatch = 512
+	}
+	if cfg.Log == nil {
+		cfg.Log = slog.Default()
+	}
+	if cfg.Origin == "" && cfg.Signer != nil {
+		cfg.Origin = cfg.Signer.Name()
+	}
+	s := &Store{cfg: cfg, hasher: newHasher(), ops: make(chan *op, 4096), closed: make(chan struct{})}
+	var err error
+	if isPostgres(cfg.DSN) {
+		s.postgres = true
+		s.db, err = sql.Open("pgx", cfg.DSN)
+	} else {
+		s.db, err = openSQLite(cfg.DSN)
+	}
+	if err != nil {
+		return nil, err
+	}
+	if err := s.createSchema(ctx); err != nil {
+		s.db.Close()
+		return nil, err
+	}
+	s.rng = s.hasher.f.NewEmptyRange(0)
+	if err := s.catchUp(ctx, s.db); err != nil {
+		if !errors.Is(err, ErrTampered) {
+			s.db.Close()
+			return nil, err
+		}
+		s.integrity = err
+	} else if err := s.checkLatest(ctx); err != nil {
+		if !errors.Is(err, ErrTampered) {
+			s.db.Close()
+			return nil, err
+		}
+		s.integrity = err
+	}
+	s.wg.Add(1)
+	go s.commitLoop()
+	return s, nil
+}
+
+// OpenSQLite opens a journal in an SQLite file, read-only as to appends
+// unless a signer is configured; it is Open with a path.
+func OpenSQLite(ctx context.Context, path string) (*Store, error) {
+	return Open(ctx, Config{DSN: path})
+}
+
+func isPostgres(dsn string) bool {
+	return strings.HasPrefix(dsn, "postgres://") || strings.HasPrefix(dsn, "postgresql://")
+}
+
+func openSQLite(path string) (*sql.DB, error) {
+	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
+		return nil, fmt.Errorf("journal: %w", err)
+	}
+	// Create the file owner-only before SQLite does, with its default mode.
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("journal: %w", err)
+	}
+	if err := f.Close(); err != nil {
+		return nil, fmt.Errorf("journal: %w", err)
+	}
+	q := url.Values{}
+	for _, p := range []string{"journal_mode(WAL)", "synchronous(FULL)", "busy_timeout(10000)", "foreign_keys(ON)"} {
+		q.Add("_pragma", p)
+	}
+	// Write transactions take the write lock at BEGIN: this is what
+	// serialises appenders, across processes too.
+	q.Set("_txlock", "immediate")
+	db, err := sql.Open("sqlite", "file:"+path+"?"+q.Encode())
+	if err != nil {
+		return nil, fmt.Errorf("journal: open %s: %w", path, err)
+	}
+	return db, nil
+}
+
+func (s *Store) createSchema(ctx context.Context) error {
+	if !s.postgres {
+		if _, err := s.db.ExecContext(ctx, sqliteSchema); err != nil {
+			return fmt.Errorf("journal: create schema: %w", err)
+		}
+		return nil
+	}
+	conn, err := s.db.Conn(ctx)
+	if err != nil {
+		return fmt.Errorf("journal: %w", err)
+	}
+	defer conn.Close()
+	if _, err := conn.ExecContext(ctx, postgresSchemaLock); err != nil {
+		return fmt.Errorf("journal: %w", err)
+	}
+	defer conn.ExecContext(context.WithoutCancel(ctx), postgresSchemaUnlock) //nolint:errcheck
+	if _, err := conn.ExecContext(ctx, postgresSchema); err != nil {
+		return fmt.Errorf("journal: create schema: %w", err)
+	}
+	return nil
+}
+
+// SetSigner sets the checkpoint signer, enabling appends. Call it before the
+// first append.
+func (s *Store) SetSigner(signer note.Signer) {
+	s.cfg.Signer = signer
+	if s.cfg.Origin == "" {
+		s.cfg.Origin = signer.Name()
+	}
+}
+
+// Close stops accepting appends, finishes those in flight and closes the
+// database.
+func (s *Store) Close() error {
+	select {
+	case <-s.closed:
+		return nil
+	default:
+	}
+	close(s.closed)
+	s.wg.Wait()
+	return s.db.Close()
+}
+
+// Integrity returns nil when the stored log matched its latest checkpoint at
+// Open, and otherwise why not (wrapping ErrTampered).
+func (s *Store) Integrity() error { return s.integrity }
+
+// Ping checks that the database answers.
+func (s *Store) Ping(ctx context.Context) error {
+	if err := s.db.PingContext(ctx); err != nil {
+		return fmt.Errorf("journal: %w", err)
+	}
+	return nil
+}
+
+// Size returns the number of entries in the log as the committer knows it.
+func (s *Store) Size(ctx context.Context) (uint64, error) {
+	var n int64
+	if err := s.db.QueryRowContext(ctx, `SELECT COALESCE(MAX(idx)+1, 0) FROM entries`).Scan(&n); err != nil {
+		return 0, fmt.Errorf("journal: %w", err)
+	}
+	return uint64(n), nil
+}
+
+// querier is what catch-up reads through: the database or a transaction.
+type querier interface {
+	QueryContext(ctx context.Context, query string, args ...any) (*sql.Rows, error)
+	QueryRowContext(ctx context.Context, query string, args ...any) *sql.Row
+}
+
+// catchUp extends the in-memory range with entries appended by others (other
+// replicas, or the CLI in another process). The log may only grow.
+func (s *Store) catchUp(ctx context.Context, q querier) error {
+	var n int64
+	if err := q.QueryRowContext(ctx, `SELECT COUNT(*) FROM entries`).Scan(&n); err != nil {
+		return fmt.Errorf("journal: %w", err)
+	}
+	have := s.rng.End()
+	switch {
+	case uint64(n) == have:
+		return nil
+	case uint64(n) < have:
+		return fmt.Errorf("%w: it holds %d entries, %d were appended", ErrTampered, n, have)
+	}
+	rows, err := q.QueryContext(ctx, `SELECT idx, body FROM entries WHERE idx >= $1 ORDER BY idx`, int64(have))
+	if err != nil {
+		return fmt.Errorf("journal: %w", err)
+	}
+	defer rows.Close()
+	next := have
+	for rows.Next() {
+		var idx int64
+		var body []byte
+		if err := rows.Scan(&idx, &body); err != nil {
+			return fmt.Errorf("journal: %w", err)
+		}
+		if uint64(idx) != next {
+			return fmt.Errorf("%w: entry %d is missing", ErrTampered, next)
+		}
+		if err := s.rng.Append(rfc6962.DefaultHasher.HashLeaf(body), nil); err != nil {
+			return fmt.Errorf("journal: %w", err)
+		}
+		next++
+	}
+	if err := rows.Err(); err != nil {
+		return fmt.Errorf("journal: %w", err)
+	}
+	if next != uint64(n) {
+		return fmt.Errorf("%w: entry %d is missing", ErrTampered, next)
+	}
+	return nil
+}
+
+// checkLatest compares the rebuilt log with its latest checkpoint.
+func (s *Store) checkLatest(ctx context.Context) error {
+	var size int64
+	var root []byte
+	err := s.db.QueryRowContext(ctx, `SELECT size, root FROM checkpoints ORDER BY size DESC LIMIT 1`).Scan(&size, &root)
+	if errors.Is(err, sql.ErrNoRows) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("journal: %w", err)
+	}
+	if uint64(size) != s.rng.End() {
+		// Appends from an older version or a crash between entries and
+		// checkpoint cannot happen: both are written in one transaction.
+		return fmt.Errorf("%w: the latest checkpoint is at size %d, the log holds %d", ErrTampered, size, s.rng.End())
+	}
+	got, err := s.rng.GetRootHash(nil)
+	if err != nil {
+		return fmt.Errorf("journal: %w", err)
+	}
+	if string(got) != string(root) {
+		return fmt.Errorf("%w: the root of %d entries differs from the latest checkpoint", ErrTampered, size)
+	}
+	return nil
+}
+
+func fromNanos(ns int64) time.Time { return time.Unix(0, ns).UTC() }
+
+func fromNullNanos(n sql.NullInt64) time.Time {
+	if !n.Valid {
+		return time.Time{}
+	}
+	return fromNanos(n.Int64)
+}

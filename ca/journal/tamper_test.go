@@ -1,0 +1,227 @@
+package journal_test
+
+import (
+	"context"
+	"crypto/ed25519"
+	"crypto/rand"
+	"database/sql"
+	"encoding/base64"
+	"errors"
+	"fmt"
+	"strings"
+	"sync"
+	"testing"
+
+	"github.com/transparency-dev/merkle/rfc6962"
+	"golang.org/x/mod/sumdb/note"
+
+	"github.com/trustmesh/trustmesh/ca/journal"
+)
+
+// fill appends n issuances one at a time, so that each gets a checkpoint,
+// and returns the signed checkpoint of the full log.
+func fill(t *testing.T, s *journal.Store, n int) []byte {
+	t.Helper()
+	for i := range n {
+		iss := issuance(fmt.Sprintf("%x", 0x100+i), fmt.Sprintf("spiffe://cluster.local/ns/default/sa/w%d", i))
+		if _, err := s.RecordIssuance(context.Background(), iss, nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	cps, err := s.Checkpoints(context.Background())
+	if err != nil || len(cps) != n {
+		t.Fatalf("%d checkpoints, %v; want one per append", len(cps), err)
+	}
+	return cps[len(cps)-1].Note
+}
+
+func verify(t *testing.T, b backend, witness ...[]byte) *journal.Report {
+	t.Helper()
+	s, err := journal.Open(context.Background(), journal.Config{DSN: b.dsn})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	rep, err := journal.Verify(context.Background(), s, testVKey, witness)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return rep
+}
+
+func exec(t *testing.T, db *sql.DB, q string, args ...any) {
+	t.Helper()
+	if _, err := db.Exec(q, args...); err != nil {
+		t.Fatalf("%s: %v", q, err)
+	}
+}
+
+// Every way of rewriting the stored log is found by verification, and
+// points at where it happened.
+func TestTamperIsDetected(t *testing.T) {
+	_, otherKey, _ := ed25519.GenerateKey(rand.Reader)
+	forger, _, _ := journal.NewCheckpointSigner("trustmesh.journal/test", otherKey)
+	cases := []struct {
+		name     string
+		tamper   func(t *testing.T, db *sql.DB)
+		witness  bool
+		wantKind string
+		wantAt   uint64 // an index inside the finding's range
+	}{
+		{"a changed body", func(t *testing.T, db *sql.DB) {
+			exec(t, db, `UPDATE entries SET body = $1 WHERE idx = 5`, editBody(t, db, 5, "sa/w5", "sa/admin"))
+		}, false, "altered-entry", 5},
+		{"a changed body with its leaf hash recomputed", func(t *testing.T, db *sql.DB) {
+			body := editBody(t, db, 5, "sa/w5", "sa/admin")
+			exec(t, db, `UPDATE entries SET body = $1, leaf_hash = $2 WHERE idx = 5`, body, leafHash(body))
+		}, false, "checkpoint-mismatch", 5},
+		{"a deleted row", func(t *testing.T, db *sql.DB) {
+			exec(t, db, `DELETE FROM entries WHERE idx = 7`)
+		}, false, "missing-entry", 7},
+		{"an inserted row", func(t *testing.T, db *sql.DB) {
+			exec(t, db, `UPDATE entries SET idx = idx + 1000 WHERE idx >= 10`)
+			exec(t, db, `UPDATE entries SET idx = idx - 999 WHERE idx >= 1000`)
+			body := []byte(`{"kind":"issuance","record":{"serial":"beef","spiffe_id":"spiffe://cluster.local/ns/default/sa/admin"}}`)
+			exec(t, db, `INSERT INTO entries (idx, kind, time_ns, spiffe_id, serial, body, leaf_hash) VALUES (10, 'issuance', 0, '', 'beef', $1, $2)`,
+				body, leafHash(body))
+		}, false, "checkpoint-mismatch", 10},
+		{"two rows swapped", func(t *testing.T, db *sql.DB) {
+			exec(t, db, `UPDATE entries SET idx = 1003 WHERE idx = 3`)
+			exec(t, db, `UPDATE entries SET idx = 3 WHERE idx = 4`)
+			exec(t, db, `UPDATE entries SET idx = 4 WHERE idx = 1003`)
+		}, false, "checkpoint-mismatch", 3},
+		{"rows and checkpoints cut off after a witnessed checkpoint", func(t *testing.T, db *sql.DB) {
+			exec(t, db, `DELETE FROM entries WHERE idx >= 15`)
+			exec(t, db, `DELETE FROM checkpoints WHERE size > 15`)
+		}, true, "truncated", 15},
+		{"a forged checkpoint", func(t *testing.T, db *sql.DB) {
+			forged, err := forgeNote(forger, 20)
+			if err != nil {
+				t.Fatal(err)
+			}
+			exec(t, db, `UPDATE checkpoints SET note = $1 WHERE size = 20`, forged)
+		}, false, "forged-checkpoint", 20},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			eachBackend(t, func(t *testing.T, b backend) {
+				s := b.open(t)
+				witnessed := fill(t, s, 20)
+				if rep := verify(t, b, witnessed); !rep.OK() {
+					t.Fatalf("an untouched log has findings: %+v", rep.Findings)
+				}
+				s.Close()
+				tc.tamper(t, b.raw(t))
+				var w [][]byte
+				if tc.witness {
+					w = append(w, witnessed)
+				}
+				rep := verify(t, b, w...)
+				for _, f := range rep.Findings {
+					if f.Kind == tc.wantKind && f.From <= tc.wantAt && tc.wantAt <= f.To {
+						return
+					}
+				}
+				t.Fatalf("findings %+v; want %s around entry %d", rep.Findings, tc.wantKind, tc.wantAt)
+			})
+		})
+	}
+}
+
+// A journal whose log no longer matches its checkpoint refuses appends, so
+// that no new checkpoint ever vouches for altered history.
+func TestTamperedJournalRefusesAppends(t *testing.T) {
+	eachBackend(t, func(t *testing.T, b backend) {
+		s := b.open(t)
+		fill(t, s, 3)
+		s.Close()
+		db := b.raw(t)
+		body := editBody(t, db, 1, "sa/w1", "sa/admin")
+		exec(t, db, `UPDATE entries SET body = $1, leaf_hash = $2 WHERE idx = 1`, body, leafHash(body))
+		s2, err := journal.Open(context.Background(), journal.Config{DSN: b.dsn, Signer: testSigner})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer s2.Close()
+		if !errors.Is(s2.Integrity(), journal.ErrTampered) {
+			t.Fatalf("Integrity() = %v, want ErrTampered", s2.Integrity())
+		}
+		if _, err := s2.RecordIssuance(context.Background(), issuance("ff", "spiffe://cluster.local/x"), nil); !errors.Is(err, journal.ErrTampered) {
+			t.Fatalf("RecordIssuance() on a tampered journal = %v, want ErrTampered", err)
+		}
+	})
+}
+
+// An inclusion proof checks out with the public key alone, and a doctored
+// one does not.
+func TestInclusionProof(t *testing.T) {
+	eachBackend(t, func(t *testing.T, b backend) {
+		s := b.open(t)
+		fill(t, s, 13)
+		for _, serial := range []string{"100", "106", "10c"} {
+			p, err := journal.Prove(context.Background(), s, serial)
+			if err != nil {
+				t.Fatal(err)
+			}
+			entry, err := journal.CheckProof(p, testVKey)
+			if err != nil {
+				t.Fatalf("proof of %s: %v", serial, err)
+			}
+			if !strings.Contains(string(entry), `"serial":"`+serial+`"`) {
+				t.Fatalf("proved entry %s is not the issuance of %s", entry, serial)
+			}
+			bad := *p
+			bad.Entry = base64.StdEncoding.EncodeToString([]byte(strings.Replace(string(entry), "sa/w", "sa/x", 1)))
+			if _, err := journal.CheckProof(&bad, testVKey); err == nil {
+				t.Fatal("a proof of a changed entry checked out")
+			}
+		}
+	})
+}
+
+// Two replicas appending to one PostgreSQL journal at once produce one
+// consistent log.
+func TestReplicasShareOneLog(t *testing.T) {
+	bs := backends(t)
+	if len(bs) < 2 {
+		t.Skip("needs PostgreSQL")
+	}
+	b := bs[1]
+	a, c := b.open(t), b.open(t)
+	var wg sync.WaitGroup
+	for r, s := range []*journal.Store{a, c} {
+		for i := range 25 {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				iss := issuance(fmt.Sprintf("%d-%d", r, i), "spiffe://cluster.local/x")
+				if _, err := s.RecordIssuance(context.Background(), iss, nil); err != nil {
+					t.Error(err)
+				}
+			}()
+		}
+	}
+	wg.Wait()
+	rep := verify(t, b)
+	if !rep.OK() || rep.Entries != 50 {
+		t.Fatalf("entries %d, findings %+v; want 50 and none", rep.Entries, rep.Findings)
+	}
+}
+
+
+func leafHash(body []byte) []byte { return rfc6962.DefaultHasher.HashLeaf(body) }
+
+// forgeNote signs a checkpoint at size with a key that is not the journal's.
+func forgeNote(s note.Signer, size uint64) ([]byte, error) {
+	return note.Sign(&note.Note{Text: journal.Checkpoint{Origin: s.Name(), Size: size, Root: make([]byte, 32)}.Text()}, s)
+}
+
+// editBody returns the body of entry idx with old replaced by new.
+func editBody(t *testing.T, db *sql.DB, idx int, old, new string) []byte {
+	t.Helper()
+	var body []byte
+	if err := db.QueryRow(`SELECT body FROM entries WHERE idx = $1`, idx).Scan(&body); err != nil {
+		t.Fatal(err)
+	}
+	return []byte(strings.Replace(string(body), old, new, 1))
+}

@@ -1,0 +1,126 @@
+package journal
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"log/slog"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"time"
+)
+
+// Witness receives signed checkpoints as they are published. Offer must not
+// block the commit path.
+type Witness interface {
+	Offer(signed []byte)
+}
+
+// ExportWitness keeps a copy of the latest checkpoint outside the data
+// directory: in a file (replaced atomically) or by HTTP POST to a URL. Once
+// a checkpoint is out there, whoever owns the database cannot rewrite or cut
+// the history it covers without `trustmesh audit verify --checkpoint`
+// noticing. Exports happen off the commit path; only the newest pending
+// checkpoint is kept, since it covers all earlier ones.
+type ExportWitness struct {
+	target string
+	log    *slog.Logger
+	client *http.Client
+
+	mu      sync.Mutex
+	pending []byte
+	wake    chan struct{}
+}
+
+// NewExportWitness returns a witness exporting to target, a file path or an
+// http(s) URL. Call Run to export.
+func NewExportWitness(target string, log *slog.Logger) *ExportWitness {
+	if log == nil {
+		log = slog.Default()
+	}
+	return &ExportWitness{target: target, log: log, client: &http.Client{Timeout: 10 * time.Second}, wake: make(chan struct{}, 1)}
+}
+
+// Offer replaces the pending checkpoint; it never blocks.
+func (w *ExportWitness) Offer(signed []byte) {
+	w.mu.Lock()
+	w.pending = signed
+	w.mu.Unlock()
+	select {
+	case w.wake <- struct{}{}:
+	default:
+	}
+}
+
+// Run exports pending checkpoints until ctx ends, then exports the last one.
+func (w *ExportWitness) Run(ctx context.Context) error {
+	for {
+		select {
+		case <-w.wake:
+			w.exportPending(ctx)
+		case <-ctx.Done():
+			w.exportPending(context.WithoutCancel(ctx))
+			return nil
+		}
+	}
+}
+
+// Flush exports the pending checkpoint now.
+func (w *ExportWitness) Flush(ctx context.Context) error {
+	w.mu.Lock()
+	signed := w.pending
+	w.pending = nil
+	w.mu.Unlock()
+	if signed == nil {
+		return nil
+	}
+	return w.export(ctx, signed)
+}
+
+func (w *ExportWitness) exportPending(ctx context.Context) {
+	if err := w.Flush(ctx); err != nil {
+		w.log.Error("could not export the journal checkpoint to the witness", "target", w.target, "error", err)
+	}
+}
+
+func (w *ExportWitness) export(ctx context.Context, signed []byte) error {
+	if strings.HasPrefix(w.target, "http://") || strings.HasPrefix(w.target, "https://") {
+		req, err := http.NewRequestWithContext(ctx, http.MethodPost, w.target, bytes.NewReader(signed))
+		if err != nil {
+			return fmt.Errorf("journal: witness: %w", err)
+		}
+		req.Header.Set("Content-Type", "text/plain; charset=utf-8")
+		resp, err := w.client.Do(req)
+		if err != nil {
+			return fmt.Errorf("journal: witness: %w", err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode/100 != 2 {
+			return fmt.Errorf("journal: witness %s answered %s", w.target, resp.Status)
+		}
+		return nil
+	}
+	tmp, err := os.CreateTemp(filepath.Dir(w.target), "."+filepath.Base(w.target)+".*")
+	if err != nil {
+		return fmt.Errorf("journal: witness: %w", err)
+	}
+	defer os.Remove(tmp.Name())
+	if _, err := tmp.Write(signed); err != nil {
+		tmp.Close()
+		return fmt.Errorf("journal: witness: %w", err)
+	}
+	if err := tmp.Sync(); err != nil {
+		tmp.Close()
+		return fmt.Errorf("journal: witness: %w", err)
+	}
+	if err := tmp.Close(); err != nil {
+		return fmt.Errorf("journal: witness: %w", err)
+	}
+	if err := os.Rename(tmp.Name(), w.target); err != nil {
+		return fmt.Errorf("journal: witness: %w", err)
+	}
+	return nil
+}
