@@ -31,11 +31,11 @@ func Load(path string) (*File, error) {
 // File is one authz/testdata/cases/*.yaml file: policies (and bundles)
 // shared by its cases, and requests with their expected decisions.
 type File struct {
-	RootNamespace string                `json:"root_namespace"`
-	Policies      string                `json:"policies"`
+	RootNamespace string            `json:"root_namespace"`
+	Policies      string            `json:"policies"`
 	Bundles       map[string]Bundle `json:"bundles"`
 	// LoadError, if set, is a substring of the error loading must give.
-	LoadError string     `json:"load_error"`
+	LoadError string `json:"load_error"`
 	Cases     []Case `json:"cases"`
 }
 
@@ -45,17 +45,17 @@ type Bundle struct {
 }
 
 type Case struct {
-	Name    string      `json:"name"`
+	Name    string  `json:"name"`
 	Request Request `json:"request"`
 	Want    Want    `json:"want"`
 }
 
 type Request struct {
-	Source      *Peer `json:"source"`
-	Destination *Peer `json:"destination"`
-	SNI         string    `json:"sni"`
-	TCP         bool      `json:"tcp"`
-	HTTP        HTTP  `json:"http"`
+	Source      *Peer  `json:"source"`
+	Destination *Peer  `json:"destination"`
+	SNI         string `json:"sni"`
+	TCP         bool   `json:"tcp"`
+	HTTP        HTTP   `json:"http"`
 }
 
 type Peer struct {
@@ -151,4 +151,3 @@ func peer(p Peer) *authv3.AttributeContext_Peer {
 }
 
 func ptr[T any](v T) *T { return &v }
-

@@ -143,4 +143,3 @@ func deref(p *int) any {
 	}
 	return *p
 }
-

@@ -320,4 +320,3 @@ func TestGolden(t *testing.T) {
 
 // normalizeJSON drops the whitespace protojson randomizes.
 func normalizeJSON(s string) string { return strings.Join(strings.Fields(s), " ") }
-
