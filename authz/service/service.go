@@ -41,6 +41,8 @@ type Config struct {
 	RootNamespace string
 	EvalTimeout   time.Duration
 	// DecisionLog receives JSON lines; nil disables the decision log.
+	// OnKubernetes requires every bundle to be signed.
+	OnKubernetes    bool
 	DecisionLog     io.Writer
 	HeaderAllowlist []string
 	QueryAllowlist  []string
@@ -65,6 +67,12 @@ func New(cfg Config) (*Service, error) {
 	}
 	if cfg.PolicyDir != "" && cfg.Policies != nil {
 		errs = append(errs, errors.New("service: set a policy directory or a policy source, not both"))
+	}
+	if cfg.OnKubernetes {
+		cfg.Bundles = append([]source.BundleConfig(nil), cfg.Bundles...)
+		for i := range cfg.Bundles {
+			cfg.Bundles[i].RequireSignature = true
+		}
 	}
 	s := &Service{Engine: engine.New(), ready: make(chan struct{})}
 	var once sync.Once

@@ -101,6 +101,7 @@ func TestConfigErrors(t *testing.T) {
 		{"no source", Config{Address: "unix:///tmp/x.sock"}},
 		{"plaintext tcp", Config{Address: "127.0.0.1:0", PolicyDir: "."}},
 		{"unsigned bundles required", Config{Address: "unix:///tmp/x.sock", Bundles: []source.BundleConfig{{Path: ".", RequireSignature: true}}}},
+		{"unsigned bundles on Kubernetes", Config{Address: "unix:///tmp/x.sock", OnKubernetes: true, Bundles: []source.BundleConfig{{Path: "."}}}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

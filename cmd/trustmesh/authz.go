@@ -13,6 +13,7 @@ import (
 	"github.com/trustmesh/trustmesh/authz/engine"
 	"github.com/trustmesh/trustmesh/authz/server"
 	"github.com/trustmesh/trustmesh/authz/service"
+	"github.com/trustmesh/trustmesh/authz/source/kube"
 )
 
 func newAuthzCmd() *cobra.Command {
@@ -24,6 +25,9 @@ func newAuthzCmd() *cobra.Command {
 		headerAllow, queryAllow         []string
 		evalTimeout                     time.Duration
 		bundles                         bundleFlags
+		onKube                          bool
+		kubeconfig, watchNamespace      string
+		v1beta1                         bool
 	)
 	cmd := &cobra.Command{
 		Use:   "authz",
@@ -38,7 +42,15 @@ func newAuthzCmd() *cobra.Command {
 				Address: addr, InsecurePlaintext: insecurePlaintext, FailOpen: failOpen,
 				PolicyDir: dir, Bundles: bs, RootNamespace: root, EvalTimeout: evalTimeout,
 				HeaderAllowlist: headerAllow, QueryAllowlist: queryAllow,
-				Log: slog.New(slog.NewTextHandler(cmd.ErrOrStderr(), nil)),
+				Log:          slog.New(slog.NewTextHandler(cmd.ErrOrStderr(), nil)),
+				OnKubernetes: onKube || os.Getenv("KUBERNETES_SERVICE_HOST") != "",
+			}
+			if onKube {
+				client, err := kube.NewClient(kubeconfig)
+				if err != nil {
+					return err
+				}
+				cfg.Policies = &kube.Source{Client: client, Namespace: watchNamespace, V1beta1: v1beta1}
 			}
 			if certFile != "" || keyFile != "" || clientCAFile != "" {
 				tc, err := service.ServerTLS(certFile, keyFile, clientCAFile)
@@ -79,6 +91,10 @@ func newAuthzCmd() *cobra.Command {
 	f.StringSliceVar(&headerAllow, "log-header-allowlist", decisionlog.DefaultHeaderAllowlist, "headers whose values the decision log keeps")
 	f.StringSliceVar(&queryAllow, "log-query-allowlist", nil, "query parameters whose values the decision log keeps")
 	f.DurationVar(&evalTimeout, "eval-timeout", engine.DefaultEvalTimeout, "time limit of each Rego bundle evaluation; running out denies")
+	f.BoolVar(&onKube, "kubernetes", false, "watch AuthorizationPolicies in Kubernetes (bundles must then be signed)")
+	f.StringVar(&kubeconfig, "kubeconfig", "", "kubeconfig file; empty uses the pod's service account")
+	f.StringVar(&watchNamespace, "watch-namespace", "", "watch one namespace only; root-namespace policies outside it are then not seen")
+	f.BoolVar(&v1beta1, "v1beta1", false, "watch security.istio.io/v1beta1 for Istio CRDs that predate v1")
 	bundles.register(cmd)
 	return cmd
 }
