@@ -148,7 +148,7 @@ const (
 	Exact    ValueKind = iota // "abc"
 	Prefix                    // "abc*"
 	Suffix                    // "*abc"
-	Presence                  // "*": any non-empty value
+	Presence                  // "*": any non-empty value; for headers and hosts, present at all (Envoy present_match)
 	Template                  // a path with {*} or {**}
 	CIDR                      // an IP block
 	Port                      // a port number

@@ -288,6 +288,9 @@ func authenticated(m *matcherv3.StringMatcher) *rbacv3.Principal {
 }
 
 func header(name string, v policy.Value, ignoreCase bool) *routev3.HeaderMatcher {
+	if v.Kind == policy.Presence {
+		return &routev3.HeaderMatcher{Name: name, HeaderMatchSpecifier: &routev3.HeaderMatcher_PresentMatch{PresentMatch: true}}
+	}
 	return &routev3.HeaderMatcher{Name: name, HeaderMatchSpecifier: &routev3.HeaderMatcher_StringMatch{StringMatch: stringMatcher(v, ignoreCase)}}
 }
 

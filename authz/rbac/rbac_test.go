@@ -90,6 +90,9 @@ func cased(s string, m *matcherv3.StringMatcher) string {
 
 func matchHeader(h *routev3.HeaderMatcher, c conn) bool {
 	v, ok := c.headers[h.GetName()]
+	if h.GetPresentMatch() {
+		return ok
+	}
 	return ok && matchString(h.GetStringMatch(), v)
 }
 

@@ -175,7 +175,7 @@ func (g *gen) fieldExpr(name, ref string, f policy.Field) string {
 	}
 	switch {
 	case len(f.Values) == 1:
-		return valueExpr(ref, f.Values[0])
+		return valueExpr(ref, f, f.Values[0])
 	case allExact:
 		lits := make([]string, len(f.Values))
 		for i, v := range f.Values {
@@ -185,7 +185,7 @@ func (g *gen) fieldExpr(name, ref string, f policy.Field) string {
 	}
 	g.printf("# %s\n", f.Name)
 	for _, v := range f.Values {
-		g.printf("%s if %s\n", name, valueExpr(ref, v))
+		g.printf("%s if %s\n", name, valueExpr(ref, f, v))
 	}
 	g.printf("\n")
 	return name
@@ -203,16 +203,21 @@ func attrRef(f policy.Field) string {
 	return "input[" + quote(InputKey(f)) + "]"
 }
 
-func valueExpr(ref string, v policy.Value) string {
+func valueExpr(ref string, f policy.Field, v policy.Value) string {
 	switch v.Kind {
+	case policy.Presence:
+		if f.Attr == policy.Header || f.Attr == policy.Host {
+			// As Envoy's present_match, which Istio uses for headers: the
+			// header is there, even if empty.
+			return "is_string(" + ref + ")"
+		}
+		return ref + ` != ""`
 	case policy.Exact:
 		return ref + " == " + quote(v.S)
 	case policy.Prefix:
 		return "startswith(" + ref + ", " + quote(v.S) + ")"
 	case policy.Suffix:
 		return "endswith(" + ref + ", " + quote(v.S) + ")"
-	case policy.Presence:
-		return ref + ` != ""`
 	case policy.Template:
 		return "regex.match(" + quote(v.Regexp) + ", " + ref + ")"
 	case policy.CIDR:
