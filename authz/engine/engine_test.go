@@ -82,3 +82,67 @@ func TestNoPolicySetDenies(t *testing.T) {
 		t.Fatalf("decision %+v, error %v; want a 403 denial with ErrNoPolicySet", d, err)
 	}
 }
+
+// TestConcurrentChecksAndSwaps runs checks while sets are swapped; under
+// -race it shows the engine is safe for the server's concurrent use.
+func TestConcurrentChecksAndSwaps(t *testing.T) {
+	build := func(path string) *engine.Set {
+		ps, err := policy.ParseYAML("t.yaml", []byte(`apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny, namespace: foo}
+spec:
+  action: DENY
+  rules:
+  - to: [{operation: {paths: ["`+path+`"]}}]
+`), "default")
+		if err != nil {
+			t.Fatal(err)
+		}
+		s, err := engine.Build(context.Background(), engine.SetConfig{Policies: ps})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return s
+	}
+	a, b := build("/a"), build("/b")
+	e := engine.New()
+	e.Swap(a)
+	done := make(chan struct{})
+	errs := make(chan error, 4)
+	for range 4 {
+		go func() {
+			for i := 0; i < 200; i++ {
+				da, err1 := e.Check(context.Background(), fuzzRequest("GET", "/a", "", "", "web", "foo", false))
+				db, err2 := e.Check(context.Background(), fuzzRequest("GET", "/b", "", "", "web", "foo", false))
+				if err1 != nil || err2 != nil {
+					errs <- errors.Join(err1, err2)
+					return
+				}
+				// Whichever set served, a denial names its DENY policy.
+				for _, d := range []*engine.Decision{da, db} {
+					if !d.Allowed && d.Policy != "foo/deny" {
+						errs <- errors.New("denied without the deny policy")
+						return
+					}
+				}
+			}
+			errs <- nil
+		}()
+	}
+	go func() {
+		for i := 0; i < 200; i++ {
+			if i%2 == 0 {
+				e.Swap(b)
+			} else {
+				e.Swap(a)
+			}
+		}
+		close(done)
+	}()
+	for range 4 {
+		if err := <-errs; err != nil {
+			t.Fatal(err)
+		}
+	}
+	<-done
+}
