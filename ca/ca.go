@@ -128,16 +128,17 @@ type Issued struct {
 	Leaf *x509.Certificate
 	// Chain is the issuing CA certificate and any further intermediates.
 	Chain []*x509.Certificate
-	Roots []*x509.Certificate
+	// Anchor is the root the chain ends at.
+	Anchor *x509.Certificate
 	// Seq is the record's position in the journal.
 	Seq int64
 }
 
-// PEMChain returns the leaf, the intermediates and the roots, one PEM
+// PEMChain returns the leaf, the intermediates and the root, one PEM
 // certificate per element, in that order, as Istio's API returns them.
 func (i *Issued) PEMChain() []string {
-	out := make([]string, 0, 1+len(i.Chain)+len(i.Roots))
-	for _, c := range append(append([]*x509.Certificate{i.Leaf}, i.Chain...), i.Roots...) {
+	out := make([]string, 0, 2+len(i.Chain))
+	for _, c := range append(append([]*x509.Certificate{i.Leaf}, i.Chain...), i.Anchor) {
 		out = append(out, string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: c.Raw})))
 	}
 	return out
@@ -251,7 +252,7 @@ func (c *CA) issue(ctx context.Context, caller Caller, tmpl *x509.Certificate, p
 		}
 		return nil, refuseErr(ReasonRecordFailed, KindInternal, err)
 	}
-	return &Issued{Leaf: leaf, Chain: m.Chain, Roots: m.Roots, Seq: seq}, nil
+	return &Issued{Leaf: leaf, Chain: m.Chain, Anchor: m.Anchor, Seq: seq}, nil
 }
 
 // selfCheck verifies a freshly minted certificate as a relying party would:

@@ -33,6 +33,7 @@ import (
 	"github.com/trustmesh/trustmesh/ca/authn"
 	"github.com/trustmesh/trustmesh/ca/authority"
 	"github.com/trustmesh/trustmesh/ca/journal"
+	"github.com/trustmesh/trustmesh/ca/rotation"
 	"github.com/trustmesh/trustmesh/ca/server"
 )
 
@@ -74,6 +75,14 @@ type Config struct {
 	CACertsDir string
 	// CAKeyURI names the CA signing key in a KMS.
 	CAKeyURI string
+	// ManualRotation turns off automatic rotation of self-managed CA
+	// certificates; `trustmesh ca rotate` still works.
+	ManualRotation bool
+	// RotationInterval is how often rotation state is checked. Default 1m.
+	RotationInterval time.Duration
+	// CAIntermediateTTL is the lifetime of self-managed intermediates.
+	// Default one year.
+	CAIntermediateTTL time.Duration
 
 	// Kubernetes is "auto", "on" or "off".
 	Kubernetes string
@@ -227,6 +236,7 @@ type ControlPlane struct {
 	Journal   *journal.Store
 	refusals  *journal.RefusalLog
 	witness   *journal.ExportWitness
+	rotation  *rotation.Manager
 	serving   *server.ServingCert
 	registry  *prometheus.Registry
 
@@ -261,9 +271,20 @@ func New(ctx context.Context, cfg Config) (_ *ControlPlane, err error) {
 	if cp.Journal, _, err = dir.OpenJournal(ctx, v.td.Name(), jo, false); err != nil {
 		return nil, err
 	}
-	material, err := authority.Load(ctx, authority.Config{
-		TrustDomain: v.td, Dir: dir.CADir(), CACertsDir: v.CACertsDir, KeyURI: v.CAKeyURI, Now: v.Clock.Now(),
-	})
+	var material *authority.Material
+	if v.CACertsDir != "" {
+		material, err = authority.Load(ctx, authority.Config{
+			TrustDomain: v.td, CACertsDir: v.CACertsDir, KeyURI: v.CAKeyURI, Now: v.Clock.Now(),
+		})
+	} else {
+		if cp.rotation, err = rotation.New(rotation.Config{
+			Dir: dir.CADir(), TrustDomain: v.td, Recorder: cp.Journal, Clock: v.Clock, Log: v.Log,
+			MaxWorkloadTTL: v.MaxWorkloadTTL, Interval: v.RotationInterval, Automatic: !v.ManualRotation,
+			IntermediateLifetime: v.CAIntermediateTTL,
+		}); err == nil {
+			material, err = cp.rotation.Initial(ctx)
+		}
+	}
 	if err != nil {
 		return nil, err
 	}
@@ -347,6 +368,9 @@ func listen(addr, what string) (net.Listener, error) {
 	return l, nil
 }
 
+// Rotation is the CA rotation manager; nil for operator-supplied material.
+func (cp *ControlPlane) Rotation() *rotation.Manager { return cp.rotation }
+
 // Addrs are the bound addresses, useful when listening on port 0.
 type Addrs struct {
 	CA, Monitoring, Bundle net.Addr
@@ -369,6 +393,9 @@ func (cp *ControlPlane) Run(ctx context.Context) error {
 	g.Go(func() error { return cp.refusals.Run(gctx) })
 	if cp.witness != nil {
 		g.Go(func() error { return cp.witness.Run(gctx) })
+	}
+	if cp.rotation != nil {
+		g.Go(func() error { return cp.rotation.Run(gctx, cp.Authority.Replace) })
 	}
 	g.Go(func() error {
 		if err := cp.grpc.Serve(cp.caLis); err != nil {

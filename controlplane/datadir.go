@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/ed25519"
 	"crypto/rand"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -17,9 +18,11 @@ import (
 	"go.step.sm/crypto/pemutil"
 	"k8s.io/utils/clock"
 
+	"github.com/trustmesh/trustmesh/ca/audit"
 	"github.com/trustmesh/trustmesh/ca/authn"
 	"github.com/trustmesh/trustmesh/ca/authority"
 	"github.com/trustmesh/trustmesh/ca/journal"
+	"github.com/trustmesh/trustmesh/ca/rotation"
 )
 
 // The layout of a data directory.
@@ -187,13 +190,96 @@ func TrustBundle(ctx context.Context, dir DataDir, o JournalOptions, cacertsDir 
 		return nil, err
 	}
 	store.Close()
-	src := dir.CADir()
 	if cacertsDir != "" {
-		src = cacertsDir
+		roots, err := pemutil.ReadCertificateBundle(filepath.Join(cacertsDir, authority.RootCertFile))
+		if err != nil {
+			return nil, fmt.Errorf("controlplane: read trust bundle: %w", err)
+		}
+		return spiffebundle.FromX509Authorities(td, roots), nil
 	}
-	roots, err := pemutil.ReadCertificateBundle(filepath.Join(src, authority.RootCertFile))
+	mgr, err := dir.rotationManager(td, nil)
 	if err != nil {
-		return nil, fmt.Errorf("controlplane: read trust bundle: %w", err)
+		return nil, err
 	}
-	return spiffebundle.FromX509Authorities(td, roots), nil
+	mat, _, err := mgr.Material(ctx, time.Now())
+	if err != nil {
+		return nil, err
+	}
+	return spiffebundle.FromX509Authorities(td, mat.Roots), nil
+}
+
+func (d DataDir) rotationManager(td spiffeid.TrustDomain, rec rotation.Recorder) (*rotation.Manager, error) {
+	return rotation.New(rotation.Config{Dir: d.CADir(), TrustDomain: td, Recorder: rec})
+}
+
+// RotationStatus is what `trustmesh ca rotate --status` shows.
+type RotationStatus struct {
+	State rotation.State `json:"state"`
+	CA    []audit.CACert `json:"ca"`
+}
+
+// Rotate drives CA rotation by hand: "prepare" (an intermediate, or with
+// root a new root too), "activate" or "status". A running serve picks the
+// change up at its next rotation check.
+func Rotate(ctx context.Context, dir DataDir, o JournalOptions, step string, root bool) (*RotationStatus, error) {
+	store, td, err := dir.OpenJournal(ctx, "", o, step == "status")
+	if err != nil {
+		return nil, err
+	}
+	defer store.Close()
+	mgr, err := dir.rotationManager(td, store)
+	if err != nil {
+		return nil, err
+	}
+	switch step {
+	case "prepare":
+		err = mgr.Prepare(ctx, root)
+	case "activate":
+		err = mgr.Activate(ctx)
+	case "status":
+	default:
+		err = fmt.Errorf("controlplane: unknown rotation step %q", step)
+	}
+	if err != nil {
+		return nil, err
+	}
+	return rotationStatus(ctx, mgr, time.Now())
+}
+
+func rotationStatus(ctx context.Context, mgr *rotation.Manager, now time.Time) (*RotationStatus, error) {
+	mat, st, err := mgr.Material(ctx, now)
+	if err != nil {
+		return nil, err
+	}
+	return &RotationStatus{State: st, CA: CACerts(mat, st)}, nil
+}
+
+// CACerts describes the CA certificates in force for audits.
+func CACerts(mat *authority.Material, st rotation.State) []audit.CACert {
+	var out []audit.CACert
+	for _, c := range mat.Chain {
+		out = append(out, audit.CACert{Role: "intermediate", Subject: c.Subject.CommonName, Serial: c.SerialNumber.Text(16), NotAfter: c.NotAfter, State: "active"})
+	}
+	for _, r := range mat.Roots {
+		state := "trusted"
+		switch {
+		case mat.Anchor != nil && r.Equal(mat.Anchor):
+			state = "active"
+		case st.Next != 0 && st.NextIsRoot && !isRetiring(r, st):
+			state = "prepared"
+		case isRetiring(r, st):
+			state = "retiring"
+		}
+		out = append(out, audit.CACert{Role: "root", Subject: r.Subject.CommonName, Serial: r.SerialNumber.Text(16), NotAfter: r.NotAfter, State: state})
+	}
+	return out
+}
+
+func isRetiring(c *x509.Certificate, st rotation.State) bool {
+	for _, r := range st.Retiring {
+		if rc, err := pemutil.ParseCertificate([]byte(r.CertPEM)); err == nil && rc.Equal(c) {
+			return true
+		}
+	}
+	return false
 }

@@ -24,8 +24,12 @@ type Material struct {
 	// Chain is Cert followed by any further intermediates, up to but not
 	// including a root. Issued certificates carry it.
 	Chain []*x509.Certificate
-	// Roots is the trust bundle. It never holds intermediates.
+	// Roots is the trust bundle. It never holds intermediates. During a
+	// rotation it holds the next root before anything is signed under it,
+	// and the previous root until everything signed under it has expired.
 	Roots []*x509.Certificate
+	// Anchor is the root that Chain ends at; Validate sets it.
+	Anchor *x509.Certificate
 }
 
 // Authority serves the current material and the trust bundle built from it,

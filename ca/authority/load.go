@@ -57,6 +57,9 @@ type Config struct {
 	KeyURI string
 	// Now is the time the material is checked against.
 	Now time.Time
+	// IntermediateLifetime of a newly created self-managed intermediate.
+	// Default one year.
+	IntermediateLifetime time.Duration
 }
 
 // Load returns the configured CA material, creating self-managed material on
@@ -177,11 +180,14 @@ func Validate(m *Material, now time.Time) error {
 		for _, c := range m.Chain[1:] {
 			inter.AddCert(c)
 		}
-		if _, err := m.Cert.Verify(x509.VerifyOptions{
+		chains, err := m.Cert.Verify(x509.VerifyOptions{
 			Roots: roots, Intermediates: inter, CurrentTime: now,
 			KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny},
-		}); err != nil {
+		})
+		if err != nil {
 			errs = append(errs, fmt.Errorf("the CA certificate does not chain to the trust bundle: %w", err))
+		} else {
+			m.Anchor = chains[0][len(chains[0])-1]
 		}
 	}
 	return errors.Join(errs...)
@@ -232,7 +238,11 @@ func ensureSelfManaged(cfg Config) error {
 	if err != nil {
 		return fmt.Errorf("authority: create root: %w", err)
 	}
-	inter, interKey, err := NewIntermediate(cfg.TrustDomain, root, rootKey, now, IntermediateLifetime)
+	life := cfg.IntermediateLifetime
+	if life <= 0 {
+		life = IntermediateLifetime
+	}
+	inter, interKey, err := NewIntermediate(cfg.TrustDomain, root, rootKey, now, life)
 	if err != nil {
 		return err
 	}

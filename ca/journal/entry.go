@@ -20,6 +20,7 @@ const (
 	KindRefusal    Kind = "refusal"
 	KindJoinToken  Kind = "join-token"
 	KindRevocation Kind = "revocation"
+	KindRotation   Kind = "rotation"
 )
 
 // Origin says how the identity behind a chain of renewals first proved itself.
@@ -93,6 +94,17 @@ type Revocation struct {
 	Tokens     int       `json:"tokens"`
 }
 
+// Rotation records a step of CA rotation: a CA certificate prepared,
+// activated or retired from the trust bundle.
+type Rotation struct {
+	Time     time.Time `json:"time"`
+	Step     string    `json:"step"` // prepare, activate, retire
+	Role     string    `json:"role"` // root, intermediate
+	Serial   string    `json:"serial"`
+	Subject  string    `json:"subject"`
+	NotAfter time.Time `json:"not_after"`
+}
+
 // Entry is one record as stored: its leaf index, kind and exact body bytes,
 // and the leaf hash written beside it.
 type Entry struct {
@@ -117,7 +129,7 @@ func encode[T any](kind Kind, rec T) ([]byte, error) {
 }
 
 // Decode returns the record an entry holds: *Issuance, *Refusal,
-// *JoinTokenCreated or *Revocation.
+// *JoinTokenCreated, *Revocation or *Rotation.
 func (e Entry) Decode() (any, error) {
 	var rec any
 	switch e.Kind {
@@ -129,6 +141,8 @@ func (e Entry) Decode() (any, error) {
 		rec = &JoinTokenCreated{}
 	case KindRevocation:
 		rec = &Revocation{}
+	case KindRotation:
+		rec = &Rotation{}
 	default:
 		return nil, fmt.Errorf("journal: entry %d has unknown kind %q", e.Index, e.Kind)
 	}

@@ -14,7 +14,6 @@ import (
 
 var t0 = time.Date(2026, 11, 23, 12, 0, 0, 0, time.UTC)
 
-
 func issuance(serial, id string) journal.Issuance {
 	return journal.Issuance{Time: t0, Serial: serial, SPIFFEID: id, Method: "join-token", Origin: journal.OriginJoinToken,
 		NotBefore: t0, NotAfter: t0.Add(time.Hour)}

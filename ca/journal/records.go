@@ -284,3 +284,16 @@ func (s *Store) SetMetaOnce(ctx context.Context, key, value string) (string, err
 	}
 	return s.Meta(ctx, key)
 }
+
+// RecordRotation durably appends a rotation step.
+func (s *Store) RecordRotation(ctx context.Context, r Rotation) error {
+	r.Time, r.NotAfter = r.Time.UTC(), r.NotAfter.UTC()
+	body, err := encode(KindRotation, r)
+	if err != nil {
+		return err
+	}
+	if err := s.submit(ctx, &op{entries: []pending{{kind: KindRotation, time: r.Time, serial: r.Serial, body: body}}}); err != nil {
+		return fmt.Errorf("journal: record rotation: %w", err)
+	}
+	return nil
+}

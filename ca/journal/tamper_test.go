@@ -208,7 +208,6 @@ func TestReplicasShareOneLog(t *testing.T) {
 	}
 }
 
-
 func leafHash(body []byte) []byte { return rfc6962.DefaultHasher.HashLeaf(body) }
 
 // forgeNote signs a checkpoint at size with a key that is not the journal's.

@@ -17,7 +17,7 @@ func newCACmd() *cobra.Command {
 	}
 	token := &cobra.Command{Use: "token", Short: "Manage one-time join tokens"}
 	token.AddCommand(newTokenCreateCmd())
-	cmd.AddCommand(token, newRevokeCmd(), newBundleCmd())
+	cmd.AddCommand(token, newRevokeCmd(), newBundleCmd(), newRotateCmd())
 	return cmd
 }
 
@@ -113,4 +113,45 @@ func addDataFlags(cmd *cobra.Command, dataDir *string, jo *controlplane.JournalO
 	cmd.Flags().StringVar(dataDir, "data-dir", controlplane.DefaultDataDir, "the CA's data directory")
 	cmd.Flags().StringVar(&jo.DSN, "journal-dsn", "", "PostgreSQL URL of the shared journal (default: SQLite in the data directory)")
 	cmd.Flags().StringVar(&jo.CheckpointKeyURI, "checkpoint-key-uri", "", "KMS URI of the journal's checkpoint key (default: a key file in the data directory)")
+}
+
+func newRotateCmd() *cobra.Command {
+	var dataDir string
+	var jo controlplane.JournalOptions
+	var prepare, activate, status, root bool
+	cmd := &cobra.Command{
+		Use:   "rotate",
+		Short: "Rotate the CA's certificates by hand: --prepare [--root], then --activate; --status shows the state",
+		Long: `Rotate self-managed CA certificates with overlap. --prepare creates the next
+intermediate (with --root, a new root and an intermediate under it; the new
+root enters the trust bundle at once). --activate makes it sign; a replaced
+root stays in the bundle until everything signed under it has expired. A
+running trustmesh serve picks the change up at its next rotation check.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			step := ""
+			for name, on := range map[string]bool{"prepare": prepare, "activate": activate, "status": status} {
+				if on {
+					if step != "" {
+						return &exitError{code: 2, err: fmt.Errorf("give one of --prepare, --activate and --status")}
+					}
+					step = name
+				}
+			}
+			if step == "" {
+				return &exitError{code: 2, err: fmt.Errorf("give one of --prepare, --activate and --status")}
+			}
+			st, err := controlplane.Rotate(cmd.Context(), controlplane.DataDir(dataDir), jo, step, root)
+			if err != nil {
+				return err
+			}
+			return printJSON(cmd.OutOrStdout(), st)
+		},
+	}
+	addDataFlags(cmd, &dataDir, &jo)
+	cmd.Flags().BoolVar(&prepare, "prepare", false, "prepare the next CA")
+	cmd.Flags().BoolVar(&root, "root", false, "with --prepare: rotate the root too")
+	cmd.Flags().BoolVar(&activate, "activate", false, "activate the prepared CA")
+	cmd.Flags().BoolVar(&status, "status", false, "show the rotation state")
+	return cmd
 }

@@ -50,6 +50,7 @@ func newRootCmd() *cobra.Command {
 		newVersionCmd(),
 		newServeCmd(),
 		newCACmd(),
+		newAuditCmd(),
 	)
 	return root
 }

@@ -170,7 +170,7 @@ func TestServeRestartKeepsCA(t *testing.T) {
 	before := issue(t, first.ca, roots, token)
 	first.stop(t)
 
-	for _, f := range []string{"ca/root-key.pem", "ca/ca-key.pem", "journal.db"} {
+	for _, f := range []string{"ca/gen-1/root-key.pem", "ca/gen-1/ca-key.pem", "journal.db", "checkpoint-key.pem"} {
 		fi, err := os.Stat(filepath.Join(dataDir, f))
 		if err != nil {
 			t.Fatal(err)

@@ -1,0 +1,267 @@
+// Package audit reads the CA's journal for people: the issuance and refusal
+// history, and the rotation report that says whether every workload and the
+// CA itself rotated in time. Verification and proofs live in the journal.
+package audit
+
+import (
+	"context"
+	"fmt"
+	"sort"
+	"time"
+
+	"github.com/trustmesh/trustmesh/ca/journal"
+)
+
+// Reader is the part of the journal audits read.
+type Reader interface {
+	Entries(ctx context.Context, from uint64, limit int) ([]journal.Entry, error)
+}
+
+// Filter narrows the history.
+type Filter struct {
+	Since    time.Time
+	SPIFFEID string
+}
+
+// Row is one line of history.
+type Row struct {
+	Index    uint64    `json:"index"`
+	Time     time.Time `json:"time"`
+	Kind     string    `json:"kind"`
+	SPIFFEID string    `json:"spiffe_id,omitempty"`
+	Serial   string    `json:"serial,omitempty"`
+	Caller   string    `json:"caller,omitempty"`
+	Method   string    `json:"method,omitempty"`
+	NotAfter time.Time `json:"not_after,omitzero"`
+	Reason   string    `json:"reason,omitempty"`
+	Count    int64     `json:"count,omitempty"`
+	Detail   string    `json:"detail,omitempty"`
+}
+
+// Log returns the history that matches f, oldest first.
+func Log(ctx context.Context, r Reader, f Filter) ([]Row, error) {
+	var rows []Row
+	err := each(ctx, r, func(e journal.Entry, rec any) {
+		row := Row{Index: e.Index, Kind: string(e.Kind)}
+		switch v := rec.(type) {
+		case *journal.Issuance:
+			row.Time, row.SPIFFEID, row.Serial, row.Caller, row.Method, row.NotAfter = v.Time, v.SPIFFEID, v.Serial, v.Caller, v.Method, v.NotAfter
+		case *journal.Refusal:
+			row.Time, row.SPIFFEID, row.Caller, row.Method, row.Reason, row.Count = v.First, v.SPIFFEID, v.Caller, v.Method, v.Reason, v.Count
+		case *journal.JoinTokenCreated:
+			row.Time, row.SPIFFEID, row.Detail = v.Time, v.SPIFFEID, "token "+v.TokenID+" expires "+v.ExpiresAt.Format(time.RFC3339)
+		case *journal.Revocation:
+			row.Time, row.SPIFFEID, row.Detail = v.Time, v.SPIFFEID, fmt.Sprintf("%d enrolment(s), %d token(s)", v.Enrolments, v.Tokens)
+		case *journal.Rotation:
+			row.Time, row.Serial, row.Detail = v.Time, v.Serial, v.Step+" "+v.Role+" "+v.Subject
+		}
+		if !f.Since.IsZero() && row.Time.Before(f.Since) {
+			return
+		}
+		if f.SPIFFEID != "" && row.SPIFFEID != f.SPIFFEID {
+			return
+		}
+		rows = append(rows, row)
+	})
+	return rows, err
+}
+
+func each(ctx context.Context, r Reader, fn func(journal.Entry, any)) error {
+	var next uint64
+	for {
+		page, err := r.Entries(ctx, next, 5000)
+		if err != nil {
+			return err
+		}
+		if len(page) == 0 {
+			return nil
+		}
+		for _, e := range page {
+			rec, err := e.Decode()
+			if err != nil {
+				return err
+			}
+			fn(e, rec)
+			next = e.Index + 1
+		}
+	}
+}
+
+// Level orders findings.
+type Level int
+
+const (
+	Info Level = iota
+	Warning
+	Critical
+)
+
+func (l Level) String() string {
+	return [...]string{"info", "warning", "critical"}[l]
+}
+
+// ParseLevel reads "info", "warning" or "critical".
+func ParseLevel(s string) (Level, error) {
+	for l := Info; l <= Critical; l++ {
+		if l.String() == s {
+			return l, nil
+		}
+	}
+	return 0, fmt.Errorf("audit: level %q is not info, warning or critical", s)
+}
+
+func (l Level) MarshalText() ([]byte, error) { return []byte(l.String()), nil }
+
+// Finding is one thing the rotation report calls out.
+type Finding struct {
+	Level   Level  `json:"level"`
+	Kind    string `json:"kind"`
+	Subject string `json:"subject"`
+	Detail  string `json:"detail"`
+}
+
+// Identity is one workload identity's rotation record.
+type Identity struct {
+	SPIFFEID      string    `json:"spiffe_id"`
+	LastIssued    time.Time `json:"last_issued"`
+	Expires       time.Time `json:"expires"`
+	Renewals      int       `json:"renewals"`
+	LateRenewals  int       `json:"late_renewals"`
+	Lapses        int       `json:"lapses"`
+	Status        string    `json:"status"` // ok, due, overdue, expired, revoked
+	RenewedInTime bool      `json:"renewed_in_time"`
+}
+
+// CACert is a CA certificate in force.
+type CACert struct {
+	Role     string    `json:"role"`
+	Subject  string    `json:"subject"`
+	Serial   string    `json:"serial"`
+	NotAfter time.Time `json:"not_after"`
+	// State is "active", "prepared", "retiring" or "trusted".
+	State string `json:"state"`
+}
+
+// RotationReport answers: did everything rotate in time?
+type RotationReport struct {
+	At         time.Time  `json:"at"`
+	Horizon    string     `json:"horizon"`
+	Identities []Identity `json:"identities"`
+	Expiring   []Identity `json:"expiring"`
+	CA         []CACert   `json:"ca"`
+	Findings   []Finding  `json:"findings"`
+}
+
+// Worst is the highest level among the findings, or -1 when there are none.
+func (r *RotationReport) Worst() Level {
+	worst := Level(-1)
+	for _, f := range r.Findings {
+		if f.Level > worst {
+			worst = f.Level
+		}
+	}
+	return worst
+}
+
+// Renewal windows, as fractions of a certificate's lifetime. Agents renew at
+// half-life with ±10% jitter; past 75% a renewal is overdue.
+const (
+	dueAt     = 0.6
+	overdueAt = 0.75
+)
+
+// Rotation builds the rotation report at time at: each identity's last
+// issuance and expiry and whether it renewed in its window, certificates
+// expiring within horizon, identities that stopped renewing, and the CA
+// certificates' expiry and rotation state.
+func Rotation(ctx context.Context, r Reader, ca []CACert, at time.Time, horizon time.Duration) (*RotationReport, error) {
+	rep := &RotationReport{At: at.UTC(), Horizon: horizon.String(), CA: ca}
+	type state struct {
+		id      Identity
+		last    *journal.Issuance
+		revoked time.Time
+	}
+	ids := map[string]*state{}
+	err := each(ctx, r, func(_ journal.Entry, rec any) {
+		switch v := rec.(type) {
+		case *journal.Issuance:
+			if v.Origin == journal.OriginCA || v.Time.After(at) {
+				return
+			}
+			st := ids[v.SPIFFEID]
+			if st == nil {
+				st = &state{id: Identity{SPIFFEID: v.SPIFFEID, RenewedInTime: true}}
+				ids[v.SPIFFEID] = st
+			} else if prev := st.last; prev != nil {
+				st.id.Renewals++
+				life := prev.NotAfter.Sub(prev.NotBefore)
+				switch {
+				case !v.Time.Before(prev.NotAfter):
+					st.id.Lapses++
+					st.id.RenewedInTime = false
+				case v.Time.Sub(prev.NotBefore) > time.Duration(float64(life)*overdueAt):
+					st.id.LateRenewals++
+					st.id.RenewedInTime = false
+				}
+			}
+			iss := *v
+			st.last = &iss
+			st.id.LastIssued, st.id.Expires = v.Time, v.NotAfter
+		case *journal.Revocation:
+			if st := ids[v.SPIFFEID]; st != nil && !v.Time.After(at) {
+				st.revoked = v.Time
+			}
+		}
+	})
+	if err != nil {
+		return nil, err
+	}
+	names := make([]string, 0, len(ids))
+	for n := range ids {
+		names = append(names, n)
+	}
+	sort.Strings(names)
+	for _, n := range names {
+		st := ids[n]
+		last := st.last
+		life := last.NotAfter.Sub(last.NotBefore)
+		age := at.Sub(last.NotBefore)
+		switch {
+		case !st.revoked.IsZero() && st.revoked.After(last.Time):
+			st.id.Status = "revoked"
+		case !at.Before(last.NotAfter):
+			st.id.Status = "expired"
+			rep.Findings = append(rep.Findings, Finding{Level: Critical, Kind: "stopped-renewing", Subject: n,
+				Detail: fmt.Sprintf("last certificate expired %s ago (%s) with no renewal", at.Sub(last.NotAfter).Round(time.Second), last.NotAfter.Format(time.RFC3339))})
+		case age > time.Duration(float64(life)*overdueAt):
+			st.id.Status = "overdue"
+			rep.Findings = append(rep.Findings, Finding{Level: Warning, Kind: "renewal-overdue", Subject: n,
+				Detail: fmt.Sprintf("certificate is %.0f%% through its life and was not renewed; it expires %s", 100*float64(age)/float64(life), last.NotAfter.Format(time.RFC3339))})
+		case age > time.Duration(float64(life)*dueAt):
+			st.id.Status = "due"
+		default:
+			st.id.Status = "ok"
+		}
+		if st.id.Lapses > 0 {
+			rep.Findings = append(rep.Findings, Finding{Level: Warning, Kind: "coverage-lapse", Subject: n,
+				Detail: fmt.Sprintf("%d renewal(s) came after the previous certificate had expired", st.id.Lapses)})
+		}
+		rep.Identities = append(rep.Identities, st.id)
+		if st.id.Status != "revoked" && st.id.Status != "expired" && last.NotAfter.Before(at.Add(horizon)) {
+			rep.Expiring = append(rep.Expiring, st.id)
+		}
+	}
+	for _, c := range ca {
+		left := c.NotAfter.Sub(at)
+		switch {
+		case c.State == "retiring" || c.State == "prepared":
+		case left <= 0:
+			rep.Findings = append(rep.Findings, Finding{Level: Critical, Kind: "ca-expired", Subject: c.Role + " " + c.Subject,
+				Detail: "expired " + c.NotAfter.Format(time.RFC3339)})
+		case left < horizon:
+			rep.Findings = append(rep.Findings, Finding{Level: Critical, Kind: "ca-expiring", Subject: c.Role + " " + c.Subject,
+				Detail: fmt.Sprintf("expires in %s (%s), within the %s horizon", left.Round(time.Minute), c.NotAfter.Format(time.RFC3339), horizon)})
+		}
+	}
+	return rep, nil
+}

@@ -1,0 +1,469 @@
+// Package rotation rotates the CA's own certificates with overlap, in
+// SPIRE's spirit: prepare, then activate.
+//
+// Self-managed material lives in numbered generations under the CA
+// directory (gen-1, gen-2, …), each in Istio's cacerts layout, and a state
+// file names the active generation, the prepared one, and the roots that are
+// retiring. Every change writes a new generation first and then replaces the
+// state file atomically, so a crash leaves either the old state or the new.
+//
+//   - Intermediates: the next intermediate is prepared under the active root
+//     at half the current one's life and activated at two thirds. The trust
+//     bundle does not change; chains carry intermediates.
+//   - Roots: the next root (with an intermediate under it) is prepared when
+//     the active root has a fifth of its life left; it enters the trust
+//     bundle at once, so it reaches every agent before anything is signed
+//     under it, and is activated RootPropagation later. The old root stays in
+//     the bundle until every certificate signed under it has expired.
+package rotation
+
+import (
+	"context"
+	"crypto"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/json"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"io/fs"
+	"log/slog"
+	"net/url"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"go.step.sm/crypto/keyutil"
+	"go.step.sm/crypto/pemutil"
+	"go.step.sm/crypto/x509util"
+	"k8s.io/utils/clock"
+
+	"github.com/trustmesh/trustmesh/ca/authority"
+	"github.com/trustmesh/trustmesh/ca/journal"
+)
+
+// Errors callers branch on.
+var (
+	ErrAlreadyPrepared = errors.New("rotation: a next CA is already prepared; activate it first")
+	ErrNothingPrepared = errors.New("rotation: no next CA is prepared")
+)
+
+const stateFile = "rotation.json"
+
+// State is the rotation state on disk.
+type State struct {
+	Active int `json:"active"`
+	// Next is the prepared generation, 0 when none.
+	Next           int        `json:"next,omitempty"`
+	NextIsRoot     bool       `json:"next_is_root,omitempty"`
+	PreparedAt     time.Time  `json:"prepared_at,omitzero"`
+	ActivatedAt    time.Time  `json:"activated_at,omitzero"`
+	Retiring       []Retiring `json:"retiring,omitempty"`
+	LastGeneration int        `json:"last_generation"`
+}
+
+// Retiring is a root kept in the bundle until Until.
+type Retiring struct {
+	CertPEM string    `json:"cert_pem"`
+	Until   time.Time `json:"until"`
+}
+
+// Recorder records rotation steps in the journal.
+type Recorder interface {
+	RecordRotation(ctx context.Context, r journal.Rotation) error
+}
+
+// Config configures a Manager.
+type Config struct {
+	// Dir is the CA directory holding the generations and the state file.
+	Dir         string
+	TrustDomain spiffeid.TrustDomain
+	Recorder    Recorder
+	Clock       clock.WithTicker
+	Log         *slog.Logger
+	// MaxWorkloadTTL bounds how long certificates signed under a retired
+	// root live, so how long it stays in the bundle.
+	MaxWorkloadTTL time.Duration
+	// IntermediateLifetime and RootLifetime of new CA certificates.
+	IntermediateLifetime, RootLifetime time.Duration
+	// RootPropagation is how long a prepared root stays in the bundle before
+	// it is activated automatically. Default 24h.
+	RootPropagation time.Duration
+	// Interval between automatic checks. Default 1m.
+	Interval time.Duration
+	// Automatic turns on the rotation policy in Run; Run always reloads.
+	Automatic bool
+	// IsLeader, when set, gates automatic rotation to one replica.
+	IsLeader func() bool
+}
+
+// Manager owns the CA directory's rotation state.
+type Manager struct {
+	cfg Config
+	mu  sync.Mutex
+	// onChange receives new material after every change.
+	onChange func(*authority.Material)
+	lastSeen []byte
+}
+
+// New returns a Manager, creating the first generation on first start (or
+// adopting material written by earlier versions directly in Dir).
+func New(cfg Config) (*Manager, error) {
+	if cfg.Clock == nil {
+		cfg.Clock = clock.RealClock{}
+	}
+	if cfg.Log == nil {
+		cfg.Log = slog.Default()
+	}
+	if cfg.IntermediateLifetime == 0 {
+		cfg.IntermediateLifetime = authority.IntermediateLifetime
+	}
+	if cfg.RootLifetime == 0 {
+		cfg.RootLifetime = authority.RootLifetime
+	}
+	if cfg.RootPropagation == 0 {
+		cfg.RootPropagation = 24 * time.Hour
+	}
+	if cfg.Interval == 0 {
+		cfg.Interval = time.Minute
+	}
+	if cfg.MaxWorkloadTTL == 0 {
+		cfg.MaxWorkloadTTL = 24 * time.Hour
+	}
+	if err := os.MkdirAll(cfg.Dir, 0o700); err != nil {
+		return nil, fmt.Errorf("rotation: %w", err)
+	}
+	return &Manager{cfg: cfg}, nil
+}
+
+func (m *Manager) genDir(n int) string { return filepath.Join(m.cfg.Dir, fmt.Sprintf("gen-%d", n)) }
+
+// ReadState returns the state, creating the first generation when there is
+// none.
+func (m *Manager) ReadState(ctx context.Context) (State, error) {
+	b, err := os.ReadFile(filepath.Join(m.cfg.Dir, stateFile))
+	if errors.Is(err, fs.ErrNotExist) {
+		st := State{Active: 1, LastGeneration: 1}
+		if _, err := authority.Load(ctx, authority.Config{TrustDomain: m.cfg.TrustDomain, Dir: m.genDir(1), Now: m.cfg.Clock.Now(),
+			IntermediateLifetime: m.cfg.IntermediateLifetime}); err != nil {
+			return State{}, err
+		}
+		return st, m.writeState(st)
+	}
+	if err != nil {
+		return State{}, fmt.Errorf("rotation: %w", err)
+	}
+	var st State
+	if err := json.Unmarshal(b, &st); err != nil {
+		return State{}, fmt.Errorf("rotation: %s: %w", stateFile, err)
+	}
+	return st, nil
+}
+
+func (m *Manager) writeState(st State) error {
+	b, err := json.MarshalIndent(st, "", "  ")
+	if err != nil {
+		return fmt.Errorf("rotation: %w", err)
+	}
+	path := filepath.Join(m.cfg.Dir, stateFile)
+	tmp := path + ".tmp"
+	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
+	if err != nil {
+		return fmt.Errorf("rotation: %w", err)
+	}
+	if _, err := f.Write(b); err == nil {
+		err = f.Sync()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return fmt.Errorf("rotation: write %s: %w", stateFile, err)
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		return fmt.Errorf("rotation: %w", err)
+	}
+	return nil
+}
+
+// Material loads the material in force at now: the active generation's
+// signer and chain, and a trust bundle of the active roots, the prepared
+// root, and the retiring roots still needed.
+func (m *Manager) Material(ctx context.Context, now time.Time) (*authority.Material, State, error) {
+	st, err := m.ReadState(ctx)
+	if err != nil {
+		return nil, State{}, err
+	}
+	mat, err := authority.Load(ctx, authority.Config{TrustDomain: m.cfg.TrustDomain, Dir: m.genDir(st.Active), Now: now})
+	if err != nil {
+		return nil, State{}, err
+	}
+	add := func(c *x509.Certificate) {
+		for _, r := range mat.Roots {
+			if r.Equal(c) {
+				return
+			}
+		}
+		mat.Roots = append(mat.Roots, c)
+	}
+	if st.Next != 0 {
+		roots, err := pemutil.ReadCertificateBundle(filepath.Join(m.genDir(st.Next), authority.RootCertFile))
+		if err != nil {
+			return nil, State{}, fmt.Errorf("rotation: prepared generation: %w", err)
+		}
+		for _, r := range roots {
+			add(r)
+		}
+	}
+	for _, r := range st.Retiring {
+		if !now.Before(r.Until) {
+			continue
+		}
+		c, err := pemutil.ParseCertificate([]byte(r.CertPEM))
+		if err != nil {
+			return nil, State{}, fmt.Errorf("rotation: retiring root: %w", err)
+		}
+		add(c)
+	}
+	return mat, st, nil
+}
+
+// Prepare creates the next CA: an intermediate under the active root, or
+// with root set, a new root and an intermediate under it. The new root joins
+// the trust bundle at once; nothing is signed under it until Activate.
+func (m *Manager) Prepare(ctx context.Context, root bool) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	now := m.cfg.Clock.Now()
+	st, err := m.ReadState(ctx)
+	if err != nil {
+		return err
+	}
+	if st.Next != 0 {
+		return ErrAlreadyPrepared
+	}
+	active := m.genDir(st.Active)
+	var parent *x509.Certificate
+	var parentKey crypto.Signer
+	if root {
+		if parentKey, err = keyutil.GenerateSigner("EC", "P-256", 0); err != nil {
+			return fmt.Errorf("rotation: root key: %w", err)
+		}
+		tmpl := &x509.Certificate{
+			Subject:               pkix.Name{Organization: []string{"trustmesh"}, CommonName: "trustmesh root " + m.cfg.TrustDomain.Name() + " " + now.UTC().Format("2006-01-02")},
+			URIs:                  []*url.URL{m.cfg.TrustDomain.ID().URL()},
+			NotBefore:             now.Add(-5 * time.Minute),
+			NotAfter:              now.Add(m.cfg.RootLifetime),
+			IsCA:                  true,
+			BasicConstraintsValid: true,
+			KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageCRLSign,
+		}
+		if parent, err = x509util.CreateCertificate(tmpl, tmpl, parentKey.Public(), parentKey); err != nil {
+			return fmt.Errorf("rotation: root: %w", err)
+		}
+	} else {
+		if parent, err = pemutil.ReadCertificate(filepath.Join(active, authority.RootCertFile), pemutil.WithFirstBlock()); err != nil {
+			return fmt.Errorf("rotation: active root: %w", err)
+		}
+		uri, err := authority.SoftKMSURI(filepath.Join(active, authority.RootKeyFile))
+		if err != nil {
+			return err
+		}
+		if parentKey, err = authority.OpenSigner(ctx, uri); err != nil {
+			return err
+		}
+	}
+	inter, interKey, err := authority.NewIntermediate(m.cfg.TrustDomain, parent, parentKey, now, m.cfg.IntermediateLifetime)
+	if err != nil {
+		return err
+	}
+	n := st.LastGeneration + 1
+	dir := m.genDir(n)
+	if err := os.RemoveAll(dir); err != nil { // a leftover of a crashed prepare
+		return fmt.Errorf("rotation: %w", err)
+	}
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return fmt.Errorf("rotation: %w", err)
+	}
+	for name, data := range map[string][]byte{
+		authority.RootCertFile:  authority.EncodeCertificates(parent),
+		authority.CACertFile:    authority.EncodeCertificates(inter),
+		authority.CertChainFile: authority.EncodeCertificates(inter, parent),
+	} {
+		if err := os.WriteFile(filepath.Join(dir, name), data, 0o600); err != nil {
+			return fmt.Errorf("rotation: %w", err)
+		}
+	}
+	if err := authority.WriteKeyFile(filepath.Join(dir, authority.CAKeyFile), interKey); err != nil {
+		return err
+	}
+	if err := authority.WriteKeyFile(filepath.Join(dir, authority.RootKeyFile), parentKey); err != nil {
+		return err
+	}
+	st.Next, st.NextIsRoot, st.PreparedAt, st.LastGeneration = n, root, now, n
+	if err := m.writeState(st); err != nil {
+		return err
+	}
+	role := "intermediate"
+	if root {
+		role = "root"
+		if err := m.record(ctx, "prepare", "root", parent, now); err != nil {
+			return err
+		}
+	}
+	m.cfg.Log.Info("prepared the next CA", "role", role, "generation", n, "intermediate", inter.SerialNumber.Text(16))
+	return m.record(ctx, "prepare", "intermediate", inter, now)
+}
+
+// Activate makes the prepared CA the one that signs. After a root rotation
+// the old roots stay in the bundle for MaxWorkloadTTL (plus a margin), until
+// everything signed under them has expired.
+func (m *Manager) Activate(ctx context.Context) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	now := m.cfg.Clock.Now()
+	st, err := m.ReadState(ctx)
+	if err != nil {
+		return err
+	}
+	if st.Next == 0 {
+		return ErrNothingPrepared
+	}
+	next, err := authority.Load(ctx, authority.Config{TrustDomain: m.cfg.TrustDomain, Dir: m.genDir(st.Next), Now: now})
+	if err != nil {
+		return fmt.Errorf("rotation: the prepared CA is not usable: %w", err)
+	}
+	if st.NextIsRoot {
+		old, err := pemutil.ReadCertificateBundle(filepath.Join(m.genDir(st.Active), authority.RootCertFile))
+		if err != nil {
+			return fmt.Errorf("rotation: %w", err)
+		}
+		until := now.Add(m.cfg.MaxWorkloadTTL + time.Hour)
+		for _, r := range old {
+			st.Retiring = append(st.Retiring, Retiring{CertPEM: string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: r.Raw})), Until: until})
+		}
+	}
+	st.Active, st.Next, st.NextIsRoot, st.PreparedAt, st.ActivatedAt = st.Next, 0, false, time.Time{}, now
+	if err := m.writeState(st); err != nil {
+		return err
+	}
+	m.cfg.Log.Info("activated the next CA", "generation", st.Active, "intermediate", next.Cert.SerialNumber.Text(16))
+	if err := m.record(ctx, "activate", "intermediate", next.Cert, now); err != nil {
+		return err
+	}
+	if next.Anchor != nil {
+		return m.record(ctx, "activate", "root", next.Anchor, now)
+	}
+	return nil
+}
+
+func (m *Manager) record(ctx context.Context, step, role string, c *x509.Certificate, now time.Time) error {
+	if m.cfg.Recorder == nil {
+		return nil
+	}
+	return m.cfg.Recorder.RecordRotation(ctx, journal.Rotation{Time: now, Step: step, Role: role,
+		Serial: c.SerialNumber.Text(16), Subject: c.Subject.CommonName, NotAfter: c.NotAfter})
+}
+
+// Tick applies the automatic policy at the current time: prepare, activate,
+// and drop retired roots whose time has passed.
+func (m *Manager) Tick(ctx context.Context) error {
+	now := m.cfg.Clock.Now()
+	mat, st, err := m.Material(ctx, now)
+	if err != nil {
+		return err
+	}
+	inter := mat.Cert
+	life := inter.NotAfter.Sub(inter.NotBefore)
+	root := mat.Anchor
+	switch {
+	case st.Next == 0 && root != nil && now.After(root.NotAfter.Add(-m.cfg.RootLifetime/5)):
+		return m.Prepare(ctx, true)
+	case st.Next == 0 && now.After(inter.NotBefore.Add(life/2)):
+		return m.Prepare(ctx, false)
+	case st.Next != 0 && st.NextIsRoot && !now.Before(st.PreparedAt.Add(m.cfg.RootPropagation)):
+		return m.Activate(ctx)
+	case st.Next != 0 && !st.NextIsRoot && now.After(inter.NotBefore.Add(2*life/3)):
+		return m.Activate(ctx)
+	}
+	return m.retire(ctx, st, now)
+}
+
+func (m *Manager) retire(ctx context.Context, st State, now time.Time) error {
+	kept := st.Retiring[:0:0]
+	for _, r := range st.Retiring {
+		if now.Before(r.Until) {
+			kept = append(kept, r)
+			continue
+		}
+		if c, err := pemutil.ParseCertificate([]byte(r.CertPEM)); err == nil {
+			if err := m.record(ctx, "retire", "root", c, now); err != nil {
+				return err
+			}
+		}
+	}
+	if len(kept) == len(st.Retiring) {
+		return nil
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	st.Retiring = kept
+	return m.writeState(st)
+}
+
+// Run reloads the material whenever the state changes (including changes
+// made by `trustmesh ca rotate` in another process) and, when Automatic,
+// applies the policy on every interval, on the leader only.
+func (m *Manager) Run(ctx context.Context, apply func(*authority.Material)) error {
+	t := m.cfg.Clock.NewTicker(m.cfg.Interval)
+	defer t.Stop()
+	for {
+		if m.cfg.Automatic && (m.cfg.IsLeader == nil || m.cfg.IsLeader()) {
+			if err := m.Tick(ctx); err != nil {
+				m.cfg.Log.Error("CA rotation step failed; will retry", "error", err)
+			}
+		}
+		if err := m.Reload(ctx, apply); err != nil {
+			m.cfg.Log.Error("could not reload the CA after a rotation; keeping the current one", "error", err)
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-t.C():
+		}
+	}
+}
+
+// Initial returns the material in force, for start-up, and remembers it so
+// that Run does not apply it a second time.
+func (m *Manager) Initial(ctx context.Context) (*authority.Material, error) {
+	var out *authority.Material
+	err := m.Reload(ctx, func(mat *authority.Material) { out = mat })
+	if err == nil && out == nil {
+		err = errors.New("rotation: no material")
+	}
+	return out, err
+}
+
+// Reload applies the material in force when the state or the bundle has
+// changed since the last reload.
+func (m *Manager) Reload(ctx context.Context, apply func(*authority.Material)) error {
+	mat, st, err := m.Material(ctx, m.cfg.Clock.Now())
+	if err != nil {
+		return err
+	}
+	key, _ := json.Marshal(struct {
+		St    State
+		Roots int
+	}{st, len(mat.Roots)})
+	m.mu.Lock()
+	same := string(key) == string(m.lastSeen)
+	m.lastSeen = key
+	m.mu.Unlock()
+	if !same {
+		apply(mat)
+	}
+	return nil
+}

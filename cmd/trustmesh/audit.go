@@ -1,0 +1,246 @@
+package main
+
+import (
+	"encoding/json"
+	"fmt"
+	"io"
+	"os"
+	"text/tabwriter"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/trustmesh/trustmesh/ca/audit"
+	"github.com/trustmesh/trustmesh/ca/journal"
+	"github.com/trustmesh/trustmesh/controlplane"
+)
+
+// exitFindings is the exit code of an audit that found something.
+const exitFindings = 3
+
+func newAuditCmd() *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "audit",
+		Short: "Audit the CA's journal: history, tamper checks, inclusion proofs, rotation",
+	}
+	cmd.AddCommand(newAuditLogCmd(), newAuditVerifyCmd(), newAuditProveCmd(), newAuditCheckProofCmd(), newAuditRotationCmd())
+	return cmd
+}
+
+func printJSON(w io.Writer, v any) error {
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	return enc.Encode(v)
+}
+
+func newAuditLogCmd() *cobra.Command {
+	var dataDir, output, since, id string
+	var jo controlplane.JournalOptions
+	cmd := &cobra.Command{
+		Use:   "log",
+		Short: "Show the issuance and refusal history",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			f := audit.Filter{SPIFFEID: id}
+			if since != "" {
+				t, err := time.Parse(time.RFC3339, since)
+				if err != nil {
+					return &exitError{code: 2, err: fmt.Errorf("--since: %w", err)}
+				}
+				f.Since = t
+			}
+			rows, err := controlplane.AuditLog(cmd.Context(), controlplane.DataDir(dataDir), jo, f)
+			if err != nil {
+				return err
+			}
+			if output == "json" {
+				return printJSON(cmd.OutOrStdout(), rows)
+			}
+			tw := tabwriter.NewWriter(cmd.OutOrStdout(), 0, 4, 2, ' ', 0)
+			fmt.Fprintln(tw, "INDEX\tTIME\tKIND\tSPIFFE ID\tSERIAL\tCALLER\tNOT AFTER\tREASON/DETAIL")
+			for _, r := range rows {
+				na := ""
+				if !r.NotAfter.IsZero() {
+					na = r.NotAfter.Format(time.RFC3339)
+				}
+				detail := r.Detail
+				if r.Reason != "" {
+					detail = fmt.Sprintf("%s x%d", r.Reason, r.Count)
+				}
+				fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", r.Index, r.Time.Format(time.RFC3339), r.Kind, r.SPIFFEID, r.Serial, r.Caller, na, detail)
+			}
+			return tw.Flush()
+		},
+	}
+	addDataFlags(cmd, &dataDir, &jo)
+	cmd.Flags().StringVar(&since, "since", "", "only entries at or after this RFC 3339 time")
+	cmd.Flags().StringVar(&id, "spiffe-id", "", "only entries about this SPIFFE ID")
+	cmd.Flags().StringVarP(&output, "output", "o", "table", "table or json")
+	return cmd
+}
+
+func newAuditVerifyCmd() *cobra.Command {
+	var dataDir, output, key string
+	var witness []string
+	var jo controlplane.JournalOptions
+	cmd := &cobra.Command{
+		Use:   "verify",
+		Short: "Recompute the journal and check it against its signed checkpoints",
+		Long: `Recompute the journal's Merkle log and check it against every stored
+checkpoint and every --checkpoint file (a witness's copy), proving consistency
+between them. Exits 3 and says where, when anything was changed, deleted,
+inserted, reordered or cut off, or a checkpoint was forged.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			rep, err := controlplane.AuditVerify(cmd.Context(), controlplane.DataDir(dataDir), jo, key, witness)
+			if err != nil {
+				return err
+			}
+			if output == "json" {
+				if err := printJSON(cmd.OutOrStdout(), rep); err != nil {
+					return err
+				}
+			} else {
+				fmt.Fprintf(cmd.OutOrStdout(), "entries: %d  checkpoints: %d  witnessed size: %d\n", rep.Entries, rep.Checkpoints, rep.Witnessed)
+				for _, f := range rep.Findings {
+					fmt.Fprintf(cmd.OutOrStdout(), "TAMPERED %s [%d, %d): %s\n", f.Kind, f.From, f.To, f.Detail)
+				}
+				if rep.OK() {
+					fmt.Fprintln(cmd.OutOrStdout(), "OK: the journal matches every checkpoint")
+				}
+			}
+			if !rep.OK() {
+				return &exitError{code: exitFindings, err: fmt.Errorf("the journal does not match its checkpoints (%d finding(s))", len(rep.Findings))}
+			}
+			return nil
+		},
+	}
+	addDataFlags(cmd, &dataDir, &jo)
+	cmd.Flags().StringArrayVar(&witness, "checkpoint", nil, "a witness's signed checkpoint file (repeatable)")
+	cmd.Flags().StringVar(&key, "key", "", "the checkpoint verifier key (default: the data directory's checkpoint.pub)")
+	cmd.Flags().StringVarP(&output, "output", "o", "table", "table or json")
+	return cmd
+}
+
+func newAuditProveCmd() *cobra.Command {
+	var dataDir, serial string
+	var jo controlplane.JournalOptions
+	cmd := &cobra.Command{
+		Use:   "prove",
+		Short: "Print an inclusion proof of an issued certificate and the signed checkpoint",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			p, err := controlplane.AuditProve(cmd.Context(), controlplane.DataDir(dataDir), jo, serial)
+			if err != nil {
+				return err
+			}
+			return printJSON(cmd.OutOrStdout(), p)
+		},
+	}
+	addDataFlags(cmd, &dataDir, &jo)
+	cmd.Flags().StringVar(&serial, "serial", "", "certificate serial number, in hex (required)")
+	_ = cmd.MarkFlagRequired("serial")
+	return cmd
+}
+
+func newAuditCheckProofCmd() *cobra.Command {
+	var key, file string
+	cmd := &cobra.Command{
+		Use:   "check-proof",
+		Short: "Check an inclusion proof with the public checkpoint key alone",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			b, err := os.ReadFile(file)
+			if err != nil {
+				return &exitError{code: 2, err: err}
+			}
+			var p journal.InclusionProof
+			if err := json.Unmarshal(b, &p); err != nil {
+				return &exitError{code: 2, err: fmt.Errorf("%s: %w", file, err)}
+			}
+			entry, err := journal.CheckProof(&p, key)
+			if err != nil {
+				return &exitError{code: exitFindings, err: err}
+			}
+			_, err = fmt.Fprintf(cmd.OutOrStdout(), "OK: entry %d is in the log signed by %s\n%s\n", p.Index, key, entry)
+			return err
+		},
+	}
+	cmd.Flags().StringVar(&key, "key", "", "the checkpoint verifier key, from the CA operator (required)")
+	cmd.Flags().StringVar(&file, "proof", "", "the proof JSON from trustmesh audit prove (required)")
+	_ = cmd.MarkFlagRequired("key")
+	_ = cmd.MarkFlagRequired("proof")
+	return cmd
+}
+
+func newAuditRotationCmd() *cobra.Command {
+	var dataDir, output, at, failOn string
+	var horizon time.Duration
+	var jo controlplane.JournalOptions
+	cmd := &cobra.Command{
+		Use:   "rotation",
+		Short: "Report whether every workload and the CA rotated in time",
+		Long: `Report each identity's last issuance, current expiry and whether it renewed
+within its window; certificates expiring within --horizon; identities that
+stopped renewing; and the CA certificates' expiry and rotation state. Exits 3
+when a finding is at or above --fail-on, so it can gate a pipeline.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			level, err := audit.ParseLevel(failOn)
+			if err != nil {
+				return &exitError{code: 2, err: err}
+			}
+			when := time.Now()
+			if at != "" {
+				if when, err = time.Parse(time.RFC3339, at); err != nil {
+					return &exitError{code: 2, err: fmt.Errorf("--at: %w", err)}
+				}
+			}
+			rep, err := controlplane.AuditRotation(cmd.Context(), controlplane.DataDir(dataDir), jo, when, horizon)
+			if err != nil {
+				return err
+			}
+			out := cmd.OutOrStdout()
+			if output == "json" {
+				err = printJSON(out, rep)
+			} else {
+				err = printRotation(out, rep)
+			}
+			if err != nil {
+				return err
+			}
+			if rep.Worst() >= level {
+				return &exitError{code: exitFindings, err: fmt.Errorf("rotation audit found %s findings", rep.Worst())}
+			}
+			return nil
+		},
+	}
+	addDataFlags(cmd, &dataDir, &jo)
+	cmd.Flags().StringVar(&at, "at", "", "audit as of this RFC 3339 time (default now)")
+	cmd.Flags().DurationVar(&horizon, "horizon", 7*24*time.Hour, "report certificates expiring within this window")
+	cmd.Flags().StringVar(&failOn, "fail-on", "critical", "exit 3 on findings at or above: info, warning or critical")
+	cmd.Flags().StringVarP(&output, "output", "o", "table", "table or json")
+	return cmd
+}
+
+func printRotation(w io.Writer, rep *audit.RotationReport) error {
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintf(tw, "rotation audit at %s, horizon %s\n\n", rep.At.Format(time.RFC3339), rep.Horizon)
+	fmt.Fprintln(tw, "CA\tSUBJECT\tSERIAL\tSTATE\tNOT AFTER")
+	for _, c := range rep.CA {
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", c.Role, c.Subject, c.Serial, c.State, c.NotAfter.Format(time.RFC3339))
+	}
+	fmt.Fprintln(tw, "\nIDENTITY\tSTATUS\tLAST ISSUED\tEXPIRES\tRENEWALS\tLATE\tLAPSES\tIN TIME")
+	for _, i := range rep.Identities {
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d\t%d\t%d\t%v\n", i.SPIFFEID, i.Status, i.LastIssued.Format(time.RFC3339),
+			i.Expires.Format(time.RFC3339), i.Renewals, i.LateRenewals, i.Lapses, i.RenewedInTime)
+	}
+	fmt.Fprintf(tw, "\n%d certificate(s) expire within the horizon\n", len(rep.Expiring))
+	if len(rep.Findings) > 0 {
+		fmt.Fprintln(tw, "\nLEVEL\tFINDING\tSUBJECT\tDETAIL")
+		for _, f := range rep.Findings {
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", f.Level, f.Kind, f.Subject, f.Detail)
+		}
+	}
+	return tw.Flush()
+}

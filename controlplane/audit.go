@@ -1,0 +1,85 @@
+package controlplane
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/trustmesh/trustmesh/ca/audit"
+	"github.com/trustmesh/trustmesh/ca/journal"
+)
+
+// AuditLog returns the journal's history.
+func AuditLog(ctx context.Context, dir DataDir, o JournalOptions, f audit.Filter) ([]audit.Row, error) {
+	store, _, err := dir.OpenJournal(ctx, "", o, true)
+	if err != nil {
+		return nil, err
+	}
+	defer store.Close()
+	return audit.Log(ctx, store, f)
+}
+
+// CheckpointKey returns the verifier key: vkey when given, else the one the
+// data directory publishes. An auditor who does not trust the data directory
+// passes the key they were given out of band.
+func CheckpointKey(dir DataDir, vkey string) (string, error) {
+	if vkey != "" {
+		return vkey, nil
+	}
+	b, err := os.ReadFile(dir.CheckpointPubPath())
+	if err != nil {
+		return "", fmt.Errorf("controlplane: checkpoint key: %w (pass --key)", err)
+	}
+	return strings.TrimSpace(string(b)), nil
+}
+
+// AuditVerify recomputes the journal and checks it against its signed
+// checkpoints and the witness checkpoints in witnessFiles.
+func AuditVerify(ctx context.Context, dir DataDir, o JournalOptions, vkey string, witnessFiles []string) (*journal.Report, error) {
+	key, err := CheckpointKey(dir, vkey)
+	if err != nil {
+		return nil, err
+	}
+	var witness [][]byte
+	for _, f := range witnessFiles {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			return nil, fmt.Errorf("controlplane: witness checkpoint: %w", err)
+		}
+		witness = append(witness, b)
+	}
+	store, _, err := dir.OpenJournal(ctx, "", o, true)
+	if err != nil {
+		return nil, err
+	}
+	defer store.Close()
+	return journal.Verify(ctx, store, key, witness)
+}
+
+// AuditProve returns an inclusion proof of the certificate with serial.
+func AuditProve(ctx context.Context, dir DataDir, o JournalOptions, serial string) (*journal.InclusionProof, error) {
+	store, _, err := dir.OpenJournal(ctx, "", o, true)
+	if err != nil {
+		return nil, err
+	}
+	defer store.Close()
+	return journal.Prove(ctx, store, strings.ToLower(strings.TrimPrefix(serial, "0x")))
+}
+
+// AuditRotation builds the rotation report at time at.
+func AuditRotation(ctx context.Context, dir DataDir, o JournalOptions, at time.Time, horizon time.Duration) (*audit.RotationReport, error) {
+	store, td, err := dir.OpenJournal(ctx, "", o, true)
+	if err != nil {
+		return nil, err
+	}
+	defer store.Close()
+	var ca []audit.CACert
+	if mgr, err := dir.rotationManager(td, nil); err == nil {
+		if st, err := rotationStatus(ctx, mgr, at); err == nil {
+			ca = st.CA
+		}
+	}
+	return audit.Rotation(ctx, store, ca, at, horizon)
+}
