@@ -31,3 +31,21 @@ for c in 1 16; do
   awk -v c="$c" -v ours="$ours" -v peer="$peer_rps" 'BEGIN {
     printf "c=%-3s trustmesh issue %10.0f/s   signing floor %10.0f/s   trustmesh/floor = %.3f\n", c, ours, peer, ours / peer }'
 done
+
+# The journal's cost: issuance with the durable Merkle journal on against
+# the same issuance with it off (a no-op recorder that exists only in the
+# benchmark), at 1, 16 and 256 concurrent callers, in the same run.
+echo "== CA issuance, journal on vs off, $dur per point"
+(cd "$root" && go test ./ca/ -run '^$' -bench '^BenchmarkJournal$' -benchtime "$dur" -count 1) | tee "$out/journal.txt" |
+  awk '/^BenchmarkJournal\// {
+         split($1, p, "/"); c = p[2]; mode = p[3]; sub(/-[0-9]+$/, "", mode)
+         for (i = 1; i <= NF; i++) if ($i == "issues/s") rate[c, mode] = $(i-1)
+         cs[c] = 1
+       }
+       END {
+         n = split("c=1 c=16 c=256", order, " ")
+         for (k = 1; k <= n; k++) { c = order[k]; if (!(c in cs)) continue
+           on = rate[c, "journal=on"]; off = rate[c, "journal=off"]
+           printf "%-6s journal on %8.0f/s   off %8.0f/s   on/off = %.3f (cost %.1f%%)\n", c, on, off, on / off, 100 * (1 - on / off)
+         }
+       }'

@@ -384,3 +384,58 @@ func BenchmarkIssueConcurrent(b *testing.B) {
 		})
 	}
 }
+
+// nopRecorder records nothing. It exists only here, to measure what the
+// journal costs; the product has no way to turn the journal off.
+type nopRecorder struct{}
+
+func (nopRecorder) RecordIssuance(context.Context, journal.Issuance, *journal.Redemption) (int64, error) {
+	return 0, nil
+}
+
+// BenchmarkJournal measures issuance throughput with the durable journal on
+// and off, at 1, 16 and 256 concurrent callers. CSRs are made up front so
+// that the figure is the CA's own cost.
+func BenchmarkJournal(b *testing.B) {
+	for _, c := range []int{1, 16, 256} {
+		for _, on := range []bool{true, false} {
+			name := fmt.Sprintf("c=%d/journal=off", c)
+			if on {
+				name = fmt.Sprintf("c=%d/journal=on", c)
+			}
+			b.Run(name, func(b *testing.B) {
+				f := newFixture(b)
+				ca0 := f.ca
+				if !on {
+					var err error
+					if ca0, err = ca.New(ca.Config{TrustDomain: td, Authority: f.auth, Recorder: nopRecorder{}, Clock: f.clock}); err != nil {
+						b.Fatal(err)
+					}
+				}
+				csrs := make([][]byte, 64)
+				for i := range csrs {
+					csrs[i] = makeCSR(b, csrOpts{})
+				}
+				ctx := context.Background()
+				var next atomic.Int64
+				var wg sync.WaitGroup
+				b.ResetTimer()
+				start := time.Now()
+				for w := range c {
+					wg.Add(1)
+					go func() {
+						defer wg.Done()
+						for i := next.Add(1); i <= int64(b.N); i = next.Add(1) {
+							if _, err := ca0.Issue(ctx, caller, csrs[(int(i)+w)%len(csrs)], 0); err != nil {
+								b.Error(err)
+								return
+							}
+						}
+					}()
+				}
+				wg.Wait()
+				b.ReportMetric(float64(b.N)/time.Since(start).Seconds(), "issues/s")
+			})
+		}
+	}
+}

@@ -134,9 +134,22 @@ func (s *Store) commitBatch(ctx context.Context, batch []*op) (opErrs []error, s
 		return nil, nil, err
 	}
 	start := s.rng.End()
+	insert, err := tx.PrepareContext(ctx, `INSERT INTO entries (idx, kind, time_ns, spiffe_id, serial, body, leaf_hash)
+		VALUES ($1, $2, $3, $4, $5, $6, $7)`)
+	if err != nil {
+		return nil, nil, fmt.Errorf("journal: prepare: %w", err)
+	}
+	defer insert.Close()
 	opErrs = make([]error, len(batch))
 	for i, o := range batch {
-		opErrs[i] = s.applyOp(ctx, tx, o)
+		if o.pre == nil {
+			// Nothing can fail but the insert itself, which fails the batch.
+			if err := s.insertEntries(ctx, insert, o); err != nil {
+				return nil, nil, err
+			}
+			continue
+		}
+		opErrs[i] = s.applyOp(ctx, tx, insert, o)
 	}
 	if s.rng.End() == start {
 		// Nothing to publish; failed preconditions wrote nothing.
@@ -163,7 +176,7 @@ func (s *Store) commitBatch(ctx context.Context, batch []*op) (opErrs []error, s
 
 // applyOp runs one op under a savepoint; on failure the savepoint and the
 // in-memory range are rolled back and the op's error returned.
-func (s *Store) applyOp(ctx context.Context, tx *sql.Tx, o *op) (err error) {
+func (s *Store) applyOp(ctx context.Context, tx *sql.Tx, insert *sql.Stmt, o *op) (err error) {
 	before, err := copyRange(&s.hasher.f, s.rng)
 	if err != nil {
 		return err
@@ -182,17 +195,19 @@ func (s *Store) applyOp(ctx context.Context, tx *sql.Tx, o *op) (err error) {
 			err = rerr
 		}
 	}()
-	if o.pre != nil {
-		if err := o.pre(ctx, tx); err != nil {
-			return err
-		}
+	if err := o.pre(ctx, tx); err != nil {
+		return err
 	}
+	return s.insertEntries(ctx, tx.StmtContext(ctx, insert), o)
+}
+
+// insertEntries appends an op's entries to the log and the in-memory range.
+func (s *Store) insertEntries(ctx context.Context, insert *sql.Stmt, o *op) error {
 	o.first = s.rng.End()
 	for _, e := range o.entries {
 		idx := s.rng.End()
 		leaf := rfc6962.DefaultHasher.HashLeaf(e.body)
-		if _, err := tx.ExecContext(ctx, `INSERT INTO entries (idx, kind, time_ns, spiffe_id, serial, body, leaf_hash)
-			VALUES ($1, $2, $3, $4, $5, $6, $7)`, int64(idx), string(e.kind), e.time.UnixNano(), e.spiffeID, e.serial, e.body, leaf); err != nil {
+		if _, err := insert.ExecContext(ctx, int64(idx), string(e.kind), e.time.UnixNano(), e.spiffeID, e.serial, e.body, leaf); err != nil {
 			return fmt.Errorf("journal: append: %w", err)
 		}
 		if err := s.rng.Append(leaf, nil); err != nil {
