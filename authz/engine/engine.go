@@ -238,7 +238,7 @@ func (s *Set) evalMatches(ctx context.Context, r *request, applicable []*entry) 
 		ids[i] = e.id
 	}
 	rs, err := s.matches.Eval(ctx,
-		oparego.EvalParsedInput(r.input(ids, s.headers)),
+		oparego.EvalParsedInput(r.input(ids, s.used, s.headers)),
 		oparego.EvalMetrics(noMetrics),
 		// Keep the result as Rego terms: converting it to Go values would
 		// only be undone below.

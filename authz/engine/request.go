@@ -184,6 +184,12 @@ var (
 	vTCP       = str("tcp")
 )
 
+// attrSet is a set of attributes.
+type attrSet uint32
+
+func (s attrSet) with(a policy.Attribute) attrSet { return s | 1<<a }
+func (s attrSet) has(a policy.Attribute) bool     { return s&(1<<a) != 0 }
+
 // headerKey is the input key of a header.
 type headerKey struct {
 	name string
@@ -193,37 +199,47 @@ type headerKey struct {
 // input builds the flat Rego input of the generated modules for the listed
 // policy ids. Only the headers some policy of the set matches on are
 // included.
-func (r *request) input(ids []*ast.Term, headers []headerKey) ast.Value {
+func (r *request) input(ids []*ast.Term, used attrSet, headers []headerKey) ast.Value {
 	proto := vTCP
 	if r.http {
 		proto = vHTTP
 	}
 	items := make([][2]*ast.Term, 0, 16+len(headers))
 	items = append(items, ast.Item(kProto, proto), ast.Item(kPolicies, ast.ArrayTerm(ids...)))
-	if r.hasSource {
-		items = append(items, ast.Item(kPrincipal, str(r.source.Principal)), ast.Item(kTD, str(r.source.TrustDomain)))
-		if r.source.Namespace != "" {
-			items = append(items, ast.Item(kNamespace, str(r.source.Namespace)),
-				ast.Item(kSA, str(r.source.Namespace+"/"+r.source.ServiceAccount)))
+	add := func(a policy.Attribute, k *ast.Term, v string) {
+		if v != "" && used.has(a) {
+			items = append(items, ast.Item(k, str(v)))
 		}
 	}
-	if r.sourceIP != "" {
-		items = append(items, ast.Item(kSourceIP, str(r.sourceIP)))
+	if r.hasSource {
+		add(policy.SourcePrincipal, kPrincipal, r.source.Principal)
+		add(policy.SourceTrustDomain, kTD, r.source.TrustDomain)
+		if r.source.Namespace != "" {
+			add(policy.SourceNamespace, kNamespace, r.source.Namespace)
+			if used.has(policy.SourceServiceAccount) {
+				add(policy.SourceServiceAccount, kSA, r.source.Namespace+"/"+r.source.ServiceAccount)
+			}
+		}
 	}
-	if r.remoteIP != "" {
-		items = append(items, ast.Item(kRemoteIP, str(r.remoteIP)))
-	}
-	if r.destIP != "" {
-		items = append(items, ast.Item(kDestIP, str(r.destIP)))
-	}
-	if r.hasPort {
+	add(policy.SourceIP, kSourceIP, r.sourceIP)
+	add(policy.RemoteIP, kRemoteIP, r.remoteIP)
+	add(policy.DestinationIP, kDestIP, r.destIP)
+	if r.hasPort && used.has(policy.DestinationPort) {
 		items = append(items, ast.Item(kDestPort, ast.IntNumberTerm(int(r.destPort))))
 	}
-	if r.sni != "" {
-		items = append(items, ast.Item(kSNI, str(r.sni)))
-	}
+	add(policy.SNI, kSNI, r.sni)
 	if r.http {
-		items = append(items, ast.Item(kHost, str(r.host)), ast.Item(kMethod, str(r.method)), ast.Item(kPath, str(r.path)))
+		// Host, method and path are there even when empty, as in the
+		// request; only unused ones are left out.
+		for _, x := range []struct {
+			a policy.Attribute
+			k *ast.Term
+			v string
+		}{{policy.Host, kHost, r.host}, {policy.Method, kMethod, r.method}, {policy.Path, kPath, r.path}} {
+			if used.has(x.a) {
+				items = append(items, ast.Item(x.k, str(x.v)))
+			}
+		}
 		for _, h := range headers {
 			if v, ok := r.headers[h.name]; ok {
 				items = append(items, ast.Item(h.key, str(v)))

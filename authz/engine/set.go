@@ -58,8 +58,10 @@ type Set struct {
 	modules     map[string]string // file name -> generated Rego
 	providers   map[string]*provider
 	evalTimeout time.Duration
-	// headers are the request headers some policy matches on.
+	// headers are the request headers some policy matches on, and used the
+	// attributes: the input carries nothing else.
 	headers []headerKey
+	used    attrSet
 }
 
 type entry struct {
@@ -99,11 +101,12 @@ func Build(ctx context.Context, cfg SetConfig) (*Set, error) {
 		s.byNamespace[p.Namespace] = append(s.byNamespace[p.Namespace], e)
 		s.modules[fmt.Sprintf("policy/%s.rego", id)] = authzrego.Module(id, p)
 		for _, r := range p.Rules {
-			for _, f := range r.When {
+			r.EachField(func(f policy.Field) {
+				s.used = s.used.with(f.Attr)
 				if f.Attr == policy.Header && !slices.ContainsFunc(s.headers, func(h headerKey) bool { return h.name == f.HeaderName }) {
 					s.headers = append(s.headers, headerKey{name: f.HeaderName, key: ast.StringTerm(authzrego.InputKey(f))})
 				}
-			}
+			})
 		}
 	}
 	s.modules["authz.rego"] = authzrego.EntryModule()

@@ -188,6 +188,17 @@ func (r Rule) ForTCP(a Action) (tcp Rule, ok bool) {
 	return tcp, true
 }
 
+// EachField calls fn for every field of the rule.
+func (r Rule) EachField(fn func(Field)) {
+	for _, ms := range [][]Match{r.From, r.To, {r.When}} {
+		for _, m := range ms {
+			for _, f := range m {
+				fn(f)
+			}
+		}
+	}
+}
+
 func (r Rule) usesHTTP() bool {
 	for _, ms := range [][]Match{r.From, r.To, {r.When}} {
 		for _, m := range ms {
