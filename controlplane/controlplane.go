@@ -12,6 +12,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"strings"
 	"sync/atomic"
 	"time"
 
@@ -80,6 +81,10 @@ type Config struct {
 	ManualRotation bool
 	// RotationInterval is how often rotation state is checked. Default 1m.
 	RotationInterval time.Duration
+	// CASecret ("namespace/name"), on Kubernetes, keeps self-managed CA
+	// material and its rotation state in a Secret that every replica reads,
+	// instead of the data directory. Rotation is then leader-elected.
+	CASecret string
 	// CAIntermediateTTL is the lifetime of self-managed intermediates.
 	// Default one year.
 	CAIntermediateTTL time.Duration
@@ -210,6 +215,20 @@ func (c Config) validate() (*validated, error) {
 	default:
 		errs = append(errs, fmt.Errorf("kubernetes mode %q is not auto, on or off", c.Kubernetes))
 	}
+	if c.CASecret != "" {
+		if ns, name, ok := strings.Cut(c.CASecret, "/"); !ok || ns == "" || name == "" {
+			errs = append(errs, fmt.Errorf("CA secret %q is not namespace/name", c.CASecret))
+		}
+		if !v.inKube {
+			errs = append(errs, errors.New("a CA secret needs Kubernetes"))
+		}
+		if c.CACertsDir != "" {
+			errs = append(errs, errors.New("give a CA secret or operator-supplied certificates, not both"))
+		}
+	}
+	if c.JournalDSN != "" && c.CACertsDir == "" && c.CASecret == "" {
+		errs = append(errs, errors.New("with a shared journal (replicas), the CA keys must live in a Kubernetes Secret (--ca-secret) or come from --cacerts (with --ca-key-uri for a KMS), never in a replica's own data directory"))
+	}
 	if c.CAKeyURI != "" && c.CACertsDir == "" {
 		errs = append(errs, errors.New("a CA key URI needs operator-supplied certificates (--cacerts)"))
 	}
@@ -237,6 +256,7 @@ type ControlPlane struct {
 	refusals  *journal.RefusalLog
 	witness   *journal.ExportWitness
 	rotation  *rotation.Manager
+	elector   *elector
 	serving   *server.ServingCert
 	registry  *prometheus.Registry
 
@@ -277,7 +297,23 @@ func New(ctx context.Context, cfg Config) (_ *ControlPlane, err error) {
 			TrustDomain: v.td, CACertsDir: v.CACertsDir, KeyURI: v.CAKeyURI, Now: v.Clock.Now(),
 		})
 	} else {
+		var store rotation.Store
+		var isLeader func() bool
+		if v.CASecret != "" {
+			client, kerr := kubeClient(v.RestConfig, v.Kubeconfig)
+			if kerr != nil {
+				return nil, kerr
+			}
+			ns, name, _ := strings.Cut(v.CASecret, "/")
+			store = rotation.SecretStore{Client: client, Namespace: ns, Name: name}
+			cp.elector, err = newElector(client, ns, name+"-rotation", v.Log)
+			if err != nil {
+				return nil, err
+			}
+			isLeader = cp.elector.IsLeader
+		}
 		if cp.rotation, err = rotation.New(rotation.Config{
+			Store: store, IsLeader: isLeader,
 			Dir: dir.CADir(), TrustDomain: v.td, Recorder: cp.Journal, Clock: v.Clock, Log: v.Log,
 			MaxWorkloadTTL: v.MaxWorkloadTTL, Interval: v.RotationInterval, Automatic: !v.ManualRotation,
 			IntermediateLifetime: v.CAIntermediateTTL,
@@ -368,6 +404,10 @@ func listen(addr, what string) (net.Listener, error) {
 	return l, nil
 }
 
+// IsLeader reports whether this replica runs singleton work (CA rotation).
+// Without leader election every control plane is its own leader.
+func (cp *ControlPlane) IsLeader() bool { return cp.elector == nil || cp.elector.IsLeader() }
+
 // Rotation is the CA rotation manager; nil for operator-supplied material.
 func (cp *ControlPlane) Rotation() *rotation.Manager { return cp.rotation }
 
@@ -396,6 +436,9 @@ func (cp *ControlPlane) Run(ctx context.Context) error {
 	}
 	if cp.rotation != nil {
 		g.Go(func() error { return cp.rotation.Run(gctx, cp.Authority.Replace) })
+	}
+	if cp.elector != nil {
+		g.Go(func() error { return cp.elector.Run(gctx) })
 	}
 	g.Go(func() error {
 		if err := cp.grpc.Serve(cp.caLis); err != nil {

@@ -27,7 +27,7 @@ var vmID = spiffeid.RequireFromString("spiffe://cluster.local/vm/db")
 
 func (e *env) token(id spiffeid.ID, ttl time.Duration) string {
 	e.t.Helper()
-	tok, err := controlplane.CreateJoinToken(context.Background(), controlplane.DataDir(e.dataDir), controlplane.JournalOptions{}, id.String(), ttl)
+	tok, err := controlplane.CreateJoinToken(context.Background(), controlplane.DataDir(e.dataDir), e.jo, id.String(), ttl)
 	if err != nil {
 		e.t.Fatal(err)
 	}

@@ -8,6 +8,8 @@ import (
 	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
+	"database/sql"
+	"encoding/hex"
 	"encoding/pem"
 	"io"
 	"log/slog"
@@ -34,6 +36,7 @@ type env struct {
 	cp      *controlplane.ControlPlane
 	clock   *clocktesting.FakeClock
 	dataDir string
+	jo      controlplane.JournalOptions
 	stop    func() error
 }
 
@@ -59,7 +62,7 @@ func start(t *testing.T, mutate func(*controlplane.Config)) *env {
 	}
 	done := make(chan error, 1)
 	go func() { done <- cp.Run(ctx) }()
-	e := &env{t: t, cp: cp, clock: clk, dataDir: cfg.DataDir}
+	e := &env{t: t, cp: cp, clock: clk, dataDir: cfg.DataDir, jo: controlplane.JournalOptions{DSN: cfg.JournalDSN}}
 	var stopped bool
 	var stopErr error
 	e.stop = func() error {
@@ -214,4 +217,22 @@ func (e *env) metrics() string {
 
 func metadataOutgoing(ctx context.Context, kv ...string) context.Context {
 	return metadata.NewOutgoingContext(ctx, metadata.Pairs(kv...))
+}
+
+func randHex(n int) string {
+	b := make([]byte, n)
+	if _, err := rand.Read(b); err != nil {
+		panic(err)
+	}
+	return hex.EncodeToString(b)
+}
+
+func openPostgres(t *testing.T, dsn string) *sql.DB {
+	t.Helper()
+	db, err := sql.Open("pgx", dsn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { db.Close() })
+	return db
 }

@@ -114,9 +114,18 @@ func OpenSigner(ctx context.Context, keyURI string) (crypto.Signer, error) {
 }
 
 func readMaterial(dir string, signer crypto.Signer) (*Material, error) {
+	return parseMaterial(func(name string) ([]byte, error) { return os.ReadFile(filepath.Join(dir, name)) }, signer)
+}
+
+func parseMaterial(readFile func(name string) ([]byte, error), signer crypto.Signer) (*Material, error) {
 	var errs []error
 	read := func(name string) []*x509.Certificate {
-		certs, err := pemutil.ReadCertificateBundle(filepath.Join(dir, name))
+		data, err := readFile(name)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("%s: %w", name, err))
+			return nil
+		}
+		certs, err := pemutil.ParseCertificateBundle(data)
 		if err != nil {
 			errs = append(errs, fmt.Errorf("%s: %w", name, err))
 		}
@@ -220,14 +229,29 @@ func ensureSelfManaged(cfg Config) error {
 	if err := os.Chmod(cfg.Dir, 0o700); err != nil {
 		return fmt.Errorf("authority: %w", err)
 	}
-	now := cfg.Now
+	files, err := NewSelfManagedFiles(cfg.TrustDomain, cfg.Now, cfg.IntermediateLifetime)
+	if err != nil {
+		return err
+	}
+	for _, name := range names {
+		if err := writeFileAtomic(filepath.Join(cfg.Dir, name), files[name]); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// NewSelfManagedFiles creates a root (ECDSA P-256, RootLifetime) and an
+// intermediate under it, as the files of Istio's cacerts layout plus the
+// root key, in memory.
+func NewSelfManagedFiles(td spiffeid.TrustDomain, now time.Time, interLife time.Duration) (map[string][]byte, error) {
 	rootKey, err := keyutil.GenerateSigner("EC", "P-256", 0)
 	if err != nil {
-		return fmt.Errorf("authority: generate root key: %w", err)
+		return nil, fmt.Errorf("authority: generate root key: %w", err)
 	}
 	rootTmpl := &x509.Certificate{
-		Subject:               pkix.Name{Organization: []string{"trustmesh"}, CommonName: "trustmesh root " + cfg.TrustDomain.Name()},
-		URIs:                  []*url.URL{cfg.TrustDomain.ID().URL()},
+		Subject:               pkix.Name{Organization: []string{"trustmesh"}, CommonName: "trustmesh root " + td.Name()},
+		URIs:                  []*url.URL{td.ID().URL()},
 		NotBefore:             now.Add(-backdate),
 		NotAfter:              now.Add(RootLifetime),
 		IsCA:                  true,
@@ -236,35 +260,71 @@ func ensureSelfManaged(cfg Config) error {
 	}
 	root, err := x509util.CreateCertificate(rootTmpl, rootTmpl, rootKey.Public(), rootKey)
 	if err != nil {
-		return fmt.Errorf("authority: create root: %w", err)
+		return nil, fmt.Errorf("authority: create root: %w", err)
 	}
-	life := cfg.IntermediateLifetime
-	if life <= 0 {
-		life = IntermediateLifetime
+	if interLife <= 0 {
+		interLife = IntermediateLifetime
 	}
-	inter, interKey, err := NewIntermediate(cfg.TrustDomain, root, rootKey, now, life)
+	inter, interKey, err := NewIntermediate(td, root, rootKey, now, interLife)
 	if err != nil {
-		return err
+		return nil, err
 	}
-	files := []struct {
-		name string
-		data []byte
-	}{
-		{RootKeyFile, mustKeyPEM(rootKey)},
-		{CAKeyFile, mustKeyPEM(interKey)},
-		{RootCertFile, certPEM(root)},
-		{CACertFile, certPEM(inter)},
-		{CertChainFile, certPEM(inter, root)},
+	rootKeyPEM, interKeyPEM := mustKeyPEM(rootKey), mustKeyPEM(interKey)
+	if rootKeyPEM == nil || interKeyPEM == nil {
+		return nil, errors.New("authority: encode keys")
 	}
-	for _, f := range files {
-		if f.data == nil {
-			return fmt.Errorf("authority: encode %s", f.name)
+	return map[string][]byte{
+		RootKeyFile:   rootKeyPEM,
+		CAKeyFile:     interKeyPEM,
+		RootCertFile:  certPEM(root),
+		CACertFile:    certPEM(inter),
+		CertChainFile: certPEM(inter, root),
+	}, nil
+}
+
+// LoadFiles returns the material held in files (Istio's cacerts layout),
+// checked at now. The signing key is ca-key.pem, or the key keyURI names.
+func LoadFiles(ctx context.Context, files map[string][]byte, keyURI string, now time.Time) (*Material, error) {
+	var signer crypto.Signer
+	var err error
+	if keyURI != "" {
+		signer, err = OpenSigner(ctx, keyURI)
+	} else {
+		signer, err = SignerFromPEM(ctx, files[CAKeyFile])
+	}
+	if err != nil {
+		return nil, err
+	}
+	m, err := parseMaterial(func(name string) ([]byte, error) {
+		if b, ok := files[name]; ok {
+			return b, nil
 		}
-		if err := writeFileAtomic(filepath.Join(cfg.Dir, f.name), f.data); err != nil {
-			return err
-		}
+		return nil, fs.ErrNotExist
+	}, signer)
+	if err != nil {
+		return nil, err
 	}
-	return nil
+	if err := Validate(m, now); err != nil {
+		return nil, fmt.Errorf("authority: %w", err)
+	}
+	return m, nil
+}
+
+// SignerFromPEM opens a PEM key through the software KMS, so that even keys
+// held in a Kubernetes Secret reach the signing code only as a crypto.Signer.
+func SignerFromPEM(ctx context.Context, keyPEM []byte) (crypto.Signer, error) {
+	if len(keyPEM) == 0 {
+		return nil, fmt.Errorf("authority: %s is missing", CAKeyFile)
+	}
+	km, err := kms.New(ctx, apiv1.Options{Type: apiv1.SoftKMS})
+	if err != nil {
+		return nil, fmt.Errorf("authority: %w", err)
+	}
+	signer, err := km.CreateSigner(&apiv1.CreateSignerRequest{SigningKeyPEM: keyPEM})
+	if err != nil {
+		return nil, fmt.Errorf("authority: open signing key: %w", err)
+	}
+	return signer, nil
 }
 
 // NewIntermediate creates an issuing CA certificate and key under parent.

@@ -26,11 +26,10 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
-	"io/fs"
 	"log/slog"
 	"net/url"
 	"os"
-	"path/filepath"
+	"strings"
 	"sync"
 	"time"
 
@@ -77,6 +76,9 @@ type Recorder interface {
 
 // Config configures a Manager.
 type Config struct {
+	// Store holds the generations and the state file. When nil, Dir is used
+	// through a DirStore.
+	Store Store
 	// Dir is the CA directory holding the generations and the state file.
 	Dir         string
 	TrustDomain spiffeid.TrustDomain
@@ -132,73 +134,101 @@ func New(cfg Config) (*Manager, error) {
 	if cfg.MaxWorkloadTTL == 0 {
 		cfg.MaxWorkloadTTL = 24 * time.Hour
 	}
-	if err := os.MkdirAll(cfg.Dir, 0o700); err != nil {
-		return nil, fmt.Errorf("rotation: %w", err)
+	if cfg.Store == nil {
+		if cfg.Dir == "" {
+			return nil, errors.New("rotation: a store or a directory is required")
+		}
+		if err := os.MkdirAll(cfg.Dir, 0o700); err != nil {
+			return nil, fmt.Errorf("rotation: %w", err)
+		}
+		cfg.Store = DirStore{Dir: cfg.Dir}
 	}
 	return &Manager{cfg: cfg}, nil
 }
 
-func (m *Manager) genDir(n int) string { return filepath.Join(m.cfg.Dir, fmt.Sprintf("gen-%d", n)) }
+func genPrefix(n int) string { return fmt.Sprintf("gen-%d/", n) }
 
-// ReadState returns the state, creating the first generation when there is
-// none.
-func (m *Manager) ReadState(ctx context.Context) (State, error) {
-	b, err := os.ReadFile(filepath.Join(m.cfg.Dir, stateFile))
-	if errors.Is(err, fs.ErrNotExist) {
-		st := State{Active: 1, LastGeneration: 1}
-		if _, err := authority.Load(ctx, authority.Config{TrustDomain: m.cfg.TrustDomain, Dir: m.genDir(1), Now: m.cfg.Clock.Now(),
-			IntermediateLifetime: m.cfg.IntermediateLifetime}); err != nil {
-			return State{}, err
+// genFiles returns generation n's files by their cacerts names.
+func genFiles(snap Snapshot, n int) map[string][]byte {
+	out := map[string][]byte{}
+	p := genPrefix(n)
+	for name, v := range snap.Files {
+		if strings.HasPrefix(name, p) {
+			out[strings.TrimPrefix(name, p)] = v
 		}
-		return st, m.writeState(st)
 	}
-	if err != nil {
-		return State{}, fmt.Errorf("rotation: %w", err)
-	}
+	return out
+}
+
+func parseState(b []byte) (State, error) {
 	var st State
 	if err := json.Unmarshal(b, &st); err != nil {
 		return State{}, fmt.Errorf("rotation: %s: %w", stateFile, err)
 	}
+	if st.Active <= 0 {
+		return State{}, fmt.Errorf("rotation: %s names no active generation", stateFile)
+	}
 	return st, nil
 }
 
-func (m *Manager) writeState(st State) error {
+// read returns the current snapshot and state, creating the first
+// generation when there is none (exactly once, even with several replicas
+// starting together).
+func (m *Manager) read(ctx context.Context) (Snapshot, State, error) {
+	for attempt := 0; ; attempt++ {
+		snap, err := m.cfg.Store.Read(ctx)
+		if err != nil {
+			return Snapshot{}, State{}, err
+		}
+		if b, ok := snap.Files[stateFile]; ok {
+			st, err := parseState(b)
+			return snap, st, err
+		}
+		files, err := authority.NewSelfManagedFiles(m.cfg.TrustDomain, m.cfg.Clock.Now(), m.cfg.IntermediateLifetime)
+		if err != nil {
+			return Snapshot{}, State{}, err
+		}
+		st := State{Active: 1, LastGeneration: 1}
+		for name, v := range files {
+			snap.Files[genPrefix(1)+name] = v
+		}
+		err = m.write(ctx, snap, st)
+		if errors.Is(err, ErrConflict) && attempt < 3 {
+			continue // another replica created it first: use theirs
+		}
+		if err != nil {
+			return Snapshot{}, State{}, err
+		}
+	}
+}
+
+func (m *Manager) write(ctx context.Context, snap Snapshot, st State) error {
 	b, err := json.MarshalIndent(st, "", "  ")
 	if err != nil {
 		return fmt.Errorf("rotation: %w", err)
 	}
-	path := filepath.Join(m.cfg.Dir, stateFile)
-	tmp := path + ".tmp"
-	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
-	if err != nil {
-		return fmt.Errorf("rotation: %w", err)
-	}
-	if _, err := f.Write(b); err == nil {
-		err = f.Sync()
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err != nil {
-		return fmt.Errorf("rotation: write %s: %w", stateFile, err)
-	}
-	if err := os.Rename(tmp, path); err != nil {
-		return fmt.Errorf("rotation: %w", err)
-	}
-	return nil
+	snap.Files[stateFile] = b
+	return m.cfg.Store.Write(ctx, snap)
+}
+
+// ReadState returns the state, creating the first generation when there is
+// none.
+func (m *Manager) ReadState(ctx context.Context) (State, error) {
+	_, st, err := m.read(ctx)
+	return st, err
 }
 
 // Material loads the material in force at now: the active generation's
 // signer and chain, and a trust bundle of the active roots, the prepared
 // root, and the retiring roots still needed.
 func (m *Manager) Material(ctx context.Context, now time.Time) (*authority.Material, State, error) {
-	st, err := m.ReadState(ctx)
+	snap, st, err := m.read(ctx)
 	if err != nil {
 		return nil, State{}, err
 	}
-	mat, err := authority.Load(ctx, authority.Config{TrustDomain: m.cfg.TrustDomain, Dir: m.genDir(st.Active), Now: now})
+	mat, err := authority.LoadFiles(ctx, genFiles(snap, st.Active), "", now)
 	if err != nil {
-		return nil, State{}, err
+		return nil, State{}, fmt.Errorf("rotation: generation %d: %w", st.Active, err)
 	}
 	add := func(c *x509.Certificate) {
 		for _, r := range mat.Roots {
@@ -209,7 +239,7 @@ func (m *Manager) Material(ctx context.Context, now time.Time) (*authority.Mater
 		mat.Roots = append(mat.Roots, c)
 	}
 	if st.Next != 0 {
-		roots, err := pemutil.ReadCertificateBundle(filepath.Join(m.genDir(st.Next), authority.RootCertFile))
+		roots, err := pemutil.ParseCertificateBundle(genFiles(snap, st.Next)[authority.RootCertFile])
 		if err != nil {
 			return nil, State{}, fmt.Errorf("rotation: prepared generation: %w", err)
 		}
@@ -237,14 +267,14 @@ func (m *Manager) Prepare(ctx context.Context, root bool) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	now := m.cfg.Clock.Now()
-	st, err := m.ReadState(ctx)
+	snap, st, err := m.read(ctx)
 	if err != nil {
 		return err
 	}
 	if st.Next != 0 {
 		return ErrAlreadyPrepared
 	}
-	active := m.genDir(st.Active)
+	active := genFiles(snap, st.Active)
 	var parent *x509.Certificate
 	var parentKey crypto.Signer
 	if root {
@@ -264,15 +294,13 @@ func (m *Manager) Prepare(ctx context.Context, root bool) error {
 			return fmt.Errorf("rotation: root: %w", err)
 		}
 	} else {
-		if parent, err = pemutil.ReadCertificate(filepath.Join(active, authority.RootCertFile), pemutil.WithFirstBlock()); err != nil {
-			return fmt.Errorf("rotation: active root: %w", err)
+		roots, err := pemutil.ParseCertificateBundle(active[authority.RootCertFile])
+		if err != nil || len(roots) == 0 {
+			return fmt.Errorf("rotation: active root: %v", err)
 		}
-		uri, err := authority.SoftKMSURI(filepath.Join(active, authority.RootKeyFile))
-		if err != nil {
-			return err
-		}
-		if parentKey, err = authority.OpenSigner(ctx, uri); err != nil {
-			return err
+		parent = roots[0]
+		if parentKey, err = authority.SignerFromPEM(ctx, active[authority.RootKeyFile]); err != nil {
+			return fmt.Errorf("rotation: the active generation has no usable root key: %w", err)
 		}
 	}
 	inter, interKey, err := authority.NewIntermediate(m.cfg.TrustDomain, parent, parentKey, now, m.cfg.IntermediateLifetime)
@@ -280,30 +308,25 @@ func (m *Manager) Prepare(ctx context.Context, root bool) error {
 		return err
 	}
 	n := st.LastGeneration + 1
-	dir := m.genDir(n)
-	if err := os.RemoveAll(dir); err != nil { // a leftover of a crashed prepare
-		return fmt.Errorf("rotation: %w", err)
+	interKeyPEM, err := keyPEM(interKey)
+	if err != nil {
+		return err
 	}
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return fmt.Errorf("rotation: %w", err)
+	parentKeyPEM, err := keyPEM(parentKey)
+	if err != nil {
+		return err
 	}
 	for name, data := range map[string][]byte{
 		authority.RootCertFile:  authority.EncodeCertificates(parent),
 		authority.CACertFile:    authority.EncodeCertificates(inter),
 		authority.CertChainFile: authority.EncodeCertificates(inter, parent),
+		authority.CAKeyFile:     interKeyPEM,
+		authority.RootKeyFile:   parentKeyPEM,
 	} {
-		if err := os.WriteFile(filepath.Join(dir, name), data, 0o600); err != nil {
-			return fmt.Errorf("rotation: %w", err)
-		}
-	}
-	if err := authority.WriteKeyFile(filepath.Join(dir, authority.CAKeyFile), interKey); err != nil {
-		return err
-	}
-	if err := authority.WriteKeyFile(filepath.Join(dir, authority.RootKeyFile), parentKey); err != nil {
-		return err
+		snap.Files[genPrefix(n)+name] = data
 	}
 	st.Next, st.NextIsRoot, st.PreparedAt, st.LastGeneration = n, root, now, n
-	if err := m.writeState(st); err != nil {
+	if err := m.write(ctx, snap, st); err != nil {
 		return err
 	}
 	role := "intermediate"
@@ -324,19 +347,19 @@ func (m *Manager) Activate(ctx context.Context) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	now := m.cfg.Clock.Now()
-	st, err := m.ReadState(ctx)
+	snap, st, err := m.read(ctx)
 	if err != nil {
 		return err
 	}
 	if st.Next == 0 {
 		return ErrNothingPrepared
 	}
-	next, err := authority.Load(ctx, authority.Config{TrustDomain: m.cfg.TrustDomain, Dir: m.genDir(st.Next), Now: now})
+	next, err := authority.LoadFiles(ctx, genFiles(snap, st.Next), "", now)
 	if err != nil {
 		return fmt.Errorf("rotation: the prepared CA is not usable: %w", err)
 	}
 	if st.NextIsRoot {
-		old, err := pemutil.ReadCertificateBundle(filepath.Join(m.genDir(st.Active), authority.RootCertFile))
+		old, err := pemutil.ParseCertificateBundle(genFiles(snap, st.Active)[authority.RootCertFile])
 		if err != nil {
 			return fmt.Errorf("rotation: %w", err)
 		}
@@ -346,7 +369,7 @@ func (m *Manager) Activate(ctx context.Context) error {
 		}
 	}
 	st.Active, st.Next, st.NextIsRoot, st.PreparedAt, st.ActivatedAt = st.Next, 0, false, time.Time{}, now
-	if err := m.writeState(st); err != nil {
+	if err := m.write(ctx, snap, st); err != nil {
 		return err
 	}
 	m.cfg.Log.Info("activated the next CA", "generation", st.Active, "intermediate", next.Cert.SerialNumber.Text(16))
@@ -388,10 +411,16 @@ func (m *Manager) Tick(ctx context.Context) error {
 	case st.Next != 0 && !st.NextIsRoot && now.After(inter.NotBefore.Add(2*life/3)):
 		return m.Activate(ctx)
 	}
-	return m.retire(ctx, st, now)
+	return m.retire(ctx, now)
 }
 
-func (m *Manager) retire(ctx context.Context, st State, now time.Time) error {
+func (m *Manager) retire(ctx context.Context, now time.Time) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	snap, st, err := m.read(ctx)
+	if err != nil {
+		return err
+	}
 	kept := st.Retiring[:0:0]
 	for _, r := range st.Retiring {
 		if now.Before(r.Until) {
@@ -407,10 +436,16 @@ func (m *Manager) retire(ctx context.Context, st State, now time.Time) error {
 	if len(kept) == len(st.Retiring) {
 		return nil
 	}
-	m.mu.Lock()
-	defer m.mu.Unlock()
 	st.Retiring = kept
-	return m.writeState(st)
+	return m.write(ctx, snap, st)
+}
+
+func keyPEM(k crypto.Signer) ([]byte, error) {
+	der, err := x509.MarshalPKCS8PrivateKey(k)
+	if err != nil {
+		return nil, fmt.Errorf("rotation: encode key: %w", err)
+	}
+	return pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der}), nil
 }
 
 // Run reloads the material whenever the state changes (including changes

@@ -61,6 +61,7 @@ only when running in a cluster or given --kubeconfig.`,
 	f.DurationVar(&cfg.MaxWorkloadTTL, "max-workload-ttl", 0, "longest workload certificate lifetime (default 24h)")
 	f.DurationVar(&cfg.DefaultWorkloadTTL, "default-workload-ttl", 0, "lifetime when none is asked for (default 1h)")
 	f.DurationVar(&cfg.MaxEnrolmentAge, "max-enrolment-age", 0, "how long a join-token enrolment may renew (default 720h)")
+	f.StringVar(&cfg.CASecret, "ca-secret", "", "on Kubernetes: namespace/name of the Secret that holds the self-managed CA for every replica")
 	f.DurationVar(&cfg.CAIntermediateTTL, "ca-intermediate-ttl", 0, "lifetime of self-managed intermediates (default 8760h)")
 	f.BoolVar(&cfg.ManualRotation, "manual-ca-rotation", false, "do not rotate self-managed CA certificates automatically")
 	f.BoolVar(&validate, "validate", false, "check the configuration and exit")

@@ -1,0 +1,86 @@
+package controlplane_test
+
+import (
+	"context"
+	"net/url"
+	"os"
+	"testing"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	"github.com/trustmesh/trustmesh/controlplane"
+)
+
+// TestReplicasShareTheCASecret runs two control planes against one real
+// kube-apiserver: they serve the same CA from one Secret (their data
+// directories hold no CA key), exactly one leads rotation, and a rotation
+// made by one reaches the other.
+func TestReplicasShareTheCASecret(t *testing.T) {
+	ctx := context.Background()
+	cfg, cs := kube(t)
+	if _, err := cs.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "trustmesh-system"}}, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	dsn := os.Getenv("TRUSTMESH_TEST_POSTGRES_DSN")
+	var journalDSN string
+	if dsn != "" {
+		journalDSN = dsnWithDatabase(t, dsn)
+	}
+	replica := func() *env {
+		return start(t, func(c *controlplane.Config) {
+			c.RestConfig = cfg
+			c.Kubernetes = controlplane.KubernetesOn
+			c.CASecret = "trustmesh-system/trustmesh-ca"
+			c.ManualRotation = true
+			c.JournalDSN = journalDSN
+		})
+	}
+	a := replica()
+	b := replica()
+	if !a.cp.Authority.Current().Anchor.Equal(b.cp.Authority.Current().Anchor) ||
+		!a.cp.Authority.Current().Cert.Equal(b.cp.Authority.Current().Cert) {
+		t.Fatal("the replicas serve different CAs")
+	}
+	if _, err := os.Stat(controlplane.DataDir(a.dataDir).CADir()); !os.IsNotExist(err) {
+		t.Fatalf("a replica's data directory holds CA material (%v)", err)
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	for a.cp.IsLeader() == b.cp.IsLeader() {
+		if time.Now().After(deadline) {
+			t.Fatalf("leaders: a=%v b=%v; want exactly one", a.cp.IsLeader(), b.cp.IsLeader())
+		}
+		time.Sleep(50 * time.Millisecond) // the lease is acquired on client-go's own clock
+	}
+
+	if err := a.cp.Rotation().Prepare(ctx, true); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.cp.Rotation().Reload(ctx, b.cp.Authority.Replace); err != nil {
+		t.Fatal(err)
+	}
+	if got := len(b.cp.Authority.Current().Roots); got != 2 {
+		t.Fatalf("the other replica's bundle has %d roots after a root was prepared; want 2", got)
+	}
+	// Both replicas issue under the same CA.
+	c := newClient(t)
+	b.obtain(c, b.token(vmID, time.Minute), vmID)
+}
+
+// dsnWithDatabase creates a database of its own for a test on the server
+// the test script started, and returns its DSN.
+func dsnWithDatabase(t *testing.T, admin string) string {
+	t.Helper()
+	u, err := url.Parse(admin)
+	if err != nil {
+		t.Fatal(err)
+	}
+	name := "cp_" + time.Now().Format("150405") + "_" + randHex(4)
+	db := openPostgres(t, admin)
+	if _, err := db.Exec("CREATE DATABASE " + name); err != nil {
+		t.Fatal(err)
+	}
+	u.Path = "/" + name
+	return u.String()
+}
