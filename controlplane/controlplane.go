@@ -6,8 +6,11 @@ package controlplane
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"net/http"
@@ -20,16 +23,20 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 	"golang.org/x/sync/errgroup"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
 	pb "istio.io/api/security/v1alpha1"
+	"istio.io/client-go/pkg/clientset/versioned"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
 	"k8s.io/utils/clock"
 
 	cav1 "github.com/trustmesh/trustmesh/api/ca/v1"
+	"github.com/trustmesh/trustmesh/authz/service"
+	"github.com/trustmesh/trustmesh/authz/source/kube"
 	"github.com/trustmesh/trustmesh/ca"
 	"github.com/trustmesh/trustmesh/ca/authn"
 	"github.com/trustmesh/trustmesh/ca/authority"
@@ -72,6 +79,17 @@ type Config struct {
 	// signed checkpoint.
 	Witness string
 
+	// ListenAuthz is the ext_authz gRPC address (mTLS with the control
+	// plane's certificate); "off" turns the authorization service off.
+	ListenAuthz string
+	// PolicyDir is a directory of AuthorizationPolicy YAML, watched. On
+	// Kubernetes, policies come from the API server instead.
+	PolicyDir string
+	// RootNamespace holds mesh-wide policies. Default istio-system.
+	RootNamespace string
+	// DecisionLog receives authz decisions as JSON lines; nil turns it off.
+	DecisionLog io.Writer
+
 	// CACertsDir holds operator-supplied CA material (Istio's layout).
 	CACertsDir string
 	// CAKeyURI names the CA signing key in a KMS.
@@ -111,6 +129,7 @@ const (
 	DefaultListenCA         = ":15012"
 	DefaultListenMonitoring = ":15014"
 	DefaultListenBundle     = ":15016"
+	DefaultListenAuthz      = ":9191"
 	DefaultNamespace        = "trustmesh-system"
 )
 
@@ -145,6 +164,9 @@ func (c Config) validate() (*validated, error) {
 	}
 	if c.ListenMonitoring == "" {
 		c.ListenMonitoring = DefaultListenMonitoring
+	}
+	if c.ListenAuthz == "" {
+		c.ListenAuthz = DefaultListenAuthz
 	}
 	if c.CADNSNames == nil {
 		c.CADNSNames = DefaultCADNSNames
@@ -198,8 +220,8 @@ func (c Config) validate() (*validated, error) {
 			v.dns = append(v.dns, n)
 		}
 	}
-	for name, addr := range map[string]string{"CA": c.ListenCA, "monitoring": c.ListenMonitoring, "bundle": c.ListenBundle} {
-		if addr == "" && name == "bundle" {
+	for name, addr := range map[string]string{"CA": c.ListenCA, "monitoring": c.ListenMonitoring, "bundle": c.ListenBundle, "authz": c.ListenAuthz} {
+		if addr == "" && name == "bundle" || addr == "off" && name == "authz" || strings.HasPrefix(addr, "unix://") {
 			continue
 		}
 		if _, _, err := net.SplitHostPort(addr); err != nil {
@@ -257,6 +279,7 @@ type ControlPlane struct {
 	witness   *journal.ExportWitness
 	rotation  *rotation.Manager
 	elector   *elector
+	authz     *service.Service
 	serving   *server.ServingCert
 	registry  *prometheus.Registry
 
@@ -366,6 +389,10 @@ func New(ctx context.Context, cfg Config) (_ *ControlPlane, err error) {
 	}))
 	cav1.RegisterTrustBundleServiceServer(cp.grpc, &server.BundleService{Bundles: cp.Authority})
 
+	if cp.authz, err = cp.newAuthz(v); err != nil {
+		return nil, err
+	}
+
 	mux := http.NewServeMux()
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { _, _ = w.Write([]byte("ok\n")) })
 	mux.HandleFunc("/readyz", cp.readyz)
@@ -394,6 +421,47 @@ func New(ctx context.Context, cfg Config) (_ *ControlPlane, err error) {
 		}
 	}
 	return cp, nil
+}
+
+// newAuthz assembles the ext_authz service when there is policy to enforce:
+// a policy directory, or AuthorizationPolicies on Kubernetes. It serves mTLS
+// with the control plane's own certificate and accepts only clients with a
+// certificate that verifies against the trust bundle in force.
+func (cp *ControlPlane) newAuthz(v *validated) (*service.Service, error) {
+	if v.ListenAuthz == "off" || v.PolicyDir == "" && !v.inKube {
+		v.Log.Info("authorization service off: no --policies directory and not on Kubernetes")
+		return nil, nil
+	}
+	tlsCfg := &tls.Config{
+		MinVersion:     tls.VersionTLS12,
+		GetCertificate: cp.serving.GetCertificate,
+		ClientAuth:     tls.RequireAnyClientCert,
+		NextProtos:     []string{"h2"},
+		VerifyPeerCertificate: func(raw [][]byte, _ [][]*x509.Certificate) error {
+			_, _, err := x509svid.ParseAndVerify(raw, cp.Authority, x509svid.WithTime(v.Clock.Now()))
+			return err
+		},
+	}
+	cfg := service.Config{
+		Address: v.ListenAuthz, Creds: credentials.NewTLS(tlsCfg), PolicyDir: v.PolicyDir,
+		RootNamespace: v.RootNamespace, DecisionLog: v.DecisionLog, Log: v.Log, OnKubernetes: v.inKube,
+	}
+	if v.inKube && v.PolicyDir == "" {
+		restCfg, err := restConfig(v.RestConfig, v.Kubeconfig)
+		if err != nil {
+			return nil, err
+		}
+		client, err := versioned.NewForConfig(restCfg)
+		if err != nil {
+			return nil, fmt.Errorf("controlplane: Istio client: %w", err)
+		}
+		cfg.Policies = &kube.Source{Client: client}
+	}
+	svc, err := service.New(cfg)
+	if err != nil {
+		return nil, fmt.Errorf("controlplane: %w", err)
+	}
+	return svc, nil
 }
 
 func listen(addr, what string) (net.Listener, error) {
@@ -439,6 +507,9 @@ func (cp *ControlPlane) Run(ctx context.Context) error {
 	}
 	if cp.elector != nil {
 		g.Go(func() error { return cp.elector.Run(gctx) })
+	}
+	if cp.authz != nil {
+		g.Go(func() error { return cp.authz.Run(gctx) })
 	}
 	g.Go(func() error {
 		if err := cp.grpc.Serve(cp.caLis); err != nil {
@@ -523,7 +594,7 @@ func addrString(a net.Addr) string {
 	return a.String()
 }
 
-func kubeClient(cfg *rest.Config, kubeconfig string) (kubernetes.Interface, error) {
+func restConfig(cfg *rest.Config, kubeconfig string) (*rest.Config, error) {
 	var err error
 	switch {
 	case cfg != nil:
@@ -534,6 +605,14 @@ func kubeClient(cfg *rest.Config, kubeconfig string) (kubernetes.Interface, erro
 	}
 	if err != nil {
 		return nil, fmt.Errorf("controlplane: Kubernetes client configuration: %w", err)
+	}
+	return cfg, nil
+}
+
+func kubeClient(cfg *rest.Config, kubeconfig string) (kubernetes.Interface, error) {
+	cfg, err := restConfig(cfg, kubeconfig)
+	if err != nil {
+		return nil, err
 	}
 	client, err := kubernetes.NewForConfig(cfg)
 	if err != nil {

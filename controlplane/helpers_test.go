@@ -236,3 +236,11 @@ func openPostgres(t *testing.T, dsn string) *sql.DB {
 	t.Cleanup(func() { db.Close() })
 	return db
 }
+
+func rootPool(e *env) *x509.CertPool {
+	p := x509.NewCertPool()
+	for _, r := range e.cp.Authority.Current().Roots {
+		p.AddCert(r)
+	}
+	return p
+}

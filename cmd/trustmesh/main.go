@@ -51,6 +51,8 @@ func newRootCmd() *cobra.Command {
 		newServeCmd(),
 		newCACmd(),
 		newAuditCmd(),
+		newPolicyCmd(),
+		newAuthzCmd(),
 	)
 	return root
 }

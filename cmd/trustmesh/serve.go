@@ -14,7 +14,7 @@ import (
 func newServeCmd() *cobra.Command {
 	var cfg controlplane.Config
 	var validate bool
-	var logFormat, logLevel string
+	var logFormat, logLevel, decisionLog string
 	cmd := &cobra.Command{
 		Use:   "serve",
 		Short: "Run the control plane: the CA, with health and metrics",
@@ -28,6 +28,18 @@ only when running in a cluster or given --kubeconfig.`,
 				return &exitError{code: 2, err: err}
 			}
 			cfg.Log = log
+			switch decisionLog {
+			case "":
+			case "-":
+				cfg.DecisionLog = cmd.OutOrStdout()
+			default:
+				f, err := os.OpenFile(decisionLog, os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o600)
+				if err != nil {
+					return err
+				}
+				defer f.Close()
+				cfg.DecisionLog = f
+			}
 			if validate {
 				if err := cfg.Validate(); err != nil {
 					return &exitError{code: 2, err: err}
@@ -52,6 +64,10 @@ only when running in a cluster or given --kubeconfig.`,
 	f.StringVar(&cfg.JournalDSN, "journal-dsn", "", "PostgreSQL URL of the journal, shared by replicas (default: SQLite in --data-dir)")
 	f.StringVar(&cfg.CheckpointKeyURI, "checkpoint-key-uri", "", "KMS URI of the journal's Ed25519 checkpoint key (default: a key file in --data-dir)")
 	f.StringVar(&cfg.Witness, "witness", "", "file outside --data-dir or http(s) URL that receives every signed journal checkpoint")
+	f.StringVar(&cfg.ListenAuthz, "listen-authz", controlplane.DefaultListenAuthz, `ext_authz gRPC address (mTLS), "unix:///path", or "off"`)
+	f.StringVar(&cfg.PolicyDir, "policies", "", "directory of AuthorizationPolicy YAML files, watched (off Kubernetes)")
+	f.StringVar(&cfg.RootNamespace, "root-namespace", "istio-system", "namespace whose AuthorizationPolicies apply mesh-wide")
+	f.StringVar(&decisionLog, "decision-log", "-", `authz decision log: a file, "-" for stdout, "" to turn it off`)
 	f.StringVar(&cfg.CACertsDir, "cacerts", "", "operator-supplied CA in Istio's cacerts layout (ca-cert.pem, ca-key.pem, cert-chain.pem, root-cert.pem)")
 	f.StringVar(&cfg.CAKeyURI, "ca-key-uri", "", "KMS URI of the CA signing key, instead of ca-key.pem (needs --cacerts)")
 	f.StringVar(&cfg.Kubernetes, "kubernetes", controlplane.KubernetesAuto, "Kubernetes integration: auto, on or off")

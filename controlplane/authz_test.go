@@ -1,0 +1,105 @@
+package controlplane_test
+
+import (
+	"context"
+	"crypto/tls"
+	"net"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	authv3 "github.com/envoyproxy/go-control-plane/envoy/service/auth/v3"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/status"
+
+	"github.com/trustmesh/trustmesh/controlplane"
+)
+
+const denyAdmin = `apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: deny-admin
+  namespace: shop
+spec:
+  action: DENY
+  rules:
+  - to:
+    - operation:
+        paths: ["/admin*"]
+`
+
+// TestServeEnforcesAuthorizationPolicies runs the authorization service as
+// part of the control plane and calls it as an Envoy would: over mTLS with a
+// certificate from the CA. A client without one is turned away.
+func TestServeEnforcesAuthorizationPolicies(t *testing.T) {
+	policies := t.TempDir()
+	if err := os.WriteFile(filepath.Join(policies, "deny-admin.yaml"), []byte(denyAdmin), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := l.Addr().String()
+	l.Close()
+	e := start(t, func(c *controlplane.Config) {
+		c.PolicyDir = policies
+		c.ListenAuthz = addr
+	})
+	envoyID := spiffeid.RequireFromString("spiffe://cluster.local/ns/shop/sa/server")
+	envoy := newClient(t)
+	e.obtain(envoy, e.token(envoyID, time.Minute), envoyID)
+
+	w := &workload{id: envoyID, c: envoy}
+	w.setCert()
+	dial := func(withCert bool) authv3.AuthorizationClient {
+		cfg := &tls.Config{ServerName: "localhost", Time: e.clock.Now}
+		cfg.RootCAs = rootPool(e)
+		if withCert {
+			cfg.Certificates = []tls.Certificate{*w.cert.Load()}
+		}
+		conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(credentials.NewTLS(cfg)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { conn.Close() })
+		return authv3.NewAuthorizationClient(conn)
+	}
+	check := func(c authv3.AuthorizationClient, path string) (*authv3.CheckResponse, error) {
+		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+		defer cancel()
+		return c.Check(ctx, &authv3.CheckRequest{Attributes: &authv3.AttributeContext{
+			Source:      &authv3.AttributeContext_Peer{Principal: "spiffe://cluster.local/ns/shop/sa/client"},
+			Destination: &authv3.AttributeContext_Peer{Principal: envoyID.String(), Address: &corev3.Address{}},
+			Request: &authv3.AttributeContext_Request{Http: &authv3.AttributeContext_HttpRequest{
+				Method: "GET", Path: path, Host: "server.shop.svc"}},
+		}}, grpc.WaitForReady(true))
+	}
+	client := dial(true)
+	resp, err := check(client, "/catalog")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if codes.Code(resp.GetStatus().GetCode()) != codes.OK {
+		t.Fatalf("GET /catalog: status %v, want OK", resp.GetStatus())
+	}
+	resp, err = check(client, "/admin/users")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if codes.Code(resp.GetStatus().GetCode()) != codes.PermissionDenied {
+		t.Fatalf("GET /admin/users: status %v, want PermissionDenied", resp.GetStatus())
+	}
+	// A caller with no certificate never reaches the engine.
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	_, err = dial(false).Check(ctx, &authv3.CheckRequest{})
+	if status.Code(err) != codes.Unavailable {
+		t.Fatalf("a call with no client certificate: %v, want the handshake refused", err)
+	}
+}
