@@ -244,9 +244,6 @@ func (c Config) validate() (*validated, error) {
 		if !v.inKube {
 			errs = append(errs, errors.New("a CA secret needs Kubernetes"))
 		}
-		if c.CACertsDir != "" {
-			errs = append(errs, errors.New("give a CA secret or operator-supplied certificates, not both"))
-		}
 	}
 	if c.JournalDSN != "" && c.CACertsDir == "" && c.CASecret == "" {
 		errs = append(errs, errors.New("with a shared journal (replicas), the CA keys must live in a Kubernetes Secret (--ca-secret) or come from --cacerts (with --ca-key-uri for a KMS), never in a replica's own data directory"))
@@ -314,36 +311,36 @@ func New(ctx context.Context, cfg Config) (_ *ControlPlane, err error) {
 	if cp.Journal, _, err = dir.OpenJournal(ctx, v.td.Name(), jo, false); err != nil {
 		return nil, err
 	}
-	var material *authority.Material
-	if v.CACertsDir != "" {
-		material, err = authority.Load(ctx, authority.Config{
-			TrustDomain: v.td, CACertsDir: v.CACertsDir, KeyURI: v.CAKeyURI, Now: v.Clock.Now(),
-		})
-	} else {
-		var store rotation.Store
-		var isLeader func() bool
-		if v.CASecret != "" {
-			client, kerr := kubeClient(v.RestConfig, v.Kubeconfig)
-			if kerr != nil {
-				return nil, kerr
-			}
-			ns, name, _ := strings.Cut(v.CASecret, "/")
-			store = rotation.SecretStore{Client: client, Namespace: ns, Name: name}
-			cp.elector, err = newElector(client, ns, name+"-rotation", v.Log)
-			if err != nil {
-				return nil, err
-			}
-			isLeader = cp.elector.IsLeader
+	var store rotation.Store
+	var isLeader func() bool
+	if v.CASecret != "" {
+		client, err := kubeClient(v.RestConfig, v.Kubeconfig)
+		if err != nil {
+			return nil, err
 		}
-		if cp.rotation, err = rotation.New(rotation.Config{
-			Store: store, IsLeader: isLeader,
-			Dir: dir.CADir(), TrustDomain: v.td, Recorder: cp.Journal, Clock: v.Clock, Log: v.Log,
-			MaxWorkloadTTL: v.MaxWorkloadTTL, Interval: v.RotationInterval, Automatic: !v.ManualRotation,
-			IntermediateLifetime: v.CAIntermediateTTL,
-		}); err == nil {
-			material, err = cp.rotation.Initial(ctx)
+		ns, name, _ := strings.Cut(v.CASecret, "/")
+		store = rotation.SecretStore{Client: client, Namespace: ns, Name: name}
+		if cp.elector, err = newElector(client, ns, name+"-rotation", v.Log); err != nil {
+			return nil, err
+		}
+		isLeader = cp.elector.IsLeader
+	}
+	if cp.rotation, err = rotation.New(rotation.Config{
+		Store: store, IsLeader: isLeader,
+		Dir: dir.CADir(), TrustDomain: v.td, Recorder: cp.Journal, Clock: v.Clock, Log: v.Log,
+		MaxWorkloadTTL: v.MaxWorkloadTTL, Interval: v.RotationInterval, Automatic: !v.ManualRotation,
+		IntermediateLifetime: v.CAIntermediateTTL,
+	}); err != nil {
+		return nil, err
+	}
+	if v.CACertsDir != "" {
+		// Operator-supplied material: adopted as the first generation, its
+		// key referenced where the operator keeps it, never copied.
+		if err := cp.rotation.Adopt(ctx, v.CACertsDir, v.CAKeyURI); err != nil {
+			return nil, err
 		}
 	}
+	material, err := cp.rotation.Initial(ctx)
 	if err != nil {
 		return nil, err
 	}
@@ -476,7 +473,7 @@ func listen(addr, what string) (net.Listener, error) {
 // Without leader election every control plane is its own leader.
 func (cp *ControlPlane) IsLeader() bool { return cp.elector == nil || cp.elector.IsLeader() }
 
-// Rotation is the CA rotation manager; nil for operator-supplied material.
+// Rotation is the CA rotation manager.
 func (cp *ControlPlane) Rotation() *rotation.Manager { return cp.rotation }
 
 // Addrs are the bound addresses, useful when listening on port 0.

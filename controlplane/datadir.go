@@ -190,7 +190,7 @@ func TrustBundle(ctx context.Context, dir DataDir, o JournalOptions, cacertsDir 
 		return nil, err
 	}
 	store.Close()
-	if cacertsDir != "" {
+	if _, err := os.Stat(filepath.Join(dir.CADir(), "rotation.json")); cacertsDir != "" && err != nil {
 		roots, err := pemutil.ReadCertificateBundle(filepath.Join(cacertsDir, authority.RootCertFile))
 		if err != nil {
 			return nil, fmt.Errorf("controlplane: read trust bundle: %w", err)
@@ -221,7 +221,10 @@ type RotationStatus struct {
 // Rotate drives CA rotation by hand: "prepare" (an intermediate, or with
 // root a new root too), "activate" or "status". A running serve picks the
 // change up at its next rotation check.
-func Rotate(ctx context.Context, dir DataDir, o JournalOptions, step string, root bool) (*RotationStatus, error) {
+//
+// With cacertsDir, "prepare" stages that operator-supplied material instead
+// (its key at keyURI, or the directory's ca-key.pem, referenced in place).
+func Rotate(ctx context.Context, dir DataDir, o JournalOptions, step string, root bool, cacertsDir, keyURI string) (*RotationStatus, error) {
 	store, td, err := dir.OpenJournal(ctx, "", o, step == "status")
 	if err != nil {
 		return nil, err
@@ -233,7 +236,11 @@ func Rotate(ctx context.Context, dir DataDir, o JournalOptions, step string, roo
 	}
 	switch step {
 	case "prepare":
-		err = mgr.Prepare(ctx, root)
+		if cacertsDir != "" {
+			err = mgr.Stage(ctx, cacertsDir, keyURI)
+		} else {
+			err = mgr.Prepare(ctx, root)
+		}
 	case "activate":
 		err = mgr.Activate(ctx)
 	case "status":

@@ -6,6 +6,9 @@ import (
 	"crypto/x509"
 	"errors"
 	"net"
+	"os"
+	"path/filepath"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -18,6 +21,7 @@ import (
 	"google.golang.org/grpc/credentials"
 
 	cav1 "github.com/trustmesh/trustmesh/api/ca/v1"
+	"github.com/trustmesh/trustmesh/ca/authority"
 	"github.com/trustmesh/trustmesh/controlplane"
 )
 
@@ -260,5 +264,78 @@ func TestRotationUnderTraffic(t *testing.T) {
 	}
 	if errors.Is(ctx.Err(), context.Canceled) {
 		t.Fatal("context ended early")
+	}
+}
+
+// operatorCA writes a CA in Istio's cacerts layout, as an operator would.
+func operatorCA(t *testing.T, now time.Time) string {
+	t.Helper()
+	files, err := authority.NewSelfManagedFiles(spiffeid.RequireTrustDomainFromString("cluster.local"), now, 30*24*time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	for _, name := range []string{authority.CACertFile, authority.CAKeyFile, authority.CertChainFile, authority.RootCertFile} {
+		if err := os.WriteFile(filepath.Join(dir, name), files[name], 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return dir
+}
+
+// Operator-supplied material is staged and activated like self-managed
+// material, and its keys are never copied into the data directory.
+func TestStageOperatorCACerts(t *testing.T) {
+	ctx := context.Background()
+	first := operatorCA(t, time.Now())
+	e := start(t, func(c *controlplane.Config) {
+		c.CACertsDir = first
+		c.ManualRotation = true
+	})
+	c := newClient(t)
+	e.obtain(c, e.token(vmID, time.Minute), vmID)
+	oldRoot := e.cp.Authority.Current().Anchor
+
+	second := operatorCA(t, e.clock.Now())
+	if _, err := controlplane.Rotate(ctx, controlplane.DataDir(e.dataDir), e.jo, "prepare", false, second, ""); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.cp.Rotation().Reload(ctx, e.cp.Authority.Replace); err != nil {
+		t.Fatal(err)
+	}
+	if n := len(e.cp.Authority.Current().Roots); n != 2 {
+		t.Fatalf("bundle has %d roots after staging a new root; want 2", n)
+	}
+	if !e.cp.Authority.Current().Anchor.Equal(oldRoot) {
+		t.Fatal("the staged CA signs before it is activated")
+	}
+	st, err := controlplane.Rotate(ctx, controlplane.DataDir(e.dataDir), e.jo, "activate", false, "", "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := e.cp.Rotation().Reload(ctx, e.cp.Authority.Replace); err != nil {
+		t.Fatal(err)
+	}
+	e.obtain(c, "", vmID) // renewing with a certificate under the retiring root
+	if !c.chain[1].Equal(e.cp.Authority.Current().Cert) || e.cp.Authority.Current().Anchor.Equal(oldRoot) {
+		t.Fatal("the activated CA does not sign")
+	}
+	var states []string
+	for _, ca := range st.CA {
+		if ca.Role == "root" {
+			states = append(states, ca.State)
+		}
+	}
+	if len(states) != 2 {
+		t.Fatalf("rotation status shows roots %v; want the new active and the old retiring", states)
+	}
+	err = filepath.WalkDir(e.dataDir, func(path string, d os.DirEntry, err error) error {
+		if err == nil && strings.HasSuffix(path, "key.pem") && !strings.HasSuffix(path, "checkpoint-key.pem") {
+			t.Errorf("the data directory holds a CA key: %s", path)
+		}
+		return err
+	})
+	if err != nil {
+		t.Fatal(err)
 	}
 }

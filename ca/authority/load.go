@@ -13,6 +13,7 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"strings"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -97,6 +98,33 @@ func Load(ctx context.Context, cfg Config) (*Material, error) {
 		return nil, fmt.Errorf("authority: material in %s: %w", dir, err)
 	}
 	return m, nil
+}
+
+// ReadCACerts reads operator-supplied material from dir for staging: the
+// certificates, and a reference to the signing key (keyURI, or the
+// directory's ca-key.pem) instead of the key.
+func ReadCACerts(dir, keyURI string) (map[string][]byte, error) {
+	files := map[string][]byte{}
+	var errs []error
+	for _, name := range []string{CACertFile, CertChainFile, RootCertFile} {
+		b, err := os.ReadFile(filepath.Join(dir, name))
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		files[name] = b
+	}
+	if len(errs) > 0 {
+		return nil, fmt.Errorf("authority: %w", errors.Join(errs...))
+	}
+	if keyURI == "" {
+		var err error
+		if keyURI, err = SoftKMSURI(filepath.Join(dir, CAKeyFile)); err != nil {
+			return nil, err
+		}
+	}
+	files[CAKeyURIFile] = []byte(keyURI)
+	return files, nil
 }
 
 // OpenSigner returns the signing key named by a KMS key URI. Only softkms is
@@ -282,11 +310,20 @@ func NewSelfManagedFiles(td spiffeid.TrustDomain, now time.Time, interLife time.
 	}, nil
 }
 
+// CAKeyURIFile, in place of ca-key.pem, names where operator-supplied
+// material's signing key lives (a KMS or the operator's own file), so that
+// the key itself is never copied.
+const CAKeyURIFile = "ca-key-uri"
+
 // LoadFiles returns the material held in files (Istio's cacerts layout),
-// checked at now. The signing key is ca-key.pem, or the key keyURI names.
+// checked at now. The signing key is the one keyURI names, else the one
+// ca-key-uri names, else ca-key.pem.
 func LoadFiles(ctx context.Context, files map[string][]byte, keyURI string, now time.Time) (*Material, error) {
 	var signer crypto.Signer
 	var err error
+	if keyURI == "" {
+		keyURI = strings.TrimSpace(string(files[CAKeyURIFile]))
+	}
 	if keyURI != "" {
 		signer, err = OpenSigner(ctx, keyURI)
 	} else {

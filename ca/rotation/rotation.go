@@ -340,6 +340,89 @@ func (m *Manager) Prepare(ctx context.Context, root bool) error {
 	return m.record(ctx, "prepare", "intermediate", inter, now)
 }
 
+// Stage prepares operator-supplied material (Istio's cacerts layout in
+// dir, the key in dir's ca-key.pem or at keyURI) as the next CA, as Prepare
+// does for self-managed material: its roots join the trust bundle now, and
+// it signs only once activated. The key is referenced, never copied.
+func (m *Manager) Stage(ctx context.Context, dir, keyURI string) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	now := m.cfg.Clock.Now()
+	snap, st, err := m.read(ctx)
+	if err != nil {
+		return err
+	}
+	if st.Next != 0 {
+		return ErrAlreadyPrepared
+	}
+	files, err := authority.ReadCACerts(dir, keyURI)
+	if err != nil {
+		return err
+	}
+	mat, err := authority.LoadFiles(ctx, files, "", now)
+	if err != nil {
+		return fmt.Errorf("rotation: the staged CA in %s is not usable: %w", dir, err)
+	}
+	active, err := authority.LoadFiles(ctx, genFiles(snap, st.Active), "", now)
+	if err != nil {
+		return fmt.Errorf("rotation: active generation: %w", err)
+	}
+	newRoot := mat.Anchor != nil && (active.Anchor == nil || !mat.Anchor.Equal(active.Anchor))
+	n := st.LastGeneration + 1
+	for name, data := range files {
+		snap.Files[genPrefix(n)+name] = data
+	}
+	st.Next, st.NextIsRoot, st.PreparedAt, st.LastGeneration = n, newRoot, now, n
+	if err := m.write(ctx, snap, st); err != nil {
+		return err
+	}
+	if newRoot {
+		if err := m.record(ctx, "prepare", "root", mat.Anchor, now); err != nil {
+			return err
+		}
+	}
+	m.cfg.Log.Info("staged operator-supplied CA", "dir", dir, "generation", n, "new_root", newRoot)
+	return m.record(ctx, "prepare", "intermediate", mat.Cert, now)
+}
+
+// Adopt makes operator-supplied material the first generation when there is
+// no rotation state yet. Later starts keep the state in force; a different
+// directory is staged with Stage and switched to with Activate.
+func (m *Manager) Adopt(ctx context.Context, dir, keyURI string) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	snap, err := m.cfg.Store.Read(ctx)
+	if err != nil {
+		return err
+	}
+	files, err := authority.ReadCACerts(dir, keyURI)
+	if err != nil {
+		return err
+	}
+	if _, ok := snap.Files[stateFile]; ok {
+		st, err := parseState(snap.Files[stateFile])
+		if err != nil {
+			return err
+		}
+		if string(genFiles(snap, st.Active)[authority.CACertFile]) != string(files[authority.CACertFile]) {
+			m.cfg.Log.Warn("the --cacerts directory differs from the CA in force; stage it with trustmesh ca rotate --prepare --cacerts DIR",
+				"dir", dir, "active_generation", st.Active)
+		}
+		return nil
+	}
+	if _, err := authority.LoadFiles(ctx, files, "", m.cfg.Clock.Now()); err != nil {
+		return fmt.Errorf("rotation: operator-supplied CA in %s: %w", dir, err)
+	}
+	for name, data := range files {
+		snap.Files[genPrefix(1)+name] = data
+	}
+	err = m.write(ctx, snap, State{Active: 1, LastGeneration: 1})
+	if errors.Is(err, ErrConflict) {
+		return nil // another replica adopted it first
+	}
+	return err
+}
+
 // Activate makes the prepared CA the one that signs. After a root rotation
 // the old roots stay in the bundle for MaxWorkloadTTL (plus a margin), until
 // everything signed under them has expired.
@@ -401,6 +484,18 @@ func (m *Manager) Tick(ctx context.Context) error {
 	inter := mat.Cert
 	life := inter.NotAfter.Sub(inter.NotBefore)
 	root := mat.Anchor
+	snap, _, err := m.read(ctx)
+	if err != nil {
+		return err
+	}
+	if _, selfManaged := genFiles(snap, st.Active)[authority.RootKeyFile]; !selfManaged {
+		// Operator-supplied material is rotated by its operator (Stage and
+		// Activate); only retirements are automatic.
+		if st.Next != 0 && (!st.NextIsRoot || !now.Before(st.PreparedAt.Add(m.cfg.RootPropagation))) {
+			return m.Activate(ctx)
+		}
+		return m.retire(ctx, now)
+	}
 	switch {
 	case st.Next == 0 && root != nil && now.After(root.NotAfter.Add(-m.cfg.RootLifetime/5)):
 		return m.Prepare(ctx, true)

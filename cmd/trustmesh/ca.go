@@ -119,6 +119,7 @@ func newRotateCmd() *cobra.Command {
 	var dataDir string
 	var jo controlplane.JournalOptions
 	var prepare, activate, status, root bool
+	var cacerts, keyURI string
 	cmd := &cobra.Command{
 		Use:   "rotate",
 		Short: "Rotate the CA's certificates by hand: --prepare [--root], then --activate; --status shows the state",
@@ -141,7 +142,7 @@ running trustmesh serve picks the change up at its next rotation check.`,
 			if step == "" {
 				return &exitError{code: 2, err: fmt.Errorf("give one of --prepare, --activate and --status")}
 			}
-			st, err := controlplane.Rotate(cmd.Context(), controlplane.DataDir(dataDir), jo, step, root)
+			st, err := controlplane.Rotate(cmd.Context(), controlplane.DataDir(dataDir), jo, step, root, cacerts, keyURI)
 			if err != nil {
 				return err
 			}
@@ -151,6 +152,8 @@ running trustmesh serve picks the change up at its next rotation check.`,
 	addDataFlags(cmd, &dataDir, &jo)
 	cmd.Flags().BoolVar(&prepare, "prepare", false, "prepare the next CA")
 	cmd.Flags().BoolVar(&root, "root", false, "with --prepare: rotate the root too")
+	cmd.Flags().StringVar(&cacerts, "cacerts", "", "with --prepare: stage this operator-supplied CA directory (Istio's cacerts layout)")
+	cmd.Flags().StringVar(&keyURI, "ca-key-uri", "", "with --cacerts: KMS URI of its signing key, instead of its ca-key.pem")
 	cmd.Flags().BoolVar(&activate, "activate", false, "activate the prepared CA")
 	cmd.Flags().BoolVar(&status, "status", false, "show the rotation state")
 	return cmd
