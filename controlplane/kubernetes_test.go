@@ -3,9 +3,11 @@ package controlplane_test
 import (
 	"context"
 	"fmt"
+	"net/http"
 	"os"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -16,8 +18,11 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
+	clocktesting "k8s.io/utils/clock/testing"
 	"sigs.k8s.io/controller-runtime/pkg/envtest"
 
+	"github.com/trustmesh/trustmesh/ca"
+	"github.com/trustmesh/trustmesh/ca/authn"
 	"github.com/trustmesh/trustmesh/controlplane"
 	"github.com/trustmesh/trustmesh/test/kubeapi"
 )
@@ -185,5 +190,81 @@ func TestKubernetesServiceAccountTokens(t *testing.T) {
 		if !strings.Contains(m, want) {
 			t.Errorf("metrics lack %s", want)
 		}
+	}
+}
+
+// countingTransport counts TokenReviews that reach the apiserver.
+type countingTransport struct {
+	next    http.RoundTripper
+	reviews atomic.Int64
+}
+
+func (c *countingTransport) RoundTrip(r *http.Request) (*http.Response, error) {
+	if r.Method == http.MethodPost && strings.HasSuffix(r.URL.Path, "/tokenreviews") {
+		c.reviews.Add(1)
+	}
+	return c.next.RoundTrip(r)
+}
+
+// A flood of bad tokens reaches the apiserver only as fast as the rate
+// limit allows, and a good token is reviewed once while its review is cached.
+func TestTokenReviewsAreRateLimitedAndCached(t *testing.T) {
+	ctx := context.Background()
+	cfg, cs := kube(t)
+	if _, err := cs.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "flood"}}, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	cl := &cluster{t: t, cs: cs, ns: "flood"}
+	cl.serviceAccount("web")
+	counter := &countingTransport{}
+	counted := rest.CopyConfig(cfg)
+	counted.WrapTransport = func(rt http.RoundTripper) http.RoundTripper { counter.next = rt; return counter }
+	clk := clocktesting.NewFakeClock(time.Now())
+	k, err := authn.NewKubernetes(authn.KubernetesConfig{
+		TrustDomain: spiffeid.RequireTrustDomainFromString("cluster.local"),
+		Client:      kubernetes.NewForConfigOrDie(counted),
+		Clock:       clk, QPS: 1, Burst: 3, MaxWait: 10 * time.Millisecond,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	good := cl.token("web", "istio-ca", nil)
+	// Forged tokens that pass every local check: JWT form, the right
+	// audience, not expired. Only a review can refuse them.
+	forged := good[:strings.LastIndex(good, ".")+1] + "AAAA"
+	var busy, rejected int
+	for range 50 {
+		_, err := k.Authenticate(ctx, forged)
+		r, ok := ca.AsRefusal(err)
+		switch {
+		case !ok:
+			t.Fatalf("a forged token was accepted: %v", err)
+		case r.Reason == ca.ReasonTokenReviewBusy:
+			busy++
+		case r.Reason == ca.ReasonTokenRejected:
+			rejected++
+		default:
+			t.Fatalf("unexpected refusal %q", r.Reason)
+		}
+	}
+	if n := counter.reviews.Load(); n > 4 || busy < 45 {
+		t.Fatalf("50 forged tokens sent %d reviews (%d refused as busy); want at most the burst of 3 and a token or so", n, busy)
+	}
+	before := counter.reviews.Load()
+	clk.Step(3 * time.Second) // the bucket refills
+	for range 20 {
+		if _, err := k.Authenticate(ctx, good); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if n := counter.reviews.Load() - before; n != 1 {
+		t.Fatalf("20 presentations of one good token sent %d reviews; want 1 (cached)", n)
+	}
+	clk.Step(31 * time.Second) // past the cache lifetime
+	if _, err := k.Authenticate(ctx, good); err != nil {
+		t.Fatal(err)
+	}
+	if n := counter.reviews.Load() - before; n != 2 {
+		t.Fatalf("after the cache expired, %d reviews in all; want 2", n)
 	}
 }

@@ -36,7 +36,8 @@ type KubernetesConfig struct {
 	Client      kubernetes.Interface
 	// Audience the token must be bound to. Default "istio-ca".
 	Audience string
-	Clock    clock.PassiveClock
+	// Clock drives token expiry, the review cache and the rate limiter.
+	Clock clock.Clock
 	// QPS and Burst bound TokenReviews sent to the apiserver. Defaults 50, 100.
 	QPS   float64
 	Burst int
@@ -115,11 +116,8 @@ func (k *Kubernetes) Authenticate(ctx context.Context, token string) (ca.Caller,
 		return c, nil
 	}
 
-	wctx, cancel := context.WithTimeout(ctx, k.cfg.MaxWait)
-	err = k.limiter.Wait(wctx)
-	cancel()
-	if err != nil {
-		return ca.Caller{}, ca.Refuse(ca.KindUnavailable, ca.ReasonTokenReviewBusy, fmt.Errorf("TokenReview rate limit: %w", err))
+	if err := k.waitForSlot(ctx, now); err != nil {
+		return ca.Caller{}, err
 	}
 	review, err := k.cfg.Client.AuthenticationV1().TokenReviews().Create(ctx, &authv1.TokenReview{
 		Spec: authv1.TokenReviewSpec{Token: token, Audiences: []string{k.cfg.Audience}},
@@ -157,6 +155,30 @@ func (k *Kubernetes) Authenticate(ctx context.Context, token string) (ca.Caller,
 	}
 	k.store(key, cachedReview{caller: caller, expires: expires}, now)
 	return caller, nil
+}
+
+// waitForSlot takes a TokenReview slot from the rate limiter, on the
+// authenticator's clock, waiting at most MaxWait.
+func (k *Kubernetes) waitForSlot(ctx context.Context, now time.Time) error {
+	r := k.limiter.ReserveN(now, 1)
+	if !r.OK() {
+		return ca.Refuse(ca.KindUnavailable, ca.ReasonTokenReviewBusy, errors.New("TokenReview rate limit"))
+	}
+	delay := r.DelayFrom(now)
+	if delay > k.cfg.MaxWait {
+		r.CancelAt(now)
+		return ca.Refuse(ca.KindUnavailable, ca.ReasonTokenReviewBusy,
+			fmt.Errorf("TokenReview rate limit: the next slot is %s away", delay.Round(time.Millisecond)))
+	}
+	if delay > 0 {
+		select {
+		case <-k.cfg.Clock.After(delay):
+		case <-ctx.Done():
+			r.CancelAt(k.cfg.Clock.Now())
+			return ca.Refuse(ca.KindUnavailable, ca.ReasonTokenReviewBusy, ctx.Err())
+		}
+	}
+	return nil
 }
 
 // CheckServiceAccount refuses a renewal when the service account behind an
