@@ -18,6 +18,8 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 	"github.com/spiffe/go-spiffe/v2/workloadapi"
+
+	"github.com/trustmesh/trustmesh/agent/certdir"
 )
 
 var (
@@ -173,6 +175,17 @@ func TestProcessesEndToEnd(t *testing.T) {
 	}
 	if gotID != id || svid.ID != id {
 		t.Fatalf("SVID for %s, want %s, the ID the token was bound to", gotID, id)
+	}
+
+	// --cert-dir holds the same identity, in Istio's file names.
+	certDir := filepath.Join(dir, "certs")
+	waitFor(t, func() bool { _, err := os.Stat(filepath.Join(certDir, certdir.CertChainFile)); return err == nil }, "cert-chain.pem")
+	fileSVID, err := x509svid.Load(filepath.Join(certDir, certdir.CertChainFile), filepath.Join(certDir, certdir.KeyFile))
+	if err != nil {
+		t.Fatalf("cert-dir files: %v", err)
+	}
+	if fileSVID.ID != id {
+		t.Fatalf("cert-chain.pem names %s, want %s", fileSVID.ID, id)
 	}
 
 	// Resident memory at steady state, for the record.

@@ -62,10 +62,29 @@ func startRealCA(t *testing.T, fc *clocktesting.FakeClock, dataDir, listen strin
 	return r
 }
 
+// advanceUntil steps the fake clock by step, at most max times, until cond
+// holds, giving the agent a moment to act after each step.
+func (e *env) advanceUntil(step time.Duration, max int, what string, cond func() bool) {
+	e.t.Helper()
+	for i := 0; ; i++ {
+		deadline := time.Now().Add(200 * time.Millisecond)
+		for time.Now().Before(deadline) {
+			if cond() {
+				return
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+		if i == max {
+			e.t.Fatalf("no %s after advancing the clock %d times by %s", what, max, step)
+		}
+		e.clock.Step(step)
+	}
+}
+
 // bundleFile writes the CA's roots as the agent's bootstrap --ca-bundle.
 func (r *realCA) bundleFile(path string) string {
 	r.t.Helper()
-	b, err := controlplane.TrustBundle(context.Background(), controlplane.DataDir(r.dataDir), "")
+	b, err := controlplane.TrustBundle(context.Background(), controlplane.DataDir(r.dataDir), controlplane.JournalOptions{}, "")
 	if err != nil {
 		r.t.Fatal(err)
 	}
@@ -81,7 +100,7 @@ func (r *realCA) bundleFile(path string) string {
 
 func (r *realCA) joinToken(ttl time.Duration) string {
 	r.t.Helper()
-	tok, err := controlplane.CreateJoinToken(context.Background(), controlplane.DataDir(r.dataDir), ownID.String(), ttl)
+	tok, err := controlplane.CreateJoinToken(context.Background(), controlplane.DataDir(r.dataDir), controlplane.JournalOptions{}, ownID.String(), ttl)
 	if err != nil {
 		r.t.Fatal(err)
 	}
@@ -100,8 +119,6 @@ func TestAgentWithRealCA(t *testing.T) {
 	}
 	t.Cleanup(func() { os.RemoveAll(dir) })
 	ca := startRealCA(t, fc, filepath.Join(dir, "ca"), "127.0.0.1:0")
-	// The control plane's refusal log ticks on the clock too.
-	const caWaiters = 1
 
 	cfg := Config{
 		CAAddress:    ca.addr,
@@ -125,37 +142,35 @@ func TestAgentWithRealCA(t *testing.T) {
 	got := sdsStream.recvUntil(t, sds.CertificateName, sds.RootCAName)
 	checkSDSCert(t, got[sds.CertificateName], first)
 
+	// The CA's own loops wait on the shared clock too, so instead of
+	// counting waiters the clock is advanced in steps until the agent acts.
 	// Renewal at half-life, over mTLS: the join token is spent, so only the
 	// certificate can authenticate it.
-	e.settle(caWaiters + 1)
-	fc.Step(34 * time.Minute)
+	e.advanceUntil(2*time.Minute, 25, "renewal", func() bool { return len(updates) > 0 })
 	second := e.nextSVID(updates).DefaultSVID()
 	if serial(second) == serial(first) {
 		t.Fatal("no renewal")
 	}
 	checkSDSCert(t, sdsStream.recvUntil(t, sds.CertificateName)[sds.CertificateName], second)
 
-	// The CA goes down; the next renewal fails and the agent keeps
-	// serving the current certificate.
-	e.settle(caWaiters + 1)
+	// The CA goes down; renewals fail and the agent keeps serving the
+	// current certificate.
 	ca.stop()
-	fc.Step(34 * time.Minute)
-	e.settle(2) // rotation and the bundle follower back off
-	for range 3 {
-		fc.Step(time.Minute)
-		e.settle(2)
+	failures := func() float64 {
+		return counter(t, cfg.Registry, "trustmesh_agent_rotation_failures_total", rotation.ReasonUnavailable)
 	}
+	e.advanceUntil(2*time.Minute, 30, "three failed renewals", func() bool { return failures() >= 3 })
 	if got := fetch(t, cfg.SocketPath); serial(got) != serial(second) {
 		t.Fatalf("while the CA is down the agent serves serial %s, want %s", serial(got), serial(second))
 	}
-	if n := counter(t, cfg.Registry, "trustmesh_agent_rotation_failures_total", rotation.ReasonUnavailable); n < 3 {
-		t.Fatalf("ca_unavailable failures %v, want at least 3", n)
+	if len(updates) > 0 {
+		t.Fatal("workload got an update while the CA was down")
 	}
 
 	// The CA comes back on the same address and data directory; the
 	// renewal goes through.
 	startRealCA(t, fc, ca.dataDir, ca.addr)
-	fc.Step(time.Minute)
+	e.advanceUntil(time.Minute, 5, "renewal after the CA came back", func() bool { return len(updates) > 0 })
 	third := e.nextSVID(updates).DefaultSVID()
 	if serial(third) == serial(second) {
 		t.Fatal("no renewal after the CA came back")
