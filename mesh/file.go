@@ -1,0 +1,407 @@
+package mesh
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+
+	"github.com/fsnotify/fsnotify"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"google.golang.org/protobuf/encoding/protojson"
+	networkingv1alpha3 "istio.io/api/networking/v1alpha3"
+	securityv1beta1 "istio.io/api/security/v1beta1"
+	k8syaml "k8s.io/apimachinery/pkg/util/yaml"
+	"sigs.k8s.io/yaml"
+)
+
+// APIVersion is the apiVersion of trustmesh's own mesh file kinds.
+const APIVersion = "mesh.trustmesh.io/v1alpha1"
+
+// DefaultDomain is the cluster DNS domain of service hostnames.
+const DefaultDomain = "cluster.local"
+
+// Source provides the mesh model.
+type Source interface {
+	// Mesh returns the current mesh, or an error naming the file or object
+	// at fault.
+	Mesh() (*Mesh, error)
+	// Watch returns once the watch is in place, then calls changed whenever
+	// the mesh may have changed, until ctx ends. The channel receives the
+	// watch's final error: nil when ctx ended.
+	Watch(ctx context.Context, changed func()) (<-chan error, error)
+}
+
+// Static is a Source that never changes, for tests and embedding.
+type Static struct{ M *Mesh }
+
+var _ Source = Static{}
+
+// Mesh returns the mesh.
+func (s Static) Mesh() (*Mesh, error) { return s.M, nil }
+
+// Watch never reports a change.
+func (s Static) Watch(ctx context.Context, _ func()) (<-chan error, error) {
+	c := make(chan error, 1)
+	go func() { <-ctx.Done(); c <- nil }()
+	return c, nil
+}
+
+// Dir is a directory of mesh YAML files (local mode). It reads, in name
+// order, every *.yaml and *.yml file directly in the directory. Each
+// document is one of
+//
+//   - mesh.trustmesh.io/v1alpha1 Service: a service, its ports and its
+//     endpoints, each with an address, a pod name, a SPIFFE ID and labels;
+//   - mesh.trustmesh.io/v1alpha1 ExternalService, or networking.istio.io
+//     ServiceEntry with location MESH_EXTERNAL: a host reached through the
+//     egress gateway;
+//   - mesh.trustmesh.io/v1alpha1 Gateway: an ingress or egress gateway;
+//   - mesh.trustmesh.io/v1alpha1 TLSSecret: a gateway's certificate and key,
+//     from files relative to the directory;
+//   - security.istio.io PeerAuthentication: anything but STRICT is refused
+//     (and reported), never honoured.
+//
+// Unknown kinds and fields are errors.
+type Dir struct {
+	Path string
+	// Domain is the DNS domain of service hostnames; empty means
+	// DefaultDomain.
+	Domain string
+}
+
+var _ Source = (*Dir)(nil)
+
+// ErrFile marks a mesh file that does not parse.
+var ErrFile = errors.New("mesh: bad mesh file")
+
+type fileDoc struct {
+	APIVersion string `json:"apiVersion"`
+	Kind       string `json:"kind"`
+	Metadata   struct {
+		Name        string            `json:"name"`
+		Namespace   string            `json:"namespace"`
+		Labels      map[string]string `json:"labels"`
+		Annotations map[string]string `json:"annotations"`
+	} `json:"metadata"`
+	Spec json.RawMessage `json:"spec"`
+}
+
+type filePort struct {
+	Name       string `json:"name"`
+	Port       uint32 `json:"port"`
+	Protocol   string `json:"protocol"`
+	TargetPort uint32 `json:"targetPort"`
+}
+
+type fileEndpoint struct {
+	Address  string            `json:"address"`
+	Pod      string            `json:"pod"`
+	SPIFFEID string            `json:"spiffeID"`
+	Labels   map[string]string `json:"labels"`
+	Ports    map[string]uint32 `json:"ports"`
+}
+
+type fileExternal struct {
+	Host  string `json:"host"`
+	Ports []struct {
+		Name     string `json:"name"`
+		Port     uint32 `json:"port"`
+		Protocol string `json:"protocol"`
+		TLSPort  uint32 `json:"tlsPort"`
+	} `json:"ports"`
+	CAFile string `json:"caFile"`
+}
+
+type fileGateway struct {
+	Kind     GatewayKind       `json:"kind"`
+	Selector map[string]string `json:"selector"`
+	Servers  []struct {
+		Port           uint32   `json:"port"`
+		Hosts          []string `json:"hosts"`
+		CredentialName string   `json:"credentialName"`
+		Routes         []struct {
+			Host       string `json:"host"`
+			PathPrefix string `json:"pathPrefix"`
+			Service    string `json:"service"`
+			Port       uint32 `json:"port"`
+		} `json:"routes"`
+	} `json:"servers"`
+	Service string `json:"service"`
+	Port    uint32 `json:"port"`
+}
+
+type fileSecret struct {
+	CertFile string `json:"certFile"`
+	KeyFile  string `json:"keyFile"`
+}
+
+// IsMeshFile reports whether a directory entry is read by Dir.
+func IsMeshFile(name string) bool {
+	ext := strings.ToLower(filepath.Ext(name))
+	return (ext == ".yaml" || ext == ".yml") && !strings.HasPrefix(filepath.Base(name), ".")
+}
+
+// Mesh parses every file. Any error refuses the whole directory, naming the
+// file and document.
+func (d *Dir) Mesh() (*Mesh, error) {
+	entries, err := os.ReadDir(d.Path)
+	if err != nil {
+		return nil, fmt.Errorf("mesh: %w", err)
+	}
+	var names []string
+	for _, e := range entries {
+		if e.Type().IsRegular() && IsMeshFile(e.Name()) {
+			names = append(names, e.Name())
+		}
+	}
+	sort.Strings(names)
+	m := &Mesh{}
+	var errs []error
+	for _, n := range names {
+		path := filepath.Join(d.Path, n)
+		data, err := os.ReadFile(path)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("mesh: %w", err))
+			continue
+		}
+		if err := d.parse(m, path, data); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	if len(errs) > 0 {
+		return nil, errors.Join(errs...)
+	}
+	m.Sort()
+	return m, nil
+}
+
+// parse reads mesh documents into m; origin names them in errors, and
+// files named by TLSSecrets are relative to dir.
+func (d *Dir) parse(m *Mesh, origin string, data []byte) error {
+	r := k8syaml.NewYAMLReader(bufio.NewReader(bytes.NewReader(data)))
+	var errs []error
+	for doc := 1; ; doc++ {
+		raw, err := r.Read()
+		if errors.Is(err, io.EOF) {
+			break
+		}
+		if err != nil {
+			return fmt.Errorf("%w: %s: %w", ErrFile, origin, err)
+		}
+		js, err := yaml.YAMLToJSON(raw)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("%w: %s (document %d): %w", ErrFile, origin, doc, err))
+			continue
+		}
+		if t := bytes.TrimSpace(js); len(t) == 0 || bytes.Equal(t, []byte("null")) {
+			continue
+		}
+		if err := d.parseDoc(m, js); err != nil {
+			errs = append(errs, fmt.Errorf("%w: %s (document %d): %w", ErrFile, origin, doc, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+func strictJSON(data []byte, v any) error {
+	dec := json.NewDecoder(bytes.NewReader(data))
+	dec.DisallowUnknownFields()
+	return dec.Decode(v)
+}
+
+func (d *Dir) domain() string {
+	if d.Domain == "" {
+		return DefaultDomain
+	}
+	return d.Domain
+}
+
+func (d *Dir) parseDoc(m *Mesh, js []byte) error {
+	var doc fileDoc
+	if err := strictJSON(js, &doc); err != nil {
+		return err
+	}
+	ns, name := doc.Metadata.Namespace, doc.Metadata.Name
+	if ns == "" {
+		ns = "default"
+	}
+	if name == "" {
+		return errors.New("metadata.name is required")
+	}
+	spec := doc.Spec
+	if len(spec) == 0 {
+		spec = []byte("{}")
+	}
+	switch {
+	case doc.APIVersion == APIVersion && doc.Kind == "Service":
+		var fs struct {
+			Hostname  string         `json:"hostname"`
+			Address   string         `json:"address"`
+			Ports     []filePort     `json:"ports"`
+			Endpoints []fileEndpoint `json:"endpoints"`
+		}
+		if err := strictJSON(spec, &fs); err != nil {
+			return err
+		}
+		s := &Service{Namespace: ns, Name: name, Hostname: fs.Hostname, Address: fs.Address}
+		if s.Hostname == "" {
+			s.Hostname = fmt.Sprintf("%s.%s.svc.%s", name, ns, d.domain())
+		}
+		for _, p := range fs.Ports {
+			s.Ports = append(s.Ports, Port{Name: p.Name, Port: p.Port, Protocol: Protocol(strings.ToUpper(p.Protocol)), TargetPort: p.TargetPort})
+		}
+		for i, e := range fs.Endpoints {
+			id, err := spiffeid.FromString(e.SPIFFEID)
+			if err != nil {
+				return fmt.Errorf("endpoints[%d].spiffeID %q: %w", i, e.SPIFFEID, err)
+			}
+			sa, ok := serviceAccount(id, ns)
+			if !ok {
+				return fmt.Errorf("endpoints[%d].spiffeID %s: want spiffe://TD/ns/%s/sa/SA", i, id, ns)
+			}
+			if e.Pod == "" {
+				return fmt.Errorf("endpoints[%d].pod is required", i)
+			}
+			s.Endpoints = append(s.Endpoints, Endpoint{Address: e.Address, Ports: e.Ports, Workload: &Workload{
+				Namespace: ns, Name: e.Pod, ServiceAccount: sa, ID: id, Labels: e.Labels,
+			}})
+		}
+		m.Services = append(m.Services, s)
+	case doc.APIVersion == APIVersion && doc.Kind == "ExternalService":
+		var fx fileExternal
+		if err := strictJSON(spec, &fx); err != nil {
+			return err
+		}
+		x := &ExternalService{Namespace: ns, Name: name, Host: strings.ToLower(fx.Host), CAFile: d.rel(fx.CAFile)}
+		for _, p := range fx.Ports {
+			x.Ports = append(x.Ports, ExternalPort{Name: p.Name, Port: p.Port, Protocol: Protocol(strings.ToUpper(p.Protocol)), TLSPort: p.TLSPort})
+		}
+		m.External = append(m.External, x)
+	case doc.APIVersion == APIVersion && doc.Kind == "Gateway":
+		var fg fileGateway
+		if err := strictJSON(spec, &fg); err != nil {
+			return err
+		}
+		g := &Gateway{Namespace: ns, Name: name, Kind: fg.Kind, Selector: fg.Selector, Service: fg.Service, Port: fg.Port}
+		for _, sv := range fg.Servers {
+			s := Server{Port: sv.Port, Hosts: sv.Hosts, CredentialName: sv.CredentialName}
+			for _, r := range sv.Routes {
+				s.Routes = append(s.Routes, Route{Host: r.Host, PathPrefix: r.PathPrefix, Service: r.Service, Port: r.Port})
+			}
+			g.Servers = append(g.Servers, s)
+		}
+		m.Gateways = append(m.Gateways, g)
+	case doc.APIVersion == APIVersion && doc.Kind == "TLSSecret":
+		var fsec fileSecret
+		if err := strictJSON(spec, &fsec); err != nil {
+			return err
+		}
+		cert, err := os.ReadFile(d.rel(fsec.CertFile))
+		if err != nil {
+			return fmt.Errorf("certFile: %w", err)
+		}
+		key, err := os.ReadFile(d.rel(fsec.KeyFile))
+		if err != nil {
+			return fmt.Errorf("keyFile: %w", err)
+		}
+		m.Secrets = append(m.Secrets, &Secret{Namespace: ns, Name: name, CertPEM: cert, KeyPEM: key})
+	case strings.HasPrefix(doc.APIVersion, "networking.istio.io/") && doc.Kind == "ServiceEntry":
+		se := &networkingv1alpha3.ServiceEntry{}
+		if err := protojson.Unmarshal(spec, se); err != nil {
+			return fmt.Errorf("spec: %w", err)
+		}
+		xs, ref := FromServiceEntry(ns, name, se)
+		if ref != nil {
+			m.Refusals = append(m.Refusals, *ref)
+		}
+		m.External = append(m.External, xs...)
+	case strings.HasPrefix(doc.APIVersion, "security.istio.io/") && doc.Kind == "PeerAuthentication":
+		pa := &securityv1beta1.PeerAuthentication{}
+		if err := protojson.Unmarshal(spec, pa); err != nil {
+			return fmt.Errorf("spec: %w", err)
+		}
+		if ref := CheckPeerAuthentication(ns, name, pa); ref != nil {
+			m.Refusals = append(m.Refusals, *ref)
+		}
+	default:
+		return fmt.Errorf("unknown kind %s %s", doc.APIVersion, doc.Kind)
+	}
+	return nil
+}
+
+func (d *Dir) rel(p string) string {
+	if p == "" || filepath.IsAbs(p) {
+		return p
+	}
+	return filepath.Join(d.Path, p)
+}
+
+// serviceAccount returns SA of spiffe://TD/ns/NS/sa/SA when NS is ns.
+func serviceAccount(id spiffeid.ID, ns string) (string, bool) {
+	parts := strings.Split(strings.TrimPrefix(id.Path(), "/"), "/")
+	if len(parts) != 4 || parts[0] != "ns" || parts[1] != ns || parts[2] != "sa" || parts[3] == "" {
+		return "", false
+	}
+	return parts[3], true
+}
+
+// Watch reports changes to the directory tree (mesh files and the files
+// they name below it).
+func (d *Dir) Watch(ctx context.Context, changed func()) (<-chan error, error) {
+	w, err := fsnotify.NewWatcher()
+	if err != nil {
+		return nil, fmt.Errorf("mesh: %w", err)
+	}
+	err = filepath.WalkDir(d.Path, func(p string, e fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		if e.IsDir() {
+			return w.Add(p)
+		}
+		return nil
+	})
+	if err != nil {
+		w.Close()
+		return nil, fmt.Errorf("mesh: watching %s: %w", d.Path, err)
+	}
+	out := make(chan error, 1)
+	go func() {
+		defer w.Close()
+		for {
+			select {
+			case <-ctx.Done():
+				out <- nil
+				return
+			case ev, ok := <-w.Events:
+				if !ok {
+					out <- errors.New("mesh: watcher closed")
+					return
+				}
+				if ev.Has(fsnotify.Create) {
+					if st, err := os.Stat(ev.Name); err == nil && st.IsDir() {
+						_ = w.Add(ev.Name)
+					}
+				}
+				changed()
+			case err, ok := <-w.Errors:
+				if !ok {
+					out <- errors.New("mesh: watcher closed")
+					return
+				}
+				out <- fmt.Errorf("mesh: watching %s: %w", d.Path, err)
+				return
+			}
+		}
+	}()
+	return out, nil
+}

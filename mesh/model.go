@@ -1,0 +1,448 @@
+// Package mesh is trustmesh's model of the mesh: the services, their
+// endpoints and the workloads behind them (with their SPIFFE IDs and
+// labels), the external hosts that may be reached through the egress
+// gateway, the gateways themselves and the TLS secrets they serve.
+//
+// The model is built from Kubernetes (Services, EndpointSlices, Pods,
+// ServiceEntries, Secrets and PeerAuthentications; see package
+// mesh/kube) or from a directory of YAML files (Dir), and feeds xds/,
+// authz/ and injector/. A Mesh is immutable once returned by a Source:
+// consumers share it without copying.
+package mesh
+
+import (
+	"errors"
+	"fmt"
+	"net/netip"
+	"slices"
+	"sort"
+	"strings"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+)
+
+// Protocol is the application protocol of a port.
+type Protocol string
+
+// The protocols a port may declare.
+const (
+	HTTP  Protocol = "HTTP"
+	HTTP2 Protocol = "HTTP2"
+	GRPC  Protocol = "GRPC"
+	TCP   Protocol = "TCP"
+)
+
+// IsHTTP reports whether the port carries HTTP (and so gets an HTTP
+// connection manager).
+func (p Protocol) IsHTTP() bool { return p == HTTP || p == HTTP2 || p == GRPC }
+
+// ErrInvalid marks a mesh that fails validation.
+var ErrInvalid = errors.New("mesh: invalid")
+
+// Mesh is one consistent view of the mesh.
+type Mesh struct {
+	Services []*Service
+	External []*ExternalService
+	Gateways []*Gateway
+	Secrets  []*Secret
+	// Refusals are objects the source read and refused to honour, such as a
+	// PeerAuthentication asking for PERMISSIVE mTLS. Consumers log them.
+	Refusals []Refusal
+}
+
+// Refusal is an object the mesh refuses to honour, and why.
+type Refusal struct {
+	Object string
+	Reason string
+}
+
+func (r Refusal) String() string { return r.Object + ": " + r.Reason }
+
+// Service is a mesh service: a name, ports and the endpoints that serve it.
+type Service struct {
+	Namespace string
+	Name      string
+	// Hostname is the service's DNS name, NAME.NAMESPACE.svc.DOMAIN.
+	Hostname string
+	// Address is the service's virtual IP, if it has one.
+	Address   string
+	Ports     []Port
+	Endpoints []Endpoint
+}
+
+// Key is "namespace/name".
+func (s *Service) Key() string { return s.Namespace + "/" + s.Name }
+
+// Port is one port of a service.
+type Port struct {
+	Name     string
+	Port     uint32
+	Protocol Protocol
+	// TargetPort is the port the workloads listen on; zero means Port.
+	TargetPort uint32
+}
+
+// Target is the port the workloads listen on.
+func (p Port) Target() uint32 {
+	if p.TargetPort == 0 {
+		return p.Port
+	}
+	return p.TargetPort
+}
+
+// Endpoint is one workload serving a service.
+type Endpoint struct {
+	Address string
+	// Ports overrides the service's target port by port name, for workloads
+	// that share an address (local mode on one machine).
+	Ports    map[string]uint32
+	Workload *Workload
+}
+
+// TargetPort is the port this endpoint serves the service port p on.
+func (e Endpoint) TargetPort(p Port) uint32 {
+	if t, ok := e.Ports[p.Name]; ok {
+		return t
+	}
+	return p.Target()
+}
+
+// Workload is a pod (or a process, off Kubernetes).
+type Workload struct {
+	Namespace string
+	// Name is the pod's name; the node id of its proxy names it.
+	Name           string
+	ServiceAccount string
+	// ID is the workload's SPIFFE ID, spiffe://TD/ns/NS/sa/SA.
+	ID     spiffeid.ID
+	Labels map[string]string
+}
+
+// Key is "namespace/name".
+func (w *Workload) Key() string { return w.Namespace + "/" + w.Name }
+
+// ExternalService is a host outside the mesh that sidecars may reach, only
+// through the egress gateway.
+type ExternalService struct {
+	// Namespace and Name identify the declaration (a ServiceEntry).
+	Namespace string
+	Name      string
+	Host      string
+	Ports     []ExternalPort
+	// CAFile, when set, is the CA bundle the egress gateway verifies the
+	// host against instead of the system roots.
+	CAFile string
+}
+
+// ExternalPort is a port of an external host. The application speaks
+// Protocol (HTTP) to its sidecar; the egress gateway originates TLS to
+// TLSPort on the host.
+type ExternalPort struct {
+	Name     string
+	Port     uint32
+	Protocol Protocol
+	// TLSPort is the port the egress gateway originates TLS to; zero means
+	// Port.
+	TLSPort uint32
+}
+
+// Target is the port TLS is originated to.
+func (p ExternalPort) Target() uint32 {
+	if p.TLSPort == 0 {
+		return p.Port
+	}
+	return p.TLSPort
+}
+
+// GatewayKind says which way a gateway faces.
+type GatewayKind string
+
+// The kinds of gateways.
+const (
+	Ingress GatewayKind = "ingress"
+	Egress  GatewayKind = "egress"
+)
+
+// Gateway configures gateway workloads: those in its namespace whose labels
+// include Selector.
+type Gateway struct {
+	Namespace string
+	Name      string
+	Kind      GatewayKind
+	Selector  map[string]string
+	// Servers are the ingress gateway's external TLS listeners.
+	Servers []Server
+	// Service is the mesh service (in the gateway's namespace) through
+	// which sidecars reach an egress gateway; Port is its port for mesh
+	// mTLS.
+	Service string
+	Port    uint32
+}
+
+// Key is "namespace/name".
+func (g *Gateway) Key() string { return g.Namespace + "/" + g.Name }
+
+// Selects reports whether the gateway configures a workload with these
+// labels in namespace ns.
+func (g *Gateway) Selects(ns string, labels map[string]string) bool {
+	if ns != g.Namespace || len(g.Selector) == 0 {
+		return false
+	}
+	for k, v := range g.Selector {
+		if labels[k] != v {
+			return false
+		}
+	}
+	return true
+}
+
+// Server is one external TLS listener of an ingress gateway.
+type Server struct {
+	Port  uint32
+	Hosts []string
+	// CredentialName names the TLS Secret, in the gateway's namespace,
+	// with the server's certificate and key.
+	CredentialName string
+	Routes         []Route
+}
+
+// Route sends requests for a host (and path prefix) to a mesh service.
+type Route struct {
+	Host       string
+	PathPrefix string
+	// Service is "namespace/name" of a mesh service; Port its port.
+	Service string
+	Port    uint32
+}
+
+// Secret is a TLS certificate and key for a gateway.
+type Secret struct {
+	Namespace string
+	Name      string
+	CertPEM   []byte
+	KeyPEM    []byte
+}
+
+// Key is "namespace/name".
+func (s *Secret) Key() string { return s.Namespace + "/" + s.Name }
+
+// Service returns the service namespace/name, or nil.
+func (m *Mesh) Service(key string) *Service {
+	for _, s := range m.Services {
+		if s.Key() == key {
+			return s
+		}
+	}
+	return nil
+}
+
+// Workload finds a workload by namespace and pod name.
+func (m *Mesh) Workload(ns, name string) *Workload {
+	for _, s := range m.Services {
+		for _, e := range s.Endpoints {
+			if e.Workload != nil && e.Workload.Namespace == ns && e.Workload.Name == name {
+				return e.Workload
+			}
+		}
+	}
+	return nil
+}
+
+// Secret returns the secret namespace/name, or nil.
+func (m *Mesh) Secret(ns, name string) *Secret {
+	for _, s := range m.Secrets {
+		if s.Namespace == ns && s.Name == name {
+			return s
+		}
+	}
+	return nil
+}
+
+// Validate checks the mesh against a trust domain: names are unique, ports
+// and addresses parse, every workload's SPIFFE ID is
+// spiffe://TD/ns/NS/sa/SA of its own namespace, and references resolve. It
+// reports every problem.
+func (m *Mesh) Validate(td spiffeid.TrustDomain) error {
+	var errs []error
+	fail := func(format string, args ...any) {
+		errs = append(errs, fmt.Errorf("%w: "+format, append([]any{ErrInvalid}, args...)...))
+	}
+	services := map[string]bool{}
+	hosts := map[string]string{}
+	workloads := map[string]*Workload{}
+	for _, s := range m.Services {
+		if s.Namespace == "" || s.Name == "" || s.Hostname == "" {
+			fail("service %q: namespace, name and hostname are required", s.Key())
+			continue
+		}
+		if services[s.Key()] {
+			fail("service %s is declared twice", s.Key())
+		}
+		services[s.Key()] = true
+		if prev, dup := hosts[s.Hostname]; dup {
+			fail("service %s: hostname %s is also %s's", s.Key(), s.Hostname, prev)
+		}
+		hosts[s.Hostname] = s.Key()
+		if s.Address != "" {
+			if _, err := netip.ParseAddr(s.Address); err != nil {
+				fail("service %s: address %q: %v", s.Key(), s.Address, err)
+			}
+		}
+		if len(s.Ports) == 0 {
+			fail("service %s has no ports", s.Key())
+		}
+		seen := map[uint32]bool{}
+		names := map[string]bool{}
+		for _, p := range s.Ports {
+			if p.Port == 0 || p.Port > 65535 || p.Target() > 65535 {
+				fail("service %s: port %d is out of range", s.Key(), p.Port)
+			}
+			if seen[p.Port] || (p.Name != "" && names[p.Name]) {
+				fail("service %s: port %d (%s) is declared twice", s.Key(), p.Port, p.Name)
+			}
+			seen[p.Port], names[p.Name] = true, true
+			switch p.Protocol {
+			case HTTP, HTTP2, GRPC, TCP:
+			default:
+				fail("service %s: port %d: protocol %q is not HTTP, HTTP2, GRPC or TCP", s.Key(), p.Port, p.Protocol)
+			}
+		}
+		for i, e := range s.Endpoints {
+			if _, err := netip.ParseAddr(e.Address); err != nil {
+				fail("service %s: endpoint %d: address %q: %v", s.Key(), i, e.Address, err)
+			}
+			for n, t := range e.Ports {
+				if !names[n] || t == 0 || t > 65535 {
+					fail("service %s: endpoint %d: port %q=%d names no port of the service or is out of range", s.Key(), i, n, t)
+				}
+			}
+			w := e.Workload
+			if w == nil {
+				fail("service %s: endpoint %d has no workload", s.Key(), i)
+				continue
+			}
+			want, err := spiffeid.FromSegments(td, "ns", w.Namespace, "sa", w.ServiceAccount)
+			switch {
+			case w.Namespace != s.Namespace:
+				fail("service %s: endpoint %d: workload %s is in another namespace", s.Key(), i, w.Key())
+			case w.Name == "" || w.ServiceAccount == "":
+				fail("service %s: endpoint %d: the workload needs a name and a service account", s.Key(), i)
+			case err != nil:
+				fail("service %s: endpoint %d: workload %s: %v", s.Key(), i, w.Key(), err)
+			case w.ID != want:
+				fail("service %s: endpoint %d: workload %s has SPIFFE ID %q, want %s", s.Key(), i, w.Key(), w.ID, want)
+			}
+			if prev, ok := workloads[w.Key()]; ok && (prev.ID != w.ID || !equalLabels(prev.Labels, w.Labels)) {
+				fail("workload %s is declared twice with different identities or labels", w.Key())
+			}
+			workloads[w.Key()] = w
+		}
+	}
+	for _, x := range m.External {
+		if x.Host == "" || strings.ContainsAny(x.Host, "*/ ") {
+			fail("external service %s/%s: host %q must be a plain DNS name", x.Namespace, x.Name, x.Host)
+		}
+		if _, dup := hosts[x.Host]; dup {
+			fail("external service %s/%s: host %s is also a mesh service", x.Namespace, x.Name, x.Host)
+		}
+		hosts[x.Host] = x.Namespace + "/" + x.Name
+		if len(x.Ports) == 0 {
+			fail("external service %s/%s has no ports", x.Namespace, x.Name)
+		}
+		for _, p := range x.Ports {
+			if p.Port == 0 || p.Port > 65535 || p.Target() > 65535 {
+				fail("external service %s/%s: port %d is out of range", x.Namespace, x.Name, p.Port)
+			}
+			if !p.Protocol.IsHTTP() {
+				fail("external service %s/%s: port %d: protocol %q: the egress gateway originates TLS for HTTP ports only", x.Namespace, x.Name, p.Port, p.Protocol)
+			}
+		}
+	}
+	egress := 0
+	gateways := map[string]bool{}
+	for _, g := range m.Gateways {
+		if gateways[g.Key()] {
+			fail("gateway %s is declared twice", g.Key())
+		}
+		gateways[g.Key()] = true
+		if len(g.Selector) == 0 {
+			fail("gateway %s needs a selector", g.Key())
+		}
+		switch g.Kind {
+		case Ingress:
+			for i, sv := range g.Servers {
+				if sv.Port == 0 || sv.Port > 65535 || len(sv.Hosts) == 0 || sv.CredentialName == "" {
+					fail("gateway %s: server %d needs a port, hosts and a credential name", g.Key(), i)
+				}
+				for _, r := range sv.Routes {
+					s := m.Service(r.Service)
+					if s == nil || !slices.ContainsFunc(s.Ports, func(p Port) bool { return p.Port == r.Port && p.Protocol.IsHTTP() }) {
+						fail("gateway %s: server %d: route to %s:%d names no HTTP port of a mesh service", g.Key(), i, r.Service, r.Port)
+					}
+				}
+			}
+		case Egress:
+			egress++
+			s := m.Service(g.Namespace + "/" + g.Service)
+			if s == nil || !slices.ContainsFunc(s.Ports, func(p Port) bool { return p.Port == g.Port && p.Protocol.IsHTTP() }) {
+				fail("gateway %s: egress service %s port %d names no HTTP port of a mesh service in its namespace", g.Key(), g.Service, g.Port)
+			}
+		default:
+			fail("gateway %s: kind %q is not ingress or egress", g.Key(), g.Kind)
+		}
+	}
+	if egress > 1 {
+		fail("%d egress gateways: at most one is supported", egress)
+	}
+	secrets := map[string]bool{}
+	for _, s := range m.Secrets {
+		if secrets[s.Key()] {
+			fail("secret %s is declared twice", s.Key())
+		}
+		secrets[s.Key()] = true
+		if len(s.CertPEM) == 0 || len(s.KeyPEM) == 0 {
+			fail("secret %s needs a certificate and a key", s.Key())
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// EgressGateway returns the egress gateway, or nil.
+func (m *Mesh) EgressGateway() *Gateway {
+	for _, g := range m.Gateways {
+		if g.Kind == Egress {
+			return g
+		}
+	}
+	return nil
+}
+
+func equalLabels(a, b map[string]string) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for k, v := range a {
+		if bv, ok := b[k]; !ok || bv != v {
+			return false
+		}
+	}
+	return true
+}
+
+// Sort orders every list by key, so that generated config is stable.
+func (m *Mesh) Sort() {
+	sort.Slice(m.Services, func(i, j int) bool { return m.Services[i].Key() < m.Services[j].Key() })
+	for _, s := range m.Services {
+		sort.Slice(s.Ports, func(i, j int) bool { return s.Ports[i].Port < s.Ports[j].Port })
+		sort.SliceStable(s.Endpoints, func(i, j int) bool {
+			a, b := s.Endpoints[i], s.Endpoints[j]
+			if a.Address != b.Address {
+				return a.Address < b.Address
+			}
+			return a.Workload.Key() < b.Workload.Key()
+		})
+	}
+	sort.Slice(m.External, func(i, j int) bool { return m.External[i].Host < m.External[j].Host })
+	sort.Slice(m.Gateways, func(i, j int) bool { return m.Gateways[i].Key() < m.Gateways[j].Key() })
+	sort.Slice(m.Secrets, func(i, j int) bool { return m.Secrets[i].Key() < m.Secrets[j].Key() })
+}

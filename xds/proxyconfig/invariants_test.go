@@ -1,0 +1,305 @@
+package proxyconfig_test
+
+import (
+	"fmt"
+	"math/rand/v2"
+	"net/netip"
+	"slices"
+	"sort"
+	"strings"
+	"testing"
+
+	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
+	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
+	rbacconfigv3 "github.com/envoyproxy/go-control-plane/envoy/config/rbac/v3"
+	rbacv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/rbac/v3"
+	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
+	tcpproxyv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/tcp_proxy/v3"
+	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	"github.com/trustmesh/trustmesh/mesh"
+	"github.com/trustmesh/trustmesh/xds/internal/meshtest"
+	"github.com/trustmesh/trustmesh/xds/proxyconfig"
+)
+
+var td = spiffeid.RequireTrustDomainFromString("cluster.local")
+
+func testConfig(t testing.TB) proxyconfig.Config {
+	cfg, err := proxyconfig.Config{
+		TrustDomain: td, AuthzHost: "trustmesh.trustmesh-system.svc", AuthzPort: 9191,
+		AuthzID: spiffeid.RequireFromString("spiffe://cluster.local/ns/trustmesh-system/sa/trustmesh"),
+	}.WithDefaults()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return cfg
+}
+
+// nodesOf returns a sidecar and a proxyless node per workload, a router
+// node per gateway workload and a sidecar whose pod is not in the mesh.
+func nodesOf(m *mesh.Mesh) map[string]*proxyconfig.Node {
+	out := map[string]*proxyconfig.Node{}
+	add := func(typ string, w *mesh.Workload, proxyless bool) {
+		n, err := proxyconfig.ParseNode(meshtest.Node(typ, "10.9.9.9", w, proxyless))
+		if err != nil {
+			panic(err)
+		}
+		out[fmt.Sprintf("%s/%s/proxyless=%t", typ, w.Key(), proxyless)] = n
+	}
+	for _, w := range meshtest.Workloads(m) {
+		if w.Namespace == "istio-system" {
+			add("router", w, false)
+			continue
+		}
+		add("sidecar", w, false)
+		add("sidecar", w, true)
+	}
+	add("sidecar", &mesh.Workload{Namespace: "ns-a", Name: "stranger", ServiceAccount: "sa-9"}, false)
+	return out
+}
+
+// TestRandomMeshes checks, over random meshes, policies and gateways, that
+// every generated resource validates and that the mesh is strict mTLS:
+// every listener serving a mesh workload requires a client certificate
+// validated against the bundle and limited to the trust domain; every
+// cluster to a mesh endpoint has TLS with SAN matchers naming exactly the
+// service's workloads; nothing plaintext leaves the pod.
+func TestRandomMeshes(t *testing.T) {
+	cfg := testConfig(t)
+	for seed := range uint64(300) {
+		r := rand.New(rand.NewPCG(seed, 7))
+		m := meshtest.Random(r, td)
+		if err := m.Validate(td); err != nil {
+			t.Fatalf("seed %d: random mesh is invalid: %v", seed, err)
+		}
+		b := proxyconfig.NewBuilder(cfg, m, meshtest.RandomPolicies(r, 4))
+		for name, n := range nodesOf(m) {
+			res, err := b.Build(n)
+			if err != nil {
+				t.Fatalf("seed %d: %s: Build() = %v", seed, name, err)
+			}
+			if err := res.ValidateAll(); err != nil {
+				t.Fatalf("seed %d: %s: %v", seed, name, err)
+			}
+			if err := proxyconfig.CheckStrict(res); err != nil {
+				t.Fatalf("seed %d: %s: CheckStrict() = %v", seed, name, err)
+			}
+			checkInvariants(t, fmt.Sprintf("seed %d: %s", seed, name), m, n, res)
+		}
+	}
+}
+
+func downstream(t *testing.T, fc *listenerv3.FilterChain) *tlsv3.DownstreamTlsContext {
+	t.Helper()
+	ts := fc.GetTransportSocket()
+	if ts == nil {
+		return nil
+	}
+	d := &tlsv3.DownstreamTlsContext{}
+	if err := ts.GetTypedConfig().UnmarshalTo(d); err != nil {
+		t.Fatalf("filter chain %s: transport socket is not downstream TLS: %v", fc.GetName(), err)
+	}
+	return d
+}
+
+func checkInvariants(t *testing.T, where string, m *mesh.Mesh, n *proxyconfig.Node, res *proxyconfig.Resources) {
+	t.Helper()
+	for _, l := range res.Listeners {
+		if l.GetApiListener() != nil {
+			if !n.Proxyless {
+				t.Fatalf("%s: an Envoy got an API listener %s", where, l.GetName())
+			}
+			continue
+		}
+		if l.GetDefaultFilterChain() != nil {
+			t.Fatalf("%s: listener %s has a default filter chain", where, l.GetName())
+		}
+		bound := l.GetBindToPort() == nil || l.GetBindToPort().GetValue()
+		switch {
+		case !bound:
+			// Reached only from the pod through the capture listener.
+			if l.GetTrafficDirection().String() != "OUTBOUND" {
+				t.Fatalf("%s: unbound listener %s is not outbound", where, l.GetName())
+			}
+		case l.GetName() == proxyconfig.VirtualOutbound:
+			for _, fc := range l.GetFilterChains() {
+				tp := &tcpproxyv3.TcpProxy{}
+				if len(fc.GetFilters()) != 1 || fc.GetFilters()[0].GetTypedConfig().UnmarshalTo(tp) != nil || tp.GetCluster() != proxyconfig.BlackHoleCluster {
+					t.Fatalf("%s: the outbound capture listener sends somewhere other than the black hole", where)
+				}
+			}
+		default:
+			external := n.Type == proxyconfig.Router && isIngressListener(m, l)
+			for _, fc := range l.GetFilterChains() {
+				d := downstream(t, fc)
+				if d == nil {
+					t.Fatalf("%s: listener %s chain %s is plaintext", where, l.GetName(), fc.GetName())
+				}
+				if external {
+					for _, s := range d.GetCommonTlsContext().GetTlsCertificateSdsSecretConfigs() {
+						if !strings.HasPrefix(s.GetName(), "kubernetes://"+n.Namespace+"/") {
+							t.Fatalf("%s: gateway uses secret %s outside its namespace", where, s.GetName())
+						}
+					}
+					continue
+				}
+				checkMeshServer(t, where+": "+l.GetName(), n, d, fc)
+			}
+		}
+	}
+	for _, c := range res.Clusters {
+		checkCluster(t, where, m, n, c)
+	}
+	for _, s := range res.Secrets {
+		if !strings.HasPrefix(s.GetName(), "kubernetes://"+n.Namespace+"/") || n.Type != proxyconfig.Router {
+			t.Fatalf("%s: secret %s served to a node in %s", where, s.GetName(), n.Namespace)
+		}
+		if string(s.GetTlsCertificate().GetCertificateChain().GetInlineBytes()) == "OTHER" {
+			t.Fatalf("%s: another namespace's secret was served", where)
+		}
+	}
+}
+
+func isIngressListener(m *mesh.Mesh, l *listenerv3.Listener) bool {
+	for _, fc := range l.GetFilterChains() {
+		if len(fc.GetFilterChainMatch().GetServerNames()) > 0 {
+			return true
+		}
+	}
+	return false
+}
+
+// checkMeshServer: a client certificate is required, validated against the
+// trust bundle, and limited to the trust domain (a SAN matcher for Envoy,
+// the first RBAC filter for grpc-go).
+func checkMeshServer(t *testing.T, where string, n *proxyconfig.Node, d *tlsv3.DownstreamTlsContext, fc *listenerv3.FilterChain) {
+	t.Helper()
+	if !d.GetRequireClientCertificate().GetValue() {
+		t.Fatalf("%s: client certificate not required", where)
+	}
+	common := d.GetCommonTlsContext()
+	if n.Proxyless {
+		if common.GetValidationContext().GetCaCertificateProviderInstance().GetCertificateName() != proxyconfig.SecretRootCA {
+			t.Fatalf("%s: proxyless server does not validate against the bundle", where)
+		}
+		h := &hcmv3.HttpConnectionManager{}
+		if err := fc.GetFilters()[0].GetTypedConfig().UnmarshalTo(h); err != nil {
+			t.Fatal(err)
+		}
+		first := &rbacv3.RBAC{}
+		if err := h.GetHttpFilters()[0].GetTypedConfig().UnmarshalTo(first); err != nil {
+			t.Fatalf("%s: first HTTP filter is not RBAC: %v", where, err)
+		}
+		p := first.GetRules().GetPolicies()["trustmesh-trust-domain"]
+		if first.GetRules().GetAction() != rbacconfigv3.RBAC_DENY || p == nil ||
+			!strings.Contains(p.GetPrincipals()[0].GetNotId().GetAuthenticated().GetPrincipalName().GetSafeRegex().GetRegex(), "spiffe://cluster\\.local/") {
+			t.Fatalf("%s: the trust-domain RBAC rule is missing", where)
+		}
+		return
+	}
+	cv := common.GetCombinedValidationContext()
+	if cv.GetValidationContextSdsSecretConfig().GetName() != proxyconfig.SecretRootCA {
+		t.Fatalf("%s: client certificates not validated against ROOTCA", where)
+	}
+	sans := cv.GetDefaultValidationContext().GetMatchTypedSubjectAltNames()
+	if len(sans) != 1 || sans[0].GetMatcher().GetPrefix() != "spiffe://cluster.local/" || sans[0].GetSanType() != tlsv3.SubjectAltNameMatcher_URI {
+		t.Fatalf("%s: client certificates not limited to the trust domain: %v", where, sans)
+	}
+	// HTTP chains authorize every request; TCP chains every connection.
+	names := []string{}
+	for _, f := range fc.GetFilters() {
+		names = append(names, f.GetName())
+	}
+	if !slices.Contains(names, "envoy.filters.network.ext_authz") && !slices.Contains(names, "envoy.filters.network.http_connection_manager") {
+		t.Fatalf("%s: chain %s has no authorization: %v", where, fc.GetName(), names)
+	}
+}
+
+func checkCluster(t *testing.T, where string, m *mesh.Mesh, n *proxyconfig.Node, c *clusterv3.Cluster) {
+	t.Helper()
+	if c.GetType() == clusterv3.Cluster_ORIGINAL_DST || c.GetName() == "PassthroughCluster" {
+		t.Fatalf("%s: cluster %s passes traffic through", where, c.GetName())
+	}
+	var ts = c.GetTransportSocket()
+	if ts == nil {
+		// Only in-pod clusters and the black hole may be plaintext.
+		if c.GetType() != clusterv3.Cluster_STATIC {
+			t.Fatalf("%s: plaintext cluster %s of type %s", where, c.GetName(), c.GetType())
+		}
+		for _, le := range c.GetLoadAssignment().GetEndpoints() {
+			for _, e := range le.GetLbEndpoints() {
+				a, err := netip.ParseAddr(e.GetEndpoint().GetAddress().GetSocketAddress().GetAddress())
+				if err != nil || !a.IsLoopback() {
+					t.Fatalf("%s: plaintext cluster %s leaves the pod", where, c.GetName())
+				}
+			}
+		}
+		return
+	}
+	up := &tlsv3.UpstreamTlsContext{}
+	if err := ts.GetTypedConfig().UnmarshalTo(up); err != nil {
+		t.Fatalf("%s: cluster %s: %v", where, c.GetName(), err)
+	}
+	common := up.GetCommonTlsContext()
+	var got []string
+	switch {
+	case common.GetCombinedValidationContext() != nil:
+		if common.GetCombinedValidationContext().GetValidationContextSdsSecretConfig().GetName() != proxyconfig.SecretRootCA {
+			t.Fatalf("%s: cluster %s does not validate against ROOTCA", where, c.GetName())
+		}
+		if len(common.GetTlsCertificateSdsSecretConfigs()) != 1 || common.GetTlsCertificateSdsSecretConfigs()[0].GetName() != proxyconfig.SecretDefault {
+			t.Fatalf("%s: cluster %s does not present the workload certificate", where, c.GetName())
+		}
+		for _, s := range common.GetCombinedValidationContext().GetDefaultValidationContext().GetMatchTypedSubjectAltNames() {
+			if s.GetSanType() != tlsv3.SubjectAltNameMatcher_URI {
+				t.Fatalf("%s: cluster %s matches a non-URI SAN", where, c.GetName())
+			}
+			got = append(got, s.GetMatcher().GetExact())
+		}
+	case common.GetValidationContext().GetCaCertificateProviderInstance() != nil:
+		if !n.Proxyless {
+			t.Fatalf("%s: an Envoy got a certificate provider instance", where)
+		}
+		for _, s := range common.GetValidationContext().GetMatchSubjectAltNames() {
+			got = append(got, s.GetExact())
+		}
+	case common.GetValidationContext().GetTrustedCa() != nil:
+		// TLS origination to an external host, by the egress gateway.
+		host := up.GetSni()
+		sans := common.GetValidationContext().GetMatchTypedSubjectAltNames()
+		if host == "" || len(sans) != 1 || sans[0].GetSanType() != tlsv3.SubjectAltNameMatcher_DNS || sans[0].GetMatcher().GetExact() != host {
+			t.Fatalf("%s: external cluster %s does not verify its host name", where, c.GetName())
+		}
+		if !slices.ContainsFunc(m.External, func(x *mesh.ExternalService) bool { return x.Host == host }) {
+			t.Fatalf("%s: cluster to undeclared host %s", where, host)
+		}
+		return
+	default:
+		t.Fatalf("%s: cluster %s does not verify its upstream", where, c.GetName())
+	}
+	if len(got) == 0 {
+		t.Fatalf("%s: cluster %s has no SAN matcher", where, c.GetName())
+	}
+	if c.GetName() == proxyconfig.AuthzCluster {
+		return
+	}
+	// A mesh cluster names exactly its service's workloads.
+	var want []string
+	for _, s := range m.Services {
+		for _, p := range s.Ports {
+			if proxyconfig.OutboundCluster(p.Port, s.Hostname) == c.GetName() {
+				for _, e := range s.Endpoints {
+					if !slices.Contains(want, e.Workload.ID.String()) {
+						want = append(want, e.Workload.ID.String())
+					}
+				}
+			}
+		}
+	}
+	sort.Strings(want)
+	sort.Strings(got)
+	if !slices.Equal(got, want) {
+		t.Fatalf("%s: cluster %s SANs = %v, want %v", where, c.GetName(), got, want)
+	}
+}

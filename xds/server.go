@@ -1,0 +1,365 @@
+// Package xds is trustmesh's xDS server: one go-control-plane ADS server,
+// state-of-the-world and delta, that configures injected Envoys, ingress
+// and egress gateways and proxyless grpc-go clients with strict mTLS only,
+// from the mesh model and the AuthorizationPolicies.
+//
+// It shares the CA's port (:15012, as istiod does). That port requests
+// client certificates without verifying them in the handshake, so every
+// stream is authenticated here: the peer's chain must verify against the
+// current trust bundle (else codes.Unauthenticated), and the node's
+// namespace and service account must be those of the SPIFFE ID in it (else
+// codes.PermissionDenied). Identity is per service account: pods that share
+// one may read each other's configuration.
+//
+// Each node gets its own snapshot, built by package xds/proxyconfig from
+// shared parts; every resource passes ValidateAll and the strict-mTLS
+// check, and every snapshot the consistency check, before it is published.
+// Changes to the mesh or the policies are debounced on the injected clock
+// and pushed with per-type (state-of-the-world) and per-resource (delta)
+// versions, so proxies receive only what changed.
+package xds
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"slices"
+	"sync"
+	"time"
+
+	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	discoverygrpc "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
+	cachev3 "github.com/envoyproxy/go-control-plane/pkg/cache/v3"
+	serverv3 "github.com/envoyproxy/go-control-plane/pkg/server/v3"
+	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"google.golang.org/grpc"
+	"k8s.io/utils/clock"
+
+	"github.com/trustmesh/trustmesh/authz/policy"
+	"github.com/trustmesh/trustmesh/mesh"
+	"github.com/trustmesh/trustmesh/xds/proxyconfig"
+)
+
+// PolicySource provides AuthorizationPolicies; authz/source.Dir and the
+// Kubernetes source of authz/source/kube satisfy it.
+type PolicySource interface {
+	Policies() ([]*policy.Policy, error)
+	Watch(ctx context.Context, changed func()) (<-chan error, error)
+}
+
+// Config configures the xDS server.
+type Config struct {
+	// Bundle is the trust bundle clients' certificates must chain to
+	// (*authority.Authority in ca/authority).
+	Bundle x509bundle.Source
+	// Mesh is the mesh model; Policies the AuthorizationPolicies (nil: no
+	// policy, so proxyless servers allow every mesh peer).
+	Mesh     mesh.Source
+	Policies PolicySource
+	// Proxy configures the generated resources; its TrustDomain is the
+	// mesh's.
+	Proxy proxyconfig.Config
+	// Debounce is how long changes must settle before a push; MaxDelay
+	// bounds how long a stream of changes can hold one back.
+	Debounce, MaxDelay time.Duration
+	Clock              clock.WithTicker
+	Log                *slog.Logger
+}
+
+// Defaults of Config.
+const (
+	DefaultDebounce = 100 * time.Millisecond
+	DefaultMaxDelay = time.Second
+)
+
+// ErrConfig marks an invalid configuration.
+var ErrConfig = errors.New("xds: invalid configuration")
+
+func (c Config) validate() (Config, error) {
+	var errs []error
+	if c.Debounce <= 0 {
+		c.Debounce = DefaultDebounce
+	}
+	if c.MaxDelay <= 0 {
+		c.MaxDelay = DefaultMaxDelay
+	}
+	if c.Clock == nil {
+		c.Clock = clock.RealClock{}
+	}
+	if c.Log == nil {
+		c.Log = slog.New(slog.DiscardHandler)
+	}
+	if c.Bundle == nil {
+		errs = append(errs, fmt.Errorf("%w: a trust bundle source is required", ErrConfig))
+	}
+	if c.Mesh == nil {
+		errs = append(errs, fmt.Errorf("%w: a mesh source is required", ErrConfig))
+	}
+	var err error
+	if c.Proxy, err = c.Proxy.WithDefaults(); err != nil {
+		errs = append(errs, fmt.Errorf("xds: %w", err))
+	}
+	return c, errors.Join(errs...)
+}
+
+// Server is the xDS server.
+type Server struct {
+	cfg   Config
+	td    spiffeid.TrustDomain
+	log   *slog.Logger
+	cache cachev3.SnapshotCache
+	ads   serverv3.Server
+	stop  context.CancelFunc
+
+	mu       sync.Mutex
+	gen      *generation
+	policies []*policy.Policy
+	refusals map[string]bool
+	nodes    map[string]*nodeState // by node id
+	streams  map[int64]*stream
+	ready    chan struct{}
+	pushes   uint64
+}
+
+type nodeState struct {
+	node    *proxyconfig.Node
+	streams int
+}
+
+// New validates cfg and returns a Server. It serves nothing until Run has
+// loaded the mesh and policies: until then streams wait.
+func New(cfg Config) (*Server, error) {
+	cfg, err := cfg.validate()
+	if err != nil {
+		return nil, err
+	}
+	s := &Server{
+		cfg:      cfg,
+		td:       cfg.Proxy.TrustDomain,
+		log:      cfg.Log.With("component", "xds"),
+		refusals: map[string]bool{},
+		nodes:    map[string]*nodeState{},
+		streams:  map[int64]*stream{},
+		ready:    make(chan struct{}),
+	}
+	s.cache = cachev3.NewSnapshotCache(true, cachev3.IDHash{}, nil)
+	ctx, cancel := context.WithCancel(context.Background())
+	s.stop = cancel
+	s.ads = serverv3.NewServer(ctx, s.cache, s.callbacks())
+	return s, nil
+}
+
+// Register adds the Aggregated Discovery Service (state-of-the-world and
+// delta) to a gRPC server, such as the CA's.
+func (s *Server) Register(r grpc.ServiceRegistrar) {
+	discoverygrpc.RegisterAggregatedDiscoveryServiceServer(r, s.ads)
+}
+
+// Ready is closed once the first mesh and policy set are loaded.
+func (s *Server) Ready() <-chan struct{} { return s.ready }
+
+// Run loads the mesh and the policies, failing if the first load fails,
+// then pushes every change (debounced) until ctx ends. Open streams end
+// when Run returns.
+func (s *Server) Run(ctx context.Context) error {
+	defer s.stop()
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	kick := make(chan struct{}, 1)
+	changed := func() {
+		select {
+		case kick <- struct{}{}:
+		default:
+		}
+	}
+	var watches []<-chan error
+	meshW, err := s.cfg.Mesh.Watch(ctx, changed)
+	if err != nil {
+		return fmt.Errorf("xds: watching the mesh: %w", err)
+	}
+	watches = append(watches, meshW)
+	if s.cfg.Policies != nil {
+		polW, err := s.cfg.Policies.Watch(ctx, changed)
+		if err != nil {
+			cancel()
+			<-meshW
+			return fmt.Errorf("xds: watching policies: %w", err)
+		}
+		watches = append(watches, polW)
+	}
+	waitWatches := func() {
+		cancel()
+		for _, w := range watches {
+			<-w
+		}
+	}
+	if err := s.reload(true); err != nil {
+		waitWatches()
+		return err
+	}
+	close(s.ready)
+
+	errc := make(chan error, len(watches))
+	for _, w := range watches {
+		go func() { errc <- <-w }()
+	}
+	var (
+		settle, deadline clock.Timer
+		fire, force      <-chan time.Time
+	)
+	stopTimers := func() {
+		for _, t := range []clock.Timer{settle, deadline} {
+			if t != nil {
+				t.Stop()
+			}
+		}
+		settle, deadline, fire, force = nil, nil, nil, nil
+	}
+	defer stopTimers()
+	for {
+		select {
+		case <-ctx.Done():
+			cancel()
+			for range watches {
+				<-errc
+			}
+			return nil
+		case err := <-errc:
+			if err != nil {
+				cancel()
+				for range len(watches) - 1 {
+					<-errc
+				}
+				return fmt.Errorf("xds: watch failed: %w", err)
+			}
+			// A watch ended cleanly only because ctx did.
+		case <-kick:
+			if settle != nil {
+				settle.Stop()
+			}
+			settle = s.cfg.Clock.NewTimer(s.cfg.Debounce)
+			fire = settle.C()
+			if deadline == nil {
+				deadline = s.cfg.Clock.NewTimer(s.cfg.MaxDelay)
+				force = deadline.C()
+			}
+		case <-fire:
+			stopTimers()
+			_ = s.reload(false)
+		case <-force:
+			stopTimers()
+			_ = s.reload(false)
+		}
+	}
+}
+
+// ErrMesh wraps a mesh that could not be loaded or is invalid; the last
+// good mesh stays in force.
+var ErrMesh = errors.New("xds: mesh refused, last good mesh kept")
+
+// ErrPolicies wraps policies that could not be loaded; the last good set
+// stays in force.
+var ErrPolicies = errors.New("xds: policies refused, last good set kept")
+
+// reload reads the sources and pushes to every node. On the first load an
+// error is fatal; later, the previous mesh or policies stay in force.
+func (s *Server) reload(first bool) error {
+	m, merr := s.cfg.Mesh.Mesh()
+	if merr == nil {
+		merr = m.Validate(s.td)
+	}
+	var ps []*policy.Policy
+	var perr error
+	if s.cfg.Policies != nil {
+		ps, perr = s.cfg.Policies.Policies()
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if merr != nil {
+		merr = fmt.Errorf("%w: %w", ErrMesh, merr)
+		s.log.Error("mesh update refused; last good mesh kept", "error", merr)
+		if first || s.gen == nil {
+			return merr
+		}
+		m = s.gen.builder.Mesh()
+	}
+	if perr != nil {
+		perr = fmt.Errorf("%w: %w", ErrPolicies, perr)
+		s.log.Error("policy update refused; last good policies kept", "error", perr)
+		if first {
+			return perr
+		}
+		ps = s.policies
+	}
+	s.policies = ps
+	s.logRefusals(m)
+	s.gen = newGeneration(proxyconfig.NewBuilder(s.cfg.Proxy, m, ps))
+	s.pushes++
+	for _, ns := range s.nodes {
+		s.publishLocked(ns.node)
+	}
+	s.log.Info("xds configuration pushed", "services", len(m.Services), "policies", len(ps), "nodes", len(s.nodes))
+	return errors.Join(merr, perr)
+}
+
+func (s *Server) logRefusals(m *mesh.Mesh) {
+	now := map[string]bool{}
+	for _, r := range m.Refusals {
+		now[r.String()] = true
+		if !s.refusals[r.String()] {
+			s.log.Warn("refused and not honoured", "object", r.Object, "reason", r.Reason)
+		}
+	}
+	s.refusals = now
+}
+
+// publishLocked computes and sets the node's snapshot. A node whose
+// resources fail a check gets an empty snapshot, so it stops receiving
+// configuration rather than receive bad configuration.
+func (s *Server) publishLocked(n *proxyconfig.Node) {
+	snap, res, err := s.gen.snapshot(n)
+	if err != nil {
+		s.log.Error("refusing to publish a node's configuration", "node", n.ID, "error", err)
+		snap = &cachev3.Snapshot{}
+		_ = snap.ConstructVersionMap()
+	}
+	if res != nil {
+		for _, w := range res.Warnings {
+			s.log.Debug("xds: left out", "node", n.ID, "what", w)
+		}
+	}
+	if err := s.cache.SetSnapshot(context.Background(), n.ID, snap); err != nil {
+		s.log.Error("setting a snapshot", "node", n.ID, "error", err)
+	}
+}
+
+// Resources computes a node's resources as the server would publish them,
+// without registering the node (for `trustmesh xds dump`).
+func (s *Server) Resources(n *corev3.Node) (*proxyconfig.Resources, error) {
+	pn, err := proxyconfig.ParseNode(n)
+	if err != nil {
+		return nil, err
+	}
+	s.mu.Lock()
+	gen := s.gen
+	s.mu.Unlock()
+	if gen == nil {
+		return nil, errors.New("xds: not loaded yet")
+	}
+	_, res, err := gen.snapshot(pn)
+	return res, err
+}
+
+// Nodes returns the ids of the connected nodes, sorted.
+func (s *Server) Nodes() []string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	out := make([]string, 0, len(s.nodes))
+	for id := range s.nodes {
+		out = append(out, id)
+	}
+	slices.Sort(out)
+	return out
+}

@@ -1,0 +1,177 @@
+package xds
+
+import (
+	"errors"
+	"fmt"
+	"hash/fnv"
+	"sort"
+	"strings"
+	"sync"
+
+	"github.com/envoyproxy/go-control-plane/pkg/cache/types"
+	cachev3 "github.com/envoyproxy/go-control-plane/pkg/cache/v3"
+	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/trustmesh/trustmesh/xds/proxyconfig"
+)
+
+// ErrInconsistent marks a snapshot whose resources reference routes or
+// endpoints it does not hold, or hold two resources of one name.
+var ErrInconsistent = errors.New("xds: inconsistent snapshot")
+
+// generation is one mesh and policy set. It memoizes what nodes share:
+// resources are built once per workload, and each resource is hashed,
+// validated and checked once.
+type generation struct {
+	builder *proxyconfig.Builder
+
+	mu    sync.Mutex
+	info  map[proto.Message]*resInfo
+	snaps map[string]*built
+}
+
+type built struct {
+	snap *cachev3.Snapshot
+	res  *proxyconfig.Resources
+	err  error
+}
+
+type resInfo struct {
+	name string
+	hash string
+	refs map[resource.Type]map[string]bool
+	err  error
+}
+
+func newGeneration(b *proxyconfig.Builder) *generation {
+	return &generation{builder: b, info: map[proto.Message]*resInfo{}, snaps: map[string]*built{}}
+}
+
+// configKey identifies what a node's resources depend on.
+func configKey(n *proxyconfig.Node, inMesh bool) string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "%s|%t|%s|%s|", n.Type, n.Proxyless, n.Namespace, n.ServiceAccount)
+	if inMesh {
+		b.WriteString("pod:" + n.Pod)
+		return b.String()
+	}
+	keys := make([]string, 0, len(n.Labels))
+	for k := range n.Labels {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	for _, k := range keys {
+		fmt.Fprintf(&b, "%s=%s,", k, n.Labels[k])
+	}
+	return b.String()
+}
+
+// snapshot returns the node's checked snapshot and its resources.
+func (g *generation) snapshot(n *proxyconfig.Node) (*cachev3.Snapshot, *proxyconfig.Resources, error) {
+	w, err := g.builder.Workload(n)
+	if err != nil {
+		return nil, nil, err
+	}
+	key := configKey(n, w != nil)
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if b, ok := g.snaps[key]; ok {
+		return b.snap, b.res, b.err
+	}
+	b := &built{}
+	b.res, b.err = g.builder.Build(n)
+	if b.err == nil {
+		b.snap, b.err = g.check(b.res)
+	}
+	g.snaps[key] = b
+	return b.snap, b.res, b.err
+}
+
+func (g *generation) infoOf(r types.Resource) *resInfo {
+	if ri, ok := g.info[r]; ok {
+		return ri
+	}
+	ri := &resInfo{name: cachev3.GetResourceName(r)}
+	if ri.err = proxyconfig.Validate(r); ri.err == nil {
+		ri.err = proxyconfig.CheckStrictResource(r)
+	}
+	if ri.err == nil {
+		var raw []byte
+		if raw, ri.err = (proto.MarshalOptions{Deterministic: true}).Marshal(r); ri.err == nil {
+			h := fnv.New64a()
+			h.Write(raw)
+			ri.hash = fmt.Sprintf("%x", h.Sum64())
+		}
+	}
+	ri.refs = cachev3.GetResourceReferences(map[string]types.ResourceWithTTL{ri.name: {Resource: r}})
+	g.info[r] = ri
+	return ri
+}
+
+// check validates every resource, refuses anything but strict mTLS,
+// checks consistency and assembles the snapshot with per-type and
+// per-resource versions.
+func (g *generation) check(res *proxyconfig.Resources) (*cachev3.Snapshot, error) {
+	snap := &cachev3.Snapshot{VersionMap: map[string]map[string]string{}}
+	var errs []error
+	refs := map[resource.Type]map[string]bool{}
+	for typ, items := range res.ByType() {
+		idx := cachev3.GetResponseType(typ)
+		versions := make(map[string]string, len(items))
+		withTTL := make([]types.ResourceWithTTL, 0, len(items))
+		names := make([]string, 0, len(items))
+		for _, r := range items {
+			ri := g.infoOf(r)
+			if ri.err != nil {
+				errs = append(errs, ri.err)
+				continue
+			}
+			if _, dup := versions[ri.name]; dup {
+				errs = append(errs, fmt.Errorf("%w: two %s resources named %q", ErrInconsistent, typ, ri.name))
+				continue
+			}
+			versions[ri.name] = ri.hash
+			names = append(names, ri.name)
+			withTTL = append(withTTL, types.ResourceWithTTL{Resource: r})
+			for t, set := range ri.refs {
+				if refs[t] == nil {
+					refs[t] = map[string]bool{}
+				}
+				for name := range set {
+					refs[t][name] = true
+				}
+			}
+		}
+		sort.Strings(names)
+		h := fnv.New64a()
+		for _, n := range names {
+			h.Write([]byte(n))
+			h.Write([]byte{0})
+			h.Write([]byte(versions[n]))
+			h.Write([]byte{0})
+		}
+		snap.Resources[idx] = cachev3.NewResourcesWithTTL(fmt.Sprintf("%x", h.Sum64()), withTTL)
+		snap.VersionMap[typ] = versions
+	}
+	// As Snapshot.Consistent: the routes and endpoints are exactly those
+	// the listeners and clusters name.
+	for _, typ := range []resource.Type{resource.EndpointType, resource.RouteType} {
+		have := snap.VersionMap[typ]
+		want := refs[typ]
+		for name := range want {
+			if _, ok := have[name]; !ok {
+				errs = append(errs, fmt.Errorf("%w: %s %q is referenced but missing", ErrInconsistent, typ, name))
+			}
+		}
+		for name := range have {
+			if !want[name] {
+				errs = append(errs, fmt.Errorf("%w: %s %q is not referenced", ErrInconsistent, typ, name))
+			}
+		}
+	}
+	if err := errors.Join(errs...); err != nil {
+		return nil, err
+	}
+	return snap, nil
+}

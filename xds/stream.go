@@ -1,0 +1,188 @@
+package xds
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+
+	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
+	serverv3 "github.com/envoyproxy/go-control-plane/pkg/server/v3"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/peer"
+	"google.golang.org/grpc/status"
+
+	"github.com/trustmesh/trustmesh/xds/proxyconfig"
+)
+
+// Errors that refuse a stream. statusOf maps them to gRPC codes.
+var (
+	// ErrUnauthenticated: no client certificate, or one that does not
+	// verify against the trust bundle.
+	ErrUnauthenticated = errors.New("xds: no valid trustmesh client certificate")
+	// ErrNotWorkload: the certificate's SPIFFE ID is not
+	// spiffe://TD/ns/NS/sa/SA.
+	ErrNotWorkload = errors.New("xds: the client certificate does not name a workload")
+	// ErrNodeMismatch: the node's namespace or service account is not the
+	// certificate's, or the node changed on the stream.
+	ErrNodeMismatch = errors.New("xds: node identity does not match the client certificate")
+	// ErrUnknownStream: a request on a stream that was never opened.
+	ErrUnknownStream = errors.New("xds: unknown stream")
+)
+
+// statusOf maps refusals to gRPC status, the one place the server does.
+func statusOf(err error) error {
+	switch {
+	case err == nil:
+		return nil
+	case errors.Is(err, ErrUnauthenticated):
+		return status.Error(codes.Unauthenticated, err.Error())
+	case errors.Is(err, ErrNotWorkload), errors.Is(err, ErrNodeMismatch), errors.Is(err, proxyconfig.ErrIdentity):
+		return status.Error(codes.PermissionDenied, err.Error())
+	case errors.Is(err, proxyconfig.ErrNodeID):
+		return status.Error(codes.InvalidArgument, err.Error())
+	}
+	return status.Error(codes.Internal, err.Error())
+}
+
+// Identity is a verified workload identity.
+type Identity struct {
+	ID             spiffeid.ID
+	Namespace      string
+	ServiceAccount string
+}
+
+// stream is one ADS stream's verified identity and node.
+type stream struct {
+	identity Identity
+	node     *proxyconfig.Node
+}
+
+// Authenticate verifies the peer certificate of a stream's connection
+// against the current trust bundle at the server's clock, and returns the
+// workload identity it names.
+func (s *Server) Authenticate(ctx context.Context) (Identity, error) {
+	p, ok := peer.FromContext(ctx)
+	if !ok {
+		return Identity{}, fmt.Errorf("%w: no peer", ErrUnauthenticated)
+	}
+	info, ok := p.AuthInfo.(credentials.TLSInfo)
+	if !ok || len(info.State.PeerCertificates) == 0 {
+		return Identity{}, fmt.Errorf("%w: no client certificate", ErrUnauthenticated)
+	}
+	id, _, err := x509svid.Verify(info.State.PeerCertificates, s.cfg.Bundle, x509svid.WithTime(s.cfg.Clock.Now()))
+	if err != nil {
+		return Identity{}, fmt.Errorf("%w: %w", ErrUnauthenticated, err)
+	}
+	if id.TrustDomain() != s.td {
+		return Identity{}, fmt.Errorf("%w: %s is outside trust domain %s", ErrUnauthenticated, id, s.td)
+	}
+	parts := strings.Split(strings.TrimPrefix(id.Path(), "/"), "/")
+	if len(parts) != 4 || parts[0] != "ns" || parts[2] != "sa" || parts[1] == "" || parts[3] == "" {
+		return Identity{}, fmt.Errorf("%w: %s", ErrNotWorkload, id)
+	}
+	return Identity{ID: id, Namespace: parts[1], ServiceAccount: parts[3]}, nil
+}
+
+func (s *Server) callbacks() serverv3.Callbacks {
+	return serverv3.CallbackFuncs{
+		StreamOpenFunc:      s.open,
+		DeltaStreamOpenFunc: s.open,
+		StreamRequestFunc: func(id int64, req *discoveryv3.DiscoveryRequest) error {
+			return s.request(id, req.GetNode())
+		},
+		StreamDeltaRequestFunc: func(id int64, req *discoveryv3.DeltaDiscoveryRequest) error {
+			return s.request(id, req.GetNode())
+		},
+		StreamClosedFunc:      func(id int64, _ *corev3.Node) { s.closed(id) },
+		DeltaStreamClosedFunc: func(id int64, _ *corev3.Node) { s.closed(id) },
+		FetchRequestFunc: func(context.Context, *discoveryv3.DiscoveryRequest) error {
+			return status.Error(codes.Unimplemented, "xds: only ADS streams are served")
+		},
+	}
+}
+
+func (s *Server) open(ctx context.Context, id int64, _ string) error {
+	ident, err := s.Authenticate(ctx)
+	if err != nil {
+		s.log.Warn("xds stream refused", "error", err)
+		return statusOf(err)
+	}
+	// Wait for the first load, so that the first request gets a snapshot.
+	select {
+	case <-s.ready:
+	case <-ctx.Done():
+		return status.FromContextError(ctx.Err()).Err()
+	}
+	s.mu.Lock()
+	s.streams[id] = &stream{identity: ident}
+	s.mu.Unlock()
+	return nil
+}
+
+// request checks the node on every request of a stream: the first names
+// it (and it must match the certificate), later ones may repeat it but not
+// change it.
+func (s *Server) request(id int64, n *corev3.Node) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	st, ok := s.streams[id]
+	if !ok {
+		return statusOf(ErrUnknownStream)
+	}
+	if st.node != nil {
+		if n != nil && n.GetId() != st.node.ID {
+			return statusOf(fmt.Errorf("%w: the stream's node changed from %s to %s", ErrNodeMismatch, st.node.ID, n.GetId()))
+		}
+		return nil
+	}
+	pn, err := proxyconfig.ParseNode(n)
+	if err != nil {
+		s.log.Warn("xds stream refused", "peer", st.identity.ID.String(), "error", err)
+		return statusOf(err)
+	}
+	if pn.Namespace != st.identity.Namespace || pn.ServiceAccount != st.identity.ServiceAccount {
+		err := fmt.Errorf("%w: node %s (namespace %s, service account %s) asked over a certificate for %s",
+			ErrNodeMismatch, pn.ID, pn.Namespace, pn.ServiceAccount, st.identity.ID)
+		s.log.Warn("xds stream refused", "error", err)
+		return statusOf(err)
+	}
+	if _, err := s.gen.builder.Workload(pn); err != nil {
+		s.log.Warn("xds stream refused", "peer", st.identity.ID.String(), "node", pn.ID, "error", err)
+		return statusOf(err)
+	}
+	if prev, ok := s.nodes[pn.ID]; ok {
+		prev.streams++
+		st.node = prev.node
+		return nil
+	}
+	st.node = pn
+	s.nodes[pn.ID] = &nodeState{node: pn, streams: 1}
+	s.publishLocked(pn)
+	return nil
+}
+
+func (s *Server) closed(id int64) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	st, ok := s.streams[id]
+	if !ok {
+		return
+	}
+	delete(s.streams, id)
+	if st.node == nil {
+		return
+	}
+	ns := s.nodes[st.node.ID]
+	if ns == nil {
+		return
+	}
+	if ns.streams--; ns.streams == 0 {
+		delete(s.nodes, st.node.ID)
+		s.cache.ClearSnapshot(st.node.ID)
+	}
+}
