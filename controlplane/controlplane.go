@@ -277,6 +277,7 @@ type ControlPlane struct {
 	rotation  *rotation.Manager
 	elector   *elector
 	authz     *service.Service
+	stopping  chan struct{}
 	serving   *server.ServingCert
 	registry  *prometheus.Registry
 
@@ -384,7 +385,8 @@ func New(ctx context.Context, cfg Config) (_ *ControlPlane, err error) {
 	pb.RegisterIstioCertificateServiceServer(cp.grpc, server.NewCertificateService(server.CertificateServiceConfig{
 		Issuer: cp.CA, Authenticator: authenticator, Refusals: cp.refusals, Metrics: metrics, Clock: v.Clock, Log: v.Log,
 	}))
-	cav1.RegisterTrustBundleServiceServer(cp.grpc, &server.BundleService{Bundles: cp.Authority})
+	cp.stopping = make(chan struct{})
+	cav1.RegisterTrustBundleServiceServer(cp.grpc, &server.BundleService{Bundles: cp.Authority, Done: cp.stopping})
 
 	if cp.authz, err = cp.newAuthz(v); err != nil {
 		return nil, err
@@ -521,6 +523,7 @@ func (cp *ControlPlane) Run(ctx context.Context) error {
 	g.Go(func() error {
 		<-gctx.Done()
 		cp.ready.Store(false)
+		close(cp.stopping)
 		stopped := make(chan struct{})
 		go func() { cp.grpc.GracefulStop(); close(stopped) }()
 		select {

@@ -7,6 +7,8 @@ import (
 	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
 	"github.com/spiffe/go-spiffe/v2/federation"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 
 	cav1 "github.com/trustmesh/trustmesh/api/ca/v1"
 )
@@ -24,6 +26,9 @@ const DefaultRefreshHint = 5 * time.Minute
 type BundleService struct {
 	cav1.UnimplementedTrustBundleServiceServer
 	Bundles BundleWatcher
+	// Done, when closed, ends every stream, so that a graceful stop of the
+	// server does not wait on watchers that never hang up.
+	Done <-chan struct{}
 }
 
 // WatchBundle sends the current bundle, then every change, until the caller
@@ -38,6 +43,8 @@ func (s *BundleService) WatchBundle(_ *cav1.WatchBundleRequest, stream cav1.Trus
 		case <-changed:
 		case <-stream.Context().Done():
 			return nil
+		case <-s.Done:
+			return status.Error(codes.Unavailable, "the CA is shutting down; reconnect")
 		}
 	}
 }

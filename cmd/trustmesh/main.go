@@ -53,6 +53,7 @@ func newRootCmd() *cobra.Command {
 		newAuditCmd(),
 		newPolicyCmd(),
 		newAuthzCmd(),
+		newAgentCmd(),
 	)
 	return root
 }
