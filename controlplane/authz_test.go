@@ -6,6 +6,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -94,6 +95,13 @@ func TestServeEnforcesAuthorizationPolicies(t *testing.T) {
 	}
 	if codes.Code(resp.GetStatus().GetCode()) != codes.PermissionDenied {
 		t.Fatalf("GET /admin/users: status %v, want PermissionDenied", resp.GetStatus())
+	}
+	m := e.metrics()
+	for _, want := range []string{`trustmesh_authz_decisions_total{result="allow"} 1`, `trustmesh_authz_decisions_total{result="deny"} 1`,
+		"trustmesh_authz_check_duration_seconds_count 2"} {
+		if !strings.Contains(m, want) {
+			t.Errorf("metrics lack %s", want)
+		}
 	}
 	// A caller with no certificate never reaches the engine.
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)

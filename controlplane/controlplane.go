@@ -444,6 +444,7 @@ func (cp *ControlPlane) newAuthz(v *validated) (*service.Service, error) {
 	cfg := service.Config{
 		Address: v.ListenAuthz, Creds: credentials.NewTLS(tlsCfg), PolicyDir: v.PolicyDir,
 		RootNamespace: v.RootNamespace, DecisionLog: v.DecisionLog, Log: v.Log, OnKubernetes: v.inKube,
+		Registerer: cp.registry,
 	}
 	if v.inKube && v.PolicyDir == "" {
 		restCfg, err := restConfig(v.RestConfig, v.Kubeconfig)

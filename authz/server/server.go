@@ -62,6 +62,8 @@ type Config struct {
 	FailOpen bool
 	// StopTimeout bounds graceful shutdown; zero means 5s.
 	StopTimeout time.Duration
+	// Metrics, when set, counts decisions and times them.
+	Metrics *Metrics
 }
 
 // Validate checks cfg, collecting every error.
@@ -162,7 +164,9 @@ func (s *Server) Serve(ctx context.Context, lis net.Listener) error {
 // Check implements envoy.service.auth.v3.Authorization/Check. It is the one
 // place decisions and errors become ext_authz responses.
 func (s *Server) Check(ctx context.Context, req *authv3.CheckRequest) (*authv3.CheckResponse, error) {
+	start := time.Now()
 	d, err := s.cfg.Engine.Check(ctx, req)
+	defer func() { s.cfg.Metrics.observe(d.Allowed, err != nil, time.Since(start)) }()
 	if d == nil {
 		d = &engine.Decision{HTTPStatus: 403, Reason: engine.ReasonEvaluationError}
 	}

@@ -16,6 +16,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/sync/errgroup"
 	"google.golang.org/grpc/credentials"
 
@@ -47,6 +48,8 @@ type Config struct {
 	HeaderAllowlist []string
 	QueryAllowlist  []string
 	Log             *slog.Logger
+	// Registerer, when set, receives the service's Prometheus metrics.
+	Registerer prometheus.Registerer
 }
 
 // Service is the assembled authorization service.
@@ -97,9 +100,13 @@ func New(cfg Config) (*Service, error) {
 		errs = append(errs, err)
 		dl = s.dlog
 	}
+	var metrics *server.Metrics
+	if cfg.Registerer != nil {
+		metrics = server.NewMetrics(cfg.Registerer)
+	}
 	s.server, err = server.New(server.Config{
 		Engine: s.Engine, Log: dl, Address: cfg.Address, Creds: cfg.Creds,
-		InsecurePlaintext: cfg.InsecurePlaintext, FailOpen: cfg.FailOpen,
+		InsecurePlaintext: cfg.InsecurePlaintext, FailOpen: cfg.FailOpen, Metrics: metrics,
 	})
 	errs = append(errs, err)
 	if err := errors.Join(errs...); err != nil {
