@@ -1,0 +1,42 @@
+{{/* The control plane's name; its Service is reached as NAME.NAMESPACE.svc. */}}
+{{- define "trustmesh.name" -}}trustmesh{{- end -}}
+
+{{- define "trustmesh.labels" -}}
+app.kubernetes.io/name: trustmesh
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+{{- end -}}
+
+{{- define "trustmesh.selectorLabels" -}}
+app.kubernetes.io/name: trustmesh
+app.kubernetes.io/component: control-plane
+{{- end -}}
+
+{{- define "trustmesh.image" -}}
+{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
+{{- end -}}
+
+{{/* The webhook configuration's name, which the control plane patches. */}}
+{{- define "trustmesh.webhookName" -}}trustmesh-sidecar-injector-{{ .Release.Namespace }}{{- end -}}
+
+{{- define "trustmesh.address" -}}
+{{ include "trustmesh.name" . }}.{{ .Release.Namespace }}.svc:15012
+{{- end -}}
+
+{{- define "trustmesh.controlPlaneID" -}}
+spiffe://{{ .Values.trustDomain }}/ns/{{ .Release.Namespace }}/sa/{{ include "trustmesh.name" . }}
+{{- end -}}
+
+{{/* Namespaces never injected: the system's and trustmesh's own. */}}
+{{- define "trustmesh.neverInjected" -}}
+- kube-system
+- kube-public
+- kube-node-lease
+- {{ .Release.Namespace }}
+{{- end -}}
+
+{{- define "trustmesh.replicated" -}}
+{{- if gt (int .Values.replicaCount) 1 }}true{{ end -}}
+{{- end -}}
