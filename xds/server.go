@@ -144,7 +144,9 @@ func New(cfg Config) (*Server, error) {
 		streams:  map[int64]*stream{},
 		ready:    make(chan struct{}),
 	}
-	s.cache = cachev3.NewSnapshotCache(true, cachev3.IDHash{}, nil)
+	// Not the cache's ADS mode: it answers only requests that name every
+	// resource of the snapshot, and grpc-go asks for the few it needs.
+	s.cache = cachev3.NewSnapshotCache(false, cachev3.IDHash{}, nil)
 	ctx, cancel := context.WithCancel(context.Background())
 	s.stop = cancel
 	s.ads = serverv3.NewServer(ctx, s.cache, s.callbacks())
@@ -350,6 +352,14 @@ func (s *Server) Resources(n *corev3.Node) (*proxyconfig.Resources, error) {
 	}
 	_, res, err := gen.snapshot(pn)
 	return res, err
+}
+
+// Pushes counts the configurations pushed: the first load and every
+// debounced change since.
+func (s *Server) Pushes() uint64 {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.pushes
 }
 
 // Nodes returns the ids of the connected nodes, sorted.

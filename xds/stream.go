@@ -60,6 +60,8 @@ type Identity struct {
 type stream struct {
 	identity Identity
 	node     *proxyconfig.Node
+	// sent is the last version sent per type (state of the world).
+	sent map[string]string
 }
 
 // Authenticate verifies the peer certificate of a stream's connection
@@ -93,7 +95,18 @@ func (s *Server) callbacks() serverv3.Callbacks {
 		StreamOpenFunc:      s.open,
 		DeltaStreamOpenFunc: s.open,
 		StreamRequestFunc: func(id int64, req *discoveryv3.DiscoveryRequest) error {
-			return s.request(id, req.GetNode())
+			if err := s.request(id, req.GetNode()); err != nil {
+				return err
+			}
+			s.nack(id, req)
+			return nil
+		},
+		StreamResponseFunc: func(_ context.Context, id int64, _ *discoveryv3.DiscoveryRequest, resp *discoveryv3.DiscoveryResponse) {
+			s.mu.Lock()
+			if st, ok := s.streams[id]; ok {
+				st.sent[resp.GetTypeUrl()] = resp.GetVersionInfo()
+			}
+			s.mu.Unlock()
 		},
 		StreamDeltaRequestFunc: func(id int64, req *discoveryv3.DeltaDiscoveryRequest) error {
 			return s.request(id, req.GetNode())
@@ -119,7 +132,7 @@ func (s *Server) open(ctx context.Context, id int64, _ string) error {
 		return status.FromContextError(ctx.Err()).Err()
 	}
 	s.mu.Lock()
-	s.streams[id] = &stream{identity: ident}
+	s.streams[id] = &stream{identity: ident, sent: map[string]string{}}
 	s.mu.Unlock()
 	return nil
 }
@@ -164,6 +177,27 @@ func (s *Server) request(id int64, n *corev3.Node) error {
 	s.nodes[pn.ID] = &nodeState{node: pn, streams: 1}
 	s.publishLocked(pn)
 	return nil
+}
+
+// nack handles a state-of-the-world NACK: the client rejected the version
+// it was sent and asks with its previous one, which would make the cache
+// send the rejected version again at once, in a loop. The request is
+// marked as holding the rejected version, so the client waits for the next
+// one, and the rejection is logged.
+func (s *Server) nack(id int64, req *discoveryv3.DiscoveryRequest) {
+	if req.GetErrorDetail() == nil {
+		return
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	st, ok := s.streams[id]
+	if !ok {
+		return
+	}
+	rejected := st.sent[req.GetTypeUrl()]
+	s.log.Warn("xds configuration rejected by a node", "node", req.GetNode().GetId(), "type", req.GetTypeUrl(),
+		"version", rejected, "error", req.GetErrorDetail().GetMessage())
+	req.VersionInfo = rejected
 }
 
 func (s *Server) closed(id int64) {

@@ -242,7 +242,8 @@ func workloadIDs(s *mesh.Service) []string {
 
 // endpoints is the load assignment of one service port.
 func endpoints(name string, s *mesh.Service, p mesh.Port) *endpointv3.ClusterLoadAssignment {
-	la := &endpointv3.LocalityLbEndpoints{LoadBalancingWeight: wrapperspb.UInt32(1)}
+	// grpc-go needs a locality (an empty one will do) with a weight.
+	la := &endpointv3.LocalityLbEndpoints{Locality: &corev3.Locality{}, LoadBalancingWeight: wrapperspb.UInt32(1)}
 	for _, e := range s.Endpoints {
 		la.LbEndpoints = append(la.LbEndpoints, lbEndpoint(e.Address, e.TargetPort(p)))
 	}
