@@ -6,12 +6,15 @@ import (
 	"os"
 	"sync"
 	"testing"
+	"time"
 
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/watch"
 	"k8s.io/client-go/discovery"
 	"k8s.io/client-go/discovery/cached/memory"
 	"k8s.io/client-go/dynamic"
@@ -161,4 +164,24 @@ func TestServerSideDryRun(t *testing.T) {
 		}
 		t.Fatal("no MutatingWebhookConfiguration")
 	})
+}
+
+// waitWatch reads w until done holds, or fails after 30s.
+func waitWatch(t *testing.T, w watch.Interface, done func(runtime.Object) bool) {
+	t.Helper()
+	defer w.Stop()
+	timeout := time.After(30 * time.Second)
+	for {
+		select {
+		case ev, ok := <-w.ResultChan():
+			if !ok {
+				t.Fatal("watch closed")
+			}
+			if done(ev.Object) {
+				return
+			}
+		case <-timeout:
+			t.Fatal("timed out")
+		}
+	}
 }

@@ -242,7 +242,7 @@ func (inj *Injector) injectSidecar(meta *metav1.ObjectMeta, spec *corev1.PodSpec
 	}
 	proxy.RestartPolicy = ptr(corev1.ContainerRestartPolicyAlways)
 	spec.InitContainers = append([]corev1.Container{inj.initContainer(rules), agent, proxy}, spec.InitContainers...)
-	spec.Volumes = append(spec.Volumes, inj.volumes()...)
+	addVolumes(spec, inj.volumes())
 	setLabel(meta, LabelProxy, string(bootstrap.Sidecar))
 	return &status{
 		Template:       TemplateSidecar,
@@ -289,7 +289,7 @@ func (inj *Injector) injectGateway(meta *metav1.ObjectMeta, spec *corev1.PodSpec
 	proxy.StartupProbe = nil
 	spec.Containers[i] = proxy
 	spec.InitContainers = append([]corev1.Container{agent}, spec.InitContainers...)
-	spec.Volumes = append(spec.Volumes, inj.volumes()...)
+	addVolumes(spec, inj.volumes())
 	setLabel(meta, LabelProxy, string(bootstrap.Router))
 	return &status{
 		Template:       TemplateGateway,
@@ -330,6 +330,16 @@ func (inj *Injector) checkUIDs(spec *corev1.PodSpec) error {
 		}
 	}
 	return nil
+}
+
+// addVolumes adds the injected volumes. The projected token needs a named
+// service account, so the default one is named explicitly, as the
+// ServiceAccount admission plugin would before the webhook runs.
+func addVolumes(spec *corev1.PodSpec, vols []corev1.Volume) {
+	spec.Volumes = append(spec.Volumes, vols...)
+	if spec.ServiceAccountName == "" {
+		spec.ServiceAccountName = "default"
+	}
 }
 
 func setLabel(meta *metav1.ObjectMeta, k, v string) {

@@ -1,0 +1,141 @@
+package deploy_test
+
+import (
+	"context"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	admissionregistrationv1 "k8s.io/api/admissionregistration/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	"k8s.io/apimachinery/pkg/api/meta"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
+
+	"github.com/trustmesh/trustmesh/ca/authority"
+	"github.com/trustmesh/trustmesh/deploy"
+	"github.com/trustmesh/trustmesh/injector"
+	"github.com/trustmesh/trustmesh/injector/cabundle"
+)
+
+// TestRBACSufficesForTheBundlePublishers installs the chart's RBAC and
+// webhook configuration for real, then runs the caBundle patcher and the
+// root-cert publisher as the control plane's service account: the
+// least-privilege rules, limited by resourceNames, must be enough for them,
+// and must not reach beyond.
+func TestRBACSufficesForTheBundlePublishers(t *testing.T) {
+	cfg := kube(t)
+	admin := kubernetes.NewForConfigOrDie(cfg)
+	a := newApplier(t, cfg)
+	ctx := context.Background()
+	const ns = "rbac-test"
+	ensureNamespaces(t, admin, ns, "trustmesh-gateways", "rbac-workloads")
+
+	objs, err := deploy.Render(deploy.RenderOptions{Namespace: ns})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var webhookName string
+	for _, obj := range objs {
+		switch obj.GetKind() {
+		case "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding", "ServiceAccount":
+		case "MutatingWebhookConfiguration":
+			// Point it nowhere callable, and ignore failures, so that it
+			// does not stand in the way of other tests' pods.
+			var mwc admissionregistrationv1.MutatingWebhookConfiguration
+			if err := runtime.DefaultUnstructuredConverter.FromUnstructured(obj.Object, &mwc); err != nil {
+				t.Fatal(err)
+			}
+			webhookName = mwc.Name
+			ignore := admissionregistrationv1.Ignore
+			for i := range mwc.Webhooks {
+				mwc.Webhooks[i].FailurePolicy = &ignore
+				mwc.Webhooks[i].NamespaceSelector = &metav1.LabelSelector{MatchLabels: map[string]string{"rbac-test": "none"}}
+			}
+			if _, err := admin.AdmissionregistrationV1().MutatingWebhookConfigurations().Create(ctx, &mwc, metav1.CreateOptions{}); err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() {
+				_ = admin.AdmissionregistrationV1().MutatingWebhookConfigurations().Delete(context.Background(), mwc.Name, metav1.DeleteOptions{})
+			})
+			continue
+		default:
+			continue
+		}
+		gvk := obj.GroupVersionKind()
+		m, err := a.mapper.RESTMapping(gvk.GroupKind(), gvk.Version)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ri := a.dyn.Resource(m.Resource)
+		if m.Scope.Name() == meta.RESTScopeNameNamespace {
+			_, err = ri.Namespace(obj.GetNamespace()).Create(ctx, obj, metav1.CreateOptions{})
+		} else {
+			_, err = ri.Create(ctx, obj, metav1.CreateOptions{})
+		}
+		if err != nil {
+			t.Fatalf("%s %s: %v", gvk.Kind, obj.GetName(), err)
+		}
+	}
+
+	sa := rest.CopyConfig(cfg)
+	sa.Impersonate = rest.ImpersonationConfig{UserName: "system:serviceaccount:" + ns + ":trustmesh"}
+	cs := kubernetes.NewForConfigOrDie(sa)
+
+	// RBAC is enforced here: the account reads no Secret beyond the CA's.
+	if _, err := cs.CoreV1().Secrets(ns).Get(ctx, "someone-elses", metav1.GetOptions{}); !apierrors.IsForbidden(err) {
+		t.Fatalf("reading another Secret: %v, want Forbidden", err)
+	}
+
+	td := spiffeid.RequireTrustDomainFromString("cluster.local")
+	m, err := authority.Load(ctx, authority.Config{TrustDomain: td, Dir: filepath.Join(t.TempDir(), "ca"), Now: time.Now()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	auth := authority.New(td, m)
+	b, _ := auth.Bundle()
+	want, err := cabundle.PEM(b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	patcher, err := cabundle.NewWebhookPatcher(cabundle.WebhookConfig{Client: cs, Name: webhookName, Bundle: auth})
+	if err != nil {
+		t.Fatal(err)
+	}
+	publisher, err := cabundle.NewRootCertPublisher(cabundle.RootCertConfig{Client: cs, Bundle: auth})
+	if err != nil {
+		t.Fatal(err)
+	}
+	rctx, cancel := context.WithCancel(ctx)
+	done := make(chan error, 2)
+	go func() { done <- patcher.Run(rctx) }()
+	go func() { done <- publisher.Run(rctx) }()
+	defer func() {
+		cancel()
+		for range 2 {
+			if err := <-done; err != nil {
+				t.Error(err)
+			}
+		}
+	}()
+
+	mw, err := admin.AdmissionregistrationV1().MutatingWebhookConfigurations().Watch(ctx, metav1.ListOptions{FieldSelector: "metadata.name=" + webhookName})
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitWatch(t, mw, func(o runtime.Object) bool {
+		m, ok := o.(*admissionregistrationv1.MutatingWebhookConfiguration)
+		return ok && string(m.Webhooks[0].ClientConfig.CABundle) == string(want)
+	})
+	cw, err := admin.CoreV1().ConfigMaps("rbac-workloads").Watch(ctx, metav1.ListOptions{FieldSelector: "metadata.name=" + injector.RootCertConfigMap})
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitWatch(t, cw, func(o runtime.Object) bool {
+		c, ok := o.(interface{ GetName() string })
+		return ok && c.GetName() == injector.RootCertConfigMap
+	})
+}

@@ -1,0 +1,110 @@
+package webhook
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"time"
+)
+
+// DefaultAddress is the webhook's port, as istiod's.
+const DefaultAddress = ":15017"
+
+// Config configures a Server.
+type Config struct {
+	// Address to listen on; default DefaultAddress.
+	Address string
+	// Handler is the admission handler, from NewHandler.
+	Handler http.Handler
+	// GetCertificate returns the serving certificate for each handshake;
+	// the control plane passes (*server.ServingCert).GetCertificate, so
+	// the certificate is issued by the trustmesh CA and renewed in place.
+	GetCertificate func(*tls.ClientHelloInfo) (*tls.Certificate, error)
+	// ShutdownTimeout bounds a graceful stop; default 5s.
+	ShutdownTimeout time.Duration
+	Log             *slog.Logger
+}
+
+// Server serves the webhook over TLS.
+type Server struct {
+	cfg  Config
+	lis  net.Listener
+	http *http.Server
+}
+
+// New checks cfg and binds the listener, so that an address in use is an
+// error here rather than a server that pretends to run. Call Run, or Close
+// if Run will not be called.
+func New(cfg Config) (*Server, error) {
+	if cfg.Address == "" {
+		cfg.Address = DefaultAddress
+	}
+	if cfg.ShutdownTimeout <= 0 {
+		cfg.ShutdownTimeout = 5 * time.Second
+	}
+	if cfg.Log == nil {
+		cfg.Log = slog.Default()
+	}
+	var errs []error
+	if cfg.Handler == nil {
+		errs = append(errs, errors.New("a Handler is required"))
+	}
+	if cfg.GetCertificate == nil {
+		errs = append(errs, errors.New("GetCertificate is required"))
+	}
+	if len(errs) > 0 {
+		return nil, fmt.Errorf("webhook: %w", errors.Join(errs...))
+	}
+	lis, err := net.Listen("tcp", cfg.Address)
+	if err != nil {
+		return nil, fmt.Errorf("webhook: listen on %s: %w", cfg.Address, err)
+	}
+	return &Server{
+		cfg: cfg,
+		lis: lis,
+		http: &http.Server{
+			Handler: cfg.Handler,
+			TLSConfig: &tls.Config{
+				MinVersion:     tls.VersionTLS12,
+				GetCertificate: cfg.GetCertificate,
+			},
+			ReadHeaderTimeout: 10 * time.Second,
+			ReadTimeout:       30 * time.Second,
+			WriteTimeout:      30 * time.Second,
+			ErrorLog:          slog.NewLogLogger(cfg.Log.Handler(), slog.LevelWarn),
+		},
+	}, nil
+}
+
+// Addr is the bound address.
+func (s *Server) Addr() net.Addr { return s.lis.Addr() }
+
+// Run serves until ctx ends, then shuts down within the shutdown timeout.
+// A cancelled ctx is a clean exit.
+func (s *Server) Run(ctx context.Context) error {
+	errc := make(chan error, 1)
+	go func() { errc <- s.http.ServeTLS(s.lis, "", "") }()
+	select {
+	case err := <-errc:
+		return fmt.Errorf("webhook: serve: %w", err)
+	case <-ctx.Done():
+	}
+	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), s.cfg.ShutdownTimeout)
+	defer cancel()
+	err := s.http.Shutdown(sctx)
+	if serr := <-errc; !errors.Is(serr, http.ErrServerClosed) {
+		err = errors.Join(err, serr)
+	}
+	if err != nil {
+		_ = s.http.Close()
+		return fmt.Errorf("webhook: shut down: %w", err)
+	}
+	return nil
+}
+
+// Close releases the listener of a Server whose Run was never called.
+func (s *Server) Close() error { return s.lis.Close() }
