@@ -122,7 +122,7 @@ func (inj *Injector) injectDocument(doc []byte) ([]byte, ObjectResult, error) {
 	objMeta, podMeta, spec := wl.template(obj)
 	r, err := inj.InjectPod(objMeta.Namespace, podMeta, spec)
 	if err != nil {
-		return nil, res, fmt.Errorf("injector: %s %s: %w", res.Kind, qualified(objMeta), err)
+		return nil, res, fmt.Errorf("%s %s: %w", res.Kind, qualified(objMeta), err)
 	}
 	res.Result = r
 	if !r.Injected {
