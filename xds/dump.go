@@ -1,0 +1,177 @@
+package xds
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"sort"
+
+	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
+	"google.golang.org/protobuf/encoding/protojson"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/structpb"
+
+	"github.com/trustmesh/trustmesh/authz/policy"
+	"github.com/trustmesh/trustmesh/mesh"
+	"github.com/trustmesh/trustmesh/xds/proxyconfig"
+)
+
+// DumpRequest asks for one node's resources, computed as the server would
+// compute them, without connecting as the node.
+type DumpRequest struct {
+	Mesh     mesh.Source
+	Policies PolicySource
+	Proxy    proxyconfig.Config
+	// NodeID is the node id, TYPE~IP~POD.NAMESPACE~NAMESPACE.svc.DOMAIN.
+	NodeID string
+	// ServiceAccount defaults to the pod's in the mesh.
+	ServiceAccount string
+	// Labels default to the pod's in the mesh.
+	Labels map[string]string
+	// Proxyless asks for a grpc-go client's resources.
+	Proxyless bool
+}
+
+// ErrUnknownNode marks a dump request whose service account cannot be
+// found: the pod is not in the mesh and none was given.
+var ErrUnknownNode = errors.New("xds: the node's pod is not in the mesh; give its service account")
+
+// Dump computes a node's resources and renders them as indented JSON,
+// with private keys redacted. The resources pass the same checks as
+// published ones; a failing check is an error.
+func Dump(req DumpRequest) ([]byte, error) {
+	cfg, err := req.Proxy.WithDefaults()
+	if err != nil {
+		return nil, fmt.Errorf("xds: %w", err)
+	}
+	m, err := req.Mesh.Mesh()
+	if err != nil {
+		return nil, fmt.Errorf("%w: %w", ErrMesh, err)
+	}
+	if err := m.Validate(cfg.TrustDomain); err != nil {
+		return nil, fmt.Errorf("%w: %w", ErrMesh, err)
+	}
+	var ps []*policy.Policy
+	if req.Policies != nil {
+		if ps, err = req.Policies.Policies(); err != nil {
+			return nil, fmt.Errorf("%w: %w", ErrPolicies, err)
+		}
+	}
+	node, err := dumpNode(req, m)
+	if err != nil {
+		return nil, err
+	}
+	pn, err := proxyconfig.ParseNode(node)
+	if err != nil {
+		return nil, err
+	}
+	_, res, err := newGeneration(proxyconfig.NewBuilder(cfg, m, ps)).snapshot(pn)
+	if err != nil {
+		return nil, err
+	}
+	return RenderJSON(node.GetId(), res)
+}
+
+func dumpNode(req DumpRequest, m *mesh.Mesh) (*corev3.Node, error) {
+	probe, err := proxyconfig.ParseNode(&corev3.Node{Id: req.NodeID, Metadata: &structpb.Struct{Fields: map[string]*structpb.Value{
+		proxyconfig.MetaServiceAccount: structpb.NewStringValue("-"),
+	}}})
+	if err != nil {
+		return nil, err
+	}
+	sa, labels := req.ServiceAccount, req.Labels
+	if w := m.Workload(probe.Namespace, probe.Pod); w != nil {
+		if sa == "" {
+			sa = w.ServiceAccount
+		}
+		if labels == nil {
+			labels = w.Labels
+		}
+	}
+	if sa == "" {
+		return nil, ErrUnknownNode
+	}
+	l := map[string]any{}
+	for k, v := range labels {
+		l[k] = v
+	}
+	md := map[string]any{proxyconfig.MetaServiceAccount: sa, proxyconfig.MetaNamespace: probe.Namespace, proxyconfig.MetaLabels: l}
+	if req.Proxyless {
+		md[proxyconfig.MetaGenerator] = proxyconfig.GeneratorGRPC
+	}
+	s, err := structpb.NewStruct(md)
+	if err != nil {
+		return nil, fmt.Errorf("xds: node metadata: %w", err)
+	}
+	return &corev3.Node{Id: req.NodeID, Metadata: s}, nil
+}
+
+// RenderJSON renders resources as stable, indented JSON (protojson output
+// re-encoded, so that it is byte-stable for golden files). Private keys of
+// secrets are replaced by "[redacted]".
+func RenderJSON(nodeID string, res *proxyconfig.Resources) ([]byte, error) {
+	out := struct {
+		Node      string            `json:"node"`
+		Warnings  []string          `json:"warnings,omitempty"`
+		Listeners []json.RawMessage `json:"listeners"`
+		Routes    []json.RawMessage `json:"routes"`
+		Clusters  []json.RawMessage `json:"clusters"`
+		Endpoints []json.RawMessage `json:"endpoints"`
+		Secrets   []json.RawMessage `json:"secrets,omitempty"`
+	}{Node: nodeID, Warnings: res.Warnings}
+	var errs []error
+	add := func(dst *[]json.RawMessage, m proto.Message) {
+		b, err := protojson.Marshal(m)
+		if err != nil {
+			errs = append(errs, err)
+			return
+		}
+		var v any
+		if err := json.Unmarshal(b, &v); err != nil {
+			errs = append(errs, err)
+			return
+		}
+		b, _ = json.Marshal(v)
+		*dst = append(*dst, b)
+	}
+	for _, l := range sortedByName(res.Listeners) {
+		add(&out.Listeners, l)
+	}
+	for _, r := range sortedByName(res.Routes) {
+		add(&out.Routes, r)
+	}
+	for _, c := range sortedByName(res.Clusters) {
+		add(&out.Clusters, c)
+	}
+	for _, e := range res.Endpoints {
+		add(&out.Endpoints, e)
+	}
+	for _, s := range sortedByName(res.Secrets) {
+		s = proto.Clone(s).(*tlsv3.Secret)
+		if tc := s.GetTlsCertificate(); tc != nil && tc.GetPrivateKey() != nil {
+			tc.PrivateKey = &corev3.DataSource{Specifier: &corev3.DataSource_InlineString{InlineString: "[redacted]"}}
+		}
+		add(&out.Secrets, s)
+	}
+	if err := errors.Join(errs...); err != nil {
+		return nil, fmt.Errorf("xds: rendering: %w", err)
+	}
+	b, err := json.Marshal(out)
+	if err != nil {
+		return nil, fmt.Errorf("xds: rendering: %w", err)
+	}
+	var buf bytes.Buffer
+	if err := json.Indent(&buf, b, "", "  "); err != nil {
+		return nil, fmt.Errorf("xds: rendering: %w", err)
+	}
+	buf.WriteByte('\n')
+	return buf.Bytes(), nil
+}
+
+func sortedByName[T interface{ GetName() string }](xs []T) []T {
+	out := append([]T(nil), xs...)
+	sort.SliceStable(out, func(i, j int) bool { return out[i].GetName() < out[j].GetName() })
+	return out
+}
