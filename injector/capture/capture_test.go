@@ -3,6 +3,8 @@ package capture_test
 import (
 	"errors"
 	"net/netip"
+	"os"
+	"os/exec"
 	"slices"
 	"strings"
 	"testing"
@@ -145,5 +147,46 @@ func TestRules(t *testing.T) {
 	script := c.Script()
 	if !strings.HasPrefix(script, "set -eu\n") || !strings.Contains(script, "ip6tables-restore --noflush") {
 		t.Errorf("script does not fail closed or skips IPv6:\n%s", script)
+	}
+}
+
+// TestScriptApplies runs the init container's script with the real
+// iptables-restore in a fresh network namespace, as the pod's would be,
+// and reads the rules back. It needs root, unshare and iptables, and says
+// so when it cannot run.
+func TestScriptApplies(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to make a network namespace")
+	}
+	for _, tool := range []string{"unshare", "iptables-restore", "ip6tables-restore", "iptables-save"} {
+		if _, err := exec.LookPath(tool); err != nil {
+			t.Skipf("needs %s: %v", tool, err)
+		}
+	}
+	c := capture.Config{
+		ProxyUID: 1337, ProxyGID: 1337, InboundPort: 15006, OutboundPort: 15001,
+		ExcludeInboundPorts:  []int32{15020, 15021, 9100},
+		ExcludeOutboundPorts: []int32{5432},
+		ExcludeOutboundCIDRs: []netip.Prefix{netip.MustParsePrefix("10.96.0.0/12"), netip.MustParsePrefix("fd00::/8")},
+	}
+	out, err := exec.Command("unshare", "-n", "sh", "-c",
+		c.Script()+"iptables-save -t nat\nif [ -e /proc/net/if_inet6 ]; then ip6tables-save -t nat; fi\n").CombinedOutput()
+	if err != nil {
+		t.Fatalf("the script failed: %v\n%s", err, out)
+	}
+	saved := string(out)
+	for _, want := range []string{
+		"-A PREROUTING -p tcp -j TRUSTMESH_INBOUND",
+		"-A TRUSTMESH_INBOUND -p tcp -m tcp --dport 9100 -j RETURN",
+		"-A TRUSTMESH_OUTPUT -m owner --uid-owner 1337 -j RETURN",
+		"-A TRUSTMESH_OUTPUT -d 10.96.0.0/12 -j RETURN",
+		"-A TRUSTMESH_REDIRECT -p tcp -j REDIRECT --to-ports 15001",
+	} {
+		if !strings.Contains(saved, want) {
+			t.Errorf("applied rules lack %q:\n%s", want, saved)
+		}
+	}
+	if _, err := os.Stat("/proc/net/if_inet6"); err == nil && !strings.Contains(saved, "-A TRUSTMESH_OUTPUT -d fd00::/8 -j RETURN") {
+		t.Errorf("IPv6 rules not applied:\n%s", saved)
 	}
 }
