@@ -106,9 +106,10 @@ func TestRender(t *testing.T) {
 			webhooks: []string{"namespace.inject.trustmesh.io"},
 		},
 		{
-			name:   "no injection",
-			values: map[string]any{"injection": map[string]any{"enabled": false}},
-			want:   map[string]int{"MutatingWebhookConfiguration": 0},
+			name: "no injection",
+			values: map[string]any{"injection": map[string]any{"enabled": false},
+				"gateways": map[string]any{"ingress": map[string]any{"enabled": false}, "egress": map[string]any{"enabled": false}}},
+			want: map[string]int{"MutatingWebhookConfiguration": 0},
 		},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -192,6 +193,7 @@ func TestValuesSchema(t *testing.T) {
 		{"network policy for no namespace", map[string]any{"networkPolicy": map[string]any{"enabled": true}}},
 		{"proxy as root", map[string]any{"meshConfig": map[string]any{"proxy": map[string]any{"uid": 0}}}},
 		{"exclusion that is not a CIDR", map[string]any{"meshConfig": map[string]any{"capture": map[string]any{"excludableOutboundCIDRs": []any{"10.0.0.1"}}}}},
+		{"gateways without the injector that completes them", map[string]any{"injection": map[string]any{"enabled": false}}},
 		{"webhook timeout beyond the API server's", map[string]any{"injection": map[string]any{"timeoutSeconds": 60}}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
