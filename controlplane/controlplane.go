@@ -245,6 +245,9 @@ func (c Config) validate() (*validated, error) {
 			errs = append(errs, errors.New("a CA secret needs Kubernetes"))
 		}
 	}
+	if c.JournalDSN != "" && c.CheckpointKeyURI == "" && c.CASecret == "" {
+		errs = append(errs, errors.New("replicas sharing a journal must share its checkpoint key: give --checkpoint-key-uri, or --ca-secret to keep it in a Secret"))
+	}
 	if c.JournalDSN != "" && c.CACertsDir == "" && c.CASecret == "" {
 		errs = append(errs, errors.New("with a shared journal (replicas), the CA keys must live in a Kubernetes Secret (--ca-secret) or come from --cacerts (with --ca-key-uri for a KMS), never in a replica's own data directory"))
 	}
@@ -305,6 +308,13 @@ func New(ctx context.Context, cfg Config) (_ *ControlPlane, err error) {
 	}()
 	dir := DataDir(v.DataDir)
 	jo := JournalOptions{DSN: v.JournalDSN, CheckpointKeyURI: v.CheckpointKeyURI, Log: v.Log}
+	if v.CASecret != "" && v.CheckpointKeyURI == "" {
+		// Replicas share the journal, so they share its checkpoint key.
+		if jo.Kube, err = kubeClient(v.RestConfig, v.Kubeconfig); err != nil {
+			return nil, err
+		}
+		jo.CheckpointSecret = v.CASecret + "-checkpoint"
+	}
 	if v.Witness != "" {
 		cp.witness = journal.NewExportWitness(v.Witness, v.Log)
 		jo.Witness = cp.witness

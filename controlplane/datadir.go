@@ -2,20 +2,27 @@ package controlplane
 
 import (
 	"context"
+	"crypto"
 	"crypto/ed25519"
 	"crypto/rand"
 	"crypto/x509"
+	"encoding/pem"
 	"errors"
 	"fmt"
 	"io/fs"
 	"log/slog"
 	"os"
 	"path/filepath"
+	"strings"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"go.step.sm/crypto/pemutil"
+	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/kubernetes"
 	"k8s.io/utils/clock"
 
 	"github.com/trustmesh/trustmesh/ca/audit"
@@ -54,6 +61,14 @@ type JournalOptions struct {
 	// CheckpointKeyURI names the Ed25519 checkpoint key in a KMS; empty
 	// selects (and on first use creates) a key file in the data directory.
 	CheckpointKeyURI string
+	// CheckpointSecret ("namespace/name") keeps the checkpoint key in a
+	// Kubernetes Secret, created on first use, so that replicas sharing a
+	// journal sign with one key. Used when CheckpointKeyURI is empty.
+	CheckpointSecret string
+	// Kube reaches CheckpointSecret; when nil, Kubeconfig (or the pod's
+	// service account) is used.
+	Kube       kubernetes.Interface
+	Kubeconfig string
 	// Witness receives every new checkpoint.
 	Witness journal.Witness
 	Log     *slog.Logger
@@ -95,12 +110,12 @@ func (d DataDir) OpenJournal(ctx context.Context, td string, o JournalOptions, r
 		}
 	}
 	if err == nil && !readOnly {
+		err = d.attachSigner(ctx, store, parsed, o)
+	}
+	if err == nil && !readOnly {
 		if err = store.Integrity(); err != nil {
 			err = fmt.Errorf("controlplane: refusing to append to the journal: %w; run trustmesh audit verify", err)
 		}
-	}
-	if err == nil && !readOnly {
-		err = d.attachSigner(ctx, store, parsed, o)
 	}
 	if err != nil {
 		store.Close()
@@ -116,23 +131,16 @@ func JournalOrigin(td spiffeid.TrustDomain) string { return "trustmesh.journal/"
 // separate from the CA key, and publishes its verifier key.
 func (d DataDir) attachSigner(ctx context.Context, store *journal.Store, td spiffeid.TrustDomain, o JournalOptions) error {
 	uri := o.CheckpointKeyURI
-	if uri == "" {
-		path := filepath.Join(string(d), checkpointKeyFile)
-		if _, err := os.Stat(path); errors.Is(err, fs.ErrNotExist) {
-			_, key, err := ed25519.GenerateKey(rand.Reader)
-			if err != nil {
-				return fmt.Errorf("controlplane: checkpoint key: %w", err)
-			}
-			if err := authority.WriteKeyFile(path, key); err != nil {
-				return err
-			}
-		}
-		var err error
-		if uri, err = authority.SoftKMSURI(path); err != nil {
-			return err
-		}
+	var key crypto.Signer
+	var err error
+	switch {
+	case uri != "":
+		key, err = authority.OpenSigner(ctx, uri)
+	case o.CheckpointSecret != "":
+		key, err = checkpointKeyFromSecret(ctx, o)
+	default:
+		key, err = d.checkpointKeyFile(ctx)
 	}
-	key, err := authority.OpenSigner(ctx, uri)
 	if err != nil {
 		return err
 	}
@@ -143,8 +151,74 @@ func (d DataDir) attachSigner(ctx context.Context, store *journal.Store, td spif
 	if err := os.WriteFile(d.CheckpointPubPath(), []byte(vkey+"\n"), 0o644); err != nil {
 		return fmt.Errorf("controlplane: %w", err)
 	}
-	store.SetSigner(signer)
-	return nil
+	return store.SetSigner(ctx, signer, vkey)
+}
+
+// checkpointKeyFile loads, or on first use creates, the checkpoint key file
+// in the data directory.
+func (d DataDir) checkpointKeyFile(ctx context.Context) (crypto.Signer, error) {
+	path := filepath.Join(string(d), checkpointKeyFile)
+	if _, err := os.Stat(path); errors.Is(err, fs.ErrNotExist) {
+		_, key, err := ed25519.GenerateKey(rand.Reader)
+		if err != nil {
+			return nil, fmt.Errorf("controlplane: checkpoint key: %w", err)
+		}
+		if err := authority.WriteKeyFile(path, key); err != nil {
+			return nil, err
+		}
+	}
+	uri, err := authority.SoftKMSURI(path)
+	if err != nil {
+		return nil, err
+	}
+	return authority.OpenSigner(ctx, uri)
+}
+
+// checkpointKeyFromSecret loads the checkpoint key from a Kubernetes Secret,
+// creating it exactly once when replicas start together.
+func checkpointKeyFromSecret(ctx context.Context, o JournalOptions) (crypto.Signer, error) {
+	ns, name, ok := strings.Cut(o.CheckpointSecret, "/")
+	if !ok {
+		return nil, fmt.Errorf("controlplane: checkpoint secret %q is not namespace/name", o.CheckpointSecret)
+	}
+	client := o.Kube
+	if client == nil {
+		var err error
+		if client, err = kubeClient(nil, o.Kubeconfig); err != nil {
+			return nil, err
+		}
+	}
+	const dataKey = "checkpoint-key.pem"
+	for attempt := 0; attempt < 3; attempt++ {
+		sec, err := client.CoreV1().Secrets(ns).Get(ctx, name, metav1.GetOptions{})
+		if err == nil {
+			return authority.SignerFromPEM(ctx, sec.Data[dataKey])
+		}
+		if !apierrors.IsNotFound(err) {
+			return nil, fmt.Errorf("controlplane: checkpoint secret %s: %w", o.CheckpointSecret, err)
+		}
+		_, key, err := ed25519.GenerateKey(rand.Reader)
+		if err != nil {
+			return nil, fmt.Errorf("controlplane: checkpoint key: %w", err)
+		}
+		der, err := x509.MarshalPKCS8PrivateKey(key)
+		if err != nil {
+			return nil, fmt.Errorf("controlplane: checkpoint key: %w", err)
+		}
+		_, err = client.CoreV1().Secrets(ns).Create(ctx, &corev1.Secret{
+			ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: ns,
+				Labels: map[string]string{"app.kubernetes.io/part-of": "trustmesh", "app.kubernetes.io/component": "journal"}},
+			Type: corev1.SecretTypeOpaque,
+			Data: map[string][]byte{dataKey: pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der})},
+		}, metav1.CreateOptions{})
+		if err == nil {
+			return key, nil
+		}
+		if !apierrors.IsAlreadyExists(err) {
+			return nil, fmt.Errorf("controlplane: create checkpoint secret %s: %w", o.CheckpointSecret, err)
+		}
+	}
+	return nil, fmt.Errorf("controlplane: checkpoint secret %s kept changing", o.CheckpointSecret)
 }
 
 // CreateJoinToken makes a one-time join token for id in the data directory's

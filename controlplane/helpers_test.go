@@ -25,6 +25,7 @@ import (
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 	pb "istio.io/api/security/v1alpha1"
+	"k8s.io/client-go/kubernetes"
 	clocktesting "k8s.io/utils/clock/testing"
 
 	"github.com/trustmesh/trustmesh/controlplane"
@@ -63,6 +64,10 @@ func start(t *testing.T, mutate func(*controlplane.Config)) *env {
 	done := make(chan error, 1)
 	go func() { done <- cp.Run(ctx) }()
 	e := &env{t: t, cp: cp, clock: clk, dataDir: cfg.DataDir, jo: controlplane.JournalOptions{DSN: cfg.JournalDSN}}
+	if cfg.CASecret != "" {
+		e.jo.CheckpointSecret = cfg.CASecret + "-checkpoint"
+		e.jo.Kube = kubernetes.NewForConfigOrDie(cfg.RestConfig)
+	}
 	var stopped bool
 	var stopErr error
 	e.stop = func() error {

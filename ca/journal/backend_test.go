@@ -86,7 +86,7 @@ func eachBackend(t *testing.T, f func(t *testing.T, b backend)) {
 
 func (b backend) open(t *testing.T) *journal.Store {
 	t.Helper()
-	s, err := journal.Open(context.Background(), journal.Config{DSN: b.dsn, Signer: testSigner})
+	s, err := journal.Open(context.Background(), journal.Config{DSN: b.dsn, Signer: testSigner, VerifierKey: testVKey})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -42,7 +42,13 @@ func ParseCheckpoint(signed []byte, vkey string) (Checkpoint, error) {
 	if err != nil {
 		return Checkpoint{}, fmt.Errorf("journal: checkpoint signature: %w", err)
 	}
-	lines := strings.Split(n.Text, "\n")
+	return parseCheckpointText(n.Text, v.Name())
+}
+
+// parseCheckpointText parses the body of a checkpoint already opened with
+// the verifier named origin.
+func parseCheckpointText(text, origin string) (Checkpoint, error) {
+	lines := strings.Split(text, "\n")
 	if len(lines) < 4 {
 		return Checkpoint{}, errors.New("journal: checkpoint body is too short")
 	}
@@ -54,8 +60,8 @@ func ParseCheckpoint(signed []byte, vkey string) (Checkpoint, error) {
 	if err != nil || len(root) != sha256.Size {
 		return Checkpoint{}, fmt.Errorf("journal: checkpoint root hash %q is not a base64 SHA-256", lines[2])
 	}
-	if lines[0] != v.Name() {
-		return Checkpoint{}, fmt.Errorf("journal: checkpoint origin %q is not the key's %q", lines[0], v.Name())
+	if lines[0] != origin {
+		return Checkpoint{}, fmt.Errorf("journal: checkpoint origin %q is not the key's %q", lines[0], origin)
 	}
 	return Checkpoint{Origin: lines[0], Size: size, Root: root}, nil
 }

@@ -36,8 +36,8 @@ func (s *Store) submit(ctx context.Context, o *op) error {
 	if s.cfg.Signer == nil {
 		return errors.New("journal: opened without a checkpoint signer; appends are disabled")
 	}
-	if s.integrity != nil {
-		return s.integrity
+	if err := s.Integrity(); err != nil {
+		return err
 	}
 	o.done = make(chan error, 1)
 	select {
@@ -91,8 +91,17 @@ func (s *Store) drain() {
 	}
 }
 
+// commitTimeout bounds one commit, so that a hung database fails appends
+// (and so issuances) instead of stalling them forever.
+const commitTimeout = 30 * time.Second
+
 func (s *Store) commit(batch []*op) {
-	errs, note, err := s.commitBatch(context.Background(), batch)
+	ctx, cancel := context.WithTimeout(context.Background(), commitTimeout)
+	defer cancel()
+	errs, note, err := s.commitBatch(ctx, batch)
+	if errors.Is(err, ErrTampered) {
+		s.setIntegrity(err)
+	}
 	for i, o := range batch {
 		switch {
 		case err != nil:
@@ -130,8 +139,20 @@ func (s *Store) commitBatch(ctx context.Context, batch []*op) (opErrs []error, s
 			return nil, nil, fmt.Errorf("journal: lock: %w", err)
 		}
 	}
+	before := s.rng.End()
 	if err := s.catchUp(ctx, tx); err != nil {
 		return nil, nil, err
+	}
+	// Rows written elsewhere (another replica, the CLI) count only when the
+	// latest signed checkpoint vouches for them: rows slipped in behind the
+	// journal's back are never signed into the log.
+	if s.rng.End() != before {
+		if s.verifier == nil {
+			return nil, nil, fmt.Errorf("%w: rows were appended elsewhere and no verifier key is set", ErrTampered)
+		}
+		if err := s.checkLatest(ctx, tx); err != nil {
+			return nil, nil, err
+		}
 	}
 	start := s.rng.End()
 	insert, err := tx.PrepareContext(ctx, `INSERT INTO entries (idx, kind, time_ns, spiffe_id, serial, body, leaf_hash)

@@ -42,6 +42,10 @@ type Config struct {
 	// Signer signs checkpoints. It is separate from the CA key. Nil opens
 	// the journal read-only: appends fail.
 	Signer note.Signer
+	// VerifierKey is the signer's public key (note's "name+hash+key" form).
+	// With it, the stored log is checked against its latest signed
+	// checkpoint at Open and whenever rows written elsewhere are caught up.
+	VerifierKey string
 	// Witness, when set, receives every new signed checkpoint.
 	Witness Witness
 	// MaxBatch bounds how many appends share one commit. Default 512.
@@ -67,9 +71,19 @@ type Store struct {
 	// Committer state: the compact range of the whole log. Only the
 	// committer goroutine touches it after Open.
 	rng *compact.Range
-	// integrity is why the stored log cannot be trusted, found at Open; it
-	// blocks every append. Reads and audits still work.
+	// integrity is why the stored log cannot be trusted; once set it blocks
+	// every append. Reads and audits still work.
+	imu       sync.Mutex
 	integrity error
+	verifier  note.Verifier
+}
+
+func (s *Store) setIntegrity(err error) {
+	s.imu.Lock()
+	defer s.imu.Unlock()
+	if s.integrity == nil {
+		s.integrity = err
+	}
 }
 
 type compactHasher struct{ f compact.RangeFactory }
@@ -107,18 +121,15 @@ func Open(ctx context.Context, cfg Config) (*Store, error) {
 		return nil, err
 	}
 	s.rng = s.hasher.f.NewEmptyRange(0)
-	if err := s.catchUp(ctx, s.db); err != nil {
-		if !errors.Is(err, ErrTampered) {
+	if cfg.VerifierKey != "" {
+		if s.verifier, err = note.NewVerifier(cfg.VerifierKey); err != nil {
 			s.db.Close()
-			return nil, err
+			return nil, fmt.Errorf("journal: checkpoint key: %w", err)
 		}
-		s.integrity = err
-	} else if err := s.checkLatest(ctx); err != nil {
-		if !errors.Is(err, ErrTampered) {
-			s.db.Close()
-			return nil, err
-		}
-		s.integrity = err
+	}
+	if err := s.load(ctx); err != nil {
+		s.db.Close()
+		return nil, err
 	}
 	s.wg.Add(1)
 	go s.commitLoop()
@@ -183,13 +194,50 @@ func (s *Store) createSchema(ctx context.Context) error {
 	return nil
 }
 
-// SetSigner sets the checkpoint signer, enabling appends. Call it before the
-// first append.
-func (s *Store) SetSigner(signer note.Signer) {
-	s.cfg.Signer = signer
+// SetSigner sets the checkpoint signer and its verifier key, enabling
+// appends, and checks the stored log against its latest signed checkpoint.
+// Call it before the first append.
+func (s *Store) SetSigner(ctx context.Context, signer note.Signer, vkey string) error {
+	v, err := note.NewVerifier(vkey)
+	if err != nil {
+		return fmt.Errorf("journal: checkpoint key: %w", err)
+	}
+	s.cfg.Signer, s.verifier = signer, v
 	if s.cfg.Origin == "" {
 		s.cfg.Origin = signer.Name()
 	}
+	s.rng = s.hasher.f.NewEmptyRange(0)
+	s.imu.Lock()
+	s.integrity = nil
+	s.imu.Unlock()
+	return s.load(ctx)
+}
+
+// load rebuilds the tree from one consistent read of the log and, when the
+// verifier is known, checks it against the latest signed checkpoint.
+// Tampering is recorded in integrity rather than returned.
+func (s *Store) load(ctx context.Context) error {
+	tx, err := s.db.BeginTx(ctx, &sql.TxOptions{ReadOnly: s.postgres, Isolation: s.snapshotIsolation()})
+	if err != nil {
+		return fmt.Errorf("journal: %w", err)
+	}
+	defer tx.Rollback() //nolint:errcheck // read only
+	err = s.catchUp(ctx, tx)
+	if err == nil && s.verifier != nil {
+		err = s.checkLatest(ctx, tx)
+	}
+	if errors.Is(err, ErrTampered) {
+		s.setIntegrity(err)
+		return nil
+	}
+	return err
+}
+
+func (s *Store) snapshotIsolation() sql.IsolationLevel {
+	if s.postgres {
+		return sql.LevelRepeatableRead
+	}
+	return sql.LevelDefault
 }
 
 // Close stops accepting appends, finishes those in flight and closes the
@@ -207,7 +255,11 @@ func (s *Store) Close() error {
 
 // Integrity returns nil when the stored log matched its latest checkpoint at
 // Open, and otherwise why not (wrapping ErrTampered).
-func (s *Store) Integrity() error { return s.integrity }
+func (s *Store) Integrity() error {
+	s.imu.Lock()
+	defer s.imu.Unlock()
+	return s.integrity
+}
 
 // Ping checks that the database answers.
 func (s *Store) Ping(ctx context.Context) error {
@@ -275,28 +327,39 @@ func (s *Store) catchUp(ctx context.Context, q querier) error {
 	return nil
 }
 
-// checkLatest compares the rebuilt log with its latest checkpoint.
-func (s *Store) checkLatest(ctx context.Context) error {
+// checkLatest compares the rebuilt log with its latest checkpoint, as
+// signed: the size and root in the signed note, never the unsigned columns
+// beside it. A log with entries but no valid checkpoint fails.
+func (s *Store) checkLatest(ctx context.Context, q querier) error {
 	var size int64
-	var root []byte
-	err := s.db.QueryRowContext(ctx, `SELECT size, root FROM checkpoints ORDER BY size DESC LIMIT 1`).Scan(&size, &root)
+	var signed []byte
+	err := q.QueryRowContext(ctx, `SELECT size, note FROM checkpoints ORDER BY size DESC LIMIT 1`).Scan(&size, &signed)
 	if errors.Is(err, sql.ErrNoRows) {
-		return nil
+		if s.rng.End() == 0 {
+			return nil
+		}
+		return fmt.Errorf("%w: %d entries and no checkpoint", ErrTampered, s.rng.End())
 	}
 	if err != nil {
 		return fmt.Errorf("journal: %w", err)
 	}
-	if uint64(size) != s.rng.End() {
-		// Appends from an older version or a crash between entries and
-		// checkpoint cannot happen: both are written in one transaction.
-		return fmt.Errorf("%w: the latest checkpoint is at size %d, the log holds %d", ErrTampered, size, s.rng.End())
+	n, err := note.Open(signed, note.VerifierList(s.verifier))
+	if err != nil {
+		return fmt.Errorf("%w: the latest checkpoint is not validly signed: %v", ErrTampered, err)
+	}
+	cp, err := parseCheckpointText(n.Text, s.verifier.Name())
+	if err != nil {
+		return fmt.Errorf("%w: %v", ErrTampered, err)
+	}
+	if cp.Size != s.rng.End() {
+		return fmt.Errorf("%w: the latest signed checkpoint is at size %d, the log holds %d", ErrTampered, cp.Size, s.rng.End())
 	}
 	got, err := s.rng.GetRootHash(nil)
 	if err != nil {
 		return fmt.Errorf("journal: %w", err)
 	}
-	if string(got) != string(root) {
-		return fmt.Errorf("%w: the root of %d entries differs from the latest checkpoint", ErrTampered, size)
+	if string(got) != string(cp.Root) {
+		return fmt.Errorf("%w: the root of %d entries differs from the latest signed checkpoint", ErrTampered, cp.Size)
 	}
 	return nil
 }

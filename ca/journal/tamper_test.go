@@ -12,6 +12,7 @@ import (
 	"sync"
 	"testing"
 
+	"github.com/transparency-dev/merkle/compact"
 	"github.com/transparency-dev/merkle/rfc6962"
 	"golang.org/x/mod/sumdb/note"
 
@@ -138,7 +139,7 @@ func TestTamperedJournalRefusesAppends(t *testing.T) {
 		db := b.raw(t)
 		body := editBody(t, db, 1, "sa/w1", "sa/admin")
 		exec(t, db, `UPDATE entries SET body = $1, leaf_hash = $2 WHERE idx = 1`, body, leafHash(body))
-		s2, err := journal.Open(context.Background(), journal.Config{DSN: b.dsn, Signer: testSigner})
+		s2, err := journal.Open(context.Background(), journal.Config{DSN: b.dsn, Signer: testSigner, VerifierKey: testVKey})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -223,4 +224,72 @@ func editBody(t *testing.T, db *sql.DB, idx int, old, new string) []byte {
 		t.Fatal(err)
 	}
 	return []byte(strings.Replace(string(body), old, new, 1))
+}
+
+// Rewriting an entry and the unsigned root column beside the latest
+// checkpoint does not fool the journal: it checks the signed note.
+func TestRewrittenRootColumnIsCaught(t *testing.T) {
+	eachBackend(t, func(t *testing.T, b backend) {
+		s := b.open(t)
+		fill(t, s, 5)
+		s.Close()
+		db := b.raw(t)
+		body := editBody(t, db, 2, "sa/w2", "sa/admin")
+		exec(t, db, `UPDATE entries SET body = $1, leaf_hash = $2 WHERE idx = 2`, body, leafHash(body))
+		var leaves [][]byte
+		rows, err := db.Query(`SELECT leaf_hash FROM entries ORDER BY idx`)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for rows.Next() {
+			var h []byte
+			rows.Scan(&h)
+			leaves = append(leaves, h)
+		}
+		rows.Close()
+		exec(t, db, `UPDATE checkpoints SET root = $1 WHERE size = 5`, rootOf(t, leaves))
+		s2 := b.open(t)
+		if !errors.Is(s2.Integrity(), journal.ErrTampered) {
+			t.Fatalf("Integrity() = %v, want ErrTampered", s2.Integrity())
+		}
+		if _, err := s2.RecordIssuance(context.Background(), issuance("ff", "spiffe://cluster.local/x"), nil); !errors.Is(err, journal.ErrTampered) {
+			t.Fatalf("append after a rewrite = %v, want ErrTampered", err)
+		}
+	})
+}
+
+// A row slipped in behind a running journal is never signed into the log:
+// the next append refuses, and stays refused.
+func TestRowInsertedBehindTheJournalIsRefused(t *testing.T) {
+	eachBackend(t, func(t *testing.T, b backend) {
+		s := b.open(t)
+		fill(t, s, 3)
+		body := []byte(`{"kind":"issuance","record":{"serial":"beef","spiffe_id":"spiffe://cluster.local/ns/kube-system/sa/admin"}}`)
+		exec(t, b.raw(t), `INSERT INTO entries (idx, kind, time_ns, spiffe_id, serial, body, leaf_hash) VALUES (3, 'issuance', 0, '', 'beef', $1, $2)`,
+			body, leafHash(body))
+		for range 2 {
+			if _, err := s.RecordIssuance(context.Background(), issuance("ff", "spiffe://cluster.local/x"), nil); !errors.Is(err, journal.ErrTampered) {
+				t.Fatalf("append after an insertion = %v, want ErrTampered", err)
+			}
+		}
+		if rep := verify(t, b); rep.OK() {
+			t.Fatal("verify found nothing")
+		}
+	})
+}
+
+func rootOf(t *testing.T, leaves [][]byte) []byte {
+	t.Helper()
+	f := compact.RangeFactory{Hash: rfc6962.DefaultHasher.HashChildren}
+	r := f.NewEmptyRange(0)
+	for _, l := range leaves {
+		if err := r.Append(l, nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	root, err := r.GetRootHash(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return root
 }

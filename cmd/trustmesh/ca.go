@@ -113,6 +113,8 @@ func addDataFlags(cmd *cobra.Command, dataDir *string, jo *controlplane.JournalO
 	cmd.Flags().StringVar(dataDir, "data-dir", controlplane.DefaultDataDir, "the CA's data directory")
 	cmd.Flags().StringVar(&jo.DSN, "journal-dsn", "", "PostgreSQL URL of the shared journal (default: SQLite in the data directory)")
 	cmd.Flags().StringVar(&jo.CheckpointKeyURI, "checkpoint-key-uri", "", "KMS URI of the journal's checkpoint key (default: a key file in the data directory)")
+	cmd.Flags().StringVar(&jo.CheckpointSecret, "checkpoint-secret", "", "namespace/name of the Secret holding the checkpoint key (replicas with --ca-secret use NAME-checkpoint)")
+	cmd.Flags().StringVar(&jo.Kubeconfig, "kubeconfig", "", "kubeconfig for --checkpoint-secret; in a cluster the pod's service account is used")
 }
 
 func newRotateCmd() *cobra.Command {

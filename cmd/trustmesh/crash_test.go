@@ -133,7 +133,8 @@ func TestCrashDuringIssuance(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	store, err := journal.Open(context.Background(), journal.Config{DSN: filepath.Join(dataDir, "journal.db")})
+	store, err := journal.Open(context.Background(), journal.Config{DSN: filepath.Join(dataDir, "journal.db"),
+		VerifierKey: strings.TrimSpace(string(vkey))})
 	if err != nil {
 		t.Fatal(err)
 	}
