@@ -76,6 +76,9 @@ type Config struct {
 	// DefaultTTL applies when a caller asks for no lifetime; MinTTL and
 	// MaxTTL clamp what callers ask for.
 	DefaultTTL, MinTTL, MaxTTL time.Duration
+	// Reserved identities are never issued to workloads, whatever they
+	// prove: the control plane's own, which xDS clients pin.
+	Reserved []spiffeid.ID
 }
 
 // CA issues workload certificates.
@@ -151,6 +154,11 @@ func (i *Issued) PEMChain() []string {
 func (c *CA) Issue(ctx context.Context, caller Caller, csrPEM []byte, requested time.Duration) (*Issued, error) {
 	if caller.ID.TrustDomain() != c.cfg.TrustDomain {
 		return nil, refuse(ReasonTrustDomain, KindDenied, "identity %s is not in trust domain %s", caller.ID, c.cfg.TrustDomain)
+	}
+	for _, r := range c.cfg.Reserved {
+		if caller.ID == r {
+			return nil, refuse(ReasonReserved, KindDenied, "%s is reserved for the control plane", r)
+		}
 	}
 	csr, err := parseCSR(csrPEM, caller.ID)
 	if err != nil {

@@ -64,6 +64,7 @@ const (
 	ReasonRenewalCheckFailed = "renewal-check-failed"
 	ReasonImpersonation      = "impersonation"
 	ReasonTrustDomain        = "trust-domain"
+	ReasonReserved           = "reserved-identity"
 	ReasonCSRTooLarge        = "csr-too-large"
 	ReasonCSRMalformed       = "csr-malformed"
 	ReasonCSRSignature       = "csr-signature"

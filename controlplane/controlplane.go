@@ -359,6 +359,7 @@ func New(ctx context.Context, cfg Config) (_ *ControlPlane, err error) {
 	if cp.CA, err = ca.New(ca.Config{
 		TrustDomain: v.td, Authority: cp.Authority, Recorder: cp.Journal, Clock: v.Clock,
 		DefaultTTL: v.DefaultWorkloadTTL, MinTTL: v.MinWorkloadTTL, MaxTTL: v.MaxWorkloadTTL,
+		Reserved: []spiffeid.ID{v.cpID},
 	}); err != nil {
 		return nil, err
 	}
@@ -388,10 +389,14 @@ func New(ctx context.Context, cfg Config) (_ *ControlPlane, err error) {
 
 	if cp.serving, err = server.NewServingCert(ctx, server.ServingCertConfig{
 		Issuer: cp.CA, ID: v.cpID, DNSNames: v.dns, IPs: v.ips, Clock: v.Clock, Log: v.Log,
+		Issuing: func() *x509.Certificate { return cp.Authority.Current().Cert },
 	}); err != nil {
 		return nil, err
 	}
-	cp.grpc = grpc.NewServer(grpc.Creds(credentials.NewTLS(cp.serving.TLSConfig())))
+	// Requests on this port are small (a CSR is at most 16 KiB); refuse
+	// anything larger before reading it.
+	cp.grpc = grpc.NewServer(grpc.Creds(credentials.NewTLS(cp.serving.TLSConfig())),
+		grpc.MaxRecvMsgSize(256<<10), grpc.MaxConcurrentStreams(1024))
 	pb.RegisterIstioCertificateServiceServer(cp.grpc, server.NewCertificateService(server.CertificateServiceConfig{
 		Issuer: cp.CA, Authenticator: authenticator, Refusals: cp.refusals, Metrics: metrics, Clock: v.Clock, Log: v.Log,
 	}))

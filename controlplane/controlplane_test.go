@@ -5,8 +5,10 @@ import (
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
+	"crypto/sha256"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"database/sql"
 	"math/big"
 	"net/url"
 	"strings"
@@ -229,4 +231,33 @@ func foreignClient(t *testing.T, id spiffeid.ID) *client {
 	leaf, _ := x509.ParseCertificate(der)
 	c.chain = []*x509.Certificate{leaf}
 	return c
+}
+
+// A join token written straight into the database, with no creation in the
+// signed journal, is refused: database access alone mints no identity.
+func TestForgedJoinTokenRowIsRefused(t *testing.T) {
+	e := start(t, nil)
+	db, err := sql.Open("sqlite", "file:"+controlplane.DataDir(e.dataDir).JournalPath())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	const forged = "tmjt.forged-by-whoever-owns-the-database"
+	hash := sha256.Sum256([]byte(forged))
+	now := e.clock.Now()
+	if _, err := db.Exec(`INSERT INTO join_tokens (token_hash, token_id, spiffe_id, created_ns, expires_ns) VALUES ($1, $2, $3, $4, $5)`,
+		hash[:], "f0f0f0f0f0f0f0f0", "spiffe://cluster.local/ns/kube-system/sa/admin", now.UnixNano(), now.Add(time.Hour).UnixNano()); err != nil {
+		t.Fatal(err)
+	}
+	_, err = request(context.Background(), e.dial(nil, "localhost"), forged, newClient(t).csr(t, ""), time.Hour)
+	wantCode(t, err, codes.Unauthenticated)
+}
+
+// The control plane's own identity, which xDS clients pin, is never issued
+// to a workload, whatever it proves.
+func TestControlPlaneIdentityIsReserved(t *testing.T) {
+	e := start(t, nil)
+	cpID := spiffeid.RequireFromString("spiffe://cluster.local/ns/trustmesh-system/sa/trustmesh")
+	_, err := request(context.Background(), e.dial(nil, "localhost"), e.token(cpID, time.Minute), newClient(t).csr(t, ""), time.Hour)
+	wantCode(t, err, codes.PermissionDenied)
 }

@@ -292,34 +292,60 @@ type RotationStatus struct {
 	CA    []audit.CACert `json:"ca"`
 }
 
-// Rotate drives CA rotation by hand: "prepare" (an intermediate, or with
-// root a new root too), "activate" or "status". A running serve picks the
-// change up at its next rotation check.
-//
-// With cacertsDir, "prepare" stages that operator-supplied material instead
-// (its key at keyURI, or the directory's ca-key.pem, referenced in place).
-func Rotate(ctx context.Context, dir DataDir, o JournalOptions, step string, root bool, cacertsDir, keyURI string) (*RotationStatus, error) {
-	store, td, err := dir.OpenJournal(ctx, "", o, step == "status")
+// RotateRequest is one step of CA rotation driven by hand.
+type RotateRequest struct {
+	// Step is "prepare", "activate" or "status".
+	Step string
+	// Root, with prepare, rotates the root too.
+	Root bool
+	// CACertsDir, with prepare, stages that operator-supplied material
+	// instead (its key at KeyURI, or the directory's ca-key.pem, referenced
+	// in place).
+	CACertsDir, KeyURI string
+	// Force activates a new root before its propagation time.
+	Force bool
+	// CASecret ("namespace/name") is where serve keeps the CA with
+	// --ca-secret; the rotation state is read and written there.
+	CASecret   string
+	Kubeconfig string
+}
+
+// Rotate drives CA rotation by hand. A running serve picks the change up at
+// its next rotation check.
+func Rotate(ctx context.Context, dir DataDir, o JournalOptions, req RotateRequest) (*RotationStatus, error) {
+	store, td, err := dir.OpenJournal(ctx, "", o, req.Step == "status")
 	if err != nil {
 		return nil, err
 	}
 	defer store.Close()
-	mgr, err := dir.rotationManager(td, store)
+	cfg := rotation.Config{Dir: dir.CADir(), TrustDomain: td, Recorder: store, FromCLI: true}
+	if req.CASecret != "" {
+		ns, name, ok := strings.Cut(req.CASecret, "/")
+		if !ok {
+			return nil, fmt.Errorf("controlplane: CA secret %q is not namespace/name", req.CASecret)
+		}
+		client, err := kubeClient(nil, req.Kubeconfig)
+		if err != nil {
+			return nil, err
+		}
+		cfg.Store = rotation.SecretStore{Client: client, Namespace: ns, Name: name}
+	}
+	mgr, err := rotation.New(cfg)
 	if err != nil {
 		return nil, err
 	}
-	switch step {
+	switch req.Step {
 	case "prepare":
-		if cacertsDir != "" {
-			err = mgr.Stage(ctx, cacertsDir, keyURI)
+		if req.CACertsDir != "" {
+			err = mgr.Stage(ctx, req.CACertsDir, req.KeyURI)
 		} else {
-			err = mgr.Prepare(ctx, root)
+			err = mgr.Prepare(ctx, req.Root)
 		}
 	case "activate":
-		err = mgr.Activate(ctx)
+		err = mgr.Activate(ctx, req.Force)
 	case "status":
 	default:
-		err = fmt.Errorf("controlplane: unknown rotation step %q", step)
+		err = fmt.Errorf("controlplane: unknown rotation step %q", req.Step)
 	}
 	if err != nil {
 		return nil, err

@@ -231,10 +231,10 @@ func TestTokenReviewsAreRateLimitedAndCached(t *testing.T) {
 	good := cl.token("web", "istio-ca", nil)
 	// Forged tokens that pass every local check: JWT form, the right
 	// audience, not expired. Only a review can refuse them.
-	forged := good[:strings.LastIndex(good, ".")+1] + "AAAA"
+	forge := func(i int) string { return good[:strings.LastIndex(good, ".")+1] + fmt.Sprintf("AAAA%04d", i) }
 	var busy, rejected int
-	for range 50 {
-		_, err := k.Authenticate(ctx, forged)
+	for i := range 50 {
+		_, err := k.Authenticate(ctx, forge(i))
 		r, ok := ca.AsRefusal(err)
 		switch {
 		case !ok:
@@ -249,6 +249,16 @@ func TestTokenReviewsAreRateLimitedAndCached(t *testing.T) {
 	}
 	if n := counter.reviews.Load(); n > 4 || busy < 45 {
 		t.Fatalf("50 forged tokens sent %d reviews (%d refused as busy); want at most the burst of 3 and a token or so", n, busy)
+	}
+	// A refused token presented again is refused without another review.
+	reviewed := counter.reviews.Load()
+	for range 5 {
+		if _, err := k.Authenticate(ctx, forge(0)); err == nil {
+			t.Fatal("a forged token was accepted")
+		}
+	}
+	if counter.reviews.Load() != reviewed {
+		t.Fatal("a token the apiserver just refused was reviewed again")
 	}
 	before := counter.reviews.Load()
 	clk.Step(3 * time.Second) // the bucket refills

@@ -22,6 +22,7 @@ import (
 
 	cav1 "github.com/trustmesh/trustmesh/api/ca/v1"
 	"github.com/trustmesh/trustmesh/ca/authority"
+	"github.com/trustmesh/trustmesh/ca/rotation"
 	"github.com/trustmesh/trustmesh/controlplane"
 )
 
@@ -199,7 +200,7 @@ func TestRotationUnderTraffic(t *testing.T) {
 	}
 	apply()
 	waitCalls(20)
-	if err := mgr.Activate(ctx); err != nil {
+	if err := mgr.Activate(ctx, false); err != nil {
 		t.Fatal(err)
 	}
 	apply()
@@ -227,7 +228,11 @@ func TestRotationUnderTraffic(t *testing.T) {
 		}
 	}
 	waitCalls(20)
-	if err := mgr.Activate(ctx); err != nil {
+	if err := mgr.Activate(ctx, false); !errors.Is(err, rotation.ErrTooEarly) {
+		t.Fatalf("activating a root at once = %v, want ErrTooEarly", err)
+	}
+	// Both workloads have the new root (checked above): force it.
+	if err := mgr.Activate(ctx, true); err != nil {
 		t.Fatal(err)
 	}
 	apply()
@@ -237,6 +242,15 @@ func TestRotationUnderTraffic(t *testing.T) {
 	if newRoot.Equal(oldRoot) {
 		t.Fatal("the root did not change")
 	}
+	// The CA's own serving certificate follows at once: a client that
+	// trusts only the new root can reach it.
+	onlyNew := x509.NewCertPool()
+	onlyNew.AddCert(newRoot)
+	conn, err := tls.Dial("tcp", e.cp.Addrs().CA.String(), &tls.Config{RootCAs: onlyNew, ServerName: "localhost", Time: e.clock.Now, NextProtos: []string{"h2"}})
+	if err != nil {
+		t.Fatalf("the CA still serves a certificate under the old root: %v", err)
+	}
+	conn.Close()
 	// Only one workload has renewed under the new root: old and new chains
 	// must interoperate while the old root is retiring.
 	e.obtain(server.c, "", server.id)
@@ -297,7 +311,7 @@ func TestStageOperatorCACerts(t *testing.T) {
 	oldRoot := e.cp.Authority.Current().Anchor
 
 	second := operatorCA(t, e.clock.Now())
-	if _, err := controlplane.Rotate(ctx, controlplane.DataDir(e.dataDir), e.jo, "prepare", false, second, ""); err != nil {
+	if _, err := controlplane.Rotate(ctx, controlplane.DataDir(e.dataDir), e.jo, controlplane.RotateRequest{Step: "prepare", CACertsDir: second}); err != nil {
 		t.Fatal(err)
 	}
 	if err := e.cp.Rotation().Reload(ctx, e.cp.Authority.Replace); err != nil {
@@ -309,7 +323,7 @@ func TestStageOperatorCACerts(t *testing.T) {
 	if !e.cp.Authority.Current().Anchor.Equal(oldRoot) {
 		t.Fatal("the staged CA signs before it is activated")
 	}
-	st, err := controlplane.Rotate(ctx, controlplane.DataDir(e.dataDir), e.jo, "activate", false, "", "")
+	st, err := controlplane.Rotate(ctx, controlplane.DataDir(e.dataDir), e.jo, controlplane.RotateRequest{Step: "activate", Force: true})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -32,6 +32,7 @@ func IsJoinToken(tok string) bool { return strings.HasPrefix(tok, joinTokenPrefi
 type JoinTokenStore interface {
 	CreateJoinToken(ctx context.Context, hash []byte, tok journal.JoinToken) error
 	LookupJoinToken(ctx context.Context, hash []byte) (journal.JoinToken, error)
+	LookupJoinTokenCreation(ctx context.Context, tokenID string) (journal.JoinTokenCreated, error)
 }
 
 // JoinTokens creates and checks one-time join tokens. Only a token's SHA-256
@@ -92,6 +93,13 @@ func (j *JoinTokens) Authenticate(ctx context.Context, token string) (ca.Caller,
 	case !now.Before(tok.ExpiresAt):
 		return ca.Caller{}, ca.Refuse(ca.KindUnauthenticated, ca.ReasonJoinTokenExpired,
 			fmt.Errorf("join token %s expired at %s", tok.ID, tok.ExpiresAt.Format(time.RFC3339)))
+	}
+	// The token table is not trusted alone: whoever can write the database
+	// could add a row. The token must match its creation in the signed log.
+	created, err := j.Store.LookupJoinTokenCreation(ctx, tok.ID)
+	if err != nil || created.SPIFFEID != tok.SPIFFEID || !created.ExpiresAt.Equal(tok.ExpiresAt.UTC()) {
+		return ca.Caller{}, ca.Refuse(ca.KindUnauthenticated, ca.ReasonJoinTokenUnknown,
+			fmt.Errorf("join token %s does not match any creation in the journal (%v)", tok.ID, err))
 	}
 	id, err := spiffeid.FromString(tok.SPIFFEID)
 	if err != nil {

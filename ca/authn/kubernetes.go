@@ -48,6 +48,11 @@ type KubernetesConfig struct {
 	// token's own expiry. Default 30s. CacheSize bounds the cache. Default 4096.
 	CacheTTL  time.Duration
 	CacheSize int
+	// MaxInFlight bounds concurrent TokenReviews. Default 16.
+	MaxInFlight int
+	// NegativeTTL is how long a token the apiserver refused is refused
+	// again without asking. Default 10s.
+	NegativeTTL time.Duration
 }
 
 // Kubernetes authenticates service-account tokens with TokenReview. Reviews
@@ -55,11 +60,14 @@ type KubernetesConfig struct {
 // tokens cannot overload the apiserver; cheap local checks (form, audience,
 // expiry) refuse most bad tokens before any review is sent.
 type Kubernetes struct {
-	cfg     KubernetesConfig
-	limiter *rate.Limiter
+	cfg      KubernetesConfig
+	limiter  *rate.Limiter
+	limitMu  sync.Mutex // reservations are made in time order
+	inFlight chan struct{}
 
-	mu    sync.Mutex
-	cache map[[sha256.Size]byte]cachedReview
+	mu       sync.Mutex
+	cache    map[[sha256.Size]byte]cachedReview
+	negative map[[sha256.Size]byte]time.Time
 }
 
 type cachedReview struct {
@@ -96,10 +104,18 @@ func NewKubernetes(cfg KubernetesConfig) (*Kubernetes, error) {
 	if cfg.CacheSize <= 0 {
 		cfg.CacheSize = 4096
 	}
+	if cfg.MaxInFlight <= 0 {
+		cfg.MaxInFlight = 16
+	}
+	if cfg.NegativeTTL <= 0 {
+		cfg.NegativeTTL = 10 * time.Second
+	}
 	return &Kubernetes{
-		cfg:     cfg,
-		limiter: rate.NewLimiter(rate.Limit(cfg.QPS), cfg.Burst),
-		cache:   map[[sha256.Size]byte]cachedReview{},
+		cfg:      cfg,
+		limiter:  rate.NewLimiter(rate.Limit(cfg.QPS), cfg.Burst),
+		inFlight: make(chan struct{}, cfg.MaxInFlight),
+		cache:    map[[sha256.Size]byte]cachedReview{},
+		negative: map[[sha256.Size]byte]time.Time{},
 	}, nil
 }
 
@@ -115,9 +131,18 @@ func (k *Kubernetes) Authenticate(ctx context.Context, token string) (ca.Caller,
 	if c, ok := k.cached(key, now); ok {
 		return c, nil
 	}
-
-	if err := k.waitForSlot(ctx, now); err != nil {
+	if k.refusedRecently(key, now) {
+		return ca.Caller{}, ca.Refuse(ca.KindUnauthenticated, ca.ReasonTokenRejected, errors.New("the apiserver refused this token moments ago"))
+	}
+	if err := k.waitForSlot(ctx); err != nil {
 		return ca.Caller{}, err
+	}
+	select {
+	case k.inFlight <- struct{}{}:
+		defer func() { <-k.inFlight }()
+	default:
+		return ca.Caller{}, ca.Refuse(ca.KindUnavailable, ca.ReasonTokenReviewBusy,
+			fmt.Errorf("%d TokenReviews already in flight", k.cfg.MaxInFlight))
 	}
 	review, err := k.cfg.Client.AuthenticationV1().TokenReviews().Create(ctx, &authv1.TokenReview{
 		Spec: authv1.TokenReviewSpec{Token: token, Audiences: []string{k.cfg.Audience}},
@@ -127,6 +152,7 @@ func (k *Kubernetes) Authenticate(ctx context.Context, token string) (ca.Caller,
 	}
 	st := review.Status
 	if !st.Authenticated {
+		k.refuse(key, k.cfg.Clock.Now())
 		return ca.Caller{}, ca.Refuse(ca.KindUnauthenticated, ca.ReasonTokenRejected, fmt.Errorf("TokenReview refused the token: %s", st.Error))
 	}
 	if !contains(st.Audiences, k.cfg.Audience) {
@@ -158,23 +184,29 @@ func (k *Kubernetes) Authenticate(ctx context.Context, token string) (ca.Caller,
 }
 
 // waitForSlot takes a TokenReview slot from the rate limiter, on the
-// authenticator's clock, waiting at most MaxWait.
-func (k *Kubernetes) waitForSlot(ctx context.Context, now time.Time) error {
+// authenticator's clock, waiting at most MaxWait. Reservations are made
+// under a lock with the time read inside it, so the limiter always sees
+// time move forward and never credits the same interval twice.
+func (k *Kubernetes) waitForSlot(ctx context.Context) error {
+	k.limitMu.Lock()
+	now := k.cfg.Clock.Now()
 	r := k.limiter.ReserveN(now, 1)
 	if !r.OK() {
+		k.limitMu.Unlock()
 		return ca.Refuse(ca.KindUnavailable, ca.ReasonTokenReviewBusy, errors.New("TokenReview rate limit"))
 	}
 	delay := r.DelayFrom(now)
 	if delay > k.cfg.MaxWait {
 		r.CancelAt(now)
+		k.limitMu.Unlock()
 		return ca.Refuse(ca.KindUnavailable, ca.ReasonTokenReviewBusy,
 			fmt.Errorf("TokenReview rate limit: the next slot is %s away", delay.Round(time.Millisecond)))
 	}
+	k.limitMu.Unlock()
 	if delay > 0 {
 		select {
 		case <-k.cfg.Clock.After(delay):
 		case <-ctx.Done():
-			r.CancelAt(k.cfg.Clock.Now())
 			return ca.Refuse(ca.KindUnavailable, ca.ReasonTokenReviewBusy, ctx.Err())
 		}
 	}
@@ -258,6 +290,33 @@ func (k *Kubernetes) cached(key [sha256.Size]byte, now time.Time) (ca.Caller, bo
 		return ca.Caller{}, false
 	}
 	return c.caller, true
+}
+
+func (k *Kubernetes) refusedRecently(key [sha256.Size]byte, now time.Time) bool {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	until, ok := k.negative[key]
+	if ok && !now.Before(until) {
+		delete(k.negative, key)
+		return false
+	}
+	return ok
+}
+
+func (k *Kubernetes) refuse(key [sha256.Size]byte, now time.Time) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if len(k.negative) >= k.cfg.CacheSize {
+		for kk, until := range k.negative {
+			if !now.Before(until) {
+				delete(k.negative, kk)
+			}
+		}
+		if len(k.negative) >= k.cfg.CacheSize {
+			return
+		}
+	}
+	k.negative[key] = now.Add(k.cfg.NegativeTTL)
 }
 
 func (k *Kubernetes) store(key [sha256.Size]byte, c cachedReview, now time.Time) {

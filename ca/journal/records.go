@@ -94,7 +94,7 @@ func (s *Store) CreateJoinToken(ctx context.Context, hash []byte, tok JoinToken)
 				VALUES ($1, $2, $3, $4, $5)`, hash, tok.ID, tok.SPIFFEID, tok.CreatedAt.UnixNano(), tok.ExpiresAt.UnixNano())
 			return err
 		},
-		entries: []pending{{kind: KindJoinToken, time: rec.Time, spiffeID: rec.SPIFFEID, body: body}},
+		entries: []pending{{kind: KindJoinToken, time: rec.Time, spiffeID: rec.SPIFFEID, serial: rec.TokenID, body: body}},
 	}
 	if err := s.submit(ctx, o); err != nil {
 		return fmt.Errorf("journal: create join token: %w", err)
@@ -296,4 +296,24 @@ func (s *Store) RecordRotation(ctx context.Context, r Rotation) error {
 		return fmt.Errorf("journal: record rotation: %w", err)
 	}
 	return nil
+}
+
+// LookupJoinTokenCreation returns the journal's record of a token's
+// creation, or ErrNotFound. The token table alone is not trusted: a token
+// counts only if the signed log records its creation.
+func (s *Store) LookupJoinTokenCreation(ctx context.Context, tokenID string) (JoinTokenCreated, error) {
+	var e Entry
+	err := s.db.QueryRowContext(ctx, `SELECT kind, body FROM entries WHERE serial = $1 AND kind = $2 ORDER BY idx LIMIT 1`,
+		tokenID, string(KindJoinToken)).Scan(&e.Kind, &e.Body)
+	if errors.Is(err, sql.ErrNoRows) {
+		return JoinTokenCreated{}, ErrNotFound
+	}
+	if err != nil {
+		return JoinTokenCreated{}, fmt.Errorf("journal: look up join token %s: %w", tokenID, err)
+	}
+	rec, err := e.Decode()
+	if err != nil {
+		return JoinTokenCreated{}, err
+	}
+	return *rec.(*JoinTokenCreated), nil
 }

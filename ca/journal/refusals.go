@@ -19,11 +19,12 @@ type RefusalLogConfig struct {
 	Appender RefusalAppender
 	Clock    clock.WithTicker
 	Log      *slog.Logger
-	// Interval is how often aggregated refusals are written. Default 1s.
+	// Interval is how often aggregated refusals are written. Default 5s.
 	Interval time.Duration
 	// MaxKeys bounds how many distinct (reason, method, caller, identity)
-	// groups are held between writes. Refusals beyond it are counted in one
-	// overflow record. Default 1024.
+	// groups are held between writes, so at most MaxKeys+1 rows are written
+	// per interval however hard the CA is flooded. Refusals beyond it are
+	// counted in one overflow record. Default 128.
 	MaxKeys int
 }
 
@@ -48,10 +49,10 @@ const OverflowReason = "overflow"
 // NewRefusalLog returns a RefusalLog; call Run to write its records.
 func NewRefusalLog(cfg RefusalLogConfig) *RefusalLog {
 	if cfg.Interval <= 0 {
-		cfg.Interval = time.Second
+		cfg.Interval = 5 * time.Second
 	}
 	if cfg.MaxKeys <= 0 {
-		cfg.MaxKeys = 1024
+		cfg.MaxKeys = 128
 	}
 	if cfg.Clock == nil {
 		cfg.Clock = clock.RealClock{}

@@ -47,6 +47,9 @@ import (
 var (
 	ErrAlreadyPrepared = errors.New("rotation: a next CA is already prepared; activate it first")
 	ErrNothingPrepared = errors.New("rotation: no next CA is prepared")
+	// ErrTooEarly refuses to activate a new root before it has had time to
+	// reach every agent through the bundle stream.
+	ErrTooEarly = errors.New("rotation: the prepared root has not been in the trust bundle long enough")
 )
 
 const stateFile = "rotation.json"
@@ -61,6 +64,13 @@ type State struct {
 	ActivatedAt    time.Time  `json:"activated_at,omitzero"`
 	Retiring       []Retiring `json:"retiring,omitempty"`
 	LastGeneration int        `json:"last_generation"`
+	// RetireAfter is how long an old root stays in the bundle after a new
+	// one is activated: the longest workload certificate the serving
+	// control plane issues, recorded so that the CLI honours it too.
+	RetireAfter time.Duration `json:"retire_after,omitempty"`
+	// RootPropagation is how long a prepared root must sit in the bundle
+	// before it may be activated.
+	RootPropagation time.Duration `json:"root_propagation,omitempty"`
 }
 
 // Retiring is a root kept in the bundle until Until.
@@ -99,6 +109,10 @@ type Config struct {
 	Automatic bool
 	// IsLeader, when set, gates automatic rotation to one replica.
 	IsLeader func() bool
+	// FromCLI marks a manager driven by hand from the command line: it
+	// honours the retirement and propagation times the serving control
+	// plane recorded in the state instead of its own defaults.
+	FromCLI bool
 }
 
 // Manager owns the CA directory's rotation state.
@@ -203,6 +217,12 @@ func (m *Manager) read(ctx context.Context) (Snapshot, State, error) {
 }
 
 func (m *Manager) write(ctx context.Context, snap Snapshot, st State) error {
+	if m.cfg.MaxWorkloadTTL > st.RetireAfter && !m.cfg.FromCLI {
+		st.RetireAfter = m.cfg.MaxWorkloadTTL
+	}
+	if !m.cfg.FromCLI {
+		st.RootPropagation = m.cfg.RootPropagation
+	}
 	b, err := json.MarshalIndent(st, "", "  ")
 	if err != nil {
 		return fmt.Errorf("rotation: %w", err)
@@ -425,8 +445,10 @@ func (m *Manager) Adopt(ctx context.Context, dir, keyURI string) error {
 
 // Activate makes the prepared CA the one that signs. After a root rotation
 // the old roots stay in the bundle for MaxWorkloadTTL (plus a margin), until
-// everything signed under them has expired.
-func (m *Manager) Activate(ctx context.Context) error {
+// everything signed under them has expired. A new root is activated only
+// once it has been in the bundle for the root propagation time, unless
+// force is set.
+func (m *Manager) Activate(ctx context.Context, force bool) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	now := m.cfg.Clock.Now()
@@ -437,6 +459,14 @@ func (m *Manager) Activate(ctx context.Context) error {
 	if st.Next == 0 {
 		return ErrNothingPrepared
 	}
+	propagation := m.cfg.RootPropagation
+	if m.cfg.FromCLI && st.RootPropagation > 0 {
+		propagation = st.RootPropagation
+	}
+	if st.NextIsRoot && !force && now.Before(st.PreparedAt.Add(propagation)) {
+		return fmt.Errorf("%w: prepared %s ago, activate after %s (or force it once every agent has the new root)",
+			ErrTooEarly, now.Sub(st.PreparedAt).Round(time.Second), propagation)
+	}
 	next, err := authority.LoadFiles(ctx, genFiles(snap, st.Next), "", now)
 	if err != nil {
 		return fmt.Errorf("rotation: the prepared CA is not usable: %w", err)
@@ -446,7 +476,11 @@ func (m *Manager) Activate(ctx context.Context) error {
 		if err != nil {
 			return fmt.Errorf("rotation: %w", err)
 		}
-		until := now.Add(m.cfg.MaxWorkloadTTL + time.Hour)
+		keep := m.cfg.MaxWorkloadTTL
+		if st.RetireAfter > keep {
+			keep = st.RetireAfter
+		}
+		until := now.Add(keep + time.Hour)
 		for _, r := range old {
 			st.Retiring = append(st.Retiring, Retiring{CertPEM: string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: r.Raw})), Until: until})
 		}
@@ -492,7 +526,7 @@ func (m *Manager) Tick(ctx context.Context) error {
 		// Operator-supplied material is rotated by its operator (Stage and
 		// Activate); only retirements are automatic.
 		if st.Next != 0 && (!st.NextIsRoot || !now.Before(st.PreparedAt.Add(m.cfg.RootPropagation))) {
-			return m.Activate(ctx)
+			return m.Activate(ctx, false)
 		}
 		return m.retire(ctx, now)
 	}
@@ -502,9 +536,9 @@ func (m *Manager) Tick(ctx context.Context) error {
 	case st.Next == 0 && now.After(inter.NotBefore.Add(life/2)):
 		return m.Prepare(ctx, false)
 	case st.Next != 0 && st.NextIsRoot && !now.Before(st.PreparedAt.Add(m.cfg.RootPropagation)):
-		return m.Activate(ctx)
+		return m.Activate(ctx, false)
 	case st.Next != 0 && !st.NextIsRoot && now.After(inter.NotBefore.Add(2*life/3)):
-		return m.Activate(ctx)
+		return m.Activate(ctx, false)
 	}
 	return m.retire(ctx, now)
 }

@@ -131,9 +131,12 @@ func (s *CertificateService) refusal(start time.Time, creds authn.Credentials, c
 	if !caller.ID.IsZero() {
 		idStr = caller.ID.String()
 	}
+	// Only authenticated names are recorded: anything taken from an
+	// unverified credential is the caller's to choose, and would let a
+	// flood of refusals write whatever it likes into the journal.
 	callerName := caller.Subject
 	if callerName == "" && len(creds.PeerCertificates) > 0 {
-		callerName = "x509:" + ca.SerialHex(creds.PeerCertificates[0])
+		callerName = "x509:unverified"
 	}
 	s.cfg.Refusals.Record(s.cfg.Clock.Now(), r.Reason, method, callerName, idStr)
 	s.cfg.Metrics.refused.WithLabelValues(r.Reason, code.String()).Inc()

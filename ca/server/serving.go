@@ -33,6 +33,10 @@ type ServingCertConfig struct {
 	TTL   time.Duration
 	Clock clock.PassiveClock
 	Log   *slog.Logger
+	// Issuing, when set, returns the CA certificate in force; the serving
+	// certificate is renewed as soon as it changes, so that after a
+	// rotation it never chains to a root that is leaving the bundle.
+	Issuing func() *x509.Certificate
 }
 
 // ServingCert is a TLS certificate for trustmesh's own servers, issued by the
@@ -42,9 +46,10 @@ type ServingCert struct {
 	cfg ServingCertConfig
 	key crypto.Signer
 
-	mu      sync.Mutex
-	current *tls.Certificate
-	renewAt time.Time
+	mu       sync.Mutex
+	current  *tls.Certificate
+	renewAt  time.Time
+	issuedBy *x509.Certificate
 }
 
 // NewServingCert issues the first certificate, so that a server never starts
@@ -82,7 +87,7 @@ func (s *ServingCert) renew(ctx context.Context) error {
 		cert.Certificate = append(cert.Certificate, c.Raw)
 	}
 	life := issued.Leaf.NotAfter.Sub(issued.Leaf.NotBefore)
-	s.current, s.renewAt = cert, issued.Leaf.NotBefore.Add(life/2)
+	s.current, s.renewAt, s.issuedBy = cert, issued.Leaf.NotBefore.Add(life/2), issued.Chain[0]
 	return nil
 }
 
@@ -93,7 +98,8 @@ func (s *ServingCert) Certificate(ctx context.Context) (*tls.Certificate, error)
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	now := s.cfg.Clock.Now()
-	if !now.Before(s.renewAt) {
+	rotated := s.cfg.Issuing != nil && !s.cfg.Issuing().Equal(s.issuedBy)
+	if rotated || !now.Before(s.renewAt) {
 		if err := s.renew(ctx); err != nil {
 			if now.Before(s.current.Leaf.NotAfter) {
 				s.cfg.Log.Error("could not renew the serving certificate; keeping the current one", "error", err,

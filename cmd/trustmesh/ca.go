@@ -120,8 +120,8 @@ func addDataFlags(cmd *cobra.Command, dataDir *string, jo *controlplane.JournalO
 func newRotateCmd() *cobra.Command {
 	var dataDir string
 	var jo controlplane.JournalOptions
-	var prepare, activate, status, root bool
-	var cacerts, keyURI string
+	var prepare, activate, status, root, force bool
+	var cacerts, keyURI, caSecret string
 	cmd := &cobra.Command{
 		Use:   "rotate",
 		Short: "Rotate the CA's certificates by hand: --prepare [--root], then --activate; --status shows the state",
@@ -144,7 +144,9 @@ running trustmesh serve picks the change up at its next rotation check.`,
 			if step == "" {
 				return &exitError{code: 2, err: fmt.Errorf("give one of --prepare, --activate and --status")}
 			}
-			st, err := controlplane.Rotate(cmd.Context(), controlplane.DataDir(dataDir), jo, step, root, cacerts, keyURI)
+			st, err := controlplane.Rotate(cmd.Context(), controlplane.DataDir(dataDir), jo, controlplane.RotateRequest{
+				Step: step, Root: root, CACertsDir: cacerts, KeyURI: keyURI, Force: force, CASecret: caSecret, Kubeconfig: jo.Kubeconfig,
+			})
 			if err != nil {
 				return err
 			}
@@ -158,5 +160,7 @@ running trustmesh serve picks the change up at its next rotation check.`,
 	cmd.Flags().StringVar(&keyURI, "ca-key-uri", "", "with --cacerts: KMS URI of its signing key, instead of its ca-key.pem")
 	cmd.Flags().BoolVar(&activate, "activate", false, "activate the prepared CA")
 	cmd.Flags().BoolVar(&status, "status", false, "show the rotation state")
+	cmd.Flags().BoolVar(&force, "force", false, "with --activate: activate a new root before its propagation time")
+	cmd.Flags().StringVar(&caSecret, "ca-secret", "", "namespace/name of the Secret that serve --ca-secret keeps the CA in")
 	return cmd
 }
