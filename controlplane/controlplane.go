@@ -43,6 +43,9 @@ import (
 	"github.com/trustmesh/trustmesh/ca/journal"
 	"github.com/trustmesh/trustmesh/ca/rotation"
 	"github.com/trustmesh/trustmesh/ca/server"
+	"github.com/trustmesh/trustmesh/injector"
+	"github.com/trustmesh/trustmesh/injector/cabundle"
+	"github.com/trustmesh/trustmesh/injector/webhook"
 )
 
 // Kubernetes modes.
@@ -90,6 +93,16 @@ type Config struct {
 	// DecisionLog receives authz decisions as JSON lines; nil turns it off.
 	DecisionLog io.Writer
 
+	// ListenInjector is the sidecar-injection webhook's address, served on
+	// Kubernetes only; "off" turns injection off.
+	ListenInjector string
+	// MeshConfig is the mesh config file the injector reads (images, ports,
+	// resources, the limits of per-pod exclusions); empty takes defaults.
+	MeshConfig string
+	// InjectorWebhookConfig names the MutatingWebhookConfiguration whose
+	// caBundle the control plane keeps current across CA rotation.
+	InjectorWebhookConfig string
+
 	// CACertsDir holds operator-supplied CA material (Istio's layout).
 	CACertsDir string
 	// CAKeyURI names the CA signing key in a KMS.
@@ -130,6 +143,8 @@ const (
 	DefaultListenMonitoring = ":15014"
 	DefaultListenBundle     = ":15016"
 	DefaultListenAuthz      = ":9191"
+	DefaultListenInjector   = ":15017"
+	DefaultInjectorWebhook  = "trustmesh-sidecar-injector"
 	DefaultNamespace        = "trustmesh-system"
 )
 
@@ -167,6 +182,12 @@ func (c Config) validate() (*validated, error) {
 	}
 	if c.ListenAuthz == "" {
 		c.ListenAuthz = DefaultListenAuthz
+	}
+	if c.ListenInjector == "" {
+		c.ListenInjector = DefaultListenInjector
+	}
+	if c.InjectorWebhookConfig == "" {
+		c.InjectorWebhookConfig = DefaultInjectorWebhook
 	}
 	if c.CADNSNames == nil {
 		c.CADNSNames = DefaultCADNSNames
@@ -280,6 +301,8 @@ type ControlPlane struct {
 	rotation  *rotation.Manager
 	elector   *elector
 	authz     *service.Service
+	injector  *webhook.Server
+	bundleFns []func(context.Context) error // caBundle patcher, root-cert publisher
 	stopping  chan struct{}
 	serving   *server.ServingCert
 	registry  *prometheus.Registry
@@ -406,6 +429,9 @@ func New(ctx context.Context, cfg Config) (_ *ControlPlane, err error) {
 	if cp.authz, err = cp.newAuthz(v); err != nil {
 		return nil, err
 	}
+	if err := cp.newInjector(v); err != nil {
+		return nil, err
+	}
 
 	mux := http.NewServeMux()
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { _, _ = w.Write([]byte("ok\n")) })
@@ -479,6 +505,45 @@ func (cp *ControlPlane) newAuthz(v *validated) (*service.Service, error) {
 	return svc, nil
 }
 
+// newInjector assembles the sidecar-injection webhook on Kubernetes: it
+// serves TLS with the control plane's own certificate, and the control
+// plane keeps the webhook configuration's caBundle, and the root
+// certificate ConfigMap that injected pods read, current across rotation.
+func (cp *ControlPlane) newInjector(v *validated) error {
+	if !v.inKube || v.ListenInjector == "off" {
+		return nil
+	}
+	mesh, err := injector.LoadMeshConfig(v.MeshConfig)
+	if err != nil {
+		return fmt.Errorf("controlplane: %w", err)
+	}
+	inj, err := injector.New(injector.Config{Mesh: mesh})
+	if err != nil {
+		return fmt.Errorf("controlplane: %w", err)
+	}
+	h, err := webhook.NewHandler(webhook.HandlerConfig{Injector: inj, Registerer: cp.registry, Log: v.Log})
+	if err != nil {
+		return fmt.Errorf("controlplane: %w", err)
+	}
+	client, err := kubeClient(v.RestConfig, v.Kubeconfig)
+	if err != nil {
+		return err
+	}
+	patcher, err := cabundle.NewWebhookPatcher(cabundle.WebhookConfig{Client: client, Name: v.InjectorWebhookConfig, Bundle: cp.Authority, Log: v.Log})
+	if err != nil {
+		return fmt.Errorf("controlplane: %w", err)
+	}
+	publisher, err := cabundle.NewRootCertPublisher(cabundle.RootCertConfig{Client: client, Bundle: cp.Authority, Log: v.Log})
+	if err != nil {
+		return fmt.Errorf("controlplane: %w", err)
+	}
+	if cp.injector, err = webhook.New(webhook.Config{Address: v.ListenInjector, Handler: h, GetCertificate: cp.serving.GetCertificate, Log: v.Log}); err != nil {
+		return fmt.Errorf("controlplane: %w", err)
+	}
+	cp.bundleFns = append(cp.bundleFns, patcher.Run, publisher.Run)
+	return nil
+}
+
 func listen(addr, what string) (net.Listener, error) {
 	l, err := net.Listen("tcp", addr)
 	if err != nil {
@@ -525,6 +590,12 @@ func (cp *ControlPlane) Run(ctx context.Context) error {
 	}
 	if cp.authz != nil {
 		g.Go(func() error { return cp.authz.Run(gctx) })
+	}
+	if cp.injector != nil {
+		g.Go(func() error { return cp.injector.Run(gctx) })
+	}
+	for _, run := range cp.bundleFns {
+		g.Go(func() error { return run(gctx) })
 	}
 	g.Go(func() error {
 		if err := cp.grpc.Serve(cp.caLis); err != nil {
@@ -593,6 +664,9 @@ func (cp *ControlPlane) readyz(w http.ResponseWriter, r *http.Request) {
 }
 
 func (cp *ControlPlane) close() {
+	if cp.injector != nil {
+		_ = cp.injector.Close()
+	}
 	for _, l := range []net.Listener{cp.caLis, cp.monLis, cp.bundleLis} {
 		if l != nil {
 			_ = l.Close()

@@ -54,6 +54,7 @@ func newRootCmd() *cobra.Command {
 		newPolicyCmd(),
 		newAuthzCmd(),
 		newAgentCmd(),
+		newInjectCmd(),
 	)
 	return root
 }
