@@ -27,6 +27,7 @@ import (
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
+	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
@@ -41,6 +42,9 @@ import (
 )
 
 func TestMain(m *testing.M) {
+	if os.Getenv(benchEnvClients) != "" {
+		os.Exit(runBenchClients())
+	}
 	code := m.Run()
 	if code == 0 {
 		code = checkGoroutines()
@@ -124,7 +128,7 @@ func (s *settable) set(m *mesh.Mesh, ps []*policy.Policy) {
 // env is a real control plane (the CA) and an xDS server on loopback. The
 // xDS server has its own fake clock, which drives the debounce.
 type env struct {
-	t      *testing.T
+	t      testing.TB
 	cp     *controlplane.ControlPlane
 	clock  *clocktesting.FakeClock
 	xclock *clocktesting.FakeClock
@@ -134,7 +138,22 @@ type env struct {
 	dir    string
 }
 
-func start(t *testing.T, m *mesh.Mesh, ps []*policy.Policy) *env {
+func start(t testing.TB, m *mesh.Mesh, ps []*policy.Policy) *env {
+	t.Helper()
+	if m == nil {
+		m = &mesh.Mesh{}
+	}
+	src := &settable{mesh: m, policies: ps}
+	return startSources(t, src, src)
+}
+
+// startWith runs the server on a mesh source, without policies.
+func startWith(t testing.TB, m mesh.Source) *env {
+	t.Helper()
+	return startSources(t, m, &settable{})
+}
+
+func startSources(t testing.TB, meshSrc mesh.Source, polSrc *settable) *env {
 	t.Helper()
 	clk := clocktesting.NewFakeClock(time.Now().Truncate(time.Second))
 	ctx, cancel := context.WithCancel(context.Background())
@@ -149,10 +168,7 @@ func start(t *testing.T, m *mesh.Mesh, ps []*policy.Policy) *env {
 	}
 	cpDone := make(chan error, 1)
 	go func() { cpDone <- cp.Run(ctx) }()
-	e := &env{t: t, cp: cp, clock: clk, xclock: clocktesting.NewFakeClock(clk.Now()), src: &settable{mesh: m, policies: ps}, dir: t.TempDir()}
-	if e.src.mesh == nil {
-		e.src.mesh = &mesh.Mesh{}
-	}
+	e := &env{t: t, cp: cp, clock: clk, xclock: clocktesting.NewFakeClock(clk.Now()), src: polSrc, dir: t.TempDir()}
 
 	// The xDS server's own serving certificate, as the CA port has.
 	key := newKey(t)
@@ -172,11 +188,8 @@ func start(t *testing.T, m *mesh.Mesh, ps []*policy.Policy) *env {
 		Certificates: []tls.Certificate{cert}, ClientAuth: tls.RequestClientCert, MinVersion: tls.VersionTLS12,
 	})))
 	e.srv, err = xds.New(xds.Config{
-		Bundle: cp.Authority, Mesh: e.src, Policies: e.src,
-		Proxy: proxyconfig.Config{
-			TrustDomain: td, AuthzHost: "127.0.0.1", AuthzPort: 9191,
-			AuthzID: spiffeid.RequireFromString("spiffe://cluster.local/ns/trustmesh-system/sa/trustmesh"),
-		},
+		Bundle: cp.Authority, Mesh: meshSrc, Policies: polSrc,
+		Proxy: testProxy(),
 		Clock: e.xclock,
 		Log:   testLog(),
 	})
@@ -376,4 +389,18 @@ func testLog() *slog.Logger {
 		return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	}
 	return slog.New(slog.DiscardHandler)
+}
+
+func testProxy() proxyconfig.Config {
+	return proxyconfig.Config{
+		TrustDomain: td, AuthzHost: "127.0.0.1", AuthzPort: 9191,
+		AuthzID: spiffeid.RequireFromString("spiffe://cluster.local/ns/trustmesh-system/sa/trustmesh"),
+	}
+}
+
+// fakeBundle has no bundle: for tests that never authenticate.
+type fakeBundle struct{}
+
+func (fakeBundle) GetX509BundleForTrustDomain(td spiffeid.TrustDomain) (*x509bundle.Bundle, error) {
+	return nil, fmt.Errorf("no bundle for %s", td)
 }

@@ -118,9 +118,11 @@ type Server struct {
 	policies []*policy.Policy
 	refusals map[string]bool
 	nodes    map[string]*nodeState // by node id
-	streams  map[int64]*stream
 	ready    chan struct{}
-	pushes   uint64
+	// streams are the open streams by id. Stream callbacks take streams
+	// and the stream's own lock, and s.mu only to register a node.
+	streams sync.Map // int64 -> *stream
+	pushes  uint64
 }
 
 type nodeState struct {
@@ -141,7 +143,6 @@ func New(cfg Config) (*Server, error) {
 		log:      cfg.Log.With("component", "xds"),
 		refusals: map[string]bool{},
 		nodes:    map[string]*nodeState{},
-		streams:  map[int64]*stream{},
 		ready:    make(chan struct{}),
 	}
 	// Not the cache's ADS mode: it answers only requests that name every

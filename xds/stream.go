@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+	"sync"
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
@@ -59,7 +60,9 @@ type Identity struct {
 // stream is one ADS stream's verified identity and node.
 type stream struct {
 	identity Identity
-	node     *proxyconfig.Node
+
+	mu   sync.Mutex
+	node *proxyconfig.Node
 	// sent is the last version sent per type (state of the world).
 	sent map[string]string
 }
@@ -102,11 +105,11 @@ func (s *Server) callbacks() serverv3.Callbacks {
 			return nil
 		},
 		StreamResponseFunc: func(_ context.Context, id int64, _ *discoveryv3.DiscoveryRequest, resp *discoveryv3.DiscoveryResponse) {
-			s.mu.Lock()
-			if st, ok := s.streams[id]; ok {
+			if st := s.stream(id); st != nil {
+				st.mu.Lock()
 				st.sent[resp.GetTypeUrl()] = resp.GetVersionInfo()
+				st.mu.Unlock()
 			}
-			s.mu.Unlock()
 		},
 		StreamDeltaRequestFunc: func(id int64, req *discoveryv3.DeltaDiscoveryRequest) error {
 			return s.request(id, req.GetNode())
@@ -131,22 +134,28 @@ func (s *Server) open(ctx context.Context, id int64, _ string) error {
 	case <-ctx.Done():
 		return status.FromContextError(ctx.Err()).Err()
 	}
-	s.mu.Lock()
-	s.streams[id] = &stream{identity: ident, sent: map[string]string{}}
-	s.mu.Unlock()
+	s.streams.Store(id, &stream{identity: ident, sent: map[string]string{}})
 	return nil
+}
+
+func (s *Server) stream(id int64) *stream {
+	v, ok := s.streams.Load(id)
+	if !ok {
+		return nil
+	}
+	return v.(*stream)
 }
 
 // request checks the node on every request of a stream: the first names
 // it (and it must match the certificate), later ones may repeat it but not
 // change it.
 func (s *Server) request(id int64, n *corev3.Node) error {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	st, ok := s.streams[id]
-	if !ok {
+	st := s.stream(id)
+	if st == nil {
 		return statusOf(ErrUnknownStream)
 	}
+	st.mu.Lock()
+	defer st.mu.Unlock()
 	if st.node != nil {
 		if n != nil && n.GetId() != st.node.ID {
 			return statusOf(fmt.Errorf("%w: the stream's node changed from %s to %s", ErrNodeMismatch, st.node.ID, n.GetId()))
@@ -164,6 +173,8 @@ func (s *Server) request(id int64, n *corev3.Node) error {
 		s.log.Warn("xds stream refused", "error", err)
 		return statusOf(err)
 	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
 	if _, err := s.gen.builder.Workload(pn); err != nil {
 		s.log.Warn("xds stream refused", "peer", st.identity.ID.String(), "node", pn.ID, "error", err)
 		return statusOf(err)
@@ -188,29 +199,31 @@ func (s *Server) nack(id int64, req *discoveryv3.DiscoveryRequest) {
 	if req.GetErrorDetail() == nil {
 		return
 	}
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	st, ok := s.streams[id]
-	if !ok {
+	st := s.stream(id)
+	if st == nil {
 		return
 	}
+	st.mu.Lock()
 	rejected := st.sent[req.GetTypeUrl()]
+	st.mu.Unlock()
 	s.log.Warn("xds configuration rejected by a node", "node", req.GetNode().GetId(), "type", req.GetTypeUrl(),
 		"version", rejected, "error", req.GetErrorDetail().GetMessage())
 	req.VersionInfo = rejected
 }
 
 func (s *Server) closed(id int64) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	st, ok := s.streams[id]
-	if !ok {
+	st := s.stream(id)
+	if st == nil {
 		return
 	}
-	delete(s.streams, id)
+	s.streams.Delete(id)
+	st.mu.Lock()
+	defer st.mu.Unlock()
 	if st.node == nil {
 		return
 	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
 	ns := s.nodes[st.node.ID]
 	if ns == nil {
 		return
