@@ -1,7 +1,13 @@
 // Package monitoring serves the agent's health and metrics over HTTP:
 // /healthz answers 200 while the agent holds a valid certificate and a trust
 // bundle, 503 otherwise; /metrics is Prometheus, including the current
-// certificate's expiry.
+// certificate's expiry; /app-health/ is the pod's own probes, when the
+// agent is given them (package apphealth).
+//
+// In a pod it listens on every address, for the kubelet, and answers anyone
+// without authentication. So it serves those three and nothing else, none
+// of which reveals a secret: no key, token or certificate, no debugging
+// endpoint. Anything more belongs on a loopback or unix-socket listener.
 package monitoring
 
 import (
@@ -18,6 +24,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"k8s.io/utils/clock"
 
+	"github.com/trustmesh/trustmesh/agent/apphealth"
 	"github.com/trustmesh/trustmesh/agent/identity"
 	"github.com/trustmesh/trustmesh/agent/svid"
 )
@@ -35,7 +42,9 @@ type Config struct {
 	Clock   clock.PassiveClock
 	// Registry receives the expiry gauges and is served on /metrics.
 	Registry *prometheus.Registry
-	Logger   *slog.Logger
+	// AppHealth, if set, serves GET /app-health/: an apphealth.Handler.
+	AppHealth http.Handler
+	Logger    *slog.Logger
 }
 
 // Server is the monitoring HTTP server.
@@ -96,6 +105,9 @@ func New(cfg Config) (*Server, error) {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /healthz", s.healthz)
 	mux.Handle("GET /metrics", promhttp.HandlerFor(cfg.Registry, promhttp.HandlerOpts{Registry: cfg.Registry}))
+	if cfg.AppHealth != nil {
+		mux.Handle("GET "+apphealth.PathPrefix, cfg.AppHealth)
+	}
 	s.handler = mux
 	return s, nil
 }

@@ -2,6 +2,9 @@ package monitoring
 
 import (
 	"context"
+	"crypto/ecdsa"
+	"encoding/base64"
+	"encoding/hex"
 	"errors"
 	"io"
 	"net"
@@ -18,10 +21,12 @@ import (
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 	clocktesting "k8s.io/utils/clock/testing"
 
+	"github.com/trustmesh/trustmesh/agent/apphealth"
 	"github.com/trustmesh/trustmesh/agent/identity"
 	"github.com/trustmesh/trustmesh/agent/internal/leakcheck"
 	"github.com/trustmesh/trustmesh/agent/internal/testca"
 	"github.com/trustmesh/trustmesh/agent/svid"
+	"github.com/trustmesh/trustmesh/injector/probe"
 )
 
 func TestMain(m *testing.M) { os.Exit(leakcheck.Run(m)) }
@@ -135,5 +140,88 @@ func TestRunServesUntilCanceled(t *testing.T) {
 	cancel()
 	if err := <-done; !errors.Is(err, context.Canceled) {
 		t.Fatalf("Run returned %v", err)
+	}
+}
+
+// TestServesOnlyWhatAnyoneMaySee pins what the port open to the pod
+// network serves: /healthz, /metrics and the configured /app-health/
+// paths, nothing else, and never the private key.
+func TestServesOnlyWhatAnyoneMaySee(t *testing.T) {
+	auth, err := testca.NewAuthority(td, start)
+	if err != nil {
+		t.Fatal(err)
+	}
+	key, err := svid.GenerateKey(svid.ECP256)
+	if err != nil {
+		t.Fatal(err)
+	}
+	chain, err := auth.Issue(key.Public(), own, start, time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	scalar, err := key.(*ecdsa.PrivateKey).Bytes()
+	if err != nil {
+		t.Fatal(err)
+	}
+	secrets := []string{"PRIVATE KEY", hex.EncodeToString(scalar), base64.StdEncoding.EncodeToString(scalar)[:40]}
+	store := identity.New()
+	store.SetBundle(auth.Bundle())
+	store.SetSVID(&x509svid.SVID{ID: own, Certificates: chain[:2], PrivateKey: key})
+
+	app, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer app.Close()
+	probes, err := apphealth.New(apphealth.Config{Probers: probe.Probers{
+		probe.Path("web", probe.Readiness): {TCPSocket: &probe.TCPSocket{Port: int32(app.Addr().(*net.TCPAddr).Port)}},
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	for _, withProbes := range []bool{false, true} {
+		cfg := Config{Source: store, Clock: clocktesting.NewFakeClock(start), Registry: prometheus.NewRegistry()}
+		if withProbes {
+			cfg.AppHealth = probes
+		}
+		s, err := New(cfg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		appHealth := http.StatusNotFound
+		if withProbes {
+			appHealth = http.StatusOK
+		}
+		for _, tc := range []struct {
+			method, path string
+			want         int
+		}{
+			{http.MethodGet, "/healthz", http.StatusOK},
+			{http.MethodHead, "/healthz", http.StatusOK},
+			{http.MethodGet, "/metrics", http.StatusOK},
+			{http.MethodGet, probe.Path("web", probe.Readiness), appHealth},
+			{http.MethodGet, probe.Path("web", probe.Liveness), http.StatusNotFound},
+			{http.MethodGet, "/app-health/", http.StatusNotFound},
+			{http.MethodPost, "/healthz", http.StatusMethodNotAllowed},
+			{http.MethodGet, "/", http.StatusNotFound},
+			{http.MethodGet, "/debug/pprof/", http.StatusNotFound},
+			{http.MethodGet, "/debug/pprof/goroutine", http.StatusNotFound},
+			{http.MethodGet, "/debug/vars", http.StatusNotFound},
+			{http.MethodGet, "/config_dump", http.StatusNotFound},
+			{http.MethodGet, "/certs", http.StatusNotFound},
+			{http.MethodGet, "/svid", http.StatusNotFound},
+		} {
+			rec := httptest.NewRecorder()
+			s.Handler().ServeHTTP(rec, httptest.NewRequest(tc.method, tc.path, nil))
+			if rec.Code != tc.want {
+				t.Errorf("probes %t: %s %s: %d, want %d", withProbes, tc.method, tc.path, rec.Code, tc.want)
+			}
+			for _, secret := range secrets {
+				if strings.Contains(rec.Body.String(), secret) {
+					t.Errorf("probes %t: %s %s shows the private key", withProbes, tc.method, tc.path)
+				}
+			}
+		}
 	}
 }
