@@ -6,7 +6,6 @@ import (
 	"net/http"
 	"os"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -19,42 +18,30 @@ import (
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 	clocktesting "k8s.io/utils/clock/testing"
-	"sigs.k8s.io/controller-runtime/pkg/envtest"
 
 	"github.com/trustmesh/trustmesh/ca"
 	"github.com/trustmesh/trustmesh/ca/authn"
 	"github.com/trustmesh/trustmesh/controlplane"
 	"github.com/trustmesh/trustmesh/test/kubeapi"
+	"github.com/trustmesh/trustmesh/test/leakcheck"
 )
 
 // One real kube-apiserver for the package, started by the first test that
 // needs it.
-var (
-	kubeOnce sync.Once
-	kubeEnv  *envtest.Environment
-	kubeCfg  *rest.Config
-	kubeErr  error
-)
+var shared kubeapi.Shared
 
 func TestMain(m *testing.M) {
 	code := m.Run()
-	if kubeEnv != nil {
-		if err := kubeEnv.Stop(); err != nil {
-			fmt.Fprintln(os.Stderr, "stop envtest:", err)
-		}
-	}
+	shared.Stop()
 	if code == 0 {
-		code = checkGoroutines()
+		code = leakcheck.CheckOurs(os.Stderr)
 	}
 	os.Exit(code)
 }
 
 func kube(t *testing.T) (*rest.Config, kubernetes.Interface) {
 	t.Helper()
-	kubeOnce.Do(func() { kubeEnv, kubeCfg, kubeErr = kubeapi.Start() })
-	if kubeErr != nil {
-		t.Fatal(kubeErr)
-	}
+	kubeCfg := shared.Config(t)
 	return kubeCfg, kubernetes.NewForConfigOrDie(kubeCfg)
 }
 

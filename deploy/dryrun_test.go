@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"os"
-	"sync"
 	"testing"
 	"time"
 
@@ -21,7 +20,6 @@ import (
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/restmapper"
-	"sigs.k8s.io/controller-runtime/pkg/envtest"
 
 	"github.com/trustmesh/trustmesh/deploy"
 	"github.com/trustmesh/trustmesh/test/kubeapi"
@@ -29,29 +27,17 @@ import (
 
 // One real kube-apiserver for the package, started by the first test that
 // needs it.
-var (
-	kubeOnce sync.Once
-	kubeEnv  *envtest.Environment
-	kubeCfg  *rest.Config
-	kubeErr  error
-)
+var shared kubeapi.Shared
 
 func TestMain(m *testing.M) {
 	code := m.Run()
-	if kubeEnv != nil {
-		if err := kubeEnv.Stop(); err != nil {
-			fmt.Fprintln(os.Stderr, "stop envtest:", err)
-		}
-	}
+	shared.Stop()
 	os.Exit(code)
 }
 
 func kube(t *testing.T) *rest.Config {
 	t.Helper()
-	kubeOnce.Do(func() { kubeEnv, kubeCfg, kubeErr = kubeapi.Start() })
-	if kubeErr != nil {
-		t.Fatal(kubeErr)
-	}
+	kubeCfg := shared.Config(t)
 	return kubeCfg
 }
 

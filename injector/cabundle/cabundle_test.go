@@ -2,10 +2,8 @@ package cabundle_test
 
 import (
 	"context"
-	"fmt"
 	"os"
 	"path/filepath"
-	"sync"
 	"testing"
 	"time"
 
@@ -16,42 +14,30 @@ import (
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/watch"
 	"k8s.io/client-go/kubernetes"
-	"k8s.io/client-go/rest"
-	"sigs.k8s.io/controller-runtime/pkg/envtest"
 
 	"github.com/trustmesh/trustmesh/ca/authority"
 	"github.com/trustmesh/trustmesh/injector"
 	"github.com/trustmesh/trustmesh/injector/cabundle"
-	"github.com/trustmesh/trustmesh/injector/internal/leakcheck"
 	"github.com/trustmesh/trustmesh/test/kubeapi"
+	"github.com/trustmesh/trustmesh/test/leakcheck"
 )
 
-var (
-	kubeOnce sync.Once
-	kubeEnv  *envtest.Environment
-	kubeCfg  *rest.Config
-	kubeErr  error
-)
+// One real kube-apiserver for the package, started by the first test that
+// needs it.
+var shared kubeapi.Shared
 
 func TestMain(m *testing.M) {
 	code := m.Run()
-	if kubeEnv != nil {
-		if err := kubeEnv.Stop(); err != nil {
-			fmt.Fprintln(os.Stderr, "stop envtest:", err)
-		}
-	}
+	shared.Stop()
 	if code == 0 {
-		code = leakcheck.Check(os.Stderr)
+		code = leakcheck.CheckOurs(os.Stderr)
 	}
 	os.Exit(code)
 }
 
 func kube(t *testing.T) kubernetes.Interface {
 	t.Helper()
-	kubeOnce.Do(func() { kubeEnv, kubeCfg, kubeErr = kubeapi.Start() })
-	if kubeErr != nil {
-		t.Fatal(kubeErr)
-	}
+	kubeCfg := shared.Config(t)
 	return kubernetes.NewForConfigOrDie(kubeCfg)
 }
 

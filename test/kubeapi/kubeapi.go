@@ -11,6 +11,8 @@ import (
 	"path/filepath"
 	"runtime"
 	"strings"
+	"sync"
+	"testing"
 
 	"k8s.io/client-go/rest"
 	"sigs.k8s.io/controller-runtime/pkg/envtest"
@@ -53,4 +55,37 @@ func Assets() (string, error) {
 		return "", fmt.Errorf("kubeapi: %s: %w", script, err)
 	}
 	return strings.TrimSpace(string(out)), nil
+}
+
+// Shared is one kube-apiserver for a test package, started by the first
+// test that asks for it and stopped by TestMain:
+//
+//	var kube kubeapi.Shared
+//	func TestMain(m *testing.M) { code := m.Run(); kube.Stop(); os.Exit(code) }
+type Shared struct {
+	once sync.Once
+	env  *envtest.Environment
+	cfg  *rest.Config
+	err  error
+}
+
+// Config starts the apiserver on first use and returns its configuration,
+// failing t if it cannot start.
+func (s *Shared) Config(t testing.TB) *rest.Config {
+	t.Helper()
+	s.once.Do(func() { s.env, s.cfg, s.err = Start() })
+	if s.err != nil {
+		t.Fatal(s.err)
+	}
+	return s.cfg
+}
+
+// Stop stops the apiserver if it was started, reporting failures on stderr.
+func (s *Shared) Stop() {
+	if s.env == nil {
+		return
+	}
+	if err := s.env.Stop(); err != nil {
+		fmt.Fprintln(os.Stderr, "kubeapi: stop envtest:", err)
+	}
 }
