@@ -10,7 +10,8 @@
 //   - rotation: issues and renews the SVID;
 //   - socket, serving workloadapi and sds;
 //   - certdir and state: files, when asked for;
-//   - monitoring: /healthz and /metrics.
+//   - monitoring: /healthz, /metrics and, given the pod's probes,
+//     apphealth's /app-health/ for the kubelet.
 //
 // They share one identity.Store. Run supervises them: the first to fail stops
 // the others and its error is returned.
@@ -35,6 +36,7 @@ import (
 	"google.golang.org/grpc"
 	"k8s.io/utils/clock"
 
+	"github.com/trustmesh/trustmesh/agent/apphealth"
 	"github.com/trustmesh/trustmesh/agent/backoff"
 	"github.com/trustmesh/trustmesh/agent/caclient"
 	"github.com/trustmesh/trustmesh/agent/certdir"
@@ -47,6 +49,7 @@ import (
 	"github.com/trustmesh/trustmesh/agent/svid"
 	"github.com/trustmesh/trustmesh/agent/trustbundle"
 	"github.com/trustmesh/trustmesh/agent/workloadapi"
+	"github.com/trustmesh/trustmesh/injector/probe"
 )
 
 // Defaults.
@@ -94,8 +97,13 @@ type Config struct {
 	// CertDir, if set, receives cert-chain.pem, key.pem and root-cert.pem.
 	CertDir string
 
-	// MonitoringAddress serves /healthz and /metrics; empty disables it.
+	// MonitoringAddress serves /healthz, /metrics and /app-health/; empty
+	// disables it.
 	MonitoringAddress string
+	// AppProbers is the JSON the injector puts in probe.EnvVar: the pod's
+	// original probes, which the agent then runs for the kubelet under
+	// /app-health/ on MonitoringAddress. Empty serves none.
+	AppProbers string
 
 	// Clock defaults to the real clock.
 	Clock clock.Clock
@@ -113,6 +121,7 @@ type settings struct {
 	id        spiffeid.ID
 	keyType   svid.KeyType
 	gid       int
+	appHealth *apphealth.Handler
 }
 
 // Validate checks cfg as Run would, without starting anything.
@@ -189,6 +198,18 @@ func validate(cfg Config) (*settings, error) {
 	if s.MonitoringAddress != "" {
 		if _, _, err := net.SplitHostPort(s.MonitoringAddress); err != nil {
 			errs = append(errs, fmt.Errorf("agent: monitoring address: %w", err))
+		}
+	}
+	if s.AppProbers != "" {
+		if s.MonitoringAddress == "" {
+			errs = append(errs, fmt.Errorf("agent: %s needs a monitoring address to serve the probes on", probe.EnvVar))
+		}
+		if probers, err := probe.Decode(s.AppProbers); err != nil {
+			errs = append(errs, fmt.Errorf("agent: %w", err))
+		} else if h, err := apphealth.New(apphealth.Config{Probers: probers, Logger: s.Logger.With("component", "apphealth")}); err != nil {
+			errs = append(errs, err) // each problem on its own line, named by apphealth
+		} else {
+			s.appHealth = h
 		}
 	}
 	if err := errors.Join(errs...); err != nil {
@@ -367,9 +388,13 @@ func build(s *settings) (*assembled, error) {
 		if err := reg.Register(collectors.NewProcessCollector(collectors.ProcessCollectorOpts{})); err != nil {
 			return nil, fmt.Errorf("agent: %w", err)
 		}
-		mon, err := monitoring.New(monitoring.Config{
+		mcfg := monitoring.Config{
 			Address: s.MonitoringAddress, Source: store, Clock: s.Clock, Registry: reg, Logger: log.With("component", "monitoring"),
-		})
+		}
+		if s.appHealth != nil { // never a typed nil in the interface
+			mcfg.AppHealth = s.appHealth
+		}
+		mon, err := monitoring.New(mcfg)
 		if err != nil {
 			return nil, fmt.Errorf("agent: %w", err)
 		}

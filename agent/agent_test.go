@@ -403,6 +403,23 @@ func TestStateDirRenewsAfterRestartWithoutToken(t *testing.T) {
 	}
 }
 
+// problems counts the errors joined in err, however deeply.
+func problems(err error) int {
+	switch e := err.(type) {
+	case interface{ Unwrap() []error }:
+		n := 0
+		for _, inner := range e.Unwrap() {
+			n += problems(inner)
+		}
+		return n
+	default:
+		if inner := errors.Unwrap(err); inner != nil {
+			return problems(inner)
+		}
+		return 1
+	}
+}
+
 func TestValidate(t *testing.T) {
 	dir := t.TempDir()
 	bundle := filepath.Join(dir, "ca.pem")
@@ -418,6 +435,8 @@ func TestValidate(t *testing.T) {
 		t.Fatal(err)
 	}
 	good := Config{CAAddress: "localhost:15012", CABundleFile: bundle}
+	// As the injector writes it (injector/testdata/inject/probes.yaml.injected).
+	const appProbers = `{"/app-health/rpc/readyz":{"grpc":{"port":9090,"service":"health"},"timeoutSeconds":2},"/app-health/web/livez":{"httpGet":{"path":"/livez","port":8080,"httpHeaders":[{"name":"X-Probe","value":"kubelet"}]}},"/app-health/web/readyz":{"tcpSocket":{"port":8080}}}`
 	for _, tc := range []struct {
 		name  string
 		mod   func(*Config)
@@ -443,6 +462,12 @@ func TestValidate(t *testing.T) {
 		{"negative TTL", func(c *Config) { c.CertTTL = -time.Second }, false, 1},
 		{"unknown group", func(c *Config) { c.SocketGroup = "no-such-group-trustmesh" }, false, 1},
 		{"bad monitoring address", func(c *Config) { c.MonitoringAddress = "15024" }, false, 1},
+		{"app probers", func(c *Config) { c.MonitoringAddress, c.AppProbers = ":15020", appProbers }, true, 0},
+		{"app probers without a monitoring address", func(c *Config) { c.AppProbers = appProbers }, false, 1},
+		{"app probers not JSON", func(c *Config) { c.MonitoringAddress, c.AppProbers = ":15020", "{" }, false, 1},
+		{"app probers at paths not the injector's", func(c *Config) {
+			c.MonitoringAddress, c.AppProbers = ":15020", `{"/healthz":{"tcpSocket":{"port":8080}},"/app-health/web/ready":{"tcpSocket":{"port":8080}}}`
+		}, false, 2},
 		{"all problems at once", func(c *Config) { c.CAAddress, c.CABundleFile, c.KeyType = "", "", "dsa" }, false, 3},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -458,13 +483,8 @@ func TestValidate(t *testing.T) {
 			if err == nil {
 				t.Fatal("invalid config accepted")
 			}
-			var joined interface{ Unwrap() []error }
-			if errors.As(err, &joined) {
-				if n := len(joined.Unwrap()); n != tc.errs {
-					t.Fatalf("%d problems reported, want %d: %v", n, tc.errs, err)
-				}
-			} else if tc.errs != 1 {
-				t.Fatalf("one problem reported, want %d: %v", tc.errs, err)
+			if n := problems(err); n != tc.errs {
+				t.Fatalf("%d problems reported, want %d: %v", n, tc.errs, err)
 			}
 		})
 	}

@@ -20,6 +20,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/workloadapi"
 
 	"github.com/trustmesh/trustmesh/agent/certdir"
+	"github.com/trustmesh/trustmesh/injector/probe"
 )
 
 var (
@@ -155,12 +156,39 @@ func TestProcessesEndToEnd(t *testing.T) {
 		t.Fatal(err)
 	}
 
+	// The application: its one probe is a TCP connect, which the agent
+	// runs for the kubelet as the injector asks it to.
+	app, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer app.Close()
+	probers, err := probe.Probers{
+		probe.Path("billing", probe.Readiness): {TCPSocket: &probe.TCPSocket{Port: int32(app.Addr().(*net.TCPAddr).Port)}},
+	}.Encode()
+	if err != nil {
+		t.Fatal(err)
+	}
+
 	socketPath := filepath.Join(dir, "agent.sock")
 	agentMon := freeAddr(t)
-	agent := startProc(t, nil, "agent", "--ca-address", caAddr, "--ca-bundle", bundleFile,
+	agent := startProc(t, []string{probe.EnvVar + "=" + probers}, "agent", "--ca-address", caAddr, "--ca-bundle", bundleFile,
 		"--join-token-file", tokenFile, "--socket", socketPath, "--listen-monitoring", agentMon,
 		"--cert-dir", filepath.Join(dir, "certs"))
 	waitHTTP(t, agent, "http://"+agentMon+"/healthz")
+	for path, want := range map[string]int{
+		probe.Path("billing", probe.Readiness): http.StatusOK,
+		probe.Path("billing", probe.Liveness):  http.StatusNotFound,
+	} {
+		resp, err := http.Get("http://" + agentMon + path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != want {
+			t.Fatalf("GET %s on the agent: %d, want %d", path, resp.StatusCode, want)
+		}
+	}
 
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()

@@ -9,7 +9,9 @@
 // probe's timeout, as the kubelet would: an HTTP GET with the probe's path,
 // port, scheme and headers, where 2xx and 3xx pass; a TCP connect; a gRPC
 // grpc.health.v1.Health/Check of the probe's service, where SERVING passes.
-// It answers 200 when the probe passes and 503 when it fails.
+// It answers 200 when the probe passes and 503 when it fails. A probe's host
+// is never dialled, the application being on localhost; an HTTP probe still
+// sends it in the Host header, as the kubelet would.
 //
 // The port is reachable from outside the pod without authentication, so the
 // Handler is no proxy: a request picks one of the configured probes by its

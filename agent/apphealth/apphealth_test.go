@@ -209,6 +209,11 @@ func TestProbes(t *testing.T) {
 				w.WriteHeader(http.StatusBadRequest)
 			}
 		},
+		"/named-host": func(w http.ResponseWriter, r *http.Request) {
+			if r.Host != net.JoinHostPort("192.0.2.1", strconv.Itoa(int(portOf(r.Context().Value(http.LocalAddrContextKey).(net.Addr))))) {
+				w.WriteHeader(http.StatusBadRequest)
+			}
+		},
 		"/moved-here": func(w http.ResponseWriter, r *http.Request) { http.Redirect(w, r, "/fail", http.StatusFound) },
 		"/moved-away": func(w http.ResponseWriter, r *http.Request) {
 			http.Redirect(w, r, "http://localhost:"+strconv.Itoa(int(can.port()))+"/fail", http.StatusFound)
@@ -238,6 +243,8 @@ func TestProbes(t *testing.T) {
 			Path: "/vhost?deep=1", Port: plain.port(),
 			HTTPHeaders: []probe.Header{{Name: "Host", Value: "orders.internal"}, {Name: "X-Probe", Value: "kubelet"}},
 		}}, "", http.StatusOK},
+		// 192.0.2.1 is TEST-NET-1: dialling it would time out.
+		{"http host is sent, not dialled", &probe.Prober{HTTPGet: &probe.HTTPGet{Path: "/named-host", Port: plain.port(), Host: "192.0.2.1"}}, "", http.StatusOK},
 		{"http redirect on the port is followed", get("/moved-here", plain.port()), "", http.StatusServiceUnavailable},
 		{"http redirect elsewhere passes unfollowed", get("/moved-away", plain.port()), "", http.StatusOK},
 		{"http refused", get("/ok", closed), "", http.StatusServiceUnavailable},
@@ -247,6 +254,7 @@ func TestProbes(t *testing.T) {
 		{"http to a TLS server", get("/ok", secure.port()), "", http.StatusServiceUnavailable},
 
 		{"tcp ok", &probe.Prober{TCPSocket: &probe.TCPSocket{Port: plain.port()}}, "", http.StatusOK},
+		{"tcp host is not dialled", &probe.Prober{TCPSocket: &probe.TCPSocket{Port: plain.port(), Host: "192.0.2.1"}}, "", http.StatusOK},
 		{"tcp refused", &probe.Prober{TCPSocket: &probe.TCPSocket{Port: closed}}, "", http.StatusServiceUnavailable},
 
 		{"grpc server overall", &probe.Prober{GRPC: &probe.GRPC{Port: grpcUp}}, "", http.StatusOK},

@@ -10,6 +10,7 @@ import (
 
 	"github.com/trustmesh/trustmesh/agent"
 	"github.com/trustmesh/trustmesh/agent/svid"
+	"github.com/trustmesh/trustmesh/injector/probe"
 )
 
 func newAgentCmd() *cobra.Command {
@@ -30,10 +31,15 @@ CA's trust bundle, and serves the SPIFFE Workload API and Envoy SDS on a unix
 socket.
 
 A join token is read from --join-token-file or from the ` + agent.JoinTokenEnv + `
-environment variable, never from the command line.`,
+environment variable, never from the command line.
+
+In an injected pod, ` + probe.EnvVar + ` holds the pod's original HTTP, TCP
+and gRPC probes; the agent runs them against the application on localhost and
+answers the kubelet on --listen-monitoring under /app-health/.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			cfg.JoinToken = os.Getenv(agent.JoinTokenEnv)
+			cfg.AppProbers = os.Getenv(probe.EnvVar)
 			if validate {
 				if err := agent.Validate(cfg); err != nil {
 					return err
@@ -58,7 +64,7 @@ environment variable, never from the command line.`,
 	f.StringVar(&cfg.SocketGroup, "socket-group", "", "group, by name or number, also allowed to connect (default: owner only)")
 	f.StringVar(&cfg.StateDir, "state-dir", "", "owner-only directory to keep the key and certificate across restarts (off Kubernetes)")
 	f.StringVar(&cfg.CertDir, "cert-dir", "", "directory to write cert-chain.pem, key.pem and root-cert.pem to")
-	f.StringVar(&cfg.MonitoringAddress, "listen-monitoring", "127.0.0.1:15024", "address for /healthz and /metrics; empty disables")
+	f.StringVar(&cfg.MonitoringAddress, "listen-monitoring", "127.0.0.1:15024", "address for /healthz, /metrics and /app-health/; empty disables")
 	f.BoolVar(&validate, "validate", false, "check the configuration and exit")
 	_ = cmd.MarkFlagRequired("ca-address")
 	_ = cmd.MarkFlagRequired("ca-bundle")
