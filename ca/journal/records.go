@@ -200,7 +200,7 @@ func (s *Store) LookupIssuance(ctx context.Context, serial string) (Issuance, er
 func (s *Store) issuanceEntry(ctx context.Context, serial string) (Entry, error) {
 	var e Entry
 	var idx int64
-	err := s.db.QueryRowContext(ctx, `SELECT idx, kind, body FROM entries WHERE serial = $1 AND kind = $2 ORDER BY idx LIMIT 1`,
+	err := s.db.QueryRowContext(ctx, `SELECT idx, kind, body FROM entries WHERE serial = $1 AND serial != '' AND kind = $2 ORDER BY idx LIMIT 1`,
 		serial, string(KindIssuance)).Scan(&idx, &e.Kind, &e.Body)
 	if errors.Is(err, sql.ErrNoRows) {
 		return Entry{}, ErrNotFound
@@ -303,7 +303,7 @@ func (s *Store) RecordRotation(ctx context.Context, r Rotation) error {
 // counts only if the signed log records its creation.
 func (s *Store) LookupJoinTokenCreation(ctx context.Context, tokenID string) (JoinTokenCreated, error) {
 	var e Entry
-	err := s.db.QueryRowContext(ctx, `SELECT kind, body FROM entries WHERE serial = $1 AND kind = $2 ORDER BY idx LIMIT 1`,
+	err := s.db.QueryRowContext(ctx, `SELECT kind, body FROM entries WHERE serial = $1 AND serial != '' AND kind = $2 ORDER BY idx LIMIT 1`,
 		tokenID, string(KindJoinToken)).Scan(&e.Kind, &e.Body)
 	if errors.Is(err, sql.ErrNoRows) {
 		return JoinTokenCreated{}, ErrNotFound

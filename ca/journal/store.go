@@ -116,6 +116,11 @@ func Open(ctx context.Context, cfg Config) (*Store, error) {
 	if err != nil {
 		return nil, err
 	}
+	// Renewals read the journal concurrently (issuances, enrolments): keep
+	// their connections open rather than reopening one per read, which for
+	// SQLite also means re-applying every pragma.
+	s.db.SetMaxOpenConns(32)
+	s.db.SetMaxIdleConns(32)
 	if err := s.createSchema(ctx); err != nil {
 		s.db.Close()
 		return nil, err
@@ -287,8 +292,11 @@ type querier interface {
 // catchUp extends the in-memory range with entries appended by others (other
 // replicas, or the CLI in another process). The log may only grow.
 func (s *Store) catchUp(ctx context.Context, q querier) error {
+	// The primary key's maximum, not COUNT(*): this runs on every commit
+	// batch and must not scan the log. Rows missing below it are found by
+	// the read that follows (when new) or by audit verify.
 	var n int64
-	if err := q.QueryRowContext(ctx, `SELECT COUNT(*) FROM entries`).Scan(&n); err != nil {
+	if err := q.QueryRowContext(ctx, `SELECT COALESCE(MAX(idx)+1, 0) FROM entries`).Scan(&n); err != nil {
 		return fmt.Errorf("journal: %w", err)
 	}
 	have := s.rng.End()
