@@ -10,6 +10,8 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
+	"runtime/pprof"
 	"strconv"
 	"strings"
 	"sync"
@@ -141,6 +143,18 @@ func benchConvergence(b *testing.B, n int, delta bool) {
 	b.ReportMetric(total.Seconds()/float64(b.N), "s/convergence")
 	b.ReportMetric(rssMB("VmRSS"), "MB-RSS")
 	b.ReportMetric(rssMB("VmHWM"), "MB-peak-RSS")
+	// What the server holds live, with the clients still connected.
+	runtime.GC()
+	var ms runtime.MemStats
+	runtime.ReadMemStats(&ms)
+	b.ReportMetric(float64(ms.HeapAlloc)/(1<<20), "MB-live-heap")
+	if p := os.Getenv("TRUSTMESH_XDS_BENCH_HEAP"); p != "" {
+		f, err := os.Create(p)
+		if err == nil {
+			_ = pprof.WriteHeapProfile(f)
+			f.Close()
+		}
+	}
 }
 
 // runBenchClients is the child process: n simulated Envoys, each on its own
@@ -181,6 +195,7 @@ func runBenchClients() int {
 		ready     sync.WaitGroup
 		epoch     atomic.Int64 // bumped by "go"
 		converged atomic.Int64
+		failed    atomic.Int64
 		done      = make(chan struct{}, 1)
 	)
 	onEDS := func(seen *int64) {
@@ -196,13 +211,28 @@ func runBenchClients() int {
 		md, _ := structpb.NewStruct(map[string]any{"SERVICE_ACCOUNT": "client", "NAMESPACE": "bench"})
 		node := &corev3.Node{Id: fmt.Sprintf("sidecar~10.200.%d.%d~client-%d.bench~bench.svc.cluster.local", i/250, i%250, i), Metadata: md}
 		client := discoveryv3.NewAggregatedDiscoveryServiceClient(conns[i/streamsPerConn])
-		if delta {
-			go deltaClient(ctx, client, node, &ready, onEDS)
-		} else {
-			go sotwClient(ctx, client, node, &ready, onEDS)
-		}
+		go func() {
+			var err error
+			if delta {
+				err = deltaClient(ctx, client, node, &ready, onEDS)
+			} else {
+				err = sotwClient(ctx, client, node, &ready, onEDS)
+			}
+			if ctx.Err() == nil {
+				fmt.Fprintln(os.Stderr, "client:", err)
+				failed.Add(1)
+				select {
+				case done <- struct{}{}:
+				default:
+				}
+			}
+		}()
 	}
 	ready.Wait()
+	if failed.Load() > 0 {
+		fmt.Println("failed")
+		return 1
+	}
 	fmt.Println("ready")
 	in := bufio.NewScanner(os.Stdin)
 	for in.Scan() {
@@ -210,6 +240,10 @@ func runBenchClients() int {
 		epoch.Add(1)
 		fmt.Println("armed")
 		<-done
+		if failed.Load() > 0 {
+			fmt.Println("failed")
+			return 1
+		}
 		fmt.Println("converged")
 	}
 	cancel()
@@ -221,33 +255,38 @@ func runBenchClients() int {
 
 var benchTypes = []string{resource.ClusterType, resource.EndpointType, resource.ListenerType, resource.RouteType}
 
-func sotwClient(ctx context.Context, c discoveryv3.AggregatedDiscoveryServiceClient, node *corev3.Node, ready *sync.WaitGroup, onEDS func(*int64)) {
+func sotwClient(ctx context.Context, c discoveryv3.AggregatedDiscoveryServiceClient, node *corev3.Node, ready *sync.WaitGroup, onEDS func(*int64)) (err error) {
+	first := true
+	defer func() {
+		if first {
+			ready.Done()
+		}
+	}()
 	s, err := c.StreamAggregatedResources(ctx)
 	if err != nil {
-		return
+		return err
 	}
 	for _, typ := range benchTypes {
 		req := &discoveryv3.DiscoveryRequest{Node: node, TypeUrl: typ}
 		if typ == resource.RouteType {
 			req.ResourceNames = []string{"8080"}
 		}
-		if s.Send(req) != nil {
-			return
+		if err := s.Send(req); err != nil {
+			return err
 		}
 	}
-	first := true
 	var seen int64
 	for {
 		resp, err := s.Recv()
 		if err != nil {
-			return
+			return err
 		}
 		req := &discoveryv3.DiscoveryRequest{TypeUrl: resp.GetTypeUrl(), VersionInfo: resp.GetVersionInfo(), ResponseNonce: resp.GetNonce()}
 		if resp.GetTypeUrl() == resource.RouteType {
 			req.ResourceNames = []string{"8080"}
 		}
-		if s.Send(req) != nil {
-			return
+		if err := s.Send(req); err != nil {
+			return err
 		}
 		if resp.GetTypeUrl() == resource.EndpointType {
 			if first {
@@ -259,29 +298,34 @@ func sotwClient(ctx context.Context, c discoveryv3.AggregatedDiscoveryServiceCli
 	}
 }
 
-func deltaClient(ctx context.Context, c discoveryv3.AggregatedDiscoveryServiceClient, node *corev3.Node, ready *sync.WaitGroup, onEDS func(*int64)) {
+func deltaClient(ctx context.Context, c discoveryv3.AggregatedDiscoveryServiceClient, node *corev3.Node, ready *sync.WaitGroup, onEDS func(*int64)) (err error) {
+	first := true
+	defer func() {
+		if first {
+			ready.Done()
+		}
+	}()
 	s, err := c.DeltaAggregatedResources(ctx)
 	if err != nil {
-		return
+		return err
 	}
 	for _, typ := range benchTypes {
 		req := &discoveryv3.DeltaDiscoveryRequest{Node: node, TypeUrl: typ}
 		if typ == resource.RouteType {
 			req.ResourceNamesSubscribe = []string{"8080"}
 		}
-		if s.Send(req) != nil {
-			return
+		if err := s.Send(req); err != nil {
+			return err
 		}
 	}
-	first := true
 	var seen int64
 	for {
 		resp, err := s.Recv()
 		if err != nil {
-			return
+			return err
 		}
-		if s.Send(&discoveryv3.DeltaDiscoveryRequest{TypeUrl: resp.GetTypeUrl(), ResponseNonce: resp.GetNonce()}) != nil {
-			return
+		if err := s.Send(&discoveryv3.DeltaDiscoveryRequest{TypeUrl: resp.GetTypeUrl(), ResponseNonce: resp.GetNonce()}); err != nil {
+			return err
 		}
 		if resp.GetTypeUrl() == resource.EndpointType {
 			if first {

@@ -30,7 +30,6 @@ import (
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	discoverygrpc "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
-	cachev3 "github.com/envoyproxy/go-control-plane/pkg/cache/v3"
 	serverv3 "github.com/envoyproxy/go-control-plane/pkg/server/v3"
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -109,7 +108,7 @@ type Server struct {
 	cfg   Config
 	td    spiffeid.TrustDomain
 	log   *slog.Logger
-	cache cachev3.SnapshotCache
+	cache *cache
 	ads   serverv3.Server
 	stop  context.CancelFunc
 
@@ -145,9 +144,7 @@ func New(cfg Config) (*Server, error) {
 		nodes:    map[string]*nodeState{},
 		ready:    make(chan struct{}),
 	}
-	// Not the cache's ADS mode: it answers only requests that name every
-	// resource of the snapshot, and grpc-go asks for the few it needs.
-	s.cache = cachev3.NewSnapshotCache(false, cachev3.IDHash{}, nil)
+	s.cache = newCache()
 	ctx, cancel := context.WithCancel(context.Background())
 	s.stop = cancel
 	s.ads = serverv3.NewServer(ctx, s.cache, s.callbacks())
@@ -319,21 +316,20 @@ func (s *Server) logRefusals(m *mesh.Mesh) {
 }
 
 // publishLocked computes and sets the node's snapshot. A node whose
-// resources fail a check gets an empty snapshot, so it stops receiving
-// configuration rather than receive bad configuration.
+// resources fail a check is sent nothing new: it keeps its last good
+// configuration rather than receive a bad one.
 func (s *Server) publishLocked(n *proxyconfig.Node) {
-	snap, res, err := s.gen.snapshot(n)
+	pub, res, err := s.gen.snapshot(n)
 	if err != nil {
 		s.log.Error("refusing to publish a node's configuration", "node", n.ID, "error", err)
-		snap = &cachev3.Snapshot{}
-		_ = snap.ConstructVersionMap()
+		return
 	}
 	if res != nil {
 		for _, w := range res.Warnings {
 			s.log.Debug("xds: left out", "node", n.ID, "what", w)
 		}
 	}
-	if err := s.cache.SetSnapshot(context.Background(), n.ID, snap); err != nil {
+	if err := s.cache.set(n.ID, pub); err != nil {
 		s.log.Error("setting a snapshot", "node", n.ID, "error", err)
 	}
 }

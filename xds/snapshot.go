@@ -12,6 +12,7 @@ import (
 	cachev3 "github.com/envoyproxy/go-control-plane/pkg/cache/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
 	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/anypb"
 
 	"github.com/trustmesh/trustmesh/xds/proxyconfig"
 )
@@ -32,14 +33,15 @@ type generation struct {
 }
 
 type built struct {
-	snap *cachev3.Snapshot
-	res  *proxyconfig.Resources
-	err  error
+	pub *published
+	res *proxyconfig.Resources
+	err error
 }
 
 type resInfo struct {
 	name string
 	hash string
+	any  *anypb.Any
 	refs map[resource.Type]map[string]bool
 	err  error
 }
@@ -67,8 +69,8 @@ func configKey(n *proxyconfig.Node, inMesh bool) string {
 	return b.String()
 }
 
-// snapshot returns the node's checked snapshot and its resources.
-func (g *generation) snapshot(n *proxyconfig.Node) (*cachev3.Snapshot, *proxyconfig.Resources, error) {
+// snapshot returns the node's checked configuration and its resources.
+func (g *generation) snapshot(n *proxyconfig.Node) (*published, *proxyconfig.Resources, error) {
 	w, err := g.builder.Workload(n)
 	if err != nil {
 		return nil, nil, err
@@ -77,15 +79,15 @@ func (g *generation) snapshot(n *proxyconfig.Node) (*cachev3.Snapshot, *proxycon
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	if b, ok := g.snaps[key]; ok {
-		return b.snap, b.res, b.err
+		return b.pub, b.res, b.err
 	}
 	b := &built{}
 	b.res, b.err = g.builder.Build(n)
 	if b.err == nil {
-		b.snap, b.err = g.check(b.res)
+		b.pub, b.err = g.check(b.res)
 	}
 	g.snaps[key] = b
-	return b.snap, b.res, b.err
+	return b.pub, b.res, b.err
 }
 
 func (g *generation) infoOf(r types.Resource) *resInfo {
@@ -102,6 +104,7 @@ func (g *generation) infoOf(r types.Resource) *resInfo {
 			h := fnv.New64a()
 			h.Write(raw)
 			ri.hash = fmt.Sprintf("%x", h.Sum64())
+			ri.any = &anypb.Any{TypeUrl: "type.googleapis.com/" + string(r.ProtoReflect().Descriptor().FullName()), Value: raw}
 		}
 	}
 	ri.refs = cachev3.GetResourceReferences(map[string]types.ResourceWithTTL{ri.name: {Resource: r}})
@@ -112,8 +115,9 @@ func (g *generation) infoOf(r types.Resource) *resInfo {
 // check validates every resource, refuses anything but strict mTLS,
 // checks consistency and assembles the snapshot with per-type and
 // per-resource versions.
-func (g *generation) check(res *proxyconfig.Resources) (*cachev3.Snapshot, error) {
+func (g *generation) check(res *proxyconfig.Resources) (*published, error) {
 	snap := &cachev3.Snapshot{VersionMap: map[string]map[string]string{}}
+	pub := &published{snap: snap, types: map[string]*typeSet{}}
 	var errs []error
 	refs := map[resource.Type]map[string]bool{}
 	for typ, items := range res.ByType() {
@@ -121,6 +125,7 @@ func (g *generation) check(res *proxyconfig.Resources) (*cachev3.Snapshot, error
 		versions := make(map[string]string, len(items))
 		withTTL := make([]types.ResourceWithTTL, 0, len(items))
 		names := make([]string, 0, len(items))
+		anys := make(map[string]*anypb.Any, len(items))
 		for _, r := range items {
 			ri := g.infoOf(r)
 			if ri.err != nil {
@@ -132,6 +137,7 @@ func (g *generation) check(res *proxyconfig.Resources) (*cachev3.Snapshot, error
 				continue
 			}
 			versions[ri.name] = ri.hash
+			anys[ri.name] = ri.any
 			names = append(names, ri.name)
 			withTTL = append(withTTL, types.ResourceWithTTL{Resource: r})
 			for t, set := range ri.refs {
@@ -151,8 +157,10 @@ func (g *generation) check(res *proxyconfig.Resources) (*cachev3.Snapshot, error
 			h.Write([]byte(versions[n]))
 			h.Write([]byte{0})
 		}
-		snap.Resources[idx] = cachev3.NewResourcesWithTTL(fmt.Sprintf("%x", h.Sum64()), withTTL)
+		version := fmt.Sprintf("%x", h.Sum64())
+		snap.Resources[idx] = cachev3.NewResourcesWithTTL(version, withTTL)
 		snap.VersionMap[typ] = versions
+		pub.types[typ] = &typeSet{version: version, names: names, anys: anys}
 	}
 	// As Snapshot.Consistent: the routes and endpoints are exactly those
 	// the listeners and clusters name.
@@ -173,5 +181,5 @@ func (g *generation) check(res *proxyconfig.Resources) (*cachev3.Snapshot, error
 	if err := errors.Join(errs...); err != nil {
 		return nil, err
 	}
-	return snap, nil
+	return pub, nil
 }

@@ -230,6 +230,6 @@ func (s *Server) closed(id int64) {
 	}
 	if ns.streams--; ns.streams == 0 {
 		delete(s.nodes, st.node.ID)
-		s.cache.ClearSnapshot(st.node.ID)
+		s.cache.clear(st.node.ID)
 	}
 }

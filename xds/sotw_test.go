@@ -1,0 +1,95 @@
+package xds
+
+import (
+	"testing"
+
+	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	cachev3 "github.com/envoyproxy/go-control-plane/pkg/cache/v3"
+	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
+	streamv3 "github.com/envoyproxy/go-control-plane/pkg/server/stream/v3"
+	"google.golang.org/protobuf/types/known/anypb"
+)
+
+func pubOf(version string, names ...string) *published {
+	ts := &typeSet{version: version, anys: map[string]*anypb.Any{}}
+	for _, n := range names {
+		ts.names = append(ts.names, n)
+		ts.anys[n] = &anypb.Any{TypeUrl: resource.EndpointType, Value: []byte(n)}
+	}
+	return &published{snap: &cachev3.Snapshot{}, types: map[string]*typeSet{resource.EndpointType: ts}}
+}
+
+func receive(t *testing.T, ch chan cachev3.Response) *cachev3.PassthroughResponse {
+	t.Helper()
+	select {
+	case r := <-ch:
+		return r.(*cachev3.PassthroughResponse)
+	default:
+		return nil
+	}
+}
+
+// TestSotwCache: a watch is answered at once only when the client lacks
+// the current version or a subscribed resource; otherwise it waits for a
+// newer version; answers carry only the subscribed resources.
+func TestSotwCache(t *testing.T) {
+	c := newCache()
+	node := &corev3.Node{Id: "n"}
+	if err := c.set("n", pubOf("v1", "a", "b")); err != nil {
+		t.Fatal(err)
+	}
+	sub := streamv3.NewSotwSubscription([]string{"a"}, true)
+	ch := make(chan cachev3.Response, 1)
+	if _, err := c.CreateWatch(&cachev3.Request{Node: node, TypeUrl: resource.EndpointType}, sub, ch); err != nil {
+		t.Fatal(err)
+	}
+	r := receive(t, ch)
+	if r == nil || r.DiscoveryResponse.GetVersionInfo() != "v1" || len(r.DiscoveryResponse.GetResources()) != 1 {
+		t.Fatalf("first answer = %v, want v1 with resource a only", r)
+	}
+	sub.SetReturnedResources(r.GetReturnedResources())
+
+	// The acknowledgement waits.
+	cancel, err := c.CreateWatch(&cachev3.Request{Node: node, TypeUrl: resource.EndpointType, VersionInfo: "v1", ResourceNames: []string{"a"}}, sub, ch)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r := receive(t, ch); r != nil {
+		t.Fatalf("acknowledgement answered with %v", r.DiscoveryResponse)
+	}
+	// A new version is pushed to it.
+	if err := c.set("n", pubOf("v2", "a", "b")); err != nil {
+		t.Fatal(err)
+	}
+	if r := receive(t, ch); r == nil || r.DiscoveryResponse.GetVersionInfo() != "v2" {
+		t.Fatalf("push = %v, want v2", r)
+	}
+	cancel()
+
+	// Subscribing to a resource not yet sent is answered at the same
+	// version.
+	sub.SetReturnedResources(map[string]string{"a": "v2"})
+	sub.SetResourceSubscription([]string{"a", "b"})
+	if _, err := c.CreateWatch(&cachev3.Request{Node: node, TypeUrl: resource.EndpointType, VersionInfo: "v2", ResourceNames: []string{"a", "b"}}, sub, ch); err != nil {
+		t.Fatal(err)
+	}
+	if r := receive(t, ch); r == nil || len(r.DiscoveryResponse.GetResources()) != 2 {
+		t.Fatalf("answer to the wider subscription = %v, want a and b", r)
+	}
+
+	// A cancelled watch is never answered, and a cleared node forgets.
+	sub2 := streamv3.NewSotwSubscription([]string{"a", "b"}, true)
+	sub2.SetReturnedResources(map[string]string{"a": "v2", "b": "v2"})
+	cancel, _ = c.CreateWatch(&cachev3.Request{Node: node, TypeUrl: resource.EndpointType, VersionInfo: "v2", ResourceNames: []string{"a", "b"}}, sub2, ch)
+	if r := receive(t, ch); r != nil {
+		t.Fatalf("an up-to-date watch was answered: %v", r.DiscoveryResponse)
+	}
+	cancel()
+	c.clear("n")
+	if err := c.set("n", pubOf("v3", "a")); err != nil {
+		t.Fatal(err)
+	}
+	if r := receive(t, ch); r != nil {
+		t.Fatalf("a cancelled watch was answered: %v", r.DiscoveryResponse)
+	}
+}
