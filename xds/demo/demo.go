@@ -1,0 +1,437 @@
+// Package demo runs a mesh on one machine: the control plane (the CA and
+// the xDS server), two workload agents enrolled with join tokens, and two
+// proxyless grpc-go workloads, an echo server and its client, that get
+// their certificates from the agents (--cert-dir files) and their
+// configuration, mTLS and RBAC included, from the xDS server. It prints,
+// one line each, every call's outcome, every policy push and every
+// certificate rotation, until its context ends.
+package demo
+
+import (
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/json"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"golang.org/x/sync/errgroup"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/credentials/insecure"
+	xdscreds "google.golang.org/grpc/credentials/xds"
+	"google.golang.org/grpc/health"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/status"
+	grpcxds "google.golang.org/grpc/xds"
+	"k8s.io/utils/clock"
+
+	"github.com/trustmesh/trustmesh/agent"
+	"github.com/trustmesh/trustmesh/authz/source"
+	"github.com/trustmesh/trustmesh/ca"
+	"github.com/trustmesh/trustmesh/ca/authn"
+	"github.com/trustmesh/trustmesh/controlplane"
+	"github.com/trustmesh/trustmesh/mesh"
+	"github.com/trustmesh/trustmesh/xds"
+	"github.com/trustmesh/trustmesh/xds/proxyconfig"
+)
+
+// Config configures the demo.
+type Config struct {
+	// MeshDir and PoliciesDir are watched: edits take effect live.
+	MeshDir, PoliciesDir string
+	// WorkDir holds the CA's data, the agents' sockets and certificate
+	// directories; empty means a temporary directory, removed at the end.
+	WorkDir string
+	// CertTTL is the workloads' certificate lifetime; they rotate at half
+	// of it. Default one minute.
+	CertTTL time.Duration
+	// Interval between calls. Default one second.
+	Interval time.Duration
+	Out      io.Writer
+	Log      *slog.Logger
+}
+
+// The demo's workloads, as examples/mesh declares them.
+const (
+	namespace  = "demo"
+	echoPod    = "echo-0"
+	echoSA     = "echo"
+	clientPod  = "client-0"
+	clientSA   = "client"
+	echoTarget = "xds:///echo.demo.svc.cluster.local:7070"
+)
+
+// Run runs the demo until ctx ends, which is a clean exit.
+func Run(ctx context.Context, cfg Config) (err error) {
+	if cfg.CertTTL <= 0 {
+		cfg.CertTTL = time.Minute
+	}
+	if cfg.Interval <= 0 {
+		cfg.Interval = time.Second
+	}
+	if cfg.Out == nil {
+		cfg.Out = os.Stdout
+	}
+	if cfg.Log == nil {
+		cfg.Log = slog.New(slog.DiscardHandler)
+	}
+	if cfg.WorkDir == "" {
+		dir, err := os.MkdirTemp("", "trustmesh-demo-")
+		if err != nil {
+			return fmt.Errorf("demo: %w", err)
+		}
+		defer os.RemoveAll(dir)
+		cfg.WorkDir = dir
+	}
+	m, err := (&mesh.Dir{Path: cfg.MeshDir}).Mesh()
+	if err != nil {
+		return fmt.Errorf("demo: %w", err)
+	}
+	echo := m.Workload(namespace, echoPod)
+	client := m.Workload(namespace, clientPod)
+	if echo == nil || client == nil || m.Service(namespace+"/echo") == nil {
+		return fmt.Errorf("demo: %s must declare pods %s/%s and %s/%s and service %s/echo (see examples/mesh)",
+			cfg.MeshDir, namespace, echoPod, namespace, clientPod, namespace)
+	}
+	var echoAddr string
+	for _, e := range m.Service(namespace + "/echo").Endpoints {
+		if e.Workload.Key() == echo.Key() {
+			echoAddr = net.JoinHostPort(e.Address, fmt.Sprint(e.TargetPort(m.Service(namespace + "/echo").Ports[0])))
+		}
+	}
+
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	out := &printer{w: cfg.Out}
+	g, gctx := errgroup.WithContext(ctx)
+
+	// The control plane: the CA, and the xDS server on its own port (the
+	// CA's port once controlplane serves it).
+	cp, err := controlplane.New(gctx, controlplane.Config{
+		DataDir: filepath.Join(cfg.WorkDir, "data"), ListenCA: "127.0.0.1:0", ListenMonitoring: "127.0.0.1:0",
+		Kubernetes: controlplane.KubernetesOff, MinWorkloadTTL: cfg.CertTTL, Log: cfg.Log,
+	})
+	if err != nil {
+		return fmt.Errorf("demo: %w", err)
+	}
+	g.Go(func() error { return cp.Run(gctx) })
+	td := cp.Authority.TrustDomain()
+	cpID := spiffeid.RequireFromSegments(td, "ns", controlplane.DefaultNamespace, "sa", "trustmesh")
+	srv, err := xds.New(xds.Config{
+		Bundle: cp.Authority, Mesh: &mesh.Dir{Path: cfg.MeshDir},
+		Policies: &source.Dir{Path: cfg.PoliciesDir, DefaultNamespace: "default"},
+		Proxy:    proxyconfig.Config{TrustDomain: td, AuthzHost: "127.0.0.1", AuthzPort: 9191, AuthzID: cpID},
+		Log:      cfg.Log,
+	})
+	if err != nil {
+		return fmt.Errorf("demo: %w", err)
+	}
+	xdsAddr, serveXDS, err := xdsServer(gctx, cp, srv, cpID)
+	if err != nil {
+		return err
+	}
+	g.Go(func() error { return srv.Run(gctx) })
+	g.Go(serveXDS)
+
+	// Two agents, enrolled with join tokens, writing --cert-dir files.
+	bundle := filepath.Join(cfg.WorkDir, "ca-bundle.pem")
+	if err := writeRoots(bundle, cp.Authority.Current().Roots); err != nil {
+		return err
+	}
+	tokens := &authn.JoinTokens{TrustDomain: td, Store: cp.Journal, Clock: clock.RealClock{}}
+	dirs := map[string]string{}
+	for _, w := range []struct{ pod, sa string }{{echoPod, echoSA}, {clientPod, clientSA}} {
+		id := spiffeid.RequireFromSegments(td, "ns", namespace, "sa", w.sa)
+		tok, _, err := tokens.Create(gctx, id, 10*time.Minute)
+		if err != nil {
+			return fmt.Errorf("demo: join token for %s: %w", id, err)
+		}
+		dir := filepath.Join(cfg.WorkDir, w.pod)
+		dirs[w.pod] = dir
+		acfg := agent.Config{
+			CAAddress: cp.Addrs().CA.String(), CABundleFile: bundle, JoinToken: tok, CertTTL: cfg.CertTTL,
+			SocketPath: filepath.Join(cfg.WorkDir, w.pod+".sock"), CertDir: dir, Logger: cfg.Log,
+		}
+		g.Go(func() error { return agent.Run(gctx, acfg) })
+		out.say("agent for %s enrolled with a join token; certificates in %s", id, dir)
+	}
+	for _, pod := range []string{echoPod, clientPod} {
+		if err := waitForFile(gctx, filepath.Join(dirs[pod], "cert-chain.pem")); err != nil {
+			return err
+		}
+	}
+
+	// The echo server and its client, proxyless grpc-go over xDS.
+	bootstrap := func(pod, sa string, labels map[string]string) []byte {
+		return bootstrapJSON(xdsAddr, dirs[pod], fmt.Sprintf("sidecar~127.0.0.1~%s.%s~%s.svc.cluster.local", pod, namespace, namespace), sa, labels)
+	}
+	screds, err := xdscreds.NewServerCredentials(xdscreds.ServerOptions{FallbackCreds: insecure.NewCredentials()})
+	if err != nil {
+		return fmt.Errorf("demo: %w", err)
+	}
+	echoSrv, err := grpcxds.NewGRPCServer(grpc.Creds(screds), grpcxds.BootstrapContentsForTesting(bootstrap(echoPod, echoSA, echo.Labels)))
+	if err != nil {
+		return fmt.Errorf("demo: echo server: %w", err)
+	}
+	healthpb.RegisterHealthServer(echoSrv, health.NewServer())
+	lis, err := net.Listen("tcp", echoAddr)
+	if err != nil {
+		return fmt.Errorf("demo: the echo workload listens on %s: %w", echoAddr, err)
+	}
+	g.Go(func() error {
+		go func() { <-gctx.Done(); echoSrv.Stop() }()
+		if err := echoSrv.Serve(lis); err != nil && gctx.Err() == nil {
+			return fmt.Errorf("demo: echo server: %w", err)
+		}
+		return nil
+	})
+	resolver, err := grpcxds.NewXDSResolverWithConfigForTesting(bootstrap(clientPod, clientSA, client.Labels))
+	if err != nil {
+		return fmt.Errorf("demo: %w", err)
+	}
+	ccreds, err := xdscreds.NewClientCredentials(xdscreds.ClientOptions{FallbackCreds: insecure.NewCredentials()})
+	if err != nil {
+		return fmt.Errorf("demo: %w", err)
+	}
+	conn, err := grpc.NewClient(echoTarget, grpc.WithTransportCredentials(ccreds), grpc.WithResolvers(resolver))
+	if err != nil {
+		return fmt.Errorf("demo: %w", err)
+	}
+	defer conn.Close()
+	out.say("echo listens on %s; the client calls %s every %s. Edit %s to change who may call.", echoAddr, echoTarget, cfg.Interval, cfg.PoliciesDir)
+
+	g.Go(func() error { return watchRotations(gctx, out, dirs, cfg.Interval) })
+	g.Go(func() error { return watchPushes(gctx, out, srv, cfg.Interval) })
+	g.Go(func() error { return call(gctx, out, healthpb.NewHealthClient(conn), cfg.Interval) })
+	err = g.Wait()
+	if ctx.Err() != nil && (err == nil || errors.Is(err, context.Canceled)) {
+		out.say("stopped")
+		return nil
+	}
+	return err
+}
+
+type printer struct {
+	mu sync.Mutex
+	w  io.Writer
+}
+
+func (p *printer) say(format string, args ...any) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	fmt.Fprintf(p.w, "%s  %s\n", time.Now().Format("15:04:05"), fmt.Sprintf(format, args...))
+}
+
+// xdsServer serves the xDS server over TLS with a control-plane
+// certificate, requesting (and leaving to the xDS server to verify)
+// client certificates, as the CA's port does.
+func xdsServer(ctx context.Context, cp *controlplane.ControlPlane, srv *xds.Server, id spiffeid.ID) (string, func() error, error) {
+	cert, err := servingCert(ctx, cp, id)
+	if err != nil {
+		return "", nil, err
+	}
+	gs := grpc.NewServer(grpc.Creds(credentials.NewTLS(&tls.Config{
+		Certificates: []tls.Certificate{cert}, ClientAuth: tls.RequestClientCert, MinVersion: tls.VersionTLS12,
+	})))
+	srv.Register(gs)
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return "", nil, fmt.Errorf("demo: xDS listener: %w", err)
+	}
+	return lis.Addr().String(), func() error {
+		go func() { <-ctx.Done(); gs.Stop() }()
+		if err := gs.Serve(lis); err != nil && ctx.Err() == nil {
+			return fmt.Errorf("demo: xDS server: %w", err)
+		}
+		return nil
+	}, nil
+}
+
+func servingCert(ctx context.Context, cp *controlplane.ControlPlane, id spiffeid.ID) (tls.Certificate, error) {
+	key, err := newKey()
+	if err != nil {
+		return tls.Certificate{}, err
+	}
+	issued, err := cp.CA.IssueServing(ctx, ca.ServingRequest{ID: id, DNSNames: []string{"localhost"},
+		IPs: []net.IP{net.IPv4(127, 0, 0, 1)}, PublicKey: key.Public(), TTL: 24 * time.Hour})
+	if err != nil {
+		return tls.Certificate{}, fmt.Errorf("demo: xDS serving certificate: %w", err)
+	}
+	cert := tls.Certificate{PrivateKey: key, Leaf: issued.Leaf, Certificate: [][]byte{issued.Leaf.Raw}}
+	for _, c := range issued.Chain {
+		cert.Certificate = append(cert.Certificate, c.Raw)
+	}
+	return cert, nil
+}
+
+func writeRoots(path string, roots []*x509.Certificate) error {
+	var b []byte
+	for _, r := range roots {
+		b = append(b, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: r.Raw})...)
+	}
+	if err := os.WriteFile(path, b, 0o600); err != nil {
+		return fmt.Errorf("demo: %w", err)
+	}
+	return nil
+}
+
+// bootstrapJSON is a grpc-go xDS bootstrap: the xDS server over mTLS with
+// the agent's files, and those files as the file_watcher provider.
+func bootstrapJSON(xdsAddr, certDir, nodeID, sa string, labels map[string]string) []byte {
+	files := map[string]any{
+		"certificate_file":    filepath.Join(certDir, "cert-chain.pem"),
+		"private_key_file":    filepath.Join(certDir, "key.pem"),
+		"ca_certificate_file": filepath.Join(certDir, "root-cert.pem"),
+	}
+	provider := map[string]any{"refresh_interval": "1s"}
+	for k, v := range files {
+		provider[k] = v
+	}
+	l := map[string]any{}
+	for k, v := range labels {
+		l[k] = v
+	}
+	b, _ := json.Marshal(map[string]any{
+		"xds_servers": []any{map[string]any{
+			"server_uri":      xdsAddr,
+			"channel_creds":   []any{map[string]any{"type": "tls", "config": files}},
+			"server_features": []any{"xds_v3"},
+		}},
+		"node": map[string]any{"id": nodeID, "metadata": map[string]any{
+			proxyconfig.MetaServiceAccount: sa, proxyconfig.MetaNamespace: namespace,
+			proxyconfig.MetaGenerator: proxyconfig.GeneratorGRPC, proxyconfig.MetaLabels: l,
+		}},
+		"certificate_providers": map[string]any{
+			proxyconfig.ProxylessCertProvider: map[string]any{"plugin_name": "file_watcher", "config": provider},
+		},
+		"server_listener_resource_name_template": proxyconfig.ProxylessInboundPrefix + "%s",
+	})
+	return b
+}
+
+func waitForFile(ctx context.Context, path string) error {
+	t := time.NewTicker(50 * time.Millisecond)
+	defer t.Stop()
+	for {
+		if _, err := os.Stat(path); err == nil {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("demo: waiting for %s: %w", path, ctx.Err())
+		case <-t.C:
+		}
+	}
+}
+
+// call calls the echo service at every tick and prints the outcome.
+func call(ctx context.Context, out *printer, c healthpb.HealthClient, every time.Duration) error {
+	t := time.NewTicker(every)
+	defer t.Stop()
+	for n := 1; ; n++ {
+		cctx, cancel := context.WithTimeout(ctx, every*5)
+		_, err := c.Check(cctx, &healthpb.HealthCheckRequest{}, grpc.WaitForReady(true))
+		cancel()
+		switch {
+		case ctx.Err() != nil:
+			return nil
+		case err == nil:
+			out.say("call %d: OK over mTLS (client → echo, authorized by RBAC from the xDS server)", n)
+		default:
+			out.say("call %d: %s: %s", n, status.Code(err), status.Convert(err).Message())
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-t.C:
+		}
+	}
+}
+
+// watchPushes prints every configuration push (a policy or mesh edit).
+func watchPushes(ctx context.Context, out *printer, srv *xds.Server, every time.Duration) error {
+	t := time.NewTicker(every / 4)
+	defer t.Stop()
+	var last uint64
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-t.C:
+		}
+		if p := srv.Pushes(); p != last {
+			if last != 0 {
+				out.say("xDS push %d: the policies or the mesh changed; new RBAC sent to the workloads", p)
+			}
+			last = p
+		}
+	}
+}
+
+// watchRotations prints each workload certificate change with its serial.
+func watchRotations(ctx context.Context, out *printer, dirs map[string]string, every time.Duration) error {
+	t := time.NewTicker(every / 2)
+	defer t.Stop()
+	serials := map[string]string{}
+	for {
+		for pod, dir := range dirs {
+			leaf, err := readLeaf(filepath.Join(dir, "cert-chain.pem"))
+			if err != nil {
+				continue
+			}
+			serial := fmt.Sprintf("%x", leaf.SerialNumber)
+			switch prev := serials[pod]; {
+			case prev == "":
+				out.say("%s certificate serial %s, %s, expires %s", pod, serial, leaf.URIs[0], leaf.NotAfter.Format("15:04:05"))
+			case prev != serial:
+				out.say("%s certificate rotated: serial %s → %s, expires %s", pod, prev, serial, leaf.NotAfter.Format("15:04:05"))
+			}
+			serials[pod] = serial
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-t.C:
+		}
+	}
+}
+
+func readLeaf(path string) (*x509.Certificate, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	blk, _ := pem.Decode(b)
+	if blk == nil {
+		return nil, errors.New("no PEM")
+	}
+	c, err := x509.ParseCertificate(blk.Bytes)
+	if err != nil {
+		return nil, err
+	}
+	if len(c.URIs) == 0 {
+		return nil, errors.New("no URI")
+	}
+	return c, nil
+}
+
+func newKey() (*ecdsa.PrivateKey, error) {
+	k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return nil, fmt.Errorf("demo: %w", err)
+	}
+	return k, nil
+}
