@@ -15,6 +15,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"time"
@@ -36,6 +37,7 @@ import (
 
 	cav1 "github.com/trustmesh/trustmesh/api/ca/v1"
 	"github.com/trustmesh/trustmesh/authz/service"
+	"github.com/trustmesh/trustmesh/authz/source"
 	"github.com/trustmesh/trustmesh/authz/source/kube"
 	"github.com/trustmesh/trustmesh/ca"
 	"github.com/trustmesh/trustmesh/ca/authn"
@@ -46,6 +48,10 @@ import (
 	"github.com/trustmesh/trustmesh/injector"
 	"github.com/trustmesh/trustmesh/injector/cabundle"
 	"github.com/trustmesh/trustmesh/injector/webhook"
+	"github.com/trustmesh/trustmesh/mesh"
+	meshkube "github.com/trustmesh/trustmesh/mesh/kube"
+	"github.com/trustmesh/trustmesh/xds"
+	"github.com/trustmesh/trustmesh/xds/proxyconfig"
 )
 
 // Kubernetes modes.
@@ -92,6 +98,15 @@ type Config struct {
 	RootNamespace string
 	// DecisionLog receives authz decisions as JSON lines; nil turns it off.
 	DecisionLog io.Writer
+
+	// MeshDir, off Kubernetes, is a directory of mesh YAML (services,
+	// endpoints, SPIFFE IDs, labels, gateways, external hosts), watched; the
+	// xDS server on the CA port configures proxies from it. On Kubernetes
+	// the mesh comes from the API server.
+	MeshDir string
+	// AuthzAddress is the ext_authz service as proxies reach it
+	// ("host:port"). Default trustmesh.trustmesh-system.svc:9191.
+	AuthzAddress string
 
 	// ListenInjector is the sidecar-injection webhook's address, served on
 	// Kubernetes only; "off" turns injection off.
@@ -182,6 +197,9 @@ func (c Config) validate() (*validated, error) {
 	}
 	if c.ListenAuthz == "" {
 		c.ListenAuthz = DefaultListenAuthz
+	}
+	if c.AuthzAddress == "" {
+		c.AuthzAddress = "trustmesh." + DefaultNamespace + ".svc:9191"
 	}
 	if c.ListenInjector == "" {
 		c.ListenInjector = DefaultListenInjector
@@ -302,6 +320,7 @@ type ControlPlane struct {
 	elector   *elector
 	authz     *service.Service
 	injector  *webhook.Server
+	xds       *xds.Server
 	bundleFns []func(context.Context) error // caBundle patcher, root-cert publisher
 	stopping  chan struct{}
 	serving   *server.ServingCert
@@ -423,6 +442,12 @@ func New(ctx context.Context, cfg Config) (_ *ControlPlane, err error) {
 	pb.RegisterIstioCertificateServiceServer(cp.grpc, server.NewCertificateService(server.CertificateServiceConfig{
 		Issuer: cp.CA, Authenticator: authenticator, Refusals: cp.refusals, Metrics: metrics, Clock: v.Clock, Log: v.Log,
 	}))
+	if cp.xds, err = cp.newXDS(v); err != nil {
+		return nil, err
+	}
+	if cp.xds != nil {
+		cp.xds.Register(cp.grpc)
+	}
 	cp.stopping = make(chan struct{})
 	cav1.RegisterTrustBundleServiceServer(cp.grpc, &server.BundleService{Bundles: cp.Authority, Done: cp.stopping})
 
@@ -503,6 +528,61 @@ func (cp *ControlPlane) newAuthz(v *validated) (*service.Service, error) {
 		return nil, fmt.Errorf("controlplane: %w", err)
 	}
 	return svc, nil
+}
+
+// newXDS assembles the ADS server that joins the CA port, when there is a
+// mesh to serve: a --mesh directory, or the cluster on Kubernetes. It takes
+// its policies from the same place the authorization service does.
+func (cp *ControlPlane) newXDS(v *validated) (*xds.Server, error) {
+	if v.MeshDir == "" && !v.inKube {
+		v.Log.Info("xDS server off: no --mesh directory and not on Kubernetes")
+		return nil, nil
+	}
+	host, portStr, err := net.SplitHostPort(v.AuthzAddress)
+	if err != nil {
+		return nil, fmt.Errorf("controlplane: authz address %q: %w", v.AuthzAddress, err)
+	}
+	port, err := strconv.ParseUint(portStr, 10, 16)
+	if err != nil {
+		return nil, fmt.Errorf("controlplane: authz address %q: %w", v.AuthzAddress, err)
+	}
+	cfg := xds.Config{
+		Bundle: cp.Authority,
+		Proxy: proxyconfig.Config{TrustDomain: v.td, RootNamespace: v.RootNamespace,
+			AuthzHost: host, AuthzPort: uint32(port), AuthzID: v.cpID},
+		Clock: v.Clock, Log: v.Log,
+	}
+	if v.MeshDir != "" {
+		cfg.Mesh = &mesh.Dir{Path: v.MeshDir}
+	}
+	if v.PolicyDir != "" {
+		cfg.Policies = &source.Dir{Path: v.PolicyDir, DefaultNamespace: "default"}
+	}
+	if v.inKube {
+		restCfg, err := restConfig(v.RestConfig, v.Kubeconfig)
+		if err != nil {
+			return nil, err
+		}
+		client, err := kubernetes.NewForConfig(restCfg)
+		if err != nil {
+			return nil, fmt.Errorf("controlplane: Kubernetes client: %w", err)
+		}
+		istio, err := versioned.NewForConfig(restCfg)
+		if err != nil {
+			return nil, fmt.Errorf("controlplane: Istio client: %w", err)
+		}
+		if cfg.Mesh == nil {
+			cfg.Mesh = &meshkube.Source{Client: client, Istio: istio, TrustDomain: v.td}
+		}
+		if cfg.Policies == nil {
+			cfg.Policies = &kube.Source{Client: istio}
+		}
+	}
+	srv, err := xds.New(cfg)
+	if err != nil {
+		return nil, fmt.Errorf("controlplane: %w", err)
+	}
+	return srv, nil
 }
 
 // newInjector assembles the sidecar-injection webhook on Kubernetes: it
@@ -593,6 +673,9 @@ func (cp *ControlPlane) Run(ctx context.Context) error {
 	}
 	if cp.injector != nil {
 		g.Go(func() error { return cp.injector.Run(gctx) })
+	}
+	if cp.xds != nil {
+		g.Go(func() error { return cp.xds.Run(gctx) })
 	}
 	for _, run := range cp.bundleFns {
 		g.Go(func() error { return run(gctx) })

@@ -55,6 +55,8 @@ func newRootCmd() *cobra.Command {
 		newAuthzCmd(),
 		newAgentCmd(),
 		newInjectCmd(),
+		newXDSCmd(),
+		newDemoCmd(),
 	)
 	return root
 }

@@ -68,6 +68,8 @@ only when running in a cluster or given --kubeconfig.`,
 	f.StringVar(&cfg.PolicyDir, "policies", "", "directory of AuthorizationPolicy YAML files, watched (off Kubernetes)")
 	f.StringVar(&cfg.RootNamespace, "root-namespace", "istio-system", "namespace whose AuthorizationPolicies apply mesh-wide")
 	f.StringVar(&decisionLog, "decision-log", "-", `authz decision log: a file, "-" for stdout, "" to turn it off`)
+	f.StringVar(&cfg.MeshDir, "mesh", "", "directory of mesh YAML (services, endpoints, gateways), watched; the xDS server on the CA port serves proxies from it (off Kubernetes)")
+	f.StringVar(&cfg.AuthzAddress, "authz-address", "", "host:port of the ext_authz service as proxies reach it (default trustmesh.trustmesh-system.svc:9191)")
 	f.StringVar(&cfg.ListenInjector, "listen-injector", controlplane.DefaultListenInjector, `sidecar-injection webhook address, on Kubernetes; "off" turns it off`)
 	f.StringVar(&cfg.MeshConfig, "mesh-config", "", "mesh config file for injection (images, ports, resources, exclusion limits)")
 	f.StringVar(&cfg.InjectorWebhookConfig, "injector-webhook-config", controlplane.DefaultInjectorWebhook, "MutatingWebhookConfiguration whose caBundle serve keeps current")
