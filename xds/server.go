@@ -63,8 +63,12 @@ type Config struct {
 	// Debounce is how long changes must settle before a push; MaxDelay
 	// bounds how long a stream of changes can hold one back.
 	Debounce, MaxDelay time.Duration
-	Clock              clock.WithTicker
-	Log                *slog.Logger
+	// InitialPushes bounds how many nodes are sent their first
+	// configuration at once (state of the world); zero means
+	// DefaultInitialPushes.
+	InitialPushes int
+	Clock         clock.WithTicker
+	Log           *slog.Logger
 }
 
 // Defaults of Config.
@@ -144,7 +148,7 @@ func New(cfg Config) (*Server, error) {
 		nodes:    map[string]*nodeState{},
 		ready:    make(chan struct{}),
 	}
-	s.cache = newCache()
+	s.cache = newCache(cfg.InitialPushes)
 	ctx, cancel := context.WithCancel(context.Background())
 	s.stop = cancel
 	s.ads = serverv3.NewServer(ctx, s.cache, s.callbacks())
@@ -165,6 +169,7 @@ func (s *Server) Ready() <-chan struct{} { return s.ready }
 // when Run returns.
 func (s *Server) Run(ctx context.Context) error {
 	defer s.stop()
+	defer s.cache.stop()
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	kick := make(chan struct{}, 1)

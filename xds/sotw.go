@@ -28,8 +28,18 @@ type typeSet struct {
 // resources marshaled once per generation, so that ten thousand streams
 // do not each hold a private marshaled copy of the same configuration.
 // Delta watches go to go-control-plane's snapshot cache.
+//
+// A node's first configuration is its largest; when thousands of proxies
+// connect at once (a control plane restart), sending all of them at once
+// would queue a copy per stream in the transport. So a node needs one of
+// a fixed number of tokens before its first answer is sent, and gives it
+// back once it has acknowledged (or rejected) every type it was sent, or
+// goes away.
 type cache struct {
 	cachev3.SnapshotCache // delta and fetch
+
+	tokens chan struct{}
+	done   chan struct{} // closed when the server stops: nobody waits for a token
 
 	mu    sync.Mutex
 	nodes map[string]*sotwNode
@@ -41,6 +51,10 @@ var _ cachev3.Cache = (*cache)(nil)
 type sotwNode struct {
 	pub     *published
 	watches map[int64]*sotwWatch
+	// token is held from the first answer until every type in
+	// unacked has been acknowledged.
+	token   bool
+	unacked map[string]string // type -> version sent
 }
 
 type sotwWatch struct {
@@ -49,8 +63,40 @@ type sotwWatch struct {
 	out chan cachev3.Response
 }
 
-func newCache() *cache {
-	return &cache{SnapshotCache: cachev3.NewSnapshotCache(false, cachev3.IDHash{}, nil), nodes: map[string]*sotwNode{}}
+// DefaultInitialPushes bounds the nodes receiving their first
+// configuration at once.
+const DefaultInitialPushes = 256
+
+func newCache(initial int) *cache {
+	if initial <= 0 {
+		initial = DefaultInitialPushes
+	}
+	return &cache{
+		SnapshotCache: cachev3.NewSnapshotCache(false, cachev3.IDHash{}, nil),
+		tokens:        make(chan struct{}, initial),
+		done:          make(chan struct{}),
+		nodes:         map[string]*sotwNode{},
+	}
+}
+
+// stop ends every wait for a token.
+func (c *cache) stop() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	select {
+	case <-c.done:
+	default:
+		close(c.done)
+	}
+}
+
+// release gives the node's token back. c.mu is held.
+func (c *cache) release(n *sotwNode) {
+	if n.token {
+		n.token = false
+		n.unacked = nil
+		<-c.tokens
+	}
 }
 
 func (c *cache) node(id string) *sotwNode {
@@ -77,10 +123,29 @@ func (c *cache) set(id string, pub *published) error {
 		if ts == nil || ts.version == w.req.GetVersionInfo() {
 			continue
 		}
-		respond(w, ts)
+		if !n.token && w.req.GetVersionInfo() == "" {
+			// A first answer to a watch made before the node had a
+			// configuration: take a token if one is free, else send
+			// unthrottled rather than leave the node waiting.
+			select {
+			case c.tokens <- struct{}{}:
+				n.token, n.unacked = true, map[string]string{}
+			default:
+			}
+		}
+		c.sent(n, w, ts)
 		delete(n.watches, wid)
 	}
 	return nil
+}
+
+// sent answers a watch, noting what the node must acknowledge while it
+// holds a token. c.mu is held.
+func (c *cache) sent(n *sotwNode, w *sotwWatch, ts *typeSet) {
+	if n.token {
+		n.unacked[w.req.GetTypeUrl()] = ts.version
+	}
+	respond(w, ts)
 }
 
 // clear forgets a node.
@@ -88,9 +153,14 @@ func (c *cache) clear(id string) {
 	c.ClearSnapshot(id)
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if n := c.nodes[id]; n != nil && len(n.watches) == 0 {
+	n := c.nodes[id]
+	if n == nil {
+		return
+	}
+	c.release(n)
+	if len(n.watches) == 0 {
 		delete(c.nodes, id)
-	} else if n != nil {
+	} else {
 		n.pub = nil
 	}
 }
@@ -101,11 +171,40 @@ func (c *cache) clear(id string) {
 func (c *cache) CreateWatch(req *cachev3.Request, sub cachev3.Subscription, out chan cachev3.Response) (func(), error) {
 	id := req.GetNode().GetId()
 	c.mu.Lock()
-	defer c.mu.Unlock()
 	n := c.node(id)
+	if n.token && req.GetResponseNonce() != "" {
+		// An acknowledgement or a rejection of what the node was sent.
+		if v, ok := n.unacked[req.GetTypeUrl()]; ok && (v == req.GetVersionInfo() || req.GetErrorDetail() != nil) {
+			delete(n.unacked, req.GetTypeUrl())
+		}
+		if len(n.unacked) == 0 {
+			c.release(n)
+		}
+	}
+	if !n.token && len(n.unacked) == 0 && req.GetVersionInfo() == "" && n.pub != nil && n.pub.types[req.GetTypeUrl()] != nil {
+		// A first answer: wait for a token without holding the lock. The
+		// stream's own goroutine waits, and it holds no token.
+		c.mu.Unlock()
+		got := false
+		select {
+		case c.tokens <- struct{}{}:
+			got = true
+		case <-c.done:
+		}
+		c.mu.Lock()
+		n = c.node(id)
+		switch {
+		case !got:
+		case n.token:
+			<-c.tokens // another stream of the node got one first
+		default:
+			n.token, n.unacked = true, map[string]string{}
+		}
+	}
+	defer c.mu.Unlock()
 	if n.pub != nil {
 		if ts := n.pub.types[req.GetTypeUrl()]; ts != nil && (ts.version != req.GetVersionInfo() || unsent(ts, sub)) {
-			respond(&sotwWatch{req: req, sub: sub, out: out}, ts)
+			c.sent(n, &sotwWatch{req: req, sub: sub, out: out}, ts)
 			return func() {}, nil
 		}
 	}
@@ -122,6 +221,44 @@ func (c *cache) CreateWatch(req *cachev3.Request, sub cachev3.Subscription, out 
 			}
 		}
 	}, nil
+}
+
+// CreateDeltaWatch throttles first answers as CreateWatch does, then
+// leaves the watch to go-control-plane's snapshot cache.
+func (c *cache) CreateDeltaWatch(req *cachev3.DeltaRequest, sub cachev3.Subscription, out chan cachev3.DeltaResponse) (func(), error) {
+	id, typ := req.GetNode().GetId(), req.GetTypeUrl()
+	c.mu.Lock()
+	n := c.node(id)
+	if n.token && req.GetResponseNonce() != "" {
+		delete(n.unacked, typ)
+		if len(n.unacked) == 0 {
+			c.release(n)
+		}
+	}
+	first := req.GetResponseNonce() == "" && len(sub.ReturnedResources()) == 0
+	if first && !n.token && n.pub != nil {
+		c.mu.Unlock()
+		got := false
+		select {
+		case c.tokens <- struct{}{}:
+			got = true
+		case <-c.done:
+		}
+		c.mu.Lock()
+		n = c.node(id)
+		switch {
+		case !got:
+		case n.token:
+			<-c.tokens
+		default:
+			n.token, n.unacked = true, map[string]string{}
+		}
+	}
+	if first && n.token {
+		n.unacked[typ] = ""
+	}
+	c.mu.Unlock()
+	return c.SnapshotCache.CreateDeltaWatch(req, sub, out)
 }
 
 // unsent reports whether a subscribed resource exists that the client has

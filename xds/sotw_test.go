@@ -2,6 +2,7 @@ package xds
 
 import (
 	"testing"
+	"time"
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	cachev3 "github.com/envoyproxy/go-control-plane/pkg/cache/v3"
@@ -33,7 +34,7 @@ func receive(t *testing.T, ch chan cachev3.Response) *cachev3.PassthroughRespons
 // the current version or a subscribed resource; otherwise it waits for a
 // newer version; answers carry only the subscribed resources.
 func TestSotwCache(t *testing.T) {
-	c := newCache()
+	c := newCache(0)
 	node := &corev3.Node{Id: "n"}
 	if err := c.set("n", pubOf("v1", "a", "b")); err != nil {
 		t.Fatal(err)
@@ -91,5 +92,45 @@ func TestSotwCache(t *testing.T) {
 	}
 	if r := receive(t, ch); r != nil {
 		t.Fatalf("a cancelled watch was answered: %v", r.DiscoveryResponse)
+	}
+}
+
+// TestSotwCacheThrottlesFirstAnswers: with one token, a second node's
+// first answer waits until the first node acknowledges its own.
+func TestSotwCacheThrottlesFirstAnswers(t *testing.T) {
+	c := newCache(1)
+	defer c.stop()
+	for _, id := range []string{"a", "b"} {
+		if err := c.set(id, pubOf("v1", "x")); err != nil {
+			t.Fatal(err)
+		}
+	}
+	chA := make(chan cachev3.Response, 1)
+	subA := streamv3.NewSotwSubscription(nil, true)
+	if _, err := c.CreateWatch(&cachev3.Request{Node: &corev3.Node{Id: "a"}, TypeUrl: resource.EndpointType}, subA, chA); err != nil {
+		t.Fatal(err)
+	}
+	r := receive(t, chA)
+	if r == nil {
+		t.Fatal("the first node got no answer")
+	}
+	chB := make(chan cachev3.Response, 1)
+	go func() {
+		_, _ = c.CreateWatch(&cachev3.Request{Node: &corev3.Node{Id: "b"}, TypeUrl: resource.EndpointType}, streamv3.NewSotwSubscription(nil, true), chB)
+	}()
+	select {
+	case <-chB:
+		t.Fatal("the second node was answered while the first held the only token")
+	case <-time.After(50 * time.Millisecond):
+	}
+	// A's acknowledgement frees the token.
+	subA.SetReturnedResources(r.GetReturnedResources())
+	if _, err := c.CreateWatch(&cachev3.Request{Node: &corev3.Node{Id: "a"}, TypeUrl: resource.EndpointType, VersionInfo: "v1", ResponseNonce: "1"}, subA, chA); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-chB:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the second node was never answered")
 	}
 }
