@@ -14,9 +14,11 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
 	xdscreds "google.golang.org/grpc/credentials/xds"
 	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/resolver"
 	"google.golang.org/grpc/status"
 	grpcxds "google.golang.org/grpc/xds"
 	"google.golang.org/protobuf/types/known/emptypb"
@@ -27,7 +29,8 @@ import (
 )
 
 // differentialPolicies are policy sets over the fields both back ends
-// support for gRPC; %d is the server's port.
+// support for gRPC; %d is the server's port. Consecutive sets differ, so
+// that a call served under the previous set would show.
 var differentialPolicies = []string{
 	`metadata: {name: a, namespace: ns-a}
 spec:
@@ -77,8 +80,10 @@ spec: {selector: {matchLabels: {app: echo}}}`,
 }
 
 type caller struct {
-	w    *mesh.Workload
-	conn *grpc.ClientConn
+	w     *mesh.Workload
+	r     resolver.Builder
+	creds credentials.TransportCredentials
+	conn  *grpc.ClientConn
 }
 
 // TestDifferentialRBAC compares, over policy sets and requests, the RBAC
@@ -136,13 +141,16 @@ func TestDifferentialRBAC(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		conn, err := grpc.NewClient("xds:///echo.ns-a.svc.cluster.local:7070", grpc.WithTransportCredentials(ccreds), grpc.WithResolvers(r))
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { conn.Close() })
-		callers = append(callers, &caller{w: w, conn: conn})
+		callers = append(callers, &caller{w: w, r: r, creds: ccreds})
 	}
+	t.Cleanup(func() {
+		for _, c := range callers {
+			if c.conn != nil {
+				c.conn.Close()
+			}
+		}
+	})
+	echoNode := meshtest.Node("sidecar", "127.0.0.1", echo, true).GetId()
 
 	invoke := func(c *caller, path string, md metadata.MD) codes.Code {
 		ctx, cancel := context.WithTimeout(metadata.NewOutgoingContext(context.Background(), md), 20*time.Second)
@@ -153,24 +161,27 @@ func TestDifferentialRBAC(t *testing.T) {
 	headers := []metadata.MD{{}, metadata.Pairs("x-user", "alice"), metadata.Pairs("x-debug", "1")}
 	compared, denied := 0, 0
 	for i, spec := range differentialPolicies {
-		yaml := "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n" + strings.ReplaceAll(spec, "%d", fmt.Sprint(port)) +
-			fmt.Sprintf("\n---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: sentinel, namespace: istio-system}\n"+
-				"spec: {action: DENY, rules: [{to: [{operation: {paths: [\"/sentinel.S%d/Check\"]}}]}]}\n", i)
-		ps := parsePolicies(t, yaml)
+		ps := parsePolicies(t, "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n"+strings.ReplaceAll(spec, "%d", fmt.Sprint(port)))
 		set, err := engine.Build(context.Background(), engine.SetConfig{RootNamespace: "istio-system", Policies: ps})
 		if err != nil {
 			t.Fatalf("policy set %d: %v", i, err)
 		}
 		e.push(nil, ps)
-		// The sentinel is denied once the server has this policy set: the
-		// whole RBAC chain arrives in one listener update.
+		// Once the server has acknowledged the set, new connections get
+		// it: every caller reconnects.
+		deadline := time.Now().Add(30 * time.Second)
+		for !e.srv.Synced(echoNode) {
+			if time.Now().After(deadline) {
+				t.Fatalf("policy set %d never reached the server", i)
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
 		for _, c := range callers {
-			deadline := time.Now().Add(30 * time.Second)
-			for invoke(c, fmt.Sprintf("/sentinel.S%d/Check", i), nil) != codes.PermissionDenied {
-				if time.Now().After(deadline) {
-					t.Fatalf("policy set %d never reached the server", i)
-				}
-				time.Sleep(10 * time.Millisecond)
+			if c.conn != nil {
+				c.conn.Close()
+			}
+			if c.conn, err = grpc.NewClient("xds:///echo.ns-a.svc.cluster.local:7070", grpc.WithTransportCredentials(c.creds), grpc.WithResolvers(c.r)); err != nil {
+				t.Fatal(err)
 			}
 		}
 		for _, c := range callers {

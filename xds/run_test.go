@@ -85,7 +85,7 @@ func TestMeshDirChangesAreDebouncedAndIncremental(t *testing.T) {
 	if got := e.srv.Pushes(); got != before {
 		t.Fatalf("pushed before the debounce period passed (%d pushes, want %d)", got, before)
 	}
-	e.xclock.Step(xds.DefaultDebounce)
+	e.stepUntilPush(before)
 	resp, err := s.Recv()
 	if err != nil {
 		t.Fatal(err)
@@ -104,11 +104,7 @@ func TestMeshDirChangesAreDebouncedAndIncremental(t *testing.T) {
 	// A broken file is refused; the server keeps the last good mesh.
 	before = e.srv.Pushes()
 	write("apiVersion: mesh.trustmesh.io/v1alpha1\nkind: Service\nmetadata: {name: a}\nspec: {nonsense: 1}\n")
-	waitForTimer(t, e)
-	e.xclock.Step(xds.DefaultDebounce)
-	for e.srv.Pushes() == before {
-		time.Sleep(time.Millisecond)
-	}
+	e.stepUntilPush(before)
 	res, err := e.srv.Resources(meshtest.Node("sidecar", "10.0.0.1", a, false))
 	if err != nil {
 		t.Fatal(err)

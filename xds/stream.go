@@ -63,8 +63,9 @@ type stream struct {
 
 	mu   sync.Mutex
 	node *proxyconfig.Node
-	// sent is the last version sent per type (state of the world).
-	sent map[string]string
+	// sent is the last version sent per type, acked the last one the
+	// node acknowledged (state of the world).
+	sent, acked map[string]string
 }
 
 // Authenticate verifies the peer certificate of a stream's connection
@@ -134,7 +135,7 @@ func (s *Server) open(ctx context.Context, id int64, _ string) error {
 	case <-ctx.Done():
 		return status.FromContextError(ctx.Err()).Err()
 	}
-	s.streams.Store(id, &stream{identity: ident, sent: map[string]string{}})
+	s.streams.Store(id, &stream{identity: ident, sent: map[string]string{}, acked: map[string]string{}})
 	return nil
 }
 
@@ -196,11 +197,16 @@ func (s *Server) request(id int64, n *corev3.Node) error {
 // marked as holding the rejected version, so the client waits for the next
 // one, and the rejection is logged.
 func (s *Server) nack(id int64, req *discoveryv3.DiscoveryRequest) {
-	if req.GetErrorDetail() == nil {
-		return
-	}
 	st := s.stream(id)
 	if st == nil {
+		return
+	}
+	if req.GetErrorDetail() == nil {
+		if req.GetResponseNonce() != "" {
+			st.mu.Lock()
+			st.acked[req.GetTypeUrl()] = req.GetVersionInfo()
+			st.mu.Unlock()
+		}
 		return
 	}
 	st.mu.Lock()
@@ -232,4 +238,38 @@ func (s *Server) closed(id int64) {
 		delete(s.nodes, st.node.ID)
 		s.cache.clear(st.node.ID)
 	}
+}
+
+// Synced reports whether a node is connected over state of the world and
+// has acknowledged the current version of every type it asked for, as
+// istioctl proxy-status calls SYNCED.
+func (s *Server) Synced(nodeID string) bool {
+	s.mu.Lock()
+	ns := s.nodes[nodeID]
+	gen := s.gen
+	s.mu.Unlock()
+	if ns == nil || gen == nil {
+		return false
+	}
+	pub, _, err := gen.snapshot(ns.node)
+	if err != nil {
+		return false
+	}
+	synced, found := true, false
+	s.streams.Range(func(_, v any) bool {
+		st := v.(*stream)
+		st.mu.Lock()
+		defer st.mu.Unlock()
+		if st.node == nil || st.node.ID != nodeID {
+			return true
+		}
+		found = true
+		for typ := range st.sent {
+			if ts := pub.types[typ]; ts == nil || st.acked[typ] != ts.version {
+				synced = false
+			}
+		}
+		return synced
+	})
+	return found && synced
 }
