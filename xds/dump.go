@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"log/slog"
 	"sort"
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
@@ -67,7 +68,7 @@ func Dump(req DumpRequest) ([]byte, error) {
 	if err != nil {
 		return nil, err
 	}
-	_, res, err := newGeneration(proxyconfig.NewBuilder(cfg, m, ps)).snapshot(pn)
+	_, res, err := newGeneration(proxyconfig.NewBuilder(cfg, m, ps), slog.New(slog.DiscardHandler)).snapshot(pn)
 	if err != nil {
 		return nil, err
 	}
@@ -115,12 +116,13 @@ func RenderJSON(nodeID string, res *proxyconfig.Resources) ([]byte, error) {
 	out := struct {
 		Node      string            `json:"node"`
 		Warnings  []string          `json:"warnings,omitempty"`
+		Refusals  []string          `json:"refusals,omitempty"`
 		Listeners []json.RawMessage `json:"listeners"`
 		Routes    []json.RawMessage `json:"routes"`
 		Clusters  []json.RawMessage `json:"clusters"`
 		Endpoints []json.RawMessage `json:"endpoints"`
 		Secrets   []json.RawMessage `json:"secrets,omitempty"`
-	}{Node: nodeID, Warnings: res.Warnings}
+	}{Node: nodeID, Warnings: res.Warnings, Refusals: res.Refusals}
 	var errs []error
 	add := func(dst *[]json.RawMessage, m proto.Message) {
 		b, err := protojson.Marshal(m)

@@ -300,7 +300,7 @@ func (s *Server) reload(first bool) error {
 	}
 	s.policies = ps
 	s.logRefusals(m)
-	s.gen = newGeneration(proxyconfig.NewBuilder(s.cfg.Proxy, m, ps))
+	s.gen = newGeneration(proxyconfig.NewBuilder(s.cfg.Proxy, m, ps), s.log)
 	s.pushes++
 	for _, ns := range s.nodes {
 		s.publishLocked(ns.node)

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"hash/fnv"
+	"log/slog"
 	"sort"
 	"strings"
 	"sync"
@@ -26,6 +27,7 @@ var ErrInconsistent = errors.New("xds: inconsistent snapshot")
 // validated and checked once.
 type generation struct {
 	builder *proxyconfig.Builder
+	log     *slog.Logger
 
 	mu    sync.Mutex
 	info  map[proto.Message]*resInfo
@@ -46,8 +48,8 @@ type resInfo struct {
 	err  error
 }
 
-func newGeneration(b *proxyconfig.Builder) *generation {
-	return &generation{builder: b, info: map[proto.Message]*resInfo{}, snaps: map[string]*built{}}
+func newGeneration(b *proxyconfig.Builder, log *slog.Logger) *generation {
+	return &generation{builder: b, log: log, info: map[proto.Message]*resInfo{}, snaps: map[string]*built{}}
 }
 
 // configKey identifies what a node's resources depend on.
@@ -84,6 +86,10 @@ func (g *generation) snapshot(n *proxyconfig.Node) (*published, *proxyconfig.Res
 	b := &built{}
 	b.res, b.err = g.builder.Build(n)
 	if b.err == nil {
+		// Once per configuration and generation, not per node.
+		for _, r := range b.res.Refusals {
+			g.log.Warn("policy refused for a proxyless workload", "refusal", r)
+		}
 		b.pub, b.err = g.check(b.res)
 	}
 	g.snaps[key] = b

@@ -113,6 +113,9 @@ type Resources struct {
 	Secrets   []*tlsv3.Secret
 	// Warnings say what was left out, and why.
 	Warnings []string
+	// Refusals are policies refused for this node (proxyless workloads
+	// cannot enforce some fields): the node denies every request instead.
+	Refusals []string
 }
 
 // ByType returns the resources keyed by type URL.

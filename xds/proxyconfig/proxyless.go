@@ -192,7 +192,7 @@ func (b *Builder) buildProxyless(n *Node, w *mesh.Workload, labels map[string]st
 	}
 	chain, err := b.ProxylessRBAC(w.Namespace, labels)
 	if err != nil {
-		r.Warnings = append(r.Warnings, fmt.Sprintf("denying every request to %s: %v", w.Key(), err))
+		r.Refusals = append(r.Refusals, fmt.Sprintf("denying every request to %s: %v", w.Key(), err))
 	}
 	filters := make([]*hcmv3.HttpFilter, 0, len(chain)+1)
 	for i, c := range chain {
