@@ -2,7 +2,6 @@ package kube_test
 
 import (
 	"context"
-	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -27,34 +26,36 @@ import (
 	"github.com/trustmesh/trustmesh/mesh"
 	"github.com/trustmesh/trustmesh/mesh/kube"
 	"github.com/trustmesh/trustmesh/test/kubeapi"
+	"github.com/trustmesh/trustmesh/test/leakcheck"
 )
 
-var restConfig *rest.Config
+var shared kubeapi.Shared
 
-// TestMain starts one real kube-apiserver for the package and installs
-// Istio's CRDs from the istio.io/api module.
+// TestMain stops the shared kube-apiserver and fails a passing run that
+// leaves the source's goroutines running.
 func TestMain(m *testing.M) {
-	env, cfg, err := kubeapi.Start()
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.Exit(1)
-	}
-	restConfig = cfg
-	code := 1
-	out, err := exec.Command("go", "list", "-m", "-f", "{{.Dir}}", "istio.io/api").Output()
-	if err == nil {
-		crds := filepath.Join(strings.TrimSpace(string(out)), "kubernetes", "customresourcedefinitions.gen.yaml")
-		_, err = envtest.InstallCRDs(cfg, envtest.CRDInstallOptions{Paths: []string{crds}, ErrorIfPathMissing: true})
-	}
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-	} else {
-		code = m.Run()
-	}
-	if err := env.Stop(); err != nil {
-		fmt.Fprintln(os.Stderr, err)
+	code := m.Run()
+	shared.Stop()
+	if code == 0 {
+		code = leakcheck.CheckOurs(os.Stderr)
 	}
 	os.Exit(code)
+}
+
+// apiserver starts the shared apiserver and installs Istio's CRDs from the
+// istio.io/api module.
+func apiserver(t *testing.T) *rest.Config {
+	t.Helper()
+	cfg := shared.Config(t)
+	out, err := exec.Command("go", "list", "-m", "-f", "{{.Dir}}", "istio.io/api").Output()
+	if err != nil {
+		t.Fatal(err)
+	}
+	crds := filepath.Join(strings.TrimSpace(string(out)), "kubernetes", "customresourcedefinitions.gen.yaml")
+	if _, err := envtest.InstallCRDs(cfg, envtest.CRDInstallOptions{Paths: []string{crds}, ErrorIfPathMissing: true}); err != nil {
+		t.Fatal(err)
+	}
+	return cfg
 }
 
 func must[T any](v T, err error) T {
@@ -72,6 +73,7 @@ func must[T any](v T, err error) T {
 func TestMeshFromKubernetes(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
+	restConfig := apiserver(t)
 	kc := must(kubernetes.NewForConfig(restConfig))
 	ic := must(istioclient.NewForConfig(restConfig))
 	for _, ns := range []string{"shop", "istio-system"} {
