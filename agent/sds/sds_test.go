@@ -25,9 +25,9 @@ import (
 	"google.golang.org/protobuf/types/known/anypb"
 
 	"github.com/trustmesh/trustmesh/agent/identity"
-	"github.com/trustmesh/trustmesh/agent/internal/leakcheck"
 	"github.com/trustmesh/trustmesh/agent/internal/testca"
 	"github.com/trustmesh/trustmesh/agent/svid"
+	"github.com/trustmesh/trustmesh/test/leakcheck"
 )
 
 func TestMain(m *testing.M) { os.Exit(leakcheck.Run(m)) }
