@@ -550,7 +550,7 @@ func (cp *ControlPlane) newXDS(v *validated) (*xds.Server, error) {
 		Bundle: cp.Authority,
 		Proxy: proxyconfig.Config{TrustDomain: v.td, RootNamespace: v.RootNamespace,
 			AuthzHost: host, AuthzPort: uint32(port), AuthzID: v.cpID},
-		Clock: v.Clock, Log: v.Log,
+		Clock: v.Clock, Log: v.Log, Registerer: cp.registry,
 	}
 	if v.MeshDir != "" {
 		cfg.Mesh = &mesh.Dir{Path: v.MeshDir}

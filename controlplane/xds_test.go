@@ -3,6 +3,7 @@ package controlplane_test
 import (
 	"context"
 	"crypto/tls"
+	"strings"
 	"testing"
 	"time"
 
@@ -68,6 +69,9 @@ func TestServeServesXDS(t *testing.T) {
 		if err := l.ValidateAll(); err != nil {
 			t.Fatalf("listener %s: %v", l.Name, err)
 		}
+	}
+	if m := e.metrics(); !strings.Contains(m, `trustmesh_xds_pushes_total{type="type.googleapis.com/envoy.config.listener.v3.Listener"} 1`) {
+		t.Error("metrics lack the listener push")
 	}
 	_, err = ask("sidecar~127.0.0.1~client-0.demo~demo.svc.cluster.local", "demo", "client")
 	if status.Code(err) != codes.PermissionDenied {

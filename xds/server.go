@@ -23,6 +23,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/prometheus/client_golang/prometheus"
 	"log/slog"
 	"slices"
 	"sync"
@@ -69,6 +70,8 @@ type Config struct {
 	InitialPushes int
 	Clock         clock.WithTicker
 	Log           *slog.Logger
+	// Registerer, when set, receives the server's Prometheus metrics.
+	Registerer prometheus.Registerer
 }
 
 // Defaults of Config.
@@ -122,6 +125,7 @@ type Server struct {
 	refusals map[string]bool
 	nodes    map[string]*nodeState // by node id
 	ready    chan struct{}
+	metrics  *metrics
 	// streams are the open streams by id. Stream callbacks take streams
 	// and the stream's own lock, and s.mu only to register a node.
 	streams sync.Map // int64 -> *stream
@@ -144,6 +148,7 @@ func New(cfg Config) (*Server, error) {
 		cfg:      cfg,
 		td:       cfg.Proxy.TrustDomain,
 		log:      cfg.Log.With("component", "xds"),
+		metrics:  newMetrics(cfg.Registerer),
 		refusals: map[string]bool{},
 		nodes:    map[string]*nodeState{},
 		ready:    make(chan struct{}),

@@ -106,6 +106,7 @@ func (s *Server) callbacks() serverv3.Callbacks {
 			return nil
 		},
 		StreamResponseFunc: func(_ context.Context, id int64, _ *discoveryv3.DiscoveryRequest, resp *discoveryv3.DiscoveryResponse) {
+			s.metrics.pushed(resp.GetTypeUrl())
 			if st := s.stream(id); st != nil {
 				st.mu.Lock()
 				st.sent[resp.GetTypeUrl()] = resp.GetVersionInfo()
@@ -114,6 +115,9 @@ func (s *Server) callbacks() serverv3.Callbacks {
 		},
 		StreamDeltaRequestFunc: func(id int64, req *discoveryv3.DeltaDiscoveryRequest) error {
 			return s.request(id, req.GetNode())
+		},
+		StreamDeltaResponseFunc: func(_ int64, _ *discoveryv3.DeltaDiscoveryRequest, resp *discoveryv3.DeltaDiscoveryResponse) {
+			s.metrics.pushed(resp.GetTypeUrl())
 		},
 		StreamClosedFunc:      func(id int64, _ *corev3.Node) { s.closed(id) },
 		DeltaStreamClosedFunc: func(id int64, _ *corev3.Node) { s.closed(id) },
@@ -136,6 +140,7 @@ func (s *Server) open(ctx context.Context, id int64, _ string) error {
 		return status.FromContextError(ctx.Err()).Err()
 	}
 	s.streams.Store(id, &stream{identity: ident, sent: map[string]string{}, acked: map[string]string{}})
+	s.metrics.streams(1)
 	return nil
 }
 
@@ -223,6 +228,7 @@ func (s *Server) closed(id int64) {
 		return
 	}
 	s.streams.Delete(id)
+	s.metrics.streams(-1)
 	st.mu.Lock()
 	defer st.mu.Unlock()
 	if st.node == nil {
