@@ -49,6 +49,7 @@ func start(t *testing.T, mutate func(*controlplane.Config)) *env {
 		ListenCA:         "127.0.0.1:0",
 		ListenMonitoring: "127.0.0.1:0",
 		ListenInjector:   "127.0.0.1:0",
+		ListenAuthz:      "127.0.0.1:0",
 		Kubernetes:       controlplane.KubernetesOff,
 		Clock:            clk,
 		Log:              slog.New(slog.NewTextHandler(io.Discard, nil)),
