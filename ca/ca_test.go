@@ -51,7 +51,7 @@ func newFixture(t testing.TB) *fixture {
 	t.Helper()
 	ctx := context.Background()
 	dir := t.TempDir()
-	m, err := authority.Load(ctx, authority.Config{TrustDomain: td, Dir: filepath.Join(dir, "ca"), Now: t0})
+	m, err := authority.Generate(ctx, td, t0, 0)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -2,7 +2,6 @@ package deploy_test
 
 import (
 	"context"
-	"path/filepath"
 	"testing"
 	"time"
 
@@ -91,7 +90,7 @@ func TestRBACSufficesForTheBundlePublishers(t *testing.T) {
 	}
 
 	td := spiffeid.RequireTrustDomainFromString("cluster.local")
-	m, err := authority.Load(ctx, authority.Config{TrustDomain: td, Dir: filepath.Join(t.TempDir(), "ca"), Now: time.Now()})
+	m, err := authority.Generate(ctx, td, time.Now(), 0)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -24,57 +24,22 @@ var (
 	t0 = time.Date(2026, 11, 23, 12, 0, 0, 0, time.UTC)
 )
 
-func TestSelfManagedIsCreatedOnceAndReused(t *testing.T) {
-	dir := filepath.Join(t.TempDir(), "ca")
-	first, err := authority.Load(context.Background(), authority.Config{TrustDomain: td, Dir: dir, Now: t0})
+func TestGenerateSelfManaged(t *testing.T) {
+	m, err := authority.Generate(context.Background(), td, t0, 0)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if got := first.Roots[0].NotAfter.Sub(t0); got < authority.RootLifetime-time.Hour || got > authority.RootLifetime {
+	if got := m.Roots[0].NotAfter.Sub(t0); got < authority.RootLifetime-time.Hour || got > authority.RootLifetime {
 		t.Errorf("root lives %s from now, want about %s", got, authority.RootLifetime)
 	}
-	if got := first.Cert.NotAfter.Sub(t0); got != authority.IntermediateLifetime {
+	if got := m.Cert.NotAfter.Sub(t0); got != authority.IntermediateLifetime {
 		t.Errorf("intermediate lives %s from now, want %s", got, authority.IntermediateLifetime)
 	}
-	if len(first.Chain) != 1 || !first.Chain[0].Equal(first.Cert) || len(first.Roots) != 1 {
-		t.Fatalf("chain %d, roots %d; want the intermediate alone and one root", len(first.Chain), len(first.Roots))
+	if len(m.Chain) != 1 || !m.Chain[0].Equal(m.Cert) || len(m.Roots) != 1 || !m.Anchor.Equal(m.Roots[0]) {
+		t.Fatalf("chain %d, roots %d; want the intermediate alone under one root", len(m.Chain), len(m.Roots))
 	}
-	fi, err := os.Stat(dir)
-	if err != nil || fi.Mode().Perm() != 0o700 {
-		t.Fatalf("CA directory mode = %v, %v; want 0700", fi.Mode().Perm(), err)
-	}
-	entries, _ := os.ReadDir(dir)
-	for _, e := range entries {
-		info, _ := e.Info()
-		if info.Mode().Perm() != 0o600 {
-			t.Errorf("%s has mode %v, want 0600", e.Name(), info.Mode().Perm())
-		}
-	}
-	second, err := authority.Load(context.Background(), authority.Config{TrustDomain: td, Dir: dir, Now: t0.Add(24 * time.Hour)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if !second.Roots[0].Equal(first.Roots[0]) || !second.Cert.Equal(first.Cert) {
-		t.Fatal("a second load created new material")
-	}
-}
-
-func TestIncompleteDirectoryIsNeverOverwritten(t *testing.T) {
-	dir := filepath.Join(t.TempDir(), "ca")
-	if _, err := authority.Load(context.Background(), authority.Config{TrustDomain: td, Dir: dir, Now: t0}); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.Remove(filepath.Join(dir, authority.CAKeyFile)); err != nil {
-		t.Fatal(err)
-	}
-	root, _ := os.ReadFile(filepath.Join(dir, authority.RootCertFile))
-	_, err := authority.Load(context.Background(), authority.Config{TrustDomain: td, Dir: dir, Now: t0})
-	if err == nil || !strings.Contains(err.Error(), "never overwritten") {
-		t.Fatalf("Load() = %v, want a refusal to overwrite", err)
-	}
-	after, _ := os.ReadFile(filepath.Join(dir, authority.RootCertFile))
-	if string(after) != string(root) {
-		t.Fatal("the root was overwritten")
+	if u := m.Roots[0].URIs; len(u) != 1 || u[0].String() != "spiffe://cluster.local" {
+		t.Errorf("root URIs %v, want the trust domain", u)
 	}
 }
 
@@ -123,7 +88,7 @@ func operatorCA(t *testing.T, mutate func(dir string, rootA, inter *x509.Certifi
 
 func TestOperatorSuppliedCACerts(t *testing.T) {
 	dir := operatorCA(t, nil)
-	m, err := authority.Load(context.Background(), authority.Config{TrustDomain: td, CACertsDir: dir, Now: t0})
+	m, err := loadDir(dir, t0)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -156,13 +121,13 @@ func TestOperatorSuppliedCACertsAreChecked(t *testing.T) {
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			dir := operatorCA(t, tc.mutate)
-			_, err := authority.Load(context.Background(), authority.Config{TrustDomain: td, CACertsDir: dir, Now: t0})
+			_, err := loadDir(dir, t0)
 			if err == nil || !strings.Contains(err.Error(), tc.want) {
 				t.Fatalf("Load() = %v, want an error about %q", err, tc.want)
 			}
 		})
 	}
-	_, err := authority.Load(context.Background(), authority.Config{TrustDomain: td, CACertsDir: operatorCA(t, nil), Now: t0.Add(72 * time.Hour)})
+	_, err := loadDir(operatorCA(t, nil), t0.Add(72*time.Hour))
 	if err == nil || !strings.Contains(err.Error(), "not valid now") {
 		t.Fatalf("Load() of expired material = %v, want an error", err)
 	}
@@ -170,7 +135,7 @@ func TestOperatorSuppliedCACertsAreChecked(t *testing.T) {
 
 // A bundle change wakes watchers and bumps the sequence number.
 func TestBundleWatch(t *testing.T) {
-	m, err := authority.Load(context.Background(), authority.Config{TrustDomain: td, Dir: filepath.Join(t.TempDir(), "ca"), Now: t0})
+	m, err := authority.Generate(context.Background(), td, t0, 0)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -188,4 +153,14 @@ func TestBundleWatch(t *testing.T) {
 	if s2 != s1+1 {
 		t.Fatalf("sequence %d then %d, want an increment", s1, s2)
 	}
+}
+
+// loadDir loads operator material from dir as serve --cacerts does: the
+// certificates read, the key referenced where it lies.
+func loadDir(dir string, now time.Time) (*authority.Material, error) {
+	files, err := authority.ReadCACerts(dir, "")
+	if err != nil {
+		return nil, err
+	}
+	return authority.LoadFiles(context.Background(), files, "", now)
 }

@@ -44,62 +44,6 @@ const (
 	backdate = 5 * time.Minute
 )
 
-// Config says where the CA material lives.
-type Config struct {
-	TrustDomain spiffeid.TrustDomain
-	// Dir is where self-managed material is created on first start and read
-	// on every later start. Used when CACertsDir is empty.
-	Dir string
-	// CACertsDir, when set, holds operator-supplied material in Istio's
-	// cacerts layout; nothing is created.
-	CACertsDir string
-	// KeyURI, when set, names the signing key in a KMS (go.step.sm/crypto/kms
-	// URI, e.g. "pkcs11:..."), instead of ca-key.pem beside the certificates.
-	KeyURI string
-	// Now is the time the material is checked against.
-	Now time.Time
-	// IntermediateLifetime of a newly created self-managed intermediate.
-	// Default one year.
-	IntermediateLifetime time.Duration
-}
-
-// Load returns the configured CA material, creating self-managed material on
-// first start. Every problem found is reported together.
-func Load(ctx context.Context, cfg Config) (*Material, error) {
-	if cfg.TrustDomain.IsZero() {
-		return nil, errors.New("authority: a trust domain is required")
-	}
-	dir := cfg.CACertsDir
-	if dir == "" {
-		if cfg.Dir == "" {
-			return nil, errors.New("authority: either a data directory or a cacerts directory is required")
-		}
-		dir = cfg.Dir
-		if err := ensureSelfManaged(cfg); err != nil {
-			return nil, err
-		}
-	}
-	keyURI := cfg.KeyURI
-	if keyURI == "" {
-		var err error
-		if keyURI, err = SoftKMSURI(filepath.Join(dir, CAKeyFile)); err != nil {
-			return nil, err
-		}
-	}
-	signer, err := OpenSigner(ctx, keyURI)
-	if err != nil {
-		return nil, err
-	}
-	m, err := readMaterial(dir, signer)
-	if err != nil {
-		return nil, err
-	}
-	if err := Validate(m, cfg.Now); err != nil {
-		return nil, fmt.Errorf("authority: material in %s: %w", dir, err)
-	}
-	return m, nil
-}
-
 // ReadCACerts reads operator-supplied material from dir for staging: the
 // certificates, and a reference to the signing key (keyURI, or the
 // directory's ca-key.pem) instead of the key.
@@ -139,10 +83,6 @@ func OpenSigner(ctx context.Context, keyURI string) (crypto.Signer, error) {
 		return nil, fmt.Errorf("authority: open signing key %q: %w", keyURI, err)
 	}
 	return signer, nil
-}
-
-func readMaterial(dir string, signer crypto.Signer) (*Material, error) {
-	return parseMaterial(func(name string) ([]byte, error) { return os.ReadFile(filepath.Join(dir, name)) }, signer)
 }
 
 func parseMaterial(readFile func(name string) ([]byte, error), signer crypto.Signer) (*Material, error) {
@@ -230,45 +170,6 @@ func Validate(m *Material, now time.Time) error {
 	return errors.Join(errs...)
 }
 
-// ensureSelfManaged creates a root and an intermediate in cfg.Dir unless they
-// exist. A directory holding only some of the files is an error, never
-// overwritten.
-func ensureSelfManaged(cfg Config) error {
-	names := []string{RootCertFile, RootKeyFile, CACertFile, CAKeyFile, CertChainFile}
-	present := 0
-	for _, n := range names {
-		if _, err := os.Stat(filepath.Join(cfg.Dir, n)); err == nil {
-			present++
-		} else if !errors.Is(err, fs.ErrNotExist) {
-			return fmt.Errorf("authority: %w", err)
-		}
-	}
-	switch present {
-	case len(names):
-		return nil
-	case 0:
-	default:
-		return fmt.Errorf("authority: %s holds only %d of the %d CA files; restore them or move the directory away, it is never overwritten",
-			cfg.Dir, present, len(names))
-	}
-	if err := os.MkdirAll(cfg.Dir, 0o700); err != nil {
-		return fmt.Errorf("authority: %w", err)
-	}
-	if err := os.Chmod(cfg.Dir, 0o700); err != nil {
-		return fmt.Errorf("authority: %w", err)
-	}
-	files, err := NewSelfManagedFiles(cfg.TrustDomain, cfg.Now, cfg.IntermediateLifetime)
-	if err != nil {
-		return err
-	}
-	for _, name := range names {
-		if err := writeFileAtomic(filepath.Join(cfg.Dir, name), files[name]); err != nil {
-			return err
-		}
-	}
-	return nil
-}
-
 // NewSelfManagedFiles creates a root (ECDSA P-256, RootLifetime) and an
 // intermediate under it, as the files of Istio's cacerts layout plus the
 // root key, in memory.
@@ -314,6 +215,17 @@ func NewSelfManagedFiles(td spiffeid.TrustDomain, now time.Time, interLife time.
 // material's signing key lives (a KMS or the operator's own file), so that
 // the key itself is never copied.
 const CAKeyURIFile = "ca-key-uri"
+
+// Generate creates fresh self-managed material in memory: a root and an
+// intermediate of interLife (zero for a year), loaded through the software
+// KMS like any other.
+func Generate(ctx context.Context, td spiffeid.TrustDomain, now time.Time, interLife time.Duration) (*Material, error) {
+	files, err := NewSelfManagedFiles(td, now, interLife)
+	if err != nil {
+		return nil, err
+	}
+	return LoadFiles(ctx, files, "", now)
+}
 
 // LoadFiles returns the material held in files (Istio's cacerts layout),
 // checked at now. The signing key is the one keyURI names, else the one

@@ -3,7 +3,6 @@ package cabundle_test
 import (
 	"context"
 	"os"
-	"path/filepath"
 	"testing"
 	"time"
 
@@ -46,7 +45,7 @@ var td = spiffeid.RequireTrustDomainFromString("cluster.local")
 // material makes fresh self-managed CA material: a new root each call.
 func material(t *testing.T) *authority.Material {
 	t.Helper()
-	m, err := authority.Load(context.Background(), authority.Config{TrustDomain: td, Dir: filepath.Join(t.TempDir(), "ca"), Now: time.Now()})
+	m, err := authority.Generate(context.Background(), td, time.Now(), 0)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -49,7 +49,7 @@ func trustmeshCA(t *testing.T) (*ca.CA, *authority.Authority) {
 	t.Helper()
 	ctx := context.Background()
 	dir := t.TempDir()
-	m, err := authority.Load(ctx, authority.Config{TrustDomain: td, Dir: filepath.Join(dir, "ca"), Now: time.Now()})
+	m, err := authority.Generate(ctx, td, time.Now(), 0)
 	if err != nil {
 		t.Fatal(err)
 	}
