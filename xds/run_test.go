@@ -148,3 +148,81 @@ func TestRunFailsOnABadFirstMesh(t *testing.T) {
 		t.Fatalf("Run() = %v, want ErrMesh wrapping ErrFile", err)
 	}
 }
+
+// endingSource is a mesh source whose watch ends, cleanly, as soon as end
+// is closed, whether or not the server's context has.
+type endingSource struct {
+	mesh.Static
+	end chan struct{}
+}
+
+func (s endingSource) Watch(ctx context.Context, _ func()) (<-chan error, error) {
+	c := make(chan error, 1)
+	go func() {
+		select {
+		case <-s.end:
+		case <-ctx.Done():
+		}
+		c <- nil
+	}()
+	return c, nil
+}
+
+// runResult runs srv in the background; the channel receives what Run
+// returns.
+func runResult(ctx context.Context, srv *xds.Server) <-chan error {
+	done := make(chan error, 1)
+	go func() { done <- srv.Run(ctx) }()
+	return done
+}
+
+// waitRun is what Run returned, or fails the test after 10 s.
+func waitRun(t *testing.T, done <-chan error) error {
+	t.Helper()
+	select {
+	case err := <-done:
+		return err
+	case <-time.After(10 * time.Second):
+		t.Fatal("Run did not return")
+		return nil
+	}
+}
+
+// TestRunEndsWhateverOrderWatchesEnd: when ctx ends, the watches end too,
+// and Run may see a watch's end before ctx's. Either way it returns nil; a
+// watch that ends on its own while ctx is live is a failure, not a hang.
+func TestRunEndsWhateverOrderWatchesEnd(t *testing.T) {
+	newServer := func(src mesh.Source) *xds.Server {
+		srv, err := xds.New(xds.Config{Bundle: fakeBundle{}, Mesh: src, Policies: &settable{}, Proxy: testProxy(), Log: testLog()})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return srv
+	}
+	t.Run("a watch ends while the server runs", func(t *testing.T) {
+		src := endingSource{Static: mesh.Static{M: &mesh.Mesh{}}, end: make(chan struct{})}
+		srv := newServer(src)
+		ctx, cancel := context.WithCancel(context.Background())
+		defer cancel()
+		done := runResult(ctx, srv)
+		<-srv.Ready()
+		close(src.end)
+		if err := waitRun(t, done); err == nil || !strings.Contains(err.Error(), "watch ended") {
+			t.Fatalf("Run() = %v, want the watch's end reported", err)
+		}
+	})
+	t.Run("ctx ends", func(t *testing.T) {
+		// The watches' ends and ctx's race in Run's select; repeat so that
+		// both orders are taken.
+		for range 200 {
+			srv := newServer(mesh.Static{M: &mesh.Mesh{}})
+			ctx, cancel := context.WithCancel(context.Background())
+			done := runResult(ctx, srv)
+			<-srv.Ready()
+			cancel()
+			if err := waitRun(t, done); err != nil {
+				t.Fatalf("Run() = %v after ctx ended, want nil", err)
+			}
+		}
+	})
+}

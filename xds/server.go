@@ -215,6 +215,15 @@ func (s *Server) Run(ctx context.Context) error {
 	for _, w := range watches {
 		go func() { errc <- <-w }()
 	}
+	// remaining counts the watches that have not ended; shutdown waits for
+	// exactly those, whichever order the ends and ctx arrive in.
+	remaining := len(watches)
+	drain := func() {
+		cancel()
+		for ; remaining > 0; remaining-- {
+			<-errc
+		}
+	}
 	var (
 		settle, deadline clock.Timer
 		fire, force      <-chan time.Time
@@ -231,20 +240,21 @@ func (s *Server) Run(ctx context.Context) error {
 	for {
 		select {
 		case <-ctx.Done():
-			cancel()
-			for range watches {
-				<-errc
-			}
+			drain()
 			return nil
 		case err := <-errc:
-			if err != nil {
-				cancel()
-				for range len(watches) - 1 {
-					<-errc
-				}
-				return fmt.Errorf("xds: watch failed: %w", err)
+			remaining--
+			if err == nil && ctx.Err() != nil {
+				// Ended because ctx did; the next turn returns.
+				continue
 			}
-			// A watch ended cleanly only because ctx did.
+			drain()
+			if err == nil {
+				// A source that stops watching while the server runs would
+				// leave its proxies on stale configuration: fail instead.
+				return errors.New("xds: a watch ended while the server was running")
+			}
+			return fmt.Errorf("xds: watch failed: %w", err)
 		case <-kick:
 			if settle != nil {
 				settle.Stop()
