@@ -101,7 +101,7 @@ func (s *Server) FetchX509SVID(_ *workload.X509SVIDRequest, stream grpc.ServerSt
 		}
 		select {
 		case <-ctx.Done():
-			return nil
+			return status.FromContextError(ctx.Err()).Err()
 		case <-changed:
 		}
 	}
@@ -127,7 +127,7 @@ func (s *Server) FetchX509Bundles(_ *workload.X509BundlesRequest, stream grpc.Se
 		}
 		select {
 		case <-ctx.Done():
-			return nil
+			return status.FromContextError(ctx.Err()).Err()
 		case <-changed:
 		}
 	}

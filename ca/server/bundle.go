@@ -42,7 +42,7 @@ func (s *BundleService) WatchBundle(_ *cav1.WatchBundleRequest, stream cav1.Trus
 		select {
 		case <-changed:
 		case <-stream.Context().Done():
-			return nil
+			return status.FromContextError(stream.Context().Err()).Err()
 		case <-s.Done:
 			return status.Error(codes.Unavailable, "the CA is shutting down; reconnect")
 		}
