@@ -3,6 +3,7 @@ package journal_test
 import (
 	"context"
 	"errors"
+	"fmt"
 	"sync"
 	"testing"
 	"time"
@@ -216,4 +217,65 @@ func waitFor(t *testing.T, cond func() bool) {
 		}
 		time.Sleep(time.Millisecond)
 	}
+}
+
+// A lone caller never waits for company: with an hour's commit delay,
+// sequential appends still return at once. Concurrent appends share
+// commits, each still covered by a signed checkpoint.
+func TestCommitDelayOnlyUnderConcurrency(t *testing.T) {
+	eachBackend(t, func(t *testing.T, b backend) {
+		s, err := journal.Open(context.Background(), journal.Config{DSN: b.dsn, Signer: testSigner, VerifierKey: testVKey,
+			CommitDelay: time.Hour})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer s.Close()
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		lone := make(chan error, 1)
+		go func() {
+			for i := range 10 {
+				if _, err := s.RecordIssuance(ctx, issuance(fmt.Sprintf("lone-%d", i), "spiffe://cluster.local/x"), nil); err != nil {
+					lone <- fmt.Errorf("append %d: %w", i, err)
+					return
+				}
+			}
+			lone <- nil
+		}()
+		select {
+		case err := <-lone:
+			if err != nil {
+				t.Fatal(err)
+			}
+		case <-ctx.Done():
+			t.Fatal("a lone caller's appends waited for company")
+		}
+		if cps, err := s.Checkpoints(ctx); err != nil || len(cps) != 10 {
+			t.Fatalf("%d checkpoints (%v), want one per sequential append", len(cps), err)
+		}
+
+		c := b.open(t) // the default delay
+		var wg sync.WaitGroup
+		const n = 128
+		for i := range n {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				if _, err := c.RecordIssuance(ctx, issuance(fmt.Sprintf("many-%d", i), "spiffe://cluster.local/y"), nil); err != nil {
+					t.Error(err)
+				}
+			}()
+		}
+		wg.Wait()
+		cps, err := c.Checkpoints(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := len(cps) - 10; got >= n {
+			t.Fatalf("%d commits for %d concurrent appends, want them grouped", got, n)
+		}
+		if rep := verify(t, b); !rep.OK() || rep.Entries != 10+n {
+			t.Fatalf("entries %d, findings %+v; want %d and none", rep.Entries, rep.Findings, 10+n)
+		}
+	})
 }

@@ -145,8 +145,7 @@ func (s *Store) LookupJoinToken(ctx context.Context, hash []byte) (JoinToken, er
 	var tok JoinToken
 	var created, expires int64
 	var used, revoked sql.NullInt64
-	err := s.db.QueryRowContext(ctx, `SELECT token_id, spiffe_id, created_ns, expires_ns, used_ns, revoked_ns
-		FROM join_tokens WHERE token_hash = $1`, hash).Scan(&tok.ID, &tok.SPIFFEID, &created, &expires, &used, &revoked)
+	err := s.stmts.joinToken.QueryRowContext(ctx, hash).Scan(&tok.ID, &tok.SPIFFEID, &created, &expires, &used, &revoked)
 	if errors.Is(err, sql.ErrNoRows) {
 		return JoinToken{}, ErrNotFound
 	}
@@ -171,7 +170,7 @@ func (s *Store) LookupEnrolment(ctx context.Context, id string) (Enrolment, erro
 	e := Enrolment{ID: id}
 	var enrolled int64
 	var revoked sql.NullInt64
-	err := s.db.QueryRowContext(ctx, `SELECT spiffe_id, enrolled_ns, revoked_ns FROM enrolments WHERE id = $1`, id).
+	err := s.stmts.enrolment.QueryRowContext(ctx, id).
 		Scan(&e.SPIFFEID, &enrolled, &revoked)
 	if errors.Is(err, sql.ErrNoRows) {
 		return Enrolment{}, ErrNotFound
@@ -200,8 +199,7 @@ func (s *Store) LookupIssuance(ctx context.Context, serial string) (Issuance, er
 func (s *Store) issuanceEntry(ctx context.Context, serial string) (Entry, error) {
 	var e Entry
 	var idx int64
-	err := s.db.QueryRowContext(ctx, `SELECT idx, kind, body FROM entries WHERE serial = $1 AND serial != '' AND kind = $2 ORDER BY idx LIMIT 1`,
-		serial, string(KindIssuance)).Scan(&idx, &e.Kind, &e.Body)
+	err := s.stmts.entryBySerial.QueryRowContext(ctx, serial, string(KindIssuance)).Scan(&idx, &e.Kind, &e.Body)
 	if errors.Is(err, sql.ErrNoRows) {
 		return Entry{}, ErrNotFound
 	}
@@ -303,8 +301,8 @@ func (s *Store) RecordRotation(ctx context.Context, r Rotation) error {
 // counts only if the signed log records its creation.
 func (s *Store) LookupJoinTokenCreation(ctx context.Context, tokenID string) (JoinTokenCreated, error) {
 	var e Entry
-	err := s.db.QueryRowContext(ctx, `SELECT kind, body FROM entries WHERE serial = $1 AND serial != '' AND kind = $2 ORDER BY idx LIMIT 1`,
-		tokenID, string(KindJoinToken)).Scan(&e.Kind, &e.Body)
+	var idx int64
+	err := s.stmts.entryBySerial.QueryRowContext(ctx, tokenID, string(KindJoinToken)).Scan(&idx, &e.Kind, &e.Body)
 	if errors.Is(err, sql.ErrNoRows) {
 		return JoinTokenCreated{}, ErrNotFound
 	}

@@ -50,7 +50,16 @@ type Config struct {
 	Witness Witness
 	// MaxBatch bounds how many appends share one commit. Default 512.
 	MaxBatch int
-	Log      *slog.Logger
+	// CommitDelay is how long a batch may be held open for more appends
+	// under concurrent load, so that they share one fsync and one
+	// checkpoint. Zero means DefaultCommitDelay; negative disables it.
+	CommitDelay time.Duration
+	// CommitSiblings is how many appends the previous batch must have
+	// held for the next to wait: a lone caller never waits. Zero means
+	// DefaultCommitSiblings.
+	CommitSiblings int
+
+	Log *slog.Logger
 }
 
 // Store is the journal: an append-only Merkle log of entries in SQLite or
@@ -67,6 +76,8 @@ type Store struct {
 	ops    chan *op
 	closed chan struct{}
 	wg     sync.WaitGroup
+	// stmts are the prepared hot statements (stmt.go).
+	stmts statements
 
 	// Committer state: the compact range of the whole log. Only the
 	// committer goroutine touches it after Open.
@@ -99,6 +110,12 @@ func Open(ctx context.Context, cfg Config) (*Store, error) {
 	if cfg.MaxBatch <= 0 {
 		cfg.MaxBatch = 512
 	}
+	if cfg.CommitDelay == 0 {
+		cfg.CommitDelay = DefaultCommitDelay
+	}
+	if cfg.CommitSiblings <= 0 {
+		cfg.CommitSiblings = DefaultCommitSiblings
+	}
 	if cfg.Log == nil {
 		cfg.Log = slog.Default()
 	}
@@ -125,14 +142,20 @@ func Open(ctx context.Context, cfg Config) (*Store, error) {
 		s.db.Close()
 		return nil, err
 	}
+	if err := s.prepare(ctx); err != nil {
+		s.db.Close()
+		return nil, err
+	}
 	s.rng = s.hasher.f.NewEmptyRange(0)
 	if cfg.VerifierKey != "" {
 		if s.verifier, err = note.NewVerifier(cfg.VerifierKey); err != nil {
+			s.stmts.close()
 			s.db.Close()
 			return nil, fmt.Errorf("journal: checkpoint key: %w", err)
 		}
 	}
 	if err := s.load(ctx); err != nil {
+		s.stmts.close()
 		s.db.Close()
 		return nil, err
 	}
@@ -255,6 +278,7 @@ func (s *Store) Close() error {
 	}
 	close(s.closed)
 	s.wg.Wait()
+	s.stmts.close()
 	return s.db.Close()
 }
 
@@ -287,6 +311,7 @@ func (s *Store) Size(ctx context.Context) (uint64, error) {
 type querier interface {
 	QueryContext(ctx context.Context, query string, args ...any) (*sql.Rows, error)
 	QueryRowContext(ctx context.Context, query string, args ...any) *sql.Row
+	StmtContext(ctx context.Context, stmt *sql.Stmt) *sql.Stmt
 }
 
 // catchUp extends the in-memory range with entries appended by others (other
@@ -296,7 +321,7 @@ func (s *Store) catchUp(ctx context.Context, q querier) error {
 	// batch and must not scan the log. Rows missing below it are found by
 	// the read that follows (when new) or by audit verify.
 	var n int64
-	if err := q.QueryRowContext(ctx, `SELECT COALESCE(MAX(idx)+1, 0) FROM entries`).Scan(&n); err != nil {
+	if err := q.StmtContext(ctx, s.stmts.nextIndex).QueryRowContext(ctx).Scan(&n); err != nil {
 		return fmt.Errorf("journal: %w", err)
 	}
 	have := s.rng.End()
