@@ -75,11 +75,15 @@ func AuditRotation(ctx context.Context, dir DataDir, o JournalOptions, at time.T
 		return nil, err
 	}
 	defer store.Close()
-	var ca []audit.CACert
-	if mgr, err := dir.rotationManager(td, nil); err == nil {
-		if st, err := rotationStatus(ctx, mgr, at); err == nil {
-			ca = st.CA
-		}
+	// The CA's own certificates are half of the audit: a report without
+	// them would pass a pipeline that never looked.
+	mgr, err := dir.rotationManager(td, nil, o)
+	if err != nil {
+		return nil, err
 	}
-	return audit.Rotation(ctx, store, ca, at, horizon)
+	st, err := rotationStatus(ctx, mgr, at)
+	if err != nil {
+		return nil, fmt.Errorf("controlplane: the CA's rotation state (with serve --ca-secret, pass --ca-secret): %w", err)
+	}
+	return audit.Rotation(ctx, store, st.CA, at, horizon)
 }

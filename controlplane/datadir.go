@@ -65,8 +65,12 @@ type JournalOptions struct {
 	// Kubernetes Secret, created on first use, so that replicas sharing a
 	// journal sign with one key. Used when CheckpointKeyURI is empty.
 	CheckpointSecret string
-	// Kube reaches CheckpointSecret; when nil, Kubeconfig (or the pod's
-	// service account) is used.
+	// CASecret ("namespace/name") is where serve --ca-secret keeps the CA
+	// and its rotation state; commands that read the CA (the trust bundle,
+	// the rotation audit) read it there instead of the data directory.
+	CASecret string
+	// Kube reaches CheckpointSecret and CASecret; when nil, Kubeconfig (or
+	// the pod's service account) is used.
 	Kube       kubernetes.Interface
 	Kubeconfig string
 	// Witness receives every new checkpoint.
@@ -264,14 +268,14 @@ func TrustBundle(ctx context.Context, dir DataDir, o JournalOptions, cacertsDir 
 		return nil, err
 	}
 	store.Close()
-	if _, err := os.Stat(filepath.Join(dir.CADir(), "rotation.json")); cacertsDir != "" && err != nil {
+	if _, err := os.Stat(filepath.Join(dir.CADir(), "rotation.json")); o.CASecret == "" && cacertsDir != "" && err != nil {
 		roots, err := pemutil.ReadCertificateBundle(filepath.Join(cacertsDir, authority.RootCertFile))
 		if err != nil {
 			return nil, fmt.Errorf("controlplane: read trust bundle: %w", err)
 		}
 		return spiffebundle.FromX509Authorities(td, roots), nil
 	}
-	mgr, err := dir.rotationManager(td, nil)
+	mgr, err := dir.rotationManager(td, nil, o)
 	if err != nil {
 		return nil, err
 	}
@@ -282,8 +286,25 @@ func TrustBundle(ctx context.Context, dir DataDir, o JournalOptions, cacertsDir 
 	return spiffebundle.FromX509Authorities(td, mat.Roots), nil
 }
 
-func (d DataDir) rotationManager(td spiffeid.TrustDomain, rec rotation.Recorder) (*rotation.Manager, error) {
-	return rotation.New(rotation.Config{Dir: d.CADir(), TrustDomain: td, Recorder: rec})
+// rotationManager reads and writes the CA where serve keeps it: the Secret
+// named by o.CASecret, or else the data directory.
+func (d DataDir) rotationManager(td spiffeid.TrustDomain, rec rotation.Recorder, o JournalOptions) (*rotation.Manager, error) {
+	cfg := rotation.Config{Dir: d.CADir(), TrustDomain: td, Recorder: rec, FromCLI: true}
+	if o.CASecret != "" {
+		ns, name, ok := strings.Cut(o.CASecret, "/")
+		if !ok || ns == "" || name == "" {
+			return nil, fmt.Errorf("controlplane: CA secret %q is not namespace/name", o.CASecret)
+		}
+		client := o.Kube
+		if client == nil {
+			var err error
+			if client, err = kubeClient(nil, o.Kubeconfig); err != nil {
+				return nil, err
+			}
+		}
+		cfg.Store = rotation.SecretStore{Client: client, Namespace: ns, Name: name}
+	}
+	return rotation.New(cfg)
 }
 
 // RotationStatus is what `trustmesh ca rotate --status` shows.
@@ -318,19 +339,13 @@ func Rotate(ctx context.Context, dir DataDir, o JournalOptions, req RotateReques
 		return nil, err
 	}
 	defer store.Close()
-	cfg := rotation.Config{Dir: dir.CADir(), TrustDomain: td, Recorder: store, FromCLI: true}
 	if req.CASecret != "" {
-		ns, name, ok := strings.Cut(req.CASecret, "/")
-		if !ok {
-			return nil, fmt.Errorf("controlplane: CA secret %q is not namespace/name", req.CASecret)
-		}
-		client, err := kubeClient(nil, req.Kubeconfig)
-		if err != nil {
-			return nil, err
-		}
-		cfg.Store = rotation.SecretStore{Client: client, Namespace: ns, Name: name}
+		o.CASecret = req.CASecret
 	}
-	mgr, err := rotation.New(cfg)
+	if o.Kubeconfig == "" {
+		o.Kubeconfig = req.Kubeconfig
+	}
+	mgr, err := dir.rotationManager(td, store, o)
 	if err != nil {
 		return nil, err
 	}

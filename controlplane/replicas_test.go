@@ -2,6 +2,7 @@ package controlplane_test
 
 import (
 	"context"
+	"errors"
 	"net/url"
 	"os"
 	"testing"
@@ -10,6 +11,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
+	"github.com/trustmesh/trustmesh/ca/rotation"
 	"github.com/trustmesh/trustmesh/controlplane"
 )
 
@@ -66,6 +68,40 @@ func TestReplicasShareTheCASecret(t *testing.T) {
 	// Both replicas issue under the same CA.
 	c := newClient(t)
 	b.obtain(c, b.token(vmID, time.Minute), vmID)
+
+	// The commands that read the CA find it in the Secret, not in a
+	// replica's data directory.
+	o := controlplane.JournalOptions{DSN: journalDSN, CASecret: "trustmesh-system/trustmesh-ca", Kube: cs}
+	bundle, err := controlplane.TrustBundle(ctx, controlplane.DataDir(b.dataDir), o, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := bundle.X509Authorities(); len(got) != 2 || !got[0].Equal(b.cp.Authority.Current().Roots[0]) && !got[1].Equal(b.cp.Authority.Current().Roots[0]) {
+		t.Fatalf("ca bundle --ca-secret printed %d roots; want the 2 the replicas trust", len(got))
+	}
+	rep, err := controlplane.AuditRotation(ctx, controlplane.DataDir(b.dataDir), o, time.Now(), 24*time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	states := map[string]int{}
+	for _, c := range rep.CA {
+		states[c.Role+"/"+c.State]++
+	}
+	if states["root/active"] != 1 || states["root/prepared"] != 1 || states["intermediate/active"] != 1 {
+		t.Fatalf("audit rotation --ca-secret reports the CA as %v; want the active root and intermediate and the prepared root", states)
+	}
+	// Without it, a replica's data directory holds no CA: the audit says so
+	// rather than report on identities alone.
+	o.CASecret = ""
+	if _, err := controlplane.AuditRotation(ctx, controlplane.DataDir(b.dataDir), o, time.Now(), 24*time.Hour); !errors.Is(err, rotation.ErrNoCA) {
+		t.Fatalf("audit rotation without the CA = %v; want ErrNoCA", err)
+	}
+	if _, err := controlplane.TrustBundle(ctx, controlplane.DataDir(b.dataDir), o, ""); !errors.Is(err, rotation.ErrNoCA) {
+		t.Fatalf("ca bundle without the CA = %v; want ErrNoCA", err)
+	}
+	if _, err := os.Stat(controlplane.DataDir(b.dataDir).CADir()); !os.IsNotExist(err) {
+		t.Fatalf("reading the CA from a replica's data directory created one there (%v)", err)
+	}
 }
 
 // dsnWithDatabase creates a database of its own for a test on the server

@@ -47,6 +47,9 @@ import (
 var (
 	ErrAlreadyPrepared = errors.New("rotation: a next CA is already prepared; activate it first")
 	ErrNothingPrepared = errors.New("rotation: no next CA is prepared")
+	// ErrNoCA is returned to a manager driven from the command line when
+	// the store holds no CA: only a serving control plane creates one.
+	ErrNoCA = errors.New("rotation: no CA here (serve creates it; with serve --ca-secret, name the Secret)")
 	// ErrTooEarly refuses to activate a new root before it has had time to
 	// reach every agent through the bundle stream.
 	ErrTooEarly = errors.New("rotation: the prepared root has not been in the trust bundle long enough")
@@ -111,7 +114,9 @@ type Config struct {
 	IsLeader func() bool
 	// FromCLI marks a manager driven by hand from the command line: it
 	// honours the retirement and propagation times the serving control
-	// plane recorded in the state instead of its own defaults.
+	// plane recorded in the state instead of its own defaults, and it never
+	// creates a CA where there is none (ErrNoCA), so that a command pointed
+	// at the wrong place cannot print or rotate a CA nobody serves.
 	FromCLI bool
 }
 
@@ -152,8 +157,10 @@ func New(cfg Config) (*Manager, error) {
 		if cfg.Dir == "" {
 			return nil, errors.New("rotation: a store or a directory is required")
 		}
-		if err := os.MkdirAll(cfg.Dir, 0o700); err != nil {
-			return nil, fmt.Errorf("rotation: %w", err)
+		if !cfg.FromCLI { // which never creates a CA, nor its directory
+			if err := os.MkdirAll(cfg.Dir, 0o700); err != nil {
+				return nil, fmt.Errorf("rotation: %w", err)
+			}
 		}
 		cfg.Store = DirStore{Dir: cfg.Dir}
 	}
@@ -197,6 +204,9 @@ func (m *Manager) read(ctx context.Context) (Snapshot, State, error) {
 		if b, ok := snap.Files[stateFile]; ok {
 			st, err := parseState(b)
 			return snap, st, err
+		}
+		if m.cfg.FromCLI {
+			return Snapshot{}, State{}, ErrNoCA
 		}
 		files, err := authority.NewSelfManagedFiles(m.cfg.TrustDomain, m.cfg.Clock.Now(), m.cfg.IntermediateLifetime)
 		if err != nil {

@@ -216,6 +216,7 @@ when a finding is at or above --fail-on, so it can gate a pipeline.`,
 		},
 	}
 	addDataFlags(cmd, &dataDir, &jo)
+	addCASecretFlag(cmd, &jo)
 	cmd.Flags().StringVar(&at, "at", "", "audit as of this RFC 3339 time (default now)")
 	cmd.Flags().DurationVar(&horizon, "horizon", 7*24*time.Hour, "report certificates expiring within this window")
 	cmd.Flags().StringVar(&failOn, "fail-on", "critical", "exit 3 on findings at or above: info, warning or critical")

@@ -105,6 +105,7 @@ func newBundleCmd() *cobra.Command {
 	addDataFlags(cmd, &dataDir, &jo)
 	cmd.Flags().StringVar(&cacerts, "cacerts", "", "operator-supplied CA directory, when serve uses --cacerts")
 	cmd.Flags().StringVar(&format, "format", "pem", "pem or spiffe")
+	addCASecretFlag(cmd, &jo)
 	return cmd
 }
 
@@ -115,6 +116,11 @@ func addDataFlags(cmd *cobra.Command, dataDir *string, jo *controlplane.JournalO
 	cmd.Flags().StringVar(&jo.CheckpointKeyURI, "checkpoint-key-uri", "", "KMS URI of the journal's checkpoint key (default: a key file in the data directory)")
 	cmd.Flags().StringVar(&jo.CheckpointSecret, "checkpoint-secret", "", "namespace/name of the Secret holding the checkpoint key (replicas with --ca-secret use NAME-checkpoint)")
 	cmd.Flags().StringVar(&jo.Kubeconfig, "kubeconfig", "", "kubeconfig for --checkpoint-secret; in a cluster the pod's service account is used")
+}
+
+// addCASecretFlag adds --ca-secret to the commands that read the CA.
+func addCASecretFlag(cmd *cobra.Command, jo *controlplane.JournalOptions) {
+	cmd.Flags().StringVar(&jo.CASecret, "ca-secret", "", "namespace/name of the Secret that serve --ca-secret keeps the CA in (default: the data directory)")
 }
 
 func newRotateCmd() *cobra.Command {
