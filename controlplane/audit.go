@@ -83,7 +83,7 @@ func AuditRotation(ctx context.Context, dir DataDir, o JournalOptions, at time.T
 	}
 	st, err := rotationStatus(ctx, mgr, at)
 	if err != nil {
-		return nil, fmt.Errorf("controlplane: the CA's rotation state (with serve --ca-secret, pass --ca-secret): %w", err)
+		return nil, fmt.Errorf("controlplane: the CA's rotation state: %w", err)
 	}
 	return audit.Rotation(ctx, store, st.CA, at, horizon)
 }

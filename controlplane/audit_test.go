@@ -77,4 +77,22 @@ func TestRotationAuditOverAWeek(t *testing.T) {
 	if rep.Worst() != audit.Critical {
 		t.Fatalf("worst finding %v, want critical so the audit gates a pipeline", rep.Worst())
 	}
+
+	// Audited after the intermediate's end, and before the CA existed, the
+	// report still comes: an expired CA is a finding, not an error.
+	inter := e.cp.Authority.Current().Cert
+	late, err := controlplane.AuditRotation(ctx, controlplane.DataDir(e.dataDir), controlplane.JournalOptions{}, inter.NotAfter.Add(time.Hour), 48*time.Hour)
+	if err != nil {
+		t.Fatalf("audit after the intermediate expired: %v", err)
+	}
+	var expired bool
+	for _, f := range late.Findings {
+		expired = expired || f.Kind == "ca-expired" && strings.HasPrefix(f.Subject, "intermediate")
+	}
+	if !expired {
+		t.Fatalf("findings %+v after the intermediate's end; want it reported expired", late.Findings)
+	}
+	if _, err := controlplane.AuditRotation(ctx, controlplane.DataDir(e.dataDir), controlplane.JournalOptions{}, begin.Add(-24*time.Hour), 48*time.Hour); err != nil {
+		t.Fatalf("audit as of before the CA existed: %v", err)
+	}
 }

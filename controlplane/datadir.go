@@ -279,7 +279,7 @@ func TrustBundle(ctx context.Context, dir DataDir, o JournalOptions, cacertsDir 
 	if err != nil {
 		return nil, err
 	}
-	mat, _, err := mgr.Material(ctx, time.Now())
+	mat, _, err := mgr.Certificates(ctx, time.Now())
 	if err != nil {
 		return nil, err
 	}
@@ -369,7 +369,7 @@ func Rotate(ctx context.Context, dir DataDir, o JournalOptions, req RotateReques
 }
 
 func rotationStatus(ctx context.Context, mgr *rotation.Manager, now time.Time) (*RotationStatus, error) {
-	mat, st, err := mgr.Material(ctx, now)
+	mat, st, err := mgr.Certificates(ctx, now)
 	if err != nil {
 		return nil, err
 	}

@@ -259,6 +259,30 @@ func LoadFiles(ctx context.Context, files map[string][]byte, keyURI string, now 
 	return m, nil
 }
 
+// ReadCertificates parses material's certificates without its key and
+// without judging them at any time, for readers that must not need the key
+// and must still see a CA that has expired: the trust bundle, audits.
+// Anchor is the root whose key signed the chain's last certificate.
+func ReadCertificates(files map[string][]byte) (*Material, error) {
+	m, err := parseMaterial(func(name string) ([]byte, error) {
+		if b, ok := files[name]; ok {
+			return b, nil
+		}
+		return nil, fs.ErrNotExist
+	}, nil)
+	if err != nil {
+		return nil, err
+	}
+	top := m.Chain[len(m.Chain)-1]
+	for _, r := range m.Roots {
+		if top.CheckSignatureFrom(r) == nil {
+			m.Anchor = r
+			break
+		}
+	}
+	return m, nil
+}
+
 // SignerFromPEM opens a PEM key through the software KMS, so that even keys
 // held in a Kubernetes Secret reach the signing code only as a crypto.Signer.
 func SignerFromPEM(ctx context.Context, keyPEM []byte) (crypto.Signer, error) {

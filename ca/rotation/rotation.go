@@ -129,8 +129,8 @@ type Manager struct {
 	lastSeen []byte
 }
 
-// New returns a Manager, creating the first generation on first start (or
-// adopting material written by earlier versions directly in Dir).
+// New returns a Manager. A serving manager creates the first generation on
+// first use; one with FromCLI never does (ErrNoCA).
 func New(cfg Config) (*Manager, error) {
 	if cfg.Clock == nil {
 		cfg.Clock = clock.RealClock{}
@@ -192,9 +192,9 @@ func parseState(b []byte) (State, error) {
 	return st, nil
 }
 
-// read returns the current snapshot and state, creating the first
-// generation when there is none (exactly once, even with several replicas
-// starting together).
+// read returns the current snapshot and state. When there is none, a
+// serving manager creates the first generation (exactly once, even with
+// several replicas starting together) and one with FromCLI returns ErrNoCA.
 func (m *Manager) read(ctx context.Context) (Snapshot, State, error) {
 	for attempt := 0; ; attempt++ {
 		snap, err := m.cfg.Store.Read(ctx)
@@ -252,11 +252,25 @@ func (m *Manager) ReadState(ctx context.Context) (State, error) {
 // signer and chain, and a trust bundle of the active roots, the prepared
 // root, and the retiring roots still needed.
 func (m *Manager) Material(ctx context.Context, now time.Time) (*authority.Material, State, error) {
+	return m.material(ctx, now, func(files map[string][]byte) (*authority.Material, error) {
+		return authority.LoadFiles(ctx, files, "", now)
+	})
+}
+
+// Certificates is Material without the key and without judging the
+// certificates at now: what the trust bundle and the rotation audit read.
+// It needs no access to the key, and still answers for a CA that has
+// expired or is not yet valid, which is what an audit must report.
+func (m *Manager) Certificates(ctx context.Context, now time.Time) (*authority.Material, State, error) {
+	return m.material(ctx, now, authority.ReadCertificates)
+}
+
+func (m *Manager) material(ctx context.Context, now time.Time, load func(map[string][]byte) (*authority.Material, error)) (*authority.Material, State, error) {
 	snap, st, err := m.read(ctx)
 	if err != nil {
 		return nil, State{}, err
 	}
-	mat, err := authority.LoadFiles(ctx, genFiles(snap, st.Active), "", now)
+	mat, err := load(genFiles(snap, st.Active))
 	if err != nil {
 		return nil, State{}, fmt.Errorf("rotation: generation %d: %w", st.Active, err)
 	}
