@@ -40,16 +40,31 @@ func (s *Store) submit(ctx context.Context, o *op) error {
 		return err
 	}
 	o.done = make(chan error, 1)
-	select {
-	case s.ops <- o:
-	case <-s.closed:
-		return ErrClosed
-	case <-ctx.Done():
-		return ctx.Err()
+	if err := s.enqueue(ctx, o); err != nil {
+		return err
 	}
 	// Once queued, wait for the outcome even if ctx ends: the caller must
 	// know whether its entry is durable.
 	return <-o.done
+}
+
+// enqueue queues o unless the store is closed. The read lock keeps Close
+// from closing between the check and the send: an op queued after the
+// committer drained the queue would wait forever.
+func (s *Store) enqueue(ctx context.Context, o *op) error {
+	s.closeMu.RLock()
+	defer s.closeMu.RUnlock()
+	select {
+	case <-s.closed:
+		return ErrClosed
+	default:
+	}
+	select {
+	case s.ops <- o:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
 }
 
 // Defaults for Config.CommitDelay and Config.CommitSiblings.
@@ -67,24 +82,43 @@ const (
 // signed checkpoint and a transaction, during which the committer's thread
 // also holds one of the Go runtime's processors until the runtime notices
 // the blocking call. Fewer, larger commits leave more CPU to the signing
-// callers. A lone caller's batch holds one op, so it never waits.
+// callers. A lone caller never waits: its batches hold one op, and the
+// first op after the committer sat idle for longer than CommitDelay is
+// treated as lone, whatever the batch before the pause held.
 func (s *Store) commitLoop() {
 	defer s.wg.Done()
-	last := 0
 	for {
-		var first *op
-		select {
-		case first = <-s.ops:
-		case <-s.closed:
+		first, idle, ok := s.next()
+		if !ok {
 			s.drain()
 			return
 		}
-		batch := s.fill([]*op{first})
-		if s.cfg.CommitDelay > 0 && last >= s.cfg.CommitSiblings {
-			batch = s.wait(batch, 2*last)
+		if idle {
+			s.lastBatch = 0
 		}
-		last = len(batch)
+		batch := s.fill([]*op{first})
+		if s.cfg.CommitDelay > 0 && s.lastBatch >= s.cfg.CommitSiblings {
+			batch = s.wait(batch, 2*s.lastBatch)
+		}
+		s.lastBatch = len(batch)
 		s.commit(batch)
+	}
+}
+
+// next returns the next op, and whether it found the committer idle for
+// longer than CommitDelay since the last commit; ok is false once the store
+// closes.
+func (s *Store) next() (o *op, idle, ok bool) {
+	select {
+	case o := <-s.ops:
+		return o, false, true
+	default:
+	}
+	select {
+	case o := <-s.ops:
+		return o, s.cfg.Clock.Since(s.lastCommit) > s.cfg.CommitDelay, true
+	case <-s.closed:
+		return nil, false, false
 	}
 }
 
@@ -107,13 +141,13 @@ func (s *Store) fill(batch []*op) []*op {
 // that holds its entry.
 func (s *Store) wait(batch []*op, want int) []*op {
 	want = min(want, s.cfg.MaxBatch)
-	t := time.NewTimer(s.cfg.CommitDelay)
+	t := s.cfg.Clock.NewTimer(s.cfg.CommitDelay)
 	defer t.Stop()
 	for len(batch) < want {
 		select {
 		case o := <-s.ops:
 			batch = append(batch, o)
-		case <-t.C:
+		case <-t.C():
 			return batch
 		case <-s.closed:
 			return batch
@@ -142,6 +176,9 @@ func (s *Store) commit(batch []*op) {
 	ctx, cancel := context.WithTimeout(context.Background(), commitTimeout)
 	defer cancel()
 	errs, note, err := s.commitBatch(ctx, batch)
+	// Before any caller learns its outcome, so that a caller's next append
+	// is measured against this commit.
+	s.lastCommit = s.cfg.Clock.Now()
 	if errors.Is(err, ErrTampered) {
 		s.setIntegrity(err)
 	}

@@ -17,6 +17,7 @@ import (
 	"github.com/transparency-dev/merkle/compact"
 	"github.com/transparency-dev/merkle/rfc6962"
 	"golang.org/x/mod/sumdb/note"
+	"k8s.io/utils/clock"
 	_ "modernc.org/sqlite" // the embedded SQLite driver, registered as "sqlite"
 )
 
@@ -55,9 +56,11 @@ type Config struct {
 	// checkpoint. Zero means DefaultCommitDelay; negative disables it.
 	CommitDelay time.Duration
 	// CommitSiblings is how many appends the previous batch must have
-	// held for the next to wait: a lone caller never waits. Zero means
-	// DefaultCommitSiblings.
+	// held for the next to wait: a lone caller never waits. Zero or less
+	// means DefaultCommitSiblings.
 	CommitSiblings int
+	// Clock times CommitDelay; nil means the real clock.
+	Clock clock.Clock
 
 	Log *slog.Logger
 }
@@ -75,13 +78,18 @@ type Store struct {
 
 	ops    chan *op
 	closed chan struct{}
-	wg     sync.WaitGroup
+	// closeMu orders Close after any enqueue in progress (enqueue).
+	closeMu sync.RWMutex
+	wg      sync.WaitGroup
 	// stmts are the prepared hot statements (stmt.go).
 	stmts statements
 
-	// Committer state: the compact range of the whole log. Only the
-	// committer goroutine touches it after Open.
-	rng *compact.Range
+	// Committer state: the compact range of the whole log, and the size
+	// and end of the last batch. Only the committer goroutine touches them
+	// after Open.
+	rng        *compact.Range
+	lastBatch  int
+	lastCommit time.Time
 	// integrity is why the stored log cannot be trusted; once set it blocks
 	// every append. Reads and audits still work.
 	imu       sync.Mutex
@@ -115,6 +123,9 @@ func Open(ctx context.Context, cfg Config) (*Store, error) {
 	}
 	if cfg.CommitSiblings <= 0 {
 		cfg.CommitSiblings = DefaultCommitSiblings
+	}
+	if cfg.Clock == nil {
+		cfg.Clock = clock.RealClock{}
 	}
 	if cfg.Log == nil {
 		cfg.Log = slog.Default()
@@ -271,12 +282,15 @@ func (s *Store) snapshotIsolation() sql.IsolationLevel {
 // Close stops accepting appends, finishes those in flight and closes the
 // database.
 func (s *Store) Close() error {
+	s.closeMu.Lock()
 	select {
 	case <-s.closed:
+		s.closeMu.Unlock()
 		return nil
 	default:
 	}
 	close(s.closed)
+	s.closeMu.Unlock()
 	s.wg.Wait()
 	s.stmts.close()
 	return s.db.Close()
@@ -307,7 +321,7 @@ func (s *Store) Size(ctx context.Context) (uint64, error) {
 	return uint64(n), nil
 }
 
-// querier is what catch-up reads through: the database or a transaction.
+// querier is what catch-up reads through: a transaction.
 type querier interface {
 	QueryContext(ctx context.Context, query string, args ...any) (*sql.Rows, error)
 	QueryRowContext(ctx context.Context, query string, args ...any) *sql.Row

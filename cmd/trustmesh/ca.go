@@ -115,7 +115,7 @@ func addDataFlags(cmd *cobra.Command, dataDir *string, jo *controlplane.JournalO
 	cmd.Flags().StringVar(&jo.DSN, "journal-dsn", "", "PostgreSQL URL of the shared journal (default: SQLite in the data directory)")
 	cmd.Flags().StringVar(&jo.CheckpointKeyURI, "checkpoint-key-uri", "", "KMS URI of the journal's checkpoint key (default: a key file in the data directory)")
 	cmd.Flags().StringVar(&jo.CheckpointSecret, "checkpoint-secret", "", "namespace/name of the Secret holding the checkpoint key (replicas with --ca-secret use NAME-checkpoint)")
-	cmd.Flags().StringVar(&jo.Kubeconfig, "kubeconfig", "", "kubeconfig for --checkpoint-secret; in a cluster the pod's service account is used")
+	cmd.Flags().StringVar(&jo.Kubeconfig, "kubeconfig", "", "kubeconfig for --checkpoint-secret and --ca-secret; in a cluster the pod's service account is used")
 }
 
 // addCASecretFlag adds --ca-secret to the commands that read the CA.
