@@ -178,6 +178,15 @@ func (d DataDir) checkpointKeyFile(ctx context.Context) (crypto.Signer, error) {
 	return authority.OpenSigner(ctx, uri)
 }
 
+// kube is o.Kube, or a client from o.Kubeconfig (or the pod's service
+// account).
+func (o JournalOptions) kube() (kubernetes.Interface, error) {
+	if o.Kube != nil {
+		return o.Kube, nil
+	}
+	return kubeClient(nil, o.Kubeconfig)
+}
+
 // checkpointKeyFromSecret loads the checkpoint key from a Kubernetes Secret,
 // creating it exactly once when replicas start together.
 func checkpointKeyFromSecret(ctx context.Context, o JournalOptions) (crypto.Signer, error) {
@@ -185,12 +194,9 @@ func checkpointKeyFromSecret(ctx context.Context, o JournalOptions) (crypto.Sign
 	if !ok {
 		return nil, fmt.Errorf("controlplane: checkpoint secret %q is not namespace/name", o.CheckpointSecret)
 	}
-	client := o.Kube
-	if client == nil {
-		var err error
-		if client, err = kubeClient(nil, o.Kubeconfig); err != nil {
-			return nil, err
-		}
+	client, err := o.kube()
+	if err != nil {
+		return nil, err
 	}
 	const dataKey = "checkpoint-key.pem"
 	for attempt := 0; attempt < 3; attempt++ {
@@ -295,12 +301,9 @@ func (d DataDir) rotationManager(td spiffeid.TrustDomain, rec rotation.Recorder,
 		if !ok || ns == "" || name == "" {
 			return nil, fmt.Errorf("controlplane: CA secret %q is not namespace/name", o.CASecret)
 		}
-		client := o.Kube
-		if client == nil {
-			var err error
-			if client, err = kubeClient(nil, o.Kubeconfig); err != nil {
-				return nil, err
-			}
+		client, err := o.kube()
+		if err != nil {
+			return nil, err
 		}
 		cfg.Store = rotation.SecretStore{Client: client, Namespace: ns, Name: name}
 	}

@@ -244,12 +244,7 @@ func LoadFiles(ctx context.Context, files map[string][]byte, keyURI string, now 
 	if err != nil {
 		return nil, err
 	}
-	m, err := parseMaterial(func(name string) ([]byte, error) {
-		if b, ok := files[name]; ok {
-			return b, nil
-		}
-		return nil, fs.ErrNotExist
-	}, signer)
+	m, err := parseMaterial(fileReader(files), signer)
 	if err != nil {
 		return nil, err
 	}
@@ -264,12 +259,7 @@ func LoadFiles(ctx context.Context, files map[string][]byte, keyURI string, now 
 // and must still see a CA that has expired: the trust bundle, audits.
 // Anchor is the root whose key signed the chain's last certificate.
 func ReadCertificates(files map[string][]byte) (*Material, error) {
-	m, err := parseMaterial(func(name string) ([]byte, error) {
-		if b, ok := files[name]; ok {
-			return b, nil
-		}
-		return nil, fs.ErrNotExist
-	}, nil)
+	m, err := parseMaterial(fileReader(files), nil)
 	if err != nil {
 		return nil, err
 	}
@@ -281,6 +271,16 @@ func ReadCertificates(files map[string][]byte) (*Material, error) {
 		}
 	}
 	return m, nil
+}
+
+// fileReader reads material's files from a map of them.
+func fileReader(files map[string][]byte) func(name string) ([]byte, error) {
+	return func(name string) ([]byte, error) {
+		if b, ok := files[name]; ok {
+			return b, nil
+		}
+		return nil, fs.ErrNotExist
+	}
 }
 
 // SignerFromPEM opens a PEM key through the software KMS, so that even keys
