@@ -47,6 +47,7 @@ const (
 	ReasonTokenAudience      = "token-audience"
 	ReasonTokenExpired       = "token-expired"
 	ReasonTokenRejected      = "token-rejected"
+	ReasonTokenSignature     = "token-signature"
 	ReasonTokenNotSA         = "token-not-service-account"
 	ReasonTokenReviewBusy    = "tokenreview-rate-limited"
 	ReasonTokenReviewFailed  = "tokenreview-failed"

@@ -16,6 +16,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/kubernetes/scheme"
 	"k8s.io/client-go/rest"
 	clocktesting "k8s.io/utils/clock/testing"
 
@@ -173,7 +174,7 @@ func TestKubernetesServiceAccountTokens(t *testing.T) {
 	})
 	m := e.metrics()
 	for _, want := range []string{`reason="token-audience"`, `reason="token-malformed"`, `reason="token-rejected"`,
-		`reason="token-expired"`, `reason="service-account-deleted"`, `trustmesh_ca_issued_total{method="kubernetes"} 2`} {
+		`reason="token-signature"`, `reason="token-expired"`, `reason="service-account-deleted"`, `trustmesh_ca_issued_total{method="kubernetes"} 2`} {
 		if !strings.Contains(m, want) {
 			t.Errorf("metrics lack %s", want)
 		}
@@ -193,8 +194,10 @@ func (c *countingTransport) RoundTrip(r *http.Request) (*http.Response, error) {
 	return c.next.RoundTrip(r)
 }
 
-// A flood of bad tokens reaches the apiserver only as fast as the rate
-// limit allows, and a good token is reviewed once while its review is cached.
+// Forged tokens are refused against the apiserver's published keys without
+// a review; a flood of tokens that only a review can refuse reaches the
+// apiserver only as fast as the rate limit allows; and a good token is
+// reviewed once while its review is cached.
 func TestTokenReviewsAreRateLimitedAndCached(t *testing.T) {
 	ctx := context.Background()
 	cfg, cs := kube(t)
@@ -203,6 +206,7 @@ func TestTokenReviewsAreRateLimitedAndCached(t *testing.T) {
 	}
 	cl := &cluster{t: t, cs: cs, ns: "flood"}
 	cl.serviceAccount("web")
+	cl.serviceAccount("gone")
 	counter := &countingTransport{}
 	counted := rest.CopyConfig(cfg)
 	counted.WrapTransport = func(rt http.RoundTripper) http.RoundTripper { counter.next = rt; return counter }
@@ -216,16 +220,34 @@ func TestTokenReviewsAreRateLimitedAndCached(t *testing.T) {
 		t.Fatal(err)
 	}
 	good := cl.token("web", "istio-ca", nil)
-	// Forged tokens that pass every local check: JWT form, the right
-	// audience, not expired. Only a review can refuse them.
+
+	// Forged tokens that pass every check but the signature: JWT form,
+	// the right audience, not expired, the apiserver's key ID.
 	forge := func(i int) string { return good[:strings.LastIndex(good, ".")+1] + fmt.Sprintf("AAAA%04d", i) }
-	var busy, rejected int
 	for i := range 50 {
 		_, err := k.Authenticate(ctx, forge(i))
+		if r, ok := ca.AsRefusal(err); !ok || r.Reason != ca.ReasonTokenSignature {
+			t.Fatalf("forged token %d: %v; want refused for its signature", i, err)
+		}
+	}
+	if n := counter.reviews.Load(); n != 0 {
+		t.Fatalf("50 forged tokens sent %d reviews; want none", n)
+	}
+
+	// Tokens the apiserver signed for a service account since deleted:
+	// only a review can refuse them.
+	var stale []string
+	for range 50 {
+		stale = append(stale, cl.token("gone", "istio-ca", nil))
+	}
+	cl.deleteServiceAccount("gone")
+	var busy, rejected int
+	for _, tok := range stale {
+		_, err := k.Authenticate(ctx, tok)
 		r, ok := ca.AsRefusal(err)
 		switch {
 		case !ok:
-			t.Fatalf("a forged token was accepted: %v", err)
+			t.Fatalf("a deleted account's token was accepted: %v", err)
 		case r.Reason == ca.ReasonTokenReviewBusy:
 			busy++
 		case r.Reason == ca.ReasonTokenRejected:
@@ -234,14 +256,23 @@ func TestTokenReviewsAreRateLimitedAndCached(t *testing.T) {
 			t.Fatalf("unexpected refusal %q", r.Reason)
 		}
 	}
-	if n := counter.reviews.Load(); n > 4 || busy < 45 {
-		t.Fatalf("50 forged tokens sent %d reviews (%d refused as busy); want at most the burst of 3 and a token or so", n, busy)
+	if n := counter.reviews.Load(); n > 4 || busy < 45 || rejected == 0 {
+		t.Fatalf("50 stale tokens sent %d reviews (%d refused as busy, %d rejected); want at most the burst of 3 and a token or so", n, busy, rejected)
 	}
 	// A refused token presented again is refused without another review.
+	var refusedOne string
+	for _, tok := range stale {
+		if _, err := k.Authenticate(ctx, tok); err != nil {
+			if r, _ := ca.AsRefusal(err); r.Reason == ca.ReasonTokenRejected {
+				refusedOne = tok
+				break
+			}
+		}
+	}
 	reviewed := counter.reviews.Load()
 	for range 5 {
-		if _, err := k.Authenticate(ctx, forge(0)); err == nil {
-			t.Fatal("a forged token was accepted")
+		if _, err := k.Authenticate(ctx, refusedOne); err == nil {
+			t.Fatal("a deleted account's token was accepted")
 		}
 	}
 	if counter.reviews.Load() != reviewed {
@@ -264,4 +295,50 @@ func TestTokenReviewsAreRateLimitedAndCached(t *testing.T) {
 	if n := counter.reviews.Load() - before; n != 2 {
 		t.Fatalf("after the cache expired, %d reviews in all; want 2", n)
 	}
+}
+
+// When the apiserver's keys cannot be read, tokens are reviewed as before:
+// the local check only ever refuses, and never fails a good token.
+func TestTokensAreReviewedWhenKeysAreUnavailable(t *testing.T) {
+	ctx := context.Background()
+	cfg, cs := kube(t)
+	if _, err := cs.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "nokeys"}}, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	cl := &cluster{t: t, cs: cs, ns: "nokeys"}
+	cl.serviceAccount("web")
+	nowhere := rest.CopyConfig(cfg)
+	nowhere.Host = "https://127.0.0.1:1" // nothing listens there
+	keys, err := rest.RESTClientFor(withCoreGroup(nowhere))
+	if err != nil {
+		t.Fatal(err)
+	}
+	k, err := authn.NewKubernetes(authn.KubernetesConfig{
+		TrustDomain: spiffeid.RequireTrustDomainFromString("cluster.local"),
+		Client:      cs, Keys: keys,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	caller, err := k.Authenticate(ctx, cl.token("web", "istio-ca", nil))
+	if err != nil {
+		t.Fatalf("a good token was refused while the keys were unavailable: %v", err)
+	}
+	if caller.ID.String() != "spiffe://cluster.local/ns/nokeys/sa/web" {
+		t.Fatalf("caller %s", caller.ID)
+	}
+	tok := cl.token("web", "istio-ca", nil)
+	forged := tok[:strings.LastIndex(tok, ".")+1] + "AAAA" + tok[strings.LastIndex(tok, ".")+5:]
+	if _, err := k.Authenticate(ctx, forged); err == nil {
+		t.Fatal("a forged token was accepted while the keys were unavailable")
+	}
+}
+
+// withCoreGroup sets what rest.RESTClientFor needs to build a client for
+// the core API group.
+func withCoreGroup(c *rest.Config) *rest.Config {
+	c.GroupVersion = &corev1.SchemeGroupVersion
+	c.APIPath = "/api"
+	c.NegotiatedSerializer = scheme.Codecs.WithoutConversion()
+	return c
 }

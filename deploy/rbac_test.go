@@ -89,6 +89,13 @@ func TestRBACSufficesForTheBundlePublishers(t *testing.T) {
 		t.Fatalf("reading another Secret: %v, want Forbidden", err)
 	}
 
+	// The CA reads the keys that sign service-account tokens. (Kubernetes
+	// grants this to every service account by default; the chart's rule
+	// keeps it where an administrator removed that binding.)
+	if _, err := cs.CoreV1().RESTClient().Get().AbsPath("/openid/v1/jwks").DoRaw(ctx); err != nil {
+		t.Fatalf("reading the token keys: %v", err)
+	}
+
 	td := spiffeid.RequireTrustDomainFromString("cluster.local")
 	m, err := authority.Generate(ctx, td, time.Now(), 0)
 	if err != nil {

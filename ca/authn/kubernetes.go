@@ -17,6 +17,7 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
 	"k8s.io/utils/clock"
 
 	"github.com/trustmesh/trustmesh/ca"
@@ -53,14 +54,21 @@ type KubernetesConfig struct {
 	// NegativeTTL is how long a token the apiserver refused is refused
 	// again without asking. Default 10s.
 	NegativeTTL time.Duration
+	// Keys is where the apiserver's token-signing keys are read from
+	// (GET /openid/v1/jwks); nil means Client's REST client. Tokens whose
+	// signature they refuse are refused without a TokenReview.
+	Keys rest.Interface
 }
 
 // Kubernetes authenticates service-account tokens with TokenReview. Reviews
 // are rate-limited and positive results cached briefly, so a flood of bad
-// tokens cannot overload the apiserver; cheap local checks (form, audience,
-// expiry) refuse most bad tokens before any review is sent.
+// tokens cannot overload the apiserver; local checks (form, audience,
+// expiry, and the signature against the apiserver's published keys) refuse
+// bad tokens before any review is sent, so that forged tokens cannot use up
+// the reviews that real ones need.
 type Kubernetes struct {
 	cfg      KubernetesConfig
+	keys     *issuerKeys
 	limiter  *rate.Limiter
 	limitMu  sync.Mutex // reservations are made in time order
 	inFlight chan struct{}
@@ -110,8 +118,12 @@ func NewKubernetes(cfg KubernetesConfig) (*Kubernetes, error) {
 	if cfg.NegativeTTL <= 0 {
 		cfg.NegativeTTL = 10 * time.Second
 	}
+	if cfg.Keys == nil {
+		cfg.Keys = cfg.Client.CoreV1().RESTClient()
+	}
 	return &Kubernetes{
 		cfg:      cfg,
+		keys:     newIssuerKeys(cfg.Keys, cfg.Clock),
 		limiter:  rate.NewLimiter(rate.Limit(cfg.QPS), cfg.Burst),
 		inFlight: make(chan struct{}, cfg.MaxInFlight),
 		cache:    map[[sha256.Size]byte]cachedReview{},
@@ -133,6 +145,14 @@ func (k *Kubernetes) Authenticate(ctx context.Context, token string) (ca.Caller,
 	}
 	if k.refusedRecently(key, now) {
 		return ca.Caller{}, ca.Refuse(ca.KindUnauthenticated, ca.ReasonTokenRejected, errors.New("the apiserver refused this token moments ago"))
+	}
+	switch err := k.keys.check(ctx, token); {
+	case err == nil, errors.Is(err, errNoKeys):
+		// Signed by the apiserver, or not checkable here: the review
+		// decides.
+	default:
+		k.refuse(key, now)
+		return ca.Caller{}, ca.Refuse(ca.KindUnauthenticated, ca.ReasonTokenSignature, err)
 	}
 	if err := k.waitForSlot(ctx); err != nil {
 		return ca.Caller{}, err
