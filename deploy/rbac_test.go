@@ -2,11 +2,13 @@ package deploy_test
 
 import (
 	"context"
+	"slices"
 	"testing"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	admissionregistrationv1 "k8s.io/api/admissionregistration/v1"
+	rbacv1 "k8s.io/api/rbac/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -89,11 +91,28 @@ func TestRBACSufficesForTheBundlePublishers(t *testing.T) {
 		t.Fatalf("reading another Secret: %v, want Forbidden", err)
 	}
 
-	// The CA reads the keys that sign service-account tokens. (Kubernetes
-	// grants this to every service account by default; the chart's rule
-	// keeps it where an administrator removed that binding.)
+	// The CA reads the keys that sign service-account tokens. Kubernetes
+	// grants this to every service account by default, so the read alone
+	// would pass without the chart; the chart's own rule keeps it where an
+	// administrator removed that binding.
 	if _, err := cs.CoreV1().RESTClient().Get().AbsPath("/openid/v1/jwks").DoRaw(ctx); err != nil {
 		t.Fatalf("reading the token keys: %v", err)
+	}
+	var jwksRule bool
+	for _, obj := range objs {
+		if obj.GetKind() != "ClusterRole" {
+			continue
+		}
+		var role rbacv1.ClusterRole
+		if err := runtime.DefaultUnstructuredConverter.FromUnstructured(obj.Object, &role); err != nil {
+			t.Fatal(err)
+		}
+		for _, r := range role.Rules {
+			jwksRule = jwksRule || slices.Contains(r.NonResourceURLs, "/openid/v1/jwks") && slices.Contains(r.Verbs, "get")
+		}
+	}
+	if !jwksRule {
+		t.Fatal("the chart's ClusterRole does not grant GET /openid/v1/jwks")
 	}
 
 	td := spiffeid.RequireTrustDomainFromString("cluster.local")

@@ -5,7 +5,9 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/go-jose/go-jose/v4"
@@ -17,8 +19,11 @@ import (
 // service-account tokens it issues (service account issuer discovery).
 const jwksPath = "/openid/v1/jwks"
 
+// maxJWKSSize bounds the key set read from the apiserver.
+const maxJWKSSize = 1 << 20
+
 // tokenAlgorithms are the signature algorithms the apiserver signs
-// service-account tokens with.
+// service-account tokens with. No HMAC, no "none".
 var tokenAlgorithms = []jose.SignatureAlgorithm{jose.RS256, jose.RS384, jose.RS512, jose.ES256, jose.ES384, jose.ES512, jose.PS256, jose.PS384, jose.PS512}
 
 var (
@@ -34,7 +39,7 @@ var (
 // apiserver publishes, so that a forged token is refused here instead of
 // costing a TokenReview. It only ever refuses: a token it passes is still
 // reviewed (its pod may be gone, its service account deleted), and while
-// the keys cannot be fetched every token is reviewed, as without it.
+// the keys cannot be read every token is reviewed, as without it.
 type issuerKeys struct {
 	client rest.Interface
 	clock  clock.PassiveClock
@@ -43,20 +48,29 @@ type issuerKeys struct {
 	// but a flood of made-up key IDs must not become a flood of fetches.
 	refetchAfter time.Duration
 
-	mu      sync.Mutex
-	keys    *jose.JSONWebKeySet
-	fetched time.Time
-	tried   bool
+	// state is read without a lock: a token under a known key never waits
+	// for a fetch. fetchMu makes the callers that need a fetch share one.
+	state   atomic.Pointer[keyState]
+	fetchMu sync.Mutex
+}
+
+// keyState is what the last fetch left: the keys (the last good ones when
+// it failed), whether it failed, and when it was made.
+type keyState struct {
+	keys   *jose.JSONWebKeySet
+	failed bool
+	at     time.Time
 }
 
 func newIssuerKeys(client rest.Interface, clk clock.PassiveClock) *issuerKeys {
 	return &issuerKeys{client: client, clock: clk, refetchAfter: 30 * time.Second}
 }
 
-// check verifies the token's signature. It returns errNoKeys when the keys
-// are unavailable, errBadSignature (wrapped) for a token they refuse.
+// check verifies a compact JWS token's signature. It returns errNoKeys
+// when the keys are unavailable, and wraps errBadSignature for a token
+// they refuse.
 func (k *issuerKeys) check(ctx context.Context, token string) error {
-	jws, err := jose.ParseSigned(token, tokenAlgorithms)
+	jws, err := jose.ParseSignedCompact(token, tokenAlgorithms)
 	if err != nil {
 		return fmt.Errorf("%w: %v", errBadSignature, err)
 	}
@@ -80,49 +94,77 @@ func (k *issuerKeys) check(ctx context.Context, token string) error {
 }
 
 // lookup returns the published keys with the ID (all of them for a token
-// that names none), fetching the keys when there are none yet or, at most
-// once per refetchAfter, when the ID is unknown.
+// that names none). It fetches the keys when there are none yet or, at
+// most once per refetchAfter, when the ID is unknown; when a fetch fails
+// it answers errNoKeys, so that the token is reviewed rather than refused
+// for want of a key.
 func (k *issuerKeys) lookup(ctx context.Context, kid string) ([]jose.JSONWebKey, error) {
-	k.mu.Lock()
-	defer k.mu.Unlock()
-	find := func() []jose.JSONWebKey {
-		if kid == "" {
-			return k.keys.Keys
+	answer := func(st *keyState) ([]jose.JSONWebKey, bool, error) {
+		if st == nil {
+			return nil, false, nil
 		}
-		return k.keys.Key(kid)
-	}
-	if k.keys != nil {
-		if found := find(); len(found) > 0 || k.clock.Since(k.fetched) < k.refetchAfter {
-			return found, nil
+		fresh := k.clock.Since(st.at) < k.refetchAfter
+		if st.keys == nil {
+			return nil, fresh, errNoKeys
 		}
-	} else if k.tried && k.clock.Since(k.fetched) < k.refetchAfter {
-		return nil, errNoKeys
-	}
-	// Fetching under the lock: concurrent callers wait for one fetch
-	// rather than each making their own.
-	keys, err := k.fetch(ctx)
-	k.tried, k.fetched = true, k.clock.Now()
-	if err != nil {
-		if k.keys == nil {
-			return nil, fmt.Errorf("%w: %v", errNoKeys, err)
+		found := st.keys.Keys
+		if kid != "" {
+			found = st.keys.Key(kid)
 		}
-		// Keep the keys we had; the unknown ID stays unknown.
-		return nil, nil
+		if len(found) == 0 && st.failed {
+			// The key may be new; the keys could not be read to know.
+			return nil, fresh, errNoKeys
+		}
+		return found, len(found) > 0 || fresh, nil
 	}
-	k.keys = keys
-	return find(), nil
+	if found, ok, err := answer(k.state.Load()); ok {
+		return found, err
+	}
+	k.fetchMu.Lock()
+	defer k.fetchMu.Unlock()
+	// Another caller may have fetched while this one waited.
+	if found, ok, err := answer(k.state.Load()); ok {
+		return found, err
+	}
+	// The fetch serves every caller, so it does not end with this one's
+	// request.
+	st := &keyState{at: k.clock.Now()}
+	if keys, err := k.fetch(context.WithoutCancel(ctx)); err == nil {
+		st.keys = keys
+	} else {
+		st.failed = true
+		if prev := k.state.Load(); prev != nil {
+			st.keys = prev.keys
+		}
+	}
+	k.state.Store(st)
+	found, _, err := answer(st)
+	return found, err
 }
 
+// fetch reads the key set. A set with no key is an error: it would refuse
+// every token.
 func (k *issuerKeys) fetch(ctx context.Context) (*jose.JSONWebKeySet, error) {
 	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
-	body, err := k.client.Get().AbsPath(jwksPath).DoRaw(ctx)
+	body, err := k.client.Get().AbsPath(jwksPath).Stream(ctx)
 	if err != nil {
 		return nil, fmt.Errorf("authn: GET %s: %w", jwksPath, err)
 	}
+	defer body.Close()
+	raw, err := io.ReadAll(io.LimitReader(body, maxJWKSSize+1))
+	if err != nil {
+		return nil, fmt.Errorf("authn: GET %s: %w", jwksPath, err)
+	}
+	if len(raw) > maxJWKSSize {
+		return nil, fmt.Errorf("authn: %s is larger than %d bytes", jwksPath, maxJWKSSize)
+	}
 	var set jose.JSONWebKeySet
-	if err := json.Unmarshal(body, &set); err != nil {
+	if err := json.Unmarshal(raw, &set); err != nil {
 		return nil, fmt.Errorf("authn: %s: %w", jwksPath, err)
+	}
+	if len(set.Keys) == 0 {
+		return nil, fmt.Errorf("authn: %s publishes no key", jwksPath)
 	}
 	for _, key := range set.Keys {
 		if !key.IsPublic() || !key.Valid() {

@@ -31,6 +31,8 @@ const DefaultAudience = "istio-ca"
 // maxJWTSize bounds the tokens that are looked at at all.
 const maxJWTSize = 16 << 10
 
+const base64URLAlphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+
 // KubernetesConfig configures the Kubernetes authenticator.
 type KubernetesConfig struct {
 	TrustDomain spiffeid.TrustDomain
@@ -121,9 +123,13 @@ func NewKubernetes(cfg KubernetesConfig) (*Kubernetes, error) {
 	if cfg.Keys == nil {
 		cfg.Keys = cfg.Client.CoreV1().RESTClient()
 	}
+	var keys *issuerKeys
+	if rc, ok := cfg.Keys.(*rest.RESTClient); !ok || rc != nil { // fake clientsets have none
+		keys = newIssuerKeys(cfg.Keys, cfg.Clock)
+	}
 	return &Kubernetes{
 		cfg:      cfg,
-		keys:     newIssuerKeys(cfg.Keys, cfg.Clock),
+		keys:     keys,
 		limiter:  rate.NewLimiter(rate.Limit(cfg.QPS), cfg.Burst),
 		inFlight: make(chan struct{}, cfg.MaxInFlight),
 		cache:    map[[sha256.Size]byte]cachedReview{},
@@ -146,13 +152,15 @@ func (k *Kubernetes) Authenticate(ctx context.Context, token string) (ca.Caller,
 	if k.refusedRecently(key, now) {
 		return ca.Caller{}, ca.Refuse(ca.KindUnauthenticated, ca.ReasonTokenRejected, errors.New("the apiserver refused this token moments ago"))
 	}
-	switch err := k.keys.check(ctx, token); {
-	case err == nil, errors.Is(err, errNoKeys):
-		// Signed by the apiserver, or not checkable here: the review
-		// decides.
-	default:
-		k.refuse(key, now)
-		return ca.Caller{}, ca.Refuse(ca.KindUnauthenticated, ca.ReasonTokenSignature, err)
+	if k.keys != nil {
+		// Only a signature the published keys refuse is refused here;
+		// anything else (no keys to check with) is the review's to decide.
+		// Not remembered as refused: the check is cheap, and a genuine
+		// token refused while a new key was not yet fetched must not stay
+		// refused once it is.
+		if err := k.keys.check(ctx, token); errors.Is(err, errBadSignature) {
+			return ca.Caller{}, ca.Refuse(ca.KindUnauthenticated, ca.ReasonTokenSignature, err)
+		}
 	}
 	if err := k.waitForSlot(ctx); err != nil {
 		return ca.Caller{}, err
@@ -272,9 +280,22 @@ func (k *Kubernetes) precheck(token string, now time.Time) (jwtClaims, error) {
 	if len(parts) != 3 || parts[0] == "" || parts[1] == "" || parts[2] == "" {
 		return jwtClaims{}, malformed("token is not a JWT")
 	}
-	payload, err := base64.RawURLEncoding.DecodeString(parts[1])
-	if err != nil {
-		return jwtClaims{}, malformed("token payload is not base64url")
+	// Only the canonical compact form: base64url without padding,
+	// whitespace or stray bits. Decoders forgive all three, and each
+	// forgiven variant of one real token would be a new token to the
+	// caches, and a new TokenReview.
+	var payload []byte
+	for i, p := range parts {
+		if strings.TrimLeft(p, base64URLAlphabet) != "" {
+			return jwtClaims{}, malformed("token is not in canonical compact form")
+		}
+		b, err := base64.RawURLEncoding.Strict().DecodeString(p)
+		if err != nil {
+			return jwtClaims{}, malformed("token is not in canonical compact form")
+		}
+		if i == 1 {
+			payload = b
+		}
 	}
 	var claims struct {
 		Aud audience `json:"aud"`
