@@ -90,6 +90,31 @@ func (c *cache) stop() {
 	}
 }
 
+// acquire waits for a first-answer token for node id, without holding c.mu
+// while it waits (the stream's own goroutine waits, and it holds no token),
+// and returns the node as it is once c.mu is held again: with the token,
+// unless the cache stopped or another stream of the node got one first.
+// c.mu is held on entry and on return.
+func (c *cache) acquire(id string) *sotwNode {
+	c.mu.Unlock()
+	got := false
+	select {
+	case c.tokens <- struct{}{}:
+		got = true
+	case <-c.done:
+	}
+	c.mu.Lock()
+	n := c.node(id)
+	switch {
+	case !got:
+	case n.token:
+		<-c.tokens // another stream of the node got one first
+	default:
+		n.token, n.unacked = true, map[string]string{}
+	}
+	return n
+}
+
 // release gives the node's token back. c.mu is held.
 func (c *cache) release(n *sotwNode) {
 	if n.token {
@@ -182,24 +207,8 @@ func (c *cache) CreateWatch(req *cachev3.Request, sub cachev3.Subscription, out 
 		}
 	}
 	if !n.token && len(n.unacked) == 0 && req.GetVersionInfo() == "" && n.pub != nil && n.pub.types[req.GetTypeUrl()] != nil {
-		// A first answer: wait for a token without holding the lock. The
-		// stream's own goroutine waits, and it holds no token.
-		c.mu.Unlock()
-		got := false
-		select {
-		case c.tokens <- struct{}{}:
-			got = true
-		case <-c.done:
-		}
-		c.mu.Lock()
-		n = c.node(id)
-		switch {
-		case !got:
-		case n.token:
-			<-c.tokens // another stream of the node got one first
-		default:
-			n.token, n.unacked = true, map[string]string{}
-		}
+		// A first answer: it waits for a token.
+		n = c.acquire(id)
 	}
 	defer c.mu.Unlock()
 	if n.pub != nil {
@@ -237,22 +246,7 @@ func (c *cache) CreateDeltaWatch(req *cachev3.DeltaRequest, sub cachev3.Subscrip
 	}
 	first := req.GetResponseNonce() == "" && len(sub.ReturnedResources()) == 0
 	if first && !n.token && n.pub != nil {
-		c.mu.Unlock()
-		got := false
-		select {
-		case c.tokens <- struct{}{}:
-			got = true
-		case <-c.done:
-		}
-		c.mu.Lock()
-		n = c.node(id)
-		switch {
-		case !got:
-		case n.token:
-			<-c.tokens
-		default:
-			n.token, n.unacked = true, map[string]string{}
-		}
+		n = c.acquire(id)
 	}
 	if first && n.token {
 		n.unacked[typ] = ""
