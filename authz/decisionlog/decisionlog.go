@@ -224,7 +224,8 @@ func (l *Logger) Entry(at time.Time, req *authv3.CheckRequest, d *engine.Decisio
 }
 
 // redactPath keeps the path and the query parameter names, and replaces
-// values of parameters not allowlisted.
+// values of parameters not allowlisted; a parameter not allowlisted that has
+// no value is replaced whole.
 func (l *Logger) redactPath(p string) string {
 	path, q, ok := strings.Cut(p, "?")
 	if !ok {
@@ -240,8 +241,13 @@ func (l *Logger) redactPath(p string) string {
 		if err != nil {
 			name = k
 		}
-		if hasValue && !l.query[name] {
+		switch {
+		case l.query[name]:
+		case hasValue:
 			parts[i] = k + "=" + Redacted
+		case k != "":
+			// A parameter without a value ("?SECRETTOKEN") is all value.
+			parts[i] = Redacted
 		}
 	}
 	return path + "?" + strings.Join(parts, "&")

@@ -32,8 +32,12 @@ func TestRedaction(t *testing.T) {
 	}{
 		{"/a", "/a"},
 		{"/a?token=s3cret&page=2", "/a?token=REDACTED&page=2"},
-		{"/a?flag&x=1#frag", "/a?flag&x=REDACTED"},
+		{"/a?flag&x=1#frag", "/a?REDACTED&x=REDACTED"},
 		{"/a?%70age=3", "/a?%70age=3"},
+		// A parameter without a value is itself the secret.
+		{"/a?SECRETTOKEN", "/a?REDACTED"},
+		{"/a?page&SECRETTOKEN&", "/a?page&REDACTED&"},
+		{"/a?=s3cret", "/a?=REDACTED"},
 	}
 	for _, tt := range tests {
 		e := l.Entry(time.Time{}, httpReq(tt.path, map[string]string{"authorization": "Bearer x", "x-request-id": "r1"}), &engine.Decision{})
