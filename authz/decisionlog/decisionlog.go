@@ -4,7 +4,8 @@
 // and decision to a bounded queue; Run formats and writes them. When the
 // queue is full the entry is dropped and counted (Dropped), because a slow
 // disk must not slow or stop authorization. Query-string values and header
-// values are redacted unless their names are allowlisted.
+// values are redacted unless their names are allowlisted; paths are kept,
+// except what the operator's path patterns match.
 package decisionlog
 
 import (
@@ -48,6 +49,10 @@ type Config struct {
 	QueryAllowlist []string
 	// NewID returns decision ids; nil means random UUIDs.
 	NewID func() string
+	// RedactPaths are regular expressions whose matches in request paths
+	// (and in the decision's error, which may quote a path) are replaced
+	// by Redacted; see PathRedactor.
+	RedactPaths []string
 }
 
 // Logger is a non-blocking decision log.
@@ -57,6 +62,7 @@ type Logger struct {
 	queue   chan item
 	headers map[string]bool
 	query   map[string]bool
+	paths   *PathRedactor
 	newID   func() string
 	dropped atomic.Uint64
 }
@@ -75,7 +81,11 @@ func New(cfg Config) (*Logger, error) {
 	if cfg.QueueSize < 0 {
 		return nil, errors.New("decisionlog: queue size must not be negative")
 	}
-	l := &Logger{w: cfg.Writer, clock: cfg.Clock, newID: cfg.NewID, headers: set(cfg.HeaderAllowlist), query: set(cfg.QueryAllowlist)}
+	paths, err := NewPathRedactor(cfg.RedactPaths)
+	if err != nil {
+		return nil, err
+	}
+	l := &Logger{w: cfg.Writer, clock: cfg.Clock, newID: cfg.NewID, headers: set(cfg.HeaderAllowlist), query: set(cfg.QueryAllowlist), paths: paths}
 	if cfg.HeaderAllowlist == nil {
 		l.headers = set(DefaultHeaderAllowlist)
 	}
@@ -201,7 +211,7 @@ func (l *Logger) Entry(at time.Time, req *authv3.CheckRequest, d *engine.Decisio
 		Action:      d.Action,
 		Audit:       d.Audit,
 		DryRun:      d.DryRun,
-		Error:       d.Error,
+		Error:       l.paths.Redact(d.Error),
 	}
 	if !d.Allowed {
 		e.HTTPStatus = d.HTTPStatus
@@ -223,13 +233,15 @@ func (l *Logger) Entry(at time.Time, req *authv3.CheckRequest, d *engine.Decisio
 	return e
 }
 
-// redactPath keeps the path and the query parameter names, and replaces
-// values of parameters not allowlisted; a parameter not allowlisted that has
-// no value is replaced whole.
+// redactPath replaces what the path patterns match in the path, keeps the
+// query parameter names, and replaces values of parameters not
+// allowlisted; a parameter not allowlisted that has no value is replaced
+// whole.
 func (l *Logger) redactPath(p string) string {
 	path, q, ok := strings.Cut(p, "?")
+	path = l.paths.Redact(path)
 	if !ok {
-		return p
+		return path
 	}
 	if i := strings.IndexByte(q, '#'); i >= 0 {
 		q = q[:i]

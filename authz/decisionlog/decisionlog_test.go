@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"strings"
 	"testing"
 	"time"
@@ -109,5 +110,51 @@ func TestRunWritesJSONLines(t *testing.T) {
 	}
 	if e2["allowed"] != false || e2["reason"] != engine.ReasonNoAllowMatched || e2["http_status"] != float64(403) {
 		t.Errorf("line 2 = %s", lines[1])
+	}
+}
+
+func TestRedactPaths(t *testing.T) {
+	tests := []struct {
+		name     string
+		patterns []string
+		path     string
+		want     string
+		wantErr  string // "" when the decision's error is not checked
+	}{
+		{"no pattern keeps the path", nil, "/users/alice/orders", "/users/alice/orders", ""},
+		{"whole match", []string{`[0-9a-f]{32}`}, "/reset/0123456789abcdef0123456789abcdef/confirm", "/reset/REDACTED/confirm", ""},
+		{"groups only", []string{`^/users/([^/]+)/cards/([^/]+)`}, "/users/alice/cards/4111/x", "/users/REDACTED/cards/REDACTED/x", ""},
+		{"every match", []string{`tok_[A-Za-z0-9]+`}, "/a/tok_1/b/tok_2", "/a/REDACTED/b/REDACTED", ""},
+		{"patterns in turn", []string{`^/users/([^/]+)`, `sess-[0-9]+`}, "/users/bob/sess-42", "/users/REDACTED/REDACTED", ""},
+		{"query redacted apart", []string{`^/users/([^/]+)`}, "/users/bob?page=2&SECRET", "/users/REDACTED?page=2&REDACTED", ""},
+		{"path only, not the query", []string{`^/users/([^/]+)`}, "/x?/users/bob", "/x?REDACTED", ""},
+		{"the error that quotes the path", []string{`users/([^/"]+)`}, "users/carol", "users/REDACTED", `pathnorm: path rejected: "users/REDACTED" does not start with '/'`},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			l, err := New(Config{Writer: &bytes.Buffer{}, QueryAllowlist: []string{"page"}, RedactPaths: tt.patterns})
+			if err != nil {
+				t.Fatal(err)
+			}
+			d := &engine.Decision{}
+			if tt.wantErr != "" {
+				d.Error = `pathnorm: path rejected: "` + tt.path + `" does not start with '/'`
+			}
+			e := l.Entry(time.Time{}, httpReq(tt.path, nil), d)
+			if e.Path != tt.want {
+				t.Errorf("path %q logged as %q, want %q", tt.path, e.Path, tt.want)
+			}
+			if tt.wantErr != "" && e.Error != tt.wantErr {
+				t.Errorf("error logged as %q, want %q", e.Error, tt.wantErr)
+			}
+		})
+	}
+}
+
+func TestRedactPathsRefusesBadPatterns(t *testing.T) {
+	for _, p := range []string{`(`, `a**`, ``, `x*`} {
+		if _, err := New(Config{Writer: &bytes.Buffer{}, RedactPaths: []string{`ok`, p}}); !errors.Is(err, ErrBadPattern) {
+			t.Errorf("pattern %q: New = %v, want ErrBadPattern", p, err)
+		}
 	}
 }
