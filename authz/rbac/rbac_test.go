@@ -15,6 +15,7 @@ import (
 	authv3 "github.com/envoyproxy/go-control-plane/envoy/service/auth/v3"
 	matcherv3 "github.com/envoyproxy/go-control-plane/envoy/type/matcher/v3"
 	"google.golang.org/protobuf/encoding/protojson"
+	"google.golang.org/protobuf/reflect/protoreflect"
 
 	"github.com/trustmesh/trustmesh/authz/casefile"
 	"github.com/trustmesh/trustmesh/authz/engine"
@@ -323,3 +324,82 @@ func TestGolden(t *testing.T) {
 
 // normalizeJSON drops the whitespace protojson randomizes.
 func normalizeJSON(s string) string { return strings.Join(strings.Fields(s), " ") }
+
+// TestNegationNeverInvertsAHeaderMatcher holds the RBAC back end to one way
+// of negating: not_id and not_rule, which hold when the request lacks the
+// attribute. A header matcher's invert_match is false for a missing header,
+// so a DENY on notValues would let a request without the header through.
+func TestNegationNeverInvertsAHeaderMatcher(t *testing.T) {
+	files, err := filepath.Glob("../testdata/cases/*.yaml")
+	if err != nil || len(files) == 0 {
+		t.Fatalf("no case files: %v", err)
+	}
+	negated := 0
+	for _, f := range files {
+		cf, err := casefile.Load(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if cf.LoadError != "" || len(cf.Bundles) > 0 {
+			continue
+		}
+		ps, err := policy.ParseYAML(f, []byte(cf.Policies), "default")
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, tcp := range []bool{false, true} {
+			fs, err := rbac.Build(ps, tcp)
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, r := range []*rbacv3.RBAC{fs.Deny, fs.Allow, fs.ShadowDeny, fs.ShadowAllow, fs.Audit} {
+				walk(r.ProtoReflect(), func(m protoreflect.Message) {
+					switch x := m.Interface().(type) {
+					case *routev3.HeaderMatcher:
+						if x.GetInvertMatch() {
+							t.Errorf("%s: header matcher %q uses invert_match", filepath.Base(f), x.GetName())
+						}
+					case *rbacv3.Principal:
+						if x.GetNotId() != nil {
+							negated++
+						}
+					case *rbacv3.Permission:
+						if x.GetNotRule() != nil {
+							negated++
+						}
+					}
+				})
+			}
+		}
+	}
+	if negated == 0 {
+		t.Fatal("no negation generated: the case files lost their not* fields")
+	}
+}
+
+// walk calls fn for m and every message under it.
+func walk(m protoreflect.Message, fn func(protoreflect.Message)) {
+	if !m.IsValid() {
+		return
+	}
+	fn(m)
+	m.Range(func(fd protoreflect.FieldDescriptor, v protoreflect.Value) bool {
+		switch {
+		case fd.IsMap():
+			if fd.MapValue().Kind() == protoreflect.MessageKind {
+				v.Map().Range(func(_ protoreflect.MapKey, mv protoreflect.Value) bool {
+					walk(mv.Message(), fn)
+					return true
+				})
+			}
+		case fd.Kind() != protoreflect.MessageKind:
+		case fd.IsList():
+			for i := 0; i < v.List().Len(); i++ {
+				walk(v.List().Get(i).Message(), fn)
+			}
+		default:
+			walk(v.Message(), fn)
+		}
+		return true
+	})
+}

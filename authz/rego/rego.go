@@ -147,48 +147,71 @@ func (g *gen) matches(name string, ms []policy.Match, a policy.Action) string {
 
 // field emits a helper that is true when any value matches and returns the
 // expressions that use it in a rule body.
+//
+// A negated field negates a helper rule, never an expression: OPA binds the
+// attribute outside a negated call (startswith, endswith, in, !=,
+// regex.match, net.cidr_contains, is_string), so `not f(input[k])` is
+// false, not true, when input[k] is absent. As in Envoy RBAC (not_id,
+// not_rule), a negated field holds when the request lacks the attribute:
+// `not helper` is true when helper is undefined.
 func (g *gen) field(name string, f policy.Field, a policy.Action) []string {
 	ref := attrRef(f)
-	expr := g.fieldExpr(name, ref, f)
 	comment := " # " + f.Name
 	if !f.Not {
-		return []string{expr + comment}
+		return []string{g.fieldExpr(name, ref, f) + comment}
 	}
+	g.helper(name, ref, f)
 	// A negated field never matches a request that lacks a peer identity in
 	// an ALLOW policy, so a missing certificate never opens access; in the
 	// other actions it matches (as in Istio), so DENY policies deny more.
 	if f.Attr.NeedsPeer() && a == policy.Allow {
-		return []string{ref, "not " + expr + comment}
+		return []string{ref, "not " + name + comment}
 	}
-	return []string{"not " + expr + comment}
+	return []string{"not " + name + comment}
 }
 
 // fieldExpr returns one expression that is true when any value matches: a
 // comparison or set membership when it can, else a helper rule with one
 // definition per value.
 func (g *gen) fieldExpr(name, ref string, f policy.Field) string {
-	allExact := true
-	for _, v := range f.Values {
-		if v.Kind != policy.Exact {
-			allExact = false
-		}
-	}
 	switch {
 	case len(f.Values) == 1:
 		return valueExpr(ref, f, f.Values[0])
-	case allExact:
-		lits := make([]string, len(f.Values))
-		for i, v := range f.Values {
-			lits[i] = quote(v.S)
-		}
-		return ref + " in {" + strings.Join(lits, ", ") + "}"
+	case allExact(f):
+		return exactSetExpr(ref, f)
 	}
+	g.helper(name, ref, f)
+	return name
+}
+
+// helper emits a rule named name that is true when any value of f matches.
+func (g *gen) helper(name, ref string, f policy.Field) {
 	g.printf("# %s\n", f.Name)
+	if len(f.Values) > 1 && allExact(f) {
+		g.printf("%s if %s\n\n", name, exactSetExpr(ref, f))
+		return
+	}
 	for _, v := range f.Values {
 		g.printf("%s if %s\n", name, valueExpr(ref, f, v))
 	}
 	g.printf("\n")
-	return name
+}
+
+func allExact(f policy.Field) bool {
+	for _, v := range f.Values {
+		if v.Kind != policy.Exact {
+			return false
+		}
+	}
+	return true
+}
+
+func exactSetExpr(ref string, f policy.Field) string {
+	lits := make([]string, len(f.Values))
+	for i, v := range f.Values {
+		lits[i] = quote(v.S)
+	}
+	return ref + " in {" + strings.Join(lits, ", ") + "}"
 }
 
 // InputKey is the input key of a field's attribute.
