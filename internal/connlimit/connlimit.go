@@ -1,0 +1,152 @@
+// Package connlimit bounds what clients can hold open on a server's port:
+// how many connections it serves at once, how long a handshake, a request
+// read or a response write may take, and how long a connection may sit
+// idle. Every trustmesh listener and server (the CA and xDS gRPC port,
+// ext_authz, the monitoring and bundle endpoints, the injector webhook and
+// the agent's monitoring port) takes its limits from a Config, so the
+// bounds are set in one place and are the same everywhere.
+//
+// Without them, one client could hold thousands of idle keep-alive
+// connections open, each costing memory and a file descriptor that the
+// process shares with its other ports.
+package connlimit
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"time"
+
+	"golang.org/x/net/netutil"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/keepalive"
+)
+
+// Defaults of Config.
+const (
+	DefaultMaxConnections   = 1024
+	DefaultHandshakeTimeout = 10 * time.Second
+	DefaultReadTimeout      = 30 * time.Second
+	DefaultWriteTimeout     = 30 * time.Second
+	DefaultIdleTimeout      = 2 * time.Minute
+)
+
+// gRPC keepalive: the server pings a connection quiet for keepaliveTime
+// and drops it if no answer comes within keepaliveTimeout; a client that
+// pings more often than minPingInterval is sent away (as istiod does).
+const (
+	keepaliveTime    = 30 * time.Second
+	keepaliveTimeout = 10 * time.Second
+	minPingInterval  = 15 * time.Second
+)
+
+// Config bounds one listener and the server on it. The zero value takes
+// every default.
+type Config struct {
+	// MaxConnections is how many connections are served at once; more wait
+	// in the kernel's accept queue until one closes. Zero means
+	// DefaultMaxConnections.
+	MaxConnections int
+	// HandshakeTimeout bounds a new connection's setup: the TLS handshake
+	// and the request headers (HTTP), or the TLS handshake and the HTTP/2
+	// preface (gRPC). Zero means DefaultHandshakeTimeout.
+	HandshakeTimeout time.Duration
+	// ReadTimeout and WriteTimeout bound reading a whole HTTP request and
+	// writing its response. gRPC streams are long-lived and are bounded by
+	// keepalive instead. Zero means the defaults.
+	ReadTimeout, WriteTimeout time.Duration
+	// IdleTimeout closes a connection that has no request (HTTP keep-alive)
+	// or no RPC (gRPC) in flight for this long. Zero means
+	// DefaultIdleTimeout.
+	IdleTimeout time.Duration
+}
+
+// WithDefaults returns c with zero fields set to their defaults.
+func (c Config) WithDefaults() Config {
+	if c.MaxConnections == 0 {
+		c.MaxConnections = DefaultMaxConnections
+	}
+	if c.HandshakeTimeout == 0 {
+		c.HandshakeTimeout = DefaultHandshakeTimeout
+	}
+	if c.ReadTimeout == 0 {
+		c.ReadTimeout = DefaultReadTimeout
+	}
+	if c.WriteTimeout == 0 {
+		c.WriteTimeout = DefaultWriteTimeout
+	}
+	if c.IdleTimeout == 0 {
+		c.IdleTimeout = DefaultIdleTimeout
+	}
+	return c
+}
+
+// Validate reports every negative field; zero fields take defaults.
+func (c Config) Validate() error {
+	var errs []error
+	if c.MaxConnections < 0 {
+		errs = append(errs, fmt.Errorf("connlimit: maximum connections %d is negative", c.MaxConnections))
+	}
+	for _, d := range []struct {
+		name string
+		d    time.Duration
+	}{{"handshake", c.HandshakeTimeout}, {"read", c.ReadTimeout}, {"write", c.WriteTimeout}, {"idle", c.IdleTimeout}} {
+		if d.d < 0 {
+			errs = append(errs, fmt.Errorf("connlimit: %s timeout %s is negative", d.name, d.d))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// Listen listens on network and addr and caps the connections served at
+// once; see Limit.
+func (c Config) Listen(network, addr string) (net.Listener, error) {
+	if err := c.Validate(); err != nil {
+		return nil, err
+	}
+	l, err := net.Listen(network, addr)
+	if err != nil {
+		return nil, fmt.Errorf("connlimit: %w", err)
+	}
+	return c.Limit(l), nil
+}
+
+// Limit caps the connections l hands out at once: Accept waits while
+// MaxConnections accepted connections are open.
+func (c Config) Limit(l net.Listener) net.Listener {
+	return netutil.LimitListener(l, c.WithDefaults().MaxConnections)
+}
+
+// HTTPServer returns a server for h with every timeout set. The caller
+// adds what else it needs (TLSConfig, ErrorLog) and serves it on a
+// listener from Listen or Limit.
+func (c Config) HTTPServer(h http.Handler) *http.Server {
+	c = c.WithDefaults()
+	return &http.Server{
+		Handler: h,
+		// The header deadline also bounds the TLS handshake.
+		ReadHeaderTimeout: c.HandshakeTimeout,
+		ReadTimeout:       c.ReadTimeout,
+		WriteTimeout:      c.WriteTimeout,
+		IdleTimeout:       c.IdleTimeout,
+	}
+}
+
+// GRPCOptions are the server options that bound connection setup, idle
+// connections and client keepalive pings.
+func (c Config) GRPCOptions() []grpc.ServerOption {
+	c = c.WithDefaults()
+	return []grpc.ServerOption{
+		grpc.ConnectionTimeout(c.HandshakeTimeout),
+		grpc.KeepaliveParams(keepalive.ServerParameters{
+			MaxConnectionIdle: c.IdleTimeout,
+			Time:              keepaliveTime,
+			Timeout:           keepaliveTimeout,
+		}),
+		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{
+			MinTime:             minPingInterval,
+			PermitWithoutStream: true,
+		}),
+	}
+}
