@@ -31,9 +31,11 @@ func Load(path string) (*File, error) {
 // File is one authz/testdata/cases/*.yaml file: policies (and bundles)
 // shared by its cases, and requests with their expected decisions.
 type File struct {
-	RootNamespace string            `json:"root_namespace"`
-	Policies      string            `json:"policies"`
-	Bundles       map[string]Bundle `json:"bundles"`
+	RootNamespace string `json:"root_namespace"`
+	// Gateways are the mesh's gateway SPIFFE IDs (engine.Gateways).
+	Gateways []string          `json:"gateways"`
+	Policies string            `json:"policies"`
+	Bundles  map[string]Bundle `json:"bundles"`
 	// LoadError, if set, is a substring of the error loading must give.
 	LoadError string `json:"load_error"`
 	Cases     []Case `json:"cases"`

@@ -27,6 +27,7 @@ func loadCaseFile(t *testing.T, cf *casefile.File) (*engine.Set, error) {
 		Engine:        engine.New(),
 		Policies:      &source.Dir{Path: pdir, DefaultNamespace: "default"},
 		RootNamespace: cf.RootNamespace,
+		Gateways:      engine.NewGatewayIDs(cf.Gateways...),
 	}
 	for name, b := range cf.Bundles {
 		bdir := filepath.Join(dir, "bundles", name)

@@ -125,7 +125,7 @@ func (s *Set) Check(ctx context.Context, req *authv3.CheckRequest) (*Decision, e
 }
 
 func (s *Set) check(ctx context.Context, req *authv3.CheckRequest) (*Decision, error) {
-	r, err := newRequest(req)
+	r, err := newRequest(req, s.gateways)
 	if err != nil {
 		return nil, err
 	}

@@ -15,9 +15,57 @@ import (
 )
 
 // ExternalAddressHeader carries the original client address that Envoy
-// computes from X-Forwarded-For with xff_num_trusted_hops; it is remote.ip.
-// Without it, remote.ip is the direct peer address.
+// computes from X-Forwarded-For with xff_num_trusted_hops, on a listener
+// with use_remote_address. Any client can send it too, so RemoteIP decides
+// when it counts.
 const ExternalAddressHeader = "x-envoy-external-address"
+
+// Gateways tells which SPIFFE IDs are the mesh's gateways (ingress and
+// egress). The caller injects it; it may be a live view of the mesh.
+type Gateways interface {
+	// IsGateway reports whether id ("spiffe://...") is the identity of a
+	// gateway workload, and of no other workload.
+	IsGateway(id string) bool
+}
+
+// GatewayIDs is a fixed set of gateway SPIFFE IDs.
+type GatewayIDs map[string]bool
+
+// IsGateway reports whether id is in the set.
+func (g GatewayIDs) IsGateway(id string) bool { return g[id] }
+
+// NewGatewayIDs returns the set of the given SPIFFE IDs.
+func NewGatewayIDs(ids ...string) GatewayIDs {
+	g := make(GatewayIDs, len(ids))
+	for _, id := range ids {
+		g[id] = true
+	}
+	return g
+}
+
+// RemoteIP is remote.ip as ext_authz decides it from the CheckRequest
+// alone, since any Envoy may call ext_authz:
+//
+//   - the destination is a gateway (its principal is a gateway identity):
+//     the external address, which a gateway's Envoy overwrites on every
+//     request (use_remote_address: true), else the direct peer;
+//   - the destination is a sidecar: the external address only when the
+//     direct peer is a gateway identity, which set it; otherwise the
+//     direct peer, whatever header the client sent.
+//
+// peer is the direct peer's address (attributes.source.address) and ext
+// the x-envoy-external-address header, if any; either may be empty.
+func RemoteIP(g Gateways, destPrincipal, sourcePrincipal, peer, ext string) string {
+	trusted := g.IsGateway(destPrincipal) || sourcePrincipal != "" && g.IsGateway(sourcePrincipal)
+	if !trusted || ext == "" {
+		return peer
+	}
+	ip, err := netip.ParseAddr(strings.TrimSpace(ext))
+	if err != nil {
+		return peer
+	}
+	return ip.Unmap().String()
+}
 
 // Identity is a SPIFFE ID split into the parts policies match.
 type Identity struct {
@@ -79,7 +127,7 @@ type request struct {
 
 var errNoDestination = errors.New("destination workload unknown: attributes.destination.principal is not a SPIFFE ID with a namespace")
 
-func newRequest(req *authv3.CheckRequest) (*request, error) {
+func newRequest(req *authv3.CheckRequest, gw Gateways) (*request, error) {
 	a := req.GetAttributes()
 	r := &request{destPrincip: a.GetDestination().GetPrincipal()}
 	dest, ok := ParseIdentity(r.destPrincip)
@@ -91,7 +139,6 @@ func newRequest(req *authv3.CheckRequest) (*request, error) {
 		r.source, r.hasSource = id, true
 	}
 	r.sourceIP = addrIP(a.GetSource().GetAddress())
-	r.remoteIP = r.sourceIP
 	r.destIP = addrIP(a.GetDestination().GetAddress())
 	if sa := a.GetDestination().GetAddress().GetSocketAddress(); sa != nil {
 		if p, ok := sa.GetPortSpecifier().(*corev3.SocketAddress_PortValue); ok {
@@ -101,6 +148,7 @@ func newRequest(req *authv3.CheckRequest) (*request, error) {
 	r.sni = a.GetTlsSession().GetSni()
 	h := a.GetRequest().GetHttp()
 	if h == nil {
+		r.remoteIP = r.sourceIP
 		return r, nil
 	}
 	r.http = true
@@ -145,11 +193,11 @@ func newRequest(req *authv3.CheckRequest) (*request, error) {
 		}
 		r.headers[k] = v
 	}
-	if ext, ok := r.headers[ExternalAddressHeader]; ok {
-		if ip, err := netip.ParseAddr(strings.TrimSpace(ext)); err == nil {
-			r.remoteIP = ip.Unmap().String()
-		}
+	var srcPrincipal string
+	if r.hasSource {
+		srcPrincipal = a.GetSource().GetPrincipal()
 	}
+	r.remoteIP = RemoteIP(gw, r.destPrincip, srcPrincipal, r.sourceIP, r.headers[ExternalAddressHeader])
 	r.path, r.pathErr = pathnorm.Normalize(r.rawPath)
 	return r, nil
 }

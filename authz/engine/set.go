@@ -37,6 +37,9 @@ type SetConfig struct {
 	// EvalTimeout bounds each evaluation of a bundle's Rego; zero means
 	// DefaultEvalTimeout.
 	EvalTimeout time.Duration
+	// Gateways tells which SPIFFE IDs are the mesh's gateways, for
+	// remote.ip (see RemoteIP); nil means the mesh has none.
+	Gateways Gateways
 }
 
 // NamedBundle is a loaded OPA bundle and where it came from.
@@ -58,6 +61,7 @@ type Set struct {
 	modules     map[string]string // file name -> generated Rego
 	providers   map[string]*provider
 	evalTimeout time.Duration
+	gateways    Gateways
 	// headers are the request headers some policy matches on, and used the
 	// attributes: the input carries nothing else.
 	headers []headerKey
@@ -80,6 +84,10 @@ func Build(ctx context.Context, cfg SetConfig) (*Set, error) {
 		byNamespace: map[string][]*entry{},
 		modules:     map[string]string{},
 		evalTimeout: cfg.EvalTimeout,
+		gateways:    cfg.Gateways,
+	}
+	if s.gateways == nil {
+		s.gateways = GatewayIDs(nil)
 	}
 	if s.root == "" {
 		s.root = DefaultRootNamespace

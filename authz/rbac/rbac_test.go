@@ -39,7 +39,7 @@ type conn struct {
 	headers  map[string]string // includes :authority and :method
 }
 
-func connOf(req *authv3.CheckRequest, normalizedPath string) conn {
+func connOf(req *authv3.CheckRequest, normalizedPath string, gw engine.Gateways) conn {
 	a := req.GetAttributes()
 	c := conn{
 		peer:     a.GetSource().GetPrincipal(),
@@ -49,6 +49,8 @@ func connOf(req *authv3.CheckRequest, normalizedPath string) conn {
 	c.sourceIP, _ = netip.ParseAddr(a.GetSource().GetAddress().GetSocketAddress().GetAddress())
 	c.destIP, _ = netip.ParseAddr(a.GetDestination().GetAddress().GetSocketAddress().GetAddress())
 	c.remoteIP = c.sourceIP
+	// remote_ip as the listener computes it: the proxy in front decides
+	// which x-envoy-external-address counts, as ext_authz does.
 	if h := a.GetRequest().GetHttp(); h != nil {
 		c.http = true
 		c.path = normalizedPath
@@ -56,9 +58,8 @@ func connOf(req *authv3.CheckRequest, normalizedPath string) conn {
 		for k, v := range h.GetHeaders() {
 			c.headers[strings.ToLower(k)] = v
 		}
-		if ext, err := netip.ParseAddr(c.headers[engine.ExternalAddressHeader]); err == nil {
-			c.remoteIP = ext
-		}
+		c.remoteIP, _ = netip.ParseAddr(engine.RemoteIP(gw, a.GetDestination().GetPrincipal(), c.peer,
+			c.sourceIP.String(), c.headers[engine.ExternalAddressHeader]))
 	}
 	return c
 }
@@ -252,7 +253,7 @@ func TestAgreesWithCaseFiles(t *testing.T) {
 			if err != nil {
 				t.Fatalf("%s: %s: %v", f, c.Name, err)
 			}
-			if got := allowed(fs, connOf(req, path)); got != c.Want.Allowed {
+			if got := allowed(fs, connOf(req, path, engine.NewGatewayIDs(cf.Gateways...))); got != c.Want.Allowed {
 				t.Errorf("%s: %s: RBAC allowed = %v, want %v", filepath.Base(f), c.Name, got, c.Want.Allowed)
 			}
 			compared++

@@ -64,7 +64,9 @@ type Config struct {
 	Bundles       []BundleConfig
 	RootNamespace string
 	EvalTimeout   time.Duration
-	Log           *slog.Logger
+	// Gateways are the mesh's gateway identities (engine.SetConfig).
+	Gateways engine.Gateways
+	Log      *slog.Logger
 	// OnLoad, if set, is called after every load attempt with its result.
 	OnLoad func(error)
 	// Settle is how long changes must stop before a reload, so that a file
@@ -136,6 +138,7 @@ func (l *Loader) Build(ctx context.Context) (*engine.Set, error) {
 		Policies:      ps,
 		Bundles:       bs,
 		EvalTimeout:   l.cfg.EvalTimeout,
+		Gateways:      l.cfg.Gateways,
 	})
 }
 
