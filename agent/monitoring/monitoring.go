@@ -27,6 +27,7 @@ import (
 	"github.com/trustmesh/trustmesh/agent/apphealth"
 	"github.com/trustmesh/trustmesh/agent/identity"
 	"github.com/trustmesh/trustmesh/agent/svid"
+	"github.com/trustmesh/trustmesh/internal/connlimit"
 )
 
 // Source is the agent's identity.
@@ -45,6 +46,9 @@ type Config struct {
 	// AppHealth, if set, serves GET /app-health/: an apphealth.Handler.
 	AppHealth http.Handler
 	Logger    *slog.Logger
+	// Connections bounds the connections served at once and their
+	// timeouts; the zero value takes connlimit's defaults.
+	Connections connlimit.Config
 }
 
 // Server is the monitoring HTTP server.
@@ -140,14 +144,14 @@ func (s *Server) healthz(w http.ResponseWriter, _ *http.Request) {
 // Run serves until ctx ends. It returns the listen error if it cannot
 // listen, else ctx.Err() after shutting down.
 func (s *Server) Run(ctx context.Context) error {
-	lis, err := net.Listen("tcp", s.cfg.Address)
+	lis, err := s.cfg.Connections.Listen("tcp", s.cfg.Address)
 	if err != nil {
 		return fmt.Errorf("monitoring: %w", err)
 	}
 	s.mu.Lock()
 	s.addr = lis.Addr()
 	s.mu.Unlock()
-	srv := &http.Server{Handler: s.handler, ReadHeaderTimeout: 10 * time.Second}
+	srv := s.cfg.Connections.HTTPServer(s.handler)
 	errc := make(chan error, 1)
 	go func() { errc <- srv.Serve(lis) }()
 	s.cfg.Logger.Info("serving health and metrics", "address", lis.Addr().String())

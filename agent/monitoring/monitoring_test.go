@@ -26,6 +26,8 @@ import (
 	"github.com/trustmesh/trustmesh/agent/internal/testca"
 	"github.com/trustmesh/trustmesh/agent/svid"
 	"github.com/trustmesh/trustmesh/injector/probe"
+	"github.com/trustmesh/trustmesh/internal/connlimit"
+	"github.com/trustmesh/trustmesh/internal/connlimit/connlimittest"
 	"github.com/trustmesh/trustmesh/test/leakcheck"
 )
 
@@ -224,4 +226,41 @@ func TestServesOnlyWhatAnyoneMaySee(t *testing.T) {
 			}
 		}
 	}
+}
+
+// TestRunBoundsConnections: the port is open to the pod network, so idle
+// connections are closed and no more than the cap are served at once.
+func TestRunBoundsConnections(t *testing.T) {
+	serve := func(t *testing.T, limits connlimit.Config) string {
+		s, err := New(Config{Address: "127.0.0.1:0", Source: identity.New(), Clock: clocktesting.NewFakeClock(start),
+			Registry: prometheus.NewRegistry(), Connections: limits})
+		if err != nil {
+			t.Fatal(err)
+		}
+		ctx, cancel := context.WithCancel(context.Background())
+		done := make(chan error, 1)
+		go func() { done <- s.Run(ctx) }()
+		t.Cleanup(func() {
+			cancel()
+			if err := <-done; !errors.Is(err, context.Canceled) {
+				t.Errorf("Run returned %v", err)
+			}
+		})
+		deadline := time.Now().Add(10 * time.Second)
+		for s.Addr() == nil {
+			if time.Now().After(deadline) {
+				t.Fatal("never listened")
+			}
+			time.Sleep(time.Millisecond)
+		}
+		return s.Addr().String()
+	}
+	t.Run("idle", func(t *testing.T) {
+		addr := serve(t, connlimit.Config{IdleTimeout: 300 * time.Millisecond, HandshakeTimeout: 300 * time.Millisecond})
+		connlimittest.ClosesIdle(t, addr, connlimittest.HTTP(nil, "/healthz"), 5*time.Second)
+		connlimittest.ClosesIdle(t, addr, connlimittest.Silent, 5*time.Second)
+	})
+	t.Run("cap", func(t *testing.T) {
+		connlimittest.CapHolds(t, serve(t, connlimit.Config{MaxConnections: 8}), 8, connlimittest.HTTP(nil, "/healthz"))
+	})
 }
