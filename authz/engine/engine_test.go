@@ -146,3 +146,25 @@ spec:
 	}
 	<-done
 }
+
+func TestNormalizeHost(t *testing.T) {
+	for _, tt := range []struct{ in, want string }{
+		{"admin.example.com", "admin.example.com"},
+		{"admin.example.com:443", "admin.example.com"},
+		{"admin.example.com:", "admin.example.com"},
+		{"admin.example.com.", "admin.example.com"},
+		{"admin.example.com.:9080", "admin.example.com"},
+		{"admin.example.com..", "admin.example.com."},
+		{"admin.example.com:x", "admin.example.com:x"},
+		{"[::1]:8080", "[::1]"},
+		{"[::1]", "[::1]"},
+		{"[::1]:", "[::1]"},
+		{"::1", "::1"},
+		{"10.0.0.1:80", "10.0.0.1"},
+		{"", ""},
+	} {
+		if got := engine.NormalizeHost(tt.in); got != tt.want {
+			t.Errorf("NormalizeHost(%q) = %q, want %q", tt.in, got, tt.want)
+		}
+	}
+}

@@ -12,6 +12,7 @@ import (
 
 	"github.com/trustmesh/trustmesh/authz/pathnorm"
 	"github.com/trustmesh/trustmesh/authz/policy"
+	authzrego "github.com/trustmesh/trustmesh/authz/rego"
 )
 
 // ExternalAddressHeader carries the original client address that Envoy
@@ -117,6 +118,7 @@ type request struct {
 	hasPort     bool
 	sni         string
 	host        string
+	hostNorm    string // host without a :port and one trailing dot
 	method      string
 	rawPath     string
 	path        string // normalized
@@ -153,6 +155,7 @@ func newRequest(req *authv3.CheckRequest, gw Gateways) (*request, error) {
 	}
 	r.http = true
 	r.host = strings.ToLower(h.GetHost())
+	r.hostNorm = NormalizeHost(r.host)
 	r.method = h.GetMethod()
 	r.rawPath = h.GetPath()
 	var mixed []string
@@ -202,6 +205,29 @@ func newRequest(req *authv3.CheckRequest, gw Gateways) (*request, error) {
 	return r, nil
 }
 
+// NormalizeHost strips a :port (digits, possibly none) from host, also
+// after an IPv6 literal ("[::1]:8080" becomes "[::1]"), then one trailing
+// dot, as Envoy's strip_any_host_port and strip_trailing_host_dot do.
+func NormalizeHost(host string) string {
+	if i := strings.LastIndexByte(host, ':'); i >= 0 && digits(host[i+1:]) {
+		// A colon before the last one is part of an IPv6 literal, unless
+		// the literal is bracketed and closed right before the port.
+		if !strings.Contains(host[:i], ":") || strings.HasPrefix(host, "[") && strings.HasSuffix(host[:i], "]") {
+			host = host[:i]
+		}
+	}
+	return strings.TrimSuffix(host, ".")
+}
+
+func digits(s string) bool {
+	for i := 0; i < len(s); i++ {
+		if s[i] < '0' || s[i] > '9' {
+			return false
+		}
+	}
+	return true
+}
+
 func addrIP(a *corev3.Address) string {
 	ip, err := netip.ParseAddr(a.GetSocketAddress().GetAddress())
 	if err != nil {
@@ -226,6 +252,7 @@ var (
 	kDestPort  = str(policy.DestinationPort.String())
 	kSNI       = str(policy.SNI.String())
 	kHost      = str(policy.Host.String())
+	kHostNorm  = str(authzrego.NormalizedHostKey)
 	kMethod    = str(policy.Method.String())
 	kPath      = str(policy.Path.String())
 	vHTTP      = str("http")
@@ -287,6 +314,9 @@ func (r *request) input(ids []*ast.Term, used attrSet, headers []headerKey) ast.
 			if used.has(x.a) {
 				items = append(items, ast.Item(x.k, str(x.v)))
 			}
+		}
+		if used.has(policy.Host) {
+			items = append(items, ast.Item(kHostNorm, str(r.hostNorm)))
 		}
 		for _, h := range headers {
 			if v, ok := r.headers[h.name]; ok {

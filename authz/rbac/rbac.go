@@ -95,7 +95,7 @@ func rule(r policy.Rule, a policy.Action) (*rbacv3.Policy, error) {
 		for _, m := range r.To {
 			var ands []*rbacv3.Permission
 			for _, f := range m {
-				p, err := permission(f)
+				p, err := permission(f, a)
 				if err != nil {
 					return nil, err
 				}
@@ -129,7 +129,7 @@ func rule(r policy.Rule, a policy.Action) (*rbacv3.Policy, error) {
 			princs = append(princs, p)
 			continue
 		}
-		p, err := permission(f)
+		p, err := permission(f, a)
 		if err != nil {
 			return nil, err
 		}
@@ -192,13 +192,14 @@ func principal(f policy.Field, a policy.Action) (*rbacv3.Principal, error) {
 	return not, nil
 }
 
-func permission(f policy.Field) (*rbacv3.Permission, error) {
+func permission(f policy.Field, a policy.Action) (*rbacv3.Permission, error) {
+	if f.Attr == policy.Host {
+		return hostPermission(f, a), nil
+	}
 	var ors []*rbacv3.Permission
 	for _, v := range f.Values {
 		var p *rbacv3.Permission
 		switch f.Attr {
-		case policy.Host:
-			p = &rbacv3.Permission{Rule: &rbacv3.Permission_Header{Header: header(":authority", v, true)}}
 		case policy.Method:
 			p = &rbacv3.Permission{Rule: &rbacv3.Permission_Header{Header: header(":method", v, false)}}
 		case policy.Path:
@@ -222,6 +223,50 @@ func permission(f policy.Field) (*rbacv3.Permission, error) {
 		return &rbacv3.Permission{Rule: &rbacv3.Permission_NotRule{NotRule: p}}, nil
 	}
 	return p, nil
+}
+
+// hostPermission matches hosts and notHosts as the Rego back end does: an
+// ALLOW hosts is Istio's matcher on :authority as sent; elsewhere the host
+// is also tried normalized (without a :port and one trailing dot), so a
+// DENY matches either form and an ALLOW notHosts needs neither form
+// listed.
+func hostPermission(f policy.Field, a policy.Action) *rbacv3.Permission {
+	var raw, norm []*rbacv3.Permission
+	for _, v := range f.Values {
+		raw = append(raw, &rbacv3.Permission{Rule: &rbacv3.Permission_Header{Header: header(":authority", v, true)}})
+		if m := normalizedHostMatcher(v); m != nil {
+			norm = append(norm, &rbacv3.Permission{Rule: &rbacv3.Permission_Header{Header: &routev3.HeaderMatcher{
+				Name: ":authority", HeaderMatchSpecifier: &routev3.HeaderMatcher_StringMatch{StringMatch: m}}}})
+		}
+	}
+	notPerm := func(p *rbacv3.Permission) *rbacv3.Permission {
+		return &rbacv3.Permission{Rule: &rbacv3.Permission_NotRule{NotRule: p}}
+	}
+	switch {
+	case a == policy.Allow && !f.Not:
+		return orPerms(raw)
+	case a == policy.Allow:
+		return notPerm(orPerms(append(raw, norm...)))
+	case !f.Not:
+		return orPerms(append(raw, norm...))
+	case len(norm) == 0:
+		return notPerm(orPerms(raw))
+	}
+	return orPerms([]*rbacv3.Permission{notPerm(orPerms(raw)), notPerm(orPerms(norm))})
+}
+
+// normalizedHostMatcher matches an :authority whose normalized form
+// matches v, or returns nil when the matcher on the host as sent already
+// does (prefix and presence).
+func normalizedHostMatcher(v policy.Value) *matcherv3.StringMatcher {
+	const portAndDot = `\.?(:[0-9]*)?`
+	switch v.Kind {
+	case policy.Exact:
+		return regex(`(?i)` + regexp.QuoteMeta(v.S) + portAndDot)
+	case policy.Suffix:
+		return regex(`(?i).*` + regexp.QuoteMeta(v.S) + portAndDot)
+	}
+	return nil
 }
 
 // stringMatcher matches Istio's exact, prefix, suffix and presence forms;

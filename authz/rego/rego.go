@@ -26,7 +26,8 @@
 //	input["destination.ip"]
 //	input["destination.port"]          number
 //	input["connection.sni"]
-//	input["request.host"]              lower-cased
+//	input["request.host"]              lower-cased, as sent
+//	input["request.host.normalized"]   lower-cased, without a :port and one trailing dot
 //	input["request.method"]
 //	input["request.path"]              normalized (authz/pathnorm), no query
 //	input["request.headers[NAME]"]     lower-cased NAME; only headers some policy names
@@ -155,12 +156,15 @@ func (g *gen) matches(name string, ms []policy.Match, a policy.Action) string {
 // not_rule), a negated field holds when the request lacks the attribute:
 // `not helper` is true when helper is undefined.
 func (g *gen) field(name string, f policy.Field, a policy.Action) []string {
+	if f.Attr == policy.Host {
+		return g.hostField(name, f, a)
+	}
 	ref := attrRef(f)
 	comment := " # " + f.Name
 	if !f.Not {
 		return []string{g.fieldExpr(name, ref, f) + comment}
 	}
-	g.helper(name, ref, f)
+	g.helper(name, f, ref)
 	// A negated field never matches a request that lacks a peer identity in
 	// an ALLOW policy, so a missing certificate never opens access; in the
 	// other actions it matches (as in Istio), so DENY policies deny more.
@@ -180,21 +184,53 @@ func (g *gen) fieldExpr(name, ref string, f policy.Field) string {
 	case allExact(f):
 		return exactSetExpr(ref, f)
 	}
-	g.helper(name, ref, f)
+	g.helper(name, f, ref)
 	return name
 }
 
-// helper emits a rule named name that is true when any value of f matches.
-func (g *gen) helper(name, ref string, f policy.Field) {
+// helper emits a rule named name that is true when any value of f matches
+// any of refs.
+func (g *gen) helper(name string, f policy.Field, refs ...string) {
 	g.printf("# %s\n", f.Name)
-	if len(f.Values) > 1 && allExact(f) {
-		g.printf("%s if %s\n\n", name, exactSetExpr(ref, f))
-		return
-	}
-	for _, v := range f.Values {
-		g.printf("%s if %s\n", name, valueExpr(ref, f, v))
+	for _, ref := range refs {
+		if len(f.Values) > 1 && allExact(f) {
+			g.printf("%s if %s\n", name, exactSetExpr(ref, f))
+			continue
+		}
+		for _, v := range f.Values {
+			g.printf("%s if %s\n", name, valueExpr(ref, f, v))
+		}
 	}
 	g.printf("\n")
+}
+
+// NormalizedHostKey is the input key of the host without a :port and one
+// trailing dot.
+const NormalizedHostKey = "request.host.normalized"
+
+// hostField matches hosts and notHosts. An ALLOW `hosts` is Istio's
+// matcher exactly, on the host as sent. Everywhere else the host is also
+// tried normalized (NormalizedHostKey), so that a port or a trailing dot
+// never slips past a rule, since ext_authz may sit behind an Envoy that
+// did not normalize it: a DENY, AUDIT or CUSTOM field matches if it
+// matches either form, an ALLOW notHosts only if neither form is listed.
+func (g *gen) hostField(name string, f policy.Field, a policy.Action) []string {
+	raw, norm := attrRef(f), "input["+quote(NormalizedHostKey)+"]"
+	comment := " # " + f.Name
+	switch {
+	case a == policy.Allow && !f.Not:
+		return []string{g.fieldExpr(name, raw, f) + comment}
+	case a == policy.Allow:
+		g.helper(name, f, raw, norm)
+		return []string{"not " + name + comment}
+	case !f.Not:
+		g.helper(name, f, raw, norm)
+		return []string{name + comment}
+	}
+	g.helper(name+"_raw", f, raw)
+	g.helper(name+"_norm", f, norm)
+	g.printf("%s if not %s_raw\n%s if not %s_norm\n\n", name, name, name, name)
+	return []string{name + comment}
 }
 
 func allExact(f policy.Field) bool {
