@@ -111,6 +111,10 @@ func Build(ctx context.Context, cfg SetConfig) (*Set, error) {
 		for _, r := range p.Rules {
 			r.EachField(func(f policy.Field) {
 				s.used = s.used.with(f.Attr)
+				if f.Attr == policy.SourceNamespace || f.Attr == policy.SourceServiceAccount {
+					// Matched on the whole SPIFFE ID outside ALLOW.
+					s.used = s.used.with(policy.SourcePrincipal)
+				}
 				if f.Attr == policy.Header && !slices.ContainsFunc(s.headers, func(h headerKey) bool { return h.name == f.HeaderName }) {
 					s.headers = append(s.headers, headerKey{name: f.HeaderName, key: ast.StringTerm(authzrego.InputKey(f))})
 				}

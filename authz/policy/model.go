@@ -10,7 +10,9 @@ package policy
 
 import (
 	"net/netip"
+	"regexp"
 	"strconv"
+	"strings"
 )
 
 // Action is what a policy does when one of its rules matches.
@@ -228,4 +230,32 @@ func dropHTTP(ms []Match) []Match {
 		out = append(out, kept)
 	}
 	return out
+}
+
+// IstioPeerRegexp returns the regular expression Istio's compiler matches
+// against the peer's whole SPIFFE ID ("spiffe://...") for a namespaces or
+// serviceAccounts value (also source.namespace): ".*/ns/NS/.*" and
+// "spiffe://.+/ns/NS/(.+/|)sa/SA(/.+)?". They also match IDs longer than
+// spiffe://TD/ns/NS/sa/SA, which DENY, AUDIT and CUSTOM rules must not
+// spare. ok is false for other attributes.
+func IstioPeerRegexp(a Attribute, v Value) (re string, ok bool) {
+	switch a {
+	case SourceNamespace:
+		var ns string
+		switch v.Kind {
+		case Prefix:
+			ns = regexp.QuoteMeta(v.S) + ".*"
+		case Suffix:
+			ns = ".*" + regexp.QuoteMeta(v.S)
+		case Presence:
+			ns = ".*"
+		default:
+			ns = regexp.QuoteMeta(v.S)
+		}
+		return ".*/ns/" + ns + "/.*", true
+	case SourceServiceAccount:
+		ns, sa, _ := strings.Cut(v.S, "/")
+		return "spiffe://.+/ns/" + regexp.QuoteMeta(ns) + "/(.+/|)sa/" + regexp.QuoteMeta(sa) + "(/.+)?", true
+	}
+	return "", false
 }

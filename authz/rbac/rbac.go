@@ -159,6 +159,11 @@ func principal(f policy.Field, a policy.Action) (*rbacv3.Principal, error) {
 	var ors []*rbacv3.Principal
 	for _, v := range f.Values {
 		var p *rbacv3.Principal
+		if re, ok := policy.IstioPeerRegexp(f.Attr, v); ok && a != policy.Allow {
+			// Outside ALLOW, Istio's regex on the whole SPIFFE ID.
+			ors = append(ors, authenticated(regex(re)))
+			continue
+		}
 		switch f.Attr {
 		case policy.SourcePrincipal:
 			p = authenticated(principalMatcher(v))

@@ -161,6 +161,12 @@ func (g *gen) field(name string, f policy.Field, a policy.Action) []string {
 	}
 	ref := attrRef(f)
 	comment := " # " + f.Name
+	if a != policy.Allow && (f.Attr == policy.SourceNamespace || f.Attr == policy.SourceServiceAccount) {
+		// Outside ALLOW, as Istio's regexes on the whole SPIFFE ID, which
+		// also match IDs longer than spiffe://TD/ns/NS/sa/SA.
+		ref = `concat("", ["spiffe://", input[` + quote(policy.SourcePrincipal.String()) + `]])`
+		f = istioPeerField(f)
+	}
 	if !f.Not {
 		return []string{g.fieldExpr(name, ref, f) + comment}
 	}
@@ -202,6 +208,18 @@ func (g *gen) helper(name string, f policy.Field, refs ...string) {
 		}
 	}
 	g.printf("\n")
+}
+
+// istioPeerField turns a namespaces or serviceAccounts field into the
+// regular expressions Istio matches against the whole SPIFFE ID.
+func istioPeerField(f policy.Field) policy.Field {
+	out := f
+	out.Values = make([]policy.Value, len(f.Values))
+	for i, v := range f.Values {
+		re, _ := policy.IstioPeerRegexp(f.Attr, v)
+		out.Values[i] = policy.Value{Kind: policy.Template, S: v.S, Regexp: "^(?:" + re + ")$"}
+	}
+	return out
 }
 
 // NormalizedHostKey is the input key of the host without a :port and one
