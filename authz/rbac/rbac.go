@@ -236,13 +236,21 @@ func permission(f policy.Field, a policy.Action) (*rbacv3.Permission, error) {
 // DENY matches either form and an ALLOW notHosts needs neither form
 // listed.
 func hostPermission(f policy.Field, a policy.Action) *rbacv3.Permission {
-	var raw, norm []*rbacv3.Permission
+	// raw matches the host as sent; norm, one per value, the normalized
+	// host (the raw matcher where it already does); extra is norm without
+	// the raw matchers it repeats.
+	var raw, norm, extra []*rbacv3.Permission
 	for _, v := range f.Values {
-		raw = append(raw, &rbacv3.Permission{Rule: &rbacv3.Permission_Header{Header: header(":authority", v, true)}})
-		if m := normalizedHostMatcher(v); m != nil {
-			norm = append(norm, &rbacv3.Permission{Rule: &rbacv3.Permission_Header{Header: &routev3.HeaderMatcher{
-				Name: ":authority", HeaderMatchSpecifier: &routev3.HeaderMatcher_StringMatch{StringMatch: m}}}})
+		r := &rbacv3.Permission{Rule: &rbacv3.Permission_Header{Header: header(":authority", v, true)}}
+		raw = append(raw, r)
+		m := normalizedHostMatcher(v)
+		if m == nil {
+			norm = append(norm, r)
+			continue
 		}
+		n := &rbacv3.Permission{Rule: &rbacv3.Permission_Header{Header: &routev3.HeaderMatcher{
+			Name: ":authority", HeaderMatchSpecifier: &routev3.HeaderMatcher_StringMatch{StringMatch: m}}}}
+		norm, extra = append(norm, n), append(extra, n)
 	}
 	notPerm := func(p *rbacv3.Permission) *rbacv3.Permission {
 		return &rbacv3.Permission{Rule: &rbacv3.Permission_NotRule{NotRule: p}}
@@ -251,12 +259,13 @@ func hostPermission(f policy.Field, a policy.Action) *rbacv3.Permission {
 	case a == policy.Allow && !f.Not:
 		return orPerms(raw)
 	case a == policy.Allow:
-		return notPerm(orPerms(append(raw, norm...)))
+		return notPerm(orPerms(append(raw, extra...)))
 	case !f.Not:
-		return orPerms(append(raw, norm...))
-	case len(norm) == 0:
+		return orPerms(append(raw, extra...))
+	case len(extra) == 0:
 		return notPerm(orPerms(raw))
 	}
+	// Either form is not listed: each negation covers every value.
 	return orPerms([]*rbacv3.Permission{notPerm(orPerms(raw)), notPerm(orPerms(norm))})
 }
 
