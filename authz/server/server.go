@@ -23,6 +23,7 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 
 	"github.com/trustmesh/trustmesh/authz/engine"
+	"github.com/trustmesh/trustmesh/internal/connlimit"
 )
 
 // DefaultAddress is where ext_authz is served.
@@ -64,6 +65,10 @@ type Config struct {
 	StopTimeout time.Duration
 	// Metrics, when set, counts decisions and times them.
 	Metrics *Metrics
+	// Connections bounds the connections served at once, connection
+	// setup, idle connections and client pings; zero values take
+	// connlimit's defaults.
+	Connections connlimit.Config
 }
 
 // Validate checks cfg, collecting every error.
@@ -74,6 +79,9 @@ func (c *Config) Validate() error {
 	}
 	if c.Creds == nil && !c.InsecurePlaintext && !isUnix(c.address()) {
 		errs = append(errs, ErrPlaintext)
+	}
+	if err := c.Connections.Validate(); err != nil {
+		errs = append(errs, fmt.Errorf("server: %w", err))
 	}
 	return errors.Join(errs...)
 }
@@ -125,14 +133,15 @@ func (s *Server) Run(ctx context.Context) error {
 	return s.Serve(ctx, lis)
 }
 
-// Serve serves on lis until ctx ends, then stops gracefully within
-// StopTimeout. It closes lis.
+// Serve serves on lis, at most Connections.MaxConnections at once, until
+// ctx ends, then stops gracefully within StopTimeout. It closes lis.
 func (s *Server) Serve(ctx context.Context, lis net.Listener) error {
 	creds := s.cfg.Creds
 	if creds == nil {
 		creds = insecure.NewCredentials()
 	}
-	g := grpc.NewServer(grpc.Creds(creds))
+	lis = s.cfg.Connections.Limit(lis)
+	g := grpc.NewServer(append([]grpc.ServerOption{grpc.Creds(creds)}, s.cfg.Connections.GRPCOptions()...)...)
 	authv3.RegisterAuthorizationServer(g, s)
 	errc := make(chan error, 1)
 	go func() { errc <- g.Serve(lis) }()

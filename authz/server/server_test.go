@@ -34,6 +34,8 @@ import (
 	"github.com/trustmesh/trustmesh/authz/engine"
 	"github.com/trustmesh/trustmesh/authz/server"
 	"github.com/trustmesh/trustmesh/authz/source"
+	"github.com/trustmesh/trustmesh/internal/connlimit"
+	"github.com/trustmesh/trustmesh/internal/connlimit/connlimittest"
 )
 
 func TestMain(m *testing.M) {
@@ -414,5 +416,28 @@ func TestRunFailsWhenItCannotListen(t *testing.T) {
 	}
 	if err := srv.Run(context.Background()); err == nil {
 		t.Fatal("Run on a busy address returned nil")
+	}
+}
+
+// TestServeBoundsConnections: ext_authz closes connections that never
+// finish their setup or carry no RPC, and serves no more than its cap.
+func TestServeBoundsConnections(t *testing.T) {
+	t.Run("idle", func(t *testing.T) {
+		addr, stop := serve(t, server.Config{Engine: engine.New(), InsecurePlaintext: true,
+			Connections: connlimit.Config{IdleTimeout: 300 * time.Millisecond, HandshakeTimeout: 300 * time.Millisecond}})
+		defer stop()
+		connlimittest.ClosesIdle(t, addr, connlimittest.GRPC(nil), 5*time.Second)
+		connlimittest.ClosesIdle(t, addr, connlimittest.Silent, 5*time.Second)
+	})
+	t.Run("cap", func(t *testing.T) {
+		addr, stop := serve(t, server.Config{Engine: engine.New(), InsecurePlaintext: true, Connections: connlimit.Config{MaxConnections: 8}})
+		defer stop()
+		connlimittest.CapHolds(t, addr, 8, connlimittest.GRPC(nil))
+	})
+}
+
+func TestBadConnectionLimitsRefused(t *testing.T) {
+	if _, err := server.New(server.Config{Engine: engine.New(), InsecurePlaintext: true, Connections: connlimit.Config{MaxConnections: -1}}); err == nil {
+		t.Fatal("New accepted a negative connection cap")
 	}
 }
