@@ -19,6 +19,11 @@ test: envtest
 	@dsn=$$(hack/postgres.sh start) && trap 'hack/postgres.sh stop' EXIT && \
 	KUBEBUILDER_ASSETS="$$(hack/envtest-assets.sh)" TRUSTMESH_TEST_POSTGRES_DSN="$$dsn" \
 	$(GO) test -race -count=1 -timeout 20m ./...
+	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && seed=$$(od -An -N4 -tu4 /dev/urandom | tr -d ' ') && \
+	echo "istio-oracle: fresh seed $$seed" && \
+	(cd test/istio-oracle && $(GO) vet ./... && $(GO) run . -seed "$$seed" -cases 10000 -out "$$tmp/corpus.jsonl.gz") && \
+	TRUSTMESH_ORACLE_CORPUS="$$tmp/corpus.jsonl.gz" $(GO) test -count=1 -run '^TestIstioOracle$$' ./authz/conformance || \
+	{ echo "istio-oracle: disagreements with fresh seed $$seed"; exit 1; }
 
 # Benchmarks, each quoted against a peer measured in the same run.
 bench:
