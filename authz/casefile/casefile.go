@@ -50,9 +50,6 @@ type Case struct {
 	Name    string  `json:"name"`
 	Request Request `json:"request"`
 	Want    Want    `json:"want"`
-	// RBACSkip, if set, says why the RBAC back end (proxyless clients)
-	// rightly decides this case otherwise; it is not compared there.
-	RBACSkip string `json:"rbac_skip"`
 }
 
 type Request struct {

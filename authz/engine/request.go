@@ -58,18 +58,12 @@ func NewGatewayIDs(ids ...string) GatewayIDs {
 // the x-envoy-external-address header, if any; either may be empty.
 func RemoteIP(g Gateways, destPrincipal, sourcePrincipal, peer, ext string) string {
 	trusted := g.IsGateway(destPrincipal) || sourcePrincipal != "" && g.IsGateway(sourcePrincipal)
-	if !trusted {
+	if !trusted || ext == "" {
 		return peer
 	}
-	return externalAddress(ext, peer)
-}
-
-// externalAddress is the address in an x-envoy-external-address value, or
-// otherwise when it is empty or not one IP address.
-func externalAddress(ext, otherwise string) string {
 	ip, err := netip.ParseAddr(strings.TrimSpace(ext))
 	if err != nil {
-		return otherwise
+		return peer
 	}
 	return ip.Unmap().String()
 }
@@ -119,7 +113,6 @@ type request struct {
 	dest        Workload
 	sourceIP    string
 	remoteIP    string
-	claimedIP   string // x-envoy-external-address, else remoteIP
 	destIP      string
 	destPort    uint32
 	hasPort     bool
@@ -157,7 +150,7 @@ func newRequest(req *authv3.CheckRequest, gw Gateways) (*request, error) {
 	r.sni = a.GetTlsSession().GetSni()
 	h := a.GetRequest().GetHttp()
 	if h == nil {
-		r.remoteIP, r.claimedIP = r.sourceIP, r.sourceIP
+		r.remoteIP = r.sourceIP
 		return r, nil
 	}
 	r.http = true
@@ -208,9 +201,6 @@ func newRequest(req *authv3.CheckRequest, gw Gateways) (*request, error) {
 		srcPrincipal = a.GetSource().GetPrincipal()
 	}
 	r.remoteIP = RemoteIP(gw, r.destPrincip, srcPrincipal, r.sourceIP, r.headers[ExternalAddressHeader])
-	// The address the request claims counts against it, never for it
-	// (authz/rego twoForms).
-	r.claimedIP = externalAddress(r.headers[ExternalAddressHeader], r.remoteIP)
 	r.path, r.pathErr = pathnorm.Normalize(r.rawPath)
 	return r, nil
 }
@@ -263,7 +253,6 @@ var (
 	kSNI       = str(policy.SNI.String())
 	kHost      = str(policy.Host.String())
 	kHostNorm  = str(authzrego.NormalizedHostKey)
-	kClaimedIP = str(authzrego.ClaimedRemoteIPKey)
 	kMethod    = str(policy.Method.String())
 	kPath      = str(policy.Path.String())
 	vHTTP      = str("http")
@@ -309,7 +298,6 @@ func (r *request) input(ids []*ast.Term, used attrSet, headers []headerKey) ast.
 	}
 	add(policy.SourceIP, kSourceIP, r.sourceIP)
 	add(policy.RemoteIP, kRemoteIP, r.remoteIP)
-	add(policy.RemoteIP, kClaimedIP, r.claimedIP)
 	add(policy.DestinationIP, kDestIP, r.destIP)
 	if r.hasPort && used.has(policy.DestinationPort) {
 		items = append(items, ast.Item(kDestPort, ast.IntNumberTerm(int(r.destPort))))

@@ -244,7 +244,7 @@ func TestAgreesWithCaseFiles(t *testing.T) {
 			root = engine.DefaultRootNamespace
 		}
 		for _, c := range cf.Cases {
-			if c.Want.Error || c.Want.Reason == engine.ReasonPathRejected || c.RBACSkip != "" {
+			if c.Want.Error || c.Want.Reason == engine.ReasonPathRejected {
 				continue
 			}
 			req := c.Request.CheckRequest()

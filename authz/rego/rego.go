@@ -22,8 +22,7 @@
 //	input["source.serviceAccount"]     "namespace/serviceaccount" from the peer SPIFFE ID
 //	input["source.trustDomain"]        trust domain of the peer SPIFFE ID
 //	input["source.ip"]                 direct peer address
-//	input["remote.ip"]                 original client address (engine.RemoteIP)
-//	input["remote.ip.claimed"]         the address the request claims, else remote.ip
+//	input["remote.ip"]                 original client address
 //	input["destination.ip"]
 //	input["destination.port"]          number
 //	input["connection.sni"]
@@ -157,11 +156,8 @@ func (g *gen) matches(name string, ms []policy.Match, a policy.Action) string {
 // not_rule), a negated field holds when the request lacks the attribute:
 // `not helper` is true when helper is undefined.
 func (g *gen) field(name string, f policy.Field, a policy.Action) []string {
-	switch f.Attr {
-	case policy.Host:
-		return g.twoForms(name, f, a, "input["+quote(NormalizedHostKey)+"]")
-	case policy.RemoteIP:
-		return g.twoForms(name, f, a, "input["+quote(ClaimedRemoteIPKey)+"]")
+	if f.Attr == policy.Host {
+		return g.hostField(name, f, a)
 	}
 	ref := attrRef(f)
 	comment := " # " + f.Name
@@ -230,35 +226,28 @@ func istioPeerField(f policy.Field) policy.Field {
 // trailing dot.
 const NormalizedHostKey = "request.host.normalized"
 
-// ClaimedRemoteIPKey is the input key of the client address the request
-// itself claims (x-envoy-external-address), or remote.ip without one.
-const ClaimedRemoteIPKey = "remote.ip.claimed"
-
-// twoForms matches an attribute the request presents in two forms: the
-// host as sent and normalized (NormalizedHostKey), remote.ip and the
-// address the client claims (ClaimedRemoteIPKey). An ALLOW field matches
-// the first form only, as Istio's matcher, and an ALLOW negation only if
-// neither form is listed; a DENY, AUDIT or CUSTOM field matches if either
-// form matches, or for a negation if either form is not listed. So a port,
-// a trailing dot or a claimed address never slips past a DENY, and never
-// opens an ALLOW: ext_authz may sit behind an Envoy that did not normalize
-// the host or strip the header.
-func (g *gen) twoForms(name string, f policy.Field, a policy.Action, alt string) []string {
-	ref := attrRef(f)
+// hostField matches hosts and notHosts. An ALLOW `hosts` is Istio's
+// matcher exactly, on the host as sent. Everywhere else the host is also
+// tried normalized (NormalizedHostKey), so that a port or a trailing dot
+// never slips past a rule, since ext_authz may sit behind an Envoy that
+// did not normalize it: a DENY, AUDIT or CUSTOM field matches if it
+// matches either form, an ALLOW notHosts only if neither form is listed.
+func (g *gen) hostField(name string, f policy.Field, a policy.Action) []string {
+	raw, norm := attrRef(f), "input["+quote(NormalizedHostKey)+"]"
 	comment := " # " + f.Name
 	switch {
 	case a == policy.Allow && !f.Not:
-		return []string{g.fieldExpr(name, ref, f) + comment}
+		return []string{g.fieldExpr(name, raw, f) + comment}
 	case a == policy.Allow:
-		g.helper(name, f, ref, alt)
+		g.helper(name, f, raw, norm)
 		return []string{"not " + name + comment}
 	case !f.Not:
-		g.helper(name, f, ref, alt)
+		g.helper(name, f, raw, norm)
 		return []string{name + comment}
 	}
-	g.helper(name+"_first", f, ref)
-	g.helper(name+"_alt", f, alt)
-	g.printf("%s if not %s_first\n%s if not %s_alt\n\n", name, name, name, name)
+	g.helper(name+"_raw", f, raw)
+	g.helper(name+"_norm", f, norm)
+	g.printf("%s if not %s_raw\n%s if not %s_norm\n\n", name, name, name, name)
 	return []string{name + comment}
 }
 
