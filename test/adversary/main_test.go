@@ -118,16 +118,17 @@ func startServer(cfg serveConfig) (*server, error) {
 	args = append(args, cfg.args...)
 	s.cmd = exec.Command(bin, args...)
 	s.cmd.Dir = dir
-	stderr, err := s.cmd.StderrPipe()
-	if err != nil {
-		return nil, err
-	}
+	// Through a pipe of our own, so that Wait returns only once the log
+	// has been copied into it, and the last line before an exit is kept.
+	pr, pw := io.Pipe()
+	s.cmd.Stderr = pw
 	if err := s.cmd.Start(); err != nil {
 		return nil, err
 	}
 	addrs := make(chan map[string]any, 1)
-	go s.readLog(stderr, addrs)
-	go func() { _ = s.cmd.Wait(); close(s.exited) }()
+	logDone := make(chan struct{})
+	go func() { s.readLog(pr, addrs); close(logDone) }()
+	go func() { _ = s.cmd.Wait(); pw.Close(); <-logDone; close(s.exited) }()
 	fail := func(err error) (*server, error) {
 		s.stop()
 		return nil, fmt.Errorf("%w\n%s", err, s.lastLog())
