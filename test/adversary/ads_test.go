@@ -10,6 +10,7 @@ import (
 	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/anypb"
 	"google.golang.org/protobuf/types/known/structpb"
 )
 
@@ -38,36 +39,50 @@ func sidecarNode(pod, ns, sa string) *corev3.Node {
 	return node("sidecar", "10.9.9.9", pod, ns, sa, nil)
 }
 
-// ads opens an ADS stream on the CA port as w.
-func ads(ctx context.Context, t *testing.T, s *server, w *workload) (discoveryv3.AggregatedDiscoveryService_StreamAggregatedResourcesClient, error) {
-	t.Helper()
-	return discoveryv3.NewAggregatedDiscoveryServiceClient(s.dialGRPC(t, s.ca, w)).StreamAggregatedResources(ctx)
-}
-
-// fetch asks once for typ (and names) as n, and returns the first response,
-// or nil if none came within wait. A refused stream returns its error.
-func fetch(t *testing.T, s *server, w *workload, n *corev3.Node, typ string, names []string, wait time.Duration) (*discoveryv3.DiscoveryResponse, error) {
+// fetch asks once for typ (and names) as n, over a state-of-the-world
+// stream or, with delta, an incremental one, and returns the resources of
+// the first response, or none if none came within wait. A refused stream
+// returns its error.
+func fetch(t *testing.T, s *server, w *workload, n *corev3.Node, delta bool, typ string, names []string, wait time.Duration) ([]*anypb.Any, error) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), wait)
 	defer cancel()
-	st, err := ads(ctx, t, s, w)
-	if err != nil {
-		return nil, err
-	}
+	client := discoveryv3.NewAggregatedDiscoveryServiceClient(s.dialGRPC(t, s.ca, w))
+	var out []*anypb.Any
+	var err error
 	// A stream the server refused at once fails Send with io.EOF; its
 	// status comes from Recv.
-	_ = st.Send(&discoveryv3.DiscoveryRequest{Node: n, TypeUrl: typ, ResourceNames: names})
-	resp, err := st.Recv()
+	if delta {
+		var st discoveryv3.AggregatedDiscoveryService_DeltaAggregatedResourcesClient
+		if st, err = client.DeltaAggregatedResources(ctx); err != nil {
+			return nil, err
+		}
+		_ = st.Send(&discoveryv3.DeltaDiscoveryRequest{Node: n, TypeUrl: typ, ResourceNamesSubscribe: names})
+		var resp *discoveryv3.DeltaDiscoveryResponse
+		resp, err = st.Recv()
+		for _, r := range resp.GetResources() {
+			out = append(out, r.GetResource())
+		}
+	} else {
+		var st discoveryv3.AggregatedDiscoveryService_StreamAggregatedResourcesClient
+		if st, err = client.StreamAggregatedResources(ctx); err != nil {
+			return nil, err
+		}
+		_ = st.Send(&discoveryv3.DiscoveryRequest{Node: n, TypeUrl: typ, ResourceNames: names})
+		var resp *discoveryv3.DiscoveryResponse
+		resp, err = st.Recv()
+		out = resp.GetResources()
+	}
 	if status.Code(err) == codes.DeadlineExceeded {
 		return nil, nil
 	}
-	return resp, err
+	return out, err
 }
 
 // adsCode is the code an ADS stream for n ends with, or OK once it is
 // served its listeners.
 func adsCode(t *testing.T, s *server, w *workload, n *corev3.Node) codes.Code {
 	t.Helper()
-	_, err := fetch(t, s, w, n, listenerType, nil, 20*time.Second)
+	_, err := fetch(t, s, w, n, false, listenerType, nil, 20*time.Second)
 	return status.Code(err)
 }

@@ -48,11 +48,6 @@ spec:
   ports: [{name: http, port: 8080, protocol: HTTP}]
   endpoints:
   - {address: 10.0.3.1, pod: flood-0, spiffeID: "spiffe://cluster.local/ns/flood/sa/flood", labels: {app: flood}}
-  - {address: 10.0.3.2, pod: flood-1, spiffeID: "spiffe://cluster.local/ns/flood/sa/flood", labels: {app: flood}}
-  - {address: 10.0.3.3, pod: flood-2, spiffeID: "spiffe://cluster.local/ns/flood/sa/flood", labels: {app: flood}}
-  - {address: 10.0.3.4, pod: flood-3, spiffeID: "spiffe://cluster.local/ns/flood/sa/flood", labels: {app: flood}}
-  - {address: 10.0.3.5, pod: flood-4, spiffeID: "spiffe://cluster.local/ns/flood/sa/flood", labels: {app: flood}}
-  - {address: 10.0.3.6, pod: flood-5, spiffeID: "spiffe://cluster.local/ns/flood/sa/flood", labels: {app: flood}}
 ---
 apiVersion: mesh.trustmesh.io/v1alpha1
 kind: Service
