@@ -51,17 +51,19 @@ func newPolicyCmd() *cobra.Command {
 		Short: "Check and compile AuthorizationPolicies offline",
 	}
 	var (
-		dir     string
-		root    string
-		request string
-		bundles bundleFlags
+		dir         string
+		root        string
+		request     string
+		requests    string
+		redactPaths []string
+		bundles     bundleFlags
 	)
 	config := func() (inspect.Config, error) {
 		bs, err := bundles.configs()
 		if err != nil {
 			return inspect.Config{}, &exitError{code: 2, err: err}
 		}
-		return inspect.Config{PolicyDir: dir, Bundles: bs, RootNamespace: root}, nil
+		return inspect.Config{PolicyDir: dir, Bundles: bs, RootNamespace: root, RedactPaths: redactPaths}, nil
 	}
 	exit := func(err error) error {
 		if errors.Is(err, inspect.ErrBadInput) {
@@ -70,13 +72,28 @@ func newPolicyCmd() *cobra.Command {
 		return err
 	}
 	check := &cobra.Command{
-		Use:   "check --policies DIR --request FILE",
-		Short: "Print the decision for one CheckRequest (protojson) as the server would make it",
-		Args:  cobra.NoArgs,
+		Use:   "check --policies DIR (--request FILE | --requests FILE)",
+		Short: "Print the decision for CheckRequests (protojson) as the server would make them",
+		Long: `Print the decision for one CheckRequest (--request), or for many from one
+load of the policies (--requests: JSON lines or one JSON array, "-" for
+stdin), one decision per line in the order of the requests.`,
+		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			cfg, err := config()
 			if err != nil {
 				return err
+			}
+			if requests != "" {
+				in := cmd.InOrStdin()
+				if requests != "-" {
+					f, err := os.Open(requests)
+					if err != nil {
+						return &exitError{code: 2, err: fmt.Errorf("requests: %w", err)}
+					}
+					defer f.Close()
+					in = f
+				}
+				return exit(inspect.CheckBatch(cmd.Context(), cfg, in, cmd.OutOrStdout()))
 			}
 			req, err := os.ReadFile(request)
 			if err != nil {
@@ -86,7 +103,10 @@ func newPolicyCmd() *cobra.Command {
 		},
 	}
 	check.Flags().StringVar(&request, "request", "", "envoy.service.auth.v3.CheckRequest in protojson")
-	_ = check.MarkFlagRequired("request")
+	check.Flags().StringVar(&requests, "requests", "", `CheckRequests in protojson, as JSON lines or a JSON array; "-" reads stdin`)
+	check.Flags().StringArrayVar(&redactPaths, "log-redact-path", nil, "regular expression whose matches (its groups, if it has any) are replaced in paths the decisions quote, as in the decision log (repeatable)")
+	check.MarkFlagsOneRequired("request", "requests")
+	check.MarkFlagsMutuallyExclusive("request", "requests")
 	compile := &cobra.Command{
 		Use:   "compile --policies DIR",
 		Short: "Print the Rego the AuthorizationPolicies compile to",

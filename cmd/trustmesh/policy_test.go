@@ -1,0 +1,93 @@
+package main
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"reflect"
+	"strings"
+	"testing"
+)
+
+// TestPolicyCheckBatch runs `policy check --requests` on the shipped
+// example requests, as a JSON array from a file and as JSON lines on
+// stdin, and checks each line against `policy check --request` on the
+// same request.
+func TestPolicyCheckBatch(t *testing.T) {
+	policyArgs := []string{"policy", "check", "--policies", "../../examples/policies", "--bundle", "../../policies/envoy"}
+	files, err := filepath.Glob("../../examples/policies/requests/*.json")
+	if err != nil || len(files) < 2 {
+		t.Fatalf("example requests: %v %v", files, err)
+	}
+	var singles []any
+	var compact []string
+	for _, f := range files {
+		out, err := exec.Command(binary, append(policyArgs, "--request", f)...).Output()
+		if err != nil {
+			t.Fatalf("policy check --request %s: %v", f, err)
+		}
+		var d any
+		if err := json.Unmarshal(out, &d); err != nil {
+			t.Fatal(err)
+		}
+		singles = append(singles, d)
+		raw, err := os.ReadFile(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var b bytes.Buffer
+		if err := json.Compact(&b, raw); err != nil {
+			t.Fatal(err)
+		}
+		compact = append(compact, b.String())
+	}
+	array := filepath.Join(t.TempDir(), "requests.json")
+	if err := os.WriteFile(array, []byte("["+strings.Join(compact, ",\n")+"]"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for name, run := range map[string]*exec.Cmd{
+		"array file":        exec.Command(binary, append(policyArgs, "--requests", array)...),
+		"JSON lines, stdin": exec.Command(binary, append(policyArgs, "--requests", "-")...),
+	} {
+		t.Run(name, func(t *testing.T) {
+			run.Stdin = strings.NewReader(strings.Join(compact, "\n") + "\n")
+			out, err := run.Output()
+			if err != nil {
+				t.Fatalf("%v: %s", err, stderrOf(err))
+			}
+			lines := strings.Split(strings.TrimSuffix(string(out), "\n"), "\n")
+			if len(lines) != len(singles) {
+				t.Fatalf("%d lines for %d requests:\n%s", len(lines), len(singles), out)
+			}
+			for i, l := range lines {
+				var d any
+				if err := json.Unmarshal([]byte(l), &d); err != nil {
+					t.Fatalf("line %d: %v", i+1, err)
+				}
+				if !reflect.DeepEqual(d, singles[i]) {
+					t.Errorf("line %d = %s, want the decision of --request %s", i+1, l, files[i])
+				}
+			}
+		})
+	}
+	t.Run("bad input exits 2", func(t *testing.T) {
+		run := exec.Command(binary, append(policyArgs, "--requests", "-")...)
+		run.Stdin = strings.NewReader(compact[0] + "\n{\"attributes\": {\"nope\": 1}}\n")
+		out, err := run.Output()
+		var exit *exec.ExitError
+		if !errors.As(err, &exit) || exit.ExitCode() != 2 || len(out) != 0 {
+			t.Fatalf("exit %v, output %q; want exit 2 and no decisions", err, out)
+		}
+	})
+}
+
+func stderrOf(err error) string {
+	var exit *exec.ExitError
+	if errors.As(err, &exit) {
+		return string(exit.Stderr)
+	}
+	return ""
+}
