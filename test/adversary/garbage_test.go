@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"crypto/rand"
 	"crypto/tls"
+	"errors"
 	"io"
 	"net"
 	"net/http"
@@ -191,5 +192,65 @@ func (s *server) legitimate(t *testing.T) {
 		if got := s.decide(t, check{dst: "shop", src: webID}); got != codes.OK {
 			t.Errorf("authz: decision %s for an allowed request", got)
 		}
+	}
+}
+
+// TestPingFloodIsCutOff: an HTTP/2 client that floods the gRPC ports with
+// PINGs is sent away (GOAWAY, then the connection closes), instead of
+// costing the server a reply per ping forever.
+func TestPingFloodIsCutOff(t *testing.T) {
+	s := shared(t)
+	client := s.enrol(t, td+"/ns/garbage/sa/pinger")
+	for name, addr := range map[string]string{"CA": s.ca, "authz": s.authz} {
+		t.Run(name, func(t *testing.T) {
+			cfg := s.clientTLS(client)
+			cfg.NextProtos = []string{"h2"}
+			c, err := tls.DialWithDialer(&net.Dialer{Timeout: 5 * time.Second}, "tcp", addr, cfg)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			if _, err := io.WriteString(c, http2.ClientPreface); err != nil {
+				t.Fatal(err)
+			}
+			fr := http2.NewFramer(c, c)
+			if err := fr.WriteSettings(); err != nil {
+				t.Fatal(err)
+			}
+			// Pings from another goroutine; frames read here.
+			stop := make(chan struct{})
+			defer close(stop)
+			go func() {
+				w := http2.NewFramer(c, nil)
+				for i := range 10000 {
+					select {
+					case <-stop:
+						return
+					default:
+					}
+					var data [8]byte
+					data[0] = byte(i)
+					if w.WritePing(false, data) != nil {
+						return
+					}
+					time.Sleep(time.Millisecond)
+				}
+			}()
+			_ = c.SetReadDeadline(time.Now().Add(15 * time.Second))
+			for {
+				f, err := fr.ReadFrame()
+				if err != nil {
+					var ne net.Error
+					if errors.As(err, &ne) && ne.Timeout() {
+						t.Fatal("the server still answers a ping flood after 15s")
+					}
+					return // closed: cut off
+				}
+				if ga, ok := f.(*http2.GoAwayFrame); ok {
+					t.Logf("GOAWAY %s %q", ga.ErrCode, ga.DebugData())
+					return
+				}
+			}
+		})
 	}
 }
