@@ -9,6 +9,8 @@ import (
 	"net"
 	"net/http"
 	"time"
+
+	"github.com/trustmesh/trustmesh/internal/connlimit"
 )
 
 // DefaultAddress is the webhook's port, as istiod's.
@@ -26,7 +28,10 @@ type Config struct {
 	GetCertificate func(*tls.ClientHelloInfo) (*tls.Certificate, error)
 	// ShutdownTimeout bounds a graceful stop; default 5s.
 	ShutdownTimeout time.Duration
-	Log             *slog.Logger
+	// Connections bounds the connections served at once and their
+	// timeouts; the zero value takes connlimit's defaults.
+	Connections connlimit.Config
+	Log         *slog.Logger
 }
 
 // Server serves the webhook over TLS.
@@ -56,28 +61,23 @@ func New(cfg Config) (*Server, error) {
 	if cfg.GetCertificate == nil {
 		errs = append(errs, errors.New("GetCertificate is required"))
 	}
+	if err := cfg.Connections.Validate(); err != nil {
+		errs = append(errs, err)
+	}
 	if len(errs) > 0 {
 		return nil, fmt.Errorf("webhook: %w", errors.Join(errs...))
 	}
-	lis, err := net.Listen("tcp", cfg.Address)
+	lis, err := cfg.Connections.Listen("tcp", cfg.Address)
 	if err != nil {
 		return nil, fmt.Errorf("webhook: listen on %s: %w", cfg.Address, err)
 	}
-	return &Server{
-		cfg: cfg,
-		lis: lis,
-		http: &http.Server{
-			Handler: cfg.Handler,
-			TLSConfig: &tls.Config{
-				MinVersion:     tls.VersionTLS12,
-				GetCertificate: cfg.GetCertificate,
-			},
-			ReadHeaderTimeout: 10 * time.Second,
-			ReadTimeout:       30 * time.Second,
-			WriteTimeout:      30 * time.Second,
-			ErrorLog:          slog.NewLogLogger(cfg.Log.Handler(), slog.LevelWarn),
-		},
-	}, nil
+	srv := cfg.Connections.HTTPServer(cfg.Handler)
+	srv.TLSConfig = &tls.Config{
+		MinVersion:     tls.VersionTLS12,
+		GetCertificate: cfg.GetCertificate,
+	}
+	srv.ErrorLog = slog.NewLogLogger(cfg.Log.Handler(), slog.LevelWarn)
+	return &Server{cfg: cfg, lis: lis, http: srv}, nil
 }
 
 // Addr is the bound address.
