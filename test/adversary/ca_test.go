@@ -9,6 +9,7 @@ import (
 	"crypto/x509/pkix"
 	"encoding/asn1"
 	"encoding/pem"
+	"math"
 	"math/big"
 	"net"
 	"net/url"
@@ -68,9 +69,11 @@ func TestCSRTricks(t *testing.T) {
 	cases := []struct {
 		name string
 		// csr makes the CSR; nil is an empty CSR for a P-256 key.
-		csr  func(t *testing.T) string
-		ttl  time.Duration
-		want codes.Code
+		csr func(t *testing.T) string
+		ttl time.Duration
+		// seconds, when set, is sent as the lifetime as it is.
+		seconds int64
+		want    codes.Code
 	}{
 		{name: "extra URI SAN", want: codes.InvalidArgument, csr: func(t *testing.T) string {
 			return csrPEM(t, newKey(t), &x509.CertificateRequest{URIs: []*url.URL{mustURL(t, id), mustURL(t, adminID)}})
@@ -128,6 +131,9 @@ func TestCSRTricks(t *testing.T) {
 			return own + csrPEM(t, newKey(t), &x509.CertificateRequest{URIs: []*url.URL{mustURL(t, adminID)}})
 		}},
 		{name: "a ten-year lifetime is cut to the maximum", ttl: 10 * 365 * 24 * time.Hour, want: codes.OK},
+		{name: "a lifetime that overflows a duration", seconds: math.MaxInt64, want: codes.OK},
+		{name: "a lifetime just past what a duration holds", seconds: math.MaxInt64/int64(time.Second) + 1, want: codes.OK},
+		{name: "a negative lifetime", seconds: -math.MaxInt64, want: codes.OK},
 	}
 	client := s.dialCA(t, nil)
 	toks := s.tokens(t, id, len(cases))
@@ -143,7 +149,7 @@ func TestCSRTricks(t *testing.T) {
 			if ttl == 0 {
 				ttl = time.Hour
 			}
-			resp, err := createCertificate(client, toks[i], csr, ttl)
+			resp, err := createCertificateSeconds(client, toks[i], csr, ttl, tc.seconds)
 			if got := status.Code(err); got != tc.want {
 				t.Fatalf("CreateCertificate: %v, want code %s", err, tc.want)
 			}
@@ -163,6 +169,9 @@ func TestCSRTricks(t *testing.T) {
 			}
 			if max := time.Now().Add(24*time.Hour + time.Minute); leaf.NotAfter.After(max) {
 				t.Errorf("issued certificate lives until %s, past the 24h maximum", leaf.NotAfter)
+			}
+			if !leaf.NotAfter.After(time.Now()) || leaf.NotAfter.Before(leaf.NotBefore) {
+				t.Errorf("issued certificate is valid from %s to %s", leaf.NotBefore, leaf.NotAfter)
 			}
 		})
 	}

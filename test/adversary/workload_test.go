@@ -133,6 +133,18 @@ func createCertificate(c pb.IstioCertificateServiceClient, token, csr string, tt
 	return c.CreateCertificate(ctx, &pb.IstioCertificateRequest{Csr: csr, ValidityDuration: int64(ttl / time.Second)})
 }
 
+// createCertificateSeconds is createCertificate with the lifetime in
+// seconds given as it goes on the wire, when seconds is not zero.
+func createCertificateSeconds(c pb.IstioCertificateServiceClient, token, csr string, ttl time.Duration, seconds int64) (*pb.IstioCertificateResponse, error) {
+	if seconds == 0 {
+		return createCertificate(c, token, csr, ttl)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	ctx = metadata.NewOutgoingContext(ctx, metadata.Pairs("authorization", "Bearer "+token, "clusterid", "Kubernetes"))
+	return c.CreateCertificate(ctx, &pb.IstioCertificateRequest{Csr: csr, ValidityDuration: seconds})
+}
+
 // csrPEM makes a CSR for key from tmpl (nil: an empty request).
 func csrPEM(t *testing.T, key *ecdsa.PrivateKey, tmpl *x509.CertificateRequest) string {
 	t.Helper()
