@@ -24,6 +24,7 @@ import (
 	"github.com/trustmesh/trustmesh/authz/engine"
 	"github.com/trustmesh/trustmesh/authz/server"
 	"github.com/trustmesh/trustmesh/authz/source"
+	"github.com/trustmesh/trustmesh/mesh"
 )
 
 // Config configures the service.
@@ -50,12 +51,18 @@ type Config struct {
 	Log             *slog.Logger
 	// Registerer, when set, receives the service's Prometheus metrics.
 	Registerer prometheus.Registerer
+	// Mesh, when set, names the mesh's gateways, whose
+	// x-envoy-external-address remote.ip trusts (engine.RemoteIP); the
+	// service serves only once it has read it, and follows its changes.
+	// Without it no peer is a gateway.
+	Mesh mesh.Source
 }
 
 // Service is the assembled authorization service.
 type Service struct {
 	Engine *engine.Engine
 	loader *source.Loader
+	gw     *meshGateways
 	server *server.Server
 	dlog   *decisionlog.Logger
 	ready  chan struct{} // closed after the first successful load
@@ -88,9 +95,17 @@ func New(cfg Config) (*Service, error) {
 	if cfg.PolicyDir != "" {
 		ps = &source.Dir{Path: cfg.PolicyDir, DefaultNamespace: "default"}
 	}
+	var gateways engine.Gateways
+	if cfg.Mesh != nil {
+		s.gw = &meshGateways{src: cfg.Mesh, log: cfg.Log}
+		if s.gw.log == nil {
+			s.gw.log = slog.New(slog.DiscardHandler)
+		}
+		gateways = s.gw
+	}
 	var err error
 	s.loader, err = source.New(source.Config{
-		Engine: s.Engine, Policies: ps, Bundles: cfg.Bundles,
+		Engine: s.Engine, Policies: ps, Bundles: cfg.Bundles, Gateways: gateways,
 		RootNamespace: cfg.RootNamespace, EvalTimeout: cfg.EvalTimeout, Log: cfg.Log, OnLoad: onLoad,
 	})
 	errs = append(errs, err)
@@ -119,6 +134,12 @@ func New(cfg Config) (*Service, error) {
 // hot-reloads until ctx ends or a component fails, which stops the others.
 func (s *Service) Run(ctx context.Context) error {
 	g, ctx := errgroup.WithContext(ctx)
+	gwReady := make(chan struct{})
+	if s.gw != nil {
+		g.Go(func() error { return s.gw.run(ctx, gwReady) })
+	} else {
+		close(gwReady)
+	}
 	g.Go(func() error {
 		return s.loader.Run(ctx)
 	})
@@ -128,10 +149,12 @@ func (s *Service) Run(ctx context.Context) error {
 	g.Go(func() error {
 		// Serve only once a policy set is in force; until then the engine
 		// would deny everything.
-		select {
-		case <-ctx.Done():
-			return nil
-		case <-s.ready:
+		for _, ready := range []chan struct{}{s.ready, gwReady} {
+			select {
+			case <-ctx.Done():
+				return nil
+			case <-ready:
+			}
 		}
 		return s.server.Run(ctx)
 	})

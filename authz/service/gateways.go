@@ -1,0 +1,94 @@
+package service
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"sync/atomic"
+
+	"github.com/trustmesh/trustmesh/authz/engine"
+	"github.com/trustmesh/trustmesh/mesh"
+)
+
+// GatewayIDs returns the mesh's gateway identities for remote.ip
+// (engine.RemoteIP): the SPIFFE IDs of the workloads its gateways select,
+// leaving out any ID that a workload no gateway selects also holds, since
+// that workload's clients could then set the client address.
+func GatewayIDs(m *mesh.Mesh) engine.GatewayIDs {
+	ids, others := engine.GatewayIDs{}, map[string]bool{}
+	for _, s := range m.Services {
+		for _, e := range s.Endpoints {
+			w := e.Workload
+			if w == nil {
+				continue
+			}
+			gateway := false
+			for _, g := range m.Gateways {
+				gateway = gateway || g.Selects(w.Namespace, w.Labels)
+			}
+			if gateway {
+				ids[w.ID.String()] = true
+			} else {
+				others[w.ID.String()] = true
+			}
+		}
+	}
+	for id := range others {
+		delete(ids, id)
+	}
+	return ids
+}
+
+// meshGateways is a live engine.Gateways over a mesh source: load reads
+// it, run keeps it current and keeps the last good set on a bad update.
+type meshGateways struct {
+	src mesh.Source
+	log *slog.Logger
+	cur atomic.Pointer[engine.GatewayIDs]
+}
+
+var _ engine.Gateways = (*meshGateways)(nil)
+
+func (g *meshGateways) IsGateway(id string) bool {
+	p := g.cur.Load()
+	return p != nil && p.IsGateway(id)
+}
+
+func (g *meshGateways) load() error {
+	m, err := g.src.Mesh()
+	if err != nil {
+		return fmt.Errorf("service: mesh gateways: %w", err)
+	}
+	ids := GatewayIDs(m)
+	g.cur.Store(&ids)
+	return nil
+}
+
+// run watches the source until ctx ends, closing ready after the first
+// load, which must succeed.
+func (g *meshGateways) run(ctx context.Context, ready chan<- struct{}) error {
+	kick := make(chan struct{}, 1)
+	done, err := g.src.Watch(ctx, func() {
+		select {
+		case kick <- struct{}{}:
+		default:
+		}
+	})
+	if err != nil {
+		return fmt.Errorf("service: watching the mesh: %w", err)
+	}
+	if err := g.load(); err != nil {
+		return err
+	}
+	close(ready)
+	for {
+		select {
+		case err := <-done:
+			return err
+		case <-kick:
+			if err := g.load(); err != nil {
+				g.log.Warn("mesh update refused for gateway identities, last good set kept", "err", err)
+			}
+		}
+	}
+}

@@ -1,0 +1,36 @@
+package controlplane
+
+import (
+	"fmt"
+
+	"istio.io/client-go/pkg/clientset/versioned"
+	"k8s.io/client-go/kubernetes"
+
+	"github.com/trustmesh/trustmesh/mesh"
+	meshkube "github.com/trustmesh/trustmesh/mesh/kube"
+)
+
+// authzMesh is the mesh the authorization service reads its gateway
+// identities from (remote.ip): the --mesh directory, or the cluster on
+// Kubernetes; nil when there is no mesh.
+func authzMesh(v *validated) (mesh.Source, error) {
+	switch {
+	case v.MeshDir != "":
+		return &mesh.Dir{Path: v.MeshDir}, nil
+	case !v.inKube:
+		return nil, nil
+	}
+	restCfg, err := restConfig(v.RestConfig, v.Kubeconfig)
+	if err != nil {
+		return nil, err
+	}
+	client, err := kubernetes.NewForConfig(restCfg)
+	if err != nil {
+		return nil, fmt.Errorf("controlplane: Kubernetes client: %w", err)
+	}
+	istio, err := versioned.NewForConfig(restCfg)
+	if err != nil {
+		return nil, fmt.Errorf("controlplane: Istio client: %w", err)
+	}
+	return &meshkube.Source{Client: client, Istio: istio, TrustDomain: v.td}, nil
+}
