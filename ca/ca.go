@@ -58,6 +58,10 @@ type Caller struct {
 // durable; an error means nothing was recorded.
 type Recorder interface {
 	RecordIssuance(ctx context.Context, iss journal.Issuance, redeem *journal.Redemption) (int64, error)
+	// Integrity is nil while the record matches what was signed into it.
+	// Otherwise the CA signs nothing: its authentication rests on the
+	// record.
+	Integrity() error
 }
 
 // Authority is the key material the CA signs with, and the bundle it
@@ -209,6 +213,9 @@ func (c *CA) clampTTL(requested time.Duration) time.Duration {
 }
 
 func (c *CA) issue(ctx context.Context, caller Caller, tmpl *x509.Certificate, pub crypto.PublicKey, ttl time.Duration) (*Issued, error) {
+	if err := c.cfg.Recorder.Integrity(); err != nil {
+		return nil, refuseErr(ReasonJournalTampered, KindUnavailable, err)
+	}
 	m := c.cfg.Authority.Current()
 	now := c.cfg.Clock.Now()
 	serial, err := newSerial()

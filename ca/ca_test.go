@@ -272,6 +272,8 @@ func (failingRecorder) RecordIssuance(context.Context, journal.Issuance, *journa
 	return 0, errors.New("disk full")
 }
 
+func (failingRecorder) Integrity() error { return nil }
+
 // A certificate never outlives the intermediate that signs it.
 func TestIssueNeverOutlivesIssuer(t *testing.T) {
 	f := newFixture(t)
@@ -392,6 +394,8 @@ type nopRecorder struct{}
 func (nopRecorder) RecordIssuance(context.Context, journal.Issuance, *journal.Redemption) (int64, error) {
 	return 0, nil
 }
+
+func (nopRecorder) Integrity() error { return nil }
 
 // BenchmarkJournal measures issuance throughput with the durable journal on
 // and off, at 1, 16 and 256 concurrent callers. CSRs are made up front so

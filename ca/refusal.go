@@ -75,6 +75,9 @@ const (
 	ReasonSignFailed         = "sign-failed"
 	ReasonSelfCheckFailed    = "self-check-failed"
 	ReasonRecordFailed       = "record-failed"
+	// ReasonJournalTampered: the journal no longer matches its signed
+	// checkpoints, so nothing it says can be trusted.
+	ReasonJournalTampered = "journal-tampered"
 )
 
 // Refusal is the error for every request the CA does not serve. Reason is

@@ -512,10 +512,6 @@ func (cp *ControlPlane) newAuthz(v *validated) (*service.Service, error) {
 		RootNamespace: v.RootNamespace, DecisionLog: v.DecisionLog, Log: v.Log, OnKubernetes: v.inKube,
 		Registerer: cp.registry,
 	}
-	var err error
-	if cfg.Mesh, err = authzMesh(v); err != nil {
-		return nil, err
-	}
 	if v.inKube && v.PolicyDir == "" {
 		restCfg, err := restConfig(v.RestConfig, v.Kubeconfig)
 		if err != nil {
@@ -663,6 +659,7 @@ func (cp *ControlPlane) Run(ctx context.Context) error {
 	defer cp.close()
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return cp.refusals.Run(gctx) })
+	g.Go(func() error { return cp.Journal.Watch(gctx) })
 	if cp.witness != nil {
 		g.Go(func() error { return cp.witness.Run(gctx) })
 	}
@@ -745,6 +742,11 @@ func (cp *ControlPlane) readyz(w http.ResponseWriter, r *http.Request) {
 	}
 	if err := cp.Journal.Ping(r.Context()); err != nil {
 		http.Error(w, "journal unavailable", http.StatusServiceUnavailable)
+		return
+	}
+	if err := cp.Journal.Integrity(); err != nil {
+		// Every issuance fails until an operator acts: not ready.
+		http.Error(w, "journal does not match its signed checkpoints", http.StatusServiceUnavailable)
 		return
 	}
 	_, _ = w.Write([]byte("ok\n"))

@@ -31,9 +31,11 @@ type op struct {
 	done  chan error
 }
 
-// submit queues an op and waits until it is durable or has failed.
+// submit queues an op and waits until it is durable or has failed. An op
+// with neither entries nor a precondition only catches up with what others
+// appended, and needs no signer.
 func (s *Store) submit(ctx context.Context, o *op) error {
-	if s.cfg.Signer == nil {
+	if s.cfg.Signer == nil && (o.pre != nil || len(o.entries) > 0) {
 		return errors.New("journal: opened without a checkpoint signer; appends are disabled")
 	}
 	if err := s.Integrity(); err != nil {
@@ -204,9 +206,11 @@ func (s *Store) commitBatch(ctx context.Context, batch []*op) (opErrs []error, s
 	if err != nil {
 		return nil, nil, err
 	}
+	savedLedger := s.ledger.size()
 	defer func() {
 		if err != nil {
 			s.rng = saved
+			s.ledger.truncate(savedLedger)
 		}
 	}()
 	tx, err := s.db.BeginTx(ctx, nil)
@@ -233,6 +237,13 @@ func (s *Store) commitBatch(ctx context.Context, batch []*op) (opErrs []error, s
 		if err := s.checkLatest(ctx, tx); err != nil {
 			return nil, nil, err
 		}
+		// They are durable and vouched for: lookups may rely on them,
+		// whatever becomes of this batch.
+		s.ledger.publish()
+		if saved, err = copyRange(&s.hasher.f, s.rng); err != nil {
+			return nil, nil, err
+		}
+		savedLedger = s.ledger.size()
 	}
 	start := s.rng.End()
 	insert := tx.StmtContext(ctx, s.stmts.insertEntry)
@@ -248,7 +259,7 @@ func (s *Store) commitBatch(ctx context.Context, batch []*op) (opErrs []error, s
 		opErrs[i] = s.applyOp(ctx, tx, insert, o)
 	}
 	if s.rng.End() == start {
-		// Nothing to publish; failed preconditions wrote nothing.
+		// Nothing to sign; failed preconditions wrote nothing.
 		return opErrs, nil, tx.Commit()
 	}
 	root, err := s.rng.GetRootHash(nil)
@@ -267,6 +278,7 @@ func (s *Store) commitBatch(ctx context.Context, batch []*op) (opErrs []error, s
 	if err := tx.Commit(); err != nil {
 		return nil, nil, fmt.Errorf("journal: commit: %w", err)
 	}
+	s.ledger.publish()
 	return opErrs, signed, nil
 }
 
@@ -283,6 +295,7 @@ func (s *Store) applyOp(ctx context.Context, tx *sql.Tx, insert *sql.Stmt, o *op
 	defer func() {
 		if err != nil {
 			s.rng = before
+			s.ledger.truncate(before.End())
 			if _, rerr := tx.ExecContext(ctx, `ROLLBACK TO SAVEPOINT journal_op`); rerr != nil {
 				err = errors.Join(err, rerr)
 			}
@@ -308,6 +321,9 @@ func (s *Store) insertEntries(ctx context.Context, insert *sql.Stmt, o *op) erro
 		}
 		if err := s.rng.Append(leaf, nil); err != nil {
 			return fmt.Errorf("journal: append: %w", err)
+		}
+		if err := s.ledger.add(idx, leaf, e.body); err != nil {
+			return err
 		}
 	}
 	return nil

@@ -78,12 +78,16 @@ type Refusal struct {
 }
 
 // JoinTokenCreated records the creation of a join token. The token itself is
-// never recorded, only its id.
+// never recorded, only its id and its SHA-256: the signed log, not a table
+// beside it, is what says which token proves which identity.
 type JoinTokenCreated struct {
-	Time      time.Time `json:"time"`
-	TokenID   string    `json:"token_id"`
-	SPIFFEID  string    `json:"spiffe_id"`
-	ExpiresAt time.Time `json:"expires_at"`
+	Time    time.Time `json:"time"`
+	TokenID string    `json:"token_id"`
+	// TokenSHA256 is the hex SHA-256 of the token. A creation recorded
+	// without it (before it was recorded) proves no token.
+	TokenSHA256 string    `json:"token_sha256,omitempty"`
+	SPIFFEID    string    `json:"spiffe_id"`
+	ExpiresAt   time.Time `json:"expires_at"`
 }
 
 // Revocation records the revocation of every enrolment of an identity.
@@ -146,6 +150,12 @@ func (e Entry) Decode() (any, error) {
 	default:
 		return nil, fmt.Errorf("journal: entry %d has unknown kind %q", e.Index, e.Kind)
 	}
+	return e.decodeInto(rec)
+}
+
+// decodeInto decodes the entry's body into rec, which must be the record
+// type of e.Kind, and checks that the body names that kind.
+func (e Entry) decodeInto(rec any) (any, error) {
 	env := envelope[any]{Record: rec}
 	if err := json.Unmarshal(e.Body, &env); err != nil {
 		return nil, fmt.Errorf("journal: decode entry %d: %w", e.Index, err)

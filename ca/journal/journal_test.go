@@ -86,10 +86,12 @@ func testRedeemRefusesExpiredOrOtherIdentity(t *testing.T, b backend) {
 		t.Fatal(err)
 	}
 	other := issuance("1", "spiffe://cluster.local/b")
+	other.EnrolmentID = "t"
 	if _, err := s.RecordIssuance(ctx, other, &journal.Redemption{TokenHash: hash, TokenID: "t"}); !errors.Is(err, journal.ErrTokenSpent) {
 		t.Fatalf("redeeming for another identity: %v, want ErrTokenSpent", err)
 	}
 	late := issuance("2", "spiffe://cluster.local/a")
+	late.EnrolmentID = "t"
 	late.Time = t0.Add(time.Minute)
 	if _, err := s.RecordIssuance(ctx, late, &journal.Redemption{TokenHash: hash, TokenID: "t"}); !errors.Is(err, journal.ErrTokenSpent) {
 		t.Fatalf("redeeming an expired token: %v, want ErrTokenSpent", err)

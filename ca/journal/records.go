@@ -3,6 +3,7 @@ package journal
 import (
 	"context"
 	"database/sql"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"time"
@@ -19,33 +20,25 @@ type Redemption struct {
 // RecordIssuance durably appends an issuance, redeeming a join token first
 // when one is given, and returns the entry's index in the log. Nothing is
 // written if any step fails.
+//
+// A redemption is checked against the ledger inside the commit, after
+// catching up with every other writer: the token's signed creation must
+// match (hash, id, identity), it must not have expired, been spent or been
+// revoked. The issuance itself is then what spends the token and enrols the
+// identity, so that no table beside the log can say otherwise.
 func (s *Store) RecordIssuance(ctx context.Context, iss Issuance, redeem *Redemption) (int64, error) {
 	iss.Time, iss.NotBefore, iss.NotAfter = iss.Time.UTC(), iss.NotBefore.UTC(), iss.NotAfter.UTC()
+	if redeem != nil && (iss.Method != "join-token" || iss.EnrolmentID != redeem.TokenID) {
+		return 0, fmt.Errorf("journal: record issuance of %s: a redemption of join token %s must be a join-token issuance enrolling it", iss.Serial, redeem.TokenID)
+	}
 	body, err := encode(KindIssuance, iss)
 	if err != nil {
 		return 0, err
 	}
 	o := &op{entries: []pending{{kind: KindIssuance, time: iss.Time, spiffeID: iss.SPIFFEID, serial: iss.Serial, body: body}}}
 	if redeem != nil {
-		o.pre = func(ctx context.Context, tx *sql.Tx) error {
-			res, err := tx.ExecContext(ctx, `UPDATE join_tokens SET used_ns = $1
-				WHERE token_hash = $2 AND token_id = $3 AND spiffe_id = $4
-				AND used_ns IS NULL AND revoked_ns IS NULL AND expires_ns > $1`,
-				iss.Time.UnixNano(), redeem.TokenHash, redeem.TokenID, iss.SPIFFEID)
-			if err != nil {
-				return fmt.Errorf("journal: redeem: %w", err)
-			}
-			if n, err := res.RowsAffected(); err != nil {
-				return fmt.Errorf("journal: redeem: %w", err)
-			} else if n != 1 {
-				return ErrTokenSpent
-			}
-			_, err = tx.ExecContext(ctx, `INSERT INTO enrolments (id, spiffe_id, enrolled_ns) VALUES ($1, $2, $3)`,
-				redeem.TokenID, iss.SPIFFEID, iss.Time.UnixNano())
-			if err != nil {
-				return fmt.Errorf("journal: enrol: %w", err)
-			}
-			return nil
+		o.pre = func(context.Context, *sql.Tx) error {
+			return s.ledger.redeemable(redeem, iss, s.ledger.size())
 		}
 	}
 	if err := s.submit(ctx, o); err != nil {
@@ -81,18 +74,25 @@ type JoinToken struct {
 	RevokedAt time.Time // zero when not revoked
 }
 
-// CreateJoinToken stores a new token's hash and records its creation.
+// CreateJoinToken records a new token's creation: its id, its hash, the
+// identity it proves and when it expires.
 func (s *Store) CreateJoinToken(ctx context.Context, hash []byte, tok JoinToken) error {
-	rec := JoinTokenCreated{Time: tok.CreatedAt.UTC(), TokenID: tok.ID, SPIFFEID: tok.SPIFFEID, ExpiresAt: tok.ExpiresAt.UTC()}
+	rec := JoinTokenCreated{Time: tok.CreatedAt.UTC(), TokenID: tok.ID, TokenSHA256: hex.EncodeToString(hash),
+		SPIFFEID: tok.SPIFFEID, ExpiresAt: tok.ExpiresAt.UTC()}
 	body, err := encode(KindJoinToken, rec)
 	if err != nil {
 		return err
 	}
 	o := &op{
-		pre: func(ctx context.Context, tx *sql.Tx) error {
-			_, err := tx.ExecContext(ctx, `INSERT INTO join_tokens (token_hash, token_id, spiffe_id, created_ns, expires_ns)
-				VALUES ($1, $2, $3, $4, $5)`, hash, tok.ID, tok.SPIFFEID, tok.CreatedAt.UnixNano(), tok.ExpiresAt.UnixNano())
-			return err
+		pre: func(context.Context, *sql.Tx) error {
+			bound := s.ledger.size()
+			if _, dup := s.ledger.tokenByID(tok.ID, bound); dup {
+				return fmt.Errorf("journal: join token %s exists", tok.ID)
+			}
+			if _, dup := s.ledger.token(hash, bound); dup {
+				return errors.New("journal: a join token with that hash exists")
+			}
+			return nil
 		},
 		entries: []pending{{kind: KindJoinToken, time: rec.Time, spiffeID: rec.SPIFFEID, serial: rec.TokenID, body: body}},
 	}
@@ -103,30 +103,14 @@ func (s *Store) CreateJoinToken(ctx context.Context, hash []byte, tok JoinToken)
 }
 
 // Revoke revokes every standing enrolment of an identity and every unused
-// join token bound to it, and records that it did.
+// join token bound to it, by recording a revocation: the ledger counts
+// whatever the identity enrolled, or was given a token for, before it as
+// revoked.
 func (s *Store) Revoke(ctx context.Context, spiffeID string, now time.Time) (Revocation, error) {
 	rev := Revocation{Time: now.UTC(), SPIFFEID: spiffeID}
 	o := &op{}
-	o.pre = func(ctx context.Context, tx *sql.Tx) error {
-		res, err := tx.ExecContext(ctx, `UPDATE enrolments SET revoked_ns = $1 WHERE spiffe_id = $2 AND revoked_ns IS NULL`,
-			now.UnixNano(), spiffeID)
-		if err != nil {
-			return err
-		}
-		n, err := res.RowsAffected()
-		if err != nil {
-			return err
-		}
-		rev.Enrolments = int(n)
-		res, err = tx.ExecContext(ctx, `UPDATE join_tokens SET revoked_ns = $1
-			WHERE spiffe_id = $2 AND used_ns IS NULL AND revoked_ns IS NULL`, now.UnixNano(), spiffeID)
-		if err != nil {
-			return err
-		}
-		if n, err = res.RowsAffected(); err != nil {
-			return err
-		}
-		rev.Tokens = int(n)
+	o.pre = func(context.Context, *sql.Tx) error {
+		rev.Enrolments, rev.Tokens = s.ledger.standing(spiffeID, s.ledger.size())
 		body, err := encode(KindRevocation, rev)
 		if err != nil {
 			return err
@@ -140,20 +124,28 @@ func (s *Store) Revoke(ctx context.Context, spiffeID string, now time.Time) (Rev
 	return rev, nil
 }
 
-// LookupJoinToken returns the token with the given hash, or ErrNotFound.
+// LookupJoinToken returns the token with the given hash, or ErrNotFound. It
+// is read from the ledger: a token exists only if the signed log records
+// its creation with this hash, it is used once an issuance redeemed it, and
+// revoked once a revocation of its identity followed its creation.
 func (s *Store) LookupJoinToken(ctx context.Context, hash []byte) (JoinToken, error) {
-	var tok JoinToken
-	var created, expires int64
-	var used, revoked sql.NullInt64
-	err := s.stmts.joinToken.QueryRowContext(ctx, hash).Scan(&tok.ID, &tok.SPIFFEID, &created, &expires, &used, &revoked)
-	if errors.Is(err, sql.ErrNoRows) {
-		return JoinToken{}, ErrNotFound
-	}
-	if err != nil {
+	if err := s.fresh(ctx); err != nil {
 		return JoinToken{}, fmt.Errorf("journal: look up join token: %w", err)
 	}
-	tok.CreatedAt, tok.ExpiresAt = fromNanos(created), fromNanos(expires)
-	tok.UsedAt, tok.RevokedAt = fromNullNanos(used), fromNullNanos(revoked)
+	l := s.ledger
+	l.mu.RLock()
+	defer l.mu.RUnlock()
+	t, ok := l.token(hash, l.published)
+	if !ok {
+		return JoinToken{}, ErrNotFound
+	}
+	tok := JoinToken{ID: t.rec.TokenID, SPIFFEID: t.rec.SPIFFEID, CreatedAt: t.rec.Time, ExpiresAt: t.rec.ExpiresAt}
+	if t.redeemed {
+		tok.UsedAt = t.enrolledAt
+	}
+	if r, ok := l.revokedAfter(t.rec.SPIFFEID, t.created, l.published); ok && (!t.redeemed || r.idx < t.redemption) {
+		tok.RevokedAt = r.time
+	}
 	return tok, nil
 }
 
@@ -165,35 +157,40 @@ type Enrolment struct {
 	RevokedAt  time.Time // zero when not revoked
 }
 
-// LookupEnrolment returns the enrolment with the given id, or ErrNotFound.
+// LookupEnrolment returns the enrolment with the given id (the id of the
+// join token it redeemed), or ErrNotFound. It is read from the ledger: the
+// enrolment is the issuance that redeemed the token, and it is revoked once
+// a revocation of its identity follows it.
 func (s *Store) LookupEnrolment(ctx context.Context, id string) (Enrolment, error) {
-	e := Enrolment{ID: id}
-	var enrolled int64
-	var revoked sql.NullInt64
-	err := s.stmts.enrolment.QueryRowContext(ctx, id).
-		Scan(&e.SPIFFEID, &enrolled, &revoked)
-	if errors.Is(err, sql.ErrNoRows) {
-		return Enrolment{}, ErrNotFound
-	}
-	if err != nil {
+	if err := s.fresh(ctx); err != nil {
 		return Enrolment{}, fmt.Errorf("journal: look up enrolment: %w", err)
 	}
-	e.EnrolledAt, e.RevokedAt = fromNanos(enrolled), fromNullNanos(revoked)
+	l := s.ledger
+	l.mu.RLock()
+	defer l.mu.RUnlock()
+	t, ok := l.tokenByID(id, l.published)
+	if !ok || !t.redeemed {
+		return Enrolment{}, ErrNotFound
+	}
+	e := Enrolment{ID: id, SPIFFEID: t.rec.SPIFFEID, EnrolledAt: t.enrolledAt}
+	if r, ok := l.revokedAfter(t.rec.SPIFFEID, t.redemption, l.published); ok {
+		e.RevokedAt = r.time
+	}
 	return e, nil
 }
 
 // LookupIssuance returns the issuance of the certificate with the given
-// serial (lower-case hex), or ErrNotFound.
+// serial (lower-case hex), or ErrNotFound. The row is proven against the
+// ledger before it counts.
 func (s *Store) LookupIssuance(ctx context.Context, serial string) (Issuance, error) {
-	e, err := s.issuanceEntry(ctx, serial)
-	if err != nil {
-		return Issuance{}, err
+	var iss Issuance
+	if err := s.verifiedRecord(ctx, serial, KindIssuance, &iss); err != nil {
+		return Issuance{}, fmt.Errorf("journal: look up issuance %s: %w", serial, err)
 	}
-	rec, err := e.Decode()
-	if err != nil {
-		return Issuance{}, err
+	if iss.Serial != serial {
+		return Issuance{}, s.tampered(fmt.Errorf("%w: the row of serial %s holds the issuance of %s", ErrTampered, serial, iss.Serial))
 	}
-	return *rec.(*Issuance), nil
+	return iss, nil
 }
 
 func (s *Store) issuanceEntry(ctx context.Context, serial string) (Entry, error) {
@@ -297,21 +294,15 @@ func (s *Store) RecordRotation(ctx context.Context, r Rotation) error {
 }
 
 // LookupJoinTokenCreation returns the journal's record of a token's
-// creation, or ErrNotFound. The token table alone is not trusted: a token
-// counts only if the signed log records its creation.
+// creation, or ErrNotFound. The row is proven against the ledger: a row that
+// claims a creation the signed log does not hold fails closed.
 func (s *Store) LookupJoinTokenCreation(ctx context.Context, tokenID string) (JoinTokenCreated, error) {
-	var e Entry
-	var idx int64
-	err := s.stmts.entryBySerial.QueryRowContext(ctx, tokenID, string(KindJoinToken)).Scan(&idx, &e.Kind, &e.Body)
-	if errors.Is(err, sql.ErrNoRows) {
-		return JoinTokenCreated{}, ErrNotFound
-	}
-	if err != nil {
+	var rec JoinTokenCreated
+	if err := s.verifiedRecord(ctx, tokenID, KindJoinToken, &rec); err != nil {
 		return JoinTokenCreated{}, fmt.Errorf("journal: look up join token %s: %w", tokenID, err)
 	}
-	rec, err := e.Decode()
-	if err != nil {
-		return JoinTokenCreated{}, err
+	if rec.TokenID != tokenID {
+		return JoinTokenCreated{}, s.tampered(fmt.Errorf("%w: the row of join token %s holds the creation of %s", ErrTampered, tokenID, rec.TokenID))
 	}
-	return *rec.(*JoinTokenCreated), nil
+	return rec, nil
 }

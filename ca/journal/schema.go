@@ -26,28 +26,18 @@ CREATE INDEX IF NOT EXISTS entries_spiffe_id ON entries(spiffe_id, idx);
 CREATE INDEX IF NOT EXISTS entries_time ON entries(time_ns);
 -- checkpoints are signed notes over the log's first size entries, one per
 -- commit batch.
+--
+-- Join tokens, enrolments and revocations have no tables: their state is
+-- derived from the verified entries alone (ledger.go), so that no row
+-- beside the log can vouch for a token or clear a revocation. Databases
+-- from before keep their join_tokens and enrolments tables; nothing reads
+-- them.
 CREATE TABLE IF NOT EXISTS checkpoints (
 	size    INTEGER PRIMARY KEY,
 	root    BLOB    NOT NULL,
 	note    BLOB    NOT NULL,
 	time_ns INTEGER NOT NULL
 );
-CREATE TABLE IF NOT EXISTS join_tokens (
-	token_hash BLOB    PRIMARY KEY,
-	token_id   TEXT    NOT NULL UNIQUE,
-	spiffe_id  TEXT    NOT NULL,
-	created_ns INTEGER NOT NULL,
-	expires_ns INTEGER NOT NULL,
-	used_ns    INTEGER,
-	revoked_ns INTEGER
-);
-CREATE TABLE IF NOT EXISTS enrolments (
-	id          TEXT    PRIMARY KEY,
-	spiffe_id   TEXT    NOT NULL,
-	enrolled_ns INTEGER NOT NULL,
-	revoked_ns  INTEGER
-);
-CREATE INDEX IF NOT EXISTS enrolments_spiffe_id ON enrolments(spiffe_id);
 `
 
 const postgresSchema = `
@@ -73,22 +63,6 @@ CREATE TABLE IF NOT EXISTS checkpoints (
 	note    BYTEA  NOT NULL,
 	time_ns BIGINT NOT NULL
 );
-CREATE TABLE IF NOT EXISTS join_tokens (
-	token_hash BYTEA  PRIMARY KEY,
-	token_id   TEXT   NOT NULL UNIQUE,
-	spiffe_id  TEXT   NOT NULL,
-	created_ns BIGINT NOT NULL,
-	expires_ns BIGINT NOT NULL,
-	used_ns    BIGINT,
-	revoked_ns BIGINT
-);
-CREATE TABLE IF NOT EXISTS enrolments (
-	id          TEXT   PRIMARY KEY,
-	spiffe_id   TEXT   NOT NULL,
-	enrolled_ns BIGINT NOT NULL,
-	revoked_ns  BIGINT
-);
-CREATE INDEX IF NOT EXISTS enrolments_spiffe_id ON enrolments(spiffe_id);
 `
 
 // postgresAppendLock serialises appenders across replicas for the length of

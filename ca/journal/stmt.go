@@ -13,7 +13,7 @@ import (
 // parsing was a quarter of a commit's CPU.)
 type statements struct {
 	nextIndex, insertEntry, insertCheckpoint *sql.Stmt
-	entryBySerial, enrolment, joinToken      *sql.Stmt
+	entryBySerial                            *sql.Stmt
 }
 
 // prepare prepares the hot statements. It runs at Open, once the schema
@@ -29,9 +29,6 @@ func (s *Store) prepare(ctx context.Context) error {
 		{&s.stmts.insertCheckpoint, `INSERT INTO checkpoints (size, root, note, time_ns) VALUES ($1, $2, $3, $4)`},
 		{&s.stmts.entryBySerial, `SELECT idx, kind, body FROM entries
 			WHERE serial = $1 AND serial != '' AND kind = $2 ORDER BY idx LIMIT 1`},
-		{&s.stmts.enrolment, `SELECT spiffe_id, enrolled_ns, revoked_ns FROM enrolments WHERE id = $1`},
-		{&s.stmts.joinToken, `SELECT token_id, spiffe_id, created_ns, expires_ns, used_ns, revoked_ns
-			FROM join_tokens WHERE token_hash = $1`},
 	} {
 		st, err := s.db.PrepareContext(ctx, p.query)
 		if err != nil {
@@ -44,7 +41,7 @@ func (s *Store) prepare(ctx context.Context) error {
 }
 
 func (st *statements) close() {
-	for _, s := range []*sql.Stmt{st.nextIndex, st.insertEntry, st.insertCheckpoint, st.entryBySerial, st.enrolment, st.joinToken} {
+	for _, s := range []*sql.Stmt{st.nextIndex, st.insertEntry, st.insertCheckpoint, st.entryBySerial} {
 		if s != nil {
 			s.Close()
 		}

@@ -59,8 +59,13 @@ type Config struct {
 	// held for the next to wait: a lone caller never waits. Zero or less
 	// means DefaultCommitSiblings.
 	CommitSiblings int
-	// Clock times CommitDelay; nil means the real clock.
+	// Clock times CommitDelay and RecheckInterval; nil means the real
+	// clock.
 	Clock clock.Clock
+	// RecheckInterval is how often Watch re-reads every stored entry and
+	// compares it with the verified leaf at its index. Zero means
+	// DefaultRecheckInterval.
+	RecheckInterval time.Duration
 
 	Log *slog.Logger
 }
@@ -91,10 +96,15 @@ type Store struct {
 	lastBatch  int
 	lastCommit time.Time
 	// integrity is why the stored log cannot be trusted; once set it blocks
-	// every append. Reads and audits still work.
+	// every append and every lookup. Audits still work.
 	imu       sync.Mutex
 	integrity error
 	verifier  note.Verifier
+	// ledger holds the verified leaves and the state lookups read.
+	ledger *ledger
+	// unproven is set when entries were loaded without a verifier key:
+	// nothing vouches for them, so lookups refuse.
+	unproven bool
 }
 
 func (s *Store) setIntegrity(err error) {
@@ -102,6 +112,7 @@ func (s *Store) setIntegrity(err error) {
 	defer s.imu.Unlock()
 	if s.integrity == nil {
 		s.integrity = err
+		s.cfg.Log.Error("the journal does not match its signed checkpoints: refusing every lookup, issuance and checkpoint; run trustmesh audit verify", "error", err)
 	}
 }
 
@@ -126,6 +137,9 @@ func Open(ctx context.Context, cfg Config) (*Store, error) {
 	}
 	if cfg.Clock == nil {
 		cfg.Clock = clock.RealClock{}
+	}
+	if cfg.RecheckInterval <= 0 {
+		cfg.RecheckInterval = DefaultRecheckInterval
 	}
 	if cfg.Log == nil {
 		cfg.Log = slog.Default()
@@ -158,6 +172,7 @@ func Open(ctx context.Context, cfg Config) (*Store, error) {
 		return nil, err
 	}
 	s.rng = s.hasher.f.NewEmptyRange(0)
+	s.ledger = newLedger()
 	if cfg.VerifierKey != "" {
 		if s.verifier, err = note.NewVerifier(cfg.VerifierKey); err != nil {
 			s.stmts.close()
@@ -246,6 +261,7 @@ func (s *Store) SetSigner(ctx context.Context, signer note.Signer, vkey string) 
 		s.cfg.Origin = signer.Name()
 	}
 	s.rng = s.hasher.f.NewEmptyRange(0)
+	s.ledger = newLedger()
 	s.imu.Lock()
 	s.integrity = nil
 	s.imu.Unlock()
@@ -269,7 +285,15 @@ func (s *Store) load(ctx context.Context) error {
 		s.setIntegrity(err)
 		return nil
 	}
-	return err
+	if err != nil {
+		return err
+	}
+	// Entries count for lookups once the signed checkpoint vouches for
+	// them. Without a verifier key nothing does: a store that appends then
+	// vouches for its own entries only if it started from an empty log.
+	s.unproven = s.verifier == nil && s.rng.End() > 0
+	s.ledger.publish()
+	return nil
 }
 
 func (s *Store) snapshotIsolation() sql.IsolationLevel {
@@ -360,8 +384,14 @@ func (s *Store) catchUp(ctx context.Context, q querier) error {
 		if uint64(idx) != next {
 			return fmt.Errorf("%w: entry %d is missing", ErrTampered, next)
 		}
-		if err := s.rng.Append(rfc6962.DefaultHasher.HashLeaf(body), nil); err != nil {
+		leaf := rfc6962.DefaultHasher.HashLeaf(body)
+		if err := s.rng.Append(leaf, nil); err != nil {
 			return fmt.Errorf("journal: %w", err)
+		}
+		// Unpublished until the caller has checked the new root against
+		// the latest signed checkpoint.
+		if err := s.ledger.add(next, leaf, body); err != nil {
+			return fmt.Errorf("%w: %v", ErrTampered, err)
 		}
 		next++
 	}

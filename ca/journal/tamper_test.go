@@ -11,10 +11,12 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/transparency-dev/merkle/compact"
 	"github.com/transparency-dev/merkle/rfc6962"
 	"golang.org/x/mod/sumdb/note"
+	clocktesting "k8s.io/utils/clock/testing"
 
 	"github.com/trustmesh/trustmesh/ca/journal"
 )
@@ -292,4 +294,173 @@ func rootOf(t *testing.T, leaves [][]byte) []byte {
 		t.Fatal(err)
 	}
 	return root
+}
+
+// enrolled creates a join token for id, redeems it and revokes id, so that
+// the journal holds an enrolment that must stay revoked. It returns the
+// token's hash and the serial of its issuance.
+func enrolled(t *testing.T, s *journal.Store, id string) (hash []byte, serial string) {
+	t.Helper()
+	ctx := context.Background()
+	hash = leafHash([]byte(id)) // any 32 bytes
+	if err := s.CreateJoinToken(ctx, hash, journal.JoinToken{ID: "tok-" + id[len(id)-2:], SPIFFEID: id, CreatedAt: t0, ExpiresAt: t0.Add(time.Hour)}); err != nil {
+		t.Fatal(err)
+	}
+	iss := issuance("e"+id[len(id)-2:], id)
+	iss.EnrolmentID = "tok-" + id[len(id)-2:]
+	if _, err := s.RecordIssuance(ctx, iss, &journal.Redemption{TokenHash: hash, TokenID: iss.EnrolmentID}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Revoke(ctx, id, t0.Add(time.Minute)); err != nil {
+		t.Fatal(err)
+	}
+	return hash, iss.Serial
+}
+
+// Rows that lookups rest on are proven against the signed log, in a running
+// journal: a rewrite of an old row never counts, and a rewrite that a
+// lookup or a recheck reads fails the journal closed.
+func TestRunningJournalTrustsNoRewrittenRow(t *testing.T) {
+	const victim = "spiffe://cluster.local/vm/v1"
+	cases := []struct {
+		name string
+		// rewrite alters the log behind the running journal.
+		rewrite func(t *testing.T, db *sql.DB, serial string)
+		// lookup is what a request would then read; it must not succeed
+		// with what the rewrite says.
+		lookup func(t *testing.T, s *journal.Store, hash []byte, serial string) error
+		// tampered: the lookup itself finds the rewrite.
+		tampered bool
+	}{
+		{"an issuance rewritten to another identity", func(t *testing.T, db *sql.DB, serial string) {
+			body := editBody(t, db, 5, "sa/w5", "sa/admin")
+			exec(t, db, `UPDATE entries SET body = $1, leaf_hash = $2 WHERE idx = 5`, body, leafHash(body))
+		}, func(t *testing.T, s *journal.Store, _ []byte, _ string) error {
+			iss, err := s.LookupIssuance(context.Background(), "105")
+			if err == nil {
+				t.Errorf("renewal lookup returned %s from a rewritten row", iss.SPIFFEID)
+			}
+			return err
+		}, true},
+		{"an old row rewritten into a join token's creation", func(t *testing.T, db *sql.DB, _ string) {
+			body := []byte(`{"kind":"join-token","record":{"time":"2026-11-23T12:00:00Z","token_id":"f00d","token_sha256":"` +
+				fmt.Sprintf("%x", leafHash([]byte("forged"))) + `","spiffe_id":"spiffe://cluster.local/ns/kube-system/sa/admin","expires_at":"2099-01-01T00:00:00Z"}}`)
+			exec(t, db, `UPDATE entries SET kind = 'join-token', serial = 'f00d', body = $1, leaf_hash = $2 WHERE idx = 2`, body, leafHash(body))
+		}, func(t *testing.T, s *journal.Store, _ []byte, _ string) error {
+			if tok, err := s.LookupJoinToken(context.Background(), leafHash([]byte("forged"))); !errors.Is(err, journal.ErrNotFound) {
+				t.Errorf("forged token lookup = %+v, %v; want ErrNotFound", tok, err)
+			}
+			_, err := s.LookupJoinTokenCreation(context.Background(), "f00d")
+			return err
+		}, true},
+		{"the revocation rewritten into a refusal", func(t *testing.T, db *sql.DB, _ string) {
+			body := []byte(`{"kind":"refusal","record":{"reason":"x","count":1}}`)
+			exec(t, db, `UPDATE entries SET kind = 'refusal', body = $1, leaf_hash = $2 WHERE kind = 'revocation'`, body, leafHash(body))
+		}, func(t *testing.T, s *journal.Store, _ []byte, _ string) error {
+			e, err := s.LookupEnrolment(context.Background(), "tok-v1")
+			if err == nil && e.RevokedAt.IsZero() {
+				t.Error("a rewritten revocation row cleared the revocation")
+			}
+			return err
+		}, false},
+		{"the revocation deleted", func(t *testing.T, db *sql.DB, _ string) {
+			exec(t, db, `DELETE FROM entries WHERE kind = 'revocation'`)
+		}, func(t *testing.T, s *journal.Store, hash []byte, _ string) error {
+			e, err := s.LookupEnrolment(context.Background(), "tok-v1")
+			if err == nil && e.RevokedAt.IsZero() {
+				t.Error("a deleted revocation row cleared the revocation")
+			}
+			return err
+		}, true}, // it was the last row: the log shrank
+		{"the enrolment's issuance made younger", func(t *testing.T, db *sql.DB, serial string) {
+			var body []byte
+			if err := db.QueryRow(`SELECT body FROM entries WHERE serial = $1`, serial).Scan(&body); err != nil {
+				t.Fatal(err)
+			}
+			body = []byte(strings.ReplaceAll(string(body), "2026-11-23", "2099-11-23"))
+			exec(t, db, `UPDATE entries SET body = $1, leaf_hash = $2 WHERE serial = $3`, body, leafHash(body), serial)
+		}, func(t *testing.T, s *journal.Store, _ []byte, _ string) error {
+			e, err := s.LookupEnrolment(context.Background(), "tok-v1")
+			if err == nil && !e.EnrolledAt.Equal(t0) {
+				t.Errorf("enrolment dated %s after a rewrite, want %s", e.EnrolledAt, t0)
+			}
+			return err
+		}, false},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			eachBackend(t, func(t *testing.T, b backend) {
+				ctx := context.Background()
+				s := b.open(t)
+				fill(t, s, 8)
+				hash, serial := enrolled(t, s, victim)
+				tc.rewrite(t, b.raw(t), serial)
+
+				err := tc.lookup(t, s, hash, serial)
+				if tc.tampered != errors.Is(err, journal.ErrTampered) {
+					t.Fatalf("lookup = %v; want ErrTampered: %v", err, tc.tampered)
+				}
+				// Whether or not a lookup read the row, a recheck finds it,
+				// and then the journal refuses every append and lookup.
+				if err := s.Recheck(ctx); !errors.Is(err, journal.ErrTampered) {
+					t.Fatalf("Recheck() = %v, want ErrTampered", err)
+				}
+				if !errors.Is(s.Integrity(), journal.ErrTampered) {
+					t.Fatalf("Integrity() = %v, want ErrTampered", s.Integrity())
+				}
+				if _, err := s.RecordIssuance(ctx, issuance("ff", "spiffe://cluster.local/x"), nil); !errors.Is(err, journal.ErrTampered) {
+					t.Fatalf("append after a rewrite = %v, want ErrTampered", err)
+				}
+				if _, err := s.LookupIssuance(ctx, "100"); !errors.Is(err, journal.ErrTampered) {
+					t.Fatalf("lookup after a rewrite = %v, want ErrTampered", err)
+				}
+			})
+		})
+	}
+}
+
+// A running journal rechecks its whole log on its own, on the clock.
+func TestWatchFindsARewrite(t *testing.T) {
+	eachBackend(t, func(t *testing.T, b backend) {
+		clk := clocktesting.NewFakeClock(t0)
+		s, err := journal.Open(context.Background(), journal.Config{DSN: b.dsn, Signer: testSigner, VerifierKey: testVKey,
+			Clock: clk, RecheckInterval: time.Minute, CommitDelay: -1})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer s.Close()
+		fill(t, s, 4)
+		ctx, cancel := context.WithCancel(context.Background())
+		done := make(chan error, 1)
+		go func() { done <- s.Watch(ctx) }()
+		defer func() {
+			cancel()
+			if err := <-done; err != nil {
+				t.Errorf("Watch() = %v", err)
+			}
+		}()
+		step := func() {
+			t.Helper()
+			deadline := time.Now().Add(10 * time.Second)
+			for !clk.HasWaiters() {
+				if time.Now().After(deadline) {
+					t.Fatal("Watch never waited on the clock")
+				}
+				time.Sleep(time.Millisecond)
+			}
+			clk.Step(time.Minute)
+		}
+		step()
+		step() // the first recheck has run over an intact log
+		if err := s.Integrity(); err != nil {
+			t.Fatalf("Integrity() = %v over an intact log", err)
+		}
+		body := editBody(t, b.raw(t), 1, "sa/w1", "sa/admin")
+		exec(t, b.raw(t), `UPDATE entries SET body = $1, leaf_hash = $2 WHERE idx = 1`, body, leafHash(body))
+		step()
+		step()
+		if !errors.Is(s.Integrity(), journal.ErrTampered) {
+			t.Fatalf("Integrity() = %v after a rewrite and a recheck, want ErrTampered", s.Integrity())
+		}
+	})
 }
