@@ -512,6 +512,10 @@ func (cp *ControlPlane) newAuthz(v *validated) (*service.Service, error) {
 		RootNamespace: v.RootNamespace, DecisionLog: v.DecisionLog, Log: v.Log, OnKubernetes: v.inKube,
 		Registerer: cp.registry,
 	}
+	var err error
+	if cfg.Mesh, err = authzMesh(v); err != nil {
+		return nil, err
+	}
 	if v.inKube && v.PolicyDir == "" {
 		restCfg, err := restConfig(v.RestConfig, v.Kubeconfig)
 		if err != nil {
