@@ -24,6 +24,7 @@ import (
 	"github.com/trustmesh/trustmesh/authz/engine"
 	"github.com/trustmesh/trustmesh/authz/server"
 	"github.com/trustmesh/trustmesh/authz/source"
+	"github.com/trustmesh/trustmesh/internal/connlimit"
 	"github.com/trustmesh/trustmesh/mesh"
 )
 
@@ -48,9 +49,15 @@ type Config struct {
 	DecisionLog     io.Writer
 	HeaderAllowlist []string
 	QueryAllowlist  []string
-	Log             *slog.Logger
+	// RedactPaths are patterns whose matches in paths the decision log
+	// replaces (decisionlog.PathRedactor); checked even with no log.
+	RedactPaths []string
+	Log         *slog.Logger
 	// Registerer, when set, receives the service's Prometheus metrics.
 	Registerer prometheus.Registerer
+	// Connections bounds the ext_authz listener; zero values take
+	// connlimit's defaults.
+	Connections connlimit.Config
 	// Mesh, when set, names the mesh's gateways, whose
 	// x-envoy-external-address remote.ip trusts (engine.RemoteIP); the
 	// service serves only once it has read it, and follows its changes.
@@ -111,9 +118,14 @@ func New(cfg Config) (*Service, error) {
 	errs = append(errs, err)
 	var dl server.DecisionLogger
 	if cfg.DecisionLog != nil {
-		s.dlog, err = decisionlog.New(decisionlog.Config{Writer: cfg.DecisionLog, HeaderAllowlist: cfg.HeaderAllowlist, QueryAllowlist: cfg.QueryAllowlist})
+		s.dlog, err = decisionlog.New(decisionlog.Config{
+			Writer: cfg.DecisionLog, HeaderAllowlist: cfg.HeaderAllowlist, QueryAllowlist: cfg.QueryAllowlist, RedactPaths: cfg.RedactPaths,
+		})
 		errs = append(errs, err)
 		dl = s.dlog
+	} else {
+		_, err = decisionlog.NewPathRedactor(cfg.RedactPaths)
+		errs = append(errs, err)
 	}
 	var metrics *server.Metrics
 	if cfg.Registerer != nil {
@@ -121,7 +133,7 @@ func New(cfg Config) (*Service, error) {
 	}
 	s.server, err = server.New(server.Config{
 		Engine: s.Engine, Log: dl, Address: cfg.Address, Creds: cfg.Creds,
-		InsecurePlaintext: cfg.InsecurePlaintext, FailOpen: cfg.FailOpen, Metrics: metrics,
+		InsecurePlaintext: cfg.InsecurePlaintext, FailOpen: cfg.FailOpen, Metrics: metrics, Connections: cfg.Connections,
 	})
 	errs = append(errs, err)
 	if err := errors.Join(errs...); err != nil {

@@ -39,7 +39,7 @@ func TestRunServesAndStops(t *testing.T) {
 	}
 	sock := filepath.Join(t.TempDir(), "authz.sock")
 	var dl bytes.Buffer // read only after Run returned
-	svc, err := New(Config{Address: "unix://" + sock, PolicyDir: dir, DecisionLog: &dl})
+	svc, err := New(Config{Address: "unix://" + sock, PolicyDir: dir, DecisionLog: &dl, RedactPaths: []string{`^/(ok)$`}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -73,6 +73,9 @@ func TestRunServesAndStops(t *testing.T) {
 	if n := bytes.Count(dl.Bytes(), []byte("\n")); n != 2 {
 		t.Errorf("decision log has %d lines, want 2", n)
 	}
+	if !bytes.Contains(dl.Bytes(), []byte(`"path":"/REDACTED"`)) || bytes.Contains(dl.Bytes(), []byte(`"path":"/ok"`)) {
+		t.Errorf("the decision log did not redact /ok:\n%s", dl.Bytes())
+	}
 }
 
 func TestRunFailsOnABrokenFirstLoad(t *testing.T) {
@@ -102,6 +105,8 @@ func TestConfigErrors(t *testing.T) {
 		{"plaintext tcp", Config{Address: "127.0.0.1:0", PolicyDir: "."}},
 		{"unsigned bundles required", Config{Address: "unix:///tmp/x.sock", Bundles: []source.BundleConfig{{Path: ".", RequireSignature: true}}}},
 		{"unsigned bundles on Kubernetes", Config{Address: "unix:///tmp/x.sock", OnKubernetes: true, Bundles: []source.BundleConfig{{Path: "."}}}},
+		{"bad path redaction pattern", Config{Address: "unix:///tmp/x.sock", PolicyDir: ".", DecisionLog: &bytes.Buffer{}, RedactPaths: []string{"("}}},
+		{"bad path redaction pattern without a log", Config{Address: "unix:///tmp/x.sock", PolicyDir: ".", RedactPaths: []string{"("}}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
