@@ -61,6 +61,10 @@ func (s Static) Watch(ctx context.Context, _ func()) (<-chan error, error) {
 //
 //   - mesh.trustmesh.io/v1alpha1 Service: a service, its ports and its
 //     endpoints, each with an address, a pod name, a SPIFFE ID and labels;
+//   - mesh.trustmesh.io/v1alpha1 Workload: a workload that serves no
+//     service (a client, a gateway without a service), named by its pod,
+//     with a SPIFFE ID and labels. The xDS server configures only the
+//     workloads the files list, as endpoints or as Workloads;
 //   - mesh.trustmesh.io/v1alpha1 ExternalService, or networking.istio.io
 //     ServiceEntry with location MESH_EXTERNAL: a host reached through the
 //     egress gateway;
@@ -276,6 +280,23 @@ func (d *Dir) parseDoc(m *Mesh, js []byte) error {
 			}})
 		}
 		m.Services = append(m.Services, s)
+	case doc.APIVersion == APIVersion && doc.Kind == "Workload":
+		var fw struct {
+			SPIFFEID string            `json:"spiffeID"`
+			Labels   map[string]string `json:"labels"`
+		}
+		if err := strictJSON(spec, &fw); err != nil {
+			return err
+		}
+		id, err := spiffeid.FromString(fw.SPIFFEID)
+		if err != nil {
+			return fmt.Errorf("spiffeID %q: %w", fw.SPIFFEID, err)
+		}
+		sa, ok := serviceAccount(id, ns)
+		if !ok {
+			return fmt.Errorf("spiffeID %s: want spiffe://TD/ns/%s/sa/SA", id, ns)
+		}
+		m.Workloads = append(m.Workloads, &Workload{Namespace: ns, Name: name, ServiceAccount: sa, ID: id, Labels: fw.Labels})
 	case doc.APIVersion == APIVersion && doc.Kind == "ExternalService":
 		var fx fileExternal
 		if err := strictJSON(spec, &fx); err != nil {

@@ -17,6 +17,7 @@ import (
 	"slices"
 	"sort"
 	"strings"
+	"sync"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 )
@@ -42,12 +43,23 @@ var ErrInvalid = errors.New("mesh: invalid")
 // Mesh is one consistent view of the mesh.
 type Mesh struct {
 	Services []*Service
-	External []*ExternalService
-	Gateways []*Gateway
-	Secrets  []*Secret
+	// Workloads are the workloads the mesh knows besides the endpoints of
+	// its services: clients that serve nothing, gateways without a
+	// service. A workload may be listed here and as an endpoint. The
+	// xDS server configures only workloads the mesh knows (Workload), so
+	// a source must list every workload: on Kubernetes every pod.
+	Workloads []*Workload
+	External  []*ExternalService
+	Gateways  []*Gateway
+	Secrets   []*Secret
 	// Refusals are objects the source read and refused to honour, such as a
 	// PeerAuthentication asking for PERMISSIVE mTLS. Consumers log them.
 	Refusals []Refusal
+
+	// byKey indexes every workload by Key, built on the first lookup: a
+	// Mesh is not changed once it is looked up.
+	indexOnce sync.Once
+	byKey     map[string]*Workload
 }
 
 // Refusal is an object the mesh refuses to honour, and why.
@@ -236,16 +248,78 @@ func (m *Mesh) Service(key string) *Service {
 	return nil
 }
 
-// Workload finds a workload by namespace and pod name.
+// Workload finds a workload by namespace and pod name, among the
+// endpoints of services and the other workloads.
 func (m *Mesh) Workload(ns, name string) *Workload {
+	m.indexOnce.Do(func() {
+		m.byKey = map[string]*Workload{}
+		for _, w := range m.AllWorkloads() {
+			m.byKey[w.Key()] = w
+		}
+	})
+	return m.byKey[ns+"/"+name]
+}
+
+// AllWorkloads lists every workload the mesh knows once, endpoints first.
+func (m *Mesh) AllWorkloads() []*Workload {
+	seen := map[string]bool{}
+	var out []*Workload
+	add := func(w *Workload) {
+		if w != nil && !seen[w.Key()] {
+			seen[w.Key()] = true
+			out = append(out, w)
+		}
+	}
 	for _, s := range m.Services {
 		for _, e := range s.Endpoints {
-			if e.Workload != nil && e.Workload.Namespace == ns && e.Workload.Name == name {
-				return e.Workload
+			add(e.Workload)
+		}
+	}
+	for _, w := range m.Workloads {
+		add(w)
+	}
+	return out
+}
+
+// GatewayWorkloads are the workloads a gateway configures: those the mesh
+// knows in its namespace whose labels, as the mesh has them, include its
+// selector. Labels a proxy reports about itself play no part.
+func (m *Mesh) GatewayWorkloads(g *Gateway) []*Workload {
+	var out []*Workload
+	for _, w := range m.AllWorkloads() {
+		if g.Selects(w.Namespace, w.Labels) {
+			out = append(out, w)
+		}
+	}
+	return out
+}
+
+// MayReadSecret reports whether the service account sa of namespace ns
+// may be sent the gateway secret ns/name: only when it runs a workload of
+// an ingress gateway of ns that serves that secret. As Istio authorizes
+// credentialName secrets per service account of the gateway's own
+// namespace, never across namespaces.
+func (m *Mesh) MayReadSecret(ns, sa, name string) bool {
+	for _, g := range m.Gateways {
+		if g.Namespace != ns || g.Kind != Ingress {
+			continue
+		}
+		serves := false
+		for _, sv := range g.Servers {
+			if sv.CredentialName == name {
+				serves = true
+			}
+		}
+		if !serves {
+			continue
+		}
+		for _, w := range m.GatewayWorkloads(g) {
+			if w.ServiceAccount == sa {
+				return true
 			}
 		}
 	}
-	return nil
+	return false
 }
 
 // Secret returns the secret namespace/name, or nil.
@@ -337,6 +411,22 @@ func (m *Mesh) Validate(td spiffeid.TrustDomain) error {
 			}
 			workloads[w.Key()] = w
 		}
+	}
+	for i, w := range m.Workloads {
+		want, err := spiffeid.FromSegments(td, "ns", w.Namespace, "sa", w.ServiceAccount)
+		switch {
+		case w.Namespace == "" || w.Name == "" || w.ServiceAccount == "":
+			fail("workload %d (%s): namespace, name and service account are required", i, w.Key())
+			continue
+		case err != nil:
+			fail("workload %s: %v", w.Key(), err)
+		case w.ID != want:
+			fail("workload %s has SPIFFE ID %q, want %s", w.Key(), w.ID, want)
+		}
+		if prev, ok := workloads[w.Key()]; ok && prev != w && (prev.ID != w.ID || !equalLabels(prev.Labels, w.Labels)) {
+			fail("workload %s is declared twice with different identities or labels", w.Key())
+		}
+		workloads[w.Key()] = w
 	}
 	for _, x := range m.External {
 		if x.Host == "" || strings.ContainsAny(x.Host, "*/ ") {
@@ -442,6 +532,7 @@ func (m *Mesh) Sort() {
 			return a.Workload.Key() < b.Workload.Key()
 		})
 	}
+	sort.Slice(m.Workloads, func(i, j int) bool { return m.Workloads[i].Key() < m.Workloads[j].Key() })
 	sort.Slice(m.External, func(i, j int) bool { return m.External[i].Host < m.External[j].Host })
 	sort.Slice(m.Gateways, func(i, j int) bool { return m.Gateways[i].Key() < m.Gateways[j].Key() })
 	sort.Slice(m.Secrets, func(i, j int) bool { return m.Secrets[i].Key() < m.Secrets[j].Key() })

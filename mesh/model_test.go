@@ -50,6 +50,14 @@ func TestValidate(t *testing.T) {
 			m.Gateways = []*mesh.Gateway{{Namespace: "a", Name: "in", Kind: mesh.Ingress, Selector: map[string]string{"x": "y"},
 				Servers: []mesh.Server{{Port: 443, Hosts: []string{"h"}, CredentialName: "c", Routes: []mesh.Route{{Host: "h", Service: "a/nope", Port: 80}}}}}}
 		},
+		"workload ID of another service account (Workloads)": func(m *mesh.Mesh) {
+			m.Workloads = []*mesh.Workload{{Namespace: "a", Name: "client", ServiceAccount: "sa", ID: spiffeid.RequireFromString("spiffe://cluster.local/ns/a/sa/admin")}}
+		},
+		"workload declared twice with other labels": func(m *mesh.Mesh) {
+			w := *m.Services[0].Endpoints[0].Workload
+			w.Labels = map[string]string{"istio": "ingressgateway"}
+			m.Workloads = []*mesh.Workload{&w}
+		},
 		"gateway without selector": func(m *mesh.Mesh) {
 			m.Gateways = []*mesh.Gateway{{Namespace: "a", Name: "in", Kind: mesh.Ingress}}
 		},
@@ -65,5 +73,38 @@ func TestValidate(t *testing.T) {
 				t.Fatalf("Validate() = %v, want ErrInvalid", err)
 			}
 		})
+	}
+}
+
+// TestMayReadSecret: a gateway secret is readable only by the service
+// accounts of the workloads its gateway selects, by the mesh's labels, in
+// its own namespace.
+func TestMayReadSecret(t *testing.T) {
+	id := func(ns, sa string) spiffeid.ID { return spiffeid.RequireFromSegments(td, "ns", ns, "sa", sa) }
+	m := &mesh.Mesh{
+		Workloads: []*mesh.Workload{
+			{Namespace: "gw", Name: "ingress-0", ServiceAccount: "ingress", ID: id("gw", "ingress"), Labels: map[string]string{"istio": "ingressgateway"}},
+			{Namespace: "gw", Name: "tools-0", ServiceAccount: "tools", ID: id("gw", "tools"), Labels: map[string]string{"app": "tools"}},
+			{Namespace: "other", Name: "ingress-0", ServiceAccount: "ingress", ID: id("other", "ingress"), Labels: map[string]string{"istio": "ingressgateway"}},
+		},
+		Gateways: []*mesh.Gateway{{Namespace: "gw", Name: "in", Kind: mesh.Ingress, Selector: map[string]string{"istio": "ingressgateway"},
+			Servers: []mesh.Server{{Port: 443, Hosts: []string{"h"}, CredentialName: "cert"}}}},
+	}
+	cases := []struct {
+		ns, sa, name string
+		want         bool
+	}{
+		{"gw", "ingress", "cert", true},
+		{"gw", "tools", "cert", false},
+		{"gw", "ingress", "other-cert", false},
+		{"other", "ingress", "cert", false},
+	}
+	for _, tc := range cases {
+		if got := m.MayReadSecret(tc.ns, tc.sa, tc.name); got != tc.want {
+			t.Errorf("MayReadSecret(%s, %s, %s) = %t, want %t", tc.ns, tc.sa, tc.name, got, tc.want)
+		}
+	}
+	if w := m.Workload("gw", "tools-0"); w == nil || w.ServiceAccount != "tools" {
+		t.Fatalf("Workload(gw, tools-0) = %v: Workloads are not looked up", w)
 	}
 }

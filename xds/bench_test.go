@@ -44,9 +44,14 @@ const (
 )
 
 // benchMesh has benchServices HTTP services on port 8080, with two
-// endpoints each, and extra endpoints on svc-0.
-func benchMesh(extra int) *mesh.Mesh {
+// endpoints each, and extra endpoints on svc-0; and the clients' pods,
+// which the server must know to configure them.
+func benchMesh(extra, clients int) *mesh.Mesh {
 	m := &mesh.Mesh{}
+	for i := range clients {
+		m.Workloads = append(m.Workloads, &mesh.Workload{Namespace: "bench", Name: fmt.Sprintf("client-%d", i), ServiceAccount: "client",
+			ID: spiffeid.RequireFromSegments(td, "ns", "bench", "sa", "client")})
+	}
 	for i := range benchServices {
 		ns := "bench"
 		sa := fmt.Sprintf("svc-%d", i)
@@ -96,7 +101,7 @@ func BenchmarkPushConvergence(b *testing.B) {
 }
 
 func benchConvergence(b *testing.B, n int, delta bool) {
-	e := start(b, benchMesh(0), nil)
+	e := start(b, benchMesh(0, n), nil)
 	certs := filepath.Join(e.dir, "client")
 	e.mint(spiffeid.RequireFromString("spiffe://cluster.local/ns/bench/sa/client")).writeDir(b, certs)
 	cmd := exec.Command(os.Args[0], "-test.run=^$")
@@ -135,7 +140,7 @@ func benchConvergence(b *testing.B, n int, delta bool) {
 		expect("armed")
 		b.StartTimer()
 		t0 := time.Now()
-		e.push(benchMesh(i+1), nil)
+		e.push(benchMesh(i+1, n), nil)
 		expect("converged")
 		total += time.Since(t0)
 	}

@@ -97,11 +97,18 @@ func TestDifferentialRBAC(t *testing.T) {
 	port := uint32(lis.Addr().(*net.TCPAddr).Port)
 	echo := &mesh.Workload{Namespace: "ns-a", Name: "echo-0", ServiceAccount: "echo",
 		ID: spiffeid.RequireFromString("spiffe://cluster.local/ns/ns-a/sa/echo"), Labels: map[string]string{"app": "echo"}}
+	// The callers serve nothing; the mesh must know them to configure them.
+	var callerPods []*mesh.Workload
+	for i, id := range []string{"ns-a/client", "ns-a/other", "ns-b/client"} {
+		ns, sa, _ := strings.Cut(id, "/")
+		callerPods = append(callerPods, &mesh.Workload{Namespace: ns, Name: fmt.Sprintf("caller-%d", i), ServiceAccount: sa,
+			ID: spiffeid.RequireFromSegments(td, "ns", ns, "sa", sa)})
+	}
 	m := &mesh.Mesh{Services: []*mesh.Service{{
 		Namespace: "ns-a", Name: "echo", Hostname: "echo.ns-a.svc.cluster.local",
 		Ports:     []mesh.Port{{Name: "grpc", Port: 7070, Protocol: mesh.GRPC}},
 		Endpoints: []mesh.Endpoint{{Address: "127.0.0.1", Ports: map[string]uint32{"grpc": port}, Workload: echo}},
-	}}}
+	}}, Workloads: callerPods}
 	e := start(t, m, nil)
 
 	// The server accepts every method.
@@ -127,10 +134,7 @@ func TestDifferentialRBAC(t *testing.T) {
 	t.Cleanup(func() { srv.Stop(); <-done })
 
 	var callers []*caller
-	for i, id := range []string{"ns-a/client", "ns-a/other", "ns-b/client"} {
-		ns, sa, _ := strings.Cut(id, "/")
-		w := &mesh.Workload{Namespace: ns, Name: fmt.Sprintf("caller-%d", i), ServiceAccount: sa,
-			ID: spiffeid.RequireFromSegments(td, "ns", ns, "sa", sa)}
+	for _, w := range callerPods {
 		cdir := filepath.Join(e.dir, w.Name)
 		e.mint(w.ID).writeDir(t, cdir)
 		r, err := grpcxds.NewXDSResolverWithConfigForTesting(e.bootstrap(meshtest.Node("sidecar", "127.0.0.2", w, true), cdir))

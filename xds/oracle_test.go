@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/netip"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -87,6 +88,7 @@ func TestOracleSampleGRPC(t *testing.T) {
 	destNode := meshtest.Node("sidecar", "127.0.0.1", dest, true).GetId()
 
 	callers := map[string]*caller{}
+	var known []*mesh.Workload
 	t.Cleanup(func() {
 		for _, c := range callers {
 			if c.conn != nil {
@@ -101,6 +103,9 @@ func TestOracleSampleGRPC(t *testing.T) {
 		id := spiffeid.RequireFromString(principal)
 		segs := strings.Split(id.Path(), "/") // "", "ns", NS, "sa", SA
 		w := &mesh.Workload{Namespace: segs[2], Name: fmt.Sprintf("caller-%d", len(callers)), ServiceAccount: segs[4], ID: id}
+		// The xDS server configures only workloads the mesh knows.
+		known = append(known, w)
+		e.push(&mesh.Mesh{Services: m.Services, Workloads: slices.Clone(known)}, nil)
 		cdir := filepath.Join(e.dir, w.Name)
 		e.mint(id).writeDir(t, cdir)
 		r, err := grpcxds.NewXDSResolverWithConfigForTesting(e.bootstrap(meshtest.Node("sidecar", "127.0.0.2", w, true), cdir))

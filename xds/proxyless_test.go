@@ -52,7 +52,7 @@ func newProxyless(t *testing.T) *proxyless {
 		Namespace: "ns-a", Name: "echo", Hostname: "echo.ns-a.svc.cluster.local",
 		Ports:     []mesh.Port{{Name: "grpc", Port: 7070, Protocol: mesh.GRPC}},
 		Endpoints: []mesh.Endpoint{{Address: "127.0.0.1", Ports: map[string]uint32{"grpc": port}, Workload: srv}},
-	}}}
+	}}, Workloads: []*mesh.Workload{cli}} // the client serves nothing; the mesh must know it
 	return &proxyless{mesh: m, server: srv, client: cli, target: "xds:///echo.ns-a.svc.cluster.local:7070", lis: lis, certDirs: map[string]string{}}
 }
 

@@ -68,16 +68,29 @@ type Config struct {
 	// configuration at once (state of the world); zero means
 	// DefaultInitialPushes.
 	InitialPushes int
-	Clock         clock.WithTicker
-	Log           *slog.Logger
+	// FirstPushHold is how long a node may hold one of those slots
+	// without acknowledging what it was sent; zero means
+	// DefaultFirstPushHold.
+	FirstPushHold time.Duration
+	// MaxStreamsPerIdentity and MaxNodesPerIdentity cap the open streams
+	// and the distinct node ids of one SPIFFE ID, per pod the mesh lists
+	// under it (so replicas sharing a service account each have their
+	// own allowance); zero means DefaultMaxStreamsPerIdentity and
+	// DefaultMaxNodesPerIdentity.
+	MaxStreamsPerIdentity int
+	MaxNodesPerIdentity   int
+	Clock                 clock.WithTicker
+	Log                   *slog.Logger
 	// Registerer, when set, receives the server's Prometheus metrics.
 	Registerer prometheus.Registerer
 }
 
 // Defaults of Config.
 const (
-	DefaultDebounce = 100 * time.Millisecond
-	DefaultMaxDelay = time.Second
+	DefaultDebounce              = 100 * time.Millisecond
+	DefaultMaxDelay              = time.Second
+	DefaultMaxStreamsPerIdentity = 8
+	DefaultMaxNodesPerIdentity   = 4
 )
 
 // ErrConfig marks an invalid configuration.
@@ -93,6 +106,15 @@ func (c Config) validate() (Config, error) {
 	}
 	if c.Clock == nil {
 		c.Clock = clock.RealClock{}
+	}
+	if c.MaxStreamsPerIdentity <= 0 {
+		c.MaxStreamsPerIdentity = DefaultMaxStreamsPerIdentity
+	}
+	if c.MaxNodesPerIdentity <= 0 {
+		c.MaxNodesPerIdentity = DefaultMaxNodesPerIdentity
+	}
+	if c.InitialPushes < 0 || c.FirstPushHold < 0 {
+		errs = append(errs, fmt.Errorf("%w: initial pushes and their hold time may not be negative", ErrConfig))
 	}
 	if c.Log == nil {
 		c.Log = slog.New(slog.DiscardHandler)
@@ -124,8 +146,11 @@ type Server struct {
 	policies []*policy.Policy
 	refusals map[string]bool
 	nodes    map[string]*nodeState // by node id
-	ready    chan struct{}
-	metrics  *metrics
+	// perID counts the open streams and the registered node ids of each
+	// SPIFFE ID, for the per-identity caps.
+	perID   map[spiffeid.ID]*identityUse
+	ready   chan struct{}
+	metrics *metrics
 	// streams are the open streams by id. Stream callbacks take streams
 	// and the stream's own lock, and s.mu only to register a node.
 	streams sync.Map // int64 -> *stream
@@ -134,7 +159,12 @@ type Server struct {
 
 type nodeState struct {
 	node    *proxyconfig.Node
+	id      spiffeid.ID
 	streams int
+}
+
+type identityUse struct {
+	streams, nodes int
 }
 
 // New validates cfg and returns a Server. It serves nothing until Run has
@@ -151,9 +181,10 @@ func New(cfg Config) (*Server, error) {
 		metrics:  newMetrics(cfg.Registerer),
 		refusals: map[string]bool{},
 		nodes:    map[string]*nodeState{},
+		perID:    map[spiffeid.ID]*identityUse{},
 		ready:    make(chan struct{}),
 	}
-	s.cache = newCache(cfg.InitialPushes)
+	s.cache = newCache(cfg.InitialPushes, cfg.FirstPushHold, cfg.Clock)
 	ctx, cancel := context.WithCancel(context.Background())
 	s.stop = cancel
 	s.ads = serverv3.NewServer(ctx, s.cache, s.callbacks())

@@ -6,12 +6,12 @@ import (
 	"hash/fnv"
 	"log/slog"
 	"sort"
-	"strings"
 	"sync"
 
 	"github.com/envoyproxy/go-control-plane/pkg/cache/types"
 	cachev3 "github.com/envoyproxy/go-control-plane/pkg/cache/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/anypb"
 
@@ -32,6 +32,21 @@ type generation struct {
 	mu    sync.Mutex
 	info  map[proto.Message]*resInfo
 	snaps map[string]*built
+	// byID counts the mesh's pods per SPIFFE ID, once per generation.
+	byID map[spiffeid.ID]int
+}
+
+// pods is how many pods of the mesh run as id.
+func (g *generation) pods(id spiffeid.ID) int {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.byID == nil {
+		g.byID = map[spiffeid.ID]int{}
+		for _, w := range g.builder.Mesh().AllWorkloads() {
+			g.byID[w.ID]++
+		}
+	}
+	return g.byID[id]
 }
 
 type built struct {
@@ -52,32 +67,18 @@ func newGeneration(b *proxyconfig.Builder, log *slog.Logger) *generation {
 	return &generation{builder: b, log: log, info: map[proto.Message]*resInfo{}, snaps: map[string]*built{}}
 }
 
-// configKey identifies what a node's resources depend on.
-func configKey(n *proxyconfig.Node, inMesh bool) string {
-	var b strings.Builder
-	fmt.Fprintf(&b, "%s|%t|%s|%s|", n.Type, n.Proxyless, n.Namespace, n.ServiceAccount)
-	if inMesh {
-		b.WriteString("pod:" + n.Pod)
-		return b.String()
-	}
-	keys := make([]string, 0, len(n.Labels))
-	for k := range n.Labels {
-		keys = append(keys, k)
-	}
-	sort.Strings(keys)
-	for _, k := range keys {
-		fmt.Fprintf(&b, "%s=%s,", k, n.Labels[k])
-	}
-	return b.String()
+// configKey identifies what a node's resources depend on: its kind and
+// its pod, whose labels and service account the mesh gives.
+func configKey(n *proxyconfig.Node) string {
+	return fmt.Sprintf("%s|%t|%s|%s|pod:%s", n.Type, n.Proxyless, n.Namespace, n.ServiceAccount, n.Pod)
 }
 
 // snapshot returns the node's checked configuration and its resources.
 func (g *generation) snapshot(n *proxyconfig.Node) (*published, *proxyconfig.Resources, error) {
-	w, err := g.builder.Workload(n)
-	if err != nil {
+	if _, err := g.builder.Workload(n); err != nil {
 		return nil, nil, err
 	}
-	key := configKey(n, w != nil)
+	key := configKey(n)
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	if b, ok := g.snaps[key]; ok {
@@ -90,7 +91,9 @@ func (g *generation) snapshot(n *proxyconfig.Node) (*published, *proxyconfig.Res
 		for _, r := range b.res.Refusals {
 			g.log.Warn("policy refused for a proxyless workload", "refusal", r)
 		}
-		b.pub, b.err = g.check(b.res)
+		if b.err = proxyconfig.CheckSecrets(g.builder.Mesh(), n, b.res); b.err == nil {
+			b.pub, b.err = g.check(b.res)
+		}
 	}
 	g.snaps[key] = b
 	return b.pub, b.res, b.err

@@ -4,10 +4,12 @@ import (
 	"context"
 	"sort"
 	"sync"
+	"time"
 
 	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	cachev3 "github.com/envoyproxy/go-control-plane/pkg/cache/v3"
 	"google.golang.org/protobuf/types/known/anypb"
+	"k8s.io/utils/clock"
 )
 
 // published is what a node is given: the go-control-plane snapshot (for
@@ -34,16 +36,22 @@ type typeSet struct {
 // would queue a copy per stream in the transport. So a node needs one of
 // a fixed number of tokens before its first answer is sent, and gives it
 // back once it has acknowledged (or rejected) every type it was sent, or
-// goes away.
+// goes away, or has held it for the hold time: a node that never
+// acknowledges cannot keep a token, so streams that never acknowledge
+// cannot starve the mesh of first configurations.
 type cache struct {
 	cachev3.SnapshotCache // delta and fetch
 
 	tokens chan struct{}
 	done   chan struct{} // closed when the server stops: nobody waits for a token
+	clock  clock.Clock
+	hold   time.Duration
 
 	mu    sync.Mutex
 	nodes map[string]*sotwNode
 	next  int64
+	// held are the nodes holding a token.
+	held map[*sotwNode]bool
 }
 
 var _ cachev3.Cache = (*cache)(nil)
@@ -52,8 +60,9 @@ type sotwNode struct {
 	pub     *published
 	watches map[int64]*sotwWatch
 	// token is held from the first answer until every type in
-	// unacked has been acknowledged.
+	// unacked has been acknowledged, or until expires.
 	token   bool
+	expires time.Time
 	unacked map[string]string // type -> version sent
 }
 
@@ -64,18 +73,31 @@ type sotwWatch struct {
 }
 
 // DefaultInitialPushes bounds the nodes receiving their first
-// configuration at once.
-const DefaultInitialPushes = 256
+// configuration at once; DefaultFirstPushHold is how long a node may hold
+// its token without acknowledging.
+const (
+	DefaultInitialPushes = 256
+	DefaultFirstPushHold = 10 * time.Second
+)
 
-func newCache(initial int) *cache {
+func newCache(initial int, hold time.Duration, clk clock.Clock) *cache {
 	if initial <= 0 {
 		initial = DefaultInitialPushes
+	}
+	if hold <= 0 {
+		hold = DefaultFirstPushHold
+	}
+	if clk == nil {
+		clk = clock.RealClock{}
 	}
 	return &cache{
 		SnapshotCache: cachev3.NewSnapshotCache(false, cachev3.IDHash{}, nil),
 		tokens:        make(chan struct{}, initial),
 		done:          make(chan struct{}),
+		clock:         clk,
+		hold:          hold,
 		nodes:         map[string]*sotwNode{},
+		held:          map[*sotwNode]bool{},
 	}
 }
 
@@ -94,25 +116,67 @@ func (c *cache) stop() {
 // while it waits (the stream's own goroutine waits, and it holds no token),
 // and returns the node as it is once c.mu is held again: with the token,
 // unless the cache stopped or another stream of the node got one first.
+// While it waits, tokens held past their hold time are taken back.
 // c.mu is held on entry and on return.
 func (c *cache) acquire(id string) *sotwNode {
-	c.mu.Unlock()
-	got := false
-	select {
-	case c.tokens <- struct{}{}:
-		got = true
-	case <-c.done:
+	got, stopped := false, false
+	for !got && !stopped {
+		c.expire()
+		var expiry <-chan time.Time
+		var t clock.Timer
+		if next, ok := c.nextExpiry(); ok {
+			t = c.clock.NewTimer(next.Sub(c.clock.Now()))
+			expiry = t.C()
+		}
+		c.mu.Unlock()
+		select {
+		case c.tokens <- struct{}{}:
+			got = true
+		case <-c.done:
+			stopped = true
+		case <-expiry:
+		}
+		if t != nil {
+			t.Stop()
+		}
+		c.mu.Lock()
 	}
-	c.mu.Lock()
 	n := c.node(id)
 	switch {
 	case !got:
 	case n.token:
 		<-c.tokens // another stream of the node got one first
 	default:
-		n.token, n.unacked = true, map[string]string{}
+		c.take(n)
 	}
 	return n
+}
+
+// take gives n the token its caller put in c.tokens. c.mu is held.
+func (c *cache) take(n *sotwNode) {
+	n.token, n.unacked, n.expires = true, map[string]string{}, c.clock.Now().Add(c.hold)
+	c.held[n] = true
+}
+
+// expire takes back the tokens held past their hold time. c.mu is held.
+func (c *cache) expire() {
+	now := c.clock.Now()
+	for n := range c.held {
+		if !now.Before(n.expires) {
+			c.release(n)
+		}
+	}
+}
+
+// nextExpiry is when the next held token expires. c.mu is held.
+func (c *cache) nextExpiry() (time.Time, bool) {
+	var next time.Time
+	for n := range c.held {
+		if next.IsZero() || n.expires.Before(next) {
+			next = n.expires
+		}
+	}
+	return next, !next.IsZero()
 }
 
 // release gives the node's token back. c.mu is held.
@@ -120,6 +184,7 @@ func (c *cache) release(n *sotwNode) {
 	if n.token {
 		n.token = false
 		n.unacked = nil
+		delete(c.held, n)
 		<-c.tokens
 	}
 }
@@ -152,9 +217,10 @@ func (c *cache) set(id string, pub *published) error {
 			// A first answer to a watch made before the node had a
 			// configuration: take a token if one is free, else send
 			// unthrottled rather than leave the node waiting.
+			c.expire()
 			select {
 			case c.tokens <- struct{}{}:
-				n.token, n.unacked = true, map[string]string{}
+				c.take(n)
 			default:
 			}
 		}

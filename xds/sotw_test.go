@@ -9,6 +9,7 @@ import (
 	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
 	streamv3 "github.com/envoyproxy/go-control-plane/pkg/server/stream/v3"
 	"google.golang.org/protobuf/types/known/anypb"
+	clocktesting "k8s.io/utils/clock/testing"
 )
 
 func pubOf(version string, names ...string) *published {
@@ -34,7 +35,7 @@ func receive(t *testing.T, ch chan cachev3.Response) *cachev3.PassthroughRespons
 // the current version or a subscribed resource; otherwise it waits for a
 // newer version; answers carry only the subscribed resources.
 func TestSotwCache(t *testing.T) {
-	c := newCache(0)
+	c := newCache(0, 0, nil)
 	node := &corev3.Node{Id: "n"}
 	if err := c.set("n", pubOf("v1", "a", "b")); err != nil {
 		t.Fatal(err)
@@ -98,7 +99,7 @@ func TestSotwCache(t *testing.T) {
 // TestSotwCacheThrottlesFirstAnswers: with one token, a second node's
 // first answer waits until the first node acknowledges its own.
 func TestSotwCacheThrottlesFirstAnswers(t *testing.T) {
-	c := newCache(1)
+	c := newCache(1, 0, nil)
 	defer c.stop()
 	for _, id := range []string{"a", "b"} {
 		if err := c.set(id, pubOf("v1", "x")); err != nil {
@@ -132,5 +133,50 @@ func TestSotwCacheThrottlesFirstAnswers(t *testing.T) {
 	case <-chB:
 	case <-time.After(10 * time.Second):
 		t.Fatal("the second node was never answered")
+	}
+}
+
+// TestSotwCacheTokenExpires: a node that never acknowledges its first
+// answer holds its token for the hold time only; then a waiting node is
+// answered. The hold time is measured on the cache's clock.
+func TestSotwCacheTokenExpires(t *testing.T) {
+	clk := clocktesting.NewFakeClock(time.Unix(1_700_000_000, 0))
+	c := newCache(1, 10*time.Second, clk)
+	defer c.stop()
+	for _, id := range []string{"silent", "new"} {
+		if err := c.set(id, pubOf("v1", "x")); err != nil {
+			t.Fatal(err)
+		}
+	}
+	chA := make(chan cachev3.Response, 1)
+	if _, err := c.CreateWatch(&cachev3.Request{Node: &corev3.Node{Id: "silent"}, TypeUrl: resource.EndpointType}, streamv3.NewSotwSubscription(nil, true), chA); err != nil {
+		t.Fatal(err)
+	}
+	if receive(t, chA) == nil {
+		t.Fatal("the first node got no answer")
+	}
+	chB := make(chan cachev3.Response, 1)
+	go func() {
+		_, _ = c.CreateWatch(&cachev3.Request{Node: &corev3.Node{Id: "new"}, TypeUrl: resource.EndpointType}, streamv3.NewSotwSubscription(nil, true), chB)
+	}()
+	// The waiter sets a timer for the silent node's expiry.
+	deadline := time.Now().Add(10 * time.Second)
+	for !clk.HasWaiters() {
+		if time.Now().After(deadline) {
+			t.Fatal("the second node does not wait for the token's expiry")
+		}
+		time.Sleep(time.Millisecond)
+	}
+	clk.Step(9 * time.Second)
+	select {
+	case <-chB:
+		t.Fatal("the second node was answered before the token expired")
+	case <-time.After(50 * time.Millisecond):
+	}
+	clk.Step(time.Second)
+	select {
+	case <-chB:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the token of a node that never acknowledged did not expire")
 	}
 }

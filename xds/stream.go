@@ -33,6 +33,9 @@ var (
 	ErrNodeMismatch = errors.New("xds: node identity does not match the client certificate")
 	// ErrUnknownStream: a request on a stream that was never opened.
 	ErrUnknownStream = errors.New("xds: unknown stream")
+	// ErrTooMany: the SPIFFE ID already has as many streams, or node ids,
+	// as it is allowed.
+	ErrTooMany = errors.New("xds: too many streams or nodes for one identity")
 )
 
 // statusOf maps refusals to gRPC status, the one place the server does.
@@ -42,10 +45,13 @@ func statusOf(err error) error {
 		return nil
 	case errors.Is(err, ErrUnauthenticated):
 		return status.Error(codes.Unauthenticated, err.Error())
-	case errors.Is(err, ErrNotWorkload), errors.Is(err, ErrNodeMismatch), errors.Is(err, proxyconfig.ErrIdentity):
+	case errors.Is(err, ErrNotWorkload), errors.Is(err, ErrNodeMismatch), errors.Is(err, proxyconfig.ErrIdentity),
+		errors.Is(err, proxyconfig.ErrUnknownWorkload):
 		return status.Error(codes.PermissionDenied, err.Error())
 	case errors.Is(err, proxyconfig.ErrNodeID):
 		return status.Error(codes.InvalidArgument, err.Error())
+	case errors.Is(err, ErrTooMany):
+		return status.Error(codes.ResourceExhausted, err.Error())
 	}
 	return status.Error(codes.Internal, err.Error())
 }
@@ -139,9 +145,44 @@ func (s *Server) open(ctx context.Context, id int64, _ string) error {
 	case <-ctx.Done():
 		return status.FromContextError(ctx.Err()).Err()
 	}
+	s.mu.Lock()
+	use := s.useLocked(ident.ID)
+	if open, limit := use.streams, s.cfg.MaxStreamsPerIdentity*s.podsLocked(ident.ID); open >= limit {
+		s.mu.Unlock()
+		err := fmt.Errorf("%w: %s has %d streams open", ErrTooMany, ident.ID, open)
+		s.log.Warn("xds stream refused", "error", err)
+		return statusOf(err)
+	}
+	use.streams++
+	s.mu.Unlock()
 	s.streams.Store(id, &stream{identity: ident, sent: map[string]string{}, acked: map[string]string{}})
 	s.metrics.streams(1)
 	return nil
+}
+
+// useLocked returns what a SPIFFE ID holds. s.mu is held.
+func (s *Server) useLocked(id spiffeid.ID) *identityUse {
+	u := s.perID[id]
+	if u == nil {
+		u = &identityUse{}
+		s.perID[id] = u
+	}
+	return u
+}
+
+// forgetLocked drops an identity that holds nothing. s.mu is held.
+func (s *Server) forgetLocked(id spiffeid.ID) {
+	if u := s.perID[id]; u != nil && u.streams == 0 && u.nodes == 0 {
+		delete(s.perID, id)
+	}
+}
+
+// podsLocked is how many pods the mesh lists under a SPIFFE ID, at least
+// one: the per-identity caps are per pod, so that the replicas of a
+// Deployment, which share a service account, each have their own.
+// s.mu is held.
+func (s *Server) podsLocked(id spiffeid.ID) int {
+	return max(1, s.gen.pods(id))
 }
 
 func (s *Server) stream(id int64) *stream {
@@ -190,8 +231,15 @@ func (s *Server) request(id int64, n *corev3.Node) error {
 		st.node = prev.node
 		return nil
 	}
+	use := s.useLocked(st.identity.ID)
+	if limit := s.cfg.MaxNodesPerIdentity * s.podsLocked(st.identity.ID); use.nodes >= limit {
+		err := fmt.Errorf("%w: %s has %d node ids registered", ErrTooMany, st.identity.ID, use.nodes)
+		s.log.Warn("xds stream refused", "node", pn.ID, "error", err)
+		return statusOf(err)
+	}
+	use.nodes++
 	st.node = pn
-	s.nodes[pn.ID] = &nodeState{node: pn, streams: 1}
+	s.nodes[pn.ID] = &nodeState{node: pn, id: st.identity.ID, streams: 1}
 	s.publishLocked(pn)
 	return nil
 }
@@ -231,11 +279,15 @@ func (s *Server) closed(id int64) {
 	s.metrics.streams(-1)
 	st.mu.Lock()
 	defer st.mu.Unlock()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if use := s.perID[st.identity.ID]; use != nil {
+		use.streams--
+		defer s.forgetLocked(st.identity.ID)
+	}
 	if st.node == nil {
 		return
 	}
-	s.mu.Lock()
-	defer s.mu.Unlock()
 	ns := s.nodes[st.node.ID]
 	if ns == nil {
 		return
@@ -243,6 +295,9 @@ func (s *Server) closed(id int64) {
 	if ns.streams--; ns.streams == 0 {
 		delete(s.nodes, st.node.ID)
 		s.cache.clear(st.node.ID)
+		if use := s.perID[ns.id]; use != nil {
+			use.nodes--
+		}
 	}
 }
 

@@ -69,6 +69,23 @@ func (l *listers) mesh(td spiffeid.TrustDomain, domain string) (*mesh.Mesh, erro
 		}
 		m.Services = append(m.Services, s)
 	}
+	// Every pod is a workload the mesh knows, whether or not it serves a
+	// service or is ready yet: a proxy asks for its configuration before
+	// its pod is ready.
+	pods, err := l.pods.Lister().List(labels.Everything())
+	if err != nil {
+		return nil, fmt.Errorf("mesh/kube: %w", err)
+	}
+	for _, pod := range pods {
+		if pod.Status.Phase == corev1.PodSucceeded || pod.Status.Phase == corev1.PodFailed {
+			continue
+		}
+		w, err := l.workload(td, pod.Namespace, pod.Name, workloads)
+		if err != nil || w == nil {
+			continue
+		}
+		m.Workloads = append(m.Workloads, w)
+	}
 	entries, err := l.entries.Lister().List(labels.Everything())
 	if err != nil {
 		return nil, fmt.Errorf("mesh/kube: %w", err)

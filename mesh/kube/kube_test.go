@@ -90,6 +90,12 @@ func TestMeshFromKubernetes(t *testing.T) {
 			{Name: "grpc-api", Port: 7070, TargetPort: intstr.FromInt32(7070)},
 		}},
 	}, metav1.CreateOptions{}))
+	// The gateway's pod serves no Service and is not ready: the mesh still
+	// knows it (its proxy asks for configuration before it is ready).
+	must(kc.CoreV1().Pods("istio-system").Create(ctx, &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Name: "ingress-0", Labels: map[string]string{"istio": "ingressgateway"}},
+		Spec:       corev1.PodSpec{ServiceAccountName: "ingress", Containers: []corev1.Container{{Name: "proxy", Image: "proxy"}}},
+	}, metav1.CreateOptions{}))
 	ready := true
 	must(kc.DiscoveryV1().EndpointSlices("shop").Create(ctx, &discoveryv1.EndpointSlice{
 		ObjectMeta:  metav1.ObjectMeta{Name: "web-abc", Labels: map[string]string{discoveryv1.LabelServiceName: "web"}},
@@ -177,6 +183,12 @@ func TestMeshFromKubernetes(t *testing.T) {
 	}
 	if s := m.Secret("istio-system", "shop-cert"); s == nil || string(s.KeyPEM) != "KEY" {
 		t.Fatal("the gateway's TLS secret is missing")
+	}
+	if w := m.Workload("istio-system", "ingress-0"); w == nil || w.ServiceAccount != "ingress" || w.Labels["istio"] != "ingressgateway" {
+		t.Fatalf("the gateway's pod, which serves no service, is not a workload of the mesh: %+v", w)
+	}
+	if !m.MayReadSecret("istio-system", "ingress", "shop-cert") || m.MayReadSecret("istio-system", "default", "shop-cert") {
+		t.Fatal("the gateway's secret is not limited to the gateway's service account")
 	}
 	if len(m.Refusals) != 1 || !strings.Contains(m.Refusals[0].Reason, "PERMISSIVE") {
 		t.Fatalf("refusals = %v", m.Refusals)

@@ -65,6 +65,10 @@ type Config struct {
 	// SystemRoots is the CA file gateways verify external hosts against
 	// when a host names none.
 	SystemRoots string
+	// GatewayTrustedHops is the gateways' xff_num_trusted_hops: how many
+	// proxies in front of them (load balancers) append to
+	// X-Forwarded-For, as Istio's gatewayTopology.numTrustedProxies.
+	GatewayTrustedHops uint32
 }
 
 // ErrConfig marks an invalid Config.
@@ -158,31 +162,38 @@ func NewBuilder(cfg Config, m *mesh.Mesh, policies []*policy.Policy) *Builder {
 // Mesh returns the mesh the builder uses.
 func (b *Builder) Mesh() *mesh.Mesh { return b.mesh }
 
+// ErrUnknownWorkload marks a node whose pod the mesh does not know. The
+// mesh is authoritative (every pod on Kubernetes, every workload of the
+// mesh files), so such a node gets no configuration at all.
+var ErrUnknownWorkload = errors.New("proxyconfig: the node's pod is not in the mesh")
+
 // Workload resolves the node's workload in the mesh, checking that its
-// service account is the node's. It returns nil when the pod is unknown.
+// service account is the node's. A pod the mesh does not know is refused.
 func (b *Builder) Workload(n *Node) (*mesh.Workload, error) {
 	w := b.mesh.Workload(n.Namespace, n.Pod)
-	if w != nil && w.ServiceAccount != n.ServiceAccount {
+	if w == nil {
+		return nil, fmt.Errorf("%w: pod %s/%s", ErrUnknownWorkload, n.Namespace, n.Pod)
+	}
+	if w.ServiceAccount != n.ServiceAccount {
 		return nil, fmt.Errorf("%w: pod %s runs as %s, not %s", ErrIdentity, w.Key(), w.ServiceAccount, n.ServiceAccount)
 	}
 	return w, nil
 }
 
-// Build computes the node's resources.
+// Build computes the node's resources. What configures the node (the
+// gateways that select it, the policies that apply to it) follows from
+// what the mesh says about its pod, never from the labels the node
+// reports.
 func (b *Builder) Build(n *Node) (*Resources, error) {
 	w, err := b.Workload(n)
 	if err != nil {
 		return nil, err
 	}
-	labels := n.Labels
-	if w != nil {
-		labels = w.Labels
-	}
 	switch {
 	case n.Proxyless:
-		return b.buildProxyless(n, w, labels), nil
+		return b.buildProxyless(n, w, w.Labels), nil
 	case n.Type == Router:
-		return b.buildGateway(n, w, labels), nil
+		return b.buildGateway(n, w), nil
 	default:
 		return b.buildSidecar(w), nil
 	}
@@ -387,7 +398,7 @@ func (b *Builder) sidecarShared() *Resources {
 			if ps.http {
 				l.FilterChains = append(l.FilterChains, &listenerv3.FilterChain{
 					Name:    fmt.Sprintf("outbound_http_%d", port),
-					Filters: []*listenerv3.Filter{hcm(fmt.Sprintf("outbound_0.0.0.0_%d", port), []*hcmv3.HttpFilter{routerFilter()}, fmt.Sprint(port), nil)},
+					Filters: []*listenerv3.Filter{b.hcm(sidecarHCM, fmt.Sprintf("outbound_0.0.0.0_%d", port), []*hcmv3.HttpFilter{routerFilter()}, fmt.Sprint(port), nil)},
 				})
 				r.Routes = append(r.Routes, routes[port])
 				defaultTaken = true
@@ -448,10 +459,6 @@ func (b *Builder) buildSidecar(w *mesh.Workload) *Resources {
 		Endpoints: shared.Endpoints,
 		Warnings:  slices.Clone(shared.Warnings),
 	}
-	if w == nil {
-		r.Warnings = append(r.Warnings, "the node's pod is not in the mesh: no inbound listener")
-		return r
-	}
 	in := &listenerv3.Listener{
 		Name:             VirtualInbound,
 		Address:          socketAddress("0.0.0.0", b.cfg.InboundPort),
@@ -473,7 +480,7 @@ func (b *Builder) buildSidecar(w *mesh.Workload) *Resources {
 				c.TypedExtensionProtocolOptions = http2Options()
 			}
 			fc.TransportSocket = b.meshServerTLS("h2", "http/1.1")
-			fc.Filters = []*listenerv3.Filter{hcm(fmt.Sprintf("inbound_%d", sp.target), []*hcmv3.HttpFilter{httpAuthzFilter(), routerFilter()}, "",
+			fc.Filters = []*listenerv3.Filter{b.hcm(sidecarHCM, fmt.Sprintf("inbound_%d", sp.target), []*hcmv3.HttpFilter{httpAuthzFilter(), routerFilter()}, "",
 				&routev3.RouteConfiguration{Name: cluster, VirtualHosts: []*routev3.VirtualHost{{
 					Name: fmt.Sprintf("inbound|http|%d", sp.target), Domains: []string{"*"}, Routes: []*routev3.Route{routeTo(cluster)},
 				}}})}

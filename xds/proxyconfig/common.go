@@ -6,6 +6,7 @@ import (
 	"time"
 
 	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
+	mutationrulesv3 "github.com/envoyproxy/go-control-plane/envoy/config/common/mutation_rules/v3"
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	endpointv3 "github.com/envoyproxy/go-control-plane/envoy/config/endpoint/v3"
 	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
@@ -15,6 +16,7 @@ import (
 	extauthznetv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/ext_authz/v3"
 	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
 	tcpproxyv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/tcp_proxy/v3"
+	earlyhmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/http/early_header_mutation/header_mutation/v3"
 	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
 	httpv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/upstreams/http/v3"
 	matcherv3 "github.com/envoyproxy/go-control-plane/envoy/type/matcher/v3"
@@ -239,10 +241,33 @@ func routerFilter() *hcmv3.HttpFilter {
 	return &hcmv3.HttpFilter{Name: "envoy.filters.http.router", ConfigType: &hcmv3.HttpFilter_TypedConfig{TypedConfig: mustAny(&routerv3.Router{})}}
 }
 
-// hcm is an HTTP connection manager that normalizes paths before any
-// filter sees them, as authz/pathnorm documents: normalize, merge slashes,
-// reject escaped slashes.
-func hcm(statPrefix string, filters []*hcmv3.HttpFilter, rds string, inline *routev3.RouteConfiguration) *listenerv3.Filter {
+// ExternalAddressHeader is the header Envoy sets to the client address it
+// trusts; ext_authz reads remote.ip from it.
+const ExternalAddressHeader = "x-envoy-external-address"
+
+// edge says whether an HTTP connection manager is a gateway's, which
+// faces its clients and derives their address itself, or a sidecar's.
+type edge bool
+
+const (
+	sidecarHCM edge = false
+	gatewayHCM edge = true
+)
+
+// hcm is an HTTP connection manager that, before any filter or route sees
+// a request:
+//   - normalizes the path, as authz/pathnorm documents: normalize, merge
+//     slashes, reject escaped slashes;
+//   - normalizes the host: any port and a trailing dot are stripped, so
+//     that routing and ext_authz see one host (as Istio's gateways do);
+//   - strips client copies of x-envoy-external-address (an early header
+//     mutation, which runs before the connection manager sets its own).
+//
+// A gateway then derives the client's address itself, as Istio's do:
+// use_remote_address, xff_num_trusted_hops from the configuration and no
+// internal addresses, so that it overwrites x-envoy-external-address on
+// every request. A sidecar never trusts X-Forwarded-For.
+func (b *Builder) hcm(kind edge, statPrefix string, filters []*hcmv3.HttpFilter, rds string, inline *routev3.RouteConfiguration) *listenerv3.Filter {
 	m := &hcmv3.HttpConnectionManager{
 		StatPrefix:                   statPrefix,
 		CodecType:                    hcmv3.HttpConnectionManager_AUTO,
@@ -250,10 +275,21 @@ func hcm(statPrefix string, filters []*hcmv3.HttpFilter, rds string, inline *rou
 		NormalizePath:                wrapperspb.Bool(true),
 		MergeSlashes:                 true,
 		PathWithEscapedSlashesAction: hcmv3.HttpConnectionManager_REJECT_REQUEST,
+		StripPortMode:                &hcmv3.HttpConnectionManager_StripAnyHostPort{StripAnyHostPort: true},
+		StripTrailingHostDot:         true,
+		EarlyHeaderMutationExtensions: []*corev3.TypedExtensionConfig{{
+			Name: "envoy.http.early_header_mutation.header_mutation",
+			TypedConfig: mustAny(&earlyhmv3.HeaderMutation{Mutations: []*mutationrulesv3.HeaderMutation{{
+				Action: &mutationrulesv3.HeaderMutation_Remove{Remove: ExternalAddressHeader},
+			}}}),
+		}},
 		// The peer's identity reaches the application only as Envoy saw it.
 		ForwardClientCertDetails:    hcmv3.HttpConnectionManager_SANITIZE_SET,
 		SetCurrentClientCertDetails: &hcmv3.HttpConnectionManager_SetCurrentClientCertDetails{Uri: true},
-		UseRemoteAddress:            wrapperspb.Bool(false),
+		UseRemoteAddress:            wrapperspb.Bool(bool(kind)),
+	}
+	if kind == gatewayHCM {
+		m.XffNumTrustedHops = b.cfg.GatewayTrustedHops
 	}
 	if inline != nil {
 		m.RouteSpecifier = &hcmv3.HttpConnectionManager_RouteConfig{RouteConfig: inline}

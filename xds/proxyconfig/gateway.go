@@ -23,20 +23,21 @@ import (
 func GatewaySecretName(ns, name string) string { return GatewaySecretPrefix + ns + "/" + name }
 
 // buildGateway configures a router node: the ingress and egress gateways
-// that select it (in its own namespace, by labels).
-func (b *Builder) buildGateway(n *Node, w *mesh.Workload, labels map[string]string) *Resources {
+// that select its workload (in its own namespace, by the labels the mesh
+// gives the pod).
+func (b *Builder) buildGateway(n *Node, w *mesh.Workload) *Resources {
 	r := &Resources{}
 	b.meshClusters(r)
 	r.Clusters = append(r.Clusters, b.authzCluster())
 	selected := false
 	for _, g := range b.mesh.Gateways {
-		if !g.Selects(n.Namespace, labels) {
+		if !g.Selects(w.Namespace, w.Labels) {
 			continue
 		}
 		selected = true
 		switch g.Kind {
 		case mesh.Ingress:
-			b.ingress(r, g)
+			b.ingress(r, g, n)
 		case mesh.Egress:
 			b.egress(r, g, w)
 		}
@@ -50,7 +51,7 @@ func (b *Builder) buildGateway(n *Node, w *mesh.Workload, labels map[string]stri
 // ingress adds external TLS listeners whose certificates are served over
 // ADS, from Secrets in the gateway's own namespace only, routing into the
 // mesh over mTLS.
-func (b *Builder) ingress(r *Resources, g *mesh.Gateway) {
+func (b *Builder) ingress(r *Resources, g *mesh.Gateway, n *Node) {
 	byPort := map[uint32]*listenerv3.Listener{}
 	var order []uint32
 	sniSeen := map[uint32]map[string]bool{}
@@ -58,6 +59,11 @@ func (b *Builder) ingress(r *Resources, g *mesh.Gateway) {
 		sec := b.mesh.Secret(g.Namespace, sv.CredentialName)
 		if sec == nil {
 			r.Warnings = append(r.Warnings, fmt.Sprintf("gateway %s: server %d: no TLS secret %s/%s; server left out", g.Key(), i, g.Namespace, sv.CredentialName))
+			continue
+		}
+		if !b.mesh.MayReadSecret(g.Namespace, n.ServiceAccount, sv.CredentialName) {
+			r.Warnings = append(r.Warnings, fmt.Sprintf("gateway %s: server %d: service account %s may not read secret %s/%s; server left out",
+				g.Key(), i, n.ServiceAccount, g.Namespace, sv.CredentialName))
 			continue
 		}
 		var hosts []string
@@ -128,7 +134,7 @@ func (b *Builder) ingress(r *Resources, g *mesh.Gateway) {
 					AlpnProtocols:                  []string{"h2", "http/1.1"},
 				},
 			})}},
-			Filters: []*listenerv3.Filter{hcm(rc.Name, []*hcmv3.HttpFilter{httpAuthzFilter(), routerFilter()}, rc.Name, nil)},
+			Filters: []*listenerv3.Filter{b.hcm(gatewayHCM, rc.Name, []*hcmv3.HttpFilter{httpAuthzFilter(), routerFilter()}, rc.Name, nil)},
 		})
 	}
 	for _, p := range order {
@@ -151,11 +157,9 @@ func (b *Builder) egress(r *Resources, g *mesh.Gateway, w *mesh.Workload) {
 		}
 	}
 	target := port.Target()
-	if w != nil {
-		for _, e := range s.Endpoints {
-			if e.Workload.Key() == w.Key() {
-				target = e.TargetPort(port)
-			}
+	for _, e := range s.Endpoints {
+		if e.Workload.Key() == w.Key() {
+			target = e.TargetPort(port)
 		}
 	}
 	name := fmt.Sprintf("egress.%d", target)
@@ -202,7 +206,7 @@ func (b *Builder) egress(r *Resources, g *mesh.Gateway, w *mesh.Workload) {
 		FilterChains: []*listenerv3.FilterChain{{
 			Name:            name,
 			TransportSocket: b.meshServerTLS("h2", "http/1.1"),
-			Filters:         []*listenerv3.Filter{hcm(name, []*hcmv3.HttpFilter{httpAuthzFilter(), routerFilter()}, name, nil)},
+			Filters:         []*listenerv3.Filter{b.hcm(gatewayHCM, name, []*hcmv3.HttpFilter{httpAuthzFilter(), routerFilter()}, name, nil)},
 		}},
 	})
 }

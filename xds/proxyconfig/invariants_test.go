@@ -1,6 +1,7 @@
 package proxyconfig_test
 
 import (
+	"errors"
 	"fmt"
 	"math/rand/v2"
 	"net/netip"
@@ -12,9 +13,11 @@ import (
 	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
 	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
 	rbacconfigv3 "github.com/envoyproxy/go-control-plane/envoy/config/rbac/v3"
+	headermutationv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/header_mutation/v3"
 	rbacv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/rbac/v3"
 	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
 	tcpproxyv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/tcp_proxy/v3"
+	earlyhmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/http/early_header_mutation/header_mutation/v3"
 	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
@@ -36,8 +39,8 @@ func testConfig(t testing.TB) proxyconfig.Config {
 	return cfg
 }
 
-// nodesOf returns a sidecar and a proxyless node per workload, a router
-// node per gateway workload and a sidecar whose pod is not in the mesh.
+// nodesOf returns a sidecar and a proxyless node per workload and a router
+// node per gateway workload.
 func nodesOf(m *mesh.Mesh) map[string]*proxyconfig.Node {
 	out := map[string]*proxyconfig.Node{}
 	add := func(typ string, w *mesh.Workload, proxyless bool) {
@@ -55,7 +58,6 @@ func nodesOf(m *mesh.Mesh) map[string]*proxyconfig.Node {
 		add("sidecar", w, false)
 		add("sidecar", w, true)
 	}
-	add("sidecar", &mesh.Workload{Namespace: "ns-a", Name: "stranger", ServiceAccount: "sa-9"}, false)
 	return out
 }
 
@@ -74,6 +76,17 @@ func TestRandomMeshes(t *testing.T) {
 			t.Fatalf("seed %d: random mesh is invalid: %v", seed, err)
 		}
 		b := proxyconfig.NewBuilder(cfg, m, meshtest.RandomPolicies(r, 4))
+		// A pod the mesh does not know gets nothing, whatever it claims.
+		for _, typ := range []string{"sidecar", "router"} {
+			stranger, err := proxyconfig.ParseNode(meshtest.Node(typ, "10.9.9.9", &mesh.Workload{Namespace: "istio-system", Name: "stranger", ServiceAccount: "ingress",
+				Labels: map[string]string{"istio": "ingressgateway"}}, false))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if _, err := b.Build(stranger); !errors.Is(err, proxyconfig.ErrUnknownWorkload) {
+				t.Fatalf("seed %d: Build(%s stranger) = %v, want ErrUnknownWorkload", seed, typ, err)
+			}
+		}
 		for name, n := range nodesOf(m) {
 			res, err := b.Build(n)
 			if err != nil {
@@ -86,6 +99,7 @@ func TestRandomMeshes(t *testing.T) {
 				t.Fatalf("seed %d: %s: CheckStrict() = %v", seed, name, err)
 			}
 			checkInvariants(t, fmt.Sprintf("seed %d: %s", seed, name), m, n, res)
+			checkConnectionManagers(t, fmt.Sprintf("seed %d: %s", seed, name), cfg, n, res)
 		}
 	}
 }
@@ -301,5 +315,92 @@ func checkCluster(t *testing.T, where string, m *mesh.Mesh, n *proxyconfig.Node,
 	sort.Strings(got)
 	if !slices.Equal(got, want) {
 		t.Fatalf("%s: cluster %s SANs = %v, want %v", where, c.GetName(), got, want)
+	}
+}
+
+// checkConnectionManagers: every HTTP connection manager an Envoy gets
+// normalizes the host (port and trailing dot) before any filter or route
+// sees it; strips client copies of x-envoy-external-address before any
+// filter runs; keeps forwarded-client-cert SANITIZE_SET; and trusts the
+// remote address only on a gateway, which overwrites the header itself
+// (use_remote_address, xff_num_trusted_hops from the config, no internal
+// addresses). Its HTTP filters end with the router, and ext_authz or RBAC
+// come after any header mutation filter.
+func checkConnectionManagers(t *testing.T, where string, cfg proxyconfig.Config, n *proxyconfig.Node, res *proxyconfig.Resources) {
+	t.Helper()
+	if n.Proxyless {
+		return // grpc-go reads none of these fields
+	}
+	for _, l := range res.Listeners {
+		for _, fc := range l.GetFilterChains() {
+			for _, f := range fc.GetFilters() {
+				h := &hcmv3.HttpConnectionManager{}
+				if f.GetTypedConfig().UnmarshalTo(h) != nil {
+					continue
+				}
+				at := fmt.Sprintf("%s: listener %s chain %s", where, l.GetName(), fc.GetName())
+				checkConnectionManager(t, at, cfg, n.Type == proxyconfig.Router, h)
+			}
+		}
+	}
+}
+
+func checkConnectionManager(t *testing.T, at string, cfg proxyconfig.Config, gateway bool, h *hcmv3.HttpConnectionManager) {
+	t.Helper()
+	if !h.GetStripAnyHostPort() && !h.GetStripMatchingHostPort() {
+		t.Fatalf("%s: the host's port is not stripped", at)
+	}
+	if !h.GetStripTrailingHostDot() {
+		t.Fatalf("%s: the host's trailing dot is not stripped", at)
+	}
+	if h.GetForwardClientCertDetails() != hcmv3.HttpConnectionManager_SANITIZE_SET {
+		t.Fatalf("%s: forward_client_cert_details = %s", at, h.GetForwardClientCertDetails())
+	}
+	if h.GetInternalAddressConfig() != nil || len(h.GetOriginalIpDetectionExtensions()) > 0 {
+		t.Fatalf("%s: internal addresses or original IP detection configured", at)
+	}
+	if got := h.GetUseRemoteAddress().GetValue(); got != gateway {
+		t.Fatalf("%s: use_remote_address = %t, want %t (gateway %t)", at, got, gateway, gateway)
+	}
+	if want := map[bool]uint32{true: cfg.GatewayTrustedHops}[gateway]; h.GetXffNumTrustedHops() != want {
+		t.Fatalf("%s: xff_num_trusted_hops = %d, want %d", at, h.GetXffNumTrustedHops(), want)
+	}
+	stripped := false
+	for _, e := range h.GetEarlyHeaderMutationExtensions() {
+		hm := &earlyhmv3.HeaderMutation{}
+		if e.GetTypedConfig().UnmarshalTo(hm) != nil {
+			continue
+		}
+		for _, mu := range hm.GetMutations() {
+			if strings.EqualFold(mu.GetRemove(), "x-envoy-external-address") {
+				stripped = true
+			}
+		}
+	}
+	filters := h.GetHttpFilters()
+	if len(filters) == 0 || filters[len(filters)-1].GetName() != "envoy.filters.http.router" {
+		t.Fatalf("%s: the router is not the last HTTP filter", at)
+	}
+	for _, f := range filters[:len(filters)-1] {
+		switch {
+		case f.GetName() == "envoy.filters.http.header_mutation":
+			hm := &headermutationv3.HeaderMutation{}
+			if f.GetTypedConfig().UnmarshalTo(hm) == nil {
+				for _, mu := range hm.GetMutations().GetRequestMutations() {
+					if strings.EqualFold(mu.GetRemove(), "x-envoy-external-address") {
+						stripped = true
+					}
+				}
+			}
+		case f.GetName() == "envoy.filters.http.ext_authz" || strings.HasPrefix(f.GetName(), "envoy.filters.http.rbac"):
+			if !stripped {
+				t.Fatalf("%s: %s runs before client copies of x-envoy-external-address are stripped", at, f.GetName())
+			}
+		case f.GetName() == "envoy.filters.http.router":
+			t.Fatalf("%s: a router before the last filter", at)
+		}
+	}
+	if !stripped {
+		t.Fatalf("%s: client copies of x-envoy-external-address are not stripped", at)
 	}
 }

@@ -186,10 +186,6 @@ func (b *Builder) buildProxyless(n *Node, w *mesh.Workload, labels map[string]st
 		Clusters:  shared.Clusters,
 		Endpoints: shared.Endpoints,
 	}
-	if w == nil {
-		r.Warnings = append(r.Warnings, "the node's pod is not in the mesh: no server listener")
-		return r
-	}
 	chain, err := b.ProxylessRBAC(w.Namespace, labels)
 	if err != nil {
 		r.Refusals = append(r.Refusals, fmt.Sprintf("denying every request to %s: %v", w.Key(), err))

@@ -12,6 +12,8 @@ import (
 	tcpproxyv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/tcp_proxy/v3"
 	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
 	"google.golang.org/protobuf/proto"
+
+	"github.com/trustmesh/trustmesh/mesh"
 )
 
 // ErrPlaintext marks resources that would let plaintext leave the pod, or
@@ -171,4 +173,23 @@ func strictDownstream(ts *corev3.TransportSocket) error {
 		return errors.New("client certificates are not validated")
 	}
 	return nil
+}
+
+// ErrSecret marks a gateway secret in resources meant for a node whose
+// service account may not read it.
+var ErrSecret = errors.New("proxyconfig: refusing a secret to a node that may not read it")
+
+// CheckSecrets is the last guard on secrets, whatever produced the
+// resources: every secret in r is a gateway secret of the node's own
+// namespace that the mesh lets its service account read (it runs a
+// workload of the ingress gateway that serves it).
+func CheckSecrets(m *mesh.Mesh, n *Node, r *Resources) error {
+	var errs []error
+	for _, s := range r.Secrets {
+		ns, name, ok := strings.Cut(strings.TrimPrefix(s.GetName(), GatewaySecretPrefix), "/")
+		if !ok || !strings.HasPrefix(s.GetName(), GatewaySecretPrefix) || ns != n.Namespace || !m.MayReadSecret(ns, n.ServiceAccount, name) {
+			errs = append(errs, fmt.Errorf("%w: %s to %s/%s (service account %s)", ErrSecret, s.GetName(), n.Namespace, n.Pod, n.ServiceAccount))
+		}
+	}
+	return errors.Join(errs...)
 }

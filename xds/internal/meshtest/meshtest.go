@@ -167,16 +167,4 @@ func Node(typ, ip string, w *mesh.Workload, proxyless bool) *corev3.Node {
 }
 
 // Workloads lists the distinct workloads of m.
-func Workloads(m *mesh.Mesh) []*mesh.Workload {
-	seen := map[string]bool{}
-	var out []*mesh.Workload
-	for _, s := range m.Services {
-		for _, e := range s.Endpoints {
-			if !seen[e.Workload.Key()] {
-				seen[e.Workload.Key()] = true
-				out = append(out, e.Workload)
-			}
-		}
-	}
-	return out
-}
+func Workloads(m *mesh.Mesh) []*mesh.Workload { return m.AllWorkloads() }
