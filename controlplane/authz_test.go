@@ -1,8 +1,10 @@
 package controlplane_test
 
 import (
+	"bytes"
 	"context"
 	"crypto/tls"
+	"errors"
 	"net"
 	"os"
 	"path/filepath"
@@ -18,6 +20,7 @@ import (
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/status"
 
+	"github.com/trustmesh/trustmesh/authz/decisionlog"
 	"github.com/trustmesh/trustmesh/controlplane"
 )
 
@@ -48,9 +51,12 @@ func TestServeEnforcesAuthorizationPolicies(t *testing.T) {
 	}
 	addr := l.Addr().String()
 	l.Close()
+	var decisions bytes.Buffer // read once the control plane stopped
 	e := start(t, func(c *controlplane.Config) {
 		c.PolicyDir = policies
 		c.ListenAuthz = addr
+		c.DecisionLog = &decisions
+		c.LogRedactPaths = []string{`^/admin/(.+)`}
 	})
 	envoyID := spiffeid.RequireFromString("spiffe://cluster.local/ns/shop/sa/server")
 	envoy := newClient(t)
@@ -109,5 +115,18 @@ func TestServeEnforcesAuthorizationPolicies(t *testing.T) {
 	_, err = dial(false).Check(ctx, &authv3.CheckRequest{})
 	if status.Code(err) != codes.Unavailable {
 		t.Fatalf("a call with no client certificate: %v, want the handshake refused", err)
+	}
+	if err := e.stop(); err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(decisions.String(), `"path":"/admin/REDACTED"`) || strings.Contains(decisions.String(), "users") {
+		t.Errorf("the decision log did not redact /admin/users:\n%s", decisions.String())
+	}
+}
+
+func TestInvalidPathRedactionPatternIsAConfigError(t *testing.T) {
+	err := controlplane.Config{LogRedactPaths: []string{"/ok/(.*)", "/bad/("}}.Validate()
+	if !errors.Is(err, decisionlog.ErrBadPattern) {
+		t.Fatalf("Validate = %v, want ErrBadPattern", err)
 	}
 }

@@ -36,6 +36,7 @@ import (
 	"k8s.io/utils/clock"
 
 	cav1 "github.com/trustmesh/trustmesh/api/ca/v1"
+	"github.com/trustmesh/trustmesh/authz/decisionlog"
 	"github.com/trustmesh/trustmesh/authz/service"
 	"github.com/trustmesh/trustmesh/authz/source"
 	"github.com/trustmesh/trustmesh/authz/source/kube"
@@ -48,6 +49,7 @@ import (
 	"github.com/trustmesh/trustmesh/injector"
 	"github.com/trustmesh/trustmesh/injector/cabundle"
 	"github.com/trustmesh/trustmesh/injector/webhook"
+	"github.com/trustmesh/trustmesh/internal/connlimit"
 	"github.com/trustmesh/trustmesh/mesh"
 	meshkube "github.com/trustmesh/trustmesh/mesh/kube"
 	"github.com/trustmesh/trustmesh/xds"
@@ -71,6 +73,11 @@ type Config struct {
 	ListenMonitoring string
 	// ListenBundle serves the SPIFFE bundle endpoint; empty turns it off.
 	ListenBundle string
+	// Connections bounds every listener (CA and xDS, monitoring, bundle
+	// endpoint, ext_authz, injector webhook): connections served at once,
+	// and handshake, read, write and idle timeouts. Zero values take
+	// connlimit's defaults.
+	Connections connlimit.Config
 	// CADNSNames are the DNS names and IP addresses in the CA's serving
 	// certificate.
 	CADNSNames []string
@@ -98,6 +105,9 @@ type Config struct {
 	RootNamespace string
 	// DecisionLog receives authz decisions as JSON lines; nil turns it off.
 	DecisionLog io.Writer
+	// LogRedactPaths are patterns whose matches in request paths the
+	// decision log replaces (decisionlog.PathRedactor).
+	LogRedactPaths []string
 
 	// MeshDir, off Kubernetes, is a directory of mesh YAML (services,
 	// endpoints, SPIFFE IDs, labels, gateways, external hosts), watched; the
@@ -302,6 +312,12 @@ func (c Config) validate() (*validated, error) {
 	if c.MaxEnrolmentAge <= 0 {
 		errs = append(errs, fmt.Errorf("maximum enrolment age %s must be positive", c.MaxEnrolmentAge))
 	}
+	if err := c.Connections.Validate(); err != nil {
+		errs = append(errs, err)
+	}
+	if _, err := decisionlog.NewPathRedactor(c.LogRedactPaths); err != nil {
+		errs = append(errs, err)
+	}
 	if len(errs) > 0 {
 		return nil, fmt.Errorf("controlplane: invalid configuration: %w", errors.Join(errs...))
 	}
@@ -437,8 +453,8 @@ func New(ctx context.Context, cfg Config) (_ *ControlPlane, err error) {
 	}
 	// Requests on this port are small (a CSR is at most 16 KiB); refuse
 	// anything larger before reading it.
-	cp.grpc = grpc.NewServer(grpc.Creds(credentials.NewTLS(cp.serving.TLSConfig())),
-		grpc.MaxRecvMsgSize(256<<10), grpc.MaxConcurrentStreams(1024))
+	cp.grpc = grpc.NewServer(append([]grpc.ServerOption{grpc.Creds(credentials.NewTLS(cp.serving.TLSConfig())),
+		grpc.MaxRecvMsgSize(256 << 10), grpc.MaxConcurrentStreams(1024)}, v.Connections.GRPCOptions()...)...)
 	pb.RegisterIstioCertificateServiceServer(cp.grpc, server.NewCertificateService(server.CertificateServiceConfig{
 		Issuer: cp.CA, Authenticator: authenticator, Refusals: cp.refusals, Metrics: metrics, Clock: v.Clock, Log: v.Log,
 	}))
@@ -462,7 +478,7 @@ func New(ctx context.Context, cfg Config) (_ *ControlPlane, err error) {
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { _, _ = w.Write([]byte("ok\n")) })
 	mux.HandleFunc("/readyz", cp.readyz)
 	mux.Handle("/metrics", promhttp.HandlerFor(cp.registry, promhttp.HandlerOpts{}))
-	cp.monitoring = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+	cp.monitoring = v.Connections.HTTPServer(mux)
 
 	if v.ListenBundle != "" {
 		h, err := server.FederationHandler(v.td, cp.Authority)
@@ -471,17 +487,18 @@ func New(ctx context.Context, cfg Config) (_ *ControlPlane, err error) {
 		}
 		tlsCfg := cp.serving.TLSConfig()
 		tlsCfg.ClientAuth, tlsCfg.NextProtos = 0, nil
-		cp.bundle = &http.Server{Handler: h, TLSConfig: tlsCfg, ReadHeaderTimeout: 10 * time.Second}
+		cp.bundle = v.Connections.HTTPServer(h)
+		cp.bundle.TLSConfig = tlsCfg
 	}
 
-	if cp.caLis, err = listen(v.ListenCA, "CA"); err != nil {
+	if cp.caLis, err = listen(v, v.ListenCA, "CA"); err != nil {
 		return nil, err
 	}
-	if cp.monLis, err = listen(v.ListenMonitoring, "monitoring"); err != nil {
+	if cp.monLis, err = listen(v, v.ListenMonitoring, "monitoring"); err != nil {
 		return nil, err
 	}
 	if cp.bundle != nil {
-		if cp.bundleLis, err = listen(v.ListenBundle, "bundle endpoint"); err != nil {
+		if cp.bundleLis, err = listen(v, v.ListenBundle, "bundle endpoint"); err != nil {
 			return nil, err
 		}
 	}
@@ -510,7 +527,7 @@ func (cp *ControlPlane) newAuthz(v *validated) (*service.Service, error) {
 	cfg := service.Config{
 		Address: v.ListenAuthz, Creds: credentials.NewTLS(tlsCfg), PolicyDir: v.PolicyDir,
 		RootNamespace: v.RootNamespace, DecisionLog: v.DecisionLog, Log: v.Log, OnKubernetes: v.inKube,
-		Registerer: cp.registry,
+		Registerer: cp.registry, RedactPaths: v.LogRedactPaths, Connections: v.Connections,
 	}
 	var err error
 	if cfg.Mesh, err = authzMesh(v); err != nil {
@@ -621,15 +638,17 @@ func (cp *ControlPlane) newInjector(v *validated) error {
 	if err != nil {
 		return fmt.Errorf("controlplane: %w", err)
 	}
-	if cp.injector, err = webhook.New(webhook.Config{Address: v.ListenInjector, Handler: h, GetCertificate: cp.serving.GetCertificate, Log: v.Log}); err != nil {
+	if cp.injector, err = webhook.New(webhook.Config{
+		Address: v.ListenInjector, Handler: h, GetCertificate: cp.serving.GetCertificate, Connections: v.Connections, Log: v.Log,
+	}); err != nil {
 		return fmt.Errorf("controlplane: %w", err)
 	}
 	cp.bundleFns = append(cp.bundleFns, patcher.Run, publisher.Run)
 	return nil
 }
 
-func listen(addr, what string) (net.Listener, error) {
-	l, err := net.Listen("tcp", addr)
+func listen(v *validated, addr, what string) (net.Listener, error) {
+	l, err := v.Connections.Listen("tcp", addr)
 	if err != nil {
 		return nil, fmt.Errorf("controlplane: listen for %s on %s: %w", what, addr, err)
 	}

@@ -9,6 +9,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/trustmesh/trustmesh/controlplane"
+	"github.com/trustmesh/trustmesh/internal/connlimit"
 )
 
 func newServeCmd() *cobra.Command {
@@ -68,6 +69,8 @@ only when running in a cluster or given --kubeconfig.`,
 	f.StringVar(&cfg.PolicyDir, "policies", "", "directory of AuthorizationPolicy YAML files, watched (off Kubernetes)")
 	f.StringVar(&cfg.RootNamespace, "root-namespace", "istio-system", "namespace whose AuthorizationPolicies apply mesh-wide")
 	f.StringVar(&decisionLog, "decision-log", "-", `authz decision log: a file, "-" for stdout, "" to turn it off`)
+	f.StringArrayVar(&cfg.LogRedactPaths, "log-redact-path", nil, "regular expression whose matches in request paths (its groups, if it has any) the decision log replaces with REDACTED (repeatable)")
+	f.IntVar(&cfg.Connections.MaxConnections, "max-connections", connlimit.DefaultMaxConnections, "connections each listener serves at once; more wait until one closes")
 	f.StringVar(&cfg.MeshDir, "mesh", "", "directory of mesh YAML (services, endpoints, gateways), watched; the xDS server on the CA port serves proxies from it (off Kubernetes)")
 	f.StringVar(&cfg.AuthzAddress, "authz-address", "", "host:port of the ext_authz service as proxies reach it (default trustmesh.trustmesh-system.svc:9191)")
 	f.StringVar(&cfg.ListenInjector, "listen-injector", controlplane.DefaultListenInjector, `sidecar-injection webhook address, on Kubernetes; "off" turns it off`)
