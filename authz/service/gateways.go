@@ -11,30 +11,22 @@ import (
 )
 
 // GatewayIDs returns the mesh's gateway identities for remote.ip
-// (engine.RemoteIP): the SPIFFE IDs of the workloads its gateways select,
-// leaving out any ID that a workload no gateway selects also holds, since
-// that workload's clients could then set the client address.
+// (engine.RemoteIP): the SPIFFE IDs of the workloads its gateways
+// configure (mesh.GatewayWorkloads), leaving out any ID that another
+// workload of the mesh also holds, since that workload's clients could
+// then set the client address.
 func GatewayIDs(m *mesh.Mesh) engine.GatewayIDs {
-	ids, others := engine.GatewayIDs{}, map[string]bool{}
-	for _, s := range m.Services {
-		for _, e := range s.Endpoints {
-			w := e.Workload
-			if w == nil {
-				continue
-			}
-			gateway := false
-			for _, g := range m.Gateways {
-				gateway = gateway || g.Selects(w.Namespace, w.Labels)
-			}
-			if gateway {
-				ids[w.ID.String()] = true
-			} else {
-				others[w.ID.String()] = true
-			}
+	ids, gateway := engine.GatewayIDs{}, map[*mesh.Workload]bool{}
+	for _, g := range m.Gateways {
+		for _, w := range m.GatewayWorkloads(g) {
+			gateway[w] = true
+			ids[w.ID.String()] = true
 		}
 	}
-	for id := range others {
-		delete(ids, id)
+	for _, w := range m.AllWorkloads() {
+		if !gateway[w] {
+			delete(ids, w.ID.String())
+		}
 	}
 	return ids
 }

@@ -32,6 +32,12 @@ func TestGatewayIDs(t *testing.T) {
 			// A gateway's labels in another namespace.
 			{Workload: w("foo", "fake", "fake", map[string]string{"istio": "ingressgateway"})},
 		}}},
+		// Workloads that serve no service: a gateway, and a client that
+		// shares the egress gateway's identity.
+		Workloads: []*mesh.Workload{
+			w("gw", "lone-gateway", "lone", map[string]string{"istio": "ingressgateway"}),
+			w("gw", "client", "shared", map[string]string{"app": "client"}),
+		},
 		Gateways: []*mesh.Gateway{
 			{Namespace: "gw", Name: "ingress", Kind: mesh.Ingress, Selector: map[string]string{"istio": "ingressgateway"}},
 			{Namespace: "gw", Name: "egress", Kind: mesh.Egress, Selector: map[string]string{"istio": "egressgateway"}},
@@ -40,6 +46,7 @@ func TestGatewayIDs(t *testing.T) {
 	got := GatewayIDs(m)
 	for id, want := range map[string]bool{
 		"spiffe://cluster.local/ns/gw/sa/ingress": true,
+		"spiffe://cluster.local/ns/gw/sa/lone":    true,
 		"spiffe://cluster.local/ns/gw/sa/shared":  false,
 		"spiffe://cluster.local/ns/foo/sa/fake":   false,
 	} {
@@ -47,8 +54,8 @@ func TestGatewayIDs(t *testing.T) {
 			t.Errorf("IsGateway(%s) = %v, want %v", id, !want, want)
 		}
 	}
-	if len(got) != 1 {
-		t.Errorf("GatewayIDs = %v, want one identity", got)
+	if len(got) != 2 {
+		t.Errorf("GatewayIDs = %v, want two identities", got)
 	}
 }
 
