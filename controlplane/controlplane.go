@@ -117,6 +117,12 @@ type Config struct {
 	// AuthzAddress is the ext_authz service as proxies reach it
 	// ("host:port"). Default trustmesh.trustmesh-system.svc:9191.
 	AuthzAddress string
+	// XDS bounds what one workload identity may hold on the xDS server;
+	// zero values take the xds package's defaults.
+	XDS XDSLimits
+	// GatewayTrustedHops is the gateways' xff_num_trusted_hops: the
+	// proxies in front of them that append to X-Forwarded-For.
+	GatewayTrustedHops uint32
 
 	// ListenInjector is the sidecar-injection webhook's address, served on
 	// Kubernetes only; "off" turns injection off.
@@ -551,6 +557,12 @@ func (cp *ControlPlane) newAuthz(v *validated) (*service.Service, error) {
 	return svc, nil
 }
 
+// XDSLimits are the xDS server's admission limits (xds.Config).
+type XDSLimits struct {
+	MaxStreamsPerIdentity, MaxNodesPerIdentity int
+	FirstPushHold                              time.Duration
+}
+
 // newXDS assembles the ADS server that joins the CA port, when there is a
 // mesh to serve: a --mesh directory, or the cluster on Kubernetes. It takes
 // its policies from the same place the authorization service does.
@@ -570,8 +582,10 @@ func (cp *ControlPlane) newXDS(v *validated) (*xds.Server, error) {
 	cfg := xds.Config{
 		Bundle: cp.Authority,
 		Proxy: proxyconfig.Config{TrustDomain: v.td, RootNamespace: v.RootNamespace,
-			AuthzHost: host, AuthzPort: uint32(port), AuthzID: v.cpID},
-		Clock: v.Clock, Log: v.Log, Registerer: cp.registry,
+			AuthzHost: host, AuthzPort: uint32(port), AuthzID: v.cpID, GatewayTrustedHops: v.GatewayTrustedHops},
+		MaxStreamsPerIdentity: v.XDS.MaxStreamsPerIdentity, MaxNodesPerIdentity: v.XDS.MaxNodesPerIdentity,
+		FirstPushHold: v.XDS.FirstPushHold,
+		Clock:         v.Clock, Log: v.Log, Registerer: cp.registry,
 	}
 	if v.MeshDir != "" {
 		cfg.Mesh = &mesh.Dir{Path: v.MeshDir}

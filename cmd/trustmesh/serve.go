@@ -10,6 +10,7 @@ import (
 
 	"github.com/trustmesh/trustmesh/controlplane"
 	"github.com/trustmesh/trustmesh/internal/connlimit"
+	"github.com/trustmesh/trustmesh/xds"
 )
 
 func newServeCmd() *cobra.Command {
@@ -73,6 +74,10 @@ only when running in a cluster or given --kubeconfig.`,
 	f.IntVar(&cfg.Connections.MaxConnections, "max-connections", connlimit.DefaultMaxConnections, "connections each listener serves at once; more wait until one closes")
 	f.StringVar(&cfg.MeshDir, "mesh", "", "directory of mesh YAML (services, endpoints, gateways), watched; the xDS server on the CA port serves proxies from it (off Kubernetes)")
 	f.StringVar(&cfg.AuthzAddress, "authz-address", "", "host:port of the ext_authz service as proxies reach it (default trustmesh.trustmesh-system.svc:9191)")
+	f.IntVar(&cfg.XDS.MaxStreamsPerIdentity, "xds-max-streams-per-identity", xds.DefaultMaxStreamsPerIdentity, "xDS streams one SPIFFE ID may hold open, per pod the mesh lists under it")
+	f.IntVar(&cfg.XDS.MaxNodesPerIdentity, "xds-max-nodes-per-identity", xds.DefaultMaxNodesPerIdentity, "xDS node ids one SPIFFE ID may register, per pod the mesh lists under it")
+	f.DurationVar(&cfg.XDS.FirstPushHold, "xds-first-push-hold", xds.DefaultFirstPushHold, "how long a proxy may hold a first-configuration slot without acknowledging")
+	f.Uint32Var(&cfg.GatewayTrustedHops, "gateway-trusted-hops", 0, "proxies in front of the gateways that append to X-Forwarded-For (their xff_num_trusted_hops)")
 	f.StringVar(&cfg.ListenInjector, "listen-injector", controlplane.DefaultListenInjector, `sidecar-injection webhook address, on Kubernetes; "off" turns it off`)
 	f.StringVar(&cfg.MeshConfig, "mesh-config", "", "mesh config file for injection (images, ports, resources, exclusion limits)")
 	f.StringVar(&cfg.InjectorWebhookConfig, "injector-webhook-config", controlplane.DefaultInjectorWebhook, "MutatingWebhookConfiguration whose caBundle serve keeps current")
