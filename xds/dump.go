@@ -29,7 +29,10 @@ type DumpRequest struct {
 	NodeID string
 	// ServiceAccount defaults to the pod's in the mesh.
 	ServiceAccount string
-	// Labels default to the pod's in the mesh.
+	// Labels are put in the node's metadata (default: the pod's in the
+	// mesh). As on a stream, they select nothing: gateways and policies
+	// follow the labels the mesh gives the pod, and a pod the mesh does
+	// not list gets no resources (proxyconfig.ErrUnknownWorkload).
 	Labels map[string]string
 	// Proxyless asks for a grpc-go client's resources.
 	Proxyless bool
