@@ -14,6 +14,7 @@ import (
 	"github.com/trustmesh/trustmesh/authz/server"
 	"github.com/trustmesh/trustmesh/authz/service"
 	"github.com/trustmesh/trustmesh/authz/source/kube"
+	"github.com/trustmesh/trustmesh/internal/connlimit"
 	"github.com/trustmesh/trustmesh/mesh"
 )
 
@@ -24,6 +25,8 @@ func newAuthzCmd() *cobra.Command {
 		insecurePlaintext, failOpen     bool
 		decisionLog                     string
 		headerAllow, queryAllow         []string
+		redactPaths                     []string
+		maxConns                        int
 		evalTimeout                     time.Duration
 		bundles                         bundleFlags
 		onKube                          bool
@@ -43,7 +46,8 @@ func newAuthzCmd() *cobra.Command {
 			cfg := service.Config{
 				Address: addr, InsecurePlaintext: insecurePlaintext, FailOpen: failOpen,
 				PolicyDir: dir, Bundles: bs, RootNamespace: root, EvalTimeout: evalTimeout,
-				HeaderAllowlist: headerAllow, QueryAllowlist: queryAllow,
+				HeaderAllowlist: headerAllow, QueryAllowlist: queryAllow, RedactPaths: redactPaths,
+				Connections:  connlimit.Config{MaxConnections: maxConns},
 				Log:          slog.New(slog.NewTextHandler(cmd.ErrOrStderr(), nil)),
 				OnKubernetes: onKube || os.Getenv("KUBERNETES_SERVICE_HOST") != "",
 			}
@@ -95,6 +99,8 @@ func newAuthzCmd() *cobra.Command {
 	f.StringVar(&decisionLog, "decision-log", "-", `decision log file, "-" for stdout, "" to disable`)
 	f.StringSliceVar(&headerAllow, "log-header-allowlist", decisionlog.DefaultHeaderAllowlist, "headers whose values the decision log keeps")
 	f.StringSliceVar(&queryAllow, "log-query-allowlist", nil, "query parameters whose values the decision log keeps")
+	f.StringArrayVar(&redactPaths, "log-redact-path", nil, "regular expression whose matches in request paths (its groups, if it has any) the decision log replaces with REDACTED (repeatable)")
+	f.IntVar(&maxConns, "max-connections", connlimit.DefaultMaxConnections, "connections the listener serves at once; more wait until one closes")
 	f.DurationVar(&evalTimeout, "eval-timeout", engine.DefaultEvalTimeout, "time limit of each Rego bundle evaluation; running out denies")
 	f.BoolVar(&onKube, "kubernetes", false, "watch AuthorizationPolicies in Kubernetes (bundles must then be signed)")
 	f.StringVar(&kubeconfig, "kubeconfig", "", "kubeconfig file; empty uses the pod's service account")
