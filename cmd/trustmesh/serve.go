@@ -72,6 +72,7 @@ only when running in a cluster or given --kubeconfig.`,
 	f.StringVar(&decisionLog, "decision-log", "-", `authz decision log: a file, "-" for stdout, "" to turn it off`)
 	f.StringArrayVar(&cfg.LogRedactPaths, "log-redact-path", nil, "regular expression whose matches in request paths (its groups, if it has any) the decision log replaces with REDACTED (repeatable)")
 	f.IntVar(&cfg.Connections.MaxConnections, "max-connections", connlimit.DefaultMaxConnections, "connections each listener serves at once; more wait until one closes")
+	f.DurationVar(&cfg.Connections.IdleTimeout, "idle-timeout", connlimit.DefaultIdleTimeout, "close a connection with no HTTP request or gRPC call in flight for this long, on every listener")
 	f.StringVar(&cfg.MeshDir, "mesh", "", "directory of mesh YAML (services, endpoints, gateways), watched; the xDS server on the CA port serves proxies from it (off Kubernetes)")
 	f.StringVar(&cfg.AuthzAddress, "authz-address", "", "host:port of the ext_authz service as proxies reach it (default trustmesh.trustmesh-system.svc:9191)")
 	f.IntVar(&cfg.XDS.MaxStreamsPerIdentity, "xds-max-streams-per-identity", xds.DefaultMaxStreamsPerIdentity, "xDS streams one SPIFFE ID may hold open, per pod the mesh lists under it")
