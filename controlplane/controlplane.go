@@ -50,8 +50,6 @@ import (
 	"github.com/trustmesh/trustmesh/injector/cabundle"
 	"github.com/trustmesh/trustmesh/injector/webhook"
 	"github.com/trustmesh/trustmesh/internal/connlimit"
-	"github.com/trustmesh/trustmesh/mesh"
-	meshkube "github.com/trustmesh/trustmesh/mesh/kube"
 	"github.com/trustmesh/trustmesh/xds"
 	"github.com/trustmesh/trustmesh/xds/proxyconfig"
 )
@@ -536,7 +534,7 @@ func (cp *ControlPlane) newAuthz(v *validated) (*service.Service, error) {
 		Registerer: cp.registry, RedactPaths: v.LogRedactPaths, Connections: v.Connections,
 	}
 	var err error
-	if cfg.Mesh, err = authzMesh(v); err != nil {
+	if cfg.Mesh, err = meshSource(v); err != nil {
 		return nil, err
 	}
 	if v.inKube && v.PolicyDir == "" {
@@ -587,31 +585,22 @@ func (cp *ControlPlane) newXDS(v *validated) (*xds.Server, error) {
 		FirstPushHold: v.XDS.FirstPushHold,
 		Clock:         v.Clock, Log: v.Log, Registerer: cp.registry,
 	}
-	if v.MeshDir != "" {
-		cfg.Mesh = &mesh.Dir{Path: v.MeshDir}
+	if cfg.Mesh, err = meshSource(v); err != nil {
+		return nil, err
 	}
 	if v.PolicyDir != "" {
 		cfg.Policies = &source.Dir{Path: v.PolicyDir, DefaultNamespace: "default"}
 	}
-	if v.inKube {
+	if v.inKube && cfg.Policies == nil {
 		restCfg, err := restConfig(v.RestConfig, v.Kubeconfig)
 		if err != nil {
 			return nil, err
-		}
-		client, err := kubernetes.NewForConfig(restCfg)
-		if err != nil {
-			return nil, fmt.Errorf("controlplane: Kubernetes client: %w", err)
 		}
 		istio, err := versioned.NewForConfig(restCfg)
 		if err != nil {
 			return nil, fmt.Errorf("controlplane: Istio client: %w", err)
 		}
-		if cfg.Mesh == nil {
-			cfg.Mesh = &meshkube.Source{Client: client, Istio: istio, TrustDomain: v.td}
-		}
-		if cfg.Policies == nil {
-			cfg.Policies = &kube.Source{Client: istio}
-		}
+		cfg.Policies = &kube.Source{Client: istio}
 	}
 	srv, err := xds.New(cfg)
 	if err != nil {

@@ -10,10 +10,11 @@ import (
 	meshkube "github.com/trustmesh/trustmesh/mesh/kube"
 )
 
-// authzMesh is the mesh the authorization service reads its gateway
-// identities from (remote.ip): the --mesh directory, or the cluster on
-// Kubernetes; nil when there is no mesh.
-func authzMesh(v *validated) (mesh.Source, error) {
+// meshSource is the mesh model that the xDS server, and the authorization
+// service for its gateway identities (remote.ip), read: the --mesh
+// directory, or the cluster on Kubernetes; nil when there is no mesh. Each
+// gets its own watcher until one mesh feed serves both (issue 12).
+func meshSource(v *validated) (mesh.Source, error) {
 	switch {
 	case v.MeshDir != "":
 		return &mesh.Dir{Path: v.MeshDir}, nil
