@@ -398,7 +398,7 @@ func (b *Builder) sidecarShared() *Resources {
 			if ps.http {
 				l.FilterChains = append(l.FilterChains, &listenerv3.FilterChain{
 					Name:    fmt.Sprintf("outbound_http_%d", port),
-					Filters: []*listenerv3.Filter{b.hcm(sidecarHCM, fmt.Sprintf("outbound_0.0.0.0_%d", port), []*hcmv3.HttpFilter{routerFilter()}, fmt.Sprint(port), nil)},
+					Filters: []*listenerv3.Filter{b.hcm(sidecarOutboundHCM, fmt.Sprintf("outbound_0.0.0.0_%d", port), []*hcmv3.HttpFilter{routerFilter()}, fmt.Sprint(port), nil)},
 				})
 				r.Routes = append(r.Routes, routes[port])
 				defaultTaken = true
@@ -480,7 +480,7 @@ func (b *Builder) buildSidecar(w *mesh.Workload) *Resources {
 				c.TypedExtensionProtocolOptions = http2Options()
 			}
 			fc.TransportSocket = b.meshServerTLS("h2", "http/1.1")
-			fc.Filters = []*listenerv3.Filter{b.hcm(sidecarHCM, fmt.Sprintf("inbound_%d", sp.target), []*hcmv3.HttpFilter{httpAuthzFilter(), routerFilter()}, "",
+			fc.Filters = []*listenerv3.Filter{b.hcm(sidecarInboundHCM, fmt.Sprintf("inbound_%d", sp.target), []*hcmv3.HttpFilter{httpAuthzFilter(), routerFilter()}, "",
 				&routev3.RouteConfiguration{Name: cluster, VirtualHosts: []*routev3.VirtualHost{{
 					Name: fmt.Sprintf("inbound|http|%d", sp.target), Domains: []string{"*"}, Routes: []*routev3.Route{routeTo(cluster)},
 				}}})}

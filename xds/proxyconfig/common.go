@@ -245,13 +245,15 @@ func routerFilter() *hcmv3.HttpFilter {
 // trusts; ext_authz reads remote.ip from it.
 const ExternalAddressHeader = "x-envoy-external-address"
 
-// edge says whether an HTTP connection manager is a gateway's, which
-// faces its clients and derives their address itself, or a sidecar's.
-type edge bool
+// hcmKind says which listener an HTTP connection manager serves: a
+// gateway's, which faces its clients and derives their address itself, or
+// a sidecar's, outbound or inbound.
+type hcmKind int
 
 const (
-	sidecarHCM edge = false
-	gatewayHCM edge = true
+	sidecarOutboundHCM hcmKind = iota
+	sidecarInboundHCM
+	gatewayHCM
 )
 
 // hcm is an HTTP connection manager that, before any filter or route sees
@@ -260,14 +262,20 @@ const (
 //     slashes, reject escaped slashes;
 //   - normalizes the host: any port and a trailing dot are stripped, so
 //     that routing and ext_authz see one host (as Istio's gateways do);
-//   - strips client copies of x-envoy-external-address (an early header
-//     mutation, which runs before the connection manager sets its own).
+//   - on gateways and sidecar outbound, strips client copies of
+//     x-envoy-external-address (an early header mutation, which runs
+//     before the connection manager sets its own).
 //
 // A gateway then derives the client's address itself, as Istio's do:
 // use_remote_address, xff_num_trusted_hops from the configuration and no
 // internal addresses, so that it overwrites x-envoy-external-address on
-// every request. A sidecar never trusts X-Forwarded-For.
-func (b *Builder) hcm(kind edge, statPrefix string, filters []*hcmv3.HttpFilter, rds string, inline *routev3.RouteConfiguration) *listenerv3.Filter {
+// every request. A sidecar never trusts X-Forwarded-For. Sidecar inbound
+// keeps the header, because a request a gateway forwarded carries the
+// client's address in it; ext_authz believes it only when the mTLS peer
+// is a gateway identity (authz/engine RemoteIP), so a copy that any other
+// peer sends counts for nothing, and a DENY on remoteIpBlocks at a
+// workload still sees the client behind the gateway, as in Istio.
+func (b *Builder) hcm(kind hcmKind, statPrefix string, filters []*hcmv3.HttpFilter, rds string, inline *routev3.RouteConfiguration) *listenerv3.Filter {
 	m := &hcmv3.HttpConnectionManager{
 		StatPrefix:                   statPrefix,
 		CodecType:                    hcmv3.HttpConnectionManager_AUTO,
@@ -277,19 +285,21 @@ func (b *Builder) hcm(kind edge, statPrefix string, filters []*hcmv3.HttpFilter,
 		PathWithEscapedSlashesAction: hcmv3.HttpConnectionManager_REJECT_REQUEST,
 		StripPortMode:                &hcmv3.HttpConnectionManager_StripAnyHostPort{StripAnyHostPort: true},
 		StripTrailingHostDot:         true,
-		EarlyHeaderMutationExtensions: []*corev3.TypedExtensionConfig{{
+		// The peer's identity reaches the application only as Envoy saw it.
+		ForwardClientCertDetails:    hcmv3.HttpConnectionManager_SANITIZE_SET,
+		SetCurrentClientCertDetails: &hcmv3.HttpConnectionManager_SetCurrentClientCertDetails{Uri: true},
+		UseRemoteAddress:            wrapperspb.Bool(kind == gatewayHCM),
+	}
+	if kind == gatewayHCM {
+		m.XffNumTrustedHops = b.cfg.GatewayTrustedHops
+	}
+	if kind != sidecarInboundHCM {
+		m.EarlyHeaderMutationExtensions = []*corev3.TypedExtensionConfig{{
 			Name: "envoy.http.early_header_mutation.header_mutation",
 			TypedConfig: mustAny(&earlyhmv3.HeaderMutation{Mutations: []*mutationrulesv3.HeaderMutation{{
 				Action: &mutationrulesv3.HeaderMutation_Remove{Remove: ExternalAddressHeader},
 			}}}),
-		}},
-		// The peer's identity reaches the application only as Envoy saw it.
-		ForwardClientCertDetails:    hcmv3.HttpConnectionManager_SANITIZE_SET,
-		SetCurrentClientCertDetails: &hcmv3.HttpConnectionManager_SetCurrentClientCertDetails{Uri: true},
-		UseRemoteAddress:            wrapperspb.Bool(bool(kind)),
-	}
-	if kind == gatewayHCM {
-		m.XffNumTrustedHops = b.cfg.GatewayTrustedHops
+		}}
 	}
 	if inline != nil {
 		m.RouteSpecifier = &hcmv3.HttpConnectionManager_RouteConfig{RouteConfig: inline}

@@ -320,8 +320,10 @@ func checkCluster(t *testing.T, where string, m *mesh.Mesh, n *proxyconfig.Node,
 
 // checkConnectionManagers: every HTTP connection manager an Envoy gets
 // normalizes the host (port and trailing dot) before any filter or route
-// sees it; strips client copies of x-envoy-external-address before any
-// filter runs; keeps forwarded-client-cert SANITIZE_SET; and trusts the
+// sees it; on gateways and sidecar outbound strips client copies of
+// x-envoy-external-address before any filter runs, while sidecar inbound
+// keeps the copy a gateway forwards (ext_authz believes it only from a
+// gateway peer); keeps forwarded-client-cert SANITIZE_SET; and trusts the
 // remote address only on a gateway, which overwrites the header itself
 // (use_remote_address, xff_num_trusted_hops from the config, no internal
 // addresses). Its HTTP filters end with the router, and ext_authz or RBAC
@@ -339,13 +341,15 @@ func checkConnectionManagers(t *testing.T, where string, cfg proxyconfig.Config,
 					continue
 				}
 				at := fmt.Sprintf("%s: listener %s chain %s", where, l.GetName(), fc.GetName())
-				checkConnectionManager(t, at, cfg, n.Type == proxyconfig.Router, h)
+				gateway := n.Type == proxyconfig.Router
+				inbound := !gateway && l.GetTrafficDirection().String() == "INBOUND"
+				checkConnectionManager(t, at, cfg, gateway, inbound, h)
 			}
 		}
 	}
 }
 
-func checkConnectionManager(t *testing.T, at string, cfg proxyconfig.Config, gateway bool, h *hcmv3.HttpConnectionManager) {
+func checkConnectionManager(t *testing.T, at string, cfg proxyconfig.Config, gateway, sidecarInbound bool, h *hcmv3.HttpConnectionManager) {
 	t.Helper()
 	if !h.GetStripAnyHostPort() && !h.GetStripMatchingHostPort() {
 		t.Fatalf("%s: the host's port is not stripped", at)
@@ -393,14 +397,17 @@ func checkConnectionManager(t *testing.T, at string, cfg proxyconfig.Config, gat
 				}
 			}
 		case f.GetName() == "envoy.filters.http.ext_authz" || strings.HasPrefix(f.GetName(), "envoy.filters.http.rbac"):
-			if !stripped {
+			if !stripped && !sidecarInbound {
 				t.Fatalf("%s: %s runs before client copies of x-envoy-external-address are stripped", at, f.GetName())
 			}
 		case f.GetName() == "envoy.filters.http.router":
 			t.Fatalf("%s: a router before the last filter", at)
 		}
 	}
-	if !stripped {
+	switch {
+	case sidecarInbound && stripped:
+		t.Fatalf("%s: sidecar inbound strips x-envoy-external-address, so a gateway's forwarded client address never reaches ext_authz", at)
+	case !sidecarInbound && !stripped:
 		t.Fatalf("%s: client copies of x-envoy-external-address are not stripped", at)
 	}
 }
