@@ -16,6 +16,13 @@ import (
 // workload of the mesh also holds, since that workload's clients could
 // then set the client address.
 func GatewayIDs(m *mesh.Mesh) engine.GatewayIDs {
+	ids, _ := gatewayIDs(m)
+	return ids
+}
+
+// gatewayIDs is GatewayIDs, and the gateway IDs it left out because
+// another workload shares them.
+func gatewayIDs(m *mesh.Mesh) (ids engine.GatewayIDs, shared []string) {
 	ids, gateway := engine.GatewayIDs{}, map[*mesh.Workload]bool{}
 	for _, g := range m.Gateways {
 		for _, w := range m.GatewayWorkloads(g) {
@@ -24,11 +31,12 @@ func GatewayIDs(m *mesh.Mesh) engine.GatewayIDs {
 		}
 	}
 	for _, w := range m.AllWorkloads() {
-		if !gateway[w] {
-			delete(ids, w.ID.String())
+		if id := w.ID.String(); !gateway[w] && ids[id] {
+			delete(ids, id)
+			shared = append(shared, id)
 		}
 	}
-	return ids
+	return ids, shared
 }
 
 // meshGateways is a live engine.Gateways over a mesh source: load reads
@@ -51,7 +59,13 @@ func (g *meshGateways) load() error {
 	if err != nil {
 		return fmt.Errorf("service: mesh gateways: %w", err)
 	}
-	ids := GatewayIDs(m)
+	ids, shared := gatewayIDs(m)
+	for _, id := range shared {
+		// Only a gateway's own identity may vouch for a client address, so
+		// this gateway's requests are decided on their direct peer: a DENY
+		// on remoteIpBlocks there matches less than Istio's would.
+		g.log.Warn("a gateway shares its SPIFFE ID with a workload that is not a gateway; remote.ip at this gateway is the direct peer, so give the gateway a service account of its own", "spiffe_id", id)
+	}
 	g.cur.Store(&ids)
 	return nil
 }
