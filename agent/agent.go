@@ -49,7 +49,7 @@ import (
 	"github.com/trustmesh/trustmesh/agent/svid"
 	"github.com/trustmesh/trustmesh/agent/trustbundle"
 	"github.com/trustmesh/trustmesh/agent/workloadapi"
-	"github.com/trustmesh/trustmesh/injector/probe"
+	"github.com/trustmesh/trustmesh/api/probe"
 )
 
 // Defaults.

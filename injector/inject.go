@@ -12,9 +12,9 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/intstr"
 
+	"github.com/trustmesh/trustmesh/api/probe"
 	"github.com/trustmesh/trustmesh/injector/bootstrap"
 	"github.com/trustmesh/trustmesh/injector/capture"
-	"github.com/trustmesh/trustmesh/injector/probe"
 )
 
 // Config configures an Injector.

@@ -7,7 +7,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/util/intstr"
 
-	"github.com/trustmesh/trustmesh/injector/probe"
+	"github.com/trustmesh/trustmesh/api/probe"
 )
 
 // rewriteProbes points every HTTP, TCP and gRPC probe of the application's

@@ -22,7 +22,7 @@ import (
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
 	"github.com/trustmesh/trustmesh/agent/apphealth"
-	"github.com/trustmesh/trustmesh/injector/probe"
+	"github.com/trustmesh/trustmesh/api/probe"
 	"github.com/trustmesh/trustmesh/test/leakcheck"
 )
 

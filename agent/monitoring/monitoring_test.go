@@ -25,7 +25,7 @@ import (
 	"github.com/trustmesh/trustmesh/agent/identity"
 	"github.com/trustmesh/trustmesh/agent/internal/testca"
 	"github.com/trustmesh/trustmesh/agent/svid"
-	"github.com/trustmesh/trustmesh/injector/probe"
+	"github.com/trustmesh/trustmesh/api/probe"
 	"github.com/trustmesh/trustmesh/internal/connlimit"
 	"github.com/trustmesh/trustmesh/internal/connlimit/connlimittest"
 	"github.com/trustmesh/trustmesh/test/leakcheck"

@@ -10,7 +10,7 @@ import (
 
 	"github.com/trustmesh/trustmesh/agent"
 	"github.com/trustmesh/trustmesh/agent/svid"
-	"github.com/trustmesh/trustmesh/injector/probe"
+	"github.com/trustmesh/trustmesh/api/probe"
 )
 
 func newAgentCmd() *cobra.Command {
