@@ -36,8 +36,8 @@ import (
 	"k8s.io/utils/clock"
 
 	cav1 "github.com/trustmesh/trustmesh/api/ca/v1"
+	"github.com/trustmesh/trustmesh/authz/authzd"
 	"github.com/trustmesh/trustmesh/authz/decisionlog"
-	"github.com/trustmesh/trustmesh/authz/service"
 	"github.com/trustmesh/trustmesh/authz/source"
 	"github.com/trustmesh/trustmesh/authz/source/kube"
 	"github.com/trustmesh/trustmesh/ca"
@@ -338,7 +338,7 @@ type ControlPlane struct {
 	witness   *journal.ExportWitness
 	rotation  *rotation.Manager
 	elector   *elector
-	authz     *service.Service
+	authz     *authzd.Service
 	injector  *webhook.Server
 	xds       *xds.Server
 	bundleFns []func(context.Context) error // caBundle patcher, root-cert publisher
@@ -513,7 +513,7 @@ func New(ctx context.Context, cfg Config) (_ *ControlPlane, err error) {
 // a policy directory, or AuthorizationPolicies on Kubernetes. It serves mTLS
 // with the control plane's own certificate and accepts only clients with a
 // certificate that verifies against the trust bundle in force.
-func (cp *ControlPlane) newAuthz(v *validated) (*service.Service, error) {
+func (cp *ControlPlane) newAuthz(v *validated) (*authzd.Service, error) {
 	if v.ListenAuthz == "off" || v.PolicyDir == "" && !v.inKube {
 		v.Log.Info("authorization service off: no --policies directory and not on Kubernetes")
 		return nil, nil
@@ -528,7 +528,7 @@ func (cp *ControlPlane) newAuthz(v *validated) (*service.Service, error) {
 			return err
 		},
 	}
-	cfg := service.Config{
+	cfg := authzd.Config{
 		Address: v.ListenAuthz, Creds: credentials.NewTLS(tlsCfg), PolicyDir: v.PolicyDir,
 		RootNamespace: v.RootNamespace, DecisionLog: v.DecisionLog, Log: v.Log, OnKubernetes: v.inKube,
 		Registerer: cp.registry, RedactPaths: v.LogRedactPaths, Connections: v.Connections,
@@ -548,7 +548,7 @@ func (cp *ControlPlane) newAuthz(v *validated) (*service.Service, error) {
 		}
 		cfg.Policies = &kube.Source{Client: client}
 	}
-	svc, err := service.New(cfg)
+	svc, err := authzd.New(cfg)
 	if err != nil {
 		return nil, fmt.Errorf("controlplane: %w", err)
 	}

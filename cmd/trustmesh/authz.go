@@ -9,10 +9,10 @@ import (
 	"github.com/spf13/cobra"
 	"google.golang.org/grpc/credentials"
 
+	"github.com/trustmesh/trustmesh/authz/authzd"
 	"github.com/trustmesh/trustmesh/authz/decisionlog"
 	"github.com/trustmesh/trustmesh/authz/engine"
-	"github.com/trustmesh/trustmesh/authz/server"
-	"github.com/trustmesh/trustmesh/authz/service"
+	"github.com/trustmesh/trustmesh/authz/extauthz"
 	"github.com/trustmesh/trustmesh/authz/source/kube"
 	"github.com/trustmesh/trustmesh/internal/connlimit"
 	"github.com/trustmesh/trustmesh/mesh"
@@ -43,7 +43,7 @@ func newAuthzCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			cfg := service.Config{
+			cfg := authzd.Config{
 				Address: addr, InsecurePlaintext: insecurePlaintext, FailOpen: failOpen,
 				PolicyDir: dir, Bundles: bs, RootNamespace: root, EvalTimeout: evalTimeout,
 				HeaderAllowlist: headerAllow, QueryAllowlist: queryAllow, RedactPaths: redactPaths,
@@ -59,7 +59,7 @@ func newAuthzCmd() *cobra.Command {
 				cfg.Policies = &kube.Source{Client: client, Namespace: watchNamespace, V1beta1: v1beta1}
 			}
 			if certFile != "" || keyFile != "" || clientCAFile != "" {
-				tc, err := service.ServerTLS(certFile, keyFile, clientCAFile)
+				tc, err := authzd.ServerTLS(certFile, keyFile, clientCAFile)
 				if err != nil {
 					return err
 				}
@@ -80,7 +80,7 @@ func newAuthzCmd() *cobra.Command {
 			if meshDir != "" {
 				cfg.Mesh = &mesh.Dir{Path: meshDir}
 			}
-			svc, err := service.New(cfg)
+			svc, err := authzd.New(cfg)
 			if err != nil {
 				return err
 			}
@@ -88,7 +88,7 @@ func newAuthzCmd() *cobra.Command {
 		},
 	}
 	f := cmd.Flags()
-	f.StringVar(&addr, "listen", server.DefaultAddress, `address to serve on: "host:port" or "unix:///path"`)
+	f.StringVar(&addr, "listen", extauthz.DefaultAddress, `address to serve on: "host:port" or "unix:///path"`)
 	f.StringVar(&dir, "policies", "", "directory of AuthorizationPolicy YAML files (watched)")
 	f.StringVar(&root, "root-namespace", engine.DefaultRootNamespace, "namespace whose policies apply mesh-wide")
 	f.StringVar(&certFile, "tls-cert", "", "server certificate (PEM)")

@@ -1,8 +1,8 @@
-// Package service assembles the authorization service: the engine, the
+// Package authzd assembles the authorization service: the engine, the
 // policy and bundle loader with hot reload, the decision log and the
 // ext_authz gRPC server, run together. `trustmesh authz` runs it alone and
 // `trustmesh serve` runs it beside the CA.
-package service
+package authzd
 
 import (
 	"context"
@@ -22,7 +22,7 @@ import (
 
 	"github.com/trustmesh/trustmesh/authz/decisionlog"
 	"github.com/trustmesh/trustmesh/authz/engine"
-	"github.com/trustmesh/trustmesh/authz/server"
+	"github.com/trustmesh/trustmesh/authz/extauthz"
 	"github.com/trustmesh/trustmesh/authz/source"
 	"github.com/trustmesh/trustmesh/internal/connlimit"
 	"github.com/trustmesh/trustmesh/mesh"
@@ -70,7 +70,7 @@ type Service struct {
 	Engine *engine.Engine
 	loader *source.Loader
 	gw     *meshGateways
-	server *server.Server
+	server *extauthz.Server
 	dlog   *decisionlog.Logger
 	ready  chan struct{} // closed after the first successful load
 }
@@ -80,10 +80,10 @@ type Service struct {
 func New(cfg Config) (*Service, error) {
 	var errs []error
 	if cfg.PolicyDir == "" && cfg.Policies == nil && len(cfg.Bundles) == 0 {
-		errs = append(errs, errors.New("service: no policy source: set a policy directory or bundles"))
+		errs = append(errs, errors.New("authzd: no policy source: set a policy directory or bundles"))
 	}
 	if cfg.PolicyDir != "" && cfg.Policies != nil {
-		errs = append(errs, errors.New("service: set a policy directory or a policy source, not both"))
+		errs = append(errs, errors.New("authzd: set a policy directory or a policy source, not both"))
 	}
 	if cfg.OnKubernetes {
 		cfg.Bundles = append([]source.BundleConfig(nil), cfg.Bundles...)
@@ -116,7 +116,7 @@ func New(cfg Config) (*Service, error) {
 		RootNamespace: cfg.RootNamespace, EvalTimeout: cfg.EvalTimeout, Log: cfg.Log, OnLoad: onLoad,
 	})
 	errs = append(errs, err)
-	var dl server.DecisionLogger
+	var dl extauthz.DecisionLogger
 	if cfg.DecisionLog != nil {
 		s.dlog, err = decisionlog.New(decisionlog.Config{
 			Writer: cfg.DecisionLog, HeaderAllowlist: cfg.HeaderAllowlist, QueryAllowlist: cfg.QueryAllowlist, RedactPaths: cfg.RedactPaths,
@@ -127,11 +127,11 @@ func New(cfg Config) (*Service, error) {
 		_, err = decisionlog.NewPathRedactor(cfg.RedactPaths)
 		errs = append(errs, err)
 	}
-	var metrics *server.Metrics
+	var metrics *extauthz.Metrics
 	if cfg.Registerer != nil {
-		metrics = server.NewMetrics(cfg.Registerer)
+		metrics = extauthz.NewMetrics(cfg.Registerer)
 	}
-	s.server, err = server.New(server.Config{
+	s.server, err = extauthz.New(extauthz.Config{
 		Engine: s.Engine, Log: dl, Address: cfg.Address, Creds: cfg.Creds,
 		InsecurePlaintext: cfg.InsecurePlaintext, FailOpen: cfg.FailOpen, Metrics: metrics, Connections: cfg.Connections,
 	})
@@ -183,15 +183,15 @@ func (s *Service) Run(ctx context.Context) error {
 func ServerTLS(certFile, keyFile, clientCAFile string) (*tls.Config, error) {
 	cert, err := tls.LoadX509KeyPair(certFile, keyFile)
 	if err != nil {
-		return nil, fmt.Errorf("service: %w", err)
+		return nil, fmt.Errorf("authzd: %w", err)
 	}
 	pem, err := os.ReadFile(clientCAFile)
 	if err != nil {
-		return nil, fmt.Errorf("service: %w", err)
+		return nil, fmt.Errorf("authzd: %w", err)
 	}
 	pool := x509.NewCertPool()
 	if !pool.AppendCertsFromPEM(pem) {
-		return nil, fmt.Errorf("service: %s holds no PEM certificates", clientCAFile)
+		return nil, fmt.Errorf("authzd: %s holds no PEM certificates", clientCAFile)
 	}
 	return &tls.Config{
 		Certificates: []tls.Certificate{cert},

@@ -1,4 +1,4 @@
-package server_test
+package extauthz_test
 
 import (
 	"bytes"
@@ -32,7 +32,7 @@ import (
 
 	"github.com/trustmesh/trustmesh/authz/decisionlog"
 	"github.com/trustmesh/trustmesh/authz/engine"
-	"github.com/trustmesh/trustmesh/authz/server"
+	"github.com/trustmesh/trustmesh/authz/extauthz"
 	"github.com/trustmesh/trustmesh/authz/source"
 	"github.com/trustmesh/trustmesh/internal/connlimit"
 	"github.com/trustmesh/trustmesh/internal/connlimit/connlimittest"
@@ -185,9 +185,9 @@ func checkRequest(path string, headers map[string]string) *authv3.CheckRequest {
 
 // serve starts a server on a loopback listener and returns its address and
 // a function that stops it and waits.
-func serve(t *testing.T, cfg server.Config) (string, func()) {
+func serve(t *testing.T, cfg extauthz.Config) (string, func()) {
 	t.Helper()
-	srv, err := server.New(cfg)
+	srv, err := extauthz.New(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -228,7 +228,7 @@ func TestCheckOverMTLS(t *testing.T) {
 	logDone := make(chan error, 1)
 	go func() { logDone <- dl.Run(logCtx) }()
 
-	addr, stop := serve(t, server.Config{
+	addr, stop := serve(t, extauthz.Config{
 		Engine: newEngine(t),
 		Log:    dl,
 		Creds: credentials.NewTLS(&tls.Config{
@@ -341,7 +341,7 @@ func (failing) Check(context.Context, *authv3.CheckRequest) (*engine.Decision, e
 func TestEngineErrors(t *testing.T) {
 	tests := []struct {
 		name     string
-		checker  server.Checker
+		checker  extauthz.Checker
 		failOpen bool
 		want     codes.Code
 	}{
@@ -352,7 +352,7 @@ func TestEngineErrors(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			sock := filepath.Join(t.TempDir(), "authz.sock")
-			srv, err := server.New(server.Config{Engine: tt.checker, Address: "unix://" + sock, FailOpen: tt.failOpen})
+			srv, err := extauthz.New(extauthz.Config{Engine: tt.checker, Address: "unix://" + sock, FailOpen: tt.failOpen})
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -386,18 +386,18 @@ func TestEngineErrors(t *testing.T) {
 func TestPlaintextRefused(t *testing.T) {
 	tests := []struct {
 		name string
-		cfg  server.Config
+		cfg  extauthz.Config
 		ok   bool
 	}{
-		{"tcp without creds", server.Config{Engine: engine.New(), Address: "127.0.0.1:0"}, false},
-		{"default address without creds", server.Config{Engine: engine.New()}, false},
-		{"tcp with explicit insecure flag", server.Config{Engine: engine.New(), Address: "127.0.0.1:0", InsecurePlaintext: true}, true},
-		{"unix socket", server.Config{Engine: engine.New(), Address: "unix:///tmp/x.sock"}, true},
+		{"tcp without creds", extauthz.Config{Engine: engine.New(), Address: "127.0.0.1:0"}, false},
+		{"default address without creds", extauthz.Config{Engine: engine.New()}, false},
+		{"tcp with explicit insecure flag", extauthz.Config{Engine: engine.New(), Address: "127.0.0.1:0", InsecurePlaintext: true}, true},
+		{"unix socket", extauthz.Config{Engine: engine.New(), Address: "unix:///tmp/x.sock"}, true},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			_, err := server.New(tt.cfg)
-			if (err == nil) != tt.ok || (!tt.ok && !errors.Is(err, server.ErrPlaintext)) {
+			_, err := extauthz.New(tt.cfg)
+			if (err == nil) != tt.ok || (!tt.ok && !errors.Is(err, extauthz.ErrPlaintext)) {
 				t.Fatalf("New = %v, want ok %v", err, tt.ok)
 			}
 		})
@@ -410,7 +410,7 @@ func TestRunFailsWhenItCannotListen(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer lis.Close()
-	srv, err := server.New(server.Config{Engine: engine.New(), Address: lis.Addr().String(), InsecurePlaintext: true})
+	srv, err := extauthz.New(extauthz.Config{Engine: engine.New(), Address: lis.Addr().String(), InsecurePlaintext: true})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -423,21 +423,21 @@ func TestRunFailsWhenItCannotListen(t *testing.T) {
 // finish their setup or carry no RPC, and serves no more than its cap.
 func TestServeBoundsConnections(t *testing.T) {
 	t.Run("idle", func(t *testing.T) {
-		addr, stop := serve(t, server.Config{Engine: engine.New(), InsecurePlaintext: true,
+		addr, stop := serve(t, extauthz.Config{Engine: engine.New(), InsecurePlaintext: true,
 			Connections: connlimit.Config{IdleTimeout: 300 * time.Millisecond, HandshakeTimeout: 300 * time.Millisecond}})
 		defer stop()
 		connlimittest.ClosesIdle(t, addr, connlimittest.GRPC(nil), 5*time.Second)
 		connlimittest.ClosesIdle(t, addr, connlimittest.Silent, 5*time.Second)
 	})
 	t.Run("cap", func(t *testing.T) {
-		addr, stop := serve(t, server.Config{Engine: engine.New(), InsecurePlaintext: true, Connections: connlimit.Config{MaxConnections: 8}})
+		addr, stop := serve(t, extauthz.Config{Engine: engine.New(), InsecurePlaintext: true, Connections: connlimit.Config{MaxConnections: 8}})
 		defer stop()
 		connlimittest.CapHolds(t, addr, 8, connlimittest.GRPC(nil))
 	})
 }
 
 func TestBadConnectionLimitsRefused(t *testing.T) {
-	if _, err := server.New(server.Config{Engine: engine.New(), InsecurePlaintext: true, Connections: connlimit.Config{MaxConnections: -1}}); err == nil {
+	if _, err := extauthz.New(extauthz.Config{Engine: engine.New(), InsecurePlaintext: true, Connections: connlimit.Config{MaxConnections: -1}}); err == nil {
 		t.Fatal("New accepted a negative connection cap")
 	}
 }

@@ -1,4 +1,4 @@
-package service
+package authzd
 
 import (
 	"context"
@@ -57,7 +57,7 @@ func (g *meshGateways) IsGateway(id string) bool {
 func (g *meshGateways) load() error {
 	m, err := g.src.Mesh()
 	if err != nil {
-		return fmt.Errorf("service: mesh gateways: %w", err)
+		return fmt.Errorf("authzd: mesh gateways: %w", err)
 	}
 	ids, shared := gatewayIDs(m)
 	for _, id := range shared {
@@ -81,7 +81,7 @@ func (g *meshGateways) run(ctx context.Context, ready chan<- struct{}) error {
 		}
 	})
 	if err != nil {
-		return fmt.Errorf("service: watching the mesh: %w", err)
+		return fmt.Errorf("authzd: watching the mesh: %w", err)
 	}
 	if err := g.load(); err != nil {
 		return err

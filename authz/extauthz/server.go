@@ -1,8 +1,8 @@
-// Package server serves envoy.service.auth.v3.Authorization/Check over
+// Package extauthz serves envoy.service.auth.v3.Authorization/Check over
 // gRPC. The transport is mTLS with credentials the caller supplies (a
 // trustmesh certificate from the CA); plaintext is refused except on a unix
 // socket or when InsecurePlaintext says so explicitly.
-package server
+package extauthz
 
 import (
 	"context"
@@ -43,7 +43,7 @@ type DecisionLogger interface {
 var _ Checker = (*engine.Engine)(nil)
 
 // ErrPlaintext refuses a plaintext TCP listener that was not asked for.
-var ErrPlaintext = errors.New("server: plaintext is only allowed on a unix socket or with InsecurePlaintext")
+var ErrPlaintext = errors.New("extauthz: plaintext is only allowed on a unix socket or with InsecurePlaintext")
 
 // Config configures a Server.
 type Config struct {
@@ -75,13 +75,13 @@ type Config struct {
 func (c *Config) Validate() error {
 	var errs []error
 	if c.Engine == nil {
-		errs = append(errs, errors.New("server: an engine is required"))
+		errs = append(errs, errors.New("extauthz: an engine is required"))
 	}
 	if c.Creds == nil && !c.InsecurePlaintext && !isUnix(c.address()) {
 		errs = append(errs, ErrPlaintext)
 	}
 	if err := c.Connections.Validate(); err != nil {
-		errs = append(errs, fmt.Errorf("server: %w", err))
+		errs = append(errs, fmt.Errorf("extauthz: %w", err))
 	}
 	return errors.Join(errs...)
 }
@@ -123,12 +123,12 @@ func (s *Server) Run(ctx context.Context) error {
 		network = "unix"
 		addr = strings.TrimPrefix(strings.TrimPrefix(addr, "unix://"), "unix:")
 		if err := os.Remove(addr); err != nil && !errors.Is(err, os.ErrNotExist) {
-			return fmt.Errorf("server: removing stale socket: %w", err)
+			return fmt.Errorf("extauthz: removing stale socket: %w", err)
 		}
 	}
 	lis, err := net.Listen(network, addr)
 	if err != nil {
-		return fmt.Errorf("server: %w", err)
+		return fmt.Errorf("extauthz: %w", err)
 	}
 	return s.Serve(ctx, lis)
 }
@@ -148,7 +148,7 @@ func (s *Server) Serve(ctx context.Context, lis net.Listener) error {
 	select {
 	case err := <-errc:
 		if err != nil {
-			return fmt.Errorf("server: %w", err)
+			return fmt.Errorf("extauthz: %w", err)
 		}
 		return nil
 	case <-ctx.Done():

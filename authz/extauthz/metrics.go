@@ -1,4 +1,4 @@
-package server
+package extauthz
 
 import (
 	"time"
