@@ -27,6 +27,7 @@ import (
 	"strings"
 
 	"github.com/trustmesh/trustmesh/agent/identity"
+	"github.com/trustmesh/trustmesh/internal/atomicfile"
 )
 
 // The file names, as Istio names them.
@@ -172,26 +173,15 @@ func writeFile(path string, data []byte) error {
 // replaceSymlink points link at target atomically, replacing whatever link
 // was.
 func replaceSymlink(target, link string) error {
-	tmp := link + ".tmp"
-	_ = os.Remove(tmp)
-	if err := os.Symlink(target, tmp); err != nil {
-		return fmt.Errorf("certdir: %w", err)
-	}
-	if err := os.Rename(tmp, link); err != nil {
-		_ = os.Remove(tmp)
+	if err := atomicfile.Symlink(target, link); err != nil {
 		return fmt.Errorf("certdir: %w", err)
 	}
 	return nil
 }
 
 func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
+	if err := atomicfile.SyncDir(dir); err != nil {
 		return fmt.Errorf("certdir: %w", err)
-	}
-	defer d.Close()
-	if err := d.Sync(); err != nil {
-		return fmt.Errorf("certdir: sync %s: %w", dir, err)
 	}
 	return nil
 }

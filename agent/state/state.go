@@ -23,6 +23,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 
 	"github.com/trustmesh/trustmesh/agent/identity"
+	"github.com/trustmesh/trustmesh/internal/atomicfile"
 )
 
 // File names in the state directory. The key and the chain share one file so
@@ -135,32 +136,8 @@ func (d *Dir) read(name string) ([]byte, error) {
 }
 
 func (d *Dir) write(name string, data []byte) error {
-	f, err := os.CreateTemp(d.path, "."+name+"-")
-	if err != nil {
-		return fmt.Errorf("state: %w", err)
-	}
-	tmp := f.Name()
-	_, err = f.Write(data)
-	if err == nil {
-		err = f.Sync()
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		err = os.Rename(tmp, filepath.Join(d.path, name))
-	}
-	if err != nil {
-		_ = os.Remove(tmp)
+	if err := atomicfile.WriteFile(filepath.Join(d.path, name), data, 0o600); err != nil {
 		return fmt.Errorf("state: write %s: %w", name, err)
-	}
-	dir, err := os.Open(d.path)
-	if err != nil {
-		return fmt.Errorf("state: %w", err)
-	}
-	defer dir.Close()
-	if err := dir.Sync(); err != nil {
-		return fmt.Errorf("state: %w", err)
 	}
 	return nil
 }

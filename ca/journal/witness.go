@@ -6,11 +6,11 @@ import (
 	"fmt"
 	"log/slog"
 	"net/http"
-	"os"
-	"path/filepath"
 	"strings"
 	"sync"
 	"time"
+
+	"github.com/trustmesh/trustmesh/internal/atomicfile"
 )
 
 // Witness receives signed checkpoints as they are published. Offer must not
@@ -103,23 +103,7 @@ func (w *ExportWitness) export(ctx context.Context, signed []byte) error {
 		}
 		return nil
 	}
-	tmp, err := os.CreateTemp(filepath.Dir(w.target), "."+filepath.Base(w.target)+".*")
-	if err != nil {
-		return fmt.Errorf("journal: witness: %w", err)
-	}
-	defer os.Remove(tmp.Name())
-	if _, err := tmp.Write(signed); err != nil {
-		tmp.Close()
-		return fmt.Errorf("journal: witness: %w", err)
-	}
-	if err := tmp.Sync(); err != nil {
-		tmp.Close()
-		return fmt.Errorf("journal: witness: %w", err)
-	}
-	if err := tmp.Close(); err != nil {
-		return fmt.Errorf("journal: witness: %w", err)
-	}
-	if err := os.Rename(tmp.Name(), w.target); err != nil {
+	if err := atomicfile.WriteFile(w.target, signed, 0o600); err != nil {
 		return fmt.Errorf("journal: witness: %w", err)
 	}
 	return nil
