@@ -1,0 +1,140 @@
+package controlplane
+
+import (
+	"context"
+	"crypto/x509"
+	"strings"
+
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
+	pb "istio.io/api/security/v1alpha1"
+
+	"github.com/trustmesh/trustmesh/ca"
+	"github.com/trustmesh/trustmesh/ca/admin"
+	"github.com/trustmesh/trustmesh/ca/authn"
+	"github.com/trustmesh/trustmesh/ca/authority"
+	"github.com/trustmesh/trustmesh/ca/journal"
+	"github.com/trustmesh/trustmesh/ca/rotation"
+	"github.com/trustmesh/trustmesh/ca/server"
+)
+
+// openJournal opens the journal, in the data directory or the shared
+// database, with its checkpoint key and witness.
+func (cp *ControlPlane) openJournal(ctx context.Context, v *validated) (err error) {
+	dir := admin.DataDir(v.DataDir)
+	jo := admin.JournalOptions{DSN: v.JournalDSN, CheckpointKeyURI: v.CheckpointKeyURI, Log: v.Log}
+	if v.CASecret != "" && v.CheckpointKeyURI == "" {
+		// Replicas share the journal, so they share its checkpoint key.
+		if jo.Kube, err = kubeClient(v.RestConfig, v.Kubeconfig); err != nil {
+			return err
+		}
+		jo.CheckpointSecret = v.CASecret + "-checkpoint"
+	}
+	if v.Witness != "" {
+		cp.witness = journal.NewExportWitness(v.Witness, v.Log)
+		jo.Witness = cp.witness
+	}
+	if cp.Journal, _, err = dir.OpenJournal(ctx, v.td.Name(), jo, false); err != nil {
+		return err
+	}
+	return nil
+}
+
+// newAuthority sets up CA rotation (leader-elected when the material lives
+// in a Secret), loads the CA material in force, and builds the CA.
+func (cp *ControlPlane) newAuthority(ctx context.Context, v *validated) (err error) {
+	dir := admin.DataDir(v.DataDir)
+	var store rotation.Store
+	var isLeader func() bool
+	if v.CASecret != "" {
+		client, err := kubeClient(v.RestConfig, v.Kubeconfig)
+		if err != nil {
+			return err
+		}
+		ns, name, _ := strings.Cut(v.CASecret, "/")
+		store = rotation.SecretStore{Client: client, Namespace: ns, Name: name}
+		if cp.elector, err = newElector(client, ns, name+"-rotation", v.Log); err != nil {
+			return err
+		}
+		isLeader = cp.elector.IsLeader
+	}
+	if cp.rotation, err = rotation.New(rotation.Config{
+		Store: store, IsLeader: isLeader,
+		Dir: dir.CADir(), TrustDomain: v.td, Recorder: cp.Journal, Clock: v.Clock, Log: v.Log,
+		MaxWorkloadTTL: v.MaxWorkloadTTL, Interval: v.RotationInterval, Automatic: !v.ManualRotation,
+		IntermediateLifetime: v.CAIntermediateTTL,
+	}); err != nil {
+		return err
+	}
+	if v.CACertsDir != "" {
+		// Operator-supplied material: adopted as the first generation, its
+		// key referenced where the operator keeps it, never copied.
+		if err := cp.rotation.Adopt(ctx, v.CACertsDir, v.CAKeyURI); err != nil {
+			return err
+		}
+	}
+	material, err := cp.rotation.Initial(ctx)
+	if err != nil {
+		return err
+	}
+	cp.Authority = authority.New(v.td, material)
+	if cp.CA, err = ca.New(ca.Config{
+		TrustDomain: v.td, Authority: cp.Authority, Recorder: cp.Journal, Clock: v.Clock,
+		DefaultTTL: v.DefaultWorkloadTTL, MinTTL: v.MinWorkloadTTL, MaxTTL: v.MaxWorkloadTTL,
+		Reserved: []spiffeid.ID{v.cpID},
+	}); err != nil {
+		return err
+	}
+	return nil
+}
+
+// newAuthenticator authenticates CSRs: join tokens, renewal with a
+// certificate in force, and Kubernetes service-account tokens on Kubernetes.
+func (cp *ControlPlane) newAuthenticator(v *validated) (*authn.Authenticator, error) {
+	authenticator := &authn.Authenticator{
+		TrustDomain: v.td,
+		JoinTokens:  &authn.JoinTokens{TrustDomain: v.td, Store: cp.Journal, Clock: v.Clock},
+		Renewal: &authn.Renewal{
+			TrustDomain: v.td, Bundle: cp.Authority, Store: cp.Journal,
+			MaxEnrolmentAge: v.MaxEnrolmentAge, Clock: v.Clock,
+		},
+	}
+	if v.inKube {
+		client, err := kubeClient(v.RestConfig, v.Kubeconfig)
+		if err != nil {
+			return nil, err
+		}
+		if authenticator.Kubernetes, err = authn.NewKubernetes(authn.KubernetesConfig{
+			TrustDomain: v.td, Client: client, Audience: v.TokenAudience, Clock: v.Clock,
+		}); err != nil {
+			return nil, err
+		}
+		authenticator.Renewal.Kubernetes = authenticator.Kubernetes
+	}
+	return authenticator, nil
+}
+
+// newCAServer builds the CA port's gRPC server with the control plane's
+// serving certificate and registers the certificate service on it.
+func (cp *ControlPlane) newCAServer(ctx context.Context, v *validated, authenticator *authn.Authenticator) (err error) {
+	cp.refusals = journal.NewRefusalLog(journal.RefusalLogConfig{Appender: cp.Journal, Clock: v.Clock, Log: v.Log})
+	cp.registry.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	metrics := server.NewMetrics(cp.registry, cp.Authority.Current)
+
+	if cp.serving, err = server.NewServingCert(ctx, server.ServingCertConfig{
+		Issuer: cp.CA, ID: v.cpID, DNSNames: v.dns, IPs: v.ips, Clock: v.Clock, Log: v.Log,
+		Issuing: func() *x509.Certificate { return cp.Authority.Current().Cert },
+	}); err != nil {
+		return err
+	}
+	// Requests on this port are small (a CSR is at most 16 KiB); refuse
+	// anything larger before reading it.
+	cp.grpc = grpc.NewServer(append([]grpc.ServerOption{grpc.Creds(credentials.NewTLS(cp.serving.TLSConfig())),
+		grpc.MaxRecvMsgSize(256 << 10), grpc.MaxConcurrentStreams(1024)}, v.Connections.GRPCOptions()...)...)
+	pb.RegisterIstioCertificateServiceServer(cp.grpc, server.NewCertificateService(server.CertificateServiceConfig{
+		Issuer: cp.CA, Authenticator: authenticator, Refusals: cp.refusals, Metrics: metrics, Clock: v.Clock, Log: v.Log,
+	}))
+	return nil
+}

@@ -1,0 +1,49 @@
+package controlplane
+
+import (
+	"fmt"
+	"net/http"
+
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/trustmesh/trustmesh/ca/server"
+)
+
+func (cp *ControlPlane) readyz(w http.ResponseWriter, r *http.Request) {
+	if !cp.ready.Load() {
+		http.Error(w, "not ready", http.StatusServiceUnavailable)
+		return
+	}
+	if err := cp.Journal.Ping(r.Context()); err != nil {
+		http.Error(w, "journal unavailable", http.StatusServiceUnavailable)
+		return
+	}
+	if err := cp.Journal.Integrity(); err != nil {
+		// Every issuance fails until an operator acts: not ready.
+		http.Error(w, "journal does not match its signed checkpoints", http.StatusServiceUnavailable)
+		return
+	}
+	_, _ = w.Write([]byte("ok\n"))
+}
+
+// newMonitoring builds the monitoring server (health, readiness, metrics)
+// and, when it has an address, the SPIFFE bundle endpoint.
+func (cp *ControlPlane) newMonitoring(v *validated) error {
+	mux := http.NewServeMux()
+	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { _, _ = w.Write([]byte("ok\n")) })
+	mux.HandleFunc("/readyz", cp.readyz)
+	mux.Handle("/metrics", promhttp.HandlerFor(cp.registry, promhttp.HandlerOpts{}))
+	cp.monitoring = v.Connections.HTTPServer(mux)
+
+	if v.ListenBundle != "" {
+		h, err := server.FederationHandler(v.td, cp.Authority)
+		if err != nil {
+			return fmt.Errorf("controlplane: bundle endpoint: %w", err)
+		}
+		tlsCfg := cp.serving.TLSConfig()
+		tlsCfg.ClientAuth, tlsCfg.NextProtos = 0, nil
+		cp.bundle = v.Connections.HTTPServer(h)
+		cp.bundle.TLSConfig = tlsCfg
+	}
+	return nil
+}
