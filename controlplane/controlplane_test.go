@@ -21,6 +21,7 @@ import (
 	"google.golang.org/protobuf/types/known/structpb"
 	pb "istio.io/api/security/v1alpha1"
 
+	"github.com/trustmesh/trustmesh/ca/admin"
 	"github.com/trustmesh/trustmesh/ca/journal"
 	"github.com/trustmesh/trustmesh/controlplane"
 )
@@ -29,7 +30,7 @@ var vmID = spiffeid.RequireFromString("spiffe://cluster.local/vm/db")
 
 func (e *env) token(id spiffeid.ID, ttl time.Duration) string {
 	e.t.Helper()
-	tok, err := controlplane.CreateJoinToken(context.Background(), controlplane.DataDir(e.dataDir), e.jo, id.String(), ttl)
+	tok, err := admin.CreateJoinToken(context.Background(), admin.DataDir(e.dataDir), e.jo, id.String(), ttl)
 	if err != nil {
 		e.t.Fatal(err)
 	}
@@ -107,7 +108,7 @@ func TestRenewalRefusedAfterRevocation(t *testing.T) {
 	e := start(t, nil)
 	c := newClient(t)
 	e.obtain(c, e.token(vmID, 10*time.Minute), vmID)
-	rev, err := controlplane.Revoke(context.Background(), controlplane.DataDir(e.dataDir), controlplane.JournalOptions{}, vmID.String())
+	rev, err := admin.Revoke(context.Background(), admin.DataDir(e.dataDir), admin.JournalOptions{}, vmID.String())
 	if err != nil || rev.Enrolments != 1 {
 		t.Fatalf("Revoke() = %+v, %v; want one enrolment revoked", rev, err)
 	}
@@ -186,7 +187,7 @@ func TestRefusals(t *testing.T) {
 	if err := e.stop(); err != nil {
 		t.Fatal(err)
 	}
-	store, err := journal.OpenSQLite(ctx, controlplane.DataDir(e.dataDir).JournalPath())
+	store, err := journal.OpenSQLite(ctx, admin.DataDir(e.dataDir).JournalPath())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -239,7 +240,7 @@ func foreignClient(t *testing.T, id spiffeid.ID) *client {
 // signed journal, is refused: database access alone mints no identity.
 func TestForgedJoinTokenRowIsRefused(t *testing.T) {
 	e := start(t, nil)
-	db, err := sql.Open("sqlite", "file:"+controlplane.DataDir(e.dataDir).JournalPath())
+	db, err := sql.Open("sqlite", "file:"+admin.DataDir(e.dataDir).JournalPath())
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -28,6 +28,7 @@ import (
 	"k8s.io/client-go/kubernetes"
 	clocktesting "k8s.io/utils/clock/testing"
 
+	"github.com/trustmesh/trustmesh/ca/admin"
 	"github.com/trustmesh/trustmesh/controlplane"
 )
 
@@ -37,7 +38,7 @@ type env struct {
 	cp      *controlplane.ControlPlane
 	clock   *clocktesting.FakeClock
 	dataDir string
-	jo      controlplane.JournalOptions
+	jo      admin.JournalOptions
 	stop    func() error
 }
 
@@ -65,7 +66,7 @@ func start(t *testing.T, mutate func(*controlplane.Config)) *env {
 	}
 	done := make(chan error, 1)
 	go func() { done <- cp.Run(ctx) }()
-	e := &env{t: t, cp: cp, clock: clk, dataDir: cfg.DataDir, jo: controlplane.JournalOptions{DSN: cfg.JournalDSN}}
+	e := &env{t: t, cp: cp, clock: clk, dataDir: cfg.DataDir, jo: admin.JournalOptions{DSN: cfg.JournalDSN}}
 	if cfg.CASecret != "" {
 		e.jo.CheckpointSecret = cfg.CASecret + "-checkpoint"
 		e.jo.Kube = kubernetes.NewForConfigOrDie(cfg.RestConfig)

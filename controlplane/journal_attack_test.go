@@ -19,6 +19,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	"github.com/trustmesh/trustmesh/ca/admin"
 	"github.com/trustmesh/trustmesh/ca/authority"
 	"github.com/trustmesh/trustmesh/ca/journal"
 	"github.com/trustmesh/trustmesh/controlplane"
@@ -78,7 +79,7 @@ func (e *env) rawJournal(t *testing.T) *sql.DB {
 	if e.jo.DSN != "" {
 		return openPostgres(t, e.jo.DSN)
 	}
-	db, err := sql.Open("sqlite", "file:"+controlplane.DataDir(e.dataDir).JournalPath())
+	db, err := sql.Open("sqlite", "file:"+admin.DataDir(e.dataDir).JournalPath())
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -11,6 +11,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
+	"github.com/trustmesh/trustmesh/ca/admin"
 	"github.com/trustmesh/trustmesh/ca/rotation"
 	"github.com/trustmesh/trustmesh/controlplane"
 )
@@ -45,7 +46,7 @@ func TestReplicasShareTheCASecret(t *testing.T) {
 		!a.cp.Authority.Current().Cert.Equal(b.cp.Authority.Current().Cert) {
 		t.Fatal("the replicas serve different CAs")
 	}
-	if _, err := os.Stat(controlplane.DataDir(a.dataDir).CADir()); !os.IsNotExist(err) {
+	if _, err := os.Stat(admin.DataDir(a.dataDir).CADir()); !os.IsNotExist(err) {
 		t.Fatalf("a replica's data directory holds CA material (%v)", err)
 	}
 	deadline := time.Now().Add(30 * time.Second)
@@ -71,15 +72,15 @@ func TestReplicasShareTheCASecret(t *testing.T) {
 
 	// The commands that read the CA find it in the Secret, not in a
 	// replica's data directory.
-	o := controlplane.JournalOptions{DSN: journalDSN, CASecret: "trustmesh-system/trustmesh-ca", Kube: cs}
-	bundle, err := controlplane.TrustBundle(ctx, controlplane.DataDir(b.dataDir), o, "")
+	o := admin.JournalOptions{DSN: journalDSN, CASecret: "trustmesh-system/trustmesh-ca", Kube: cs}
+	bundle, err := admin.TrustBundle(ctx, admin.DataDir(b.dataDir), o, "")
 	if err != nil {
 		t.Fatal(err)
 	}
 	if got := bundle.X509Authorities(); len(got) != 2 || !got[0].Equal(b.cp.Authority.Current().Roots[0]) && !got[1].Equal(b.cp.Authority.Current().Roots[0]) {
 		t.Fatalf("ca bundle --ca-secret printed %d roots; want the 2 the replicas trust", len(got))
 	}
-	rep, err := controlplane.AuditRotation(ctx, controlplane.DataDir(b.dataDir), o, time.Now(), 24*time.Hour)
+	rep, err := admin.AuditRotation(ctx, admin.DataDir(b.dataDir), o, time.Now(), 24*time.Hour)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -93,13 +94,13 @@ func TestReplicasShareTheCASecret(t *testing.T) {
 	// Without it, a replica's data directory holds no CA: the audit says so
 	// rather than report on identities alone.
 	o.CASecret = ""
-	if _, err := controlplane.AuditRotation(ctx, controlplane.DataDir(b.dataDir), o, time.Now(), 24*time.Hour); !errors.Is(err, rotation.ErrNoCA) {
+	if _, err := admin.AuditRotation(ctx, admin.DataDir(b.dataDir), o, time.Now(), 24*time.Hour); !errors.Is(err, rotation.ErrNoCA) {
 		t.Fatalf("audit rotation without the CA = %v; want ErrNoCA", err)
 	}
-	if _, err := controlplane.TrustBundle(ctx, controlplane.DataDir(b.dataDir), o, ""); !errors.Is(err, rotation.ErrNoCA) {
+	if _, err := admin.TrustBundle(ctx, admin.DataDir(b.dataDir), o, ""); !errors.Is(err, rotation.ErrNoCA) {
 		t.Fatalf("ca bundle without the CA = %v; want ErrNoCA", err)
 	}
-	if _, err := os.Stat(controlplane.DataDir(b.dataDir).CADir()); !os.IsNotExist(err) {
+	if _, err := os.Stat(admin.DataDir(b.dataDir).CADir()); !os.IsNotExist(err) {
 		t.Fatalf("reading the CA from a replica's data directory created one there (%v)", err)
 	}
 }

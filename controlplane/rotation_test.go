@@ -21,6 +21,7 @@ import (
 	"google.golang.org/grpc/credentials"
 
 	cav1 "github.com/trustmesh/trustmesh/api/ca/v1"
+	"github.com/trustmesh/trustmesh/ca/admin"
 	"github.com/trustmesh/trustmesh/ca/authority"
 	"github.com/trustmesh/trustmesh/ca/rotation"
 	"github.com/trustmesh/trustmesh/controlplane"
@@ -263,7 +264,7 @@ func TestRotationUnderTraffic(t *testing.T) {
 	}
 	t.Logf("%d handshakes, none failed", ok.Load())
 
-	rep, err := controlplane.AuditRotation(ctx, controlplane.DataDir(e.dataDir), controlplane.JournalOptions{}, e.clock.Now(), 24*time.Hour)
+	rep, err := admin.AuditRotation(ctx, admin.DataDir(e.dataDir), admin.JournalOptions{}, e.clock.Now(), 24*time.Hour)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -311,7 +312,7 @@ func TestStageOperatorCACerts(t *testing.T) {
 	oldRoot := e.cp.Authority.Current().Anchor
 
 	second := operatorCA(t, e.clock.Now())
-	if _, err := controlplane.Rotate(ctx, controlplane.DataDir(e.dataDir), e.jo, controlplane.RotateRequest{Step: "prepare", CACertsDir: second}); err != nil {
+	if _, err := admin.Rotate(ctx, admin.DataDir(e.dataDir), e.jo, admin.RotateRequest{Step: "prepare", CACertsDir: second}); err != nil {
 		t.Fatal(err)
 	}
 	if err := e.cp.Rotation().Reload(ctx, e.cp.Authority.Replace); err != nil {
@@ -323,7 +324,7 @@ func TestStageOperatorCACerts(t *testing.T) {
 	if !e.cp.Authority.Current().Anchor.Equal(oldRoot) {
 		t.Fatal("the staged CA signs before it is activated")
 	}
-	st, err := controlplane.Rotate(ctx, controlplane.DataDir(e.dataDir), e.jo, controlplane.RotateRequest{Step: "activate", Force: true})
+	st, err := admin.Rotate(ctx, admin.DataDir(e.dataDir), e.jo, admin.RotateRequest{Step: "activate", Force: true})
 	if err != nil {
 		t.Fatal(err)
 	}

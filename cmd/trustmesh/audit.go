@@ -10,9 +10,9 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/trustmesh/trustmesh/ca/admin"
 	"github.com/trustmesh/trustmesh/ca/audit"
 	"github.com/trustmesh/trustmesh/ca/journal"
-	"github.com/trustmesh/trustmesh/controlplane"
 )
 
 // exitFindings is the exit code of an audit that found something.
@@ -35,7 +35,7 @@ func printJSON(w io.Writer, v any) error {
 
 func newAuditLogCmd() *cobra.Command {
 	var dataDir, output, since, id string
-	var jo controlplane.JournalOptions
+	var jo admin.JournalOptions
 	cmd := &cobra.Command{
 		Use:   "log",
 		Short: "Show the issuance and refusal history",
@@ -49,7 +49,7 @@ func newAuditLogCmd() *cobra.Command {
 				}
 				f.Since = t
 			}
-			rows, err := controlplane.AuditLog(cmd.Context(), controlplane.DataDir(dataDir), jo, f)
+			rows, err := admin.AuditLog(cmd.Context(), admin.DataDir(dataDir), jo, f)
 			if err != nil {
 				return err
 			}
@@ -82,7 +82,7 @@ func newAuditLogCmd() *cobra.Command {
 func newAuditVerifyCmd() *cobra.Command {
 	var dataDir, output, key string
 	var witness []string
-	var jo controlplane.JournalOptions
+	var jo admin.JournalOptions
 	cmd := &cobra.Command{
 		Use:   "verify",
 		Short: "Recompute the journal and check it against its signed checkpoints",
@@ -92,7 +92,7 @@ between them. Exits 3 and says where, when anything was changed, deleted,
 inserted, reordered or cut off, or a checkpoint was forged.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			rep, err := controlplane.AuditVerify(cmd.Context(), controlplane.DataDir(dataDir), jo, key, witness)
+			rep, err := admin.AuditVerify(cmd.Context(), admin.DataDir(dataDir), jo, key, witness)
 			if err != nil {
 				return err
 			}
@@ -124,13 +124,13 @@ inserted, reordered or cut off, or a checkpoint was forged.`,
 
 func newAuditProveCmd() *cobra.Command {
 	var dataDir, serial string
-	var jo controlplane.JournalOptions
+	var jo admin.JournalOptions
 	cmd := &cobra.Command{
 		Use:   "prove",
 		Short: "Print an inclusion proof of an issued certificate and the signed checkpoint",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			p, err := controlplane.AuditProve(cmd.Context(), controlplane.DataDir(dataDir), jo, serial)
+			p, err := admin.AuditProve(cmd.Context(), admin.DataDir(dataDir), jo, serial)
 			if err != nil {
 				return err
 			}
@@ -176,7 +176,7 @@ func newAuditCheckProofCmd() *cobra.Command {
 func newAuditRotationCmd() *cobra.Command {
 	var dataDir, output, at, failOn string
 	var horizon time.Duration
-	var jo controlplane.JournalOptions
+	var jo admin.JournalOptions
 	cmd := &cobra.Command{
 		Use:   "rotation",
 		Short: "Report whether every workload and the CA rotated in time",
@@ -196,7 +196,7 @@ when a finding is at or above --fail-on, so it can gate a pipeline.`,
 					return &exitError{code: 2, err: fmt.Errorf("--at: %w", err)}
 				}
 			}
-			rep, err := controlplane.AuditRotation(cmd.Context(), controlplane.DataDir(dataDir), jo, when, horizon)
+			rep, err := admin.AuditRotation(cmd.Context(), admin.DataDir(dataDir), jo, when, horizon)
 			if err != nil {
 				return err
 			}

@@ -7,6 +7,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/trustmesh/trustmesh/ca/admin"
 	"github.com/trustmesh/trustmesh/controlplane"
 )
 
@@ -23,14 +24,14 @@ func newCACmd() *cobra.Command {
 
 func newTokenCreateCmd() *cobra.Command {
 	var dataDir, id string
-	var jo controlplane.JournalOptions
+	var jo admin.JournalOptions
 	var ttl time.Duration
 	cmd := &cobra.Command{
 		Use:   "create",
 		Short: "Create a one-time join token bound to a SPIFFE ID; prints only the token",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			tok, err := controlplane.CreateJoinToken(cmd.Context(), controlplane.DataDir(dataDir), jo, id, ttl)
+			tok, err := admin.CreateJoinToken(cmd.Context(), admin.DataDir(dataDir), jo, id, ttl)
 			if err != nil {
 				return err
 			}
@@ -47,13 +48,13 @@ func newTokenCreateCmd() *cobra.Command {
 
 func newRevokeCmd() *cobra.Command {
 	var dataDir, id string
-	var jo controlplane.JournalOptions
+	var jo admin.JournalOptions
 	cmd := &cobra.Command{
 		Use:   "revoke",
 		Short: "Revoke a join-token identity's enrolments so it can no longer renew",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			rev, err := controlplane.Revoke(cmd.Context(), controlplane.DataDir(dataDir), jo, id)
+			rev, err := admin.Revoke(cmd.Context(), admin.DataDir(dataDir), jo, id)
 			if err != nil {
 				return err
 			}
@@ -72,13 +73,13 @@ func newRevokeCmd() *cobra.Command {
 
 func newBundleCmd() *cobra.Command {
 	var dataDir, cacerts, format string
-	var jo controlplane.JournalOptions
+	var jo admin.JournalOptions
 	cmd := &cobra.Command{
 		Use:   "bundle",
 		Short: "Print the trust bundle, as PEM or as a SPIFFE bundle (JWKS)",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			b, err := controlplane.TrustBundle(cmd.Context(), controlplane.DataDir(dataDir), jo, cacerts)
+			b, err := admin.TrustBundle(cmd.Context(), admin.DataDir(dataDir), jo, cacerts)
 			if err != nil {
 				return err
 			}
@@ -110,7 +111,7 @@ func newBundleCmd() *cobra.Command {
 }
 
 // addDataFlags adds the flags that locate a CA's data directory and journal.
-func addDataFlags(cmd *cobra.Command, dataDir *string, jo *controlplane.JournalOptions) {
+func addDataFlags(cmd *cobra.Command, dataDir *string, jo *admin.JournalOptions) {
 	cmd.Flags().StringVar(dataDir, "data-dir", controlplane.DefaultDataDir, "the CA's data directory")
 	cmd.Flags().StringVar(&jo.DSN, "journal-dsn", "", "PostgreSQL URL of the shared journal (default: SQLite in the data directory)")
 	cmd.Flags().StringVar(&jo.CheckpointKeyURI, "checkpoint-key-uri", "", "KMS URI of the journal's checkpoint key (default: a key file in the data directory)")
@@ -119,13 +120,13 @@ func addDataFlags(cmd *cobra.Command, dataDir *string, jo *controlplane.JournalO
 }
 
 // addCASecretFlag adds --ca-secret to the commands that read the CA.
-func addCASecretFlag(cmd *cobra.Command, jo *controlplane.JournalOptions) {
+func addCASecretFlag(cmd *cobra.Command, jo *admin.JournalOptions) {
 	cmd.Flags().StringVar(&jo.CASecret, "ca-secret", "", "namespace/name of the Secret that serve --ca-secret keeps the CA in (default: the data directory)")
 }
 
 func newRotateCmd() *cobra.Command {
 	var dataDir string
-	var jo controlplane.JournalOptions
+	var jo admin.JournalOptions
 	var prepare, activate, status, root, force bool
 	var cacerts, keyURI, caSecret string
 	cmd := &cobra.Command{
@@ -150,7 +151,7 @@ running trustmesh serve picks the change up at its next rotation check.`,
 			if step == "" {
 				return &exitError{code: 2, err: fmt.Errorf("give one of --prepare, --activate and --status")}
 			}
-			st, err := controlplane.Rotate(cmd.Context(), controlplane.DataDir(dataDir), jo, controlplane.RotateRequest{
+			st, err := admin.Rotate(cmd.Context(), admin.DataDir(dataDir), jo, admin.RotateRequest{
 				Step: step, Root: root, CACertsDir: cacerts, KeyURI: keyURI, Force: force, CASecret: caSecret, Kubeconfig: jo.Kubeconfig,
 			})
 			if err != nil {

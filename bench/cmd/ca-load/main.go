@@ -33,7 +33,7 @@ import (
 	"google.golang.org/grpc/metadata"
 	pb "istio.io/api/security/v1alpha1"
 
-	"github.com/trustmesh/trustmesh/controlplane"
+	"github.com/trustmesh/trustmesh/ca/admin"
 )
 
 type summary struct {
@@ -74,8 +74,8 @@ type worker struct {
 
 func run(addr, dataDir string, conc int, dur time.Duration) error {
 	ctx := context.Background()
-	dir := controlplane.DataDir(dataDir)
-	b, err := controlplane.TrustBundle(ctx, dir, controlplane.JournalOptions{}, "")
+	dir := admin.DataDir(dataDir)
+	b, err := admin.TrustBundle(ctx, dir, admin.JournalOptions{}, "")
 	if err != nil {
 		return err
 	}
@@ -87,7 +87,7 @@ func run(addr, dataDir string, conc int, dur time.Duration) error {
 	workers := make([]*worker, conc)
 	for i := range workers {
 		id := spiffeid.RequireFromPath(td, fmt.Sprintf("/bench/w%d", i))
-		tok, err := controlplane.CreateJoinToken(ctx, dir, controlplane.JournalOptions{}, id.String(), 10*time.Minute)
+		tok, err := admin.CreateJoinToken(ctx, dir, admin.JournalOptions{}, id.String(), 10*time.Minute)
 		if err != nil {
 			return err
 		}

@@ -1,4 +1,4 @@
-package controlplane
+package admin
 
 import (
 	"context"
@@ -30,7 +30,7 @@ func CheckpointKey(dir DataDir, vkey string) (string, error) {
 	}
 	b, err := os.ReadFile(dir.CheckpointPubPath())
 	if err != nil {
-		return "", fmt.Errorf("controlplane: checkpoint key: %w (pass --key)", err)
+		return "", fmt.Errorf("admin: checkpoint key: %w (pass --key)", err)
 	}
 	return strings.TrimSpace(string(b)), nil
 }
@@ -46,7 +46,7 @@ func AuditVerify(ctx context.Context, dir DataDir, o JournalOptions, vkey string
 	for _, f := range witnessFiles {
 		b, err := os.ReadFile(f)
 		if err != nil {
-			return nil, fmt.Errorf("controlplane: witness checkpoint: %w", err)
+			return nil, fmt.Errorf("admin: witness checkpoint: %w", err)
 		}
 		witness = append(witness, b)
 	}
@@ -83,7 +83,7 @@ func AuditRotation(ctx context.Context, dir DataDir, o JournalOptions, at time.T
 	}
 	st, err := rotationStatus(ctx, mgr, at)
 	if err != nil {
-		return nil, fmt.Errorf("controlplane: the CA's rotation state: %w", err)
+		return nil, fmt.Errorf("admin: the CA's rotation state: %w", err)
 	}
 	return audit.Rotation(ctx, store, st.CA, at, horizon)
 }

@@ -1,0 +1,168 @@
+package admin
+
+import (
+	"context"
+	"crypto"
+	"crypto/ed25519"
+	"crypto/rand"
+	"crypto/x509"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	"github.com/trustmesh/trustmesh/ca/authority"
+	"github.com/trustmesh/trustmesh/ca/journal"
+)
+
+// OpenJournal opens the journal and binds it to a trust domain: the first
+// start records the trust domain, and every later use must agree. An empty
+// td accepts the recorded one. readOnly opens it without the checkpoint key,
+// for audits.
+func (d DataDir) OpenJournal(ctx context.Context, td string, o JournalOptions, readOnly bool) (*journal.Store, spiffeid.TrustDomain, error) {
+	dsn := o.DSN
+	if dsn == "" {
+		dsn = d.JournalPath()
+		if _, err := os.Stat(dsn); readOnly && errors.Is(err, fs.ErrNotExist) {
+			return nil, spiffeid.TrustDomain{}, fmt.Errorf("admin: %s has no journal; start trustmesh serve on it first", d)
+		}
+	}
+	cfg := journal.Config{DSN: dsn, Witness: o.Witness, Log: o.Log}
+	store, err := journal.Open(ctx, cfg)
+	if err != nil {
+		return nil, spiffeid.TrustDomain{}, err
+	}
+	var stored string
+	if td == "" {
+		stored, err = store.Meta(ctx, metaTrustDomain)
+		if errors.Is(err, journal.ErrNotFound) {
+			err = fmt.Errorf("admin: %s has no trust domain yet; start trustmesh serve on it first", d)
+		}
+	} else {
+		stored, err = store.SetMetaOnce(ctx, metaTrustDomain, td)
+		if err == nil && stored != td {
+			err = fmt.Errorf("admin: the journal belongs to trust domain %q, not %q", stored, td)
+		}
+	}
+	var parsed spiffeid.TrustDomain
+	if err == nil {
+		if parsed, err = spiffeid.TrustDomainFromString(stored); err != nil {
+			err = fmt.Errorf("admin: trust domain %q: %w", stored, err)
+		}
+	}
+	if err == nil && !readOnly {
+		err = d.attachSigner(ctx, store, parsed, o)
+	}
+	if err == nil && !readOnly {
+		if err = store.Integrity(); err != nil {
+			err = fmt.Errorf("admin: refusing to append to the journal: %w; run trustmesh audit verify", err)
+		}
+	}
+	if err != nil {
+		store.Close()
+		return nil, spiffeid.TrustDomain{}, err
+	}
+	return store, parsed, nil
+}
+
+// JournalOrigin names a trust domain's journal in its checkpoints.
+func JournalOrigin(td spiffeid.TrustDomain) string { return "trustmesh.journal/" + td.Name() }
+
+// attachSigner loads (or on first use creates) the checkpoint key, which is
+// separate from the CA key, and publishes its verifier key.
+func (d DataDir) attachSigner(ctx context.Context, store *journal.Store, td spiffeid.TrustDomain, o JournalOptions) error {
+	uri := o.CheckpointKeyURI
+	var key crypto.Signer
+	var err error
+	switch {
+	case uri != "":
+		key, err = authority.OpenSigner(ctx, uri)
+	case o.CheckpointSecret != "":
+		key, err = checkpointKeyFromSecret(ctx, o)
+	default:
+		key, err = d.checkpointKeyFile(ctx)
+	}
+	if err != nil {
+		return err
+	}
+	signer, vkey, err := journal.NewCheckpointSigner(JournalOrigin(td), key)
+	if err != nil {
+		return err
+	}
+	if err := os.WriteFile(d.CheckpointPubPath(), []byte(vkey+"\n"), 0o644); err != nil {
+		return fmt.Errorf("admin: %w", err)
+	}
+	return store.SetSigner(ctx, signer, vkey)
+}
+
+// checkpointKeyFile loads, or on first use creates, the checkpoint key file
+// in the data directory.
+func (d DataDir) checkpointKeyFile(ctx context.Context) (crypto.Signer, error) {
+	path := filepath.Join(string(d), checkpointKeyFile)
+	if _, err := os.Stat(path); errors.Is(err, fs.ErrNotExist) {
+		_, key, err := ed25519.GenerateKey(rand.Reader)
+		if err != nil {
+			return nil, fmt.Errorf("admin: checkpoint key: %w", err)
+		}
+		if err := authority.WriteKeyFile(path, key); err != nil {
+			return nil, err
+		}
+	}
+	uri, err := authority.SoftKMSURI(path)
+	if err != nil {
+		return nil, err
+	}
+	return authority.OpenSigner(ctx, uri)
+}
+
+// checkpointKeyFromSecret loads the checkpoint key from a Kubernetes Secret,
+// creating it exactly once when replicas start together.
+func checkpointKeyFromSecret(ctx context.Context, o JournalOptions) (crypto.Signer, error) {
+	ns, name, ok := strings.Cut(o.CheckpointSecret, "/")
+	if !ok {
+		return nil, fmt.Errorf("admin: checkpoint secret %q is not namespace/name", o.CheckpointSecret)
+	}
+	client, err := o.kube()
+	if err != nil {
+		return nil, err
+	}
+	const dataKey = "checkpoint-key.pem"
+	for attempt := 0; attempt < 3; attempt++ {
+		sec, err := client.CoreV1().Secrets(ns).Get(ctx, name, metav1.GetOptions{})
+		if err == nil {
+			return authority.SignerFromPEM(ctx, sec.Data[dataKey])
+		}
+		if !apierrors.IsNotFound(err) {
+			return nil, fmt.Errorf("admin: checkpoint secret %s: %w", o.CheckpointSecret, err)
+		}
+		_, key, err := ed25519.GenerateKey(rand.Reader)
+		if err != nil {
+			return nil, fmt.Errorf("admin: checkpoint key: %w", err)
+		}
+		der, err := x509.MarshalPKCS8PrivateKey(key)
+		if err != nil {
+			return nil, fmt.Errorf("admin: checkpoint key: %w", err)
+		}
+		_, err = client.CoreV1().Secrets(ns).Create(ctx, &corev1.Secret{
+			ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: ns,
+				Labels: map[string]string{"app.kubernetes.io/part-of": "trustmesh", "app.kubernetes.io/component": "journal"}},
+			Type: corev1.SecretTypeOpaque,
+			Data: map[string][]byte{dataKey: pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der})},
+		}, metav1.CreateOptions{})
+		if err == nil {
+			return key, nil
+		}
+		if !apierrors.IsAlreadyExists(err) {
+			return nil, fmt.Errorf("admin: create checkpoint secret %s: %w", o.CheckpointSecret, err)
+		}
+	}
+	return nil, fmt.Errorf("admin: checkpoint secret %s kept changing", o.CheckpointSecret)
+}

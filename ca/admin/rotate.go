@@ -1,0 +1,162 @@
+package admin
+
+import (
+	"context"
+	"crypto/x509"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"go.step.sm/crypto/pemutil"
+
+	"github.com/trustmesh/trustmesh/ca/audit"
+	"github.com/trustmesh/trustmesh/ca/authority"
+	"github.com/trustmesh/trustmesh/ca/rotation"
+)
+
+// TrustBundle reads the trust bundle of the data directory's CA, or of
+// operator-supplied material in cacertsDir.
+func TrustBundle(ctx context.Context, dir DataDir, o JournalOptions, cacertsDir string) (*spiffebundle.Bundle, error) {
+	store, td, err := dir.OpenJournal(ctx, "", o, true)
+	if err != nil {
+		return nil, err
+	}
+	store.Close()
+	if _, err := os.Stat(filepath.Join(dir.CADir(), "rotation.json")); o.CASecret == "" && cacertsDir != "" && err != nil {
+		roots, err := pemutil.ReadCertificateBundle(filepath.Join(cacertsDir, authority.RootCertFile))
+		if err != nil {
+			return nil, fmt.Errorf("admin: read trust bundle: %w", err)
+		}
+		return spiffebundle.FromX509Authorities(td, roots), nil
+	}
+	mgr, err := dir.rotationManager(td, nil, o)
+	if err != nil {
+		return nil, err
+	}
+	mat, _, err := mgr.Certificates(ctx, time.Now())
+	if err != nil {
+		return nil, err
+	}
+	return spiffebundle.FromX509Authorities(td, mat.Roots), nil
+}
+
+// rotationManager reads and writes the CA where serve keeps it: the Secret
+// named by o.CASecret, or else the data directory. It never creates a CA.
+func (d DataDir) rotationManager(td spiffeid.TrustDomain, rec rotation.Recorder, o JournalOptions) (*rotation.Manager, error) {
+	cfg := rotation.Config{Dir: d.CADir(), TrustDomain: td, Recorder: rec, FromCLI: true}
+	if o.CASecret != "" {
+		ns, name, ok := strings.Cut(o.CASecret, "/")
+		if !ok || ns == "" || name == "" {
+			return nil, fmt.Errorf("admin: CA secret %q is not namespace/name", o.CASecret)
+		}
+		client, err := o.kube()
+		if err != nil {
+			return nil, err
+		}
+		cfg.Store = rotation.SecretStore{Client: client, Namespace: ns, Name: name}
+	}
+	return rotation.New(cfg)
+}
+
+// RotationStatus is what `trustmesh ca rotate --status` shows.
+type RotationStatus struct {
+	State rotation.State `json:"state"`
+	CA    []audit.CACert `json:"ca"`
+}
+
+// RotateRequest is one step of CA rotation driven by hand.
+type RotateRequest struct {
+	// Step is "prepare", "activate" or "status".
+	Step string
+	// Root, with prepare, rotates the root too.
+	Root bool
+	// CACertsDir, with prepare, stages that operator-supplied material
+	// instead (its key at KeyURI, or the directory's ca-key.pem, referenced
+	// in place).
+	CACertsDir, KeyURI string
+	// Force activates a new root before its propagation time.
+	Force bool
+	// CASecret ("namespace/name") is where serve keeps the CA with
+	// --ca-secret; the rotation state is read and written there.
+	CASecret   string
+	Kubeconfig string
+}
+
+// Rotate drives CA rotation by hand. A running serve picks the change up at
+// its next rotation check.
+func Rotate(ctx context.Context, dir DataDir, o JournalOptions, req RotateRequest) (*RotationStatus, error) {
+	store, td, err := dir.OpenJournal(ctx, "", o, req.Step == "status")
+	if err != nil {
+		return nil, err
+	}
+	defer store.Close()
+	if req.CASecret != "" {
+		o.CASecret = req.CASecret
+	}
+	if o.Kubeconfig == "" {
+		o.Kubeconfig = req.Kubeconfig
+	}
+	mgr, err := dir.rotationManager(td, store, o)
+	if err != nil {
+		return nil, err
+	}
+	switch req.Step {
+	case "prepare":
+		if req.CACertsDir != "" {
+			err = mgr.Stage(ctx, req.CACertsDir, req.KeyURI)
+		} else {
+			err = mgr.Prepare(ctx, req.Root)
+		}
+	case "activate":
+		err = mgr.Activate(ctx, req.Force)
+	case "status":
+	default:
+		err = fmt.Errorf("admin: unknown rotation step %q", req.Step)
+	}
+	if err != nil {
+		return nil, err
+	}
+	return rotationStatus(ctx, mgr, time.Now())
+}
+
+func rotationStatus(ctx context.Context, mgr *rotation.Manager, now time.Time) (*RotationStatus, error) {
+	mat, st, err := mgr.Certificates(ctx, now)
+	if err != nil {
+		return nil, err
+	}
+	return &RotationStatus{State: st, CA: CACerts(mat, st)}, nil
+}
+
+// CACerts describes the CA certificates in force for audits.
+func CACerts(mat *authority.Material, st rotation.State) []audit.CACert {
+	var out []audit.CACert
+	for _, c := range mat.Chain {
+		out = append(out, audit.CACert{Role: "intermediate", Subject: c.Subject.CommonName, Serial: c.SerialNumber.Text(16), NotAfter: c.NotAfter, State: "active"})
+	}
+	for _, r := range mat.Roots {
+		state := "trusted"
+		switch {
+		case mat.Anchor != nil && r.Equal(mat.Anchor):
+			state = "active"
+		case st.Next != 0 && st.NextIsRoot && !isRetiring(r, st):
+			state = "prepared"
+		case isRetiring(r, st):
+			state = "retiring"
+		}
+		out = append(out, audit.CACert{Role: "root", Subject: r.Subject.CommonName, Serial: r.SerialNumber.Text(16), NotAfter: r.NotAfter, State: state})
+	}
+	return out
+}
+
+func isRetiring(c *x509.Certificate, st rotation.State) bool {
+	for _, r := range st.Retiring {
+		if rc, err := pemutil.ParseCertificate([]byte(r.CertPEM)); err == nil && rc.Equal(c) {
+			return true
+		}
+	}
+	return false
+}
