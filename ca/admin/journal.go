@@ -5,8 +5,6 @@ import (
 	"crypto"
 	"crypto/ed25519"
 	"crypto/rand"
-	"crypto/x509"
-	"encoding/pem"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -147,15 +145,15 @@ func checkpointKeyFromSecret(ctx context.Context, o JournalOptions) (crypto.Sign
 		if err != nil {
 			return nil, fmt.Errorf("admin: checkpoint key: %w", err)
 		}
-		der, err := x509.MarshalPKCS8PrivateKey(key)
+		keyPEM, err := authority.EncodeKey(key)
 		if err != nil {
-			return nil, fmt.Errorf("admin: checkpoint key: %w", err)
+			return nil, err
 		}
 		_, err = client.CoreV1().Secrets(ns).Create(ctx, &corev1.Secret{
 			ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: ns,
 				Labels: map[string]string{"app.kubernetes.io/part-of": "trustmesh", "app.kubernetes.io/component": "journal"}},
 			Type: corev1.SecretTypeOpaque,
-			Data: map[string][]byte{dataKey: pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der})},
+			Data: map[string][]byte{dataKey: keyPEM},
 		}, metav1.CreateOptions{})
 		if err == nil {
 			return key, nil

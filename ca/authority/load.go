@@ -198,9 +198,13 @@ func NewSelfManagedFiles(td spiffeid.TrustDomain, now time.Time, interLife time.
 	if err != nil {
 		return nil, err
 	}
-	rootKeyPEM, interKeyPEM := mustKeyPEM(rootKey), mustKeyPEM(interKey)
-	if rootKeyPEM == nil || interKeyPEM == nil {
-		return nil, errors.New("authority: encode keys")
+	rootKeyPEM, err := EncodeKey(rootKey)
+	if err != nil {
+		return nil, err
+	}
+	interKeyPEM, err := EncodeKey(interKey)
+	if err != nil {
+		return nil, err
 	}
 	return map[string][]byte{
 		RootKeyFile:   rootKeyPEM,
@@ -331,9 +335,9 @@ func NewIntermediate(td spiffeid.TrustDomain, parent *x509.Certificate, parentKe
 
 // WriteKeyFile writes a private key as owner-only PKCS#8 PEM, atomically.
 func WriteKeyFile(path string, key crypto.Signer) error {
-	data := mustKeyPEM(key)
-	if data == nil {
-		return fmt.Errorf("authority: encode key for %s", path)
+	data, err := EncodeKey(key)
+	if err != nil {
+		return fmt.Errorf("%w (for %s)", err, path)
 	}
 	return writeFileAtomic(path, data)
 }
@@ -358,12 +362,15 @@ func certPEM(certs ...*x509.Certificate) []byte {
 	return b.Bytes()
 }
 
-func mustKeyPEM(key crypto.Signer) []byte {
+// EncodeKey returns a private key as PKCS#8 PEM ("PRIVATE KEY"), the one
+// encoding trustmesh writes keys in: files, generations, Secrets. It fails
+// for a signer whose key cannot leave it, such as a KMS key.
+func EncodeKey(key crypto.Signer) ([]byte, error) {
 	der, err := x509.MarshalPKCS8PrivateKey(key)
 	if err != nil {
-		return nil
+		return nil, fmt.Errorf("authority: encode key: %w", err)
 	}
-	return pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der})
+	return pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der}), nil
 }
 
 // writeFileAtomic writes an owner-only file through a temporary file, so a

@@ -352,11 +352,11 @@ func (m *Manager) Prepare(ctx context.Context, root bool) error {
 		return err
 	}
 	n := st.LastGeneration + 1
-	interKeyPEM, err := keyPEM(interKey)
+	interKeyPEM, err := authority.EncodeKey(interKey)
 	if err != nil {
 		return err
 	}
-	parentKeyPEM, err := keyPEM(parentKey)
+	parentKeyPEM, err := authority.EncodeKey(parentKey)
 	if err != nil {
 		return err
 	}
@@ -591,14 +591,6 @@ func (m *Manager) retire(ctx context.Context, now time.Time) error {
 	}
 	st.Retiring = kept
 	return m.write(ctx, snap, st)
-}
-
-func keyPEM(k crypto.Signer) ([]byte, error) {
-	der, err := x509.MarshalPKCS8PrivateKey(k)
-	if err != nil {
-		return nil, fmt.Errorf("rotation: encode key: %w", err)
-	}
-	return pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der}), nil
 }
 
 // Run reloads the material whenever the state changes (including changes
