@@ -12,7 +12,6 @@ import (
 	"encoding/json"
 	"encoding/pem"
 	"fmt"
-	"io"
 	"log/slog"
 	"math/big"
 	"net"
@@ -32,8 +31,6 @@ import (
 	clocktesting "k8s.io/utils/clock/testing"
 
 	"github.com/trustmesh/trustmesh/authz/policy"
-	"github.com/trustmesh/trustmesh/ca"
-	"github.com/trustmesh/trustmesh/controlplane"
 	"github.com/trustmesh/trustmesh/mesh"
 	"github.com/trustmesh/trustmesh/test/leakcheck"
 	"github.com/trustmesh/trustmesh/xds"
@@ -41,7 +38,7 @@ import (
 )
 
 // TestMain fails a passing run that leaves goroutines of trustmesh's own
-// code (the xDS server, its streams, the control plane). grpc-go leaves
+// code (the xDS server, its streams). grpc-go leaves
 // running the pemfile watchers its xDS bootstraps start (one per
 // bootstrap, seen in these tests after every client and server closed),
 // so library goroutines are not counted.
@@ -102,12 +99,13 @@ func (s *settable) set(m *mesh.Mesh, ps []*policy.Policy) {
 	}
 }
 
-// env is a real control plane (the CA) and an xDS server on loopback. The
-// xDS server has its own fake clock, which drives the debounce.
+// env is an xDS server on loopback with a test CA for its bundle. The xDS
+// server has its own fake clock, which drives the debounce. The same
+// server run by the control plane, with the real CA, is tested end to end
+// in test/e2e.
 type env struct {
 	t      testing.TB
-	cp     *controlplane.ControlPlane
-	clock  *clocktesting.FakeClock
+	ca     *testCA
 	xclock *clocktesting.FakeClock
 	srv    *xds.Server
 	src    *settable
@@ -132,45 +130,25 @@ func startWith(t testing.TB, m mesh.Source) *env {
 
 func startSources(t testing.TB, meshSrc mesh.Source, polSrc *settable) *env {
 	t.Helper()
-	clk := clocktesting.NewFakeClock(time.Now().Truncate(time.Second))
 	ctx, cancel := context.WithCancel(context.Background())
-	cp, err := controlplane.New(ctx, controlplane.Config{
-		DataDir: t.TempDir(), ListenCA: "127.0.0.1:0", ListenMonitoring: "127.0.0.1:0",
-		Kubernetes: controlplane.KubernetesOff, Clock: clk,
-		Log: slog.New(slog.NewTextHandler(io.Discard, nil)),
-	})
-	if err != nil {
-		cancel()
-		t.Fatal(err)
-	}
-	cpDone := make(chan error, 1)
-	go func() { cpDone <- cp.Run(ctx) }()
-	e := &env{t: t, cp: cp, clock: clk, xclock: clocktesting.NewFakeClock(clk.Now()), src: polSrc, dir: t.TempDir()}
+	e := &env{t: t, ca: newTestCA(t), xclock: clocktesting.NewFakeClock(time.Now().Truncate(time.Second)), src: polSrc, dir: t.TempDir()}
 
 	// The xDS server's own serving certificate, as the CA port has.
-	key := newKey(t)
-	issued, err := cp.CA.IssueServing(ctx, ca.ServingRequest{
-		ID:       spiffeid.RequireFromString("spiffe://cluster.local/ns/trustmesh-system/sa/trustmesh"),
-		DNSNames: []string{"localhost"}, IPs: []net.IP{net.IPv4(127, 0, 0, 1)}, PublicKey: key.Public(), TTL: time.Hour,
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	cert := tls.Certificate{PrivateKey: key, Leaf: issued.Leaf, Certificate: [][]byte{issued.Leaf.Raw}}
-	for _, c := range issued.Chain {
-		cert.Certificate = append(cert.Certificate, c.Raw)
-	}
+	serving := e.ca.issue(t, spiffeid.RequireFromString("spiffe://cluster.local/ns/trustmesh-system/sa/trustmesh"),
+		[]string{"localhost"}, []net.IP{net.IPv4(127, 0, 0, 1)})
 	// As ca/server: client certificates are requested, not verified.
 	gs := grpc.NewServer(grpc.Creds(credentials.NewTLS(&tls.Config{
-		Certificates: []tls.Certificate{cert}, ClientAuth: tls.RequestClientCert, MinVersion: tls.VersionTLS12,
+		Certificates: []tls.Certificate{serving.tlsCert()}, ClientAuth: tls.RequestClientCert, MinVersion: tls.VersionTLS12,
 	})))
+	var err error
 	e.srv, err = xds.New(xds.Config{
-		Bundle: cp.Authority, Mesh: meshSrc, Policies: polSrc,
+		Bundle: e.ca, Mesh: meshSrc, Policies: polSrc,
 		Proxy: testProxy(),
 		Clock: e.xclock,
 		Log:   testLog(),
 	})
 	if err != nil {
+		cancel()
 		t.Fatal(err)
 	}
 	e.srv.Register(gs)
@@ -188,9 +166,6 @@ func startSources(t testing.TB, meshSrc mesh.Source, polSrc *settable) *env {
 			t.Errorf("xds Run() = %v", err)
 		}
 		gs.Stop()
-		if err := <-cpDone; err != nil {
-			t.Errorf("control plane Run() = %v", err)
-		}
 	})
 	select {
 	case <-e.srv.Ready():
@@ -233,21 +208,91 @@ func newKey(t testing.TB) crypto.Signer {
 	return k
 }
 
-// workloadCert is a certificate from the real CA for a SPIFFE ID.
+// workloadCert is a certificate for a SPIFFE ID, its key, and the roots it
+// chains to.
 type workloadCert struct {
 	key   crypto.Signer
 	chain []*x509.Certificate // leaf, intermediates
 	roots []*x509.Certificate
 }
 
+// mint is a workload certificate from the test CA for a SPIFFE ID.
 func (e *env) mint(id spiffeid.ID) *workloadCert {
 	e.t.Helper()
-	key := newKey(e.t)
-	issued, err := e.cp.CA.IssueServing(context.Background(), ca.ServingRequest{ID: id, PublicKey: key.Public(), TTL: time.Hour})
-	if err != nil {
-		e.t.Fatal(err)
+	return e.ca.issue(e.t, id, nil, nil)
+}
+
+// testCA is a root and an intermediate of td, the shape of the real CA's
+// chains, which mints the xDS server's and the workloads' certificates. It
+// is the xDS server's trust bundle.
+type testCA struct {
+	root, inter *x509.Certificate
+	interKey    crypto.Signer
+}
+
+func newTestCA(t testing.TB) *testCA {
+	t.Helper()
+	now := time.Now()
+	rootKey, interKey := newKey(t), newKey(t)
+	caTmpl := func(cn string) *x509.Certificate {
+		return &x509.Certificate{SerialNumber: randSerial(t), Subject: pkix.Name{Organization: []string{"trustmesh test"}, CommonName: cn},
+			URIs: []*url.URL{td.ID().URL()}, NotBefore: now.Add(-time.Hour), NotAfter: now.Add(48 * time.Hour),
+			IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign | x509.KeyUsageCRLSign}
 	}
-	return &workloadCert{key: key, chain: append([]*x509.Certificate{issued.Leaf}, issued.Chain...), roots: e.cp.Authority.Current().Roots}
+	rootT := caTmpl("root")
+	der, err := x509.CreateCertificate(rand.Reader, rootT, rootT, rootKey.Public(), rootKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	root, err := x509.ParseCertificate(der)
+	if err != nil {
+		t.Fatal(err)
+	}
+	der, err = x509.CreateCertificate(rand.Reader, caTmpl("intermediate"), root, interKey.Public(), rootKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	inter, err := x509.ParseCertificate(der)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &testCA{root: root, inter: inter, interKey: interKey}
+}
+
+// issue is a certificate for id, with dns and ips for a server, valid for
+// the test's hour and then some.
+func (c *testCA) issue(t testing.TB, id spiffeid.ID, dns []string, ips []net.IP) *workloadCert {
+	t.Helper()
+	key := newKey(t)
+	now := time.Now()
+	tmpl := &x509.Certificate{SerialNumber: randSerial(t), URIs: []*url.URL{id.URL()}, DNSNames: dns, IPAddresses: ips,
+		NotBefore: now.Add(-time.Minute), NotAfter: now.Add(24 * time.Hour), KeyUsage: x509.KeyUsageDigitalSignature,
+		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth}}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, c.inter, key.Public(), c.interKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	leaf, err := x509.ParseCertificate(der)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &workloadCert{key: key, chain: []*x509.Certificate{leaf, c.inter}, roots: []*x509.Certificate{c.root}}
+}
+
+// GetX509BundleForTrustDomain makes testCA the xDS server's bundle source.
+func (c *testCA) GetX509BundleForTrustDomain(d spiffeid.TrustDomain) (*x509bundle.Bundle, error) {
+	if d != td {
+		return nil, fmt.Errorf("no bundle for %s", d)
+	}
+	return x509bundle.FromX509Authorities(td, []*x509.Certificate{c.root}), nil
+}
+
+func randSerial(t testing.TB) *big.Int {
+	n, err := rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 127))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return n
 }
 
 // foreignCert is a certificate from a CA of another trust domain.
@@ -317,9 +362,7 @@ func (w *workloadCert) writeDir(t testing.TB, dir string) {
 func (e *env) dialADS(cert *workloadCert) discoveryv3.AggregatedDiscoveryServiceClient {
 	e.t.Helper()
 	roots := x509.NewCertPool()
-	for _, r := range e.cp.Authority.Current().Roots {
-		roots.AddCert(r)
-	}
+	roots.AddCert(e.ca.root)
 	cfg := &tls.Config{RootCAs: roots, ServerName: "127.0.0.1", MinVersion: tls.VersionTLS12}
 	if cert != nil {
 		cfg.Certificates = []tls.Certificate{cert.tlsCert()}
@@ -384,4 +427,13 @@ type fakeBundle struct{}
 
 func (fakeBundle) GetX509BundleForTrustDomain(td spiffeid.TrustDomain) (*x509bundle.Bundle, error) {
 	return nil, fmt.Errorf("no bundle for %s", td)
+}
+
+func parsePolicies(t *testing.T, yaml string) []*policy.Policy {
+	t.Helper()
+	ps, err := policy.ParseYAML("test", []byte(yaml), "default")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return ps
 }
