@@ -8,19 +8,19 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"io/fs"
 	"os"
 	"path/filepath"
 	"sort"
 	"strings"
 
-	"github.com/fsnotify/fsnotify"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"google.golang.org/protobuf/encoding/protojson"
 	networkingv1alpha3 "istio.io/api/networking/v1alpha3"
 	securityv1beta1 "istio.io/api/security/v1beta1"
 	k8syaml "k8s.io/apimachinery/pkg/util/yaml"
 	"sigs.k8s.io/yaml"
+
+	"github.com/trustmesh/trustmesh/internal/watch"
 )
 
 // APIVersion is the apiVersion of trustmesh's own mesh file kinds.
@@ -378,51 +378,9 @@ func serviceAccount(id spiffeid.ID, ns string) (string, bool) {
 // Watch reports changes to the directory tree (mesh files and the files
 // they name below it).
 func (d *Dir) Watch(ctx context.Context, changed func()) (<-chan error, error) {
-	w, err := fsnotify.NewWatcher()
+	done, err := watch.Paths(ctx, []string{d.Path}, changed)
 	if err != nil {
-		return nil, fmt.Errorf("mesh: %w", err)
-	}
-	err = filepath.WalkDir(d.Path, func(p string, e fs.DirEntry, err error) error {
-		if err != nil {
-			return err
-		}
-		if e.IsDir() {
-			return w.Add(p)
-		}
-		return nil
-	})
-	if err != nil {
-		w.Close()
 		return nil, fmt.Errorf("mesh: watching %s: %w", d.Path, err)
 	}
-	out := make(chan error, 1)
-	go func() {
-		defer w.Close()
-		for {
-			select {
-			case <-ctx.Done():
-				out <- nil
-				return
-			case ev, ok := <-w.Events:
-				if !ok {
-					out <- errors.New("mesh: watcher closed")
-					return
-				}
-				if ev.Has(fsnotify.Create) {
-					if st, err := os.Stat(ev.Name); err == nil && st.IsDir() {
-						_ = w.Add(ev.Name)
-					}
-				}
-				changed()
-			case err, ok := <-w.Errors:
-				if !ok {
-					out <- errors.New("mesh: watcher closed")
-					return
-				}
-				out <- fmt.Errorf("mesh: watching %s: %w", d.Path, err)
-				return
-			}
-		}
-	}()
-	return out, nil
+	return done, nil
 }

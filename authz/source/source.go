@@ -11,15 +11,13 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"os"
-	"path/filepath"
 	"time"
 
-	"github.com/fsnotify/fsnotify"
 	"k8s.io/utils/clock"
 
 	"github.com/trustmesh/trustmesh/authz/engine"
 	"github.com/trustmesh/trustmesh/authz/policy"
+	"github.com/trustmesh/trustmesh/internal/watch"
 )
 
 // PolicySource provides AuthorizationPolicies.
@@ -242,88 +240,11 @@ func (l *Loader) Run(ctx context.Context) error {
 	}
 }
 
-// watchPaths watches files and directory trees. A file is watched through
-// its parent directory, so that editors that replace files are seen.
+// watchPaths watches files and directory trees (internal/watch).
 func watchPaths(ctx context.Context, paths []string, changed func()) (<-chan error, error) {
-	w, err := fsnotify.NewWatcher()
+	done, err := watch.Paths(ctx, paths, changed)
 	if err != nil {
 		return nil, fmt.Errorf("source: %w", err)
 	}
-	fail := func(err error) (<-chan error, error) {
-		w.Close()
-		return nil, err
-	}
-	files := map[string]bool{}    // watched files
-	fileDirs := map[string]bool{} // their parent directories
-	trees := map[string]bool{}    // directories watched as trees
-	for _, p := range paths {
-		abs, err := filepath.Abs(p)
-		if err != nil {
-			return fail(fmt.Errorf("source: %w", err))
-		}
-		fi, err := os.Stat(abs)
-		if err != nil {
-			return fail(fmt.Errorf("source: %w", err))
-		}
-		if !fi.IsDir() {
-			files[abs] = true
-			fileDirs[filepath.Dir(abs)] = true
-			if err := w.Add(filepath.Dir(abs)); err != nil {
-				return fail(fmt.Errorf("source: watching %s: %w", abs, err))
-			}
-			continue
-		}
-		if err := addTree(w, abs, trees); err != nil {
-			return fail(err)
-		}
-	}
-	done := make(chan error, 1)
-	go func() {
-		defer w.Close()
-		done <- loop(ctx, w, files, fileDirs, trees, changed)
-	}()
 	return done, nil
-}
-
-func loop(ctx context.Context, w *fsnotify.Watcher, files, fileDirs, trees map[string]bool, changed func()) error {
-	for {
-		select {
-		case <-ctx.Done():
-			return nil
-		case ev, ok := <-w.Events:
-			if !ok {
-				return nil
-			}
-			dir := filepath.Dir(ev.Name)
-			if fileDirs[dir] && !trees[dir] && !files[ev.Name] {
-				continue // another file beside a watched bundle file
-			}
-			if ev.Has(fsnotify.Create) {
-				if fi, err := os.Stat(ev.Name); err == nil && fi.IsDir() {
-					_ = addTree(w, ev.Name, trees)
-				}
-			}
-			changed()
-		case err, ok := <-w.Errors:
-			if !ok {
-				return nil
-			}
-			return fmt.Errorf("source: %w", err)
-		}
-	}
-}
-
-func addTree(w *fsnotify.Watcher, root string, trees map[string]bool) error {
-	return filepath.WalkDir(root, func(p string, d os.DirEntry, err error) error {
-		if err != nil {
-			return fmt.Errorf("source: %w", err)
-		}
-		if d.IsDir() {
-			if err := w.Add(p); err != nil {
-				return fmt.Errorf("source: watching %s: %w", p, err)
-			}
-			trees[p] = true
-		}
-		return nil
-	})
 }
