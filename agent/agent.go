@@ -32,7 +32,6 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
-	"golang.org/x/sync/errgroup"
 	"google.golang.org/grpc"
 	"k8s.io/utils/clock"
 
@@ -50,6 +49,7 @@ import (
 	"github.com/trustmesh/trustmesh/agent/trustbundle"
 	"github.com/trustmesh/trustmesh/agent/workloadapi"
 	"github.com/trustmesh/trustmesh/api/probe"
+	supervisor "github.com/trustmesh/trustmesh/internal/run"
 )
 
 // Defaults.
@@ -434,10 +434,10 @@ func restore(s *settings, d *state.Dir, store *identity.Store) error {
 
 // run runs every part until the first one fails or ctx ends.
 func (a *assembled) run(ctx context.Context) error {
-	g, gctx := errgroup.WithContext(ctx)
+	tasks := make([]supervisor.Task, 0, len(a.parts))
 	for _, p := range a.parts {
-		g.Go(func() error {
-			err := p.run(gctx)
+		tasks = append(tasks, func(ctx context.Context) error {
+			err := p.run(ctx)
 			if err != nil && !errors.Is(err, context.Canceled) {
 				a.log.Error("agent part failed; stopping", "part", p.name, "error", err)
 				return fmt.Errorf("agent: %s: %w", p.name, err)
@@ -445,5 +445,5 @@ func (a *assembled) run(ctx context.Context) error {
 			return err
 		})
 	}
-	return g.Wait()
+	return supervisor.Tasks(ctx, tasks...)
 }

@@ -17,12 +17,13 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"sync"
 
 	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
 	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/client-go/tools/cache"
 	"k8s.io/client-go/util/workqueue"
+
+	"github.com/trustmesh/trustmesh/internal/run"
 )
 
 // BundleSource is the CA's trust bundle: the current one, and a channel
@@ -86,30 +87,29 @@ func (l *loop) enqueueOn(inf cache.SharedIndexInformer, key func(obj any) (strin
 }
 
 func (l *loop) run(ctx context.Context) error {
-	ctx, cancel := context.WithCancel(ctx)
-	var wg sync.WaitGroup
-	defer func() {
-		cancel()
-		l.queue.ShutDown()
-		wg.Wait()
-	}()
+	defer l.queue.ShutDown()
+	tasks := []run.Task{l.work}
 	for _, inf := range l.informers {
-		wg.Add(1)
-		go func() { defer wg.Done(); inf.RunWithContext(ctx) }()
+		tasks = append(tasks, func(ctx context.Context) error { inf.RunWithContext(ctx); return nil })
 	}
+	err := run.Tasks(ctx, tasks...)
+	if err != nil && !errors.Is(err, context.Canceled) {
+		return fmt.Errorf("cabundle: %s: %w", l.name, err)
+	}
+	return nil
+}
+
+// work waits for the informers' caches, then queues every key whenever the
+// bundle changes and reconciles queued keys, until ctx ends.
+func (l *loop) work(ctx context.Context) error {
 	syncs := make([]cache.InformerSynced, len(l.informers))
 	for i, inf := range l.informers {
 		syncs[i] = inf.HasSynced
 	}
 	if !cache.WaitForCacheSync(ctx.Done(), syncs...) {
-		if err := context.Cause(ctx); err != nil && !errors.Is(err, context.Canceled) {
-			return fmt.Errorf("cabundle: %s: %w", l.name, err)
-		}
-		return nil
+		return ctx.Err()
 	}
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
+	requeue := func(ctx context.Context) error {
 		for {
 			_, changed := l.bundle.Bundle()
 			for _, k := range l.all() {
@@ -118,18 +118,21 @@ func (l *loop) run(ctx context.Context) error {
 			select {
 			case <-changed:
 			case <-ctx.Done():
-				return
+				return nil
 			}
 		}
-	}()
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
+	}
+	reconcile := func(ctx context.Context) error {
 		for l.next(ctx) {
 		}
-	}()
-	<-ctx.Done()
-	return nil
+		return nil
+	}
+	stop := func(ctx context.Context) error {
+		<-ctx.Done()
+		l.queue.ShutDown() // lets reconcile's Get return
+		return nil
+	}
+	return run.Tasks(ctx, requeue, reconcile, stop)
 }
 
 func (l *loop) next(ctx context.Context) bool {

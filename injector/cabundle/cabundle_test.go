@@ -2,10 +2,12 @@ package cabundle_test
 
 import (
 	"context"
+	"errors"
 	"os"
 	"testing"
 	"time"
 
+	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	admissionregistrationv1 "k8s.io/api/admissionregistration/v1"
 	corev1 "k8s.io/api/core/v1"
@@ -17,6 +19,7 @@ import (
 	"github.com/trustmesh/trustmesh/ca/authority"
 	"github.com/trustmesh/trustmesh/injector"
 	"github.com/trustmesh/trustmesh/injector/cabundle"
+	supervisor "github.com/trustmesh/trustmesh/internal/run"
 	"github.com/trustmesh/trustmesh/test/kubeapi"
 	"github.com/trustmesh/trustmesh/test/leakcheck"
 )
@@ -221,6 +224,27 @@ func TestRootCertPublisher(t *testing.T) {
 		t.Fatal(err)
 	}
 	awaitAll("the edited ConfigMap restored", bundlePEM(t, auth), "beta")
+}
+
+// panicBundle is a bundle source with a bug: it panics.
+type panicBundle struct{}
+
+func (panicBundle) Bundle() (*spiffebundle.Bundle, <-chan struct{}) { panic("no bundle") }
+
+// A panic in the loop ends Run with an error, and the informers stop,
+// instead of the panic killing the process.
+func TestPanicEndsRun(t *testing.T) {
+	p, err := cabundle.NewWebhookPatcher(cabundle.WebhookConfig{Client: kube(t), Name: "panic-test", Bundle: panicBundle{}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	err = p.Run(ctx)
+	var pe *supervisor.PanicError
+	if !errors.As(err, &pe) || pe.Value != "no bundle" {
+		t.Fatalf("Run = %v, want the bundle source's panic", err)
+	}
 }
 
 func TestConfigRefused(t *testing.T) {
