@@ -63,7 +63,7 @@ func operatorCA(t *testing.T, mutate func(dir string, rootA, inter *x509.Certifi
 	}
 	rootA, keyA := newRoot("root A")
 	rootB, _ := newRoot("root B")
-	inter, interKey, err := authority.NewIntermediate(td, rootA, keyA, t0, 24*time.Hour)
+	inter, interKey, err := authority.Mint(authority.MintRequest{TrustDomain: td, Parent: rootA, ParentKey: keyA, Now: t0, Lifetime: 24 * time.Hour})
 	if err != nil {
 		t.Fatal(err)
 	}

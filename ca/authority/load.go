@@ -5,7 +5,6 @@ import (
 	"context"
 	"crypto"
 	"crypto/x509"
-	"crypto/x509/pkix"
 	"encoding/pem"
 	"errors"
 	"fmt"
@@ -17,11 +16,9 @@ import (
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
-	"go.step.sm/crypto/keyutil"
 	"go.step.sm/crypto/kms"
 	"go.step.sm/crypto/kms/apiv1"
 	"go.step.sm/crypto/pemutil"
-	"go.step.sm/crypto/x509util"
 )
 
 // The file names of Istio's cacerts layout, which trustmesh also uses for the
@@ -40,8 +37,6 @@ const (
 const (
 	RootLifetime         = 10 * 365 * 24 * time.Hour
 	IntermediateLifetime = 365 * 24 * time.Hour
-	// backdate covers clock skew between the CA and relying parties.
-	backdate = 5 * time.Minute
 )
 
 // ReadCACerts reads operator-supplied material from dir for staging: the
@@ -170,51 +165,6 @@ func Validate(m *Material, now time.Time) error {
 	return errors.Join(errs...)
 }
 
-// NewSelfManagedFiles creates a root (ECDSA P-256, RootLifetime) and an
-// intermediate under it, as the files of Istio's cacerts layout plus the
-// root key, in memory.
-func NewSelfManagedFiles(td spiffeid.TrustDomain, now time.Time, interLife time.Duration) (map[string][]byte, error) {
-	rootKey, err := keyutil.GenerateSigner("EC", "P-256", 0)
-	if err != nil {
-		return nil, fmt.Errorf("authority: generate root key: %w", err)
-	}
-	rootTmpl := &x509.Certificate{
-		Subject:               pkix.Name{Organization: []string{"trustmesh"}, CommonName: "trustmesh root " + td.Name()},
-		URIs:                  []*url.URL{td.ID().URL()},
-		NotBefore:             now.Add(-backdate),
-		NotAfter:              now.Add(RootLifetime),
-		IsCA:                  true,
-		BasicConstraintsValid: true,
-		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageCRLSign,
-	}
-	root, err := x509util.CreateCertificate(rootTmpl, rootTmpl, rootKey.Public(), rootKey)
-	if err != nil {
-		return nil, fmt.Errorf("authority: create root: %w", err)
-	}
-	if interLife <= 0 {
-		interLife = IntermediateLifetime
-	}
-	inter, interKey, err := NewIntermediate(td, root, rootKey, now, interLife)
-	if err != nil {
-		return nil, err
-	}
-	rootKeyPEM, err := EncodeKey(rootKey)
-	if err != nil {
-		return nil, err
-	}
-	interKeyPEM, err := EncodeKey(interKey)
-	if err != nil {
-		return nil, err
-	}
-	return map[string][]byte{
-		RootKeyFile:   rootKeyPEM,
-		CAKeyFile:     interKeyPEM,
-		RootCertFile:  certPEM(root),
-		CACertFile:    certPEM(inter),
-		CertChainFile: certPEM(inter, root),
-	}, nil
-}
-
 // CAKeyURIFile, in place of ca-key.pem, names where operator-supplied
 // material's signing key lives (a KMS or the operator's own file), so that
 // the key itself is never copied.
@@ -224,7 +174,7 @@ const CAKeyURIFile = "ca-key-uri"
 // intermediate of interLife (zero for a year), loaded through the software
 // KMS like any other.
 func Generate(ctx context.Context, td spiffeid.TrustDomain, now time.Time, interLife time.Duration) (*Material, error) {
-	files, err := NewSelfManagedFiles(td, now, interLife)
+	files, err := NewSelfManagedFiles(td, now, Lifetimes{Intermediate: interLife})
 	if err != nil {
 		return nil, err
 	}
@@ -302,35 +252,6 @@ func SignerFromPEM(ctx context.Context, keyPEM []byte) (crypto.Signer, error) {
 		return nil, fmt.Errorf("authority: open signing key: %w", err)
 	}
 	return signer, nil
-}
-
-// NewIntermediate creates an issuing CA certificate and key under parent.
-func NewIntermediate(td spiffeid.TrustDomain, parent *x509.Certificate, parentKey crypto.Signer, now time.Time, lifetime time.Duration) (*x509.Certificate, crypto.Signer, error) {
-	key, err := keyutil.GenerateSigner("EC", "P-256", 0)
-	if err != nil {
-		return nil, nil, fmt.Errorf("authority: generate intermediate key: %w", err)
-	}
-	notAfter := now.Add(lifetime)
-	if notAfter.After(parent.NotAfter) {
-		notAfter = parent.NotAfter
-	}
-	cert, err := x509util.CreateCertificate(&x509.Certificate{
-		Subject: pkix.Name{
-			Organization: []string{"trustmesh"},
-			CommonName:   fmt.Sprintf("trustmesh intermediate %s %s", td.Name(), now.UTC().Format("2006-01-02T15:04:05Z")),
-		},
-		URIs:                  []*url.URL{td.ID().URL()},
-		NotBefore:             now.Add(-backdate),
-		NotAfter:              notAfter,
-		IsCA:                  true,
-		BasicConstraintsValid: true,
-		MaxPathLenZero:        true,
-		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageCRLSign,
-	}, parent, key.Public(), parentKey)
-	if err != nil {
-		return nil, nil, fmt.Errorf("authority: create intermediate: %w", err)
-	}
-	return cert, key, nil
 }
 
 // WriteKeyFile writes a private key as owner-only PKCS#8 PEM, atomically.

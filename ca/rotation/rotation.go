@@ -21,22 +21,18 @@ import (
 	"context"
 	"crypto"
 	"crypto/x509"
-	"crypto/x509/pkix"
 	"encoding/json"
 	"encoding/pem"
 	"errors"
 	"fmt"
 	"log/slog"
-	"net/url"
 	"os"
 	"strings"
 	"sync"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
-	"go.step.sm/crypto/keyutil"
 	"go.step.sm/crypto/pemutil"
-	"go.step.sm/crypto/x509util"
 	"k8s.io/utils/clock"
 
 	"github.com/trustmesh/trustmesh/ca/authority"
@@ -103,6 +99,9 @@ type Config struct {
 	MaxWorkloadTTL time.Duration
 	// IntermediateLifetime and RootLifetime of new CA certificates.
 	IntermediateLifetime, RootLifetime time.Duration
+	// Backdate is how far before their creation new CA certificates become
+	// valid. Default authority.DefaultBackdate.
+	Backdate time.Duration
 	// RootPropagation is how long a prepared root stays in the bundle before
 	// it is activated automatically. Default 24h.
 	RootPropagation time.Duration
@@ -208,7 +207,9 @@ func (m *Manager) read(ctx context.Context) (Snapshot, State, error) {
 		if m.cfg.FromCLI {
 			return Snapshot{}, State{}, ErrNoCA
 		}
-		files, err := authority.NewSelfManagedFiles(m.cfg.TrustDomain, m.cfg.Clock.Now(), m.cfg.IntermediateLifetime)
+		files, err := authority.NewSelfManagedFiles(m.cfg.TrustDomain, m.cfg.Clock.Now(), authority.Lifetimes{
+			Root: m.cfg.RootLifetime, Intermediate: m.cfg.IntermediateLifetime, Backdate: m.cfg.Backdate,
+		})
 		if err != nil {
 			return Snapshot{}, State{}, err
 		}
@@ -322,20 +323,10 @@ func (m *Manager) Prepare(ctx context.Context, root bool) error {
 	var parent *x509.Certificate
 	var parentKey crypto.Signer
 	if root {
-		if parentKey, err = keyutil.GenerateSigner("EC", "P-256", 0); err != nil {
-			return fmt.Errorf("rotation: root key: %w", err)
-		}
-		tmpl := &x509.Certificate{
-			Subject:               pkix.Name{Organization: []string{"trustmesh"}, CommonName: "trustmesh root " + m.cfg.TrustDomain.Name() + " " + now.UTC().Format("2006-01-02")},
-			URIs:                  []*url.URL{m.cfg.TrustDomain.ID().URL()},
-			NotBefore:             now.Add(-5 * time.Minute),
-			NotAfter:              now.Add(m.cfg.RootLifetime),
-			IsCA:                  true,
-			BasicConstraintsValid: true,
-			KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageCRLSign,
-		}
-		if parent, err = x509util.CreateCertificate(tmpl, tmpl, parentKey.Public(), parentKey); err != nil {
-			return fmt.Errorf("rotation: root: %w", err)
+		if parent, parentKey, err = authority.Mint(authority.MintRequest{
+			TrustDomain: m.cfg.TrustDomain, Now: now, Lifetime: m.cfg.RootLifetime, Backdate: m.cfg.Backdate,
+		}); err != nil {
+			return fmt.Errorf("rotation: %w", err)
 		}
 	} else {
 		roots, err := pemutil.ParseCertificateBundle(active[authority.RootCertFile])
@@ -347,26 +338,19 @@ func (m *Manager) Prepare(ctx context.Context, root bool) error {
 			return fmt.Errorf("rotation: the active generation has no usable root key: %w", err)
 		}
 	}
-	inter, interKey, err := authority.NewIntermediate(m.cfg.TrustDomain, parent, parentKey, now, m.cfg.IntermediateLifetime)
+	inter, interKey, err := authority.Mint(authority.MintRequest{
+		TrustDomain: m.cfg.TrustDomain, Parent: parent, ParentKey: parentKey,
+		Now: now, Lifetime: m.cfg.IntermediateLifetime, Backdate: m.cfg.Backdate,
+	})
 	if err != nil {
-		return err
+		return fmt.Errorf("rotation: %w", err)
 	}
 	n := st.LastGeneration + 1
-	interKeyPEM, err := authority.EncodeKey(interKey)
+	files, err := authority.GenerationFiles(parent, parentKey, inter, interKey)
 	if err != nil {
-		return err
+		return fmt.Errorf("rotation: %w", err)
 	}
-	parentKeyPEM, err := authority.EncodeKey(parentKey)
-	if err != nil {
-		return err
-	}
-	for name, data := range map[string][]byte{
-		authority.RootCertFile:  authority.EncodeCertificates(parent),
-		authority.CACertFile:    authority.EncodeCertificates(inter),
-		authority.CertChainFile: authority.EncodeCertificates(inter, parent),
-		authority.CAKeyFile:     interKeyPEM,
-		authority.RootKeyFile:   parentKeyPEM,
-	} {
+	for name, data := range files {
 		snap.Files[genPrefix(n)+name] = data
 	}
 	st.Next, st.NextIsRoot, st.PreparedAt, st.LastGeneration = n, root, now, n
