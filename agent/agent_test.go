@@ -33,11 +33,7 @@ import (
 )
 
 func TestMain(m *testing.M) {
-	code := leakcheck.Run(m)
-	if binDir != "" {
-		os.RemoveAll(binDir)
-	}
-	os.Exit(code)
+	os.Exit(leakcheck.Run(m))
 }
 
 var (

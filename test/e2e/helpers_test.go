@@ -63,6 +63,9 @@ func TestMain(m *testing.M) {
 	if code == 0 {
 		code = leakcheck.CheckOurs(os.Stderr)
 	}
+	if binDir != "" {
+		os.RemoveAll(binDir)
+	}
 	os.Exit(code)
 }
 

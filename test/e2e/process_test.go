@@ -1,4 +1,4 @@
-package agent
+package e2e
 
 import (
 	"bytes"
@@ -31,7 +31,8 @@ var (
 	buildOut  []byte
 )
 
-// trustmeshBinary builds cmd/trustmesh once per test binary.
+// trustmeshBinary builds cmd/trustmesh once per test binary; TestMain
+// removes it.
 func trustmeshBinary(t *testing.T) string {
 	t.Helper()
 	buildOnce.Do(func() {
