@@ -15,6 +15,8 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
+
+	"github.com/trustmesh/trustmesh/internal/atomicfile"
 )
 
 // ErrConflict is returned by a Store when the state changed since it was
@@ -111,25 +113,12 @@ func (d DirStore) Write(ctx context.Context, s Snapshot) error {
 	return writeAtomic(filepath.Join(d.Dir, stateFile), s.Files[stateFile])
 }
 
+// writeAtomic replaces path durably, through a temporary file of its own so
+// that a concurrent writer (trustmesh ca rotate beside a running serve)
+// never shares it.
 func writeAtomic(path string, data []byte) error {
-	tmp := path + ".tmp"
-	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
-	if err != nil {
+	if err := atomicfile.WriteFile(path, data, 0o600); err != nil {
 		return fmt.Errorf("rotation: %w", err)
-	}
-	_, err = f.Write(data)
-	if err == nil {
-		err = f.Sync()
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		err = os.Rename(tmp, path)
-	}
-	if err != nil {
-		os.Remove(tmp)
-		return fmt.Errorf("rotation: write %s: %w", path, err)
 	}
 	return nil
 }
