@@ -3,7 +3,6 @@ package cabundle_test
 import (
 	"context"
 	"errors"
-	"os"
 	"testing"
 	"time"
 
@@ -21,21 +20,13 @@ import (
 	"github.com/trustmesh/trustmesh/injector/cabundle"
 	supervisor "github.com/trustmesh/trustmesh/internal/run"
 	"github.com/trustmesh/trustmesh/test/kubeapi"
-	"github.com/trustmesh/trustmesh/test/leakcheck"
 )
 
 // One real kube-apiserver for the package, started by the first test that
 // needs it.
 var shared kubeapi.Shared
 
-func TestMain(m *testing.M) {
-	code := m.Run()
-	shared.Stop()
-	if code == 0 {
-		code = leakcheck.CheckOurs(os.Stderr)
-	}
-	os.Exit(code)
-}
+func TestMain(m *testing.M) { shared.Main(m) }
 
 func kube(t *testing.T) kubernetes.Interface {
 	t.Helper()

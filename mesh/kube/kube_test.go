@@ -2,9 +2,6 @@ package kube_test
 
 import (
 	"context"
-	"os"
-	"os/exec"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -21,41 +18,23 @@ import (
 	"k8s.io/apimachinery/pkg/util/intstr"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
-	"sigs.k8s.io/controller-runtime/pkg/envtest"
 
 	"github.com/trustmesh/trustmesh/mesh"
 	"github.com/trustmesh/trustmesh/mesh/kube"
 	"github.com/trustmesh/trustmesh/test/kubeapi"
-	"github.com/trustmesh/trustmesh/test/leakcheck"
 )
 
-var shared kubeapi.Shared
+var shared = kubeapi.Shared{CRDs: kubeapi.IstioCRDs}
 
 // TestMain stops the shared kube-apiserver and fails a passing run that
 // leaves the source's goroutines running.
-func TestMain(m *testing.M) {
-	code := m.Run()
-	shared.Stop()
-	if code == 0 {
-		code = leakcheck.CheckOurs(os.Stderr)
-	}
-	os.Exit(code)
-}
+func TestMain(m *testing.M) { shared.Main(m) }
 
 // apiserver starts the shared apiserver and installs Istio's CRDs from the
 // istio.io/api module.
 func apiserver(t *testing.T) *rest.Config {
 	t.Helper()
-	cfg := shared.Config(t)
-	out, err := exec.Command("go", "list", "-m", "-f", "{{.Dir}}", "istio.io/api").Output()
-	if err != nil {
-		t.Fatal(err)
-	}
-	crds := filepath.Join(strings.TrimSpace(string(out)), "kubernetes", "customresourcedefinitions.gen.yaml")
-	if _, err := envtest.InstallCRDs(cfg, envtest.CRDInstallOptions{Paths: []string{crds}, ErrorIfPathMissing: true}); err != nil {
-		t.Fatal(err)
-	}
-	return cfg
+	return shared.Config(t)
 }
 
 func must[T any](v T, err error) T {

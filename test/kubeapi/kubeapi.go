@@ -16,6 +16,8 @@ import (
 
 	"k8s.io/client-go/rest"
 	"sigs.k8s.io/controller-runtime/pkg/envtest"
+
+	"github.com/trustmesh/trustmesh/test/leakcheck"
 )
 
 // Start starts a kube-apiserver and etcd. Share one per test package
@@ -57,27 +59,69 @@ func Assets() (string, error) {
 	return strings.TrimSpace(string(out)), nil
 }
 
+// CRDs installs CustomResourceDefinitions into a fresh apiserver.
+type CRDs func() ([]string, error)
+
+// IstioCRDs are Istio's CRDs from the istio.io/api module in the build.
+func IstioCRDs() ([]string, error) {
+	out, err := exec.Command("go", "list", "-m", "-f", "{{.Dir}}", "istio.io/api").Output()
+	if err != nil {
+		return nil, fmt.Errorf("kubeapi: locate istio.io/api: %w", err)
+	}
+	return []string{filepath.Join(strings.TrimSpace(string(out)), "kubernetes", "customresourcedefinitions.gen.yaml")}, nil
+}
+
 // Shared is one kube-apiserver for a test package, started by the first
-// test that asks for it and stopped by TestMain:
+// test that asks for it, with CRDs installed, and stopped by Main:
 //
-//	var kube kubeapi.Shared
-//	func TestMain(m *testing.M) { code := m.Run(); kube.Stop(); os.Exit(code) }
+//	var apiserver = kubeapi.Shared{CRDs: kubeapi.IstioCRDs}
+//	func TestMain(m *testing.M) { apiserver.Main(m) }
 type Shared struct {
+	// CRDs, if set, names CRD files installed once when the apiserver
+	// starts.
+	CRDs CRDs
+
 	once sync.Once
 	env  *envtest.Environment
 	cfg  *rest.Config
 	err  error
 }
 
+// Main runs the package's tests, stops the apiserver if one started, and
+// fails a passing run that leaves trustmesh goroutines running
+// (leakcheck.CheckOurs). It does not return.
+func (s *Shared) Main(m *testing.M) {
+	code := m.Run()
+	s.Stop()
+	if code == 0 {
+		code = leakcheck.CheckOurs(os.Stderr)
+	}
+	os.Exit(code)
+}
+
 // Config starts the apiserver on first use and returns its configuration,
-// failing t if it cannot start.
+// failing t if it cannot start or its CRDs cannot be installed.
 func (s *Shared) Config(t testing.TB) *rest.Config {
 	t.Helper()
-	s.once.Do(func() { s.env, s.cfg, s.err = Start() })
+	s.once.Do(s.start)
 	if s.err != nil {
 		t.Fatal(s.err)
 	}
 	return s.cfg
+}
+
+func (s *Shared) start() {
+	s.env, s.cfg, s.err = Start()
+	if s.err != nil || s.CRDs == nil {
+		return
+	}
+	paths, err := s.CRDs()
+	if err == nil {
+		_, err = envtest.InstallCRDs(s.cfg, envtest.CRDInstallOptions{Paths: paths, ErrorIfPathMissing: true})
+	}
+	if err != nil {
+		s.err = fmt.Errorf("kubeapi: install CRDs: %w", err)
+	}
 }
 
 // Stop stops the apiserver if it was started, reporting failures on stderr.

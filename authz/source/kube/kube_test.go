@@ -3,10 +3,6 @@ package kube_test
 import (
 	"context"
 	"errors"
-	"fmt"
-	"os"
-	"os/exec"
-	"path/filepath"
 	"runtime"
 	"strings"
 	"testing"
@@ -20,9 +16,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
-	"k8s.io/client-go/rest"
 	testclock "k8s.io/utils/clock/testing"
-	"sigs.k8s.io/controller-runtime/pkg/envtest"
 
 	"github.com/trustmesh/trustmesh/authz/engine"
 	"github.com/trustmesh/trustmesh/authz/source"
@@ -30,38 +24,9 @@ import (
 	"github.com/trustmesh/trustmesh/test/kubeapi"
 )
 
-var restConfig *rest.Config
+var apiserver = kubeapi.Shared{CRDs: kubeapi.IstioCRDs}
 
-// TestMain starts one real kube-apiserver for the package and installs
-// Istio's CRDs from the istio.io/api module.
-func TestMain(m *testing.M) {
-	env, cfg, err := kubeapi.Start()
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.Exit(1)
-	}
-	restConfig = cfg
-	code := 1
-	if err := installCRDs(cfg); err != nil {
-		fmt.Fprintln(os.Stderr, err)
-	} else {
-		code = m.Run()
-	}
-	if err := env.Stop(); err != nil {
-		fmt.Fprintln(os.Stderr, err)
-	}
-	os.Exit(code)
-}
-
-func installCRDs(cfg *rest.Config) error {
-	out, err := exec.Command("go", "list", "-m", "-f", "{{.Dir}}", "istio.io/api").Output()
-	if err != nil {
-		return fmt.Errorf("locating istio.io/api: %w", err)
-	}
-	crds := filepath.Join(strings.TrimSpace(string(out)), "kubernetes", "customresourcedefinitions.gen.yaml")
-	_, err = envtest.InstallCRDs(cfg, envtest.CRDInstallOptions{Paths: []string{crds}, ErrorIfPathMissing: true})
-	return err
-}
+func TestMain(m *testing.M) { apiserver.Main(m) }
 
 func request(ns, path string) *authv3.CheckRequest {
 	return &authv3.CheckRequest{Attributes: &authv3.AttributeContext{
@@ -86,13 +51,13 @@ func v1Policy(ns, name, path string) *securityv1.AuthorizationPolicy {
 }
 
 func TestKubernetesSource(t *testing.T) {
-	client, err := versioned.NewForConfig(restConfig)
+	client, err := versioned.NewForConfig(apiserver.Config(t))
 	if err != nil {
 		t.Fatal(err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	kc, err := kubernetes.NewForConfig(restConfig)
+	kc, err := kubernetes.NewForConfig(apiserver.Config(t))
 	if err != nil {
 		t.Fatal(err)
 	}
