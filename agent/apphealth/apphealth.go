@@ -3,7 +3,7 @@
 // Envoy's inbound listeners accept only mesh mTLS, so the injector rewrites
 // each HTTP, TCP and gRPC probe of a pod into a GET of
 // /app-health/<container>/<livez|readyz|startupz> on the agent's monitoring
-// port and hands the agent the originals (package injector/probe). For each
+// port and hands the agent the originals (package api/probe). For each
 // such path the Handler runs the original probe against the application on
 // localhost, outside the mesh (the agent's uid is never captured), with the
 // probe's timeout, as the kubelet would: an HTTP GET with the probe's path,
