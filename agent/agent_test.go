@@ -56,10 +56,7 @@ type env struct {
 func newEnv(t *testing.T) *env {
 	t.Helper()
 	fc := clocktesting.NewFakeClock(start)
-	auth, err := testca.NewAuthority(td, start)
-	if err != nil {
-		t.Fatal(err)
-	}
+	auth := testca.New(t, td, start)
 	srv, err := testca.NewServer(testca.ServerConfig{
 		Authority: auth,
 		Now:       fc.Now,
@@ -241,10 +238,7 @@ func TestAgentServesAndRotatesOnInjectedClock(t *testing.T) {
 
 	// A new root reaches workloads and Envoy before anything is signed
 	// under it.
-	next, err := testca.NewAuthority(td, start)
-	if err != nil {
-		t.Fatal(err)
-	}
+	next := testca.New(t, td, start)
 	e.ca.SetBundleAuthorities(e.auth.Root, next.Root)
 	u := e.nextSVID(updates)
 	if b, _ := u.Bundles.Get(td); len(b.X509Authorities()) != 2 {
@@ -419,10 +413,7 @@ func problems(err error) int {
 func TestValidate(t *testing.T) {
 	dir := t.TempDir()
 	bundle := filepath.Join(dir, "ca.pem")
-	auth, err := testca.NewAuthority(td, time.Now())
-	if err != nil {
-		t.Fatal(err)
-	}
+	auth := testca.New(t, td, time.Now())
 	if err := os.WriteFile(bundle, auth.RootPEM(), 0o600); err != nil {
 		t.Fatal(err)
 	}

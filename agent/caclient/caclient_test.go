@@ -33,10 +33,7 @@ type fixture struct {
 
 func newFixture(t *testing.T) *fixture {
 	t.Helper()
-	auth, err := testca.NewAuthority(td, time.Now())
-	if err != nil {
-		t.Fatal(err)
-	}
+	auth := testca.New(t, td, time.Now())
 	srv, err := testca.NewServer(testca.ServerConfig{
 		Authority: auth,
 		Now:       time.Now,
@@ -119,10 +116,7 @@ func TestRenewPresentsCertificateAndNoToken(t *testing.T) {
 
 func TestErrorsCarryGRPCCodes(t *testing.T) {
 	f := newFixture(t)
-	stranger, err := testca.NewAuthority(td, time.Now())
-	if err != nil {
-		t.Fatal(err)
-	}
+	stranger := testca.New(t, td, time.Now())
 	for _, tc := range []struct {
 		name string
 		cfg  Config
@@ -160,10 +154,7 @@ func TestErrorsCarryGRPCCodes(t *testing.T) {
 func TestWatchBundleFollowsChanges(t *testing.T) {
 	f := newFixture(t)
 	c := f.client(t, Config{})
-	next, err := testca.NewAuthority(td, time.Now())
-	if err != nil {
-		t.Fatal(err)
-	}
+	next := testca.New(t, td, time.Now())
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	got := make(chan *cav1.TrustBundle, 10)

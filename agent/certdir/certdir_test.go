@@ -16,7 +16,6 @@ import (
 
 	"github.com/trustmesh/trustmesh/agent/identity"
 	"github.com/trustmesh/trustmesh/agent/internal/testca"
-	"github.com/trustmesh/trustmesh/agent/svid"
 	"github.com/trustmesh/trustmesh/test/leakcheck"
 )
 
@@ -29,15 +28,7 @@ var (
 
 func issue(t *testing.T, auth *testca.Authority) *x509svid.SVID {
 	t.Helper()
-	key, err := svid.GenerateKey(svid.ECP256)
-	if err != nil {
-		t.Fatal(err)
-	}
-	chain, err := auth.Issue(key.Public(), own, time.Now().Add(-time.Minute), time.Hour)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return &x509svid.SVID{ID: own, Certificates: chain[:2], PrivateKey: key}
+	return auth.SVID(t, own, time.Now().Add(-time.Minute), time.Hour)
 }
 
 // read loads the three files the way a proxyless gRPC workload does and
@@ -72,10 +63,7 @@ func read(t *testing.T, dir string) (tls.Certificate, *x509.CertPool, *x509.Cert
 }
 
 func TestWriteAndRotate(t *testing.T) {
-	auth, err := testca.NewAuthority(td, time.Now())
-	if err != nil {
-		t.Fatal(err)
-	}
+	auth := testca.New(t, td, time.Now())
 	dir := filepath.Join(t.TempDir(), "certs")
 	// Files left by an older layout are replaced.
 	if err := os.MkdirAll(dir, 0o700); err != nil {

@@ -18,13 +18,11 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
-	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 	clocktesting "k8s.io/utils/clock/testing"
 
 	"github.com/trustmesh/trustmesh/agent/apphealth"
 	"github.com/trustmesh/trustmesh/agent/identity"
 	"github.com/trustmesh/trustmesh/agent/internal/testca"
-	"github.com/trustmesh/trustmesh/agent/svid"
 	"github.com/trustmesh/trustmesh/api/probe"
 	"github.com/trustmesh/trustmesh/internal/connlimit"
 	"github.com/trustmesh/trustmesh/internal/connlimit/connlimittest"
@@ -47,18 +45,8 @@ func get(t *testing.T, h http.Handler, path string) (int, string) {
 }
 
 func TestHealthAndExpiryMetric(t *testing.T) {
-	auth, err := testca.NewAuthority(td, start)
-	if err != nil {
-		t.Fatal(err)
-	}
-	key, err := svid.GenerateKey(svid.ECP256)
-	if err != nil {
-		t.Fatal(err)
-	}
-	chain, err := auth.Issue(key.Public(), own, start, time.Hour)
-	if err != nil {
-		t.Fatal(err)
-	}
+	auth := testca.New(t, td, start)
+	cert := auth.SVID(t, own, start, time.Hour)
 	fc := clocktesting.NewFakeClock(start)
 	store := identity.New()
 	s, err := New(Config{Source: store, Clock: fc, Registry: prometheus.NewRegistry()})
@@ -75,7 +63,7 @@ func TestHealthAndExpiryMetric(t *testing.T) {
 	}{
 		{"nothing yet", func() {}, http.StatusServiceUnavailable, "0"},
 		{"bundle only", func() { store.SetBundle(auth.Bundle()) }, http.StatusServiceUnavailable, "0"},
-		{"certificate", func() { store.SetSVID(&x509svid.SVID{ID: own, Certificates: chain[:2], PrivateKey: key}) }, http.StatusOK,
+		{"certificate", func() { store.SetSVID(cert) }, http.StatusOK,
 			strconv.FormatInt(start.Add(time.Hour).Unix(), 10)},
 		{"certificate expired", func() { fc.Step(time.Hour) }, http.StatusServiceUnavailable,
 			strconv.FormatInt(start.Add(time.Hour).Unix(), 10)},
@@ -149,26 +137,16 @@ func TestRunServesUntilCanceled(t *testing.T) {
 // network serves: /healthz, /metrics and the configured /app-health/
 // paths, nothing else, and never the private key.
 func TestServesOnlyWhatAnyoneMaySee(t *testing.T) {
-	auth, err := testca.NewAuthority(td, start)
-	if err != nil {
-		t.Fatal(err)
-	}
-	key, err := svid.GenerateKey(svid.ECP256)
-	if err != nil {
-		t.Fatal(err)
-	}
-	chain, err := auth.Issue(key.Public(), own, start, time.Hour)
-	if err != nil {
-		t.Fatal(err)
-	}
-	scalar, err := key.(*ecdsa.PrivateKey).Bytes()
+	auth := testca.New(t, td, start)
+	cert := auth.SVID(t, own, start, time.Hour)
+	scalar, err := cert.PrivateKey.(*ecdsa.PrivateKey).Bytes()
 	if err != nil {
 		t.Fatal(err)
 	}
 	secrets := []string{"PRIVATE KEY", hex.EncodeToString(scalar), base64.StdEncoding.EncodeToString(scalar)[:40]}
 	store := identity.New()
 	store.SetBundle(auth.Bundle())
-	store.SetSVID(&x509svid.SVID{ID: own, Certificates: chain[:2], PrivateKey: key})
+	store.SetSVID(cert)
 
 	app, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {

@@ -19,7 +19,6 @@ import (
 
 	"github.com/trustmesh/trustmesh/agent/identity"
 	"github.com/trustmesh/trustmesh/agent/internal/testca"
-	"github.com/trustmesh/trustmesh/agent/svid"
 	"github.com/trustmesh/trustmesh/test/leakcheck"
 )
 
@@ -108,10 +107,7 @@ type harness struct {
 func newHarness(t *testing.T, mod func(*Config)) *harness {
 	t.Helper()
 	fc := clocktesting.NewFakeClock(start)
-	auth, err := testca.NewAuthority(td, start)
-	if err != nil {
-		t.Fatal(err)
-	}
+	auth := testca.New(t, td, start)
 	h := &harness{t: t, clock: fc, ca: &fakeCA{auth: auth, clock: fc}, store: identity.New()}
 	h.store.SetBundle(auth.Bundle())
 	cfg := Config{
@@ -125,6 +121,7 @@ func newHarness(t *testing.T, mod func(*Config)) *harness {
 	if mod != nil {
 		mod(&cfg)
 	}
+	var err error
 	h.mgr, err = New(cfg)
 	if err != nil {
 		t.Fatal(err)
@@ -301,10 +298,7 @@ func TestRefusedRenewalFallsBackToToken(t *testing.T) {
 
 func TestWaitsForTrustBundle(t *testing.T) {
 	fc := clocktesting.NewFakeClock(start)
-	auth, err := testca.NewAuthority(td, start)
-	if err != nil {
-		t.Fatal(err)
-	}
+	auth := testca.New(t, td, start)
 	ca := &fakeCA{auth: auth, clock: fc}
 	store := identity.New()
 	m, err := New(Config{Issuer: ca, Token: StaticToken("join-token"), Store: store, Clock: fc})
@@ -354,20 +348,9 @@ func TestRenewalTimeJitter(t *testing.T) {
 		{"highest", 0.999999, 33 * time.Minute},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			auth, err := testca.NewAuthority(td, start)
-			if err != nil {
-				t.Fatal(err)
-			}
+			auth := testca.New(t, td, start)
 			m := &Manager{cfg: Config{Rand: func() float64 { return tc.rand }, Logger: discard()}}
-			key, err := svid.GenerateKey(svid.ECP256)
-			if err != nil {
-				t.Fatal(err)
-			}
-			chain, err := auth.Issue(key.Public(), ownID, start, time.Hour)
-			if err != nil {
-				t.Fatal(err)
-			}
-			s := &x509svid.SVID{ID: ownID, Certificates: chain[:2], PrivateKey: key}
+			s := auth.SVID(t, ownID, start, time.Hour)
 			got := m.renewalTime(s).Sub(start)
 			if d := got - tc.want; d < -time.Second || d > time.Second {
 				t.Fatalf("renewal after %s, want %s", got, tc.want)

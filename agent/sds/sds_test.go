@@ -7,9 +7,7 @@ import (
 	"crypto/x509"
 	"encoding/pem"
 	"errors"
-	"net"
 	"os"
-	"path/filepath"
 	"testing"
 	"time"
 
@@ -26,7 +24,6 @@ import (
 
 	"github.com/trustmesh/trustmesh/agent/identity"
 	"github.com/trustmesh/trustmesh/agent/internal/testca"
-	"github.com/trustmesh/trustmesh/agent/svid"
 	"github.com/trustmesh/trustmesh/test/leakcheck"
 )
 
@@ -47,10 +44,7 @@ type fixture struct {
 // copying the store into the cache.
 func newFixture(t *testing.T) *fixture {
 	t.Helper()
-	auth, err := testca.NewAuthority(td, time.Now())
-	if err != nil {
-		t.Fatal(err)
-	}
+	auth := testca.New(t, td, time.Now())
 	f := &fixture{auth: auth, store: identity.New()}
 	srv, err := New(Config{Source: f.store})
 	if err != nil {
@@ -61,24 +55,13 @@ func newFixture(t *testing.T) *fixture {
 	go func() { runDone <- srv.Run(ctx) }()
 	g := grpc.NewServer()
 	srv.Register(g)
-	path := filepath.Join(t.TempDir(), "sds.sock")
-	lis, err := net.Listen("unix", path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	serveDone := make(chan struct{})
-	go func() {
-		defer close(serveDone)
-		_ = g.Serve(lis)
-	}()
+	path := testca.ServeUnix(t, g)
 	conn, err := grpc.NewClient("unix://"+path, grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() {
 		conn.Close()
-		g.Stop()
-		<-serveDone
 		cancel()
 		if err := <-runDone; !errors.Is(err, context.Canceled) {
 			t.Errorf("Run returned %v", err)
@@ -90,15 +73,7 @@ func newFixture(t *testing.T) *fixture {
 
 func (f *fixture) rotate(t *testing.T) *x509svid.SVID {
 	t.Helper()
-	key, err := svid.GenerateKey(svid.ECP256)
-	if err != nil {
-		t.Fatal(err)
-	}
-	chain, err := f.auth.Issue(key.Public(), own, time.Now().Add(-time.Minute), time.Hour)
-	if err != nil {
-		t.Fatal(err)
-	}
-	s := &x509svid.SVID{ID: own, Certificates: chain[:2], PrivateKey: key}
+	s := f.auth.SVID(t, own, time.Now().Add(-time.Minute), time.Hour)
 	f.store.SetSVID(s)
 	return s
 }
@@ -263,10 +238,7 @@ func TestDelta(t *testing.T) {
 
 	// A new root arrives before anything is signed under it, then the
 	// certificate rotates: each is pushed as it happens.
-	next, err := testca.NewAuthority(td, time.Now())
-	if err != nil {
-		t.Fatal(err)
-	}
+	next := testca.New(t, td, time.Now())
 	bundle := f.auth.Bundle()
 	bundle.AddX509Authority(next.Root)
 	f.store.SetBundle(bundle)

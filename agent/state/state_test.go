@@ -26,22 +26,11 @@ var (
 
 func issue(t *testing.T, auth *testca.Authority) *x509svid.SVID {
 	t.Helper()
-	key, err := svid.GenerateKey(svid.ECP256)
-	if err != nil {
-		t.Fatal(err)
-	}
-	chain, err := auth.Issue(key.Public(), own, time.Now().Add(-time.Minute), time.Hour)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return &x509svid.SVID{ID: own, Certificates: chain[:2], PrivateKey: key}
+	return auth.SVID(t, own, time.Now().Add(-time.Minute), time.Hour)
 }
 
 func TestSaveLoadRoundTrip(t *testing.T) {
-	auth, err := testca.NewAuthority(td, time.Now())
-	if err != nil {
-		t.Fatal(err)
-	}
+	auth := testca.New(t, td, time.Now())
 	path := filepath.Join(t.TempDir(), "state")
 	d, err := Open(path)
 	if err != nil {
@@ -80,10 +69,7 @@ func TestSaveLoadRoundTrip(t *testing.T) {
 }
 
 func TestRefusesLooseDirectory(t *testing.T) {
-	auth, err := testca.NewAuthority(td, time.Now())
-	if err != nil {
-		t.Fatal(err)
-	}
+	auth := testca.New(t, td, time.Now())
 	t.Run("directory readable by others", func(t *testing.T) {
 		path := filepath.Join(t.TempDir(), "state")
 		if err := os.Mkdir(path, 0o755); err != nil {
@@ -135,10 +121,7 @@ func TestRefusesLooseDirectory(t *testing.T) {
 }
 
 func TestPersisterSavesRotations(t *testing.T) {
-	auth, err := testca.NewAuthority(td, time.Now())
-	if err != nil {
-		t.Fatal(err)
-	}
+	auth := testca.New(t, td, time.Now())
 	d, err := Open(filepath.Join(t.TempDir(), "state"))
 	if err != nil {
 		t.Fatal(err)

@@ -61,18 +61,9 @@ func TestKeyTypesAndCSR(t *testing.T) {
 }
 
 func TestVerify(t *testing.T) {
-	auth, err := testca.NewAuthority(td, now)
-	if err != nil {
-		t.Fatal(err)
-	}
-	foreign, err := testca.NewAuthority(td, now)
-	if err != nil {
-		t.Fatal(err)
-	}
-	otherTD, err := testca.NewAuthority(spiffeid.RequireTrustDomainFromString("example.org"), now)
-	if err != nil {
-		t.Fatal(err)
-	}
+	auth := testca.New(t, td, now)
+	foreign := testca.New(t, td, now)
+	otherTD := testca.New(t, spiffeid.RequireTrustDomainFromString("example.org"), now)
 	key, err := GenerateKey(ECP256)
 	if err != nil {
 		t.Fatal(err)

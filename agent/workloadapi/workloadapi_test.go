@@ -3,9 +3,7 @@ package workloadapi
 import (
 	"context"
 	"crypto"
-	"net"
 	"os"
-	"path/filepath"
 	"testing"
 	"time"
 
@@ -21,7 +19,6 @@ import (
 
 	"github.com/trustmesh/trustmesh/agent/identity"
 	"github.com/trustmesh/trustmesh/agent/internal/testca"
-	"github.com/trustmesh/trustmesh/agent/svid"
 	"github.com/trustmesh/trustmesh/test/leakcheck"
 )
 
@@ -41,10 +38,7 @@ type fixture struct {
 // newFixture serves the Workload API from a fresh store on a unix socket.
 func newFixture(t *testing.T) *fixture {
 	t.Helper()
-	auth, err := testca.NewAuthority(td, time.Now())
-	if err != nil {
-		t.Fatal(err)
-	}
+	auth := testca.New(t, td, time.Now())
 	f := &fixture{auth: auth, store: identity.New()}
 	srv, err := New(Config{Source: f.store})
 	if err != nil {
@@ -52,35 +46,14 @@ func newFixture(t *testing.T) *fixture {
 	}
 	g := grpc.NewServer()
 	srv.Register(g)
-	path := filepath.Join(t.TempDir(), "agent.sock")
-	lis, err := net.Listen("unix", path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		_ = g.Serve(lis)
-	}()
-	t.Cleanup(func() {
-		g.Stop()
-		<-done
-	})
+	path := testca.ServeUnix(t, g)
 	f.addr = "unix://" + path
 	return f
 }
 
 func (f *fixture) issue(t *testing.T) *x509svid.SVID {
 	t.Helper()
-	key, err := svid.GenerateKey(svid.ECP256)
-	if err != nil {
-		t.Fatal(err)
-	}
-	chain, err := f.auth.Issue(key.Public(), own, time.Now().Add(-time.Minute), time.Hour)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return &x509svid.SVID{ID: own, Certificates: chain[:2], PrivateKey: key}
+	return f.auth.SVID(t, own, time.Now().Add(-time.Minute), time.Hour)
 }
 
 func (f *fixture) client(t *testing.T) *workloadapi.Client {
