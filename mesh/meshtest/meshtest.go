@@ -72,7 +72,7 @@ func Want(v Version, n Names) *mesh.Mesh {
 	return &mesh.Mesh{
 		Services: []*mesh.Service{{
 			Namespace: n.App, Name: "web", Hostname: "web." + n.App + ".svc.cluster.local",
-			Ports: []mesh.Port{{Name: "http", Port: 80, Protocol: mesh.HTTP}, {Name: "grpc-api", Port: 7070, Protocol: mesh.GRPC}},
+			Ports:     []mesh.Port{{Name: "http", Port: 80, Protocol: mesh.HTTP}, {Name: "grpc-api", Port: 7070, Protocol: mesh.GRPC}},
 			Endpoints: []mesh.Endpoint{{Address: "10.1.0.5", Workload: web, Ports: map[string]uint32{"http": 8080}}},
 		}},
 		Workloads: []*mesh.Workload{ingress},
