@@ -37,9 +37,13 @@ type Config struct {
 	InsecurePlaintext bool
 	FailOpen          bool
 	// PolicyDir is a directory of AuthorizationPolicy YAML (local mode).
-	// Policies, if set, replaces it (e.g. Kubernetes informers).
+	// Policies, if set, replaces it (e.g. Kubernetes informers). Feed,
+	// instead, is a policy feed shared with other subscribers (the xDS
+	// server), which its builder runs; the service then reads and watches
+	// no policies of its own.
 	PolicyDir     string
 	Policies      source.PolicySource
+	Feed          *source.Feed
 	Bundles       []source.BundleConfig
 	RootNamespace string
 	EvalTimeout   time.Duration
@@ -79,11 +83,11 @@ type Service struct {
 // Nothing is loaded or listened on until Run.
 func New(cfg Config) (*Service, error) {
 	var errs []error
-	if cfg.PolicyDir == "" && cfg.Policies == nil && len(cfg.Bundles) == 0 {
+	if cfg.PolicyDir == "" && cfg.Policies == nil && cfg.Feed == nil && len(cfg.Bundles) == 0 {
 		errs = append(errs, errors.New("authzd: no policy source: set a policy directory or bundles"))
 	}
-	if cfg.PolicyDir != "" && cfg.Policies != nil {
-		errs = append(errs, errors.New("authzd: set a policy directory or a policy source, not both"))
+	if n := btoi(cfg.PolicyDir != "") + btoi(cfg.Policies != nil) + btoi(cfg.Feed != nil); n > 1 {
+		errs = append(errs, errors.New("authzd: set one of a policy directory, a policy source or a policy feed"))
 	}
 	if cfg.OnKubernetes {
 		cfg.Bundles = append([]source.BundleConfig(nil), cfg.Bundles...)
@@ -112,7 +116,7 @@ func New(cfg Config) (*Service, error) {
 	}
 	var err error
 	s.loader, err = source.New(source.Config{
-		Engine: s.Engine, Policies: ps, Bundles: cfg.Bundles, Gateways: gateways,
+		Engine: s.Engine, Policies: ps, Feed: cfg.Feed, Bundles: cfg.Bundles, Gateways: gateways,
 		RootNamespace: cfg.RootNamespace, EvalTimeout: cfg.EvalTimeout, Log: cfg.Log, OnLoad: onLoad,
 	})
 	errs = append(errs, err)
@@ -175,6 +179,13 @@ func (s *Service) Run(ctx context.Context) error {
 		return nil
 	}
 	return err
+}
+
+func btoi(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
 }
 
 // ServerTLS builds the mTLS server configuration from PEM files: the

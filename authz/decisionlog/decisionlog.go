@@ -187,6 +187,10 @@ type Entry struct {
 	Audit       []engine.Match    `json:"audit,omitempty"`
 	DryRun      *engine.Shadow    `json:"dry_run,omitempty"`
 	Error       string            `json:"error,omitempty"`
+	// PolicyVersion and PolicyDigest name the policy snapshot in force
+	// when the decision was made (authz/source.Snapshot).
+	PolicyVersion uint64 `json:"policy_version,omitempty"`
+	PolicyDigest  string `json:"policy_digest,omitempty"`
 }
 
 // Peer is one side of the connection.
@@ -212,6 +216,9 @@ func (l *Logger) Entry(at time.Time, req *authv3.CheckRequest, d *engine.Decisio
 		Audit:       d.Audit,
 		DryRun:      d.DryRun,
 		Error:       l.paths.Redact(d.Error),
+
+		PolicyVersion: d.PolicyVersion,
+		PolicyDigest:  d.PolicyDigest,
 	}
 	if !d.Allowed {
 		e.HTTPStatus = d.HTTPStatus

@@ -158,3 +158,21 @@ func TestRedactPathsRefusesBadPatterns(t *testing.T) {
 		}
 	}
 }
+
+// TestEntryNamesThePolicyVersion: every entry names the policy snapshot
+// that decided, so that a decision can be matched with the RBAC that the
+// xDS server pushed from the same snapshot.
+func TestEntryNamesThePolicyVersion(t *testing.T) {
+	l, err := New(Config{Writer: &bytes.Buffer{}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := l.Entry(time.Time{}, httpReq("/a", nil), &engine.Decision{PolicyVersion: 7, PolicyDigest: "sha256:ab"})
+	b, err := json.Marshal(e)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(string(b), `"policy_version":7`) || !strings.Contains(string(b), `"policy_digest":"sha256:ab"`) {
+		t.Fatalf("entry %s does not name the policy version", b)
+	}
+}

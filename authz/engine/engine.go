@@ -76,6 +76,10 @@ type Decision struct {
 	Dest   Workload `json:"-"`
 	// Applied is how many policies applied to the destination.
 	Applied int `json:"applied_policies"`
+	// PolicyVersion and PolicyDigest name the policy snapshot that decided
+	// (SetConfig); the decision log records them.
+	PolicyVersion uint64 `json:"-"`
+	PolicyDigest  string `json:"-"`
 }
 
 // Match is a policy and rule that matched.
@@ -107,9 +111,10 @@ func (e *Engine) Check(ctx context.Context, req *authv3.CheckRequest) (*Decision
 		if d != nil {
 			ed.Dest, ed.Applied = d.Dest, d.Applied
 		}
-		return ed, err
+		d = ed
 	}
-	return d, nil
+	d.PolicyVersion, d.PolicyDigest = s.version, s.digest
+	return d, err
 }
 
 func errorDecision(err error) *Decision {

@@ -40,6 +40,11 @@ type SetConfig struct {
 	// Gateways tells which SPIFFE IDs are the mesh's gateways, for
 	// remote.ip (see RemoteIP); nil means the mesh has none.
 	Gateways Gateways
+	// PolicyVersion and PolicyDigest name the policy snapshot the
+	// Policies come from (authz/source.Snapshot); every decision the Set
+	// makes carries them.
+	PolicyVersion uint64
+	PolicyDigest  string
 }
 
 // NamedBundle is a loaded OPA bundle and where it came from.
@@ -62,6 +67,8 @@ type Set struct {
 	providers   map[string]*provider
 	evalTimeout time.Duration
 	gateways    Gateways
+	version     uint64
+	digest      string
 	// headers are the request headers some policy matches on, and used the
 	// attributes: the input carries nothing else.
 	headers []headerKey
@@ -85,6 +92,8 @@ func Build(ctx context.Context, cfg SetConfig) (*Set, error) {
 		modules:     map[string]string{},
 		evalTimeout: cfg.EvalTimeout,
 		gateways:    cfg.Gateways,
+		version:     cfg.PolicyVersion,
+		digest:      cfg.PolicyDigest,
 	}
 	if s.gateways == nil {
 		s.gateways = GatewayIDs(nil)
@@ -166,6 +175,10 @@ func Build(ctx context.Context, cfg SetConfig) (*Set, error) {
 // Modules returns the generated Rego by file name, as `trustmesh policy
 // compile` prints it.
 func (s *Set) Modules() map[string]string { return s.modules }
+
+// PolicyVersion is the version of the policy snapshot the Set was built
+// from (SetConfig.PolicyVersion).
+func (s *Set) PolicyVersion() uint64 { return s.version }
 
 // Policies returns the policies of the set in evaluation order.
 func (s *Set) Policies() []*policy.Policy {

@@ -1,9 +1,12 @@
-// Package source feeds the engine: it loads AuthorizationPolicies from a
-// PolicySource (a watched YAML directory; Kubernetes informers plug in
-// through the same interface) and Rego bundles (directories or .tar.gz),
-// builds a complete engine.Set and swaps it in. An update that does not
-// parse, validate or compile is refused with an error naming the file,
-// object or bundle, and the last good set stays in force.
+// Package source owns trustmesh's AuthorizationPolicies: the one place
+// that loads, watches and parses them. A Feed reads a PolicySource (a
+// watched YAML directory, or Kubernetes informers through the same
+// interface) and publishes immutable, versioned Snapshots to every
+// subscriber: the engine, through a Loader, and the xDS server. The Loader
+// adds the Rego bundles (directories or .tar.gz), builds a complete
+// engine.Set and swaps it in. An update that does not parse, validate or
+// compile is refused with an error naming the file, object or bundle, and
+// the last good snapshot and set stay in force.
 package source
 
 import (
@@ -17,6 +20,7 @@ import (
 
 	"github.com/trustmesh/trustmesh/authz/engine"
 	"github.com/trustmesh/trustmesh/authz/policy"
+	"github.com/trustmesh/trustmesh/internal/run"
 	"github.com/trustmesh/trustmesh/internal/watch"
 )
 
@@ -57,15 +61,21 @@ var ErrRefused = errors.New("source: update refused, last good policy set kept")
 // Config configures a Loader.
 type Config struct {
 	Engine *engine.Engine
-	// Policies may be nil when only bundles are loaded.
-	Policies      PolicySource
-	Bundles       []BundleConfig
+	// Feed is the policy feed whose snapshots the engine compiles, shared
+	// with the feed's other subscribers; whoever built it runs it.
+	// Policies, instead, is a source the Loader feeds from on its own
+	// (`trustmesh authz`, tests). Both may be nil when only bundles are
+	// loaded.
+	Feed     *Feed
+	Policies PolicySource
+	Bundles  []BundleConfig
+	// RootNamespace, EvalTimeout and Gateways are as engine.SetConfig.
 	RootNamespace string
 	EvalTimeout   time.Duration
-	// Gateways are the mesh's gateway identities (engine.SetConfig).
-	Gateways engine.Gateways
-	Log      *slog.Logger
-	// OnLoad, if set, is called after every load attempt with its result.
+	Gateways      engine.Gateways
+	Log           *slog.Logger
+	// OnLoad, if set, is called after every load attempt with its result,
+	// including the policy updates the Loader's own feed refuses.
 	OnLoad func(error)
 	// Settle is how long changes must stop before a reload, so that a file
 	// caught half-written (an empty file is a valid, empty policy set) is
@@ -84,16 +94,24 @@ func (c *Config) Validate() error {
 	if c.Engine == nil {
 		errs = append(errs, errors.New("source: an engine is required"))
 	}
+	if c.Feed != nil && c.Policies != nil {
+		errs = append(errs, errors.New("source: set a policy feed or a policy source, not both"))
+	}
 	for _, b := range c.Bundles {
 		errs = append(errs, b.Validate())
 	}
 	return errors.Join(errs...)
 }
 
-// Loader loads and hot-reloads the engine's policy set.
+// Loader compiles the engine's policy set from the feed's snapshots and
+// the Rego bundles, and swaps it in whenever either changes. A set that
+// does not compile never replaces the last good one.
 type Loader struct {
-	cfg Config
-	log *slog.Logger
+	cfg  Config
+	log  *slog.Logger
+	feed *Feed
+	// ownFeed is a feed the Loader built from cfg.Policies and runs.
+	ownFeed bool
 }
 
 // New validates cfg and returns a Loader.
@@ -111,45 +129,79 @@ func New(cfg Config) (*Loader, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	return &Loader{cfg: cfg, log: log}, nil
+	l := &Loader{cfg: cfg, log: log, feed: cfg.Feed}
+	if cfg.Policies != nil {
+		f, err := NewFeed(FeedConfig{Policies: cfg.Policies, Settle: cfg.Settle, Clock: cfg.Clock, Log: log, onRefused: l.refused})
+		if err != nil {
+			return nil, err
+		}
+		l.feed, l.ownFeed = f, true
+	}
+	return l, nil
 }
 
-// Build reads every source and compiles a Set without swapping it in.
+func (l *Loader) refused(err error) {
+	if l.cfg.OnLoad != nil {
+		l.cfg.OnLoad(err)
+	}
+}
+
+// Build reads the Loader's own policy source, if it has one, and compiles
+// the snapshot in force and the bundles into a Set without swapping it in.
 func (l *Loader) Build(ctx context.Context) (*engine.Set, error) {
-	var ps []*policy.Policy
-	if l.cfg.Policies != nil {
-		var err error
-		if ps, err = l.cfg.Policies.Policies(); err != nil {
+	if l.ownFeed {
+		if _, err := l.feed.Load(); err != nil {
 			return nil, err
 		}
 	}
-	var bs []engine.NamedBundle
+	return l.build(ctx)
+}
+
+// build compiles the snapshot in force and the bundles into a Set.
+func (l *Loader) build(ctx context.Context) (*engine.Set, error) {
+	sc := engine.SetConfig{
+		RootNamespace: l.cfg.RootNamespace,
+		EvalTimeout:   l.cfg.EvalTimeout,
+		Gateways:      l.cfg.Gateways,
+	}
+	if l.feed != nil {
+		snap := l.feed.Current()
+		if snap == nil {
+			return nil, errors.New("source: no policy snapshot yet")
+		}
+		sc.Policies, sc.PolicyVersion, sc.PolicyDigest = snap.Policies, snap.Version, snap.Digest
+	}
 	for _, bc := range l.cfg.Bundles {
 		b, err := LoadBundle(bc)
 		if err != nil {
 			return nil, err
 		}
-		bs = append(bs, engine.NamedBundle{Name: bc.Path, Bundle: b})
+		sc.Bundles = append(sc.Bundles, engine.NamedBundle{Name: bc.Path, Bundle: b})
 	}
-	return engine.Build(ctx, engine.SetConfig{
-		RootNamespace: l.cfg.RootNamespace,
-		Policies:      ps,
-		Bundles:       bs,
-		EvalTimeout:   l.cfg.EvalTimeout,
-		Gateways:      l.cfg.Gateways,
-	})
+	return engine.Build(ctx, sc)
 }
 
-// Load builds a new Set and swaps it in. On error the engine keeps its
-// current set and the error wraps ErrRefused.
+// Load reloads the Loader's own policy source, if it has one, then builds
+// a new Set and swaps it in. On error the engine keeps its current set and
+// the error wraps ErrRefused.
 func (l *Loader) Load(ctx context.Context) error {
-	s, err := l.Build(ctx)
+	if l.ownFeed {
+		if _, err := l.feed.Load(); err != nil {
+			return err // reported by refused
+		}
+	}
+	return l.apply(ctx)
+}
+
+// apply builds a Set from the snapshot in force and swaps it in.
+func (l *Loader) apply(ctx context.Context) error {
+	s, err := l.build(ctx)
 	if err != nil {
 		err = fmt.Errorf("%w: %w", ErrRefused, err)
 		l.log.Error("policy update refused; last good policy set kept", "error", err)
 	} else {
 		l.cfg.Engine.Swap(s)
-		l.log.Info("policy set loaded", "policies", len(s.Policies()))
+		l.log.Info("policy set loaded", "policies", len(s.Policies()), "policy_version", s.PolicyVersion())
 	}
 	if l.cfg.OnLoad != nil {
 		l.cfg.OnLoad(err)
@@ -157,14 +209,32 @@ func (l *Loader) Load(ctx context.Context) error {
 	return err
 }
 
-// Run loads once, failing if the first load fails, then reloads whenever a
-// source changes until ctx ends.
+// Run loads once, failing if the first load fails, then reloads whenever
+// the feed publishes or a bundle changes, until ctx ends. A Loader that
+// built its own feed runs it too.
 func (l *Loader) Run(ctx context.Context) error {
-	kick := make(chan struct{}, 1)
-	changed := func() {
-		select {
-		case kick <- struct{}{}:
-		default:
+	if !l.ownFeed {
+		return l.follow(ctx)
+	}
+	err := run.Tasks(ctx, l.feed.Run, l.follow)
+	if errors.Is(err, context.Canceled) && ctx.Err() != nil {
+		return nil
+	}
+	return err
+}
+
+// follow subscribes to the feed and watches the bundles, and applies every
+// change: a new snapshot at once (the feed has settled it), bundle changes
+// once they have settled.
+func (l *Loader) follow(ctx context.Context) error {
+	policyKick := make(chan struct{}, 1)
+	bundleKick := make(chan struct{}, 1)
+	kicker := func(c chan struct{}) func() {
+		return func() {
+			select {
+			case c <- struct{}{}:
+			default:
+			}
 		}
 	}
 	ctx, cancel := context.WithCancel(ctx)
@@ -181,19 +251,20 @@ func (l *Loader) Run(ctx context.Context) error {
 			<-errc
 		}
 	}
-	if l.cfg.Policies != nil {
-		c, err := l.cfg.Policies.Watch(ctx, changed)
-		if err != nil {
-			return fmt.Errorf("source: watching policies: %w", err)
-		}
-		forward(c)
-	}
 	if len(l.cfg.Bundles) > 0 {
 		var paths []string
 		for _, b := range l.cfg.Bundles {
 			paths = append(paths, b.Path)
 		}
-		c, err := watchPaths(ctx, paths, changed)
+		c, err := watchPaths(ctx, paths, kicker(bundleKick))
+		if err != nil {
+			return err
+		}
+		forward(c)
+	}
+	if l.feed != nil {
+		// Returns once the feed's first snapshot is out.
+		c, err := l.feed.Watch(ctx, kicker(policyKick))
 		if err != nil {
 			stopWatchers()
 			return err
@@ -202,7 +273,7 @@ func (l *Loader) Run(ctx context.Context) error {
 	}
 	// The watches are in place before the first load, so no change between
 	// the two is missed.
-	if err := l.Load(ctx); err != nil {
+	if err := l.apply(ctx); err != nil {
 		stopWatchers()
 		return err
 	}
@@ -226,7 +297,9 @@ func (l *Loader) Run(ctx context.Context) error {
 				stopWatchers()
 				return fmt.Errorf("source: watching: %w", err)
 			}
-		case <-kick:
+		case <-policyKick:
+			_ = l.apply(ctx) // refused sets are logged; the old set serves
+		case <-bundleKick:
 			// Restart the quiet period on every change.
 			if settle != nil {
 				settle.Stop()
@@ -235,7 +308,7 @@ func (l *Loader) Run(ctx context.Context) error {
 			fire = settle.C()
 		case <-fire:
 			settle, fire = nil, nil
-			_ = l.Load(ctx) // refused updates are logged; the old set serves
+			_ = l.apply(ctx)
 		}
 	}
 }
