@@ -16,7 +16,7 @@ import (
 // with the control plane's own certificate and accepts only clients with a
 // certificate that verifies against the trust bundle in force.
 func (cp *ControlPlane) newAuthz(v *validated) (*authzd.Service, error) {
-	if v.ListenAuthz == "off" || v.PolicyDir == "" && !v.inKube {
+	if v.Listen.Authz == "off" || v.Authz.PolicyDir == "" && !v.inKube {
 		v.Log.Info("authorization service off: no --policies directory and not on Kubernetes")
 		return nil, nil
 	}
@@ -31,9 +31,9 @@ func (cp *ControlPlane) newAuthz(v *validated) (*authzd.Service, error) {
 		},
 	}
 	cfg := authzd.Config{
-		Address: v.ListenAuthz, Creds: credentials.NewTLS(tlsCfg),
-		RootNamespace: v.RootNamespace, DecisionLog: v.DecisionLog, Log: v.Log, OnKubernetes: v.inKube,
-		Registerer: cp.registry, RedactPaths: v.LogRedactPaths, Connections: v.Connections,
+		Address: v.Listen.Authz, Creds: credentials.NewTLS(tlsCfg),
+		RootNamespace: v.Authz.RootNamespace, DecisionLog: v.Authz.DecisionLog, Log: v.Log, OnKubernetes: v.inKube,
+		Registerer: cp.registry, RedactPaths: v.Authz.LogRedactPaths, Connections: v.Listen.Connections,
 	}
 	var err error
 	if cfg.Mesh, err = meshSource(v); err != nil {

@@ -53,10 +53,10 @@ func TestServeEnforcesAuthorizationPolicies(t *testing.T) {
 	l.Close()
 	var decisions bytes.Buffer // read once the control plane stopped
 	e := start(t, func(c *controlplane.Config) {
-		c.PolicyDir = policies
-		c.ListenAuthz = addr
-		c.DecisionLog = &decisions
-		c.LogRedactPaths = []string{`^/admin/(.+)`}
+		c.Authz.PolicyDir = policies
+		c.Listen.Authz = addr
+		c.Authz.DecisionLog = &decisions
+		c.Authz.LogRedactPaths = []string{`^/admin/(.+)`}
 	})
 	envoyID := spiffeid.RequireFromString("spiffe://cluster.local/ns/shop/sa/server")
 	envoy := newClient(t)
@@ -125,7 +125,7 @@ func TestServeEnforcesAuthorizationPolicies(t *testing.T) {
 }
 
 func TestInvalidPathRedactionPatternIsAConfigError(t *testing.T) {
-	err := controlplane.Config{LogRedactPaths: []string{"/ok/(.*)", "/bad/("}}.Validate()
+	err := controlplane.Config{Authz: controlplane.AuthzConfig{LogRedactPaths: []string{"/ok/(.*)", "/bad/("}}}.Validate()
 	if !errors.Is(err, decisionlog.ErrBadPattern) {
 		t.Fatalf("Validate = %v, want ErrBadPattern", err)
 	}

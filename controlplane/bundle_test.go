@@ -55,7 +55,7 @@ func TestWatchBundle(t *testing.T) {
 // The SPIFFE bundle endpoint serves the bundle to a federating peer that
 // authenticates it with the https_spiffe profile.
 func TestBundleEndpoint(t *testing.T) {
-	e := start(t, func(c *controlplane.Config) { c.ListenBundle = "127.0.0.1:0" })
+	e := start(t, func(c *controlplane.Config) { c.Listen.Bundle = "127.0.0.1:0" })
 	td := spiffeid.RequireTrustDomainFromString("cluster.local")
 	endpointID := spiffeid.RequireFromString("spiffe://cluster.local/ns/trustmesh-system/sa/trustmesh")
 	b, err := federation.FetchBundle(context.Background(), td, "https://"+e.cp.Addrs().Bundle.String(),

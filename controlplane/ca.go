@@ -24,16 +24,16 @@ import (
 // database, with its checkpoint key and witness.
 func (cp *ControlPlane) openJournal(ctx context.Context, v *validated) (err error) {
 	dir := admin.DataDir(v.DataDir)
-	jo := admin.JournalOptions{DSN: v.JournalDSN, CheckpointKeyURI: v.CheckpointKeyURI, Log: v.Log}
-	if v.CASecret != "" && v.CheckpointKeyURI == "" {
+	jo := admin.JournalOptions{DSN: v.Journal.DSN, CheckpointKeyURI: v.Journal.CheckpointKeyURI, Log: v.Log}
+	if v.CA.Secret != "" && v.Journal.CheckpointKeyURI == "" {
 		// Replicas share the journal, so they share its checkpoint key.
-		if jo.Kube, err = kubeClient(v.RestConfig, v.Kubeconfig); err != nil {
+		if jo.Kube, err = kubeClient(v.Kubernetes.RestConfig, v.Kubernetes.Kubeconfig); err != nil {
 			return err
 		}
-		jo.CheckpointSecret = v.CASecret + "-checkpoint"
+		jo.CheckpointSecret = v.CA.Secret + "-checkpoint"
 	}
-	if v.Witness != "" {
-		cp.witness = journal.NewExportWitness(v.Witness, v.Log)
+	if v.Journal.Witness != "" {
+		cp.witness = journal.NewExportWitness(v.Journal.Witness, v.Log)
 		jo.Witness = cp.witness
 	}
 	if cp.Journal, _, err = dir.OpenJournal(ctx, v.td.Name(), jo, false); err != nil {
@@ -48,12 +48,12 @@ func (cp *ControlPlane) newAuthority(ctx context.Context, v *validated) (err err
 	dir := admin.DataDir(v.DataDir)
 	var store rotation.Store
 	var isLeader func() bool
-	if v.CASecret != "" {
-		client, err := kubeClient(v.RestConfig, v.Kubeconfig)
+	if v.CA.Secret != "" {
+		client, err := kubeClient(v.Kubernetes.RestConfig, v.Kubernetes.Kubeconfig)
 		if err != nil {
 			return err
 		}
-		ns, name, _ := strings.Cut(v.CASecret, "/")
+		ns, name, _ := strings.Cut(v.CA.Secret, "/")
 		store = rotation.SecretStore{Client: client, Namespace: ns, Name: name}
 		if cp.elector, err = newElector(client, ns, name+"-rotation", v.Log); err != nil {
 			return err
@@ -63,15 +63,16 @@ func (cp *ControlPlane) newAuthority(ctx context.Context, v *validated) (err err
 	if cp.rotation, err = rotation.New(rotation.Config{
 		Store: store, IsLeader: isLeader,
 		Dir: dir.CADir(), TrustDomain: v.td, Recorder: cp.Journal, Clock: v.Clock, Log: v.Log,
-		MaxWorkloadTTL: v.MaxWorkloadTTL, Interval: v.RotationInterval, Automatic: !v.ManualRotation,
-		IntermediateLifetime: v.CAIntermediateTTL,
+		MaxWorkloadTTL: v.CA.MaxWorkloadTTL, Interval: v.Rotation.Interval, Automatic: !v.Rotation.Manual,
+		IntermediateLifetime: v.Rotation.IntermediateTTL, RootLifetime: v.Rotation.RootTTL,
+		RootPropagation: v.Rotation.RootPropagation,
 	}); err != nil {
 		return err
 	}
-	if v.CACertsDir != "" {
+	if v.CA.CertsDir != "" {
 		// Operator-supplied material: adopted as the first generation, its
 		// key referenced where the operator keeps it, never copied.
-		if err := cp.rotation.Adopt(ctx, v.CACertsDir, v.CAKeyURI); err != nil {
+		if err := cp.rotation.Adopt(ctx, v.CA.CertsDir, v.CA.KeyURI); err != nil {
 			return err
 		}
 	}
@@ -82,7 +83,7 @@ func (cp *ControlPlane) newAuthority(ctx context.Context, v *validated) (err err
 	cp.Authority = authority.New(v.td, material)
 	if cp.CA, err = ca.New(ca.Config{
 		TrustDomain: v.td, Authority: cp.Authority, Recorder: cp.Journal, Clock: v.Clock,
-		DefaultTTL: v.DefaultWorkloadTTL, MinTTL: v.MinWorkloadTTL, MaxTTL: v.MaxWorkloadTTL,
+		DefaultTTL: v.CA.DefaultWorkloadTTL, MinTTL: v.CA.MinWorkloadTTL, MaxTTL: v.CA.MaxWorkloadTTL,
 		Reserved: []spiffeid.ID{v.cpID},
 	}); err != nil {
 		return err
@@ -98,16 +99,16 @@ func (cp *ControlPlane) newAuthenticator(v *validated) (*authn.Authenticator, er
 		JoinTokens:  &authn.JoinTokens{TrustDomain: v.td, Store: cp.Journal, Clock: v.Clock},
 		Renewal: &authn.Renewal{
 			TrustDomain: v.td, Bundle: cp.Authority, Store: cp.Journal,
-			MaxEnrolmentAge: v.MaxEnrolmentAge, Clock: v.Clock,
+			MaxEnrolmentAge: v.CA.MaxEnrolmentAge, Clock: v.Clock,
 		},
 	}
 	if v.inKube {
-		client, err := kubeClient(v.RestConfig, v.Kubeconfig)
+		client, err := kubeClient(v.Kubernetes.RestConfig, v.Kubernetes.Kubeconfig)
 		if err != nil {
 			return nil, err
 		}
 		if authenticator.Kubernetes, err = authn.NewKubernetes(authn.KubernetesConfig{
-			TrustDomain: v.td, Client: client, Audience: v.TokenAudience, Clock: v.Clock,
+			TrustDomain: v.td, Client: client, Audience: v.CA.TokenAudience, Clock: v.Clock,
 		}); err != nil {
 			return nil, err
 		}
@@ -132,7 +133,7 @@ func (cp *ControlPlane) newCAServer(ctx context.Context, v *validated, authentic
 	// Requests on this port are small (a CSR is at most 16 KiB); refuse
 	// anything larger before reading it.
 	cp.grpc = grpc.NewServer(append([]grpc.ServerOption{grpc.Creds(credentials.NewTLS(cp.serving.TLSConfig())),
-		grpc.MaxRecvMsgSize(256 << 10), grpc.MaxConcurrentStreams(1024)}, v.Connections.GRPCOptions()...)...)
+		grpc.MaxRecvMsgSize(256 << 10), grpc.MaxConcurrentStreams(1024)}, v.Listen.Connections.GRPCOptions()...)...)
 	pb.RegisterIstioCertificateServiceServer(cp.grpc, server.NewCertificateService(server.CertificateServiceConfig{
 		Issuer: cp.CA, Authenticator: authenticator, Refusals: cp.refusals, Metrics: metrics, Clock: v.Clock, Log: v.Log,
 	}))

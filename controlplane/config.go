@@ -27,41 +27,109 @@ const (
 	KubernetesOff  = "off"
 )
 
-// Config is the control plane's configuration. Load fills in defaults and
-// checks it; `serve --validate` and start-up share that check.
+// Config is the control plane's configuration, grouped by the component
+// each part configures. Validate fills in defaults and checks it; `serve
+// --validate` and start-up share that check.
 type Config struct {
+	// DataDir holds self-managed CA material, the journal in SQLite and
+	// the checkpoint key, unless other groups put them elsewhere.
 	DataDir     string
 	TrustDomain string
 
-	ListenCA         string
-	ListenMonitoring string
-	// ListenBundle serves the SPIFFE bundle endpoint; empty turns it off.
-	ListenBundle string
+	Listen     ListenConfig
+	CA         CAConfig
+	Journal    JournalConfig
+	Rotation   RotationConfig
+	Authz      AuthzConfig
+	XDS        XDSConfig
+	Injector   InjectorConfig
+	Kubernetes KubernetesConfig
+
+	Log   *slog.Logger
+	Clock clock.WithTicker
+}
+
+// ListenConfig is where the control plane listens, and the bounds on every
+// listener.
+type ListenConfig struct {
+	// CA is the CA's gRPC port, which also serves xDS and the trust bundle.
+	CA string
+	// Monitoring serves /healthz, /readyz and /metrics.
+	Monitoring string
+	// Bundle serves the SPIFFE bundle endpoint; empty turns it off.
+	Bundle string
+	// Authz is the ext_authz gRPC address (mTLS with the control plane's
+	// certificate); "off" turns the authorization service off.
+	Authz string
+	// Injector is the sidecar-injection webhook's address, served on
+	// Kubernetes only; "off" turns injection off.
+	Injector string
 	// Connections bounds every listener (CA and xDS, monitoring, bundle
 	// endpoint, ext_authz, injector webhook): connections served at once,
 	// and handshake, read, write and idle timeouts. Zero values take
 	// connlimit's defaults.
 	Connections connlimit.Config
-	// CADNSNames are the DNS names and IP addresses in the CA's serving
+}
+
+// CAConfig configures the CA: its material, its serving certificate, the
+// workload certificates it issues and whom it issues them to.
+type CAConfig struct {
+	// DNSNames are the DNS names and IP addresses in the CA's serving
 	// certificate.
-	CADNSNames []string
+	DNSNames []string
 	// ControlPlaneID is the SPIFFE ID in the control plane's own
 	// certificates. Default spiffe://TD/ns/trustmesh-system/sa/trustmesh.
 	ControlPlaneID string
+	// CertsDir holds operator-supplied CA material (Istio's layout).
+	CertsDir string
+	// KeyURI names the CA signing key in a KMS.
+	KeyURI string
+	// Secret ("namespace/name"), on Kubernetes, keeps self-managed CA
+	// material and its rotation state in a Secret that every replica reads,
+	// instead of the data directory. Rotation is then leader-elected.
+	Secret string
+	// TokenAudience is the audience service-account tokens must carry.
+	TokenAudience string
 
-	// JournalDSN selects PostgreSQL for the journal and join tokens, which
+	MinWorkloadTTL, MaxWorkloadTTL, DefaultWorkloadTTL time.Duration
+	// MaxEnrolmentAge is how long a join-token enrolment may renew.
+	MaxEnrolmentAge time.Duration
+}
+
+// JournalConfig configures the issuance journal.
+type JournalConfig struct {
+	// DSN selects PostgreSQL for the journal and join tokens, which
 	// replicas must share; empty keeps them in SQLite in DataDir.
-	JournalDSN string
+	DSN string
 	// CheckpointKeyURI names the journal's Ed25519 checkpoint key in a KMS;
 	// empty keeps it in DataDir. It is never the CA key.
 	CheckpointKeyURI string
 	// Witness, a file outside DataDir or an http(s) URL, receives every
 	// signed checkpoint.
 	Witness string
+}
 
-	// ListenAuthz is the ext_authz gRPC address (mTLS with the control
-	// plane's certificate); "off" turns the authorization service off.
-	ListenAuthz string
+// RotationConfig configures the rotation of self-managed CA certificates.
+// Zero durations take the rotation package's defaults.
+type RotationConfig struct {
+	// Manual turns off automatic rotation; `trustmesh ca rotate` still
+	// works.
+	Manual bool
+	// Interval is how often rotation state is checked. Default 1m.
+	Interval time.Duration
+	// IntermediateTTL is the lifetime of self-managed intermediates.
+	// Default one year.
+	IntermediateTTL time.Duration
+	// RootTTL is the lifetime of self-managed roots.
+	RootTTL time.Duration
+	// RootPropagation is how long a new root is in the bundle before it
+	// signs. Default 24h.
+	RootPropagation time.Duration
+}
+
+// AuthzConfig configures the ext_authz service and the policies that both
+// it and the RBAC pushed over xDS enforce.
+type AuthzConfig struct {
 	// PolicyDir is a directory of AuthorizationPolicy YAML, watched. On
 	// Kubernetes, policies come from the API server instead.
 	PolicyDir string
@@ -72,62 +140,48 @@ type Config struct {
 	// LogRedactPaths are patterns whose matches in request paths the
 	// decision log replaces (decisionlog.PathRedactor).
 	LogRedactPaths []string
+}
 
+// XDSConfig configures the xDS server on the CA port.
+type XDSConfig struct {
 	// MeshDir, off Kubernetes, is a directory of mesh YAML (services,
 	// endpoints, SPIFFE IDs, labels, gateways, external hosts), watched; the
-	// xDS server on the CA port configures proxies from it. On Kubernetes
-	// the mesh comes from the API server.
+	// xDS server configures proxies from it, and the authorization service
+	// names gateways from it. On Kubernetes the mesh comes from the API
+	// server.
 	MeshDir string
 	// AuthzAddress is the ext_authz service as proxies reach it
 	// ("host:port"). Default trustmesh.trustmesh-system.svc:9191.
 	AuthzAddress string
-	// XDS bounds what one workload identity may hold on the xDS server;
-	// zero values take the xds package's defaults.
-	XDS XDSLimits
+	// MaxStreamsPerIdentity, MaxNodesPerIdentity and FirstPushHold bound
+	// what one workload identity may hold on the xDS server; zero values
+	// take the xds package's defaults.
+	MaxStreamsPerIdentity, MaxNodesPerIdentity int
+	FirstPushHold                              time.Duration
 	// GatewayTrustedHops is the gateways' xff_num_trusted_hops: the
 	// proxies in front of them that append to X-Forwarded-For.
 	GatewayTrustedHops uint32
+}
 
-	// ListenInjector is the sidecar-injection webhook's address, served on
-	// Kubernetes only; "off" turns injection off.
-	ListenInjector string
+// InjectorConfig configures the sidecar-injection webhook.
+type InjectorConfig struct {
 	// MeshConfig is the mesh config file the injector reads (images, ports,
 	// resources, the limits of per-pod exclusions); empty takes defaults.
 	MeshConfig string
-	// InjectorWebhookConfig names the MutatingWebhookConfiguration whose
-	// caBundle the control plane keeps current across CA rotation.
-	InjectorWebhookConfig string
+	// WebhookConfig names the MutatingWebhookConfiguration whose caBundle
+	// the control plane keeps current across CA rotation.
+	WebhookConfig string
+}
 
-	// CACertsDir holds operator-supplied CA material (Istio's layout).
-	CACertsDir string
-	// CAKeyURI names the CA signing key in a KMS.
-	CAKeyURI string
-	// ManualRotation turns off automatic rotation of self-managed CA
-	// certificates; `trustmesh ca rotate` still works.
-	ManualRotation bool
-	// RotationInterval is how often rotation state is checked. Default 1m.
-	RotationInterval time.Duration
-	// CASecret ("namespace/name"), on Kubernetes, keeps self-managed CA
-	// material and its rotation state in a Secret that every replica reads,
-	// instead of the data directory. Rotation is then leader-elected.
-	CASecret string
-	// CAIntermediateTTL is the lifetime of self-managed intermediates.
-	// Default one year.
-	CAIntermediateTTL time.Duration
-
-	// Kubernetes is "auto", "on" or "off".
-	Kubernetes string
+// KubernetesConfig says whether and how the control plane reaches a
+// Kubernetes API server.
+type KubernetesConfig struct {
+	// Mode is "auto", "on" or "off".
+	Mode       string
 	Kubeconfig string
 	// RestConfig, when set, is used instead of Kubeconfig or the in-cluster
 	// configuration (for embedding and tests).
-	RestConfig    *rest.Config
-	TokenAudience string
-
-	MinWorkloadTTL, MaxWorkloadTTL, DefaultWorkloadTTL time.Duration
-	MaxEnrolmentAge                                    time.Duration
-
-	Log   *slog.Logger
-	Clock clock.WithTicker
+	RestConfig *rest.Config
 }
 
 // Defaults of the serve command.
@@ -169,29 +223,85 @@ func (c Config) validate() (*validated, error) {
 	if c.TrustDomain == "" {
 		c.TrustDomain = DefaultTrustDomain
 	}
-	if c.ListenCA == "" {
-		c.ListenCA = DefaultListenCA
+	if c.Log == nil {
+		c.Log = slog.Default()
 	}
-	if c.ListenMonitoring == "" {
-		c.ListenMonitoring = DefaultListenMonitoring
+	if c.Clock == nil {
+		c.Clock = clock.RealClock{}
 	}
-	if c.ListenAuthz == "" {
-		c.ListenAuthz = DefaultListenAuthz
+	c.Listen.setDefaults()
+	c.CA.setDefaults()
+	c.XDS.setDefaults()
+	c.Injector.setDefaults()
+	c.Kubernetes.setDefaults()
+	v := &validated{Config: c}
+	td, err := spiffeid.TrustDomainFromString(c.TrustDomain)
+	if err != nil {
+		err = fmt.Errorf("%q: %w", c.TrustDomain, err)
 	}
-	if c.AuthzAddress == "" {
-		c.AuthzAddress = "trustmesh." + DefaultNamespace + ".svc:9191"
+	v.td = td
+	errs := []error{inGroup("TrustDomain", err)}
+	v.inKube, err = c.Kubernetes.enabled()
+	errs = append(errs, inGroup("Kubernetes", err))
+	errs = append(errs, inGroup("Listen", c.Listen.check()...))
+	errs = append(errs, inGroup("CA", c.CA.check(v)...))
+	errs = append(errs, inGroup("Journal", c.Journal.check(c.CA)...))
+	errs = append(errs, inGroup("Authz", c.Authz.check()...))
+	if err := errors.Join(errs...); err != nil {
+		return nil, fmt.Errorf("controlplane: invalid configuration: %w", err)
 	}
-	if c.ListenInjector == "" {
-		c.ListenInjector = DefaultListenInjector
+	return v, nil
+}
+
+// ConfigError is what is wrong with one group of Config, named for its
+// field. Validate joins one per group at fault.
+type ConfigError struct {
+	Group string
+	Err   error
+}
+
+func (e *ConfigError) Error() string { return e.Group + ": " + e.Err.Error() }
+
+func (e *ConfigError) Unwrap() error { return e.Err }
+
+func inGroup(group string, errs ...error) error {
+	if err := errors.Join(errs...); err != nil {
+		return &ConfigError{Group: group, Err: err}
 	}
-	if c.InjectorWebhookConfig == "" {
-		c.InjectorWebhookConfig = DefaultInjectorWebhook
+	return nil
+}
+
+func (c *ListenConfig) setDefaults() {
+	if c.CA == "" {
+		c.CA = DefaultListenCA
 	}
-	if c.CADNSNames == nil {
-		c.CADNSNames = DefaultCADNSNames
+	if c.Monitoring == "" {
+		c.Monitoring = DefaultListenMonitoring
 	}
-	if c.Kubernetes == "" {
-		c.Kubernetes = KubernetesAuto
+	if c.Authz == "" {
+		c.Authz = DefaultListenAuthz
+	}
+	if c.Injector == "" {
+		c.Injector = DefaultListenInjector
+	}
+}
+
+func (c *ListenConfig) check() []error {
+	var errs []error
+	for name, addr := range map[string]string{"CA": c.CA, "monitoring": c.Monitoring, "bundle": c.Bundle, "authz": c.Authz} {
+		if addr == "" && name == "bundle" || addr == "off" && name == "authz" || strings.HasPrefix(addr, "unix://") {
+			continue
+		}
+		if _, _, err := net.SplitHostPort(addr); err != nil {
+			errs = append(errs, fmt.Errorf("%s listen address %q: %w", name, addr, err))
+		}
+	}
+	return append(errs, c.Connections.Validate())
+}
+
+func (c *CAConfig) setDefaults() {
+	if c.DNSNames == nil {
+		c.DNSNames = DefaultCADNSNames
 	}
 	if c.TokenAudience == "" {
 		c.TokenAudience = authn.DefaultAudience
@@ -208,69 +318,40 @@ func (c Config) validate() (*validated, error) {
 	if c.MaxEnrolmentAge == 0 {
 		c.MaxEnrolmentAge = authn.DefaultMaxEnrolmentAge
 	}
-	if c.Log == nil {
-		c.Log = slog.Default()
-	}
-	if c.Clock == nil {
-		c.Clock = clock.RealClock{}
-	}
-	v := &validated{Config: c}
+}
+
+// check checks the CA group and fills in v's control-plane ID and the
+// serving certificate's names.
+func (c *CAConfig) check(v *validated) []error {
 	var errs []error
-	td, err := spiffeid.TrustDomainFromString(c.TrustDomain)
-	if err != nil {
-		errs = append(errs, fmt.Errorf("trust domain %q: %w", c.TrustDomain, err))
-	}
-	v.td = td
-	if c.ControlPlaneID == "" && err == nil {
-		c.ControlPlaneID = fmt.Sprintf("spiffe://%s/ns/%s/sa/trustmesh", td.Name(), DefaultNamespace)
-		v.ControlPlaneID = c.ControlPlaneID
+	if c.ControlPlaneID == "" && !v.td.IsZero() {
+		c.ControlPlaneID = fmt.Sprintf("spiffe://%s/ns/%s/sa/trustmesh", v.td.Name(), DefaultNamespace)
+		v.CA.ControlPlaneID = c.ControlPlaneID
 	}
 	if c.ControlPlaneID != "" {
+		var err error
 		if v.cpID, err = spiffeid.FromString(c.ControlPlaneID); err != nil {
 			errs = append(errs, fmt.Errorf("control plane SPIFFE ID %q: %w", c.ControlPlaneID, err))
-		} else if !td.IsZero() && v.cpID.TrustDomain() != td {
-			errs = append(errs, fmt.Errorf("control plane SPIFFE ID %s is outside trust domain %s", v.cpID, td))
+		} else if !v.td.IsZero() && v.cpID.TrustDomain() != v.td {
+			errs = append(errs, fmt.Errorf("control plane SPIFFE ID %s is outside trust domain %s", v.cpID, v.td))
 		}
 	}
-	for _, n := range c.CADNSNames {
+	for _, n := range c.DNSNames {
 		if ip := net.ParseIP(n); ip != nil {
 			v.ips = append(v.ips, ip)
 		} else if n != "" {
 			v.dns = append(v.dns, n)
 		}
 	}
-	for name, addr := range map[string]string{"CA": c.ListenCA, "monitoring": c.ListenMonitoring, "bundle": c.ListenBundle, "authz": c.ListenAuthz} {
-		if addr == "" && name == "bundle" || addr == "off" && name == "authz" || strings.HasPrefix(addr, "unix://") {
-			continue
-		}
-		if _, _, err := net.SplitHostPort(addr); err != nil {
-			errs = append(errs, fmt.Errorf("%s listen address %q: %w", name, addr, err))
-		}
-	}
-	switch c.Kubernetes {
-	case KubernetesOn:
-		v.inKube = true
-	case KubernetesOff:
-	case KubernetesAuto:
-		v.inKube = c.RestConfig != nil || c.Kubeconfig != "" || os.Getenv("KUBERNETES_SERVICE_HOST") != ""
-	default:
-		errs = append(errs, fmt.Errorf("kubernetes mode %q is not auto, on or off", c.Kubernetes))
-	}
-	if c.CASecret != "" {
-		if ns, name, ok := strings.Cut(c.CASecret, "/"); !ok || ns == "" || name == "" {
-			errs = append(errs, fmt.Errorf("CA secret %q is not namespace/name", c.CASecret))
+	if c.Secret != "" {
+		if ns, name, ok := strings.Cut(c.Secret, "/"); !ok || ns == "" || name == "" {
+			errs = append(errs, fmt.Errorf("CA secret %q is not namespace/name", c.Secret))
 		}
 		if !v.inKube {
 			errs = append(errs, errors.New("a CA secret needs Kubernetes"))
 		}
 	}
-	if c.JournalDSN != "" && c.CheckpointKeyURI == "" && c.CASecret == "" {
-		errs = append(errs, errors.New("replicas sharing a journal must share its checkpoint key: give --checkpoint-key-uri, or --ca-secret to keep it in a Secret"))
-	}
-	if c.JournalDSN != "" && c.CACertsDir == "" && c.CASecret == "" {
-		errs = append(errs, errors.New("with a shared journal (replicas), the CA keys must live in a Kubernetes Secret (--ca-secret) or come from --cacerts (with --ca-key-uri for a KMS), never in a replica's own data directory"))
-	}
-	if c.CAKeyURI != "" && c.CACertsDir == "" {
+	if c.KeyURI != "" && c.CertsDir == "" {
 		errs = append(errs, errors.New("a CA key URI needs operator-supplied certificates (--cacerts)"))
 	}
 	if c.MinWorkloadTTL <= 0 || c.MinWorkloadTTL > c.MaxWorkloadTTL {
@@ -282,20 +363,54 @@ func (c Config) validate() (*validated, error) {
 	if c.MaxEnrolmentAge <= 0 {
 		errs = append(errs, fmt.Errorf("maximum enrolment age %s must be positive", c.MaxEnrolmentAge))
 	}
-	if err := c.Connections.Validate(); err != nil {
-		errs = append(errs, err)
-	}
-	if _, err := decisionlog.NewPathRedactor(c.LogRedactPaths); err != nil {
-		errs = append(errs, err)
-	}
-	if len(errs) > 0 {
-		return nil, fmt.Errorf("controlplane: invalid configuration: %w", errors.Join(errs...))
-	}
-	return v, nil
+	return errs
 }
 
-// XDSLimits are the xDS server's admission limits (xds.Config).
-type XDSLimits struct {
-	MaxStreamsPerIdentity, MaxNodesPerIdentity int
-	FirstPushHold                              time.Duration
+// check checks the journal group against where the CA keeps its material:
+// replicas that share a journal must share its key and the CA's.
+func (c *JournalConfig) check(ca CAConfig) []error {
+	var errs []error
+	if c.DSN != "" && c.CheckpointKeyURI == "" && ca.Secret == "" {
+		errs = append(errs, errors.New("replicas sharing a journal must share its checkpoint key: give --checkpoint-key-uri, or --ca-secret to keep it in a Secret"))
+	}
+	if c.DSN != "" && ca.CertsDir == "" && ca.Secret == "" {
+		errs = append(errs, errors.New("with a shared journal (replicas), the CA keys must live in a Kubernetes Secret (--ca-secret) or come from --cacerts (with --ca-key-uri for a KMS), never in a replica's own data directory"))
+	}
+	return errs
+}
+
+func (c *AuthzConfig) check() []error {
+	_, err := decisionlog.NewPathRedactor(c.LogRedactPaths)
+	return []error{err}
+}
+
+func (c *XDSConfig) setDefaults() {
+	if c.AuthzAddress == "" {
+		c.AuthzAddress = "trustmesh." + DefaultNamespace + ".svc:9191"
+	}
+}
+
+func (c *InjectorConfig) setDefaults() {
+	if c.WebhookConfig == "" {
+		c.WebhookConfig = DefaultInjectorWebhook
+	}
+}
+
+func (c *KubernetesConfig) setDefaults() {
+	if c.Mode == "" {
+		c.Mode = KubernetesAuto
+	}
+}
+
+// enabled reports whether the control plane uses Kubernetes.
+func (c *KubernetesConfig) enabled() (bool, error) {
+	switch c.Mode {
+	case KubernetesOn:
+		return true, nil
+	case KubernetesOff:
+		return false, nil
+	case KubernetesAuto:
+		return c.RestConfig != nil || c.Kubeconfig != "" || os.Getenv("KUBERNETES_SERVICE_HOST") != "", nil
+	}
+	return false, fmt.Errorf("kubernetes mode %q is not auto, on or off", c.Mode)
 }

@@ -25,8 +25,8 @@ func TestListenersBoundConnections(t *testing.T) {
 	}
 	t.Run("idle", func(t *testing.T) {
 		e := start(t, func(c *controlplane.Config) {
-			c.ListenBundle = "127.0.0.1:0"
-			c.Connections = connlimit.Config{IdleTimeout: 300 * time.Millisecond, HandshakeTimeout: 300 * time.Millisecond}
+			c.Listen.Bundle = "127.0.0.1:0"
+			c.Listen.Connections = connlimit.Config{IdleTimeout: 300 * time.Millisecond, HandshakeTimeout: 300 * time.Millisecond}
 		})
 		for addr, ex := range ports(e) {
 			connlimittest.ClosesIdle(t, addr, ex, 5*time.Second)
@@ -35,15 +35,15 @@ func TestListenersBoundConnections(t *testing.T) {
 	})
 	t.Run("cap", func(t *testing.T) {
 		e := start(t, func(c *controlplane.Config) {
-			c.ListenBundle = "127.0.0.1:0"
-			c.Connections = connlimit.Config{MaxConnections: 8}
+			c.Listen.Bundle = "127.0.0.1:0"
+			c.Listen.Connections = connlimit.Config{MaxConnections: 8}
 		})
 		for addr, ex := range ports(e) {
 			connlimittest.CapHolds(t, addr, 8, ex)
 		}
 	})
 	t.Run("invalid", func(t *testing.T) {
-		if err := (controlplane.Config{Connections: connlimit.Config{MaxConnections: -1}}).Validate(); err == nil {
+		if err := (controlplane.Config{Listen: controlplane.ListenConfig{Connections: connlimit.Config{MaxConnections: -1}}}).Validate(); err == nil {
 			t.Fatal("Validate accepted a negative connection cap")
 		}
 	})

@@ -97,14 +97,14 @@ func New(ctx context.Context, cfg Config) (_ *ControlPlane, err error) {
 		return nil, err
 	}
 
-	if cp.caLis, err = listen(v, v.ListenCA, "CA"); err != nil {
+	if cp.caLis, err = listen(v, v.Listen.CA, "CA"); err != nil {
 		return nil, err
 	}
-	if cp.monLis, err = listen(v, v.ListenMonitoring, "monitoring"); err != nil {
+	if cp.monLis, err = listen(v, v.Listen.Monitoring, "monitoring"); err != nil {
 		return nil, err
 	}
 	if cp.bundle != nil {
-		if cp.bundleLis, err = listen(v, v.ListenBundle, "bundle endpoint"); err != nil {
+		if cp.bundleLis, err = listen(v, v.Listen.Bundle, "bundle endpoint"); err != nil {
 			return nil, err
 		}
 	}
@@ -112,7 +112,7 @@ func New(ctx context.Context, cfg Config) (_ *ControlPlane, err error) {
 }
 
 func listen(v *validated, addr, what string) (net.Listener, error) {
-	l, err := v.Connections.Listen("tcp", addr)
+	l, err := v.Listen.Connections.Listen("tcp", addr)
 	if err != nil {
 		return nil, fmt.Errorf("controlplane: listen for %s on %s: %w", what, addr, err)
 	}

@@ -69,7 +69,7 @@ func TestJoinTokenNotSpentByRefusedCSR(t *testing.T) {
 
 func TestRenewal(t *testing.T) {
 	ctx := context.Background()
-	e := start(t, func(c *controlplane.Config) { c.MaxEnrolmentAge = 2 * time.Hour })
+	e := start(t, func(c *controlplane.Config) { c.CA.MaxEnrolmentAge = 2 * time.Hour })
 	c := newClient(t)
 	e.obtain(c, e.token(vmID, 10*time.Minute), vmID)
 	first := c.chain[0]
@@ -118,7 +118,7 @@ func TestRenewalRefusedAfterRevocation(t *testing.T) {
 
 // Renewals chain, but not past the enrolment's maximum age.
 func TestRenewalRefusedPastEnrolmentAge(t *testing.T) {
-	e := start(t, func(c *controlplane.Config) { c.MaxEnrolmentAge = 2 * time.Hour })
+	e := start(t, func(c *controlplane.Config) { c.CA.MaxEnrolmentAge = 2 * time.Hour })
 	c := newClient(t)
 	e.obtain(c, e.token(vmID, 10*time.Minute), vmID)
 	e.clock.Step(50 * time.Minute)

@@ -46,14 +46,13 @@ func start(t *testing.T, mutate func(*controlplane.Config)) *env {
 	t.Helper()
 	clk := clocktesting.NewFakeClock(time.Now().Truncate(time.Second))
 	cfg := controlplane.Config{
-		DataDir:          t.TempDir(),
-		ListenCA:         "127.0.0.1:0",
-		ListenMonitoring: "127.0.0.1:0",
-		ListenInjector:   "127.0.0.1:0",
-		ListenAuthz:      "127.0.0.1:0",
-		Kubernetes:       controlplane.KubernetesOff,
-		Clock:            clk,
-		Log:              slog.New(slog.NewTextHandler(io.Discard, nil)),
+		DataDir: t.TempDir(),
+		Listen: controlplane.ListenConfig{
+			CA: "127.0.0.1:0", Monitoring: "127.0.0.1:0", Injector: "127.0.0.1:0", Authz: "127.0.0.1:0",
+		},
+		Kubernetes: controlplane.KubernetesConfig{Mode: controlplane.KubernetesOff},
+		Clock:      clk,
+		Log:        slog.New(slog.NewTextHandler(io.Discard, nil)),
 	}
 	if mutate != nil {
 		mutate(&cfg)
@@ -66,10 +65,10 @@ func start(t *testing.T, mutate func(*controlplane.Config)) *env {
 	}
 	done := make(chan error, 1)
 	go func() { done <- cp.Run(ctx) }()
-	e := &env{t: t, cp: cp, clock: clk, dataDir: cfg.DataDir, jo: admin.JournalOptions{DSN: cfg.JournalDSN}}
-	if cfg.CASecret != "" {
-		e.jo.CheckpointSecret = cfg.CASecret + "-checkpoint"
-		e.jo.Kube = kubernetes.NewForConfigOrDie(cfg.RestConfig)
+	e := &env{t: t, cp: cp, clock: clk, dataDir: cfg.DataDir, jo: admin.JournalOptions{DSN: cfg.Journal.DSN}}
+	if cfg.CA.Secret != "" {
+		e.jo.CheckpointSecret = cfg.CA.Secret + "-checkpoint"
+		e.jo.Kube = kubernetes.NewForConfigOrDie(cfg.Kubernetes.RestConfig)
 	}
 	var stopped bool
 	var stopErr error

@@ -96,10 +96,10 @@ func TestControlPlaneInCluster(t *testing.T) {
 	authzAddr := l.Addr().String()
 	l.Close()
 	e := start(t, func(c *controlplane.Config) {
-		c.RestConfig = cfg
-		c.Kubernetes = controlplane.KubernetesOn
-		c.ListenAuthz = authzAddr
-		c.DecisionLog = os.Stderr
+		c.Kubernetes.RestConfig = cfg
+		c.Kubernetes.Mode = controlplane.KubernetesOn
+		c.Listen.Authz = authzAddr
+		c.Authz.DecisionLog = os.Stderr
 	})
 
 	// A certificate for the pod's service account, from its token.

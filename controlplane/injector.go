@@ -13,10 +13,10 @@ import (
 // plane keeps the webhook configuration's caBundle, and the root
 // certificate ConfigMap that injected pods read, current across rotation.
 func (cp *ControlPlane) newInjector(v *validated) error {
-	if !v.inKube || v.ListenInjector == "off" {
+	if !v.inKube || v.Listen.Injector == "off" {
 		return nil
 	}
-	mesh, err := injector.LoadMeshConfig(v.MeshConfig)
+	mesh, err := injector.LoadMeshConfig(v.Injector.MeshConfig)
 	if err != nil {
 		return fmt.Errorf("controlplane: %w", err)
 	}
@@ -28,11 +28,11 @@ func (cp *ControlPlane) newInjector(v *validated) error {
 	if err != nil {
 		return fmt.Errorf("controlplane: %w", err)
 	}
-	client, err := kubeClient(v.RestConfig, v.Kubeconfig)
+	client, err := kubeClient(v.Kubernetes.RestConfig, v.Kubernetes.Kubeconfig)
 	if err != nil {
 		return err
 	}
-	patcher, err := cabundle.NewWebhookPatcher(cabundle.WebhookConfig{Client: client, Name: v.InjectorWebhookConfig, Bundle: cp.Authority, Log: v.Log})
+	patcher, err := cabundle.NewWebhookPatcher(cabundle.WebhookConfig{Client: client, Name: v.Injector.WebhookConfig, Bundle: cp.Authority, Log: v.Log})
 	if err != nil {
 		return fmt.Errorf("controlplane: %w", err)
 	}
@@ -41,7 +41,7 @@ func (cp *ControlPlane) newInjector(v *validated) error {
 		return fmt.Errorf("controlplane: %w", err)
 	}
 	if cp.injector, err = webhook.New(webhook.Config{
-		Address: v.ListenInjector, Handler: h, GetCertificate: cp.serving.GetCertificate, Connections: v.Connections, Log: v.Log,
+		Address: v.Listen.Injector, Handler: h, GetCertificate: cp.serving.GetCertificate, Connections: v.Listen.Connections, Log: v.Log,
 	}); err != nil {
 		return fmt.Errorf("controlplane: %w", err)
 	}

@@ -47,9 +47,9 @@ func journalBackends(t *testing.T) []journalBackend {
 		return out
 	}
 	return append(out, journalBackend{name: "postgres", mutate: func(t *testing.T, c *controlplane.Config) {
-		c.JournalDSN = dsnWithDatabase(t, admin)
-		c.CACertsDir = operatorCA(t, time.Now())
-		c.CheckpointKeyURI = checkpointKey(t)
+		c.Journal.DSN = dsnWithDatabase(t, admin)
+		c.CA.CertsDir = operatorCA(t, time.Now())
+		c.Journal.CheckpointKeyURI = checkpointKey(t)
 	}})
 }
 
@@ -150,7 +150,7 @@ func TestRewrittenJournalRowMintsNoIdentity(t *testing.T) {
 	for _, b := range journalBackends(t) {
 		t.Run(b.name, func(t *testing.T) {
 			var keyURI string
-			e := start(t, func(c *controlplane.Config) { b.mutate(t, c); keyURI = c.CheckpointKeyURI })
+			e := start(t, func(c *controlplane.Config) { b.mutate(t, c); keyURI = c.Journal.CheckpointKeyURI })
 			e.jo.CheckpointKeyURI = keyURI
 			e.waitReady()
 			ctx := context.Background()

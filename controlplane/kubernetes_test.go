@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"net/http"
-	"os"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -24,21 +23,13 @@ import (
 	"github.com/trustmesh/trustmesh/ca/authn"
 	"github.com/trustmesh/trustmesh/controlplane"
 	"github.com/trustmesh/trustmesh/test/kubeapi"
-	"github.com/trustmesh/trustmesh/test/leakcheck"
 )
 
 // One real kube-apiserver for the package, started by the first test that
 // needs it.
 var shared kubeapi.Shared
 
-func TestMain(m *testing.M) {
-	code := m.Run()
-	shared.Stop()
-	if code == 0 {
-		code = leakcheck.CheckOurs(os.Stderr)
-	}
-	os.Exit(code)
-}
+func TestMain(m *testing.M) { shared.Main(m) }
 
 func kube(t *testing.T) (*rest.Config, kubernetes.Interface) {
 	t.Helper()

@@ -16,12 +16,12 @@ import (
 // gets its own watcher until one mesh feed serves both (issue 12).
 func meshSource(v *validated) (mesh.Source, error) {
 	switch {
-	case v.MeshDir != "":
-		return &mesh.Dir{Path: v.MeshDir}, nil
+	case v.XDS.MeshDir != "":
+		return &mesh.Dir{Path: v.XDS.MeshDir}, nil
 	case !v.inKube:
 		return nil, nil
 	}
-	restCfg, err := restConfig(v.RestConfig, v.Kubeconfig)
+	restCfg, err := restConfig(v.Kubernetes.RestConfig, v.Kubernetes.Kubeconfig)
 	if err != nil {
 		return nil, err
 	}

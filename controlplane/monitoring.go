@@ -33,16 +33,16 @@ func (cp *ControlPlane) newMonitoring(v *validated) error {
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { _, _ = w.Write([]byte("ok\n")) })
 	mux.HandleFunc("/readyz", cp.readyz)
 	mux.Handle("/metrics", promhttp.HandlerFor(cp.registry, promhttp.HandlerOpts{}))
-	cp.monitoring = v.Connections.HTTPServer(mux)
+	cp.monitoring = v.Listen.Connections.HTTPServer(mux)
 
-	if v.ListenBundle != "" {
+	if v.Listen.Bundle != "" {
 		h, err := server.FederationHandler(v.td, cp.Authority)
 		if err != nil {
 			return fmt.Errorf("controlplane: bundle endpoint: %w", err)
 		}
 		tlsCfg := cp.serving.TLSConfig()
 		tlsCfg.ClientAuth, tlsCfg.NextProtos = 0, nil
-		cp.bundle = v.Connections.HTTPServer(h)
+		cp.bundle = v.Listen.Connections.HTTPServer(h)
 		cp.bundle.TLSConfig = tlsCfg
 	}
 	return nil

@@ -15,12 +15,12 @@ import (
 // policies.
 func (cp *ControlPlane) policies(v *validated) (source.PolicySource, error) {
 	switch {
-	case v.PolicyDir != "":
-		return &source.Dir{Path: v.PolicyDir, DefaultNamespace: "default"}, nil
+	case v.Authz.PolicyDir != "":
+		return &source.Dir{Path: v.Authz.PolicyDir, DefaultNamespace: "default"}, nil
 	case !v.inKube:
 		return nil, nil
 	}
-	restCfg, err := restConfig(v.RestConfig, v.Kubeconfig)
+	restCfg, err := restConfig(v.Kubernetes.RestConfig, v.Kubernetes.Kubeconfig)
 	if err != nil {
 		return nil, err
 	}

@@ -33,11 +33,11 @@ func TestReplicasShareTheCASecret(t *testing.T) {
 	}
 	replica := func() *env {
 		return start(t, func(c *controlplane.Config) {
-			c.RestConfig = cfg
-			c.Kubernetes = controlplane.KubernetesOn
-			c.CASecret = "trustmesh-system/trustmesh-ca"
-			c.ManualRotation = true
-			c.JournalDSN = journalDSN
+			c.Kubernetes.RestConfig = cfg
+			c.Kubernetes.Mode = controlplane.KubernetesOn
+			c.CA.Secret = "trustmesh-system/trustmesh-ca"
+			c.Rotation.Manual = true
+			c.Journal.DSN = journalDSN
 		})
 	}
 	a := replica()

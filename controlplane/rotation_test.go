@@ -94,7 +94,7 @@ func (w *workload) verifyPeer(e *env) func([][]byte, [][]*x509.Certificate) erro
 func TestRotationUnderTraffic(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	e := start(t, func(c *controlplane.Config) { c.ManualRotation = true })
+	e := start(t, func(c *controlplane.Config) { c.Rotation.Manual = true })
 	mgr := e.cp.Rotation()
 	apply := func() {
 		t.Helper()
@@ -285,7 +285,7 @@ func TestRotationUnderTraffic(t *testing.T) {
 // operatorCA writes a CA in Istio's cacerts layout, as an operator would.
 func operatorCA(t *testing.T, now time.Time) string {
 	t.Helper()
-	files, err := authority.NewSelfManagedFiles(spiffeid.RequireTrustDomainFromString("cluster.local"), now, 30*24*time.Hour)
+	files, err := authority.NewSelfManagedFiles(spiffeid.RequireTrustDomainFromString("cluster.local"), now, authority.Lifetimes{Intermediate: 30 * 24 * time.Hour})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -304,8 +304,8 @@ func TestStageOperatorCACerts(t *testing.T) {
 	ctx := context.Background()
 	first := operatorCA(t, time.Now())
 	e := start(t, func(c *controlplane.Config) {
-		c.CACertsDir = first
-		c.ManualRotation = true
+		c.CA.CertsDir = first
+		c.Rotation.Manual = true
 	})
 	c := newClient(t)
 	e.obtain(c, e.token(vmID, time.Minute), vmID)

@@ -13,22 +13,22 @@ import (
 // mesh to serve: a --mesh directory, or the cluster on Kubernetes. It takes
 // its policies from the same place the authorization service does.
 func (cp *ControlPlane) newXDS(v *validated) (*xds.Server, error) {
-	if v.MeshDir == "" && !v.inKube {
+	if v.XDS.MeshDir == "" && !v.inKube {
 		v.Log.Info("xDS server off: no --mesh directory and not on Kubernetes")
 		return nil, nil
 	}
-	host, portStr, err := net.SplitHostPort(v.AuthzAddress)
+	host, portStr, err := net.SplitHostPort(v.XDS.AuthzAddress)
 	if err != nil {
-		return nil, fmt.Errorf("controlplane: authz address %q: %w", v.AuthzAddress, err)
+		return nil, fmt.Errorf("controlplane: authz address %q: %w", v.XDS.AuthzAddress, err)
 	}
 	port, err := strconv.ParseUint(portStr, 10, 16)
 	if err != nil {
-		return nil, fmt.Errorf("controlplane: authz address %q: %w", v.AuthzAddress, err)
+		return nil, fmt.Errorf("controlplane: authz address %q: %w", v.XDS.AuthzAddress, err)
 	}
 	cfg := xds.Config{
 		Bundle: cp.Authority,
-		Proxy: proxyconfig.Config{TrustDomain: v.td, RootNamespace: v.RootNamespace,
-			AuthzHost: host, AuthzPort: uint32(port), AuthzID: v.cpID, GatewayTrustedHops: v.GatewayTrustedHops},
+		Proxy: proxyconfig.Config{TrustDomain: v.td, RootNamespace: v.Authz.RootNamespace,
+			AuthzHost: host, AuthzPort: uint32(port), AuthzID: v.cpID, GatewayTrustedHops: v.XDS.GatewayTrustedHops},
 		MaxStreamsPerIdentity: v.XDS.MaxStreamsPerIdentity, MaxNodesPerIdentity: v.XDS.MaxNodesPerIdentity,
 		FirstPushHold: v.XDS.FirstPushHold,
 		Clock:         v.Clock, Log: v.Log, Registerer: cp.registry,

@@ -25,9 +25,9 @@ import (
 // ADS on the CA port; one asking for another workload's node is refused.
 func TestServeServesXDS(t *testing.T) {
 	e := start(t, func(c *controlplane.Config) {
-		c.MeshDir = "../examples/mesh"
-		c.PolicyDir = "../examples/policies"
-		c.ListenAuthz = "off"
+		c.XDS.MeshDir = "../examples/mesh"
+		c.Authz.PolicyDir = "../examples/policies"
+		c.Listen.Authz = "off"
 	})
 	echoID := spiffeid.RequireFromString("spiffe://cluster.local/ns/demo/sa/echo")
 	echo := &workload{id: echoID, c: newClient(t)}

@@ -121,8 +121,11 @@ func Run(ctx context.Context, cfg Config) (err error) {
 	// The control plane: the CA, and the xDS server on its own port (the
 	// CA's port once controlplane serves it).
 	cp, err := controlplane.New(gctx, controlplane.Config{
-		DataDir: filepath.Join(cfg.WorkDir, "data"), ListenCA: "127.0.0.1:0", ListenMonitoring: "127.0.0.1:0",
-		Kubernetes: controlplane.KubernetesOff, MinWorkloadTTL: cfg.CertTTL, Log: cfg.Log,
+		DataDir:    filepath.Join(cfg.WorkDir, "data"),
+		Listen:     controlplane.ListenConfig{CA: "127.0.0.1:0", Monitoring: "127.0.0.1:0"},
+		Kubernetes: controlplane.KubernetesConfig{Mode: controlplane.KubernetesOff},
+		CA:         controlplane.CAConfig{MinWorkloadTTL: cfg.CertTTL},
+		Log:        cfg.Log,
 	})
 	if err != nil {
 		return fmt.Errorf("demo: %w", err)

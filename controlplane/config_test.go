@@ -1,0 +1,63 @@
+package controlplane_test
+
+import (
+	"slices"
+	"testing"
+	"time"
+
+	"github.com/trustmesh/trustmesh/controlplane"
+	"github.com/trustmesh/trustmesh/internal/connlimit"
+)
+
+// groups lists the Config groups that err names, in order.
+func groups(err error) []string {
+	var out []string
+	var walk func(error)
+	walk = func(err error) {
+		switch u := err.(type) {
+		case *controlplane.ConfigError:
+			out = append(out, u.Group)
+		case interface{ Unwrap() []error }:
+			for _, e := range u.Unwrap() {
+				walk(e)
+			}
+		case interface{ Unwrap() error }:
+			walk(u.Unwrap())
+		}
+	}
+	walk(err)
+	return out
+}
+
+func TestValidateReportsEveryGroupAtFault(t *testing.T) {
+	off := controlplane.KubernetesConfig{Mode: controlplane.KubernetesOff}
+	for _, tc := range []struct {
+		name string
+		cfg  controlplane.Config
+		want []string
+	}{
+		{"defaults", controlplane.Config{Kubernetes: off}, nil},
+		{"trust domain", controlplane.Config{TrustDomain: "Not A Domain", Kubernetes: off}, []string{"TrustDomain"}},
+		{"kubernetes mode", controlplane.Config{Kubernetes: controlplane.KubernetesConfig{Mode: "sometimes"}}, []string{"Kubernetes"}},
+		{"listen address", controlplane.Config{Kubernetes: off, Listen: controlplane.ListenConfig{CA: "no-port"}}, []string{"Listen"}},
+		{"connection cap", controlplane.Config{Kubernetes: off, Listen: controlplane.ListenConfig{Connections: connlimit.Config{MaxConnections: -1}}}, []string{"Listen"}},
+		{"workload TTLs", controlplane.Config{Kubernetes: off, CA: controlplane.CAConfig{MinWorkloadTTL: time.Hour, MaxWorkloadTTL: time.Minute}}, []string{"CA"}},
+		{"CA secret off Kubernetes", controlplane.Config{Kubernetes: off, CA: controlplane.CAConfig{Secret: "ns/name"}}, []string{"CA"}},
+		{"control-plane ID elsewhere", controlplane.Config{Kubernetes: off, CA: controlplane.CAConfig{ControlPlaneID: "spiffe://other.example/cp"}}, []string{"CA"}},
+		{"shared journal, own keys", controlplane.Config{Kubernetes: off, Journal: controlplane.JournalConfig{DSN: "postgres://db"}}, []string{"Journal"}},
+		{"redaction pattern", controlplane.Config{Kubernetes: off, Authz: controlplane.AuthzConfig{LogRedactPaths: []string{"("}}}, []string{"Authz"}},
+		{"three groups", controlplane.Config{
+			Kubernetes: off,
+			Listen:     controlplane.ListenConfig{Monitoring: "no-port"},
+			CA:         controlplane.CAConfig{KeyURI: "kms://key"},
+			Authz:      controlplane.AuthzConfig{LogRedactPaths: []string{"("}},
+		}, []string{"Listen", "CA", "Authz"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			err := tc.cfg.Validate()
+			if got := groups(err); !slices.Equal(got, tc.want) {
+				t.Fatalf("Validate reports groups %q, want %q (%v)", got, tc.want, err)
+			}
+		})
+	}
+}
