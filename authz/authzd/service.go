@@ -17,7 +17,6 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
-	"golang.org/x/sync/errgroup"
 	"google.golang.org/grpc/credentials"
 
 	"github.com/trustmesh/trustmesh/authz/decisionlog"
@@ -25,6 +24,7 @@ import (
 	"github.com/trustmesh/trustmesh/authz/extauthz"
 	"github.com/trustmesh/trustmesh/authz/source"
 	"github.com/trustmesh/trustmesh/internal/connlimit"
+	"github.com/trustmesh/trustmesh/internal/run"
 	"github.com/trustmesh/trustmesh/mesh"
 )
 
@@ -149,20 +149,17 @@ func New(cfg Config) (*Service, error) {
 // Run loads the policies (failing if the first load fails), then serves and
 // hot-reloads until ctx ends or a component fails, which stops the others.
 func (s *Service) Run(ctx context.Context) error {
-	g, ctx := errgroup.WithContext(ctx)
 	gwReady := make(chan struct{})
+	tasks := []run.Task{s.loader.Run}
 	if s.gw != nil {
-		g.Go(func() error { return s.gw.run(ctx, gwReady) })
+		tasks = append(tasks, func(ctx context.Context) error { return s.gw.run(ctx, gwReady) })
 	} else {
 		close(gwReady)
 	}
-	g.Go(func() error {
-		return s.loader.Run(ctx)
-	})
 	if s.dlog != nil {
-		g.Go(func() error { return s.dlog.Run(ctx) })
+		tasks = append(tasks, s.dlog.Run)
 	}
-	g.Go(func() error {
+	tasks = append(tasks, func(ctx context.Context) error {
 		// Serve only once a policy set is in force; until then the engine
 		// would deny everything.
 		for _, ready := range []chan struct{}{s.ready, gwReady} {
@@ -174,7 +171,7 @@ func (s *Service) Run(ctx context.Context) error {
 		}
 		return s.server.Run(ctx)
 	})
-	err := g.Wait()
+	err := run.Tasks(ctx, tasks...)
 	if errors.Is(err, context.Canceled) {
 		return nil
 	}

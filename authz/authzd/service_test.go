@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"testing"
+	"time"
 
 	authv3 "github.com/envoyproxy/go-control-plane/envoy/service/auth/v3"
 	"google.golang.org/grpc"
@@ -14,6 +15,7 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 
 	"github.com/trustmesh/trustmesh/authz/source"
+	"github.com/trustmesh/trustmesh/internal/run"
 )
 
 const denyAdmin = `apiVersion: security.istio.io/v1
@@ -114,5 +116,45 @@ func TestConfigErrors(t *testing.T) {
 				t.Fatal("New accepted an invalid config")
 			}
 		})
+	}
+}
+
+// panicWriter is a decision log destination whose every write panics.
+type panicWriter struct{}
+
+func (panicWriter) Write([]byte) (int, error) { panic("disk on fire") }
+
+// TestRunTurnsAPanicIntoAnError: a component that panics (here the decision
+// log's writer) stops the service with an error naming the panic, rather
+// than taking the process down.
+func TestRunTurnsAPanicIntoAnError(t *testing.T) {
+	dir := t.TempDir()
+	if err := os.WriteFile(filepath.Join(dir, "p.yaml"), []byte(denyAdmin), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	sock := filepath.Join(t.TempDir(), "authz.sock")
+	svc, err := New(Config{Address: "unix://" + sock, PolicyDir: dir, DecisionLog: panicWriter{}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- svc.Run(context.Background()) }()
+	conn, err := grpc.NewClient("unix://"+sock, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	// The check is answered; logging it panics in the log's own task.
+	_, _ = authv3.NewAuthorizationClient(conn).Check(ctx, request("/admin"), grpc.WaitForReady(true))
+	select {
+	case err := <-done:
+		var pe *run.PanicError
+		if !errors.As(err, &pe) || pe.Value != "disk on fire" {
+			t.Fatalf("Run = %v, want the panic as a *run.PanicError", err)
+		}
+	case <-ctx.Done():
+		t.Fatal("Run did not stop after a component panicked")
 	}
 }
