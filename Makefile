@@ -1,7 +1,7 @@
 # trustmesh — build, test and benchmark.
 GO ?= go
 
-.PHONY: all build test bench envtest proto
+.PHONY: all build test bench envtest proto generate-check
 
 all: build
 
@@ -15,7 +15,8 @@ envtest:
 
 # Every test, with the race detector, against real components: a real
 # kube-apiserver and etcd, and a PostgreSQL started on loopback for the run.
-test: envtest
+# First, the committed generated files must be current (about 6 s warm).
+test: envtest generate-check
 	@dsn=$$(hack/postgres.sh start) && trap 'hack/postgres.sh stop' EXIT && \
 	KUBEBUILDER_ASSETS="$$(hack/envtest-assets.sh)" TRUSTMESH_TEST_POSTGRES_DSN="$$dsn" \
 	$(GO) test -race -count=1 -timeout 20m ./...
@@ -32,3 +33,8 @@ bench:
 # Regenerate the Go code of trustmesh's own protos (needs protoc).
 proto:
 	hack/protoc.sh
+
+# Fail if the committed protos' Go code or the chart's CRDs are stale:
+# regenerates into a temporary directory, never into the tree.
+generate-check:
+	@hack/generate-check.sh
