@@ -5,6 +5,7 @@ package run
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"runtime/debug"
 	"sync"
@@ -24,23 +25,36 @@ type Task = func(ctx context.Context) error
 //
 // If ctx ends before any task fails, that is the cause: every task is
 // cancelled and Tasks returns ctx.Err() (context.Canceled for a normal
-// shutdown), whatever the tasks return. If every task returns nil while ctx
-// is live, Tasks returns nil.
+// shutdown), whatever the tasks return, unless one panics: the first panic
+// is returned even then. If every task returns nil while ctx is live, Tasks
+// returns nil.
 func Tasks(ctx context.Context, tasks ...Task) error {
 	tctx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
 	var (
-		once  sync.Once
-		cause error
+		mu     sync.Mutex
+		cause  error // the first error, or ctx's if it ended first
+		ended  bool  // cause is ctx's end
+		panick error // the first panic, which ctx's end does not hide
 	)
 	fail := func(err error) {
-		// ctx's error is set before its children are cancelled, so a task
-		// that fails because ctx ended finds it here.
-		if ctx.Err() != nil {
-			err = ctx.Err()
+		mu.Lock()
+		defer mu.Unlock()
+		var pe *PanicError
+		isPanic := errors.As(err, &pe)
+		if isPanic && panick == nil {
+			panick = err
 		}
-		once.Do(func() { cause = err })
-		cancel(err)
+		if cause == nil {
+			// ctx's error is set before its children are cancelled, so a
+			// task that fails because ctx ended finds it here.
+			if ctx.Err() != nil && !isPanic {
+				cause, ended = ctx.Err(), true
+			} else {
+				cause = err
+			}
+		}
+		cancel(cause)
 	}
 	if ctx.Err() != nil {
 		fail(ctx.Err())
@@ -56,7 +70,12 @@ func Tasks(ctx context.Context, tasks ...Task) error {
 		}()
 	}
 	wg.Wait()
-	if cause == nil && ctx.Err() != nil {
+	mu.Lock()
+	defer mu.Unlock()
+	switch {
+	case ended && panick != nil:
+		return panick
+	case cause == nil && ctx.Err() != nil:
 		return ctx.Err()
 	}
 	return cause

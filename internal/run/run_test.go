@@ -90,6 +90,21 @@ func TestCallerCancelIsTheCause(t *testing.T) {
 	}
 }
 
+// A panic while stopping is still reported: it is no consequence of the
+// cancellation.
+func TestPanicDuringShutdownIsNotHidden(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	time.AfterFunc(10*time.Millisecond, cancel)
+	err := Tasks(ctx,
+		func(ctx context.Context) error { <-ctx.Done(); return ctx.Err() },
+		func(ctx context.Context) error { <-ctx.Done(); panic("stop failed") },
+	)
+	var pe *PanicError
+	if !errors.As(err, &pe) || pe.Value != "stop failed" {
+		t.Errorf("Tasks = %v, want the panic", err)
+	}
+}
+
 func TestNilReturnStopsNobody(t *testing.T) {
 	done := make(chan struct{})
 	err := Tasks(context.Background(),
