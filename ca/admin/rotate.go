@@ -47,7 +47,7 @@ func TrustBundle(ctx context.Context, dir DataDir, o JournalOptions, cacertsDir 
 // rotationManager reads and writes the CA where serve keeps it: the Secret
 // named by o.CASecret, or else the data directory. It never creates a CA.
 func (d DataDir) rotationManager(td spiffeid.TrustDomain, rec rotation.Recorder, o JournalOptions) (*rotation.Manager, error) {
-	cfg := rotation.Config{Dir: d.CADir(), TrustDomain: td, Recorder: rec, FromCLI: true}
+	cfg := rotation.Config{Dir: d.CADir(), TrustDomain: td, Recorder: rec}
 	if o.CASecret != "" {
 		ns, name, ok := strings.Cut(o.CASecret, "/")
 		if !ok || ns == "" || name == "" {
@@ -59,7 +59,7 @@ func (d DataDir) rotationManager(td spiffeid.TrustDomain, rec rotation.Recorder,
 		}
 		cfg.Store = rotation.SecretStore{Client: client, Namespace: ns, Name: name}
 	}
-	return rotation.New(cfg)
+	return rotation.Open(cfg)
 }
 
 // RotationStatus is what `trustmesh ca rotate --status` shows.

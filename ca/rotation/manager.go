@@ -1,33 +1,14 @@
-// Package rotation rotates the CA's own certificates with overlap, in
-// SPIRE's spirit: prepare, then activate.
-//
-// Self-managed material lives in numbered generations under the CA
-// directory (gen-1, gen-2, …), each in Istio's cacerts layout, and a state
-// file names the active generation, the prepared one, and the roots that are
-// retiring. Every change writes a new generation first and then replaces the
-// state file atomically, so a crash leaves either the old state or the new.
-//
-//   - Intermediates: the next intermediate is prepared under the active root
-//     at half the current one's life and activated at two thirds. The trust
-//     bundle does not change; chains carry intermediates.
-//   - Roots: the next root (with an intermediate under it) is prepared when
-//     the active root has a fifth of its life left; it enters the trust
-//     bundle at once, so it reaches every agent before anything is signed
-//     under it, and is activated RootPropagation later. The old root stays in
-//     the bundle until every certificate signed under it has expired.
 package rotation
 
 import (
 	"context"
 	"crypto"
 	"crypto/x509"
-	"encoding/json"
 	"encoding/pem"
 	"errors"
 	"fmt"
 	"log/slog"
 	"os"
-	"strings"
 	"sync"
 	"time"
 
@@ -43,40 +24,16 @@ import (
 var (
 	ErrAlreadyPrepared = errors.New("rotation: a next CA is already prepared; activate it first")
 	ErrNothingPrepared = errors.New("rotation: no next CA is prepared")
-	// ErrNoCA is returned to a manager driven from the command line when
-	// the store holds no CA: only a serving control plane creates one.
+	// ErrNoCA is returned to an operator's manager (Open) when the store
+	// holds no CA: only a serving control plane creates one.
 	ErrNoCA = errors.New("rotation: no CA here (serve creates it; with serve --ca-secret, name the Secret)")
 	// ErrTooEarly refuses to activate a new root before it has had time to
 	// reach every agent through the bundle stream.
 	ErrTooEarly = errors.New("rotation: the prepared root has not been in the trust bundle long enough")
+	// ErrNotServing is returned when an operator's manager is asked to run
+	// the automatic policy, which only the serving control plane runs.
+	ErrNotServing = errors.New("rotation: an operator's manager does not run the rotation policy")
 )
-
-const stateFile = "rotation.json"
-
-// State is the rotation state on disk.
-type State struct {
-	Active int `json:"active"`
-	// Next is the prepared generation, 0 when none.
-	Next           int        `json:"next,omitempty"`
-	NextIsRoot     bool       `json:"next_is_root,omitempty"`
-	PreparedAt     time.Time  `json:"prepared_at,omitzero"`
-	ActivatedAt    time.Time  `json:"activated_at,omitzero"`
-	Retiring       []Retiring `json:"retiring,omitempty"`
-	LastGeneration int        `json:"last_generation"`
-	// RetireAfter is how long an old root stays in the bundle after a new
-	// one is activated: the longest workload certificate the serving
-	// control plane issues, recorded so that the CLI honours it too.
-	RetireAfter time.Duration `json:"retire_after,omitempty"`
-	// RootPropagation is how long a prepared root must sit in the bundle
-	// before it may be activated.
-	RootPropagation time.Duration `json:"root_propagation,omitempty"`
-}
-
-// Retiring is a root kept in the bundle until Until.
-type Retiring struct {
-	CertPEM string    `json:"cert_pem"`
-	Until   time.Time `json:"until"`
-}
 
 // Recorder records rotation steps in the journal.
 type Recorder interface {
@@ -95,9 +52,10 @@ type Config struct {
 	Clock       clock.WithTicker
 	Log         *slog.Logger
 	// MaxWorkloadTTL bounds how long certificates signed under a retired
-	// root live, so how long it stays in the bundle.
+	// root live, so how long it stays in the bundle. Default 24h.
 	MaxWorkloadTTL time.Duration
 	// IntermediateLifetime and RootLifetime of new CA certificates.
+	// Defaults authority.IntermediateLifetime and authority.RootLifetime.
 	IntermediateLifetime, RootLifetime time.Duration
 	// Backdate is how far before their creation new CA certificates become
 	// valid. Default authority.DefaultBackdate.
@@ -111,89 +69,112 @@ type Config struct {
 	Automatic bool
 	// IsLeader, when set, gates automatic rotation to one replica.
 	IsLeader func() bool
-	// FromCLI marks a manager driven by hand from the command line: it
-	// honours the retirement and propagation times the serving control
-	// plane recorded in the state instead of its own defaults, and it never
-	// creates a CA where there is none (ErrNoCA), so that a command pointed
-	// at the wrong place cannot print or rotate a CA nobody serves.
-	FromCLI bool
 }
 
-// Manager owns the CA directory's rotation state.
+func (c Config) withDefaults() Config {
+	if c.Clock == nil {
+		c.Clock = clock.RealClock{}
+	}
+	if c.Log == nil {
+		c.Log = slog.Default()
+	}
+	if c.IntermediateLifetime == 0 {
+		c.IntermediateLifetime = authority.IntermediateLifetime
+	}
+	if c.RootLifetime == 0 {
+		c.RootLifetime = authority.RootLifetime
+	}
+	if c.Backdate == 0 {
+		c.Backdate = authority.DefaultBackdate
+	}
+	if c.RootPropagation == 0 {
+		c.RootPropagation = 24 * time.Hour
+	}
+	if c.Interval == 0 {
+		c.Interval = time.Minute
+	}
+	if c.MaxWorkloadTTL == 0 {
+		c.MaxWorkloadTTL = 24 * time.Hour
+	}
+	return c
+}
+
+// Policy is the rotation policy c configures, defaults applied.
+func (c Config) Policy() Policy {
+	c = c.withDefaults()
+	return Policy{
+		IntermediateLifetime: c.IntermediateLifetime, RootLifetime: c.RootLifetime,
+		RootPropagation: c.RootPropagation, MaxWorkloadTTL: c.MaxWorkloadTTL,
+		Backdate: c.Backdate, Interval: c.Interval,
+	}
+}
+
+// Validate checks c as New does, collecting every error.
+func (c Config) Validate() error {
+	var errs []error
+	if c.Store == nil && c.Dir == "" {
+		errs = append(errs, errors.New("rotation: a store or a directory is required"))
+	}
+	if c.TrustDomain.IsZero() {
+		errs = append(errs, errors.New("rotation: a trust domain is required"))
+	}
+	if err := c.Policy().Validate(); err != nil {
+		errs = append(errs, err)
+	}
+	return errors.Join(errs...)
+}
+
+// Manager owns the CA's rotation state in a Store.
 type Manager struct {
-	cfg Config
-	mu  sync.Mutex
-	// onChange receives new material after every change.
-	onChange func(*authority.Material)
+	cfg    Config
+	policy Policy
+	// serving is set for the serving control plane's manager (New), which
+	// creates the first generation and records its policy in the state; an
+	// operator's manager (Open) does neither.
+	serving bool
+	mu      sync.Mutex
+	// lastSeen is what Reload applied last.
 	lastSeen []byte
 }
 
-// New returns a Manager. A serving manager creates the first generation on
-// first use; one with FromCLI never does (ErrNoCA).
+// New returns the serving control plane's Manager. It creates the first
+// generation on first use, records its retirement and propagation times in
+// the state for operators, and runs the policy (Run). cfg is validated.
 func New(cfg Config) (*Manager, error) {
-	if cfg.Clock == nil {
-		cfg.Clock = clock.RealClock{}
+	cfg = cfg.withDefaults()
+	if err := cfg.Validate(); err != nil {
+		return nil, err
 	}
-	if cfg.Log == nil {
-		cfg.Log = slog.Default()
+	if cfg.Store == nil {
+		if err := os.MkdirAll(cfg.Dir, 0o700); err != nil {
+			return nil, fmt.Errorf("rotation: %w", err)
+		}
+		cfg.Store = DirStore{Dir: cfg.Dir}
 	}
-	if cfg.IntermediateLifetime == 0 {
-		cfg.IntermediateLifetime = authority.IntermediateLifetime
-	}
-	if cfg.RootLifetime == 0 {
-		cfg.RootLifetime = authority.RootLifetime
-	}
-	if cfg.RootPropagation == 0 {
-		cfg.RootPropagation = 24 * time.Hour
-	}
-	if cfg.Interval == 0 {
-		cfg.Interval = time.Minute
-	}
-	if cfg.MaxWorkloadTTL == 0 {
-		cfg.MaxWorkloadTTL = 24 * time.Hour
-	}
+	return &Manager{cfg: cfg, policy: cfg.Policy(), serving: true}, nil
+}
+
+// Open returns an operator's Manager, for rotating by hand and for reading
+// the CA (trustmesh ca rotate, the trust bundle, audits). It never creates
+// a CA, nor its directory: where there is none it returns ErrNoCA, so that
+// a command pointed at the wrong place cannot print or rotate a CA nobody
+// serves. It honours the retirement and propagation times the serving
+// control plane recorded in the state over its own defaults, and it does
+// not run the policy (ErrNotServing).
+func Open(cfg Config) (*Manager, error) {
+	cfg = cfg.withDefaults()
 	if cfg.Store == nil {
 		if cfg.Dir == "" {
 			return nil, errors.New("rotation: a store or a directory is required")
 		}
-		if !cfg.FromCLI { // which never creates a CA, nor its directory
-			if err := os.MkdirAll(cfg.Dir, 0o700); err != nil {
-				return nil, fmt.Errorf("rotation: %w", err)
-			}
-		}
 		cfg.Store = DirStore{Dir: cfg.Dir}
 	}
-	return &Manager{cfg: cfg}, nil
-}
-
-func genPrefix(n int) string { return fmt.Sprintf("gen-%d/", n) }
-
-// genFiles returns generation n's files by their cacerts names.
-func genFiles(snap Snapshot, n int) map[string][]byte {
-	out := map[string][]byte{}
-	p := genPrefix(n)
-	for name, v := range snap.Files {
-		if strings.HasPrefix(name, p) {
-			out[strings.TrimPrefix(name, p)] = v
-		}
-	}
-	return out
-}
-
-func parseState(b []byte) (State, error) {
-	var st State
-	if err := json.Unmarshal(b, &st); err != nil {
-		return State{}, fmt.Errorf("rotation: %s: %w", stateFile, err)
-	}
-	if st.Active <= 0 {
-		return State{}, fmt.Errorf("rotation: %s names no active generation", stateFile)
-	}
-	return st, nil
+	return &Manager{cfg: cfg, policy: cfg.Policy()}, nil
 }
 
 // read returns the current snapshot and state. When there is none, a
 // serving manager creates the first generation (exactly once, even with
-// several replicas starting together) and one with FromCLI returns ErrNoCA.
+// several replicas starting together) and an operator's returns ErrNoCA.
 func (m *Manager) read(ctx context.Context) (Snapshot, State, error) {
 	for attempt := 0; ; attempt++ {
 		snap, err := m.cfg.Store.Read(ctx)
@@ -204,20 +185,17 @@ func (m *Manager) read(ctx context.Context) (Snapshot, State, error) {
 			st, err := parseState(b)
 			return snap, st, err
 		}
-		if m.cfg.FromCLI {
+		if !m.serving {
 			return Snapshot{}, State{}, ErrNoCA
 		}
 		files, err := authority.NewSelfManagedFiles(m.cfg.TrustDomain, m.cfg.Clock.Now(), authority.Lifetimes{
-			Root: m.cfg.RootLifetime, Intermediate: m.cfg.IntermediateLifetime, Backdate: m.cfg.Backdate,
+			Root: m.policy.RootLifetime, Intermediate: m.policy.IntermediateLifetime, Backdate: m.policy.Backdate,
 		})
 		if err != nil {
 			return Snapshot{}, State{}, err
 		}
-		st := State{Active: 1, LastGeneration: 1}
-		for name, v := range files {
-			snap.Files[genPrefix(1)+name] = v
-		}
-		err = m.write(ctx, snap, st)
+		putGeneration(snap, 1, files)
+		err = m.write(ctx, snap, State{Active: 1, LastGeneration: 1})
 		if errors.Is(err, ErrConflict) && attempt < 3 {
 			continue // another replica created it first: use theirs
 		}
@@ -227,19 +205,28 @@ func (m *Manager) read(ctx context.Context) (Snapshot, State, error) {
 	}
 }
 
+// write replaces the state. The serving manager records its retirement and
+// propagation times in it.
 func (m *Manager) write(ctx context.Context, snap Snapshot, st State) error {
-	if m.cfg.MaxWorkloadTTL > st.RetireAfter && !m.cfg.FromCLI {
-		st.RetireAfter = m.cfg.MaxWorkloadTTL
+	if m.serving {
+		st.RetireAfter = max(st.RetireAfter, m.policy.MaxWorkloadTTL)
+		st.RootPropagation = m.policy.RootPropagation
 	}
-	if !m.cfg.FromCLI {
-		st.RootPropagation = m.cfg.RootPropagation
-	}
-	b, err := json.MarshalIndent(st, "", "  ")
+	b, err := encodeState(st)
 	if err != nil {
-		return fmt.Errorf("rotation: %w", err)
+		return err
 	}
 	snap.Files[stateFile] = b
 	return m.cfg.Store.Write(ctx, snap)
+}
+
+// rootPropagation is how long a prepared root waits: the serving manager's
+// own policy, or for an operator's the time the serving one recorded.
+func (m *Manager) rootPropagation(st State) time.Duration {
+	if !m.serving && st.RootPropagation > 0 {
+		return st.RootPropagation
+	}
+	return m.policy.RootPropagation
 }
 
 // ReadState returns the state, creating the first generation when there is
@@ -253,9 +240,10 @@ func (m *Manager) ReadState(ctx context.Context) (State, error) {
 // signer and chain, and a trust bundle of the active roots, the prepared
 // root, and the retiring roots still needed.
 func (m *Manager) Material(ctx context.Context, now time.Time) (*authority.Material, State, error) {
-	return m.material(ctx, now, func(files map[string][]byte) (*authority.Material, error) {
+	mat, st, _, err := m.material(ctx, now, func(files map[string][]byte) (*authority.Material, error) {
 		return authority.LoadFiles(ctx, files, "", now)
 	})
+	return mat, st, err
 }
 
 // Certificates is Material without the key and without judging the
@@ -263,17 +251,18 @@ func (m *Manager) Material(ctx context.Context, now time.Time) (*authority.Mater
 // It needs no access to the key, and still answers for a CA that has
 // expired or is not yet valid, which is what an audit must report.
 func (m *Manager) Certificates(ctx context.Context, now time.Time) (*authority.Material, State, error) {
-	return m.material(ctx, now, authority.ReadCertificates)
+	mat, st, _, err := m.material(ctx, now, authority.ReadCertificates)
+	return mat, st, err
 }
 
-func (m *Manager) material(ctx context.Context, now time.Time, load func(map[string][]byte) (*authority.Material, error)) (*authority.Material, State, error) {
+func (m *Manager) material(ctx context.Context, now time.Time, load func(map[string][]byte) (*authority.Material, error)) (*authority.Material, State, Snapshot, error) {
 	snap, st, err := m.read(ctx)
 	if err != nil {
-		return nil, State{}, err
+		return nil, State{}, Snapshot{}, err
 	}
 	mat, err := load(genFiles(snap, st.Active))
 	if err != nil {
-		return nil, State{}, fmt.Errorf("rotation: generation %d: %w", st.Active, err)
+		return nil, State{}, Snapshot{}, fmt.Errorf("rotation: generation %d: %w", st.Active, err)
 	}
 	add := func(c *x509.Certificate) {
 		for _, r := range mat.Roots {
@@ -286,7 +275,7 @@ func (m *Manager) material(ctx context.Context, now time.Time, load func(map[str
 	if st.Next != 0 {
 		roots, err := pemutil.ParseCertificateBundle(genFiles(snap, st.Next)[authority.RootCertFile])
 		if err != nil {
-			return nil, State{}, fmt.Errorf("rotation: prepared generation: %w", err)
+			return nil, State{}, Snapshot{}, fmt.Errorf("rotation: prepared generation: %w", err)
 		}
 		for _, r := range roots {
 			add(r)
@@ -298,11 +287,11 @@ func (m *Manager) material(ctx context.Context, now time.Time, load func(map[str
 		}
 		c, err := pemutil.ParseCertificate([]byte(r.CertPEM))
 		if err != nil {
-			return nil, State{}, fmt.Errorf("rotation: retiring root: %w", err)
+			return nil, State{}, Snapshot{}, fmt.Errorf("rotation: retiring root: %w", err)
 		}
 		add(c)
 	}
-	return mat, st, nil
+	return mat, st, snap, nil
 }
 
 // Prepare creates the next CA: an intermediate under the active root, or
@@ -324,7 +313,7 @@ func (m *Manager) Prepare(ctx context.Context, root bool) error {
 	var parentKey crypto.Signer
 	if root {
 		if parent, parentKey, err = authority.Mint(authority.MintRequest{
-			TrustDomain: m.cfg.TrustDomain, Now: now, Lifetime: m.cfg.RootLifetime, Backdate: m.cfg.Backdate,
+			TrustDomain: m.cfg.TrustDomain, Now: now, Lifetime: m.policy.RootLifetime, Backdate: m.policy.Backdate,
 		}); err != nil {
 			return fmt.Errorf("rotation: %w", err)
 		}
@@ -340,19 +329,17 @@ func (m *Manager) Prepare(ctx context.Context, root bool) error {
 	}
 	inter, interKey, err := authority.Mint(authority.MintRequest{
 		TrustDomain: m.cfg.TrustDomain, Parent: parent, ParentKey: parentKey,
-		Now: now, Lifetime: m.cfg.IntermediateLifetime, Backdate: m.cfg.Backdate,
+		Now: now, Lifetime: m.policy.IntermediateLifetime, Backdate: m.policy.Backdate,
 	})
 	if err != nil {
 		return fmt.Errorf("rotation: %w", err)
 	}
-	n := st.LastGeneration + 1
 	files, err := authority.GenerationFiles(parent, parentKey, inter, interKey)
 	if err != nil {
 		return fmt.Errorf("rotation: %w", err)
 	}
-	for name, data := range files {
-		snap.Files[genPrefix(n)+name] = data
-	}
+	n := st.LastGeneration + 1
+	putGeneration(snap, n, files)
 	st.Next, st.NextIsRoot, st.PreparedAt, st.LastGeneration = n, root, now, n
 	if err := m.write(ctx, snap, st); err != nil {
 		return err
@@ -397,9 +384,7 @@ func (m *Manager) Stage(ctx context.Context, dir, keyURI string) error {
 	}
 	newRoot := mat.Anchor != nil && (active.Anchor == nil || !mat.Anchor.Equal(active.Anchor))
 	n := st.LastGeneration + 1
-	for name, data := range files {
-		snap.Files[genPrefix(n)+name] = data
-	}
+	putGeneration(snap, n, files)
 	st.Next, st.NextIsRoot, st.PreparedAt, st.LastGeneration = n, newRoot, now, n
 	if err := m.write(ctx, snap, st); err != nil {
 		return err
@@ -441,9 +426,7 @@ func (m *Manager) Adopt(ctx context.Context, dir, keyURI string) error {
 	if _, err := authority.LoadFiles(ctx, files, "", m.cfg.Clock.Now()); err != nil {
 		return fmt.Errorf("rotation: operator-supplied CA in %s: %w", dir, err)
 	}
-	for name, data := range files {
-		snap.Files[genPrefix(1)+name] = data
-	}
+	putGeneration(snap, 1, files)
 	err = m.write(ctx, snap, State{Active: 1, LastGeneration: 1})
 	if errors.Is(err, ErrConflict) {
 		return nil // another replica adopted it first
@@ -467,10 +450,7 @@ func (m *Manager) Activate(ctx context.Context, force bool) error {
 	if st.Next == 0 {
 		return ErrNothingPrepared
 	}
-	propagation := m.cfg.RootPropagation
-	if m.cfg.FromCLI && st.RootPropagation > 0 {
-		propagation = st.RootPropagation
-	}
+	propagation := m.rootPropagation(st)
 	if st.NextIsRoot && !force && now.Before(st.PreparedAt.Add(propagation)) {
 		return fmt.Errorf("%w: prepared %s ago, activate after %s (or force it once every agent has the new root)",
 			ErrTooEarly, now.Sub(st.PreparedAt).Round(time.Second), propagation)
@@ -484,11 +464,7 @@ func (m *Manager) Activate(ctx context.Context, force bool) error {
 		if err != nil {
 			return fmt.Errorf("rotation: %w", err)
 		}
-		keep := m.cfg.MaxWorkloadTTL
-		if st.RetireAfter > keep {
-			keep = st.RetireAfter
-		}
-		until := now.Add(keep + time.Hour)
+		until := now.Add(max(m.policy.MaxWorkloadTTL, st.RetireAfter) + time.Hour)
 		for _, r := range old {
 			st.Retiring = append(st.Retiring, Retiring{CertPEM: string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: r.Raw})), Until: until})
 		}
@@ -507,53 +483,11 @@ func (m *Manager) Activate(ctx context.Context, force bool) error {
 	return nil
 }
 
-func (m *Manager) record(ctx context.Context, step, role string, c *x509.Certificate, now time.Time) error {
-	if m.cfg.Recorder == nil {
-		return nil
-	}
-	return m.cfg.Recorder.RecordRotation(ctx, journal.Rotation{Time: now, Step: step, Role: role,
-		Serial: c.SerialNumber.Text(16), Subject: c.Subject.CommonName, NotAfter: c.NotAfter})
-}
-
-// Tick applies the automatic policy at the current time: prepare, activate,
-// and drop retired roots whose time has passed.
-func (m *Manager) Tick(ctx context.Context) error {
-	now := m.cfg.Clock.Now()
-	mat, st, err := m.Material(ctx, now)
-	if err != nil {
-		return err
-	}
-	inter := mat.Cert
-	life := inter.NotAfter.Sub(inter.NotBefore)
-	root := mat.Anchor
-	snap, _, err := m.read(ctx)
-	if err != nil {
-		return err
-	}
-	if _, selfManaged := genFiles(snap, st.Active)[authority.RootKeyFile]; !selfManaged {
-		// Operator-supplied material is rotated by its operator (Stage and
-		// Activate); only retirements are automatic.
-		if st.Next != 0 && (!st.NextIsRoot || !now.Before(st.PreparedAt.Add(m.cfg.RootPropagation))) {
-			return m.Activate(ctx, false)
-		}
-		return m.retire(ctx, now)
-	}
-	switch {
-	case st.Next == 0 && root != nil && now.After(root.NotAfter.Add(-m.cfg.RootLifetime/5)):
-		return m.Prepare(ctx, true)
-	case st.Next == 0 && now.After(inter.NotBefore.Add(life/2)):
-		return m.Prepare(ctx, false)
-	case st.Next != 0 && st.NextIsRoot && !now.Before(st.PreparedAt.Add(m.cfg.RootPropagation)):
-		return m.Activate(ctx, false)
-	case st.Next != 0 && !st.NextIsRoot && now.After(inter.NotBefore.Add(2*life/3)):
-		return m.Activate(ctx, false)
-	}
-	return m.retire(ctx, now)
-}
-
-func (m *Manager) retire(ctx context.Context, now time.Time) error {
+// Retire drops the retiring roots whose time has passed from the bundle.
+func (m *Manager) Retire(ctx context.Context) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
+	now := m.cfg.Clock.Now()
 	snap, st, err := m.read(ctx)
 	if err != nil {
 		return err
@@ -577,57 +511,42 @@ func (m *Manager) retire(ctx context.Context, now time.Time) error {
 	return m.write(ctx, snap, st)
 }
 
-// Run reloads the material whenever the state changes (including changes
-// made by `trustmesh ca rotate` in another process) and, when Automatic,
-// applies the policy on every interval, on the leader only.
-func (m *Manager) Run(ctx context.Context, apply func(*authority.Material)) error {
-	t := m.cfg.Clock.NewTicker(m.cfg.Interval)
-	defer t.Stop()
-	for {
-		if m.cfg.Automatic && (m.cfg.IsLeader == nil || m.cfg.IsLeader()) {
-			if err := m.Tick(ctx); err != nil {
-				m.cfg.Log.Error("CA rotation step failed; will retry", "error", err)
-			}
-		}
-		if err := m.Reload(ctx, apply); err != nil {
-			m.cfg.Log.Error("could not reload the CA after a rotation; keeping the current one", "error", err)
-		}
-		select {
-		case <-ctx.Done():
-			return nil
-		case <-t.C():
-		}
+func (m *Manager) record(ctx context.Context, step, role string, c *x509.Certificate, now time.Time) error {
+	if m.cfg.Recorder == nil {
+		return nil
 	}
+	return m.cfg.Recorder.RecordRotation(ctx, journal.Rotation{Time: now, Step: step, Role: role,
+		Serial: c.SerialNumber.Text(16), Subject: c.Subject.CommonName, NotAfter: c.NotAfter})
 }
 
-// Initial returns the material in force, for start-up, and remembers it so
-// that Run does not apply it a second time.
-func (m *Manager) Initial(ctx context.Context) (*authority.Material, error) {
-	var out *authority.Material
-	err := m.Reload(ctx, func(mat *authority.Material) { out = mat })
-	if err == nil && out == nil {
-		err = errors.New("rotation: no material")
+// Tick applies the policy once at the current time: it decides
+// (Policy.Decide) and takes the step decided, returning it.
+func (m *Manager) Tick(ctx context.Context) (Action, error) {
+	if !m.serving {
+		return Nothing, ErrNotServing
 	}
-	return out, err
-}
-
-// Reload applies the material in force when the state or the bundle has
-// changed since the last reload.
-func (m *Manager) Reload(ctx context.Context, apply func(*authority.Material)) error {
-	mat, st, err := m.Material(ctx, m.cfg.Clock.Now())
+	now := m.cfg.Clock.Now()
+	mat, st, snap, err := m.material(ctx, now, func(files map[string][]byte) (*authority.Material, error) {
+		return authority.LoadFiles(ctx, files, "", now)
+	})
 	if err != nil {
-		return err
+		return Nothing, err
 	}
-	key, _ := json.Marshal(struct {
-		St    State
-		Roots int
-	}{st, len(mat.Roots)})
-	m.mu.Lock()
-	same := string(key) == string(m.lastSeen)
-	m.lastSeen = key
-	m.mu.Unlock()
-	if !same {
-		apply(mat)
+	a := Active{Intermediate: Validity{mat.Cert.NotBefore, mat.Cert.NotAfter}}
+	if mat.Anchor != nil {
+		a.Root = Validity{mat.Anchor.NotBefore, mat.Anchor.NotAfter}
 	}
-	return nil
+	_, a.SelfManaged = genFiles(snap, st.Active)[authority.RootKeyFile]
+	action := m.policy.Decide(now, st, a)
+	switch action {
+	case PrepareIntermediate:
+		err = m.Prepare(ctx, false)
+	case PrepareRoot:
+		err = m.Prepare(ctx, true)
+	case Activate:
+		err = m.Activate(ctx, false)
+	case Retire:
+		err = m.Retire(ctx)
+	}
+	return action, err
 }
