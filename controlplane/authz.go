@@ -36,10 +36,8 @@ func (cp *ControlPlane) newAuthz(v *validated) (*authzd.Service, error) {
 		Registerer: cp.registry, RedactPaths: v.Authz.LogRedactPaths, Connections: v.Listen.Connections,
 	}
 	var err error
-	if cfg.Mesh, err = meshSource(v); err != nil {
-		return nil, err
-	}
-	if cfg.Policies, err = cp.policies(v); err != nil {
+	cfg.Mesh = cp.meshSource(v)
+	if cfg.Feed, err = cp.policies(v); err != nil {
 		return nil, err
 	}
 	svc, err := authzd.New(cfg)

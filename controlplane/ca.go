@@ -27,9 +27,7 @@ func (cp *ControlPlane) openJournal(ctx context.Context, v *validated) (err erro
 	jo := admin.JournalOptions{DSN: v.Journal.DSN, CheckpointKeyURI: v.Journal.CheckpointKeyURI, Log: v.Log}
 	if v.CA.Secret != "" && v.Journal.CheckpointKeyURI == "" {
 		// Replicas share the journal, so they share its checkpoint key.
-		if jo.Kube, err = kubeClient(v.Kubernetes.RestConfig, v.Kubernetes.Kubeconfig); err != nil {
-			return err
-		}
+		jo.Kube = cp.cluster.kube
 		jo.CheckpointSecret = v.CA.Secret + "-checkpoint"
 	}
 	if v.Journal.Witness != "" {
@@ -49,13 +47,9 @@ func (cp *ControlPlane) newAuthority(ctx context.Context, v *validated) (err err
 	var store rotation.Store
 	var isLeader func() bool
 	if v.CA.Secret != "" {
-		client, err := kubeClient(v.Kubernetes.RestConfig, v.Kubernetes.Kubeconfig)
-		if err != nil {
-			return err
-		}
 		ns, name, _ := strings.Cut(v.CA.Secret, "/")
-		store = rotation.SecretStore{Client: client, Namespace: ns, Name: name}
-		if cp.elector, err = newElector(client, ns, name+"-rotation", v.Log); err != nil {
+		store = rotation.SecretStore{Client: cp.cluster.kube, Namespace: ns, Name: name}
+		if cp.elector, err = newElector(cp.cluster.kube, ns, name+"-rotation", v.Log); err != nil {
 			return err
 		}
 		isLeader = cp.elector.IsLeader
@@ -103,12 +97,9 @@ func (cp *ControlPlane) newAuthenticator(v *validated) (*authn.Authenticator, er
 		},
 	}
 	if v.inKube {
-		client, err := kubeClient(v.Kubernetes.RestConfig, v.Kubernetes.Kubeconfig)
-		if err != nil {
-			return nil, err
-		}
+		var err error
 		if authenticator.Kubernetes, err = authn.NewKubernetes(authn.KubernetesConfig{
-			TrustDomain: v.td, Client: client, Audience: v.CA.TokenAudience, Clock: v.Clock,
+			TrustDomain: v.td, Client: cp.cluster.kube, Audience: v.CA.TokenAudience, Clock: v.Clock,
 		}); err != nil {
 			return nil, err
 		}

@@ -3,10 +3,44 @@ package controlplane
 import (
 	"fmt"
 
+	"istio.io/client-go/pkg/clientset/versioned"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
 )
+
+// cluster is the control plane's connection to the Kubernetes API server,
+// built once per start and handed to every component that needs it: one
+// client configuration, one HTTP transport, and the Kubernetes and Istio
+// clients on it.
+type cluster struct {
+	kube  kubernetes.Interface
+	istio versioned.Interface
+}
+
+func newCluster(c KubernetesConfig) (*cluster, error) {
+	cfg, err := restConfig(c.RestConfig, c.Kubeconfig)
+	if err != nil {
+		return nil, err
+	}
+	cfg = rest.CopyConfig(cfg)
+	if cfg.UserAgent == "" {
+		cfg.UserAgent = rest.DefaultKubernetesUserAgent()
+	}
+	httpClient, err := rest.HTTPClientFor(cfg)
+	if err != nil {
+		return nil, fmt.Errorf("controlplane: Kubernetes HTTP client: %w", err)
+	}
+	kube, err := kubernetes.NewForConfigAndClient(cfg, httpClient)
+	if err != nil {
+		return nil, fmt.Errorf("controlplane: Kubernetes client: %w", err)
+	}
+	istio, err := versioned.NewForConfigAndClient(cfg, httpClient)
+	if err != nil {
+		return nil, fmt.Errorf("controlplane: Istio client: %w", err)
+	}
+	return &cluster{kube: kube, istio: istio}, nil
+}
 
 func restConfig(cfg *rest.Config, kubeconfig string) (*rest.Config, error) {
 	var err error
@@ -21,16 +55,4 @@ func restConfig(cfg *rest.Config, kubeconfig string) (*rest.Config, error) {
 		return nil, fmt.Errorf("controlplane: Kubernetes client configuration: %w", err)
 	}
 	return cfg, nil
-}
-
-func kubeClient(cfg *rest.Config, kubeconfig string) (kubernetes.Interface, error) {
-	cfg, err := restConfig(cfg, kubeconfig)
-	if err != nil {
-		return nil, err
-	}
-	client, err := kubernetes.NewForConfig(cfg)
-	if err != nil {
-		return nil, fmt.Errorf("controlplane: Kubernetes client: %w", err)
-	}
-	return client, nil
 }

@@ -16,6 +16,7 @@ import (
 
 	cav1 "github.com/trustmesh/trustmesh/api/ca/v1"
 	"github.com/trustmesh/trustmesh/authz/authzd"
+	"github.com/trustmesh/trustmesh/authz/source"
 	"github.com/trustmesh/trustmesh/ca"
 	"github.com/trustmesh/trustmesh/ca/authority"
 	"github.com/trustmesh/trustmesh/ca/journal"
@@ -32,16 +33,19 @@ type ControlPlane struct {
 	CA        *ca.CA
 	Journal   *journal.Store
 	refusals  *journal.RefusalLog
+	cluster   *cluster // the API server, on Kubernetes
 	witness   *journal.ExportWitness
 	rotation  *rotation.Manager
 	elector   *elector
 	authz     *authzd.Service
-	injector  *webhook.Server
-	xds       *xds.Server
-	bundleFns []func(context.Context) error // caBundle patcher, root-cert publisher
-	stopping  chan struct{}
-	serving   *server.ServingCert
-	registry  *prometheus.Registry
+	// policyFeed is the AuthorizationPolicy feed authz and xDS follow.
+	policyFeed *source.Feed
+	injector   *webhook.Server
+	xds        *xds.Server
+	bundleFns  []func(context.Context) error // caBundle patcher, root-cert publisher
+	stopping   chan struct{}
+	serving    *server.ServingCert
+	registry   *prometheus.Registry
 
 	grpc       *grpc.Server
 	monitoring *http.Server
@@ -65,6 +69,11 @@ func New(ctx context.Context, cfg Config) (_ *ControlPlane, err error) {
 			cp.close()
 		}
 	}()
+	if v.inKube {
+		if cp.cluster, err = newCluster(v.Kubernetes); err != nil {
+			return nil, err
+		}
+	}
 	if err := cp.openJournal(ctx, v); err != nil {
 		return nil, err
 	}

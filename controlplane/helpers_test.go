@@ -26,6 +26,7 @@ import (
 	"google.golang.org/grpc/status"
 	pb "istio.io/api/security/v1alpha1"
 	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
 	clocktesting "k8s.io/utils/clock/testing"
 
 	"github.com/trustmesh/trustmesh/ca/admin"
@@ -68,7 +69,10 @@ func start(t *testing.T, mutate func(*controlplane.Config)) *env {
 	e := &env{t: t, cp: cp, clock: clk, dataDir: cfg.DataDir, jo: admin.JournalOptions{DSN: cfg.Journal.DSN}}
 	if cfg.CA.Secret != "" {
 		e.jo.CheckpointSecret = cfg.CA.Secret + "-checkpoint"
-		e.jo.Kube = kubernetes.NewForConfigOrDie(cfg.Kubernetes.RestConfig)
+		// The test's own client, not counted among the control plane's.
+		kc := rest.CopyConfig(cfg.Kubernetes.RestConfig)
+		kc.WrapTransport = nil
+		e.jo.Kube = kubernetes.NewForConfigOrDie(kc)
 	}
 	var stopped bool
 	var stopErr error

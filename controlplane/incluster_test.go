@@ -4,10 +4,12 @@ import (
 	"context"
 	"crypto/tls"
 	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -27,6 +29,7 @@ import (
 	discoveryv1 "k8s.io/api/discovery/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/intstr"
+	"k8s.io/client-go/rest"
 	"sigs.k8s.io/controller-runtime/pkg/envtest"
 
 	"github.com/trustmesh/trustmesh/controlplane"
@@ -95,12 +98,25 @@ func TestControlPlaneInCluster(t *testing.T) {
 	}
 	authzAddr := l.Addr().String()
 	l.Close()
+	// Every component reaches the API server through the clients the
+	// control plane builds once per start: one transport, however many
+	// components (CA Secret, checkpoint key, leader election, token
+	// reviews, mesh, policies, injector) use it.
+	var transports atomic.Int32
+	cpCfg := rest.CopyConfig(cfg)
+	cpCfg.WrapTransport = func(rt http.RoundTripper) http.RoundTripper { transports.Add(1); return rt }
 	e := start(t, func(c *controlplane.Config) {
-		c.Kubernetes.RestConfig = cfg
+		c.Kubernetes.RestConfig = cpCfg
 		c.Kubernetes.Mode = controlplane.KubernetesOn
+		c.CA.Secret = "store/trustmesh-ca"
 		c.Listen.Authz = authzAddr
 		c.Authz.DecisionLog = os.Stderr
 	})
+	defer func() {
+		if n := transports.Load(); n != 1 {
+			t.Errorf("one start built %d transports to the API server, want 1", n)
+		}
+	}()
 
 	// A certificate for the pod's service account, from its token.
 	webID := spiffeid.RequireFromString("spiffe://cluster.local/ns/store/sa/web")

@@ -28,10 +28,7 @@ func (cp *ControlPlane) newInjector(v *validated) error {
 	if err != nil {
 		return fmt.Errorf("controlplane: %w", err)
 	}
-	client, err := kubeClient(v.Kubernetes.RestConfig, v.Kubernetes.Kubeconfig)
-	if err != nil {
-		return err
-	}
+	client := cp.cluster.kube
 	patcher, err := cabundle.NewWebhookPatcher(cabundle.WebhookConfig{Client: client, Name: v.Injector.WebhookConfig, Bundle: cp.Authority, Log: v.Log})
 	if err != nil {
 		return fmt.Errorf("controlplane: %w", err)

@@ -104,8 +104,8 @@ func TestKubernetesServiceAccountTokens(t *testing.T) {
 	webID := spiffeid.RequireFromString("spiffe://cluster.local/ns/team-a/sa/web")
 
 	e := start(t, func(c *controlplane.Config) {
-		c.RestConfig = cfg
-		c.Kubernetes = controlplane.KubernetesOn
+		c.Kubernetes.RestConfig = cfg
+		c.Kubernetes.Mode = controlplane.KubernetesOn
 	})
 	// istio-agent reaches istiod by its Service name; trustmesh's default
 	// serving names include the equivalent.

@@ -1,11 +1,6 @@
 package controlplane
 
 import (
-	"fmt"
-
-	"istio.io/client-go/pkg/clientset/versioned"
-	"k8s.io/client-go/kubernetes"
-
 	"github.com/trustmesh/trustmesh/mesh"
 	meshkube "github.com/trustmesh/trustmesh/mesh/kube"
 )
@@ -14,24 +9,12 @@ import (
 // service for its gateway identities (remote.ip), read: the --mesh
 // directory, or the cluster on Kubernetes; nil when there is no mesh. Each
 // gets its own watcher until one mesh feed serves both (issue 12).
-func meshSource(v *validated) (mesh.Source, error) {
+func (cp *ControlPlane) meshSource(v *validated) mesh.Source {
 	switch {
 	case v.XDS.MeshDir != "":
-		return &mesh.Dir{Path: v.XDS.MeshDir}, nil
+		return &mesh.Dir{Path: v.XDS.MeshDir}
 	case !v.inKube:
-		return nil, nil
+		return nil
 	}
-	restCfg, err := restConfig(v.Kubernetes.RestConfig, v.Kubernetes.Kubeconfig)
-	if err != nil {
-		return nil, err
-	}
-	client, err := kubernetes.NewForConfig(restCfg)
-	if err != nil {
-		return nil, fmt.Errorf("controlplane: Kubernetes client: %w", err)
-	}
-	istio, err := versioned.NewForConfig(restCfg)
-	if err != nil {
-		return nil, fmt.Errorf("controlplane: Istio client: %w", err)
-	}
-	return &meshkube.Source{Client: client, Istio: istio, TrustDomain: v.td}, nil
+	return &meshkube.Source{Client: cp.cluster.kube, Istio: cp.cluster.istio, TrustDomain: v.td}
 }

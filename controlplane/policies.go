@@ -1,32 +1,44 @@
 package controlplane
 
 import (
+	"context"
+	"github.com/prometheus/client_golang/prometheus"
 	"fmt"
-
-	"istio.io/client-go/pkg/clientset/versioned"
 
 	"github.com/trustmesh/trustmesh/authz/source"
 	"github.com/trustmesh/trustmesh/authz/source/kube"
 )
 
-// policies is the AuthorizationPolicy source that both the authorization
-// service and the RBAC pushed over xDS read: the --policies directory, or
-// the cluster's AuthorizationPolicies on Kubernetes; nil when there are no
-// policies.
-func (cp *ControlPlane) policies(v *validated) (source.PolicySource, error) {
+// policies is the one AuthorizationPolicy feed that both the authorization
+// service and the RBAC pushed over xDS follow, so that they enforce the same
+// snapshot: it reads the --policies directory, or the cluster's
+// AuthorizationPolicies on Kubernetes, with one watch and one parse per
+// change. It is built on the first call and run by Run; nil when there are
+// no policies.
+func (cp *ControlPlane) policies(v *validated) (*source.Feed, error) {
+	var src source.PolicySource
 	switch {
 	case v.Authz.PolicyDir != "":
-		return &source.Dir{Path: v.Authz.PolicyDir, DefaultNamespace: "default"}, nil
+		src = &source.Dir{Path: v.Authz.PolicyDir, DefaultNamespace: "default"}
 	case !v.inKube:
 		return nil, nil
+	default:
+		src = &kube.Source{Client: cp.cluster.istio}
 	}
-	restCfg, err := restConfig(v.Kubernetes.RestConfig, v.Kubernetes.Kubeconfig)
+	feed, err := source.NewFeed(source.FeedConfig{Policies: src, Log: v.Log, Registerer: registerOnce(cp)})
+	if prev := cp.policyFeed; prev != nil {
+		go func() { _ = prev.Run(context.Background()) }()
+	}
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("controlplane: %w", err)
 	}
-	client, err := versioned.NewForConfig(restCfg)
-	if err != nil {
-		return nil, fmt.Errorf("controlplane: Istio client: %w", err)
+	cp.policyFeed = feed
+	return feed, nil
+}
+
+func registerOnce(cp *ControlPlane) prometheus.Registerer {
+	if cp.policyFeed != nil {
+		return nil
 	}
-	return &kube.Source{Client: client}, nil
+	return cp.registry
 }

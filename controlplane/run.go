@@ -27,6 +27,9 @@ func (cp *ControlPlane) Run(ctx context.Context) error {
 	if cp.elector != nil {
 		g.Go(func() error { return cp.elector.Run(gctx) })
 	}
+	if cp.policyFeed != nil {
+		g.Go(func() error { return cp.policyFeed.Run(gctx) })
+	}
 	if cp.authz != nil {
 		g.Go(func() error { return cp.authz.Run(gctx) })
 	}

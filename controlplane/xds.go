@@ -33,11 +33,13 @@ func (cp *ControlPlane) newXDS(v *validated) (*xds.Server, error) {
 		FirstPushHold: v.XDS.FirstPushHold,
 		Clock:         v.Clock, Log: v.Log, Registerer: cp.registry,
 	}
-	if cfg.Mesh, err = meshSource(v); err != nil {
+	cfg.Mesh = cp.meshSource(v)
+	feed, err := cp.policies(v)
+	if err != nil {
 		return nil, err
 	}
-	if cfg.Policies, err = cp.policies(v); err != nil {
-		return nil, err
+	if feed != nil {
+		cfg.Policies = feed
 	}
 	srv, err := xds.New(cfg)
 	if err != nil {

@@ -133,9 +133,14 @@ func Run(ctx context.Context, cfg Config) (err error) {
 	g.Go(func() error { return cp.Run(gctx) })
 	td := cp.Authority.TrustDomain()
 	cpID := spiffeid.RequireFromSegments(td, "ns", controlplane.DefaultNamespace, "sa", "trustmesh")
+	feed, err := source.NewFeed(source.FeedConfig{Policies: &source.Dir{Path: cfg.PoliciesDir, DefaultNamespace: "default"}, Log: cfg.Log})
+	if err != nil {
+		return fmt.Errorf("demo: %w", err)
+	}
+	g.Go(func() error { return feed.Run(gctx) })
 	srv, err := xds.New(xds.Config{
 		Bundle: cp.Authority, Mesh: &mesh.Dir{Path: cfg.MeshDir},
-		Policies: &source.Dir{Path: cfg.PoliciesDir, DefaultNamespace: "default"},
+		Policies: feed,
 		Proxy:    proxyconfig.Config{TrustDomain: td, AuthzHost: "127.0.0.1", AuthzPort: 9191, AuthzID: cpID},
 		Log:      cfg.Log,
 	})
