@@ -1,8 +1,6 @@
 package controlplane
 
 import (
-	"context"
-	"github.com/prometheus/client_golang/prometheus"
 	"fmt"
 
 	"github.com/trustmesh/trustmesh/authz/source"
@@ -16,6 +14,9 @@ import (
 // change. It is built on the first call and run by Run; nil when there are
 // no policies.
 func (cp *ControlPlane) policies(v *validated) (*source.Feed, error) {
+	if cp.policyFeed != nil {
+		return cp.policyFeed, nil
+	}
 	var src source.PolicySource
 	switch {
 	case v.Authz.PolicyDir != "":
@@ -25,20 +26,10 @@ func (cp *ControlPlane) policies(v *validated) (*source.Feed, error) {
 	default:
 		src = &kube.Source{Client: cp.cluster.istio}
 	}
-	feed, err := source.NewFeed(source.FeedConfig{Policies: src, Log: v.Log, Registerer: registerOnce(cp)})
-	if prev := cp.policyFeed; prev != nil {
-		go func() { _ = prev.Run(context.Background()) }()
-	}
+	feed, err := source.NewFeed(source.FeedConfig{Policies: src, Log: v.Log, Registerer: cp.registry})
 	if err != nil {
 		return nil, fmt.Errorf("controlplane: %w", err)
 	}
 	cp.policyFeed = feed
 	return feed, nil
-}
-
-func registerOnce(cp *ControlPlane) prometheus.Registerer {
-	if cp.policyFeed != nil {
-		return nil
-	}
-	return cp.registry
 }

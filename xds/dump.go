@@ -19,11 +19,17 @@ import (
 	"github.com/trustmesh/trustmesh/xds/proxyconfig"
 )
 
+// PolicyLister lists AuthorizationPolicies once, as Dump reads them;
+// authz/source.Dir is one.
+type PolicyLister interface {
+	Policies() ([]*policy.Policy, error)
+}
+
 // DumpRequest asks for one node's resources, computed as the server would
 // compute them, without connecting as the node.
 type DumpRequest struct {
 	Mesh     mesh.Source
-	Policies PolicySource
+	Policies PolicyLister
 	Proxy    proxyconfig.Config
 	// NodeID is the node id, TYPE~IP~POD.NAMESPACE~NAMESPACE.svc.DOMAIN.
 	NodeID string
@@ -43,8 +49,10 @@ type DumpRequest struct {
 var ErrUnknownNode = errors.New("xds: the node's pod is not in the mesh; give its service account")
 
 // Dump computes a node's resources and renders them as indented JSON,
-// with private keys redacted. The resources pass the same checks as
-// published ones; a failing check is an error.
+// with private keys redacted and the digest of the policies they were built
+// from (policy.Digest: the policy_digest that the decision log of a control
+// plane enforcing the same policies records). The resources pass the same
+// checks as published ones; a failing check is an error.
 func Dump(req DumpRequest) ([]byte, error) {
 	cfg, err := req.Proxy.WithDefaults()
 	if err != nil {
@@ -75,7 +83,7 @@ func Dump(req DumpRequest) ([]byte, error) {
 	if err != nil {
 		return nil, err
 	}
-	return RenderJSON(node.GetId(), res)
+	return renderJSON(node.GetId(), policy.Digest(ps), res)
 }
 
 func dumpNode(req DumpRequest, m *mesh.Mesh) (*corev3.Node, error) {
@@ -116,16 +124,21 @@ func dumpNode(req DumpRequest, m *mesh.Mesh) (*corev3.Node, error) {
 // re-encoded, so that it is byte-stable for golden files). Private keys of
 // secrets are replaced by "[redacted]".
 func RenderJSON(nodeID string, res *proxyconfig.Resources) ([]byte, error) {
+	return renderJSON(nodeID, "", res)
+}
+
+func renderJSON(nodeID, policyDigest string, res *proxyconfig.Resources) ([]byte, error) {
 	out := struct {
-		Node      string            `json:"node"`
-		Warnings  []string          `json:"warnings,omitempty"`
-		Refusals  []string          `json:"refusals,omitempty"`
-		Listeners []json.RawMessage `json:"listeners"`
-		Routes    []json.RawMessage `json:"routes"`
-		Clusters  []json.RawMessage `json:"clusters"`
-		Endpoints []json.RawMessage `json:"endpoints"`
-		Secrets   []json.RawMessage `json:"secrets,omitempty"`
-	}{Node: nodeID, Warnings: res.Warnings, Refusals: res.Refusals}
+		Node         string            `json:"node"`
+		PolicyDigest string            `json:"policy_digest,omitempty"`
+		Warnings     []string          `json:"warnings,omitempty"`
+		Refusals     []string          `json:"refusals,omitempty"`
+		Listeners    []json.RawMessage `json:"listeners"`
+		Routes       []json.RawMessage `json:"routes"`
+		Clusters     []json.RawMessage `json:"clusters"`
+		Endpoints    []json.RawMessage `json:"endpoints"`
+		Secrets      []json.RawMessage `json:"secrets,omitempty"`
+	}{Node: nodeID, PolicyDigest: policyDigest, Warnings: res.Warnings, Refusals: res.Refusals}
 	var errs []error
 	add := func(dst *[]json.RawMessage, m proto.Message) {
 		b, err := protojson.Marshal(m)

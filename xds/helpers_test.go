@@ -55,11 +55,12 @@ func TestMain(m *testing.M) {
 
 var td = spiffeid.RequireTrustDomainFromString("cluster.local")
 
-// settable is a mesh and policy source the test changes.
+// settable is a mesh source and policy feed the test changes.
 type settable struct {
 	mu       sync.Mutex
 	mesh     *mesh.Mesh
 	policies []*policy.Policy
+	version  uint64 // of policies
 	changed  []func()
 }
 
@@ -69,10 +70,10 @@ func (s *settable) Mesh() (*mesh.Mesh, error) {
 	return s.mesh, nil
 }
 
-func (s *settable) Policies() ([]*policy.Policy, error) {
+func (s *settable) Policies() (uint64, []*policy.Policy) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return s.policies, nil
+	return s.version, s.policies
 }
 
 func (s *settable) Watch(ctx context.Context, changed func()) (<-chan error, error) {
@@ -91,6 +92,7 @@ func (s *settable) set(m *mesh.Mesh, ps []*policy.Policy) {
 	}
 	if ps != nil {
 		s.policies = ps
+		s.version++
 	}
 	cbs := append([]func(){}, s.changed...)
 	s.mu.Unlock()

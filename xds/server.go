@@ -42,11 +42,18 @@ import (
 	"github.com/trustmesh/trustmesh/xds/proxyconfig"
 )
 
-// PolicySource provides AuthorizationPolicies; authz/source.Dir and the
-// Kubernetes source of authz/source/kube satisfy it.
-type PolicySource interface {
-	Policies() ([]*policy.Policy, error)
+// PolicyFeed publishes the AuthorizationPolicies in force as versioned,
+// immutable snapshots; authz/source.Feed is one. The server reads and
+// watches no policy files of its own: it follows the feed that ext_authz
+// follows, so both enforce the same snapshot.
+type PolicyFeed interface {
+	// Watch returns once the feed's first snapshot is out, then calls
+	// changed after every new snapshot until ctx ends. The channel
+	// receives the watch's final error: nil when ctx ended.
 	Watch(ctx context.Context, changed func()) (<-chan error, error)
+	// Policies returns the snapshot in force: its version and its
+	// policies, which the caller must not modify.
+	Policies() (version uint64, ps []*policy.Policy)
 }
 
 // Config configures the xDS server.
@@ -54,10 +61,10 @@ type Config struct {
 	// Bundle is the trust bundle clients' certificates must chain to
 	// (*authority.Authority in ca/authority).
 	Bundle x509bundle.Source
-	// Mesh is the mesh model; Policies the AuthorizationPolicies (nil: no
-	// policy, so proxyless servers allow every mesh peer).
+	// Mesh is the mesh model; Policies the AuthorizationPolicy feed (nil:
+	// no policy, so proxyless servers allow every mesh peer).
 	Mesh     mesh.Source
-	Policies PolicySource
+	Policies PolicyFeed
 	// Proxy configures the generated resources; its TrustDomain is the
 	// mesh's.
 	Proxy proxyconfig.Config
@@ -141,11 +148,13 @@ type Server struct {
 	ads   serverv3.Server
 	stop  context.CancelFunc
 
-	mu       sync.Mutex
-	gen      *generation
-	policies []*policy.Policy
-	refusals map[string]bool
-	nodes    map[string]*nodeState // by node id
+	mu  sync.Mutex
+	gen *generation
+	// policyVersion is the version of the policy snapshot gen was built
+	// from.
+	policyVersion uint64
+	refusals      map[string]bool
+	nodes         map[string]*nodeState // by node id
 	// perID counts the open streams and the registered node ids of each
 	// SPIFFE ID, for the per-identity caps.
 	perID   map[spiffeid.ID]*identityUse
@@ -310,21 +319,24 @@ func (s *Server) Run(ctx context.Context) error {
 // good mesh stays in force.
 var ErrMesh = errors.New("xds: mesh refused, last good mesh kept")
 
-// ErrPolicies wraps policies that could not be loaded; the last good set
-// stays in force.
+// ErrPolicies wraps policies that could not be loaded (Dump).
 var ErrPolicies = errors.New("xds: policies refused, last good set kept")
 
-// reload reads the sources and pushes to every node. On the first load an
-// error is fatal; later, the previous mesh or policies stay in force.
+// reload reads the mesh and the policy snapshot in force and pushes to
+// every node. On the first load a mesh error is fatal; later, the previous
+// mesh stays in force. The feed publishes only policies that parsed, so
+// there is no policy error to handle here.
 func (s *Server) reload(first bool) error {
 	m, merr := s.cfg.Mesh.Mesh()
 	if merr == nil {
 		merr = m.Validate(s.td)
 	}
-	var ps []*policy.Policy
-	var perr error
+	var (
+		version uint64
+		ps      []*policy.Policy
+	)
 	if s.cfg.Policies != nil {
-		ps, perr = s.cfg.Policies.Policies()
+		version, ps = s.cfg.Policies.Policies()
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -336,23 +348,16 @@ func (s *Server) reload(first bool) error {
 		}
 		m = s.gen.builder.Mesh()
 	}
-	if perr != nil {
-		perr = fmt.Errorf("%w: %w", ErrPolicies, perr)
-		s.log.Error("policy update refused; last good policies kept", "error", perr)
-		if first {
-			return perr
-		}
-		ps = s.policies
-	}
-	s.policies = ps
+	s.policyVersion = version
 	s.logRefusals(m)
 	s.gen = newGeneration(proxyconfig.NewBuilder(s.cfg.Proxy, m, ps), s.log)
 	s.pushes++
 	for _, ns := range s.nodes {
 		s.publishLocked(ns.node)
 	}
-	s.log.Info("xds configuration pushed", "services", len(m.Services), "policies", len(ps), "nodes", len(s.nodes))
-	return errors.Join(merr, perr)
+	s.log.Info("xds configuration pushed", "services", len(m.Services), "policies", len(ps),
+		"policy_version", version, "nodes", len(s.nodes))
+	return merr
 }
 
 func (s *Server) logRefusals(m *mesh.Mesh) {
@@ -400,6 +405,15 @@ func (s *Server) Resources(n *corev3.Node) (*proxyconfig.Resources, error) {
 	}
 	_, res, err := gen.snapshot(pn)
 	return res, err
+}
+
+// PolicyVersion is the version of the policy snapshot that the
+// configuration last pushed was built from; 0 without a policy feed or
+// before the first push.
+func (s *Server) PolicyVersion() uint64 {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.policyVersion
 }
 
 // Pushes counts the configurations pushed: the first load and every
