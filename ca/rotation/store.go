@@ -10,6 +10,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
@@ -79,8 +80,19 @@ func (d DirStore) Read(_ context.Context) (Snapshot, error) {
 }
 
 // Write implements Store. Generations are written before the state file
-// that names them, so a crash leaves the old state in force.
+// that names them, so a crash leaves the old state in force. The version
+// check and the writes hold an exclusive lock on the directory's lock file,
+// so that of two processes writing at one version (trustmesh ca rotate
+// beside a running serve) one wins and the other gets ErrConflict.
 func (d DirStore) Write(ctx context.Context, s Snapshot) error {
+	if err := os.MkdirAll(d.Dir, 0o700); err != nil {
+		return fmt.Errorf("rotation: %w", err)
+	}
+	unlock, err := lockDir(d.Dir)
+	if err != nil {
+		return err
+	}
+	defer unlock()
 	cur, err := os.ReadFile(filepath.Join(d.Dir, stateFile))
 	switch {
 	case errors.Is(err, fs.ErrNotExist):
@@ -91,9 +103,6 @@ func (d DirStore) Write(ctx context.Context, s Snapshot) error {
 		return fmt.Errorf("rotation: %w", err)
 	case digest(cur) != s.Version:
 		return ErrConflict
-	}
-	if err := os.MkdirAll(d.Dir, 0o700); err != nil {
-		return fmt.Errorf("rotation: %w", err)
 	}
 	for name, data := range s.Files {
 		if name == stateFile {
@@ -111,6 +120,24 @@ func (d DirStore) Write(ctx context.Context, s Snapshot) error {
 		}
 	}
 	return writeAtomic(filepath.Join(d.Dir, stateFile), s.Files[stateFile])
+}
+
+// lockDir takes the exclusive lock of a CA directory, waiting for it. The
+// lock file is hidden, so Read skips it; the lock is the kernel's, so it
+// ends with the process that held it.
+func lockDir(dir string) (unlock func(), err error) {
+	f, err := os.OpenFile(filepath.Join(dir, ".lock"), os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("rotation: %w", err)
+	}
+	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("rotation: lock %s: %w", dir, err)
+	}
+	return func() {
+		_ = syscall.Flock(int(f.Fd()), syscall.LOCK_UN)
+		f.Close()
+	}, nil
 }
 
 // writeAtomic replaces path durably, through a temporary file of its own so

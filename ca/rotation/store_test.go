@@ -135,6 +135,42 @@ func testStore(t *testing.T, newStore func(t *testing.T) rotation.Store) {
 			t.Fatal("the version did not change with the content")
 		}
 	})
+	t.Run("one winner among concurrent writers", func(t *testing.T) {
+		// Writers that read the same version (serve and trustmesh ca rotate)
+		// race to replace it: exactly one succeeds, the others conflict,
+		// and the store holds the winner's files whole.
+		s := newStore(t)
+		if err := s.Write(ctx, snapshot("", 1, 0, "a")); err != nil {
+			t.Fatal(err)
+		}
+		cur, err := s.Read(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		const writers = 4
+		errs := make(chan error, writers)
+		for w := 0; w < writers; w++ {
+			go func() { errs <- s.Write(ctx, snapshot(cur.Version, 1, 2, fmt.Sprint("w", w))) }()
+		}
+		won := 0
+		for w := 0; w < writers; w++ {
+			switch err := <-errs; {
+			case err == nil:
+				won++
+			case !errors.Is(err, rotation.ErrConflict):
+				t.Fatal(err)
+			}
+		}
+		if won != 1 {
+			t.Fatalf("%d of %d writers at one version succeeded, want exactly 1", won, writers)
+		}
+		got, err := s.Read(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		tag := string(bytes.Fields(got.Files["gen-2/ca-cert.pem"])[0])
+		holds(t, got, snapshot("", 1, 2, tag))
+	})
 	t.Run("the generations the state names", func(t *testing.T) {
 		// Activating gen-2 and preparing gen-3: both are kept whole, beside
 		// whatever the store keeps of gen-1.
@@ -160,5 +196,39 @@ func testStore(t *testing.T, newStore func(t *testing.T) rotation.Store) {
 			t.Fatal(err)
 		}
 		holds(t, got, snapshot("", 2, 3, "a"))
+	})
+	t.Run("a manager over it", func(t *testing.T) {
+		// The first generation is created once however many replicas start
+		// together; all of them then serve it.
+		s := newStore(t)
+		var certs [4][]byte
+		errs := make(chan error, len(certs))
+		for i := range certs {
+			go func() {
+				m, err := rotation.New(rotation.Config{Store: s, TrustDomain: td, Log: quiet})
+				if err == nil {
+					var st rotation.State
+					if st, err = m.ReadState(ctx); err == nil && st.Active != 1 {
+						err = fmt.Errorf("state %+v", st)
+					}
+					mat, _, merr := m.Certificates(ctx, t0)
+					if err == nil && merr == nil {
+						certs[i] = mat.Cert.Raw
+					}
+					err = errors.Join(err, merr)
+				}
+				errs <- err
+			}()
+		}
+		for range certs {
+			if err := <-errs; err != nil {
+				t.Fatal(err)
+			}
+		}
+		for i := range certs {
+			if !bytes.Equal(certs[i], certs[0]) {
+				t.Fatal("replicas starting together serve different CAs")
+			}
+		}
 	})
 }
