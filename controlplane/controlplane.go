@@ -135,6 +135,16 @@ func (cp *ControlPlane) IsLeader() bool { return cp.elector == nil || cp.elector
 // Rotation is the CA rotation manager.
 func (cp *ControlPlane) Rotation() *rotation.Manager { return cp.rotation }
 
+// XDSPushes counts the configurations the xDS server has pushed: the first
+// load and every change of the mesh or the policies. Zero without an xDS
+// server.
+func (cp *ControlPlane) XDSPushes() uint64 {
+	if cp.xds == nil {
+		return 0
+	}
+	return cp.xds.Pushes()
+}
+
 // Addrs are the bound addresses, useful when listening on port 0.
 type Addrs struct {
 	CA, Monitoring, Bundle net.Addr

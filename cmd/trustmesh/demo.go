@@ -5,7 +5,7 @@ import (
 
 	"github.com/spf13/cobra"
 
-	"github.com/trustmesh/trustmesh/xds/demo"
+	"github.com/trustmesh/trustmesh/demo"
 )
 
 func newDemoCmd() *cobra.Command {

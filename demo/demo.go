@@ -1,5 +1,6 @@
 // Package demo runs a mesh on one machine: the control plane (the CA and
-// the xDS server), two workload agents enrolled with join tokens, and two
+// the xDS server on its port), built from controlplane.Config as `trustmesh
+// serve` builds it, two workload agents enrolled with join tokens, and two
 // proxyless grpc-go workloads, an echo server and its client, that get
 // their certificates from the agents (--cert-dir files) and their
 // configuration, mTLS and RBAC included, from the xDS server. It prints,
@@ -9,10 +10,6 @@ package demo
 
 import (
 	"context"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
-	"crypto/tls"
 	"crypto/x509"
 	"encoding/json"
 	"encoding/pem"
@@ -27,24 +24,19 @@ import (
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
-	"golang.org/x/sync/errgroup"
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
 	xdscreds "google.golang.org/grpc/credentials/xds"
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/status"
 	grpcxds "google.golang.org/grpc/xds"
-	"k8s.io/utils/clock"
 
 	"github.com/trustmesh/trustmesh/agent"
-	"github.com/trustmesh/trustmesh/authz/source"
-	"github.com/trustmesh/trustmesh/ca"
-	"github.com/trustmesh/trustmesh/ca/authn"
+	"github.com/trustmesh/trustmesh/ca/admin"
 	"github.com/trustmesh/trustmesh/controlplane"
+	"github.com/trustmesh/trustmesh/internal/run"
 	"github.com/trustmesh/trustmesh/mesh"
-	"github.com/trustmesh/trustmesh/xds"
 	"github.com/trustmesh/trustmesh/xds/proxyconfig"
 )
 
@@ -73,6 +65,9 @@ const (
 	clientSA   = "client"
 	echoTarget = "xds:///echo.demo.svc.cluster.local:7070"
 )
+
+// trustDomain is the demo's, as examples/mesh names its workloads.
+const trustDomain = "cluster.local"
 
 // Run runs the demo until ctx ends, which is a clean exit.
 func Run(ctx context.Context, cfg Config) (err error) {
@@ -113,76 +108,82 @@ func Run(ctx context.Context, cfg Config) (err error) {
 		}
 	}
 
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
 	out := &printer{w: cfg.Out}
-	g, gctx := errgroup.WithContext(ctx)
 
-	// The control plane: the CA, and the xDS server on its own port (the
-	// CA's port once controlplane serves it).
-	cp, err := controlplane.New(gctx, controlplane.Config{
-		DataDir:    filepath.Join(cfg.WorkDir, "data"),
-		Listen:     controlplane.ListenConfig{CA: "127.0.0.1:0", Monitoring: "127.0.0.1:0"},
-		Kubernetes: controlplane.KubernetesConfig{Mode: controlplane.KubernetesOff},
-		CA:         controlplane.CAConfig{MinWorkloadTTL: cfg.CertTTL},
-		Log:        cfg.Log,
+	// The control plane, as `trustmesh serve` runs it off Kubernetes: the
+	// CA, and on its port the xDS server, from the mesh and policy
+	// directories.
+	dataDir := admin.DataDir(filepath.Join(cfg.WorkDir, "data"))
+	cp, err := controlplane.New(ctx, controlplane.Config{
+		DataDir:     string(dataDir),
+		TrustDomain: trustDomain,
+		Listen:      controlplane.ListenConfig{CA: "127.0.0.1:0", Monitoring: "127.0.0.1:0", Authz: "off"},
+		CA:          controlplane.CAConfig{MinWorkloadTTL: cfg.CertTTL},
+		XDS:         controlplane.XDSConfig{MeshDir: cfg.MeshDir, AuthzAddress: "127.0.0.1:9191"},
+		Authz:       controlplane.AuthzConfig{PolicyDir: cfg.PoliciesDir},
+		Kubernetes:  controlplane.KubernetesConfig{Mode: controlplane.KubernetesOff},
+		Log:         cfg.Log,
 	})
 	if err != nil {
 		return fmt.Errorf("demo: %w", err)
 	}
-	g.Go(func() error { return cp.Run(gctx) })
-	td := cp.Authority.TrustDomain()
-	cpID := spiffeid.RequireFromSegments(td, "ns", controlplane.DefaultNamespace, "sa", "trustmesh")
-	feed, err := source.NewFeed(source.FeedConfig{Policies: &source.Dir{Path: cfg.PoliciesDir, DefaultNamespace: "default"}, Log: cfg.Log})
-	if err != nil {
-		return fmt.Errorf("demo: %w", err)
-	}
-	g.Go(func() error { return feed.Run(gctx) })
-	srv, err := xds.New(xds.Config{
-		Bundle: cp.Authority, Mesh: &mesh.Dir{Path: cfg.MeshDir},
-		Policies: feed,
-		Proxy:    proxyconfig.Config{TrustDomain: td, AuthzHost: "127.0.0.1", AuthzPort: 9191, AuthzID: cpID},
-		Log:      cfg.Log,
+	err = run.Tasks(ctx, cp.Run, func(ctx context.Context) error {
+		return runMesh(ctx, cfg, out, dataDir, cp, echo, client, echoAddr)
 	})
+	if ctx.Err() != nil && (err == nil || errors.Is(err, context.Canceled)) {
+		out.say("stopped")
+		return nil
+	}
+	return err
+}
+
+// runMesh runs two agents, enrolled with join tokens and writing --cert-dir
+// files, and the workloads that use them. The bundle and the tokens come
+// from the CA's operator API, as `trustmesh ca bundle` and `trustmesh ca
+// token` give them.
+func runMesh(ctx context.Context, cfg Config, out *printer, dataDir admin.DataDir, cp *controlplane.ControlPlane, echo, client *mesh.Workload, echoAddr string) error {
+	addrs := cp.Addrs()
+	jo := admin.JournalOptions{Log: cfg.Log}
+	tb, err := admin.TrustBundle(ctx, dataDir, jo, "")
 	if err != nil {
 		return fmt.Errorf("demo: %w", err)
 	}
-	xdsAddr, serveXDS, err := xdsServer(gctx, cp, srv, cpID)
-	if err != nil {
-		return err
-	}
-	g.Go(func() error { return srv.Run(gctx) })
-	g.Go(serveXDS)
-
-	// Two agents, enrolled with join tokens, writing --cert-dir files.
 	bundle := filepath.Join(cfg.WorkDir, "ca-bundle.pem")
-	if err := writeRoots(bundle, cp.Authority.Current().Roots); err != nil {
+	if err := writeRoots(bundle, tb.X509Authorities()); err != nil {
 		return err
 	}
-	tokens := &authn.JoinTokens{TrustDomain: td, Store: cp.Journal, Clock: clock.RealClock{}}
 	dirs := map[string]string{}
+	var tasks []run.Task
 	for _, w := range []struct{ pod, sa string }{{echoPod, echoSA}, {clientPod, clientSA}} {
-		id := spiffeid.RequireFromSegments(td, "ns", namespace, "sa", w.sa)
-		tok, _, err := tokens.Create(gctx, id, 10*time.Minute)
+		id := spiffeid.RequireFromSegments(tb.TrustDomain(), "ns", namespace, "sa", w.sa)
+		tok, err := admin.CreateJoinToken(ctx, dataDir, jo, id.String(), 10*time.Minute)
 		if err != nil {
 			return fmt.Errorf("demo: join token for %s: %w", id, err)
 		}
 		dir := filepath.Join(cfg.WorkDir, w.pod)
 		dirs[w.pod] = dir
 		acfg := agent.Config{
-			CAAddress: cp.Addrs().CA.String(), CABundleFile: bundle, JoinToken: tok, CertTTL: cfg.CertTTL,
+			CAAddress: addrs.CA.String(), CABundleFile: bundle, JoinToken: tok, CertTTL: cfg.CertTTL,
 			SocketPath: filepath.Join(cfg.WorkDir, w.pod+".sock"), CertDir: dir, Logger: cfg.Log,
 		}
-		g.Go(func() error { return agent.Run(gctx, acfg) })
+		tasks = append(tasks, func(ctx context.Context) error { return agent.Run(ctx, acfg) })
 		out.say("agent for %s enrolled with a join token; certificates in %s", id, dir)
 	}
+	return run.Tasks(ctx, append(tasks, func(ctx context.Context) error {
+		return runWorkloads(ctx, cfg, out, cp, dirs, echo, client, echoAddr)
+	})...)
+}
+
+// runWorkloads runs the echo server and its client, proxyless grpc-go over
+// xDS from the control plane's CA port, once the agents have written their
+// certificates, and prints what happens until ctx ends.
+func runWorkloads(ctx context.Context, cfg Config, out *printer, cp *controlplane.ControlPlane, dirs map[string]string, echo, client *mesh.Workload, echoAddr string) error {
 	for _, pod := range []string{echoPod, clientPod} {
-		if err := waitForFile(gctx, filepath.Join(dirs[pod], "cert-chain.pem")); err != nil {
+		if err := waitForFile(ctx, filepath.Join(dirs[pod], "cert-chain.pem")); err != nil {
 			return err
 		}
 	}
-
-	// The echo server and its client, proxyless grpc-go over xDS.
+	xdsAddr := cp.Addrs().CA.String()
 	bootstrap := func(pod, sa string, labels map[string]string) []byte {
 		return bootstrapJSON(xdsAddr, dirs[pod], fmt.Sprintf("sidecar~127.0.0.1~%s.%s~%s.svc.cluster.local", pod, namespace, namespace), sa, labels)
 	}
@@ -199,37 +200,36 @@ func Run(ctx context.Context, cfg Config) (err error) {
 	if err != nil {
 		return fmt.Errorf("demo: the echo workload listens on %s: %w", echoAddr, err)
 	}
-	g.Go(func() error {
-		go func() { <-gctx.Done(); echoSrv.Stop() }()
-		if err := echoSrv.Serve(lis); err != nil && gctx.Err() == nil {
-			return fmt.Errorf("demo: echo server: %w", err)
-		}
-		return nil
-	})
 	resolver, err := grpcxds.NewXDSResolverWithConfigForTesting(bootstrap(clientPod, clientSA, client.Labels))
 	if err != nil {
+		lis.Close()
 		return fmt.Errorf("demo: %w", err)
 	}
 	ccreds, err := xdscreds.NewClientCredentials(xdscreds.ClientOptions{FallbackCreds: insecure.NewCredentials()})
 	if err != nil {
+		lis.Close()
 		return fmt.Errorf("demo: %w", err)
 	}
 	conn, err := grpc.NewClient(echoTarget, grpc.WithTransportCredentials(ccreds), grpc.WithResolvers(resolver))
 	if err != nil {
+		lis.Close()
 		return fmt.Errorf("demo: %w", err)
 	}
 	defer conn.Close()
 	out.say("echo listens on %s; the client calls %s every %s. Edit %s to change who may call.", echoAddr, echoTarget, cfg.Interval, cfg.PoliciesDir)
 
-	g.Go(func() error { return watchRotations(gctx, out, dirs, cfg.Interval) })
-	g.Go(func() error { return watchPushes(gctx, out, srv, cfg.Interval) })
-	g.Go(func() error { return call(gctx, out, healthpb.NewHealthClient(conn), cfg.Interval) })
-	err = g.Wait()
-	if ctx.Err() != nil && (err == nil || errors.Is(err, context.Canceled)) {
-		out.say("stopped")
-		return nil
-	}
-	return err
+	return run.Tasks(ctx,
+		func(ctx context.Context) error {
+			go func() { <-ctx.Done(); echoSrv.Stop() }()
+			if err := echoSrv.Serve(lis); err != nil && ctx.Err() == nil {
+				return fmt.Errorf("demo: echo server: %w", err)
+			}
+			return nil
+		},
+		func(ctx context.Context) error { return watchRotations(ctx, out, dirs, cfg.Interval) },
+		func(ctx context.Context) error { return watchPushes(ctx, out, cp, cfg.Interval) },
+		func(ctx context.Context) error { return call(ctx, out, healthpb.NewHealthClient(conn), cfg.Interval) },
+	)
 }
 
 type printer struct {
@@ -241,48 +241,6 @@ func (p *printer) say(format string, args ...any) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	fmt.Fprintf(p.w, "%s  %s\n", time.Now().Format("15:04:05"), fmt.Sprintf(format, args...))
-}
-
-// xdsServer serves the xDS server over TLS with a control-plane
-// certificate, requesting (and leaving to the xDS server to verify)
-// client certificates, as the CA's port does.
-func xdsServer(ctx context.Context, cp *controlplane.ControlPlane, srv *xds.Server, id spiffeid.ID) (string, func() error, error) {
-	cert, err := servingCert(ctx, cp, id)
-	if err != nil {
-		return "", nil, err
-	}
-	gs := grpc.NewServer(grpc.Creds(credentials.NewTLS(&tls.Config{
-		Certificates: []tls.Certificate{cert}, ClientAuth: tls.RequestClientCert, MinVersion: tls.VersionTLS12,
-	})))
-	srv.Register(gs)
-	lis, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return "", nil, fmt.Errorf("demo: xDS listener: %w", err)
-	}
-	return lis.Addr().String(), func() error {
-		go func() { <-ctx.Done(); gs.Stop() }()
-		if err := gs.Serve(lis); err != nil && ctx.Err() == nil {
-			return fmt.Errorf("demo: xDS server: %w", err)
-		}
-		return nil
-	}, nil
-}
-
-func servingCert(ctx context.Context, cp *controlplane.ControlPlane, id spiffeid.ID) (tls.Certificate, error) {
-	key, err := newKey()
-	if err != nil {
-		return tls.Certificate{}, err
-	}
-	issued, err := cp.CA.IssueServing(ctx, ca.ServingRequest{ID: id, DNSNames: []string{"localhost"},
-		IPs: []net.IP{net.IPv4(127, 0, 0, 1)}, PublicKey: key.Public(), TTL: 24 * time.Hour})
-	if err != nil {
-		return tls.Certificate{}, fmt.Errorf("demo: xDS serving certificate: %w", err)
-	}
-	cert := tls.Certificate{PrivateKey: key, Leaf: issued.Leaf, Certificate: [][]byte{issued.Leaf.Raw}}
-	for _, c := range issued.Chain {
-		cert.Certificate = append(cert.Certificate, c.Raw)
-	}
-	return cert, nil
 }
 
 func writeRoots(path string, roots []*x509.Certificate) error {
@@ -370,7 +328,7 @@ func call(ctx context.Context, out *printer, c healthpb.HealthClient, every time
 }
 
 // watchPushes prints every configuration push (a policy or mesh edit).
-func watchPushes(ctx context.Context, out *printer, srv *xds.Server, every time.Duration) error {
+func watchPushes(ctx context.Context, out *printer, cp *controlplane.ControlPlane, every time.Duration) error {
 	t := time.NewTicker(every / 4)
 	defer t.Stop()
 	var last uint64
@@ -380,7 +338,7 @@ func watchPushes(ctx context.Context, out *printer, srv *xds.Server, every time.
 			return nil
 		case <-t.C:
 		}
-		if p := srv.Pushes(); p != last {
+		if p := cp.XDSPushes(); p != last {
 			if last != 0 {
 				out.say("xDS push %d: the policies or the mesh changed; new RBAC sent to the workloads", p)
 			}
@@ -434,12 +392,4 @@ func readLeaf(path string) (*x509.Certificate, error) {
 		return nil, errors.New("no URI")
 	}
 	return c, nil
-}
-
-func newKey() (*ecdsa.PrivateKey, error) {
-	k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		return nil, fmt.Errorf("demo: %w", err)
-	}
-	return k, nil
 }

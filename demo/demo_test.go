@@ -11,7 +11,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/trustmesh/trustmesh/xds/demo"
+	"github.com/trustmesh/trustmesh/demo"
 )
 
 // lines collects the demo's output and lets the test wait for a line.
@@ -66,7 +66,7 @@ func copyFile(t *testing.T, from, to string, replace ...string) {
 
 // TestDemo runs the demo on the example mesh (on a free port): calls
 // succeed over mTLS with certificates from real agents, an edit of the
-// policy file turns them into PermissionDenied and back, and cancelling
+// policy file is pushed and turns them into PermissionDenied and back, and cancelling
 // stops everything cleanly.
 func TestDemo(t *testing.T) {
 	l, err := net.Listen("tcp", "127.0.0.1:0")
@@ -76,9 +76,9 @@ func TestDemo(t *testing.T) {
 	port := fmt.Sprint(l.Addr().(*net.TCPAddr).Port)
 	l.Close()
 	meshDir, polDir := t.TempDir(), t.TempDir()
-	copyFile(t, "../../examples/mesh/demo.yaml", filepath.Join(meshDir, "demo.yaml"), "17070", port)
+	copyFile(t, "../examples/mesh/demo.yaml", filepath.Join(meshDir, "demo.yaml"), "17070", port)
 	policy := filepath.Join(polDir, "echo.yaml")
-	copyFile(t, "../../examples/mesh/policies/echo.yaml", policy)
+	copyFile(t, "../examples/mesh/policies/echo.yaml", policy)
 
 	out := &lines{added: make(chan struct{}, 1)}
 	ctx, cancel := context.WithCancel(context.Background())
@@ -94,6 +94,7 @@ func TestDemo(t *testing.T) {
 	}()
 	at := out.waitFor(t, 0, "OK over mTLS")
 	copyFile(t, policy, policy, "sa/client\"", "sa/someone-else\"")
+	out.waitFor(t, at, "xDS push")
 	at = out.waitFor(t, at, "PermissionDenied")
 	copyFile(t, policy, policy, "sa/someone-else\"", "sa/client\"")
 	out.waitFor(t, at, "OK over mTLS")
