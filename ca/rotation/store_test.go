@@ -18,6 +18,10 @@ import (
 
 var apiserver kubeapi.Shared
 
+// namespaces numbers the namespaces of the SecretStore tests, which share
+// one apiserver however often they run.
+var namespaces atomic.Int64
+
 // TestMain stops the shared kube-apiserver and fails a passing run that
 // leaves goroutines running (Run's loop among them).
 func TestMain(m *testing.M) { apiserver.Main(m) }
@@ -30,9 +34,8 @@ func TestStores(t *testing.T) {
 	})
 	t.Run("SecretStore", func(t *testing.T) {
 		client := kubernetes.NewForConfigOrDie(apiserver.Config(t))
-		var n atomic.Int64
 		testStore(t, func(t *testing.T) rotation.Store {
-			ns := fmt.Sprintf("rotation-%d", n.Add(1))
+			ns := fmt.Sprintf("rotation-%d", namespaces.Add(1))
 			if _, err := client.CoreV1().Namespaces().Create(context.Background(),
 				&corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}, metav1.CreateOptions{}); err != nil {
 				t.Fatal(err)
