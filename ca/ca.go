@@ -34,8 +34,10 @@ const (
 	DefaultTTL    = time.Hour
 	DefaultMinTTL = 5 * time.Minute
 	DefaultMaxTTL = 24 * time.Hour
-	// leafBackdate covers small clock skew between the CA and its peers.
-	leafBackdate = 30 * time.Second
+	// DefaultBackdate is how far before issuance a workload certificate
+	// becomes valid, to cover small clock skew between the CA and its
+	// peers.
+	DefaultBackdate = 30 * time.Second
 )
 
 // Caller is an authenticated caller: who it is and how it proved it.
@@ -80,6 +82,11 @@ type Config struct {
 	// DefaultTTL applies when a caller asks for no lifetime; MinTTL and
 	// MaxTTL clamp what callers ask for.
 	DefaultTTL, MinTTL, MaxTTL time.Duration
+	// Backdate is how far before issuance workload certificates become
+	// valid. Default DefaultBackdate. It counts in a certificate's life:
+	// an agent that renews at half-life renews (TTL-Backdate)/2 after
+	// issuance, so it must stay well below MinTTL.
+	Backdate time.Duration
 	// Reserved identities are never issued to workloads, whatever they
 	// prove: the control plane's own, which xDS clients pin.
 	Reserved []spiffeid.ID
@@ -104,6 +111,9 @@ func New(cfg Config) (*CA, error) {
 	if cfg.Clock == nil {
 		cfg.Clock = clock.RealClock{}
 	}
+	if cfg.Backdate == 0 {
+		cfg.Backdate = DefaultBackdate
+	}
 	var errs []error
 	if cfg.TrustDomain.IsZero() {
 		errs = append(errs, errors.New("a trust domain is required"))
@@ -119,6 +129,9 @@ func New(cfg Config) (*CA, error) {
 	}
 	if cfg.DefaultTTL < cfg.MinTTL || cfg.DefaultTTL > cfg.MaxTTL {
 		errs = append(errs, fmt.Errorf("default workload TTL %s is outside [%s, %s]", cfg.DefaultTTL, cfg.MinTTL, cfg.MaxTTL))
+	}
+	if cfg.Backdate < 0 {
+		errs = append(errs, fmt.Errorf("workload certificate backdate %s must not be negative", cfg.Backdate))
 	}
 	if len(errs) > 0 {
 		return nil, fmt.Errorf("ca: %w", errors.Join(errs...))
@@ -228,7 +241,7 @@ func (c *CA) issue(ctx context.Context, caller Caller, tmpl *x509.Certificate, p
 		notAfter = m.Cert.NotAfter
 	}
 	tmpl.SerialNumber = serial
-	tmpl.NotBefore = now.Add(-leafBackdate)
+	tmpl.NotBefore = now.Add(-c.cfg.Backdate)
 	tmpl.NotAfter = notAfter
 	tmpl.ExtKeyUsage = []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth}
 	tmpl.BasicConstraintsValid = true
