@@ -26,7 +26,7 @@ func (cp *ControlPlane) newAuthz(v *validated) (*authzd.Service, error) {
 		ClientAuth:     tls.RequireAnyClientCert,
 		NextProtos:     []string{"h2"},
 		VerifyPeerCertificate: func(raw [][]byte, _ [][]*x509.Certificate) error {
-			_, _, err := x509svid.ParseAndVerify(raw, cp.Authority, x509svid.WithTime(v.Clock.Now()))
+			_, _, err := x509svid.ParseAndVerify(raw, cp.authority, x509svid.WithTime(v.Clock.Now()))
 			return err
 		},
 	}

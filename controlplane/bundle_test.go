@@ -21,7 +21,7 @@ import (
 func TestWatchBundle(t *testing.T) {
 	e := start(t, nil)
 	roots := x509.NewCertPool()
-	roots.AddCert(e.cp.Authority.Current().Roots[0])
+	roots.AddCert(e.cp.Authority().Current().Roots[0])
 	conn, err := grpc.NewClient(e.cp.Addrs().CA.String(), grpc.WithTransportCredentials(credentials.NewTLS(
 		&tls.Config{RootCAs: roots, ServerName: "localhost", Time: e.clock.Now})))
 	if err != nil {
@@ -38,11 +38,11 @@ func TestWatchBundle(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := e.cp.Authority.Current().Roots
+	want := e.cp.Authority().Current().Roots
 	if first.TrustDomain != "cluster.local" || len(first.X509Authorities) != len(want) || string(first.X509Authorities[0]) != string(want[0].Raw) {
 		t.Fatalf("first bundle = %v; want the CA's roots", first)
 	}
-	e.cp.Authority.Replace(e.cp.Authority.Current())
+	e.cp.Authority().Replace(e.cp.Authority().Current())
 	second, err := stream.Recv()
 	if err != nil {
 		t.Fatal(err)
@@ -59,11 +59,11 @@ func TestBundleEndpoint(t *testing.T) {
 	td := spiffeid.RequireTrustDomainFromString("cluster.local")
 	endpointID := spiffeid.RequireFromString("spiffe://cluster.local/ns/trustmesh-system/sa/trustmesh")
 	b, err := federation.FetchBundle(context.Background(), td, "https://"+e.cp.Addrs().Bundle.String(),
-		federation.WithSPIFFEAuth(e.cp.Authority, endpointID))
+		federation.WithSPIFFEAuth(e.cp.Authority(), endpointID))
 	if err != nil {
 		t.Fatal(err)
 	}
-	if got := b.X509Authorities(); len(got) != 1 || !got[0].Equal(e.cp.Authority.Current().Roots[0]) {
+	if got := b.X509Authorities(); len(got) != 1 || !got[0].Equal(e.cp.Authority().Current().Roots[0]) {
 		t.Fatalf("endpoint served %d authorities, want the CA's root", len(got))
 	}
 }

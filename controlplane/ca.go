@@ -34,7 +34,7 @@ func (cp *ControlPlane) openJournal(ctx context.Context, v *validated) (err erro
 		cp.witness = journal.NewExportWitness(v.Journal.Witness, v.Log)
 		jo.Witness = cp.witness
 	}
-	if cp.Journal, _, err = dir.OpenJournal(ctx, v.td.Name(), jo, false); err != nil {
+	if cp.journal, _, err = dir.OpenJournal(ctx, v.td.Name(), jo, false); err != nil {
 		return err
 	}
 	return nil
@@ -56,7 +56,7 @@ func (cp *ControlPlane) newAuthority(ctx context.Context, v *validated) (err err
 	}
 	if cp.rotation, err = rotation.New(rotation.Config{
 		Store: store, IsLeader: isLeader,
-		Dir: dir.CADir(), TrustDomain: v.td, Recorder: cp.Journal, Clock: v.Clock, Log: v.Log,
+		Dir: dir.CADir(), TrustDomain: v.td, Recorder: cp.journal, Clock: v.Clock, Log: v.Log,
 		MaxWorkloadTTL: v.CA.MaxWorkloadTTL, Interval: v.Rotation.Interval, Automatic: !v.Rotation.Manual,
 		IntermediateLifetime: v.Rotation.IntermediateTTL, RootLifetime: v.Rotation.RootTTL,
 		RootPropagation: v.Rotation.RootPropagation,
@@ -74,9 +74,9 @@ func (cp *ControlPlane) newAuthority(ctx context.Context, v *validated) (err err
 	if err != nil {
 		return err
 	}
-	cp.Authority = authority.New(v.td, material)
-	if cp.CA, err = ca.New(ca.Config{
-		TrustDomain: v.td, Authority: cp.Authority, Recorder: cp.Journal, Clock: v.Clock,
+	cp.authority = authority.New(v.td, material)
+	if cp.ca, err = ca.New(ca.Config{
+		TrustDomain: v.td, Authority: cp.authority, Recorder: cp.journal, Clock: v.Clock,
 		DefaultTTL: v.CA.DefaultWorkloadTTL, MinTTL: v.CA.MinWorkloadTTL, MaxTTL: v.CA.MaxWorkloadTTL,
 		Reserved: []spiffeid.ID{v.cpID},
 	}); err != nil {
@@ -90,9 +90,9 @@ func (cp *ControlPlane) newAuthority(ctx context.Context, v *validated) (err err
 func (cp *ControlPlane) newAuthenticator(v *validated) (*authn.Authenticator, error) {
 	authenticator := &authn.Authenticator{
 		TrustDomain: v.td,
-		JoinTokens:  &authn.JoinTokens{TrustDomain: v.td, Store: cp.Journal, Clock: v.Clock},
+		JoinTokens:  &authn.JoinTokens{TrustDomain: v.td, Store: cp.journal, Clock: v.Clock},
 		Renewal: &authn.Renewal{
-			TrustDomain: v.td, Bundle: cp.Authority, Store: cp.Journal,
+			TrustDomain: v.td, Bundle: cp.authority, Store: cp.journal,
 			MaxEnrolmentAge: v.CA.MaxEnrolmentAge, Clock: v.Clock,
 		},
 	}
@@ -111,13 +111,13 @@ func (cp *ControlPlane) newAuthenticator(v *validated) (*authn.Authenticator, er
 // newCAServer builds the CA port's gRPC server with the control plane's
 // serving certificate and registers the certificate service on it.
 func (cp *ControlPlane) newCAServer(ctx context.Context, v *validated, authenticator *authn.Authenticator) (err error) {
-	cp.refusals = journal.NewRefusalLog(journal.RefusalLogConfig{Appender: cp.Journal, Clock: v.Clock, Log: v.Log})
+	cp.refusals = journal.NewRefusalLog(journal.RefusalLogConfig{Appender: cp.journal, Clock: v.Clock, Log: v.Log})
 	cp.registry.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-	metrics := server.NewMetrics(cp.registry, cp.Authority.Current)
+	metrics := server.NewMetrics(cp.registry, cp.authority.Current)
 
 	if cp.serving, err = server.NewServingCert(ctx, server.ServingCertConfig{
-		Issuer: cp.CA, ID: v.cpID, DNSNames: v.dns, IPs: v.ips, Clock: v.Clock, Log: v.Log,
-		Issuing: func() *x509.Certificate { return cp.Authority.Current().Cert },
+		Issuer: cp.ca, ID: v.cpID, DNSNames: v.dns, IPs: v.ips, Clock: v.Clock, Log: v.Log,
+		Issuing: func() *x509.Certificate { return cp.authority.Current().Cert },
 	}); err != nil {
 		return err
 	}
@@ -126,7 +126,7 @@ func (cp *ControlPlane) newCAServer(ctx context.Context, v *validated, authentic
 	cp.grpc = grpc.NewServer(append([]grpc.ServerOption{grpc.Creds(credentials.NewTLS(cp.serving.TLSConfig())),
 		grpc.MaxRecvMsgSize(256 << 10), grpc.MaxConcurrentStreams(1024)}, v.Listen.Connections.GRPCOptions()...)...)
 	pb.RegisterIstioCertificateServiceServer(cp.grpc, server.NewCertificateService(server.CertificateServiceConfig{
-		Issuer: cp.CA, Authenticator: authenticator, Refusals: cp.refusals, Metrics: metrics, Clock: v.Clock, Log: v.Log,
+		Issuer: cp.ca, Authenticator: authenticator, Refusals: cp.refusals, Metrics: metrics, Clock: v.Clock, Log: v.Log,
 	}))
 	return nil
 }

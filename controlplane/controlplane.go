@@ -29,9 +29,9 @@ import (
 // ControlPlane is a loaded control plane with its listeners bound.
 type ControlPlane struct {
 	cfg       *validated
-	Authority *authority.Authority
-	CA        *ca.CA
-	Journal   *journal.Store
+	authority *authority.Authority
+	ca        *ca.CA
+	journal   *journal.Store
 	refusals  *journal.RefusalLog
 	cluster   *cluster // the API server, on Kubernetes
 	witness   *journal.ExportWitness
@@ -94,7 +94,7 @@ func New(ctx context.Context, cfg Config) (_ *ControlPlane, err error) {
 		cp.xds.Register(cp.grpc)
 	}
 	cp.stopping = make(chan struct{})
-	cav1.RegisterTrustBundleServiceServer(cp.grpc, &server.BundleService{Bundles: cp.Authority, Done: cp.stopping})
+	cav1.RegisterTrustBundleServiceServer(cp.grpc, &server.BundleService{Bundles: cp.authority, Done: cp.stopping})
 
 	if cp.authz, err = cp.newAuthz(v); err != nil {
 		return nil, err

@@ -80,7 +80,7 @@ func TestRenewal(t *testing.T) {
 		if c.chain[0].SerialNumber.Cmp(first.SerialNumber) == 0 {
 			t.Fatal("renewal returned the same certificate")
 		}
-		rec, err := e.cp.Journal.LookupIssuance(ctx, c.chain[0].SerialNumber.Text(16))
+		rec, err := e.cp.Journal().LookupIssuance(ctx, c.chain[0].SerialNumber.Text(16))
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -129,7 +129,7 @@ func (c *client) csr(t *testing.T, id string) string {
 func (e *env) dial(c *client, serverName string) pb.IstioCertificateServiceClient {
 	e.t.Helper()
 	roots := x509.NewCertPool()
-	for _, r := range e.cp.Authority.Current().Roots {
+	for _, r := range e.cp.Authority().Current().Roots {
 		roots.AddCert(r)
 	}
 	cfg := &tls.Config{RootCAs: roots, ServerName: serverName, Time: e.clock.Now, MinVersion: tls.VersionTLS12}
@@ -189,7 +189,7 @@ func (e *env) checkResponse(resp *pb.IstioCertificateResponse, want spiffeid.ID)
 		e.t.Fatalf("chain has %d certificates, want leaf, intermediate and root", len(certs))
 	}
 	root := certs[2]
-	if !root.Equal(e.cp.Authority.Current().Roots[0]) {
+	if !root.Equal(e.cp.Authority().Current().Roots[0]) {
 		e.t.Fatal("the last element of the chain is not the root")
 	}
 	roots, inter := x509.NewCertPool(), x509.NewCertPool()
@@ -250,7 +250,7 @@ func openPostgres(t *testing.T, dsn string) *sql.DB {
 
 func rootPool(e *env) *x509.CertPool {
 	p := x509.NewCertPool()
-	for _, r := range e.cp.Authority.Current().Roots {
+	for _, r := range e.cp.Authority().Current().Roots {
 		p.AddCert(r)
 	}
 	return p

@@ -29,11 +29,11 @@ func (cp *ControlPlane) newInjector(v *validated) error {
 		return fmt.Errorf("controlplane: %w", err)
 	}
 	client := cp.cluster.kube
-	patcher, err := cabundle.NewWebhookPatcher(cabundle.WebhookConfig{Client: client, Name: v.Injector.WebhookConfig, Bundle: cp.Authority, Log: v.Log})
+	patcher, err := cabundle.NewWebhookPatcher(cabundle.WebhookConfig{Client: client, Name: v.Injector.WebhookConfig, Bundle: cp.authority, Log: v.Log})
 	if err != nil {
 		return fmt.Errorf("controlplane: %w", err)
 	}
-	publisher, err := cabundle.NewRootCertPublisher(cabundle.RootCertConfig{Client: client, Bundle: cp.Authority, Log: v.Log})
+	publisher, err := cabundle.NewRootCertPublisher(cabundle.RootCertConfig{Client: client, Bundle: cp.authority, Log: v.Log})
 	if err != nil {
 		return fmt.Errorf("controlplane: %w", err)
 	}

@@ -156,7 +156,7 @@ func TestRewrittenJournalRowMintsNoIdentity(t *testing.T) {
 			ctx := context.Background()
 			vm := newClient(t)
 			e.obtain(vm, e.token(vmID, 10*time.Minute), vmID)
-			size, err := e.cp.Journal.Size(ctx)
+			size, err := e.cp.Journal().Size(ctx)
 			if err != nil || size < 3 {
 				t.Fatalf("journal size %d, %v; want some history to rewrite", size, err)
 			}
@@ -178,7 +178,7 @@ func TestRewrittenJournalRowMintsNoIdentity(t *testing.T) {
 			if _, err := request(ctx, e.dial(vm, "localhost"), "", vm.csr(t, ""), time.Hour); err == nil {
 				t.Fatal("the CA renewed a certificate over a rewritten journal")
 			}
-			after, err := e.cp.Journal.Size(ctx)
+			after, err := e.cp.Journal().Size(ctx)
 			if err != nil || after != size {
 				t.Fatalf("journal size %d, %v after the rewrite; want %d: nothing appended or signed", after, err, size)
 			}

@@ -14,11 +14,11 @@ func (cp *ControlPlane) readyz(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "not ready", http.StatusServiceUnavailable)
 		return
 	}
-	if err := cp.Journal.Ping(r.Context()); err != nil {
+	if err := cp.journal.Ping(r.Context()); err != nil {
 		http.Error(w, "journal unavailable", http.StatusServiceUnavailable)
 		return
 	}
-	if err := cp.Journal.Integrity(); err != nil {
+	if err := cp.journal.Integrity(); err != nil {
 		// Every issuance fails until an operator acts: not ready.
 		http.Error(w, "journal does not match its signed checkpoints", http.StatusServiceUnavailable)
 		return
@@ -36,7 +36,7 @@ func (cp *ControlPlane) newMonitoring(v *validated) error {
 	cp.monitoring = v.Listen.Connections.HTTPServer(mux)
 
 	if v.Listen.Bundle != "" {
-		h, err := server.FederationHandler(v.td, cp.Authority)
+		h, err := server.FederationHandler(v.td, cp.authority)
 		if err != nil {
 			return fmt.Errorf("controlplane: bundle endpoint: %w", err)
 		}

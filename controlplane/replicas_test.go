@@ -42,8 +42,8 @@ func TestReplicasShareTheCASecret(t *testing.T) {
 	}
 	a := replica()
 	b := replica()
-	if !a.cp.Authority.Current().Anchor.Equal(b.cp.Authority.Current().Anchor) ||
-		!a.cp.Authority.Current().Cert.Equal(b.cp.Authority.Current().Cert) {
+	if !a.cp.Authority().Current().Anchor.Equal(b.cp.Authority().Current().Anchor) ||
+		!a.cp.Authority().Current().Cert.Equal(b.cp.Authority().Current().Cert) {
 		t.Fatal("the replicas serve different CAs")
 	}
 	if _, err := os.Stat(admin.DataDir(a.dataDir).CADir()); !os.IsNotExist(err) {
@@ -60,10 +60,10 @@ func TestReplicasShareTheCASecret(t *testing.T) {
 	if err := a.cp.Rotation().Prepare(ctx, true); err != nil {
 		t.Fatal(err)
 	}
-	if err := b.cp.Rotation().Reload(ctx, b.cp.Authority.Replace); err != nil {
+	if err := b.cp.Rotation().Reload(ctx, b.cp.Authority().Replace); err != nil {
 		t.Fatal(err)
 	}
-	if got := len(b.cp.Authority.Current().Roots); got != 2 {
+	if got := len(b.cp.Authority().Current().Roots); got != 2 {
 		t.Fatalf("the other replica's bundle has %d roots after a root was prepared; want 2", got)
 	}
 	// Both replicas issue under the same CA.
@@ -77,7 +77,7 @@ func TestReplicasShareTheCASecret(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if got := bundle.X509Authorities(); len(got) != 2 || !got[0].Equal(b.cp.Authority.Current().Roots[0]) && !got[1].Equal(b.cp.Authority.Current().Roots[0]) {
+	if got := bundle.X509Authorities(); len(got) != 2 || !got[0].Equal(b.cp.Authority().Current().Roots[0]) && !got[1].Equal(b.cp.Authority().Current().Roots[0]) {
 		t.Fatalf("ca bundle --ca-secret printed %d roots; want the 2 the replicas trust", len(got))
 	}
 	rep, err := admin.AuditRotation(ctx, admin.DataDir(b.dataDir), o, time.Now(), 24*time.Hour)

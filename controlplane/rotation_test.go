@@ -48,7 +48,7 @@ func (w *workload) setCert() {
 // follow keeps the workload's bundle current from the CA's stream.
 func (w *workload) follow(ctx context.Context, t *testing.T, e *env) {
 	roots := x509.NewCertPool()
-	roots.AddCert(e.cp.Authority.Current().Roots[0])
+	roots.AddCert(e.cp.Authority().Current().Roots[0])
 	conn, err := grpc.NewClient(e.cp.Addrs().CA.String(), grpc.WithTransportCredentials(credentials.NewTLS(
 		&tls.Config{RootCAs: roots, ServerName: "localhost", Time: e.clock.Now})))
 	if err != nil {
@@ -98,7 +98,7 @@ func TestRotationUnderTraffic(t *testing.T) {
 	mgr := e.cp.Rotation()
 	apply := func() {
 		t.Helper()
-		if err := mgr.Reload(ctx, e.cp.Authority.Replace); err != nil {
+		if err := mgr.Reload(ctx, e.cp.Authority().Replace); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -109,7 +109,7 @@ func TestRotationUnderTraffic(t *testing.T) {
 		w := &workload{id: spiffeid.RequireFromString("spiffe://cluster.local" + path), c: newClient(t)}
 		e.obtain(w.c, e.token(w.id, time.Minute), w.id)
 		w.setCert()
-		b, _ := e.cp.Authority.Bundle()
+		b, _ := e.cp.Authority().Bundle()
 		xb, _ := b.GetX509BundleForTrustDomain(w.id.TrustDomain())
 		w.bundle.Store(xb)
 		streams.Add(1)
@@ -193,7 +193,7 @@ func TestRotationUnderTraffic(t *testing.T) {
 		}
 	}
 	waitCalls(20)
-	oldRoot := e.cp.Authority.Current().Anchor
+	oldRoot := e.cp.Authority().Current().Anchor
 
 	// The intermediate: prepare, activate, and the workloads renew under it.
 	if err := mgr.Prepare(ctx, false); err != nil {
@@ -208,7 +208,7 @@ func TestRotationUnderTraffic(t *testing.T) {
 	waitCalls(20)
 	renew()
 	waitCalls(20)
-	if got := server.c.chain[1]; got.Equal(e.cp.Authority.Current().Chain[0]) == false {
+	if got := server.c.chain[1]; got.Equal(e.cp.Authority().Current().Chain[0]) == false {
 		t.Fatal("the renewed certificate is not signed by the new intermediate")
 	}
 
@@ -217,7 +217,7 @@ func TestRotationUnderTraffic(t *testing.T) {
 		t.Fatal(err)
 	}
 	apply()
-	b, _ := e.cp.Authority.Bundle()
+	b, _ := e.cp.Authority().Bundle()
 	want, _ := b.SequenceNumber()
 	for _, w := range []*workload{server, clientW} {
 		deadline := time.Now().Add(30 * time.Second)
@@ -239,7 +239,7 @@ func TestRotationUnderTraffic(t *testing.T) {
 	apply()
 	renew()
 	waitCalls(20)
-	newRoot := e.cp.Authority.Current().Anchor
+	newRoot := e.cp.Authority().Current().Anchor
 	if newRoot.Equal(oldRoot) {
 		t.Fatal("the root did not change")
 	}
@@ -309,30 +309,30 @@ func TestStageOperatorCACerts(t *testing.T) {
 	})
 	c := newClient(t)
 	e.obtain(c, e.token(vmID, time.Minute), vmID)
-	oldRoot := e.cp.Authority.Current().Anchor
+	oldRoot := e.cp.Authority().Current().Anchor
 
 	second := operatorCA(t, e.clock.Now())
 	if _, err := admin.Rotate(ctx, admin.DataDir(e.dataDir), e.jo, admin.RotateRequest{Step: "prepare", CACertsDir: second}); err != nil {
 		t.Fatal(err)
 	}
-	if err := e.cp.Rotation().Reload(ctx, e.cp.Authority.Replace); err != nil {
+	if err := e.cp.Rotation().Reload(ctx, e.cp.Authority().Replace); err != nil {
 		t.Fatal(err)
 	}
-	if n := len(e.cp.Authority.Current().Roots); n != 2 {
+	if n := len(e.cp.Authority().Current().Roots); n != 2 {
 		t.Fatalf("bundle has %d roots after staging a new root; want 2", n)
 	}
-	if !e.cp.Authority.Current().Anchor.Equal(oldRoot) {
+	if !e.cp.Authority().Current().Anchor.Equal(oldRoot) {
 		t.Fatal("the staged CA signs before it is activated")
 	}
 	st, err := admin.Rotate(ctx, admin.DataDir(e.dataDir), e.jo, admin.RotateRequest{Step: "activate", Force: true})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := e.cp.Rotation().Reload(ctx, e.cp.Authority.Replace); err != nil {
+	if err := e.cp.Rotation().Reload(ctx, e.cp.Authority().Replace); err != nil {
 		t.Fatal(err)
 	}
 	e.obtain(c, "", vmID) // renewing with a certificate under the retiring root
-	if !c.chain[1].Equal(e.cp.Authority.Current().Cert) || e.cp.Authority.Current().Anchor.Equal(oldRoot) {
+	if !c.chain[1].Equal(e.cp.Authority().Current().Cert) || e.cp.Authority().Current().Anchor.Equal(oldRoot) {
 		t.Fatal("the activated CA does not sign")
 	}
 	var states []string

@@ -17,12 +17,12 @@ func (cp *ControlPlane) Run(ctx context.Context) error {
 	defer cp.close()
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return cp.refusals.Run(gctx) })
-	g.Go(func() error { return cp.Journal.Watch(gctx) })
+	g.Go(func() error { return cp.journal.Watch(gctx) })
 	if cp.witness != nil {
 		g.Go(func() error { return cp.witness.Run(gctx) })
 	}
 	if cp.rotation != nil {
-		g.Go(func() error { return cp.rotation.Run(gctx, cp.Authority.Replace) })
+		g.Go(func() error { return cp.rotation.Run(gctx, cp.authority.Replace) })
 	}
 	if cp.elector != nil {
 		g.Go(func() error { return cp.elector.Run(gctx) })
@@ -105,8 +105,8 @@ func (cp *ControlPlane) close() {
 			_ = l.Close()
 		}
 	}
-	if cp.Journal != nil {
-		_ = cp.Journal.Close()
+	if cp.journal != nil {
+		_ = cp.journal.Close()
 	}
 }
 

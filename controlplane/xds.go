@@ -26,7 +26,7 @@ func (cp *ControlPlane) newXDS(v *validated) (*xds.Server, error) {
 		return nil, fmt.Errorf("controlplane: authz address %q: %w", v.XDS.AuthzAddress, err)
 	}
 	cfg := xds.Config{
-		Bundle: cp.Authority,
+		Bundle: cp.authority,
 		Proxy: proxyconfig.Config{TrustDomain: v.td, RootNamespace: v.Authz.RootNamespace,
 			AuthzHost: host, AuthzPort: uint32(port), AuthzID: v.cpID, GatewayTrustedHops: v.XDS.GatewayTrustedHops},
 		MaxStreamsPerIdentity: v.XDS.MaxStreamsPerIdentity, MaxNodesPerIdentity: v.XDS.MaxNodesPerIdentity,
