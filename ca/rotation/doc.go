@@ -17,10 +17,15 @@
 // The policy:
 //
 //   - Intermediates: the next intermediate is prepared under the active root
-//     at half the current one's life and activated at two thirds. The trust
-//     bundle does not change; chains carry intermediates.
+//     at half the current one's life and activated at two thirds, or earlier
+//     when that is needed to activate it at least the maximum workload TTL
+//     plus the backdate (plus one check interval) before the current one
+//     expires: a certificate issued just before the switch would otherwise
+//     be cut short to the old intermediate's end. The trust bundle does not
+//     change; chains carry intermediates.
 //   - Roots: the next root (with an intermediate under it) is prepared when
-//     the active root has a fifth of its life left; it enters the trust
+//     the active root has a fifth of its life left, or earlier when that is
+//     needed to activate it in time by the same rule; it enters the trust
 //     bundle at once, so it reaches every agent before anything is signed
 //     under it, and is activated RootPropagation later. The old root stays
 //     in the bundle until every certificate signed under it has expired.

@@ -52,7 +52,8 @@ type Config struct {
 	Clock       clock.WithTicker
 	Log         *slog.Logger
 	// MaxWorkloadTTL bounds how long certificates signed under a retired
-	// root live, so how long it stays in the bundle. Default 24h.
+	// root live, so how long it stays in the bundle, and how long before
+	// its end a CA certificate is replaced. Default 24h.
 	MaxWorkloadTTL time.Duration
 	// IntermediateLifetime and RootLifetime of new CA certificates.
 	// Defaults authority.IntermediateLifetime and authority.RootLifetime.
@@ -109,7 +110,8 @@ func (c Config) Policy() Policy {
 	}
 }
 
-// Validate checks c as New does, collecting every error.
+// Validate checks c as New does, collecting every error: where the CA is
+// kept, and that the policy keeps the cut-short rule (Policy.Validate).
 func (c Config) Validate() error {
 	var errs []error
 	if c.Store == nil && c.Dir == "" {

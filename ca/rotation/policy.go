@@ -27,7 +27,10 @@ type Policy struct {
 	Interval time.Duration
 }
 
-// Validate checks the policy, collecting every error.
+// Validate checks that the policy can keep the cut-short rule: the next CA
+// is active at least MaxWorkloadTTL + Backdate before the active one
+// expires, so that no workload certificate issued before the switch is cut
+// short to the old intermediate's end. Every error is collected.
 func (p Policy) Validate() error {
 	var errs []error
 	for _, d := range []struct {
@@ -48,7 +51,30 @@ func (p Policy) Validate() error {
 	if len(errs) > 0 {
 		return fmt.Errorf("%w: %w", ErrPolicy, errors.Join(errs...))
 	}
+	margin := p.MaxWorkloadTTL + p.Backdate
+	if need := margin + 2*p.Interval; p.IntermediateLifetime <= need {
+		errs = append(errs, fmt.Errorf("the intermediate lifetime %s must exceed %s: the next intermediate must be active the maximum workload TTL %s plus the backdate %s before the current one expires, and preparing and activating it takes two rotation intervals of %s",
+			p.IntermediateLifetime, need, p.MaxWorkloadTTL, p.Backdate, p.Interval))
+	} else if need := margin + p.RootPropagation + 4*p.Interval; p.IntermediateLifetime <= need {
+		errs = append(errs, fmt.Errorf("the intermediate lifetime %s must exceed %s: while a new root propagates (%s), the active intermediate must keep the maximum workload TTL %s plus the backdate %s to its end",
+			p.IntermediateLifetime, need, p.RootPropagation, p.MaxWorkloadTTL, p.Backdate))
+	}
+	if lead := p.rootMinLead(); p.RootLifetime <= lead {
+		errs = append(errs, fmt.Errorf("the root lifetime %s must exceed %s: a new root is prepared, propagated for %s and activated at least the maximum workload TTL %s plus the backdate %s before the active root expires",
+			p.RootLifetime, lead, p.RootPropagation, p.MaxWorkloadTTL, p.Backdate))
+	}
+	if len(errs) > 0 {
+		return fmt.Errorf("%w: %w", ErrPolicy, errors.Join(errs...))
+	}
 	return nil
+}
+
+// rootMinLead is how long before the active root's end the next root must
+// be prepared: propagation, the cut-short margin, and intervals for the
+// steps between (activating a prepared intermediate, rotating one that
+// would not last the propagation, preparing, activating).
+func (p Policy) rootMinLead() time.Duration {
+	return p.MaxWorkloadTTL + p.Backdate + p.RootPropagation + 5*p.Interval
 }
 
 // Action is what the policy does next.
@@ -98,19 +124,29 @@ type Schedule struct {
 	// PrepareIntermediate and ActivateIntermediate are when the next
 	// intermediate is prepared and activated.
 	PrepareIntermediate, ActivateIntermediate time.Time
+	// IntermediateDeadline is the last instant at which the active
+	// intermediate can issue a certificate of MaxWorkloadTTL (backdate
+	// included) that it does not cut short.
+	IntermediateDeadline time.Time
 	// PrepareRoot is when the next root is prepared; zero without a root.
 	PrepareRoot time.Time
 }
 
-// Schedule returns when the policy prepares and activates the CA after a:
-// the next intermediate at half and two thirds of the active one's life,
-// the next root when a fifth of the active root's life is left.
+// Schedule returns when the policy prepares and activates the CA after a.
+//
+// The intermediate is activated at two thirds of its life, or by the
+// deadline less one Interval, whichever comes first, and prepared at half
+// its life, or one Interval before it is activated. The root is prepared
+// when a fifth of its life is left, or earlier by the same rule.
 func (p Policy) Schedule(a Active) Schedule {
 	in := a.Intermediate
 	life := in.NotAfter.Sub(in.NotBefore)
-	s := Schedule{PrepareIntermediate: in.NotBefore.Add(life / 2), ActivateIntermediate: in.NotBefore.Add(2 * life / 3)}
+	var s Schedule
+	s.IntermediateDeadline = in.NotAfter.Add(-(p.MaxWorkloadTTL + p.Backdate))
+	s.ActivateIntermediate = earliest(in.NotBefore.Add(2*life/3), s.IntermediateDeadline.Add(-p.Interval))
+	s.PrepareIntermediate = earliest(in.NotBefore.Add(life/2), s.ActivateIntermediate.Add(-p.Interval))
 	if !a.Root.NotAfter.IsZero() {
-		s.PrepareRoot = a.Root.NotAfter.Add(-p.RootLifetime / 5)
+		s.PrepareRoot = earliest(a.Root.NotAfter.Add(-p.RootLifetime/5), a.Root.NotAfter.Add(-p.rootMinLead()))
 	}
 	return s
 }
@@ -127,15 +163,28 @@ func (p Policy) Decide(now time.Time, st State, a Active) Action {
 		return p.retirement(now, st)
 	}
 	s := p.Schedule(a)
+	rootDue := !s.PrepareRoot.IsZero() && !now.Before(s.PrepareRoot)
 	switch {
-	case st.Next == 0 && !s.PrepareRoot.IsZero() && now.After(s.PrepareRoot):
+	case st.Next != 0 && st.NextIsRoot:
+		if rootPropagated {
+			return Activate
+		}
+	case st.Next != 0:
+		// A prepared intermediate is activated on schedule, or at once when
+		// a root is due: activating it early costs nothing, and the root
+		// cannot be prepared while it waits.
+		if rootDue || !now.Before(s.ActivateIntermediate) {
+			return Activate
+		}
+	case rootDue:
+		// The active intermediate must last, by the cut-short rule, until
+		// the new root is activated; if it would not, rotate it first.
+		if now.Add(p.RootPropagation + p.Interval).After(s.IntermediateDeadline) {
+			return PrepareIntermediate
+		}
 		return PrepareRoot
-	case st.Next == 0 && now.After(s.PrepareIntermediate):
+	case !now.Before(s.PrepareIntermediate):
 		return PrepareIntermediate
-	case st.Next != 0 && rootPropagated:
-		return Activate
-	case st.Next != 0 && !st.NextIsRoot && now.After(s.ActivateIntermediate):
-		return Activate
 	}
 	return p.retirement(now, st)
 }
@@ -147,4 +196,11 @@ func (p Policy) retirement(now time.Time, st State) Action {
 		}
 	}
 	return Nothing
+}
+
+func earliest(a, b time.Time) time.Time {
+	if b.Before(a) {
+		return b
+	}
+	return a
 }

@@ -10,16 +10,18 @@ import (
 	"github.com/trustmesh/trustmesh/ca/rotation"
 )
 
-// suite is a short policy: 60s intermediates, 10s leaves, a 5s backdate.
+// suite is the rotation suite's policy: 60s intermediates, 20s leaves, a
+// 5s backdate.
 var suite = rotation.Policy{
-	IntermediateLifetime: 60 * time.Second, RootLifetime: 150 * time.Second, RootPropagation: 4 * time.Second,
-	MaxWorkloadTTL: 10 * time.Second, Backdate: 5 * time.Second, Interval: time.Second,
+	IntermediateLifetime: 60 * time.Second, RootLifetime: 110 * time.Second, RootPropagation: 4 * time.Second,
+	MaxWorkloadTTL: 20 * time.Second, Backdate: 5 * time.Second, Interval: time.Second,
 }
 
 // defaults is the policy serve runs with no rotation flags.
 var defaults = rotation.Config{}.Policy()
 
 func TestPolicyValidate(t *testing.T) {
+	with := func(p rotation.Policy, f func(*rotation.Policy)) rotation.Policy { f(&p); return p }
 	for _, tc := range []struct {
 		name   string
 		p      rotation.Policy
@@ -27,6 +29,24 @@ func TestPolicyValidate(t *testing.T) {
 	}{
 		{name: "defaults", p: defaults},
 		{name: "rotation suite", p: suite},
+		{name: "a week of intermediates, 24h leaves", p: with(defaults, func(p *rotation.Policy) { p.IntermediateLifetime = 7 * 24 * time.Hour })},
+		// IL must exceed MaxWorkloadTTL + Backdate + 2 intervals = 27s, and
+		// for a root rotation RootPropagation + 2 more intervals.
+		{name: "intermediate just long enough", p: with(suite, func(p *rotation.Policy) {
+			p.IntermediateLifetime, p.RootPropagation = 29*time.Second+2*time.Millisecond, time.Millisecond
+		})},
+		{name: "intermediate exactly the margin", p: with(suite, func(p *rotation.Policy) {
+			p.IntermediateLifetime, p.RootPropagation = 27*time.Second, time.Millisecond
+		}), refuse: []string{"intermediate lifetime 27s must exceed 27s"}},
+		{name: "intermediate shorter than a leaf", p: with(suite, func(p *rotation.Policy) { p.IntermediateLifetime = 15 * time.Second }),
+			refuse: []string{"intermediate lifetime 15s must exceed 27s"}},
+		{name: "24h leaves under 24h intermediates", p: with(defaults, func(p *rotation.Policy) { p.IntermediateLifetime = 24 * time.Hour }),
+			refuse: []string{"intermediate lifetime 24h0m0s must exceed 24h7m0s"}},
+		// ... and, for a root rotation, RootPropagation + 2 more intervals.
+		{name: "intermediate outlived by root propagation", p: with(suite, func(p *rotation.Policy) { p.RootPropagation = 40 * time.Second }),
+			refuse: []string{"intermediate lifetime 1m0s must exceed 1m9s", "root lifetime 1m50s must exceed 1m10s"}[:1]},
+		{name: "root too short to propagate", p: with(suite, func(p *rotation.Policy) { p.RootLifetime = 34 * time.Second }),
+			refuse: []string{"root lifetime 34s must exceed 34s"}},
 		{name: "every error at once", p: rotation.Policy{Backdate: -time.Second},
 			refuse: []string{"intermediate lifetime 0s must be positive", "root lifetime 0s must be positive", "root propagation 0s must be positive",
 				"maximum workload TTL 0s must be positive", "rotation interval 0s must be positive", "backdate -1s must not be negative"}},
@@ -46,6 +66,71 @@ func TestPolicyValidate(t *testing.T) {
 				if !strings.Contains(err.Error(), want) {
 					t.Errorf("error %q does not say %q", err, want)
 				}
+			}
+		})
+	}
+}
+
+// TestConfigValidate checks that the configuration New validates carries
+// the policy's rule, with defaults filled in, and that New refuses it.
+func TestConfigValidate(t *testing.T) {
+	cfg := rotation.Config{Dir: t.TempDir(), TrustDomain: td, IntermediateLifetime: 30 * time.Second, MaxWorkloadTTL: 20 * time.Second,
+		Backdate: 5 * time.Second, Interval: time.Second, RootPropagation: time.Second, RootLifetime: time.Hour}
+	if err := cfg.Validate(); !errors.Is(err, rotation.ErrPolicy) {
+		t.Fatalf("Validate: %v, want ErrPolicy", err)
+	}
+	if _, err := rotation.New(cfg); !errors.Is(err, rotation.ErrPolicy) {
+		t.Fatalf("New: %v, want ErrPolicy", err)
+	}
+	cfg.IntermediateLifetime = time.Minute
+	if err := cfg.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	if err := (rotation.Config{TrustDomain: td}).Validate(); err == nil {
+		t.Fatal("a config with neither store nor directory validated")
+	}
+}
+
+// TestScheduleCutShortRule checks when the next intermediate is prepared
+// and activated: at half and two thirds of the active one's life, unless
+// the cut-short rule (activate MaxWorkloadTTL + Backdate before the end,
+// less one interval for the check) asks for earlier.
+func TestScheduleCutShortRule(t *testing.T) {
+	t0 := time.Date(2026, 12, 1, 0, 0, 0, 0, time.UTC)
+	at := func(d time.Duration) time.Time { return t0.Add(d) }
+	for _, tc := range []struct {
+		name                        string
+		p                           rotation.Policy
+		notBefore, notAfter         time.Duration
+		prepare, activate, deadline time.Duration
+	}{
+		// 65s of validity: two thirds is 43.3s in, but a 20s leaf + 5s
+		// backdate must fit before the end: deadline 40s, activate 39s.
+		{name: "rotation suite", p: suite, notBefore: -5 * time.Second, notAfter: 60 * time.Second,
+			prepare: 27500 * time.Millisecond, activate: 34 * time.Second, deadline: 35 * time.Second},
+		// A year: two thirds and a half of life, as always.
+		{name: "defaults", p: defaults, notBefore: -5 * time.Minute, notAfter: 365 * 24 * time.Hour,
+			prepare: (365*24*time.Hour+5*time.Minute)/2 - 5*time.Minute, activate: 2*(365*24*time.Hour+5*time.Minute)/3 - 5*time.Minute,
+			deadline: 365*24*time.Hour - 24*time.Hour - 5*time.Minute},
+		// Clamped to its root's end: the rule brings both forward.
+		{name: "clamped intermediate", p: suite, notBefore: -5 * time.Second, notAfter: 40 * time.Second,
+			prepare: 13 * time.Second, activate: 14 * time.Second, deadline: 15 * time.Second},
+		// Where two thirds already keeps the rule, it is kept.
+		{name: "long intermediate, short leaves", p: func() rotation.Policy { p := suite; p.MaxWorkloadTTL = 5 * time.Second; return p }(),
+			notBefore: -5 * time.Second, notAfter: 60 * time.Second,
+			prepare: 27500 * time.Millisecond, activate: 38333333333 * time.Nanosecond, deadline: 50 * time.Second},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			s := tc.p.Schedule(rotation.Active{Intermediate: rotation.Validity{NotBefore: at(tc.notBefore), NotAfter: at(tc.notAfter)}})
+			if !s.PrepareIntermediate.Equal(at(tc.prepare)) || !s.ActivateIntermediate.Equal(at(tc.activate)) || !s.IntermediateDeadline.Equal(at(tc.deadline)) {
+				t.Fatalf("prepare %s, activate %s, deadline %s after t0; want %s, %s, %s",
+					s.PrepareIntermediate.Sub(t0), s.ActivateIntermediate.Sub(t0), s.IntermediateDeadline.Sub(t0), tc.prepare, tc.activate, tc.deadline)
+			}
+			// The rule itself: activated by the last check before the
+			// deadline, a full leaf plus the backdate fits under the old
+			// intermediate.
+			if got := at(tc.notAfter).Sub(s.ActivateIntermediate.Add(tc.p.Interval)); got < tc.p.MaxWorkloadTTL+tc.p.Backdate {
+				t.Fatalf("activated %s before the end, want at least %s", got, tc.p.MaxWorkloadTTL+tc.p.Backdate)
 			}
 		})
 	}
@@ -116,7 +201,8 @@ func (s step) String() string { return fmt.Sprintf("%s@%s", s.action, s.at) }
 
 // simulate steps a clock through span by the policy's interval, as Run
 // does, deciding and applying at each tick. At every tick it checks the
-// rules: the active intermediate is valid; a new root signs only after
+// rules: the active intermediate is valid and can issue a full leaf
+// (plus backdate) without cutting it short; a new root signs only after
 // RootPropagation in the bundle.
 func simulate(t *testing.T, p rotation.Policy, span time.Duration) []step {
 	t.Helper()
@@ -136,31 +222,88 @@ func simulate(t *testing.T, p rotation.Policy, span time.Duration) []step {
 		if now.Before(w.inter.NotBefore) || !now.Before(w.inter.NotAfter) {
 			t.Fatalf("at %s: the active intermediate (%s to %s) is not valid; steps %v", d, w.inter.NotBefore.Sub(t0), w.inter.NotAfter.Sub(t0), steps)
 		}
+		// Until the next check, a leaf issued now must fit.
+		if left := w.inter.NotAfter.Sub(now.Add(p.Interval)); left < p.MaxWorkloadTTL+p.Backdate {
+			t.Fatalf("at %s: a leaf issued before the next check is cut short: %s left, want %s; steps %v", d, left, p.MaxWorkloadTTL+p.Backdate, steps)
+		}
 	}
 	return steps
 }
 
 // TestDecideOverTime steps through several intermediate and root lifetimes
-// of a short policy and checks the exact sequence of steps.
+// of the rotation suite's policy and checks the exact sequence of steps.
 func TestDecideOverTime(t *testing.T) {
 	s := time.Second
 	want := []step{
-		// gen-1's intermediate (valid -5s..60s): after half its life
-		// (27.5s) and two thirds (38.3s).
-		{28 * s, rotation.PrepareIntermediate}, {39 * s, rotation.Activate},
-		// gen-2 (23s..88s), gen-3 (51s..116s), gen-4 (79s..144s).
-		{56 * s, rotation.PrepareIntermediate}, {67 * s, rotation.Activate},
-		{84 * s, rotation.PrepareIntermediate}, {95 * s, rotation.Activate},
-		{112 * s, rotation.PrepareIntermediate}, {123 * s, rotation.Activate},
-		// The root (-5s..150s) is due after 120s, once gen-4 is active;
-		// activated after its 4s propagation.
-		{124 * s, rotation.PrepareRoot}, {128 * s, rotation.Activate},
-		// gen-6, under the new root (119s..184s).
-		{152 * s, rotation.PrepareIntermediate},
+		// gen-1's intermediate (valid -5s..60s): prepare at half life,
+		// activate by the cut-short rule at 34s, not at two thirds (38.3s).
+		{28 * s, rotation.PrepareIntermediate}, {34 * s, rotation.Activate},
+		// gen-2 (23s..88s): 55.5s and 62s.
+		{56 * s, rotation.PrepareIntermediate}, {62 * s, rotation.Activate},
+		// gen-3 is clamped to the root's end (51s..110s). The root is due
+		// at 110s-34s = 76s, and gen-3 lasts past its propagation.
+		{76 * s, rotation.PrepareRoot}, {80 * s, rotation.Activate},
+		// gen-4, under the new root (71s..136s, root 71s..186s).
+		{104 * s, rotation.PrepareIntermediate}, {110 * s, rotation.Activate},
+		{132 * s, rotation.PrepareIntermediate}, {138 * s, rotation.Activate},
+		// The second root is due at 186s-34s = 152s; gen-6 (127s..186s) lasts.
+		{152 * s, rotation.PrepareRoot}, {156 * s, rotation.Activate},
 	}
 	got := simulate(t, suite, 160*s)
 	if fmt.Sprint(got) != fmt.Sprint(want) {
 		t.Fatalf("steps\n got %v\nwant %v", got, want)
+	}
+}
+
+// TestDecideKeepsTheRules runs the policy over many lifetimes for a table
+// of accepted policies, where simulate checks the rules at every tick.
+func TestDecideKeepsTheRules(t *testing.T) {
+	for name, p := range map[string]rotation.Policy{
+		"rotation suite": suite,
+		"tight intermediates": {IntermediateLifetime: 34 * time.Second, RootLifetime: 100 * time.Second, RootPropagation: 4 * time.Second,
+			MaxWorkloadTTL: 20 * time.Second, Backdate: 5 * time.Second, Interval: time.Second},
+		"root barely longer than its lead": {IntermediateLifetime: 60 * time.Second, RootLifetime: 40 * time.Second, RootPropagation: 4 * time.Second,
+			MaxWorkloadTTL: 20 * time.Second, Backdate: 5 * time.Second, Interval: time.Second},
+		"slow propagation": {IntermediateLifetime: 10 * time.Minute, RootLifetime: 30 * time.Minute, RootPropagation: 3 * time.Minute,
+			MaxWorkloadTTL: 2 * time.Minute, Backdate: 10 * time.Second, Interval: 10 * time.Second},
+		"hourly leaves, daily intermediates": {IntermediateLifetime: 24 * time.Hour, RootLifetime: 10 * 24 * time.Hour, RootPropagation: 6 * time.Hour,
+			MaxWorkloadTTL: time.Hour, Backdate: 5 * time.Minute, Interval: time.Minute},
+	} {
+		t.Run(name, func(t *testing.T) {
+			if err := p.Validate(); err != nil {
+				t.Fatal(err)
+			}
+			steps := simulate(t, p, 5*p.RootLifetime)
+			var roots, activations int
+			for _, s := range steps {
+				switch s.action {
+				case rotation.PrepareRoot:
+					roots++
+				case rotation.Activate:
+					activations++
+				}
+			}
+			if roots < 4 || activations < 8 {
+				t.Fatalf("%d root rotations and %d activations over five root lifetimes: %v", roots, activations, steps)
+			}
+		})
+	}
+}
+
+// TestDecideBeforeTheRule shows what the rule prevents: with activation at
+// two thirds of life alone, as before, the rotation suite's policy cuts
+// leaves short.
+func TestDecideBeforeTheRule(t *testing.T) {
+	t0 := time.Date(2026, 12, 1, 0, 0, 0, 0, time.UTC)
+	in := rotation.Validity{NotBefore: t0.Add(-5 * time.Second), NotAfter: t0.Add(60 * time.Second)}
+	twoThirds := in.NotBefore.Add(2 * in.NotAfter.Sub(in.NotBefore) / 3)
+	if left := in.NotAfter.Sub(twoThirds); left >= suite.MaxWorkloadTTL+suite.Backdate {
+		t.Fatalf("two thirds leaves %s; the rule would not matter here", left)
+	}
+	st := rotation.State{Active: 1, Next: 2, LastGeneration: 2, PreparedAt: t0.Add(28 * time.Second)}
+	at := twoThirds.Add(-time.Second)
+	if a := suite.Decide(at, st, rotation.Active{Intermediate: in, SelfManaged: true}); a != rotation.Activate {
+		t.Fatalf("%s before two thirds: %v, want activate (the rule)", twoThirds.Sub(at), a)
 	}
 }
 
