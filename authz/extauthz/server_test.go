@@ -57,7 +57,7 @@ func checkLeaks() error {
 		stacks = string(buf[:runtime.Stack(buf, true)])
 		leaked := false
 		for _, g := range strings.Split(stacks, "\n\n") {
-			if strings.Contains(g, "authz/server") || strings.Contains(g, "google.golang.org/grpc") {
+			if strings.Contains(g, "authz/extauthz") || strings.Contains(g, "google.golang.org/grpc") {
 				if !strings.Contains(g, "TestMain") {
 					leaked = true
 				}
