@@ -73,7 +73,9 @@ func newXDSCmd() *cobra.Command {
 redacted) that the xDS server would send the node with this id
 (sidecar~IP~POD.NAMESPACE~NAMESPACE.svc.cluster.local, or router~... for a
 gateway). It computes them from the mesh and policy files; it does not
-connect to a server or pose as the node.`,
+connect to a server or pose as the node. Its policy_digest names the
+policies it read, as the policy_digest of a control plane's decision log
+names the policies in force there.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			cfg, err := f.proxy()
