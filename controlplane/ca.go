@@ -59,7 +59,7 @@ func (cp *ControlPlane) newAuthority(ctx context.Context, v *validated) (err err
 		Dir: dir.CADir(), TrustDomain: v.td, Recorder: cp.journal, Clock: v.Clock, Log: v.Log,
 		MaxWorkloadTTL: v.CA.MaxWorkloadTTL, Interval: v.Rotation.Interval, Automatic: !v.Rotation.Manual,
 		IntermediateLifetime: v.Rotation.IntermediateTTL, RootLifetime: v.Rotation.RootTTL,
-		RootPropagation: v.Rotation.RootPropagation,
+		RootPropagation: v.Rotation.RootPropagation, Backdate: v.Rotation.Backdate,
 	}); err != nil {
 		return err
 	}

@@ -17,6 +17,7 @@ import (
 	"github.com/trustmesh/trustmesh/authz/decisionlog"
 	"github.com/trustmesh/trustmesh/ca"
 	"github.com/trustmesh/trustmesh/ca/authn"
+	"github.com/trustmesh/trustmesh/ca/rotation"
 	"github.com/trustmesh/trustmesh/internal/connlimit"
 )
 
@@ -125,6 +126,9 @@ type RotationConfig struct {
 	// RootPropagation is how long a new root is in the bundle before it
 	// signs. Default 24h.
 	RootPropagation time.Duration
+	// Backdate is how far before their creation new CA certificates become
+	// valid.
+	Backdate time.Duration
 }
 
 // AuthzConfig configures the ext_authz service and the policies that both
@@ -246,6 +250,7 @@ func (c Config) validate() (*validated, error) {
 	errs = append(errs, inGroup("Listen", c.Listen.check()...))
 	errs = append(errs, inGroup("CA", c.CA.check(v)...))
 	errs = append(errs, inGroup("Journal", c.Journal.check(c.CA)...))
+	errs = append(errs, inGroup("Rotation", c.Rotation.policy(c.CA).Validate()))
 	errs = append(errs, inGroup("Authz", c.Authz.check()...))
 	if err := errors.Join(errs...); err != nil {
 		return nil, fmt.Errorf("controlplane: invalid configuration: %w", err)
@@ -382,6 +387,15 @@ func (c *JournalConfig) check(ca CAConfig) []error {
 func (c *AuthzConfig) check() []error {
 	_, err := decisionlog.NewPathRedactor(c.LogRedactPaths)
 	return []error{err}
+}
+
+// policy is the rotation policy the CA runs with; validating it checks that
+// a renewal just before an intermediate's activation is never cut short.
+func (c *RotationConfig) policy(ca CAConfig) rotation.Policy {
+	return rotation.Config{
+		MaxWorkloadTTL: ca.MaxWorkloadTTL, IntermediateLifetime: c.IntermediateTTL, RootLifetime: c.RootTTL,
+		RootPropagation: c.RootPropagation, Backdate: c.Backdate, Interval: c.Interval,
+	}.Policy()
 }
 
 func (c *XDSConfig) setDefaults() {

@@ -45,6 +45,11 @@ func TestValidateReportsEveryGroupAtFault(t *testing.T) {
 		{"CA secret off Kubernetes", controlplane.Config{Kubernetes: off, CA: controlplane.CAConfig{Secret: "ns/name"}}, []string{"CA"}},
 		{"control-plane ID elsewhere", controlplane.Config{Kubernetes: off, CA: controlplane.CAConfig{ControlPlaneID: "spiffe://other.example/cp"}}, []string{"CA"}},
 		{"shared journal, own keys", controlplane.Config{Kubernetes: off, Journal: controlplane.JournalConfig{DSN: "postgres://db"}}, []string{"Journal"}},
+		{"rotation cuts certificates short", controlplane.Config{Kubernetes: off, Rotation: controlplane.RotationConfig{IntermediateTTL: 12 * time.Hour}}, []string{"Rotation"}},
+		{"rotation fast enough", controlplane.Config{Kubernetes: off,
+			CA:       controlplane.CAConfig{MinWorkloadTTL: 20 * time.Second, DefaultWorkloadTTL: 20 * time.Second, MaxWorkloadTTL: 20 * time.Second},
+			Rotation: controlplane.RotationConfig{IntermediateTTL: time.Minute, RootTTL: 5 * time.Minute, RootPropagation: 10 * time.Second, Backdate: 5 * time.Second, Interval: time.Second},
+		}, nil},
 		{"redaction pattern", controlplane.Config{Kubernetes: off, Authz: controlplane.AuthzConfig{LogRedactPaths: []string{"("}}}, []string{"Authz"}},
 		{"three groups", controlplane.Config{
 			Kubernetes: off,
