@@ -4,6 +4,7 @@ import (
 	"context"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -113,5 +114,26 @@ func TestServerFollowsThePolicyFeed(t *testing.T) {
 	if srv.PolicyVersion() != 2 || srv.Pushes() != pushes+1 || feed.Current().Version != 2 {
 		t.Fatalf("after a refused update: server on version %d after %d more pushes, feed on %d; want 2, 1, 2",
 			srv.PolicyVersion(), srv.Pushes()-pushes, feed.Current().Version)
+	}
+}
+
+// TestDumpNamesThePoliciesInForce: `xds dump` of a policy directory
+// prints the digest that a feed over the same directory publishes, and so
+// the policy_digest a control plane's decision log records.
+func TestDumpNamesThePoliciesInForce(t *testing.T) {
+	feed, err := source.NewFeed(source.FeedConfig{Policies: &source.Dir{Path: "testdata/policies", DefaultNamespace: "default"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	snap, err := feed.Load()
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := xds.Dump(goldenRequest("sidecar~10.0.1.1~productpage-v1-0.bookinfo~bookinfo.svc.cluster.local", false))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(string(got), `"policy_digest": "`+snap.Digest+`"`) {
+		t.Fatalf("the dump does not name the policies' digest %s", snap.Digest)
 	}
 }
