@@ -13,6 +13,7 @@ import (
 	"k8s.io/utils/clock"
 
 	"github.com/trustmesh/trustmesh/authz/policy"
+	"github.com/trustmesh/trustmesh/internal/watch"
 )
 
 // Snapshot is one AuthorizationPolicy set as a Feed published it. It is
@@ -222,15 +223,8 @@ func (f *Feed) Run(ctx context.Context) error {
 		stop()
 		return err
 	}
-	var (
-		settle clock.Timer
-		fire   <-chan time.Time
-	)
-	defer func() {
-		if settle != nil {
-			settle.Stop()
-		}
-	}()
+	settle := watch.NewSettle(f.cfg.Clock, f.cfg.Settle)
+	defer settle.Stop()
 	for {
 		select {
 		case <-ctx.Done():
@@ -247,14 +241,9 @@ func (f *Feed) Run(ctx context.Context) error {
 			}
 			return fmt.Errorf("source: watching policies: %w", err)
 		case <-kick:
-			// Restart the quiet period on every change.
-			if settle != nil {
-				settle.Stop()
-			}
-			settle = f.cfg.Clock.NewTimer(f.cfg.Settle)
-			fire = settle.C()
-		case <-fire:
-			settle, fire = nil, nil
+			settle.Kick()
+		case <-settle.C():
+			settle.Fired()
 			_, _ = f.Load() // a refused update is logged; the old snapshot serves
 		}
 	}

@@ -277,15 +277,8 @@ func (l *Loader) follow(ctx context.Context) error {
 		stopWatchers()
 		return err
 	}
-	var (
-		settle clock.Timer
-		fire   <-chan time.Time
-	)
-	defer func() {
-		if settle != nil {
-			settle.Stop()
-		}
-	}()
+	settle := watch.NewSettle(l.cfg.Clock, l.cfg.Settle)
+	defer settle.Stop()
 	for {
 		select {
 		case <-ctx.Done():
@@ -300,14 +293,9 @@ func (l *Loader) follow(ctx context.Context) error {
 		case <-policyKick:
 			_ = l.apply(ctx) // refused sets are logged; the old set serves
 		case <-bundleKick:
-			// Restart the quiet period on every change.
-			if settle != nil {
-				settle.Stop()
-			}
-			settle = l.cfg.Clock.NewTimer(l.cfg.Settle)
-			fire = settle.C()
-		case <-fire:
-			settle, fire = nil, nil
+			settle.Kick()
+		case <-settle.C():
+			settle.Fired()
 			_ = l.apply(ctx)
 		}
 	}
