@@ -78,6 +78,7 @@ func (cp *ControlPlane) newAuthority(ctx context.Context, v *validated) (err err
 	if cp.ca, err = ca.New(ca.Config{
 		TrustDomain: v.td, Authority: cp.authority, Recorder: cp.journal, Clock: v.Clock,
 		DefaultTTL: v.CA.DefaultWorkloadTTL, MinTTL: v.CA.MinWorkloadTTL, MaxTTL: v.CA.MaxWorkloadTTL,
+		Backdate: v.CA.WorkloadBackdate,
 		Reserved: []spiffeid.ID{v.cpID},
 	}); err != nil {
 		return err

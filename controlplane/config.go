@@ -93,6 +93,9 @@ type CAConfig struct {
 	TokenAudience string
 
 	MinWorkloadTTL, MaxWorkloadTTL, DefaultWorkloadTTL time.Duration
+	// WorkloadBackdate is how far before issuance workload certificates
+	// become valid. Default 30s.
+	WorkloadBackdate time.Duration
 	// MaxEnrolmentAge is how long a join-token enrolment may renew.
 	MaxEnrolmentAge time.Duration
 }
