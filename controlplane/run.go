@@ -8,79 +8,83 @@ import (
 	"net/http"
 	"time"
 
-	"golang.org/x/sync/errgroup"
+	"github.com/trustmesh/trustmesh/internal/run"
 )
 
-// Run serves until ctx ends or a server fails, then stops everything. A
-// cancelled ctx is a clean exit.
+// Run serves until ctx ends or a part fails, then stops everything. A
+// cancelled ctx is a clean exit; otherwise the first part's failure (or
+// panic) is the error.
 func (cp *ControlPlane) Run(ctx context.Context) error {
 	defer cp.close()
-	g, gctx := errgroup.WithContext(ctx)
-	g.Go(func() error { return cp.refusals.Run(gctx) })
-	g.Go(func() error { return cp.journal.Watch(gctx) })
+	tasks := []run.Task{
+		cp.refusals.Run,
+		cp.journal.Watch,
+		func(ctx context.Context) error {
+			if err := cp.grpc.Serve(cp.caLis); err != nil {
+				return fmt.Errorf("controlplane: CA server: %w", err)
+			}
+			return nil
+		},
+		func(context.Context) error { return serveHTTP(cp.monitoring, cp.monLis, false, "monitoring") },
+		cp.stop,
+	}
 	if cp.witness != nil {
-		g.Go(func() error { return cp.witness.Run(gctx) })
+		tasks = append(tasks, cp.witness.Run)
 	}
 	if cp.rotation != nil {
-		g.Go(func() error { return cp.rotation.Run(gctx, cp.authority.Replace) })
+		tasks = append(tasks, func(ctx context.Context) error { return cp.rotation.Run(ctx, cp.authority.Replace) })
 	}
 	if cp.elector != nil {
-		g.Go(func() error { return cp.elector.Run(gctx) })
+		tasks = append(tasks, cp.elector.Run)
 	}
 	if cp.policyFeed != nil {
-		g.Go(func() error { return cp.policyFeed.Run(gctx) })
+		tasks = append(tasks, cp.policyFeed.Run)
 	}
 	if cp.authz != nil {
-		g.Go(func() error { return cp.authz.Run(gctx) })
+		tasks = append(tasks, cp.authz.Run)
 	}
 	if cp.injector != nil {
-		g.Go(func() error { return cp.injector.Run(gctx) })
+		tasks = append(tasks, cp.injector.Run)
 	}
 	if cp.xds != nil {
-		g.Go(func() error { return cp.xds.Run(gctx) })
+		tasks = append(tasks, cp.xds.Run)
 	}
-	for _, run := range cp.bundleFns {
-		g.Go(func() error { return run(gctx) })
-	}
-	g.Go(func() error {
-		if err := cp.grpc.Serve(cp.caLis); err != nil {
-			return fmt.Errorf("controlplane: CA server: %w", err)
-		}
-		return nil
-	})
-	g.Go(func() error { return serveHTTP(cp.monitoring, cp.monLis, false, "monitoring") })
+	tasks = append(tasks, cp.bundleFns...)
 	if cp.bundle != nil {
-		g.Go(func() error { return serveHTTP(cp.bundle, cp.bundleLis, true, "bundle endpoint") })
+		tasks = append(tasks, func(context.Context) error { return serveHTTP(cp.bundle, cp.bundleLis, true, "bundle endpoint") })
 	}
-	g.Go(func() error {
-		<-gctx.Done()
-		cp.ready.Store(false)
-		close(cp.stopping)
-		stopped := make(chan struct{})
-		go func() { cp.grpc.GracefulStop(); close(stopped) }()
-		select {
-		case <-stopped:
-		case <-time.After(10 * time.Second):
-			cp.grpc.Stop()
-		}
-		sctx, cancel := context.WithTimeout(context.WithoutCancel(gctx), 5*time.Second)
-		defer cancel()
-		errs := []error{cp.monitoring.Shutdown(sctx)}
-		if cp.bundle != nil {
-			errs = append(errs, cp.bundle.Shutdown(sctx))
-		}
-		return errors.Join(errs...)
-	})
 	a := cp.Addrs()
 	cp.cfg.Log.Info("trustmesh control plane serving", "trust_domain", cp.cfg.td.Name(),
 		"ca", a.CA.String(), "monitoring", a.Monitoring.String(), "bundle_endpoint", addrString(a.Bundle),
 		"data_dir", cp.cfg.DataDir, "kubernetes", cp.cfg.inKube)
 	cp.ready.Store(true)
-	err := g.Wait()
-	if errors.Is(err, context.Canceled) || (err == nil && ctx.Err() != nil) {
-		return nil
+	if err := run.Tasks(ctx, tasks...); err != nil && !errors.Is(err, context.Canceled) {
+		return err
 	}
-	return err
+	return nil
+}
+
+// stop waits for the end of ctx, then stops the servers: not ready, the
+// bundle watchers told, the CA port drained (10 s at most) and the HTTP
+// servers shut down (5 s at most).
+func (cp *ControlPlane) stop(ctx context.Context) error {
+	<-ctx.Done()
+	cp.ready.Store(false)
+	close(cp.stopping)
+	stopped := make(chan struct{})
+	go func() { cp.grpc.GracefulStop(); close(stopped) }()
+	select {
+	case <-stopped:
+	case <-time.After(10 * time.Second):
+		cp.grpc.Stop()
+	}
+	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+	defer cancel()
+	errs := []error{cp.monitoring.Shutdown(sctx)}
+	if cp.bundle != nil {
+		errs = append(errs, cp.bundle.Shutdown(sctx))
+	}
+	return errors.Join(errs...)
 }
 
 func serveHTTP(s *http.Server, l net.Listener, tls bool, what string) error {
