@@ -135,7 +135,7 @@ func TestOracleSampleGRPC(t *testing.T) {
 			}
 			time.Sleep(5 * time.Millisecond)
 		}
-		fs, err := rbac.Build(proxyconfig.Applicable(g.policies, "istio-system", dest.Namespace, dest.Labels), false)
+		fs, err := rbac.Build(policy.Applicable(g.policies, "istio-system", dest.Namespace, dest.Labels), false)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -206,7 +206,7 @@ func sampleGroups(t *testing.T, cases []conformance.Case) []*group {
 				continue
 			}
 			ps := parseCorpusPolicies(t, c)
-			ok := len(proxyconfig.Applicable(ps, "istio-system", "foo", map[string]string{"app": "web", "version": "v1"})) > 0
+			ok := len(policy.Applicable(ps, "istio-system", "foo", map[string]string{"app": "web", "version": "v1"})) > 0
 			for _, p := range ps {
 				ok = ok && proxyconfig.CheckProxyless(p) == nil
 			}

@@ -23,7 +23,6 @@ import (
 	"github.com/trustmesh/trustmesh/authz/policy"
 	"github.com/trustmesh/trustmesh/authz/rbac"
 	"github.com/trustmesh/trustmesh/test/envoyrbac"
-	"github.com/trustmesh/trustmesh/xds/proxyconfig"
 )
 
 // committedCorpus is the corpus of the fixed seed; `make test` adds a fresh
@@ -302,7 +301,7 @@ func address(ip string, port uint32) *corev3.Address {
 // RBAC back end and runs its filters (DENY, then ALLOW; shadow and AUDIT
 // filters never enforce) with Envoy's semantics.
 func rbacAllows(ps []*policy.Policy, r *conformance.Request, remoteIP string) (bool, error) {
-	fs, err := rbac.Build(proxyconfig.Applicable(ps, rootNamespace, r.Dest.Namespace, r.Dest.Labels), r.TCP)
+	fs, err := rbac.Build(policy.Applicable(ps, rootNamespace, r.Dest.Namespace, r.Dest.Labels), r.TCP)
 	if err != nil {
 		return false, err
 	}
@@ -372,7 +371,7 @@ func TestIstioOracleDump(t *testing.T) {
 		}
 		d, err := r.set.Check(context.Background(), checkRequest(&c.Request))
 		t.Logf("engine: %s (%v)", mustJSON(d), err)
-		fs, err := rbac.Build(proxyconfig.Applicable(r.policies, rootNamespace, c.Request.Dest.Namespace, c.Request.Dest.Labels), c.Request.TCP)
+		fs, err := rbac.Build(policy.Applicable(r.policies, rootNamespace, c.Request.Dest.Namespace, c.Request.Dest.Labels), c.Request.TCP)
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -196,7 +196,7 @@ func (s *Set) applicable(w Workload) []*entry {
 	var out []*entry
 	add := func(es []*entry) {
 		for _, e := range es {
-			if selects(e.policy.Selector, w.Labels) {
+			if e.policy.Selects(w.Labels) {
 				out = append(out, e)
 			}
 		}
@@ -206,15 +206,6 @@ func (s *Set) applicable(w Workload) []*entry {
 	}
 	add(s.byNamespace[w.Namespace])
 	return out
-}
-
-func selects(sel, labels map[string]string) bool {
-	for k, v := range sel {
-		if got, ok := labels[k]; !ok || got != v {
-			return false
-		}
-	}
-	return true
 }
 
 // providerRef turns "rego:envoy/authz/allow" into data.envoy.authz.allow.

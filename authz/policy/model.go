@@ -63,6 +63,32 @@ type Policy struct {
 // Key is "namespace/name", as decision logs show it.
 func (p *Policy) Key() string { return p.Namespace + "/" + p.Name }
 
+// Selects reports whether the policy's selector matches a workload's
+// labels: every matchLabel present with the same value. A nil selector
+// selects every workload.
+func (p *Policy) Selects(labels map[string]string) bool {
+	for k, v := range p.Selector {
+		if got, ok := labels[k]; !ok || got != v {
+			return false
+		}
+	}
+	return true
+}
+
+// Applicable returns, in order, the policies that apply to a workload in
+// namespace ns with the given labels: those of the root namespace and of ns
+// whose selector matches. The authz engine, the RBAC pushed over xDS and
+// the conformance tests all select policies through it.
+func Applicable(policies []*Policy, root, ns string, labels map[string]string) []*Policy {
+	var out []*Policy
+	for _, p := range policies {
+		if (p.Namespace == root || p.Namespace == ns) && p.Selects(labels) {
+			out = append(out, p)
+		}
+	}
+	return out
+}
+
 // Rule matches when one From entry, one To entry and every When condition
 // match. An empty From or To matches anything.
 type Rule struct {

@@ -24,29 +24,6 @@ import (
 // ErrProxyless marks a policy grpc-go cannot enforce.
 var ErrProxyless = errors.New("proxyconfig: policy cannot be enforced by proxyless gRPC")
 
-// Applicable returns the policies that apply to a workload: those of the
-// root namespace and of its namespace whose selector matches its labels,
-// as the authz engine selects them.
-func Applicable(policies []*policy.Policy, root, ns string, labels map[string]string) []*policy.Policy {
-	var out []*policy.Policy
-	for _, p := range policies {
-		if p.Namespace != root && p.Namespace != ns {
-			continue
-		}
-		ok := true
-		for k, v := range p.Selector {
-			if got, has := labels[k]; !has || got != v {
-				ok = false
-				break
-			}
-		}
-		if ok {
-			out = append(out, p)
-		}
-	}
-	return out
-}
-
 // CheckProxyless refuses what grpc-go's RBAC cannot enforce as the authz
 // engine would: CUSTOM policies (grpc-go has no ext_authz), connection.sni
 // (grpc-go matches requested_server_name against ""), and headers grpc-go
@@ -91,7 +68,7 @@ func (b *Builder) ProxylessRBAC(ns string, labels map[string]string) ([]*rbacv3.
 			}}}},
 		}},
 	}}}
-	ps := Applicable(b.policies, b.cfg.RootNamespace, ns, labels)
+	ps := policy.Applicable(b.policies, b.cfg.RootNamespace, ns, labels)
 	var errs []error
 	for _, p := range ps {
 		if err := CheckProxyless(p); err != nil {
