@@ -118,6 +118,7 @@ func New(cfg Config) (*Service, error) {
 	s.loader, err = source.New(source.Config{
 		Engine: s.Engine, Policies: ps, Feed: cfg.Feed, Bundles: cfg.Bundles, Gateways: gateways,
 		RootNamespace: cfg.RootNamespace, EvalTimeout: cfg.EvalTimeout, Log: cfg.Log, OnLoad: onLoad,
+		Registerer: cfg.Registerer,
 	})
 	errs = append(errs, err)
 	var dl extauthz.DecisionLogger

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	authv3 "github.com/envoyproxy/go-control-plane/envoy/service/auth/v3"
+	"github.com/prometheus/client_golang/prometheus"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
@@ -157,4 +158,52 @@ func TestRunTurnsAPanicIntoAnError(t *testing.T) {
 	case <-ctx.Done():
 		t.Fatal("Run did not stop after a component panicked")
 	}
+}
+
+// TestStandaloneServiceCountsItsSnapshots: `trustmesh authz`, which reads
+// its own policy directory, exports the feed's metrics as serve does.
+func TestStandaloneServiceCountsItsSnapshots(t *testing.T) {
+	dir := t.TempDir()
+	if err := os.WriteFile(filepath.Join(dir, "p.yaml"), []byte(denyAdmin), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	reg := prometheus.NewRegistry()
+	sock := filepath.Join(t.TempDir(), "authz.sock")
+	svc, err := New(Config{Address: "unix://" + sock, PolicyDir: dir, Registerer: reg})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- svc.Run(ctx) }()
+	defer func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("Run: %v", err)
+		}
+	}()
+	select {
+	case <-svc.ready:
+	case <-time.After(10 * time.Second):
+		t.Fatal("no policy set loaded")
+	}
+	if got := counterValue(t, reg, "trustmesh_policy_snapshots_total"); got != 1 {
+		t.Fatalf("trustmesh_policy_snapshots_total = %v, want 1", got)
+	}
+}
+
+// counterValue is the value of the registry's one counter name.
+func counterValue(t *testing.T, reg *prometheus.Registry, name string) float64 {
+	t.Helper()
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, mf := range mfs {
+		if mf.GetName() == name && len(mf.GetMetric()) == 1 {
+			return mf.GetMetric()[0].GetCounter().GetValue()
+		}
+	}
+	t.Fatalf("no metric %s", name)
+	return 0
 }

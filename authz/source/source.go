@@ -16,6 +16,7 @@ import (
 	"log/slog"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"k8s.io/utils/clock"
 
 	"github.com/trustmesh/trustmesh/authz/engine"
@@ -83,6 +84,9 @@ type Config struct {
 	Settle time.Duration
 	// Clock times Settle; nil means the real clock.
 	Clock clock.WithTicker
+	// Registerer, when set, receives the metrics of the feed the Loader
+	// builds from Policies (FeedConfig.Registerer).
+	Registerer prometheus.Registerer
 }
 
 // DefaultSettle is the default quiet period before a reload.
@@ -131,7 +135,8 @@ func New(cfg Config) (*Loader, error) {
 	}
 	l := &Loader{cfg: cfg, log: log, feed: cfg.Feed}
 	if cfg.Policies != nil {
-		f, err := NewFeed(FeedConfig{Policies: cfg.Policies, Settle: cfg.Settle, Clock: cfg.Clock, Log: log, onRefused: l.refused})
+		f, err := NewFeed(FeedConfig{Policies: cfg.Policies, Settle: cfg.Settle, Clock: cfg.Clock, Log: log,
+			Registerer: cfg.Registerer, onRefused: l.refused})
 		if err != nil {
 			return nil, err
 		}
