@@ -14,6 +14,7 @@ import (
 	"k8s.io/client-go/rest"
 	"k8s.io/utils/clock"
 
+	"github.com/trustmesh/trustmesh/api/identity"
 	"github.com/trustmesh/trustmesh/authz/decisionlog"
 	"github.com/trustmesh/trustmesh/ca"
 	"github.com/trustmesh/trustmesh/ca/authn"
@@ -201,11 +202,10 @@ const (
 	DefaultListenAuthz      = ":9191"
 	DefaultListenInjector   = ":15017"
 	DefaultInjectorWebhook  = "trustmesh-sidecar-injector"
-	DefaultNamespace        = "trustmesh-system"
 )
 
 // DefaultCADNSNames are the names in the CA's serving certificate.
-var DefaultCADNSNames = []string{"trustmesh.trustmesh-system.svc", "localhost", "127.0.0.1"}
+var DefaultCADNSNames = []string{identity.Host(""), "localhost", "127.0.0.1"}
 
 // validated is Config after defaults and checks.
 type validated struct {
@@ -333,7 +333,7 @@ func (c *CAConfig) setDefaults() {
 func (c *CAConfig) check(v *validated) []error {
 	var errs []error
 	if c.ControlPlaneID == "" && !v.td.IsZero() {
-		c.ControlPlaneID = fmt.Sprintf("spiffe://%s/ns/%s/sa/trustmesh", v.td.Name(), DefaultNamespace)
+		c.ControlPlaneID = identity.ID(v.td.Name(), "")
 		v.CA.ControlPlaneID = c.ControlPlaneID
 	}
 	if c.ControlPlaneID != "" {
@@ -403,7 +403,7 @@ func (c *RotationConfig) policy(ca CAConfig) rotation.Policy {
 
 func (c *XDSConfig) setDefaults() {
 	if c.AuthzAddress == "" {
-		c.AuthzAddress = "trustmesh." + DefaultNamespace + ".svc:9191"
+		c.AuthzAddress = identity.AuthzAddress("")
 	}
 }
 

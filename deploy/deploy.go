@@ -21,6 +21,8 @@ import (
 	"helm.sh/helm/v3/pkg/releaseutil"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	utilyaml "k8s.io/apimachinery/pkg/util/yaml"
+
+	"github.com/trustmesh/trustmesh/api/identity"
 )
 
 //go:embed all:charts/trustmesh
@@ -30,7 +32,7 @@ var charts embed.FS
 const ChartDir = "charts/trustmesh"
 
 // DefaultNamespace is where the chart is installed unless told otherwise.
-const DefaultNamespace = "trustmesh-system"
+const DefaultNamespace = identity.Namespace
 
 // Chart loads the embedded chart.
 func Chart() (*chart.Chart, error) {

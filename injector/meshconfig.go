@@ -14,6 +14,7 @@ import (
 	"k8s.io/apimachinery/pkg/api/resource"
 	"sigs.k8s.io/yaml"
 
+	"github.com/trustmesh/trustmesh/api/identity"
 	"github.com/trustmesh/trustmesh/injector/capture"
 )
 
@@ -83,7 +84,7 @@ type CaptureConfig struct {
 const (
 	DefaultTrustDomain           = "cluster.local"
 	DefaultClusterDomain         = "cluster.local"
-	DefaultControlPlaneNamespace = "trustmesh-system"
+	DefaultControlPlaneNamespace = identity.Namespace
 	DefaultTokenAudience         = "istio-ca"
 	DefaultProxyImage            = "docker.io/envoyproxy/envoy:v1.36.2"
 	// DefaultImage is trustmesh's image: the agent, and the iptables init
@@ -124,10 +125,10 @@ func (m MeshConfig) withDefaults() MeshConfig {
 		m.ControlPlaneNamespace = DefaultControlPlaneNamespace
 	}
 	if m.ControlPlaneID == "" {
-		m.ControlPlaneID = fmt.Sprintf("spiffe://%s/ns/%s/sa/trustmesh", m.TrustDomain, m.ControlPlaneNamespace)
+		m.ControlPlaneID = identity.ID(m.TrustDomain, m.ControlPlaneNamespace)
 	}
 	if m.CAAddress == "" {
-		m.CAAddress = fmt.Sprintf("trustmesh.%s.svc:15012", m.ControlPlaneNamespace)
+		m.CAAddress = identity.Host(m.ControlPlaneNamespace) + ":15012"
 	}
 	if m.XDSAddress == "" {
 		m.XDSAddress = m.CAAddress

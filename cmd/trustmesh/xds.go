@@ -8,6 +8,7 @@ import (
 	"github.com/spf13/cobra"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
+	"github.com/trustmesh/trustmesh/api/identity"
 	"github.com/trustmesh/trustmesh/authz/engine"
 	"github.com/trustmesh/trustmesh/authz/source"
 	"github.com/trustmesh/trustmesh/mesh"
@@ -30,7 +31,7 @@ func (f *xdsFlags) register(cmd *cobra.Command) {
 	fl.StringVar(&f.policiesDir, "policies", "", "directory of AuthorizationPolicy YAML files")
 	fl.StringVar(&f.trustDomain, "trust-domain", "cluster.local", "SPIFFE trust domain")
 	fl.StringVar(&f.root, "root-namespace", engine.DefaultRootNamespace, "namespace whose policies apply mesh-wide")
-	fl.StringVar(&f.authzAddress, "authz-address", "trustmesh.trustmesh-system.svc:9191", "host:port of the ext_authz service, as proxies reach it")
+	fl.StringVar(&f.authzAddress, "authz-address", identity.AuthzAddress(""), "host:port of the ext_authz service, as proxies reach it")
 	fl.StringVar(&f.authzID, "authz-id", "", "SPIFFE ID of the ext_authz service (default spiffe://TD/ns/trustmesh-system/sa/trustmesh)")
 }
 
@@ -49,7 +50,7 @@ func (f *xdsFlags) proxy() (proxyconfig.Config, error) {
 	}
 	idStr := f.authzID
 	if idStr == "" {
-		idStr = "spiffe://" + td.Name() + "/ns/trustmesh-system/sa/trustmesh"
+		idStr = identity.ID(td.Name(), "")
 	}
 	id, err := spiffeid.FromString(idStr)
 	if err != nil {
