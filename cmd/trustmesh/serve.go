@@ -30,18 +30,12 @@ only when running in a cluster or given --kubeconfig.`,
 				return &exitError{code: 2, err: err}
 			}
 			cfg.Log = log
-			switch decisionLog {
-			case "":
-			case "-":
-				cfg.Authz.DecisionLog = cmd.OutOrStdout()
-			default:
-				f, err := os.OpenFile(decisionLog, os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o600)
-				if err != nil {
-					return err
-				}
-				defer f.Close()
-				cfg.Authz.DecisionLog = f
+			dlog, closeLog, err := openDecisionLog(cmd, decisionLog)
+			if err != nil {
+				return err
 			}
+			defer closeLog()
+			cfg.Authz.DecisionLog = dlog
 			if validate {
 				if err := cfg.Validate(); err != nil {
 					return &exitError{code: 2, err: err}
