@@ -155,6 +155,21 @@ func TestRotation(t *testing.T) {
 		}
 	}
 
+	// No leaf was cut short to its intermediate's end: each lived
+	// LeafTTL from issuance, plus the backdate. A rotation step may come
+	// one Interval late.
+	var cut []string
+	for _, id := range []spiffeid.ID{serverID, clientID} {
+		for _, leaf := range log.leaves[id] {
+			if short := p.LeafTTL + p.Backdate - leaf.NotAfter.Sub(leaf.NotBefore); short > p.Interval {
+				cut = append(cut, fmt.Sprintf("%s cut short by %s: %s", id, short, describe(leaf)))
+			}
+		}
+	}
+	for _, c := range first(cut, 10) {
+		t.Errorf("leaf %s", c)
+	}
+
 	// Rotations, as the peer chains show them.
 	roots, inters := byFirstSeen(log.roots), byFirstSeen(log.inters)
 	for _, r := range roots {

@@ -71,14 +71,14 @@ type handshakeLog struct {
 	expired   []string
 	inters    map[string]*seenCert
 	roots     map[string]*seenCert
-	leaves    map[spiffeid.ID]map[string]bool
+	leaves    map[spiffeid.ID]map[string]*x509.Certificate
 	verified  map[string]int // by side
 }
 
 func newHandshakeLog() *handshakeLog {
 	return &handshakeLog{
 		inters: map[string]*seenCert{}, roots: map[string]*seenCert{},
-		leaves: map[spiffeid.ID]map[string]bool{}, verified: map[string]int{},
+		leaves: map[spiffeid.ID]map[string]*x509.Certificate{}, verified: map[string]int{},
 	}
 }
 
@@ -147,9 +147,9 @@ func (l *handshakeLog) observe(side string, raw [][]byte, bundle x509bundle.Sour
 		note(l.inters, c, anchor.SerialNumber.Text(16))
 	}
 	if l.leaves[id] == nil {
-		l.leaves[id] = map[string]bool{}
+		l.leaves[id] = map[string]*x509.Certificate{}
 	}
-	l.leaves[id][certs[0].SerialNumber.Text(16)] = true
+	l.leaves[id][certs[0].SerialNumber.Text(16)] = certs[0]
 }
 
 func (l *handshakeLog) fail(side string, err error) {
