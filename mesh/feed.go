@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"reflect"
 	"sync"
 	"time"
 
@@ -45,7 +46,8 @@ type FeedConfig struct {
 // one watch on the Source, parses it once per settled change and publishes
 // each mesh as an immutable, versioned Snapshot, so that every consumer sees
 // the same mesh. A mesh the Source refuses publishes nothing and every
-// subscriber keeps the last good snapshot.
+// subscriber keeps the last good snapshot; a reload that finds the same
+// mesh publishes nothing either.
 //
 // A Feed is itself a Source: Mesh returns the mesh in force and Watch
 // subscribes to new snapshots, so consumers that take a Source need no
@@ -151,7 +153,8 @@ func (f *Feed) Watch(ctx context.Context, changed func()) (<-chan error, error) 
 	return done, nil
 }
 
-// Load parses the source once and publishes the result. A mesh the source
+// Load parses the source once and publishes the result if it differs from
+// the mesh in force. A mesh the source
 // refuses is an error, and the last good snapshot stays in force.
 func (f *Feed) Load() (*Snapshot, error) {
 	m, err := f.cfg.Source.Mesh()
@@ -161,6 +164,12 @@ func (f *Feed) Load() (*Snapshot, error) {
 		return f.Current(), err
 	}
 	f.mu.Lock()
+	if f.cur != nil && sameMesh(f.cur.Mesh, m) {
+		// A burst that settled early, or a change that undid itself.
+		cur := f.cur
+		f.mu.Unlock()
+		return cur, nil
+	}
 	var v uint64 = 1
 	if f.cur != nil {
 		v = f.cur.Version + 1
@@ -235,4 +244,12 @@ func (f *Feed) Run(ctx context.Context) error {
 			_, _ = f.Load() // a refused update is logged; the old snapshot serves
 		}
 	}
+}
+
+// sameMesh reports whether two meshes hold the same model, leaving out the
+// lookup index a Mesh builds on first use.
+func sameMesh(a, b *Mesh) bool {
+	return reflect.DeepEqual(a.Services, b.Services) && reflect.DeepEqual(a.Workloads, b.Workloads) &&
+		reflect.DeepEqual(a.External, b.External) && reflect.DeepEqual(a.Gateways, b.Gateways) &&
+		reflect.DeepEqual(a.Secrets, b.Secrets) && reflect.DeepEqual(a.Refusals, b.Refusals)
 }

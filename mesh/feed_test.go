@@ -10,36 +10,62 @@ import (
 	"testing"
 	"time"
 
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
 	"github.com/trustmesh/trustmesh/internal/atomicfile"
 	"github.com/trustmesh/trustmesh/mesh"
 )
 
-// counting is a mesh.Source that counts the parses and watches made of it
-// and reports when its watches end.
-type counting struct {
-	mesh.Source
+// fakeSource is a mesh.Source the test drives: set chooses what the next
+// parse returns and change tells every watch. It counts the parses and
+// watches made of it and reports when its watches end.
+type fakeSource struct {
 	parses, watches atomic.Int64
-	mu              sync.Mutex
-	ended           []chan struct{}
+
+	mu      sync.Mutex
+	m       *mesh.Mesh
+	err     error
+	changed []func()
+	ended   []chan struct{}
 }
 
-func (c *counting) Mesh() (*mesh.Mesh, error) {
-	c.parses.Add(1)
-	return c.Source.Mesh()
+func (s *fakeSource) set(m *mesh.Mesh, err error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.m, s.err = m, err
 }
 
-func (c *counting) Watch(ctx context.Context, changed func()) (<-chan error, error) {
-	c.watches.Add(1)
-	done, err := c.Source.Watch(ctx, changed)
-	if err != nil {
-		return nil, err
+func (s *fakeSource) change() {
+	s.mu.Lock()
+	fns := append([]func(){}, s.changed...)
+	s.mu.Unlock()
+	for _, fn := range fns {
+		fn()
 	}
-	out, ended := make(chan error, 1), make(chan struct{})
-	c.mu.Lock()
-	c.ended = append(c.ended, ended)
-	c.mu.Unlock()
-	go func() { err := <-done; close(ended); out <- err }()
-	return out, nil
+}
+
+func (s *fakeSource) Mesh() (*mesh.Mesh, error) {
+	s.parses.Add(1)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.m, s.err
+}
+
+func (s *fakeSource) Watch(ctx context.Context, changed func()) (<-chan error, error) {
+	s.watches.Add(1)
+	done, ended := make(chan error, 1), make(chan struct{})
+	s.mu.Lock()
+	s.changed = append(s.changed, changed)
+	s.ended = append(s.ended, ended)
+	s.mu.Unlock()
+	go func() { <-ctx.Done(); close(ended); done <- nil }()
+	return done, nil
+}
+
+// meshOf is a mesh of one workload, a new value on every call.
+func meshOf(name string) *mesh.Mesh {
+	id := spiffeid.RequireFromString("spiffe://cluster.local/ns/shop/sa/" + name)
+	return &mesh.Mesh{Workloads: []*mesh.Workload{{Namespace: "shop", Name: name, ServiceAccount: name, ID: id}}}
 }
 
 func workloadFile(name string) string {
@@ -57,14 +83,13 @@ func writeMesh(t *testing.T, path, data string) {
 	}
 }
 
-// feedFixture runs a Feed over a counting mesh directory until the test ends.
-func feedFixture(t *testing.T) (*mesh.Feed, *counting, string) {
+// feedFixture runs a Feed over a fakeSource that holds workload a, until
+// the test ends, when it checks that Run ended the source's watch.
+func feedFixture(t *testing.T) (*mesh.Feed, *fakeSource) {
 	t.Helper()
-	dir := t.TempDir()
-	file := filepath.Join(dir, "mesh.yaml")
-	writeMesh(t, file, workloadFile("a"))
-	src := &counting{Source: &mesh.Dir{Path: dir}}
-	feed, err := mesh.NewFeed(mesh.FeedConfig{Source: src, Settle: 20 * time.Millisecond})
+	src := &fakeSource{}
+	src.set(meshOf("a"), nil)
+	feed, err := mesh.NewFeed(mesh.FeedConfig{Source: src, Settle: 10 * time.Millisecond})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -91,7 +116,19 @@ func feedFixture(t *testing.T) (*mesh.Feed, *counting, string) {
 	case <-time.After(10 * time.Second):
 		t.Fatal("no first snapshot")
 	}
-	return feed, src, file
+	return feed, src
+}
+
+// waitParses waits until the source has been parsed n times.
+func waitParses(t *testing.T, src *fakeSource, n int64) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for src.parses.Load() < n {
+		if time.Now().After(deadline) {
+			t.Fatalf("the source was parsed %d times, want %d", src.parses.Load(), n)
+		}
+		time.Sleep(2 * time.Millisecond)
+	}
 }
 
 type sub struct {
@@ -151,12 +188,13 @@ func checkShared(t *testing.T, feed *mesh.Feed, subs []sub, version uint64, work
 }
 
 func TestFeedParsesOncePerChangeForEverySubscriber(t *testing.T) {
-	feed, src, file := feedFixture(t)
+	feed, src := feedFixture(t)
 	subs := subscribe(t, feed, 3)
 	checkShared(t, feed, subs, 1, "a")
 
 	for i, name := range []string{"b", "c"} {
-		writeMesh(t, file, workloadFile(name))
+		src.set(meshOf(name), nil)
+		src.change()
 		waitChanged(t, subs)
 		checkShared(t, feed, subs, uint64(i+2), name)
 	}
@@ -169,36 +207,51 @@ func TestFeedParsesOncePerChangeForEverySubscriber(t *testing.T) {
 }
 
 func TestFeedKeepsTheLastGoodMeshForEverySubscriber(t *testing.T) {
-	feed, src, file := feedFixture(t)
+	feed, src := feedFixture(t)
 	subs := subscribe(t, feed, 2)
 	good := checkShared(t, feed, subs, 1, "a")
 
-	writeMesh(t, file, "apiVersion: mesh.trustmesh.io/v1alpha1\nkind: Bogus\nmetadata: {name: x}\n")
-	deadline := time.Now().Add(10 * time.Second)
-	for src.parses.Load() < 2 {
-		if time.Now().After(deadline) {
-			t.Fatal("the bad file was never read")
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
+	src.set(nil, mesh.ErrFile)
+	src.change()
+	waitParses(t, src, 2)
 	if m := checkShared(t, feed, subs, 1, "a"); m != good {
 		t.Fatal("a refused mesh replaced the last good one")
 	}
-	for i, s := range subs {
-		select {
-		case <-s.changed:
-			t.Fatalf("subscriber %d was told of a refused mesh", i)
-		default:
-		}
-	}
+	noChange(t, subs, "a refused mesh")
 
-	writeMesh(t, file, workloadFile("b"))
+	src.set(meshOf("b"), nil)
+	src.change()
 	waitChanged(t, subs)
 	checkShared(t, feed, subs, 2, "b")
 }
 
+func TestFeedPublishesNothingForTheSameMesh(t *testing.T) {
+	feed, src := feedFixture(t)
+	subs := subscribe(t, feed, 2)
+	good := checkShared(t, feed, subs, 1, "a")
+
+	src.set(meshOf("a"), nil)
+	src.change()
+	waitParses(t, src, 2)
+	if m := checkShared(t, feed, subs, 1, "a"); m != good {
+		t.Fatal("an unchanged mesh replaced the snapshot")
+	}
+	noChange(t, subs, "an unchanged mesh")
+}
+
+func noChange(t *testing.T, subs []sub, what string) {
+	t.Helper()
+	for i, s := range subs {
+		select {
+		case <-s.changed:
+			t.Fatalf("subscriber %d was told of %s", i, what)
+		default:
+		}
+	}
+}
+
 func TestFeedWatchesEndWithTheirContext(t *testing.T) {
-	feed, _, file := feedFixture(t)
+	feed, src := feedFixture(t)
 	subs := subscribe(t, feed, 2)
 	subs[0].cancel()
 	select {
@@ -209,17 +262,48 @@ func TestFeedWatchesEndWithTheirContext(t *testing.T) {
 	case <-time.After(10 * time.Second):
 		t.Fatal("a watch outlived its context")
 	}
-	writeMesh(t, file, workloadFile("b"))
+	src.set(meshOf("b"), nil)
+	src.change()
 	waitChanged(t, subs[1:])
-	select {
-	case <-subs[0].changed:
-		t.Fatal("a subscriber whose context ended was still told of changes")
-	default:
-	}
+	noChange(t, subs[:1], "a change after its context ended")
 	select {
 	case err := <-subs[1].done:
 		t.Fatalf("a live subscriber's watch ended: %v", err)
 	default:
+	}
+}
+
+// TestFeedOverADirectory runs the feed over mesh files: two subscribers
+// read the mesh the files hold, and a bad file keeps the last good one.
+func TestFeedOverADirectory(t *testing.T) {
+	dir := t.TempDir()
+	file := filepath.Join(dir, "mesh.yaml")
+	writeMesh(t, file, workloadFile("a"))
+	feed, err := mesh.NewFeed(mesh.FeedConfig{Source: &mesh.Dir{Path: dir}, Settle: 10 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- feed.Run(ctx) }()
+	defer func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("Run: %v", err)
+		}
+	}()
+	<-feed.Ready()
+	subs := subscribe(t, feed, 2)
+	good := checkShared(t, feed, subs, 1, "a")
+	writeMesh(t, file, "apiVersion: mesh.trustmesh.io/v1alpha1\nkind: Bogus\nmetadata: {name: x}\n")
+	time.Sleep(200 * time.Millisecond) // many settle periods
+	if m := checkShared(t, feed, subs, 1, "a"); m != good {
+		t.Fatal("a bad file replaced the last good mesh")
+	}
+	writeMesh(t, file, workloadFile("b"))
+	waitChanged(t, subs)
+	if m := checkShared(t, feed, subs, 2, "b"); m.Workload("shop", "a") != nil {
+		t.Fatal("the new mesh still holds the old workload")
 	}
 }
 
