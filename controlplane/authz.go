@@ -36,7 +36,9 @@ func (cp *ControlPlane) newAuthz(v *validated) (*authzd.Service, error) {
 		Registerer: cp.registry, RedactPaths: v.Authz.LogRedactPaths, Connections: v.Listen.Connections,
 	}
 	var err error
-	cfg.Mesh = cp.meshSource(v)
+	if cfg.Mesh, err = cp.meshSource(v); err != nil {
+		return nil, err
+	}
 	if cfg.Feed, err = cp.policies(v); err != nil {
 		return nil, err
 	}

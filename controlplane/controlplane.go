@@ -23,6 +23,7 @@ import (
 	"github.com/trustmesh/trustmesh/ca/rotation"
 	"github.com/trustmesh/trustmesh/ca/server"
 	"github.com/trustmesh/trustmesh/injector/webhook"
+	"github.com/trustmesh/trustmesh/mesh"
 	"github.com/trustmesh/trustmesh/xds"
 )
 
@@ -40,12 +41,14 @@ type ControlPlane struct {
 	authz     *authzd.Service
 	// policyFeed is the AuthorizationPolicy feed authz and xDS follow.
 	policyFeed *source.Feed
-	injector   *webhook.Server
-	xds        *xds.Server
-	bundleFns  []func(context.Context) error // caBundle patcher, root-cert publisher
-	stopping   chan struct{}
-	serving    *server.ServingCert
-	registry   *prometheus.Registry
+	// meshFeed is the mesh feed authz and xDS follow.
+	meshFeed  *mesh.Feed
+	injector  *webhook.Server
+	xds       *xds.Server
+	bundleFns []func(context.Context) error // caBundle patcher, root-cert publisher
+	stopping  chan struct{}
+	serving   *server.ServingCert
+	registry  *prometheus.Registry
 
 	grpc       *grpc.Server
 	monitoring *http.Server

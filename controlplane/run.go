@@ -40,6 +40,9 @@ func (cp *ControlPlane) Run(ctx context.Context) error {
 	if cp.policyFeed != nil {
 		tasks = append(tasks, cp.policyFeed.Run)
 	}
+	if cp.meshFeed != nil {
+		tasks = append(tasks, cp.meshFeed.Run)
+	}
 	if cp.authz != nil {
 		tasks = append(tasks, cp.authz.Run)
 	}

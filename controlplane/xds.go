@@ -33,7 +33,9 @@ func (cp *ControlPlane) newXDS(v *validated) (*xds.Server, error) {
 		FirstPushHold: v.XDS.FirstPushHold,
 		Clock:         v.Clock, Log: v.Log, Registerer: cp.registry,
 	}
-	cfg.Mesh = cp.meshSource(v)
+	if cfg.Mesh, err = cp.meshSource(v); err != nil {
+		return nil, err
+	}
 	feed, err := cp.policies(v)
 	if err != nil {
 		return nil, err
