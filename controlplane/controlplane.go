@@ -10,6 +10,7 @@ import (
 	"net"
 	"net/http"
 	"sync/atomic"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"google.golang.org/grpc"
@@ -57,6 +58,8 @@ type ControlPlane struct {
 	monLis     net.Listener
 	bundleLis  net.Listener
 	ready      atomic.Bool
+	// httpGrace bounds the HTTP servers' shutdown; zero is 5 s.
+	httpGrace time.Duration
 }
 
 // New loads the CA material and the journal and binds every listener. An

@@ -12,10 +12,15 @@ import (
 )
 
 // Run serves until ctx ends or a part fails, then stops everything. A
-// cancelled ctx is a clean exit; otherwise the first part's failure (or
-// panic) is the error.
+// cancelled ctx is a clean exit unless the servers could not be stopped
+// cleanly (connections still open when the grace period ended); otherwise
+// the first part's failure (or panic) is the error.
 func (cp *ControlPlane) Run(ctx context.Context) error {
 	defer cp.close()
+	// The supervisor drops what parts return once ctx has ended, as
+	// consequences of the stop; an unclean stop is not one, so it is kept
+	// here. Tasks has returned, and so has stop, before it is read.
+	var stopErr error
 	tasks := []run.Task{
 		cp.refusals.Run,
 		cp.journal.Watch,
@@ -26,7 +31,7 @@ func (cp *ControlPlane) Run(ctx context.Context) error {
 			return nil
 		},
 		func(context.Context) error { return serveHTTP(cp.monitoring, cp.monLis, false, "monitoring") },
-		cp.stop,
+		func(ctx context.Context) error { stopErr = cp.stop(ctx); return stopErr },
 	}
 	if cp.witness != nil {
 		tasks = append(tasks, cp.witness.Run)
@@ -64,12 +69,15 @@ func (cp *ControlPlane) Run(ctx context.Context) error {
 	if err := run.Tasks(ctx, tasks...); err != nil && !errors.Is(err, context.Canceled) {
 		return err
 	}
+	if stopErr != nil {
+		return fmt.Errorf("controlplane: stop: %w", stopErr)
+	}
 	return nil
 }
 
 // stop waits for the end of ctx, then stops the servers: not ready, the
 // bundle watchers told, the CA port drained (10 s at most) and the HTTP
-// servers shut down (5 s at most).
+// servers shut down (cp.httpGrace, 5 s unless a test shortens it).
 func (cp *ControlPlane) stop(ctx context.Context) error {
 	<-ctx.Done()
 	cp.ready.Store(false)
@@ -81,7 +89,11 @@ func (cp *ControlPlane) stop(ctx context.Context) error {
 	case <-time.After(10 * time.Second):
 		cp.grpc.Stop()
 	}
-	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+	grace := cp.httpGrace
+	if grace == 0 {
+		grace = 5 * time.Second
+	}
+	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), grace)
 	defer cancel()
 	errs := []error{cp.monitoring.Shutdown(sctx)}
 	if cp.bundle != nil {
