@@ -13,45 +13,79 @@ import (
 	"github.com/trustmesh/trustmesh/ca/rotation"
 )
 
-// TestDirStoreConcurrentWrites runs two writers against one CA directory at
-// once, as `trustmesh ca rotate` and a running serve do. Each Write either
-// succeeds or reports a conflict, and what is left on disk is one writer's
-// files whole: never a mix, never an error from the other's temporary file.
+// TestDirStoreConcurrentWrites runs writers against one CA directory at
+// once, as `trustmesh ca rotate` and a running serve do, each replacing the
+// state at the same version it read (compare-and-swap). Exactly one wins and
+// every other gets ErrConflict, and what is left on disk is the winner's
+// files whole: the state file and every generation file from one writer,
+// never a mix, never an error from another's temporary file.
 func TestDirStoreConcurrentWrites(t *testing.T) {
 	ctx := context.Background()
-	for round := 0; round < 30; round++ {
+	const writers = 3
+	names := []string{"rotation.json", "gen-1/ca-cert.pem", "gen-2/ca-cert.pem", "gen-2/ca-key.pem"}
+	for round := 0; round < 60; round++ {
 		dir := t.TempDir()
 		s := rotation.DirStore{Dir: dir}
-		want := map[string][2][]byte{}
-		var wg sync.WaitGroup
-		errs := make([]error, 2)
-		for w := 0; w < 2; w++ {
-			state := []byte(fmt.Sprintf(`{"active": 1, "last_generation": 1, "writer": %d, "pad": %q}`, w, bytes.Repeat([]byte{'a' + byte(w)}, 256<<10)))
-			cert := bytes.Repeat([]byte{'A' + byte(w)}, 512<<10)
-			for name, data := range map[string][]byte{"rotation.json": state, "gen-1/ca-cert.pem": cert} {
-				v := want[name]
-				v[w] = data
-				want[name] = v
+		if err := s.Write(ctx, rotation.Snapshot{Files: map[string][]byte{
+			"rotation.json": []byte(`{"active": 1, "last_generation": 1}`), "gen-1/ca-cert.pem": []byte("initial"),
+		}}); err != nil {
+			t.Fatal(err)
+		}
+		base, err := s.Read(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		files := make([]map[string][]byte, writers)
+		for w := range files {
+			files[w] = map[string][]byte{}
+			for i, name := range names {
+				fill := bytes.Repeat([]byte{'a' + byte(w)}, (256+64*i)<<10)
+				if name == "rotation.json" {
+					fill = []byte(fmt.Sprintf(`{"active": 2, "last_generation": 2, "writer": %d, "pad": %q}`, w, fill))
+				}
+				files[w][name] = fill
 			}
+		}
+		var wg sync.WaitGroup
+		start := make(chan struct{})
+		errs := make([]error, writers)
+		for w := range writers {
 			wg.Add(1)
 			go func() {
 				defer wg.Done()
-				errs[w] = s.Write(ctx, rotation.Snapshot{Files: map[string][]byte{"rotation.json": state, "gen-1/ca-cert.pem": cert}})
+				<-start
+				errs[w] = s.Write(ctx, rotation.Snapshot{Files: files[w], Version: base.Version})
 			}()
 		}
+		close(start)
 		wg.Wait()
+		winner := -1
 		for w, err := range errs {
-			if err != nil && !errors.Is(err, rotation.ErrConflict) {
+			switch {
+			case err == nil && winner >= 0:
+				t.Fatalf("round %d: writers %d and %d both replaced version %.8s", round, winner, w, base.Version)
+			case err == nil:
+				winner = w
+			case !errors.Is(err, rotation.ErrConflict):
 				t.Fatalf("round %d: writer %d: %v", round, w, err)
 			}
 		}
-		for name, v := range want {
+		if winner < 0 {
+			t.Fatalf("round %d: no writer won: %v", round, errs)
+		}
+		for _, name := range names {
 			got, err := os.ReadFile(filepath.Join(dir, filepath.FromSlash(name)))
 			if err != nil {
 				t.Fatalf("round %d: %v", round, err)
 			}
-			if !bytes.Equal(got, v[0]) && !bytes.Equal(got, v[1]) {
-				t.Fatalf("round %d: %s holds neither writer's content whole (%d bytes)", round, name, len(got))
+			if !bytes.Equal(got, files[winner][name]) {
+				from := "no writer whole"
+				for w := range files {
+					if bytes.Equal(got, files[w][name]) {
+						from = fmt.Sprintf("writer %d", w)
+					}
+				}
+				t.Fatalf("round %d: writer %d won, but %s is from %s (%d bytes)", round, winner, name, from, len(got))
 			}
 		}
 	}
