@@ -29,6 +29,10 @@
 //     bundle at once, so it reaches every agent before anything is signed
 //     under it, and is activated RootPropagation later. The old root stays
 //     in the bundle until every certificate signed under it has expired.
+//     A due root is prepared at once unless the active intermediate would
+//     not last its propagation and a fresh one would; when checks come too
+//     late for that, leaves issued before the switch may be cut short, but
+//     the root is never starved by intermediates cut to its end.
 //
 // New returns the serving control plane's Manager, which creates the first
 // generation and records its policy in the state; Open returns an

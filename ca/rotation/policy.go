@@ -178,8 +178,14 @@ func (p Policy) Decide(now time.Time, st State, a Active) Action {
 		}
 	case rootDue:
 		// The active intermediate must last, by the cut-short rule, until
-		// the new root is activated; if it would not, rotate it first.
-		if now.Add(p.RootPropagation + p.Interval).After(s.IntermediateDeadline) {
+		// the new root is activated; if it would not, rotate it first, but
+		// only while a fresh one still would: an intermediate is cut to
+		// its root's end, so once checks come too late for that (a missed
+		// stretch of them, a leader failover), rotating intermediates
+		// keeps nothing and would starve the root until it expires. The
+		// root is then prepared at once, and leaves issued before it is
+		// activated may be cut short: a cut-short leaf, never an outage.
+		if now.Add(p.RootPropagation+p.Interval).After(s.IntermediateDeadline) && p.freshIntermediateLasts(now, a.Root) {
 			return PrepareIntermediate
 		}
 		return PrepareRoot
@@ -187,6 +193,16 @@ func (p Policy) Decide(now time.Time, st State, a Active) Action {
 		return PrepareIntermediate
 	}
 	return p.retirement(now, st)
+}
+
+// freshIntermediateLasts reports whether an intermediate prepared at now
+// under root, activated one Interval later, keeps the cut-short rule until
+// a root prepared one Interval after that has propagated and is activated,
+// checks coming on time.
+func (p Policy) freshIntermediateLasts(now time.Time, root Validity) bool {
+	end := earliest(now.Add(p.IntermediateLifetime), root.NotAfter)
+	deadline := end.Add(-(p.MaxWorkloadTTL + p.Backdate))
+	return !now.Add(p.RootPropagation + 3*p.Interval).After(deadline)
 }
 
 func (p Policy) retirement(now time.Time, st State) Action {

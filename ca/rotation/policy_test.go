@@ -332,3 +332,36 @@ func TestDecideOperatorSupplied(t *testing.T) {
 		}
 	}
 }
+
+// TestDecideDueRootNotStarved checks the decision once the root is due and
+// the active intermediate would not last the root's propagation: it is
+// rotated first only while a fresh intermediate, cut to the root's end,
+// would last; later (checks missed) the root is prepared at once, since
+// rotating intermediates would keep nothing and starve the root.
+func TestDecideDueRootNotStarved(t *testing.T) {
+	t0 := time.Date(2026, 12, 1, 0, 0, 0, 0, time.UTC)
+	root := rotation.Validity{NotBefore: t0.Add(-5 * time.Second), NotAfter: t0.Add(110 * time.Second)}
+	st := rotation.State{Active: 3, LastGeneration: 3}
+	for _, tc := range []struct {
+		name  string
+		now   time.Duration
+		inter rotation.Validity
+		want  rotation.Action
+	}{
+		// Due at 76s; an intermediate ending at 100s (deadline 75s) would
+		// not last; a fresh one, ending at 110s (deadline 85s), would: 76s
+		// + 4s propagation + 3 Intervals = 83s.
+		{"on time, old intermediate", 76, rotation.Validity{NotBefore: t0.Add(35 * time.Second), NotAfter: t0.Add(100 * time.Second)}, rotation.PrepareIntermediate},
+		// 82s + 7s is past any fresh intermediate's deadline: prepare the root.
+		{"late, old intermediate", 82, rotation.Validity{NotBefore: t0.Add(35 * time.Second), NotAfter: t0.Add(100 * time.Second)}, rotation.PrepareRoot},
+		// The reviewer's loop: the intermediate is already cut to the
+		// root's end (deadline 85s) and 82s + 5s is past it.
+		{"late, cut to the root's end", 82, rotation.Validity{NotBefore: t0.Add(76 * time.Second), NotAfter: root.NotAfter}, rotation.PrepareRoot},
+		{"on time, cut to the root's end", 76, rotation.Validity{NotBefore: t0.Add(51 * time.Second), NotAfter: root.NotAfter}, rotation.PrepareRoot},
+	} {
+		now := t0.Add(tc.now * time.Second)
+		if got := suite.Decide(now, st, rotation.Active{Intermediate: tc.inter, Root: root, SelfManaged: true}); got != tc.want {
+			t.Errorf("%s: %v, want %v", tc.name, got, tc.want)
+		}
+	}
+}
