@@ -58,10 +58,13 @@ type Feed struct {
 	cfg FeedConfig
 	log *slog.Logger
 
-	mu    sync.Mutex
-	cur   *Snapshot
-	subs  map[*subscriber]struct{}
-	ready chan struct{}
+	// loadMu serializes Load from read to publish, so that a slower Load
+	// cannot publish an older read as a newer version.
+	loadMu sync.Mutex
+	mu     sync.Mutex
+	cur    *Snapshot
+	subs   map[*subscriber]struct{}
+	ready  chan struct{}
 
 	published, refused prometheus.Counter
 	version            prometheus.Gauge
@@ -153,8 +156,11 @@ func (f *Feed) Watch(ctx context.Context, changed func()) (<-chan error, error) 
 
 // Load reads and parses the source once and publishes the result if it is
 // new. A source that does not parse is refused with an error wrapping
-// ErrRefused, and the last good snapshot stays in force.
+// ErrRefused, and the last good snapshot stays in force. Concurrent Loads
+// run one after another, so versions follow the order of the reads.
 func (f *Feed) Load() (*Snapshot, error) {
+	f.loadMu.Lock()
+	defer f.loadMu.Unlock()
 	ps, err := f.cfg.Policies.Policies()
 	if err != nil {
 		f.refused.Inc()
