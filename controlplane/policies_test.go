@@ -200,6 +200,8 @@ func TestOnePolicyFeed(t *testing.T) {
 	if rbac := next("the edit"); !strings.Contains(rbac, "/secret") {
 		t.Fatal("the RBAC pushed after the edit does not deny /secret")
 	}
+	// The engine applies the snapshot on its own, after or before the xDS
+	// push: poll until ext_authz denies /secret.
 	deadline := time.Now().Add(10 * time.Second)
 	for check("/secret") != codes.PermissionDenied {
 		if time.Now().After(deadline) {
@@ -208,24 +210,44 @@ func TestOnePolicyFeed(t *testing.T) {
 		time.Sleep(10 * time.Millisecond)
 	}
 
-	// The decision and the push name one snapshot.
-	var decided, pushed []any
-	for _, d := range decisions.lines(t) {
-		if d["path"] == "/secret" {
-			decided = append(decided, d["policy_version"])
+	// The decision and the push name one snapshot. The decision log is
+	// written from a queue and the push is logged after it is handed to
+	// the streams, so wait until both logs hold the denial and the push.
+	var (
+		denied     map[string]any // the last /secret decision that denied
+		pushed     []any
+		published  int
+		digests    = map[any]any{} // policy version -> digest published
+		logsCaught = time.Now().Add(10 * time.Second)
+	)
+	for {
+		denied = nil
+		for _, d := range decisions.lines(t) {
+			if d["path"] == "/secret" && d["allowed"] == false {
+				denied = d
+			}
 		}
-	}
-	published := 0
-	for _, l := range logs.lines(t) {
-		switch l["msg"] {
-		case "xds configuration pushed":
-			pushed = append(pushed, l["policy_version"])
-		case "policy snapshot published":
-			published++
+		pushed, published = nil, 0
+		for _, l := range logs.lines(t) {
+			switch l["msg"] {
+			case "xds configuration pushed":
+				pushed = append(pushed, l["policy_version"])
+			case "policy snapshot published":
+				published++
+				digests[l["policy_version"]] = l["policy_digest"]
+			}
 		}
+		if denied != nil && len(pushed) > 0 && pushed[len(pushed)-1] == float64(2) {
+			break
+		}
+		if time.Now().After(logsCaught) {
+			t.Fatalf("the logs lack the denial of /secret (%v) or the push of policy version 2 (pushed %v)", denied, pushed)
+		}
+		time.Sleep(10 * time.Millisecond)
 	}
-	if len(decided) == 0 || decided[len(decided)-1] != float64(2) || len(pushed) == 0 || pushed[len(pushed)-1] != float64(2) {
-		t.Fatalf("ext_authz decided /secret on policy versions %v, xDS pushed versions %v; want both to end on 2", decided, pushed)
+	if denied["policy_version"] != float64(2) || denied["policy_digest"] != digests[float64(2)] {
+		t.Fatalf("ext_authz denied /secret on policy version %v (%v), xDS pushed versions %v; want both on version 2 (%v)",
+			denied["policy_version"], denied["policy_digest"], pushed, digests[float64(2)])
 	}
 	// One feed: one snapshot per version, counted once.
 	if published != 2 {
