@@ -3,16 +3,14 @@ package mesh
 import (
 	"context"
 	"errors"
-	"fmt"
 	"log/slog"
 	"reflect"
-	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"k8s.io/utils/clock"
 
-	"github.com/trustmesh/trustmesh/internal/watch"
+	"github.com/trustmesh/trustmesh/internal/feed"
 )
 
 // DefaultSettle is the default quiet period before a Feed reloads.
@@ -53,21 +51,10 @@ type FeedConfig struct {
 // subscribes to new snapshots, so consumers that take a Source need no
 // change.
 type Feed struct {
-	cfg FeedConfig
-	log *slog.Logger
-
-	mu    sync.Mutex
-	cur   *Snapshot
-	subs  map[*subscriber]struct{}
-	ready chan struct{}
-
-	published, refused prometheus.Counter
-	version            prometheus.Gauge
+	feed *feed.Feed[*Snapshot]
 }
 
 var _ Source = (*Feed)(nil)
-
-type subscriber struct{ changed func() }
 
 // ErrNoSnapshot is Feed.Mesh's error before the first snapshot.
 var ErrNoSnapshot = errors.New("mesh: no mesh snapshot published yet")
@@ -80,43 +67,55 @@ func NewFeed(cfg FeedConfig) (*Feed, error) {
 	if cfg.Settle <= 0 {
 		cfg.Settle = DefaultSettle
 	}
-	if cfg.Clock == nil {
-		cfg.Clock = clock.RealClock{}
+	log := cfg.Log
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
 	}
-	f := &Feed{
-		cfg: cfg, log: cfg.Log, subs: map[*subscriber]struct{}{}, ready: make(chan struct{}),
-		published: prometheus.NewCounter(prometheus.CounterOpts{
-			Name: "trustmesh_mesh_snapshots_total", Help: "Mesh snapshots published: the first load and every accepted change.",
-		}),
-		refused: prometheus.NewCounter(prometheus.CounterOpts{
-			Name: "trustmesh_mesh_refusals_total", Help: "Mesh updates refused; the last good snapshot stays in force.",
-		}),
-		version: prometheus.NewGauge(prometheus.GaugeOpts{
-			Name: "trustmesh_mesh_version", Help: "Version of the mesh snapshot in force.",
-		}),
-	}
-	if f.log == nil {
-		f.log = slog.New(slog.DiscardHandler)
-	}
-	if cfg.Registerer != nil {
-		for _, c := range []prometheus.Collector{f.published, f.refused, f.version} {
-			if err := cfg.Registerer.Register(c); err != nil {
-				return nil, fmt.Errorf("mesh: feed metrics: %w", err)
+	f, err := feed.New(feed.Config[*Snapshot]{
+		Watch: cfg.Source.Watch,
+		Load: func(v uint64) (*Snapshot, error) {
+			m, err := cfg.Source.Mesh()
+			if err != nil {
+				return nil, err
 			}
-		}
+			return &Snapshot{Version: v, Mesh: m}, nil
+		},
+		Same: func(cur, next *Snapshot) bool { return sameMesh(cur.Mesh, next.Mesh) },
+		Published: func(s *Snapshot, v uint64) {
+			log.Info("mesh snapshot published", "mesh_version", v, "services", len(s.Mesh.Services))
+		},
+		Refused: func(err error) { log.Error("mesh update refused; last good mesh kept", "error", err) },
+		Settle:  cfg.Settle,
+		Clock:   cfg.Clock,
+		Errors: feed.Errors{
+			Watching: "mesh: watching the mesh",
+			Waiting:  "mesh: waiting for the first mesh snapshot",
+			Metrics:  "mesh: feed metrics",
+		},
+		Metrics: feed.Metrics{
+			Registerer: cfg.Registerer,
+			Published: prometheus.CounterOpts{
+				Name: "trustmesh_mesh_snapshots_total", Help: "Mesh snapshots published: the first load and every accepted change.",
+			},
+			Refused: prometheus.CounterOpts{
+				Name: "trustmesh_mesh_refusals_total", Help: "Mesh updates refused; the last good snapshot stays in force.",
+			},
+			Version: prometheus.GaugeOpts{
+				Name: "trustmesh_mesh_version", Help: "Version of the mesh snapshot in force.",
+			},
+		},
+	})
+	if err != nil {
+		return nil, err
 	}
-	return f, nil
+	return &Feed{feed: f}, nil
 }
 
 // Current returns the snapshot in force, nil before the first load.
-func (f *Feed) Current() *Snapshot {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	return f.cur
-}
+func (f *Feed) Current() *Snapshot { return f.feed.Current() }
 
 // Ready is closed once the first snapshot is published.
-func (f *Feed) Ready() <-chan struct{} { return f.ready }
+func (f *Feed) Ready() <-chan struct{} { return f.feed.Ready() }
 
 // Mesh returns the mesh in force, which the caller must not modify, or
 // ErrNoSnapshot before the first snapshot. It never parses.
@@ -133,118 +132,19 @@ func (f *Feed) Mesh() (*Mesh, error) {
 // that Current may have moved on, not what it is. The channel receives nil
 // when ctx ends.
 func (f *Feed) Watch(ctx context.Context, changed func()) (<-chan error, error) {
-	select {
-	case <-f.ready:
-	case <-ctx.Done():
-		return nil, fmt.Errorf("mesh: waiting for the first mesh snapshot: %w", context.Cause(ctx))
-	}
-	sub := &subscriber{changed: changed}
-	f.mu.Lock()
-	f.subs[sub] = struct{}{}
-	f.mu.Unlock()
-	done := make(chan error, 1)
-	go func() {
-		<-ctx.Done()
-		f.mu.Lock()
-		delete(f.subs, sub)
-		f.mu.Unlock()
-		done <- nil
-	}()
-	return done, nil
+	return f.feed.Watch(ctx, changed)
 }
 
 // Load parses the source once and publishes the result if it differs from
-// the mesh in force. A mesh the source
-// refuses is an error, and the last good snapshot stays in force.
-func (f *Feed) Load() (*Snapshot, error) {
-	m, err := f.cfg.Source.Mesh()
-	if err != nil {
-		f.refused.Inc()
-		f.log.Error("mesh update refused; last good mesh kept", "error", err)
-		return f.Current(), err
-	}
-	f.mu.Lock()
-	if f.cur != nil && sameMesh(f.cur.Mesh, m) {
-		// A burst that settled early, or a change that undid itself.
-		cur := f.cur
-		f.mu.Unlock()
-		return cur, nil
-	}
-	var v uint64 = 1
-	if f.cur != nil {
-		v = f.cur.Version + 1
-	}
-	f.cur = &Snapshot{Version: v, Mesh: m}
-	snap := f.cur
-	subs := make([]*subscriber, 0, len(f.subs))
-	for s := range f.subs {
-		subs = append(subs, s)
-	}
-	if v == 1 {
-		close(f.ready)
-	}
-	f.mu.Unlock()
-	f.published.Inc()
-	f.version.Set(float64(v))
-	f.log.Info("mesh snapshot published", "mesh_version", v, "services", len(m.Services))
-	for _, s := range subs {
-		s.changed()
-	}
-	return snap, nil
-}
+// the mesh in force. A mesh the source refuses is an error, and the last
+// good snapshot stays in force. Concurrent Loads run one after another, so
+// versions follow the order of the parses.
+func (f *Feed) Load() (*Snapshot, error) { return f.feed.Load() }
 
 // Run watches the source, loads it (failing if the first load fails), then
 // reloads once changes have settled, until ctx ends. The source's watch
-// ends with Run.
-func (f *Feed) Run(ctx context.Context) error {
-	kick := make(chan struct{}, 1)
-	changed := func() {
-		select {
-		case kick <- struct{}{}:
-		default:
-		}
-	}
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	// The watch is in place before the first load, so no change between
-	// the two is missed.
-	watchDone, err := f.cfg.Source.Watch(ctx, changed)
-	if err != nil {
-		return fmt.Errorf("mesh: watching the mesh: %w", err)
-	}
-	stop := func() {
-		cancel()
-		<-watchDone
-	}
-	if _, err := f.Load(); err != nil {
-		stop()
-		return err
-	}
-	settle := watch.NewSettle(f.cfg.Clock, f.cfg.Settle)
-	defer settle.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			stop()
-			return nil
-		case err := <-watchDone:
-			if ctx.Err() != nil {
-				return nil
-			}
-			if err == nil {
-				// A watch that ends while the feed runs would leave every
-				// subscriber on a stale mesh: fail instead.
-				err = errors.New("the watch ended")
-			}
-			return fmt.Errorf("mesh: watching the mesh: %w", err)
-		case <-kick:
-			settle.Kick()
-		case <-settle.C():
-			settle.Fired()
-			_, _ = f.Load() // a refused update is logged; the old snapshot serves
-		}
-	}
-}
+// ends with Run; a watch that ends while Run runs is an error.
+func (f *Feed) Run(ctx context.Context) error { return f.feed.Run(ctx) }
 
 // sameMesh reports whether two meshes hold the same model, leaving out the
 // lookup index a Mesh builds on first use.

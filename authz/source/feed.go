@@ -6,14 +6,13 @@ import (
 	"fmt"
 	"log/slog"
 	"sort"
-	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"k8s.io/utils/clock"
 
 	"github.com/trustmesh/trustmesh/authz/policy"
-	"github.com/trustmesh/trustmesh/internal/watch"
+	"github.com/trustmesh/trustmesh/internal/feed"
 )
 
 // Snapshot is one AuthorizationPolicy set as a Feed published it. It is
@@ -55,22 +54,8 @@ type FeedConfig struct {
 // subscriber keeps the last good snapshot. A reload that finds the same
 // policies publishes nothing either.
 type Feed struct {
-	cfg FeedConfig
-	log *slog.Logger
-
-	// loadMu serializes Load from read to publish, so that a slower Load
-	// cannot publish an older read as a newer version.
-	loadMu sync.Mutex
-	mu     sync.Mutex
-	cur    *Snapshot
-	subs   map[*subscriber]struct{}
-	ready  chan struct{}
-
-	published, refused prometheus.Counter
-	version            prometheus.Gauge
+	feed *feed.Feed[*Snapshot]
 }
-
-type subscriber struct{ changed func() }
 
 // NewFeed validates cfg and returns a Feed. Nothing is read until Run.
 func NewFeed(cfg FeedConfig) (*Feed, error) {
@@ -80,43 +65,62 @@ func NewFeed(cfg FeedConfig) (*Feed, error) {
 	if cfg.Settle <= 0 {
 		cfg.Settle = DefaultSettle
 	}
-	if cfg.Clock == nil {
-		cfg.Clock = clock.RealClock{}
+	log := cfg.Log
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
 	}
-	f := &Feed{
-		cfg: cfg, log: cfg.Log, subs: map[*subscriber]struct{}{}, ready: make(chan struct{}),
-		published: prometheus.NewCounter(prometheus.CounterOpts{
-			Name: "trustmesh_policy_snapshots_total", Help: "AuthorizationPolicy snapshots published: the first load and every accepted change.",
-		}),
-		refused: prometheus.NewCounter(prometheus.CounterOpts{
-			Name: "trustmesh_policy_refusals_total", Help: "AuthorizationPolicy updates refused; the last good snapshot stays in force.",
-		}),
-		version: prometheus.NewGauge(prometheus.GaugeOpts{
-			Name: "trustmesh_policy_version", Help: "Version of the AuthorizationPolicy snapshot in force.",
-		}),
-	}
-	if f.log == nil {
-		f.log = slog.New(slog.DiscardHandler)
-	}
-	if cfg.Registerer != nil {
-		for _, c := range []prometheus.Collector{f.published, f.refused, f.version} {
-			if err := cfg.Registerer.Register(c); err != nil {
-				return nil, fmt.Errorf("source: feed metrics: %w", err)
+	f, err := feed.New(feed.Config[*Snapshot]{
+		Watch: cfg.Policies.Watch,
+		Load: func(v uint64) (*Snapshot, error) {
+			ps, err := cfg.Policies.Policies()
+			if err != nil {
+				return nil, fmt.Errorf("%w: %w", ErrRefused, err)
 			}
-		}
+			ps = append([]*policy.Policy(nil), ps...)
+			sort.SliceStable(ps, func(i, j int) bool { return ps[i].Key() < ps[j].Key() })
+			return &Snapshot{Version: v, Digest: policy.Digest(ps), Policies: ps}, nil
+		},
+		Same: func(cur, next *Snapshot) bool { return cur.Digest == next.Digest },
+		Published: func(s *Snapshot, v uint64) {
+			log.Info("policy snapshot published", "policy_version", v, "policy_digest", s.Digest, "policies", len(s.Policies))
+		},
+		Refused: func(err error) {
+			log.Error("policy update refused; last good policy set kept", "error", err)
+			if cfg.onRefused != nil {
+				cfg.onRefused(err)
+			}
+		},
+		Settle: cfg.Settle,
+		Clock:  cfg.Clock,
+		Errors: feed.Errors{
+			Watching: "source: watching policies",
+			Waiting:  "source: waiting for the first policy snapshot",
+			Metrics:  "source: feed metrics",
+		},
+		Metrics: feed.Metrics{
+			Registerer: cfg.Registerer,
+			Published: prometheus.CounterOpts{
+				Name: "trustmesh_policy_snapshots_total", Help: "AuthorizationPolicy snapshots published: the first load and every accepted change.",
+			},
+			Refused: prometheus.CounterOpts{
+				Name: "trustmesh_policy_refusals_total", Help: "AuthorizationPolicy updates refused; the last good snapshot stays in force.",
+			},
+			Version: prometheus.GaugeOpts{
+				Name: "trustmesh_policy_version", Help: "Version of the AuthorizationPolicy snapshot in force.",
+			},
+		},
+	})
+	if err != nil {
+		return nil, err
 	}
-	return f, nil
+	return &Feed{feed: f}, nil
 }
 
 // Current returns the snapshot in force, nil before the first load.
-func (f *Feed) Current() *Snapshot {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	return f.cur
-}
+func (f *Feed) Current() *Snapshot { return f.feed.Current() }
 
 // Ready is closed once the first snapshot is published.
-func (f *Feed) Ready() <-chan struct{} { return f.ready }
+func (f *Feed) Ready() <-chan struct{} { return f.feed.Ready() }
 
 // Policies returns the snapshot in force: its version and its policies,
 // which the caller must not modify. Before the first snapshot it is 0 and
@@ -134,123 +138,16 @@ func (f *Feed) Policies() (version uint64, ps []*policy.Policy) {
 // that Current may have moved on, not what it is. The channel receives nil
 // when ctx ends.
 func (f *Feed) Watch(ctx context.Context, changed func()) (<-chan error, error) {
-	select {
-	case <-f.ready:
-	case <-ctx.Done():
-		return nil, fmt.Errorf("source: waiting for the first policy snapshot: %w", context.Cause(ctx))
-	}
-	sub := &subscriber{changed: changed}
-	f.mu.Lock()
-	f.subs[sub] = struct{}{}
-	f.mu.Unlock()
-	done := make(chan error, 1)
-	go func() {
-		<-ctx.Done()
-		f.mu.Lock()
-		delete(f.subs, sub)
-		f.mu.Unlock()
-		done <- nil
-	}()
-	return done, nil
+	return f.feed.Watch(ctx, changed)
 }
 
 // Load reads and parses the source once and publishes the result if it is
 // new. A source that does not parse is refused with an error wrapping
 // ErrRefused, and the last good snapshot stays in force. Concurrent Loads
 // run one after another, so versions follow the order of the reads.
-func (f *Feed) Load() (*Snapshot, error) {
-	f.loadMu.Lock()
-	defer f.loadMu.Unlock()
-	ps, err := f.cfg.Policies.Policies()
-	if err != nil {
-		f.refused.Inc()
-		err = fmt.Errorf("%w: %w", ErrRefused, err)
-		f.log.Error("policy update refused; last good policy set kept", "error", err)
-		if f.cfg.onRefused != nil {
-			f.cfg.onRefused(err)
-		}
-		return f.Current(), err
-	}
-	ps = append([]*policy.Policy(nil), ps...)
-	sort.SliceStable(ps, func(i, j int) bool { return ps[i].Key() < ps[j].Key() })
-	digest := policy.Digest(ps)
-	f.mu.Lock()
-	if f.cur != nil && f.cur.Digest == digest {
-		cur := f.cur
-		f.mu.Unlock()
-		return cur, nil
-	}
-	var v uint64 = 1
-	if f.cur != nil {
-		v = f.cur.Version + 1
-	}
-	f.cur = &Snapshot{Version: v, Digest: digest, Policies: ps}
-	snap := f.cur
-	subs := make([]*subscriber, 0, len(f.subs))
-	for s := range f.subs {
-		subs = append(subs, s)
-	}
-	if v == 1 {
-		close(f.ready)
-	}
-	f.mu.Unlock()
-	f.published.Inc()
-	f.version.Set(float64(v))
-	f.log.Info("policy snapshot published", "policy_version", v, "policy_digest", digest, "policies", len(ps))
-	for _, s := range subs {
-		s.changed()
-	}
-	return snap, nil
-}
+func (f *Feed) Load() (*Snapshot, error) { return f.feed.Load() }
 
 // Run watches the source, loads it (failing if the first load fails), then
-// reloads once changes have settled, until ctx ends.
-func (f *Feed) Run(ctx context.Context) error {
-	kick := make(chan struct{}, 1)
-	changed := func() {
-		select {
-		case kick <- struct{}{}:
-		default:
-		}
-	}
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	// The watch is in place before the first load, so no change between
-	// the two is missed.
-	watchDone, err := f.cfg.Policies.Watch(ctx, changed)
-	if err != nil {
-		return fmt.Errorf("source: watching policies: %w", err)
-	}
-	stop := func() {
-		cancel()
-		<-watchDone
-	}
-	if _, err := f.Load(); err != nil {
-		stop()
-		return err
-	}
-	settle := watch.NewSettle(f.cfg.Clock, f.cfg.Settle)
-	defer settle.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			stop()
-			return nil
-		case err := <-watchDone:
-			if ctx.Err() != nil {
-				return nil
-			}
-			if err == nil {
-				// A watch that ends while the feed runs would leave every
-				// subscriber on stale policies: fail instead.
-				err = errors.New("the watch ended")
-			}
-			return fmt.Errorf("source: watching policies: %w", err)
-		case <-kick:
-			settle.Kick()
-		case <-settle.C():
-			settle.Fired()
-			_, _ = f.Load() // a refused update is logged; the old snapshot serves
-		}
-	}
-}
+// reloads once changes have settled, until ctx ends. A watch that ends
+// while Run runs is an error.
+func (f *Feed) Run(ctx context.Context) error { return f.feed.Run(ctx) }
