@@ -111,3 +111,64 @@ func TestIdentityCapsScaleWithPods(t *testing.T) {
 		}
 	}
 }
+
+// TestDeltaStreamsDoNotFreeStateOfTheWorldCaps: go-control-plane numbers
+// state of the world and delta streams with two counters, so a delta
+// stream and a state of the world stream share a number. An identity that
+// holds its caps with state of the world streams, then opens delta streams
+// that are refused, must not get its caps back: it is still refused a new
+// node id while its first streams stay open.
+func TestDeltaStreamsDoNotFreeStateOfTheWorldCaps(t *testing.T) {
+	m, a, _ := twoPods()
+	e := start(t, m, nil)
+	c := e.dialADS(e.mint(a.ID))
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	serve := func(i int) error {
+		s, err := c.StreamAggregatedResources(ctx)
+		if err != nil {
+			return err
+		}
+		_ = s.Send(&discoveryv3.DiscoveryRequest{Node: meshtest.Node("sidecar", fmt.Sprintf("10.8.0.%d", i+1), a, false), TypeUrl: resource.ClusterType})
+		_, err = s.Recv()
+		return err
+	}
+	// Four node ids (the cap), on streams 1 to 4.
+	for i := range 4 {
+		if err := serve(i); err != nil {
+			t.Fatalf("node %d of the cap refused: %v", i, err)
+		}
+	}
+	// Four more streams, 5 to 8, that name no node yet: the identity
+	// holds its 8 streams.
+	for range 4 {
+		if _, err := c.StreamAggregatedResources(ctx); err != nil {
+			t.Fatal(err)
+		}
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for e.gauge("trustmesh_xds_connected_proxies") != 8 {
+		if time.Now().After(deadline) {
+			t.Fatalf("the server has %v streams open, want 8", e.gauge("trustmesh_xds_connected_proxies"))
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	// Delta streams 1 to 8: each refused at the stream cap.
+	for i := range 8 {
+		d, err := c.DeltaAggregatedResources(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		_ = d.Send(&discoveryv3.DeltaDiscoveryRequest{Node: meshtest.Node("sidecar", fmt.Sprintf("10.8.1.%d", i+1), a, false), TypeUrl: resource.ClusterType})
+		if _, err := d.Recv(); status.Code(err) != codes.ResourceExhausted {
+			t.Fatalf("delta stream %d over the cap: %v, want ResourceExhausted", i, err)
+		}
+	}
+	// The first four streams are still open, so a fifth node id is
+	// refused.
+	for i := 4; i < 8; i++ {
+		if err := serve(i); status.Code(err) != codes.ResourceExhausted {
+			t.Fatalf("node %d over the cap: %v, want ResourceExhausted", i, err)
+		}
+	}
+}

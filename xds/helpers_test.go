@@ -24,6 +24,7 @@ import (
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"google.golang.org/grpc"
@@ -113,6 +114,8 @@ type env struct {
 	src    *settable
 	addr   string
 	dir    string
+	// reg holds the server's metrics.
+	reg *prometheus.Registry
 }
 
 func start(t testing.TB, m *mesh.Mesh, ps []*policy.Policy) *env {
@@ -133,7 +136,8 @@ func startWith(t testing.TB, m mesh.Source) *env {
 func startSources(t testing.TB, meshSrc mesh.Source, polSrc *settable) *env {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
-	e := &env{t: t, ca: newTestCA(t), xclock: clocktesting.NewFakeClock(time.Now().Truncate(time.Second)), src: polSrc, dir: t.TempDir()}
+	e := &env{t: t, ca: newTestCA(t), xclock: clocktesting.NewFakeClock(time.Now().Truncate(time.Second)), src: polSrc, dir: t.TempDir(),
+		reg: prometheus.NewRegistry()}
 
 	// The xDS server's own serving certificate, as the CA port has.
 	serving := e.ca.issue(t, spiffeid.RequireFromString("spiffe://cluster.local/ns/trustmesh-system/sa/trustmesh"),
@@ -145,9 +149,10 @@ func startSources(t testing.TB, meshSrc mesh.Source, polSrc *settable) *env {
 	var err error
 	e.srv, err = xds.New(xds.Config{
 		Bundle: e.ca, Mesh: meshSrc, Policies: polSrc,
-		Proxy: testProxy(),
-		Clock: e.xclock,
-		Log:   testLog(),
+		Proxy:      testProxy(),
+		Clock:      e.xclock,
+		Log:        testLog(),
+		Registerer: e.reg,
 	})
 	if err != nil {
 		cancel()
@@ -438,4 +443,19 @@ func parsePolicies(t *testing.T, yaml string) []*policy.Policy {
 		t.Fatal(err)
 	}
 	return ps
+}
+
+// gauge is the value of one of the server's gauges, or -1 when it has none.
+func (e *env) gauge(name string) float64 {
+	e.t.Helper()
+	mfs, err := e.reg.Gather()
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	for _, mf := range mfs {
+		if mf.GetName() == name && len(mf.GetMetric()) == 1 {
+			return mf.GetMetric()[0].GetGauge().GetValue()
+		}
+	}
+	return -1
 }

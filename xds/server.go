@@ -160,9 +160,9 @@ type Server struct {
 	perID   map[spiffeid.ID]*identityUse
 	ready   chan struct{}
 	metrics *metrics
-	// streams are the open streams by id. Stream callbacks take streams
+	// streams are the open streams by key. Stream callbacks take streams
 	// and the stream's own lock, and s.mu only to register a node.
-	streams sync.Map // int64 -> *stream
+	streams sync.Map // streamKey -> *stream
 	pushes  uint64
 }
 

@@ -63,6 +63,19 @@ type Identity struct {
 	ServiceAccount string
 }
 
+// streamKey names an open stream. go-control-plane numbers its state of
+// the world and its delta streams with two counters that both start at 1,
+// so a stream ID alone names two streams at once: the kind is part of the
+// key, or closing a delta stream would free the caps held by the state of
+// the world stream with the same number.
+type streamKey struct {
+	delta bool
+	id    int64
+}
+
+func sotwKey(id int64) streamKey  { return streamKey{id: id} }
+func deltaKey(id int64) streamKey { return streamKey{delta: true, id: id} }
+
 // stream is one ADS stream's verified identity and node.
 type stream struct {
 	identity Identity
@@ -102,38 +115,42 @@ func (s *Server) Authenticate(ctx context.Context) (Identity, error) {
 
 func (s *Server) callbacks() serverv3.Callbacks {
 	return serverv3.CallbackFuncs{
-		StreamOpenFunc:      s.open,
-		DeltaStreamOpenFunc: s.open,
+		StreamOpenFunc: func(ctx context.Context, id int64, _ string) error {
+			return s.open(ctx, sotwKey(id))
+		},
+		DeltaStreamOpenFunc: func(ctx context.Context, id int64, _ string) error {
+			return s.open(ctx, deltaKey(id))
+		},
 		StreamRequestFunc: func(id int64, req *discoveryv3.DiscoveryRequest) error {
-			if err := s.request(id, req.GetNode()); err != nil {
+			if err := s.request(sotwKey(id), req.GetNode()); err != nil {
 				return err
 			}
-			s.nack(id, req)
+			s.nack(sotwKey(id), req)
 			return nil
 		},
 		StreamResponseFunc: func(_ context.Context, id int64, _ *discoveryv3.DiscoveryRequest, resp *discoveryv3.DiscoveryResponse) {
 			s.metrics.pushed(resp.GetTypeUrl())
-			if st := s.stream(id); st != nil {
+			if st := s.stream(sotwKey(id)); st != nil {
 				st.mu.Lock()
 				st.sent[resp.GetTypeUrl()] = resp.GetVersionInfo()
 				st.mu.Unlock()
 			}
 		},
 		StreamDeltaRequestFunc: func(id int64, req *discoveryv3.DeltaDiscoveryRequest) error {
-			return s.request(id, req.GetNode())
+			return s.request(deltaKey(id), req.GetNode())
 		},
 		StreamDeltaResponseFunc: func(_ int64, _ *discoveryv3.DeltaDiscoveryRequest, resp *discoveryv3.DeltaDiscoveryResponse) {
 			s.metrics.pushed(resp.GetTypeUrl())
 		},
-		StreamClosedFunc:      func(id int64, _ *corev3.Node) { s.closed(id) },
-		DeltaStreamClosedFunc: func(id int64, _ *corev3.Node) { s.closed(id) },
+		StreamClosedFunc:      func(id int64, _ *corev3.Node) { s.closed(sotwKey(id)) },
+		DeltaStreamClosedFunc: func(id int64, _ *corev3.Node) { s.closed(deltaKey(id)) },
 		FetchRequestFunc: func(context.Context, *discoveryv3.DiscoveryRequest) error {
 			return status.Error(codes.Unimplemented, "xds: only ADS streams are served")
 		},
 	}
 }
 
-func (s *Server) open(ctx context.Context, id int64, _ string) error {
+func (s *Server) open(ctx context.Context, id streamKey) error {
 	ident, err := s.Authenticate(ctx)
 	if err != nil {
 		s.log.Warn("xds stream refused", "error", err)
@@ -185,7 +202,7 @@ func (s *Server) podsLocked(id spiffeid.ID) int {
 	return max(1, s.gen.pods(id))
 }
 
-func (s *Server) stream(id int64) *stream {
+func (s *Server) stream(id streamKey) *stream {
 	v, ok := s.streams.Load(id)
 	if !ok {
 		return nil
@@ -196,7 +213,7 @@ func (s *Server) stream(id int64) *stream {
 // request checks the node on every request of a stream: the first names
 // it (and it must match the certificate), later ones may repeat it but not
 // change it.
-func (s *Server) request(id int64, n *corev3.Node) error {
+func (s *Server) request(id streamKey, n *corev3.Node) error {
 	st := s.stream(id)
 	if st == nil {
 		return statusOf(ErrUnknownStream)
@@ -249,7 +266,7 @@ func (s *Server) request(id int64, n *corev3.Node) error {
 // send the rejected version again at once, in a loop. The request is
 // marked as holding the rejected version, so the client waits for the next
 // one, and the rejection is logged.
-func (s *Server) nack(id int64, req *discoveryv3.DiscoveryRequest) {
+func (s *Server) nack(id streamKey, req *discoveryv3.DiscoveryRequest) {
 	st := s.stream(id)
 	if st == nil {
 		return
@@ -270,7 +287,7 @@ func (s *Server) nack(id int64, req *discoveryv3.DiscoveryRequest) {
 	req.VersionInfo = rejected
 }
 
-func (s *Server) closed(id int64) {
+func (s *Server) closed(id streamKey) {
 	st := s.stream(id)
 	if st == nil {
 		return
