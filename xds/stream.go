@@ -4,8 +4,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"strings"
 	"sync"
+	"time"
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
@@ -85,6 +87,9 @@ type stream struct {
 	// sent is the last version sent per type, acked the last one the
 	// node acknowledged (state of the world).
 	sent, acked map[string]string
+	// opened is when the stream opened; pendingSince when the oldest
+	// version not yet acknowledged was sent, zero when none is (Clients).
+	opened, pendingSince time.Time
 }
 
 // Authenticate verifies the peer certificate of a stream's connection
@@ -133,6 +138,9 @@ func (s *Server) callbacks() serverv3.Callbacks {
 			if st := s.stream(sotwKey(id)); st != nil {
 				st.mu.Lock()
 				st.sent[resp.GetTypeUrl()] = resp.GetVersionInfo()
+				if st.pendingSince.IsZero() {
+					st.pendingSince = s.cfg.Clock.Now()
+				}
 				st.mu.Unlock()
 			}
 		},
@@ -172,7 +180,7 @@ func (s *Server) open(ctx context.Context, id streamKey) error {
 	}
 	use.streams++
 	s.mu.Unlock()
-	s.streams.Store(id, &stream{identity: ident, sent: map[string]string{}, acked: map[string]string{}})
+	s.streams.Store(id, &stream{identity: ident, sent: map[string]string{}, acked: map[string]string{}, opened: s.cfg.Clock.Now()})
 	s.metrics.streams(1)
 	return nil
 }
@@ -275,6 +283,9 @@ func (s *Server) nack(id streamKey, req *discoveryv3.DiscoveryRequest) {
 		if req.GetResponseNonce() != "" {
 			st.mu.Lock()
 			st.acked[req.GetTypeUrl()] = req.GetVersionInfo()
+			if maps.Equal(st.sent, st.acked) {
+				st.pendingSince = time.Time{}
+			}
 			st.mu.Unlock()
 		}
 		return
@@ -319,35 +330,9 @@ func (s *Server) closed(id streamKey) {
 }
 
 // Synced reports whether a node is connected over state of the world and
-// has acknowledged the current version of every type it asked for, as
-// istioctl proxy-status calls SYNCED.
+// has acknowledged the current version of every type it was sent, as
+// istioctl proxy-status calls SYNCED (Clients).
 func (s *Server) Synced(nodeID string) bool {
-	s.mu.Lock()
-	ns := s.nodes[nodeID]
-	gen := s.gen
-	s.mu.Unlock()
-	if ns == nil || gen == nil {
-		return false
-	}
-	pub, _, err := gen.snapshot(ns.node)
-	if err != nil {
-		return false
-	}
-	synced, found := true, false
-	s.streams.Range(func(_, v any) bool {
-		st := v.(*stream)
-		st.mu.Lock()
-		defer st.mu.Unlock()
-		if st.node == nil || st.node.ID != nodeID {
-			return true
-		}
-		found = true
-		for typ := range st.sent {
-			if ts := pub.types[typ]; ts == nil || st.acked[typ] != ts.version {
-				synced = false
-			}
-		}
-		return synced
-	})
-	return found && synced
+	c := s.clients(nodeID)
+	return len(c) == 1 && c[0].Synced
 }
