@@ -9,11 +9,12 @@ import (
 
 	"github.com/trustmesh/trustmesh/ca/audit"
 	"github.com/trustmesh/trustmesh/ca/journal"
+	"github.com/trustmesh/trustmesh/internal/serial"
 )
 
 // AuditLog returns the journal's history.
 func AuditLog(ctx context.Context, dir DataDir, o JournalOptions, f audit.Filter) ([]audit.Row, error) {
-	store, _, err := dir.OpenJournal(ctx, "", o, true)
+	store, _, err := dir.openExisting(ctx, o, true)
 	if err != nil {
 		return nil, err
 	}
@@ -38,6 +39,11 @@ func CheckpointKey(dir DataDir, vkey string) (string, error) {
 // AuditVerify recomputes the journal and checks it against its signed
 // checkpoints and the witness checkpoints in witnessFiles.
 func AuditVerify(ctx context.Context, dir DataDir, o JournalOptions, vkey string, witnessFiles []string) (*journal.Report, error) {
+	store, _, err := dir.openExisting(ctx, o, true)
+	if err != nil {
+		return nil, err
+	}
+	defer store.Close()
 	key, err := CheckpointKey(dir, vkey)
 	if err != nil {
 		return nil, err
@@ -50,27 +56,27 @@ func AuditVerify(ctx context.Context, dir DataDir, o JournalOptions, vkey string
 		}
 		witness = append(witness, b)
 	}
-	store, _, err := dir.OpenJournal(ctx, "", o, true)
-	if err != nil {
-		return nil, err
-	}
-	defer store.Close()
 	return journal.Verify(ctx, store, key, witness)
 }
 
-// AuditProve returns an inclusion proof of the certificate with serial.
-func AuditProve(ctx context.Context, dir DataDir, o JournalOptions, serial string) (*journal.InclusionProof, error) {
-	store, _, err := dir.OpenJournal(ctx, "", o, true)
+// AuditProve returns an inclusion proof of the certificate with serial, in
+// any form serial.Parse reads (the journal's, or openssl's "serial=0A1B…").
+func AuditProve(ctx context.Context, dir DataDir, o JournalOptions, sn string) (*journal.InclusionProof, error) {
+	norm, err := serial.Normalize(sn)
+	if err != nil {
+		return nil, fmt.Errorf("admin: %w", err)
+	}
+	store, _, err := dir.openExisting(ctx, o, true)
 	if err != nil {
 		return nil, err
 	}
 	defer store.Close()
-	return journal.Prove(ctx, store, strings.ToLower(strings.TrimPrefix(serial, "0x")))
+	return journal.Prove(ctx, store, norm)
 }
 
 // AuditRotation builds the rotation report at time at.
 func AuditRotation(ctx context.Context, dir DataDir, o JournalOptions, at time.Time, horizon time.Duration) (*audit.RotationReport, error) {
-	store, td, err := dir.OpenJournal(ctx, "", o, true)
+	store, td, err := dir.openExisting(ctx, o, true)
 	if err != nil {
 		return nil, err
 	}

@@ -1,6 +1,7 @@
 package admin
 
 import (
+	"bytes"
 	"context"
 	"crypto"
 	"crypto/ed25519"
@@ -26,14 +27,46 @@ import (
 // td accepts the recorded one. readOnly opens it without the checkpoint key,
 // for audits.
 func (d DataDir) OpenJournal(ctx context.Context, td string, o JournalOptions, readOnly bool) (*journal.Store, spiffeid.TrustDomain, error) {
+	return d.openJournal(ctx, td, o, readOnly, false)
+}
+
+// ErrNoDataDir is returned when an operator command is pointed at a data
+// directory, or a journal, that no trustmesh serve has created.
+var ErrNoDataDir = errors.New("no trustmesh data directory")
+
+// openExisting opens the journal of a data directory that trustmesh serve
+// has set up, for an operator command. It creates nothing: not the
+// directory, not the journal, not the checkpoint key.
+func (d DataDir) openExisting(ctx context.Context, o JournalOptions, readOnly bool) (*journal.Store, spiffeid.TrustDomain, error) {
+	return d.openJournal(ctx, "", o, readOnly, true)
+}
+
+// notSetUp says that d is not a data directory trustmesh serve set up, and
+// how to make one.
+func (d DataDir) notSetUp(why string) error {
+	return fmt.Errorf("admin: %w at %s (%s; start `trustmesh serve --data-dir %s` first)", ErrNoDataDir, d, why, d)
+}
+
+func (d DataDir) openJournal(ctx context.Context, td string, o JournalOptions, readOnly, existing bool) (*journal.Store, spiffeid.TrustDomain, error) {
+	if existing {
+		fi, err := os.Stat(string(d))
+		switch {
+		case errors.Is(err, fs.ErrNotExist):
+			return nil, spiffeid.TrustDomain{}, d.notSetUp("it does not exist")
+		case err != nil:
+			return nil, spiffeid.TrustDomain{}, fmt.Errorf("admin: data directory: %w", err)
+		case !fi.IsDir():
+			return nil, spiffeid.TrustDomain{}, d.notSetUp("it is not a directory")
+		}
+	}
 	dsn := o.DSN
 	if dsn == "" {
 		dsn = d.JournalPath()
-		if _, err := os.Stat(dsn); readOnly && errors.Is(err, fs.ErrNotExist) {
-			return nil, spiffeid.TrustDomain{}, fmt.Errorf("admin: %s has no journal; start trustmesh serve on it first", d)
+		if _, err := os.Stat(dsn); (existing || readOnly) && errors.Is(err, fs.ErrNotExist) {
+			return nil, spiffeid.TrustDomain{}, d.notSetUp("it has no journal.db")
 		}
 	}
-	cfg := journal.Config{DSN: dsn, Witness: o.Witness, Log: o.Log}
+	cfg := journal.Config{DSN: dsn, Existing: existing, Witness: o.Witness, Log: o.Log}
 	store, err := journal.Open(ctx, cfg)
 	if err != nil {
 		return nil, spiffeid.TrustDomain{}, err
@@ -42,7 +75,7 @@ func (d DataDir) OpenJournal(ctx context.Context, td string, o JournalOptions, r
 	if td == "" {
 		stored, err = store.Meta(ctx, metaTrustDomain)
 		if errors.Is(err, journal.ErrNotFound) {
-			err = fmt.Errorf("admin: %s has no trust domain yet; start trustmesh serve on it first", d)
+			err = d.notSetUp("its journal has no trust domain yet")
 		}
 	} else {
 		stored, err = store.SetMetaOnce(ctx, metaTrustDomain, td)
@@ -57,7 +90,7 @@ func (d DataDir) OpenJournal(ctx context.Context, td string, o JournalOptions, r
 		}
 	}
 	if err == nil && !readOnly {
-		err = d.attachSigner(ctx, store, parsed, o)
+		err = d.attachSigner(ctx, store, parsed, o, existing)
 	}
 	if err == nil && !readOnly {
 		if err = store.Integrity(); err != nil {
@@ -76,7 +109,8 @@ func JournalOrigin(td spiffeid.TrustDomain) string { return "trustmesh.journal/"
 
 // attachSigner loads (or on first use creates) the checkpoint key, which is
 // separate from the CA key, and publishes its verifier key.
-func (d DataDir) attachSigner(ctx context.Context, store *journal.Store, td spiffeid.TrustDomain, o JournalOptions) error {
+// With existing, the key must be there already.
+func (d DataDir) attachSigner(ctx context.Context, store *journal.Store, td spiffeid.TrustDomain, o JournalOptions, existing bool) error {
 	uri := o.CheckpointKeyURI
 	var key crypto.Signer
 	var err error
@@ -84,9 +118,9 @@ func (d DataDir) attachSigner(ctx context.Context, store *journal.Store, td spif
 	case uri != "":
 		key, err = authority.OpenSigner(ctx, uri)
 	case o.CheckpointSecret != "":
-		key, err = checkpointKeyFromSecret(ctx, o)
+		key, err = checkpointKeyFromSecret(ctx, o, existing)
 	default:
-		key, err = d.checkpointKeyFile(ctx)
+		key, err = d.checkpointKeyFile(ctx, existing)
 	}
 	if err != nil {
 		return err
@@ -95,17 +129,23 @@ func (d DataDir) attachSigner(ctx context.Context, store *journal.Store, td spif
 	if err != nil {
 		return err
 	}
-	if err := os.WriteFile(d.CheckpointPubPath(), []byte(vkey+"\n"), 0o644); err != nil {
-		return fmt.Errorf("admin: %w", err)
+	pub := []byte(vkey + "\n")
+	if old, err := os.ReadFile(d.CheckpointPubPath()); err != nil || !bytes.Equal(old, pub) {
+		if err := os.WriteFile(d.CheckpointPubPath(), pub, 0o644); err != nil {
+			return fmt.Errorf("admin: %w", err)
+		}
 	}
 	return store.SetSigner(ctx, signer, vkey)
 }
 
-// checkpointKeyFile loads, or on first use creates, the checkpoint key file
-// in the data directory.
-func (d DataDir) checkpointKeyFile(ctx context.Context) (crypto.Signer, error) {
+// checkpointKeyFile loads, or on first use (unless existing) creates, the
+// checkpoint key file in the data directory.
+func (d DataDir) checkpointKeyFile(ctx context.Context, existing bool) (crypto.Signer, error) {
 	path := filepath.Join(string(d), checkpointKeyFile)
 	if _, err := os.Stat(path); errors.Is(err, fs.ErrNotExist) {
+		if existing {
+			return nil, d.notSetUp("it has no " + checkpointKeyFile)
+		}
 		_, key, err := ed25519.GenerateKey(rand.Reader)
 		if err != nil {
 			return nil, fmt.Errorf("admin: checkpoint key: %w", err)
@@ -123,7 +163,7 @@ func (d DataDir) checkpointKeyFile(ctx context.Context) (crypto.Signer, error) {
 
 // checkpointKeyFromSecret loads the checkpoint key from a Kubernetes Secret,
 // creating it exactly once when replicas start together.
-func checkpointKeyFromSecret(ctx context.Context, o JournalOptions) (crypto.Signer, error) {
+func checkpointKeyFromSecret(ctx context.Context, o JournalOptions, existing bool) (crypto.Signer, error) {
 	ns, name, ok := strings.Cut(o.CheckpointSecret, "/")
 	if !ok {
 		return nil, fmt.Errorf("admin: checkpoint secret %q is not namespace/name", o.CheckpointSecret)
@@ -140,6 +180,9 @@ func checkpointKeyFromSecret(ctx context.Context, o JournalOptions) (crypto.Sign
 		}
 		if !apierrors.IsNotFound(err) {
 			return nil, fmt.Errorf("admin: checkpoint secret %s: %w", o.CheckpointSecret, err)
+		}
+		if existing {
+			return nil, fmt.Errorf("admin: checkpoint secret %s does not exist; start trustmesh serve with --checkpoint-secret %s first", o.CheckpointSecret, o.CheckpointSecret)
 		}
 		_, key, err := ed25519.GenerateKey(rand.Reader)
 		if err != nil {

@@ -2,6 +2,7 @@ package admin
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"time"
 
@@ -15,34 +16,39 @@ import (
 // CreateJoinToken makes a one-time join token for id in the data directory's
 // CA, records its creation, and returns the token.
 func CreateJoinToken(ctx context.Context, dir DataDir, o JournalOptions, id string, ttl time.Duration) (string, error) {
-	store, td, err := dir.OpenJournal(ctx, "", o, false)
-	if err != nil {
-		return "", err
-	}
-	defer store.Close()
 	sid, err := spiffeid.FromString(id)
 	if err != nil {
 		return "", fmt.Errorf("admin: SPIFFE ID %q: %w", id, err)
 	}
+	store, td, err := dir.openExisting(ctx, o, false)
+	if err != nil {
+		return "", err
+	}
+	defer store.Close()
 	jt := &authn.JoinTokens{TrustDomain: td, Store: store, Clock: clock.RealClock{}}
 	tok, _, err := jt.Create(ctx, sid, ttl)
 	return tok, err
 }
 
 // Revoke revokes every enrolment of id and its unused join tokens, so the
-// identity can no longer renew.
+// identity can no longer renew. When id has neither, it fails with
+// journal.ErrNothingToRevoke and writes nothing.
 func Revoke(ctx context.Context, dir DataDir, o JournalOptions, id string) (journal.Revocation, error) {
-	store, td, err := dir.OpenJournal(ctx, "", o, false)
-	if err != nil {
-		return journal.Revocation{}, err
-	}
-	defer store.Close()
 	sid, err := spiffeid.FromString(id)
 	if err != nil {
 		return journal.Revocation{}, fmt.Errorf("admin: SPIFFE ID %q: %w", id, err)
 	}
+	store, td, err := dir.openExisting(ctx, o, false)
+	if err != nil {
+		return journal.Revocation{}, err
+	}
+	defer store.Close()
 	if sid.TrustDomain() != td {
 		return journal.Revocation{}, fmt.Errorf("admin: %s is not in trust domain %s", sid, td)
 	}
-	return store.Revoke(ctx, sid.String(), time.Now())
+	rev, err := store.RevokeStanding(ctx, sid.String(), time.Now())
+	if errors.Is(err, journal.ErrNothingToRevoke) {
+		return journal.Revocation{}, fmt.Errorf("admin: %s has no standing enrolment or unused join token; nothing was written: %w", sid, err)
+	}
+	return rev, err
 }

@@ -107,10 +107,28 @@ func (s *Store) CreateJoinToken(ctx context.Context, hash []byte, tok JoinToken)
 // whatever the identity enrolled, or was given a token for, before it as
 // revoked.
 func (s *Store) Revoke(ctx context.Context, spiffeID string, now time.Time) (Revocation, error) {
+	return s.revoke(ctx, spiffeID, now, false)
+}
+
+// ErrNothingToRevoke: the identity has no standing enrolment and no unused
+// join token.
+var ErrNothingToRevoke = errors.New("journal: nothing to revoke")
+
+// RevokeStanding is Revoke, except that it writes nothing and returns
+// ErrNothingToRevoke when the identity has nothing standing. The check and
+// the append are one transaction.
+func (s *Store) RevokeStanding(ctx context.Context, spiffeID string, now time.Time) (Revocation, error) {
+	return s.revoke(ctx, spiffeID, now, true)
+}
+
+func (s *Store) revoke(ctx context.Context, spiffeID string, now time.Time, mustStand bool) (Revocation, error) {
 	rev := Revocation{Time: now.UTC(), SPIFFEID: spiffeID}
 	o := &op{}
 	o.pre = func(context.Context, *sql.Tx) error {
 		rev.Enrolments, rev.Tokens = s.ledger.standing(spiffeID, s.ledger.size())
+		if mustStand && rev.Enrolments == 0 && rev.Tokens == 0 {
+			return ErrNothingToRevoke
+		}
 		body, err := encode(KindRevocation, rev)
 		if err != nil {
 			return err

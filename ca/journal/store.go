@@ -38,6 +38,9 @@ var (
 type Config struct {
 	// DSN is a PostgreSQL URL (postgres://…) or the path of an SQLite file.
 	DSN string
+	// Existing opens an SQLite journal only if its file exists: neither the
+	// file nor its directory is created. Operator commands set it.
+	Existing bool
 	// Origin names the log in its checkpoints, e.g. "trustmesh.journal/cluster.local".
 	Origin string
 	// Signer signs checkpoints. It is separate from the CA key. Nil opens
@@ -153,7 +156,7 @@ func Open(ctx context.Context, cfg Config) (*Store, error) {
 		s.postgres = true
 		s.db, err = sql.Open("pgx", cfg.DSN)
 	} else {
-		s.db, err = openSQLite(cfg.DSN)
+		s.db, err = openSQLite(cfg.DSN, cfg.Existing)
 	}
 	if err != nil {
 		return nil, err
@@ -200,19 +203,27 @@ func isPostgres(dsn string) bool {
 	return strings.HasPrefix(dsn, "postgres://") || strings.HasPrefix(dsn, "postgresql://")
 }
 
-func openSQLite(path string) (*sql.DB, error) {
-	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
-		return nil, fmt.Errorf("journal: %w", err)
-	}
-	// Create the file owner-only before SQLite does, with its default mode.
-	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
-	if err != nil {
-		return nil, fmt.Errorf("journal: %w", err)
-	}
-	if err := f.Close(); err != nil {
-		return nil, fmt.Errorf("journal: %w", err)
-	}
+func openSQLite(path string, existing bool) (*sql.DB, error) {
 	q := url.Values{}
+	if existing {
+		// SQLite itself must not create the file either.
+		q.Set("mode", "rw")
+		if _, err := os.Stat(path); err != nil {
+			return nil, fmt.Errorf("journal: %w", err)
+		}
+	} else {
+		if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
+			return nil, fmt.Errorf("journal: %w", err)
+		}
+		// Create the file owner-only before SQLite does, with its default mode.
+		f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
+		if err != nil {
+			return nil, fmt.Errorf("journal: %w", err)
+		}
+		if err := f.Close(); err != nil {
+			return nil, fmt.Errorf("journal: %w", err)
+		}
+	}
 	for _, p := range []string{"journal_mode(WAL)", "synchronous(FULL)", "busy_timeout(10000)", "foreign_keys(ON)"} {
 		q.Add("_pragma", p)
 	}
