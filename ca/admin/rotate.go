@@ -16,12 +16,13 @@ import (
 	"github.com/trustmesh/trustmesh/ca/audit"
 	"github.com/trustmesh/trustmesh/ca/authority"
 	"github.com/trustmesh/trustmesh/ca/rotation"
+	"github.com/trustmesh/trustmesh/internal/serial"
 )
 
 // TrustBundle reads the trust bundle of the data directory's CA, or of
 // operator-supplied material in cacertsDir.
 func TrustBundle(ctx context.Context, dir DataDir, o JournalOptions, cacertsDir string) (*spiffebundle.Bundle, error) {
-	store, td, err := dir.OpenJournal(ctx, "", o, true)
+	store, td, err := dir.openExisting(ctx, o, true)
 	if err != nil {
 		return nil, err
 	}
@@ -62,10 +63,47 @@ func (d DataDir) rotationManager(td spiffeid.TrustDomain, rec rotation.Recorder,
 	return rotation.Open(cfg)
 }
 
-// RotationStatus is what `trustmesh ca rotate --status` shows.
+// RotationStatus is what `trustmesh ca rotate --status` shows: the rotation
+// state as of At, with times in RFC 3339 and durations as Go duration
+// strings ("72h0m0s") in JSON.
 type RotationStatus struct {
-	State rotation.State `json:"state"`
-	CA    []audit.CACert `json:"ca"`
+	At time.Time `json:"at"`
+	// Active is the generation that signs; Next the prepared one, 0 when
+	// none.
+	Active     int       `json:"active"`
+	Next       int       `json:"next,omitempty"`
+	NextIsRoot bool      `json:"next_is_root,omitempty"`
+	PreparedAt time.Time `json:"prepared_at,omitzero"`
+	// ActivatableAt is when a prepared root has sat in the trust bundle for
+	// RootPropagation and may sign; zero when nothing prepared waits.
+	ActivatableAt   time.Time `json:"activatable_at,omitzero"`
+	ActivatedAt     time.Time `json:"activated_at,omitzero"`
+	RetireAfter     Duration  `json:"retire_after,omitzero"`
+	RootPropagation Duration  `json:"root_propagation,omitzero"`
+	// Retiring are replaced roots kept in the bundle until their time.
+	Retiring []RetiringRoot `json:"retiring,omitempty"`
+	CA       []audit.CACert `json:"ca"`
+}
+
+// RetiringRoot is a replaced root that stays trusted until Until.
+type RetiringRoot struct {
+	Subject string    `json:"subject"`
+	Serial  string    `json:"serial"`
+	Until   time.Time `json:"until"`
+}
+
+// Duration marshals as a Go duration string ("72h0m0s"), not nanoseconds.
+type Duration time.Duration
+
+func (d Duration) MarshalText() ([]byte, error) { return []byte(time.Duration(d).String()), nil }
+
+func (d *Duration) UnmarshalText(b []byte) error {
+	v, err := time.ParseDuration(string(b))
+	if err != nil {
+		return fmt.Errorf("admin: duration: %w", err)
+	}
+	*d = Duration(v)
+	return nil
 }
 
 // RotateRequest is one step of CA rotation driven by hand.
@@ -89,7 +127,7 @@ type RotateRequest struct {
 // Rotate drives CA rotation by hand. A running serve picks the change up at
 // its next rotation check.
 func Rotate(ctx context.Context, dir DataDir, o JournalOptions, req RotateRequest) (*RotationStatus, error) {
-	store, td, err := dir.OpenJournal(ctx, "", o, req.Step == "status")
+	store, td, err := dir.openExisting(ctx, o, req.Step == "status")
 	if err != nil {
 		return nil, err
 	}
@@ -128,14 +166,30 @@ func rotationStatus(ctx context.Context, mgr *rotation.Manager, now time.Time) (
 	if err != nil {
 		return nil, err
 	}
-	return &RotationStatus{State: st, CA: CACerts(mat, st)}, nil
+	rs := &RotationStatus{
+		At: now.UTC(), Active: st.Active, Next: st.Next, NextIsRoot: st.NextIsRoot,
+		PreparedAt: st.PreparedAt, ActivatedAt: st.ActivatedAt,
+		RetireAfter: Duration(st.RetireAfter), RootPropagation: Duration(st.RootPropagation),
+		CA: CACerts(mat, st),
+	}
+	if st.Next != 0 && st.NextIsRoot && !st.PreparedAt.IsZero() && st.RootPropagation > 0 {
+		rs.ActivatableAt = st.PreparedAt.Add(st.RootPropagation)
+	}
+	for _, r := range st.Retiring {
+		rr := RetiringRoot{Until: r.Until}
+		if c, err := pemutil.ParseCertificate([]byte(r.CertPEM)); err == nil {
+			rr.Subject, rr.Serial = c.Subject.CommonName, serial.Format(c.SerialNumber)
+		}
+		rs.Retiring = append(rs.Retiring, rr)
+	}
+	return rs, nil
 }
 
 // CACerts describes the CA certificates in force for audits.
 func CACerts(mat *authority.Material, st rotation.State) []audit.CACert {
 	var out []audit.CACert
 	for _, c := range mat.Chain {
-		out = append(out, audit.CACert{Role: "intermediate", Subject: c.Subject.CommonName, Serial: c.SerialNumber.Text(16), NotAfter: c.NotAfter, State: "active"})
+		out = append(out, audit.CACert{Role: "intermediate", Subject: c.Subject.CommonName, Serial: serial.Format(c.SerialNumber), NotAfter: c.NotAfter, State: "active"})
 	}
 	for _, r := range mat.Roots {
 		state := "trusted"
@@ -147,7 +201,7 @@ func CACerts(mat *authority.Material, st rotation.State) []audit.CACert {
 		case isRetiring(r, st):
 			state = "retiring"
 		}
-		out = append(out, audit.CACert{Role: "root", Subject: r.Subject.CommonName, Serial: r.SerialNumber.Text(16), NotAfter: r.NotAfter, State: state})
+		out = append(out, audit.CACert{Role: "root", Subject: r.Subject.CommonName, Serial: serial.Format(r.SerialNumber), NotAfter: r.NotAfter, State: state})
 	}
 	return out
 }
