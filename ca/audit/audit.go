@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/trustmesh/trustmesh/ca/journal"
+	"github.com/trustmesh/trustmesh/internal/human"
 )
 
 // Reader is the part of the journal audits read.
@@ -49,7 +50,7 @@ func Log(ctx context.Context, r Reader, f Filter) ([]Row, error) {
 		case *journal.Refusal:
 			row.Time, row.SPIFFEID, row.Caller, row.Method, row.Reason, row.Count = v.First, v.SPIFFEID, v.Caller, v.Method, v.Reason, v.Count
 		case *journal.JoinTokenCreated:
-			row.Time, row.SPIFFEID, row.Detail = v.Time, v.SPIFFEID, "token "+v.TokenID+" expires "+v.ExpiresAt.Format(time.RFC3339)
+			row.Time, row.SPIFFEID, row.NotAfter, row.Detail = v.Time, v.SPIFFEID, v.ExpiresAt, "token "+v.TokenID
 		case *journal.Revocation:
 			row.Time, row.SPIFFEID, row.Detail = v.Time, v.SPIFFEID, fmt.Sprintf("%d enrolment(s), %d token(s)", v.Enrolments, v.Tokens)
 		case *journal.Rotation:
@@ -232,11 +233,11 @@ func Rotation(ctx context.Context, r Reader, ca []CACert, at time.Time, horizon 
 		case !at.Before(last.NotAfter):
 			st.id.Status = "expired"
 			rep.Findings = append(rep.Findings, Finding{Level: Critical, Kind: "stopped-renewing", Subject: n,
-				Detail: fmt.Sprintf("last certificate expired %s ago (%s) with no renewal", at.Sub(last.NotAfter).Round(time.Second), last.NotAfter.Format(time.RFC3339))})
+				Detail: fmt.Sprintf("last certificate expired %s with no renewal", human.When(last.NotAfter, at))})
 		case age > time.Duration(float64(life)*overdueAt):
 			st.id.Status = "overdue"
 			rep.Findings = append(rep.Findings, Finding{Level: Warning, Kind: "renewal-overdue", Subject: n,
-				Detail: fmt.Sprintf("certificate is %.0f%% through its life and was not renewed; it expires %s", 100*float64(age)/float64(life), last.NotAfter.Format(time.RFC3339))})
+				Detail: fmt.Sprintf("certificate is %.0f%% through its life and was not renewed; it expires %s", 100*float64(age)/float64(life), human.When(last.NotAfter, at))})
 		case age > time.Duration(float64(life)*dueAt):
 			st.id.Status = "due"
 		default:
@@ -257,10 +258,10 @@ func Rotation(ctx context.Context, r Reader, ca []CACert, at time.Time, horizon 
 		case c.State == "retiring" || c.State == "prepared":
 		case left <= 0:
 			rep.Findings = append(rep.Findings, Finding{Level: Critical, Kind: "ca-expired", Subject: c.Role + " " + c.Subject,
-				Detail: "expired " + c.NotAfter.Format(time.RFC3339)})
+				Detail: "expired " + human.When(c.NotAfter, at)})
 		case left < horizon:
 			rep.Findings = append(rep.Findings, Finding{Level: Critical, Kind: "ca-expiring", Subject: c.Role + " " + c.Subject,
-				Detail: fmt.Sprintf("expires in %s (%s), within the %s horizon", left.Round(time.Minute), c.NotAfter.Format(time.RFC3339), horizon)})
+				Detail: fmt.Sprintf("expires %s, within the %s horizon", human.When(c.NotAfter, at), human.Duration(horizon))})
 		}
 	}
 	return rep, nil

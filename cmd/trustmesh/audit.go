@@ -13,6 +13,7 @@ import (
 	"github.com/trustmesh/trustmesh/ca/admin"
 	"github.com/trustmesh/trustmesh/ca/audit"
 	"github.com/trustmesh/trustmesh/ca/journal"
+	"github.com/trustmesh/trustmesh/internal/human"
 )
 
 // exitFindings is the exit code of an audit that found something.
@@ -27,14 +28,9 @@ func newAuditCmd() *cobra.Command {
 	return cmd
 }
 
-func printJSON(w io.Writer, v any) error {
-	enc := json.NewEncoder(w)
-	enc.SetIndent("", "  ")
-	return enc.Encode(v)
-}
-
 func newAuditLogCmd() *cobra.Command {
-	var dataDir, output, since, id string
+	var dataDir, since, id string
+	var output outputFormat
 	var jo admin.JournalOptions
 	cmd := &cobra.Command{
 		Use:   "log",
@@ -53,34 +49,36 @@ func newAuditLogCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			if output == "json" {
-				return printJSON(cmd.OutOrStdout(), rows)
-			}
-			tw := tabwriter.NewWriter(cmd.OutOrStdout(), 0, 4, 2, ' ', 0)
-			fmt.Fprintln(tw, "INDEX\tTIME\tKIND\tSPIFFE ID\tSERIAL\tCALLER\tNOT AFTER\tREASON/DETAIL")
-			for _, r := range rows {
-				na := ""
-				if !r.NotAfter.IsZero() {
-					na = r.NotAfter.Format(time.RFC3339)
-				}
-				detail := r.Detail
-				if r.Reason != "" {
-					detail = fmt.Sprintf("%s x%d", r.Reason, r.Count)
-				}
-				fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", r.Index, r.Time.Format(time.RFC3339), r.Kind, r.SPIFFEID, r.Serial, r.Caller, na, detail)
-			}
-			return tw.Flush()
+			return output.print(cmd.OutOrStdout(), rows, func(w io.Writer) error { return printLog(w, rows) })
 		},
 	}
 	addDataFlags(cmd, &dataDir, &jo)
 	cmd.Flags().StringVar(&since, "since", "", "only entries at or after this RFC 3339 time")
 	cmd.Flags().StringVar(&id, "spiffe-id", "", "only entries about this SPIFFE ID")
-	cmd.Flags().StringVarP(&output, "output", "o", "table", "table or json")
+	addOutputFlag(cmd, &output)
 	return cmd
 }
 
+func printLog(w io.Writer, rows []audit.Row) error {
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "INDEX\tTIME\tKIND\tSPIFFE ID\tSERIAL\tCALLER\tNOT AFTER\tREASON/DETAIL")
+	for _, r := range rows {
+		na := ""
+		if !r.NotAfter.IsZero() {
+			na = human.Time(r.NotAfter)
+		}
+		detail := r.Detail
+		if r.Reason != "" {
+			detail = fmt.Sprintf("%s x%d", r.Reason, r.Count)
+		}
+		fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", r.Index, human.Time(r.Time), r.Kind, r.SPIFFEID, r.Serial, r.Caller, na, detail)
+	}
+	return tw.Flush()
+}
+
 func newAuditVerifyCmd() *cobra.Command {
-	var dataDir, output, key string
+	var dataDir, key string
+	var output outputFormat
 	var witness []string
 	var jo admin.JournalOptions
 	cmd := &cobra.Command{
@@ -96,18 +94,19 @@ inserted, reordered or cut off, or a checkpoint was forged.`,
 			if err != nil {
 				return err
 			}
-			if output == "json" {
-				if err := printJSON(cmd.OutOrStdout(), rep); err != nil {
-					return err
-				}
-			} else {
-				fmt.Fprintf(cmd.OutOrStdout(), "entries: %d  checkpoints: %d  witnessed size: %d\n", rep.Entries, rep.Checkpoints, rep.Witnessed)
+			err = output.print(cmd.OutOrStdout(), rep, func(w io.Writer) error {
+				fmt.Fprintf(w, "entries: %d  checkpoints: %d  witnessed size: %d\n", rep.Entries, rep.Checkpoints, rep.Witnessed)
 				for _, f := range rep.Findings {
-					fmt.Fprintf(cmd.OutOrStdout(), "TAMPERED %s [%d, %d): %s\n", f.Kind, f.From, f.To, f.Detail)
+					fmt.Fprintf(w, "TAMPERED %s [%d, %d): %s\n", f.Kind, f.From, f.To, f.Detail)
 				}
 				if rep.OK() {
-					fmt.Fprintln(cmd.OutOrStdout(), "OK: the journal matches every checkpoint")
+					_, err := fmt.Fprintln(w, "OK: the journal matches every checkpoint")
+					return err
 				}
+				return nil
+			})
+			if err != nil {
+				return err
 			}
 			if !rep.OK() {
 				return &exitError{code: exitFindings, err: fmt.Errorf("the journal does not match its checkpoints (%d finding(s))", len(rep.Findings))}
@@ -118,7 +117,7 @@ inserted, reordered or cut off, or a checkpoint was forged.`,
 	addDataFlags(cmd, &dataDir, &jo)
 	cmd.Flags().StringArrayVar(&witness, "checkpoint", nil, "a witness's signed checkpoint file (repeatable)")
 	cmd.Flags().StringVar(&key, "key", "", "the checkpoint verifier key (default: the data directory's checkpoint.pub)")
-	cmd.Flags().StringVarP(&output, "output", "o", "table", "table or json")
+	addOutputFlag(cmd, &output)
 	return cmd
 }
 
@@ -174,7 +173,8 @@ func newAuditCheckProofCmd() *cobra.Command {
 }
 
 func newAuditRotationCmd() *cobra.Command {
-	var dataDir, output, at, failOn string
+	var dataDir, at, failOn string
+	var output outputFormat
 	var horizon time.Duration
 	var jo admin.JournalOptions
 	cmd := &cobra.Command{
@@ -201,12 +201,7 @@ when a finding is at or above --fail-on, so it can gate a pipeline.`,
 				return err
 			}
 			out := cmd.OutOrStdout()
-			if output == "json" {
-				err = printJSON(out, rep)
-			} else {
-				err = printRotation(out, rep)
-			}
-			if err != nil {
+			if err := output.print(out, rep, func(w io.Writer) error { return printRotation(w, rep, horizon) }); err != nil {
 				return err
 			}
 			if rep.Worst() >= level {
@@ -220,21 +215,21 @@ when a finding is at or above --fail-on, so it can gate a pipeline.`,
 	cmd.Flags().StringVar(&at, "at", "", "audit as of this RFC 3339 time (default now)")
 	cmd.Flags().DurationVar(&horizon, "horizon", 7*24*time.Hour, "report certificates expiring within this window")
 	cmd.Flags().StringVar(&failOn, "fail-on", "critical", "exit 3 on findings at or above: info, warning or critical")
-	cmd.Flags().StringVarP(&output, "output", "o", "table", "table or json")
+	addOutputFlag(cmd, &output)
 	return cmd
 }
 
-func printRotation(w io.Writer, rep *audit.RotationReport) error {
+func printRotation(w io.Writer, rep *audit.RotationReport, horizon time.Duration) error {
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	fmt.Fprintf(tw, "rotation audit at %s, horizon %s\n\n", rep.At.Format(time.RFC3339), rep.Horizon)
+	fmt.Fprintf(tw, "rotation audit at %s, horizon %s\n\n", human.Time(rep.At), human.Duration(horizon))
 	fmt.Fprintln(tw, "CA\tSUBJECT\tSERIAL\tSTATE\tNOT AFTER")
 	for _, c := range rep.CA {
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", c.Role, c.Subject, c.Serial, c.State, c.NotAfter.Format(time.RFC3339))
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", c.Role, c.Subject, c.Serial, c.State, human.When(c.NotAfter, rep.At))
 	}
 	fmt.Fprintln(tw, "\nIDENTITY\tSTATUS\tLAST ISSUED\tEXPIRES\tRENEWALS\tLATE\tLAPSES\tIN TIME")
 	for _, i := range rep.Identities {
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d\t%d\t%d\t%v\n", i.SPIFFEID, i.Status, i.LastIssued.Format(time.RFC3339),
-			i.Expires.Format(time.RFC3339), i.Renewals, i.LateRenewals, i.Lapses, i.RenewedInTime)
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d\t%d\t%d\t%v\n", i.SPIFFEID, i.Status, human.Time(i.LastIssued),
+			human.When(i.Expires, rep.At), i.Renewals, i.LateRenewals, i.Lapses, i.RenewedInTime)
 	}
 	fmt.Fprintf(tw, "\n%d certificate(s) expire within the horizon\n", len(rep.Expiring))
 	if len(rep.Findings) > 0 {

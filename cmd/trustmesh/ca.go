@@ -3,12 +3,15 @@ package main
 import (
 	"encoding/pem"
 	"fmt"
+	"io"
+	"text/tabwriter"
 	"time"
 
 	"github.com/spf13/cobra"
 
 	"github.com/trustmesh/trustmesh/ca/admin"
 	"github.com/trustmesh/trustmesh/controlplane"
+	"github.com/trustmesh/trustmesh/internal/human"
 )
 
 func newCACmd() *cobra.Command {
@@ -57,9 +60,6 @@ func newRevokeCmd() *cobra.Command {
 			rev, err := admin.Revoke(cmd.Context(), admin.DataDir(dataDir), jo, id)
 			if err != nil {
 				return err
-			}
-			if rev.Enrolments == 0 && rev.Tokens == 0 {
-				return fmt.Errorf("%s has no standing enrolment or unused join token", id)
 			}
 			_, err = fmt.Fprintf(cmd.OutOrStdout(), "revoked %s: %d enrolment(s), %d unused token(s)\n", id, rev.Enrolments, rev.Tokens)
 			return err
@@ -129,6 +129,7 @@ func newRotateCmd() *cobra.Command {
 	var jo admin.JournalOptions
 	var prepare, activate, status, root, force bool
 	var cacerts, keyURI, caSecret string
+	var output outputFormat
 	cmd := &cobra.Command{
 		Use:   "rotate",
 		Short: "Rotate the CA's certificates by hand: --prepare [--root], then --activate; --status shows the state",
@@ -157,7 +158,7 @@ running trustmesh serve picks the change up at its next rotation check.`,
 			if err != nil {
 				return err
 			}
-			return printJSON(cmd.OutOrStdout(), st)
+			return output.print(cmd.OutOrStdout(), st, func(w io.Writer) error { return printRotationStatus(w, st) })
 		},
 	}
 	addDataFlags(cmd, &dataDir, &jo)
@@ -169,5 +170,37 @@ running trustmesh serve picks the change up at its next rotation check.`,
 	cmd.Flags().BoolVar(&status, "status", false, "show the rotation state")
 	cmd.Flags().BoolVar(&force, "force", false, "with --activate: activate a new root before its propagation time")
 	cmd.Flags().StringVar(&caSecret, "ca-secret", "", "namespace/name of the Secret that serve --ca-secret keeps the CA in")
+	addOutputFlag(cmd, &output)
 	return cmd
+}
+
+func printRotationStatus(w io.Writer, st *admin.RotationStatus) error {
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintf(tw, "rotation state at %s\n\n", human.Time(st.At))
+	fmt.Fprintf(tw, "active generation\t%d\tsince %s\n", st.Active, human.When(st.ActivatedAt, st.At))
+	switch {
+	case st.Next == 0:
+		fmt.Fprintf(tw, "prepared generation\tnone\n")
+	case st.NextIsRoot:
+		fmt.Fprintf(tw, "prepared generation\t%d (new root)\tprepared %s\n", st.Next, human.When(st.PreparedAt, st.At))
+		if !st.ActivatableAt.IsZero() {
+			fmt.Fprintf(tw, "activatable\t%s\n", human.When(st.ActivatableAt, st.At))
+		}
+	default:
+		fmt.Fprintf(tw, "prepared generation\t%d\tprepared %s\n", st.Next, human.When(st.PreparedAt, st.At))
+	}
+	if st.RootPropagation > 0 {
+		fmt.Fprintf(tw, "root propagation\t%s\n", human.Duration(time.Duration(st.RootPropagation)))
+	}
+	if st.RetireAfter > 0 {
+		fmt.Fprintf(tw, "old roots retire after\t%s\n", human.Duration(time.Duration(st.RetireAfter)))
+	}
+	for _, r := range st.Retiring {
+		fmt.Fprintf(tw, "retiring root\t%s %s\tuntil %s\n", r.Subject, r.Serial, human.When(r.Until, st.At))
+	}
+	fmt.Fprintln(tw, "\nCA\tSUBJECT\tSERIAL\tSTATE\tNOT AFTER")
+	for _, c := range st.CA {
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", c.Role, c.Subject, c.Serial, c.State, human.When(c.NotAfter, st.At))
+	}
+	return tw.Flush()
 }
