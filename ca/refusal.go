@@ -52,6 +52,7 @@ const (
 	ReasonTokenReviewBusy    = "tokenreview-rate-limited"
 	ReasonTokenReviewFailed  = "tokenreview-failed"
 	ReasonKubernetesOff      = "kubernetes-not-configured"
+	ReasonJoinTokenMalformed = "join-token-malformed"
 	ReasonJoinTokenUnknown   = "join-token-unknown"
 	ReasonJoinTokenExpired   = "join-token-expired"
 	ReasonJoinTokenUsed      = "join-token-used"

@@ -42,14 +42,27 @@ func (a *Authenticator) Authenticate(ctx context.Context, creds Credentials) (ca
 		return a.JoinTokens.Authenticate(ctx, creds.BearerToken)
 	case creds.BearerToken != "":
 		if a.Kubernetes == nil {
+			if !looksLikeJWT(creds.BearerToken) {
+				// Off Kubernetes, a join token is the only bearer token
+				// there is: this one is a mangled join token.
+				return ca.Caller{}, ca.Refuse(ca.KindUnauthenticated, ca.ReasonJoinTokenMalformed,
+					errors.New("the bearer token is neither a join token nor a JWT"))
+			}
 			return ca.Caller{}, ca.Refuse(ca.KindUnauthenticated, ca.ReasonKubernetesOff,
-				errors.New("a bearer token that is not a join token was sent, and Kubernetes authentication is off"))
+				errors.New("a Kubernetes token was sent, and Kubernetes authentication is off"))
 		}
 		return a.Kubernetes.Authenticate(ctx, creds.BearerToken)
 	case len(creds.PeerCertificates) > 0:
 		return a.Renewal.Authenticate(ctx, creds.PeerCertificates)
 	}
 	return ca.Caller{}, ca.Refuse(ca.KindUnauthenticated, ca.ReasonNoCredentials, errors.New("no bearer token and no client certificate"))
+}
+
+// looksLikeJWT reports whether tok has the shape of a compact JWT: three
+// non-empty dot-separated parts. Nothing in it is checked.
+func looksLikeJWT(tok string) bool {
+	parts := strings.Split(tok, ".")
+	return len(parts) == 3 && parts[0] != "" && parts[1] != "" && parts[2] != ""
 }
 
 // BearerFromHeader extracts the token from an authorization header value.

@@ -78,6 +78,9 @@ func (j *JoinTokens) Create(ctx context.Context, id spiffeid.ID, ttl time.Durati
 // The token's state comes from the journal's ledger, proven against the
 // signed log; no table beside the log can vouch for a token.
 func (j *JoinTokens) Authenticate(ctx context.Context, token string) (ca.Caller, error) {
+	if why := malformedJoinToken(token); why != "" {
+		return ca.Caller{}, ca.Refuse(ca.KindUnauthenticated, ca.ReasonJoinTokenMalformed, errors.New(why))
+	}
 	hash := hashToken(token)
 	tok, err := j.Store.LookupJoinToken(ctx, hash)
 	if errors.Is(err, journal.ErrNotFound) {
@@ -115,6 +118,28 @@ func (j *JoinTokens) Authenticate(ctx context.Context, token string) (ca.Caller,
 		EnrolmentID: tok.ID,
 		Redeem:      &journal.Redemption{TokenHash: hash, TokenID: tok.ID},
 	}, nil
+}
+
+// maxJoinTokenSize bounds what is hashed and looked up; a real token is 48
+// bytes.
+const maxJoinTokenSize = 256
+
+// malformedJoinToken says why token cannot be a join token, or "" when it
+// has the form of one: the prefix, then base64url. Whether it exists is for
+// the journal to say.
+func malformedJoinToken(token string) string {
+	body, ok := strings.CutPrefix(token, joinTokenPrefix)
+	switch {
+	case !ok:
+		return "not a join token"
+	case len(token) > maxJoinTokenSize:
+		return "join token is too large"
+	case body == "":
+		return "join token is empty after its prefix"
+	case strings.Trim(body, base64URLAlphabet) != "":
+		return "join token has characters outside base64url"
+	}
+	return ""
 }
 
 // tokenIDOf names a token by the first 8 bytes of its hash.

@@ -10,6 +10,7 @@ import (
 	"log/slog"
 	"time"
 
+	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/metadata"
@@ -18,6 +19,7 @@ import (
 	pb "istio.io/api/security/v1alpha1"
 	"k8s.io/utils/clock"
 
+	cav1 "github.com/trustmesh/trustmesh/api/ca/v1"
 	"github.com/trustmesh/trustmesh/ca"
 	"github.com/trustmesh/trustmesh/ca/authn"
 )
@@ -127,6 +129,9 @@ func (s *CertificateService) refusal(start time.Time, creds authn.Credentials, c
 	if method == "" {
 		method = attemptedMethod(creds)
 	}
+	if r.Reason == ca.ReasonJoinTokenMalformed {
+		method = "join-token"
+	}
 	idStr := ""
 	if !caller.ID.IsZero() {
 		idStr = caller.ID.String()
@@ -147,7 +152,32 @@ func (s *CertificateService) refusal(start time.Time, creds authn.Credentials, c
 	}
 	s.cfg.Log.Log(context.Background(), level, "refused certificate request",
 		"reason", r.Reason, "code", code.String(), "method", method, "caller", callerName, "spiffe_id", idStr, "error", r.Err)
-	return status.Error(code, msg)
+	return refusalStatus(code, msg, r.Reason)
+}
+
+// joinTokenRefusals say why a join token was refused, on the wire and to
+// the agent's operator. They describe only the token the caller sent, which
+// never becomes valid later, so the agent can stop and say what to do.
+var joinTokenRefusals = map[string]struct{ wire, msg string }{
+	ca.ReasonJoinTokenMalformed: {cav1.JoinTokenMalformed, "the join token is malformed"},
+	ca.ReasonJoinTokenUnknown:   {cav1.JoinTokenUnknown, "the join token is unknown to this CA"},
+	ca.ReasonJoinTokenUsed:      {cav1.JoinTokenUsed, "the join token was used already"},
+	ca.ReasonJoinTokenExpired:   {cav1.JoinTokenExpired, "the join token expired"},
+	ca.ReasonJoinTokenRevoked:   {cav1.JoinTokenRevoked, "the join token was revoked"},
+}
+
+// refusalStatus is the gRPC status of a refusal: code and msg, and for a
+// join token the reason as an ErrorInfo detail.
+func refusalStatus(code codes.Code, msg, reason string) error {
+	jt, ok := joinTokenRefusals[reason]
+	if !ok {
+		return status.Error(code, msg)
+	}
+	st, err := status.New(code, msg+": "+jt.msg).WithDetails(&errdetails.ErrorInfo{Domain: cav1.ErrorDomain, Reason: jt.wire})
+	if err != nil {
+		return status.Error(code, msg+": "+jt.msg)
+	}
+	return st.Err()
 }
 
 func attemptedMethod(creds authn.Credentials) string {

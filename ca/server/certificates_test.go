@@ -18,6 +18,7 @@ import (
 	pb "istio.io/api/security/v1alpha1"
 	clocktesting "k8s.io/utils/clock/testing"
 
+	cav1 "github.com/trustmesh/trustmesh/api/ca/v1"
 	"github.com/trustmesh/trustmesh/ca"
 	"github.com/trustmesh/trustmesh/ca/authn"
 	"github.com/trustmesh/trustmesh/ca/authority"
@@ -99,6 +100,11 @@ func TestCreateCertificateRefusals(t *testing.T) {
 	if _, err := anon.CreateCertificate(bearer(spent), &pb.IstioCertificateRequest{Csr: makeCSR(t, newKey(t))}); err != nil {
 		t.Fatalf("first use of a join token: %v", err)
 	}
+	expiring, _, err := f.tokens.Create(context.Background(), alice, time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.clock.Step(2 * time.Second)
 	validCSR := makeCSR(t, newKey(t))
 	impersonate := &structpb.Struct{Fields: map[string]*structpb.Value{"ImpersonatedIdentity": structpb.NewStringValue(bob.String())}}
 
@@ -112,13 +118,18 @@ func TestCreateCertificateRefusals(t *testing.T) {
 		method string
 		caller string // recorded caller; "" means not recorded
 		id     string
+		wire   string // the ErrorInfo reason a refused join token is told
 	}{
 		{name: "no credentials", client: anon, ctx: context.Background(), req: &pb.IstioCertificateRequest{Csr: validCSR},
 			code: codes.Unauthenticated, reason: ca.ReasonNoCredentials, method: "none"},
 		{name: "unknown join token", client: anon, ctx: bearer("tmjt.bm90LWEtdG9rZW4"), req: &pb.IstioCertificateRequest{Csr: validCSR},
-			code: codes.Unauthenticated, reason: ca.ReasonJoinTokenUnknown, method: "join-token"},
+			code: codes.Unauthenticated, reason: ca.ReasonJoinTokenUnknown, method: "join-token", wire: cav1.JoinTokenUnknown},
 		{name: "spent join token", client: anon, ctx: bearer(spent), req: &pb.IstioCertificateRequest{Csr: validCSR},
-			code: codes.Unauthenticated, reason: ca.ReasonJoinTokenUsed, method: "join-token"},
+			code: codes.Unauthenticated, reason: ca.ReasonJoinTokenUsed, method: "join-token", wire: cav1.JoinTokenUsed},
+		{name: "expired join token", client: anon, ctx: bearer(expiring), req: &pb.IstioCertificateRequest{Csr: validCSR},
+			code: codes.Unauthenticated, reason: ca.ReasonJoinTokenExpired, method: "join-token", wire: cav1.JoinTokenExpired},
+		{name: "join token cut short", client: anon, ctx: bearer(spent[:3]), req: &pb.IstioCertificateRequest{Csr: validCSR},
+			code: codes.Unauthenticated, reason: ca.ReasonJoinTokenMalformed, method: "join-token", wire: cav1.JoinTokenMalformed},
 		{name: "kubernetes token with kubernetes off", client: anon, ctx: bearer("eyJhbGciOiJSUzI1NiJ9.e30.c2ln"), req: &pb.IstioCertificateRequest{Csr: validCSR},
 			code: codes.Unauthenticated, reason: ca.ReasonKubernetesOff, method: "kubernetes"},
 		{name: "certificate no root signed", client: forged, ctx: context.Background(), req: &pb.IstioCertificateRequest{Csr: validCSR},
@@ -141,8 +152,17 @@ func TestCreateCertificateRefusals(t *testing.T) {
 			if st.Code() != tc.code {
 				t.Fatalf("code %s (%v), want %s", st.Code(), err, tc.code)
 			}
-			if tc.code == codes.Unauthenticated && st.Message() != "authentication failed" {
+			wire, told := cav1.RefusalReason(err)
+			if wire != tc.wire || told != (tc.wire != "") {
+				t.Errorf("the caller was told reason %q (%v), want %q", wire, told, tc.wire)
+			}
+			// An unauthenticated caller learns nothing, except the state of
+			// the join token it sent.
+			if tc.code == codes.Unauthenticated && tc.wire == "" && st.Message() != "authentication failed" {
 				t.Errorf("an unauthenticated caller was told %q", st.Message())
+			}
+			if tc.wire != "" && (!strings.HasPrefix(st.Message(), "authentication failed: the join token ") || strings.Contains(st.Message(), alice.String())) {
+				t.Errorf("a refused join token was told %q", st.Message())
 			}
 			if v, _ := metricValue(t, f.reg, "trustmesh_ca_refused_total", map[string]string{"reason": tc.reason, "code": tc.code.String()}); v != 1 {
 				t.Errorf("trustmesh_ca_refused_total{reason=%q,code=%q} = %v, want 1", tc.reason, tc.code, v)
