@@ -88,6 +88,24 @@ func mergeData(dst, src map[string]any, path string) error {
 	return nil
 }
 
+// MissingBundleError is a CUSTOM provider whose Rego decision no loaded
+// bundle defines. It is an ErrUnknownProvider; whoever loads bundles knows
+// how to add one, and says so.
+type MissingBundleError struct {
+	// Provider is the provider's name, e.g. rego:envoy/authz/allow.
+	Provider string
+	// Decision is the Rego reference it needs, e.g. data.envoy.authz.allow.
+	Decision string
+}
+
+func (e *MissingBundleError) Error() string {
+	return fmt.Sprintf("%s: %q: this CUSTOM provider needs a Rego bundle that defines %s, and no loaded bundle does",
+		ErrUnknownProvider, e.Provider, e.Decision)
+}
+
+// Is makes a MissingBundleError an ErrUnknownProvider.
+func (e *MissingBundleError) Is(target error) bool { return target == ErrUnknownProvider }
+
 // provider is a Rego decision served as a CUSTOM extension provider.
 type provider struct {
 	name  string
@@ -100,7 +118,7 @@ func (cb *compiledBundles) provider(ctx context.Context, name string) (*provider
 		return nil, err
 	}
 	if len(cb.compiler.GetRulesWithPrefix(ref)) == 0 && !dataHas(cb.data, ref) {
-		return nil, fmt.Errorf("%w: %q: no loaded Rego bundle defines %s", ErrUnknownProvider, name, ref)
+		return nil, &MissingBundleError{Provider: name, Decision: ref.String()}
 	}
 	pq, err := oparego.New(
 		oparego.Compiler(cb.compiler),

@@ -15,6 +15,9 @@ import (
 // verification key is configured.
 var ErrUnsigned = errors.New("source: bundles must be signed")
 
+// DefaultKeyID is the verification key's ID when none is given, as in OPA.
+const DefaultKeyID = "default"
+
 // BundleConfig says how to load one Rego bundle.
 type BundleConfig struct {
 	// Path is a bundle directory or an OPA bundle .tar.gz.
@@ -28,6 +31,13 @@ type BundleConfig struct {
 	VerificationKey string
 	// KeyAlgorithm is the signing algorithm; empty means RS256.
 	KeyAlgorithm string
+	// KeyID names the verification key, as OPA's --verification-key-id:
+	// empty means "default". Like OPA, the configured ID wins over the
+	// signature's own kid.
+	KeyID string
+	// Scope, when set, must equal the scope claim of the signature, as
+	// OPA's --scope.
+	Scope string
 	// RequireSignature refuses a bundle when no VerificationKey is set, as
 	// trustmesh requires on Kubernetes.
 	RequireSignature bool
@@ -40,7 +50,7 @@ func (c BundleConfig) Validate() error {
 		errs = append(errs, errors.New("source: bundle path must be set"))
 	}
 	if c.RequireSignature && c.VerificationKey == "" {
-		errs = append(errs, fmt.Errorf("%w: %s: no verification key configured", ErrUnsigned, c.Path))
+		errs = append(errs, fmt.Errorf("%w: %s: no verification key configured: sign it (opa build --signing-key) and give --bundle-verification-key", ErrUnsigned, c.Path))
 	}
 	return errors.Join(errs...)
 }
@@ -78,10 +88,16 @@ func LoadBundle(c BundleConfig) (*bundle.Bundle, error) {
 		if alg == "" {
 			alg = "RS256"
 		}
+		id := c.KeyID
+		if id == "" {
+			id = DefaultKeyID
+		}
 		// The key is PEM text (or an HMAC secret), never a path: OPA's
-		// NewKeyConfig would stat it as a file name.
-		kc := &keys.Config{Key: c.VerificationKey, Algorithm: alg}
-		r = r.WithBundleVerificationConfig(bundle.NewVerificationConfig(map[string]*bundle.KeyConfig{"trustmesh": kc}, "trustmesh", "", nil))
+		// NewKeyConfig would stat it as a file name. The configuration is
+		// OPA's own for `opa run --verification-key`: one key under its ID,
+		// and the scope the signature must claim.
+		kc := &keys.Config{Key: c.VerificationKey, Algorithm: alg, Scope: c.Scope}
+		r = r.WithBundleVerificationConfig(bundle.NewVerificationConfig(map[string]*bundle.KeyConfig{id: kc}, id, c.Scope, nil))
 	} else {
 		r = r.WithSkipBundleVerification(true)
 	}

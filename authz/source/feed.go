@@ -3,7 +3,6 @@ package source
 import (
 	"context"
 	"errors"
-	"fmt"
 	"log/slog"
 	"sort"
 	"time"
@@ -55,6 +54,7 @@ type FeedConfig struct {
 // policies publishes nothing either.
 type Feed struct {
 	feed *feed.Feed[*Snapshot]
+	src  PolicySource
 }
 
 // NewFeed validates cfg and returns a Feed. Nothing is read until Run.
@@ -74,7 +74,7 @@ func NewFeed(cfg FeedConfig) (*Feed, error) {
 		Load: func(v uint64) (*Snapshot, error) {
 			ps, err := cfg.Policies.Policies()
 			if err != nil {
-				return nil, fmt.Errorf("%w: %w", ErrRefused, err)
+				return nil, refusal(err, v == 1)
 			}
 			ps = append([]*policy.Policy(nil), ps...)
 			sort.SliceStable(ps, func(i, j int) bool { return ps[i].Key() < ps[j].Key() })
@@ -85,7 +85,7 @@ func NewFeed(cfg FeedConfig) (*Feed, error) {
 			log.Info("policy snapshot published", "policy_version", v, "policy_digest", s.Digest, "policies", len(s.Policies))
 		},
 		Refused: func(err error) {
-			log.Error("policy update refused; last good policy set kept", "error", err)
+			logRefusal(log, err)
 			if cfg.onRefused != nil {
 				cfg.onRefused(err)
 			}
@@ -113,7 +113,7 @@ func NewFeed(cfg FeedConfig) (*Feed, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &Feed{feed: f}, nil
+	return &Feed{feed: f, src: cfg.Policies}, nil
 }
 
 // Current returns the snapshot in force, nil before the first load.

@@ -55,9 +55,33 @@ func (d *Dir) Watch(ctx context.Context, changed func()) (<-chan error, error) {
 	return watchPaths(ctx, []string{d.Path}, changed)
 }
 
-// ErrRefused wraps every load failure: the update was refused and the
-// previous set still serves.
-var ErrRefused = errors.New("source: update refused, last good policy set kept")
+// ErrRefused wraps every load failure. After a first good load the update
+// is refused and the last good set still serves; before one, the failure
+// also wraps ErrStartRefused: there is no set to keep, so the start fails.
+var ErrRefused = errors.New("source: policy set refused")
+
+// ErrStartRefused wraps (with ErrRefused) a failure of the first load: no
+// policy set has loaded, so nothing could serve and the start is refused.
+var ErrStartRefused = errors.New("no policy set has loaded yet, so the start is refused")
+
+// refusal wraps a load failure in ErrRefused and says what follows from
+// it: the last good set stays, or, when there is none (first), the start
+// is refused.
+func refusal(err error, first bool) error {
+	if first {
+		return fmt.Errorf("%w; %w: %w", ErrRefused, ErrStartRefused, err)
+	}
+	return fmt.Errorf("%w; the last good policy set is kept: %w", ErrRefused, err)
+}
+
+// logRefusal logs a refusal made by refusal.
+func logRefusal(log *slog.Logger, err error) {
+	if errors.Is(err, ErrStartRefused) {
+		log.Error("policy set refused; none has loaded, so the start is refused", "error", err)
+		return
+	}
+	log.Error("policy update refused; last good policy set kept", "error", err)
+}
 
 // Config configures a Loader.
 type Config struct {
@@ -183,7 +207,11 @@ func (l *Loader) build(ctx context.Context) (*engine.Set, error) {
 		}
 		sc.Bundles = append(sc.Bundles, engine.NamedBundle{Name: bc.Path, Bundle: b})
 	}
-	return engine.Build(ctx, sc)
+	s, err := engine.Build(ctx, sc)
+	if err != nil {
+		return nil, l.missingBundleHint(err)
+	}
+	return s, nil
 }
 
 // Load reloads the Loader's own policy source, if it has one, then builds
@@ -202,8 +230,8 @@ func (l *Loader) Load(ctx context.Context) error {
 func (l *Loader) apply(ctx context.Context) error {
 	s, err := l.build(ctx)
 	if err != nil {
-		err = fmt.Errorf("%w: %w", ErrRefused, err)
-		l.log.Error("policy update refused; last good policy set kept", "error", err)
+		err = refusal(err, l.cfg.Engine.Current() == nil)
+		logRefusal(l.log, err)
 	} else {
 		l.cfg.Engine.Swap(s)
 		l.log.Info("policy set loaded", "policies", len(s.Policies()), "policy_version", s.PolicyVersion())

@@ -26,8 +26,8 @@ func newAuthzCmd() *cobra.Command {
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			var err error
-			if c.Bundles, err = bundles.configs(); err != nil {
-				return err
+			if c.Bundles, err = bundles.configs(c.PolicyDir); err != nil {
+				return &exitError{code: 2, err: err}
 			}
 			dlog, closeLog, err := openDecisionLog(cmd, decisionLog)
 			if err != nil {

@@ -12,37 +12,29 @@ import (
 	"github.com/trustmesh/trustmesh/authz/source"
 )
 
-// bundleFlags are the Rego bundle flags shared by `policy` and `authz`.
-type bundleFlags struct {
-	paths        []string
-	regoV0       bool
-	keyFile      string
-	keyAlgorithm string
-	requireSig   bool
-}
+// bundleFlags are the Rego bundle flags shared by `serve`, `policy` and
+// `authz`.
+type bundleFlags struct{ source.Bundles }
 
 func (f *bundleFlags) register(cmd *cobra.Command) {
-	cmd.Flags().StringArrayVar(&f.paths, "bundle", nil, "Rego bundle directory or .tar.gz (repeatable)")
-	cmd.Flags().BoolVar(&f.regoV0, "rego-v0", false, "parse bundles in OPA's v0 syntax unless their manifest says otherwise")
-	cmd.Flags().StringVar(&f.keyFile, "bundle-verification-key", "", "PEM public key that bundle signatures must verify against")
-	cmd.Flags().StringVar(&f.keyAlgorithm, "bundle-key-algorithm", "RS256", "bundle signing algorithm")
-	cmd.Flags().BoolVar(&f.requireSig, "require-signed-bundles", false, "refuse unsigned bundles (always on in Kubernetes)")
+	registerBundleFlags(cmd, &f.Bundles)
 }
 
-func (f *bundleFlags) configs() ([]source.BundleConfig, error) {
-	var key string
-	if f.keyFile != "" {
-		b, err := os.ReadFile(f.keyFile)
-		if err != nil {
-			return nil, err
-		}
-		key = string(b)
-	}
-	out := make([]source.BundleConfig, len(f.paths))
-	for i, p := range f.paths {
-		out[i] = source.BundleConfig{Path: p, RegoV0: f.regoV0, VerificationKey: key, KeyAlgorithm: f.keyAlgorithm, RequireSignature: f.requireSig}
-	}
-	return out, nil
+// registerBundleFlags binds the Rego bundle flags to b.
+func registerBundleFlags(cmd *cobra.Command, b *source.Bundles) {
+	fs := cmd.Flags()
+	fs.StringArrayVar(&b.Paths, "bundle", nil, "Rego bundle directory or .tar.gz (repeatable); a --policies directory may also name its bundles in "+source.BundlesFile)
+	fs.BoolVar(&b.RegoV0, "rego-v0", false, "parse bundles in OPA's v0 syntax unless their manifest says otherwise")
+	fs.StringVar(&b.VerificationKeyFile, "bundle-verification-key", "", "PEM public key (or HMAC secret) that every bundle's .signatures.json must verify against; unsigned bundles are then refused")
+	fs.StringVar(&b.KeyID, "bundle-verification-key-id", "", `ID of the verification key, as OPA's --verification-key-id (default "default")`)
+	fs.StringVar(&b.KeyAlgorithm, "bundle-key-algorithm", "RS256", "bundle signing algorithm")
+	fs.StringVar(&b.Scope, "bundle-verification-scope", "", "scope the bundle signatures must claim, as OPA's --scope")
+	fs.BoolVar(&b.RequireSignature, "require-signed-bundles", false, "refuse unsigned bundles (always on in Kubernetes)")
+}
+
+// configs resolves the flags, with the bundles policyDir names.
+func (f *bundleFlags) configs(policyDir string) ([]source.BundleConfig, error) {
+	return f.Bundles.Configs(policyDir)
 }
 
 func newPolicyCmd() *cobra.Command {
@@ -59,7 +51,7 @@ func newPolicyCmd() *cobra.Command {
 		bundles     bundleFlags
 	)
 	config := func() (inspect.Config, error) {
-		bs, err := bundles.configs()
+		bs, err := bundles.configs(dir)
 		if err != nil {
 			return inspect.Config{}, &exitError{code: 2, err: err}
 		}

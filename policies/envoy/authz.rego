@@ -1,8 +1,9 @@
 # An opa-envoy-plugin policy in that project's documented style, shipped as
 # the example Rego bundle: it reads input.attributes, input.parsed_path and
-# input.parsed_query exactly as under opa-envoy-plugin. Serve it with
-# `--bundle policies/envoy` and the CUSTOM policy
-# examples/policies/00-mesh-ext-authz.yaml.
+# input.parsed_query exactly as under opa-envoy-plugin. The CUSTOM policy
+# examples/policies/00-mesh-ext-authz.yaml sends requests to it, and
+# examples/policies/bundles.txt names it, so `--policies examples/policies`
+# loads it; elsewhere, load it with `--bundle policies/envoy`.
 package envoy.authz
 
 import rego.v1
