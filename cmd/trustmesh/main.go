@@ -6,11 +6,14 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"os"
 	"os/signal"
 	"syscall"
 
 	"github.com/spf13/cobra"
+
+	"github.com/trustmesh/trustmesh/internal/grpclog"
 )
 
 // version is set at build time with -ldflags "-X main.version=...".
@@ -45,6 +48,16 @@ func newRootCmd() *cobra.Command {
 		Short:         "A SPIFFE CA and zero-trust policy engine for service meshes",
 		SilenceUsage:  true,
 		SilenceErrors: true,
+		// grpc-go's logs go through slog, at their level and in the
+		// command's log format, instead of grpc-go's own stderr lines.
+		PersistentPreRunE: func(cmd *cobra.Command, _ []string) error {
+			log, err := grpcLogger(cmd)
+			if err != nil {
+				return &exitError{code: 2, err: err}
+			}
+			grpclog.Install(log)
+			return nil
+		},
 	}
 	root.AddCommand(
 		newVersionCmd(),
@@ -57,8 +70,22 @@ func newRootCmd() *cobra.Command {
 		newInjectCmd(),
 		newXDSCmd(),
 		newDemoCmd(),
+		newCheckCmd(),
 	)
 	return root
+}
+
+// grpcLogger is the logger the command logs with: its --log-format and
+// --log-level when it has them, else text at info on stderr.
+func grpcLogger(cmd *cobra.Command) (*slog.Logger, error) {
+	format, level := "text", "info"
+	if f := cmd.Flags().Lookup("log-format"); f != nil {
+		format = f.Value.String()
+	}
+	if f := cmd.Flags().Lookup("log-level"); f != nil {
+		level = f.Value.String()
+	}
+	return newLogger(format, level)
 }
 
 func newVersionCmd() *cobra.Command {
