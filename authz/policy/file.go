@@ -9,6 +9,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"regexp"
 	"sort"
 	"strings"
 
@@ -35,6 +36,10 @@ func ParseYAML(origin string, data []byte, defaultNamespace string) ([]*Policy, 
 		out  []*Policy
 		errs []error
 	)
+	// line is the file's line that the next document starts on: the
+	// reader returns each document's lines as they are, and drops the
+	// "---" line that ends one.
+	line := 1
 	for doc := 1; ; doc++ {
 		raw, err := r.Read()
 		if errors.Is(err, io.EOF) {
@@ -43,11 +48,13 @@ func ParseYAML(origin string, data []byte, defaultNamespace string) ([]*Policy, 
 		if err != nil {
 			return nil, fmt.Errorf("policy: %s: %w", origin, err)
 		}
+		first := line
+		line += bytes.Count(raw, []byte("\n")) + 1
 		if len(bytes.TrimSpace(stripComments(raw))) == 0 {
 			continue
 		}
 		where := fmt.Sprintf("%s (document %d)", origin, doc)
-		p, err := parseDocument(where, raw, defaultNamespace)
+		p, err := parseDocument(where, raw, first, defaultNamespace)
 		if err != nil {
 			errs = append(errs, err)
 			continue
@@ -83,12 +90,31 @@ type envelope struct {
 	Status json.RawMessage `json:"status"`
 }
 
-func parseDocument(origin string, raw []byte, defaultNamespace string) (*Policy, error) {
+// parseDocument parses one document, which starts on line first of its file.
+func parseDocument(origin string, raw []byte, first int, defaultNamespace string) (*Policy, error) {
 	js, err := yaml.YAMLToJSON(raw)
 	if err != nil {
 		return nil, fmt.Errorf("policy: %s: %w", origin, err)
 	}
+	// The name first, leniently, so that every refusal can name the policy.
 	var env envelope
+	_ = json.Unmarshal(js, &env)
+	ns := env.Metadata.Namespace
+	if ns == "" {
+		ns = defaultNamespace
+	}
+	key := ns + "/" + env.Metadata.Name
+	// Unknown fields, with their lines and the nearest known field, before
+	// the strict decoders below, which report positions in internal JSON.
+	loc := locate(raw, first)
+	if len(loc.unknown) > 0 {
+		errs := make([]error, len(loc.unknown))
+		for i, u := range loc.unknown {
+			errs[i] = &FieldError{Origin: origin, Policy: key, Field: u.field, Line: u.line, Err: fmt.Errorf("%w: %s", ErrInvalid, u.message())}
+		}
+		return nil, errors.Join(errs...)
+	}
+	env = envelope{}
 	dec := json.NewDecoder(bytes.NewReader(js))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(&env); err != nil {
@@ -98,18 +124,25 @@ func parseDocument(origin string, raw []byte, defaultNamespace string) (*Policy,
 		return nil, fmt.Errorf("policy: %s: %w: want kind AuthorizationPolicy of security.istio.io/v1 or v1beta1, got %s %s",
 			origin, ErrInvalid, env.APIVersion, env.Kind)
 	}
-	ns := env.Metadata.Namespace
-	if ns == "" {
-		ns = defaultNamespace
-	}
 	spec := &securityv1beta1.AuthorizationPolicy{}
 	if len(env.Spec) > 0 && string(env.Spec) != "null" {
 		if err := (protojson.UnmarshalOptions{}).Unmarshal(env.Spec, spec); err != nil {
-			return nil, &FieldError{Origin: origin, Policy: ns + "/" + env.Metadata.Name, Field: "spec", Err: fmt.Errorf("%w: %w", ErrInvalid, err)}
+			// protojson's "(line 1:57)" is a position in internal JSON,
+			// which means nothing to the author of the YAML.
+			msg := jsonPosition.ReplaceAllString(err.Error(), "")
+			return nil, &FieldError{Origin: origin, Policy: key, Field: "spec", Line: loc.line("spec"), Err: fmt.Errorf("%w: %s", ErrInvalid, msg)}
 		}
 	}
-	return FromSpec(Meta{Namespace: ns, Name: env.Metadata.Name, Annotations: env.Metadata.Annotations, Origin: origin}, spec)
+	p, err := FromSpec(Meta{Namespace: ns, Name: env.Metadata.Name, Annotations: env.Metadata.Annotations, Origin: origin}, spec)
+	if err != nil {
+		loc.setLines(err)
+		return nil, err
+	}
+	return p, nil
 }
+
+// jsonPosition matches protojson's position in its input.
+var jsonPosition = regexp.MustCompile(`\(line \d+:\d+\): `)
 
 // IsPolicyFile reports whether a directory entry is read by ParseDir.
 func IsPolicyFile(name string) bool {

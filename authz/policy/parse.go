@@ -32,10 +32,16 @@ type FieldError struct {
 	Origin string // file or object
 	Policy string // namespace/name
 	Field  string // e.g. "spec.rules[0].from[0].source.requestPrincipals"
-	Err    error  // wraps ErrUnsupported or ErrInvalid
+	// Line is the line of the file that holds the field, when the policy
+	// came from a file; 0 otherwise.
+	Line int
+	Err  error // wraps ErrUnsupported or ErrInvalid
 }
 
 func (e *FieldError) Error() string {
+	if e.Line > 0 {
+		return fmt.Sprintf("policy: %s, line %d: %s: %s: %v", e.Origin, e.Line, e.Policy, e.Field, e.Err)
+	}
 	return fmt.Sprintf("policy: %s: %s: %s: %v", e.Origin, e.Policy, e.Field, e.Err)
 }
 

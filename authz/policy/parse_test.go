@@ -2,6 +2,7 @@ package policy
 
 import (
 	"errors"
+	"fmt"
 	"strings"
 	"testing"
 )
@@ -40,7 +41,8 @@ func TestRefusals(t *testing.T) {
 		{"CUSTOM without provider", "spec: {action: CUSTOM}", "spec.provider.name", ErrInvalid},
 		{"dry-run CUSTOM", "metadata: {name: p, namespace: foo, annotations: {istio.io/dry-run: 'true'}}\nspec: {action: CUSTOM, provider: {name: 'rego:a/b'}}", "metadata.annotations[istio.io/dry-run]", ErrUnsupported},
 		{"dry-run value", "metadata: {name: p, namespace: foo, annotations: {istio.io/dry-run: 'yes'}}\nspec: {}", "metadata.annotations[istio.io/dry-run]", ErrInvalid},
-		{"unknown spec field", "spec: {rules: [{to: [{operation: {pathz: [/a]}}]}]}", "spec", ErrInvalid},
+		{"unknown spec field", "spec: {rules: [{to: [{operation: {pathz: [/a]}}]}]}", "spec.rules[0].to[0].operation.pathz", ErrInvalid},
+		{"unknown metadata field", "metadata: {name: p, namespace: foo, uid: x}\nspec: {}", "metadata.uid", ErrInvalid},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -110,5 +112,95 @@ spec:
 	tcp, ok := r.ForTCP(Deny)
 	if !ok || len(tcp.When) != 0 || len(tcp.To) != 1 || len(tcp.To[0]) != 0 || len(tcp.From[0]) != 2 {
 		t.Errorf("ForTCP(Deny) = %+v, %v", tcp, ok)
+	}
+}
+
+// TestUnknownFieldLine checks that an unknown field names its line in the
+// file, not a position in internal JSON, and the field the author meant.
+func TestUnknownFieldLine(t *testing.T) {
+	_, err := ParseDir("testdata/unknown-field", "default")
+	var fe *FieldError
+	if !errors.As(err, &fe) {
+		t.Fatalf("error %v is not a *FieldError", err)
+	}
+	want := `policy: testdata/unknown-field/policies.yaml (document 3), line 25: default/misspelt: spec.rules[0].to[0].operation.method: invalid: unknown field "method"; did you mean "methods"?`
+	if err.Error() != want || !errors.Is(err, ErrInvalid) {
+		t.Fatalf("error\n %v\nwant\n %s", err, want)
+	}
+}
+
+func TestFieldErrorLines(t *testing.T) {
+	tests := []struct {
+		name, doc string
+		lines     []int // of the errors, in order
+		says      []string
+	}{
+		{"envelope", "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetdata: {name: p}\nspec: {}\n",
+			[]int{3}, []string{`unknown field "metdata"; did you mean "metadata"?`}},
+		{"two unknown fields", head + "spec:\n  selector:\n    matchLabel: {app: a}\n  rules:\n  - form: [{source: {principals: [a]}}]\n",
+			[]int{6, 8}, []string{`"matchLabel"; did you mean "matchLabels"?`, `"form"; did you mean "from"?`}},
+		{"nothing near", head + "spec:\n  colour: blue\n", []int{5}, []string{`unknown field "colour"` + "\n"}},
+		{"an invalid value", head + "spec:\n  rules:\n  - to:\n    - operation:\n        ports: ['80*']\n",
+			[]int{8}, []string{"spec.rules[0].to[0].operation.ports[0]"}},
+		{"an unknown enum", head + "spec:\n  action: ALOW\n", []int{4}, []string{`invalid value for enum`}},
+		{"after a separator and a comment", "# c\n---\n" + head + "spec: {}\n---\n# c\n" + head + "spec:\n  action: DENY\n  rulez: []\n",
+			[]int{14}, []string{`(document 3), line 14`}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			_, err := ParseYAML("t.yaml", []byte(tt.doc), "default")
+			if err == nil {
+				t.Fatal("accepted")
+			}
+			var got []int
+			var collect func(error)
+			collect = func(e error) {
+				if j, ok := e.(interface{ Unwrap() []error }); ok {
+					for _, e := range j.Unwrap() {
+						collect(e)
+					}
+					return
+				}
+				var fe *FieldError
+				if !errors.As(e, &fe) {
+					t.Fatalf("error %v is not a *FieldError", e)
+				}
+				got = append(got, fe.Line)
+			}
+			collect(err)
+			if fmt.Sprint(got) != fmt.Sprint(tt.lines) {
+				t.Errorf("lines %v, want %v: %v", got, tt.lines, err)
+			}
+			for _, s := range tt.says {
+				if !strings.Contains(err.Error()+"\n", s) {
+					t.Errorf("error %q does not say %q", err, s)
+				}
+			}
+			if strings.Contains(err.Error(), "(line 1:") {
+				t.Errorf("error %q names a position in internal JSON", err)
+			}
+		})
+	}
+}
+
+// Keys of maps are data, and protojson's spelling of fields is accepted.
+func TestKnownSpellingsAndMapKeys(t *testing.T) {
+	doc := head + "metadata: {name: p, namespace: foo, annotations: {method: x}, labels: {methodz: v}}\n" +
+		"spec:\n  selector: {match_labels: {method: a}}\n  rules: [{to: [{operation: {not_methods: [GET]}}]}]\n"
+	doc = strings.Replace(doc, "metadata: {name: p, namespace: foo}\n", "", 1)
+	if _, err := ParseYAML("t.yaml", []byte(doc), "default"); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestNearest(t *testing.T) {
+	names := []string{"from", "methods", "notMethods", "paths", "to", "when"}
+	for key, want := range map[string]string{
+		"method": "methods", "Methods": "methods", "form": "from", "notMethod": "notMethods",
+		"pathz": "paths", "foo": "", "colour": "", "x": "",
+	} {
+		if got := nearest(key, names); got != want {
+			t.Errorf("nearest(%q) = %q, want %q", key, got, want)
+		}
 	}
 }
