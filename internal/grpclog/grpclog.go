@@ -76,9 +76,11 @@ func (l *Logger) emit(level slog.Level, depth int, msg string) {
 func sprintln(args []any) string { return strings.TrimSuffix(fmt.Sprintln(args...), "\n") }
 
 // Info logs at Debug; see the package comment.
-func (l *Logger) Info(args ...any)                 { l.emit(slog.LevelDebug, 0, fmt.Sprint(args...)) }
-func (l *Logger) Infoln(args ...any)               { l.emit(slog.LevelDebug, 0, sprintln(args)) }
-func (l *Logger) Infof(format string, args ...any) { l.emit(slog.LevelDebug, 0, fmt.Sprintf(format, args...)) }
+func (l *Logger) Info(args ...any)   { l.emit(slog.LevelDebug, 0, fmt.Sprint(args...)) }
+func (l *Logger) Infoln(args ...any) { l.emit(slog.LevelDebug, 0, sprintln(args)) }
+func (l *Logger) Infof(format string, args ...any) {
+	l.emit(slog.LevelDebug, 0, fmt.Sprintf(format, args...))
+}
 func (l *Logger) InfoDepth(depth int, args ...any) { l.emit(slog.LevelDebug, depth, sprintln(args)) }
 
 func (l *Logger) Warning(args ...any)   { l.emit(slog.LevelWarn, 0, fmt.Sprint(args...)) }
