@@ -4,8 +4,10 @@
 // proxyless grpc-go workloads, an echo server and its client, that get
 // their certificates from the agents (--cert-dir files) and their
 // configuration, mTLS and RBAC included, from the xDS server. It prints,
-// one line each, every call's outcome, every policy push and every
-// certificate rotation, until its context ends.
+// one line each, every call's outcome, every policy push, every policy edit
+// refused and every certificate rotation, until its context ends. Its mesh
+// is embedded (examples.Mesh) and copied to a directory that it watches, so
+// it runs from anywhere and its policy can be edited while it runs.
 package demo
 
 import (
@@ -16,15 +18,18 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"log/slog"
 	"net"
 	"os"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/connectivity"
 	"google.golang.org/grpc/credentials/insecure"
 	xdscreds "google.golang.org/grpc/credentials/xds"
 	"google.golang.org/grpc/health"
@@ -33,8 +38,10 @@ import (
 	grpcxds "google.golang.org/grpc/xds"
 
 	"github.com/trustmesh/trustmesh/agent"
+	"github.com/trustmesh/trustmesh/authz/source"
 	"github.com/trustmesh/trustmesh/ca/admin"
 	"github.com/trustmesh/trustmesh/controlplane"
+	"github.com/trustmesh/trustmesh/examples"
 	"github.com/trustmesh/trustmesh/internal/run"
 	"github.com/trustmesh/trustmesh/mesh"
 	"github.com/trustmesh/trustmesh/xds/proxyconfig"
@@ -42,10 +49,17 @@ import (
 
 // Config configures the demo.
 type Config struct {
-	// MeshDir and PoliciesDir are watched: edits take effect live.
+	// MeshDir and PoliciesDir are watched: edits take effect live. An
+	// empty MeshDir is the embedded mesh (examples/mesh), copied to
+	// WorkDir/mesh unless that directory exists already; an empty
+	// PoliciesDir is MeshDir/policies.
 	MeshDir, PoliciesDir string
+	// Mesh is the mesh copied when MeshDir is empty; nil is the embedded
+	// one, examples.Mesh().
+	Mesh fs.FS
 	// WorkDir holds the CA's data, the agents' sockets and certificate
-	// directories; empty means a temporary directory, removed at the end.
+	// directories, and the copy of the embedded mesh; empty means a
+	// temporary directory, removed at the end.
 	WorkDir string
 	// CertTTL is the workloads' certificate lifetime; they rotate at half
 	// of it. Default one minute.
@@ -90,6 +104,34 @@ func Run(ctx context.Context, cfg Config) (err error) {
 		}
 		defer os.RemoveAll(dir)
 		cfg.WorkDir = dir
+	} else if err := os.MkdirAll(cfg.WorkDir, 0o700); err != nil {
+		return fmt.Errorf("demo: %w", err)
+	}
+	// Absolute, so that the paths the demo prints name the files to edit
+	// from any directory.
+	if cfg.WorkDir, err = filepath.Abs(cfg.WorkDir); err != nil {
+		return fmt.Errorf("demo: %w", err)
+	}
+	out := &printer{w: cfg.Out}
+	if cfg.MeshDir == "" {
+		dir := filepath.Join(cfg.WorkDir, "mesh")
+		from := cfg.Mesh
+		if from == nil {
+			from = examples.Mesh()
+		}
+		copied, err := copyMesh(from, dir)
+		if err != nil {
+			return err
+		}
+		if copied {
+			out.say("the demo's mesh is in %s (a copy of the one built in)", dir)
+		} else {
+			out.say("the demo's mesh is in %s (kept from an earlier run; remove it for a fresh copy)", dir)
+		}
+		cfg.MeshDir = dir
+	}
+	if cfg.PoliciesDir == "" {
+		cfg.PoliciesDir = filepath.Join(cfg.MeshDir, "policies")
 	}
 	m, err := (&mesh.Dir{Path: cfg.MeshDir}).Mesh()
 	if err != nil {
@@ -108,8 +150,6 @@ func Run(ctx context.Context, cfg Config) (err error) {
 		}
 	}
 
-	out := &printer{w: cfg.Out}
-
 	// The control plane, as `trustmesh serve` runs it off Kubernetes: the
 	// CA, and on its port the xDS server, from the mesh and policy
 	// directories.
@@ -122,7 +162,7 @@ func Run(ctx context.Context, cfg Config) (err error) {
 		XDS:         controlplane.XDSConfig{MeshDir: cfg.MeshDir, AuthzAddress: "127.0.0.1:9191"},
 		Authz:       controlplane.AuthzConfig{PolicyDir: cfg.PoliciesDir},
 		Kubernetes:  controlplane.KubernetesConfig{Mode: controlplane.KubernetesOff},
-		Log:         cfg.Log,
+		Log:         slog.New(&refusalTap{next: cfg.Log.Handler(), out: out, version: new(atomic.Uint64)}),
 	})
 	if err != nil {
 		return fmt.Errorf("demo: %w", err)
@@ -191,7 +231,21 @@ func runWorkloads(ctx context.Context, cfg Config, out *printer, cp *controlplan
 	if err != nil {
 		return fmt.Errorf("demo: %w", err)
 	}
-	echoSrv, err := grpcxds.NewGRPCServer(grpc.Creds(screds), grpcxds.BootstrapContentsForTesting(bootstrap(echoPod, echoSA, echo.Labels)))
+	// The echo server reports its serving mode itself: without this
+	// callback grpc-go logs every change at ERROR, "entering mode:
+	// SERVING" included, since ERROR is its only level shown by default
+	// and gRFC A36 asks for serving resumptions to be visible. SERVING is
+	// news, not an error; NOT_SERVING is a warning, as the listener keeps
+	// trying.
+	modes := grpcxds.ServingModeCallback(func(addr net.Addr, args grpcxds.ServingModeChangeArgs) {
+		if args.Mode == connectivity.ServingModeServing {
+			out.say("echo serves on %s: its listener and RBAC came from the xDS server", addr)
+			return
+		}
+		out.say("echo stopped serving on %s: %v", addr, args.Err)
+		cfg.Log.Warn("echo workload not serving", "address", addr.String(), "error", args.Err)
+	})
+	echoSrv, err := grpcxds.NewGRPCServer(grpc.Creds(screds), modes, grpcxds.BootstrapContentsForTesting(bootstrap(echoPod, echoSA, echo.Labels)))
 	if err != nil {
 		return fmt.Errorf("demo: echo server: %w", err)
 	}
@@ -216,7 +270,7 @@ func runWorkloads(ctx context.Context, cfg Config, out *printer, cp *controlplan
 		return fmt.Errorf("demo: %w", err)
 	}
 	defer conn.Close()
-	out.say("echo listens on %s; the client calls %s every %s. Edit %s to change who may call.", echoAddr, echoTarget, cfg.Interval, cfg.PoliciesDir)
+	out.say("echo listens on %s; the client calls %s every %s. Edit %s to change who may call.", echoAddr, echoTarget, cfg.Interval, policyFile(cfg.PoliciesDir))
 
 	return run.Tasks(ctx,
 		func(ctx context.Context) error {
@@ -392,4 +446,106 @@ func readLeaf(path string) (*x509.Certificate, error) {
 		return nil, errors.New("no URI")
 	}
 	return c, nil
+}
+
+// copyMesh copies the embedded mesh to dir, unless dir exists: then it is
+// the copy an earlier run made with --work-dir, maybe edited, and is kept.
+// The copy is built aside and renamed into place, so an interrupted copy
+// leaves no half a mesh.
+func copyMesh(from fs.FS, dir string) (copied bool, err error) {
+	if _, err := os.Stat(dir); err == nil {
+		return false, nil
+	} else if !errors.Is(err, fs.ErrNotExist) {
+		return false, fmt.Errorf("demo: %w", err)
+	}
+	tmp, err := os.MkdirTemp(filepath.Dir(dir), ".mesh-")
+	if err != nil {
+		return false, fmt.Errorf("demo: copying the mesh: %w", err)
+	}
+	defer os.RemoveAll(tmp) // gone once renamed
+	if err := os.CopyFS(tmp, from); err != nil {
+		return false, fmt.Errorf("demo: copying the mesh: %w", err)
+	}
+	if err := os.Rename(tmp, dir); err != nil {
+		return false, fmt.Errorf("demo: copying the mesh: %w", err)
+	}
+	return true, nil
+}
+
+// policyFile names what to edit: the one policy file in dir, or dir.
+func policyFile(dir string) string {
+	var files []string
+	for _, pattern := range []string{"*.yaml", "*.yml"} {
+		m, _ := filepath.Glob(filepath.Join(dir, pattern))
+		files = append(files, m...)
+	}
+	if len(files) == 1 {
+		return files[0]
+	}
+	return dir
+}
+
+// refusalTap passes the control plane's log records on to the demo's
+// logger and prints a line for each policy update the policy feed
+// refused, which the control plane reports only in its log: a record
+// whose error wraps source.ErrRefused. The version still enforced is the
+// last policy_version a record named.
+type refusalTap struct {
+	next slog.Handler
+	out  *printer
+	// version is shared by the handlers WithAttrs and WithGroup derive.
+	version *atomic.Uint64
+}
+
+func (h *refusalTap) Enabled(ctx context.Context, l slog.Level) bool {
+	// Publications are at Info, refusals at Error: the tap sees both
+	// whatever the demo's log level.
+	return l >= slog.LevelInfo || h.next.Enabled(ctx, l)
+}
+
+func (h *refusalTap) Handle(ctx context.Context, r slog.Record) error {
+	var refused error
+	var version uint64
+	r.Attrs(func(a slog.Attr) bool {
+		if err, ok := a.Value.Any().(error); ok && errors.Is(err, source.ErrRefused) {
+			refused = err
+		}
+		if a.Key == "policy_version" && a.Value.Kind() == slog.KindUint64 {
+			version = a.Value.Uint64()
+		}
+		return true
+	})
+	switch {
+	case refused != nil:
+		kept := "no policy"
+		if v := h.version.Load(); v > 0 {
+			kept = fmt.Sprintf("version %d", v)
+		}
+		h.out.say("policy refused: %v (still enforcing %s)", refusalCause(refused), kept)
+	case version > 0:
+		h.version.Store(version)
+	}
+	if !h.next.Enabled(ctx, r.Level) {
+		return nil
+	}
+	return h.next.Handle(ctx, r)
+}
+
+func (h *refusalTap) WithAttrs(as []slog.Attr) slog.Handler {
+	return &refusalTap{next: h.next.WithAttrs(as), out: h.out, version: h.version}
+}
+
+func (h *refusalTap) WithGroup(name string) slog.Handler {
+	return &refusalTap{next: h.next.WithGroup(name), out: h.out, version: h.version}
+}
+
+// refusalCause is what made the feed refuse: err without the
+// source.ErrRefused it is wrapped in, which says what follows from it.
+func refusalCause(err error) error {
+	if u, ok := err.(interface{ Unwrap() []error }); ok {
+		if errs := u.Unwrap(); len(errs) > 0 && !errors.Is(errs[len(errs)-1], source.ErrRefused) {
+			return errs[len(errs)-1]
+		}
+	}
+	return err
 }

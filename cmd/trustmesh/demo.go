@@ -14,11 +14,16 @@ func newDemoCmd() *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "demo",
 		Short: "Run a mesh on one machine: the control plane and two proxyless gRPC workloads",
-		Long: `Start the CA and the xDS server, two agents enrolled with join tokens, and two
-proxyless grpc-go workloads (an echo server and its client) that get their
-certificates from the agents and their configuration from the xDS server.
-Every call, policy push and certificate rotation is printed as it happens.
-Edit the policy files while it runs to see calls denied and allowed again.
+		Long: `Start, in one process, the CA and the xDS server, two agents enrolled with
+join tokens, and two proxyless grpc-go workloads (an echo server and its
+client) that get their certificates from the agents and their configuration,
+mTLS and RBAC included, from the xDS server. Every call, policy push, refused
+policy edit and certificate rotation is printed as it happens.
+
+The mesh (examples/mesh in the source) is built into the binary, so the demo
+runs from any directory: it is copied to the work directory, and the demo
+prints the path of the policy file to edit while it runs to see calls denied
+and allowed again. --mesh and --policies run it on your own files instead.
 Ctrl-C stops it.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
@@ -31,9 +36,9 @@ Ctrl-C stops it.`,
 		},
 	}
 	f := cmd.Flags()
-	f.StringVar(&cfg.MeshDir, "mesh", "examples/mesh", "directory of mesh YAML files")
-	f.StringVar(&cfg.PoliciesDir, "policies", "examples/mesh/policies", "directory of AuthorizationPolicy YAML files (watched)")
-	f.StringVar(&cfg.WorkDir, "work-dir", "", "directory for the CA's data and the agents' files (default: a temporary directory)")
+	f.StringVar(&cfg.MeshDir, "mesh", "", "directory of mesh YAML files, watched (default: a copy of the built-in mesh in the work directory)")
+	f.StringVar(&cfg.PoliciesDir, "policies", "", "directory of AuthorizationPolicy YAML files, watched (default: the mesh directory's policies/)")
+	f.StringVar(&cfg.WorkDir, "work-dir", "", "directory for the CA's data, the agents' files and the copy of the mesh; a mesh copied there on an earlier run is kept (default: a temporary directory, removed at the end)")
 	f.DurationVar(&cfg.CertTTL, "cert-ttl", time.Minute, "workload certificate lifetime; they rotate at half of it")
 	f.DurationVar(&cfg.Interval, "interval", time.Second, "time between calls")
 	f.StringVar(&logFormat, "log-format", "text", "log format: text or json")
