@@ -2,8 +2,12 @@ package controlplane
 
 import (
 	"context"
+	"crypto/sha256"
 	"crypto/x509"
+	"errors"
+	"fmt"
 	"strings"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -54,6 +58,13 @@ func (cp *ControlPlane) newAuthority(ctx context.Context, v *validated) (err err
 		}
 		isLeader = cp.elector.IsLeader
 	}
+	// Whether a CA is here already, before the serving manager creates one
+	// (or adopts --cacerts), for the start-up message.
+	fresh := false
+	if op, err := rotation.Open(rotation.Config{Store: store, Dir: dir.CADir(), TrustDomain: v.td}); err == nil {
+		_, err = op.ReadState(ctx)
+		fresh = errors.Is(err, rotation.ErrNoCA)
+	}
 	if cp.rotation, err = rotation.New(rotation.Config{
 		Store: store, IsLeader: isLeader,
 		Dir: dir.CADir(), TrustDomain: v.td, Recorder: cp.journal, Clock: v.Clock, Log: v.Log,
@@ -74,6 +85,7 @@ func (cp *ControlPlane) newAuthority(ctx context.Context, v *validated) (err err
 	if err != nil {
 		return err
 	}
+	logCA(v, material, fresh)
 	cp.authority = authority.New(v.td, material)
 	if cp.ca, err = ca.New(ca.Config{
 		TrustDomain: v.td, Authority: cp.authority, Recorder: cp.journal, Clock: v.Clock,
@@ -130,4 +142,50 @@ func (cp *ControlPlane) newCAServer(ctx context.Context, v *validated, authentic
 		Issuer: cp.ca, Authenticator: authenticator, Refusals: cp.refusals, Metrics: metrics, Clock: v.Clock, Log: v.Log,
 	}))
 	return nil
+}
+
+// logCA says, once per start, which CA this control plane serves: one it
+// created (or adopted from --cacerts) on this first start, or the one it
+// found; where it lives, its root's SHA-256 fingerprint (as `openssl x509
+// -fingerprint -sha256` prints it) and validity, and where the journal is.
+func logCA(v *validated, m *authority.Material, fresh bool) {
+	msg := "reusing the CA"
+	switch {
+	case fresh && v.CA.CertsDir != "":
+		msg = "adopted the operator-supplied CA from --cacerts"
+	case fresh:
+		msg = "created a new CA"
+	}
+	where := admin.DataDir(v.DataDir).CADir()
+	if v.CA.Secret != "" {
+		where = "secret " + v.CA.Secret
+	}
+	journalAt := admin.DataDir(v.DataDir).JournalPath()
+	if v.Journal.DSN != "" {
+		journalAt = "PostgreSQL (--journal-dsn)"
+	}
+	root := m.Anchor
+	if root == nil && len(m.Roots) > 0 {
+		root = m.Roots[0]
+	}
+	attrs := []any{"trust_domain", v.td.Name(), "data_dir", v.DataDir, "ca", where, "journal", journalAt}
+	if root != nil {
+		attrs = append(attrs, "root_sha256", fingerprint(root),
+			"root_not_before", root.NotBefore.UTC().Format(time.RFC3339), "root_not_after", root.NotAfter.UTC().Format(time.RFC3339))
+	}
+	v.Log.Info(msg, attrs...)
+}
+
+// fingerprint is a certificate's SHA-256 fingerprint, in colon-separated
+// upper-case hex.
+func fingerprint(c *x509.Certificate) string {
+	sum := sha256.Sum256(c.Raw)
+	var b strings.Builder
+	for i, x := range sum {
+		if i > 0 {
+			b.WriteByte(':')
+		}
+		fmt.Fprintf(&b, "%02X", x)
+	}
+	return b.String()
 }

@@ -192,15 +192,16 @@ type KubernetesConfig struct {
 	RestConfig *rest.Config
 }
 
-// Defaults of the serve command.
+// Defaults of the serve command. Every listener defaults to loopback, as a
+// workstation expects; the Helm chart sets the addresses a pod listens on.
 const (
 	DefaultDataDir          = "trustmesh-data"
 	DefaultTrustDomain      = "cluster.local"
-	DefaultListenCA         = ":15012"
-	DefaultListenMonitoring = ":15014"
-	DefaultListenBundle     = ":15016"
-	DefaultListenAuthz      = ":9191"
-	DefaultListenInjector   = ":15017"
+	DefaultListenCA         = "127.0.0.1:15012"
+	DefaultListenMonitoring = "127.0.0.1:15014"
+	DefaultListenBundle     = "127.0.0.1:15016"
+	DefaultListenAuthz      = "127.0.0.1:9191"
+	DefaultListenInjector   = "127.0.0.1:15017"
 	DefaultInjectorWebhook  = "trustmesh-sidecar-injector"
 )
 
@@ -244,11 +245,14 @@ func (c Config) validate() (*validated, error) {
 	v := &validated{Config: c}
 	td, err := spiffeid.TrustDomainFromString(c.TrustDomain)
 	if err != nil {
-		err = fmt.Errorf("%q: %w", c.TrustDomain, err)
+		err = setting("trust-domain", fmt.Errorf("%q: %w", c.TrustDomain, err))
 	}
 	v.td = td
 	errs := []error{inGroup("TrustDomain", err)}
 	v.inKube, err = c.Kubernetes.enabled()
+	if err != nil {
+		err = setting("kubernetes", err)
+	}
 	errs = append(errs, inGroup("Kubernetes", err))
 	errs = append(errs, inGroup("Listen", c.Listen.check()...))
 	errs = append(errs, inGroup("CA", c.CA.check(v)...))
@@ -261,22 +265,62 @@ func (c Config) validate() (*validated, error) {
 	return v, nil
 }
 
-// ConfigError is what is wrong with one group of Config, named for its
-// field. Validate joins one per group at fault.
+// ConfigError is one thing wrong with Config: the group at fault (its field
+// in Config, for callers that branch on it) and, when one flag sets the
+// setting at fault, that flag's name, which the message leads with, since
+// that is what a user typed. Validate joins one per problem.
 type ConfigError struct {
 	Group string
-	Err   error
+	// Flag is the serve flag that sets the setting at fault, without its
+	// dashes ("listen-ca"); empty when no one flag does.
+	Flag string
+	Err  error
 }
 
-func (e *ConfigError) Error() string { return e.Group + ": " + e.Err.Error() }
+func (e *ConfigError) Error() string {
+	if e.Flag != "" {
+		return "--" + e.Flag + ": " + e.Err.Error()
+	}
+	if name, ok := groupNames[e.Group]; ok {
+		return name + ": " + e.Err.Error()
+	}
+	return e.Err.Error()
+}
 
 func (e *ConfigError) Unwrap() error { return e.Err }
 
-func inGroup(group string, errs ...error) error {
-	if err := errors.Join(errs...); err != nil {
-		return &ConfigError{Group: group, Err: err}
+// groupNames are the groups as messages name them when no one flag is at
+// fault.
+var groupNames = map[string]string{
+	"Listen": "listeners", "CA": "CA", "Journal": "journal", "Rotation": "CA rotation",
+	"Authz": "authorization", "XDS": "xDS", "Injector": "injector",
+}
+
+// setting marks err as the fault of the setting that flag sets.
+func setting(flag string, err error) error {
+	if err == nil {
+		return nil
 	}
-	return nil
+	return &ConfigError{Flag: flag, Err: err}
+}
+
+// inGroup puts every error in group: each becomes one *ConfigError, the
+// setting it names kept.
+func inGroup(group string, errs ...error) error {
+	var out []error
+	for _, err := range errs {
+		if err == nil {
+			continue
+		}
+		var ce *ConfigError
+		if errors.As(err, &ce) && ce == err {
+			ce.Group = group
+			out = append(out, ce)
+			continue
+		}
+		out = append(out, &ConfigError{Group: group, Err: err})
+	}
+	return errors.Join(out...)
 }
 
 func (c *ListenConfig) setDefaults() {
@@ -296,15 +340,34 @@ func (c *ListenConfig) setDefaults() {
 
 func (c *ListenConfig) check() []error {
 	var errs []error
-	for name, addr := range map[string]string{"CA": c.CA, "monitoring": c.Monitoring, "bundle": c.Bundle, "authz": c.Authz} {
-		if addr == "" && name == "bundle" || addr == "off" && name == "authz" || strings.HasPrefix(addr, "unix://") {
-			continue
-		}
-		if _, _, err := net.SplitHostPort(addr); err != nil {
-			errs = append(errs, fmt.Errorf("%s listen address %q: %w", name, addr, err))
+	for _, l := range []struct {
+		flag, addr string
+		off        bool // the listener is off
+	}{
+		{"listen-ca", c.CA, false},
+		{"listen-monitoring", c.Monitoring, false},
+		{"listen-bundle", c.Bundle, c.Bundle == ""},
+		{"listen-authz", c.Authz, c.Authz == "off" || strings.HasPrefix(c.Authz, "unix://")},
+		{"listen-injector", c.Injector, c.Injector == "off"},
+	} {
+		if !l.off {
+			errs = append(errs, setting(l.flag, checkAddress(l.addr)))
 		}
 	}
 	return append(errs, c.Connections.Validate())
+}
+
+// checkAddress checks a TCP listen address: host:port, the port a number
+// from 0 to 65535 or a service name.
+func checkAddress(addr string) error {
+	_, port, err := net.SplitHostPort(addr)
+	if err == nil {
+		_, err = net.LookupPort("tcp", port)
+	}
+	if err != nil {
+		return fmt.Errorf("listen address %q: %w", addr, err)
+	}
+	return nil
 }
 
 func (c *CAConfig) setDefaults() {
@@ -353,23 +416,23 @@ func (c *CAConfig) check(v *validated) []error {
 	}
 	if c.Secret != "" {
 		if ns, name, ok := strings.Cut(c.Secret, "/"); !ok || ns == "" || name == "" {
-			errs = append(errs, fmt.Errorf("CA secret %q is not namespace/name", c.Secret))
+			errs = append(errs, setting("ca-secret", fmt.Errorf("%q is not namespace/name", c.Secret)))
 		}
 		if !v.inKube {
-			errs = append(errs, errors.New("a CA secret needs Kubernetes"))
+			errs = append(errs, setting("ca-secret", errors.New("a CA secret needs Kubernetes (--kubernetes=on, or --kubeconfig)")))
 		}
 	}
 	if c.KeyURI != "" && c.CertsDir == "" {
-		errs = append(errs, errors.New("a CA key URI needs operator-supplied certificates (--cacerts)"))
+		errs = append(errs, setting("ca-key-uri", errors.New("a CA key URI needs operator-supplied certificates (--cacerts)")))
 	}
 	if c.MinWorkloadTTL <= 0 || c.MinWorkloadTTL > c.MaxWorkloadTTL {
-		errs = append(errs, fmt.Errorf("minimum workload TTL %s must be positive and at most the maximum %s", c.MinWorkloadTTL, c.MaxWorkloadTTL))
+		errs = append(errs, setting("min-workload-ttl", fmt.Errorf("%s must be positive and at most --max-workload-ttl %s", c.MinWorkloadTTL, c.MaxWorkloadTTL)))
 	}
 	if c.DefaultWorkloadTTL < c.MinWorkloadTTL || c.DefaultWorkloadTTL > c.MaxWorkloadTTL {
-		errs = append(errs, fmt.Errorf("default workload TTL %s is outside [%s, %s]", c.DefaultWorkloadTTL, c.MinWorkloadTTL, c.MaxWorkloadTTL))
+		errs = append(errs, setting("default-workload-ttl", fmt.Errorf("%s is outside [%s, %s] (--min-workload-ttl, --max-workload-ttl)", c.DefaultWorkloadTTL, c.MinWorkloadTTL, c.MaxWorkloadTTL)))
 	}
 	if c.MaxEnrolmentAge <= 0 {
-		errs = append(errs, fmt.Errorf("maximum enrolment age %s must be positive", c.MaxEnrolmentAge))
+		errs = append(errs, setting("max-enrolment-age", fmt.Errorf("%s must be positive", c.MaxEnrolmentAge)))
 	}
 	return errs
 }
@@ -379,17 +442,17 @@ func (c *CAConfig) check(v *validated) []error {
 func (c *JournalConfig) check(ca CAConfig) []error {
 	var errs []error
 	if c.DSN != "" && c.CheckpointKeyURI == "" && ca.Secret == "" {
-		errs = append(errs, errors.New("replicas sharing a journal must share its checkpoint key: give --checkpoint-key-uri, or --ca-secret to keep it in a Secret"))
+		errs = append(errs, setting("journal-dsn", errors.New("replicas sharing a journal must share its checkpoint key: give --checkpoint-key-uri, or --ca-secret to keep it in a Secret")))
 	}
 	if c.DSN != "" && ca.CertsDir == "" && ca.Secret == "" {
-		errs = append(errs, errors.New("with a shared journal (replicas), the CA keys must live in a Kubernetes Secret (--ca-secret) or come from --cacerts (with --ca-key-uri for a KMS), never in a replica's own data directory"))
+		errs = append(errs, setting("journal-dsn", errors.New("with a shared journal (replicas), the CA keys must live in a Kubernetes Secret (--ca-secret) or come from --cacerts (with --ca-key-uri for a KMS), never in a replica's own data directory")))
 	}
 	return errs
 }
 
 func (c *AuthzConfig) check() []error {
 	_, err := decisionlog.NewPathRedactor(c.LogRedactPaths)
-	return []error{err}
+	return []error{setting("log-redact-path", err)}
 }
 
 // policy is the rotation policy the CA runs with; validating it checks that

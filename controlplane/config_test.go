@@ -9,7 +9,7 @@ import (
 	"github.com/trustmesh/trustmesh/internal/connlimit"
 )
 
-// groups lists the Config groups that err names, in order.
+// groups lists the Config groups that err names, in order, each once.
 func groups(err error) []string {
 	var out []string
 	var walk func(error)
@@ -26,7 +26,7 @@ func groups(err error) []string {
 		}
 	}
 	walk(err)
-	return out
+	return slices.Compact(out)
 }
 
 func TestValidateReportsEveryGroupAtFault(t *testing.T) {

@@ -6,9 +6,13 @@ package controlplane
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"io/fs"
 	"net"
 	"net/http"
+	"os"
+	"strings"
 	"sync/atomic"
 	"time"
 
@@ -24,6 +28,7 @@ import (
 	"github.com/trustmesh/trustmesh/ca/rotation"
 	"github.com/trustmesh/trustmesh/ca/server"
 	"github.com/trustmesh/trustmesh/injector/webhook"
+	"github.com/trustmesh/trustmesh/internal/dirlock"
 	"github.com/trustmesh/trustmesh/mesh"
 	"github.com/trustmesh/trustmesh/xds"
 )
@@ -57,26 +62,67 @@ type ControlPlane struct {
 	caLis      net.Listener
 	monLis     net.Listener
 	bundleLis  net.Listener
-	ready      atomic.Bool
+	// reserved holds the authorization service's and the injector's
+	// ports, which their servers bind themselves, from New's check that
+	// every port is free until just before each server binds it.
+	reserved map[string]net.Listener
+	// lock holds the data directory while this control plane runs.
+	lock  *dirlock.Lock
+	ready atomic.Bool
 	// httpGrace bounds the HTTP servers' shutdown; zero is 5 s.
 	httpGrace time.Duration
 }
 
 // New loads the CA material and the journal and binds every listener. An
-// error leaves nothing running.
+// error leaves nothing running, and nothing written: New checks the
+// configuration and every input it names (Check), takes the data
+// directory's lock and binds every port before it creates the data
+// directory, the CA, its keys or the journal, and a data directory this
+// start created is removed again when a later step fails.
 func New(ctx context.Context, cfg Config) (_ *ControlPlane, err error) {
 	v, err := cfg.validate()
 	if err != nil {
 		return nil, err
 	}
-	cp := &ControlPlane{cfg: v, registry: prometheus.NewRegistry()}
+	if err := v.checkInputs(ctx); err != nil {
+		return nil, err
+	}
+	cp := &ControlPlane{cfg: v, registry: prometheus.NewRegistry(), reserved: map[string]net.Listener{}}
+	created := false
 	defer func() {
 		if err != nil {
 			cp.close()
+			if created {
+				_ = os.RemoveAll(v.DataDir)
+			}
 		}
 	}()
+	_, statErr := os.Stat(v.DataDir)
+	exists := statErr == nil
+	if exists {
+		// A second serve on this directory is refused here, naming the
+		// first, before it binds a port the first may hold.
+		if err := cp.lockDataDir(); err != nil {
+			return nil, err
+		}
+	}
 	if v.inKube {
 		if cp.cluster, err = newCluster(v.Kubernetes); err != nil {
+			return nil, err
+		}
+	}
+	if err := cp.bindAll(v); err != nil {
+		return nil, err
+	}
+	if !exists {
+		if !errors.Is(statErr, fs.ErrNotExist) {
+			return nil, fmt.Errorf("controlplane: data dir: %w", statErr)
+		}
+		if err := os.MkdirAll(v.DataDir, 0o700); err != nil {
+			return nil, fmt.Errorf("controlplane: data dir: %w", err)
+		}
+		created = true
+		if err := cp.lockDataDir(); err != nil {
 			return nil, err
 		}
 	}
@@ -105,31 +151,72 @@ func New(ctx context.Context, cfg Config) (_ *ControlPlane, err error) {
 	if cp.authz, err = cp.newAuthz(v); err != nil {
 		return nil, err
 	}
+	cp.release("listen-injector")
 	if err := cp.newInjector(v); err != nil {
 		return nil, err
 	}
 	if err := cp.newMonitoring(v); err != nil {
 		return nil, err
 	}
-
-	if cp.caLis, err = listen(v, v.Listen.CA, "CA"); err != nil {
-		return nil, err
-	}
-	if cp.monLis, err = listen(v, v.Listen.Monitoring, "monitoring"); err != nil {
-		return nil, err
-	}
-	if cp.bundle != nil {
-		if cp.bundleLis, err = listen(v, v.Listen.Bundle, "bundle endpoint"); err != nil {
-			return nil, err
-		}
-	}
 	return cp, nil
 }
 
-func listen(v *validated, addr, what string) (net.Listener, error) {
+// dataDirLock is the lock file in the data directory that one serve holds.
+// Operator commands (trustmesh ca, audit) do not take it: they work beside
+// a running serve, as the README shows.
+const dataDirLock = "serve.lock"
+
+func (cp *ControlPlane) lockDataDir() error {
+	l, err := dirlock.TryLock(cp.cfg.DataDir, dataDirLock, "trustmesh serve", cp.cfg.Clock.Now())
+	if err != nil {
+		return fmt.Errorf("controlplane: %w; stop it, or give this serve another --data-dir", err)
+	}
+	cp.lock = l
+	return nil
+}
+
+// bindAll binds every port this control plane serves on, so that a port in
+// use fails the start before anything is created. The authorization
+// service and the injector bind their own listeners later; their ports are
+// held in cp.reserved until then.
+func (cp *ControlPlane) bindAll(v *validated) error {
+	var err error
+	if cp.caLis, err = listen(v, v.Listen.CA, "listen-ca", "the CA and xDS port"); err != nil {
+		return err
+	}
+	if cp.monLis, err = listen(v, v.Listen.Monitoring, "listen-monitoring", "the monitoring port"); err != nil {
+		return err
+	}
+	if v.Listen.Bundle != "" {
+		if cp.bundleLis, err = listen(v, v.Listen.Bundle, "listen-bundle", "the bundle endpoint"); err != nil {
+			return err
+		}
+	}
+	if v.authzOn() && !strings.HasPrefix(v.Listen.Authz, "unix://") {
+		if cp.reserved["listen-authz"], err = listen(v, v.Listen.Authz, "listen-authz", "the ext_authz port"); err != nil {
+			return err
+		}
+	}
+	if v.injectorOn() {
+		if cp.reserved["listen-injector"], err = listen(v, v.Listen.Injector, "listen-injector", "the injector webhook"); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// release closes a reserved port so that its server can bind it.
+func (cp *ControlPlane) release(flag string) {
+	if l := cp.reserved[flag]; l != nil {
+		_ = l.Close()
+		delete(cp.reserved, flag)
+	}
+}
+
+func listen(v *validated, addr, flag, what string) (net.Listener, error) {
 	l, err := v.Listen.Connections.Listen("tcp", addr)
 	if err != nil {
-		return nil, fmt.Errorf("controlplane: listen for %s on %s: %w", what, addr, err)
+		return nil, &ConfigError{Group: "Listen", Flag: flag, Err: fmt.Errorf("%s: %w", what, err)}
 	}
 	return l, nil
 }

@@ -66,6 +66,9 @@ func (cp *ControlPlane) Run(ctx context.Context) error {
 		"ca", a.CA.String(), "monitoring", a.Monitoring.String(), "bundle_endpoint", addrString(a.Bundle),
 		"data_dir", cp.cfg.DataDir, "kubernetes", cp.cfg.inKube)
 	cp.ready.Store(true)
+	// The authorization service binds its port itself, once its policies
+	// have loaded.
+	cp.release("listen-authz")
 	if err := run.Tasks(ctx, tasks...); err != nil && !errors.Is(err, context.Canceled) {
 		return err
 	}
@@ -124,9 +127,13 @@ func (cp *ControlPlane) close() {
 			_ = l.Close()
 		}
 	}
+	for flag := range cp.reserved {
+		cp.release(flag)
+	}
 	if cp.journal != nil {
 		_ = cp.journal.Close()
 	}
+	_ = cp.lock.Unlock()
 }
 
 func addrString(a net.Addr) string {

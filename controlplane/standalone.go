@@ -2,11 +2,12 @@ package controlplane
 
 import (
 	"context"
-	"fmt"
+	"errors"
 	"io"
 	"log/slog"
 	"net"
 	"os"
+	"slices"
 	"strconv"
 	"time"
 
@@ -15,6 +16,7 @@ import (
 
 	"github.com/trustmesh/trustmesh/api/identity"
 	"github.com/trustmesh/trustmesh/authz/authzd"
+	"github.com/trustmesh/trustmesh/authz/extauthz"
 	"github.com/trustmesh/trustmesh/authz/source"
 	"github.com/trustmesh/trustmesh/authz/source/kube"
 	"github.com/trustmesh/trustmesh/internal/connlimit"
@@ -86,10 +88,34 @@ func RunAuthz(ctx context.Context, c StandaloneAuthzConfig) error {
 	}
 	svc, err := authzd.New(cfg)
 	if err != nil {
-		return err
+		return namePlaintextFlag(err)
 	}
 	return svc.Run(ctx)
 }
+
+// namePlaintextFlag says extauthz's refusal of plaintext on TCP in the
+// words of trustmesh authz's flags, keeping every other error of err.
+func namePlaintextFlag(err error) error {
+	errs := []error{err}
+	if j, ok := err.(interface{ Unwrap() []error }); ok {
+		errs = slices.Clone(j.Unwrap())
+	}
+	for i, e := range errs {
+		if errors.Is(e, extauthz.ErrPlaintext) {
+			errs[i] = &ConfigError{Group: "Authz", Flag: "insecure-plaintext", Err: plaintextError{e}}
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// plaintextError is extauthz.ErrPlaintext, told in flags.
+type plaintextError struct{ err error }
+
+func (e plaintextError) Error() string {
+	return "plaintext on a TCP address is refused unless this flag is given (local testing only); serve mTLS with --tls-cert, --tls-key and --client-ca, or listen on unix:///path"
+}
+
+func (e plaintextError) Unwrap() error { return e.err }
 
 // DumpConfig is `trustmesh xds dump`: a node's xDS resources, computed from
 // mesh and policy files as the control plane computes them.
@@ -116,7 +142,7 @@ type DumpConfig struct {
 func DumpXDS(c DumpConfig) ([]byte, error) {
 	proxy, err := c.proxy()
 	if err != nil {
-		return nil, &ConfigError{Group: "XDS", Err: err}
+		return nil, inGroup("XDS", err)
 	}
 	req := xds.DumpRequest{
 		Mesh: &mesh.Dir{Path: c.MeshDir}, Proxy: proxy,
@@ -131,7 +157,7 @@ func DumpXDS(c DumpConfig) ([]byte, error) {
 func (c DumpConfig) proxy() (proxyconfig.Config, error) {
 	td, err := spiffeid.TrustDomainFromString(c.TrustDomain)
 	if err != nil {
-		return proxyconfig.Config{}, fmt.Errorf("--trust-domain: %w", err)
+		return proxyconfig.Config{}, setting("trust-domain", err)
 	}
 	addr := c.AuthzAddress
 	if addr == "" {
@@ -139,11 +165,11 @@ func (c DumpConfig) proxy() (proxyconfig.Config, error) {
 	}
 	host, portStr, err := net.SplitHostPort(addr)
 	if err != nil {
-		return proxyconfig.Config{}, fmt.Errorf("--authz-address: %w", err)
+		return proxyconfig.Config{}, setting("authz-address", err)
 	}
 	port, err := strconv.ParseUint(portStr, 10, 16)
 	if err != nil {
-		return proxyconfig.Config{}, fmt.Errorf("--authz-address: %w", err)
+		return proxyconfig.Config{}, setting("authz-address", err)
 	}
 	idStr := c.AuthzID
 	if idStr == "" {
@@ -151,7 +177,7 @@ func (c DumpConfig) proxy() (proxyconfig.Config, error) {
 	}
 	id, err := spiffeid.FromString(idStr)
 	if err != nil {
-		return proxyconfig.Config{}, fmt.Errorf("--authz-id: %w", err)
+		return proxyconfig.Config{}, setting("authz-id", err)
 	}
 	return proxyconfig.Config{TrustDomain: td, RootNamespace: c.RootNamespace, AuthzHost: host, AuthzPort: uint32(port), AuthzID: id}, nil
 }

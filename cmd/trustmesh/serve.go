@@ -19,10 +19,24 @@ func newServeCmd() *cobra.Command {
 	var logFormat, logLevel, decisionLog string
 	cmd := &cobra.Command{
 		Use:   "serve",
-		Short: "Run the control plane: the CA, with health and metrics",
-		Long: `Run the trustmesh control plane on embedded defaults: CA material and the
-journal live in --data-dir (created on first start), and Kubernetes is used
-only when running in a cluster or given --kubeconfig.`,
+		Short: "Run the control plane: the CA, xDS, ext_authz, the injector, health and metrics",
+		Long: fmt.Sprintf(`Run the trustmesh control plane, each part on its own listener:
+
+  --listen-ca         %-16s the CA (gRPC over TLS), and xDS for proxies
+  --listen-authz      %-16s ext_authz (gRPC over mTLS), with --policies or on Kubernetes
+  --listen-monitoring %-16s /healthz, /readyz and /metrics
+  --listen-bundle     %-16s the SPIFFE bundle endpoint (HTTPS), for federation
+  --listen-injector   %-16s the sidecar-injection webhook, on Kubernetes
+
+Every listener is on loopback unless told otherwise; the Helm chart sets the
+addresses a pod listens on. xDS serves the --mesh directory or, on
+Kubernetes, the cluster. CA material and the journal live in --data-dir,
+created on first start and held by one serve at a time; operator commands
+(trustmesh ca, trustmesh audit) work beside it. Kubernetes is used only when
+running in a cluster or given --kubeconfig. --validate checks the
+configuration and every file and key it names, and writes nothing.`,
+			controlplane.DefaultListenCA, controlplane.DefaultListenAuthz, controlplane.DefaultListenMonitoring,
+			controlplane.DefaultListenBundle, controlplane.DefaultListenInjector),
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			log, err := newLogger(logFormat, logLevel)
@@ -37,7 +51,7 @@ only when running in a cluster or given --kubeconfig.`,
 			defer closeLog()
 			cfg.Authz.DecisionLog = dlog
 			if validate {
-				if err := cfg.Validate(); err != nil {
+				if err := controlplane.Check(cmd.Context(), cfg); err != nil {
 					return &exitError{code: 2, err: err}
 				}
 				_, err := fmt.Fprintln(cmd.OutOrStdout(), "configuration is valid")
@@ -88,7 +102,7 @@ only when running in a cluster or given --kubeconfig.`,
 	f.StringVar(&cfg.CA.Secret, "ca-secret", "", "on Kubernetes: namespace/name of the Secret that holds the self-managed CA for every replica")
 	f.DurationVar(&cfg.Rotation.IntermediateTTL, "ca-intermediate-ttl", 0, "lifetime of self-managed intermediates (default 8760h)")
 	f.BoolVar(&cfg.Rotation.Manual, "manual-ca-rotation", false, "do not rotate self-managed CA certificates automatically")
-	f.BoolVar(&validate, "validate", false, "check the configuration and exit")
+	f.BoolVar(&validate, "validate", false, "check the configuration and the files and keys it names, write nothing, and exit")
 	f.StringVar(&logFormat, "log-format", "text", "log format: text or json")
 	f.StringVar(&logLevel, "log-level", "info", "log level: debug, info, warn or error")
 	return cmd

@@ -6,10 +6,14 @@ import (
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
+	"crypto/sha256"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/hex"
 	"encoding/pem"
+	"errors"
 	"fmt"
+	"io/fs"
 	"net"
 	"net/http"
 	"os"
@@ -162,13 +166,27 @@ func TestServeRestartKeepsCA(t *testing.T) {
 	id := spiffeid.RequireFromString("spiffe://cluster.local/vm/restart")
 
 	first := startServe(t, dataDir)
-	bundlePEM, _, roots := bundleOf(t, dataDir)
+	bundlePEM, firstBundle, roots := bundleOf(t, dataDir)
 	token := strings.TrimSpace(run(t, "ca", "token", "create", "--data-dir", dataDir, "--spiffe-id", id.String(), "--ttl", "10m"))
 	if !strings.HasPrefix(token, "tmjt.") || strings.ContainsAny(token, " \n") {
 		t.Fatalf("token create printed %q, want only the token", token)
 	}
 	before := issue(t, first.ca, roots, token)
 	first.stop(t)
+	// The first start says it created the CA, and which.
+	root := firstBundle.X509Authorities()[0]
+	sum := sha256.Sum256(root.Raw)
+	var hexes []string
+	for _, b := range sum {
+		hexes = append(hexes, strings.ToUpper(hex.EncodeToString([]byte{b})))
+	}
+	wantFP := "root_sha256=" + strings.Join(hexes, ":") // as openssl x509 -fingerprint -sha256 prints it
+	for _, want := range []string{`msg="created a new CA"`, "trust_domain=cluster.local", "data_dir=" + dataDir,
+		wantFP, "root_not_after=" + root.NotAfter.UTC().Format(time.RFC3339), "journal=" + filepath.Join(dataDir, "journal.db")} {
+		if !strings.Contains(first.stderr.String(), want) {
+			t.Errorf("the first start does not say %q:\n%s", want, first.stderr.String())
+		}
+	}
 
 	for _, f := range []string{"ca/gen-1/root-key.pem", "ca/gen-1/ca-key.pem", "journal.db", "checkpoint-key.pem"} {
 		fi, err := os.Stat(filepath.Join(dataDir, f))
@@ -194,6 +212,164 @@ func TestServeRestartKeepsCA(t *testing.T) {
 		t.Fatal("the restarted CA signs with another intermediate or root")
 	}
 	second.stop(t)
+	if log := second.stderr.String(); !strings.Contains(log, `msg="reusing the CA"`) || !strings.Contains(log, wantFP) || strings.Contains(log, "created a new CA") {
+		t.Errorf("the second start does not say it reused the CA %s:\n%s", wantFP, log)
+	}
+}
+
+// refuse runs trustmesh, which must fail, and returns its exit code and
+// stderr.
+func refuse(t *testing.T, args ...string) (int, string) {
+	t.Helper()
+	var stderr bytes.Buffer
+	cmd := exec.Command(binary, args...)
+	cmd.Stderr = &stderr
+	err := cmd.Run()
+	var ee *exec.ExitError
+	if !errors.As(err, &ee) {
+		t.Fatalf("trustmesh %s: %v, want a refusal\n%s", strings.Join(args, " "), err, stderr.String())
+	}
+	return ee.ExitCode(), stderr.String()
+}
+
+// TestServeHelpNamesEveryPart checks that serve --help names what serve
+// runs, with the default address of each.
+func TestServeHelpNamesEveryPart(t *testing.T) {
+	out := run(t, "serve", "--help")
+	for _, want := range []string{"the CA", "xDS", "ext_authz", "sidecar-injection webhook", "/healthz, /readyz and /metrics", "bundle endpoint",
+		"--listen-ca         127.0.0.1:15012", "--listen-authz      127.0.0.1:9191", "--listen-monitoring 127.0.0.1:15014",
+		"--listen-bundle     127.0.0.1:15016", "--listen-injector   127.0.0.1:15017"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("serve --help does not say %q:\n%s", want, out)
+		}
+	}
+}
+
+// TestServeThatCannotListenCreatesNothing occupies one of serve's ports: the
+// start fails naming the flag and the port, and the data directory, missing
+// before, is still missing; an existing one is left as it was.
+func TestServeThatCannotListenCreatesNothing(t *testing.T) {
+	busy, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer busy.Close()
+	for _, tc := range []struct{ flag, what string }{
+		{"--listen-ca", "the CA and xDS port"},
+		{"--listen-monitoring", "the monitoring port"},
+		{"--listen-bundle", "the bundle endpoint"},
+		{"--listen-authz", "the ext_authz port"},
+	} {
+		t.Run(tc.flag, func(t *testing.T) {
+			dataDir := filepath.Join(t.TempDir(), "data")
+			args := map[string]string{"--listen-ca": "127.0.0.1:0", "--listen-monitoring": "127.0.0.1:0", "--listen-bundle": "127.0.0.1:0", "--listen-authz": "127.0.0.1:0"}
+			args[tc.flag] = busy.Addr().String()
+			argv := []string{"serve", "--data-dir", dataDir, "--policies", t.TempDir()}
+			for f, a := range args {
+				argv = append(argv, f, a)
+			}
+			_, stderr := refuse(t, argv...)
+			if !strings.Contains(stderr, tc.flag+": "+tc.what) || !strings.Contains(stderr, busy.Addr().String()) {
+				t.Errorf("the refusal does not name %s and %s:\n%s", tc.flag, busy.Addr(), stderr)
+			}
+			if _, err := os.Stat(dataDir); !errors.Is(err, fs.ErrNotExist) {
+				t.Errorf("a failed start left %s behind (%v):\n%s", dataDir, err, stderr)
+			}
+		})
+	}
+}
+
+// TestSecondServeOnADataDirIsRefused starts serve, then a second one on the
+// same data directory and other ports: it is refused with the first's PID,
+// and the first serves on. Operator commands are not held off.
+func TestSecondServeOnADataDirIsRefused(t *testing.T) {
+	dataDir := filepath.Join(t.TempDir(), "data")
+	first := startServe(t, dataDir)
+	code, stderr := refuse(t, "serve", "--data-dir", dataDir, "--listen-ca", "127.0.0.1:0", "--listen-monitoring", "127.0.0.1:0", "--listen-bundle", "")
+	want := fmt.Sprintf("data dir %s is in use by trustmesh serve pid %d since ", dataDir, first.cmd.Process.Pid)
+	if code == 0 || !strings.Contains(stderr, want) {
+		t.Fatalf("the second serve exited %d with:\n%s\nwant it refused with %q", code, stderr, want)
+	}
+	run(t, "ca", "token", "create", "--data-dir", dataDir, "--spiffe-id", "spiffe://cluster.local/vm/beside")
+	resp, err := http.Get("http://" + first.monitoring + "/readyz")
+	if err != nil || resp.StatusCode != http.StatusOK {
+		t.Fatalf("the first serve is not ready after the refusal: %v", err)
+	}
+	resp.Body.Close()
+	first.stop(t)
+	// The lock ends with its holder: a new serve starts.
+	startServe(t, dataDir).stop(t)
+}
+
+// TestServeValidateChecksWhatStartChecks runs serve --validate over
+// configurations a start refuses: each is refused (exit 2) naming the flag,
+// and nothing is written.
+func TestServeValidateChecksWhatStartChecks(t *testing.T) {
+	emptyCerts := t.TempDir()
+	badPolicies := t.TempDir()
+	if err := os.WriteFile(filepath.Join(badPolicies, "p.yaml"), []byte("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p}\nspec: {action: NOPE}\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	missing := filepath.Join(t.TempDir(), "missing")
+	for _, tc := range []struct {
+		name string
+		args []string
+		want []string
+	}{
+		{"port out of range", []string{"--listen-ca", "127.0.0.1:99999"}, []string{"--listen-ca", "99999"}},
+		{"no port", []string{"--listen-monitoring", "localhost"}, []string{"--listen-monitoring"}},
+		{"injector port", []string{"--listen-injector", "127.0.0.1:70000"}, []string{"--listen-injector"}},
+		{"missing policies", []string{"--policies", missing}, []string{"--policies", missing}},
+		{"policies that do not parse", []string{"--policies", badPolicies}, []string{"--policies", "p.yaml"}},
+		{"missing mesh", []string{"--mesh", missing}, []string{"--mesh", missing}},
+		{"missing mesh config", []string{"--mesh-config", missing}, []string{"--mesh-config", missing}},
+		{"missing cacerts", []string{"--cacerts", missing}, []string{"--cacerts", missing}},
+		{"pkcs11 key", []string{"--cacerts", emptyCerts, "--ca-key-uri", "pkcs11:token=ca;object=signing"}, []string{"--ca-key-uri", "pkcs11"}},
+		{"checkpoint key", []string{"--checkpoint-key-uri", "awskms:key-id=nope"}, []string{"--checkpoint-key-uri"}},
+		{"trust domain", []string{"--trust-domain", "Not A Domain"}, []string{"--trust-domain"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dataDir := filepath.Join(t.TempDir(), "data")
+			code, stderr := refuse(t, append([]string{"serve", "--validate", "--data-dir", dataDir}, tc.args...)...)
+			if code != 2 {
+				t.Errorf("exit code %d, want 2", code)
+			}
+			for _, w := range tc.want {
+				if !strings.Contains(stderr, w) {
+					t.Errorf("the refusal does not say %q:\n%s", w, stderr)
+				}
+			}
+			if _, err := os.Stat(dataDir); !errors.Is(err, fs.ErrNotExist) {
+				t.Errorf("serve --validate created %s", dataDir)
+			}
+		})
+	}
+	dataDir := filepath.Join(t.TempDir(), "data")
+	if out := run(t, "serve", "--validate", "--data-dir", dataDir, "--policies", t.TempDir(), "--mesh", t.TempDir()); !strings.Contains(out, "configuration is valid") {
+		t.Fatalf("serve --validate of a good configuration printed %q", out)
+	}
+	if _, err := os.Stat(dataDir); !errors.Is(err, fs.ErrNotExist) {
+		t.Errorf("serve --validate created %s", dataDir)
+	}
+}
+
+// TestErrorsNameFlags checks that a refused setting is named by its flag,
+// never by the Go field behind it.
+func TestErrorsNameFlags(t *testing.T) {
+	for _, tc := range []struct {
+		args      []string
+		flag, not string
+	}{
+		{[]string{"serve", "--validate", "--trust-domain", "Not A Domain"}, "--trust-domain", "TrustDomain"},
+		{[]string{"serve", "--validate", "--min-workload-ttl", "2h", "--max-workload-ttl", "1h"}, "--min-workload-ttl", "MinWorkloadTTL"},
+		{[]string{"serve", "--validate", "--kubernetes", "sometimes"}, "--kubernetes", "Kubernetes:"},
+		{[]string{"authz", "--listen", "127.0.0.1:0", "--policies", t.TempDir()}, "--insecure-plaintext", "InsecurePlaintext"},
+	} {
+		_, stderr := refuse(t, tc.args...)
+		if !strings.Contains(stderr, tc.flag) || strings.Contains(stderr, tc.not) {
+			t.Errorf("trustmesh %s:\n%s\nwant %s named, not %s", strings.Join(tc.args, " "), stderr, tc.flag, tc.not)
+		}
+	}
 }
 
 func TestVersion(t *testing.T) {
