@@ -334,6 +334,7 @@ func build(s *settings) (*assembled, error) {
 	mgr, err := rotation.New(rotation.Config{
 		Issuer:     ca,
 		Token:      s.token,
+		JoinToken:  s.JoinTokenFile != "" || s.JoinToken != "",
 		Store:      store,
 		Clock:      s.Clock,
 		KeyType:    s.keyType,

@@ -195,7 +195,7 @@ func fetch(t *testing.T, socketPath string) *x509svid.SVID {
 	return s
 }
 
-func serial(s *x509svid.SVID) string { return s.Certificates[0].SerialNumber.String() }
+func serial(s *x509svid.SVID) string { return s.Certificates[0].SerialNumber.Text(16) }
 
 func TestAgentServesAndRotatesOnInjectedClock(t *testing.T) {
 	e := newEnv(t)
@@ -611,4 +611,24 @@ func (w testWriter) Write(p []byte) (int, error) {
 	defer logMu.Unlock()
 	w.t.Log(strings.TrimRight(string(p), "\n"))
 	return len(p), nil
+}
+
+// TestRefusedJoinTokenStopsAgent: an agent whose join token the CA refuses
+// exits with an error that says to create a new token, rather than retrying
+// for ever.
+func TestRefusedJoinTokenStopsAgent(t *testing.T) {
+	e := newEnv(t)
+	cfg := e.config()
+	cfg.JoinToken = "a-token-the-ca-never-made"
+	r := e.start(cfg)
+	select {
+	case err := <-r.done:
+		var refused *rotation.JoinTokenRefusedError
+		if !errors.As(err, &refused) || !strings.Contains(err.Error(), "trustmesh ca token create") {
+			t.Fatalf("agent exited with %v; want the join token refusal and what to do", err)
+		}
+		r.cancel = nil
+	case <-time.After(20 * time.Second):
+		t.Fatal("agent kept running with a refused join token")
+	}
 }

@@ -34,6 +34,8 @@ import (
 	"github.com/trustmesh/trustmesh/agent/backoff"
 	"github.com/trustmesh/trustmesh/agent/identity"
 	"github.com/trustmesh/trustmesh/agent/svid"
+	cav1 "github.com/trustmesh/trustmesh/api/ca/v1"
+	"github.com/trustmesh/trustmesh/internal/serial"
 )
 
 // ErrNoCredential: the agent has neither a valid certificate to renew with
@@ -67,8 +69,13 @@ type Config struct {
 	// Token may be nil when the agent starts with a persisted certificate;
 	// it then cannot recover once that certificate expires.
 	Token TokenSource
-	Store Store
-	Clock clock.Clock
+	// JoinToken says Token is a one-time join token. The CA's refusal of
+	// one is final, unlike that of a service-account token that the
+	// kubelet refreshes: the manager stops with a JoinTokenRefusedError
+	// once it has no valid certificate left to serve.
+	JoinToken bool
+	Store     Store
+	Clock     clock.Clock
 	// KeyType is the type of every generated key; default svid.ECP256.
 	KeyType svid.KeyType
 	// TTL is the lifetime asked of the CA; zero lets the CA choose.
@@ -101,6 +108,31 @@ type Manager struct {
 	rotations prometheus.Counter
 	failures  *prometheus.CounterVec
 }
+
+// JoinTokenRefusedError: the CA refused the agent's join token, which will
+// never work: it is malformed, unknown, used, expired or revoked. Reason is
+// the CA's api/ca/v1 JoinToken* reason, empty when it gave none.
+type JoinTokenRefusedError struct {
+	Reason string
+	Err    error
+}
+
+func (e *JoinTokenRefusedError) Error() string {
+	what := map[string]string{
+		cav1.JoinTokenMalformed: "it is malformed (was it copied whole, without quotes?)",
+		cav1.JoinTokenUnknown:   "this CA never created it",
+		cav1.JoinTokenUsed:      "it was used already, and works once",
+		cav1.JoinTokenExpired:   "it expired before it was used",
+		cav1.JoinTokenRevoked:   "its identity was revoked",
+	}[e.Reason]
+	if what == "" {
+		what = "the CA gave no reason"
+	}
+	return fmt.Sprintf("rotation: the CA refused the join token: %s; create a new one with "+
+		"`trustmesh ca token create --spiffe-id <this workload's SPIFFE ID>` and start the agent with it: %v", what, e.Err)
+}
+
+func (e *JoinTokenRefusedError) Unwrap() error { return e.Err }
 
 // Failure reasons, the label values of trustmesh_agent_rotation_failures_total.
 const (
@@ -213,6 +245,12 @@ func (m *Manager) Run(ctx context.Context) error {
 			}
 			reason := classify(err)
 			m.failures.WithLabelValues(reason).Inc()
+			var refused *JoinTokenRefusedError
+			if errors.As(err, &refused) && snap.SVID == nil {
+				// Retrying cannot help, and nothing is left to serve.
+				m.cfg.Logger.Error("the CA refused the join token; stopping", "reason", refused.Reason, "error", err)
+				return err
+			}
 			wait = bo.Next()
 			if snap.SVID != nil {
 				wait = min(wait, svid.Expiry(snap.SVID).Sub(now))
@@ -293,7 +331,7 @@ func (m *Manager) rotate(ctx context.Context, snap identity.Snapshot) error {
 	m.cfg.Store.SetSVID(got)
 	m.rotations.Inc()
 	m.cfg.Logger.Info("certificate rotated", "spiffe_id", got.ID.String(),
-		"serial", got.Certificates[0].SerialNumber.String(), "expires", svid.Expiry(got))
+		"serial", serial.Format(got.Certificates[0].SerialNumber), "expires", svid.Expiry(got))
 	return nil
 }
 
@@ -323,6 +361,10 @@ func (m *Manager) issue(ctx context.Context, current *x509svid.SVID, csr []byte)
 	}
 	chain, err := m.cfg.Issuer.IssueWithToken(ctx, token, csr, m.cfg.TTL)
 	if err != nil {
+		if c := status.Code(err); m.cfg.JoinToken && (c == codes.Unauthenticated || c == codes.PermissionDenied) {
+			reason, _ := cav1.RefusalReason(err)
+			return nil, errors.Join(renewErr, &JoinTokenRefusedError{Reason: reason, Err: err})
+		}
 		return nil, fmt.Errorf("rotation: issue with token: %w", err)
 	}
 	return chain, nil

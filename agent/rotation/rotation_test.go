@@ -1,22 +1,28 @@
 package rotation
 
 import (
+	"bytes"
 	"context"
 	"crypto"
 	"crypto/tls"
 	"crypto/x509"
 	"errors"
+	"log/slog"
+	"math/big"
 	"os"
+	"strings"
 	"sync"
 	"testing"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	clocktesting "k8s.io/utils/clock/testing"
 
+	cav1 "github.com/trustmesh/trustmesh/api/ca/v1"
 	"github.com/trustmesh/trustmesh/agent/identity"
 	"github.com/trustmesh/trustmesh/agent/internal/testca"
 	"github.com/trustmesh/trustmesh/test/leakcheck"
@@ -42,7 +48,11 @@ type fakeCA struct {
 	down     bool
 	override spiffeid.ID
 	refuse   bool
-	calls    []string
+	// tokenRefusal, when set, refuses every token as the CA refuses a
+	// join token: Unauthenticated, with this api/ca/v1 reason ("-" for
+	// none, as a CA that sends no detail).
+	tokenRefusal string
+	calls        []string
 }
 
 func (f *fakeCA) IssueWithToken(_ context.Context, token string, csr []byte, ttl time.Duration) ([]*x509.Certificate, error) {
@@ -51,6 +61,17 @@ func (f *fakeCA) IssueWithToken(_ context.Context, token string, csr []byte, ttl
 	f.calls = append(f.calls, "token")
 	if f.down {
 		return nil, status.Error(codes.Unavailable, "connection refused")
+	}
+	if f.tokenRefusal == "-" {
+		return nil, status.Error(codes.Unauthenticated, "authentication failed")
+	}
+	if f.tokenRefusal != "" {
+		st, err := status.New(codes.Unauthenticated, "authentication failed: the join token was refused").
+			WithDetails(&errdetails.ErrorInfo{Domain: cav1.ErrorDomain, Reason: f.tokenRefusal})
+		if err != nil {
+			return nil, err
+		}
+		return nil, st.Err()
 	}
 	if token != "join-token" {
 		return nil, status.Error(codes.Unauthenticated, "authentication failed")
@@ -100,6 +121,9 @@ type harness struct {
 	ca    *fakeCA
 	store *identity.Store
 	mgr   *Manager
+	// done delivers Run's result; ended is set once a test took it.
+	done  chan error
+	ended bool
 }
 
 // newHarness starts a manager with a bundle in the store, TTL 1h and no
@@ -127,15 +151,45 @@ func newHarness(t *testing.T, mod func(*Config)) *harness {
 		t.Fatal(err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- h.mgr.Run(ctx) }()
+	h.done = make(chan error, 1)
+	go func() { h.done <- h.mgr.Run(ctx) }()
 	t.Cleanup(func() {
 		cancel()
-		if err := <-done; !errors.Is(err, context.Canceled) {
+		if h.ended {
+			return
+		}
+		if err := <-h.done; !errors.Is(err, context.Canceled) {
 			t.Errorf("Run returned %v, want context.Canceled", err)
 		}
 	})
 	return h
+}
+
+// stopped waits for Run to return on its own, and returns its error.
+func (h *harness) stopped() error {
+	h.t.Helper()
+	select {
+	case err := <-h.done:
+		h.ended = true
+		return err
+	case <-time.After(10 * time.Second):
+		h.t.Fatal("the manager did not stop")
+		return nil
+	}
+}
+
+// running reports whether Run is still going; if it returned, the test
+// fails with its error.
+func (h *harness) running() bool {
+	h.t.Helper()
+	select {
+	case err := <-h.done:
+		h.ended = true
+		h.t.Errorf("Run returned %v", err)
+		return false
+	default:
+		return true
+	}
 }
 
 // settle waits until the manager is blocked on the fake clock, so that what
@@ -403,4 +457,144 @@ func equal(a, b []string) bool {
 		}
 	}
 	return true
+}
+
+func countCalls(calls []string, kind string) int {
+	n := 0
+	for _, c := range calls {
+		if c == kind {
+			n++
+		}
+	}
+	return n
+}
+
+// TestRefusedJoinTokenStopsTheAgent: a join token the CA refuses never
+// works later, so the agent stops at once, with what to do, instead of
+// retrying for ever.
+func TestRefusedJoinTokenStopsTheAgent(t *testing.T) {
+	for reason, says := range map[string]string{
+		cav1.JoinTokenMalformed: "malformed",
+		cav1.JoinTokenUnknown:   "never created",
+		cav1.JoinTokenUsed:      "used already",
+		cav1.JoinTokenExpired:   "expired",
+		cav1.JoinTokenRevoked:   "revoked",
+		"-":                     "no reason",
+	} {
+		t.Run(reason, func(t *testing.T) {
+			h := newHarness(t, func(c *Config) {
+				c.JoinToken = true
+				c.Issuer.(*fakeCA).tokenRefusal = reason
+			})
+			err := h.stopped()
+			var refused *JoinTokenRefusedError
+			if !errors.As(err, &refused) {
+				t.Fatalf("Run = %v; want a JoinTokenRefusedError", err)
+			}
+			if want := strings.TrimPrefix(reason, "-"); refused.Reason != want {
+				t.Errorf("reason %q, want %q", refused.Reason, want)
+			}
+			if msg := err.Error(); !strings.Contains(msg, says) || !strings.Contains(msg, "trustmesh ca token create") {
+				t.Errorf("the agent says %q; want it to say %q and how to make a new token", msg, says)
+			}
+			if got := h.ca.callLog(); len(got) != 1 {
+				t.Errorf("CA calls %v; want one try of the token", got)
+			}
+		})
+	}
+}
+
+// TestRefusedJoinTokenServesTheCurrentCertificateToTheEnd: with a valid
+// certificate in hand the agent keeps serving it, and stops once it expires
+// with nothing left to renew with.
+func TestRefusedJoinTokenServesTheCurrentCertificateToTheEnd(t *testing.T) {
+	h := newHarness(t, func(c *Config) { c.JoinToken = true })
+	h.settle()
+	first := h.svid()
+	h.ca.set(func(f *fakeCA) { f.refuse, f.tokenRefusal = true, cav1.JoinTokenUsed })
+	h.step(30 * time.Minute)
+	if h.svid() != first || !h.running() {
+		t.Fatal("the agent stopped serving a valid certificate when its token was refused")
+	}
+	for h.clock.Now().Before(start.Add(time.Hour)) {
+		h.settle() // fails if the manager stopped before the certificate expired
+		h.clock.Step(time.Minute)
+	}
+	var refused *JoinTokenRefusedError
+	if err := h.stopped(); !errors.As(err, &refused) || refused.Reason != cav1.JoinTokenUsed {
+		t.Fatalf("Run = %v; want it to stop on the used token once the certificate expired", err)
+	}
+	if h.svid() != nil {
+		t.Fatal("an expired certificate is still served")
+	}
+}
+
+// TestTokenRefusalsThatMayHealAreRetried: a service-account token (which
+// the kubelet refreshes) and a CA that cannot be reached are retried with
+// backoff; the agent recovers when they heal.
+func TestTokenRefusalsThatMayHealAreRetried(t *testing.T) {
+	t.Run("service-account token refused", func(t *testing.T) {
+		h := newHarness(t, func(c *Config) { c.Issuer.(*fakeCA).tokenRefusal = "-" })
+		for range 3 {
+			h.step(time.Minute)
+		}
+		if n := countCalls(h.ca.callLog(), "token"); n < 3 || !h.running() {
+			t.Fatalf("%d tries of a refused service-account token; want retries", n)
+		}
+	})
+	t.Run("join token while the CA is unavailable", func(t *testing.T) {
+		h := newHarness(t, func(c *Config) {
+			c.JoinToken = true
+			c.Issuer.(*fakeCA).down = true
+		})
+		for range 3 {
+			h.step(time.Minute)
+		}
+		if n := countCalls(h.ca.callLog(), "token"); n < 3 || !h.running() {
+			t.Fatalf("%d tries while the CA was down; want retries", n)
+		}
+		h.ca.set(func(f *fakeCA) { f.down = false })
+		h.step(time.Minute)
+		if s := h.svid(); s == nil || s.ID != ownID {
+			t.Fatal("no certificate once the CA was back")
+		}
+	})
+}
+
+// syncBuffer is a bytes.Buffer for a logger on another goroutine.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+// TestLogsSerialsAsTheJournalSpellsThem: the agent logs a certificate's
+// serial in lowercase hex, as the CA's journal and trustmesh audit do, so
+// that one can be searched for the other.
+func TestLogsSerialsAsTheJournalSpellsThem(t *testing.T) {
+	var logs syncBuffer
+	h := newHarness(t, func(c *Config) { c.Logger = slog.New(slog.NewTextHandler(&logs, nil)) })
+	h.settle()
+	// Serials below 10 read the same in both bases: renew past them.
+	for i := 0; i < 20 && h.svid().Certificates[0].SerialNumber.Cmp(big.NewInt(10)) < 0; i++ {
+		h.step(30 * time.Minute)
+	}
+	sn := h.svid().Certificates[0].SerialNumber
+	if sn.Cmp(big.NewInt(10)) < 0 {
+		t.Fatalf("serial %v stayed below 10", sn)
+	}
+	if want := "serial=" + sn.Text(16) + " "; !strings.Contains(logs.String(), want) {
+		t.Fatalf("logs do not name the serial as %q:\n%s", want, logs.String())
+	}
 }
