@@ -63,21 +63,38 @@ func ReadCACerts(dir, keyURI string) (map[string][]byte, error) {
 		if keyURI, err = SoftKMSURI(filepath.Join(dir, CAKeyFile)); err != nil {
 			return nil, err
 		}
+	} else if err := CheckKeyURI(keyURI); err != nil {
+		// The URI is stored with the CA (ca-key-uri): refuse a PIN in it
+		// before anything is written.
+		return nil, err
 	}
 	files[CAKeyURIFile] = []byte(keyURI)
 	return files, nil
 }
 
 // OpenSigner returns the signing key named by a KMS key URI. Only softkms is
-// built in; other KMS back ends are linked in by build tag.
+// built in; other KMS back ends are linked in by build tag. The URI is first
+// checked with CheckKeyURI; a PKCS#11 PIN comes from the URI's pin-source
+// file or PINEnv and stays in memory. Errors show the URI redacted.
 func OpenSigner(ctx context.Context, keyURI string) (crypto.Signer, error) {
-	km, err := kms.New(ctx, apiv1.Options{URI: keyURI})
+	u, typ, err := parseKeyURI(keyURI)
 	if err != nil {
-		return nil, fmt.Errorf("authority: open KMS for %q: %w", keyURI, err)
+		return nil, err
+	}
+	opts := apiv1.Options{URI: keyURI}
+	if typ == apiv1.PKCS11 {
+		if opts.Pin, err = pkcs11PIN(u); err != nil {
+			return nil, fmt.Errorf("authority: key URI %s: %w", RedactKeyURI(keyURI), err)
+		}
+	}
+	km, err := kms.New(ctx, opts)
+	if err != nil {
+		return nil, fmt.Errorf("authority: open KMS for %s: %w", RedactKeyURI(keyURI), err)
 	}
 	signer, err := km.CreateSigner(&apiv1.CreateSignerRequest{SigningKey: keyURI})
 	if err != nil {
-		return nil, fmt.Errorf("authority: open signing key %q: %w", keyURI, err)
+		_ = km.Close()
+		return nil, fmt.Errorf("authority: open signing key %s: %w", RedactKeyURI(keyURI), err)
 	}
 	return signer, nil
 }
