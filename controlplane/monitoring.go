@@ -7,6 +7,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/trustmesh/trustmesh/ca/server"
+	"github.com/trustmesh/trustmesh/xds"
 )
 
 func (cp *ControlPlane) readyz(w http.ResponseWriter, r *http.Request) {
@@ -33,6 +34,10 @@ func (cp *ControlPlane) newMonitoring(v *validated) error {
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { _, _ = w.Write([]byte("ok\n")) })
 	mux.HandleFunc("/readyz", cp.readyz)
 	mux.Handle("/metrics", promhttp.HandlerFor(cp.registry, promhttp.HandlerOpts{}))
+	if cp.xds != nil {
+		// The connected xDS clients, as istioctl proxy-status reads them.
+		mux.Handle(xds.ClientsPath, cp.xds.ClientsHandler())
+	}
 	cp.monitoring = v.Listen.Connections.HTTPServer(mux)
 
 	if v.Listen.Bundle != "" {
