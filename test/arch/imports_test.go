@@ -42,6 +42,8 @@ var rules = []rule{
 		[]string{"xds"}, []string{"controlplane", "ca", "agent"}},
 	{"agent imports nothing of ca, authz, injector or controlplane; it reaches the CA over the wire only",
 		[]string{"agent"}, []string{"ca", "authz", "injector", "controlplane"}},
+	{"check is a reader: it imports nothing of controlplane, agent, injector or demo",
+		[]string{"check"}, []string{"controlplane", "agent", "injector", "demo"}},
 }
 
 // controlplaneImporters may import controlplane directly: the composition
