@@ -70,7 +70,6 @@ func newRootCmd() *cobra.Command {
 		newInjectCmd(),
 		newXDSCmd(),
 		newDemoCmd(),
-		newCheckCmd(),
 	)
 	return root
 }
