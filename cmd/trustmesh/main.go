@@ -70,6 +70,7 @@ func newRootCmd() *cobra.Command {
 		newInjectCmd(),
 		newXDSCmd(),
 		newDemoCmd(),
+		newCheckCmd(),
 	)
 	return root
 }
