@@ -16,6 +16,7 @@ import (
 
 	"github.com/trustmesh/trustmesh/api/identity"
 	"github.com/trustmesh/trustmesh/authz/decisionlog"
+	"github.com/trustmesh/trustmesh/authz/source"
 	"github.com/trustmesh/trustmesh/ca"
 	"github.com/trustmesh/trustmesh/ca/authn"
 	"github.com/trustmesh/trustmesh/ca/rotation"
@@ -148,6 +149,10 @@ type AuthzConfig struct {
 	// LogRedactPaths are patterns whose matches in request paths the
 	// decision log replaces (decisionlog.PathRedactor).
 	LogRedactPaths []string
+	// Bundles are the Rego bundles CUSTOM policies evaluate (--bundle and
+	// its verification flags), with those PolicyDir names in its
+	// source.BundlesFile. On Kubernetes every bundle must be signed.
+	Bundles source.Bundles
 }
 
 // XDSConfig configures the xDS server on the CA port.
@@ -216,6 +221,8 @@ type validated struct {
 	dns    []string
 	ips    []net.IP
 	inKube bool
+	// bundles are the Rego bundles, resolved and verified (checkBundles).
+	bundles []source.BundleConfig
 }
 
 // Validate fills in defaults and checks every field, reporting all problems.
@@ -259,6 +266,7 @@ func (c Config) validate() (*validated, error) {
 	errs = append(errs, inGroup("Journal", c.Journal.check(c.CA)...))
 	errs = append(errs, inGroup("Rotation", c.Rotation.policy(c.CA).Validate()))
 	errs = append(errs, inGroup("Authz", c.Authz.check()...))
+	errs = append(errs, inGroup("Authz", c.Authz.checkBundles(v)...))
 	if err := errors.Join(errs...); err != nil {
 		return nil, fmt.Errorf("controlplane: invalid configuration: %w", err)
 	}
@@ -453,6 +461,29 @@ func (c *JournalConfig) check(ca CAConfig) []error {
 func (c *AuthzConfig) check() []error {
 	_, err := decisionlog.NewPathRedactor(c.LogRedactPaths)
 	return []error{setting("log-redact-path", err)}
+}
+
+// checkBundles resolves the Rego bundles into v and reads and verifies
+// each once, so that `serve --validate` refuses a bundle that is missing,
+// broken or, on Kubernetes, unsigned, as a start would.
+func (c *AuthzConfig) checkBundles(v *validated) []error {
+	var errs []error
+	if len(c.Bundles.Paths) > 0 && c.PolicyDir == "" && !v.inKube {
+		errs = append(errs, setting("bundle", errors.New("bundles serve CUSTOM AuthorizationPolicies: give --policies too (or run on Kubernetes)")))
+	}
+	b := c.Bundles
+	b.RequireSignature = b.RequireSignature || v.inKube
+	bs, err := b.Configs(c.PolicyDir)
+	if err != nil {
+		return append(errs, err)
+	}
+	for _, bc := range bs {
+		if _, err := source.LoadBundle(bc); err != nil {
+			errs = append(errs, err) // names the bundle
+		}
+	}
+	v.bundles = bs
+	return errs
 }
 
 // policy is the rotation policy the CA runs with; validating it checks that

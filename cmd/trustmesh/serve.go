@@ -79,6 +79,7 @@ configuration and every file and key it names, and writes nothing.`,
 	f.StringVar(&cfg.Authz.RootNamespace, "root-namespace", "istio-system", "namespace whose AuthorizationPolicies apply mesh-wide")
 	f.StringVar(&decisionLog, "decision-log", "-", `authz decision log: a file, "-" for stdout, "" to turn it off`)
 	f.StringArrayVar(&cfg.Authz.LogRedactPaths, "log-redact-path", nil, "regular expression whose matches in request paths (its groups, if it has any) the decision log replaces with REDACTED (repeatable)")
+	registerBundleFlags(cmd, &cfg.Authz.Bundles)
 	f.IntVar(&cfg.Listen.Connections.MaxConnections, "max-connections", connlimit.DefaultMaxConnections, "connections each listener serves at once; more wait until one closes")
 	f.DurationVar(&cfg.Listen.Connections.IdleTimeout, "idle-timeout", connlimit.DefaultIdleTimeout, "close a connection with no HTTP request or gRPC call in flight for this long, on every listener")
 	f.StringVar(&cfg.XDS.MeshDir, "mesh", "", "directory of mesh YAML (services, endpoints, gateways), watched; the xDS server on the CA port serves proxies from it (off Kubernetes)")
