@@ -27,6 +27,7 @@ import (
 	"math/big"
 	"net/url"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -173,10 +174,31 @@ func assertNoPIN(t *testing.T, dir, pin string) {
 	}
 }
 
-// Every refusal fails closed, writes nothing, and never shows the PIN. It
-// runs first: PKCS#11 login state belongs to the process, so once a test has
-// logged in to the token, a wrong PIN is no longer asked for.
+// inOwnProcess runs the calling test again in a fresh process of this test
+// binary and reports whether this is that process, where the body runs.
+// PKCS#11 login state belongs to the process: once any test has logged in
+// to the token, a wrong or missing PIN is no longer asked for, so a test of
+// how the PIN is found must not inherit another test's login.
+func inOwnProcess(t *testing.T) bool {
+	t.Helper()
+	const childEnv = "TRUSTMESH_TEST_PKCS11_CHILD"
+	if os.Getenv(childEnv) == t.Name() {
+		return true
+	}
+	cmd := exec.Command(os.Args[0], "-test.run=^"+t.Name()+"$", "-test.count=1", "-test.v")
+	cmd.Env = append(os.Environ(), childEnv+"="+t.Name())
+	out, err := cmd.CombinedOutput()
+	if err != nil || !bytes.Contains(out, []byte("--- PASS: "+t.Name())) {
+		t.Fatalf("%s in its own process: %v\n%s", t.Name(), err, out)
+	}
+	return false
+}
+
+// Every refusal fails closed, writes nothing, and never shows the PIN.
 func TestPKCS11RefusalsNeverShowThePIN(t *testing.T) {
+	if !inOwnProcess(t) {
+		return
+	}
 	h := newSoftHSM(t)
 	ctx := context.Background()
 	td := spiffeid.RequireTrustDomainFromString("cluster.local")
@@ -302,6 +324,9 @@ func TestPKCS11CAKeyInToken(t *testing.T) {
 
 // The PIN may come from TRUSTMESH_PKCS11_PIN instead of a file.
 func TestPKCS11PINFromEnvironment(t *testing.T) {
+	if !inOwnProcess(t) {
+		return
+	}
 	h := newSoftHSM(t)
 	keyURI := h.keyURI("env-key", "")
 	pub := h.createKey(t, keyURI)
