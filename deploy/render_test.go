@@ -2,10 +2,13 @@ package deploy_test
 
 import (
 	"errors"
+	"path"
 	"slices"
+	"strings"
 	"testing"
 
 	admissionregistrationv1 "k8s.io/api/admissionregistration/v1"
+	appsv1 "k8s.io/api/apps/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/runtime"
 
@@ -195,6 +198,12 @@ func TestValuesSchema(t *testing.T) {
 		{"exclusion that is not a CIDR", map[string]any{"meshConfig": map[string]any{"capture": map[string]any{"excludableOutboundCIDRs": []any{"10.0.0.1"}}}}},
 		{"gateways without the injector that completes them", map[string]any{"injection": map[string]any{"enabled": false}}},
 		{"webhook timeout beyond the API server's", map[string]any{"injection": map[string]any{"timeoutSeconds": 60}}},
+		{"Rego bundles without a verification key", map[string]any{"authz": map[string]any{"bundles": map[string]any{
+			"configMap": "rego", "files": []any{"envoy.tar.gz"}}}}},
+		{"Rego bundles without their ConfigMap", map[string]any{"authz": map[string]any{"bundles": map[string]any{
+			"files": []any{"envoy.tar.gz"}, "verificationKey": testBundleKey}}}},
+		{"a Rego bundle that is not a .tar.gz", map[string]any{"authz": map[string]any{"bundles": map[string]any{
+			"configMap": "rego", "files": []any{"../envoy"}, "verificationKey": testBundleKey}}}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			_, err := deploy.Render(deploy.RenderOptions{Values: tc.values})
@@ -202,5 +211,87 @@ func TestValuesSchema(t *testing.T) {
 				t.Fatalf("error %v, want ErrInvalidValues", err)
 			}
 		})
+	}
+}
+
+const testBundleKey = "-----BEGIN PUBLIC KEY-----\nMFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAE\n-----END PUBLIC KEY-----\n"
+
+// TestRenderRegoBundles checks that signed Rego bundles from a ConfigMap
+// reach serve: each file is a --bundle under the mount of that ConfigMap,
+// and the verification key is a --bundle-verification-key in the
+// ConfigMap the chart renders, so serve (which on Kubernetes refuses
+// unsigned bundles) verifies them.
+func TestRenderRegoBundles(t *testing.T) {
+	objs, err := deploy.Render(deploy.RenderOptions{Values: map[string]any{"authz": map[string]any{"bundles": map[string]any{
+		"configMap": "rego", "files": []any{"envoy.tar.gz", "extra.tgz"}, "verificationKey": testBundleKey, "scope": "write",
+	}}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	dep := find(objs, "Deployment", "trustmesh")
+	if dep == nil {
+		t.Fatal("no trustmesh Deployment")
+	}
+	var d appsv1.Deployment
+	if err := runtime.DefaultUnstructuredConverter.FromUnstructured(dep.Object, &d); err != nil {
+		t.Fatal(err)
+	}
+	c := d.Spec.Template.Spec.Containers[0]
+	mounts := map[string]string{} // mount path -> ConfigMap
+	for _, m := range c.VolumeMounts {
+		for _, v := range d.Spec.Template.Spec.Volumes {
+			if v.Name == m.Name && v.ConfigMap != nil {
+				mounts[m.MountPath] = v.ConfigMap.Name
+			}
+		}
+	}
+	var bundles []string
+	flags := map[string]string{}
+	for _, a := range c.Args {
+		flag, val, _ := strings.Cut(a, "=")
+		if flag == "--bundle" {
+			bundles = append(bundles, val)
+			continue
+		}
+		flags[flag] = val
+	}
+	if want := []string{"/etc/trustmesh-bundles/envoy.tar.gz", "/etc/trustmesh-bundles/extra.tgz"}; !slices.Equal(bundles, want) {
+		t.Errorf("--bundle %v, want %v", bundles, want)
+	}
+	for _, b := range bundles {
+		if mounts[path.Dir(b)] != "rego" {
+			t.Errorf("--bundle %s is not in the mount of ConfigMap rego (mounts %v)", b, mounts)
+		}
+	}
+	key := flags["--bundle-verification-key"]
+	if mounts[path.Dir(key)] != "trustmesh-bundle-key" {
+		t.Fatalf("--bundle-verification-key %q is not in the mount of trustmesh-bundle-key (mounts %v)", key, mounts)
+	}
+	cm := find(objs, "ConfigMap", "trustmesh-bundle-key")
+	if cm == nil {
+		t.Fatal("no ConfigMap trustmesh-bundle-key")
+	}
+	if got, _, _ := unstructured.NestedString(cm.Object, "data", path.Base(key)); got != testBundleKey {
+		t.Errorf("the key ConfigMap holds %q under %s, want the verification key", got, path.Base(key))
+	}
+	if flags["--bundle-verification-scope"] != "write" || flags["--bundle-key-algorithm"] != "RS256" {
+		t.Errorf("verification flags %v", flags)
+	}
+
+	// Without bundles, serve gets no bundle flags and no key ConfigMap.
+	objs, err = deploy.Render(deploy.RenderOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if find(objs, "ConfigMap", "trustmesh-bundle-key") != nil {
+		t.Error("a key ConfigMap without bundles")
+	}
+	if err := runtime.DefaultUnstructuredConverter.FromUnstructured(find(objs, "Deployment", "trustmesh").Object, &d); err != nil {
+		t.Fatal(err)
+	}
+	for _, a := range d.Spec.Template.Spec.Containers[0].Args {
+		if strings.HasPrefix(a, "--bundle") {
+			t.Errorf("%s without bundles", a)
+		}
 	}
 }
