@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net/url"
 	"os"
+	"path/filepath"
 	"sort"
 	"strings"
 	"unicode"
@@ -166,6 +167,11 @@ func pkcs11PIN(u *uri.URI) (string, error) {
 			case fu.Opaque != "":
 				path = fu.Opaque
 			}
+		}
+		if !filepath.IsAbs(path) {
+			// The URI is stored with the CA and read again by later
+			// starts, from whatever directory they run in.
+			return "", fmt.Errorf("pin-source %s must be an absolute path", path)
 		}
 		b, err := os.ReadFile(path)
 		if err != nil {

@@ -69,6 +69,22 @@ func TestCheckKeyURI(t *testing.T) {
 			}
 		})
 	}
+	if authority.CheckKeyURI("pkcs11:token=ca") == nil {
+		// With the pkcs11 back end built in, its PIN file is checked too.
+		for _, tc := range []struct{ uri, says string }{
+			{"pkcs11:token=ca;object=k?pin-source=" + filepath.Join(dir, "missing"), "no such file"},
+			{"pkcs11:token=ca;object=k?pin-source=" + emptyFile, "is empty"},
+			{"pkcs11:token=ca;object=k?pin-source=pin.txt", "absolute path"},
+			{"pkcs11:token=ca;object=k?pin-prompt=PIN", "pin-prompt is not supported"},
+		} {
+			if err := authority.CheckKeyURI(tc.uri); err == nil || !strings.Contains(err.Error(), tc.says) {
+				t.Errorf("CheckKeyURI(%q) = %v, want it to say %q", tc.uri, err, tc.says)
+			}
+		}
+		if err := authority.CheckKeyURI("pkcs11:token=ca;object=k?pin-source=" + pinFile); err != nil {
+			t.Errorf("a readable PIN file: %v", err)
+		}
+	}
 	for _, ok := range []string{"", "softkms:path=/k.pem"} {
 		if err := authority.CheckKeyURI(ok); err != nil {
 			t.Errorf("CheckKeyURI(%q) = %v", ok, err)
