@@ -217,16 +217,18 @@ func TestServeRestartKeepsCA(t *testing.T) {
 	}
 }
 
-// refuse runs trustmesh, which must fail, and returns its exit code and
-// stderr.
+// refuse runs trustmesh, which must fail within a minute, and returns its
+// exit code and stderr.
 func refuse(t *testing.T, args ...string) (int, string) {
 	t.Helper()
 	var stderr bytes.Buffer
-	cmd := exec.Command(binary, args...)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, binary, args...)
 	cmd.Stderr = &stderr
 	err := cmd.Run()
 	var ee *exec.ExitError
-	if !errors.As(err, &ee) {
+	if !errors.As(err, &ee) || ctx.Err() != nil {
 		t.Fatalf("trustmesh %s: %v, want a refusal\n%s", strings.Join(args, " "), err, stderr.String())
 	}
 	return ee.ExitCode(), stderr.String()
