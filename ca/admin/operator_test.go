@@ -2,6 +2,7 @@ package admin_test
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"os"
 	"path/filepath"
@@ -138,5 +139,46 @@ func TestRevokeUnknownWritesNothing(t *testing.T) {
 	}
 	if after := size(); after != before+2 {
 		t.Fatalf("journal has %d entries; want %d (a token and its revocation)", after, before+2)
+	}
+}
+
+// TestRotationStatusSpellsDurations: the status of a prepared root says
+// when it may be activated, and its JSON carries RFC 3339 times and Go
+// duration strings, never nanoseconds.
+func TestRotationStatusSpellsDurations(t *testing.T) {
+	ctx := context.Background()
+	e := newCAEnv(t, 0)
+	st, err := admin.Rotate(ctx, e.dir, admin.JournalOptions{}, admin.RotateRequest{Step: "prepare", Root: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.Next == 0 || !st.NextIsRoot || st.PreparedAt.IsZero() {
+		t.Fatalf("status after prepare --root = %+v", st)
+	}
+	if st.RootPropagation <= 0 || !st.ActivatableAt.Equal(st.PreparedAt.Add(time.Duration(st.RootPropagation))) {
+		t.Errorf("activatable at %s; want prepared at %s + %s", st.ActivatableAt, st.PreparedAt, time.Duration(st.RootPropagation))
+	}
+	b, err := json.Marshal(st)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var m map[string]any
+	if err := json.Unmarshal(b, &m); err != nil {
+		t.Fatal(err)
+	}
+	for _, k := range []string{"retire_after", "root_propagation"} {
+		v, ok := m[k]
+		if s, isString := v.(string); !ok || !isString {
+			t.Errorf("%s = %v; want a Go duration string", k, v)
+		} else if _, err := time.ParseDuration(s); err != nil {
+			t.Errorf("%s = %q: %v", k, s, err)
+		}
+	}
+	if _, err := time.Parse(time.RFC3339, m["prepared_at"].(string)); err != nil {
+		t.Errorf("prepared_at = %v: %v", m["prepared_at"], err)
+	}
+	var back admin.RotationStatus
+	if err := json.Unmarshal(b, &back); err != nil || back.RootPropagation != st.RootPropagation {
+		t.Errorf("the status does not read back: %v, %v", back.RootPropagation, err)
 	}
 }

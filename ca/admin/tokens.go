@@ -48,7 +48,7 @@ func Revoke(ctx context.Context, dir DataDir, o JournalOptions, id string) (jour
 	}
 	rev, err := store.RevokeStanding(ctx, sid.String(), time.Now())
 	if errors.Is(err, journal.ErrNothingToRevoke) {
-		return journal.Revocation{}, fmt.Errorf("admin: %s has no standing enrolment or unused join token; nothing was written: %w", sid, err)
+		return journal.Revocation{}, fmt.Errorf("admin: %s has no standing enrolment or unused join token; nothing was written (%w)", sid, journal.ErrNothingToRevoke)
 	}
 	return rev, err
 }

@@ -137,7 +137,7 @@ func newAuditProveCmd() *cobra.Command {
 		},
 	}
 	addDataFlags(cmd, &dataDir, &jo)
-	cmd.Flags().StringVar(&serial, "serial", "", "certificate serial number, in hex (required)")
+	cmd.Flags().StringVar(&serial, "serial", "", "certificate serial number in hex, as the journal or openssl x509 -serial prints it (required)")
 	_ = cmd.MarkFlagRequired("serial")
 	return cmd
 }

@@ -177,7 +177,11 @@ running trustmesh serve picks the change up at its next rotation check.`,
 func printRotationStatus(w io.Writer, st *admin.RotationStatus) error {
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 	fmt.Fprintf(tw, "rotation state at %s\n\n", human.Time(st.At))
-	fmt.Fprintf(tw, "active generation\t%d\tsince %s\n", st.Active, human.When(st.ActivatedAt, st.At))
+	if st.ActivatedAt.IsZero() {
+		fmt.Fprintf(tw, "active generation\t%d\n", st.Active)
+	} else {
+		fmt.Fprintf(tw, "active generation\t%d\tactivated %s\n", st.Active, human.When(st.ActivatedAt, st.At))
+	}
 	switch {
 	case st.Next == 0:
 		fmt.Fprintf(tw, "prepared generation\tnone\n")
