@@ -22,9 +22,9 @@ import (
 	"google.golang.org/grpc/status"
 	clocktesting "k8s.io/utils/clock/testing"
 
-	cav1 "github.com/trustmesh/trustmesh/api/ca/v1"
 	"github.com/trustmesh/trustmesh/agent/identity"
 	"github.com/trustmesh/trustmesh/agent/internal/testca"
+	cav1 "github.com/trustmesh/trustmesh/api/ca/v1"
 	"github.com/trustmesh/trustmesh/test/leakcheck"
 )
 

@@ -181,9 +181,9 @@ var (
 	rfc3339InTable = regexp.MustCompile(`\d{4}-\d\d-\d\dT\d\d:\d\d`)
 	// caSubject is the CA certificates' common name, which carries the
 	// time it was made as RFC 3339: data, not the table's spelling.
-	caSubject = regexp.MustCompile(`trustmesh (root|intermediate) \S+ \S+Z`)
-	nanoseconds    = regexp.MustCompile(`\b\d{10,}\b`)
-	goDuration     = regexp.MustCompile(`\b\d+h\d+m\d+s\b`)
+	caSubject   = regexp.MustCompile(`trustmesh (root|intermediate) \S+ \S+Z`)
+	nanoseconds = regexp.MustCompile(`\b\d{10,}\b`)
+	goDuration  = regexp.MustCompile(`\b\d+h\d+m\d+s\b`)
 )
 
 // checkTable: a table shows times as "2026-12-05 15:30 UTC" and durations
