@@ -56,9 +56,14 @@ func TestEveryPortThePodServesIsListenedOnOffLoopback(t *testing.T) {
 			}
 			// The ports serve listens on off loopback, by flag.
 			listened := map[int32]string{}
+			set := map[string]bool{}
 			for _, a := range serve.Args {
 				flag, addr, ok := strings.Cut(a, "=")
 				if !ok || !strings.HasPrefix(flag, "--listen-") {
+					continue
+				}
+				set[flag] = true
+				if addr == "off" {
 					continue
 				}
 				host, port, err := net.SplitHostPort(addr)
@@ -72,6 +77,13 @@ func TestEveryPortThePodServesIsListenedOnOffLoopback(t *testing.T) {
 				}
 				n, _ := strconv.Atoi(port)
 				listened[int32(n)] = flag
+			}
+			// Every listener is set, to an address or off: none is left
+			// at serve's loopback default.
+			for _, flag := range []string{"--listen-ca", "--listen-monitoring", "--listen-bundle", "--listen-authz", "--listen-injector"} {
+				if !set[flag] {
+					t.Errorf("the chart leaves %s at serve's loopback default", flag)
+				}
 			}
 			containerPort := func(p intstr.IntOrString) int32 {
 				if p.Type == intstr.Int {
