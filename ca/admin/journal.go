@@ -48,7 +48,9 @@ func (d DataDir) notSetUp(why string) error {
 }
 
 func (d DataDir) openJournal(ctx context.Context, td string, o JournalOptions, readOnly, existing bool) (*journal.Store, spiffeid.TrustDomain, error) {
-	if existing {
+	// Reading a shared journal (PostgreSQL) needs no data directory: the
+	// CA may live in a Secret. Everything else keeps state in it.
+	if existing && (o.DSN == "" || !readOnly) {
 		fi, err := os.Stat(string(d))
 		switch {
 		case errors.Is(err, fs.ErrNotExist):
