@@ -12,7 +12,6 @@ import (
 	"net"
 	"net/http"
 	"os"
-	"strings"
 	"sync/atomic"
 	"time"
 
@@ -173,52 +172,6 @@ func (cp *ControlPlane) lockDataDir() error {
 	}
 	cp.lock = l
 	return nil
-}
-
-// bindAll binds every port this control plane serves on, so that a port in
-// use fails the start before anything is created. The authorization
-// service and the injector bind their own listeners later; their ports are
-// held in cp.reserved until then.
-func (cp *ControlPlane) bindAll(v *validated) error {
-	var err error
-	if cp.caLis, err = listen(v, v.Listen.CA, "listen-ca", "the CA and xDS port"); err != nil {
-		return err
-	}
-	if cp.monLis, err = listen(v, v.Listen.Monitoring, "listen-monitoring", "the monitoring port"); err != nil {
-		return err
-	}
-	if v.Listen.Bundle != "" {
-		if cp.bundleLis, err = listen(v, v.Listen.Bundle, "listen-bundle", "the bundle endpoint"); err != nil {
-			return err
-		}
-	}
-	if v.authzOn() && !strings.HasPrefix(v.Listen.Authz, "unix://") {
-		if cp.reserved["listen-authz"], err = listen(v, v.Listen.Authz, "listen-authz", "the ext_authz port"); err != nil {
-			return err
-		}
-	}
-	if v.injectorOn() {
-		if cp.reserved["listen-injector"], err = listen(v, v.Listen.Injector, "listen-injector", "the injector webhook"); err != nil {
-			return err
-		}
-	}
-	return nil
-}
-
-// release closes a reserved port so that its server can bind it.
-func (cp *ControlPlane) release(flag string) {
-	if l := cp.reserved[flag]; l != nil {
-		_ = l.Close()
-		delete(cp.reserved, flag)
-	}
-}
-
-func listen(v *validated, addr, flag, what string) (net.Listener, error) {
-	l, err := v.Listen.Connections.Listen("tcp", addr)
-	if err != nil {
-		return nil, &ConfigError{Group: "Listen", Flag: flag, Err: fmt.Errorf("%s: %w", what, err)}
-	}
-	return l, nil
 }
 
 // IsLeader reports whether this replica runs singleton work (CA rotation).
