@@ -10,7 +10,6 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"syscall"
 
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
@@ -18,6 +17,7 @@ import (
 	"k8s.io/client-go/kubernetes"
 
 	"github.com/trustmesh/trustmesh/internal/atomicfile"
+	"github.com/trustmesh/trustmesh/internal/dirlock"
 )
 
 // ErrConflict is returned by a Store when the state changed since it was
@@ -126,18 +126,11 @@ func (d DirStore) Write(ctx context.Context, s Snapshot) error {
 // lock file is hidden, so Read skips it; the lock is the kernel's, so it
 // ends with the process that held it.
 func lockDir(dir string) (unlock func(), err error) {
-	f, err := os.OpenFile(filepath.Join(dir, ".lock"), os.O_RDWR|os.O_CREATE, 0o600)
+	l, err := dirlock.Wait(dir, ".lock")
 	if err != nil {
 		return nil, fmt.Errorf("rotation: %w", err)
 	}
-	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX); err != nil {
-		f.Close()
-		return nil, fmt.Errorf("rotation: lock %s: %w", dir, err)
-	}
-	return func() {
-		_ = syscall.Flock(int(f.Fd()), syscall.LOCK_UN)
-		f.Close()
-	}, nil
+	return func() { _ = l.Unlock() }, nil
 }
 
 // writeAtomic replaces path durably, through a temporary file of its own so
