@@ -22,7 +22,7 @@ import (
 
 // readmes are the files whose commands run, in this order, from one fresh
 // copy of the repository's top level, as one user's shell would.
-var readmes = []string{"README.md", "examples/mesh/README.md"}
+var readmes = []string{"README.md", "examples/mesh/README.md", "examples/policies/README.md"}
 
 // command is one line of a ```sh block, continuation lines joined and
 // trailing comments dropped.
