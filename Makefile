@@ -14,11 +14,13 @@ envtest:
 	@hack/envtest-assets.sh >/dev/null
 
 # Every test, with the race detector, against real components: a real
-# kube-apiserver and etcd, and a PostgreSQL started on loopback for the run.
+# kube-apiserver and etcd, and a PostgreSQL started on loopback for the run
+# (test/readme runs the README's commands, openssl among them).
 # Then the PKCS#11 back end (-tags pkcs11, cgo) against a SoftHSM token that
 # hack/softhsm.sh creates (installing Debian's softhsm2 when it is missing).
 # First, the committed generated files must be current (about 6 s warm).
 test: envtest generate-check
+	@hack/debian-tools.sh openssl
 	@dsn=$$(hack/postgres.sh start) && trap 'hack/postgres.sh stop' EXIT && \
 	KUBEBUILDER_ASSETS="$$(hack/envtest-assets.sh)" TRUSTMESH_TEST_POSTGRES_DSN="$$dsn" \
 	$(GO) test -race -count=1 -timeout 20m ./...
