@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 
+	"github.com/trustmesh/trustmesh/authz/engine"
 	"github.com/trustmesh/trustmesh/authz/source"
 	"github.com/trustmesh/trustmesh/ca/authority"
 	"github.com/trustmesh/trustmesh/injector"
@@ -13,8 +14,8 @@ import (
 
 // Check is `serve --validate`: every check a start makes short of binding
 // its ports and opening the data directory. Validate checks the settings;
-// Check also reads what they name: the policy and mesh directories and the
-// injector's mesh config parse, operator-supplied CA material loads, and
+// Check also reads what they name: the policies parse and compile with
+// their bundles, the mesh directory and the injector's mesh config parse, operator-supplied CA material loads, and
 // the CA and checkpoint key URIs open with the KMS back ends this binary
 // has. It writes nothing.
 func Check(ctx context.Context, cfg Config) error {
@@ -30,7 +31,15 @@ func Check(ctx context.Context, cfg Config) error {
 func (v *validated) checkInputs(ctx context.Context) error {
 	var errs []error
 	if v.Authz.PolicyDir != "" {
-		_, err := (&source.Dir{Path: v.Authz.PolicyDir, DefaultNamespace: "default"}).Policies()
+		// Parse and compile the policies with their bundles, as the
+		// authorization service's first load does.
+		l, err := source.New(source.Config{
+			Engine: engine.New(), Policies: &source.Dir{Path: v.Authz.PolicyDir, DefaultNamespace: "default"},
+			Bundles: v.bundles, RootNamespace: v.Authz.RootNamespace,
+		})
+		if err == nil {
+			_, err = l.Build(ctx)
+		}
 		errs = append(errs, inGroup("Authz", setting("policies", err)))
 	}
 	if v.XDS.MeshDir != "" {

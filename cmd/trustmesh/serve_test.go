@@ -312,6 +312,10 @@ func TestServeValidateChecksWhatStartChecks(t *testing.T) {
 	if err := os.WriteFile(filepath.Join(badPolicies, "p.yaml"), []byte("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p}\nspec: {action: NOPE}\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
+	uncompiled := t.TempDir()
+	if err := os.WriteFile(filepath.Join(uncompiled, "p.yaml"), []byte("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: ext}\nspec: {action: CUSTOM, provider: {name: \"rego:envoy/authz/allow\"}, rules: [{}]}\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
 	missing := filepath.Join(t.TempDir(), "missing")
 	for _, tc := range []struct {
 		name string
@@ -323,6 +327,7 @@ func TestServeValidateChecksWhatStartChecks(t *testing.T) {
 		{"injector port", []string{"--listen-injector", "127.0.0.1:70000"}, []string{"--listen-injector"}},
 		{"missing policies", []string{"--policies", missing}, []string{"--policies", missing}},
 		{"policies that do not parse", []string{"--policies", badPolicies}, []string{"--policies", "p.yaml"}},
+		{"policies that do not compile", []string{"--policies", uncompiled}, []string{"--policies", "envoy/authz/allow"}},
 		{"missing mesh", []string{"--mesh", missing}, []string{"--mesh", missing}},
 		{"missing mesh config", []string{"--mesh-config", missing}, []string{"--mesh-config", missing}},
 		{"missing cacerts", []string{"--cacerts", missing}, []string{"--cacerts", missing}},
