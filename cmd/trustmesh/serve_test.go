@@ -14,6 +14,7 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"maps"
 	"net"
 	"net/http"
 	"os"
@@ -279,6 +280,38 @@ func TestServeThatCannotListenCreatesNothing(t *testing.T) {
 			}
 		})
 	}
+	t.Run("existing data dir", func(t *testing.T) {
+		dataDir := filepath.Join(t.TempDir(), "data")
+		startServe(t, dataDir).stop(t)
+		before := tree(t, dataDir)
+		_, stderr := refuse(t, "serve", "--data-dir", dataDir, "--listen-ca", busy.Addr().String(), "--listen-monitoring", "127.0.0.1:0", "--listen-bundle", "")
+		if !strings.Contains(stderr, "--listen-ca") {
+			t.Fatalf("the refusal does not name --listen-ca:\n%s", stderr)
+		}
+		if after := tree(t, dataDir); !maps.Equal(before, after) {
+			t.Errorf("a failed start changed the data dir:\nbefore %v\nafter  %v", before, after)
+		}
+	})
+}
+
+// tree maps every file under dir but serve's lock file to a digest of its
+// content.
+func tree(t *testing.T, dir string) map[string]string {
+	t.Helper()
+	out := map[string]string{}
+	err := filepath.WalkDir(dir, func(path string, d fs.DirEntry, err error) error {
+		if err != nil || d.IsDir() || d.Name() == "serve.lock" {
+			return err
+		}
+		b, err := os.ReadFile(path)
+		sum := sha256.Sum256(b)
+		out[path] = hex.EncodeToString(sum[:])
+		return err
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return out
 }
 
 // TestSecondServeOnADataDirIsRefused starts serve, then a second one on the
