@@ -95,8 +95,7 @@ func (s *CertificateService) CreateCertificate(ctx context.Context, req *pb.Isti
 	if err != nil {
 		return nil, s.refusal(start, creds, caller, err)
 	}
-	s.cfg.Metrics.issued.WithLabelValues(caller.Method).Inc()
-	s.cfg.Metrics.observe("issued", s.cfg.Clock.Since(start))
+	s.cfg.Metrics.issue(caller.Method, s.cfg.Clock.Since(start))
 	s.cfg.Log.Info("issued certificate", "spiffe_id", caller.ID.String(), "method", caller.Method,
 		"caller", caller.Subject, "serial", ca.SerialHex(issued.Leaf), "not_after", issued.Leaf.NotAfter)
 	return &pb.IstioCertificateResponse{CertChain: issued.PEMChain()}, nil
@@ -144,8 +143,7 @@ func (s *CertificateService) refusal(start time.Time, creds authn.Credentials, c
 		callerName = "x509:unverified"
 	}
 	s.cfg.Refusals.Record(s.cfg.Clock.Now(), r.Reason, method, callerName, idStr)
-	s.cfg.Metrics.refused.WithLabelValues(r.Reason, code.String()).Inc()
-	s.cfg.Metrics.observe("refused", s.cfg.Clock.Since(start))
+	s.cfg.Metrics.refuse(r, code.String(), s.cfg.Clock.Since(start))
 	level := slog.LevelWarn
 	if r.Kind == ca.KindInternal {
 		level = slog.LevelError

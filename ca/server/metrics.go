@@ -6,19 +6,45 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/trustmesh/trustmesh/ca"
 	"github.com/trustmesh/trustmesh/ca/authority"
 )
 
-// Metrics are the CA's Prometheus metrics.
+// Metrics are the CA's Prometheus metrics: trustmesh's own, and the same
+// events under the names istiod's CA exports (Istio's
+// security/pkg/server/ca/monitoring.go), so that Istio's dashboards and
+// alerts work unchanged. istiod exports those without the istio_ prefix
+// and, for counters, without a _total suffix; so does trustmesh.
 type Metrics struct {
 	issued  *prometheus.CounterVec
 	refused *prometheus.CounterVec
 	latency *prometheus.HistogramVec
+
+	citadel citadelMetrics
 }
+
+// citadelMetrics are istiod's CA counters.
+type citadelMetrics struct {
+	csr          prometheus.Counter     // every CreateCertificate
+	success      prometheus.Counter     // every certificate issued
+	authnFailure prometheus.Counter     // the caller is not authenticated, or may not have a certificate
+	csrParsing   prometheus.Counter     // the CSR is not one the CA accepts
+	idExtraction prometheus.Counter     // the CSR names an identity other than the caller's
+	signErr      *prometheus.CounterVec // the CA could not sign, by Istio's error type
+}
+
+// Istio's error types for citadel_server_csr_sign_err_count.
+const (
+	signErrCANotReady   = "CANotReady"
+	signErrCertGenError = "CertGenError"
+)
 
 // NewMetrics registers the CA's metrics with reg. The CA certificates'
 // expiry is read from current at every scrape, so it follows rotation.
 func NewMetrics(reg prometheus.Registerer, current func() *authority.Material) *Metrics {
+	counter := func(name, help string) prometheus.Counter {
+		return prometheus.NewCounter(prometheus.CounterOpts{Name: name, Help: help})
+	}
 	m := &Metrics{
 		issued: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "trustmesh_ca_issued_total",
@@ -33,21 +59,101 @@ func NewMetrics(reg prometheus.Registerer, current func() *authority.Material) *
 			Help:    "Time to answer CreateCertificate, by outcome.",
 			Buckets: prometheus.ExponentialBuckets(0.0005, 2, 14),
 		}, []string{"outcome"}),
+		citadel: citadelMetrics{
+			csr: counter("citadel_server_csr_count",
+				"The number of CSRs received by the CA (Istio's name; trustmesh_ca_issued_total plus trustmesh_ca_refused_total)."),
+			success: counter("citadel_server_success_cert_issuance_count",
+				"The number of certificate issuances that have succeeded (Istio's name; see trustmesh_ca_issued_total)."),
+			authnFailure: counter("citadel_server_authentication_failure_count",
+				"The number of authentication failures (Istio's name; see trustmesh_ca_refused_total)."),
+			csrParsing: counter("citadel_server_csr_parsing_err_count",
+				"The number of errors occurred when parsing the CSR (Istio's name; see trustmesh_ca_refused_total)."),
+			idExtraction: counter("citadel_server_id_extraction_err_count",
+				"The number of errors occurred when extracting the ID from CSR (Istio's name; see trustmesh_ca_refused_total)."),
+			signErr: prometheus.NewCounterVec(prometheus.CounterOpts{
+				Name: "citadel_server_csr_sign_err_count",
+				Help: "The number of errors occurred when signing the CSR (Istio's name; see trustmesh_ca_refused_total).",
+			}, []string{"error"}),
+		},
 	}
-	reg.MustRegister(m.issued, m.refused, m.latency, &expiryCollector{current: current})
+	c := m.citadel
+	// Both error types are exported from the start, at zero, so that a
+	// rate() over them is defined before the first failure.
+	c.signErr.WithLabelValues(signErrCANotReady)
+	c.signErr.WithLabelValues(signErrCertGenError)
+	reg.MustRegister(m.issued, m.refused, m.latency, &expiryCollector{current: current},
+		c.csr, c.success, c.authnFailure, c.csrParsing, c.idExtraction, c.signErr)
 	return m
 }
 
-var expiryDesc = prometheus.NewDesc(
-	"trustmesh_ca_certificate_expiry_timestamp_seconds",
-	"When each CA certificate in force expires, as a Unix time.",
-	[]string{"role", "serial"}, nil)
+// issue counts a certificate issued to a caller that authenticated by
+// method.
+func (m *Metrics) issue(method string, d time.Duration) {
+	m.issued.WithLabelValues(method).Inc()
+	m.citadel.csr.Inc()
+	m.citadel.success.Inc()
+	m.latency.WithLabelValues("issued").Observe(d.Seconds())
+}
+
+// refuse counts a refused request, answered with code.
+func (m *Metrics) refuse(r *ca.Refusal, code string, d time.Duration) {
+	m.refused.WithLabelValues(r.Reason, code).Inc()
+	m.citadel.csr.Inc()
+	if c := m.citadel.counterFor(r); c != nil {
+		c.Inc()
+	}
+	m.latency.WithLabelValues("refused").Observe(d.Seconds())
+}
+
+// counterFor is the Istio counter a refusal counts under, as istiod counts
+// the same failure. Every refusal counts under exactly one.
+func (c citadelMetrics) counterFor(r *ca.Refusal) prometheus.Counter {
+	switch r.Kind {
+	case ca.KindUnauthenticated, ca.KindDenied:
+		// istiod has no authorization step after authentication: a caller
+		// that may not have a certificate (revoked, impersonating) fails
+		// authentication there.
+		return c.authnFailure
+	case ca.KindInvalid:
+		if r.Reason == ca.ReasonCSRIdentity {
+			return c.idExtraction
+		}
+		return c.csrParsing
+	case ca.KindUnavailable:
+		if r.Reason == ca.ReasonJournalTampered {
+			return c.signErr.WithLabelValues(signErrCANotReady)
+		}
+		// A dependency of authentication did not answer: TokenReview, or
+		// the renewal check.
+		return c.authnFailure
+	}
+	return c.signErr.WithLabelValues(signErrCertGenError)
+}
+
+var (
+	expiryDesc = prometheus.NewDesc(
+		"trustmesh_ca_certificate_expiry_timestamp_seconds",
+		"When each CA certificate in force expires, as a Unix time.",
+		[]string{"role", "serial"}, nil)
+	citadelRootExpiryDesc = prometheus.NewDesc(
+		"citadel_server_root_cert_expiry_timestamp",
+		"The unix timestamp, in seconds, when the root the issuing chain ends at expires (Istio's name).",
+		nil, nil)
+	citadelChainExpiryDesc = prometheus.NewDesc(
+		"citadel_server_cert_chain_expiry_timestamp",
+		"The unix timestamp, in seconds, when the CA's issuing certificate chain expires: its first certificate to expire (Istio's name).",
+		nil, nil)
+)
 
 type expiryCollector struct {
 	current func() *authority.Material
 }
 
-func (c *expiryCollector) Describe(ch chan<- *prometheus.Desc) { ch <- expiryDesc }
+func (c *expiryCollector) Describe(ch chan<- *prometheus.Desc) {
+	ch <- expiryDesc
+	ch <- citadelRootExpiryDesc
+	ch <- citadelChainExpiryDesc
+}
 
 func (c *expiryCollector) Collect(ch chan<- prometheus.Metric) {
 	m := c.current()
@@ -59,8 +165,20 @@ func (c *expiryCollector) Collect(ch chan<- prometheus.Metric) {
 	}
 	emit("intermediate", m.Chain)
 	emit("root", m.Roots)
-}
 
-func (m *Metrics) observe(outcome string, d time.Duration) {
-	m.latency.WithLabelValues(outcome).Observe(d.Seconds())
+	// istiod exports one root and one chain: those that issue. During a
+	// rotation the bundle also holds the next root and the previous one,
+	// which the per-certificate metric above shows.
+	if m.Anchor != nil {
+		ch <- prometheus.MustNewConstMetric(citadelRootExpiryDesc, prometheus.GaugeValue, float64(m.Anchor.NotAfter.Unix()))
+	}
+	if len(m.Chain) > 0 {
+		first := m.Chain[0].NotAfter
+		for _, cert := range m.Chain[1:] {
+			if cert.NotAfter.Before(first) {
+				first = cert.NotAfter
+			}
+		}
+		ch <- prometheus.MustNewConstMetric(citadelChainExpiryDesc, prometheus.GaugeValue, float64(first.Unix()))
+	}
 }
