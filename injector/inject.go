@@ -420,9 +420,8 @@ func (inj *Injector) agentContainer(probers probe.Probers) (corev1.Container, er
 		Image:           inj.s.Agent.Image,
 		ImagePullPolicy: inj.s.ImagePullPolicy,
 		RestartPolicy:   ptr(corev1.ContainerRestartPolicyAlways),
-		Command:         []string{"trustmesh"},
+		Command:         []string{AgentCommand},
 		Args: []string{
-			"agent",
 			"--ca-address", inj.s.CAAddress,
 			"--ca-bundle", CARootDir + "/" + RootCertKey,
 			"--token-file", TokenDir + "/" + TokenFile,

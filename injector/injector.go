@@ -48,6 +48,11 @@ const (
 	IstioStatus         = "sidecar.istio.io/status"
 )
 
+// AgentCommand is the binary the agent container runs: the agent alone
+// (cmd/trustmesh-agent), which the trustmesh image holds beside trustmesh,
+// so each pod maps a fraction of the control plane's binary.
+const AgentCommand = "trustmesh-agent"
+
 // Names of what the injector adds.
 const (
 	ContainerInit  = "trustmesh-init"
