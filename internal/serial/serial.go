@@ -28,9 +28,14 @@ func Parse(s string) (*big.Int, error) {
 	}
 	if strings.Contains(s, ":") {
 		parts := strings.Split(s, ":")
-		for _, p := range parts {
+		for i, p := range parts {
 			if len(p) == 0 || len(p) > 2 {
 				return nil, fmt.Errorf("serial: %q: colons must separate bytes of one or two hex digits", in)
+			}
+			// Each group is one byte: "d" is 0d, not a lone digit
+			// that would shift every byte after it.
+			if len(p) == 1 {
+				parts[i] = "0" + p
 			}
 		}
 		s = strings.Join(parts, "")

@@ -38,3 +38,18 @@ func TestFormatRoundTrips(t *testing.T) {
 		t.Errorf("Format(0xab) = %q; want lowercase hex without leading zeros", got)
 	}
 }
+
+// A one-digit colon group is one byte (some tools print bytes below 0x10
+// with one digit): f4:d:91 is f40d91, never f4d91.
+func TestParsePadsOneDigitGroups(t *testing.T) {
+	for in, want := range map[string]string{
+		"f4:d:91":                "f40d91",
+		"f5:20:ad:8a:f4:d:91:2e": "f520ad8af40d912e",
+		"1a:7:0":                 "1a0700",
+		"a:b:c":                  "a0b0c",
+	} {
+		if got, err := Normalize(in); err != nil || got != want {
+			t.Errorf("Normalize(%q) = %q, %v; want %q", in, got, err, want)
+		}
+	}
+}
