@@ -22,6 +22,7 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"strings"
 	"log/slog"
 	"net"
 	"os"
@@ -441,6 +442,10 @@ func (a *assembled) run(ctx context.Context) error {
 			err := p.run(ctx)
 			if err != nil && !errors.Is(err, context.Canceled) {
 				a.log.Error("agent part failed; stopping", "part", p.name, "error", err)
+				if strings.HasPrefix(err.Error(), p.name+": ") {
+					// The part named itself already.
+					return fmt.Errorf("agent: %w", err)
+				}
 				return fmt.Errorf("agent: %s: %w", p.name, err)
 			}
 			return err

@@ -624,8 +624,11 @@ func TestRefusedJoinTokenStopsAgent(t *testing.T) {
 	select {
 	case err := <-r.done:
 		var refused *rotation.JoinTokenRefusedError
-		if !errors.As(err, &refused) || !strings.Contains(err.Error(), "trustmesh ca token create") {
+		if !errors.As(err, &refused) || !strings.Contains(err.Error(), "trustmesh ca token create --data-dir") {
 			t.Fatalf("agent exited with %v; want the join token refusal and what to do", err)
+		}
+		if msg := err.Error(); !strings.HasPrefix(msg, "agent: rotation: the CA refused") {
+			t.Errorf("agent exited with %q; want it to name the part once", msg)
 		}
 		r.cancel = nil
 	case <-time.After(20 * time.Second):

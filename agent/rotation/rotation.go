@@ -70,9 +70,10 @@ type Config struct {
 	// it then cannot recover once that certificate expires.
 	Token TokenSource
 	// JoinToken says Token is a one-time join token. The CA's refusal of
-	// one is final, unlike that of a service-account token that the
-	// kubelet refreshes: the manager stops with a JoinTokenRefusedError
-	// once it has no valid certificate left to serve.
+	// one, with its api/ca/v1 reason, is final, unlike that of a
+	// service-account token that the kubelet refreshes: the manager stops
+	// with a JoinTokenRefusedError once it has no valid certificate left
+	// to serve.
 	JoinToken bool
 	Store     Store
 	Clock     clock.Clock
@@ -111,7 +112,9 @@ type Manager struct {
 
 // JoinTokenRefusedError: the CA refused the agent's join token, which will
 // never work: it is malformed, unknown, used, expired or revoked. Reason is
-// the CA's api/ca/v1 JoinToken* reason, empty when it gave none.
+// the CA's api/ca/v1 JoinToken* reason; a refusal without one is not this
+// error but a failure the manager retries, since it may pass (a CA
+// restarting, a CSR problem).
 type JoinTokenRefusedError struct {
 	Reason string
 	Err    error
@@ -126,10 +129,11 @@ func (e *JoinTokenRefusedError) Error() string {
 		cav1.JoinTokenRevoked:   "its identity was revoked",
 	}[e.Reason]
 	if what == "" {
-		what = "the CA gave no reason"
+		what = "reason " + e.Reason
 	}
 	return fmt.Sprintf("rotation: the CA refused the join token: %s; create a new one with "+
-		"`trustmesh ca token create --spiffe-id <this workload's SPIFFE ID>` and start the agent with it: %v", what, e.Err)
+		"`trustmesh ca token create --data-dir <the CA's data dir> --spiffe-id <this workload's SPIFFE ID>` "+
+		"and start the agent with it: %v", what, e.Err)
 }
 
 func (e *JoinTokenRefusedError) Unwrap() error { return e.Err }
@@ -361,9 +365,12 @@ func (m *Manager) issue(ctx context.Context, current *x509svid.SVID, csr []byte)
 	}
 	chain, err := m.cfg.Issuer.IssueWithToken(ctx, token, csr, m.cfg.TTL)
 	if err != nil {
+		// Only the CA's own word that the join token is refused stops the
+		// agent; any other refusal is retried like an outage.
 		if c := status.Code(err); m.cfg.JoinToken && (c == codes.Unauthenticated || c == codes.PermissionDenied) {
-			reason, _ := cav1.RefusalReason(err)
-			return nil, errors.Join(renewErr, &JoinTokenRefusedError{Reason: reason, Err: err})
+			if reason, ok := cav1.RefusalReason(err); ok {
+				return nil, errors.Join(renewErr, &JoinTokenRefusedError{Reason: reason, Err: err})
+			}
 		}
 		return nil, fmt.Errorf("rotation: issue with token: %w", err)
 	}

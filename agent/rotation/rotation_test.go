@@ -50,7 +50,8 @@ type fakeCA struct {
 	refuse   bool
 	// tokenRefusal, when set, refuses every token as the CA refuses a
 	// join token: Unauthenticated, with this api/ca/v1 reason ("-" for
-	// none, as a CA that sends no detail).
+	// none, as a CA that sends no detail; "denied" for PermissionDenied
+	// without one).
 	tokenRefusal string
 	calls        []string
 }
@@ -64,6 +65,9 @@ func (f *fakeCA) IssueWithToken(_ context.Context, token string, csr []byte, ttl
 	}
 	if f.tokenRefusal == "-" {
 		return nil, status.Error(codes.Unauthenticated, "authentication failed")
+	}
+	if f.tokenRefusal == "denied" {
+		return nil, status.Error(codes.PermissionDenied, "permission denied")
 	}
 	if f.tokenRefusal != "" {
 		st, err := status.New(codes.Unauthenticated, "authentication failed: the join token was refused").
@@ -479,7 +483,6 @@ func TestRefusedJoinTokenStopsTheAgent(t *testing.T) {
 		cav1.JoinTokenUsed:      "used already",
 		cav1.JoinTokenExpired:   "expired",
 		cav1.JoinTokenRevoked:   "revoked",
-		"-":                     "no reason",
 	} {
 		t.Run(reason, func(t *testing.T) {
 			h := newHarness(t, func(c *Config) {
@@ -491,14 +494,46 @@ func TestRefusedJoinTokenStopsTheAgent(t *testing.T) {
 			if !errors.As(err, &refused) {
 				t.Fatalf("Run = %v; want a JoinTokenRefusedError", err)
 			}
-			if want := strings.TrimPrefix(reason, "-"); refused.Reason != want {
-				t.Errorf("reason %q, want %q", refused.Reason, want)
+			if refused.Reason != reason {
+				t.Errorf("reason %q, want %q", refused.Reason, reason)
 			}
-			if msg := err.Error(); !strings.Contains(msg, says) || !strings.Contains(msg, "trustmesh ca token create") {
+			if msg := err.Error(); !strings.Contains(msg, says) || !strings.Contains(msg, "trustmesh ca token create --data-dir") {
 				t.Errorf("the agent says %q; want it to say %q and how to make a new token", msg, says)
 			}
 			if got := h.ca.callLog(); len(got) != 1 {
 				t.Errorf("CA calls %v; want one try of the token", got)
+			}
+		})
+	}
+}
+
+// TestRefusalWithoutAReasonIsRetried: only the CA's join-token ErrorInfo
+// says a token is dead. An Unauthenticated or PermissionDenied without it
+// (a CA mid-restart, a proxy, a CSR problem) is retried with backoff, and
+// the agent enrols once the CA accepts the token.
+func TestRefusalWithoutAReasonIsRetried(t *testing.T) {
+	for _, refusal := range []string{"-", "denied"} {
+		t.Run(refusal, func(t *testing.T) {
+			h := newHarness(t, func(c *Config) {
+				c.JoinToken = true
+				c.Issuer.(*fakeCA).tokenRefusal = refusal
+			})
+			for i := 0; i < 3; i++ {
+				h.step(10 * time.Minute)
+			}
+			if !h.running() {
+				t.Fatal("the agent stopped on a refusal that carried no join-token reason")
+			}
+			if n := countCalls(h.ca.callLog(), "token"); n < 3 {
+				t.Fatalf("%d tries of the token; want retries", n)
+			}
+			if h.svid() != nil {
+				t.Fatal("an SVID while the CA refuses")
+			}
+			h.ca.set(func(f *fakeCA) { f.tokenRefusal = "" })
+			h.step(10 * time.Minute)
+			if got := h.svid(); got == nil || got.ID != ownID {
+				t.Fatalf("SVID %v after the CA accepted the token; want %s", got, ownID)
 			}
 		})
 	}

@@ -29,6 +29,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
@@ -374,7 +375,14 @@ func (i *issuer) create(ctx context.Context, req *pb.IstioCertificateRequest, ca
 	case call.Token != "":
 		tid, ok := i.s.cfg.Tokens[call.Token]
 		if !ok {
-			return nil, status.Error(codes.Unauthenticated, "authentication failed")
+			// As the CA refuses a join token it never created: with the
+			// api/ca/v1 reason, which alone tells an agent to stop.
+			st, err := status.New(codes.Unauthenticated, "authentication failed: the join token was refused").
+				WithDetails(&errdetails.ErrorInfo{Domain: cav1.ErrorDomain, Reason: cav1.JoinTokenUnknown})
+			if err != nil {
+				return nil, err
+			}
+			return nil, st.Err()
 		}
 		id = tid
 	case !call.ClientID.IsZero():
