@@ -142,9 +142,12 @@ func TestRefusals(t *testing.T) {
 		csr   string
 		md    *structpb.Struct
 		want  codes.Code
+		// joinToken is the api/ca/v1 reason the refusal carries: only a
+		// caller that presented a join token is told its state.
+		joinToken string
 	}{
 		{name: "no credentials", want: codes.Unauthenticated},
-		{name: "unknown join token", token: "tmjt.AAAA", want: codes.Unauthenticated},
+		{name: "unknown join token", token: "tmjt.AAAA", want: codes.Unauthenticated, joinToken: cav1.JoinTokenUnknown},
 		{name: "a JWT while Kubernetes is off", token: "eyJhbGciOiJSUzI1NiJ9.eyJhdWQiOiJpc3Rpby1jYSJ9.c2ln", want: codes.Unauthenticated},
 		{name: "impersonation", token: e.token(vmID, time.Minute), md: &structpb.Struct{Fields: map[string]*structpb.Value{
 			"ImpersonatedIdentity": structpb.NewStringValue("spiffe://cluster.local/ns/a/sa/b")}}, want: codes.PermissionDenied},
@@ -164,8 +167,12 @@ func TestRefusals(t *testing.T) {
 			_, err := e.dial(nil, "localhost").CreateCertificate(cctx, &pb.IstioCertificateRequest{Csr: csr, Metadata: tc.md})
 			wantCode(t, err, tc.want)
 			// A refused join token is told the token's state (api/ca/v1);
-			// every other unauthenticated caller gets one message.
-			if _, jt := cav1.RefusalReason(err); tc.want == codes.Unauthenticated && !jt {
+			// every other unauthenticated caller gets one message, and no
+			// reason.
+			if reason, _ := cav1.RefusalReason(err); reason != tc.joinToken {
+				t.Errorf("refusal reason %q, want %q", reason, tc.joinToken)
+			}
+			if tc.want == codes.Unauthenticated && tc.joinToken == "" {
 				unauthMsgs = append(unauthMsgs, status.Convert(err).Message())
 			}
 		})
