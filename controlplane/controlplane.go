@@ -12,6 +12,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"path/filepath"
 	"sync/atomic"
 	"time"
 
@@ -87,17 +88,31 @@ func New(ctx context.Context, cfg Config) (_ *ControlPlane, err error) {
 		return nil, err
 	}
 	cp := &ControlPlane{cfg: v, registry: prometheus.NewRegistry(), reserved: map[string]net.Listener{}}
+	// created is set when this start made the data directory and holds its
+	// lock: only then is the directory its own to remove. made are the
+	// missing parents it made.
 	created := false
+	var made []string
 	defer func() {
 		if err != nil {
+			lock := cp.lock
+			cp.lock = nil
 			cp.close()
 			if created {
+				// Removed while still locked, so that no other serve
+				// starts in it meanwhile.
 				_ = os.RemoveAll(v.DataDir)
+			}
+			_ = lock.Unlock()
+			for i := len(made) - 1; i >= 0; i-- {
+				_ = os.Remove(made[i]) // only if still empty
 			}
 		}
 	}()
-	_, statErr := os.Stat(v.DataDir)
-	exists := statErr == nil
+	exists, err := dataDirExists(v.DataDir)
+	if err != nil {
+		return nil, err
+	}
 	if exists {
 		// A second serve on this directory is refused here, naming the
 		// first, before it binds a port the first may hold.
@@ -114,16 +129,17 @@ func New(ctx context.Context, cfg Config) (_ *ControlPlane, err error) {
 		return nil, err
 	}
 	if !exists {
-		if !errors.Is(statErr, fs.ErrNotExist) {
-			return nil, fmt.Errorf("controlplane: data dir: %w", statErr)
-		}
-		if err := os.MkdirAll(v.DataDir, 0o700); err != nil {
+		var leaf bool
+		if made, leaf, err = mkdirs(v.DataDir); err != nil {
 			return nil, fmt.Errorf("controlplane: data dir: %w", err)
 		}
-		created = true
+		// Another serve may have made the directory since the check
+		// above, and may hold it: then this one is refused here, and
+		// leaves the directory alone.
 		if err := cp.lockDataDir(); err != nil {
 			return nil, err
 		}
+		created = leaf
 	}
 	if err := cp.openJournal(ctx, v); err != nil {
 		return nil, err
@@ -167,11 +183,64 @@ const dataDirLock = "serve.lock"
 
 func (cp *ControlPlane) lockDataDir() error {
 	l, err := dirlock.TryLock(cp.cfg.DataDir, dataDirLock, "trustmesh serve", cp.cfg.Clock.Now())
-	if err != nil {
+	var held *dirlock.HeldError
+	if errors.As(err, &held) {
 		return fmt.Errorf("controlplane: %w; stop it, or give this serve another --data-dir", err)
+	}
+	if err != nil {
+		return fmt.Errorf("controlplane: data dir: %w", err)
 	}
 	cp.lock = l
 	return nil
+}
+
+// dataDirExists reports whether the data directory exists; a path that is
+// not a directory is an error naming --data-dir.
+func dataDirExists(dir string) (bool, error) {
+	fi, err := os.Stat(dir)
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+		return false, nil
+	case err != nil:
+		return false, setting("data-dir", err)
+	case !fi.IsDir():
+		return false, setting("data-dir", fmt.Errorf("%s is not a directory", dir))
+	}
+	return true, nil
+}
+
+// mkdirs makes dir and its missing parents one at a time, and returns the
+// parents it made itself and whether it made dir: a directory another
+// process made meanwhile is not this one's to remove.
+func mkdirs(dir string) (parents []string, leaf bool, err error) {
+	var missing []string
+	for p := filepath.Clean(dir); ; {
+		if _, err := os.Stat(p); err == nil {
+			break
+		} else if !errors.Is(err, fs.ErrNotExist) {
+			return nil, false, err
+		}
+		missing = append(missing, p)
+		up := filepath.Dir(p)
+		if up == p {
+			break
+		}
+		p = up
+	}
+	for i := len(missing) - 1; i >= 0; i-- {
+		err := os.Mkdir(missing[i], 0o700)
+		switch {
+		case errors.Is(err, fs.ErrExist):
+			continue
+		case err != nil:
+			return parents, false, err
+		case i == 0:
+			leaf = true
+		default:
+			parents = append(parents, missing[i])
+		}
+	}
+	return parents, leaf, nil
 }
 
 // IsLeader reports whether this replica runs singleton work (CA rotation).

@@ -47,8 +47,7 @@ func TryLock(dir, name, what string, now time.Time) (*Lock, error) {
 	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
 		defer f.Close()
 		if errors.Is(err, syscall.EWOULDBLOCK) {
-			b, _ := os.ReadFile(path)
-			return nil, &HeldError{Dir: dir, Holder: strings.TrimSpace(string(b))}
+			return nil, &HeldError{Dir: dir, Holder: holder(path)}
 		}
 		return nil, fmt.Errorf("dirlock: lock %s: %w", path, err)
 	}
@@ -61,6 +60,44 @@ func TryLock(dir, name, what string, now time.Time) (*Lock, error) {
 		return nil, fmt.Errorf("dirlock: %w", err)
 	}
 	return &Lock{f: f}, nil
+}
+
+// Probe reports whether another process holds the lock file name in dir,
+// without creating or writing anything: it opens the lock file read-only if
+// it exists, tries the lock without waiting, and releases it at once. A
+// missing lock file is not held. When another process holds it, the error is
+// a *HeldError naming that process.
+func Probe(dir, name string) error {
+	path := filepath.Join(dir, name)
+	f, err := os.Open(path)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("dirlock: %w", err)
+	}
+	defer f.Close()
+	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+		if errors.Is(err, syscall.EWOULDBLOCK) {
+			return &HeldError{Dir: dir, Holder: holder(path)}
+		}
+		return fmt.Errorf("dirlock: lock %s: %w", path, err)
+	}
+	return syscall.Flock(int(f.Fd()), syscall.LOCK_UN)
+}
+
+// holder reads who holds the lock file at path. A holder that has only just
+// taken the lock writes its name a moment later, so an empty file is read
+// again for a little while.
+func holder(path string) string {
+	for range 20 {
+		b, _ := os.ReadFile(path)
+		if h := strings.TrimSpace(string(b)); h != "" {
+			return h
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	return ""
 }
 
 // Wait takes the lock file name in dir, waiting while another process or

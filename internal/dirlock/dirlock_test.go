@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"strings"
 	"testing"
 	"time"
 
@@ -44,4 +45,34 @@ func TestTryLockNeedsTheDirectory(t *testing.T) {
 	if _, err := os.Stat(missing); !errors.Is(err, os.ErrNotExist) {
 		t.Fatalf("TryLock created %s", missing)
 	}
+}
+
+func TestProbeSeesAHolderAndChangesNothing(t *testing.T) {
+	dir := t.TempDir()
+	if err := dirlock.Probe(dir, "serve.lock"); err != nil {
+		t.Fatalf("Probe of a directory without a lock file: %v", err)
+	}
+	if _, err := os.Stat(dir + "/serve.lock"); !errors.Is(err, os.ErrNotExist) {
+		t.Fatal("Probe created the lock file")
+	}
+	since := time.Date(2026, 12, 5, 15, 0, 0, 0, time.UTC)
+	l, err := dirlock.TryLock(dir, "serve.lock", "trustmesh serve", since)
+	if err != nil {
+		t.Fatal(err)
+	}
+	before, _ := os.ReadFile(dir + "/serve.lock")
+	var held *dirlock.HeldError
+	if err := dirlock.Probe(dir, "serve.lock"); !errors.As(err, &held) || held.Holder != strings.TrimSpace(string(before)) {
+		t.Fatalf("Probe of a held lock: %v, want a *HeldError naming %q", err, before)
+	}
+	_ = l.Unlock()
+	if err := dirlock.Probe(dir, "serve.lock"); err != nil {
+		t.Fatalf("Probe after Unlock: %v", err)
+	}
+	// The probe released what it took: a serve can lock it.
+	again, err := dirlock.TryLock(dir, "serve.lock", "trustmesh serve", since)
+	if err != nil {
+		t.Fatalf("TryLock after Probe: %v", err)
+	}
+	_ = again.Unlock()
 }
