@@ -3,6 +3,8 @@ package main
 import (
 	"bytes"
 	"encoding/json"
+	"errors"
+	"io/fs"
 	"net/http"
 	"os"
 	"os/exec"
@@ -99,8 +101,9 @@ func TestServeRefusesAStartWithoutTheBundle(t *testing.T) {
 		t.Fatal(err)
 	}
 	var stderr bytes.Buffer
+	dataDir := filepath.Join(t.TempDir(), "data")
 	cmd := exec.Command(binary, "serve", "--policies", dir,
-		"--data-dir", filepath.Join(t.TempDir(), "data"), "--listen-ca", freePort(t), "--listen-monitoring", freePort(t),
+		"--data-dir", dataDir, "--listen-ca", freePort(t), "--listen-monitoring", freePort(t),
 		"--listen-authz", freePort(t), "--listen-bundle", "")
 	cmd.Stderr = &stderr
 	done := make(chan error, 1)
@@ -119,12 +122,17 @@ func TestServeRefusesAStartWithoutTheBundle(t *testing.T) {
 	}
 	lines := strings.Split(strings.TrimSpace(stderr.String()), "\n")
 	last := lines[len(lines)-1]
-	for _, want := range []string{"trustmesh: ", "start is refused", "data.envoy.authz.allow", "--bundle", filepath.Join(dir, "bundles.txt")} {
+	// The policies are checked with the rest of the configuration, before
+	// anything is written, and the refusal names the flag.
+	for _, want := range []string{"trustmesh: ", "invalid configuration: --policies", "data.envoy.authz.allow", "--bundle", filepath.Join(dir, "bundles.txt")} {
 		if !strings.Contains(last, want) {
 			t.Errorf("the error %q lacks %q", last, want)
 		}
 	}
 	if strings.Contains(stderr.String(), "last good") {
 		t.Errorf("a start with no policy set speaks of a last good one:\n%s", stderr.String())
+	}
+	if _, err := os.Stat(dataDir); !errors.Is(err, fs.ErrNotExist) {
+		t.Errorf("the refused start created %s", dataDir)
 	}
 }

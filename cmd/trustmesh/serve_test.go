@@ -333,6 +333,13 @@ func TestSecondServeOnADataDirIsRefused(t *testing.T) {
 	resp.Body.Close()
 	first.stop(t)
 	// The lock ends with its holder: a new serve starts.
+	killed := startServe(t, dataDir)
+	// Nor does a holder that is killed leave it behind: the lock file
+	// stays, naming a dead process, but the kernel dropped its lock.
+	if err := killed.cmd.Process.Kill(); err != nil {
+		t.Fatal(err)
+	}
+	_ = killed.cmd.Wait()
 	startServe(t, dataDir).stop(t)
 }
 
