@@ -15,6 +15,7 @@ import (
 	"path/filepath"
 	"regexp"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -92,6 +93,23 @@ func stripComment(s string) string {
 	return strings.TrimSpace(s)
 }
 
+// expect is what the output of a command must show, beyond its exit code,
+// by the start of the command: a command can exit 0 and still not do what
+// the README says it does (a policy check that denies, an audit log
+// without the workload). Every entry must match a command.
+var expect = []struct {
+	prefix string
+	want   []string
+}{
+	{"trustmesh policy check", []string{`"allowed": true`, `"policy": "bookinfo/productpage-viewer"`}},
+	{"trustmesh xds dump", []string{"policy_digest", "echo"}},
+	{"openssl x509", []string{"URI:spiffe://cluster.local/vm/db"}},
+	{"trustmesh check", []string{"TM-CA-", "TM-CP-001"}},
+	{"trustmesh audit log", []string{"spiffe://cluster.local/vm/db"}},
+	{"trustmesh audit verify", []string{"OK: the journal matches every checkpoint"}},
+	{"trustmesh audit check-proof", []string{"OK: entry"}},
+}
+
 // assignment is a line that sets a shell variable for the lines after it.
 var assignment = regexp.MustCompile(`^(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)=`)
 
@@ -137,6 +155,17 @@ func TestREADMECommandsWorkVerbatim(t *testing.T) {
 	// What one README sets (PATH, after make build) holds for the next,
 	// as it would in a user's shell.
 	env := map[string]string{}
+	matched := map[string]bool{}
+	t.Cleanup(func() {
+		if t.Failed() {
+			return
+		}
+		for _, e := range expect {
+			if !matched[e.prefix] {
+				t.Errorf("no README command starts with %q any more: update expect", e.prefix)
+			}
+		}
+	})
 	dir := sandbox(t, root)
 	for _, file := range readmes {
 		src, err := os.ReadFile(filepath.Join(root, file))
@@ -147,7 +176,7 @@ func TestREADMECommandsWorkVerbatim(t *testing.T) {
 		if len(cmds) == 0 {
 			continue
 		}
-		if !t.Run(file, func(t *testing.T) { run(t, root, dir, env, cmds) }) {
+		if !t.Run(file, func(t *testing.T) { run(t, root, dir, env, matched, cmds) }) {
 			return
 		}
 	}
@@ -180,7 +209,7 @@ func sandbox(t *testing.T, root string) string {
 	return dir
 }
 
-func run(t *testing.T, root, dir string, env map[string]string, cmds []command) {
+func run(t *testing.T, root, dir string, env map[string]string, matched map[string]bool, cmds []command) {
 	// Commands the README starts in the background (a trailing &) run
 	// until a `kill %…` line, or the end of the file, which stop them as
 	// the shell would, last first.
@@ -234,9 +263,10 @@ func run(t *testing.T, root, dir string, env map[string]string, cmds []command) 
 		cmd.Stdout, cmd.Stderr = &out, &out
 		cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 		ready := longRunning(script)
-		if bg && ready == nil {
-			cancel()
-			t.Fatalf("%s: the test does not know how to tell when this background command is up", name)
+		if bg {
+			stop := background(t, name, cmd, nil)
+			jobs = append(jobs, func(sig syscall.Signal) { stop(sig); cancel() })
+			continue
 		}
 		if ready == nil {
 			err := cmd.Run()
@@ -247,89 +277,92 @@ func run(t *testing.T, root, dir string, env map[string]string, cmds []command) 
 			if varName != "" {
 				env[varName] = out.String()
 			}
+			for _, e := range expect {
+				if !strings.HasPrefix(c.text, e.prefix) {
+					continue
+				}
+				matched[e.prefix] = true
+				for _, w := range e.want {
+					if !strings.Contains(out.String(), w) {
+						t.Fatalf("%s\nexited 0, but its output lacks %q:\n%s", name, w, out.String())
+					}
+				}
+			}
 			t.Logf("%s: ok", name)
 			continue
 		}
-		stop := background(t, name, cmd, &out, ready)
-		if bg {
-			jobs = append(jobs, func(sig syscall.Signal) { stop(sig); cancel() })
-			continue
-		}
-		stop(syscall.SIGINT)
+		background(t, name, cmd, ready)(syscall.SIGINT)
 		cancel()
 	}
 }
 
-// background starts a command that runs until it is stopped, waits until
-// it is up, and returns a function that stops it with a signal (SIGINT as
-// Ctrl-C sends it, SIGTERM as kill does) and checks that it stopped
-// cleanly.
-func background(t *testing.T, name string, cmd *exec.Cmd, out *bytes.Buffer, ready func(*bytes.Buffer) bool) func(syscall.Signal) {
+// logBuffer collects a process's output while it runs.
+type logBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *logBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *logBuffer) snapshot() *bytes.Buffer {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return bytes.NewBuffer(append([]byte(nil), b.buf.Bytes()...))
+}
+
+// background starts a command that runs until it is stopped and returns a
+// function that stops it with a signal (SIGINT as Ctrl-C sends it, SIGTERM
+// as kill does) and checks that it was still running and then stopped
+// cleanly. With ready, it first waits until the command is up, as a user
+// watching it would before going on; a command the README starts with &
+// gets no such wait, since a shell gives it none.
+func background(t *testing.T, name string, cmd *exec.Cmd, ready func(*bytes.Buffer) bool) func(syscall.Signal) {
 	t.Helper()
-	pr, pw, err := os.Pipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	cmd.Stdout, cmd.Stderr = pw, pw
+	out := &logBuffer{}
+	cmd.Stdout, cmd.Stderr = out, out
 	if err := cmd.Start(); err != nil {
 		t.Fatalf("%s: %v", name, err)
 	}
-	pw.Close()
-	lines := make(chan []byte, 1024)
-	go func() {
-		defer close(lines)
-		sc := bufio.NewScanner(pr)
-		sc.Buffer(make([]byte, 64<<10), 1<<20)
-		for sc.Scan() {
-			lines <- append(append([]byte(nil), sc.Bytes()...), '\n')
-		}
-	}()
 	done := make(chan error, 1)
 	go func() { done <- cmd.Wait() }()
-	drain := func() {
-		for {
+	if ready != nil {
+		deadline := time.After(2 * time.Minute)
+		for up := false; !up; {
 			select {
-			case l, ok := <-lines:
-				if !ok {
-					return
-				}
-				out.Write(l)
-			default:
-				return
+			case err := <-done:
+				t.Fatalf("%s\nexited before it was up: %v\n%s", name, err, out.snapshot())
+			case <-deadline:
+				_ = syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
+				t.Fatalf("%s\nnot up within 2 minutes:\n%s", name, out.snapshot())
+			case <-time.After(100 * time.Millisecond):
+				up = ready(out.snapshot())
 			}
 		}
+		t.Logf("%s: up", name)
+	} else {
+		t.Logf("%s: started", name)
 	}
-	deadline := time.After(2 * time.Minute)
-	for up := false; !up; {
-		select {
-		case err := <-done:
-			drain()
-			t.Fatalf("%s\nexited before it was up: %v\n%s", name, err, out.String())
-		case <-deadline:
-			_ = syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
-			drain()
-			t.Fatalf("%s\nnot up within 2 minutes:\n%s", name, out.String())
-		case <-time.After(100 * time.Millisecond):
-			drain()
-			up = ready(out)
-		}
-	}
-	t.Logf("%s: up", name)
 	return func(sig syscall.Signal) {
 		t.Helper()
+		select {
+		case err := <-done:
+			t.Fatalf("%s\nexited (%v) before it was stopped:\n%s", name, err, out.snapshot())
+		default:
+		}
 		_ = syscall.Kill(-cmd.Process.Pid, sig)
 		select {
 		case err := <-done:
-			for l := range lines {
-				out.Write(l)
-			}
 			if err != nil {
-				t.Fatalf("%s\ndid not stop cleanly on %v: %v\n%s", name, sig, err, out.String())
+				t.Fatalf("%s\ndid not stop cleanly on %v: %v\n%s", name, sig, err, out.snapshot())
 			}
 			t.Logf("%s: stopped on %v", name, sig)
 		case <-time.After(30 * time.Second):
 			_ = syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
-			t.Fatalf("%s\ndid not stop within 30s of %v:\n%s", name, sig, out.String())
+			t.Fatalf("%s\ndid not stop within 30s of %v:\n%s", name, sig, out.snapshot())
 		}
 	}
 }
