@@ -76,6 +76,13 @@ func checkXDS(ctx context.Context, cfg Config, r *Report) {
 	case err != nil:
 		r.add(CodeXDSClients, Error, subject, "is trustmesh serve running, and is --monitoring its --listen-monitoring address?", "the xDS clients cannot be read: %v", err)
 		return
+	case code == http.StatusNotFound && strings.Contains(string(body), "--debug-endpoints"):
+		// Serve's answer when its debug endpoints are off, as the Helm
+		// chart runs it: the monitoring port is reachable in the cluster.
+		r.add(CodeXDSClients, Info, subject,
+			"to check the xDS clients, run serve with --debug-endpoints (Helm: --set monitoring.debugEndpoints=true), on a monitoring address only operators reach",
+			"the control plane's debug endpoints are off; the xDS clients were not checked")
+		return
 	case code == http.StatusNotFound:
 		r.add(CodeXDSClients, Info, subject, "serve runs an xDS server with --mesh, or on Kubernetes", "the control plane runs no xDS server")
 		return

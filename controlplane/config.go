@@ -57,8 +57,14 @@ type Config struct {
 type ListenConfig struct {
 	// CA is the CA's gRPC port, which also serves xDS and the trust bundle.
 	CA string
-	// Monitoring serves /healthz, /readyz and /metrics.
+	// Monitoring serves /healthz, /readyz and /metrics, and the debug
+	// endpoints unless NoDebugEndpoints.
 	Monitoring string
+	// NoDebugEndpoints turns off the monitoring port's /debug/ endpoints
+	// (the xDS clients, which name every connected proxy, its address and
+	// SPIFFE ID), for a monitoring address that others can reach: they
+	// answer 404, saying so.
+	NoDebugEndpoints bool
 	// Bundle serves the SPIFFE bundle endpoint; empty turns it off.
 	Bundle string
 	// Authz is the ext_authz gRPC address (mTLS with the control plane's

@@ -27,6 +27,10 @@ func (cp *ControlPlane) readyz(w http.ResponseWriter, r *http.Request) {
 	_, _ = w.Write([]byte("ok\n"))
 }
 
+// DebugEndpointsOff is the body of a 404 from a /debug/ path when serve runs
+// with --debug-endpoints=false (Config.Listen.NoDebugEndpoints).
+const DebugEndpointsOff = "debug endpoints are off (trustmesh serve --debug-endpoints=false)"
+
 // newMonitoring builds the monitoring server (health, readiness, metrics)
 // and, when it has an address, the SPIFFE bundle endpoint.
 func (cp *ControlPlane) newMonitoring(v *validated) error {
@@ -34,7 +38,14 @@ func (cp *ControlPlane) newMonitoring(v *validated) error {
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { _, _ = w.Write([]byte("ok\n")) })
 	mux.HandleFunc("/readyz", cp.readyz)
 	mux.Handle("/metrics", promhttp.HandlerFor(cp.registry, promhttp.HandlerOpts{}))
-	if cp.xds != nil {
+	switch {
+	case v.Listen.NoDebugEndpoints:
+		// Off, and saying so, so that trustmesh check can tell this from
+		// a control plane without an xDS server.
+		mux.HandleFunc("/debug/", func(w http.ResponseWriter, _ *http.Request) {
+			http.Error(w, DebugEndpointsOff, http.StatusNotFound)
+		})
+	case cp.xds != nil:
 		// The connected xDS clients, as istioctl proxy-status reads them.
 		mux.Handle(xds.ClientsPath, cp.xds.ClientsHandler())
 	}

@@ -15,7 +15,7 @@ import (
 
 func newServeCmd() *cobra.Command {
 	var cfg controlplane.Config
-	var validate bool
+	var validate, debugEndpoints bool
 	var logFormat, logLevel, decisionLog string
 	cmd := &cobra.Command{
 		Use:   "serve",
@@ -24,7 +24,7 @@ func newServeCmd() *cobra.Command {
 
   --listen-ca         %-16s the CA (gRPC over TLS), and xDS for proxies
   --listen-authz      %-16s ext_authz (gRPC over mTLS), with --policies or on Kubernetes
-  --listen-monitoring %-16s /healthz, /readyz and /metrics
+  --listen-monitoring %-16s /healthz, /readyz and /metrics; /debug/xds/clients with --debug-endpoints
   --listen-bundle     %-16s the SPIFFE bundle endpoint (HTTPS), for federation
   --listen-injector   %-16s the sidecar-injection webhook, on Kubernetes
 
@@ -44,6 +44,7 @@ configuration and every file and key it names, and writes nothing.`,
 				return &exitError{code: 2, err: err}
 			}
 			cfg.Log = log
+			cfg.Listen.NoDebugEndpoints = !debugEndpoints
 			dlog, closeLog, err := openDecisionLog(cmd, decisionLog)
 			if err != nil {
 				return err
@@ -68,7 +69,8 @@ configuration and every file and key it names, and writes nothing.`,
 	f.StringVar(&cfg.DataDir, "data-dir", controlplane.DefaultDataDir, "directory for CA material and the journal")
 	f.StringVar(&cfg.TrustDomain, "trust-domain", controlplane.DefaultTrustDomain, "SPIFFE trust domain")
 	f.StringVar(&cfg.Listen.CA, "listen-ca", controlplane.DefaultListenCA, "address of the CA's gRPC port")
-	f.StringVar(&cfg.Listen.Monitoring, "listen-monitoring", controlplane.DefaultListenMonitoring, "address for /healthz, /readyz and /metrics")
+	f.StringVar(&cfg.Listen.Monitoring, "listen-monitoring", controlplane.DefaultListenMonitoring, "address for /healthz, /readyz, /metrics and the debug endpoints")
+	f.BoolVar(&debugEndpoints, "debug-endpoints", true, "serve /debug/xds/clients (every connected proxy's name, address and SPIFFE ID) on --listen-monitoring; turn off where others can reach that address")
 	f.StringVar(&cfg.Listen.Bundle, "listen-bundle", controlplane.DefaultListenBundle, "address of the SPIFFE bundle endpoint (HTTPS); empty turns it off")
 	f.StringSliceVar(&cfg.CA.DNSNames, "ca-dns-names", controlplane.DefaultCADNSNames, "DNS names and IPs in the CA's serving certificate")
 	f.StringVar(&cfg.Journal.DSN, "journal-dsn", "", "PostgreSQL URL of the journal, shared by replicas (default: SQLite in --data-dir)")
