@@ -238,6 +238,16 @@ func (c Config) Validate() error {
 }
 
 func (c Config) validate() (*validated, error) {
+	v, errs := c.settings()
+	if err := errors.Join(errs...); err != nil {
+		return nil, fmt.Errorf("controlplane: invalid configuration: %w", err)
+	}
+	return v, nil
+}
+
+// settings fills in defaults and checks every field. It returns the
+// configuration as far as it could check it, and every problem.
+func (c Config) settings() (*validated, []error) {
 	if c.DataDir == "" {
 		c.DataDir = DefaultDataDir
 	}
@@ -273,10 +283,7 @@ func (c Config) validate() (*validated, error) {
 	errs = append(errs, inGroup("Rotation", c.Rotation.policy(c.CA).Validate()))
 	errs = append(errs, inGroup("Authz", c.Authz.check()...))
 	errs = append(errs, inGroup("Authz", c.Authz.checkBundles(v)...))
-	if err := errors.Join(errs...); err != nil {
-		return nil, fmt.Errorf("controlplane: invalid configuration: %w", err)
-	}
-	return v, nil
+	return v, errs
 }
 
 func (c *CAConfig) setDefaults() {

@@ -3,7 +3,10 @@ package controlplane
 import (
 	"fmt"
 	"net"
+	"os"
+	"path/filepath"
 	"strings"
+	"syscall"
 )
 
 func (c *ListenConfig) setDefaults() {
@@ -53,34 +56,66 @@ func checkAddress(addr string) error {
 	return nil
 }
 
-// bindAll binds every port this control plane serves on, so that a port in
-// use fails the start before anything is created. The authorization
-// service and the injector bind their own listeners later; their ports are
-// held in cp.reserved until then.
-func (cp *ControlPlane) bindAll(v *validated) error {
-	var err error
-	if cp.caLis, err = listen(v, v.Listen.CA, "listen-ca", "the CA and xDS port"); err != nil {
-		return err
-	}
-	if cp.monLis, err = listen(v, v.Listen.Monitoring, "listen-monitoring", "the monitoring port"); err != nil {
-		return err
+// port is one listener the control plane serves on.
+type port struct{ flag, addr, what string }
+
+// ports are the listeners this configuration serves on, in the order New
+// binds them.
+func (v *validated) ports() []port {
+	ps := []port{
+		{"listen-ca", v.Listen.CA, "the CA and xDS port"},
+		{"listen-monitoring", v.Listen.Monitoring, "the monitoring port"},
 	}
 	if v.Listen.Bundle != "" {
-		if cp.bundleLis, err = listen(v, v.Listen.Bundle, "listen-bundle", "the bundle endpoint"); err != nil {
-			return err
-		}
+		ps = append(ps, port{"listen-bundle", v.Listen.Bundle, "the bundle endpoint"})
 	}
-	if v.authzOn() && !strings.HasPrefix(v.Listen.Authz, "unix://") {
-		if cp.reserved["listen-authz"], err = listen(v, v.Listen.Authz, "listen-authz", "the ext_authz port"); err != nil {
-			return err
-		}
+	if v.authzOn() {
+		ps = append(ps, port{"listen-authz", v.Listen.Authz, "the ext_authz port"})
 	}
 	if v.injectorOn() {
-		if cp.reserved["listen-injector"], err = listen(v, v.Listen.Injector, "listen-injector", "the injector webhook"); err != nil {
+		ps = append(ps, port{"listen-injector", v.Listen.Injector, "the injector webhook"})
+	}
+	return ps
+}
+
+// bindAll binds every port this control plane serves on, and ext_authz's
+// unix socket, so that a port in use fails the start before anything is
+// created. The authorization service and the injector bind their own
+// listeners later; their ports are held in cp.reserved until then.
+func (cp *ControlPlane) bindAll(v *validated) error {
+	for _, p := range v.ports() {
+		l, err := listen(v, p)
+		if err != nil {
 			return err
+		}
+		switch p.flag {
+		case "listen-ca":
+			cp.caLis = l
+		case "listen-monitoring":
+			cp.monLis = l
+		case "listen-bundle":
+			cp.bundleLis = l
+		default:
+			if l != nil {
+				cp.reserved[p.flag] = l
+			}
 		}
 	}
 	return nil
+}
+
+// checkPorts is bindAll for Check: it binds every port and releases it at
+// once, and reports every one that cannot be bound.
+func (v *validated) checkPorts() []error {
+	var errs []error
+	for _, p := range v.ports() {
+		l, err := listen(v, p)
+		if l != nil {
+			_ = l.Close()
+		}
+		errs = append(errs, err)
+	}
+	return errs
 }
 
 // release closes a reserved port so that its server can bind it.
@@ -91,10 +126,22 @@ func (cp *ControlPlane) release(flag string) {
 	}
 }
 
-func listen(v *validated, addr, flag, what string) (net.Listener, error) {
-	l, err := v.Listen.Connections.Listen("tcp", addr)
+func listen(v *validated, p port) (net.Listener, error) {
+	network, addr := "tcp", p.addr
+	if path, ok := strings.CutPrefix(p.addr, "unix://"); ok {
+		network, addr = "unix", path
+		if _, err := os.Lstat(path); err == nil {
+			// A socket left by an earlier run, which the server
+			// replaces when it binds: check only that it can.
+			if err := syscall.Access(filepath.Dir(path), 2 /* W_OK */); err != nil {
+				return nil, &ConfigError{Group: "Listen", Flag: p.flag, Err: fmt.Errorf("%s: %s: %w", p.what, filepath.Dir(path), err)}
+			}
+			return nil, nil
+		}
+	}
+	l, err := v.Listen.Connections.Listen(network, addr)
 	if err != nil {
-		return nil, &ConfigError{Group: "Listen", Flag: flag, Err: fmt.Errorf("%s: %w", what, err)}
+		return nil, &ConfigError{Group: "Listen", Flag: p.flag, Err: fmt.Errorf("%s: %w", p.what, err)}
 	}
 	return l, nil
 }

@@ -1,10 +1,15 @@
 package main
 
 import (
+	"errors"
 	"fmt"
+	"io"
+	"io/fs"
 	"log/slog"
 	"os"
+	"path/filepath"
 	"strings"
+	"syscall"
 
 	"github.com/spf13/cobra"
 
@@ -33,8 +38,11 @@ addresses a pod listens on. xDS serves the --mesh directory or, on
 Kubernetes, the cluster. CA material and the journal live in --data-dir,
 created on first start and held by one serve at a time; operator commands
 (trustmesh ca, trustmesh audit) work beside it. Kubernetes is used only when
-running in a cluster or given --kubeconfig. --validate checks the
-configuration and every file and key it names, and writes nothing.`,
+running in a cluster or given --kubeconfig. --validate checks what a start
+checks, short of serving: the configuration, every file and key it names,
+that every port is free, and that the data dir is a directory no running
+serve holds, of this trust domain. It reports every problem and writes
+nothing. A start that fails leaves no data dir it created behind.`,
 			controlplane.DefaultListenCA, controlplane.DefaultListenAuthz, controlplane.DefaultListenMonitoring,
 			controlplane.DefaultListenBundle, controlplane.DefaultListenInjector),
 		Args: cobra.NoArgs,
@@ -45,21 +53,23 @@ configuration and every file and key it names, and writes nothing.`,
 			}
 			cfg.Log = log
 			cfg.Listen.NoDebugEndpoints = !debugEndpoints
-			dlog, closeLog, err := openDecisionLog(cmd, decisionLog)
+			if validate {
+				err := errors.Join(controlplane.Check(cmd.Context(), cfg), checkDecisionLog(decisionLog))
+				if err != nil {
+					return &exitError{code: 2, err: err}
+				}
+				_, err = fmt.Fprintln(cmd.OutOrStdout(), "configuration is valid")
+				return err
+			}
+			dlog, closeLog, undo, err := createDecisionLog(cmd, decisionLog)
 			if err != nil {
 				return err
 			}
 			defer closeLog()
 			cfg.Authz.DecisionLog = dlog
-			if validate {
-				if err := controlplane.Check(cmd.Context(), cfg); err != nil {
-					return &exitError{code: 2, err: err}
-				}
-				_, err := fmt.Fprintln(cmd.OutOrStdout(), "configuration is valid")
-				return err
-			}
 			cp, err := controlplane.New(cmd.Context(), cfg)
 			if err != nil {
+				undo()
 				return err
 			}
 			return cp.Run(cmd.Context())
@@ -105,7 +115,7 @@ configuration and every file and key it names, and writes nothing.`,
 	f.StringVar(&cfg.CA.Secret, "ca-secret", "", "on Kubernetes: namespace/name of the Secret that holds the self-managed CA for every replica")
 	f.DurationVar(&cfg.Rotation.IntermediateTTL, "ca-intermediate-ttl", 0, "lifetime of self-managed intermediates (default 8760h)")
 	f.BoolVar(&cfg.Rotation.Manual, "manual-ca-rotation", false, "do not rotate self-managed CA certificates automatically")
-	f.BoolVar(&validate, "validate", false, "check the configuration and the files and keys it names, write nothing, and exit")
+	f.BoolVar(&validate, "validate", false, "check the configuration, the files and keys it names, the ports and the data dir as a start would, write nothing, and exit")
 	f.StringVar(&logFormat, "log-format", "text", "log format: text or json")
 	f.StringVar(&logLevel, "log-level", "info", "log level: debug, info, warn or error")
 	return cmd
@@ -124,4 +134,54 @@ func newLogger(format, level string) (*slog.Logger, error) {
 		return slog.New(slog.NewJSONHandler(os.Stderr, opts)), nil
 	}
 	return nil, fmt.Errorf("log format %q is not text or json", format)
+}
+
+// checkDecisionLog is --validate's check of --decision-log: the file can
+// be appended to, or created, without creating it.
+func checkDecisionLog(path string) error {
+	if path == "" || path == "-" {
+		return nil
+	}
+	fi, err := os.Stat(path)
+	switch {
+	case err == nil && fi.IsDir():
+		err = fmt.Errorf("%s is a directory", path)
+	case err == nil:
+		var f *os.File
+		if f, err = os.OpenFile(path, os.O_APPEND|os.O_WRONLY, 0); err == nil {
+			_ = f.Close()
+		}
+	case errors.Is(err, fs.ErrNotExist):
+		dir := filepath.Dir(path)
+		if fi, err = os.Stat(dir); err == nil && !fi.IsDir() {
+			err = fmt.Errorf("%s is not a directory", dir)
+		}
+		if err == nil {
+			if err = syscall.Access(dir, 2 /* W_OK */); err != nil {
+				err = fmt.Errorf("cannot create a file in %s: %w", dir, err)
+			}
+		}
+	}
+	if err != nil {
+		return fmt.Errorf("--decision-log: %w", err)
+	}
+	return nil
+}
+
+// createDecisionLog is openDecisionLog for serve, whose failed start
+// leaves nothing behind: undo removes the file if this call created it.
+func createDecisionLog(cmd *cobra.Command, path string) (_ io.Writer, closeLog, undo func(), err error) {
+	if path == "" || path == "-" {
+		w, closeLog, err := openDecisionLog(cmd, path)
+		return w, closeLog, func() {}, err
+	}
+	f, err := os.OpenFile(path, os.O_CREATE|os.O_EXCL|os.O_APPEND|os.O_WRONLY, 0o600)
+	if errors.Is(err, fs.ErrExist) {
+		w, closeLog, err := openDecisionLog(cmd, path)
+		return w, closeLog, func() {}, err
+	}
+	if err != nil {
+		return nil, nil, nil, fmt.Errorf("--decision-log: %w", err)
+	}
+	return f, func() { _ = f.Close() }, func() { _ = f.Close(); _ = os.Remove(path) }, nil
 }

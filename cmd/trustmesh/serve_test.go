@@ -392,12 +392,165 @@ func TestServeValidateChecksWhatStartChecks(t *testing.T) {
 		})
 	}
 	dataDir := filepath.Join(t.TempDir(), "data")
-	if out := run(t, "serve", "--validate", "--data-dir", dataDir, "--policies", t.TempDir(), "--mesh", t.TempDir()); !strings.Contains(out, "configuration is valid") {
+	if out := run(t, "serve", "--validate", "--data-dir", dataDir, "--policies", t.TempDir(), "--mesh", t.TempDir(),
+		"--listen-ca", "127.0.0.1:0", "--listen-monitoring", "127.0.0.1:0", "--listen-bundle", "127.0.0.1:0", "--listen-authz", "127.0.0.1:0"); !strings.Contains(out, "configuration is valid") {
 		t.Fatalf("serve --validate of a good configuration printed %q", out)
 	}
 	if _, err := os.Stat(dataDir); !errors.Is(err, fs.ErrNotExist) {
 		t.Errorf("serve --validate created %s", dataDir)
 	}
+}
+
+// TestServeValidateRefusesWhatStartRefuses gives serve --validate what a
+// start refuses beyond the flags and the files they name: a data dir that
+// is a file, held by a running serve, or of another trust domain; a port in
+// use; a unix socket or a decision log in a missing directory. Each is
+// refused with exit code 2, and nothing is created or changed. A start is
+// refused too, and creates nothing.
+func TestServeValidateRefusesWhatStartRefuses(t *testing.T) {
+	busy, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer busy.Close()
+	aFile := filepath.Join(t.TempDir(), "afile")
+	if err := os.WriteFile(aFile, []byte("not a directory\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	existing := filepath.Join(t.TempDir(), "data")
+	startServe(t, existing).stop(t)
+	held := filepath.Join(t.TempDir(), "data")
+	holder := startServe(t, held)
+	missing := filepath.Join(t.TempDir(), "missing", "dir")
+	ports := []string{"--listen-ca", "127.0.0.1:0", "--listen-monitoring", "127.0.0.1:0", "--listen-bundle", "127.0.0.1:0"}
+	for _, tc := range []struct {
+		name    string
+		dataDir string // default: a missing one
+		args    []string
+		want    []string
+		start   bool // a start is refused with the same words
+	}{
+		{"data dir is a file", aFile, nil, []string{"--data-dir", aFile + " is not a directory"}, true},
+		{"data dir of another trust domain", existing, []string{"--trust-domain", "other.org"}, []string{"--trust-domain", `belongs to trust domain "cluster.local"`}, false},
+		{"data dir held by a running serve", held, nil, []string{"--data-dir", fmt.Sprintf("is in use by trustmesh serve pid %d since ", holder.cmd.Process.Pid)}, true},
+		{"port in use", "", []string{"--listen-ca", busy.Addr().String()}, []string{"--listen-ca: the CA and xDS port", busy.Addr().String()}, true},
+		{"unix socket in a missing dir", "", []string{"--policies", t.TempDir(), "--listen-authz", "unix://" + missing + "/authz.sock"}, []string{"--listen-authz: the ext_authz port", missing}, true},
+		{"decision log in a missing dir", "", []string{"--decision-log", missing + "/decisions.log"}, []string{"--decision-log", missing}, false},
+		{"every group", "", []string{"--listen-monitoring", "127.0.0.1:99999", "--mesh", missing, "--policies", missing + "2"},
+			[]string{"--listen-monitoring", "--mesh", "--policies", missing + "2"}, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dataDir := tc.dataDir
+			if dataDir == "" {
+				dataDir = filepath.Join(t.TempDir(), "data")
+			}
+			before := snapshot(t, dataDir)
+			argv := append(append([]string{"--data-dir", dataDir}, ports...), tc.args...)
+			code, stderr := refuse(t, append([]string{"serve", "--validate"}, argv...)...)
+			if code != 2 {
+				t.Errorf("serve --validate exit code %d, want 2", code)
+			}
+			for _, w := range tc.want {
+				if !strings.Contains(stderr, w) {
+					t.Errorf("serve --validate does not say %q:\n%s", w, stderr)
+				}
+			}
+			if after := snapshot(t, dataDir); !maps.Equal(before, after) {
+				t.Errorf("serve --validate changed %s:\nbefore %v\nafter  %v", dataDir, before, after)
+			}
+			if _, err := os.Stat(filepath.Dir(missing)); !errors.Is(err, fs.ErrNotExist) {
+				t.Errorf("serve --validate created %s", filepath.Dir(missing))
+			}
+			if !tc.start {
+				return
+			}
+			_, stderr = refuse(t, append([]string{"serve"}, argv...)...)
+			for _, w := range tc.want {
+				if !strings.Contains(stderr, w) {
+					t.Errorf("serve does not say %q:\n%s", w, stderr)
+				}
+			}
+			if strings.Contains(stderr, "stop it") != strings.Contains(tc.name, "running serve") {
+				t.Errorf("serve says to stop a serve that may not exist, or does not:\n%s", stderr)
+			}
+			if tc.dataDir == "" {
+				if _, err := os.Stat(filepath.Dir(dataDir)); err != nil {
+					t.Fatal(err)
+				}
+				if _, err := os.Stat(dataDir); !errors.Is(err, fs.ErrNotExist) {
+					t.Errorf("a failed start created %s", dataDir)
+				}
+			}
+			if _, err := os.Stat(filepath.Dir(missing)); !errors.Is(err, fs.ErrNotExist) {
+				t.Errorf("a failed start created %s", filepath.Dir(missing))
+			}
+		})
+	}
+	holder.stop(t)
+}
+
+// TestFailedStartLeavesNothing fails a start on a data dir whose parents
+// are missing too, once at the ext_authz unix socket and once at a busy
+// port with a new decision log: neither the data dir, nor its parents, nor
+// the decision log are left behind.
+func TestFailedStartLeavesNothing(t *testing.T) {
+	busy, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer busy.Close()
+	for name, args := range map[string][]string{
+		"unix socket": {"--policies", t.TempDir(), "--listen-authz", "unix://" + filepath.Join(t.TempDir(), "missing", "authz.sock"), "--listen-monitoring", "127.0.0.1:0"},
+		"busy port":   {"--listen-monitoring", busy.Addr().String()},
+	} {
+		t.Run(name, func(t *testing.T) {
+			top := filepath.Join(t.TempDir(), "pp")
+			decisions := filepath.Join(t.TempDir(), "decisions.log")
+			argv := append([]string{"serve", "--data-dir", filepath.Join(top, "qq", "data"), "--decision-log", decisions,
+				"--listen-ca", "127.0.0.1:0", "--listen-bundle", ""}, args...)
+			_, stderr := refuse(t, argv...)
+			for _, path := range []string{top, decisions} {
+				if _, err := os.Stat(path); !errors.Is(err, fs.ErrNotExist) {
+					t.Errorf("a failed start left %s behind (%v):\n%s", path, err, stderr)
+				}
+			}
+		})
+	}
+}
+
+// snapshot is tree for a path that may be missing or a file: nil for a
+// missing one, the file's digest for a file. It includes serve.lock.
+func snapshot(t *testing.T, path string) map[string]string {
+	t.Helper()
+	fi, err := os.Stat(path)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !fi.IsDir() {
+		b, err := os.ReadFile(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		sum := sha256.Sum256(b)
+		return map[string]string{path: hex.EncodeToString(sum[:])}
+	}
+	out := map[string]string{}
+	err = filepath.WalkDir(path, func(p string, d fs.DirEntry, err error) error {
+		if err != nil || d.IsDir() {
+			return err
+		}
+		b, err := os.ReadFile(p)
+		sum := sha256.Sum256(b)
+		out[p] = hex.EncodeToString(sum[:]) + fmt.Sprint(d.Type())
+		return err
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return out
 }
 
 // TestErrorsNameFlags checks that a refused setting is named by its flag,
