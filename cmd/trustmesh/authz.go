@@ -9,7 +9,6 @@ import (
 
 	"github.com/trustmesh/trustmesh/authz/decisionlog"
 	"github.com/trustmesh/trustmesh/authz/engine"
-	"github.com/trustmesh/trustmesh/authz/extauthz"
 	"github.com/trustmesh/trustmesh/controlplane"
 	"github.com/trustmesh/trustmesh/internal/connlimit"
 )
@@ -40,7 +39,8 @@ func newAuthzCmd() *cobra.Command {
 		},
 	}
 	f := cmd.Flags()
-	f.StringVar(&c.Address, "listen", extauthz.DefaultAddress, `address to serve on: "host:port" or "unix:///path"`)
+	// Loopback, as serve's listeners: other hosts are let in by a flag.
+	f.StringVar(&c.Address, "listen", controlplane.DefaultListenAuthz, `address to serve on: "host:port" or "unix:///path"`)
 	f.StringVar(&c.PolicyDir, "policies", "", "directory of AuthorizationPolicy YAML files (watched)")
 	f.StringVar(&c.RootNamespace, "root-namespace", engine.DefaultRootNamespace, "namespace whose policies apply mesh-wide")
 	f.StringVar(&c.TLSCert, "tls-cert", "", "server certificate (PEM)")

@@ -25,6 +25,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
@@ -575,5 +577,22 @@ func TestErrorsNameFlags(t *testing.T) {
 func TestVersion(t *testing.T) {
 	if out := run(t, "version"); !strings.HasPrefix(out, "trustmesh ") {
 		t.Fatalf("version printed %q", out)
+	}
+}
+
+// TestListenDefaultsAreLoopback checks every listen flag's default of serve
+// and of authz: each is on loopback, so that nothing is reachable from other
+// hosts unless a flag says so.
+func TestListenDefaultsAreLoopback(t *testing.T) {
+	for _, cmd := range []*cobra.Command{newServeCmd(), newAuthzCmd()} {
+		cmd.Flags().VisitAll(func(f *pflag.Flag) {
+			if !strings.HasPrefix(f.Name, "listen") || f.DefValue == "" || f.DefValue == "off" {
+				return
+			}
+			host, _, err := net.SplitHostPort(f.DefValue)
+			if ip := net.ParseIP(host); err != nil || ip == nil || !ip.IsLoopback() {
+				t.Errorf("trustmesh %s --%s defaults to %q, not a loopback address", cmd.Name(), f.Name, f.DefValue)
+			}
+		})
 	}
 }
