@@ -73,7 +73,7 @@ func TestRefusalsSayWhatFollows(t *testing.T) {
 		t.Fatalf("first load: %v; want ErrStartRefused and a MissingBundleError", err)
 	}
 	msg := err.Error()
-	for _, want := range []string{"start is refused", "data.app.allow", "--bundle", filepath.Join(dir, source.BundlesFile)} {
+	for _, want := range []string{"no policy set has loaded", "data.app.allow", "--bundle", filepath.Join(dir, source.BundlesFile)} {
 		if !strings.Contains(msg, want) {
 			t.Errorf("first load: %q lacks %q", msg, want)
 		}

@@ -61,8 +61,10 @@ func (d *Dir) Watch(ctx context.Context, changed func()) (<-chan error, error) {
 var ErrRefused = errors.New("source: policy set refused")
 
 // ErrStartRefused wraps (with ErrRefused) a failure of the first load: no
-// policy set has loaded, so nothing could serve and the start is refused.
-var ErrStartRefused = errors.New("no policy set has loaded yet, so the start is refused")
+// policy set has loaded, so nothing could serve and a start is refused. Its
+// words fit every command that loads policies, the offline ones too
+// (trustmesh policy check); a start logs that it is refused.
+var ErrStartRefused = errors.New("no policy set has loaded")
 
 // refusal wraps a load failure in ErrRefused and says what follows from
 // it: the last good set stays, or, when there is none (first), the start

@@ -596,3 +596,22 @@ func TestListenDefaultsAreLoopback(t *testing.T) {
 		})
 	}
 }
+
+// TestOfflinePolicyRefusalSpeaksOfNoStart gives trustmesh policy check and
+// compile policies that do not parse: the refusal names the file and does
+// not speak of a start, which these commands do not make.
+func TestOfflinePolicyRefusalSpeaksOfNoStart(t *testing.T) {
+	bad := t.TempDir()
+	if err := os.WriteFile(filepath.Join(bad, "p.yaml"), []byte("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p}\nspec: {action: NOPE}\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for _, args := range [][]string{
+		{"policy", "check", "--policies", bad, "--request", "../../examples/policies/requests/productpage-get.json"},
+		{"policy", "compile", "--policies", bad},
+	} {
+		_, stderr := refuse(t, args...)
+		if !strings.Contains(stderr, "p.yaml") || strings.Contains(stderr, "start") {
+			t.Errorf("trustmesh %s:\n%s\nwant p.yaml named and no start spoken of", strings.Join(args, " "), stderr)
+		}
+	}
+}
