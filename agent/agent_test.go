@@ -623,6 +623,7 @@ func TestRefusedJoinTokenStopsAgent(t *testing.T) {
 	r := e.start(cfg)
 	select {
 	case err := <-r.done:
+		r.cancel = nil // it stopped; nothing to wait for
 		var refused *rotation.JoinTokenRefusedError
 		if !errors.As(err, &refused) || !strings.Contains(err.Error(), "trustmesh ca token create --data-dir") {
 			t.Fatalf("agent exited with %v; want the join token refusal and what to do", err)
@@ -630,7 +631,6 @@ func TestRefusedJoinTokenStopsAgent(t *testing.T) {
 		if msg := err.Error(); !strings.HasPrefix(msg, "agent: rotation: the CA refused") {
 			t.Errorf("agent exited with %q; want it to name the part once", msg)
 		}
-		r.cancel = nil
 	case <-time.After(20 * time.Second):
 		t.Fatal("agent kept running with a refused join token")
 	}
