@@ -22,12 +22,12 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
-	"strings"
 	"log/slog"
 	"net"
 	"os"
 	"os/user"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
