@@ -44,6 +44,10 @@ var rules = []rule{
 		[]string{"agent"}, []string{"ca", "authz", "injector", "controlplane"}},
 	{"check is a reader: it imports nothing of controlplane, agent, injector or demo",
 		[]string{"check"}, []string{"controlplane", "agent", "injector", "demo"}},
+	{"admission validates with the engine's and the mesh's own checks: it imports nothing of ca, xds, agent, injector or controlplane",
+		[]string{"admission"}, []string{"ca", "xds", "agent", "injector", "controlplane"}},
+	{"analyze is a reader of policies and the mesh: it imports nothing of ca, xds, agent, injector, controlplane or demo",
+		[]string{"analyze"}, []string{"ca", "xds", "agent", "injector", "controlplane", "demo"}},
 }
 
 // controlplaneImporters may import controlplane directly: the composition
@@ -72,20 +76,23 @@ func TestControlplaneFilesAreSmall(t *testing.T) {
 // rule that could never fire is caught here rather than trusted.
 func TestRulesCatchViolations(t *testing.T) {
 	g := graph{
-		"mesh":           {prod: imports{"internal/watch": {"mesh/file.go"}}},
-		"internal/watch": {prod: imports{"internal/run": {"internal/watch/watch.go"}}},
-		"internal/run":   {test: imports{"authz/policy": {"internal/run/run_test.go"}}},
-		"ca/admin":       {test: imports{"xds": {"ca/admin/admin_test.go"}}},
-		"xds":            {prod: imports{"authz/rbac": {"xds/server.go"}}},
-		"xds/demo":       {prod: imports{"controlplane": {"xds/demo/demo.go"}}},
-		"authz/rbac":     {prod: imports{"mesh": {"authz/rbac/rbac.go"}}},
-		"agent/x":        {prod: imports{"cmd/trustmesh": {"agent/x/x.go"}}},
-		"cmd/trustmesh":  {prod: imports{"controlplane": {"cmd/trustmesh/serve.go"}}},
-		"test/e2e":       {test: imports{"controlplane": {"test/e2e/e2e_test.go"}}},
-		"bench/x":        {prod: imports{"controlplane": {"bench/x/main.go"}}},
-		"controlplane":   {prod: imports{"ca": {"controlplane/ca.go"}}},
-		"ca":             {},
-		"authz/policy":   {},
+		"mesh":             {prod: imports{"internal/watch": {"mesh/file.go"}}},
+		"internal/watch":   {prod: imports{"internal/run": {"internal/watch/watch.go"}}},
+		"internal/run":     {test: imports{"authz/policy": {"internal/run/run_test.go"}}},
+		"ca/admin":         {test: imports{"xds": {"ca/admin/admin_test.go"}}},
+		"xds":              {prod: imports{"authz/rbac": {"xds/server.go"}}},
+		"xds/demo":         {prod: imports{"controlplane": {"xds/demo/demo.go"}}},
+		"authz/rbac":       {prod: imports{"mesh": {"authz/rbac/rbac.go"}}},
+		"agent/x":          {prod: imports{"cmd/trustmesh": {"agent/x/x.go"}}},
+		"cmd/trustmesh":    {prod: imports{"controlplane": {"cmd/trustmesh/serve.go"}}},
+		"test/e2e":         {test: imports{"controlplane": {"test/e2e/e2e_test.go"}}},
+		"bench/x":          {prod: imports{"controlplane": {"bench/x/main.go"}}},
+		"controlplane":     {prod: imports{"ca": {"controlplane/ca.go"}}},
+		"ca":               {},
+		"authz/policy":     {},
+		"admission":        {prod: imports{"injector/webhook": {"admission/handler.go"}}},
+		"injector/webhook": {},
+		"analyze/x":        {test: imports{"ca/admin": {"analyze/x/x_test.go"}}},
 	}
 	got := g.check()
 	want := []string{
@@ -95,6 +102,10 @@ func TestRulesCatchViolations(t *testing.T) {
 		"agent imports nothing of ca, authz, injector or controlplane; it reaches the CA over the wire only: " +
 			"agent/x/x.go imports cmd/trustmesh, which imports (cmd/trustmesh/serve.go) controlplane",
 		"nothing imports cmd/: agent/x/x.go imports cmd/trustmesh",
+		"admission validates with the engine's and the mesh's own checks: it imports nothing of ca, xds, agent, injector or controlplane: " +
+			"admission/handler.go imports injector/webhook",
+		"analyze is a reader of policies and the mesh: it imports nothing of ca, xds, agent, injector, controlplane or demo: " +
+			"analyze/x/x_test.go imports ca/admin",
 		"only controlplane, cmd/trustmesh, demo, test/e2e, test/adversary may import controlplane: bench/x/main.go imports controlplane",
 		"only controlplane, cmd/trustmesh, demo, test/e2e, test/adversary may import controlplane: xds/demo/demo.go imports controlplane",
 	}
