@@ -45,6 +45,37 @@ func FromServiceEntry(ns, name string, se *networkingv1alpha3.ServiceEntry) ([]*
 	return out, nil
 }
 
+// CheckGateway returns the refusals of an Istio Gateway's servers: a
+// server is honoured when its tls.mode is SIMPLE with a credentialName (an
+// ingress) or ISTIO_MUTUAL (an egress); any other server is refused and
+// skipped. The Kubernetes mesh source and the admission webhook both call
+// it.
+func CheckGateway(ns, name string, gw *networkingv1alpha3.Gateway) []Refusal {
+	var out []Refusal
+	for i, sv := range gw.GetServers() {
+		if reason := checkServer(sv); reason != "" {
+			out = append(out, Refusal{Object: "Gateway " + ns + "/" + name, Reason: fmt.Sprintf("servers[%d]: %s", i, reason)})
+		}
+	}
+	return out
+}
+
+// GatewayServerOK reports whether CheckGateway honours a server.
+func GatewayServerOK(sv *networkingv1alpha3.Server) bool { return checkServer(sv) == "" }
+
+func checkServer(sv *networkingv1alpha3.Server) string {
+	switch sv.GetTls().GetMode() {
+	case networkingv1alpha3.ServerTLSSettings_SIMPLE:
+		if sv.GetTls().GetCredentialName() == "" {
+			return "only credentialName certificates are supported"
+		}
+		return ""
+	case networkingv1alpha3.ServerTLSSettings_ISTIO_MUTUAL:
+		return ""
+	}
+	return fmt.Sprintf("tls.mode %s is not supported; use SIMPLE (ingress) or ISTIO_MUTUAL (egress)", sv.GetTls().GetMode())
+}
+
 // CheckPeerAuthentication refuses every mode but STRICT: trustmesh never
 // lets plaintext between workloads, whatever the configuration says. It
 // returns nil for STRICT (or UNSET, which inherits STRICT).

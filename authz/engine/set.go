@@ -107,16 +107,27 @@ func Build(ctx context.Context, cfg SetConfig) (*Set, error) {
 	ps := append([]*policy.Policy(nil), cfg.Policies...)
 	sort.SliceStable(ps, func(i, j int) bool { return ps[i].Key() < ps[j].Key() })
 	seen := map[string]bool{}
+	parsed := make(map[string]*ast.Module, len(ps)+1)
+	var refused []error
 	for i, p := range ps {
 		if seen[p.Key()] {
 			return nil, fmt.Errorf("engine: %s: duplicate policy %s", p.Origin, p.Key())
 		}
 		seen[p.Key()] = true
 		id := authzrego.ID(i)
+		// The per-policy checks, the very ones CheckPolicy makes, so that
+		// the admission webhook refuses what a load would refuse.
+		src, m, err := checkPolicy(id, p)
+		if err != nil {
+			refused = append(refused, err)
+			continue
+		}
 		e := &entry{id: ast.StringTerm(id), idStr: id, policy: p, root: p.Namespace == s.root}
 		s.entries = append(s.entries, e)
 		s.byNamespace[p.Namespace] = append(s.byNamespace[p.Namespace], e)
-		s.modules[fmt.Sprintf("policy/%s.rego", id)] = authzrego.Module(id, p)
+		name := fmt.Sprintf("policy/%s.rego", id)
+		s.modules[name] = src
+		parsed[name] = m
 		for _, r := range p.Rules {
 			r.EachField(func(f policy.Field) {
 				s.used = s.used.with(f.Attr)
@@ -130,18 +141,30 @@ func Build(ctx context.Context, cfg SetConfig) (*Set, error) {
 			})
 		}
 	}
-	s.modules["authz.rego"] = authzrego.EntryModule()
-
-	parsed := make(map[string]*ast.Module, len(s.modules))
-	for name, src := range s.modules {
-		m, err := ast.ParseModuleWithOpts(name, src, ast.ParserOptions{RegoVersion: ast.RegoV1})
-		if err != nil {
-			return nil, fmt.Errorf("engine: generated %s: %w", name, err)
-		}
-		parsed[name] = m
+	if len(refused) > 0 {
+		return nil, errors.Join(refused...)
 	}
+	s.modules["authz.rego"] = authzrego.EntryModule()
+	entry, err := ast.ParseModuleWithOpts("authz.rego", s.modules["authz.rego"], ast.ParserOptions{RegoVersion: ast.RegoV1})
+	if err != nil {
+		return nil, fmt.Errorf("engine: generated authz.rego: %w", err)
+	}
+	parsed["authz.rego"] = entry
 	c := ast.NewCompiler()
 	if c.Compile(parsed); c.Failed() {
+		// Name the policy at fault, as CheckPolicy does.
+		var errs []error
+		for _, e := range s.entries {
+			name := fmt.Sprintf("policy/%s.rego", e.idStr)
+			m, err := ast.ParseModuleWithOpts(name, s.modules[name], ast.ParserOptions{RegoVersion: ast.RegoV1})
+			if err == nil {
+				err = compilePolicy(e.idStr, e.policy, m)
+			}
+			errs = append(errs, err)
+		}
+		if err := errors.Join(errs...); err != nil {
+			return nil, err
+		}
 		return nil, fmt.Errorf("engine: compiling generated Rego: %w", c.Errors)
 	}
 	pq, err := oparego.New(oparego.Compiler(c), oparego.Query(authzrego.MatchesQuery)).PrepareForEval(ctx)
@@ -170,6 +193,60 @@ func Build(ctx context.Context, cfg SetConfig) (*Set, error) {
 		s.providers[p.Provider] = prov
 	}
 	return s, nil
+}
+
+// CheckPolicy makes the checks Build makes of each policy on its own: the
+// policy's generated Rego parses and compiles, and a CUSTOM provider is
+// named rego:<path>. Build refuses a set holding a policy CheckPolicy
+// refuses, with the same error, which joins a *policy.FieldError for each
+// refusal (the same type the parser refuses with). What only a whole set
+// can refuse is not checked here: two policies of one namespace/name, and a
+// CUSTOM provider that no loaded bundle defines (MissingBundleError).
+func CheckPolicy(p *policy.Policy) error {
+	id := authzrego.ID(0)
+	_, m, err := checkPolicy(id, p)
+	if err != nil {
+		return err
+	}
+	return compilePolicy(id, p, m)
+}
+
+// checkPolicy is CheckPolicy for the policy of id in a set but for the
+// compile, which Build makes of the whole set at once (compilePolicy
+// names the policy at fault when that fails); it returns the policy's
+// generated module, as source and parsed.
+func checkPolicy(id string, p *policy.Policy) (string, *ast.Module, error) {
+	refuse := func(field string, err error) error {
+		return &policy.FieldError{Origin: p.Origin, Policy: p.Key(), Field: field, Err: err}
+	}
+	var errs []error
+	if p.Action == policy.Custom {
+		if _, err := providerRef(p.Provider); err != nil {
+			errs = append(errs, refuse("spec.provider.name", err))
+		}
+	}
+	name := fmt.Sprintf("policy/%s.rego", id)
+	src := authzrego.Module(id, p)
+	m, err := ast.ParseModuleWithOpts(name, src, ast.ParserOptions{RegoVersion: ast.RegoV1})
+	if err != nil {
+		errs = append(errs, refuse("spec", fmt.Errorf("%w: its generated Rego does not parse: %w", policy.ErrInvalid, err)))
+	}
+	if len(errs) > 0 {
+		return "", nil, errors.Join(errs...)
+	}
+	return src, m, nil
+}
+
+// compilePolicy compiles the module of one policy on its own. Each policy's
+// module is a package of its own that reads only input, so a set compiles
+// when each of its policies does.
+func compilePolicy(id string, p *policy.Policy, m *ast.Module) error {
+	c := ast.NewCompiler()
+	if c.Compile(map[string]*ast.Module{fmt.Sprintf("policy/%s.rego", id): m.Copy()}); c.Failed() {
+		return &policy.FieldError{Origin: p.Origin, Policy: p.Key(), Field: "spec",
+			Err: fmt.Errorf("%w: its generated Rego does not compile: %w", policy.ErrInvalid, c.Errors)}
+	}
+	return nil
 }
 
 // Modules returns the generated Rego by file name, as `trustmesh policy

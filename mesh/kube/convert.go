@@ -209,15 +209,14 @@ func (l *listers) gatewaysInto(m *mesh.Mesh, domain string, services []*corev1.S
 		spec := &gw.Spec
 		in := &mesh.Gateway{Namespace: gw.Namespace, Name: gw.Name, Kind: mesh.Ingress, Selector: spec.GetSelector()}
 		var egress *mesh.Gateway
-		for i, sv := range spec.GetServers() {
+		m.Refusals = append(m.Refusals, mesh.CheckGateway(gw.Namespace, gw.Name, spec)...)
+		for _, sv := range spec.GetServers() {
+			if !mesh.GatewayServerOK(sv) {
+				continue // refused above
+			}
 			switch sv.GetTls().GetMode() {
 			case networkingv1alpha3.ServerTLSSettings_SIMPLE:
 				cred := sv.GetTls().GetCredentialName()
-				if cred == "" {
-					m.Refusals = append(m.Refusals, mesh.Refusal{Object: "Gateway " + gw.Namespace + "/" + gw.Name,
-						Reason: fmt.Sprintf("servers[%d]: only credentialName certificates are supported", i)})
-					continue
-				}
 				var hosts []string
 				for _, h := range sv.GetHosts() {
 					if _, host, ok := strings.Cut(h, "/"); ok {
@@ -237,9 +236,6 @@ func (l *listers) gatewaysInto(m *mesh.Mesh, domain string, services []*corev1.S
 					egress = &mesh.Gateway{Namespace: gw.Namespace, Name: gw.Name + "-egress", Kind: mesh.Egress,
 						Selector: spec.GetSelector(), Service: svc, Port: port}
 				}
-			default:
-				m.Refusals = append(m.Refusals, mesh.Refusal{Object: "Gateway " + gw.Namespace + "/" + gw.Name,
-					Reason: fmt.Sprintf("servers[%d]: tls.mode %s is not supported; use SIMPLE (ingress) or ISTIO_MUTUAL (egress)", i, sv.GetTls().GetMode())})
 			}
 		}
 		if len(in.Servers) > 0 {

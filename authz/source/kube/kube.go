@@ -24,6 +24,7 @@ import (
 	"k8s.io/client-go/tools/cache"
 	"k8s.io/client-go/tools/clientcmd"
 
+	"github.com/trustmesh/trustmesh/authz/engine"
 	"github.com/trustmesh/trustmesh/authz/policy"
 	"github.com/trustmesh/trustmesh/authz/source"
 )
@@ -71,9 +72,7 @@ func (s *Source) Watch(ctx context.Context, changed func()) (<-chan error, error
 			if err != nil {
 				return nil, fmt.Errorf("kube: %w", err)
 			}
-			return convert(objs, func(o *securityv1beta1.AuthorizationPolicy) (*policy.Policy, error) {
-				return policy.FromV1beta1(o, origin("v1beta1", o.Namespace, o.Name))
-			})
+			return convert(objs, ConvertV1beta1)
 		}
 	} else {
 		i := f.Security().V1().AuthorizationPolicies()
@@ -83,9 +82,7 @@ func (s *Source) Watch(ctx context.Context, changed func()) (<-chan error, error
 			if err != nil {
 				return nil, fmt.Errorf("kube: %w", err)
 			}
-			return convert(objs, func(o *securityv1.AuthorizationPolicy) (*policy.Policy, error) {
-				return policy.FromV1(o, origin("v1", o.Namespace, o.Name))
-			})
+			return convert(objs, ConvertV1)
 		}
 	}
 	if _, err := inf.AddEventHandler(handler); err != nil {
@@ -121,6 +118,34 @@ func (s *Source) Policies() ([]*policy.Policy, error) {
 		return nil, ErrNotWatching
 	}
 	return list()
+}
+
+// ConvertV1 converts one security.istio.io/v1 AuthorizationPolicy as the
+// source loads it, and makes the engine's checks of one policy
+// (engine.CheckPolicy). The admission webhook calls it too, so that it
+// refuses exactly what a load refuses, with the same error: joined
+// *policy.FieldErrors.
+func ConvertV1(o *securityv1.AuthorizationPolicy) (*policy.Policy, error) {
+	p, err := policy.FromV1(o, origin("v1", o.Namespace, o.Name))
+	if err == nil {
+		err = engine.CheckPolicy(p)
+	}
+	if err != nil {
+		return nil, err
+	}
+	return p, nil
+}
+
+// ConvertV1beta1 is ConvertV1 for security.istio.io/v1beta1.
+func ConvertV1beta1(o *securityv1beta1.AuthorizationPolicy) (*policy.Policy, error) {
+	p, err := policy.FromV1beta1(o, origin("v1beta1", o.Namespace, o.Name))
+	if err == nil {
+		err = engine.CheckPolicy(p)
+	}
+	if err != nil {
+		return nil, err
+	}
+	return p, nil
 }
 
 func origin(version, ns, name string) string {

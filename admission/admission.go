@@ -1,0 +1,332 @@
+// Package admission is trustmesh's validating admission webhook: Galley's
+// half of Istio, for the objects trustmesh reads. It runs the checks the
+// control plane runs when it loads an object, the same functions and not
+// copies, so that kubectl apply refuses what the control plane would
+// refuse:
+//
+//   - an AuthorizationPolicy is converted and checked by the Kubernetes
+//     policy source's own per-object check (authz/source/kube.ConvertV1,
+//     which ends in engine.CheckPolicy, which engine.Build makes too). One
+//     refused policy would freeze the whole policy set at runtime, so a
+//     refused policy is denied, naming each field and its reason;
+//   - a PeerAuthentication that is not STRICT is admitted with a warning
+//     (mesh.CheckPeerAuthentication): trustmesh never honours it, and
+//     refusing it would break clusters that share it with Istio or migrate
+//     from it;
+//   - a ServiceEntry or Gateway the mesh model skips (a mesh.Refusal) is
+//     admitted with a warning that trustmesh ignores it, and why; a
+//     VirtualService is only decoded;
+//   - an object that does not decode is denied; DELETE is always allowed,
+//     and so are kinds trustmesh does not read.
+//
+// What only a whole set can refuse is not checked here: two policies of
+// one namespace/name cannot exist in a cluster, and a CUSTOM provider that
+// no loaded Rego bundle defines depends on the control plane's bundles, not
+// on the object (trustmesh analyze reports it, TMA021).
+package admission
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/http"
+
+	networkingapi "istio.io/api/networking/v1alpha3"
+	securityapi "istio.io/api/security/v1beta1"
+	networkingv1 "istio.io/client-go/pkg/apis/networking/v1"
+	networkingv1alpha3 "istio.io/client-go/pkg/apis/networking/v1alpha3"
+	networkingv1beta1 "istio.io/client-go/pkg/apis/networking/v1beta1"
+	securityv1 "istio.io/client-go/pkg/apis/security/v1"
+	securityv1beta1 "istio.io/client-go/pkg/apis/security/v1beta1"
+	admissionv1 "k8s.io/api/admission/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	"github.com/trustmesh/trustmesh/authz/policy"
+	"github.com/trustmesh/trustmesh/authz/source/kube"
+	"github.com/trustmesh/trustmesh/mesh"
+)
+
+// Path is where the webhook is served: POST, an AdmissionReview of
+// admission.k8s.io/v1.
+const Path = "/validate"
+
+// Rule is one resource the webhook validates, in every version the Istio
+// CRDs serve.
+type Rule struct {
+	Group    string
+	Versions []string
+	// Resource is the plural resource name, e.g. "authorizationpolicies".
+	Resource string
+	Kind     string
+}
+
+// Operations are the operations the webhook configuration should send;
+// the webhook allows every other one (DELETE always).
+var Operations = []string{"CREATE", "UPDATE"}
+
+// kinds is the table of what the webhook validates; Rules is its public
+// view.
+var kinds = []struct {
+	Rule
+	// check validates one object of the version; it is indexed by version.
+	check map[string]func(raw []byte, ns string) verdict
+}{
+	{Rule{"security.istio.io", []string{"v1", "v1beta1"}, "authorizationpolicies", "AuthorizationPolicy"},
+		map[string]func([]byte, string) verdict{
+			"v1":      checkAuthorizationPolicy(kube.ConvertV1, func(o *securityv1.AuthorizationPolicy) *metav1.ObjectMeta { return &o.ObjectMeta }),
+			"v1beta1": checkAuthorizationPolicy(kube.ConvertV1beta1, func(o *securityv1beta1.AuthorizationPolicy) *metav1.ObjectMeta { return &o.ObjectMeta }),
+		}},
+	{Rule{"security.istio.io", []string{"v1", "v1beta1"}, "peerauthentications", "PeerAuthentication"},
+		map[string]func([]byte, string) verdict{
+			"v1": checkPeerAuthentication(func(o *securityv1.PeerAuthentication) (*metav1.ObjectMeta, *securityapi.PeerAuthentication) {
+				return &o.ObjectMeta, &o.Spec
+			}),
+			"v1beta1": checkPeerAuthentication(func(o *securityv1beta1.PeerAuthentication) (*metav1.ObjectMeta, *securityapi.PeerAuthentication) {
+				return &o.ObjectMeta, &o.Spec
+			}),
+		}},
+	{Rule{"networking.istio.io", []string{"v1", "v1beta1", "v1alpha3"}, "serviceentries", "ServiceEntry"},
+		map[string]func([]byte, string) verdict{
+			"v1": checkServiceEntry(func(o *networkingv1.ServiceEntry) (*metav1.ObjectMeta, *serviceEntry) { return &o.ObjectMeta, &o.Spec }),
+			"v1beta1": checkServiceEntry(func(o *networkingv1beta1.ServiceEntry) (*metav1.ObjectMeta, *serviceEntry) {
+				return &o.ObjectMeta, &o.Spec
+			}),
+			"v1alpha3": checkServiceEntry(func(o *networkingv1alpha3.ServiceEntry) (*metav1.ObjectMeta, *serviceEntry) {
+				return &o.ObjectMeta, &o.Spec
+			}),
+		}},
+	{Rule{"networking.istio.io", []string{"v1", "v1beta1", "v1alpha3"}, "gateways", "Gateway"},
+		map[string]func([]byte, string) verdict{
+			"v1":       checkGateway(func(o *networkingv1.Gateway) (*metav1.ObjectMeta, *gateway) { return &o.ObjectMeta, &o.Spec }),
+			"v1beta1":  checkGateway(func(o *networkingv1beta1.Gateway) (*metav1.ObjectMeta, *gateway) { return &o.ObjectMeta, &o.Spec }),
+			"v1alpha3": checkGateway(func(o *networkingv1alpha3.Gateway) (*metav1.ObjectMeta, *gateway) { return &o.ObjectMeta, &o.Spec }),
+		}},
+	{Rule{"networking.istio.io", []string{"v1", "v1beta1", "v1alpha3"}, "virtualservices", "VirtualService"},
+		map[string]func([]byte, string) verdict{
+			"v1":       decodeOnly[networkingv1.VirtualService],
+			"v1beta1":  decodeOnly[networkingv1beta1.VirtualService],
+			"v1alpha3": decodeOnly[networkingv1alpha3.VirtualService],
+		}},
+}
+
+// Rules returns every resource the webhook validates: the chart's
+// ValidatingWebhookConfiguration must list exactly these.
+func Rules() []Rule {
+	out := make([]Rule, len(kinds))
+	for i, k := range kinds {
+		out[i] = k.Rule
+		out[i].Versions = append([]string(nil), k.Versions...)
+	}
+	return out
+}
+
+// Outcomes of a review, the outcome label of
+// trustmesh_admission_reviews_total.
+const (
+	OutcomeAllowed = "allowed"
+	OutcomeDenied  = "denied"
+	OutcomeWarned  = "warned"
+	// OutcomeError is an object that does not decode; it is denied too.
+	OutcomeError = "error"
+)
+
+// verdict is the result of checking one object.
+type verdict struct {
+	// err refuses the object: joined *policy.FieldErrors for a policy the
+	// engine refuses, or a decode error (decode set).
+	err    error
+	decode bool
+	// warnings are refusals of the mesh model: the object is admitted, and
+	// ignored by trustmesh.
+	warnings []string
+}
+
+// Review validates one admission request. It returns the response (UID
+// not set) and the outcome.
+func Review(req *admissionv1.AdmissionRequest) (*admissionv1.AdmissionResponse, string) {
+	allow := &admissionv1.AdmissionResponse{Allowed: true}
+	if req.Operation != admissionv1.Create && req.Operation != admissionv1.Update || req.SubResource != "" {
+		return allow, OutcomeAllowed
+	}
+	check := lookup(req.Resource)
+	if check == nil {
+		return allow, OutcomeAllowed
+	}
+	ns := req.Namespace
+	var meta struct {
+		Metadata struct {
+			DeletionTimestamp *metav1.Time `json:"deletionTimestamp"`
+		} `json:"metadata"`
+	}
+	if req.Operation == admissionv1.Update && json.Unmarshal(req.Object.Raw, &meta) == nil && meta.Metadata.DeletionTimestamp != nil {
+		// An object being deleted is on its way out: refusing the update
+		// that removes its last finalizer would keep it forever.
+		return allow, OutcomeAllowed
+	}
+	v := check(req.Object.Raw, ns)
+	if v.err != nil {
+		return &admissionv1.AdmissionResponse{Allowed: false, Result: status(req, v)}, map[bool]string{true: OutcomeError, false: OutcomeDenied}[v.decode]
+	}
+	if len(v.warnings) > 0 {
+		return &admissionv1.AdmissionResponse{Allowed: true, Warnings: v.warnings}, OutcomeWarned
+	}
+	return allow, OutcomeAllowed
+}
+
+func lookup(r metav1.GroupVersionResource) func([]byte, string) verdict {
+	for _, k := range kinds {
+		if k.Group == r.Group && k.Resource == r.Resource {
+			return k.check[r.Version]
+		}
+	}
+	return nil
+}
+
+// kindOf names the kind of a resource for metrics: "other" when the
+// webhook does not validate it.
+func kindOf(r metav1.GroupVersionResource) string {
+	for _, k := range kinds {
+		if k.Group == r.Group && k.Resource == r.Resource {
+			if _, ok := k.check[r.Version]; ok {
+				return k.Kind
+			}
+		}
+	}
+	return "other"
+}
+
+// status is the denial of an object: 422 Invalid with a cause per refused
+// field for a refusal, 400 BadRequest for an object that does not decode.
+func status(req *admissionv1.AdmissionRequest, v verdict) *metav1.Status {
+	st := &metav1.Status{
+		Status:  metav1.StatusFailure,
+		Message: v.err.Error(),
+		Details: &metav1.StatusDetails{Name: req.Name, Group: req.Kind.Group, Kind: req.Kind.Kind},
+	}
+	if v.decode {
+		st.Code, st.Reason = http.StatusBadRequest, metav1.StatusReasonBadRequest
+		return st
+	}
+	st.Code, st.Reason = http.StatusUnprocessableEntity, metav1.StatusReasonInvalid
+	for _, fe := range FieldErrors(v.err) {
+		typ := metav1.CauseTypeFieldValueInvalid
+		if errors.Is(fe.Err, policy.ErrUnsupported) {
+			typ = metav1.CauseTypeFieldValueNotSupported
+		}
+		st.Details.Causes = append(st.Details.Causes, metav1.StatusCause{Type: typ, Field: fe.Field, Message: fe.Err.Error()})
+	}
+	return st
+}
+
+// FieldErrors returns the *policy.FieldErrors an error joins (or wraps),
+// in order.
+func FieldErrors(err error) []*policy.FieldError {
+	var out []*policy.FieldError
+	var walk func(error)
+	walk = func(err error) {
+		var fe *policy.FieldError
+		switch e := err.(type) {
+		case nil:
+		case interface{ Unwrap() []error }:
+			for _, c := range e.Unwrap() {
+				walk(c)
+			}
+		default:
+			if errors.As(err, &fe) {
+				out = append(out, fe)
+			}
+		}
+	}
+	walk(err)
+	return out
+}
+
+// decode decodes an object into the client-go type of its version, as an
+// informer does, and gives it the request's namespace when it names none.
+func decode[T any](raw []byte, ns string, meta func(*T) *metav1.ObjectMeta) (*T, error) {
+	obj := new(T)
+	if err := json.Unmarshal(raw, obj); err != nil {
+		return nil, fmt.Errorf("admission: decode: %w", err)
+	}
+	if m := meta(obj); m.Namespace == "" {
+		m.Namespace = ns
+	}
+	return obj, nil
+}
+
+func checkAuthorizationPolicy[T any](convert func(*T) (*policy.Policy, error), meta func(*T) *metav1.ObjectMeta) func([]byte, string) verdict {
+	return func(raw []byte, ns string) verdict {
+		obj, err := decode(raw, ns, meta)
+		if err != nil {
+			return verdict{err: err, decode: true}
+		}
+		if _, err := convert(obj); err != nil {
+			return verdict{err: err}
+		}
+		return verdict{}
+	}
+}
+
+type (
+	serviceEntry = networkingapi.ServiceEntry
+	gateway      = networkingapi.Gateway
+)
+
+func checkPeerAuthentication[T any](parts func(*T) (*metav1.ObjectMeta, *securityapi.PeerAuthentication)) func([]byte, string) verdict {
+	return func(raw []byte, ns string) verdict {
+		obj, err := decode(raw, ns, func(o *T) *metav1.ObjectMeta { m, _ := parts(o); return m })
+		if err != nil {
+			return verdict{err: err, decode: true}
+		}
+		m, spec := parts(obj)
+		return warn(mesh.CheckPeerAuthentication(m.Namespace, m.Name, spec))
+	}
+}
+
+func checkServiceEntry[T any](parts func(*T) (*metav1.ObjectMeta, *serviceEntry)) func([]byte, string) verdict {
+	return func(raw []byte, ns string) verdict {
+		obj, err := decode(raw, ns, func(o *T) *metav1.ObjectMeta { m, _ := parts(o); return m })
+		if err != nil {
+			return verdict{err: err, decode: true}
+		}
+		m, spec := parts(obj)
+		_, ref := mesh.FromServiceEntry(m.Namespace, m.Name, spec)
+		return warn(ref)
+	}
+}
+
+func checkGateway[T any](parts func(*T) (*metav1.ObjectMeta, *gateway)) func([]byte, string) verdict {
+	return func(raw []byte, ns string) verdict {
+		obj, err := decode(raw, ns, func(o *T) *metav1.ObjectMeta { m, _ := parts(o); return m })
+		if err != nil {
+			return verdict{err: err, decode: true}
+		}
+		m, spec := parts(obj)
+		refs := mesh.CheckGateway(m.Namespace, m.Name, spec)
+		v := verdict{}
+		for i := range refs {
+			v.warnings = append(v.warnings, warning(&refs[i]))
+		}
+		return v
+	}
+}
+
+func decodeOnly[T any](raw []byte, _ string) verdict {
+	if err := json.Unmarshal(raw, new(T)); err != nil {
+		return verdict{err: fmt.Errorf("admission: decode: %w", err), decode: true}
+	}
+	return verdict{}
+}
+
+func warn(ref *mesh.Refusal) verdict {
+	if ref == nil {
+		return verdict{}
+	}
+	return verdict{warnings: []string{warning(ref)}}
+}
+
+// warning words a mesh refusal as an admission warning, which kubectl
+// prints as "Warning: ...".
+func warning(ref *mesh.Refusal) string {
+	return fmt.Sprintf("trustmesh ignores %s: %s", ref.Object, ref.Reason)
+}
