@@ -104,7 +104,13 @@ func (e *Engine) Check(ctx context.Context, req *authv3.CheckRequest) (*Decision
 	if s == nil {
 		return errorDecision(ErrNoPolicySet), ErrNoPolicySet
 	}
-	d, err := s.check(ctx, req)
+	return s.run(ctx, req, nil)
+}
+
+// run is Check on s; with tr, it also records how it decided (see
+// Set.Explain).
+func (s *Set) run(ctx context.Context, req *authv3.CheckRequest, tr *trace) (*Decision, error) {
+	d, err := s.check(ctx, req, tr)
 	if err != nil {
 		err = fmt.Errorf("engine: %w", err)
 		ed := errorDecision(err)
@@ -129,8 +135,11 @@ func (s *Set) Check(ctx context.Context, req *authv3.CheckRequest) (*Decision, e
 	return e.Check(ctx, req)
 }
 
-func (s *Set) check(ctx context.Context, req *authv3.CheckRequest) (*Decision, error) {
+func (s *Set) check(ctx context.Context, req *authv3.CheckRequest, tr *trace) (*Decision, error) {
 	r, err := newRequest(req, s.gateways)
+	if tr != nil {
+		tr.req = r
+	}
 	if err != nil {
 		return nil, err
 	}
@@ -142,13 +151,19 @@ func (s *Set) check(ctx context.Context, req *authv3.CheckRequest) (*Decision, e
 	}
 	applicable := s.applicable(r.dest)
 	d.Applied = len(applicable)
+	if tr != nil {
+		tr.applicable = applicable
+	}
 	if len(applicable) == 0 {
 		d.Allowed, d.Reason, d.HTTPStatus = true, ReasonNoPolicy, 0
 		return d, nil
 	}
-	matched, err := s.evalMatches(ctx, r, applicable)
+	matched, err := s.evalMatches(ctx, r, applicable, tr)
 	if err != nil {
 		return d, err
+	}
+	if tr != nil {
+		tr.evaluated = true
 	}
 
 	// CUSTOM: every matching CUSTOM policy asks its provider; any denial
@@ -162,6 +177,9 @@ func (s *Set) check(ctx context.Context, req *authv3.CheckRequest) (*Decision, e
 		res, err := s.evalProvider(ctx, req, r, p.Provider)
 		if err != nil {
 			return d, fmt.Errorf("%s: provider %q: %w", p.Key(), p.Provider, err)
+		}
+		if tr != nil {
+			tr.provider[e.idStr] = res.Allowed
 		}
 		if !res.Allowed {
 			d.decide(false, ReasonCustomDenied, p, rule)
@@ -236,8 +254,9 @@ func hasDryRun(es []*entry) bool {
 }
 
 // evalMatches runs the prepared query once and returns, for each applicable
-// policy with a matching rule, its lowest matching rule index.
-func (s *Set) evalMatches(ctx context.Context, r *request, applicable []*entry) (map[string]int, error) {
+// policy with a matching rule, its lowest matching rule index. With tr, it
+// also records every matching rule.
+func (s *Set) evalMatches(ctx context.Context, r *request, applicable []*entry, tr *trace) (map[string]int, error) {
 	ids := make([]*ast.Term, len(applicable))
 	for i, e := range applicable {
 		ids[i] = e.id
@@ -285,6 +304,9 @@ func (s *Set) evalMatches(ctx context.Context, r *request, applicable []*entry) 
 			}
 			if best < 0 || i < best {
 				best = i
+			}
+			if tr != nil {
+				tr.matched[string(id)] = append(tr.matched[string(id)], i)
 			}
 			return nil
 		})

@@ -69,7 +69,43 @@ func ID(i int) string { return "p" + strconv.Itoa(i) }
 // trustmesh.policy.<id>. A policy without rules compiles to a package that
 // never matches.
 func Module(id string, p *policy.Policy) string {
-	g := &gen{}
+	return module(id, p, false)
+}
+
+// Explain names the rules an explain module adds to a policy's package:
+// explain_http and explain_tcp, the sets of the names of the fields
+// (policy.Field.Name) that match, per protocol. ExplainQuery reads them for
+// the listed policies.
+const (
+	ExplainPackage = "trustmesh.explain"
+	ExplainQuery   = "data.trustmesh.explain.fields"
+)
+
+// ExplainModule is Module(id, p) followed by the explain_http and
+// explain_tcp rules: each field's outcome, made of the very expressions
+// (and helper rules) the policy's rules are made of, so that the
+// explanation of a decision is evaluated by the same Rego that decided it.
+// The engine serves with Module; only `trustmesh policy explain` compiles
+// ExplainModule.
+func ExplainModule(id string, p *policy.Policy) string {
+	return module(id, p, true)
+}
+
+// ExplainEntryModule maps each policy id listed in input.policies to the
+// set of its fields that match for input.proto; a policy none of whose
+// fields match is absent.
+func ExplainEntryModule() string {
+	return `package ` + ExplainPackage + `
+
+fields[id] := f if {
+	some id in input.policies
+	f := data.` + PolicyPackage + `[id][concat("_", ["explain", input.proto])]
+}
+`
+}
+
+func module(id string, p *policy.Policy, explain bool) string {
+	g := &gen{explain: explain}
 	g.printf("package %s.%s\n\n", PolicyPackage, id)
 	g.printf("# %s (%s) from %s\n", p.Key(), p.Action, p.Origin)
 	if len(p.Rules) == 0 {
@@ -88,12 +124,46 @@ func Module(id string, p *policy.Policy) string {
 	if !g.hasTCP {
 		g.printf("tcp := set()\n")
 	}
+	if explain {
+		g.explainRules()
+	}
 	return g.b.String()
 }
 
 type gen struct {
 	b      strings.Builder
 	hasTCP bool
+	// explain records each field's expressions (fields) for explainRules;
+	// proto is the set the rule being generated belongs to.
+	explain bool
+	proto   string
+	fields  []fieldExprs
+}
+
+type fieldExprs struct {
+	proto, name string
+	exprs       []string
+}
+
+// use records the expressions a field put in a rule body and returns them.
+func (g *gen) use(f policy.Field, exprs []string) []string {
+	if g.explain {
+		g.fields = append(g.fields, fieldExprs{proto: g.proto, name: f.Name, exprs: exprs})
+	}
+	return exprs
+}
+
+// explainRules emits `explain_<proto> contains "<field name>" if {...}`
+// with each field's own expressions.
+func (g *gen) explainRules() {
+	g.printf("\n# explain: the fields that match\n")
+	for _, f := range g.fields {
+		g.printf("explain_%s contains %s if {\n", f.proto, quote(f.name))
+		for _, e := range f.exprs {
+			g.printf("\t%s\n", e)
+		}
+		g.printf("}\n\n")
+	}
 }
 
 func (g *gen) printf(format string, args ...any) { fmt.Fprintf(&g.b, format, args...) }
@@ -103,6 +173,7 @@ func (g *gen) rule(proto string, i int, r policy.Rule, a policy.Action) {
 	if proto == "tcp" {
 		g.hasTCP = true
 	}
+	g.proto = proto
 	prefix := fmt.Sprintf("%s_r%d", proto, i)
 	var body []string
 	if len(r.From) > 0 {
@@ -112,7 +183,7 @@ func (g *gen) rule(proto string, i int, r policy.Rule, a policy.Action) {
 		body = append(body, g.matches(prefix+"_to", r.To, a))
 	}
 	for k, f := range r.When {
-		body = append(body, g.field(fmt.Sprintf("%s_when%d", prefix, k), f, a)...)
+		body = append(body, g.use(f, g.field(fmt.Sprintf("%s_when%d", prefix, k), f, a))...)
 	}
 	if len(body) == 0 {
 		g.printf("%s contains %d\n\n", proto, i)
@@ -131,7 +202,7 @@ func (g *gen) matches(name string, ms []policy.Match, a policy.Action) string {
 	for j, m := range ms {
 		var body []string
 		for k, f := range m {
-			body = append(body, g.field(fmt.Sprintf("%s%d_f%d", name, j, k), f, a)...)
+			body = append(body, g.use(f, g.field(fmt.Sprintf("%s%d_f%d", name, j, k), f, a))...)
 		}
 		if len(body) == 0 {
 			g.printf("%s if true\n\n", name)

@@ -51,3 +51,32 @@ func TestGolden(t *testing.T) {
 		})
 	}
 }
+
+// TestExplainModule: the explain module is the policy's module, unchanged,
+// followed by rules made of the same field expressions.
+func TestExplainModule(t *testing.T) {
+	raw, err := os.ReadFile("../../examples/policies/10-bookinfo.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ps, err := policy.ParseYAML("10-bookinfo.yaml", raw, "default")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i, p := range ps {
+		m, x := Module(ID(i), p), ExplainModule(ID(i), p)
+		if !strings.HasPrefix(x, m) {
+			t.Fatalf("%s: the explain module does not start with the module", p.Key())
+		}
+		if _, err := ast.ParseModuleWithOpts(ID(i), x, ast.ParserOptions{RegoVersion: ast.RegoV1}); err != nil {
+			t.Fatalf("%s: explain module does not parse: %v\n%s", p.Key(), err, x)
+		}
+		for _, r := range p.Rules {
+			r.EachField(func(f policy.Field) {
+				if !strings.Contains(x, "explain_http contains "+quote(f.Name)+" if {") {
+					t.Errorf("%s: no explain rule for %s", p.Key(), f.Name)
+				}
+			})
+		}
+	}
+}
