@@ -126,5 +126,14 @@ func Sort(fs []Finding) {
 	})
 }
 
-// All is every analyzer, in code order.
-var All = []Analyzer{}
+// All is every analyzer. TMA000 is not one: the loader
+// reports refused objects.
+var All = []Analyzer{
+	selectorsAnalyzer,
+	identitiesAnalyzer,
+	trustDomainAnalyzer,
+	dryRunAnalyzer,
+	customProviderAnalyzer,
+	peerAuthAnalyzer,
+	refusalsAnalyzer,
+}

@@ -18,6 +18,20 @@ import (
 	"github.com/trustmesh/trustmesh/mesh"
 )
 
+// A case file, testdata/cases/<CODE>_<report|quiet>[_more].yaml, is
+// multi-document YAML:
+//   - AuthorizationPolicies (and any other document that is not a mesh
+//     document), loaded with the command's loader, Policies.AddFile, so a
+//     refused one is a TMA000 finding that names the case file's line;
+//   - mesh documents (mesh.trustmesh.io kinds, PeerAuthentication,
+//     ServiceEntry), written to a directory and read by mesh.Dir, the mesh
+//     parser serve uses;
+//   - exactly one `kind: Expect` document (see expect).
+//
+// Only the analyzer the Expect names runs (TMA000: the loader), and its
+// findings must be exactly those listed, by code, object and field, each
+// with a message. A report case lists some; a quiet case lists none.
+
 // expect is a case file's `kind: Expect` document.
 type expect struct {
 	Kind          string `json:"kind"`
@@ -210,6 +224,7 @@ func TestCases(t *testing.T) {
 			type key struct{ Code, Object, Field string }
 			var got, want []key
 			for _, f := range rep.Findings {
+				t.Logf("%s %s %s %s: %s", f.Code, f.Severity, f.Object, f.Field, f.Message)
 				got = append(got, key{f.Code, f.Object, f.Field})
 				if strings.TrimSpace(f.Message) == "" {
 					t.Errorf("finding %+v has no message", f)

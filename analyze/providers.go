@@ -26,13 +26,22 @@ func EngineProviders(ctx context.Context, bundles []engine.NamedBundle) (func(na
 		probe := &policy.Policy{Namespace: "analyze", Name: "provider", Origin: "analyze", Action: policy.Custom, Provider: name, Rules: []policy.Rule{{}}}
 		_, err := engine.Build(ctx, engine.SetConfig{Policies: []*policy.Policy{probe}, Bundles: bundles})
 		if err != nil {
-			// The engine names the probe policy; the reason is what it
-			// wraps.
-			if inner := errors.Unwrap(err); inner != nil {
-				err = inner
-			}
+			err = providerReason(err)
 		}
 		known[name] = err
 		return err
 	}, nil
+}
+
+// providerReason returns, of the engine's refusal of the probe policy, the
+// innermost error that is still an engine.ErrUnknownProvider: the reason,
+// without the probe policy's name around it.
+func providerReason(err error) error {
+	reason := err
+	for e := err; e != nil; e = errors.Unwrap(e) {
+		if e != engine.ErrUnknownProvider && errors.Is(e, engine.ErrUnknownProvider) {
+			reason = e
+		}
+	}
+	return reason
 }
