@@ -172,7 +172,6 @@ func loadCase(t *testing.T, path string) (*Input, []Finding, expect) {
 	return in, ps.Findings(), exp
 }
 
-
 // TestCases runs every case file in testdata/cases: only the analyzer its
 // Expect names, asserting exactly the findings it lists.
 func TestCases(t *testing.T) {
