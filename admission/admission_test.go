@@ -1,0 +1,381 @@
+package admission_test
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/http"
+	"net/http/httptest"
+	"slices"
+	"strings"
+	"testing"
+
+	"github.com/prometheus/client_golang/prometheus"
+	securityv1 "istio.io/client-go/pkg/apis/security/v1"
+	admissionv1 "k8s.io/api/admission/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/runtime"
+	"sigs.k8s.io/yaml"
+
+	"github.com/trustmesh/trustmesh/admission"
+	"github.com/trustmesh/trustmesh/authz/policy"
+	"github.com/trustmesh/trustmesh/authz/source/kube"
+)
+
+// request builds an AdmissionRequest for an object given in YAML, of the
+// resource of its apiVersion.
+func request(t *testing.T, op admissionv1.Operation, resource, doc string) *admissionv1.AdmissionRequest {
+	t.Helper()
+	js, err := yaml.YAMLToJSON([]byte(doc))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var meta struct {
+		APIVersion string `json:"apiVersion"`
+		Kind       string `json:"kind"`
+		Metadata   struct {
+			Name, Namespace string
+		} `json:"metadata"`
+	}
+	if err := json.Unmarshal(js, &meta); err != nil {
+		t.Fatal(err)
+	}
+	group, version, _ := strings.Cut(meta.APIVersion, "/")
+	return &admissionv1.AdmissionRequest{
+		UID:       "uid-1",
+		Kind:      metav1.GroupVersionKind{Group: group, Version: version, Kind: meta.Kind},
+		Resource:  metav1.GroupVersionResource{Group: group, Version: version, Resource: resource},
+		Name:      meta.Metadata.Name,
+		Namespace: meta.Metadata.Namespace,
+		Operation: op,
+		Object:    runtime.RawExtension{Raw: js},
+	}
+}
+
+const badProvider = `apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: ext, namespace: shop}
+spec:
+  action: CUSTOM
+  provider: {name: opa}
+  rules: [{}]
+`
+
+const jwt = `apiVersion: security.istio.io/v1beta1
+kind: AuthorizationPolicy
+metadata: {name: jwt, namespace: shop}
+spec:
+  rules:
+  - from: [{source: {requestPrincipals: ["issuer/subject"]}}]
+    to: [{operation: {ports: ["99999"]}}]
+`
+
+func TestReview(t *testing.T) {
+	for _, tc := range []struct {
+		name, resource, doc string
+		op                  admissionv1.Operation
+		outcome             string
+		// causes are the denial's causes, "field: message prefix".
+		causes []string
+		// warning is a substring of the one warning.
+		warning string
+	}{
+		{name: "good policy", resource: "authorizationpolicies", outcome: admission.OutcomeAllowed, doc: `apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: allow, namespace: shop}
+spec:
+  rules: [{from: [{source: {principals: ["cluster.local/ns/shop/sa/web"]}}]}]
+`},
+		{name: "provider the engine refuses", resource: "authorizationpolicies", doc: badProvider, outcome: admission.OutcomeDenied,
+			causes: []string{`spec.provider.name: unknown extension provider: "opa": providers are Rego decisions named rego:<path>`}},
+		{name: "provider no bundle defines is the set's business", resource: "authorizationpolicies", outcome: admission.OutcomeAllowed,
+			doc: strings.Replace(badProvider, "{name: opa}", `{name: "rego:nobody/allow"}`, 1)},
+		{name: "every refused field of a v1beta1 policy", resource: "authorizationpolicies", doc: jwt, outcome: admission.OutcomeDenied,
+			causes: []string{
+				"spec.rules[0].from[0].source.requestPrincipals: not supported: needs request authentication (JWT)",
+				"spec.rules[0].from[0].source: invalid: must not be empty",
+				`spec.rules[0].to[0].operation.ports[0]: invalid: "99999": not a port number`,
+			}},
+		{name: "an update is checked as a create", resource: "authorizationpolicies", doc: jwt, op: admissionv1.Update, outcome: admission.OutcomeDenied,
+			causes: []string{"spec.rules[0].from[0].source.requestPrincipals: not supported", "spec.rules[0].from[0].source: invalid", "spec.rules[0].to[0].operation.ports[0]: invalid"}},
+		{name: "delete", resource: "authorizationpolicies", doc: jwt, op: admissionv1.Delete, outcome: admission.OutcomeAllowed},
+		{name: "status subresource", resource: "authorizationpolicies", doc: jwt, op: admissionv1.Update, outcome: admission.OutcomeAllowed},
+		{name: "update of a policy being deleted", resource: "authorizationpolicies", op: admissionv1.Update, outcome: admission.OutcomeAllowed,
+			doc: strings.Replace(jwt, "namespace: shop}", "namespace: shop, deletionTimestamp: '2026-01-01T00:00:00Z'}", 1)},
+		{name: "not ours", resource: "requestauthentications", outcome: admission.OutcomeAllowed, doc: `apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata: {name: r, namespace: shop}
+spec: {jwtRules: [{issuer: x}]}
+`},
+		{name: "spec that does not decode", resource: "authorizationpolicies", outcome: admission.OutcomeError, doc: `apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: x, namespace: shop}
+spec: {rules: "all"}
+`},
+		{name: "STRICT PeerAuthentication", resource: "peerauthentications", outcome: admission.OutcomeAllowed, doc: `apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: default, namespace: shop}
+spec: {mtls: {mode: STRICT}}
+`},
+		{name: "PERMISSIVE PeerAuthentication", resource: "peerauthentications", outcome: admission.OutcomeWarned,
+			warning: "trustmesh ignores PeerAuthentication shop/default: mtls.mode PERMISSIVE refused: trustmesh enforces STRICT mTLS only",
+			doc: `apiVersion: security.istio.io/v1beta1
+kind: PeerAuthentication
+metadata: {name: default, namespace: shop}
+spec: {mtls: {mode: PERMISSIVE}}
+`},
+		{name: "external ServiceEntry", resource: "serviceentries", outcome: admission.OutcomeAllowed, doc: `apiVersion: networking.istio.io/v1alpha3
+kind: ServiceEntry
+metadata: {name: api, namespace: shop}
+spec: {hosts: [api.example.com], location: MESH_EXTERNAL, resolution: DNS, ports: [{number: 80, name: http, protocol: HTTP}]}
+`},
+		{name: "internal ServiceEntry", resource: "serviceentries", outcome: admission.OutcomeWarned,
+			warning: "trustmesh ignores ServiceEntry shop/db: only location MESH_EXTERNAL is supported", doc: `apiVersion: networking.istio.io/v1alpha3
+kind: ServiceEntry
+metadata: {name: db, namespace: shop}
+spec: {hosts: [db.internal], location: MESH_INTERNAL, resolution: DNS, ports: [{number: 5432, name: pg, protocol: TCP}]}
+`},
+		{name: "Gateway with a passthrough server", resource: "gateways", outcome: admission.OutcomeWarned,
+			warning: "trustmesh ignores Gateway edge/in: servers[1]: tls.mode PASSTHROUGH is not supported", doc: `apiVersion: networking.istio.io/v1beta1
+kind: Gateway
+metadata: {name: in, namespace: edge}
+spec:
+  selector: {istio: ingressgateway}
+  servers:
+  - {port: {number: 443, name: https, protocol: HTTPS}, hosts: [a.example.com], tls: {mode: SIMPLE, credentialName: a}}
+  - {port: {number: 8443, name: tls, protocol: TLS}, hosts: [b.example.com], tls: {mode: PASSTHROUGH}}
+`},
+		{name: "VirtualService", resource: "virtualservices", outcome: admission.OutcomeAllowed, doc: `apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: web, namespace: edge}
+spec: {hosts: [a.example.com], gateways: [in], http: [{route: [{destination: {host: web.shop.svc.cluster.local}}]}]}
+`},
+		{name: "VirtualService that does not decode", resource: "virtualservices", outcome: admission.OutcomeError, doc: `apiVersion: networking.istio.io/v1alpha3
+kind: VirtualService
+metadata: {name: web, namespace: edge}
+spec: {hosts: a.example.com}
+`},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			op := tc.op
+			if op == "" {
+				op = admissionv1.Create
+			}
+			req := request(t, op, tc.resource, tc.doc)
+			if tc.name == "status subresource" {
+				req.SubResource = "status"
+			}
+			resp, outcome := admission.Review(req)
+			if outcome != tc.outcome {
+				t.Fatalf("outcome %s, want %s (%+v)", outcome, tc.outcome, resp.Result)
+			}
+			if resp.Allowed != (outcome != admission.OutcomeDenied && outcome != admission.OutcomeError) {
+				t.Fatalf("allowed %v with outcome %s", resp.Allowed, outcome)
+			}
+			if tc.warning == "" && len(resp.Warnings) > 0 || tc.warning != "" && (len(resp.Warnings) != 1 || !strings.Contains(resp.Warnings[0], tc.warning)) {
+				t.Errorf("warnings %q, want one holding %q", resp.Warnings, tc.warning)
+			}
+			if resp.Allowed {
+				return
+			}
+			st := resp.Result
+			if st == nil || st.Details == nil || st.Details.Kind != req.Kind.Kind || st.Details.Name != req.Name {
+				t.Fatalf("denial %+v names no object", st)
+			}
+			if outcome == admission.OutcomeError {
+				if st.Code != http.StatusBadRequest || !strings.Contains(st.Message, "decode") {
+					t.Errorf("decode denial %+v", st)
+				}
+				return
+			}
+			if st.Code != http.StatusUnprocessableEntity || st.Reason != metav1.StatusReasonInvalid {
+				t.Errorf("code %d reason %s, want 422 Invalid", st.Code, st.Reason)
+			}
+			var got []string
+			for _, c := range st.Details.Causes {
+				got = append(got, c.Field+": "+c.Message)
+				if !strings.Contains(st.Message, c.Field+": "+c.Message) {
+					t.Errorf("message %q does not hold the cause %s: %s", st.Message, c.Field, c.Message)
+				}
+			}
+			if len(got) != len(tc.causes) {
+				t.Fatalf("causes %q, want %q", got, tc.causes)
+			}
+			for i := range got {
+				if !strings.HasPrefix(got[i], tc.causes[i]) {
+					t.Errorf("cause %q, want %q...", got[i], tc.causes[i])
+				}
+			}
+		})
+	}
+}
+
+// TestSameRefusalAsTheLoad holds the webhook to the Kubernetes source's
+// load: a policy the load refuses is denied with the load's message, cause
+// by cause. The bad provider is refused by the engine's check, not the
+// parser's, so the webhook must run the engine's per-policy check.
+func TestSameRefusalAsTheLoad(t *testing.T) {
+	for _, doc := range []string{badProvider, strings.Replace(jwt, "v1beta1", "v1", 1)} {
+		js, err := yaml.YAMLToJSON([]byte(doc))
+		if err != nil {
+			t.Fatal(err)
+		}
+		var obj securityv1.AuthorizationPolicy
+		if err := json.Unmarshal(js, &obj); err != nil {
+			t.Fatal(err)
+		}
+		_, loadErr := kube.ConvertV1(&obj)
+		if loadErr == nil {
+			t.Fatalf("%s: the load accepts it", obj.Name)
+		}
+		resp, _ := admission.Review(request(t, admissionv1.Create, "authorizationpolicies", doc))
+		if resp.Allowed {
+			t.Fatalf("%s: admitted; the load refuses it: %v", obj.Name, loadErr)
+		}
+		if resp.Result.Message != loadErr.Error() {
+			t.Errorf("webhook says\n%s\nthe load says\n%s", resp.Result.Message, loadErr)
+		}
+		fes := admission.FieldErrors(loadErr)
+		if len(fes) == 0 || len(fes) != len(resp.Result.Details.Causes) {
+			t.Fatalf("causes %+v, load's field errors %v", resp.Result.Details.Causes, fes)
+		}
+		for i, fe := range fes {
+			if c := resp.Result.Details.Causes[i]; c.Field != fe.Field || c.Message != fe.Err.Error() {
+				t.Errorf("cause %+v, load's %s: %v", c, fe.Field, fe.Err)
+			}
+			if !errors.Is(fe, policy.ErrInvalid) && !errors.Is(fe, policy.ErrUnsupported) && !strings.Contains(fe.Error(), "provider") {
+				t.Errorf("field error %v wraps no sentinel", fe)
+			}
+		}
+	}
+}
+
+func TestRules(t *testing.T) {
+	want := map[string][]string{
+		"security.istio.io/authorizationpolicies": {"v1", "v1beta1"},
+		"security.istio.io/peerauthentications":   {"v1", "v1beta1"},
+		"networking.istio.io/serviceentries":      {"v1", "v1beta1", "v1alpha3"},
+		"networking.istio.io/gateways":            {"v1", "v1beta1", "v1alpha3"},
+		"networking.istio.io/virtualservices":     {"v1", "v1beta1", "v1alpha3"},
+	}
+	rules := admission.Rules()
+	if len(rules) != len(want) {
+		t.Fatalf("%d rules, want %d", len(rules), len(want))
+	}
+	for _, r := range rules {
+		if v := want[r.Group+"/"+r.Resource]; !slices.Equal(r.Versions, v) {
+			t.Errorf("%s/%s: versions %v, want %v", r.Group, r.Resource, r.Versions, v)
+		}
+		// Every listed version is validated, not waved through.
+		for _, v := range r.Versions {
+			req := request(t, admissionv1.Create, r.Resource, "apiVersion: "+r.Group+"/"+v+"\nkind: "+r.Kind+"\nmetadata: {name: x, namespace: ns}\nspec: 7\n")
+			if resp, outcome := admission.Review(req); resp.Allowed || outcome != admission.OutcomeError {
+				t.Errorf("%s/%s %s: a spec that does not decode is %s", r.Group, v, r.Kind, outcome)
+			}
+		}
+	}
+	rules[0].Versions[0] = "mutated"
+	if admission.Rules()[0].Versions[0] == "mutated" {
+		t.Error("Rules shares its table with callers")
+	}
+}
+
+func TestHandler(t *testing.T) {
+	reg := prometheus.NewRegistry()
+	h, err := admission.NewHandler(admission.HandlerConfig{Registerer: reg, Log: slog.New(slog.DiscardHandler)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	post := func(contentType string, body []byte) *httptest.ResponseRecorder {
+		rec := httptest.NewRecorder()
+		r := httptest.NewRequest(http.MethodPost, admission.Path, bytes.NewReader(body))
+		r.Header.Set("Content-Type", contentType)
+		h.ServeHTTP(rec, r)
+		return rec
+	}
+	review := func(req *admissionv1.AdmissionRequest) *admissionv1.AdmissionResponse {
+		t.Helper()
+		body, _ := json.Marshal(admissionv1.AdmissionReview{
+			TypeMeta: metav1.TypeMeta{APIVersion: "admission.k8s.io/v1", Kind: "AdmissionReview"}, Request: req})
+		rec := post("application/json", body)
+		if rec.Code != http.StatusOK {
+			t.Fatalf("status %d: %s", rec.Code, rec.Body)
+		}
+		var out admissionv1.AdmissionReview
+		if err := json.Unmarshal(rec.Body.Bytes(), &out); err != nil || out.Response == nil {
+			t.Fatalf("response %s: %v", rec.Body, err)
+		}
+		if out.APIVersion != "admission.k8s.io/v1" || out.Kind != "AdmissionReview" || out.Response.UID != req.UID {
+			t.Fatalf("response %+v does not answer the review", out)
+		}
+		return out.Response
+	}
+	if resp := review(request(t, admissionv1.Create, "authorizationpolicies", badProvider)); resp.Allowed {
+		t.Error("bad policy admitted")
+	}
+	resp := review(request(t, admissionv1.Create, "peerauthentications", "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: a, namespace: b}\nspec: {mtls: {mode: DISABLE}}\n"))
+	if !resp.Allowed || len(resp.Warnings) != 1 {
+		t.Errorf("PeerAuthentication DISABLE: %+v", resp)
+	}
+	review(request(t, admissionv1.Create, "requestauthentications", "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {name: a, namespace: b}\n"))
+
+	if rec := post("text/plain", []byte("{}")); rec.Code != http.StatusUnsupportedMediaType {
+		t.Errorf("text/plain: %d", rec.Code)
+	}
+	if rec := post("application/json", []byte(`{"kind":"AdmissionReview"}`)); rec.Code != http.StatusBadRequest {
+		t.Errorf("review without request: %d", rec.Code)
+	}
+	if rec := post("application/json", bytes.Repeat([]byte(" "), 9<<20)); rec.Code != http.StatusRequestEntityTooLarge {
+		t.Errorf("9 MiB body: %d", rec.Code)
+	}
+	rec := httptest.NewRecorder()
+	h.ServeHTTP(rec, httptest.NewRequest(http.MethodGet, admission.Path, nil))
+	if rec.Code != http.StatusMethodNotAllowed {
+		t.Errorf("GET: %d", rec.Code)
+	}
+
+	for _, c := range []struct {
+		kind, outcome string
+		want          float64
+	}{
+		{"AuthorizationPolicy", admission.OutcomeDenied, 1},
+		{"AuthorizationPolicy", admission.OutcomeAllowed, 0},
+		{"PeerAuthentication", admission.OutcomeWarned, 1},
+		{"other", admission.OutcomeAllowed, 1},
+		{"other", admission.OutcomeError, 3},
+	} {
+		got, err := reviews(reg, c.kind, c.outcome)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got != c.want {
+			t.Errorf("reviews{kind=%s,outcome=%s} = %v, want %v", c.kind, c.outcome, got, c.want)
+		}
+	}
+}
+
+// reviews is one series of trustmesh_admission_reviews_total, read back
+// from the registry; an absent series is an error.
+func reviews(reg *prometheus.Registry, kind, outcome string) (float64, error) {
+	mfs, err := reg.Gather()
+	if err != nil {
+		return 0, err
+	}
+	for _, mf := range mfs {
+		if mf.GetName() != "trustmesh_admission_reviews_total" {
+			continue
+		}
+		for _, m := range mf.GetMetric() {
+			labels := map[string]string{}
+			for _, l := range m.GetLabel() {
+				labels[l.GetName()] = l.GetValue()
+			}
+			if labels["kind"] == kind && labels["outcome"] == outcome {
+				return m.GetCounter().GetValue(), nil
+			}
+		}
+	}
+	return 0, fmt.Errorf("no series trustmesh_admission_reviews_total{kind=%q,outcome=%q}", kind, outcome)
+}
