@@ -12,7 +12,7 @@ import (
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
 
-	"github.com/trustmesh/trustmesh/authz/policy"
+	policykube "github.com/trustmesh/trustmesh/authz/source/kube"
 	"github.com/trustmesh/trustmesh/mesh"
 	meshkube "github.com/trustmesh/trustmesh/mesh/kube"
 )
@@ -70,11 +70,10 @@ func ReadCluster(ctx context.Context, cfg ClusterConfig) (*Cluster, error) {
 	c := &Cluster{Policies: &Policies{}, Created: map[string]time.Time{}}
 	for i := range list.Items {
 		o := list.Items[i]
-		// The origin the Kubernetes policy source gives.
-		origin := fmt.Sprintf("kubernetes security.istio.io/v1 AuthorizationPolicy %s/%s", o.Namespace, o.Name)
-		p, err := policy.FromV1(o, origin)
+		// The conversion and checks of the Kubernetes policy source.
+		p, err := policykube.ConvertV1(o)
 		if err != nil {
-			c.Policies.Refuse(origin, "AuthorizationPolicy "+o.Namespace+"/"+o.Name, err)
+			c.Policies.Refuse("cluster", "AuthorizationPolicy "+o.Namespace+"/"+o.Name, err)
 			continue
 		}
 		c.Policies.AddPolicy(p)

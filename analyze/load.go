@@ -11,6 +11,7 @@ import (
 
 	"sigs.k8s.io/yaml"
 
+	"github.com/trustmesh/trustmesh/authz/engine"
 	"github.com/trustmesh/trustmesh/authz/policy"
 )
 
@@ -76,8 +77,9 @@ func (ps *Policies) AddPath(path string) error {
 }
 
 // AddFile parses the YAML documents of one file with the engine's parser,
-// policy.ParseYAML. A document it refuses becomes a TMA000 finding whose
-// message is the parser's refusal, verbatim; the file's other documents
+// policy.ParseYAML, and checks each policy as the engine's load does
+// (engine.CheckPolicy). A document either refuses becomes a TMA000 finding
+// whose message is the refusal, verbatim; the file's other documents
 // still load. Each document is parsed from the whole file with every other
 // document blanked out, so that the refusal names the same document and
 // line as a parse of the whole file does.
@@ -103,7 +105,8 @@ func (ps *Policies) AddFile(origin string, data []byte) {
 	}
 }
 
-// AddPolicy adds one policy converted elsewhere (a Kubernetes object).
+// AddPolicy adds one policy converted elsewhere (a Kubernetes object); it
+// is checked as a parsed one is.
 func (ps *Policies) AddPolicy(p *policy.Policy) { ps.add([]*policy.Policy{p}) }
 
 // Refuse records an object the engine refused, with the refusal verbatim.
@@ -114,6 +117,12 @@ func (ps *Policies) add(got []*policy.Policy) {
 		ps.seen = map[string]string{}
 	}
 	for _, p := range got {
+		// The engine's checks of one policy, which a load makes after
+		// parsing (a no-op again for a converted Kubernetes object).
+		if err := engine.CheckPolicy(p); err != nil {
+			ps.refuse(p.Origin, "AuthorizationPolicy "+p.Key(), err)
+			continue
+		}
 		if prev, dup := ps.seen[p.Key()]; dup {
 			// The words of policy.ParseDir, which refuses the same.
 			ps.refuse(p.Origin, "AuthorizationPolicy "+p.Key(),
