@@ -73,6 +73,10 @@ func checkServer(sv *networkingv1alpha3.Server) string {
 	case networkingv1alpha3.ServerTLSSettings_ISTIO_MUTUAL:
 		return ""
 	}
+	if sv.GetTls() == nil {
+		// The zero mode is PASSTHROUGH: do not name a mode nobody wrote.
+		return "a server without tls is not supported; use tls.mode SIMPLE (ingress) or ISTIO_MUTUAL (egress)"
+	}
 	return fmt.Sprintf("tls.mode %s is not supported; use SIMPLE (ingress) or ISTIO_MUTUAL (egress)", sv.GetTls().GetMode())
 }
 
