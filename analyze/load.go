@@ -39,24 +39,24 @@ func (ps *Policies) Policies() []*policy.Policy { return ps.policies }
 func (ps *Policies) Findings() []Finding { return ps.findings }
 
 // AddPath loads a file, or every policy file directly in a directory (as
-// policy.ParseDir reads it). An error is returned only when the path cannot
-// be read at all; refused objects become findings.
+// policy.ParseDir reads it). An error, the *fs.PathError, is returned only
+// when the path cannot be read at all; refused objects become findings.
 func (ps *Policies) AddPath(path string) error {
 	st, err := os.Stat(path)
 	if err != nil {
-		return fmt.Errorf("analyze: %w", err)
+		return err
 	}
 	if !st.IsDir() {
 		data, err := os.ReadFile(path)
 		if err != nil {
-			return fmt.Errorf("analyze: %w", err)
+			return err
 		}
 		ps.AddFile(path, data)
 		return nil
 	}
 	entries, err := os.ReadDir(path)
 	if err != nil {
-		return fmt.Errorf("analyze: %w", err)
+		return err
 	}
 	var names []string
 	for _, e := range entries {
@@ -69,7 +69,7 @@ func (ps *Policies) AddPath(path string) error {
 		p := filepath.Join(path, n)
 		data, err := os.ReadFile(p)
 		if err != nil {
-			return fmt.Errorf("analyze: %w", err)
+			return err
 		}
 		ps.AddFile(p, data)
 	}

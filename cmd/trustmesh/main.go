@@ -71,6 +71,7 @@ func newRootCmd() *cobra.Command {
 		newXDSCmd(),
 		newDemoCmd(),
 		newCheckCmd(),
+		newAnalyzeCmd(),
 	)
 	return root
 }

@@ -1,0 +1,180 @@
+package analyze
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	"github.com/trustmesh/trustmesh/authz/engine"
+	"github.com/trustmesh/trustmesh/authz/source"
+	"github.com/trustmesh/trustmesh/mesh"
+)
+
+// ErrBadInput marks a configuration `trustmesh analyze` cannot analyze at
+// all: no input, an unreadable path, a mesh directory or bundle that does
+// not load. The command exits 2 on it.
+var ErrBadInput = errors.New("analyze: bad input")
+
+// Config is what `trustmesh analyze` analyzes: files (Files, MeshDir) or a
+// cluster (Cluster), never both.
+type Config struct {
+	// Files are AuthorizationPolicy files and directories (-f).
+	Files []string
+	// MeshDir is a mesh directory, as serve's --mesh.
+	MeshDir string
+	// Cluster, when set, reads the policies and the mesh from a cluster.
+	Cluster *ClusterConfig
+	// Bundles are the Rego bundles CUSTOM providers come from; a -f
+	// directory's bundles.txt adds to them.
+	Bundles source.Bundles
+	// RootNamespace: empty means engine.DefaultRootNamespace.
+	RootNamespace string
+	// TrustDomain: empty means cluster.local.
+	TrustDomain string
+	// StaleDryRun: zero means DefaultStaleDryRun.
+	StaleDryRun time.Duration
+	// Now judges the dry-run policies' age; zero means time.Now().
+	Now time.Time
+	// Analyzers to run; nil means All.
+	Analyzers []Analyzer
+}
+
+// DefaultTrustDomain is the trust domain assumed when none is given.
+const DefaultTrustDomain = "cluster.local"
+
+// Analyze loads the input the configuration names, with the engine's and
+// the mesh's own loaders, and runs the analyzers over it. Objects the
+// engine refuses are TMA000 findings, not errors; an error (wrapping
+// ErrBadInput) means nothing could be analyzed.
+func Analyze(ctx context.Context, cfg Config) (Report, error) {
+	bad := func(format string, args ...any) (Report, error) {
+		return Report{}, fmt.Errorf("%w: "+format, append([]any{ErrBadInput}, args...)...)
+	}
+	switch {
+	case cfg.Cluster == nil && len(cfg.Files) == 0 && cfg.MeshDir == "":
+		return bad("nothing to analyze: give -f DIR|FILE (and --mesh DIR), or --kubeconfig FILE")
+	case cfg.Cluster != nil && (len(cfg.Files) > 0 || cfg.MeshDir != ""):
+		return bad("-f and --mesh analyze files, --kubeconfig a cluster: give one or the other")
+	}
+	in := &Input{RootNamespace: cfg.RootNamespace, StaleDryRun: cfg.StaleDryRun, Now: cfg.Now}
+	if in.RootNamespace == "" {
+		in.RootNamespace = engine.DefaultRootNamespace
+	}
+	if in.StaleDryRun == 0 {
+		in.StaleDryRun = DefaultStaleDryRun
+	}
+	if in.StaleDryRun < 0 {
+		return bad("--stale-dry-run %s is negative", in.StaleDryRun)
+	}
+	if in.Now.IsZero() {
+		in.Now = time.Now()
+	}
+	td := cfg.TrustDomain
+	if td == "" {
+		td = DefaultTrustDomain
+	}
+	var err error
+	if in.TrustDomain, err = spiffeid.TrustDomainFromString(td); err != nil {
+		return bad("--trust-domain %q: %w", td, err)
+	}
+
+	var ps *Policies
+	bundles := cfg.Bundles
+	if cfg.Cluster != nil {
+		cc := *cfg.Cluster
+		cc.TrustDomain = in.TrustDomain
+		c, err := ReadCluster(ctx, cc)
+		if err != nil {
+			return bad("%w", err)
+		}
+		ps, in.Mesh, in.Created = c.Policies, c.Mesh, c.Created
+	} else {
+		ps = &Policies{DefaultNamespace: "default"}
+		for _, f := range cfg.Files {
+			if err := ps.AddPath(f); err != nil {
+				return bad("-f: %w", err)
+			}
+			if st, err := os.Stat(f); err == nil && st.IsDir() {
+				named, err := (&source.Dir{Path: f}).Bundles()
+				if err != nil {
+					return bad("%w", err)
+				}
+				bundles.Paths = append(bundles.Paths, named...)
+			}
+		}
+		if cfg.MeshDir != "" {
+			if in.Mesh, err = (&mesh.Dir{Path: cfg.MeshDir}).Mesh(); err != nil {
+				return bad("--mesh %s: %w", cfg.MeshDir, err)
+			}
+		}
+	}
+	in.Policies = ps.Policies()
+
+	bcs, err := bundles.Configs("")
+	if err != nil {
+		return bad("%w", err)
+	}
+	if len(bcs) > 0 {
+		var nbs []engine.NamedBundle
+		for _, bc := range bcs {
+			b, err := source.LoadBundle(bc)
+			if err != nil {
+				return bad("%w", err)
+			}
+			nbs = append(nbs, engine.NamedBundle{Name: bc.Path, Bundle: b})
+		}
+		if in.Providers, err = EngineProviders(ctx, nbs); err != nil {
+			return bad("%w", err)
+		}
+	}
+
+	analyzers := cfg.Analyzers
+	if analyzers == nil {
+		analyzers = All
+	}
+	rep := Run(in, analyzers)
+	rep.Findings = append(rep.Findings, ps.Findings()...)
+	Sort(rep.Findings)
+	return rep, nil
+}
+
+// ParseFailOn parses --fail-on: error, warning, info or none. The result
+// is the lowest severity that fails; "" for none.
+func ParseFailOn(s string) (Severity, error) {
+	switch Severity(s) {
+	case SeverityError, SeverityWarning, SeverityInfo:
+		return Severity(s), nil
+	case "none":
+		return "", nil
+	}
+	return "", fmt.Errorf("%w: --fail-on %q is not one of error, warning, info or none", ErrBadInput, s)
+}
+
+// Fails reports whether the report has a finding at or above level; never
+// for level "" (none).
+func (r Report) Fails(level Severity) bool {
+	if level == "" {
+		return false
+	}
+	for _, f := range r.Findings {
+		if f.Severity.Rank() >= level.Rank() {
+			return true
+		}
+	}
+	return false
+}
+
+// Count returns how many findings have the severity.
+func (r Report) Count(s Severity) int {
+	n := 0
+	for _, f := range r.Findings {
+		if f.Severity == s {
+			n++
+		}
+	}
+	return n
+}
