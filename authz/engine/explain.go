@@ -7,6 +7,7 @@ import (
 	"slices"
 	"sort"
 	"strconv"
+	"strings"
 
 	authv3 "github.com/envoyproxy/go-control-plane/envoy/service/auth/v3"
 	"github.com/open-policy-agent/opa/v1/ast"
@@ -72,6 +73,9 @@ type Attributes struct {
 	Method          string `json:"method,omitempty"`
 	Host            string `json:"host,omitempty"`
 	Path            string `json:"path,omitempty"`
+	// SentPath is the path as sent, without its query, when normalizing
+	// changed it.
+	SentPath string `json:"sent_path,omitempty"`
 }
 
 // Selection says how the policies were chosen: those of the root
@@ -401,12 +405,12 @@ func fieldMiss(f policy.Field, a policy.Action, in ast.Object) FieldMiss {
 	}
 	switch {
 	case a != policy.Allow && (f.Attr == policy.SourceNamespace || f.Attr == policy.SourceServiceAccount):
-		fm.Value = nil
+		fm.Attribute, fm.Value = "source.principal", nil
 		if id := inputValue(in, policy.SourcePrincipal.String()); id != nil {
 			v := "spiffe://" + *id
 			fm.Value = &v
 		}
-		fm.Note = "outside ALLOW, matched as Istio does: against the whole SPIFFE ID"
+		fm.Note = "outside ALLOW, Istio matches namespaces and service accounts against the whole SPIFFE ID"
 	case f.Attr == policy.Host && a != policy.Allow:
 		if n := inputValue(in, authzrego.NormalizedHostKey); n != nil && fm.Value != nil && *n != *fm.Value {
 			fm.Note = "also tried without its port and trailing dot: " + strconv.Quote(*n)
@@ -475,8 +479,13 @@ func attributes(r *request) Attributes {
 	}
 	if r.http {
 		a.Protocol, a.Method, a.Host, a.Path = "http", r.method, r.host, r.path
-		if r.pathErr != nil {
-			a.Path = r.rawPath
+		// As sent, but never its query, which may carry secrets.
+		sent, _, _ := strings.Cut(r.rawPath, "?")
+		switch {
+		case r.pathErr != nil:
+			a.Path = sent
+		case sent != r.path:
+			a.SentPath = sent
 		}
 	}
 	return a

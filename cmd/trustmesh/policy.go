@@ -3,10 +3,12 @@ package main
 import (
 	"errors"
 	"fmt"
+	"io"
 	"os"
 
 	"github.com/spf13/cobra"
 
+	"github.com/trustmesh/trustmesh/authz/decisionlog"
 	"github.com/trustmesh/trustmesh/authz/engine"
 	"github.com/trustmesh/trustmesh/authz/inspect"
 	"github.com/trustmesh/trustmesh/authz/source"
@@ -40,7 +42,7 @@ func (f *bundleFlags) configs(policyDir string) ([]source.BundleConfig, error) {
 func newPolicyCmd() *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "policy",
-		Short: "Check and compile AuthorizationPolicies offline",
+		Short: "Check, explain and compile AuthorizationPolicies offline",
 	}
 	var (
 		dir         string
@@ -99,6 +101,45 @@ stdin), one decision per line in the order of the requests.`,
 	check.Flags().StringArrayVar(&redactPaths, "log-redact-path", nil, "regular expression whose matches (its groups, if it has any) are replaced in paths the decisions quote, as in the decision log (repeatable)")
 	check.MarkFlagsOneRequired("request", "requests")
 	check.MarkFlagsMutuallyExclusive("request", "requests")
+	var (
+		output          outputFormat
+		headerAllowlist []string
+	)
+	explain := &cobra.Command{
+		Use:   "explain --policies DIR --request FILE",
+		Short: "Explain the decision for one CheckRequest (protojson): the policies that applied, each rule's match or miss and why, and the deciding one",
+		Long: `Explain the decision for one CheckRequest (protojson, as policy check reads
+it): how the policies were selected, every policy that applied in Istio's
+order (CUSTOM, DENY, ALLOW; AUDIT never decides; dry-run marked), each
+rule's match or miss with its first failing field, the request's value and
+the values it wanted, and the deciding policy and rule. The decision is the
+one policy check prints. Request values are redacted as in the decision
+log: paths by --log-redact-path, header values unless in
+--log-header-allowlist.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			cfg, err := config()
+			if err != nil {
+				return err
+			}
+			if request == "" {
+				return &exitError{code: 2, err: errors.New("--request FILE is required")}
+			}
+			req, err := os.ReadFile(request)
+			if err != nil {
+				return &exitError{code: 2, err: fmt.Errorf("request: %w", err)}
+			}
+			ex, err := inspect.Explain(cmd.Context(), inspect.ExplainConfig{Config: cfg, HeaderAllowlist: headerAllowlist}, req)
+			if err != nil {
+				return exit(err)
+			}
+			return output.print(cmd.OutOrStdout(), ex, func(w io.Writer) error { return inspect.WriteExplanation(w, ex) })
+		},
+	}
+	explain.Flags().StringVar(&request, "request", "", "envoy.service.auth.v3.CheckRequest in protojson")
+	explain.Flags().StringArrayVar(&redactPaths, "log-redact-path", nil, "regular expression whose matches (its groups, if it has any) are replaced in the paths shown, as in the decision log (repeatable)")
+	explain.Flags().StringSliceVar(&headerAllowlist, "log-header-allowlist", decisionlog.DefaultHeaderAllowlist, "headers whose values are shown, as in the decision log; other headers show as REDACTED")
+	addOutputFlag(explain, &output)
 	compile := &cobra.Command{
 		Use:   "compile --policies DIR",
 		Short: "Print the Rego the AuthorizationPolicies compile to",
@@ -111,13 +152,13 @@ stdin), one decision per line in the order of the requests.`,
 			return exit(inspect.Compile(cmd.Context(), cfg, cmd.OutOrStdout()))
 		},
 	}
-	for _, c := range []*cobra.Command{check, compile} {
+	for _, c := range []*cobra.Command{check, explain, compile} {
 		c.Flags().StringVar(&dir, "policies", "", "directory of AuthorizationPolicy YAML files")
 		c.Flags().StringVar(&root, "root-namespace", engine.DefaultRootNamespace, "namespace whose policies apply mesh-wide")
 		bundles.register(c)
 		// Flag errors are bad input too.
 		c.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return &exitError{code: 2, err: err} })
 	}
-	cmd.AddCommand(check, compile)
+	cmd.AddCommand(check, explain, compile)
 	return cmd
 }

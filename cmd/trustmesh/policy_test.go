@@ -91,3 +91,79 @@ func stderrOf(err error) string {
 	}
 	return ""
 }
+
+// TestPolicyExplain runs `policy explain` on the shipped example requests:
+// its decision is the one `policy check` prints, as text and as JSON, and
+// bad input exits 2 with nothing on stdout, as `policy check` does.
+func TestPolicyExplain(t *testing.T) {
+	policies := []string{"--policies", "../../examples/policies"}
+	files, err := filepath.Glob("../../examples/policies/requests/*.json")
+	if err != nil || len(files) < 2 {
+		t.Fatalf("example requests: %v %v", files, err)
+	}
+	for _, f := range files {
+		t.Run(filepath.Base(f), func(t *testing.T) {
+			out, err := exec.Command(binary, append(append([]string{"policy", "check"}, policies...), "--request", f)...).Output()
+			if err != nil {
+				t.Fatalf("policy check: %v: %s", err, stderrOf(err))
+			}
+			var want map[string]any
+			if err := json.Unmarshal(out, &want); err != nil {
+				t.Fatal(err)
+			}
+			out, err = exec.Command(binary, append(append([]string{"policy", "explain"}, policies...), "--request", f, "-o", "json")...).Output()
+			if err != nil {
+				t.Fatalf("policy explain -o json: %v: %s", err, stderrOf(err))
+			}
+			var ex struct {
+				Decision map[string]any `json:"decision"`
+				Policies []struct {
+					Policy  string `json:"policy"`
+					Decides bool   `json:"decides"`
+				} `json:"policies"`
+			}
+			if err := json.Unmarshal(out, &ex); err != nil {
+				t.Fatal(err)
+			}
+			if !reflect.DeepEqual(ex.Decision, want) {
+				t.Fatalf("explain decided %v, check %v", ex.Decision, want)
+			}
+			deciding := ""
+			for _, p := range ex.Policies {
+				if p.Decides {
+					deciding = p.Policy
+				}
+			}
+			if deciding == "" || deciding != want["policy"] {
+				t.Errorf("the explanation marks %q as deciding, check names %v", deciding, want["policy"])
+			}
+			text, err := exec.Command(binary, append(append([]string{"policy", "explain"}, policies...), "--request", f)...).Output()
+			if err != nil {
+				t.Fatalf("policy explain: %v: %s", err, stderrOf(err))
+			}
+			if !strings.Contains(string(text), deciding+": matched rule") || !strings.Contains(string(text), "\nDecision:    ") {
+				t.Errorf("text output does not show the deciding policy %s:\n%s", deciding, text)
+			}
+		})
+	}
+	bad := filepath.Join(t.TempDir(), "bad.json")
+	if err := os.WriteFile(bad, []byte(`{"attributes": {"nope": 1}}`), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for name, args := range map[string][]string{
+		"a bad request":     append([]string{"--request", bad}, policies...),
+		"a missing request": append([]string{"--request", bad + ".missing"}, policies...),
+		"no --request":      policies,
+		"no policies":       {"--request", files[0], "--policies", t.TempDir() + "/none"},
+		"an unknown -o":     append([]string{"--request", files[0], "-o", "xml"}, policies...),
+		"a bad redaction":   append([]string{"--request", files[0], "--log-redact-path", "("}, policies...),
+	} {
+		t.Run(name+" exits 2", func(t *testing.T) {
+			out, err := exec.Command(binary, append([]string{"policy", "explain"}, args...)...).Output()
+			var exit *exec.ExitError
+			if !errors.As(err, &exit) || exit.ExitCode() != 2 || len(out) != 0 {
+				t.Fatalf("exit %v, output %q; want exit 2 and no output", err, out)
+			}
+		})
+	}
+}
