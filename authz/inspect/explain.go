@@ -148,7 +148,7 @@ func WriteExplanation(w io.Writer, ex *engine.Explanation) error {
 		if pt.ProviderAllowed != nil {
 			p.printf(", the provider %s", map[bool]string{true: "allowed", false: "denied"}[*pt.ProviderAllowed])
 		} else if pt.Action == "CUSTOM" && pt.Matched {
-			p.printf(", the provider was not asked")
+			p.printf(", no answer from the provider (not asked after another denied, or it failed: see the decision)")
 		}
 		if pt.Decides {
 			p.printf("  <- decides")
