@@ -172,7 +172,13 @@ func (s *Set) Explainer(ctx context.Context) (*Explainer, error) {
 		return nil
 	}
 	for _, e := range s.entries {
-		if err := add("policy/"+e.idStr+".rego", authzrego.ExplainModule(e.idStr, e.policy)); err != nil {
+		name := "policy/" + e.idStr + ".rego"
+		src := authzrego.ExplainModule(e.idStr, e.policy)
+		// The rules that decide are the served ones, to the byte.
+		if served, ok := s.modules[name]; !ok || !strings.HasPrefix(src, served) {
+			return nil, fmt.Errorf("%w: the explain module of %s does not start with the served %s", ErrExplanationDisagrees, e.policy.Key(), name)
+		}
+		if err := add(name, src); err != nil {
 			return nil, err
 		}
 	}
