@@ -2,6 +2,8 @@ package conformance_test
 
 import (
 	"context"
+	"os"
+	"path/filepath"
 	"testing"
 
 	"github.com/trustmesh/trustmesh/authz/conformance"
@@ -9,15 +11,26 @@ import (
 	"github.com/trustmesh/trustmesh/authz/engine/explaintest"
 )
 
-// TestExplainOracleCorpus explains every case of the committed corpus
+// TestExplainOracleCorpus explains every case of the corpora
 // (`trustmesh policy explain`'s code path) and holds each explanation to
 // the engine's own decision and to every rule the engine matched: the
 // deciding policy and rule, the reason, and each rule's match or miss.
 func TestExplainOracleCorpus(t *testing.T) {
-	cases, err := conformance.ReadFile(committedCorpus)
-	if err != nil {
-		t.Fatal(err)
+	files := []string{committedCorpus}
+	if extra := os.Getenv(corpusEnv); extra != "" {
+		files = append(files, filepath.SplitList(extra)...)
 	}
+	for _, f := range files {
+		cases, err := conformance.ReadFile(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Run(filepath.Base(f), func(t *testing.T) { explainCorpus(t, cases) })
+	}
+}
+
+func explainCorpus(t *testing.T, cases []conformance.Case) {
+	var err error
 	ctx := context.Background()
 	r := newRunner(t)
 	var x *engine.Explainer
