@@ -215,8 +215,9 @@ func TestAnalyzeFiles(t *testing.T) {
 
 // TestAnalyzeCluster runs the command against a real kube-apiserver: the
 // policies come with their creation times, so a dry-run policy is reported
-// once it is older than --stale-dry-run (judged --at a later time), and the
-// mesh comes from the cluster's pods.
+// once it is older than --stale-dry-run (judged --at a later time); the
+// mesh comes from the cluster's pods; a stored policy the engine refuses is
+// a TMA000 error.
 func TestAnalyzeCluster(t *testing.T) {
 	env, restConfig, err := kubeapi.Start()
 	if err != nil {
@@ -252,6 +253,7 @@ func TestAnalyzeCluster(t *testing.T) {
 	}
 	for _, doc := range []string{
 		analyzeTypo,
+		analyzeBad, // the CRD schema lets it through; the engine refuses it
 		`apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
 metadata:
@@ -279,12 +281,12 @@ spec:
 		at   time.Time
 		want []string
 	}{
-		{now, []string{"TMA001 AuthorizationPolicy shop/typo"}},
-		{now.Add(20 * 24 * time.Hour), []string{"TMA001 AuthorizationPolicy shop/typo", "TMA020 AuthorizationPolicy shop/tighter"}},
+		{now, []string{"TMA000 AuthorizationPolicy shop/jwt", "TMA001 AuthorizationPolicy shop/typo"}},
+		{now.Add(20 * 24 * time.Hour), []string{"TMA000 AuthorizationPolicy shop/jwt", "TMA001 AuthorizationPolicy shop/typo", "TMA020 AuthorizationPolicy shop/tighter"}},
 	} {
 		stdout, stderr, code := runAnalyze(t, "--kubeconfig", kubeconfig, "--at", c.at.Format(time.RFC3339), "-o", "json")
-		if code != 0 {
-			t.Fatalf("--at %s: exit %d, want 0 (warnings and info only)\n%s", c.at, code, stderr)
+		if code != exitFindings {
+			t.Fatalf("--at %s: exit %d, want %d for the refused policy\n%s", c.at, code, exitFindings, stderr)
 		}
 		rep := analyzeReport(t, stdout)
 		if got := codesOf(rep); !slices.Equal(got, c.want) {
@@ -294,13 +296,18 @@ spec:
 			t.Errorf("on a cluster TMA001 and TMA020 run, but notes say %q", rep.Notes)
 		}
 	}
-	// --stale-dry-run takes days, and a longer one spares the policy.
-	stdout, stderr, code := runAnalyze(t, "--kubeconfig", kubeconfig, "--at", now.Add(20*24*time.Hour).Format(time.RFC3339), "--stale-dry-run", "30d", "--fail-on", "info", "-o", "json")
-	if code != exitFindings {
-		t.Errorf("--fail-on info with a warning: exit %d, want %d\n%s", code, exitFindings, stderr)
+	// --stale-dry-run takes days, and a longer one spares the policy;
+	// --context picks the kubeconfig's context.
+	stdout, stderr, code := runAnalyze(t, "--kubeconfig", kubeconfig, "--context", "envtest", "--at", now.Add(20*24*time.Hour).Format(time.RFC3339),
+		"--stale-dry-run", "30d", "--fail-on", "none", "-o", "json")
+	if code != 0 {
+		t.Errorf("--fail-on none: exit %d, want 0\n%s", code, stderr)
 	}
 	if got := codesOf(analyzeReport(t, stdout)); slices.Contains(got, "TMA020 AuthorizationPolicy shop/tighter") {
 		t.Errorf("--stale-dry-run 30d: findings %q", got)
+	}
+	if _, stderr, code := runAnalyze(t, "--kubeconfig", kubeconfig, "--context", "elsewhere"); code != 2 {
+		t.Errorf("--context of no such context: exit %d, want 2\n%s", code, stderr)
 	}
 }
 
