@@ -1,8 +1,12 @@
 // Package cabundle keeps the trustmesh CA's trust bundle current in the
-// Kubernetes objects that carry it: the caBundle of the injection webhook's
-// MutatingWebhookConfiguration, so that the kube-apiserver trusts the
-// webhook's serving certificate, and the trustmesh-ca-root-cert ConfigMap
-// in every namespace, which injected agents start from.
+// Kubernetes objects that carry it: the caBundle of the webhook
+// configurations (the injector's MutatingWebhookConfiguration and the
+// config validation's ValidatingWebhookConfiguration), so that the
+// kube-apiserver trusts the webhooks' serving certificate, and the
+// trustmesh-ca-root-cert ConfigMap in every namespace, which injected
+// agents start from. For the validating webhook it also switches the
+// failurePolicy from Ignore to Fail once the webhook, with that caBundle,
+// is seen answering: one reconcile per object, so the two never race.
 //
 // Both follow the CA's bundle, so a rotation reaches them as soon as the
 // new root is in the bundle, before anything is signed under it; and both
@@ -17,8 +21,10 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"time"
 
 	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
+	"golang.org/x/time/rate"
 	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/client-go/tools/cache"
 	"k8s.io/client-go/util/workqueue"
@@ -60,9 +66,14 @@ type loop struct {
 	all       func() []string
 }
 
-func newQueue(name string) workqueue.TypedRateLimitingInterface[string] {
-	return workqueue.NewTypedRateLimitingQueueWithConfig(workqueue.DefaultTypedControllerRateLimiter[string](),
-		workqueue.TypedRateLimitingQueueConfig[string]{Name: name})
+// newQueue is a work queue whose failed keys are retried with exponential
+// backoff from 5ms up to maxDelay, and at most 10 per second overall.
+func newQueue(name string, maxDelay time.Duration) workqueue.TypedRateLimitingInterface[string] {
+	limiter := workqueue.NewTypedMaxOfRateLimiter(
+		workqueue.NewTypedItemExponentialFailureRateLimiter[string](5*time.Millisecond, maxDelay),
+		&workqueue.TypedBucketRateLimiter[string]{Limiter: rate.NewLimiter(rate.Limit(10), 100)},
+	)
+	return workqueue.NewTypedRateLimitingQueueWithConfig(limiter, workqueue.TypedRateLimitingQueueConfig[string]{Name: name})
 }
 
 // enqueueOn adds a handler to inf that queues key(obj) on every event.
@@ -148,7 +159,7 @@ func (l *loop) next(ctx context.Context) bool {
 	}
 	if err != nil {
 		if ctx.Err() == nil {
-			l.log.Warn("could not publish the trust bundle; retrying", "to", l.name, "key", key, "error", err)
+			l.log.Warn("could not bring it up to date; retrying", "object", l.name, "key", key, "error", err)
 			l.queue.AddRateLimited(key)
 		}
 		return true

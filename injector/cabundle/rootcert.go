@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"slices"
+	"time"
 
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
@@ -75,7 +76,7 @@ func NewRootCertPublisher(cfg RootCertConfig) (*RootCertPublisher, error) {
 		bundle:    cfg.Bundle,
 		log:       cfg.Log,
 		informers: []cache.SharedIndexInformer{ns.Informer(), cm.Informer()},
-		queue:     newQueue("cabundle-rootcert"),
+		queue:     newQueue("cabundle-rootcert", 1000*time.Second),
 		reconcile: p.reconcile,
 		all:       p.all,
 	}
