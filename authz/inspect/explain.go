@@ -118,7 +118,11 @@ func WriteExplanation(w io.Writer, ex *engine.Explanation) error {
 		if len(sel.Namespaces) > 1 {
 			p.printf(" and of namespace %s", sel.Namespaces[1])
 		}
-		p.printf(" whose selector matches the destination's labels: %d applied\n", ex.Decision.Applied)
+		p.printf(" whose selector matches the destination's labels")
+		if ex.Evaluated || ex.Decision.Reason == engine.ReasonNoPolicy {
+			p.printf(": %d applied", ex.Decision.Applied)
+		}
+		p.printf("\n")
 		for _, n := range sel.NotSelected {
 			p.printf("  not applied: %s: %s\n", n.Policy, n.Why)
 		}
