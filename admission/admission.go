@@ -165,7 +165,11 @@ func Review(req *admissionv1.AdmissionRequest) (*admissionv1.AdmissionResponse, 
 	}
 	v := check(req.Object.Raw, ns)
 	if v.err != nil {
-		return &admissionv1.AdmissionResponse{Allowed: false, Result: status(req, v)}, map[bool]string{true: OutcomeError, false: OutcomeDenied}[v.decode]
+		outcome := OutcomeDenied
+		if v.decode {
+			outcome = OutcomeError
+		}
+		return &admissionv1.AdmissionResponse{Allowed: false, Result: status(req, v)}, outcome
 	}
 	if len(v.warnings) > 0 {
 		return &admissionv1.AdmissionResponse{Allowed: true, Warnings: v.warnings}, OutcomeWarned
