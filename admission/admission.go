@@ -222,23 +222,22 @@ func status(req *admissionv1.AdmissionRequest, v verdict) *metav1.Status {
 	return st
 }
 
-// FieldErrors returns the *policy.FieldErrors an error joins (or wraps),
-// in order.
+// FieldErrors returns the *policy.FieldErrors an error joins or wraps, in
+// order, however deep.
 func FieldErrors(err error) []*policy.FieldError {
 	var out []*policy.FieldError
 	var walk func(error)
 	walk = func(err error) {
-		var fe *policy.FieldError
 		switch e := err.(type) {
 		case nil:
+		case *policy.FieldError:
+			out = append(out, e)
 		case interface{ Unwrap() []error }:
 			for _, c := range e.Unwrap() {
 				walk(c)
 			}
-		default:
-			if errors.As(err, &fe) {
-				out = append(out, fe)
-			}
+		case interface{ Unwrap() error }:
+			walk(e.Unwrap())
 		}
 	}
 	walk(err)

@@ -379,3 +379,17 @@ func reviews(reg *prometheus.Registry, kind, outcome string) (float64, error) {
 	}
 	return 0, fmt.Errorf("no series trustmesh_admission_reviews_total{kind=%q,outcome=%q}", kind, outcome)
 }
+
+func TestFieldErrors(t *testing.T) {
+	a := &policy.FieldError{Field: "a", Err: policy.ErrInvalid}
+	b := &policy.FieldError{Field: "b", Err: policy.ErrUnsupported}
+	c := &policy.FieldError{Field: "c", Err: policy.ErrInvalid}
+	err := fmt.Errorf("outer: %w", errors.Join(a, fmt.Errorf("mid: %w; %w", b, errors.New("plain")), c))
+	var got []string
+	for _, fe := range admission.FieldErrors(err) {
+		got = append(got, fe.Field)
+	}
+	if !slices.Equal(got, []string{"a", "b", "c"}) {
+		t.Errorf("fields %q, want a, b, c", got)
+	}
+}
