@@ -2,12 +2,14 @@ package admission_test
 
 import (
 	"context"
+	"encoding/json"
 	"encoding/pem"
 	"errors"
 	"fmt"
 	"log/slog"
 	"net"
 	"net/http/httptest"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -19,10 +21,12 @@ import (
 	securityv1 "istio.io/client-go/pkg/apis/security/v1"
 	securityv1beta1 "istio.io/client-go/pkg/apis/security/v1beta1"
 	"istio.io/client-go/pkg/clientset/versioned"
+	admissionv1 "k8s.io/api/admission/v1"
 	admissionregistrationv1 "k8s.io/api/admissionregistration/v1"
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 
@@ -99,6 +103,13 @@ func jwtPolicy(ns, name string) *securityv1.AuthorizationPolicy {
 			}}},
 		}}},
 	}
+}
+
+// extPolicy is refused by the engine's check, not the parser's.
+func extPolicy(ns, name string) *securityv1beta1.AuthorizationPolicy {
+	return &securityv1beta1.AuthorizationPolicy{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: name},
+		Spec: apisecurity.AuthorizationPolicy{Action: apisecurity.AuthorizationPolicy_CUSTOM, Rules: []*apisecurity.Rule{{}},
+			ActionDetail: &apisecurity.AuthorizationPolicy_Provider{Provider: &apisecurity.AuthorizationPolicy_ExtensionProvider{Name: "opa"}}}}
 }
 
 func allowPolicy(ns, name string) *securityv1.AuthorizationPolicy {
@@ -182,10 +193,7 @@ func TestWebhookInAPIServer(t *testing.T) {
 		}
 	})
 	t.Run("a provider the engine refuses, in v1beta1", func(t *testing.T) {
-		p := &securityv1beta1.AuthorizationPolicy{ObjectMeta: metav1.ObjectMeta{Namespace: "shop", Name: "ext"},
-			Spec: apisecurity.AuthorizationPolicy{Action: apisecurity.AuthorizationPolicy_CUSTOM, Rules: []*apisecurity.Rule{{}},
-				ActionDetail: &apisecurity.AuthorizationPolicy_Provider{Provider: &apisecurity.AuthorizationPolicy_ExtensionProvider{Name: "opa"}}}}
-		_, err := istio.SecurityV1beta1().AuthorizationPolicies("shop").Create(ctx, p, metav1.CreateOptions{})
+		_, err := istio.SecurityV1beta1().AuthorizationPolicies("shop").Create(ctx, extPolicy("shop", "ext"), metav1.CreateOptions{})
 		st := denial(t, err)
 		if st.Details == nil || len(st.Details.Causes) != 1 || st.Details.Causes[0].Field != "spec.provider.name" ||
 			!strings.Contains(st.Message, `unknown extension provider: "opa": providers are Rego decisions named rego:<path>`) {
@@ -290,6 +298,9 @@ func TestWebhookInAPIServer(t *testing.T) {
 			if err != nil {
 				t.Fatalf("refused with the webhook down and failurePolicy Ignore: %v", err)
 			}
+			if _, err := istio.SecurityV1beta1().AuthorizationPolicies("down").Create(ctx, extPolicy("down", "ext"), metav1.CreateOptions{}); err != nil {
+				t.Fatalf("refused with the webhook down and failurePolicy Ignore: %v", err)
+			}
 		})
 	}
 	// What got in while the webhook was down, the load refuses, with the
@@ -304,11 +315,42 @@ func TestWebhookInAPIServer(t *testing.T) {
 		}
 		defer func() { cancel(); <-done }()
 		_, loadErr := src.Policies()
-		_, webhookErr := kube.ConvertV1(jwtPolicy("down", "jwt"))
-		if loadErr == nil || loadErr.Error() != webhookErr.Error() {
-			t.Errorf("the load refuses with\n%v\nthe webhook's check with\n%v", loadErr, webhookErr)
+		// The webhook's answers, for the objects as v1, the version the
+		// source watches (the v1beta1 object's JSON is the same).
+		var want []string
+		ext := extPolicy("down", "ext")
+		for _, p := range []metav1.Object{jwtPolicy("down", "jwt"), ext} {
+			resp, _ := admission.Review(apRequest(t, p))
+			if resp.Allowed {
+				t.Fatalf("webhook admits %s", p.GetName())
+			}
+			want = append(want, strings.Split(resp.Result.Message, "\n")...)
+		}
+		got := strings.Split(fmt.Sprint(loadErr), "\n")
+		slices.Sort(got)
+		slices.Sort(want)
+		if !slices.Equal(got, want) {
+			t.Errorf("the load refuses with\n%q\nthe webhook with\n%q", got, want)
 		}
 	})
+}
+
+// apRequest is the AdmissionRequest creating an AuthorizationPolicy, as v1:
+// the version the source watches.
+func apRequest(t *testing.T, p metav1.Object) *admissionv1.AdmissionRequest {
+	t.Helper()
+	raw, err := json.Marshal(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &admissionv1.AdmissionRequest{
+		Kind:      metav1.GroupVersionKind{Group: "security.istio.io", Version: "v1", Kind: "AuthorizationPolicy"},
+		Resource:  metav1.GroupVersionResource{Group: "security.istio.io", Version: "v1", Resource: "authorizationpolicies"},
+		Name:      p.GetName(),
+		Namespace: p.GetNamespace(),
+		Operation: admissionv1.Create,
+		Object:    runtime.RawExtension{Raw: raw},
+	}
 }
 
 func waitUntil(t *testing.T, what string, cond func() bool) {
