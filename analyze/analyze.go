@@ -132,6 +132,7 @@ var All = []Analyzer{
 	selectorsAnalyzer,
 	identitiesAnalyzer,
 	trustDomainAnalyzer,
+	deadDenyAnalyzer, shadowedAllowAnalyzer, emptyAllowAnalyzer, denyAllAnalyzer, httpOnTCPAnalyzer,
 	dryRunAnalyzer,
 	customProviderAnalyzer,
 	peerAuthAnalyzer,

@@ -347,7 +347,12 @@ func Covers(ra policy.Action, r policy.Rule, oa policy.Action, o policy.Rule) bo
 
 // Satisfiable reports whether some request may satisfy every literal of c:
 // false is a proof that none does.
-func (c Conj) Satisfiable() bool {
+func (c Conj) Satisfiable() bool { return c.Conflict() == nil }
+
+// Conflict returns the literals of the first key of c that no value
+// satisfies together: why c is proved unsatisfiable. It is nil when c is
+// not proved unsatisfiable.
+func (c Conj) Conflict() []Literal {
 	byKey := map[Key][]Literal{}
 	var keys []Key
 	for _, l := range c {
@@ -358,10 +363,10 @@ func (c Conj) Satisfiable() bool {
 	}
 	for _, k := range keys {
 		if !keySatisfiable(k, byKey[k]) {
-			return false
+			return byKey[k]
 		}
 	}
-	return true
+	return nil
 }
 
 // Implies reports whether every request that satisfies c is proved to

@@ -182,3 +182,20 @@ spec: {rules: [{}]}
 		}
 	}
 }
+
+func TestConflictNamesTheFields(t *testing.T) {
+	a, r := rule(t, "DENY", `from: [{source: {principals: [a], ipBlocks: [10.0.0.0/8]}}]
+when: [{key: source.ip, notValues: [0.0.0.0/0]}]`)
+	c := symbolic.Compile(a, r, symbolic.HTTP)
+	if len(c.Conjs) != 1 {
+		t.Fatalf("%d conjunctions, want 1", len(c.Conjs))
+	}
+	var got []string
+	for _, l := range c.Conjs[0].Conflict() {
+		got = append(got, l.Field)
+	}
+	want := []string{"spec.rules[0].from[0].source.ipBlocks", "spec.rules[0].when[0].notValues"}
+	if strings.Join(got, ",") != strings.Join(want, ",") {
+		t.Errorf("Conflict fields = %q, want %q", got, want)
+	}
+}
