@@ -2,6 +2,7 @@ package controlplane
 
 import (
 	"fmt"
+	"net/http"
 
 	"istio.io/client-go/pkg/clientset/versioned"
 	"k8s.io/client-go/kubernetes"
@@ -16,6 +17,9 @@ import (
 type cluster struct {
 	kube  kubernetes.Interface
 	istio versioned.Interface
+	// rest and http build further clients on the same transport.
+	rest *rest.Config
+	http *http.Client
 }
 
 func newCluster(c KubernetesConfig) (*cluster, error) {
@@ -39,7 +43,7 @@ func newCluster(c KubernetesConfig) (*cluster, error) {
 	if err != nil {
 		return nil, fmt.Errorf("controlplane: Istio client: %w", err)
 	}
-	return &cluster{kube: kube, istio: istio}, nil
+	return &cluster{kube: kube, istio: istio, rest: cfg, http: httpClient}, nil
 }
 
 func restConfig(cfg *rest.Config, kubeconfig string) (*rest.Config, error) {

@@ -46,6 +46,7 @@ type Config struct {
 	Authz      AuthzConfig
 	XDS        XDSConfig
 	Injector   InjectorConfig
+	Admission  AdmissionConfig
 	Kubernetes KubernetesConfig
 
 	Log   *slog.Logger
@@ -70,8 +71,9 @@ type ListenConfig struct {
 	// Authz is the ext_authz gRPC address (mTLS with the control plane's
 	// certificate); "off" turns the authorization service off.
 	Authz string
-	// Injector is the sidecar-injection webhook's address, served on
-	// Kubernetes only; "off" turns injection off.
+	// Injector is the admission webhooks' address, served on Kubernetes
+	// only: injection (/inject) and validation (/validate); "off" turns
+	// both off.
 	Injector string
 	// Connections bounds every listener (CA and xDS, monitoring, bundle
 	// endpoint, ext_authz, injector webhook): connections served at once,
@@ -190,6 +192,8 @@ type InjectorConfig struct {
 	// WebhookConfig names the MutatingWebhookConfiguration whose caBundle
 	// the control plane keeps current across CA rotation.
 	WebhookConfig string
+	// Disabled turns injection off; validation is still served.
+	Disabled bool
 }
 
 // KubernetesConfig says whether and how the control plane reaches a
@@ -264,6 +268,7 @@ func (c Config) settings() (*validated, []error) {
 	c.CA.setDefaults()
 	c.XDS.setDefaults()
 	c.Injector.setDefaults()
+	c.Admission.setDefaults()
 	c.Kubernetes.setDefaults()
 	v := &validated{Config: c}
 	td, err := spiffeid.TrustDomainFromString(c.TrustDomain)

@@ -49,9 +49,9 @@ type ControlPlane struct {
 	policyFeed *source.Feed
 	// meshFeed is the mesh feed authz and xDS follow.
 	meshFeed  *mesh.Feed
-	injector  *webhook.Server
+	webhooks  *webhook.Server // /inject and /validate, on Kubernetes
 	xds       *xds.Server
-	bundleFns []func(context.Context) error // caBundle patcher, root-cert publisher
+	bundleFns []func(context.Context) error // caBundle patchers, root-cert publisher
 	stopping  chan struct{}
 	serving   *server.ServingCert
 	registry  *prometheus.Registry
@@ -167,7 +167,7 @@ func New(ctx context.Context, cfg Config) (_ *ControlPlane, err error) {
 		return nil, err
 	}
 	cp.release("listen-injector")
-	if err := cp.newInjector(v); err != nil {
+	if err := cp.newWebhooks(v); err != nil {
 		return nil, err
 	}
 	if err := cp.newMonitoring(v); err != nil {

@@ -2,46 +2,39 @@ package controlplane
 
 import (
 	"fmt"
+	"net/http"
 
 	"github.com/trustmesh/trustmesh/injector"
 	"github.com/trustmesh/trustmesh/injector/cabundle"
 	"github.com/trustmesh/trustmesh/injector/webhook"
 )
 
-// newInjector assembles the sidecar-injection webhook on Kubernetes: it
-// serves TLS with the control plane's own certificate, and the control
-// plane keeps the webhook configuration's caBundle, and the root
-// certificate ConfigMap that injected pods read, current across rotation.
-func (cp *ControlPlane) newInjector(v *validated) error {
-	if !v.inKube || v.Listen.Injector == "off" {
-		return nil
-	}
+// newInjector assembles the sidecar-injection webhook's handler, which
+// newWebhooks serves; the control plane keeps the webhook configuration's
+// caBundle, and the root certificate ConfigMap that injected pods read,
+// current across rotation.
+func (cp *ControlPlane) newInjector(v *validated) (http.Handler, error) {
 	mesh, err := injector.LoadMeshConfig(v.Injector.MeshConfig)
 	if err != nil {
-		return fmt.Errorf("controlplane: %w", err)
+		return nil, fmt.Errorf("controlplane: %w", err)
 	}
 	inj, err := injector.New(injector.Config{Mesh: mesh})
 	if err != nil {
-		return fmt.Errorf("controlplane: %w", err)
+		return nil, fmt.Errorf("controlplane: %w", err)
 	}
 	h, err := webhook.NewHandler(webhook.HandlerConfig{Injector: inj, Registerer: cp.registry, Log: v.Log})
 	if err != nil {
-		return fmt.Errorf("controlplane: %w", err)
+		return nil, fmt.Errorf("controlplane: %w", err)
 	}
 	client := cp.cluster.kube
 	patcher, err := cabundle.NewWebhookPatcher(cabundle.WebhookConfig{Client: client, Name: v.Injector.WebhookConfig, Bundle: cp.authority, Log: v.Log})
 	if err != nil {
-		return fmt.Errorf("controlplane: %w", err)
+		return nil, fmt.Errorf("controlplane: %w", err)
 	}
 	publisher, err := cabundle.NewRootCertPublisher(cabundle.RootCertConfig{Client: client, Bundle: cp.authority, Log: v.Log})
 	if err != nil {
-		return fmt.Errorf("controlplane: %w", err)
-	}
-	if cp.injector, err = webhook.New(webhook.Config{
-		Address: v.Listen.Injector, Handler: h, GetCertificate: cp.serving.GetCertificate, Connections: v.Listen.Connections, Log: v.Log,
-	}); err != nil {
-		return fmt.Errorf("controlplane: %w", err)
+		return nil, fmt.Errorf("controlplane: %w", err)
 	}
 	cp.bundleFns = append(cp.bundleFns, patcher.Run, publisher.Run)
-	return nil
+	return h, nil
 }

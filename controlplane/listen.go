@@ -73,7 +73,7 @@ func (v *validated) ports() []port {
 		ps = append(ps, port{"listen-authz", v.Listen.Authz, "the ext_authz port"})
 	}
 	if v.injectorOn() {
-		ps = append(ps, port{"listen-injector", v.Listen.Injector, "the injector webhook"})
+		ps = append(ps, port{"listen-injector", v.Listen.Injector, "the admission webhooks (injection, validation)"})
 	}
 	return ps
 }

@@ -131,6 +131,6 @@ func (v *validated) authzOn() bool {
 	return v.Listen.Authz != "off" && (v.Authz.PolicyDir != "" || v.inKube)
 }
 
-// injectorOn reports whether the control plane serves the injection
-// webhook: on Kubernetes, unless turned off.
+// injectorOn reports whether the control plane serves the admission
+// webhooks (injection, validation): on Kubernetes, unless turned off.
 func (v *validated) injectorOn() bool { return v.inKube && v.Listen.Injector != "off" }

@@ -51,8 +51,8 @@ func (cp *ControlPlane) Run(ctx context.Context) error {
 	if cp.authz != nil {
 		tasks = append(tasks, cp.authz.Run)
 	}
-	if cp.injector != nil {
-		tasks = append(tasks, cp.injector.Run)
+	if cp.webhooks != nil {
+		tasks = append(tasks, cp.webhooks.Run)
 	}
 	if cp.xds != nil {
 		tasks = append(tasks, cp.xds.Run)
@@ -119,8 +119,8 @@ func serveHTTP(s *http.Server, l net.Listener, tls bool, what string) error {
 }
 
 func (cp *ControlPlane) close() {
-	if cp.injector != nil {
-		_ = cp.injector.Close()
+	if cp.webhooks != nil {
+		_ = cp.webhooks.Close()
 	}
 	for _, l := range []net.Listener{cp.caLis, cp.monLis, cp.bundleLis} {
 		if l != nil {

@@ -20,7 +20,7 @@ import (
 
 func newServeCmd() *cobra.Command {
 	var cfg controlplane.Config
-	var validate, debugEndpoints bool
+	var validate, debugEndpoints, injection bool
 	var logFormat, logLevel, decisionLog string
 	cmd := &cobra.Command{
 		Use:   "serve",
@@ -31,7 +31,8 @@ func newServeCmd() *cobra.Command {
   --listen-authz      %-16s ext_authz (gRPC over mTLS), with --policies or on Kubernetes
   --listen-monitoring %-16s /healthz, /readyz and /metrics; /debug/xds/clients with --debug-endpoints
   --listen-bundle     %-16s the SPIFFE bundle endpoint (HTTPS), for federation
-  --listen-injector   %-16s the sidecar-injection webhook, on Kubernetes
+  --listen-injector   %-16s the sidecar-injection webhook (/inject) and the
+                                       validating webhook (/validate), on Kubernetes
 
 Every listener is on loopback unless told otherwise; the Helm chart sets the
 addresses a pod listens on. xDS serves the --mesh directory or, on
@@ -53,6 +54,7 @@ nothing. A start that fails leaves no data dir it created behind.`,
 			}
 			cfg.Log = log
 			cfg.Listen.NoDebugEndpoints = !debugEndpoints
+			cfg.Injector.Disabled = !injection
 			if validate {
 				err := errors.Join(controlplane.Check(cmd.Context(), cfg), checkDecisionLog(decisionLog))
 				if err != nil {
@@ -100,7 +102,9 @@ nothing. A start that fails leaves no data dir it created behind.`,
 	f.IntVar(&cfg.XDS.MaxNodesPerIdentity, "xds-max-nodes-per-identity", xds.DefaultMaxNodesPerIdentity, "xDS node ids one SPIFFE ID may register, per pod the mesh lists under it")
 	f.DurationVar(&cfg.XDS.FirstPushHold, "xds-first-push-hold", xds.DefaultFirstPushHold, "how long a proxy may hold a first-configuration slot without acknowledging")
 	f.Uint32Var(&cfg.XDS.GatewayTrustedHops, "gateway-trusted-hops", 0, "proxies in front of the gateways that append to X-Forwarded-For (their xff_num_trusted_hops)")
-	f.StringVar(&cfg.Listen.Injector, "listen-injector", controlplane.DefaultListenInjector, `sidecar-injection webhook address, on Kubernetes; "off" turns it off`)
+	f.StringVar(&cfg.Listen.Injector, "listen-injector", controlplane.DefaultListenInjector, `admission webhooks' address (sidecar injection and config validation), on Kubernetes; "off" turns both off`)
+	f.BoolVar(&injection, "injection", true, "serve sidecar injection on --listen-injector; false still serves config validation there")
+	f.StringVar(&cfg.Admission.WebhookConfig, "validation-webhook-config", controlplane.DefaultValidationWebhook, "ValidatingWebhookConfiguration whose caBundle serve keeps current, and whose failurePolicy it switches from Ignore to Fail once the webhook answers")
 	f.StringVar(&cfg.Injector.MeshConfig, "mesh-config", "", "mesh config file for injection (images, ports, resources, exclusion limits)")
 	f.StringVar(&cfg.Injector.WebhookConfig, "injector-webhook-config", controlplane.DefaultInjectorWebhook, "MutatingWebhookConfiguration whose caBundle serve keeps current")
 	f.StringVar(&cfg.CA.CertsDir, "cacerts", "", "operator-supplied CA in Istio's cacerts layout (ca-cert.pem, ca-key.pem, cert-chain.pem, root-cert.pem)")

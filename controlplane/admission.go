@@ -1,0 +1,114 @@
+package controlplane
+
+import (
+	"cmp"
+	"fmt"
+	"net/http"
+
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/apimachinery/pkg/runtime/schema"
+	"k8s.io/client-go/dynamic"
+
+	"github.com/trustmesh/trustmesh/admission"
+	"github.com/trustmesh/trustmesh/authz/engine"
+	"github.com/trustmesh/trustmesh/injector/cabundle"
+	"github.com/trustmesh/trustmesh/injector/webhook"
+)
+
+// AdmissionConfig configures the validating admission webhook, which
+// refuses at `kubectl apply` what the engine would refuse at load.
+type AdmissionConfig struct {
+	// WebhookConfig names the ValidatingWebhookConfiguration whose caBundle
+	// the control plane keeps current across CA rotation, and whose
+	// failurePolicy it switches from Ignore to Fail once the webhook is
+	// seen denying a dry-run invalid AuthorizationPolicy.
+	WebhookConfig string
+}
+
+// DefaultValidationWebhook is the ValidatingWebhookConfiguration's name.
+const DefaultValidationWebhook = "trustmesh-validator"
+
+func (c *AdmissionConfig) setDefaults() {
+	if c.WebhookConfig == "" {
+		c.WebhookConfig = DefaultValidationWebhook
+	}
+}
+
+// ProbeName is the dry-run AuthorizationPolicy that shows the webhook
+// answering; it is never stored.
+const ProbeName = "trustmesh-validation-probe"
+
+// probePolicy is an AuthorizationPolicy that the CRD schema admits and the
+// engine refuses (a '*' inside a principal), in the policy root namespace,
+// which exists wherever policies are read from and is not one the
+// webhook's namespaceSelector leaves out.
+func probePolicy(namespace string) *unstructured.Unstructured {
+	return &unstructured.Unstructured{Object: map[string]any{
+		"apiVersion": "security.istio.io/v1",
+		"kind":       "AuthorizationPolicy",
+		"metadata":   map[string]any{"name": ProbeName, "namespace": namespace},
+		"spec": map[string]any{
+			"action": "DENY",
+			"rules": []any{map[string]any{"from": []any{map[string]any{"source": map[string]any{
+				"principals": []any{"trustmesh*validation-probe"},
+			}}}}},
+		},
+	}}
+}
+
+// newWebhooks assembles the admission webhooks on Kubernetes: one TLS
+// server with the control plane's own certificate, as istiod serves both
+// on 15017, with sidecar injection at /inject (unless injection is off)
+// and config validation at /validate (always: turning injection off must
+// not turn validation off). The control plane keeps both webhook
+// configurations' caBundle current across rotation.
+func (cp *ControlPlane) newWebhooks(v *validated) error {
+	if !v.injectorOn() {
+		return nil
+	}
+	mux := http.NewServeMux()
+	if !v.Injector.Disabled {
+		h, err := cp.newInjector(v)
+		if err != nil {
+			return err
+		}
+		mux.Handle(webhook.Path, h)
+	}
+	h, err := cp.newValidator(v)
+	if err != nil {
+		return err
+	}
+	mux.Handle(admission.Path, h)
+	if cp.webhooks, err = webhook.New(webhook.Config{
+		Address: v.Listen.Injector, Handler: mux, GetCertificate: cp.serving.GetCertificate, Connections: v.Listen.Connections, Log: v.Log,
+	}); err != nil {
+		return fmt.Errorf("controlplane: %w", err)
+	}
+	return nil
+}
+
+// newValidator assembles the validating webhook's handler and the patcher
+// that keeps its ValidatingWebhookConfiguration current.
+func (cp *ControlPlane) newValidator(v *validated) (http.Handler, error) {
+	h, err := admission.NewHandler(admission.HandlerConfig{Registerer: cp.registry, Log: v.Log})
+	if err != nil {
+		return nil, fmt.Errorf("controlplane: %w", err)
+	}
+	dyn, err := dynamic.NewForConfigAndClient(cp.cluster.rest, cp.cluster.http)
+	if err != nil {
+		return nil, fmt.Errorf("controlplane: Kubernetes dynamic client: %w", err)
+	}
+	patcher, err := cabundle.NewWebhookPatcher(cabundle.WebhookConfig{
+		Client: cp.cluster.kube, Kind: cabundle.Validating, Name: v.Admission.WebhookConfig, Bundle: cp.authority, Log: v.Log,
+		FailClose: &cabundle.Probe{
+			Client:   dyn,
+			Resource: schema.GroupVersionResource{Group: "security.istio.io", Version: "v1", Resource: "authorizationpolicies"},
+			Object:   probePolicy(cmp.Or(v.Authz.RootNamespace, engine.DefaultRootNamespace)),
+		},
+	})
+	if err != nil {
+		return nil, fmt.Errorf("controlplane: %w", err)
+	}
+	cp.bundleFns = append(cp.bundleFns, patcher.Run)
+	return h, nil
+}
