@@ -18,6 +18,7 @@ import (
 	apinetworking "istio.io/api/networking/v1alpha3"
 	apisecurity "istio.io/api/security/v1beta1"
 	networkingv1alpha3 "istio.io/client-go/pkg/apis/networking/v1alpha3"
+	networkingv1beta1 "istio.io/client-go/pkg/apis/networking/v1beta1"
 	securityv1 "istio.io/client-go/pkg/apis/security/v1"
 	securityv1beta1 "istio.io/client-go/pkg/apis/security/v1beta1"
 	"istio.io/client-go/pkg/clientset/versioned"
@@ -257,6 +258,30 @@ func TestWebhookInAPIServer(t *testing.T) {
 		}
 		if w := warned.take(); len(w) != 1 || !strings.Contains(w[0], "trustmesh ignores ServiceEntry shop/db: only location MESH_EXTERNAL is supported") {
 			t.Errorf("warnings %q", w)
+		}
+	})
+	t.Run("v1beta1 Gateway with a server trustmesh skips, and a v1alpha3 VirtualService", func(t *testing.T) {
+		gw := &networkingv1beta1.Gateway{ObjectMeta: metav1.ObjectMeta{Namespace: "edge", Name: "in"},
+			Spec: apinetworking.Gateway{Selector: map[string]string{"istio": "ingressgateway"}, Servers: []*apinetworking.Server{
+				{Port: &apinetworking.Port{Number: 443, Name: "https", Protocol: "HTTPS"}, Hosts: []string{"a.example.com"},
+					Tls: &apinetworking.ServerTLSSettings{Mode: apinetworking.ServerTLSSettings_SIMPLE, CredentialName: "a"}},
+				{Port: &apinetworking.Port{Number: 8443, Name: "tls", Protocol: "TLS"}, Hosts: []string{"b.example.com"},
+					Tls: &apinetworking.ServerTLSSettings{Mode: apinetworking.ServerTLSSettings_PASSTHROUGH}},
+			}}}
+		if _, err := istio.NetworkingV1beta1().Gateways("edge").Create(ctx, gw, metav1.CreateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		if w := warned.take(); len(w) != 1 || !strings.Contains(w[0], "trustmesh ignores Gateway edge/in: servers[1]: tls.mode PASSTHROUGH is not supported") {
+			t.Errorf("warnings %q", w)
+		}
+		vs := &networkingv1alpha3.VirtualService{ObjectMeta: metav1.ObjectMeta{Namespace: "edge", Name: "web"},
+			Spec: apinetworking.VirtualService{Hosts: []string{"a.example.com"}, Gateways: []string{"in"},
+				Http: []*apinetworking.HTTPRoute{{Route: []*apinetworking.HTTPRouteDestination{{Destination: &apinetworking.Destination{Host: "web.shop.svc.cluster.local"}}}}}}}
+		if _, err := istio.NetworkingV1alpha3().VirtualServices("edge").Create(ctx, vs, metav1.CreateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		if w := warned.take(); len(w) > 0 {
+			t.Errorf("warnings on a VirtualService: %q", w)
 		}
 	})
 
