@@ -287,6 +287,10 @@ func TestCaseFilesAgree(t *testing.T) {
 }
 
 // mutations make a valid policy invalid, each in a way the engine refuses.
+// None adds an unknown field: the file parser refuses one (it could widen
+// a policy), while in a cluster the CRD's structural schema prunes it, or
+// refuses it under kubectl's strict field validation, before the webhook
+// or the Kubernetes source ever see the object.
 var mutations = []struct {
 	name  string
 	apply func(spec map[string]any)
