@@ -366,7 +366,7 @@ func (c Conj) Conflict() []Literal {
 			return byKey[k]
 		}
 	}
-	return nil
+	return peerConflict(c)
 }
 
 // Implies reports whether every request that satisfies c is proved to

@@ -72,6 +72,15 @@ when: [{key: source.namespace, values: [b]}]`, true},
 		{"one match of two is dead", "DENY", `from: [{source: {principals: [a], notPrincipals: [a]}}, {source: {principals: [b]}}]`, false},
 		{"every match dead", "DENY", `from: [{source: {principals: [a], notPrincipals: [a]}}, {source: {ipBlocks: [1.2.3.4], notIpBlocks: [1.2.3.0/24]}}]`, true},
 		{"empty rule", "DENY", `{}`, false},
+		// An exact principal fixes the peer's other attributes.
+		{"exact principal, its namespace negated", "DENY", `from: [{source: {principals: [cluster.local/ns/a/sa/b], notNamespaces: [a]}}]`, true},
+		{"exact principal, another namespace", "ALLOW", `from: [{source: {principals: [cluster.local/ns/a/sa/b], namespaces: [c]}}]`, true},
+		{"exact principal, its namespace", "DENY", `from: [{source: {principals: [cluster.local/ns/a/sa/b], namespaces: [a]}}]`, false},
+		{"exact principal, not an ns/sa ID", "ALLOW", `from: [{source: {principals: [cluster.local/ns/a/sa/b/c]}}]
+when: [{key: source.namespace, values: ["*"]}]`, true},
+		{"exact principal, Istio's regexp on a longer ID", "DENY", `from: [{source: {principals: [cluster.local/ns/a/sa/b/c]}}]
+when: [{key: source.namespace, values: [a]}]`, false},
+		{"exact principal, its trust domain negated", "DENY", `from: [{source: {principals: [cluster.local/ns/a/sa/b, x.td/y], notTrustDomains: ["cluster.local", "*.td"]}}]`, true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			a, r := rule(t, tc.action, tc.rule)
@@ -109,6 +118,9 @@ when: [{key: source.ip, values: [10.0.0.0/8]}]`, `to: [{operation: {ports: ["80"
 		{"namespaces read differently", `from: [{source: {namespaces: [a]}}]`, `from: [{source: {namespaces: [a]}}]`, false},
 		{"deny ports, allow HTTP on that port", `to: [{operation: {ports: ["80"]}}]`, `to: [{operation: {ports: ["80"], paths: ["/x"]}}]`, true},
 		{"deny HTTP fields, allow TCP", `to: [{operation: {paths: ["/x"]}}]`, `to: [{operation: {ports: ["80"]}}]`, false},
+		{"deny namespace, allow a principal in it", `from: [{source: {namespaces: [attacker]}}]`, `from: [{source: {principals: [cluster.local/ns/attacker/sa/x, other.td/ns/attacker/sa/y/z]}}]`, true},
+		{"deny namespace, allow a principal elsewhere", `from: [{source: {namespaces: [attacker]}}]`, `from: [{source: {principals: [cluster.local/ns/attacker/sa/x, cluster.local/ns/web/sa/x]}}]`, false},
+		{"deny service account, allow its principal", `from: [{source: {serviceAccounts: [attacker/x]}}]`, `from: [{source: {principals: [cluster.local/ns/attacker/sa/x]}}]`, true},
 		{"dead allow", `from: [{source: {principals: [zzz]}}]`, `from: [{source: {principals: [a], notPrincipals: [a]}}]`, true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
