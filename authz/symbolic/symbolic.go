@@ -306,22 +306,49 @@ func (r Rule) Covers(o Rule) bool {
 	if r.TooBig || o.TooBig {
 		return false
 	}
+	budget := maxSplits
 	for _, oc := range o.Conjs {
-		if !oc.Satisfiable() {
-			continue
-		}
-		covered := false
-		for _, rc := range r.Conjs {
-			if oc.ImpliesAll(rc) {
-				covered = true
-				break
-			}
-		}
-		if !covered {
+		if !coveredBy(oc, r.Conjs, &budget) {
 			return false
 		}
 	}
 	return true
+}
+
+// maxSplits bounds the case splits of one Covers.
+const maxSplits = 256
+
+// coveredBy reports whether every request satisfying c satisfies one of
+// ds: c implies one of them, or, split on a literal with several patterns
+// (In(k, p1, p2) is In(k, p1) or In(k, p2)), each case is covered.
+func coveredBy(c Conj, ds []Conj, budget *int) bool {
+	if !c.Satisfiable() {
+		return true
+	}
+	for _, d := range ds {
+		if c.ImpliesAll(d) {
+			return true
+		}
+	}
+	for i, l := range c {
+		if l.Op != In || len(l.Patterns) < 2 {
+			continue
+		}
+		if *budget < len(l.Patterns) {
+			return false
+		}
+		*budget -= len(l.Patterns)
+		for _, p := range l.Patterns {
+			one := l
+			one.Patterns = []Pattern{p}
+			split := append(append(append(Conj{}, c[:i]...), one), c[i+1:]...)
+			if !coveredBy(split, ds, budget) {
+				return false
+			}
+		}
+		return true
+	}
+	return false
 }
 
 // Covers reports whether every request, HTTP or TCP, that rule o of a

@@ -111,6 +111,9 @@ when: [{key: source.ip, values: [10.0.0.0/8]}]`, `to: [{operation: {ports: ["80"
 		{"deny notPrincipals, allow requires a peer elsewhere", `from: [{source: {notPrincipals: ["cluster.local/*"]}}]`, `from: [{source: {principals: ["other.td/*"]}}]`, true},
 		{"deny hosts read both forms", `to: [{operation: {hosts: [a.com]}}]`, `to: [{operation: {hosts: [a.com]}}]`, true},
 		{"deny from two sources, allow from one", `from: [{source: {principals: [a]}}, {source: {principals: [b]}}]`, `from: [{source: {principals: [b]}}]`, true},
+		{"deny from two sources, allow from either", `from: [{source: {principals: [a]}}, {source: {principals: [b]}}]`, `from: [{source: {principals: [a, b]}}]`, true},
+		{"deny two prefixes, allow under each", `to: [{operation: {paths: ["/a/*"]}}, {operation: {paths: ["/b/*"]}}]`, `to: [{operation: {paths: [/a/x, /b/y], methods: [GET, POST]}}]`, true},
+		{"deny two prefixes, allow under one and elsewhere", `to: [{operation: {paths: ["/a/*"]}}, {operation: {paths: ["/b/*"]}}]`, `to: [{operation: {paths: [/a/x, /c]}}]`, false},
 		{"allow from two sources, deny covers one", `from: [{source: {principals: [a]}}]`, `from: [{source: {principals: [a]}}, {source: {principals: [b]}}]`, false},
 		// Outside ALLOW, namespaces are Istio's regexp on the SPIFFE ID,
 		// which a newline in the ID defeats: no proof from an ALLOW's
