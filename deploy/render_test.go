@@ -90,14 +90,14 @@ func TestRender(t *testing.T) {
 	}{
 		{
 			name: "defaults",
-			want: map[string]int{"CustomResourceDefinition": 3, "Deployment": 3, "PersistentVolumeClaim": 1,
+			want: map[string]int{"CustomResourceDefinition": 5, "Deployment": 3, "PersistentVolumeClaim": 1,
 				"PodDisruptionBudget": 3, "MutatingWebhookConfiguration": 1, "Namespace": 1, "NetworkPolicy": 0, "Secret": 0},
 			webhooks: []string{"namespace.inject.trustmesh.io"},
 		},
 		{
 			name:   "production",
 			values: haValues(),
-			want: map[string]int{"CustomResourceDefinition": 3, "Deployment": 3, "PersistentVolumeClaim": 0,
+			want: map[string]int{"CustomResourceDefinition": 5, "Deployment": 3, "PersistentVolumeClaim": 0,
 				"NetworkPolicy": 2, "ConfigMap": 2},
 			webhooks: []string{"namespace.inject.trustmesh.io", "istio-namespace.inject.trustmesh.io", "istio-object.inject.trustmesh.io"},
 			compat:   true,

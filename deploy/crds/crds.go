@@ -23,13 +23,17 @@ const (
 	File   = "kubernetes/customresourcedefinitions.gen.yaml"
 )
 
-// Names are the CRDs the chart installs: the security.istio.io policies
-// trustmesh enforces, and ServiceEntry, which declares external hosts for
-// the egress gateway.
+// Names are the CRDs the chart installs: every kind the control plane
+// reads (mesh/kube and authz/source/kube), since it cannot start without
+// them: the security.istio.io policies trustmesh enforces, ServiceEntry,
+// which declares external hosts for the egress gateway, and the Gateway
+// and VirtualService that configure the gateways.
 var Names = []string{
 	"authorizationpolicies.security.istio.io",
 	"peerauthentications.security.istio.io",
 	"serviceentries.networking.istio.io",
+	"gateways.networking.istio.io",
+	"virtualservices.networking.istio.io",
 }
 
 // Labels replace Istio's chart labels on the extracted CRDs. Istio's
