@@ -9,13 +9,19 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	admissionregistrationv1 "k8s.io/api/admissionregistration/v1"
 	rbacv1 "k8s.io/api/rbac/v1"
+	apiextensionsv1 "k8s.io/apiextensions-apiserver/pkg/apis/apiextensions/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/runtime/schema"
+	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
+	"sigs.k8s.io/controller-runtime/pkg/envtest"
 
+	"github.com/trustmesh/trustmesh/admission"
 	"github.com/trustmesh/trustmesh/ca/authority"
 	"github.com/trustmesh/trustmesh/deploy"
 	"github.com/trustmesh/trustmesh/injector"
@@ -39,10 +45,36 @@ func TestRBACSufficesForTheBundlePublishers(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var webhookName string
+	var webhookName, validationName string
+	var crdObjs []*apiextensionsv1.CustomResourceDefinition
 	for _, obj := range objs {
 		switch obj.GetKind() {
 		case "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding", "ServiceAccount":
+		case "CustomResourceDefinition":
+			var crd apiextensionsv1.CustomResourceDefinition
+			if err := runtime.DefaultUnstructuredConverter.FromUnstructured(obj.Object, &crd); err != nil {
+				t.Fatal(err)
+			}
+			crdObjs = append(crdObjs, &crd)
+			continue
+		case "ValidatingWebhookConfiguration":
+			// As the MutatingWebhookConfiguration below: called for no
+			// namespace.
+			var vwc admissionregistrationv1.ValidatingWebhookConfiguration
+			if err := runtime.DefaultUnstructuredConverter.FromUnstructured(obj.Object, &vwc); err != nil {
+				t.Fatal(err)
+			}
+			validationName = vwc.Name
+			for i := range vwc.Webhooks {
+				vwc.Webhooks[i].NamespaceSelector = &metav1.LabelSelector{MatchLabels: map[string]string{"rbac-test": "none"}}
+			}
+			if _, err := admin.AdmissionregistrationV1().ValidatingWebhookConfigurations().Create(ctx, &vwc, metav1.CreateOptions{}); err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() {
+				_ = admin.AdmissionregistrationV1().ValidatingWebhookConfigurations().Delete(context.Background(), vwc.Name, metav1.DeleteOptions{})
+			})
+			continue
 		case "MutatingWebhookConfiguration":
 			// Point it nowhere callable, and ignore failures, so that it
 			// does not stand in the way of other tests' pods.
@@ -80,6 +112,11 @@ func TestRBACSufficesForTheBundlePublishers(t *testing.T) {
 		if err != nil {
 			t.Fatalf("%s %s: %v", gvk.Kind, obj.GetName(), err)
 		}
+	}
+
+	// The chart's own CRDs, for the validating webhook's probe.
+	if _, err := envtest.InstallCRDs(cfg, envtest.CRDInstallOptions{CRDs: crdObjs}); err != nil {
+		t.Fatal(err)
 	}
 
 	sa := rest.CopyConfig(cfg)
@@ -130,17 +167,22 @@ func TestRBACSufficesForTheBundlePublishers(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	validation, err := cabundle.NewWebhookPatcher(cabundle.WebhookConfig{Client: cs, Kind: cabundle.Validating, Name: validationName, Bundle: auth})
+	if err != nil {
+		t.Fatal(err)
+	}
 	publisher, err := cabundle.NewRootCertPublisher(cabundle.RootCertConfig{Client: cs, Bundle: auth})
 	if err != nil {
 		t.Fatal(err)
 	}
 	rctx, cancel := context.WithCancel(ctx)
-	done := make(chan error, 2)
+	done := make(chan error, 3)
 	go func() { done <- patcher.Run(rctx) }()
+	go func() { done <- validation.Run(rctx) }()
 	go func() { done <- publisher.Run(rctx) }()
 	defer func() {
 		cancel()
-		for range 2 {
+		for range 3 {
 			if err := <-done; err != nil {
 				t.Error(err)
 			}
@@ -155,6 +197,33 @@ func TestRBACSufficesForTheBundlePublishers(t *testing.T) {
 		m, ok := o.(*admissionregistrationv1.MutatingWebhookConfiguration)
 		return ok && string(m.Webhooks[0].ClientConfig.CABundle) == string(want)
 	})
+	vw, err := admin.AdmissionregistrationV1().ValidatingWebhookConfigurations().Watch(ctx, metav1.ListOptions{FieldSelector: "metadata.name=" + validationName})
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitWatch(t, vw, func(o runtime.Object) bool {
+		v, ok := o.(*admissionregistrationv1.ValidatingWebhookConfiguration)
+		return ok && string(v.Webhooks[0].ClientConfig.CABundle) == string(want)
+	})
+	// The validating webhook's readiness probe: a dry-run create of an
+	// AuthorizationPolicy, which the account may send.
+	probe := &unstructured.Unstructured{Object: map[string]any{
+		"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+		"metadata": map[string]any{"name": "probe", "namespace": ns},
+		"spec":     map[string]any{"action": "DENY"},
+	}}
+	apGVR := schema.GroupVersionResource{Group: "security.istio.io", Version: "v1", Resource: "authorizationpolicies"}
+	if _, err := dynamic.NewForConfigOrDie(sa).Resource(apGVR).Namespace(ns).Create(ctx, probe, metav1.CreateOptions{DryRun: []string{metav1.DryRunAll}}); err != nil {
+		t.Fatalf("the probe's dry-run create as the control plane: %v", err)
+	}
+	// The control plane reads every kind the webhook validates (the mesh
+	// model and the policies).
+	for _, r := range admission.Rules() {
+		gvr := schema.GroupVersionResource{Group: r.Group, Version: r.Versions[0], Resource: r.Resource}
+		if _, err := dynamic.NewForConfigOrDie(sa).Resource(gvr).List(ctx, metav1.ListOptions{}); err != nil {
+			t.Errorf("listing %s as the control plane: %v", r.Resource, err)
+		}
+	}
 	cw, err := admin.CoreV1().ConfigMaps("rbac-workloads").Watch(ctx, metav1.ListOptions{FieldSelector: "metadata.name=" + injector.RootCertConfigMap})
 	if err != nil {
 		t.Fatal(err)

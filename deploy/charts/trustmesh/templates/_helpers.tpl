@@ -21,6 +21,10 @@ app.kubernetes.io/component: control-plane
 {{/* The webhook configuration's name, which the control plane patches. */}}
 {{- define "trustmesh.webhookName" -}}trustmesh-sidecar-injector-{{ .Release.Namespace }}{{- end -}}
 
+{{/* The validating webhook configuration's name, which the control plane
+patches (caBundle, failurePolicy). */}}
+{{- define "trustmesh.validationWebhookName" -}}trustmesh-validator-{{ .Release.Namespace }}{{- end -}}
+
 {{- define "trustmesh.address" -}}
 {{ include "trustmesh.name" . }}.{{ .Release.Namespace }}.svc:15012
 {{- end -}}
