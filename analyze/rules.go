@@ -103,35 +103,28 @@ var shadowedAllowAnalyzer = Analyzer{
 				if symbolic.NeverMatches(policy.Allow, r) {
 					continue // it allows nothing anyway: no DENY decides
 				}
-				d, di, ok := deciding(denies, p, ai, in.RootNamespace)
-				if !ok {
+				ds := symbolic.Deciding(denies, p, ai, in.RootNamespace)
+				if len(ds) == 0 {
 					continue
+				}
+				var names []string
+				for _, d := range ds {
+					names = append(names, d.Policy.Key()+" "+rulePath(d.Rule))
+				}
+				by := "DENY policy " + names[0] + ", which applies"
+				if len(ds) > 1 {
+					by = "one of the DENY rules " + strings.Join(names, ", ") + " (each request by one of them), which apply"
 				}
 				out = append(out, Finding{
 					Code: "TMA011", Severity: SeverityWarning, Object: policyObject(p), Origin: p.Origin, Field: rulePath(ai),
-					Message: fmt.Sprintf("every request this ALLOW rule matches is also matched by DENY policy %s %s, which applies "+
-						"to every workload this policy selects: the DENY decides, so this rule allows nothing. Narrow the DENY rule "+
-						"if these requests should be allowed, or delete this rule", d.Key(), rulePath(di)),
+					Message: fmt.Sprintf("every request this ALLOW rule matches is also matched by %s "+
+						"to every workload this policy selects: the DENY decides, so this rule allows nothing. Narrow the DENY "+
+						"if these requests should be allowed, or delete this rule", by),
 				})
 			}
 		}
 		return out, ""
 	},
-}
-
-// deciding returns the first DENY rule that overrides rule ai of allow.
-func deciding(denies []*policy.Policy, allow *policy.Policy, ai int, root string) (*policy.Policy, int, bool) {
-	for _, d := range denies {
-		if !symbolic.AppliesWherever(d, allow, root) {
-			continue
-		}
-		for di := range d.Rules {
-			if symbolic.Overrides(d, di, allow, ai, root) {
-				return d, di, true
-			}
-		}
-	}
-	return nil, 0, false
 }
 
 var emptyAllowAnalyzer = Analyzer{

@@ -16,6 +16,7 @@ func TestRuleMessages(t *testing.T) {
 	}{
 		{"TMA011_report", "TMA011", "AuthorizationPolicy shop/allow-orders", "spec.rules[0]", []string{"DENY policy shop/deny-admin spec.rules[0]", "the DENY decides"}},
 		{"TMA011_report", "TMA011", "AuthorizationPolicy shop/allow-scanner", "spec.rules[0]", []string{"DENY policy istio-system/deny-attackers spec.rules[0]", "the DENY decides"}},
+		{"TMA011_report_together", "TMA011", "AuthorizationPolicy shop/allow-ops", "spec.rules[0]", []string{"one of the DENY rules shop/deny-internal spec.rules[0], shop/deny-internal spec.rules[1] (", "the DENY decides"}},
 		{"TMA012_report", "TMA012", "AuthorizationPolicy shop/lock-orders", "spec.rules", []string{"(shop/orders-0), so they are denied every request", "rules: [{}]"}},
 		{"TMA012_report", "TMA012", "AuthorizationPolicy shop/lock-web", "spec.rules", []string{"another ALLOW policy (such as shop/allow-web), so this policy changes nothing", "rules: [{}]"}},
 		{"TMA012_report_nomesh", "TMA012", "AuthorizationPolicy shop/lock-orders", "spec.rules", []string{"this policy changes nothing", "denies it every request", "--mesh", "rules: [{}]"}},

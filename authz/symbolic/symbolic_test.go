@@ -214,3 +214,49 @@ when: [{key: source.ip, notValues: [0.0.0.0/0]}]`)
 		t.Errorf("Conflict fields = %q, want %q", got, want)
 	}
 }
+
+func TestDecidingTogether(t *testing.T) {
+	ps, err := policy.ParseYAML("test", []byte(`
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-a, namespace: istio-system}
+spec:
+  action: DENY
+  rules:
+  - to: [{operation: {paths: ["/a/*"]}}]
+  - to: [{operation: {methods: [DELETE]}}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-b, namespace: foo}
+spec:
+  action: DENY
+  rules:
+  - to: [{operation: {paths: ["/b/*"]}}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: allow, namespace: foo}
+spec:
+  rules:
+  - to: [{operation: {paths: [/a/x, /b/y]}}]
+  - to: [{operation: {paths: [/a/x]}}]
+  - to: [{operation: {paths: [/a/x, /c]}}]
+`), "default")
+	if err != nil {
+		t.Fatal(err)
+	}
+	allow := ps[2]
+	name := func(rs []symbolic.RuleRef) string {
+		var out []string
+		for _, r := range rs {
+			out = append(out, fmt.Sprintf("%s[%d]", r.Policy.Name, r.Rule))
+		}
+		return strings.Join(out, " ")
+	}
+	for ai, want := range []string{"deny-a[0] deny-b[0]", "deny-a[0]", ""} {
+		if got := name(symbolic.Deciding(ps, allow, ai, "istio-system")); got != want {
+			t.Errorf("Deciding(allow rule %d) = %q, want %q", ai, got, want)
+		}
+	}
+}
