@@ -71,7 +71,7 @@ func TestProofsHoldInTheEngine(t *testing.T) {
 	}
 	addCover := func(d, a policy.Rule) {
 		if symbolic.Covers(policy.Deny, d, policy.Allow, a) {
-			covers = append(covers, coverProof{d, a})
+			covers = append(covers, coverProof{[]policy.Rule{d}, a})
 		}
 	}
 	for range 20000 {
@@ -84,7 +84,32 @@ func TestProofsHoldInTheEngine(t *testing.T) {
 		}
 		addCover(g.widen(a), a)
 	}
-	t.Logf("proofs: %d NeverMatches, %d Covers", len(dead), len(covers))
+	// DENY rules that decide together: one per value of an ALLOW field,
+	// each widened, through Deciding as TMA011 calls it.
+	together := 0
+	for range 4000 {
+		a := g.rule()
+		if g.r.IntN(4) == 0 {
+			a = rules[g.r.IntN(len(rules))]
+		}
+		ds := g.split(a)
+		if ds == nil {
+			continue
+		}
+		deny := &policy.Policy{Namespace: root, Name: "deny", Action: policy.Deny, Rules: ds}
+		allow := &policy.Policy{Namespace: root, Name: "allow", Action: policy.Allow, Rules: []policy.Rule{a}}
+		refs := symbolic.Deciding([]*policy.Policy{deny}, allow, 0, root)
+		if len(refs) < 2 {
+			continue
+		}
+		var rs []policy.Rule
+		for _, r := range refs {
+			rs = append(rs, r.Policy.Rules[r.Rule])
+		}
+		covers = append(covers, coverProof{rs, a})
+		together++
+	}
+	t.Logf("proofs: %d NeverMatches, %d Covers (%d by DENY rules together)", len(dead), len(covers), together)
 	// The corpus and the generators are fixed: these floors only catch an
 	// analysis that stopped proving anything.
 	if len(dead) < 200 || len(covers) < 200 {
@@ -97,8 +122,11 @@ func TestProofsHoldInTheEngine(t *testing.T) {
 	// rarer: a quarter of the sample, where there are that many.
 	dead = sampleFavouring(g.r, dead, maxChecked, func(d deadProof) bool { return peerTied(d.rule) })
 	covers = sampleFavouring(g.r, covers, maxChecked, func(c coverProof) bool {
-		both := policy.Rule{From: slices.Concat(c.allow.From, c.deny.From), To: slices.Concat(c.allow.To, c.deny.To), When: slices.Concat(c.allow.When, c.deny.When)}
-		return peerTied(both)
+		all := c.allow
+		for _, d := range c.deny {
+			all = policy.Rule{From: slices.Concat(all.From, d.From), To: slices.Concat(all.To, d.To), When: slices.Concat(all.When, d.When)}
+		}
+		return len(c.deny) > 1 || peerTied(all)
 	})
 
 	// Each proof gets its own selector value; a request is checked once
@@ -117,9 +145,9 @@ func TestProofsHoldInTheEngine(t *testing.T) {
 	}
 	for i, cv := range covers {
 		sel := map[string]string{proofLabel: fmt.Sprint(len(checks))}
-		checks = append(checks, check{what: fmt.Sprintf("Covers(DENY %s, ALLOW %s)", ruleString(cv.deny), ruleString(cv.allow)),
+		checks = append(checks, check{what: fmt.Sprintf("Covers(DENY %s, ALLOW %s)", rulesString(cv.deny), ruleString(cv.allow)),
 			policies: []*policy.Policy{
-				{Namespace: root, Name: fmt.Sprintf("cover-%d-deny", i), Action: policy.Deny, Selector: sel, Rules: []policy.Rule{cv.deny}},
+				{Namespace: root, Name: fmt.Sprintf("cover-%d-deny", i), Action: policy.Deny, Selector: sel, Rules: cv.deny},
 				{Namespace: root, Name: fmt.Sprintf("cover-%d-allow", i), Action: policy.Allow, Selector: sel, Rules: []policy.Rule{cv.allow}},
 			},
 			// The ALLOW never decides: whatever it matches, the DENY does.
@@ -225,7 +253,12 @@ type deadProof struct {
 	rule   policy.Rule
 }
 
-type coverProof struct{ deny, allow policy.Rule }
+// coverProof is DENY rules that cover an ALLOW rule: each request it
+// matches, one of them matches.
+type coverProof struct {
+	deny  []policy.Rule
+	allow policy.Rule
+}
 
 // poolKey is an attribute (and header) whose values the corpus uses.
 type poolKey struct {
@@ -618,6 +651,72 @@ func (g *gen) oddPeers(reqs []*authv3.CheckRequest, n int) []*authv3.CheckReques
 		ns, sa, _ := strings.Cut(sas[g.r.IntN(len(sas))], "/")
 		req.Attributes.Source.Principal = "spiffe://" + ids[g.r.IntN(len(ids))] + "/ns/" + ns + "/sa/" + sa
 		out = append(out, req)
+	}
+	return out
+}
+
+func rulesString(rs []policy.Rule) string {
+	var out []string
+	for _, r := range rs {
+		out = append(out, ruleString(r))
+	}
+	return strings.Join(out, " | ")
+}
+
+// split returns, for a positive field of r with several values, one rule
+// per value, r with the field held to that value and then widened; nil
+// when r has no such field.
+func (g *gen) split(r policy.Rule) []policy.Rule {
+	type at struct{ part, match, field int } // part 0 from, 1 to, 2 when
+	var spots []at
+	for mi, m := range r.From {
+		for fi, f := range m {
+			if !f.Not && len(f.Values) > 1 {
+				spots = append(spots, at{0, mi, fi})
+			}
+		}
+	}
+	for mi, m := range r.To {
+		for fi, f := range m {
+			if !f.Not && len(f.Values) > 1 {
+				spots = append(spots, at{1, mi, fi})
+			}
+		}
+	}
+	for fi, f := range r.When {
+		if !f.Not && len(f.Values) > 1 {
+			spots = append(spots, at{2, 0, fi})
+		}
+	}
+	if len(spots) == 0 {
+		return nil
+	}
+	s := spots[g.r.IntN(len(spots))]
+	var f policy.Field
+	switch s.part {
+	case 0:
+		f = r.From[s.match][s.field]
+	case 1:
+		f = r.To[s.match][s.field]
+	default:
+		f = r.When[s.field]
+	}
+	var out []policy.Rule
+	for _, v := range f.Values {
+		one := f
+		one.Values = []policy.Value{v}
+		c := policy.Rule{From: slices.Clone(r.From), To: slices.Clone(r.To), When: slices.Clone(r.When)}
+		switch s.part {
+		case 0:
+			c.From[s.match] = slices.Clone(c.From[s.match])
+			c.From[s.match][s.field] = one
+		case 1:
+			c.To[s.match] = slices.Clone(c.To[s.match])
+			c.To[s.match][s.field] = one
+		default:
+			c.When[s.field] = one
+		}
+		out = append(out, g.widen(c))
 	}
 	return out
 }
