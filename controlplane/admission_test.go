@@ -3,6 +3,7 @@ package controlplane_test
 import (
 	"context"
 	"crypto/tls"
+	"log/slog"
 	"net"
 	"net/http"
 	"os/exec"
@@ -172,5 +173,77 @@ func TestServeValidatesOnKubernetes(t *testing.T) {
 				t.Errorf("the probe policy: %v, want not found", err)
 			}
 		})
+	}
+}
+
+// warnings is a slog handler that sends each warning, with its error, to a
+// channel.
+type warnings chan string
+
+func (w warnings) Enabled(_ context.Context, l slog.Level) bool { return l >= slog.LevelWarn }
+func (w warnings) Handle(_ context.Context, r slog.Record) error {
+	msg := r.Message
+	r.Attrs(func(a slog.Attr) bool {
+		if a.Key == "error" {
+			msg += ": " + a.Value.String()
+		}
+		return true
+	})
+	select {
+	case w <- msg:
+	default:
+	}
+	return nil
+}
+func (w warnings) WithAttrs([]slog.Attr) slog.Handler { return w }
+func (w warnings) WithGroup(string) slog.Handler      { return w }
+
+// A ValidatingWebhookConfiguration whose webhook never answers (it calls
+// an address nothing serves) is left at Ignore: the control plane never
+// switches while its probe fails, and logs why.
+func TestServeLeavesIgnoreWhileTheWebhookDoesNotAnswer(t *testing.T) {
+	ctx := context.Background()
+	cfg, cs := kube(t)
+	installIstioCRDs(t, cfg)
+	if _, err := cs.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "unanswered"}}, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	const name = "trustmesh-validator-unanswered"
+	api := cs.AdmissionregistrationV1().ValidatingWebhookConfigurations()
+	// The configuration calls an address nothing listens on.
+	if _, err := api.Create(ctx, validatingWebhook(name, freeAddr(t)), metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = api.Delete(context.Background(), name, metav1.DeleteOptions{}) })
+	logs := make(warnings, 100)
+	start(t, func(c *controlplane.Config) {
+		c.Kubernetes.RestConfig = cfg
+		c.Kubernetes.Mode = controlplane.KubernetesOn
+		c.Authz.RootNamespace = "unanswered"
+		c.Listen.Injector = freeAddr(t)
+		c.Admission.WebhookConfig = name
+		c.Log = slog.New(logs)
+	})
+	timeout := time.After(60 * time.Second)
+	for failures := 0; failures < 2; {
+		select {
+		case msg := <-logs:
+			if strings.Contains(msg, "failurePolicy stays Ignore") && strings.Contains(msg, "was admitted") {
+				failures++
+			}
+		case <-timeout:
+			t.Fatal("timed out waiting for the failed probes to be logged")
+		}
+	}
+	vwc, err := api.Get(ctx, name, metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	h := vwc.Webhooks[0]
+	if len(h.ClientConfig.CABundle) == 0 {
+		t.Error("the caBundle was not published")
+	}
+	if *h.FailurePolicy != admissionregistrationv1.Ignore {
+		t.Errorf("failurePolicy %s while the webhook does not answer, want Ignore", *h.FailurePolicy)
 	}
 }
