@@ -167,3 +167,30 @@ func TestPolicyExplain(t *testing.T) {
 		})
 	}
 }
+
+// TestPolicyUsageErrors holds every usage error of the policy commands to
+// exit 2, as their flag errors do: cobra returns the errors of flag groups
+// and positional arguments past the flag error hook.
+func TestPolicyUsageErrors(t *testing.T) {
+	policies := []string{"--policies", "../../examples/policies"}
+	files, err := filepath.Glob("../../examples/policies/requests/*.json")
+	if err != nil || len(files) < 1 {
+		t.Fatalf("example requests: %v %v", files, err)
+	}
+	for name, args := range map[string][]string{
+		"check without --request or --requests": append([]string{"check"}, policies...),
+		"check with --request and --requests":   append([]string{"check", "--request", files[0], "--requests", files[0]}, policies...),
+		"check with an argument":                append([]string{"check", "--request", files[0], "extra"}, policies...),
+		"explain with an argument":              append([]string{"explain", "--request", files[0], "extra"}, policies...),
+		"compile with an argument":              append([]string{"compile", "extra"}, policies...),
+		"check with an unknown flag":            append([]string{"check", "--request", files[0], "--nope"}, policies...),
+	} {
+		t.Run(name, func(t *testing.T) {
+			out, err := exec.Command(binary, append([]string{"policy"}, args...)...).Output()
+			var exit *exec.ExitError
+			if !errors.As(err, &exit) || exit.ExitCode() != 2 || len(out) != 0 {
+				t.Fatalf("exit %v, output %q, stderr %q; want exit 2 and no output", err, out, stderrOf(err))
+			}
+		})
+	}
+}
