@@ -43,7 +43,12 @@ func (e *Engine) Swap(s *Set) { e.cur.Store(s) }
 // Current returns the serving set, or nil.
 func (e *Engine) Current() *Set { return e.cur.Load() }
 
-// Reasons a decision gives.
+// Reasons a decision gives. ReasonPeerRejected denies a request whose
+// source principal is present but not a well-formed SPIFFE ID
+// (ParseIdentity), before any policy is evaluated and whatever the
+// policies say: Istio's peer regexps and the parsed ID would read such a
+// peer differently, so that a DENY on its namespace could miss it while an
+// ALLOW on the same namespace matched.
 const (
 	ReasonNoPolicy        = "no policy applies"
 	ReasonAllowMatched    = "ALLOW policy matched"
@@ -51,6 +56,7 @@ const (
 	ReasonDenyMatched     = "DENY policy matched"
 	ReasonCustomDenied    = "CUSTOM provider denied"
 	ReasonPathRejected    = "path rejected by normalization"
+	ReasonPeerRejected    = "peer identity rejected"
 	ReasonEvaluationError = "evaluation error"
 )
 
@@ -144,6 +150,11 @@ func (s *Set) check(ctx context.Context, req *authv3.CheckRequest, tr *trace) (*
 		return nil, err
 	}
 	d := &Decision{Dest: r.dest, HTTPStatus: http.StatusForbidden}
+	if r.peerErr != nil {
+		d.Reason = ReasonPeerRejected
+		d.Error = r.peerErr.Error()
+		return d, nil
+	}
 	if r.http && r.pathErr != nil {
 		d.Reason = ReasonPathRejected
 		d.Error = r.pathErr.Error()

@@ -230,6 +230,9 @@ func (x *Explainer) Explain(ctx context.Context, req *authv3.CheckRequest) (*Exp
 	ex.Request = attributes(r)
 	ex.Selection.Namespaces, ex.Selection.NotSelected = s.selection(r.dest)
 	switch {
+	case r.peerErr != nil:
+		ex.Note = "no policy was evaluated: the source principal is not a well-formed SPIFFE ID, so the request is denied"
+		return ex, nil
 	case r.http && r.pathErr != nil:
 		ex.Note = "no policy was evaluated: the path was rejected by normalization"
 		return ex, nil

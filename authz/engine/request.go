@@ -2,6 +2,7 @@ package engine
 
 import (
 	"errors"
+	"fmt"
 	"net/netip"
 	"sort"
 	"strings"
@@ -9,6 +10,7 @@ import (
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	authv3 "github.com/envoyproxy/go-control-plane/envoy/service/auth/v3"
 	"github.com/open-policy-agent/opa/v1/ast"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
 	"github.com/trustmesh/trustmesh/authz/pathnorm"
 	"github.com/trustmesh/trustmesh/authz/policy"
@@ -77,21 +79,33 @@ type Identity struct {
 	ServiceAccount string
 }
 
-// ParseIdentity parses a SPIFFE ID. ok is false for anything else.
+// ParseIdentity parses a SPIFFE ID. ok is false for anything that is not
+// a well-formed SPIFFE ID as go-spiffe's spiffeid.FromString reads one: the
+// scheme in lower case; a trust domain of lower-case letters, digits, dots,
+// dashes and underscores; path segments of letters, digits, dots, dashes
+// and underscores, none empty, "." or ".."; no query, fragment, port,
+// user, percent-encoding, whitespace or control character. The alphabet is
+// checked here too, so that go-spiffe's spiffeid_charset_backcompat build
+// tag cannot widen it.
+//
+// Policies match a peer both on the parts parsed here (ALLOW namespaces)
+// and with Istio's regexps on the whole ID (DENY namespaces and
+// serviceAccounts), whose "." does not match a newline. Only on IDs of this
+// alphabet do the two readings agree, so any other peer ID must never
+// reach evaluation (see ReasonPeerRejected).
 func ParseIdentity(id string) (Identity, bool) {
-	rest, found := strings.CutPrefix(id, "spiffe://")
-	if !found || rest == "" {
+	if _, err := spiffeid.FromString(id); err != nil {
 		return Identity{}, false
 	}
-	parts := strings.Split(rest, "/")
-	if parts[0] == "" {
-		return Identity{}, false
-	}
-	for _, p := range parts[1:] {
-		if p == "" {
+	rest := strings.TrimPrefix(id, "spiffe://")
+	for i := 0; i < len(rest); i++ {
+		switch c := rest[i]; {
+		case c >= 'a' && c <= 'z', c >= 'A' && c <= 'Z', c >= '0' && c <= '9', c == '-', c == '.', c == '_', c == '/':
+		default:
 			return Identity{}, false
 		}
 	}
+	parts := strings.Split(rest, "/")
 	out := Identity{Principal: rest, TrustDomain: parts[0]}
 	if len(parts) == 5 && parts[1] == "ns" && parts[3] == "sa" {
 		out.Namespace, out.ServiceAccount = parts[2], parts[4]
@@ -123,9 +137,14 @@ type request struct {
 	rawPath     string
 	path        string // normalized
 	pathErr     error  // wraps pathnorm.ErrRejected
+	peerErr     error  // wraps ErrPeerRejected
 	headers     map[string]string
 	destPrincip string
 }
+
+// ErrPeerRejected is the error of a check whose source principal is not a
+// well-formed SPIFFE ID (ParseIdentity); such a check is denied.
+var ErrPeerRejected = errors.New("source principal is not a well-formed SPIFFE ID")
 
 var errNoDestination = errors.New("destination workload unknown: attributes.destination.principal is not a SPIFFE ID with a namespace")
 
@@ -137,8 +156,13 @@ func newRequest(req *authv3.CheckRequest, gw Gateways) (*request, error) {
 		return r, errNoDestination
 	}
 	r.dest = Workload{Namespace: dest.Namespace, Labels: a.GetDestination().GetLabels()}
-	if id, ok := ParseIdentity(a.GetSource().GetPrincipal()); ok {
-		r.source, r.hasSource = id, true
+	if p := a.GetSource().GetPrincipal(); p != "" {
+		id, ok := ParseIdentity(p)
+		if !ok {
+			// Quoted, so that no control character reaches a log as is.
+			r.peerErr = fmt.Errorf("%w: %q", ErrPeerRejected, p)
+		}
+		r.source, r.hasSource = id, ok
 	}
 	r.sourceIP = addrIP(a.GetSource().GetAddress())
 	r.destIP = addrIP(a.GetDestination().GetAddress())

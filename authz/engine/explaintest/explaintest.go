@@ -29,7 +29,7 @@ func Disagreements(ex *engine.Explanation, d *engine.Decision, matching map[stri
 		if len(ex.Policies) != 0 {
 			bad("not evaluated, yet %d policies are explained", len(ex.Policies))
 		}
-		if d.Applied > 0 && d.Reason != engine.ReasonPathRejected && d.Reason != engine.ReasonEvaluationError {
+		if d.Applied > 0 && d.Reason != engine.ReasonPathRejected && d.Reason != engine.ReasonPeerRejected && d.Reason != engine.ReasonEvaluationError {
 			bad("not evaluated, yet %d policies applied and the reason is %q", d.Applied, d.Reason)
 		}
 		return out
