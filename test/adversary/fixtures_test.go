@@ -267,4 +267,25 @@ spec:
     - operation:
         hosts: ["admin.example.com"]
 `),
+	// Peer IDs that are not well-formed SPIFFE IDs.
+	"peer-id.yaml": []byte(`apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: no-banned, namespace: peer-ns}
+spec:
+  action: DENY
+  rules:
+  - from:
+    - source:
+        namespaces: ["banned"]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: no-intruder, namespace: peer-sa}
+spec:
+  action: DENY
+  rules:
+  - from:
+    - source:
+        serviceAccounts: ["banned/intruder"]
+`),
 }
