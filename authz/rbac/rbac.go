@@ -14,6 +14,23 @@
 // whose single permission ANDs the operations (ORed) with the conditions
 // on the destination, and whose single principal ANDs the sources (ORed)
 // with the conditions on the source.
+//
+// Peer IDs are matched as strings, never parsed. Outside ALLOW, namespaces
+// and serviceAccounts are Istio's regexps on the whole ID (".*/ns/NS/.*"),
+// whose "." does not match a newline in RE2 (Envoy's and gRPC's
+// safe_regex, matched in full); in ALLOW, namespaces is
+// "spiffe://[^/]+/ns/NS/sa/[^/]+", whose [^/] does. So, as in Istio, a
+// peer whose URI SAN is "spiffe://t\nd/ns/x/sa/y" would pass a DENY on
+// namespace x while an ALLOW on x matched it. The ext_authz engine denies
+// such a peer before evaluating anything (engine.ReasonPeerRejected);
+// these filters cannot, so whoever installs them must keep such peers out
+// first. The one user, the proxyless gRPC chain of xds/proxyconfig, does
+// twice: grpc-go's crypto/x509 refuses a URI SAN with a control byte, and
+// the chain's first filter denies every peer without a URI SAN matching
+// "^spiffe://TD/.+$" (TestProxylessDeniesNewlinePeers). Envoy's
+// authenticated matcher tries every URI SAN, then the DNS SANs, then the
+// subject. This is reasoned from the generated matchers and RE2's syntax;
+// no Envoy runs in the tests.
 package rbac
 
 import (
