@@ -5,14 +5,12 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"path/filepath"
-	"sort"
 	"strings"
 
 	"sigs.k8s.io/yaml"
 
-	"github.com/trustmesh/trustmesh/authz/engine"
 	"github.com/trustmesh/trustmesh/authz/policy"
+	"github.com/trustmesh/trustmesh/authz/source"
 )
 
 // CodeInvalid is the code of an object the engine refuses.
@@ -39,8 +37,9 @@ func (ps *Policies) Policies() []*policy.Policy { return ps.policies }
 func (ps *Policies) Findings() []Finding { return ps.findings }
 
 // AddPath loads a file, or every policy file directly in a directory (as
-// policy.ParseDir reads it). An error, the *fs.PathError, is returned only
-// when the path cannot be read at all; refused objects become findings.
+// the engine's Dir source reads it: source.PolicyFiles). An error, the
+// *fs.PathError, is returned only when the path cannot be read at all;
+// refused objects become findings.
 func (ps *Policies) AddPath(path string) error {
 	st, err := os.Stat(path)
 	if err != nil {
@@ -54,19 +53,11 @@ func (ps *Policies) AddPath(path string) error {
 		ps.AddFile(path, data)
 		return nil
 	}
-	entries, err := os.ReadDir(path)
+	files, err := source.PolicyFiles(path)
 	if err != nil {
 		return err
 	}
-	var names []string
-	for _, e := range entries {
-		if e.Type().IsRegular() && policy.IsPolicyFile(e.Name()) {
-			names = append(names, e.Name())
-		}
-	}
-	sort.Strings(names)
-	for _, n := range names {
-		p := filepath.Join(path, n)
+	for _, p := range files {
 		data, err := os.ReadFile(p)
 		if err != nil {
 			return err
@@ -76,15 +67,15 @@ func (ps *Policies) AddPath(path string) error {
 	return nil
 }
 
-// AddFile parses the YAML documents of one file with the engine's parser,
-// policy.ParseYAML, and checks each policy as the engine's load does
-// (engine.CheckPolicy). A document either refuses becomes a TMA000 finding
-// whose message is the refusal, verbatim; the file's other documents
-// still load. Each document is parsed from the whole file with every other
+// AddFile reads the YAML documents of one file as the engine's Dir source
+// does, with source.ParseFile (the engine's parser, then its check of each
+// policy, engine.CheckPolicy). A document it refuses becomes a TMA000
+// finding whose message is the refusal, verbatim; the file's other
+// documents still load. Each document is parsed from the whole file with every other
 // document blanked out, so that the refusal names the same document and
 // line as a parse of the whole file does.
 func (ps *Policies) AddFile(origin string, data []byte) {
-	all, err := policy.ParseYAML(origin, data, ps.DefaultNamespace)
+	all, err := source.ParseFile(origin, data, ps.DefaultNamespace)
 	if err == nil {
 		ps.add(all)
 		return
@@ -96,7 +87,7 @@ func (ps *Policies) AddFile(origin string, data []byte) {
 		return
 	}
 	for _, d := range docs {
-		got, err := policy.ParseYAML(origin, d.only(data), ps.DefaultNamespace)
+		got, err := source.ParseFile(origin, d.only(data), ps.DefaultNamespace)
 		if err != nil {
 			ps.refuse(origin, d.object(ps.DefaultNamespace), err)
 			continue
@@ -105,8 +96,8 @@ func (ps *Policies) AddFile(origin string, data []byte) {
 	}
 }
 
-// AddPolicy adds one policy converted elsewhere (a Kubernetes object); it
-// is checked as a parsed one is.
+// AddPolicy adds one policy converted and checked elsewhere (a Kubernetes
+// object, by kube.ConvertV1, which makes source.ParseFile's check).
 func (ps *Policies) AddPolicy(p *policy.Policy) { ps.add([]*policy.Policy{p}) }
 
 // Refuse records an object the engine refused, with the refusal verbatim.
@@ -117,16 +108,9 @@ func (ps *Policies) add(got []*policy.Policy) {
 		ps.seen = map[string]string{}
 	}
 	for _, p := range got {
-		// The engine's checks of one policy, which a load makes after
-		// parsing (a no-op again for a converted Kubernetes object).
-		if err := engine.CheckPolicy(p); err != nil {
-			ps.refuse(p.Origin, "AuthorizationPolicy "+p.Key(), err)
-			continue
-		}
 		if prev, dup := ps.seen[p.Key()]; dup {
-			// The words of policy.ParseDir, which refuses the same.
-			ps.refuse(p.Origin, "AuthorizationPolicy "+p.Key(),
-				fmt.Errorf("policy: %s: %w: %s is also defined in %s", p.Origin, policy.ErrInvalid, p.Key(), prev))
+			// As source.ParseDir refuses the same.
+			ps.refuse(p.Origin, "AuthorizationPolicy "+p.Key(), source.DuplicateError(p, prev))
 			continue
 		}
 		ps.seen[p.Key()] = p.Origin

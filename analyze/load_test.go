@@ -7,7 +7,7 @@ import (
 	"slices"
 	"testing"
 
-	"github.com/trustmesh/trustmesh/authz/policy"
+	"github.com/trustmesh/trustmesh/authz/source"
 )
 
 const loadFile = `# a comment before the first document
@@ -44,10 +44,10 @@ spec:
 // parse of the whole file (same document number, same line), and the
 // file's good policy still loads.
 func TestAddFileVerbatim(t *testing.T) {
-	_, whole := policy.ParseYAML("p.yaml", []byte(loadFile), "default")
+	_, whole := source.ParseFile("p.yaml", []byte(loadFile), "default")
 	joined, ok := whole.(interface{ Unwrap() []error })
 	if !ok {
-		t.Fatalf("ParseYAML error %v: want one joined error per document", whole)
+		t.Fatalf("ParseFile error %v: want one joined error per document", whole)
 	}
 	var want []string
 	for _, e := range joined.Unwrap() {
@@ -70,9 +70,9 @@ func TestAddFileVerbatim(t *testing.T) {
 	}
 }
 
-// TestAddPathDirectory: a directory loads as policy.ParseDir reads it (a
-// duplicate across files is refused with ParseDir's words), and a refused
-// file does not stop the next one.
+// TestAddPathDirectory: a directory loads as the engine's Dir source reads
+// it, source.ParseDir (a duplicate across files is refused with its words),
+// and a refused file does not stop the next one.
 func TestAddPathDirectory(t *testing.T) {
 	dir := t.TempDir()
 	write := func(name, data string) {
@@ -85,7 +85,7 @@ func TestAddPathDirectory(t *testing.T) {
 	write("c.yaml", "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: q, namespace: shop}\nspec: {action: NOPE}\n")
 	write("d.yaml", "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: r, namespace: shop}\nspec: {}\n")
 	write("notes.txt", "not a policy")
-	_, whole := policy.ParseDir(dir, "default")
+	_, whole := source.ParseDir(dir, "default")
 
 	ps := &Policies{DefaultNamespace: "default"}
 	if err := ps.AddPath(dir); err != nil {

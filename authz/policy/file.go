@@ -7,10 +7,8 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"os"
 	"path/filepath"
 	"regexp"
-	"sort"
 	"strings"
 
 	"google.golang.org/protobuf/encoding/protojson"
@@ -144,55 +142,9 @@ func parseDocument(origin string, raw []byte, first int, defaultNamespace string
 // jsonPosition matches protojson's position in its input.
 var jsonPosition = regexp.MustCompile(`\(line \d+:\d+\): `)
 
-// IsPolicyFile reports whether a directory entry is read by ParseDir.
+// IsPolicyFile reports whether a directory entry is a policy file, as a
+// directory of them is read (authz/source.ParseDir).
 func IsPolicyFile(name string) bool {
 	ext := strings.ToLower(filepath.Ext(name))
 	return (ext == ".yaml" || ext == ".yml") && !strings.HasPrefix(filepath.Base(name), ".")
-}
-
-// ParseDir parses every *.yaml and *.yml file directly in dir, in name
-// order. Two policies with the same namespace and name are refused. Any
-// error refuses the whole directory.
-func ParseDir(dir, defaultNamespace string) ([]*Policy, error) {
-	entries, err := os.ReadDir(dir)
-	if err != nil {
-		return nil, fmt.Errorf("policy: %w", err)
-	}
-	var names []string
-	for _, e := range entries {
-		if e.Type().IsRegular() && IsPolicyFile(e.Name()) {
-			names = append(names, e.Name())
-		}
-	}
-	sort.Strings(names)
-	var (
-		out  []*Policy
-		errs []error
-	)
-	seen := map[string]string{}
-	for _, n := range names {
-		path := filepath.Join(dir, n)
-		data, err := os.ReadFile(path)
-		if err != nil {
-			errs = append(errs, fmt.Errorf("policy: %w", err))
-			continue
-		}
-		ps, err := ParseYAML(path, data, defaultNamespace)
-		if err != nil {
-			errs = append(errs, err)
-			continue
-		}
-		for _, p := range ps {
-			if prev, dup := seen[p.Key()]; dup {
-				errs = append(errs, fmt.Errorf("policy: %s: %w: %s is also defined in %s", p.Origin, ErrInvalid, p.Key(), prev))
-				continue
-			}
-			seen[p.Key()] = p.Origin
-			out = append(out, p)
-		}
-	}
-	if len(errs) > 0 {
-		return nil, errors.Join(errs...)
-	}
-	return out, nil
 }

@@ -3,6 +3,7 @@ package policy
 import (
 	"errors"
 	"fmt"
+	"os"
 	"strings"
 	"testing"
 )
@@ -118,7 +119,11 @@ spec:
 // TestUnknownFieldLine checks that an unknown field names its line in the
 // file, not a position in internal JSON, and the field the author meant.
 func TestUnknownFieldLine(t *testing.T) {
-	_, err := ParseDir("testdata/unknown-field", "default")
+	raw, err := os.ReadFile("testdata/unknown-field/policies.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = ParseYAML("testdata/unknown-field/policies.yaml", raw, "default")
 	var fe *FieldError
 	if !errors.As(err, &fe) {
 		t.Fatalf("error %v is not a *FieldError", err)

@@ -49,8 +49,10 @@ type FeedConfig struct {
 // PolicySource, parses it once per settled change and publishes each new
 // set as an immutable, versioned Snapshot to every subscriber (the engine,
 // the xDS server), in the manner of go-control-plane's snapshot cache. An
-// update that does not parse is refused: nothing is published and every
-// subscriber keeps the last good snapshot. A reload that finds the same
+// update that does not parse, or that the engine refuses (every source
+// makes engine.CheckPolicy of each policy: ParseFile, kube.ConvertV1), is
+// refused: nothing is published and every subscriber keeps the last good
+// snapshot. A reload that finds the same
 // policies publishes nothing either.
 type Feed struct {
 	feed *feed.Feed[*Snapshot]

@@ -3,6 +3,7 @@ package source_test
 import (
 	"context"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -87,5 +88,70 @@ func TestSubscribersShareOneSnapshot(t *testing.T) {
 	check(2)
 	if allowed(t, e, "/admin") == false || allowed(t, e, "/secret") {
 		t.Fatal("the new snapshot is not in force")
+	}
+}
+
+// TestSubscribersAgreeOnARefusal: a policy file that parses but that the
+// engine refuses (a CUSTOM provider not named rego:<path>) is refused by
+// the feed itself, so its subscribers never disagree: the xDS server
+// serves the feed's snapshot in force, and the engine's set names that
+// very version and digest, not an older one it kept while the feed moved
+// on.
+func TestSubscribersAgreeOnARefusal(t *testing.T) {
+	dir := t.TempDir()
+	write(t, filepath.Join(dir, "p.yaml"), denyPath("/admin"))
+	feed, err := source.NewFeed(source.FeedConfig{Policies: &source.Dir{Path: dir}, Settle: 10 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := engine.New()
+	loads := make(chan error, 16)
+	l, err := source.New(source.Config{Engine: e, Feed: feed, OnLoad: func(err error) { loads <- err }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	feedDone, loaderDone := make(chan error, 1), make(chan error, 1)
+	go func() { loaderDone <- l.Run(ctx) }()
+	go func() { feedDone <- feed.Run(ctx) }()
+	defer func() {
+		cancel()
+		for _, c := range []chan error{feedDone, loaderDone} {
+			if err := <-c; err != nil {
+				t.Errorf("Run: %v", err)
+			}
+		}
+	}()
+	select {
+	case err := <-loads:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the loader did not load")
+	}
+
+	writeAtomic(t, filepath.Join(dir, "q.yaml"), `apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: custom, namespace: default}
+spec:
+  action: CUSTOM
+  provider: {name: ext-authz}
+  rules: [{to: [{operation: {paths: ["/x"]}}]}]
+`)
+	// Long enough for the feed to settle, read and publish or refuse, and
+	// for the loader to follow.
+	time.Sleep(time.Second)
+	snap := feed.Current()
+	d, err := e.Check(ctx, req("/x"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if snap.Version != 1 || d.PolicyVersion != snap.Version || d.PolicyDigest != snap.Digest {
+		t.Fatalf("feed (and so xDS) on version %d (%s), the engine decides on %d (%s); want both on 1, the last good",
+			snap.Version, snap.Digest, d.PolicyVersion, d.PolicyDigest)
+	}
+	if _, err := (&source.Dir{Path: dir}).Policies(); err == nil || !strings.Contains(err.Error(), "spec.provider.name") {
+		t.Fatalf("the directory reads the policy the engine refuses with error %v; want its refusal of spec.provider.name", err)
 	}
 }

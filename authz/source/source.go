@@ -45,9 +45,10 @@ type Dir struct {
 
 var _ PolicySource = (*Dir)(nil)
 
-// Policies parses every YAML file in the directory.
+// Policies reads every policy file in the directory (ParseDir): a policy
+// that does not parse, or that the engine refuses, refuses the update.
 func (d *Dir) Policies() ([]*policy.Policy, error) {
-	return policy.ParseDir(d.Path, d.DefaultNamespace)
+	return ParseDir(d.Path, d.DefaultNamespace)
 }
 
 // Watch reports changes to the directory's files.

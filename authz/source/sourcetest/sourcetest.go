@@ -59,6 +59,19 @@ metadata: {name: jwt}
 spec:
   rules: [{from: [{source: {requestPrincipals: ["iss/sub"]}}]}]
 `
+	// RefusedByEngine parses (policy.ParseYAML reads it) but the engine
+	// refuses it (engine.CheckPolicy: a CUSTOM provider must be named
+	// rego:<path>), so a source must refuse it as it refuses Refused: the
+	// feed's subscribers would disagree otherwise, xDS serving a snapshot
+	// that ext_authz refuses to load.
+	RefusedByEngine = `apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: custom}
+spec:
+  action: CUSTOM
+  provider: {name: ext-authz}
+  rules: [{to: [{operation: {paths: ["/x"]}}]}]
+`
 )
 
 // settle is the feed's quiet period in the suite; quiet is how long the
@@ -208,33 +221,37 @@ func changes(t *testing.T, s Store) {
 	}
 	r.steady(t, "a policy added", v2)
 
-	// A refused policy: nothing is published; the last good stays.
-	s.Put(t, map[string]string{"deny-admin": DenyAdmin, "deny-orders": DenyOrders, "jwt": Refused})
-	deadline := time.Now().Add(30 * time.Second)
-	for metric(t, r.reg, "trustmesh_policy_refusals_total") == 0 {
-		if time.Now().After(deadline) {
-			t.Fatal("the refused policy was not refused")
+	// A refused policy, one the parser refuses and one only the engine
+	// does: nothing is published; the last good stays.
+	for _, refused := range []struct{ name, doc string }{{"jwt", Refused}, {"custom", RefusedByEngine}} {
+		before := metric(t, r.reg, "trustmesh_policy_refusals_total")
+		s.Put(t, map[string]string{"deny-admin": DenyAdmin, "deny-orders": DenyOrders, refused.name: refused.doc})
+		deadline := time.Now().Add(30 * time.Second)
+		for metric(t, r.reg, "trustmesh_policy_refusals_total") == before {
+			if time.Now().After(deadline) {
+				t.Fatalf("the refused policy %s was not refused; the snapshot in force is version %d", refused.name, r.feed.Current().Version)
+			}
+			time.Sleep(20 * time.Millisecond)
 		}
-		time.Sleep(20 * time.Millisecond)
-	}
-	r.steady(t, "a refused policy", v2)
-	if _, err := s.Source().Policies(); err == nil {
-		t.Fatal("the source reads the refused policy without error")
-	}
-
-	// Taking it out restores what is in force: no new version.
-	s.Put(t, map[string]string{"deny-admin": DenyAdmin, "deny-orders": DenyOrders})
-	deadline = time.Now().Add(30 * time.Second)
-	for {
+		r.steady(t, "a refused policy "+refused.name, v2)
 		if _, err := s.Source().Policies(); err == nil {
-			break
+			t.Fatalf("the source reads the refused policy %s without error", refused.name)
 		}
-		if time.Now().After(deadline) {
-			t.Fatal("the source still refuses after the refused policy was removed")
+
+		// Taking it out restores what is in force: no new version.
+		s.Put(t, map[string]string{"deny-admin": DenyAdmin, "deny-orders": DenyOrders})
+		deadline = time.Now().Add(30 * time.Second)
+		for {
+			if _, err := s.Source().Policies(); err == nil {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("the source still refuses after the refused policy %s was removed", refused.name)
+			}
+			time.Sleep(20 * time.Millisecond)
 		}
-		time.Sleep(20 * time.Millisecond)
+		r.steady(t, "the refused policy "+refused.name+" removed", v2)
 	}
-	r.steady(t, "the refused policy removed", v2)
 
 	// One more change, one more version.
 	s.Put(t, map[string]string{"deny-orders": DenyOrders})
