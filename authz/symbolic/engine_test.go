@@ -652,6 +652,20 @@ func (g *gen) oddPeers(reqs []*authv3.CheckRequest, n int) []*authv3.CheckReques
 		req.Attributes.Source.Principal = "spiffe://" + ids[g.r.IntN(len(ids))] + "/ns/" + ns + "/sa/" + sa
 		out = append(out, req)
 	}
+	// Newlines, which Istio's regexps do not match across, in and around
+	// the parts the engine parses: the engine must deny these unevaluated
+	// for the proofs that tie the parsed namespace and account to the
+	// regexps to hold.
+	for i := 0; i < n/4 && len(sas) > 0; i++ {
+		req := proto.Clone(reqs[g.r.IntN(len(reqs))]).(*authv3.CheckRequest)
+		ns, sa, _ := strings.Cut(sas[g.r.IntN(len(sas))], "/")
+		td := []string{"cluster.local", "cluster.\nlocal", "cluster.local\n", "\ncluster.local"}[i%4]
+		if i%4 == 0 {
+			ns += "\n"
+		}
+		req.Attributes.Source.Principal = "spiffe://" + td + "/ns/" + ns + "/sa/" + sa
+		out = append(out, req)
+	}
 	return out
 }
 

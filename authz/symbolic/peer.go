@@ -53,7 +53,7 @@ func peerConflict(c Conj) []Literal {
 func peerSatisfies(p string, lits []Literal) bool {
 	parts := strings.Split(p, "/")
 	if p == "" || slices.Contains(parts, "") {
-		return false // not a SPIFFE ID: the engine sees no peer
+		return false // not a SPIFFE ID: the engine denies it unevaluated
 	}
 	values := map[policy.Attribute]string{policy.SourcePrincipal: p, policy.SourceTrustDomain: parts[0]}
 	if len(parts) == 5 && parts[1] == "ns" && parts[3] == "sa" {
@@ -120,4 +120,68 @@ func peerRegexpMatch(a policy.Attribute, p Pattern, id string) (matched, ok bool
 	}
 	m, err := regexp.MatchString("^(?:"+re+")$", id)
 	return m, err == nil
+}
+
+// regexpConflict ties the parsed namespace and service account (ALLOW's
+// reading) to Istio's regexps on the whole SPIFFE ID (the other actions'
+// reading). The engine evaluates only well-formed SPIFFE IDs
+// (engine.ParseIdentity: no newline, nothing but letters, digits, ".",
+// "-", "_" and "/"; any other peer is denied unevaluated), and one with a
+// parsed namespace is spiffe://TD/ns/NS/sa/SA, which ".*/ns/P/.*" matches
+// whenever the pattern P takes NS, and "spiffe://.+/ns/NS/(.+/|)sa/SA(/.+)?"
+// whenever the parsed account is NS/SA. So a conjunction in which the
+// parsed value must match patterns that each lie within a regexp the ID
+// must not match is unsatisfiable; it returns those literals, or nil.
+func regexpConflict(c Conj) []Literal {
+	for _, a := range []policy.Attribute{policy.SourceNamespace, policy.SourceServiceAccount} {
+		var neg []Pattern
+		var negLits []Literal
+		for _, l := range c {
+			if l.Key.Attr == a && l.Key.View == PeerRegexp && l.Op != In {
+				negLits = append(negLits, l)
+				for _, p := range l.Patterns {
+					if p.Kind != Opaque {
+						neg = append(neg, p)
+					}
+				}
+			}
+		}
+		if len(neg) == 0 {
+			continue
+		}
+		for _, l := range c {
+			if l.Key.Attr != a || l.Key.View != Plain || l.Op != In || len(l.Patterns) == 0 {
+				continue
+			}
+			all := true
+			for _, p := range l.Patterns {
+				if !regexpIncludes(a, p, neg) {
+					all = false
+					break
+				}
+			}
+			if all {
+				return append([]Literal{l}, negLits...)
+			}
+		}
+	}
+	return nil
+}
+
+// regexpIncludes reports whether every parsed value p takes makes the ID
+// match the regexp of some pattern of ns. serviceAccounts values have no
+// wildcards, so only the very same account counts there.
+func regexpIncludes(a policy.Attribute, p Pattern, ns []Pattern) bool {
+	if p.Kind == Opaque {
+		return false
+	}
+	if a == policy.SourceServiceAccount {
+		for _, n := range ns {
+			if p.Kind == Exact && n.Kind == Exact && p.S == n.S && strings.Contains(p.S, "/") {
+				return true
+			}
+		}
+		return false
+	}
+	return includedIn(p, ns, true)
 }

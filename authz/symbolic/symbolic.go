@@ -393,6 +393,9 @@ func (c Conj) Conflict() []Literal {
 			return byKey[k]
 		}
 	}
+	if l := regexpConflict(c); l != nil {
+		return l
+	}
 	return peerConflict(c)
 }
 

@@ -116,9 +116,15 @@ when: [{key: source.ip, values: [10.0.0.0/8]}]`, `to: [{operation: {ports: ["80"
 		{"deny two prefixes, allow under one and elsewhere", `to: [{operation: {paths: ["/a/*"]}}, {operation: {paths: ["/b/*"]}}]`, `to: [{operation: {paths: [/a/x, /c]}}]`, false},
 		{"allow from two sources, deny covers one", `from: [{source: {principals: [a]}}]`, `from: [{source: {principals: [a]}}, {source: {principals: [b]}}]`, false},
 		// Outside ALLOW, namespaces are Istio's regexp on the SPIFFE ID,
-		// which a newline in the ID defeats: no proof from an ALLOW's
-		// source.namespace.
-		{"namespaces read differently", `from: [{source: {namespaces: [a]}}]`, `from: [{source: {namespaces: [a]}}]`, false},
+		// which a newline in the ID would defeat; the engine denies such
+		// IDs unevaluated, so the parsed namespace decides the regexp.
+		{"namespaces read differently", `from: [{source: {namespaces: [a]}}]`, `from: [{source: {namespaces: [a]}}]`, true},
+		{"deny a namespace prefix, allow namespaces in it", `from: [{source: {namespaces: ["a*"]}}]`, `from: [{source: {namespaces: [a, ab]}}]`, true},
+		{"deny any namespace, allow one", `from: [{source: {namespaces: ["*"]}}]`, `from: [{source: {namespaces: [a]}}]`, true},
+		{"deny a namespace, allow it and another", `from: [{source: {namespaces: [a]}}]`, `from: [{source: {namespaces: [a, b]}}]`, false},
+		{"deny a namespace, allow a prefix of it", `from: [{source: {namespaces: [a]}}]`, `from: [{source: {namespaces: ["a*"]}}]`, false},
+		{"deny a service account, allow it", `from: [{source: {serviceAccounts: [a/x]}}]`, `from: [{source: {serviceAccounts: [a/x]}}]`, true},
+		{"deny a service account, allow another", `from: [{source: {serviceAccounts: [a/x]}}]`, `from: [{source: {serviceAccounts: [a/y]}}]`, false},
 		{"deny ports, allow HTTP on that port", `to: [{operation: {ports: ["80"]}}]`, `to: [{operation: {ports: ["80"], paths: ["/x"]}}]`, true},
 		{"deny HTTP fields, allow TCP", `to: [{operation: {paths: ["/x"]}}]`, `to: [{operation: {ports: ["80"]}}]`, false},
 		{"deny namespace, allow a principal in it", `from: [{source: {namespaces: [attacker]}}]`, `from: [{source: {principals: [cluster.local/ns/attacker/sa/x, other.td/ns/attacker/sa/y/z]}}]`, true},
