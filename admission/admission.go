@@ -31,11 +31,6 @@ import (
 	"fmt"
 	"net/http"
 
-	networkingapi "istio.io/api/networking/v1alpha3"
-	securityapi "istio.io/api/security/v1beta1"
-	networkingv1 "istio.io/client-go/pkg/apis/networking/v1"
-	networkingv1alpha3 "istio.io/client-go/pkg/apis/networking/v1alpha3"
-	networkingv1beta1 "istio.io/client-go/pkg/apis/networking/v1beta1"
 	securityv1 "istio.io/client-go/pkg/apis/security/v1"
 	securityv1beta1 "istio.io/client-go/pkg/apis/security/v1beta1"
 	admissionv1 "k8s.io/api/admission/v1"
@@ -44,6 +39,7 @@ import (
 	"github.com/trustmesh/trustmesh/authz/policy"
 	"github.com/trustmesh/trustmesh/authz/source/kube"
 	"github.com/trustmesh/trustmesh/mesh"
+	"github.com/trustmesh/trustmesh/mesh/meshcheck"
 )
 
 // Path is where the webhook is served: POST, an AdmissionReview of
@@ -64,49 +60,47 @@ type Rule struct {
 // the webhook allows every other one (DELETE always).
 var Operations = []string{"CREATE", "UPDATE"}
 
-// kinds is the table of what the webhook validates; Rules is its public
-// view.
-var kinds = []struct {
+// kind is one kind the webhook validates; check validates one object of
+// a version, and is indexed by version.
+type kind struct {
 	Rule
-	// check validates one object of the version; it is indexed by version.
 	check map[string]func(raw []byte, ns string) verdict
-}{
+}
+
+// kinds is the table of what the webhook validates; Rules is its public
+// view. The mesh kinds are meshcheck's, which trustmesh analyze -f
+// dispatches through too.
+var kinds = append([]kind{
 	{Rule{"security.istio.io", []string{"v1", "v1beta1"}, "authorizationpolicies", "AuthorizationPolicy"},
 		map[string]func([]byte, string) verdict{
 			"v1":      checkAuthorizationPolicy(kube.ConvertV1, func(o *securityv1.AuthorizationPolicy) *metav1.ObjectMeta { return &o.ObjectMeta }),
 			"v1beta1": checkAuthorizationPolicy(kube.ConvertV1beta1, func(o *securityv1beta1.AuthorizationPolicy) *metav1.ObjectMeta { return &o.ObjectMeta }),
 		}},
-	{Rule{"security.istio.io", []string{"v1", "v1beta1"}, "peerauthentications", "PeerAuthentication"},
-		map[string]func([]byte, string) verdict{
-			"v1": checkPeerAuthentication(func(o *securityv1.PeerAuthentication) (*metav1.ObjectMeta, *securityapi.PeerAuthentication) {
-				return &o.ObjectMeta, &o.Spec
-			}),
-			"v1beta1": checkPeerAuthentication(func(o *securityv1beta1.PeerAuthentication) (*metav1.ObjectMeta, *securityapi.PeerAuthentication) {
-				return &o.ObjectMeta, &o.Spec
-			}),
-		}},
-	{Rule{"networking.istio.io", []string{"v1", "v1beta1", "v1alpha3"}, "serviceentries", "ServiceEntry"},
-		map[string]func([]byte, string) verdict{
-			"v1": checkServiceEntry(func(o *networkingv1.ServiceEntry) (*metav1.ObjectMeta, *serviceEntry) { return &o.ObjectMeta, &o.Spec }),
-			"v1beta1": checkServiceEntry(func(o *networkingv1beta1.ServiceEntry) (*metav1.ObjectMeta, *serviceEntry) {
-				return &o.ObjectMeta, &o.Spec
-			}),
-			"v1alpha3": checkServiceEntry(func(o *networkingv1alpha3.ServiceEntry) (*metav1.ObjectMeta, *serviceEntry) {
-				return &o.ObjectMeta, &o.Spec
-			}),
-		}},
-	{Rule{"networking.istio.io", []string{"v1", "v1beta1", "v1alpha3"}, "gateways", "Gateway"},
-		map[string]func([]byte, string) verdict{
-			"v1":       checkGateway(func(o *networkingv1.Gateway) (*metav1.ObjectMeta, *gateway) { return &o.ObjectMeta, &o.Spec }),
-			"v1beta1":  checkGateway(func(o *networkingv1beta1.Gateway) (*metav1.ObjectMeta, *gateway) { return &o.ObjectMeta, &o.Spec }),
-			"v1alpha3": checkGateway(func(o *networkingv1alpha3.Gateway) (*metav1.ObjectMeta, *gateway) { return &o.ObjectMeta, &o.Spec }),
-		}},
-	{Rule{"networking.istio.io", []string{"v1", "v1beta1", "v1alpha3"}, "virtualservices", "VirtualService"},
-		map[string]func([]byte, string) verdict{
-			"v1":       decodeOnly[networkingv1.VirtualService],
-			"v1beta1":  decodeOnly[networkingv1beta1.VirtualService],
-			"v1alpha3": decodeOnly[networkingv1alpha3.VirtualService],
-		}},
+}, meshKinds()...)
+
+// meshKinds are meshcheck's kinds: an object that does not decode is
+// denied, one the mesh refuses is admitted with a warning per refusal.
+func meshKinds() []kind {
+	var out []kind
+	for _, mk := range meshcheck.Kinds {
+		k := kind{Rule{mk.Group, mk.Versions, mk.Resource, mk.Kind}, map[string]func([]byte, string) verdict{}}
+		for _, v := range mk.Versions {
+			check := mk.Check(v)
+			k.check[v] = func(raw []byte, ns string) verdict {
+				refs, err := check(raw, ns)
+				if err != nil {
+					return verdict{err: fmt.Errorf("admission: %w", err), decode: true}
+				}
+				var out verdict
+				for i := range refs {
+					out.warnings = append(out.warnings, warning(&refs[i]))
+				}
+				return out
+			}
+		}
+		out = append(out, k)
+	}
+	return out
 }
 
 // Rules returns every resource the webhook validates: the chart's
@@ -268,64 +262,6 @@ func checkAuthorizationPolicy[T any](convert func(*T) (*policy.Policy, error), m
 		}
 		return verdict{}
 	}
-}
-
-type (
-	serviceEntry = networkingapi.ServiceEntry
-	gateway      = networkingapi.Gateway
-)
-
-func checkPeerAuthentication[T any](parts func(*T) (*metav1.ObjectMeta, *securityapi.PeerAuthentication)) func([]byte, string) verdict {
-	return func(raw []byte, ns string) verdict {
-		obj, err := decode(raw, ns, func(o *T) *metav1.ObjectMeta { m, _ := parts(o); return m })
-		if err != nil {
-			return verdict{err: err, decode: true}
-		}
-		m, spec := parts(obj)
-		return warn(mesh.CheckPeerAuthentication(m.Namespace, m.Name, spec))
-	}
-}
-
-func checkServiceEntry[T any](parts func(*T) (*metav1.ObjectMeta, *serviceEntry)) func([]byte, string) verdict {
-	return func(raw []byte, ns string) verdict {
-		obj, err := decode(raw, ns, func(o *T) *metav1.ObjectMeta { m, _ := parts(o); return m })
-		if err != nil {
-			return verdict{err: err, decode: true}
-		}
-		m, spec := parts(obj)
-		_, ref := mesh.FromServiceEntry(m.Namespace, m.Name, spec)
-		return warn(ref)
-	}
-}
-
-func checkGateway[T any](parts func(*T) (*metav1.ObjectMeta, *gateway)) func([]byte, string) verdict {
-	return func(raw []byte, ns string) verdict {
-		obj, err := decode(raw, ns, func(o *T) *metav1.ObjectMeta { m, _ := parts(o); return m })
-		if err != nil {
-			return verdict{err: err, decode: true}
-		}
-		m, spec := parts(obj)
-		refs := mesh.CheckGateway(m.Namespace, m.Name, spec)
-		v := verdict{}
-		for i := range refs {
-			v.warnings = append(v.warnings, warning(&refs[i]))
-		}
-		return v
-	}
-}
-
-func decodeOnly[T any](raw []byte, _ string) verdict {
-	if err := json.Unmarshal(raw, new(T)); err != nil {
-		return verdict{err: fmt.Errorf("admission: decode: %w", err), decode: true}
-	}
-	return verdict{}
-}
-
-func warn(ref *mesh.Refusal) verdict {
-	if ref == nil {
-		return verdict{}
-	}
-	return verdict{warnings: []string{warning(ref)}}
 }
 
 // warning words a mesh refusal as an admission warning, which kubectl

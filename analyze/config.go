@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"slices"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -136,7 +137,18 @@ func Analyze(ctx context.Context, cfg Config) (Report, error) {
 	if analyzers == nil {
 		analyzers = All
 	}
+	if in.Mesh == nil && ps.meshObjects > 0 {
+		// The mesh objects of -f were checked, and their refusals
+		// reported, as they were read: the analyzers of a mesh's refusals
+		// have nothing more to say, and no note to make that they skipped.
+		analyzers = slices.DeleteFunc(slices.Clone(analyzers), func(a Analyzer) bool {
+			return a.Code == peerAuthAnalyzer.Code || a.Code == refusalsAnalyzer.Code
+		})
+	}
 	rep := Run(in, analyzers)
+	if n := ps.SkippedNote(); n != "" {
+		rep.Notes = append(rep.Notes, n)
+	}
 	rep.Findings = append(rep.Findings, ps.Findings()...)
 	Sort(rep.Findings)
 	return rep, nil

@@ -5,12 +5,15 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"sort"
 	"strings"
 
 	"sigs.k8s.io/yaml"
 
 	"github.com/trustmesh/trustmesh/authz/policy"
 	"github.com/trustmesh/trustmesh/authz/source"
+	"github.com/trustmesh/trustmesh/mesh"
+	"github.com/trustmesh/trustmesh/mesh/meshcheck"
 )
 
 // CodeInvalid is the code of an object the engine refuses.
@@ -28,6 +31,9 @@ type Policies struct {
 	policies []*policy.Policy
 	findings []Finding
 	seen     map[string]string // key -> origin
+	skipped  map[string]int    // kind -> documents
+	// meshObjects counts the mesh objects AddFile checked.
+	meshObjects int
 }
 
 // Policies returns the accepted policies.
@@ -74,7 +80,17 @@ func (ps *Policies) AddPath(path string) error {
 // documents still load. Each document is parsed from the whole file with every other
 // document blanked out, so that the refusal names the same document and
 // line as a parse of the whole file does.
+//
+// Documents of other kinds do not reach the policy reader: a mesh kind
+// trustmesh reads (meshcheck.Kinds: PeerAuthentication, ServiceEntry,
+// Gateway, VirtualService) is checked by the mesh's own check, as the
+// admission webhook checks it, and each refusal is a TMA030 or TMA031
+// finding; any other kind (a Deployment, a Service, a ConfigMap) is
+// skipped and counted (Skipped), so that a directory of mixed manifests
+// can be analyzed. A document without a kind still goes to the policy
+// reader, which refuses it.
 func (ps *Policies) AddFile(origin string, data []byte) {
+	data = ps.otherKinds(origin, data)
 	all, err := source.ParseFile(origin, data, ps.DefaultNamespace)
 	if err == nil {
 		ps.add(all)
@@ -94,6 +110,95 @@ func (ps *Policies) AddFile(origin string, data []byte) {
 		}
 		ps.add(got)
 	}
+}
+
+// Skipped returns how many documents of each kind AddFile skipped.
+func (ps *Policies) Skipped() map[string]int { return ps.skipped }
+
+// SkippedNote says how many documents AddFile skipped, and of which kinds;
+// "" when none.
+func (ps *Policies) SkippedNote() string {
+	if len(ps.skipped) == 0 {
+		return ""
+	}
+	n := 0
+	var kinds []string
+	for k, c := range ps.skipped {
+		n += c
+		kinds = append(kinds, fmt.Sprintf("%s (%d)", k, c))
+	}
+	sort.Strings(kinds)
+	return fmt.Sprintf("skipped %d document(s) of kinds trustmesh does not read from -f: %s", n, strings.Join(kinds, ", "))
+}
+
+// otherKinds checks the documents of data that are not
+// AuthorizationPolicies, and returns data with them blanked, so that the
+// policy reader sees the same documents and lines but theirs empty; data
+// itself when there are none.
+func (ps *Policies) otherKinds(origin string, data []byte) []byte {
+	docs, err := splitDocuments(data)
+	if err != nil {
+		return data // the policy reader refuses the file
+	}
+	var others []document
+	for _, d := range docs {
+		var env struct {
+			APIVersion string `json:"apiVersion"`
+			Kind       string `json:"kind"`
+			Metadata   struct {
+				Name      string `json:"name"`
+				Namespace string `json:"namespace"`
+			} `json:"metadata"`
+		}
+		if yaml.Unmarshal(d.raw, &env) != nil || env.Kind == "" || env.Kind == "AuthorizationPolicy" {
+			continue
+		}
+		group, version, ok := strings.Cut(env.APIVersion, "/")
+		if !ok {
+			group, version = "", env.APIVersion
+		}
+		others = append(others, d)
+		mk, ok := meshcheck.ByKind(group, env.Kind)
+		if !ok {
+			if ps.skipped == nil {
+				ps.skipped = map[string]int{}
+			}
+			ps.skipped[env.Kind]++
+			continue
+		}
+		ns := env.Metadata.Namespace
+		if ns == "" {
+			ns = ps.DefaultNamespace
+		}
+		ps.meshObjects++
+		object := env.Kind + " " + ns + "/" + env.Metadata.Name
+		where := fmt.Sprintf("%s:%d", origin, d.start+1)
+		check := mk.Check(version)
+		if check == nil {
+			ps.findings = append(ps.findings, Finding{Code: CodeInvalid, Severity: SeverityError, Object: object, Origin: where,
+				Message: fmt.Sprintf("%s is not a version of %s that trustmesh reads: want %s/%s",
+					env.APIVersion, env.Kind, mk.Group, strings.Join(mk.Versions, " or "+mk.Group+"/"))})
+			continue
+		}
+		js, err := yaml.YAMLToJSON(d.raw)
+		if err == nil {
+			var refs []mesh.Refusal
+			if refs, err = check(js, ps.DefaultNamespace); err == nil {
+				for _, r := range refs {
+					f := refusalFinding(r)
+					f.Origin = where
+					ps.findings = append(ps.findings, f)
+				}
+				continue
+			}
+		}
+		ps.findings = append(ps.findings, Finding{Code: CodeInvalid, Severity: SeverityError, Object: object, Origin: where,
+			Message: err.Error()})
+	}
+	if len(others) == 0 {
+		return data
+	}
+	return blank(data, others)
 }
 
 // AddPolicy adds one policy converted and checked elsewhere (a Kubernetes
@@ -171,6 +276,22 @@ func splitDocuments(data []byte) ([]document, error) {
 	}
 	flush(len(lines))
 	return out, nil
+}
+
+// blank returns data with every line of the documents blanked: the same
+// documents and lines, theirs empty.
+func blank(data []byte, docs []document) []byte {
+	lines := bytes.SplitAfter(data, []byte("\n"))
+	for _, d := range docs {
+		for i := d.start; i < d.end && i < len(lines); i++ {
+			if bytes.HasSuffix(lines[i], []byte("\n")) {
+				lines[i] = []byte("#\n")
+			} else {
+				lines[i] = nil
+			}
+		}
+	}
+	return bytes.Join(lines, nil)
 }
 
 // only returns data with every line outside the document blanked: the same

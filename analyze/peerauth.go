@@ -19,14 +19,9 @@ var peerAuthAnalyzer = Analyzer{
 		}
 		var out []Finding
 		for _, r := range in.Mesh.Refusals {
-			if !strings.HasPrefix(r.Object, peerAuthKind) {
-				continue
+			if strings.HasPrefix(r.Object, peerAuthKind) {
+				out = append(out, refusalFinding(r))
 			}
-			out = append(out, Finding{
-				Code: "TMA030", Severity: SeverityWarning, Object: r.Object, Field: peerAuthField(r),
-				Message: r.Reason + ". Traffic stays mTLS whatever it says: set mode STRICT, or delete it once no workload " +
-					"outside the mesh needs plaintext (there, trustmesh refuses it anyway)",
-			})
 		}
 		return out, ""
 	},
@@ -53,11 +48,25 @@ var refusalsAnalyzer = Analyzer{
 		}
 		var out []Finding
 		for _, r := range in.Mesh.Refusals {
-			if strings.HasPrefix(r.Object, peerAuthKind) {
-				continue // TMA030
+			if !strings.HasPrefix(r.Object, peerAuthKind) { // else TMA030
+				out = append(out, refusalFinding(r))
 			}
-			out = append(out, Finding{Code: "TMA031", Severity: SeverityWarning, Object: r.Object, Message: r.Reason})
 		}
 		return out, ""
 	},
+}
+
+// refusalFinding is the finding of a mesh refusal: TMA030 for a
+// PeerAuthentication, TMA031 for any other object. The analyzers report
+// the refusals of the mesh they read, the loader those of the mesh objects
+// among -f's documents.
+func refusalFinding(r mesh.Refusal) Finding {
+	if strings.HasPrefix(r.Object, peerAuthKind) {
+		return Finding{
+			Code: "TMA030", Severity: SeverityWarning, Object: r.Object, Field: peerAuthField(r),
+			Message: r.Reason + ". Traffic stays mTLS whatever it says: set mode STRICT, or delete it once no workload " +
+				"outside the mesh needs plaintext (there, trustmesh refuses it anyway)",
+		}
+	}
+	return Finding{Code: "TMA031", Severity: SeverityWarning, Object: r.Object, Message: r.Reason}
 }

@@ -35,8 +35,11 @@ providers no bundle defines, and mesh objects trustmesh does not honour, as
 istioctl analyze does. analyze/README.md lists the codes.
 
 Offline, it reads AuthorizationPolicy files or directories (-f, repeatable)
-and a mesh directory (--mesh); on a cluster (--kubeconfig), every
-AuthorizationPolicy with its creation time and the mesh as serve reads it.
+and a mesh directory (--mesh). -f may hold mixed manifests:
+PeerAuthentications, ServiceEntries, Gateways and VirtualServices are
+checked as the admission webhook checks them, other kinds are skipped with
+a note. On a cluster (--kubeconfig), every AuthorizationPolicy with its
+creation time and the mesh as serve reads it.
 An analyzer that lacks its input (no mesh, no bundle, no cluster) is skipped
 with a note.
 
