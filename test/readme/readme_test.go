@@ -102,6 +102,8 @@ var expect = []struct {
 	want   []string
 }{
 	{"trustmesh policy check", []string{`"allowed": true`, `"policy": "bookinfo/productpage-viewer"`}},
+	{"trustmesh policy explain", []string{"DENY bookinfo/deny-admin: matched rule 0", "denied (403)"}},
+	{"trustmesh analyze", []string{"0 error(s), 0 warning(s)"}},
 	{"trustmesh xds dump", []string{"policy_digest", "echo"}},
 	{"openssl x509", []string{"URI:spiffe://cluster.local/vm/db"}},
 	{"trustmesh check", []string{"TM-CA-", "TM-CP-001"}},
