@@ -30,6 +30,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"reflect"
 
 	securityv1 "istio.io/client-go/pkg/apis/security/v1"
 	securityv1beta1 "istio.io/client-go/pkg/apis/security/v1beta1"
@@ -147,14 +148,12 @@ func Review(req *admissionv1.AdmissionRequest) (*admissionv1.AdmissionResponse, 
 		return allow, OutcomeAllowed
 	}
 	ns := req.Namespace
-	var meta struct {
-		Metadata struct {
-			DeletionTimestamp *metav1.Time `json:"deletionTimestamp"`
-		} `json:"metadata"`
-	}
-	if req.Operation == admissionv1.Update && json.Unmarshal(req.Object.Raw, &meta) == nil && meta.Metadata.DeletionTimestamp != nil {
+	if req.Operation == admissionv1.Update && terminatingMetadataOnly(req) {
 		// An object being deleted is on its way out: refusing the update
-		// that removes its last finalizer would keep it forever.
+		// that removes its last finalizer would keep it forever, even one
+		// stored before the webhook ran. Only such metadata edits are let
+		// through: the load still reads a terminating object, so a change
+		// of what it enforces is checked as any update.
 		return allow, OutcomeAllowed
 	}
 	v := check(req.Object.Raw, ns)
@@ -169,6 +168,30 @@ func Review(req *admissionv1.AdmissionRequest) (*admissionv1.AdmissionResponse, 
 		return &admissionv1.AdmissionResponse{Allowed: true, Warnings: v.warnings}, OutcomeWarned
 	}
 	return allow, OutcomeAllowed
+}
+
+// objectView is what decides whether an update of a terminating object
+// changes what trustmesh reads of it.
+type objectView struct {
+	Metadata struct {
+		DeletionTimestamp *metav1.Time      `json:"deletionTimestamp"`
+		Annotations       map[string]string `json:"annotations"`
+	} `json:"metadata"`
+	Spec any `json:"spec"`
+}
+
+// terminatingMetadataOnly reports whether an update is of an object being
+// deleted and leaves its spec and its istio.io/dry-run annotation (what
+// the load reads) as the old object has them.
+func terminatingMetadataOnly(req *admissionv1.AdmissionRequest) bool {
+	var obj, old objectView
+	if json.Unmarshal(req.Object.Raw, &obj) != nil || obj.Metadata.DeletionTimestamp == nil ||
+		json.Unmarshal(req.OldObject.Raw, &old) != nil || req.OldObject.Raw == nil {
+		return false
+	}
+	dv, dok := obj.Metadata.Annotations[policy.DryRunAnnotation]
+	ov, ook := old.Metadata.Annotations[policy.DryRunAnnotation]
+	return dv == ov && dok == ook && reflect.DeepEqual(obj.Spec, old.Spec)
 }
 
 func lookup(r metav1.GroupVersionResource) func([]byte, string) verdict {

@@ -72,6 +72,19 @@ spec:
     to: [{operation: {ports: ["99999"]}}]
 `
 
+// terminating is a good policy being deleted; its dry-run annotation is
+// a value the load refuses.
+const terminating = `apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: jwt
+  namespace: shop
+  deletionTimestamp: '2026-01-01T00:00:00Z'
+  annotations: {istio.io/dry-run: 'maybe'}
+spec:
+  rules: [{from: [{source: {principals: ["cluster.local/ns/shop/sa/web"]}}]}]
+`
+
 func TestReview(t *testing.T) {
 	for _, tc := range []struct {
 		name, resource, doc string
@@ -81,6 +94,8 @@ func TestReview(t *testing.T) {
 		causes []string
 		// warning is a substring of the one warning.
 		warning string
+		// old is the object an UPDATE replaces.
+		old string
 	}{
 		{name: "good policy", resource: "authorizationpolicies", outcome: admission.OutcomeAllowed, doc: `apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
@@ -102,8 +117,16 @@ spec:
 			causes: []string{"spec.rules[0].from[0].source.requestPrincipals: not supported", "spec.rules[0].from[0].source: invalid", "spec.rules[0].to[0].operation.ports[0]: invalid"}},
 		{name: "delete", resource: "authorizationpolicies", doc: jwt, op: admissionv1.Delete, outcome: admission.OutcomeAllowed},
 		{name: "status subresource", resource: "authorizationpolicies", doc: jwt, op: admissionv1.Update, outcome: admission.OutcomeAllowed},
-		{name: "update of a policy being deleted", resource: "authorizationpolicies", op: admissionv1.Update, outcome: admission.OutcomeAllowed,
-			doc: strings.Replace(jwt, "namespace: shop}", "namespace: shop, deletionTimestamp: '2026-01-01T00:00:00Z'}", 1)},
+		{name: "metadata-only update of a refused policy being deleted", resource: "authorizationpolicies", op: admissionv1.Update, outcome: admission.OutcomeAllowed,
+			doc: strings.Replace(jwt, "namespace: shop}", "namespace: shop, deletionTimestamp: '2026-01-01T00:00:00Z'}", 1),
+			old: strings.Replace(jwt, "namespace: shop}", "namespace: shop, deletionTimestamp: '2026-01-01T00:00:00Z', finalizers: [example.com/hold]}", 1)},
+		{name: "spec change of a policy being deleted is checked", resource: "authorizationpolicies", op: admissionv1.Update, outcome: admission.OutcomeDenied,
+			doc:    strings.Replace(jwt, "namespace: shop}", "namespace: shop, deletionTimestamp: '2026-01-01T00:00:00Z'}", 1),
+			old:    strings.Replace(terminating, "{istio.io/dry-run: 'maybe'}", "{}", 1),
+			causes: []string{"spec.rules[0].from[0].source.requestPrincipals: not supported", "spec.rules[0].from[0].source: invalid", "spec.rules[0].to[0].operation.ports[0]: invalid"}},
+		{name: "dry-run change of a policy being deleted is checked", resource: "authorizationpolicies", op: admissionv1.Update, outcome: admission.OutcomeDenied,
+			doc: terminating, old: strings.Replace(terminating, "{istio.io/dry-run: 'maybe'}", "{other: x}", 1),
+			causes: []string{"metadata.annotations[istio.io/dry-run]: invalid"}},
 		{name: "not ours", resource: "requestauthentications", outcome: admission.OutcomeAllowed, doc: `apiVersion: security.istio.io/v1
 kind: RequestAuthentication
 metadata: {name: r, namespace: shop}
@@ -164,6 +187,9 @@ spec: {hosts: a.example.com}
 				op = admissionv1.Create
 			}
 			req := request(t, op, tc.resource, tc.doc)
+			if tc.old != "" {
+				req.OldObject = request(t, op, tc.resource, tc.old).Object
+			}
 			if tc.name == "status subresource" {
 				req.SubResource = "status"
 			}

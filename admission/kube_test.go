@@ -28,6 +28,7 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 
@@ -228,6 +229,43 @@ func TestWebhookInAPIServer(t *testing.T) {
 		if err := aps.Delete(ctx, "web", metav1.DeleteOptions{}); err != nil {
 			t.Fatal(err)
 		}
+	})
+	t.Run("a policy being deleted cannot be broken, and its finalizer can go", func(t *testing.T) {
+		// A namespace user who may create, delete and update policies
+		// holds one with a finalizer, deletes it, and patches its spec: the
+		// load still reads a terminating object, so a refused spec would
+		// freeze every policy update of the mesh.
+		p := allowPolicy("shop", "held")
+		p.Finalizers = []string{"example.com/hold"}
+		if _, err := aps.Create(ctx, p, metav1.CreateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		if err := aps.Delete(ctx, "held", metav1.DeleteOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		patch := []byte(`{"spec":{"rules":[{"from":[{"source":{"requestPrincipals":["a/b"]}}]}]}}`)
+		_, err := aps.Patch(ctx, "held", types.MergePatchType, patch, metav1.PatchOptions{})
+		if st := denial(t, err); st.Details == nil || len(st.Details.Causes) == 0 ||
+			st.Details.Causes[0].Field != "spec.rules[0].from[0].source.requestPrincipals" {
+			t.Errorf("denial %+v", st)
+		}
+		_, err = aps.Patch(ctx, "held", types.MergePatchType, []byte(`{"metadata":{"annotations":{"istio.io/dry-run":"maybe"}}}`), metav1.PatchOptions{})
+		if st := denial(t, err); st.Details == nil || len(st.Details.Causes) != 1 ||
+			st.Details.Causes[0].Field != "metadata.annotations[istio.io/dry-run]" {
+			t.Errorf("denial %+v", st)
+		}
+		got, err := aps.Get(ctx, "held", metav1.GetOptions{})
+		if err != nil || got.DeletionTimestamp == nil || len(got.Spec.Rules[0].From[0].Source.RequestPrincipals) != 0 {
+			t.Fatalf("terminating policy changed: %v %+v", err, got)
+		}
+		// Removing the finalizer, a metadata-only edit, goes through.
+		if _, err := aps.Patch(ctx, "held", types.MergePatchType, []byte(`{"metadata":{"finalizers":null}}`), metav1.PatchOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		waitUntil(t, "the policy is gone", func() bool {
+			_, err := aps.Get(ctx, "held", metav1.GetOptions{})
+			return apierrors.IsNotFound(err)
+		})
 	})
 	t.Run("PERMISSIVE PeerAuthentication is stored with a warning", func(t *testing.T) {
 		pa := &securityv1.PeerAuthentication{ObjectMeta: metav1.ObjectMeta{Namespace: "shop", Name: "default"},
