@@ -94,7 +94,6 @@ flags or input that cannot be read. It writes nothing.`,
 	f.StringVar(&failOn, "fail-on", "error", "exit 3 on findings at or above: error, warning, info, or none")
 	registerBundleFlags(cmd, &cfg.Bundles)
 	addOutputFlag(cmd, &output)
-	cmd.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return &exitError{code: 2, err: err} })
 	return cmd
 }
 

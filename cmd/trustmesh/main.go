@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"strings"
 	"syscall"
 
 	"github.com/spf13/cobra"
@@ -73,7 +74,68 @@ func newRootCmd() *cobra.Command {
 		newCheckCmd(),
 		newAnalyzeCmd(),
 	)
+	usageErrors(root)
 	return root
+}
+
+// usageErrors makes every usage error of every command under c exit 2, in
+// this one place: flag errors go through the flag error hook, which
+// subcommands inherit, but cobra returns the errors of positional
+// arguments, required flags and flag groups (MarkFlagsOneRequired,
+// MarkFlagsMutuallyExclusive) as they are, so they would exit 1. A
+// runnable command's Args is wrapped, and its PreRunE makes cobra's own
+// flag checks first, which then find nothing. A command of subcommands
+// (trustmesh, policy, ca, ...) would print its help and exit 0 on an
+// unknown subcommand, so it is made runnable: it prints its help when
+// called alone and refuses any argument.
+func usageErrors(c *cobra.Command) {
+	usage := func(err error) error {
+		if err != nil {
+			return &exitError{code: 2, err: err}
+		}
+		return nil
+	}
+	if c.Parent() == nil {
+		c.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return usage(err) })
+	}
+	for _, sub := range c.Commands() {
+		usageErrors(sub)
+	}
+	if !c.Runnable() {
+		if !c.HasSubCommands() {
+			return
+		}
+		c.Args = func(cmd *cobra.Command, a []string) error {
+			if len(a) == 0 {
+				return nil
+			}
+			err := fmt.Errorf("unknown command %q for %q", a[0], cmd.CommandPath())
+			if s := cmd.SuggestionsFor(a[0]); len(s) > 0 {
+				err = fmt.Errorf("%w; did you mean %s?", err, strings.Join(s, " or "))
+			}
+			return usage(err)
+		}
+		c.RunE = func(cmd *cobra.Command, _ []string) error { return cmd.Help() }
+		return
+	}
+	args := c.Args
+	if args == nil {
+		args = cobra.NoArgs
+	}
+	c.Args = func(cmd *cobra.Command, a []string) error { return usage(args(cmd, a)) }
+	pre := c.PreRunE
+	c.PreRunE = func(cmd *cobra.Command, a []string) error {
+		if err := cmd.ValidateRequiredFlags(); err != nil {
+			return usage(err)
+		}
+		if err := cmd.ValidateFlagGroups(); err != nil {
+			return usage(err)
+		}
+		if pre != nil {
+			return pre(cmd, a)
+		}
+		return nil
+	}
 }
 
 // grpcLogger is the logger the command logs with: its --log-format and

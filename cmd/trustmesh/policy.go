@@ -156,40 +156,7 @@ log: paths by --log-redact-path, header values unless in
 		c.Flags().StringVar(&dir, "policies", "", "directory of AuthorizationPolicy YAML files")
 		c.Flags().StringVar(&root, "root-namespace", engine.DefaultRootNamespace, "namespace whose policies apply mesh-wide")
 		bundles.register(c)
-		// Flag errors are bad input too.
-		c.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return &exitError{code: 2, err: err} })
-		usageErrors(c)
 	}
 	cmd.AddCommand(check, explain, compile)
 	return cmd
-}
-
-// usageErrors makes every usage error of c exit 2, as its flag errors do:
-// cobra returns the errors of positional arguments, required flags and
-// flag groups (MarkFlagsOneRequired, MarkFlagsMutuallyExclusive) as they
-// are, past the flag error hook, so they would exit 1. Its PreRunE makes
-// cobra's own flag checks first, which then find nothing.
-func usageErrors(c *cobra.Command) {
-	usage := func(err error) error {
-		if err != nil {
-			return &exitError{code: 2, err: err}
-		}
-		return nil
-	}
-	if args := c.Args; args != nil {
-		c.Args = func(cmd *cobra.Command, a []string) error { return usage(args(cmd, a)) }
-	}
-	pre := c.PreRunE
-	c.PreRunE = func(cmd *cobra.Command, a []string) error {
-		if err := cmd.ValidateRequiredFlags(); err != nil {
-			return usage(err)
-		}
-		if err := cmd.ValidateFlagGroups(); err != nil {
-			return usage(err)
-		}
-		if pre != nil {
-			return pre(cmd, a)
-		}
-		return nil
-	}
 }
