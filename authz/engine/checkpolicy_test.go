@@ -51,3 +51,45 @@ func TestCheckPolicyIsBuildsCheck(t *testing.T) {
 		t.Fatalf("Build without bundles: %v, want a MissingBundleError", err)
 	}
 }
+
+// TestCheckProviderIsBuildsCheck holds Set.CheckProvider, the check the
+// admission webhook asks of the set in force, to Build: a CUSTOM policy
+// whose provider the set's bundles do not define is refused by both with
+// the same error, as field spec.provider.name; one they define passes, and
+// a set built without bundles refuses every CUSTOM policy.
+func TestCheckProviderIsBuildsCheck(t *testing.T) {
+	ctx := context.Background()
+	ps, err := policy.ParseYAML("t.yaml", []byte(customAll), "default")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defined := ps[0] // rego:slow/allow
+	missing := *defined
+	missing.Provider = "rego:nowhere/allow"
+	allow := &policy.Policy{Namespace: "default", Name: "allow", Origin: "t", Action: policy.Allow}
+	for _, bundles := range [][]engine.NamedBundle{{bundleOf(t, slowRego)}, nil} {
+		set, err := engine.Build(ctx, engine.SetConfig{Bundles: bundles})
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, p := range []*policy.Policy{defined, &missing} {
+			checkErr := set.CheckProvider(p)
+			_, buildErr := engine.Build(ctx, engine.SetConfig{Policies: []*policy.Policy{p}, Bundles: bundles})
+			if (checkErr == nil) != (buildErr == nil) || checkErr != nil && checkErr.Error() != buildErr.Error() {
+				t.Errorf("%d bundles, %s: CheckProvider: %v\nBuild: %v", len(bundles), p.Provider, checkErr, buildErr)
+			}
+			var fe *policy.FieldError
+			var mb *engine.MissingBundleError
+			wantRefused := p == &missing || bundles == nil
+			if wantRefused && (!errors.As(checkErr, &fe) || fe.Field != "spec.provider.name" || !errors.As(checkErr, &mb)) {
+				t.Errorf("%d bundles, %s: CheckProvider: %v, want a FieldError of spec.provider.name wrapping a MissingBundleError", len(bundles), p.Provider, checkErr)
+			}
+			if !wantRefused && checkErr != nil {
+				t.Errorf("%s: defined, yet refused: %v", p.Provider, checkErr)
+			}
+		}
+		if err := set.CheckProvider(allow); err != nil {
+			t.Errorf("an ALLOW policy: %v", err)
+		}
+	}
+}

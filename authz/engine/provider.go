@@ -17,6 +17,8 @@ import (
 	"github.com/open-policy-agent/opa/v1/storage/inmem"
 	"github.com/open-policy-agent/opa/v1/util"
 	"google.golang.org/protobuf/encoding/protojson"
+
+	"github.com/trustmesh/trustmesh/authz/policy"
 )
 
 // Sandbox returns the capabilities bundles are compiled with: OPA's own,
@@ -112,13 +114,47 @@ type provider struct {
 	query oparego.PreparedEvalQuery
 }
 
-func (cb *compiledBundles) provider(ctx context.Context, name string) (*provider, error) {
+// decision returns the Rego reference of a provider the bundles define:
+// the check Build makes of every CUSTOM policy's provider, and
+// Set.CheckProvider makes of one.
+func (cb *compiledBundles) decision(name string) (ast.Ref, error) {
 	ref, err := providerRef(name)
 	if err != nil {
 		return nil, err
 	}
 	if len(cb.compiler.GetRulesWithPrefix(ref)) == 0 && !dataHas(cb.data, ref) {
 		return nil, &MissingBundleError{Provider: name, Decision: ref.String()}
+	}
+	return ref, nil
+}
+
+// refuseProvider is the refusal of a CUSTOM policy whose provider the
+// bundles do not define (decision's error), as a field of the policy.
+func refuseProvider(p *policy.Policy, err error) error {
+	return &policy.FieldError{Origin: p.Origin, Policy: p.Key(), Field: "spec.provider.name", Err: err}
+}
+
+// CheckProvider makes the check Build makes of a CUSTOM policy's provider,
+// against the bundles this set was built with: a provider no bundle
+// defines is refused with the very error Build refuses a set holding the
+// policy with (a *policy.FieldError of spec.provider.name wrapping a
+// MissingBundleError). Policies of other actions pass. It is what the
+// admission webhook asks of the set in force; a set built with no bundles
+// refuses every CUSTOM policy, as a load without bundles does.
+func (s *Set) CheckProvider(p *policy.Policy) error {
+	if p.Action != policy.Custom {
+		return nil
+	}
+	if _, err := s.bundles.decision(p.Provider); err != nil {
+		return refuseProvider(p, err)
+	}
+	return nil
+}
+
+func (cb *compiledBundles) provider(ctx context.Context, name string) (*provider, error) {
+	ref, err := cb.decision(name)
+	if err != nil {
+		return nil, err
 	}
 	pq, err := oparego.New(
 		oparego.Compiler(cb.compiler),

@@ -65,6 +65,8 @@ type Set struct {
 	matches     oparego.PreparedEvalQuery
 	modules     map[string]string // file name -> generated Rego
 	providers   map[string]*provider
+	// bundles are the compiled bundles, for CheckProvider.
+	bundles     *compiledBundles
 	evalTimeout time.Duration
 	gateways    Gateways
 	version     uint64
@@ -177,6 +179,7 @@ func Build(ctx context.Context, cfg SetConfig) (*Set, error) {
 	if err != nil {
 		return nil, err
 	}
+	s.bundles = bs
 	s.providers = map[string]*provider{}
 	for _, e := range s.entries {
 		p := e.policy
@@ -185,6 +188,9 @@ func Build(ctx context.Context, cfg SetConfig) (*Set, error) {
 		}
 		if _, ok := s.providers[p.Provider]; ok {
 			continue
+		}
+		if _, err := bs.decision(p.Provider); err != nil {
+			return nil, refuseProvider(p, err)
 		}
 		prov, err := bs.provider(ctx, p.Provider)
 		if err != nil {
@@ -201,7 +207,8 @@ func Build(ctx context.Context, cfg SetConfig) (*Set, error) {
 // refuses, with the same error, which joins a *policy.FieldError for each
 // refusal (the same type the parser refuses with). What only a whole set
 // can refuse is not checked here: two policies of one namespace/name, and a
-// CUSTOM provider that no loaded bundle defines (MissingBundleError).
+// CUSTOM provider that no loaded bundle defines (MissingBundleError,
+// which Set.CheckProvider checks against a set's bundles).
 func CheckPolicy(p *policy.Policy) error {
 	id := authzrego.ID(0)
 	_, m, err := checkPolicy(id, p)
