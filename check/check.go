@@ -224,14 +224,14 @@ func ParseDuration(s string) (time.Duration, error) {
 	if i := strings.IndexByte(s, 'd'); i > 0 {
 		n, err := strconv.Atoi(s[:i])
 		if err != nil || n < 0 {
-			return 0, fmt.Errorf("check: duration %q: want e.g. 30d, 1d12h or 36h", s)
+			return 0, fmt.Errorf("duration %q: want e.g. 30d, 1d12h or 36h", s)
 		}
 		d, rest = time.Duration(n)*24*time.Hour, s[i+1:]
 	}
 	if rest != "" {
 		r, err := time.ParseDuration(rest)
 		if err != nil {
-			return 0, fmt.Errorf("check: duration %q: want e.g. 30d, 1d12h or 36h", s)
+			return 0, fmt.Errorf("duration %q: want e.g. 30d, 1d12h or 36h", s)
 		}
 		d += r
 	}

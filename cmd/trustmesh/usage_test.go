@@ -64,3 +64,13 @@ func requiredFlags(c *cobra.Command) []string {
 	})
 	return names
 }
+
+// TestDurationFlagErrorNamesItsFlag holds a bad days-duration value to an
+// error that names the flag and no other command: the value is shared by
+// check and analyze, and said "check: duration ..." under analyze.
+func TestDurationFlagErrorNamesItsFlag(t *testing.T) {
+	_, stderr, code := runAnalyze(t, "--stale-dry-run", "2w", "-f", "../../examples/policies")
+	if code != 2 || !strings.Contains(stderr, `"--stale-dry-run"`) || !strings.Contains(stderr, `duration "2w": want e.g. 30d`) || strings.Contains(stderr, "check:") {
+		t.Fatalf("exit %d, stderr %q; want exit 2 and an error about --stale-dry-run's duration naming no other command", code, stderr)
+	}
+}
