@@ -132,6 +132,7 @@ var All = []Analyzer{
 	selectorsAnalyzer,
 	identitiesAnalyzer,
 	trustDomainAnalyzer,
+	malformedPeerAnalyzer,
 	deadDenyAnalyzer, shadowedAllowAnalyzer, emptyAllowAnalyzer, denyAllAnalyzer, httpOnTCPAnalyzer,
 	dryRunAnalyzer,
 	customProviderAnalyzer,
