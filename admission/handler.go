@@ -1,6 +1,7 @@
 package admission
 
 import (
+	"crypto/subtle"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -10,6 +11,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	admissionv1 "k8s.io/api/admission/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 )
 
 // maxBody bounds an AdmissionReview; the apiserver's own request limit is
@@ -21,11 +23,23 @@ type HandlerConfig struct {
 	// Registerer, if set, receives trustmesh_admission_reviews_total.
 	Registerer prometheus.Registerer
 	Log        *slog.Logger
+	// ProbeToken, if set, is a secret of this process: an object whose
+	// ProbeAnnotation carries it is denied, whatever else it holds, with
+	// "validation probe TOKEN answered by ProbeIdentity". That denial shows
+	// the process's controller that its own webhook answers, and no other
+	// webhook's, which cannot know the token. Any other value of the
+	// annotation is nothing special, and is never quoted.
+	ProbeToken    string
+	ProbeIdentity string
 }
 
+// ProbeAnnotation carries the token of a control plane's readiness probe.
+const ProbeAnnotation = "trustmesh.io/validation-probe"
+
 type handler struct {
-	log     *slog.Logger
-	reviews *prometheus.CounterVec
+	log                 *slog.Logger
+	reviews             *prometheus.CounterVec
+	probeToken, probeID string
 }
 
 // NewHandler returns the webhook's handler, serving POST Path.
@@ -33,7 +47,7 @@ func NewHandler(cfg HandlerConfig) (http.Handler, error) {
 	if cfg.Log == nil {
 		cfg.Log = slog.Default()
 	}
-	h := &handler{log: cfg.Log, reviews: prometheus.NewCounterVec(prometheus.CounterOpts{
+	h := &handler{log: cfg.Log, probeToken: cfg.ProbeToken, probeID: cfg.ProbeIdentity, reviews: prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "trustmesh_admission_reviews_total",
 		Help: "Objects reviewed by the validating webhook, by kind (other: a kind trustmesh does not read) and outcome " +
 			"(allowed, warned: allowed with a warning, denied: refused by trustmesh's checks, error: did not decode, or a malformed review).",
@@ -72,6 +86,10 @@ func (h *handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	req := review.Request
+	if h.isProbe(req) {
+		h.answerProbe(w, review)
+		return
+	}
 	resp, outcome := Review(req)
 	resp.UID = req.UID
 	kind := kindOf(req.Resource)
@@ -85,6 +103,36 @@ func (h *handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			"operation", req.Operation, "warnings", resp.Warnings)
 	}
 	out, err := json.Marshal(admissionv1.AdmissionReview{TypeMeta: review.TypeMeta, Response: resp})
+	if err != nil {
+		http.Error(w, "admission: encode response", http.StatusInternalServerError)
+		return
+	}
+	w.Header().Set("Content-Type", "application/json")
+	_, _ = w.Write(out)
+}
+
+// isProbe reports whether req's object carries this process's probe token.
+func (h *handler) isProbe(req *admissionv1.AdmissionRequest) bool {
+	if h.probeToken == "" {
+		return false
+	}
+	var obj struct {
+		Metadata struct {
+			Annotations map[string]string `json:"annotations"`
+		} `json:"metadata"`
+	}
+	return json.Unmarshal(req.Object.Raw, &obj) == nil &&
+		subtle.ConstantTimeCompare([]byte(obj.Metadata.Annotations[ProbeAnnotation]), []byte(h.probeToken)) == 1
+}
+
+// answerProbe denies this process's probe, quoting its token.
+func (h *handler) answerProbe(w http.ResponseWriter, review admissionv1.AdmissionReview) {
+	h.reviews.WithLabelValues(kindOf(review.Request.Resource), OutcomeDenied).Inc()
+	out, err := json.Marshal(admissionv1.AdmissionReview{TypeMeta: review.TypeMeta, Response: &admissionv1.AdmissionResponse{
+		UID: review.Request.UID, Allowed: false, Result: &metav1.Status{
+			Status: metav1.StatusFailure, Code: http.StatusForbidden, Reason: metav1.StatusReasonForbidden,
+			Message: fmt.Sprintf("validation probe %s answered by %s", h.probeToken, h.probeID),
+		}}})
 	if err != nil {
 		http.Error(w, "admission: encode response", http.StatusInternalServerError)
 		return

@@ -2,8 +2,11 @@ package controlplane
 
 import (
 	"cmp"
+	"crypto/rand"
+	"encoding/hex"
 	"fmt"
 	"net/http"
+	"os"
 
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/runtime/schema"
@@ -23,7 +26,18 @@ type AdmissionConfig struct {
 	// failurePolicy it switches from Ignore to Fail once the webhook is
 	// seen denying a dry-run invalid AuthorizationPolicy.
 	WebhookConfig string
+	// KeepIgnore leaves the failurePolicy as installed (Ignore): the
+	// caBundle is still kept current, but a webhook that is not highly
+	// available does not hold up every write of the kinds it checks while
+	// it is down. Invalid policies are still refused at load, which keeps
+	// the last good set.
+	KeepIgnore bool
 }
+
+// ValidationWebhookOff, as WebhookConfig, keeps no
+// ValidatingWebhookConfiguration: /validate is still served, for a
+// configuration that someone else keeps.
+const ValidationWebhookOff = "off"
 
 // DefaultValidationWebhook is the ValidatingWebhookConfiguration's name.
 const DefaultValidationWebhook = "trustmesh-validator"
@@ -42,11 +56,14 @@ const ProbeName = "trustmesh-validation-probe"
 // engine refuses (a '*' inside a principal), in the policy root namespace,
 // which exists wherever policies are read from and is not one the
 // webhook's namespaceSelector leaves out.
-func probePolicy(namespace string) *unstructured.Unstructured {
+// It carries the process's probe token, which only this process's webhook
+// answers (admission.HandlerConfig.ProbeToken).
+func probePolicy(namespace, token string) *unstructured.Unstructured {
 	return &unstructured.Unstructured{Object: map[string]any{
 		"apiVersion": "security.istio.io/v1",
 		"kind":       "AuthorizationPolicy",
-		"metadata":   map[string]any{"name": ProbeName, "namespace": namespace},
+		"metadata": map[string]any{"name": ProbeName, "namespace": namespace,
+			"annotations": map[string]any{admission.ProbeAnnotation: token}},
 		"spec": map[string]any{
 			"action": "DENY",
 			"rules": []any{map[string]any{"from": []any{map[string]any{"source": map[string]any{
@@ -90,21 +107,38 @@ func (cp *ControlPlane) newWebhooks(v *validated) error {
 // newValidator assembles the validating webhook's handler and the patcher
 // that keeps its ValidatingWebhookConfiguration current.
 func (cp *ControlPlane) newValidator(v *validated) (http.Handler, error) {
-	h, err := admission.NewHandler(admission.HandlerConfig{Registerer: cp.registry, Log: v.Log})
+	// The probe token is this process's: with several replicas behind one
+	// Service, each switches only once its own webhook is seen answering.
+	var secret [16]byte
+	if _, err := rand.Read(secret[:]); err != nil {
+		return nil, fmt.Errorf("controlplane: probe token: %w", err)
+	}
+	token := hex.EncodeToString(secret[:])
+	host, _ := os.Hostname()
+	h, err := admission.NewHandler(admission.HandlerConfig{Registerer: cp.registry, Log: v.Log,
+		ProbeToken: token, ProbeIdentity: "trustmesh " + cmp.Or(host, "control plane")})
 	if err != nil {
 		return nil, fmt.Errorf("controlplane: %w", err)
 	}
-	dyn, err := dynamic.NewForConfigAndClient(cp.cluster.rest, cp.cluster.http)
-	if err != nil {
-		return nil, fmt.Errorf("controlplane: Kubernetes dynamic client: %w", err)
+	if v.Admission.WebhookConfig == ValidationWebhookOff {
+		return h, nil
+	}
+	var failClose *cabundle.Probe
+	if !v.Admission.KeepIgnore {
+		dyn, err := dynamic.NewForConfigAndClient(cp.cluster.rest, cp.cluster.http)
+		if err != nil {
+			return nil, fmt.Errorf("controlplane: Kubernetes dynamic client: %w", err)
+		}
+		failClose = &cabundle.Probe{
+			Client:   dyn,
+			Resource: schema.GroupVersionResource{Group: "security.istio.io", Version: "v1", Resource: "authorizationpolicies"},
+			Object:   probePolicy(cmp.Or(v.Authz.RootNamespace, engine.DefaultRootNamespace), token),
+			Token:    token,
+		}
 	}
 	patcher, err := cabundle.NewWebhookPatcher(cabundle.WebhookConfig{
 		Client: cp.cluster.kube, Kind: cabundle.Validating, Name: v.Admission.WebhookConfig, Bundle: cp.authority, Log: v.Log,
-		FailClose: &cabundle.Probe{
-			Client:   dyn,
-			Resource: schema.GroupVersionResource{Group: "security.istio.io", Version: "v1", Resource: "authorizationpolicies"},
-			Object:   probePolicy(cmp.Or(v.Authz.RootNamespace, engine.DefaultRootNamespace)),
-		},
+		FailClose: failClose,
 	})
 	if err != nil {
 		return nil, fmt.Errorf("controlplane: %w", err)

@@ -20,7 +20,7 @@ import (
 
 func newServeCmd() *cobra.Command {
 	var cfg controlplane.Config
-	var validate, debugEndpoints, injection bool
+	var validate, debugEndpoints, injection, failClosed bool
 	var logFormat, logLevel, decisionLog string
 	cmd := &cobra.Command{
 		Use:   "serve",
@@ -55,6 +55,7 @@ nothing. A start that fails leaves no data dir it created behind.`,
 			cfg.Log = log
 			cfg.Listen.NoDebugEndpoints = !debugEndpoints
 			cfg.Injector.Disabled = !injection
+			cfg.Admission.KeepIgnore = !failClosed
 			if validate {
 				err := errors.Join(controlplane.Check(cmd.Context(), cfg), checkDecisionLog(decisionLog))
 				if err != nil {
@@ -104,7 +105,8 @@ nothing. A start that fails leaves no data dir it created behind.`,
 	f.Uint32Var(&cfg.XDS.GatewayTrustedHops, "gateway-trusted-hops", 0, "proxies in front of the gateways that append to X-Forwarded-For (their xff_num_trusted_hops)")
 	f.StringVar(&cfg.Listen.Injector, "listen-injector", controlplane.DefaultListenInjector, `admission webhooks' address (sidecar injection and config validation), on Kubernetes; "off" turns both off`)
 	f.BoolVar(&injection, "injection", true, "serve sidecar injection on --listen-injector; false still serves config validation there")
-	f.StringVar(&cfg.Admission.WebhookConfig, "validation-webhook-config", controlplane.DefaultValidationWebhook, "ValidatingWebhookConfiguration whose caBundle serve keeps current, and whose failurePolicy it switches from Ignore to Fail once the webhook answers")
+	f.StringVar(&cfg.Admission.WebhookConfig, "validation-webhook-config", controlplane.DefaultValidationWebhook, `ValidatingWebhookConfiguration whose caBundle serve keeps current, and whose failurePolicy it switches from Ignore to Fail once the webhook answers; "off" keeps none`)
+	f.BoolVar(&failClosed, "validation-fail-closed", true, "switch the validating webhook's failurePolicy to Fail once it answers; false keeps Ignore (for a single replica, whose absence would block every write of the kinds it checks)")
 	f.StringVar(&cfg.Injector.MeshConfig, "mesh-config", "", "mesh config file for injection (images, ports, resources, exclusion limits)")
 	f.StringVar(&cfg.Injector.WebhookConfig, "injector-webhook-config", controlplane.DefaultInjectorWebhook, "MutatingWebhookConfiguration whose caBundle serve keeps current")
 	f.StringVar(&cfg.CA.CertsDir, "cacerts", "", "operator-supplied CA in Istio's cacerts layout (ca-cert.pem, ca-key.pem, cert-chain.pem, root-cert.pem)")

@@ -24,7 +24,9 @@ import (
 	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/apimachinery/pkg/watch"
 	"k8s.io/client-go/dynamic"
+	dynamicfake "k8s.io/client-go/dynamic/fake"
 	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/kubernetes/fake"
 
 	"github.com/trustmesh/trustmesh/ca/authority"
 	"github.com/trustmesh/trustmesh/injector"
@@ -328,7 +330,11 @@ func TestFailClose(t *testing.T) {
 			http.Error(w, "bad review", http.StatusBadRequest)
 			return
 		}
-		review.Response = &admissionv1.AdmissionResponse{UID: review.Request.UID, Allowed: false, Result: &metav1.Status{Message: "probe refused"}}
+		// Quote the token, as the control plane's own webhook does.
+		var obj unstructured.Unstructured
+		_ = obj.UnmarshalJSON(review.Request.Object.Raw)
+		msg := "probe " + obj.GetAnnotations()[probeAnnotation] + " refused"
+		review.Response = &admissionv1.AdmissionResponse{UID: review.Request.UID, Allowed: false, Result: &metav1.Status{Message: msg}}
 		review.Request = nil
 		_ = json.NewEncoder(w).Encode(review)
 	}
@@ -393,10 +399,11 @@ func TestFailClose(t *testing.T) {
 			probe.SetName("probe")
 			probe.SetNamespace("default")
 			probe.SetLabels(map[string]string{"probe": name})
+			probe.SetAnnotations(map[string]string{probeAnnotation: probeToken})
 			logs := make(logSink, 100)
 			p, err := cabundle.NewWebhookPatcher(cabundle.WebhookConfig{
 				Client: cs, Kind: cabundle.Validating, Name: name, Bundle: bundle,
-				FailClose: &cabundle.Probe{Client: dyn, Resource: schema.GroupVersionResource{Version: "v1", Resource: "configmaps"}, Object: probe},
+				FailClose: &cabundle.Probe{Client: dyn, Resource: schema.GroupVersionResource{Version: "v1", Resource: "configmaps"}, Object: probe, Token: probeToken},
 				Log:       slog.New(logs),
 			})
 			if err != nil {
@@ -528,5 +535,16 @@ func TestConfigRefused(t *testing.T) {
 	}
 	if _, err := cabundle.NewRootCertPublisher(cabundle.RootCertConfig{}); err == nil {
 		t.Error("a publisher without a client or bundle was accepted")
+	}
+}
+
+// A FailClose probe without a token could be answered by any webhook.
+func TestProbeNeedsToken(t *testing.T) {
+	_, err := cabundle.NewWebhookPatcher(cabundle.WebhookConfig{
+		Client: fake.NewClientset(), Kind: cabundle.Validating, Name: "v", Bundle: staticBundle{spiffebundle.New(td)},
+		FailClose: &cabundle.Probe{Client: dynamicfake.NewSimpleDynamicClient(runtime.NewScheme()), Resource: schema.GroupVersionResource{Version: "v1", Resource: "configmaps"}, Object: &unstructured.Unstructured{}},
+	})
+	if err == nil || !strings.Contains(err.Error(), "Token") {
+		t.Errorf("NewWebhookPatcher with a tokenless probe = %v, want refused", err)
 	}
 }

@@ -63,13 +63,19 @@ type WebhookConfig struct {
 
 // Probe is an object that the webhook must refuse. It is created with
 // dryRun=All, so that nothing is ever stored, and must come back denied by
-// one of the configuration's webhooks.
+// one of the configuration's webhooks with a message that quotes Token.
 type Probe struct {
 	Client   dynamic.Interface
 	Resource schema.GroupVersionResource
 	// Object names its namespace, which must exist and be one the
-	// webhooks' namespaceSelector covers.
+	// webhooks' namespaceSelector covers. It carries Token where only the
+	// webhook this probe is for looks for it.
 	Object *unstructured.Unstructured
+	// Token is a secret of this process that its own webhook quotes in its
+	// denial of Object. A denial without it comes from some other webhook,
+	// perhaps another configuration's of the same name, and is no sign that
+	// this configuration's webhook answers.
+	Token string
 }
 
 // maxProbeDelay caps the retry delay of a failed update or probe, so that a
@@ -100,8 +106,8 @@ func NewWebhookPatcher(cfg WebhookConfig) (*WebhookPatcher, error) {
 	if cfg.Bundle == nil {
 		errs = append(errs, errors.New("a Bundle is required"))
 	}
-	if p := cfg.FailClose; p != nil && (p.Client == nil || p.Object == nil || p.Resource.Resource == "") {
-		errs = append(errs, errors.New("the FailClose probe needs a Client, a Resource and an Object"))
+	if p := cfg.FailClose; p != nil && (p.Client == nil || p.Object == nil || p.Resource.Resource == "" || p.Token == "") {
+		errs = append(errs, errors.New("the FailClose probe needs a Client, a Resource, an Object and a Token"))
 	}
 	if len(errs) > 0 {
 		return nil, fmt.Errorf("cabundle: %w", errors.Join(errs...))
@@ -239,10 +245,14 @@ func (p *WebhookPatcher) reconcile(ctx context.Context, name string, bundle []by
 }
 
 // probe creates the probe object with dryRun=All and returns nil only if
-// one of the named webhooks denied it. The API server reports a webhook's
-// denial only in the status message, as `admission webhook "NAME" denied
-// the request: ...`; a webhook it could not call is "failed calling
-// webhook", and with failurePolicy Ignore not an error at all.
+// one of the named webhooks denied it, quoting the probe's token. The API
+// server reports a webhook's denial only in the status message, as
+// `admission webhook "NAME" denied the request: ...`; a webhook it could
+// not call is "failed calling webhook", and with failurePolicy Ignore not
+// an error at all. Webhook names are unique only within a configuration,
+// so the name alone does not show that the denial is ours: another
+// configuration's webhook of the same name, which the probe also reaches,
+// denies it too, but cannot know the token.
 func (p *WebhookPatcher) probe(ctx context.Context, webhooks []string) error {
 	pr := p.cfg.FailClose
 	obj := pr.Object.DeepCopy()
@@ -257,9 +267,16 @@ func (p *WebhookPatcher) probe(ctx context.Context, webhooks []string) error {
 	if errors.As(err, &status) {
 		msg := status.Status().Message
 		for _, n := range webhooks {
-			if strings.HasPrefix(msg, fmt.Sprintf("admission webhook %q denied the request", n)) {
+			if strings.HasPrefix(msg, fmt.Sprintf("admission webhook %q denied the request", n)) && strings.Contains(msg, pr.Token) {
 				return nil
 			}
+		}
+		if strings.Contains(msg, "denied the request") {
+			// Never log the token itself: it is what the denial must
+			// prove knowledge of.
+			msg = strings.ReplaceAll(msg, pr.Token, "TOKEN")
+			return fmt.Errorf("the dry-run probe %s %s/%s was denied, but not by this process's webhook (no denial quotes its probe token): %s",
+				pr.Resource.Resource, obj.GetNamespace(), obj.GetName(), msg)
 		}
 	}
 	return fmt.Errorf("the dry-run probe %s %s/%s was not denied by the webhook: %w", pr.Resource.Resource, obj.GetNamespace(), obj.GetName(), err)
