@@ -124,6 +124,13 @@ func FromSpec(meta Meta, spec *securityv1beta1.AuthorizationPolicy) (*Policy, er
 		}
 	}
 
+	if n := size(spec.GetRules()); n > MaxValues {
+		// Refused before its rules are read: the cost of a policy (its
+		// generated Rego, compiled at every load and admission review) grows
+		// with its size, and a refusal per value would too.
+		c.fail("spec.rules", ErrInvalid, "holds %d rules and values, more than the %d one policy may hold: split it into several policies", n, MaxValues)
+		return nil, errors.Join(c.errs...)
+	}
 	for i, r := range spec.GetRules() {
 		p.Rules = append(p.Rules, c.rule(fmt.Sprintf("spec.rules[%d]", i), r))
 	}
@@ -131,6 +138,44 @@ func FromSpec(meta Meta, spec *securityv1beta1.AuthorizationPolicy) (*Policy, er
 		return nil, errors.Join(c.errs...)
 	}
 	return p, nil
+}
+
+// MaxValues bounds the rules and values (each entry of a list such as
+// principals, paths or a condition's values) one policy may hold. Checking
+// a policy compiles its generated Rego, at every load and admission
+// review, in time that grows with its size: at the bound it takes well
+// under a second, and no policy written by hand comes near it. A longer
+// policy is refused, as field spec.rules, before its rules are read.
+const MaxValues = 1024
+
+// size counts a policy's rules and the values in them.
+func size(rules []*securityv1beta1.Rule) int {
+	n := len(rules)
+	for _, r := range rules {
+		n += values(r.ProtoReflect())
+	}
+	return n
+}
+
+// values counts the entries of every list of scalars in m, however deep.
+func values(m protoreflect.Message) int {
+	n := 0
+	m.Range(func(fd protoreflect.FieldDescriptor, v protoreflect.Value) bool {
+		switch {
+		case fd.IsMap():
+			n += v.Map().Len()
+		case fd.IsList() && fd.Kind() == protoreflect.MessageKind:
+			for i, l := 0, v.List(); i < l.Len(); i++ {
+				n += values(l.Get(i).Message())
+			}
+		case fd.IsList():
+			n += v.List().Len()
+		case fd.Kind() == protoreflect.MessageKind:
+			n += values(v.Message())
+		}
+		return true
+	})
+	return n
 }
 
 type converter struct {

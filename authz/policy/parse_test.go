@@ -209,3 +209,40 @@ func TestNearest(t *testing.T) {
 		}
 	}
 }
+
+// TestMaxValues bounds the size of one policy: a policy of MaxValues rules
+// and values parses, one more is refused as field spec.rules, once, with
+// what to do, however the values are spread.
+func TestMaxValues(t *testing.T) {
+	const head = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: big, namespace: foo}\n"
+	values := func(n int) string { // one rule of n-1 values
+		var b strings.Builder
+		b.WriteString("spec:\n  rules:\n  - from:\n    - source:\n        principals:\n")
+		for i := range n - 1 {
+			fmt.Fprintf(&b, "        - cluster.local/ns/n%d/sa/s\n", i)
+		}
+		return b.String()
+	}
+	rules := func(n int) string { // n/2 rules of one value
+		var b strings.Builder
+		b.WriteString("spec:\n  rules:\n")
+		for i := range n / 2 {
+			fmt.Fprintf(&b, "  - when: [{key: 'request.headers[x%d]', values: [v]}]\n", i)
+		}
+		return b.String()
+	}
+	for name, doc := range map[string]func(int) string{"values": values, "rules": rules} {
+		if _, err := ParseYAML("big.yaml", []byte(head+doc(MaxValues)), "default"); err != nil {
+			t.Fatalf("%s: %d rules and values refused: %v", name, MaxValues, err)
+		}
+		_, err := ParseYAML("big.yaml", []byte(head+doc(MaxValues+2)), "default")
+		var fe *FieldError
+		if !errors.As(err, &fe) || fe.Field != "spec.rules" || !errors.Is(err, ErrInvalid) ||
+			!strings.Contains(err.Error(), fmt.Sprintf("holds %d rules and values, more than the %d one policy may hold: split it into several policies", MaxValues+2, MaxValues)) {
+			t.Errorf("%s: %v, want one refusal of spec.rules saying to split the policy", name, err)
+		}
+		if n := strings.Count(fmt.Sprint(err), "\n"); n != 0 {
+			t.Errorf("%s: %d refusals, want one:\n%v", name, n+1, err)
+		}
+	}
+}
