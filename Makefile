@@ -22,6 +22,9 @@ envtest:
 # Every test, with the race detector, against real components: a real
 # kube-apiserver and etcd, and a PostgreSQL started on loopback for the run
 # (test/readme runs the README's commands, openssl among them).
+# Under -race, the symbolic proofs and the admission corpus check only a
+# sample (the race detector finds nothing in them and slows them tenfold):
+# they run whole once more without it.
 # Then the PKCS#11 back end (-tags pkcs11, cgo) against a SoftHSM token that
 # hack/softhsm.sh creates (installing Debian's softhsm2 when it is missing).
 # First, the committed generated files must be current (about 6 s warm).
@@ -30,6 +33,7 @@ test: envtest generate-check
 	@dsn=$$(hack/postgres.sh start) && trap 'hack/postgres.sh stop' EXIT && \
 	KUBEBUILDER_ASSETS="$$(hack/envtest-assets.sh)" TRUSTMESH_TEST_POSTGRES_DSN="$$dsn" \
 	$(GO) test -race -count=1 -timeout 20m ./...
+	$(GO) test -count=1 -run '^(TestProofsHoldInTheEngine|TestCorpusAgrees|TestCaseFilesAgree)$$' ./authz/symbolic ./admission
 	@env=$$(hack/softhsm.sh start) && eval "$$env" && trap 'hack/softhsm.sh stop "$$TRUSTMESH_SOFTHSM_DIR"' EXIT && \
 	CGO_ENABLED=1 $(GO) test -tags pkcs11 -count=1 ./ca/authority/
 	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && seed=$$(od -An -N4 -tu4 /dev/urandom | tr -d ' ') && \
