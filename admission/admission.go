@@ -19,24 +19,29 @@
 //   - an object that does not decode is denied; DELETE is always allowed,
 //     and so are kinds trustmesh does not read.
 //
-// What only a whole set can refuse is not checked here: two policies of
-// one namespace/name cannot exist in a cluster, and a CUSTOM provider that
-// no loaded Rego bundle defines depends on the control plane's bundles, not
-// on the object (trustmesh analyze reports it, TMA021).
+// A CUSTOM policy is also held to the Rego bundles the control plane
+// serves (Providers: engine.Set.CheckProvider of the set in force, the
+// check engine.Build makes), and refused as field spec.provider.name when
+// none defines its provider, as the load would refuse the whole set. What
+// only a whole set can refuse is not checked: two policies of one
+// namespace/name cannot exist in a cluster.
 package admission
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"net/http"
 	"reflect"
+	"sync"
 
 	securityv1 "istio.io/client-go/pkg/apis/security/v1"
 	securityv1beta1 "istio.io/client-go/pkg/apis/security/v1beta1"
 	admissionv1 "k8s.io/api/admission/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
+	"github.com/trustmesh/trustmesh/authz/engine"
 	"github.com/trustmesh/trustmesh/authz/policy"
 	"github.com/trustmesh/trustmesh/authz/source/kube"
 	"github.com/trustmesh/trustmesh/mesh"
@@ -65,15 +70,32 @@ var Operations = []string{"CREATE", "UPDATE"}
 // a version, and is indexed by version.
 type kind struct {
 	Rule
-	check map[string]func(raw []byte, ns string) verdict
+	check map[string]func(raw []byte, ns string, providers Providers) verdict
 }
+
+// Providers checks a CUSTOM policy's provider against the Rego bundles the
+// control plane serves: engine.Set.CheckProvider of the set in force,
+// which refuses with a *policy.FieldError of spec.provider.name. Any other
+// error (e.g. no set loaded yet) makes the webhook answer that it cannot
+// check now, which the apiserver treats per the failurePolicy. Nil means no
+// bundles are loaded: every CUSTOM policy is refused, as a load refuses it.
+type Providers func(*policy.Policy) error
+
+// noBundles is the check of a control plane that loads no bundles.
+var noBundles = sync.OnceValue(func() Providers {
+	s, err := engine.Build(context.Background(), engine.SetConfig{})
+	if err != nil {
+		return func(*policy.Policy) error { return fmt.Errorf("admission: %w", err) }
+	}
+	return s.CheckProvider
+})
 
 // kinds is the table of what the webhook validates; Rules is its public
 // view. The mesh kinds are meshcheck's, which trustmesh analyze -f
 // dispatches through too.
 var kinds = append([]kind{
 	{Rule{"security.istio.io", []string{"v1", "v1beta1"}, "authorizationpolicies", "AuthorizationPolicy"},
-		map[string]func([]byte, string) verdict{
+		map[string]func([]byte, string, Providers) verdict{
 			"v1":      checkAuthorizationPolicy(kube.ConvertV1, func(o *securityv1.AuthorizationPolicy) *metav1.ObjectMeta { return &o.ObjectMeta }),
 			"v1beta1": checkAuthorizationPolicy(kube.ConvertV1beta1, func(o *securityv1beta1.AuthorizationPolicy) *metav1.ObjectMeta { return &o.ObjectMeta }),
 		}},
@@ -84,10 +106,10 @@ var kinds = append([]kind{
 func meshKinds() []kind {
 	var out []kind
 	for _, mk := range meshcheck.Kinds {
-		k := kind{Rule{mk.Group, mk.Versions, mk.Resource, mk.Kind}, map[string]func([]byte, string) verdict{}}
+		k := kind{Rule{mk.Group, mk.Versions, mk.Resource, mk.Kind}, map[string]func([]byte, string, Providers) verdict{}}
 		for _, v := range mk.Versions {
 			check := mk.Check(v)
-			k.check[v] = func(raw []byte, ns string) verdict {
+			k.check[v] = func(raw []byte, ns string, _ Providers) verdict {
 				refs, err := check(raw, ns)
 				if err != nil {
 					return verdict{err: fmt.Errorf("admission: %w", err), decode: true}
@@ -131,14 +153,19 @@ type verdict struct {
 	// engine refuses, or a decode error (decode set).
 	err    error
 	decode bool
+	// unavailable marks an object the webhook cannot check now.
+	unavailable bool
 	// warnings are refusals of the mesh model: the object is admitted, and
 	// ignored by trustmesh.
 	warnings []string
 }
 
-// Review validates one admission request. It returns the response (UID
-// not set) and the outcome.
-func Review(req *admissionv1.AdmissionRequest) (*admissionv1.AdmissionResponse, string) {
+// Review validates one admission request, holding CUSTOM policies to
+// providers. It returns the response (UID not set) and the outcome.
+func Review(req *admissionv1.AdmissionRequest, providers Providers) (*admissionv1.AdmissionResponse, string) {
+	if providers == nil {
+		providers = noBundles()
+	}
 	allow := &admissionv1.AdmissionResponse{Allowed: true}
 	if req.Operation != admissionv1.Create && req.Operation != admissionv1.Update || req.SubResource != "" {
 		return allow, OutcomeAllowed
@@ -156,10 +183,10 @@ func Review(req *admissionv1.AdmissionRequest) (*admissionv1.AdmissionResponse, 
 		// of what it enforces is checked as any update.
 		return allow, OutcomeAllowed
 	}
-	v := check(req.Object.Raw, ns)
+	v := check(req.Object.Raw, ns, providers)
 	if v.err != nil {
 		outcome := OutcomeDenied
-		if v.decode {
+		if v.decode || v.unavailable {
 			outcome = OutcomeError
 		}
 		return &admissionv1.AdmissionResponse{Allowed: false, Result: status(req, v)}, outcome
@@ -194,7 +221,7 @@ func terminatingMetadataOnly(req *admissionv1.AdmissionRequest) bool {
 	return dv == ov && dok == ook && reflect.DeepEqual(obj.Spec, old.Spec)
 }
 
-func lookup(r metav1.GroupVersionResource) func([]byte, string) verdict {
+func lookup(r metav1.GroupVersionResource) func([]byte, string, Providers) verdict {
 	for _, k := range kinds {
 		if k.Group == r.Group && k.Resource == r.Resource {
 			return k.check[r.Version]
@@ -226,6 +253,10 @@ func status(req *admissionv1.AdmissionRequest, v verdict) *metav1.Status {
 	}
 	if v.decode {
 		st.Code, st.Reason = http.StatusBadRequest, metav1.StatusReasonBadRequest
+		return st
+	}
+	if v.unavailable {
+		st.Code, st.Reason = http.StatusServiceUnavailable, metav1.StatusReasonServiceUnavailable
 		return st
 	}
 	st.Code, st.Reason = http.StatusUnprocessableEntity, metav1.StatusReasonInvalid
@@ -274,14 +305,18 @@ func decode[T any](raw []byte, ns string, meta func(*T) *metav1.ObjectMeta) (*T,
 	return obj, nil
 }
 
-func checkAuthorizationPolicy[T any](convert func(*T) (*policy.Policy, error), meta func(*T) *metav1.ObjectMeta) func([]byte, string) verdict {
-	return func(raw []byte, ns string) verdict {
+func checkAuthorizationPolicy[T any](convert func(*T) (*policy.Policy, error), meta func(*T) *metav1.ObjectMeta) func([]byte, string, Providers) verdict {
+	return func(raw []byte, ns string, providers Providers) verdict {
 		obj, err := decode(raw, ns, meta)
 		if err != nil {
 			return verdict{err: err, decode: true}
 		}
-		if _, err := convert(obj); err != nil {
+		p, err := convert(obj)
+		if err != nil {
 			return verdict{err: err}
+		}
+		if err := providers(p); err != nil {
+			return verdict{err: err, unavailable: len(FieldErrors(err)) == 0}
 		}
 		return verdict{}
 	}

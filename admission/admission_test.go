@@ -2,6 +2,7 @@ package admission_test
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -20,7 +21,9 @@ import (
 	"sigs.k8s.io/yaml"
 
 	"github.com/trustmesh/trustmesh/admission"
+	"github.com/trustmesh/trustmesh/authz/engine"
 	"github.com/trustmesh/trustmesh/authz/policy"
+	"github.com/trustmesh/trustmesh/authz/source"
 	"github.com/trustmesh/trustmesh/authz/source/kube"
 )
 
@@ -105,8 +108,9 @@ spec:
 `},
 		{name: "provider the engine refuses", resource: "authorizationpolicies", doc: badProvider, outcome: admission.OutcomeDenied,
 			causes: []string{`spec.provider.name: unknown extension provider: "opa": providers are Rego decisions named rego:<path>`}},
-		{name: "provider no bundle defines is the set's business", resource: "authorizationpolicies", outcome: admission.OutcomeAllowed,
-			doc: strings.Replace(badProvider, "{name: opa}", `{name: "rego:nobody/allow"}`, 1)},
+		{name: "provider with no bundle loaded", resource: "authorizationpolicies", outcome: admission.OutcomeDenied,
+			doc:    strings.Replace(badProvider, "{name: opa}", `{name: "rego:nobody/allow"}`, 1),
+			causes: []string{`spec.provider.name: unknown extension provider: "rego:nobody/allow": this CUSTOM provider needs a Rego bundle that defines data.nobody.allow, and no loaded bundle does`}},
 		{name: "every refused field of a v1beta1 policy", resource: "authorizationpolicies", doc: jwt, outcome: admission.OutcomeDenied,
 			causes: []string{
 				"spec.rules[0].from[0].source.requestPrincipals: not supported: needs request authentication (JWT)",
@@ -193,7 +197,7 @@ spec: {hosts: a.example.com}
 			if tc.name == "status subresource" {
 				req.SubResource = "status"
 			}
-			resp, outcome := admission.Review(req)
+			resp, outcome := admission.Review(req, nil)
 			if outcome != tc.outcome {
 				t.Fatalf("outcome %s, want %s (%+v)", outcome, tc.outcome, resp.Result)
 			}
@@ -256,7 +260,7 @@ func TestSameRefusalAsTheLoad(t *testing.T) {
 		if loadErr == nil {
 			t.Fatalf("%s: the load accepts it", obj.Name)
 		}
-		resp, _ := admission.Review(request(t, admissionv1.Create, "authorizationpolicies", doc))
+		resp, _ := admission.Review(request(t, admissionv1.Create, "authorizationpolicies", doc), nil)
 		if resp.Allowed {
 			t.Fatalf("%s: admitted; the load refuses it: %v", obj.Name, loadErr)
 		}
@@ -297,7 +301,7 @@ func TestRules(t *testing.T) {
 		// Every listed version is validated, not waved through.
 		for _, v := range r.Versions {
 			req := request(t, admissionv1.Create, r.Resource, "apiVersion: "+r.Group+"/"+v+"\nkind: "+r.Kind+"\nmetadata: {name: x, namespace: ns}\nspec: 7\n")
-			if resp, outcome := admission.Review(req); resp.Allowed || outcome != admission.OutcomeError {
+			if resp, outcome := admission.Review(req, nil); resp.Allowed || outcome != admission.OutcomeError {
 				t.Errorf("%s/%s %s: a spec that does not decode is %s", r.Group, v, r.Kind, outcome)
 			}
 		}
@@ -417,5 +421,71 @@ func TestFieldErrors(t *testing.T) {
 	}
 	if !slices.Equal(got, []string{"a", "b", "c"}) {
 		t.Errorf("fields %q, want a, b, c", got)
+	}
+}
+
+// TestReviewProviders holds a CUSTOM policy to the bundles the control
+// plane serves, through the set in force (engine.Set.CheckProvider): one
+// whose provider no bundle defines is refused as the load refuses the
+// whole set with it, one a bundle defines is admitted, and a check that
+// cannot be made now is an error, not an admission.
+func TestReviewProviders(t *testing.T) {
+	ctx := context.Background()
+	b, err := source.LoadBundle(source.BundleConfig{Path: "../policies/envoy"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	bundles := []engine.NamedBundle{{Name: "policies/envoy", Bundle: b}}
+	set, err := engine.Build(ctx, engine.SetConfig{Bundles: bundles})
+	if err != nil {
+		t.Fatal(err)
+	}
+	custom := func(provider string) string {
+		return strings.Replace(badProvider, "{name: opa}", "{name: \""+provider+"\"}", 1)
+	}
+	for _, tc := range []struct {
+		provider  string
+		providers admission.Providers
+		outcome   string
+	}{
+		{"rego:envoy/authz/allow", set.CheckProvider, admission.OutcomeAllowed},
+		{"rego:nowhere/allow", set.CheckProvider, admission.OutcomeDenied},
+		{"rego:envoy/authz/allow", nil, admission.OutcomeDenied},
+		{"rego:envoy/authz/allow", func(*policy.Policy) error { return errors.New("no policy set loaded yet") }, admission.OutcomeError},
+	} {
+		req := request(t, admissionv1.Create, "authorizationpolicies", custom(tc.provider))
+		resp, outcome := admission.Review(req, tc.providers)
+		if outcome != tc.outcome || resp.Allowed != (tc.outcome == admission.OutcomeAllowed) {
+			t.Fatalf("%s (providers set %v): outcome %s allowed %v, want %s (%+v)", tc.provider, tc.providers != nil, outcome, resp.Allowed, tc.outcome, resp.Result)
+		}
+		if outcome == admission.OutcomeError {
+			if resp.Result.Code != http.StatusServiceUnavailable || !strings.Contains(resp.Result.Message, "no policy set loaded yet") {
+				t.Errorf("%+v, want 503 saying why", resp.Result)
+			}
+			continue
+		}
+		if outcome != admission.OutcomeDenied {
+			continue
+		}
+		// The load of a set holding it refuses with the very error.
+		js, _ := yaml.YAMLToJSON([]byte(custom(tc.provider)))
+		var obj securityv1.AuthorizationPolicy
+		if err := json.Unmarshal(js, &obj); err != nil {
+			t.Fatal(err)
+		}
+		p, err := kube.ConvertV1(&obj)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var loadBundles []engine.NamedBundle
+		if tc.providers != nil {
+			loadBundles = bundles
+		}
+		_, loadErr := engine.Build(ctx, engine.SetConfig{Policies: []*policy.Policy{p}, Bundles: loadBundles})
+		st := resp.Result
+		if loadErr == nil || st.Message != loadErr.Error() || st.Code != http.StatusUnprocessableEntity || st.Details == nil ||
+			len(st.Details.Causes) != 1 || st.Details.Causes[0].Field != "spec.provider.name" {
+			t.Errorf("%s: denial %+v\nwant the load's refusal as field spec.provider.name: %v", tc.provider, st, loadErr)
+		}
 	}
 }

@@ -28,6 +28,7 @@ import (
 	"github.com/trustmesh/trustmesh/authz/casefile"
 	"github.com/trustmesh/trustmesh/authz/conformance"
 	"github.com/trustmesh/trustmesh/authz/engine"
+	"github.com/trustmesh/trustmesh/authz/policy"
 	"github.com/trustmesh/trustmesh/authz/source"
 )
 
@@ -85,6 +86,20 @@ func (j *judges) load(doc []byte, bundles map[string]casefile.Bundle) (*refusal,
 		j.t.Fatal(err)
 	}
 	cfg := source.Config{Engine: engine.New(), Policies: &source.Dir{Path: pdir, DefaultNamespace: "default"}}
+	cfg.Bundles = j.writeBundles(dir, bundles)
+	l, err := source.New(cfg)
+	if err != nil {
+		j.t.Fatal(err)
+	}
+	if _, err := l.Build(context.Background()); err != nil {
+		return &refusal{fields: fieldsOf(err), message: err.Error()}, err
+	}
+	return nil, nil
+}
+
+// writeBundles writes a case file's bundles under dir.
+func (j *judges) writeBundles(dir string, bundles map[string]casefile.Bundle) []source.BundleConfig {
+	var out []source.BundleConfig
 	for name, b := range bundles {
 		bdir := filepath.Join(dir, "bundles", name)
 		for fn, content := range b.Files {
@@ -96,16 +111,28 @@ func (j *judges) load(doc []byte, bundles map[string]casefile.Bundle) (*refusal,
 				j.t.Fatal(err)
 			}
 		}
-		cfg.Bundles = append(cfg.Bundles, source.BundleConfig{Path: bdir, RegoV0: b.RegoV0})
+		out = append(out, source.BundleConfig{Path: bdir, RegoV0: b.RegoV0})
 	}
-	l, err := source.New(cfg)
+	return out
+}
+
+// servedProviders is the webhook's provider check in a serve that loads
+// these bundles: the set in force of a Loader of them, as serve's. It is
+// false when the bundles do not load, and serve would not start.
+func (j *judges) servedProviders(bundles map[string]casefile.Bundle) (admission.Providers, bool) {
+	if len(bundles) == 0 {
+		return nil, true // serve without bundles
+	}
+	j.n++
+	l, err := source.New(source.Config{Engine: engine.New(), Bundles: j.writeBundles(filepath.Join(j.dir, fmt.Sprint(j.n)), bundles)})
 	if err != nil {
 		j.t.Fatal(err)
 	}
-	if _, err := l.Build(context.Background()); err != nil {
-		return &refusal{fields: fieldsOf(err), message: err.Error()}, err
+	set, err := l.Build(context.Background())
+	if err != nil {
+		return nil, false
 	}
-	return nil, nil
+	return set.CheckProvider, true
 }
 
 // analyze is trustmesh analyze's verdict: its TMA000 findings.
@@ -127,8 +154,9 @@ func (j *judges) analyze(doc []byte) *refusal {
 	return r
 }
 
-// webhook is the webhook's verdict on the document created in a cluster.
-func (j *judges) webhook(doc []byte) *refusal {
+// webhook is the webhook's verdict on the document created in a cluster,
+// with the provider check of a serve that loads the bundles.
+func (j *judges) webhook(doc []byte, providers admission.Providers) *refusal {
 	js, err := yaml.YAMLToJSON(doc)
 	if err != nil {
 		j.t.Fatal(err)
@@ -167,7 +195,14 @@ func (j *judges) webhook(doc []byte) *refusal {
 	rec := httptest.NewRecorder()
 	r := httptest.NewRequest(http.MethodPost, admission.Path, bytes.NewReader(body))
 	r.Header.Set("Content-Type", "application/json")
-	j.handler.ServeHTTP(rec, r)
+	h := j.handler
+	if providers != nil {
+		var err error
+		if h, err = admission.NewHandler(admission.HandlerConfig{Log: slog.New(slog.DiscardHandler), Providers: providers}); err != nil {
+			j.t.Fatal(err)
+		}
+	}
+	h.ServeHTTP(rec, r)
 	var out admissionv1.AdmissionReview
 	if err := json.Unmarshal(rec.Body.Bytes(), &out); err != nil || out.Response == nil {
 		j.t.Fatalf("webhook answered %d %s", rec.Code, rec.Body)
@@ -186,18 +221,29 @@ func (j *judges) webhook(doc []byte) *refusal {
 
 // agree judges one document three ways and fails t unless all three
 // accept, or all three refuse naming the same fields for the same reasons.
-// It returns the load's refusal, and whether it is the set's. Two refusals are the set's, not the
-// object's, and the webhook admits what only they refuse: a CUSTOM
-// provider that no loaded bundle defines, and a duplicate namespace/name,
-// which a cluster cannot hold.
+// It returns the load's refusal, and whether it is the bundles'. A CUSTOM
+// provider that no loaded bundle defines depends on the bundles: the
+// webhook, holding the bundles serve loads, refuses it as the load does,
+// field and reason; analyze's per-object check does not (it reports it as
+// TMA021 when given the bundles). Bundles that do not load stop serve
+// itself, so only the load judges them. A duplicate namespace/name is not
+// judged: a cluster cannot hold one.
 func (j *judges) agree(t *testing.T, what string, doc []byte, bundles map[string]casefile.Bundle) (ref *refusal, setLevel bool) {
 	t.Helper()
 	load, loadErr := j.load(doc, bundles)
-	an, wh := j.analyze(doc), j.webhook(doc)
+	providers, served := j.servedProviders(bundles)
+	if !served {
+		if load == nil || len(load.fields) != 0 {
+			t.Errorf("%s: the bundles do not load on their own, yet the load gives %v", what, loadErr)
+		}
+		return load, true
+	}
+	an, wh := j.analyze(doc), j.webhook(doc, providers)
 	var mb *engine.MissingBundleError
-	if errors.As(loadErr, &mb) || load != nil && len(load.fields) == 0 && len(bundles) > 0 {
-		if wh != nil || an != nil {
-			t.Errorf("%s: a refusal of the bundles is the set's (%v), but webhook: %v, analyze: %v", what, loadErr, wh, an)
+	if errors.As(loadErr, &mb) {
+		if an != nil || wh == nil || !slices.Equal(load.fields, wh.fields) || len(load.fields) != 1 ||
+			!strings.HasPrefix(load.fields[0], "spec.provider.name: ") || !strings.Contains(wh.message, load.fields[0]) {
+			t.Errorf("%s: the load refuses the provider\n%q\nthe webhook %v (%v), analyze %v", what, load.fields, wh, wh, an)
 		}
 		return load, true
 	}
@@ -280,7 +326,7 @@ func TestCaseFilesAgree(t *testing.T) {
 			t.Errorf("%s: load_error %q is no object's refusal: %q", filepath.Base(f), cf.LoadError, objectRefusals)
 		}
 	}
-	t.Logf("%d case files: %d objects refused by all three, %d by the set only", len(files), refused, setRefused)
+	t.Logf("%d case files: %d objects refused by all three, %d for the bundles", len(files), refused, setRefused)
 	if refused == 0 || setRefused == 0 {
 		t.Error("the case files exercise no object refusal or no set refusal: the test proves nothing about them")
 	}
@@ -328,6 +374,13 @@ var mutations = []struct {
 	{"provider on an ALLOW", func(s map[string]any) {
 		s["action"] = "ALLOW"
 		s["provider"] = map[string]any{"name": "rego:envoy/authz/allow"}
+	}},
+	{"more values than a policy may hold", func(s map[string]any) {
+		var ns []any
+		for i := range policy.MaxValues {
+			ns = append(ns, fmt.Sprintf("n%d", i))
+		}
+		rule(s)["from"] = []any{map[string]any{"source": map[string]any{"namespaces": ns}}}
 	}},
 	{"targetRef", func(s map[string]any) {
 		s["targetRef"] = map[string]any{"kind": "Gateway", "group": "gateway.networking.k8s.io", "name": "edge"}

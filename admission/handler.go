@@ -31,6 +31,9 @@ type HandlerConfig struct {
 	// annotation is nothing special, and is never quoted.
 	ProbeToken    string
 	ProbeIdentity string
+	// Providers holds CUSTOM policies to the control plane's bundles; nil
+	// means none are loaded (see Providers).
+	Providers Providers
 }
 
 // ProbeAnnotation carries the token of a control plane's readiness probe.
@@ -40,6 +43,7 @@ type handler struct {
 	log                 *slog.Logger
 	reviews             *prometheus.CounterVec
 	probeToken, probeID string
+	providers           Providers
 }
 
 // NewHandler returns the webhook's handler, serving POST Path.
@@ -47,7 +51,7 @@ func NewHandler(cfg HandlerConfig) (http.Handler, error) {
 	if cfg.Log == nil {
 		cfg.Log = slog.Default()
 	}
-	h := &handler{log: cfg.Log, probeToken: cfg.ProbeToken, probeID: cfg.ProbeIdentity, reviews: prometheus.NewCounterVec(prometheus.CounterOpts{
+	h := &handler{log: cfg.Log, probeToken: cfg.ProbeToken, probeID: cfg.ProbeIdentity, providers: cfg.Providers, reviews: prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "trustmesh_admission_reviews_total",
 		Help: "Objects reviewed by the validating webhook, by kind (other: a kind trustmesh does not read) and outcome " +
 			"(allowed, warned: allowed with a warning, denied: refused by trustmesh's checks, error: did not decode, or a malformed review).",
@@ -90,7 +94,7 @@ func (h *handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		h.answerProbe(w, review)
 		return
 	}
-	resp, outcome := Review(req)
+	resp, outcome := Review(req, h.providers)
 	resp.UID = req.UID
 	kind := kindOf(req.Resource)
 	h.reviews.WithLabelValues(kind, outcome).Inc()

@@ -383,7 +383,7 @@ func TestWebhookInAPIServer(t *testing.T) {
 		var want []string
 		ext := extPolicy("down", "ext")
 		for _, p := range []metav1.Object{jwtPolicy("down", "jwt"), ext} {
-			resp, _ := admission.Review(apRequest(t, p))
+			resp, _ := admission.Review(apRequest(t, p), nil)
 			if resp.Allowed {
 				t.Fatalf("webhook admits %s", p.GetName())
 			}

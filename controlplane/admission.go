@@ -4,6 +4,7 @@ import (
 	"cmp"
 	"crypto/rand"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"net/http"
 	"os"
@@ -14,6 +15,7 @@ import (
 
 	"github.com/trustmesh/trustmesh/admission"
 	"github.com/trustmesh/trustmesh/authz/engine"
+	"github.com/trustmesh/trustmesh/authz/policy"
 	"github.com/trustmesh/trustmesh/injector/cabundle"
 	"github.com/trustmesh/trustmesh/injector/webhook"
 )
@@ -116,7 +118,7 @@ func (cp *ControlPlane) newValidator(v *validated) (http.Handler, error) {
 	token := hex.EncodeToString(secret[:])
 	host, _ := os.Hostname()
 	h, err := admission.NewHandler(admission.HandlerConfig{Registerer: cp.registry, Log: v.Log,
-		ProbeToken: token, ProbeIdentity: "trustmesh " + cmp.Or(host, "control plane")})
+		ProbeToken: token, ProbeIdentity: "trustmesh " + cmp.Or(host, "control plane"), Providers: cp.providers()})
 	if err != nil {
 		return nil, fmt.Errorf("controlplane: %w", err)
 	}
@@ -145,4 +147,25 @@ func (cp *ControlPlane) newValidator(v *validated) (http.Handler, error) {
 	}
 	cp.bundleFns = append(cp.bundleFns, patcher.Run)
 	return h, nil
+}
+
+// providers is the webhook's check of a CUSTOM policy's provider: the
+// check engine.Build makes, against the bundles of the policy set the
+// authorization service serves, so the webhook refuses what the next load
+// would refuse and follows the bundles as the loader reloads them. Before
+// the first set is loaded it cannot check, and says so (failurePolicy
+// decides). Without the authorization service no bundles are loaded and
+// every CUSTOM policy is refused, as a load refuses it.
+func (cp *ControlPlane) providers() admission.Providers {
+	if cp.authz == nil {
+		return nil
+	}
+	eng := cp.authz.Engine
+	return func(p *policy.Policy) error {
+		s := eng.Current()
+		if s == nil {
+			return errors.New("controlplane: no policy set loaded yet, so the Rego bundles of CUSTOM providers are not known")
+		}
+		return s.CheckProvider(p)
+	}
 }
