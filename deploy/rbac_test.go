@@ -41,7 +41,9 @@ func TestRBACSufficesForTheBundlePublishers(t *testing.T) {
 	const ns = "rbac-test"
 	ensureNamespaces(t, admin, ns, "trustmesh-gateways", "rbac-workloads")
 
-	objs, err := deploy.Render(deploy.RenderOptions{Namespace: ns})
+	// A control plane that switches the validating webhook to Fail, and so
+	// sends the probe.
+	objs, err := deploy.Render(deploy.RenderOptions{Namespace: ns, Values: map[string]any{"validation": map[string]any{"failurePolicy": "Fail"}}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -206,7 +208,8 @@ func TestRBACSufficesForTheBundlePublishers(t *testing.T) {
 		return ok && string(v.Webhooks[0].ClientConfig.CABundle) == string(want)
 	})
 	// The validating webhook's readiness probe: a dry-run create of an
-	// AuthorizationPolicy, which the account may send.
+	// AuthorizationPolicy, which the account may send in the policy root
+	// namespace (the release's), and nowhere else.
 	probe := &unstructured.Unstructured{Object: map[string]any{
 		"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
 		"metadata": map[string]any{"name": "probe", "namespace": ns},
@@ -215,6 +218,16 @@ func TestRBACSufficesForTheBundlePublishers(t *testing.T) {
 	apGVR := schema.GroupVersionResource{Group: "security.istio.io", Version: "v1", Resource: "authorizationpolicies"}
 	if _, err := dynamic.NewForConfigOrDie(sa).Resource(apGVR).Namespace(ns).Create(ctx, probe, metav1.CreateOptions{DryRun: []string{metav1.DryRunAll}}); err != nil {
 		t.Fatalf("the probe's dry-run create as the control plane: %v", err)
+	}
+	for _, other := range []string{"rbac-workloads", "trustmesh-gateways"} {
+		elsewhere := probe.DeepCopy()
+		elsewhere.SetNamespace(other)
+		if _, err := dynamic.NewForConfigOrDie(sa).Resource(apGVR).Namespace(other).Create(ctx, elsewhere, metav1.CreateOptions{DryRun: []string{metav1.DryRunAll}}); !apierrors.IsForbidden(err) {
+			t.Errorf("creating an AuthorizationPolicy in %s as the control plane: %v, want Forbidden", other, err)
+		}
+	}
+	if clusterRoleGrants(t, objs, "authorizationpolicies", "create") {
+		t.Error("the ClusterRole may create AuthorizationPolicies")
 	}
 	// The control plane reads every kind the webhook validates (the mesh
 	// model and the policies).

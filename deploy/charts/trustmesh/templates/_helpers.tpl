@@ -25,6 +25,23 @@ app.kubernetes.io/component: control-plane
 patches (caBundle, failurePolicy). */}}
 {{- define "trustmesh.validationWebhookName" -}}trustmesh-validator-{{ .Release.Namespace }}{{- end -}}
 
+{{/* The webhook's name inside it, the release's own, so that the
+apiserver's messages tell releases apart. */}}
+{{- define "trustmesh.validationHookName" -}}validation.{{ .Release.Namespace }}.trustmesh.io{{- end -}}
+
+{{/* "true" when the control plane is to switch the validating webhook to
+failurePolicy Fail once it answers: validation.failurePolicy Fail, or auto
+with more than one replica. A single replica keeps Ignore: its absence (a
+drain, a rollout) would otherwise block every write of the kinds the
+webhook checks, in every namespace. */}}
+{{- define "trustmesh.validationFailClosed" -}}
+{{- $p := .Values.validation.failurePolicy | default "auto" }}
+{{- if eq $p "Fail" }}true
+{{- else if eq $p "auto" }}{{ include "trustmesh.replicated" . }}
+{{- else if ne $p "Ignore" }}{{ fail (printf "validation.failurePolicy %q: want auto, Fail or Ignore" $p) }}
+{{- end }}
+{{- end -}}
+
 {{- define "trustmesh.address" -}}
 {{ include "trustmesh.name" . }}.{{ .Release.Namespace }}.svc:15012
 {{- end -}}
