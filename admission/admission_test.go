@@ -9,9 +9,11 @@ import (
 	"log/slog"
 	"net/http"
 	"net/http/httptest"
+	goruntime "runtime"
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	securityv1 "istio.io/client-go/pkg/apis/security/v1"
@@ -487,5 +489,67 @@ func TestReviewProviders(t *testing.T) {
 			len(st.Details.Causes) != 1 || st.Details.Causes[0].Field != "spec.provider.name" {
 			t.Errorf("%s: denial %+v\nwant the load's refusal as field spec.provider.name: %v", tc.provider, st, loadErr)
 		}
+	}
+}
+
+// TestConcurrentReviewsBounded holds the handler to MaxConcurrentReviews:
+// while that many reviews run, another waits until its timeout (the
+// apiserver's timeout parameter, or its context) and is refused with 429,
+// which the apiserver resolves by the failurePolicy, and counted as busy;
+// once a review finishes, the next one runs.
+func TestConcurrentReviewsBounded(t *testing.T) {
+	reg := prometheus.NewRegistry()
+	entered, release := make(chan struct{}, 4), make(chan struct{})
+	h, err := admission.NewHandler(admission.HandlerConfig{Registerer: reg, Log: slog.New(slog.DiscardHandler), MaxConcurrentReviews: 1,
+		Providers: func(*policy.Policy) error { // a review that takes as long as the test wants
+			entered <- struct{}{}
+			select {
+			case <-release:
+			case <-time.After(3 * time.Second): // an unbounded handler fails the test, not hangs it
+			}
+			return nil
+		}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := json.Marshal(admissionv1.AdmissionReview{
+		TypeMeta: metav1.TypeMeta{APIVersion: "admission.k8s.io/v1", Kind: "AdmissionReview"},
+		Request:  request(t, admissionv1.Create, "authorizationpolicies", strings.Replace(badProvider, "{name: opa}", `{name: "rego:envoy/authz/allow"}`, 1))})
+	post := func(ctx context.Context, query string) *httptest.ResponseRecorder {
+		rec := httptest.NewRecorder()
+		r := httptest.NewRequestWithContext(ctx, http.MethodPost, admission.Path+query, bytes.NewReader(body))
+		r.Header.Set("Content-Type", "application/json")
+		h.ServeHTTP(rec, r)
+		return rec
+	}
+	first := make(chan *httptest.ResponseRecorder)
+	go func() { first <- post(context.Background(), "") }()
+	<-entered
+
+	start := time.Now()
+	if rec := post(context.Background(), "?timeout=200ms"); rec.Code != http.StatusTooManyRequests {
+		t.Errorf("a review beyond the bound: %d %s, want 429", rec.Code, rec.Body)
+	}
+	if took := time.Since(start); took < 200*time.Millisecond || took > 5*time.Second {
+		t.Errorf("refused after %v, want after its 200ms timeout", took)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+	defer cancel()
+	if rec := post(ctx, ""); rec.Code != http.StatusTooManyRequests {
+		t.Errorf("a review whose caller gives up: %d, want 429", rec.Code)
+	}
+	if n, err := reviews(reg, "other", admission.OutcomeBusy); err != nil || n != 2 {
+		t.Errorf("busy reviews counted %v (%v), want 2", n, err)
+	}
+
+	close(release) // the running review finishes, and the next one runs
+	if rec := <-first; rec.Code != http.StatusOK {
+		t.Errorf("the running review: %d %s", rec.Code, rec.Body)
+	}
+	if rec := post(context.Background(), "?timeout=10s"); rec.Code != http.StatusOK {
+		t.Errorf("a review once the slot is free: %d %s", rec.Code, rec.Body)
+	}
+	if d := admission.DefaultMaxConcurrentReviews(); d < 1 || d > max(1, goruntime.GOMAXPROCS(0)/2) {
+		t.Errorf("default bound %d", d)
 	}
 }

@@ -34,6 +34,10 @@ type HandlerConfig struct {
 	// Providers holds CUSTOM policies to the control plane's bundles; nil
 	// means none are loaded (see Providers).
 	Providers Providers
+	// MaxConcurrentReviews bounds the reviews that run at once; others
+	// wait for one to finish until their timeout, then are refused
+	// (OutcomeBusy). Zero means DefaultMaxConcurrentReviews.
+	MaxConcurrentReviews int
 }
 
 // ProbeAnnotation carries the token of a control plane's readiness probe.
@@ -54,7 +58,8 @@ func NewHandler(cfg HandlerConfig) (http.Handler, error) {
 	h := &handler{log: cfg.Log, probeToken: cfg.ProbeToken, probeID: cfg.ProbeIdentity, providers: cfg.Providers, reviews: prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "trustmesh_admission_reviews_total",
 		Help: "Objects reviewed by the validating webhook, by kind (other: a kind trustmesh does not read) and outcome " +
-			"(allowed, warned: allowed with a warning, denied: refused by trustmesh's checks, error: did not decode, or a malformed review).",
+			"(allowed, warned: allowed with a warning, denied: refused by trustmesh's checks, error: did not decode, or a malformed review, " +
+			"busy: refused unread, as too many reviews were running until its timeout).",
 	}, []string{"kind", "outcome"})}
 	for _, k := range kinds {
 		for _, o := range []string{OutcomeAllowed, OutcomeDenied, OutcomeWarned, OutcomeError} {
@@ -67,7 +72,7 @@ func NewHandler(cfg HandlerConfig) (http.Handler, error) {
 		}
 	}
 	mux := http.NewServeMux()
-	mux.Handle("POST "+Path, h)
+	mux.Handle("POST "+Path, newLimiter(cfg.MaxConcurrentReviews, h, h.reviews))
 	return mux, nil
 }
 
