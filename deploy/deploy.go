@@ -75,6 +75,44 @@ var ErrInvalidValues = errors.New("values do not match values.schema.json")
 // (namespaces, then service accounts, configuration, CRDs, RBAC,
 // workloads).
 func Render(opts RenderOptions) ([]*unstructured.Unstructured, error) {
+	rendered, err := render(opts)
+	if err != nil {
+		return nil, err
+	}
+	for name := range rendered {
+		if path.Ext(name) != ".yaml" && path.Ext(name) != ".yml" {
+			delete(rendered, name)
+		}
+	}
+	caps := chartutil.DefaultCapabilities
+	hooks, manifests, err := releaseutil.SortManifests(rendered, caps.APIVersions, releaseutil.InstallOrder)
+	if err != nil {
+		return nil, fmt.Errorf("deploy: sort manifests: %w", err)
+	}
+	if len(hooks) > 0 {
+		return nil, fmt.Errorf("deploy: the chart has hooks, which Render does not run")
+	}
+	var objs []*unstructured.Unstructured
+	for _, m := range manifests {
+		dec := utilyaml.NewYAMLOrJSONDecoder(bytes.NewReader([]byte(m.Content)), 4096)
+		for {
+			var obj map[string]any
+			if err := dec.Decode(&obj); errors.Is(err, io.EOF) {
+				break
+			} else if err != nil {
+				return nil, fmt.Errorf("deploy: %s: %w", m.Name, err)
+			}
+			if len(obj) == 0 {
+				continue
+			}
+			objs = append(objs, &unstructured.Unstructured{Object: obj})
+		}
+	}
+	return objs, nil
+}
+
+// render renders every template of the chart, NOTES.txt too, by name.
+func render(opts RenderOptions) (map[string]string, error) {
 	if opts.ReleaseName == "" {
 		opts.ReleaseName = "trustmesh"
 	}
@@ -110,33 +148,19 @@ func Render(opts RenderOptions) ([]*unstructured.Unstructured, error) {
 	if err != nil {
 		return nil, fmt.Errorf("deploy: render: %w", err)
 	}
-	for name := range rendered {
-		if path.Ext(name) != ".yaml" && path.Ext(name) != ".yml" {
-			delete(rendered, name)
-		}
-	}
-	hooks, manifests, err := releaseutil.SortManifests(rendered, caps.APIVersions, releaseutil.InstallOrder)
+	return rendered, nil
+}
+
+// Notes renders the chart's NOTES.txt, which helm prints after an install.
+func Notes(opts RenderOptions) (string, error) {
+	rendered, err := render(opts)
 	if err != nil {
-		return nil, fmt.Errorf("deploy: sort manifests: %w", err)
+		return "", err
 	}
-	if len(hooks) > 0 {
-		return nil, fmt.Errorf("deploy: the chart has hooks, which Render does not run")
-	}
-	var objs []*unstructured.Unstructured
-	for _, m := range manifests {
-		dec := utilyaml.NewYAMLOrJSONDecoder(bytes.NewReader([]byte(m.Content)), 4096)
-		for {
-			var obj map[string]any
-			if err := dec.Decode(&obj); errors.Is(err, io.EOF) {
-				break
-			} else if err != nil {
-				return nil, fmt.Errorf("deploy: %s: %w", m.Name, err)
-			}
-			if len(obj) == 0 {
-				continue
-			}
-			objs = append(objs, &unstructured.Unstructured{Object: obj})
+	for name, text := range rendered {
+		if path.Base(name) == "NOTES.txt" {
+			return text, nil
 		}
 	}
-	return objs, nil
+	return "", errors.New("deploy: the chart has no NOTES.txt")
 }

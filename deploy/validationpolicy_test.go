@@ -174,3 +174,30 @@ func TestValidationDisabled(t *testing.T) {
 		t.Error("the default install has no validating webhook, or no RBAC to keep it")
 	}
 }
+
+// NOTES.txt says when the validating webhook keeps Ignore, and why; with
+// Fail, or with validation off, it says nothing of it.
+func TestNotesSayWhenValidationKeepsIgnore(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		values map[string]any
+		warns  bool
+	}{
+		{"defaults: one replica", nil, true},
+		{"one replica, Ignore", map[string]any{"validation": map[string]any{"failurePolicy": "Ignore"}}, true},
+		{"several replicas", haValues(), false},
+		{"one replica, Fail", map[string]any{"validation": map[string]any{"failurePolicy": "Fail"}}, false},
+		{"validation off", map[string]any{"validation": map[string]any{"enabled": false}}, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			notes, err := deploy.Notes(deploy.RenderOptions{Values: tc.values})
+			if err != nil {
+				t.Fatal(err)
+			}
+			warns := strings.Contains(notes, "keeps failurePolicy Ignore") && strings.Contains(notes, "replicaCount > 1")
+			if warns != tc.warns {
+				t.Errorf("NOTES.txt says the webhook keeps Ignore: %v, want %v:\n%s", warns, tc.warns, notes)
+			}
+		})
+	}
+}
