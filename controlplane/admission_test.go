@@ -168,6 +168,26 @@ func TestServeValidatesOnKubernetes(t *testing.T) {
 			if _, err := ic.SecurityV1().AuthorizationPolicies("shop").Create(ctx, good, metav1.CreateOptions{}); err != nil {
 				t.Fatalf("creating a good policy: %v", err)
 			}
+			// A CUSTOM provider that none of serve's bundles (here: none)
+			// defines is refused, as the load would refuse the whole set.
+			custom := &securityv1.AuthorizationPolicy{
+				ObjectMeta: metav1.ObjectMeta{Name: "ext"},
+				Spec: apisecurity.AuthorizationPolicy{Action: apisecurity.AuthorizationPolicy_CUSTOM, Rules: []*apisecurity.Rule{{}},
+					ActionDetail: &apisecurity.AuthorizationPolicy_Provider{Provider: &apisecurity.AuthorizationPolicy_ExtensionProvider{Name: "rego:nowhere/allow"}}},
+			}
+			deadline := time.Now().Add(30 * time.Second)
+			for {
+				_, err = ic.SecurityV1().AuthorizationPolicies("shop").Create(ctx, custom, metav1.CreateOptions{DryRun: []string{metav1.DryRunAll}})
+				if err != nil && strings.Contains(err.Error(), "no policy set loaded yet") && time.Now().Before(deadline) {
+					time.Sleep(100 * time.Millisecond) // the webhook cannot check before the first load
+					continue
+				}
+				break
+			}
+			if err == nil || !strings.Contains(err.Error(), `spec.provider.name: unknown extension provider: "rego:nowhere/allow"`) ||
+				!strings.Contains(err.Error(), "no loaded bundle does") {
+				t.Errorf("creating a CUSTOM policy no bundle serves = %v, want the webhook's denial with the load's reason", err)
+			}
 			// The probe was a dry run: it was never stored.
 			if _, err := ic.SecurityV1().AuthorizationPolicies("shop").Get(ctx, controlplane.ProbeName, metav1.GetOptions{}); !apierrors.IsNotFound(err) {
 				t.Errorf("the probe policy: %v, want not found", err)
