@@ -3,6 +3,9 @@ package analyze
 import (
 	"context"
 	"fmt"
+	"path"
+	"slices"
+	"strings"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -12,6 +15,7 @@ import (
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
 
+	"github.com/trustmesh/trustmesh/authz/engine"
 	policykube "github.com/trustmesh/trustmesh/authz/source/kube"
 	"github.com/trustmesh/trustmesh/mesh"
 	meshkube "github.com/trustmesh/trustmesh/mesh/kube"
@@ -44,15 +48,9 @@ type ClusterConfig struct {
 // v1, the view of every stored one) and syncs the mesh source once, then
 // stops it.
 func ReadCluster(ctx context.Context, cfg ClusterConfig) (*Cluster, error) {
-	rc := cfg.Rest
-	if rc == nil {
-		rules := clientcmd.NewDefaultClientConfigLoadingRules()
-		rules.ExplicitPath = cfg.Kubeconfig
-		var err error
-		rc, err = clientcmd.NewNonInteractiveDeferredLoadingClientConfig(rules, &clientcmd.ConfigOverrides{CurrentContext: cfg.Context}).ClientConfig()
-		if err != nil {
-			return nil, fmt.Errorf("analyze: kubeconfig: %w", err)
-		}
+	rc, err := cfg.restConfig()
+	if err != nil {
+		return nil, err
 	}
 	kube, err := kubernetes.NewForConfig(rc)
 	if err != nil {
@@ -94,4 +92,93 @@ func ReadCluster(ctx context.Context, cfg ClusterConfig) (*Cluster, error) {
 		return nil, fmt.Errorf("analyze: %w", err)
 	}
 	return c, nil
+}
+
+// restConfig is the cluster's client configuration: Rest, or the
+// kubeconfig and context.
+func (cfg ClusterConfig) restConfig() (*rest.Config, error) {
+	if cfg.Rest != nil {
+		return cfg.Rest, nil
+	}
+	rules := clientcmd.NewDefaultClientConfigLoadingRules()
+	rules.ExplicitPath = cfg.Kubeconfig
+	rc, err := clientcmd.NewNonInteractiveDeferredLoadingClientConfig(rules, &clientcmd.ConfigOverrides{CurrentContext: cfg.Context}).ClientConfig()
+	if err != nil {
+		return nil, fmt.Errorf("analyze: kubeconfig: %w", err)
+	}
+	return rc, nil
+}
+
+// ControlPlane is a trustmesh control plane found running in a cluster,
+// with the settings analyze must judge policies by, as its flags give them
+// (serve's defaults where it has none).
+type ControlPlane struct {
+	// Deployment is its namespace/name.
+	Deployment    string
+	RootNamespace string
+	TrustDomain   string
+}
+
+// FindControlPlanes lists the cluster's Deployments and returns the
+// trustmesh control planes among them: a container that runs `trustmesh
+// serve` (its image or command names trustmesh) with Kubernetes on. The
+// chart's sets --root-namespace to the release namespace unless told
+// otherwise, so only the flags say which namespace is the root.
+func FindControlPlanes(ctx context.Context, cfg ClusterConfig) ([]ControlPlane, error) {
+	rc, err := cfg.restConfig()
+	if err != nil {
+		return nil, err
+	}
+	kube, err := kubernetes.NewForConfig(rc)
+	if err != nil {
+		return nil, fmt.Errorf("analyze: Kubernetes client: %w", err)
+	}
+	list, err := kube.AppsV1().Deployments(metav1.NamespaceAll).List(ctx, metav1.ListOptions{})
+	if err != nil {
+		return nil, fmt.Errorf("analyze: list Deployments: %w", err)
+	}
+	var out []ControlPlane
+	for _, d := range list.Items {
+		for _, c := range d.Spec.Template.Spec.Containers {
+			args := append(slices.Clone(c.Command), c.Args...)
+			named := strings.Contains(c.Image, "trustmesh")
+			if len(args) > 0 && path.Base(args[0]) == "trustmesh" {
+				named, args = true, args[1:]
+			}
+			if !named || len(args) == 0 || args[0] != "serve" {
+				continue
+			}
+			if v, _ := flagValue(args, "kubernetes"); v == "off" {
+				continue
+			}
+			cp := ControlPlane{Deployment: d.Namespace + "/" + d.Name, RootNamespace: engine.DefaultRootNamespace, TrustDomain: DefaultTrustDomain}
+			if v, ok := flagValue(args, "root-namespace"); ok {
+				cp.RootNamespace = v
+			}
+			if v, ok := flagValue(args, "trust-domain"); ok {
+				cp.TrustDomain = v
+			}
+			out = append(out, cp)
+		}
+	}
+	return out, nil
+}
+
+// flagValue is the value of the long flag name in args, as pflag reads
+// it (--name=value or --name value; the last one wins).
+func flagValue(args []string, name string) (string, bool) {
+	v, found := "", false
+	for i := 0; i < len(args); i++ {
+		a := args[i]
+		if a == "--" {
+			break
+		}
+		if rest, ok := strings.CutPrefix(a, "--"+name+"="); ok {
+			v, found = rest, true
+		} else if a == "--"+name && i+1 < len(args) {
+			v, found = args[i+1], true
+			i++
+		}
+	}
+	return v, found
 }

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"slices"
+	"strings"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -32,9 +33,11 @@ type Config struct {
 	// Bundles are the Rego bundles CUSTOM providers come from; a -f
 	// directory's bundles.txt adds to them.
 	Bundles source.Bundles
-	// RootNamespace: empty means engine.DefaultRootNamespace.
+	// RootNamespace: empty means the cluster's control plane's
+	// (FindControlPlanes), else engine.DefaultRootNamespace.
 	RootNamespace string
-	// TrustDomain: empty means cluster.local.
+	// TrustDomain: empty means the cluster's control plane's, else
+	// cluster.local.
 	TrustDomain string
 	// StaleDryRun: zero means DefaultStaleDryRun.
 	StaleDryRun time.Duration
@@ -60,6 +63,12 @@ func Analyze(ctx context.Context, cfg Config) (Report, error) {
 		return bad("nothing to analyze: give -f DIR|FILE (and --mesh DIR), or --kubeconfig FILE")
 	case cfg.Cluster != nil && (len(cfg.Files) > 0 || cfg.MeshDir != ""):
 		return bad("-f and --mesh analyze files, --kubeconfig a cluster: give one or the other")
+	}
+	var notes []string
+	if cfg.Cluster != nil {
+		var note string
+		cfg.RootNamespace, cfg.TrustDomain, note = controlPlaneSettings(ctx, *cfg.Cluster, cfg.RootNamespace, cfg.TrustDomain)
+		notes = append(notes, note)
 	}
 	in := &Input{RootNamespace: cfg.RootNamespace, StaleDryRun: cfg.StaleDryRun, Now: cfg.Now}
 	if in.RootNamespace == "" {
@@ -146,6 +155,7 @@ func Analyze(ctx context.Context, cfg Config) (Report, error) {
 		})
 	}
 	rep := Run(in, analyzers)
+	rep.Notes = append(notes, rep.Notes...)
 	if n := ps.SkippedNote(); n != "" {
 		rep.Notes = append(rep.Notes, n)
 	}
@@ -189,4 +199,68 @@ func (r Report) Count(s Severity) int {
 		}
 	}
 	return n
+}
+
+// controlPlaneSettings returns the root namespace and trust domain to judge
+// a cluster's policies by: each as given, else as the trustmesh control
+// plane running there has it (FindControlPlanes), else the default; and a
+// note that says where each came from.
+func controlPlaneSettings(ctx context.Context, cc ClusterConfig, root, td string) (string, string, string) {
+	var cps []ControlPlane
+	var err error
+	if root == "" || td == "" {
+		cps, err = FindControlPlanes(ctx, cc)
+	}
+	var parts, defaulted []string
+	for _, s := range []struct {
+		name, flag, def string
+		v               *string
+		of              func(ControlPlane) string
+	}{
+		{"root namespace", "--root-namespace", engine.DefaultRootNamespace, &root, func(cp ControlPlane) string { return cp.RootNamespace }},
+		{"trust domain", "--trust-domain", DefaultTrustDomain, &td, func(cp ControlPlane) string { return cp.TrustDomain }},
+	} {
+		if *s.v != "" {
+			parts = append(parts, fmt.Sprintf("%s %s (%s)", s.name, *s.v, s.flag))
+			continue
+		}
+		var why string
+		switch {
+		case err != nil:
+			why = fmt.Sprintf("the control plane's flags could not be read: %v", err)
+		case len(cps) == 0:
+			why = "no trustmesh control plane (a Deployment running trustmesh serve) is in the cluster"
+		default:
+			var says []string
+			for _, cp := range cps {
+				if s.of(cp) != s.of(cps[0]) {
+					why = "the control planes disagree"
+				}
+				says = append(says, fmt.Sprintf("Deployment %s has %s", cp.Deployment, s.of(cp)))
+			}
+			if why == "" {
+				*s.v = s.of(cps[0])
+				parts = append(parts, fmt.Sprintf("%s %s (the control plane's flags: %s)", s.name, *s.v, strings.Join(deployments(cps), ", ")))
+				continue
+			}
+			why += ": " + strings.Join(says, ", ")
+		}
+		*s.v = s.def
+		defaulted = append(defaulted, s.flag)
+		parts = append(parts, fmt.Sprintf("%s %s (the default; %s)", s.name, *s.v, why))
+	}
+	note := strings.Join(parts, ", ")
+	if len(defaulted) > 0 {
+		note += "; pass " + strings.Join(defaulted, " and ") + " if the control plane's differ"
+	}
+	return root, td, note
+}
+
+// deployments names the control planes' Deployments.
+func deployments(cps []ControlPlane) []string {
+	var out []string
+	for _, cp := range cps {
+		out = append(out, "Deployment "+cp.Deployment)
+	}
+	return out
 }

@@ -39,7 +39,10 @@ and a mesh directory (--mesh). -f may hold mixed manifests:
 PeerAuthentications, ServiceEntries, Gateways and VirtualServices are
 checked as the admission webhook checks them, other kinds are skipped with
 a note. On a cluster (--kubeconfig), every AuthorizationPolicy with its
-creation time and the mesh as serve reads it.
+creation time and the mesh as serve reads it; the root namespace and trust
+domain, unless given, are those of the trustmesh control plane's flags
+(the Deployment running trustmesh serve), and a note says where they came
+from.
 An analyzer that lacks its input (no mesh, no bundle, no cluster) is skipped
 with a note.
 
@@ -87,8 +90,8 @@ flags or input that cannot be read. It writes nothing.`,
 	f.StringVar(&cfg.MeshDir, "mesh", "", "mesh directory, as serve's --mesh (Services, Workloads, ServiceEntries, PeerAuthentications, ...)")
 	f.StringVar(&kubeconfig, "kubeconfig", "", "analyze the cluster of this kubeconfig instead of files")
 	f.StringVar(&kubeCtx, "context", "", "kubeconfig context to use (default the current one)")
-	f.StringVar(&cfg.RootNamespace, "root-namespace", engine.DefaultRootNamespace, "namespace whose policies apply mesh-wide")
-	f.StringVar(&cfg.TrustDomain, "trust-domain", analyze.DefaultTrustDomain, "the mesh's trust domain")
+	f.StringVar(&cfg.RootNamespace, "root-namespace", "", "namespace whose policies apply mesh-wide (default: on a cluster, the control plane's; else "+engine.DefaultRootNamespace+")")
+	f.StringVar(&cfg.TrustDomain, "trust-domain", "", "the mesh's trust domain (default: on a cluster, the control plane's; else "+analyze.DefaultTrustDomain+")")
 	f.Var(&stale, "stale-dry-run", "report dry-run policies older than this (e.g. 14d, 36h); needs a cluster")
 	f.StringVar(&at, "at", "", "judge the policies' age as of this RFC 3339 time (default now)")
 	f.StringVar(&failOn, "fail-on", "error", "exit 3 on findings at or above: error, warning, info, or none")
