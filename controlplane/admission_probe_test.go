@@ -2,6 +2,8 @@ package controlplane_test
 
 import (
 	"context"
+	"crypto/tls"
+	"net/http"
 	"strings"
 	"testing"
 	"time"
@@ -75,5 +77,52 @@ func TestServeKeepsIgnoreWhenNotFailClosed(t *testing.T) {
 	}
 	if *h.FailurePolicy != admissionregistrationv1.Ignore {
 		t.Errorf("failurePolicy %s with KeepIgnore, want Ignore", *h.FailurePolicy)
+	}
+}
+
+// With --validation-webhook-config=off (the chart's validation.enabled
+// false) serve keeps no ValidatingWebhookConfiguration, not even one named
+// "off" (it needs no RBAC for any), and still serves /validate.
+func TestServeKeepsNoValidatingWebhookWhenOff(t *testing.T) {
+	ctx := context.Background()
+	cfg, cs := kube(t)
+	installIstioCRDs(t, cfg)
+	if _, err := cs.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "validationoff"}}, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	addr := freeAddr(t)
+	api := cs.AdmissionregistrationV1().ValidatingWebhookConfigurations()
+	if _, err := api.Create(ctx, validatingWebhook(controlplane.ValidationWebhookOff, addr), metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		_ = api.Delete(context.Background(), controlplane.ValidationWebhookOff, metav1.DeleteOptions{})
+	})
+	e := start(t, func(c *controlplane.Config) {
+		c.Kubernetes.RestConfig = cfg
+		c.Kubernetes.Mode = controlplane.KubernetesOn
+		c.Authz.RootNamespace = "validationoff"
+		c.Listen.Injector = addr
+		c.Admission.WebhookConfig = controlplane.ValidationWebhookOff
+	})
+	// /validate answers (a review without a request is refused as such).
+	hc := &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: rootPool(e), ServerName: "127.0.0.1"}}}
+	defer hc.CloseIdleConnections()
+	resp, err := hc.Post("https://"+addr+"/validate", "application/json", strings.NewReader("{}"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusBadRequest {
+		t.Errorf("POST /validate = %d, want 400 for a review without a request", resp.StatusCode)
+	}
+	// Time for a caBundle to be published and a probe to switch it.
+	time.Sleep(5 * time.Second)
+	vwc, err := api.Get(ctx, controlplane.ValidationWebhookOff, metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if h := vwc.Webhooks[0]; len(h.ClientConfig.CABundle) != 0 || *h.FailurePolicy != admissionregistrationv1.Ignore {
+		t.Errorf("with the webhook configuration off, serve patched %s: caBundle %d bytes, failurePolicy %s", vwc.Name, len(h.ClientConfig.CABundle), *h.FailurePolicy)
 	}
 }

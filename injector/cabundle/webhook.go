@@ -53,7 +53,8 @@ type WebhookConfig struct {
 	// FailClose, when set, switches the webhooks whose failurePolicy is
 	// Ignore to Fail, as Istio's validation controller does, once the
 	// caBundle is in place and the probe shows a webhook of this
-	// configuration answering: it denies an object it must refuse. Until
+	// configuration answering: it denies the probe, quoting the probe's
+	// token, which only the webhook of this process knows. Until
 	// then the policy stays Ignore (a chart installs it so, so that its
 	// own objects cannot deadlock the install), and every failed probe is
 	// logged with its reason and retried. Fail is never switched back.
