@@ -33,7 +33,7 @@ test: envtest generate-check
 	@dsn=$$(hack/postgres.sh start) && trap 'hack/postgres.sh stop' EXIT && \
 	KUBEBUILDER_ASSETS="$$(hack/envtest-assets.sh)" TRUSTMESH_TEST_POSTGRES_DSN="$$dsn" \
 	$(GO) test -race -count=1 -timeout 20m ./...
-	$(GO) test -count=1 -run '^(TestProofsHoldInTheEngine|TestCorpusAgrees|TestCaseFilesAgree)$$' ./authz/symbolic ./admission
+	GO="$(GO)" hack/go-test-named.sh 'TestProofsHoldInTheEngine TestCorpusAgrees TestCaseFilesAgree' ./authz/symbolic ./admission
 	@env=$$(hack/softhsm.sh start) && eval "$$env" && trap 'hack/softhsm.sh stop "$$TRUSTMESH_SOFTHSM_DIR"' EXIT && \
 	CGO_ENABLED=1 $(GO) test -tags pkcs11 -count=1 ./ca/authority/
 	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && seed=$$(od -An -N4 -tu4 /dev/urandom | tr -d ' ') && \
