@@ -76,8 +76,11 @@ type kind struct {
 // Providers checks a CUSTOM policy's provider against the Rego bundles the
 // control plane serves: engine.Set.CheckProvider of the set in force,
 // which refuses with a *policy.FieldError of spec.provider.name. Any other
-// error (e.g. no set loaded yet) makes the webhook answer that it cannot
-// check now, which the apiserver treats per the failurePolicy. Nil means no
+// error (e.g. no set loaded yet) means it cannot check now: Review's
+// outcome is OutcomeUnavailable, which the handler answers with HTTP 503
+// and no AdmissionReview, a call failure the apiserver resolves by the
+// failurePolicy (Fail refuses the write; Ignore admits the object
+// unchecked, and the load still refuses it if it must). Nil means no
 // bundles are loaded: every CUSTOM policy is refused, as a load refuses it.
 type Providers func(*policy.Policy) error
 
@@ -145,6 +148,11 @@ const (
 	OutcomeWarned  = "warned"
 	// OutcomeError is an object that does not decode; it is denied too.
 	OutcomeError = "error"
+	// OutcomeUnavailable is an object the webhook cannot check now (its
+	// Providers failed other than by refusing the policy). The response
+	// Review returns is a 503 denial; the handler answers HTTP 503
+	// instead, so that the failurePolicy decides.
+	OutcomeUnavailable = "unavailable"
 )
 
 // verdict is the result of checking one object.
@@ -186,7 +194,10 @@ func Review(req *admissionv1.AdmissionRequest, providers Providers) (*admissionv
 	v := check(req.Object.Raw, ns, providers)
 	if v.err != nil {
 		outcome := OutcomeDenied
-		if v.decode || v.unavailable {
+		switch {
+		case v.unavailable:
+			outcome = OutcomeUnavailable
+		case v.decode:
 			outcome = OutcomeError
 		}
 		return &admissionv1.AdmissionResponse{Allowed: false, Result: status(req, v)}, outcome

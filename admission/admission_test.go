@@ -453,14 +453,14 @@ func TestReviewProviders(t *testing.T) {
 		{"rego:envoy/authz/allow", set.CheckProvider, admission.OutcomeAllowed},
 		{"rego:nowhere/allow", set.CheckProvider, admission.OutcomeDenied},
 		{"rego:envoy/authz/allow", nil, admission.OutcomeDenied},
-		{"rego:envoy/authz/allow", func(*policy.Policy) error { return errors.New("no policy set loaded yet") }, admission.OutcomeError},
+		{"rego:envoy/authz/allow", func(*policy.Policy) error { return errors.New("no policy set loaded yet") }, admission.OutcomeUnavailable},
 	} {
 		req := request(t, admissionv1.Create, "authorizationpolicies", custom(tc.provider))
 		resp, outcome := admission.Review(req, tc.providers)
 		if outcome != tc.outcome || resp.Allowed != (tc.outcome == admission.OutcomeAllowed) {
 			t.Fatalf("%s (providers set %v): outcome %s allowed %v, want %s (%+v)", tc.provider, tc.providers != nil, outcome, resp.Allowed, tc.outcome, resp.Result)
 		}
-		if outcome == admission.OutcomeError {
+		if outcome == admission.OutcomeUnavailable {
 			if resp.Result.Code != http.StatusServiceUnavailable || !strings.Contains(resp.Result.Message, "no policy set loaded yet") {
 				t.Errorf("%+v, want 503 saying why", resp.Result)
 			}

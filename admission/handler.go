@@ -3,11 +3,14 @@ package admission
 import (
 	"crypto/subtle"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
 	"mime"
 	"net/http"
+	"strconv"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	admissionv1 "k8s.io/api/admission/v1"
@@ -17,6 +20,13 @@ import (
 // maxBody bounds an AdmissionReview; the apiserver's own request limit is
 // 3 MiB, and the review wraps the object (and, on UPDATE, the old one).
 const maxBody = 8 << 20
+
+// bodyReadTimeout bounds the read of a request's body, which is read
+// before the request waits for a review slot: the apiserver sends a review
+// of at most a few MiB at once, and a client that sends its body slowly
+// is cut off here instead of holding a slot until the server's
+// ReadTimeout, with every real review meanwhile refused as busy.
+const bodyReadTimeout = 5 * time.Second
 
 // HandlerConfig configures the webhook's HTTP handler.
 type HandlerConfig struct {
@@ -48,6 +58,7 @@ type handler struct {
 	reviews             *prometheus.CounterVec
 	probeToken, probeID string
 	providers           Providers
+	limit               *limiter
 }
 
 // NewHandler returns the webhook's handler, serving POST Path.
@@ -59,10 +70,11 @@ func NewHandler(cfg HandlerConfig) (http.Handler, error) {
 		Name: "trustmesh_admission_reviews_total",
 		Help: "Objects reviewed by the validating webhook, by kind (other: a kind trustmesh does not read) and outcome " +
 			"(allowed, warned: allowed with a warning, denied: refused by trustmesh's checks, error: did not decode, or a malformed review, " +
-			"busy: refused unread, as too many reviews were running until its timeout).",
+			"busy: refused with HTTP 429, as too many reviews were running until its timeout; " +
+			"unavailable: refused with HTTP 503, as the webhook could not check it then).",
 	}, []string{"kind", "outcome"})}
 	for _, k := range kinds {
-		for _, o := range []string{OutcomeAllowed, OutcomeDenied, OutcomeWarned, OutcomeError} {
+		for _, o := range []string{OutcomeAllowed, OutcomeDenied, OutcomeWarned, OutcomeError, OutcomeUnavailable} {
 			h.reviews.WithLabelValues(k.Kind, o)
 		}
 	}
@@ -71,8 +83,9 @@ func NewHandler(cfg HandlerConfig) (http.Handler, error) {
 			return nil, fmt.Errorf("admission: register metrics: %w", err)
 		}
 	}
+	h.limit = newLimiter(cfg.MaxConcurrentReviews, h.reviews)
 	mux := http.NewServeMux()
-	mux.Handle("POST "+Path, newLimiter(cfg.MaxConcurrentReviews, h, h.reviews))
+	mux.Handle("POST "+Path, h)
 	return mux, nil
 }
 
@@ -82,12 +95,29 @@ func (h *handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "admission: want Content-Type application/json", http.StatusUnsupportedMediaType)
 		return
 	}
+	// The body is read, under its own deadline, before the request takes
+	// a review slot: a slow sender must not hold one. ErrNotSupported (a
+	// writer without deadlines, as in tests) leaves the server's own.
+	rc := http.NewResponseController(w)
+	_ = rc.SetReadDeadline(time.Now().Add(bodyReadTimeout))
 	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxBody))
 	if err != nil {
 		h.reviews.WithLabelValues("other", OutcomeError).Inc()
-		http.Error(w, "admission: read body: "+err.Error(), http.StatusRequestEntityTooLarge)
+		code := http.StatusBadRequest
+		if _, tooBig := errors.AsType[*http.MaxBytesError](err); tooBig {
+			code = http.StatusRequestEntityTooLarge
+		}
+		http.Error(w, "admission: read body: "+err.Error(), code)
 		return
 	}
+	// The body is read: no deadline while the review waits and runs, so
+	// that the server does not take a passed one for a broken connection.
+	_ = rc.SetReadDeadline(time.Time{})
+	release, ok := h.limit.acquire(w, r)
+	if !ok {
+		return
+	}
+	defer release()
 	var review admissionv1.AdmissionReview
 	if err := json.Unmarshal(body, &review); err != nil || review.Request == nil {
 		h.reviews.WithLabelValues("other", OutcomeError).Inc()
@@ -103,6 +133,14 @@ func (h *handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	resp.UID = req.UID
 	kind := kindOf(req.Resource)
 	h.reviews.WithLabelValues(kind, outcome).Inc()
+	if outcome == OutcomeUnavailable {
+		// A call failure, not a denial, so that the failurePolicy decides.
+		h.log.Info("admission cannot check now", "kind", kind, "namespace", req.Namespace, "name", req.Name,
+			"operation", req.Operation, "reason", resp.Result.Message)
+		w.Header().Set("Retry-After", strconv.Itoa(1))
+		http.Error(w, resp.Result.Message, http.StatusServiceUnavailable)
+		return
+	}
 	switch outcome {
 	case OutcomeDenied, OutcomeError:
 		h.log.Info("admission denied", "kind", kind, "namespace", req.Namespace, "name", req.Name,

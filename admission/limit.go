@@ -9,10 +9,13 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 )
 
-// OutcomeBusy is a review refused unread because as many reviews as
-// HandlerConfig.MaxConcurrentReviews allows were running until its timeout:
-// the webhook answers 429, a call failure the apiserver resolves by the
-// configuration's failurePolicy. It is counted with kind "other".
+// OutcomeBusy is a review refused because as many reviews as
+// HandlerConfig.MaxConcurrentReviews allows were running until its
+// timeout. The webhook answers it with HTTP 429 and no AdmissionReview: a
+// call failure, which the apiserver resolves by the configuration's
+// failurePolicy. Under Fail the write is refused; under Ignore the object
+// is admitted unchecked (the control plane's load still refuses it, and
+// with it the whole policy set). It is counted with kind "other".
 const OutcomeBusy = "busy"
 
 // DefaultMaxConcurrentReviews is how many reviews run at once by default:
@@ -26,21 +29,24 @@ const maxWait = 30 * time.Second
 
 // limiter runs at most cap(slots) reviews at once; a request waits for a
 // slot until its context ends or the timeout the apiserver gives the call
-// (its timeout query parameter) passes, and is then refused.
+// (its timeout query parameter) passes, and is then refused. Only a
+// request whose body is read takes a slot, so a client that sends its
+// body slowly holds no slot (see bodyReadTimeout).
 type limiter struct {
 	slots chan struct{}
-	next  http.Handler
 	busy  prometheus.Counter
 }
 
-func newLimiter(n int, next http.Handler, reviews *prometheus.CounterVec) *limiter {
+func newLimiter(n int, reviews *prometheus.CounterVec) *limiter {
 	if n <= 0 {
 		n = DefaultMaxConcurrentReviews()
 	}
-	return &limiter{slots: make(chan struct{}, n), next: next, busy: reviews.WithLabelValues("other", OutcomeBusy)}
+	return &limiter{slots: make(chan struct{}, n), busy: reviews.WithLabelValues("other", OutcomeBusy)}
 }
 
-func (l *limiter) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+// acquire waits for a slot and returns its release, or answers 429 and
+// returns false.
+func (l *limiter) acquire(w http.ResponseWriter, r *http.Request) (release func(), ok bool) {
 	wait := maxWait
 	// The apiserver calls webhooks with ?timeout=<timeoutSeconds>s.
 	if d, err := time.ParseDuration(r.URL.Query().Get("timeout")); err == nil && d > 0 && d < wait {
@@ -50,19 +56,12 @@ func (l *limiter) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	defer t.Stop()
 	select {
 	case l.slots <- struct{}{}:
+		return func() { <-l.slots }, true
 	case <-r.Context().Done():
-		l.refuse(w, wait)
-		return
 	case <-t.C:
-		l.refuse(w, wait)
-		return
 	}
-	defer func() { <-l.slots }()
-	l.next.ServeHTTP(w, r)
-}
-
-func (l *limiter) refuse(w http.ResponseWriter, waited time.Duration) {
 	l.busy.Inc()
 	w.Header().Set("Retry-After", strconv.Itoa(1))
-	http.Error(w, "admission: too many reviews running; none finished within "+waited.String(), http.StatusTooManyRequests)
+	http.Error(w, "admission: too many reviews running; none finished within "+wait.String(), http.StatusTooManyRequests)
+	return nil, false
 }
