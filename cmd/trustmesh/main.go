@@ -97,6 +97,28 @@ func usageErrors(c *cobra.Command) {
 	}
 	if c.Parent() == nil {
 		c.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return usage(err) })
+		// cobra adds its help and completion commands only when it
+		// executes, after this walk, so they would exit 0 on an unknown
+		// topic or shell and 1 on an extra argument. Added now, they are
+		// walked like the others (cobra keeps them when it executes). help
+		// takes a path of commands, so its Args refuses a path that does not
+		// name one.
+		c.InitDefaultHelpCmd()
+		c.InitDefaultCompletionCmd()
+		for _, sub := range c.Commands() {
+			if sub.Name() == "help" && sub.Args == nil {
+				sub.Args = func(cmd *cobra.Command, a []string) error {
+					found, rest, err := cmd.Root().Find(a)
+					if err != nil {
+						return err
+					}
+					if len(rest) > 0 {
+						return fmt.Errorf("unknown help topic %q: %q has no command %q", strings.Join(a, " "), found.CommandPath(), rest[0])
+					}
+					return nil
+				}
+			}
+		}
 	}
 	for _, sub := range c.Commands() {
 		usageErrors(sub)

@@ -23,7 +23,7 @@ func TestUsageErrorsExit2(t *testing.T) {
 	var cases []usageCase
 	var walk func(c *cobra.Command, path []string)
 	walk = func(c *cobra.Command, path []string) {
-		if c.Hidden || c.Name() == "help" || c.Name() == "completion" {
+		if c.Hidden {
 			return
 		}
 		name := strings.Join(append([]string{"trustmesh"}, path...), " ")
@@ -72,5 +72,25 @@ func TestDurationFlagErrorNamesItsFlag(t *testing.T) {
 	_, stderr, code := runAnalyze(t, "--stale-dry-run", "2w", "-f", "../../examples/policies")
 	if code != 2 || !strings.Contains(stderr, `"--stale-dry-run"`) || !strings.Contains(stderr, `duration "2w": want e.g. 30d`) || strings.Contains(stderr, "check:") {
 		t.Fatalf("exit %d, stderr %q; want exit 2 and an error about --stale-dry-run's duration naming no other command", code, stderr)
+	}
+}
+
+// TestHelpAndCompletion holds cobra's own help and completion commands,
+// which the walk in TestUsageErrorsExit2 holds to exit 2 on a bad
+// argument, to still answer a good one, and help to exit 2 on a path that
+// names a command's unknown subcommand.
+func TestHelpAndCompletion(t *testing.T) {
+	for _, args := range [][]string{{"help"}, {"help", "ca"}, {"help", "policy", "check"}, {"completion", "bash"}, {"completion", "zsh"}} {
+		out, err := exec.Command(binary, args...).Output()
+		if err != nil || len(out) == 0 {
+			t.Errorf("trustmesh %s: exit %v, %d bytes of output, stderr %q; want exit 0 and output", strings.Join(args, " "), err, len(out), stderrOf(err))
+		}
+	}
+	for _, args := range [][]string{{"help", "nosuch"}, {"help", "ca", "nosuch"}, {"completion", "nosuch"}, {"completion", "bash", "extra"}} {
+		out, err := exec.Command(binary, args...).Output()
+		var exit *exec.ExitError
+		if !errors.As(err, &exit) || exit.ExitCode() != 2 || len(out) != 0 {
+			t.Errorf("trustmesh %s: exit %v, output %q, stderr %q; want exit 2 and no output", strings.Join(args, " "), err, out, stderrOf(err))
+		}
 	}
 }
