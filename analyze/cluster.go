@@ -10,7 +10,12 @@ import (
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	istioclient "istio.io/client-go/pkg/clientset/versioned"
+	admissionregistrationv1 "k8s.io/api/admissionregistration/v1"
+	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	k8slabels "k8s.io/apimachinery/pkg/labels"
+	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
@@ -119,11 +124,16 @@ type ControlPlane struct {
 	TrustDomain   string
 }
 
-// FindControlPlanes lists the cluster's Deployments and returns the
-// trustmesh control planes among them: a container that runs `trustmesh
-// serve` (its image or command names trustmesh) with Kubernetes on. The
-// chart's sets --root-namespace to the release namespace unless told
-// otherwise, so only the flags say which namespace is the root.
+// FindControlPlanes returns the trustmesh control planes running in the
+// cluster, found only through objects a namespace's tenant cannot write: a
+// ValidatingWebhookConfiguration's or MutatingWebhookConfiguration's
+// webhook names a Service (cluster-scoped objects, for cluster admins); the
+// Deployments in that Service's namespace whose pods it selects are read,
+// and a container among them that runs `trustmesh serve` (its image or
+// command names trustmesh) with Kubernetes on is a control plane. A
+// Deployment elsewhere, whatever it runs, is not one, so a tenant cannot
+// plant settings. The chart sets --root-namespace to the release namespace
+// unless told otherwise, so only the flags say which namespace is the root.
 func FindControlPlanes(ctx context.Context, cfg ClusterConfig) ([]ControlPlane, error) {
 	rc, err := cfg.restConfig()
 	if err != nil {
@@ -133,35 +143,93 @@ func FindControlPlanes(ctx context.Context, cfg ClusterConfig) ([]ControlPlane, 
 	if err != nil {
 		return nil, fmt.Errorf("analyze: Kubernetes client: %w", err)
 	}
-	list, err := kube.AppsV1().Deployments(metav1.NamespaceAll).List(ctx, metav1.ListOptions{})
-	if err != nil {
-		return nil, fmt.Errorf("analyze: list Deployments: %w", err)
-	}
-	var out []ControlPlane
-	for _, d := range list.Items {
-		for _, c := range d.Spec.Template.Spec.Containers {
-			args := append(slices.Clone(c.Command), c.Args...)
-			named := strings.Contains(c.Image, "trustmesh")
-			if len(args) > 0 && path.Base(args[0]) == "trustmesh" {
-				named, args = true, args[1:]
-			}
-			if !named || len(args) == 0 || args[0] != "serve" {
-				continue
-			}
-			if v, _ := flagValue(args, "kubernetes"); v == "off" {
-				continue
-			}
-			cp := ControlPlane{Deployment: d.Namespace + "/" + d.Name, RootNamespace: engine.DefaultRootNamespace, TrustDomain: DefaultTrustDomain}
-			if v, ok := flagValue(args, "root-namespace"); ok {
-				cp.RootNamespace = v
-			}
-			if v, ok := flagValue(args, "trust-domain"); ok {
-				cp.TrustDomain = v
-			}
-			out = append(out, cp)
+	var services []types.NamespacedName
+	add := func(ref *admissionregistrationv1.ServiceReference) {
+		if ref == nil {
+			return
+		}
+		n := types.NamespacedName{Namespace: ref.Namespace, Name: ref.Name}
+		if !slices.Contains(services, n) {
+			services = append(services, n)
 		}
 	}
+	vwcs, err := kube.AdmissionregistrationV1().ValidatingWebhookConfigurations().List(ctx, metav1.ListOptions{})
+	if err != nil {
+		return nil, fmt.Errorf("analyze: list ValidatingWebhookConfigurations: %w", err)
+	}
+	for _, c := range vwcs.Items {
+		for _, w := range c.Webhooks {
+			add(w.ClientConfig.Service)
+		}
+	}
+	mwcs, err := kube.AdmissionregistrationV1().MutatingWebhookConfigurations().List(ctx, metav1.ListOptions{})
+	if err != nil {
+		return nil, fmt.Errorf("analyze: list MutatingWebhookConfigurations: %w", err)
+	}
+	for _, c := range mwcs.Items {
+		for _, w := range c.Webhooks {
+			add(w.ClientConfig.Service)
+		}
+	}
+	var out []ControlPlane
+	seen := map[string]bool{}
+	for _, sn := range services {
+		svc, err := kube.CoreV1().Services(sn.Namespace).Get(ctx, sn.Name, metav1.GetOptions{})
+		if apierrors.IsNotFound(err) {
+			continue
+		}
+		if err != nil {
+			return nil, fmt.Errorf("analyze: get Service %s: %w", sn, err)
+		}
+		if len(svc.Spec.Selector) == 0 {
+			continue
+		}
+		selects := k8slabels.SelectorFromSet(svc.Spec.Selector)
+		list, err := kube.AppsV1().Deployments(sn.Namespace).List(ctx, metav1.ListOptions{})
+		if err != nil {
+			return nil, fmt.Errorf("analyze: list Deployments in %s: %w", sn.Namespace, err)
+		}
+		for _, d := range list.Items {
+			name := d.Namespace + "/" + d.Name
+			if seen[name] || !selects.Matches(k8slabels.Set(d.Spec.Template.Labels)) {
+				continue
+			}
+			if cp, ok := controlPlaneOf(d.Spec.Template.Spec.Containers); ok {
+				seen[name] = true
+				cp.Deployment = name
+				out = append(out, cp)
+			}
+		}
+	}
+	slices.SortFunc(out, func(a, b ControlPlane) int { return strings.Compare(a.Deployment, b.Deployment) })
 	return out, nil
+}
+
+// controlPlaneOf returns the settings of the first container that runs
+// `trustmesh serve` with Kubernetes on.
+func controlPlaneOf(containers []corev1.Container) (ControlPlane, bool) {
+	for _, c := range containers {
+		args := append(slices.Clone(c.Command), c.Args...)
+		named := strings.Contains(c.Image, "trustmesh")
+		if len(args) > 0 && path.Base(args[0]) == "trustmesh" {
+			named, args = true, args[1:]
+		}
+		if !named || len(args) == 0 || args[0] != "serve" {
+			continue
+		}
+		if v, _ := flagValue(args, "kubernetes"); v == "off" {
+			continue
+		}
+		cp := ControlPlane{RootNamespace: engine.DefaultRootNamespace, TrustDomain: DefaultTrustDomain}
+		if v, ok := flagValue(args, "root-namespace"); ok {
+			cp.RootNamespace = v
+		}
+		if v, ok := flagValue(args, "trust-domain"); ok {
+			cp.TrustDomain = v
+		}
+		return cp, true
+	}
+	return ControlPlane{}, false
 }
 
 // flagValue is the value of the long flag name in args, as pflag reads

@@ -229,7 +229,7 @@ func controlPlaneSettings(ctx context.Context, cc ClusterConfig, root, td string
 		case err != nil:
 			why = fmt.Sprintf("the control plane's flags could not be read: %v", err)
 		case len(cps) == 0:
-			why = "no trustmesh control plane (a Deployment running trustmesh serve) is in the cluster"
+			why = "no trustmesh control plane (a Deployment running trustmesh serve behind a webhook configuration's Service) is in the cluster"
 		default:
 			var says []string
 			for _, cp := range cps {
