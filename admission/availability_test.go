@@ -132,8 +132,10 @@ func TestNotLoadedIsACallFailure(t *testing.T) {
 	r := httptest.NewRequest(http.MethodPost, admission.Path, bytes.NewReader(body))
 	r.Header.Set("Content-Type", "application/json")
 	h.ServeHTTP(rec, r)
-	if rec.Code != http.StatusServiceUnavailable || !strings.Contains(rec.Body.String(), "no policy set loaded yet") || rec.Header().Get("Retry-After") == "" {
-		t.Errorf("HTTP %d %q (Retry-After %q), want 503 saying why", rec.Code, rec.Body, rec.Header().Get("Retry-After"))
+	// Without Retry-After: with it the apiserver retries until the
+	// webhook's timeout, and only then applies the failurePolicy.
+	if rec.Code != http.StatusServiceUnavailable || !strings.Contains(rec.Body.String(), "no policy set loaded yet") || rec.Header().Get("Retry-After") != "" {
+		t.Errorf("HTTP %d %q (Retry-After %q), want 503 saying why, without Retry-After", rec.Code, rec.Body, rec.Header().Get("Retry-After"))
 	}
 	if n, err := reviews(reg, "AuthorizationPolicy", admission.OutcomeUnavailable); err != nil || n != 1 {
 		t.Errorf("unavailable reviews counted %v (%v), want 1", n, err)
@@ -218,8 +220,12 @@ func TestNotLoadedFailurePolicyDecides(t *testing.T) {
 		p.Spec.Rules = []*apisecurity.Rule{{}}
 		return p
 	}
+	start := time.Now()
 	if _, err := aps.Create(ctx, custom("ignore"), metav1.CreateOptions{}); err != nil {
 		t.Errorf("CUSTOM create under Ignore before the first load: %v, want it admitted", err)
+	}
+	if took := time.Since(start); took > 3*time.Second { // the webhook's timeout is 5s
+		t.Errorf("CUSTOM create under Ignore took %v, want it admitted at once, not at the webhook's timeout", took)
 	}
 
 	vwcs := cs.AdmissionregistrationV1().ValidatingWebhookConfigurations()
@@ -237,7 +243,8 @@ func TestNotLoadedFailurePolicyDecides(t *testing.T) {
 		return err != nil
 	})
 	_, err = aps.Create(ctx, custom("fail"), metav1.CreateOptions{})
-	if err == nil || strings.Contains(err.Error(), deniedBy) || !strings.Contains(err.Error(), "failed calling webhook") {
-		t.Errorf("CUSTOM create under Fail before the first load: %v, want a failed call", err)
+	if err == nil || strings.Contains(err.Error(), deniedBy) || !strings.Contains(err.Error(), "failed calling webhook") ||
+		!strings.Contains(err.Error(), "no policy set loaded yet") {
+		t.Errorf("CUSTOM create under Fail before the first load: %v, want a failed call saying why", err)
 	}
 }

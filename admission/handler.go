@@ -9,7 +9,6 @@ import (
 	"log/slog"
 	"mime"
 	"net/http"
-	"strconv"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -135,10 +134,11 @@ func (h *handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	h.reviews.WithLabelValues(kind, outcome).Inc()
 	if outcome == OutcomeUnavailable {
 		// A call failure, not a denial, so that the failurePolicy decides.
+		// No Retry-After: the apiserver's client would retry until the
+		// webhook's timeout, and only then apply the failurePolicy.
 		h.log.Info("admission cannot check now", "kind", kind, "namespace", req.Namespace, "name", req.Name,
 			"operation", req.Operation, "reason", resp.Result.Message)
-		w.Header().Set("Retry-After", strconv.Itoa(1))
-		http.Error(w, resp.Result.Message, http.StatusServiceUnavailable)
+		h.fail(w, resp.Result)
 		return
 	}
 	switch outcome {
@@ -185,5 +185,20 @@ func (h *handler) answerProbe(w http.ResponseWriter, review admissionv1.Admissio
 		return
 	}
 	w.Header().Set("Content-Type", "application/json")
+	_, _ = w.Write(out)
+}
+
+// fail answers a review with st's code and st as the body: the apiserver's
+// client takes a Status body's message for the error it reports, where a
+// plain text body would give only the code's generic text.
+func (h *handler) fail(w http.ResponseWriter, st *metav1.Status) {
+	out, err := json.Marshal(&metav1.Status{TypeMeta: metav1.TypeMeta{APIVersion: "v1", Kind: "Status"},
+		Status: metav1.StatusFailure, Code: st.Code, Reason: st.Reason, Message: st.Message})
+	if err != nil {
+		http.Error(w, st.Message, int(st.Code))
+		return
+	}
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(int(st.Code))
 	_, _ = w.Write(out)
 }
