@@ -77,6 +77,14 @@ func FromSpec(meta Meta, spec *securityv1beta1.AuthorizationPolicy) (*Policy, er
 	if meta.Namespace == "" {
 		c.fail("metadata.namespace", ErrInvalid, "must be set")
 	}
+	if fe := c.budget(spec.GetRules()); fe != nil {
+		// Refused before anything else is read: the cost of a policy (its
+		// generated Rego and path regexps, compiled at every load and
+		// admission review and evaluated at every request) grows with its
+		// size, and a refusal per field would too.
+		c.errs = append(c.errs, fe)
+		return nil, errors.Join(c.errs...)
+	}
 	c.checkFields(spec.ProtoReflect(), "spec")
 
 	switch spec.GetAction() {
@@ -124,13 +132,6 @@ func FromSpec(meta Meta, spec *securityv1beta1.AuthorizationPolicy) (*Policy, er
 		}
 	}
 
-	if n := size(spec.GetRules()); n > MaxValues {
-		// Refused before its rules are read: the cost of a policy (its
-		// generated Rego, compiled at every load and admission review) grows
-		// with its size, and a refusal per value would too.
-		c.fail("spec.rules", ErrInvalid, "holds %d rules and values, more than the %d one policy may hold: split it into several policies", n, MaxValues)
-		return nil, errors.Join(c.errs...)
-	}
 	for i, r := range spec.GetRules() {
 		p.Rules = append(p.Rules, c.rule(fmt.Sprintf("spec.rules[%d]", i), r))
 	}
@@ -140,42 +141,112 @@ func FromSpec(meta Meta, spec *securityv1beta1.AuthorizationPolicy) (*Policy, er
 	return p, nil
 }
 
-// MaxValues bounds the rules and values (each entry of a list such as
-// principals, paths or a condition's values) one policy may hold. Checking
-// a policy compiles its generated Rego, at every load and admission
-// review, in time that grows with its size: at the bound it takes well
-// under a second, and no policy written by hand comes near it. A longer
-// policy is refused, as field spec.rules, before its rules are read.
-const MaxValues = 1024
+// The bounds on one policy. Checking a policy compiles its generated Rego
+// and path regexps, at every load and admission review, and ext_authz
+// evaluates them at every request to a selected workload, in time that
+// grows with the policy's size, the length of its values and the
+// operators of its path templates. At the bounds a review takes well under
+// a second and a Check milliseconds; no policy written by hand comes near
+// them. A larger policy is refused, with one error naming the field and
+// saying to split or simplify it, before the rest of it is read.
+const (
+	// MaxValues bounds the entries one policy's rules hold: each rule,
+	// each from, to and when entry, each value of a list such as
+	// principals, paths or a condition's values, and each {*} or {**}
+	// operator of a path template counts one.
+	MaxValues = 1024
+	// MaxValueBytes bounds the bytes of one value or condition key.
+	MaxValueBytes = 1024
+	// MaxPolicyBytes bounds the bytes of all values and condition keys of
+	// one policy's rules.
+	MaxPolicyBytes = 64 << 10
+	// MaxTemplateOperators bounds the {*} and {**} operators of one path
+	// template; each also counts toward MaxValues.
+	MaxTemplateOperators = 16
+)
 
-// size counts a policy's rules and the values in them.
-func size(rules []*securityv1beta1.Rule) int {
-	n := len(rules)
-	for _, r := range rules {
-		n += values(r.ProtoReflect())
+// budget checks the rules against the bounds, counting as it goes so that
+// it stops at the first one exceeded, and returns its refusal or nil.
+func (c *converter) budget(rules []*securityv1beta1.Rule) *FieldError {
+	b := &budget{}
+	b.n = len(rules)
+	for i, r := range rules {
+		if b.n > MaxValues {
+			break
+		}
+		b.walk(r.ProtoReflect(), func() string { return fmt.Sprintf("spec.rules[%d]", i) })
+		if b.field != nil {
+			break
+		}
 	}
-	return n
+	fail := func(field, format string, args ...any) *FieldError {
+		return &FieldError{Origin: c.meta.Origin, Policy: c.meta.Namespace + "/" + c.meta.Name, Field: field,
+			Err: fmt.Errorf("%w: %s", ErrInvalid, fmt.Sprintf(format, args...))}
+	}
+	switch {
+	case b.n > MaxValues:
+		return fail("spec.rules", "holds more than %d rules, from, to and when entries, values and path template operators, the most one policy may hold: split it into several policies", MaxValues)
+	case b.bytes > MaxPolicyBytes:
+		return fail("spec.rules", "its values hold more than %d bytes, the most one policy may hold: split it into several policies", MaxPolicyBytes)
+	case b.field != nil:
+		return fail(b.field(), "%s", b.why)
+	}
+	return nil
 }
 
-// values counts the entries of every list of scalars in m, however deep.
-func values(m protoreflect.Message) int {
-	n := 0
+type budget struct {
+	n, bytes int
+	field    func() string // the field refused on its own, if any
+	why      string
+}
+
+// walk adds m's entries and bytes, however deep, and stops once a bound is
+// exceeded. path names m; it is built only for a refusal.
+func (b *budget) walk(m protoreflect.Message, path func() string) {
 	m.Range(func(fd protoreflect.FieldDescriptor, v protoreflect.Value) bool {
+		name := func() string { return path() + "." + fd.JSONName() }
 		switch {
 		case fd.IsMap():
-			n += v.Map().Len()
+			b.n += v.Map().Len()
 		case fd.IsList() && fd.Kind() == protoreflect.MessageKind:
-			for i, l := 0, v.List(); i < l.Len(); i++ {
-				n += values(l.Get(i).Message())
+			for i, l := 0, v.List(); i < l.Len() && b.ok(); i++ {
+				b.n++
+				b.walk(l.Get(i).Message(), func() string { return fmt.Sprintf("%s[%d]", name(), i) })
 			}
 		case fd.IsList():
-			n += v.List().Len()
+			l := v.List()
+			b.n += l.Len()
+			for i := 0; i < l.Len() && b.ok(); i++ {
+				if fd.Kind() == protoreflect.StringKind {
+					b.value(l.Get(i).String(), fd.Name() == "paths" || fd.Name() == "not_paths",
+						func() string { return fmt.Sprintf("%s[%d]", name(), i) })
+				}
+			}
 		case fd.Kind() == protoreflect.MessageKind:
-			n += values(v.Message())
+			b.walk(v.Message(), name)
+		case fd.Kind() == protoreflect.StringKind:
+			b.value(v.String(), false, name)
 		}
-		return true
+		return b.ok()
 	})
-	return n
+}
+
+func (b *budget) ok() bool { return b.n <= MaxValues && b.bytes <= MaxPolicyBytes && b.field == nil }
+
+// value adds one value's bytes and checks its length and, for a path, its
+// template operators.
+func (b *budget) value(s string, path bool, field func() string) {
+	b.bytes += len(s)
+	switch {
+	case len(s) > MaxValueBytes:
+		b.field, b.why = field, fmt.Sprintf("a value of %d bytes, more than the %d one value may hold: simplify it", len(s), MaxValueBytes)
+	case path:
+		ops := strings.Count(s, "{*}") + strings.Count(s, "{**}")
+		b.n += ops
+		if ops > MaxTemplateOperators {
+			b.field, b.why = field, fmt.Sprintf("a path template of more than %d {*} and {**} operators: simplify it, or split the path into several", MaxTemplateOperators)
+		}
+	}
 }
 
 type converter struct {

@@ -210,39 +210,73 @@ func TestNearest(t *testing.T) {
 	}
 }
 
-// TestMaxValues bounds the size of one policy: a policy of MaxValues rules
-// and values parses, one more is refused as field spec.rules, once, with
-// what to do, however the values are spread.
+// TestMaxValues bounds the size of one policy: a policy of MaxValues
+// entries parses, one more is refused as field spec.rules, once, with what
+// to do, however the entries are spread, empty from, to and when entries
+// included; so are a too long value, too many bytes of values and a path
+// template of too many operators, each named by its field.
 func TestMaxValues(t *testing.T) {
 	const head = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: big, namespace: foo}\n"
-	values := func(n int) string { // one rule of n-1 values
+	values := func(n int) string { // one rule, one from, n-2 values
 		var b strings.Builder
 		b.WriteString("spec:\n  rules:\n  - from:\n    - source:\n        principals:\n")
-		for i := range n - 1 {
+		for i := range n - 2 {
 			fmt.Fprintf(&b, "        - cluster.local/ns/n%d/sa/s\n", i)
 		}
 		return b.String()
 	}
-	rules := func(n int) string { // n/2 rules of one value
+	rules := func(n int) string { // n/3 rules of one when of one value
 		var b strings.Builder
 		b.WriteString("spec:\n  rules:\n")
-		for i := range n / 2 {
+		for i := range n / 3 {
 			fmt.Fprintf(&b, "  - when: [{key: 'request.headers[x%d]', values: [v]}]\n", i)
 		}
 		return b.String()
 	}
-	for name, doc := range map[string]func(int) string{"values": values, "rules": rules} {
-		if _, err := ParseYAML("big.yaml", []byte(head+doc(MaxValues)), "default"); err != nil {
-			t.Fatalf("%s: %d rules and values refused: %v", name, MaxValues, err)
+	empty := func(n int) string { // one rule of n-1 empty sources
+		return "spec:\n  rules:\n  - from:\n" + strings.Repeat("    - source: {}\n", n-1)
+	}
+	for name, doc := range map[string]func(int) string{"values": values, "rules": rules, "empty from": empty} {
+		// Empty sources are refused one by one, but not for the bound.
+		if _, err := ParseYAML("big.yaml", []byte(head+doc(MaxValues)), "default"); err != nil && (name != "empty from" || strings.Contains(err.Error(), "split it")) {
+			t.Fatalf("%s: %d entries refused: %.300v", name, MaxValues, err)
 		}
-		_, err := ParseYAML("big.yaml", []byte(head+doc(MaxValues+2)), "default")
+		_, err := ParseYAML("big.yaml", []byte(head+doc(MaxValues+3)), "default")
 		var fe *FieldError
 		if !errors.As(err, &fe) || fe.Field != "spec.rules" || !errors.Is(err, ErrInvalid) ||
-			!strings.Contains(err.Error(), fmt.Sprintf("holds %d rules and values, more than the %d one policy may hold: split it into several policies", MaxValues+2, MaxValues)) {
-			t.Errorf("%s: %v, want one refusal of spec.rules saying to split the policy", name, err)
+			!strings.Contains(err.Error(), fmt.Sprintf("holds more than %d rules, from, to and when entries, values and path template operators, the most one policy may hold: split it into several policies", MaxValues)) {
+			t.Errorf("%s: %.300v, want one refusal of spec.rules saying to split the policy", name, err)
 		}
 		if n := strings.Count(fmt.Sprint(err), "\n"); n != 0 {
 			t.Errorf("%s: %d refusals, want one:\n%v", name, n+1, err)
+		}
+	}
+
+	paths := func(ps ...string) string {
+		return head + "spec:\n  rules:\n  - to:\n    - operation:\n        paths: ['" + strings.Join(ps, "', '") + "']\n"
+	}
+	long := "/" + strings.Repeat("a", MaxValueBytes-1)
+	tmpl := strings.Repeat("/{*}", MaxTemplateOperators-1) + "/{**}"
+	many := make([]string, MaxPolicyBytes/MaxValueBytes)
+	for i := range many {
+		many[i] = long
+	}
+	for name, tc := range map[string]struct{ ok, refused, field, why string }{
+		"value bytes": {paths("/x", long), paths("/x", long+"a"),
+			"spec.rules[0].to[0].operation.paths[1]", fmt.Sprintf("a value of %d bytes, more than the %d one value may hold: simplify it", MaxValueBytes+1, MaxValueBytes)},
+		"template operators": {paths(tmpl), paths("/x", "/{*}"+tmpl),
+			"spec.rules[0].to[0].operation.paths[1]", fmt.Sprintf("a path template of more than %d {*} and {**} operators: simplify it, or split the path into several", MaxTemplateOperators)},
+		"policy bytes": {paths(many...), paths(append(many, "/x")...),
+			"spec.rules", fmt.Sprintf("its values hold more than %d bytes, the most one policy may hold: split it into several policies", MaxPolicyBytes)},
+	} {
+		if _, err := ParseYAML("big.yaml", []byte(tc.ok), "default"); err != nil {
+			t.Errorf("%s: at the bound, refused: %v", name, err)
+		}
+		_, err := ParseYAML("big.yaml", []byte(tc.refused), "default")
+		var fe *FieldError
+		if !errors.As(err, &fe) || fe.Field != tc.field || !errors.Is(err, ErrInvalid) || !strings.Contains(err.Error(), tc.why) ||
+			strings.Count(err.Error(), "\n") != 0 {
+			t.Errorf("%s: %v, want one refusal of %s: %s", name, err, tc.field, tc.why)
 		}
 	}
 }
