@@ -34,6 +34,7 @@ import (
 	"fmt"
 	"net/http"
 	"reflect"
+	"strings"
 	"sync"
 
 	securityv1 "istio.io/client-go/pkg/apis/security/v1"
@@ -254,6 +255,10 @@ func kindOf(r metav1.GroupVersionResource) string {
 	return "other"
 }
 
+// MaxCauses bounds the refused fields one denial lists; it says how many
+// more there are.
+const MaxCauses = 20
+
 // status is the denial of an object: 422 Invalid with a cause per refused
 // field for a refusal, 400 BadRequest for an object that does not decode.
 func status(req *admissionv1.AdmissionRequest, v verdict) *metav1.Status {
@@ -271,12 +276,26 @@ func status(req *admissionv1.AdmissionRequest, v verdict) *metav1.Status {
 		return st
 	}
 	st.Code, st.Reason = http.StatusUnprocessableEntity, metav1.StatusReasonInvalid
-	for _, fe := range FieldErrors(v.err) {
+	fes, more := FieldErrors(v.err), ""
+	if len(fes) > MaxCauses {
+		// The apiserver relays the denial to the client: keep it short.
+		msgs := make([]string, 0, MaxCauses+1)
+		for _, fe := range fes[:MaxCauses] {
+			msgs = append(msgs, fe.Error())
+		}
+		more = fmt.Sprintf("and %d more", len(fes)-MaxCauses)
+		st.Message = strings.Join(append(msgs, more), "\n")
+		fes = fes[:MaxCauses]
+	}
+	for _, fe := range fes {
 		typ := metav1.CauseTypeFieldValueInvalid
 		if errors.Is(fe.Err, policy.ErrUnsupported) {
 			typ = metav1.CauseTypeFieldValueNotSupported
 		}
 		st.Details.Causes = append(st.Details.Causes, metav1.StatusCause{Type: typ, Field: fe.Field, Message: fe.Err.Error()})
+	}
+	if more != "" {
+		st.Details.Causes = append(st.Details.Causes, metav1.StatusCause{Type: metav1.CauseTypeFieldValueInvalid, Message: more})
 	}
 	return st
 }
