@@ -35,8 +35,8 @@ type Config[T any] struct {
 	// Same reports whether next holds what cur, the snapshot in force,
 	// holds; then next is not published. Nil means never.
 	Same func(cur, next T) bool
-	// Published, when set, is told of every snapshot published, before its
-	// subscribers are.
+	// Published, when set, is told of every snapshot published, after its
+	// metrics are set and before Ready or its subscribers are.
 	Published func(snap T, version uint64)
 	// Refused, when set, is told of every refused update, with Load's error.
 	Refused func(err error)
@@ -186,14 +186,16 @@ func (f *Feed[T]) Load() (T, error) {
 	for s := range f.subs {
 		subs = append(subs, s)
 	}
-	if v == 1 {
-		close(f.ready)
-	}
 	f.mu.Unlock()
+	// Whoever hears of v, through Ready or a subscriber, finds its metrics
+	// and its Published hook already done.
 	f.published.Inc()
 	f.versionGauge.Set(float64(v))
 	if f.cfg.Published != nil {
 		f.cfg.Published(next, v)
+	}
+	if v == 1 {
+		close(f.ready)
 	}
 	for _, s := range subs {
 		s.changed()

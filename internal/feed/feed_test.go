@@ -560,3 +560,52 @@ func TestNewRefusesAnIncompleteConfig(t *testing.T) {
 		t.Fatalf("a second feed on the same metrics: %v, want a metrics error", err)
 	}
 }
+
+// TestReadyComesAfterPublication: whoever waits on Ready finds the first
+// snapshot's metrics and Published hook done. CI once read the version
+// gauge between Ready and its Set and saw 0.
+func TestReadyComesAfterPublication(t *testing.T) {
+	src := newFakeSource("a")
+	reg := prometheus.NewRegistry()
+	inHook, release := make(chan struct{}), make(chan struct{})
+	f, err := feed.New(feed.Config[*snap]{
+		Watch: src.watch,
+		Load:  src.load,
+		Published: func(*snap, uint64) {
+			close(inHook)
+			<-release
+		},
+		Settle: settle,
+		Clock:  clocktesting.NewFakeClock(time.Unix(0, 0)),
+		Errors: feed.Errors{Watching: "test: watching", Waiting: "test: waiting", Metrics: "test: metrics"},
+		Metrics: feed.Metrics{
+			Registerer: reg,
+			Published:  prometheus.CounterOpts{Name: "test_snapshots_total", Help: "h"},
+			Refused:    prometheus.CounterOpts{Name: "test_refusals_total", Help: "h"},
+			Version:    prometheus.GaugeOpts{Name: "test_version", Help: "h"},
+		},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	loaded := make(chan error, 1)
+	go func() { _, err := f.Load(); loaded <- err }()
+	<-inHook
+	if got := metric(t, reg, "test_version"); got != 1 {
+		t.Fatalf("version gauge %v inside Published, want 1", got)
+	}
+	select {
+	case <-f.Ready():
+		t.Fatal("Ready closed before the Published hook returned")
+	case <-time.After(50 * time.Millisecond):
+	}
+	close(release)
+	if err := <-loaded; err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-f.Ready():
+	default:
+		t.Fatal("Ready not closed after the first Load")
+	}
+}
