@@ -48,6 +48,10 @@ var rules = []rule{
 		[]string{"admission"}, []string{"ca", "xds", "agent", "injector", "controlplane"}},
 	{"analyze is a reader of policies and the mesh: it imports nothing of ca, xds, agent, injector, controlplane or demo",
 		[]string{"analyze"}, []string{"ca", "xds", "agent", "injector", "controlplane", "demo"}},
+	{"ui shows what the components hand it through its own interfaces: it imports nothing of controlplane, agent, injector, xds, admission, analyze or demo",
+		[]string{"ui"}, []string{"controlplane", "agent", "injector", "xds", "admission", "analyze", "demo"}},
+	{"internal/tracing is shared kit: it imports no component",
+		[]string{"internal/tracing"}, []string{"ca", "authz", "xds", "mesh", "agent", "injector", "controlplane", "admission", "analyze", "ui", "check", "demo"}},
 }
 
 // controlplaneImporters may import controlplane directly: the composition
