@@ -179,6 +179,10 @@ func (s *Service) Run(ctx context.Context) error {
 	return err
 }
 
+// DecisionLog is the decision log, or nil when it is off; the web UI reads
+// its recent denials.
+func (s *Service) DecisionLog() *decisionlog.Logger { return s.dlog }
+
 func btoi(b bool) int {
 	if b {
 		return 1

@@ -17,6 +17,7 @@ import (
 	"io"
 	"net/url"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -53,7 +54,13 @@ type Config struct {
 	// (and in the decision's error, which may quote a path) are replaced
 	// by Redacted; see PathRedactor.
 	RedactPaths []string
+	// RecentDenials bounds the ring of the last denials Recent returns,
+	// already redacted; zero means DefaultRecentDenials.
+	RecentDenials int
 }
+
+// DefaultRecentDenials is how many recent denials a Logger keeps for Recent.
+const DefaultRecentDenials = 200
 
 // Logger is a non-blocking decision log.
 type Logger struct {
@@ -65,6 +72,12 @@ type Logger struct {
 	paths   *PathRedactor
 	newID   func() string
 	dropped atomic.Uint64
+
+	// denials is a ring of the last denials as written, newest at
+	// denials[(next-1) % len]; filled by Run, never by Log.
+	dmu     sync.Mutex
+	denials []Entry
+	next    uint64
 }
 
 type item struct {
@@ -80,6 +93,9 @@ func New(cfg Config) (*Logger, error) {
 	}
 	if cfg.QueueSize < 0 {
 		return nil, errors.New("decisionlog: queue size must not be negative")
+	}
+	if cfg.RecentDenials < 0 {
+		return nil, errors.New("decisionlog: the number of recent denials kept must not be negative")
 	}
 	paths, err := NewPathRedactor(cfg.RedactPaths)
 	if err != nil {
@@ -100,6 +116,11 @@ func New(cfg Config) (*Logger, error) {
 		n = 8192
 	}
 	l.queue = make(chan item, n)
+	d := cfg.RecentDenials
+	if d == 0 {
+		d = DefaultRecentDenials
+	}
+	l.denials = make([]Entry, d)
 	return l, nil
 }
 
@@ -128,7 +149,11 @@ func (l *Logger) Dropped() uint64 { return l.dropped.Load() }
 func (l *Logger) Run(ctx context.Context) error {
 	bw := bufio.NewWriter(l.w)
 	write := func(it item) error {
-		b, err := json.Marshal(l.Entry(it.at, it.req, it.d))
+		e := l.Entry(it.at, it.req, it.d)
+		if !e.Allowed {
+			l.remember(e)
+		}
+		b, err := json.Marshal(e)
 		if err != nil {
 			return fmt.Errorf("decisionlog: %w", err)
 		}
@@ -165,6 +190,32 @@ func (l *Logger) Run(ctx context.Context) error {
 			}
 		}
 	}
+}
+
+// remember keeps a denial in the ring, dropping the oldest.
+func (l *Logger) remember(e Entry) {
+	l.dmu.Lock()
+	l.denials[l.next%uint64(len(l.denials))] = e
+	l.next++
+	l.dmu.Unlock()
+}
+
+// Recent returns up to limit of the last denials Run wrote, newest first,
+// redacted as the log line is. A limit of zero or less, or above the
+// ring's size, returns all it holds. Entries dropped from a full queue
+// never reach it (Dropped counts them).
+func (l *Logger) Recent(limit int) []Entry {
+	l.dmu.Lock()
+	defer l.dmu.Unlock()
+	n := min(l.next, uint64(len(l.denials)))
+	if limit > 0 && uint64(limit) < n {
+		n = uint64(limit)
+	}
+	out := make([]Entry, 0, n)
+	for i := uint64(1); i <= n; i++ {
+		out = append(out, l.denials[(l.next-i)%uint64(len(l.denials))])
+	}
+	return out
 }
 
 // Entry is one decision log line.
