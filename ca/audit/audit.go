@@ -123,7 +123,9 @@ type Finding struct {
 
 // Identity is one workload identity's rotation record.
 type Identity struct {
-	SPIFFEID      string    `json:"spiffe_id"`
+	SPIFFEID string `json:"spiffe_id"`
+	// Serial is the current (last issued) certificate's serial.
+	Serial        string    `json:"serial"`
 	LastIssued    time.Time `json:"last_issued"`
 	Expires       time.Time `json:"expires"`
 	Renewals      int       `json:"renewals"`
@@ -207,7 +209,7 @@ func Rotation(ctx context.Context, r Reader, ca []CACert, at time.Time, horizon 
 			}
 			iss := *v
 			st.last = &iss
-			st.id.LastIssued, st.id.Expires = v.Time, v.NotAfter
+			st.id.LastIssued, st.id.Expires, st.id.Serial = v.Time, v.NotAfter, v.Serial
 		case *journal.Revocation:
 			if st := ids[v.SPIFFEID]; st != nil && !v.Time.After(at) {
 				st.revoked = v.Time
@@ -265,4 +267,16 @@ func Rotation(ctx context.Context, r Reader, ca []CACert, at time.Time, horizon 
 		}
 	}
 	return rep, nil
+}
+
+// Rotations returns the CA rotation steps the journal records (prepare,
+// activate, retire of roots and intermediates), oldest first.
+func Rotations(ctx context.Context, r Reader) ([]journal.Rotation, error) {
+	var out []journal.Rotation
+	err := each(ctx, r, func(_ journal.Entry, rec any) {
+		if v, ok := rec.(*journal.Rotation); ok {
+			out = append(out, *v)
+		}
+	})
+	return out, err
 }

@@ -298,3 +298,40 @@ func TestParseLevel(t *testing.T) {
 		t.Error("ParseLevel accepted an unknown level")
 	}
 }
+
+// TestRotationReportNamesTheCurrentSerial: each identity carries the serial
+// of its last certificate, not of an earlier one, nor of one after at.
+func TestRotationReportNamesTheCurrentSerial(t *testing.T) {
+	ctx := context.Background()
+	s := openJournal(t)
+	issue(t, s, alice, at.Add(-50*time.Minute), time.Hour, journal.OriginKubernetes)
+	current := issue(t, s, alice, at.Add(-20*time.Minute), time.Hour, journal.OriginKubernetes)
+	issue(t, s, alice, at.Add(time.Minute), time.Hour, journal.OriginKubernetes)
+	rep, err := audit.Rotation(ctx, s, nil, at, time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(rep.Identities) != 1 || rep.Identities[0].Serial != current {
+		t.Fatalf("identities = %+v, want alice with serial %s", rep.Identities, current)
+	}
+}
+
+// TestRotations lists the journal's CA rotation steps, oldest first, and
+// nothing else.
+func TestRotations(t *testing.T) {
+	ctx := context.Background()
+	s := openJournal(t)
+	issue(t, s, alice, at, time.Hour, journal.OriginKubernetes)
+	for i, step := range []string{"prepare", "activate"} {
+		if err := s.RecordRotation(ctx, journal.Rotation{Time: at.Add(time.Duration(i) * time.Hour), Step: step, Role: "intermediate", Serial: "0a", Subject: "inter"}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	got, err := audit.Rotations(ctx, s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(got) != 2 || got[0].Step != "prepare" || got[1].Step != "activate" || got[1].Subject != "inter" {
+		t.Fatalf("Rotations = %+v", got)
+	}
+}
