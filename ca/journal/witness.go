@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net/http"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -33,6 +34,20 @@ type ExportWitness struct {
 	mu      sync.Mutex
 	pending []byte
 	wake    chan struct{}
+	status  WitnessStatus
+}
+
+// WitnessStatus is how the exports to the witness went.
+type WitnessStatus struct {
+	Target string
+	// LastExport is when the last checkpoint reached the witness, and
+	// LastSize its size; zero before the first.
+	LastExport time.Time
+	LastSize   uint64
+	// LastError is the last export's error, "" when it succeeded; ErrorAt
+	// is when it failed.
+	LastError string
+	ErrorAt   time.Time
 }
 
 // NewExportWitness returns a witness exporting to target, a file path or an
@@ -77,7 +92,28 @@ func (w *ExportWitness) Flush(ctx context.Context) error {
 	if signed == nil {
 		return nil
 	}
-	return w.export(ctx, signed)
+	err := w.export(ctx, signed)
+	w.mu.Lock()
+	if err != nil {
+		w.status.LastError, w.status.ErrorAt = err.Error(), time.Now()
+	} else {
+		w.status.LastError, w.status.ErrorAt, w.status.LastExport = "", time.Time{}, time.Now()
+		if _, rest, ok := bytes.Cut(signed, []byte("\n")); ok {
+			line, _, _ := bytes.Cut(rest, []byte("\n"))
+			w.status.LastSize, _ = strconv.ParseUint(string(line), 10, 64)
+		}
+	}
+	w.mu.Unlock()
+	return err
+}
+
+// Status reports how the exports went.
+func (w *ExportWitness) Status() WitnessStatus {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	st := w.status
+	st.Target = w.target
+	return st
 }
 
 func (w *ExportWitness) exportPending(ctx context.Context) {

@@ -1,0 +1,34 @@
+package journal_test
+
+import (
+	"context"
+	"path/filepath"
+	"testing"
+
+	"github.com/trustmesh/trustmesh/ca/journal"
+)
+
+// TestWitnessStatus: the witness reports the size of the last checkpoint it
+// exported, and the error of an export that failed, for the web UI.
+func TestWitnessStatus(t *testing.T) {
+	dir := t.TempDir()
+	w := journal.NewExportWitness(filepath.Join(dir, "witness"), nil)
+	if st := w.Status(); !st.LastExport.IsZero() || st.LastError != "" || st.Target != filepath.Join(dir, "witness") {
+		t.Fatalf("status before any export = %+v", st)
+	}
+	w.Offer([]byte("trustmesh.journal/td\n7\nroot\n\n— sig\n"))
+	if err := w.Flush(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if st := w.Status(); st.LastExport.IsZero() || st.LastSize != 7 || st.LastError != "" {
+		t.Fatalf("status after an export = %+v, want size 7 and no error", st)
+	}
+	bad := journal.NewExportWitness(filepath.Join(dir, "missing", "witness"), nil)
+	bad.Offer([]byte("trustmesh.journal/td\n8\nroot\n"))
+	if err := bad.Flush(context.Background()); err == nil {
+		t.Fatal("an export into a missing directory succeeded")
+	}
+	if st := bad.Status(); st.LastError == "" || st.ErrorAt.IsZero() || !st.LastExport.IsZero() {
+		t.Fatalf("status after a failed export = %+v", st)
+	}
+}
