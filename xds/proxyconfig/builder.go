@@ -69,6 +69,9 @@ type Config struct {
 	// proxies in front of them (load balancers) append to
 	// X-Forwarded-For, as Istio's gatewayTopology.numTrustedProxies.
 	GatewayTrustedHops uint32
+	// Tracing gives Envoys' HTTP connection managers an OpenTelemetry
+	// tracer; the zero value gives none.
+	Tracing Tracing
 }
 
 // ErrConfig marks an invalid Config.
@@ -100,6 +103,9 @@ func (c Config) WithDefaults() (Config, error) {
 	}
 	if c.AuthzID.IsZero() || c.AuthzID.TrustDomain() != c.TrustDomain {
 		errs = append(errs, fmt.Errorf("%w: the authz service's SPIFFE ID %q must be in the trust domain", ErrConfig, c.AuthzID))
+	}
+	if err := c.Tracing.check(); err != nil {
+		errs = append(errs, err)
 	}
 	return c, errors.Join(errs...)
 }
@@ -152,6 +158,8 @@ type Builder struct {
 	sidecar     *Resources
 	grpcOnce    sync.Once
 	grpc        *Resources
+	tracerOnce  sync.Once
+	tracer      *tracer
 }
 
 // NewBuilder returns a Builder. cfg must have passed WithDefaults.
@@ -324,6 +332,7 @@ func (b *Builder) sidecarShared() *Resources {
 			Name:                 BlackHoleCluster,
 			ClusterDiscoveryType: &clusterv3.Cluster_Type{Type: clusterv3.Cluster_STATIC},
 		})
+		b.addTracing(r)
 
 		type portServices struct {
 			http bool
@@ -398,7 +407,7 @@ func (b *Builder) sidecarShared() *Resources {
 			if ps.http {
 				l.FilterChains = append(l.FilterChains, &listenerv3.FilterChain{
 					Name:    fmt.Sprintf("outbound_http_%d", port),
-					Filters: []*listenerv3.Filter{b.hcm(sidecarOutboundHCM, fmt.Sprintf("outbound_0.0.0.0_%d", port), []*hcmv3.HttpFilter{routerFilter()}, fmt.Sprint(port), nil)},
+					Filters: []*listenerv3.Filter{b.hcm(sidecarOutboundHCM, fmt.Sprintf("outbound_0.0.0.0_%d", port), []*hcmv3.HttpFilter{routerFilter()}, fmt.Sprint(port), nil, "")},
 				})
 				r.Routes = append(r.Routes, routes[port])
 				defaultTaken = true
@@ -483,7 +492,7 @@ func (b *Builder) buildSidecar(w *mesh.Workload) *Resources {
 			fc.Filters = []*listenerv3.Filter{b.hcm(sidecarInboundHCM, fmt.Sprintf("inbound_%d", sp.target), []*hcmv3.HttpFilter{httpAuthzFilter(), routerFilter()}, "",
 				&routev3.RouteConfiguration{Name: cluster, VirtualHosts: []*routev3.VirtualHost{{
 					Name: fmt.Sprintf("inbound|http|%d", sp.target), Domains: []string{"*"}, Routes: []*routev3.Route{routeTo(cluster)},
-				}}})}
+				}}}, canonicalService(w))}
 		} else {
 			fc.TransportSocket = b.meshServerTLS()
 			fc.Filters = []*listenerv3.Filter{networkAuthzFilter(), tcpProxy(fmt.Sprintf("inbound_%d", sp.target), cluster)}

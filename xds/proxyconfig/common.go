@@ -275,7 +275,10 @@ const (
 // is a gateway identity (authz/engine RemoteIP), so a copy that any other
 // peer sends counts for nothing, and a DENY on remoteIpBlocks at a
 // workload still sees the client behind the gateway, as in Istio.
-func (b *Builder) hcm(kind hcmKind, statPrefix string, filters []*hcmv3.HttpFilter, rds string, inline *routev3.RouteConfiguration) *listenerv3.Filter {
+//
+// With Config.Tracing it has an OpenTelemetry tracer, whose spans name
+// service ("" for the outbound side every sidecar shares).
+func (b *Builder) hcm(kind hcmKind, statPrefix string, filters []*hcmv3.HttpFilter, rds string, inline *routev3.RouteConfiguration, service string) *listenerv3.Filter {
 	m := &hcmv3.HttpConnectionManager{
 		StatPrefix:                   statPrefix,
 		CodecType:                    hcmv3.HttpConnectionManager_AUTO,
@@ -289,6 +292,7 @@ func (b *Builder) hcm(kind hcmKind, statPrefix string, filters []*hcmv3.HttpFilt
 		ForwardClientCertDetails:    hcmv3.HttpConnectionManager_SANITIZE_SET,
 		SetCurrentClientCertDetails: &hcmv3.HttpConnectionManager_SetCurrentClientCertDetails{Uri: true},
 		UseRemoteAddress:            wrapperspb.Bool(kind == gatewayHCM),
+		Tracing:                     b.httpTracing(service),
 	}
 	if kind == gatewayHCM {
 		m.XffNumTrustedHops = b.cfg.GatewayTrustedHops

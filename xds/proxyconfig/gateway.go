@@ -29,6 +29,7 @@ func (b *Builder) buildGateway(n *Node, w *mesh.Workload) *Resources {
 	r := &Resources{}
 	b.meshClusters(r)
 	r.Clusters = append(r.Clusters, b.authzCluster())
+	b.addTracing(r)
 	selected := false
 	for _, g := range b.mesh.Gateways {
 		if !g.Selects(w.Namespace, w.Labels) {
@@ -37,7 +38,7 @@ func (b *Builder) buildGateway(n *Node, w *mesh.Workload) *Resources {
 		selected = true
 		switch g.Kind {
 		case mesh.Ingress:
-			b.ingress(r, g, n)
+			b.ingress(r, g, n, w)
 		case mesh.Egress:
 			b.egress(r, g, w)
 		}
@@ -51,7 +52,7 @@ func (b *Builder) buildGateway(n *Node, w *mesh.Workload) *Resources {
 // ingress adds external TLS listeners whose certificates are served over
 // ADS, from Secrets in the gateway's own namespace only, routing into the
 // mesh over mTLS.
-func (b *Builder) ingress(r *Resources, g *mesh.Gateway, n *Node) {
+func (b *Builder) ingress(r *Resources, g *mesh.Gateway, n *Node, w *mesh.Workload) {
 	byPort := map[uint32]*listenerv3.Listener{}
 	var order []uint32
 	sniSeen := map[uint32]map[string]bool{}
@@ -134,7 +135,7 @@ func (b *Builder) ingress(r *Resources, g *mesh.Gateway, n *Node) {
 					AlpnProtocols:                  []string{"h2", "http/1.1"},
 				},
 			})}},
-			Filters: []*listenerv3.Filter{b.hcm(gatewayHCM, rc.Name, []*hcmv3.HttpFilter{httpAuthzFilter(), routerFilter()}, rc.Name, nil)},
+			Filters: []*listenerv3.Filter{b.hcm(gatewayHCM, rc.Name, []*hcmv3.HttpFilter{httpAuthzFilter(), routerFilter()}, rc.Name, nil, canonicalService(w))},
 		})
 	}
 	for _, p := range order {
@@ -206,7 +207,7 @@ func (b *Builder) egress(r *Resources, g *mesh.Gateway, w *mesh.Workload) {
 		FilterChains: []*listenerv3.FilterChain{{
 			Name:            name,
 			TransportSocket: b.meshServerTLS("h2", "http/1.1"),
-			Filters:         []*listenerv3.Filter{b.hcm(gatewayHCM, name, []*hcmv3.HttpFilter{httpAuthzFilter(), routerFilter()}, name, nil)},
+			Filters:         []*listenerv3.Filter{b.hcm(gatewayHCM, name, []*hcmv3.HttpFilter{httpAuthzFilter(), routerFilter()}, name, nil, canonicalService(w))},
 		}},
 	})
 }
