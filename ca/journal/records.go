@@ -276,6 +276,23 @@ func (s *Store) Checkpoints(ctx context.Context) ([]StoredCheckpoint, error) {
 	return out, rows.Err()
 }
 
+// LatestCheckpoint returns the stored checkpoint of the largest size, or
+// ErrNotFound when none is stored. Its note is as stored: open it with
+// ParseCheckpoint to trust it.
+func (s *Store) LatestCheckpoint(ctx context.Context) (StoredCheckpoint, error) {
+	var c StoredCheckpoint
+	var size, t int64
+	err := s.db.QueryRowContext(ctx, `SELECT size, note, time_ns FROM checkpoints ORDER BY size DESC LIMIT 1`).Scan(&size, &c.Note, &t)
+	if errors.Is(err, sql.ErrNoRows) {
+		return StoredCheckpoint{}, ErrNotFound
+	}
+	if err != nil {
+		return StoredCheckpoint{}, fmt.Errorf("journal: latest checkpoint: %w", err)
+	}
+	c.Size, c.Time = uint64(size), fromNanos(t)
+	return c, nil
+}
+
 // Meta returns a metadata value, or ErrNotFound.
 func (s *Store) Meta(ctx context.Context, key string) (string, error) {
 	var v string

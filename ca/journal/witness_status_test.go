@@ -2,6 +2,8 @@ package journal_test
 
 import (
 	"context"
+	"errors"
+	"fmt"
 	"path/filepath"
 	"testing"
 
@@ -31,4 +33,29 @@ func TestWitnessStatus(t *testing.T) {
 	if st := bad.Status(); st.LastError == "" || st.ErrorAt.IsZero() || !st.LastExport.IsZero() {
 		t.Fatalf("status after a failed export = %+v", st)
 	}
+}
+
+// TestLatestCheckpoint returns the checkpoint of the largest size, the
+// last of Checkpoints.
+func TestLatestCheckpoint(t *testing.T) {
+	eachBackend(t, func(t *testing.T, b backend) {
+		s := b.open(t)
+		ctx := context.Background()
+		if _, err := s.LatestCheckpoint(ctx); !errors.Is(err, journal.ErrNotFound) {
+			t.Fatalf("an empty journal's latest checkpoint: %v, want ErrNotFound", err)
+		}
+		for i := range 3 {
+			if err := s.RecordRotation(ctx, journal.Rotation{Step: "prepare", Role: "root", Serial: fmt.Sprint(i)}); err != nil {
+				t.Fatal(err)
+			}
+		}
+		all, err := s.Checkpoints(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		got, err := s.LatestCheckpoint(ctx)
+		if err != nil || len(all) == 0 || got.Size != 3 || string(got.Note) != string(all[len(all)-1].Note) {
+			t.Fatalf("LatestCheckpoint = %+v, %v; want size 3, the last of %d", got, err, len(all))
+		}
+	})
 }
