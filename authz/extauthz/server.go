@@ -16,6 +16,7 @@ import (
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	authv3 "github.com/envoyproxy/go-control-plane/envoy/service/auth/v3"
 	typev3 "github.com/envoyproxy/go-control-plane/envoy/type/v3"
+	"go.opentelemetry.io/otel/trace"
 	"google.golang.org/genproto/googleapis/rpc/status"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
@@ -69,6 +70,10 @@ type Config struct {
 	// setup, idle connections and client pings; zero values take
 	// connlimit's defaults.
 	Connections connlimit.Config
+	// TracerProvider, when set, traces each Check (an ext_authz.Check
+	// span, child of the caller's W3C trace context). Nil turns tracing
+	// off: Check then starts no span and allocates nothing for it.
+	TracerProvider trace.TracerProvider
 }
 
 // Validate checks cfg, collecting every error.
@@ -99,6 +104,8 @@ func isUnix(addr string) bool { return strings.HasPrefix(addr, "unix:") }
 type Server struct {
 	authv3.UnimplementedAuthorizationServer
 	cfg Config
+	// tracer is nil when tracing is off.
+	tracer trace.Tracer
 }
 
 var _ authv3.AuthorizationServer = (*Server)(nil)
@@ -111,7 +118,11 @@ func New(cfg Config) (*Server, error) {
 	if cfg.StopTimeout <= 0 {
 		cfg.StopTimeout = 5 * time.Second
 	}
-	return &Server{cfg: cfg}, nil
+	s := &Server{cfg: cfg}
+	if cfg.TracerProvider != nil {
+		s.tracer = cfg.TracerProvider.Tracer(TracerName)
+	}
+	return s, nil
 }
 
 // Run listens on the configured address and serves until ctx ends. A
@@ -173,6 +184,16 @@ func (s *Server) Serve(ctx context.Context, lis net.Listener) error {
 // Check implements envoy.service.auth.v3.Authorization/Check. It is the one
 // place decisions and errors become ext_authz responses.
 func (s *Server) Check(ctx context.Context, req *authv3.CheckRequest) (*authv3.CheckResponse, error) {
+	if s.tracer != nil {
+		return s.tracedCheck(ctx, req)
+	}
+	resp, _, _ := s.check(ctx, req)
+	return resp, nil
+}
+
+// check decides req; it returns the response, the decision it is made of
+// and the engine's error, if evaluation failed.
+func (s *Server) check(ctx context.Context, req *authv3.CheckRequest) (*authv3.CheckResponse, *engine.Decision, error) {
 	start := time.Now()
 	d, err := s.cfg.Engine.Check(ctx, req)
 	defer func() { s.cfg.Metrics.observe(d.Allowed, err != nil, time.Since(start)) }()
@@ -186,7 +207,7 @@ func (s *Server) Check(ctx context.Context, req *authv3.CheckRequest) (*authv3.C
 	if s.cfg.Log != nil {
 		s.cfg.Log.Log(req, d)
 	}
-	return Response(d), nil
+	return Response(d), d, err
 }
 
 // Response turns a decision into a CheckResponse.
