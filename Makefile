@@ -28,10 +28,14 @@ envtest:
 # Then the PKCS#11 back end (-tags pkcs11, cgo) against a SoftHSM token that
 # hack/softhsm.sh creates (installing Debian's softhsm2 when it is missing).
 # First, the committed generated files must be current (about 6 s warm).
+# The browser tests (test/browser) drive Debian's chromium, installed when
+# missing, and inject axe-core, which npm ci installs from its lock file
+# through npm's cache; under make test they fail, never skip, without them.
 test: envtest generate-check
-	@hack/debian-tools.sh openssl
+	@hack/debian-tools.sh openssl chromium npm
+	@cd test/browser && npm ci --prefer-offline --no-audit --no-fund --loglevel=error >/dev/null
 	@dsn=$$(hack/postgres.sh start) && trap 'hack/postgres.sh stop' EXIT && \
-	KUBEBUILDER_ASSETS="$$(hack/envtest-assets.sh)" TRUSTMESH_TEST_POSTGRES_DSN="$$dsn" \
+	KUBEBUILDER_ASSETS="$$(hack/envtest-assets.sh)" TRUSTMESH_TEST_POSTGRES_DSN="$$dsn" TRUSTMESH_BROWSER_TESTS=1 \
 	$(GO) test -race -count=1 -timeout 20m ./...
 	GO="$(GO)" hack/go-test-named.sh 'TestProofsHoldInTheEngine TestCorpusAgrees TestCaseFilesAgree' ./authz/symbolic ./admission
 	@env=$$(hack/softhsm.sh start) && eval "$$env" && trap 'hack/softhsm.sh stop "$$TRUSTMESH_SOFTHSM_DIR"' EXIT && \
