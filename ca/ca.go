@@ -23,10 +23,13 @@ import (
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/codes"
 	"k8s.io/utils/clock"
 
 	"github.com/trustmesh/trustmesh/ca/authority"
 	"github.com/trustmesh/trustmesh/ca/journal"
+	"github.com/trustmesh/trustmesh/internal/tracing"
 )
 
 // Default workload certificate lifetimes.
@@ -229,33 +232,9 @@ func (c *CA) issue(ctx context.Context, caller Caller, tmpl *x509.Certificate, p
 	if err := c.cfg.Recorder.Integrity(); err != nil {
 		return nil, refuseErr(ReasonJournalTampered, KindUnavailable, err)
 	}
-	m := c.cfg.Authority.Current()
-	now := c.cfg.Clock.Now()
-	serial, err := newSerial()
+	leaf, m, now, err := c.sign(ctx, caller.ID, tmpl, pub, ttl)
 	if err != nil {
-		return nil, refuseErr(ReasonSignFailed, KindInternal, err)
-	}
-	notAfter := now.Add(ttl)
-	if notAfter.After(m.Cert.NotAfter) {
-		// Never outlive the issuer; rotation keeps this from biting.
-		notAfter = m.Cert.NotAfter
-	}
-	tmpl.SerialNumber = serial
-	tmpl.NotBefore = now.Add(-c.cfg.Backdate)
-	tmpl.NotAfter = notAfter
-	tmpl.ExtKeyUsage = []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth}
-	tmpl.BasicConstraintsValid = true
-	tmpl.IsCA = false
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, m.Cert, pub, m.Signer)
-	if err != nil {
-		return nil, refuseErr(ReasonSignFailed, KindInternal, fmt.Errorf("sign: %w", err))
-	}
-	leaf, err := x509.ParseCertificate(der)
-	if err != nil {
-		return nil, refuseErr(ReasonSignFailed, KindInternal, fmt.Errorf("parse minted certificate: %w", err))
-	}
-	if err := c.selfCheck(leaf, m, caller.ID, now, notAfter); err != nil {
-		return nil, refuseErr(ReasonSelfCheckFailed, KindInternal, err)
+		return nil, err
 	}
 	spki := sha256.Sum256(leaf.RawSubjectPublicKeyInfo)
 	sum := sha256.Sum256(leaf.Raw)
@@ -281,6 +260,59 @@ func (c *CA) issue(ctx context.Context, caller Caller, tmpl *x509.Certificate, p
 		return nil, refuseErr(ReasonRecordFailed, KindInternal, err)
 	}
 	return &Issued{Leaf: leaf, Chain: m.Chain, Anchor: m.Anchor, Seq: seq}, nil
+}
+
+// Tracing: the ca.sign span, a child of the certificate service's ca.Issue
+// span when that one is recording.
+const (
+	tracerName   = "trustmesh/ca"
+	SpanSign     = "ca.sign"
+	AttrSPIFFEID = "ca.spiffe_id"
+)
+
+// sign mints a certificate for id under the authority in force and
+// verifies it (selfCheck); nothing is recorded yet.
+func (c *CA) sign(ctx context.Context, id spiffeid.ID, tmpl *x509.Certificate, pub crypto.PublicKey, ttl time.Duration) (
+	_ *x509.Certificate, _ *authority.Material, now time.Time, err error) {
+	_, span := tracing.Child(ctx, tracerName, SpanSign)
+	if span.IsRecording() {
+		span.SetAttributes(attribute.String(AttrSPIFFEID, id.String()))
+	}
+	defer func() {
+		if err != nil {
+			span.SetStatus(codes.Error, "not signed")
+		}
+		span.End()
+	}()
+	m := c.cfg.Authority.Current()
+	now = c.cfg.Clock.Now()
+	serial, err := newSerial()
+	if err != nil {
+		return nil, nil, now, refuseErr(ReasonSignFailed, KindInternal, err)
+	}
+	notAfter := now.Add(ttl)
+	if notAfter.After(m.Cert.NotAfter) {
+		// Never outlive the issuer; rotation keeps this from biting.
+		notAfter = m.Cert.NotAfter
+	}
+	tmpl.SerialNumber = serial
+	tmpl.NotBefore = now.Add(-c.cfg.Backdate)
+	tmpl.NotAfter = notAfter
+	tmpl.ExtKeyUsage = []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth}
+	tmpl.BasicConstraintsValid = true
+	tmpl.IsCA = false
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, m.Cert, pub, m.Signer)
+	if err != nil {
+		return nil, nil, now, refuseErr(ReasonSignFailed, KindInternal, fmt.Errorf("sign: %w", err))
+	}
+	leaf, err := x509.ParseCertificate(der)
+	if err != nil {
+		return nil, nil, now, refuseErr(ReasonSignFailed, KindInternal, fmt.Errorf("parse minted certificate: %w", err))
+	}
+	if err := c.selfCheck(leaf, m, id, now, notAfter); err != nil {
+		return nil, nil, now, refuseErr(ReasonSelfCheckFailed, KindInternal, err)
+	}
+	return leaf, m, now, nil
 }
 
 // selfCheck verifies a freshly minted certificate as a relying party would:

@@ -9,6 +9,11 @@ import (
 
 	"github.com/transparency-dev/merkle/compact"
 	"github.com/transparency-dev/merkle/rfc6962"
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/codes"
+	"go.opentelemetry.io/otel/trace"
+
+	"github.com/trustmesh/trustmesh/internal/tracing"
 )
 
 // pending is one entry an op appends.
@@ -29,7 +34,25 @@ type op struct {
 	// first is the index of the op's first entry, set on success.
 	first uint64
 	done  chan error
+	// queued is when the op was queued; batch and waited, set by the
+	// committer before done, are the size of the batch that committed it
+	// and how long it waited in the queue before that batch began.
+	queued time.Time
+	batch  int
+	waited time.Duration
 }
+
+// noSpan records nothing; ending it does nothing.
+var noSpan = trace.SpanFromContext(context.Background())
+
+// Tracing: the span of an op's wait and commit, a child of the caller's
+// span (ca.Issue) when that one is recording.
+const (
+	tracerName     = "trustmesh/ca"
+	SpanCommit     = "ca.journal.commit"
+	AttrBatchSize  = "journal.batch_size"
+	AttrWaitMillis = "journal.wait_ms"
+)
 
 // submit queues an op and waits until it is durable or has failed. An op
 // with neither entries nor a precondition only catches up with what others
@@ -41,13 +64,28 @@ func (s *Store) submit(ctx context.Context, o *op) error {
 	if err := s.Integrity(); err != nil {
 		return err
 	}
+	span := noSpan
+	if o.pre != nil || len(o.entries) > 0 {
+		// An append, not a catch-up read.
+		ctx, span = tracing.Child(ctx, tracerName, SpanCommit)
+	}
+	defer span.End()
 	o.done = make(chan error, 1)
 	if err := s.enqueue(ctx, o); err != nil {
+		span.SetStatus(codes.Error, "not queued")
 		return err
 	}
 	// Once queued, wait for the outcome even if ctx ends: the caller must
 	// know whether its entry is durable.
-	return <-o.done
+	err := <-o.done
+	if span.IsRecording() {
+		span.SetAttributes(attribute.Int(AttrBatchSize, o.batch),
+			attribute.Float64(AttrWaitMillis, float64(o.waited)/float64(time.Millisecond)))
+		if err != nil {
+			span.SetStatus(codes.Error, "not committed")
+		}
+	}
+	return err
 }
 
 // enqueue queues o unless the store is closed. The read lock keeps Close
@@ -61,6 +99,7 @@ func (s *Store) enqueue(ctx context.Context, o *op) error {
 		return ErrClosed
 	default:
 	}
+	o.queued = s.cfg.Clock.Now()
 	select {
 	case s.ops <- o:
 		return nil
@@ -175,6 +214,10 @@ func (s *Store) drain() {
 const commitTimeout = 30 * time.Second
 
 func (s *Store) commit(batch []*op) {
+	began := s.cfg.Clock.Now()
+	for _, o := range batch {
+		o.batch, o.waited = len(batch), began.Sub(o.queued)
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), commitTimeout)
 	defer cancel()
 	errs, note, err := s.commitBatch(ctx, batch)

@@ -10,6 +10,8 @@ import (
 	"log/slog"
 	"time"
 
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/trace"
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
@@ -47,12 +49,19 @@ type CertificateServiceConfig struct {
 	Metrics       *Metrics
 	Clock         clock.PassiveClock
 	Log           *slog.Logger
+	// TracerProvider, when set, traces each CreateCertificate: a ca.Issue
+	// span, child of the caller's W3C context in the call's metadata, with
+	// ca.authenticate, ca.sign and ca.journal.commit inside it. Nil turns
+	// tracing off.
+	TracerProvider trace.TracerProvider
 }
 
 // CertificateService implements istio.v1.auth.IstioCertificateService.
 type CertificateService struct {
 	pb.UnimplementedIstioCertificateServiceServer
 	cfg CertificateServiceConfig
+	// tracer is nil when tracing is off.
+	tracer trace.Tracer
 }
 
 // NewCertificateService returns the service.
@@ -63,7 +72,11 @@ func NewCertificateService(cfg CertificateServiceConfig) *CertificateService {
 	if cfg.Log == nil {
 		cfg.Log = slog.Default()
 	}
-	return &CertificateService{cfg: cfg}
+	s := &CertificateService{cfg: cfg}
+	if cfg.TracerProvider != nil {
+		s.tracer = cfg.TracerProvider.Tracer(TracerName)
+	}
+	return s
 }
 
 // Messages for refusals. Authentication failures all get the same one, so a
@@ -81,10 +94,12 @@ const impersonationKey = "ImpersonatedIdentity"
 
 // CreateCertificate authenticates the caller, then issues a certificate for
 // the caller's own identity.
-func (s *CertificateService) CreateCertificate(ctx context.Context, req *pb.IstioCertificateRequest) (*pb.IstioCertificateResponse, error) {
+func (s *CertificateService) CreateCertificate(ctx context.Context, req *pb.IstioCertificateRequest) (_ *pb.IstioCertificateResponse, err error) {
 	start := s.cfg.Clock.Now()
+	ctx, span := s.startIssue(ctx)
+	defer func() { endIssue(span, err) }()
 	creds := credentialsFrom(ctx)
-	caller, err := s.cfg.Authenticator.Authenticate(ctx, creds)
+	caller, err := s.authenticate(ctx, creds)
 	if err == nil && req.GetMetadata().GetFields()[impersonationKey] != nil {
 		err = ca.Refuse(ca.KindDenied, ca.ReasonImpersonation, errors.New("impersonation of another identity is not supported"))
 	}
@@ -93,9 +108,12 @@ func (s *CertificateService) CreateCertificate(ctx context.Context, req *pb.Isti
 		issued, err = s.cfg.Issuer.Issue(ctx, caller, []byte(req.GetCsr()), time.Duration(req.GetValidityDuration())*time.Second)
 	}
 	if err != nil {
-		return nil, s.refusal(start, creds, caller, err)
+		return nil, s.refusal(span, start, creds, caller, err)
 	}
 	s.cfg.Metrics.issue(caller.Method, s.cfg.Clock.Since(start))
+	if span.IsRecording() {
+		span.SetAttributes(attribute.String(ca.AttrSPIFFEID, caller.ID.String()), attribute.String(AttrSerial, ca.SerialHex(issued.Leaf)))
+	}
 	s.cfg.Log.Info("issued certificate", "spiffe_id", caller.ID.String(), "method", caller.Method,
 		"caller", caller.Subject, "serial", ca.SerialHex(issued.Leaf), "not_after", issued.Leaf.NotAfter)
 	return &pb.IstioCertificateResponse{CertChain: issued.PEMChain()}, nil
@@ -103,10 +121,13 @@ func (s *CertificateService) CreateCertificate(ctx context.Context, req *pb.Isti
 
 // refusal logs, counts and records a refusal and returns its gRPC status.
 // This is the one place CA errors become gRPC codes.
-func (s *CertificateService) refusal(start time.Time, creds authn.Credentials, caller ca.Caller, err error) error {
+func (s *CertificateService) refusal(span trace.Span, start time.Time, creds authn.Credentials, caller ca.Caller, err error) error {
 	r, ok := ca.AsRefusal(err)
 	if !ok {
 		r = ca.Refuse(ca.KindInternal, "internal", err)
+	}
+	if span.IsRecording() {
+		span.SetAttributes(attribute.String(AttrRefusal, r.Reason))
 	}
 	var code codes.Code
 	var msg string

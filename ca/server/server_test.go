@@ -26,6 +26,8 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/spiffetls/tlsconfig"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+	sdktrace "go.opentelemetry.io/otel/sdk/trace"
+	"go.opentelemetry.io/otel/sdk/trace/tracetest"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/metadata"
@@ -69,6 +71,9 @@ type fixture struct {
 	serving  *server.ServingCert
 	addr     string
 	done     chan struct{}
+	// spans records what the certificate service traces: the fixture
+	// serves with tracing on.
+	spans *tracetest.SpanRecorder
 }
 
 func newFixture(t *testing.T) *fixture {
@@ -81,7 +86,8 @@ func newFixture(t *testing.T) *fixture {
 	if err != nil {
 		t.Fatal(err)
 	}
-	f := &fixture{clock: clocktesting.NewFakeClock(now), auth: authority.New(td, m), reg: prometheus.NewRegistry(), done: make(chan struct{})}
+	f := &fixture{clock: clocktesting.NewFakeClock(now), auth: authority.New(td, m), reg: prometheus.NewRegistry(), done: make(chan struct{}),
+		spans: tracetest.NewSpanRecorder()}
 	f.store = openJournal(t)
 	if f.ca, err = ca.New(ca.Config{TrustDomain: td, Authority: f.auth, Recorder: f.store, Clock: f.clock, Reserved: []spiffeid.ID{cpID}}); err != nil {
 		t.Fatal(err)
@@ -103,6 +109,7 @@ func newFixture(t *testing.T) *fixture {
 	srv := grpc.NewServer(grpc.Creds(credentials.NewTLS(f.serving.TLSConfig())))
 	pb.RegisterIstioCertificateServiceServer(srv, server.NewCertificateService(server.CertificateServiceConfig{
 		Issuer: f.ca, Authenticator: authenticator, Refusals: f.refusals, Metrics: metrics, Clock: f.clock, Log: quiet,
+		TracerProvider: sdktrace.NewTracerProvider(sdktrace.WithSpanProcessor(f.spans)),
 	}))
 	cav1.RegisterTrustBundleServiceServer(srv, &server.BundleService{Bundles: f.auth, Done: f.done})
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
