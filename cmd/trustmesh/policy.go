@@ -8,6 +8,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/trustmesh/trustmesh/authz/access"
 	"github.com/trustmesh/trustmesh/authz/decisionlog"
 	"github.com/trustmesh/trustmesh/authz/engine"
 	"github.com/trustmesh/trustmesh/authz/inspect"
@@ -42,7 +43,7 @@ func (f *bundleFlags) configs(policyDir string) ([]source.BundleConfig, error) {
 func newPolicyCmd() *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "policy",
-		Short: "Check, explain and compile AuthorizationPolicies offline",
+		Short: "Check, explain and compile AuthorizationPolicies offline, and show who may call whom",
 	}
 	var (
 		dir         string
@@ -152,11 +153,53 @@ log: paths by --log-redact-path, header values unless in
 			return exit(inspect.Compile(cmd.Context(), cfg, cmd.OutOrStdout()))
 		},
 	}
-	for _, c := range []*cobra.Command{check, explain, compile} {
+	var (
+		meshDir, whoTo, whoFrom, trustDomain string
+		whoOutput                            outputFormat
+	)
+	whoCan := &cobra.Command{
+		Use:   "who-can --policies DIR --mesh DIR (--to SERVICE[:PORT] | --from SERVICE)",
+		Short: "Show who may call a service (and port), or whom a caller may call: allowed, denied, or conditional on the request, with the deciding policy",
+		Long: `Show who may call a service (--to namespace/name, optionally :PORT, a port
+number or name), or whom a caller may call (--from namespace/name), from the
+AuthorizationPolicies over the mesh model: the computation of the UI's access
+view. Each caller (a service, or the workloads of one service account that
+serve no service) and port is allowed (every request), denied (every
+request), or conditional: on the request (path, method, header, host, ...),
+on an external authorizer (CUSTOM), or because the caller's identities or the
+service's workloads are treated differently. The conditions are listed in
+words with the rules that decide. The policies and the mesh are read and
+refused as serve reads them.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			cfg, err := config()
+			if err != nil {
+				return err
+			}
+			m, err := access.Load(cmd.Context(), access.LoadConfig{PolicyDir: dir, Bundles: cfg.Bundles, MeshDir: meshDir,
+				RootNamespace: root, TrustDomain: trustDomain})
+			if err != nil {
+				return &exitError{code: 2, err: err}
+			}
+			a, err := m.WhoCan(whoTo, whoFrom)
+			if err != nil {
+				return &exitError{code: 2, err: err}
+			}
+			return whoOutput.print(cmd.OutOrStdout(), a, func(w io.Writer) error { return access.WriteAnswer(w, a) })
+		},
+	}
+	whoCan.Flags().StringVar(&meshDir, "mesh", "", "directory of mesh model YAML files, as serve --mesh reads it")
+	whoCan.Flags().StringVar(&whoTo, "to", "", "the service called, namespace/name[:PORT]")
+	whoCan.Flags().StringVar(&whoFrom, "from", "", "the caller, namespace/name")
+	whoCan.Flags().StringVar(&trustDomain, "trust-domain", access.DefaultTrustDomain, "SPIFFE trust domain the mesh's identities belong to")
+	whoCan.MarkFlagsOneRequired("to", "from")
+	whoCan.MarkFlagsMutuallyExclusive("to", "from")
+	addOutputFlag(whoCan, &whoOutput)
+	for _, c := range []*cobra.Command{check, explain, compile, whoCan} {
 		c.Flags().StringVar(&dir, "policies", "", "directory of AuthorizationPolicy YAML files")
 		c.Flags().StringVar(&root, "root-namespace", engine.DefaultRootNamespace, "namespace whose policies apply mesh-wide")
 		bundles.register(c)
 	}
-	cmd.AddCommand(check, explain, compile)
+	cmd.AddCommand(check, explain, compile, whoCan)
 	return cmd
 }
