@@ -462,7 +462,7 @@ function drawTimeline(gens, events, expiries, active) {
   const pad = (t1 - t0) * 0.03;
   t0 -= pad; t1 += pad;
 
-  const W = 960, labelW = 200, right = 24, top = 34, rowH = 34;
+  const W = 960, labelW = 200, right = 24, top = 46, rowH = 34;
   const rows = gens.length;
   const eventsY = top + rows * rowH + 10;
   const H = eventsY + 46;
@@ -477,7 +477,7 @@ function drawTimeline(gens, events, expiries, active) {
   for (const tk of niceTicks(t0, t1)) {
     const tx = x(tk.t);
     g.append(svg("line", { class: "tl-grid", x1: tx, x2: tx, y1: top - 6, y2: H - 4 }));
-    g.append(svg("text", { class: "tl-tick", x: tx, y: top - 14, "text-anchor": "middle" }, tk.label));
+    g.append(svg("text", { class: "tl-tick", x: tx, y: top - 12, "text-anchor": "middle" }, tk.label));
   }
   // Bars.
   gens.forEach((gen, i) => {
@@ -511,6 +511,7 @@ function drawTimeline(gens, events, expiries, active) {
   // Rotation events and next expiries.
   g.append(svg("text", { class: "tl-label", x: 8, y: eventsY + 14 }, svg("tspan", { class: "tl-role" }, "Rotations")));
   g.append(svg("text", { class: "tl-label", x: 8, y: eventsY + 34 }, svg("tspan", { class: "tl-role" }, "Next expiries")));
+  if (!events.length) g.append(svg("text", { class: "tl-none", x: labelW + 10, y: eventsY + 14 }, "none yet"));
   for (const e of events) {
     const t = parseTime(e.time)?.getTime();
     if (t === undefined || t < t0 || t > t1) continue;
@@ -528,7 +529,7 @@ function drawTimeline(gens, events, expiries, active) {
   // Now marker last, on top.
   if (now >= t0 && now <= t1) {
     const nx = x(now);
-    g.append(svg("line", { class: "tl-now", x1: nx, x2: nx, y1: top - 8, y2: H - 2 }));
+    g.append(svg("line", { class: "tl-now", x1: nx, x2: nx, y1: 18, y2: H - 2 }));
     g.append(svg("rect", { class: "tl-now-tag", x: nx - 18, y: 2, width: 36, height: 16, rx: 3 }));
     g.append(svg("text", { class: "tl-now-label", x: nx, y: 14, "text-anchor": "middle" }, "now"));
   }
@@ -658,9 +659,12 @@ function drawGraph(services, cells) {
   const edges = svg("g", { class: "edges" });
   const nodeR = 20;
   for (const p of ps) {
-    if (p.from === p.to) continue;
     const a = pos.get(p.from), b = pos.get(p.to);
     if (!a || !b) continue;
+    if (p.from === p.to) {
+      edges.append(selfLoop(p, a, nodeR));
+      continue;
+    }
     const dx = b.x - a.x, dy = b.y - a.y;
     const len = Math.hypot(dx, dy) || 1;
     // Bend to the right of the direction of travel, so A->B and B->A separate.
@@ -690,17 +694,12 @@ function drawGraph(services, cells) {
 
   const nodes = svg("g", { class: "nodes" });
   for (const { x, y, a, s } of pos.values()) {
-    const selfPair = ps.find((p) => p.from === s.id && p.to === s.id);
     const ng = svg("g", { class: "node" + (s.kind === "workload" ? " node-workload" : ""), "data-id": s.id },
       svg("title", {}, `${s.id}${s.kind === "workload" ? " (caller only)" : ""}: ${list(s.identities).join(", ") || "no identities"}`));
     if (s.kind === "workload") {
       ng.append(svg("rect", { class: "node-shape", x: x - nodeR, y: y - nodeR, width: 2 * nodeR, height: 2 * nodeR, rx: 6 }));
     } else {
       ng.append(svg("circle", { class: "node-shape", cx: x, cy: y, r: nodeR }));
-    }
-    if (selfPair) {
-      const v = VERDICT[selfPair.verdict] ? selfPair.verdict : "conditional";
-      ng.append(svg("text", { class: "node-self verdict-" + v, x, y: y + 5, "text-anchor": "middle" }, VERDICT[v].glyph));
     }
     const lx = n === 1 ? x : x + Math.cos(a) * (nodeR + 10);
     const ly = n === 1 ? y + nodeR + 18 : y + Math.sin(a) * (nodeR + 14) + 4;
@@ -719,11 +718,40 @@ function drawGraph(services, cells) {
   }
 
   const counts = { allowed: 0, conditional: 0, denied: 0 };
-  for (const p of ps) if (p.from !== p.to && counts[p.verdict] !== undefined) counts[p.verdict]++;
+  for (const p of ps) if (counts[p.verdict] !== undefined) counts[p.verdict]++;
   $("access-graph-desc").textContent = n
-    ? `${n} services and ${ps.filter((p) => p.from !== p.to).length} caller-to-service pairs: ${counts.allowed} allowed, ${counts.conditional} conditional, ${counts.denied} denied. The table below lists every pair and port with its deciding policy.`
+    ? `${n} services and ${ps.length} caller-to-service pairs: ${counts.allowed} allowed, ${counts.conditional} conditional, ${counts.denied} denied. The table below lists every pair and port with its deciding policy.`
     : "The mesh model has no services yet.";
   applyEdgeFilter();
+}
+
+// A service calling itself: a small loop beside its node, clockwise along
+// the circle (labels sit outside it, other edges inside).
+function selfLoop(p, a, nodeR) {
+  const v = VERDICT[p.verdict] ? p.verdict : "conditional";
+  const t = a.a + Math.PI / 2; // tangent, clockwise
+  const ux = Math.cos(t), uy = Math.sin(t);
+  const ox = Math.cos(a.a), oy = Math.sin(a.a);
+  const s1 = { x: a.x + ux * nodeR * 0.6 + ox * nodeR * 0.8, y: a.y + uy * nodeR * 0.6 + oy * nodeR * 0.8 };
+  const s2 = { x: a.x + ux * nodeR * 0.6 - ox * nodeR * 0.8, y: a.y + uy * nodeR * 0.6 - oy * nodeR * 0.8 };
+  const far = nodeR * 2.6;
+  const c1 = { x: s1.x + ux * far + ox * nodeR * 1.2, y: s1.y + uy * far + oy * nodeR * 1.2 };
+  const c2 = { x: s2.x + ux * far - ox * nodeR * 1.2, y: s2.y + uy * far - oy * nodeR * 1.2 };
+  const f = (q) => `${q.x.toFixed(1)} ${q.y.toFixed(1)}`;
+  const d = `M${f(s1)}C${f(c1)} ${f(c2)} ${f(s2)}`;
+  const eg = svg("g", { class: "edge edge-self verdict-" + v, "data-from": p.from, "data-to": p.to, "data-verdict": p.verdict },
+    svg("title", {}, pairSummary(p)),
+    svg("path", { class: "edge-hit", d }),
+    svg("path", { class: "edge-line verdict-" + v, d, "marker-end": `url(#arrow-${v})` }));
+  if (v !== "allowed") {
+    const m = { x: a.x + ux * (nodeR * 0.6 + far * 0.75), y: a.y + uy * (nodeR * 0.6 + far * 0.75) };
+    eg.append(svg("circle", { class: "edge-mark-bg", cx: m.x, cy: m.y, r: 7 }));
+    eg.append(svg("text", { class: "edge-mark verdict-" + v, x: m.x, y: m.y + 4, "text-anchor": "middle" }, v === "denied" ? "✕" : "?"));
+  }
+  eg.addEventListener("mouseenter", () => showPairDetail(p.from, p.to, true));
+  eg.addEventListener("mouseleave", () => applyAccessSelection());
+  eg.addEventListener("click", () => selectPair(p.from, p.to));
+  return eg;
 }
 
 function shorten(p, toward, by) {
