@@ -27,6 +27,8 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	sdktrace "go.opentelemetry.io/otel/sdk/trace"
+	"go.opentelemetry.io/otel/sdk/trace/tracetest"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
 	clocktesting "k8s.io/utils/clock/testing"
@@ -116,6 +118,8 @@ type env struct {
 	dir    string
 	// reg holds the server's metrics.
 	reg *prometheus.Registry
+	// spans records the server's spans: it serves with tracing on.
+	spans *tracetest.SpanRecorder
 }
 
 func start(t testing.TB, m *mesh.Mesh, ps []*policy.Policy) *env {
@@ -137,7 +141,7 @@ func startSources(t testing.TB, meshSrc mesh.Source, polSrc *settable) *env {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	e := &env{t: t, ca: newTestCA(t), xclock: clocktesting.NewFakeClock(time.Now().Truncate(time.Second)), src: polSrc, dir: t.TempDir(),
-		reg: prometheus.NewRegistry()}
+		reg: prometheus.NewRegistry(), spans: tracetest.NewSpanRecorder()}
 
 	// The xDS server's own serving certificate, as the CA port has.
 	serving := e.ca.issue(t, spiffeid.RequireFromString("spiffe://cluster.local/ns/trustmesh-system/sa/trustmesh"),
@@ -153,6 +157,8 @@ func startSources(t testing.TB, meshSrc mesh.Source, polSrc *settable) *env {
 		Clock:      e.xclock,
 		Log:        testLog(),
 		Registerer: e.reg,
+		// Traced, so that every test also runs with tracing on.
+		TracerProvider: sdktrace.NewTracerProvider(sdktrace.WithSpanProcessor(e.spans)),
 	})
 	if err != nil {
 		cancel()

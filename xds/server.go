@@ -34,6 +34,8 @@ import (
 	serverv3 "github.com/envoyproxy/go-control-plane/pkg/server/v3"
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"go.opentelemetry.io/otel/codes"
+	"go.opentelemetry.io/otel/trace"
 	"google.golang.org/grpc"
 	"k8s.io/utils/clock"
 
@@ -90,6 +92,9 @@ type Config struct {
 	Log                   *slog.Logger
 	// Registerer, when set, receives the server's Prometheus metrics.
 	Registerer prometheus.Registerer
+	// TracerProvider, when set, traces each node's push (xds.push). Nil
+	// turns tracing off.
+	TracerProvider trace.TracerProvider
 }
 
 // Defaults of Config.
@@ -164,6 +169,8 @@ type Server struct {
 	// and the stream's own lock, and s.mu only to register a node.
 	streams sync.Map // streamKey -> *stream
 	pushes  uint64
+	// tracer is nil when tracing is off.
+	tracer trace.Tracer
 }
 
 type nodeState struct {
@@ -192,6 +199,9 @@ func New(cfg Config) (*Server, error) {
 		nodes:    map[string]*nodeState{},
 		perID:    map[spiffeid.ID]*identityUse{},
 		ready:    make(chan struct{}),
+	}
+	if cfg.TracerProvider != nil {
+		s.tracer = cfg.TracerProvider.Tracer(TracerName)
 	}
 	s.cache = newCache(cfg.InitialPushes, cfg.FirstPushHold, cfg.Clock)
 	ctx, cancel := context.WithCancel(context.Background())
@@ -375,11 +385,15 @@ func (s *Server) logRefusals(m *mesh.Mesh) {
 // resources fail a check is sent nothing new: it keeps its last good
 // configuration rather than receive a bad one.
 func (s *Server) publishLocked(n *proxyconfig.Node) {
+	span := s.startPush(n)
+	defer span.End()
 	pub, res, err := s.gen.snapshot(n)
 	if err != nil {
+		span.SetStatus(codes.Error, "configuration refused")
 		s.log.Error("refusing to publish a node's configuration", "node", n.ID, "error", err)
 		return
 	}
+	pushed(span, pub)
 	if res != nil {
 		for _, w := range res.Warnings {
 			s.log.Debug("xds: left out", "node", n.ID, "what", w)

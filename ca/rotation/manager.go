@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"go.opentelemetry.io/otel/trace"
 	"go.step.sm/crypto/pemutil"
 	"k8s.io/utils/clock"
 
@@ -70,6 +71,9 @@ type Config struct {
 	Automatic bool
 	// IsLeader, when set, gates automatic rotation to one replica.
 	IsLeader func() bool
+	// TracerProvider, when set, traces each step the policy takes
+	// (ca.rotation.step). Nil turns tracing off.
+	TracerProvider trace.TracerProvider
 }
 
 func (c Config) withDefaults() Config {
@@ -137,6 +141,8 @@ type Manager struct {
 	mu      sync.Mutex
 	// lastSeen is what Reload applied last.
 	lastSeen []byte
+	// tracer is nil when tracing is off.
+	tracer trace.Tracer
 }
 
 // New returns the serving control plane's Manager. It creates the first
@@ -153,7 +159,11 @@ func New(cfg Config) (*Manager, error) {
 		}
 		cfg.Store = DirStore{Dir: cfg.Dir}
 	}
-	return &Manager{cfg: cfg, policy: cfg.Policy(), serving: true}, nil
+	m := &Manager{cfg: cfg, policy: cfg.Policy(), serving: true}
+	if cfg.TracerProvider != nil {
+		m.tracer = cfg.TracerProvider.Tracer(TracerName)
+	}
+	return m, nil
 }
 
 // Open returns an operator's Manager, for rotating by hand and for reading
@@ -341,6 +351,7 @@ func (m *Manager) Prepare(ctx context.Context, root bool) error {
 		return fmt.Errorf("rotation: %w", err)
 	}
 	n := st.LastGeneration + 1
+	stepGeneration(ctx, n)
 	putGeneration(snap, n, files)
 	st.Next, st.NextIsRoot, st.PreparedAt, st.LastGeneration = n, root, now, n
 	if err := m.write(ctx, snap, st); err != nil {
@@ -472,6 +483,7 @@ func (m *Manager) Activate(ctx context.Context, force bool) error {
 		}
 	}
 	st.Active, st.Next, st.NextIsRoot, st.PreparedAt, st.ActivatedAt = st.Next, 0, false, time.Time{}, now
+	stepGeneration(ctx, st.Active)
 	if err := m.write(ctx, snap, st); err != nil {
 		return err
 	}
@@ -494,6 +506,7 @@ func (m *Manager) Retire(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	stepGeneration(ctx, st.Active)
 	kept := st.Retiring[:0:0]
 	for _, r := range st.Retiring {
 		if now.Before(r.Until) {
@@ -523,7 +536,7 @@ func (m *Manager) record(ctx context.Context, step, role string, c *x509.Certifi
 
 // Tick applies the policy once at the current time: it decides
 // (Policy.Decide) and takes the step decided, returning it.
-func (m *Manager) Tick(ctx context.Context) (Action, error) {
+func (m *Manager) Tick(ctx context.Context) (_ Action, err error) {
 	if !m.serving {
 		return Nothing, ErrNotServing
 	}
@@ -540,6 +553,11 @@ func (m *Manager) Tick(ctx context.Context) (Action, error) {
 	}
 	_, a.SelfManaged = genFiles(snap, st.Active)[authority.RootKeyFile]
 	action := m.policy.Decide(now, st, a)
+	if action != Nothing {
+		var span trace.Span
+		ctx, span = m.startStep(ctx, action)
+		defer func() { endStep(span, err) }()
+	}
 	switch action {
 	case PrepareIntermediate:
 		err = m.Prepare(ctx, false)
