@@ -9,7 +9,7 @@
 const API = "api/";
 const SVGNS = "http://www.w3.org/2000/svg";
 const VIEWS = ["identities", "ca", "access", "denials", "journal"];
-const REFRESH_MS = { identities: 10000, ca: 30000, access: 10000, denials: 2000, journal: 15000 };
+const REFRESH_MS = { identities: 10000, ca: 30000, access: 5000, denials: 2000, journal: 15000 };
 
 // ---------- small DOM helpers ----------
 
@@ -892,9 +892,10 @@ function initAccess() {
 
 // ---------- denials ----------
 
-const den = { seen: new Set(), first: true };
+const den = { first: true, paused: false };
 
-async function loadDenials() {
+async function loadDenials(auto) {
+  if (auto && den.paused) return;
   const data = await api("denials?limit=200");
   const rows = list(data.denials);
   const notice = $("denials-notice");
@@ -907,7 +908,7 @@ async function loadDenials() {
     clear(notice);
     for (const m of msgs) notice.append(el("p", { class: "notice" }, m));
   }
-  setMeta("denials", `Replica ${data.replica || "unknown"} · ${rows.length} shown · refreshes every 2 s`);
+  setMeta("denials", `Replica ${data.replica || "unknown"} · ${rows.length} shown`);
   renderDenials(rows);
   markLoaded("denials");
 }
@@ -1075,6 +1076,17 @@ function postVerify() {
   return api("journal/verify", { method: "POST", headers: { "X-Trustmesh-CSRF": session.csrf } });
 }
 
+function initDenials() {
+  const b = $("denials-pause");
+  b.addEventListener("click", () => {
+    den.paused = !den.paused;
+    b.setAttribute("aria-pressed", den.paused ? "true" : "false");
+    b.textContent = den.paused ? "Resume updates" : "Pause updates";
+    $("denials-live").textContent = den.paused ? "Updates paused." : "Updates every 2 seconds.";
+    if (!den.paused) refresh("denials");
+  });
+}
+
 function initJournal() {
   $("verify-now").addEventListener("click", verifyNow);
 }
@@ -1087,17 +1099,22 @@ let current = "";
 let timer = null;
 
 function parseHash() {
-  const h = decodeURIComponent(location.hash.slice(1) ? location.hash.slice(1).split("?")[0] : "");
+  let h = location.hash.slice(1).split("?")[0];
+  try {
+    h = decodeURIComponent(h);
+  } catch {
+    h = "";
+  }
   const qi = location.hash.indexOf("?");
   const params = new URLSearchParams(qi >= 0 ? location.hash.slice(qi + 1) : "");
   return { view: VIEWS.includes(h) ? h : "identities", params };
 }
 
-async function refresh(view) {
+async function refresh(view, auto) {
   if (inflight[view]) return;
   inflight[view] = true;
   try {
-    await LOADERS[view]();
+    await LOADERS[view](auto);
     showError(view, null);
   } catch (err) {
     showError(view, err);
@@ -1131,13 +1148,14 @@ function route(moveFocus) {
   if (moveFocus) $(view + "-h").focus({ preventScroll: true });
   clearInterval(timer);
   refresh(view);
-  timer = setInterval(() => refresh(current), REFRESH_MS[view]);
+  timer = setInterval(() => refresh(current, true), REFRESH_MS[view]);
 }
 
 function start() {
   initIdentities();
   initCA();
   initAccess();
+  initDenials();
   initJournal();
   window.addEventListener("hashchange", () => route(true));
   // A click on the link of the view already shown moves focus to it too.
