@@ -651,7 +651,7 @@ function drawGraph(services, cells) {
   const defs = svg("defs", {});
   for (const v of ["allowed", "conditional", "denied"]) {
     defs.append(svg("marker", {
-      id: "arrow-" + v, viewBox: "0 0 10 10", refX: "9", refY: "5", markerWidth: "7", markerHeight: "7", orient: "auto-start-reverse",
+      id: "arrow-" + v, viewBox: "0 0 10 10", refX: "9", refY: "5", markerUnits: "userSpaceOnUse", markerWidth: "13", markerHeight: "13", orient: "auto-start-reverse",
     }, svg("path", { class: "arrow verdict-" + v, d: "M0 0L10 5L0 10Z" })));
   }
   root.append(defs);
@@ -909,6 +909,7 @@ async function loadDenials(auto) {
     for (const m of msgs) notice.append(el("p", { class: "notice" }, m));
   }
   setMeta("denials", `Replica ${data.replica || "unknown"} · ${rows.length} shown`);
+  $("denials-replica").textContent = data.replica || "unknown";
   renderDenials(rows);
   markLoaded("denials");
 }
