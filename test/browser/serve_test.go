@@ -58,8 +58,12 @@ spec:
   - {address: 10.0.1.2, pod: orders-0, spiffeID: "spiffe://cluster.local/ns/shop/sa/orders", labels: {app: orders}}
 `
 
-// ordersPolicy lets only the principal it names call orders.
-func ordersPolicy(principal string) []byte {
+// istioPrincipal is a SPIFFE ID as Istio's principals name it: without
+// the scheme.
+func istioPrincipal(id string) string { return strings.TrimPrefix(id, "spiffe://") }
+
+// ordersPolicy lets only the identity it names call orders.
+func ordersPolicy(id string) []byte {
 	return []byte(`apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
 metadata: {name: orders-callers, namespace: shop}
@@ -69,7 +73,7 @@ spec:
   rules:
   - from:
     - source:
-        principals: ["` + principal + `"]
+        principals: ["` + istioPrincipal(id) + `"]
 `)
 }
 
@@ -92,7 +96,7 @@ spec:
   rules:
   - from:
     - source:
-        principals: ["` + ordersID + `"]
+        principals: ["` + istioPrincipal(ordersID) + `"]
     when:
     - key: request.headers[x-tag]
       values: ['` + strings.Join(xssMarkup, `', '`) + `']
@@ -328,7 +332,10 @@ func (s *server) writePolicy(t *testing.T, name string, b []byte) {
 // it for a request from src.
 type check struct {
 	src, srcAddr, dst, dstAddr string
-	host, path                 string
+	// dstLabels are the destination workload's labels, which Envoy sends
+	// and policy selectors match.
+	dstLabels  map[string]string
+	host, path string
 }
 
 // decide sends c over mTLS to the authz port and returns the decision.
@@ -340,7 +347,7 @@ func (s *server) decide(t *testing.T, c check) codes.Code {
 	}
 	req := &authv3.CheckRequest{Attributes: &authv3.AttributeContext{
 		Source:      &authv3.AttributeContext_Peer{Principal: c.src, Address: addr(c.srcAddr, 40000)},
-		Destination: &authv3.AttributeContext_Peer{Principal: c.dst, Address: addr(c.dstAddr, 8080)},
+		Destination: &authv3.AttributeContext_Peer{Principal: c.dst, Address: addr(c.dstAddr, 8080), Labels: c.dstLabels},
 		Request: &authv3.AttributeContext_Request{Http: &authv3.AttributeContext_HttpRequest{
 			Method: "GET", Path: c.path, Host: c.host, Scheme: "http", Protocol: "HTTP/1.1",
 			Headers: map[string]string{":authority": c.host, ":method": "GET", ":path": c.path},
