@@ -1,7 +1,7 @@
 # trustmesh — build, test and benchmark.
 GO ?= go
 
-.PHONY: all build test bench envtest proto generate-check
+.PHONY: all build test bench envtest otelcol proto generate-check
 
 all: build
 
@@ -19,6 +19,12 @@ build:
 envtest:
 	@hack/envtest-assets.sh >/dev/null
 
+# The OpenTelemetry Collector that test/tracing exports spans to, built with
+# the collector builder from hack/otelcol/manifest.yaml once into a cache
+# keyed by the builder, the manifest and Go (about 4 minutes cold).
+otelcol:
+	@hack/otelcol.sh >/dev/null
+
 # Every test, with the race detector, against real components: a real
 # kube-apiserver and etcd, and a PostgreSQL started on loopback for the run
 # (test/readme runs the README's commands, openssl among them).
@@ -31,11 +37,14 @@ envtest:
 # The browser tests (test/browser) drive Debian's chromium, installed when
 # missing, and inject axe-core, which npm ci installs from its lock file
 # through npm's cache; under make test they fail, never skip, without them.
-test: envtest generate-check
+# test/tracing exports spans to a real OpenTelemetry Collector (make otelcol),
+# named by TRUSTMESH_OTELCOL.
+test: envtest otelcol generate-check
 	@hack/debian-tools.sh openssl chromium npm
 	@cd test/browser && npm ci --prefer-offline --no-audit --no-fund --loglevel=error >/dev/null
 	@dsn=$$(hack/postgres.sh start) && trap 'hack/postgres.sh stop' EXIT && \
 	KUBEBUILDER_ASSETS="$$(hack/envtest-assets.sh)" TRUSTMESH_TEST_POSTGRES_DSN="$$dsn" TRUSTMESH_BROWSER_TESTS=1 \
+	TRUSTMESH_OTELCOL="$$(hack/otelcol.sh)" \
 	$(GO) test -race -count=1 -timeout 20m ./...
 	GO="$(GO)" hack/go-test-named.sh 'TestProofsHoldInTheEngine TestCorpusAgrees TestCaseFilesAgree' ./authz/symbolic ./admission
 	@env=$$(hack/softhsm.sh start) && eval "$$env" && trap 'hack/softhsm.sh stop "$$TRUSTMESH_SOFTHSM_DIR"' EXIT && \
