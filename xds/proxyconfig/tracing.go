@@ -1,6 +1,7 @@
 package proxyconfig
 
 import (
+	"errors"
 	"fmt"
 	"net"
 	"net/netip"
@@ -57,11 +58,19 @@ func (t Tracing) check() error {
 	if !t.Enabled() {
 		return nil
 	}
-	if _, _, err := t.hostPort(); err != nil {
-		return err
-	}
-	if t.SamplingPercent < 0 || t.SamplingPercent > 100 || t.SamplingPercent != t.SamplingPercent {
-		return fmt.Errorf("%w: the tracing sampling percent %v is not between 0 and 100", ErrConfig, t.SamplingPercent)
+	return errors.Join(CheckCollector(t.Collector), CheckSamplingPercent(t.SamplingPercent))
+}
+
+// CheckCollector checks a collector address: host:port, port 1 to 65535.
+func CheckCollector(addr string) error {
+	_, _, err := Tracing{Collector: addr}.hostPort()
+	return err
+}
+
+// CheckSamplingPercent checks a sampling percent: 0 to 100.
+func CheckSamplingPercent(pct float64) error {
+	if !(pct >= 0 && pct <= 100) { // also refuses NaN
+		return fmt.Errorf("%w: the tracing sampling percent %v is not between 0 and 100", ErrConfig, pct)
 	}
 	return nil
 }
