@@ -302,7 +302,7 @@ func (ev *evaluator) cell(c caller, s *mesh.Service, p mesh.Port) Cell {
 	multiDest := len(dests) > 1
 	for _, id := range c.ids {
 		for _, e := range dests {
-			o := ev.eval(id, e.Workload, e.Address, e.TargetPort(p), proto)
+			o := ev.cachedEval(id, e.Workload, e.Address, e.TargetPort(p), proto)
 			var who []string
 			if multiID {
 				who = append(who, "from "+id)

@@ -162,6 +162,12 @@ spec:
 		wantCell(t, cell(t, m, "web/cron", "web/api", 9090), access.Conditional, "web/ports", access.ReasonMixed,
 			"to web/api-0: allowed (ALLOW rule matches: web/ports rule 1)", "to web/api-canary-0: denied (no ALLOW rule matches")
 	})
+	t.Run("workloads alike but for their address", func(t *testing.T) {
+		m := compute(t, head+`metadata: {name: one, namespace: web}
+spec: {selector: {matchLabels: {app: front}}, rules: [{when: [{key: destination.ip, values: [10.0.0.1]}]}]}`)
+		wantCell(t, cell(t, m, "web/cron", "web/front", 80), access.Conditional, "web/one", access.ReasonMixed,
+			"to web/front-0: allowed (ALLOW rule matches: web/one rule 0)", "to web/front-2: denied (no ALLOW rule matches")
+	})
 	t.Run("several identities of one caller", func(t *testing.T) {
 		m := compute(t, head+`metadata: {name: store, namespace: db}
 spec: {rules: [{from: [{source: {principals: ["*/sa/api"]}}]}]}`)

@@ -2,6 +2,7 @@ package access
 
 import (
 	"net/netip"
+	"sort"
 	"strconv"
 	"strings"
 
@@ -23,6 +24,30 @@ type evaluator struct {
 	root     string
 	ps       []*policy.Policy
 	compiled map[ruleKey]symbolic.Rule
+	// uses are the attributes each policy reads, and matches the
+	// classifications made so far, keyed by only the facts the policy
+	// reads: most policies read neither the port nor the address, many
+	// not the peer.
+	uses    []map[policy.Attribute]bool
+	matches map[matchKey]policyMatch
+	// outcomes are the pairs decided so far; the destination address is
+	// part of the key only when some policy reads it.
+	outcomes map[outcomeKey]outcome
+	readsIP  bool
+}
+
+type outcomeKey struct {
+	id, namespace, labels, ip string
+	port                      uint32
+	proto                     symbolic.Proto
+}
+
+type matchKey struct {
+	policy    int
+	proto     symbolic.Proto
+	principal string
+	port      uint32
+	ip        string
 }
 
 type ruleKey struct {
@@ -31,7 +56,60 @@ type ruleKey struct {
 }
 
 func newEvaluator(ps []*policy.Policy, root string) *evaluator {
-	return &evaluator{root: root, ps: ps, compiled: map[ruleKey]symbolic.Rule{}}
+	ev := &evaluator{root: root, ps: ps, compiled: map[ruleKey]symbolic.Rule{}, matches: map[matchKey]policyMatch{}, outcomes: map[outcomeKey]outcome{}}
+	for _, p := range ps {
+		uses := map[policy.Attribute]bool{}
+		for _, r := range p.Rules {
+			r.EachField(func(f policy.Field) { uses[f.Attr] = true })
+		}
+		ev.uses = append(ev.uses, uses)
+		ev.readsIP = ev.readsIP || uses[policy.DestinationIP]
+	}
+	return ev
+}
+
+// cachedEval is eval, remembered by what it depends on.
+func (ev *evaluator) cachedEval(id string, w *mesh.Workload, addr string, port uint32, proto symbolic.Proto) outcome {
+	keys := make([]string, 0, len(w.Labels))
+	for k := range w.Labels {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	var b strings.Builder
+	for _, k := range keys {
+		b.WriteString(strconv.Quote(k) + "=" + strconv.Quote(w.Labels[k]) + ",")
+	}
+	k := outcomeKey{id: id, namespace: w.ID.String(), labels: b.String(), port: port, proto: proto}
+	if ev.readsIP {
+		k.ip = addr
+	}
+	o, ok := ev.outcomes[k]
+	if !ok {
+		o = ev.eval(id, w, addr, port, proto)
+		ev.outcomes[k] = o
+	}
+	return o
+}
+
+// cachedMatch is match, remembered by the facts policy pi reads.
+func (ev *evaluator) cachedMatch(pi int, f symbolic.Conj, proto symbolic.Proto, src engine.Identity, port uint32, ip string) policyMatch {
+	k := matchKey{policy: pi, proto: proto}
+	u := ev.uses[pi]
+	if u[policy.SourcePrincipal] || u[policy.SourceNamespace] || u[policy.SourceServiceAccount] || u[policy.SourceTrustDomain] {
+		k.principal = src.Principal
+	}
+	if u[policy.DestinationPort] {
+		k.port = port
+	}
+	if u[policy.DestinationIP] {
+		k.ip = ip
+	}
+	pm, ok := ev.matches[k]
+	if !ok {
+		pm = ev.match(pi, f, proto)
+		ev.matches[k] = pm
+	}
+	return pm
 }
 
 func (ev *evaluator) rule(pi, ri int, proto symbolic.Proto) symbolic.Rule {
@@ -166,7 +244,7 @@ func (ev *evaluator) eval(id string, w *mesh.Workload, addr string, port uint32,
 		}
 		switch p.Action {
 		case policy.Custom:
-			pm := ev.match(pi, f, proto)
+			pm := ev.cachedMatch(pi, f, proto, src, port, addr)
 			switch {
 			case pm.always >= 0:
 				custom = true
@@ -180,7 +258,7 @@ func (ev *evaluator) eval(id string, w *mesh.Workload, addr string, port uint32,
 				}
 			}
 		case policy.Deny:
-			pm := ev.match(pi, f, proto)
+			pm := ev.cachedMatch(pi, f, proto, src, port, addr)
 			if pm.always >= 0 {
 				r := pm.always
 				return outcome{verdict: Denied, policy: p.Key(), rule: &r, reason: ReasonDenyMatches, conds: []string{}}
@@ -194,7 +272,7 @@ func (ev *evaluator) eval(id string, w *mesh.Workload, addr string, port uint32,
 			if allowed != nil {
 				continue
 			}
-			pm := ev.match(pi, f, proto)
+			pm := ev.cachedMatch(pi, f, proto, src, port, addr)
 			if pm.always >= 0 {
 				r := pm.always
 				allowed = &outcome{verdict: Allowed, policy: p.Key(), rule: &r, reason: ReasonAllowMatches}

@@ -20,8 +20,8 @@ import (
 const root = "istio-system"
 
 // soundMesh is a small mesh with what makes cells differ: services in two
-// namespaces, a service with two workloads of one identity and different
-// labels, one with two identities, an HTTP port whose target port differs,
+// namespaces, a service with three workloads of one identity, two with
+// the same labels, one with two identities, an HTTP port whose target port differs,
 // TCP and gRPC ports, and clients that serve nothing.
 func soundMesh() *mesh.Mesh {
 	wl := func(ns, name, sa string, labels map[string]string) *mesh.Workload {
@@ -34,6 +34,8 @@ func soundMesh() *mesh.Mesh {
 				Endpoints: []mesh.Endpoint{
 					{Address: "10.0.0.1", Workload: wl("web", "front-0", "front", map[string]string{"app": "front"})},
 					{Address: "10.0.0.2", Workload: wl("web", "front-1", "front", map[string]string{"app": "front", "version": "v2"})},
+					// Like front-0 but for its address.
+					{Address: "10.0.0.5", Workload: wl("web", "front-2", "front", map[string]string{"app": "front"})},
 				}},
 			{Namespace: "web", Name: "api", Hostname: "api.web.svc.cluster.local", Ports: []mesh.Port{{Name: "grpc", Port: 9090, Protocol: mesh.GRPC}, {Name: "admin", Port: 9091, Protocol: mesh.HTTP}},
 				Endpoints: []mesh.Endpoint{
