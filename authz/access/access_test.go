@@ -139,7 +139,8 @@ spec: {action: DENY, rules: [{to: [{operation: {paths: [/admin]}}]}]}`)
 		// A TCP port: an ALLOW rule with HTTP fields matches nothing,
 		// the DENY's path is dropped and it denies everything.
 		wantCell(t, cell(t, m, "web/cron", "db/store", 5432), access.Allowed, "", access.ReasonNoAllowPolicy)
-		wantCell(t, cell(t, m, "web/cron", "web/api", 9091), access.Conditional, "web/no-admin", access.ReasonDepends)
+		wantCell(t, cell(t, m, "web/cron", "web/api", 9091), access.Conditional, "web/no-admin", access.ReasonDepends,
+			`denied by DENY web/no-admin rule 0 when request.path is "/admin"`, "allowed otherwise: no ALLOW policy applies")
 	})
 	t.Run("TCP drops HTTP fields", func(t *testing.T) {
 		m := compute(t, head+`metadata: {name: store, namespace: db}
@@ -187,7 +188,8 @@ spec: {action: CUSTOM, provider: {name: "rego:envoy/authz/allow"}, rules: [{to: 
 			`the external authorizer "rego:envoy/authz/allow" (CUSTOM istio-system/ext rule 0) decides when request.path starts with "/api/"`)
 		// Its rule has HTTP fields only: on TCP it matches everything
 		// (CUSTOM drops them, as DENY does).
-		wantCell(t, cell(t, m, "web/cron", "db/store", 5432), access.Conditional, "istio-system/ext", access.ReasonCustom, "decides every request")
+		wantCell(t, cell(t, m, "web/cron", "db/store", 5432), access.Conditional, "istio-system/ext", access.ReasonCustom, "decides every request",
+			"allowed otherwise: no ALLOW policy applies")
 	})
 	t.Run("a DENY that always matches wins over CUSTOM and ALLOW", func(t *testing.T) {
 		m := compute(t, head+`metadata: {name: ext, namespace: istio-system}
@@ -199,7 +201,8 @@ spec: {rules: [{}]}
 `+head+`metadata: {name: deny, namespace: db}
 spec: {action: DENY, rules: [{from: [{source: {notNamespaces: [web]}}]}]}`)
 		wantCell(t, cell(t, m, "other/client", "db/store", 5432), access.Denied, "db/deny", access.ReasonDenyMatches)
-		wantCell(t, cell(t, m, "web/cron", "db/store", 5432), access.Conditional, "istio-system/ext", access.ReasonCustom, "decides every request")
+		wantCell(t, cell(t, m, "web/cron", "db/store", 5432), access.Conditional, "istio-system/ext", access.ReasonCustom, "decides every request",
+			"allowed otherwise: ALLOW rule matches: db/allow rule 0")
 	})
 }
 

@@ -304,6 +304,9 @@ func (ev *evaluator) eval(id string, w *mesh.Workload, addr string, port uint32,
 		base.conds = []string{}
 		return base
 	}
+	if base.verdict == Allowed {
+		conds = append(conds, "allowed otherwise: "+base.describe())
+	}
 	out := outcome{verdict: Conditional, reason: ReasonDepends, conds: conds}
 	if custom {
 		out.reason = ReasonCustom
