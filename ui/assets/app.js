@@ -586,7 +586,7 @@ function renderAccess() {
   const targets = services.filter((s) => s.kind !== "workload").map((s) => s.id);
   fillSelect($("access-to"), targets, "any service", acc.to);
   drawGraph(services, cells);
-  renderAccessTable(cells);
+  renderAccessTable();
   applyAccessSelection();
 }
 
@@ -636,7 +636,7 @@ function drawGraph(services, cells) {
   }
   const ps = pairs(cells);
   const n = services.length;
-  const R = Math.max(140, Math.min(420, n * 26));
+  const R = Math.max(140, Math.min(480, n * 26));
   const margin = 170;
   const W = 2 * (R + margin), H = 2 * (R + 70);
   root.setAttribute("viewBox", `0 0 ${W} ${H}`);
@@ -656,41 +656,12 @@ function drawGraph(services, cells) {
   }
   root.append(defs);
 
-  const edges = svg("g", { class: "edges" });
-  const nodeR = 20;
-  for (const p of ps) {
-    const a = pos.get(p.from), b = pos.get(p.to);
-    if (!a || !b) continue;
-    if (p.from === p.to) {
-      edges.append(selfLoop(p, a, nodeR));
-      continue;
-    }
-    const dx = b.x - a.x, dy = b.y - a.y;
-    const len = Math.hypot(dx, dy) || 1;
-    // Bend to the right of the direction of travel, so A->B and B->A separate.
-    const bend = Math.min(60, len * 0.18);
-    const mx = (a.x + b.x) / 2 + (-dy / len) * bend;
-    const my = (a.y + b.y) / 2 + (dx / len) * bend;
-    const sa = shorten(a, { x: mx, y: my }, nodeR + 2);
-    const sb = shorten(b, { x: mx, y: my }, nodeR + 6);
-    const d = `M${sa.x.toFixed(1)} ${sa.y.toFixed(1)}Q${mx.toFixed(1)} ${my.toFixed(1)} ${sb.x.toFixed(1)} ${sb.y.toFixed(1)}`;
-    const v = VERDICT[p.verdict] ? p.verdict : "conditional";
-    const eg = svg("g", { class: "edge verdict-" + v, "data-from": p.from, "data-to": p.to, "data-verdict": p.verdict },
-      svg("title", {}, pairSummary(p)),
-      svg("path", { class: "edge-hit", d }),
-      svg("path", { class: "edge-line verdict-" + v, d, "marker-end": `url(#arrow-${v})` }));
-    // A mark in the middle of the curve: nothing for allowed, ? and ✕ otherwise.
-    if (v !== "allowed") {
-      const qx = 0.25 * sa.x + 0.5 * mx + 0.25 * sb.x, qy = 0.25 * sa.y + 0.5 * my + 0.25 * sb.y;
-      eg.append(svg("circle", { class: "edge-mark-bg", cx: qx, cy: qy, r: 7 }));
-      eg.append(svg("text", { class: "edge-mark verdict-" + v, x: qx, y: qy + 4, "text-anchor": "middle" }, v === "denied" ? "✕" : "?"));
-    }
-    eg.addEventListener("mouseenter", () => showPairDetail(p.from, p.to, true));
-    eg.addEventListener("mouseleave", () => applyAccessSelection());
-    eg.addEventListener("click", () => selectPair(p.from, p.to));
-    edges.append(eg);
-  }
+  // Nodes shrink on a crowded circle so that neighbours do not overlap.
+  const nodeR = n > 1 ? Math.max(7, Math.min(20, (Math.PI * R) / n * 0.55)) : 20;
+  const edges = svg("g", { class: "edges", id: "access-edges" });
   root.append(edges);
+  acc.graph = { ps, pos, nodeR, big: ps.length > MAX_DRAWN_PAIRS };
+  drawEdges();
 
   const nodes = svg("g", { class: "nodes" });
   for (const { x, y, a, s } of pos.values()) {
@@ -754,16 +725,89 @@ function selfLoop(p, a, nodeR) {
   return eg;
 }
 
+// Pairs beyond this are not all drawn at once: a graph of thousands of
+// arrows is neither readable nor quick. Then only the pairs of the chosen
+// caller or service are drawn, and the table still lists every cell.
+const MAX_DRAWN_PAIRS = 400;
+
+function drawEdges() {
+  const g = acc.graph;
+  const edges = $("access-edges");
+  if (!g || !edges) return;
+  clear(edges);
+  g.drawnFor = acc.from + "\u0000" + acc.to;
+  const { pos, nodeR } = g;
+  let ps = g.ps;
+  if (g.big) {
+    ps = acc.from || acc.to ? ps.filter((p) => (!acc.from || p.from === acc.from) && (!acc.to || p.to === acc.to)) : [];
+  }
+  for (const p of ps) {
+    const a = pos.get(p.from), b = pos.get(p.to);
+    if (!a || !b) continue;
+    if (p.from === p.to) {
+      edges.append(selfLoop(p, a, nodeR));
+      continue;
+    }
+    const dx = b.x - a.x, dy = b.y - a.y;
+    const len = Math.hypot(dx, dy) || 1;
+    // Bend to the right of the direction of travel, so A->B and B->A separate.
+    const bend = Math.min(60, len * 0.18);
+    const mx = (a.x + b.x) / 2 + (-dy / len) * bend;
+    const my = (a.y + b.y) / 2 + (dx / len) * bend;
+    const sa = shorten(a, { x: mx, y: my }, nodeR + 2);
+    const sb = shorten(b, { x: mx, y: my }, nodeR + 6);
+    const d = `M${sa.x.toFixed(1)} ${sa.y.toFixed(1)}Q${mx.toFixed(1)} ${my.toFixed(1)} ${sb.x.toFixed(1)} ${sb.y.toFixed(1)}`;
+    const v = VERDICT[p.verdict] ? p.verdict : "conditional";
+    const eg = svg("g", { class: "edge verdict-" + v, "data-from": p.from, "data-to": p.to, "data-verdict": p.verdict },
+      svg("title", {}, pairSummary(p)),
+      svg("path", { class: "edge-hit", d }),
+      svg("path", { class: "edge-line verdict-" + v, d, "marker-end": `url(#arrow-${v})` }));
+    // A mark in the middle of the curve: nothing for allowed, ? and ✕ otherwise.
+    if (v !== "allowed") {
+      const qx = 0.25 * sa.x + 0.5 * mx + 0.25 * sb.x, qy = 0.25 * sa.y + 0.5 * my + 0.25 * sb.y;
+      eg.append(svg("circle", { class: "edge-mark-bg", cx: qx, cy: qy, r: 7 }));
+      eg.append(svg("text", { class: "edge-mark verdict-" + v, x: qx, y: qy + 4, "text-anchor": "middle" }, v === "denied" ? "✕" : "?"));
+    }
+    eg.addEventListener("mouseenter", () => showPairDetail(p.from, p.to, true));
+    eg.addEventListener("mouseleave", () => applyAccessSelection());
+    eg.addEventListener("click", () => selectPair(p.from, p.to));
+    edges.append(eg);
+  }
+  const note = $("access-graph-note");
+  if (g.big && !acc.from && !acc.to) {
+    note.textContent = `${g.ps.length} caller-to-service pairs are too many to draw at once: choose a caller or a service (above, or click a node) to draw its arrows. The table lists every one.`;
+  } else if (g.big) {
+    note.textContent = `Drawing the ${ps.length} pairs of the chosen ${acc.from && acc.to ? "caller and service" : acc.from ? "caller" : "service"} out of ${g.ps.length}.`;
+  } else {
+    note.textContent = "";
+  }
+  applyEdgeFilter();
+}
+
 function shorten(p, toward, by) {
   const dx = toward.x - p.x, dy = toward.y - p.y;
   const l = Math.hypot(dx, dy) || 1;
   return { x: p.x + (dx / l) * by, y: p.y + (dy / l) * by };
 }
 
-function renderAccessTable(cells) {
+// Beyond this many cells the table shows the chosen caller's or service's
+// rows (or the first ones) until "Show all" is pressed: thousands of rows
+// take the browser seconds to lay out.
+const MAX_TABLE_ROWS = 500;
+
+function renderAccessTable() {
+  const cells = acc.data.cells;
+  const key = acc.from + "\u0000" + acc.to;
+  const limited = cells.length > MAX_TABLE_ROWS && !acc.showAll;
+  let shown = cells;
+  if (limited) {
+    if (acc.from || acc.to) shown = cells.filter((c) => (!acc.from || c.from === acc.from) && (!acc.to || c.to === acc.to));
+    shown = shown.slice(0, MAX_TABLE_ROWS);
+  }
+  acc.tableFor = limited ? key : null;
   const tbody = document.querySelector("#access-table tbody");
   clear(tbody);
-  for (const c of cells) {
+  for (const c of shown) {
     const conds = list(c.conditions);
     tbody.append(el("tr", { "data-from": c.from, "data-to": c.to, "data-port": String(c.port), "data-verdict": c.verdict },
       el("td", {}, el("code", {}, c.from)),
@@ -775,6 +819,11 @@ function renderAccessTable(cells) {
         conds.length ? el("ul", { class: "conditions" }, conds.map((x) => el("li", {}, x))) : null)));
   }
   if (!cells.length) tbody.append(el("tr", { class: "empty" }, el("td", { colspan: "6" }, "No callers or services in the mesh model.")));
+  $("access-table-note").textContent = limited
+    ? `Showing ${shown.length} of ${cells.length} cells${acc.from || acc.to ? ", those of the chosen caller or service" : ""}. Choose a caller or a service above to see theirs.`
+    : "";
+  $("access-show-all").hidden = !limited;
+  $("access-show-all").textContent = `Show all ${cells.length} cells`;
 }
 
 function policyText(c) {
@@ -810,6 +859,11 @@ function applyEdgeFilter() {
 
 function applyAccessSelection() {
   const { from, to } = acc;
+  if (acc.data && acc.tableFor !== null && acc.tableFor !== undefined && acc.tableFor !== from + "\u0000" + to) renderAccessTable();
+  if (acc.graph && acc.graph.big && acc.graph.drawnFor !== from + "\u0000" + to) {
+    acc.graph.drawnFor = from + "\u0000" + to;
+    drawEdges();
+  }
   const any = from || to;
   const match = (f, t) => (!from || f === from) && (!to || t === to);
   for (const e of document.querySelectorAll("#access-graph .edge")) {
@@ -881,6 +935,11 @@ function initAccess() {
   $("access-from").addEventListener("change", () => selectPair($("access-from").value, acc.to));
   $("access-to").addEventListener("change", () => selectPair(acc.from, $("access-to").value));
   $("access-clear").addEventListener("click", () => selectPair("", ""));
+  $("access-show-all").addEventListener("click", () => {
+    acc.showAll = true;
+    renderAccessTable();
+    applyAccessSelection();
+  });
   $("access-pick").addEventListener("submit", (e) => e.preventDefault());
   for (const c of document.querySelectorAll("#access-pick .checks input")) c.addEventListener("change", applyEdgeFilter);
   // A pointer click on a row selects its pair (keyboard users have the selects).
