@@ -14,6 +14,7 @@ import (
 	"github.com/trustmesh/trustmesh/authz/access"
 	"github.com/trustmesh/trustmesh/authz/engine"
 	"github.com/trustmesh/trustmesh/authz/policy"
+	"github.com/trustmesh/trustmesh/authz/source"
 	"github.com/trustmesh/trustmesh/mesh"
 )
 
@@ -155,13 +156,16 @@ func (g *policyGen) rule() string {
 
 func (g *policyGen) policy(i int) string {
 	ns := g.pick(root, "web", "web", "db")
-	action := g.pick("ALLOW", "ALLOW", "DENY", "DENY", "AUDIT")
+	action := g.pick("ALLOW", "ALLOW", "ALLOW", "DENY", "DENY", "AUDIT", "CUSTOM")
 	var b strings.Builder
 	fmt.Fprintf(&b, "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: p%d\n  namespace: %s\n", i, ns)
-	if g.r.IntN(6) == 0 && action != "AUDIT" {
+	if g.r.IntN(6) == 0 && action != "AUDIT" && action != "CUSTOM" {
 		b.WriteString("  annotations: {istio.io/dry-run: \"true\"}\n")
 	}
 	b.WriteString("spec:\n  action: " + action + "\n")
+	if action == "CUSTOM" {
+		b.WriteString("  provider: {name: \"rego:envoy/authz/allow\"}\n")
+	}
 	if sel := g.pick("", "", "app: front", "version: v2", "app: api", "app: store"); sel != "" {
 		b.WriteString("  selector: {matchLabels: {" + sel + "}}\n")
 	}
@@ -202,7 +206,8 @@ func sockAddr(ip string, port uint32) *corev3.Address {
 		Address: ip, PortSpecifier: &corev3.SocketAddress_PortValue{PortValue: port}}}}
 }
 
-// TestCellsAgreeWithTheEngine holds every cell of random policy sets over
+// TestCellsAgreeWithTheEngine holds every cell of random policy sets
+// (ALLOW, DENY, AUDIT, dry-run, and CUSTOM asking the example bundle) over
 // soundMesh to the engine: for concrete requests from each identity of the
 // caller to each workload of the service on the port, an allowed cell's
 // requests are all allowed, a denied cell's all denied. A conditional cell
@@ -213,6 +218,13 @@ func TestCellsAgreeWithTheEngine(t *testing.T) {
 	if testing.Short() {
 		sets = 40
 	}
+	// CUSTOM policies ask the example bundle, which decides on the
+	// method, the path, the x-user header and, for TCP, the peer address.
+	b, err := source.LoadBundle(source.BundleConfig{Path: "../../policies/envoy"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	bundles := []engine.NamedBundle{{Name: "policies/envoy", Bundle: b}}
 	g := &policyGen{r: rand.New(rand.NewPCG(18, 3))}
 	m := soundMesh()
 	counts := map[access.Verdict]int{}
@@ -228,7 +240,7 @@ func TestCellsAgreeWithTheEngine(t *testing.T) {
 		if err != nil {
 			t.Fatalf("set %d: %v\n%s", s, err, yaml)
 		}
-		set, err := engine.Build(context.Background(), engine.SetConfig{RootNamespace: root, Policies: ps})
+		set, err := engine.Build(context.Background(), engine.SetConfig{RootNamespace: root, Policies: ps, Bundles: bundles})
 		if err != nil {
 			t.Fatalf("set %d: %v", s, err)
 		}
