@@ -50,6 +50,19 @@ function $(id) {
   return document.getElementById(id);
 }
 
+// Text with a line-break opportunity after each "/" (a <wbr>, no
+// markup from the data), so SPIFFE IDs and service names wrap at path
+// segments rather than mid-word.
+function breakable(text) {
+  const f = document.createDocumentFragment();
+  const parts = String(text ?? "").split("/");
+  parts.forEach((p, i) => {
+    f.append(document.createTextNode(i < parts.length - 1 ? p + "/" : p));
+    if (i < parts.length - 1) f.append(document.createElement("wbr"));
+  });
+  return f;
+}
+
 function hiddenText(text) {
   return el("span", { class: "visually-hidden" }, text);
 }
@@ -302,7 +315,7 @@ function renderIdentities() {
   clear(tbody);
   for (const r of rows) {
     tbody.append(el("tr", { "data-spiffe-id": r.spiffe_id, "data-status": r.status },
-      el("td", { class: "id-cell" }, el("code", {}, r.spiffe_id)),
+      el("td", { class: "id-cell" }, el("code", {}, breakable(r.spiffe_id))),
       el("td", {}, statusBadge(r.status, r.status_label)),
       el("td", {}, el("code", { class: "serial" }, r.serial || "—")),
       el("td", {}, timeCell(r.expires, { warnPast: true })),
@@ -977,7 +990,7 @@ function endpoint(svc, side) {
   const s = side || {};
   return el("div", { class: "endpoint" },
     svc ? el("code", { class: "svc" }, svc) : el("span", { class: "muted" }, "unknown service"),
-    s.principal ? el("code", { class: "principal" }, s.principal) : null,
+    s.principal ? el("code", { class: "principal" }, breakable(s.principal)) : null,
     s.address ? el("span", { class: "addr" }, s.address) : null);
 }
 
