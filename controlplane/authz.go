@@ -34,7 +34,7 @@ func (cp *ControlPlane) newAuthz(v *validated) (*authzd.Service, error) {
 		Address: v.Listen.Authz, Creds: credentials.NewTLS(tlsCfg),
 		RootNamespace: v.Authz.RootNamespace, DecisionLog: v.Authz.DecisionLog, Log: v.Log, OnKubernetes: v.inKube,
 		Registerer: cp.registry, RedactPaths: v.Authz.LogRedactPaths, Connections: v.Listen.Connections,
-		Bundles: v.bundles,
+		Bundles: v.bundles, TracerProvider: v.TracerProvider,
 	}
 	var err error
 	if cfg.Mesh, err = cp.meshSource(v); err != nil {

@@ -71,6 +71,7 @@ func (cp *ControlPlane) newAuthority(ctx context.Context, v *validated) (err err
 		MaxWorkloadTTL: v.CA.MaxWorkloadTTL, Interval: v.Rotation.Interval, Automatic: !v.Rotation.Manual,
 		IntermediateLifetime: v.Rotation.IntermediateTTL, RootLifetime: v.Rotation.RootTTL,
 		RootPropagation: v.Rotation.RootPropagation, Backdate: v.Rotation.Backdate,
+		TracerProvider: v.TracerProvider,
 	}); err != nil {
 		return err
 	}
@@ -140,6 +141,7 @@ func (cp *ControlPlane) newCAServer(ctx context.Context, v *validated, authentic
 		grpc.MaxRecvMsgSize(256 << 10), grpc.MaxConcurrentStreams(1024)}, v.Listen.Connections.GRPCOptions()...)...)
 	pb.RegisterIstioCertificateServiceServer(cp.grpc, server.NewCertificateService(server.CertificateServiceConfig{
 		Issuer: cp.ca, Authenticator: authenticator, Refusals: cp.refusals, Metrics: metrics, Clock: v.Clock, Log: v.Log,
+		TracerProvider: v.TracerProvider,
 	}))
 	return nil
 }

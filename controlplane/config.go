@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"go.opentelemetry.io/otel/trace"
 	"k8s.io/client-go/rest"
 	"k8s.io/utils/clock"
 
@@ -51,6 +52,10 @@ type Config struct {
 
 	Log   *slog.Logger
 	Clock clock.WithTicker
+	// TracerProvider traces issuance, decisions, xDS pushes and rotation
+	// steps (StartTracing sets it up from the environment); nil turns
+	// tracing off.
+	TracerProvider trace.TracerProvider
 }
 
 // ListenConfig is where the control plane listens, and the bounds on every

@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"go.opentelemetry.io/otel/trace"
 	"google.golang.org/grpc/credentials"
 
 	"github.com/trustmesh/trustmesh/api/identity"
@@ -55,6 +56,8 @@ type StandaloneAuthzConfig struct {
 	// remote.ip trusts.
 	MeshDir string
 	Log     *slog.Logger
+	// TracerProvider traces each Check; nil turns tracing off.
+	TracerProvider trace.TracerProvider
 }
 
 // RunAuthz assembles the ext_authz service alone and serves it until ctx
@@ -64,10 +67,11 @@ func RunAuthz(ctx context.Context, c StandaloneAuthzConfig) error {
 		Address: c.Address, InsecurePlaintext: c.InsecurePlaintext, FailOpen: c.FailOpen,
 		PolicyDir: c.PolicyDir, Bundles: c.Bundles, RootNamespace: c.RootNamespace, EvalTimeout: c.EvalTimeout,
 		HeaderAllowlist: c.HeaderAllowlist, QueryAllowlist: c.QueryAllowlist, RedactPaths: c.RedactPaths,
-		Connections:  connlimit.Config{MaxConnections: c.MaxConnections},
-		Log:          c.Log,
-		OnKubernetes: c.Kubernetes || os.Getenv("KUBERNETES_SERVICE_HOST") != "",
-		DecisionLog:  c.DecisionLog,
+		Connections:    connlimit.Config{MaxConnections: c.MaxConnections},
+		Log:            c.Log,
+		OnKubernetes:   c.Kubernetes || os.Getenv("KUBERNETES_SERVICE_HOST") != "",
+		DecisionLog:    c.DecisionLog,
+		TracerProvider: c.TracerProvider,
 	}
 	if c.Kubernetes {
 		client, err := kube.NewClient(c.Kubeconfig)

@@ -32,6 +32,7 @@ func (cp *ControlPlane) newXDS(v *validated) (*xds.Server, error) {
 		MaxStreamsPerIdentity: v.XDS.MaxStreamsPerIdentity, MaxNodesPerIdentity: v.XDS.MaxNodesPerIdentity,
 		FirstPushHold: v.XDS.FirstPushHold,
 		Clock:         v.Clock, Log: v.Log, Registerer: cp.registry,
+		TracerProvider: v.TracerProvider,
 	}
 	if cfg.Mesh, err = cp.meshSource(v); err != nil {
 		return nil, err

@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"go.opentelemetry.io/otel/trace"
 	"google.golang.org/grpc/credentials"
 
 	"github.com/trustmesh/trustmesh/authz/decisionlog"
@@ -67,6 +68,8 @@ type Config struct {
 	// service serves only once it has read it, and follows its changes.
 	// Without it no peer is a gateway.
 	Mesh mesh.Source
+	// TracerProvider, when set, traces each Check (extauthz.Config).
+	TracerProvider trace.TracerProvider
 }
 
 // Service is the assembled authorization service.
@@ -139,6 +142,7 @@ func New(cfg Config) (*Service, error) {
 	s.server, err = extauthz.New(extauthz.Config{
 		Engine: s.Engine, Log: dl, Address: cfg.Address, Creds: cfg.Creds,
 		InsecurePlaintext: cfg.InsecurePlaintext, FailOpen: cfg.FailOpen, Metrics: metrics, Connections: cfg.Connections,
+		TracerProvider: cfg.TracerProvider,
 	})
 	errs = append(errs, err)
 	if err := errors.Join(errs...); err != nil {

@@ -28,13 +28,19 @@ func newAuthzCmd() *cobra.Command {
 			if c.Bundles, err = bundles.configs(c.PolicyDir); err != nil {
 				return &exitError{code: 2, err: err}
 			}
+			c.Log = slog.New(slog.NewTextHandler(cmd.ErrOrStderr(), nil))
+			tracing, err := controlplane.StartTracing(cmd.Context(), os.LookupEnv, cmd.ErrOrStderr())
+			if err != nil {
+				return &exitError{code: 2, err: err}
+			}
+			defer tracing.Stop(c.Log)
+			c.TracerProvider = tracing.Provider
 			dlog, closeLog, err := openDecisionLog(cmd, decisionLog)
 			if err != nil {
 				return err
 			}
 			defer closeLog()
 			c.DecisionLog = dlog
-			c.Log = slog.New(slog.NewTextHandler(cmd.ErrOrStderr(), nil))
 			return controlplane.RunAuthz(cmd.Context(), c)
 		},
 	}

@@ -57,13 +57,21 @@ nothing. A start that fails leaves no data dir it created behind.`,
 			cfg.Injector.Disabled = !injection
 			cfg.Admission.KeepIgnore = !failClosed
 			if validate {
-				err := errors.Join(controlplane.Check(cmd.Context(), cfg), checkDecisionLog(decisionLog))
+				err := errors.Join(controlplane.Check(cmd.Context(), cfg), checkDecisionLog(decisionLog), controlplane.CheckTracing(os.LookupEnv))
 				if err != nil {
 					return &exitError{code: 2, err: err}
 				}
 				_, err = fmt.Fprintln(cmd.OutOrStdout(), "configuration is valid")
 				return err
 			}
+			// Tracing from the OTEL_* environment, before anything is
+			// written: a variable it cannot honour is a usage error.
+			tracing, err := controlplane.StartTracing(cmd.Context(), os.LookupEnv, cmd.ErrOrStderr())
+			if err != nil {
+				return &exitError{code: 2, err: err}
+			}
+			defer tracing.Stop(log)
+			cfg.TracerProvider = tracing.Provider
 			dlog, closeLog, undo, err := createDecisionLog(cmd, decisionLog)
 			if err != nil {
 				return err
