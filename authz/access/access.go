@@ -119,7 +119,10 @@ type Cell struct {
 	// Conditions say, in words, what a conditional cell depends on.
 	Conditions []string `json:"conditions"`
 	// Policy ("namespace/name") and Rule decide the cell, when one does;
-	// for a conditional cell, the first that may decide.
+	// for a conditional cell, the first CUSTOM or DENY rule that may
+	// decide, else the first ALLOW rule that may match (for one caller
+	// identity and workload whose answer is not an allow, when they
+	// differ).
 	Policy string `json:"policy"`
 	Rule   *int   `json:"rule"`
 	Reason string `json:"reason"`

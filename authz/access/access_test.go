@@ -132,7 +132,7 @@ spec:
 `+head+`metadata: {name: no-admin, namespace: web}
 spec: {action: DENY, rules: [{to: [{operation: {paths: [/admin]}}]}]}`)
 		c := cell(t, m, "web/cron", "web/front", 80)
-		wantCell(t, c, access.Conditional, "web/front", access.ReasonDepends,
+		wantCell(t, c, access.Conditional, "web/no-admin", access.ReasonDepends,
 			`allowed by ALLOW web/front rule 0 when request.method is "GET" and request.path starts with "/api/" and request.headers[x-user] is not "mallory" (or is absent)`,
 			`denied by DENY web/no-admin rule 0 when request.path is "/admin"`,
 			"denied otherwise: no ALLOW rule matches (ALLOW policies: web/front)")

@@ -231,6 +231,7 @@ func (ev *evaluator) eval(id string, w *mesh.Workload, addr string, port uint32,
 		allowRefs  []string
 		allowed    *outcome
 		allowConds []string
+		firstAllow *outcome // the first ALLOW rule that may match
 	)
 	mayDecide := func(p *policy.Policy, rule int, reason string) {
 		if first == nil {
@@ -280,9 +281,9 @@ func (ev *evaluator) eval(id string, w *mesh.Workload, addr string, port uint32,
 			}
 			for _, m := range pm.maybe {
 				allowConds = append(allowConds, "allowed by ALLOW "+p.Key()+" rule "+strconv.Itoa(m.rule)+" when "+m.when)
-				if first == nil {
+				if firstAllow == nil {
 					r := m.rule
-					first = &outcome{policy: p.Key(), rule: &r, reason: ReasonDepends}
+					firstAllow = &outcome{policy: p.Key(), rule: &r}
 				}
 			}
 		}
@@ -298,6 +299,9 @@ func (ev *evaluator) eval(id string, w *mesh.Workload, addr string, port uint32,
 	default:
 		base = outcome{verdict: Conditional}
 		conds = append(conds, allowConds...)
+		if first == nil {
+			first = firstAllow
+		}
 		conds = append(conds, "denied otherwise: no ALLOW rule matches (ALLOW policies: "+strings.Join(allowRefs, ", ")+")")
 	}
 	if len(conds) == 0 {
