@@ -111,3 +111,6 @@ for c in 1 16; do
   awk -v c="$c" -v o="$(rps "$ours")" -v p="$(rps "$peer")" -v ol="$(p50 "$ours")" -v pl="$(p50 "$peer")" 'BEGIN {
     printf "c=%-3s trustmesh %8.0f/s (p50 %6.0f us)   spire %8.0f/s (p50 %6.0f us)   trustmesh/spire = %.2f\n", c, o, ol, p, pl, o / p }'
 done
+
+# What tracing costs on the authorization path, off and on (issue 18).
+"$root/bench/tracing.sh"
