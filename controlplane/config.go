@@ -187,6 +187,8 @@ type XDSConfig struct {
 	// GatewayTrustedHops is the gateways' xff_num_trusted_hops: the
 	// proxies in front of them that append to X-Forwarded-For.
 	GatewayTrustedHops uint32
+	// Tracing gives the proxies an OpenTelemetry tracer (see xds.go).
+	Tracing TracingConfig
 }
 
 // InjectorConfig configures the sidecar-injection webhook.
@@ -293,6 +295,7 @@ func (c Config) settings() (*validated, []error) {
 	errs = append(errs, inGroup("Rotation", c.Rotation.policy(c.CA).Validate()))
 	errs = append(errs, inGroup("Authz", c.Authz.check()...))
 	errs = append(errs, inGroup("Authz", c.Authz.checkBundles(v)...))
+	errs = append(errs, inGroup("XDS", c.XDS.check()...))
 	return v, errs
 }
 

@@ -51,6 +51,9 @@ func TestValidateReportsEveryGroupAtFault(t *testing.T) {
 			Rotation: controlplane.RotationConfig{IntermediateTTL: time.Minute, RootTTL: 5 * time.Minute, RootPropagation: 10 * time.Second, Backdate: 5 * time.Second, Interval: time.Second},
 		}, nil},
 		{"redaction pattern", controlplane.Config{Kubernetes: off, Authz: controlplane.AuthzConfig{LogRedactPaths: []string{"("}}}, []string{"Authz"}},
+		{"tracing collector", controlplane.Config{Kubernetes: off, XDS: controlplane.XDSConfig{Tracing: controlplane.TracingConfig{Collector: "collector"}}}, []string{"XDS"}},
+		{"tracing sampling", controlplane.Config{Kubernetes: off, XDS: controlplane.XDSConfig{Tracing: controlplane.TracingConfig{Collector: "collector:4317", SamplingPercent: 150}}}, []string{"XDS"}},
+		{"tracing", controlplane.Config{Kubernetes: off, XDS: controlplane.XDSConfig{Tracing: controlplane.TracingConfig{Collector: "otel.observability:4317", SamplingPercent: 1}}}, nil},
 		{"three groups", controlplane.Config{
 			Kubernetes: off,
 			Listen:     controlplane.ListenConfig{Monitoring: "no-port"},

@@ -28,7 +28,8 @@ func (cp *ControlPlane) newXDS(v *validated) (*xds.Server, error) {
 	cfg := xds.Config{
 		Bundle: cp.authority,
 		Proxy: proxyconfig.Config{TrustDomain: v.td, RootNamespace: v.Authz.RootNamespace,
-			AuthzHost: host, AuthzPort: uint32(port), AuthzID: v.cpID, GatewayTrustedHops: v.XDS.GatewayTrustedHops},
+			AuthzHost: host, AuthzPort: uint32(port), AuthzID: v.cpID, GatewayTrustedHops: v.XDS.GatewayTrustedHops,
+			Tracing: proxyconfig.Tracing{Collector: v.XDS.Tracing.Collector, SamplingPercent: v.XDS.Tracing.SamplingPercent}},
 		MaxStreamsPerIdentity: v.XDS.MaxStreamsPerIdentity, MaxNodesPerIdentity: v.XDS.MaxNodesPerIdentity,
 		FirstPushHold: v.XDS.FirstPushHold,
 		Clock:         v.Clock, Log: v.Log, Registerer: cp.registry,
@@ -49,4 +50,25 @@ func (cp *ControlPlane) newXDS(v *validated) (*xds.Server, error) {
 		return nil, fmt.Errorf("controlplane: %w", err)
 	}
 	return srv, nil
+}
+
+// TracingConfig is where proxies send their spans: the HTTP connection
+// managers of the Envoys this xDS server configures get an OpenTelemetry
+// tracer, as Istio's MeshConfig extensionProviders.opentelemetry with a
+// Telemetry resource gives them.
+type TracingConfig struct {
+	// Collector is the OTLP/gRPC collector "host:port" the proxies export
+	// spans to (proxyconfig.Tracing says how they reach it); empty gives
+	// them no tracer.
+	Collector string
+	// SamplingPercent of requests (0 to 100) a proxy starts a trace for.
+	SamplingPercent float64
+}
+
+func (c *XDSConfig) check() []error {
+	errs := []error{setting("tracing-sampling", proxyconfig.CheckSamplingPercent(c.Tracing.SamplingPercent))}
+	if c.Tracing.Collector != "" {
+		errs = append(errs, setting("tracing-collector", proxyconfig.CheckCollector(c.Tracing.Collector)))
+	}
+	return errs
 }

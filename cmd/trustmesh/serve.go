@@ -16,6 +16,7 @@ import (
 	"github.com/trustmesh/trustmesh/controlplane"
 	"github.com/trustmesh/trustmesh/internal/connlimit"
 	"github.com/trustmesh/trustmesh/xds"
+	"github.com/trustmesh/trustmesh/xds/proxyconfig"
 )
 
 func newServeCmd() *cobra.Command {
@@ -111,6 +112,8 @@ nothing. A start that fails leaves no data dir it created behind.`,
 	f.IntVar(&cfg.XDS.MaxNodesPerIdentity, "xds-max-nodes-per-identity", xds.DefaultMaxNodesPerIdentity, "xDS node ids one SPIFFE ID may register, per pod the mesh lists under it")
 	f.DurationVar(&cfg.XDS.FirstPushHold, "xds-first-push-hold", xds.DefaultFirstPushHold, "how long a proxy may hold a first-configuration slot without acknowledging")
 	f.Uint32Var(&cfg.XDS.GatewayTrustedHops, "gateway-trusted-hops", 0, "proxies in front of the gateways that append to X-Forwarded-For (their xff_num_trusted_hops)")
+	f.StringVar(&cfg.XDS.Tracing.Collector, "tracing-collector", "", "host:port of the OpenTelemetry collector (OTLP/gRPC) the proxies export spans to; a mesh service is reached over mesh mTLS; empty gives proxies no tracer")
+	f.Float64Var(&cfg.XDS.Tracing.SamplingPercent, "tracing-sampling", proxyconfig.DefaultTracingSampling, "percent of requests (0 to 100) a proxy starts a trace for, with --tracing-collector")
 	f.StringVar(&cfg.Listen.Injector, "listen-injector", controlplane.DefaultListenInjector, `admission webhooks' address (sidecar injection and config validation), on Kubernetes; "off" turns both off`)
 	f.BoolVar(&injection, "injection", true, "serve sidecar injection on --listen-injector; false still serves config validation there")
 	f.StringVar(&cfg.Admission.WebhookConfig, "validation-webhook-config", controlplane.DefaultValidationWebhook, `ValidatingWebhookConfiguration whose caBundle serve keeps current, and whose failurePolicy it switches from Ignore to Fail once the webhook answers; "off" keeps none`)
