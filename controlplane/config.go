@@ -49,6 +49,7 @@ type Config struct {
 	Injector   InjectorConfig
 	Admission  AdmissionConfig
 	Kubernetes KubernetesConfig
+	UI         UIConfig
 
 	Log   *slog.Logger
 	Clock clock.WithTicker
@@ -80,8 +81,9 @@ type ListenConfig struct {
 	// only: injection (/inject) and validation (/validate); "off" turns
 	// both off.
 	Injector string
+	UI string // the web UI (UIConfig); "" or "off" turns it off
 	// Connections bounds every listener (CA and xDS, monitoring, bundle
-	// endpoint, ext_authz, injector webhook): connections served at once,
+	// endpoint, ext_authz, injector webhook, web UI): connections served at once,
 	// and handshake, read, write and idle timeouts. Zero values take
 	// connlimit's defaults.
 	Connections connlimit.Config
@@ -295,6 +297,7 @@ func (c Config) settings() (*validated, []error) {
 	errs = append(errs, inGroup("Rotation", c.Rotation.policy(c.CA).Validate()))
 	errs = append(errs, inGroup("Authz", c.Authz.check()...))
 	errs = append(errs, inGroup("Authz", c.Authz.checkBundles(v)...))
+	errs = append(errs, inGroup("UI", c.UI.check(c.Listen.UI)...))
 	errs = append(errs, inGroup("XDS", c.XDS.check()...))
 	return v, errs
 }

@@ -59,6 +59,8 @@ type ControlPlane struct {
 	grpc       *grpc.Server
 	monitoring *http.Server
 	bundle     *http.Server
+	ui         *http.Server // the web UI, unless --listen-ui=off
+	uiLis      net.Listener
 	caLis      net.Listener
 	monLis     net.Listener
 	bundleLis  net.Listener
@@ -173,6 +175,9 @@ func New(ctx context.Context, cfg Config) (_ *ControlPlane, err error) {
 	if err := cp.newMonitoring(v); err != nil {
 		return nil, err
 	}
+	if err := cp.newUI(v); err != nil {
+		return nil, err
+	}
 	return cp, nil
 }
 
@@ -263,6 +268,8 @@ func (cp *ControlPlane) XDSPushes() uint64 {
 // Addrs are the bound addresses, useful when listening on port 0.
 type Addrs struct {
 	CA, Monitoring, Bundle net.Addr
+	// UI is the web UI's address, nil when it is off.
+	UI net.Addr
 }
 
 // Addrs returns the bound listener addresses.
@@ -270,6 +277,9 @@ func (cp *ControlPlane) Addrs() Addrs {
 	a := Addrs{CA: cp.caLis.Addr(), Monitoring: cp.monLis.Addr()}
 	if cp.bundleLis != nil {
 		a.Bundle = cp.bundleLis.Addr()
+	}
+	if cp.uiLis != nil {
+		a.UI = cp.uiLis.Addr()
 	}
 	return a
 }

@@ -35,6 +35,7 @@ func (c *ListenConfig) check() []error {
 		{"listen-bundle", c.Bundle, c.Bundle == ""},
 		{"listen-authz", c.Authz, c.Authz == "off" || strings.HasPrefix(c.Authz, "unix://")},
 		{"listen-injector", c.Injector, c.Injector == "off"},
+		{"listen-ui", c.UI, c.UI == "" || c.UI == "off"},
 	} {
 		if !l.off {
 			errs = append(errs, setting(l.flag, checkAddress(l.addr)))
@@ -75,6 +76,9 @@ func (v *validated) ports() []port {
 	if v.injectorOn() {
 		ps = append(ps, port{"listen-injector", v.Listen.Injector, "the admission webhooks (injection, validation)"})
 	}
+	if v.uiOn() {
+		ps = append(ps, port{"listen-ui", v.Listen.UI, "the web UI"})
+	}
 	return ps
 }
 
@@ -95,6 +99,8 @@ func (cp *ControlPlane) bindAll(v *validated) error {
 			cp.monLis = l
 		case "listen-bundle":
 			cp.bundleLis = l
+		case "listen-ui":
+			cp.uiLis = l
 		default:
 			if l != nil {
 				cp.reserved[p.flag] = l

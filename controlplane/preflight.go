@@ -118,6 +118,10 @@ func (v *validated) inputs(ctx context.Context) []error {
 		}
 		errs = append(errs, inGroup("CA", setting("cacerts", err)))
 	}
+	if v.uiOn() {
+		_, _, uiErrs := v.UI.inputs()
+		errs = append(errs, inGroup("UI", uiErrs...))
+	}
 	if uri := v.Journal.CheckpointKeyURI; uri != "" {
 		_, err := authority.OpenSigner(ctx, uri)
 		errs = append(errs, inGroup("Journal", setting("checkpoint-key-uri", err)))

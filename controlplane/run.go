@@ -61,9 +61,12 @@ func (cp *ControlPlane) Run(ctx context.Context) error {
 	if cp.bundle != nil {
 		tasks = append(tasks, func(context.Context) error { return serveHTTP(cp.bundle, cp.bundleLis, true, "bundle endpoint") })
 	}
+	if cp.ui != nil {
+		tasks = append(tasks, func(context.Context) error { return serveHTTP(cp.ui, cp.uiLis, cp.ui.TLSConfig != nil, "web UI") })
+	}
 	a := cp.Addrs()
 	cp.cfg.Log.Info("trustmesh control plane serving", "trust_domain", cp.cfg.td.Name(),
-		"ca", a.CA.String(), "monitoring", a.Monitoring.String(), "bundle_endpoint", addrString(a.Bundle),
+		"ca", a.CA.String(), "monitoring", a.Monitoring.String(), "bundle_endpoint", addrString(a.Bundle), "ui", addrString(a.UI),
 		"data_dir", cp.cfg.DataDir, "kubernetes", cp.cfg.inKube)
 	cp.ready.Store(true)
 	// The authorization service binds its port itself, once its policies
@@ -102,6 +105,9 @@ func (cp *ControlPlane) stop(ctx context.Context) error {
 	if cp.bundle != nil {
 		errs = append(errs, cp.bundle.Shutdown(sctx))
 	}
+	if cp.ui != nil {
+		errs = append(errs, cp.ui.Shutdown(sctx))
+	}
 	return errors.Join(errs...)
 }
 
@@ -122,7 +128,7 @@ func (cp *ControlPlane) close() {
 	if cp.webhooks != nil {
 		_ = cp.webhooks.Close()
 	}
-	for _, l := range []net.Listener{cp.caLis, cp.monLis, cp.bundleLis} {
+	for _, l := range []net.Listener{cp.caLis, cp.monLis, cp.bundleLis, cp.uiLis} {
 		if l != nil {
 			_ = l.Close()
 		}

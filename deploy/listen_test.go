@@ -80,7 +80,7 @@ func TestEveryPortThePodServesIsListenedOnOffLoopback(t *testing.T) {
 			}
 			// Every listener is set, to an address or off: none is left
 			// at serve's loopback default.
-			for _, flag := range []string{"--listen-ca", "--listen-monitoring", "--listen-bundle", "--listen-authz", "--listen-injector"} {
+			for _, flag := range []string{"--listen-ca", "--listen-monitoring", "--listen-bundle", "--listen-authz", "--listen-injector", "--listen-ui"} {
 				if !set[flag] {
 					t.Errorf("the chart leaves %s at serve's loopback default", flag)
 				}

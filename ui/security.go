@@ -328,3 +328,9 @@ func randomBytes(n int) ([]byte, error) {
 	}
 	return b, nil
 }
+
+// CheckAllowedHosts checks --ui-allowed-host values as New does.
+func CheckAllowedHosts(hosts []string) error {
+	_, _, err := newHostCheck("127.0.0.1:0", hosts)
+	return err
+}

@@ -59,7 +59,7 @@ func TestExamplePoliciesAsShipped(t *testing.T) {
 		var stderr syncBuffer
 		cmd := exec.Command(binary, "serve", "--policies", "examples/policies",
 			"--data-dir", filepath.Join(t.TempDir(), "data"), "--listen-ca", freePort(t), "--listen-monitoring", monitoring,
-			"--listen-authz", freePort(t), "--listen-bundle", "")
+			"--listen-authz", freePort(t), "--listen-bundle", "", "--listen-ui", "off")
 		cmd.Dir, cmd.Stderr = repoRoot, &stderr
 		if err := cmd.Start(); err != nil {
 			t.Fatal(err)
@@ -104,7 +104,7 @@ func TestServeRefusesAStartWithoutTheBundle(t *testing.T) {
 	dataDir := filepath.Join(t.TempDir(), "data")
 	cmd := exec.Command(binary, "serve", "--policies", dir,
 		"--data-dir", dataDir, "--listen-ca", freePort(t), "--listen-monitoring", freePort(t),
-		"--listen-authz", freePort(t), "--listen-bundle", "")
+		"--listen-authz", freePort(t), "--listen-bundle", "", "--listen-ui", "off")
 	cmd.Stderr = &stderr
 	done := make(chan error, 1)
 	if err := cmd.Start(); err != nil {

@@ -34,6 +34,9 @@ func newServeCmd() *cobra.Command {
   --listen-bundle     %-16s the SPIFFE bundle endpoint (HTTPS), for federation
   --listen-injector   %-16s the sidecar-injection webhook (/inject) and the
                                        validating webhook (/validate), on Kubernetes
+  --listen-ui         %-16s the web UI (/ui/): identities, CA, access, denials,
+                                       journal; off loopback only with --ui-token-file
+                                       or --ui-client-ca
 
 Every listener is on loopback unless told otherwise; the Helm chart sets the
 addresses a pod listens on. xDS serves the --mesh directory or, on
@@ -46,7 +49,7 @@ that every port is free, and that the data dir is a directory no running
 serve holds, of this trust domain. It reports every problem and writes
 nothing. A start that fails leaves no data dir it created behind.`,
 			controlplane.DefaultListenCA, controlplane.DefaultListenAuthz, controlplane.DefaultListenMonitoring,
-			controlplane.DefaultListenBundle, controlplane.DefaultListenInjector),
+			controlplane.DefaultListenBundle, controlplane.DefaultListenInjector, controlplane.DefaultListenUI),
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			log, err := newLogger(logFormat, logLevel)
@@ -115,6 +118,12 @@ nothing. A start that fails leaves no data dir it created behind.`,
 	f.StringVar(&cfg.XDS.Tracing.Collector, "tracing-collector", "", "host:port of the OpenTelemetry collector (OTLP/gRPC) the proxies export spans to; a mesh service is reached over mesh mTLS; empty gives proxies no tracer")
 	f.Float64Var(&cfg.XDS.Tracing.SamplingPercent, "tracing-sampling", proxyconfig.DefaultTracingSampling, "percent of requests (0 to 100) a proxy starts a trace for, with --tracing-collector")
 	f.StringVar(&cfg.Listen.Injector, "listen-injector", controlplane.DefaultListenInjector, `admission webhooks' address (sidecar injection and config validation), on Kubernetes; "off" turns both off`)
+	f.StringVar(&cfg.Listen.UI, "listen-ui", controlplane.DefaultListenUI, `address of the web UI (/ui/); "off" turns it off; off loopback it needs --ui-token-file or --ui-client-ca`)
+	f.StringArrayVar(&cfg.UI.AllowedHosts, "ui-allowed-host", nil, "further Host name (NAME or NAME:PORT) the web UI answers to, besides loopback's and its listen address (repeatable)")
+	f.StringVar(&cfg.UI.TokenFile, "ui-token-file", "", "file holding the web UI's bearer token (16 characters or more), sent as Authorization: Bearer or exchanged at /ui/login for a session cookie")
+	f.StringVar(&cfg.UI.TLSCert, "ui-tls-cert", "", "certificate (PEM) to serve the web UI over HTTPS, with --ui-tls-key")
+	f.StringVar(&cfg.UI.TLSKey, "ui-tls-key", "", "private key (PEM) of --ui-tls-cert")
+	f.StringVar(&cfg.UI.ClientCA, "ui-client-ca", "", "CA bundle (PEM) the web UI's clients must present a certificate from (mTLS; needs --ui-tls-cert)")
 	f.BoolVar(&injection, "injection", true, "serve sidecar injection on --listen-injector; false still serves config validation there")
 	f.StringVar(&cfg.Admission.WebhookConfig, "validation-webhook-config", controlplane.DefaultValidationWebhook, `ValidatingWebhookConfiguration whose caBundle serve keeps current, and whose failurePolicy it switches from Ignore to Fail once the webhook answers; "off" keeps none`)
 	f.BoolVar(&failClosed, "validation-fail-closed", true, "switch the validating webhook's failurePolicy to Fail once it answers; false keeps Ignore (for a single replica, whose absence would block every write of the kinds it checks)")

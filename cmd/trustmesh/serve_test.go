@@ -76,7 +76,7 @@ func startServe(t *testing.T, dataDir string) *serveProc {
 	t.Helper()
 	p := &serveProc{ca: freePort(t), monitoring: freePort(t)}
 	p.cmd = exec.Command(binary, "serve", "--data-dir", dataDir,
-		"--listen-ca", p.ca, "--listen-monitoring", p.monitoring, "--listen-bundle", "")
+		"--listen-ca", p.ca, "--listen-monitoring", p.monitoring, "--listen-bundle", "", "--listen-ui", "off")
 	p.cmd.Stderr = &p.stderr
 	if err := p.cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -111,7 +111,7 @@ func (p *serveProc) stop(t *testing.T) {
 func run(t *testing.T, args ...string) string {
 	t.Helper()
 	var stdout, stderr bytes.Buffer
-	cmd := exec.Command(binary, args...)
+	cmd := exec.Command(binary, uiOff(args)...)
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
 	if err := cmd.Run(); err != nil {
 		t.Fatalf("trustmesh %s: %v\n%s", strings.Join(args, " "), err, stderr.String())
@@ -220,6 +220,20 @@ func TestServeRestartKeepsCA(t *testing.T) {
 	}
 }
 
+// uiOff turns serve's web UI off unless args set --listen-ui: its default
+// port is fixed, and serves in parallel tests would fight over it.
+func uiOff(args []string) []string {
+	if len(args) == 0 || args[0] != "serve" {
+		return args
+	}
+	for _, a := range args {
+		if a == "--listen-ui" || strings.HasPrefix(a, "--listen-ui=") || a == "--help" {
+			return args
+		}
+	}
+	return append(append([]string(nil), args...), "--listen-ui=off")
+}
+
 // refuse runs trustmesh, which must fail within a minute, and returns its
 // exit code and stderr.
 func refuse(t *testing.T, args ...string) (int, string) {
@@ -227,7 +241,7 @@ func refuse(t *testing.T, args ...string) (int, string) {
 	var stderr bytes.Buffer
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	cmd := exec.CommandContext(ctx, binary, args...)
+	cmd := exec.CommandContext(ctx, binary, uiOff(args)...)
 	cmd.Stderr = &stderr
 	err := cmd.Run()
 	var ee *exec.ExitError
@@ -243,7 +257,7 @@ func TestServeHelpNamesEveryPart(t *testing.T) {
 	out := run(t, "serve", "--help")
 	for _, want := range []string{"the CA", "xDS", "ext_authz", "sidecar-injection webhook", "/healthz, /readyz and /metrics", "bundle endpoint",
 		"--listen-ca         127.0.0.1:15012", "--listen-authz      127.0.0.1:9191", "--listen-monitoring 127.0.0.1:15014",
-		"--listen-bundle     127.0.0.1:15016", "--listen-injector   127.0.0.1:15017"} {
+		"--listen-bundle     127.0.0.1:15016", "--listen-injector   127.0.0.1:15017", "--listen-ui         127.0.0.1:15018"} {
 		if !strings.Contains(out, want) {
 			t.Errorf("serve --help does not say %q:\n%s", want, out)
 		}
@@ -264,10 +278,11 @@ func TestServeThatCannotListenCreatesNothing(t *testing.T) {
 		{"--listen-monitoring", "the monitoring port"},
 		{"--listen-bundle", "the bundle endpoint"},
 		{"--listen-authz", "the ext_authz port"},
+		{"--listen-ui", "the web UI"},
 	} {
 		t.Run(tc.flag, func(t *testing.T) {
 			dataDir := filepath.Join(t.TempDir(), "data")
-			args := map[string]string{"--listen-ca": "127.0.0.1:0", "--listen-monitoring": "127.0.0.1:0", "--listen-bundle": "127.0.0.1:0", "--listen-authz": "127.0.0.1:0"}
+			args := map[string]string{"--listen-ca": "127.0.0.1:0", "--listen-monitoring": "127.0.0.1:0", "--listen-bundle": "127.0.0.1:0", "--listen-authz": "127.0.0.1:0", "--listen-ui": "127.0.0.1:0"}
 			args[tc.flag] = busy.Addr().String()
 			argv := []string{"serve", "--data-dir", dataDir, "--policies", t.TempDir()}
 			for f, a := range args {

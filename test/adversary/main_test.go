@@ -75,7 +75,9 @@ type server struct {
 	meshDir     string
 	// Addresses, host:port on loopback.
 	ca, monitoring, bundle, authz string
-	roots                         *x509.CertPool
+	// ui is the web UI's address, when a test turns it on (--listen-ui).
+	ui    string
+	roots *x509.CertPool
 
 	cmd       *exec.Cmd
 	exited    chan struct{}
@@ -94,7 +96,7 @@ func startServer(cfg serveConfig) (*server, error) {
 	s := &server{dataDir: filepath.Join(dir, "data"), decisionLog: filepath.Join(dir, "decisions.log"), exited: make(chan struct{})}
 	args := []string{"serve", "--data-dir", s.dataDir, "--kubernetes", "off", "--log-format", "json",
 		"--listen-ca", "127.0.0.1:0", "--listen-monitoring", "127.0.0.1:0", "--listen-bundle", "127.0.0.1:0",
-		"--decision-log", s.decisionLog}
+		"--listen-ui", "off", "--decision-log", s.decisionLog}
 	if cfg.policies != nil {
 		p := filepath.Join(dir, "policies")
 		if err := writeFiles(p, cfg.policies); err != nil {
@@ -138,6 +140,7 @@ func startServer(cfg serveConfig) (*server, error) {
 		s.ca, _ = a["ca"].(string)
 		s.monitoring, _ = a["monitoring"].(string)
 		s.bundle, _ = a["bundle_endpoint"].(string)
+		s.ui, _ = a["ui"].(string)
 	case <-s.exited:
 		return fail(fmt.Errorf("trustmesh serve exited at start: %v", s.cmd.ProcessState))
 	case <-time.After(60 * time.Second):

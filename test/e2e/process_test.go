@@ -140,7 +140,7 @@ func TestProcessesEndToEnd(t *testing.T) {
 	caAddr, caMon := freeAddr(t), freeAddr(t)
 
 	serve := startProc(t, nil, "serve", "--data-dir", dataDir, "--kubernetes", "off",
-		"--listen-ca", caAddr, "--listen-monitoring", caMon, "--listen-bundle", "")
+		"--listen-ca", caAddr, "--listen-monitoring", caMon, "--listen-bundle", "", "--listen-ui", "off")
 	waitHTTP(t, serve, "http://"+caMon+"/readyz")
 
 	id := spiffeid.RequireFromString("spiffe://cluster.local/vm/billing-7")

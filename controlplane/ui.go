@@ -1,0 +1,133 @@
+package controlplane
+
+import (
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"os"
+	"strings"
+
+	"github.com/trustmesh/trustmesh/ca/admin"
+	"github.com/trustmesh/trustmesh/ui"
+)
+
+// DefaultListenUI is the web UI's address: loopback, like every listener
+// by default, so that the monitoring port stays what Prometheus scrapes.
+const DefaultListenUI = "127.0.0.1:15018"
+
+// UIConfig configures the web UI on Listen.UI.
+type UIConfig struct {
+	// AllowedHosts are further Host names the UI answers to, besides
+	// loopback's and the bound address ("name" or "name:port").
+	AllowedHosts []string
+	// TokenFile holds the bearer token (at least ui.MinTokenLength
+	// characters) that a client sends, or exchanges at /ui/login for a
+	// session cookie.
+	TokenFile string
+	// TLSCert and TLSKey serve the UI over HTTPS; ClientCA, with them,
+	// requires a client certificate that chains to it.
+	TLSCert, TLSKey, ClientCA string
+	// Replica labels this replica's denials; default $POD_NAME, else the
+	// host name.
+	Replica string
+}
+
+// uiOn reports whether the web UI is served.
+func (v *validated) uiOn() bool { return v.Listen.UI != "" && v.Listen.UI != "off" }
+
+// check checks the UI group against its listen address: a listener that
+// is not on loopback must authenticate (fail closed).
+func (c *UIConfig) check(listen string) []error {
+	if listen == "" || listen == "off" {
+		return nil
+	}
+	var errs []error
+	if (c.TLSCert == "") != (c.TLSKey == "") {
+		errs = append(errs, setting("ui-tls-cert", errors.New("give both --ui-tls-cert and --ui-tls-key, or neither")))
+	}
+	if c.ClientCA != "" && c.TLSCert == "" {
+		errs = append(errs, setting("ui-client-ca", errors.New("client certificates need HTTPS: give --ui-tls-cert and --ui-tls-key too")))
+	}
+	if !ui.IsLoopback(listen) && c.TokenFile == "" && c.ClientCA == "" {
+		errs = append(errs, setting("listen-ui", fmt.Errorf("%s is not on loopback, and the web UI shows the mesh's identities, policies and denials: give --ui-token-file or --ui-client-ca (or listen on 127.0.0.1)", listen)))
+	}
+	errs = append(errs, setting("ui-allowed-host", ui.CheckAllowedHosts(c.AllowedHosts)))
+	return errs
+}
+
+// uiInputs reads the files the UI group names: the token, and the TLS
+// certificate, key and client CA.
+func (c *UIConfig) inputs() (token string, tlsCfg *tls.Config, errs []error) {
+	if c.TokenFile != "" {
+		b, err := os.ReadFile(c.TokenFile)
+		token = strings.TrimSpace(string(b))
+		switch {
+		case err != nil:
+		case len(token) < ui.MinTokenLength:
+			err = fmt.Errorf("%s holds a token of %d characters; it needs at least %d", c.TokenFile, len(token), ui.MinTokenLength)
+		case strings.ContainsAny(token, " \t\r\n"):
+			err = fmt.Errorf("%s holds more than one word; the token is one", c.TokenFile)
+		}
+		errs = append(errs, setting("ui-token-file", err))
+	}
+	if c.TLSCert != "" && c.TLSKey != "" {
+		cert, err := tls.LoadX509KeyPair(c.TLSCert, c.TLSKey)
+		errs = append(errs, setting("ui-tls-cert", err))
+		tlsCfg = &tls.Config{MinVersion: tls.VersionTLS12, Certificates: []tls.Certificate{cert}}
+		if c.ClientCA != "" {
+			pool := x509.NewCertPool()
+			b, err := os.ReadFile(c.ClientCA)
+			if err == nil && !pool.AppendCertsFromPEM(b) {
+				err = fmt.Errorf("%s holds no PEM certificates", c.ClientCA)
+			}
+			errs = append(errs, setting("ui-client-ca", err))
+			tlsCfg.ClientCAs, tlsCfg.ClientAuth = pool, tls.RequireAndVerifyClientCert
+		}
+	}
+	return token, tlsCfg, errs
+}
+
+// replica names this replica: the UI config's, else $POD_NAME, else the
+// host name.
+func (c *UIConfig) replica() string {
+	if c.Replica != "" {
+		return c.Replica
+	}
+	if p := os.Getenv("POD_NAME"); p != "" {
+		return p
+	}
+	h, _ := os.Hostname()
+	return h
+}
+
+// newUI builds the web UI's server on its bound listener, with adapters
+// from the control plane's parts to the views' data.
+func (cp *ControlPlane) newUI(v *validated) error {
+	if cp.uiLis == nil {
+		return nil
+	}
+	token, tlsCfg, errs := v.UI.inputs()
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("controlplane: invalid configuration: %w", inGroup("UI", errs...))
+	}
+	cfg := ui.Config{
+		Addr: cp.uiLis.Addr().String(), AllowedHosts: v.UI.AllowedHosts, Token: token, ClientCerts: v.UI.ClientCA != "",
+		Replica: v.UI.replica(), TrustDomain: v.td.Name(), Clock: v.Clock, Log: v.Log,
+		Identities: &uiIdentities{cp: cp},
+		CA:         &uiCA{cp: cp},
+		Journal:    &uiJournal{cp: cp, dir: admin.DataDir(v.DataDir), witness: v.Journal.Witness},
+		Access:     &uiAccess{policies: cp.policyFeed, mesh: cp.meshFeed, rootNS: v.Authz.RootNamespace},
+		Denials:    &uiDenials{mesh: cp.meshFeed},
+	}
+	if cp.authz != nil {
+		cfg.Denials.(*uiDenials).log = cp.authz.DecisionLog()
+	}
+	h, err := ui.New(cfg)
+	if err != nil {
+		return fmt.Errorf("controlplane: %w", err)
+	}
+	cp.ui = v.Listen.Connections.HTTPServer(h)
+	cp.ui.TLSConfig = tlsCfg
+	return nil
+}
