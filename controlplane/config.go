@@ -53,9 +53,7 @@ type Config struct {
 
 	Log   *slog.Logger
 	Clock clock.WithTicker
-	// TracerProvider traces issuance, decisions, xDS pushes and rotation
-	// steps (StartTracing sets it up from the environment); nil turns
-	// tracing off.
+	// TracerProvider (StartTracing) traces the CA, ext_authz, xDS and rotation; nil: off.
 	TracerProvider trace.TracerProvider
 }
 
