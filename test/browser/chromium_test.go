@@ -163,7 +163,7 @@ func shownJS(view string) string {
 // waitView waits until the view is the one shown and has its data.
 func (tb *tab) waitView(view string) {
 	tb.t.Helper()
-	tb.waitFor(15*time.Second, shownJS(view), "view "+view+" shown with data-loaded=true")
+	tb.waitFor(30*time.Second, shownJS(view), "view "+view+" shown with data-loaded=true")
 }
 
 // onlyViewShown fails unless view is the only section of the views shown.
