@@ -227,7 +227,7 @@ func startServe(t *testing.T, policies, mesh map[string]string, args, env []stri
 		}
 	}
 	cmd := exec.Command(bin, append([]string{"serve", "--data-dir", s.dataDir, "--kubernetes", "off", "--log-format", "json",
-		"--listen-ca", "127.0.0.1:0", "--listen-monitoring", "127.0.0.1:0", "--listen-bundle", "",
+		"--listen-ca", "127.0.0.1:0", "--listen-monitoring", "127.0.0.1:0", "--listen-bundle", "", "--listen-ui", "off",
 		"--listen-authz", s.authz, "--policies", pdir, "--mesh", mdir, "--decision-log", s.decisionLog}, args...)...)
 	cmd.Dir = dir
 	// Only the test's OTEL_ variables: none of the environment's.
