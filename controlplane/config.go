@@ -79,7 +79,7 @@ type ListenConfig struct {
 	// only: injection (/inject) and validation (/validate); "off" turns
 	// both off.
 	Injector string
-	UI string // the web UI (UIConfig); "" or "off" turns it off
+	UI       string // the web UI (UIConfig); "" or "off" turns it off
 	// Connections bounds every listener (CA and xDS, monitoring, bundle
 	// endpoint, ext_authz, injector webhook, web UI): connections served at once,
 	// and handshake, read, write and idle timeouts. Zero values take

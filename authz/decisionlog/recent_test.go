@@ -48,4 +48,3 @@ func TestRecentDenialsRefusesNegative(t *testing.T) {
 		t.Fatal("a negative ring size was accepted")
 	}
 }
-
