@@ -1,36 +1,16 @@
 package main
 
 import (
-	"bytes"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
 
 	"github.com/trustmesh/trustmesh/examples"
 )
-
-// lockedBuffer is a bytes.Buffer a process writes while the test reads it.
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *lockedBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *lockedBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
 
 // TestDemoLogs runs `trustmesh demo` from a directory other than the
 // repository, on the built-in mesh with a free echo port, at debug level:
@@ -52,7 +32,7 @@ func TestDemoLogs(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	var stdout, stderr lockedBuffer
+	var stdout, stderr syncBuffer
 	cmd := exec.Command(binary, "demo", "--mesh", meshDir, "--interval", "200ms", "--log-level", "debug")
 	cmd.Dir = t.TempDir()
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr

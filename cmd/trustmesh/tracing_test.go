@@ -60,7 +60,7 @@ func TestTracingEnvironmentIsChecked(t *testing.T) {
 // the caller's trace on stderr: the span was batched, and exit flushed it.
 func TestAuthzTracesToConsoleAndFlushesAtExit(t *testing.T) {
 	addr := freePort(t)
-	var stderr bytes.Buffer
+	var stderr syncBuffer
 	cmd := exec.Command(binary, "authz", "--insecure-plaintext", "--listen", addr, "--policies", t.TempDir(), "--decision-log", "")
 	// A batch delay far longer than the test: only the flush at exit
 	// writes the span.
