@@ -42,17 +42,22 @@ func TestReview17bUnderCapCost(t *testing.T) {
 		build := time.Since(start)
 		path := fmt.Sprintf("/p%d", n-1) + strings.Repeat("/a", segs)
 		var worst time.Duration
+		// The Checks' CPU time, not the wall clock's: this runs beside
+		// other packages' tests on a shared machine, which once stretched
+		// a 108 ms wall-clock Check past the bound with no change here.
 		for range 3 {
-			start = time.Now()
-			d, err := set.Check(context.Background(), fuzzRequest("GET", path, "spiffe://cluster.local/ns/foo/sa/x", "", "web", "foo", false))
-			worst = max(worst, time.Since(start))
+			var d *engine.Decision
+			cpu := onThreadCPU(func() {
+				d, err = set.Check(context.Background(), fuzzRequest("GET", path, "spiffe://cluster.local/ns/foo/sa/x", "", "web", "foo", false))
+			})
+			worst = max(worst, cpu)
 			if err != nil || d == nil || !d.Allowed {
 				t.Errorf("Check of %s: %+v, %v; want allowed by the last template", path, d, err)
 			}
 		}
-		t.Logf("%d templates of %d operators: Build %v, slowest of 3 Checks %v", n, segs, build, worst)
+		t.Logf("%d templates of %d operators: Build %v, most CPU of 3 Checks %v", n, segs, build, worst)
 		if worst > 100*time.Millisecond {
-			t.Errorf("%d templates of %d operators: a Check took %v, want milliseconds", n, segs, worst)
+			t.Errorf("%d templates of %d operators: a Check took %v of CPU, want milliseconds", n, segs, worst)
 		}
 	}
 }
