@@ -38,13 +38,14 @@ otelcol:
 # missing, and inject axe-core, which npm ci installs from its lock file
 # through npm's cache; under make test they fail, never skip, without them.
 # test/tracing exports spans to a real OpenTelemetry Collector (make otelcol),
-# named by TRUSTMESH_OTELCOL.
+# named by TRUSTMESH_OTELCOL; with TRUSTMESH_TRACING_TESTS=1 it fails, never
+# skips, without one, and a failing hack/otelcol.sh stops the run.
 test: envtest otelcol generate-check
 	@hack/debian-tools.sh openssl chromium npm
 	@cd test/browser && npm ci --prefer-offline --no-audit --no-fund --loglevel=error >/dev/null
-	@dsn=$$(hack/postgres.sh start) && trap 'hack/postgres.sh stop' EXIT && \
+	@otelcol=$$(hack/otelcol.sh) && dsn=$$(hack/postgres.sh start) && trap 'hack/postgres.sh stop' EXIT && \
 	KUBEBUILDER_ASSETS="$$(hack/envtest-assets.sh)" TRUSTMESH_TEST_POSTGRES_DSN="$$dsn" TRUSTMESH_BROWSER_TESTS=1 \
-	TRUSTMESH_OTELCOL="$$(hack/otelcol.sh)" \
+	TRUSTMESH_OTELCOL="$$otelcol" TRUSTMESH_TRACING_TESTS=1 \
 	$(GO) test -race -count=1 -timeout 20m ./...
 	GO="$(GO)" hack/go-test-named.sh 'TestProofsHoldInTheEngine TestCorpusAgrees TestCaseFilesAgree' ./authz/symbolic ./admission
 	@env=$$(hack/softhsm.sh start) && eval "$$env" && trap 'hack/softhsm.sh stop "$$TRUSTMESH_SOFTHSM_DIR"' EXIT && \

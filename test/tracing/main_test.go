@@ -6,7 +6,8 @@
 // W3C context, and the attributes.
 //
 // TRUSTMESH_OTELCOL names the collector binary; `make test` sets it. Without
-// it the tests skip and say so.
+// it the tests skip and say so, unless TRUSTMESH_TRACING_TESTS=1 (which make
+// test also sets): then a missing or unusable collector fails the package.
 package tracing
 
 import (
@@ -36,7 +37,12 @@ func TestMain(m *testing.M) { os.Exit(run(m)) }
 
 func run(m *testing.M) int {
 	collector = os.Getenv("TRUSTMESH_OTELCOL")
-	if collector == "" {
+	if err := collectorUsable(collector); err != nil {
+		if os.Getenv("TRUSTMESH_TRACING_TESTS") == "1" {
+			fmt.Fprintf(os.Stderr, "tracing tests: %v (TRUSTMESH_TRACING_TESTS=1: make test builds it; run it, or set TRUSTMESH_OTELCOL=$(hack/otelcol.sh))\n", err)
+			return 1
+		}
+		collector = ""
 		return m.Run() // every test skips, saying why
 	}
 	dir, err := os.MkdirTemp("", "trustmesh-tracing-")
@@ -55,10 +61,26 @@ func run(m *testing.M) int {
 	return m.Run()
 }
 
+// collectorUsable says why path cannot be the collector binary, nil when it
+// can: set, and an executable regular file.
+func collectorUsable(path string) error {
+	if path == "" {
+		return errors.New("TRUSTMESH_OTELCOL is unset")
+	}
+	fi, err := os.Stat(path)
+	if err != nil {
+		return fmt.Errorf("TRUSTMESH_OTELCOL: %w", err)
+	}
+	if !fi.Mode().IsRegular() || fi.Mode().Perm()&0o111 == 0 {
+		return fmt.Errorf("TRUSTMESH_OTELCOL: %s is not an executable file", path)
+	}
+	return nil
+}
+
 func needCollector(t *testing.T) {
 	t.Helper()
 	if collector == "" {
-		t.Skip("TRUSTMESH_OTELCOL is unset: it names the OpenTelemetry Collector that hack/otelcol.sh builds (make test sets it)")
+		t.Skip("TRUSTMESH_OTELCOL is unset or unusable: it names the OpenTelemetry Collector that hack/otelcol.sh builds (make test sets it)")
 	}
 }
 
