@@ -68,7 +68,11 @@ func Log(ctx context.Context, r Reader, f Filter) ([]Row, error) {
 }
 
 func each(ctx context.Context, r Reader, fn func(journal.Entry, any)) error {
-	var next uint64
+	return eachFrom(ctx, r, 0, fn)
+}
+
+// eachFrom decodes the entries from index next on.
+func eachFrom(ctx context.Context, r Reader, next uint64, fn func(journal.Entry, any)) error {
 	for {
 		page, err := r.Entries(ctx, next, 5000)
 		if err != nil {
@@ -133,7 +137,18 @@ type Identity struct {
 	Lapses        int       `json:"lapses"`
 	Status        string    `json:"status"` // ok, due, overdue, expired, revoked
 	RenewedInTime bool      `json:"renewed_in_time"`
+	// LastRenewal is how the latest renewal went: on-time, late (past 75%
+	// of the previous certificate's life) or lapsed (after it had
+	// expired); "" before the first renewal.
+	LastRenewal string `json:"last_renewal"`
 }
+
+// How a renewal went (Identity.LastRenewal).
+const (
+	RenewalOnTime = "on-time"
+	RenewalLate   = "late"
+	RenewalLapsed = "lapsed"
+)
 
 // CACert is a CA certificate in force.
 type CACert struct {
@@ -178,23 +193,59 @@ const (
 // expiring within horizon, identities that stopped renewing, and the CA
 // certificates' expiry and rotation state.
 func Rotation(ctx context.Context, r Reader, ca []CACert, at time.Time, horizon time.Duration) (*RotationReport, error) {
-	rep := &RotationReport{At: at.UTC(), Horizon: horizon.String(), CA: ca}
-	type state struct {
-		id      Identity
-		last    *journal.Issuance
-		revoked time.Time
+	s := &Scanner{Until: at}
+	if err := s.Update(ctx, r); err != nil {
+		return nil, err
 	}
-	ids := map[string]*state{}
-	err := each(ctx, r, func(_ journal.Entry, rec any) {
+	return s.Report(ca, at, horizon), nil
+}
+
+// Scanner reads the journal for the rotation report incrementally: Update
+// reads only the entries appended since the last Update, so that a
+// long-running reader (the web UI) does not decode the whole journal again
+// whenever it grows. A Scanner is not safe for concurrent use.
+type Scanner struct {
+	// Until, when set, ignores issuances and revocations after it (the
+	// report "as of" a past time).
+	Until time.Time
+
+	next      uint64
+	ids       map[string]*scanState
+	rotations []journal.Rotation
+}
+
+type scanState struct {
+	id      Identity
+	last    *journal.Issuance
+	revoked time.Time
+}
+
+// Size is how many journal entries the scanner has read.
+func (s *Scanner) Size() uint64 { return s.next }
+
+// Rotations returns the CA rotation steps read so far, oldest first. The
+// caller must not modify them.
+func (s *Scanner) Rotations() []journal.Rotation { return s.rotations }
+
+// Update reads the entries appended since the last Update.
+func (s *Scanner) Update(ctx context.Context, r Reader) error {
+	if s.ids == nil {
+		s.ids = map[string]*scanState{}
+	}
+	after := func(t time.Time) bool { return !s.Until.IsZero() && t.After(s.Until) }
+	return eachFrom(ctx, r, s.next, func(e journal.Entry, rec any) {
+		s.next = e.Index + 1
 		switch v := rec.(type) {
+		case *journal.Rotation:
+			s.rotations = append(s.rotations, *v)
 		case *journal.Issuance:
-			if v.Origin == journal.OriginCA || v.Time.After(at) {
+			if v.Origin == journal.OriginCA || after(v.Time) {
 				return
 			}
-			st := ids[v.SPIFFEID]
+			st := s.ids[v.SPIFFEID]
 			if st == nil {
-				st = &state{id: Identity{SPIFFEID: v.SPIFFEID, RenewedInTime: true}}
-				ids[v.SPIFFEID] = st
+				st = &scanState{id: Identity{SPIFFEID: v.SPIFFEID, RenewedInTime: true}}
+				s.ids[v.SPIFFEID] = st
 			} else if prev := st.last; prev != nil {
 				st.id.Renewals++
 				life := prev.NotAfter.Sub(prev.NotBefore)
@@ -202,23 +253,30 @@ func Rotation(ctx context.Context, r Reader, ca []CACert, at time.Time, horizon 
 				case !v.Time.Before(prev.NotAfter):
 					st.id.Lapses++
 					st.id.RenewedInTime = false
+					st.id.LastRenewal = RenewalLapsed
 				case v.Time.Sub(prev.NotBefore) > time.Duration(float64(life)*overdueAt):
 					st.id.LateRenewals++
 					st.id.RenewedInTime = false
+					st.id.LastRenewal = RenewalLate
+				default:
+					st.id.LastRenewal = RenewalOnTime
 				}
 			}
 			iss := *v
 			st.last = &iss
 			st.id.LastIssued, st.id.Expires, st.id.Serial = v.Time, v.NotAfter, v.Serial
 		case *journal.Revocation:
-			if st := ids[v.SPIFFEID]; st != nil && !v.Time.After(at) {
+			if st := s.ids[v.SPIFFEID]; st != nil && !after(v.Time) {
 				st.revoked = v.Time
 			}
 		}
 	})
-	if err != nil {
-		return nil, err
-	}
+}
+
+// Report evaluates what the scanner has read at time at.
+func (s *Scanner) Report(ca []CACert, at time.Time, horizon time.Duration) *RotationReport {
+	rep := &RotationReport{At: at.UTC(), Horizon: horizon.String(), CA: ca}
+	ids := s.ids
 	names := make([]string, 0, len(ids))
 	for n := range ids {
 		names = append(names, n)
@@ -226,32 +284,33 @@ func Rotation(ctx context.Context, r Reader, ca []CACert, at time.Time, horizon 
 	sort.Strings(names)
 	for _, n := range names {
 		st := ids[n]
+		id := st.id // a copy: Report leaves the scanner's state as it is
 		last := st.last
 		life := last.NotAfter.Sub(last.NotBefore)
 		age := at.Sub(last.NotBefore)
 		switch {
 		case !st.revoked.IsZero() && st.revoked.After(last.Time):
-			st.id.Status = "revoked"
+			id.Status = "revoked"
 		case !at.Before(last.NotAfter):
-			st.id.Status = "expired"
+			id.Status = "expired"
 			rep.Findings = append(rep.Findings, Finding{Level: Critical, Kind: "stopped-renewing", Subject: n,
 				Detail: fmt.Sprintf("last certificate expired %s with no renewal", human.When(last.NotAfter, at))})
 		case age > time.Duration(float64(life)*overdueAt):
-			st.id.Status = "overdue"
+			id.Status = "overdue"
 			rep.Findings = append(rep.Findings, Finding{Level: Warning, Kind: "renewal-overdue", Subject: n,
 				Detail: fmt.Sprintf("certificate is %.0f%% through its life and was not renewed; it expires %s", 100*float64(age)/float64(life), human.When(last.NotAfter, at))})
 		case age > time.Duration(float64(life)*dueAt):
-			st.id.Status = "due"
+			id.Status = "due"
 		default:
-			st.id.Status = "ok"
+			id.Status = "ok"
 		}
-		if st.id.Lapses > 0 {
+		if id.Lapses > 0 {
 			rep.Findings = append(rep.Findings, Finding{Level: Warning, Kind: "coverage-lapse", Subject: n,
-				Detail: fmt.Sprintf("%d renewal(s) came after the previous certificate had expired", st.id.Lapses)})
+				Detail: fmt.Sprintf("%d renewal(s) came after the previous certificate had expired", id.Lapses)})
 		}
-		rep.Identities = append(rep.Identities, st.id)
-		if st.id.Status != "revoked" && st.id.Status != "expired" && last.NotAfter.Before(at.Add(horizon)) {
-			rep.Expiring = append(rep.Expiring, st.id)
+		rep.Identities = append(rep.Identities, id)
+		if id.Status != "revoked" && id.Status != "expired" && last.NotAfter.Before(at.Add(horizon)) {
+			rep.Expiring = append(rep.Expiring, id)
 		}
 	}
 	for _, c := range ca {
@@ -266,7 +325,7 @@ func Rotation(ctx context.Context, r Reader, ca []CACert, at time.Time, horizon 
 				Detail: fmt.Sprintf("expires %s, within the %s horizon", human.When(c.NotAfter, at), human.Duration(horizon))})
 		}
 	}
-	return rep, nil
+	return rep
 }
 
 // Rotations returns the CA rotation steps the journal records (prepare,
