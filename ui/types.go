@@ -2,7 +2,6 @@ package ui
 
 import (
 	"context"
-	"fmt"
 	"time"
 
 	"github.com/trustmesh/trustmesh/ca/audit"
@@ -78,20 +77,25 @@ const (
 )
 
 // IdentityFromAudit maps the rotation audit's record of an identity
-// (ca/audit.Rotation at now) to its row. The first that holds, in this
-// order, is the status:
+// (ca/audit.Rotation at now) to its row. The status says how the identity
+// stands now: it follows the current certificate and the latest renewal
+// only, so that it clears once the identity renews on time again; the
+// lifetime counts stay in their own columns (renewals, late_renewals,
+// lapses). The first that holds, in this order, is the status:
 //
-//   - revoked: its enrolment was revoked after its last certificate;
-//   - stopped-renewing: its last certificate has expired and none followed
-//     (the audit's "expired");
-//   - late: its certificate is past 75% of its lifetime and not renewed
-//     (the audit's "overdue");
-//   - lapsed: it renews now, but a renewal came only after the previous
-//     certificate had expired, a gap in its coverage;
-//   - late: it renews now, but a renewal came past 75% of the previous
-//     certificate's lifetime;
-//   - on-time: otherwise (the audit's "ok" and "due": agents renew at half
-//     their lifetime, so a certificate 60-75% through is in its window).
+//   - revoked ("Revoked"): its enrolment was revoked after its last
+//     certificate;
+//   - stopped-renewing ("Stopped renewing"): its last certificate has
+//     expired and none followed (the audit's "expired");
+//   - late ("Late: overdue for renewal"): its certificate is past 75% of its
+//     lifetime and not renewed (the audit's "overdue");
+//   - lapsed ("Lapsed: last renewed after expiry"): the latest renewal came
+//     only after the previous certificate had expired, a gap in coverage;
+//   - late ("Late: last renewed late"): the latest renewal came past 75% of
+//     the previous certificate's lifetime;
+//   - on-time ("On time"): otherwise (the audit's "ok" and "due": agents
+//     renew at half their lifetime, so a certificate 60-75% through is in
+//     its window).
 func IdentityFromAudit(a audit.Identity, now time.Time) Identity {
 	id := Identity{
 		SPIFFEID: a.SPIFFEID, Serial: a.Serial, Expires: a.Expires.UTC(), LastIssued: a.LastIssued.UTC(),
@@ -104,21 +108,14 @@ func IdentityFromAudit(a audit.Identity, now time.Time) Identity {
 		id.Status, id.StatusLabel = StatusStoppedRenewing, "Stopped renewing: its certificate expired "+human.When(a.Expires, now)
 	case a.Status == "overdue":
 		id.Status, id.StatusLabel = StatusLate, "Late: overdue for renewal, expires "+human.When(a.Expires, now)
-	case a.Lapses > 0:
-		id.Status, id.StatusLabel = StatusLapsed, fmt.Sprintf("Lapsed: renewed after expiry %s", times(a.Lapses))
-	case a.LateRenewals > 0:
-		id.Status, id.StatusLabel = StatusLate, fmt.Sprintf("Late: renewed late %s", times(a.LateRenewals))
+	case a.LastRenewal == audit.RenewalLapsed:
+		id.Status, id.StatusLabel = StatusLapsed, "Lapsed: last renewed after its certificate had expired"
+	case a.LastRenewal == audit.RenewalLate:
+		id.Status, id.StatusLabel = StatusLate, "Late: last renewed past 75% of its certificate's lifetime"
 	default:
 		id.Status, id.StatusLabel = StatusOnTime, "On time"
 	}
 	return id
-}
-
-func times(n int) string {
-	if n == 1 {
-		return "once"
-	}
-	return fmt.Sprintf("%d times", n)
 }
 
 // IdentitiesView is GET /ui/api/identities.

@@ -376,8 +376,13 @@ func TestStatusMapping(t *testing.T) {
 		{audit.Identity{Status: "ok"}, StatusOnTime},
 		{audit.Identity{Status: "due"}, StatusOnTime},
 		{audit.Identity{Status: "overdue"}, StatusLate},
-		{audit.Identity{Status: "ok", LateRenewals: 1}, StatusLate},
-		{audit.Identity{Status: "ok", Lapses: 1, LateRenewals: 1}, StatusLapsed},
+		{audit.Identity{Status: "ok", LateRenewals: 1, LastRenewal: audit.RenewalLate}, StatusLate},
+		{audit.Identity{Status: "ok", Lapses: 1, LateRenewals: 1, LastRenewal: audit.RenewalLapsed}, StatusLapsed},
+		// The status follows the latest renewal: old lapses and late
+		// renewals stay in their counts only.
+		{audit.Identity{Status: "ok", Renewals: 100, Lapses: 1, LastRenewal: audit.RenewalOnTime}, StatusOnTime},
+		{audit.Identity{Status: "due", Renewals: 9, LateRenewals: 3, LastRenewal: audit.RenewalOnTime}, StatusOnTime},
+		{audit.Identity{Status: "ok", Lapses: 1, LastRenewal: audit.RenewalLate}, StatusLate},
 		{audit.Identity{Status: "expired", Lapses: 1}, StatusStoppedRenewing},
 		{audit.Identity{Status: "revoked", Lapses: 1}, StatusRevoked},
 	} {
