@@ -34,6 +34,7 @@ import (
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
+	"github.com/trustmesh/trustmesh/authz/decisionlog"
 	"github.com/trustmesh/trustmesh/authz/engine"
 	"github.com/trustmesh/trustmesh/authz/policy"
 	"github.com/trustmesh/trustmesh/mesh"
@@ -54,6 +55,10 @@ type Options struct {
 	// the mesh come from; the Matrix carries them.
 	PolicyVersion uint64
 	MeshVersion   uint64
+	// Redact, when set, redacts the request values that conditions quote
+	// as the decision log would: header values unless allowlisted, path
+	// values through its path patterns. Nil quotes policies verbatim.
+	Redact *decisionlog.Redactor
 }
 
 // Matrix is who may call whom.
@@ -272,6 +277,7 @@ func Compute(policies []*policy.Policy, m *mesh.Mesh, o Options) (*Matrix, error
 	sort.Slice(callees, func(i, j int) bool { return callees[i].Key() < callees[j].Key() })
 
 	ev := newEvaluator(ps, root)
+	ev.redact = o.Redact
 	for _, c := range callers {
 		for _, s := range callees {
 			for _, p := range s.Ports {

@@ -9,6 +9,7 @@ import (
 	"testing"
 
 	"github.com/trustmesh/trustmesh/authz/access"
+	"github.com/trustmesh/trustmesh/authz/decisionlog"
 	"github.com/trustmesh/trustmesh/authz/policy"
 	"github.com/trustmesh/trustmesh/mesh"
 )
@@ -235,5 +236,55 @@ func TestLoadExamples(t *testing.T) {
 	}
 	if _, err := access.Load(context.Background(), access.LoadConfig{PolicyDir: "../../examples/mesh/policies", MeshDir: "../../examples/mesh", TrustDomain: "example.org"}); !errors.Is(err, access.ErrInput) {
 		t.Errorf("foreign trust domain: %v", err)
+	}
+}
+
+// TestRedact: with a redactor, conditions show a header's value only when
+// the decision log's allowlist names the header, and paths through its
+// path patterns; without one, the policy's values as written.
+func TestRedact(t *testing.T) {
+	ps, err := policy.ParseYAML("test", []byte(head+`metadata: {name: front, namespace: web}
+spec:
+  selector: {matchLabels: {app: front}}
+  rules:
+  - to: [{operation: {paths: ["/reset/tok-8f3a9c*"]}}]
+    when:
+    - {key: "request.headers[x-api-key]", values: [sk_live_SUPERSECRET]}
+    - {key: "request.headers[User-Agent]", values: [probe/1]}`), "default")
+	if err != nil {
+		t.Fatal(err)
+	}
+	red, err := decisionlog.NewRedactor(nil, nil, []string{`^/reset/(tok-[^/]*)`})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		name       string
+		red        *decisionlog.Redactor
+		want, hide []string
+	}{
+		{"verbatim", nil, []string{`"sk_live_SUPERSECRET"`, `"/reset/tok-8f3a9c"`, `"probe/1"`}, nil},
+		{"redacted", red,
+			[]string{`request.headers[x-api-key] is "REDACTED"`, `request.path starts with "/reset/REDACTED"`, `request.headers[user-agent] is "probe/1"`},
+			[]string{"SUPERSECRET", "tok-8f3a9c"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			m, err := access.Compute(ps, soundMesh(), access.Options{RootNamespace: root, TrustDomain: "cluster.local", Redact: tc.red})
+			if err != nil {
+				t.Fatal(err)
+			}
+			c := cell(t, m, "web/cron", "web/front", 80)
+			text := strings.Join(c.Conditions, "\n")
+			for _, w := range tc.want {
+				if !strings.Contains(text, w) {
+					t.Errorf("conditions do not say %s:\n%s", w, text)
+				}
+			}
+			for _, h := range tc.hide {
+				if strings.Contains(text, h) {
+					t.Errorf("conditions show %q:\n%s", h, text)
+				}
+			}
+		})
 	}
 }

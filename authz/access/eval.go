@@ -6,6 +6,7 @@ import (
 	"strconv"
 	"strings"
 
+	"github.com/trustmesh/trustmesh/authz/decisionlog"
 	"github.com/trustmesh/trustmesh/authz/engine"
 	"github.com/trustmesh/trustmesh/authz/policy"
 	"github.com/trustmesh/trustmesh/authz/symbolic"
@@ -34,6 +35,8 @@ type evaluator struct {
 	// part of the key only when some policy reads it.
 	outcomes map[outcomeKey]outcome
 	readsIP  bool
+	// redact, when set, redacts the values conditions quote.
+	redact *decisionlog.Redactor
 }
 
 type outcomeKey struct {
@@ -200,7 +203,7 @@ func (ev *evaluator) match(pi int, f symbolic.Conj, proto symbolic.Proto) policy
 			var words []string
 			for _, l := range c {
 				if !f.Implies(l) {
-					words = appendNew(words, literalWords(l))
+					words = appendNew(words, literalWords(l, ev.redact))
 				}
 			}
 			alts = appendNew(alts, strings.Join(words, " and "))

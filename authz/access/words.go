@@ -4,18 +4,29 @@ import (
 	"strconv"
 	"strings"
 
+	"github.com/trustmesh/trustmesh/authz/decisionlog"
 	"github.com/trustmesh/trustmesh/authz/policy"
 	"github.com/trustmesh/trustmesh/authz/symbolic"
 )
 
 // literalWords says a literal in words, e.g. `request.method is "GET" or
 // "HEAD"`, `request.path starts with "/admin/"`, `request.headers[x-token]
-// is absent`.
-func literalWords(l symbolic.Literal) string {
+// is absent`. With a redactor, the values quoted are those the decision log
+// would show: a header's only when its name is allowlisted, a path's through
+// the path patterns.
+func literalWords(l symbolic.Literal, red *decisionlog.Redactor) string {
 	key := l.Key.String()
 	var alts, nots []string
 	anyValue := false
 	for _, p := range l.Patterns {
+		if red != nil {
+			switch l.Key.Attr {
+			case policy.Header:
+				p.S = red.Header(l.Key.Header, p.S)
+			case policy.Path:
+				p.S = red.Path(p.S)
+			}
+		}
 		if p.Kind == symbolic.Any {
 			anyValue = true
 		}

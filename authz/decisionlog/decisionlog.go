@@ -67,9 +67,7 @@ type Logger struct {
 	w       io.Writer
 	clock   clock.PassiveClock
 	queue   chan item
-	headers map[string]bool
-	query   map[string]bool
-	paths   *PathRedactor
+	red     *Redactor
 	newID   func() string
 	dropped atomic.Uint64
 
@@ -97,14 +95,11 @@ func New(cfg Config) (*Logger, error) {
 	if cfg.RecentDenials < 0 {
 		return nil, errors.New("decisionlog: the number of recent denials kept must not be negative")
 	}
-	paths, err := NewPathRedactor(cfg.RedactPaths)
+	red, err := NewRedactor(cfg.HeaderAllowlist, cfg.QueryAllowlist, cfg.RedactPaths)
 	if err != nil {
 		return nil, err
 	}
-	l := &Logger{w: cfg.Writer, clock: cfg.Clock, newID: cfg.NewID, headers: set(cfg.HeaderAllowlist), query: set(cfg.QueryAllowlist), paths: paths}
-	if cfg.HeaderAllowlist == nil {
-		l.headers = set(DefaultHeaderAllowlist)
-	}
+	l := &Logger{w: cfg.Writer, clock: cfg.Clock, newID: cfg.NewID, red: red}
 	if l.clock == nil {
 		l.clock = clock.RealClock{}
 	}
@@ -123,6 +118,48 @@ func New(cfg Config) (*Logger, error) {
 	l.denials = make([]Entry, d)
 	return l, nil
 }
+
+// Redactor redacts request values as the decision log does: header values
+// unless their names are allowlisted, query parameter values unless
+// allowlisted, and what the path patterns match. Others that show request
+// values (the UI's access view, who-can) use it so that they show no more
+// than the log would.
+type Redactor struct {
+	headers map[string]bool
+	query   map[string]bool
+	paths   *PathRedactor
+}
+
+// NewRedactor returns the Redactor of a decision log with these settings
+// (Config's HeaderAllowlist, QueryAllowlist and RedactPaths): a nil header
+// allowlist means DefaultHeaderAllowlist.
+func NewRedactor(headerAllowlist, queryAllowlist, redactPaths []string) (*Redactor, error) {
+	paths, err := NewPathRedactor(redactPaths)
+	if err != nil {
+		return nil, err
+	}
+	r := &Redactor{headers: set(headerAllowlist), query: set(queryAllowlist), paths: paths}
+	if headerAllowlist == nil {
+		r.headers = set(DefaultHeaderAllowlist)
+	}
+	return r, nil
+}
+
+// Header returns the value of header name as the log shows it: the value
+// when name is allowlisted (in any case), else Redacted.
+func (r *Redactor) Header(name, value string) string {
+	if !r.headers[strings.ToLower(name)] {
+		return Redacted
+	}
+	return value
+}
+
+// Path returns a request path (with its query, if any) as the log shows it.
+func (r *Redactor) Path(p string) string { return r.redactPath(p) }
+
+// Text returns free text that may quote a path (an evaluation error) with
+// what the path patterns match replaced.
+func (r *Redactor) Text(s string) string { return r.paths.Redact(s) }
 
 func set(names []string) map[string]bool {
 	m := make(map[string]bool, len(names))
@@ -266,7 +303,7 @@ func (l *Logger) Entry(at time.Time, req *authv3.CheckRequest, d *engine.Decisio
 		Action:      d.Action,
 		Audit:       d.Audit,
 		DryRun:      d.DryRun,
-		Error:       l.paths.Redact(d.Error),
+		Error:       l.red.Text(d.Error),
 
 		PolicyVersion: d.PolicyVersion,
 		PolicyDigest:  d.PolicyDigest,
@@ -277,14 +314,11 @@ func (l *Logger) Entry(at time.Time, req *authv3.CheckRequest, d *engine.Decisio
 	if h := a.GetRequest().GetHttp(); h != nil {
 		e.Protocol = "http"
 		e.Method, e.Host = h.GetMethod(), h.GetHost()
-		e.Path = l.redactPath(h.GetPath())
+		e.Path = l.red.Path(h.GetPath())
 		if len(h.GetHeaders()) > 0 {
 			e.Headers = make(map[string]string, len(h.GetHeaders()))
 			for k, v := range h.GetHeaders() {
-				if !l.headers[strings.ToLower(k)] {
-					v = Redacted
-				}
-				e.Headers[k] = v
+				e.Headers[k] = l.red.Header(k, v)
 			}
 		}
 	}
@@ -295,9 +329,9 @@ func (l *Logger) Entry(at time.Time, req *authv3.CheckRequest, d *engine.Decisio
 // query parameter names, and replaces values of parameters not
 // allowlisted; a parameter not allowlisted that has no value is replaced
 // whole.
-func (l *Logger) redactPath(p string) string {
+func (r *Redactor) redactPath(p string) string {
 	path, q, ok := strings.Cut(p, "?")
-	path = l.paths.Redact(path)
+	path = r.paths.Redact(path)
 	if !ok {
 		return path
 	}
@@ -312,7 +346,7 @@ func (l *Logger) redactPath(p string) string {
 			name = k
 		}
 		switch {
-		case l.query[name]:
+		case r.query[name]:
 		case hasValue:
 			parts[i] = k + "=" + Redacted
 		case k != "":
