@@ -3,9 +3,11 @@ package journal
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"net/http"
+	"net/url"
 	"strconv"
 	"strings"
 	"sync"
@@ -112,30 +114,55 @@ func (w *ExportWitness) Status() WitnessStatus {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	st := w.status
-	st.Target = w.target
+	st.Target = RedactTarget(w.target)
 	return st
+}
+
+// RedactTarget returns a witness target fit to show or log: a URL keeps
+// only its scheme, host and path (no userinfo, query or fragment, where
+// credentials live); a file path is returned as it is.
+func RedactTarget(target string) string {
+	if !isURL(target) {
+		return target
+	}
+	u, err := url.Parse(target)
+	if err != nil {
+		return "(a witness URL that does not parse)"
+	}
+	return (&url.URL{Scheme: u.Scheme, Host: u.Host, Path: u.Path}).String()
+}
+
+func isURL(target string) bool {
+	return strings.HasPrefix(target, "http://") || strings.HasPrefix(target, "https://")
 }
 
 func (w *ExportWitness) exportPending(ctx context.Context) {
 	if err := w.Flush(ctx); err != nil {
-		w.log.Error("could not export the journal checkpoint to the witness", "target", w.target, "error", err)
+		w.log.Error("could not export the journal checkpoint to the witness", "target", RedactTarget(w.target), "error", err)
 	}
 }
 
 func (w *ExportWitness) export(ctx context.Context, signed []byte) error {
-	if strings.HasPrefix(w.target, "http://") || strings.HasPrefix(w.target, "https://") {
+	if isURL(w.target) {
 		req, err := http.NewRequestWithContext(ctx, http.MethodPost, w.target, bytes.NewReader(signed))
 		if err != nil {
-			return fmt.Errorf("journal: witness: %w", err)
+			// url.Parse's error quotes the URL it refused.
+			return fmt.Errorf("journal: witness %s: the URL does not parse", RedactTarget(w.target))
 		}
 		req.Header.Set("Content-Type", "text/plain; charset=utf-8")
 		resp, err := w.client.Do(req)
 		if err != nil {
+			// The client's *url.Error quotes the URL with its query (and
+			// masks only a password): name the redacted target instead.
+			var ue *url.Error
+			if errors.As(err, &ue) {
+				ue.URL = RedactTarget(w.target)
+			}
 			return fmt.Errorf("journal: witness: %w", err)
 		}
 		resp.Body.Close()
 		if resp.StatusCode/100 != 2 {
-			return fmt.Errorf("journal: witness %s answered %s", w.target, resp.Status)
+			return fmt.Errorf("journal: witness %s answered %s", RedactTarget(w.target), resp.Status)
 		}
 		return nil
 	}
