@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
-	"io"
 	"net/url"
 	"os"
 	"path/filepath"
@@ -14,6 +13,8 @@ import (
 
 	"go.step.sm/crypto/kms/apiv1"
 	"go.step.sm/crypto/kms/uri"
+
+	"github.com/trustmesh/trustmesh/internal/secretfile"
 )
 
 // PINEnv names the environment variable that holds the PKCS#11 user PIN for
@@ -174,7 +175,7 @@ func pkcs11PIN(u *uri.URI) (string, error) {
 			// starts, from whatever directory they run in.
 			return "", fmt.Errorf("pin-source %s must be an absolute path", path)
 		}
-		b, err := readOwnerOnly(path)
+		b, err := secretfile.ReadOwnerOnly(path)
 		if err != nil {
 			return "", fmt.Errorf("pin-source: %w", err)
 		}
@@ -185,26 +186,4 @@ func pkcs11PIN(u *uri.URI) (string, error) {
 		return pin, nil
 	}
 	return os.Getenv(PINEnv), nil
-}
-
-// readOwnerOnly reads a secret file that only its owner may read or write,
-// as ssh does for private keys: a PIN that others on the host can read is
-// no longer a secret, so it is refused rather than used.
-func readOwnerOnly(path string) ([]byte, error) {
-	f, err := os.Open(path)
-	if err != nil {
-		return nil, err
-	}
-	defer f.Close()
-	fi, err := f.Stat()
-	if err != nil {
-		return nil, err
-	}
-	if !fi.Mode().IsRegular() {
-		return nil, fmt.Errorf("%s is not a regular file", path)
-	}
-	if perm := fi.Mode().Perm(); perm&0o077 != 0 {
-		return nil, fmt.Errorf("%s has mode %#o: others than its owner can access it, so the PIN is not secret; run chmod 600 %s", path, perm, path)
-	}
-	return io.ReadAll(f)
 }
