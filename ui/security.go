@@ -16,6 +16,9 @@ import (
 	"strings"
 	"sync"
 	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 )
 
 // CSRFHeader carries the CSRF token of /ui/api/session on a POST.
@@ -24,8 +27,31 @@ const CSRFHeader = "X-Trustmesh-CSRF"
 // SessionCookie holds a login's session id.
 const SessionCookie = "trustmesh_ui_session"
 
-// MinTokenLength is the shortest bearer token accepted.
-const MinTokenLength = 16
+// MinTokenLength is the shortest bearer token accepted, and
+// MinTokenDistinct the fewest different characters in it.
+const (
+	MinTokenLength   = 16
+	MinTokenDistinct = 8
+)
+
+// CheckToken refuses a bearer token that is easy to guess: shorter than
+// MinTokenLength, of fewer than MinTokenDistinct different characters
+// ("aaaaaaaaaaaaaaaa", "abababababababab"), or more than one word.
+func CheckToken(tok string) error {
+	distinct := map[rune]bool{}
+	for _, c := range tok {
+		distinct[c] = true
+	}
+	switch {
+	case len(tok) < MinTokenLength:
+		return fmt.Errorf("ui: the token has %d characters; it needs at least %d", len(tok), MinTokenLength)
+	case len(distinct) < MinTokenDistinct:
+		return fmt.Errorf("ui: the token has only %d different characters; it needs at least %d (make one with: head -c 24 /dev/urandom | base64)", len(distinct), MinTokenDistinct)
+	case strings.ContainsAny(tok, " \t\r\n"):
+		return errors.New("ui: the token is more than one word")
+	}
+	return nil
+}
 
 // maxSessions bounds the logins held at once; the oldest goes first.
 const maxSessions = 1024
@@ -132,26 +158,57 @@ func sameOrigin(r *http.Request) error {
 	return nil
 }
 
-// authenticated reports whether r may see the page, and its session id
-// (empty for a bearer token, a client certificate or loopback without a
-// token).
-func (s *Server) authenticated(r *http.Request) (string, bool) {
+// authenticate decides whether r may see the page. It returns the
+// session id (empty for a bearer token, a client certificate or loopback
+// without a token), or the status to refuse with and why: 401, 403 for a
+// client certificate whose SPIFFE ID is not allowed, or 429 (with
+// Retry-After set on w) after too many wrong tokens from r's address.
+func (s *Server) authenticate(w http.ResponseWriter, r *http.Request) (sid string, code int, why string) {
 	if !s.authOn {
-		return "", true
+		return "", 0, ""
 	}
-	if s.cfg.ClientCerts && r.TLS != nil && len(r.TLS.VerifiedChains) > 0 {
-		return "", true
+	if s.cfg.ClientCerts && r.TLS != nil && len(r.TLS.VerifiedChains) > 0 && len(r.TLS.PeerCertificates) > 0 {
+		id, err := x509svid.IDFromCert(r.TLS.PeerCertificates[0])
+		if err == nil && s.clientIDs[id.String()] {
+			return "", 0, ""
+		}
+		if s.cfg.Token == "" {
+			// A certificate from the CA is not enough: every workload
+			// of a mesh whose bundle is the client CA has one.
+			if err != nil {
+				return "", http.StatusForbidden, "the client certificate has no SPIFFE ID: " + err.Error()
+			}
+			return "", http.StatusForbidden, fmt.Sprintf("the client certificate's SPIFFE ID %s is not one the web UI allows (trustmesh serve --ui-client-id)", id)
+		}
 	}
 	if s.cfg.Token == "" {
-		return "", false
+		return "", http.StatusUnauthorized, ""
 	}
 	if tok, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer "); ok {
-		return "", s.tokenMatches(tok)
+		code := s.checkToken(w, r, tok, "bearer")
+		return "", code, ""
 	}
 	if c, err := r.Cookie(SessionCookie); err == nil && s.sessions.valid(c.Value, s.cfg.Clock.Now()) {
-		return c.Value, true
+		return c.Value, 0, ""
 	}
-	return "", false
+	return "", http.StatusUnauthorized, ""
+}
+
+// checkToken compares tok with the token, throttled per client address
+// (limiter.go): it answers 0 for the right token, 401 for a wrong one, and
+// 429 with Retry-After set on w when r's address has no attempts left.
+func (s *Server) checkToken(w http.ResponseWriter, r *http.Request, tok, via string) int {
+	ip := clientIP(r)
+	ok, wait := s.fails.take(ip, s.cfg.Clock.Now(), via)
+	if !ok {
+		w.Header().Set("Retry-After", retryAfter(wait))
+		return http.StatusTooManyRequests
+	}
+	if !s.tokenMatches(tok) {
+		return http.StatusUnauthorized
+	}
+	s.fails.giveBack(ip)
+	return 0
 }
 
 // tokenMatches compares in constant time (over the hashes, so that not
@@ -198,8 +255,8 @@ var loginPage = template.Must(template.New("login").Parse(`<!DOCTYPE html>
 `))
 
 // login serves the form (GET) and exchanges the token for a session
-// cookie (POST, same origin only). A wrong token makes every login wait a
-// second.
+// cookie (POST, same origin only). Wrong tokens are throttled per client
+// address, with the bearer header's (checkToken).
 func (s *Server) login(w http.ResponseWriter, r *http.Request) {
 	switch r.Method {
 	case http.MethodGet, http.MethodHead:
@@ -215,27 +272,20 @@ func (s *Server) login(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusNotFound, "this page is not behind a token")
 		return
 	}
-	now := s.cfg.Clock.Now()
-	s.vmu.Lock()
-	wait := time.Second - now.Sub(s.loginAt)
-	s.vmu.Unlock()
-	if wait > 0 {
-		w.Header().Set("Retry-After", "1")
-		s.loginForm(w, http.StatusTooManyRequests, "Too many attempts; wait a second.")
-		return
-	}
 	r.Body = http.MaxBytesReader(w, r.Body, 4<<10)
 	if err := r.ParseForm(); err != nil {
 		writeError(w, http.StatusBadRequest, "bad login form: "+err.Error())
 		return
 	}
-	if !s.tokenMatches(r.PostForm.Get("token")) {
-		s.vmu.Lock()
-		s.loginAt = now
-		s.vmu.Unlock()
+	switch s.checkToken(w, r, r.PostForm.Get("token"), "login") {
+	case http.StatusTooManyRequests:
+		s.loginForm(w, http.StatusTooManyRequests, "Too many wrong tokens from this address; wait a few seconds.")
+		return
+	case http.StatusUnauthorized:
 		s.loginForm(w, http.StatusUnauthorized, "That token is not right.")
 		return
 	}
+	now := s.cfg.Clock.Now()
 	sid, err := s.sessions.create(now)
 	if err != nil {
 		writeError(w, http.StatusInternalServerError, err.Error())
@@ -327,6 +377,25 @@ func randomBytes(n int) ([]byte, error) {
 		return nil, fmt.Errorf("ui: %w", err)
 	}
 	return b, nil
+}
+
+// parseClientIDs parses --ui-client-id values: exact SPIFFE IDs.
+func parseClientIDs(ids []string) (map[string]bool, error) {
+	set := map[string]bool{}
+	for _, v := range ids {
+		id, err := spiffeid.FromString(v)
+		if err != nil {
+			return nil, fmt.Errorf("ui: client ID %q is not a SPIFFE ID: %w", v, err)
+		}
+		set[id.String()] = true
+	}
+	return set, nil
+}
+
+// CheckClientIDs checks --ui-client-id values as New does.
+func CheckClientIDs(ids []string) error {
+	_, err := parseClientIDs(ids)
+	return err
 }
 
 // CheckAllowedHosts checks --ui-allowed-host values as New does.

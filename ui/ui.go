@@ -8,7 +8,8 @@
 // security.go: the Host must be one of the listener's own names (against
 // DNS rebinding), a request that changes anything must come from the
 // page's own Origin and carry its CSRF token, a listener that is not on
-// loopback needs a bearer token or a verified client certificate, and
+// loopback needs a bearer token (wrong ones throttled per address) or a
+// verified client certificate with an allowed SPIFFE ID, and
 // every answer carries a strict Content-Security-Policy.
 package ui
 
@@ -71,8 +72,13 @@ type Config struct {
 	// loopback.
 	Token string
 	// ClientCerts says the listener's TLS requires and verifies a client
-	// certificate: a request with a verified chain is authenticated.
+	// certificate: a request with a verified chain whose leaf's SPIFFE ID
+	// (URI SAN) is one of ClientIDs is authenticated.
 	ClientCerts bool
+	// ClientIDs are the SPIFFE IDs allowed in with a client certificate;
+	// required with ClientCerts, since a CA (a mesh's bundle above all)
+	// certifies many more clients than the UI's.
+	ClientIDs []string
 
 	Replica     string
 	TrustDomain string
@@ -101,15 +107,22 @@ type Server struct {
 	sessions *sessions
 	csrfKey  []byte
 
+	clientIDs map[string]bool
+	fails     *failLimiter
+
 	vmu        sync.Mutex
 	lastVerify *VerifyResult
 	verifyAt   time.Time // when the last verification started
-	loginAt    time.Time // when a login last failed
 }
 
 // ErrNoAuth is returned by New for a listener off loopback with neither a
 // token nor client certificates.
 var ErrNoAuth = errors.New("ui: a listener that is not on loopback needs authentication: give a bearer token (--ui-token-file) or client certificates (--ui-client-ca)")
+
+// ErrNoClientIDs is returned by New for client certificates without the
+// SPIFFE IDs they may carry.
+var ErrNoClientIDs = errors.New("ui: client certificates need the SPIFFE IDs allowed in (--ui-client-id): " +
+	"any certificate from the client CA would do otherwise, and with the mesh's bundle that is every workload")
 
 // New checks cfg and returns the page's handler. It refuses, failing
 // closed, a listener that is not on loopback without authentication.
@@ -133,11 +146,18 @@ func New(cfg Config) (*Server, error) {
 	if err != nil {
 		return nil, err
 	}
-	if cfg.Token != "" && len(cfg.Token) < MinTokenLength {
-		return nil, fmt.Errorf("ui: the bearer token is %d characters; it must have at least %d", len(cfg.Token), MinTokenLength)
-	}
 	if !loopback && cfg.Token == "" && !cfg.ClientCerts {
 		return nil, ErrNoAuth
+	}
+	if err := CheckToken(cfg.Token); cfg.Token != "" && err != nil {
+		return nil, err
+	}
+	clientIDs, err := parseClientIDs(cfg.ClientIDs)
+	if err != nil {
+		return nil, err
+	}
+	if cfg.ClientCerts && len(clientIDs) == 0 {
+		return nil, ErrNoClientIDs
 	}
 	static, err := fs.Sub(assets, "assets")
 	if err != nil {
@@ -150,6 +170,7 @@ func New(cfg Config) (*Server, error) {
 	return &Server{
 		cfg: cfg, hosts: hosts, authOn: cfg.Token != "" || cfg.ClientCerts || !loopback, static: static,
 		sessions: newSessions(cfg.SessionTTL, maxSessions), csrfKey: key,
+		clientIDs: clientIDs, fails: newFailLimiter(cfg.Log),
 	}, nil
 }
 
@@ -188,8 +209,15 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		s.logout(w, r)
 		return
 	}
-	sid, ok := s.authenticated(r)
-	if !ok {
+	sid, code, why := s.authenticate(w, r)
+	if code == http.StatusTooManyRequests || code == http.StatusForbidden {
+		if why == "" {
+			why = "too many wrong tokens from this address; try again later"
+		}
+		writeError(w, code, why)
+		return
+	}
+	if code != 0 {
 		if strings.HasPrefix(p, APIPrefix) {
 			w.Header().Set("WWW-Authenticate", `Bearer realm="trustmesh"`)
 			writeError(w, http.StatusUnauthorized, "authentication required: a bearer token, a session from "+LoginPath+", or a client certificate")
