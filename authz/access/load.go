@@ -6,6 +6,7 @@ import (
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
+	"github.com/trustmesh/trustmesh/authz/decisionlog"
 	"github.com/trustmesh/trustmesh/authz/engine"
 	"github.com/trustmesh/trustmesh/authz/source"
 	"github.com/trustmesh/trustmesh/mesh"
@@ -24,6 +25,8 @@ type LoadConfig struct {
 	// validated against it, as serve validates it); empty means
 	// DefaultTrustDomain.
 	TrustDomain string
+	// Redact, when set, redacts the values conditions quote (Options).
+	Redact *decisionlog.Redactor
 }
 
 // DefaultTrustDomain is the trust domain Load validates the mesh against
@@ -61,5 +64,5 @@ func Load(ctx context.Context, cfg LoadConfig) (*Matrix, error) {
 	if err != nil {
 		return nil, fmt.Errorf("%w: %w", ErrInput, err)
 	}
-	return Compute(set.Policies(), m, Options{RootNamespace: cfg.RootNamespace, TrustDomain: td, PolicyVersion: set.PolicyVersion()})
+	return Compute(set.Policies(), m, Options{RootNamespace: cfg.RootNamespace, TrustDomain: td, PolicyVersion: set.PolicyVersion(), Redact: cfg.Redact})
 }

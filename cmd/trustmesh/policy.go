@@ -169,15 +169,21 @@ request), or conditional: on the request (path, method, header, host, ...),
 on an external authorizer (CUSTOM), or because the caller's identities or the
 service's workloads are treated differently. The conditions are listed in
 words with the rules that decide. The policies and the mesh are read and
-refused as serve reads them.`,
+refused as serve reads them. The values the conditions quote are redacted
+as the decision log (and the UI's access view) would redact a request's:
+paths by --log-redact-path, header values unless in --log-header-allowlist.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			cfg, err := config()
 			if err != nil {
 				return err
 			}
+			red, err := decisionlog.NewRedactor(headerAllowlist, nil, redactPaths)
+			if err != nil {
+				return &exitError{code: 2, err: err}
+			}
 			m, err := access.Load(cmd.Context(), access.LoadConfig{PolicyDir: dir, Bundles: cfg.Bundles, MeshDir: meshDir,
-				RootNamespace: root, TrustDomain: trustDomain})
+				RootNamespace: root, TrustDomain: trustDomain, Redact: red})
 			if err != nil {
 				return &exitError{code: 2, err: err}
 			}
@@ -192,6 +198,8 @@ refused as serve reads them.`,
 	whoCan.Flags().StringVar(&whoTo, "to", "", "the service called, namespace/name[:PORT]")
 	whoCan.Flags().StringVar(&whoFrom, "from", "", "the caller, namespace/name")
 	whoCan.Flags().StringVar(&trustDomain, "trust-domain", access.DefaultTrustDomain, "SPIFFE trust domain the mesh's identities belong to")
+	whoCan.Flags().StringArrayVar(&redactPaths, "log-redact-path", nil, "regular expression whose matches (its groups, if it has any) are replaced in the paths the conditions quote, as in the decision log (repeatable)")
+	whoCan.Flags().StringSliceVar(&headerAllowlist, "log-header-allowlist", decisionlog.DefaultHeaderAllowlist, "headers whose values the conditions quote, as in the decision log; other headers show as REDACTED")
 	whoCan.MarkFlagsOneRequired("to", "from")
 	whoCan.MarkFlagsMutuallyExclusive("to", "from")
 	addOutputFlag(whoCan, &whoOutput)

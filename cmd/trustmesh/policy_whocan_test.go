@@ -90,3 +90,47 @@ func TestPolicyWhoCan(t *testing.T) {
 	exitCode(t, 2, "policy", "who-can", "--mesh", "../../examples/mesh", "--to", "demo/echo")
 	exitCode(t, 2, "policy", "who-can", "--policies", filepath.Join(dir, "missing"), "--mesh", "../../examples/mesh", "--to", "demo/echo")
 }
+
+// TestPolicyWhoCanRedacts: who-can quotes a policy's header values and
+// paths as explain and the decision log quote a request's: a header's value
+// only when --log-header-allowlist names it, paths through
+// --log-redact-path.
+func TestPolicyWhoCanRedacts(t *testing.T) {
+	dir := t.TempDir()
+	if err := os.WriteFile(filepath.Join(dir, "echo.yaml"), []byte(`apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: echo-callers, namespace: demo}
+spec:
+  selector: {matchLabels: {app: echo}}
+  rules:
+  - to: [{operation: {paths: ["/reset/tok-8f3a9c*"]}}]
+    when: [{key: "request.headers[x-api-key]", values: [sk_live_SUPERSECRET]}]
+`), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	base := []string{"policy", "who-can", "--policies", dir, "--mesh", "../../examples/mesh", "--to", "demo/echo"}
+	for _, tc := range []struct {
+		args       []string
+		want, hide []string
+	}{
+		{nil, []string{`request.headers[x-api-key] is "REDACTED"`, `request.path starts with "/reset/tok-8f3a9c"`}, []string{"SUPERSECRET"}},
+		{[]string{"--log-redact-path", `^/reset/(.*)`}, []string{`request.headers[x-api-key] is "REDACTED"`, `request.path starts with "/reset/REDACTED"`}, []string{"SUPERSECRET", "tok-8f3a9c"}},
+		{[]string{"--log-header-allowlist", "X-Api-Key"}, []string{`request.headers[x-api-key] is "sk_live_SUPERSECRET"`}, nil},
+	} {
+		out, err := exec.Command(binary, append(base, tc.args...)...).Output()
+		if err != nil {
+			t.Fatalf("who-can %s: %v: %s", tc.args, err, stderrOf(err))
+		}
+		for _, w := range tc.want {
+			if !strings.Contains(string(out), w) {
+				t.Errorf("who-can %s does not say %s:\n%s", tc.args, w, out)
+			}
+		}
+		for _, h := range tc.hide {
+			if strings.Contains(string(out), h) {
+				t.Errorf("who-can %s shows %q:\n%s", tc.args, h, out)
+			}
+		}
+	}
+	exitCode(t, 2, append(base, "--log-redact-path", "(")...)
+}
