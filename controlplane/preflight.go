@@ -119,7 +119,7 @@ func (v *validated) inputs(ctx context.Context) []error {
 		errs = append(errs, inGroup("CA", setting("cacerts", err)))
 	}
 	if v.uiOn() {
-		_, _, uiErrs := v.UI.inputs()
+		_, _, uiErrs := v.UI.inputs(v.inKube)
 		errs = append(errs, inGroup("UI", uiErrs...))
 	}
 	if uri := v.Journal.CheckpointKeyURI; uri != "" {

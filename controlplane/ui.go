@@ -9,6 +9,7 @@ import (
 	"strings"
 
 	"github.com/trustmesh/trustmesh/ca/admin"
+	"github.com/trustmesh/trustmesh/internal/secretfile"
 	"github.com/trustmesh/trustmesh/ui"
 )
 
@@ -21,13 +22,20 @@ type UIConfig struct {
 	// AllowedHosts are further Host names the UI answers to, besides
 	// loopback's and the bound address ("name" or "name:port").
 	AllowedHosts []string
-	// TokenFile holds the bearer token (at least ui.MinTokenLength
-	// characters) that a client sends, or exchanges at /ui/login for a
-	// session cookie.
+	// TokenFile holds the bearer token (ui.CheckToken: at least 16
+	// characters, 8 of them different) that a client sends, or exchanges
+	// at /ui/login for a session cookie. Only its owner may read it
+	// (internal/secretfile; on Kubernetes also the pod's own group).
 	TokenFile string
 	// TLSCert and TLSKey serve the UI over HTTPS; ClientCA, with them,
-	// requires a client certificate that chains to it.
+	// requires a client certificate that chains to it, and ClientIDs are
+	// the SPIFFE IDs (URI SAN) of the certificates let in: required with
+	// ClientCA.
 	TLSCert, TLSKey, ClientCA string
+	ClientIDs                 []string
+	// InsecureHTTP allows a token over plain HTTP off loopback, where
+	// the network can read it.
+	InsecureHTTP bool
 	// Replica labels this replica's denials; default $POD_NAME, else the
 	// host name.
 	Replica string
@@ -52,22 +60,34 @@ func (c *UIConfig) check(listen string) []error {
 	if !ui.IsLoopback(listen) && c.TokenFile == "" && c.ClientCA == "" {
 		errs = append(errs, setting("listen-ui", fmt.Errorf("%s is not on loopback, and the web UI shows the mesh's identities, policies and denials: give --ui-token-file or --ui-client-ca (or listen on 127.0.0.1)", listen)))
 	}
+	if c.ClientCA != "" && len(c.ClientIDs) == 0 {
+		errs = append(errs, setting("ui-client-id", errors.New("--ui-client-ca needs the SPIFFE IDs let in (--ui-client-id, repeatable): "+
+			"any certificate from that CA would do otherwise, and with the mesh's bundle that is every workload")))
+	}
+	if len(c.ClientIDs) > 0 && c.ClientCA == "" {
+		errs = append(errs, setting("ui-client-id", errors.New("client IDs are checked on client certificates: give --ui-client-ca too")))
+	}
+	errs = append(errs, setting("ui-client-id", ui.CheckClientIDs(c.ClientIDs)))
+	if !ui.IsLoopback(listen) && c.TokenFile != "" && c.TLSCert == "" && !c.InsecureHTTP {
+		errs = append(errs, setting("ui-token-file", fmt.Errorf("%s is not on loopback and the web UI has no TLS: the token and the session cookie would cross the network in clear; "+
+			"give --ui-tls-cert and --ui-tls-key, or --ui-insecure-http to accept that", listen)))
+	}
 	errs = append(errs, setting("ui-allowed-host", ui.CheckAllowedHosts(c.AllowedHosts)))
 	return errs
 }
 
-// uiInputs reads the files the UI group names: the token, and the TLS
-// certificate, key and client CA.
-func (c *UIConfig) inputs() (token string, tlsCfg *tls.Config, errs []error) {
+// inputs reads the files the UI group names: the token (readable by its
+// owner only; on Kubernetes, whose Secret volumes are root:FSGROUP with
+// g+r, by the pod's own group too), and the TLS certificate, key and
+// client CA.
+func (c *UIConfig) inputs(inKube bool) (token string, tlsCfg *tls.Config, errs []error) {
 	if c.TokenFile != "" {
-		b, err := os.ReadFile(c.TokenFile)
+		b, err := secretfile.Read(c.TokenFile, secretfile.Options{OwnGroup: inKube})
 		token = strings.TrimSpace(string(b))
-		switch {
-		case err != nil:
-		case len(token) < ui.MinTokenLength:
-			err = fmt.Errorf("%s holds a token of %d characters; it needs at least %d", c.TokenFile, len(token), ui.MinTokenLength)
-		case strings.ContainsAny(token, " \t\r\n"):
-			err = fmt.Errorf("%s holds more than one word; the token is one", c.TokenFile)
+		if err == nil {
+			if err = ui.CheckToken(token); err != nil {
+				err = fmt.Errorf("%s: %w", c.TokenFile, err)
+			}
 		}
 		errs = append(errs, setting("ui-token-file", err))
 	}
@@ -107,12 +127,12 @@ func (cp *ControlPlane) newUI(v *validated) error {
 	if cp.uiLis == nil {
 		return nil
 	}
-	token, tlsCfg, errs := v.UI.inputs()
+	token, tlsCfg, errs := v.UI.inputs(v.inKube)
 	if err := errors.Join(errs...); err != nil {
 		return fmt.Errorf("controlplane: invalid configuration: %w", inGroup("UI", errs...))
 	}
 	cfg := ui.Config{
-		Addr: cp.uiLis.Addr().String(), AllowedHosts: v.UI.AllowedHosts, Token: token, ClientCerts: v.UI.ClientCA != "",
+		Addr: cp.uiLis.Addr().String(), AllowedHosts: v.UI.AllowedHosts, Token: token, ClientCerts: v.UI.ClientCA != "", ClientIDs: v.UI.ClientIDs,
 		Replica: v.UI.replica(), TrustDomain: v.td.Name(), Clock: v.Clock, Log: v.Log,
 		Identities: &uiIdentities{cp: cp},
 		CA:         &uiCA{cp: cp},
@@ -126,6 +146,10 @@ func (cp *ControlPlane) newUI(v *validated) error {
 	h, err := ui.New(cfg)
 	if err != nil {
 		return fmt.Errorf("controlplane: %w", err)
+	}
+	if v.UI.InsecureHTTP && tlsCfg == nil && !ui.IsLoopback(v.Listen.UI) && token != "" {
+		v.Log.Warn("web UI: serving its token and session cookie over plain HTTP off loopback (--ui-insecure-http): anyone on the network path can read them",
+			"listen", v.Listen.UI)
 	}
 	cp.ui = v.Listen.Connections.HTTPServer(h)
 	cp.ui.TLSConfig = tlsCfg

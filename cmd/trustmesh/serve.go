@@ -36,7 +36,8 @@ func newServeCmd() *cobra.Command {
                                        validating webhook (/validate), on Kubernetes
   --listen-ui         %-16s the web UI (/ui/): identities, CA, access, denials,
                                        journal; off loopback only with --ui-token-file
-                                       or --ui-client-ca
+                                       (and TLS, or --ui-insecure-http) or with
+                                       --ui-client-ca and --ui-client-id
 
 Every listener is on loopback unless told otherwise; the Helm chart sets the
 addresses a pod listens on. xDS serves the --mesh directory or, on
@@ -123,7 +124,9 @@ nothing. A start that fails leaves no data dir it created behind.`,
 	f.StringVar(&cfg.UI.TokenFile, "ui-token-file", "", "file holding the web UI's bearer token (16 characters or more), sent as Authorization: Bearer or exchanged at /ui/login for a session cookie")
 	f.StringVar(&cfg.UI.TLSCert, "ui-tls-cert", "", "certificate (PEM) to serve the web UI over HTTPS, with --ui-tls-key")
 	f.StringVar(&cfg.UI.TLSKey, "ui-tls-key", "", "private key (PEM) of --ui-tls-cert")
-	f.StringVar(&cfg.UI.ClientCA, "ui-client-ca", "", "CA bundle (PEM) the web UI's clients must present a certificate from (mTLS; needs --ui-tls-cert)")
+	f.StringVar(&cfg.UI.ClientCA, "ui-client-ca", "", "CA bundle (PEM) the web UI's clients must present a certificate from (mTLS; needs --ui-tls-cert and --ui-client-id)")
+	f.StringArrayVar(&cfg.UI.ClientIDs, "ui-client-id", nil, "SPIFFE ID (URI SAN) of a client certificate let into the web UI (repeatable; required with --ui-client-ca, since with the mesh's bundle every workload has a certificate from it)")
+	f.BoolVar(&cfg.UI.InsecureHTTP, "ui-insecure-http", false, "allow --ui-token-file off loopback without --ui-tls-cert: the token and the session cookie then cross the network in clear")
 	f.BoolVar(&injection, "injection", true, "serve sidecar injection on --listen-injector; false still serves config validation there")
 	f.StringVar(&cfg.Admission.WebhookConfig, "validation-webhook-config", controlplane.DefaultValidationWebhook, `ValidatingWebhookConfiguration whose caBundle serve keeps current, and whose failurePolicy it switches from Ignore to Fail once the webhook answers; "off" keeps none`)
 	f.BoolVar(&failClosed, "validation-fail-closed", true, "switch the validating webhook's failurePolicy to Fail once it answers; false keeps Ignore (for a single replica, whose absence would block every write of the kinds it checks)")

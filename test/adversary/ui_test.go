@@ -1,9 +1,16 @@
 package adversary
 
 import (
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
 	"encoding/json"
+	"encoding/pem"
+	"errors"
 	"fmt"
 	"io"
+	"math/big"
 	"net"
 	"net/http"
 	"net/url"
@@ -191,10 +198,25 @@ func TestUIOffLoopbackNeedsAToken(t *testing.T) {
 	if err := os.WriteFile(tf, []byte(token+"\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	s := start(t, serveConfig{args: []string{"--listen-ui", "0.0.0.0:" + port, "--ui-token-file", tf}})
+	// Off loopback over plain HTTP the token crosses the network in
+	// clear: refused unless the operator says --ui-insecure-http.
+	out, err = exec.Command(bin, "serve", "--validate", "--data-dir", filepath.Join(t.TempDir(), "d"), "--kubernetes", "off",
+		"--listen-ca", "127.0.0.1:0", "--listen-monitoring", "127.0.0.1:0", "--listen-bundle", "", "--listen-authz", "off",
+		"--listen-ui", "0.0.0.0:"+port, "--ui-token-file", tf).CombinedOutput()
+	if exitCode(err) != 2 || !strings.Contains(string(out), "--ui-tls-cert") || !strings.Contains(string(out), "--ui-insecure-http") {
+		t.Fatalf("serve --listen-ui 0.0.0.0 with a token over plain HTTP: %v\n%s\nwant exit 2 naming --ui-tls-cert and --ui-insecure-http", err, out)
+	}
+	s := start(t, serveConfig{args: []string{"--listen-ui", "0.0.0.0:" + port, "--ui-token-file", tf, "--ui-insecure-http"}})
+	if !s.logContains("plain HTTP off loopback") {
+		t.Errorf("serve --ui-insecure-http logged no warning:\n%s", s.lastLog())
+	}
 	addr := "127.0.0.1:" + port
-	for _, p := range []string{"/ui/api/session", "/ui/api/identities", "/ui/api/denials", "/ui/api/journal"} {
-		for name, bearer := range map[string]string{"no token": "", "a wrong token": token + "x", "a prefix": token[:16]} {
+	for i, p := range []string{"/ui/api/session", "/ui/api/identities", "/ui/api/denials", "/ui/api/journal"} {
+		wrong := map[string]string{"no token": ""}
+		if i < 2 { // fewer than the 5 wrong tokens an address may try at once
+			wrong["a wrong token"], wrong["a prefix"] = token+"x", token[:16]
+		}
+		for name, bearer := range wrong {
 			if resp, b := uiDo(t, addr, uiReq{path: p, bearer: bearer}); resp.StatusCode != http.StatusUnauthorized {
 				t.Errorf("GET %s with %s: %d %s, want 401", p, name, resp.StatusCode, b)
 			}
@@ -236,4 +258,178 @@ func TestUIStaticStaysInItsDirectory(t *testing.T) {
 		}
 	}
 	_ = fmt.Sprint()
+}
+
+// exitCode is a finished command's exit status (-1 if it did not run).
+func exitCode(err error) int {
+	var ee *exec.ExitError
+	if errors.As(err, &ee) {
+		return ee.ExitCode()
+	}
+	if err == nil {
+		return 0
+	}
+	return -1
+}
+
+// validateUI runs serve --validate with a loopback-only configuration and
+// the UI flags args.
+func validateUI(t *testing.T, args ...string) (int, string) {
+	t.Helper()
+	out, err := exec.Command(bin, append([]string{"serve", "--validate", "--data-dir", filepath.Join(t.TempDir(), "d"), "--kubernetes", "off",
+		"--listen-ca", "127.0.0.1:0", "--listen-monitoring", "127.0.0.1:0", "--listen-bundle", "", "--listen-authz", "off"}, args...)...).CombinedOutput()
+	return exitCode(err), string(out)
+}
+
+// uiServerCert writes a self-signed certificate for 127.0.0.1 and its key,
+// for the UI's HTTPS, and returns their paths and a pool that trusts it.
+func uiServerCert(t *testing.T) (certFile, keyFile string, pool *x509.CertPool) {
+	t.Helper()
+	key := newKey(t)
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(7), Subject: pkix.Name{CommonName: "trustmesh-ui"},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
+		IPAddresses: []net.IP{net.IPv4(127, 0, 0, 1)}, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	kb, err := x509.MarshalECPrivateKey(key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	certFile, keyFile = filepath.Join(dir, "ui.pem"), filepath.Join(dir, "ui-key.pem")
+	if err := os.WriteFile(certFile, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(keyFile, pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: kb}), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	c, _ := x509.ParseCertificate(der)
+	pool = x509.NewCertPool()
+	pool.AddCert(c)
+	return certFile, keyFile, pool
+}
+
+// TestUIClientCertNeedsAnAllowedID: with the mesh's bundle as the UI's
+// client CA, every workload of the mesh has a certificate from it; only
+// the SPIFFE IDs given with --ui-client-id get in, and serve refuses a
+// client CA without them.
+func TestUIClientCertNeedsAnAllowedID(t *testing.T) {
+	mesh := start(t, serveConfig{})
+	const admin = td + "/ns/ops/sa/ui-admin"
+	intruder := mesh.enrol(t, td+"/ns/default/sa/random-workload")
+	operator := mesh.enrol(t, admin)
+	bundle := filepath.Join(t.TempDir(), "bundle.pem")
+	b, err := mesh.cli("ca", "bundle", "--data-dir", mesh.dataDir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(bundle, b, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cert, key, pool := uiServerCert(t)
+	tlsFlags := []string{"--listen-ui", "127.0.0.1:0", "--ui-tls-cert", cert, "--ui-tls-key", key, "--ui-client-ca", bundle}
+	if code, out := validateUI(t, tlsFlags...); code != 2 || !strings.Contains(out, "--ui-client-id") {
+		t.Fatalf("serve --ui-client-ca without --ui-client-id: exit %d\n%s\nwant 2 naming --ui-client-id", code, out)
+	}
+	if code, out := validateUI(t, append(tlsFlags, "--ui-client-id", "not a spiffe id")...); code != 2 || !strings.Contains(out, "--ui-client-id") {
+		t.Fatalf("serve --ui-client-id with a bad ID: exit %d\n%s", code, out)
+	}
+	s := uiServer(t, append(tlsFlags[2:], "--ui-client-id", admin)...)
+	get := func(w *workload) (int, string) {
+		cfg := &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}
+		if w != nil {
+			cfg.Certificates = []tls.Certificate{w.tlsCert()}
+		}
+		c := &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{TLSClientConfig: cfg}}
+		resp, err := c.Get("https://" + s.ui + "/ui/api/identities")
+		if err != nil {
+			return 0, err.Error()
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode, string(b)
+	}
+	if code, body := get(intruder); code != http.StatusForbidden || strings.Contains(body, `"identities"`) {
+		t.Errorf("a workload SVID of the mesh: %d %s, want 403 and no data", code, body)
+	}
+	if code, _ := get(nil); code != 0 {
+		t.Errorf("no client certificate: %d, want the handshake refused", code)
+	}
+	if code, body := get(operator); code != 200 || !strings.Contains(body, `"identities"`) {
+		t.Errorf("the allowed ID: %d %s", code, body)
+	}
+}
+
+// TestUITokenGuessingIsThrottled: wrong tokens from one address, by the
+// Bearer header or the login form, run out after a few: then even the
+// right token waits (429, Retry-After), so guessing is slow.
+func TestUITokenGuessingIsThrottled(t *testing.T) {
+	token := "adversary-ui-token-0123456789"
+	tf := filepath.Join(t.TempDir(), "token")
+	if err := os.WriteFile(tf, []byte(token), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	s := uiServer(t, "--ui-token-file", tf)
+	self := "http://" + s.ui
+	codes := map[int]int{}
+	for i := range 40 {
+		var resp *http.Response
+		if i%2 == 0 {
+			resp, _ = uiDo(t, s.ui, uiReq{path: "/ui/api/identities", bearer: fmt.Sprintf("guess-%024d", i)})
+		} else {
+			resp, _ = uiDo(t, s.ui, uiReq{method: http.MethodPost, path: "/ui/login", origin: self, form: url.Values{"token": {fmt.Sprintf("guess-%024d", i)}}})
+		}
+		codes[resp.StatusCode]++
+		if resp.StatusCode == http.StatusTooManyRequests && resp.Header.Get("Retry-After") == "" {
+			t.Error("429 without Retry-After")
+		}
+	}
+	if codes[http.StatusUnauthorized] > 6 || codes[http.StatusTooManyRequests] < 34 {
+		t.Errorf("40 quick guesses: %v, want at most a handful checked and the rest 429", codes)
+	}
+	if resp, _ := uiDo(t, s.ui, uiReq{path: "/ui/api/identities", bearer: token}); resp.StatusCode != http.StatusTooManyRequests {
+		t.Errorf("the right token right after: %d, want 429", resp.StatusCode)
+	}
+	if !s.logContains("refused a token attempt") {
+		t.Errorf("no warning about the refused attempts:\n%s", s.lastLog())
+	}
+	time.Sleep(1100 * time.Millisecond)
+	if resp, b := uiDo(t, s.ui, uiReq{path: "/ui/api/identities", bearer: token}); resp.StatusCode != 200 {
+		t.Errorf("the right token a second later: %d %s", resp.StatusCode, b)
+	}
+}
+
+// TestUITokenFileHygiene: serve refuses a token file others can read, and
+// a token that is easy to guess.
+func TestUITokenFileHygiene(t *testing.T) {
+	dir := t.TempDir()
+	for name, c := range map[string]struct {
+		content string
+		mode    os.FileMode
+		want    string
+	}{
+		"world-readable": {"adversary-ui-token-0123456789", 0o644, "chmod 600"},
+		"group-readable": {"adversary-ui-token-0123456789", 0o640, "chmod 600"},
+		"one letter":     {"aaaaaaaaaaaaaaaaaaaaaaaa", 0o600, "different characters"},
+		"two letters":    {"abababababababababababab", 0o600, "different characters"},
+	} {
+		f := filepath.Join(dir, strings.ReplaceAll(name, " ", "-"))
+		if err := os.WriteFile(f, []byte(c.content), c.mode); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Chmod(f, c.mode); err != nil {
+			t.Fatal(err)
+		}
+		link := f + ".link" // as Kubernetes mounts a Secret
+		if err := os.Symlink(f, link); err != nil {
+			t.Fatal(err)
+		}
+		for _, p := range []string{f, link} {
+			if code, out := validateUI(t, "--listen-ui", "127.0.0.1:0", "--ui-token-file", p); code != 2 || !strings.Contains(out, c.want) || !strings.Contains(out, "--ui-token-file") {
+				t.Errorf("%s token file %s: exit %d\n%s\nwant 2 naming --ui-token-file and %q", name, p, code, out, c.want)
+			}
+		}
+	}
 }
