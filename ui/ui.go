@@ -117,7 +117,7 @@ type Server struct {
 
 // ErrNoAuth is returned by New for a listener off loopback with neither a
 // token nor client certificates.
-var ErrNoAuth = errors.New("ui: a listener that is not on loopback needs authentication: give a bearer token (--ui-token-file) or client certificates (--ui-client-ca)")
+var ErrNoAuth = errors.New("ui: a listener that is not on loopback needs authentication: give a bearer token (--ui-token-file) or client certificates (--ui-client-ca with --ui-client-id)")
 
 // ErrNoClientIDs is returned by New for client certificates without the
 // SPIFFE IDs they may carry.
