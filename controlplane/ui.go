@@ -131,14 +131,16 @@ func (cp *ControlPlane) newUI(v *validated) error {
 	if err := errors.Join(errs...); err != nil {
 		return fmt.Errorf("controlplane: invalid configuration: %w", inGroup("UI", errs...))
 	}
+	sh := newUIShared(cp)
+	acc := &uiAccess{sh: sh, policies: cp.policyFeed, mesh: cp.meshFeed, rootNS: v.Authz.RootNamespace}
 	cfg := ui.Config{
 		Addr: cp.uiLis.Addr().String(), AllowedHosts: v.UI.AllowedHosts, Token: token, ClientCerts: v.UI.ClientCA != "", ClientIDs: v.UI.ClientIDs,
 		Replica: v.UI.replica(), TrustDomain: v.td.Name(), Clock: v.Clock, Log: v.Log,
-		Identities: &uiIdentities{cp: cp},
-		CA:         &uiCA{cp: cp},
+		Identities: &uiIdentities{sh: sh},
+		CA:         &uiCA{sh: sh},
 		Journal:    &uiJournal{cp: cp, dir: admin.DataDir(v.DataDir), witness: v.Journal.Witness},
-		Access:     &uiAccess{policies: cp.policyFeed, mesh: cp.meshFeed, rootNS: v.Authz.RootNamespace},
-		Denials:    &uiDenials{mesh: cp.meshFeed},
+		Access:     acc,
+		Denials:    &uiDenials{access: acc},
 	}
 	if cp.authz != nil {
 		cfg.Denials.(*uiDenials).log = cp.authz.DecisionLog()

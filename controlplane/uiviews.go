@@ -9,15 +9,12 @@ import (
 	"os"
 	"sort"
 	"strings"
-	"sync"
 	"time"
 
 	"github.com/trustmesh/trustmesh/authz/access"
-	"github.com/trustmesh/trustmesh/authz/decisionlog"
 	"github.com/trustmesh/trustmesh/authz/policy"
 	"github.com/trustmesh/trustmesh/authz/source"
 	"github.com/trustmesh/trustmesh/ca/admin"
-	"github.com/trustmesh/trustmesh/ca/audit"
 	"github.com/trustmesh/trustmesh/ca/journal"
 	"github.com/trustmesh/trustmesh/ca/rotation"
 	"github.com/trustmesh/trustmesh/internal/serial"
@@ -27,58 +24,67 @@ import (
 
 // The adapters from the control plane's parts to the web UI's views.
 
-// uiIdentities reads the rotation audit, at most once a second.
+// uiIdentities reads the rotation audit.
 type uiIdentities struct {
-	cp *ControlPlane
-
-	mu   sync.Mutex
-	at   time.Time
-	size uint64
-	ids  []ui.Identity
+	sh    *uiShared
+	cache viewCache[journalKey, []ui.Identity]
 }
 
 func (u *uiIdentities) Identities(ctx context.Context, now time.Time) ([]ui.Identity, error) {
-	u.mu.Lock()
-	defer u.mu.Unlock()
-	size, err := u.cp.journal.Size(ctx)
+	key, err := u.sh.journalKey(ctx, now)
 	if err != nil {
 		return nil, err
 	}
-	if u.ids != nil && size == u.size && now.Sub(u.at) >= 0 && now.Sub(u.at) < time.Second {
-		return u.ids, nil
-	}
-	rep, err := audit.Rotation(ctx, u.cp.journal, nil, now, 0)
-	if err != nil {
-		return nil, err
-	}
-	ids := make([]ui.Identity, 0, len(rep.Identities))
-	for _, a := range rep.Identities {
-		ids = append(ids, ui.IdentityFromAudit(a, now))
-	}
-	u.at, u.size, u.ids = now, size, ids
-	return ids, nil
+	return u.cache.get(ctx, u.sh.slots, key, func(ctx context.Context) ([]ui.Identity, error) {
+		rep, _, _, err := u.sh.journalScan(ctx, now)
+		if err != nil {
+			return nil, err
+		}
+		ids := make([]ui.Identity, 0, len(rep.Identities))
+		for _, a := range rep.Identities {
+			ids = append(ids, ui.IdentityFromAudit(a, now))
+		}
+		return ids, nil
+	})
 }
 
 // uiCA reads the CA's generations from the rotation manager, its rotations
 // from the journal and what expires next from both.
-type uiCA struct{ cp *ControlPlane }
+type uiCA struct {
+	sh    *uiShared
+	cache viewCache[journalKey, *ui.CAView]
+}
 
 // nextWorkloadExpiries is how many workload certificates' expiries the CA
 // view's timeline shows.
 const nextWorkloadExpiries = 5
 
 func (u *uiCA) CA(ctx context.Context, now time.Time) (*ui.CAView, error) {
-	mat, st, err := u.cp.rotation.Certificates(ctx, now)
+	key, err := u.sh.journalKey(ctx, now)
+	if err != nil {
+		return nil, err
+	}
+	return u.cache.get(ctx, u.sh.slots, key, func(ctx context.Context) (*ui.CAView, error) { return u.compute(ctx, now) })
+}
+
+func (u *uiCA) compute(ctx context.Context, now time.Time) (*ui.CAView, error) {
+	mat, st, err := u.sh.cp.rotation.Certificates(ctx, now)
 	if err != nil {
 		return nil, fmt.Errorf("the CA's rotation state: %w", err)
 	}
-	v := &ui.CAView{}
+	rep, rots, signed, err := u.sh.journalScan(ctx, now)
+	if err != nil {
+		return nil, err
+	}
+	v := &ui.CAView{Generations: []ui.Generation{}, Events: []ui.CAEvent{}, NextExpiries: []ui.Expiry{}}
 	states := map[string]string{}
 	for _, c := range admin.CACerts(mat, st) {
 		states[c.Role+"/"+c.Serial] = c.State
 	}
+	shown := map[string]bool{}
 	add := func(role string, c *x509.Certificate) {
 		sn := formatSerial(c)
+		shown[role+"/"+sn] = true
 		v.Generations = append(v.Generations, ui.Generation{
 			Role: role, Subject: c.Subject.CommonName, Serial: sn, Fingerprint: fingerprint(c),
 			NotBefore: c.NotBefore.UTC(), NotAfter: c.NotAfter.UTC(), State: states[role+"/"+sn],
@@ -90,40 +96,106 @@ func (u *uiCA) CA(ctx context.Context, now time.Time) (*ui.CAView, error) {
 	for _, c := range mat.Chain {
 		add("intermediate", c)
 	}
-	rots, err := audit.Rotations(ctx, u.cp.journal)
-	if err != nil {
-		return nil, err
-	}
-	var prepared *journal.Rotation
-	for i, r := range rots {
-		v.Events = append(v.Events, ui.CAEvent{Time: r.Time.UTC(), Kind: r.Step,
-			Detail: fmt.Sprintf("%s %s (serial %s, expires %s)", r.Role, r.Subject, r.Serial, r.NotAfter.UTC().Format(time.RFC3339))})
-		if r.Step == "prepare" && r.Role == "intermediate" {
-			prepared = &rots[i]
+
+	// The CA's creation is the first event: its first root, the one in
+	// force that no prepare step brought in (valid from its NotBefore,
+	// which the CA backdates a little). Once that root has been retired
+	// and dropped from the bundle, the journal's steps begin the list.
+	preparedRoots := map[string]bool{}
+	for _, r := range rots {
+		if r.Step == "prepare" && r.Role == "root" {
+			preparedRoots[r.Serial] = true
 		}
 	}
-	if st.Next != 0 && !st.NextIsRoot && prepared != nil {
-		// A prepared intermediate is not in the material in force: the
-		// journal names it.
+	active := map[string]string{} // role -> serial in force
+	var first *x509.Certificate
+	for _, r := range mat.Roots {
+		if !preparedRoots[formatSerial(r)] && (first == nil || r.NotBefore.Before(first.NotBefore)) {
+			first = r
+		}
+	}
+	if first != nil {
+		active["root"] = formatSerial(first)
+		v.Events = append(v.Events, ui.CAEvent{Time: first.NotBefore.UTC(), Kind: "create",
+			Detail: fmt.Sprintf("CA created: root %s (serial %s, expires %s)", first.Subject.CommonName, formatSerial(first), first.NotAfter.UTC().Format(time.RFC3339))})
+	}
+
+	// The journal's steps, oldest first. An activation records the whole
+	// chain, so an intermediate's activation repeats the root in force:
+	// an activation of what is already active is no event.
+	var prepared *journal.Rotation
+	for i, r := range rots {
+		if r.Step == "activate" {
+			if active[r.Role] == r.Serial {
+				continue
+			}
+			active[r.Role] = r.Serial
+		}
+		v.Events = append(v.Events, ui.CAEvent{Time: r.Time.UTC(), Kind: r.Step,
+			Detail: fmt.Sprintf("%s %s (serial %s, expires %s)", r.Role, r.Subject, r.Serial, r.NotAfter.UTC().Format(time.RFC3339))})
+		if r.Role != "intermediate" {
+			continue
+		}
+		switch r.Step {
+		case "prepare":
+			prepared = &rots[i]
+		case "activate":
+			if prepared != nil && prepared.Serial == r.Serial {
+				prepared = nil
+			}
+		}
+	}
+	// Intermediates no longer in force: their chain is no longer served,
+	// but the certificates they signed stay valid until they expire, so
+	// each shows as retiring until the last of them (the journal names
+	// each certificate's issuer) expires, at most until its own NotAfter.
+	// The journal names an intermediate it saw prepared; the CA's first
+	// one predates the journal's rotation steps.
+	recorded := map[string]journal.Rotation{}
+	for _, r := range rots {
+		if r.Role == "intermediate" {
+			recorded[r.Serial] = r
+		}
+	}
+	for _, is := range sortedKeys(signed) {
+		until := signed[is]
+		if shown["intermediate/"+is] || (prepared != nil && prepared.Serial == is) || preparedRoots[is] || active["root"] == is {
+			continue
+		}
+		g := ui.Generation{Role: "intermediate", Serial: is, State: "retiring", NotAfter: until.UTC(),
+			Subject: "(the CA's first intermediate: the journal records no rotation step of it)"}
+		if r, ok := recorded[is]; ok {
+			g.Subject, g.NotAfter = r.Subject, r.NotAfter.UTC()
+			if until.After(r.NotAfter) {
+				until = r.NotAfter
+			}
+		}
+		if !until.After(now) {
+			continue
+		}
+		v.Generations = append(v.Generations, g)
+		v.NextExpiries = append(v.NextExpiries, ui.Expiry{What: "the last certificate signed by the retiring intermediate " + is + " expires", At: until.UTC()})
+	}
+	if st.Next != 0 && prepared != nil {
+		// A prepared intermediate, under the active root or under a
+		// prepared one, is not in the material in force: the journal
+		// names it (not its fingerprint or validity start, which the
+		// journal does not record).
 		v.Generations = append(v.Generations, ui.Generation{Role: "intermediate", Subject: prepared.Subject, Serial: prepared.Serial,
-			NotBefore: prepared.Time.UTC(), NotAfter: prepared.NotAfter.UTC(), State: "prepared"})
+			NotAfter: prepared.NotAfter.UTC(), State: "prepared"})
 	}
 	for _, g := range v.Generations {
 		if g.NotAfter.After(now) {
 			v.NextExpiries = append(v.NextExpiries, ui.Expiry{What: fmt.Sprintf("%s %s (%s) expires", g.Role, g.Subject, g.State), At: g.NotAfter})
 		}
 	}
-	if plan, err := u.cp.rotation.Plan(ctx, now); err == nil {
+	if plan, err := u.sh.cp.rotation.Plan(ctx, now); err == nil {
 		switch {
 		case plan.Due != rotation.Nothing:
 			v.NextExpiries = append(v.NextExpiries, ui.Expiry{What: "rotation step due: " + plan.Due.String(), At: plan.DueSince.UTC()})
 		case plan.Next != rotation.Nothing:
 			v.NextExpiries = append(v.NextExpiries, ui.Expiry{What: "next rotation step: " + plan.Next.String(), At: plan.At.UTC()})
 		}
-	}
-	rep, err := audit.Rotation(ctx, u.cp.journal, nil, now, 0)
-	if err != nil {
-		return nil, err
 	}
 	ids := rep.Identities
 	sort.Slice(ids, func(i, j int) bool { return ids[i].Expires.Before(ids[j].Expires) })
@@ -138,7 +210,17 @@ func (u *uiCA) CA(ctx context.Context, now time.Time) (*ui.CAView, error) {
 		}
 	}
 	sort.SliceStable(v.NextExpiries, func(i, j int) bool { return v.NextExpiries[i].At.Before(v.NextExpiries[j].At) })
+	sort.SliceStable(v.Events, func(i, j int) bool { return v.Events[i].Time.Before(v.Events[j].Time) })
 	return v, nil
+}
+
+func sortedKeys[V any](m map[string]V) []string {
+	out := make([]string, 0, len(m))
+	for k := range m {
+		out = append(out, k)
+	}
+	sort.Strings(out)
+	return out
 }
 
 func formatSerial(c *x509.Certificate) string { return serial.Format(c.SerialNumber) }
@@ -218,16 +300,32 @@ func (u *uiJournal) Verify(ctx context.Context) (*ui.VerifyResult, error) {
 // uiAccess computes authz/access's matrix over the policy and mesh
 // snapshots in force, once per pair of versions.
 type uiAccess struct {
+	sh       *uiShared
 	policies *source.Feed
 	mesh     *mesh.Feed
 	rootNS   string
 
-	mu     sync.Mutex
-	pv, mv uint64
-	view   *ui.AccessView
+	cache viewCache[accessKey, *accessState]
 }
 
-func (u *uiAccess) Access(context.Context) (*ui.AccessView, error) {
+type accessKey struct{ pv, mv uint64 }
+
+// accessState is one matrix, its view, and the index that names the
+// services of a denial's sides with the matrix's own IDs.
+type accessState struct {
+	view  *ui.AccessView
+	index *serviceIndex
+}
+
+func (u *uiAccess) Access(ctx context.Context) (*ui.AccessView, error) {
+	st, err := u.state(ctx)
+	if err != nil {
+		return nil, err
+	}
+	return st.view, nil
+}
+
+func (u *uiAccess) state(ctx context.Context) (*accessState, error) {
 	var pols []*policy.Policy
 	var pv, mv uint64
 	if u.policies != nil {
@@ -241,99 +339,14 @@ func (u *uiAccess) Access(context.Context) (*ui.AccessView, error) {
 			m, mv = s.Mesh, s.Version
 		}
 	}
-	u.mu.Lock()
-	defer u.mu.Unlock()
-	if u.view != nil && u.pv == pv && u.mv == mv {
-		return u.view, nil
-	}
-	mat, err := access.Compute(pols, m, access.Options{RootNamespace: u.rootNS, PolicyVersion: pv, MeshVersion: mv})
-	if err != nil {
-		return nil, err
-	}
-	u.pv, u.mv = pv, mv
-	u.view = &ui.AccessView{PolicyVersion: mat.PolicyVersion, MeshVersion: mat.MeshVersion, Services: mat.Services, Cells: mat.Cells}
-	return u.view, nil
-}
-
-// uiDenials reads the decision log's recent denials and names the
-// services of their sides from the mesh in force.
-type uiDenials struct {
-	log  *decisionlog.Logger
-	mesh *mesh.Feed
-
-	mu    sync.Mutex
-	ver   uint64
-	index *serviceIndex
-}
-
-func (u *uiDenials) Denials(limit int) ([]ui.Denial, bool, uint64) {
-	if u.log == nil {
-		return []ui.Denial{}, false, 0
-	}
-	idx := u.services()
-	entries := u.log.Recent(limit)
-	out := make([]ui.Denial, 0, len(entries))
-	for _, e := range entries {
-		out = append(out, ui.Denial{
-			Time: e.Time.UTC(), DecisionID: e.DecisionID,
-			Source:      ui.Peer{Principal: e.Source.Principal, Address: e.Source.Address},
-			Destination: ui.Peer{Principal: e.Destination.Principal, Address: e.Destination.Address},
-			Method:      e.Method, Host: e.Host, Path: e.Path, Policy: e.Policy, Rule: e.Rule, Action: e.Action, Reason: e.Reason,
-			FromService: idx.name(e.Source.Address, e.Source.Principal),
-			ToService:   idx.name(e.Destination.Address, e.Destination.Principal),
-		})
-	}
-	return out, true, u.log.Dropped()
-}
-
-func (u *uiDenials) services() *serviceIndex {
-	if u.mesh == nil {
-		return &serviceIndex{}
-	}
-	s := u.mesh.Current()
-	if s == nil {
-		return &serviceIndex{}
-	}
-	u.mu.Lock()
-	defer u.mu.Unlock()
-	if u.index == nil || u.ver != s.Version {
-		u.index, u.ver = newServiceIndex(s.Mesh), s.Version
-	}
-	return u.index
-}
-
-// serviceIndex names the service ("ns/name") behind an address or a SPIFFE
-// ID, when exactly one service has it.
-type serviceIndex struct {
-	byAddr, byID map[string]string
-}
-
-func newServiceIndex(m *mesh.Mesh) *serviceIndex {
-	idx := &serviceIndex{byAddr: map[string]string{}, byID: map[string]string{}}
-	put := func(into map[string]string, k, svc string) {
-		if k == "" {
-			return
+	return u.cache.get(ctx, u.sh.slots, accessKey{pv, mv}, func(context.Context) (*accessState, error) {
+		mat, err := access.Compute(pols, m, access.Options{RootNamespace: u.rootNS, PolicyVersion: pv, MeshVersion: mv})
+		if err != nil {
+			return nil, err
 		}
-		if old, ok := into[k]; ok && old != svc {
-			into[k] = "" // ambiguous
-			return
-		}
-		into[k] = svc
-	}
-	for _, s := range m.Services {
-		for _, e := range s.Endpoints {
-			put(idx.byAddr, e.Address, s.Key())
-			if e.Workload != nil && !e.Workload.ID.IsZero() {
-				put(idx.byID, e.Workload.ID.String(), s.Key())
-			}
-		}
-	}
-	return idx
-}
-
-func (idx *serviceIndex) name(addr, principal string) string {
-	if s := idx.byAddr[addr]; s != "" {
-		return s
-	}
-	return idx.byID[principal]
+		return &accessState{
+			view:  &ui.AccessView{PolicyVersion: mat.PolicyVersion, MeshVersion: mat.MeshVersion, Services: mat.Services, Cells: mat.Cells},
+			index: newServiceIndex(mat, m),
+		}, nil
+	})
 }

@@ -212,6 +212,7 @@ type Scanner struct {
 	next      uint64
 	ids       map[string]*scanState
 	rotations []journal.Rotation
+	signed    map[string]time.Time
 }
 
 type scanState struct {
@@ -227,10 +228,27 @@ func (s *Scanner) Size() uint64 { return s.next }
 // caller must not modify them.
 func (s *Scanner) Rotations() []journal.Rotation { return s.rotations }
 
+// SignedUntil is when the last certificate that the CA certificate with
+// serial issuer signed expires (workloads' and the CA's own), zero when it
+// signed none.
+func (s *Scanner) SignedUntil(issuer string) time.Time { return s.signed[issuer] }
+
+// Issuers are the serials of the CA certificates that signed a
+// certificate the scanner read, sorted.
+func (s *Scanner) Issuers() []string {
+	out := make([]string, 0, len(s.signed))
+	for k := range s.signed {
+		out = append(out, k)
+	}
+	sort.Strings(out)
+	return out
+}
+
 // Update reads the entries appended since the last Update.
 func (s *Scanner) Update(ctx context.Context, r Reader) error {
 	if s.ids == nil {
 		s.ids = map[string]*scanState{}
+		s.signed = map[string]time.Time{}
 	}
 	after := func(t time.Time) bool { return !s.Until.IsZero() && t.After(s.Until) }
 	return eachFrom(ctx, r, s.next, func(e journal.Entry, rec any) {
@@ -239,7 +257,13 @@ func (s *Scanner) Update(ctx context.Context, r Reader) error {
 		case *journal.Rotation:
 			s.rotations = append(s.rotations, *v)
 		case *journal.Issuance:
-			if v.Origin == journal.OriginCA || after(v.Time) {
+			if after(v.Time) {
+				return
+			}
+			if v.NotAfter.After(s.signed[v.Issuer]) {
+				s.signed[v.Issuer] = v.NotAfter
+			}
+			if v.Origin == journal.OriginCA {
 				return
 			}
 			st := s.ids[v.SPIFFEID]

@@ -90,3 +90,24 @@ func TestLastRenewal(t *testing.T) {
 		t.Errorf("last renewals %s, want %s", got, want)
 	}
 }
+
+// TestSignedUntil: the scanner knows when the last certificate each CA
+// certificate signed expires.
+func TestSignedUntil(t *testing.T) {
+	s := openJournal(t)
+	issue(t, s, "spiffe://cluster.local/ns/a/sa/x", at.Add(-time.Hour), 2*time.Hour, journal.OriginKubernetes)
+	issue(t, s, "spiffe://cluster.local/ns/a/sa/y", at.Add(-2*time.Hour), 2*time.Hour, journal.OriginCA)
+	var sc audit.Scanner
+	if err := sc.Update(context.Background(), s); err != nil {
+		t.Fatal(err)
+	}
+	if got := sc.SignedUntil("1"); !got.Equal(at.Add(time.Hour)) {
+		t.Errorf("SignedUntil(1) = %v, want %v", got, at.Add(time.Hour))
+	}
+	if got := sc.Issuers(); len(got) != 1 || got[0] != "1" {
+		t.Errorf("Issuers() = %q, want [1]", got)
+	}
+	if got := sc.SignedUntil("2"); !got.IsZero() {
+		t.Errorf("SignedUntil of an issuer that signed nothing = %v", got)
+	}
+}
