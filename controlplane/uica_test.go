@@ -55,6 +55,21 @@ func TestUICAViewThroughRotations(t *testing.T) {
 	if err := rot.Prepare(ctx, false); err != nil {
 		t.Fatal(err)
 	}
+	e.clock.Step(2 * time.Second) // past the cached second
+	uiGet(t, e, "/ui/api/ca", &ca)
+	next, err := rot.PreparedCertificates(ctx)
+	if err != nil || next == nil {
+		t.Fatalf("PreparedCertificates = %v, %v", next, err)
+	}
+	var prep *ui.Generation
+	for i, g := range ca.Generations {
+		if g.State == "prepared" && g.Role == "intermediate" {
+			prep = &ca.Generations[i]
+		}
+	}
+	if prep == nil || prep.Serial != next.Cert.SerialNumber.Text(16) || len(prep.Fingerprint) != 95 || !prep.NotBefore.Equal(next.Cert.NotBefore) {
+		t.Errorf("the prepared intermediate is shown as %+v, want its serial %x, fingerprint and the certificate's not_before %v", prep, next.Cert.SerialNumber, next.Cert.NotBefore)
+	}
 	if err := rot.Activate(ctx, true); err != nil {
 		t.Fatal(err)
 	}

@@ -176,11 +176,17 @@ func (u *uiCA) compute(ctx context.Context, now time.Time) (*ui.CAView, error) {
 		v.Generations = append(v.Generations, g)
 		v.NextExpiries = append(v.NextExpiries, ui.Expiry{What: "the last certificate signed by the retiring intermediate " + is + " expires", At: until.UTC()})
 	}
-	if st.Next != 0 && prepared != nil {
-		// A prepared intermediate, under the active root or under a
-		// prepared one, is not in the material in force: the journal
-		// names it (not its fingerprint or validity start, which the
-		// journal does not record).
+	// A prepared intermediate, under the active root or under a prepared
+	// one, is not in the material in force: the prepared generation holds
+	// it, and the journal names it should that not be readable.
+	if next, err := u.sh.cp.rotation.PreparedCertificates(ctx); err == nil && next != nil {
+		for _, c := range next.Chain {
+			if !shown["intermediate/"+formatSerial(c)] {
+				states["intermediate/"+formatSerial(c)] = "prepared"
+				add("intermediate", c)
+			}
+		}
+	} else if st.Next != 0 && prepared != nil {
 		v.Generations = append(v.Generations, ui.Generation{Role: "intermediate", Subject: prepared.Subject, Serial: prepared.Serial,
 			NotAfter: prepared.NotAfter.UTC(), State: "prepared"})
 	}
