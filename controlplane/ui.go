@@ -8,6 +8,7 @@ import (
 	"os"
 	"strings"
 
+	"github.com/trustmesh/trustmesh/authz/decisionlog"
 	"github.com/trustmesh/trustmesh/ca/admin"
 	"github.com/trustmesh/trustmesh/internal/secretfile"
 	"github.com/trustmesh/trustmesh/ui"
@@ -131,8 +132,15 @@ func (cp *ControlPlane) newUI(v *validated) error {
 	if err := errors.Join(errs...); err != nil {
 		return fmt.Errorf("controlplane: invalid configuration: %w", inGroup("UI", errs...))
 	}
+	// The access view quotes policies' header values and paths as serve's
+	// decision log would show a request's: its default header allowlist
+	// and --log-redact-path (which Validate has checked).
+	redact, err := decisionlog.NewRedactor(nil, nil, v.Authz.LogRedactPaths)
+	if err != nil {
+		return fmt.Errorf("controlplane: %w", err)
+	}
 	sh := newUIShared(cp)
-	acc := &uiAccess{sh: sh, policies: cp.policyFeed, mesh: cp.meshFeed, rootNS: v.Authz.RootNamespace}
+	acc := &uiAccess{sh: sh, policies: cp.policyFeed, mesh: cp.meshFeed, rootNS: v.Authz.RootNamespace, redact: redact}
 	cfg := ui.Config{
 		Addr: cp.uiLis.Addr().String(), AllowedHosts: v.UI.AllowedHosts, Token: token, ClientCerts: v.UI.ClientCA != "", ClientIDs: v.UI.ClientIDs,
 		Replica: v.UI.replica(), TrustDomain: v.td.Name(), Clock: v.Clock, Log: v.Log,

@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/trustmesh/trustmesh/authz/access"
+	"github.com/trustmesh/trustmesh/authz/decisionlog"
 	"github.com/trustmesh/trustmesh/authz/policy"
 	"github.com/trustmesh/trustmesh/authz/source"
 	"github.com/trustmesh/trustmesh/ca/admin"
@@ -310,6 +311,8 @@ type uiAccess struct {
 	policies *source.Feed
 	mesh     *mesh.Feed
 	rootNS   string
+	// redact shows the conditions' values as the decision log would.
+	redact *decisionlog.Redactor
 
 	cache viewCache[accessKey, *accessState]
 }
@@ -346,7 +349,7 @@ func (u *uiAccess) state(ctx context.Context) (*accessState, error) {
 		}
 	}
 	return u.cache.get(ctx, u.sh.slots, accessKey{pv, mv}, func(context.Context) (*accessState, error) {
-		mat, err := access.Compute(pols, m, access.Options{RootNamespace: u.rootNS, PolicyVersion: pv, MeshVersion: mv})
+		mat, err := access.Compute(pols, m, access.Options{RootNamespace: u.rootNS, PolicyVersion: pv, MeshVersion: mv, Redact: u.redact})
 		if err != nil {
 			return nil, err
 		}
