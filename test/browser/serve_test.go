@@ -86,7 +86,9 @@ var xssMarkup = []string{
 }
 
 // webPolicy lets orders call web only with a header whose values are
-// markup: the access view shows them as the cell's condition.
+// markup: the access view shows them as the cell's condition. The header
+// is one the decision log's default allowlist names (user-agent), since
+// the access view redacts the values of other headers.
 var webPolicy = []byte(`apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
 metadata: {name: web-callers, namespace: shop}
@@ -98,7 +100,7 @@ spec:
     - source:
         principals: ["` + istioPrincipal(ordersID) + `"]
     when:
-    - key: request.headers[x-tag]
+    - key: request.headers[user-agent]
       values: ['` + strings.Join(xssMarkup, `', '`) + `']
 `)
 
