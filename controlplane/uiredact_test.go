@@ -49,6 +49,10 @@ spec:
 		if err != nil {
 			t.Fatal(err)
 		}
+		if r.StatusCode == http.StatusServiceUnavailable { // not loaded yet
+			r.Body.Close()
+			continue
+		}
 		err = json.NewDecoder(r.Body).Decode(&acc)
 		r.Body.Close()
 		if err != nil || r.StatusCode != 200 {

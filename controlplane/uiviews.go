@@ -337,16 +337,22 @@ func (u *uiAccess) Access(ctx context.Context) (*ui.AccessView, error) {
 func (u *uiAccess) state(ctx context.Context) (*accessState, error) {
 	var pols []*policy.Policy
 	var pv, mv uint64
+	// Before a feed's first snapshot there is nothing to compute from: an
+	// empty policy set would show every call allowed.
 	if u.policies != nil {
-		if s := u.policies.Current(); s != nil {
-			pols, pv = s.Policies, s.Version
+		s := u.policies.Current()
+		if s == nil {
+			return nil, fmt.Errorf("the policies are %w", ui.ErrNotLoaded)
 		}
+		pols, pv = s.Policies, s.Version
 	}
 	m := &mesh.Mesh{}
 	if u.mesh != nil {
-		if s := u.mesh.Current(); s != nil {
-			m, mv = s.Mesh, s.Version
+		s := u.mesh.Current()
+		if s == nil {
+			return nil, fmt.Errorf("the mesh is %w", ui.ErrNotLoaded)
 		}
+		m, mv = s.Mesh, s.Version
 	}
 	return u.cache.get(ctx, u.sh.slots, accessKey{pv, mv}, func(context.Context) (*accessState, error) {
 		mat, err := access.Compute(pols, m, access.Options{RootNamespace: u.rootNS, PolicyVersion: pv, MeshVersion: mv, Redact: u.redact})

@@ -316,12 +316,23 @@ func (s *Server) api(w http.ResponseWriter, r *http.Request, name, sid string) {
 			writeError(w, he.code, he.msg)
 			return
 		}
+		if errors.Is(err, ErrNotLoaded) {
+			w.Header().Set("Retry-After", "1")
+			writeError(w, http.StatusServiceUnavailable, name+": "+err.Error())
+			return
+		}
 		s.cfg.Log.Warn("web UI: a view failed", "view", name, "error", err)
 		writeError(w, http.StatusInternalServerError, name+": "+err.Error())
 		return
 	}
 	writeJSON(w, http.StatusOK, v)
 }
+
+// ErrNotLoaded is what a view's source returns (wrapped) before what it
+// shows has been loaded, such as the access view before the first policy
+// snapshot: the page answers 503 and tries again, rather than show a view
+// computed from nothing, which for access would read "allowed" everywhere.
+var ErrNotLoaded = errors.New("not loaded yet")
 
 type httpError struct {
 	code int
