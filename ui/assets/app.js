@@ -378,7 +378,7 @@ function renderCA() {
   const expiries = list(data.next_expiries);
 
   const active = gens.filter((g) => g.state === "active");
-  setMeta("ca", `${gens.length} certificate${gens.length === 1 ? "" : "s"} · ${events.length} rotation event${events.length === 1 ? "" : "s"}`);
+  setMeta("ca", `${gens.length} certificate${gens.length === 1 ? "" : "s"} · ${events.length} CA event${events.length === 1 ? "" : "s"}`);
 
   const tbody = document.querySelector("#ca-generations tbody");
   clear(tbody);
@@ -409,7 +409,7 @@ function renderCA() {
       timeCell(e.time),
       e.detail ? el("span", { class: "event-detail" }, e.detail) : null));
   }
-  if (!events.length) ev.append(el("li", { class: "muted" }, "No rotation has happened yet."));
+  if (!events.length) ev.append(el("li", { class: "muted" }, "No CA event is recorded yet."));
 
   drawTimeline(gens, events, expiries, active);
 }
@@ -554,9 +554,9 @@ function drawTimeline(gens, events, expiries, active) {
   for (const a of active) parts.push(`Active ${a.role} ${a.serial} valid until ${fmtTime(parseTime(a.not_after))}.`);
   if (events.length) {
     const last = events[events.length - 1];
-    parts.push(`${events.length} rotation events, the latest ${last.kind || "event"} at ${fmtTime(parseTime(last.time))}.`);
+    parts.push(`${events.length} CA events (creation and rotations), the latest ${last.kind || "event"} at ${fmtTime(parseTime(last.time))}.`);
   } else {
-    parts.push("No rotation events.");
+    parts.push("No CA events.");
   }
   if (expiries.length) parts.push(`Next expiry: ${expiries[0].what} at ${fmtTime(parseTime(expiries[0].at))}.`);
   parts.push("The same data is in the generations table and the lists.");
