@@ -103,6 +103,8 @@ var expect = []struct {
 }{
 	{"trustmesh policy check", []string{`"allowed": true`, `"policy": "bookinfo/productpage-viewer"`}},
 	{"trustmesh policy explain", []string{"DENY bookinfo/deny-admin: matched rule 0", "denied (403)"}},
+	{"trustmesh policy who-can", []string{"conditional", "demo/echo-callers"}},
+	{"curl -s http://127.0.0.1:15018/ui/api/access", []string{`"verdict":"conditional"`, `"policy":"demo/echo-callers"`}},
 	{"trustmesh analyze", []string{"0 error(s), 0 warning(s)"}},
 	{"trustmesh xds dump", []string{"policy_digest", "echo"}},
 	{"openssl x509", []string{"URI:spiffe://cluster.local/vm/db"}},
