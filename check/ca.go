@@ -7,8 +7,8 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"net/url"
 	"os"
-	"strings"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -148,34 +148,37 @@ func checkWitness(ctx context.Context, cfg Config, r *Report, store *journal.Sto
 		r.add(CodeWitnessReach, Info, "witness", "pass serve's --witness to check it", "no --witness given; the witness was not checked")
 		return
 	}
+	// The subject names the witness without the credentials its URL may
+	// carry (user information, query).
+	subject := journal.RedactTarget(cfg.Witness)
 	signed, err := fetchWitness(ctx, cfg)
 	if err != nil {
-		r.add(CodeWitnessReach, Error, cfg.Witness, "serve exports every checkpoint there; check the path or URL, and serve's log for export errors",
+		r.add(CodeWitnessReach, Error, subject, "serve exports every checkpoint there; check the path or URL, and serve's log for export errors",
 			"the witness cannot be read: %v", err)
 		return
 	}
 	if signed == nil {
-		r.add(CodeWitnessReach, Info, cfg.Witness, "check the witness's own copy with trustmesh audit verify --checkpoint FILE",
+		r.add(CodeWitnessReach, Info, subject, "check the witness's own copy with trustmesh audit verify --checkpoint FILE",
 			"the witness answers but does not serve its copy back; its consistency was not checked")
 		return
 	}
-	r.add(CodeWitnessReach, OK, cfg.Witness, "", "the witness holds a checkpoint")
+	r.add(CodeWitnessReach, OK, subject, "", "the witness holds a checkpoint")
 	cp, err := journal.ParseCheckpoint(signed, key)
 	if err != nil {
-		r.add(CodeWitnessConsist, Error, cfg.Witness, "the witness is another journal's, or its copy was altered: check --witness",
+		r.add(CodeWitnessConsist, Error, subject, "the witness is another journal's, or its copy was altered: check --witness",
 			"the witness's checkpoint is not signed by this journal's key: %v", err)
 		return
 	}
 	rep, err := journal.Verify(ctx, store, key, [][]byte{signed})
 	if err != nil {
-		r.add(CodeWitnessConsist, Error, cfg.Witness, "", "the journal cannot be verified against the witness: %v", err)
+		r.add(CodeWitnessConsist, Error, subject, "", "the journal cannot be verified against the witness: %v", err)
 		return
 	}
 	consistent := true
 	for _, f := range rep.Findings {
 		if !containsFinding(base.Findings, f) {
 			consistent = false
-			r.add(CodeWitnessConsist, Error, cfg.Witness,
+			r.add(CodeWitnessConsist, Error, subject,
 				"the journal was rewritten or cut after the witness saw it: run trustmesh audit verify --checkpoint with the witness's copy",
 				"%s: %s", f.Kind, f.Detail)
 		}
@@ -183,9 +186,9 @@ func checkWitness(ctx context.Context, cfg Config, r *Report, store *journal.Sto
 	if !consistent {
 		return
 	}
-	r.add(CodeWitnessConsist, OK, cfg.Witness, "", "the journal is consistent with the witness's checkpoint at size %d", cp.Size)
+	r.add(CodeWitnessConsist, OK, subject, "", "the journal is consistent with the witness's checkpoint at size %d", cp.Size)
 	if cp.Size < latest {
-		r.add(CodeWitnessBehind, Warning, cfg.Witness, "serve exports checkpoints off the commit path; if this persists, serve cannot write to the witness (see its log)",
+		r.add(CodeWitnessBehind, Warning, subject, "serve exports checkpoints off the commit path; if this persists, serve cannot write to the witness (see its log)",
 			"the witness is at size %d, the journal's last checkpoint at %d", cp.Size, latest)
 	}
 }
@@ -207,7 +210,7 @@ const maxWitness = 64 << 10
 // URL. A URL that takes checkpoints but does not serve them back (404,
 // 405) returns nil and no error.
 func fetchWitness(ctx context.Context, cfg Config) ([]byte, error) {
-	if !strings.HasPrefix(cfg.Witness, "http://") && !strings.HasPrefix(cfg.Witness, "https://") {
+	if !journal.IsURL(cfg.Witness) {
 		b, err := os.ReadFile(cfg.Witness)
 		if err != nil {
 			return nil, fmt.Errorf("check: witness: %w", err)
@@ -216,20 +219,27 @@ func fetchWitness(ctx context.Context, cfg Config) ([]byte, error) {
 	}
 	ctx, cancel := context.WithTimeout(ctx, cfg.Timeout)
 	defer cancel()
+	// Errors name the witness redacted: net/url's and net/http's quote the
+	// URL, query included.
+	target := journal.RedactTarget(cfg.Witness)
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, cfg.Witness, nil)
 	if err != nil {
-		return nil, fmt.Errorf("check: witness: %w", err)
+		return nil, fmt.Errorf("check: witness %s: the URL does not parse", target)
 	}
 	resp, err := cfg.HTTP.Do(req)
 	if err != nil {
-		return nil, fmt.Errorf("check: witness: %w", err)
+		var uerr *url.Error
+		if errors.As(err, &uerr) {
+			err = uerr.Err
+		}
+		return nil, fmt.Errorf("check: witness %s: %w", target, err)
 	}
 	defer resp.Body.Close()
 	switch {
 	case resp.StatusCode == http.StatusNotFound || resp.StatusCode == http.StatusMethodNotAllowed:
 		return nil, nil
 	case resp.StatusCode/100 != 2:
-		return nil, fmt.Errorf("check: witness %s answered %s", cfg.Witness, resp.Status)
+		return nil, fmt.Errorf("check: witness %s answered %s", target, resp.Status)
 	}
 	b, err := io.ReadAll(io.LimitReader(resp.Body, maxWitness+1))
 	if err != nil {

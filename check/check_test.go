@@ -272,3 +272,30 @@ func TestParseFailOnAndDuration(t *testing.T) {
 		}
 	}
 }
+
+// TestWitnessURLCredentialsNotShown: a witness URL's user information and
+// query carry credentials; the findings name the witness without them,
+// whether it answers with an error, cannot be reached, or is spelled with
+// an upper-case scheme (once taken for a file path and shown whole).
+func TestWitnessURLCredentialsNotShown(t *testing.T) {
+	now := time.Now()
+	dir := newDataDir(t, now, 0)
+	failing := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+		http.Error(w, "no", http.StatusInternalServerError)
+	}))
+	defer failing.Close()
+	gone := httptest.NewServer(http.NotFoundHandler())
+	gone.Close()
+	for _, base := range []string{failing.URL, gone.URL, strings.Replace(failing.URL, "http://", "HTTP://", 1)} {
+		witness := strings.Replace(base, "://", "://alice:s3cretpw@", 1) + "/w?api_key=k3ysecret"
+		rep := run(t, check.Config{DataDir: dir, Now: now, Witness: witness, Timeout: 2 * time.Second})
+		fs := wantOnly(t, rep, check.CodeWitnessReach, check.Error)
+		for _, f := range fs {
+			for _, secret := range []string{"s3cretpw", "k3ysecret", "alice"} {
+				if strings.Contains(f.Subject+f.Message+f.Hint, secret) {
+					t.Errorf("%s: the finding shows %q: %+v", base, secret, f)
+				}
+			}
+		}
+	}
+}

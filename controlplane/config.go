@@ -20,6 +20,7 @@ import (
 	"github.com/trustmesh/trustmesh/authz/source"
 	"github.com/trustmesh/trustmesh/ca"
 	"github.com/trustmesh/trustmesh/ca/authn"
+	"github.com/trustmesh/trustmesh/ca/journal"
 	"github.com/trustmesh/trustmesh/ca/rotation"
 	"github.com/trustmesh/trustmesh/internal/connlimit"
 )
@@ -377,7 +378,7 @@ func (c *JournalConfig) check(ca CAConfig) []error {
 	if c.DSN != "" && ca.CertsDir == "" && ca.Secret == "" {
 		errs = append(errs, setting("journal-dsn", errors.New("with a shared journal (replicas), the CA keys must live in a Kubernetes Secret (--ca-secret) or come from --cacerts (with --ca-key-uri for a KMS), never in a replica's own data directory")))
 	}
-	return errs
+	return append(errs, setting("witness", journal.CheckTarget(c.Witness)))
 }
 
 func (c *AuthzConfig) check() []error {

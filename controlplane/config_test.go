@@ -45,6 +45,8 @@ func TestValidateReportsEveryGroupAtFault(t *testing.T) {
 		{"CA secret off Kubernetes", controlplane.Config{Kubernetes: off, CA: controlplane.CAConfig{Secret: "ns/name"}}, []string{"CA"}},
 		{"control-plane ID elsewhere", controlplane.Config{Kubernetes: off, CA: controlplane.CAConfig{ControlPlaneID: "spiffe://other.example/cp"}}, []string{"CA"}},
 		{"shared journal, own keys", controlplane.Config{Kubernetes: off, Journal: controlplane.JournalConfig{DSN: "postgres://db"}}, []string{"Journal"}},
+		{"witness of another scheme", controlplane.Config{Kubernetes: off, Journal: controlplane.JournalConfig{Witness: "ftp://witness.example/c"}}, []string{"Journal"}},
+		{"witness URL in capitals", controlplane.Config{Kubernetes: off, Journal: controlplane.JournalConfig{Witness: "HTTPS://witness.example/c"}}, nil},
 		{"rotation cuts certificates short", controlplane.Config{Kubernetes: off, Rotation: controlplane.RotationConfig{IntermediateTTL: 12 * time.Hour}}, []string{"Rotation"}},
 		{"rotation fast enough", controlplane.Config{Kubernetes: off,
 			CA:       controlplane.CAConfig{MinWorkloadTTL: 20 * time.Second, DefaultWorkloadTTL: 20 * time.Second, MaxWorkloadTTL: 20 * time.Second},

@@ -8,7 +8,6 @@ import (
 	"fmt"
 	"os"
 	"sort"
-	"strings"
 	"time"
 
 	"github.com/trustmesh/trustmesh/authz/access"
@@ -281,7 +280,7 @@ func (u *uiJournal) Verify(ctx context.Context) (*ui.VerifyResult, error) {
 		return nil, err
 	}
 	var witness [][]byte
-	if u.witness != "" && !strings.HasPrefix(u.witness, "http://") && !strings.HasPrefix(u.witness, "https://") {
+	if u.witness != "" && !journal.IsURL(u.witness) {
 		if b, err := os.ReadFile(u.witness); err == nil {
 			witness = append(witness, b)
 		} else if !errors.Is(err, os.ErrNotExist) {

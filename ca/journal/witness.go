@@ -122,7 +122,7 @@ func (w *ExportWitness) Status() WitnessStatus {
 // only its scheme, host and path (no userinfo, query or fragment, where
 // credentials live); a file path is returned as it is.
 func RedactTarget(target string) string {
-	if !isURL(target) {
+	if !IsURL(target) {
 		return target
 	}
 	u, err := url.Parse(target)
@@ -132,8 +132,38 @@ func RedactTarget(target string) string {
 	return (&url.URL{Scheme: u.Scheme, Host: u.Host, Path: u.Path}).String()
 }
 
-func isURL(target string) bool {
-	return strings.HasPrefix(target, "http://") || strings.HasPrefix(target, "https://")
+// IsURL reports whether a witness target is an http(s) URL rather than a
+// file path. Schemes are case-insensitive, as URLs' are: HTTPS://host is a
+// URL, and its credentials are redacted like any other's.
+func IsURL(target string) bool {
+	scheme, ok := urlScheme(target)
+	return ok && (strings.EqualFold(scheme, "http") || strings.EqualFold(scheme, "https"))
+}
+
+// CheckTarget refuses a witness target that looks like a URL of another
+// scheme, which would otherwise be taken for a file path (and shown
+// unredacted). The error names the scheme only.
+func CheckTarget(target string) error {
+	if scheme, ok := urlScheme(target); ok && !IsURL(target) {
+		return fmt.Errorf("witness: a %q URL is not supported: give an http or https URL, or a file path", scheme)
+	}
+	return nil
+}
+
+// urlScheme returns the scheme of target when it starts with one
+// (RFC 3986: a letter, then letters, digits, "+", "-" or ".") and "://".
+func urlScheme(target string) (string, bool) {
+	scheme, _, ok := strings.Cut(target, "://")
+	if !ok || scheme == "" {
+		return "", false
+	}
+	for i, r := range scheme {
+		letter := r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z'
+		if !letter && (i == 0 || !(r >= '0' && r <= '9' || r == '+' || r == '-' || r == '.')) {
+			return "", false
+		}
+	}
+	return scheme, true
 }
 
 func (w *ExportWitness) exportPending(ctx context.Context) {
@@ -143,7 +173,7 @@ func (w *ExportWitness) exportPending(ctx context.Context) {
 }
 
 func (w *ExportWitness) export(ctx context.Context, signed []byte) error {
-	if isURL(w.target) {
+	if IsURL(w.target) {
 		req, err := http.NewRequestWithContext(ctx, http.MethodPost, w.target, bytes.NewReader(signed))
 		if err != nil {
 			// url.Parse's error quotes the URL it refused.

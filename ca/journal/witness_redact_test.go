@@ -68,9 +68,35 @@ func TestRedactTarget(t *testing.T) {
 		"https://w.example/ckpt":               "https://w.example/ckpt",
 		"/var/lib/witness/checkpoint":          "/var/lib/witness/checkpoint",
 		"http://%zz":                           "(a witness URL that does not parse)",
+		"HTTPS://u:p@w.example/c?api_key=k":    "https://w.example/c",
 	} {
 		if got := journal.RedactTarget(in); got != want {
 			t.Errorf("RedactTarget(%q) = %q, want %q", in, got, want)
+		}
+	}
+}
+
+// TestCheckTarget: an http(s) URL in any case is a URL, a path is a file,
+// and a URL of another scheme is refused rather than taken for a file
+// path (and shown unredacted), naming only its scheme.
+func TestCheckTarget(t *testing.T) {
+	for target, wantURL := range map[string]bool{
+		"https://w.example/c": true, "HTTP://w.example/c": true, "Https://w": true,
+		"/var/lib/witness/checkpoint": false, "./a://b": false, "witness": false,
+	} {
+		if got := journal.IsURL(target); got != wantURL {
+			t.Errorf("IsURL(%q) = %v, want %v", target, got, wantURL)
+		}
+		if err := journal.CheckTarget(target); err != nil {
+			t.Errorf("CheckTarget(%q): %v", target, err)
+		}
+	}
+	for _, target := range []string{"ftp://u:s3cret@w.example/c", "s3://bucket/c", "file:///w"} {
+		err := journal.CheckTarget(target)
+		if err == nil {
+			t.Errorf("CheckTarget(%q) accepted it", target)
+		} else if strings.Contains(err.Error(), "s3cret") || strings.Contains(err.Error(), "bucket") {
+			t.Errorf("CheckTarget(%q) = %v: it shows the target", target, err)
 		}
 	}
 }
