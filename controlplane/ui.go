@@ -103,7 +103,13 @@ func (c *UIConfig) inputs(inKube bool) (token string, tlsCfg *tls.Config, errs [
 				err = fmt.Errorf("%s holds no PEM certificates", c.ClientCA)
 			}
 			errs = append(errs, setting("ui-client-ca", err))
-			tlsCfg.ClientCAs, tlsCfg.ClientAuth = pool, tls.RequireAndVerifyClientCert
+			// With a token too, either proves who calls: a browser with
+			// no certificate must still reach the sign-in form.
+			auth := tls.RequireAndVerifyClientCert
+			if c.TokenFile != "" {
+				auth = tls.VerifyClientCertIfGiven
+			}
+			tlsCfg.ClientCAs, tlsCfg.ClientAuth = pool, auth
 		}
 	}
 	return token, tlsCfg, errs
