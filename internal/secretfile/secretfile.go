@@ -48,7 +48,21 @@ func Read(path string, opts Options) ([]byte, error) {
 	if bad != 0 {
 		return nil, fmt.Errorf("%s has mode %#o: others than its owner can access it, so it is not secret; run chmod 600 %s", path, perm, path)
 	}
+	if uid, ok := owner(fi); ok && uid != os.Geteuid() && uid != 0 {
+		// Its owner, another user, can read it: only this process's
+		// user or root (who can read anything anyway) may own a secret.
+		return nil, fmt.Errorf("%s is owned by user %d, not by this process's user (%d) or root, so that user can read it", path, uid, os.Geteuid())
+	}
 	return io.ReadAll(f)
+}
+
+// owner returns fi's owner, when the platform says.
+func owner(fi os.FileInfo) (int, bool) {
+	st, ok := fi.Sys().(*syscall.Stat_t)
+	if !ok {
+		return 0, false
+	}
+	return int(st.Uid), true
 }
 
 // ownGroup reports whether fi's group is one of this process's.

@@ -74,3 +74,23 @@ func TestOwnGroup(t *testing.T) {
 		}
 	}
 }
+
+// TestOwnedByAnotherUser: a 0600 file that another user owns is that
+// user's to read, so it is refused; one this process's user owns is read.
+// Changing a file's owner needs root, which CI has.
+func TestOwnedByAnotherUser(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("giving a file to another user needs root")
+	}
+	p := write(t, t.TempDir(), "pin", 0o600)
+	if _, err := Read(p, Options{}); err != nil {
+		t.Fatalf("a file of this process's user: %v", err)
+	}
+	if err := os.Chown(p, 12345, 12345); err != nil {
+		t.Fatal(err)
+	}
+	_, err := Read(p, Options{OwnGroup: true})
+	if err == nil || !strings.Contains(err.Error(), "owned by user 12345") {
+		t.Fatalf("a file of user 12345 read by root: %v, want refused naming its owner", err)
+	}
+}
