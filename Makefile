@@ -52,7 +52,8 @@ test: envtest otelcol generate-check
 	CGO_ENABLED=1 $(GO) test -tags pkcs11 -count=1 ./ca/authority/
 	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && seed=$$(od -An -N4 -tu4 /dev/urandom | tr -d ' ') && \
 	echo "istio-oracle: fresh seed $$seed" && \
-	(cd test/istio-oracle && $(GO) vet ./... && $(GO) run . -seed "$$seed" -cases 10000 -out "$$tmp/corpus.jsonl.gz") && \
+	{ (cd test/istio-oracle && $(GO) vet ./... && $(GO) run . -seed "$$seed" -cases 10000 -out "$$tmp/corpus.jsonl.gz") || \
+	{ echo "istio-oracle: the oracle module did not build or run (see above)"; exit 1; }; } && \
 	TRUSTMESH_ORACLE_CORPUS="$$tmp/corpus.jsonl.gz" $(GO) test -count=1 -run '^TestIstioOracle$$' ./authz/conformance || \
 	{ echo "istio-oracle: disagreements with fresh seed $$seed"; exit 1; }
 
