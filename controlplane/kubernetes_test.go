@@ -231,7 +231,21 @@ func TestTokenReviewsAreRateLimitedAndCached(t *testing.T) {
 	for range 50 {
 		stale = append(stale, cl.token("gone", "istio-ca", nil))
 	}
+	probe := cl.token("gone", "istio-ca", nil)
 	cl.deleteServiceAccount("gone")
+	// The apiserver checks a token's service account in its own cache,
+	// which learns of the deletion a moment later: a make test run once
+	// saw a stale token accepted. Wait, with reviews of a token of its own
+	// outside the counted client, until the apiserver refuses them.
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+		tr, err := cs.AuthenticationV1().TokenReviews().Create(ctx, &authv1.TokenReview{Spec: authv1.TokenReviewSpec{Token: probe, Audiences: []string{"istio-ca"}}}, metav1.CreateOptions{})
+		if err == nil && !tr.Status.Authenticated {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the apiserver still accepts a deleted account's token after 30 s: %v", err)
+		}
+	}
 	var busy, rejected int
 	for _, tok := range stale {
 		_, err := k.Authenticate(ctx, tok)
