@@ -9,6 +9,7 @@ import (
 
 	"github.com/spiffe/go-spiffe/v2/proto/spiffe/workload"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/spiffe/go-spiffe/v2/svid/jwtsvid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 	"github.com/spiffe/go-spiffe/v2/workloadapi"
 	"google.golang.org/grpc"
@@ -231,4 +232,119 @@ func next(t *testing.T, ch <-chan *workloadapi.X509Context) *workloadapi.X509Con
 		t.Fatal("no update")
 		return nil
 	}
+}
+
+// stores is a caller's view over several identity stores, as the node agent
+// gives one.
+type stores []*identity.Store
+
+func (ss stores) View(ctx context.Context) (identity.View, <-chan struct{}, error) {
+	var svids []*x509svid.SVID
+	changed := make(chan struct{})
+	var chans []<-chan struct{}
+	var b identity.Snapshot
+	for _, s := range ss {
+		snap, ch := s.Load()
+		svids = append(svids, snap.SVID)
+		if b.Bundle == nil {
+			b = snap
+		}
+		chans = append(chans, ch)
+	}
+	go func() {
+		defer close(changed)
+		select {
+		case <-ctx.Done():
+		case <-chans[0]:
+		case <-chans[1]:
+		}
+	}()
+	return identity.NewView(svids, b.Bundle), changed, nil
+}
+
+func TestResolvedCallerGetsAllItsSVIDsSortedAndTheirRotations(t *testing.T) {
+	auth := testca.New(t, td, time.Now())
+	other := spiffeid.RequireFromString("spiffe://cluster.local/ns/shop/sa/api")
+	ss := stores{identity.New(), identity.New()}
+	for i, id := range []spiffeid.ID{own, other} { // cart before api: the view sorts
+		ss[i].SetBundle(auth.Bundle())
+		ss[i].SetSVID(auth.SVID(t, id, time.Now().Add(-time.Minute), time.Hour))
+	}
+	srv, err := New(Config{Resolve: func(context.Context) (identity.Viewer, error) { return ss, nil }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	g := grpc.NewServer()
+	srv.Register(g)
+	c, err := workloadapi.New(context.Background(), workloadapi.WithAddr("unix://"+testca.ServeUnix(t, g)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	w := watcher{updates: make(chan *workloadapi.X509Context, 10)}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- c.WatchX509Context(ctx, w) }()
+	defer func() { cancel(); <-done }()
+	u := next(t, w.updates)
+	if len(u.SVIDs) != 2 || u.SVIDs[0].ID != other || u.SVIDs[1].ID != own {
+		t.Fatalf("got SVIDs %v, want [%s %s]", ids(u), other, own)
+	}
+	for _, s := range u.SVIDs {
+		if _, _, err := x509svid.Verify(s.Certificates, u.Bundles); err != nil {
+			t.Fatalf("%s does not verify: %v", s.ID, err)
+		}
+	}
+	rotated := auth.SVID(t, own, time.Now().Add(-time.Minute), time.Hour)
+	ss[0].SetSVID(rotated)
+	u = next(t, w.updates)
+	if len(u.SVIDs) != 2 || !u.SVIDs[1].Certificates[0].Equal(rotated.Certificates[0]) {
+		t.Fatalf("rotation of %s not streamed: %v", own, ids(u))
+	}
+}
+
+func TestResolveRefusalIsTheAnswer(t *testing.T) {
+	srv, err := New(Config{Resolve: func(context.Context) (identity.Viewer, error) {
+		return nil, status.Error(codes.PermissionDenied, "no identity for this caller")
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	g := grpc.NewServer()
+	srv.Register(g)
+	c, err := workloadapi.New(context.Background(), workloadapi.WithAddr("unix://"+testca.ServeUnix(t, g)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if _, err := c.FetchX509SVID(ctx); status.Code(err) != codes.PermissionDenied {
+		t.Fatalf("FetchX509SVID: %v, want PermissionDenied", err)
+	}
+	if _, err := c.FetchX509Bundles(ctx); status.Code(err) != codes.PermissionDenied {
+		t.Fatalf("FetchX509Bundles: %v, want PermissionDenied", err)
+	}
+	if _, err := c.FetchJWTSVID(ctx, jwtsvidParams); status.Code(err) != codes.PermissionDenied {
+		t.Fatalf("FetchJWTSVID: %v, want PermissionDenied", err)
+	}
+}
+
+func TestConfigNeedsOneSource(t *testing.T) {
+	if _, err := New(Config{}); err == nil {
+		t.Fatal("no Source nor Resolve accepted")
+	}
+	if _, err := New(Config{Source: identity.New(), Resolve: func(context.Context) (identity.Viewer, error) { return nil, nil }}); err == nil {
+		t.Fatal("both Source and Resolve accepted")
+	}
+}
+
+var jwtsvidParams = jwtsvid.Params{Audience: "x"}
+
+func ids(u *workloadapi.X509Context) []string {
+	var out []string
+	for _, s := range u.SVIDs {
+		out = append(out, s.ID.String())
+	}
+	return out
 }
