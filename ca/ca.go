@@ -57,6 +57,9 @@ type Caller struct {
 	SubjectUID  string
 	// Redeem, when set, is the join token spent by this issuance.
 	Redeem *journal.Redemption
+	// Node is the node that asks on the workload's behalf, for a delegated
+	// issuance; empty otherwise.
+	Node string
 }
 
 // Recorder durably records issuances. It must return only once the record is
@@ -93,6 +96,9 @@ type Config struct {
 	// Reserved identities are never issued to workloads, whatever they
 	// prove: the control plane's own, which xDS clients pin.
 	Reserved []spiffeid.ID
+	// Nodes authorizes delegated issuance against the mesh model. Nil
+	// turns delegation off: every delegated request is refused.
+	Nodes NodeAuthorizer
 }
 
 // CA issues workload certificates.
@@ -184,14 +190,17 @@ func (c *CA) Issue(ctx context.Context, caller Caller, csrPEM []byte, requested 
 	if err != nil {
 		return nil, err
 	}
+	return c.issue(ctx, caller, workloadTemplate(caller.ID, csr.PublicKey), csr.PublicKey, c.clampTTL(requested))
+}
+
+// workloadTemplate is a workload certificate for id with key pub: one URI
+// SAN, and the key usages the key's type allows.
+func workloadTemplate(id spiffeid.ID, pub crypto.PublicKey) *x509.Certificate {
 	usage := x509.KeyUsageDigitalSignature
-	if _, ok := csr.PublicKey.(*rsa.PublicKey); ok {
+	if _, ok := pub.(*rsa.PublicKey); ok {
 		usage |= x509.KeyUsageKeyEncipherment
 	}
-	return c.issue(ctx, caller, &x509.Certificate{
-		URIs:     []*url.URL{caller.ID.URL()},
-		KeyUsage: usage,
-	}, csr.PublicKey, c.clampTTL(requested))
+	return &x509.Certificate{URIs: []*url.URL{id.URL()}, KeyUsage: usage}
 }
 
 // ServingRequest asks for a certificate for one of trustmesh's own servers.
@@ -252,6 +261,7 @@ func (c *CA) issue(ctx context.Context, caller Caller, tmpl *x509.Certificate, p
 		Issuer:          SerialHex(m.Cert),
 		PublicKeySHA256: hex.EncodeToString(spki[:]),
 		CertSHA256:      hex.EncodeToString(sum[:]),
+		Node:            caller.Node,
 	}, caller.Redeem)
 	if err != nil {
 		if errors.Is(err, journal.ErrTokenSpent) {

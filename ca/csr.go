@@ -13,7 +13,8 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 )
 
-// MaxCSRSize is the largest CSR, in bytes of PEM, that is parsed at all.
+// MaxCSRSize is the largest CSR, in bytes of PEM (or of DER, for the node
+// service), that is parsed at all.
 const MaxCSRSize = 16 << 10
 
 var (
@@ -42,7 +43,16 @@ func parseCSR(csrPEM []byte, id spiffeid.ID) (*x509.CertificateRequest, error) {
 	if extra, _ := pem.Decode(rest); extra != nil {
 		return nil, refuse(ReasonCSRMalformed, KindInvalid, "CSR holds more than one PEM block")
 	}
-	csr, err := x509.ParseCertificateRequest(block.Bytes)
+	return parseCSRDER(block.Bytes, id)
+}
+
+// parseCSRDER is parseCSR for a DER-encoded request, as the node service
+// carries them.
+func parseCSRDER(der []byte, id spiffeid.ID) (*x509.CertificateRequest, error) {
+	if len(der) > MaxCSRSize {
+		return nil, refuse(ReasonCSRTooLarge, KindInvalid, "CSR is %d bytes; the limit is %d", len(der), MaxCSRSize)
+	}
+	csr, err := x509.ParseCertificateRequest(der)
 	if err != nil {
 		return nil, refuseErr(ReasonCSRMalformed, KindInvalid, fmt.Errorf("parse CSR: %w", err))
 	}

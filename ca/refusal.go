@@ -79,6 +79,27 @@ const (
 	// ReasonJournalTampered: the journal no longer matches its signed
 	// checkpoints, so nothing it says can be trusted.
 	ReasonJournalTampered = "journal-tampered"
+
+	// Delegated issuance (the node service).
+
+	// ReasonNodeNotTrusted: the caller is not a node trusted for
+	// delegation (a workload's SVID, an untrusted service account, a token
+	// bound to no pod or node).
+	ReasonNodeNotTrusted = "node-not-trusted"
+	// ReasonNotOnNode: no workload of the identity asked for runs on the
+	// node.
+	ReasonNotOnNode = "not-on-node"
+	// ReasonNodeIdentity: a node asked for a node identity
+	// (spiffe://TD/node/...), which only the node's own enrolment gives.
+	ReasonNodeIdentity = "node-identity"
+	// ReasonDelegationOff: the CA has no mesh model to authorize delegated
+	// requests against, so it refuses them all.
+	ReasonDelegationOff = "delegation-off"
+	// ReasonBatchTooLarge: a batch carries more params than the limit.
+	ReasonBatchTooLarge = "batch-too-large"
+	// ReasonNodeCheckFailed: the mesh model could not say whether the node
+	// may hold the identity; the node may retry.
+	ReasonNodeCheckFailed = "node-check-failed"
 )
 
 // Refusal is the error for every request the CA does not serve. Reason is

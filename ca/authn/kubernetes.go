@@ -82,7 +82,33 @@ type Kubernetes struct {
 
 type cachedReview struct {
 	caller  ca.Caller
+	extra   map[string][]string
 	expires time.Time
+}
+
+// Review is what a TokenReview said about a token: the caller, and the
+// user's extra attributes, where a pod-bound token's pod and node claims
+// are ("authentication.kubernetes.io/pod-name", ".../node-name").
+type Review struct {
+	Caller ca.Caller
+	Extra  map[string][]string
+}
+
+// Extra keys of a pod-bound service-account token's TokenReview.
+const (
+	ExtraPodName  = "authentication.kubernetes.io/pod-name"
+	ExtraPodUID   = "authentication.kubernetes.io/pod-uid"
+	ExtraNodeName = "authentication.kubernetes.io/node-name"
+	ExtraNodeUID  = "authentication.kubernetes.io/node-uid"
+)
+
+// Value is the single value of an extra attribute, or "" when it has none
+// or several.
+func (r Review) Value(key string) string {
+	if v := r.Extra[key]; len(v) == 1 {
+		return v[0]
+	}
+	return ""
 }
 
 // NewKubernetes fills in defaults and returns the authenticator.
@@ -140,17 +166,32 @@ func NewKubernetes(cfg KubernetesConfig) (*Kubernetes, error) {
 // Authenticate checks a service-account token and returns
 // spiffe://TD/ns/NS/sa/SA.
 func (k *Kubernetes) Authenticate(ctx context.Context, token string) (ca.Caller, error) {
+	r, err := k.Review(ctx, token)
+	return r.Caller, err
+}
+
+// Review checks a service-account token as Authenticate does, and returns
+// the review's extra attributes beside the caller.
+func (k *Kubernetes) Review(ctx context.Context, token string) (Review, error) {
+	c, err := k.review(ctx, token)
+	if err != nil {
+		return Review{}, err
+	}
+	return Review{Caller: c.caller, Extra: c.extra}, nil
+}
+
+func (k *Kubernetes) review(ctx context.Context, token string) (cachedReview, error) {
 	now := k.cfg.Clock.Now()
 	claims, err := k.precheck(token, now)
 	if err != nil {
-		return ca.Caller{}, err
+		return cachedReview{}, err
 	}
 	key := sha256.Sum256([]byte(token))
 	if c, ok := k.cached(key, now); ok {
 		return c, nil
 	}
 	if k.refusedRecently(key, now) {
-		return ca.Caller{}, ca.Refuse(ca.KindUnauthenticated, ca.ReasonTokenRejected, errors.New("the apiserver refused this token moments ago"))
+		return cachedReview{}, ca.Refuse(ca.KindUnauthenticated, ca.ReasonTokenRejected, errors.New("the apiserver refused this token moments ago"))
 	}
 	if k.keys != nil {
 		// Only a signature the published keys refuse is refused here;
@@ -159,42 +200,42 @@ func (k *Kubernetes) Authenticate(ctx context.Context, token string) (ca.Caller,
 		// token refused while a new key was not yet fetched must not stay
 		// refused once it is.
 		if err := k.keys.check(ctx, token); errors.Is(err, errBadSignature) {
-			return ca.Caller{}, ca.Refuse(ca.KindUnauthenticated, ca.ReasonTokenSignature, err)
+			return cachedReview{}, ca.Refuse(ca.KindUnauthenticated, ca.ReasonTokenSignature, err)
 		}
 	}
 	if err := k.waitForSlot(ctx); err != nil {
-		return ca.Caller{}, err
+		return cachedReview{}, err
 	}
 	select {
 	case k.inFlight <- struct{}{}:
 		defer func() { <-k.inFlight }()
 	default:
-		return ca.Caller{}, ca.Refuse(ca.KindUnavailable, ca.ReasonTokenReviewBusy,
+		return cachedReview{}, ca.Refuse(ca.KindUnavailable, ca.ReasonTokenReviewBusy,
 			fmt.Errorf("%d TokenReviews already in flight", k.cfg.MaxInFlight))
 	}
 	review, err := k.cfg.Client.AuthenticationV1().TokenReviews().Create(ctx, &authv1.TokenReview{
 		Spec: authv1.TokenReviewSpec{Token: token, Audiences: []string{k.cfg.Audience}},
 	}, metav1.CreateOptions{})
 	if err != nil {
-		return ca.Caller{}, ca.Refuse(ca.KindUnavailable, ca.ReasonTokenReviewFailed, fmt.Errorf("TokenReview: %w", err))
+		return cachedReview{}, ca.Refuse(ca.KindUnavailable, ca.ReasonTokenReviewFailed, fmt.Errorf("TokenReview: %w", err))
 	}
 	st := review.Status
 	if !st.Authenticated {
 		k.refuse(key, k.cfg.Clock.Now())
-		return ca.Caller{}, ca.Refuse(ca.KindUnauthenticated, ca.ReasonTokenRejected, fmt.Errorf("TokenReview refused the token: %s", st.Error))
+		return cachedReview{}, ca.Refuse(ca.KindUnauthenticated, ca.ReasonTokenRejected, fmt.Errorf("TokenReview refused the token: %s", st.Error))
 	}
 	if !contains(st.Audiences, k.cfg.Audience) {
-		return ca.Caller{}, ca.Refuse(ca.KindUnauthenticated, ca.ReasonTokenAudience,
+		return cachedReview{}, ca.Refuse(ca.KindUnauthenticated, ca.ReasonTokenAudience,
 			fmt.Errorf("TokenReview audiences %v do not include %q", st.Audiences, k.cfg.Audience))
 	}
 	ns, sa, ok := parseServiceAccountUser(st.User.Username)
 	if !ok {
-		return ca.Caller{}, ca.Refuse(ca.KindUnauthenticated, ca.ReasonTokenNotSA,
+		return cachedReview{}, ca.Refuse(ca.KindUnauthenticated, ca.ReasonTokenNotSA,
 			fmt.Errorf("token user %q is not a service account", st.User.Username))
 	}
 	id, err := spiffeid.FromSegments(k.cfg.TrustDomain, "ns", ns, "sa", sa)
 	if err != nil {
-		return ca.Caller{}, ca.Refuse(ca.KindUnauthenticated, ca.ReasonTokenNotSA, fmt.Errorf("service account %s/%s: %w", ns, sa, err))
+		return cachedReview{}, ca.Refuse(ca.KindUnauthenticated, ca.ReasonTokenNotSA, fmt.Errorf("service account %s/%s: %w", ns, sa, err))
 	}
 	caller := ca.Caller{
 		ID:         id,
@@ -207,8 +248,20 @@ func (k *Kubernetes) Authenticate(ctx context.Context, token string) (ca.Caller,
 	if !claims.expiry.IsZero() && claims.expiry.Before(expires) {
 		expires = claims.expiry
 	}
-	k.store(key, cachedReview{caller: caller, expires: expires}, now)
-	return caller, nil
+	c := cachedReview{caller: caller, extra: extraOf(st.User.Extra), expires: expires}
+	k.store(key, c, now)
+	return c, nil
+}
+
+func extraOf(in map[string]authv1.ExtraValue) map[string][]string {
+	if len(in) == 0 {
+		return nil
+	}
+	out := make(map[string][]string, len(in))
+	for k, v := range in {
+		out[k] = append([]string(nil), v...)
+	}
+	return out
 }
 
 // waitForSlot takes a TokenReview slot from the rate limiter, on the
@@ -319,18 +372,18 @@ func (k *Kubernetes) precheck(token string, now time.Time) (jwtClaims, error) {
 	return out, nil
 }
 
-func (k *Kubernetes) cached(key [sha256.Size]byte, now time.Time) (ca.Caller, bool) {
+func (k *Kubernetes) cached(key [sha256.Size]byte, now time.Time) (cachedReview, bool) {
 	k.mu.Lock()
 	defer k.mu.Unlock()
 	c, ok := k.cache[key]
 	if !ok {
-		return ca.Caller{}, false
+		return cachedReview{}, false
 	}
 	if !now.Before(c.expires) {
 		delete(k.cache, key)
-		return ca.Caller{}, false
+		return cachedReview{}, false
 	}
-	return c.caller, true
+	return c, true
 }
 
 func (k *Kubernetes) refusedRecently(key [sha256.Size]byte, now time.Time) bool {

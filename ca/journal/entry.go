@@ -35,6 +35,11 @@ const (
 	// OriginCA marks certificates the CA issues to itself, such as its serving
 	// certificate. They can never be renewed by a client.
 	OriginCA Origin = "ca"
+	// OriginNode marks certificates a node agent obtained on behalf of a
+	// workload on its node (delegated issuance). Their keys live in the
+	// node agent only; they can never be renewed by a client with the
+	// certificate, only issued again to the node.
+	OriginNode Origin = "node"
 )
 
 // ErrNotFound is returned when a looked-up record does not exist.
@@ -46,10 +51,11 @@ type Issuance struct {
 	Serial   string    `json:"serial"` // lower-case hex
 	SPIFFEID string    `json:"spiffe_id"`
 	// Method is how this request authenticated: "kubernetes", "join-token",
-	// "x509-renewal" or "ca".
+	// "x509-renewal", "ca" or "node-delegated".
 	Method string `json:"method"`
 	// Caller names the authenticated caller: the token subject, the join-token
-	// id, or the renewing certificate's serial.
+	// id, or the renewing certificate's serial; for a delegated issuance,
+	// the node's credential.
 	Caller      string `json:"caller"`
 	Origin      Origin `json:"origin"`
 	EnrolmentID string `json:"enrolment_id,omitempty"`
@@ -62,6 +68,10 @@ type Issuance struct {
 	Issuer          string `json:"issuer"`
 	PublicKeySHA256 string `json:"public_key_sha256"`
 	CertSHA256      string `json:"cert_sha256"`
+	// Node is the node that obtained the certificate on the workload's
+	// behalf (Origin node); empty for every other issuance, and then
+	// omitted, so that leaves written before it existed keep their bytes.
+	Node string `json:"node,omitempty"`
 }
 
 // Refusal records one or more refused requests that share a reason, method,

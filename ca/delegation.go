@@ -1,0 +1,169 @@
+package ca
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	"github.com/trustmesh/trustmesh/ca/journal"
+)
+
+// Delegated issuance: a node agent (ambient mode) holds the identities of the
+// workloads on its node and asks the CA for their certificates, as Istio's
+// ztunnel does with its trusted node accounts and SPIRE's agent with node
+// attestation. The CA authorizes every identity on its own against the mesh
+// model: the node must run a workload of it.
+
+// MethodNodeDelegated is the journal's Method of a delegated issuance.
+const MethodNodeDelegated = "node-delegated"
+
+// NodePathPrefix is the path under which node identities live:
+// spiffe://TD/node/NAME. No workload, and no node on a workload's behalf,
+// is ever issued one through delegation.
+const NodePathPrefix = "/node/"
+
+// DelegationConcurrency bounds how many params of one batch are issued at
+// once. They run concurrently so that the journal commits them together.
+const DelegationConcurrency = 32
+
+// Node is an authenticated node agent.
+type Node struct {
+	// Name is the node's name: "node-a".
+	Name string
+	// ID is what authenticated: spiffe://TD/node/NAME, or the node agent's
+	// service-account identity.
+	ID spiffeid.ID
+	// Method is how it authenticated: "node-x509" or "node-kubernetes".
+	Method string
+	// Subject names the credential: "x509:<serial>" or
+	// "system:serviceaccount:NS:SA".
+	Subject string
+}
+
+// NodeEntry is one identity a node may hold, and the selectors a local
+// caller must match to receive it (cav1.Selector* form).
+type NodeEntry struct {
+	ID        spiffeid.ID
+	Selectors []string
+}
+
+// NodeAuthorizer is the mesh model's answer to what a node may hold; the
+// control plane implements it.
+type NodeAuthorizer interface {
+	// Entries lists what node may hold now and a revision that changes
+	// when they do.
+	Entries(ctx context.Context, node string) (entries []NodeEntry, revision string, err error)
+	// MayHold returns nil if node may hold id, else an error, which the CA
+	// turns into a refusal ReasonNotOnNode (unless it is a *Refusal
+	// already). It may wait a bounded time for a mesh model that is
+	// catching up (a pod just scheduled).
+	MayHold(ctx context.Context, node string, id spiffeid.ID) error
+}
+
+// DelegatedRequest asks for one certificate on a workload's behalf.
+type DelegatedRequest struct {
+	ID spiffeid.ID
+	// CSR is a DER-encoded PKCS#10 request; it contributes only its key.
+	CSR []byte
+	// TTL is the lifetime asked for; zero lets the CA choose.
+	TTL time.Duration
+}
+
+// DelegatedResult is the answer to one DelegatedRequest: Issued, or Err (a
+// *Refusal).
+type DelegatedResult struct {
+	Issued *Issued
+	Err    error
+}
+
+// IsNodeID reports whether id is a node identity, spiffe://TD/node/...
+func IsNodeID(id spiffeid.ID) bool {
+	return strings.HasPrefix(id.Path()+"/", NodePathPrefix)
+}
+
+// IssueDelegated issues a certificate per request to an authenticated node,
+// each authorized on its own: one refused request does not fail the others.
+// The results are in the order of reqs.
+func (c *CA) IssueDelegated(ctx context.Context, node Node, reqs []DelegatedRequest) []DelegatedResult {
+	out := make([]DelegatedResult, len(reqs))
+	if node.Name == "" {
+		for i := range out {
+			out[i].Err = refuse(ReasonNodeNotTrusted, KindDenied, "no node name: the caller is not an authenticated node")
+		}
+		return out
+	}
+	sem := make(chan struct{}, DelegationConcurrency)
+	var wg sync.WaitGroup
+	for i := range reqs {
+		wg.Add(1)
+		sem <- struct{}{}
+		go func() {
+			defer func() { <-sem; wg.Done() }()
+			iss, err := c.issueDelegated(ctx, node, reqs[i])
+			out[i] = DelegatedResult{Issued: iss, Err: err}
+		}()
+	}
+	wg.Wait()
+	return out
+}
+
+func (c *CA) issueDelegated(ctx context.Context, node Node, req DelegatedRequest) (*Issued, error) {
+	id := req.ID
+	if id.IsZero() {
+		return nil, refuse(ReasonTrustDomain, KindInvalid, "no SPIFFE ID asked for")
+	}
+	if id.TrustDomain() != c.cfg.TrustDomain {
+		return nil, refuse(ReasonTrustDomain, KindDenied, "identity %s is not in trust domain %s", id, c.cfg.TrustDomain)
+	}
+	for _, r := range c.cfg.Reserved {
+		if id == r {
+			return nil, refuse(ReasonReserved, KindDenied, "%s is reserved for the control plane", r)
+		}
+	}
+	if IsNodeID(id) {
+		return nil, refuse(ReasonNodeIdentity, KindDenied, "%s is a node identity, which is never delegated", id)
+	}
+	if c.cfg.Nodes == nil {
+		return nil, refuse(ReasonDelegationOff, KindDenied, "delegated issuance is off: the CA has no mesh model to authorize it")
+	}
+	if err := c.cfg.Nodes.MayHold(ctx, node.Name, id); err != nil {
+		if r, ok := AsRefusal(err); ok {
+			return nil, r
+		}
+		if ctx.Err() != nil {
+			return nil, refuseErr(ReasonNodeCheckFailed, KindUnavailable, fmt.Errorf("may node %s hold %s: %w", node.Name, id, err))
+		}
+		return nil, refuseErr(ReasonNotOnNode, KindDenied, fmt.Errorf("node %s may not hold %s: %w", node.Name, id, err))
+	}
+	csr, err := parseCSRDER(req.CSR, id)
+	if err != nil {
+		return nil, err
+	}
+	caller := Caller{
+		ID:      id,
+		Method:  MethodNodeDelegated,
+		Subject: node.Subject,
+		Origin:  journal.OriginNode,
+		Node:    node.Name,
+	}
+	return c.issue(ctx, caller, workloadTemplate(id, csr.PublicKey), csr.PublicKey, c.clampTTL(req.TTL))
+}
+
+// NodeEntries lists what node may hold now, from the mesh model.
+func (c *CA) NodeEntries(ctx context.Context, node string) ([]NodeEntry, string, error) {
+	if c.cfg.Nodes == nil {
+		return nil, "", refuse(ReasonDelegationOff, KindDenied, "delegated issuance is off: the CA has no mesh model to authorize it")
+	}
+	entries, rev, err := c.cfg.Nodes.Entries(ctx, node)
+	if err != nil {
+		if r, ok := AsRefusal(err); ok {
+			return nil, "", r
+		}
+		return nil, "", refuseErr(ReasonNodeCheckFailed, KindUnavailable, fmt.Errorf("entries of node %s: %w", node, err))
+	}
+	return entries, rev, nil
+}
