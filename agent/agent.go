@@ -366,7 +366,6 @@ func build(s *settings) (*assembled, error) {
 	a.parts = append(a.parts,
 		part{"trust bundle", follower.Run},
 		part{"rotation", mgr.Run},
-		part{"sds", sdsServer.Run},
 		part{"socket", sock.Run},
 	)
 	if s.CertDir != "" {

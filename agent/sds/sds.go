@@ -1,12 +1,15 @@
-// Package sds serves the agent's identity to Envoy over the Secret Discovery
-// Service (envoy.service.secret.v3), state-of-the-world and delta, with
+// Package sds serves identities to Envoy over the Secret Discovery Service
+// (envoy.service.secret.v3), state-of-the-world and delta, with
 // go-control-plane's server and linear cache. It serves the two secrets that
 // Istio's and SPIRE's Envoy configurations ask for:
 //
 //   - "default": the certificate chain and private key (TlsCertificate);
 //   - "ROOTCA": the trust bundle as a validation context.
 //
-// Every rotation and bundle change pushes new versions to connected proxies.
+// The per-pod agent serves its one identity to every caller; the node agent
+// serves each attested caller its own (the first of them, sorted by ID, as
+// "default"). Every rotation and bundle change pushes new versions to the
+// connected proxies of that identity.
 package sds
 
 import (
@@ -46,43 +49,48 @@ type Source interface {
 	Load() (identity.Snapshot, <-chan struct{})
 }
 
-// Config configures a Server.
+// Resolver returns the identities of the caller of ctx (an incoming gRPC
+// stream). Its error, a gRPC status error, is the stream's answer.
+type Resolver func(ctx context.Context) (identity.Viewer, error)
+
+// Config configures a Server. Exactly one of Source and Resolve is set.
 type Config struct {
+	// Source is the one identity every caller gets.
 	Source Source
-	Logger *slog.Logger
+	// Resolve tells callers apart: each gets "default" for the first of
+	// its identities (sorted by ID).
+	Resolve Resolver
+	Logger  *slog.Logger
 }
 
-// Server serves SDS. Run copies the identity into the cache; Register adds
-// the service to a gRPC server.
+// Server serves SDS; Register adds the service to a gRPC server. Each
+// stream resolves its caller and is served from a cache of its own, which
+// follows the caller's identities until the stream ends.
 type Server struct {
 	secretv3.UnimplementedSecretDiscoveryServiceServer
-	src   Source
-	log   *slog.Logger
-	cache *cachev3.LinearCache
-	sotw  sotwv3.Server
-	delta deltav3.Server
+	resolve Resolver
+	log     *slog.Logger
 }
 
 var _ secretv3.SecretDiscoveryServiceServer = (*Server)(nil)
 
 // New returns a server.
 func New(cfg Config) (*Server, error) {
-	if cfg.Source == nil {
-		return nil, errors.New("sds: Source is required")
+	if cfg.Source != nil && cfg.Resolve != nil {
+		return nil, errors.New("sds: set Source or Resolve, not both")
+	}
+	resolve := cfg.Resolve
+	if cfg.Source != nil {
+		v := identity.Fixed(cfg.Source)
+		resolve = func(context.Context) (identity.Viewer, error) { return v, nil }
+	}
+	if resolve == nil {
+		return nil, errors.New("sds: Source or Resolve is required")
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
-	c := cachev3.NewLinearCache(resourcev3.SecretType)
-	// Streams end when the gRPC server stops, so the stream handlers need no
-	// context of their own.
-	return &Server{
-		src:   cfg.Source,
-		log:   cfg.Logger,
-		cache: c,
-		sotw:  sotwv3.NewServer(context.Background(), c, nil),
-		delta: deltav3.NewServer(context.Background(), c, nil),
-	}, nil
+	return &Server{resolve: resolve, log: cfg.Logger}, nil
 }
 
 // Register adds the Secret Discovery Service to g.
@@ -90,12 +98,16 @@ func (s *Server) Register(g *grpc.Server) { secretv3.RegisterSecretDiscoveryServ
 
 // StreamSecrets serves state-of-the-world SDS.
 func (s *Server) StreamSecrets(stream secretv3.SecretDiscoveryService_StreamSecretsServer) error {
-	return s.sotw.StreamHandler(stream, resourcev3.SecretType)
+	return s.serve(stream.Context(), func(ctx context.Context, c *cachev3.LinearCache) error {
+		return sotwv3.NewServer(ctx, c, nil).StreamHandler(stream, resourcev3.SecretType)
+	})
 }
 
 // DeltaSecrets serves incremental SDS.
 func (s *Server) DeltaSecrets(stream secretv3.SecretDiscoveryService_DeltaSecretsServer) error {
-	return s.delta.DeltaStreamHandler(stream, resourcev3.SecretType)
+	return s.serve(stream.Context(), func(ctx context.Context, c *cachev3.LinearCache) error {
+		return deltav3.NewServer(ctx, c, nil).DeltaStreamHandler(stream, resourcev3.SecretType)
+	})
 }
 
 // FetchSecrets, the REST-style unary call, is not served: Envoy uses the
@@ -104,39 +116,90 @@ func (s *Server) FetchSecrets(context.Context, *discoveryv3.DiscoveryRequest) (*
 	return nil, status.Error(codes.Unimplemented, "sds: use StreamSecrets or DeltaSecrets")
 }
 
-// Run keeps the served secrets equal to the identity until ctx ends, and
-// returns ctx.Err(). Until the first SVID arrives, requests wait. When the
-// SVID is withdrawn (it expired without renewal), the last one stays in the
-// cache: Envoy would only tear down its listeners without it.
-func (s *Server) Run(ctx context.Context) error {
-	var served identity.Snapshot
+// serve resolves the stream's caller, fills a cache with its secrets, and
+// runs handle on it while a goroutine keeps the cache equal to the caller's
+// identities. When the caller's view fails (its process is gone, it lost
+// its identities), handle's context ends and the stream ends with that
+// error.
+func (s *Server) serve(ctx context.Context, handle func(context.Context, *cachev3.LinearCache) error) error {
+	v, err := s.resolve(ctx)
+	if err != nil {
+		return err
+	}
+	view, changed, err := v.View(ctx)
+	if err != nil {
+		return err
+	}
+	c := cachev3.NewLinearCache(resourcev3.SecretType)
+	var served identity.View
+	if err := s.update(c, &served, view); err != nil {
+		return err
+	}
+	ctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	followed := make(chan struct{})
+	go func() {
+		defer close(followed)
+		cancel(s.follow(ctx, v, c, served, changed))
+	}()
+	err = handle(ctx, c)
+	cancel(nil)
+	<-followed
+	if cause := context.Cause(ctx); cause != nil && !errors.Is(cause, context.Canceled) {
+		return cause
+	}
+	return err
+}
+
+// follow keeps c equal to v's view until ctx ends or the view fails.
+func (s *Server) follow(ctx context.Context, v identity.Viewer, c *cachev3.LinearCache, served identity.View, changed <-chan struct{}) error {
 	for {
-		snap, changed := s.src.Load()
-		update := map[string]types.Resource{}
-		if snap.SVID != nil && snap.SVID != served.SVID {
-			secret, err := certificateSecret(snap.SVID)
-			if err != nil {
-				return err
-			}
-			update[CertificateName] = secret
-			served.SVID = snap.SVID
-		}
-		if snap.Bundle != nil && snap.Bundle != served.Bundle {
-			update[RootCAName] = rootCASecret(snap.Bundle)
-			served.Bundle = snap.Bundle
-		}
-		if len(update) > 0 {
-			if err := s.cache.UpdateResources(update, nil); err != nil {
-				return fmt.Errorf("sds: update cache: %w", err)
-			}
-			s.log.Debug("SDS secrets updated", "count", len(update))
-		}
 		select {
 		case <-ctx.Done():
 			return ctx.Err()
 		case <-changed:
 		}
+		var (
+			view identity.View
+			err  error
+		)
+		view, changed, err = v.View(ctx)
+		if err != nil {
+			return err
+		}
+		if err := s.update(c, &served, view); err != nil {
+			return err
+		}
 	}
+}
+
+// update puts what changed from served to view into c. Until the first SVID
+// arrives, requests wait. When the SVIDs are withdrawn (they expired without
+// renewal), the last one stays in the cache: Envoy would only tear down its
+// listeners without it.
+func (s *Server) update(c *cachev3.LinearCache, served *identity.View, view identity.View) error {
+	update := map[string]types.Resource{}
+	if len(view.SVIDs) > 0 && (len(served.SVIDs) == 0 || view.SVIDs[0] != served.SVIDs[0]) {
+		secret, err := certificateSecret(view.SVIDs[0])
+		if err != nil {
+			s.log.Error("cannot encode SVID", "error", err)
+			return status.Error(codes.Internal, "cannot encode SVID")
+		}
+		update[CertificateName] = secret
+		served.SVIDs = view.SVIDs
+	}
+	if view.Bundle != nil && view.Bundle != served.Bundle {
+		update[RootCAName] = rootCASecret(view.Bundle)
+		served.Bundle = view.Bundle
+	}
+	if len(update) == 0 {
+		return nil
+	}
+	if err := c.UpdateResources(update, nil); err != nil {
+		return status.Errorf(codes.Internal, "sds: update cache: %v", err)
+	}
+	s.log.Debug("SDS secrets updated", "count", len(update))
+	return nil
 }
 
 func certificateSecret(s *x509svid.SVID) (*tlsv3.Secret, error) {

@@ -6,7 +6,6 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/pem"
-	"errors"
 	"os"
 	"testing"
 	"time"
@@ -19,7 +18,10 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/anypb"
 
 	"github.com/trustmesh/trustmesh/agent/identity"
@@ -40,8 +42,7 @@ type fixture struct {
 	client secretv3.SecretDiscoveryServiceClient
 }
 
-// newFixture serves SDS from a fresh store on a unix socket, with Run
-// copying the store into the cache.
+// newFixture serves SDS from a fresh store on a unix socket.
 func newFixture(t *testing.T) *fixture {
 	t.Helper()
 	auth := testca.New(t, td, time.Now())
@@ -50,9 +51,12 @@ func newFixture(t *testing.T) *fixture {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	runDone := make(chan error, 1)
-	go func() { runDone <- srv.Run(ctx) }()
+	f.client = serve(t, srv)
+	return f
+}
+
+func serve(t *testing.T, srv *Server) secretv3.SecretDiscoveryServiceClient {
+	t.Helper()
 	g := grpc.NewServer()
 	srv.Register(g)
 	path := testca.ServeUnix(t, g)
@@ -60,15 +64,8 @@ func newFixture(t *testing.T) *fixture {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() {
-		conn.Close()
-		cancel()
-		if err := <-runDone; !errors.Is(err, context.Canceled) {
-			t.Errorf("Run returned %v", err)
-		}
-	})
-	f.client = secretv3.NewSecretDiscoveryServiceClient(conn)
-	return f
+	t.Cleanup(func() { conn.Close() })
+	return secretv3.NewSecretDiscoveryServiceClient(conn)
 }
 
 func (f *fixture) rotate(t *testing.T) *x509svid.SVID {
@@ -272,4 +269,125 @@ func keys(m map[string]*tlsv3.Secret) []string {
 		out = append(out, k)
 	}
 	return out
+}
+
+// caller is one caller's view, over its store, that can be made to fail as
+// the node agent's does once the caller's process is gone.
+type caller struct {
+	store *identity.Store
+	gone  chan struct{}
+}
+
+func (c *caller) View(ctx context.Context) (identity.View, <-chan struct{}, error) {
+	select {
+	case <-c.gone:
+		return identity.View{}, nil, status.Error(codes.PermissionDenied, "the caller's process is gone")
+	default:
+	}
+	snap, ch := c.store.Load()
+	changed := make(chan struct{})
+	go func() {
+		defer close(changed)
+		select {
+		case <-ctx.Done():
+		case <-ch:
+		case <-c.gone:
+		}
+	}()
+	return identity.NewView([]*x509svid.SVID{snap.SVID}, snap.Bundle), changed, nil
+}
+
+// TestEachCallerGetsItsOwnSecrets serves two callers, told apart by the
+// stream's metadata as the node agent tells them apart by attestation: each
+// gets its own default, a rotation reaches only its owner, and a caller
+// whose view fails loses its stream with the view's error.
+func TestEachCallerGetsItsOwnSecrets(t *testing.T) {
+	auth := testca.New(t, td, time.Now())
+	other := spiffeid.RequireFromString("spiffe://cluster.local/ns/shop/sa/api")
+	callers := map[string]*caller{}
+	svids := map[string]*x509svid.SVID{}
+	for name, id := range map[string]spiffeid.ID{"a": own, "b": other} {
+		c := &caller{store: identity.New(), gone: make(chan struct{})}
+		c.store.SetBundle(auth.Bundle())
+		svids[name] = auth.SVID(t, id, time.Now().Add(-time.Minute), time.Hour)
+		c.store.SetSVID(svids[name])
+		callers[name] = c
+	}
+	srv, err := New(Config{Resolve: func(ctx context.Context) (identity.Viewer, error) {
+		md, _ := metadata.FromIncomingContext(ctx)
+		if v := md.Get("caller"); len(v) == 1 && callers[v[0]] != nil {
+			return callers[v[0]], nil
+		}
+		return nil, status.Error(codes.PermissionDenied, "no identity for this caller")
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	client := serve(t, srv)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	names := []string{CertificateName, RootCAName}
+	open := func(name string) (secretv3.SecretDiscoveryService_StreamSecretsClient, map[string]*tlsv3.Secret) {
+		stream, err := client.StreamSecrets(metadata.AppendToOutgoingContext(ctx, "caller", name))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := stream.Send(&discoveryv3.DiscoveryRequest{Node: node, TypeUrl: resourcev3.SecretType, ResourceNames: names}); err != nil {
+			t.Fatal(err)
+		}
+		resp, err := stream.Recv()
+		if err != nil {
+			t.Fatal(err)
+		}
+		ack := &discoveryv3.DiscoveryRequest{Node: node, TypeUrl: resourcev3.SecretType, ResourceNames: names,
+			VersionInfo: resp.GetVersionInfo(), ResponseNonce: resp.GetNonce()}
+		if err := stream.Send(ack); err != nil {
+			t.Fatal(err)
+		}
+		return stream, secrets(t, resp.GetResources())
+	}
+	streamA, gotA := open("a")
+	streamB, gotB := open("b")
+	checkDefault(t, gotA[CertificateName], svids["a"])
+	checkDefault(t, gotB[CertificateName], svids["b"])
+	checkRootCA(t, gotA[RootCAName], auth.Root)
+	checkRootCA(t, gotB[RootCAName], auth.Root)
+
+	type received struct {
+		resp *discoveryv3.DiscoveryResponse
+		err  error
+	}
+	recv := func(s secretv3.SecretDiscoveryService_StreamSecretsClient) chan received {
+		ch := make(chan received, 1)
+		go func() {
+			resp, err := s.Recv()
+			ch <- received{resp, err}
+		}()
+		return ch
+	}
+	fromA, fromB := recv(streamA), recv(streamB)
+	svids["a"] = auth.SVID(t, own, time.Now().Add(-time.Minute), time.Hour)
+	callers["a"].store.SetSVID(svids["a"])
+	r := <-fromA
+	if r.err != nil {
+		t.Fatalf("rotation not pushed to its owner: %v", r.err)
+	}
+	checkDefault(t, secrets(t, r.resp.GetResources())[CertificateName], svids["a"])
+	select {
+	case r := <-fromB:
+		t.Fatalf("another caller's rotation reached b: %v %v", r.resp, r.err)
+	case <-time.After(300 * time.Millisecond):
+	}
+
+	close(callers["b"].gone)
+	if r := <-fromB; status.Code(r.err) != codes.PermissionDenied {
+		t.Fatalf("stream of a gone caller ended with %v, want PermissionDenied", r.err)
+	}
+	stranger, err := client.StreamSecrets(metadata.AppendToOutgoingContext(ctx, "caller", "c"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := stranger.Recv(); status.Code(err) != codes.PermissionDenied {
+		t.Fatalf("stream of an unknown caller: %v, want PermissionDenied", err)
+	}
 }
