@@ -1,6 +1,7 @@
 // Package socket serves the agent's gRPC services on a unix domain socket
 // whose file permissions decide who may call: owner-only (0600) by default,
-// or owner and one group (0660).
+// or owner and one group (0660); or, for a server that tells its callers
+// apart by attesting them (the node agent), any local user (0666).
 //
 // The socket file appears at its path already restricted: it is bound in a
 // fresh private directory beside the path, restricted there, and renamed into
@@ -45,9 +46,13 @@ type Config struct {
 	Path string
 	// GID, when not negative, is the group allowed to connect; the socket
 	// is then 0660 instead of 0600.
-	GID    int
-	Server Server
-	Logger *slog.Logger
+	GID int
+	// AnyUser makes the socket connectable by every local user (0666), as
+	// SPIRE's agent socket is: only for a server that attests each caller
+	// and answers it accordingly. It excludes GID.
+	AnyUser bool
+	Server  Server
+	Logger  *slog.Logger
 	// Recreated, if set, is called after the socket was recreated.
 	Recreated func()
 }
@@ -65,6 +70,9 @@ func New(cfg Config) (*Socket, error) {
 	if cfg.Server == nil {
 		return nil, errors.New("socket: Server is required")
 	}
+	if cfg.AnyUser && cfg.GID >= 0 {
+		return nil, errors.New("socket: AnyUser and a GID exclude each other")
+	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
@@ -74,6 +82,9 @@ func New(cfg Config) (*Socket, error) {
 
 // Mode returns the permissions the socket file gets.
 func (s *Socket) Mode() fs.FileMode {
+	if s.cfg.AnyUser {
+		return 0o666
+	}
 	if s.cfg.GID >= 0 {
 		return 0o660
 	}
@@ -213,7 +224,7 @@ func (s *Socket) listen() (*net.UnixListener, fs.FileInfo, error) {
 		_ = lis.Close()
 		return nil, nil, fmt.Errorf("socket: %w", err)
 	}
-	if s.cfg.GID >= 0 {
+	if s.cfg.GID >= 0 && !s.cfg.AnyUser {
 		if err := os.Lchown(tmp, -1, s.cfg.GID); err != nil {
 			return fail(err)
 		}

@@ -31,11 +31,19 @@ type running struct {
 
 func start(t *testing.T, path string, gid int) *running {
 	t.Helper()
+	return startConfig(t, Config{Path: path, GID: gid})
+}
+
+func startConfig(t *testing.T, cfg Config) *running {
+	t.Helper()
+	path := cfg.Path
 	g := grpc.NewServer()
 	healthpb.RegisterHealthServer(g, health.NewServer())
 	r := &running{path: path, done: make(chan error, 1), recreated: make(chan struct{}, 10)}
 	var err error
-	r.sock, err = New(Config{Path: path, GID: gid, Server: g, Recreated: func() { r.recreated <- struct{}{} }})
+	cfg.Server = g
+	cfg.Recreated = func() { r.recreated <- struct{}{} }
+	r.sock, err = New(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -76,16 +84,18 @@ func waitFor(t *testing.T, cond func() bool, what string) {
 
 func TestPermissions(t *testing.T) {
 	for _, tc := range []struct {
-		name string
-		gid  int
-		mode fs.FileMode
+		name    string
+		gid     int
+		anyUser bool
+		mode    fs.FileMode
 	}{
-		{"owner only", -1, 0o600},
-		{"owner and group", os.Getgid(), 0o660},
+		{"owner only", -1, false, 0o600},
+		{"owner and group", os.Getgid(), false, 0o660},
+		{"any user", -1, true, 0o666},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			path := filepath.Join(t.TempDir(), "run", "agent.sock")
-			start(t, path, tc.gid)
+			startConfig(t, Config{Path: path, GID: tc.gid, AnyUser: tc.anyUser})
 			info, err := os.Stat(path)
 			if err != nil {
 				t.Fatal(err)
@@ -103,6 +113,12 @@ func TestPermissions(t *testing.T) {
 				t.Fatalf("directory holds %d entries, want only the socket (temporary directory left behind?)", len(entries))
 			}
 		})
+	}
+}
+
+func TestAnyUserExcludesGID(t *testing.T) {
+	if _, err := New(Config{Path: "s", GID: 0, AnyUser: true, Server: grpc.NewServer()}); err == nil {
+		t.Fatal("AnyUser with a GID accepted")
 	}
 }
 
