@@ -1,0 +1,522 @@
+package node
+
+import (
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"fmt"
+	"net"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	dto "github.com/prometheus/client_model/go"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
+	clocktesting "k8s.io/utils/clock/testing"
+
+	"github.com/trustmesh/trustmesh/agent/caclient"
+	"github.com/trustmesh/trustmesh/agent/identity"
+	"github.com/trustmesh/trustmesh/agent/internal/testca"
+	cav1 "github.com/trustmesh/trustmesh/api/ca/v1"
+)
+
+var td = spiffeid.RequireTrustDomainFromString("cluster.local")
+
+const nodeToken = "node-a-token"
+
+// fakeCA is the CA's node service, in process over real gRPC and TLS: it
+// issues what it is asked unless told to misbehave, and counts the calls.
+type fakeCA struct {
+	cav1.UnimplementedNodeServiceServer
+	a     *testca.Authority
+	clock *clocktesting.FakeClock
+	ttl   time.Duration
+	addr  string
+
+	mu        sync.Mutex
+	node      string
+	entries   []*cav1.Entry
+	revision  string
+	notOnNode map[string]bool
+	wrongKey  bool
+	wrongID   bool
+	batches   int
+	fetches   int
+	params    int
+	asked     map[string]int
+}
+
+func newFakeCA(t *testing.T, clk *clocktesting.FakeClock) *fakeCA {
+	t.Helper()
+	f := &fakeCA{
+		a:     testca.New(t, td, clk.Now()),
+		clock: clk, ttl: time.Hour, node: "node-a",
+		notOnNode: map[string]bool{}, asked: map[string]int{},
+	}
+	cert, err := f.a.ServingCertificate(time.Now(), nil, []net.IP{net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	g := grpc.NewServer(grpc.Creds(credentials.NewTLS(&tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12})))
+	cav1.RegisterNodeServiceServer(g, f)
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.addr = lis.Addr().String()
+	go func() { _ = g.Serve(lis) }()
+	t.Cleanup(g.Stop)
+	return f
+}
+
+func (f *fakeCA) setEntries(revision string, ids ...spiffeid.ID) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.entries = nil
+	for i, id := range ids {
+		f.entries = append(f.entries, &cav1.Entry{SpiffeId: id.String(), Selectors: []string{fmt.Sprintf("%s%d", cav1.SelectorUID, 1000+i)}})
+	}
+	f.revision = revision
+}
+
+func authed(ctx context.Context) error {
+	md, _ := metadata.FromIncomingContext(ctx)
+	if v := md.Get("authorization"); len(v) != 1 || v[0] != "Bearer "+nodeToken {
+		return status.Error(codes.Unauthenticated, "no node token")
+	}
+	return nil
+}
+
+func (f *fakeCA) FetchEntries(ctx context.Context, _ *cav1.FetchEntriesRequest) (*cav1.FetchEntriesResponse, error) {
+	if err := authed(ctx); err != nil {
+		return nil, err
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.fetches++
+	return &cav1.FetchEntriesResponse{Node: f.node, Entries: f.entries, Revision: f.revision}, nil
+}
+
+func (f *fakeCA) BatchNewX509SVID(ctx context.Context, req *cav1.BatchNewX509SVIDRequest) (*cav1.BatchNewX509SVIDResponse, error) {
+	if err := authed(ctx); err != nil {
+		return nil, err
+	}
+	if len(req.GetParams()) > cav1.MaxBatch {
+		return nil, status.Error(codes.InvalidArgument, "batch too large")
+	}
+	f.mu.Lock()
+	f.batches++
+	f.params += len(req.GetParams())
+	wrongKey, wrongID := f.wrongKey, f.wrongID
+	f.mu.Unlock()
+	resp := &cav1.BatchNewX509SVIDResponse{}
+	for _, p := range req.GetParams() {
+		f.mu.Lock()
+		f.asked[p.GetSpiffeId()]++
+		refuse := f.notOnNode[p.GetSpiffeId()]
+		f.mu.Unlock()
+		if refuse {
+			resp.Results = append(resp.Results, &cav1.NewX509SVIDResult{
+				Code: int32(codes.PermissionDenied), Reason: cav1.NotOnNode, Message: "no workload of it on node-a",
+			})
+			continue
+		}
+		csr, err := x509.ParseCertificateRequest(p.GetCsr())
+		if err != nil || csr.CheckSignature() != nil {
+			resp.Results = append(resp.Results, &cav1.NewX509SVIDResult{Code: int32(codes.InvalidArgument), Message: "bad CSR"})
+			continue
+		}
+		id := spiffeid.RequireFromString(p.GetSpiffeId())
+		pub := csr.PublicKey
+		if wrongKey {
+			k, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+			pub = k.Public()
+		}
+		if wrongID {
+			id = spiffeid.RequireFromPath(td, "/ns/evil/sa/thief")
+		}
+		chain, err := f.a.Issue(pub, id, f.clock.Now(), f.ttl)
+		if err != nil {
+			return nil, err
+		}
+		resp.Results = append(resp.Results, &cav1.NewX509SVIDResult{Code: int32(codes.OK), CertChain: [][]byte{chain[0].Raw, chain[1].Raw}})
+	}
+	return resp, nil
+}
+
+func (f *fakeCA) counts() (batches, fetches, params int) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.batches, f.fetches, f.params
+}
+
+func (f *fakeCA) askedFor(id spiffeid.ID) int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.asked[id.String()]
+}
+
+// startHolder runs a holder against f until the test ends (or stop is
+// called), with the node's bundle already in place.
+func startHolder(t *testing.T, f *fakeCA, reg prometheus.Registerer) (h *Holder, stop func()) {
+	t.Helper()
+	client, err := caclient.NewNodeClient(caclient.NodeConfig{
+		Address: f.addr,
+		Roots:   func() []*x509.Certificate { return []*x509.Certificate{f.a.Root} },
+		Token:   func() (string, error) { return nodeToken, nil },
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	nodeStore := identity.New()
+	nodeStore.SetBundle(f.a.Bundle())
+	h, err = NewHolder(HolderConfig{
+		CA: client, Bundle: nodeStore, NodeName: "node-a", Clock: f.clock, Registerer: reg,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- h.Run(ctx) }()
+	var once sync.Once
+	stop = func() {
+		once.Do(func() {
+			cancel()
+			if err := <-done; err != context.Canceled {
+				t.Errorf("Run returned %v, want context.Canceled", err)
+			}
+			_ = client.Close()
+		})
+	}
+	t.Cleanup(stop)
+	return h, stop
+}
+
+func eventually(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+func workloadIDs(n int) []spiffeid.ID {
+	ids := make([]spiffeid.ID, n)
+	for i := range ids {
+		ids[i] = spiffeid.RequireFromPath(td, fmt.Sprintf("/ns/demo/sa/w%04d", i))
+	}
+	return ids
+}
+
+func serialOf(h *Holder, id spiffeid.ID) string {
+	st := h.Store(id)
+	if st == nil {
+		return ""
+	}
+	snap, _ := st.Load()
+	if snap.SVID == nil {
+		return ""
+	}
+	return snap.SVID.Certificates[0].SerialNumber.String()
+}
+
+// 1,000 identities take two BatchNewX509SVID calls at start, and two per
+// renewal round, not 1,000.
+func TestHolderBatchesIssuanceAndRenewals(t *testing.T) {
+	clk := clocktesting.NewFakeClock(time.Now())
+	f := newFakeCA(t, clk)
+	ids := workloadIDs(1000)
+	f.setEntries("r1", ids...)
+	reg := prometheus.NewRegistry()
+	h, _ := startHolder(t, f, reg)
+
+	eventually(t, "1,000 identities held", func() bool { return h.Held() == 1000 })
+	if b, _, p := f.counts(); b != 2 || p != 1000 {
+		t.Fatalf("initial issuance: %d batch calls for %d params, want 2 for 1000", b, p)
+	}
+	if got := metricValue(t, h.batches); got != 2 {
+		t.Errorf("trustmesh_node_batch_calls_total = %v, want 2", got)
+	}
+	if h.FirstFullIssuance() < 0 || metricValue(t, h.fullSecs) < 0 {
+		t.Error("negative first full issuance time")
+	}
+	before := map[spiffeid.ID]string{}
+	for _, id := range ids {
+		before[id] = serialOf(h, id)
+		if before[id] == "" {
+			t.Fatalf("%s: no certificate", id)
+		}
+	}
+	for round := 1; round <= 2; round++ {
+		// Just before half-life nothing is renewed; at it, everything is.
+		clk.Step(30*time.Minute - 10*time.Minute)
+		time.Sleep(100 * time.Millisecond)
+		if b, _, _ := f.counts(); b != 2*round {
+			t.Fatalf("round %d: %d batch calls before half-life, want %d", round, b, 2*round)
+		}
+		clk.Step(10 * time.Minute)
+		eventually(t, "every identity renewed", func() bool {
+			for _, id := range ids {
+				if s := serialOf(h, id); s == "" || s == before[id] {
+					return false
+				}
+			}
+			return true
+		})
+		time.Sleep(100 * time.Millisecond)
+		if b, _, p := f.counts(); b != 2*(round+1) || p != 1000*(round+1) {
+			t.Fatalf("after renewal round %d: %d batch calls for %d params, want %d for %d", round, b, p, 2*(round+1), 1000*(round+1))
+		}
+		for _, id := range ids {
+			before[id] = serialOf(h, id)
+		}
+	}
+	if got := metricValue(t, h.results.WithLabelValues(ResultIssued)); got != 3000 {
+		t.Errorf("issued results = %v, want 3000", got)
+	}
+}
+
+// Renewals due within a tenth of the lifetime of each other share a batch.
+func TestHolderCoalescesRenewalsWithinWindow(t *testing.T) {
+	clk := clocktesting.NewFakeClock(time.Now())
+	f := newFakeCA(t, clk)
+	ids := workloadIDs(2)
+	f.setEntries("r1", ids[0])
+	h, _ := startHolder(t, f, nil)
+	eventually(t, "first identity", func() bool { return h.Held() == 1 })
+	clk.Step(4 * time.Minute) // within 6 minutes (10% of 1h) of the first
+	f.setEntries("r2", ids...)
+	eventually(t, "second identity", func() bool { return h.Held() == 2 })
+	if b, _, _ := f.counts(); b != 2 {
+		t.Fatalf("%d batch calls, want 2", b)
+	}
+	clk.Step(26 * time.Minute) // the first's half-life; the second's is 4 minutes on
+	eventually(t, "one renewal round", func() bool { b, _, _ := f.counts(); return b >= 3 })
+	time.Sleep(100 * time.Millisecond)
+	if b, _, p := f.counts(); b != 3 || p != 4 {
+		t.Fatalf("%d batch calls for %d params, want 3 for 4: the second renewal joined the first", b, p)
+	}
+}
+
+// An identity the CA says is not on the node is dropped, and not asked
+// for again until the entries change.
+func TestHolderDropsNotOnNode(t *testing.T) {
+	clk := clocktesting.NewFakeClock(time.Now())
+	f := newFakeCA(t, clk)
+	ids := workloadIDs(2)
+	f.notOnNode[ids[1].String()] = true
+	f.setEntries("r1", ids...)
+	reg := prometheus.NewRegistry()
+	h, _ := startHolder(t, f, reg)
+	eventually(t, "refusal", func() bool { return f.askedFor(ids[1]) == 1 && h.Held() == 1 })
+	for range 5 {
+		clk.Step(DefaultSyncInterval)
+		time.Sleep(20 * time.Millisecond)
+	}
+	_, fetches, _ := f.counts()
+	if fetches < 3 {
+		t.Fatalf("only %d fetches", fetches)
+	}
+	if n := f.askedFor(ids[1]); n != 1 {
+		t.Errorf("refused identity asked for %d times under the same revision, want 1", n)
+	}
+	if h.Store(ids[1]) != nil {
+		t.Error("Store returns the refused identity")
+	}
+	if h.Store(ids[0]) == nil {
+		t.Error("the other identity is not held")
+	}
+	if got := metricValue(t, h.results.WithLabelValues(ResultNotOnNode)); got != 1 {
+		t.Errorf("not_on_node results = %v, want 1", got)
+	}
+	f.mu.Lock()
+	delete(f.notOnNode, ids[1].String())
+	f.mu.Unlock()
+	f.setEntries("r2", ids...)
+	clk.Step(DefaultSyncInterval)
+	eventually(t, "the identity back after the entries changed", func() bool { return h.Held() == 2 })
+}
+
+// A certificate for another key or another identity is never stored.
+func TestHolderRefusesUnverifiedChains(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		set  func(f *fakeCA, v bool)
+	}{
+		{"wrong key", func(f *fakeCA, v bool) { f.mu.Lock(); f.wrongKey = v; f.mu.Unlock() }},
+		{"wrong identity", func(f *fakeCA, v bool) { f.mu.Lock(); f.wrongID = v; f.mu.Unlock() }},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			clk := clocktesting.NewFakeClock(time.Now())
+			f := newFakeCA(t, clk)
+			tc.set(f, true)
+			id := workloadIDs(1)[0]
+			f.setEntries("r1", id)
+			h, _ := startHolder(t, f, nil)
+			eventually(t, "a refused certificate", func() bool {
+				return metricValue(t, h.results.WithLabelValues(ResultInvalid)) >= 1
+			})
+			if h.Store(id) != nil || h.Held() != 0 {
+				t.Fatal("an unverified certificate was stored")
+			}
+			if err := h.Healthy(); err == nil {
+				t.Error("healthy after a refused certificate")
+			}
+			tc.set(f, false)
+			// The retry comes after a backoff on the node's clock.
+			eventually(t, "a good certificate after the retry", func() bool {
+				clk.Step(time.Second)
+				return h.Held() == 1
+			})
+			if err := h.Healthy(); err != nil {
+				t.Errorf("unhealthy after recovery: %v", err)
+			}
+		})
+	}
+}
+
+// After a restart, with keys only in memory, everything is issued anew in
+// batches, on new keys.
+func TestHolderRestartReissuesInBatches(t *testing.T) {
+	clk := clocktesting.NewFakeClock(time.Now())
+	f := newFakeCA(t, clk)
+	ids := workloadIDs(600)
+	f.setEntries("r1", ids...)
+	h1, stop := startHolder(t, f, nil)
+	eventually(t, "first run full", func() bool { return h1.Held() == 600 })
+	oldKey := h1.Store(ids[0])
+	snap, _ := oldKey.Load()
+	oldPub := snap.SVID.Certificates[0].PublicKey
+	stop()
+	if h1.Store(ids[0]) != nil {
+		t.Error("a stopped holder still hands out identities")
+	}
+	if snap, _ := oldKey.Load(); snap.SVID != nil {
+		t.Error("a stopped holder's stores still hold certificates and keys")
+	}
+	h2, _ := startHolder(t, f, nil)
+	eventually(t, "second run full", func() bool { return h2.Held() == 600 })
+	if b, _, p := f.counts(); b != 4 || p != 1200 {
+		t.Fatalf("%d batch calls for %d params over two runs, want 4 for 1200", b, p)
+	}
+	snap, _ = h2.Store(ids[0]).Load()
+	if snap.SVID.Certificates[0].PublicKey.(*ecdsa.PublicKey).Equal(oldPub) {
+		t.Error("the restarted holder reused a key")
+	}
+	if h2.FirstFullIssuance() < 0 {
+		t.Error("no first full issuance time")
+	}
+}
+
+// An identity that leaves the entries is dropped with its key; streams
+// watching its store see the certificate withdrawn.
+func TestHolderDropsRemovedEntries(t *testing.T) {
+	clk := clocktesting.NewFakeClock(time.Now())
+	f := newFakeCA(t, clk)
+	ids := workloadIDs(2)
+	f.setEntries("r1", ids...)
+	h, _ := startHolder(t, f, nil)
+	eventually(t, "both held", func() bool { return h.Held() == 2 })
+	st := h.Store(ids[1])
+	_, changed := h.Entries()
+	_, stChanged := st.Load()
+	f.setEntries("r2", ids[0])
+	clk.Step(DefaultSyncInterval)
+	eventually(t, "removal", func() bool { return h.Held() == 1 })
+	<-changed
+	<-stChanged
+	if h.Store(ids[1]) != nil {
+		t.Error("removed identity still held")
+	}
+	if snap, _ := st.Load(); snap.SVID != nil {
+		t.Error("removed identity's store still has its certificate and key")
+	}
+	entries, _ := h.Entries()
+	if len(entries) != 1 || entries[0].ID != ids[0] {
+		t.Errorf("entries = %v", entries)
+	}
+	// Later renewal rounds never ask for it.
+	asked := f.askedFor(ids[1])
+	clk.Step(time.Hour)
+	eventually(t, "renewal of the remaining one", func() bool { return f.askedFor(ids[0]) >= 2 })
+	if f.askedFor(ids[1]) != asked {
+		t.Error("a removed identity was renewed")
+	}
+}
+
+// Concurrent Refresh calls share fetches, and a fetch follows the last
+// one by at least the refresh interval.
+func TestHolderRefreshCoalesces(t *testing.T) {
+	clk := clocktesting.NewFakeClock(time.Now())
+	f := newFakeCA(t, clk)
+	f.setEntries("r1", workloadIDs(1)...)
+	h, _ := startHolder(t, f, nil)
+	eventually(t, "first fetch", func() bool { _, n, _ := f.counts(); return n == 1 })
+	var wg sync.WaitGroup
+	errs := make(chan error, 20)
+	for range 20 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			errs <- h.Refresh(context.Background())
+		}()
+	}
+	time.Sleep(100 * time.Millisecond)
+	if _, n, _ := f.counts(); n != 1 {
+		t.Fatalf("%d fetches before the refresh interval passed, want 1", n)
+	}
+	clk.Step(DefaultRefreshInterval)
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, n, _ := f.counts(); n > 3 {
+		t.Errorf("%d fetches for 20 concurrent refreshes", n)
+	}
+}
+
+// A CA that authenticated another node is not believed.
+func TestHolderRefusesAnotherNodesEntries(t *testing.T) {
+	clk := clocktesting.NewFakeClock(time.Now())
+	f := newFakeCA(t, clk)
+	f.node = "node-b"
+	f.setEntries("r1", workloadIDs(1)...)
+	h, _ := startHolder(t, f, nil)
+	eventually(t, "an unhealthy holder", func() bool {
+		err := h.Healthy()
+		return err != nil && strings.Contains(err.Error(), `"node-b"`)
+	})
+	time.Sleep(50 * time.Millisecond)
+	if b, _, _ := f.counts(); b != 0 || h.Held() != 0 {
+		t.Error("issued for another node's entries")
+	}
+}
+
+func metricValue(t *testing.T, c prometheus.Metric) float64 {
+	t.Helper()
+	var m dto.Metric
+	if err := c.Write(&m); err != nil {
+		t.Fatal(err)
+	}
+	if m.Gauge != nil {
+		return m.GetGauge().GetValue()
+	}
+	return m.GetCounter().GetValue()
+}
