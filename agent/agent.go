@@ -37,17 +37,13 @@ import (
 	"k8s.io/utils/clock"
 
 	"github.com/trustmesh/trustmesh/agent/apphealth"
-	"github.com/trustmesh/trustmesh/agent/backoff"
-	"github.com/trustmesh/trustmesh/agent/caclient"
 	"github.com/trustmesh/trustmesh/agent/certdir"
 	"github.com/trustmesh/trustmesh/agent/identity"
 	"github.com/trustmesh/trustmesh/agent/monitoring"
 	"github.com/trustmesh/trustmesh/agent/rotation"
 	"github.com/trustmesh/trustmesh/agent/sds"
 	"github.com/trustmesh/trustmesh/agent/socket"
-	"github.com/trustmesh/trustmesh/agent/state"
 	"github.com/trustmesh/trustmesh/agent/svid"
-	"github.com/trustmesh/trustmesh/agent/trustbundle"
 	"github.com/trustmesh/trustmesh/agent/workloadapi"
 	"github.com/trustmesh/trustmesh/api/probe"
 	supervisor "github.com/trustmesh/trustmesh/internal/run"
@@ -289,64 +285,27 @@ type part struct {
 func build(s *settings) (*assembled, error) {
 	log := s.Logger
 	reg := s.Registry
-	store := identity.New()
+	cred, err := NewCredential(CredentialConfig{
+		CAAddress:    s.CAAddress,
+		CAServerName: s.CAServerName,
+		Bootstrap:    s.bootstrap,
+		Token:        s.token,
+		JoinToken:    s.JoinTokenFile != "" || s.JoinToken != "",
+		ID:           s.id,
+		KeyType:      s.keyType,
+		TTL:          s.CertTTL,
+		StateDir:     s.StateDir,
+		Clock:        s.Clock,
+		Logger:       log,
+		Registerer:   reg,
+	})
+	if err != nil {
+		return nil, err
+	}
+	store := cred.Store
 	a := &assembled{log: log, store: store}
-
-	var stateDir *state.Dir
-	if s.StateDir != "" {
-		d, err := state.Open(s.StateDir)
-		if err != nil {
-			return nil, fmt.Errorf("agent: %w", err)
-		}
-		stateDir = d
-		if err := restore(s, d, store); err != nil {
-			return nil, err
-		}
-	}
-
-	var follower *trustbundle.Follower
-	ca, err := caclient.New(caclient.Config{
-		Address:    s.CAAddress,
-		ServerName: s.CAServerName,
-		Now:        s.Clock.Now,
-		Roots: func() []*x509.Certificate {
-			snap, _ := store.Load()
-			var roots []*x509.Certificate
-			if snap.Bundle != nil {
-				roots = snap.Bundle.X509Authorities()
-			}
-			if follower.Synced() {
-				return roots
-			}
-			// Until the CA's stream has spoken, the operator's bootstrap
-			// bundle is trusted too, beside any persisted one.
-			return append(roots, s.bootstrap...)
-		},
-	})
-	if err != nil {
-		return nil, fmt.Errorf("agent: %w", err)
-	}
-	follower, err = trustbundle.New(trustbundle.Config{
-		CA: ca, Store: store, Clock: s.Clock, Logger: log.With("component", "trustbundle"), Registerer: reg,
-	})
-	if err != nil {
-		return nil, fmt.Errorf("agent: %w", err)
-	}
-	mgr, err := rotation.New(rotation.Config{
-		Issuer:     ca,
-		Token:      s.token,
-		JoinToken:  s.JoinTokenFile != "" || s.JoinToken != "",
-		Store:      store,
-		Clock:      s.Clock,
-		KeyType:    s.keyType,
-		TTL:        s.CertTTL,
-		ID:         s.id,
-		Backoff:    backoff.Backoff{Initial: time.Second, Max: time.Minute},
-		Logger:     log.With("component", "rotation"),
-		Registerer: reg,
-	})
-	if err != nil {
-		return nil, fmt.Errorf("agent: %w", err)
+	for _, p := range cred.Parts() {
+		a.parts = append(a.parts, part{p.Name, p.Run})
 	}
 	wl, err := workloadapi.New(workloadapi.Config{Source: store, Logger: log.With("component", "workloadapi")})
 	if err != nil {
@@ -364,8 +323,6 @@ func build(s *settings) (*assembled, error) {
 		return nil, fmt.Errorf("agent: %w", err)
 	}
 	a.parts = append(a.parts,
-		part{"trust bundle", follower.Run},
-		part{"rotation", mgr.Run},
 		part{"socket", sock.Run},
 	)
 	if s.CertDir != "" {
@@ -374,13 +331,6 @@ func build(s *settings) (*assembled, error) {
 			return nil, fmt.Errorf("agent: %w", err)
 		}
 		a.parts = append(a.parts, part{"cert dir", w.Run})
-	}
-	if stateDir != nil {
-		p, err := state.NewPersister(state.PersisterConfig{Dir: stateDir, Source: store, Logger: log.With("component", "state")})
-		if err != nil {
-			return nil, fmt.Errorf("agent: %w", err)
-		}
-		a.parts = append(a.parts, part{"state", p.Run})
 	}
 	if s.MonitoringAddress != "" {
 		if err := reg.Register(collectors.NewGoCollector()); err != nil {
@@ -402,35 +352,6 @@ func build(s *settings) (*assembled, error) {
 		a.parts = append(a.parts, part{"monitoring", mon.Run})
 	}
 	return a, nil
-}
-
-// restore puts a persisted identity into the store if it is still usable:
-// it verifies under its saved bundle now and names the configured ID.
-func restore(s *settings, d *state.Dir, store *identity.Store) error {
-	saved, bundle, err := d.Load()
-	switch {
-	case errors.Is(err, state.ErrEmpty):
-		return nil
-	case errors.Is(err, state.ErrInsecure):
-		return fmt.Errorf("agent: %w", err)
-	case err != nil:
-		s.Logger.Warn("ignoring unreadable saved identity", "dir", d.Path(), "error", err)
-		return nil
-	}
-	got, err := svid.Verify(svid.VerifyRequest{
-		Chain: saved.Certificates, Key: saved.PrivateKey, Bundle: bundle, Want: s.id, Now: s.Clock.Now(),
-	})
-	if err != nil {
-		s.Logger.Warn("ignoring saved identity", "dir", d.Path(), "error", err)
-		return nil
-	}
-	store.SetBundle(bundle)
-	store.SetSVID(got)
-	if s.id.IsZero() {
-		s.id = got.ID
-	}
-	s.Logger.Info("restored saved identity", "spiffe_id", got.ID.String(), "expires", svid.Expiry(got))
-	return nil
 }
 
 // run runs every part until the first one fails or ctx ends.
