@@ -151,5 +151,6 @@ func (f *Feed) Run(ctx context.Context) error { return f.feed.Run(ctx) }
 func sameMesh(a, b *Mesh) bool {
 	return reflect.DeepEqual(a.Services, b.Services) && reflect.DeepEqual(a.Workloads, b.Workloads) &&
 		reflect.DeepEqual(a.External, b.External) && reflect.DeepEqual(a.Gateways, b.Gateways) &&
-		reflect.DeepEqual(a.Secrets, b.Secrets) && reflect.DeepEqual(a.Refusals, b.Refusals)
+		reflect.DeepEqual(a.Secrets, b.Secrets) && reflect.DeepEqual(a.Refusals, b.Refusals) &&
+		reflect.DeepEqual(a.Nodes, b.Nodes)
 }

@@ -11,6 +11,7 @@ import (
 	"os"
 	"path/filepath"
 	"sort"
+	"strconv"
 	"strings"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -72,7 +73,11 @@ func (s Static) Watch(ctx context.Context, _ func()) (<-chan error, error) {
 //   - mesh.trustmesh.io/v1alpha1 TLSSecret: a gateway's certificate and key,
 //     from files relative to the directory;
 //   - security.istio.io PeerAuthentication: anything but STRICT is refused
-//     (and reported), never honoured.
+//     (and reported), never honoured;
+//   - mesh.trustmesh.io/v1alpha1 Node (no namespace): the identities the
+//     node agent of the node metadata.name may hold, each with the
+//     selectors (uid, gid, path, sha256, netns) a local process must all
+//     match to receive it.
 //
 // Unknown kinds and fields are errors.
 type Dir struct {
@@ -141,6 +146,19 @@ type fileGateway struct {
 	} `json:"servers"`
 	Service string `json:"service"`
 	Port    uint32 `json:"port"`
+}
+
+type fileNode struct {
+	Workloads []struct {
+		SPIFFEID  string `json:"spiffeID"`
+		Selectors struct {
+			UID    *uint32 `json:"uid"`
+			GID    *uint32 `json:"gid"`
+			Path   string  `json:"path"`
+			SHA256 string  `json:"sha256"`
+			Netns  string  `json:"netns"`
+		} `json:"selectors"`
+	} `json:"workloads"`
 }
 
 type fileSecret struct {
@@ -335,6 +353,47 @@ func (d *Dir) parseDoc(m *Mesh, js []byte) error {
 			return fmt.Errorf("keyFile: %w", err)
 		}
 		m.Secrets = append(m.Secrets, &Secret{Namespace: ns, Name: name, CertPEM: cert, KeyPEM: key})
+	case doc.APIVersion == APIVersion && doc.Kind == "Node":
+		if doc.Metadata.Namespace != "" {
+			return fmt.Errorf("node %s: a Node has no namespace (metadata.namespace %q)", name, doc.Metadata.Namespace)
+		}
+		var fn fileNode
+		if err := strictJSON(spec, &fn); err != nil {
+			return err
+		}
+		n := &Node{Name: name}
+		for i, w := range fn.Workloads {
+			id, err := spiffeid.FromString(w.SPIFFEID)
+			if err != nil {
+				return fmt.Errorf("workloads[%d].spiffeID %q: %w", i, w.SPIFFEID, err)
+			}
+			var sels []string
+			if w.Selectors.UID != nil {
+				sels = append(sels, SelectorUID+strconv.FormatUint(uint64(*w.Selectors.UID), 10))
+			}
+			if w.Selectors.GID != nil {
+				sels = append(sels, SelectorGID+strconv.FormatUint(uint64(*w.Selectors.GID), 10))
+			}
+			if w.Selectors.Path != "" {
+				sels = append(sels, SelectorPath+w.Selectors.Path)
+			}
+			if w.Selectors.SHA256 != "" {
+				sels = append(sels, SelectorSHA256+w.Selectors.SHA256)
+			}
+			if w.Selectors.Netns != "" {
+				sels = append(sels, SelectorNetns+w.Selectors.Netns)
+			}
+			if len(sels) == 0 {
+				return fmt.Errorf("workloads[%d] (%s): selectors needs at least one of uid, gid, path, sha256, netns: without one every local process would receive %s", i, id, id)
+			}
+			for _, sel := range sels {
+				if err := ValidateSelector(sel); err != nil {
+					return fmt.Errorf("workloads[%d] (%s): %w", i, id, err)
+				}
+			}
+			n.Workloads = append(n.Workloads, NodeWorkload{ID: id, Selectors: sels})
+		}
+		m.Nodes = append(m.Nodes, n)
 	case strings.HasPrefix(doc.APIVersion, "networking.istio.io/") && doc.Kind == "ServiceEntry":
 		se := &networkingv1alpha3.ServiceEntry{}
 		if err := protojson.Unmarshal(spec, se); err != nil {

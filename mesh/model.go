@@ -14,12 +14,15 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"path"
 	"slices"
 	"sort"
+	"strconv"
 	"strings"
 	"sync"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"k8s.io/apimachinery/pkg/util/validation"
 )
 
 // Protocol is the application protocol of a port.
@@ -52,6 +55,11 @@ type Mesh struct {
 	External  []*ExternalService
 	Gateways  []*Gateway
 	Secrets   []*Secret
+	// Nodes are the nodes declared by mesh files (kind Node), off
+	// Kubernetes: each lists the identities its node agent may hold and how
+	// it attests the local processes that receive them. On Kubernetes the
+	// pods on a node say that instead (WorkloadsOnNode).
+	Nodes []*Node
 	// Refusals are objects the source read and refused to honour, such as a
 	// PeerAuthentication asking for PERMISSIVE mTLS. Consumers log them.
 	Refusals []Refusal
@@ -60,6 +68,54 @@ type Mesh struct {
 	// Mesh is not changed once it is looked up.
 	indexOnce sync.Once
 	byKey     map[string]*Workload
+	byNode    map[string][]*Workload
+}
+
+// Node is a node declared by the mesh files: the identities its node agent
+// may hold, each with the selectors a local process must all match to
+// receive it.
+type Node struct {
+	Name      string
+	Workloads []NodeWorkload
+}
+
+// NodeWorkload is one identity a node may hold. Selectors are "type:value"
+// strings with the Selector* prefixes; there is at least one.
+type NodeWorkload struct {
+	ID        spiffeid.ID
+	Selectors []string
+}
+
+// Selector prefixes of NodeWorkload.Selectors. They are the node service's
+// (api/ca/v1), copied so that the model knows none of its consumers.
+const (
+	SelectorUID    = "unix:uid:"
+	SelectorGID    = "unix:gid:"
+	SelectorPath   = "unix:path:"
+	SelectorSHA256 = "unix:sha256:"
+	SelectorNetns  = "netns:"
+	SelectorPodUID = "k8s:pod-uid:"
+)
+
+// Node returns the node the mesh files declare by that name, or nil.
+func (m *Mesh) Node(name string) *Node {
+	for _, n := range m.Nodes {
+		if n.Name == name {
+			return n
+		}
+	}
+	return nil
+}
+
+// WorkloadsOnNode lists the workloads (pods) that run on the node name, by
+// their spec.nodeName; nil off Kubernetes and for an empty name.
+// The slice is shared: callers must not change it.
+func (m *Mesh) WorkloadsOnNode(name string) []*Workload {
+	if name == "" {
+		return nil
+	}
+	m.index()
+	return m.byNode[name]
 }
 
 // Refusal is an object the mesh refuses to honour, and why.
@@ -128,6 +184,12 @@ type Workload struct {
 	// ID is the workload's SPIFFE ID, spiffe://TD/ns/NS/sa/SA.
 	ID     spiffeid.ID
 	Labels map[string]string
+	// Node is the node the pod runs on (its spec.nodeName): empty off
+	// Kubernetes, for a pod not scheduled yet, and for a pod that has
+	// finished (Succeeded or Failed), which runs nowhere.
+	Node string
+	// UID is the pod's UID; empty off Kubernetes.
+	UID string
 }
 
 // Key is "namespace/name".
@@ -251,13 +313,21 @@ func (m *Mesh) Service(key string) *Service {
 // Workload finds a workload by namespace and pod name, among the
 // endpoints of services and the other workloads.
 func (m *Mesh) Workload(ns, name string) *Workload {
+	m.index()
+	return m.byKey[ns+"/"+name]
+}
+
+func (m *Mesh) index() {
 	m.indexOnce.Do(func() {
 		m.byKey = map[string]*Workload{}
+		m.byNode = map[string][]*Workload{}
 		for _, w := range m.AllWorkloads() {
 			m.byKey[w.Key()] = w
+			if w.Node != "" {
+				m.byNode[w.Node] = append(m.byNode[w.Node], w)
+			}
 		}
 	})
-	return m.byKey[ns+"/"+name]
 }
 
 // AllWorkloads lists every workload the mesh knows once, endpoints first.
@@ -484,6 +554,7 @@ func (m *Mesh) Validate(td spiffeid.TrustDomain) error {
 	if egress > 1 {
 		fail("%d egress gateways: at most one is supported", egress)
 	}
+	errs = append(errs, m.validateNodes(td)...)
 	secrets := map[string]bool{}
 	for _, s := range m.Secrets {
 		if secrets[s.Key()] {
@@ -495,6 +566,54 @@ func (m *Mesh) Validate(td spiffeid.TrustDomain) error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// ValidateNodes checks the Nodes against a trust domain (Validate does too):
+// names are DNS-1123 subdomains declared once, and every workload has an
+// identity of the trust domain that does not name a node, and selectors of
+// known types, at least one. It reports every problem.
+func (m *Mesh) ValidateNodes(td spiffeid.TrustDomain) error {
+	return errors.Join(m.validateNodes(td)...)
+}
+
+func (m *Mesh) validateNodes(td spiffeid.TrustDomain) []error {
+	var errs []error
+	fail := func(format string, args ...any) {
+		errs = append(errs, fmt.Errorf("%w: "+format, append([]any{ErrInvalid}, args...)...))
+	}
+	nodes := map[string]bool{}
+	for i, n := range m.Nodes {
+		if errs := validation.IsDNS1123Subdomain(n.Name); len(errs) > 0 {
+			fail("node %d: name %q: %s", i, n.Name, strings.Join(errs, "; "))
+			continue
+		}
+		if nodes[n.Name] {
+			fail("node %s is declared twice", n.Name)
+		}
+		nodes[n.Name] = true
+		if len(n.Workloads) == 0 {
+			fail("node %s lists no workloads", n.Name)
+		}
+		for j, w := range n.Workloads {
+			switch {
+			case w.ID.IsZero():
+				fail("node %s: workload %d: a SPIFFE ID is required", n.Name, j)
+			case w.ID.TrustDomain() != td:
+				fail("node %s: workload %d: %s is not in trust domain %s", n.Name, j, w.ID, td)
+			case w.ID.Path() == "" || w.ID.Path() == "/node" || strings.HasPrefix(w.ID.Path(), "/node/"):
+				fail("node %s: workload %d: %s is not a workload identity (spiffe://%s/node/... names nodes)", n.Name, j, w.ID, td)
+			}
+			if len(w.Selectors) == 0 {
+				fail("node %s: workload %s: at least one selector is required, else every local process would receive it", n.Name, w.ID)
+			}
+			for _, sel := range w.Selectors {
+				if err := ValidateSelector(sel); err != nil {
+					fail("node %s: workload %s: %v", n.Name, w.ID, err)
+				}
+			}
+		}
+	}
+	return errs
 }
 
 // EgressGateway returns the egress gateway, or nil.
@@ -536,4 +655,48 @@ func (m *Mesh) Sort() {
 	sort.Slice(m.External, func(i, j int) bool { return m.External[i].Host < m.External[j].Host })
 	sort.Slice(m.Gateways, func(i, j int) bool { return m.Gateways[i].Key() < m.Gateways[j].Key() })
 	sort.Slice(m.Secrets, func(i, j int) bool { return m.Secrets[i].Key() < m.Secrets[j].Key() })
+	sort.Slice(m.Nodes, func(i, j int) bool { return m.Nodes[i].Name < m.Nodes[j].Name })
+}
+
+// ValidateSelector checks one node selector: a known type and a value of
+// its form (a decimal id, an absolute clean path, 64 lower-case hex digits,
+// a network namespace name or absolute path, a pod UID).
+func ValidateSelector(sel string) error {
+	bad := func(why string) error { return fmt.Errorf("selector %q: %s", sel, why) }
+	switch {
+	case strings.HasPrefix(sel, SelectorUID), strings.HasPrefix(sel, SelectorGID):
+		v := sel[strings.LastIndexByte(sel, ':')+1:]
+		if n, err := strconv.ParseUint(v, 10, 32); err != nil || v != strconv.FormatUint(n, 10) {
+			return bad("want a decimal id from 0 to 4294967295")
+		}
+	case strings.HasPrefix(sel, SelectorPath):
+		v := strings.TrimPrefix(sel, SelectorPath)
+		if !path.IsAbs(v) || path.Clean(v) != v || strings.ContainsRune(v, 0) {
+			return bad("want an absolute, clean path")
+		}
+	case strings.HasPrefix(sel, SelectorSHA256):
+		v := strings.TrimPrefix(sel, SelectorSHA256)
+		if len(v) != 64 || strings.Trim(v, "0123456789abcdef") != "" {
+			return bad("want 64 lower-case hex digits")
+		}
+	case strings.HasPrefix(sel, SelectorNetns):
+		v := strings.TrimPrefix(sel, SelectorNetns)
+		switch {
+		case v == "" || strings.ContainsRune(v, 0):
+			return bad("want a namespace name under /run/netns or an absolute path")
+		case strings.HasPrefix(v, "/"):
+			if path.Clean(v) != v {
+				return bad("want an absolute, clean path")
+			}
+		case strings.Contains(v, "/") || v == "." || v == "..":
+			return bad("a namespace name has no slash")
+		}
+	case strings.HasPrefix(sel, SelectorPodUID):
+		if strings.TrimPrefix(sel, SelectorPodUID) == "" {
+			return bad("want a pod UID")
+		}
+	default:
+		return bad("unknown type")
+	}
+	return nil
 }

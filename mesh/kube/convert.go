@@ -188,7 +188,12 @@ func (l *listers) workload(td spiffeid.TrustDomain, ns, name string, workloads m
 	if err != nil {
 		return nil, fmt.Errorf("mesh/kube: pod %s: %w", key, err)
 	}
-	w := &mesh.Workload{Namespace: ns, Name: name, ServiceAccount: sa, ID: id, Labels: pod.Labels}
+	w := &mesh.Workload{Namespace: ns, Name: name, ServiceAccount: sa, ID: id, Labels: pod.Labels, UID: string(pod.UID)}
+	// A finished pod runs on no node: its node agent may no longer hold its
+	// identity.
+	if pod.Status.Phase != corev1.PodSucceeded && pod.Status.Phase != corev1.PodFailed {
+		w.Node = pod.Spec.NodeName
+	}
 	workloads[key] = w
 	return w, nil
 }
