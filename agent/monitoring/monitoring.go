@@ -45,6 +45,10 @@ type Config struct {
 	Registry *prometheus.Registry
 	// AppHealth, if set, serves GET /app-health/: an apphealth.Handler.
 	AppHealth http.Handler
+	// Health, if set, decides /healthz instead of Source's certificate:
+	// nil is healthy (and ok the answer's text), an error is why not. The
+	// node agent, which holds many identities, uses it.
+	Health func() (ok string, err error)
 	Logger    *slog.Logger
 	// Connections bounds the connections served at once and their
 	// timeouts; the zero value takes connlimit's defaults.
@@ -127,6 +131,15 @@ func (s *Server) Addr() net.Addr {
 }
 
 func (s *Server) healthz(w http.ResponseWriter, _ *http.Request) {
+	if s.cfg.Health != nil {
+		ok, err := s.cfg.Health()
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusServiceUnavailable)
+			return
+		}
+		fmt.Fprintf(w, "ok: %s\n", ok)
+		return
+	}
 	snap, _ := s.cfg.Source.Load()
 	now := s.cfg.Clock.Now()
 	switch {

@@ -242,3 +242,23 @@ func TestRunBoundsConnections(t *testing.T) {
 		connlimittest.CapHolds(t, serve(t, connlimit.Config{MaxConnections: 8}), 8, connlimittest.HTTP(nil, "/healthz"))
 	})
 }
+
+// With a Health function, /healthz answers what it says, whatever the
+// store holds: the node agent's health is its holder's, not one SVID's.
+func TestHealthFunctionDecides(t *testing.T) {
+	var why error = errors.New("cannot fetch the node's entries: unavailable")
+	s, err := New(Config{
+		Source: identity.New(), Clock: clocktesting.NewFakeClock(start), Registry: prometheus.NewRegistry(),
+		Health: func() (string, error) { return "node-a holds 3 identities", why },
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if code, body := get(t, s.Handler(), "/healthz"); code != http.StatusServiceUnavailable || !strings.Contains(body, "cannot fetch the node's entries") {
+		t.Errorf("unhealthy: got %d %q", code, body)
+	}
+	why = nil
+	if code, body := get(t, s.Handler(), "/healthz"); code != http.StatusOK || !strings.Contains(body, "node-a holds 3 identities") {
+		t.Errorf("healthy (with an empty store): got %d %q", code, body)
+	}
+}
