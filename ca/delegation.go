@@ -114,7 +114,7 @@ func (c *CA) IssueDelegated(ctx context.Context, node Node, reqs []DelegatedRequ
 func (c *CA) issueDelegated(ctx context.Context, node Node, req DelegatedRequest) (*Issued, error) {
 	id := req.ID
 	if id.IsZero() {
-		return nil, refuse(ReasonTrustDomain, KindInvalid, "no SPIFFE ID asked for")
+		return nil, refuse(ReasonIDMalformed, KindInvalid, "no SPIFFE ID asked for")
 	}
 	if id.TrustDomain() != c.cfg.TrustDomain {
 		return nil, refuse(ReasonTrustDomain, KindDenied, "identity %s is not in trust domain %s", id, c.cfg.TrustDomain)

@@ -97,6 +97,8 @@ const (
 	ReasonDelegationOff = "delegation-off"
 	// ReasonBatchTooLarge: a batch carries more params than the limit.
 	ReasonBatchTooLarge = "batch-too-large"
+	// ReasonIDMalformed: the SPIFFE ID asked for does not parse.
+	ReasonIDMalformed = "spiffe-id-malformed"
 	// ReasonNodeCheckFailed: the mesh model could not say whether the node
 	// may hold the identity; the node may retry.
 	ReasonNodeCheckFailed = "node-check-failed"

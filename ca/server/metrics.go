@@ -20,6 +20,11 @@ type Metrics struct {
 	refused *prometheus.CounterVec
 	latency *prometheus.HistogramVec
 
+	// The node service (delegated issuance).
+	delegated   *prometheus.CounterVec
+	batchSize   prometheus.Histogram
+	nodeRefused *prometheus.CounterVec
+
 	citadel citadelMetrics
 }
 
@@ -59,6 +64,19 @@ func NewMetrics(reg prometheus.Registerer, current func() *authority.Material) *
 			Help:    "Time to answer CreateCertificate, by outcome.",
 			Buckets: prometheus.ExponentialBuckets(0.0005, 2, 14),
 		}, []string{"outcome"}),
+		delegated: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "trustmesh_ca_delegated_total",
+			Help: "Certificates asked for by node agents on their workloads' behalf, by result: issued, or the refusal's reason.",
+		}, []string{"result"}),
+		batchSize: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name:    "trustmesh_ca_node_batch_size",
+			Help:    "Params per BatchNewX509SVID call from node agents.",
+			Buckets: []float64{1, 2, 5, 10, 20, 50, 100, 200, 500},
+		}),
+		nodeRefused: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "trustmesh_ca_node_refused_total",
+			Help: "Node service calls refused as a whole, by RPC, reason and gRPC code.",
+		}, []string{"rpc", "reason", "code"}),
 		citadel: citadelMetrics{
 			csr: counter("citadel_server_csr_count",
 				"The number of CSRs received by the CA (Istio's name; trustmesh_ca_issued_total plus trustmesh_ca_refused_total)."),
@@ -82,6 +100,7 @@ func NewMetrics(reg prometheus.Registerer, current func() *authority.Material) *
 	c.signErr.WithLabelValues(signErrCANotReady)
 	c.signErr.WithLabelValues(signErrCertGenError)
 	reg.MustRegister(m.issued, m.refused, m.latency, &expiryCollector{current: current},
+		m.delegated, m.batchSize, m.nodeRefused,
 		c.csr, c.success, c.authnFailure, c.csrParsing, c.idExtraction, c.signErr)
 	return m
 }
@@ -103,6 +122,28 @@ func (m *Metrics) refuse(r *ca.Refusal, code string, d time.Duration) {
 		c.Inc()
 	}
 	m.latency.WithLabelValues("refused").Observe(d.Seconds())
+}
+
+// delegatedResult counts one param of a node's batch: "issued" or the
+// refusal's reason.
+func (m *Metrics) delegatedResult(result string) {
+	if m != nil {
+		m.delegated.WithLabelValues(result).Inc()
+	}
+}
+
+// batch counts a BatchNewX509SVID call of n params.
+func (m *Metrics) batch(n int) {
+	if m != nil {
+		m.batchSize.Observe(float64(n))
+	}
+}
+
+// nodeRefuse counts a node service call refused as a whole.
+func (m *Metrics) nodeRefuse(rpc, reason, code string) {
+	if m != nil {
+		m.nodeRefused.WithLabelValues(rpc, reason, code).Inc()
+	}
 }
 
 // counterFor is the Istio counter a refusal counts under, as istiod counts
