@@ -102,6 +102,7 @@ func TestServerSideDryRun(t *testing.T) {
 	}{
 		{"defaults", deploy.RenderOptions{}},
 		{"production", deploy.RenderOptions{Values: haValues()}},
+		{"ambient", deploy.RenderOptions{Values: ambientValues()}},
 		{"another namespace", deploy.RenderOptions{Namespace: "mesh-prod", ReleaseName: "mesh", Values: map[string]any{
 			"trustDomain": "prod.example.org",
 			"journal":     map[string]any{"dsn": "postgres://trustmesh@db.example.org/trustmesh?sslmode=verify-full"},

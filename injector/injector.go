@@ -40,6 +40,21 @@ const (
 	AnnotationExcludeOutboundCIDRs = "traffic.trustmesh.io/exclude-outbound-cidrs"
 	// LabelProxy is set on injected pods: "sidecar" or "router".
 	LabelProxy = "trustmesh.io/proxy"
+	// LabelDataplaneMode and IstioLabelDataplaneMode, on a namespace or a
+	// pod, with value DataplaneModeAmbient put its pods in ambient mode:
+	// no sidecar. A pod labelled IstioLabelDataplaneMode (or
+	// LabelDataplaneMode) DataplaneModeNone leaves ambient mode, and the
+	// sidecar rules apply to it.
+	LabelDataplaneMode      = "trustmesh.io/dataplane-mode"
+	IstioLabelDataplaneMode = "istio.io/dataplane-mode"
+	DataplaneModeAmbient    = "ambient"
+	DataplaneModeNone       = "none"
+	// AnnotationWorkloadAPI with value WorkloadAPINode on an ambient pod
+	// asks for the node agent's Workload API socket: the host directory
+	// NodeSocketDir mounted read-only and SPIFFE_ENDPOINT_SOCKET in every
+	// container, nothing else.
+	AnnotationWorkloadAPI = "trustmesh.io/workload-api"
+	WorkloadAPINode       = "node"
 
 	// Istio's names, honoured when the mesh config turns on Istio
 	// compatibility, and recognised to refuse a second sidecar.
@@ -66,6 +81,9 @@ const (
 	// cabundle keeps it current.
 	RootCertConfigMap = "trustmesh-ca-root-cert"
 	RootCertKey       = "root-cert.pem"
+	// VolumeNodeSocket is the host directory of the node agent's socket
+	// in an ambient pod that asks for it.
+	VolumeNodeSocket = "trustmesh-node-socket"
 )
 
 // Paths and ports inside the pod.
@@ -76,6 +94,14 @@ const (
 	TokenFile     = "trustmesh-token"
 	CARootDir     = "/var/run/secrets/trustmesh"
 	TokenLifetime = 43200 // seconds; the kubelet refreshes it at 80%
+
+	// NodeSocketDir is the node agent's socket directory (trustmesh node
+	// --socket), the same path on the host and in the pods that mount it.
+	NodeSocketDir  = "/run/trustmesh/node"
+	NodeSocketPath = NodeSocketDir + "/socket"
+	// EnvWorkloadAPI is go-spiffe's (and SPIRE's) variable naming the
+	// Workload API's address.
+	EnvWorkloadAPI = "SPIFFE_ENDPOINT_SOCKET"
 
 	PortOutbound  = 15001 // Envoy's outbound capture listener
 	PortAdmin     = 15000 // Envoy's admin interface, localhost only
