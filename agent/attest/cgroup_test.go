@@ -1,0 +1,81 @@
+package attest
+
+import (
+	"errors"
+	"strings"
+	"testing"
+)
+
+func TestParseCgroup(t *testing.T) {
+	const (
+		uid  = "2c48913c-b29f-11e7-9350-020968147796"
+		uidU = "2c48913c_b29f_11e7_9350_020968147796"
+		cid  = "9bca8d63d5fa610783847915bcff0ecac1273e5b4bed3f6fa1b07350e0135961"
+	)
+	tests := []struct {
+		name    string
+		in      string
+		pod     string
+		ctr     string
+		wantErr bool
+	}{
+		{name: "v1 cgroupfs burstable",
+			in:  "12:pids:/kubepods/burstable/pod" + uid + "/" + cid + "\n11:cpu,cpuacct:/kubepods/burstable/pod" + uid + "/" + cid + "\n",
+			pod: uid, ctr: cid},
+		{name: "v1 cgroupfs guaranteed", in: "4:memory:/kubepods/pod" + uid + "/" + cid, pod: uid, ctr: cid},
+		{name: "v2 cgroupfs", in: "0::/kubepods/besteffort/pod" + uid + "/" + cid + "\n", pod: uid, ctr: cid},
+		{name: "v2 systemd containerd",
+			in:  "0::/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod" + uidU + ".slice/cri-containerd-" + cid + ".scope\n",
+			pod: uid, ctr: cid},
+		{name: "v2 systemd guaranteed crio",
+			in:  "0::/kubepods.slice/kubepods-pod" + uidU + ".slice/crio-" + cid + ".scope",
+			pod: uid, ctr: cid},
+		{name: "v1 systemd docker",
+			in:  "1:name=systemd:/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod" + uidU + ".slice/docker-" + cid + ".scope",
+			pod: uid, ctr: cid},
+		{name: "containerd prefix", in: "0::/kubepods.slice/kubepods-pod" + uidU + ".slice/containerd-" + cid + ".scope", pod: uid, ctr: cid},
+		{name: "nested in kind", in: "0::/docker/" + cid + "/kubelet/kubepods/burstable/pod" + uid + "/" + cid, pod: uid, ctr: cid},
+		{name: "relative to a cgroup namespace",
+			in:  "0::/../../kubepods-burstable-pod" + uidU + ".slice/cri-containerd-" + cid + ".scope",
+			pod: uid, ctr: cid},
+		{name: "upper case normalised", in: "0::/kubepods/pod" + strings.ToUpper(uid) + "/" + strings.ToUpper(cid), pod: uid, ctr: cid},
+		{name: "the pod's own cgroup", in: "0::/kubepods/burstable/pod" + uid, pod: uid},
+		{name: "v1 with a non-pod v2 line", in: "12:pids:/kubepods/pod" + uid + "/" + cid + "\n0::/\n", pod: uid, ctr: cid},
+		{name: "not a pod", in: "12:pids:/user.slice\n0::/user.slice/user-1000.slice/session-2.scope\n"},
+		{name: "qos cgroup only", in: "0::/kubepods/burstable"},
+		{name: "root", in: "0::/\n"},
+		{name: "podman-like name outside kubepods", in: "0::/machine.slice/pod" + uid},
+
+		{name: "empty", in: "", wantErr: true},
+		{name: "no fields", in: "garbage\n", wantErr: true},
+		{name: "non-numeric hierarchy", in: "x:pids:/kubepods/pod" + uid + "/" + cid, wantErr: true},
+		{name: "relative path", in: "0::kubepods/pod" + uid + "/" + cid, wantErr: true},
+		{name: "short pod uid", in: "0::/kubepods/pod2c48913c-b29f/" + cid, wantErr: true},
+		{name: "bad pod uid separators", in: "0::/kubepods/pod2c48913c.b29f.11e7.9350.020968147796/" + cid, wantErr: true},
+		{name: "short container id", in: "0::/kubepods/pod" + uid + "/abc123", wantErr: true},
+		{name: "non-hex container id", in: "0::/kubepods/pod" + uid + "/" + strings.Repeat("z", 64), wantErr: true},
+		{name: "unknown runtime scope", in: "0::/kubepods.slice/kubepods-pod" + uidU + ".slice/rkt-" + cid + ".scope", wantErr: true},
+		{name: "crio conmon", in: "0::/kubepods.slice/kubepods-pod" + uidU + ".slice/crio-conmon-" + cid + ".scope", wantErr: true},
+		{name: "deeper than a container", in: "0::/kubepods/pod" + uid + "/" + cid + "/x", wantErr: true},
+		{name: "hierarchies disagree on the pod",
+			in:      "12:pids:/kubepods/pod" + uid + "/" + cid + "\n0::/kubepods/pod3c48913c-b29f-11e7-9350-020968147796/" + cid,
+			wantErr: true},
+		{name: "hierarchies disagree on the container",
+			in:      "12:pids:/kubepods/pod" + uid + "/" + cid + "\n0::/kubepods/pod" + uid,
+			wantErr: true},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			pod, ctr, err := ParseCgroup(strings.NewReader(tc.in))
+			if tc.wantErr {
+				if !errors.Is(err, ErrMalformedCgroup) {
+					t.Fatalf("ParseCgroup = %q, %q, %v; want ErrMalformedCgroup", pod, ctr, err)
+				}
+				return
+			}
+			if err != nil || pod != tc.pod || ctr != tc.ctr {
+				t.Fatalf("ParseCgroup = %q, %q, %v; want %q, %q", pod, ctr, err, tc.pod, tc.ctr)
+			}
+		})
+	}
+}
