@@ -93,3 +93,15 @@ func AuditRotation(ctx context.Context, dir DataDir, o JournalOptions, at time.T
 	}
 	return audit.Rotation(ctx, store, st.CA, at, horizon)
 }
+
+// AuditNodes returns which node holds which identities at time at: the
+// certificates valid then that node agents obtained by delegated issuance,
+// grouped by node. It reads the journal alone.
+func AuditNodes(ctx context.Context, dir DataDir, o JournalOptions, at time.Time) ([]audit.NodeHolding, error) {
+	store, _, err := dir.openExisting(ctx, o, true)
+	if err != nil {
+		return nil, err
+	}
+	defer store.Close()
+	return audit.Nodes(ctx, store, at)
+}

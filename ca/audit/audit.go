@@ -37,6 +37,9 @@ type Row struct {
 	Reason   string    `json:"reason,omitempty"`
 	Count    int64     `json:"count,omitempty"`
 	Detail   string    `json:"detail,omitempty"`
+	// Node is the node agent that obtained the certificate on the
+	// workload's behalf (delegated issuance); "" for any other issuance.
+	Node string `json:"node,omitempty"`
 }
 
 // Log returns the history that matches f, oldest first.
@@ -47,6 +50,7 @@ func Log(ctx context.Context, r Reader, f Filter) ([]Row, error) {
 		switch v := rec.(type) {
 		case *journal.Issuance:
 			row.Time, row.SPIFFEID, row.Serial, row.Caller, row.Method, row.NotAfter = v.Time, v.SPIFFEID, v.Serial, v.Caller, v.Method, v.NotAfter
+			row.Node = v.Node
 		case *journal.Refusal:
 			row.Time, row.SPIFFEID, row.Caller, row.Method, row.Reason, row.Count = v.First, v.SPIFFEID, v.Caller, v.Method, v.Reason, v.Count
 		case *journal.JoinTokenCreated:
@@ -128,6 +132,12 @@ type Finding struct {
 // Identity is one workload identity's rotation record.
 type Identity struct {
 	SPIFFEID string `json:"spiffe_id"`
+	// Node is the node agent that holds this identity by delegated
+	// issuance. Each node's certificates for an identity are a chain of
+	// renewals of their own, apart from other nodes' and from a per-pod
+	// agent's, so that one node that stopped renewing is not hidden by
+	// another that renews.
+	Node string `json:"node,omitempty"`
 	// Serial is the current (last issued) certificate's serial.
 	Serial        string    `json:"serial"`
 	LastIssued    time.Time `json:"last_issued"`
@@ -167,7 +177,30 @@ type RotationReport struct {
 	Identities []Identity `json:"identities"`
 	Expiring   []Identity `json:"expiring"`
 	CA         []CACert   `json:"ca"`
-	Findings   []Finding  `json:"findings"`
+	// Nodes is which node holds which identities: the certificates
+	// valid at At that node agents obtained by delegated issuance,
+	// grouped by node, nodes and identities sorted.
+	Nodes    []NodeHolding `json:"nodes"`
+	Findings []Finding     `json:"findings"`
+}
+
+// NodeHolding is what one node agent holds: its latest certificate for
+// each identity, where that certificate is valid at the report's time.
+type NodeHolding struct {
+	Node       string         `json:"node"`
+	Identities []HeldIdentity `json:"identities"`
+}
+
+// HeldIdentity is one certificate a node holds for a workload.
+type HeldIdentity struct {
+	SPIFFEID  string    `json:"spiffe_id"`
+	Serial    string    `json:"serial"`
+	NotBefore time.Time `json:"not_before"`
+	NotAfter  time.Time `json:"not_after"`
+	// Revoked is set when the identity was revoked after this
+	// certificate was issued: it is still valid until NotAfter, but no
+	// enrolment of the identity may renew.
+	Revoked bool `json:"revoked,omitempty"`
 }
 
 // Worst is the highest level among the findings, or -1 when there are none.
@@ -200,6 +233,17 @@ func Rotation(ctx context.Context, r Reader, ca []CACert, at time.Time, horizon 
 	return s.Report(ca, at, horizon), nil
 }
 
+// Nodes returns which node holds which identities at time at: the
+// certificates valid then that node agents obtained by delegated
+// issuance, grouped by node. It is the rotation report's Nodes alone.
+func Nodes(ctx context.Context, r Reader, at time.Time) ([]NodeHolding, error) {
+	s := &Scanner{Until: at}
+	if err := s.Update(ctx, r); err != nil {
+		return nil, err
+	}
+	return s.Report(nil, at, 0).Nodes, nil
+}
+
 // Scanner reads the journal for the rotation report incrementally: Update
 // reads only the entries appended since the last Update, so that a
 // long-running reader (the web UI) does not decode the whole journal again
@@ -210,16 +254,20 @@ type Scanner struct {
 	Until time.Time
 
 	next      uint64
-	ids       map[string]*scanState
+	ids       map[scanKey]*scanState
+	revoked   map[string]time.Time
 	rotations []journal.Rotation
 	signed    map[string]time.Time
 }
 
 type scanState struct {
-	id      Identity
-	last    *journal.Issuance
-	revoked time.Time
+	id   Identity
+	last *journal.Issuance
 }
+
+// scanKey is an identity's chain of renewals: its SPIFFE ID, and the node
+// that holds it when the chain is a node agent's.
+type scanKey struct{ id, node string }
 
 // Size is how many journal entries the scanner has read.
 func (s *Scanner) Size() uint64 { return s.next }
@@ -247,7 +295,8 @@ func (s *Scanner) Issuers() []string {
 // Update reads the entries appended since the last Update.
 func (s *Scanner) Update(ctx context.Context, r Reader) error {
 	if s.ids == nil {
-		s.ids = map[string]*scanState{}
+		s.ids = map[scanKey]*scanState{}
+		s.revoked = map[string]time.Time{}
 		s.signed = map[string]time.Time{}
 	}
 	after := func(t time.Time) bool { return !s.Until.IsZero() && t.After(s.Until) }
@@ -266,10 +315,11 @@ func (s *Scanner) Update(ctx context.Context, r Reader) error {
 			if v.Origin == journal.OriginCA {
 				return
 			}
-			st := s.ids[v.SPIFFEID]
+			k := scanKey{v.SPIFFEID, v.Node}
+			st := s.ids[k]
 			if st == nil {
-				st = &scanState{id: Identity{SPIFFEID: v.SPIFFEID, RenewedInTime: true}}
-				s.ids[v.SPIFFEID] = st
+				st = &scanState{id: Identity{SPIFFEID: v.SPIFFEID, Node: v.Node, RenewedInTime: true}}
+				s.ids[k] = st
 			} else if prev := st.last; prev != nil {
 				st.id.Renewals++
 				life := prev.NotAfter.Sub(prev.NotBefore)
@@ -290,8 +340,8 @@ func (s *Scanner) Update(ctx context.Context, r Reader) error {
 			st.last = &iss
 			st.id.LastIssued, st.id.Expires, st.id.Serial = v.Time, v.NotAfter, v.Serial
 		case *journal.Revocation:
-			if st := s.ids[v.SPIFFEID]; st != nil && !after(v.Time) {
-				st.revoked = v.Time
+			if !after(v.Time) {
+				s.revoked[v.SPIFFEID] = v.Time
 			}
 		}
 	})
@@ -300,20 +350,35 @@ func (s *Scanner) Update(ctx context.Context, r Reader) error {
 // Report evaluates what the scanner has read at time at.
 func (s *Scanner) Report(ca []CACert, at time.Time, horizon time.Duration) *RotationReport {
 	rep := &RotationReport{At: at.UTC(), Horizon: horizon.String(), CA: ca}
-	ids := s.ids
-	names := make([]string, 0, len(ids))
-	for n := range ids {
-		names = append(names, n)
+	keys := make([]scanKey, 0, len(s.ids))
+	for k := range s.ids {
+		keys = append(keys, k)
 	}
-	sort.Strings(names)
-	for _, n := range names {
-		st := ids[n]
+	sort.Slice(keys, func(i, j int) bool {
+		if keys[i].id != keys[j].id {
+			return keys[i].id < keys[j].id
+		}
+		return keys[i].node < keys[j].node
+	})
+	held := map[string][]HeldIdentity{}
+	for _, k := range keys {
+		st := s.ids[k]
 		id := st.id // a copy: Report leaves the scanner's state as it is
 		last := st.last
+		n := k.id
+		if k.node != "" {
+			n += " on node " + k.node
+		}
+		revoked := s.revoked[k.id]
+		isRevoked := !revoked.IsZero() && revoked.After(last.Time)
+		if k.node != "" && !at.Before(last.NotBefore) && at.Before(last.NotAfter) {
+			held[k.node] = append(held[k.node], HeldIdentity{SPIFFEID: k.id, Serial: last.Serial,
+				NotBefore: last.NotBefore, NotAfter: last.NotAfter, Revoked: isRevoked})
+		}
 		life := last.NotAfter.Sub(last.NotBefore)
 		age := at.Sub(last.NotBefore)
 		switch {
-		case !st.revoked.IsZero() && st.revoked.After(last.Time):
+		case isRevoked:
 			id.Status = "revoked"
 		case !at.Before(last.NotAfter):
 			id.Status = "expired"
@@ -336,6 +401,14 @@ func (s *Scanner) Report(ca []CACert, at time.Time, horizon time.Duration) *Rota
 		if id.Status != "revoked" && id.Status != "expired" && last.NotAfter.Before(at.Add(horizon)) {
 			rep.Expiring = append(rep.Expiring, id)
 		}
+	}
+	nodes := make([]string, 0, len(held))
+	for n := range held {
+		nodes = append(nodes, n)
+	}
+	sort.Strings(nodes)
+	for _, n := range nodes {
+		rep.Nodes = append(rep.Nodes, NodeHolding{Node: n, Identities: held[n]})
 	}
 	for _, c := range ca {
 		left := c.NotAfter.Sub(at)

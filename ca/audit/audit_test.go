@@ -335,3 +335,116 @@ func TestRotations(t *testing.T) {
 		t.Fatalf("Rotations = %+v", got)
 	}
 }
+
+// issueFor records a certificate that node obtained for id by delegated
+// issuance, issued at from and living for life.
+func issueFor(t *testing.T, s *journal.Store, node, id string, from time.Time, life time.Duration) string {
+	t.Helper()
+	serials++
+	serial := fmt.Sprintf("%x", serials)
+	if _, err := s.RecordIssuance(context.Background(), journal.Issuance{
+		Time: from, Serial: serial, SPIFFEID: id, Method: "node-delegated", Caller: "x509:ab",
+		Origin: journal.OriginNode, Node: node, NotBefore: from, NotAfter: from.Add(life), Issuer: "1",
+	}, nil); err != nil {
+		t.Fatal(err)
+	}
+	return serial
+}
+
+// TestRotationReportNodes: the report says which node holds which
+// identities (each node's latest certificate for each identity, valid at
+// the report's time), and each node's certificates for an identity are a
+// renewal chain of their own, apart from another node's and from a per-pod
+// agent's certificates for the same identity.
+func TestRotationReportNodes(t *testing.T) {
+	ctx := context.Background()
+	s := openJournal(t)
+	const life = time.Hour
+	ago := func(d time.Duration) time.Time { return at.Add(-d) }
+	id := func(name string) string { return "spiffe://cluster.local/ns/default/sa/" + name }
+
+	// node-a renews web on time; node-b and a per-pod agent get web in
+	// between, which are not node-a's renewals.
+	issueFor(t, s, "node-a", id("web"), ago(50*time.Minute), life)
+	issueFor(t, s, "node-b", id("web"), ago(45*time.Minute), life)
+	issue(t, s, id("web"), ago(40*time.Minute), life, journal.OriginKubernetes)
+	aWeb := issueFor(t, s, "node-a", id("web"), ago(20*time.Minute), life)
+	bWeb := issueFor(t, s, "node-b", id("web"), ago(15*time.Minute), life)
+	aDB := issueFor(t, s, "node-a", id("db"), ago(10*time.Minute), life)
+	// node-b held gone, which has expired: not held any more, and it
+	// stopped renewing.
+	issueFor(t, s, "node-b", id("gone"), ago(2*time.Hour), life)
+	// node-a holds rev, revoked since: still valid, marked.
+	aRev := issueFor(t, s, "node-a", id("rev"), ago(30*time.Minute), life)
+	if _, err := s.Revoke(ctx, id("rev"), ago(5*time.Minute)); err != nil {
+		t.Fatal(err)
+	}
+	// After at: not yet issued as of at.
+	issueFor(t, s, "node-c", id("web"), at.Add(time.Minute), life)
+
+	rep, err := audit.Rotation(ctx, s, nil, at, time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	wantNodes := []audit.NodeHolding{
+		{Node: "node-a", Identities: []audit.HeldIdentity{
+			{SPIFFEID: id("db"), Serial: aDB, NotBefore: ago(10 * time.Minute), NotAfter: ago(10 * time.Minute).Add(life)},
+			{SPIFFEID: id("rev"), Serial: aRev, NotBefore: ago(30 * time.Minute), NotAfter: ago(30 * time.Minute).Add(life), Revoked: true},
+			{SPIFFEID: id("web"), Serial: aWeb, NotBefore: ago(20 * time.Minute), NotAfter: ago(20 * time.Minute).Add(life)},
+		}},
+		{Node: "node-b", Identities: []audit.HeldIdentity{
+			{SPIFFEID: id("web"), Serial: bWeb, NotBefore: ago(15 * time.Minute), NotAfter: ago(15 * time.Minute).Add(life)},
+		}},
+	}
+	if !reflect.DeepEqual(rep.Nodes, wantNodes) {
+		t.Errorf("nodes:\n%s\nwant:\n%s", dump(rep.Nodes), dump(wantNodes))
+	}
+	nodes, err := audit.Nodes(ctx, s, at)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !reflect.DeepEqual(nodes, wantNodes) {
+		t.Errorf("audit.Nodes:\n%s\nwant the report's:\n%s", dump(nodes), dump(wantNodes))
+	}
+
+	type chain struct {
+		SPIFFEID, Node, Status string
+		Renewals, Late, Lapses int
+	}
+	var got []chain
+	for _, i := range rep.Identities {
+		got = append(got, chain{i.SPIFFEID, i.Node, i.Status, i.Renewals, i.LateRenewals, i.Lapses})
+	}
+	want := []chain{
+		{id("db"), "node-a", "ok", 0, 0, 0},
+		{id("gone"), "node-b", "expired", 0, 0, 0},
+		{id("rev"), "node-a", "revoked", 0, 0, 0},
+		{id("web"), "", "due", 0, 0, 0},
+		{id("web"), "node-a", "ok", 1, 0, 0},
+		{id("web"), "node-b", "ok", 1, 0, 0},
+	}
+	if !reflect.DeepEqual(got, want) {
+		t.Errorf("identities:\n%+v\nwant:\n%+v", got, want)
+	}
+	var stopped []string
+	for _, f := range rep.Findings {
+		stopped = append(stopped, f.Kind+" "+f.Subject)
+	}
+	if w := []string{"stopped-renewing " + id("gone") + " on node node-b"}; !reflect.DeepEqual(stopped, w) {
+		t.Errorf("findings %q, want %q", stopped, w)
+	}
+
+	// The history names the node of a delegated issuance, and no node
+	// for any other.
+	rows, err := audit.Log(ctx, s, audit.Filter{SPIFFEID: id("web")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var rowNodes []string
+	for _, r := range rows {
+		rowNodes = append(rowNodes, r.Node)
+	}
+	if w := []string{"node-a", "node-b", "", "node-a", "node-b", "node-c"}; !reflect.DeepEqual(rowNodes, w) {
+		t.Errorf("log rows' nodes %q, want %q", rowNodes, w)
+	}
+}

@@ -24,7 +24,7 @@ func newAuditCmd() *cobra.Command {
 		Use:   "audit",
 		Short: "Audit the CA's journal: history, tamper checks, inclusion proofs, rotation",
 	}
-	cmd.AddCommand(newAuditLogCmd(), newAuditVerifyCmd(), newAuditProveCmd(), newAuditCheckProofCmd(), newAuditRotationCmd())
+	cmd.AddCommand(newAuditLogCmd(), newAuditVerifyCmd(), newAuditProveCmd(), newAuditCheckProofCmd(), newAuditRotationCmd(), newAuditNodesCmd())
 	return cmd
 }
 
@@ -70,6 +70,9 @@ func printLog(w io.Writer, rows []audit.Row) error {
 		detail := r.Detail
 		if r.Reason != "" {
 			detail = fmt.Sprintf("%s x%d", r.Reason, r.Count)
+		}
+		if r.Node != "" {
+			detail = "node " + r.Node
 		}
 		fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", r.Index, human.Time(r.Time), r.Kind, r.SPIFFEID, r.Serial, r.Caller, na, detail)
 	}
@@ -226,10 +229,18 @@ func printRotation(w io.Writer, rep *audit.RotationReport, horizon time.Duration
 	for _, c := range rep.CA {
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", c.Role, c.Subject, c.Serial, c.State, human.When(c.NotAfter, rep.At))
 	}
-	fmt.Fprintln(tw, "\nIDENTITY\tSTATUS\tLAST ISSUED\tEXPIRES\tRENEWALS\tLATE\tLAPSES\tIN TIME")
+	fmt.Fprintln(tw, "\nIDENTITY\tNODE\tSTATUS\tLAST ISSUED\tEXPIRES\tRENEWALS\tLATE\tLAPSES\tIN TIME")
 	for _, i := range rep.Identities {
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d\t%d\t%d\t%v\n", i.SPIFFEID, i.Status, human.Time(i.LastIssued),
+		node := i.Node
+		if node == "" {
+			node = "-"
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%d\t%d\t%d\t%v\n", i.SPIFFEID, node, i.Status, human.Time(i.LastIssued),
 			human.When(i.Expires, rep.At), i.Renewals, i.LateRenewals, i.Lapses, i.RenewedInTime)
+	}
+	if len(rep.Nodes) > 0 {
+		fmt.Fprintln(tw)
+		printNodeRows(tw, rep.Nodes, rep.At)
 	}
 	fmt.Fprintf(tw, "\n%d certificate(s) expire within the horizon\n", len(rep.Expiring))
 	if len(rep.Findings) > 0 {
@@ -239,4 +250,65 @@ func printRotation(w io.Writer, rep *audit.RotationReport, horizon time.Duration
 		}
 	}
 	return tw.Flush()
+}
+
+func newAuditNodesCmd() *cobra.Command {
+	var dataDir, at, node string
+	var output outputFormat
+	var jo admin.JournalOptions
+	cmd := &cobra.Command{
+		Use:   "nodes",
+		Short: "Show which node holds which identities",
+		Long: `Show, for each node agent, the certificates it obtained for workloads by
+delegated issuance that are valid now (or at --at): each identity's SPIFFE ID,
+the serial of the node's latest certificate for it and when it expires. A
+certificate stays valid until it expires even after its workload left the
+node; "revoked" marks an identity revoked after the certificate was issued.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			when := time.Now()
+			if at != "" {
+				var err error
+				if when, err = time.Parse(time.RFC3339, at); err != nil {
+					return &exitError{code: 2, err: fmt.Errorf("--at: %w", err)}
+				}
+			}
+			nodes, err := admin.AuditNodes(cmd.Context(), admin.DataDir(dataDir), jo, when)
+			if err != nil {
+				return err
+			}
+			if node != "" {
+				var one []audit.NodeHolding
+				for _, n := range nodes {
+					if n.Node == node {
+						one = append(one, n)
+					}
+				}
+				nodes = one
+			}
+			if nodes == nil {
+				nodes = []audit.NodeHolding{}
+			}
+			return output.print(cmd.OutOrStdout(), nodes, func(w io.Writer) error {
+				tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+				printNodeRows(tw, nodes, when)
+				return tw.Flush()
+			})
+		},
+	}
+	addDataFlags(cmd, &dataDir, &jo)
+	cmd.Flags().StringVar(&at, "at", "", "as of this RFC 3339 time (default now)")
+	cmd.Flags().StringVar(&node, "node", "", "only this node")
+	addOutputFlag(cmd, &output)
+	return cmd
+}
+
+// printNodeRows writes one row per identity a node holds.
+func printNodeRows(tw io.Writer, nodes []audit.NodeHolding, at time.Time) {
+	fmt.Fprintln(tw, "NODE\tIDENTITY\tSERIAL\tNOT AFTER\tREVOKED")
+	for _, n := range nodes {
+		for _, i := range n.Identities {
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%v\n", n.Node, i.SPIFFEID, i.Serial, human.When(i.NotAfter, at), i.Revoked)
+		}
+	}
 }
