@@ -20,11 +20,16 @@ import (
 // Config configures an Injector.
 type Config struct {
 	Mesh MeshConfig
+	// Namespaces gives the labels that put a namespace's pods in ambient
+	// mode. Nil: only pods' own labels do (offline, InjectManifests also
+	// reads the Namespace objects of its input).
+	Namespaces NamespaceLabels
 }
 
 // Injector injects pods. It is safe for concurrent use.
 type Injector struct {
-	s *settings
+	s          *settings
+	namespaces NamespaceLabels
 }
 
 // New checks cfg and returns an Injector. Every problem in the mesh config
@@ -35,7 +40,7 @@ func New(cfg Config) (*Injector, error) {
 	if err != nil {
 		return nil, err
 	}
-	inj := &Injector{s: s}
+	inj := &Injector{s: s, namespaces: cfg.Namespaces}
 	if _, err := inj.bootstrap(bootstrap.Sidecar, nil); err != nil {
 		return nil, fmt.Errorf("injector: invalid mesh config: %w", err)
 	}
@@ -58,15 +63,19 @@ type status struct {
 // unchanged with the reason in the Result; a pod that must not start as it
 // is gets a *Refusal.
 func (inj *Injector) InjectPod(namespace string, meta *metav1.ObjectMeta, spec *corev1.PodSpec) (Result, error) {
+	return inj.injectPod(namespace, meta, spec, inj.namespaces)
+}
+
+func (inj *Injector) injectPod(namespace string, meta *metav1.ObjectMeta, spec *corev1.PodSpec, namespaces NamespaceLabels) (Result, error) {
 	m, s := meta.DeepCopy(), spec.DeepCopy()
-	res, err := inj.inject(namespace, m, s)
+	res, err := inj.inject(namespace, m, s, namespaces)
 	if err == nil && res.Injected {
 		*meta, *spec = *m, *s
 	}
 	return res, err
 }
 
-func (inj *Injector) inject(namespace string, meta *metav1.ObjectMeta, spec *corev1.PodSpec) (Result, error) {
+func (inj *Injector) inject(namespace string, meta *metav1.ObjectMeta, spec *corev1.PodSpec, namespaces NamespaceLabels) (Result, error) {
 	if namespace == "" {
 		namespace = meta.Namespace
 	}
@@ -78,6 +87,18 @@ func (inj *Injector) inject(namespace string, meta *metav1.ObjectMeta, spec *cor
 	}
 	if inj.optedOut(meta) {
 		return Result{Skipped: SkipOptedOut}, nil
+	}
+	amb, err := ambient(namespace, meta, namespaces)
+	if err != nil {
+		return Result{}, err
+	}
+	if amb {
+		return injectAmbient(meta, spec)
+	}
+	if v, ok := meta.Annotations[AnnotationWorkloadAPI]; ok {
+		return Result{}, refuse(RefusedWorkloadAPI, "annotation %s: %q asks for the node agent's Workload API, which only pods in ambient mode get "+
+			"(label the pod or its namespace %s=%s); this pod gets a sidecar, whose agent serves its Workload API: remove the annotation",
+			AnnotationWorkloadAPI, v, IstioLabelDataplaneMode, DataplaneModeAmbient)
 	}
 	if name, ok := istioProxy(meta, spec); ok {
 		return Result{}, refuse(RefusedIstioProxy,
@@ -95,7 +116,6 @@ func (inj *Injector) inject(namespace string, meta *metav1.ObjectMeta, spec *cor
 		tmpl = TemplateSidecar
 	}
 	var st *status
-	var err error
 	switch tmpl {
 	case TemplateSidecar:
 		st, err = inj.injectSidecar(meta, spec)

@@ -12,7 +12,10 @@
 // pods in kube-system, kube-public, kube-node-lease and trustmesh's own
 // namespace, host-network pods, pods that opt out, and pods already
 // injected are left alone; a pod that cannot be injected safely is refused
-// with a Refusal naming why.
+// with a Refusal naming why. Pods in ambient mode (labelled, or in a
+// namespace labelled, istio.io/dataplane-mode or trustmesh.io/dataplane-mode
+// ambient) get no sidecar; those that ask get the node agent's Workload API
+// socket.
 package injector
 
 import (
@@ -126,6 +129,9 @@ const (
 	SkipHostNetwork       SkipReason = "HostNetwork"
 	SkipOptedOut          SkipReason = "OptedOut"
 	SkipAlreadyInjected   SkipReason = "AlreadyInjected"
+	// SkipAmbient: the pod is in ambient mode and does not ask for the
+	// node agent's Workload API.
+	SkipAmbient SkipReason = "Ambient"
 )
 
 // Result is the outcome of injecting one pod that was not refused.
@@ -159,6 +165,9 @@ const (
 	// RefusedTemplate: the template annotation names no template, or the
 	// pod does not fit it.
 	RefusedTemplate Code = "Template"
+	// RefusedWorkloadAPI: annotation trustmesh.io/workload-api has a value
+	// other than "node", or is on a pod that is not in ambient mode.
+	RefusedWorkloadAPI Code = "WorkloadAPI"
 )
 
 // Refusal is the error for a pod that must not start as it is.
@@ -194,4 +203,8 @@ const (
 	// TemplateGateway completes a gateway pod whose container
 	// trustmesh-proxy is Envoy: the agent as a native sidecar, no capture.
 	TemplateGateway Template = "gateway"
+	// TemplateWorkloadAPI is what an ambient pod that asks for it gets: the
+	// node agent's socket and SPIFFE_ENDPOINT_SOCKET, nothing else. It is
+	// reported in Results; no annotation selects it.
+	TemplateWorkloadAPI Template = "workload-api"
 )

@@ -66,25 +66,48 @@ var workloads = map[metav1.TypeMeta]workload{
 // InjectManifests injects every Pod, Deployment, StatefulSet, DaemonSet,
 // ReplicaSet, Job and CronJob in the YAML stream r and writes the stream to
 // w, as `istioctl kube-inject` does. Other objects are copied through
-// unchanged. Namespace rules apply by each object's metadata.namespace; the
-// namespace label cannot be seen offline and is not consulted. The first
-// refusal stops it, naming the object.
+// unchanged. Namespace rules apply by each object's metadata.namespace. The
+// labels of a namespace cannot be seen offline, except those of the
+// Namespace objects in the stream itself (wherever they are in it), which
+// put their workloads in ambient mode as the webhook would; the injection
+// label is not consulted. The first refusal stops it, naming the object.
 func (inj *Injector) InjectManifests(r io.Reader, w io.Writer) ([]ObjectResult, error) {
 	reader := utilyaml.NewYAMLReader(bufio.NewReader(r))
-	var results []ObjectResult
-	first := true
+	var docs [][]byte
+	inStream := map[string]map[string]string{}
 	for {
 		doc, err := reader.Read()
 		if errors.Is(err, io.EOF) {
-			return results, nil
+			break
 		}
 		if err != nil {
-			return results, fmt.Errorf("injector: read manifest: %w", err)
+			return nil, fmt.Errorf("injector: read manifest: %w", err)
 		}
 		if isBlank(doc) {
 			continue
 		}
-		out, res, err := inj.injectDocument(doc)
+		docs = append(docs, doc)
+		var head struct {
+			metav1.TypeMeta `json:",inline"`
+			Metadata        metav1.ObjectMeta `json:"metadata"`
+		}
+		if err := yaml.Unmarshal(doc, &head); err == nil && head.APIVersion == "v1" && head.Kind == "Namespace" && head.Metadata.Name != "" {
+			inStream[head.Metadata.Name] = head.Metadata.Labels
+		}
+	}
+	namespaces := NamespaceLabelsFunc(func(name string) (map[string]string, error) {
+		if labels, ok := inStream[name]; ok {
+			return labels, nil
+		}
+		if inj.namespaces != nil {
+			return inj.namespaces.NamespaceLabels(name)
+		}
+		return nil, nil
+	})
+	var results []ObjectResult
+	first := true
+	for _, doc := range docs {
+		out, res, err := inj.injectDocument(doc, namespaces)
 		if err != nil {
 			return results, err
 		}
@@ -99,9 +122,10 @@ func (inj *Injector) InjectManifests(r io.Reader, w io.Writer) ([]ObjectResult, 
 			return results, fmt.Errorf("injector: write: %w", err)
 		}
 	}
+	return results, nil
 }
 
-func (inj *Injector) injectDocument(doc []byte) ([]byte, ObjectResult, error) {
+func (inj *Injector) injectDocument(doc []byte, namespaces NamespaceLabels) ([]byte, ObjectResult, error) {
 	var head struct {
 		metav1.TypeMeta `json:",inline"`
 		Metadata        metav1.ObjectMeta `json:"metadata"`
@@ -120,7 +144,7 @@ func (inj *Injector) injectDocument(doc []byte) ([]byte, ObjectResult, error) {
 		return nil, res, fmt.Errorf("injector: %s %s: %w", res.Kind, res.Name, err)
 	}
 	objMeta, podMeta, spec := wl.template(obj)
-	r, err := inj.InjectPod(objMeta.Namespace, podMeta, spec)
+	r, err := inj.injectPod(objMeta.Namespace, podMeta, spec, namespaces)
 	if err != nil {
 		return nil, res, fmt.Errorf("%s %s: %w", res.Kind, qualified(objMeta), err)
 	}
