@@ -34,6 +34,7 @@ import (
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 
+	"github.com/trustmesh/trustmesh/agent/attest"
 	"github.com/trustmesh/trustmesh/agent/identity"
 	"github.com/trustmesh/trustmesh/agent/internal/testca"
 	cav1 "github.com/trustmesh/trustmesh/api/ca/v1"
@@ -125,6 +126,11 @@ type nodeFixture struct {
 // can reach.
 func startServer(t *testing.T, ids *fakeIdentities, pending time.Duration) *nodeFixture {
 	t.Helper()
+	return startServerWith(t, ids, pending, attest.Options{})
+}
+
+func startServerWith(t *testing.T, ids *fakeIdentities, pending time.Duration, opts attest.Options) *nodeFixture {
+	t.Helper()
 	dir, err := os.MkdirTemp("", "tm-node-")
 	if err != nil {
 		t.Fatal(err)
@@ -136,7 +142,7 @@ func startServer(t *testing.T, ids *fakeIdentities, pending time.Duration) *node
 	f := &nodeFixture{auth: testca.New(t, serveTD, time.Now()), ids: ids, dir: dir,
 		sock: filepath.Join(dir, "node", "socket"), logs: &logBuffer{}}
 	srv, err := NewServer(ServerConfig{
-		Identities: ids, SocketPath: f.sock, PendingWait: pending, AliveInterval: 100 * time.Millisecond,
+		Identities: ids, SocketPath: f.sock, PendingWait: pending, AliveInterval: 100 * time.Millisecond, Attest: opts,
 		Logger: slog.New(slog.NewTextHandler(f.logs, nil)),
 	})
 	if err != nil {
@@ -331,7 +337,7 @@ type recorder struct {
 }
 
 func (r *recorder) OnX509ContextUpdate(c *workloadapi.X509Context) { r.updates <- svidIDs(c.SVIDs) }
-func (r *recorder) OnX509ContextWatchError(err error)             { r.errs <- err }
+func (r *recorder) OnX509ContextWatchError(err error)              { r.errs <- err }
 
 // The tests below run real processes under other users: root only.
 
@@ -569,9 +575,14 @@ const uidWeb, uidAPI, uidNobody = 41001, 41002, 41003
 
 func twoWorkloads(t *testing.T, pending time.Duration) *nodeFixture {
 	t.Helper()
+	return twoWorkloadsWith(t, pending, attest.Options{})
+}
+
+func twoWorkloadsWith(t *testing.T, pending time.Duration, opts attest.Options) *nodeFixture {
+	t.Helper()
 	needRoot(t)
 	ids := newFakeIdentities()
-	f := startServer(t, ids, pending)
+	f := startServerWith(t, ids, pending, opts)
 	ids.set([]Entry{
 		{ID: idWeb, Selectors: uidSelector(uidWeb)},
 		{ID: idAPI, Selectors: uidSelector(uidAPI)},
@@ -579,17 +590,29 @@ func twoWorkloads(t *testing.T, pending time.Duration) *nodeFixture {
 	return f
 }
 
+// pinnings runs a test with each way the attest package pins a peer: the
+// pidfd where the kernel has SO_PEERPIDFD, and SO_PEERCRED with the start
+// time everywhere.
+var pinnings = []struct {
+	name string
+	opts attest.Options
+}{{"pidfd", attest.Options{}}, {"peercred", attest.Options{NoPidfd: true}}}
+
 func TestProcessesGetExactlyTheirOwnIdentity(t *testing.T) {
-	f := twoWorkloads(t, 500*time.Millisecond)
-	web, api, nobody := f.start(t, "fetch", uidWeb), f.start(t, "fetch", uidAPI), f.start(t, "fetch", uidNobody)
-	if o := web.must(t); len(o.IDs) != 1 || o.IDs[0] != idWeb.String() {
-		t.Fatalf("process of uid %d got %+v, want only %s", uidWeb, o, idWeb)
-	}
-	if o := api.must(t); len(o.IDs) != 1 || o.IDs[0] != idAPI.String() {
-		t.Fatalf("process of uid %d got %+v, want only %s", uidAPI, o, idAPI)
-	}
-	if o := nobody.must(t); o.Code != codes.PermissionDenied.String() || len(o.IDs) != 0 {
-		t.Fatalf("process matching no entry got %+v, want PermissionDenied", o)
+	for _, p := range pinnings {
+		t.Run(p.name, func(t *testing.T) {
+			f := twoWorkloadsWith(t, 500*time.Millisecond, p.opts)
+			web, api, nobody := f.start(t, "fetch", uidWeb), f.start(t, "fetch", uidAPI), f.start(t, "fetch", uidNobody)
+			if o := web.must(t); len(o.IDs) != 1 || o.IDs[0] != idWeb.String() {
+				t.Fatalf("process of uid %d got %+v, want only %s", uidWeb, o, idWeb)
+			}
+			if o := api.must(t); len(o.IDs) != 1 || o.IDs[0] != idAPI.String() {
+				t.Fatalf("process of uid %d got %+v, want only %s", uidAPI, o, idAPI)
+			}
+			if o := nobody.must(t); o.Code != codes.PermissionDenied.String() || len(o.IDs) != 0 {
+				t.Fatalf("process matching no entry got %+v, want PermissionDenied", o)
+			}
+		})
 	}
 }
 
@@ -615,26 +638,30 @@ func TestRotationIsStreamedToItsOwnerOnly(t *testing.T) {
 }
 
 func TestStreamEndsWhenTheAttestedProcessIsGone(t *testing.T) {
-	f := twoWorkloads(t, 500*time.Millisecond)
-	h := f.start(t, "hold", uidWeb)
-	o := h.must(t)
-	if o.PID == 0 {
-		t.Fatalf("holder: %+v", o)
-	}
-	// The holder exits; its child keeps the connection open.
-	t.Cleanup(func() { _ = syscall.Kill(o.PID, syscall.SIGKILL) })
-	if err := h.cmd.Wait(); err != nil {
-		t.Fatalf("holder: %v", err)
-	}
-	deadline := time.Now().Add(10 * time.Second)
-	for !strings.Contains(f.logs.String(), "ending the stream of a caller that is gone") {
-		if time.Now().After(deadline) {
-			t.Fatalf("stream of a gone caller still open; log:\n%s", f.logs)
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
-	if err := syscall.Kill(o.PID, 0); err != nil {
-		t.Fatalf("the child holding the connection is not running (%v): the test shows nothing", err)
+	for _, p := range pinnings {
+		t.Run(p.name, func(t *testing.T) {
+			f := twoWorkloadsWith(t, 500*time.Millisecond, p.opts)
+			h := f.start(t, "hold", uidWeb)
+			o := h.must(t)
+			if o.PID == 0 {
+				t.Fatalf("holder: %+v", o)
+			}
+			// The holder exits; its child keeps the connection open.
+			t.Cleanup(func() { _ = syscall.Kill(o.PID, syscall.SIGKILL) })
+			if err := h.cmd.Wait(); err != nil {
+				t.Fatalf("holder: %v", err)
+			}
+			deadline := time.Now().Add(10 * time.Second)
+			for !strings.Contains(f.logs.String(), "ending the stream of a caller that is gone") {
+				if time.Now().After(deadline) {
+					t.Fatalf("stream of a gone caller still open; log:\n%s", f.logs)
+				}
+				time.Sleep(50 * time.Millisecond)
+			}
+			if err := syscall.Kill(o.PID, 0); err != nil {
+				t.Fatalf("the child holding the connection is not running (%v): the test shows nothing", err)
+			}
+		})
 	}
 }
 
