@@ -217,11 +217,13 @@ func helperInherited() error {
 type server struct {
 	socket string
 	peers  chan *attest.Peer
+	errs   chan error // handshake failures
 }
 
 type notifying struct {
 	credentials.TransportCredentials
 	peers chan<- *attest.Peer
+	errs  chan<- error
 }
 
 func (n notifying) ServerHandshake(c net.Conn) (net.Conn, credentials.AuthInfo, error) {
@@ -231,13 +233,18 @@ func (n notifying) ServerHandshake(c net.Conn) (net.Conn, credentials.AuthInfo, 
 		case n.peers <- info.(*attest.Peer):
 		default:
 		}
+	} else {
+		select {
+		case n.errs <- err:
+		default:
+		}
 	}
 	return conn, info, err
 }
 
 func startServer(t *testing.T, dir string, opts attest.Options, selectors map[string][]string) *server {
 	t.Helper()
-	s := &server{socket: filepath.Join(dir, "socket"), peers: make(chan *attest.Peer, 16)}
+	s := &server{socket: filepath.Join(dir, "socket"), peers: make(chan *attest.Peer, 16), errs: make(chan error, 16)}
 	lis, err := net.Listen("unix", s.socket)
 	if err != nil {
 		t.Fatal(err)
@@ -254,9 +261,14 @@ func startServer(t *testing.T, dir string, opts attest.Options, selectors map[st
 			return status.Error(codes.Unauthenticated, "no attested peer")
 		}
 		c, err := p.Attest(stream.Context())
-		if err != nil {
+		if errors.Is(err, attest.ErrGone) {
 			t.Logf("server: attesting PID %d: %v", p.PID(), err)
 			return status.Error(codes.PermissionDenied, err.Error())
+		}
+		if err != nil {
+			// Not the refusal a gone caller must get.
+			t.Logf("server: attesting PID %d: %v", p.PID(), err)
+			return status.Error(codes.Internal, err.Error())
 		}
 		r := reply{PID: c.PID, UID: c.UID, GID: c.GID, Path: c.Path, PodUID: c.PodUID,
 			ContainerID: c.ContainerID, Matches: map[string]bool{}}
@@ -270,7 +282,7 @@ func startServer(t *testing.T, dir string, opts attest.Options, selectors map[st
 		return stream.SendMsg(wrapperspb.String(string(b)))
 	}
 	srv := grpc.NewServer(
-		grpc.Creds(notifying{attest.Credentials(opts), s.peers}),
+		grpc.Creds(notifying{attest.Credentials(opts), s.peers, s.errs}),
 		grpc.UnknownServiceHandler(who))
 	done := make(chan error, 1)
 	go func() { done <- srv.Serve(lis) }()
@@ -570,8 +582,10 @@ func TestHandoffRefusedOnceCallerIsGone(t *testing.T) {
 				if l := line(); l != "connected" {
 					t.Fatalf("parent said %q", l)
 				}
+				var peer *attest.Peer
 				select {
 				case p := <-srv.peers:
+					peer = p
 					if p.PID() != int32(parent.Process.Pid) {
 						t.Fatalf("the server pinned PID %d, want the connecting process %d", p.PID(), parent.Process.Pid)
 					}
@@ -595,6 +609,9 @@ func TestHandoffRefusedOnceCallerIsGone(t *testing.T) {
 					} else {
 						waitZombie(t, parent.Process.Pid)
 					}
+				}
+				if peer.Alive() != tc.keep {
+					t.Fatalf("Alive() = %v, want %v", !tc.keep, tc.keep)
 				}
 				if _, err := io.WriteString(inW, "go\n"); err != nil {
 					t.Fatal(err)
@@ -633,4 +650,54 @@ func waitZombie(t *testing.T, pid int) {
 		time.Sleep(10 * time.Millisecond)
 	}
 	t.Fatalf("process %d did not exit", pid)
+}
+
+// TestPeercredRefusesProcessStartedAfterHandshake: in the SO_PEERCRED
+// fallback, a /proc/PID whose process started after the handshake began is
+// a reused PID, and the handshake fails. A fake /proc (Options.ProcRoot)
+// stands in for the new process; the caller is this test process.
+func TestPeercredRefusesProcessStartedAfterHandshake(t *testing.T) {
+	var ts unix.Timespec
+	if err := unix.ClockGettime(unix.CLOCK_BOOTTIME, &ts); err != nil {
+		t.Fatal(err)
+	}
+	now := uint64(ts.Nano() / int64(10*time.Millisecond)) // in ticks of 10 ms
+	for _, tc := range []struct {
+		name    string
+		start   uint64
+		refused bool
+	}{
+		{name: "started before", start: now - 100},
+		{name: "started a second after", start: now + 100, refused: true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			proc := t.TempDir()
+			pidDir := filepath.Join(proc, strconv.Itoa(os.Getpid()))
+			if err := os.Mkdir(pidDir, 0o755); err != nil {
+				t.Fatal(err)
+			}
+			stat := fmt.Sprintf("%d (attest.test) S 1 1 1 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 %d 0 0\n", os.Getpid(), tc.start)
+			if err := os.WriteFile(filepath.Join(pidDir, "stat"), []byte(stat), 0o644); err != nil {
+				t.Fatal(err)
+			}
+			srv := startServer(t, t.TempDir(), attest.Options{ProcRoot: proc, NoPidfd: true}, nil)
+			c, err := net.Dial("unix", srv.socket)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			select {
+			case p := <-srv.peers:
+				if tc.refused {
+					t.Fatalf("handshake pinned PID %d, want it refused", p.PID())
+				}
+			case err := <-srv.errs:
+				if !tc.refused || !errors.Is(err, attest.ErrGone) {
+					t.Fatalf("handshake: %v, refused: want %v (ErrGone)", err, tc.refused)
+				}
+			case <-time.After(10 * time.Second):
+				t.Fatal("no handshake")
+			}
+		})
+	}
 }
