@@ -113,8 +113,9 @@ type Caller struct {
 	PID int32
 	// UID and GID are the process's real user and group ids.
 	UID, GID uint32
-	// Path is the executable's absolute path as the kernel reports it; ""
-	// if it has none (a kernel thread).
+	// Path is the executable's absolute path as the kernel reports it, in
+	// the process's own mount namespace (a container's path for a process
+	// in a container); a deleted file ends in " (deleted)".
 	Path string
 	// PodUID and ContainerID are from the process's cgroup; "" outside a
 	// pod.

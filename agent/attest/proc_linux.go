@@ -241,17 +241,13 @@ func (p *Peer) read() (*Caller, error) {
 	if c.GID, err = statusID(status, "Gid:"); err != nil {
 		return nil, err
 	}
-	path, err := readlinkAt(p.dir, "exe")
-	switch {
-	case errors.Is(err, unix.ENOENT):
-		// A kernel thread has no executable.
-	case err != nil:
+	// Every process that can connect to a socket runs an executable; one
+	// whose link cannot be read is exiting (or not a user process).
+	if c.Path, err = readlinkAt(p.dir, "exe"); err != nil {
 		return nil, fmt.Errorf("attest: reading the executable link: %w", err)
-	default:
-		c.Path = path
-		if c.exe, err = exeKeyAt(p.dir); err != nil {
-			return nil, err
-		}
+	}
+	if c.exe, err = exeKeyAt(p.dir); err != nil {
+		return nil, err
 	}
 	cg, err := readAt(p.dir, "cgroup")
 	if err != nil {
