@@ -160,12 +160,13 @@ func (s *Server) resolve(ctx context.Context) (identity.Viewer, error) {
 		}
 		return nil, errNotAttested
 	}
-	started := s.cfg.Clock.Now()
-	deadline := started.Add(s.cfg.PendingWait)
+	deadline := s.cfg.Clock.Now().Add(s.cfg.PendingWait)
 	for {
 		entries, changed := s.cfg.Identities.Entries()
 		if len(matching(caller, entries)) > 0 {
-			return &viewer{s: s, peer: peer, caller: caller, started: started}, nil
+			// The wait for issuance starts now, however long the wait
+			// for an entry took.
+			return &viewer{s: s, peer: peer, caller: caller, started: s.cfg.Clock.Now()}, nil
 		}
 		left := deadline.Sub(s.cfg.Clock.Now())
 		if left <= 0 {
