@@ -49,7 +49,7 @@ type caFixture struct {
 type holds struct{}
 
 func (holds) Entries(context.Context, string) ([]ca.NodeEntry, string, error) { return nil, "", nil }
-func (holds) MayHold(context.Context, string, spiffeid.ID) error             { return nil }
+func (holds) MayHold(context.Context, string, spiffeid.ID) error              { return nil }
 
 func newCAFixture(t *testing.T) *caFixture {
 	t.Helper()
