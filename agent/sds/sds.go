@@ -6,6 +6,9 @@
 //   - "default": the certificate chain and private key (TlsCertificate);
 //   - "ROOTCA": the trust bundle as a validation context.
 //
+// Each identity is also served under its SPIFFE ID, as SPIRE's agent names
+// its SVIDs, so a caller with several can ask for each.
+//
 // The per-pod agent serves its one identity to every caller; the node agent
 // serves each attested caller its own (the first of them, sorted by ID, as
 // "default"). Every rotation and bundle change pushes new versions to the
@@ -175,40 +178,66 @@ func (s *Server) follow(ctx context.Context, v identity.Viewer, c *cachev3.Linea
 
 // update puts what changed from served to view into c. Until the first SVID
 // arrives, requests wait. When the SVIDs are withdrawn (they expired without
-// renewal), the last one stays in the cache: Envoy would only tear down its
-// listeners without it.
+// renewal), the last ones stay in the cache: Envoy would only tear down its
+// listeners without them. An identity the caller no longer has, while it
+// has others, is removed.
 func (s *Server) update(c *cachev3.LinearCache, served *identity.View, view identity.View) error {
 	update := map[string]types.Resource{}
-	if len(view.SVIDs) > 0 && (len(served.SVIDs) == 0 || view.SVIDs[0] != served.SVIDs[0]) {
-		secret, err := certificateSecret(view.SVIDs[0])
-		if err != nil {
-			s.log.Error("cannot encode SVID", "error", err)
-			return status.Error(codes.Internal, "cannot encode SVID")
+	var remove []string
+	if len(view.SVIDs) > 0 {
+		put := func(name string, svid *x509svid.SVID) error {
+			secret, err := certificateSecret(name, svid)
+			if err != nil {
+				s.log.Error("cannot encode SVID", "error", err)
+				return status.Error(codes.Internal, "cannot encode SVID")
+			}
+			update[name] = secret
+			return nil
 		}
-		update[CertificateName] = secret
+		if len(served.SVIDs) == 0 || view.SVIDs[0] != served.SVIDs[0] {
+			if err := put(CertificateName, view.SVIDs[0]); err != nil {
+				return err
+			}
+		}
+		old := map[string]*x509svid.SVID{}
+		for _, svid := range served.SVIDs {
+			old[svid.ID.String()] = svid
+		}
+		for _, svid := range view.SVIDs {
+			name := svid.ID.String()
+			if old[name] != svid {
+				if err := put(name, svid); err != nil {
+					return err
+				}
+			}
+			delete(old, name)
+		}
+		for name := range old {
+			remove = append(remove, name)
+		}
 		served.SVIDs = view.SVIDs
 	}
 	if view.Bundle != nil && view.Bundle != served.Bundle {
 		update[RootCAName] = rootCASecret(view.Bundle)
 		served.Bundle = view.Bundle
 	}
-	if len(update) == 0 {
+	if len(update) == 0 && len(remove) == 0 {
 		return nil
 	}
-	if err := c.UpdateResources(update, nil); err != nil {
+	if err := c.UpdateResources(update, remove); err != nil {
 		return status.Errorf(codes.Internal, "sds: update cache: %v", err)
 	}
-	s.log.Debug("SDS secrets updated", "count", len(update))
+	s.log.Debug("SDS secrets updated", "updated", len(update), "removed", len(remove))
 	return nil
 }
 
-func certificateSecret(s *x509svid.SVID) (*tlsv3.Secret, error) {
+func certificateSecret(name string, s *x509svid.SVID) (*tlsv3.Secret, error) {
 	chain, key, err := s.Marshal()
 	if err != nil {
 		return nil, fmt.Errorf("sds: %w", err)
 	}
 	return &tlsv3.Secret{
-		Name: CertificateName,
+		Name: name,
 		Type: &tlsv3.Secret_TlsCertificate{TlsCertificate: &tlsv3.TlsCertificate{
 			CertificateChain: inline(chain),
 			PrivateKey:       inline(key),

@@ -7,6 +7,7 @@ import (
 	"crypto/x509"
 	"encoding/pem"
 	"os"
+	"sync"
 	"testing"
 	"time"
 
@@ -390,4 +391,123 @@ func TestEachCallerGetsItsOwnSecrets(t *testing.T) {
 	if _, err := stranger.Recv(); status.Code(err) != codes.PermissionDenied {
 		t.Fatalf("stream of an unknown caller: %v, want PermissionDenied", err)
 	}
+}
+
+// several is a caller's view over a changeable list of stores.
+type several struct {
+	mu      sync.Mutex
+	stores  []*identity.Store
+	changed chan struct{}
+}
+
+func (v *several) set(stores ...*identity.Store) {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	v.stores = stores
+	close(v.changed)
+	v.changed = make(chan struct{})
+}
+
+func (v *several) View(ctx context.Context) (identity.View, <-chan struct{}, error) {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	var svids []*x509svid.SVID
+	var snap identity.Snapshot
+	chans := []<-chan struct{}{v.changed}
+	for _, st := range v.stores {
+		var ch <-chan struct{}
+		snap, ch = st.Load()
+		svids = append(svids, snap.SVID)
+		chans = append(chans, ch)
+	}
+	changed := make(chan struct{})
+	var once sync.Once
+	for _, ch := range chans {
+		go func() {
+			select {
+			case <-ctx.Done():
+			case <-ch:
+			case <-changed:
+				return
+			}
+			once.Do(func() { close(changed) })
+		}()
+	}
+	return identity.NewView(svids, snap.Bundle), changed, nil
+}
+
+// TestEveryIdentityUnderItsSPIFFEID: a caller with several identities gets
+// each under its SPIFFE ID, "default" the first by ID; a rotation pushes
+// only its own secret, and an identity the caller loses is removed.
+func TestEveryIdentityUnderItsSPIFFEID(t *testing.T) {
+	auth := testca.New(t, td, time.Now())
+	api := spiffeid.RequireFromString("spiffe://cluster.local/ns/shop/sa/api")
+	stores := map[spiffeid.ID]*identity.Store{}
+	svids := map[spiffeid.ID]*x509svid.SVID{}
+	for _, id := range []spiffeid.ID{own, api} {
+		stores[id] = identity.New()
+		stores[id].SetBundle(auth.Bundle())
+		svids[id] = auth.SVID(t, id, time.Now().Add(-time.Minute), time.Hour)
+		stores[id].SetSVID(svids[id])
+	}
+	v := &several{changed: make(chan struct{})}
+	v.set(stores[own], stores[api])
+	srv, err := New(Config{Resolve: func(context.Context) (identity.Viewer, error) { return v, nil }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	client := serve(t, srv)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	stream, err := client.DeltaSecrets(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := stream.Send(&discoveryv3.DeltaDiscoveryRequest{Node: node, TypeUrl: resourcev3.SecretType,
+		ResourceNamesSubscribe: []string{CertificateName, RootCAName, own.String(), api.String()}}); err != nil {
+		t.Fatal(err)
+	}
+	recv := func() (map[string]*tlsv3.Secret, []string) {
+		t.Helper()
+		resp, err := stream.Recv()
+		if err != nil {
+			t.Fatal(err)
+		}
+		got := map[string]*tlsv3.Secret{}
+		for _, r := range resp.GetResources() {
+			for name, s := range secrets(t, []*anypb.Any{r.GetResource()}) {
+				got[name] = s
+			}
+		}
+		if err := stream.Send(&discoveryv3.DeltaDiscoveryRequest{Node: node, TypeUrl: resourcev3.SecretType, ResponseNonce: resp.GetNonce()}); err != nil {
+			t.Fatal(err)
+		}
+		return got, resp.GetRemovedResources()
+	}
+	got := map[string]*tlsv3.Secret{}
+	for len(got) < 4 {
+		more, _ := recv()
+		for name, s := range more {
+			got[name] = s
+		}
+	}
+	checkDefault(t, got[CertificateName], svids[api]) // api sorts before cart
+	checkDefault(t, got[api.String()], svids[api])
+	checkDefault(t, got[own.String()], svids[own])
+	checkRootCA(t, got[RootCAName], auth.Root)
+
+	svids[own] = auth.SVID(t, own, time.Now().Add(-time.Minute), time.Hour)
+	stores[own].SetSVID(svids[own])
+	got, _ = recv()
+	if len(got) != 1 || got[own.String()] == nil {
+		t.Fatalf("rotation of %s pushed %v, want only its own secret", own, keys(got))
+	}
+	checkDefault(t, got[own.String()], svids[own])
+
+	v.set(stores[own])
+	got, removed := recv()
+	if len(got) != 1 || got[CertificateName] == nil || len(removed) != 1 || removed[0] != api.String() {
+		t.Fatalf("losing %s pushed %v and removed %v, want default updated and %s removed", api, keys(got), removed, api)
+	}
+	checkDefault(t, got[CertificateName], svids[own])
 }
