@@ -52,7 +52,8 @@ type NodeCA interface {
 }
 
 // BundleSource is the node's own identity store, whose bundle the workload
-// identities share.
+// identities share. A change in it (the node's SVID arriving) also retries
+// a failed fetch of the entries at once.
 type BundleSource interface {
 	Load() (identity.Snapshot, <-chan struct{})
 }
@@ -355,8 +356,17 @@ func (h *Holder) followBundle(ctx context.Context) {
 				e.store.SetBundle(snap.Bundle)
 			}
 		}
+		failing := h.entriesErr != nil
 		h.mu.Unlock()
 		h.kick()
+		if failing {
+			// The node's credential may just have arrived: fetch again
+			// rather than wait for the next interval.
+			select {
+			case h.kickFetch <- struct{}{}:
+			default:
+			}
+		}
 		select {
 		case <-ctx.Done():
 			return
@@ -528,9 +538,13 @@ func (h *Holder) issueLoop(ctx context.Context) {
 		now := h.cfg.Clock.Now()
 		due, next := h.collect(now)
 		if len(due) > 0 {
-			if h.issue(ctx, due) {
+			issued := h.issue(ctx, due)
+			if ctx.Err() != nil {
+				return
+			}
+			if issued {
 				bo.Reset()
-			} else if ctx.Err() == nil {
+			} else {
 				retry := now.Add(bo.Next())
 				h.mu.Lock()
 				for _, e := range due {
@@ -748,7 +762,12 @@ func (h *Holder) store(e *held, got *x509svid.SVID) {
 	leaf := got.Certificates[0]
 	life := svid.Expiry(got).Sub(leaf.NotBefore)
 	e.svid = got
+	// At half its lifetime; never sooner than a tenth of it from now, so
+	// that a CA that backdates much cannot make the node renew in a loop.
 	e.due = leaf.NotBefore.Add(life / 2)
+	if floor := h.cfg.Clock.Now().Add(life / 10); e.due.Before(floor) {
+		e.due = floor
+	}
 	e.window = time.Duration(RenewalWindow * float64(life))
 	e.store.SetSVID(got)
 	if !e.published {

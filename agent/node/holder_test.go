@@ -17,11 +17,14 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/peer"
 	"google.golang.org/grpc/status"
+	"k8s.io/utils/clock"
 	clocktesting "k8s.io/utils/clock/testing"
 
 	"github.com/trustmesh/trustmesh/agent/caclient"
@@ -39,7 +42,7 @@ const nodeToken = "node-a-token"
 type fakeCA struct {
 	cav1.UnimplementedNodeServiceServer
 	a     *testca.Authority
-	clock *clocktesting.FakeClock
+	clock clock.Clock
 	ttl   time.Duration
 	addr  string
 
@@ -50,19 +53,28 @@ type fakeCA struct {
 	notOnNode map[string]bool
 	wrongKey  bool
 	wrongID   bool
-	batches   int
-	fetches   int
-	params    int
-	asked     map[string]int
+	// hang makes BatchNewX509SVID wait for its caller to give up.
+	hang    bool
+	batches int
+	fetches int
+	params  int
+	asked   map[string]int
 }
 
-func newFakeCA(t *testing.T, clk *clocktesting.FakeClock) *fakeCA {
+// newFakeNodeService is the node service alone, for a server of the
+// caller's.
+func newFakeNodeService(t *testing.T, clk clock.Clock) *fakeCA {
 	t.Helper()
-	f := &fakeCA{
+	return &fakeCA{
 		a:     testca.New(t, td, clk.Now()),
 		clock: clk, ttl: time.Hour, node: "node-a",
 		notOnNode: map[string]bool{}, asked: map[string]int{},
 	}
+}
+
+func newFakeCA(t *testing.T, clk *clocktesting.FakeClock) *fakeCA {
+	t.Helper()
+	f := newFakeNodeService(t, clk)
 	cert, err := f.a.ServingCertificate(time.Now(), nil, []net.IP{net.IPv4(127, 0, 0, 1)})
 	if err != nil {
 		t.Fatal(err)
@@ -89,12 +101,24 @@ func (f *fakeCA) setEntries(revision string, ids ...spiffeid.ID) {
 	f.revision = revision
 }
 
+// nodeSVID is the node's own identity, which authenticates it without a
+// token.
+var nodeSVID = spiffeid.RequireFromString("spiffe://cluster.local/node/node-a")
+
+// authed accepts the node's token, or its SVID as the client certificate.
 func authed(ctx context.Context) error {
 	md, _ := metadata.FromIncomingContext(ctx)
-	if v := md.Get("authorization"); len(v) != 1 || v[0] != "Bearer "+nodeToken {
-		return status.Error(codes.Unauthenticated, "no node token")
+	if v := md.Get("authorization"); len(v) == 1 && v[0] == "Bearer "+nodeToken {
+		return nil
 	}
-	return nil
+	if p, ok := peer.FromContext(ctx); ok {
+		if ti, ok := p.AuthInfo.(credentials.TLSInfo); ok && len(ti.State.VerifiedChains) > 0 {
+			if id, err := x509svid.IDFromCert(ti.State.VerifiedChains[0][0]); err == nil && id == nodeSVID {
+				return nil
+			}
+		}
+	}
+	return status.Error(codes.Unauthenticated, "neither the node's token nor its SVID")
 }
 
 func (f *fakeCA) FetchEntries(ctx context.Context, _ *cav1.FetchEntriesRequest) (*cav1.FetchEntriesResponse, error) {
@@ -117,8 +141,12 @@ func (f *fakeCA) BatchNewX509SVID(ctx context.Context, req *cav1.BatchNewX509SVI
 	f.mu.Lock()
 	f.batches++
 	f.params += len(req.GetParams())
-	wrongKey, wrongID := f.wrongKey, f.wrongID
+	wrongKey, wrongID, hang := f.wrongKey, f.wrongID, f.hang
 	f.mu.Unlock()
+	if hang {
+		<-ctx.Done()
+		return nil, status.FromContextError(ctx.Err()).Err()
+	}
 	resp := &cav1.BatchNewX509SVIDResponse{}
 	for _, p := range req.GetParams() {
 		f.mu.Lock()
@@ -519,4 +547,23 @@ func metricValue(t *testing.T, c prometheus.Metric) float64 {
 		return m.GetGauge().GetValue()
 	}
 	return m.GetCounter().GetValue()
+}
+
+// A holder stopped while a batch call is in flight returns, rather than
+// retry the batch in a loop with its canceled context.
+func TestHolderStopsDuringIssuance(t *testing.T) {
+	clk := clocktesting.NewFakeClock(time.Now())
+	f := newFakeCA(t, clk)
+	f.hang = true
+	f.setEntries("r1", workloadIDs(3)...)
+	_, stop := startHolder(t, f, nil)
+	eventually(t, "a batch call in flight", func() bool { b, _, _ := f.counts(); return b == 1 })
+	stopped := make(chan struct{})
+	go func() { stop(); close(stopped) }()
+	select {
+	case <-stopped:
+	case <-time.After(10 * time.Second):
+		b, _, _ := f.counts()
+		t.Fatalf("Run did not return after cancel (%d batch calls)", b)
+	}
 }

@@ -68,6 +68,7 @@ func newRootCmd() *cobra.Command {
 		newPolicyCmd(),
 		newAuthzCmd(),
 		newAgentCmd(),
+		newNodeCmd(),
 		newInjectCmd(),
 		newXDSCmd(),
 		newDemoCmd(),

@@ -202,6 +202,9 @@ type ServerConfig struct {
 	Tokens map[string]spiffeid.ID
 	// DefaultTTL is used when the request asks for none.
 	DefaultTTL time.Duration
+	// Register, if set, registers more services on the server (the node
+	// agent's tests add the node service), beside the CA's own.
+	Register func(*grpc.Server)
 }
 
 // Server serves the CA's wire API on a loopback TCP port. Stop and Start
@@ -261,6 +264,9 @@ func (s *Server) serve(lis net.Listener) {
 	g := grpc.NewServer(grpc.Creds(creds))
 	pb.RegisterIstioCertificateServiceServer(g, &issuer{s: s})
 	cav1.RegisterTrustBundleServiceServer(g, &bundler{s: s})
+	if s.cfg.Register != nil {
+		s.cfg.Register(g)
+	}
 	done := make(chan struct{})
 	s.grpc, s.done = g, done
 	go func() {
