@@ -190,3 +190,9 @@ func restore(cfg *CredentialConfig, d *state.Dir, store *identity.Store) error {
 	cfg.Logger.Info("restored saved identity", "spiffe_id", got.ID.String(), "expires", svid.Expiry(got))
 	return nil
 }
+
+// ReadBundleFile reads the PEM roots an operator gives to trust the CA with
+// until its bundle stream takes over.
+func ReadBundleFile(path string) ([]*x509.Certificate, error) {
+	return readRoots(path)
+}
