@@ -18,7 +18,12 @@ func (cp *ControlPlane) newInjector(v *validated) (http.Handler, error) {
 	if err != nil {
 		return nil, fmt.Errorf("controlplane: %w", err)
 	}
-	inj, err := injector.New(injector.Config{Mesh: mesh})
+	// The namespaces' labels, which put their pods in ambient mode.
+	namespaces, err := webhook.NewNamespaces(cp.cluster.kube)
+	if err != nil {
+		return nil, fmt.Errorf("controlplane: %w", err)
+	}
+	inj, err := injector.New(injector.Config{Mesh: mesh, Namespaces: namespaces})
 	if err != nil {
 		return nil, fmt.Errorf("controlplane: %w", err)
 	}
@@ -35,6 +40,6 @@ func (cp *ControlPlane) newInjector(v *validated) (http.Handler, error) {
 	if err != nil {
 		return nil, fmt.Errorf("controlplane: %w", err)
 	}
-	cp.bundleFns = append(cp.bundleFns, patcher.Run, publisher.Run)
+	cp.bundleFns = append(cp.bundleFns, patcher.Run, publisher.Run, namespaces.Run)
 	return h, nil
 }

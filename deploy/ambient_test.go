@@ -11,6 +11,7 @@ import (
 	"syscall"
 	"testing"
 
+	admissionregistrationv1 "k8s.io/api/admissionregistration/v1"
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
 	rbacv1 "k8s.io/api/rbac/v1"
@@ -206,6 +207,24 @@ func TestRenderAmbient(t *testing.T) {
 	// The control plane trusts that account, in the release's namespace.
 	if got := flagValues(controlPlaneArgs(t, objs), "--trusted-node-accounts"); !slices.Equal(got, []string{"mesh-prod/trustmesh-node"}) {
 		t.Errorf("--trusted-node-accounts %v, want [mesh-prod/trustmesh-node]", got)
+	}
+
+	// The injector is called for ambient pods, which it gives no sidecar
+	// (or the node's socket), never in system namespaces, failing closed.
+	mwc := webhookConfig(t, objs)
+	var names []string
+	for _, w := range mwc.Webhooks {
+		names = append(names, w.Name)
+		if w.FailurePolicy == nil || *w.FailurePolicy != admissionregistrationv1.Fail {
+			t.Errorf("webhook %s does not fail closed", w.Name)
+		}
+		if !neverInjects(w, "kube-system", "kube-public", "kube-node-lease", "mesh-prod") {
+			t.Errorf("webhook %s may be called for system namespaces", w.Name)
+		}
+	}
+	if want := []string{"namespace.inject.trustmesh.io", "ambient-namespace.inject.trustmesh.io", "trustmesh-ambient-namespace.inject.trustmesh.io",
+		"ambient-object.inject.trustmesh.io", "trustmesh-ambient-object.inject.trustmesh.io"}; !slices.Equal(names, want) {
+		t.Errorf("webhooks %v, want %v", names, want)
 	}
 
 	// Off by default: no DaemonSet, no account, no trust.

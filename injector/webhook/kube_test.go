@@ -87,11 +87,12 @@ func run(t *testing.T, name string, fn func(context.Context) error) {
 	})
 }
 
-// chartWebhook is the chart's MutatingWebhookConfiguration, pointed at url
-// instead of the in-cluster Service, without a caBundle.
+// chartWebhook is the chart's MutatingWebhookConfiguration, with its
+// ambient profile on, pointed at url instead of the in-cluster Service,
+// without a caBundle.
 func chartWebhook(t *testing.T, url string) *admissionregistrationv1.MutatingWebhookConfiguration {
 	t.Helper()
-	objs, err := deploy.Render(deploy.RenderOptions{})
+	objs, err := deploy.Render(deploy.RenderOptions{Values: map[string]any{"ambient": map[string]any{"enabled": true}}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -170,7 +171,12 @@ func TestWebhookInAPIServer(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	inj, err := injector.New(injector.Config{})
+	namespaces, err := webhook.NewNamespaces(cs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	run(t, "namespaces", namespaces.Run)
+	inj, err := injector.New(injector.Config{Namespaces: namespaces})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -216,6 +222,13 @@ func TestWebhookInAPIServer(t *testing.T) {
 	// Labelled, but never injected.
 	namespace(t, cs, "trustmesh-system", enabled)
 	namespace(t, cs, "kube-system", enabled)
+	// Ambient, with and without the injection label.
+	namespace(t, cs, "ambient-shop", map[string]string{injector.LabelInjection: "enabled", injector.IstioLabelDataplaneMode: "ambient"})
+	namespace(t, cs, "ambient-plain", map[string]string{injector.LabelDataplaneMode: "ambient"})
+	socket := func(p *corev1.Pod) {
+		p.Annotations = map[string]string{injector.AnnotationWorkloadAPI: injector.WorkloadAPINode}
+	}
+	label := func(k, v string) func(*corev1.Pod) { return func(p *corev1.Pod) { p.Labels[k] = v } }
 
 	app := func(ns string, mutate func(*corev1.Pod)) *corev1.Pod {
 		p := &corev1.Pod{
@@ -239,6 +252,7 @@ func TestWebhookInAPIServer(t *testing.T) {
 		name    string
 		pod     *corev1.Pod
 		inject  bool
+		socket  bool // the node agent's Workload API, and nothing else
 		refused injector.Code
 	}{
 		{name: "enabled namespace", pod: app("shop", nil), inject: true},
@@ -256,6 +270,24 @@ func TestWebhookInAPIServer(t *testing.T) {
 		{name: "exclusion beyond the mesh config", pod: app("shop", func(p *corev1.Pod) {
 			p.Annotations = map[string]string{injector.AnnotationExcludeOutboundPorts: "443"}
 		}), refused: injector.RefusedExclusion},
+		{name: "ambient namespace", pod: app("ambient-shop", nil)},
+		{name: "ambient namespace, Workload API", pod: app("ambient-shop", socket), socket: true},
+		{name: "trustmesh's ambient namespace, Workload API", pod: app("ambient-plain", socket), socket: true},
+		{name: "out of ambient, in an injected namespace", pod: app("ambient-shop", label(injector.IstioLabelDataplaneMode, "none")), inject: true},
+		{name: "out of ambient, in a namespace not injected", pod: app("ambient-plain", func(p *corev1.Pod) {
+			socket(p)
+			p.Labels[injector.IstioLabelDataplaneMode] = "none"
+		})},
+		{name: "ambient pod in an injected namespace", pod: app("shop", label(injector.LabelDataplaneMode, "ambient"))},
+		{name: "ambient pod elsewhere, Workload API", pod: app("plain", func(p *corev1.Pod) {
+			socket(p)
+			p.Labels[injector.IstioLabelDataplaneMode] = "ambient"
+		}), socket: true},
+		{name: "trustmesh's ambient pod label elsewhere, Workload API", pod: app("plain", func(p *corev1.Pod) {
+			socket(p)
+			p.Labels[injector.LabelDataplaneMode] = "ambient"
+		}), socket: true},
+		{name: "Workload API without ambient", pod: app("shop", socket), refused: injector.RefusedWorkloadAPI},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			stored, err := cs.CoreV1().Pods(tc.pod.Namespace).Create(ctx, tc.pod, metav1.CreateOptions{})
@@ -282,6 +314,17 @@ func TestWebhookInAPIServer(t *testing.T) {
 			if !tc.inject {
 				if len(names) > 0 || stored.Annotations[injector.AnnotationStatus] != "" {
 					t.Fatalf("pod was injected: %v", names)
+				}
+				var socketVolume bool
+				for _, v := range stored.Spec.Volumes {
+					socketVolume = socketVolume || v.Name == injector.VolumeNodeSocket && v.HostPath != nil && v.HostPath.Path == injector.NodeSocketDir
+				}
+				var env []string
+				for _, e := range stored.Spec.Containers[0].Env {
+					env = append(env, e.Name+"="+e.Value)
+				}
+				if tc.socket != socketVolume || tc.socket != slices.Equal(env, []string{"SPIFFE_ENDPOINT_SOCKET=unix:///run/trustmesh/node/socket"}) {
+					t.Fatalf("node socket volume %v, env %v; want the socket: %v", socketVolume, env, tc.socket)
 				}
 				return
 			}
