@@ -244,6 +244,24 @@ func (n notifying) ServerHandshake(c net.Conn) (net.Conn, credentials.AuthInfo, 
 
 func startServer(t *testing.T, dir string, opts attest.Options, selectors map[string][]string) *server {
 	t.Helper()
+	return startServerGated(t, dir, opts, selectors, nil)
+}
+
+// gatedListener accepts nothing until its gate is closed.
+type gatedListener struct {
+	net.Listener
+	gate <-chan struct{}
+}
+
+func (l gatedListener) Accept() (net.Conn, error) {
+	<-l.gate
+	return l.Listener.Accept()
+}
+
+// startServerGated starts a server that accepts no connection before gate
+// is closed, if gate is not nil.
+func startServerGated(t *testing.T, dir string, opts attest.Options, selectors map[string][]string, gate <-chan struct{}) *server {
+	t.Helper()
 	s := &server{socket: filepath.Join(dir, "socket"), peers: make(chan *attest.Peer, 16), errs: make(chan error, 16)}
 	lis, err := net.Listen("unix", s.socket)
 	if err != nil {
@@ -251,6 +269,9 @@ func startServer(t *testing.T, dir string, opts attest.Options, selectors map[st
 	}
 	if err := os.Chmod(s.socket, 0o777); err != nil {
 		t.Fatal(err)
+	}
+	if gate != nil {
+		lis = gatedListener{lis, gate}
 	}
 	who := func(_ any, stream grpc.ServerStream) error {
 		if err := stream.RecvMsg(&emptypb.Empty{}); err != nil {
@@ -531,18 +552,33 @@ func TestHandoffRefusedOnceCallerIsGone(t *testing.T) {
 			name     string
 			keep     bool // the connecting process stays alive
 			reap     bool // else it is left a zombie
+			late     bool // the server accepts only once the connector is reaped
 			wantCode codes.Code
 		}{
 			{name: "connector alive", keep: true, wantCode: codes.OK},
 			{name: "connector zombie", wantCode: codes.PermissionDenied},
 			{name: "connector reaped", reap: true, wantCode: codes.PermissionDenied},
+			// The handshake itself fails: the call never reaches a handler.
+			{name: "connector reaped before the handshake", reap: true, late: true, wantCode: codes.Unavailable},
 		} {
 			t.Run(mode.name+"/"+tc.name, func(t *testing.T) {
 				srvDir, err := os.MkdirTemp(dir, "srv-")
 				if err != nil {
 					t.Fatal(err)
 				}
-				srv := startServer(t, srvDir, mode.opts, nil)
+				gate := make(chan struct{})
+				if !tc.late {
+					close(gate)
+				} else {
+					defer func() {
+						select {
+						case <-gate:
+						default:
+							close(gate)
+						}
+					}()
+				}
+				srv := startServerGated(t, srvDir, mode.opts, nil, gate)
 				inR, inW, err := os.Pipe()
 				if err != nil {
 					t.Fatal(err)
@@ -583,17 +619,19 @@ func TestHandoffRefusedOnceCallerIsGone(t *testing.T) {
 					t.Fatalf("parent said %q", l)
 				}
 				var peer *attest.Peer
-				select {
-				case p := <-srv.peers:
-					peer = p
-					if p.PID() != int32(parent.Process.Pid) {
-						t.Fatalf("the server pinned PID %d, want the connecting process %d", p.PID(), parent.Process.Pid)
+				if !tc.late {
+					select {
+					case p := <-srv.peers:
+						peer = p
+						if p.PID() != int32(parent.Process.Pid) {
+							t.Fatalf("the server pinned PID %d, want the connecting process %d", p.PID(), parent.Process.Pid)
+						}
+						if p.Pidfd() == mode.opts.NoPidfd {
+							t.Fatalf("peer pinned by pidfd: %v, want %v", p.Pidfd(), !mode.opts.NoPidfd)
+						}
+					case <-time.After(10 * time.Second):
+						t.Fatal("no handshake")
 					}
-					if p.Pidfd() == mode.opts.NoPidfd {
-						t.Fatalf("peer pinned by pidfd: %v, want %v", p.Pidfd(), !mode.opts.NoPidfd)
-					}
-				case <-time.After(10 * time.Second):
-					t.Fatal("no handshake")
 				}
 				if _, err := io.WriteString(inW, "handoff\n"); err != nil {
 					t.Fatal(err)
@@ -610,7 +648,20 @@ func TestHandoffRefusedOnceCallerIsGone(t *testing.T) {
 						waitZombie(t, parent.Process.Pid)
 					}
 				}
-				if peer.Alive() != tc.keep {
+				if tc.late {
+					close(gate)
+					select {
+					case p := <-srv.peers:
+						t.Fatalf("the server pinned PID %d of a reaped connector", p.PID())
+					case err := <-srv.errs:
+						if !errors.Is(err, attest.ErrGone) {
+							t.Fatalf("handshake: %v, want ErrGone", err)
+						}
+						t.Logf("handshake refused: %v", err)
+					case <-time.After(10 * time.Second):
+						t.Fatal("no handshake")
+					}
+				} else if peer.Alive() != tc.keep {
 					t.Fatalf("Alive() = %v, want %v", !tc.keep, tc.keep)
 				}
 				if _, err := io.WriteString(inW, "go\n"); err != nil {

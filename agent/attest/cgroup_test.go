@@ -79,3 +79,34 @@ func TestParseCgroup(t *testing.T) {
 		})
 	}
 }
+
+// FuzzParseCgroup: whatever the input, a pod UID returned is a canonical
+// UUID and a container ID is 64 lower-case hex digits, and a container is
+// never returned without its pod.
+func FuzzParseCgroup(f *testing.F) {
+	f.Add("0::/kubepods/burstable/pod2c48913c-b29f-11e7-9350-020968147796/9bca8d63d5fa610783847915bcff0ecac1273e5b4bed3f6fa1b07350e0135961\n")
+	f.Add("0::/kubepods.slice/kubepods-pod2c48913c_b29f_11e7_9350_020968147796.slice/crio-9bca8d63d5fa610783847915bcff0ecac1273e5b4bed3f6fa1b07350e0135961.scope\n")
+	f.Add("12:pids:/user.slice\n0::/\n")
+	f.Fuzz(func(t *testing.T, in string) {
+		pod, ctr, err := ParseCgroup(strings.NewReader(in))
+		if err != nil {
+			if pod != "" || ctr != "" {
+				t.Fatalf("error %v with pod %q container %q", err, pod, ctr)
+			}
+			return
+		}
+		if pod != "" {
+			if canon, ok := podUIDOf(pod); !ok || canon != pod || strings.Contains(pod, "_") {
+				t.Fatalf("pod UID %q is not canonical", pod)
+			}
+		}
+		if ctr != "" {
+			if pod == "" {
+				t.Fatalf("container %q without a pod", ctr)
+			}
+			if id, ok := hexID(ctr); !ok || id != ctr {
+				t.Fatalf("container ID %q is not 64 lower-case hex digits", ctr)
+			}
+		}
+	})
+}

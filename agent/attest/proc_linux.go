@@ -57,6 +57,9 @@ func newPeer(t *transport, c net.Conn) (*Peer, error) {
 	switch {
 	case t.opts.NoPidfd, errors.Is(pidfdErr, unix.ENOPROTOOPT):
 		p.pid = cred.Pid
+	case errors.Is(pidfdErr, unix.ESRCH):
+		// Kernels before 6.9 have no pidfd for a reaped peer.
+		return nil, fmt.Errorf("%w: SO_PEERPIDFD: %w", ErrGone, pidfdErr)
 	case pidfdErr != nil:
 		return nil, fmt.Errorf("attest: SO_PEERPIDFD: %w", pidfdErr)
 	default:
