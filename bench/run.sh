@@ -114,3 +114,9 @@ done
 
 # What tracing costs on the authorization path, off and on (issue 18).
 "$root/bench/tracing.sh"
+
+# The node agent of ambient mode holding 1,000 identities: memory per
+# identity, the time to issue all at start and after a restart, and the CA
+# calls of a renewal round against 1,000 per-pod agents (issue 15).
+echo "== node agent, 1,000 identities"
+"$root/bench/node-load.sh" 1000
