@@ -41,8 +41,11 @@
 //     the workloads' PID namespace (hostPID on Kubernetes) and read a /proc
 //     mounted for it. A peer in a PID namespace the agent cannot see is
 //     refused.
-//   - The executable path is the kernel's path of the file the process runs;
-//     a replaced or deleted binary no longer matches ("(deleted)"). The
+//   - The executable path is the kernel's path of the file the process runs,
+//     in the process's own mount namespace: a container's path names a file
+//     of the container's image, which its owner chooses, so unix:path: only
+//     means something for processes in the host's mount namespace. A
+//     replaced or deleted binary no longer matches ("(deleted)"). The
 //     SHA-256 is computed over the running file through /proc/PID/exe, not a
 //     path re-opened by name, and is cached by device, inode, size, mtime
 //     and ctime; a binary changed in place changes the ctime.
