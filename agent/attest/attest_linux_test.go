@@ -752,3 +752,79 @@ func TestPeercredRefusesProcessStartedAfterHandshake(t *testing.T) {
 		})
 	}
 }
+
+// TestSelfAttestedAndReleased: the test process calls the server itself (no
+// root needed): it is attested as itself, in both modes, and every
+// connection's process handles are released when the connection closes.
+func TestSelfAttestedAndReleased(t *testing.T) {
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := os.ReadFile(self)
+	if err != nil {
+		t.Fatal(err)
+	}
+	h := sha256.Sum256(b)
+	selectors := map[string][]string{
+		"self": {cav1.SelectorUID + strconv.Itoa(os.Getuid()), cav1.SelectorGID + strconv.Itoa(os.Getgid()),
+			cav1.SelectorPath + self, cav1.SelectorSHA256 + hex.EncodeToString(h[:]),
+			cav1.SelectorNetns + "/proc/1/ns/net"},
+		"other uid": {cav1.SelectorUID + strconv.Itoa(os.Getuid()+1)},
+	}
+	for _, mode := range []struct {
+		name string
+		opts attest.Options
+	}{{"pidfd", attest.Options{}}, {"peercred", attest.Options{NoPidfd: true}}} {
+		t.Run(mode.name, func(t *testing.T) {
+			srv := startServer(t, t.TempDir(), mode.opts, selectors)
+			before := openFDs(t)
+			for range 20 {
+				cc, err := grpc.NewClient("unix://"+srv.socket, grpc.WithTransportCredentials(insecure.NewCredentials()))
+				if err != nil {
+					t.Fatal(err)
+				}
+				o := call(t.Context(), cc)
+				cc.Close()
+				if o.Code != codes.OK {
+					t.Fatalf("call: %v", o.Code)
+				}
+				r := o.Reply
+				if r.PID != int32(os.Getpid()) || r.UID != uint32(os.Getuid()) || r.GID != uint32(os.Getgid()) || r.Path != self {
+					t.Fatalf("attested PID %d uid %d gid %d path %q, want this process", r.PID, r.UID, r.GID, r.Path)
+				}
+				if sameNetns(t) != r.Matches["self"] || r.Matches["other uid"] {
+					t.Fatalf("Matches = %v", r.Matches)
+				}
+			}
+			deadline := time.Now().Add(10 * time.Second)
+			for openFDs(t) > before {
+				if time.Now().After(deadline) {
+					t.Fatalf("%d file descriptors open after the connections closed, %d before", openFDs(t), before)
+				}
+				time.Sleep(20 * time.Millisecond)
+			}
+		})
+	}
+}
+
+// sameNetns reports whether this process is in PID 1's network namespace,
+// which the "self" selectors name.
+func sameNetns(t *testing.T) bool {
+	t.Helper()
+	a, err1 := os.Stat("/proc/self/ns/net")
+	b, err2 := os.Stat("/proc/1/ns/net")
+	if err1 != nil || err2 != nil {
+		return false
+	}
+	return os.SameFile(a, b)
+}
+
+func openFDs(t *testing.T) int {
+	t.Helper()
+	ents, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return len(ents)
+}
