@@ -15,6 +15,7 @@ import (
 	"google.golang.org/grpc/credentials"
 	pb "istio.io/api/security/v1alpha1"
 
+	cav1 "github.com/trustmesh/trustmesh/api/ca/v1"
 	"github.com/trustmesh/trustmesh/ca"
 	"github.com/trustmesh/trustmesh/ca/admin"
 	"github.com/trustmesh/trustmesh/ca/authn"
@@ -88,13 +89,36 @@ func (cp *ControlPlane) newAuthority(ctx context.Context, v *validated) (err err
 	}
 	logCA(v, material, fresh)
 	cp.authority = authority.New(v.td, material)
-	if cp.ca, err = ca.New(ca.Config{
+	if err := cp.newNodeModel(v); err != nil {
+		return err
+	}
+	cfg := ca.Config{
 		TrustDomain: v.td, Authority: cp.authority, Recorder: cp.journal, Clock: v.Clock,
 		DefaultTTL: v.CA.DefaultWorkloadTTL, MinTTL: v.CA.MinWorkloadTTL, MaxTTL: v.CA.MaxWorkloadTTL,
 		Backdate: v.CA.WorkloadBackdate,
 		Reserved: []spiffeid.ID{v.cpID},
-	}); err != nil {
+	}
+	if cp.nodes != nil {
+		cfg.Nodes = cp.nodes
+	}
+	if cp.ca, err = ca.New(cfg); err != nil {
 		return err
+	}
+	return nil
+}
+
+// newNodeModel builds the mesh model's answer to what each node agent may
+// hold, when there is a mesh (the --mesh files, or the cluster); without
+// one, delegated issuance is off.
+func (cp *ControlPlane) newNodeModel(v *validated) error {
+	src, err := cp.meshSource(v)
+	if err != nil || src == nil {
+		return err
+	}
+	// No Clock: the bounded wait is for the informers and the file watch,
+	// which run on real time, not for a certificate's validity.
+	cp.nodes = &NodeModel{
+		Mesh: cp.meshFeed, TrustDomain: v.td, Kubernetes: v.XDS.MeshDir == "" && v.inKube, Log: v.Log,
 	}
 	return nil
 }
@@ -102,13 +126,14 @@ func (cp *ControlPlane) newAuthority(ctx context.Context, v *validated) (err err
 // newAuthenticator authenticates CSRs: join tokens, renewal with a
 // certificate in force, and Kubernetes service-account tokens on Kubernetes.
 func (cp *ControlPlane) newAuthenticator(v *validated) (*authn.Authenticator, error) {
+	renewal := &authn.Renewal{
+		TrustDomain: v.td, Bundle: cp.authority, Store: cp.journal,
+		MaxEnrolmentAge: v.CA.MaxEnrolmentAge, Clock: v.Clock,
+	}
 	authenticator := &authn.Authenticator{
 		TrustDomain: v.td,
 		JoinTokens:  &authn.JoinTokens{TrustDomain: v.td, Store: cp.journal, Clock: v.Clock},
-		Renewal: &authn.Renewal{
-			TrustDomain: v.td, Bundle: cp.authority, Store: cp.journal,
-			MaxEnrolmentAge: v.CA.MaxEnrolmentAge, Clock: v.Clock,
-		},
+		Renewal:     renewal,
 	}
 	if v.inKube {
 		var err error
@@ -142,6 +167,21 @@ func (cp *ControlPlane) newCAServer(ctx context.Context, v *validated, authentic
 	pb.RegisterIstioCertificateServiceServer(cp.grpc, server.NewCertificateService(server.CertificateServiceConfig{
 		Issuer: cp.ca, Authenticator: authenticator, Refusals: cp.refusals, Metrics: metrics, Clock: v.Clock, Log: v.Log,
 		TracerProvider: v.TracerProvider,
+	}))
+	// The node service: node agents' delegated issuance. A node proves
+	// itself with its node SVID (checked as a renewal is) or, on
+	// Kubernetes, with the pod-bound token of a trusted node account; the
+	// CA authorizes every identity against the mesh (cp.nodes), and refuses
+	// all of them without one.
+	nodeAuth := &authn.NodeAuthenticator{
+		TrustDomain: v.td, Renewal: authenticator.Renewal, Kubernetes: authenticator.Kubernetes,
+		TrustedAccounts: v.CA.TrustedNodeAccounts,
+	}
+	if cp.nodes != nil {
+		nodeAuth.Pods = cp.nodes
+	}
+	cav1.RegisterNodeServiceServer(cp.grpc, server.NewNodeService(server.NodeServiceConfig{
+		CA: cp.ca, Authenticator: nodeAuth, Refusals: cp.refusals, Metrics: metrics, Clock: v.Clock, Log: v.Log,
 	}))
 	return nil
 }

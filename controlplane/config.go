@@ -12,6 +12,7 @@ import (
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"go.opentelemetry.io/otel/trace"
+	"k8s.io/apimachinery/pkg/util/validation"
 	"k8s.io/client-go/rest"
 	"k8s.io/utils/clock"
 
@@ -114,6 +115,11 @@ type CAConfig struct {
 	WorkloadBackdate time.Duration
 	// MaxEnrolmentAge is how long a join-token enrolment may renew.
 	MaxEnrolmentAge time.Duration
+	// TrustedNodeAccounts ("namespace/serviceaccount"), on Kubernetes, are
+	// the service accounts of node agents (`trustmesh node`) trusted for
+	// delegated issuance, as Istio's CA_TRUSTED_NODE_ACCOUNTS: each may hold
+	// the identities of the pods on its own node. Empty trusts none.
+	TrustedNodeAccounts []string
 }
 
 // JournalConfig configures the issuance journal.
@@ -364,6 +370,24 @@ func (c *CAConfig) check(v *validated) []error {
 	}
 	if c.MaxEnrolmentAge <= 0 {
 		errs = append(errs, setting("max-enrolment-age", fmt.Errorf("%s must be positive", c.MaxEnrolmentAge)))
+	}
+	errs = append(errs, checkTrustedNodeAccounts(c.TrustedNodeAccounts, v.inKube)...)
+	return errs
+}
+
+// checkTrustedNodeAccounts checks that each account is namespace/name of
+// a Kubernetes service account, and that there is a cluster to trust them
+// on.
+func checkTrustedNodeAccounts(accounts []string, inKube bool) []error {
+	var errs []error
+	for _, a := range accounts {
+		ns, sa, ok := strings.Cut(a, "/")
+		if !ok || len(validation.IsDNS1123Label(ns)) > 0 || len(validation.IsDNS1123Subdomain(sa)) > 0 {
+			errs = append(errs, setting("trusted-node-accounts", fmt.Errorf("%q is not namespace/serviceaccount", a)))
+		}
+	}
+	if len(accounts) > 0 && !inKube {
+		errs = append(errs, setting("trusted-node-accounts", errors.New("trusted node accounts are Kubernetes service accounts and need Kubernetes (--kubernetes=on, or --kubeconfig); off Kubernetes a node is trusted by a mesh file of kind Node and its node SVID (trustmesh ca token create --node NAME)")))
 	}
 	return errs
 }

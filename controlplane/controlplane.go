@@ -48,7 +48,10 @@ type ControlPlane struct {
 	// policyFeed is the AuthorizationPolicy feed authz and xDS follow.
 	policyFeed *source.Feed
 	// meshFeed is the mesh feed authz and xDS follow.
-	meshFeed  *mesh.Feed
+	meshFeed *mesh.Feed
+	// nodes authorizes node agents' delegated issuance over meshFeed; nil
+	// without a mesh.
+	nodes     *NodeModel
 	webhooks  *webhook.Server // /inject and /validate, on Kubernetes
 	xds       *xds.Server
 	bundleFns []func(context.Context) error // caBundle patchers, root-cert publisher

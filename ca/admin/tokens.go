@@ -30,6 +30,27 @@ func CreateJoinToken(ctx context.Context, dir DataDir, o JournalOptions, id stri
 	return tok, err
 }
 
+// CreateNodeJoinToken makes a one-time join token for the node agent of the
+// node name: its identity is spiffe://TD/node/NAME in the data directory's
+// trust domain. name must be a valid node name (a DNS-1123 subdomain).
+func CreateNodeJoinToken(ctx context.Context, dir DataDir, o JournalOptions, name string, ttl time.Duration) (string, error) {
+	store, td, err := dir.openExisting(ctx, o, false)
+	if err != nil {
+		return "", err
+	}
+	defer store.Close()
+	id, err := spiffeid.FromSegments(td, "node", name)
+	if err == nil {
+		_, err = authn.NodeNameOf(td, id)
+	}
+	if err != nil {
+		return "", fmt.Errorf("admin: node name %q: %w", name, err)
+	}
+	jt := &authn.JoinTokens{TrustDomain: td, Store: store, Clock: clock.RealClock{}}
+	tok, _, err := jt.Create(ctx, id, ttl)
+	return tok, err
+}
+
 // Revoke revokes every enrolment of id and its unused join tokens, so the
 // identity can no longer renew. When id has neither, it fails with
 // journal.ErrNothingToRevoke and writes nothing.

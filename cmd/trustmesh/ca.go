@@ -26,15 +26,21 @@ func newCACmd() *cobra.Command {
 }
 
 func newTokenCreateCmd() *cobra.Command {
-	var dataDir, id string
+	var dataDir, id, node string
 	var jo admin.JournalOptions
 	var ttl time.Duration
 	cmd := &cobra.Command{
 		Use:   "create",
-		Short: "Create a one-time join token bound to a SPIFFE ID; prints only the token",
+		Short: "Create a one-time join token bound to a SPIFFE ID, or to a node's identity; prints only the token",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			tok, err := admin.CreateJoinToken(cmd.Context(), admin.DataDir(dataDir), jo, id, ttl)
+			var tok string
+			var err error
+			if node != "" {
+				tok, err = admin.CreateNodeJoinToken(cmd.Context(), admin.DataDir(dataDir), jo, node, ttl)
+			} else {
+				tok, err = admin.CreateJoinToken(cmd.Context(), admin.DataDir(dataDir), jo, id, ttl)
+			}
 			if err != nil {
 				return err
 			}
@@ -43,9 +49,11 @@ func newTokenCreateCmd() *cobra.Command {
 		},
 	}
 	addDataFlags(cmd, &dataDir, &jo)
-	cmd.Flags().StringVar(&id, "spiffe-id", "", "SPIFFE ID the token enrols (required)")
+	cmd.Flags().StringVar(&id, "spiffe-id", "", "SPIFFE ID the token enrols (this or --node is required)")
+	cmd.Flags().StringVar(&node, "node", "", "enrol the node agent (trustmesh node) of node NAME: the token's SPIFFE ID is spiffe://TD/node/NAME")
 	cmd.Flags().DurationVar(&ttl, "ttl", 10*time.Minute, "how long the token may wait to be used")
-	_ = cmd.MarkFlagRequired("spiffe-id")
+	cmd.MarkFlagsOneRequired("spiffe-id", "node")
+	cmd.MarkFlagsMutuallyExclusive("spiffe-id", "node")
 	return cmd
 }
 

@@ -142,6 +142,7 @@ nothing. A start that fails leaves no data dir it created behind.`,
 	f.DurationVar(&cfg.CA.DefaultWorkloadTTL, "default-workload-ttl", 0, "lifetime when none is asked for (default 1h)")
 	f.DurationVar(&cfg.CA.MaxEnrolmentAge, "max-enrolment-age", 0, "how long a join-token enrolment may renew (default 720h)")
 	f.StringVar(&cfg.CA.Secret, "ca-secret", "", "on Kubernetes: namespace/name of the Secret that holds the self-managed CA for every replica")
+	f.StringSliceVar(&cfg.CA.TrustedNodeAccounts, "trusted-node-accounts", nil, "on Kubernetes: namespace/serviceaccount,... of node agents (trustmesh node) trusted for delegated issuance of the identities of the pods on their node (default none)")
 	f.DurationVar(&cfg.Rotation.IntermediateTTL, "ca-intermediate-ttl", 0, "lifetime of self-managed intermediates (default 8760h)")
 	f.BoolVar(&cfg.Rotation.Manual, "manual-ca-rotation", false, "do not rotate self-managed CA certificates automatically")
 	f.BoolVar(&validate, "validate", false, "check the configuration, the files and keys it names, the ports and the data dir as a start would, write nothing, and exit")

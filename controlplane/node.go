@@ -1,0 +1,251 @@
+package controlplane
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"log/slog"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"k8s.io/utils/clock"
+
+	"github.com/trustmesh/trustmesh/ca"
+	"github.com/trustmesh/trustmesh/ca/authn"
+	"github.com/trustmesh/trustmesh/mesh"
+)
+
+// DefaultNodeWait bounds how long a node check waits for a mesh model that
+// is catching up (a pod just scheduled, a Node file just edited) before it
+// refuses.
+const DefaultNodeWait = 2 * time.Second
+
+// nodePoll is how often a waiting node check looks at the mesh again.
+const nodePoll = 50 * time.Millisecond
+
+// NodeModel answers, from the mesh feed, what each node's agent may hold
+// (ca.NodeAuthorizer) and which node a pod runs on (authn.PodLocator).
+//
+// On Kubernetes a node may hold the identity of every pod scheduled on it
+// (spec.nodeName) that has not finished, one entry per pod, attested by the
+// pod's UID: as Istio's node_auth.go allows ztunnel an identity only while a
+// pod of that service account runs on its node. Off Kubernetes, the mesh
+// files' Node of that name lists what it may hold; a node they do not
+// declare is not trusted at all. A Node section that fails validation is
+// refused and the last good one stays in force, as the xDS server keeps
+// its last good mesh.
+type NodeModel struct {
+	// Mesh is the control plane's mesh feed.
+	Mesh *mesh.Feed
+	// TrustDomain checks the Node files' identities.
+	TrustDomain spiffeid.TrustDomain
+	// Kubernetes says the mesh is the cluster's: a node needs no
+	// declaration, its pods say what it may hold.
+	Kubernetes bool
+	// Wait bounds a check's wait for the mesh to catch up; zero means
+	// DefaultNodeWait.
+	Wait  time.Duration
+	Clock clock.Clock
+	Log   *slog.Logger
+
+	mu   sync.Mutex
+	seen *mesh.Snapshot
+	good map[string]*mesh.Node // the last valid Node section, by name
+}
+
+var (
+	_ ca.NodeAuthorizer = (*NodeModel)(nil)
+	_ authn.PodLocator  = (*NodeModel)(nil)
+)
+
+// nodeView is one snapshot's mesh with the Nodes in force.
+type nodeView struct {
+	m     *mesh.Mesh
+	nodes map[string]*mesh.Node
+}
+
+// view returns the mesh in force, with the last valid Node section.
+func (n *NodeModel) view() (nodeView, error) {
+	snap := n.Mesh.Current()
+	if snap == nil {
+		return nodeView{}, mesh.ErrNoSnapshot
+	}
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if snap != n.seen {
+		n.seen = snap
+		if err := snap.Mesh.ValidateNodes(n.TrustDomain); err != nil {
+			n.log().Error("mesh Nodes refused; the last good Nodes stay in force", "mesh_version", snap.Version, "error", err)
+		} else {
+			n.good = make(map[string]*mesh.Node, len(snap.Mesh.Nodes))
+			for _, node := range snap.Mesh.Nodes {
+				n.good[node.Name] = node
+			}
+		}
+	}
+	return nodeView{m: snap.Mesh, nodes: n.good}, nil
+}
+
+func (n *NodeModel) log() *slog.Logger {
+	if n.Log == nil {
+		return slog.New(slog.DiscardHandler)
+	}
+	return n.Log
+}
+
+// untrusted is the refusal for a node the mesh files do not declare.
+func untrusted(node string) error {
+	return ca.Refuse(ca.KindDenied, ca.ReasonNodeNotTrusted,
+		fmt.Errorf("node %s is not declared by a mesh file of kind Node", node))
+}
+
+// Entries lists what node may hold now: on Kubernetes one entry per pod on
+// the node, {its SPIFFE ID, its pod UID}; off Kubernetes its Node's
+// workloads. The revision is a hash of the entries.
+func (n *NodeModel) Entries(ctx context.Context, node string) ([]ca.NodeEntry, string, error) {
+	var v nodeView
+	// Only the first snapshot is waited for: a node with no entries yet
+	// is told so, and asks again.
+	err := n.await(ctx, func() (bool, error) {
+		var err error
+		v, err = n.view()
+		return err == nil, err
+	})
+	if err != nil {
+		return nil, "", err
+	}
+	var entries []ca.NodeEntry
+	if decl := v.nodes[node]; decl != nil {
+		for _, w := range decl.Workloads {
+			entries = append(entries, ca.NodeEntry{ID: w.ID, Selectors: slices.Clone(w.Selectors)})
+		}
+	} else if !n.Kubernetes {
+		return nil, "", untrusted(node)
+	}
+	for _, w := range v.m.WorkloadsOnNode(node) {
+		if w.UID == "" {
+			continue // no pod UID, nothing to attest it by
+		}
+		entries = append(entries, ca.NodeEntry{ID: w.ID, Selectors: []string{mesh.SelectorPodUID + w.UID}})
+	}
+	slices.SortFunc(entries, func(a, b ca.NodeEntry) int {
+		if c := strings.Compare(a.ID.String(), b.ID.String()); c != 0 {
+			return c
+		}
+		return slices.Compare(a.Selectors, b.Selectors)
+	})
+	return entries, revision(entries), nil
+}
+
+// revision hashes the entries, which Entries sorts: equal entries, equal
+// revisions.
+func revision(entries []ca.NodeEntry) string {
+	h := sha256.New()
+	for _, e := range entries {
+		fmt.Fprintf(h, "%d:%s", len(e.ID.String()), e.ID)
+		for _, s := range e.Selectors {
+			fmt.Fprintf(h, ",%d:%s", len(s), s)
+		}
+		h.Write([]byte{'\n'})
+	}
+	return hex.EncodeToString(h.Sum(nil)[:16])
+}
+
+// mayHold answers from one view.
+func (n *NodeModel) mayHold(v nodeView, node string, id spiffeid.ID) (bool, error) {
+	if decl := v.nodes[node]; decl != nil {
+		if slices.ContainsFunc(decl.Workloads, func(w mesh.NodeWorkload) bool { return w.ID == id }) {
+			return true, nil
+		}
+	} else if !n.Kubernetes {
+		return false, untrusted(node)
+	}
+	return slices.ContainsFunc(v.m.WorkloadsOnNode(node), func(w *mesh.Workload) bool { return w.ID == id }), nil
+}
+
+// MayHold returns nil if node may hold id: on Kubernetes, a pod of that
+// identity runs on the node and has not finished; off Kubernetes, the
+// node's Node lists it. It waits up to Wait for the mesh to say so, then
+// refuses.
+func (n *NodeModel) MayHold(ctx context.Context, node string, id spiffeid.ID) error {
+	var last error
+	err := n.await(ctx, func() (bool, error) {
+		v, err := n.view()
+		if err != nil {
+			return false, err
+		}
+		ok, err := n.mayHold(v, node, id)
+		last = err
+		return ok, nil
+	})
+	if errors.Is(err, errNotFound) && last != nil {
+		return last // the node is not declared
+	}
+	if err != nil {
+		return fmt.Errorf("%s on node %s: %w", id, node, err)
+	}
+	return nil
+}
+
+// NodeOfPod returns the node the pod namespace/name runs on, waiting up to
+// Wait for a pod the mesh does not know yet, or that is not scheduled.
+func (n *NodeModel) NodeOfPod(ctx context.Context, namespace, name string) (string, error) {
+	var node string
+	err := n.await(ctx, func() (bool, error) {
+		v, err := n.view()
+		if err != nil {
+			return false, err
+		}
+		if w := v.m.Workload(namespace, name); w != nil && w.Node != "" {
+			node = w.Node
+			return true, nil
+		}
+		return false, nil
+	})
+	if err != nil {
+		return "", fmt.Errorf("pod %s/%s: %w", namespace, name, err)
+	}
+	return node, nil
+}
+
+// errNotFound is await's error when the mesh never said yes.
+var errNotFound = errors.New("not in the mesh model")
+
+// await calls check until it says yes or fails, every nodePoll for at most
+// Wait. A refusal from check ends the wait.
+func (n *NodeModel) await(ctx context.Context, check func() (bool, error)) error {
+	c := n.Clock
+	if c == nil {
+		c = clock.RealClock{}
+	}
+	wait := n.Wait
+	if wait <= 0 {
+		wait = DefaultNodeWait
+	}
+	deadline := c.Now().Add(wait)
+	for {
+		ok, err := check()
+		var refusal *ca.Refusal
+		switch {
+		case ok:
+			return nil
+		case errors.As(err, &refusal):
+			return err
+		case !c.Now().Before(deadline):
+			if err != nil {
+				return err
+			}
+			return fmt.Errorf("%w after %s", errNotFound, wait)
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-c.After(nodePoll):
+		}
+	}
+}
