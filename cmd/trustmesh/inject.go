@@ -20,8 +20,11 @@ DaemonSet, ReplicaSet, Job and CronJob in FILE ("-" for standard input), as
 the admission webhook would, and write the manifests to standard output or
 --output. Other objects are copied unchanged. The namespace label cannot be
 seen offline: every workload is injected unless it opts out, runs on the host
-network, or is in a namespace that is never injected. A workload that cannot
-be injected stops the command with the reason.`,
+network, or is in a namespace that is never injected. Workloads in ambient
+mode (labelled istio.io/dataplane-mode=ambient, or in a namespace so
+labelled among the Namespace objects of FILE) get no sidecar, and those
+annotated trustmesh.io/workload-api: node the node agent's socket. A
+workload that cannot be injected stops the command with the reason.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			mesh, err := injector.LoadMeshConfig(meshConfig)
