@@ -8,6 +8,8 @@ import (
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/trace"
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -16,6 +18,7 @@ import (
 	cav1 "github.com/trustmesh/trustmesh/api/ca/v1"
 	"github.com/trustmesh/trustmesh/ca"
 	"github.com/trustmesh/trustmesh/ca/authn"
+	"github.com/trustmesh/trustmesh/internal/tracing"
 )
 
 // DelegatedIssuer is the CA as the node service uses it; *ca.CA is one.
@@ -40,6 +43,11 @@ type NodeServiceConfig struct {
 	Metrics *Metrics
 	Clock   clock.PassiveClock
 	Log     *slog.Logger
+	// TracerProvider, when set, traces each BatchNewX509SVID: a
+	// ca.IssueDelegated span, child of the caller's W3C context, with a
+	// ca.sign and ca.journal.commit per issued param inside it. Nil turns
+	// tracing off.
+	TracerProvider trace.TracerProvider
 }
 
 // NodeService implements trustmesh.ca.v1.NodeService: the CA's delegated,
@@ -47,6 +55,8 @@ type NodeServiceConfig struct {
 type NodeService struct {
 	cav1.UnimplementedNodeServiceServer
 	cfg NodeServiceConfig
+	// tracer is nil when tracing is off.
+	tracer trace.Tracer
 }
 
 // NewNodeService returns the service.
@@ -57,7 +67,32 @@ func NewNodeService(cfg NodeServiceConfig) *NodeService {
 	if cfg.Log == nil {
 		cfg.Log = slog.Default()
 	}
-	return &NodeService{cfg: cfg}
+	s := &NodeService{cfg: cfg}
+	if cfg.TracerProvider != nil {
+		s.tracer = cfg.TracerProvider.Tracer(TracerName)
+	}
+	return s
+}
+
+// Span and attribute names of a traced BatchNewX509SVID.
+const (
+	SpanIssueDelegated = "ca.IssueDelegated"
+	AttrNode           = "ca.node"
+	AttrBatchSize      = "ca.batch.size"
+	AttrBatchIssued    = "ca.batch.issued"
+)
+
+// startBatch starts the ca.IssueDelegated server span, child of the W3C
+// context in the call's metadata. With tracing off it starts nothing.
+func (s *NodeService) startBatch(ctx context.Context, n int) (context.Context, trace.Span) {
+	if s.tracer == nil {
+		return ctx, noSpan
+	}
+	parent, _ := tracing.FromIncomingGRPC(ctx)
+	return s.tracer.Start(parent, SpanIssueDelegated, trace.WithSpanKind(trace.SpanKindServer),
+		trace.WithAttributes(attribute.String("rpc.system", "grpc"),
+			attribute.String("rpc.service", "trustmesh.ca.v1.NodeService"),
+			attribute.String("rpc.method", rpcBatch), attribute.Int(AttrBatchSize, n)))
 }
 
 // RPC names, as metric labels.
@@ -111,9 +146,11 @@ const maxTTLSeconds = math.MaxInt64 / int64(time.Second)
 
 // BatchNewX509SVID issues one certificate per param, each authorized on its
 // own. Only a call that is not a node's, or is too large, fails as a whole.
-func (s *NodeService) BatchNewX509SVID(ctx context.Context, req *cav1.BatchNewX509SVIDRequest) (*cav1.BatchNewX509SVIDResponse, error) {
+func (s *NodeService) BatchNewX509SVID(ctx context.Context, req *cav1.BatchNewX509SVIDRequest) (_ *cav1.BatchNewX509SVIDResponse, err error) {
 	start := s.cfg.Clock.Now()
 	params := req.GetParams()
+	ctx, span := s.startBatch(ctx, len(params))
+	defer func() { endIssue(span, err) }()
 	creds := credentialsFrom(ctx)
 	if len(params) > cav1.MaxBatch {
 		// Before authentication: nothing is learnt from it, and no
@@ -158,6 +195,9 @@ func (s *NodeService) BatchNewX509SVID(ctx context.Context, req *cav1.BatchNewX5
 		results[i] = &cav1.NewX509SVIDResult{Code: int32(codes.OK), CertChain: chain}
 		s.cfg.Metrics.delegatedResult("issued")
 		issued++
+	}
+	if span.IsRecording() {
+		span.SetAttributes(attribute.String(AttrNode, node.Name), attribute.Int(AttrBatchIssued, issued))
 	}
 	s.cfg.Log.Info("delegated issuance", "node", node.Name, "caller", node.Subject, "params", len(params),
 		"issued", issued, "refused", len(params)-issued, "duration", s.cfg.Clock.Since(start))

@@ -14,6 +14,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/spiffetls/tlsconfig"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+	sdktrace "go.opentelemetry.io/otel/sdk/trace"
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
@@ -81,6 +82,7 @@ func newNodeFixture(t *testing.T) *nodeFixture {
 		Authenticator: &authn.NodeAuthenticator{TrustDomain: td,
 			Renewal: &authn.Renewal{TrustDomain: td, Bundle: f.auth, Store: f.store, MaxEnrolmentAge: time.Hour, Clock: f.clock}},
 		Refusals: f.refusals, Metrics: server.NewMetrics(f.reg, f.auth.Current), Clock: f.clock, Log: quiet,
+		TracerProvider: sdktrace.NewTracerProvider(sdktrace.WithSpanProcessor(f.spans)),
 	}))
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -299,5 +301,42 @@ func TestNodeServiceBatchLimit(t *testing.T) {
 	resp, err := c.BatchNewX509SVID(context.Background(), &cav1.BatchNewX509SVIDRequest{Params: params[:cav1.MaxBatch]})
 	if err != nil || len(resp.GetResults()) != cav1.MaxBatch {
 		t.Fatalf("a batch of %d: %d results, %v", cav1.MaxBatch, len(resp.GetResults()), err)
+	}
+}
+
+// TestNodeServiceTracesBatch: a batch is one ca.IssueDelegated span, naming
+// the node and its size, with a ca.sign span per issued param inside it.
+func TestNodeServiceTracesBatch(t *testing.T) {
+	f := newNodeFixture(t)
+	c := f.client(t, f.enrol(t, nodeA))
+	if _, err := c.BatchNewX509SVID(context.Background(), &cav1.BatchNewX509SVIDRequest{Params: []*cav1.NewX509SVIDParams{
+		{SpiffeId: alice.String(), Csr: derCSR(t)}, {SpiffeId: alice.String(), Csr: derCSR(t)}, {SpiffeId: bob.String(), Csr: derCSR(t)},
+	}}); err != nil {
+		t.Fatal(err)
+	}
+	var batch sdktrace.ReadOnlySpan
+	for _, sp := range f.spans.Ended() {
+		if sp.Name() == server.SpanIssueDelegated {
+			batch = sp
+		}
+	}
+	if batch == nil {
+		t.Fatal("no ca.IssueDelegated span")
+	}
+	attrs := map[string]string{}
+	for _, kv := range batch.Attributes() {
+		attrs[string(kv.Key)] = kv.Value.Emit()
+	}
+	if attrs[server.AttrNode] != "node-a" || attrs[server.AttrBatchSize] != "3" || attrs[server.AttrBatchIssued] != "2" {
+		t.Fatalf("ca.IssueDelegated attributes %v; want node node-a, size 3, issued 2", attrs)
+	}
+	signs := 0
+	for _, sp := range f.spans.Ended() {
+		if sp.Name() == ca.SpanSign && sp.Parent().SpanID() == batch.SpanContext().SpanID() {
+			signs++
+		}
+	}
+	if signs != 2 {
+		t.Fatalf("%d ca.sign spans under the batch, want 2", signs)
 	}
 }
