@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Fails when committed generated files are stale: the Go code of trustmesh's
-# protos (hack/protoc.sh, api/ca/v1) and the Helm chart's Istio CRDs
+# protos (hack/protoc.sh, api/ca/v1 and api/ambient/v1) and the Helm chart's Istio CRDs
 # (hack/crdgen, deploy/charts/trustmesh/files/crds.gen.yaml). Each is
 # regenerated into a temporary directory and compared with the committed
 # file; the tree is never modified.
@@ -19,25 +19,30 @@ trap 'rm -rf "$tmp"' EXIT
 stale=0
 
 # Protos: generate from the tree's .proto files, compare every generated file.
-mkdir -p "$tmp/api/ca/v1"
-cp "$tree"/api/ca/v1/*.proto "$tmp/api/ca/v1/"
-"$root/hack/protoc.sh" "$tmp" >&2
-for gen in "$tmp"/api/ca/v1/*.pb.go; do
-  rel=api/ca/v1/$(basename "$gen")
-  if [ ! -f "$tree/$rel" ]; then
-    echo "generate-check: $rel is not committed; run hack/protoc.sh" >&2
-    stale=1
-  elif ! diff -u -I '^//[[:space:]-]*protoc[[:space:]]\+v[0-9.]*$' "$tree/$rel" "$gen" >"$tmp/diff"; then
-    echo "generate-check: $rel is stale; run hack/protoc.sh" >&2
-    head -n 40 "$tmp/diff" >&2
-    stale=1
-  fi
+protodirs="api/ca/v1 api/ambient/v1"
+for d in $protodirs; do
+  mkdir -p "$tmp/$d"
+  cp "$tree"/$d/*.proto "$tmp/$d/"
 done
-for committed in "$tree"/api/ca/v1/*.pb.go; do
-  if [ ! -f "$tmp/api/ca/v1/$(basename "$committed")" ]; then
-    echo "generate-check: api/ca/v1/$(basename "$committed") has no .proto; remove it" >&2
-    stale=1
-  fi
+"$root/hack/protoc.sh" "$tmp" >&2
+for d in $protodirs; do
+  for gen in "$tmp"/$d/*.pb.go; do
+    rel=$d/$(basename "$gen")
+    if [ ! -f "$tree/$rel" ]; then
+      echo "generate-check: $rel is not committed; run hack/protoc.sh" >&2
+      stale=1
+    elif ! diff -u -I '^//[[:space:]-]*protoc[[:space:]]\+v[0-9.]*$' "$tree/$rel" "$gen" >"$tmp/diff"; then
+      echo "generate-check: $rel is stale; run hack/protoc.sh" >&2
+      head -n 40 "$tmp/diff" >&2
+      stale=1
+    fi
+  done
+  for committed in "$tree"/$d/*.pb.go; do
+    if [ ! -f "$tmp/$d/$(basename "$committed")" ]; then
+      echo "generate-check: $d/$(basename "$committed") has no .proto; remove it" >&2
+      stale=1
+    fi
+  done
 done
 
 # CRDs: extract from the istio.io/api version the tree's go.mod requires.

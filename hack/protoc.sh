@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Regenerates the Go code for trustmesh's own protos. The generated files are
-# committed; this is needed only when a .proto changes. It needs protoc
+# committed; this is needed only when a .proto changes (api/ca/v1,
+# api/ambient/v1). It needs protoc
 # (Debian: protobuf-compiler, installed when missing and run as root) and
 # installs the Go plugins at pinned versions.
 #
@@ -29,4 +30,4 @@ cd "$tree"
 PATH=$gobin:$PATH protoc -I . \
   --go_out=paths=source_relative:. \
   --go-grpc_out=paths=source_relative:. \
-  api/ca/v1/*.proto
+  api/ca/v1/*.proto api/ambient/v1/*.proto
