@@ -227,10 +227,21 @@ func TestRenderAmbient(t *testing.T) {
 		t.Errorf("webhooks %v, want %v", names, want)
 	}
 
+	notes, err := deploy.Notes(deploy.RenderOptions{Namespace: "mesh-prod", Values: ambientValues()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(notes, "istio.io/dataplane-mode=ambient") || !strings.Contains(notes, "mesh-prod must allow the privileged Pod Security level") {
+		t.Errorf("NOTES.txt does not say how to use ambient mode and what it needs:\n%s", notes)
+	}
+
 	// Off by default: no DaemonSet, no account, no trust.
 	objs, err = deploy.Render(deploy.RenderOptions{})
 	if err != nil {
 		t.Fatal(err)
+	}
+	if notes, err := deploy.Notes(deploy.RenderOptions{}); err != nil || strings.Contains(notes, "dataplane-mode") {
+		t.Errorf("NOTES.txt speaks of ambient mode without the profile (%v):\n%s", err, notes)
 	}
 	if find(objs, "DaemonSet", "trustmesh-node") != nil || find(objs, "ServiceAccount", "trustmesh-node") != nil {
 		t.Error("the node agent without the ambient profile")
