@@ -3,12 +3,50 @@ package controlplane
 import (
 	"fmt"
 	"net/http"
+	"os"
 
 	"istio.io/client-go/pkg/clientset/versioned"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
 )
+
+// Kubernetes modes.
+const (
+	KubernetesAuto = "auto" // on when in a cluster or given a kubeconfig
+	KubernetesOn   = "on"
+	KubernetesOff  = "off"
+)
+
+// KubernetesConfig says whether and how the control plane reaches a
+// Kubernetes API server.
+type KubernetesConfig struct {
+	// Mode is "auto", "on" or "off".
+	Mode       string
+	Kubeconfig string
+	// RestConfig, when set, is used instead of Kubeconfig or the in-cluster
+	// configuration (for embedding and tests).
+	RestConfig *rest.Config
+}
+
+func (c *KubernetesConfig) setDefaults() {
+	if c.Mode == "" {
+		c.Mode = KubernetesAuto
+	}
+}
+
+// enabled reports whether the control plane uses Kubernetes.
+func (c *KubernetesConfig) enabled() (bool, error) {
+	switch c.Mode {
+	case KubernetesOn:
+		return true, nil
+	case KubernetesOff:
+		return false, nil
+	case KubernetesAuto:
+		return c.RestConfig != nil || c.Kubeconfig != "" || os.Getenv("KUBERNETES_SERVICE_HOST") != "", nil
+	}
+	return false, fmt.Errorf("kubernetes mode %q is not auto, on or off", c.Mode)
+}
 
 // cluster is the control plane's connection to the Kubernetes API server,
 // built once per start and handed to every component that needs it: one

@@ -6,14 +6,11 @@ import (
 	"io"
 	"log/slog"
 	"net"
-	"os"
 	"strings"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"go.opentelemetry.io/otel/trace"
-	"k8s.io/apimachinery/pkg/util/validation"
-	"k8s.io/client-go/rest"
 	"k8s.io/utils/clock"
 
 	"github.com/trustmesh/trustmesh/api/identity"
@@ -24,13 +21,6 @@ import (
 	"github.com/trustmesh/trustmesh/ca/journal"
 	"github.com/trustmesh/trustmesh/ca/rotation"
 	"github.com/trustmesh/trustmesh/internal/connlimit"
-)
-
-// Kubernetes modes.
-const (
-	KubernetesAuto = "auto" // on when in a cluster or given a kubeconfig
-	KubernetesOn   = "on"
-	KubernetesOff  = "off"
 )
 
 // Config is the control plane's configuration, grouped by the component
@@ -210,17 +200,6 @@ type InjectorConfig struct {
 	Disabled bool
 }
 
-// KubernetesConfig says whether and how the control plane reaches a
-// Kubernetes API server.
-type KubernetesConfig struct {
-	// Mode is "auto", "on" or "off".
-	Mode       string
-	Kubeconfig string
-	// RestConfig, when set, is used instead of Kubeconfig or the in-cluster
-	// configuration (for embedding and tests).
-	RestConfig *rest.Config
-}
-
 // Defaults of the serve command. Every listener defaults to loopback, as a
 // workstation expects; the Helm chart sets the addresses a pod listens on.
 const (
@@ -375,23 +354,6 @@ func (c *CAConfig) check(v *validated) []error {
 	return errs
 }
 
-// checkTrustedNodeAccounts checks that each account is namespace/name of
-// a Kubernetes service account, and that there is a cluster to trust them
-// on.
-func checkTrustedNodeAccounts(accounts []string, inKube bool) []error {
-	var errs []error
-	for _, a := range accounts {
-		ns, sa, ok := strings.Cut(a, "/")
-		if !ok || len(validation.IsDNS1123Label(ns)) > 0 || len(validation.IsDNS1123Subdomain(sa)) > 0 {
-			errs = append(errs, setting("trusted-node-accounts", fmt.Errorf("%q is not namespace/serviceaccount", a)))
-		}
-	}
-	if len(accounts) > 0 && !inKube {
-		errs = append(errs, setting("trusted-node-accounts", errors.New("trusted node accounts are Kubernetes service accounts and need Kubernetes (--kubernetes=on, or --kubeconfig); off Kubernetes a node is trusted by a mesh file of kind Node and its node SVID (trustmesh ca token create --node NAME)")))
-	}
-	return errs
-}
-
 // check checks the journal group against where the CA keeps its material:
 // replicas that share a journal must share its key and the CA's.
 func (c *JournalConfig) check(ca CAConfig) []error {
@@ -452,23 +414,4 @@ func (c *InjectorConfig) setDefaults() {
 	if c.WebhookConfig == "" {
 		c.WebhookConfig = DefaultInjectorWebhook
 	}
-}
-
-func (c *KubernetesConfig) setDefaults() {
-	if c.Mode == "" {
-		c.Mode = KubernetesAuto
-	}
-}
-
-// enabled reports whether the control plane uses Kubernetes.
-func (c *KubernetesConfig) enabled() (bool, error) {
-	switch c.Mode {
-	case KubernetesOn:
-		return true, nil
-	case KubernetesOff:
-		return false, nil
-	case KubernetesAuto:
-		return c.RestConfig != nil || c.Kubeconfig != "" || os.Getenv("KUBERNETES_SERVICE_HOST") != "", nil
-	}
-	return false, fmt.Errorf("kubernetes mode %q is not auto, on or off", c.Mode)
 }

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"k8s.io/apimachinery/pkg/util/validation"
 	"k8s.io/utils/clock"
 
 	"github.com/trustmesh/trustmesh/ca"
@@ -248,4 +249,21 @@ func (n *NodeModel) await(ctx context.Context, check func() (bool, error)) error
 		case <-c.After(nodePoll):
 		}
 	}
+}
+
+// checkTrustedNodeAccounts checks that each account is namespace/name of
+// a Kubernetes service account, and that there is a cluster to trust them
+// on.
+func checkTrustedNodeAccounts(accounts []string, inKube bool) []error {
+	var errs []error
+	for _, a := range accounts {
+		ns, sa, ok := strings.Cut(a, "/")
+		if !ok || len(validation.IsDNS1123Label(ns)) > 0 || len(validation.IsDNS1123Subdomain(sa)) > 0 {
+			errs = append(errs, setting("trusted-node-accounts", fmt.Errorf("%q is not namespace/serviceaccount", a)))
+		}
+	}
+	if len(accounts) > 0 && !inKube {
+		errs = append(errs, setting("trusted-node-accounts", errors.New("trusted node accounts are Kubernetes service accounts and need Kubernetes (--kubernetes=on, or --kubeconfig); off Kubernetes a node is trusted by a mesh file of kind Node and its node SVID (trustmesh ca token create --node NAME)")))
+	}
+	return errs
 }

@@ -35,7 +35,9 @@ func TestSelectorPrefixesAgree(t *testing.T) {
 
 var nodeTD = spiffeid.RequireTrustDomainFromString("cluster.local")
 
-func sa(ns, name string) spiffeid.ID { return spiffeid.RequireFromSegments(nodeTD, "ns", ns, "sa", name) }
+func sa(ns, name string) spiffeid.ID {
+	return spiffeid.RequireFromSegments(nodeTD, "ns", ns, "sa", name)
+}
 
 // switchable is a mesh source whose mesh a test replaces.
 type switchable struct{ m *mesh.Mesh }
