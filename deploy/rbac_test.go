@@ -26,6 +26,7 @@ import (
 	"github.com/trustmesh/trustmesh/deploy"
 	"github.com/trustmesh/trustmesh/injector"
 	"github.com/trustmesh/trustmesh/injector/cabundle"
+	"github.com/trustmesh/trustmesh/injector/webhook"
 )
 
 // TestRBACSufficesForTheBundlePublishers installs the chart's RBAC and
@@ -124,6 +125,16 @@ func TestRBACSufficesForTheBundlePublishers(t *testing.T) {
 	sa := rest.CopyConfig(cfg)
 	sa.Impersonate = rest.ImpersonationConfig{UserName: "system:serviceaccount:" + ns + ":trustmesh"}
 	cs := kubernetes.NewForConfigOrDie(sa)
+
+	// The injection webhook reads namespaces' labels (ambient mode) as
+	// the control plane.
+	namespaces, err := webhook.NewNamespaces(cs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := namespaces.NamespaceLabels("rbac-workloads"); err != nil {
+		t.Fatalf("reading a namespace's labels as the control plane: %v", err)
+	}
 
 	// RBAC is enforced here: the account reads no Secret beyond the CA's.
 	if _, err := cs.CoreV1().Secrets(ns).Get(ctx, "someone-elses", metav1.GetOptions{}); !apierrors.IsForbidden(err) {
