@@ -196,24 +196,30 @@ type server struct {
 	bundleFile string
 }
 
-// startServe runs `trustmesh serve` on loopback ports with the mesh files
-// given (file name → content), and waits until it is ready.
+// startServe runs `trustmesh serve` on loopback ports, off Kubernetes
+// unless extra says otherwise, with the mesh files given (file name →
+// content; nil: no --mesh), and waits until it is ready.
 func startServe(t *testing.T, mesh map[string]string, extra ...string) *server {
 	t.Helper()
 	dir := shortDir(t)
 	s := &server{dataDir: filepath.Join(dir, "data"), meshDir: filepath.Join(dir, "mesh")}
-	if err := os.Mkdir(s.meshDir, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	for name, content := range mesh {
-		if err := os.WriteFile(filepath.Join(s.meshDir, name), []byte(content), 0o644); err != nil {
+	args := []string{"serve", "--data-dir", s.dataDir, "--kubernetes", "off", "--log-format", "json",
+		"--listen-ca", "127.0.0.1:0", "--listen-monitoring", "127.0.0.1:0", "--listen-bundle", "",
+		"--listen-authz", "off", "--listen-ui", "off"}
+	if mesh != nil {
+		if err := os.Mkdir(s.meshDir, 0o755); err != nil {
 			t.Fatal(err)
 		}
+		for name, content := range mesh {
+			if err := os.WriteFile(filepath.Join(s.meshDir, name), []byte(content), 0o644); err != nil {
+				t.Fatal(err)
+			}
+		}
+		args = append(args, "--mesh", s.meshDir)
 	}
+	// A flag given again in extra wins: the last one counts.
+	args = append(args, extra...)
 	addrs := make(chan map[string]any, 1)
-	args := append([]string{"serve", "--data-dir", s.dataDir, "--kubernetes", "off", "--log-format", "json",
-		"--listen-ca", "127.0.0.1:0", "--listen-monitoring", "127.0.0.1:0", "--listen-bundle", "",
-		"--listen-authz", "off", "--listen-ui", "off", "--mesh", s.meshDir}, extra...)
 	s.proc = startProc(t, "trustmesh serve", func(line string) bool {
 		var rec map[string]any
 		if json.Unmarshal([]byte(line), &rec) == nil && rec["msg"] == "trustmesh control plane serving" {
@@ -348,6 +354,13 @@ const netnsDir = "/run/netns"
 // `ip netns add` makes it) and its cgroup; cleanup removes both.
 func newPod(t *testing.T, name string, uid, gid int) *pod {
 	t.Helper()
+	return newPodIn(t, name, uid, gid, fmt.Sprintf("%d-%s", os.Getpid(), name))
+}
+
+// newPodIn is newPod with the cgroup at rel (a relative path) under the
+// test's own cgroup, such as a kubelet's kubepods/…/pod<UID>/<container>.
+func newPodIn(t *testing.T, name string, uid, gid int, rel string) *pod {
+	t.Helper()
 	p := &pod{name: name, netns: fmt.Sprintf("tm-amb-%d-%s", os.Getpid(), name), uid: uid, gid: gid}
 	if err := os.MkdirAll(netnsDir, 0o755); err != nil {
 		t.Fatal(err)
@@ -368,16 +381,22 @@ func newPod(t *testing.T, name string, uid, gid int) *pod {
 	if err != nil {
 		t.Fatal(err)
 	}
-	p.cgroup = filepath.Join(root, "trustmesh-ambient-test", fmt.Sprintf("%d-%s", os.Getpid(), name))
+	top := filepath.Join(root, "trustmesh-ambient-test")
+	p.cgroup = filepath.Join(top, rel)
 	if err := os.MkdirAll(p.cgroup, 0o755); err != nil {
 		t.Fatalf("creating cgroup %s: %v", p.cgroup, err)
 	}
 	t.Cleanup(func() {
-		// The workloads have exited; an empty cgroup is removed with rmdir.
+		// The workloads have exited; an empty cgroup is removed with
+		// rmdir, leaf first; a parent still in use by another pod stays.
 		for i := 0; i < 50 && os.Remove(p.cgroup) != nil; i++ {
 			time.Sleep(100 * time.Millisecond)
 		}
-		_ = os.Remove(filepath.Dir(p.cgroup))
+		for dir := filepath.Dir(p.cgroup); strings.HasPrefix(dir, top); dir = filepath.Dir(dir) {
+			if os.Remove(dir) != nil {
+				break
+			}
+		}
 	})
 	return p
 }
