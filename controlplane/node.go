@@ -173,19 +173,20 @@ func (n *NodeModel) mayHold(v nodeView, node string, id spiffeid.ID) (bool, erro
 // identity runs on the node and has not finished; off Kubernetes, the
 // node's Node lists it. It waits up to Wait for the mesh to say so, then
 // refuses.
+//
+// A node the files do not declare is refused at once, not after the wait:
+// it was told so by Entries, and a batch of its requests must not hold the
+// CA's workers for the wait each.
 func (n *NodeModel) MayHold(ctx context.Context, node string, id spiffeid.ID) error {
-	var last error
 	err := n.await(ctx, func() (bool, error) {
 		v, err := n.view()
 		if err != nil {
 			return false, err
 		}
-		ok, err := n.mayHold(v, node, id)
-		last = err
-		return ok, nil
+		return n.mayHold(v, node, id)
 	})
-	if errors.Is(err, errNotFound) && last != nil {
-		return last // the node is not declared
+	if _, refused := ca.AsRefusal(err); refused {
+		return err
 	}
 	if err != nil {
 		return fmt.Errorf("%s on node %s: %w", id, node, err)

@@ -165,7 +165,15 @@ func TestNodeModelFiles(t *testing.T) {
 	}
 	_, _, err = n.Entries(ctx, "node-b")
 	wantRefusal(t, err, ca.ReasonNodeNotTrusted)
+	// At once, not after the wait: a batch of an undeclared node's
+	// requests must not hold the CA's workers.
+	n.Wait = 5 * time.Second
+	start := time.Now()
 	wantRefusal(t, n.MayHold(ctx, "node-b", sa("demo", "web")), ca.ReasonNodeNotTrusted)
+	if d := time.Since(start); d > 2*time.Second {
+		t.Fatalf("refusing an undeclared node took %s", d)
+	}
+	n.Wait = 200 * time.Millisecond
 
 	// An invalid edit (a node's own identity) is refused as a whole.
 	bad := &mesh.Mesh{Nodes: []*mesh.Node{{Name: "node-a", Workloads: []mesh.NodeWorkload{
