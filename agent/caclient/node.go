@@ -57,6 +57,9 @@ type NodeClient struct {
 	// leaf is the DER of the client certificate conn presents; nil for a
 	// bearer-token connection.
 	leaf []byte
+	// retired are connections with an older certificate, closed a minute
+	// after they were replaced, or by Close.
+	retired []*grpc.ClientConn
 }
 
 // ErrNoNodeCredential: the node has no certificate to present yet.
@@ -122,6 +125,10 @@ func (c *NodeClient) BatchNewX509SVID(ctx context.Context, params []*cav1.NewX50
 func (c *NodeClient) Close() error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	for _, old := range c.retired {
+		_ = old.Close() // maybe closed already
+	}
+	c.retired = nil
 	if c.conn == nil {
 		return nil
 	}
@@ -159,12 +166,10 @@ func (c *NodeClient) prepare(ctx context.Context) (*grpc.ClientConn, context.Con
 		return nil, nil, err
 	}
 	if old := c.conn; old != nil {
-		// Calls in flight on the old connection finish or fail on their
-		// own; new ones present the new certificate.
-		go func() {
-			time.Sleep(time.Minute)
-			_ = old.Close()
-		}()
+		// Calls in flight on the old connection have a minute to finish;
+		// new ones present the new certificate.
+		c.retired = append(c.retired, old)
+		time.AfterFunc(time.Minute, func() { _ = old.Close() })
 	}
 	c.conn = conn
 	if cert != nil {

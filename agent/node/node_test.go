@@ -170,3 +170,36 @@ func TestValidate(t *testing.T) {
 		t.Errorf("state dir alone refused: %v", err)
 	}
 }
+
+// On Kubernetes the node sends its projected token, read afresh at every
+// call (the kubelet rotates it), and holds no SVID of its own.
+func TestRunOnKubernetesWithTokenFile(t *testing.T) {
+	f, srv, bundle := nodeCA(t, nil)
+	f.setEntries("r1", workloadIDs(2)...)
+	dir := t.TempDir()
+	tokenFile := filepath.Join(dir, "token")
+	if err := os.WriteFile(tokenFile, []byte("stale-token\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	runNode(t, Config{
+		NodeName: "node-a", CAAddress: srv.Addr(), CABundleFile: bundle, TokenFile: tokenFile,
+		SocketPath: filepath.Join(dir, "node.sock"), SyncInterval: 50 * time.Millisecond,
+		Logger: slog.New(slog.DiscardHandler),
+	})
+	time.Sleep(300 * time.Millisecond)
+	if _, fetches, _ := f.counts(); fetches != 0 {
+		t.Fatalf("%d fetches answered for a token the CA does not accept", fetches)
+	}
+	// The kubelet rewrites the file; the next call sends the new token.
+	if err := os.WriteFile(tokenFile, []byte(nodeToken+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "issuance with the rewritten token", func() bool {
+		f.mu.Lock()
+		defer f.mu.Unlock()
+		return f.params == 2
+	})
+	if calls := srv.Calls(); len(calls) != 0 {
+		t.Errorf("the node asked for an SVID of its own on Kubernetes: %+v", calls)
+	}
+}
