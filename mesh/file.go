@@ -10,6 +10,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -62,10 +63,14 @@ func (s Static) Watch(ctx context.Context, _ func()) (<-chan error, error) {
 //
 //   - mesh.trustmesh.io/v1alpha1 Service: a service, its ports and its
 //     endpoints, each with an address, a pod name, a SPIFFE ID and labels;
-//   - mesh.trustmesh.io/v1alpha1 Workload: a workload that serves no
-//     service (a client, a gateway without a service), named by its pod,
-//     with a SPIFFE ID and labels. The xDS server configures only the
-//     workloads the files list, as endpoints or as Workloads;
+//   - mesh.trustmesh.io/v1alpha1 Workload: a workload, named by its pod,
+//     with a SPIFFE ID and labels, and for ambient mode its node, its
+//     addresses, its dataplaneMode (ambient, sidecar, the default, or
+//     none) and the netns the node proxy captures it in. A client or a
+//     gateway that serves no service is listed only so; a Workload of the
+//     same pod as a service endpoint says how that endpoint is reached.
+//     The xDS server configures only the workloads the files list, as
+//     endpoints or as Workloads;
 //   - mesh.trustmesh.io/v1alpha1 ExternalService, or networking.istio.io
 //     ServiceEntry with location MESH_EXTERNAL: a host reached through the
 //     egress gateway;
@@ -202,8 +207,39 @@ func (d *Dir) Mesh() (*Mesh, error) {
 	if len(errs) > 0 {
 		return nil, errors.Join(errs...)
 	}
+	if err := joinEndpoints(m); err != nil {
+		return nil, err
+	}
 	m.Sort()
 	return m, nil
+}
+
+// joinEndpoints makes a service endpoint and the Workload document of the
+// same pod one workload, so that what the Workload says (its node,
+// addresses, dataplane mode) holds for the endpoint too. Validate reports
+// the two when their identities or labels differ. An ambient workload must
+// list the addresses it serves at, or the node proxy would not know them.
+func joinEndpoints(m *Mesh) error {
+	declared := map[string]*Workload{}
+	for _, w := range m.Workloads {
+		declared[w.Key()] = w
+	}
+	var errs []error
+	for _, s := range m.Services {
+		for i := range s.Endpoints {
+			e := &s.Endpoints[i]
+			w := declared[e.Workload.Key()]
+			if w == nil || w.ID != e.Workload.ID || !equalLabels(w.Labels, e.Workload.Labels) {
+				continue
+			}
+			e.Workload = w
+			if w.Mode() == DataPlaneAmbient && !slices.Contains(w.Addresses, e.Address) {
+				errs = append(errs, fmt.Errorf("%w: service %s: endpoint %s of ambient workload %s is not among its addresses %v",
+					ErrFile, s.Key(), e.Address, w.Key(), w.Addresses))
+			}
+		}
+	}
+	return errors.Join(errs...)
 }
 
 // parse reads mesh documents into m; origin names them in errors, and
@@ -300,8 +336,12 @@ func (d *Dir) parseDoc(m *Mesh, js []byte) error {
 		m.Services = append(m.Services, s)
 	case doc.APIVersion == APIVersion && doc.Kind == "Workload":
 		var fw struct {
-			SPIFFEID string            `json:"spiffeID"`
-			Labels   map[string]string `json:"labels"`
+			SPIFFEID      string            `json:"spiffeID"`
+			Labels        map[string]string `json:"labels"`
+			Node          string            `json:"node"`
+			Addresses     []string          `json:"addresses"`
+			DataPlaneMode string            `json:"dataplaneMode"`
+			Netns         string            `json:"netns"`
 		}
 		if err := strictJSON(spec, &fw); err != nil {
 			return err
@@ -314,7 +354,14 @@ func (d *Dir) parseDoc(m *Mesh, js []byte) error {
 		if !ok {
 			return fmt.Errorf("spiffeID %s: want spiffe://TD/ns/%s/sa/SA", id, ns)
 		}
-		m.Workloads = append(m.Workloads, &Workload{Namespace: ns, Name: name, ServiceAccount: sa, ID: id, Labels: fw.Labels})
+		mode := DataPlaneSidecar
+		if fw.DataPlaneMode != "" {
+			if mode, err = ParseDataPlaneMode(fw.DataPlaneMode); err != nil {
+				return fmt.Errorf("dataplaneMode: %w", err)
+			}
+		}
+		m.Workloads = append(m.Workloads, &Workload{Namespace: ns, Name: name, ServiceAccount: sa, ID: id, Labels: fw.Labels,
+			Node: fw.Node, Addresses: fw.Addresses, DataPlaneMode: mode, Netns: fw.Netns})
 	case doc.APIVersion == APIVersion && doc.Kind == "ExternalService":
 		var fx fileExternal
 		if err := strictJSON(spec, &fx); err != nil {

@@ -69,6 +69,7 @@ type Mesh struct {
 	indexOnce sync.Once
 	byKey     map[string]*Workload
 	byNode    map[string][]*Workload
+	byAddr    map[netip.Addr]*Workload
 }
 
 // Node is a node declared by the mesh files: the identities its node agent
@@ -190,6 +191,53 @@ type Workload struct {
 	Node string
 	// UID is the pod's UID; empty off Kubernetes.
 	UID string
+	// Addresses are the workload's IP addresses (IPv4 and IPv6) as text:
+	// the pod's IPs on Kubernetes (none for a pod on the host network,
+	// whose address is its node's), the file's addresses off it. The node
+	// proxy finds the destination of a captured connection by them.
+	Addresses []string
+	// DataPlaneMode says how the workload's traffic is carried; use Mode,
+	// which reads the zero value as DataPlaneSidecar.
+	DataPlaneMode DataPlaneMode
+	// Netns is, off Kubernetes, the network namespace the node proxy
+	// captures an ambient workload in: a name under /run/netns or an
+	// absolute path. Empty on Kubernetes, where the node proxy finds the
+	// pod's namespace from its processes.
+	Netns string
+}
+
+// DataPlaneMode is how a workload's traffic is carried.
+type DataPlaneMode string
+
+// The data-plane modes.
+const (
+	// DataPlaneSidecar: an Envoy sidecar (an injected pod), which also
+	// accepts HBONE on port 15008. The zero value means it too: every
+	// workload had a sidecar before ambient mode.
+	DataPlaneSidecar DataPlaneMode = "sidecar"
+	// DataPlaneAmbient: captured by the node proxy of its Node, reached
+	// over HBONE on port 15008 of its own address.
+	DataPlaneAmbient DataPlaneMode = "ambient"
+	// DataPlaneNone: not in the mesh, no proxy: it speaks plaintext, which
+	// no meshed workload accepts.
+	DataPlaneNone DataPlaneMode = "none"
+)
+
+// ParseDataPlaneMode parses "ambient", "sidecar" or "none".
+func ParseDataPlaneMode(s string) (DataPlaneMode, error) {
+	switch m := DataPlaneMode(s); m {
+	case DataPlaneAmbient, DataPlaneSidecar, DataPlaneNone:
+		return m, nil
+	}
+	return "", fmt.Errorf("%q is not %s, %s or %s", s, DataPlaneAmbient, DataPlaneSidecar, DataPlaneNone)
+}
+
+// Mode is the workload's data-plane mode, DataPlaneSidecar when unset.
+func (w *Workload) Mode() DataPlaneMode {
+	if w.DataPlaneMode == "" {
+		return DataPlaneSidecar
+	}
+	return w.DataPlaneMode
 }
 
 // Key is "namespace/name".
@@ -321,13 +369,37 @@ func (m *Mesh) index() {
 	m.indexOnce.Do(func() {
 		m.byKey = map[string]*Workload{}
 		m.byNode = map[string][]*Workload{}
+		m.byAddr = map[netip.Addr]*Workload{}
+		claimed := map[netip.Addr]bool{}
 		for _, w := range m.AllWorkloads() {
 			m.byKey[w.Key()] = w
 			if w.Node != "" {
 				m.byNode[w.Node] = append(m.byNode[w.Node], w)
 			}
+			for _, a := range w.Addresses {
+				ip, err := netip.ParseAddr(a)
+				if err != nil {
+					continue
+				}
+				ip = ip.Unmap()
+				if claimed[ip] {
+					// Two workloads claim it (Validate refuses that):
+					// neither is found by it.
+					delete(m.byAddr, ip)
+					continue
+				}
+				claimed[ip] = true
+				m.byAddr[ip] = w
+			}
 		}
 	})
+}
+
+// WorkloadByAddress finds the workload that has addr among its Addresses,
+// or nil; an address two workloads claim finds neither.
+func (m *Mesh) WorkloadByAddress(addr netip.Addr) *Workload {
+	m.index()
+	return m.byAddr[addr.Unmap()]
 }
 
 // AllWorkloads lists every workload the mesh knows once, endpoints first.
@@ -476,8 +548,8 @@ func (m *Mesh) Validate(td spiffeid.TrustDomain) error {
 			case w.ID != want:
 				fail("service %s: endpoint %d: workload %s has SPIFFE ID %q, want %s", s.Key(), i, w.Key(), w.ID, want)
 			}
-			if prev, ok := workloads[w.Key()]; ok && (prev.ID != w.ID || !equalLabels(prev.Labels, w.Labels)) {
-				fail("workload %s is declared twice with different identities or labels", w.Key())
+			if prev, ok := workloads[w.Key()]; ok && !sameWorkload(prev, w) {
+				fail("workload %s is declared twice with different identities, labels, nodes, addresses or dataplane modes", w.Key())
 			}
 			workloads[w.Key()] = w
 		}
@@ -493,11 +565,12 @@ func (m *Mesh) Validate(td spiffeid.TrustDomain) error {
 		case w.ID != want:
 			fail("workload %s has SPIFFE ID %q, want %s", w.Key(), w.ID, want)
 		}
-		if prev, ok := workloads[w.Key()]; ok && prev != w && (prev.ID != w.ID || !equalLabels(prev.Labels, w.Labels)) {
-			fail("workload %s is declared twice with different identities or labels", w.Key())
+		if prev, ok := workloads[w.Key()]; ok && prev != w && !sameWorkload(prev, w) {
+			fail("workload %s is declared twice with different identities, labels, nodes, addresses or dataplane modes", w.Key())
 		}
 		workloads[w.Key()] = w
 	}
+	errs = append(errs, validateDataPlane(m.AllWorkloads())...)
 	for _, x := range m.External {
 		if x.Host == "" || strings.ContainsAny(x.Host, "*/ ") {
 			fail("external service %s/%s: host %q must be a plain DNS name", x.Namespace, x.Name, x.Host)
@@ -614,6 +687,70 @@ func (m *Mesh) validateNodes(td spiffeid.TrustDomain) []error {
 		}
 	}
 	return errs
+}
+
+// validateDataPlane checks what the node proxy reads of each workload:
+// addresses that parse and no two workloads sharing one, a known dataplane
+// mode, and off Kubernetes (no pod UID) a node and a network namespace for
+// an ambient workload; a netns is given only to ambient workloads.
+func validateDataPlane(ws []*Workload) []error {
+	var errs []error
+	fail := func(format string, args ...any) {
+		errs = append(errs, fmt.Errorf("%w: "+format, append([]any{ErrInvalid}, args...)...))
+	}
+	owner := map[netip.Addr]string{}
+	for _, w := range ws {
+		for _, a := range w.Addresses {
+			ip, err := netip.ParseAddr(a)
+			switch {
+			case err != nil:
+				fail("workload %s: address %q: %v", w.Key(), a, err)
+				continue
+			case ip.Zone() != "" || ip.IsUnspecified() || ip.IsMulticast():
+				fail("workload %s: address %s is not a unicast address without a zone", w.Key(), a)
+				continue
+			}
+			ip = ip.Unmap()
+			if prev, dup := owner[ip]; dup && prev != w.Key() {
+				fail("workload %s: address %s is also workload %s's", w.Key(), ip, prev)
+			}
+			owner[ip] = w.Key()
+		}
+		if w.DataPlaneMode != "" {
+			if _, err := ParseDataPlaneMode(string(w.DataPlaneMode)); err != nil {
+				fail("workload %s: dataplane mode %v", w.Key(), err)
+			}
+		}
+		if w.Node != "" {
+			if msgs := validation.IsDNS1123Subdomain(w.Node); len(msgs) > 0 {
+				fail("workload %s: node %q: %s", w.Key(), w.Node, strings.Join(msgs, "; "))
+			}
+		}
+		if w.Netns != "" {
+			if w.Mode() != DataPlaneAmbient {
+				fail("workload %s: netns %q is for ambient workloads, which the node proxy captures; this one is %s", w.Key(), w.Netns, w.Mode())
+			} else if err := ValidateSelector(SelectorNetns + w.Netns); err != nil {
+				fail("workload %s: netns: %v", w.Key(), err)
+			}
+		}
+		// On Kubernetes (a pod UID) a pod not scheduled yet has no node,
+		// and the node proxy finds its namespace itself.
+		if w.Mode() == DataPlaneAmbient && w.UID == "" {
+			if w.Node == "" {
+				fail("workload %s is ambient but names no node: no node proxy would capture it", w.Key())
+			}
+			if w.Netns == "" {
+				fail("workload %s is ambient but names no netns: off Kubernetes the node proxy captures it in that network namespace", w.Key())
+			}
+		}
+	}
+	return errs
+}
+
+// sameWorkload reports whether two declarations of one workload agree.
+func sameWorkload(a, b *Workload) bool {
+	return a.ID == b.ID && equalLabels(a.Labels, b.Labels) && a.Node == b.Node && a.Mode() == b.Mode() &&
+		a.Netns == b.Netns && slices.Equal(a.Addresses, b.Addresses)
 }
 
 // EgressGateway returns the egress gateway, or nil.

@@ -32,6 +32,9 @@ type listers struct {
 	gateways  networkinginformers.GatewayInformer
 	routes    networkinginformers.VirtualServiceInformer
 	peerAuths securityinformers.PeerAuthenticationInformer
+	// namespaces give the labels that put a namespace's pods in ambient
+	// mode.
+	namespaces coreinformers.NamespaceInformer
 }
 
 // protocol derives a port's protocol as Istio does: appProtocol, else the
@@ -109,8 +112,37 @@ func (l *listers) mesh(td spiffeid.TrustDomain, domain string) (*mesh.Mesh, erro
 	if err := l.gatewaysInto(m, domain, services); err != nil {
 		return nil, err
 	}
+	m.Refusals = append(m.Refusals, dropSharedAddresses(workloads)...)
 	m.Sort()
 	return m, nil
+}
+
+// dropSharedAddresses removes an address that two pods claim (a pod whose
+// IP was given again while the old one is still listed) from both, and
+// reports it: the node proxy must not send one pod's traffic to the other
+// under the wrong identity. It goes back once one of them is gone.
+func dropSharedAddresses(workloads map[string]*mesh.Workload) []mesh.Refusal {
+	owners := map[string][]string{}
+	for key, w := range workloads {
+		for _, a := range w.Addresses {
+			owners[a] = append(owners[a], key)
+		}
+	}
+	var out []mesh.Refusal
+	for a, keys := range owners {
+		if len(keys) < 2 {
+			continue
+		}
+		sort.Strings(keys)
+		for _, k := range keys {
+			w := workloads[k]
+			w.Addresses = slices.DeleteFunc(w.Addresses, func(x string) bool { return x == a })
+		}
+		out = append(out, mesh.Refusal{Object: "Pod " + strings.Join(keys, ", "),
+			Reason: fmt.Sprintf("pods share IP %s: none of them is reached by it until one is gone", a)})
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].String() < out[j].String() })
+	return out
 }
 
 func (l *listers) service(td spiffeid.TrustDomain, domain string, svc *corev1.Service, workloads map[string]*mesh.Workload) (*mesh.Service, error) {
@@ -188,7 +220,12 @@ func (l *listers) workload(td spiffeid.TrustDomain, ns, name string, workloads m
 	if err != nil {
 		return nil, fmt.Errorf("mesh/kube: pod %s: %w", key, err)
 	}
-	w := &mesh.Workload{Namespace: ns, Name: name, ServiceAccount: sa, ID: id, Labels: pod.Labels, UID: string(pod.UID)}
+	var nsLabels map[string]string
+	if nsObj, err := l.namespaces.Lister().Get(ns); err == nil {
+		nsLabels = nsObj.Labels
+	}
+	w := &mesh.Workload{Namespace: ns, Name: name, ServiceAccount: sa, ID: id, Labels: pod.Labels, UID: string(pod.UID),
+		Addresses: podAddresses(pod), DataPlaneMode: DataPlaneMode(pod, nsLabels)}
 	// A finished pod runs on no node: its node agent may no longer hold its
 	// identity.
 	if pod.Status.Phase != corev1.PodSucceeded && pod.Status.Phase != corev1.PodFailed {

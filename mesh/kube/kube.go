@@ -1,6 +1,7 @@
 // Package kube builds the mesh model from Kubernetes through informers:
-// Services, EndpointSlices and Pods (their labels and service accounts)
-// for mesh services and their workloads; Istio ServiceEntries
+// Services, EndpointSlices and Pods (their labels, service accounts, nodes
+// and IPs) for mesh services and their workloads, with the data-plane mode
+// from the pods' and their Namespaces' labels (DataPlaneMode); Istio ServiceEntries
 // (MESH_EXTERNAL) for external hosts; Istio Gateways, with the
 // VirtualServices bound to them, for the gateways (a server with tls.mode
 // SIMPLE and a credentialName is an ingress server, one with ISTIO_MUTUAL
@@ -61,19 +62,21 @@ func (s *Source) Watch(ctx context.Context, changed func()) (<-chan error, error
 	}))
 	istio := istioinformers.NewSharedInformerFactory(s.Istio, s.Resync)
 	l := &listers{
-		services:  kf.Core().V1().Services(),
-		slices:    kf.Discovery().V1().EndpointSlices(),
-		pods:      kf.Core().V1().Pods(),
-		secrets:   secrets.Core().V1().Secrets(),
-		entries:   istio.Networking().V1().ServiceEntries(),
-		gateways:  istio.Networking().V1().Gateways(),
-		routes:    istio.Networking().V1().VirtualServices(),
-		peerAuths: istio.Security().V1().PeerAuthentications(),
+		services:   kf.Core().V1().Services(),
+		slices:     kf.Discovery().V1().EndpointSlices(),
+		pods:       kf.Core().V1().Pods(),
+		secrets:    secrets.Core().V1().Secrets(),
+		entries:    istio.Networking().V1().ServiceEntries(),
+		gateways:   istio.Networking().V1().Gateways(),
+		routes:     istio.Networking().V1().VirtualServices(),
+		peerAuths:  istio.Security().V1().PeerAuthentications(),
+		namespaces: kf.Core().V1().Namespaces(),
 	}
 	var synced []cache.InformerSynced
 	for _, inf := range []cache.SharedIndexInformer{
 		l.services.Informer(), l.slices.Informer(), l.pods.Informer(), l.secrets.Informer(),
 		l.entries.Informer(), l.gateways.Informer(), l.routes.Informer(), l.peerAuths.Informer(),
+		l.namespaces.Informer(),
 	} {
 		if _, err := inf.AddEventHandler(handler); err != nil {
 			return nil, fmt.Errorf("mesh/kube: %w", err)
