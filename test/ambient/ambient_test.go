@@ -195,6 +195,25 @@ func TestNodeAgentOffKubernetes(t *testing.T) {
 		}
 		time.Sleep(500 * time.Millisecond)
 	}
+
+	// db leaves node-a's Node file: within a few syncs its process is
+	// refused, and the others keep theirs.
+	s.writeMesh(t, "nodes.yaml", strings.Replace(nodeFile(web, db), fmt.Sprintf("  - spiffeID: %s\n    selectors: {uid: %d, netns: %s}\n", sa("db"), db.uid, db.netns), "", 1))
+	deadline = time.Now().Add(restartBound)
+	for {
+		r, err := db.fetch(ctx, node.socket)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if r.Code == codes.PermissionDenied.String() && len(r.IDs) == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("db removed from node-a's Node file %s ago, and its process still gets %v (%s)", restartBound, r.IDs, r.Code)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	waitAll(t, node, map[*pod][]string{web: {sa("web")}, batch: {sa("batch")}}, restartBound)
 }
 
 // waitAll polls every pod until each gets exactly its identities, and

@@ -323,7 +323,7 @@ func (n *nodeAgent) start(t *testing.T, s *server) {
 	n.proc = startProc(t, "trustmesh node "+n.name, nil, "node", "--node-name", n.name,
 		"--ca-address", s.ca, "--ca-bundle-file", s.bundleFile, "--join-token-file", n.tokenFile,
 		"--state-dir", n.stateDir, "--socket", n.socket, "--monitoring-address", n.monitoring,
-		"--pending-wait", "2s")
+		"--pending-wait", "2s", "--sync-interval", "1s")
 }
 
 // freePort returns a loopback host:port that was free a moment ago.
