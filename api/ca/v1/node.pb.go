@@ -352,7 +352,9 @@ type NewX509SVIDResult struct {
 	Code int32 `protobuf:"varint,1,opt,name=code,proto3" json:"code,omitempty"`
 	// Why it was refused; empty when issued.
 	Message string `protobuf:"bytes,2,opt,name=message,proto3" json:"message,omitempty"`
-	// The refusal's reason, as in the CA's journal; empty when issued.
+	// Why, for a program: NOT_ON_NODE or NODE_NOT_TRUSTED (as in the ErrorInfo
+	// of a whole call) for those refusals, else the CA journal's refusal
+	// reason (e.g. "csr-key"); empty when issued.
 	Reason string `protobuf:"bytes,3,opt,name=reason,proto3" json:"reason,omitempty"`
 	// The leaf, then the intermediates, DER-encoded; no root.
 	CertChain     [][]byte `protobuf:"bytes,4,rep,name=cert_chain,json=certChain,proto3" json:"cert_chain,omitempty"`
