@@ -42,6 +42,8 @@ var rules = []rule{
 		[]string{"xds"}, []string{"controlplane", "ca", "agent"}},
 	{"agent imports nothing of ca, authz, injector or controlplane; it reaches the CA over the wire only",
 		[]string{"agent"}, []string{"ca", "authz", "injector", "controlplane"}},
+	{"agent takes the mesh and its configuration over the wire (the node service, xDS), never from mesh or xds",
+		[]string{"agent"}, []string{"mesh", "xds"}},
 	{"check is a reader: it imports nothing of controlplane, agent, injector or demo",
 		[]string{"check"}, []string{"controlplane", "agent", "injector", "demo"}},
 	{"admission validates with the engine's and the mesh's own checks: it imports nothing of ca, xds, agent, injector or controlplane",
