@@ -146,6 +146,14 @@ type request struct {
 // well-formed SPIFFE ID (ParseIdentity); such a check is denied.
 var ErrPeerRejected = errors.New("source principal is not a well-formed SPIFFE ID")
 
+// HBONEDestinationExtension is the ext_authz context extension with which
+// a sidecar's HBONE chain (xds/proxyconfig) asks about a CONNECT it
+// terminates: the route's one local destination "IP:port". Only Envoy's
+// configuration sets context extensions, never a client.
+const HBONEDestinationExtension = "trustmesh.io/hbone-destination"
+
+var errHBONE = errors.New("an HBONE check must be a CONNECT to an IP:port destination")
+
 var errNoDestination = errors.New("destination workload unknown: attributes.destination.principal is not a SPIFFE ID with a namespace")
 
 func newRequest(req *authv3.CheckRequest, gw Gateways) (*request, error) {
@@ -172,6 +180,19 @@ func newRequest(req *authv3.CheckRequest, gw Gateways) (*request, error) {
 		}
 	}
 	r.sni = a.GetTlsSession().GetSni()
+	if dest, ok := a.GetContextExtensions()[HBONEDestinationExtension]; ok {
+		// A sidecar terminating an HBONE tunnel: the CONNECT's route names
+		// the one local destination it forwards to, and the check is of a
+		// TCP connection to it, as the node proxy's checks are.
+		ap, err := netip.ParseAddrPort(dest)
+		if err != nil || a.GetRequest().GetHttp().GetMethod() != "CONNECT" {
+			return r, fmt.Errorf("%w: destination %q, method %q", errHBONE, dest, a.GetRequest().GetHttp().GetMethod())
+		}
+		r.destIP = ap.Addr().Unmap().String()
+		r.destPort, r.hasPort = uint32(ap.Port()), true
+		r.remoteIP = r.sourceIP
+		return r, nil
+	}
 	h := a.GetRequest().GetHttp()
 	if h == nil {
 		r.remoteIP = r.sourceIP
