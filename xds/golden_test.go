@@ -19,8 +19,12 @@ import (
 var update = flag.Bool("update", false, "rewrite the golden files in testdata/")
 
 func goldenRequest(node string, proxyless bool) xds.DumpRequest {
+	return goldenRequestIn("testdata/mesh", node, proxyless)
+}
+
+func goldenRequestIn(meshDir, node string, proxyless bool) xds.DumpRequest {
 	return xds.DumpRequest{
-		Mesh:     &mesh.Dir{Path: "testdata/mesh"},
+		Mesh:     &mesh.Dir{Path: meshDir},
 		Policies: &source.Dir{Path: "testdata/policies", DefaultNamespace: "default"},
 		Proxy: proxyconfig.Config{
 			TrustDomain: td, AuthzHost: "trustmesh.trustmesh-system.svc", AuthzPort: 9191,
@@ -31,23 +35,30 @@ func goldenRequest(node string, proxyless bool) xds.DumpRequest {
 }
 
 // TestGolden compares the resources of a sidecar, an ingress gateway, an
-// egress gateway and a proxyless client of testdata/mesh with the files
-// in testdata/. Run with -update to refresh them, and review the diff like
-// code.
+// egress gateway and a proxyless client of testdata/mesh, and of a sidecar
+// among ambient pods (testdata/ambient: HBONE out to ambient services,
+// HBONE accepted on 15008), with the files in testdata/. Run with -update
+// to refresh them, and review the diff like code.
 func TestGolden(t *testing.T) {
 	cases := []struct {
 		file      string
 		node      string
 		proxyless bool
+		mesh      string
 	}{
-		{"sidecar.golden.json", "sidecar~10.0.1.1~productpage-v1-0.bookinfo~bookinfo.svc.cluster.local", false},
-		{"ingress.golden.json", "router~10.0.9.1~istio-ingressgateway-0.istio-system~istio-system.svc.cluster.local", false},
-		{"egress.golden.json", "router~10.0.9.2~istio-egressgateway-0.istio-system~istio-system.svc.cluster.local", false},
-		{"proxyless.golden.json", "sidecar~10.0.3.1~ratings-v1-0.bookinfo~bookinfo.svc.cluster.local", true},
+		{"sidecar.golden.json", "sidecar~10.0.1.1~productpage-v1-0.bookinfo~bookinfo.svc.cluster.local", false, ""},
+		{"ingress.golden.json", "router~10.0.9.1~istio-ingressgateway-0.istio-system~istio-system.svc.cluster.local", false, ""},
+		{"egress.golden.json", "router~10.0.9.2~istio-egressgateway-0.istio-system~istio-system.svc.cluster.local", false, ""},
+		{"proxyless.golden.json", "sidecar~10.0.3.1~ratings-v1-0.bookinfo~bookinfo.svc.cluster.local", true, ""},
+		{"mixed.golden.json", "sidecar~10.2.0.1~api-0.shop~shop.svc.cluster.local", false, "testdata/ambient"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.file, func(t *testing.T) {
-			got, err := xds.Dump(goldenRequest(tc.node, tc.proxyless))
+			req := goldenRequest(tc.node, tc.proxyless)
+			if tc.mesh != "" {
+				req = goldenRequestIn(tc.mesh, tc.node, tc.proxyless)
+			}
+			got, err := xds.Dump(req)
 			if err != nil {
 				t.Fatal(err)
 			}

@@ -175,6 +175,11 @@ func (b *Builder) Mesh() *mesh.Mesh { return b.mesh }
 // mesh files), so such a node gets no configuration at all.
 var ErrUnknownWorkload = errors.New("proxyconfig: the node's pod is not in the mesh")
 
+// ErrAmbientWorkload marks an Envoy sidecar of a pod the mesh says is
+// ambient: its node proxy captures it, so no sidecar may configure its
+// traffic too.
+var ErrAmbientWorkload = errors.New("proxyconfig: the node's pod is ambient and has no sidecar")
+
 // Workload resolves the node's workload in the mesh, checking that its
 // service account is the node's. A pod the mesh does not know is refused.
 func (b *Builder) Workload(n *Node) (*mesh.Workload, error) {
@@ -198,6 +203,8 @@ func (b *Builder) Build(n *Node) (*Resources, error) {
 		return nil, err
 	}
 	switch {
+	case n.Type == Sidecar && !n.Proxyless && w.Mode() == mesh.DataPlaneAmbient:
+		return nil, fmt.Errorf("%w: pod %s is captured by its node proxy", ErrAmbientWorkload, w.Key())
 	case n.Proxyless:
 		return b.buildProxyless(n, w, w.Labels), nil
 	case n.Type == Router:
@@ -273,23 +280,45 @@ func endpoints(name string, s *mesh.Service, p mesh.Port) *endpointv3.ClusterLoa
 }
 
 // meshClusters are the outbound clusters to every mesh service port that
-// has endpoints, and their endpoints, for Envoy.
+// has endpoints, and their endpoints, for Envoy: mTLS to the endpoints'
+// sidecars, or HBONE (hbone.go) for a service with an ambient endpoint,
+// with one internal listener and tunnel cluster per identity reached so.
 func (b *Builder) meshClusters(r *Resources) {
+	var hboneIDs []string
 	for _, s := range b.mesh.Services {
 		if len(s.Endpoints) == 0 {
 			continue
 		}
 		ids := workloadIDs(s)
+		hbone := viaHBONE(s)
+		if hbone {
+			for _, id := range ids {
+				if !slices.Contains(hboneIDs, id) {
+					hboneIDs = append(hboneIDs, id)
+				}
+			}
+		}
 		for _, p := range s.Ports {
 			name := OutboundCluster(p.Port, s.Hostname)
-			c := edsCluster(name)
-			c.TransportSocket = b.meshClientTLS(fmt.Sprintf("outbound_.%d_._.%s", p.Port, s.Hostname), ids)
+			var c *clusterv3.Cluster
+			if hbone {
+				c = hboneCluster(name, s, p)
+			} else {
+				c = edsCluster(name)
+				c.TransportSocket = b.meshClientTLS(fmt.Sprintf("outbound_.%d_._.%s", p.Port, s.Hostname), ids)
+				r.Endpoints = append(r.Endpoints, endpoints(name, s, p))
+			}
 			if p.Protocol == mesh.HTTP2 || p.Protocol == mesh.GRPC {
 				c.TypedExtensionProtocolOptions = http2Options()
 			}
 			r.Clusters = append(r.Clusters, c)
-			r.Endpoints = append(r.Endpoints, endpoints(name, s, p))
 		}
+	}
+	sort.Strings(hboneIDs)
+	for _, id := range hboneIDs {
+		l, c := b.hboneOriginate(id)
+		r.Listeners = append(r.Listeners, l)
+		r.Clusters = append(r.Clusters, c)
 	}
 }
 
@@ -353,7 +382,7 @@ func (b *Builder) sidecarShared() *Resources {
 				continue
 			}
 			for _, p := range s.Ports {
-				if p.Port == b.cfg.InboundPort || p.Port == b.cfg.OutboundPort {
+				if p.Port == b.cfg.InboundPort || p.Port == b.cfg.OutboundPort || p.Port == HBONEPort {
 					r.Warnings = append(r.Warnings, fmt.Sprintf("service %s: port %d is a capture port; left out", s.Key(), p.Port))
 					continue
 				}
@@ -377,7 +406,7 @@ func (b *Builder) sidecarShared() *Resources {
 			if gs != nil && len(gs.Endpoints) > 0 {
 				for _, x := range b.mesh.External {
 					for _, p := range x.Ports {
-						if p.Port == b.cfg.InboundPort || p.Port == b.cfg.OutboundPort {
+						if p.Port == b.cfg.InboundPort || p.Port == b.cfg.OutboundPort || p.Port == HBONEPort {
 							continue
 						}
 						if ports[p.Port] == nil {
@@ -477,7 +506,15 @@ func (b *Builder) buildSidecar(w *mesh.Workload) *Resources {
 			{Name: "envoy.filters.listener.tls_inspector", ConfigType: &listenerv3.ListenerFilter_TypedConfig{TypedConfig: mustAny(&tlsinspectorv3.TlsInspector{})}},
 		},
 	}
+	var served []*servedPort
 	for _, sp := range b.served(w) {
+		if sp.target == HBONEPort {
+			r.Warnings = append(r.Warnings, fmt.Sprintf("workload %s: target port %d is where the sidecar accepts HBONE; left out", w.Key(), sp.target))
+			continue
+		}
+		served = append(served, sp)
+	}
+	for _, sp := range served {
 		cluster := InboundCluster(sp.target)
 		c := staticCluster(cluster, "127.0.0.1", sp.target)
 		fc := &listenerv3.FilterChain{
@@ -501,6 +538,12 @@ func (b *Builder) buildSidecar(w *mesh.Workload) *Resources {
 		r.Clusters = append(r.Clusters, c)
 	}
 	if len(in.FilterChains) > 0 {
+		// Ambient pods (and other sidecars) reach the workload over HBONE.
+		if addrs := b.workloadAddresses(w); len(addrs) > 0 {
+			in.FilterChains = append(in.FilterChains, b.hboneInbound(w, addrs, served))
+		} else {
+			r.Warnings = append(r.Warnings, fmt.Sprintf("workload %s has no address: it accepts no HBONE", w.Key()))
+		}
 		r.Listeners = append(r.Listeners, in)
 	} else {
 		r.Warnings = append(r.Warnings, fmt.Sprintf("workload %s serves no port: no inbound listener", w.Key()))

@@ -18,6 +18,7 @@ import (
 	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
 	tcpproxyv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/tcp_proxy/v3"
 	earlyhmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/http/early_header_mutation/header_mutation/v3"
+	internalupstreamv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/internal_upstream/v3"
 	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
@@ -69,9 +70,11 @@ func nodesOf(m *mesh.Mesh) map[string]*proxyconfig.Node {
 // service's workloads; nothing plaintext leaves the pod.
 func TestRandomMeshes(t *testing.T) {
 	cfg := testConfig(t)
+	seen := map[string]int{}
 	for seed := range uint64(300) {
 		r := rand.New(rand.NewPCG(seed, 7))
 		m := meshtest.Random(r, td)
+		makeAmbient(r, m)
 		if err := m.Validate(td); err != nil {
 			t.Fatalf("seed %d: random mesh is invalid: %v", seed, err)
 		}
@@ -89,6 +92,13 @@ func TestRandomMeshes(t *testing.T) {
 		}
 		for name, n := range nodesOf(m) {
 			res, err := b.Build(n)
+			if w := m.Workload(n.Namespace, n.Pod); w.Mode() == mesh.DataPlaneAmbient && !n.Proxyless && n.Type == proxyconfig.Sidecar {
+				if !errors.Is(err, proxyconfig.ErrAmbientWorkload) {
+					t.Fatalf("seed %d: %s: Build() = %v for an ambient pod's sidecar, want ErrAmbientWorkload", seed, name, err)
+				}
+				seen["refused ambient sidecar"]++
+				continue
+			}
 			if err != nil {
 				t.Fatalf("seed %d: %s: Build() = %v", seed, name, err)
 			}
@@ -100,6 +110,22 @@ func TestRandomMeshes(t *testing.T) {
 			}
 			checkInvariants(t, fmt.Sprintf("seed %d: %s", seed, name), m, n, res)
 			checkConnectionManagers(t, fmt.Sprintf("seed %d: %s", seed, name), cfg, n, res)
+			for _, l := range res.Listeners {
+				if l.GetInternalListener() != nil {
+					seen["origination listener"]++
+				}
+				for _, fc := range l.GetFilterChains() {
+					if fc.GetName() == proxyconfig.ConnectTerminate {
+						seen["HBONE inbound chain"]++
+					}
+				}
+			}
+		}
+	}
+	// The HBONE checks above were not vacuous.
+	for _, k := range []string{"origination listener", "HBONE inbound chain", "refused ambient sidecar"} {
+		if seen[k] < 10 {
+			t.Fatalf("only %d %s over all seeds", seen[k], k)
 		}
 	}
 }
@@ -124,6 +150,10 @@ func checkInvariants(t *testing.T, where string, m *mesh.Mesh, n *proxyconfig.No
 			if !n.Proxyless {
 				t.Fatalf("%s: an Envoy got an API listener %s", where, l.GetName())
 			}
+			continue
+		}
+		if l.GetInternalListener() != nil {
+			checkOriginateListener(t, where, l, res)
 			continue
 		}
 		if l.GetDefaultFilterChain() != nil {
@@ -159,11 +189,14 @@ func checkInvariants(t *testing.T, where string, m *mesh.Mesh, n *proxyconfig.No
 					continue
 				}
 				checkMeshServer(t, where+": "+l.GetName(), n, d, fc)
+				if fc.GetName() == proxyconfig.ConnectTerminate {
+					checkConnectTerminate(t, where+": "+l.GetName(), m, n, fc, d)
+				}
 			}
 		}
 	}
 	for _, c := range res.Clusters {
-		checkCluster(t, where, m, n, c)
+		checkCluster(t, where, m, n, c, res)
 	}
 	for _, s := range res.Secrets {
 		if !strings.HasPrefix(s.GetName(), "kubernetes://"+n.Namespace+"/") || n.Type != proxyconfig.Router {
@@ -230,8 +263,16 @@ func checkMeshServer(t *testing.T, where string, n *proxyconfig.Node, d *tlsv3.D
 	}
 }
 
-func checkCluster(t *testing.T, where string, m *mesh.Mesh, n *proxyconfig.Node, c *clusterv3.Cluster) {
+func checkCluster(t *testing.T, where string, m *mesh.Mesh, n *proxyconfig.Node, c *clusterv3.Cluster, res *proxyconfig.Resources) {
 	t.Helper()
+	if id, ok := strings.CutPrefix(c.GetName(), proxyconfig.ConnectOriginatePrefix); ok {
+		checkTunnelCluster(t, where, c, id)
+		return
+	}
+	if iu := (&internalupstreamv3.InternalUpstreamTransport{}); c.GetTransportSocket().GetTypedConfig().UnmarshalTo(iu) == nil {
+		checkHBONECluster(t, where, m, c, iu, res)
+		return
+	}
 	if c.GetType() == clusterv3.Cluster_ORIGINAL_DST || c.GetName() == "PassthroughCluster" {
 		t.Fatalf("%s: cluster %s passes traffic through", where, c.GetName())
 	}
@@ -307,11 +348,15 @@ func checkCluster(t *testing.T, where string, m *mesh.Mesh, n *proxyconfig.Node,
 	if c.GetName() == proxyconfig.AuthzCluster {
 		return
 	}
-	// A mesh cluster names exactly its service's workloads.
+	// A mesh cluster names exactly its service's workloads, and no
+	// ambient pod is reached but through HBONE.
 	var want []string
 	for _, s := range m.Services {
 		for _, p := range s.Ports {
 			if proxyconfig.OutboundCluster(p.Port, s.Hostname) == c.GetName() {
+				if ambientService(s) {
+					t.Fatalf("%s: cluster %s reaches a service with an ambient endpoint without HBONE", where, c.GetName())
+				}
 				for _, e := range s.Endpoints {
 					if !slices.Contains(want, e.Workload.ID.String()) {
 						want = append(want, e.Workload.ID.String())
@@ -348,6 +393,9 @@ func checkConnectionManagers(t *testing.T, where string, cfg proxyconfig.Config,
 				h := &hcmv3.HttpConnectionManager{}
 				if f.GetTypedConfig().UnmarshalTo(h) != nil {
 					continue
+				}
+				if fc.GetName() == proxyconfig.ConnectTerminate {
+					continue // checkConnectTerminate: CONNECT only, no request reaches a route by host
 				}
 				at := fmt.Sprintf("%s: listener %s chain %s", where, l.GetName(), fc.GetName())
 				gateway := n.Type == proxyconfig.Router

@@ -109,6 +109,12 @@ func (b *Builder) grpcShared() *Resources {
 			if len(s.Endpoints) == 0 {
 				continue
 			}
+			if viaHBONE(s) {
+				// grpc-go speaks neither HBONE nor Envoy's internal
+				// listeners, and a node proxy accepts nothing else.
+				r.Warnings = append(r.Warnings, fmt.Sprintf("service %s has an ambient endpoint, reached only over HBONE, which proxyless gRPC cannot speak; left out", s.Key()))
+				continue
+			}
 			ids := workloadIDs(s)
 			sans := make([]*matcherv3.StringMatcher, 0, len(ids))
 			for _, id := range ids {

@@ -4,12 +4,15 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"slices"
 	"strings"
 
 	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
 	tcpproxyv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/tcp_proxy/v3"
+	internalupstreamv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/internal_upstream/v3"
+	rawbufferv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/raw_buffer/v3"
 	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
 	"google.golang.org/protobuf/proto"
 
@@ -71,6 +74,14 @@ func strictCluster(c *clusterv3.Cluster) error {
 	if loopbackOnly(c) && c.GetTransportSocket() == nil {
 		return nil // inside the pod, or nowhere at all
 	}
+	if iu := internalUpstream(c.GetTransportSocket()); iu != nil {
+		return strictInternalCluster(c, iu)
+	}
+	if id, ok := hboneIdentity(c.GetName()); ok {
+		if err := strictTunnelCluster(c, id); err != nil {
+			return err
+		}
+	}
 	up := &tlsv3.UpstreamTlsContext{}
 	ts := c.GetTransportSocket()
 	if ts == nil || ts.GetTypedConfig() == nil || ts.GetTypedConfig().UnmarshalTo(up) != nil {
@@ -109,6 +120,9 @@ func strictListener(l *listenerv3.Listener) error {
 	if l.GetApiListener() != nil {
 		return nil // a proxyless client's listener binds nothing
 	}
+	if l.GetInternalListener() != nil {
+		return strictOriginateListener(l)
+	}
 	if bp := l.GetBindToPort(); bp != nil && !bp.GetValue() {
 		return nil // reached only through the capture listeners, from the pod
 	}
@@ -130,6 +144,130 @@ func strictListener(l *listenerv3.Listener) error {
 		if err := strictDownstream(fc.GetTransportSocket()); err != nil {
 			return fmt.Errorf("filter chain %s: %w", fc.GetName(), err)
 		}
+		if fc.GetName() == ConnectTerminate {
+			if err := strictHBONEDownstream(fc.GetTransportSocket()); err != nil {
+				return fmt.Errorf("filter chain %s: %w", fc.GetName(), err)
+			}
+		}
+	}
+	return nil
+}
+
+// internalUpstream returns the internal_upstream transport socket's
+// config, or nil for any other transport.
+func internalUpstream(ts *corev3.TransportSocket) *internalupstreamv3.InternalUpstreamTransport {
+	iu := &internalupstreamv3.InternalUpstreamTransport{}
+	if ts.GetTypedConfig() == nil || ts.GetTypedConfig().UnmarshalTo(iu) != nil {
+		return nil
+	}
+	return iu
+}
+
+// strictInternalCluster: a cluster whose transport is internal_upstream
+// sends plaintext, so it may reach nothing but the HBONE origination
+// listeners of the identities its endpoints claim: it carries its
+// endpoints inline (no EDS could add an IP later) and each is an internal
+// address of a connect_originate listener, its host metadata naming the
+// destination that listener tunnels to. Its inner transport is raw_buffer:
+// the TLS is the tunnel cluster's.
+func strictInternalCluster(c *clusterv3.Cluster, iu *internalupstreamv3.InternalUpstreamTransport) error {
+	if c.GetType() != clusterv3.Cluster_STATIC {
+		return errors.New("an internal_upstream cluster must carry its endpoints inline (STATIC)")
+	}
+	if len(c.GetTransportSocketMatches()) > 0 {
+		return errors.New("transport socket matches could select plaintext")
+	}
+	if inner := iu.GetTransportSocket(); inner != nil {
+		rb := &rawbufferv3.RawBuffer{}
+		if inner.GetTypedConfig() == nil || inner.GetTypedConfig().UnmarshalTo(rb) != nil {
+			return errors.New("the internal_upstream transport wraps something other than raw_buffer")
+		}
+	}
+	n := 0
+	for _, le := range c.GetLoadAssignment().GetEndpoints() {
+		for _, e := range le.GetLbEndpoints() {
+			n++
+			in := e.GetEndpoint().GetAddress().GetEnvoyInternalAddress()
+			if in == nil {
+				return errors.New("an internal_upstream cluster has an endpoint that is not an internal address")
+			}
+			if _, ok := hboneIdentity(in.GetServerListenerName()); !ok {
+				return fmt.Errorf("internal endpoint %q is not an HBONE origination listener", in.GetServerListenerName())
+			}
+			local := e.GetMetadata().GetFilterMetadata()[originalDstKey].GetFields()["local"].GetStringValue()
+			if _, err := netip.ParseAddrPort(local); err != nil || local != in.GetEndpointId() {
+				return fmt.Errorf("internal endpoint %s: its destination %q is not its endpoint id %q as IP:port", in.GetServerListenerName(), local, in.GetEndpointId())
+			}
+		}
+	}
+	if n == 0 {
+		return errors.New("an internal_upstream cluster without endpoints")
+	}
+	return nil
+}
+
+// strictTunnelCluster: the cluster of connect_originate|ID sends to the
+// original destination's port 15008 over TLS 1.3 with ALPN h2 and accepts
+// only a certificate naming exactly ID (secure naming).
+func strictTunnelCluster(c *clusterv3.Cluster, id string) error {
+	if c.GetType() != clusterv3.Cluster_ORIGINAL_DST || c.GetOriginalDstLbConfig().GetUpstreamPortOverride().GetValue() != HBONEPort {
+		return fmt.Errorf("an HBONE tunnel cluster must send to the original destination's port %d", HBONEPort)
+	}
+	if len(c.GetTransportSocketMatches()) > 0 {
+		return errors.New("transport socket matches could select plaintext")
+	}
+	up := &tlsv3.UpstreamTlsContext{}
+	if c.GetTransportSocket().GetTypedConfig() == nil || c.GetTransportSocket().GetTypedConfig().UnmarshalTo(up) != nil {
+		return errors.New("no TLS transport socket")
+	}
+	common := up.GetCommonTlsContext()
+	if err := hboneTLSParams(common); err != nil {
+		return err
+	}
+	sans := common.GetCombinedValidationContext().GetDefaultValidationContext().GetMatchTypedSubjectAltNames()
+	if len(common.GetCombinedValidationContext().GetDefaultValidationContext().GetMatchSubjectAltNames()) > 0 ||
+		len(sans) != 1 || sans[0].GetSanType() != tlsv3.SubjectAltNameMatcher_URI || sans[0].GetMatcher().GetExact() != id {
+		return fmt.Errorf("an HBONE tunnel cluster must accept exactly %s", id)
+	}
+	return nil
+}
+
+// hboneTLSParams: TLS 1.3 and ALPN h2 only, as HBONE requires.
+func hboneTLSParams(common *tlsv3.CommonTlsContext) error {
+	if common.GetTlsParams().GetTlsMinimumProtocolVersion() != tlsv3.TlsParameters_TLSv1_3 {
+		return errors.New("HBONE requires TLS 1.3")
+	}
+	if !slices.Equal(common.GetAlpnProtocols(), []string{"h2"}) {
+		return errors.New("HBONE requires ALPN h2 only")
+	}
+	return nil
+}
+
+// strictHBONEDownstream: the chain that accepts HBONE speaks TLS 1.3 with
+// ALPN h2 only (strictDownstream has checked the client certificate).
+func strictHBONEDownstream(ts *corev3.TransportSocket) error {
+	down := &tlsv3.DownstreamTlsContext{}
+	if ts.GetTypedConfig() == nil || ts.GetTypedConfig().UnmarshalTo(down) != nil {
+		return errors.New("plaintext")
+	}
+	return hboneTLSParams(down.GetCommonTlsContext())
+}
+
+// strictOriginateListener: the only internal listeners are HBONE
+// origination listeners, each tunneling everything it gets to its own
+// identity's tunnel cluster (which strictTunnelCluster checks).
+func strictOriginateListener(l *listenerv3.Listener) error {
+	if _, ok := hboneIdentity(l.GetName()); !ok {
+		return errors.New("an internal listener that is not an HBONE origination listener")
+	}
+	if l.GetDefaultFilterChain() != nil || len(l.GetFilterChains()) != 1 || len(l.GetFilterChains()[0].GetFilters()) != 1 {
+		return errors.New("an HBONE origination listener has exactly one chain with one filter")
+	}
+	tp := &tcpproxyv3.TcpProxy{}
+	f := l.GetFilterChains()[0].GetFilters()[0]
+	if f.GetTypedConfig() == nil || f.GetTypedConfig().UnmarshalTo(tp) != nil || tp.GetCluster() != l.GetName() ||
+		tp.GetTunnelingConfig().GetHostname() != tunnelAuthority || tp.GetTunnelingConfig().GetUsePost() {
+		return fmt.Errorf("an HBONE origination listener must CONNECT to %s through its own tunnel cluster", tunnelAuthority)
 	}
 	return nil
 }
