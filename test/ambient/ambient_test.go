@@ -342,3 +342,38 @@ func auditNodes(t *testing.T, s *server) map[string][]string {
 	}
 	return out
 }
+
+// TestNodeAgentStreamsRotations: a workload watching the node's socket
+// with the go-spiffe client receives its renewed SVID on the stream, a new
+// certificate for the same identity, without asking again; and its
+// identity alone all along.
+func TestNodeAgentStreamsRotations(t *testing.T) {
+	needRoot(t)
+	web := newPod(t, "sweb", 1001, 1001)
+	db := newPod(t, "sdb", 1002, 1002)
+	s := startServe(t, map[string]string{"nodes.yaml": nodeFile(web, db)}, "--min-workload-ttl", "1m")
+	node := joinNode(t, s, "node-a")
+	node.start(t, s, "--cert-ttl", "1m")
+	waitAll(t, node, map[*pod][]string{web: {sa("web")}}, restartBound)
+
+	// Renewal at about half of the 1m life: two updates within 90 s.
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	start := time.Now()
+	rs, err := web.watch(ctx, node.socket, 2, 90*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(rs) != 2 || rs[0].Code != "" || rs[1].Code != "" {
+		t.Fatalf("watch: %+v; want two updates", rs)
+	}
+	for _, r := range rs {
+		if !slices.Equal(r.IDs, []string{sa("web")}) {
+			t.Errorf("an update carried %v; want web's SVID alone", r.IDs)
+		}
+	}
+	if rs[0].Serials[0] == rs[1].Serials[0] {
+		t.Errorf("the second update carried the same certificate (serial %s); want the renewed one", rs[0].Serials[0])
+	}
+	t.Logf("renewed SVID streamed after %s", time.Since(start).Round(time.Millisecond))
+}

@@ -317,13 +317,14 @@ func joinNode(t *testing.T, s *server, name string) *nodeAgent {
 
 // start runs `trustmesh node` (again, after a stop: same state directory,
 // same flags, as a service manager would restart it).
-func (n *nodeAgent) start(t *testing.T, s *server) {
+func (n *nodeAgent) start(t *testing.T, s *server, extra ...string) {
 	t.Helper()
 	n.monitoring = freePort(t)
-	n.proc = startProc(t, "trustmesh node "+n.name, nil, "node", "--node-name", n.name,
+	args := append([]string{"node", "--node-name", n.name,
 		"--ca-address", s.ca, "--ca-bundle-file", s.bundleFile, "--join-token-file", n.tokenFile,
 		"--state-dir", n.stateDir, "--socket", n.socket, "--monitoring-address", n.monitoring,
-		"--pending-wait", "2s", "--sync-interval", "1s")
+		"--pending-wait", "2s", "--sync-interval", "1s"}, extra...)
+	n.proc = startProc(t, "trustmesh node "+n.name, nil, args...)
 }
 
 // freePort returns a loopback host:port that was free a moment ago.
@@ -420,6 +421,7 @@ type result struct {
 	PID     int      `json:"pid"`
 	IDs     []string `json:"ids"`
 	Bundles []string `json:"bundles"`
+	Serials []string `json:"serials"`
 	Cgroup  string   `json:"cgroup"`
 	Netns   string   `json:"netns"`
 	UID     int      `json:"uid"`
@@ -448,4 +450,28 @@ func (p *pod) fetch(ctx context.Context, socket string) (result, error) {
 		return r, fmt.Errorf("pod %s's process did not run as set up: uid %d, cgroup %q, netns %q", p.name, r.UID, r.Cgroup, r.Netns)
 	}
 	return r, nil
+}
+
+// watch runs the workload program in the pod as fetch does, watching the
+// stream until it has seen updates updates (or a refusal, or timeout),
+// and returns a result per line.
+func (p *pod) watch(ctx context.Context, socket string, updates int, timeout time.Duration) ([]result, error) {
+	script := fmt.Sprintf(`echo $$ > %s/cgroup.procs && exec nsenter --net=%s -S %d -G %d -- %s -socket %s -updates %d -timeout %s`,
+		p.cgroup, filepath.Join(netnsDir, p.netns), p.uid, p.gid, workloadBin, socket, updates, timeout)
+	cmd := exec.CommandContext(ctx, "sh", "-c", script)
+	var stderr strings.Builder
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	if err != nil {
+		return nil, fmt.Errorf("pod %s: %w\n%s", p.name, err, stderr.String())
+	}
+	var rs []result
+	for _, line := range strings.Split(strings.TrimSpace(string(out)), "\n") {
+		var r result
+		if err := json.Unmarshal([]byte(line), &r); err != nil {
+			return nil, fmt.Errorf("pod %s printed %q: %w", p.name, line, err)
+		}
+		rs = append(rs, r)
+	}
+	return rs, nil
 }
