@@ -99,7 +99,7 @@ func (s *Server) clients(only string) []ClientStatus {
 		}
 		var pub *published
 		if gen != nil {
-			pub, _, _ = gen.snapshot(ns.node)
+			pub, _, _ = gen.publish(ns.node)
 		}
 		out = append(out, nodeStatus(id, ns, pub, views))
 	}

@@ -1,13 +1,15 @@
 // Package xds is trustmesh's xDS server: one go-control-plane ADS server,
 // state-of-the-world and delta, that configures injected Envoys, ingress
 // and egress gateways and proxyless grpc-go clients with strict mTLS only,
-// from the mesh model and the AuthorizationPolicies.
+// from the mesh model and the AuthorizationPolicies, and the node proxies
+// of ambient mode with trustmesh's own resources (ambient.go).
 //
 // It shares the CA's port (:15012, as istiod does). That port requests
 // client certificates without verifying them in the handshake, so every
 // stream is authenticated here: the peer's chain must verify against the
 // current trust bundle (else codes.Unauthenticated), and the node's
-// namespace and service account must be those of the SPIFFE ID in it (else
+// namespace and service account must be those of the SPIFFE ID in it, a
+// node proxy's node name that of its node SVID (else
 // codes.PermissionDenied). Identity is per service account: pods that share
 // one may read each other's configuration.
 //
@@ -174,7 +176,7 @@ type Server struct {
 }
 
 type nodeState struct {
-	node    *proxyconfig.Node
+	node    *client
 	id      spiffeid.ID
 	streams int
 }
@@ -361,6 +363,7 @@ func (s *Server) reload(first bool) error {
 	s.policyVersion = version
 	s.logRefusals(m)
 	s.gen = newGeneration(proxyconfig.NewBuilder(s.cfg.Proxy, m, ps), s.log)
+	s.gen.policyVersion = version
 	s.pushes++
 	for _, ns := range s.nodes {
 		s.publishLocked(ns.node)
@@ -384,10 +387,10 @@ func (s *Server) logRefusals(m *mesh.Mesh) {
 // publishLocked computes and sets the node's snapshot. A node whose
 // resources fail a check is sent nothing new: it keeps its last good
 // configuration rather than receive a bad one.
-func (s *Server) publishLocked(n *proxyconfig.Node) {
-	span := s.startPush(n)
+func (s *Server) publishLocked(n *client) {
+	span := s.startPush(n.ID)
 	defer span.End()
-	pub, res, err := s.gen.snapshot(n)
+	pub, res, err := s.gen.publish(n)
 	if err != nil {
 		span.SetStatus(codes.Error, "configuration refused")
 		s.log.Error("refusing to publish a node's configuration", "node", n.ID, "error", err)

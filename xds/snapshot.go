@@ -34,6 +34,12 @@ type generation struct {
 	snaps map[string]*built
 	// byID counts the mesh's pods per SPIFFE ID, once per generation.
 	byID map[spiffeid.ID]int
+	// policyVersion is the version of the policy snapshot the builder
+	// holds: node proxies' Authorization revision.
+	policyVersion uint64
+	// ambient are the Workload resources every node proxy is sent, built
+	// on first use (ambient.go).
+	ambient *ambientSet
 }
 
 // pods is how many pods of the mesh run as id.
@@ -108,17 +114,37 @@ func (g *generation) infoOf(r types.Resource) *resInfo {
 		ri.err = proxyconfig.CheckStrictResource(r)
 	}
 	if ri.err == nil {
-		var raw []byte
-		if raw, ri.err = (proto.MarshalOptions{Deterministic: true}).Marshal(r); ri.err == nil {
-			h := fnv.New64a()
-			h.Write(raw)
-			ri.hash = fmt.Sprintf("%x", h.Sum64())
-			ri.any = &anypb.Any{TypeUrl: "type.googleapis.com/" + string(r.ProtoReflect().Descriptor().FullName()), Value: raw}
-		}
+		ri.hash, ri.any, ri.err = marshalResource(r)
 	}
 	ri.refs = cachev3.GetResourceReferences(map[string]types.ResourceWithTTL{ri.name: {Resource: r}})
 	g.info[r] = ri
 	return ri
+}
+
+// marshalResource marshals a resource once, deterministically, and hashes
+// it: the hash is its version (delta), the Any what every response of its
+// generation shares.
+func marshalResource(r proto.Message) (string, *anypb.Any, error) {
+	raw, err := (proto.MarshalOptions{Deterministic: true}).Marshal(r)
+	if err != nil {
+		return "", nil, err
+	}
+	h := fnv.New64a()
+	h.Write(raw)
+	return fmt.Sprintf("%x", h.Sum64()), &anypb.Any{TypeUrl: "type.googleapis.com/" + string(r.ProtoReflect().Descriptor().FullName()), Value: raw}, nil
+}
+
+// typeVersion is a type's version (state of the world): a hash of its
+// resources' sorted names and versions.
+func typeVersion(sorted []string, versions map[string]string) string {
+	h := fnv.New64a()
+	for _, n := range sorted {
+		h.Write([]byte(n))
+		h.Write([]byte{0})
+		h.Write([]byte(versions[n]))
+		h.Write([]byte{0})
+	}
+	return fmt.Sprintf("%x", h.Sum64())
 }
 
 // check validates every resource, refuses anything but strict mTLS,
@@ -159,14 +185,7 @@ func (g *generation) check(res *proxyconfig.Resources) (*published, error) {
 			}
 		}
 		sort.Strings(names)
-		h := fnv.New64a()
-		for _, n := range names {
-			h.Write([]byte(n))
-			h.Write([]byte{0})
-			h.Write([]byte(versions[n]))
-			h.Write([]byte{0})
-		}
-		version := fmt.Sprintf("%x", h.Sum64())
+		version := typeVersion(names, versions)
 		snap.Resources[idx] = cachev3.NewResourcesWithTTL(version, withTTL)
 		snap.VersionMap[typ] = versions
 		pub.types[typ] = &typeSet{version: version, names: names, anys: anys}

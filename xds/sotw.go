@@ -16,7 +16,7 @@ import (
 // delta streams) and, per type, the version and the resources already
 // marshaled, shared by every node and response of a generation.
 type published struct {
-	snap  *cachev3.Snapshot
+	snap  cachev3.ResourceSnapshot
 	types map[string]*typeSet
 }
 

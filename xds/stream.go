@@ -28,10 +28,12 @@ var (
 	// verify against the trust bundle.
 	ErrUnauthenticated = errors.New("xds: no valid trustmesh client certificate")
 	// ErrNotWorkload: the certificate's SPIFFE ID is not
-	// spiffe://TD/ns/NS/sa/SA.
+	// spiffe://TD/ns/NS/sa/SA, nor, for a node proxy, spiffe://TD/node/NAME.
 	ErrNotWorkload = errors.New("xds: the client certificate does not name a workload")
 	// ErrNodeMismatch: the node's namespace or service account is not the
-	// certificate's, or the node changed on the stream.
+	// certificate's, a node proxy's name is not its certificate's, a
+	// workload's certificate asks as a node proxy or a node's as a
+	// workload, or the node changed on the stream.
 	ErrNodeMismatch = errors.New("xds: node identity does not match the client certificate")
 	// ErrUnknownStream: a request on a stream that was never opened.
 	ErrUnknownStream = errors.New("xds: unknown stream")
@@ -58,11 +60,15 @@ func statusOf(err error) error {
 	return status.Error(codes.Internal, err.Error())
 }
 
-// Identity is a verified workload identity.
+// Identity is a verified workload identity, or a node proxy's.
 type Identity struct {
 	ID             spiffeid.ID
 	Namespace      string
 	ServiceAccount string
+	// Node is the node name of a node proxy's certificate,
+	// spiffe://TD/node/NAME; empty for a workload, whose Namespace and
+	// ServiceAccount are then set.
+	Node string
 }
 
 // streamKey names an open stream. go-control-plane numbers its state of
@@ -83,7 +89,7 @@ type stream struct {
 	identity Identity
 
 	mu   sync.Mutex
-	node *proxyconfig.Node
+	node *client
 	// sent is the last version sent per type, acked the last one the
 	// node acknowledged (state of the world).
 	sent, acked map[string]string
@@ -94,7 +100,7 @@ type stream struct {
 
 // Authenticate verifies the peer certificate of a stream's connection
 // against the current trust bundle at the server's clock, and returns the
-// workload identity it names.
+// workload identity it names, or the node a node proxy's names.
 func (s *Server) Authenticate(ctx context.Context) (Identity, error) {
 	p, ok := peer.FromContext(ctx)
 	if !ok {
@@ -112,6 +118,9 @@ func (s *Server) Authenticate(ctx context.Context) (Identity, error) {
 		return Identity{}, fmt.Errorf("%w: %s is outside trust domain %s", ErrUnauthenticated, id, s.td)
 	}
 	parts := strings.Split(strings.TrimPrefix(id.Path(), "/"), "/")
+	if len(parts) == 2 && parts[0] == "node" && parts[1] != "" {
+		return Identity{ID: id, Node: parts[1]}, nil
+	}
 	if len(parts) != 4 || parts[0] != "ns" || parts[2] != "sa" || parts[1] == "" || parts[3] == "" {
 		return Identity{}, fmt.Errorf("%w: %s", ErrNotWorkload, id)
 	}
@@ -219,8 +228,9 @@ func (s *Server) stream(id streamKey) *stream {
 }
 
 // request checks the node on every request of a stream: the first names
-// it (and it must match the certificate), later ones may repeat it but not
-// change it.
+// it (and it must match the certificate: a workload's proxy its namespace
+// and service account, a node proxy its node), later ones may repeat it
+// but not change it.
 func (s *Server) request(id streamKey, n *corev3.Node) error {
 	st := s.stream(id)
 	if st == nil {
@@ -234,22 +244,18 @@ func (s *Server) request(id streamKey, n *corev3.Node) error {
 		}
 		return nil
 	}
-	pn, err := proxyconfig.ParseNode(n)
+	pn, err := parseClient(st.identity, n)
 	if err != nil {
 		s.log.Warn("xds stream refused", "peer", st.identity.ID.String(), "error", err)
 		return statusOf(err)
 	}
-	if pn.Namespace != st.identity.Namespace || pn.ServiceAccount != st.identity.ServiceAccount {
-		err := fmt.Errorf("%w: node %s (namespace %s, service account %s) asked over a certificate for %s",
-			ErrNodeMismatch, pn.ID, pn.Namespace, pn.ServiceAccount, st.identity.ID)
-		s.log.Warn("xds stream refused", "error", err)
-		return statusOf(err)
-	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if _, err := s.gen.builder.Workload(pn); err != nil {
-		s.log.Warn("xds stream refused", "peer", st.identity.ID.String(), "node", pn.ID, "error", err)
-		return statusOf(err)
+	if pn.proxy != nil {
+		if _, err := s.gen.builder.Workload(pn.proxy); err != nil {
+			s.log.Warn("xds stream refused", "peer", st.identity.ID.String(), "node", pn.ID, "error", err)
+			return statusOf(err)
+		}
 	}
 	if prev, ok := s.nodes[pn.ID]; ok {
 		prev.streams++

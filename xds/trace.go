@@ -6,8 +6,6 @@ import (
 
 	"go.opentelemetry.io/otel/attribute"
 	"go.opentelemetry.io/otel/trace"
-
-	"github.com/trustmesh/trustmesh/xds/proxyconfig"
 )
 
 // TracerName is the tracer of the xDS server's spans.
@@ -29,12 +27,12 @@ var noSpan = trace.SpanFromContext(context.Background())
 // push's generation (the same for every node of one push) and the policy
 // snapshot it was built from. s.mu is held. With tracing off it starts
 // nothing.
-func (s *Server) startPush(n *proxyconfig.Node) trace.Span {
+func (s *Server) startPush(nodeID string) trace.Span {
 	if s.tracer == nil {
 		return noSpan
 	}
 	_, span := s.tracer.Start(context.Background(), SpanPush, trace.WithAttributes(
-		attribute.String(AttrNodeID, n.ID),
+		attribute.String(AttrNodeID, nodeID),
 		attribute.Int64(AttrVersion, int64(s.pushes)),
 		attribute.Int64(AttrPolicyVersion, int64(s.policyVersion))))
 	return span
