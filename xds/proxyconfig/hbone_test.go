@@ -195,6 +195,10 @@ func checkConnectTerminate(t *testing.T, where string, m *mesh.Mesh, n *proxycon
 			}
 		}
 	}
+	delete(targets, 15008) // the HBONE port itself is never an application's
+	if got, want := len(h.GetRouteConfig().GetVirtualHosts()), len(addrs)*len(targets); got != want {
+		t.Fatalf("%s: HBONE chain has %d destinations, want every address with every served port (%d)", where, got, want)
+	}
 	for _, vh := range h.GetRouteConfig().GetVirtualHosts() {
 		if len(vh.GetDomains()) != 1 || len(vh.GetRoutes()) != 1 {
 			t.Fatalf("%s: HBONE virtual host %s: want one destination and one route", where, vh.GetName())
