@@ -23,8 +23,13 @@ const MethodNodeDelegated = "node-delegated"
 
 // NodePathPrefix is the path under which node identities live:
 // spiffe://TD/node/NAME. No workload, and no node on a workload's behalf,
-// is ever issued one through delegation.
+// is ever issued one through delegation; a node that authenticated with its
+// Kubernetes token is issued its own, and only its own (OwnNodeID).
 const NodePathPrefix = "/node/"
+
+// MethodNodeKubernetes is ca.Node.Method for a node that authenticated with
+// its Kubernetes service-account token (ca/authn).
+const MethodNodeKubernetes = "node-kubernetes"
 
 // DelegationConcurrency bounds how many params of one batch are issued at
 // once. They run concurrently so that the journal commits them together.
@@ -124,11 +129,24 @@ func (c *CA) issueDelegated(ctx context.Context, node Node, req DelegatedRequest
 			return nil, refuse(ReasonReserved, KindDenied, "%s is reserved for the control plane", r)
 		}
 	}
-	if IsNodeID(id) {
-		return nil, refuse(ReasonNodeIdentity, KindDenied, "%s is a node identity, which is never delegated", id)
-	}
 	if c.cfg.Nodes == nil {
 		return nil, refuse(ReasonDelegationOff, KindDenied, "delegated issuance is off: the CA has no mesh model to authorize it")
+	}
+	own, err := c.OwnNodeID(node)
+	switch {
+	case err == nil && id == own:
+		// Its own node SVID, for the node proxy's xDS and ext_authz
+		// streams on Kubernetes. Delegated, it is never renewable by a
+		// client, nor accepted as a node credential by the node
+		// service: the node asks again with its token.
+		csr, err := parseCSRDER(req.CSR, id)
+		if err != nil {
+			return nil, err
+		}
+		return c.issue(ctx, node.caller(id), workloadTemplate(id, csr.PublicKey), csr.PublicKey, c.clampTTL(req.TTL))
+	case IsNodeID(id):
+		return nil, refuse(ReasonNodeIdentity, KindDenied, "%s is a node identity, which is delegated only to a node authenticated by its Kubernetes token, and only its own: %s",
+			id, ownOrWhyNot(own, err))
 	}
 	if err := c.cfg.Nodes.MayHold(ctx, node.Name, id); err != nil {
 		if r, ok := AsRefusal(err); ok {
@@ -143,14 +161,40 @@ func (c *CA) issueDelegated(ctx context.Context, node Node, req DelegatedRequest
 	if err != nil {
 		return nil, err
 	}
-	caller := Caller{
+	return c.issue(ctx, node.caller(id), workloadTemplate(id, csr.PublicKey), csr.PublicKey, c.clampTTL(req.TTL))
+}
+
+// caller is how the journal records an issuance delegated to the node.
+func (n Node) caller(id spiffeid.ID) Caller {
+	return Caller{
 		ID:      id,
 		Method:  MethodNodeDelegated,
-		Subject: node.Subject,
+		Subject: n.Subject,
 		Origin:  journal.OriginNode,
-		Node:    node.Name,
+		Node:    n.Name,
 	}
-	return c.issue(ctx, caller, workloadTemplate(id, csr.PublicKey), csr.PublicKey, c.clampTTL(req.TTL))
+}
+
+// OwnNodeID is the node identity a node may be issued through delegation:
+// spiffe://TD/node/NAME of its own name, when it authenticated with its
+// Kubernetes token (a node that authenticated with its node SVID has one,
+// and renews it itself). It is an error for any other node.
+func (c *CA) OwnNodeID(node Node) (spiffeid.ID, error) {
+	if node.Method != MethodNodeKubernetes {
+		return spiffeid.ID{}, fmt.Errorf("node %s authenticated by %s, not by its Kubernetes token", node.Name, node.Method)
+	}
+	id, err := spiffeid.FromSegments(c.cfg.TrustDomain, strings.Trim(NodePathPrefix, "/"), node.Name)
+	if err != nil {
+		return spiffeid.ID{}, fmt.Errorf("node name %q: %w", node.Name, err)
+	}
+	return id, nil
+}
+
+func ownOrWhyNot(own spiffeid.ID, err error) string {
+	if err != nil {
+		return err.Error()
+	}
+	return "this node's is " + own.String()
 }
 
 // NodeEntries lists what node may hold now, from the mesh model.

@@ -15,7 +15,7 @@ import (
 // Node authentication methods, as ca.Node.Method.
 const (
 	MethodNodeX509       = "node-x509"
-	MethodNodeKubernetes = "node-kubernetes"
+	MethodNodeKubernetes = ca.MethodNodeKubernetes
 )
 
 // PodLocator finds the node a pod runs on; the control plane implements it,
