@@ -1,0 +1,354 @@
+package proxy
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"strconv"
+	"sync"
+	"sync/atomic"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	"github.com/trustmesh/trustmesh/agent/capture"
+	"github.com/trustmesh/trustmesh/agent/hbone"
+	ambientv1 "github.com/trustmesh/trustmesh/api/ambient/v1"
+)
+
+// pod is one captured local workload.
+type pod struct {
+	p      *Proxy
+	netns  capture.Netns
+	w      atomic.Pointer[workload]
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+
+	mu    sync.Mutex
+	conns map[*inboundConn]struct{}
+}
+
+func (pd *pod) set(w *workload) { pd.w.Store(w) }
+
+func (pd *pod) inbound() []*inboundConn {
+	pd.mu.Lock()
+	defer pd.mu.Unlock()
+	out := make([]*inboundConn, 0, len(pd.conns))
+	for c := range pd.conns {
+		out = append(out, c)
+	}
+	return out
+}
+
+// stop closes the pod's listeners; open connections are left to end.
+func (pd *pod) stop() {
+	pd.cancel()
+	pd.wg.Wait()
+}
+
+func (p *Proxy) netnsOf(w *workload) (capture.Netns, error) {
+	if p.cfg.Kubernetes {
+		return capture.PodNetns(p.cfg.ProcRoot, w.msg.GetUid())
+	}
+	ns := w.msg.GetNetns()
+	switch {
+	case ns == "":
+		return capture.Netns{}, errors.New("the workload names no network namespace (netns)")
+	case ns[0] == '/':
+		return capture.Netns{Path: ns}, nil
+	default:
+		return capture.NetnsByName(ns), nil
+	}
+}
+
+// setup captures w: its namespace, the rules, the three listeners.
+func (p *Proxy) setup(ctx context.Context, w *workload) (*pod, error) {
+	if len(w.addrs) == 0 {
+		return nil, errors.New("the workload has no address yet")
+	}
+	ns, err := p.netnsOf(w)
+	if err != nil {
+		return nil, err
+	}
+	r := p.cfg.Rules
+	r.TPROXY = false
+	for _, a := range w.addrs {
+		if a.Is6() {
+			r.IPv6 = true
+		}
+	}
+	// Listeners first, so that no captured connection finds no one.
+	var ls []net.Listener
+	closeAll := func() {
+		for _, l := range ls {
+			_ = l.Close()
+		}
+	}
+	for _, port := range []uint16{r.Outbound, r.InboundPlaintext, r.HBONE} {
+		l, err := listen(ctx, ns, port, r.IPv6, p.cfg.Rules.Mark)
+		if err != nil {
+			closeAll()
+			return nil, err
+		}
+		ls = append(ls, l)
+	}
+	if err := capture.Install(ctx, ns, r); err != nil {
+		closeAll()
+		return nil, err
+	}
+	pctx, cancel := context.WithCancel(context.Background())
+	pd := &pod{p: p, netns: ns, cancel: cancel, conns: map[*inboundConn]struct{}{}}
+	pd.set(w)
+	pd.wg.Add(4)
+	go func() { defer pd.wg.Done(); <-pctx.Done(); closeAll() }()
+	go func() { defer pd.wg.Done(); pd.acceptLoop(pctx, ls[0], pd.outbound) }()
+	go func() { defer pd.wg.Done(); pd.acceptLoop(pctx, ls[1], pd.plaintext) }()
+	go func() { defer pd.wg.Done(); pd.serveHBONE(pctx, ls[2]) }()
+	return pd, nil
+}
+
+func listen(ctx context.Context, ns capture.Netns, port uint16, v6 bool, mark int) (net.Listener, error) {
+	p := strconv.Itoa(int(port))
+	if v6 {
+		return ns.Listen(ctx, "tcp", "[::]:"+p, mark)
+	}
+	return ns.Listen(ctx, "tcp4", "0.0.0.0:"+p, mark)
+}
+
+func (pd *pod) acceptLoop(ctx context.Context, l net.Listener, handle func(context.Context, *net.TCPConn)) {
+	for {
+		c, err := l.Accept()
+		if err != nil {
+			if ctx.Err() == nil {
+				pd.p.log.Warn("a pod listener failed", "listener", l.Addr(), "netns", pd.netns.Path, "error", err)
+			}
+			return
+		}
+		go handle(ctx, c.(*net.TCPConn))
+	}
+}
+
+// reset closes c with an RST.
+func reset(c net.Conn) {
+	if t, ok := c.(*net.TCPConn); ok {
+		_ = t.SetLinger(0)
+	}
+	_ = c.Close()
+}
+
+// plaintext refuses inbound plaintext at once: trustmesh is STRICT.
+func (pd *pod) plaintext(_ context.Context, c *net.TCPConn) {
+	dst, _ := capture.OriginalDst(c)
+	pd.p.m.refused.WithLabelValues(InboundPlaintext, "strict").Inc()
+	pd.p.log.Info("refused inbound plaintext (STRICT mTLS: use the mesh)", "workload", pd.w.Load().msg.GetUid(), "source", c.RemoteAddr(), "destination", dst)
+	reset(c)
+}
+
+func (p *Proxy) certFor(id spiffeid.ID) func() (*tls.Certificate, error) {
+	return func() (*tls.Certificate, error) {
+		st := p.cfg.Identities.Store(id)
+		if st == nil {
+			return nil, fmt.Errorf("the node holds no SVID for %s (yet)", id)
+		}
+		snap, _ := st.Load()
+		if snap.SVID == nil {
+			return nil, fmt.Errorf("the node holds no SVID for %s (yet)", id)
+		}
+		s := snap.SVID
+		der := make([][]byte, len(s.Certificates))
+		for i, c := range s.Certificates {
+			der[i] = c.Raw
+		}
+		return &tls.Certificate{Certificate: der, PrivateKey: s.PrivateKey, Leaf: s.Certificates[0]}, nil
+	}
+}
+
+// outbound carries a connection the pod made.
+func (pd *pod) outbound(ctx context.Context, c *net.TCPConn) {
+	p := pd.p
+	src := pd.w.Load()
+	dst, err := capture.OriginalDst(c)
+	if err != nil {
+		p.m.refused.WithLabelValues(Outbound, "original_destination").Inc()
+		p.log.Warn("outbound connection without an original destination", "workload", src.msg.GetUid(), "error", err)
+		reset(c)
+		return
+	}
+	dst = netip.AddrPortFrom(dst.Addr().Unmap(), dst.Port())
+	dest := p.current().byAddr[dst.Addr()]
+	if dest == nil || dest.msg.GetMode() == ambientv1.DataPlaneMode_DATA_PLANE_MODE_NONE {
+		// Not in the mesh: plain TCP, as the pod would have without the proxy.
+		up, err := pd.netns.Dial(ctx, "tcp", dst.String(), p.cfg.Rules.Mark)
+		if err != nil {
+			p.m.refused.WithLabelValues(Outbound, "dial").Inc()
+			p.log.Info("outbound passthrough failed", "workload", src.msg.GetUid(), "destination", dst, "error", err)
+			reset(c)
+			return
+		}
+		p.carry(Outbound, c, up, nil)
+		return
+	}
+	hp := netip.AddrPortFrom(dst.Addr(), ambientv1.HBONEPort)
+	raw, err := pd.netns.Dial(ctx, "tcp", hp.String(), p.cfg.Rules.Mark)
+	if err != nil {
+		p.m.refused.WithLabelValues(Outbound, "dial").Inc()
+		p.log.Info("cannot reach the destination's HBONE port", "workload", src.msg.GetUid(), "destination", hp, "error", err)
+		reset(c)
+		return
+	}
+	t, err := hbone.Dial(ctx, raw, hbone.DialConfig{
+		Cert: p.certFor(src.id), Bundle: p.cfg.Bundle, PeerID: dest.id, Authority: dst.String(),
+	})
+	if err != nil {
+		_ = raw.Close()
+		reason := "refused"
+		var st *hbone.StatusError
+		switch {
+		case errors.Is(err, hbone.ErrHandshake):
+			reason = "handshake"
+			p.m.handshake.WithLabelValues(Outbound).Inc()
+		case errors.As(err, &st) && st.Code == 403:
+			reason = "denied"
+		}
+		p.m.refused.WithLabelValues(Outbound, reason).Inc()
+		p.log.Info("outbound HBONE tunnel refused", "source", src.id, "destination", dst, "want", dest.id, "error", err)
+		reset(c)
+		return
+	}
+	p.carry(Outbound, c, t, nil)
+}
+
+// inboundConn is an open inbound connection, re-checked on policy change.
+type inboundConn struct {
+	check check
+	once  sync.Once
+	why   atomic.Value // string: why the proxy closed it
+	t     net.Conn
+	app   net.Conn
+}
+
+func (ic *inboundConn) kill(reason string) {
+	ic.once.Do(func() {
+		ic.why.Store(reason)
+		reset(ic.app)
+		_ = ic.t.Close()
+	})
+}
+
+func (pd *pod) checkFor(peer spiffeid.ID, authority string, remote net.Addr) (check, error) {
+	w := pd.w.Load()
+	ap, err := netip.ParseAddrPort(authority)
+	if err != nil {
+		return check{}, fmt.Errorf("authority %q: %w", authority, err)
+	}
+	ap = netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
+	if !w.has(ap.Addr()) {
+		return check{}, fmt.Errorf("authority %s is not an address of %s", authority, w.msg.GetUid())
+	}
+	return check{source: peer, sourceAddr: addrPort(remote), dest: w.id, destLabels: w.msg.GetLabels(), destination: ap}, nil
+}
+
+func (pd *pod) serveHBONE(ctx context.Context, l net.Listener) {
+	p := pd.p
+	err := hbone.Serve(ctx, l, hbone.ServerConfig{
+		Cert: func(*tls.ClientHelloInfo) (*tls.Certificate, error) {
+			return p.certFor(pd.w.Load().id)()
+		},
+		Bundle: p.cfg.Bundle,
+		Accept: func(ctx context.Context, peer spiffeid.ID, authority string, remote net.Addr) error {
+			c, err := pd.checkFor(peer, authority, remote)
+			if err != nil {
+				p.m.refused.WithLabelValues(Inbound, "authority").Inc()
+				p.log.Info("inbound HBONE refused", "source", peer, "remote", remote, "error", err)
+				return err
+			}
+			if err := p.authorize(ctx, c); err != nil {
+				reason := "authz_error"
+				var d *deniedError
+				if errors.As(err, &d) {
+					reason = "denied"
+				}
+				p.m.refused.WithLabelValues(Inbound, reason).Inc()
+				p.log.Info("inbound HBONE refused", "source", peer, "remote", remote, "destination", c.destination, "error", err)
+				return err
+			}
+			return nil
+		},
+		Handle: func(ctx context.Context, t *hbone.Tunnel) {
+			c, err := pd.checkFor(t.Peer, t.Authority, t.Remote)
+			if err != nil { // Accept checked it; the workload changed since
+				p.m.refused.WithLabelValues(Inbound, "authority").Inc()
+				_ = t.Close()
+				return
+			}
+			app, err := pd.netns.Dial(ctx, "tcp", c.destination.String(), p.cfg.Rules.Mark)
+			if err != nil {
+				p.m.refused.WithLabelValues(Inbound, "dial").Inc()
+				p.log.Info("cannot reach the application", "destination", c.destination, "error", err)
+				_ = t.Close()
+				return
+			}
+			ic := &inboundConn{check: c, t: t, app: app}
+			pd.mu.Lock()
+			pd.conns[ic] = struct{}{}
+			pd.mu.Unlock()
+			p.carry(Inbound, app, t, ic)
+			pd.mu.Lock()
+			delete(pd.conns, ic)
+			pd.mu.Unlock()
+		},
+		HandshakeFailed: func(remote net.Addr, err error) {
+			p.m.handshake.WithLabelValues(Inbound).Inc()
+			p.m.refused.WithLabelValues(Inbound, "handshake").Inc()
+			p.log.Info("inbound HBONE handshake failed", "remote", remote, "error", err)
+		},
+	})
+	if err != nil && ctx.Err() == nil {
+		p.log.Warn("the HBONE server of a pod stopped", "netns", pd.netns.Path, "error", err)
+	}
+}
+
+type closeWriter interface{ CloseWrite() error }
+
+// carry splices a (the pod's side) and b both ways with half-close, then
+// closes both. ic, for inbound, may be killed meanwhile.
+func (p *Proxy) carry(dir string, a, b net.Conn, ic *inboundConn) {
+	p.m.opened.WithLabelValues(dir).Inc()
+	bytes := p.m.bytes.WithLabelValues(dir)
+	var failed atomic.Bool
+	var wg sync.WaitGroup
+	pipe := func(dst, src net.Conn) {
+		defer wg.Done()
+		n, err := io.Copy(dst, src)
+		bytes.Add(float64(n))
+		if err != nil {
+			failed.Store(true)
+			reset(a)
+			_ = b.Close()
+			return
+		}
+		if cw, ok := dst.(closeWriter); ok {
+			_ = cw.CloseWrite()
+		}
+	}
+	wg.Add(2)
+	go pipe(b, a)
+	go pipe(a, b)
+	wg.Wait()
+	reason := "done"
+	if ic != nil {
+		ic.once.Do(func() {}) // no kill after this point
+		if why, ok := ic.why.Load().(string); ok {
+			reason = why
+		}
+	}
+	if reason == "done" && failed.Load() {
+		reason = "error"
+	}
+	_ = a.Close()
+	_ = b.Close()
+	p.m.closed.WithLabelValues(dir, reason).Inc()
+}
