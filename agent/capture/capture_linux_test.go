@@ -411,6 +411,30 @@ func TestInstallRefusesBadRules(t *testing.T) {
 	}
 }
 
+// TestInstallFailureUndone: an Install that fails half-way (IPv6 disabled
+// in the namespace, so the IPv6 local route cannot be made after the IPv4
+// rules and routes were) leaves none of trustmesh's rules behind.
+func TestInstallFailureUndone(t *testing.T) {
+	requireRoot(t)
+	ctx := context.Background()
+	n, name := newNetns(t)
+	sh(t, "ip", "netns", "exec", name, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1", "net.ipv6.conf.lo.disable_ipv6=1")
+	r := DefaultRules()
+	r.IPv6, r.TPROXY = true, true
+	err := Install(ctx, n, r)
+	if err == nil || !strings.Contains(err.Error(), "route replace local ::/0") {
+		t.Fatalf("Install: %v, want the IPv6 route refused", err)
+	}
+	if s := saveAll(t, n); strings.Contains(s, "TRUSTMESH") {
+		t.Errorf("a failed Install left rules:\n%s", s)
+	}
+	for _, f := range []string{"-4", "-6"} {
+		if out, _ := n.run(ctx, "", "ip", f, "rule", "show", "pref", "32764"); strings.TrimSpace(out) != "" {
+			t.Errorf("a failed Install left ip %s rule %q", f, out)
+		}
+	}
+}
+
 // TestTPROXY: inbound plaintext reaches a transparent listener with the
 // original addresses; the proxy's transparent connection to the application
 // shows the remote pod's address to it and gets its replies; the pod's own
@@ -445,7 +469,9 @@ func TestTPROXY(t *testing.T) {
 			mustCall(t, a.ns, netip.AddrPortFrom(b.addr(v6), 15008), 0, "hbone")
 
 			// The proxy, inside b, connects to the app as a.
-			c, err := b.ns.DialTransparent(ctx, "tcp", a.addr(v6), app, DefaultMark)
+			dctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+			defer cancel()
+			c, err := b.ns.DialTransparent(dctx, "tcp", a.addr(v6), app, DefaultMark)
 			if err != nil {
 				t.Fatal(err)
 			}
