@@ -207,7 +207,14 @@ spec:
 		t.Errorf("removed %v, want [demo/curl]", got)
 	}
 
-	// The node proxy shows among the clients, under its node SVID.
+	// The node proxy shows among the clients, under its node SVID, and in
+	// the metrics.
+	if got := e.gauge("trustmesh_xds_connected_proxies"); got != 1 {
+		t.Errorf("trustmesh_xds_connected_proxies = %v, want 1", got)
+	}
+	if got := e.counter("trustmesh_xds_pushes_total", ambientv1.WorkloadType); got != 2 {
+		t.Errorf("trustmesh_xds_pushes_total{type=Workload} = %v, want 2", got)
+	}
 	cl := e.srv.Clients().Clients
 	if len(cl) != 1 || cl[0].NodeID != "node~192.168.0.1~node-a~cluster.local" || cl[0].SPIFFEID != "spiffe://cluster.local/node/node-a" || !cl[0].Delta {
 		t.Errorf("clients %+v, want the node proxy on a delta stream", cl)
@@ -279,5 +286,40 @@ func TestNodeProxyIdentity(t *testing.T) {
 	// The sidecar itself still connects with its certificate.
 	if _, err := firstResponse(t, e.dialADS(web), true, webSidecar); err != nil {
 		t.Fatalf("the sidecar's own stream: %v", err)
+	}
+}
+
+// counter is the value of one of the server's counters with the label type.
+func (e *env) counter(name, typ string) float64 {
+	e.t.Helper()
+	mfs, err := e.reg.Gather()
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	for _, mf := range mfs {
+		if mf.GetName() != name {
+			continue
+		}
+		for _, m := range mf.GetMetric() {
+			for _, l := range m.GetLabel() {
+				if l.GetName() == "type" && l.GetValue() == typ {
+					return m.GetCounter().GetValue()
+				}
+			}
+		}
+	}
+	return 0
+}
+
+// TestNodeProxyConfigLeavesOutABadWorkload: a workload that cannot be sent
+// (a label that is not UTF-8) is left out, and the node proxies still get
+// every other workload.
+func TestNodeProxyConfigLeavesOutABadWorkload(t *testing.T) {
+	m := ambientMesh()
+	m.Workloads[1].Labels = map[string]string{"app": "\xff"}
+	e := start(t, m, nil)
+	ws, _ := e.deltaNode(e.mint(nodeID("node-a")), nodeProxy("192.168.0.1", "node-a")).first()
+	if got, want := keys(ws), []string{"5a1e", "demo/echo", "demo/legacy", "demo/web"}; !slices.Equal(got, want) {
+		t.Fatalf("workloads %v, want %v without curl", got, want)
 	}
 }
