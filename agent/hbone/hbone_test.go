@@ -47,7 +47,7 @@ type env struct {
 	src, dst *tls.Certificate
 }
 
-func newEnv(t *testing.T) *env {
+func newEnv(t testing.TB) *env {
 	t.Helper()
 	now := time.Now()
 	ca := testca.New(t, td, now)
@@ -81,7 +81,7 @@ func (e *env) dialConfig(authority string) DialConfig {
 }
 
 // serve runs Serve on loopback until the test ends and returns its address.
-func serve(t *testing.T, cfg ServerConfig) string {
+func serve(t testing.TB, cfg ServerConfig) string {
 	t.Helper()
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -207,20 +207,38 @@ func TestWireFormat(t *testing.T) {
 	}
 }
 
-func TestClientRefusesWrongServerID(t *testing.T) {
+func TestClientRefusesServer(t *testing.T) {
 	e := newEnv(t)
-	other := spiffeid.RequireFromString("spiffe://cluster.local/ns/b/sa/impostor")
-	cfg := e.serverConfig()
-	impostor := tlsCert(e.ca.SVID(t, other, time.Now().Add(-time.Minute), time.Hour))
-	cfg.Cert = func(*tls.ClientHelloInfo) (*tls.Certificate, error) { return impostor, nil }
-	cfg.Accept = func(context.Context, spiffeid.ID, string, net.Addr) error {
-		t.Error("Accept called for a client that refused the server")
-		return nil
-	}
-	addr := serve(t, cfg)
-	_, err := dial(t, addr, e.dialConfig("10.0.0.1:80"))
-	if !errors.Is(err, ErrHandshake) || !errors.Is(err, ErrPeerID) {
-		t.Fatalf("Dial to the wrong identity: %v, want ErrHandshake and ErrPeerID", err)
+	now := time.Now()
+	foreign := testca.New(t, spiffeid.RequireTrustDomainFromString("other.example"), now)
+	sameNameOtherCA := testca.New(t, td, now)
+	for _, tt := range []struct {
+		name   string
+		cert   *tls.Certificate
+		wantID bool // the refusal is ErrPeerID: the certificate verified, its ID is wrong
+	}{
+		{"another workload's SVID", tlsCert(e.ca.SVID(t, spiffeid.RequireFromString("spiffe://cluster.local/ns/b/sa/impostor"), now.Add(-time.Minute), time.Hour)), true},
+		{"the ID from another trust domain", tlsCert(foreign.SVID(t, spiffeid.RequireFromString("spiffe://other.example/ns/b/sa/server"), now.Add(-time.Minute), time.Hour)), false},
+		{"the ID from a CA outside the bundle", tlsCert(sameNameOtherCA.SVID(t, dstID, now.Add(-time.Minute), time.Hour)), false},
+		{"an expired SVID", tlsCert(e.ca.SVID(t, dstID, now.Add(-2*time.Hour), time.Hour)), false},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			cfg := e.serverConfig()
+			cfg.Cert = func(*tls.ClientHelloInfo) (*tls.Certificate, error) { return tt.cert, nil }
+			cfg.Accept = func(context.Context, spiffeid.ID, string, net.Addr) error {
+				t.Error("Accept called for a client that refused the server")
+				return nil
+			}
+			addr := serve(t, cfg)
+			c, err := dial(t, addr, e.dialConfig("10.0.0.1:80"))
+			if err == nil {
+				c.Close()
+				t.Fatal("Dial succeeded")
+			}
+			if !errors.Is(err, ErrHandshake) || errors.Is(err, ErrPeerID) != tt.wantID {
+				t.Fatalf("Dial: %v, want ErrHandshake (ErrPeerID %v)", err, tt.wantID)
+			}
+		})
 	}
 }
 
