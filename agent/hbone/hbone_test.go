@@ -572,6 +572,41 @@ func TestServerCloseUnblocksWriter(t *testing.T) {
 	}
 }
 
+// TestClientCloseEndsServerTunnel: when the client closes, the server's
+// blocked Read fails and its context ends, so a splice winds down.
+func TestClientCloseEndsServerTunnel(t *testing.T) {
+	e := newEnv(t)
+	ended := make(chan error, 1)
+	inHandle := make(chan struct{})
+	cfg := e.serverConfig()
+	cfg.Handle = func(ctx context.Context, tun *Tunnel) {
+		defer tun.Close()
+		close(inHandle)
+		_, err := tun.Read(make([]byte, 1))
+		if err == nil {
+			err = errors.New("read a byte nobody sent")
+		}
+		select {
+		case <-ctx.Done():
+		case <-time.After(5 * time.Second):
+			t.Error("context not done after the client left")
+		}
+		ended <- err
+	}
+	addr := serve(t, cfg)
+	c := mustDial(t, addr, e.dialConfig("10.0.0.1:80"))
+	<-inHandle
+	c.Close()
+	select {
+	case err := <-ended:
+		if err == nil || errors.Is(err, io.EOF) {
+			t.Errorf("server read after a client Close: %v, want a reset, not a clean end", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("server still reading after the client closed")
+	}
+}
+
 func TestServeStopsAndHandlesSeeCancel(t *testing.T) {
 	e := newEnv(t)
 	l, err := net.Listen("tcp", "127.0.0.1:0")
@@ -609,6 +644,10 @@ func TestServeStopsAndHandlesSeeCancel(t *testing.T) {
 	case <-handled:
 	default:
 		t.Error("Serve returned before its Handle did")
+	}
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := c.Read(make([]byte, 1)); err == nil || errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Errorf("client read after the server stopped: %v, want the tunnel ended", err)
 	}
 	if _, err := net.Dial("tcp", l.Addr().String()); err == nil {
 		t.Error("listener still open")
