@@ -2,6 +2,8 @@ package xds_test
 
 import (
 	"context"
+	"encoding/json"
+	"errors"
 	"slices"
 	"sort"
 	"testing"
@@ -12,12 +14,15 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/anypb"
 
 	ambientv1 "github.com/trustmesh/trustmesh/api/ambient/v1"
 	"github.com/trustmesh/trustmesh/mesh"
+	"github.com/trustmesh/trustmesh/xds"
 	"github.com/trustmesh/trustmesh/xds/internal/meshtest"
+	"github.com/trustmesh/trustmesh/xds/proxyconfig"
 )
 
 // ambientMesh has two ambient workloads on two nodes, a sidecar, a pod of
@@ -321,5 +326,39 @@ func TestNodeProxyConfigLeavesOutABadWorkload(t *testing.T) {
 	ws, _ := e.deltaNode(e.mint(nodeID("node-a")), nodeProxy("192.168.0.1", "node-a")).first()
 	if got, want := keys(ws), []string{"5a1e", "demo/echo", "demo/legacy", "demo/web"}; !slices.Equal(got, want) {
 		t.Fatalf("workloads %v, want %v without curl", got, want)
+	}
+}
+
+// TestDumpNodeProxy: `trustmesh xds dump` of a node proxy's id prints the
+// Workloads that node's proxy is sent, by name, as the server sends them;
+// a malformed node proxy id is refused.
+func TestDumpNodeProxy(t *testing.T) {
+	out, err := xds.Dump(xds.DumpRequest{Mesh: mesh.Static{M: ambientMesh()}, Proxy: testProxy(), NodeID: "node~192.168.0.2~node-b~cluster.local"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got struct {
+		Node      string            `json:"node"`
+		Workloads []json.RawMessage `json:"workloads"`
+	}
+	if err := json.Unmarshal(out, &got); err != nil {
+		t.Fatalf("%v in\n%s", err, out)
+	}
+	var uids []string
+	for _, raw := range got.Workloads {
+		w := &ambientv1.Workload{}
+		if err := protojson.Unmarshal(raw, w); err != nil {
+			t.Fatal(err)
+		}
+		uids = append(uids, w.GetUid())
+		if w.GetUid() == "demo/curl" && (w.GetNetns() != "/run/netns/curl" || w.GetMode() != ambientv1.DataPlaneMode_DATA_PLANE_MODE_AMBIENT) {
+			t.Errorf("curl dumped as %v", w)
+		}
+	}
+	if want := []string{"5a1e", "demo/curl", "demo/echo", "demo/other", "demo/web"}; got.Node != "node~192.168.0.2~node-b~cluster.local" || !slices.Equal(uids, want) {
+		t.Fatalf("dump of node %s: %v, want %v\n%s", got.Node, uids, want, out)
+	}
+	if _, err := xds.Dump(xds.DumpRequest{Mesh: mesh.Static{M: ambientMesh()}, Proxy: testProxy(), NodeID: "node~x~node-b~cluster.local"}); !errors.Is(err, proxyconfig.ErrNodeID) {
+		t.Fatalf("a malformed node proxy id: %v, want ErrNodeID", err)
 	}
 }

@@ -6,7 +6,10 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
+	"slices"
 	"sort"
+	"strings"
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
@@ -14,6 +17,7 @@ import (
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/structpb"
 
+	ambientv1 "github.com/trustmesh/trustmesh/api/ambient/v1"
 	"github.com/trustmesh/trustmesh/authz/policy"
 	"github.com/trustmesh/trustmesh/mesh"
 	"github.com/trustmesh/trustmesh/xds/proxyconfig"
@@ -31,7 +35,8 @@ type DumpRequest struct {
 	Mesh     mesh.Source
 	Policies PolicyLister
 	Proxy    proxyconfig.Config
-	// NodeID is the node id, TYPE~IP~POD.NAMESPACE~NAMESPACE.svc.DOMAIN.
+	// NodeID is the node id, TYPE~IP~POD.NAMESPACE~NAMESPACE.svc.DOMAIN,
+	// or a node proxy's, node~IP~NAME~DOMAIN.
 	NodeID string
 	// ServiceAccount defaults to the pod's in the mesh.
 	ServiceAccount string
@@ -71,6 +76,10 @@ func Dump(req DumpRequest) ([]byte, error) {
 			return nil, fmt.Errorf("%w: %w", ErrPolicies, err)
 		}
 	}
+	gen := newGeneration(proxyconfig.NewBuilder(cfg, m, ps), slog.New(slog.DiscardHandler))
+	if strings.HasPrefix(req.NodeID, ambientv1.NodeIDPrefix) {
+		return dumpAmbient(req.NodeID, policy.Digest(ps), gen)
+	}
 	node, err := dumpNode(req, m)
 	if err != nil {
 		return nil, err
@@ -79,11 +88,39 @@ func Dump(req DumpRequest) ([]byte, error) {
 	if err != nil {
 		return nil, err
 	}
-	_, res, err := newGeneration(proxyconfig.NewBuilder(cfg, m, ps), slog.New(slog.DiscardHandler)).snapshot(pn)
+	_, res, err := gen.snapshot(pn)
 	if err != nil {
 		return nil, err
 	}
 	return renderJSON(node.GetId(), policy.Digest(ps), res)
+}
+
+// dumpAmbient renders the Workloads a node proxy is sent. Its
+// Authorization revision is a running server's policy feed version, which
+// files do not have: the policy_digest names the policies instead.
+func dumpAmbient(nodeID, policyDigest string, gen *generation) ([]byte, error) {
+	an, err := parseAmbientNode(nodeID)
+	if err != nil {
+		return nil, err
+	}
+	pub, err := gen.ambientSnapshot(an.Name)
+	if err != nil {
+		return nil, err
+	}
+	rs := pub.snap.GetResources(ambientv1.WorkloadType)
+	out := struct {
+		Node         string            `json:"node"`
+		PolicyDigest string            `json:"policy_digest,omitempty"`
+		Workloads    []json.RawMessage `json:"workloads"`
+	}{Node: nodeID, PolicyDigest: policyDigest, Workloads: []json.RawMessage{}}
+	for _, name := range slices.Sorted(maps.Keys(rs)) {
+		b, err := stableJSON(rs[name])
+		if err != nil {
+			return nil, fmt.Errorf("xds: rendering: %w", err)
+		}
+		out.Workloads = append(out.Workloads, b)
+	}
+	return indentJSON(out)
 }
 
 func dumpNode(req DumpRequest, m *mesh.Mesh) (*corev3.Node, error) {
@@ -141,17 +178,11 @@ func renderJSON(nodeID, policyDigest string, res *proxyconfig.Resources) ([]byte
 	}{Node: nodeID, PolicyDigest: policyDigest, Warnings: res.Warnings, Refusals: res.Refusals}
 	var errs []error
 	add := func(dst *[]json.RawMessage, m proto.Message) {
-		b, err := protojson.Marshal(m)
+		b, err := stableJSON(m)
 		if err != nil {
 			errs = append(errs, err)
 			return
 		}
-		var v any
-		if err := json.Unmarshal(b, &v); err != nil {
-			errs = append(errs, err)
-			return
-		}
-		b, _ = json.Marshal(v)
 		*dst = append(*dst, b)
 	}
 	for _, l := range sortedByName(res.Listeners) {
@@ -176,7 +207,25 @@ func renderJSON(nodeID, policyDigest string, res *proxyconfig.Resources) ([]byte
 	if err := errors.Join(errs...); err != nil {
 		return nil, fmt.Errorf("xds: rendering: %w", err)
 	}
-	b, err := json.Marshal(out)
+	return indentJSON(out)
+}
+
+// stableJSON is a message's protojson output re-encoded, which is
+// byte-stable where protojson's is not.
+func stableJSON(m proto.Message) (json.RawMessage, error) {
+	b, err := protojson.Marshal(m)
+	if err != nil {
+		return nil, err
+	}
+	var v any
+	if err := json.Unmarshal(b, &v); err != nil {
+		return nil, err
+	}
+	return json.Marshal(v)
+}
+
+func indentJSON(v any) ([]byte, error) {
+	b, err := json.Marshal(v)
 	if err != nil {
 		return nil, fmt.Errorf("xds: rendering: %w", err)
 	}

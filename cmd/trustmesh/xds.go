@@ -19,7 +19,8 @@ func newXDSCmd() *cobra.Command {
 		Long: `Print the listeners, routes, clusters, endpoints and secrets (private keys
 redacted) that the xDS server would send the node with this id
 (sidecar~IP~POD.NAMESPACE~NAMESPACE.svc.cluster.local, or router~... for a
-gateway). It computes them from the mesh and policy files; it does not
+gateway); for a node proxy's id (node~IP~NODE~cluster.local), the workloads
+that trustmesh node is sent. It computes them from the mesh and policy files; it does not
 connect to a server or pose as the node. Its policy_digest names the
 policies it read, as the policy_digest of a control plane's decision log
 names the policies in force there.`,
