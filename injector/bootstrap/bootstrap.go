@@ -30,6 +30,7 @@ import (
 	endpointv3 "github.com/envoyproxy/go-control-plane/envoy/config/endpoint/v3"
 	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
 	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
+	internallistenerv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/bootstrap/internal_listener/v3"
 	routerv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/router/v3"
 	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
 	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
@@ -196,7 +197,18 @@ func Build(cfg Config) (*bootstrapv3.Bootstrap, error) {
 	if err != nil {
 		return nil, err
 	}
+	// Internal listeners carry a sidecar's HBONE tunnels to ambient pods
+	// (xds/proxyconfig's connect_originate listeners); Envoy refuses them
+	// unless the bootstrap loads this extension.
+	internalListener, err := anyOf(&internallistenerv3.InternalListener{})
+	if err != nil {
+		return nil, err
+	}
 	b := &bootstrapv3.Bootstrap{
+		BootstrapExtensions: []*corev3.TypedExtensionConfig{{
+			Name:        "envoy.bootstrap.internal_listener",
+			TypedConfig: internalListener,
+		}},
 		Node: &corev3.Node{
 			Id:       NodeID(cfg.Type, cfg.ClusterDomain),
 			Cluster:  ref(EnvServiceAccount) + "." + ref(EnvPodNamespace),
