@@ -443,6 +443,12 @@ func TestTPROXY(t *testing.T) {
 	requireRoot(t)
 	ctx := context.Background()
 	a, b := podPair(t)
+	if err := ProbeTPROXY(ctx, b.ns, true); err != nil {
+		t.Fatalf("this kernel (CI's) is to have TPROXY in namespaces: %v", err)
+	}
+	if after := saveAll(t, b.ns); strings.Contains(after, "TRUSTMESH") {
+		t.Errorf("ProbeTPROXY left:\n%s", after)
+	}
 	r := DefaultRules()
 	r.IPv6, r.TPROXY = true, true
 	if err := Install(ctx, b.ns, r); err != nil {

@@ -37,6 +37,9 @@ func Install(context.Context, Netns, Rules) error { return ErrUnsupported }
 // Remove fails off Linux.
 func Remove(context.Context, Netns) error { return ErrUnsupported }
 
+// ProbeTPROXY fails off Linux.
+func ProbeTPROXY(context.Context, Netns, bool) error { return ErrUnsupported }
+
 // OriginalDst fails off Linux.
 func OriginalDst(net.Conn) (netip.AddrPort, error) { return netip.AddrPort{}, ErrUnsupported }
 

@@ -164,3 +164,27 @@ func (n Netns) removeRoutes(ctx context.Context, f family) error {
 	_, err = n.run(ctx, "", "ip", f.ipFlag, "route", "flush", "table", fmt.Sprint(RouteTable))
 	return err
 }
+
+// ProbeTPROXY reports whether the TPROXY target works in n, for IPv4 and,
+// with v6, IPv6: it loads a TPROXY rule into a chain of its own in mangle and
+// removes it again. A nil error means Rules.TPROXY can be installed; the
+// node proxy otherwise keeps REDIRECT, and applications then see
+// connections from their own pod's address instead of the remote pod's.
+func ProbeTPROXY(ctx context.Context, n Netns, v6 bool) error {
+	const probe = chainPrefix + "PROBE"
+	for _, f := range families {
+		if f.v6 && !v6 {
+			continue
+		}
+		add := fmt.Sprintf("*mangle\n:%s - [0:0]\n-A %s -p tcp -j TPROXY --on-port %d --tproxy-mark %#x/%#x\nCOMMIT\n",
+			probe, probe, DefaultInboundPlaintextPort, TPROXYMark, TPROXYMask)
+		_, err := n.run(ctx, add, f.restore, "--noflush", "--wait")
+		if _, derr := n.run(context.WithoutCancel(ctx), fmt.Sprintf("*mangle\n-F %s\n-X %s\nCOMMIT\n", probe, probe), f.restore, "--noflush", "--wait"); err == nil && derr != nil {
+			return fmt.Errorf("capture: removing the TPROXY probe: %w", derr)
+		}
+		if err != nil {
+			return fmt.Errorf("capture: TPROXY is not usable (%s): %w", f, err)
+		}
+	}
+	return nil
+}

@@ -21,6 +21,10 @@ import (
 // and after opening it; later uses refuse a PID that another namespace's
 // process took over.
 //
+// A process counts as the pod's only where ParseCgroup recognises a pod
+// (where the kubelet makes pod cgroups), so that a look-alike cgroup made
+// elsewhere by someone else cannot offer its own namespace as the pod's.
+//
 // Limits: procRoot must be the node's /proc (the node agent runs with the
 // host PID namespace); a pod is found only while one of its processes runs
 // (its sandbox's pause process does from start to end); processes of the pod

@@ -4,6 +4,7 @@ package capture
 
 import (
 	"context"
+	"crypto/rand"
 	"errors"
 	"fmt"
 	"os"
@@ -29,16 +30,23 @@ func writableCgroup() string {
 }
 
 // podProcess runs sleep in the network namespace name and in a pod cgroup
-// of the kubelet's cgroupfs layout, and ends it when the test ends.
+// of the kubelet's cgroupfs layout, at the top of the hierarchy root where
+// the kubelet puts pods (a pod is recognised nowhere else), and ends it when
+// the test ends. Only the cgroups it made are removed.
 func podProcess(t *testing.T, root, name, uid string) *exec.Cmd {
 	t.Helper()
-	base := filepath.Join(root, fmt.Sprintf("trustmesh-capture-%d-%d", os.Getpid(), time.Now().UnixNano()))
-	dir := filepath.Join(base, "kubepods", "burstable", "pod"+uid, "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef")
+	dir := filepath.Join(root, "kubepods", "burstable", "pod"+uid, "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef")
+	var made []string
+	for d := dir; d != root; d = filepath.Dir(d) {
+		if _, err := os.Stat(d); errors.Is(err, os.ErrNotExist) {
+			made = append(made, d)
+		}
+	}
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() {
-		for d := dir; strings.HasPrefix(d, base); d = filepath.Dir(d) {
+		for _, d := range made {
 			if err := os.Remove(d); err != nil {
 				t.Errorf("removing cgroup %s: %v", d, err)
 			}
@@ -67,7 +75,9 @@ func TestPodNetns(t *testing.T) {
 		t.Fatal("no writable cgroup hierarchy under /sys/fs/cgroup to put a pod's process in")
 	}
 	n, name := newNetns(t)
-	const uid = "7d3b1f0e-2c4a-4b5d-9e6f-a1b2c3d4e5f6"
+	var b [16]byte
+	rand.Read(b[:])
+	uid := fmt.Sprintf("%x-%x-%x-%x-%x", b[0:4], b[4:6], b[6:8], b[8:10], b[10:16])
 	cmd := podProcess(t, root, name, uid)
 	// ip netns exec enters the namespace before it runs sleep.
 	want := nsInode(t, n.Path)
