@@ -524,3 +524,28 @@ func TestTPROXY(t *testing.T) {
 	}
 	mustCall(t, a.ns, netip.AddrPortFrom(b.ip4, 8080), 0, "app")
 }
+
+// BenchmarkInstall is the time to capture one pod: Install of the default
+// rules with IPv6 into a fresh namespace (the namespace's creation is not
+// counted).
+func BenchmarkInstall(b *testing.B) {
+	if os.Geteuid() != 0 {
+		b.Skip("needs root")
+	}
+	r := DefaultRules()
+	r.IPv6 = true
+	for i := 0; i < b.N; i++ {
+		b.StopTimer()
+		name := fmt.Sprintf("tmcap-%d-bench-%d", os.Getpid(), i)
+		if out, err := exec.Command("ip", "netns", "add", name).CombinedOutput(); err != nil {
+			b.Fatalf("%v: %s", err, out)
+		}
+		b.StartTimer()
+		err := Install(context.Background(), NetnsByName(name), r)
+		b.StopTimer()
+		exec.Command("ip", "netns", "del", name).Run()
+		if err != nil {
+			b.Fatal(err)
+		}
+	}
+}
