@@ -31,6 +31,10 @@ type Options struct {
 	// NoPidfd forces the SO_PEERCRED fallback even where the kernel has
 	// SO_PEERPIDFD.
 	NoPidfd bool
+	// KubeletCgroupRoot is the kubelet's --cgroup-root when it is not the
+	// default (a nested node, as kind's "/kubelet"); see ParseCgroupUnder.
+	// Only cgroups there or at the top are pods'.
+	KubeletCgroupRoot string
 }
 
 func (o Options) withDefaults() Options {

@@ -397,10 +397,10 @@ func cgroupHierarchies() (v1, v2 string) {
 	return v1, v2
 }
 
-// makeCgroup makes root/<unique>/rel and removes it when the test ends.
-func makeCgroup(t *testing.T, root, rel string) string {
+// makeCgroup makes root/top/rel and removes it when the test ends.
+func makeCgroup(t *testing.T, root, top, rel string) string {
 	t.Helper()
-	base := filepath.Join(root, fmt.Sprintf("trustmesh-attest-%d-%d", os.Getpid(), time.Now().UnixNano()))
+	base := filepath.Join(root, top)
 	dir := filepath.Join(base, rel)
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		t.Fatal(err)
@@ -472,7 +472,13 @@ func TestWorkloadsAttested(t *testing.T) {
 		{name: "b", uid: 1002, gid: 1003, pod: podB, ctr: ctrB, cgroupV1: v2 == "",
 			cgroup: "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod" +
 				strings.ReplaceAll(podB, "-", "_") + ".slice/cri-containerd-" + ctrB + ".scope"},
+		// A process that names pod a's cgroup inside a subtree it was
+		// given (a systemd user manager's) is no pod (review15-sec F1).
+		{name: "spoof", uid: 1004, gid: 1004, cgroupV1: v2 == "",
+			cgroup: "user.slice/user@1004.service/kubepods/burstable/pod" + podA + "/" + ctrA},
 	}
+	// The pods' cgroups are under a kubelet cgroup root of the test's own.
+	top := fmt.Sprintf("trustmesh-attest-%d-%d", os.Getpid(), time.Now().UnixNano())
 	selectors := map[string][]string{
 		"unknown type": {"unix:shell:/bin/sh"},
 		"empty":        {},
@@ -487,6 +493,9 @@ func TestWorkloadsAttested(t *testing.T) {
 		selectors["gid "+w.name] = []string{cav1.SelectorGID + strconv.Itoa(int(w.gid))}
 		selectors["netns "+w.name] = []string{cav1.SelectorNetns + w.name}
 		selectors["netns path "+w.name] = []string{cav1.SelectorNetns + filepath.Join(netnsDir, w.name)}
+		if w.pod == "" {
+			continue
+		}
 		selectors["pod "+w.name] = []string{cav1.SelectorPodUID + w.pod}
 		selectors["all "+w.name] = []string{
 			cav1.SelectorUID + strconv.Itoa(int(w.uid)), cav1.SelectorGID + strconv.Itoa(int(w.gid)),
@@ -498,6 +507,7 @@ func TestWorkloadsAttested(t *testing.T) {
 		name string
 		opts attest.Options
 	}{{"pidfd", attest.Options{NetnsDir: netnsDir}}, {"peercred", attest.Options{NetnsDir: netnsDir, NoPidfd: true}}} {
+		mode.opts.KubeletCgroupRoot = "/" + top
 		t.Run(mode.name, func(t *testing.T) {
 			srvDir := filepath.Join(dir, mode.name)
 			if err := os.Mkdir(srvDir, 0o755); err != nil {
@@ -511,7 +521,7 @@ func TestWorkloadsAttested(t *testing.T) {
 					if w.cgroupV1 {
 						root = v1
 					}
-					cg := makeCgroup(t, root, w.cgroup)
+					cg := makeCgroup(t, root, top, w.cgroup)
 					o := runCall(t, []string{"nsenter", "--net=" + ns, "--", bin},
 						envSocket+"="+srv.socket, envCgroups+"="+cg,
 						envUID+"="+strconv.Itoa(int(w.uid)), envGID+"="+strconv.Itoa(int(w.gid)))

@@ -23,13 +23,34 @@ var ErrMalformedCgroup = errors.New("attest: malformed cgroup")
 //
 //	/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod<uid_with_underscores>.slice/cri-containerd-<container-id>.scope
 //
-// (runtime prefixes cri-containerd-, containerd-, crio-, docker-). The part
-// before the kubepods cgroup is ignored, so that nested nodes (kind) and
-// paths relative to a cgroup namespace ("/../../kubepods...") parse. The pod
-// UID is returned with dashes, lower case; containerID is "" for a process in
-// the pod's own cgroup. A process in no pod's cgroup gets "", "" and no
-// error. Hierarchies that name different pods or containers are an error.
+// (runtime prefixes cri-containerd-, containerd-, crio-, docker-). It is
+// ParseCgroupUnder with no kubelet cgroup root.
 func ParseCgroup(r io.Reader) (podUID, containerID string, err error) {
+	return ParseCgroupUnder(r, "")
+}
+
+// ParseCgroupUnder is ParseCgroup for a kubelet whose --cgroup-root is
+// kubeletRoot ("/kubelet" in kind; "" or "/" for the default).
+//
+// A pod is recognised only where the kubelet puts it, never by a name
+// found deeper in someone else's subtree: anyone given a delegated subtree
+// (a systemd user manager, rootless containers) can create
+// .../kubepods/pod<uid> there, and pod UIDs are not secret. So, once the
+// leading ".." segments are dropped (a path relative to the reader's cgroup
+// namespace), the path must start with the kubepods cgroup
+// ("kubepods", "kubepods.slice"), optionally below kubeletRoot; or, when
+// the path climbed out of the reader's cgroup namespace (at least one
+// ".."), it may start with a QoS or pod cgroup: the reader is then a pod
+// itself (the node agent in its private cgroup namespace on cgroup v2), and
+// what it climbed to is one of its own ancestors, the kubepods tree, where
+// only the kubelet makes cgroups. The node agent must therefore not run
+// inside a cgroup subtree delegated to others. Below the pod cgroup there
+// may be at most the container's. The pod UID is returned with dashes,
+// lower case; containerID is "" for a process in the pod's own cgroup. A
+// process in no pod's cgroup gets "", "" and no error. Hierarchies that
+// name different pods or containers are an error.
+func ParseCgroupUnder(r io.Reader, kubeletRoot string) (podUID, containerID string, err error) {
+	root := splitPath(kubeletRoot)
 	sc := bufio.NewScanner(r)
 	sc.Buffer(make([]byte, 0, 4096), 1<<20)
 	lines := 0
@@ -47,7 +68,7 @@ func ParseCgroup(r io.Reader) (podUID, containerID string, err error) {
 		if !strings.HasPrefix(parts[2], "/") {
 			return "", "", fmt.Errorf("%w: path %q is not absolute", ErrMalformedCgroup, parts[2])
 		}
-		pod, cid, err := parseCgroupPath(parts[2])
+		pod, cid, err := parseCgroupPath(parts[2], root)
 		if err != nil {
 			return "", "", err
 		}
@@ -69,57 +90,111 @@ func ParseCgroup(r io.Reader) (podUID, containerID string, err error) {
 	return podUID, containerID, nil
 }
 
-// parseCgroupPath finds the pod and container in one cgroup path.
-func parseCgroupPath(path string) (podUID, containerID string, err error) {
-	segs := strings.Split(path, "/")
-	start := -1
-	for i, s := range segs {
-		if s == "kubepods" || strings.HasPrefix(s, "kubepods.") || strings.HasPrefix(s, "kubepods-") {
-			start = i
-			break
+// splitPath returns a cgroup path's segments, without empty ones.
+func splitPath(p string) []string {
+	var segs []string
+	for _, s := range strings.Split(p, "/") {
+		if s != "" {
+			segs = append(segs, s)
 		}
 	}
-	if start < 0 {
+	return segs
+}
+
+// parseCgroupPath finds the pod and container in one cgroup path, anchored
+// as ParseCgroupUnder says.
+func parseCgroupPath(path string, root []string) (podUID, containerID string, err error) {
+	segs := splitPath(path)
+	up := 0
+	for up < len(segs) && segs[up] == ".." {
+		up++
+	}
+	segs = segs[up:]
+	var rest []string
+	switch {
+	case len(segs) > 0 && isKubepods(segs[0]):
+		rest = segs[1:]
+	case len(root) > 0 && len(segs) > len(root) && equal(segs[:len(root)], root) && isKubepods(segs[len(root)]):
+		rest = segs[len(root)+1:]
+	case up > 0:
+		rest = segs // climbed to an ancestor inside the kubepods tree
+	default:
 		return "", "", nil
 	}
-	for i := start; i < len(segs); i++ {
-		raw, ok := podSegment(segs[i])
+	if len(rest) > 0 && isQoS(rest[0]) {
+		rest = rest[1:]
+	}
+	if len(rest) == 0 {
+		return "", "", nil // kubepods or a QoS cgroup itself
+	}
+	raw, ok := podSegment(rest[0])
+	if !ok {
+		return "", "", nil // not the kubelet's layout: no pod
+	}
+	uid, ok := podUIDOf(raw)
+	if !ok {
+		return "", "", fmt.Errorf("%w: %q does not hold a pod UID", ErrMalformedCgroup, rest[0])
+	}
+	switch len(rest) {
+	case 1:
+		return uid, "", nil
+	case 2:
+		cid, ok := containerIDOf(rest[1])
 		if !ok {
-			continue
+			return "", "", fmt.Errorf("%w: %q is not a container ID", ErrMalformedCgroup, rest[1])
 		}
-		uid, ok := podUIDOf(raw)
-		if !ok {
-			return "", "", fmt.Errorf("%w: %q does not hold a pod UID", ErrMalformedCgroup, segs[i])
-		}
-		rest := segs[i+1:]
-		if len(rest) > 0 && rest[len(rest)-1] == "" {
-			rest = rest[:len(rest)-1] // a trailing slash
-		}
-		switch len(rest) {
-		case 0:
-			return uid, "", nil
-		case 1:
-			cid, ok := containerIDOf(rest[0])
-			if !ok {
-				return "", "", fmt.Errorf("%w: %q is not a container ID", ErrMalformedCgroup, rest[0])
-			}
-			return uid, cid, nil
-		default:
-			return "", "", fmt.Errorf("%w: %q: more than a container below pod %s", ErrMalformedCgroup, path, uid)
+		return uid, cid, nil
+	default:
+		return "", "", fmt.Errorf("%w: %q: more than a container below pod %s", ErrMalformedCgroup, path, uid)
+	}
+}
+
+func equal(a, b []string) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for i := range a {
+		if a[i] != b[i] {
+			return false
 		}
 	}
-	return "", "", nil // a QoS cgroup (kubepods/burstable) or kubepods itself
+	return true
+}
+
+// isKubepods reports whether s is the kubelet's top cgroup: "kubepods"
+// (cgroupfs), "kubepods.slice" or, below a systemd cgroup root
+// "<root>.slice", "<root>-kubepods.slice".
+func isKubepods(s string) bool {
+	return s == "kubepods" || s == "kubepods.slice" || strings.HasSuffix(s, "-kubepods.slice")
+}
+
+// isQoS reports whether s is a QoS class cgroup: "besteffort", "burstable"
+// (cgroupfs) or "[<root>-]kubepods-besteffort.slice" (systemd).
+func isQoS(s string) bool {
+	if s == "besteffort" || s == "burstable" {
+		return true
+	}
+	for _, q := range []string{"kubepods-besteffort.slice", "kubepods-burstable.slice"} {
+		if s == q || strings.HasSuffix(s, "-"+q) {
+			return true
+		}
+	}
+	return false
 }
 
 // podSegment returns what follows "pod" in a cgroupfs ("pod<uid>") or
-// systemd ("kubepods-burstable-pod<uid>.slice") pod segment.
+// systemd ("[<root>-]kubepods[-<qos>]-pod<uid>.slice") pod segment.
 func podSegment(s string) (string, bool) {
 	if rest, ok := strings.CutPrefix(s, "pod"); ok {
 		return rest, true
 	}
-	if strings.HasPrefix(s, "kubepods") && strings.HasSuffix(s, ".slice") {
-		if i := strings.LastIndex(s, "-pod"); i >= 0 {
-			return strings.TrimSuffix(s[i+len("-pod"):], ".slice"), true
+	if name, ok := strings.CutSuffix(s, ".slice"); ok {
+		if i := strings.LastIndex(name, "-pod"); i >= 0 {
+			base := name[:i]
+			base = strings.TrimSuffix(strings.TrimSuffix(base, "-besteffort"), "-burstable")
+			if base == "kubepods" || strings.HasSuffix(base, "-kubepods") {
+				return name[i+len("-pod"):], true
+			}
 		}
 	}
 	return "", false

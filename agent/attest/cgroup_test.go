@@ -14,6 +14,7 @@ func TestParseCgroup(t *testing.T) {
 	)
 	tests := []struct {
 		name    string
+		root    string // kubelet cgroup root
 		in      string
 		pod     string
 		ctr     string
@@ -34,7 +35,30 @@ func TestParseCgroup(t *testing.T) {
 			in:  "1:name=systemd:/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod" + uidU + ".slice/docker-" + cid + ".scope",
 			pod: uid, ctr: cid},
 		{name: "containerd prefix", in: "0::/kubepods.slice/kubepods-pod" + uidU + ".slice/containerd-" + cid + ".scope", pod: uid, ctr: cid},
-		{name: "nested in kind", in: "0::/docker/" + cid + "/kubelet/kubepods/burstable/pod" + uid + "/" + cid, pod: uid, ctr: cid},
+		{name: "kind node, kubelet root", root: "/kubelet", in: "0::/kubelet/kubepods/burstable/pod" + uid + "/" + cid, pod: uid, ctr: cid},
+		{name: "kind node, systemd kubelet root", root: "/kubelet.slice",
+			in:  "0::/kubelet.slice/kubelet-kubepods.slice/kubelet-kubepods-besteffort.slice/kubelet-kubepods-besteffort-pod" + uidU + ".slice/cri-containerd-" + cid + ".scope",
+			pod: uid, ctr: cid},
+		{name: "kubelet root given, default layout still a pod", root: "/kubelet", in: "0::/kubepods/pod" + uid + "/" + cid, pod: uid, ctr: cid},
+		{name: "relative to a cgroup namespace, cgroupfs guaranteed", in: "0::/../../../pod" + uid + "/" + cid, pod: uid, ctr: cid},
+		{name: "relative to a cgroup namespace, other qos", in: "0::/../../../burstable/pod" + uid + "/" + cid, pod: uid, ctr: cid},
+		{name: "relative to a cgroup namespace, kubepods", in: "0::/../../../../kubepods/besteffort/pod" + uid + "/" + cid, pod: uid, ctr: cid},
+
+		// A pod's cgroup names made in someone else's subtree are no pod
+		// (review15-sec F1: a systemd user manager's delegated subtree).
+		{name: "spoof: under a user's delegated subtree",
+			in: "0::/user.slice/user-1000.slice/user@1000.service/kubepods/pod" + uid + "/" + cid + "\n"},
+		{name: "spoof: v1 name=systemd hierarchy (the review's repro)",
+			in: "12:pids:/user.slice/user-65534.slice\n1:name=systemd:/system.slice/r15sec-user@65534.service/kubepods/pod" + uid + "\n0::/\n"},
+		{name: "spoof: systemd names under a user's subtree",
+			in: "0::/user.slice/user-1000.slice/user@1000.service/app.slice/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod" + uidU + ".slice/cri-containerd-" + cid + ".scope"},
+		{name: "spoof: relative to a cgroup namespace, outside kubepods",
+			in: "0::/../../../../user.slice/user-1000.slice/user@1000.service/kubepods/pod" + uid + "/" + cid},
+		{name: "spoof: a kind-like prefix with no kubelet root given", in: "0::/docker/" + cid + "/kubelet/kubepods/burstable/pod" + uid + "/" + cid},
+		{name: "spoof: a different kubelet root", root: "/kubelet", in: "0::/user.slice/kubelet/kubepods/pod" + uid + "/" + cid},
+		{name: "spoof: a pod name at the top, not under kubepods", in: "0::/pod" + uid + "/" + cid},
+		{name: "spoof: a systemd pod slice of another prefix", in: "0::/../../evil-pod" + uidU + ".slice"},
+		{name: "a pod inside a container's own cgroup", in: "0::/../../../pod" + uid + "/" + cid + "/kubepods/pod3c48913c-b29f-11e7-9350-020968147796", wantErr: true},
 		{name: "relative to a cgroup namespace",
 			in:  "0::/../../kubepods-burstable-pod" + uidU + ".slice/cri-containerd-" + cid + ".scope",
 			pod: uid, ctr: cid},
@@ -66,7 +90,7 @@ func TestParseCgroup(t *testing.T) {
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
-			pod, ctr, err := ParseCgroup(strings.NewReader(tc.in))
+			pod, ctr, err := ParseCgroupUnder(strings.NewReader(tc.in), tc.root)
 			if tc.wantErr {
 				if !errors.Is(err, ErrMalformedCgroup) {
 					t.Fatalf("ParseCgroup = %q, %q, %v; want ErrMalformedCgroup", pod, ctr, err)

@@ -256,7 +256,7 @@ func (p *Peer) read() (*Caller, error) {
 	if err != nil {
 		return nil, err
 	}
-	if c.PodUID, c.ContainerID, err = ParseCgroup(bytes.NewReader(cg)); err != nil {
+	if c.PodUID, c.ContainerID, err = ParseCgroupUnder(bytes.NewReader(cg), p.t.opts.KubeletCgroupRoot); err != nil {
 		return nil, err
 	}
 	var st unix.Stat_t
