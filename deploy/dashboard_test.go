@@ -92,7 +92,9 @@ func TestDashboard(t *testing.T) {
 		}
 	}
 	for _, area := range []string{"trustmesh_ca_issued", "trustmesh_ca_refused", "trustmesh_ca_certificate_expiry",
-		"trustmesh_authz_decisions", "trustmesh_authz_check_duration", "trustmesh_xds_pushes"} {
+		"trustmesh_authz_decisions", "trustmesh_authz_check_duration", "trustmesh_xds_pushes",
+		"trustmesh_node_proxy_connections_opened", "trustmesh_node_proxy_connections_refused", "trustmesh_node_proxy_connections_closed",
+		"trustmesh_node_proxy_bytes", "trustmesh_node_proxy_hbone_handshake_failures"} {
 		found := false
 		for m := range used {
 			found = found || strings.HasPrefix(m, area)
