@@ -45,3 +45,6 @@ func OriginalDst(net.Conn) (netip.AddrPort, error) { return netip.AddrPort{}, Er
 
 // PodNetns fails off Linux.
 func PodNetns(string, string) (Netns, error) { return Netns{}, ErrUnsupported }
+
+// PodNetnsUnder fails off Linux.
+func PodNetnsUnder(string, string, string) (Netns, error) { return Netns{}, ErrUnsupported }

@@ -21,7 +21,7 @@ import (
 // and after opening it; later uses refuse a PID that another namespace's
 // process took over.
 //
-// A process counts as the pod's only where ParseCgroup recognises a pod
+// A process counts as the pod's only where ParseCgroupUnder recognises a pod
 // (where the kubelet makes pod cgroups), so that a look-alike cgroup made
 // elsewhere by someone else cannot offer its own namespace as the pod's.
 //
@@ -32,6 +32,13 @@ import (
 // own namespace (hostNetwork, ErrHostNetwork). A scan reads every process's
 // cgroup file.
 func PodNetns(procRoot, podUID string) (Netns, error) {
+	return PodNetnsUnder(procRoot, "", podUID)
+}
+
+// PodNetnsUnder is PodNetns on a node whose kubelet runs with --cgroup-root
+// kubeletRoot (kind's "/kubelet"), as agent/attest.ParseCgroupUnder; give
+// it the root the node agent attests callers with.
+func PodNetnsUnder(procRoot, kubeletRoot, podUID string) (Netns, error) {
 	want := strings.ToLower(strings.ReplaceAll(podUID, "_", "-"))
 	if want == "" || strings.Trim(want, "0123456789abcdef-") != "" {
 		return Netns{}, fmt.Errorf("capture: pod UID %q is not a Kubernetes UID", podUID)
@@ -46,7 +53,7 @@ func PodNetns(procRoot, podUID string) (Netns, error) {
 			continue
 		}
 		dir := filepath.Join(procRoot, e.Name())
-		if !inPod(dir, want) {
+		if !inPod(dir, kubeletRoot, want) {
 			continue
 		}
 		ns := Netns{Path: filepath.Join(dir, "ns", "net")}
@@ -57,7 +64,7 @@ func PodNetns(procRoot, podUID string) (Netns, error) {
 		var st unix.Stat_t
 		err = unix.Fstat(int(f.Fd()), &st)
 		f.Close()
-		if err != nil || !inPod(dir, want) {
+		if err != nil || !inPod(dir, kubeletRoot, want) {
 			continue
 		}
 		ns.Dev, ns.Ino = st.Dev, st.Ino
@@ -81,11 +88,11 @@ func PodNetns(procRoot, podUID string) (Netns, error) {
 }
 
 // inPod reports whether the process at dir is in pod uid's cgroup.
-func inPod(dir, uid string) bool {
+func inPod(dir, kubeletRoot, uid string) bool {
 	b, err := os.ReadFile(filepath.Join(dir, "cgroup"))
 	if err != nil {
 		return false
 	}
-	pod, _, err := attest.ParseCgroup(bytes.NewReader(b))
+	pod, _, err := attest.ParseCgroupUnder(bytes.NewReader(b), kubeletRoot)
 	return err == nil && pod == uid
 }

@@ -136,11 +136,16 @@ func TestPodNetns(t *testing.T) {
 // pointing at target.
 func fakeProc(t *testing.T, procRoot string, pid int, uid, target string) string {
 	t.Helper()
+	return fakeProcAt(t, procRoot, pid, "/kubepods/besteffort/pod"+uid+"/0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef", target)
+}
+
+func fakeProcAt(t *testing.T, procRoot string, pid int, cgroup, target string) string {
+	t.Helper()
 	dir := filepath.Join(procRoot, strconv.Itoa(pid))
 	if err := os.MkdirAll(filepath.Join(dir, "ns"), 0o755); err != nil {
 		t.Fatal(err)
 	}
-	if err := os.WriteFile(filepath.Join(dir, "cgroup"), []byte("1:pids:/kubepods/besteffort/pod"+uid+"/0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef\n0::/\n"), 0o644); err != nil {
+	if err := os.WriteFile(filepath.Join(dir, "cgroup"), []byte("1:pids:"+cgroup+"\n0::/\n"), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	link := filepath.Join(dir, "ns", "net")
@@ -198,5 +203,27 @@ func TestPodNetnsPinned(t *testing.T) {
 	fakeProc(t, host, 100, uid, "/proc/self/ns/net")
 	if _, err := PodNetns(host, uid); !errors.Is(err, ErrHostNetwork) {
 		t.Errorf("a pod in the node's namespace: %v, want ErrHostNetwork", err)
+	}
+}
+
+// TestPodNetnsKubeletRoot: a pod is found only where the kubelet puts pod
+// cgroups: below the given kubelet cgroup root, not in a look-alike subtree.
+func TestPodNetnsKubeletRoot(t *testing.T) {
+	requireRoot(t)
+	a, _ := newNetns(t)
+	const uid = "21111111-2222-4333-8444-555555555555"
+	proc := t.TempDir()
+	fakeProcAt(t, proc, 100, "/kubelet/kubepods/burstable/pod"+uid, a.Path)
+	if got, err := PodNetnsUnder(proc, "/kubelet", uid); err != nil || got.Ino != nsInode(t, a.Path) {
+		t.Errorf("below kubelet root /kubelet: %+v, %v", got, err)
+	}
+	if _, err := PodNetns(proc, uid); !errors.Is(err, ErrNoPod) {
+		t.Errorf("with the default kubelet root: %v, want ErrNoPod", err)
+	}
+	// Someone's delegated subtree naming the pod offers its own namespace.
+	fake := t.TempDir()
+	fakeProcAt(t, fake, 200, "/user.slice/user-1000.slice/user@1000.service/kubepods/pod"+uid, a.Path)
+	if _, err := PodNetns(fake, uid); !errors.Is(err, ErrNoPod) {
+		t.Errorf("a look-alike pod cgroup: %v, want ErrNoPod", err)
 	}
 }
