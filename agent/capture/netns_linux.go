@@ -38,6 +38,8 @@ func (n Netns) open() (*os.File, error) {
 
 // Do runs fn on a new OS thread that has entered n, and returns fn's error.
 // The thread is never unlocked: it ends with fn, so nothing else runs in n.
+// Only fn's own goroutine is in n: goroutines it starts run in the node's
+// namespace.
 func (n Netns) Do(fn func() error) error {
 	f, err := n.open()
 	if err != nil {
