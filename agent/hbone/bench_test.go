@@ -59,6 +59,13 @@ func targets(b *testing.B, handle func(io.ReadWriteCloser)) []benchTarget {
 	cfg.Handle = func(_ context.Context, t *Tunnel) { handle(t) }
 	hboneAddr := serve(b, cfg)
 	tcpAddr := tcpServer(b, handle)
+	pool := &Pool{}
+	b.Cleanup(func() { pool.Close() })
+	key := PoolKey{Source: srcID, Peer: dstID, Addr: hboneAddr}
+	dialHBONE := func(ctx context.Context) (net.Conn, error) {
+		var d net.Dialer
+		return d.DialContext(ctx, "tcp", hboneAddr)
+	}
 	return []benchTarget{
 		{"tcp", func(b *testing.B) net.Conn {
 			c, err := net.Dial("tcp", tcpAddr)
@@ -73,6 +80,13 @@ func targets(b *testing.B, handle func(io.ReadWriteCloser)) []benchTarget {
 				b.Fatal(err)
 			}
 			t, err := Dial(context.Background(), c, e.dialConfig("10.0.0.1:80"))
+			if err != nil {
+				b.Fatal(err)
+			}
+			return t
+		}},
+		{"hbone-pooled", func(b *testing.B) net.Conn {
+			t, err := pool.Dial(context.Background(), key, dialHBONE, e.dialConfig("10.0.0.1:80"))
 			if err != nil {
 				b.Fatal(err)
 			}

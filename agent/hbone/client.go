@@ -64,6 +64,24 @@ func Dial(ctx context.Context, conn net.Conn, cfg DialConfig) (net.Conn, error) 
 		conn.Close()
 		return nil, err
 	}
+	tc, cc, err := handshake(ctx, conn, cfg, 0)
+	if err != nil {
+		return nil, err
+	}
+	t, err := connect(ctx, cc, cfg.Authority)
+	if err != nil {
+		cc.Close()
+		tc.Close()
+		return nil, err
+	}
+	t.tc, t.owned = tc, true
+	return t, nil
+}
+
+// handshake runs TLS and the HTTP/2 preface over conn; it closes conn on
+// error. idle > 0 closes the HTTP/2 connection after that long without a
+// stream.
+func handshake(ctx context.Context, conn net.Conn, cfg DialConfig, idle time.Duration) (*tls.Conn, *http2.ClientConn, error) {
 	want := cfg.PeerID
 	tc := tls.Client(conn, &tls.Config{
 		MinVersion: tls.VersionTLS13,
@@ -85,32 +103,38 @@ func Dial(ctx context.Context, conn net.Conn, cfg DialConfig) (net.Conn, error) 
 	})
 	if err := tc.HandshakeContext(ctx); err != nil {
 		tc.Close()
-		return nil, fmt.Errorf("%w: %w", ErrHandshake, err)
+		return nil, nil, fmt.Errorf("%w: %w", ErrHandshake, err)
 	}
 	if err := checkNegotiated(tc.ConnectionState()); err != nil {
 		tc.Close()
-		return nil, fmt.Errorf("%w: %w", ErrHandshake, err)
+		return nil, nil, fmt.Errorf("%w: %w", ErrHandshake, err)
 	}
-
 	tr := &http2.Transport{
 		DisableCompression: true,
 		MaxHeaderListSize:  maxHeaderListSize,
 		// Pings find a peer that vanished without a FIN.
 		ReadIdleTimeout: 30 * time.Second,
 		PingTimeout:     15 * time.Second,
+		IdleConnTimeout: idle,
 	}
 	cc, err := tr.NewClientConn(tc)
 	if err != nil {
 		tc.Close()
-		return nil, fmt.Errorf("hbone: http2: %w", err)
+		return nil, nil, fmt.Errorf("hbone: http2: %w", err)
 	}
+	return tc, cc, nil
+}
+
+// connect opens one CONNECT stream on cc. On error the stream is gone; cc is
+// the caller's.
+func connect(ctx context.Context, cc *http2.ClientConn, authority string) (*clientConn, error) {
 	// The stream outlives ctx; Close cancels it.
 	streamCtx, cancel := context.WithCancel(context.WithoutCancel(ctx))
 	pr, pw := io.Pipe()
 	req := (&http.Request{
 		Method: http.MethodConnect,
-		URL:    &url.URL{Host: cfg.Authority},
-		Host:   cfg.Authority,
+		URL:    &url.URL{Host: authority},
+		Host:   authority,
 		// An empty User-Agent is omitted: the request carries the
 		// pseudo-headers only.
 		Header:        http.Header{"User-Agent": {""}},
@@ -130,8 +154,6 @@ func Dial(ctx context.Context, conn net.Conn, cfg DialConfig) (net.Conn, error) 
 	abort := func() {
 		cancel()
 		pw.CloseWithError(net.ErrClosed)
-		cc.Close()
-		tc.Close()
 	}
 	var res result
 	select {
@@ -141,24 +163,25 @@ func Dial(ctx context.Context, conn net.Conn, cfg DialConfig) (net.Conn, error) 
 		if res = <-done; res.err == nil {
 			res.resp.Body.Close()
 		}
-		return nil, fmt.Errorf("hbone: CONNECT %s: %w", cfg.Authority, ctx.Err())
+		return nil, fmt.Errorf("hbone: CONNECT %s: %w", authority, ctx.Err())
 	}
 	if res.err != nil {
 		abort()
-		return nil, fmt.Errorf("hbone: CONNECT %s: %w", cfg.Authority, res.err)
+		return nil, fmt.Errorf("hbone: CONNECT %s: %w", authority, res.err)
 	}
 	if res.resp.StatusCode != http.StatusOK {
 		res.resp.Body.Close()
 		abort()
-		return nil, fmt.Errorf("hbone: CONNECT %s: %w", cfg.Authority, &StatusError{Code: res.resp.StatusCode})
+		return nil, fmt.Errorf("hbone: CONNECT %s: %w", authority, &StatusError{Code: res.resp.StatusCode})
 	}
-	return &clientConn{tc: tc, cc: cc, body: res.resp.Body, pw: pw, cancel: cancel}, nil
+	return &clientConn{cc: cc, body: res.resp.Body, pw: pw, cancel: cancel}, nil
 }
 
 // clientConn is a tunnel on the client side: reads come from the response
 // stream, writes go to the request stream.
 type clientConn struct {
 	tc     *tls.Conn
+	owned  bool // the connection carries only this tunnel (Dial, not a Pool)
 	cc     *http2.ClientConn
 	body   io.ReadCloser
 	pw     *io.PipeWriter
@@ -181,23 +204,47 @@ func (c *clientConn) Write(p []byte) (int, error) {
 func (c *clientConn) CloseWrite() error { return c.pw.Close() }
 
 // Close ends the tunnel both ways (a stream the server has not finished is
-// reset) and closes the connection under it.
+// reset) and, unless the connection is a Pool's, closes it.
 func (c *clientConn) Close() error {
 	c.once.Do(func() {
 		c.pw.CloseWithError(net.ErrClosed)
 		c.body.Close()
 		c.cancel()
-		c.cc.Close()
-		c.tc.Close()
+		if c.owned {
+			c.cc.Close()
+			c.tc.Close()
+		}
 	})
 	return nil
 }
 
-func (c *clientConn) LocalAddr() net.Addr                { return c.tc.LocalAddr() }
-func (c *clientConn) RemoteAddr() net.Addr               { return c.tc.RemoteAddr() }
-func (c *clientConn) SetDeadline(t time.Time) error      { return c.tc.SetDeadline(t) }
-func (c *clientConn) SetReadDeadline(t time.Time) error  { return c.tc.SetReadDeadline(t) }
-func (c *clientConn) SetWriteDeadline(t time.Time) error { return c.tc.SetWriteDeadline(t) }
+// ErrPooledDeadline: a pooled tunnel shares its connection, whose deadlines
+// would cut every tunnel on it.
+var ErrPooledDeadline = errors.New("hbone: deadlines are not supported on a pooled tunnel")
+
+func (c *clientConn) LocalAddr() net.Addr  { return c.tc.LocalAddr() }
+func (c *clientConn) RemoteAddr() net.Addr { return c.tc.RemoteAddr() }
+
+func (c *clientConn) SetDeadline(t time.Time) error {
+	if !c.owned {
+		return ErrPooledDeadline
+	}
+	return c.tc.SetDeadline(t)
+}
+
+func (c *clientConn) SetReadDeadline(t time.Time) error {
+	if !c.owned {
+		return ErrPooledDeadline
+	}
+	return c.tc.SetReadDeadline(t)
+}
+
+func (c *clientConn) SetWriteDeadline(t time.Time) error {
+	if !c.owned {
+		return ErrPooledDeadline
+	}
+	return c.tc.SetWriteDeadline(t)
+}
 
 // ConnectionState is the TLS state of the tunnel's connection.
 func (c *clientConn) ConnectionState() tls.ConnectionState { return c.tc.ConnectionState() }

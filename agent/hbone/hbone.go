@@ -30,10 +30,11 @@
 //
 // Pooling. Istio's HBONE page (istio.io/latest/docs/ambient/architecture/hbone)
 // has a source and destination identity pair share one connection for all
-// its tunnels. Dial does not pool yet: one TLS connection carries one tunnel,
-// which costs a handshake per tunnelled connection (BenchmarkSetup). The
-// server accepts up to ServerConfig.MaxConcurrentStreams tunnels on one
-// connection, as a pooling peer such as ztunnel opens them.
+// its tunnels. Dial does not pool: its TLS connection carries one tunnel,
+// which costs a handshake per tunnelled connection (BenchmarkSetup). A Pool
+// does, per source ID, destination ID and address, opening another
+// connection when the peer's stream limit is reached. The server accepts up
+// to ServerConfig.MaxConcurrentStreams tunnels on one connection.
 package hbone
 
 import (
