@@ -55,4 +55,8 @@
 //   - A process in a pod's cgroup is that pod's: whoever can move processes
 //     between cgroups (root on the node) can claim a pod's identity, as
 //     whoever is root on the node can read the node agent's memory.
+//   - A pod's cgroup is recognised only where the kubelet makes it (see
+//     ParseCgroupUnder), never by its name inside another subtree, so a user
+//     given a cgroup subtree of its own cannot claim a pod. The node agent
+//     itself must not run in a subtree delegated to others.
 package attest
