@@ -253,7 +253,8 @@ func firstAmbient(t *testing.T, c discoveryv3.AggregatedDiscoveryServiceClient, 
 // TestNodeProxyIdentity: a node proxy must present its own node SVID, over
 // state of the world as over delta: a node id naming another node, a
 // workload's certificate for a node id and a node's certificate for a
-// workload's node id are refused, as is a malformed node proxy id.
+// workload's node id are refused, as is a malformed node proxy id, and an
+// Envoy sidecar of an ambient pod, which its node proxy captures.
 func TestNodeProxyIdentity(t *testing.T) {
 	e := start(t, ambientMesh(), nil)
 	nodeA := e.mint(nodeID("node-a"))
@@ -269,6 +270,7 @@ func TestNodeProxyIdentity(t *testing.T) {
 		{"another node's id", nodeA, nodeProxy("192.168.0.2", "node-b"), codes.PermissionDenied},
 		{"a workload's certificate", web, nodeProxy("192.168.0.1", "node-a"), codes.PermissionDenied},
 		{"a node's certificate for a sidecar", nodeA, webSidecar, codes.PermissionDenied},
+		{"an ambient pod's sidecar", e.mint(ambientMesh().Workloads[0].ID), meshtest.Node("sidecar", "10.0.1.2", ambientMesh().Workloads[0], false), codes.PermissionDenied},
 		{"a node SVID with more segments", e.mint(spiffeid.RequireFromString("spiffe://cluster.local/node/node-a/x")), nodeProxy("192.168.0.1", "node-a"), codes.PermissionDenied},
 		{"no certificate", nil, nodeProxy("192.168.0.1", "node-a"), codes.Unauthenticated},
 		{"malformed IP", nodeA, &corev3.Node{Id: "node~node-a~node-a~cluster.local"}, codes.InvalidArgument},

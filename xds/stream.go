@@ -50,7 +50,7 @@ func statusOf(err error) error {
 	case errors.Is(err, ErrUnauthenticated):
 		return status.Error(codes.Unauthenticated, err.Error())
 	case errors.Is(err, ErrNotWorkload), errors.Is(err, ErrNodeMismatch), errors.Is(err, proxyconfig.ErrIdentity),
-		errors.Is(err, proxyconfig.ErrUnknownWorkload):
+		errors.Is(err, proxyconfig.ErrUnknownWorkload), errors.Is(err, proxyconfig.ErrAmbientWorkload):
 		return status.Error(codes.PermissionDenied, err.Error())
 	case errors.Is(err, proxyconfig.ErrNodeID):
 		return status.Error(codes.InvalidArgument, err.Error())
@@ -252,7 +252,12 @@ func (s *Server) request(id streamKey, n *corev3.Node) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if pn.proxy != nil {
-		if _, err := s.gen.builder.Workload(pn.proxy); err != nil {
+		// The pod must be the mesh's, of the certificate's service
+		// account, and have a sidecar (an ambient pod's node proxy
+		// carries its traffic). The configuration is built once for the
+		// publish below.
+		_, _, err := s.gen.publish(pn)
+		if errors.Is(err, proxyconfig.ErrUnknownWorkload) || errors.Is(err, proxyconfig.ErrIdentity) || errors.Is(err, proxyconfig.ErrAmbientWorkload) {
 			s.log.Warn("xds stream refused", "peer", st.identity.ID.String(), "node", pn.ID, "error", err)
 			return statusOf(err)
 		}
