@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"net/netip"
 	"strings"
 	"time"
 
@@ -82,6 +83,23 @@ type Config struct {
 
 	// MonitoringAddress serves /healthz and /metrics; empty disables it.
 	MonitoringAddress string
+
+	// Proxy runs the L4 proxy of ambient mode (agent/node/proxy) for the
+	// node's ambient pods.
+	Proxy bool
+	// XDSAddress is the xDS server the proxy takes its workloads and policy
+	// revision from (default CAAddress); XDSServerName the name its
+	// serving certificate must carry (default CAServerName, or its host).
+	XDSAddress    string
+	XDSServerName string
+	// AuthzAddress is the control plane's ext_authz the proxy asks about
+	// every inbound connection (required with Proxy); AuthzServerName as
+	// XDSServerName.
+	AuthzAddress    string
+	AuthzServerName string
+	// NodeIP is this node's IP, part of the proxy's xDS node id (required
+	// with Proxy).
+	NodeIP string
 
 	// Clock defaults to the real clock; Logger to slog.Default().
 	Clock  clock.Clock
@@ -176,6 +194,27 @@ func validate(cfg Config) (*settings, error) {
 	}
 	if s.PendingWait < 0 {
 		errs = append(errs, fmt.Errorf("node: negative pending wait %s", s.PendingWait))
+	}
+	if s.Proxy {
+		if s.XDSAddress == "" {
+			s.XDSAddress = s.CAAddress
+		}
+		if s.XDSServerName == "" && s.XDSAddress == s.CAAddress {
+			s.XDSServerName = s.CAServerName
+		}
+		if _, _, err := net.SplitHostPort(s.XDSAddress); err != nil {
+			errs = append(errs, fmt.Errorf("node: xDS address: %w", err))
+		}
+		if _, err := netip.ParseAddr(s.NodeIP); err != nil {
+			errs = append(errs, fmt.Errorf("node: the proxy needs this node's IP (--node-ip), part of its xDS node id: %q: %w", s.NodeIP, err))
+		}
+		if s.AuthzAddress == "" {
+			errs = append(errs, errors.New("node: the proxy needs the ext_authz address (--authz-address) to authorize inbound connections"))
+		} else if _, _, err := net.SplitHostPort(s.AuthzAddress); err != nil {
+			errs = append(errs, fmt.Errorf("node: ext_authz address: %w", err))
+		}
+	} else if s.XDSAddress != "" || s.AuthzAddress != "" {
+		errs = append(errs, errors.New("node: the xDS and ext_authz addresses are the proxy's: they need --proxy"))
 	}
 	if s.MonitoringAddress != "" {
 		if _, _, err := net.SplitHostPort(s.MonitoringAddress); err != nil {
@@ -291,6 +330,13 @@ func build(s *settings) (*assembled, error) {
 		part{"socket", srv.Run},
 		part{"ca client", func(ctx context.Context) error { <-ctx.Done(); _ = client.Close(); return ctx.Err() }},
 	)
+	if s.Proxy {
+		px, err := newProxy(s, cred, holder, reg)
+		if err != nil {
+			return nil, err
+		}
+		a.parts = append(a.parts, part{"proxy", px.Run})
+	}
 	if s.token == nil {
 		a.parts = append(a.parts, part{"node identity", func(ctx context.Context) error { return checkNodeID(ctx, cred, s.NodeName) }})
 	}

@@ -31,11 +31,11 @@ import (
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/protobuf/types/known/anypb"
 
-	ambientv1 "github.com/trustmesh/trustmesh/api/ambient/v1"
 	"github.com/trustmesh/trustmesh/agent/capture"
 	"github.com/trustmesh/trustmesh/agent/hbone"
 	"github.com/trustmesh/trustmesh/agent/identity"
 	"github.com/trustmesh/trustmesh/agent/internal/testca"
+	ambientv1 "github.com/trustmesh/trustmesh/api/ambient/v1"
 )
 
 var td = spiffeid.RequireTrustDomainFromString("example.org")
