@@ -531,6 +531,26 @@ func TestServerAnswersAfterClientHalfClose(t *testing.T) {
 	}
 }
 
+// TestServerClosesFirst is a server that answers and closes while the
+// client still has its half open (an HTTP/1.0 server, a banner): the client
+// reads the answer, then a clean io.EOF, so a proxy can close the tunnel when
+// its application closes (the server's Tunnel has no CloseWrite).
+func TestServerClosesFirst(t *testing.T) {
+	e := newEnv(t)
+	cfg := e.serverConfig()
+	cfg.Handle = func(_ context.Context, tun *Tunnel) {
+		io.WriteString(tun, "banner, bye")
+		tun.Close()
+	}
+	addr := serve(t, cfg)
+	c := mustDial(t, addr, e.dialConfig("10.0.0.1:80"))
+	c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	got, err := io.ReadAll(c)
+	if err != nil || string(got) != "banner, bye" {
+		t.Fatalf("read %q, %v, want the banner then io.EOF", got, err)
+	}
+}
+
 // TestServerCloseUnblocksWriter: a Handle that closes its tunnel while
 // another goroutine's write is stuck (the client reads nothing) returns, and
 // the writer gets an error instead of writing after the handler ended.
