@@ -13,6 +13,7 @@ import (
 	"net/http"
 	"net/url"
 	"os"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -20,6 +21,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 	"golang.org/x/net/http2"
+	"golang.org/x/net/http2/hpack"
 
 	"github.com/trustmesh/trustmesh/agent/internal/testca"
 	"github.com/trustmesh/trustmesh/test/leakcheck"
@@ -769,5 +771,67 @@ func TestMaxConcurrentStreams(t *testing.T) {
 	}
 	for _, b := range open {
 		b.Close()
+	}
+}
+
+// TestHeaderListBounded sends, frame by frame as a client that ignores the
+// server's SETTINGS would, a CONNECT whose header block is larger than the
+// bound: the server refuses it (431 or a reset) and never asks Accept.
+func TestHeaderListBounded(t *testing.T) {
+	e := newEnv(t)
+	cfg := e.serverConfig()
+	cfg.Accept = func(context.Context, spiffeid.ID, string, net.Addr) error {
+		t.Error("Accept called for an oversized header block")
+		return nil
+	}
+	addr := serve(t, cfg)
+	tc, err := tls.Dial("tcp", addr, &tls.Config{
+		InsecureSkipVerify: true, NextProtos: []string{"h2"}, Certificates: []tls.Certificate{*e.src},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tc.Close()
+	tc.SetDeadline(time.Now().Add(10 * time.Second))
+	if _, err := io.WriteString(tc, http2.ClientPreface); err != nil {
+		t.Fatal(err)
+	}
+	fr := http2.NewFramer(tc, tc)
+	if err := fr.WriteSettings(); err != nil {
+		t.Fatal(err)
+	}
+	var block bytes.Buffer
+	enc := hpack.NewEncoder(&block)
+	for _, f := range []hpack.HeaderField{
+		{Name: ":method", Value: "CONNECT"},
+		{Name: ":authority", Value: "10.0.0.1:80"},
+		{Name: "x-padding", Value: strings.Repeat("a", 15000)},
+		{Name: "x-padding2", Value: strings.Repeat("b", 15000)},
+	} {
+		enc.WriteField(f)
+	}
+	// Under the default 16 KiB frame size: HEADERS then CONTINUATION.
+	b := block.Bytes()
+	if err := fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, BlockFragment: b[:16000], EndHeaders: false}); err != nil {
+		t.Fatal(err)
+	}
+	if err := fr.WriteContinuation(1, true, b[16000:]); err != nil {
+		t.Fatal(err)
+	}
+	fr.ReadMetaHeaders = hpack.NewDecoder(4096, nil)
+	for {
+		f, err := fr.ReadFrame()
+		if err != nil {
+			return // the server hung up: refused
+		}
+		switch f := f.(type) {
+		case *http2.MetaHeadersFrame:
+			if st := f.PseudoValue("status"); st == "200" {
+				t.Fatalf("oversized CONNECT answered %s", st)
+			}
+			return
+		case *http2.RSTStreamFrame, *http2.GoAwayFrame:
+			return
+		}
 	}
 }
