@@ -133,7 +133,7 @@ var All = []Analyzer{
 	identitiesAnalyzer,
 	trustDomainAnalyzer,
 	malformedPeerAnalyzer,
-	deadDenyAnalyzer, shadowedAllowAnalyzer, emptyAllowAnalyzer, denyAllAnalyzer, httpOnTCPAnalyzer,
+	deadDenyAnalyzer, shadowedAllowAnalyzer, emptyAllowAnalyzer, denyAllAnalyzer, httpOnTCPAnalyzer, httpOnAmbientAnalyzer,
 	dryRunAnalyzer,
 	customProviderAnalyzer,
 	peerAuthAnalyzer,

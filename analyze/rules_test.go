@@ -23,6 +23,8 @@ func TestRuleMessages(t *testing.T) {
 		{"TMA013_report", "TMA013", "AuthorizationPolicy istio-system/deny-all", "spec.rules[0]", []string{"denies every request to every workload in the mesh"}},
 		{"TMA014_report", "TMA014", "AuthorizationPolicy shop/deny-db-admin", "spec.rules[0]", []string{"operation.paths", "5432", "broadens this DENY", "denies all TCP traffic"}},
 		{"TMA014_report", "TMA014", "AuthorizationPolicy shop/allow-db-reads", "spec.rules[0]", []string{"operation.methods", "narrows this ALLOW", "allows no TCP traffic"}},
+		{"TMA015_report", "TMA015", "AuthorizationPolicy shop/deny-orders-admin", "spec.rules[0]", []string{"operation.paths", "shop/orders-0", "node proxy (L4)", "broadens this DENY", "denies every connection", "waypoint"}},
+		{"TMA015_report", "TMA015", "AuthorizationPolicy shop/allow-orders-reads", "spec.rules[0]", []string{"operation.methods", "shop/orders-0", "narrows this ALLOW", "no traffic at all", "waypoint"}},
 		{"TMA010_report", "TMA010", "AuthorizationPolicy shop/deny-dead", "spec.rules[2]", []string{"source.ip: spec.rules[2].from[0].source.ipBlocks and spec.rules[2].when[0].notValues exclude each other"}},
 	} {
 		t.Run(tc.file+"/"+tc.object+"/"+tc.field, func(t *testing.T) {
