@@ -178,6 +178,9 @@ func (pd *pod) outbound(ctx context.Context, c *net.TCPConn) {
 		return
 	}
 	dst = netip.AddrPortFrom(dst.Addr().Unmap(), dst.Port())
+	// Connecting and the handshake are bounded; the tunnel outlives ctx.
+	ctx, cancel := context.WithTimeout(ctx, p.cfg.ConnectTimeout)
+	defer cancel()
 	dest := p.current().byAddr[dst.Addr()]
 	if dest == nil || dest.msg.GetMode() == ambientv1.DataPlaneMode_DATA_PLANE_MODE_NONE {
 		// Not in the mesh: plain TCP, as the pod would have without the proxy.
@@ -284,7 +287,9 @@ func (pd *pod) serveHBONE(ctx context.Context, l net.Listener) {
 				_ = t.Close()
 				return
 			}
-			app, err := pd.netns.Dial(ctx, "tcp", c.destination.String(), p.cfg.Rules.Mark)
+			dctx, cancel := context.WithTimeout(ctx, p.cfg.ConnectTimeout)
+			app, err := pd.netns.Dial(dctx, "tcp", c.destination.String(), p.cfg.Rules.Mark)
+			cancel()
 			if err != nil {
 				p.m.refused.WithLabelValues(Inbound, "dial").Inc()
 				p.log.Info("cannot reach the application", "destination", c.destination, "error", err)

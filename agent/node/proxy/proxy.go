@@ -50,6 +50,9 @@ const (
 	DefaultDomain       = "cluster.local"
 	DefaultAuthzTimeout = 5 * time.Second
 	DefaultRetry        = 5 * time.Second
+	// DefaultConnectTimeout bounds a connection to a peer's HBONE port, its
+	// handshake, and a connection to the application.
+	DefaultConnectTimeout = 10 * time.Second
 )
 
 // Identities gives the SVIDs of the node's workloads (the node agent's
@@ -85,7 +88,8 @@ type Config struct {
 	// set per pod from its addresses).
 	Rules capture.Rules
 
-	AuthzTimeout time.Duration
+	AuthzTimeout   time.Duration
+	ConnectTimeout time.Duration
 	// Retry is how often a pod whose setup failed is tried again.
 	Retry      time.Duration
 	Backoff    backoff.Backoff
@@ -185,6 +189,9 @@ func New(cfg Config) (*Proxy, error) {
 	}
 	if cfg.AuthzTimeout <= 0 {
 		cfg.AuthzTimeout = DefaultAuthzTimeout
+	}
+	if cfg.ConnectTimeout <= 0 {
+		cfg.ConnectTimeout = DefaultConnectTimeout
 	}
 	if cfg.Retry <= 0 {
 		cfg.Retry = DefaultRetry

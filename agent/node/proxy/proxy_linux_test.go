@@ -75,6 +75,7 @@ func podPair(t *testing.T) (a, b string) {
 	sh(t, "ip", "-n", a, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", b)
 	for i, n := range []string{a, b} {
 		sh(t, "ip", "-n", n, "addr", "add", fmt.Sprintf("10.78.0.%d/24", i+1), "dev", "eth0")
+		sh(t, "ip", "-n", n, "-6", "addr", "add", fmt.Sprintf("fd78::%d/64", i+1), "dev", "eth0", "nodad")
 		sh(t, "ip", "-n", n, "link", "set", "eth0", "up")
 	}
 	return a, b
@@ -243,9 +244,16 @@ func workloadAny(t *testing.T, w *ambientv1.Workload) *anypb.Any {
 }
 
 func (e *env) setWorkload(uid, ns, ip string, id spiffeid.ID, mode ambientv1.DataPlaneMode) {
+	e.setWorkloadLabels(uid, ns, ip, id, mode, map[string]string{"app": uid})
+}
+
+// setWorkloadLabels sends a workload with its IPv4 address ip and the IPv6
+// address of the same host number in fd78::/64.
+func (e *env) setWorkloadLabels(uid, ns, ip string, id spiffeid.ID, mode ambientv1.DataPlaneMode, labels map[string]string) {
+	v6 := "fd78::" + ip[strings.LastIndexByte(ip, '.')+1:]
 	e.xds.setAny(ambientv1.WorkloadType, uid, workloadAny(e.t, &ambientv1.Workload{
 		Uid: uid, Name: uid, Namespace: "default", SpiffeId: id.String(), Node: "n1",
-		Addresses: []string{ip}, Labels: map[string]string{"app": uid}, Mode: mode, Netns: ns,
+		Addresses: []string{ip, v6}, Labels: labels, Mode: mode, Netns: ns,
 	}))
 }
 
@@ -303,7 +311,7 @@ func start(t *testing.T) *env {
 		}
 	})
 	// The echo server in b.
-	l, err := capture.NetnsByName(e.b).Listen(context.Background(), "tcp4", "0.0.0.0:8080", 0)
+	l, err := capture.NetnsByName(e.b).Listen(context.Background(), "tcp", "[::]:8080", 0)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -362,7 +370,7 @@ func (e *env) dialFromA(addr string, mark int) net.Conn {
 // tryEcho dials from pod a and echoes msg; a reset may come as soon as the
 // connect (the proxy answers locally and refuses at once).
 func (e *env) tryEcho(addr string, mark int, msg string) (string, error) {
-	c, err := capture.NetnsByName(e.a).Dial(context.Background(), "tcp4", addr, mark)
+	c, err := capture.NetnsByName(e.a).Dial(context.Background(), "tcp", addr, mark)
 	if err != nil {
 		return "", err
 	}
@@ -546,5 +554,42 @@ func TestAuthorityNotThisWorkloadRefused(t *testing.T) {
 	}
 	if e.authz.last() != nil {
 		t.Fatal("ext_authz was asked about a tunnel to another workload's address")
+	}
+}
+
+func TestIPv6TunnelledAndAuthorized(t *testing.T) {
+	e := start(t)
+	if got, err := e.tryEcho("[fd78::2]:8080", 0, "hello v6"); err != nil || got != "hello v6" {
+		t.Fatalf("echo over IPv6 = %q, %v", got, err)
+	}
+	if got := counter(t, e.proxyMetrics().opened, Inbound); got != 1 {
+		t.Fatalf("inbound tunnels %v, want 1", got)
+	}
+	a := e.authz.last().GetAttributes()
+	if a.GetSource().GetAddress().GetSocketAddress().GetAddress() != "fd78::1" ||
+		a.GetDestination().GetAddress().GetSocketAddress().GetAddress() != "fd78::2" {
+		t.Fatalf("check attributes = %v", a)
+	}
+	if _, err := e.tryEcho("[fd78::2]:8080", capture.DefaultMark, "plain"); !isReset(err) {
+		t.Fatalf("IPv6 inbound plaintext: %v, want a reset", err)
+	}
+}
+
+func TestWorkloadUpdateKeepsConnections(t *testing.T) {
+	e := start(t)
+	c := e.dialFromA("10.78.0.2:8080", 0)
+	if _, err := echo(c, "before"); err != nil {
+		t.Fatal(err)
+	}
+	e.setWorkloadLabels("b", e.b, "10.78.0.2", e.idB, ambientv1.DataPlaneMode_DATA_PLANE_MODE_AMBIENT, map[string]string{"app": "b", "version": "v2"})
+	waitFor(t, "the update", func() bool { return e.p.current().workloads["b"].msg.GetLabels()["version"] == "v2" })
+	if got, err := echo(c, "after"); err != nil || got != "after" {
+		t.Fatalf("an open connection after its workload changed: %q, %v", got, err)
+	}
+	if _, err := e.tryEcho("10.78.0.2:8080", 0, "new"); err != nil {
+		t.Fatal(err)
+	}
+	if got := e.authz.last().GetAttributes().GetDestination().GetLabels()["version"]; got != "v2" {
+		t.Fatalf("a new connection was checked with the old labels (version %q)", got)
 	}
 }
