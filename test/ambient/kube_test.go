@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"fmt"
 	"os"
 	"path/filepath"
 	"slices"
@@ -111,27 +112,35 @@ func TestNodeAgentOnKubernetes(t *testing.T) {
 	}
 
 	s := startServeKube(t, kubeconfig, "--trusted-node-accounts", "trustmesh-system/node-agent")
+	// The pods' cgroups are under a kubelet cgroup root of this test's own
+	// (as a kind node's kubelet has /kubelet), which the node agent is told.
+	kubeletRoot := fmt.Sprintf("%d-kubelet", os.Getpid())
 	node := &nodeAgent{name: "node-a", socket: filepath.Join(dir, "node.sock")}
 	node.monitoring = freePort(t)
 	node.proc = startProc(t, "trustmesh node node-a", nil, "node", "--node-name", "node-a",
 		"--ca-address", s.ca, "--ca-bundle-file", s.bundleFile, "--token-file", tokenFile,
-		"--socket", node.socket, "--monitoring-address", node.monitoring, "--pending-wait", "2s")
+		"--socket", node.socket, "--monitoring-address", node.monitoring, "--pending-wait", "2s",
+		"--kubelet-cgroup-root", "/trustmesh-ambient-test/"+kubeletRoot)
 
-	inPod := func(name string, p *corev1.Pod, uid int) *pod {
+	inPodUnder := func(parent, name string, p *corev1.Pod, uid int) *pod {
 		cid := make([]byte, 32)
 		_, _ = rand.Read(cid)
-		rel := filepath.Join(name, "kubepods", "besteffort", "pod"+string(p.UID), hex.EncodeToString(cid))
+		rel := filepath.Join(parent, "kubepods", "besteffort", "pod"+string(p.UID), hex.EncodeToString(cid))
 		return newPodIn(t, name, uid, uid, rel)
 	}
+	inPod := func(name string, p *corev1.Pod, uid int) *pod { return inPodUnder(kubeletRoot, name, p, uid) }
 	web := inPod("k-web", webPod, 1001)
 	db := inPod("k-db", dbPod, 1002)
 	billing := inPod("k-billing", billingPod, 1004)
 	stranger := newPod(t, "k-stranger", 1009, 1009)
+	// A process that names web's pod cgroup inside a subtree of its own (as
+	// a systemd user manager's delegated one) is no pod (review15-sec F1).
+	impostor := inPodUnder(fmt.Sprintf("%d-user@1010.service", os.Getpid()), "k-impostor", webPod, 1010)
 
 	started := time.Now()
 	took := waitAll(t, node, map[*pod][]string{web: {sa("web")}, db: {sa("db")}}, restartBound)
 	t.Logf("node agent on Kubernetes: every pod served in %s (%s)", time.Since(started).Round(time.Millisecond), took)
-	for _, p := range []*pod{billing, stranger} {
+	for _, p := range []*pod{billing, stranger, impostor} {
 		r, err := p.fetch(ctx, node.socket)
 		if err != nil {
 			t.Fatal(err)
