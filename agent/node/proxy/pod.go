@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"net"
 	"net/netip"
 	"strconv"
@@ -31,7 +32,20 @@ type pod struct {
 	conns map[*inboundConn]struct{}
 }
 
-func (pd *pod) set(w *workload) { pd.w.Store(w) }
+// set updates the pod's workload; open connections stay. It reports
+// whether what a policy selects by (labels, identity) changed.
+func (pd *pod) set(w *workload) bool {
+	old := pd.w.Swap(w)
+	return old == nil || old.id != w.id || !maps.Equal(old.msg.GetLabels(), w.msg.GetLabels())
+}
+
+// current is ic's check with its workload's identity and labels of now.
+func (ic *inboundConn) current() check {
+	c := ic.check
+	w := ic.pd.w.Load()
+	c.dest, c.destLabels = w.id, w.msg.GetLabels()
+	return c
+}
 
 func (pd *pod) inbound() []*inboundConn {
 	pd.mu.Lock()
@@ -224,8 +238,10 @@ func (pd *pod) outbound(ctx context.Context, c *net.TCPConn) {
 	p.carry(Outbound, c, t, nil)
 }
 
-// inboundConn is an open inbound connection, re-checked on policy change.
+// inboundConn is an open inbound connection, re-checked on policy change
+// and when its workload's labels or identity change.
 type inboundConn struct {
+	pd    *pod
 	check check
 	once  sync.Once
 	why   atomic.Value // string: why the proxy closed it
@@ -296,7 +312,7 @@ func (pd *pod) serveHBONE(ctx context.Context, l net.Listener) {
 				_ = t.Close()
 				return
 			}
-			ic := &inboundConn{check: c, t: t, app: app}
+			ic := &inboundConn{pd: pd, check: c, t: t, app: app}
 			pd.mu.Lock()
 			pd.conns[ic] = struct{}{}
 			pd.mu.Unlock()

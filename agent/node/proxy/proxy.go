@@ -291,7 +291,11 @@ func (p *Proxy) reconcile(ctx context.Context, c *config) {
 			p.teardown(uid, pd)
 			continue
 		}
-		pd.set(w) // addresses, labels: no connection is touched
+		// Addresses, labels: no connection is dropped, but new labels may
+		// select other policies, so the pod's open ones are asked about again.
+		if pd.set(w) {
+			p.recheck(ctx, "the workload's labels or identity changed", pd.inbound())
+		}
 	}
 	for uid, w := range c.workloads {
 		if !p.local(w) || pods[uid] != nil {
@@ -343,7 +347,15 @@ func (p *Proxy) recheckAll(ctx context.Context, rev string) {
 		conns = append(conns, pd.inbound()...)
 	}
 	p.mu.Unlock()
-	p.log.Info("policy revision changed; checking open inbound connections again", "revision", rev, "connections", len(conns))
+	p.recheck(ctx, "policy revision "+rev, conns)
+}
+
+// recheck asks about conns again and closes (resets) the denied ones.
+func (p *Proxy) recheck(ctx context.Context, why string, conns []*inboundConn) {
+	if len(conns) == 0 {
+		return
+	}
+	p.log.Info("checking open inbound connections again", "why", why, "connections", len(conns))
 	var wg sync.WaitGroup
 	sem := make(chan struct{}, 16)
 	for _, ic := range conns {
@@ -351,7 +363,7 @@ func (p *Proxy) recheckAll(ctx context.Context, rev string) {
 		sem <- struct{}{}
 		go func() {
 			defer func() { <-sem; wg.Done() }()
-			err := p.authorize(ctx, ic.check)
+			err := p.authorize(ctx, ic.current())
 			var denied *deniedError
 			if errors.As(err, &denied) {
 				p.log.Info("closing an inbound connection the policy now denies", "source", ic.check.source, "destination", ic.check.destination, "reason", denied.msg)

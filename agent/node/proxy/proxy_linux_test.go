@@ -593,3 +593,21 @@ func TestWorkloadUpdateKeepsConnections(t *testing.T) {
 		t.Fatalf("a new connection was checked with the old labels (version %q)", got)
 	}
 }
+
+func TestLabelChangeRechecks(t *testing.T) {
+	e := start(t)
+	c := e.dialFromA("10.78.0.2:8080", 0)
+	if _, err := echo(c, "before"); err != nil {
+		t.Fatal(err)
+	}
+	// New labels select other policies without a new revision.
+	e.authz.deny.Store(true)
+	e.setWorkloadLabels("b", e.b, "10.78.0.2", e.idB, ambientv1.DataPlaneMode_DATA_PLANE_MODE_AMBIENT, map[string]string{"app": "b", "locked": "yes"})
+	_ = c.SetDeadline(time.Now().Add(5 * time.Second))
+	if _, err := io.ReadFull(c, make([]byte, 1)); err == nil || errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatalf("a connection the relabelled workload's policy denies stayed open: %v", err)
+	}
+	if got := e.authz.last().GetAttributes().GetDestination().GetLabels()["locked"]; got != "yes" {
+		t.Fatalf("re-checked with the old labels (locked %q)", got)
+	}
+}
