@@ -126,6 +126,14 @@ type Caller struct {
 	PodUID, ContainerID string
 	// Netns is the device and inode of the process's network namespace.
 	Netns FileID
+	// Mntns is the device and inode of the process's mount namespace, and
+	// HostMounts whether it is the node agent's own. Path means a file of
+	// the node only in the agent's mount namespace: anyone can make a user
+	// and mount namespace of their own and bind any program over
+	// /usr/bin/true there. So unix:path: and unix:sha256: match only a
+	// caller with HostMounts.
+	Mntns      FileID
+	HostMounts bool
 
 	exe  exeKey // the executable file, for unix:sha256:
 	peer *Peer
@@ -166,10 +174,10 @@ func (c *Caller) matches(sel string) bool {
 		return ok && v == c.GID
 	case strings.HasPrefix(sel, cav1.SelectorPath):
 		v := sel[len(cav1.SelectorPath):]
-		return v != "" && strings.HasPrefix(v, "/") && v == c.Path
+		return c.HostMounts && v != "" && strings.HasPrefix(v, "/") && v == c.Path
 	case strings.HasPrefix(sel, cav1.SelectorSHA256):
 		v := sel[len(cav1.SelectorSHA256):]
-		if len(v) != 64 || strings.ToLower(v) != v {
+		if !c.HostMounts || len(v) != 64 || strings.ToLower(v) != v {
 			return false
 		}
 		sum, err := c.exeSHA256()

@@ -459,6 +459,7 @@ func TestWorkloadsAttested(t *testing.T) {
 		pod, ctr string
 		cgroupV1 bool   // else v2
 		cgroup   string // relative to the hierarchy
+		mountNS  bool   // runs in a mount namespace of its own
 	}
 	const (
 		podA = "0d1e2f3a-4b5c-4d6e-8f90-a1b2c3d4e5f6"
@@ -476,6 +477,9 @@ func TestWorkloadsAttested(t *testing.T) {
 		// given (a systemd user manager's) is no pod (review15-sec F1).
 		{name: "spoof", uid: 1004, gid: 1004, cgroupV1: v2 == "",
 			cgroup: "user.slice/user@1004.service/kubepods/burstable/pod" + podA + "/" + ctrA},
+		// The same program in a mount namespace of its own: its path and
+		// executable are that namespace's, so neither matches (review15-sec F2).
+		{name: "mntns", uid: 1005, gid: 1005, cgroupV1: v2 == "", cgroup: "other/mntns", mountNS: true},
 	}
 	// The pods' cgroups are under a kubelet cgroup root of the test's own.
 	top := fmt.Sprintf("trustmesh-attest-%d-%d", os.Getpid(), time.Now().UnixNano())
@@ -522,7 +526,11 @@ func TestWorkloadsAttested(t *testing.T) {
 						root = v1
 					}
 					cg := makeCgroup(t, root, top, w.cgroup)
-					o := runCall(t, []string{"nsenter", "--net=" + ns, "--", bin},
+					argv := []string{"nsenter", "--net=" + ns, "--", bin}
+					if w.mountNS {
+						argv = []string{"nsenter", "--net=" + ns, "--", "unshare", "--mount", "--", bin}
+					}
+					o := runCall(t, argv,
 						envSocket+"="+srv.socket, envCgroups+"="+cg,
 						envUID+"="+strconv.Itoa(int(w.uid)), envGID+"="+strconv.Itoa(int(w.gid)))
 					if o.Code != codes.OK {
@@ -534,7 +542,7 @@ func TestWorkloadsAttested(t *testing.T) {
 							r.UID, r.GID, r.Path, r.PodUID, r.ContainerID, w.uid, w.gid, bin, w.pod, w.ctr)
 					}
 					for name, got := range r.Matches {
-						want := name == "sha256" || name == "path" || strings.HasSuffix(name, " "+w.name)
+						want := (name == "sha256" || name == "path") && !w.mountNS || strings.HasSuffix(name, " "+w.name)
 						if got != want {
 							t.Errorf("Matches(%s %q) = %v, want %v", name, selectors[name], got, want)
 						}

@@ -43,8 +43,11 @@
 //     refused.
 //   - The executable path is the kernel's path of the file the process runs,
 //     in the process's own mount namespace: a container's path names a file
-//     of the container's image, which its owner chooses, so unix:path: only
-//     means something for processes in the host's mount namespace. A
+//     of the container's image, which its owner chooses, and any user can
+//     make a user and mount namespace and bind a program of theirs over any
+//     path. So unix:path: and unix:sha256: match only a process in the node
+//     agent's own mount namespace (Caller.HostMounts), and an entry should
+//     pair them with unix:uid: or unix:gid: (the mesh file requires it). A
 //     replaced or deleted binary no longer matches ("(deleted)"). The
 //     SHA-256 is computed over the running file through /proc/PID/exe, not a
 //     path re-opened by name, and is cached by device, inode, size, mtime

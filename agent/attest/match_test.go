@@ -7,7 +7,7 @@ import "testing"
 // TestWorkloadsAttested.
 func TestMatchesWithoutProcess(t *testing.T) {
 	c := &Caller{PID: 42, UID: 1001, GID: 2002, Path: "/usr/bin/web",
-		PodUID: "0d1e2f3a-4b5c-4d6e-8f90-a1b2c3d4e5f6"}
+		PodUID: "0d1e2f3a-4b5c-4d6e-8f90-a1b2c3d4e5f6", HostMounts: true}
 	tests := []struct {
 		name string
 		sel  []string
@@ -45,6 +45,18 @@ func TestMatchesWithoutProcess(t *testing.T) {
 				t.Fatalf("Matches(%q) = %v, want %v", tc.sel, got, tc.want)
 			}
 		})
+	}
+	// A path in another mount namespace is that namespace's own, which
+	// whoever made it chose (review15-sec F2).
+	elsewhere := *c
+	elsewhere.HostMounts = false
+	for _, sel := range [][]string{{"unix:path:/usr/bin/web"}, {"unix:uid:1001", "unix:path:/usr/bin/web"}} {
+		if elsewhere.Matches(sel) {
+			t.Errorf("Matches(%q) in another mount namespace = true, want false", sel)
+		}
+	}
+	if !elsewhere.Matches([]string{"unix:uid:1001", "unix:gid:2002"}) {
+		t.Error("uid and gid did not match in another mount namespace")
 	}
 	var none *Caller
 	if none.Matches([]string{"unix:uid:0"}) {

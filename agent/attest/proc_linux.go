@@ -264,6 +264,15 @@ func (p *Peer) read() (*Caller, error) {
 		return nil, fmt.Errorf("attest: reading the network namespace: %w", err)
 	}
 	c.Netns = FileID{Dev: st.Dev, Ino: st.Ino}
+	if err := unix.Fstatat(p.dir, "ns/mnt", &st, 0); err != nil {
+		return nil, fmt.Errorf("attest: reading the mount namespace: %w", err)
+	}
+	c.Mntns = FileID{Dev: st.Dev, Ino: st.Ino}
+	own, err := statFileID("/proc/self/ns/mnt")
+	if err != nil {
+		return nil, fmt.Errorf("attest: reading the node agent's own mount namespace: %w", err)
+	}
+	c.HostMounts = own == c.Mntns
 	return c, nil
 }
 
