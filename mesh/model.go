@@ -644,7 +644,9 @@ func (m *Mesh) Validate(td spiffeid.TrustDomain) error {
 // ValidateNodes checks the Nodes against a trust domain (Validate does too):
 // names are DNS-1123 subdomains declared once, and every workload has an
 // identity of the trust domain that does not name a node, and selectors of
-// known types, at least one. It reports every problem.
+// known types, at least one, with a uid or gid beside a path or sha256 (an
+// executable alone does not tell local users apart). It reports every
+// problem.
 func (m *Mesh) ValidateNodes(td spiffeid.TrustDomain) error {
 	return errors.Join(m.validateNodes(td)...)
 }
@@ -679,10 +681,21 @@ func (m *Mesh) validateNodes(td spiffeid.TrustDomain) []error {
 			if len(w.Selectors) == 0 {
 				fail("node %s: workload %s: at least one selector is required, else every local process would receive it", n.Name, w.ID)
 			}
+			exe, user := false, false
 			for _, sel := range w.Selectors {
 				if err := ValidateSelector(sel); err != nil {
 					fail("node %s: workload %s: %v", n.Name, w.ID, err)
 				}
+				switch {
+				case strings.HasPrefix(sel, SelectorPath), strings.HasPrefix(sel, SelectorSHA256):
+					exe = true
+				case strings.HasPrefix(sel, SelectorUID), strings.HasPrefix(sel, SelectorGID):
+					user = true
+				}
+			}
+			if exe && !user {
+				fail("node %s: workload %s: a path or sha256 selector needs a uid or gid beside it: "+
+					"any local user can run a program, or bind one of theirs over a path in a mount namespace of their own", n.Name, w.ID)
 			}
 		}
 	}

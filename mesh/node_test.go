@@ -108,6 +108,10 @@ func TestNodeFileRefused(t *testing.T) {
 		"other trust domain":  {doc("node-a", "  - spiffeID: spiffe://evil.example/ns/demo/sa/web\n    selectors: {uid: 1}\n"), "not in trust domain"},
 		"a node's identity":   {doc("node-a", "  - spiffeID: spiffe://cluster.local/node/node-b\n    selectors: {uid: 1}\n"), "not a workload identity"},
 		"the trust domain ID": {doc("node-a", "  - spiffeID: spiffe://cluster.local\n    selectors: {uid: 1}\n"), "not a workload identity"},
+		// An executable alone does not tell local users apart (review15-sec F2).
+		"path alone":     {doc("node-a", web+"    selectors: {path: /usr/bin/true}\n"), "needs a uid or gid"},
+		"sha256 alone":   {doc("node-a", web+"    selectors: {sha256: "+strings.Repeat("ab", 32)+"}\n"), "needs a uid or gid"},
+		"path and netns": {doc("node-a", web+"    selectors: {path: /usr/bin/web, netns: web}\n"), "needs a uid or gid"},
 	}
 	for name, tc := range cases {
 		t.Run(name, func(t *testing.T) {
