@@ -331,11 +331,11 @@ func build(s *settings) (*assembled, error) {
 		part{"ca client", func(ctx context.Context) error { <-ctx.Done(); _ = client.Close(); return ctx.Err() }},
 	)
 	if s.Proxy {
-		px, err := newProxy(s, cred, holder, reg)
+		pp, err := newProxy(s, cred, client, holder, reg)
 		if err != nil {
 			return nil, err
 		}
-		a.parts = append(a.parts, part{"proxy", px.Run})
+		a.parts = append(a.parts, pp...)
 	}
 	if s.token == nil {
 		a.parts = append(a.parts, part{"node identity", func(ctx context.Context) error { return checkNodeID(ctx, cred, s.NodeName) }})

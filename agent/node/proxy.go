@@ -31,32 +31,24 @@ func (b storeBundle) GetX509BundleForTrustDomain(td spiffeid.TrustDomain) (*x509
 // newProxy wires the L4 proxy: the node authenticates to the xDS server
 // and ext_authz with its node SVID, spiffe://TD/node/NAME (off Kubernetes
 // its own credential; on Kubernetes the one the CA issues it through its
-// delegated batch, which the Holder keeps).
-func newProxy(s *settings, cred *agent.Credential, holder *Holder, reg prometheus.Registerer) (*proxy.Proxy, error) {
+// delegated batch, kept by ownNodeSVID).
+func newProxy(s *settings, cred *agent.Credential, ca NodeCA, holder *Holder, reg prometheus.Registerer) ([]part, error) {
+	var parts []part
+	own := cred.Store
+	if s.token != nil {
+		own = identity.New()
+		ns := &ownNodeSVID{
+			ca: ca, bundle: cred.Store, name: s.NodeName, keyType: s.keyType, ttl: s.CertTTL, clock: s.Clock,
+			backoff: backoff.Backoff{Initial: time.Second, Max: time.Minute}, log: s.Logger.With("component", "node-svid"), store: own,
+		}
+		parts = append(parts, part{"node SVID", ns.Run})
+	}
 	nodeCert := func() (*tls.Certificate, error) {
-		snap, _ := cred.Store.Load()
-		if s.token == nil {
-			if snap.SVID == nil || !isNodeID(snap.SVID.ID, s.NodeName) {
-				return nil, errors.New("node: no node SVID yet")
-			}
-			return tlsCertificate(snap.SVID), nil
+		snap, _ := own.Load()
+		if snap.SVID == nil || !isNodeID(snap.SVID.ID, s.NodeName) {
+			return nil, errors.New("node: no node SVID yet")
 		}
-		if snap.Bundle == nil {
-			return nil, errors.New("node: no trust bundle yet")
-		}
-		id, err := spiffeid.FromSegments(snap.Bundle.TrustDomain(), "node", s.NodeName)
-		if err != nil {
-			return nil, fmt.Errorf("node: %w", err)
-		}
-		st := holder.Store(id)
-		if st == nil {
-			return nil, fmt.Errorf("node: the CA has not issued the node SVID %s (yet)", id)
-		}
-		ns, _ := st.Load()
-		if ns.SVID == nil {
-			return nil, fmt.Errorf("node: no node SVID %s yet", id)
-		}
-		return tlsCertificate(ns.SVID), nil
+		return tlsCertificate(snap.SVID), nil
 	}
 	authzName := s.AuthzServerName
 	if authzName == "" {
@@ -74,5 +66,5 @@ func newProxy(s *settings, cred *agent.Credential, holder *Holder, reg prometheu
 	if err != nil {
 		return nil, fmt.Errorf("node: %w", err)
 	}
-	return px, nil
+	return append(parts, part{"proxy", px.Run}), nil
 }
