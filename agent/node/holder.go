@@ -118,6 +118,9 @@ type held struct {
 	window time.Duration
 	// published says Store(id) returns store.
 	published bool
+	// err is why its last issuance failed and will be retried; nil once
+	// it is held again. Health is made of these.
+	err error
 }
 
 // Holder keeps every identity the node holds: the entries from the CA and,
@@ -132,8 +135,9 @@ type Holder struct {
 	fetched  bool
 	changed  chan struct{}
 	held     map[spiffeid.ID]*held
-	// refused are identities the CA refused as not on the node, retried
-	// only when the entries' revision changes.
+	// refused are identities the CA refused for good (not on the node,
+	// or a refusal no retry can change), asked for again only when the
+	// entries' revision changes.
 	refused map[spiffeid.ID]string
 	bundle  *x509bundle.Bundle
 	// fetch bookkeeping for Refresh: requested counts fetches asked for,
@@ -142,7 +146,6 @@ type Holder struct {
 	lastErr              error
 	fetchDone            chan struct{}
 	entriesErr           error
-	issueErr             error
 
 	kickFetch chan struct{}
 	kickIssue chan struct{}
@@ -283,8 +286,11 @@ func (h *Holder) FirstFullIssuance() time.Duration {
 	return h.firstFull.Sub(h.started)
 }
 
-// Healthy returns nil while the node has its entries and its last issuance
-// did not fail, else why not.
+// Healthy returns nil while the node has its entries and no identity it
+// holds or is getting has a failed issuance waiting for its retry, else
+// why not. An identity the CA refused for good is dropped, not held, and
+// does not count: retrying cannot help, and the entries' next revision
+// asks again.
 func (h *Holder) Healthy() error {
 	h.mu.Lock()
 	defer h.mu.Unlock()
@@ -293,8 +299,22 @@ func (h *Holder) Healthy() error {
 		return fmt.Errorf("cannot fetch the node's entries: %w", h.entriesErr)
 	case !h.fetched:
 		return errors.New("no entries fetched yet")
-	case h.issueErr != nil:
-		return fmt.Errorf("workload certificates: %w", h.issueErr)
+	}
+	var (
+		failing int
+		first   *held
+	)
+	for _, e := range h.held {
+		if e.err == nil {
+			continue
+		}
+		failing++
+		if first == nil || e.id.String() < first.id.String() {
+			first = e
+		}
+	}
+	if failing > 0 {
+		return fmt.Errorf("workload certificates: %d failing, retried; first: %w", failing, first.err)
 	}
 	return nil
 }
@@ -632,11 +652,10 @@ type pending struct {
 // cav1.MaxBatch, and reports whether every one got one (or was dropped).
 func (h *Holder) issue(ctx context.Context, due []*held) bool {
 	var (
-		mu     sync.Mutex
-		ok     = true
-		firstE error
-		wg     sync.WaitGroup
-		sem    = make(chan struct{}, batchConcurrency)
+		mu  sync.Mutex
+		ok  = true
+		wg  sync.WaitGroup
+		sem = make(chan struct{}, batchConcurrency)
 	)
 	for start := 0; start < len(due); start += cav1.MaxBatch {
 		chunk := due[start:min(start+cav1.MaxBatch, len(due))]
@@ -648,18 +667,32 @@ func (h *Holder) issue(ctx context.Context, due []*held) bool {
 			if err := h.issueBatch(ctx, chunk); err != nil {
 				mu.Lock()
 				ok = false
-				if firstE == nil {
-					firstE = err
-				}
 				mu.Unlock()
 			}
 		}()
 	}
 	wg.Wait()
-	h.mu.Lock()
-	h.issueErr = firstE
-	h.mu.Unlock()
 	return ok
+}
+
+// failed records why e's issuance failed, for health, until it is held
+// again or dropped.
+func (h *Holder) failed(e *held, err error) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.held[e.id] == e {
+		e.err = err
+	}
+}
+
+// refusedForGood reports whether a per-param refusal cannot change until
+// the node's entries do: the node may not hold the identity (NOT_ON_NODE,
+// PermissionDenied: reserved, a node identity, another trust domain,
+// delegation off) or the request is one the CA will always refuse
+// (InvalidArgument). Unavailable, Internal, ResourceExhausted and the rest
+// are worth retrying.
+func refusedForGood(c codes.Code, reason string) bool {
+	return reason == cav1.NotOnNode || c == codes.PermissionDenied || c == codes.InvalidArgument
 }
 
 // issueBatch makes one BatchNewX509SVID call and applies its results. It
@@ -670,11 +703,15 @@ func (h *Holder) issueBatch(ctx context.Context, chunk []*held) error {
 	for _, e := range chunk {
 		key, err := svid.GenerateKey(h.cfg.KeyType)
 		if err != nil {
-			return fmt.Errorf("node: %w", err)
+			err = fmt.Errorf("node: %w", err)
+			h.failed(e, err)
+			return err
 		}
 		csrPEM, err := svid.NewCSR(key, e.id)
 		if err != nil {
-			return fmt.Errorf("node: %w", err)
+			err = fmt.Errorf("node: %w", err)
+			h.failed(e, err)
+			return err
 		}
 		block, _ := pem.Decode(csrPEM)
 		ps = append(ps, pending{e: e, key: key})
@@ -688,16 +725,18 @@ func (h *Holder) issueBatch(ctx context.Context, chunk []*held) error {
 	results, err := h.cfg.CA.BatchNewX509SVID(cctx, params)
 	cancel()
 	h.batches.Inc()
+	if err == nil && len(results) != len(ps) {
+		err = fmt.Errorf("node: %d results for %d params", len(results), len(ps))
+	}
 	if err != nil {
+		for _, e := range chunk {
+			h.failed(e, err)
+		}
 		h.results.WithLabelValues(ResultFailed).Add(float64(len(chunk)))
 		if ctx.Err() == nil {
 			h.cfg.Logger.Warn("batch issuance failed", "identities", len(chunk), "error", err)
 		}
 		return err
-	}
-	if len(results) != len(ps) {
-		h.results.WithLabelValues(ResultFailed).Add(float64(len(chunk)))
-		return fmt.Errorf("node: %d results for %d params", len(results), len(ps))
 	}
 	var retry error
 	h.mu.Lock()
@@ -707,10 +746,16 @@ func (h *Holder) issueBatch(ctx context.Context, chunk []*held) error {
 	for i, r := range results {
 		p := ps[i]
 		if c := codes.Code(r.GetCode()); c != codes.OK {
-			if r.GetReason() == cav1.NotOnNode {
-				h.results.WithLabelValues(ResultNotOnNode).Inc()
-				h.cfg.Logger.Warn("the CA says no workload of this identity runs on the node; dropping it",
-					"spiffe_id", p.e.id.String(), "message", r.GetMessage())
+			if refusedForGood(c, r.GetReason()) {
+				if r.GetReason() == cav1.NotOnNode {
+					h.results.WithLabelValues(ResultNotOnNode).Inc()
+					h.cfg.Logger.Warn("the CA says no workload of this identity runs on the node; dropping it until the entries change",
+						"spiffe_id", p.e.id.String(), "message", r.GetMessage())
+				} else {
+					h.results.WithLabelValues(ResultRefused).Inc()
+					h.cfg.Logger.Error("the CA refuses this identity to the node for good; dropping it until the entries change",
+						"spiffe_id", p.e.id.String(), "code", c.String(), "reason", r.GetReason(), "message", r.GetMessage())
+				}
 				h.mu.Lock()
 				if h.held[p.e.id] == p.e {
 					h.refused[p.e.id] = h.revision
@@ -720,8 +765,9 @@ func (h *Holder) issueBatch(ctx context.Context, chunk []*held) error {
 				h.mu.Unlock()
 				continue
 			}
-			h.results.WithLabelValues(ResultRefused).Inc()
 			err := fmt.Errorf("node: %s refused: %s: %s (%s)", p.e.id, c, r.GetMessage(), r.GetReason())
+			h.failed(p.e, err)
+			h.results.WithLabelValues(ResultRefused).Inc()
 			h.cfg.Logger.Warn("workload certificate refused; will retry", "spiffe_id", p.e.id.String(),
 				"code", c.String(), "reason", r.GetReason(), "message", r.GetMessage())
 			retry = cmpErr(retry, err)
@@ -733,9 +779,11 @@ func (h *Holder) issueBatch(ctx context.Context, chunk []*held) error {
 			got, err = svid.Verify(svid.VerifyRequest{Chain: chain, Key: p.key, Bundle: latest, Want: p.e.id, Now: now})
 		}
 		if err != nil {
-			h.results.WithLabelValues(ResultInvalid).Inc()
 			h.cfg.Logger.Error("refusing a certificate from the CA", "spiffe_id", p.e.id.String(), "error", err)
-			retry = cmpErr(retry, fmt.Errorf("node: %s: %w", p.e.id, err))
+			err = fmt.Errorf("node: %s: %w", p.e.id, err)
+			h.failed(p.e, err) // before the metric: who sees the one sees the other
+			h.results.WithLabelValues(ResultInvalid).Inc()
+			retry = cmpErr(retry, err)
 			continue
 		}
 		h.results.WithLabelValues(ResultIssued).Inc()
@@ -769,6 +817,7 @@ func (h *Holder) store(e *held, got *x509svid.SVID) {
 		e.due = floor
 	}
 	e.window = time.Duration(RenewalWindow * float64(life))
+	e.err = nil // held: healthy again, in the same step
 	e.store.SetSVID(got)
 	if !e.published {
 		e.published = true

@@ -51,8 +51,10 @@ type fakeCA struct {
 	entries   []*cav1.Entry
 	revision  string
 	notOnNode map[string]bool
-	wrongKey  bool
-	wrongID   bool
+	// refusal answers a param of that ID with this code and reason.
+	refusal  map[string]*cav1.NewX509SVIDResult
+	wrongKey bool
+	wrongID  bool
 	// hang makes BatchNewX509SVID wait for its caller to give up.
 	hang    bool
 	batches int
@@ -152,7 +154,14 @@ func (f *fakeCA) BatchNewX509SVID(ctx context.Context, req *cav1.BatchNewX509SVI
 		f.mu.Lock()
 		f.asked[p.GetSpiffeId()]++
 		refuse := f.notOnNode[p.GetSpiffeId()]
+		refusal := f.refusal[p.GetSpiffeId()]
 		f.mu.Unlock()
+		if refusal != nil {
+			resp.Results = append(resp.Results, &cav1.NewX509SVIDResult{
+				Code: refusal.GetCode(), Reason: refusal.GetReason(), Message: refusal.GetMessage(),
+			})
+			continue
+		}
 		if refuse {
 			resp.Results = append(resp.Results, &cav1.NewX509SVIDResult{
 				Code: int32(codes.PermissionDenied), Reason: cav1.NotOnNode, Message: "no workload of it on node-a",
@@ -383,6 +392,80 @@ func TestHolderDropsNotOnNode(t *testing.T) {
 	f.setEntries("r2", ids...)
 	clk.Step(DefaultSyncInterval)
 	eventually(t, "the identity back after the entries changed", func() bool { return h.Held() == 2 })
+}
+
+// A refusal no retry can change (the control plane's own identity,
+// reserved, listed because its pod runs on the node; a node identity;
+// another trust domain; a request the CA always refuses) is dropped like
+// NOT_ON_NODE: asked for once per revision, and the node stays healthy. A
+// refusal that may pass (the CA cannot check now, is overloaded, failed)
+// is retried, and the node is unhealthy until it passes (review15-cor F1).
+func TestHolderPermanentAndTransientRefusals(t *testing.T) {
+	for _, tc := range []struct {
+		name      string
+		code      codes.Code
+		reason    string
+		permanent bool
+	}{
+		{"reserved", codes.PermissionDenied, "reserved-identity", true},
+		{"node identity", codes.PermissionDenied, "node-identity", true},
+		{"trust domain", codes.PermissionDenied, "trust-domain", true},
+		{"delegation off", codes.PermissionDenied, "delegation-off", true},
+		{"csr key", codes.InvalidArgument, "csr-key", true},
+		{"check unavailable", codes.Unavailable, "node-check-failed", false},
+		{"overloaded", codes.ResourceExhausted, "", false},
+		{"internal", codes.Internal, "", false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			clk := clocktesting.NewFakeClock(time.Now())
+			f := newFakeCA(t, clk)
+			ids := workloadIDs(2)
+			f.refusal = map[string]*cav1.NewX509SVIDResult{
+				ids[1].String(): {Code: int32(tc.code), Reason: tc.reason, Message: "refused"},
+			}
+			f.setEntries("r1", ids...)
+			h, _ := startHolder(t, f, nil)
+			eventually(t, "first round", func() bool { return f.askedFor(ids[1]) >= 1 && h.Held() == 1 })
+			for range 10 {
+				clk.Step(2 * time.Minute) // past any backoff (capped at a minute)
+				time.Sleep(20 * time.Millisecond)
+			}
+			n := f.askedFor(ids[1])
+			if tc.permanent {
+				if n != 1 {
+					t.Errorf("a permanent refusal was asked for %d times under one revision, want 1", n)
+				}
+				if err := h.Healthy(); err != nil {
+					t.Errorf("unhealthy for a permanent refusal: %v", err)
+				}
+				if h.Store(ids[1]) != nil {
+					t.Error("Store returns the refused identity")
+				}
+			} else {
+				if n < 2 {
+					t.Errorf("a transient refusal was asked for %d times, want retries", n)
+				}
+				if err := h.Healthy(); err == nil {
+					t.Error("healthy while an identity is refused and retried")
+				}
+			}
+			// The refusal lifts; a permanent one is asked again when
+			// the entries change, a transient one at its next retry.
+			f.mu.Lock()
+			f.refusal = nil
+			f.mu.Unlock()
+			if tc.permanent {
+				f.setEntries("r2", ids...)
+			}
+			eventually(t, "both held", func() bool {
+				clk.Step(time.Minute)
+				return h.Held() == 2
+			})
+			if err := h.Healthy(); err != nil {
+				t.Errorf("unhealthy once both are held: %v", err)
+			}
+		})
+	}
 }
 
 // A certificate for another key or another identity is never stored.
