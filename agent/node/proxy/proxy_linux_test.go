@@ -92,6 +92,7 @@ type fakeXDS struct {
 	nacks   []string
 	acks    int
 	nodeIDs []string
+	initial []map[string]string // the Workload subscriptions' initial versions
 	peers   []string
 }
 
@@ -151,6 +152,9 @@ func (f *fakeXDS) DeltaAggregatedResources(s discoveryv3.AggregatedDiscoveryServ
 			case r.GetResponseNonce() != "":
 				f.acks++
 			}
+			if r.GetResponseNonce() == "" && r.GetTypeUrl() == ambientv1.WorkloadType {
+				f.initial = append(f.initial, r.GetInitialResourceVersions())
+			}
 			f.mu.Unlock()
 			if r.GetResponseNonce() == "" {
 				if err := s.Send(f.response(r.GetTypeUrl())); err != nil {
@@ -202,12 +206,18 @@ type env struct {
 	reg      *prometheus.Registry
 	ids      idents
 	p        *Proxy
+	xdsAddr  string
+	servers  []*grpc.Server // xDS first
 	clientID []string // the client certificates' URIs the servers saw
 }
 
 // serveTLS serves g over mTLS with a serving certificate for 127.0.0.1,
 // requiring a client certificate of the CA.
 func (e *env) serveTLS(register func(*grpc.Server)) string {
+	return e.serveTLSOn("127.0.0.1:0", register)
+}
+
+func (e *env) serveTLSOn(addr string, register func(*grpc.Server)) string {
 	cert, err := e.ca.ServingCertificate(time.Now(), nil, []net.IP{net.IPv4(127, 0, 0, 1)})
 	if err != nil {
 		e.t.Fatal(err)
@@ -226,7 +236,8 @@ func (e *env) serveTLS(register func(*grpc.Server)) string {
 		}}
 	g := grpc.NewServer(grpc.Creds(credentials.NewTLS(tc)))
 	register(g)
-	l, err := net.Listen("tcp", "127.0.0.1:0")
+	e.servers = append(e.servers, g)
+	l, err := net.Listen("tcp", addr)
 	if err != nil {
 		e.t.Fatal(err)
 	}
@@ -282,7 +293,7 @@ func start(t *testing.T) *env {
 		st.SetBundle(e.ca.Bundle())
 		e.ids[id] = st
 	}
-	xdsAddr := e.serveTLS(func(g *grpc.Server) { discoveryv3.RegisterAggregatedDiscoveryServiceServer(g, e.xds) })
+	e.xdsAddr = e.serveTLS(func(g *grpc.Server) { discoveryv3.RegisterAggregatedDiscoveryServiceServer(g, e.xds) })
 	authzAddr := e.serveTLS(func(g *grpc.Server) { authv3.RegisterAuthorizationServer(g, e.authz) })
 	e.setWorkload("a", e.a, "10.78.0.1", e.idA, ambientv1.DataPlaneMode_DATA_PLANE_MODE_AMBIENT)
 	e.setWorkload("b", e.b, "10.78.0.2", e.idB, ambientv1.DataPlaneMode_DATA_PLANE_MODE_AMBIENT)
@@ -291,7 +302,7 @@ func start(t *testing.T) *env {
 		<-e.xds.push
 	}
 	p, err := New(Config{
-		NodeName: "n1", NodeIP: "192.0.2.1", XDSAddress: xdsAddr, AuthzAddress: authzAddr,
+		NodeName: "n1", NodeIP: "192.0.2.1", XDSAddress: e.xdsAddr, AuthzAddress: authzAddr,
 		Roots:           func() []*x509.Certificate { return e.ca.Bundle().X509Authorities() },
 		NodeCertificate: func() (*tls.Certificate, error) { return certOf(e.ids, nodeID) },
 		Bundle:          e.ca.Bundle(), Identities: e.ids, Retry: 200 * time.Millisecond,
@@ -610,4 +621,32 @@ func TestLabelChangeRechecks(t *testing.T) {
 	if got := e.authz.last().GetAttributes().GetDestination().GetLabels()["locked"]; got != "yes" {
 		t.Fatalf("re-checked with the old labels (locked %q)", got)
 	}
+}
+
+func TestXDSOutageKeepsConfigAndResumes(t *testing.T) {
+	e := start(t)
+	e.servers[0].Stop()
+	// Disconnected: the last configuration stays in force.
+	if got, err := e.tryEcho("10.78.0.2:8080", 0, "during"); err != nil || got != "during" {
+		t.Fatalf("while the xDS server is down: %q, %v", got, err)
+	}
+	// A server again on the same address: the proxy resubscribes, naming
+	// what it holds, and takes changes from it.
+	x := newFakeXDS()
+	x.res = e.xds.res
+	e.xds = x
+	e.serveTLSOn(e.xdsAddr, func(g *grpc.Server) { discoveryv3.RegisterAggregatedDiscoveryServiceServer(g, x) })
+	waitFor(t, "the resubscription", func() bool { x.mu.Lock(); defer x.mu.Unlock(); return len(x.initial) > 0 })
+	x.mu.Lock()
+	init := x.initial[0]
+	x.mu.Unlock()
+	if _, ok := init["a"]; !ok || len(init) != 2 {
+		t.Fatalf("resubscribed with initial versions %v, want a's and b's", init)
+	}
+	e.setWorkload("a", e.a, "10.78.0.1", e.idA, ambientv1.DataPlaneMode_DATA_PLANE_MODE_NONE)
+	waitFor(t, "a released after the reconnect", func() bool {
+		e.p.mu.Lock()
+		defer e.p.mu.Unlock()
+		return len(e.p.pods) == 1
+	})
 }
