@@ -208,6 +208,7 @@ type env struct {
 	p        *Proxy
 	xdsAddr  string
 	servers  []*grpc.Server // xDS first
+	stop     func()         // stops the proxy
 	clientID []string // the client certificates' URIs the servers saw
 }
 
@@ -315,12 +316,16 @@ func start(t *testing.T) *env {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- p.Run(ctx) }()
-	t.Cleanup(func() {
-		cancel()
-		if err := <-done; !errors.Is(err, context.Canceled) {
-			t.Errorf("Run: %v", err)
-		}
-	})
+	var stopped sync.Once
+	e.stop = func() {
+		stopped.Do(func() {
+			cancel()
+			if err := <-done; !errors.Is(err, context.Canceled) {
+				t.Errorf("Run: %v", err)
+			}
+		})
+	}
+	t.Cleanup(e.stop)
 	// The echo server in b.
 	l, err := capture.NetnsByName(e.b).Listen(context.Background(), "tcp", "[::]:8080", 0)
 	if err != nil {
@@ -649,4 +654,22 @@ func TestXDSOutageKeepsConfigAndResumes(t *testing.T) {
 		defer e.p.mu.Unlock()
 		return len(e.p.pods) == 1
 	})
+}
+
+func TestStopRemovesRedirection(t *testing.T) {
+	e := start(t)
+	e.stop()
+	for _, ns := range []string{e.a, e.b} {
+		out, err := exec.Command("ip", "netns", "exec", ns, "iptables-save").CombinedOutput()
+		if err != nil {
+			t.Fatalf("iptables-save in %s: %v: %s", ns, err, out)
+		}
+		if strings.Contains(string(out), "TRUSTMESH") {
+			t.Fatalf("redirection left in %s after the proxy stopped:\n%s", ns, out)
+		}
+	}
+	// Without the proxy, a's connection goes out as it would without the mesh.
+	if got, err := e.tryEcho("10.78.0.2:8080", 0, "bare"); err != nil || got != "bare" {
+		t.Fatalf("after the proxy stopped: %q, %v", got, err)
+	}
 }
