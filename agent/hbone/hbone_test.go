@@ -103,11 +103,16 @@ func serve(t testing.TB, cfg ServerConfig) string {
 
 func dial(t *testing.T, addr string, cfg DialConfig) (net.Conn, error) {
 	t.Helper()
+	return dialWithin(t, addr, cfg, 10*time.Second)
+}
+
+func dialWithin(t *testing.T, addr string, cfg DialConfig, d time.Duration) (net.Conn, error) {
+	t.Helper()
 	c, err := net.Dial("tcp", addr)
 	if err != nil {
 		t.Fatal(err)
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), d)
 	defer cancel()
 	return Dial(ctx, c, cfg)
 }
@@ -438,13 +443,16 @@ func TestTLSVersionAndALPN(t *testing.T) {
 
 func TestConcurrentTunnels(t *testing.T) {
 	e := newEnv(t)
-	addr := serve(t, e.serverConfig())
+	cfg := e.serverConfig()
+	cfg.HandshakeTimeout = 2 * time.Minute
+	addr := serve(t, cfg)
 	const n = 100
 	var wg sync.WaitGroup
 	errs := make(chan error, n)
 	for i := range n {
 		wg.Go(func() {
-			c, err := dial(t, addr, e.dialConfig(fmt.Sprintf("10.0.%d.%d:80", i/250, i%250+1)))
+			// 100 handshakes at once on 2 shared cores (and -race) take a while.
+			c, err := dialWithin(t, addr, e.dialConfig(fmt.Sprintf("10.0.%d.%d:80", i/250, i%250+1)), 2*time.Minute)
 			if err != nil {
 				errs <- err
 				return

@@ -30,15 +30,19 @@ type PoolKey struct {
 // Pool opens tunnels as streams on shared HBONE connections, as ztunnel
 // pools per source and destination identity; a connection is opened when
 // none of the key has room (its peer's stream limit) and closes after
-// IdleTimeout without tunnels. Tunnels from a Pool have CloseWrite; their
+// IdleTimeout without tunnels. No new tunnel uses a connection once either
+// end's certificate has expired: it finishes its open tunnels and closes,
+// and a new connection with the current SVIDs takes its place. Tunnels from a Pool have CloseWrite; their
 // deadlines are refused (ErrPooledDeadline). The zero Pool is ready.
 type Pool struct {
-	IdleTimeout time.Duration // default DefaultPoolIdleTimeout
+	IdleTimeout time.Duration    // default DefaultPoolIdleTimeout
+	Now         func() time.Time // default time.Now
 
 	mu     sync.Mutex
 	closed bool
 	conns  map[PoolKey][]*http2.ClientConn
 	tls    map[*http2.ClientConn]*tls.Conn
+	expiry map[*http2.ClientConn]time.Time // the earlier NotAfter of its two SVIDs
 }
 
 // ErrPoolClosed is Dial on a closed Pool.
@@ -79,12 +83,20 @@ func (p *Pool) reserve(key PoolKey) (*http2.ClientConn, *tls.Conn, error) {
 	if p.closed {
 		return nil, nil, ErrPoolClosed
 	}
+	now := time.Now
+	if p.Now != nil {
+		now = p.Now
+	}
 	live := p.conns[key][:0]
 	var got *http2.ClientConn
 	for _, cc := range p.conns[key] {
-		st := cc.State()
-		if st.Closed || st.Closing {
-			delete(p.tls, cc)
+		if !now().Before(p.expiry[cc]) {
+			// No new tunnel; the open ones finish, and Close still
+			// reaches it through p.tls until it is closed.
+			cc.SetDoNotReuse()
+			continue
+		}
+		if st := cc.State(); st.Closed || st.Closing {
 			continue
 		}
 		live = append(live, cc)
@@ -110,7 +122,8 @@ func (p *Pool) open(ctx context.Context, key PoolKey, dial func(context.Context)
 	if err != nil {
 		return nil, nil, fmt.Errorf("hbone: source SVID: %w", err)
 	}
-	if err := checkSource(cert.Certificate, key.Source); err != nil {
+	leaf, err := checkSource(cert.Certificate, key.Source)
+	if err != nil {
 		return nil, nil, err
 	}
 	conn, err := dial(ctx)
@@ -140,30 +153,49 @@ func (p *Pool) open(ctx context.Context, key PoolKey, dial func(context.Context)
 	if p.conns == nil {
 		p.conns = map[PoolKey][]*http2.ClientConn{}
 		p.tls = map[*http2.ClientConn]*tls.Conn{}
+		p.expiry = map[*http2.ClientConn]time.Time{}
+	}
+	for old := range p.tls { // forget the connections that have closed
+		if old.State().Closed {
+			delete(p.tls, old)
+			delete(p.expiry, old)
+		}
 	}
 	p.conns[key] = append(p.conns[key], cc)
 	p.tls[cc] = tc
+	p.expiry[cc] = expiry(leaf, tc.ConnectionState())
 	return cc, tc, nil
+}
+
+// expiry is when the earlier of the connection's two leaf certificates
+// expires: ours (the SVID read just before the handshake; the handshake
+// reads it again, never older) and the peer's.
+func expiry(own *x509.Certificate, cs tls.ConnectionState) time.Time {
+	t := own.NotAfter
+	if len(cs.PeerCertificates) > 0 && cs.PeerCertificates[0].NotAfter.Before(t) {
+		t = cs.PeerCertificates[0].NotAfter
+	}
+	return t
 }
 
 // checkSource refuses a certificate chain whose leaf is not source's SVID,
 // so that a key never names a connection authenticated as someone else.
-func checkSource(chain [][]byte, source spiffeid.ID) error {
+func checkSource(chain [][]byte, source spiffeid.ID) (*x509.Certificate, error) {
 	if len(chain) == 0 {
-		return errors.New("hbone: source SVID is empty")
+		return nil, errors.New("hbone: source SVID is empty")
 	}
 	leaf, err := x509.ParseCertificate(chain[0])
 	if err != nil {
-		return fmt.Errorf("hbone: source SVID: %w", err)
+		return nil, fmt.Errorf("hbone: source SVID: %w", err)
 	}
 	id, err := x509svid.IDFromCert(leaf)
 	if err != nil {
-		return fmt.Errorf("hbone: source SVID: %w", err)
+		return nil, fmt.Errorf("hbone: source SVID: %w", err)
 	}
 	if id != source {
-		return fmt.Errorf("hbone: source SVID is %s, pool key names %s", id, source)
+		return nil, fmt.Errorf("hbone: source SVID is %s, pool key names %s", id, source)
 	}
-	return nil
+	return leaf, nil
 }
 
 // Close closes every pooled connection and the tunnels on them.
@@ -175,6 +207,6 @@ func (p *Pool) Close() error {
 		cc.Close()
 		tc.Close()
 	}
-	p.conns, p.tls = nil, nil
+	p.conns, p.tls, p.expiry = nil, nil, nil
 	return nil
 }

@@ -195,3 +195,58 @@ func TestPoolClose(t *testing.T) {
 		t.Errorf("Dial on a closed pool: %v", err)
 	}
 }
+
+// TestPoolRetiresConnectionsPastTheirCertificates: once a pooled
+// connection's SVIDs have expired, new tunnels get a new connection; the
+// tunnels already open on the old one carry on, and it closes after them.
+func TestPoolRetiresConnectionsPastTheirCertificates(t *testing.T) {
+	e := newEnv(t) // SVIDs valid from a minute ago for an hour
+	d := &countingDialer{addr: serve(t, e.serverConfig())}
+	var mu sync.Mutex
+	now := time.Now()
+	p := &Pool{Now: func() time.Time { mu.Lock(); defer mu.Unlock(); return now }}
+	defer p.Close()
+	key := PoolKey{Source: srcID, Peer: dstID, Addr: d.addr}
+	old, err := p.Dial(context.Background(), key, d.dial, e.dialConfig("10.0.0.1:80"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer old.Close()
+	p.mu.Lock()
+	oldCC := p.conns[key][0]
+	p.mu.Unlock()
+
+	mu.Lock()
+	now = now.Add(58 * time.Minute)
+	mu.Unlock()
+	c, err := p.Dial(context.Background(), key, d.dial, e.dialConfig("10.0.0.1:80"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.Close()
+	if n := d.n.Load(); n != 1 {
+		t.Fatalf("a connection within its certificates' life was replaced (%d connections)", n)
+	}
+
+	mu.Lock()
+	now = now.Add(time.Minute)
+	mu.Unlock()
+	c, err = p.Dial(context.Background(), key, d.dial, e.dialConfig("10.0.0.1:80"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if n := d.n.Load(); n != 2 {
+		t.Fatalf("%d connections, want a new one past the certificates' expiry", n)
+	}
+	echoOnce(t, old, "the open tunnel carries on")
+	old.Close()
+	deadline := time.Now().Add(5 * time.Second)
+	for !oldCC.State().Closed {
+		if time.Now().After(deadline) {
+			t.Fatal("the retired connection stayed open after its last tunnel")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	echoOnce(t, c, "the new one works")
+}
