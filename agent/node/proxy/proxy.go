@@ -241,7 +241,8 @@ func (p *Proxy) publish(c *config) {
 	p.changed = make(chan struct{})
 }
 
-// Run runs the proxy until ctx ends; the pods' rules are removed then.
+// Run runs the proxy until ctx ends. The pods' rules stay then (see
+// stopAll); a pod's are removed when it leaves ambient mode.
 func (p *Proxy) Run(ctx context.Context) error {
 	defer p.aconn.Close()
 	return supervisor.Tasks(ctx, p.runXDS, p.runPods)
@@ -251,7 +252,7 @@ func (p *Proxy) Run(ctx context.Context) error {
 // changes, and re-checks open inbound connections when the policy
 // revision does.
 func (p *Proxy) runPods(ctx context.Context) error {
-	defer p.teardownAll()
+	defer p.stopAll()
 	var lastRev string
 	retry := time.NewTicker(p.cfg.Retry)
 	defer retry.Stop()
@@ -313,6 +314,8 @@ func (p *Proxy) reconcile(ctx context.Context, c *config) {
 	}
 }
 
+// teardown stops capturing a pod that left ambient mode (or the node): its
+// listeners close and its redirection is removed.
 func (p *Proxy) teardown(uid string, pd *pod) {
 	pd.stop()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
@@ -326,15 +329,21 @@ func (p *Proxy) teardown(uid string, pd *pod) {
 	p.log.Info("no longer capturing a pod", "workload", uid)
 }
 
-func (p *Proxy) teardownAll() {
+// stopAll closes every pod's listeners when the proxy stops, and leaves
+// the redirection in place: until a proxy runs again (and Install, which
+// is idempotent, finds the rules there), the pods' TCP is refused rather
+// than sent or accepted in plaintext past the policy. Fail closed, as
+// ztunnel's restart keeps the pods' rules.
+func (p *Proxy) stopAll() {
 	p.mu.Lock()
 	pods := make(map[string]*pod, len(p.pods))
 	for k, v := range p.pods {
 		pods[k] = v
 	}
+	p.pods = map[string]*pod{}
 	p.mu.Unlock()
-	for uid, pd := range pods {
-		p.teardown(uid, pd)
+	for _, pd := range pods {
+		pd.stop()
 	}
 }
 

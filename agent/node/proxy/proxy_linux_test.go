@@ -656,7 +656,7 @@ func TestXDSOutageKeepsConfigAndResumes(t *testing.T) {
 	})
 }
 
-func TestStopRemovesRedirection(t *testing.T) {
+func TestStopFailsClosed(t *testing.T) {
 	e := start(t)
 	e.stop()
 	for _, ns := range []string{e.a, e.b} {
@@ -664,12 +664,13 @@ func TestStopRemovesRedirection(t *testing.T) {
 		if err != nil {
 			t.Fatalf("iptables-save in %s: %v: %s", ns, err, out)
 		}
-		if strings.Contains(string(out), "TRUSTMESH") {
-			t.Fatalf("redirection left in %s after the proxy stopped:\n%s", ns, out)
+		if !strings.Contains(string(out), "TRUSTMESH_OUTPUT") {
+			t.Fatalf("the redirection of %s was removed when the proxy stopped:\n%s", ns, out)
 		}
 	}
-	// Without the proxy, a's connection goes out as it would without the mesh.
-	if got, err := e.tryEcho("10.78.0.2:8080", 0, "bare"); err != nil || got != "bare" {
-		t.Fatalf("after the proxy stopped: %q, %v", got, err)
+	// Without the proxy, a's connection is refused, not sent in plaintext
+	// past the policy.
+	if got, err := e.tryEcho("10.78.0.2:8080", 0, "bare"); err == nil {
+		t.Fatalf("with the proxy stopped a connection went through: %q", got)
 	}
 }
