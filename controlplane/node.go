@@ -36,8 +36,9 @@ const nodePoll = 50 * time.Millisecond
 // (spec.nodeName) that has not finished, one entry per pod, attested by the
 // pod's UID: as Istio's node_auth.go allows ztunnel an identity only while a
 // pod of that service account runs on its node. Off Kubernetes, the mesh
-// files' Node of that name lists what it may hold; a node they do not
-// declare is not trusted at all. A Node section that fails validation is
+// files' Node of that name lists what it may hold, and so does every
+// ambient Workload that names the node (attested by its netns); a node
+// they do not name is not trusted at all. A Node section that fails validation is
 // refused and the last good one stays in force, as the xDS server keeps
 // its last good mesh.
 type NodeModel struct {
@@ -102,7 +103,7 @@ func (n *NodeModel) log() *slog.Logger {
 // untrusted is the refusal for a node the mesh files do not declare.
 func untrusted(node string) error {
 	return ca.Refuse(ca.KindDenied, ca.ReasonNodeNotTrusted,
-		fmt.Errorf("node %s is not declared by a mesh file of kind Node", node))
+		fmt.Errorf("node %s is not declared by a mesh file of kind Node, nor named by an ambient Workload", node))
 }
 
 // Entries lists what node may hold now: on Kubernetes one entry per pod on
@@ -121,18 +122,16 @@ func (n *NodeModel) Entries(ctx context.Context, node string) ([]ca.NodeEntry, s
 		return nil, "", err
 	}
 	var entries []ca.NodeEntry
+	placed := placedOn(v.m, node)
 	if decl := v.nodes[node]; decl != nil {
 		for _, w := range decl.Workloads {
 			entries = append(entries, ca.NodeEntry{ID: w.ID, Selectors: slices.Clone(w.Selectors)})
 		}
-	} else if !n.Kubernetes {
+	} else if !n.Kubernetes && len(placed) == 0 {
 		return nil, "", untrusted(node)
 	}
-	for _, w := range v.m.WorkloadsOnNode(node) {
-		if w.UID == "" {
-			continue // no pod UID, nothing to attest it by
-		}
-		entries = append(entries, ca.NodeEntry{ID: w.ID, Selectors: []string{mesh.SelectorPodUID + w.UID}})
+	for _, w := range placed {
+		entries = append(entries, ca.NodeEntry{ID: w.ID, Selectors: []string{heldBy(w)}})
 	}
 	slices.SortFunc(entries, func(a, b ca.NodeEntry) int {
 		if c := strings.Compare(a.ID.String(), b.ID.String()); c != 0 {
@@ -159,14 +158,43 @@ func revision(entries []ca.NodeEntry) string {
 
 // mayHold answers from one view.
 func (n *NodeModel) mayHold(v nodeView, node string, id spiffeid.ID) (bool, error) {
+	placed := placedOn(v.m, node)
 	if decl := v.nodes[node]; decl != nil {
 		if slices.ContainsFunc(decl.Workloads, func(w mesh.NodeWorkload) bool { return w.ID == id }) {
 			return true, nil
 		}
-	} else if !n.Kubernetes {
+	} else if !n.Kubernetes && len(placed) == 0 {
 		return false, untrusted(node)
 	}
-	return slices.ContainsFunc(v.m.WorkloadsOnNode(node), func(w *mesh.Workload) bool { return w.ID == id }), nil
+	return slices.ContainsFunc(placed, func(w *mesh.Workload) bool { return w.ID == id }), nil
+}
+
+// placedOn lists the workloads the mesh places on node that its agent may
+// hold for that alone: on Kubernetes every pod scheduled there, attested by
+// its UID; off it every ambient workload of the mesh files with that node
+// and a netns, attested by its network namespace (its node proxy presents
+// its SVID). Other file workloads naming a node give it nothing: a Node
+// file says what a node may hold for them.
+func placedOn(m *mesh.Mesh, node string) []*mesh.Workload {
+	var out []*mesh.Workload
+	for _, w := range m.WorkloadsOnNode(node) {
+		if heldBy(w) != "" {
+			out = append(out, w)
+		}
+	}
+	return out
+}
+
+// heldBy is the selector by which a placed workload is attested on its
+// node, "" for none.
+func heldBy(w *mesh.Workload) string {
+	switch {
+	case w.UID != "":
+		return mesh.SelectorPodUID + w.UID
+	case w.Mode() == mesh.DataPlaneAmbient && w.Netns != "":
+		return mesh.SelectorNetns + w.Netns
+	}
+	return ""
 }
 
 // MayHold returns nil if node may hold id: on Kubernetes, a pod of that

@@ -58,7 +58,8 @@ type Mesh struct {
 	// Nodes are the nodes declared by mesh files (kind Node), off
 	// Kubernetes: each lists the identities its node agent may hold and how
 	// it attests the local processes that receive them. On Kubernetes the
-	// pods on a node say that instead (WorkloadsOnNode).
+	// pods on a node say that instead (WorkloadsOnNode), and off it the
+	// ambient workloads that name the node do too.
 	Nodes []*Node
 	// Refusals are objects the source read and refused to honour, such as a
 	// PeerAuthentication asking for PERMISSIVE mTLS. Consumers log them.
@@ -108,8 +109,9 @@ func (m *Mesh) Node(name string) *Node {
 	return nil
 }
 
-// WorkloadsOnNode lists the workloads (pods) that run on the node name, by
-// their spec.nodeName; nil off Kubernetes and for an empty name.
+// WorkloadsOnNode lists the workloads that run on the node name: pods by
+// their spec.nodeName on Kubernetes, the file workloads that name it off
+// it; nil for an empty name.
 // The slice is shared: callers must not change it.
 func (m *Mesh) WorkloadsOnNode(name string) []*Workload {
 	if name == "" {
@@ -185,9 +187,10 @@ type Workload struct {
 	// ID is the workload's SPIFFE ID, spiffe://TD/ns/NS/sa/SA.
 	ID     spiffeid.ID
 	Labels map[string]string
-	// Node is the node the pod runs on (its spec.nodeName): empty off
-	// Kubernetes, for a pod not scheduled yet, and for a pod that has
-	// finished (Succeeded or Failed), which runs nowhere.
+	// Node is the node the pod runs on (its spec.nodeName), or off
+	// Kubernetes the node the mesh file names: empty for a pod not
+	// scheduled yet, and for a pod that has finished (Succeeded or
+	// Failed), which runs nowhere.
 	Node string
 	// UID is the pod's UID; empty off Kubernetes.
 	UID string
