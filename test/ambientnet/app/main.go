@@ -45,6 +45,8 @@ func main() {
 		err = send(os.Args[2:])
 	case "hold":
 		err = hold(os.Args[2:])
+	case "bench":
+		err = bench(os.Args[2:])
 	case "impostor":
 		err = impostor(os.Args[2:])
 	default:
@@ -61,6 +63,7 @@ func serve(args []string) error {
 	name := fs.String("name", "app", "what / answers with")
 	httpAddr := fs.String("http", ":8080", "HTTP address")
 	echoAddr := fs.String("echo", ":9000", "TCP echo address")
+	sinkAddr := fs.String("sink", ":9001", "TCP sink address: reads to EOF, answers the count")
 	_ = fs.Parse(args)
 	hl, err := net.Listen("tcp", *httpAddr)
 	if err != nil {
@@ -77,6 +80,23 @@ func serve(args []string) error {
 				return
 			}
 			go func() { defer c.Close(); _, _ = io.Copy(c, c) }()
+		}
+	}()
+	sl, err := net.Listen("tcp", *sinkAddr)
+	if err != nil {
+		return err
+	}
+	go func() {
+		for {
+			c, err := sl.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				n, _ := io.Copy(io.Discard, c)
+				_, _ = fmt.Fprintf(c, "%d\n", n)
+			}()
 		}
 	}()
 	fmt.Println("serving")
