@@ -116,37 +116,53 @@ func (c *CA) IssueDelegated(ctx context.Context, node Node, reqs []DelegatedRequ
 	return out
 }
 
-func (c *CA) issueDelegated(ctx context.Context, node Node, req DelegatedRequest) (*Issued, error) {
-	id := req.ID
+// Delegable returns nil if id may ever be delegated to node, whatever the
+// mesh model says, else the *Refusal that every request for it gets: an
+// identity of another trust domain, one reserved for the control plane, or
+// a node identity other than the node's own (OwnNodeID). Both the node's
+// entries (NodeEntries) and each delegated request (IssueDelegated) are
+// checked with it, so that a node is never told to hold what it will
+// always be refused.
+func (c *CA) Delegable(node Node, id spiffeid.ID) error {
 	if id.IsZero() {
-		return nil, refuse(ReasonIDMalformed, KindInvalid, "no SPIFFE ID asked for")
+		return refuse(ReasonIDMalformed, KindInvalid, "no SPIFFE ID asked for")
 	}
 	if id.TrustDomain() != c.cfg.TrustDomain {
-		return nil, refuse(ReasonTrustDomain, KindDenied, "identity %s is not in trust domain %s", id, c.cfg.TrustDomain)
+		return refuse(ReasonTrustDomain, KindDenied, "identity %s is not in trust domain %s", id, c.cfg.TrustDomain)
 	}
 	for _, r := range c.cfg.Reserved {
 		if id == r {
-			return nil, refuse(ReasonReserved, KindDenied, "%s is reserved for the control plane", r)
+			return refuse(ReasonReserved, KindDenied, "%s is reserved for the control plane", r)
 		}
+	}
+	if IsNodeID(id) {
+		if own, err := c.OwnNodeID(node); err != nil || id != own {
+			return refuse(ReasonNodeIdentity, KindDenied, "%s is a node identity, which is delegated only to a node authenticated by its Kubernetes token, and only its own: %s",
+				id, ownOrWhyNot(own, err))
+		}
+	}
+	return nil
+}
+
+func (c *CA) issueDelegated(ctx context.Context, node Node, req DelegatedRequest) (*Issued, error) {
+	id := req.ID
+	if err := c.Delegable(node, id); err != nil {
+		return nil, err
 	}
 	if c.cfg.Nodes == nil {
 		return nil, refuse(ReasonDelegationOff, KindDenied, "delegated issuance is off: the CA has no mesh model to authorize it")
 	}
-	own, err := c.OwnNodeID(node)
-	switch {
-	case err == nil && id == own:
-		// Its own node SVID, for the node proxy's xDS and ext_authz
-		// streams on Kubernetes. Delegated, it is never renewable by a
-		// client, nor accepted as a node credential by the node
-		// service: the node asks again with its token.
+	if IsNodeID(id) {
+		// Its own node SVID (Delegable allows no other), for the node
+		// proxy's xDS and ext_authz streams on Kubernetes. Delegated, it
+		// is never renewable by a client, nor accepted as a node
+		// credential by the node service: the node asks again with its
+		// token.
 		csr, err := parseCSRDER(req.CSR, id)
 		if err != nil {
 			return nil, err
 		}
 		return c.issue(ctx, node.caller(id), workloadTemplate(id, csr.PublicKey), csr.PublicKey, c.clampTTL(req.TTL))
-	case IsNodeID(id):
-		return nil, refuse(ReasonNodeIdentity, KindDenied, "%s is a node identity, which is delegated only to a node authenticated by its Kubernetes token, and only its own: %s",
-			id, ownOrWhyNot(own, err))
 	}
 	if err := c.cfg.Nodes.MayHold(ctx, node.Name, id); err != nil {
 		if r, ok := AsRefusal(err); ok {
@@ -197,17 +213,28 @@ func ownOrWhyNot(own spiffeid.ID, err error) string {
 	return "this node's is " + own.String()
 }
 
-// NodeEntries lists what node may hold now, from the mesh model.
-func (c *CA) NodeEntries(ctx context.Context, node string) ([]NodeEntry, string, error) {
+// NodeEntries lists what node may hold now, from the mesh model, without
+// the identities Delegable refuses it (the control plane's own pod runs on
+// some node, and the mesh lists it there): a node is not told to hold what
+// it would be refused every time it asked.
+func (c *CA) NodeEntries(ctx context.Context, node Node) ([]NodeEntry, string, error) {
 	if c.cfg.Nodes == nil {
 		return nil, "", refuse(ReasonDelegationOff, KindDenied, "delegated issuance is off: the CA has no mesh model to authorize it")
 	}
-	entries, rev, err := c.cfg.Nodes.Entries(ctx, node)
+	entries, rev, err := c.cfg.Nodes.Entries(ctx, node.Name)
 	if err != nil {
 		if r, ok := AsRefusal(err); ok {
 			return nil, "", r
 		}
-		return nil, "", refuseErr(ReasonNodeCheckFailed, KindUnavailable, fmt.Errorf("entries of node %s: %w", node, err))
+		return nil, "", refuseErr(ReasonNodeCheckFailed, KindUnavailable, fmt.Errorf("entries of node %s: %w", node.Name, err))
 	}
-	return entries, rev, nil
+	// The revision stays the model's: what is left out depends only on
+	// the entries and the CA's configuration.
+	out := make([]NodeEntry, 0, len(entries))
+	for _, e := range entries {
+		if c.Delegable(node, e.ID) == nil {
+			out = append(out, e)
+		}
+	}
+	return out, rev, nil
 }

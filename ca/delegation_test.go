@@ -147,6 +147,63 @@ func TestIssueDelegatedAuthorizesEachParam(t *testing.T) {
 	}
 }
 
+// TestNodeEntriesLeaveOutWhatIsNeverDelegable: the mesh lists every pod on
+// a node, the control plane's own among them; the entries a node is sent
+// leave out what the CA would refuse it every time (reserved, another
+// node's identity, another trust domain), each for the reason
+// IssueDelegated refuses it, and keep the node's own node identity only
+// for a node that may be delegated it (review15-cor F1).
+func TestNodeEntriesLeaveOutWhatIsNeverDelegable(t *testing.T) {
+	f := newFixture(t)
+	ownA := spiffeid.RequireFromPath(td, "/node/node-a")
+	foreign := spiffeid.RequireFromString("spiffe://other.org/ns/default/sa/alice")
+	nodes := &fakeNodes{holds: map[string][]spiffeid.ID{"node-a": {alice, cpID, nodeID, foreign, ownA}}}
+	c := f.delegatingCA(t, nodes)
+	kubeA := ca.Node{Name: "node-a", ID: spiffeid.RequireFromPath(td, "/ns/trustmesh-system/sa/trustmesh-node"),
+		Method: ca.MethodNodeKubernetes, Subject: "system:serviceaccount:trustmesh-system:trustmesh-node"}
+	for _, tc := range []struct {
+		node ca.Node
+		want []spiffeid.ID
+	}{
+		{nodeA, []spiffeid.ID{alice}},       // authenticated by its node SVID: it has its own
+		{kubeA, []spiffeid.ID{alice, ownA}}, // by its token: its own node SVID is delegated
+	} {
+		entries, rev, err := c.NodeEntries(context.Background(), tc.node)
+		if err != nil {
+			t.Fatalf("%s: NodeEntries: %v", tc.node.Method, err)
+		}
+		var got []spiffeid.ID
+		for _, e := range entries {
+			got = append(got, e.ID)
+		}
+		if fmt.Sprint(got) != fmt.Sprint(tc.want) {
+			t.Errorf("%s: entries %v, want %v", tc.node.Method, got, tc.want)
+		}
+		if rev != "5" {
+			t.Errorf("%s: revision %q, want the model's", tc.node.Method, rev)
+		}
+		// Every identity left out is one IssueDelegated refuses, for the
+		// reason Delegable gives.
+		for _, id := range nodes.holds["node-a"] {
+			kept := false
+			for _, w := range got {
+				kept = kept || w == id
+			}
+			if kept {
+				continue
+			}
+			why, ok := ca.AsRefusal(c.Delegable(tc.node, id))
+			if !ok {
+				t.Fatalf("%s: %s left out, but Delegable allows it", tc.node.Method, id)
+			}
+			res := c.IssueDelegated(context.Background(), tc.node, []ca.DelegatedRequest{{ID: id, CSR: derCSR(t, csrOpts{})}})
+			if r, ok := ca.AsRefusal(res[0].Err); !ok || r.Reason != why.Reason {
+				t.Errorf("%s: %s left out for %q, but IssueDelegated answers %v", tc.node.Method, id, why.Reason, res[0].Err)
+			}
+		}
+	}
+}
+
 // TestIssueDelegatedOffWithoutMeshModel: a CA with no NodeAuthorizer
 // delegates nothing.
 func TestIssueDelegatedOffWithoutMeshModel(t *testing.T) {
@@ -155,7 +212,7 @@ func TestIssueDelegatedOffWithoutMeshModel(t *testing.T) {
 	if r, ok := ca.AsRefusal(res[0].Err); !ok || r.Reason != ca.ReasonDelegationOff || r.Kind != ca.KindDenied {
 		t.Fatalf("IssueDelegated without Nodes = %v, %v; want refusal %q", res[0].Issued, res[0].Err, ca.ReasonDelegationOff)
 	}
-	if _, _, err := f.ca.NodeEntries(context.Background(), "node-a"); err == nil {
+	if _, _, err := f.ca.NodeEntries(context.Background(), nodeA); err == nil {
 		t.Fatal("NodeEntries without Nodes listed entries")
 	}
 }

@@ -25,7 +25,8 @@ import (
 type DelegatedIssuer interface {
 	IssueDelegated(ctx context.Context, node ca.Node, reqs []ca.DelegatedRequest) []ca.DelegatedResult
 	// NodeEntries lists what a node may hold, from the CA's NodeAuthorizer.
-	NodeEntries(ctx context.Context, node string) ([]ca.NodeEntry, string, error)
+	// Entries it may never be issued are left out.
+	NodeEntries(ctx context.Context, node ca.Node) ([]ca.NodeEntry, string, error)
 }
 
 // NodeAuthenticator decides which node is calling; *authn.NodeAuthenticator
@@ -129,7 +130,7 @@ func (s *NodeService) FetchEntries(ctx context.Context, _ *cav1.FetchEntriesRequ
 	if err != nil {
 		return nil, s.refuseCall(rpcFetchEntries, creds, node, err)
 	}
-	entries, rev, err := s.cfg.CA.NodeEntries(ctx, node.Name)
+	entries, rev, err := s.cfg.CA.NodeEntries(ctx, node)
 	if err != nil {
 		return nil, s.refuseCall(rpcFetchEntries, creds, node, err)
 	}
