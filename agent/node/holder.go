@@ -29,6 +29,8 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/protobuf/encoding/protowire"
+	"google.golang.org/protobuf/proto"
 	"k8s.io/utils/clock"
 
 	"github.com/trustmesh/trustmesh/agent/backoff"
@@ -67,6 +69,11 @@ const (
 	RenewalWindow = 0.1
 	// batchConcurrency bounds the BatchNewX509SVID calls in flight.
 	batchConcurrency = 4
+	// maxBatchBytes bounds one BatchNewX509SVID request's encoded size,
+	// below the CA's 256 KiB gRPC receive limit: 500 long Kubernetes IDs
+	// (each in the param and again in its CSR) exceed it, and the CA
+	// refuses the whole call with ResourceExhausted.
+	maxBatchBytes = 224 << 10
 )
 
 // Issuance results, the label values of
@@ -695,8 +702,9 @@ func refusedForGood(c codes.Code, reason string) bool {
 	return reason == cav1.NotOnNode || c == codes.PermissionDenied || c == codes.InvalidArgument
 }
 
-// issueBatch makes one BatchNewX509SVID call and applies its results. It
-// returns an error if any param needs a retry.
+// issueBatch asks for chunk's certificates, in as many BatchNewX509SVID
+// calls as keep each request within maxBatchBytes, and applies the results.
+// It returns an error if any param needs a retry.
 func (h *Holder) issueBatch(ctx context.Context, chunk []*held) error {
 	ps := make([]pending, 0, len(chunk))
 	params := make([]*cav1.NewX509SVIDParams, 0, len(chunk))
@@ -721,6 +729,34 @@ func (h *Holder) issueBatch(ctx context.Context, chunk []*held) error {
 			TtlSeconds: int64(h.cfg.TTL / time.Second),
 		})
 	}
+	var retry error
+	for lo := 0; lo < len(params); {
+		hi := lo + fitBatch(params[lo:], maxBatchBytes)
+		if err := h.call(ctx, ps[lo:hi], params[lo:hi]); err != nil {
+			retry = cmpErr(retry, err)
+		}
+		lo = hi
+	}
+	return retry
+}
+
+// fitBatch returns how many of params, at least one, fit in a
+// BatchNewX509SVIDRequest of at most limit encoded bytes.
+func fitBatch(params []*cav1.NewX509SVIDParams, limit int) int {
+	size := 0
+	for i, p := range params {
+		// Each is a length-delimited field 1 of the request.
+		size += protowire.SizeTag(1) + protowire.SizeBytes(proto.Size(p))
+		if size > limit && i > 0 {
+			return i
+		}
+	}
+	return len(params)
+}
+
+// call makes one BatchNewX509SVID call and applies its results. It returns
+// an error if any param needs a retry.
+func (h *Holder) call(ctx context.Context, ps []pending, params []*cav1.NewX509SVIDParams) error {
 	cctx, cancel := context.WithTimeout(ctx, h.cfg.CallTimeout)
 	results, err := h.cfg.CA.BatchNewX509SVID(cctx, params)
 	cancel()
@@ -729,12 +765,12 @@ func (h *Holder) issueBatch(ctx context.Context, chunk []*held) error {
 		err = fmt.Errorf("node: %d results for %d params", len(results), len(ps))
 	}
 	if err != nil {
-		for _, e := range chunk {
-			h.failed(e, err)
+		for _, p := range ps {
+			h.failed(p.e, err)
 		}
-		h.results.WithLabelValues(ResultFailed).Add(float64(len(chunk)))
+		h.results.WithLabelValues(ResultFailed).Add(float64(len(ps)))
 		if ctx.Err() == nil {
-			h.cfg.Logger.Warn("batch issuance failed", "identities", len(chunk), "error", err)
+			h.cfg.Logger.Warn("batch issuance failed", "identities", len(ps), "error", err)
 		}
 		return err
 	}

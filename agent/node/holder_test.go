@@ -81,7 +81,8 @@ func newFakeCA(t *testing.T, clk *clocktesting.FakeClock) *fakeCA {
 	if err != nil {
 		t.Fatal(err)
 	}
-	g := grpc.NewServer(grpc.Creds(credentials.NewTLS(&tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12})))
+	g := grpc.NewServer(grpc.Creds(credentials.NewTLS(&tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12})),
+		grpc.MaxRecvMsgSize(caMaxRecvMsgSize))
 	cav1.RegisterNodeServiceServer(g, f)
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -253,6 +254,33 @@ func eventually(t *testing.T, what string, cond func() bool) {
 			t.Fatalf("timed out waiting for %s", what)
 		}
 		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// caMaxRecvMsgSize is the CA's gRPC receive limit (controlplane/ca.go).
+const caMaxRecvMsgSize = 256 << 10
+
+// A full batch of the longest Kubernetes identities (a 63-character
+// namespace, a 253-character service account; each ID sent in its param
+// and again in its CSR) is larger than the CA accepts in one request: the
+// holder splits it by size, and every identity is held.
+func TestHolderSplitsBatchBySize(t *testing.T) {
+	clk := clocktesting.NewFakeClock(time.Now())
+	f := newFakeCA(t, clk)
+	ids := make([]spiffeid.ID, cav1.MaxBatch)
+	for i := range ids {
+		sa := fmt.Sprintf("%04d", i) + strings.Repeat("s", 249)
+		ids[i] = spiffeid.RequireFromPath(td, "/ns/"+strings.Repeat("n", 63)+"/sa/"+sa)
+	}
+	f.setEntries("r1", ids...)
+	h, _ := startHolder(t, f, prometheus.NewRegistry())
+	eventually(t, "every long identity held", func() bool { return h.Held() == len(ids) })
+	b, _, p := f.counts()
+	if b < 2 || p != len(ids) {
+		t.Fatalf("%d batch calls for %d params; want at least 2 for %d", b, p, len(ids))
+	}
+	if err := h.Healthy(); err != nil {
+		t.Fatalf("Healthy: %v", err)
 	}
 }
 
