@@ -120,3 +120,7 @@ done
 # calls of a renewal round against 1,000 per-pod agents (issue 15).
 echo "== node agent, 1,000 identities"
 "$root/bench/node-load.sh" 1000
+
+# The node proxy of ambient mode against direct TCP between the same
+# namespaces, on loopback and veth, in one run (issue 16).
+"$root/bench/ambientnet.sh"
