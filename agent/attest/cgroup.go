@@ -22,8 +22,11 @@ var ErrMalformedCgroup = errors.New("attest: malformed cgroup")
 // and its systemd driver
 //
 //	/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod<uid_with_underscores>.slice/cri-containerd-<container-id>.scope
+//	/kubelet.slice/kubelet-kubepods.slice/kubelet-kubepods-besteffort.slice/kubelet-kubepods-besteffort-pod<uid>.slice/cri-containerd-<container-id>.scope (kind)
 //
-// (runtime prefixes cri-containerd-, containerd-, crio-, docker-). It is
+// (runtime prefixes cri-containerd-, containerd-, crio-, docker-; with
+// cgroupfs, cri-o's "crio-<container-id>"), also as read from a private
+// cgroup namespace ("/../../pod<uid>/<container-id>"). It is
 // ParseCgroupUnder with no kubelet cgroup root.
 func ParseCgroup(r io.Reader) (podUID, containerID string, err error) {
 	return ParseCgroupUnder(r, "")
@@ -37,18 +40,28 @@ func ParseCgroup(r io.Reader) (podUID, containerID string, err error) {
 // (a systemd user manager, rootless containers) can create
 // .../kubepods/pod<uid> there, and pod UIDs are not secret. So, once the
 // leading ".." segments are dropped (a path relative to the reader's cgroup
-// namespace), the path must start with the kubepods cgroup
-// ("kubepods", "kubepods.slice"), optionally below kubeletRoot; or, when
-// the path climbed out of the reader's cgroup namespace (at least one
-// ".."), it may start with a QoS or pod cgroup: the reader is then a pod
-// itself (the node agent in its private cgroup namespace on cgroup v2), and
-// what it climbed to is one of its own ancestors, the kubepods tree, where
-// only the kubelet makes cgroups. The node agent must therefore not run
-// inside a cgroup subtree delegated to others. Below the pod cgroup there
-// may be at most the container's. The pod UID is returned with dashes,
-// lower case; containerID is "" for a process in the pod's own cgroup. A
-// process in no pod's cgroup gets "", "" and no error. Hierarchies that
-// name different pods or containers are an error.
+// namespace), the path must start with the kubepods cgroup: "kubepods" or
+// "kubepods.slice" at the top, kubepods below kubeletRoot, or a systemd
+// slice "<root>-kubepods.slice" at the one path systemd gives it
+// (/kubelet.slice/kubelet-kubepods.slice, kind's), which no delegated
+// subtree (always a service or scope) can be on. When the path climbed out
+// of the reader's cgroup namespace (at least one ".."), it may instead
+// start with a QoS cgroup (burstable, besteffort or their slices) or the
+// pod cgroup itself: the reader is then a pod (the node agent in its
+// private cgroup namespace on cgroup v2), and what it climbed to is one of
+// its own ancestors, the kubepods tree, where only the kubelet makes
+// cgroups; any other first component (user.slice, system.slice, ...) is no
+// pod. The node agent must therefore not run inside a cgroup subtree
+// delegated to others. After an optional QoS cgroup, the next component
+// must be the pod's, and the one after it, if any, the container's; the
+// first pod component decides, and cgroups a container makes below its own
+// (pod-like names included) are the container's. The pod UID is returned
+// with dashes, lower case; containerID is "" for a process in the pod's
+// own cgroup. A process in no pod's cgroup gets "", "" and no error; so
+// does a container's cgroup seen with no pod UID in its path (cri-o's
+// "/../crio-<id>.scope" from a sibling's cgroup namespace), since entries
+// name pods by UID. Hierarchies that name different pods or containers,
+// and a component below the pod that is no container ID, are an error.
 func ParseCgroupUnder(r io.Reader, kubeletRoot string) (podUID, containerID string, err error) {
 	root := splitPath(kubeletRoot)
 	sc := bufio.NewScanner(r)
@@ -110,12 +123,9 @@ func parseCgroupPath(path string, root []string) (podUID, containerID string, er
 		up++
 	}
 	segs = segs[up:]
-	var rest []string
+	rest, ok := belowKubepods(segs, root)
 	switch {
-	case len(segs) > 0 && isKubepods(segs[0]):
-		rest = segs[1:]
-	case len(root) > 0 && len(segs) > len(root) && equal(segs[:len(root)], root) && isKubepods(segs[len(root)]):
-		rest = segs[len(root)+1:]
+	case ok:
 	case up > 0:
 		rest = segs // climbed to an ancestor inside the kubepods tree
 	default:
@@ -135,18 +145,53 @@ func parseCgroupPath(path string, root []string) (podUID, containerID string, er
 	if !ok {
 		return "", "", fmt.Errorf("%w: %q does not hold a pod UID", ErrMalformedCgroup, rest[0])
 	}
-	switch len(rest) {
-	case 1:
+	if len(rest) == 1 {
 		return uid, "", nil
-	case 2:
-		cid, ok := containerIDOf(rest[1])
-		if !ok {
-			return "", "", fmt.Errorf("%w: %q is not a container ID", ErrMalformedCgroup, rest[1])
-		}
-		return uid, cid, nil
-	default:
-		return "", "", fmt.Errorf("%w: %q: more than a container below pod %s", ErrMalformedCgroup, path, uid)
 	}
+	// The container's cgroup; cgroups a container makes below its own
+	// (systemd or a runtime in the container, crun's "container") are
+	// still the container's.
+	cid, ok := containerIDOf(rest[1])
+	if !ok {
+		return "", "", fmt.Errorf("%w: %q is not a container ID", ErrMalformedCgroup, rest[1])
+	}
+	return uid, cid, nil
+}
+
+// belowKubepods returns what follows the kubepods cgroup when segs starts
+// with it: at the top ("kubepods", "kubepods.slice"), below the operator's
+// kubelet cgroup root, or, for a systemd kubelet cgroup root such as kind's
+// "kubelet.slice", as the systemd slice "<root>-kubepods.slice" at the only
+// path systemd gives it (/kubelet.slice/kubelet-kubepods.slice; a-b-kubepods.slice
+// lives at /a.slice/a-b.slice/a-b-kubepods.slice), which no delegated
+// subtree (always a service or scope unit) can be on.
+func belowKubepods(segs, root []string) ([]string, bool) {
+	switch {
+	case len(segs) > 0 && isKubepods(segs[0]):
+		return segs[1:], true
+	case len(root) > 0 && len(segs) > len(root) && equal(segs[:len(root)], root) && isKubepods(segs[len(root)]):
+		return segs[len(root)+1:], true
+	}
+	for i, s := range segs {
+		if prefix, ok := strings.CutSuffix(s, "-kubepods.slice"); ok && prefix != "" {
+			if equal(segs[:i], sliceAncestors(prefix)) {
+				return segs[i+1:], true
+			}
+			return nil, false
+		}
+	}
+	return nil, false
+}
+
+// sliceAncestors returns the cgroups of the systemd slice "<prefix>.slice"
+// and its parent slices, from the top: "a-b" gives a.slice, a-b.slice.
+func sliceAncestors(prefix string) []string {
+	parts := strings.Split(prefix, "-")
+	out := make([]string, len(parts))
+	for i := range parts {
+		out[i] = strings.Join(parts[:i+1], "-") + ".slice"
+	}
+	return out
 }
 
 func equal(a, b []string) bool {
@@ -227,14 +272,16 @@ func podUIDOf(s string) (string, bool) {
 // runtimes.
 var containerRuntimePrefixes = []string{"cri-containerd-", "containerd-", "crio-", "docker-"}
 
-// containerIDOf takes "<id>" (cgroupfs) or "<runtime>-<id>.scope" (systemd).
+// containerIDOf takes "<id>" (cgroupfs), "<runtime>-<id>" (cri-o with
+// cgroupfs) or "<runtime>-<id>.scope" (systemd).
 func containerIDOf(s string) (string, bool) {
-	if scope, ok := strings.CutSuffix(s, ".scope"); ok {
-		for _, p := range containerRuntimePrefixes {
-			if id, ok := strings.CutPrefix(scope, p); ok {
-				return hexID(id)
-			}
+	scope, isScope := strings.CutSuffix(s, ".scope")
+	for _, p := range containerRuntimePrefixes {
+		if id, ok := strings.CutPrefix(scope, p); ok {
+			return hexID(id)
 		}
+	}
+	if isScope {
 		return "", false
 	}
 	return hexID(s)
