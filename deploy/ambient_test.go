@@ -2,9 +2,11 @@ package deploy_test
 
 import (
 	"errors"
+	"fmt"
 	"os"
 	"os/exec"
 	"path"
+	"regexp"
 	"slices"
 	"strconv"
 	"strings"
@@ -79,8 +81,11 @@ func mountOf(spec *corev1.PodSpec, c *corev1.Container, file string) (*corev1.Vo
 // as the issue describes it (host PID namespace, its own service account
 // and projected CA token, its node's name, the host socket directory the
 // injector mounts into opted-in pods, the bootstrap bundle, a read-only
-// root, SYS_PTRACE alone, every node), and has the control plane trust
-// that account for delegation; without the profile, none of it.
+// root, SYS_PTRACE, every node), the node's L4 proxy (--proxy, the
+// Service's ext_authz port, the node's IP from the downward API, and the
+// capabilities it needs: NET_ADMIN and SYS_ADMIN), and has the control
+// plane trust that account for delegation; without the profile, none of
+// it; with ambient.proxy false, no proxy and SYS_PTRACE alone.
 func TestRenderAmbient(t *testing.T) {
 	objs, err := deploy.Render(deploy.RenderOptions{Namespace: "mesh-prod", Values: ambientValues()})
 	if err != nil {
@@ -166,7 +171,36 @@ func TestRenderAmbient(t *testing.T) {
 		t.Error("the socket directory is read-only: the agent cannot create the socket")
 	}
 
-	// The least privilege: root for /proc, SYS_PTRACE alone.
+	// The proxy: the ext_authz port of the Service, the node's IP.
+	if got := flagValues(c.Args, "--proxy"); len(got) != 0 || !slices.Contains(c.Args, "--proxy") {
+		t.Errorf("args %v: no --proxy", c.Args)
+	}
+	if got := one("--authz-address"); got != "trustmesh.mesh-prod.svc:9191" {
+		t.Errorf("--authz-address %q", got)
+	}
+	if svc := find(objs, "Service", "trustmesh"); svc == nil || !strings.Contains(fmt.Sprint(svc.Object["spec"]), "port:9191") {
+		t.Errorf("the trustmesh Service has no port 9191 for --authz-address")
+	}
+	if one("--node-ip") != "$(NODE_IP)" {
+		t.Errorf("--node-ip %q", one("--node-ip"))
+	}
+	// Every $(VAR) in the arguments is defined: Kubernetes leaves an
+	// undefined one as it is.
+	for _, a := range c.Args {
+		for _, m := range regexp.MustCompile(`\$\(([A-Z_]+)\)`).FindAllStringSubmatch(a, -1) {
+			if !slices.ContainsFunc(c.Env, func(e corev1.EnvVar) bool { return e.Name == m[1] }) {
+				t.Errorf("argument %s: no env %s", a, m[1])
+			}
+		}
+	}
+	if !slices.ContainsFunc(c.Env, func(e corev1.EnvVar) bool {
+		return e.Name == "NODE_IP" && e.ValueFrom != nil && e.ValueFrom.FieldRef != nil && e.ValueFrom.FieldRef.FieldPath == "status.hostIP"
+	}) {
+		t.Errorf("NODE_IP is not status.hostIP: %+v", c.Env)
+	}
+
+	// The least privilege: root for /proc, SYS_PTRACE, and for the proxy
+	// NET_ADMIN and SYS_ADMIN (TestNodeProxyCapabilities shows why).
 	sc := c.SecurityContext
 	if sc == nil || sc.ReadOnlyRootFilesystem == nil || !*sc.ReadOnlyRootFilesystem {
 		t.Error("the root filesystem is writable")
@@ -174,8 +208,8 @@ func TestRenderAmbient(t *testing.T) {
 	if sc == nil || sc.AllowPrivilegeEscalation == nil || *sc.AllowPrivilegeEscalation || sc.Privileged != nil && *sc.Privileged {
 		t.Error("privileged, or may escalate")
 	}
-	if caps := nodeCapabilities(t, c); !slices.Equal(caps, []string{"SYS_PTRACE"}) {
-		t.Errorf("capabilities %v, want SYS_PTRACE alone", caps)
+	if caps := nodeCapabilities(t, c); !slices.Equal(caps, []string{"NET_ADMIN", "SYS_ADMIN", "SYS_PTRACE"}) {
+		t.Errorf("capabilities %v, want NET_ADMIN, SYS_ADMIN and SYS_PTRACE", caps)
 	}
 	if c.ReadinessProbe == nil || c.LivenessProbe != nil {
 		t.Error("want a readiness probe and no liveness probe: a restart loses every key")
@@ -233,6 +267,21 @@ func TestRenderAmbient(t *testing.T) {
 	}
 	if !strings.Contains(notes, "istio.io/dataplane-mode=ambient") || !strings.Contains(notes, "mesh-prod must allow the privileged Pod Security level") {
 		t.Errorf("NOTES.txt does not say how to use ambient mode and what it needs:\n%s", notes)
+	}
+
+	// Without the proxy: identities only, SYS_PTRACE alone.
+	noProxy, err := deploy.Render(deploy.RenderOptions{Namespace: "mesh-prod", Values: map[string]any{"ambient": map[string]any{"enabled": true, "proxy": false}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	c = &daemonSet(t, noProxy, "trustmesh-node").Spec.Template.Spec.Containers[0]
+	if caps := nodeCapabilities(t, c); !slices.Equal(caps, []string{"SYS_PTRACE"}) {
+		t.Errorf("without the proxy: capabilities %v, want SYS_PTRACE alone", caps)
+	}
+	for _, f := range []string{"--proxy", "--authz-address", "--node-ip"} {
+		if slices.ContainsFunc(c.Args, func(a string) bool { return a == f || strings.HasPrefix(a, f+"=") }) {
+			t.Errorf("without the proxy: %s in %v", f, c.Args)
+		}
 	}
 
 	// Off by default: no DaemonSet, no account, no trust.

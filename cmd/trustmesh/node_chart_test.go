@@ -71,6 +71,7 @@ func TestChartRunsTrustmeshNodeAsItParses(t *testing.T) {
 	args := []string{}
 	for _, a := range c.Args {
 		a = strings.ReplaceAll(a, "$(NODE_NAME)", "node-a")
+		a = strings.ReplaceAll(a, "$(NODE_IP)", "10.0.0.7") // status.hostIP
 		if flag, val, ok := strings.Cut(a, "="); ok && strings.HasPrefix(val, "/") {
 			local := filepath.Join(dir, filepath.FromSlash(val))
 			if data, ok := files[val]; ok {
