@@ -339,13 +339,16 @@ type closeWriter interface{ CloseWrite() error }
 func (p *Proxy) carry(dir string, a, b net.Conn, ic *inboundConn) {
 	p.m.opened.WithLabelValues(dir).Inc()
 	bytes := p.m.bytes.WithLabelValues(dir)
-	var failed atomic.Bool
+	var failed, ended atomic.Bool
 	var wg sync.WaitGroup
 	pipe := func(dst, src net.Conn) {
 		defer wg.Done()
 		n, err := io.Copy(dst, src)
 		bytes.Add(float64(n))
 		if err != nil {
+			if ended.Load() { // dst's Close below ended this copy
+				return
+			}
 			failed.Store(true)
 			reset(a)
 			_ = b.Close()
@@ -353,7 +356,14 @@ func (p *Proxy) carry(dir string, a, b net.Conn, ic *inboundConn) {
 		}
 		if cw, ok := dst.(closeWriter); ok {
 			_ = cw.CloseWrite()
+			return
 		}
+		// A server-side tunnel cannot end its half alone (agent/hbone):
+		// Close gives the peer everything written and then io.EOF. Without
+		// it, an application that answers and closes first (a banner, a
+		// close-delimited response) would leave the client waiting.
+		ended.Store(true)
+		_ = dst.Close()
 	}
 	wg.Add(2)
 	go pipe(b, a)

@@ -674,3 +674,53 @@ func TestStopFailsClosed(t *testing.T) {
 		t.Fatalf("with the proxy stopped a connection went through: %q", got)
 	}
 }
+
+// serveInB runs handle for every connection to port in pod b; handle owns c.
+func (e *env) serveInB(port int, handle func(c net.Conn)) {
+	e.t.Helper()
+	l, err := capture.NetnsByName(e.b).Listen(context.Background(), "tcp", fmt.Sprintf("[::]:%d", port), 0)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	e.t.Cleanup(func() { _ = l.Close() })
+	go func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			go handle(c)
+		}
+	}()
+}
+
+// readAllFromA connects from pod a (captured) and reads until EOF without
+// closing its own half.
+func (e *env) readAllFromA(addr string) (string, error) {
+	c, err := capture.NetnsByName(e.a).Dial(context.Background(), "tcp", addr, 0)
+	if err != nil {
+		return "", err
+	}
+	defer c.Close()
+	_ = c.SetDeadline(time.Now().Add(5 * time.Second))
+	b, err := io.ReadAll(c)
+	return string(b), err
+}
+
+func TestServerClosesFirst(t *testing.T) {
+	e := start(t)
+	e.serveInB(8082, func(c net.Conn) {
+		_, _ = io.WriteString(c, "220 banner, then goodbye\n")
+		_ = c.Close()
+	})
+	for _, addr := range []string{"10.78.0.2:8082", "[fd78::2]:8082"} {
+		got, err := e.readAllFromA(addr)
+		if err != nil || got != "220 banner, then goodbye\n" {
+			t.Fatalf("%s: a server that writes and closes first: %q, %v; want the banner and a clean EOF", addr, got, err)
+		}
+	}
+	m := e.proxyMetrics()
+	waitFor(t, "both directions closed as done", func() bool {
+		return counter(t, m.closed, Inbound, "done") == 2 && counter(t, m.closed, Outbound, "done") == 2
+	})
+}
