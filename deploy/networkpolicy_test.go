@@ -88,3 +88,51 @@ func TestNetworkPolicyReachesTheTracingCollector(t *testing.T) {
 		t.Errorf("a bad collectorPods.namespace: error %v, want ErrInvalidValues", err)
 	}
 }
+
+// TestNetworkPolicyReachesAmbientPods: with the ambient profile, the
+// listed namespaces' pods may reach ambient pods (by either label, on the
+// pod or its namespace) on the HBONE port 15008 only, which is all they
+// accept; without the profile, no such rule.
+func TestNetworkPolicyReachesAmbientPods(t *testing.T) {
+	hbone := func(np networkingv1.NetworkPolicy) map[string]bool {
+		found := map[string]bool{}
+		for _, r := range np.Spec.Egress {
+			for _, p := range r.To {
+				var labels map[string]string
+				kind := "namespace"
+				switch {
+				case p.PodSelector != nil && p.NamespaceSelector != nil && len(p.NamespaceSelector.MatchLabels) == 0:
+					labels, kind = p.PodSelector.MatchLabels, "pod"
+				case p.PodSelector == nil && p.NamespaceSelector != nil:
+					labels = p.NamespaceSelector.MatchLabels
+				}
+				for k, v := range labels {
+					if v != "ambient" {
+						continue
+					}
+					if len(r.Ports) != 1 || r.Ports[0].Port == nil || r.Ports[0].Port.IntValue() != 15008 {
+						t.Errorf("ambient %s %s reached on ports %+v, want 15008 alone", kind, k, r.Ports)
+					}
+					found[kind+" "+k] = true
+				}
+			}
+		}
+		return found
+	}
+	np := func(ambient bool) networkingv1.NetworkPolicy {
+		return egressPolicy(t, map[string]any{
+			"networkPolicy": map[string]any{"enabled": true, "namespaces": []any{"shop"}},
+			"ambient":       map[string]any{"enabled": ambient},
+		}, "shop")
+	}
+	got := hbone(np(true))
+	for _, want := range []string{"namespace istio.io/dataplane-mode", "namespace trustmesh.io/dataplane-mode",
+		"pod istio.io/dataplane-mode", "pod trustmesh.io/dataplane-mode"} {
+		if !got[want] {
+			t.Errorf("no egress to an ambient %s: %v", want, got)
+		}
+	}
+	if got := hbone(np(false)); len(got) != 0 {
+		t.Errorf("egress to ambient pods without the profile: %v", got)
+	}
+}
