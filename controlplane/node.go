@@ -222,25 +222,25 @@ func (n *NodeModel) MayHold(ctx context.Context, node string, id spiffeid.ID) er
 	return nil
 }
 
-// NodeOfPod returns the node the pod namespace/name runs on, waiting up to
-// Wait for a pod the mesh does not know yet, or that is not scheduled.
-func (n *NodeModel) NodeOfPod(ctx context.Context, namespace, name string) (string, error) {
-	var node string
-	err := n.await(ctx, func() (bool, error) {
+// NodeOfPod returns the node the pod namespace/name runs on and its UID,
+// waiting up to Wait for a pod the mesh does not know yet, or that is not
+// scheduled.
+func (n *NodeModel) NodeOfPod(ctx context.Context, namespace, name string) (node, uid string, err error) {
+	err = n.await(ctx, func() (bool, error) {
 		v, err := n.view()
 		if err != nil {
 			return false, err
 		}
 		if w := v.m.Workload(namespace, name); w != nil && w.Node != "" {
-			node = w.Node
+			node, uid = w.Node, w.UID
 			return true, nil
 		}
 		return false, nil
 	})
 	if err != nil {
-		return "", fmt.Errorf("pod %s/%s: %w", namespace, name, err)
+		return "", "", fmt.Errorf("pod %s/%s: %w", namespace, name, err)
 	}
-	return node, nil
+	return node, uid, nil
 }
 
 // errNotFound is await's error when the mesh never said yes.

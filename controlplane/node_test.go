@@ -106,10 +106,10 @@ func TestNodeModelKubernetes(t *testing.T) {
 	if d := time.Since(start); d < 3*200*time.Millisecond || d > 3*time.Second {
 		t.Fatalf("three refusals took %s: each should wait the bounded 200ms", d)
 	}
-	if node, err := n.NodeOfPod(ctx, "a", "db-0"); err != nil || node != "node-b" {
-		t.Fatalf("NodeOfPod(a/db-0) = %q, %v", node, err)
+	if node, uid, err := n.NodeOfPod(ctx, "a", "db-0"); err != nil || node != "node-b" || uid != "uid-db-0" {
+		t.Fatalf("NodeOfPod(a/db-0) = %q, %q, %v; want node-b and its UID", node, uid, err)
 	}
-	if node, err := n.NodeOfPod(ctx, "a", "pending-0"); err == nil {
+	if node, _, err := n.NodeOfPod(ctx, "a", "pending-0"); err == nil {
 		t.Fatalf("NodeOfPod(a/pending-0) = %q: an unscheduled pod is on no node", node)
 	}
 

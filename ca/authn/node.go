@@ -18,10 +18,11 @@ const (
 	MethodNodeKubernetes = ca.MethodNodeKubernetes
 )
 
-// PodLocator finds the node a pod runs on; the control plane implements it,
-// over the mesh model, with a bounded retry inside for a pod just created.
+// PodLocator finds the node a pod runs on, and the pod's UID; the control
+// plane implements it, over the mesh model, with a bounded retry inside for
+// a pod just created.
 type PodLocator interface {
-	NodeOfPod(ctx context.Context, namespace, name string) (string, error)
+	NodeOfPod(ctx context.Context, namespace, name string) (node, uid string, err error)
 }
 
 // NodeAuthenticator decides which node, if any, is calling the node
@@ -32,8 +33,9 @@ type PodLocator interface {
 // bundle, was recorded, and its enrolment still stands); or, on Kubernetes,
 // with its own pod-bound service-account token, whose account must be one
 // of TrustedAccounts. The node is then the one the token's node claim
-// names, or else the one its pod runs on. A token bound to no pod never
-// names a node.
+// names, or else the one its pod runs on, if that pod is still the one the
+// token was bound to (its UID; a pod of the same name made since is
+// another). A token bound to no pod never names a node.
 type NodeAuthenticator struct {
 	TrustDomain spiffeid.TrustDomain
 	// Renewal verifies a node SVID chain.
@@ -124,10 +126,14 @@ func (a *NodeAuthenticator) kubernetes(ctx context.Context, token string) (ca.No
 		if pod == "" {
 			return ca.Node{}, notTrusted("the token of %s/%s is bound to no pod; a node agent needs its pod-bound token", ns, sa)
 		}
+		podUID := r.Value(ExtraPodUID)
+		if podUID == "" {
+			return ca.Node{}, notTrusted("the token of %s/%s names pod %s but not its UID", ns, sa, pod)
+		}
 		if a.Pods == nil {
 			return ca.Node{}, notTrusted("the token names no node, and no pod locator is configured")
 		}
-		name, err := a.Pods.NodeOfPod(ctx, ns, pod)
+		name, uid, err := a.Pods.NodeOfPod(ctx, ns, pod)
 		if err != nil {
 			if rf, ok := ca.AsRefusal(err); ok {
 				return ca.Node{}, rf
@@ -136,6 +142,11 @@ func (a *NodeAuthenticator) kubernetes(ctx context.Context, token string) (ca.No
 				return ca.Node{}, ca.Refuse(ca.KindUnavailable, ca.ReasonNodeCheckFailed, fmt.Errorf("locate pod %s/%s: %w", ns, pod, err))
 			}
 			return ca.Node{}, notTrusted("locate pod %s/%s: %w", ns, pod, err)
+		}
+		if uid != podUID {
+			// The token outlives its pod by up to the review cache's TTL,
+			// and a pod's name may be taken again, on another node.
+			return ca.Node{}, notTrusted("the token was bound to pod %s/%s with UID %s, and the pod of that name is now UID %s", ns, pod, podUID, uid)
 		}
 		node.Name = name
 	}

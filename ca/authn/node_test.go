@@ -11,6 +11,7 @@ import (
 	"encoding/json"
 	"encoding/pem"
 	"fmt"
+	"strings"
 	"path/filepath"
 	"testing"
 	"time"
@@ -203,14 +204,15 @@ func TestNodeAuthenticatorX509(t *testing.T) {
 	})
 }
 
-// pods is a PodLocator over a fixed map of "ns/name" to node.
+// pods is a PodLocator over a fixed map of "ns/name" to "node uid".
 type pods map[string]string
 
-func (p pods) NodeOfPod(_ context.Context, ns, name string) (string, error) {
+func (p pods) NodeOfPod(_ context.Context, ns, name string) (string, string, error) {
 	if n, ok := p[ns+"/"+name]; ok {
-		return n, nil
+		node, uid, _ := strings.Cut(n, " ")
+		return node, uid, nil
 	}
-	return "", fmt.Errorf("no pod %s/%s", ns, name)
+	return "", "", fmt.Errorf("no pod %s/%s", ns, name)
 }
 
 // jwt is a token that passes the local checks (form, audience, expiry); the
@@ -241,6 +243,12 @@ func TestNodeAuthenticatorKubernetes(t *testing.T) {
 	reviews["node-claim"] = user("trustmesh-system", "trustmesh-node", map[string]authv1.ExtraValue{
 		authn.ExtraPodName: {"trustmesh-node-x1"}, authn.ExtraNodeName: {"node-a"}})
 	reviews["pod-claim"] = user("trustmesh-system", "trustmesh-node", map[string]authv1.ExtraValue{
+		authn.ExtraPodName: {"trustmesh-node-x2"}, authn.ExtraPodUID: {"uid-x2"}})
+	// review15-sec F3: the token of a deleted pod whose name a new pod (on
+	// another node) has taken; and a pod claim without its UID.
+	reviews["recreated-pod"] = user("trustmesh-system", "trustmesh-node", map[string]authv1.ExtraValue{
+		authn.ExtraPodName: {"trustmesh-node-x3"}, authn.ExtraPodUID: {"uid-x3-deleted"}})
+	reviews["pod-claim-no-uid"] = user("trustmesh-system", "trustmesh-node", map[string]authv1.ExtraValue{
 		authn.ExtraPodName: {"trustmesh-node-x2"}})
 	reviews["unbound"] = user("trustmesh-system", "trustmesh-node", nil)
 	reviews["untrusted"] = user("demo", "web", map[string]authv1.ExtraValue{
@@ -272,11 +280,13 @@ func TestNodeAuthenticatorKubernetes(t *testing.T) {
 		t.Fatal(err)
 	}
 	na := &authn.NodeAuthenticator{TrustDomain: td, Kubernetes: k, TrustedAccounts: []string{"trustmesh-system/trustmesh-node"},
-		Pods: pods{"trustmesh-system/trustmesh-node-x2": "node-b"}}
+		Pods: pods{"trustmesh-system/trustmesh-node-x2": "node-b uid-x2", "trustmesh-system/trustmesh-node-x3": "node-c uid-x3-new"}}
 
 	for _, tc := range []struct{ token, node, reason string }{
 		{token: "node-claim", node: "node-a"},
 		{token: "pod-claim", node: "node-b"},
+		{token: "recreated-pod", reason: ca.ReasonNodeNotTrusted},
+		{token: "pod-claim-no-uid", reason: ca.ReasonNodeNotTrusted},
 		{token: "unbound", reason: ca.ReasonNodeNotTrusted},
 		{token: "untrusted", reason: ca.ReasonNodeNotTrusted},
 		{token: "unknown-pod", reason: ca.ReasonNodeNotTrusted},
