@@ -262,7 +262,7 @@ spec:
 		writeFile(t, policy, denyClient)
 		select {
 		case <-hold.exited:
-			t.Logf("the open connection closed %s after the DENY was written: %v", time.Since(added).Round(10*time.Millisecond), hold.err)
+			t.Logf("the open connection closed %s after the DENY was written: %v\n%s", time.Since(added).Round(10*time.Millisecond), hold.err, hold.tail(2))
 			if hold.err == nil {
 				t.Errorf("the held connection ended without an error")
 			}
