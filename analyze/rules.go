@@ -321,11 +321,17 @@ func (t tcpPort) String() string {
 }
 
 // tcpPorts returns, once per port number, the TCP-only service ports that
-// workloads a policy selects serve.
+// workloads a policy selects serve. Ambient workloads are left out: every
+// port of theirs is TCP to the node proxy, which TMA015 reports.
 func tcpPorts(in *Input, p *policy.Policy) []tcpPort {
 	sel := map[string]bool{}
 	for _, w := range selected(in, p) {
 		sel[w.Key()] = true
+	}
+	for _, w := range selected(in, p) {
+		if w.Mode() == mesh.DataPlaneAmbient {
+			delete(sel, w.Key())
+		}
 	}
 	seen := map[uint32]bool{}
 	out := []tcpPort{}
