@@ -16,7 +16,15 @@ type metrics struct {
 	closed    *prometheus.CounterVec // direction, reason
 	bytes     *prometheus.CounterVec // direction
 	handshake *prometheus.CounterVec // direction
+	pods      *prometheus.GaugeVec   // inbound_source: tproxy or redirect
+	setup     prometheus.Histogram   // the capture window
 }
+
+// Values of the pods metric's inbound_source label.
+const (
+	SourceTPROXY   = "tproxy"   // the application sees the remote pod's address
+	SourceRedirect = "redirect" // the kernel has no TPROXY here: the pod's own address
+)
 
 func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 	m := &metrics{
@@ -40,8 +48,17 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Name: "trustmesh_node_proxy_hbone_handshake_failures_total",
 			Help: "HBONE handshakes that failed (TLS, peer identity, version, ALPN), by direction.",
 		}, []string{"direction"}),
+		pods: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "trustmesh_node_proxy_pods",
+			Help: "Pods the node proxy captures, by how inbound connections reach the application: tproxy (from the remote pod's address) or redirect (from the pod's own address, where the kernel has no TPROXY).",
+		}, []string{"inbound_source"}),
+		setup: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name:    "trustmesh_node_proxy_capture_setup_seconds",
+			Help:    "Time from an ambient workload's first appearance in the node's xDS configuration to its redirection installed and its listeners open: the window in which the pod's traffic is not captured.",
+			Buckets: []float64{.05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120},
+		}),
 	}
-	for _, c := range []prometheus.Collector{m.opened, m.refused, m.closed, m.bytes, m.handshake} {
+	for _, c := range []prometheus.Collector{m.opened, m.refused, m.closed, m.bytes, m.handshake, m.pods, m.setup} {
 		if err := reg.Register(c); err != nil {
 			return nil, err
 		}

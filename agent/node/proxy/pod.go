@@ -28,6 +28,13 @@ type pod struct {
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
 
+	// tproxy: inbound connections reach the application from the remote
+	// pod's address (capture's TPROXY rules), else from the pod's own.
+	tproxy bool
+	// pool carries the pod's outbound tunnels; per pod, since a tunnel's
+	// connection is opened from the source pod's address.
+	pool *hbone.Pool
+
 	mu    sync.Mutex
 	conns map[*inboundConn]struct{}
 }
@@ -61,6 +68,7 @@ func (pd *pod) inbound() []*inboundConn {
 func (pd *pod) stop() {
 	pd.cancel()
 	pd.wg.Wait()
+	pd.p.m.pods.WithLabelValues(pd.sourceMode()).Dec()
 }
 
 func (p *Proxy) netnsOf(w *workload) (capture.Netns, error) {
@@ -88,12 +96,12 @@ func (p *Proxy) setup(ctx context.Context, w *workload) (*pod, error) {
 		return nil, err
 	}
 	r := p.cfg.Rules
-	r.TPROXY = false
 	for _, a := range w.addrs {
 		if a.Is6() {
 			r.IPv6 = true
 		}
 	}
+	r.TPROXY = p.canTPROXY(ctx, ns, r.IPv6)
 	// Listeners first, so that no captured connection finds no one.
 	var ls []net.Listener
 	closeAll := func() {
@@ -102,7 +110,8 @@ func (p *Proxy) setup(ctx context.Context, w *workload) (*pod, error) {
 		}
 	}
 	for _, port := range []uint16{r.Outbound, r.InboundPlaintext, r.HBONE} {
-		l, err := listen(ctx, ns, port, r.IPv6, p.cfg.Rules.Mark)
+		// TPROXY delivers inbound plaintext to a transparent socket.
+		l, err := listen(ctx, ns, port, r.IPv6, p.cfg.Rules.Mark, r.TPROXY && port == r.InboundPlaintext)
 		if err != nil {
 			closeAll()
 			return nil, err
@@ -114,8 +123,9 @@ func (p *Proxy) setup(ctx context.Context, w *workload) (*pod, error) {
 		return nil, err
 	}
 	pctx, cancel := context.WithCancel(context.Background())
-	pd := &pod{p: p, netns: ns, cancel: cancel, conns: map[*inboundConn]struct{}{}}
+	pd := &pod{p: p, netns: ns, cancel: cancel, conns: map[*inboundConn]struct{}{}, tproxy: r.TPROXY, pool: &hbone.Pool{}}
 	pd.set(w)
+	p.m.pods.WithLabelValues(pd.sourceMode()).Inc()
 	pd.wg.Add(4)
 	go func() { defer pd.wg.Done(); <-pctx.Done(); closeAll() }()
 	go func() { defer pd.wg.Done(); pd.acceptLoop(pctx, ls[0], pd.outbound) }()
@@ -124,12 +134,61 @@ func (p *Proxy) setup(ctx context.Context, w *workload) (*pod, error) {
 	return pd, nil
 }
 
-func listen(ctx context.Context, ns capture.Netns, port uint16, v6 bool, mark int) (net.Listener, error) {
+func listen(ctx context.Context, ns capture.Netns, port uint16, v6 bool, mark int, transparent bool) (net.Listener, error) {
 	p := strconv.Itoa(int(port))
+	network, addr := "tcp4", "0.0.0.0:"+p
 	if v6 {
-		return ns.Listen(ctx, "tcp", "[::]:"+p, mark)
+		network, addr = "tcp", "[::]:"+p
 	}
-	return ns.Listen(ctx, "tcp4", "0.0.0.0:"+p, mark)
+	if transparent {
+		return ns.ListenTransparent(ctx, network, addr, mark)
+	}
+	return ns.Listen(ctx, network, addr, mark)
+}
+
+// probeTPROXY is capture.ProbeTPROXY (tests replace it).
+var probeTPROXY = capture.ProbeTPROXY
+
+// canTPROXY reports whether TPROXY works in ns (for IPv6 too with v6). The
+// answer is the kernel's, so it is asked once per address family set and
+// kept; when it is no, the proxy says so once and uses REDIRECT, with which
+// applications see connections from their own pod's address.
+func (p *Proxy) canTPROXY(ctx context.Context, ns capture.Netns, v6 bool) bool {
+	p.tproxyMu.Lock()
+	defer p.tproxyMu.Unlock()
+	if ok, known := p.tproxy[v6]; known {
+		return ok
+	}
+	err := probeTPROXY(ctx, ns, v6)
+	if ctx.Err() != nil {
+		return false // not an answer; asked again next time
+	}
+	p.tproxy[v6] = err == nil
+	if err != nil {
+		p.log.Warn("TPROXY is not usable here: inbound connections reach applications from their own pod's address, not the remote pod's (REDIRECT)", "ipv6", v6, "error", err)
+	} else {
+		p.log.Info("inbound connections keep their source address (TPROXY)", "ipv6", v6)
+	}
+	return err == nil
+}
+
+// sourceMode is the pods metric's inbound_source of pd.
+func (pd *pod) sourceMode() string {
+	if pd.tproxy {
+		return SourceTPROXY
+	}
+	return SourceRedirect
+}
+
+// dialApp connects to the application at dst from inside the pod: with
+// TPROXY from the remote peer's address, so that the application sees
+// where the connection comes from.
+func (pd *pod) dialApp(ctx context.Context, remote net.Addr, dst netip.AddrPort) (net.Conn, error) {
+	mark := pd.p.cfg.Rules.Mark
+	if src := addrPort(remote).Addr().Unmap(); pd.tproxy && src.IsValid() && src.Is4() == dst.Addr().Is4() {
+		return pd.netns.DialTransparent(ctx, "tcp", src, dst, mark)
+	}
+	return pd.netns.Dial(ctx, "tcp", dst.String(), mark)
 }
 
 func (pd *pod) acceptLoop(ctx context.Context, l net.Listener, handle func(context.Context, *net.TCPConn)) {
@@ -209,21 +268,22 @@ func (pd *pod) outbound(ctx context.Context, c *net.TCPConn) {
 		return
 	}
 	hp := netip.AddrPortFrom(dst.Addr(), ambientv1.HBONEPort)
-	raw, err := pd.netns.Dial(ctx, "tcp", hp.String(), p.cfg.Rules.Mark)
+	// Tunnels share a connection per source and destination identity and
+	// address (hbone.Pool), opened from this pod's namespace, marked.
+	var dialErr error
+	t, err := pd.pool.Dial(ctx, hbone.PoolKey{Source: src.id, Peer: dest.id, Addr: hp.String()},
+		func(ctx context.Context) (net.Conn, error) {
+			raw, err := pd.netns.Dial(ctx, "tcp", hp.String(), p.cfg.Rules.Mark)
+			dialErr = err
+			return raw, err
+		},
+		hbone.DialConfig{Cert: p.certFor(src.id), Bundle: p.cfg.Bundle, PeerID: dest.id, Authority: dst.String()})
 	if err != nil {
-		p.m.refused.WithLabelValues(Outbound, "dial").Inc()
-		p.log.Info("cannot reach the destination's HBONE port", "workload", src.msg.GetUid(), "destination", hp, "error", err)
-		reset(c)
-		return
-	}
-	t, err := hbone.Dial(ctx, raw, hbone.DialConfig{
-		Cert: p.certFor(src.id), Bundle: p.cfg.Bundle, PeerID: dest.id, Authority: dst.String(),
-	})
-	if err != nil {
-		_ = raw.Close()
 		reason := "refused"
 		var st *hbone.StatusError
 		switch {
+		case dialErr != nil:
+			reason = "dial"
 		case errors.Is(err, hbone.ErrHandshake):
 			reason = "handshake"
 			p.m.handshake.WithLabelValues(Outbound).Inc()
@@ -304,7 +364,7 @@ func (pd *pod) serveHBONE(ctx context.Context, l net.Listener) {
 				return
 			}
 			dctx, cancel := context.WithTimeout(ctx, p.cfg.ConnectTimeout)
-			app, err := pd.netns.Dial(dctx, "tcp", c.destination.String(), p.cfg.Rules.Mark)
+			app, err := pd.dialApp(dctx, t.Remote, c.destination)
 			cancel()
 			if err != nil {
 				p.m.refused.WithLabelValues(Inbound, "dial").Inc()

@@ -14,9 +14,13 @@
 // workload's SVID and requiring the destination's SPIFFE ID; any other
 // destination is passed through as plain TCP.
 //
-// The application is reached from the proxy's socket in its own namespace,
-// so it sees the pod's own address as the source (REDIRECT capture; TPROXY
-// is not used by the proxy yet).
+// Inbound, the application is reached from the proxy's socket in its own
+// namespace. Where the kernel has TPROXY (capture.ProbeTPROXY, asked once)
+// that socket is transparent and bound to the remote pod's address (the
+// source of the HBONE connection, which the source node opens from the
+// source pod's namespace), so the application sees the real source, as with
+// Istio; otherwise it sees its own pod's address (REDIRECT), which the log
+// says once and trustmesh_node_proxy_pods{inbound_source} shows.
 package proxy
 
 import (
@@ -93,6 +97,7 @@ type Config struct {
 	// Retry is how often a pod whose setup failed is tried again.
 	Retry      time.Duration
 	Backoff    backoff.Backoff
+	Now        func() time.Time // default time.Now
 	Logger     *slog.Logger
 	Registerer prometheus.Registerer
 	// DialOptions are added to both gRPC connections (tests).
@@ -170,6 +175,9 @@ type Proxy struct {
 	authz  authv3.AuthorizationClient
 	aconn  *grpc.ClientConn
 
+	tproxyMu sync.Mutex
+	tproxy   map[bool]bool // ProbeTPROXY's answer, by IPv6 included
+
 	mu      sync.Mutex
 	cfgNow  *config
 	changed chan struct{}
@@ -196,6 +204,9 @@ func New(cfg Config) (*Proxy, error) {
 	if cfg.Retry <= 0 {
 		cfg.Retry = DefaultRetry
 	}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
@@ -217,7 +228,7 @@ func New(cfg Config) (*Proxy, error) {
 		cfg: cfg, log: cfg.Logger, m: m, nodeID: NodeID(cfg.NodeIP, cfg.NodeName, cfg.Domain),
 		authz: authv3.NewAuthorizationClient(aconn), aconn: aconn,
 		cfgNow:  &config{workloads: map[string]*workload{}, byAddr: map[netip.Addr]*workload{}},
-		changed: make(chan struct{}), pods: map[string]*pod{},
+		changed: make(chan struct{}), pods: map[string]*pod{}, tproxy: map[bool]bool{},
 	}, nil
 }
 
@@ -310,7 +321,9 @@ func (p *Proxy) reconcile(ctx context.Context, c *config) {
 		p.mu.Lock()
 		p.pods[uid] = pd
 		p.mu.Unlock()
-		p.log.Info("capturing an ambient pod", "workload", uid, "netns", pd.netns.Path, "id", w.id)
+		window := p.cfg.Now().Sub(w.arrived)
+		p.m.setup.Observe(window.Seconds())
+		p.log.Info("capturing an ambient pod", "workload", uid, "netns", pd.netns.Path, "id", w.id, "inbound_source", pd.sourceMode(), "uncaptured_for", window)
 	}
 }
 

@@ -209,7 +209,7 @@ type env struct {
 	xdsAddr  string
 	servers  []*grpc.Server // xDS first
 	stop     func()         // stops the proxy
-	clientID []string // the client certificates' URIs the servers saw
+	clientID []string       // the client certificates' URIs the servers saw
 }
 
 // serveTLS serves g over mTLS with a serving certificate for 127.0.0.1,
@@ -723,4 +723,103 @@ func TestServerClosesFirst(t *testing.T) {
 	waitFor(t, "both directions closed as done", func() bool {
 		return counter(t, m.closed, Inbound, "done") == 2 && counter(t, m.closed, Outbound, "done") == 2
 	})
+}
+
+func TestInboundKeepsSourceAddress(t *testing.T) {
+	e := start(t)
+	e.serveInB(8083, func(c net.Conn) {
+		_, _ = io.WriteString(c, addrPort(c.RemoteAddr()).Addr().Unmap().String())
+		_ = c.Close()
+	})
+	for addr, want := range map[string]string{"10.78.0.2:8083": "10.78.0.1", "[fd78::2]:8083": "fd78::1"} {
+		got, err := e.readAllFromA(addr)
+		if err != nil || got != want {
+			t.Errorf("%s: the application saw a connection from %q (%v), want the remote pod's %s", addr, got, err, want)
+		}
+	}
+	var m dto.Metric
+	if err := e.p.m.pods.WithLabelValues(SourceTPROXY).Write(&m); err != nil || m.GetGauge().GetValue() != 2 {
+		t.Errorf("pods{inbound_source=tproxy} = %v, want 2", m.GetGauge().GetValue())
+	}
+	// Stopping releases the gauge.
+	e.stop()
+	if err := e.p.m.pods.WithLabelValues(SourceTPROXY).Write(&m); err != nil || m.GetGauge().GetValue() != 0 {
+		t.Errorf("after stop pods{inbound_source=tproxy} = %v, want 0", m.GetGauge().GetValue())
+	}
+}
+
+func TestOutboundTunnelsShareAConnection(t *testing.T) {
+	e := start(t)
+	ports := map[uint32]bool{}
+	for i := range 3 {
+		if got, err := e.tryEcho("10.78.0.2:8080", 0, "again"); err != nil || got != "again" {
+			t.Fatalf("echo %d: %q, %v", i, got, err)
+		}
+		ports[e.authz.last().GetAttributes().GetSource().GetAddress().GetSocketAddress().GetPortValue()] = true
+	}
+	// The checks name the HBONE connection's source port: one connection.
+	if len(ports) != 1 {
+		t.Fatalf("3 tunnels from a to b came over %d HBONE connections (source ports %v), want 1", len(ports), ports)
+	}
+	if got := counter(t, e.proxyMetrics().opened, Inbound); got != 3 {
+		t.Fatalf("inbound tunnels %v, want 3", got)
+	}
+}
+
+func histogram(t *testing.T, h prometheus.Histogram) (uint64, float64) {
+	t.Helper()
+	var m dto.Metric
+	if err := h.Write(&m); err != nil {
+		t.Fatal(err)
+	}
+	return m.GetHistogram().GetSampleCount(), m.GetHistogram().GetSampleSum()
+}
+
+// TestCaptureWindow measures the time from an ambient workload's arrival
+// in the node's config to its capture (redirection and listeners).
+func TestCaptureWindow(t *testing.T) {
+	e := start(t)
+	n, sum := histogram(t, e.p.m.setup)
+	if n != 2 || sum <= 0 || sum > 20 {
+		t.Fatalf("capture_setup_seconds: %d samples, sum %v s; want 2 (pods a and b), each within 10 s", n, sum)
+	}
+	// A workload that comes into ambient mode while the proxy runs.
+	e.setWorkload("a", e.a, "10.78.0.1", e.idA, ambientv1.DataPlaneMode_DATA_PLANE_MODE_NONE)
+	waitFor(t, "a released", func() bool { e.p.mu.Lock(); defer e.p.mu.Unlock(); return len(e.p.pods) == 1 })
+	e.setWorkload("a", e.a, "10.78.0.1", e.idA, ambientv1.DataPlaneMode_DATA_PLANE_MODE_AMBIENT)
+	waitFor(t, "a captured again", func() bool { e.p.mu.Lock(); defer e.p.mu.Unlock(); return len(e.p.pods) == 2 })
+	n2, sum2 := histogram(t, e.p.m.setup)
+	if n2 != 3 {
+		t.Fatalf("capture_setup_seconds: %d samples, want 3", n2)
+	}
+	t.Logf("capture window: first two pods %.0f ms on average; a pod arriving later %.0f ms", sum/2*1000, (sum2-sum)*1000)
+}
+
+func TestRedirectWhereNoTPROXY(t *testing.T) {
+	var probes atomic.Int32
+	probeTPROXY = func(context.Context, capture.Netns, bool) error { probes.Add(1); return errors.New("no xt_TPROXY") }
+	t.Cleanup(func() { probeTPROXY = capture.ProbeTPROXY })
+	e := start(t)
+	e.serveInB(8083, func(c net.Conn) {
+		_, _ = io.WriteString(c, addrPort(c.RemoteAddr()).Addr().Unmap().String())
+		_ = c.Close()
+	})
+	// REDIRECT: the connection works and comes from b's own address.
+	if got, err := e.readAllFromA("10.78.0.2:8083"); err != nil || got != "10.78.0.2" {
+		t.Fatalf("without TPROXY: %q, %v; want a connection from the pod's own address", got, err)
+	}
+	if _, err := e.tryEcho("10.78.0.2:8080", capture.DefaultMark, "plain"); !isReset(err) {
+		t.Fatalf("inbound plaintext without TPROXY: %v, want a reset", err)
+	}
+	var m dto.Metric
+	if err := e.p.m.pods.WithLabelValues(SourceRedirect).Write(&m); err != nil || m.GetGauge().GetValue() != 2 {
+		t.Errorf("pods{inbound_source=redirect} = %v, want 2", m.GetGauge().GetValue())
+	}
+	if n := probes.Load(); n != 1 {
+		t.Errorf("TPROXY was probed %d times for two pods of one address family set, want once", n)
+	}
+	out, err := exec.Command("ip", "netns", "exec", e.b, "iptables-save", "-t", "mangle").CombinedOutput()
+	if err != nil || strings.Contains(string(out), "TPROXY") {
+		t.Errorf("TPROXY rules installed though the probe said no (%v):\n%s", err, out)
+	}
 }

@@ -24,6 +24,13 @@ type workload struct {
 	id      spiffeid.ID
 	addrs   []netip.Addr
 	version string
+	// arrived is when the workload first came in ambient mode: the start
+	// of its capture window (trustmesh_node_proxy_capture_setup_seconds).
+	arrived time.Time
+}
+
+func ambient(w *workload) bool {
+	return w.msg.GetMode() == ambientv1.DataPlaneMode_DATA_PLANE_MODE_AMBIENT
 }
 
 func (w *workload) has(a netip.Addr) bool {
@@ -92,7 +99,7 @@ func parseWorkload(r *discoveryv3.Resource) (*workload, error) {
 
 // apply validates one delta response against c and returns the new config;
 // nothing of a response that fails is applied.
-func (c *config) apply(resp *discoveryv3.DeltaDiscoveryResponse) (*config, error) {
+func (c *config) apply(resp *discoveryv3.DeltaDiscoveryResponse, now time.Time) (*config, error) {
 	n := c.clone()
 	switch resp.GetTypeUrl() {
 	case ambientv1.WorkloadType:
@@ -103,6 +110,10 @@ func (c *config) apply(resp *discoveryv3.DeltaDiscoveryResponse) (*config, error
 			w, err := parseWorkload(r)
 			if err != nil {
 				return nil, err
+			}
+			w.arrived = now
+			if old := c.workloads[w.msg.GetUid()]; old != nil && ambient(old) && ambient(w) {
+				w.arrived = old.arrived
 			}
 			n.workloads[w.msg.GetUid()] = w
 		}
@@ -191,7 +202,7 @@ func (p *Proxy) stream(ctx context.Context, conn grpc.ClientConnInterface, got f
 			return fmt.Errorf("receiving: %w", err)
 		}
 		ack := &discoveryv3.DeltaDiscoveryRequest{TypeUrl: resp.GetTypeUrl(), ResponseNonce: resp.GetNonce()}
-		next, err := p.current().apply(resp)
+		next, err := p.current().apply(resp, p.cfg.Now())
 		if err != nil {
 			p.log.Warn("xDS: refusing a configuration (NACK); keeping the last good one", "type", resp.GetTypeUrl(), "error", err)
 			ack.ErrorDetail = &status.Status{Code: int32(codes.InvalidArgument), Message: err.Error()}
