@@ -823,3 +823,21 @@ func TestRedirectWhereNoTPROXY(t *testing.T) {
 		t.Errorf("TPROXY rules installed though the probe said no (%v):\n%s", err, out)
 	}
 }
+
+// TestSetupFigure gives the cost of a new connection through both proxies
+// (connect from pod a, a 1-byte echo with b's application, close), as a
+// figure, never a gate: TRUSTMESH_PROXY_FIGURES=1 go test -run TestSetupFigure -v.
+func TestSetupFigure(t *testing.T) {
+	if os.Getenv("TRUSTMESH_PROXY_FIGURES") == "" {
+		t.Skip("a figure, not a test: set TRUSTMESH_PROXY_FIGURES=1")
+	}
+	e := start(t)
+	r := testing.Benchmark(func(b *testing.B) {
+		for range b.N {
+			if got, err := e.tryEcho("10.78.0.2:8080", 0, "x"); err != nil || got != "x" {
+				b.Fatalf("echo: %q, %v", got, err)
+			}
+		}
+	})
+	t.Logf("connection setup a→b through both proxies: %v per connection (%d connections)", time.Duration(r.NsPerOp()), r.N)
+}
