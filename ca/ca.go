@@ -104,6 +104,9 @@ type Config struct {
 // CA issues workload certificates.
 type CA struct {
 	cfg Config
+	// delegated bounds the delegated params in flight across all nodes
+	// and batches (DelegatedLimit).
+	delegated chan struct{}
 }
 
 // New validates cfg, fills in defaults and returns a CA.
@@ -145,7 +148,7 @@ func New(cfg Config) (*CA, error) {
 	if len(errs) > 0 {
 		return nil, fmt.Errorf("ca: %w", errors.Join(errs...))
 	}
-	return &CA{cfg: cfg}, nil
+	return &CA{cfg: cfg, delegated: make(chan struct{}, DelegatedLimit)}, nil
 }
 
 // TrustDomain is the trust domain the CA issues for.

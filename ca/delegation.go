@@ -35,6 +35,44 @@ const MethodNodeKubernetes = "node-kubernetes"
 // once. They run concurrently so that the journal commits them together.
 const DelegationConcurrency = 32
 
+// DelegatedLimit bounds the delegated params in flight in the whole CA, over
+// every node and batch: each may poll the mesh model for a while
+// (MayHold), and a node's many streams must not multiply that.
+const DelegatedLimit = 64
+
+// batchWait is the one window a delegated batch may wait in for a mesh
+// model catching up: the first MayHold that waits opens it, and every later
+// one of the batch ends with it.
+type batchWait struct {
+	mu       sync.Mutex
+	deadline time.Time
+}
+
+type batchWaitKey struct{}
+
+// WithBatchWait returns ctx for one delegated batch: every WaitDeadline
+// under it shares one window. IssueDelegated calls it.
+func WithBatchWait(ctx context.Context) context.Context {
+	return context.WithValue(ctx, batchWaitKey{}, &batchWait{})
+}
+
+// WaitDeadline is when a NodeAuthorizer's bounded wait that starts at now
+// and would last wait ends: now+wait, except within a delegated batch
+// (IssueDelegated's ctx), whose params share the first one's deadline, so
+// that a batch waits at most once, not once per param.
+func WaitDeadline(ctx context.Context, now time.Time, wait time.Duration) time.Time {
+	b, ok := ctx.Value(batchWaitKey{}).(*batchWait)
+	if !ok {
+		return now.Add(wait)
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.deadline.IsZero() {
+		b.deadline = now.Add(wait)
+	}
+	return b.deadline
+}
+
 // Node is an authenticated node agent.
 type Node struct {
 	// Name is the node's name: "node-a".
@@ -101,6 +139,7 @@ func (c *CA) IssueDelegated(ctx context.Context, node Node, reqs []DelegatedRequ
 		}
 		return out
 	}
+	ctx = WithBatchWait(ctx)
 	sem := make(chan struct{}, DelegationConcurrency)
 	var wg sync.WaitGroup
 	for i := range reqs {
@@ -108,6 +147,13 @@ func (c *CA) IssueDelegated(ctx context.Context, node Node, reqs []DelegatedRequ
 		sem <- struct{}{}
 		go func() {
 			defer func() { <-sem; wg.Done() }()
+			select {
+			case c.delegated <- struct{}{}:
+			case <-ctx.Done():
+				out[i].Err = refuseErr(ReasonNodeCheckFailed, KindUnavailable, fmt.Errorf("waiting to issue %s: %w", reqs[i].ID, ctx.Err()))
+				return
+			}
+			defer func() { <-c.delegated }()
 			iss, err := c.issueDelegated(ctx, node, reqs[i])
 			out[i] = DelegatedResult{Issued: iss, Err: err}
 		}()

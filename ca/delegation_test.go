@@ -298,6 +298,92 @@ func TestIssueDelegatedRunsParamsConcurrently(t *testing.T) {
 	}
 }
 
+// TestIssueDelegatedBoundedAcrossBatches (review15-sec F4): however many
+// batches run at once, at most DelegatedLimit params are in flight in the
+// CA, each of which may poll the mesh model.
+func TestIssueDelegatedBoundedAcrossBatches(t *testing.T) {
+	f := newFixture(t)
+	var mu sync.Mutex
+	inside, peak := 0, 0
+	release := make(chan struct{})
+	nodes := &fakeNodes{mayHold: func(ctx context.Context, _ string, id spiffeid.ID) error {
+		mu.Lock()
+		inside++
+		peak = max(peak, inside)
+		mu.Unlock()
+		defer func() { mu.Lock(); inside--; mu.Unlock() }()
+		<-release
+		return fmt.Errorf("no pod of %s", id)
+	}}
+	c := f.delegatingCA(t, nodes)
+	const batches = 4 // of DelegationConcurrency params each: 128 at once without a CA-wide bound
+	var wg sync.WaitGroup
+	for b := range batches {
+		reqs := make([]ca.DelegatedRequest, ca.DelegationConcurrency)
+		for i := range reqs {
+			reqs[i] = ca.DelegatedRequest{ID: spiffeid.RequireFromPath(td, fmt.Sprintf("/ns/default/sa/b%d-w%d", b, i)), CSR: derCSR(t, csrOpts{})}
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for _, r := range c.IssueDelegated(context.Background(), nodeA, reqs) {
+				if r.Err == nil {
+					t.Error("a param not on the node was issued")
+				}
+			}
+		}()
+	}
+	// Let every param that can start do so, then release them.
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		mu.Lock()
+		n := inside
+		mu.Unlock()
+		if n >= ca.DelegatedLimit || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	time.Sleep(300 * time.Millisecond)
+	close(release)
+	wg.Wait()
+	if peak != ca.DelegatedLimit {
+		t.Fatalf("%d params in flight at the peak over %d batches; want the CA-wide bound %d", peak, batches, ca.DelegatedLimit)
+	}
+}
+
+// TestIssueDelegatedWaitsOncePerBatch (review15-sec F4): the params of a
+// batch share one wait window for a mesh model catching up (WaitDeadline),
+// so a batch of params that are not on the node waits about once, not once
+// per wave of DelegationConcurrency params.
+func TestIssueDelegatedWaitsOncePerBatch(t *testing.T) {
+	f := newFixture(t)
+	const wait = 300 * time.Millisecond
+	nodes := &fakeNodes{mayHold: func(ctx context.Context, _ string, id spiffeid.ID) error {
+		time.Sleep(time.Until(ca.WaitDeadline(ctx, time.Now(), wait)))
+		return fmt.Errorf("no pod of %s after waiting", id)
+	}}
+	c := f.delegatingCA(t, nodes)
+	reqs := make([]ca.DelegatedRequest, 4*ca.DelegationConcurrency)
+	for i := range reqs {
+		reqs[i] = ca.DelegatedRequest{ID: spiffeid.RequireFromPath(td, fmt.Sprintf("/ns/default/sa/w%d", i)), CSR: derCSR(t, csrOpts{})}
+	}
+	start := time.Now()
+	for i, r := range c.IssueDelegated(context.Background(), nodeA, reqs) {
+		if r.Err == nil {
+			t.Fatalf("param %d was issued", i)
+		}
+	}
+	if took := time.Since(start); took > 2*wait {
+		t.Fatalf("a batch of %d params not on the node took %s; want about one wait of %s", len(reqs), took, wait)
+	}
+	// Outside a batch, each wait is its own.
+	now := time.Now()
+	if d := ca.WaitDeadline(context.Background(), now, wait); !d.Equal(now.Add(wait)) {
+		t.Fatalf("WaitDeadline outside a batch = %s, want now+%s", d, wait)
+	}
+}
+
 // BenchmarkIssueDelegatedBatch is one full batch (cav1.MaxBatch params) on
 // the SQLite journal: what a node agent's restart costs per 500 identities.
 func BenchmarkIssueDelegatedBatch(b *testing.B) {

@@ -257,7 +257,7 @@ func (n *NodeModel) await(ctx context.Context, check func() (bool, error)) error
 	if wait <= 0 {
 		wait = DefaultNodeWait
 	}
-	deadline := c.Now().Add(wait)
+	deadline := ca.WaitDeadline(ctx, c.Now(), wait)
 	for {
 		ok, err := check()
 		var refusal *ca.Refusal

@@ -106,6 +106,18 @@ func TestNodeModelKubernetes(t *testing.T) {
 	if d := time.Since(start); d < 3*200*time.Millisecond || d > 3*time.Second {
 		t.Fatalf("three refusals took %s: each should wait the bounded 200ms", d)
 	}
+	// Within one delegated batch, the waits share one window
+	// (review15-sec F4): three refusals take about one wait.
+	batch := ca.WithBatchWait(ctx)
+	start = time.Now()
+	for _, id := range []spiffeid.ID{sa("a", "db"), sa("a", "pending"), sa("a", "nobody")} {
+		if err := n.MayHold(batch, "node-a", id); err == nil {
+			t.Fatalf("MayHold(node-a, %s) = nil in a batch", id)
+		}
+	}
+	if d := time.Since(start); d < 200*time.Millisecond || d > 2*200*time.Millisecond {
+		t.Fatalf("three refusals in one batch took %s: they should share one wait of 200ms", d)
+	}
 	if node, uid, err := n.NodeOfPod(ctx, "a", "db-0"); err != nil || node != "node-b" || uid != "uid-db-0" {
 		t.Fatalf("NodeOfPod(a/db-0) = %q, %q, %v; want node-b and its UID", node, uid, err)
 	}
