@@ -46,6 +46,7 @@ spec:
 		if err != nil {
 			t.Fatalf("the user's program: %v\n%s", err, stderr.String())
 		}
+		r = result{}
 		if err := json.Unmarshal(out, &r); err != nil {
 			t.Fatalf("the user's program printed %q: %v", out, err)
 		}
