@@ -251,6 +251,15 @@ func (pd *pod) outbound(ctx context.Context, c *net.TCPConn) {
 		return
 	}
 	dst = netip.AddrPortFrom(dst.Addr().Unmap(), dst.Port())
+	if p.proxyPort(dst.Port()) {
+		// A connection to a proxy port (a peer's, or this pod's own, which
+		// reaches the listener uncaptured over lo) would be carried into a
+		// proxy listener again: a loop, or a tunnel in a tunnel.
+		p.m.refused.WithLabelValues(Outbound, "proxy_port").Inc()
+		p.log.Info("refused an outbound connection to a node proxy port", "workload", src.msg.GetUid(), "destination", dst)
+		reset(c)
+		return
+	}
 	// Connecting and the handshake are bounded; the tunnel outlives ctx.
 	ctx, cancel := context.WithTimeout(ctx, p.cfg.ConnectTimeout)
 	defer cancel()
@@ -327,7 +336,25 @@ func (pd *pod) checkFor(peer spiffeid.ID, authority string, remote net.Addr) (ch
 	if !w.has(ap.Addr()) {
 		return check{}, fmt.Errorf("authority %s is not an address of %s", authority, w.msg.GetUid())
 	}
+	if pd.p.proxyPort(ap.Port()) {
+		// The proxy's own listeners: a tunnel to 15001 would loop through
+		// it, one to 15008 would carry a tunnel inside the tunnel whose
+		// check sees this pod as the source. Refused, as ztunnel does.
+		return check{}, fmt.Errorf("authority %s: port %d is the node proxy's own", authority, ap.Port())
+	}
 	return check{source: peer, sourceAddr: addrPort(remote), dest: w.id, destLabels: w.msg.GetLabels(), destination: ap}, nil
+}
+
+// proxyPort reports whether port is one of the node proxy's own (the
+// configured ones and ambientv1's), which no connection may be carried to.
+func (p *Proxy) proxyPort(port uint16) bool {
+	r := p.cfg.Rules
+	switch port {
+	case r.Outbound, r.InboundPlaintext, r.HBONE,
+		ambientv1.OutboundPort, ambientv1.InboundPlaintextPort, ambientv1.HBONEPort:
+		return true
+	}
+	return false
 }
 
 func (pd *pod) serveHBONE(ctx context.Context, l net.Listener) {
