@@ -368,8 +368,11 @@ func TestHolderCoalescesRenewalsWithinWindow(t *testing.T) {
 	f.setEntries("r1", ids[0])
 	h, _ := startHolder(t, f, nil)
 	eventually(t, "first identity", func() bool { return h.Held() == 1 })
-	clk.Step(4 * time.Minute) // within 6 minutes (10% of 1h) of the first
+	// The entries change before the clock moves: the step fires the sync
+	// timer, and a fetch that ran before the change would find no second
+	// identity and wait for the next step, which never comes.
 	f.setEntries("r2", ids...)
+	clk.Step(4 * time.Minute) // within 6 minutes (10% of 1h) of the first
 	eventually(t, "second identity", func() bool { return h.Held() == 2 })
 	if b, _, _ := f.counts(); b != 2 {
 		t.Fatalf("%d batch calls, want 2", b)
