@@ -31,6 +31,9 @@ func (n Netns) DialTransparent(context.Context, string, netip.Addr, netip.AddrPo
 	return nil, ErrUnsupported
 }
 
+// IPv6 fails off Linux.
+func IPv6(Netns) (present, disabled bool, err error) { return false, false, ErrUnsupported }
+
 // Install fails off Linux.
 func Install(context.Context, Netns, Rules) error { return ErrUnsupported }
 

@@ -96,12 +96,23 @@ func (p *Proxy) setup(ctx context.Context, w *workload) (*pod, error) {
 		return nil, err
 	}
 	r := p.cfg.Rules
+	// IPv6 is captured wherever the namespace has it, whatever addresses
+	// the mesh lists: a pod listed with IPv4 alone still has link-local
+	// IPv6 (and maybe more), which would otherwise reach its applications
+	// in plaintext. A namespace without IPv6 gets the IPv4 rules alone.
+	v6, v6Disabled, err := capture.IPv6(ns)
+	if err != nil {
+		return nil, err
+	}
+	r.IPv6 = v6
 	for _, a := range w.addrs {
-		if a.Is6() {
-			r.IPv6 = true
+		if a.Is6() && !v6 {
+			return nil, fmt.Errorf("the workload has the IPv6 address %s but its network namespace %s has no IPv6", a, ns.Path)
 		}
 	}
-	r.TPROXY = p.canTPROXY(ctx, ns, r.IPv6)
+	// TPROXY needs a local IPv6 route on lo, which a namespace with IPv6
+	// disabled refuses: such a pod is captured with REDIRECT.
+	r.TPROXY = !v6Disabled && p.canTPROXY(ctx, ns, r.IPv6)
 	// Listeners first, so that no captured connection finds no one.
 	var ls []net.Listener
 	closeAll := func() {

@@ -89,7 +89,7 @@ type Config struct {
 	Kubernetes bool
 	ProcRoot   string
 	// Rules is the redirection (default capture.DefaultRules(); IPv6 is
-	// set per pod from its addresses).
+	// set per pod: wherever its namespace has IPv6).
 	Rules capture.Rules
 
 	AuthzTimeout   time.Duration

@@ -6,11 +6,14 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"os/exec"
+	"strings"
 	"testing"
 	"time"
 
 	"github.com/trustmesh/trustmesh/agent/capture"
 	"github.com/trustmesh/trustmesh/agent/hbone"
+	ambientv1 "github.com/trustmesh/trustmesh/api/ambient/v1"
 )
 
 // authzChecks is how many ext_authz checks the proxy made so far.
@@ -87,5 +90,82 @@ func TestInboundAuthorityProxyPortRefused(t *testing.T) {
 	}
 	if n := e.authzChecks(); n != 0 {
 		t.Errorf("%d ext_authz checks for tunnels to proxy ports, want 0", n)
+	}
+}
+
+// captureBV4Only makes b a workload the mesh lists with IPv4 alone (its
+// interface keeps fd78::2 and its link-local address) and waits until the
+// proxy captures it as such.
+func (e *env) captureBV4Only() {
+	t := e.t
+	e.setWorkload("b", e.b, "10.78.0.2", e.idB, ambientv1.DataPlaneMode_DATA_PLANE_MODE_NONE)
+	waitFor(t, "b released", func() bool {
+		e.p.mu.Lock()
+		defer e.p.mu.Unlock()
+		return len(e.p.pods) == 1
+	})
+	e.xds.setAny(ambientv1.WorkloadType, "b", workloadAny(t, &ambientv1.Workload{
+		Uid: "b", Name: "b", Namespace: "default", SpiffeId: e.idB.String(), Node: "n1",
+		Addresses: []string{"10.78.0.2"}, Labels: map[string]string{"app": "b"},
+		Mode: ambientv1.DataPlaneMode_DATA_PLANE_MODE_AMBIENT, Netns: e.b,
+	}))
+	waitFor(t, "b captured again", func() bool {
+		e.p.mu.Lock()
+		defer e.p.mu.Unlock()
+		return len(e.p.pods) == 2
+	})
+}
+
+// b is listed with IPv4 alone, but its interface has IPv6 too, as any
+// Linux interface: plaintext over IPv6 (a global address, and the
+// link-local one that every interface has) is refused as over IPv4. Before,
+// no IPv6 rules were installed for such a pod, and a non-mesh peer reached
+// b's application in plaintext, past STRICT and the policy (review16 F3).
+func TestIPv6CapturedForV4OnlyWorkload(t *testing.T) {
+	e := start(t)
+	e.captureBV4Only()
+	var ll string
+	waitFor(t, "b's link-local address", func() bool {
+		out, _ := exec.Command("ip", "-n", e.b, "-6", "-o", "addr", "show", "dev", "eth0", "scope", "link").Output()
+		f := strings.Fields(string(out))
+		for i, s := range f {
+			if s == "inet6" && i+1 < len(f) && !strings.Contains(string(out), "tentative") {
+				ll, _, _ = strings.Cut(f[i+1], "/")
+				return true
+			}
+		}
+		return false
+	})
+	// Marked: from a as a peer outside the mesh would send, uncaptured.
+	for _, addr := range []string{"[fd78::2]:8080", "[" + ll + "%eth0]:8080"} {
+		got, err := e.tryEcho(addr, capture.DefaultMark, "plain over v6")
+		if err == nil {
+			t.Errorf("plaintext to %s reached b's app uncaptured: %q", addr, got)
+		}
+	}
+	if got := counter(t, e.proxyMetrics().refused, InboundPlaintext, "strict"); got < 2 {
+		t.Errorf("refused{inbound_plaintext,strict} = %v, want 2", got)
+	}
+	// And over IPv4 the mesh still carries a's connections to b.
+	if got, err := e.tryEcho("10.78.0.2:8080", 0, "v4"); err != nil || got != "v4" {
+		t.Errorf("over IPv4 through the mesh: %q %v", got, err)
+	}
+}
+
+// A pod whose namespace has IPv6 disabled (sysctl) is still captured, with
+// the IPv6 rules installed all the same (they cost nothing there, and hold
+// if a process of the pod enables IPv6 again).
+func TestIPv6DisabledPodCaptured(t *testing.T) {
+	e := start(t)
+	for _, k := range []string{"net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1", "net.ipv6.conf.eth0.disable_ipv6=1"} {
+		sh(t, "ip", "netns", "exec", e.b, "sysctl", "-qw", k)
+	}
+	e.captureBV4Only() // waits until b is captured again
+	if got, err := e.tryEcho("10.78.0.2:8080", 0, "v4"); err != nil || got != "v4" {
+		t.Errorf("over IPv4 through the mesh: %q %v", got, err)
+	}
+	out, err := exec.Command("ip", "netns", "exec", e.b, "ip6tables-save", "-t", "nat").CombinedOutput()
+	if err != nil || !strings.Contains(string(out), "TRUSTMESH_PREROUTING") {
+		t.Errorf("IPv6 rules in b: %v\n%s", err, out)
 	}
 }
