@@ -368,14 +368,24 @@ func (p *Proxy) proxyPort(port uint16) bool {
 	return false
 }
 
-func (pd *pod) serveHBONE(ctx context.Context, l net.Listener) {
+func (pd *pod) serveHBONE(ctx context.Context, raw net.Listener) {
 	p := pd.p
+	l := newPendingListener(raw, p.cfg.MaxPendingHandshakes, func(remote net.Addr) {
+		p.m.refused.WithLabelValues(Inbound, ReasonPendingLimit).Inc()
+		p.log.Warn("refused an inbound HBONE connection: the pod has too many connections not carrying a tunnel yet", "remote", remote, "workload", pd.w.Load().msg.GetUid(), "max", p.cfg.MaxPendingHandshakes)
+	})
 	err := hbone.Serve(ctx, l, hbone.ServerConfig{
 		Cert: func(*tls.ClientHelloInfo) (*tls.Certificate, error) {
 			return p.certFor(pd.w.Load().id)()
 		},
 		Bundle: p.cfg.Bundle,
 		Accept: func(ctx context.Context, peer spiffeid.ID, authority string, remote net.Addr) error {
+			l.settled(remote)
+			if n := p.inboundOpen.Load(); n >= int64(p.cfg.MaxInboundTunnels) {
+				p.m.refused.WithLabelValues(Inbound, ReasonTunnelLimit).Inc()
+				p.log.Warn("refused an inbound HBONE tunnel: the node has too many open", "source", peer, "remote", remote, "max", p.cfg.MaxInboundTunnels)
+				return fmt.Errorf("the node has %d inbound tunnels open, its most", n)
+			}
 			c, err := pd.checkFor(peer, authority, remote)
 			if err != nil {
 				p.m.refused.WithLabelValues(Inbound, "authority").Inc()
@@ -395,6 +405,8 @@ func (pd *pod) serveHBONE(ctx context.Context, l net.Listener) {
 			return nil
 		},
 		Handle: func(ctx context.Context, t *hbone.Tunnel) {
+			p.inboundOpen.Add(1)
+			defer p.inboundOpen.Add(-1)
 			c, err := pd.checkFor(t.Peer, t.Authority, t.Remote)
 			if err != nil { // Accept checked it; the workload changed since
 				p.m.refused.WithLabelValues(Inbound, "authority").Inc()

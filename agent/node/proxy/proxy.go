@@ -33,6 +33,7 @@ import (
 	"net"
 	"net/netip"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	authv3 "github.com/envoyproxy/go-control-plane/envoy/service/auth/v3"
@@ -94,6 +95,12 @@ type Config struct {
 
 	AuthzTimeout   time.Duration
 	ConnectTimeout time.Duration
+	// MaxPendingHandshakes bounds, per pod, the connections to its HBONE
+	// port that carry no tunnel yet (default DefaultMaxPendingHandshakes);
+	// MaxInboundTunnels bounds the node's open inbound tunnels (default
+	// DefaultMaxInboundTunnels). Past either, new ones are reset.
+	MaxPendingHandshakes int
+	MaxInboundTunnels    int
 	// Retry is how often a pod whose setup failed is tried again.
 	Retry      time.Duration
 	Backoff    backoff.Backoff
@@ -175,6 +182,8 @@ type Proxy struct {
 	authz  authv3.AuthorizationClient
 	aconn  *grpc.ClientConn
 
+	inboundOpen atomic.Int64 // inbound tunnels open, over all pods
+
 	tproxyMu sync.Mutex
 	tproxy   map[bool]bool // ProbeTPROXY's answer, by IPv6 included
 
@@ -203,6 +212,12 @@ func New(cfg Config) (*Proxy, error) {
 	}
 	if cfg.Retry <= 0 {
 		cfg.Retry = DefaultRetry
+	}
+	if cfg.MaxPendingHandshakes <= 0 {
+		cfg.MaxPendingHandshakes = DefaultMaxPendingHandshakes
+	}
+	if cfg.MaxInboundTunnels <= 0 {
+		cfg.MaxInboundTunnels = DefaultMaxInboundTunnels
 	}
 	if cfg.Now == nil {
 		cfg.Now = time.Now

@@ -279,7 +279,7 @@ func (e *env) setRevision(rev string) {
 
 // start runs a proxy for node n1 with pods a (10.78.0.1) and b
 // (10.78.0.2), both ambient, and an echo server in b on port 8080.
-func start(t *testing.T) *env {
+func start(t *testing.T, opts ...func(*Config)) *env {
 	requireRoot(t)
 	now := time.Now()
 	e := &env{t: t, ca: testca.New(t, td, now.Add(-time.Minute)), xds: newFakeXDS(), authz: &fakeAuthz{}, reg: prometheus.NewRegistry()}
@@ -302,13 +302,17 @@ func start(t *testing.T) *env {
 	for len(e.xds.push) > 0 { // the subscriptions send them all
 		<-e.xds.push
 	}
-	p, err := New(Config{
+	cfg := Config{
 		NodeName: "n1", NodeIP: "192.0.2.1", XDSAddress: e.xdsAddr, AuthzAddress: authzAddr,
 		Roots:           func() []*x509.Certificate { return e.ca.Bundle().X509Authorities() },
 		NodeCertificate: func() (*tls.Certificate, error) { return certOf(e.ids, nodeID) },
 		Bundle:          e.ca.Bundle(), Identities: e.ids, Retry: 200 * time.Millisecond,
 		Logger: slog.New(slog.NewTextHandler(io.Discard, nil)), Registerer: e.reg,
-	})
+	}
+	for _, o := range opts {
+		o(&cfg)
+	}
+	p, err := New(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"os/exec"
 	"strings"
 	"testing"
@@ -168,4 +169,79 @@ func TestIPv6DisabledPodCaptured(t *testing.T) {
 	if err != nil || !strings.Contains(string(out), "TRUSTMESH_PREROUTING") {
 		t.Errorf("IPv6 rules in b: %v\n%s", err, out)
 	}
+}
+
+// Idle connections to b's HBONE port (no TLS handshake ever) are bounded
+// per pod: past MaxPendingHandshakes, new ones are reset at once and
+// counted; once the idle ones go, the mesh reaches b again. Before, each
+// held a goroutine and a descriptor of the node agent with no bound
+// (review16 F4).
+func TestPendingHandshakesBounded(t *testing.T) {
+	const max = 4
+	e := start(t, func(c *Config) { c.MaxPendingHandshakes = max })
+	var idle []net.Conn
+	refused := 0
+	for range 3 * max {
+		c, err := capture.NetnsByName(e.a).Dial(context.Background(), "tcp4", "10.78.0.2:15008", capture.DefaultMark)
+		if isReset(err) { // the reset came before connect returned
+			refused++
+			continue
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		idle = append(idle, c)
+	}
+	waitFor(t, "the connections past the bound refused", func() bool {
+		return counter(t, e.proxyMetrics().refused, Inbound, ReasonPendingLimit) == 2*max
+	})
+	// Those refused were reset; the first max are still open.
+	for _, c := range idle {
+		_ = c.SetReadDeadline(time.Now().Add(100 * time.Millisecond))
+		if _, err := c.Read(make([]byte, 1)); isReset(err) || errors.Is(err, io.EOF) {
+			refused++
+		}
+	}
+	if refused != 2*max {
+		t.Errorf("%d of %d idle connections refused, want %d", refused, 3*max, 2*max)
+	}
+	// A real peer is refused too while the pod's bound is reached...
+	if _, err := e.tryEcho("10.78.0.2:8080", 0, "x"); err == nil {
+		t.Errorf("a tunnel got through while %d connections were pending", max)
+	}
+	// ...and served once they are gone.
+	for _, c := range idle {
+		_ = c.Close()
+	}
+	waitFor(t, "b served again", func() bool {
+		got, err := e.tryEcho("10.78.0.2:8080", 0, "again")
+		return err == nil && got == "again"
+	})
+}
+
+// The node's open inbound tunnels are bounded: with MaxInboundTunnels
+// open, a new tunnel is refused (and the client's connection reset) and
+// counted; closing one lets the next through.
+func TestInboundTunnelsBounded(t *testing.T) {
+	const max = 2
+	e := start(t, func(c *Config) { c.MaxInboundTunnels = max })
+	var open []net.Conn
+	for i := range max {
+		c := e.dialFromA("10.78.0.2:8080", 0)
+		if got, err := echo(c, "held"); err != nil || got != "held" {
+			t.Fatalf("tunnel %d: %q %v", i, got, err)
+		}
+		open = append(open, c)
+	}
+	if _, err := e.tryEcho("10.78.0.2:8080", 0, "one too many"); err == nil {
+		t.Errorf("tunnel %d of a node bounded at %d got through", max+1, max)
+	}
+	if got := counter(t, e.proxyMetrics().refused, Inbound, ReasonTunnelLimit); got != 1 {
+		t.Errorf("refused{inbound,%s} = %v, want 1", ReasonTunnelLimit, got)
+	}
+	_ = open[0].Close()
+	waitFor(t, "a tunnel again after one closed", func() bool {
+		got, err := e.tryEcho("10.78.0.2:8080", 0, "next")
+		return err == nil && got == "next"
+	})
 }
