@@ -386,6 +386,7 @@ func (pd *pod) serveHBONE(ctx context.Context, raw net.Listener) {
 				p.log.Warn("refused an inbound HBONE tunnel: the node has too many open", "source", peer, "remote", remote, "max", p.cfg.MaxInboundTunnels)
 				return fmt.Errorf("the node has %d inbound tunnels open, its most", n)
 			}
+			gen := p.recheckGen.Load()
 			c, err := pd.checkFor(peer, authority, remote)
 			if err != nil {
 				p.m.refused.WithLabelValues(Inbound, "authority").Inc()
@@ -402,6 +403,9 @@ func (pd *pod) serveHBONE(ctx context.Context, raw net.Listener) {
 				p.log.Info("inbound HBONE refused", "source", peer, "remote", remote, "destination", c.destination, "error", err)
 				return err
 			}
+			// Handle runs next with the same ctx (agent/hbone).
+			p.admitted.Store(ctx, gen)
+			context.AfterFunc(ctx, func() { p.admitted.Delete(ctx) })
 			return nil
 		},
 		Handle: func(ctx context.Context, t *hbone.Tunnel) {
@@ -426,6 +430,11 @@ func (pd *pod) serveHBONE(ctx context.Context, raw net.Listener) {
 			pd.mu.Lock()
 			pd.conns[ic] = struct{}{}
 			pd.mu.Unlock()
+			if gen, ok := p.admitted.LoadAndDelete(ctx); ok && gen.(uint64) != p.recheckGen.Load() {
+				// A re-check began after this tunnel's check and may have
+				// missed it (it was not in pd.conns yet): ask again.
+				go p.recheck(ctx, "admitted while the policy or workload changed", []*inboundConn{ic})
+			}
 			p.carry(Inbound, app, t, ic)
 			pd.mu.Lock()
 			delete(pd.conns, ic)

@@ -183,6 +183,11 @@ type Proxy struct {
 	aconn  *grpc.ClientConn
 
 	inboundOpen atomic.Int64 // inbound tunnels open, over all pods
+	// recheckGen counts re-checks begun; admitted holds, per tunnel being
+	// admitted (its request's context), the count when its check began,
+	// so that a tunnel admitted while a re-check ran is checked again.
+	recheckGen atomic.Uint64
+	admitted   sync.Map // context.Context -> uint64
 
 	tproxyMu sync.Mutex
 	tproxy   map[bool]bool // ProbeTPROXY's answer, by IPv6 included
@@ -321,6 +326,7 @@ func (p *Proxy) reconcile(ctx context.Context, c *config) {
 		// Addresses, labels: no connection is dropped, but new labels may
 		// select other policies, so the pod's open ones are asked about again.
 		if pd.set(w) {
+			p.recheckGen.Add(1)
 			p.recheck(ctx, "the workload's labels or identity changed", pd.inbound())
 		}
 	}
@@ -378,6 +384,7 @@ func (p *Proxy) stopAll() {
 // recheckAll asks again about every open inbound connection and closes
 // (resets) the denied ones.
 func (p *Proxy) recheckAll(ctx context.Context, rev string) {
+	p.recheckGen.Add(1) // before the list: a tunnel not on it sees this
 	p.mu.Lock()
 	var conns []*inboundConn
 	for _, pd := range p.pods {

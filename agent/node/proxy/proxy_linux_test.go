@@ -169,6 +169,8 @@ func (f *fakeXDS) DeltaAggregatedResources(s discoveryv3.AggregatedDiscoveryServ
 type fakeAuthz struct {
 	authv3.UnimplementedAuthorizationServer
 	deny atomic.Bool
+	// gate, when set, runs in each check after its decision is taken.
+	gate atomic.Pointer[func()]
 	mu   sync.Mutex
 	reqs []*authv3.CheckRequest
 }
@@ -177,7 +179,11 @@ func (f *fakeAuthz) Check(_ context.Context, r *authv3.CheckRequest) (*authv3.Ch
 	f.mu.Lock()
 	f.reqs = append(f.reqs, r)
 	f.mu.Unlock()
-	if f.deny.Load() {
+	deny := f.deny.Load()
+	if g := f.gate.Load(); g != nil {
+		(*g)()
+	}
+	if deny {
 		return &authv3.CheckResponse{Status: &rpcstatus.Status{Code: int32(codes.PermissionDenied), Message: "policy deny-a, rule 0"}}, nil
 	}
 	return &authv3.CheckResponse{Status: &rpcstatus.Status{Code: int32(codes.OK)}}, nil

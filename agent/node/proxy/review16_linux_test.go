@@ -9,6 +9,7 @@ import (
 	"net"
 	"os/exec"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -244,4 +245,39 @@ func TestInboundTunnelsBounded(t *testing.T) {
 		got, err := e.tryEcho("10.78.0.2:8080", 0, "next")
 		return err == nil && got == "next"
 	})
+}
+
+// A tunnel whose check was answered under the old policy, but which was
+// not yet among the open connections when the new revision's re-check took
+// its list, is asked about again. Before, it stayed open under a policy
+// that denies it (review16 F6, re-check race).
+func TestAdmittedDuringRecheckIsRechecked(t *testing.T) {
+	e := start(t)
+	entered, release := make(chan struct{}), make(chan struct{})
+	var first sync.Once
+	gate := func() {
+		first.Do(func() { close(entered); <-release })
+	}
+	e.authz.gate.Store(&gate)
+	c := e.dialFromA("10.78.0.2:8080", 0) // its check allows, then waits
+	select {
+	case <-entered:
+	case <-time.After(10 * time.Second):
+		t.Fatal("no check")
+	}
+	e.authz.deny.Store(true)
+	e.setRevision("2")
+	waitFor(t, "the new revision's re-check", func() bool { return e.p.recheckGen.Load() > 0 })
+	close(release) // the old answer, allow, arrives after the re-check
+	_ = c.SetDeadline(time.Now().Add(5 * time.Second))
+	_, _ = io.WriteString(c, "x")
+	buf := make([]byte, 16)
+	var err error
+	for err == nil {
+		_, err = c.Read(buf)
+	}
+	var ne net.Error
+	if errors.As(err, &ne) && ne.Timeout() {
+		t.Errorf("the connection admitted during the re-check is still open under the policy that denies it")
+	}
 }
