@@ -15,6 +15,10 @@ const (
 	// DefaultMaxInboundTunnels bounds the inbound tunnels open at once on
 	// the node, over all its pods.
 	DefaultMaxInboundTunnels = 16384
+	// maxPendingPerSource bounds, per pod, the pending connections from
+	// one source address, so that one host cannot take all of a pod's
+	// pending slots and lock its real peers out.
+	maxPendingPerSource = 16
 )
 
 // Reasons of trustmesh_node_proxy_connections_refused_total{direction="inbound"}
@@ -26,7 +30,8 @@ const (
 
 // pendingListener resets a new connection while max connections that have
 // carried no tunnel yet (a TLS handshake in progress, or an HBONE
-// connection not yet asked for a tunnel) are open.
+// connection none of whose tunnels was let through) are open, or
+// maxPendingPerSource of them from its source address.
 type pendingListener struct {
 	net.Listener
 	max     int
@@ -48,7 +53,7 @@ func (l *pendingListener) Accept() (net.Conn, error) {
 		}
 		key := c.RemoteAddr().String()
 		l.mu.Lock()
-		if len(l.pending) >= l.max {
+		if len(l.pending) >= l.max || l.fromSource(c.RemoteAddr()) >= maxPendingPerSource {
 			l.mu.Unlock()
 			l.refused(c.RemoteAddr())
 			reset(c)
@@ -61,8 +66,21 @@ func (l *pendingListener) Accept() (net.Conn, error) {
 	}
 }
 
-// settled tells that the connection from remote asked for a tunnel: it
-// is authenticated and no longer pending.
+// fromSource counts the pending connections from remote's IP address;
+// l.mu is held.
+func (l *pendingListener) fromSource(remote net.Addr) int {
+	ip := addrPort(remote).Addr()
+	n := 0
+	for _, pc := range l.pending {
+		if addrPort(pc.RemoteAddr()).Addr() == ip {
+			n++
+		}
+	}
+	return n
+}
+
+// settled tells that the connection from remote was let through a tunnel:
+// it is authenticated, authorized and no longer pending.
 func (l *pendingListener) settled(remote net.Addr) {
 	l.mu.Lock()
 	defer l.mu.Unlock()

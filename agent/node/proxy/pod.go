@@ -380,7 +380,6 @@ func (pd *pod) serveHBONE(ctx context.Context, raw net.Listener) {
 		},
 		Bundle: p.cfg.Bundle,
 		Accept: func(ctx context.Context, peer spiffeid.ID, authority string, remote net.Addr) error {
-			l.settled(remote)
 			if n := p.inboundOpen.Load(); n >= int64(p.cfg.MaxInboundTunnels) {
 				p.m.refused.WithLabelValues(Inbound, ReasonTunnelLimit).Inc()
 				p.log.Warn("refused an inbound HBONE tunnel: the node has too many open", "source", peer, "remote", remote, "max", p.cfg.MaxInboundTunnels)
@@ -403,6 +402,10 @@ func (pd *pod) serveHBONE(ctx context.Context, raw net.Listener) {
 				p.log.Info("inbound HBONE refused", "source", peer, "remote", remote, "destination", c.destination, "error", err)
 				return err
 			}
+			// Only a tunnel let through settles its connection: one whose
+			// every CONNECT is refused stays pending, and counted, until
+			// it closes.
+			l.settled(remote)
 			// Handle runs next with the same ctx (agent/hbone).
 			p.admitted.Store(ctx, gen)
 			context.AfterFunc(ctx, func() { p.admitted.Delete(ctx) })
