@@ -41,7 +41,7 @@ otelcol:
 # named by TRUSTMESH_OTELCOL; with TRUSTMESH_TRACING_TESTS=1 it fails, never
 # skips, without one, and a failing hack/otelcol.sh stops the run.
 test: envtest otelcol generate-check
-	@hack/debian-tools.sh openssl chromium npm iptables ip6tables=iptables tcpdump ip=iproute2 nsenter=util-linux
+	@hack/debian-tools.sh openssl chromium npm iptables ip6tables=iptables tcpdump ip=iproute2 nsenter=util-linux curl
 	@cd test/browser && npm ci --prefer-offline --no-audit --no-fund --loglevel=error >/dev/null
 	@otelcol=$$(hack/otelcol.sh) && dsn=$$(hack/postgres.sh start) && trap 'hack/postgres.sh stop' EXIT && \
 	KUBEBUILDER_ASSETS="$$(hack/envtest-assets.sh)" TRUSTMESH_TEST_POSTGRES_DSN="$$dsn" TRUSTMESH_BROWSER_TESTS=1 \
