@@ -106,7 +106,7 @@ func TestAmbientWorkloadFile(t *testing.T) {
 // the directory with the reason.
 func TestAmbientWorkloadFileRefused(t *testing.T) {
 	for name, tc := range map[string]struct{ edit, want string }{
-		"mode":     {`dataplaneMode: ambient
+		"mode": {`dataplaneMode: ambient
   netns: echo-0`, `dataplaneMode: "waypoint" is not ambient, sidecar or none`},
 		"field":    {`netns: echo-0`, `unknown field "netnsPath"`},
 		"endpoint": {`addresses: [10.0.1.2, "fd00::1:2"]`, `endpoint 10.0.1.2 of ambient workload demo/echo-0 is not among its addresses [10.0.1.3]`},
@@ -164,7 +164,9 @@ func TestValidateDataPlane(t *testing.T) {
 		"bad netns": {func(w *mesh.Workload) { w.Netns = "a/b" }, "a namespace name has no slash"},
 		"bad node":  {func(w *mesh.Workload) { w.Node = "Node_A" }, `node "Node_A"`},
 		"bad mode":  {func(w *mesh.Workload) { w.DataPlaneMode = "waypoint" }, `dataplane mode "waypoint"`},
-		"disagreeing declarations": {func(w *mesh.Workload) { w.Name, w.ServiceAccount, w.ID, w.Node = "a", "a", ok.Workloads[0].ID, "node-b" },
+		"disagreeing declarations": {func(w *mesh.Workload) {
+			w.Name, w.ServiceAccount, w.ID, w.Node = "a", "a", ok.Workloads[0].ID, "node-b"
+		},
 			"workload demo/a is declared twice with different identities, labels, nodes, addresses or dataplane modes"},
 	} {
 		t.Run(name, func(t *testing.T) {

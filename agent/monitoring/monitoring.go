@@ -49,7 +49,7 @@ type Config struct {
 	// nil is healthy (and ok the answer's text), an error is why not. The
 	// node agent, which holds many identities, uses it.
 	Health func() (ok string, err error)
-	Logger    *slog.Logger
+	Logger *slog.Logger
 	// Connections bounds the connections served at once and their
 	// timeouts; the zero value takes connlimit's defaults.
 	Connections connlimit.Config

@@ -12,11 +12,11 @@ import (
 	"google.golang.org/grpc/codes"
 	clocktesting "k8s.io/utils/clock/testing"
 
-	cav1 "github.com/trustmesh/trustmesh/api/ca/v1"
 	"github.com/trustmesh/trustmesh/agent/backoff"
 	"github.com/trustmesh/trustmesh/agent/identity"
 	"github.com/trustmesh/trustmesh/agent/internal/testca"
 	"github.com/trustmesh/trustmesh/agent/svid"
+	cav1 "github.com/trustmesh/trustmesh/api/ca/v1"
 )
 
 // ownCA issues what is asked, or issueAs instead when set.

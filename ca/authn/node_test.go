@@ -11,8 +11,8 @@ import (
 	"encoding/json"
 	"encoding/pem"
 	"fmt"
-	"strings"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
