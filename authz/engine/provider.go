@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
-	"net/url"
 	"strconv"
 	"strings"
 	"time"
@@ -210,10 +209,22 @@ type Header struct {
 	Value string `json:"value"`
 }
 
+// evalRequest asks the provider about req, whose path normalizes to
+// normalizedPath. The input is built as a Rego value straight from the
+// proto (envoyInputValue) and evaluated by the query prepared when the set
+// was built.
+func (p *provider) evalRequest(ctx context.Context, req *authv3.CheckRequest, normalizedPath string, timeout time.Duration) (*ProviderResult, error) {
+	input, err := envoyInputValue(req, normalizedPath)
+	if err != nil {
+		return nil, err
+	}
+	return p.eval(ctx, input, timeout)
+}
+
 func (p *provider) eval(ctx context.Context, input ast.Value, timeout time.Duration) (*ProviderResult, error) {
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
-	rs, err := p.query.Eval(ctx, oparego.EvalParsedInput(input))
+	rs, err := p.query.Eval(ctx, oparego.EvalParsedInput(input), oparego.EvalMetrics(noMetrics))
 	if err != nil {
 		if ctx.Err() != nil {
 			return nil, fmt.Errorf("%w (%v): %w", ErrEvalTimeout, timeout, err)
@@ -329,35 +340,23 @@ func EnvoyInput(req *authv3.CheckRequest, normalizedPath string) (map[string]any
 	}
 	input["version"] = map[string]any{"ext_authz": "v3", "encoding": "protojson"}
 	h := req.GetAttributes().GetRequest().GetHttp()
-	p := normalizedPath
-	if p == "" {
-		p = "/"
-	}
-	segs := strings.Split(strings.TrimLeft(p, "/"), "/")
+	segs := pathSegments(normalizedPath)
 	parsedPath := make([]any, len(segs))
 	for i, s := range segs {
-		if u, err := url.PathUnescape(s); err == nil {
-			s = u
-		}
 		parsedPath[i] = s
 	}
 	input["parsed_path"] = parsedPath
+	vals, err := queryValues(h.GetPath())
+	if err != nil {
+		return nil, err
+	}
 	parsedQuery := map[string]any{}
-	if _, q, ok := strings.Cut(h.GetPath(), "?"); ok {
-		if i := strings.IndexByte(q, '#'); i >= 0 {
-			q = q[:i]
+	for k, vs := range vals {
+		a := make([]any, len(vs))
+		for i, v := range vs {
+			a[i] = v
 		}
-		vals, err := url.ParseQuery(q)
-		if err != nil {
-			return nil, fmt.Errorf("engine: parsing query: %w", err)
-		}
-		for k, vs := range vals {
-			a := make([]any, len(vs))
-			for i, v := range vs {
-				a[i] = v
-			}
-			parsedQuery[k] = a
-		}
+		parsedQuery[k] = a
 	}
 	input["parsed_query"] = parsedQuery
 	body, truncated, err := parsedBody(h)
