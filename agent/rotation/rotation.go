@@ -106,6 +106,12 @@ type Manager struct {
 	scheduled *x509svid.SVID
 	renewAt   time.Time
 
+	// forced counts RenewNow calls and renewed the count the last renewal
+	// answered; kick wakes Run (capacity 1, sent without blocking).
+	forced, renewed uint64
+	forceWhy        string
+	kick            chan struct{}
+
 	rotations prometheus.Counter
 	failures  *prometheus.CounterVec
 }
@@ -181,8 +187,9 @@ func New(cfg Config) (*Manager, error) {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
 	m := &Manager{
-		cfg: cfg,
-		id:  cfg.ID,
+		cfg:  cfg,
+		id:   cfg.ID,
+		kick: make(chan struct{}, 1),
 		rotations: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "trustmesh_agent_rotations_total",
 			Help: "Certificates obtained from the CA, the first issuance included.",
@@ -212,12 +219,36 @@ func (m *Manager) ID() spiffeid.ID {
 	return m.id
 }
 
+// RenewNow asks Run to renew the certificate at once rather than at its
+// renewal time, e.g. because its issuer is tainted. It does not block; the
+// request stands until a renewal succeeds after it, failed attempts being
+// retried with the usual backoff.
+func (m *Manager) RenewNow(reason string) {
+	m.mu.Lock()
+	m.forced++
+	m.forceWhy = reason
+	m.mu.Unlock()
+	select {
+	case m.kick <- struct{}{}:
+	default:
+	}
+}
+
+// pendingRenewal returns the RenewNow count and its last reason if a
+// renewal was asked that none has answered yet.
+func (m *Manager) pendingRenewal() (uint64, string, bool) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.forced, m.forceWhy, m.forced != m.renewed
+}
+
 // Run keeps the SVID current until ctx ends, and returns ctx.Err().
 func (m *Manager) Run(ctx context.Context) error {
 	bo := m.cfg.Backoff
 	for {
 		snap, changed := m.cfg.Store.Load()
 		now := m.cfg.Clock.Now()
+		seq, why, forced := m.pendingRenewal()
 		var (
 			wait  time.Duration
 			wake  <-chan struct{}
@@ -234,13 +265,18 @@ func (m *Manager) Run(ctx context.Context) error {
 			continue
 		case snap.SVID != nil:
 			renewAt := m.renewalTime(snap.SVID)
-			if now.Before(renewAt) {
+			if forced {
+				m.cfg.Logger.Info("renewing at once", "reason", why, "spiffe_id", snap.SVID.ID.String())
+			} else if now.Before(renewAt) {
 				renew, wait = false, renewAt.Sub(now)
 			}
 		}
 		if renew {
 			err := m.rotate(ctx, snap)
 			if err == nil {
+				m.mu.Lock()
+				m.renewed = max(m.renewed, seq)
+				m.mu.Unlock()
 				bo.Reset()
 				continue
 			}
@@ -268,8 +304,8 @@ func (m *Manager) Run(ctx context.Context) error {
 	}
 }
 
-// sleep waits for d on the clock (if d > 0), for wake (if not nil), or for
-// ctx.
+// sleep waits for d on the clock (if d > 0), for wake (if not nil), for
+// RenewNow, or for ctx.
 func (m *Manager) sleep(ctx context.Context, d time.Duration, wake <-chan struct{}) error {
 	var tc <-chan time.Time
 	if d > 0 {
@@ -284,6 +320,7 @@ func (m *Manager) sleep(ctx context.Context, d time.Duration, wake <-chan struct
 		return ctx.Err()
 	case <-tc:
 	case <-wake:
+	case <-m.kick:
 	}
 	return nil
 }

@@ -22,6 +22,7 @@ import (
 	"google.golang.org/grpc/status"
 	clocktesting "k8s.io/utils/clock/testing"
 
+	"github.com/trustmesh/trustmesh/agent/backoff"
 	"github.com/trustmesh/trustmesh/agent/identity"
 	"github.com/trustmesh/trustmesh/agent/internal/testca"
 	cav1 "github.com/trustmesh/trustmesh/api/ca/v1"
@@ -632,4 +633,59 @@ func TestLogsSerialsAsTheJournalSpellsThem(t *testing.T) {
 	if want := "serial=" + sn.Text(16) + " "; !strings.Contains(logs.String(), want) {
 		t.Fatalf("logs do not name the serial as %q:\n%s", want, logs.String())
 	}
+}
+
+// RenewNow renews at once, not at half-life, and a forced renewal that
+// fails is retried with backoff rather than put off to half-life.
+func TestRenewNowRenewsAtOnceAndRetriesUntilDone(t *testing.T) {
+	h := newHarness(t, func(c *Config) {
+		c.Backoff = backoff.Backoff{Initial: time.Second, Max: time.Second}
+	})
+	h.settle()
+	first := h.svid()
+	if first == nil {
+		t.Fatal("no SVID after start")
+	}
+	h.step(time.Minute)
+	h.mgr.RenewNow("issuer tainted")
+	second := h.changedFrom(first)
+	if second == first {
+		t.Fatal("RenewNow did not renew before half-life")
+	}
+
+	h.ca.set(func(f *fakeCA) { f.down = true })
+	h.mgr.RenewNow("issuer tainted")
+	for len(h.ca.callLog()) < 3 {
+		time.Sleep(time.Millisecond)
+	}
+	h.settle()
+	if h.svid() != second {
+		t.Fatal("the certificate changed while the CA was down")
+	}
+	h.ca.set(func(f *fakeCA) { f.down = false })
+	h.clock.Step(time.Second)
+	third := h.changedFrom(second)
+	if third == second {
+		t.Fatal("a failed forced renewal was not retried after its backoff")
+	}
+	// Answered: the next renewal is at half-life again.
+	h.step(10 * time.Minute)
+	if h.svid() != third {
+		t.Fatal("renewed again without being asked, before half-life")
+	}
+	if got := h.ca.callLog(); !equal(got, []string{"token", "renew", "renew", "renew"}) {
+		t.Fatalf("CA calls %v, want token then three renewals (one refused as down)", got)
+	}
+}
+
+// changedFrom waits (in real time, up to 10 s) for the SVID to differ from
+// prev, then for the manager to wait on the clock again, and returns it.
+func (h *harness) changedFrom(prev *x509svid.SVID) *x509svid.SVID {
+	h.t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for h.svid() == prev && time.Now().Before(deadline) {
+		time.Sleep(time.Millisecond)
+	}
+	h.settle()
+	return h.svid()
 }
