@@ -5,6 +5,7 @@
 package ca
 
 import (
+	"bytes"
 	"context"
 	"crypto"
 	"crypto/rand"
@@ -18,6 +19,7 @@ import (
 	"math/big"
 	"net"
 	"net/url"
+	"sync/atomic"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
@@ -107,6 +109,9 @@ type CA struct {
 	// delegated bounds the delegated params in flight across all nodes
 	// and batches (DelegatedLimit).
 	delegated chan struct{}
+	// link is the issuing chain last verified by a self-check, for the
+	// generation of key material it belongs to.
+	link atomic.Pointer[chainLink]
 }
 
 // New validates cfg, fills in defaults and returns a CA.
@@ -331,9 +336,15 @@ func (c *CA) sign(ctx context.Context, id spiffeid.ID, tmpl *x509.Certificate, p
 // selfCheck verifies a freshly minted certificate as a relying party would:
 // it chains to the current bundle at now, names exactly the caller's SPIFFE
 // ID, is no CA, and is valid for the window it was minted for.
+//
+// The leaf's own signature is checked on every call, against the issuing
+// certificate's key. The rest of the chain, issuing certificate up to a root
+// of the bundle, is the same for every certificate of one generation of key
+// material: it is verified once per generation (issuingLink) and, on each
+// call, only confirmed to be still in force (its root still in the bundle,
+// now inside every certificate's validity).
 func (c *CA) selfCheck(leaf *x509.Certificate, m *authority.Material, want spiffeid.ID, now, notAfter time.Time) error {
-	certs := append([]*x509.Certificate{leaf}, m.Chain...)
-	id, _, err := x509svid.Verify(certs, c.cfg.Authority, x509svid.WithTime(now))
+	id, err := x509svid.IDFromCert(leaf)
 	if err != nil {
 		return fmt.Errorf("self-check: %w", err)
 	}
@@ -346,10 +357,99 @@ func (c *CA) selfCheck(leaf *x509.Certificate, m *authority.Material, want spiff
 	if leaf.IsCA || leaf.KeyUsage&(x509.KeyUsageCertSign|x509.KeyUsageCRLSign) != 0 {
 		return errors.New("self-check: minted a CA certificate")
 	}
-	if now.Before(leaf.NotBefore) || !leaf.NotAfter.Equal(notAfter.Truncate(time.Second)) {
+	if now.Before(leaf.NotBefore) || now.After(leaf.NotAfter) || !leaf.NotAfter.Equal(notAfter.Truncate(time.Second)) {
 		return fmt.Errorf("self-check: validity %s to %s does not match the window ending %s", leaf.NotBefore, leaf.NotAfter, notAfter)
 	}
+	bundle, err := c.cfg.Authority.GetX509BundleForTrustDomain(id.TrustDomain())
+	if err != nil {
+		return fmt.Errorf("self-check: %w", err)
+	}
+	link, err := c.issuingLink(m, bundle, now)
+	if err != nil {
+		return fmt.Errorf("self-check: issuing chain: %w", err)
+	}
+	if link.constrained {
+		// Name or policy constraints in the chain apply to the leaf
+		// itself: only a full path validation applies them.
+		if _, _, err := x509svid.Verify(append([]*x509.Certificate{leaf}, m.Chain...), bundle, x509svid.WithTime(now)); err != nil {
+			return fmt.Errorf("self-check: %w", err)
+		}
+		return nil
+	}
+	if !bytes.Equal(leaf.RawIssuer, m.Cert.RawSubject) {
+		return errors.New("self-check: the minted certificate's issuer is not the issuing certificate's subject")
+	}
+	if err := leaf.CheckSignatureFrom(m.Cert); err != nil {
+		return fmt.Errorf("self-check: %w", err)
+	}
 	return nil
+}
+
+// chainLink is the issuing chain of one generation of key material, verified
+// from its issuing certificate up to a root of the bundle.
+type chainLink struct {
+	m      *authority.Material
+	anchor *x509.Certificate
+	// notBefore and notAfter bound the time in which every certificate of
+	// the verified chain, anchor included, is valid.
+	notBefore, notAfter time.Time
+	// constrained is set when a certificate of the chain carries name or
+	// policy constraints, which a leaf must be checked against in full.
+	constrained bool
+}
+
+// issuingLink returns m's issuing chain verified up to a root of bundle. The
+// verification is done once per generation (m is replaced, never changed,
+// when the authority rotates) and reused while its anchor stays in the bundle
+// and now stays inside the chain's validity; otherwise it is done again.
+func (c *CA) issuingLink(m *authority.Material, bundle *x509bundle.Bundle, now time.Time) (*chainLink, error) {
+	if l := c.link.Load(); l != nil && l.m == m && !now.Before(l.notBefore) && !now.After(l.notAfter) && bundle.HasX509Authority(l.anchor) {
+		return l, nil
+	}
+	if len(m.Chain) == 0 || !m.Chain[0].Equal(m.Cert) {
+		return nil, errors.New("the material's chain does not start at its issuing certificate")
+	}
+	roots := x509.NewCertPool()
+	for _, r := range bundle.X509Authorities() {
+		roots.AddCert(r)
+	}
+	inter := x509.NewCertPool()
+	for _, i := range m.Chain[1:] {
+		inter.AddCert(i)
+	}
+	chains, err := m.Cert.Verify(x509.VerifyOptions{Roots: roots, Intermediates: inter,
+		KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}, CurrentTime: now})
+	if err != nil {
+		return nil, err
+	}
+	chain := chains[0]
+	l := &chainLink{m: m, anchor: chain[len(chain)-1]}
+	for i, cert := range chain {
+		if i == 0 || cert.NotBefore.After(l.notBefore) {
+			l.notBefore = cert.NotBefore
+		}
+		if i == 0 || cert.NotAfter.Before(l.notAfter) {
+			l.notAfter = cert.NotAfter
+		}
+		l.constrained = l.constrained || constrains(cert)
+	}
+	c.link.Store(l)
+	return l, nil
+}
+
+// constrains reports whether a CA certificate carries constraints that
+// path validation applies to the certificates below it, beyond their
+// signature and validity: name constraints and policy constraints.
+func constrains(cert *x509.Certificate) bool {
+	return cert.PermittedDNSDomainsCritical ||
+		len(cert.PermittedDNSDomains)+len(cert.ExcludedDNSDomains) > 0 ||
+		len(cert.PermittedIPRanges)+len(cert.ExcludedIPRanges) > 0 ||
+		len(cert.PermittedEmailAddresses)+len(cert.ExcludedEmailAddresses) > 0 ||
+		len(cert.PermittedURIDomains)+len(cert.ExcludedURIDomains) > 0 ||
+		len(cert.PolicyMappings) > 0 ||
+		cert.RequireExplicitPolicy > 0 || cert.RequireExplicitPolicyZero ||
+		cert.InhibitPolicyMapping > 0 || cert.InhibitPolicyMappingZero ||
+		cert.InhibitAnyPolicy > 0 || cert.InhibitAnyPolicyZero
 }
 
 // SerialHex is the journal's spelling of a certificate's serial number.
