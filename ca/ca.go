@@ -275,6 +275,11 @@ func (c *CA) issue(ctx context.Context, caller Caller, tmpl *x509.Certificate, p
 		if errors.Is(err, journal.ErrTokenSpent) {
 			return nil, refuseErr(ReasonJoinTokenUsed, KindUnauthenticated, err)
 		}
+		if errors.Is(err, journal.ErrUnavailable) {
+			// The database is out of reach or out of room: nothing was
+			// recorded, so nothing is issued, and the caller may retry.
+			return nil, refuseErr(ReasonRecordFailed, KindUnavailable, err)
+		}
 		return nil, refuseErr(ReasonRecordFailed, KindInternal, err)
 	}
 	return &Issued{Leaf: leaf, Chain: m.Chain, Anchor: m.Anchor, Seq: seq}, nil

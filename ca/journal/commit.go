@@ -221,18 +221,20 @@ func (s *Store) commit(batch []*op) {
 	ctx, cancel := context.WithTimeout(context.Background(), commitTimeout)
 	defer cancel()
 	errs, note, err := s.commitBatch(ctx, batch)
+	err = unavailable(err)
 	// Before any caller learns its outcome, so that a caller's next append
 	// is measured against this commit.
 	s.lastCommit = s.cfg.Clock.Now()
 	if errors.Is(err, ErrTampered) {
 		s.setIntegrity(err)
 	}
+	s.noteAvailability(err)
 	for i, o := range batch {
 		switch {
 		case err != nil:
 			o.done <- err
 		default:
-			o.done <- errs[i]
+			o.done <- unavailable(errs[i])
 		}
 	}
 	if err == nil && note != nil && s.cfg.Witness != nil {
@@ -272,11 +274,16 @@ func (s *Store) commitBatch(ctx context.Context, batch []*op) (opErrs []error, s
 	}
 	// Rows written elsewhere (another replica, the CLI) count only when the
 	// latest signed checkpoint vouches for them: rows slipped in behind the
-	// journal's back are never signed into the log.
-	if s.rng.End() != before {
-		if s.verifier == nil {
-			return nil, nil, fmt.Errorf("%w: rows were appended elsewhere and no verifier key is set", ErrTampered)
-		}
+	// journal's back are never signed into the log. After the database was
+	// out of reach the stored log is checked against its latest checkpoint
+	// even when its size did not change: a commit whose outcome the lost
+	// connection hid, or a server restored from elsewhere, is found here
+	// rather than assumed away.
+	appended := s.rng.End() != before
+	if appended && s.verifier == nil {
+		return nil, nil, fmt.Errorf("%w: rows were appended elsewhere and no verifier key is set", ErrTampered)
+	}
+	if appended || (s.recheck && s.verifier != nil) {
 		if err := s.checkLatest(ctx, tx); err != nil {
 			return nil, nil, err
 		}
@@ -323,6 +330,23 @@ func (s *Store) commitBatch(ctx context.Context, batch []*op) (opErrs []error, s
 	}
 	s.ledger.publish()
 	return opErrs, signed, nil
+}
+
+// noteAvailability logs when the database stops or starts taking commits,
+// once per change, and after an outage arms the re-check of the stored log
+// against its latest signed checkpoint (commitBatch). Only the committer
+// calls it.
+func (s *Store) noteAvailability(err error) {
+	switch {
+	case errors.Is(err, ErrUnavailable):
+		if !s.recheck {
+			s.cfg.Log.Error("journal: the database is unavailable; every issuance is refused until it takes commits again", "error", err)
+		}
+		s.recheck = true
+	case err == nil && s.recheck:
+		s.recheck = false
+		s.cfg.Log.Info("journal: the database takes commits again", "size", s.rng.End(), "checked_against_checkpoint", s.verifier != nil)
+	}
 }
 
 // applyOp runs one op under a savepoint; on failure the savepoint and the

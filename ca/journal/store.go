@@ -98,6 +98,10 @@ type Store struct {
 	rng        *compact.Range
 	lastBatch  int
 	lastCommit time.Time
+	// recheck is set once a commit failed with ErrUnavailable: the next
+	// commit checks the stored log against its latest signed checkpoint
+	// before it appends.
+	recheck bool
 	// integrity is why the stored log cannot be trusted; once set it blocks
 	// every append and every lookup. Audits still work.
 	imu       sync.Mutex
