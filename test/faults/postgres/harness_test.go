@@ -30,7 +30,6 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/metadata"
-	"google.golang.org/grpc/status"
 	pb "istio.io/api/security/v1alpha1"
 
 	"github.com/trustmesh/trustmesh/ca"
@@ -401,5 +400,3 @@ func enrol(t *testing.T, n int, caAddr string, roots *x509.CertPool, tokenArgs [
 	}
 	return ws
 }
-
-func codeOf(err error) string { return status.Code(err).String() }
