@@ -128,13 +128,46 @@ func messageValue(m protoreflect.Message) (ast.Object, error) {
 			err = fmt.Errorf("%s: %w", fd.JSONName(), err)
 			return false
 		}
-		obj.Insert(ast.StringTerm(fd.JSONName()), t)
+		obj.Insert(jsonNameTerm(fd), t)
 		return true
 	})
 	if err != nil {
 		return nil, err
 	}
 	return obj, nil
+}
+
+// fieldNames holds the JSON name of every field of a CheckRequest, and of
+// the messages in it, as a Rego term: built once, never changed, so the
+// walk does not allocate a key per field.
+var fieldNames = func() map[protoreflect.FullName]*ast.Term {
+	names := map[protoreflect.FullName]*ast.Term{}
+	var walk func(md protoreflect.MessageDescriptor)
+	walk = func(md protoreflect.MessageDescriptor) {
+		fields := md.Fields()
+		for i := 0; i < fields.Len(); i++ {
+			fd := fields.Get(i)
+			if _, ok := names[fd.FullName()]; ok {
+				continue
+			}
+			names[fd.FullName()] = ast.StringTerm(fd.JSONName())
+			if fd.IsMap() {
+				fd = fd.MapValue()
+			}
+			if m := fd.Message(); m != nil {
+				walk(m)
+			}
+		}
+	}
+	walk((&authv3.CheckRequest{}).ProtoReflect().Descriptor())
+	return names
+}()
+
+func jsonNameTerm(fd protoreflect.FieldDescriptor) *ast.Term {
+	if t, ok := fieldNames[fd.FullName()]; ok {
+		return t
+	}
+	return ast.StringTerm(fd.JSONName())
 }
 
 func mapTerm(fd protoreflect.FieldDescriptor, m protoreflect.Map) (*ast.Term, error) {
