@@ -13,7 +13,8 @@ import (
 	"sync"
 	"time"
 
-	_ "github.com/jackc/pgx/v5/stdlib" // PostgreSQL, registered as "pgx"
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/stdlib" // also registers PostgreSQL as "pgx"
 	"github.com/transparency-dev/merkle/compact"
 	"github.com/transparency-dev/merkle/rfc6962"
 	"golang.org/x/mod/sumdb/note"
@@ -158,7 +159,7 @@ func Open(ctx context.Context, cfg Config) (*Store, error) {
 	var err error
 	if isPostgres(cfg.DSN) {
 		s.postgres = true
-		s.db, err = sql.Open("pgx", cfg.DSN)
+		s.db, err = openPostgres(cfg.DSN)
 	} else {
 		s.db, err = openSQLite(cfg.DSN, cfg.Existing)
 	}
@@ -205,6 +206,28 @@ func OpenSQLite(ctx context.Context, path string) (*Store, error) {
 
 func isPostgres(dsn string) bool {
 	return strings.HasPrefix(dsn, "postgres://") || strings.HasPrefix(dsn, "postgresql://")
+}
+
+// IdleInTransactionTimeout is how long PostgreSQL lets one of the
+// journal's sessions sit idle inside a transaction before it ends the
+// session. The committer holds the append lock (pg_advisory_xact_lock) for
+// one transaction of back-to-back statements, so it never idles that long.
+// A replica that dies releases the lock at once, as its session closes; one
+// cut off from the database (a partition, a frozen VM) would otherwise hold
+// it until TCP gives up, hours later, and every other replica would stop
+// issuing with it. A DSN that sets idle_in_transaction_session_timeout
+// keeps its own.
+const IdleInTransactionTimeout = 10 * time.Second
+
+func openPostgres(dsn string) (*sql.DB, error) {
+	cfg, err := pgx.ParseConfig(dsn)
+	if err != nil {
+		return nil, fmt.Errorf("journal: %w", err)
+	}
+	if _, ok := cfg.RuntimeParams["idle_in_transaction_session_timeout"]; !ok {
+		cfg.RuntimeParams["idle_in_transaction_session_timeout"] = fmt.Sprint(IdleInTransactionTimeout.Milliseconds())
+	}
+	return stdlib.OpenDB(*cfg), nil
 }
 
 func openSQLite(path string, existing bool) (*sql.DB, error) {
