@@ -1,13 +1,19 @@
 // Package engine decides ext_authz checks with exact Istio
 // AuthorizationPolicy semantics.
 //
-// An Engine holds the last good *Set (policies compiled to Rego by
-// authz/rego, plus the Rego bundles that serve CUSTOM providers) and swaps
-// it atomically, so a half-loaded set never serves. For each check it
-// indexes the policies that apply to the destination workload (root
-// namespace and the workload's namespace, by selector), evaluates them with
-// one prepared OPA query, and applies Istio's order: CUSTOM, then DENY, then
-// ALLOW. Every error denies.
+// An Engine holds the last good *Set (policies compiled, plus the Rego
+// bundles that serve CUSTOM providers) and swaps it atomically, so a
+// half-loaded set never serves. For each check it indexes the policies
+// that apply to the destination workload (root namespace and the
+// workload's namespace, by selector), evaluates them, and applies Istio's
+// order: CUSTOM, then DENY, then ALLOW. Every error denies.
+//
+// Policies are evaluated by one of two back ends (SetConfig.Backend): the
+// native one (native.go), the default, which compiles the typed model into
+// matchers and allocates nothing on the common path; or the Rego one, which
+// compiles each policy to Rego (authz/rego) and runs one prepared OPA query
+// per check. Tests hold the two, and the RBAC that xDS pushes, to the same
+// decisions.
 package engine
 
 import (
@@ -15,6 +21,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"slices"
 	"sort"
 	"sync/atomic"
 
@@ -106,72 +113,100 @@ type Shadow struct {
 // Check decides req. The Decision is never nil; when err is not nil it
 // denies with status 403 (callers that fail open must say so explicitly).
 func (e *Engine) Check(ctx context.Context, req *authv3.CheckRequest) (*Decision, error) {
-	s := e.cur.Load()
-	if s == nil {
-		return errorDecision(ErrNoPolicySet), ErrNoPolicySet
-	}
-	return s.run(ctx, req, nil)
-}
-
-// run is Check on s; with tr, it also records how it decided (see
-// Set.Explain).
-func (s *Set) run(ctx context.Context, req *authv3.CheckRequest, tr *trace) (*Decision, error) {
-	d, err := s.check(ctx, req, tr)
-	if err != nil {
-		err = fmt.Errorf("engine: %w", err)
-		ed := errorDecision(err)
-		if d != nil {
-			ed.Dest, ed.Applied = d.Dest, d.Applied
-		}
-		d = ed
-	}
-	d.PolicyVersion, d.PolicyDigest = s.version, s.digest
+	d := new(Decision)
+	err := e.CheckInto(ctx, req, d)
 	return d, err
 }
 
-func errorDecision(err error) *Decision {
-	return &Decision{HTTPStatus: http.StatusForbidden, Reason: ReasonEvaluationError, Error: err.Error()}
+// CheckInto is Check writing the decision into *d, every field of which it
+// overwrites. It allocates nothing on the common path (no policy applies,
+// or one ALLOW rule matches): d.Rule may point at immutable data the Set
+// owns, and the engine keeps nothing of d once it returns, so callers may
+// pool Decisions.
+func (e *Engine) CheckInto(ctx context.Context, req *authv3.CheckRequest, d *Decision) error {
+	s := e.cur.Load()
+	if s == nil {
+		*d = Decision{}
+		d.setError(ErrNoPolicySet)
+		return ErrNoPolicySet
+	}
+	return s.run(ctx, req, nil, d)
+}
+
+// run is CheckInto on s; with tr, it also records how it decided (see
+// Set.Explain).
+func (s *Set) run(ctx context.Context, req *authv3.CheckRequest, tr *trace, d *Decision) error {
+	*d = Decision{}
+	var r request
+	err := s.check(ctx, req, &r, tr, d)
+	if tr != nil {
+		// The trace keeps a copy: r itself stays on the stack.
+		r.normalize()
+		c := r
+		tr.req = &c
+	}
+	if err != nil {
+		err = fmt.Errorf("engine: %w", err)
+		dest, applied := d.Dest, d.Applied
+		*d = Decision{Dest: dest, Applied: applied}
+		d.setError(err)
+	}
+	d.PolicyVersion, d.PolicyDigest = s.version, s.digest
+	return err
+}
+
+func (d *Decision) setError(err error) {
+	d.HTTPStatus, d.Reason, d.Error = http.StatusForbidden, ReasonEvaluationError, err.Error()
 }
 
 // Check decides req against this set alone; Engine.Check is the same on
 // the current set. It is exported for `trustmesh policy check`.
 func (s *Set) Check(ctx context.Context, req *authv3.CheckRequest) (*Decision, error) {
-	e := &Engine{}
-	e.Swap(s)
-	return e.Check(ctx, req)
+	d := new(Decision)
+	err := s.run(ctx, req, nil, d)
+	return d, err
 }
 
-func (s *Set) check(ctx context.Context, req *authv3.CheckRequest, tr *trace) (*Decision, error) {
-	r, err := newRequest(req, s.gateways)
-	if tr != nil {
-		tr.req = r
+// maxStackApplicable is how many applicable policies a check holds
+// without allocating.
+const maxStackApplicable = 32
+
+func (s *Set) check(ctx context.Context, req *authv3.CheckRequest, r *request, tr *trace, d *Decision) error {
+	if err := r.init(req, s.gateways); err != nil {
+		return err
 	}
-	if err != nil {
-		return nil, err
-	}
-	d := &Decision{Dest: r.dest, HTTPStatus: http.StatusForbidden}
+	d.Dest, d.HTTPStatus = r.dest, http.StatusForbidden
 	if r.peerErr != nil {
 		d.Reason = ReasonPeerRejected
 		d.Error = r.peerErr.Error()
-		return d, nil
+		return nil
 	}
 	if r.http && r.pathErr != nil {
 		d.Reason = ReasonPathRejected
 		d.Error = r.pathErr.Error()
-		return d, nil
+		return nil
 	}
-	applicable := s.applicable(r.dest)
+	var buf [maxStackApplicable]*entry
+	applicable := s.applicableInto(buf[:0], r.dest)
 	d.Applied = len(applicable)
 	if tr != nil {
-		tr.applicable = applicable
+		tr.applicable = slices.Clone(applicable)
 	}
 	if len(applicable) == 0 {
 		d.Allowed, d.Reason, d.HTTPStatus = true, ReasonNoPolicy, 0
-		return d, nil
+		return nil
 	}
-	matched, err := s.evalMatches(ctx, r, applicable, tr)
-	if err != nil {
-		return d, err
+	m := matcher{r: r}
+	if s.backend == BackendRego {
+		matched, err := s.evalMatches(ctx, r, applicable, tr)
+		if err != nil {
+			return err
+		}
+		m.rego = matched
+	} else if tr != nil {
+		for _, e := range applicable {
+			e.native.all(r, func(i int) { tr.matched[e.idStr] = append(tr.matched[e.idStr], i) })
+		}
 	}
 	if tr != nil {
 		tr.evaluated = true
@@ -181,87 +216,104 @@ func (s *Set) check(ctx context.Context, req *authv3.CheckRequest, tr *trace) (*
 	// denies, with the provider's response.
 	for _, e := range applicable {
 		p := e.policy
-		rule, ok := matched[e.idStr]
-		if p.Action != policy.Custom || !ok {
+		if p.Action != policy.Custom {
 			continue
 		}
+		rule, ok := m.first(e)
+		if !ok {
+			continue
+		}
+		r.normalize()
 		res, err := s.evalProvider(ctx, req, r, p.Provider)
 		if err != nil {
-			return d, fmt.Errorf("%s: provider %q: %w", p.Key(), p.Provider, err)
+			return fmt.Errorf("%s: provider %q: %w", e.key, p.Provider, err)
 		}
 		if tr != nil {
 			tr.provider[e.idStr] = res.Allowed
 		}
 		if !res.Allowed {
-			d.decide(false, ReasonCustomDenied, p, rule)
+			d.decide(false, ReasonCustomDenied, e, rule)
 			d.HTTPStatus, d.Headers, d.ResponseHeadersToAdd, d.Body = res.HTTPStatus, res.Headers, res.ResponseHeadersToAdd, res.Body
-			return d, nil
+			return nil
 		}
 		d.Headers = append(d.Headers, res.Headers...)
 		d.ResponseHeadersToAdd = append(d.ResponseHeadersToAdd, res.ResponseHeadersToAdd...)
 	}
 
+	hasDryRun := false
 	for _, e := range applicable {
-		if rule, ok := matched[e.idStr]; ok && e.policy.Action == policy.Audit {
-			d.Audit = append(d.Audit, Match{Policy: e.policy.Key(), Rule: rule})
+		hasDryRun = hasDryRun || e.policy.DryRun
+		if e.policy.Action != policy.Audit {
+			continue
+		}
+		if rule, ok := m.first(e); ok {
+			d.Audit = append(d.Audit, Match{Policy: e.key, Rule: rule})
 		}
 	}
 
-	allowed, reason, p, rule := decide(applicable, matched, false)
-	d.decide(allowed, reason, p, rule)
-	if hasDryRun(applicable) {
-		sa, sr, sp, srule := decide(applicable, matched, true)
+	allowed, reason, de, rule := m.decide(applicable, false)
+	d.decide(allowed, reason, de, rule)
+	if hasDryRun {
+		sa, sr, se, srule := m.decide(applicable, true)
 		d.DryRun = &Shadow{Allowed: sa, Reason: sr}
-		if sp != nil {
-			d.DryRun.Policy, d.DryRun.Rule = sp.Key(), &srule
+		if se != nil {
+			d.DryRun.Policy, d.DryRun.Rule = se.key, &se.rules[srule]
 		}
 	}
-	return d, nil
+	return nil
 }
 
-func (d *Decision) decide(allowed bool, reason string, p *policy.Policy, rule int) {
+func (d *Decision) decide(allowed bool, reason string, e *entry, rule int) {
 	d.Allowed, d.Reason = allowed, reason
 	if allowed {
 		d.HTTPStatus = 0
 	}
-	if p != nil {
-		d.Policy, d.Action = p.Key(), p.Action.String()
-		d.Rule = &rule
+	if e != nil {
+		d.Policy, d.Action = e.key, e.policy.Action.String()
+		d.Rule = &e.rules[rule]
 	}
+}
+
+// matcher answers which rule of a policy matches a request first: from
+// the Rego back end's results, or natively.
+type matcher struct {
+	r    *request
+	rego map[string]int
+}
+
+func (m matcher) first(e *entry) (int, bool) {
+	if m.rego != nil {
+		rule, ok := m.rego[e.idStr]
+		return rule, ok
+	}
+	return e.native.first(m.r)
 }
 
 // decide applies DENY then ALLOW. With withDryRun, dry-run policies count
 // as enforced (the shadow decision).
-func decide(applicable []*entry, matched map[string]int, withDryRun bool) (bool, string, *policy.Policy, int) {
-	enforced := func(p *policy.Policy) bool { return withDryRun || !p.DryRun }
+func (m matcher) decide(applicable []*entry, withDryRun bool) (bool, string, *entry, int) {
 	for _, e := range applicable {
-		if rule, ok := matched[e.idStr]; ok && e.policy.Action == policy.Deny && enforced(e.policy) {
-			return false, ReasonDenyMatched, e.policy, rule
+		if e.policy.Action != policy.Deny || !withDryRun && e.policy.DryRun {
+			continue
+		}
+		if rule, ok := m.first(e); ok {
+			return false, ReasonDenyMatched, e, rule
 		}
 	}
 	anyAllow := false
 	for _, e := range applicable {
-		if e.policy.Action != policy.Allow || !enforced(e.policy) {
+		if e.policy.Action != policy.Allow || !withDryRun && e.policy.DryRun {
 			continue
 		}
 		anyAllow = true
-		if rule, ok := matched[e.idStr]; ok {
-			return true, ReasonAllowMatched, e.policy, rule
+		if rule, ok := m.first(e); ok {
+			return true, ReasonAllowMatched, e, rule
 		}
 	}
 	if anyAllow {
 		return false, ReasonNoAllowMatched, nil, 0
 	}
 	return true, ReasonNoPolicy, nil, 0
-}
-
-func hasDryRun(es []*entry) bool {
-	for _, e := range es {
-		if e.policy.DryRun {
-			return true
-		}
-	}
-	return false
 }
 
 // evalMatches runs the prepared query once and returns, for each applicable

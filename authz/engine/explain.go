@@ -154,7 +154,11 @@ type FieldMiss struct {
 
 // Explainer explains requests against one Set. It compiles the Set's
 // policies once more, with the rules that report each field's outcome
-// (authzrego.ExplainModule); serving never pays for them.
+// (authzrego.ExplainModule); serving never pays for them. The decision it
+// explains is the serving back end's (the native one by default), and the
+// fields' outcomes, evaluated by the Rego back end's expressions, must add
+// up to the rules that back end matched (else ErrExplanationDisagrees): an
+// explanation is also a check of the two back ends against each other.
 type Explainer struct {
 	s      *Set
 	fields oparego.PreparedEvalQuery
@@ -175,7 +179,7 @@ func (s *Set) Explainer(ctx context.Context) (*Explainer, error) {
 		name := "policy/" + e.idStr + ".rego"
 		src := authzrego.ExplainModule(e.idStr, e.policy)
 		// The rules that decide are the served ones, to the byte.
-		if served, ok := s.modules[name]; !ok || !strings.HasPrefix(src, served) {
+		if served, ok := s.Modules()[name]; !ok || !strings.HasPrefix(src, served) {
 			return nil, fmt.Errorf("%w: the explain module of %s does not start with the served %s", ErrExplanationDisagrees, e.policy.Key(), name)
 		}
 		if err := add(name, src); err != nil {
@@ -214,7 +218,8 @@ func (s *Set) Explain(ctx context.Context, req *authv3.CheckRequest) (*Explanati
 func (x *Explainer) Explain(ctx context.Context, req *authv3.CheckRequest) (*Explanation, error) {
 	s := x.s
 	tr := &trace{matched: map[string][]int{}, provider: map[string]bool{}}
-	d, _ := s.run(ctx, req, tr) // the decision carries the error
+	d := new(Decision)
+	_ = s.run(ctx, req, tr, d) // the decision carries the error
 	a := req.GetAttributes()
 	ex := &Explanation{
 		Destination: Destination{Principal: a.GetDestination().GetPrincipal(), Namespace: d.Dest.Namespace, Labels: d.Dest.Labels},
@@ -479,7 +484,7 @@ func dropped(r, tcp policy.Rule) []string {
 }
 
 func attributes(r *request) Attributes {
-	a := Attributes{Protocol: "tcp", SourceIP: r.sourceIP, RemoteIP: r.remoteIP, DestinationIP: r.destIP, SNI: r.sni}
+	a := Attributes{Protocol: "tcp", SourceIP: addrString(r.sourceAddr), RemoteIP: addrString(r.remoteAddr()), DestinationIP: addrString(r.destAddr), SNI: r.sni}
 	if r.hasSource {
 		a.Principal = r.source.Principal
 	}
@@ -541,7 +546,7 @@ func (s *Set) selection(w Workload) ([]string, []NotSelected) {
 // only the lowest one a decision names. Tests hold explanations to it.
 func (s *Set) MatchingRules(ctx context.Context, req *authv3.CheckRequest) (map[string][]int, error) {
 	tr := &trace{matched: map[string][]int{}, provider: map[string]bool{}}
-	if _, err := s.run(ctx, req, tr); err != nil && !tr.evaluated {
+	if err := s.run(ctx, req, tr, new(Decision)); err != nil && !tr.evaluated {
 		return nil, err
 	}
 	out := map[string][]int{}

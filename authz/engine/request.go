@@ -70,6 +70,21 @@ func RemoteIP(g Gateways, destPrincipal, sourcePrincipal, peer, ext string) stri
 	return ip.Unmap().String()
 }
 
+// remoteAddr is RemoteIP on parsed addresses, without allocating: peer is
+// the direct peer's address (invalid when unknown) and the result is
+// invalid when remote.ip is absent.
+func remoteAddr(g Gateways, destPrincipal, sourcePrincipal string, peer netip.Addr, ext string, hasExt bool) netip.Addr {
+	trusted := g.IsGateway(destPrincipal) || sourcePrincipal != "" && g.IsGateway(sourcePrincipal)
+	if !trusted || !hasExt || ext == "" {
+		return peer
+	}
+	ip, err := netip.ParseAddr(strings.TrimSpace(ext))
+	if err != nil {
+		return peer
+	}
+	return ip.Unmap()
+}
+
 // Identity is a SPIFFE ID split into the parts policies match.
 type Identity struct {
 	// Principal is the SPIFFE ID without "spiffe://".
@@ -93,6 +108,8 @@ type Identity struct {
 // serviceAccounts), whose "." does not match a newline. Only on IDs of this
 // alphabet do the two readings agree, so any other peer ID must never
 // reach evaluation (see ReasonPeerRejected).
+//
+// The parts are substrings of id: parsing allocates nothing.
 func ParseIdentity(id string) (Identity, bool) {
 	if _, err := spiffeid.FromString(id); err != nil {
 		return Identity{}, false
@@ -105,10 +122,15 @@ func ParseIdentity(id string) (Identity, bool) {
 			return Identity{}, false
 		}
 	}
-	parts := strings.Split(rest, "/")
-	out := Identity{Principal: rest, TrustDomain: parts[0]}
-	if len(parts) == 5 && parts[1] == "ns" && parts[3] == "sa" {
-		out.Namespace, out.ServiceAccount = parts[2], parts[4]
+	td, path, _ := strings.Cut(rest, "/")
+	out := Identity{Principal: rest, TrustDomain: td}
+	// Exactly td/ns/<ns>/sa/<sa>.
+	if ns, rest, ok := strings.Cut(path, "/"); ok && ns == "ns" {
+		if nsName, rest, ok := strings.Cut(rest, "/"); ok {
+			if sa, saName, ok := strings.Cut(rest, "/"); ok && sa == "sa" && !strings.Contains(saName, "/") {
+				out.Namespace, out.ServiceAccount = nsName, saName
+			}
+		}
 	}
 	return out, true
 }
@@ -119,26 +141,44 @@ type Workload struct {
 	Labels    map[string]string
 }
 
-// request is what the generated Rego matches, taken from a CheckRequest.
+// request is what policies match, taken from a CheckRequest. Building it
+// allocates nothing on the common path: addresses stay parsed, headers
+// are looked up in the proto's map when a policy asks for one, and the
+// path is normalized when a policy first reads it (or rejected at once
+// when normalization could reject it).
 type request struct {
-	http        bool
-	source      Identity
-	hasSource   bool
-	dest        Workload
-	sourceIP    string
-	remoteIP    string
-	destIP      string
-	destPort    uint32
-	hasPort     bool
-	sni         string
-	host        string
-	hostNorm    string // host without a :port and one trailing dot
-	method      string
-	rawPath     string
-	path        string // normalized
-	pathErr     error  // wraps pathnorm.ErrRejected
-	peerErr     error  // wraps ErrPeerRejected
-	headers     map[string]string
+	http      bool
+	source    Identity
+	hasSource bool
+	// srcPrincipal is the source principal as sent ("spiffe://..."),
+	// when hasSource.
+	srcPrincipal string
+	dest         Workload
+	sourceAddr   netip.Addr // invalid when absent
+	destAddr     netip.Addr
+	// remote is remote.ip once remoteDone (see remoteAddr); gw decides it.
+	remote     netip.Addr
+	remoteDone bool
+	gw         Gateways
+	destPort   uint32
+	hasPort    bool
+	sni        string
+	host       string
+	hostNorm   string // host without a :port and one trailing dot
+	method     string
+	rawPath    string
+	// path is the normalized path once normalized is set (see
+	// normalize); evalProvider may read it after normalize.
+	path       string
+	normalized bool
+	pathErr    error // wraps pathnorm.ErrRejected
+	peerErr    error // wraps ErrPeerRejected
+	hdrs       map[string]string
+	hdrMap     []*corev3.HeaderValue
+	// hdrSlow (once hdrChecked): mixed-case names or a header_map, so that
+	// lookups join values.
+	hdrSlow     bool
+	hdrChecked  bool
 	destPrincip string
 }
 
@@ -157,11 +197,19 @@ var errHBONE = errors.New("an HBONE check must be a CONNECT to an IP:port destin
 var errNoDestination = errors.New("destination workload unknown: attributes.destination.principal is not a SPIFFE ID with a namespace")
 
 func newRequest(req *authv3.CheckRequest, gw Gateways) (*request, error) {
+	r := &request{}
+	err := r.init(req, gw)
+	r.normalize()
+	return r, err
+}
+
+// init fills r (which must be zero) from req.
+func (r *request) init(req *authv3.CheckRequest, gw Gateways) error {
 	a := req.GetAttributes()
-	r := &request{destPrincip: a.GetDestination().GetPrincipal()}
+	r.destPrincip = a.GetDestination().GetPrincipal()
 	dest, ok := ParseIdentity(r.destPrincip)
 	if !ok || dest.Namespace == "" {
-		return r, errNoDestination
+		return errNoDestination
 	}
 	r.dest = Workload{Namespace: dest.Namespace, Labels: a.GetDestination().GetLabels()}
 	if p := a.GetSource().GetPrincipal(); p != "" {
@@ -169,11 +217,13 @@ func newRequest(req *authv3.CheckRequest, gw Gateways) (*request, error) {
 		if !ok {
 			// Quoted, so that no control character reaches a log as is.
 			r.peerErr = fmt.Errorf("%w: %q", ErrPeerRejected, p)
+		} else {
+			r.srcPrincipal = p
 		}
 		r.source, r.hasSource = id, ok
 	}
-	r.sourceIP = addrIP(a.GetSource().GetAddress())
-	r.destIP = addrIP(a.GetDestination().GetAddress())
+	r.sourceAddr = addrOf(a.GetSource().GetAddress())
+	r.destAddr = addrOf(a.GetDestination().GetAddress())
 	if sa := a.GetDestination().GetAddress().GetSocketAddress(); sa != nil {
 		if p, ok := sa.GetPortSpecifier().(*corev3.SocketAddress_PortValue); ok {
 			r.destPort, r.hasPort = p.PortValue, true
@@ -186,68 +236,134 @@ func newRequest(req *authv3.CheckRequest, gw Gateways) (*request, error) {
 		// TCP connection to it, as the node proxy's checks are.
 		ap, err := netip.ParseAddrPort(dest)
 		if err != nil || a.GetRequest().GetHttp().GetMethod() != "CONNECT" {
-			return r, fmt.Errorf("%w: destination %q, method %q", errHBONE, dest, a.GetRequest().GetHttp().GetMethod())
+			return fmt.Errorf("%w: destination %q, method %q", errHBONE, dest, a.GetRequest().GetHttp().GetMethod())
 		}
-		r.destIP = ap.Addr().Unmap().String()
+		r.destAddr = ap.Addr().Unmap()
 		r.destPort, r.hasPort = uint32(ap.Port()), true
-		r.remoteIP = r.sourceIP
-		return r, nil
+		r.remote, r.remoteDone = r.sourceAddr, true
+		return nil
 	}
 	h := a.GetRequest().GetHttp()
 	if h == nil {
-		r.remoteIP = r.sourceIP
-		return r, nil
+		r.remote, r.remoteDone = r.sourceAddr, true
+		return nil
 	}
 	r.http = true
 	r.host = strings.ToLower(h.GetHost())
 	r.hostNorm = NormalizeHost(r.host)
 	r.method = h.GetMethod()
 	r.rawPath = h.GetPath()
+	r.hdrs = h.GetHeaders()
+	r.hdrMap = h.GetHeaderMap().GetHeaders()
+	r.gw = gw
+	if mayReject(r.rawPath) {
+		r.normalize()
+	}
+	return nil
+}
+
+// mayReject reports whether pathnorm.Normalize could reject raw: only a
+// path that does not start with '/' or that holds a '%', a backslash or a
+// NUL byte can be. Any other is normalized when a policy first reads it.
+func mayReject(raw string) bool {
+	p, _ := pathnorm.Split(raw)
+	return p == "" || p[0] != '/' || strings.IndexByte(p, '%') >= 0 || strings.IndexByte(p, '\\') >= 0 || strings.IndexByte(p, 0) >= 0
+}
+
+// normalize normalizes the path of an HTTP request, once.
+func (r *request) normalize() {
+	if !r.http || r.normalized {
+		return
+	}
+	r.path, r.pathErr = pathnorm.Normalize(r.rawPath)
+	r.normalized = true
+}
+
+// normPath is the normalized path of an HTTP request.
+func (r *request) normPath() string {
+	r.normalize()
+	return r.path
+}
+
+// remoteAddr is remote.ip (see RemoteIP), worked out when first asked
+// for; it is invalid when absent.
+func (r *request) remoteAddr() netip.Addr {
+	if !r.remoteDone {
+		ext, hasExt := r.header(ExternalAddressHeader)
+		r.remote = remoteAddr(r.gw, r.destPrincip, r.srcPrincipal, r.sourceAddr, ext, hasExt)
+		r.remoteDone = true
+	}
+	return r.remote
+}
+
+// isLower reports whether strings.ToLower(s) == s, allocating only for
+// non-ASCII names.
+func isLower(s string) bool {
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		if c >= 0x80 {
+			return strings.ToLower(s) == s
+		}
+		if 'A' <= c && c <= 'Z' {
+			return false
+		}
+	}
+	return true
+}
+
+// header returns the value of the lower-cased header name. Envoy sends
+// lower-case names; should a request carry one name in several cases, or
+// in header_map, the values are joined (as Envoy joins repeated headers)
+// in a fixed order, so the result never depends on map order: the
+// lower-case name's, the others' in sorted order of their names, then
+// header_map's in order.
+func (r *request) header(name string) (string, bool) {
+	if !r.http || !isLower(name) {
+		return "", false
+	}
+	v, ok := r.hdrs[name]
+	if !r.hdrChecked {
+		r.hdrSlow = len(r.hdrMap) > 0
+		for k := range r.hdrs {
+			if r.hdrSlow {
+				break
+			}
+			r.hdrSlow = !isLower(k)
+		}
+		r.hdrChecked = true
+	}
+	if !r.hdrSlow {
+		return v, ok
+	}
 	var mixed []string
-	for k := range h.GetHeaders() {
-		if strings.ToLower(k) != k {
+	for k := range r.hdrs {
+		if k != name && strings.ToLower(k) == name {
 			mixed = append(mixed, k)
 		}
 	}
-	if len(mixed) == 0 && len(h.GetHeaderMap().GetHeaders()) == 0 {
-		r.headers = h.GetHeaders() // read only
-	} else {
-		r.headers = make(map[string]string, len(h.GetHeaders()))
-		for k, v := range h.GetHeaders() {
-			if strings.ToLower(k) == k {
-				r.headers[k] = v
-			}
-		}
-	}
-	// Envoy sends lower-case names; should a request carry one name in two
-	// cases, the values are joined (as Envoy joins repeated headers) in a
-	// fixed order, so the result never depends on map order.
 	sort.Strings(mixed)
 	for _, k := range mixed {
-		lk, v := strings.ToLower(k), h.GetHeaders()[k]
-		if prev, ok := r.headers[lk]; ok {
-			v = prev + "," + v
+		if ok {
+			v += "," + r.hdrs[k]
+		} else {
+			v, ok = r.hdrs[k], true
 		}
-		r.headers[lk] = v
 	}
-	for _, hv := range h.GetHeaderMap().GetHeaders() {
-		k := strings.ToLower(hv.GetKey())
-		v := hv.GetValue()
-		if v == "" && len(hv.GetRawValue()) > 0 {
-			v = string(hv.GetRawValue())
+	for _, hv := range r.hdrMap {
+		if strings.ToLower(hv.GetKey()) != name {
+			continue
 		}
-		if prev, ok := r.headers[k]; ok {
-			v = prev + "," + v
+		x := hv.GetValue()
+		if x == "" && len(hv.GetRawValue()) > 0 {
+			x = string(hv.GetRawValue())
 		}
-		r.headers[k] = v
+		if ok {
+			v += "," + x
+		} else {
+			v, ok = x, true
+		}
 	}
-	var srcPrincipal string
-	if r.hasSource {
-		srcPrincipal = a.GetSource().GetPrincipal()
-	}
-	r.remoteIP = RemoteIP(gw, r.destPrincip, srcPrincipal, r.sourceIP, r.headers[ExternalAddressHeader])
-	r.path, r.pathErr = pathnorm.Normalize(r.rawPath)
-	return r, nil
+	return v, ok
 }
 
 // NormalizeHost strips a :port (digits, possibly none) from host, also
@@ -273,12 +389,23 @@ func digits(s string) bool {
 	return true
 }
 
-func addrIP(a *corev3.Address) string {
+// addrOf parses an address's IP, unmapped; it is invalid when absent or
+// malformed.
+func addrOf(a *corev3.Address) netip.Addr {
 	ip, err := netip.ParseAddr(a.GetSocketAddress().GetAddress())
 	if err != nil {
+		return netip.Addr{}
+	}
+	return ip.Unmap()
+}
+
+// addrString is an address as the Rego input and explanations show it:
+// empty when absent.
+func addrString(a netip.Addr) string {
+	if !a.IsValid() {
 		return ""
 	}
-	return ip.Unmap().String()
+	return a.String()
 }
 
 func str(s string) *ast.Term { return ast.StringTerm(s) }
@@ -341,9 +468,9 @@ func (r *request) input(ids []*ast.Term, used attrSet, headers []headerKey) ast.
 			}
 		}
 	}
-	add(policy.SourceIP, kSourceIP, r.sourceIP)
-	add(policy.RemoteIP, kRemoteIP, r.remoteIP)
-	add(policy.DestinationIP, kDestIP, r.destIP)
+	add(policy.SourceIP, kSourceIP, addrString(r.sourceAddr))
+	add(policy.RemoteIP, kRemoteIP, addrString(r.remoteAddr()))
+	add(policy.DestinationIP, kDestIP, addrString(r.destAddr))
 	if r.hasPort && used.has(policy.DestinationPort) {
 		items = append(items, ast.Item(kDestPort, ast.IntNumberTerm(int(r.destPort))))
 	}
@@ -355,7 +482,7 @@ func (r *request) input(ids []*ast.Term, used attrSet, headers []headerKey) ast.
 			a policy.Attribute
 			k *ast.Term
 			v string
-		}{{policy.Host, kHost, r.host}, {policy.Method, kMethod, r.method}, {policy.Path, kPath, r.path}} {
+		}{{policy.Host, kHost, r.host}, {policy.Method, kMethod, r.method}, {policy.Path, kPath, r.normPath()}} {
 			if used.has(x.a) {
 				items = append(items, ast.Item(x.k, str(x.v)))
 			}
@@ -364,7 +491,7 @@ func (r *request) input(ids []*ast.Term, used attrSet, headers []headerKey) ast.
 			items = append(items, ast.Item(kHostNorm, str(r.hostNorm)))
 		}
 		for _, h := range headers {
-			if v, ok := r.headers[h.name]; ok {
+			if v, ok := r.header(h.name); ok {
 				items = append(items, ast.Item(h.key, str(v)))
 			}
 		}
