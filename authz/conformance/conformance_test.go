@@ -19,6 +19,7 @@ import (
 
 	"github.com/trustmesh/trustmesh/authz/conformance"
 	"github.com/trustmesh/trustmesh/authz/engine"
+	"github.com/trustmesh/trustmesh/authz/engine/backendtest"
 	"github.com/trustmesh/trustmesh/authz/pathnorm"
 	"github.com/trustmesh/trustmesh/authz/policy"
 	"github.com/trustmesh/trustmesh/authz/rbac"
@@ -35,8 +36,10 @@ const (
 )
 
 // TestIstioOracle runs every case of the corpora through the engine (the
-// ext_authz Check path over the Rego back end's modules) and through the
-// RBAC back end, and holds both to Istio's decision.
+// ext_authz Check path) on its native back end, which serves, and on its
+// Rego back end, and through the RBAC back end, and holds each to Istio's
+// decision; the native and Rego back ends are also held to each other,
+// decision for decision (policy, rule, reason) and rule for rule.
 func TestIstioOracle(t *testing.T) {
 	files := []string{committedCorpus}
 	if extra := os.Getenv(corpusEnv); extra != "" {
@@ -70,7 +73,8 @@ type runner struct {
 	t        *testing.T
 	rawKey   string
 	policies []*policy.Policy
-	set      *engine.Set
+	set      *engine.Set // native
+	pair     *backendtest.Pair
 	loadErr  error
 
 	cases, allowed int
@@ -88,7 +92,7 @@ func (r *runner) load(c *conformance.Case) {
 	if string(c.Policies) == r.rawKey {
 		return
 	}
-	r.rawKey, r.policies, r.set, r.loadErr = string(c.Policies), nil, nil, nil
+	r.rawKey, r.policies, r.set, r.pair, r.loadErr = string(c.Policies), nil, nil, nil, nil
 	var objs []json.RawMessage
 	if err := json.Unmarshal(c.Policies, &objs); err != nil {
 		r.loadErr = err
@@ -109,6 +113,9 @@ func (r *runner) load(c *conformance.Case) {
 		Policies:      ps,
 		Gateways:      engine.NewGatewayIDs(conformance.GatewayIdentities...),
 	})
+	if r.loadErr == nil {
+		r.pair, r.loadErr = backendtest.NewPair(context.Background(), r.set)
+	}
 }
 
 func (r *runner) run(c *conformance.Case) {
@@ -129,12 +136,20 @@ func (r *runner) run(c *conformance.Case) {
 	}
 	req := checkRequest(&c.Request)
 
-	d, err := r.set.Check(context.Background(), req)
-	switch {
-	case err != nil:
-		r.fail("engine", c, fmt.Sprintf("error: %v", err))
-	case d.Allowed != c.Expect.Allow:
-		r.disagree("engine", c, fmt.Sprintf("engine allowed=%t (%s %s), Istio allowed=%t", d.Allowed, d.Reason, d.Policy, c.Expect.Allow))
+	for _, be := range []struct {
+		name string
+		set  *engine.Set
+	}{{"engine (native)", r.pair.Native}, {"engine (rego)", r.pair.Rego}} {
+		d, err := be.set.Check(context.Background(), req)
+		switch {
+		case err != nil:
+			r.fail(be.name, c, fmt.Sprintf("error: %v", err))
+		case d.Allowed != c.Expect.Allow:
+			r.disagree(be.name, c, fmt.Sprintf("%s allowed=%t (%s %s), Istio allowed=%t", be.name, d.Allowed, d.Reason, d.Policy, c.Expect.Allow))
+		}
+	}
+	if msgs := r.pair.Disagreements(context.Background(), req); len(msgs) > 0 {
+		r.fail("native vs rego", c, strings.Join(msgs, "; "))
 	}
 
 	got, err := rbacAllows(r.policies, &c.Request, c.Expect.RemoteIP)

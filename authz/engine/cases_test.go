@@ -9,6 +9,7 @@ import (
 
 	"github.com/trustmesh/trustmesh/authz/casefile"
 	"github.com/trustmesh/trustmesh/authz/engine"
+	"github.com/trustmesh/trustmesh/authz/engine/backendtest"
 	"github.com/trustmesh/trustmesh/authz/source"
 )
 
@@ -49,7 +50,9 @@ func loadCaseFile(t *testing.T, cf *casefile.File) (*engine.Set, error) {
 	return l.Build(context.Background())
 }
 
-// TestCases runs every authz/testdata/cases/*.yaml file.
+// TestCases runs every authz/testdata/cases/*.yaml file on the native
+// back end, which serves, and holds the Rego back end to the same
+// decisions (policy, rule, reason, audit, dry run) and matching rules.
 func TestCases(t *testing.T) {
 	files, err := filepath.Glob("../testdata/cases/*.yaml")
 	if err != nil || len(files) == 0 {
@@ -74,10 +77,17 @@ func TestCases(t *testing.T) {
 			if err != nil {
 				t.Fatalf("load: %v", err)
 			}
+			pair, err := backendtest.NewPair(context.Background(), set)
+			if err != nil {
+				t.Fatal(err)
+			}
 			for _, c := range cf.Cases {
 				t.Run(c.Name, func(t *testing.T) {
 					d, err := set.Check(context.Background(), c.Request.CheckRequest())
 					checkDecision(t, d, err, c.Want)
+					for _, msg := range pair.Disagreements(context.Background(), c.Request.CheckRequest()) {
+						t.Errorf("the back ends disagree: %s", msg)
+					}
 				})
 			}
 		})
