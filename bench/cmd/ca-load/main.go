@@ -6,7 +6,20 @@
 // certificate: the steady-state operation of a mesh CA, with authentication,
 // the durable journal and the self-check included. A worker keeps one
 // connection, authenticated with the certificate it enrolled with, as a
-// client of SPIRE's admin socket keeps one. It prints one JSON line.
+// client of SPIRE's admin socket keeps one; with -handshake-per-call it
+// dials a fresh one for each renewal instead, as an agent that reconnects
+// does. It prints one JSON line.
+//
+// The no-op floor is the same client against a CA that does nothing: run
+// `ca-load -serve-noop ADDR -data-dir DIR` (it serves until killed), then
+// `ca-load -mode noop-floor -addr ADDR -data-dir DIR`. The no-op server
+// speaks the same service over the same transport (TLS 1.3, a client
+// certificate requested, HTTP/2), takes the same messages and answers each
+// with one canned chain made at start, so that what trustmesh adds to it is
+// the CA's own work.
+//
+// With -server-pid, the JSON line also carries the server's CPU time per
+// certificate, from /proc/<pid>/stat across the measured window.
 package main
 
 import (
@@ -18,6 +31,7 @@ import (
 	"crypto/x509"
 	"encoding/json"
 	"encoding/pem"
+	"errors"
 	"flag"
 	"fmt"
 	"os"
@@ -37,71 +51,101 @@ import (
 )
 
 type summary struct {
-	Tool        string  `json:"tool"`
-	Target      string  `json:"target"`
-	Concurrency int     `json:"concurrency"`
-	DurationS   float64 `json:"duration_s"`
-	OK          int64   `json:"ok"`
-	Errors      int64   `json:"errors"`
-	FirstError  string  `json:"first_error,omitempty"`
-	RPS         float64 `json:"rps"`
-	P50us       float64 `json:"p50_us"`
-	P99us       float64 `json:"p99_us"`
+	Tool             string  `json:"tool"`
+	Target           string  `json:"target"`
+	Mode             string  `json:"mode"`
+	HandshakePerCall bool    `json:"handshake_per_call"`
+	Concurrency      int     `json:"concurrency"`
+	DurationS        float64 `json:"duration_s"`
+	OK               int64   `json:"ok"`
+	Errors           int64   `json:"errors"`
+	FirstError       string  `json:"first_error,omitempty"`
+	RPS              float64 `json:"rps"`
+	P50us            float64 `json:"p50_us"`
+	P99us            float64 `json:"p99_us"`
+	P999us           float64 `json:"p999_us"`
+	// ServerCPUus is the server's user+system CPU time per certificate
+	// over the measured window, when -server-pid names it.
+	ServerCPUus float64 `json:"server_cpu_us_per_cert,omitempty"`
+}
+
+// Modes.
+const (
+	modeRenew = "renew"
+	modeNoop  = "noop-floor"
+)
+
+type options struct {
+	addr, dataDir, mode string
+	conc                int
+	dur                 time.Duration
+	handshakePerCall    bool
+	serverPID           int
 }
 
 func main() {
-	addr := flag.String("addr", "127.0.0.1:15012", "the CA's address")
-	dataDir := flag.String("data-dir", "", "the CA's data directory, for join tokens and its bundle (required)")
-	conc := flag.Int("c", 1, "concurrent workers")
-	dur := flag.Duration("d", 10*time.Second, "measured duration")
+	var o options
+	flag.StringVar(&o.addr, "addr", "127.0.0.1:15012", "the CA's address")
+	flag.StringVar(&o.dataDir, "data-dir", "", "the CA's data directory, for join tokens and its bundle; for the no-op floor, the no-op server's (required)")
+	flag.StringVar(&o.mode, "mode", modeRenew, "renew: renewals against trustmesh; noop-floor: the same calls against a no-op server (-serve-noop)")
+	flag.IntVar(&o.conc, "c", 1, "concurrent workers")
+	flag.DurationVar(&o.dur, "d", 10*time.Second, "measured duration")
+	flag.BoolVar(&o.handshakePerCall, "handshake-per-call", false, "dial a fresh TLS connection for every call instead of keeping one per worker")
+	flag.IntVar(&o.serverPID, "server-pid", 0, "the server's process id, to report its CPU time per certificate from /proc")
+	serveNoop := flag.String("serve-noop", "", "serve a no-op CA on this address, writing its client material to -data-dir, until killed")
 	flag.Parse()
-	if *dataDir == "" || *conc < 1 || *dur <= 0 {
-		fmt.Fprintln(os.Stderr, "ca-load: -data-dir is required; -c and -d must be positive")
+	if *serveNoop != "" {
+		if o.dataDir == "" {
+			fmt.Fprintln(os.Stderr, "ca-load: -serve-noop needs -data-dir")
+			os.Exit(2)
+		}
+		if err := serveNoopCA(*serveNoop, o.dataDir); err != nil {
+			fmt.Fprintln(os.Stderr, "ca-load:", err)
+			os.Exit(1)
+		}
+		return
+	}
+	if o.dataDir == "" || o.conc < 1 || o.dur <= 0 || (o.mode != modeRenew && o.mode != modeNoop) {
+		fmt.Fprintln(os.Stderr, "ca-load: -data-dir is required; -c and -d must be positive; -mode is renew or noop-floor")
 		os.Exit(2)
 	}
-	if err := run(*addr, *dataDir, *conc, *dur); err != nil {
+	if err := run(o); err != nil {
 		fmt.Fprintln(os.Stderr, "ca-load:", err)
 		os.Exit(1)
 	}
 }
 
 type worker struct {
-	key    *ecdsa.PrivateKey
-	chain  [][]byte
-	client pb.IstioCertificateServiceClient
-	conn   *grpc.ClientConn
+	addr  string
+	roots *x509.CertPool
+	// checkKey is false against the no-op floor, whose canned chain does
+	// not hold the requested key.
+	checkKey bool
+	key      *ecdsa.PrivateKey
+	chain    [][]byte
+	client   pb.IstioCertificateServiceClient
+	conn     *grpc.ClientConn
 }
 
-func run(addr, dataDir string, conc int, dur time.Duration) error {
+func run(o options) error {
 	ctx := context.Background()
-	dir := admin.DataDir(dataDir)
-	b, err := admin.TrustBundle(ctx, dir, admin.JournalOptions{}, "")
-	if err != nil {
-		return err
-	}
-	roots := x509.NewCertPool()
-	for _, c := range b.X509Authorities() {
-		roots.AddCert(c)
-	}
-	td := b.TrustDomain()
-	workers := make([]*worker, conc)
+	workers := make([]*worker, o.conc)
 	for i := range workers {
-		id := spiffeid.RequireFromPath(td, fmt.Sprintf("/bench/w%d", i))
-		tok, err := admin.CreateJoinToken(ctx, dir, admin.JournalOptions{}, id.String(), 10*time.Minute)
+		w, err := newWorker(ctx, o, i)
 		if err != nil {
 			return err
 		}
-		w := &worker{}
-		if err := w.enrol(ctx, addr, roots, tok); err != nil {
-			return fmt.Errorf("enrol %s: %w", id, err)
-		}
-		defer w.conn.Close()
+		defer w.close()
 		workers[i] = w
 	}
 	var ok, failed atomic.Int64
 	var firstErr atomic.Value
-	lat := make([][]time.Duration, conc)
-	deadline := time.Now().Add(dur)
+	lat := make([][]time.Duration, o.conc)
+	cpu0, err := processCPU(o.serverPID)
+	if err != nil {
+		return err
+	}
+	deadline := time.Now().Add(o.dur)
 	start := time.Now()
 	var wg sync.WaitGroup
 	for i, w := range workers {
@@ -110,7 +154,13 @@ func run(addr, dataDir string, conc int, dur time.Duration) error {
 			defer wg.Done()
 			for time.Now().Before(deadline) {
 				t0 := time.Now()
-				if err := w.call(ctx); err != nil {
+				var err error
+				if o.handshakePerCall {
+					err = w.dialAndCall(ctx)
+				} else {
+					err = w.call(ctx)
+				}
+				if err != nil {
 					failed.Add(1)
 					firstErr.CompareAndSwap(nil, err.Error())
 					continue
@@ -124,6 +174,10 @@ func run(addr, dataDir string, conc int, dur time.Duration) error {
 	}
 	wg.Wait()
 	elapsed := time.Since(start).Seconds()
+	cpu1, err := processCPU(o.serverPID)
+	if err != nil {
+		return err
+	}
 	var all []time.Duration
 	for _, l := range lat {
 		all = append(all, l...)
@@ -135,35 +189,93 @@ func run(addr, dataDir string, conc int, dur time.Duration) error {
 		}
 		return float64(all[int(p*float64(len(all)-1))].Microseconds())
 	}
-	s := summary{Tool: "ca-load", Target: addr, Concurrency: conc, DurationS: elapsed, OK: ok.Load(), Errors: failed.Load(),
-		RPS: float64(ok.Load()) / elapsed, P50us: pct(0.5), P99us: pct(0.99)}
+	s := summary{Tool: "ca-load", Target: o.addr, Mode: o.mode, HandshakePerCall: o.handshakePerCall, Concurrency: o.conc,
+		DurationS: elapsed, OK: ok.Load(), Errors: failed.Load(),
+		RPS: float64(ok.Load()) / elapsed, P50us: pct(0.5), P99us: pct(0.99), P999us: pct(0.999)}
+	if o.serverPID != 0 && s.OK > 0 {
+		s.ServerCPUus = float64((cpu1 - cpu0).Microseconds()) / float64(s.OK)
+	}
 	if v, _ := firstErr.Load().(string); v != "" {
 		s.FirstError = v
 	}
 	return json.NewEncoder(os.Stdout).Encode(s)
 }
 
-// enrol obtains the worker's first certificate with a join token, then
-// opens the connection it renews over, authenticated with that certificate.
-func (w *worker) enrol(ctx context.Context, addr string, roots *x509.CertPool, token string) error {
-	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(credentials.NewTLS(&tls.Config{RootCAs: roots, ServerName: "localhost"})))
+// newWorker enrols worker i with trustmesh, or takes the no-op server's
+// client certificate, and opens the connection it keeps.
+func newWorker(ctx context.Context, o options, i int) (*worker, error) {
+	w := &worker{addr: o.addr, checkKey: o.mode == modeRenew}
+	if o.mode == modeNoop {
+		m, err := readNoopMaterial(o.dataDir)
+		if err != nil {
+			return nil, err
+		}
+		w.roots, w.key, w.chain = m.roots, m.key, m.chain
+	} else {
+		dir := admin.DataDir(o.dataDir)
+		b, err := admin.TrustBundle(ctx, dir, admin.JournalOptions{}, "")
+		if err != nil {
+			return nil, err
+		}
+		w.roots = x509.NewCertPool()
+		for _, c := range b.X509Authorities() {
+			w.roots.AddCert(c)
+		}
+		id := spiffeid.RequireFromPath(b.TrustDomain(), fmt.Sprintf("/bench/w%d", i))
+		tok, err := admin.CreateJoinToken(ctx, dir, admin.JournalOptions{}, id.String(), 10*time.Minute)
+		if err != nil {
+			return nil, err
+		}
+		if err := w.enrol(ctx, tok); err != nil {
+			return nil, fmt.Errorf("enrol %s: %w", id, err)
+		}
+	}
+	if err := w.dial(); err != nil {
+		return nil, err
+	}
+	return w, nil
+}
+
+// enrol obtains the worker's first certificate with a join token.
+func (w *worker) enrol(ctx context.Context, token string) error {
+	conn, err := grpc.NewClient(w.addr, grpc.WithTransportCredentials(credentials.NewTLS(&tls.Config{RootCAs: w.roots, ServerName: "localhost"})))
 	if err != nil {
 		return err
 	}
+	defer conn.Close()
 	w.client = pb.NewIstioCertificateServiceClient(conn)
-	err = w.call(metadata.AppendToOutgoingContext(ctx, "authorization", "Bearer "+token))
-	conn.Close()
-	if err != nil {
-		return err
-	}
+	return w.call(metadata.AppendToOutgoingContext(ctx, "authorization", "Bearer "+token))
+}
+
+// dial opens a connection authenticated with the worker's certificate.
+func (w *worker) dial() error {
 	cert := tls.Certificate{Certificate: w.chain, PrivateKey: w.key}
-	w.conn, err = grpc.NewClient(addr, grpc.WithTransportCredentials(credentials.NewTLS(&tls.Config{
-		RootCAs: roots, ServerName: "localhost", Certificates: []tls.Certificate{cert}})))
+	conn, err := grpc.NewClient(w.addr, grpc.WithTransportCredentials(credentials.NewTLS(&tls.Config{
+		RootCAs: w.roots, ServerName: "localhost", Certificates: []tls.Certificate{cert}})))
 	if err != nil {
 		return err
 	}
-	w.client = pb.NewIstioCertificateServiceClient(w.conn)
+	w.conn, w.client = conn, pb.NewIstioCertificateServiceClient(conn)
 	return nil
+}
+
+func (w *worker) close() {
+	if w.conn != nil {
+		w.conn.Close()
+	}
+}
+
+// dialAndCall renews over a connection of its own: a full TLS handshake,
+// client certificate included, then the call.
+func (w *worker) dialAndCall(ctx context.Context) error {
+	w.close()
+	if err := w.dial(); err != nil {
+		return err
+	}
+	err := w.call(ctx)
+	w.close()
+	w.conn = nil
+	return err
 }
 
 // call asks for a certificate with a fresh key and checks that the result
@@ -183,6 +295,9 @@ func (w *worker) call(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	if len(resp.CertChain) < 2 {
+		return fmt.Errorf("the response holds %d certificates, want a leaf, its chain and a root", len(resp.CertChain))
+	}
 	var chain [][]byte
 	for _, p := range resp.CertChain[:len(resp.CertChain)-1] {
 		c, err := pemutil.ParseCertificate([]byte(p))
@@ -195,8 +310,11 @@ func (w *worker) call(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	if !w.checkKey {
+		return nil
+	}
 	if !key.PublicKey.Equal(leaf.PublicKey) {
-		return fmt.Errorf("the certificate does not hold the requested key")
+		return errors.New("the certificate does not hold the requested key")
 	}
 	if w.chain == nil {
 		w.key, w.chain = key, chain
