@@ -6,6 +6,7 @@ import (
 	"crypto/rand"
 	"database/sql"
 	"encoding/hex"
+	"errors"
 	"net/url"
 	"os"
 	"testing"
@@ -106,4 +107,52 @@ func freshDatabase(t *testing.T, admin string) string {
 	}
 	u.Path = "/" + name
 	return u.String()
+}
+
+// TestOutageRechecksTheStoredLog: after a commit failed because the
+// database was unavailable, the next commit checks the stored log against
+// its latest signed checkpoint even though its size did not change. Here
+// the database came back with another history of the same size (a restore
+// from elsewhere, then another replica's append): appending on top of it
+// would sign a root the stored entries do not give, a fork.
+func TestOutageRechecksTheStoredLog(t *testing.T) {
+	ctx := context.Background()
+	dsn := t.TempDir() + "/journal.db"
+	_, key, _ := ed25519.GenerateKey(rand.Reader)
+	signer, vkey, err := NewCheckpointSigner("trustmesh.journal/test", key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	open := func() *Store {
+		s, err := Open(ctx, Config{DSN: dsn, Signer: signer, VerifierKey: vkey})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { s.Close() })
+		return s
+	}
+	a := open()
+	if _, err := a.RecordIssuance(ctx, Issuance{Time: time.Now(), Serial: "01", SPIFFEID: "spiffe://td/a"}, nil); err != nil {
+		t.Fatal(err)
+	}
+	// While a cannot reach it, the database loses a's entry and another
+	// writer appends a different one at the same index.
+	if _, err := a.db.ExecContext(ctx, `DELETE FROM entries; DELETE FROM checkpoints`); err != nil {
+		t.Fatal(err)
+	}
+	b := open()
+	if _, err := b.RecordIssuance(ctx, Issuance{Time: time.Now(), Serial: "02", SPIFFEID: "spiffe://td/b"}, nil); err != nil {
+		t.Fatal(err)
+	}
+	// What a's committer records after a commit failed with ErrUnavailable.
+	a.noteAvailability(ErrUnavailable)
+
+	_, err = a.RecordIssuance(ctx, Issuance{Time: time.Now(), Serial: "03", SPIFFEID: "spiffe://td/a"}, nil)
+	if !errors.Is(err, ErrTampered) {
+		t.Fatalf("append after the outage = %v; want ErrTampered", err)
+	}
+	var n int
+	if err := b.db.QueryRowContext(ctx, `SELECT COUNT(*) FROM entries`).Scan(&n); err != nil || n != 1 {
+		t.Fatalf("the log holds %d entries (%v); want b's one", n, err)
+	}
 }
