@@ -73,6 +73,13 @@ type TrustBundle struct {
 	SequenceNumber uint64 `protobuf:"varint,3,opt,name=sequence_number,json=sequenceNumber,proto3" json:"sequence_number,omitempty"`
 	// How often a client that cannot stream should poll, in seconds.
 	RefreshHintSeconds int64 `protobuf:"varint,4,opt,name=refresh_hint_seconds,json=refreshHintSeconds,proto3" json:"refresh_hint_seconds,omitempty"`
+	// CA certificates marked compromised (trustmesh ca rotate --taint), each
+	// one DER-encoded certificate: the intermediate that signed, or a root,
+	// which stays in x509_authorities too until nothing valid chains to it.
+	// A client whose certificate chains through one asks for a new one at
+	// once, not at half its life. Each leaves this list when it leaves the
+	// bundle.
+	TaintedAuthorities [][]byte `protobuf:"bytes,5,rep,name=tainted_authorities,json=taintedAuthorities,proto3" json:"tainted_authorities,omitempty"`
 	unknownFields      protoimpl.UnknownFields
 	sizeCache          protoimpl.SizeCache
 }
@@ -135,17 +142,25 @@ func (x *TrustBundle) GetRefreshHintSeconds() int64 {
 	return 0
 }
 
+func (x *TrustBundle) GetTaintedAuthorities() [][]byte {
+	if x != nil {
+		return x.TaintedAuthorities
+	}
+	return nil
+}
+
 var File_api_ca_v1_bundle_proto protoreflect.FileDescriptor
 
 const file_api_ca_v1_bundle_proto_rawDesc = "" +
 	"\n" +
 	"\x16api/ca/v1/bundle.proto\x12\x0ftrustmesh.ca.v1\"\x14\n" +
-	"\x12WatchBundleRequest\"\xb6\x01\n" +
+	"\x12WatchBundleRequest\"\xe7\x01\n" +
 	"\vTrustBundle\x12!\n" +
 	"\ftrust_domain\x18\x01 \x01(\tR\vtrustDomain\x12)\n" +
 	"\x10x509_authorities\x18\x02 \x03(\fR\x0fx509Authorities\x12'\n" +
 	"\x0fsequence_number\x18\x03 \x01(\x04R\x0esequenceNumber\x120\n" +
-	"\x14refresh_hint_seconds\x18\x04 \x01(\x03R\x12refreshHintSeconds2h\n" +
+	"\x14refresh_hint_seconds\x18\x04 \x01(\x03R\x12refreshHintSeconds\x12/\n" +
+	"\x13tainted_authorities\x18\x05 \x03(\fR\x12taintedAuthorities2h\n" +
 	"\x12TrustBundleService\x12R\n" +
 	"\vWatchBundle\x12#.trustmesh.ca.v1.WatchBundleRequest\x1a\x1c.trustmesh.ca.v1.TrustBundle0\x01B/Z-github.com/trustmesh/trustmesh/api/ca/v1;cav1b\x06proto3"
 
