@@ -4,6 +4,7 @@ import (
 	"context"
 	"os"
 	"path/filepath"
+	"reflect"
 	"strings"
 	"testing"
 
@@ -81,12 +82,25 @@ func TestCases(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
+			x, err := set.Explainer(context.Background())
+			if err != nil {
+				t.Fatal(err)
+			}
 			for _, c := range cf.Cases {
 				t.Run(c.Name, func(t *testing.T) {
 					d, err := set.Check(context.Background(), c.Request.CheckRequest())
 					checkDecision(t, d, err, c.Want)
 					for _, msg := range pair.Disagreements(context.Background(), c.Request.CheckRequest()) {
 						t.Errorf("the back ends disagree: %s", msg)
+					}
+					// Explain explains the native decision with the Rego
+					// back end's field outcomes, which must add up to it.
+					ex, err := x.Explain(context.Background(), c.Request.CheckRequest())
+					if err != nil {
+						t.Fatalf("explain: %v", err)
+					}
+					if !reflect.DeepEqual(ex.Decision, d) {
+						t.Errorf("explained decision %+v, Check's %+v", ex.Decision, d)
 					}
 				})
 			}
