@@ -88,7 +88,7 @@ func Dump(req DumpRequest) ([]byte, error) {
 	if err != nil {
 		return nil, err
 	}
-	_, res, err := gen.snapshot(pn)
+	res, err := gen.nodeResources(pn)
 	if err != nil {
 		return nil, err
 	}

@@ -390,18 +390,13 @@ func (s *Server) logRefusals(m *mesh.Mesh) {
 func (s *Server) publishLocked(n *client) {
 	span := s.startPush(n.ID)
 	defer span.End()
-	pub, res, err := s.gen.publish(n)
+	pub, _, err := s.gen.publish(n)
 	if err != nil {
 		span.SetStatus(codes.Error, "configuration refused")
 		s.log.Error("refusing to publish a node's configuration", "node", n.ID, "error", err)
 		return
 	}
 	pushed(span, pub)
-	if res != nil {
-		for _, w := range res.Warnings {
-			s.log.Debug("xds: left out", "node", n.ID, "what", w)
-		}
-	}
 	if err := s.cache.set(n.ID, pub); err != nil {
 		s.log.Error("setting a snapshot", "node", n.ID, "error", err)
 	}
@@ -420,8 +415,7 @@ func (s *Server) Resources(n *corev3.Node) (*proxyconfig.Resources, error) {
 	if gen == nil {
 		return nil, errors.New("xds: not loaded yet")
 	}
-	_, res, err := gen.snapshot(pn)
-	return res, err
+	return gen.nodeResources(pn)
 }
 
 // PolicyVersion is the version of the policy snapshot that the

@@ -1,10 +1,15 @@
 package xds
 
 import (
+	"crypto/sha256"
+	"encoding/binary"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"hash/fnv"
 	"log/slog"
+	"maps"
+	"slices"
 	"sort"
 	"sync"
 
@@ -31,7 +36,9 @@ type generation struct {
 
 	mu    sync.Mutex
 	info  map[proto.Message]*resInfo
-	snaps map[string]*built
+	snaps map[string]*built // by shareKey
+	// keys are the nodes' shareKeys, by configKey.
+	keys map[string]string
 	// byID counts the mesh's pods per SPIFFE ID, once per generation.
 	byID map[spiffeid.ID]int
 	// policyVersion is the version of the policy snapshot the builder
@@ -70,7 +77,7 @@ type resInfo struct {
 }
 
 func newGeneration(b *proxyconfig.Builder, log *slog.Logger) *generation {
-	return &generation{builder: b, log: log, info: map[proto.Message]*resInfo{}, snaps: map[string]*built{}}
+	return &generation{builder: b, log: log, info: map[proto.Message]*resInfo{}, snaps: map[string]*built{}, keys: map[string]string{}}
 }
 
 // configKey identifies what a node's resources depend on: its kind and
@@ -79,12 +86,76 @@ func configKey(n *proxyconfig.Node) string {
 	return fmt.Sprintf("%s|%t|%s|%s|pod:%s", n.Type, n.Proxyless, n.Namespace, n.ServiceAccount, n.Pod)
 }
 
+// shareKey is the key under which a node's snapshot is kept and shared.
+// A sidecar's resources are the generation's shared outbound side plus
+// its own inbound side (proxyconfig.SidecarOwn), so sidecars of one
+// namespace and service account whose own resources marshal to the same
+// bytes get equal resources: they share one snapshot, keyed by those
+// bytes. Every other node (gateways, proxyless clients, and a pod Build
+// refuses) keeps its own, keyed by its pod. The key is computed once per
+// node and generation.
+func (g *generation) shareKey(n *proxyconfig.Node) (string, error) {
+	pod := configKey(n)
+	g.mu.Lock()
+	key, ok := g.keys[pod]
+	g.mu.Unlock()
+	if ok {
+		return key, nil
+	}
+	own, ok, err := g.builder.SidecarOwn(n)
+	if err != nil {
+		return "", err
+	}
+	key = pod
+	if ok {
+		if key, err = ownKey(n, own); err != nil {
+			return "", err
+		}
+	}
+	g.mu.Lock()
+	g.keys[pod] = key
+	g.mu.Unlock()
+	return key, nil
+}
+
+// ownKey names a sidecar's configuration by its namespace, service account
+// and the deterministic encoding of its own resources, type by type.
+func ownKey(n *proxyconfig.Node, own *proxyconfig.Resources) (string, error) {
+	h := sha256.New()
+	field := func(b []byte) {
+		var l [8]byte
+		binary.BigEndian.PutUint64(l[:], uint64(len(b)))
+		h.Write(l[:])
+		h.Write(b)
+	}
+	field([]byte(n.Namespace))
+	field([]byte(n.ServiceAccount))
+	byType := own.ByType()
+	typs := slices.Sorted(maps.Keys(byType))
+	for _, typ := range typs {
+		field([]byte(typ))
+		field(binary.BigEndian.AppendUint64(nil, uint64(len(byType[typ]))))
+		for _, r := range byType[typ] {
+			raw, err := (proto.MarshalOptions{Deterministic: true}).Marshal(r)
+			if err != nil {
+				return "", fmt.Errorf("xds: encoding %s: %w", typ, err)
+			}
+			field(raw)
+		}
+	}
+	return "sidecar-content|" + hex.EncodeToString(h.Sum(nil)), nil
+}
+
 // snapshot returns the node's checked configuration and its resources.
+// Nodes that share a configuration share what is returned, built once.
 func (g *generation) snapshot(n *proxyconfig.Node) (*published, *proxyconfig.Resources, error) {
 	if _, err := g.builder.Workload(n); err != nil {
 		return nil, nil, err
 	}
-	key := configKey(n)
+	key, err := g.shareKey(n)
+	if err != nil {
+		return nil, nil, err
+	}
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	if b, ok := g.snaps[key]; ok {
@@ -97,12 +168,26 @@ func (g *generation) snapshot(n *proxyconfig.Node) (*published, *proxyconfig.Res
 		for _, r := range b.res.Refusals {
 			g.log.Warn("policy refused for a proxyless workload", "refusal", r)
 		}
+		for _, w := range b.res.Warnings {
+			g.log.Debug("xds: left out", "node", n.ID, "what", w)
+		}
 		if b.err = proxyconfig.CheckSecrets(g.builder.Mesh(), n, b.res); b.err == nil {
 			b.pub, b.err = g.check(b.res)
 		}
 	}
 	g.snaps[key] = b
 	return b.pub, b.res, b.err
+}
+
+// nodeResources returns the node's own resources, as Build gives them,
+// once its configuration has passed the checks: what a shared snapshot
+// holds, with the warnings of this node rather than of the node it was
+// first built for (`trustmesh xds dump`).
+func (g *generation) nodeResources(n *proxyconfig.Node) (*proxyconfig.Resources, error) {
+	if _, _, err := g.snapshot(n); err != nil {
+		return nil, err
+	}
+	return g.builder.Build(n)
 }
 
 func (g *generation) infoOf(r types.Resource) *resInfo {

@@ -160,6 +160,32 @@ type Builder struct {
 	grpc        *Resources
 	tracerOnce  sync.Once
 	tracer      *tracer
+	// byWorkload indexes the mesh's service endpoints by their workload's
+	// key, in mesh order, so that a node's inbound side does not scan the
+	// whole mesh.
+	byWorkloadOnce sync.Once
+	byWorkload     map[string][]workloadEndpoint
+}
+
+// workloadEndpoint is one endpoint of a service, found by its workload.
+type workloadEndpoint struct {
+	service  *mesh.Service
+	endpoint mesh.Endpoint
+}
+
+// endpointsOf returns the service endpoints whose workload is key's, in
+// the order the mesh lists services and their endpoints.
+func (b *Builder) endpointsOf(key string) []workloadEndpoint {
+	b.byWorkloadOnce.Do(func() {
+		b.byWorkload = map[string][]workloadEndpoint{}
+		for _, s := range b.mesh.Services {
+			for _, e := range s.Endpoints {
+				k := e.Workload.Key()
+				b.byWorkload[k] = append(b.byWorkload[k], workloadEndpoint{service: s, endpoint: e})
+			}
+		}
+	})
+	return b.byWorkload[key]
 }
 
 // NewBuilder returns a Builder. cfg must have passed WithDefaults.
@@ -228,24 +254,20 @@ func (b *Builder) served(w *mesh.Workload) []*servedPort {
 		return nil
 	}
 	by := map[uint32]*servedPort{}
-	for _, s := range b.mesh.Services {
-		for _, e := range s.Endpoints {
-			if e.Workload.Key() != w.Key() {
-				continue
+	for _, we := range b.endpointsOf(w.Key()) {
+		s, e := we.service, we.endpoint
+		for _, p := range s.Ports {
+			t := e.TargetPort(p)
+			sp := by[t]
+			if sp == nil {
+				sp = &servedPort{target: t, protocol: p.Protocol}
+				by[t] = sp
+			} else if sp.protocol != p.Protocol {
+				// Two services disagree on the protocol of one port:
+				// treat it as TCP, which is still authorized.
+				sp.protocol = mesh.TCP
 			}
-			for _, p := range s.Ports {
-				t := e.TargetPort(p)
-				sp := by[t]
-				if sp == nil {
-					sp = &servedPort{target: t, protocol: p.Protocol}
-					by[t] = sp
-				} else if sp.protocol != p.Protocol {
-					// Two services disagree on the protocol of one port:
-					// treat it as TCP, which is still authorized.
-					sp.protocol = mesh.TCP
-				}
-				sp.services = append(sp.services, s.Key())
-			}
+			sp.services = append(sp.services, s.Key())
 		}
 	}
 	out := make([]*servedPort, 0, len(by))
@@ -489,14 +511,37 @@ func cidr(addr string) *corev3.CidrRange {
 // buildSidecar adds the workload's inbound side to the shared outbound
 // side.
 func (b *Builder) buildSidecar(w *mesh.Workload) *Resources {
-	shared := b.sidecarShared()
-	r := &Resources{
-		Listeners: slices.Clone(shared.Listeners),
-		Clusters:  slices.Clone(shared.Clusters),
+	shared, own := b.sidecarShared(), b.sidecarOwn(w)
+	return &Resources{
+		Listeners: slices.Concat(shared.Listeners, own.Listeners),
+		Clusters:  slices.Concat(shared.Clusters, own.Clusters),
 		Routes:    shared.Routes,
 		Endpoints: shared.Endpoints,
-		Warnings:  slices.Clone(shared.Warnings),
+		Warnings:  slices.Concat(shared.Warnings, own.Warnings),
 	}
+}
+
+// SidecarOwn returns what Build adds, for an Envoy sidecar node, to the
+// outbound side every sidecar of this Builder shares: the node's inbound
+// listener and clusters, which follow from its pod. ok is false for a
+// node of any other kind (a gateway, a proxyless client, an ambient pod),
+// whose resources are all its own. Two sidecars of one namespace and
+// service account whose own resources are equal get equal resources from
+// Build.
+func (b *Builder) SidecarOwn(n *Node) (own *Resources, ok bool, err error) {
+	w, err := b.Workload(n)
+	if err != nil {
+		return nil, false, err
+	}
+	if n.Type != Sidecar || n.Proxyless || w.Mode() == mesh.DataPlaneAmbient {
+		return nil, false, nil
+	}
+	return b.sidecarOwn(w), true, nil
+}
+
+// sidecarOwn is a sidecar's inbound side.
+func (b *Builder) sidecarOwn(w *mesh.Workload) *Resources {
+	r := &Resources{}
 	in := &listenerv3.Listener{
 		Name:             VirtualInbound,
 		Address:          socketAddress("0.0.0.0", b.cfg.InboundPort),

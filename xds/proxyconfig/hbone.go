@@ -265,12 +265,8 @@ func (b *Builder) workloadAddresses(w *mesh.Workload) []string {
 	for _, a := range w.Addresses {
 		add(a)
 	}
-	for _, s := range b.mesh.Services {
-		for _, e := range s.Endpoints {
-			if e.Workload.Key() == w.Key() {
-				add(e.Address)
-			}
-		}
+	for _, we := range b.endpointsOf(w.Key()) {
+		add(we.endpoint.Address)
 	}
 	slices.Sort(out)
 	return out
