@@ -24,7 +24,32 @@ type typeSet struct {
 	version string
 	names   []string // sorted
 	anys    map[string]*anypb.Any
+
+	allOnce sync.Once
+	all     []*anypb.Any // in the order of names
 }
+
+// allAnys returns every resource of the type in the order of names, one
+// slice that every wildcard response of the type shares (read only).
+func (ts *typeSet) allAnys() []*anypb.Any {
+	ts.allOnce.Do(func() {
+		ts.all = make([]*anypb.Any, len(ts.names))
+		for i, name := range ts.names {
+			ts.all[i] = ts.anys[name]
+		}
+	})
+	return ts.all
+}
+
+// sentAll is the one entry of what a wildcard watch was returned: its
+// value is the version of the type whose every resource was sent. The
+// stream keeps it (go-control-plane's Subscription) instead of a map with
+// an entry per resource, which at a thousand services and twenty
+// thousand streams was most of the server's memory. go-control-plane
+// deletes returned entries only when a request names resources without
+// the wildcard, which ends the wildcard and deletes this one too: the
+// next request is then answered, as a new subscription must be.
+const sentAll = "\x00trustmesh/sent-all"
 
 // cache serves state-of-the-world watches itself, answering from
 // resources marshaled once per generation, so that ten thousand streams
@@ -326,12 +351,7 @@ func (c *cache) CreateDeltaWatch(req *cachev3.DeltaRequest, sub cachev3.Subscrip
 func unsent(ts *typeSet, sub cachev3.Subscription) bool {
 	returned := sub.ReturnedResources()
 	if sub.IsWildcard() {
-		for _, name := range ts.names {
-			if _, ok := returned[name]; !ok {
-				return true
-			}
-		}
-		return false
+		return returned[sentAll] != ts.version
 	}
 	for name := range sub.SubscribedResources() {
 		if _, ok := ts.anys[name]; ok {
@@ -344,25 +364,32 @@ func unsent(ts *typeSet, sub cachev3.Subscription) bool {
 }
 
 // respond sends the subscribed resources of a type. The response shares
-// the marshaled resources; only its list is the stream's own (the server
-// sets the nonce on it).
+// the marshaled resources, and a wildcard response the list of them too;
+// only the response itself is the stream's own (the server sets the nonce
+// on it), with what it returned: the resources of a named subscription,
+// or sentAll for a wildcard one.
 func respond(w *sotwWatch, ts *typeSet) {
-	var names []string
+	var (
+		resources []*anypb.Any
+		returned  map[string]string
+	)
 	if w.sub.IsWildcard() {
-		names = ts.names
+		resources = ts.allAnys()
+		returned = map[string]string{sentAll: ts.version}
 	} else {
+		var names []string
 		for name := range w.sub.SubscribedResources() {
 			if _, ok := ts.anys[name]; ok {
 				names = append(names, name)
 			}
 		}
 		sort.Strings(names)
-	}
-	resources := make([]*anypb.Any, len(names))
-	returned := make(map[string]string, len(names))
-	for i, name := range names {
-		resources[i] = ts.anys[name]
-		returned[name] = ts.version
+		resources = make([]*anypb.Any, len(names))
+		returned = make(map[string]string, len(names))
+		for i, name := range names {
+			resources[i] = ts.anys[name]
+			returned[name] = ts.version
+		}
 	}
 	// The channel holds one response and each watch gets one.
 	w.out <- &cachev3.PassthroughResponse{

@@ -180,3 +180,52 @@ func TestSotwCacheTokenExpires(t *testing.T) {
 		t.Fatal("the token of a node that never acknowledged did not expire")
 	}
 }
+
+// TestSotwWildcardReturnsOneEntry: what a wildcard watch was returned is
+// one entry whatever the number of resources (each stream keeps it), an
+// acknowledgement of it waits, and a client that then names resources at
+// the same version is answered, as a new subscription must be.
+func TestSotwWildcardReturnsOneEntry(t *testing.T) {
+	c := newCache(0, 0, nil)
+	node := &corev3.Node{Id: "n"}
+	names := make([]string, 500)
+	for i := range names {
+		names[i] = string(rune('a'+i%26)) + time.Duration(i).String()
+	}
+	if err := c.set("n", pubOf("v1", names...)); err != nil {
+		t.Fatal(err)
+	}
+	sub := streamv3.NewSotwSubscription(nil, true)
+	ch := make(chan cachev3.Response, 1)
+	if _, err := c.CreateWatch(&cachev3.Request{Node: node, TypeUrl: resource.EndpointType}, sub, ch); err != nil {
+		t.Fatal(err)
+	}
+	r := receive(t, ch)
+	if r == nil || len(r.DiscoveryResponse.GetResources()) != len(names) {
+		t.Fatalf("first answer = %v, want all %d resources", r, len(names))
+	}
+	if got := len(r.GetReturnedResources()); got != 1 {
+		t.Fatalf("a wildcard answer returned %d entries, want 1", got)
+	}
+	sub.SetReturnedResources(r.GetReturnedResources())
+
+	// The acknowledgement waits (and keeps waiting: no answer loop).
+	cancel, err := c.CreateWatch(&cachev3.Request{Node: node, TypeUrl: resource.EndpointType, VersionInfo: "v1", ResponseNonce: "1"}, sub, ch)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r := receive(t, ch); r != nil {
+		t.Fatalf("acknowledgement answered with %v", r.DiscoveryResponse)
+	}
+	cancel()
+
+	// Naming resources ends the wildcard: answered at the same version,
+	// with just those.
+	sub.SetResourceSubscription([]string{names[3]})
+	if _, err := c.CreateWatch(&cachev3.Request{Node: node, TypeUrl: resource.EndpointType, VersionInfo: "v1", ResourceNames: []string{names[3]}}, sub, ch); err != nil {
+		t.Fatal(err)
+	}
+	if r := receive(t, ch); r == nil || len(r.DiscoveryResponse.GetResources()) != 1 {
+		t.Fatalf("answer to the named subscription = %v, want %s alone", r, names[3])
+	}
+}
