@@ -39,9 +39,17 @@ const (
 	benchEnvAddr    = "TRUSTMESH_XDS_BENCH_ADDR"
 	benchEnvCerts   = "TRUSTMESH_XDS_BENCH_CERTS"
 	benchEnvDelta   = "TRUSTMESH_XDS_BENCH_DELTA"
-	benchServices   = 100
 	streamsPerConn  = 100
 )
+
+// benchServices is how many services the benchmark's mesh has: 100, or
+// TRUSTMESH_XDS_BENCH_SERVICES.
+var benchServices = func() int {
+	if n, err := strconv.Atoi(os.Getenv("TRUSTMESH_XDS_BENCH_SERVICES")); err == nil && n > 0 {
+		return n
+	}
+	return 100
+}()
 
 // benchMesh has benchServices HTTP services on port 8080, with two
 // endpoints each, and extra endpoints on svc-0; and the clients' pods,
@@ -93,7 +101,7 @@ func rssMB(field string) float64 {
 // the server process's resident memory.
 func BenchmarkPushConvergence(b *testing.B) {
 	for _, delta := range []bool{false, true} {
-		for _, n := range []int{1000, 10000} {
+		for _, n := range benchClientCounts() {
 			mode := map[bool]string{false: "sotw", true: "delta"}[delta]
 			b.Run(fmt.Sprintf("%s/clients=%d", mode, n), func(b *testing.B) { benchConvergence(b, n, delta) })
 		}
@@ -340,4 +348,20 @@ func deltaClient(ctx context.Context, c discoveryv3.AggregatedDiscoveryServiceCl
 			onEDS(&seen)
 		}
 	}
+}
+
+// benchClientCounts are the client counts BenchmarkPushConvergence runs:
+// 1,000 and 10,000, or TRUSTMESH_XDS_BENCH_COUNTS (comma-separated).
+func benchClientCounts() []int {
+	v := os.Getenv("TRUSTMESH_XDS_BENCH_COUNTS")
+	if v == "" {
+		return []int{1000, 10000}
+	}
+	var out []int
+	for _, f := range strings.Split(v, ",") {
+		if n, err := strconv.Atoi(strings.TrimSpace(f)); err == nil && n > 0 {
+			out = append(out, n)
+		}
+	}
+	return out
 }
