@@ -2,9 +2,12 @@ package authn
 
 import (
 	"context"
+	"crypto/sha256"
 	"crypto/x509"
+	"encoding/binary"
 	"errors"
 	"fmt"
+	"sync"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
@@ -40,13 +43,18 @@ type Renewal struct {
 	Kubernetes      *Kubernetes
 	MaxEnrolmentAge time.Duration
 	Clock           clock.PassiveClock
+
+	// verified remembers client chains that verified, so that the chain of
+	// a kept connection, the same on every call, costs its signature
+	// checks once rather than on each renewal.
+	verified chainCache
 }
 
 // Authenticate verifies the client chain against the current bundle and
 // returns the identity it names.
 func (r *Renewal) Authenticate(ctx context.Context, chain []*x509.Certificate) (ca.Caller, error) {
 	now := r.Clock.Now()
-	id, _, err := x509svid.Verify(chain, r.Bundle, x509svid.WithTime(now))
+	id, err := r.verifyChain(chain, now)
 	if err != nil {
 		return ca.Caller{}, ca.Refuse(ca.KindUnauthenticated, ca.ReasonCertInvalid, fmt.Errorf("client certificate: %w", err))
 	}
@@ -117,4 +125,104 @@ func (r *Renewal) checkEnrolment(ctx context.Context, enrolmentID string, id spi
 			fmt.Errorf("enrolment %s of %s is %s old; the maximum is %s", e.ID, id, age.Round(time.Second), maxAge))
 	}
 	return nil
+}
+
+// verifyChain verifies a client chain against the bundle in force at now, as
+// x509svid.Verify does, and returns the identity it names. A chain that
+// verified before is not checked again while the root it chained to is still
+// in the bundle and now is inside the validity of every certificate on its
+// verified path: that is exactly when verifying it again would succeed.
+func (r *Renewal) verifyChain(chain []*x509.Certificate, now time.Time) (spiffeid.ID, error) {
+	if len(chain) == 0 {
+		return spiffeid.ID{}, errors.New("no client certificate")
+	}
+	key := chainKey(chain)
+	if v, ok := r.verified.get(key); ok && v.validAt(now) {
+		b, err := r.Bundle.GetX509BundleForTrustDomain(v.id.TrustDomain())
+		if err == nil && b.HasX509Authority(v.anchor) {
+			return v.id, nil
+		}
+	}
+	id, chains, err := x509svid.Verify(chain, r.Bundle, x509svid.WithTime(now))
+	if err != nil {
+		r.verified.drop(key)
+		return spiffeid.ID{}, err
+	}
+	v := verifiedChain{id: id, anchor: chains[0][len(chains[0])-1]}
+	for i, c := range chains[0] {
+		if i == 0 || c.NotBefore.After(v.notBefore) {
+			v.notBefore = c.NotBefore
+		}
+		if i == 0 || c.NotAfter.Before(v.notAfter) {
+			v.notAfter = c.NotAfter
+		}
+	}
+	r.verified.put(key, v)
+	return id, nil
+}
+
+// chainKey names a presented chain by its certificates' bytes.
+func chainKey(chain []*x509.Certificate) [sha256.Size]byte {
+	h := sha256.New()
+	var n [8]byte
+	for _, c := range chain {
+		binary.BigEndian.PutUint64(n[:], uint64(len(c.Raw)))
+		h.Write(n[:])
+		h.Write(c.Raw)
+	}
+	var k [sha256.Size]byte
+	h.Sum(k[:0])
+	return k
+}
+
+// maxVerifiedChains bounds the chains a Renewal remembers: about one per
+// connected agent. Past it, an arbitrary one is forgotten, and verified
+// again on its next use.
+const maxVerifiedChains = 8192
+
+// verifiedChain is what a successful verification of a chain established.
+type verifiedChain struct {
+	id     spiffeid.ID
+	anchor *x509.Certificate
+	// notBefore and notAfter bound the time in which every certificate of
+	// the verified path, the anchor included, is valid.
+	notBefore, notAfter time.Time
+}
+
+func (v verifiedChain) validAt(now time.Time) bool {
+	return !now.Before(v.notBefore) && !now.After(v.notAfter)
+}
+
+// chainCache is a bounded set of verified chains; the zero value is ready.
+type chainCache struct {
+	mu sync.Mutex
+	m  map[[sha256.Size]byte]verifiedChain
+}
+
+func (c *chainCache) get(k [sha256.Size]byte) (verifiedChain, bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	v, ok := c.m[k]
+	return v, ok
+}
+
+func (c *chainCache) put(k [sha256.Size]byte, v verifiedChain) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.m == nil {
+		c.m = make(map[[sha256.Size]byte]verifiedChain)
+	}
+	if _, ok := c.m[k]; !ok && len(c.m) >= maxVerifiedChains {
+		for old := range c.m {
+			delete(c.m, old)
+			break
+		}
+	}
+	c.m[k] = v
+}
+
+func (c *chainCache) drop(k [sha256.Size]byte) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	delete(c.m, k)
 }
