@@ -1,0 +1,190 @@
+#!/usr/bin/env bash
+# The CA's benchmarks (issue 11), each beside a floor or peer measured in the
+# same run, so that the figure to quote is the ratio:
+#
+#  1. in process: trustmesh's issuance (CSR checks, signing, the self-check
+#     and the durable journal record) against the bare signing floor of
+#     shared/bench's spiffe-mint-load -inprocess (CSR parse and signature
+#     check, then x509.CreateCertificate), at c=1 and c=16;
+#  2. the journal: issuance with the durable journal on and off at 1, 16 and
+#     256 callers, and the journal's absolute durable appends per second
+#     against the goal of 3,000/s;
+#  3. over the wire, at c=1 and c=16, in CA_ROUNDS interleaved rounds (the
+#     median decides): trustmesh serve renewing over one kept mTLS
+#     connection per worker, the same with a fresh handshake per renewal,
+#     the no-op floor of both on the same transport (ca-load -serve-noop),
+#     and spire-server v1.13.3's MintX509SVID on its admin socket. Each
+#     point gives rps, p50, p99, p99.9 and the server's CPU per certificate
+#     from /proc/<pid>/stat.
+#
+# SPIRE's mint is an admin call over a local unix socket, with no per-call
+# authentication of a workload and no durable record; trustmesh's renewal is
+# authenticated against the enrolment and journalled durably before it
+# returns. Both make a fresh key and CSR per call and check the result.
+set -euo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+shared=${TRUSTMESH_SHARED_BENCH:-$root/../shared/bench}
+out=${BENCH_OUT:-$root/bench/results}
+dur=${BENCH_DURATION:-10s}
+wire_dur=${BENCH_CA_WIRE_DURATION:-$dur}
+rounds=${CA_ROUNDS:-3}
+mkdir -p "$out"
+if [ ! -d "$shared" ]; then
+  echo "bench/ca.sh: the shared load generators are not at $shared (set TRUSTMESH_SHARED_BENCH)" >&2
+  exit 1
+fi
+for tool in jq curl; do
+  command -v "$tool" >/dev/null || { echo "bench/ca.sh: $tool is required" >&2; exit 1; }
+done
+tools=$(mktemp -d)
+work=$(mktemp -d)
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$work" "$tools"
+}
+trap cleanup EXIT
+(cd "$shared" && go build -o "$tools/" ./spiffe-mint-load)
+(cd "$root" && go build -o "$tools/" ./cmd/trustmesh ./bench/cmd/ca-load)
+
+echo "== CA issuance, in-process, $dur per point"
+for c in 1 16; do
+  peer=$("$tools/spiffe-mint-load" -inprocess -c "$c" -d "$dur")
+  echo "$peer" > "$out/mint-inprocess-c$c.json"
+  ours=$(cd "$root" && go test ./ca/ -run '^$' -bench "^BenchmarkIssueConcurrent/c=$c\$" -benchtime "$dur" -count 1 |
+    tee "$out/ca-issue-c$c.txt" | awk '/^BenchmarkIssueConcurrent/ {for (i = 1; i <= NF; i++) if ($i == "issues/s") print $(i-1)}')
+  awk -v c="$c" -v ours="$ours" -v peer="$(jq .rps <<<"$peer")" 'BEGIN {
+    printf "c=%-3s trustmesh issue %10.0f/s   signing floor %10.0f/s   trustmesh/floor = %.3f\n", c, ours, peer, ours / peer }'
+done
+
+# Issuance with the durable Merkle journal on against the same issuance with
+# it off (a no-op recorder that exists only in the benchmark). With the
+# journal on, every issuance is one durable append, so the "on" rate is also
+# the journal's durable appends per second at that many callers.
+echo "== CA issuance, journal on vs off, $dur per point (goal: >= 3000 durable appends/s)"
+(cd "$root" && go test ./ca/ -run '^$' -bench '^BenchmarkJournal$' -benchtime "$dur" -count 1) | tee "$out/journal.txt" |
+  awk '/^BenchmarkJournal\// {
+         split($1, p, "/"); c = p[2]; mode = p[3]; sub(/-[0-9]+$/, "", mode)
+         for (i = 1; i <= NF; i++) if ($i == "issues/s") rate[c, mode] = $(i-1)
+         cs[c] = 1
+       }
+       END {
+         n = split("c=1 c=16 c=256", order, " ")
+         for (k = 1; k <= n; k++) { c = order[k]; if (!(c in cs)) continue
+           on = rate[c, "journal=on"]; off = rate[c, "journal=off"]
+           printf "%-6s journal on %8.0f/s (durable appends/s, %s 3000)   off %8.0f/s   on/off = %.3f\n",
+             c, on, (on >= 3000 ? ">=" : "<"), off, on / off
+         }
+       }'
+
+# The journal alone (BenchmarkAppend: durable records per second, no
+# signing), beside the disk's own floor in the same run: 4 KiB writes with
+# O_DSYNC on the file system the benchmarks' temporary files live on. A lone
+# caller waits for its own commit, so at c=1 the journal can at best match
+# the synced writes per second; group commit is what lifts c=16 and c=256.
+echo "== journal appends alone, $dur per point, beside the disk's synced-write floor"
+sync_dir=$(mktemp -d)
+sync_rate=$(dd if=/dev/zero of="$sync_dir/f" bs=4k count=500 oflag=dsync 2>&1 |
+  awk '/copied/ { for (i = 1; i <= NF; i++) if ($i ~ /^s,?$/) print 500 / $(i-1) }')
+rm -rf "$sync_dir"
+(cd "$root" && go test ./ca/journal/ -run '^$' -bench '^BenchmarkAppend$' -benchtime "$dur" -count 1) | tee "$out/journal-append.txt" |
+  awk -v floor="$sync_rate" '/^BenchmarkAppend\// {
+         split($1, p, "/"); c = p[2]; sub(/-[0-9]+$/, "", c)
+         for (i = 1; i <= NF; i++) if ($i == "appends/s") r = $(i-1)
+         printf "%-6s %8.0f durable appends/s (%s 3000)   synced 4 KiB writes %6.0f/s   appends per synced write = %.1f\n",
+           c, r, (r >= 3000 ? ">=" : "<"), floor, r / floor
+       }'
+
+echo "== CA over the wire, $wire_dur per point, median of $rounds interleaved rounds"
+spire=$("$root/bench/spire-build.sh")
+cpu_ticks() { awk '{ sub(/^.*\) /, ""); print $12 + $13 }' "/proc/$1/stat"; }
+hz=$(getconf CLK_TCK)
+"$tools/trustmesh" serve --data-dir "$work/tm" --listen-ca 127.0.0.1:25312 --listen-monitoring 127.0.0.1:25314 \
+  --listen-bundle "" --log-level warn 2>"$out/serve.log" &
+tm_pid=$!
+pids+=("$tm_pid")
+"$tools/ca-load" -serve-noop 127.0.0.1:25316 -data-dir "$work/noop" 2>"$out/noop.log" &
+noop_pid=$!
+pids+=("$noop_pid")
+mkdir -p "$work/spire/data"
+cat >"$work/spire/server.conf" <<CONF
+server {
+  bind_address = "127.0.0.1"
+  bind_port = "25381"
+  socket_path = "$work/spire/api.sock"
+  trust_domain = "example.org"
+  data_dir = "$work/spire/data"
+  log_level = "WARN"
+  ca_key_type = "ec-p256"
+  default_x509_svid_ttl = "1h"
+}
+plugins {
+  DataStore "sql" {
+    plugin_data {
+      database_type = "sqlite3"
+      connection_string = "$work/spire/data/datastore.sqlite3"
+    }
+  }
+  KeyManager "memory" {
+    plugin_data {}
+  }
+  NodeAttestor "join_token" {
+    plugin_data {}
+  }
+}
+CONF
+"$spire" run -config "$work/spire/server.conf" >"$out/spire.log" 2>&1 &
+spire_pid=$!
+pids+=("$spire_pid")
+ready=
+for i in $(seq 1 300); do
+  if curl -fs http://127.0.0.1:25314/readyz >/dev/null 2>&1 && [ -f "$work/noop/noop-root.pem" ] &&
+     "$spire" healthcheck -socketPath "$work/spire/api.sock" >/dev/null 2>&1; then ready=1; break; fi
+  sleep 0.1
+done
+[ -n "$ready" ] || { echo "bench/ca.sh: trustmesh serve, the no-op CA or spire-server did not become ready" >&2; exit 1; }
+
+# One point: target c. Each prints one JSON line with rps, p50_us, p99_us,
+# p999_us (spiffe-mint-load has none: shown as -) and server_cpu_us_per_cert.
+point() {
+  local target=$1 c=$2
+  case $target in
+    tm)       "$tools/ca-load" -addr 127.0.0.1:25312 -data-dir "$work/tm" -c "$c" -d "$wire_dur" -server-pid "$tm_pid" ;;
+    tm-hs)    "$tools/ca-load" -addr 127.0.0.1:25312 -data-dir "$work/tm" -c "$c" -d "$wire_dur" -server-pid "$tm_pid" -handshake-per-call ;;
+    noop)     "$tools/ca-load" -mode noop-floor -addr 127.0.0.1:25316 -data-dir "$work/noop" -c "$c" -d "$wire_dur" -server-pid "$noop_pid" ;;
+    noop-hs)  "$tools/ca-load" -mode noop-floor -addr 127.0.0.1:25316 -data-dir "$work/noop" -c "$c" -d "$wire_dur" -server-pid "$noop_pid" -handshake-per-call ;;
+    spire)
+      local t0 t1 res
+      t0=$(cpu_ticks "$spire_pid")
+      res=$("$tools/spiffe-mint-load" -socket "$work/spire/api.sock" -trust-domain example.org -c "$c" -d "$wire_dur")
+      t1=$(cpu_ticks "$spire_pid")
+      jq -c --argjson t "$((t1 - t0))" --argjson hz "$hz" \
+        '. + {server_cpu_us_per_cert: (if .ok > 0 then $t * 1e6 / $hz / .ok else 0 end)}' <<<"$res" ;;
+  esac
+}
+targets="tm tm-hs noop noop-hs spire"
+rm -f "$out"/ca-wire-*.jsonl
+for r in $(seq 1 "$rounds"); do
+  for c in 1 16; do
+    for t in $targets; do
+      res=$(point "$t" "$c")
+      echo "$res" >> "$out/ca-wire-$t-c$c.jsonl"
+      errs=$(jq '.errors // 0' <<<"$res")
+      [ "$errs" = 0 ] || echo "bench/ca.sh: $t c=$c round $r: $errs errors: $(jq -r '.first_error // ""' <<<"$res")" >&2
+    done
+  done
+done
+# med file field: the median over the rounds, rounded; - when absent.
+med() { jq -rs "map(.$2) | if .[0] == null then \"-\" else sort | .[(length - 1) / 2 | floor] | round end" "$out/ca-wire-$1.jsonl"; }
+printf "%-8s %-4s %10s %9s %9s %9s %12s\n" target c rps p50_us p99_us p999_us cpu_us/cert
+for c in 1 16; do
+  for t in $targets; do
+    printf "%-8s %-4s %10s %9s %9s %9s %12s\n" "$t" "$c" "$(med "$t-c$c" rps)" "$(med "$t-c$c" p50_us)" \
+      "$(med "$t-c$c" p99_us)" "$(med "$t-c$c" p999_us)" "$(med "$t-c$c" server_cpu_us_per_cert)"
+  done
+  awk -v c="$c" -v tm="$(med "tm-c$c" rps)" -v hs="$(med "tm-hs-c$c" rps)" -v noop="$(med "noop-c$c" rps)" \
+      -v nhs="$(med "noop-hs-c$c" rps)" -v spire="$(med "spire-c$c" rps)" 'BEGIN {
+    printf "c=%-3s trustmesh/spire = %.2f   trustmesh/no-op floor = %.2f   handshake-per-call: trustmesh/no-op floor = %.2f\n",
+      c, tm / spire, tm / noop, hs / nhs }'
+done
