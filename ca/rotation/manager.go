@@ -143,6 +143,9 @@ type Manager struct {
 	lastSeen []byte
 	// tracer is nil when tracing is off.
 	tracer trace.Tracer
+	// jmu guards index, what the journal says about rotation (taint.go).
+	jmu   sync.Mutex
+	index *journalIndex
 }
 
 // New returns the serving control plane's Manager. It creates the first
@@ -293,6 +296,16 @@ func (m *Manager) material(ctx context.Context, now time.Time, load func(map[str
 			add(r)
 		}
 	}
+	for _, t := range st.Tainted {
+		if t.Role != RoleRoot {
+			continue
+		}
+		c, err := t.Cert()
+		if err != nil {
+			return nil, State{}, Snapshot{}, err
+		}
+		add(c)
+	}
 	for _, r := range st.Retiring {
 		if !now.Before(r.Until) {
 			continue
@@ -320,35 +333,9 @@ func (m *Manager) Prepare(ctx context.Context, root bool) error {
 	if st.Next != 0 {
 		return ErrAlreadyPrepared
 	}
-	active := genFiles(snap, st.Active)
-	var parent *x509.Certificate
-	var parentKey crypto.Signer
-	if root {
-		if parent, parentKey, err = authority.Mint(authority.MintRequest{
-			TrustDomain: m.cfg.TrustDomain, Now: now, Lifetime: m.policy.RootLifetime, Backdate: m.policy.Backdate,
-		}); err != nil {
-			return fmt.Errorf("rotation: %w", err)
-		}
-	} else {
-		roots, err := pemutil.ParseCertificateBundle(active[authority.RootCertFile])
-		if err != nil || len(roots) == 0 {
-			return fmt.Errorf("rotation: active root: %v", err)
-		}
-		parent = roots[0]
-		if parentKey, err = authority.SignerFromPEM(ctx, active[authority.RootKeyFile]); err != nil {
-			return fmt.Errorf("rotation: the active generation has no usable root key: %w", err)
-		}
-	}
-	inter, interKey, err := authority.Mint(authority.MintRequest{
-		TrustDomain: m.cfg.TrustDomain, Parent: parent, ParentKey: parentKey,
-		Now: now, Lifetime: m.policy.IntermediateLifetime, Backdate: m.policy.Backdate,
-	})
+	files, parent, inter, err := m.mint(ctx, snap, st, root, now)
 	if err != nil {
-		return fmt.Errorf("rotation: %w", err)
-	}
-	files, err := authority.GenerationFiles(parent, parentKey, inter, interKey)
-	if err != nil {
-		return fmt.Errorf("rotation: %w", err)
+		return err
 	}
 	n := st.LastGeneration + 1
 	stepGeneration(ctx, n)
@@ -366,6 +353,45 @@ func (m *Manager) Prepare(ctx context.Context, root bool) error {
 	}
 	m.cfg.Log.Info("prepared the next CA", "role", role, "generation", n, "intermediate", inter.SerialNumber.Text(16))
 	return m.record(ctx, "prepare", "intermediate", inter, now)
+}
+
+// mint creates the next CA's files: an intermediate under the active root,
+// or with root set, a new root and an intermediate under it.
+func (m *Manager) mint(ctx context.Context, snap Snapshot, st State, root bool, now time.Time) (map[string][]byte, *x509.Certificate, *x509.Certificate, error) {
+	active := genFiles(snap, st.Active)
+	var (
+		parent    *x509.Certificate
+		parentKey crypto.Signer
+		err       error
+	)
+	if root {
+		if parent, parentKey, err = authority.Mint(authority.MintRequest{
+			TrustDomain: m.cfg.TrustDomain, Now: now, Lifetime: m.policy.RootLifetime, Backdate: m.policy.Backdate,
+		}); err != nil {
+			return nil, nil, nil, fmt.Errorf("rotation: %w", err)
+		}
+	} else {
+		roots, err := pemutil.ParseCertificateBundle(active[authority.RootCertFile])
+		if err != nil || len(roots) == 0 {
+			return nil, nil, nil, fmt.Errorf("rotation: active root: %v", err)
+		}
+		parent = roots[0]
+		if parentKey, err = authority.SignerFromPEM(ctx, active[authority.RootKeyFile]); err != nil {
+			return nil, nil, nil, fmt.Errorf("rotation: the active generation has no usable root key: %w", err)
+		}
+	}
+	inter, interKey, err := authority.Mint(authority.MintRequest{
+		TrustDomain: m.cfg.TrustDomain, Parent: parent, ParentKey: parentKey,
+		Now: now, Lifetime: m.policy.IntermediateLifetime, Backdate: m.policy.Backdate,
+	})
+	if err != nil {
+		return nil, nil, nil, fmt.Errorf("rotation: %w", err)
+	}
+	files, err := authority.GenerationFiles(parent, parentKey, inter, interKey)
+	if err != nil {
+		return nil, nil, nil, fmt.Errorf("rotation: %w", err)
+	}
+	return files, parent, inter, nil
 }
 
 // Stage prepares operator-supplied material (Istio's cacerts layout in
@@ -514,7 +540,16 @@ func (m *Manager) Retire(ctx context.Context) error {
 			continue
 		}
 		if c, err := pemutil.ParseCertificate([]byte(r.CertPEM)); err == nil {
-			if err := m.record(ctx, "retire", "root", c, now); err != nil {
+			// Recorded before the state is written, so only once: a crash
+			// between the two retires it again without a second record.
+			done, err := m.recorded(ctx, "retire", RoleRoot, c)
+			if err != nil {
+				return err
+			}
+			if done {
+				continue
+			}
+			if err := m.record(ctx, "retire", RoleRoot, c, now); err != nil {
 				return err
 			}
 		}
@@ -539,6 +574,11 @@ func (m *Manager) record(ctx context.Context, step, role string, c *x509.Certifi
 func (m *Manager) Tick(ctx context.Context) (_ Action, err error) {
 	if !m.serving {
 		return Nothing, ErrNotServing
+	}
+	// A step the state shows but the journal lacks (a crash between the
+	// two) is recorded before anything else is done.
+	if err := m.Reconcile(ctx); err != nil {
+		return Nothing, err
 	}
 	now := m.cfg.Clock.Now()
 	mat, st, snap, err := m.material(ctx, now, func(files map[string][]byte) (*authority.Material, error) {
@@ -567,6 +607,9 @@ func (m *Manager) Tick(ctx context.Context) (_ Action, err error) {
 		err = m.Activate(ctx, false)
 	case Retire:
 		err = m.Retire(ctx)
+	}
+	if err == nil {
+		err = m.RetireTainted(ctx)
 	}
 	return action, err
 }

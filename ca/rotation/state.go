@@ -27,6 +27,9 @@ type State struct {
 	// RootPropagation is how long a prepared root must sit in the bundle
 	// before it may be activated, as the serving control plane recorded it.
 	RootPropagation time.Duration `json:"root_propagation,omitempty"`
+	// Tainted are CA certificates marked compromised (taint.go), kept in
+	// the bundle, marked, until nothing valid chains to them.
+	Tainted []Tainted `json:"tainted,omitempty"`
 }
 
 // Retiring is a root kept in the bundle until Until.
