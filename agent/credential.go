@@ -93,8 +93,14 @@ func NewCredential(cfg CredentialConfig) (*Credential, error) {
 		return nil, fmt.Errorf("agent: %w", err)
 	}
 	c.CA = ca
+	// A bundle that marks the agent's issuer tainted renews it at once.
+	var renew func(string)
+	if !cfg.BundleOnly {
+		renew = func(reason string) { c.Manager.RenewNow(reason) }
+	}
 	c.Follower, err = trustbundle.New(trustbundle.Config{
 		CA: ca, Store: c.Store, Clock: cfg.Clock, Logger: cfg.Logger.With("component", "trustbundle"), Registerer: cfg.Registerer,
+		Renew: renew,
 	})
 	if err != nil {
 		return nil, fmt.Errorf("agent: %w", err)

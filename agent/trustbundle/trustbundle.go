@@ -10,10 +10,12 @@ import (
 	"fmt"
 	"log/slog"
 	"sync/atomic"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 	"k8s.io/utils/clock"
 
 	"github.com/trustmesh/trustmesh/agent/backoff"
@@ -47,15 +49,23 @@ type Config struct {
 	Logger  *slog.Logger
 	// Registerer receives the follower's metrics; nil registers nowhere.
 	Registerer prometheus.Registerer
+	// Renew, when set, is asked (once per certificate) to renew the
+	// agent's certificate at once when the bundle marks an authority it
+	// chains through as tainted: the rotation Manager's RenewNow.
+	Renew func(reason string)
 }
 
 // Follower keeps the store's bundle equal to the CA's.
 type Follower struct {
-	cfg     Config
-	synced  atomic.Bool
-	updates prometheus.Counter
-	breaks  prometheus.Counter
-	seq     prometheus.Gauge
+	cfg    Config
+	synced atomic.Bool
+	// tainted is the bundle's tainted authorities; taintKick (capacity 1)
+	// wakes watchTaint when they change.
+	tainted   atomic.Pointer[[]*x509.Certificate]
+	taintKick chan struct{}
+	updates   prometheus.Counter
+	breaks    prometheus.Counter
+	seq       prometheus.Gauge
 }
 
 // New returns a follower.
@@ -67,7 +77,8 @@ func New(cfg Config) (*Follower, error) {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
 	f := &Follower{
-		cfg: cfg,
+		cfg:       cfg,
+		taintKick: make(chan struct{}, 1),
 		updates: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "trustmesh_agent_bundle_updates_total",
 			Help: "Trust bundle changes received from the CA.",
@@ -98,6 +109,18 @@ func (f *Follower) Synced() bool { return f.synced.Load() }
 // Run follows the stream until ctx ends, reconnecting with backoff. It
 // returns ctx.Err().
 func (f *Follower) Run(ctx context.Context) error {
+	if f.cfg.Renew != nil {
+		wctx, cancel := context.WithCancel(ctx)
+		done := make(chan struct{})
+		go func() {
+			defer close(done)
+			f.watchTaint(wctx)
+		}()
+		defer func() {
+			cancel()
+			<-done
+		}()
+	}
 	bo := f.cfg.Backoff
 	for {
 		received := false
@@ -132,6 +155,10 @@ func (f *Follower) apply(msg *cav1.TrustBundle) error {
 	if err != nil {
 		return err
 	}
+	tainted, err := ParseTainted(msg)
+	if err != nil {
+		return err
+	}
 	snap, _ := f.cfg.Store.Load()
 	if want, ok := trustDomain(snap); ok && bundle.TrustDomain() != want {
 		return fmt.Errorf("%w: trust domain %q, want %q", ErrInvalidBundle, bundle.TrustDomain(), want)
@@ -143,8 +170,95 @@ func (f *Follower) apply(msg *cav1.TrustBundle) error {
 		f.cfg.Logger.Info("trust bundle updated", "trust_domain", bundle.TrustDomain().Name(),
 			"roots", len(bundle.X509Authorities()), "sequence", msg.GetSequenceNumber())
 	}
+	if old := f.tainted.Swap(&tainted); old == nil || !sameCerts(*old, tainted) {
+		select {
+		case f.taintKick <- struct{}{}:
+		default:
+		}
+	}
 	f.synced.Store(true)
 	return nil
+}
+
+func sameCerts(a, b []*x509.Certificate) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for i := range a {
+		if !a[i].Equal(b[i]) {
+			return false
+		}
+	}
+	return true
+}
+
+// watchTaint asks for a renewal at once whenever the agent's certificate
+// chains through a tainted authority: when the bundle marks one, and when
+// the certificate changes (a restart restoring one, or a renewal answered
+// before the CA switched). It asks once per certificate, so that a CA that
+// has not switched yet is not asked in a loop; the next certificate is
+// judged afresh.
+func (f *Follower) watchTaint(ctx context.Context) {
+	var asked *x509svid.SVID
+	for {
+		snap, changed := f.cfg.Store.Load()
+		if s := snap.SVID; s != nil && s != asked {
+			var tainted []*x509.Certificate
+			if p := f.tainted.Load(); p != nil {
+				tainted = *p
+			}
+			if c := ChainsThrough(s.Certificates, tainted); c != nil {
+				asked = s
+				f.cfg.Logger.Warn("the certificate chains through a tainted CA; renewing at once",
+					"spiffe_id", s.ID.String(), "tainted", c.SerialNumber.Text(16), "expires", s.Certificates[0].NotAfter.Format(time.RFC3339))
+				f.cfg.Renew("issuer tainted: " + c.SerialNumber.Text(16))
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-changed:
+		case <-f.taintKick:
+		}
+	}
+}
+
+// ChainsThrough returns the tainted authority that chain (a leaf and its
+// intermediates) passes through: one of its certificates, or the root that
+// signed its last one; nil when none.
+func ChainsThrough(chain, tainted []*x509.Certificate) *x509.Certificate {
+	if len(chain) == 0 {
+		return nil
+	}
+	top := chain[len(chain)-1]
+	for _, t := range tainted {
+		for _, c := range chain {
+			if c.Equal(t) {
+				return t
+			}
+		}
+		if t.IsCA && top.CheckSignatureFrom(t) == nil {
+			return t
+		}
+	}
+	return nil
+}
+
+// ParseTainted returns the bundle's tainted authorities, each a CA
+// certificate.
+func ParseTainted(msg *cav1.TrustBundle) ([]*x509.Certificate, error) {
+	var out []*x509.Certificate
+	for _, der := range msg.GetTaintedAuthorities() {
+		c, err := x509.ParseCertificate(der)
+		if err != nil {
+			return nil, fmt.Errorf("%w: tainted authority: %w", ErrInvalidBundle, err)
+		}
+		if !c.IsCA {
+			return nil, fmt.Errorf("%w: tainted authority %q is not a CA", ErrInvalidBundle, c.Subject)
+		}
+		out = append(out, c)
+	}
+	return out, nil
 }
 
 // trustDomain is the trust domain the agent already belongs to, if known.

@@ -2,12 +2,16 @@ package trustbundle
 
 import (
 	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
 	"errors"
 	"os"
 	"testing"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	clocktesting "k8s.io/utils/clock/testing"
@@ -217,4 +221,73 @@ func TestParse(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestTaintedIssuerAsksForRenewalOnce: a bundle that marks the authority the
+// agent's certificate chains through as tainted asks for a renewal at once,
+// once for that certificate; a certificate that does not chain through it,
+// and an SVID restored later under it, are judged on their own.
+func TestTaintedIssuerAsksForRenewalOnce(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		taint func(a *testca.Authority) []byte
+	}{
+		{"intermediate", func(a *testca.Authority) []byte { return a.Inter.Raw }},
+		{"root", func(a *testca.Authority) []byte { return a.Root.Raw }},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			old := testca.New(t, td, start)
+			fresh := testca.New(t, td, start)
+			store := identity.New()
+			store.SetSVID(svidOf(t, old))
+			asks := make(chan string, 10)
+			sc := &streams{scripts: make(chan script, 10), opened: make(chan struct{}, 10)}
+			f, err := New(Config{CA: sc, Store: store, Clock: clocktesting.NewFakeClock(start),
+				Renew: func(r string) { asks <- r }})
+			if err != nil {
+				t.Fatal(err)
+			}
+			ctx, cancel := context.WithCancel(context.Background())
+			done := make(chan error, 1)
+			go func() { done <- f.Run(ctx) }()
+			defer func() { cancel(); <-done }()
+
+			b := msg(1, "cluster.local", old.Root.Raw, fresh.Root.Raw)
+			b.TaintedAuthorities = [][]byte{tc.taint(old)}
+			sc.scripts <- script{bundles: []*cav1.TrustBundle{b}, hold: true}
+			select {
+			case <-asks:
+			case <-time.After(10 * time.Second):
+				t.Fatal("no renewal asked for a certificate under a tainted authority")
+			}
+			// Renewed under the replacement: nothing more to ask.
+			store.SetSVID(svidOf(t, fresh))
+			select {
+			case r := <-asks:
+				t.Fatalf("asked again (%s) for a certificate that does not chain through the tainted authority", r)
+			case <-time.After(200 * time.Millisecond):
+			}
+			// A certificate under the tainted authority comes back (a
+			// renewal answered before the CA switched): asked again, once.
+			store.SetSVID(svidOf(t, old))
+			select {
+			case <-asks:
+			case <-time.After(10 * time.Second):
+				t.Fatal("no renewal asked for a new certificate under the tainted authority")
+			}
+		})
+	}
+}
+
+func svidOf(t *testing.T, a *testca.Authority) *x509svid.SVID {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	chain, err := a.Issue(key.Public(), spiffeid.RequireFromString("spiffe://cluster.local/ns/a/sa/b"), start, time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &x509svid.SVID{ID: spiffeid.RequireFromString("spiffe://cluster.local/ns/a/sa/b"), Certificates: chain[:2], PrivateKey: key}
 }
