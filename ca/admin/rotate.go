@@ -82,7 +82,10 @@ type RotationStatus struct {
 	RootPropagation Duration  `json:"root_propagation,omitzero"`
 	// Retiring are replaced roots kept in the bundle until their time.
 	Retiring []RetiringRoot `json:"retiring,omitempty"`
-	CA       []audit.CACert `json:"ca"`
+	// Tainted are CA certificates marked compromised, kept in the bundle
+	// (marked) until the journal shows no valid leaf under them.
+	Tainted []TaintedCA    `json:"tainted,omitempty"`
+	CA      []audit.CACert `json:"ca"`
 }
 
 // RetiringRoot is a replaced root that stays trusted until Until.
@@ -90,6 +93,14 @@ type RetiringRoot struct {
 	Subject string    `json:"subject"`
 	Serial  string    `json:"serial"`
 	Until   time.Time `json:"until"`
+}
+
+// TaintedCA is a CA certificate marked compromised by ca rotate --taint.
+type TaintedCA struct {
+	Role    string    `json:"role"`
+	Subject string    `json:"subject"`
+	Serial  string    `json:"serial"`
+	At      time.Time `json:"tainted_at"`
 }
 
 // Duration marshals as a Go duration string ("72h0m0s"), not nanoseconds.
@@ -108,8 +119,11 @@ func (d *Duration) UnmarshalText(b []byte) error {
 
 // RotateRequest is one step of CA rotation driven by hand.
 type RotateRequest struct {
-	// Step is "prepare", "activate" or "status".
+	// Step is "prepare", "activate", "taint" or "status".
 	Step string
+	// Taint, with taint, is what is compromised: "intermediate" (the
+	// default) or "root".
+	Taint string
 	// Root, with prepare, rotates the root too.
 	Root bool
 	// CACertsDir, with prepare, stages that operator-supplied material
@@ -151,6 +165,15 @@ func Rotate(ctx context.Context, dir DataDir, o JournalOptions, req RotateReques
 		}
 	case "activate":
 		err = mgr.Activate(ctx, req.Force)
+	case "taint":
+		switch req.Taint {
+		case "", rotation.RoleIntermediate:
+			_, err = mgr.Taint(ctx, false)
+		case rotation.RoleRoot:
+			_, err = mgr.Taint(ctx, true)
+		default:
+			err = fmt.Errorf("admin: --taint %q: want intermediate or root", req.Taint)
+		}
 	case "status":
 	default:
 		err = fmt.Errorf("admin: unknown rotation step %q", req.Step)
@@ -182,6 +205,13 @@ func rotationStatus(ctx context.Context, mgr *rotation.Manager, now time.Time) (
 		}
 		rs.Retiring = append(rs.Retiring, rr)
 	}
+	for _, t := range st.Tainted {
+		tc := TaintedCA{Role: t.Role, At: t.At}
+		if c, err := t.Cert(); err == nil {
+			tc.Subject, tc.Serial = c.Subject.CommonName, serial.Format(c.SerialNumber)
+		}
+		rs.Tainted = append(rs.Tainted, tc)
+	}
 	return rs, nil
 }
 
@@ -196,6 +226,8 @@ func CACerts(mat *authority.Material, st rotation.State) []audit.CACert {
 		switch {
 		case mat.Anchor != nil && r.Equal(mat.Anchor):
 			state = "active"
+		case isTainted(r, st):
+			state = "tainted"
 		case st.Next != 0 && st.NextIsRoot && !isRetiring(r, st):
 			state = "prepared"
 		case isRetiring(r, st):
@@ -204,6 +236,15 @@ func CACerts(mat *authority.Material, st rotation.State) []audit.CACert {
 		out = append(out, audit.CACert{Role: "root", Subject: r.Subject.CommonName, Serial: serial.Format(r.SerialNumber), NotAfter: r.NotAfter, State: state})
 	}
 	return out
+}
+
+func isTainted(c *x509.Certificate, st rotation.State) bool {
+	for _, t := range st.Tainted {
+		if tc, err := t.Cert(); err == nil && tc.Equal(c) {
+			return true
+		}
+	}
+	return false
 }
 
 func isRetiring(c *x509.Certificate, st rotation.State) bool {

@@ -136,32 +136,41 @@ func newRotateCmd() *cobra.Command {
 	var dataDir string
 	var jo admin.JournalOptions
 	var prepare, activate, status, root, force bool
-	var cacerts, keyURI, caSecret string
+	var cacerts, keyURI, caSecret, taint string
 	var output outputFormat
 	cmd := &cobra.Command{
 		Use:   "rotate",
-		Short: "Rotate the CA's certificates by hand: --prepare [--root], then --activate; --status shows the state",
+		Short: "Rotate the CA's certificates by hand: --prepare [--root], then --activate; --taint after a compromise; --status shows the state",
 		Long: `Rotate self-managed CA certificates with overlap. --prepare creates the next
 intermediate (with --root, a new root and an intermediate under it; the new
 root enters the trust bundle at once). --activate makes it sign; a replaced
 root stays in the bundle until everything signed under it has expired. A
-running trustmesh serve picks the change up at its next rotation check.`,
+running trustmesh serve picks the change up at its next rotation check.
+
+--taint (intermediate, the default, or root) marks the active intermediate or
+root as compromised after a key leak: a replacement is activated at once
+(a new root without waiting for its propagation), every agent renews under
+it as soon as the bundle it follows marks the old one tainted, and the
+tainted authority leaves the bundle once the journal shows that no leaf
+signed under it is still valid. Each step is journalled.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			step := ""
-			for name, on := range map[string]bool{"prepare": prepare, "activate": activate, "status": status} {
+			steps := map[string]bool{"prepare": prepare, "activate": activate, "status": status, "taint": cmd.Flags().Changed("taint")}
+			for name, on := range steps {
 				if on {
 					if step != "" {
-						return &exitError{code: 2, err: fmt.Errorf("give one of --prepare, --activate and --status")}
+						return &exitError{code: 2, err: fmt.Errorf("give one of --prepare, --activate, --taint and --status")}
 					}
 					step = name
 				}
 			}
 			if step == "" {
-				return &exitError{code: 2, err: fmt.Errorf("give one of --prepare, --activate and --status")}
+				return &exitError{code: 2, err: fmt.Errorf("give one of --prepare, --activate, --taint and --status")}
 			}
 			st, err := admin.Rotate(cmd.Context(), admin.DataDir(dataDir), jo, admin.RotateRequest{
 				Step: step, Root: root, CACertsDir: cacerts, KeyURI: keyURI, Force: force, CASecret: caSecret, Kubeconfig: jo.Kubeconfig,
+				Taint: taint,
 			})
 			if err != nil {
 				return err
@@ -177,6 +186,8 @@ running trustmesh serve picks the change up at its next rotation check.`,
 	cmd.Flags().BoolVar(&activate, "activate", false, "activate the prepared CA")
 	cmd.Flags().BoolVar(&status, "status", false, "show the rotation state")
 	cmd.Flags().BoolVar(&force, "force", false, "with --activate: activate a new root before its propagation time")
+	cmd.Flags().StringVar(&taint, "taint", "", "mark the active intermediate or root as compromised and activate a replacement at once: intermediate or root")
+	cmd.Flags().Lookup("taint").NoOptDefVal = "intermediate"
 	cmd.Flags().StringVar(&caSecret, "ca-secret", "", "namespace/name of the Secret that serve --ca-secret keeps the CA in")
 	addOutputFlag(cmd, &output)
 	return cmd
@@ -209,6 +220,9 @@ func printRotationStatus(w io.Writer, st *admin.RotationStatus) error {
 	}
 	for _, r := range st.Retiring {
 		fmt.Fprintf(tw, "retiring root\t%s %s\tuntil %s\n", r.Subject, r.Serial, human.When(r.Until, st.At))
+	}
+	for _, t := range st.Tainted {
+		fmt.Fprintf(tw, "tainted %s\t%s %s\ttainted %s; leaves the bundle once no leaf under it is valid\n", t.Role, t.Subject, t.Serial, human.When(t.At, st.At))
 	}
 	fmt.Fprintln(tw, "\nCA\tSUBJECT\tSERIAL\tSTATE\tNOT AFTER")
 	for _, c := range st.CA {
