@@ -195,7 +195,10 @@ func runBenchClients() int {
 	creds := credentials.NewTLS(&tls.Config{Certificates: []tls.Certificate{cert}, RootCAs: roots, ServerName: "127.0.0.1", MinVersion: tls.VersionTLS12})
 	var conns []*grpc.ClientConn
 	for range (n + streamsPerConn - 1) / streamsPerConn {
-		c, err := grpc.NewClient(os.Getenv(benchEnvAddr), grpc.WithTransportCredentials(creds))
+		c, err := grpc.NewClient(os.Getenv(benchEnvAddr), grpc.WithTransportCredentials(creds),
+			// Envoy's HTTP/2 defaults for its xDS connection: 256 MiB
+			// windows, so the server is not held to grpc-go's 64 KiB.
+			grpc.WithInitialWindowSize(envoyWindow), grpc.WithInitialConnWindowSize(envoyWindow))
 		if err != nil {
 			fmt.Fprintln(os.Stderr, err)
 			return 1
@@ -365,3 +368,8 @@ func benchClientCounts() []int {
 	}
 	return out
 }
+
+// envoyWindow is Envoy's default HTTP/2 initial stream and connection
+// window (initial_stream_window_size, initial_connection_window_size),
+// which a simulated Envoy advertises as a real one does.
+const envoyWindow = 256 << 20

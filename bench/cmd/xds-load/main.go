@@ -199,7 +199,10 @@ func run(meshDir string, services, n int, addr, caFile, token string, perConn in
 		}
 	}()
 	for range (n + perConn - 1) / perConn {
-		c, err := grpc.NewClient(addr, grpc.WithTransportCredentials(creds))
+		c, err := grpc.NewClient(addr, grpc.WithTransportCredentials(creds),
+			// Envoy's HTTP/2 defaults for its xDS connection: 256 MiB
+			// windows, so the server is not held to grpc-go's 64 KiB.
+			grpc.WithInitialWindowSize(envoyWindow), grpc.WithInitialConnWindowSize(envoyWindow))
 		if err != nil {
 			return nil, err
 		}
@@ -375,3 +378,8 @@ func deltaClient(ctx context.Context, c discoveryv3.AggregatedDiscoveryServiceCl
 		}
 	}
 }
+
+// envoyWindow is Envoy's default HTTP/2 initial stream and connection
+// window (initial_stream_window_size, initial_connection_window_size),
+// which a simulated Envoy advertises as a real one does.
+const envoyWindow = 256 << 20
