@@ -9,7 +9,8 @@
 #     endpoints of every sidecar change) until every client has it,
 #     3 rounds, the server's 100 ms debounce included;
 #   - serve's RSS with every client connected, and per client.
-# GOMEMLIMIT is left unset. Each client's certificate is the one the load
+# GOMEMLIMIT is left unset; serve's --max-connections (default 1,024 per
+# listener) is raised to N+1,024, or the clients past it would wait. Each client's certificate is the one the load
 # tool enrols with a join token: the pods of a service account share a
 # SPIFFE ID, and serve's per-handshake work is the same for any key.
 #
@@ -36,7 +37,7 @@ for mode in $modes; do
   rm -rf "$dir/mesh" "$dir/data"
   "$dir/xds-load" -gen -mesh "$dir/mesh" -services "$services" -clients "$n"
   env -u GOMEMLIMIT "$dir/trustmesh" serve --data-dir "$dir/data" --kubernetes off --mesh "$dir/mesh" --listen-ca "$ca" \
-    --listen-monitoring "$mon" --listen-bundle "" --listen-authz off --listen-ui off --log-level warn \
+    --listen-monitoring "$mon" --listen-bundle "" --listen-authz off --listen-ui off --log-level warn --max-connections $((n + 1024)) \
     >"$out/xds-serve-$mode.log" 2>&1 &
   serve=$!
   pids+=("$serve")
