@@ -139,10 +139,12 @@ func (cp *ControlPlane) newAuthenticator(v *validated) (*authn.Authenticator, er
 		var err error
 		if authenticator.Kubernetes, err = authn.NewKubernetes(authn.KubernetesConfig{
 			TrustDomain: v.td, Client: cp.cluster.kube, Audience: v.CA.TokenAudience, Clock: v.Clock,
+			StaleCacheLimit: v.CA.KubeStaleCacheLimit,
 		}); err != nil {
 			return nil, err
 		}
 		authenticator.Renewal.Kubernetes = authenticator.Kubernetes
+		cp.kubeAuth = authenticator.Kubernetes
 	}
 	return authenticator, nil
 }

@@ -105,6 +105,10 @@ type CAConfig struct {
 	WorkloadBackdate time.Duration
 	// MaxEnrolmentAge is how long a join-token enrolment may renew.
 	MaxEnrolmentAge time.Duration
+	// KubeStaleCacheLimit, on Kubernetes, is how long renewal re-checks
+	// service accounts against a cache that has stopped hearing from the
+	// apiserver. Default authn.DefaultStaleCacheLimit (5m).
+	KubeStaleCacheLimit time.Duration
 	// TrustedNodeAccounts ("namespace/serviceaccount"), on Kubernetes, are
 	// the service accounts of node agents (`trustmesh node`) trusted for
 	// delegated issuance, as Istio's CA_TRUSTED_NODE_ACCOUNTS: each may hold
@@ -305,6 +309,9 @@ func (c *CAConfig) setDefaults() {
 	if c.MaxEnrolmentAge == 0 {
 		c.MaxEnrolmentAge = authn.DefaultMaxEnrolmentAge
 	}
+	if c.KubeStaleCacheLimit == 0 {
+		c.KubeStaleCacheLimit = authn.DefaultStaleCacheLimit
+	}
 }
 
 // check checks the CA group and fills in v's control-plane ID and the
@@ -349,6 +356,9 @@ func (c *CAConfig) check(v *validated) []error {
 	}
 	if c.MaxEnrolmentAge <= 0 {
 		errs = append(errs, setting("max-enrolment-age", fmt.Errorf("%s must be positive", c.MaxEnrolmentAge)))
+	}
+	if c.KubeStaleCacheLimit <= 0 {
+		errs = append(errs, setting("kube-stale-cache-limit", fmt.Errorf("%s must be positive", c.KubeStaleCacheLimit)))
 	}
 	errs = append(errs, checkTrustedNodeAccounts(c.TrustedNodeAccounts, v.inKube)...)
 	return errs

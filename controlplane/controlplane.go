@@ -23,6 +23,7 @@ import (
 	"github.com/trustmesh/trustmesh/authz/authzd"
 	"github.com/trustmesh/trustmesh/authz/source"
 	"github.com/trustmesh/trustmesh/ca"
+	"github.com/trustmesh/trustmesh/ca/authn"
 	"github.com/trustmesh/trustmesh/ca/authority"
 	"github.com/trustmesh/trustmesh/ca/journal"
 	"github.com/trustmesh/trustmesh/ca/rotation"
@@ -44,6 +45,7 @@ type ControlPlane struct {
 	witness   *journal.ExportWitness
 	rotation  *rotation.Manager
 	elector   *elector
+	kubeAuth  *authn.Kubernetes // its service-account cache runs with the control plane
 	authz     *authzd.Service
 	// policyFeed is the AuthorizationPolicy feed authz and xDS follow.
 	policyFeed *source.Feed

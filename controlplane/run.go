@@ -42,6 +42,9 @@ func (cp *ControlPlane) Run(ctx context.Context) error {
 	if cp.elector != nil {
 		tasks = append(tasks, cp.elector.Run)
 	}
+	if cp.kubeAuth != nil {
+		tasks = append(tasks, cp.kubeAuth.Run)
+	}
 	if cp.policyFeed != nil {
 		tasks = append(tasks, cp.policyFeed.Run)
 	}

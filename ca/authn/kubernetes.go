@@ -14,10 +14,15 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"golang.org/x/time/rate"
 	authv1 "k8s.io/api/authentication/v1"
+	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/watch"
 	"k8s.io/client-go/kubernetes"
+	typedcorev1 "k8s.io/client-go/kubernetes/typed/core/v1"
 	"k8s.io/client-go/rest"
+	"k8s.io/client-go/tools/cache"
 	"k8s.io/utils/clock"
 
 	"github.com/trustmesh/trustmesh/ca"
@@ -60,7 +65,17 @@ type KubernetesConfig struct {
 	// (GET /openid/v1/jwks); nil means Client's REST client. Tokens whose
 	// signature they refuse are refused without a TokenReview.
 	Keys rest.Interface
+	// StaleCacheLimit bounds how long renewal trusts the service-account
+	// cache after it last heard from the apiserver; past it renewal is
+	// refused as unavailable. Default DefaultStaleCacheLimit.
+	StaleCacheLimit time.Duration
 }
+
+// DefaultStaleCacheLimit is how long, by default, renewal re-checks
+// service accounts against a cache that no longer hears from the
+// apiserver: availability through an apiserver outage, against a deleted
+// account's workloads renewing for that long.
+const DefaultStaleCacheLimit = 5 * time.Minute
 
 // Kubernetes authenticates service-account tokens with TokenReview. Reviews
 // are rate-limited and positive results cached briefly, so a flood of bad
@@ -78,6 +93,8 @@ type Kubernetes struct {
 	mu       sync.Mutex
 	cache    map[[sha256.Size]byte]cachedReview
 	negative map[[sha256.Size]byte]time.Time
+
+	accounts *accountCache
 }
 
 type cachedReview struct {
@@ -149,6 +166,12 @@ func NewKubernetes(cfg KubernetesConfig) (*Kubernetes, error) {
 	if cfg.Keys == nil {
 		cfg.Keys = cfg.Client.CoreV1().RESTClient()
 	}
+	if cfg.StaleCacheLimit < 0 {
+		return nil, fmt.Errorf("authn: the stale-cache limit %s is negative", cfg.StaleCacheLimit)
+	}
+	if cfg.StaleCacheLimit == 0 {
+		cfg.StaleCacheLimit = DefaultStaleCacheLimit
+	}
 	var keys *issuerKeys
 	if rc, ok := cfg.Keys.(*rest.RESTClient); !ok || rc != nil { // fake clientsets have none
 		keys = newIssuerKeys(cfg.Keys, cfg.Clock)
@@ -160,7 +183,15 @@ func NewKubernetes(cfg KubernetesConfig) (*Kubernetes, error) {
 		inFlight: make(chan struct{}, cfg.MaxInFlight),
 		cache:    map[[sha256.Size]byte]cachedReview{},
 		negative: map[[sha256.Size]byte]time.Time{},
+		accounts: newAccountCache(cfg.Client, cfg.Clock),
 	}, nil
+}
+
+// Run keeps the service-account cache that renewal re-checks against,
+// until ctx ends.
+func (k *Kubernetes) Run(ctx context.Context) error {
+	k.accounts.informer.RunWithContext(ctx)
+	return nil
 }
 
 // Authenticate checks a service-account token and returns
@@ -296,24 +327,195 @@ func (k *Kubernetes) waitForSlot(ctx context.Context) error {
 
 // CheckServiceAccount refuses a renewal when the service account behind an
 // identity no longer exists, or was deleted and created again (uid differs).
+// It reads the service-account cache, so that renewal goes on while the
+// apiserver is away; a cache that has heard nothing from the apiserver for
+// longer than StaleCacheLimit is not trusted, and renewal is refused as
+// unavailable until it hears again. An account the cache lacks, or holds
+// with another uid, is asked about once more of the apiserver, so that a
+// cache a moment behind does not refuse a new account; when the apiserver
+// cannot answer, the cache's answer stands.
 func (k *Kubernetes) CheckServiceAccount(ctx context.Context, id spiffeid.ID, uid string) error {
 	segs := strings.Split(strings.TrimPrefix(id.Path(), "/"), "/")
 	if len(segs) != 4 || segs[0] != "ns" || segs[2] != "sa" {
 		return ca.Refuse(ca.KindDenied, ca.ReasonCertNotRenewable, fmt.Errorf("%s is not a service-account identity", id))
 	}
-	sa, err := k.cfg.Client.CoreV1().ServiceAccounts(segs[1]).Get(ctx, segs[3], metav1.GetOptions{})
-	if apierrors.IsNotFound(err) {
-		return ca.Refuse(ca.KindDenied, ca.ReasonAccountDeleted, fmt.Errorf("service account %s/%s no longer exists", segs[1], segs[3]))
+	ns, name := segs[1], segs[3]
+	if !k.accounts.informer.HasSynced() && !k.accounts.waitForSync(ctx, k.cfg.MaxWait) {
+		return ca.Refuse(ca.KindUnavailable, ca.ReasonRenewalCheckFailed,
+			fmt.Errorf("look up service account %s/%s: the service-account cache has not synced with the apiserver yet", ns, name))
 	}
-	if err != nil {
-		return ca.Refuse(ca.KindUnavailable, ca.ReasonRenewalCheckFailed, fmt.Errorf("look up service account %s/%s: %w", segs[1], segs[3], err))
+	now := k.cfg.Clock.Now()
+	if since, stale := k.accounts.staleSince(); stale && now.Sub(since) > k.cfg.StaleCacheLimit {
+		return ca.Refuse(ca.KindUnavailable, ca.ReasonRenewalCheckFailed,
+			&StaleCacheError{Since: since, Limit: k.cfg.StaleCacheLimit})
 	}
-	if uid != "" && string(sa.UID) != uid {
+	cachedUID, ok := k.accounts.uid(ns, name)
+	if ok && (uid == "" || cachedUID == uid) {
+		return nil
+	}
+	// The cache says no: confirm with the apiserver, bounded in time.
+	lctx, cancel := context.WithTimeout(ctx, k.cfg.MaxWait)
+	defer cancel()
+	sa, err := k.cfg.Client.CoreV1().ServiceAccounts(ns).Get(lctx, name, metav1.GetOptions{})
+	switch {
+	case err == nil:
+		ok, cachedUID = true, string(sa.UID)
+	case apierrors.IsNotFound(err):
+		ok = false
+	}
+	if !ok {
+		return ca.Refuse(ca.KindDenied, ca.ReasonAccountDeleted, fmt.Errorf("service account %s/%s no longer exists", ns, name))
+	}
+	if uid != "" && cachedUID != uid {
 		return ca.Refuse(ca.KindDenied, ca.ReasonAccountDeleted,
-			fmt.Errorf("service account %s/%s was deleted and created again (uid %s, was %s)", segs[1], segs[3], sa.UID, uid))
+			fmt.Errorf("service account %s/%s was deleted and created again (uid %s, was %s)", ns, name, cachedUID, uid))
 	}
 	return nil
 }
+
+// StaleCacheError says that the service-account cache has not heard from
+// the apiserver for longer than the limit.
+type StaleCacheError struct {
+	Since time.Time
+	Limit time.Duration
+}
+
+func (e *StaleCacheError) Error() string {
+	return fmt.Sprintf("the service-account cache is stale: nothing heard from the kube-apiserver since %s (limit %s)",
+		e.Since.UTC().Format(time.RFC3339), e.Limit)
+}
+
+// accountCache is an informer's cache of every service account, for the
+// renewal re-check, and a measure of how fresh it is. Client-go's reflector
+// does not say when it last heard from the apiserver, so the list and watch
+// calls it makes are observed: the cache is fresh while a watch is open
+// (client-go's HTTP/2 health check closes a watch whose connection has gone
+// silent, in about 45 s), and otherwise stale since the apiserver last
+// answered (a list, a watch opened, an event or bookmark, or a watch's end).
+type accountCache struct {
+	informer cache.SharedIndexInformer
+	clock    clock.PassiveClock
+
+	mu      sync.Mutex
+	watches int       // open watches
+	heard   time.Time // when the apiserver last answered
+}
+
+func newAccountCache(client kubernetes.Interface, clk clock.PassiveClock) *accountCache {
+	a := &accountCache{clock: clk}
+	sas := func() typedcorev1.ServiceAccountInterface {
+		return client.CoreV1().ServiceAccounts(metav1.NamespaceAll)
+	}
+	lw := cache.ToListWatcherWithWatchListSemantics(&cache.ListWatch{
+		ListWithContextFunc: func(ctx context.Context, o metav1.ListOptions) (runtime.Object, error) {
+			list, err := sas().List(ctx, o)
+			if err == nil {
+				a.answered()
+			}
+			return list, err
+		},
+		WatchFuncWithContext: func(ctx context.Context, o metav1.ListOptions) (watch.Interface, error) {
+			w, err := sas().Watch(ctx, o)
+			if err != nil {
+				return nil, err
+			}
+			return a.observe(w), nil
+		},
+	}, client)
+	a.informer = cache.NewSharedIndexInformerWithOptions(lw, &corev1.ServiceAccount{}, cache.SharedIndexInformerOptions{})
+	// Only the name and uid are read: the rest is not kept.
+	_ = a.informer.SetTransform(func(obj any) (any, error) {
+		sa, ok := obj.(*corev1.ServiceAccount)
+		if !ok {
+			return obj, nil
+		}
+		return &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{
+			Name: sa.Name, Namespace: sa.Namespace, UID: sa.UID, ResourceVersion: sa.ResourceVersion,
+		}}, nil
+	})
+	return a
+}
+
+// waitForSync waits at most d for the cache's first sync, as a renewal
+// that comes just after start-up does.
+func (a *accountCache) waitForSync(ctx context.Context, d time.Duration) bool {
+	ctx, cancel := context.WithTimeout(ctx, d)
+	defer cancel()
+	return cache.WaitForCacheSync(ctx.Done(), a.informer.HasSynced)
+}
+
+func (a *accountCache) uid(ns, name string) (string, bool) {
+	obj, ok, err := a.informer.GetIndexer().GetByKey(ns + "/" + name)
+	if err != nil || !ok {
+		return "", false
+	}
+	sa, ok := obj.(*corev1.ServiceAccount)
+	if !ok {
+		return "", false
+	}
+	return string(sa.UID), true
+}
+
+// staleSince reports whether no watch is open, and since when the
+// apiserver has not answered.
+func (a *accountCache) staleSince() (time.Time, bool) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.heard, a.watches == 0
+}
+
+func (a *accountCache) answered() {
+	now := a.clock.Now()
+	a.mu.Lock()
+	a.heard = now
+	a.mu.Unlock()
+}
+
+// observe counts w as open until its stream ends, and every event on it,
+// except an error, as the apiserver answering.
+func (a *accountCache) observe(w watch.Interface) watch.Interface {
+	now := a.clock.Now()
+	a.mu.Lock()
+	a.watches++
+	a.heard = now
+	a.mu.Unlock()
+	o := &observedWatch{inner: w, out: make(chan watch.Event), done: make(chan struct{})}
+	go func() {
+		defer close(o.out)
+		defer func() {
+			now := a.clock.Now()
+			a.mu.Lock()
+			a.watches--
+			a.heard = now
+			a.mu.Unlock()
+		}()
+		for ev := range w.ResultChan() {
+			if ev.Type != watch.Error {
+				a.answered()
+			}
+			select {
+			case o.out <- ev:
+			case <-o.done:
+				return
+			}
+		}
+	}()
+	return o
+}
+
+type observedWatch struct {
+	inner watch.Interface
+	out   chan watch.Event
+	done  chan struct{}
+	once  sync.Once
+}
+
+func (o *observedWatch) Stop() {
+	o.once.Do(func() { close(o.done) })
+	o.inner.Stop()
+}
+
+func (o *observedWatch) ResultChan() <-chan watch.Event { return o.out }
 
 type jwtClaims struct {
 	expiry time.Time
