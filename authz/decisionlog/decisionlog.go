@@ -9,7 +9,6 @@
 package decisionlog
 
 import (
-	"bufio"
 	"context"
 	"encoding/json"
 	"errors"
@@ -48,7 +47,7 @@ type Config struct {
 	HeaderAllowlist []string
 	// QueryAllowlist names query parameters whose values are logged.
 	QueryAllowlist []string
-	// NewID returns decision ids; nil means random UUIDs.
+	// NewID returns decision ids; nil means random (version 4) UUIDs.
 	NewID func() string
 	// RedactPaths are regular expressions whose matches in request paths
 	// (and in the decision's error, which may quote a path) are replaced
@@ -71,17 +70,23 @@ type Logger struct {
 	newID   func() string
 	dropped atomic.Uint64
 
-	// denials is a ring of the last denials as written, newest at
-	// denials[(next-1) % len]; filled by Run, never by Log.
+	written atomic.Uint64
+
+	// denials is a ring of the last denials' lines as written, newest
+	// at denials[(next-1) % len]; filled by Run, never by Log.
 	dmu     sync.Mutex
-	denials []Entry
+	denials [][]byte
 	next    uint64
 }
 
+// item is a queued decision. The Decision is a copy: the caller may reuse
+// its own once Log returns (extauthz pools them). A Decision's slices and
+// pointers are never written after the engine returns it, so a shallow
+// copy is enough.
 type item struct {
 	at  time.Time
 	req *authv3.CheckRequest
-	d   *engine.Decision
+	d   engine.Decision
 }
 
 // New validates cfg and returns a Logger; call Run to write.
@@ -103,9 +108,6 @@ func New(cfg Config) (*Logger, error) {
 	if l.clock == nil {
 		l.clock = clock.RealClock{}
 	}
-	if l.newID == nil {
-		l.newID = uuid.NewString
-	}
 	n := cfg.QueueSize
 	if n == 0 {
 		n = 8192
@@ -115,7 +117,7 @@ func New(cfg Config) (*Logger, error) {
 	if d == 0 {
 		d = DefaultRecentDenials
 	}
-	l.denials = make([]Entry, d)
+	l.denials = make([][]byte, d)
 	return l, nil
 }
 
@@ -170,9 +172,11 @@ func set(names []string) map[string]bool {
 }
 
 // Log queues a decision. It never blocks; a full queue drops the entry.
+// It copies *d, so the caller may reuse d once Log returns; req must not
+// change after.
 func (l *Logger) Log(req *authv3.CheckRequest, d *engine.Decision) {
 	select {
-	case l.queue <- item{at: l.clock.Now(), req: req, d: d}:
+	case l.queue <- item{at: l.clock.Now(), req: req, d: *d}:
 	default:
 		l.dropped.Add(1)
 	}
@@ -181,23 +185,45 @@ func (l *Logger) Log(req *authv3.CheckRequest, d *engine.Decision) {
 // Dropped returns how many entries were dropped because the queue was full.
 func (l *Logger) Dropped() uint64 { return l.dropped.Load() }
 
+// Written returns how many lines Run has written.
+func (l *Logger) Written() uint64 { return l.written.Load() }
+
 // Run writes queued entries until ctx ends, then writes what is still
 // queued and returns nil. A write error is returned.
+//
+// Lines are encoded into one buffer and written in batches: whatever is
+// queued when a write ends goes out in the next write, up to
+// batchBytes, so a slower writer makes bigger, fewer writes rather than
+// a longer queue.
 func (l *Logger) Run(ctx context.Context) error {
-	bw := bufio.NewWriter(l.w)
-	write := func(it item) error {
-		e := l.Entry(it.at, it.req, it.d)
-		if !e.Allowed {
-			l.remember(e)
+	enc := &encoder{l: l}
+	buf := make([]byte, 0, batchBytes+4096)
+	lines := uint64(0)
+	add := func(it *item) error {
+		n := len(buf)
+		var err error
+		if buf, err = enc.appendLine(buf, it.at, it.req, &it.d); err != nil {
+			return err
 		}
-		b, err := json.Marshal(e)
+		if !it.d.Allowed {
+			l.remember(buf[n:])
+		}
+		buf = append(buf, '\n')
+		lines++
+		*it = item{} // keep no request alive
+		return nil
+	}
+	flush := func() error {
+		if len(buf) == 0 {
+			return nil
+		}
+		_, err := l.w.Write(buf)
+		buf = buf[:0]
 		if err != nil {
 			return fmt.Errorf("decisionlog: %w", err)
 		}
-		b = append(b, '\n')
-		if _, err := bw.Write(b); err != nil {
-			return fmt.Errorf("decisionlog: %w", err)
-		}
+		l.written.Add(lines)
+		lines = 0
 		return nil
 	}
 	for {
@@ -206,33 +232,50 @@ func (l *Logger) Run(ctx context.Context) error {
 			for {
 				select {
 				case it := <-l.queue:
-					if err := write(it); err != nil {
+					if err := add(&it); err != nil {
 						return err
 					}
-				default:
-					if err := bw.Flush(); err != nil {
-						return fmt.Errorf("decisionlog: %w", err)
+					if len(buf) >= batchBytes {
+						if err := flush(); err != nil {
+							return err
+						}
 					}
-					return nil
+				default:
+					return flush()
 				}
 			}
 		case it := <-l.queue:
-			if err := write(it); err != nil {
+			if err := add(&it); err != nil {
 				return err
 			}
-			if len(l.queue) == 0 {
-				if err := bw.Flush(); err != nil {
-					return fmt.Errorf("decisionlog: %w", err)
+		batch:
+			for len(buf) < batchBytes {
+				select {
+				case it := <-l.queue:
+					if err := add(&it); err != nil {
+						return err
+					}
+				default:
+					break batch
 				}
+			}
+			if err := flush(); err != nil {
+				return err
 			}
 		}
 	}
 }
 
-// remember keeps a denial in the ring, dropping the oldest.
-func (l *Logger) remember(e Entry) {
+// batchBytes is about how much Run writes at once, at most.
+const batchBytes = 64 << 10
+
+// remember keeps a denial's line in the ring, dropping the oldest. The
+// ring's slots are reused, so that a denial costs no allocation once the
+// ring has gone round.
+func (l *Logger) remember(line []byte) {
 	l.dmu.Lock()
-	l.denials[l.next%uint64(len(l.denials))] = e
+	i := l.next % uint64(len(l.denials))
+	l.denials[i] = append(l.denials[i][:0], line...)
 	l.next++
 	l.dmu.Unlock()
 }
@@ -250,7 +293,12 @@ func (l *Logger) Recent(limit int) []Entry {
 	}
 	out := make([]Entry, 0, n)
 	for i := uint64(1); i <= n; i++ {
-		out = append(out, l.denials[(l.next-i)%uint64(len(l.denials))])
+		var e Entry
+		// The line is this package's own encoding of an Entry.
+		if err := json.Unmarshal(l.denials[(l.next-i)%uint64(len(l.denials))], &e); err != nil {
+			continue
+		}
+		out = append(out, e)
 	}
 	return out
 }
@@ -290,8 +338,12 @@ type Peer struct {
 // Entry builds the (redacted) log entry of a decision.
 func (l *Logger) Entry(at time.Time, req *authv3.CheckRequest, d *engine.Decision) Entry {
 	a := req.GetAttributes()
+	newID := l.newID
+	if newID == nil {
+		newID = uuid.NewString
+	}
 	e := Entry{
-		DecisionID:  l.newID(),
+		DecisionID:  newID(),
 		Time:        at.UTC(),
 		Source:      Peer{Principal: a.GetSource().GetPrincipal(), Address: a.GetSource().GetAddress().GetSocketAddress().GetAddress()},
 		Destination: Peer{Principal: a.GetDestination().GetPrincipal(), Address: a.GetDestination().GetAddress().GetSocketAddress().GetAddress()},
