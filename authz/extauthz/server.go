@@ -11,6 +11,8 @@ import (
 	"net"
 	"os"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
@@ -30,13 +32,16 @@ import (
 // DefaultAddress is where ext_authz is served.
 const DefaultAddress = ":9191"
 
-// Checker decides checks; *engine.Engine is one.
+// Checker decides checks; *engine.Engine is one. CheckInto overwrites
+// every field of *d and keeps nothing of d once it returns, so that the
+// server can reuse Decisions from call to call.
 type Checker interface {
-	Check(ctx context.Context, req *authv3.CheckRequest) (*engine.Decision, error)
+	CheckInto(ctx context.Context, req *authv3.CheckRequest, d *engine.Decision) error
 }
 
 // DecisionLogger records decisions without blocking; *decisionlog.Logger
-// is one.
+// is one. Log must copy what it keeps of d: the server reuses d once Log
+// returns.
 type DecisionLogger interface {
 	Log(req *authv3.CheckRequest, d *engine.Decision)
 }
@@ -106,6 +111,11 @@ type Server struct {
 	cfg Config
 	// tracer is nil when tracing is off.
 	tracer trace.Tracer
+	// decisions are reused from call to call (Checker.CheckInto).
+	decisions sync.Pool
+	// denials holds the denied responses that carry nothing of the call
+	// (sharedDenial), built once each.
+	denials responseCache
 }
 
 var _ authv3.AuthorizationServer = (*Server)(nil)
@@ -119,6 +129,7 @@ func New(cfg Config) (*Server, error) {
 		cfg.StopTimeout = 5 * time.Second
 	}
 	s := &Server{cfg: cfg}
+	s.decisions.New = func() any { return new(engine.Decision) }
 	if cfg.TracerProvider != nil {
 		s.tracer = cfg.TracerProvider.Tracer(TracerName)
 	}
@@ -182,32 +193,70 @@ func (s *Server) Serve(ctx context.Context, lis net.Listener) error {
 }
 
 // Check implements envoy.service.auth.v3.Authorization/Check. It is the one
-// place decisions and errors become ext_authz responses.
+// place decisions and errors become ext_authz responses. The response may
+// be shared with other calls (see Response): callers must not modify it.
 func (s *Server) Check(ctx context.Context, req *authv3.CheckRequest) (*authv3.CheckResponse, error) {
+	d := s.decisions.Get().(*engine.Decision)
+	var resp *authv3.CheckResponse
 	if s.tracer != nil {
-		return s.tracedCheck(ctx, req)
+		resp = s.tracedCheck(ctx, req, d)
+	} else {
+		resp, _ = s.check(ctx, req, d)
 	}
-	resp, _, _ := s.check(ctx, req)
+	*d = engine.Decision{} // keep nothing of this call alive in the pool
+	s.decisions.Put(d)
 	return resp, nil
 }
 
-// check decides req; it returns the response, the decision it is made of
-// and the engine's error, if evaluation failed.
-func (s *Server) check(ctx context.Context, req *authv3.CheckRequest) (*authv3.CheckResponse, *engine.Decision, error) {
+// check decides req into d and returns the response made of it and the
+// engine's error, if evaluation failed.
+func (s *Server) check(ctx context.Context, req *authv3.CheckRequest, d *engine.Decision) (*authv3.CheckResponse, error) {
 	start := time.Now()
-	d, err := s.cfg.Engine.Check(ctx, req)
-	defer func() { s.cfg.Metrics.observe(d.Allowed, err != nil, time.Since(start)) }()
-	if d == nil {
-		d = &engine.Decision{HTTPStatus: 403, Reason: engine.ReasonEvaluationError}
-	}
-	if err != nil && s.cfg.FailOpen {
-		d.Allowed = true
-		d.Reason = engine.ReasonEvaluationError + " (failing open)"
+	err := s.cfg.Engine.CheckInto(ctx, req, d)
+	if err != nil {
+		// The engine denies what it could not evaluate (403, with
+		// ReasonEvaluationError); fail closed whatever a Checker left.
+		d.Allowed = false
+		if s.cfg.FailOpen {
+			d.Allowed = true
+			d.Reason = engine.ReasonEvaluationError + " (failing open)"
+		}
 	}
 	if s.cfg.Log != nil {
 		s.cfg.Log.Log(req, d)
 	}
-	return Response(d), d, err
+	resp := s.response(d)
+	s.cfg.Metrics.observe(d.Allowed, err != nil, time.Since(start))
+	return resp, err
+}
+
+// allowed is the response to every allowed request that adds no header:
+// it carries nothing of the call, so one value serves all, marshalled
+// concurrently (a proto message that nobody modifies may be).
+var allowed = &authv3.CheckResponse{
+	Status:       &status.Status{Code: int32(codes.OK)},
+	HttpResponse: &authv3.CheckResponse_OkResponse{OkResponse: &authv3.OkHttpResponse{}},
+}
+
+// response is Response, with the responses that carry nothing of the call
+// shared rather than built per call.
+func (s *Server) response(d *engine.Decision) *authv3.CheckResponse {
+	if d.Allowed {
+		if len(d.Headers) == 0 && len(d.ResponseHeadersToAdd) == 0 {
+			return allowed
+		}
+		return Response(d)
+	}
+	if len(d.Headers) > 0 || d.Body != "" {
+		return Response(d)
+	}
+	k := denialKey{reason: d.Reason, policy: d.Policy, status: d.HTTPStatus}
+	if r := s.denials.get(k); r != nil {
+		return r
+	}
+	r := Response(d)
+	s.denials.put(k, r)
+	return r
 }
 
 // Response turns a decision into a CheckResponse.
@@ -236,6 +285,41 @@ func Response(d *engine.Decision) *authv3.CheckResponse {
 			Headers: headerOptions(d.Headers),
 			Body:    d.Body,
 		}},
+	}
+}
+
+// denialKey is all a denial without headers or body is made of.
+type denialKey struct {
+	reason, policy string
+	status         int
+}
+
+// maxSharedDenials bounds the responseCache. Reasons are the engine's
+// constants and policies those of the set in force, so the bound is
+// reached only by many policies' worth of denials over many reloads;
+// past it, denials are built per call, as before.
+const maxSharedDenials = 4096
+
+// responseCache maps denials to their shared response; reads take no
+// lock.
+type responseCache struct {
+	m sync.Map // denialKey -> *authv3.CheckResponse
+	n atomic.Int64
+}
+
+func (c *responseCache) get(k denialKey) *authv3.CheckResponse {
+	if r, ok := c.m.Load(k); ok {
+		return r.(*authv3.CheckResponse)
+	}
+	return nil
+}
+
+func (c *responseCache) put(k denialKey, r *authv3.CheckResponse) {
+	if c.n.Load() >= maxSharedDenials {
+		return
+	}
+	if _, loaded := c.m.LoadOrStore(k, r); !loaded {
+		c.n.Add(1)
 	}
 }
 

@@ -334,8 +334,9 @@ func TestCheckOverMTLS(t *testing.T) {
 // failing is a Checker whose evaluation always fails.
 type failing struct{}
 
-func (failing) Check(context.Context, *authv3.CheckRequest) (*engine.Decision, error) {
-	return &engine.Decision{HTTPStatus: 403, Reason: engine.ReasonEvaluationError}, errors.New("boom")
+func (failing) CheckInto(_ context.Context, _ *authv3.CheckRequest, d *engine.Decision) error {
+	*d = engine.Decision{HTTPStatus: 403, Reason: engine.ReasonEvaluationError}
+	return errors.New("boom")
 }
 
 func TestEngineErrors(t *testing.T) {

@@ -8,6 +8,7 @@ import (
 	"go.opentelemetry.io/otel/codes"
 	"go.opentelemetry.io/otel/trace"
 
+	"github.com/trustmesh/trustmesh/authz/engine"
 	"github.com/trustmesh/trustmesh/internal/tracing"
 )
 
@@ -39,7 +40,7 @@ const (
 // context Envoy's gRPC client put in the call's metadata (as otelgrpc
 // extracts it), else the traceparent among the request's HTTP headers,
 // which Envoy forwards when its connection manager traces.
-func (s *Server) tracedCheck(ctx context.Context, req *authv3.CheckRequest) (*authv3.CheckResponse, error) {
+func (s *Server) tracedCheck(ctx context.Context, req *authv3.CheckRequest, d *engine.Decision) *authv3.CheckResponse {
 	from := traceFromMetadata
 	pctx, ok := tracing.FromIncomingGRPC(ctx)
 	if !ok {
@@ -50,10 +51,10 @@ func (s *Server) tracedCheck(ctx context.Context, req *authv3.CheckRequest) (*au
 	}
 	ctx, span := s.tracer.Start(pctx, SpanCheck, trace.WithSpanKind(trace.SpanKindServer))
 	defer span.End()
-	resp, d, err := s.check(ctx, req)
+	resp, err := s.check(ctx, req, d)
 	if !span.IsRecording() {
 		// Not sampled: nothing to say, nothing to allocate for it.
-		return resp, nil
+		return resp
 	}
 	attrs := make([]attribute.KeyValue, 0, checkSpanAttrCount)
 	decision := decisionDeny
@@ -79,5 +80,5 @@ func (s *Server) tracedCheck(ctx context.Context, req *authv3.CheckRequest) (*au
 		// A deny is an answer, not an error; an evaluation that failed is.
 		span.SetStatus(codes.Error, "evaluation error")
 	}
-	return resp, nil
+	return resp
 }
