@@ -309,6 +309,9 @@ func (c *CA) sign(ctx context.Context, id spiffeid.ID, tmpl *x509.Certificate, p
 	}()
 	m := c.cfg.Authority.Current()
 	now = c.cfg.Clock.Now()
+	if err := c.checkClock(ctx, now, m); err != nil {
+		return nil, nil, now, err
+	}
 	serial, err := newSerial()
 	if err != nil {
 		return nil, nil, now, refuseErr(ReasonSignFailed, KindInternal, err)
