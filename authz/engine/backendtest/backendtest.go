@@ -35,6 +35,20 @@ func NewPair(ctx context.Context, native *engine.Set) (*Pair, error) {
 // Disagreements checks req on both back ends and describes every way
 // they differ; none means they agree.
 func (p *Pair) Disagreements(ctx context.Context, req *authv3.CheckRequest) []string {
+	_, out, _ := p.Decide(ctx, req)
+	mn, errN := p.Native.MatchingRules(ctx, req)
+	mr, errR := p.Rego.MatchingRules(ctx, req)
+	if (errN == nil) != (errR == nil) || !reflect.DeepEqual(mn, mr) {
+		out = append(out, fmt.Sprintf("matching rules: native %v (%v), rego %v (%v)", mn, errN, mr, errR))
+	}
+	return out
+}
+
+// Decide checks req on both back ends and returns the native decision
+// and error, and how the Rego back end's decision differs from it (none
+// when they agree). Unlike Disagreements, it leaves out the matching
+// rules, for callers that check those otherwise.
+func (p *Pair) Decide(ctx context.Context, req *authv3.CheckRequest) (*engine.Decision, []string, error) {
 	var out []string
 	dn, errN := p.Native.Check(ctx, req)
 	dr, errR := p.Rego.Check(ctx, req)
@@ -44,12 +58,7 @@ func (p *Pair) Disagreements(ctx context.Context, req *authv3.CheckRequest) []st
 	if !reflect.DeepEqual(comparable(dn), comparable(dr)) {
 		out = append(out, fmt.Sprintf("decision: native %s, rego %s", show(dn), show(dr)))
 	}
-	mn, errN := p.Native.MatchingRules(ctx, req)
-	mr, errR := p.Rego.MatchingRules(ctx, req)
-	if (errN == nil) != (errR == nil) || !reflect.DeepEqual(mn, mr) {
-		out = append(out, fmt.Sprintf("matching rules: native %v (%v), rego %v (%v)", mn, errN, mr, errR))
-	}
-	return out
+	return dn, out, errN
 }
 
 // comparable is the decision without what only says how it was reached
