@@ -15,7 +15,11 @@
 // stream (state of the world, or delta with -delta) subscribing to
 // clusters, endpoints and listeners (wildcard) and to route 8080, and
 // acknowledging every response; -per-conn clients share a connection
-// (1: one connection, one TLS handshake, per Envoy, as in a mesh).
+// (1: one connection, one TLS handshake, per Envoy, as in a mesh). A
+// stream whose connection fails waits for it to reconnect (grpc-go's
+// backoff), as an Envoy retries its xDS connection; serve resets a
+// handshake that does not finish in its handshake timeout, which a burst
+// of thousands of handshakes on two cores can exceed.
 //
 // It reports the cold connect (every client has its first endpoints),
 // then -rounds times rewrites the mesh with one more endpoint on svc-0 and
@@ -304,7 +308,7 @@ func sotwClient(ctx context.Context, c discoveryv3.AggregatedDiscoveryServiceCli
 			ready.Done()
 		}
 	}()
-	s, err := c.StreamAggregatedResources(ctx)
+	s, err := c.StreamAggregatedResources(ctx, grpc.WaitForReady(true))
 	if err != nil {
 		return err
 	}
@@ -347,7 +351,7 @@ func deltaClient(ctx context.Context, c discoveryv3.AggregatedDiscoveryServiceCl
 			ready.Done()
 		}
 	}()
-	s, err := c.DeltaAggregatedResources(ctx)
+	s, err := c.DeltaAggregatedResources(ctx, grpc.WaitForReady(true))
 	if err != nil {
 		return err
 	}
