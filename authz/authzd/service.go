@@ -12,11 +12,14 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
+	"net/http"
 	"os"
 	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
 	"go.opentelemetry.io/otel/trace"
 	"google.golang.org/grpc/credentials"
 
@@ -70,6 +73,11 @@ type Config struct {
 	Mesh mesh.Source
 	// TracerProvider, when set, traces each Check (extauthz.Config).
 	TracerProvider trace.TracerProvider
+	// Monitoring, when set, is a "host:port" serving /healthz, /readyz
+	// (200 once a policy set is in force) and /metrics: Registerer's
+	// metrics, or the service's own when Registerer is nil. `trustmesh
+	// serve` leaves it empty and serves its registry on its own port.
+	Monitoring string
 }
 
 // Service is the assembled authorization service.
@@ -80,6 +88,9 @@ type Service struct {
 	server *extauthz.Server
 	dlog   *decisionlog.Logger
 	ready  chan struct{} // closed after the first successful load
+	// monitoring serves on monitoringAddr; nil without Config.Monitoring.
+	monitoring     *http.Server
+	monitoringAddr string
 }
 
 // New validates cfg (collecting every error) and assembles the service.
@@ -117,6 +128,22 @@ func New(cfg Config) (*Service, error) {
 		}
 		gateways = s.gw
 	}
+	var gatherer prometheus.Gatherer
+	if cfg.Monitoring != "" && cfg.Registerer == nil {
+		reg := prometheus.NewRegistry()
+		reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+		cfg.Registerer, gatherer = reg, reg
+	} else if g, ok := cfg.Registerer.(prometheus.Gatherer); ok {
+		gatherer = g
+	}
+	if cfg.Monitoring != "" {
+		if gatherer == nil {
+			errs = append(errs, errors.New("authzd: a monitoring address needs a Registerer that is also a Gatherer"))
+		} else {
+			s.monitoring = cfg.Connections.HTTPServer(s.monitoringHandler(gatherer))
+			s.monitoringAddr = cfg.Monitoring
+		}
+	}
 	var err error
 	s.loader, err = source.New(source.Config{
 		Engine: s.Engine, Policies: ps, Feed: cfg.Feed, Bundles: cfg.Bundles, Gateways: gateways,
@@ -130,6 +157,9 @@ func New(cfg Config) (*Service, error) {
 			Writer: cfg.DecisionLog, HeaderAllowlist: cfg.HeaderAllowlist, QueryAllowlist: cfg.QueryAllowlist, RedactPaths: cfg.RedactPaths,
 		})
 		errs = append(errs, err)
+		if s.dlog != nil && cfg.Registerer != nil {
+			errs = append(errs, s.dlog.Register(cfg.Registerer))
+		}
 		dl = s.dlog
 	} else {
 		_, err = decisionlog.NewPathRedactor(cfg.RedactPaths)
@@ -163,6 +193,13 @@ func (s *Service) Run(ctx context.Context) error {
 	}
 	if s.dlog != nil {
 		tasks = append(tasks, s.dlog.Run)
+	}
+	if s.monitoring != nil {
+		lis, err := net.Listen("tcp", s.monitoringAddr)
+		if err != nil {
+			return fmt.Errorf("authzd: monitoring: %w", err)
+		}
+		tasks = append(tasks, func(ctx context.Context) error { return s.serveMonitoring(ctx, lis) })
 	}
 	tasks = append(tasks, func(ctx context.Context) error {
 		// Serve only once a policy set is in force; until then the engine
