@@ -345,6 +345,9 @@ func build(s *settings) (*assembled, error) {
 		if s.appHealth != nil { // never a typed nil in the interface
 			mcfg.AppHealth = s.appHealth
 		}
+		if cred.Manager != nil {
+			mcfg.Why = cred.Manager.Health
+		}
 		mon, err := monitoring.New(mcfg)
 		if err != nil {
 			return nil, fmt.Errorf("agent: %w", err)

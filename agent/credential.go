@@ -120,6 +120,7 @@ func NewCredential(cfg CredentialConfig) (*Credential, error) {
 		ID:         cfg.ID,
 		Backoff:    backoff.Backoff{Initial: time.Second, Max: time.Minute},
 		Logger:     cfg.Logger.With("component", "rotation"),
+		CA:         cfg.CAAddress,
 		Registerer: cfg.Registerer,
 	})
 	if err != nil {

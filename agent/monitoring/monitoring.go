@@ -49,6 +49,10 @@ type Config struct {
 	// nil is healthy (and ok the answer's text), an error is why not. The
 	// node agent, which holds many identities, uses it.
 	Health func() (ok string, err error)
+	// Why, if set, says why the agent holds no valid certificate
+	// (rotation.Manager.Health): /healthz answers it, in place of its own
+	// short reason, whenever that says unhealthy, and nil is ignored.
+	Why    func() error
 	Logger *slog.Logger
 	// Connections bounds the connections served at once and their
 	// timeouts; the zero value takes connlimit's defaults.
@@ -142,16 +146,24 @@ func (s *Server) healthz(w http.ResponseWriter, _ *http.Request) {
 	}
 	snap, _ := s.cfg.Source.Load()
 	now := s.cfg.Clock.Now()
+	var why string
 	switch {
 	case snap.Bundle == nil:
-		http.Error(w, "no trust bundle yet", http.StatusServiceUnavailable)
+		why = "no trust bundle yet"
 	case snap.SVID == nil:
-		http.Error(w, "no valid certificate", http.StatusServiceUnavailable)
+		why = "no valid certificate"
 	case !now.Before(svid.Expiry(snap.SVID)):
-		http.Error(w, "certificate expired", http.StatusServiceUnavailable)
+		why = "certificate expired"
 	default:
 		fmt.Fprintf(w, "ok: %s, expires %s\n", snap.SVID.ID, svid.Expiry(snap.SVID).UTC().Format(time.RFC3339))
+		return
 	}
+	if s.cfg.Why != nil {
+		if err := s.cfg.Why(); err != nil {
+			why = err.Error()
+		}
+	}
+	http.Error(w, why, http.StatusServiceUnavailable)
 }
 
 // Run serves until ctx ends. It returns the listen error if it cannot

@@ -262,3 +262,32 @@ func TestHealthFunctionDecides(t *testing.T) {
 		t.Errorf("healthy (with an empty store): got %d %q", code, body)
 	}
 }
+
+// TestHealthSaysWhy: with Why set, an unhealthy /healthz answers why the
+// agent has no valid certificate (rotation.Manager.Health), and a healthy
+// one is unchanged.
+func TestHealthSaysWhy(t *testing.T) {
+	auth := testca.New(t, td, start)
+	fc := clocktesting.NewFakeClock(start)
+	store := identity.New()
+	store.SetBundle(auth.Bundle())
+	why := "certificate expired at 2030-01-01T01:00:00Z; the CA at ca.test:8443 unreachable since 2030-01-01T00:30:00Z: connection refused"
+	s, err := New(Config{Source: store, Clock: fc, Registry: prometheus.NewRegistry(), Why: func() error {
+		snap, _ := store.Load()
+		if snap.SVID != nil && fc.Now().Before(snap.SVID.Certificates[0].NotAfter) {
+			return nil
+		}
+		return errors.New(why)
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	store.SetSVID(auth.SVID(t, own, start, time.Hour))
+	if code, body := get(t, s.Handler(), "/healthz"); code != http.StatusOK || !strings.HasPrefix(body, "ok: ") {
+		t.Fatalf("with a valid certificate: /healthz %d %q", code, body)
+	}
+	fc.Step(time.Hour)
+	if code, body := get(t, s.Handler(), "/healthz"); code != http.StatusServiceUnavailable || strings.TrimSpace(body) != why {
+		t.Fatalf("after expiry: /healthz %d %q, want 503 %q", code, body, why)
+	}
+}

@@ -91,6 +91,8 @@ type Config struct {
 	// default math/rand/v2.Float64.
 	Rand   func() float64
 	Logger *slog.Logger
+	// CA names the CA (its address) in what Health says; optional.
+	CA string
 	// Registerer receives the manager's metrics; nil registers nowhere.
 	Registerer prometheus.Registerer
 }
@@ -111,6 +113,16 @@ type Manager struct {
 	forced, renewed uint64
 	forceWhy        string
 	kick            chan struct{}
+
+	// enrolled is set once the agent has held a certificate: a join token
+	// is spent from then on. expired is the expiry of the last certificate
+	// withdrawn unrenewed; failingSince and lastErr are when the current
+	// run of failed attempts to reach the CA began and its latest error.
+	// A successful rotation clears all but enrolled (Health).
+	enrolled     bool
+	expired      time.Time
+	failingSince time.Time
+	lastErr      error
 
 	rotations prometheus.Counter
 	failures  *prometheus.CounterVec
@@ -137,7 +149,7 @@ func (e *JoinTokenRefusedError) Error() string {
 	if what == "" {
 		what = "reason " + e.Reason
 	}
-	return fmt.Sprintf("rotation: the CA refused the join token: %s; create a new one with "+
+	return fmt.Sprintf("rotation: the CA refused the join token: %s; the agent needs a new join token: create one with "+
 		"`trustmesh ca token create --data-dir <the CA's data dir> --spiffe-id <this workload's SPIFFE ID>` "+
 		"and start the agent with it: %v", what, e.Err)
 }
@@ -259,8 +271,11 @@ func (m *Manager) Run(ctx context.Context) error {
 			// Nothing can be verified before the bundle stream delivers.
 			renew, wake = false, changed
 		case snap.SVID != nil && !now.Before(svid.Expiry(snap.SVID)):
+			m.mu.Lock()
+			m.enrolled, m.expired = true, svid.Expiry(snap.SVID)
+			m.mu.Unlock()
 			m.cfg.Logger.Error("certificate expired without renewal; withdrawing it",
-				"spiffe_id", snap.SVID.ID.String(), "expired", svid.Expiry(snap.SVID))
+				"spiffe_id", snap.SVID.ID.String(), "expired", svid.Expiry(snap.SVID), "why", m.Health())
 			m.cfg.Store.SetSVID(nil)
 			continue
 		case snap.SVID != nil:
@@ -276,6 +291,7 @@ func (m *Manager) Run(ctx context.Context) error {
 			if err == nil {
 				m.mu.Lock()
 				m.renewed = max(m.renewed, seq)
+				m.enrolled, m.expired, m.failingSince, m.lastErr = true, time.Time{}, time.Time{}, nil
 				m.mu.Unlock()
 				bo.Reset()
 				continue
@@ -285,6 +301,15 @@ func (m *Manager) Run(ctx context.Context) error {
 			}
 			reason := classify(err)
 			m.failures.WithLabelValues(reason).Inc()
+			m.mu.Lock()
+			if m.failingSince.IsZero() {
+				m.failingSince = now
+			}
+			m.lastErr = err
+			if snap.SVID != nil {
+				m.enrolled = true
+			}
+			m.mu.Unlock()
 			var refused *JoinTokenRefusedError
 			if errors.As(err, &refused) && snap.SVID == nil {
 				// Retrying cannot help, and nothing is left to serve.
@@ -302,6 +327,56 @@ func (m *Manager) Run(ctx context.Context) error {
 			return err
 		}
 	}
+}
+
+// NeedsJoinToken is what Health says of an agent enrolled by a join token
+// that has no valid certificate left: its token was spent on its first
+// certificate, and nothing else can get it another.
+const NeedsJoinToken = "needs a new join token"
+
+// Health is nil while the agent holds a certificate valid now, and
+// otherwise says why it does not, for /healthz and the log: since when its
+// certificate expired, since when and why the CA could not be reached (or
+// refused), and, for an agent enrolled by a join token, that it needs a
+// new one. For example: "certificate expired at 2026-12-06T03:00:00Z; the
+// CA at ca.example:8443 unreachable since 2026-12-06T02:30:00Z: rpc error:
+// ...".
+func (m *Manager) Health() error {
+	snap, _ := m.cfg.Store.Load()
+	now := m.cfg.Clock.Now()
+	if snap.SVID != nil && now.Before(svid.Expiry(snap.SVID)) {
+		return nil
+	}
+	m.mu.Lock()
+	enrolled, expired, since, lastErr := m.enrolled, m.expired, m.failingSince, m.lastErr
+	m.mu.Unlock()
+	if snap.SVID != nil {
+		enrolled, expired = true, svid.Expiry(snap.SVID)
+	}
+	var parts []string
+	switch {
+	case snap.Bundle == nil:
+		parts = append(parts, "no trust bundle yet")
+	case !expired.IsZero():
+		parts = append(parts, "certificate expired at "+expired.UTC().Format(time.RFC3339))
+	default:
+		parts = append(parts, "no certificate yet")
+	}
+	if lastErr != nil {
+		ca := "the CA"
+		if m.cfg.CA != "" {
+			ca += " at " + m.cfg.CA
+		}
+		how := "unreachable"
+		if classify(lastErr) != ReasonUnavailable {
+			how = "failing"
+		}
+		parts = append(parts, fmt.Sprintf("%s %s since %s: %v", ca, how, since.UTC().Format(time.RFC3339), lastErr))
+	}
+	if m.cfg.JoinToken && enrolled {
+		parts = append(parts, NeedsJoinToken+": the one it started with was spent on its first certificate")
+	}
+	return errors.New(strings.Join(parts, "; "))
 }
 
 // sleep waits for d on the clock (if d > 0), for wake (if not nil), for
