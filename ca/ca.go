@@ -278,7 +278,7 @@ func (c *CA) issue(ctx context.Context, caller Caller, tmpl *x509.Certificate, p
 		if errors.Is(err, journal.ErrUnavailable) {
 			// The database is out of reach or out of room: nothing was
 			// recorded, so nothing is issued, and the caller may retry.
-			return nil, refuseErr(ReasonRecordFailed, KindUnavailable, err)
+			return nil, refuseErr(ReasonJournalUnavailable, KindUnavailable, err)
 		}
 		return nil, refuseErr(ReasonRecordFailed, KindInternal, err)
 	}

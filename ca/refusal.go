@@ -79,6 +79,10 @@ const (
 	// ReasonJournalTampered: the journal no longer matches its signed
 	// checkpoints, so nothing it says can be trusted.
 	ReasonJournalTampered = "journal-tampered"
+	// ReasonJournalUnavailable: the journal's database could not be reached
+	// or could not write (down, cut off, disk full); nothing was recorded,
+	// so nothing was issued, and the caller may retry.
+	ReasonJournalUnavailable = "journal-unavailable"
 
 	// Delegated issuance (the node service).
 

@@ -88,6 +88,13 @@ const (
 	msgInternal        = "the CA could not issue a certificate"
 )
 
+// unavailableMsgs say why the CA cannot serve now where the reason is the
+// CA's own state, not the caller's: it tells the caller nothing about its
+// credentials, and tells the operator reading the agent's log where to look.
+var unavailableMsgs = map[string]string{
+	ca.ReasonJournalUnavailable: "the CA cannot record issuances now (its journal is unavailable); try again",
+}
+
 // impersonationKey is the metadata field istiod uses to ask for another
 // node's identity. trustmesh never issues one identity to another's caller.
 const impersonationKey = "ImpersonatedIdentity"
@@ -142,6 +149,9 @@ func (s *CertificateService) refusal(span trace.Span, start time.Time, creds aut
 		code, msg = codes.InvalidArgument, r.Err.Error()
 	case ca.KindUnavailable:
 		code, msg = codes.Unavailable, msgUnavailable
+		if m, ok := unavailableMsgs[r.Reason]; ok {
+			msg = m
+		}
 	default:
 		code, msg = codes.Internal, msgInternal
 	}

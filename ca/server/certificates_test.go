@@ -234,14 +234,16 @@ func TestRefusalCodes(t *testing.T) {
 		code    codes.Code
 		reason  string
 		showErr bool
+		msg     string // when set, the status message must contain it
 	}{
-		{ca.Refuse(ca.KindUnauthenticated, "r1", detail), codes.Unauthenticated, "r1", false},
-		{ca.Refuse(ca.KindDenied, "r2", detail), codes.PermissionDenied, "r2", false},
-		{ca.Refuse(ca.KindInvalid, "r3", detail), codes.InvalidArgument, "r3", true},
-		{ca.Refuse(ca.KindUnavailable, "r4", detail), codes.Unavailable, "r4", false},
-		{ca.Refuse(ca.KindInternal, "r5", detail), codes.Internal, "r5", false},
-		{fmt.Errorf("wrapped: %w", ca.Refuse(ca.KindDenied, "r6", detail)), codes.PermissionDenied, "r6", false},
-		{detail, codes.Internal, "internal", false},
+		{ca.Refuse(ca.KindUnauthenticated, "r1", detail), codes.Unauthenticated, "r1", false, ""},
+		{ca.Refuse(ca.KindDenied, "r2", detail), codes.PermissionDenied, "r2", false, ""},
+		{ca.Refuse(ca.KindInvalid, "r3", detail), codes.InvalidArgument, "r3", true, ""},
+		{ca.Refuse(ca.KindUnavailable, "r4", detail), codes.Unavailable, "r4", false, "try again"},
+		{ca.Refuse(ca.KindUnavailable, ca.ReasonJournalUnavailable, detail), codes.Unavailable, ca.ReasonJournalUnavailable, false, "journal is unavailable"},
+		{ca.Refuse(ca.KindInternal, "r5", detail), codes.Internal, "r5", false, ""},
+		{fmt.Errorf("wrapped: %w", ca.Refuse(ca.KindDenied, "r6", detail)), codes.PermissionDenied, "r6", false, ""},
+		{detail, codes.Internal, "internal", false, ""},
 	}
 	for _, tc := range tests {
 		t.Run(tc.reason, func(t *testing.T) {
@@ -265,6 +267,9 @@ func TestRefusalCodes(t *testing.T) {
 			}
 			if strings.Contains(st.Message(), detail.Error()) != tc.showErr {
 				t.Errorf("message %q; detail shown should be %v", st.Message(), tc.showErr)
+			}
+			if !strings.Contains(st.Message(), tc.msg) {
+				t.Errorf("message %q, want it to say %q", st.Message(), tc.msg)
 			}
 			want := refusalRecord{tc.reason, "join-token", "join-token:0011", alice.String()}
 			if len(rec.got) != 1 || rec.got[0] != want {
