@@ -258,6 +258,68 @@ type Scanner struct {
 	revoked   map[string]time.Time
 	rotations []journal.Rotation
 	signed    map[string]time.Time
+	// clock is what the journal's issuance times say of the CA's clock
+	// (clockFindings).
+	clock clockScan
+}
+
+// clockScan follows the journal's issuance times. A forward jump is called
+// where an issuance is dated after every certificate issued before it had
+// expired, while issuing went on: in a mesh whose agents renew at
+// half-life, that is either a CA that answered no one for a whole
+// certificate life, or a clock that jumped forward. (A clock stepped back
+// is refused by the CA itself, ca/clock.go; journal order is not time order
+// across replicas, so it is not called here.) An issuance that outlives its
+// issuing certificate, where the report knows that certificate, is
+// reported too (outside).
+type clockScan struct {
+	latest    time.Time // the latest issuance time read
+	liveUntil time.Time // the latest NotAfter of the issuances read
+	findings  []Finding
+	// issued is every issuance's validity and issuer, for outside.
+	issued []issuedSpan
+}
+
+type issuedSpan struct {
+	serial, issuer      string
+	notBefore, notAfter time.Time
+}
+
+func (c *clockScan) add(v *journal.Issuance) {
+	switch {
+	case c.latest.IsZero():
+	case !c.liveUntil.IsZero() && v.Time.After(c.liveUntil):
+		c.findings = append(c.findings, Finding{Level: Warning, Kind: "clock-jump-forward", Subject: "issuance " + v.Serial,
+			Detail: fmt.Sprintf("dated %s, %s after the issuance before it (%s) and after every certificate issued before it had expired (%s): the CA answered no one for that long, or its clock jumped forward",
+				v.Time.UTC().Format(time.RFC3339), human.Duration(v.Time.Sub(c.latest)), c.latest.UTC().Format(time.RFC3339), c.liveUntil.UTC().Format(time.RFC3339))})
+	}
+	if v.Time.After(c.latest) {
+		c.latest = v.Time
+	}
+	if v.NotAfter.After(c.liveUntil) {
+		c.liveUntil = v.NotAfter
+	}
+	c.issued = append(c.issued, issuedSpan{v.Serial, v.Issuer, v.NotBefore, v.NotAfter})
+}
+
+// outside returns a finding for each issuance read that ends after the
+// CA certificate in ca with its issuer's serial.
+func (c *clockScan) outside(ca []CACert) []Finding {
+	ends := map[string]time.Time{}
+	for _, cc := range ca {
+		ends[cc.Serial] = cc.NotAfter
+	}
+	if len(ends) == 0 {
+		return nil
+	}
+	var out []Finding
+	for _, i := range c.issued {
+		if end, ok := ends[i.issuer]; ok && i.notAfter.After(end) {
+			out = append(out, Finding{Level: Critical, Kind: "outlives-issuer", Subject: "issuance " + i.serial,
+				Detail: fmt.Sprintf("valid until %s, after its issuer %s ends at %s", i.notAfter.UTC().Format(time.RFC3339), i.issuer, end.UTC().Format(time.RFC3339))})
+		}
+	}
+	return out
 }
 
 type scanState struct {
@@ -312,6 +374,7 @@ func (s *Scanner) Update(ctx context.Context, r Reader) error {
 			if v.NotAfter.After(s.signed[v.Issuer]) {
 				s.signed[v.Issuer] = v.NotAfter
 			}
+			s.clock.add(v)
 			if v.Origin == journal.OriginCA {
 				return
 			}
@@ -410,6 +473,8 @@ func (s *Scanner) Report(ca []CACert, at time.Time, horizon time.Duration) *Rota
 	for _, n := range nodes {
 		rep.Nodes = append(rep.Nodes, NodeHolding{Node: n, Identities: held[n]})
 	}
+	rep.Findings = append(rep.Findings, s.clock.findings...)
+	rep.Findings = append(rep.Findings, s.clock.outside(ca)...)
 	for _, c := range ca {
 		left := c.NotAfter.Sub(at)
 		switch {
