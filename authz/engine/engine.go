@@ -395,15 +395,7 @@ func (s *Set) evalProvider(ctx context.Context, req *authv3.CheckRequest, r *req
 	if !ok {
 		return nil, fmt.Errorf("%w: %q", ErrUnknownProvider, name)
 	}
-	in, err := EnvoyInput(req, r.path)
-	if err != nil {
-		return nil, err
-	}
-	v, err := ast.InterfaceToValue(in)
-	if err != nil {
-		return nil, fmt.Errorf("building provider input: %w", err)
-	}
-	return prov.eval(ctx, v, s.evalTimeout)
+	return prov.evalRequest(ctx, req, r.path, s.evalTimeout)
 }
 
 func sortedKeys[V any](m map[string]V) []string {
