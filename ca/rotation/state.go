@@ -2,6 +2,7 @@ package rotation
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"time"
 )
@@ -38,13 +39,26 @@ type Retiring struct {
 	Until   time.Time `json:"until"`
 }
 
+// ErrCorruptState is returned when the rotation state cannot be read as
+// written: it is empty, truncated or not the state. The CA then refuses to
+// start rather than create a new CA over the one whose state it lost.
+var ErrCorruptState = errors.New("rotation: the CA's rotation state is corrupt")
+
+// restoreHint ends every ErrCorruptState message: what the operator does.
+const restoreHint = "restore the CA directory from a backup; trustmesh does not create a new CA over an existing one"
+
 func parseState(b []byte) (State, error) {
+	if len(b) == 0 {
+		return State{}, fmt.Errorf("%w: %s is empty; %s", ErrCorruptState, stateFile, restoreHint)
+	}
 	var st State
 	if err := json.Unmarshal(b, &st); err != nil {
-		return State{}, fmt.Errorf("rotation: %s: %w", stateFile, err)
+		return State{}, fmt.Errorf("%w: %s is not a rotation state (%d bytes, truncated or overwritten: %w); %s",
+			ErrCorruptState, stateFile, len(b), err, restoreHint)
 	}
-	if st.Active <= 0 {
-		return State{}, fmt.Errorf("rotation: %s names no active generation", stateFile)
+	if st.Active <= 0 || st.Next < 0 {
+		return State{}, fmt.Errorf("%w: %s names no valid active generation (active %d, next %d); %s",
+			ErrCorruptState, stateFile, st.Active, st.Next, restoreHint)
 	}
 	return st, nil
 }

@@ -47,19 +47,36 @@ type DirStore struct{ Dir string }
 // Read implements Store.
 func (d DirStore) Read(_ context.Context) (Snapshot, error) {
 	s := Snapshot{Files: map[string][]byte{}}
-	state, err := os.ReadFile(filepath.Join(d.Dir, stateFile))
+	path := filepath.Join(d.Dir, stateFile)
+	gens, err := filepath.Glob(filepath.Join(d.Dir, "gen-*"))
+	if err != nil {
+		return Snapshot{}, fmt.Errorf("rotation: %w", err)
+	}
+	state, err := os.ReadFile(path)
 	if errors.Is(err, fs.ErrNotExist) {
+		if _, err := os.Stat(filepath.Join(d.Dir, creatingMarker)); err == nil {
+			// The first write stopped before its state: nothing was
+			// ever served from these generations, and the next write
+			// replaces them.
+			return s, nil
+		}
+		if len(gens) > 0 {
+			// Generations are written before the state that names them,
+			// but the first state is written with generation 1: a CA
+			// directory with generations and no state lost its state.
+			return Snapshot{}, fmt.Errorf("%w: %s is missing beside %d generation(s) of CA material in %s; %s",
+				ErrCorruptState, path, len(gens), d.Dir, restoreHint)
+		}
 		return s, nil
 	}
 	if err != nil {
 		return Snapshot{}, fmt.Errorf("rotation: %w", err)
 	}
+	if _, err := parseState(state); err != nil {
+		return Snapshot{}, fmt.Errorf("%w (the file is %s)", err, path)
+	}
 	s.Files[stateFile] = state
 	s.Version = digest(state)
-	gens, err := filepath.Glob(filepath.Join(d.Dir, "gen-*"))
-	if err != nil {
-		return Snapshot{}, fmt.Errorf("rotation: %w", err)
-	}
 	for _, g := range gens {
 		entries, err := os.ReadDir(g)
 		if err != nil {
@@ -99,6 +116,9 @@ func (d DirStore) Write(ctx context.Context, s Snapshot) error {
 		if s.Version != "" {
 			return ErrConflict
 		}
+		if err := writeAtomic(filepath.Join(d.Dir, creatingMarker), nil); err != nil {
+			return err
+		}
 	case err != nil:
 		return fmt.Errorf("rotation: %w", err)
 	case digest(cur) != s.Version:
@@ -119,8 +139,22 @@ func (d DirStore) Write(ctx context.Context, s Snapshot) error {
 			return err
 		}
 	}
-	return writeAtomic(filepath.Join(d.Dir, stateFile), s.Files[stateFile])
+	if err := writeAtomic(filepath.Join(d.Dir, stateFile), s.Files[stateFile]); err != nil {
+		return err
+	}
+	// Removed after every write, not only the first: a first write that
+	// stopped after its state must not leave the marker to excuse a state
+	// lost later.
+	if err := os.Remove(filepath.Join(d.Dir, creatingMarker)); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("rotation: %w", err)
+	}
+	return nil
 }
+
+// creatingMarker exists in a CA directory while its first state is being
+// written: generations found without a state beside it are the remains of
+// a first start that stopped, not a CA whose state was lost.
+const creatingMarker = ".creating"
 
 // lockDir takes the exclusive lock of a CA directory, waiting for it. The
 // lock file is hidden, so Read skips it; the lock is the kernel's, so it
@@ -174,12 +208,24 @@ func (s SecretStore) Read(ctx context.Context) (Snapshot, error) {
 		return Snapshot{}, fmt.Errorf("rotation: read secret %s/%s: %w", s.Namespace, s.Name, err)
 	}
 	snap := Snapshot{Files: map[string][]byte{}, Version: sec.ResourceVersion}
+	gens := 0
 	for k, v := range sec.Data {
 		switch {
 		case k == stateFile:
 			snap.Files[k] = v
 		case isGenKey(k):
 			snap.Files[fileName(k)] = v
+			gens++
+		}
+	}
+	where := fmt.Sprintf("secret %s/%s", s.Namespace, s.Name)
+	state, ok := snap.Files[stateFile]
+	switch {
+	case !ok && gens > 0:
+		return Snapshot{}, fmt.Errorf("%w: %s holds CA material but no %s; %s", ErrCorruptState, where, stateFile, restoreHint)
+	case ok:
+		if _, err := parseState(state); err != nil {
+			return Snapshot{}, fmt.Errorf("%w (in %s)", err, where)
 		}
 	}
 	return snap, nil
