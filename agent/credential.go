@@ -176,7 +176,9 @@ func restore(cfg *CredentialConfig, d *state.Dir, store *identity.Store) error {
 	switch {
 	case errors.Is(err, state.ErrEmpty):
 		return nil
-	case errors.Is(err, state.ErrInsecure):
+	case errors.Is(err, state.ErrInsecure), errors.Is(err, state.ErrCorrupt):
+		// Never enrol again over a saved identity that cannot be read: that
+		// would silently make this agent a new identity with a new key.
 		return fmt.Errorf("agent: %w", err)
 	case err != nil:
 		cfg.Logger.Warn("ignoring unreadable saved identity", "dir", d.Path(), "error", err)

@@ -40,7 +40,14 @@ var (
 	ErrInsecure = errors.New("state: state directory is not owner-only")
 	// ErrEmpty: nothing has been saved yet.
 	ErrEmpty = errors.New("state: no saved identity")
+	// ErrCorrupt: a saved file cannot be read as written (empty, truncated,
+	// overwritten, or the certificate without its bundle). The agent then
+	// refuses to start rather than enrol again as a new identity.
+	ErrCorrupt = errors.New("state: saved identity is corrupt")
 )
+
+// corruptHint ends every ErrCorrupt message: what the operator does.
+const corruptHint = "restore the state directory from a backup, or empty it and enrol the agent again with a new join token"
 
 // Dir is an owner-only state directory.
 type Dir struct {
@@ -77,7 +84,9 @@ func (d *Dir) Load() (*x509svid.SVID, *x509bundle.Bundle, error) {
 	}
 	bundlePEM, err := d.read(BundleFile)
 	if errors.Is(err, fs.ErrNotExist) {
-		return nil, nil, ErrEmpty
+		// Save writes the bundle before the certificate, so a certificate
+		// without its bundle is not what an interrupted Save leaves.
+		return nil, nil, d.corrupt(BundleFile, "is missing beside "+SVIDFile, nil)
 	}
 	if err != nil {
 		return nil, nil, err
@@ -97,13 +106,24 @@ func (d *Dir) Load() (*x509svid.SVID, *x509bundle.Bundle, error) {
 	}
 	s, err := x509svid.Parse(certs.Bytes(), key.Bytes())
 	if err != nil {
-		return nil, nil, fmt.Errorf("state: %s: %w", SVIDFile, err)
+		return nil, nil, d.corrupt(SVIDFile, fmt.Sprintf("is not a key and certificate chain (%d bytes)", len(svidPEM)), err)
 	}
 	b, err := x509bundle.Parse(s.ID.TrustDomain(), bundlePEM)
+	if err == nil && b.Empty() {
+		err = errors.New("no certificates")
+	}
 	if err != nil {
-		return nil, nil, fmt.Errorf("state: %s: %w", BundleFile, err)
+		return nil, nil, d.corrupt(BundleFile, fmt.Sprintf("is not a trust bundle (%d bytes)", len(bundlePEM)), err)
 	}
 	return s, b, nil
+}
+
+// corrupt returns ErrCorrupt naming the file's path and what is wrong.
+func (d *Dir) corrupt(name, what string, cause error) error {
+	if cause != nil {
+		return fmt.Errorf("%w: %s %s (%w); %s", ErrCorrupt, filepath.Join(d.path, name), what, cause, corruptHint)
+	}
+	return fmt.Errorf("%w: %s %s; %s", ErrCorrupt, filepath.Join(d.path, name), what, corruptHint)
 }
 
 // Save replaces the saved SVID and bundle, each file atomically.

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -155,5 +156,56 @@ func TestPersisterSavesRotations(t *testing.T) {
 			}
 			time.Sleep(5 * time.Millisecond)
 		}
+	}
+}
+
+// TestLoadRefusesCorruptFiles: a saved certificate or bundle that is empty,
+// truncated or garbage, or a certificate whose bundle is missing, is
+// ErrCorrupt naming the file, never ErrEmpty (which makes the agent enrol
+// again as a new identity). A bundle without a certificate is what a Save
+// interrupted between its two writes leaves: that stays ErrEmpty.
+func TestLoadRefusesCorruptFiles(t *testing.T) {
+	auth := testca.New(t, td, time.Now())
+	cases := []struct {
+		name, file string
+		corrupt    func(b []byte) []byte // nil removes the file
+		want       error
+	}{
+		{"svid empty", SVIDFile, func([]byte) []byte { return nil }, ErrCorrupt},
+		{"svid truncated", SVIDFile, func(b []byte) []byte { return b[:len(b)/2] }, ErrCorrupt},
+		{"svid garbage", SVIDFile, func([]byte) []byte { return []byte("\x00\x01garbage") }, ErrCorrupt},
+		{"bundle empty", BundleFile, func([]byte) []byte { return nil }, ErrCorrupt},
+		{"bundle truncated", BundleFile, func(b []byte) []byte { return b[:len(b)/2] }, ErrCorrupt},
+		{"bundle missing", BundleFile, nil, ErrCorrupt},
+		{"svid missing (interrupted first save)", SVIDFile, nil, ErrEmpty},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			path := filepath.Join(t.TempDir(), "state")
+			d, err := Open(path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := d.Save(issue(t, auth), auth.Bundle()); err != nil {
+				t.Fatal(err)
+			}
+			p := filepath.Join(path, tc.file)
+			if tc.corrupt == nil {
+				err = os.Remove(p)
+			} else {
+				b, _ := os.ReadFile(p)
+				err = os.WriteFile(p, tc.corrupt(b), 0o600)
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			_, _, err = d.Load()
+			if !errors.Is(err, tc.want) {
+				t.Fatalf("Load = %v, want %v", err, tc.want)
+			}
+			if tc.want == ErrCorrupt && !strings.Contains(err.Error(), p) {
+				t.Fatalf("error %q does not name %s", err, p)
+			}
+		})
 	}
 }
