@@ -53,10 +53,19 @@ type Config struct {
 	// (and in the decision's error, which may quote a path) are replaced
 	// by Redacted; see PathRedactor.
 	RedactPaths []string
+	// FlushInterval is the least time between two writes, unless a batch
+	// fills (batchBytes): lines wait at most about this long in memory,
+	// and a busy log makes one write per interval rather than one per
+	// line or few. Zero means DefaultFlushInterval; negative writes as
+	// soon as a line is queued.
+	FlushInterval time.Duration
 	// RecentDenials bounds the ring of the last denials Recent returns,
 	// already redacted; zero means DefaultRecentDenials.
 	RecentDenials int
 }
+
+// DefaultFlushInterval is Config.FlushInterval's default.
+const DefaultFlushInterval = 5 * time.Millisecond
 
 // DefaultRecentDenials is how many recent denials a Logger keeps for Recent.
 const DefaultRecentDenials = 200
@@ -69,6 +78,7 @@ type Logger struct {
 	red     *Redactor
 	newID   func() string
 	dropped atomic.Uint64
+	linger  time.Duration
 
 	written atomic.Uint64
 
@@ -113,6 +123,12 @@ func New(cfg Config) (*Logger, error) {
 		n = 8192
 	}
 	l.queue = make(chan item, n)
+	switch {
+	case cfg.FlushInterval == 0:
+		l.linger = DefaultFlushInterval
+	case cfg.FlushInterval > 0:
+		l.linger = cfg.FlushInterval
+	}
 	d := cfg.RecentDenials
 	if d == 0 {
 		d = DefaultRecentDenials
@@ -194,7 +210,9 @@ func (l *Logger) Written() uint64 { return l.written.Load() }
 // Lines are encoded into one buffer and written in batches: whatever is
 // queued when a write ends goes out in the next write, up to
 // batchBytes, so a slower writer makes bigger, fewer writes rather than
-// a longer queue.
+// a longer queue. After a batch that did not fill, Run waits
+// FlushInterval before the next, so that a steady stream of decisions
+// costs one write per interval, not one per decision.
 func (l *Logger) Run(ctx context.Context) error {
 	enc := &encoder{l: l}
 	buf := make([]byte, 0, batchBytes+4096)
@@ -225,6 +243,11 @@ func (l *Logger) Run(ctx context.Context) error {
 		l.written.Add(lines)
 		lines = 0
 		return nil
+	}
+	var linger *time.Timer
+	if l.linger > 0 {
+		linger = time.NewTimer(l.linger)
+		defer linger.Stop()
 	}
 	for {
 		select {
@@ -259,8 +282,16 @@ func (l *Logger) Run(ctx context.Context) error {
 					break batch
 				}
 			}
+			full := len(buf) >= batchBytes
 			if err := flush(); err != nil {
 				return err
+			}
+			if linger != nil && !full {
+				linger.Reset(l.linger)
+				select {
+				case <-ctx.Done():
+				case <-linger.C:
+				}
 			}
 		}
 	}
