@@ -137,6 +137,7 @@ func checkJournal(ctx context.Context, cfg Config, r *Report) spiffeid.TrustDoma
 		}
 	}
 	checkWitness(ctx, cfg, r, store, key, base, last.Size)
+	checkClock(ctx, cfg, r, store)
 	return td
 }
 
