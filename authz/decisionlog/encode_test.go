@@ -345,3 +345,36 @@ func TestFlushIntervalCoalescesWrites(t *testing.T) {
 		t.Fatalf("%d writes for %d lines in %v, want at most %d", w.writes, n, elapsed, limit)
 	}
 }
+
+// BenchmarkLine compares a line's cost: the Entry through encoding/json,
+// as Run wrote it before, and the encoder Run uses.
+func BenchmarkLine(b *testing.B) {
+	l, err := New(Config{Writer: &bytes.Buffer{}})
+	if err != nil {
+		b.Fatal(err)
+	}
+	rule := 0
+	req := httpReq("/api/v1/items/42", map[string]string{
+		"x-request-id": "f81d4fae", "user-agent": "curl/8", "authorization": "Bearer x", ":authority": "h", "accept": "*/*",
+	})
+	d := &engine.Decision{Allowed: true, Reason: engine.ReasonAllowMatched, Policy: "ns/allow", Rule: &rule, Action: "ALLOW", PolicyVersion: 3, PolicyDigest: "sha256:ab"}
+	at := time.Date(2026, 12, 6, 3, 0, 0, 123456789, time.UTC)
+	b.Run("encoding-json", func(b *testing.B) {
+		b.ReportAllocs()
+		for b.Loop() {
+			if _, err := json.Marshal(l.Entry(at, req, d)); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+	b.Run("encoder", func(b *testing.B) {
+		enc := &encoder{l: l}
+		buf := make([]byte, 0, 4096)
+		b.ReportAllocs()
+		for b.Loop() {
+			if buf, err = enc.appendLine(buf[:0], at, req, d); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+}
