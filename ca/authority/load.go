@@ -211,8 +211,11 @@ func LoadFiles(ctx context.Context, files map[string][]byte, keyURI string, now 
 	}
 	if keyURI != "" {
 		signer, err = OpenSigner(ctx, keyURI)
-	} else {
-		signer, err = SignerFromPEM(ctx, files[CAKeyFile])
+	} else if len(files[CAKeyFile]) == 0 {
+		_, present := files[CAKeyFile]
+		return nil, fmt.Errorf("authority: %s is %s", CAKeyFile, map[bool]string{true: "empty", false: "missing"}[present])
+	} else if signer, err = SignerFromPEM(ctx, files[CAKeyFile]); err != nil {
+		return nil, fmt.Errorf("authority: %s (%d bytes) is not a usable key: %w", CAKeyFile, len(files[CAKeyFile]), err)
 	}
 	if err != nil {
 		return nil, err
@@ -224,7 +227,37 @@ func LoadFiles(ctx context.Context, files map[string][]byte, keyURI string, now 
 	if err := Validate(m, now); err != nil {
 		return nil, fmt.Errorf("authority: %w", err)
 	}
+	if err := checkRootKey(ctx, files, m); err != nil {
+		return nil, err
+	}
 	return m, nil
+}
+
+// checkRootKey opens a self-managed generation's root key, when the files
+// hold one, and checks that it is a root's: a corrupt root key would
+// otherwise pass every start and fail only at the next rotation.
+func checkRootKey(ctx context.Context, files map[string][]byte, m *Material) error {
+	b, ok := files[RootKeyFile]
+	if !ok {
+		return nil
+	}
+	if len(b) == 0 {
+		return fmt.Errorf("authority: %s is empty", RootKeyFile)
+	}
+	signer, err := SignerFromPEM(ctx, b)
+	if err != nil {
+		return fmt.Errorf("authority: %s (%d bytes) is not a usable key: %w", RootKeyFile, len(b), err)
+	}
+	pub, ok := signer.Public().(interface{ Equal(crypto.PublicKey) bool })
+	if !ok {
+		return fmt.Errorf("authority: %s: unsupported key type %T", RootKeyFile, signer.Public())
+	}
+	for _, r := range m.Roots {
+		if pub.Equal(r.PublicKey) {
+			return nil
+		}
+	}
+	return fmt.Errorf("authority: %s is the key of none of the roots in %s", RootKeyFile, RootCertFile)
 }
 
 // ReadCertificates parses material's certificates without its key and
