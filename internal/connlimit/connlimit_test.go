@@ -9,9 +9,11 @@ import (
 	"time"
 
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/connectivity"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/protobuf/types/known/emptypb"
 
 	"github.com/trustmesh/trustmesh/internal/connlimit"
 	"github.com/trustmesh/trustmesh/internal/connlimit/connlimittest"
@@ -119,6 +121,70 @@ func TestGRPCKeepsBusyConnections(t *testing.T) {
 	case err := <-recv:
 		t.Fatalf("a watch was ended while in flight: %v", err)
 	case <-time.After(4 * short.IdleTimeout):
+	}
+}
+
+// An xDS stream is long-lived and may carry nothing for far longer than
+// the idle timeout (no configuration change); the server must not end it
+// (Envoys would reconnect, all at once at twenty thousand). Watched on
+// both ends: the server's handler must still be running, and the client
+// must still hold its stream.
+func TestGRPCKeepsQuietStreams(t *testing.T) {
+	l, err := short.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ended := make(chan error, 1)
+	g := grpc.NewServer(short.GRPCOptions()...)
+	g.RegisterService(&grpc.ServiceDesc{
+		ServiceName: "trustmesh.test.Quiet", HandlerType: (*any)(nil),
+		Streams: []grpc.StreamDesc{{StreamName: "Watch", ServerStreams: true, ClientStreams: true,
+			Handler: func(_ any, s grpc.ServerStream) error {
+				if err := s.SendMsg(&emptypb.Empty{}); err != nil {
+					return err
+				}
+				<-s.Context().Done()
+				ended <- s.Context().Err()
+				return nil
+			}}},
+	}, struct{}{})
+	done := make(chan error, 1)
+	go func() { done <- g.Serve(l) }()
+	defer func() {
+		g.Stop()
+		if err := <-done; err != nil {
+			t.Errorf("Serve = %v", err)
+		}
+	}()
+	conn, err := grpc.NewClient(l.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	stream, err := conn.NewStream(ctx, &grpc.StreamDesc{ServerStreams: true, ClientStreams: true}, "/trustmesh.test.Quiet/Watch")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := stream.RecvMsg(&emptypb.Empty{}); err != nil {
+		t.Fatal(err)
+	}
+	recv := make(chan error, 1)
+	go func() { recv <- stream.RecvMsg(&emptypb.Empty{}) }()
+	select {
+	case err := <-ended:
+		t.Fatalf("the server ended a quiet stream: %v", err)
+	case err := <-recv:
+		t.Fatalf("the client's quiet stream ended: %v", err)
+	case <-time.After(6 * short.IdleTimeout):
+	}
+	if s := conn.GetState(); s != connectivity.Ready {
+		t.Fatalf("connection %s after a quiet stream outlived the idle timeout, want READY", s)
+	}
+	cancel()
+	if err := <-ended; !errors.Is(err, context.Canceled) {
+		t.Errorf("handler's context ended with %v, want Canceled when the client cancels", err)
 	}
 }
 
