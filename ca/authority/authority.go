@@ -30,6 +30,10 @@ type Material struct {
 	Roots []*x509.Certificate
 	// Anchor is the root that Chain ends at; Validate sets it.
 	Anchor *x509.Certificate
+	// Tainted are CA certificates marked compromised (ca rotate --taint).
+	// They sign nothing more; the bundle stream carries them beside the
+	// roots, so that agents holding a certificate under one renew at once.
+	Tainted []*x509.Certificate
 }
 
 // Authority serves the current material and the trust bundle built from it,
@@ -81,6 +85,15 @@ func (a *Authority) Bundle() (*spiffebundle.Bundle, <-chan struct{}) {
 	a.mu.RLock()
 	defer a.mu.RUnlock()
 	return a.bundle, a.changed
+}
+
+// Published returns what the CA publishes to agents, read at one instant:
+// the trust bundle, the CA certificates marked compromised, and a channel
+// closed when either is replaced.
+func (a *Authority) Published() (*spiffebundle.Bundle, []*x509.Certificate, <-chan struct{}) {
+	a.mu.RLock()
+	defer a.mu.RUnlock()
+	return a.bundle, a.material.Tainted, a.changed
 }
 
 // GetX509BundleForTrustDomain implements x509bundle.Source.

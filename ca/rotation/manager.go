@@ -297,14 +297,14 @@ func (m *Manager) material(ctx context.Context, now time.Time, load func(map[str
 		}
 	}
 	for _, t := range st.Tainted {
-		if t.Role != RoleRoot {
-			continue
-		}
 		c, err := t.Cert()
 		if err != nil {
 			return nil, State{}, Snapshot{}, err
 		}
-		add(c)
+		mat.Tainted = append(mat.Tainted, c)
+		if t.Role == RoleRoot {
+			add(c)
+		}
 	}
 	for _, r := range st.Retiring {
 		if !now.Before(r.Until) {

@@ -1,6 +1,7 @@
 package server
 
 import (
+	"crypto/x509"
 	"net/http"
 	"time"
 
@@ -13,10 +14,11 @@ import (
 	cav1 "github.com/trustmesh/trustmesh/api/ca/v1"
 )
 
-// BundleWatcher yields the current bundle and a channel closed when it
-// changes.
+// BundleWatcher yields, read at one instant, the current bundle, the CA
+// certificates marked compromised (ca rotate --taint), and a channel closed
+// when either changes. *authority.Authority is one.
 type BundleWatcher interface {
-	Bundle() (*spiffebundle.Bundle, <-chan struct{})
+	Published() (*spiffebundle.Bundle, []*x509.Certificate, <-chan struct{})
 }
 
 // DefaultRefreshHint is how often a client that cannot stream should poll.
@@ -35,8 +37,12 @@ type BundleService struct {
 // goes away.
 func (s *BundleService) WatchBundle(_ *cav1.WatchBundleRequest, stream cav1.TrustBundleService_WatchBundleServer) error {
 	for {
-		b, changed := s.Bundles.Bundle()
-		if err := stream.Send(ToProto(b)); err != nil {
+		b, tainted, changed := s.Bundles.Published()
+		msg := ToProto(b)
+		for _, c := range tainted {
+			msg.TaintedAuthorities = append(msg.TaintedAuthorities, c.Raw)
+		}
+		if err := stream.Send(msg); err != nil {
 			return err
 		}
 		select {
