@@ -257,3 +257,24 @@ func TestRBACSufficesForTheBundlePublishers(t *testing.T) {
 		return ok && c.GetName() == injector.RootCertConfigMap
 	})
 }
+
+// TestRBACLetsRenewalReadServiceAccounts: renewal re-checks a Kubernetes
+// workload's service account against a cache that lists and watches
+// service accounts (and asks the apiserver about one it lacks); the chart
+// must grant exactly the reads, and nothing that writes them.
+func TestRBACLetsRenewalReadServiceAccounts(t *testing.T) {
+	objs, err := deploy.Render(deploy.RenderOptions{Namespace: deploy.DefaultNamespace})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, verb := range []string{"get", "list", "watch"} {
+		if !clusterRoleGrants(t, objs, "serviceaccounts", verb) {
+			t.Errorf("the ClusterRole does not grant %s on serviceaccounts", verb)
+		}
+	}
+	for _, verb := range []string{"create", "update", "patch", "delete", "deletecollection"} {
+		if clusterRoleGrants(t, objs, "serviceaccounts", verb) {
+			t.Errorf("the ClusterRole grants %s on serviceaccounts", verb)
+		}
+	}
+}
