@@ -75,9 +75,9 @@ type Config struct {
 	// Debounce is how long changes must settle before a push; MaxDelay
 	// bounds how long a stream of changes can hold one back.
 	Debounce, MaxDelay time.Duration
-	// InitialPushes bounds how many nodes are sent their first
-	// configuration at once (state of the world); zero means
-	// DefaultInitialPushes.
+	// InitialPushes bounds how many nodes are sent a new version at once,
+	// their first configuration or a push (state of the world); the rest
+	// wait in order as those acknowledge. Zero means DefaultInitialPushes.
 	InitialPushes int
 	// FirstPushHold is how long a node may hold one of those slots
 	// without acknowledging what it was sent; zero means

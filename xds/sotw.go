@@ -56,14 +56,18 @@ const sentAll = "\x00trustmesh/sent-all"
 // do not each hold a private marshaled copy of the same configuration.
 // Delta watches go to go-control-plane's snapshot cache.
 //
-// A node's first configuration is its largest; when thousands of proxies
-// connect at once (a control plane restart), sending all of them at once
-// would queue a copy per stream in the transport. So a node needs one of
-// a fixed number of tokens before its first answer is sent, and gives it
+// Every answer with a new version is marshaled by its stream and held in
+// the transport until the client has read it; when thousands of proxies
+// connect at once (a control plane restart), or a change reaches every
+// proxy of the mesh, answering all of them at once would queue a copy per
+// stream. So a node needs one of a fixed number of tokens before it is
+// sent a new version (its first configuration, or a push), and gives it
 // back once it has acknowledged (or rejected) every type it was sent, or
 // goes away, or has held it for the hold time: a node that never
 // acknowledges cannot keep a token, so streams that never acknowledge
-// cannot starve the mesh of first configurations.
+// cannot starve the mesh of configuration. Nodes with a pushed version
+// wait in order for a token (Istio's PILOT_PUSH_THROTTLE); their watches
+// are answered with whatever version is current when their turn comes.
 type cache struct {
 	cachev3.SnapshotCache // delta and fetch
 
@@ -77,6 +81,11 @@ type cache struct {
 	next  int64
 	// held are the nodes holding a token.
 	held map[*sotwNode]bool
+	// queue are the nodes waiting for a token to be sent a new version,
+	// in the order they started waiting; draining is whether a goroutine
+	// takes back expired tokens for them.
+	queue    []*sotwNode
+	draining bool
 }
 
 var _ cachev3.Cache = (*cache)(nil)
@@ -89,6 +98,8 @@ type sotwNode struct {
 	token   bool
 	expires time.Time
 	unacked map[string]string // type -> version sent
+	// queued is whether the node is in the cache's queue.
+	queued bool
 }
 
 type sotwWatch struct {
@@ -181,6 +192,9 @@ func (c *cache) acquire(id string) *sotwNode {
 func (c *cache) take(n *sotwNode) {
 	n.token, n.unacked, n.expires = true, map[string]string{}, c.clock.Now().Add(c.hold)
 	c.held[n] = true
+	if len(c.queue) > 0 {
+		c.drain()
+	}
 }
 
 // expire takes back the tokens held past their hold time. c.mu is held.
@@ -204,7 +218,8 @@ func (c *cache) nextExpiry() (time.Time, bool) {
 	return next, !next.IsZero()
 }
 
-// release gives the node's token back. c.mu is held.
+// release gives the node's token back; the caller then calls dispatch.
+// c.mu is held.
 func (c *cache) release(n *sotwNode) {
 	if n.token {
 		n.token = false
@@ -212,6 +227,116 @@ func (c *cache) release(n *sotwNode) {
 		delete(c.held, n)
 		<-c.tokens
 	}
+}
+
+// stale reports whether a watch of n waits for a version other than the
+// one n has. c.mu is held.
+func (c *cache) stale(n *sotwNode) bool {
+	if n.pub == nil {
+		return false
+	}
+	for _, w := range n.watches {
+		if ts := n.pub.types[w.req.GetTypeUrl()]; ts != nil && ts.version != w.req.GetVersionInfo() {
+			return true
+		}
+	}
+	return false
+}
+
+// push sends n's current version to its watches that lack it, if n holds
+// a token or one is free; otherwise n waits in the queue. c.mu is held.
+func (c *cache) push(n *sotwNode) {
+	if !c.stale(n) {
+		return
+	}
+	if !n.token {
+		c.expire()
+		c.dispatch()
+		select {
+		case c.tokens <- struct{}{}:
+			c.take(n)
+		default:
+			if !n.queued {
+				n.queued = true
+				c.queue = append(c.queue, n)
+				c.drain()
+			}
+			return
+		}
+	}
+	for wid, w := range n.watches {
+		ts := n.pub.types[w.req.GetTypeUrl()]
+		if ts == nil || ts.version == w.req.GetVersionInfo() {
+			continue
+		}
+		c.sent(n, w, ts)
+		delete(n.watches, wid)
+	}
+}
+
+// dispatch gives free tokens to the nodes waiting in the queue, in order,
+// and sends them their current version; nodes that went away or were
+// answered meanwhile are dropped from it. c.mu is held.
+func (c *cache) dispatch() {
+	for len(c.queue) > 0 {
+		n := c.queue[0]
+		if n.token || !c.stale(n) {
+			n.queued = false
+			c.queue[0] = nil
+			c.queue = c.queue[1:]
+			if n.token {
+				c.push(n)
+			}
+			continue
+		}
+		select {
+		case c.tokens <- struct{}{}:
+		default:
+			return
+		}
+		n.queued = false
+		c.queue[0] = nil
+		c.queue = c.queue[1:]
+		c.take(n)
+		c.push(n)
+	}
+	c.queue = nil
+}
+
+// drain starts, unless one runs, a goroutine that takes back the tokens
+// held past their hold time while nodes wait in the queue, so that nodes
+// that never acknowledge cannot stall a push. c.mu is held.
+func (c *cache) drain() {
+	if c.draining {
+		return
+	}
+	c.draining = true
+	go func() {
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		for {
+			c.expire()
+			c.dispatch()
+			next, ok := c.nextExpiry()
+			if len(c.queue) == 0 || !ok {
+				// Nothing waits, or no token is held to expire: a node
+				// that takes one restarts the drain (take).
+				c.draining = false
+				return
+			}
+			t := c.clock.NewTimer(next.Sub(c.clock.Now()))
+			c.mu.Unlock()
+			select {
+			case <-t.C():
+				c.mu.Lock()
+			case <-c.done:
+				t.Stop()
+				c.mu.Lock()
+				c.draining = false
+				return
+			}
+		}
+	}()
 }
 
 func (c *cache) node(id string) *sotwNode {
@@ -233,25 +358,7 @@ func (c *cache) set(id string, pub *published) error {
 	defer c.mu.Unlock()
 	n := c.node(id)
 	n.pub = pub
-	for wid, w := range n.watches {
-		ts := pub.types[w.req.GetTypeUrl()]
-		if ts == nil || ts.version == w.req.GetVersionInfo() {
-			continue
-		}
-		if !n.token && w.req.GetVersionInfo() == "" {
-			// A first answer to a watch made before the node had a
-			// configuration: take a token if one is free, else send
-			// unthrottled rather than leave the node waiting.
-			c.expire()
-			select {
-			case c.tokens <- struct{}{}:
-				c.take(n)
-			default:
-			}
-		}
-		c.sent(n, w, ts)
-		delete(n.watches, wid)
-	}
+	c.push(n)
 	return nil
 }
 
@@ -279,6 +386,7 @@ func (c *cache) clear(id string) {
 	} else {
 		n.pub = nil
 	}
+	c.dispatch()
 }
 
 // CreateWatch answers at once when the node's configuration is newer than
@@ -295,6 +403,7 @@ func (c *cache) CreateWatch(req *cachev3.Request, sub cachev3.Subscription, out 
 		}
 		if len(n.unacked) == 0 {
 			c.release(n)
+			c.dispatch()
 		}
 	}
 	if !n.token && len(n.unacked) == 0 && req.GetVersionInfo() == "" && n.pub != nil && n.pub.types[req.GetTypeUrl()] != nil {
@@ -303,7 +412,8 @@ func (c *cache) CreateWatch(req *cachev3.Request, sub cachev3.Subscription, out 
 	}
 	defer c.mu.Unlock()
 	if n.pub != nil {
-		if ts := n.pub.types[req.GetTypeUrl()]; ts != nil && (ts.version != req.GetVersionInfo() || unsent(ts, sub)) {
+		if ts := n.pub.types[req.GetTypeUrl()]; ts != nil && ts.version == req.GetVersionInfo() && unsent(ts, sub) {
+			// A wider subscription at the version the node has.
 			c.sent(n, &sotwWatch{req: req, sub: sub, out: out}, ts)
 			return func() {}, nil
 		}
@@ -311,6 +421,9 @@ func (c *cache) CreateWatch(req *cachev3.Request, sub cachev3.Subscription, out 
 	c.next++
 	wid := c.next
 	n.watches[wid] = &sotwWatch{req: req, sub: sub, out: out}
+	// Answered now if it lacks the node's version and a token is held or
+	// free; otherwise when the node's turn in the queue comes.
+	c.push(n)
 	return func() {
 		c.mu.Lock()
 		defer c.mu.Unlock()
@@ -333,6 +446,7 @@ func (c *cache) CreateDeltaWatch(req *cachev3.DeltaRequest, sub cachev3.Subscrip
 		delete(n.unacked, typ)
 		if len(n.unacked) == 0 {
 			c.release(n)
+			c.dispatch()
 		}
 	}
 	first := req.GetResponseNonce() == "" && len(sub.ReturnedResources()) == 0

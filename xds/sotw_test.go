@@ -229,3 +229,111 @@ func TestSotwWildcardReturnsOneEntry(t *testing.T) {
 		t.Fatalf("answer to the named subscription = %v, want %s alone", r, names[3])
 	}
 }
+
+// TestSotwCacheThrottlesPushes: a push reaches at most as many nodes at
+// once as there are tokens; the rest wait in order and are sent the
+// version current when their turn comes, as earlier nodes acknowledge or
+// their hold expires on the cache's clock.
+func TestSotwCacheThrottlesPushes(t *testing.T) {
+	clk := clocktesting.NewFakeClock(time.Unix(1_700_000_000, 0))
+	const tokens, nodes = 2, 5
+	c := newCache(tokens, 10*time.Second, clk)
+	defer c.stop()
+	ids := []string{"n0", "n1", "n2", "n3", "n4"}
+	chs := map[string]chan cachev3.Response{}
+	subs := map[string]*streamv3.Subscription{}
+	for _, id := range ids {
+		if err := c.set(id, pubOf("v1", "x")); err != nil {
+			t.Fatal(err)
+		}
+		sub := streamv3.NewSotwSubscription(nil, true)
+		chs[id], subs[id] = make(chan cachev3.Response, 1), &sub
+	}
+	// watch sends a request for id at version v (an acknowledgement when
+	// nonce is set) and returns the answer given at once, if any.
+	watch := func(id, v, nonce string) *cachev3.PassthroughResponse {
+		t.Helper()
+		if _, err := c.CreateWatch(&cachev3.Request{Node: &corev3.Node{Id: id}, TypeUrl: resource.EndpointType, VersionInfo: v, ResponseNonce: nonce}, subs[id], chs[id]); err != nil {
+			t.Fatal(err)
+		}
+		r := receive(t, chs[id])
+		if r != nil {
+			subs[id].SetReturnedResources(r.GetReturnedResources())
+		}
+		return r
+	}
+	// Every node gets v1 (one at a time: each acknowledges before the
+	// next asks) and waits with an acknowledgement.
+	for _, id := range ids {
+		if r := watch(id, "", ""); r == nil || r.DiscoveryResponse.GetVersionInfo() != "v1" {
+			t.Fatalf("%s: first answer %v", id, r)
+		}
+		if r := watch(id, "v1", "1"); r != nil {
+			t.Fatalf("%s: acknowledgement answered with %v", id, r.DiscoveryResponse)
+		}
+	}
+	// answered collects the nodes answered since the last call, with the
+	// version each was sent.
+	answered := func() map[string]string {
+		got := map[string]string{}
+		for _, id := range ids {
+			if r := receive(t, chs[id]); r != nil {
+				subs[id].SetReturnedResources(r.GetReturnedResources())
+				got[id] = r.DiscoveryResponse.GetVersionInfo()
+			}
+		}
+		return got
+	}
+	for _, id := range ids {
+		if err := c.set(id, pubOf("v2", "x")); err != nil {
+			t.Fatal(err)
+		}
+	}
+	got := answered()
+	if len(got) != tokens || got["n0"] != "v2" || got["n1"] != "v2" {
+		t.Fatalf("a push to %d nodes with %d tokens answered %v, want n0 and n1 at v2", nodes, tokens, got)
+	}
+	// n2 is sent a newer version while it waits: its turn brings that one.
+	if err := c.set("n2", pubOf("v3", "x")); err != nil {
+		t.Fatal(err)
+	}
+	if got := answered(); len(got) != 0 {
+		t.Fatalf("answered %v while every token was held", got)
+	}
+	// n0 acknowledges: the first waiting node is answered, with v3.
+	if r := watch("n0", "v2", "2"); r != nil {
+		t.Fatalf("n0's acknowledgement answered with %v", r.DiscoveryResponse)
+	}
+	if got := answered(); len(got) != 1 || got["n2"] != "v3" {
+		t.Fatalf("after one acknowledgement answered %v, want n2 at v3", got)
+	}
+	// n1 and n2 never acknowledge: their holds expire and n3 and n4 are
+	// answered then, not before.
+	clk.Step(9 * time.Second)
+	time.Sleep(50 * time.Millisecond)
+	if got := answered(); len(got) != 0 {
+		t.Fatalf("answered %v before any hold expired", got)
+	}
+	clk.Step(time.Second)
+	deadline := time.Now().Add(10 * time.Second)
+	got = map[string]string{}
+	for len(got) < 1 && time.Now().Before(deadline) {
+		for id, v := range answered() {
+			got[id] = v
+		}
+		time.Sleep(time.Millisecond)
+	}
+	if got["n3"] != "v2" {
+		t.Fatalf("after n1's hold expired answered %v, want n3 at v2", got)
+	}
+	clk.Step(10 * time.Second)
+	for len(got) < 2 && time.Now().Before(deadline) {
+		for id, v := range answered() {
+			got[id] = v
+		}
+		time.Sleep(time.Millisecond)
+	}
+	if got["n4"] != "v2" {
+		t.Fatalf("after the holds expired answered %v, want n3 and n4 at v2", got)
+	}
+}
