@@ -117,7 +117,12 @@ const (
 // commitLoop groups queued ops into batches: whatever queued while the
 // previous batch committed goes into the next one, so the batch size follows
 // the load. Under concurrent load, when the previous batch held at least
-// CommitSiblings ops, the batch is also held open for up to CommitDelay.
+// CommitSiblings ops, a batch that holds fewer ops than the previous one is
+// held open for up to CommitDelay until it holds as many: the callers the
+// last commit released are on their way back. It is never held once it has
+// that many, so a batch waits only for callers, never for a timer alone:
+// without the wait, the first caller back takes a sync of its own and the
+// batches alternate between one op and the rest.
 //
 // Waiting pays because a commit costs far more than an entry: an fsync, a
 // signed checkpoint and a transaction, during which the committer's thread
@@ -138,8 +143,10 @@ func (s *Store) commitLoop() {
 			s.lastBatch = 0
 		}
 		batch := s.fill([]*op{first})
-		if s.cfg.CommitDelay > 0 && s.lastBatch >= s.cfg.CommitSiblings {
-			batch = s.wait(batch, 2*s.lastBatch)
+		if s.cfg.CommitDelay > 0 && s.lastBatch >= s.cfg.CommitSiblings && len(batch) < s.lastBatch {
+			// The callers of the last batch are coming back: wait for as
+			// many as it held, not more, then take whatever else queued.
+			batch = s.fill(s.wait(batch, s.lastBatch))
 		}
 		s.lastBatch = len(batch)
 		s.commit(batch)
@@ -296,17 +303,26 @@ func (s *Store) commitBatch(ctx context.Context, batch []*op) (opErrs []error, s
 		savedLedger = s.ledger.size()
 	}
 	start := s.rng.End()
-	insert := tx.StmtContext(ctx, s.stmts.insertEntry)
+	// Rows of ops without a precondition are buffered and written together;
+	// an op with one runs under its own savepoint, so what is buffered goes
+	// in before it.
+	var buf rows
 	opErrs = make([]error, len(batch))
 	for i, o := range batch {
 		if o.pre == nil {
 			// Nothing can fail but the insert itself, which fails the batch.
-			if err := s.insertEntries(ctx, insert, o); err != nil {
+			if err := s.appendEntries(o, &buf); err != nil {
 				return nil, nil, err
 			}
 			continue
 		}
-		opErrs[i] = s.applyOp(ctx, tx, insert, o)
+		if err := s.flush(ctx, tx, &buf); err != nil {
+			return nil, nil, err
+		}
+		opErrs[i] = s.applyOp(ctx, tx, o)
+	}
+	if err := s.flush(ctx, tx, &buf); err != nil {
+		return nil, nil, err
 	}
 	if s.rng.End() == start {
 		// Nothing to sign; failed preconditions wrote nothing.
@@ -351,7 +367,7 @@ func (s *Store) noteAvailability(err error) {
 
 // applyOp runs one op under a savepoint; on failure the savepoint and the
 // in-memory range are rolled back and the op's error returned.
-func (s *Store) applyOp(ctx context.Context, tx *sql.Tx, insert *sql.Stmt, o *op) (err error) {
+func (s *Store) applyOp(ctx context.Context, tx *sql.Tx, o *op) (err error) {
 	before, err := copyRange(&s.hasher.f, s.rng)
 	if err != nil {
 		return err
@@ -374,18 +390,22 @@ func (s *Store) applyOp(ctx context.Context, tx *sql.Tx, insert *sql.Stmt, o *op
 	if err := o.pre(ctx, tx); err != nil {
 		return err
 	}
-	return s.insertEntries(ctx, insert, o)
+	var buf rows
+	if err := s.appendEntries(o, &buf); err != nil {
+		return err
+	}
+	return s.flush(ctx, tx, &buf)
 }
 
-// insertEntries appends an op's entries to the log and the in-memory range.
-func (s *Store) insertEntries(ctx context.Context, insert *sql.Stmt, o *op) error {
+// appendEntries appends an op's entries to the in-memory range and ledger
+// and buffers their rows; the caller writes them (flush) before the
+// transaction commits.
+func (s *Store) appendEntries(o *op, buf *rows) error {
 	o.first = s.rng.End()
 	for _, e := range o.entries {
 		idx := s.rng.End()
 		leaf := rfc6962.DefaultHasher.HashLeaf(e.body)
-		if _, err := insert.ExecContext(ctx, int64(idx), string(e.kind), e.time.UnixNano(), e.spiffeID, e.serial, e.body, leaf); err != nil {
-			return fmt.Errorf("journal: append: %w", err)
-		}
+		buf.add(idx, e, leaf)
 		if err := s.rng.Append(leaf, nil); err != nil {
 			return fmt.Errorf("journal: append: %w", err)
 		}

@@ -187,6 +187,56 @@ func TestLoneCallerAfterABurstDoesNotWait(t *testing.T) {
 	}
 }
 
+// Once a batch holds as many ops as the one before it, it commits at once:
+// the committer waits for the callers the last commit released, never for
+// its timer as well. The clock never moves here, so a batch that waited for
+// more than that would hold its callers forever.
+func TestBatchAsLargeAsTheLastDoesNotWait(t *testing.T) {
+	clk := clocktesting.NewFakeClock(time.Now())
+	s := openForTest(t, clk)
+	burst := func(name string, n int, step bool) {
+		t.Helper()
+		var wg sync.WaitGroup
+		errs := make(chan error, n)
+		for i := range n {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				errs <- appendOne(s, fmt.Sprint(name, "-", i))
+			}()
+		}
+		done := make(chan struct{})
+		go func() { wg.Wait(); close(done) }()
+		within(t, func() bool {
+			for {
+				select {
+				case <-done:
+					return true
+				case <-time.After(time.Millisecond):
+				}
+				if step && clk.HasWaiters() {
+					clk.Step(time.Hour)
+				}
+			}
+		})
+		close(errs)
+		for err := range errs {
+			if err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	for try := 0; s.lastBatch < DefaultCommitSiblings; try++ {
+		if try == 10 {
+			t.Fatalf("10 bursts never made a batch of %d", DefaultCommitSiblings)
+		}
+		burst(fmt.Sprint("warm", try), 32, true)
+	}
+	// As many callers as the last batch held come back; nobody steps the
+	// clock.
+	burst("again", s.lastBatch, false)
+}
+
 func TestAppendAfterCloseFails(t *testing.T) {
 	s := openForTest(t, clocktesting.NewFakeClock(time.Now()))
 	if err := s.Close(); err != nil {

@@ -281,3 +281,47 @@ func TestCommitDelayOnlyUnderConcurrency(t *testing.T) {
 		}
 	})
 }
+
+// A commit writes its rows in multi-row statements of 64, 32, … 1 rows: 101
+// entries in one append take four of them, and every row lands at its index
+// under the checkpoint signed over them.
+func TestManyEntriesInOneCommit(t *testing.T) { eachBackend(t, testManyEntriesInOneCommit) }
+
+func testManyEntriesInOneCommit(t *testing.T, b backend) {
+	s := b.open(t)
+	ctx := context.Background()
+	const n = 101
+	refusals := make([]journal.Refusal, n)
+	for i := range refusals {
+		refusals[i] = journal.Refusal{First: t0, Last: t0, Reason: fmt.Sprint("reason-", i), Count: 1}
+	}
+	if err := s.AppendRefusals(ctx, refusals); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.RecordIssuance(ctx, issuance("after", "spiffe://cluster.local/x"), nil); err != nil {
+		t.Fatal(err)
+	}
+	entries, err := s.Entries(ctx, 0, 2*n)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(entries) != n+1 {
+		t.Fatalf("%d entries stored, want %d", len(entries), n+1)
+	}
+	for i, e := range entries[:n] {
+		got, err := e.Decode()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if r, ok := got.(*journal.Refusal); e.Index != uint64(i) || !ok || r.Reason != refusals[i].Reason {
+			t.Fatalf("entry %d at index %d holds %+v, want %+v", i, e.Index, got, refusals[i])
+		}
+	}
+	rep, err := journal.Verify(ctx, s, testVKey, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !rep.OK() {
+		t.Fatalf("verify: %+v", rep.Findings)
+	}
+}

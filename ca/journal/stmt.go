@@ -4,6 +4,7 @@ import (
 	"context"
 	"database/sql"
 	"fmt"
+	"strings"
 )
 
 // statements are the queries on the hot paths: the commit of every batch,
@@ -12,24 +13,59 @@ import (
 // that no commit or renewal parses SQL. (The embedded SQLite parses in Go;
 // parsing was a quarter of a commit's CPU.)
 type statements struct {
-	nextIndex, insertEntry, insertCheckpoint *sql.Stmt
-	entryBySerial                            *sql.Stmt
+	nextIndex, insertCheckpoint *sql.Stmt
+	// insertEntries[k] inserts 1<<k entries in one statement: a batch's
+	// rows go in as few statements (and, on PostgreSQL, round trips) as the
+	// binary digits of their count.
+	insertEntries [insertSizes]*sql.Stmt
+	entryBySerial *sql.Stmt
+}
+
+// insertSizes is how many multi-row insert statements are prepared: the
+// largest inserts 1<<(insertSizes-1) = 64 rows, 448 parameters, far under
+// both SQLite's and PostgreSQL's limits.
+const insertSizes = 7
+
+// entryColumns is how many values one entry row binds.
+const entryColumns = 7
+
+// insertEntriesQuery is the INSERT of n entry rows.
+func insertEntriesQuery(n int) string {
+	var b strings.Builder
+	b.WriteString(`INSERT INTO entries (idx, kind, time_ns, spiffe_id, serial, body, leaf_hash) VALUES `)
+	for r := range n {
+		if r > 0 {
+			b.WriteByte(',')
+		}
+		b.WriteByte('(')
+		for c := range entryColumns {
+			if c > 0 {
+				b.WriteByte(',')
+			}
+			fmt.Fprintf(&b, "$%d", r*entryColumns+c+1)
+		}
+		b.WriteByte(')')
+	}
+	return b.String()
 }
 
 // prepare prepares the hot statements. It runs at Open, once the schema
 // exists.
 func (s *Store) prepare(ctx context.Context) error {
-	for _, p := range []struct {
+	type prep struct {
 		dst   **sql.Stmt
 		query string
-	}{
+	}
+	preps := []prep{
 		{&s.stmts.nextIndex, `SELECT COALESCE(MAX(idx)+1, 0) FROM entries`},
-		{&s.stmts.insertEntry, `INSERT INTO entries (idx, kind, time_ns, spiffe_id, serial, body, leaf_hash)
-			VALUES ($1, $2, $3, $4, $5, $6, $7)`},
 		{&s.stmts.insertCheckpoint, `INSERT INTO checkpoints (size, root, note, time_ns) VALUES ($1, $2, $3, $4)`},
 		{&s.stmts.entryBySerial, `SELECT idx, kind, body FROM entries
 			WHERE serial = $1 AND serial != '' AND kind = $2 ORDER BY idx LIMIT 1`},
-	} {
+	}
+	for k := range s.stmts.insertEntries {
+		preps = append(preps, prep{&s.stmts.insertEntries[k], insertEntriesQuery(1 << k)})
+	}
+	for _, p := range preps {
 		st, err := s.db.PrepareContext(ctx, p.query)
 		if err != nil {
 			s.stmts.close()
@@ -41,9 +77,48 @@ func (s *Store) prepare(ctx context.Context) error {
 }
 
 func (st *statements) close() {
-	for _, s := range []*sql.Stmt{st.nextIndex, st.insertEntry, st.insertCheckpoint, st.entryBySerial} {
+	all := append([]*sql.Stmt{st.nextIndex, st.insertCheckpoint, st.entryBySerial}, st.insertEntries[:]...)
+	for _, s := range all {
 		if s != nil {
 			s.Close()
 		}
 	}
+}
+
+// rows are entry rows appended to the in-memory log and not yet written:
+// the committer buffers a batch's rows and writes them with flush.
+type rows struct {
+	args []any // entryColumns values per row
+}
+
+func (r *rows) add(idx uint64, e pending, leaf []byte) {
+	r.args = append(r.args, int64(idx), string(e.kind), e.time.UnixNano(), e.spiffeID, e.serial, e.body, leaf)
+}
+
+func (r *rows) len() int { return len(r.args) / entryColumns }
+
+// flush writes the buffered rows in tx, largest statements first, and
+// empties the buffer whatever the outcome.
+func (s *Store) flush(ctx context.Context, tx *sql.Tx, r *rows) error {
+	defer func() {
+		clear(r.args)
+		r.args = r.args[:0]
+	}()
+	args := r.args
+	for k := insertSizes - 1; k >= 0 && len(args) > 0; {
+		n := 1 << k
+		if len(args) < n*entryColumns {
+			k--
+			continue
+		}
+		if _, err := tx.StmtContext(ctx, s.stmts.insertEntries[k]).ExecContext(ctx, args[:n*entryColumns]...); err != nil {
+			return fmt.Errorf("journal: append: %w", err)
+		}
+		args = args[n*entryColumns:]
+	}
+	if len(args) > 0 {
+		// Never sign a checkpoint over rows that were not written.
+		return fmt.Errorf("journal: append: %d values of a row left unwritten", len(args))
+	}
+	return nil
 }
