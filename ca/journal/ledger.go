@@ -189,7 +189,9 @@ func deriveFacts(idx uint64, body []byte) (any, error) {
 		// Most issuances are renewals and Kubernetes issuances: skip them
 		// without decoding. In canonical JSON this exact text can only be
 		// the method field itself, since quotes inside strings are escaped.
-		if !bytes.Contains(body, []byte(`"method":"join-token"`)) {
+		// Nor a join-token issuance without an enrolment (omitted when
+		// empty), which deriveFacts would drop after decoding it.
+		if !bytes.Contains(body, []byte(`"method":"join-token"`)) || !bytes.Contains(body, []byte(`"enrolment_id":`)) {
 			return nil, nil
 		}
 		rec = &Issuance{}
