@@ -40,7 +40,7 @@ var testSigner, testVKey = func() (note.Signer, string) {
 
 // backends returns a fresh SQLite file and, when the test script provides a
 // server, a fresh PostgreSQL database. In CI the PostgreSQL one is required.
-func backends(t *testing.T) []backend {
+func backends(t testing.TB) []backend {
 	t.Helper()
 	out := []backend{{name: "sqlite", dsn: filepath.Join(t.TempDir(), "journal.db")}}
 	admin := os.Getenv(postgresEnv)
@@ -84,7 +84,7 @@ func eachBackend(t *testing.T, f func(t *testing.T, b backend)) {
 	}
 }
 
-func (b backend) open(t *testing.T) *journal.Store {
+func (b backend) open(t testing.TB) *journal.Store {
 	t.Helper()
 	s, err := journal.Open(context.Background(), journal.Config{DSN: b.dsn, Signer: testSigner, VerifierKey: testVKey})
 	if err != nil {
