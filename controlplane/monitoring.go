@@ -7,6 +7,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/trustmesh/trustmesh/ca/server"
+	"github.com/trustmesh/trustmesh/ca/witness"
 	"github.com/trustmesh/trustmesh/xds"
 )
 
@@ -38,6 +39,9 @@ func (cp *ControlPlane) newMonitoring(v *validated) error {
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { _, _ = w.Write([]byte("ok\n")) })
 	mux.HandleFunc("/readyz", cp.readyz)
 	mux.Handle("/metrics", promhttp.HandlerFor(cp.registry, promhttp.HandlerOpts{}))
+	// The journal's signed checkpoints and consistency proofs, for
+	// witnesses: trustmesh audit monitor --from http://ADDRESS/journal.
+	mux.Handle("/journal/", http.StripPrefix("/journal", witness.SourceHandler(cp.journal)))
 	switch {
 	case v.Listen.NoDebugEndpoints:
 		// Off, and saying so, so that trustmesh check can tell this from

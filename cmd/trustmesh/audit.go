@@ -1,18 +1,29 @@
 package main
 
 import (
+	"bytes"
+	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/url"
 	"os"
+	"strings"
 	"text/tabwriter"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/spf13/cobra"
 
 	"github.com/trustmesh/trustmesh/ca/admin"
 	"github.com/trustmesh/trustmesh/ca/audit"
 	"github.com/trustmesh/trustmesh/ca/journal"
+	"github.com/trustmesh/trustmesh/ca/witness"
 	"github.com/trustmesh/trustmesh/internal/human"
 )
 
@@ -24,7 +35,7 @@ func newAuditCmd() *cobra.Command {
 		Use:   "audit",
 		Short: "Audit the CA's journal: history, tamper checks, inclusion proofs, rotation",
 	}
-	cmd.AddCommand(newAuditLogCmd(), newAuditVerifyCmd(), newAuditProveCmd(), newAuditCheckProofCmd(), newAuditRotationCmd(), newAuditNodesCmd())
+	cmd.AddCommand(newAuditLogCmd(), newAuditVerifyCmd(), newAuditProveCmd(), newAuditCheckProofCmd(), newAuditRotationCmd(), newAuditNodesCmd(), newAuditMonitorCmd())
 	return cmd
 }
 
@@ -311,4 +322,213 @@ func printNodeRows(tw io.Writer, nodes []audit.NodeHolding, at time.Time) {
 			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%v\n", n.Node, i.SPIFFEID, i.Serial, human.When(i.NotAfter, at), i.Revoked)
 		}
 	}
+}
+
+func newAuditMonitorCmd() *cobra.Command {
+	var dir, key, name, listen string
+	var from []string
+	var interval time.Duration
+	var output outputFormat
+	cmd := &cobra.Command{
+		Use:   "monitor",
+		Short: "Witness the journal: keep every checkpoint, refuse rollbacks, forks and split views",
+		Long: `Read the journal's latest signed checkpoint from each --from source and
+accept it into the witness directory --witness only when the journal's
+checkpoint key signed it and a consistency proof (fetched from the same
+source) shows it extends the last checkpoint the witness accepted. The
+witness keeps every checkpoint it accepted, and every one it refused as
+evidence. A source is the monitoring address of trustmesh serve
+(http://HOST:PORT/journal), a data directory, or the PostgreSQL URL of a
+shared journal; give --from more than once to catch a split view (two
+different trees of the same size).
+
+Once (the default), it exits 3 on a rollback, fork, split view or forged
+checkpoint, and 1 when a source could not be read. With --interval it goes
+on, logs each finding and counts it in trustmesh_witness_findings_total,
+served with the C2SP tlog-witness add-checkpoint API on --listen.
+
+The first run needs --key, the journal's checkpoint verifier key (the data
+directory's checkpoint.pub, from the CA operator); the witness records it
+and refuses another key for the same log later.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			ctx := cmd.Context()
+			sources, err := monitorSources(from)
+			if err != nil {
+				return &exitError{code: 2, err: err}
+			}
+			w, err := witness.Open(dir, name, time.Now)
+			if err != nil {
+				return err
+			}
+			defer w.Close()
+			origin, err := monitorOrigin(ctx, w, key, sources)
+			if err != nil {
+				return err
+			}
+			reg := prometheus.NewRegistry()
+			m := &witness.Monitor{W: w, Origin: origin, Sources: sources, Metrics: witness.NewMetrics(reg)}
+			if interval <= 0 {
+				rep := m.Once(ctx)
+				if err := output.print(cmd.OutOrStdout(), rep, func(out io.Writer) error { return printMonitor(out, rep) }); err != nil {
+					return err
+				}
+				return monitorExit(rep)
+			}
+			return runMonitor(ctx, m, reg, listen, interval, cmd.OutOrStdout())
+		},
+	}
+	cmd.Flags().StringVar(&dir, "witness", "", "the witness's directory: its key and every checkpoint it accepted (required)")
+	cmd.Flags().StringArrayVar(&from, "from", nil, "where to read the journal: http(s)://HOST:PORT/journal of trustmesh serve's monitoring address, a data directory, or a postgres:// journal URL (repeatable; required)")
+	cmd.Flags().StringVar(&key, "key", "", "the journal's checkpoint verifier key (required the first time; then the one the witness recorded)")
+	cmd.Flags().StringVar(&name, "name", defaultWitnessName(), "the witness's key name, used when its key is created")
+	cmd.Flags().DurationVar(&interval, "interval", 0, "read the sources every interval until interrupted (default: once)")
+	cmd.Flags().StringVar(&listen, "listen", "", "with --interval, serve /metrics and the tlog-witness /add-checkpoint API on this address")
+	addOutputFlag(cmd, &output)
+	_ = cmd.MarkFlagRequired("witness")
+	_ = cmd.MarkFlagRequired("from")
+	return cmd
+}
+
+func defaultWitnessName() string {
+	h, err := os.Hostname()
+	if err != nil || h == "" || strings.ContainsAny(h, "+ \t\n") {
+		h = "localhost"
+	}
+	return "trustmesh.witness/" + h
+}
+
+// monitorSources turns each --from into a source.
+func monitorSources(from []string) ([]witness.Source, error) {
+	var sources []witness.Source
+	for _, f := range from {
+		switch {
+		case journal.IsURL(f):
+			s, err := witness.NewHTTPSource(f)
+			if err != nil {
+				return nil, err
+			}
+			sources = append(sources, s)
+		case strings.HasPrefix(f, "postgres://") || strings.HasPrefix(f, "postgresql://"):
+			dsn := f
+			sources = append(sources, witness.NewStoreSource(redactDSN(f), func(ctx context.Context) (*journal.Store, error) {
+				st, _, err := admin.DataDir("").OpenExisting(ctx, admin.JournalOptions{DSN: dsn})
+				return st, err
+			}))
+		default:
+			if err := journal.CheckTarget(f); err != nil {
+				return nil, fmt.Errorf("--from: %w", err)
+			}
+			d := admin.DataDir(f)
+			sources = append(sources, witness.NewStoreSource(f, func(ctx context.Context) (*journal.Store, error) {
+				st, _, err := d.OpenExisting(ctx, admin.JournalOptions{})
+				return st, err
+			}))
+		}
+	}
+	return sources, nil
+}
+
+// monitorOrigin follows the log whose key is key, or, without one, the log
+// the sources name, whose key the witness must have recorded.
+func monitorOrigin(ctx context.Context, w *witness.Witness, key string, sources []witness.Source) (string, error) {
+	if key != "" {
+		return w.AddLog("", key)
+	}
+	var errs []error
+	for _, s := range sources {
+		signed, err := s.Checkpoint(ctx)
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		first, _, _ := bytes.Cut(signed, []byte("\n"))
+		origin, err := w.AddLog(string(first), "")
+		if err != nil {
+			return "", fmt.Errorf("%w (pass --key)", err)
+		}
+		return origin, nil
+	}
+	return "", fmt.Errorf("no source could be read to learn the log's origin: %w", errors.Join(errs...))
+}
+
+func monitorExit(rep *witness.Report) error {
+	if len(rep.Findings) > 0 {
+		return &exitError{code: exitFindings, err: fmt.Errorf("the journal showed %d contradicting checkpoint(s): %s", len(rep.Findings), rep.Findings[0].Kind)}
+	}
+	if rep.Unreachable() {
+		return &exitError{code: 1, err: errors.New("a source could not be read or checked")}
+	}
+	return nil
+}
+
+func printMonitor(w io.Writer, rep *witness.Report) error {
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintf(tw, "log %s: accepted size %d\n\n", rep.Origin, rep.Accepted)
+	fmt.Fprintln(tw, "SOURCE\tSIZE\tROOT\tACCEPTED\tERROR")
+	for _, o := range rep.Observations {
+		fmt.Fprintf(tw, "%s\t%d\t%s\t%v\t%s\n", o.Source, o.Size, o.Root, o.Accepted, o.Error)
+	}
+	if err := tw.Flush(); err != nil {
+		return err
+	}
+	for _, f := range rep.Findings {
+		fmt.Fprintf(w, "%s at size %d from %s: %s\n", strings.ToUpper(f.Kind), f.Size, strings.Join(f.Sources, ", "), f.Detail)
+		for _, e := range f.Evidence {
+			fmt.Fprintf(w, "  evidence: %s\n", e)
+		}
+	}
+	if len(rep.Findings) == 0 && !rep.Unreachable() {
+		_, err := fmt.Fprintln(w, "OK: every source extends the witnessed history")
+		return err
+	}
+	return nil
+}
+
+// runMonitor reads the sources every interval until ctx ends, logging
+// findings and counting them; with listen it serves the metrics and the
+// tlog-witness API.
+func runMonitor(ctx context.Context, m *witness.Monitor, reg *prometheus.Registry, listen string, interval time.Duration, out io.Writer) error {
+	log := slog.New(slog.NewTextHandler(os.Stderr, nil))
+	if listen != "" {
+		mux := http.NewServeMux()
+		mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
+		mux.Handle(witness.AddCheckpointPath, witness.Handler(m.W))
+		ln, err := net.Listen("tcp", listen)
+		if err != nil {
+			return &exitError{code: 2, err: fmt.Errorf("--listen: %w", err)}
+		}
+		srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+		go func() { _ = srv.Serve(ln) }()
+		defer srv.Close()
+		fmt.Fprintf(out, "serving /metrics and %s on %s\n", witness.AddCheckpointPath, ln.Addr())
+	}
+	t := time.NewTicker(interval)
+	defer t.Stop()
+	for {
+		rep := m.Once(ctx)
+		for _, f := range rep.Findings {
+			log.Error("the journal showed a contradicting checkpoint", "kind", f.Kind, "size", f.Size, "sources", f.Sources, "detail", f.Detail, "evidence", f.Evidence)
+		}
+		for _, o := range rep.Observations {
+			if o.Error != "" {
+				log.Warn("could not read or check a source", "source", o.Source, "error", o.Error)
+			}
+		}
+		log.Info("witnessed", "origin", rep.Origin, "accepted_size", rep.Accepted, "findings", len(rep.Findings))
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-t.C:
+		}
+	}
+}
+
+// redactDSN shows a PostgreSQL URL without its credentials and options.
+func redactDSN(dsn string) string {
+	u, err := url.Parse(dsn)
+	if err != nil {
+		return "(a journal URL that does not parse)"
+	}
+	return (&url.URL{Scheme: u.Scheme, Host: u.Host, Path: u.Path}).String()
 }
