@@ -95,6 +95,9 @@ type Config struct {
 	// an agent that renews at half-life renews (TTL-Backdate)/2 after
 	// issuance, so it must stay well below MinTTL.
 	Backdate time.Duration
+	// MaxClockSkew is how far the clock may be behind the journal's newest
+	// issuance before the CA stops signing. Default DefaultMaxClockSkew.
+	MaxClockSkew time.Duration
 	// Reserved identities are never issued to workloads, whatever they
 	// prove: the control plane's own, which xDS clients pin.
 	Reserved []spiffeid.ID
@@ -131,6 +134,9 @@ func New(cfg Config) (*CA, error) {
 	if cfg.Backdate == 0 {
 		cfg.Backdate = DefaultBackdate
 	}
+	if cfg.MaxClockSkew == 0 {
+		cfg.MaxClockSkew = DefaultMaxClockSkew
+	}
 	var errs []error
 	if cfg.TrustDomain.IsZero() {
 		errs = append(errs, errors.New("a trust domain is required"))
@@ -149,6 +155,9 @@ func New(cfg Config) (*CA, error) {
 	}
 	if cfg.Backdate < 0 {
 		errs = append(errs, fmt.Errorf("workload certificate backdate %s must not be negative", cfg.Backdate))
+	}
+	if cfg.MaxClockSkew < 0 {
+		errs = append(errs, fmt.Errorf("clock skew allowance %s must not be negative", cfg.MaxClockSkew))
 	}
 	if len(errs) > 0 {
 		return nil, fmt.Errorf("ca: %w", errors.Join(errs...))

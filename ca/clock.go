@@ -40,7 +40,7 @@ type latestIssuanceTimer interface {
 }
 
 // maxClockSkew is the allowance checkClock applies.
-func (c *CA) maxClockSkew() time.Duration { return DefaultMaxClockSkew }
+func (c *CA) maxClockSkew() time.Duration { return c.cfg.MaxClockSkew }
 
 // checkClock refuses to sign, with KindUnavailable so that callers retry,
 // while the CA's clock at now is behind the journal's newest issuance by

@@ -82,3 +82,32 @@ func TestClockBeforeIssuer(t *testing.T) {
 		t.Errorf("the certificate starts at %s, before its issuer at %s", iss.Leaf.NotBefore, issuerStart)
 	}
 }
+
+// TestClockSkewAllowanceIsConfigured: Config.MaxClockSkew (serve's
+// --ca-max-clock-skew) replaces the default allowance, and a negative one
+// is refused.
+func TestClockSkewAllowanceIsConfigured(t *testing.T) {
+	f := newFixture(t)
+	c, err := ca.New(ca.Config{TrustDomain: td, Authority: f.auth, Recorder: f.store, Clock: f.clock, MaxClockSkew: time.Minute})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	t1 := t0.Add(time.Hour)
+	f.clock.SetTime(t1)
+	if _, err := c.Issue(ctx, caller, makeCSR(t, csrOpts{}), 0); err != nil {
+		t.Fatalf("issue at t1: %v", err)
+	}
+	// Two minutes back is within the default allowance but not this one.
+	f.clock.SetTime(t1.Add(-2 * time.Minute))
+	_, err = c.Issue(ctx, caller, makeCSR(t, csrOpts{}), 0)
+	if r, ok := ca.AsRefusal(err); !ok || r.Reason != ca.ReasonClockBehind {
+		t.Fatalf("two minutes back with a one-minute allowance: got %v, want a %s refusal", err, ca.ReasonClockBehind)
+	}
+	if _, err := f.ca.Issue(ctx, caller, makeCSR(t, csrOpts{}), 0); err != nil {
+		t.Fatalf("the default allowance takes two minutes back: %v", err)
+	}
+	if _, err := ca.New(ca.Config{TrustDomain: td, Authority: f.auth, Recorder: f.store, Clock: f.clock, MaxClockSkew: -time.Second}); err == nil {
+		t.Fatal("a negative allowance was accepted")
+	}
+}

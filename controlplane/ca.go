@@ -95,7 +95,7 @@ func (cp *ControlPlane) newAuthority(ctx context.Context, v *validated) (err err
 	cfg := ca.Config{
 		TrustDomain: v.td, Authority: cp.authority, Recorder: cp.journal, Clock: v.Clock,
 		DefaultTTL: v.CA.DefaultWorkloadTTL, MinTTL: v.CA.MinWorkloadTTL, MaxTTL: v.CA.MaxWorkloadTTL,
-		Backdate: v.CA.WorkloadBackdate,
+		Backdate: v.CA.WorkloadBackdate, MaxClockSkew: v.CA.MaxClockSkew,
 		Reserved: []spiffeid.ID{v.cpID},
 	}
 	if cp.nodes != nil {

@@ -109,6 +109,9 @@ type CAConfig struct {
 	// service accounts against a cache that has stopped hearing from the
 	// apiserver. Default authn.DefaultStaleCacheLimit (5m).
 	KubeStaleCacheLimit time.Duration
+	// MaxClockSkew is how far the CA's clock may be behind its journal's
+	// newest issuance before it stops signing. Default ca.DefaultMaxClockSkew.
+	MaxClockSkew time.Duration
 	// TrustedNodeAccounts ("namespace/serviceaccount"), on Kubernetes, are
 	// the service accounts of node agents (`trustmesh node`) trusted for
 	// delegated issuance, as Istio's CA_TRUSTED_NODE_ACCOUNTS: each may hold
@@ -312,6 +315,9 @@ func (c *CAConfig) setDefaults() {
 	if c.KubeStaleCacheLimit == 0 {
 		c.KubeStaleCacheLimit = authn.DefaultStaleCacheLimit
 	}
+	if c.MaxClockSkew == 0 {
+		c.MaxClockSkew = ca.DefaultMaxClockSkew
+	}
 }
 
 // check checks the CA group and fills in v's control-plane ID and the
@@ -359,6 +365,9 @@ func (c *CAConfig) check(v *validated) []error {
 	}
 	if c.KubeStaleCacheLimit <= 0 {
 		errs = append(errs, setting("kube-stale-cache-limit", fmt.Errorf("%s must be positive", c.KubeStaleCacheLimit)))
+	}
+	if c.MaxClockSkew <= 0 {
+		errs = append(errs, setting("ca-max-clock-skew", fmt.Errorf("%s must be positive", c.MaxClockSkew)))
 	}
 	errs = append(errs, checkTrustedNodeAccounts(c.TrustedNodeAccounts, v.inKube)...)
 	return errs

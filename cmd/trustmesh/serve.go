@@ -142,6 +142,7 @@ nothing. A start that fails leaves no data dir it created behind.`,
 	f.DurationVar(&cfg.CA.DefaultWorkloadTTL, "default-workload-ttl", 0, "lifetime when none is asked for (default 1h)")
 	f.DurationVar(&cfg.CA.MaxEnrolmentAge, "max-enrolment-age", 0, "how long a join-token enrolment may renew (default 720h)")
 	f.DurationVar(&cfg.CA.KubeStaleCacheLimit, "kube-stale-cache-limit", 0, "on Kubernetes: how long renewal re-checks service accounts against a cache that has stopped hearing from the apiserver, before it refuses them as unavailable (default 5m)")
+	f.DurationVar(&cfg.CA.MaxClockSkew, "ca-max-clock-skew", 0, "how far the CA's clock may be behind its journal's newest issuance before it stops signing (default 5m)")
 	f.StringVar(&cfg.CA.Secret, "ca-secret", "", "on Kubernetes: namespace/name of the Secret that holds the self-managed CA for every replica")
 	f.StringSliceVar(&cfg.CA.TrustedNodeAccounts, "trusted-node-accounts", nil, "on Kubernetes: namespace/serviceaccount,... of node agents (trustmesh node) trusted for delegated issuance of the identities of the pods on their node (default none)")
 	f.DurationVar(&cfg.Rotation.IntermediateTTL, "ca-intermediate-ttl", 0, "lifetime of self-managed intermediates (default 8760h)")
