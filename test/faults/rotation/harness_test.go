@@ -170,7 +170,8 @@ func (s *serve) restart(t *testing.T) {
 		if err == nil {
 			c.Close()
 		}
-		return err == nil
+		_, serr := os.Stat(filepath.Join(s.dataDir, "ca", "rotation.json"))
+		return err == nil && serr == nil
 	})
 }
 
