@@ -376,3 +376,11 @@ func benchClientCounts() []int {
 // window (initial_stream_window_size, initial_connection_window_size),
 // which a simulated Envoy advertises as a real one does.
 const envoyWindow = 256 << 20
+
+// benchInitialPushes is TRUSTMESH_XDS_BENCH_INITIAL_PUSHES: how many nodes
+// the benchmarked server sends a new version at once (zero, the default:
+// DefaultInitialPushes).
+func benchInitialPushes() int {
+	k, _ := strconv.Atoi(os.Getenv("TRUSTMESH_XDS_BENCH_INITIAL_PUSHES"))
+	return k
+}

@@ -153,10 +153,12 @@ func startSources(t testing.TB, meshSrc mesh.Source, polSrc *settable) *env {
 	var err error
 	e.srv, err = xds.New(xds.Config{
 		Bundle: e.ca, Mesh: meshSrc, Policies: polSrc,
-		Proxy:      testProxy(),
-		Clock:      e.xclock,
-		Log:        testLog(),
-		Registerer: e.reg,
+		Proxy: testProxy(),
+		Clock: e.xclock,
+		// The benchmarks' throttle of new versions (zero: the default).
+		InitialPushes: benchInitialPushes(),
+		Log:           testLog(),
+		Registerer:    e.reg,
 		// Traced, so that every test also runs with tracing on.
 		TracerProvider: sdktrace.NewTracerProvider(sdktrace.WithSpanProcessor(e.spans)),
 	})
