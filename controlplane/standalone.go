@@ -58,6 +58,9 @@ type StandaloneAuthzConfig struct {
 	Log     *slog.Logger
 	// TracerProvider traces each Check; nil turns tracing off.
 	TracerProvider trace.TracerProvider
+	// Monitoring, when set, serves /healthz, /readyz and /metrics
+	// (authzd.Config.Monitoring).
+	Monitoring string
 }
 
 // RunAuthz assembles the ext_authz service alone and serves it until ctx
@@ -72,6 +75,7 @@ func RunAuthz(ctx context.Context, c StandaloneAuthzConfig) error {
 		OnKubernetes:   c.Kubernetes || os.Getenv("KUBERNETES_SERVICE_HOST") != "",
 		DecisionLog:    c.DecisionLog,
 		TracerProvider: c.TracerProvider,
+		Monitoring:     c.Monitoring,
 	}
 	if c.Kubernetes {
 		client, err := kube.NewClient(c.Kubeconfig)

@@ -47,6 +47,7 @@ func newAuthzCmd() *cobra.Command {
 	f := cmd.Flags()
 	// Loopback, as serve's listeners: other hosts are let in by a flag.
 	f.StringVar(&c.Address, "listen", controlplane.DefaultListenAuthz, `address to serve on: "host:port" or "unix:///path"`)
+	f.StringVar(&c.Monitoring, "listen-monitoring", "", `address ("host:port") for /healthz, /readyz and /metrics (the decision log's lines written and dropped among them); "" serves none`)
 	f.StringVar(&c.PolicyDir, "policies", "", "directory of AuthorizationPolicy YAML files (watched)")
 	f.StringVar(&c.RootNamespace, "root-namespace", engine.DefaultRootNamespace, "namespace whose policies apply mesh-wide")
 	f.StringVar(&c.TLSCert, "tls-cert", "", "server certificate (PEM)")
