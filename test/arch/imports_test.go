@@ -57,9 +57,10 @@ var rules = []rule{
 }
 
 // controlplaneImporters may import controlplane directly: the composition
-// root itself, the binary and the demo built from its Config, and the two
-// suites that run it whole.
-var controlplaneImporters = []string{"controlplane", "cmd/trustmesh", "demo", "test/e2e", "test/adversary"}
+// root itself, the binary and the demo built from its Config, and the
+// suites that run it whole (the fault suites inject faults into a control
+// plane run in process where the fault cannot come from outside).
+var controlplaneImporters = []string{"controlplane", "cmd/trustmesh", "demo", "test/e2e", "test/adversary", "test/faults"}
 
 // maxControlplaneLines bounds each non-test file of controlplane/.
 const maxControlplaneLines = 450
@@ -112,8 +113,8 @@ func TestRulesCatchViolations(t *testing.T) {
 			"admission/handler.go imports injector/webhook",
 		"analyze is a reader of policies and the mesh: it imports nothing of ca, xds, agent, injector, controlplane or demo: " +
 			"analyze/x/x_test.go imports ca/admin",
-		"only controlplane, cmd/trustmesh, demo, test/e2e, test/adversary may import controlplane: bench/x/main.go imports controlplane",
-		"only controlplane, cmd/trustmesh, demo, test/e2e, test/adversary may import controlplane: xds/demo/demo.go imports controlplane",
+		"only controlplane, cmd/trustmesh, demo, test/e2e, test/adversary, test/faults may import controlplane: bench/x/main.go imports controlplane",
+		"only controlplane, cmd/trustmesh, demo, test/e2e, test/adversary, test/faults may import controlplane: xds/demo/demo.go imports controlplane",
 	}
 	for _, w := range want {
 		if !slices.Contains(got, w) {
