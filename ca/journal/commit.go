@@ -157,9 +157,12 @@ func (s *Store) commitLoop() {
 // longer than CommitDelay since the last commit; ok is false once the store
 // closes.
 func (s *Store) next() (o *op, idle, ok bool) {
+	// An op already queued goes before Close. Whether it was queued before
+	// the committer came back for it or after, the committer was idle if
+	// its last commit is older than the delay.
 	select {
 	case o := <-s.ops:
-		return o, false, true
+		return o, s.cfg.Clock.Since(s.lastCommit) > s.cfg.CommitDelay, true
 	default:
 	}
 	select {

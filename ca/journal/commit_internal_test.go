@@ -133,45 +133,7 @@ func appendOne(s *Store, serial string) error {
 func TestLoneCallerAfterABurstDoesNotWait(t *testing.T) {
 	clk := clocktesting.NewFakeClock(time.Now())
 	s := openForTest(t, clk)
-	serial := 0
-	for try := 0; s.lastBatch < DefaultCommitSiblings; try++ {
-		if try == 10 {
-			t.Fatalf("10 bursts never made a batch of %d", DefaultCommitSiblings)
-		}
-		var wg sync.WaitGroup
-		errs := make(chan error, 32)
-		for range 32 {
-			serial++
-			wg.Add(1)
-			go func(serial int) {
-				defer wg.Done()
-				errs <- appendOne(s, fmt.Sprint("burst-", serial))
-			}(serial)
-		}
-		// A batch that waits for company waits on the clock: step it
-		// until the burst is in.
-		done := make(chan struct{})
-		go func() { wg.Wait(); close(done) }()
-		within(t, func() bool {
-			for {
-				select {
-				case <-done:
-					return true
-				default:
-				}
-				if clk.HasWaiters() {
-					clk.Step(time.Hour)
-				}
-				time.Sleep(time.Millisecond)
-			}
-		})
-		close(errs)
-		for err := range errs {
-			if err != nil {
-				t.Fatal(err)
-			}
-		}
-	}
+	warmUp(t, s, clk, func(i int) error { return appendOne(s, fmt.Sprint("burst-", i)) })
 	// The committer sits idle for longer than the delay.
 	clk.Step(2 * time.Hour)
 	err := within(t, func() error {
@@ -194,47 +156,58 @@ func TestLoneCallerAfterABurstDoesNotWait(t *testing.T) {
 func TestBatchAsLargeAsTheLastDoesNotWait(t *testing.T) {
 	clk := clocktesting.NewFakeClock(time.Now())
 	s := openForTest(t, clk)
-	burst := func(name string, n int, step bool) {
-		t.Helper()
-		var wg sync.WaitGroup
-		errs := make(chan error, n)
-		for i := range n {
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				errs <- appendOne(s, fmt.Sprint(name, "-", i))
-			}()
-		}
-		done := make(chan struct{})
-		go func() { wg.Wait(); close(done) }()
-		within(t, func() bool {
-			for {
-				select {
-				case <-done:
-					return true
-				case <-time.After(time.Millisecond):
-				}
-				if step && clk.HasWaiters() {
-					clk.Step(time.Hour)
-				}
-			}
-		})
-		close(errs)
-		for err := range errs {
-			if err != nil {
-				t.Fatal(err)
-			}
-		}
-	}
+	warmUp(t, s, clk, func(i int) error { return appendOne(s, fmt.Sprint("warm-", i)) })
+	// As many callers as the last batch held come back; nobody steps the
+	// clock.
+	burst(t, clk, s.lastBatch, false, func(i int) error { return appendOne(s, fmt.Sprint("again-", i)) })
+}
+
+// warmUp makes bursts of 32 appends until the committer's last batch held
+// at least CommitSiblings, so that the next batch may wait for company.
+func warmUp(t *testing.T, s *Store, clk *clocktesting.FakeClock, appendOne func(i int) error) {
+	t.Helper()
 	for try := 0; s.lastBatch < DefaultCommitSiblings; try++ {
 		if try == 10 {
 			t.Fatalf("10 bursts never made a batch of %d", DefaultCommitSiblings)
 		}
-		burst(fmt.Sprint("warm", try), 32, true)
+		burst(t, clk, 32, true, func(i int) error { return appendOne(32*try + i) })
 	}
-	// As many callers as the last batch held come back; nobody steps the
-	// clock.
-	burst("again", s.lastBatch, false)
+}
+
+// burst runs n calls of appendOne at once and fails the test if one fails
+// or they are not all done within 10 s. With step, a batch that waits for
+// company on the clock has it stepped until the burst is in.
+func burst(t *testing.T, clk *clocktesting.FakeClock, n int, step bool, appendOne func(i int) error) {
+	t.Helper()
+	var wg sync.WaitGroup
+	errs := make(chan error, n)
+	for i := range n {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			errs <- appendOne(i)
+		}()
+	}
+	done := make(chan struct{})
+	go func() { wg.Wait(); close(done) }()
+	within(t, func() bool {
+		for {
+			select {
+			case <-done:
+				return true
+			case <-time.After(time.Millisecond):
+			}
+			if step && clk.HasWaiters() {
+				clk.Step(time.Hour)
+			}
+		}
+	})
+	close(errs)
+	for err := range errs {
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
 }
 
 func TestAppendAfterCloseFails(t *testing.T) {
