@@ -20,6 +20,7 @@ import (
 
 	"github.com/trustmesh/trustmesh/ca/authority"
 	"github.com/trustmesh/trustmesh/ca/journal"
+	"github.com/trustmesh/trustmesh/internal/atomicfile"
 )
 
 // OpenJournal opens the journal and binds it to a trust domain: the first
@@ -64,6 +65,9 @@ func (d DataDir) openJournal(ctx context.Context, td string, o JournalOptions, r
 	dsn := o.DSN
 	if dsn == "" {
 		dsn = d.JournalPath()
+		if err := d.journalLost(); err != nil {
+			return nil, spiffeid.TrustDomain{}, err
+		}
 		if _, err := os.Stat(dsn); (existing || readOnly) && errors.Is(err, fs.ErrNotExist) {
 			return nil, spiffeid.TrustDomain{}, d.notSetUp("it has no journal.db")
 		}
@@ -120,9 +124,9 @@ func (d DataDir) attachSigner(ctx context.Context, store *journal.Store, td spif
 	case uri != "":
 		key, err = authority.OpenSigner(ctx, uri)
 	case o.CheckpointSecret != "":
-		key, err = checkpointKeyFromSecret(ctx, o, existing)
+		key, err = checkpointKeyFromSecret(ctx, store, o, existing)
 	default:
-		key, err = d.checkpointKeyFile(ctx, existing)
+		key, err = d.checkpointKeyFile(ctx, store, existing)
 	}
 	if err != nil {
 		return err
@@ -133,20 +137,89 @@ func (d DataDir) attachSigner(ctx context.Context, store *journal.Store, td spif
 	}
 	pub := []byte(vkey + "\n")
 	if old, err := os.ReadFile(d.CheckpointPubPath()); err != nil || !bytes.Equal(old, pub) {
-		if err := os.WriteFile(d.CheckpointPubPath(), pub, 0o644); err != nil {
+		if err := atomicfile.WriteFile(d.CheckpointPubPath(), pub, 0o644); err != nil {
 			return fmt.Errorf("admin: %w", err)
 		}
 	}
 	return store.SetSigner(ctx, signer, vkey)
 }
 
+// journalLost refuses an SQLite journal that is missing, or empty, in a
+// data directory whose CA already exists: serve creates the journal before
+// the CA and the checkpoint key, so the journal of such a directory holds
+// the CA's history, and a new, empty one would silently drop it.
+func (d DataDir) journalLost() error {
+	var why string
+	switch fi, err := os.Stat(d.JournalPath()); {
+	case errors.Is(err, fs.ErrNotExist):
+		why = "is missing"
+	case err != nil:
+		return fmt.Errorf("admin: journal: %w", err)
+	case fi.Size() > 0:
+		return nil
+	default:
+		// SQLite opens an empty file as a new database (and discards a
+		// write-ahead log beside it), so an empty journal.db is a lost one.
+		why = "is empty"
+	}
+	var evidence string
+	for _, p := range []string{filepath.Join(d.CADir(), "rotation.json"), filepath.Join(string(d), checkpointKeyFile)} {
+		if _, err := os.Stat(p); err == nil {
+			evidence = p
+			break
+		}
+	}
+	if evidence == "" {
+		gens, _ := filepath.Glob(filepath.Join(d.CADir(), "gen-*"))
+		if len(gens) == 0 {
+			return nil // a first start: the journal is created
+		}
+		evidence = gens[0]
+	}
+	return fmt.Errorf("admin: journal %s %s, but this data directory already holds a CA (%s exists), whose history is in that journal; restore journal.db from a backup (trustmesh does not start a new journal under an existing CA)", d.JournalPath(), why, evidence)
+}
+
+// checkpointHistory returns how many entries the journal holds and the size
+// of its latest signed checkpoint (0 when none).
+func checkpointHistory(ctx context.Context, store *journal.Store) (entries, signed uint64, err error) {
+	if entries, err = store.Size(ctx); err != nil {
+		return 0, 0, err
+	}
+	cp, err := store.LatestCheckpoint(ctx)
+	switch {
+	case errors.Is(err, journal.ErrNotFound):
+		return entries, 0, nil
+	case err != nil:
+		return 0, 0, err
+	}
+	return entries, cp.Size, nil
+}
+
+// refuseNewCheckpointKey refuses to create a checkpoint key for a journal
+// that already holds entries: the checkpoints that vouch for them were
+// signed by the lost key, and a new one cannot sign that history.
+func refuseNewCheckpointKey(ctx context.Context, store *journal.Store, where string) error {
+	entries, signed, err := checkpointHistory(ctx, store)
+	if err != nil {
+		return fmt.Errorf("admin: checkpoint key: %w", err)
+	}
+	if entries == 0 && signed == 0 {
+		return nil
+	}
+	return fmt.Errorf("admin: checkpoint key %s is missing, but the journal already holds %d entries (latest signed checkpoint: size %d); restore the key from a backup (a new key cannot sign this history)", where, entries, signed)
+}
+
 // checkpointKeyFile loads, or on first use (unless existing) creates, the
-// checkpoint key file in the data directory.
-func (d DataDir) checkpointKeyFile(ctx context.Context, existing bool) (crypto.Signer, error) {
+// checkpoint key file in the data directory. It never creates one for a
+// journal that already has entries.
+func (d DataDir) checkpointKeyFile(ctx context.Context, store *journal.Store, existing bool) (crypto.Signer, error) {
 	path := filepath.Join(string(d), checkpointKeyFile)
 	if _, err := os.Stat(path); errors.Is(err, fs.ErrNotExist) {
 		if existing {
 			return nil, d.notSetUp("it has no " + checkpointKeyFile)
+		}
+		if err := refuseNewCheckpointKey(ctx, store, path); err != nil {
+			return nil, err
 		}
 		_, key, err := ed25519.GenerateKey(rand.Reader)
 		if err != nil {
@@ -164,8 +237,9 @@ func (d DataDir) checkpointKeyFile(ctx context.Context, existing bool) (crypto.S
 }
 
 // checkpointKeyFromSecret loads the checkpoint key from a Kubernetes Secret,
-// creating it exactly once when replicas start together.
-func checkpointKeyFromSecret(ctx context.Context, o JournalOptions, existing bool) (crypto.Signer, error) {
+// creating it exactly once when replicas start together, and never for a
+// journal that already has entries.
+func checkpointKeyFromSecret(ctx context.Context, store *journal.Store, o JournalOptions, existing bool) (crypto.Signer, error) {
 	ns, name, ok := strings.Cut(o.CheckpointSecret, "/")
 	if !ok {
 		return nil, fmt.Errorf("admin: checkpoint secret %q is not namespace/name", o.CheckpointSecret)
@@ -185,6 +259,9 @@ func checkpointKeyFromSecret(ctx context.Context, o JournalOptions, existing boo
 		}
 		if existing {
 			return nil, fmt.Errorf("admin: checkpoint secret %s does not exist; start trustmesh serve with --checkpoint-secret %s first", o.CheckpointSecret, o.CheckpointSecret)
+		}
+		if err := refuseNewCheckpointKey(ctx, store, "secret "+o.CheckpointSecret); err != nil {
+			return nil, err
 		}
 		_, key, err := ed25519.GenerateKey(rand.Reader)
 		if err != nil {
