@@ -5,6 +5,7 @@ import (
 	"crypto/sha256"
 	"crypto/x509"
 	"encoding/binary"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"sync"
@@ -73,6 +74,13 @@ func (r *Renewal) Authenticate(ctx context.Context, chain []*x509.Certificate) (
 	if iss.SPIFFEID != id.String() {
 		return ca.Caller{}, ca.Refuse(ca.KindUnauthenticated, ca.ReasonCertNotRecorded,
 			fmt.Errorf("client certificate %s names %s but was recorded for %s", serial, id, iss.SPIFFEID))
+	}
+	// The serial and the identity are public: a leaf forged with a stolen
+	// (say, tainted) intermediate key can copy both. Only the certificate
+	// the CA issued, byte for byte, renews.
+	if sum := sha256.Sum256(chain[0].Raw); iss.CertSHA256 != hex.EncodeToString(sum[:]) {
+		return ca.Caller{}, ca.Refuse(ca.KindUnauthenticated, ca.ReasonCertNotRecorded,
+			fmt.Errorf("client certificate %s is not the certificate recorded under that serial", serial))
 	}
 	switch iss.Origin {
 	case journal.OriginKubernetes:
