@@ -253,6 +253,11 @@ func (s *Set) check(ctx context.Context, req *authv3.CheckRequest, r *request, t
 
 	allowed, reason, de, rule := m.decide(applicable, false)
 	d.decide(allowed, reason, de, rule)
+	if !allowed {
+		// What allowing CUSTOM providers returned is for the upstream, which
+		// a denied request never reaches: none of it goes to the client.
+		d.Headers, d.ResponseHeadersToAdd = nil, nil
+	}
 	if hasDryRun {
 		sa, sr, se, srule := m.decide(applicable, true)
 		d.DryRun = &Shadow{Allowed: sa, Reason: sr}

@@ -442,3 +442,25 @@ func TestBadConnectionLimitsRefused(t *testing.T) {
 		t.Fatal("New accepted a negative connection cap")
 	}
 }
+
+// TestDeniedResponseCarriesNoUpstreamHeaders: the headers an allowing
+// CUSTOM provider returns are for the upstream; when a DENY policy then
+// denies the request, the client is sent none of them (in Envoy, ext_authz
+// OK headers only ever reach the upstream).
+func TestDeniedResponseCarriesNoUpstreamHeaders(t *testing.T) {
+	s, err := extauthz.New(extauthz.Config{Engine: newEngine(t), InsecurePlaintext: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp, err := s.Check(context.Background(), checkRequest("/admin", map[string]string{":path": "/admin", "x-user": "alice"}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := resp.GetDeniedResponse()
+	if d == nil {
+		t.Fatalf("want a denied response, got %v", resp)
+	}
+	if len(d.GetHeaders()) != 0 {
+		t.Fatalf("denied by a DENY policy, yet the client is sent the provider's upstream headers: %v", resp)
+	}
+}
