@@ -347,8 +347,10 @@ func (w *workload) request(ctx context.Context, caAddr string, roots *x509.CertP
 	return received{serial: ca.SerialHex(chain[0]), sha256: hex.EncodeToString(sum[:])}, nil
 }
 
-// outcome is one request of a burst: when it returned, and what.
+// outcome is one request of a burst: when it was sent, when it returned,
+// and what.
 type outcome struct {
+	sent time.Time
 	at   time.Time
 	cert received
 	err  error
@@ -369,10 +371,11 @@ func burst(caAddr string, roots *x509.CertPool, ws []*workload, stop <-chan stru
 					return
 				default:
 				}
+				sent := time.Now()
 				ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 				got, err := w.request(ctx, caAddr, roots, "")
 				cancel()
-				out <- outcome{at: time.Now(), cert: got, err: err}
+				out <- outcome{sent: sent, at: time.Now(), cert: got, err: err}
 				if err != nil {
 					time.Sleep(50 * time.Millisecond)
 				}
