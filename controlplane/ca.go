@@ -66,6 +66,23 @@ func (cp *ControlPlane) newAuthority(ctx context.Context, v *validated) (err err
 		_, err = op.ReadState(ctx)
 		fresh = errors.Is(err, rotation.ErrNoCA)
 	}
+	if fresh && v.CA.CertsDir == "" {
+		// A journal with history and no CA beside it means the CA was lost,
+		// not that this is a first start: minting a new root here would
+		// silently replace the CA whose certificates the journal vouches for.
+		latest, err := cp.journal.LatestIssuanceTime(ctx)
+		if err != nil {
+			return fmt.Errorf("controlplane: %w", err)
+		}
+		if !latest.IsZero() {
+			where := dir.CADir()
+			if v.CA.Secret != "" {
+				where = "the Secret " + v.CA.Secret
+			}
+			return fmt.Errorf("controlplane: the journal holds issuances (the latest at %s) but %s holds no CA: restore the CA from a backup; trustmesh does not create a new CA over a journal's history",
+				latest.UTC().Format(time.RFC3339), where)
+		}
+	}
 	if cp.rotation, err = rotation.New(rotation.Config{
 		Store: store, IsLeader: isLeader,
 		Dir: dir.CADir(), TrustDomain: v.td, Recorder: cp.journal, Clock: v.Clock, Log: v.Log,

@@ -341,3 +341,31 @@ func waitFor(t *testing.T, ok func() bool) {
 		time.Sleep(100 * time.Millisecond)
 	}
 }
+
+// TestMissingCADirectory: a data directory whose journal holds issuances
+// but whose CA directory is gone (deleted, or not restored with the
+// journal) is refused at start, saying so, and serve creates no CA in its
+// place: a new root minted there would silently replace the CA the
+// journal's history vouches for.
+func TestMissingCADirectory(t *testing.T) {
+	base := newDataDir(t)
+	dir := filepath.Join(t.TempDir(), "data")
+	copyTree(t, base, dir)
+	if err := os.RemoveAll(filepath.Join(dir, "ca")); err != nil {
+		t.Fatal(err)
+	}
+	before := hashTree(t, dir)
+	exited, code, out := serve(t, dir, 15*time.Second)
+	if !exited || code == 0 {
+		t.Fatalf("serve started on a data dir whose journal has history and whose CA is gone (exited=%v code=%d)\n%s", exited, code, out)
+	}
+	if !strings.Contains(out, "holds no CA") {
+		t.Errorf("the refusal does not say the CA is missing:\n%s", out)
+	}
+	if _, err := os.Stat(filepath.Join(dir, "ca")); err == nil {
+		t.Errorf("serve created a CA directory when it refused to start:\n%s", out)
+	}
+	if d := diffTrees(before, hashTree(t, dir)); len(d) > 0 {
+		t.Errorf("serve changed the data dir it refused: %v\n%s", d, out)
+	}
+}
