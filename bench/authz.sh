@@ -16,14 +16,18 @@
 #     policy.rego) as a CUSTOM provider, and the stand-in on the same Rego.
 # The load is bench/cmd/authz-load (extauthz-load's closed loop and request
 # file, plus p99.9), calibrated against extauthz-load on the plaintext floor
-# in every round. Rounds are interleaved (every point once per round) and
-# the median of the rounds decides. A round is 25 points of BENCH_WARMUP +
+# in every round. Rounds are interleaved (every point once per round); every
+# ratio (to the floor, Rego/stand-in, log on/off) is taken inside a round and
+# the median of the per-round ratios decides, printed beside the per-round
+# values. The stand-in counts only if it lands at 0.35-0.39 of the floor at
+# c=16; each issue-11 goal gets a PASS/FAIL line per transport; a point with
+# errors is flagged and left out. A round is 25 points of BENCH_WARMUP +
 # BENCH_DURATION: about 5 minutes at the defaults.
 #
 # Env: BENCH_DURATION (10s), BENCH_WARMUP (2s), BENCH_AUTHZ_ROUNDS (3),
 # BENCH_OUT (results directory), TRUSTMESH_SHARED_BENCH (../shared/bench),
 # BENCH_AUTHZ_PORT (first port tried, 19100), BENCH_AUTHZ_POLICIES (the
-# policy counts, "10 100 1000 10000").
+# policy counts, "10 100 1000 10000"; 1000 is always added).
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 shared=${TRUSTMESH_SHARED_BENCH:-$root/../shared/bench}
@@ -32,6 +36,8 @@ dur=${BENCH_DURATION:-10s}
 warm=${BENCH_WARMUP:-2s}
 rounds=${BENCH_AUTHZ_ROUNDS:-3}
 counts=${BENCH_AUTHZ_POLICIES:-10 100 1000 10000}
+# 1,000 policies always run: the decision-log point and the goals use them.
+counts=$(printf '%s\n' $counts 1000 | sort -nu | tr '\n' ' ')
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 
@@ -190,19 +196,36 @@ done
 
 raw=$out/authz.jsonl
 : >"$raw"
-# point ROUND TRANSPORT SERVER C: one measured point, appended to $raw.
+# metric NAME TRANSPORT: the value of a counter on the decision-log server's
+# monitoring endpoint (empty without one).
+metric() {
+  if [ -n "${monaddr[$2]:-}" ]; then
+    curl -fsS "http://${monaddr[$2]}/metrics" | awk -v m="$1" '$1 == m {print $2}'
+  fi
+}
+# point ROUND TRANSPORT SERVER C: one measured point, appended to $raw. The
+# decision log's lines and its counters are read before and after the point:
+# the counters are the process's lifetime totals, the point's are deltas.
 point() {
-  local round=$1 tr=$2 name=$3 c=$4 extra="" before=0 res
-  if [ "$name" = tm1000log ]; then before=$(wc -l <"${logfile[$tr]}"); fi
+  local round=$1 tr=$2 name=$3 c=$4 extra="" before=0 d0="" w0="" d1 w1 res
+  if [ "$name" = tm1000log ]; then
+    before=$(wc -l <"${logfile[$tr]}")
+    d0=$(metric trustmesh_authz_decision_log_dropped_total "$tr")
+    w0=$(metric trustmesh_authz_decision_log_written_total "$tr")
+  fi
   # shellcheck disable=SC2086
   res=$("$bin/authz-load" -addr "${addr[$name-$tr]}" -requests "$requests" -c "$c" -d "$dur" -warmup "$warm" \
     ${tls_client_args[$tr]})
   if [ "$name" = tm1000log ]; then
     sleep 1 # the log writer is asynchronous
     extra=",\"log_lines\":$(($(wc -l <"${logfile[$tr]}") - before))"
-    if [ -n "${monaddr[$tr]:-}" ]; then
-      dropped=$(curl -fsS "http://${monaddr[$tr]}/metrics" | awk '/^trustmesh_authz_decision_log_dropped_total/ {print $2}')
-      extra="$extra,\"log_dropped\":${dropped:-null}"
+    d1=$(metric trustmesh_authz_decision_log_dropped_total "$tr")
+    w1=$(metric trustmesh_authz_decision_log_written_total "$tr")
+    if [ -n "$d0" ] && [ -n "$d1" ]; then
+      extra="$extra,\"log_dropped\":$(python3 -c "print(int(float('$d1') - float('$d0')))")"
+    fi
+    if [ -n "$w0" ] && [ -n "$w1" ]; then
+      extra="$extra,\"log_written\":$(python3 -c "print(int(float('$w1') - float('$w0')))")"
     fi
   fi
   echo "{\"round\":$round,\"transport\":\"$tr\",\"server\":\"$name\",\"c\":$c$extra,\"load\":$res}" >>"$raw"
@@ -226,42 +249,109 @@ for round in $(seq 1 "$rounds"); do
 done
 
 python3 - "$raw" "$monitoring_flag" <<'EOF'
+# Every ratio is taken inside a round, where its two sides ran under the
+# same machine load, and the median of the per-round ratios decides; the
+# per-round values are printed beside it. A point with errors is flagged
+# and left out of every ratio.
 import json, statistics, sys
 raw, monitoring = sys.argv[1], sys.argv[2]
 pts = [json.loads(l) for l in open(raw)]
+rounds = sorted({p["round"] for p in pts})
+bad = [p for p in pts if p["load"].get("errors")]
+for p in bad:
+    print(f"FLAGGED: round {p['round']} {p['transport']} {p['server']} c={p['c']}: {p['load']['errors']} errors "
+          f"of {p['load'].get('total')} calls; left out of every ratio")
+def val(r, tr, server, c, field):
+    for p in pts:
+        if (p["round"], p["transport"], p["server"], p["c"]) == (r, tr, server, c):
+            return None if p["load"].get("errors") else p["load"].get(field)
+    return None
 def med(tr, server, c, field):
-    xs = [p["load"].get(field) for p in pts if p["transport"] == tr and p["server"] == server and p["c"] == c]
+    xs = [val(r, tr, server, c, field) for r in rounds]
     xs = [x for x in xs if x is not None]
     return statistics.median(xs) if xs else None
-cal_ext = med("plain", "floor-extauthz-load", 16, "rps")
-cal_ours = med("plain", "floor", 16, "rps")
-print(f"calibration: authz-load/extauthz-load on the plaintext floor at c=16: {cal_ours / cal_ext:.3f} "
-      f"({cal_ours:,.0f} vs {cal_ext:,.0f} rps, medians)")
+def ratio(tr, num, den, c, field="rps", num_tr=None):
+    rs = []
+    for r in rounds:
+        a, b = val(r, num_tr or tr, num, c, field), val(r, tr, den, c, field)
+        if a and b:
+            rs.append(a / b)
+    return (statistics.median(rs) if rs else None), rs
+def fmt(m, rs, digits=3):
+    if m is None:
+        return "n/a (no round has both points without errors)"
+    return f"{m:.{digits}f} (rounds: {', '.join(f'{x:.{digits}f}' for x in rs)})"
+def verdict(ok):
+    return "PASS" if ok else "FAIL"
+cm, crs = ratio("plain", "floor", "floor-extauthz-load", 16)
+print(f"calibration: authz-load/extauthz-load on the plaintext floor at c=16: {fmt(cm, crs)}; "
+      f"within 0.90-1.10: {'yes' if cm is not None and 0.90 <= cm <= 1.10 else 'no (the two load generators disagree: read every figure with care)'}")
 names = {"floor": "no-op floor (extauthz-load -noop-server)", "rego": "trustmesh, sample Rego as CUSTOM",
          "standin": "opa-envoy-plugin stand-in, sample Rego", "tm1000log": "trustmesh, 1,000 APs, decision log on"}
 servers = sorted({p["server"] for p in pts if p["server"].startswith("tm") and p["server"] != "tm1000log"},
                  key=lambda s: int(s[2:]))
 order = ["floor"] + servers + ["tm1000log", "rego", "standin"]
+def f(x, spec):
+    if x is not None:
+        return format(x, spec)
+    return "n/a".rjust(int("".join(ch for ch in spec.split(".")[0] if ch.isdigit())))
 for tr in ["plain", "mtls"]:
-    floor16, floor1 = med(tr, "floor", 16, "rps"), med(tr, "floor", 1, "p50_us")
-    print(f"\n{tr}: medians of the rounds; ratios to the floor on the same transport")
+    print(f"\n{tr}: rps and latencies are medians of the rounds; /floor is the median of the per-round ratios to the floor on the same transport")
     print(f"{'server':44} {'rps c=16':>10} {'/floor':>7} {'p99 us':>8} {'p99.9 us':>9} {'p50 c=1':>8} {'/floor':>7} {'p99 c=1':>8} {'p99.9 c=1':>9}")
     for s in order:
-        rps = med(tr, s, 16, "rps")
-        if rps is None:
+        if not any(p["transport"] == tr and p["server"] == s for p in pts):
             continue
         name = names[s] if s in names else f"trustmesh, {int(s[2:]):,} APs"
-        p50 = med(tr, s, 1, "p50_us")
-        c1 = f"{p50:8.0f} {p50 / floor1:7.2f} {med(tr, s, 1, 'p99_us'):8.0f} {med(tr, s, 1, 'p999_us'):9.0f}" if p50 else ""
-        print(f"{name:44} {rps:10,.0f} {rps / floor16:7.3f} {med(tr, s, 16, 'p99_us'):8.0f} {med(tr, s, 16, 'p999_us'):9.0f} {c1}")
-    rego, standin = med(tr, "rego", 16, "rps"), med(tr, "standin", 16, "rps")
-    print(f"stand-in/floor at c=16: {standin / floor16:.3f} (counts only within 0.35-0.39); trustmesh Rego/stand-in: {rego / standin:.2f}")
-    on, off = med(tr, "tm1000log", 16, "rps"), med(tr, "tm1000", 16, "rps")
-    if on and off:
-        print(f"decision log on/off at 1,000 APs, c=16: {on / off:.3f}")
+        r16, _ = ratio(tr, s, "floor", 16)
+        line = (f"{name:44} {f(med(tr, s, 16, 'rps'), '10,.0f')} {f(r16, '7.3f')} "
+                f"{f(med(tr, s, 16, 'p99_us'), '8.0f')} {f(med(tr, s, 16, 'p999_us'), '9.0f')}")
+        if any(p["transport"] == tr and p["server"] == s and p["c"] == 1 for p in pts):
+            r1, _ = ratio(tr, s, "floor", 1, "p50_us")
+            line += (f" {f(med(tr, s, 1, 'p50_us'), '8.0f')} {f(r1, '7.2f')} "
+                     f"{f(med(tr, s, 1, 'p99_us'), '8.0f')} {f(med(tr, s, 1, 'p999_us'), '9.0f')}")
+        print(line)
+    print(f"{tr}: per-round ratios (median first)")
+    for s in servers + ["tm1000log", "rego", "standin"]:
+        m, rs = ratio(tr, s, "floor", 16)
+        if rs:
+            print(f"  {s}/floor rps c=16: {fmt(m, rs)}")
+    m, rs = ratio(tr, "tm1000", "floor", 1, "p50_us")
+    print(f"  tm1000/floor p50 c=1: {fmt(m, rs, 2)}")
+    sm, srs = ratio(tr, "standin", "floor", 16)
+    counts = sm is not None and 0.35 <= sm <= 0.39
+    print(f"  stand-in/floor rps c=16: {fmt(sm, srs)}; counts: {'yes' if counts else 'no'} (must lie within 0.35-0.39)")
+    rm, rrs = ratio(tr, "rego", "standin", 16)
+    print(f"  trustmesh Rego/stand-in rps c=16: {fmt(rm, rrs, 2)}")
+    om, ors = ratio(tr, "tm1000log", "tm1000", 16)
+    print(f"  decision log on/off at 1,000 APs, rps c=16: {fmt(om, ors)}")
+    drops, lines_ok = [], True
     for p in pts:
         if p["transport"] == tr and p["server"] == "tm1000log":
-            dropped = p.get("log_dropped", "n/a" if not monitoring else None)
-            print(f"  round {p['round']} c={p['c']}: {p['log_lines']} lines written for {p['load']['answered']} calls answered; dropped (monitoring): {dropped}")
+            d = p.get("log_dropped")
+            drops.append(d)
+            w = p.get("log_written")
+            print(f"  round {p['round']} c={p['c']}: {p['log_lines']} lines written for {p['load']['answered']} calls answered; "
+                  f"during the point: dropped {'n/a' if d is None else d}, written (counter) {'n/a' if w is None else w}")
+            if p["log_lines"] != p["load"]["answered"] or (w is not None and w != p["log_lines"]):
+                lines_ok = False
+    print(f"{tr}: issue-11 goals (medians of per-round ratios)")
+    ap, _ = ratio(tr, "tm1000", "floor", 16)
+    print(f"  {verdict(ap is not None and ap >= 0.80)}: 1,000 APs at c=16 >= 0.80 of the floor: {f'{ap:.3f}' if ap is not None else 'n/a'}")
+    p50, _ = ratio(tr, "tm1000", "floor", 1, "p50_us")
+    print(f"  {verdict(p50 is not None and p50 <= 1.2)}: 1,000 APs p50 at c=1 <= 1.2x the floor: {f'{p50:.2f}' if p50 is not None else 'n/a'}")
+    if counts:
+        print(f"  {verdict(rm is not None and rm >= 1.5)}: trustmesh Rego >= 1.5x the stand-in: {f'{rm:.2f}' if rm is not None else 'n/a'}")
+    else:
+        print(f"  NOT JUDGED: trustmesh Rego >= 1.5x the stand-in: the stand-in is not calibrated (stand-in/floor "
+              f"{f'{sm:.3f}' if sm is not None else 'n/a'}, outside 0.35-0.39); Rego/stand-in was {f'{rm:.2f}' if rm is not None else 'n/a'}")
+    no_drops = bool(drops) and all(d == 0 for d in drops)
+    ok = om is not None and om >= 0.90 and no_drops and lines_ok
+    why = [] if no_drops else ["drops not 0" if drops and all(d is not None for d in drops) else "drops not measured"]
+    if not lines_ok:
+        why.append("lines written differ from calls answered")
+    print(f"  {verdict(ok)}: decision log on/off >= 0.90 and 0 drops: {f'{om:.3f}' if om is not None else 'n/a'}"
+          + (f" ({'; '.join(why)})" if why else ""))
+if bad:
+    print(f"\n{len(bad)} point(s) had errors (FLAGGED above)")
 EOF
 echo "raw: $raw"
