@@ -4,11 +4,16 @@
 // loop), each with a fresh ECDSA P-256 key and CSR per call. Each worker
 // enrols once with a join token, then renews over mTLS with its current
 // certificate: the steady-state operation of a mesh CA, with authentication,
-// the durable journal and the self-check included. A worker keeps one
-// connection, authenticated with the certificate it enrolled with, as a
-// client of SPIRE's admin socket keeps one; with -handshake-per-call it
-// dials a fresh one for each renewal instead, as an agent that reconnects
-// does. It prints one JSON line.
+// the durable journal and the self-check included. After each renewal a
+// worker presents the certificate it was just issued, as an agent does (it
+// reconnects when its certificate changes), so every renewal makes the CA
+// verify a client chain it has not seen: its verified-chain cache does not
+// answer for it. That takes a TLS handshake per renewal. With -same-chain a
+// worker keeps one connection, authenticated with the certificate it
+// enrolled with, as a client of SPIRE's admin socket keeps one (the old
+// behaviour: the CA's cache answers every renewal after the first); with
+// -handshake-per-call it dials a fresh connection for each renewal whatever
+// it presents. It prints one JSON line.
 //
 // The no-op floor is the same client against a CA that does nothing: run
 // `ca-load -serve-noop ADDR -data-dir DIR` (it serves until killed), then
@@ -16,7 +21,9 @@
 // speaks the same service over the same transport (TLS 1.3, a client
 // certificate requested, HTTP/2), takes the same messages and answers each
 // with one canned chain made at start, so that what trustmesh adds to it is
-// the CA's own work.
+// the CA's own work. Without -same-chain the floor's workers also reconnect
+// after each call (presenting the canned chain, which holds no requested
+// key), so that the floor pays the handshakes trustmesh's workers pay.
 //
 // With -server-pid, the JSON line also carries the server's CPU time per
 // certificate, from /proc/<pid>/stat across the measured window.
@@ -55,6 +62,7 @@ type summary struct {
 	Target           string  `json:"target"`
 	Mode             string  `json:"mode"`
 	HandshakePerCall bool    `json:"handshake_per_call"`
+	SameChain        bool    `json:"same_chain"`
 	Concurrency      int     `json:"concurrency"`
 	DurationS        float64 `json:"duration_s"`
 	OK               int64   `json:"ok"`
@@ -80,6 +88,7 @@ type options struct {
 	conc                int
 	dur                 time.Duration
 	handshakePerCall    bool
+	sameChain           bool
 	serverPID           int
 }
 
@@ -91,6 +100,7 @@ func main() {
 	flag.IntVar(&o.conc, "c", 1, "concurrent workers")
 	flag.DurationVar(&o.dur, "d", 10*time.Second, "measured duration")
 	flag.BoolVar(&o.handshakePerCall, "handshake-per-call", false, "dial a fresh TLS connection for every call instead of keeping one per worker")
+	flag.BoolVar(&o.sameChain, "same-chain", false, "present the enrolment certificate on every renewal over one kept connection (the CA's verified-chain cache then answers), instead of the certificate just issued")
 	flag.IntVar(&o.serverPID, "server-pid", 0, "the server's process id, to report its CPU time per certificate from /proc")
 	serveNoop := flag.String("serve-noop", "", "serve a no-op CA on this address, writing its client material to -data-dir, until killed")
 	flag.Parse()
@@ -121,10 +131,16 @@ type worker struct {
 	// checkKey is false against the no-op floor, whose canned chain does
 	// not hold the requested key.
 	checkKey bool
-	key      *ecdsa.PrivateKey
-	chain    [][]byte
-	client   pb.IstioCertificateServiceClient
-	conn     *grpc.ClientConn
+	// sameChain keeps the enrolment key and chain; otherwise each renewal
+	// replaces them and marks the connection stale.
+	sameChain bool
+	key       *ecdsa.PrivateKey
+	chain     [][]byte
+	// stale says the connection presents an older certificate than chain
+	// (or, against the floor, that a renewal was made since it was dialled).
+	stale  bool
+	client pb.IstioCertificateServiceClient
+	conn   *grpc.ClientConn
 }
 
 func run(o options) error {
@@ -155,7 +171,7 @@ func run(o options) error {
 			for time.Now().Before(deadline) {
 				t0 := time.Now()
 				var err error
-				if o.handshakePerCall {
+				if o.handshakePerCall || w.stale {
 					err = w.dialAndCall(ctx)
 				} else {
 					err = w.call(ctx)
@@ -189,7 +205,7 @@ func run(o options) error {
 		}
 		return float64(all[int(p*float64(len(all)-1))].Microseconds())
 	}
-	s := summary{Tool: "ca-load", Target: o.addr, Mode: o.mode, HandshakePerCall: o.handshakePerCall, Concurrency: o.conc,
+	s := summary{Tool: "ca-load", Target: o.addr, Mode: o.mode, HandshakePerCall: o.handshakePerCall, SameChain: o.sameChain, Concurrency: o.conc,
 		DurationS: elapsed, OK: ok.Load(), Errors: failed.Load(),
 		RPS: float64(ok.Load()) / elapsed, P50us: pct(0.5), P99us: pct(0.99), P999us: pct(0.999)}
 	if o.serverPID != 0 && s.OK > 0 {
@@ -204,7 +220,7 @@ func run(o options) error {
 // newWorker enrols worker i with trustmesh, or takes the no-op server's
 // client certificate, and opens the connection it keeps.
 func newWorker(ctx context.Context, o options, i int) (*worker, error) {
-	w := &worker{addr: o.addr, checkKey: o.mode == modeRenew}
+	w := &worker{addr: o.addr, checkKey: o.mode == modeRenew, sameChain: o.sameChain}
 	if o.mode == modeNoop {
 		m, err := readNoopMaterial(o.dataDir)
 		if err != nil {
@@ -255,7 +271,7 @@ func (w *worker) dial() error {
 	if err != nil {
 		return err
 	}
-	w.conn, w.client = conn, pb.NewIstioCertificateServiceClient(conn)
+	w.conn, w.client, w.stale = conn, pb.NewIstioCertificateServiceClient(conn), false
 	return nil
 }
 
@@ -311,13 +327,16 @@ func (w *worker) call(ctx context.Context) error {
 		return err
 	}
 	if !w.checkKey {
+		// The floor's canned chain holds no requested key: it keeps
+		// presenting its own, but reconnects as trustmesh's workers do.
+		w.stale = !w.sameChain
 		return nil
 	}
 	if !key.PublicKey.Equal(leaf.PublicKey) {
 		return errors.New("the certificate does not hold the requested key")
 	}
-	if w.chain == nil {
-		w.key, w.chain = key, chain
+	if w.chain == nil || !w.sameChain {
+		w.key, w.chain, w.stale = key, chain, true
 	}
 	return nil
 }
