@@ -8,6 +8,7 @@ import (
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	admissionregistrationv1 "k8s.io/api/admissionregistration/v1"
+	corev1 "k8s.io/api/core/v1"
 	rbacv1 "k8s.io/api/rbac/v1"
 	apiextensionsv1 "k8s.io/apiextensions-apiserver/pkg/apis/apiextensions/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
@@ -22,6 +23,8 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/envtest"
 
 	"github.com/trustmesh/trustmesh/admission"
+	"github.com/trustmesh/trustmesh/ca"
+	"github.com/trustmesh/trustmesh/ca/authn"
 	"github.com/trustmesh/trustmesh/ca/authority"
 	"github.com/trustmesh/trustmesh/deploy"
 	"github.com/trustmesh/trustmesh/injector"
@@ -163,6 +166,42 @@ func TestRBACSufficesForTheBundlePublishers(t *testing.T) {
 	}
 	if !jwksRule {
 		t.Fatal("the chart's ClusterRole does not grant GET /openid/v1/jwks")
+	}
+
+	// Renewal re-checks a Kubernetes workload's service account against
+	// the authenticator's cache of service accounts, which lists and
+	// watches them as the control plane; without the rule the cache never
+	// syncs and every renewal is refused as unavailable.
+	acct, err := admin.CoreV1().ServiceAccounts("rbac-workloads").Create(ctx,
+		&corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Name: "renewing"}}, metav1.CreateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	kubeAuth, err := authn.NewKubernetes(authn.KubernetesConfig{TrustDomain: spiffeid.RequireTrustDomainFromString("cluster.local"), Client: cs})
+	if err != nil {
+		t.Fatal(err)
+	}
+	actx, stopAccounts := context.WithCancel(ctx)
+	accountsDone := make(chan error, 1)
+	go func() { accountsDone <- kubeAuth.Run(actx) }()
+	defer func() {
+		stopAccounts()
+		<-accountsDone
+	}()
+	renewing := spiffeid.RequireFromString("spiffe://cluster.local/ns/rbac-workloads/sa/renewing")
+	var checkErr error
+	for deadline := time.Now().Add(30 * time.Second); time.Now().Before(deadline); time.Sleep(250 * time.Millisecond) {
+		if checkErr = kubeAuth.CheckServiceAccount(ctx, renewing, string(acct.UID)); checkErr == nil {
+			break
+		}
+	}
+	if checkErr != nil {
+		t.Fatalf("renewal's service-account re-check as the control plane: %v", checkErr)
+	}
+	if err := kubeAuth.CheckServiceAccount(ctx, renewing, "another-uid"); err == nil {
+		t.Fatal("renewal's re-check accepted an account recorded with another uid")
+	} else if r, ok := ca.AsRefusal(err); !ok || r.Kind != ca.KindDenied {
+		t.Fatalf("renewal's re-check of an account recorded with another uid = %v; want denied", err)
 	}
 
 	td := spiffeid.RequireTrustDomainFromString("cluster.local")
