@@ -93,6 +93,7 @@ const (
 // credentials, and tells the operator reading the agent's log where to look.
 var unavailableMsgs = map[string]string{
 	ca.ReasonJournalUnavailable: "the CA cannot record issuances now (its journal is unavailable); try again",
+	ca.ReasonTokenReviewFailed:  "the CA cannot reach the Kubernetes TokenReview API to review the token now; try again",
 	ca.ReasonClockBehind:        "the CA's clock is behind its journal's newest issuance by more than its allowance; it signs nothing until its clock is corrected",
 	ca.ReasonClockBeforeIssuer:  "the CA's clock is before its issuing certificate's validity; it signs nothing until its clock is corrected",
 	ca.ReasonClockUnchecked:     "the CA cannot read its journal to check its clock now; try again",

@@ -242,6 +242,7 @@ func TestRefusalCodes(t *testing.T) {
 		{ca.Refuse(ca.KindUnavailable, "r4", detail), codes.Unavailable, "r4", false, "try again"},
 		{ca.Refuse(ca.KindUnavailable, ca.ReasonJournalUnavailable, detail), codes.Unavailable, ca.ReasonJournalUnavailable, false, "journal is unavailable"},
 		{ca.Refuse(ca.KindUnavailable, ca.ReasonClockBehind, detail), codes.Unavailable, ca.ReasonClockBehind, false, "clock is behind"},
+		{ca.Refuse(ca.KindUnavailable, ca.ReasonTokenReviewFailed, detail), codes.Unavailable, ca.ReasonTokenReviewFailed, false, "TokenReview"},
 		{ca.Refuse(ca.KindInternal, "r5", detail), codes.Internal, "r5", false, ""},
 		{fmt.Errorf("wrapped: %w", ca.Refuse(ca.KindDenied, "r6", detail)), codes.PermissionDenied, "r6", false, ""},
 		{detail, codes.Internal, "internal", false, ""},
