@@ -71,6 +71,7 @@ func (s *Store) submit(ctx context.Context, o *op) error {
 	}
 	defer span.End()
 	o.done = make(chan error, 1)
+	submitted := s.cfg.Clock.Now()
 	if err := s.enqueue(ctx, o); err != nil {
 		span.SetStatus(codes.Error, "not queued")
 		return err
@@ -78,6 +79,9 @@ func (s *Store) submit(ctx context.Context, o *op) error {
 	// Once queued, wait for the outcome even if ctx ends: the caller must
 	// know whether its entry is durable.
 	err := <-o.done
+	if err == nil && (o.pre != nil || len(o.entries) > 0) {
+		s.metrics.observeAppend(s.cfg.Clock.Since(submitted))
+	}
 	if span.IsRecording() {
 		span.SetAttributes(attribute.Int(AttrBatchSize, o.batch),
 			attribute.Float64(AttrWaitMillis, float64(o.waited)/float64(time.Millisecond)))
@@ -239,6 +243,21 @@ func (s *Store) commit(batch []*op) {
 		s.setIntegrity(err)
 	}
 	s.noteAvailability(err)
+	if err == nil {
+		s.metrics.observeBatch(len(batch))
+		// Before any caller learns its outcome, so that the clock guard
+		// of its next issuance measures against this one.
+		for i, o := range batch {
+			if errs[i] != nil {
+				continue
+			}
+			for _, e := range o.entries {
+				if e.kind == KindIssuance {
+					s.latest.raise(e.time)
+				}
+			}
+		}
+	}
 	for i, o := range batch {
 		switch {
 		case err != nil:
@@ -290,6 +309,11 @@ func (s *Store) commitBatch(ctx context.Context, batch []*op) (opErrs []error, s
 	// connection hid, or a server restored from elsewhere, is found here
 	// rather than assumed away.
 	appended := s.rng.End() != before
+	if appended || s.recheck {
+		// Another writer may have issued: the clock guard reads the log
+		// again rather than trust what it last read.
+		s.latest.drop()
+	}
 	if appended && s.verifier == nil {
 		return nil, nil, fmt.Errorf("%w: rows were appended elsewhere and no verifier key is set", ErrTampered)
 	}

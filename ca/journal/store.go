@@ -70,6 +70,10 @@ type Config struct {
 	// compares it with the verified leaf at its index. Zero means
 	// DefaultRecheckInterval.
 	RecheckInterval time.Duration
+	// LatestRefresh is how long LatestIssuanceTime serves the newest
+	// issuance time from memory before it reads the database again. Zero
+	// means DefaultLatestRefresh.
+	LatestRefresh time.Duration
 
 	Log *slog.Logger
 }
@@ -113,6 +117,11 @@ type Store struct {
 	// unproven is set when entries were loaded without a verifier key:
 	// nothing vouches for them, so lookups refuse.
 	unproven bool
+	// metrics are the append latency and batch size (metrics.go).
+	metrics metrics
+	// latest is the newest issuance time, kept for the clock guard
+	// (latest.go).
+	latest latestCache
 }
 
 func (s *Store) setIntegrity(err error) {
@@ -149,13 +158,16 @@ func Open(ctx context.Context, cfg Config) (*Store, error) {
 	if cfg.RecheckInterval <= 0 {
 		cfg.RecheckInterval = DefaultRecheckInterval
 	}
+	if cfg.LatestRefresh <= 0 {
+		cfg.LatestRefresh = DefaultLatestRefresh
+	}
 	if cfg.Log == nil {
 		cfg.Log = slog.Default()
 	}
 	if cfg.Origin == "" && cfg.Signer != nil {
 		cfg.Origin = cfg.Signer.Name()
 	}
-	s := &Store{cfg: cfg, hasher: newHasher(), ops: make(chan *op, 4096), closed: make(chan struct{})}
+	s := &Store{cfg: cfg, hasher: newHasher(), ops: make(chan *op, 4096), closed: make(chan struct{}), metrics: newMetrics()}
 	var err error
 	if isPostgres(cfg.DSN) {
 		s.postgres = true
