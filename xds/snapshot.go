@@ -273,7 +273,7 @@ func (g *generation) check(res *proxyconfig.Resources) (*published, error) {
 		version := typeVersion(names, versions)
 		snap.Resources[idx] = cachev3.NewResourcesWithTTL(version, withTTL)
 		snap.VersionMap[typ] = versions
-		pub.types[typ] = &typeSet{version: version, names: names, anys: anys}
+		pub.types[typ] = &typeSet{version: version, names: names, anys: anys, versions: versions}
 	}
 	// As Snapshot.Consistent: the routes and endpoints are exactly those
 	// the listeners and clusters name.

@@ -2,6 +2,7 @@ package xds
 
 import (
 	"context"
+	"errors"
 	"sort"
 	"sync"
 	"time"
@@ -12,9 +13,10 @@ import (
 	"k8s.io/utils/clock"
 )
 
-// published is what a node is given: the go-control-plane snapshot (for
-// delta streams) and, per type, the version and the resources already
-// marshaled, shared by every node and response of a generation.
+// published is what a node is given: the go-control-plane snapshot (its
+// per-resource versions, and `trustmesh xds dump`) and, per type, the
+// version and the resources already marshaled, shared by every node and
+// response of a generation.
 type published struct {
 	snap  cachev3.ResourceSnapshot
 	types map[string]*typeSet
@@ -27,6 +29,14 @@ type typeSet struct {
 
 	allOnce sync.Once
 	all     []*anypb.Any // in the order of names
+
+	// Delta (delta.go), guarded by the cache's mu: each resource's
+	// version (the snapshot's version map); the delta resources every
+	// response shares; the diffs to this set from others, by their id.
+	versions map[string]string
+	delta    map[string]*discoveryv3.Resource
+	diffs    map[uint64]*deltaDiff
+	id       uint64
 }
 
 // allAnys returns every resource of the type in the order of names, one
@@ -54,7 +64,8 @@ const sentAll = "\x00trustmesh/sent-all"
 // cache serves state-of-the-world watches itself, answering from
 // resources marshaled once per generation, so that ten thousand streams
 // do not each hold a private marshaled copy of the same configuration.
-// Delta watches go to go-control-plane's snapshot cache.
+// It serves delta watches too (delta.go), with per-stream state of a
+// pointer to a shared generation.
 //
 // Every answer with a new version is marshaled by its stream and held in
 // the transport until the client has read it; when thousands of proxies
@@ -69,8 +80,6 @@ const sentAll = "\x00trustmesh/sent-all"
 // wait in order for a token (Istio's PILOT_PUSH_THROTTLE); their watches
 // are answered with whatever version is current when their turn comes.
 type cache struct {
-	cachev3.SnapshotCache // delta and fetch
-
 	tokens chan struct{}
 	done   chan struct{} // closed when the server stops: nobody waits for a token
 	clock  clock.Clock
@@ -86,13 +95,21 @@ type cache struct {
 	// takes back expired tokens for them.
 	queue    []*sotwNode
 	draining bool
+
+	// deltaReqs are the delta requests the stream callbacks have seen
+	// and CreateDeltaWatch not yet, with their stream; deltas the state
+	// of the open delta streams; nextTypeSet numbers typeSets.
+	deltaReqs   map[*discoveryv3.DeltaDiscoveryRequest]int64
+	deltas      map[int64]*deltaStream
+	nextTypeSet uint64
 }
 
 var _ cachev3.Cache = (*cache)(nil)
 
 type sotwNode struct {
-	pub     *published
-	watches map[int64]*sotwWatch
+	pub      *published
+	watches  map[int64]*sotwWatch
+	dwatches map[int64]*deltaWatch
 	// token is held from the first answer until every type in
 	// unacked has been acknowledged, or until expires.
 	token   bool
@@ -127,13 +144,14 @@ func newCache(initial int, hold time.Duration, clk clock.Clock) *cache {
 		clk = clock.RealClock{}
 	}
 	return &cache{
-		SnapshotCache: cachev3.NewSnapshotCache(false, cachev3.IDHash{}, nil),
-		tokens:        make(chan struct{}, initial),
-		done:          make(chan struct{}),
-		clock:         clk,
-		hold:          hold,
-		nodes:         map[string]*sotwNode{},
-		held:          map[*sotwNode]bool{},
+		tokens:    make(chan struct{}, initial),
+		done:      make(chan struct{}),
+		clock:     clk,
+		hold:      hold,
+		nodes:     map[string]*sotwNode{},
+		held:      map[*sotwNode]bool{},
+		deltaReqs: map[*discoveryv3.DeltaDiscoveryRequest]int64{},
+		deltas:    map[int64]*deltaStream{},
 	}
 }
 
@@ -342,7 +360,7 @@ func (c *cache) drain() {
 func (c *cache) node(id string) *sotwNode {
 	n := c.nodes[id]
 	if n == nil {
-		n = &sotwNode{watches: map[int64]*sotwWatch{}}
+		n = &sotwNode{watches: map[int64]*sotwWatch{}, dwatches: map[int64]*deltaWatch{}}
 		c.nodes[id] = n
 	}
 	return n
@@ -351,14 +369,16 @@ func (c *cache) node(id string) *sotwNode {
 // set publishes a node's configuration to delta and state-of-the-world
 // watches.
 func (c *cache) set(id string, pub *published) error {
-	if err := c.SetSnapshot(context.Background(), id, pub.snap); err != nil {
-		return err
-	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	n := c.node(id)
 	n.pub = pub
 	c.push(n)
+	for wid, w := range n.dwatches {
+		if c.deltaRespond(w, pub) {
+			delete(n.dwatches, wid)
+		}
+	}
 	return nil
 }
 
@@ -373,7 +393,6 @@ func (c *cache) sent(n *sotwNode, w *sotwWatch, ts *typeSet) {
 
 // clear forgets a node.
 func (c *cache) clear(id string) {
-	c.ClearSnapshot(id)
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	n := c.nodes[id]
@@ -381,7 +400,7 @@ func (c *cache) clear(id string) {
 		return
 	}
 	c.release(n)
-	if len(n.watches) == 0 {
+	if len(n.watches) == 0 && len(n.dwatches) == 0 {
 		delete(c.nodes, id)
 	} else {
 		n.pub = nil
@@ -429,7 +448,7 @@ func (c *cache) CreateWatch(req *cachev3.Request, sub cachev3.Subscription, out 
 		defer c.mu.Unlock()
 		if n := c.nodes[id]; n != nil {
 			delete(n.watches, wid)
-			if len(n.watches) == 0 && n.pub == nil {
+			if len(n.watches) == 0 && len(n.dwatches) == 0 && n.pub == nil {
 				delete(c.nodes, id)
 			}
 		}
@@ -437,10 +456,18 @@ func (c *cache) CreateWatch(req *cachev3.Request, sub cachev3.Subscription, out 
 }
 
 // CreateDeltaWatch throttles first answers as CreateWatch does, then
-// leaves the watch to go-control-plane's snapshot cache.
+// answers at once if the node's configuration holds something the
+// stream's client lacks, or waits for the next set (delta.go).
 func (c *cache) CreateDeltaWatch(req *cachev3.DeltaRequest, sub cachev3.Subscription, out chan cachev3.DeltaResponse) (func(), error) {
 	id, typ := req.GetNode().GetId(), req.GetTypeUrl()
 	c.mu.Lock()
+	ds, err := c.deltaStreamOf(req)
+	if err != nil {
+		c.mu.Unlock()
+		return nil, err
+	}
+	_, seen := ds.known[typ]
+	k := deltaUpdate(ds, req, sub)
 	n := c.node(id)
 	if n.token && req.GetResponseNonce() != "" {
 		delete(n.unacked, typ)
@@ -449,15 +476,36 @@ func (c *cache) CreateDeltaWatch(req *cachev3.DeltaRequest, sub cachev3.Subscrip
 			c.dispatch()
 		}
 	}
-	first := req.GetResponseNonce() == "" && len(sub.ReturnedResources()) == 0
+	first := req.GetResponseNonce() == "" && !seen && k.at == nil && len(k.over) == 0
 	if first && !n.token && n.pub != nil {
 		n = c.acquire(id)
 	}
 	if first && n.token {
 		n.unacked[typ] = ""
 	}
-	c.mu.Unlock()
-	return c.SnapshotCache.CreateDeltaWatch(req, sub, out)
+	defer c.mu.Unlock()
+	w := &deltaWatch{stream: ds, req: req, sub: sub, out: out, first: !seen}
+	if n.pub != nil && c.deltaRespond(w, n.pub) {
+		return func() {}, nil
+	}
+	c.next++
+	wid := c.next
+	n.dwatches[wid] = w
+	return func() {
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		if n := c.nodes[id]; n != nil {
+			delete(n.dwatches, wid)
+			if len(n.watches) == 0 && len(n.dwatches) == 0 && n.pub == nil {
+				delete(c.nodes, id)
+			}
+		}
+	}, nil
+}
+
+// Fetch refuses: only ADS streams are served.
+func (c *cache) Fetch(context.Context, *cachev3.Request) (cachev3.Response, error) {
+	return nil, errors.New("xds: only ADS streams are served")
 }
 
 // unsent reports whether a subscribed resource exists that the client has

@@ -154,13 +154,20 @@ func (s *Server) callbacks() serverv3.Callbacks {
 			}
 		},
 		StreamDeltaRequestFunc: func(id int64, req *discoveryv3.DeltaDiscoveryRequest) error {
-			return s.request(deltaKey(id), req.GetNode())
+			if err := s.request(deltaKey(id), req.GetNode()); err != nil {
+				return err
+			}
+			s.cache.deltaRequest(id, req)
+			return nil
 		},
 		StreamDeltaResponseFunc: func(_ int64, _ *discoveryv3.DeltaDiscoveryRequest, resp *discoveryv3.DeltaDiscoveryResponse) {
 			s.metrics.pushed(resp.GetTypeUrl())
 		},
-		StreamClosedFunc:      func(id int64, _ *corev3.Node) { s.closed(sotwKey(id)) },
-		DeltaStreamClosedFunc: func(id int64, _ *corev3.Node) { s.closed(deltaKey(id)) },
+		StreamClosedFunc: func(id int64, _ *corev3.Node) { s.closed(sotwKey(id)) },
+		DeltaStreamClosedFunc: func(id int64, _ *corev3.Node) {
+			s.cache.deltaClosed(id)
+			s.closed(deltaKey(id))
+		},
 		FetchRequestFunc: func(context.Context, *discoveryv3.DiscoveryRequest) error {
 			return status.Error(codes.Unimplemented, "xds: only ADS streams are served")
 		},
