@@ -32,7 +32,7 @@ func TestWitnessStatusHidesCredentials(t *testing.T) {
 		target := strings.Replace(base, "http://", "http://witness-user:S3cretPassw0rd@", 1) + "/ckpt?api_key=TOPSECRET#frag"
 		var logs bytes.Buffer
 		w := journal.NewExportWitness(target, slog.New(slog.NewTextHandler(&logs, nil)))
-		w.Offer([]byte("trustmesh.journal/td\n8\nroot\n"))
+		w.Offer([]byte("trustmesh.journal/td\n8\nAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=\n\n— trustmesh.journal/td AAAA\n"))
 		ctx, cancel := context.WithCancel(context.Background())
 		done := make(chan error, 1)
 		go func() { done <- w.Run(ctx) }()

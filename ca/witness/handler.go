@@ -9,19 +9,21 @@ import (
 	"net/http"
 	"strconv"
 	"strings"
+
+	"github.com/trustmesh/trustmesh/ca/journal"
 )
 
 // AddCheckpointPath is the C2SP tlog-witness endpoint.
-const AddCheckpointPath = "/add-checkpoint"
+const AddCheckpointPath = journal.AddCheckpointPath
 
 // Handler serves the C2SP tlog-witness add-checkpoint API: a POST whose
 // body is "old N", the consistency proof from N (one base64 hash a line),
 // an empty line and the signed checkpoint. It answers 200 with the
-// cosignature line; 409 with the latest accepted size (text/x.tlog.size)
-// when N is not it, and when the checkpoint is a different tree of the
-// accepted size; 400 when the checkpoint is smaller than N or the request
-// does not parse; 403 when the log's key did not sign it; 404 for an
-// unknown log; 422 when the proof does not verify.
+// cosignature line; 400 when the checkpoint is smaller than N or the
+// request does not parse; 409 with the latest accepted size
+// (text/x.tlog.size) when N is not it; 403 when the log's key did not sign
+// it; 404 for an unknown log; 422 when the proof does not verify, or the
+// checkpoint is another tree of the accepted size (its empty proof fails).
 func Handler(w *Witness) http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("POST "+AddCheckpointPath, func(rw http.ResponseWriter, r *http.Request) {
@@ -46,8 +48,6 @@ func Handler(w *Witness) http.Handler {
 			writeSize(rw, conflict.Latest)
 		case errors.As(err, &refused) && refused.Kind == KindRollback:
 			http.Error(rw, refused.Error(), http.StatusBadRequest)
-		case errors.As(err, &refused) && refused.Accepted.Size == refused.Offered.Size:
-			writeSize(rw, refused.Accepted.Size)
 		case errors.As(err, &refused):
 			http.Error(rw, refused.Error(), http.StatusUnprocessableEntity)
 		case errors.Is(err, ErrUnknownLog):
@@ -93,17 +93,4 @@ func parseAddCheckpoint(body []byte) (old uint64, proof [][]byte, signed []byte,
 		return 0, nil, nil, err
 	}
 	return old, proof, signed, nil
-}
-
-// AddCheckpointBody builds a tlog-witness add-checkpoint request body.
-func AddCheckpointBody(old uint64, proof [][]byte, signed []byte) []byte {
-	var b bytes.Buffer
-	fmt.Fprintf(&b, "old %d\n", old)
-	for _, h := range proof {
-		b.WriteString(base64Std(h))
-		b.WriteByte('\n')
-	}
-	b.WriteByte('\n')
-	b.Write(signed)
-	return b.Bytes()
 }

@@ -297,13 +297,18 @@ func (w *Witness) Add(signed []byte, oldSize uint64, consistency [][]byte) ([]by
 		e.Evidence = w.keepEvidence(l, kind, signed)
 		return e
 	}
+	// The order is C2SP tlog-witness's: an old size beyond the checkpoint
+	// is refused (400), then an old size that is not the latest accepted
+	// gets the latest (409), and only then is the tree compared (422).
 	switch {
-	case cp.Size < l.latest.Size:
+	case oldSize > cp.Size && cp.Size < l.latest.Size:
 		return nil, refuse(KindRollback, fmt.Sprintf("offered size %d is smaller than the accepted %d", cp.Size, l.latest.Size))
-	case l.haveAny && cp.Size == l.latest.Size && !bytes.Equal(cp.Root, l.latest.Root):
-		return nil, refuse(KindFork, fmt.Sprintf("a different root hash for the accepted size %d", cp.Size))
+	case oldSize > cp.Size:
+		return nil, fmt.Errorf("%w: old size %d is beyond the checkpoint's %d", ErrMalformed, oldSize, cp.Size)
 	case oldSize != l.latest.Size:
 		return nil, &ConflictError{Latest: l.latest.Size}
+	case l.haveAny && cp.Size == l.latest.Size && !bytes.Equal(cp.Root, l.latest.Root):
+		return nil, refuse(KindFork, fmt.Sprintf("a different root hash for the accepted size %d", cp.Size))
 	case l.haveAny && cp.Size == l.latest.Size:
 		return w.signer.cosign(cp, w.clock())
 	}

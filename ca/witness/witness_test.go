@@ -2,8 +2,6 @@ package witness
 
 import (
 	"context"
-	"crypto/ed25519"
-	"crypto/rand"
 	"fmt"
 	"net/http"
 	"net/http/httptest"
@@ -29,18 +27,7 @@ type logKey struct {
 	vkey   string
 }
 
-func newLogKey(t *testing.T) logKey {
-	t.Helper()
-	_, priv, err := ed25519.GenerateKey(rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	s, vkey, err := journal.NewCheckpointSigner(origin, priv)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return logKey{s, vkey}
-}
+func newLogKey(t *testing.T) logKey { return newLogKeyNamed(t, origin) }
 
 // tree is a log of leaves named prefix-i: two trees with different prefixes
 // from some index on are a fork.
@@ -144,10 +131,10 @@ func TestAcceptsAGrowingLogAndKeepsItsHistory(t *testing.T) {
 		t.Fatal(err)
 	}
 	cp := journal.Checkpoint{Origin: origin, Size: 40, Root: honest.root(t, 40)}
-	if at, err := VerifyCosignature(w.VerifierKey(), cp, cosig); err != nil || !at.Equal(epoch) {
+	if at, err := journal.VerifyCosignature(w.VerifierKey(), cp, cosig); err != nil || !at.Equal(epoch) {
 		t.Fatalf("cosignature: %v at %v", err, at)
 	}
-	if _, err := VerifyCosignature(w.VerifierKey(), journal.Checkpoint{Origin: origin, Size: 39, Root: cp.Root}, cosig); err == nil {
+	if _, err := journal.VerifyCosignature(w.VerifierKey(), journal.Checkpoint{Origin: origin, Size: 39, Root: cp.Root}, cosig); err == nil {
 		t.Fatal("a cosignature verified for another checkpoint")
 	}
 
@@ -293,7 +280,7 @@ func TestTlogWitnessAPI(t *testing.T) {
 	honest := newTree(20, nil)
 	forked := newTree(20, map[int]string{2: "x"})
 	post := func(old uint64, proof [][]byte, signed []byte) (int, string, string) {
-		resp, err := http.Post(srv.URL+AddCheckpointPath, "text/plain", strings.NewReader(string(AddCheckpointBody(old, proof, signed))))
+		resp, err := http.Post(srv.URL+AddCheckpointPath, "text/plain", strings.NewReader(string(journal.AddCheckpointBody(old, proof, signed))))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -324,14 +311,20 @@ func TestTlogWitnessAPI(t *testing.T) {
 	if code, _, _ := post(6, nil, honest.checkpoint(t, k, 4)); code != 400 {
 		t.Fatalf("a smaller tree: %d", code)
 	}
-	if code, ct, _ := post(6, nil, forked.checkpoint(t, k, 6)); code != 409 || ct != "text/x.tlog.size" {
-		t.Fatalf("another tree of the accepted size: %d %s", code, ct)
+	if code, _, body := post(6, nil, forked.checkpoint(t, k, 6)); code != 422 {
+		t.Fatalf("another tree of the accepted size: %d %q", code, body)
+	}
+	if code, ct, body := post(0, nil, forked.checkpoint(t, k, 6)); code != 409 || ct != "text/x.tlog.size" || body != "6\n" {
+		t.Fatalf("another tree of the accepted size, from a client that does not know it: %d %s %q", code, ct, body)
+	}
+	if code, ct, body := post(0, nil, honest.checkpoint(t, k, 4)); code != 409 || ct != "text/x.tlog.size" || body != "6\n" {
+		t.Fatalf("a smaller tree from a client that does not know the accepted size: %d %s %q", code, ct, body)
 	}
 	code, _, body := post(6, proof(honest, 6, 12), honest.checkpoint(t, k, 12))
 	if code != 200 {
 		t.Fatalf("a consistent checkpoint: %d %q", code, body)
 	}
-	if _, err := VerifyCosignature(w.VerifierKey(), journal.Checkpoint{Origin: origin, Size: 12, Root: honest.root(t, 12)}, []byte(body)); err != nil {
+	if _, err := journal.VerifyCosignature(w.VerifierKey(), journal.Checkpoint{Origin: origin, Size: 12, Root: honest.root(t, 12)}, []byte(body)); err != nil {
 		t.Fatal(err)
 	}
 	if code, _, _ := post(0, nil, []byte("other.example/log\n1\nAAAA\n\n— other.example/log AAAA\n")); code != 404 {
