@@ -6,6 +6,7 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"path/filepath"
 	"strings"
 	"time"
 
@@ -36,11 +37,19 @@ func (cp *ControlPlane) openJournal(ctx context.Context, v *validated) (err erro
 		jo.CheckpointSecret = v.CA.Secret + "-checkpoint"
 	}
 	if v.Journal.Witness != "" {
-		cp.witness = journal.NewExportWitness(v.Journal.Witness, v.Log)
+		if cp.witness, err = journal.NewExport(journal.ExportConfig{
+			Target: v.Journal.Witness, Key: v.Journal.WitnessKey, Cosigned: filepath.Join(string(dir), journal.WitnessCosignedFile), Log: v.Log,
+		}); err != nil {
+			return err
+		}
+		cp.registry.MustRegister(cp.witness)
 		jo.Witness = cp.witness
 	}
 	if cp.journal, _, err = dir.OpenJournal(ctx, v.td.Name(), jo, false); err != nil {
 		return err
+	}
+	if cp.witness != nil {
+		return cp.witness.Attach(ctx, cp.journal)
 	}
 	return nil
 }

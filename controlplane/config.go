@@ -130,6 +130,9 @@ type JournalConfig struct {
 	// Witness, a file outside DataDir or an http(s) URL, receives every
 	// signed checkpoint.
 	Witness string
+	// WitnessKey is the cosignature/v1 verifier key of a tlog-witness at
+	// Witness: its cosignatures are verified with it and kept in DataDir.
+	WitnessKey string
 }
 
 // RotationConfig configures the rotation of self-managed CA certificates.
@@ -383,7 +386,15 @@ func (c *JournalConfig) check(ca CAConfig) []error {
 	if c.DSN != "" && ca.CertsDir == "" && ca.Secret == "" {
 		errs = append(errs, setting("journal-dsn", errors.New("with a shared journal (replicas), the CA keys must live in a Kubernetes Secret (--ca-secret) or come from --cacerts (with --ca-key-uri for a KMS), never in a replica's own data directory")))
 	}
-	return append(errs, setting("witness", journal.CheckTarget(c.Witness)))
+	errs = append(errs, setting("witness", journal.CheckTarget(c.Witness)))
+	if c.WitnessKey != "" {
+		if !journal.IsURL(c.Witness) {
+			errs = append(errs, setting("witness-key", errors.New("a witness key needs --witness to be the http(s) URL of a tlog-witness")))
+		} else if _, _, _, err := journal.ParseCosignatureKey(c.WitnessKey); err != nil {
+			errs = append(errs, setting("witness-key", err))
+		}
+	}
+	return errs
 }
 
 func (c *AuthzConfig) check() []error {
