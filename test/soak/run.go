@@ -587,12 +587,15 @@ func (s *soak) report(ctx context.Context, final bool) {
 		h := m.histogramOf("trustmesh_ca_request_duration_seconds", `outcome="issued"`)
 		d := h.minus(s.lastIssue)
 		s.lastIssue, s.res.issueLatency = h, h
-		issueQ = fmt.Sprintf("issuance p50<=%s p99<=%s (%.0f)", seconds(d.quantile(0.5)), seconds(d.quantile(0.99)), d.total())
+		issueQ = fmt.Sprintf("issuance latency p50<=%s p99<=%s (%.0f)", seconds(d.quantile(0.5)), seconds(d.quantile(0.99)), d.total())
 		if name := journalHistogram(m); name != "" {
 			jh := m.histogramOf(name)
 			jd := jh.minus(s.lastJournal)
 			s.lastJournal, s.res.journalLatency, s.res.journalLatencyName = jh, jh, name
-			journalQ = fmt.Sprintf(" append p50<=%s p99<=%s", seconds(jd.quantile(0.5)), seconds(jd.quantile(0.99)))
+			journalQ = fmt.Sprintf(" | journal append p50<=%s p99<=%s p99.9<=%s (%.0f)",
+				seconds(jd.quantile(0.5)), seconds(jd.quantile(0.99)), seconds(jd.quantile(0.999)), jd.total())
+		} else {
+			journalQ = " | journal append: not exported"
 		}
 	}
 	entries, bytes, jerr := s.journal(ctx)
@@ -623,7 +626,7 @@ func (s *soak) report(ctx context.Context, final bool) {
 	s.mu.Lock()
 	rot := fmt.Sprintf("rotation: prepared %d activated %d failed %d, %d intermediates seen", s.res.prepared, s.res.activated, s.res.rotationFailed, len(s.res.intermediates))
 	s.mu.Unlock()
-	fmt.Fprintf(s.out, "[%8s] agents %d/%d up (RSS %s) | renewals %.0f failed %.0f | CA issued %.0f refused %.0f | handshakes %d failed %d | gRPC calls %d (ok %d denied %d) failed %d wrong %d, slowest policy switch %s | served expired %d | cert-dir errors %d, Workload API fetches %d failed %d | control plane RSS %s goroutines %.0f | journal %.0f entries %s, %s%s | %s\n",
+	fmt.Fprintf(s.out, "[%8s] agents %d/%d up (RSS %s) | renewals %.0f failed %.0f | CA issued %.0f refused %.0f | handshakes %d failed %d | gRPC calls %d (ok %d denied %d) failed %d wrong %d, slowest policy switch %s | served expired %d | cert-dir errors %d, Workload API fetches %d failed %d | control plane RSS %s goroutines %.0f | journal %.0f entries, %s on disk | %s%s | %s\n",
 		time.Since(s.start).Round(time.Second), alive, len(s.agents), mib(agentRSS), renewals, rfailed, s.res.issued, s.res.refused,
 		t.handshakes, t.handshakeFailed, t.calls, t.ok, t.denied, t.callFailed, t.wrong, t.maxPropagation.Round(time.Millisecond),
 		t.expired+s.res.servedExpired, s.res.certDirErrors, s.res.fetches, s.res.fetchFailed,

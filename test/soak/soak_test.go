@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"math"
 	"os"
 	"strings"
 	"testing"
@@ -70,6 +71,10 @@ func TestSoakQuick(t *testing.T) {
 		{"an intermediate was activated", res.activated >= 1},
 		{"the journal holds an entry per certificate issued", res.journalEntries >= res.issued && res.issued >= float64(cfg.Agents)},
 		{"the control plane was sampled", len(res.rss) >= 4 && len(res.goroutines) >= 4},
+		{"the journal's size on disk was measured", res.journalBytes > 0},
+		{"the CA exports the journal's append latency", res.journalLatencyName == "trustmesh_journal_append_seconds"},
+		{"every issuance was timed as a journal append", res.journalLatency.total() >= res.issued && res.issued > 0},
+		{"journal append p50 <= p99 <= p99.9, all positive", saneQuantiles(res.journalLatency)},
 	} {
 		if !c.ok {
 			t.Errorf("%s: no", c.what)
@@ -182,4 +187,11 @@ trustmesh_ca_request_duration_seconds_bucket{outcome="refused",le="+Inf"} 5
 	if d := h.minus(earlier); d.total() != 50 || d.quantile(0.5) != 0.002 {
 		t.Errorf("since earlier: %d observations, p50 <= %v; want 50, 0.002", int(d.total()), d.quantile(0.5))
 	}
+}
+
+// saneQuantiles: the histogram's p50, p99 and p99.9 are defined, positive
+// and in order (an append slower than the last bucket gives +Inf).
+func saneQuantiles(h histogram) bool {
+	p50, p99, p999 := h.quantile(0.5), h.quantile(0.99), h.quantile(0.999)
+	return !math.IsNaN(p50) && p50 > 0 && p50 <= p99 && p99 <= p999
 }
