@@ -227,19 +227,50 @@ func LoadFiles(ctx context.Context, files map[string][]byte, keyURI string, now 
 	if err := Validate(m, now); err != nil {
 		return nil, fmt.Errorf("authority: %w", err)
 	}
-	if err := checkRootKey(ctx, files, m); err != nil {
+	if err := checkRootKey(ctx, files, keyURI, m); err != nil {
 		return nil, err
 	}
 	return m, nil
 }
 
+// ErrRootKeyMissing refuses a generation trustmesh minted whose root key
+// has gone: taken for operator-supplied material, it would load, sign, and
+// silently never rotate again.
+var ErrRootKeyMissing = errors.New("authority: " + RootKeyFile + " is missing from a CA that trustmesh minted itself")
+
+// SelfManaged reports whether files are a generation trustmesh minted
+// itself, root and all, and so rotates itself with the root key. Minted
+// material holds its intermediate key in the store (ca-key.pem);
+// operator-supplied material never does: its key stays where the operator
+// keeps it, named by ca-key-uri. Material that holds its own ca-key.pem but
+// no root-key.pem is therefore minted material whose root key was lost,
+// and is refused (ErrRootKeyMissing) rather than read as operator-supplied.
+func SelfManaged(files map[string][]byte) (bool, error) {
+	if _, ok := files[RootKeyFile]; ok {
+		return true, nil
+	}
+	if _, ok := files[CAKeyFile]; ok && len(bytes.TrimSpace(files[CAKeyURIFile])) == 0 {
+		return false, fmt.Errorf("%w (it holds its own %s, where operator-supplied material names its key in %s), "+
+			"and without its root key no next intermediate can be minted; restore %s from a backup "+
+			"(to run a CA without its root key, supply it with serve --cacerts)",
+			ErrRootKeyMissing, CAKeyFile, CAKeyURIFile, RootKeyFile)
+	}
+	return false, nil
+}
+
 // checkRootKey opens a self-managed generation's root key, when the files
 // hold one, and checks that it is a root's: a corrupt root key would
-// otherwise pass every start and fail only at the next rotation.
-func checkRootKey(ctx context.Context, files map[string][]byte, m *Material) error {
+// otherwise pass every start and fail only at the next rotation. A minted
+// generation without its root key is refused (SelfManaged), unless the key
+// is named by keyURI, as for an operator's --cacerts with --ca-key-uri.
+func checkRootKey(ctx context.Context, files map[string][]byte, keyURI string, m *Material) error {
 	b, ok := files[RootKeyFile]
 	if !ok {
-		return nil
+		if keyURI != "" {
+			return nil
+		}
+		_, err := SelfManaged(files)
+		return err
 	}
 	if len(b) == 0 {
 		return fmt.Errorf("authority: %s is empty", RootKeyFile)

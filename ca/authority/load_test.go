@@ -2,6 +2,7 @@ package authority_test
 
 import (
 	"context"
+	"errors"
 	"strings"
 	"testing"
 	"time"
@@ -47,5 +48,41 @@ func TestLoadFilesNamesTheBadKey(t *testing.T) {
 				t.Fatalf("LoadFiles = %v, want an error saying %q", err, tc.want)
 			}
 		})
+	}
+}
+
+// TestLoadFilesRefusesAMintedCAWithoutItsRootKey: a generation trustmesh
+// minted (it holds its own ca-key.pem) whose root-key.pem has gone is
+// refused, naming the file, instead of loading as operator-supplied
+// material that then never rotates; operator-supplied material, whose key
+// is referenced (ca-key-uri) and which has no root key, still loads.
+func TestLoadFilesRefusesAMintedCAWithoutItsRootKey(t *testing.T) {
+	now := time.Now()
+	td := spiffeid.RequireTrustDomainFromString("cluster.local")
+	minted, err := authority.NewSelfManagedFiles(td, now, authority.Lifetimes{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ok, err := authority.SelfManaged(minted); !ok || err != nil {
+		t.Fatalf("SelfManaged(minted) = %v, %v; want true", ok, err)
+	}
+	delete(minted, authority.RootKeyFile)
+	_, err = authority.LoadFiles(context.Background(), minted, "", now)
+	if !errors.Is(err, authority.ErrRootKeyMissing) || !strings.Contains(err.Error(), "root-key.pem") {
+		t.Fatalf("LoadFiles without root-key.pem = %v, want ErrRootKeyMissing naming root-key.pem", err)
+	}
+	if _, err := authority.SelfManaged(minted); !errors.Is(err, authority.ErrRootKeyMissing) {
+		t.Fatalf("SelfManaged without root-key.pem = %v, want ErrRootKeyMissing", err)
+	}
+
+	files, err := authority.ReadCACerts(operatorCA(t, nil), "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := authority.LoadFiles(context.Background(), files, "", t0); err != nil {
+		t.Fatalf("operator-supplied material: %v", err)
+	}
+	if ok, err := authority.SelfManaged(files); ok || err != nil {
+		t.Fatalf("SelfManaged(operator-supplied) = %v, %v; want false, nil", ok, err)
 	}
 }

@@ -376,8 +376,16 @@ func (m *Manager) mint(ctx context.Context, snap Snapshot, st State, root bool, 
 			return nil, nil, nil, fmt.Errorf("rotation: active root: %v", err)
 		}
 		parent = roots[0]
+		selfManaged, err := authority.SelfManaged(active)
+		if err != nil {
+			return nil, nil, nil, fmt.Errorf("rotation: generation %d: %w", st.Active, err)
+		}
+		if !selfManaged {
+			return nil, nil, nil, fmt.Errorf("rotation: generation %d is operator-supplied (its key is named by %s, and no %s is held), so trustmesh cannot mint the next intermediate; stage one with trustmesh ca rotate --prepare --cacerts DIR",
+				st.Active, authority.CAKeyURIFile, authority.RootKeyFile)
+		}
 		if parentKey, err = authority.SignerFromPEM(ctx, active[authority.RootKeyFile]); err != nil {
-			return nil, nil, nil, fmt.Errorf("rotation: the active generation has no usable root key: %w", err)
+			return nil, nil, nil, fmt.Errorf("rotation: generation %d: %s is not a usable root key: %w", st.Active, authority.RootKeyFile, err)
 		}
 	}
 	inter, interKey, err := authority.Mint(authority.MintRequest{
@@ -591,7 +599,9 @@ func (m *Manager) Tick(ctx context.Context) (_ Action, err error) {
 	if mat.Anchor != nil {
 		a.Root = Validity{mat.Anchor.NotBefore, mat.Anchor.NotAfter}
 	}
-	_, a.SelfManaged = genFiles(snap, st.Active)[authority.RootKeyFile]
+	if a.SelfManaged, err = authority.SelfManaged(genFiles(snap, st.Active)); err != nil {
+		return Nothing, fmt.Errorf("rotation: generation %d: %w", st.Active, err)
+	}
 	action := m.policy.Decide(now, st, a)
 	if action != Nothing {
 		var span trace.Span

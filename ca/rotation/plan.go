@@ -2,6 +2,7 @@ package rotation
 
 import (
 	"context"
+	"fmt"
 	"slices"
 	"time"
 
@@ -38,7 +39,9 @@ func (m *Manager) Plan(ctx context.Context, now time.Time) (Plan, error) {
 	if mat.Anchor != nil {
 		a.Root = Validity{mat.Anchor.NotBefore, mat.Anchor.NotAfter}
 	}
-	_, a.SelfManaged = genFiles(snap, st.Active)[authority.RootKeyFile]
+	if a.SelfManaged, err = authority.SelfManaged(genFiles(snap, st.Active)); err != nil {
+		return Plan{}, fmt.Errorf("rotation: generation %d: %w", st.Active, err)
+	}
 	p := m.policy
 	p.RootPropagation = m.rootPropagation(st)
 	if !m.serving && st.RetireAfter > 0 {

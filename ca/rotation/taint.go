@@ -64,7 +64,9 @@ func (m *Manager) Taint(ctx context.Context, root bool) (*x509.Certificate, erro
 		return nil, err
 	}
 	active := genFiles(snap, st.Active)
-	if _, ok := active[authority.RootKeyFile]; !ok {
+	if selfManaged, err := authority.SelfManaged(active); err != nil {
+		return nil, fmt.Errorf("rotation: generation %d: %w", st.Active, err)
+	} else if !selfManaged {
 		return nil, ErrOperatorSupplied
 	}
 	cur, err := authority.ReadCertificates(active)
