@@ -63,6 +63,10 @@ type deltaDiff struct {
 // type. c.mu guards it.
 type deltaStream struct {
 	known map[string]*deltaKnown
+	// pending is the request the callbacks saw last, until
+	// CreateDeltaWatch takes it (go-control-plane may refuse a request in
+	// between, and the stream then ends).
+	pending *discoveryv3.DeltaDiscoveryRequest
 }
 
 type deltaWatch struct {
@@ -85,6 +89,15 @@ var ErrUnknownDeltaStream = errors.New("xds: delta request of an unknown stream"
 func (c *cache) deltaRequest(stream int64, req *discoveryv3.DeltaDiscoveryRequest) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	ds := c.deltas[stream]
+	if ds == nil {
+		ds = &deltaStream{known: map[string]*deltaKnown{}}
+		c.deltas[stream] = ds
+	}
+	if ds.pending != nil {
+		delete(c.deltaReqs, ds.pending)
+	}
+	ds.pending = req
 	c.deltaReqs[req] = stream
 }
 
@@ -92,6 +105,9 @@ func (c *cache) deltaRequest(stream int64, req *discoveryv3.DeltaDiscoveryReques
 func (c *cache) deltaClosed(stream int64) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	if ds := c.deltas[stream]; ds != nil && ds.pending != nil {
+		delete(c.deltaReqs, ds.pending)
+	}
 	delete(c.deltas, stream)
 }
 
@@ -105,9 +121,9 @@ func (c *cache) deltaStreamOf(req *cachev3.DeltaRequest) (*deltaStream, error) {
 	delete(c.deltaReqs, req)
 	ds := c.deltas[id]
 	if ds == nil {
-		ds = &deltaStream{known: map[string]*deltaKnown{}}
-		c.deltas[id] = ds
+		return nil, ErrUnknownDeltaStream
 	}
+	ds.pending = nil
 	return ds, nil
 }
 
