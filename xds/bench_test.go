@@ -39,8 +39,17 @@ const (
 	benchEnvAddr    = "TRUSTMESH_XDS_BENCH_ADDR"
 	benchEnvCerts   = "TRUSTMESH_XDS_BENCH_CERTS"
 	benchEnvDelta   = "TRUSTMESH_XDS_BENCH_DELTA"
-	streamsPerConn  = 100
 )
+
+// streamsPerConn is how many simulated clients share a connection: 100,
+// or TRUSTMESH_XDS_BENCH_STREAMS_PER_CONN (1 is one connection per
+// proxy, as Envoys have, which measures what a connection costs).
+var streamsPerConn = func() int {
+	if n, err := strconv.Atoi(os.Getenv("TRUSTMESH_XDS_BENCH_STREAMS_PER_CONN")); err == nil && n > 0 {
+		return n
+	}
+	return 100
+}()
 
 // benchServices is how many services the benchmark's mesh has: 100, or
 // TRUSTMESH_XDS_BENCH_SERVICES.

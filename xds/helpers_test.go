@@ -34,6 +34,7 @@ import (
 	clocktesting "k8s.io/utils/clock/testing"
 
 	"github.com/trustmesh/trustmesh/authz/policy"
+	"github.com/trustmesh/trustmesh/internal/connlimit"
 	"github.com/trustmesh/trustmesh/mesh"
 	"github.com/trustmesh/trustmesh/test/leakcheck"
 	"github.com/trustmesh/trustmesh/xds"
@@ -147,9 +148,14 @@ func startSources(t testing.TB, meshSrc mesh.Source, polSrc *settable) *env {
 	serving := e.ca.issue(t, spiffeid.RequireFromString("spiffe://cluster.local/ns/trustmesh-system/sa/trustmesh"),
 		[]string{"localhost"}, []net.IP{net.IPv4(127, 0, 0, 1)})
 	// As ca/server: client certificates are requested, not verified.
-	gs := grpc.NewServer(grpc.Creds(credentials.NewTLS(&tls.Config{
+	opts := []grpc.ServerOption{grpc.Creds(credentials.NewTLS(&tls.Config{
 		Certificates: []tls.Certificate{serving.tlsCert()}, ClientAuth: tls.RequestClientCert, MinVersion: tls.VersionTLS12,
-	})))
+	}))}
+	if os.Getenv("TRUSTMESH_XDS_BENCH_SERVER_OPTIONS") == "connlimit" {
+		// The benchmarks measure serve's connection options when asked.
+		opts = append(opts, connlimit.Config{}.GRPCOptions()...)
+	}
+	gs := grpc.NewServer(opts...)
 	var err error
 	e.srv, err = xds.New(xds.Config{
 		Bundle: e.ca, Mesh: meshSrc, Policies: polSrc,
