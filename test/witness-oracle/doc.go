@@ -1,0 +1,3 @@
+// Package witnessoracle checks trustmesh's transparency formats against someone
+// else's code.
+package witnessoracle
