@@ -48,6 +48,7 @@ func (cp *ControlPlane) openJournal(ctx context.Context, v *validated) (err erro
 	if cp.journal, _, err = dir.OpenJournal(ctx, v.td.Name(), jo, false); err != nil {
 		return err
 	}
+	cp.registry.MustRegister(cp.journal)
 	if cp.witness != nil {
 		return cp.witness.Attach(ctx, cp.journal)
 	}
