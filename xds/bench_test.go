@@ -149,6 +149,16 @@ func benchConvergence(b *testing.B, n int, delta bool) {
 	b.Logf("%d clients connected and configured in %s", n, time.Since(connectStart).Round(time.Millisecond))
 	b.ResetTimer()
 	var total time.Duration
+	// TRUSTMESH_XDS_BENCH_CPU=file profiles the pushes only, not the
+	// connect.
+	if p := os.Getenv("TRUSTMESH_XDS_BENCH_CPU"); p != "" {
+		if f, err := os.Create(p); err == nil {
+			if err := pprof.StartCPUProfile(f); err == nil {
+				defer pprof.StopCPUProfile()
+			}
+			defer f.Close()
+		}
+	}
 	for i := range b.N {
 		b.StopTimer()
 		if _, err := io.WriteString(stdin, "go\n"); err != nil {

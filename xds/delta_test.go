@@ -2,9 +2,13 @@ package xds
 
 import (
 	"context"
+	"fmt"
+	"maps"
+	"math/rand/v2"
 	"net"
 	"slices"
 	"sort"
+	"strconv"
 	"testing"
 	"time"
 
@@ -221,5 +225,115 @@ func TestDeltaSharedGenerations(t *testing.T) {
 	}
 	if wildcardStates < 2 {
 		t.Errorf("%d streams hold a bare pointer to G', want at least the 2 wildcard ones", wildcardStates)
+	}
+}
+
+// TestDeltaStateMatchesTheConfiguration: over random pushes and random
+// subscription changes, what each delta client holds, applying every
+// response as Envoy does, is exactly the node's configuration (a wildcard
+// client) or its part the client names (a named one). Streams of several
+// nodes share each configuration, so they share state and diffs.
+func TestDeltaStateMatchesTheConfiguration(t *testing.T) {
+	c := newCache(0, 0, nil)
+	client := deltaServe(t, c)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	rng := rand.New(rand.NewPCG(7, 11))
+	universe := []string{"a", "b", "c", "d", "e", "f", "g", "h"}
+	randomPub := func() *published {
+		res := map[string]string{}
+		for _, name := range universe {
+			if rng.IntN(3) > 0 {
+				res[name] = strconv.Itoa(rng.IntN(3))
+			}
+		}
+		return deltaPub(res)
+	}
+	type holder struct {
+		s        *deltaTestStream
+		node     string
+		wildcard bool
+		named    map[string]bool
+		held     map[string]string
+	}
+	pub := randomPub()
+	var hs []*holder
+	for i := range 4 {
+		h := &holder{node: fmt.Sprintf("n%d", i), wildcard: i%2 == 0, named: map[string]bool{}, held: map[string]string{}}
+		if err := c.set(h.node, pub); err != nil {
+			t.Fatal(err)
+		}
+		var sub []string
+		if !h.wildcard {
+			for _, name := range universe[:4] {
+				h.named[name] = true
+				sub = append(sub, name)
+			}
+		}
+		h.s = openDelta(t, ctx, client, h.node, h.node, sub)
+		hs = append(hs, h)
+	}
+	// apply takes every response until the stream is quiet.
+	apply := func(h *holder) {
+		for {
+			select {
+			case resp := <-h.s.got:
+				if resp == nil {
+					t.Fatalf("%s: the stream ended", h.node)
+				}
+				for _, r := range resp.GetResources() {
+					h.held[r.GetName()] = r.GetVersion()
+				}
+				for _, name := range resp.GetRemovedResources() {
+					delete(h.held, name)
+				}
+				h.s.send(&discoveryv3.DeltaDiscoveryRequest{ResponseNonce: resp.GetNonce()})
+			case <-time.After(100 * time.Millisecond):
+				return
+			}
+		}
+	}
+	check := func(step int) {
+		ts := pub.types[resource.EndpointType]
+		for _, h := range hs {
+			apply(h)
+			want := map[string]string{}
+			for name, v := range ts.versions {
+				if h.wildcard || h.named[name] {
+					want[name] = v
+				}
+			}
+			if !maps.Equal(h.held, want) {
+				t.Fatalf("step %d: %s (wildcard %t, naming %v) holds %v, want %v", step, h.node, h.wildcard, h.named, h.held, want)
+			}
+		}
+	}
+	check(0)
+	for step := 1; step <= 30; step++ {
+		switch rng.IntN(3) {
+		case 0, 1:
+			pub = randomPub()
+			for _, h := range hs {
+				if err := c.set(h.node, pub); err != nil {
+					t.Fatal(err)
+				}
+			}
+		case 2:
+			h := hs[rng.IntN(len(hs))]
+			name := universe[rng.IntN(len(universe))]
+			if h.wildcard {
+				break
+			}
+			if h.named[name] {
+				delete(h.named, name)
+				// Envoy forgets what it no longer names.
+				delete(h.held, name)
+				h.s.send(&discoveryv3.DeltaDiscoveryRequest{ResourceNamesUnsubscribe: []string{name}})
+			} else {
+				h.named[name] = true
+				h.s.send(&discoveryv3.DeltaDiscoveryRequest{ResourceNamesSubscribe: []string{name}})
+			}
+		}
+		check(step)
 	}
 }
