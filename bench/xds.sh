@@ -8,7 +8,13 @@
 #   - the time from a mesh change (one more endpoint on svc-0, the
 #     endpoints of every sidecar change) until every client has it,
 #     3 rounds, the server's 100 ms debounce included;
-#   - serve's RSS with every client connected, and per client.
+#   - serve's RSS with every client connected, and per client;
+#   - a sample of XDS_GRPC_CLIENTS (default 8) real grpc-go proxyless xDS
+#     clients, which must see svc-0's endpoints as the simulated ones do
+#     (the run fails if not), and how long they take.
+# The cold connect is reported in two phases: the mTLS handshakes of every
+# connection (XDS_DIAL_CONCURRENCY in flight, default 256), with serve's CPU
+# per handshake, then every client's first configuration.
 # GOMEMLIMIT is left unset; serve's --max-connections (default 1,024 per
 # listener) is raised to N+1,024, or the clients past it would wait. Each client's certificate is the one the load
 # tool enrols with a join token: the pods of a service account share a
@@ -21,6 +27,9 @@ n=${1:-20000}
 services=${2:-1000}
 perconn=${XDS_PER_CONN:-1}
 modes=${XDS_MODES:-sotw delta}
+grpcclients=${XDS_GRPC_CLIENTS:-8}
+dialconc=${XDS_DIAL_CONCURRENCY:-256}
+started=$(date +%s)
 out=${BENCH_OUT:-$root/bench/results}
 mkdir -p "$out"
 # Each connection is a descriptor on both sides.
@@ -30,24 +39,29 @@ pids=()
 cleanup() { for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$dir"; }
 trap cleanup EXIT
 (cd "$root" && go build -o "$dir/trustmesh" ./cmd/trustmesh && go build -o "$dir/xds-load" ./bench/cmd/xds-load)
+echo "bench/xds.sh: built in $(($(date +%s) - started)) s" >&2
 port() { echo "127.0.0.1:$((20000 + RANDOM % 20000))"; }
 
 for mode in $modes; do
   ca=$(port) mon=$(port)
   rm -rf "$dir/mesh" "$dir/data"
-  "$dir/xds-load" -gen -mesh "$dir/mesh" -services "$services" -clients "$n"
+  "$dir/xds-load" -gen -mesh "$dir/mesh" -services "$services" -clients "$n" -grpc-clients "$grpcclients"
   env -u GOMEMLIMIT "$dir/trustmesh" serve --data-dir "$dir/data" --kubernetes off --mesh "$dir/mesh" --listen-ca "$ca" \
     --listen-monitoring "$mon" --listen-bundle "" --listen-authz off --listen-ui off --log-level warn --max-connections $((n + 1024)) \
     >"$out/xds-serve-$mode.log" 2>&1 &
   serve=$!
   pids+=("$serve")
+  t=$(date +%s)
   for _ in $(seq 600); do curl -sf "http://$mon/readyz" >/dev/null && break; sleep 0.2; done
+  curl -sf "http://$mon/readyz" >/dev/null || { echo "bench/xds.sh: serve not ready after 120 s (log: $out/xds-serve-$mode.log)" >&2; exit 1; }
+  echo "bench/xds.sh: $mode: serve ready in $(($(date +%s) - t)) s" >&2
   "$dir/trustmesh" ca bundle --data-dir "$dir/data" >"$dir/ca.pem"
   tok=$("$dir/trustmesh" ca token create --data-dir "$dir/data" --spiffe-id spiffe://cluster.local/ns/bench/sa/client --ttl 10m)
   delta=false
   [ "$mode" = delta ] && delta=true
   "$dir/xds-load" -mesh "$dir/mesh" -services "$services" -clients "$n" -addr "$ca" -ca-file "$dir/ca.pem" -token "$tok" \
-    -per-conn "$perconn" -delta="$delta" -rounds 3 -server-pid "$serve" | tee -a "$out/xds.jsonl"
+    -per-conn "$perconn" -grpc-clients "$grpcclients" -dial-concurrency "$dialconc" -delta="$delta" -rounds 3 -server-pid "$serve" | tee -a "$out/xds.jsonl"
   kill "$serve"
   wait "$serve" 2>/dev/null || true
 done
+echo "bench/xds.sh $n $services (modes: $modes, clients per connection: $perconn): $(($(date +%s) - started)) s" >&2

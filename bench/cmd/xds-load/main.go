@@ -1,31 +1,39 @@
 // Command xds-load drives a running `trustmesh serve` over xDS as a fleet of
 // simulated Envoy sidecars, from a process of its own, so that the
-// server's resident memory is the server's alone (bench/xds.sh).
+// server's resident memory is the server's alone (bench/xds.sh), and
+// checks them against a sample of real grpc-go xDS clients.
 //
 // With -gen it writes a mesh directory for serve's --mesh: -services HTTP
-// services of two endpoints each, and -clients pods that serve nothing,
-// all of namespace bench and service account client, and exits.
+// services of two endpoints each, -clients pods that serve nothing and
+// -grpc-clients pods for the proxyless sample, all of namespace bench and
+// service account client, and exits.
 //
 // Otherwise it enrols once with a join token (-token, from `trustmesh ca
-// token create`) over the CA's wire API, and every simulated client
-// presents that one certificate: the pods of a service account share a
-// SPIFFE ID, which is all the xDS server authenticates and caps, and the
-// server's work per handshake (the chain verified against the bundle) is
-// the same whichever key the certificate holds. Each client is an ADS
-// stream (state of the world, or delta with -delta) subscribing to
-// clusters, endpoints and listeners (wildcard) and to route 8080, and
-// acknowledging every response; -per-conn clients share a connection
-// (1: one connection, one TLS handshake, per Envoy, as in a mesh). A
-// stream whose connection fails waits for it to reconnect (grpc-go's
-// backoff), as an Envoy retries its xDS connection; serve resets a
-// handshake that does not finish in its handshake timeout, which a burst
-// of thousands of handshakes on two cores can exceed.
+// token create`) over the CA's wire API, and every client presents that
+// one certificate: the pods of a service account share a SPIFFE ID, which
+// is all the xDS server authenticates and caps, and the server's work per
+// handshake (the chain verified against the bundle) is the same whichever
+// key the certificate holds. Each simulated client is an ADS stream (state
+// of the world, or delta with -delta) subscribing to clusters, endpoints
+// and listeners (wildcard) and to route 8080, and acknowledging every
+// response; -per-conn clients share a connection (1: one connection, one
+// TLS handshake, per Envoy, as in a mesh). A stream whose connection fails
+// waits for it to reconnect (grpc-go's backoff), as an Envoy retries its
+// xDS connection.
 //
-// It reports the cold connect (every client has its first endpoints),
-// then -rounds times rewrites the mesh with one more endpoint on svc-0 and
-// reports the time until every client has received and acknowledged new
-// endpoints (the server's debounce included), with the server's RSS from
-// /proc/<-server-pid>/status. One JSON line.
+// The cold connect is two phases, reported apart: every connection's mTLS
+// handshake (at most -dial-concurrency in flight, as a mesh's proxies do
+// not all start in the same millisecond), with serve's CPU per handshake
+// from /proc; then every client's first configuration, until each holds
+// svc-0's endpoints. Then -grpc-clients proxyless grpc-go clients
+// (grpcsample.go) resolve svc-0 and must see the same endpoints. Then
+// -rounds times it rewrites the mesh with one more endpoint on svc-0: a
+// client has converged when the svc-0 endpoints it received are exactly
+// the new set; the round reports when the last did (the server's debounce
+// included) and the p50 and p99 over clients, then the time until every
+// proxyless client balances over that same set, and FAILS if one does not
+// within -grpc-timeout. serve's RSS (/proc/<-server-pid>/status) is read
+// at the end. One JSON line.
 package main
 
 import (
@@ -42,7 +50,8 @@ import (
 	"flag"
 	"fmt"
 	"os"
-	"path/filepath"
+	"runtime/pprof"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -51,8 +60,8 @@ import (
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
-	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/connectivity"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/protobuf/types/known/structpb"
@@ -70,80 +79,96 @@ type result struct {
 	RSSMB       float64   `json:"server_rss_mb,omitempty"`
 	PeakRSSMB   float64   `json:"server_peak_rss_mb,omitempty"`
 	KBPerClient float64   `json:"server_rss_kb_per_client,omitempty"`
+
+	// The cold connect, phase 1: every connection's mTLS handshake.
+	Connections     int     `json:"connections"`
+	DialConcurrency int     `json:"dial_concurrency"`
+	HandshakesS     float64 `json:"handshakes_s"`
+	HandshakesPerS  float64 `json:"handshakes_per_s"`
+	// CPU per handshake, serve's and this tool's (both sides' TLS), in ms.
+	ServerCPUPerHandshakeMS float64 `json:"server_cpu_ms_per_handshake,omitempty"`
+	ToolCPUPerHandshakeMS   float64 `json:"tool_cpu_ms_per_handshake"`
+	// Phase 2: every client's first configuration, over the open connections.
+	FirstConfigS          float64 `json:"first_config_s"`
+	ServerCPUFirstConfigS float64 `json:"server_cpu_first_config_s,omitempty"`
+	ToolCPUFirstConfigS   float64 `json:"tool_cpu_first_config_s"`
+	FirstConfigP50S       float64 `json:"first_config_p50_s"`
+	FirstConfigP99S       float64 `json:"first_config_p99_s"`
+	// Each change round: per-client convergence percentiles and serve's CPU.
+	ConvergeP50S    []float64 `json:"convergence_p50_s"`
+	ConvergeP99S    []float64 `json:"convergence_p99_s"`
+	ServerCPUPushS  []float64 `json:"server_cpu_push_s,omitempty"`
+	ToolCPUPushS    []float64 `json:"tool_cpu_push_s"`
+	ServerRSSPushMB []float64 `json:"server_rss_after_push_mb,omitempty"`
+	// The proxyless grpc-go sample: its first endpoints after it starts,
+	// and each round's time until the last of them balances over the set
+	// the simulated clients received (from the same mesh write).
+	GRPCClients   int       `json:"grpc_clients"`
+	GRPCConnectS  float64   `json:"grpc_connect_s,omitempty"`
+	GRPCConvergeS []float64 `json:"grpc_convergence_s,omitempty"`
+	GRPCAgreed    bool      `json:"grpc_agreed"`
+	// This tool's own peak RSS, to size the machine for a large run.
+	ToolPeakRSSMB float64 `json:"tool_peak_rss_mb"`
+	WallS         float64 `json:"wall_s"`
+}
+
+type options struct {
+	meshDir, addr, caFile, token       string
+	services, clients, perConn, rounds int
+	grpcClients, dialConcurrency       int
+	delta                              bool
+	serverPID                          int
+	roundTimeout, grpcTimeout          time.Duration
 }
 
 func main() {
+	var o options
 	gen := flag.Bool("gen", false, "write the mesh directory -mesh and exit")
-	meshDir := flag.String("mesh", "", "the mesh directory serve reads (required)")
-	services := flag.Int("services", 1000, "HTTP services in the mesh")
-	clients := flag.Int("clients", 1000, "simulated Envoy sidecars")
-	addr := flag.String("addr", "127.0.0.1:15012", "serve's --listen-ca address")
-	caFile := flag.String("ca-file", "", "the trust bundle (trustmesh ca bundle), PEM")
-	token := flag.String("token", "", "a join token for spiffe://TD/ns/bench/sa/client")
-	perConn := flag.Int("per-conn", 1, "clients per connection")
-	delta := flag.Bool("delta", false, "delta ADS instead of state of the world")
-	rounds := flag.Int("rounds", 3, "configuration changes to time")
-	serverPID := flag.Int("server-pid", 0, "serve's process id, for its RSS")
+	flag.StringVar(&o.meshDir, "mesh", "", "the mesh directory serve reads (required)")
+	flag.IntVar(&o.services, "services", 1000, "HTTP services in the mesh")
+	flag.IntVar(&o.clients, "clients", 1000, "simulated Envoy sidecars")
+	flag.IntVar(&o.grpcClients, "grpc-clients", 8, "proxyless grpc-go xDS clients checked against the simulated ones (the same with -gen)")
+	flag.StringVar(&o.addr, "addr", "127.0.0.1:15012", "serve's --listen-ca address")
+	flag.StringVar(&o.caFile, "ca-file", "", "the trust bundle (trustmesh ca bundle), PEM")
+	flag.StringVar(&o.token, "token", "", "a join token for spiffe://TD/ns/bench/sa/client")
+	flag.IntVar(&o.perConn, "per-conn", 1, "clients per connection")
+	flag.IntVar(&o.dialConcurrency, "dial-concurrency", 256, "mTLS handshakes in flight at once during the cold connect")
+	flag.BoolVar(&o.delta, "delta", false, "delta ADS instead of state of the world")
+	flag.IntVar(&o.rounds, "rounds", 3, "configuration changes to time")
+	flag.IntVar(&o.serverPID, "server-pid", 0, "serve's process id, for its RSS and CPU")
+	flag.DurationVar(&o.roundTimeout, "round-timeout", 5*time.Minute, "how long a phase or round may take before the run fails")
+	flag.DurationVar(&o.grpcTimeout, "grpc-timeout", time.Minute, "how long the proxyless clients may lag the simulated ones before the round fails")
+	cpuProfile := flag.String("cpuprofile", "", "write this tool's CPU profile to the file")
 	flag.Parse()
-	if *meshDir == "" || *services <= 0 || *clients <= 0 || *perConn <= 0 {
-		fmt.Fprintln(os.Stderr, "xds-load: -mesh is required; -services, -clients and -per-conn must be positive")
+	if o.meshDir == "" || o.services <= 0 || o.clients <= 0 || o.perConn <= 0 || o.grpcClients < 0 || o.dialConcurrency <= 0 {
+		fmt.Fprintln(os.Stderr, "xds-load: -mesh is required; -services, -clients, -per-conn and -dial-concurrency must be positive, -grpc-clients not negative")
 		os.Exit(2)
 	}
 	if *gen {
-		if err := writeMesh(*meshDir, *services, *clients, 0); err != nil {
-			fmt.Fprintln(os.Stderr, "xds-load:", err)
+		if err := writeMesh(o.meshDir, o.services, o.clients, o.grpcClients, 0); err != nil {
+			fmt.Fprintln(os.Stderr, err)
 			os.Exit(1)
 		}
 		return
 	}
-	r, err := run(*meshDir, *services, *clients, *addr, *caFile, *token, *perConn, *delta, *rounds, *serverPID)
+	if *cpuProfile != "" {
+		f, err := os.Create(*cpuProfile)
+		if err == nil {
+			err = pprof.StartCPUProfile(f)
+		}
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "xds-load:", err)
+			os.Exit(1)
+		}
+		defer pprof.StopCPUProfile()
+	}
+	r, err := run(o)
 	if err != nil {
-		fmt.Fprintln(os.Stderr, "xds-load:", err)
+		pprof.StopCPUProfile()
+		fmt.Fprintln(os.Stderr, err)
 		os.Exit(1)
 	}
 	_ = json.NewEncoder(os.Stdout).Encode(r)
-}
-
-// writeMesh writes the services (svc-0 with extra more endpoints) and the
-// client pods, each file replaced atomically so serve never reads half.
-func writeMesh(dir string, services, clients, extra int) error {
-	if err := os.MkdirAll(dir, 0o755); err != nil {
-		return err
-	}
-	var b strings.Builder
-	for i := range services {
-		fmt.Fprintf(&b, "apiVersion: mesh.trustmesh.io/v1alpha1\nkind: Service\nmetadata: {name: svc-%d, namespace: bench}\nspec:\n"+
-			"  ports: [{name: http, port: 8080, protocol: HTTP}]\n  endpoints:\n", i)
-		n := 2
-		if i == 0 {
-			n += extra
-		}
-		for j := range n {
-			fmt.Fprintf(&b, "  - {address: 10.%d.%d.%d, pod: svc-%d-%d, spiffeID: spiffe://cluster.local/ns/bench/sa/svc-%d, labels: {app: svc-%d}}\n",
-				i/250, i%250, j+1, i, j, i, i)
-		}
-		b.WriteString("---\n")
-	}
-	if err := replace(filepath.Join(dir, "services.yaml"), b.String()); err != nil {
-		return err
-	}
-	if extra > 0 {
-		return nil
-	}
-	b.Reset()
-	for i := range clients {
-		fmt.Fprintf(&b, "apiVersion: mesh.trustmesh.io/v1alpha1\nkind: Workload\nmetadata: {name: client-%d, namespace: bench}\n"+
-			"spec: {spiffeID: spiffe://cluster.local/ns/bench/sa/client}\n---\n", i)
-	}
-	return replace(filepath.Join(dir, "clients.yaml"), b.String())
-}
-
-func replace(path, content string) error {
-	tmp := filepath.Join(filepath.Dir(path), "."+filepath.Base(path)+".tmp")
-	if err := os.WriteFile(tmp, []byte(content), 0o644); err != nil {
-		return err
-	}
-	return os.Rename(tmp, path)
 }
 
 // enrol obtains a certificate for the token's SPIFFE ID over the CA's
@@ -151,16 +176,16 @@ func replace(path, content string) error {
 func enrol(addr string, roots *x509.CertPool, token string) (tls.Certificate, error) {
 	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(credentials.NewTLS(&tls.Config{RootCAs: roots, ServerName: "localhost"})))
 	if err != nil {
-		return tls.Certificate{}, err
+		return tls.Certificate{}, fmt.Errorf("xds-load: %w", err)
 	}
 	defer conn.Close()
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
-		return tls.Certificate{}, err
+		return tls.Certificate{}, fmt.Errorf("xds-load: %w", err)
 	}
 	der, err := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{}, key)
 	if err != nil {
-		return tls.Certificate{}, err
+		return tls.Certificate{}, fmt.Errorf("xds-load: %w", err)
 	}
 	ctx, cancel := context.WithTimeout(metadata.AppendToOutgoingContext(context.Background(), "authorization", "Bearer "+token), 30*time.Second)
 	defer cancel()
@@ -168,33 +193,38 @@ func enrol(addr string, roots *x509.CertPool, token string) (tls.Certificate, er
 		Csr: string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE REQUEST", Bytes: der})), ValidityDuration: 3600,
 	})
 	if err != nil {
-		return tls.Certificate{}, fmt.Errorf("enrolling: %w", err)
+		return tls.Certificate{}, fmt.Errorf("xds-load: enrolling: %w", err)
+	}
+	if len(resp.GetCertChain()) < 2 {
+		return tls.Certificate{}, errors.New("xds-load: enrolling: the chain has no root")
 	}
 	cert := tls.Certificate{PrivateKey: key}
 	// The last entry is the root.
 	for _, p := range resp.GetCertChain()[:len(resp.GetCertChain())-1] {
 		blk, _ := pem.Decode([]byte(p))
 		if blk == nil {
-			return tls.Certificate{}, errors.New("enrolling: a chain entry is not PEM")
+			return tls.Certificate{}, errors.New("xds-load: enrolling: a chain entry is not PEM")
 		}
 		cert.Certificate = append(cert.Certificate, blk.Bytes)
 	}
 	return cert, nil
 }
 
-func run(meshDir string, services, n int, addr, caFile, token string, perConn int, delta bool, rounds, serverPID int) (*result, error) {
-	rootPEM, err := os.ReadFile(caFile)
+func run(o options) (*result, error) {
+	wall := time.Now()
+	rootPEM, err := os.ReadFile(o.caFile)
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("xds-load: %w", err)
 	}
 	roots := x509.NewCertPool()
 	if !roots.AppendCertsFromPEM(rootPEM) {
-		return nil, fmt.Errorf("%s holds no certificate", caFile)
+		return nil, fmt.Errorf("xds-load: %s holds no certificate", o.caFile)
 	}
-	cert, err := enrol(addr, roots, token)
+	cert, err := enrol(o.addr, roots, o.token)
 	if err != nil {
 		return nil, err
 	}
+	n := o.clients
 	creds := credentials.NewTLS(&tls.Config{Certificates: []tls.Certificate{cert}, RootCAs: roots, ServerName: "localhost", MinVersion: tls.VersionTLS12})
 	var conns []*grpc.ClientConn
 	defer func() {
@@ -202,85 +232,201 @@ func run(meshDir string, services, n int, addr, caFile, token string, perConn in
 			c.Close()
 		}
 	}()
-	for range (n + perConn - 1) / perConn {
-		c, err := grpc.NewClient(addr, grpc.WithTransportCredentials(creds),
+	for range (n + o.perConn - 1) / o.perConn {
+		c, err := grpc.NewClient(o.addr, grpc.WithTransportCredentials(creds),
 			// Envoy's HTTP/2 defaults for its xDS connection: 256 MiB
 			// windows, so the server is not held to grpc-go's 64 KiB.
 			grpc.WithInitialWindowSize(envoyWindow), grpc.WithInitialConnWindowSize(envoyWindow))
 		if err != nil {
-			return nil, err
+			return nil, fmt.Errorf("xds-load: %w", err)
 		}
 		conns = append(conns, c)
 	}
+	r := &result{Tool: "xds-load", Mode: map[bool]string{false: "sotw", true: "delta"}[o.delta], Services: o.services, Clients: n,
+		PerConn: o.perConn, Connections: len(conns), DialConcurrency: o.dialConcurrency, GRPCClients: o.grpcClients}
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	var (
-		ready     sync.WaitGroup
-		epoch     atomic.Int64
-		converged atomic.Int64
-		failed    atomic.Int64
-		firstErr  atomic.Value
-		done      = make(chan struct{}, 1)
-	)
-	onEDS := func(seen *int64) {
-		if e := epoch.Load(); e > 0 && *seen < e {
-			*seen = e
-			if converged.Add(1) == int64(n) {
-				done <- struct{}{}
-			}
-		}
-	}
-	r := &result{Tool: "xds-load", Mode: map[bool]string{false: "sotw", true: "delta"}[delta], Services: services, Clients: n, PerConn: perConn}
+
+	// Phase 1: the handshakes.
+	srv0, self0 := cpuSeconds(o.serverPID), cpuSeconds(os.Getpid())
 	t0 := time.Now()
-	ready.Add(n)
+	if err := handshakes(ctx, conns, o.dialConcurrency, o.roundTimeout); err != nil {
+		return nil, err
+	}
+	r.HandshakesS = time.Since(t0).Seconds()
+	r.HandshakesPerS = float64(len(conns)) / r.HandshakesS
+	srv1, self1 := cpuSeconds(o.serverPID), cpuSeconds(os.Getpid())
+	if o.serverPID > 0 {
+		r.ServerCPUPerHandshakeMS = (srv1 - srv0) * 1000 / float64(len(conns))
+	}
+	r.ToolCPUPerHandshakeMS = (self1 - self0) * 1000 / float64(len(conns))
+
+	// Phase 2: every client's first configuration.
+	f := &fleet{last: make([]atomic.Pointer[string], n)}
+	var (
+		failed   atomic.Int64
+		firstErr atomic.Value
+		failure  = make(chan struct{})
+		once     sync.Once
+	)
+	cold := newRound(0, n, svc0Want(0))
+	f.cur.Store(cold)
 	for i := range n {
-		md, _ := structpb.NewStruct(map[string]any{"SERVICE_ACCOUNT": "client", "NAMESPACE": "bench"})
-		node := &corev3.Node{Id: fmt.Sprintf("sidecar~10.200.%d.%d~client-%d.bench~bench.svc.cluster.local", i/250, i%250, i), Metadata: md}
-		client := discoveryv3.NewAggregatedDiscoveryServiceClient(conns[i/perConn])
+		md, _ := structpb.NewStruct(map[string]any{"SERVICE_ACCOUNT": "client", "NAMESPACE": meshNS})
+		node := &corev3.Node{Id: fmt.Sprintf("sidecar~10.200.%d.%d~client-%d.%s~%s.svc.cluster.local", i/250, i%250, i, meshNS, meshNS), Metadata: md}
+		client := discoveryv3.NewAggregatedDiscoveryServiceClient(conns[i/o.perConn])
 		go func() {
+			seen := -1
+			observe := func(set string) { f.observe(i, &seen, set) }
 			var err error
-			if delta {
-				err = deltaClient(ctx, client, node, &ready, onEDS)
+			if o.delta {
+				err = deltaClient(ctx, client, node, observe)
 			} else {
-				err = sotwClient(ctx, client, node, &ready, onEDS)
+				err = sotwClient(ctx, client, node, observe)
 			}
 			if ctx.Err() == nil {
-				firstErr.CompareAndSwap(nil, err.Error())
+				firstErr.CompareAndSwap(nil, fmt.Sprintf("client-%d: %v", i, err))
 				failed.Add(1)
-				select {
-				case done <- struct{}{}:
-				default:
+				once.Do(func() { close(failure) })
+			}
+		}()
+	}
+	wait := func(rd *round) error {
+		select {
+		case <-rd.done:
+			return nil
+		case <-failure:
+			return fmt.Errorf("xds-load: %d clients failed, the first: %v", failed.Load(), firstErr.Load())
+		case <-time.After(o.roundTimeout):
+			return fmt.Errorf("xds-load: round %d: %d of %d clients hold svc-0's endpoints [%s] after %s; the others last received (set: clients): %v",
+				rd.n, n-int(rd.left.Load()), n, rd.want, o.roundTimeout, f.disagreeing(rd))
+		}
+	}
+	if err := wait(cold); err != nil {
+		return nil, err
+	}
+	r.FirstConfigS, r.FirstConfigP50S, r.FirstConfigP99S = cold.stats()
+	srv2, self2 := cpuSeconds(o.serverPID), cpuSeconds(os.Getpid())
+	if o.serverPID > 0 {
+		r.ServerCPUFirstConfigS = srv2 - srv1
+	}
+	r.ToolCPUFirstConfigS = self2 - self1
+	r.ConnectS = r.HandshakesS + r.FirstConfigS
+
+	// The proxyless sample joins the connected fleet.
+	var smp *sample
+	if o.grpcClients > 0 {
+		t := time.Now()
+		if smp, err = startSample(o.grpcClients, o.addr, cert, rootPEM); err != nil {
+			return nil, err
+		}
+		defer smp.close()
+		last, err := smp.wait(cold.want, o.grpcTimeout)
+		if err != nil {
+			return nil, err
+		}
+		r.GRPCConnectS = last.Sub(t).Seconds()
+	}
+
+	for round := 1; round <= o.rounds; round++ {
+		srv, self := cpuSeconds(o.serverPID), cpuSeconds(os.Getpid())
+		rd := newRound(round, n, svc0Want(round))
+		f.cur.Store(rd)
+		if err := writeMesh(o.meshDir, o.services, n, o.grpcClients, round); err != nil {
+			return nil, err
+		}
+		if err := wait(rd); err != nil {
+			return nil, err
+		}
+		all, p50, p99 := rd.stats()
+		r.ToolCPUPushS = append(r.ToolCPUPushS, cpuSeconds(os.Getpid())-self)
+		r.ConvergeS, r.ConvergeP50S, r.ConvergeP99S = append(r.ConvergeS, all), append(r.ConvergeP50S, p50), append(r.ConvergeP99S, p99)
+		if smp != nil {
+			last, err := smp.wait(rd.want, o.grpcTimeout)
+			if err != nil {
+				return nil, fmt.Errorf("%w (round %d: every simulated client holds that set)", err, round)
+			}
+			r.GRPCConvergeS = append(r.GRPCConvergeS, last.Sub(rd.start).Seconds())
+		}
+		if o.serverPID > 0 {
+			r.ServerCPUPushS = append(r.ServerCPUPushS, cpuSeconds(o.serverPID)-srv)
+			r.ServerRSSPushMB = append(r.ServerRSSPushMB, procMB(o.serverPID, "VmRSS"))
+		}
+	}
+	r.GRPCAgreed = smp != nil
+	if o.serverPID > 0 {
+		r.RSSMB, r.PeakRSSMB = procMB(o.serverPID, "VmRSS"), procMB(o.serverPID, "VmHWM")
+		r.KBPerClient = r.RSSMB * 1024 / float64(n)
+	}
+	r.ToolPeakRSSMB = procMB(os.Getpid(), "VmHWM")
+	r.WallS = time.Since(wall).Seconds()
+	return r, nil
+}
+
+// handshakes connects every connection, at most conc at once, and waits
+// until each is READY (TLS handshake and HTTP/2 prefaces done).
+func handshakes(ctx context.Context, conns []*grpc.ClientConn, conc int, timeout time.Duration) error {
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	sem := make(chan struct{}, conc)
+	var wg sync.WaitGroup
+	var notReady atomic.Int64
+	for _, c := range conns {
+		sem <- struct{}{}
+		wg.Add(1)
+		go func() {
+			defer func() { <-sem; wg.Done() }()
+			c.Connect()
+			for s := c.GetState(); s != connectivity.Ready; s = c.GetState() {
+				if !c.WaitForStateChange(ctx, s) {
+					notReady.Add(1)
+					return
 				}
 			}
 		}()
 	}
-	ready.Wait()
-	if failed.Load() > 0 {
-		return nil, fmt.Errorf("%d clients failed: %v", failed.Load(), firstErr.Load())
+	wg.Wait()
+	if k := notReady.Load(); k > 0 {
+		return fmt.Errorf("xds-load: %d of %d connections not READY after %s", k, len(conns), timeout)
 	}
-	r.ConnectS = time.Since(t0).Seconds()
-	for round := 1; round <= rounds; round++ {
-		converged.Store(0)
-		epoch.Add(1)
-		t := time.Now()
-		if err := writeMesh(meshDir, services, n, round); err != nil {
-			return nil, err
-		}
-		select {
-		case <-done:
-		case <-time.After(5 * time.Minute):
-			return nil, fmt.Errorf("round %d: %d of %d clients converged in 5 minutes", round, converged.Load(), n)
-		}
-		if failed.Load() > 0 {
-			return nil, fmt.Errorf("%d clients failed: %v", failed.Load(), firstErr.Load())
-		}
-		r.ConvergeS = append(r.ConvergeS, time.Since(t).Seconds())
+	return nil
+}
+
+// stats is when the last client reached the round, and the p50 and p99
+// over clients, in seconds after the round started.
+func (r *round) stats() (last, p50, p99 float64) {
+	d := make([]float64, len(r.at))
+	for i := range r.at {
+		d[i] = time.Duration(r.at[i].Load()).Seconds()
 	}
-	if serverPID > 0 {
-		r.RSSMB, r.PeakRSSMB = procMB(serverPID, "VmRSS"), procMB(serverPID, "VmHWM")
-		r.KBPerClient = r.RSSMB * 1024 / float64(n)
+	slices.Sort(d)
+	q := func(p float64) float64 { return d[min(len(d)-1, int(p*float64(len(d))))] }
+	return d[len(d)-1], q(0.50), q(0.99)
+}
+
+// cpuSeconds is a process's user and system CPU time from /proc, or 0.
+func cpuSeconds(pid int) float64 {
+	if pid <= 0 {
+		return 0
 	}
-	return r, nil
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0
+	}
+	// Fields after the command name, which is in parentheses: state is
+	// field 3, utime 14 and stime 15.
+	i := strings.LastIndexByte(string(b), ')')
+	if i < 0 {
+		return 0
+	}
+	f := strings.Fields(string(b[i+1:]))
+	if len(f) < 13 {
+		return 0
+	}
+	ut, _ := strconv.ParseFloat(f[11], 64)
+	st, _ := strconv.ParseFloat(f[12], 64)
+	// USER_HZ is 100 on Linux.
+	return (ut + st) / 100
 }
 
 func procMB(pid int, field string) float64 {
@@ -297,90 +443,6 @@ func procMB(pid int, field string) float64 {
 		}
 	}
 	return 0
-}
-
-var types = []string{resource.ClusterType, resource.EndpointType, resource.ListenerType, resource.RouteType}
-
-func sotwClient(ctx context.Context, c discoveryv3.AggregatedDiscoveryServiceClient, node *corev3.Node, ready *sync.WaitGroup, onEDS func(*int64)) error {
-	first := true
-	defer func() {
-		if first {
-			ready.Done()
-		}
-	}()
-	s, err := c.StreamAggregatedResources(ctx, grpc.WaitForReady(true))
-	if err != nil {
-		return err
-	}
-	for _, typ := range types {
-		req := &discoveryv3.DiscoveryRequest{Node: node, TypeUrl: typ}
-		if typ == resource.RouteType {
-			req.ResourceNames = []string{"8080"}
-		}
-		if err := s.Send(req); err != nil {
-			return err
-		}
-	}
-	var seen int64
-	for {
-		resp, err := s.Recv()
-		if err != nil {
-			return err
-		}
-		req := &discoveryv3.DiscoveryRequest{TypeUrl: resp.GetTypeUrl(), VersionInfo: resp.GetVersionInfo(), ResponseNonce: resp.GetNonce()}
-		if resp.GetTypeUrl() == resource.RouteType {
-			req.ResourceNames = []string{"8080"}
-		}
-		if err := s.Send(req); err != nil {
-			return err
-		}
-		if resp.GetTypeUrl() == resource.EndpointType {
-			if first {
-				first = false
-				ready.Done()
-			}
-			onEDS(&seen)
-		}
-	}
-}
-
-func deltaClient(ctx context.Context, c discoveryv3.AggregatedDiscoveryServiceClient, node *corev3.Node, ready *sync.WaitGroup, onEDS func(*int64)) error {
-	first := true
-	defer func() {
-		if first {
-			ready.Done()
-		}
-	}()
-	s, err := c.DeltaAggregatedResources(ctx, grpc.WaitForReady(true))
-	if err != nil {
-		return err
-	}
-	for _, typ := range types {
-		req := &discoveryv3.DeltaDiscoveryRequest{Node: node, TypeUrl: typ}
-		if typ == resource.RouteType {
-			req.ResourceNamesSubscribe = []string{"8080"}
-		}
-		if err := s.Send(req); err != nil {
-			return err
-		}
-	}
-	var seen int64
-	for {
-		resp, err := s.Recv()
-		if err != nil {
-			return err
-		}
-		if err := s.Send(&discoveryv3.DeltaDiscoveryRequest{TypeUrl: resp.GetTypeUrl(), ResponseNonce: resp.GetNonce()}); err != nil {
-			return err
-		}
-		if resp.GetTypeUrl() == resource.EndpointType {
-			if first {
-				first = false
-				ready.Done()
-			}
-			onEDS(&seen)
-		}
-	}
 }
 
 // envoyWindow is Envoy's default HTTP/2 initial stream and connection
