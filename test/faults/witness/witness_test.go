@@ -89,11 +89,11 @@ func freePort(t *testing.T) string {
 }
 
 // startServe runs `trustmesh serve` on dataDir and waits until it is ready.
-func startServe(t *testing.T, dataDir string) *serveProc {
+func startServe(t *testing.T, dataDir string, extra ...string) *serveProc {
 	t.Helper()
 	p := &serveProc{monitoring: freePort(t)}
-	p.cmd = exec.Command(bin, "serve", "--data-dir", dataDir, "--listen-ca", freePort(t), "--listen-monitoring", p.monitoring,
-		"--listen-bundle", "", "--listen-ui", "off", "--kubernetes", "off", "--decision-log", "")
+	p.cmd = exec.Command(bin, append([]string{"serve", "--data-dir", dataDir, "--listen-ca", freePort(t), "--listen-monitoring", p.monitoring,
+		"--listen-bundle", "", "--listen-ui", "off", "--kubernetes", "off", "--decision-log", ""}, extra...)...)
 	p.cmd.Stderr = &p.stderr
 	if err := p.cmd.Start(); err != nil {
 		t.Fatal(err)

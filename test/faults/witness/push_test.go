@@ -1,0 +1,186 @@
+package witness_test
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"database/sql"
+	"io"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/trustmesh/trustmesh/ca/journal"
+)
+
+// startWitness runs `trustmesh audit monitor --listen` as a long-running
+// tlog-witness of the data directory's log, and returns its URL and its
+// cosignature/v1 verifier key.
+func startWitness(t *testing.T, wdir, dataDir string) (url, vkey string) {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	cmd := exec.CommandContext(ctx, bin, "audit", "monitor", "--witness", wdir, "--name", "witness.test/push",
+		"--from", dataDir, "--key", checkpointKey(t, dataDir), "--interval", "1h", "--listen", "127.0.0.1:0")
+	cmd.Cancel = func() error { return cmd.Process.Signal(os.Interrupt) }
+	var stderr lockedBuffer
+	cmd.Stderr = &stderr
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		cancel()
+		_ = cmd.Wait()
+		if t.Failed() {
+			t.Logf("audit monitor:\n%s", stderr.String())
+		}
+	})
+	lines := make(chan string, 1)
+	go func() {
+		sc := bufio.NewScanner(out)
+		for sc.Scan() {
+			if addr, ok := strings.CutPrefix(sc.Text(), "serving /metrics and /add-checkpoint on "); ok {
+				lines <- addr
+			}
+		}
+		_, _ = io.Copy(io.Discard, out)
+	}()
+	select {
+	case addr := <-lines:
+		url = "http://" + addr
+	case <-time.After(60 * time.Second):
+		t.Fatalf("audit monitor did not listen:\n%s", stderr.String())
+	}
+	b, err := os.ReadFile(filepath.Join(wdir, "witness.pub"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return url, strings.TrimSpace(string(b))
+}
+
+// metric reads one sample of serve's /metrics ("" when absent).
+func (p *serveProc) metric(t *testing.T, sample string) string {
+	t.Helper()
+	resp, err := http.Get("http://" + p.monitoring + "/metrics")
+	if err != nil {
+		return ""
+	}
+	defer resp.Body.Close()
+	sc := bufio.NewScanner(resp.Body)
+	for sc.Scan() {
+		if v, ok := strings.CutPrefix(sc.Text(), sample+" "); ok {
+			return v
+		}
+	}
+	return ""
+}
+
+func waitFor(t *testing.T, what string, p *serveProc, cond func() bool) {
+	t.Helper()
+	for deadline := time.Now().Add(30 * time.Second); !cond(); time.Sleep(50 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("%s: timed out\n%s", what, p.stderr.String())
+		}
+	}
+}
+
+// TestServePushesToATlogWitness: the real serve, with --witness URL and
+// --witness-key, pushes its checkpoints to `trustmesh audit monitor
+// --listen` over C2SP tlog-witness, verifies the cosignature and keeps it
+// in the data directory; restarted over a journal rewritten with the
+// checkpoint key, it is refused by the witness, says so (log, metric
+// reason "inconsistent") and keeps serving, and the kept cosignature
+// still names the honest size, which `audit verify --checkpoint` then
+// holds against the rewritten journal.
+func TestServePushesToATlogWitness(t *testing.T) {
+	data := filepath.Join(t.TempDir(), "data")
+	p := startServe(t, data)
+	grow(t, data, 3)
+	p.stop(t)
+	url, vkey := startWitness(t, t.TempDir(), data)
+	witnessArgs := []string{"--witness", url, "--witness-key", vkey}
+	cosigned := filepath.Join(data, journal.WitnessCosignedFile)
+	key := checkpointKey(t, data)
+
+	keptSize := func() uint64 {
+		t.Helper()
+		b, err := os.ReadFile(cosigned)
+		if err != nil {
+			return 0
+		}
+		cp, err := journal.ParseCheckpoint(b, key)
+		if err != nil {
+			t.Fatalf("the kept checkpoint: %v", err)
+		}
+		_, sigs, _ := bytes.Cut(b, []byte("\n\n"))
+		lines := bytes.SplitAfter(bytes.TrimSuffix(sigs, []byte("\n")), []byte("\n"))
+		if _, err := journal.VerifyCosignature(vkey, cp, lines[len(lines)-1]); err != nil {
+			t.Fatalf("the kept cosignature: %v", err)
+		}
+		return cp.Size
+	}
+
+	// At start serve offers its latest checkpoint; the witness has it
+	// already (pulled at its start): it cosigns it again.
+	grow(t, data, 2)
+	p = startServe(t, data, witnessArgs...)
+	want := latestSize(t, data)
+	waitFor(t, "the first cosignature", p, func() bool { return keptSize() == want })
+	if got := p.metric(t, "trustmesh_journal_witness_cosigned_size"); got != strconv.FormatUint(want, 10) {
+		t.Errorf("trustmesh_journal_witness_cosigned_size = %q, want %d", got, want)
+	}
+	p.stop(t)
+
+	// Restarted over a grown journal: a proof from the witness's size.
+	grow(t, data, 4)
+	p = startServe(t, data, witnessArgs...)
+	honest := latestSize(t, data)
+	waitFor(t, "the cosignature after a restart", p, func() bool { return keptSize() == honest })
+	p.stop(t)
+
+	// Rewritten with the checkpoint key: refused, visible, serving.
+	rewrite(t, data, newAttacker(t, data))
+	p = startServe(t, data, witnessArgs...)
+	waitFor(t, "the refusal", p, func() bool {
+		return p.metric(t, `trustmesh_journal_witness_failures_total{reason="inconsistent"}`) == "1"
+	})
+	if !strings.Contains(p.stderr.String(), "reason=inconsistent") {
+		t.Errorf("serve's log does not say the witness found the journal inconsistent:\n%s", p.stderr.String())
+	}
+	if resp, err := http.Get("http://" + p.monitoring + "/readyz"); err != nil || resp.StatusCode != http.StatusOK {
+		t.Errorf("serve is not ready after the witness refused it: %v", err)
+	} else {
+		resp.Body.Close()
+	}
+	if got := keptSize(); got != honest {
+		t.Errorf("the kept cosigned size is %d, want the honest %d", got, honest)
+	}
+	p.stop(t)
+	out, err := exec.Command(bin, "audit", "verify", "--data-dir", data, "--key", key, "--checkpoint", cosigned).CombinedOutput()
+	if err == nil {
+		t.Errorf("audit verify passes the rewritten journal against the witness's cosigned checkpoint:\n%s", out)
+	}
+}
+
+// latestSize is the size of the data directory's latest checkpoint.
+func latestSize(t *testing.T, dataDir string) uint64 {
+	t.Helper()
+	db, err := sql.Open("sqlite", "file:"+filepath.Join(dataDir, "journal.db")+"?mode=ro")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	var n int64
+	if err := db.QueryRow(`SELECT MAX(size) FROM checkpoints`).Scan(&n); err != nil {
+		t.Fatal(err)
+	}
+	return uint64(n)
+}
