@@ -554,3 +554,96 @@ func freePort(t *testing.T) string {
 	defer l.Close()
 	return l.Addr().String()
 }
+
+// TestServePushesToLitewitness runs the real `trustmesh serve --witness
+// URL --witness-key VKEY` against torchwood's litewitness: at start serve
+// offers its latest checkpoint, litewitness cosigns it, and the
+// cosignature serve keeps in its data directory verifies with
+// transparency-dev/formats. Set WITNESS_ORACLE_TRUSTMESH to a built
+// trustmesh binary to skip the build.
+func TestServePushesToLitewitness(t *testing.T) {
+	bt := buildTools(t)
+	tm := os.Getenv("WITNESS_ORACLE_TRUSTMESH")
+	if tm == "" {
+		tm = filepath.Join(t.TempDir(), "trustmesh")
+		build := exec.Command("go", "build", "-o", tm, "./cmd/trustmesh")
+		build.Dir = filepath.Join("..", "..")
+		if b, err := build.CombinedOutput(); err != nil {
+			t.Fatalf("building trustmesh: %v\n%s", err, b)
+		}
+	}
+	data := filepath.Join(t.TempDir(), "data")
+	serve := func(extra ...string) (stop func()) {
+		t.Helper()
+		monitoring := freePort(t)
+		cmd := exec.Command(tm, append([]string{"serve", "--data-dir", data, "--listen-ca", freePort(t), "--listen-monitoring", monitoring,
+			"--listen-bundle", "", "--listen-ui", "off", "--kubernetes", "off", "--decision-log", ""}, extra...)...)
+		var stderr bytes.Buffer
+		cmd.Stderr = &stderr
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		for deadline := time.Now().Add(60 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+			if resp, err := http.Get("http://" + monitoring + "/readyz"); err == nil {
+				resp.Body.Close()
+				if resp.StatusCode == http.StatusOK {
+					break
+				}
+			}
+			if time.Now().After(deadline) {
+				_ = cmd.Process.Kill()
+				_ = cmd.Wait()
+				t.Fatalf("serve did not become ready:\n%s", stderr.String())
+			}
+		}
+		return func() {
+			_ = cmd.Process.Signal(os.Interrupt)
+			if err := cmd.Wait(); err != nil {
+				t.Errorf("serve: %v\n%s", err, stderr.String())
+			}
+			if t.Failed() {
+				t.Logf("serve:\n%s", stderr.String())
+			}
+		}
+	}
+	serve()()
+	for i := range 3 {
+		if b, err := exec.Command(tm, "ca", "token", "create", "--data-dir", data, "--spiffe-id", fmt.Sprintf("spiffe://cluster.local/ns/oracle/sa/w%d", i)).CombinedOutput(); err != nil {
+			t.Fatalf("ca token create: %v\n%s", err, b)
+		}
+	}
+	pub, err := os.ReadFile(filepath.Join(data, "checkpoint.pub"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	logKey := strings.TrimSpace(string(pub))
+	origin, _, _ := strings.Cut(logKey, "+")
+	lw := startLitewitness(t, bt, origin, logKey)
+	stop := serve("--witness", lw.url, "--witness-key", lw.vkey)
+	defer stop()
+	cosigned := filepath.Join(data, journal.WitnessCosignedFile)
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+		if _, err := os.Stat(cosigned); err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("serve kept no cosignature from litewitness")
+		}
+	}
+	b, err := os.ReadFile(cosigned)
+	if err != nil {
+		t.Fatal(err)
+	}
+	logV, err := fnote.NewVerifier(logKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cosigV, err := fnote.NewVerifierForCosignatureV1(lw.vkey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cp, _, n, err := log.ParseCheckpoint(b, origin, logV, cosigV)
+	if err != nil || len(n.Sigs) != 2 || cp.Size < 3 {
+		t.Fatalf("the kept checkpoint: %v, %d verified signatures, size %v\n%s", err, len(n.Sigs), cp, b)
+	}
+}
