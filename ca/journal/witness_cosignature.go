@@ -85,3 +85,39 @@ func NoteKeyHash(name string, keyData []byte) uint32 {
 	h.Write(keyData)
 	return binary.BigEndian.Uint32(h.Sum(nil))
 }
+
+// Cosigned is a checkpoint a witness cosigned, both signatures verified.
+type Cosigned struct {
+	Checkpoint
+	// Witness is the witness's key name, and At the time in its
+	// cosignature.
+	Witness string
+	At      time.Time
+}
+
+// OpenCosigned verifies a cosigned checkpoint as serve keeps it
+// (WitnessCosignedFile): the log's signature with logKey, then a
+// cosignature/v1 line by witnessKey.
+func OpenCosigned(signed []byte, logKey, witnessKey string) (Cosigned, error) {
+	cp, err := ParseCheckpoint(signed, logKey)
+	if err != nil {
+		return Cosigned{}, err
+	}
+	name, _, _, err := ParseCosignatureKey(witnessKey)
+	if err != nil {
+		return Cosigned{}, err
+	}
+	_, sigs, _ := strings.Cut(string(signed), "\n\n")
+	err = fmt.Errorf("%w: no signature line by %s", ErrCosignature, name)
+	for _, line := range strings.SplitAfter(sigs, "\n") {
+		if !strings.HasPrefix(line, "— "+name+" ") {
+			continue
+		}
+		at, verr := VerifyCosignature(witnessKey, cp, []byte(line))
+		if verr == nil {
+			return Cosigned{Checkpoint: cp, Witness: name, At: at}, nil
+		}
+		err = verr
+	}
+	return Cosigned{}, err
+}

@@ -12,6 +12,7 @@ import (
 	"net/http"
 	"net/url"
 	"os"
+	"path/filepath"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -24,6 +25,7 @@ import (
 	"github.com/trustmesh/trustmesh/ca/audit"
 	"github.com/trustmesh/trustmesh/ca/journal"
 	"github.com/trustmesh/trustmesh/ca/witness"
+	"github.com/trustmesh/trustmesh/controlplane"
 	"github.com/trustmesh/trustmesh/internal/human"
 )
 
@@ -35,7 +37,7 @@ func newAuditCmd() *cobra.Command {
 		Use:   "audit",
 		Short: "Audit the CA's journal: history, tamper checks, inclusion proofs, rotation",
 	}
-	cmd.AddCommand(newAuditLogCmd(), newAuditVerifyCmd(), newAuditProveCmd(), newAuditCheckProofCmd(), newAuditRotationCmd(), newAuditNodesCmd(), newAuditMonitorCmd())
+	cmd.AddCommand(newAuditLogCmd(), newAuditVerifyCmd(), newAuditProveCmd(), newAuditCheckProofCmd(), newAuditRotationCmd(), newAuditNodesCmd(), newAuditMonitorCmd(), newAuditCosignedCmd())
 	return cmd
 }
 
@@ -531,4 +533,58 @@ func redactDSN(dsn string) string {
 		return "(a journal URL that does not parse)"
 	}
 	return (&url.URL{Scheme: u.Scheme, Host: u.Host, Path: u.Path}).String()
+}
+
+func newAuditCosignedCmd() *cobra.Command {
+	var dataDir, file, key, witnessKey string
+	var output outputFormat
+	cmd := &cobra.Command{
+		Use:   "cosigned",
+		Short: "Show the latest checkpoint serve's tlog-witness cosigned, both signatures verified",
+		Long: `Read the checkpoint serve --witness URL --witness-key keeps in its data
+directory (` + journal.WitnessCosignedFile + `, or --file), verify the journal's
+signature (--key, default the data directory's checkpoint.pub) and the
+witness's cosignature (--witness-key), and print its size, root and when the
+witness cosigned it. To hold the journal to it, run
+trustmesh audit verify --checkpoint FILE.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if file == "" {
+				file = filepath.Join(dataDir, journal.WitnessCosignedFile)
+			}
+			if key == "" {
+				b, err := os.ReadFile(admin.DataDir(dataDir).CheckpointPubPath())
+				if err != nil {
+					return &exitError{code: 2, err: fmt.Errorf("--key not given and the data directory has no checkpoint key: %w", err)}
+				}
+				key = strings.TrimSpace(string(b))
+			}
+			b, err := os.ReadFile(file)
+			if err != nil {
+				return fmt.Errorf("the witness's cosigned checkpoint: %w", err)
+			}
+			c, err := journal.OpenCosigned(b, key, witnessKey)
+			if err != nil {
+				return &exitError{code: exitFindings, err: err}
+			}
+			view := struct {
+				Origin  string    `json:"origin"`
+				Size    uint64    `json:"size"`
+				Root    []byte    `json:"root"`
+				Witness string    `json:"witness"`
+				At      time.Time `json:"cosigned_at"`
+			}{c.Origin, c.Size, c.Root, c.Witness, c.At}
+			return output.print(cmd.OutOrStdout(), view, func(w io.Writer) error {
+				_, err := fmt.Fprintf(w, "%s cosigned %s at size %d (root %x) at %s\n", c.Witness, c.Origin, c.Size, c.Root, c.At.Format(time.RFC3339))
+				return err
+			})
+		},
+	}
+	cmd.Flags().StringVar(&dataDir, "data-dir", controlplane.DefaultDataDir, "the CA's data directory")
+	cmd.Flags().StringVar(&file, "file", "", "the cosigned checkpoint (default: DATA-DIR/"+journal.WitnessCosignedFile+")")
+	cmd.Flags().StringVar(&key, "key", "", "the checkpoint verifier key (default: the data directory's checkpoint.pub)")
+	cmd.Flags().StringVar(&witnessKey, "witness-key", "", "the witness's cosignature/v1 verifier key, as given to serve --witness-key (required)")
+	_ = cmd.MarkFlagRequired("witness-key")
+	addOutputFlag(cmd, &output)
+	return cmd
 }

@@ -4,7 +4,12 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"crypto/ed25519"
+	"crypto/rand"
 	"database/sql"
+	"encoding/base64"
+	"errors"
+	"fmt"
 	"io"
 	"net/http"
 	"os"
@@ -145,6 +150,14 @@ func TestServePushesToATlogWitness(t *testing.T) {
 	honest := latestSize(t, data)
 	waitFor(t, "the cosignature after a restart", p, func() bool { return keptSize() == honest })
 	p.stop(t)
+	out, err := exec.Command(bin, "audit", "cosigned", "--data-dir", data, "--witness-key", vkey, "-o", "json").CombinedOutput()
+	if err != nil || !strings.Contains(string(out), `"size": `+strconv.FormatUint(honest, 10)) {
+		t.Errorf("audit cosigned: %v\n%s", err, out)
+	}
+	otherKey := otherWitnessKey(t)
+	if err := exec.Command(bin, "audit", "cosigned", "--data-dir", data, "--witness-key", otherKey).Run(); exitCode(err) != 3 {
+		t.Errorf("audit cosigned with another witness's key: %v, want exit 3", err)
+	}
 
 	// Rewritten with the checkpoint key: refused, visible, serving.
 	rewrite(t, data, newAttacker(t, data))
@@ -164,7 +177,7 @@ func TestServePushesToATlogWitness(t *testing.T) {
 		t.Errorf("the kept cosigned size is %d, want the honest %d", got, honest)
 	}
 	p.stop(t)
-	out, err := exec.Command(bin, "audit", "verify", "--data-dir", data, "--key", key, "--checkpoint", cosigned).CombinedOutput()
+	out, err = exec.Command(bin, "audit", "verify", "--data-dir", data, "--key", key, "--checkpoint", cosigned).CombinedOutput()
 	if err == nil {
 		t.Errorf("audit verify passes the rewritten journal against the witness's cosigned checkpoint:\n%s", out)
 	}
@@ -183,4 +196,28 @@ func latestSize(t *testing.T, dataDir string) uint64 {
 		t.Fatal(err)
 	}
 	return uint64(n)
+}
+
+// otherWitnessKey is the verifier key of a witness other than the one
+// serve pushes to.
+func otherWitnessKey(t *testing.T) string {
+	t.Helper()
+	_, priv, err := ed25519.GenerateKey(rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	keyData := append([]byte{journal.AlgCosignatureV1}, priv.Public().(ed25519.PublicKey)...)
+	const name = "witness.test/push"
+	return fmt.Sprintf("%s+%08x+%s", name, journal.NoteKeyHash(name, keyData), base64.StdEncoding.EncodeToString(keyData))
+}
+
+func exitCode(err error) int {
+	var ee *exec.ExitError
+	if errors.As(err, &ee) {
+		return ee.ExitCode()
+	}
+	if err != nil {
+		return -1
+	}
+	return 0
 }
