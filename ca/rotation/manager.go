@@ -226,6 +226,7 @@ func (m *Manager) write(ctx context.Context, snap Snapshot, st State) error {
 	if m.serving {
 		st.RetireAfter = max(st.RetireAfter, m.policy.MaxWorkloadTTL)
 		st.RootPropagation = m.policy.RootPropagation
+		st.IntermediateLifetime, st.RootLifetime = m.policy.IntermediateLifetime, m.policy.RootLifetime
 	}
 	b, err := encodeState(st)
 	if err != nil {
@@ -242,6 +243,22 @@ func (m *Manager) rootPropagation(st State) time.Duration {
 		return st.RootPropagation
 	}
 	return m.policy.RootPropagation
+}
+
+// lifetimes returns how long new CA certificates live: the serving
+// manager's own policy, or for an operator's the lifetimes the serving one
+// recorded.
+func (m *Manager) lifetimes(st State) (intermediate, root time.Duration) {
+	intermediate, root = m.policy.IntermediateLifetime, m.policy.RootLifetime
+	if !m.serving {
+		if st.IntermediateLifetime > 0 {
+			intermediate = st.IntermediateLifetime
+		}
+		if st.RootLifetime > 0 {
+			root = st.RootLifetime
+		}
+	}
+	return intermediate, root
 }
 
 // ReadState returns the state, creating the first generation when there is
@@ -359,6 +376,7 @@ func (m *Manager) Prepare(ctx context.Context, root bool) error {
 // or with root set, a new root and an intermediate under it.
 func (m *Manager) mint(ctx context.Context, snap Snapshot, st State, root bool, now time.Time) (map[string][]byte, *x509.Certificate, *x509.Certificate, error) {
 	active := genFiles(snap, st.Active)
+	interLife, rootLife := m.lifetimes(st)
 	var (
 		parent    *x509.Certificate
 		parentKey crypto.Signer
@@ -366,7 +384,7 @@ func (m *Manager) mint(ctx context.Context, snap Snapshot, st State, root bool, 
 	)
 	if root {
 		if parent, parentKey, err = authority.Mint(authority.MintRequest{
-			TrustDomain: m.cfg.TrustDomain, Now: now, Lifetime: m.policy.RootLifetime, Backdate: m.policy.Backdate,
+			TrustDomain: m.cfg.TrustDomain, Now: now, Lifetime: rootLife, Backdate: m.policy.Backdate,
 		}); err != nil {
 			return nil, nil, nil, fmt.Errorf("rotation: %w", err)
 		}
@@ -390,7 +408,7 @@ func (m *Manager) mint(ctx context.Context, snap Snapshot, st State, root bool, 
 	}
 	inter, interKey, err := authority.Mint(authority.MintRequest{
 		TrustDomain: m.cfg.TrustDomain, Parent: parent, ParentKey: parentKey,
-		Now: now, Lifetime: m.policy.IntermediateLifetime, Backdate: m.policy.Backdate,
+		Now: now, Lifetime: interLife, Backdate: m.policy.Backdate,
 	})
 	if err != nil {
 		return nil, nil, nil, fmt.Errorf("rotation: %w", err)

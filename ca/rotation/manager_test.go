@@ -185,15 +185,16 @@ func TestOpenNeverCreatesACA(t *testing.T) {
 }
 
 // TestOpenHonoursTheServingPolicy checks that an operator's manager uses
-// the root propagation and retirement times the serving control plane
-// recorded, not its own defaults, keeps them recorded, and does not run
-// the policy.
+// the root propagation and retirement times and the CA lifetimes the
+// serving control plane recorded, not its own defaults, keeps them
+// recorded, and does not run the policy.
 func TestOpenHonoursTheServingPolicy(t *testing.T) {
 	ctx := context.Background()
 	clk := clocktesting.NewFakeClock(t0)
 	store := rotation.DirStore{Dir: t.TempDir()}
+	const interLife, rootLife = 30 * 24 * time.Hour, 5 * 365 * 24 * time.Hour
 	serving, err := rotation.New(rotation.Config{Store: store, TrustDomain: td, Clock: clk,
-		RootPropagation: 2 * time.Hour, MaxWorkloadTTL: 36 * time.Hour})
+		RootPropagation: 2 * time.Hour, MaxWorkloadTTL: 36 * time.Hour, IntermediateLifetime: interLife, RootLifetime: rootLife})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -222,8 +223,16 @@ func TestOpenHonoursTheServingPolicy(t *testing.T) {
 	if len(st.Retiring) != 1 || !st.Retiring[0].Until.Equal(clk.Now().Add(36*time.Hour+time.Hour)) {
 		t.Fatalf("retiring %+v; want the old root kept the recorded 36h (over the default 24h) plus an hour", st.Retiring)
 	}
-	if st.RootPropagation != 2*time.Hour || st.RetireAfter != 36*time.Hour {
+	if st.RootPropagation != 2*time.Hour || st.RetireAfter != 36*time.Hour || st.IntermediateLifetime != interLife || st.RootLifetime != rootLife {
 		t.Fatalf("state %+v; the operator's manager must keep the serving policy recorded", st)
+	}
+	mat, _, err := op.Certificates(ctx, clk.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !mat.Cert.NotAfter.Equal(t0.Add(interLife)) || !mat.Anchor.NotAfter.Equal(t0.Add(rootLife)) {
+		t.Fatalf("the operator minted an intermediate to %s and a root to %s; want the recorded lifetimes, to %s and %s",
+			mat.Cert.NotAfter, mat.Anchor.NotAfter, t0.Add(interLife), t0.Add(rootLife))
 	}
 	if _, err := op.Tick(ctx); !errors.Is(err, rotation.ErrNotServing) {
 		t.Fatalf("Tick on the operator's manager: %v, want ErrNotServing", err)

@@ -28,6 +28,12 @@ type State struct {
 	// RootPropagation is how long a prepared root must sit in the bundle
 	// before it may be activated, as the serving control plane recorded it.
 	RootPropagation time.Duration `json:"root_propagation,omitempty"`
+	// IntermediateLifetime and RootLifetime are the lifetimes the serving
+	// control plane gives new CA certificates, recorded so that a
+	// certificate an operator's manager mints (ca rotate --prepare,
+	// --taint) lives as long as one serve mints on its schedule.
+	IntermediateLifetime time.Duration `json:"intermediate_lifetime,omitempty"`
+	RootLifetime         time.Duration `json:"root_lifetime,omitempty"`
 	// Tainted are CA certificates marked compromised (taint.go), kept in
 	// the bundle, marked, until nothing valid chains to them.
 	Tainted []Tainted `json:"tainted,omitempty"`
