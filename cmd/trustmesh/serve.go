@@ -149,6 +149,7 @@ nothing. A start that fails leaves no data dir it created behind.`,
 	f.DurationVar(&cfg.Rotation.IntermediateTTL, "ca-intermediate-ttl", 0, "lifetime of self-managed intermediates (default 8760h)")
 	f.BoolVar(&cfg.Rotation.Manual, "manual-ca-rotation", false, "do not rotate self-managed CA certificates automatically")
 	f.DurationVar(&cfg.Rotation.Interval, "ca-rotation-interval", 0, "how often the CA checks its rotation state, taking due steps and picking up trustmesh ca rotate (default 1m)")
+	f.DurationVar(&cfg.Rotation.RootPropagation, "ca-root-propagation", 0, "how long a new self-managed root is in every agent's trust bundle before it signs (default 24h)")
 	f.BoolVar(&validate, "validate", false, "check the configuration, the files and keys it names, the ports and the data dir as a start would, write nothing, and exit")
 	f.StringVar(&logFormat, "log-format", "text", "log format: text or json")
 	f.StringVar(&logLevel, "log-level", "info", "log level: debug, info, warn or error")

@@ -12,6 +12,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/trustmesh/trustmesh/internal/serial"
 )
 
 // rotationRecords counts the journal's rotation records by detail ("prepare
@@ -29,8 +31,8 @@ func rotationRecords(t *testing.T, dataDir string) map[string]int {
 	return out
 }
 
-// intermediateOf returns the serial, in hex, of generation gen's
-// intermediate.
+// intermediateOf returns the serial of generation gen's intermediate, in
+// the spelling of the journal's rotation records (no leading zeros).
 func intermediateOf(t *testing.T, dataDir string, gen int) string {
 	t.Helper()
 	raw, err := os.ReadFile(filepath.Join(dataDir, "ca", fmt.Sprintf("gen-%d", gen), "ca-cert.pem"))
@@ -45,7 +47,7 @@ func intermediateOf(t *testing.T, dataDir string, gen int) string {
 	if err != nil {
 		t.Fatal(err)
 	}
-	return fmt.Sprintf("%032x", c.SerialNumber)
+	return serial.Format(c.SerialNumber)
 }
 
 // generations counts the CA generations in the data directory.
