@@ -17,9 +17,11 @@
 // of the world, or delta with -delta) subscribing to clusters, endpoints
 // and listeners (wildcard) and to route 8080, and acknowledging every
 // response; -per-conn clients share a connection (1: one connection, one
-// TLS handshake, per Envoy, as in a mesh). A stream whose connection fails
-// waits for it to reconnect (grpc-go's backoff), as an Envoy retries its
-// xDS connection.
+// TLS handshake, per Envoy, as in a mesh; real Envoys each have their own,
+// so -per-conn above 1 only spares this tool handshakes and memory). A
+// stream waits for its connection to be ready (grpc-go's backoff), and a
+// stream cut with its connection is opened again, as an Envoy retries its
+// xDS connection; the reopened streams are counted in the result.
 //
 // The cold connect is two phases, reported apart: every connection's mTLS
 // handshake (at most -dial-concurrency in flight, as a mesh's proxies do
@@ -61,9 +63,11 @@ import (
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/connectivity"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/structpb"
 	pb "istio.io/api/security/v1alpha1"
 )
@@ -107,6 +111,11 @@ type result struct {
 	GRPCConnectS  float64   `json:"grpc_connect_s,omitempty"`
 	GRPCConvergeS []float64 `json:"grpc_convergence_s,omitempty"`
 	GRPCAgreed    bool      `json:"grpc_agreed"`
+	// Streams the server's side cut (Unavailable) and the client opened
+	// again, and the last such error; a client cut more than maxReopens
+	// times fails the run.
+	StreamsReopened int64  `json:"streams_reopened"`
+	LastReopen      string `json:"last_reopen_error,omitempty"`
 	// This tool's own peak RSS, to size the machine for a large run.
 	ToolPeakRSSMB float64 `json:"tool_peak_rss_mb"`
 	WallS         float64 `json:"wall_s"`
@@ -264,10 +273,12 @@ func run(o options) (*result, error) {
 	// Phase 2: every client's first configuration.
 	f := &fleet{last: make([]atomic.Pointer[string], n)}
 	var (
-		failed   atomic.Int64
-		firstErr atomic.Value
-		failure  = make(chan struct{})
-		once     sync.Once
+		reopened   atomic.Int64
+		lastReopen atomic.Value
+		failed     atomic.Int64
+		firstErr   atomic.Value
+		failure    = make(chan struct{})
+		once       sync.Once
 	)
 	cold := newRound(0, n, svc0Want(0))
 	f.cur.Store(cold)
@@ -279,10 +290,19 @@ func run(o options) (*result, error) {
 			seen := -1
 			observe := func(set string) { f.observe(i, &seen, set) }
 			var err error
-			if o.delta {
-				err = deltaClient(ctx, client, node, observe)
-			} else {
-				err = sotwClient(ctx, client, node, observe)
+			// A stream cut with its connection (Unavailable) is opened
+			// again, as an Envoy re-subscribes; each is counted.
+			for again := 0; again <= maxReopens; again++ {
+				if o.delta {
+					err = deltaClient(ctx, client, node, observe)
+				} else {
+					err = sotwClient(ctx, client, node, observe)
+				}
+				if ctx.Err() != nil || status.Code(err) != codes.Unavailable {
+					break
+				}
+				reopened.Add(1)
+				lastReopen.Store(fmt.Sprintf("client-%d: %v", i, err))
 			}
 			if ctx.Err() == nil {
 				firstErr.CompareAndSwap(nil, fmt.Sprintf("client-%d: %v", i, err))
@@ -358,10 +378,18 @@ func run(o options) (*result, error) {
 		r.RSSMB, r.PeakRSSMB = procMB(o.serverPID, "VmRSS"), procMB(o.serverPID, "VmHWM")
 		r.KBPerClient = r.RSSMB * 1024 / float64(n)
 	}
+	r.StreamsReopened = reopened.Load()
+	if v, ok := lastReopen.Load().(string); ok {
+		r.LastReopen = v
+	}
 	r.ToolPeakRSSMB = procMB(os.Getpid(), "VmHWM")
 	r.WallS = time.Since(wall).Seconds()
 	return r, nil
 }
+
+// maxReopens is how many times one simulated client may have its stream
+// cut before the run fails.
+const maxReopens = 3
 
 // handshakes connects every connection, at most conc at once, and waits
 // until each is READY (TLS handshake and HTTP/2 prefaces done).
