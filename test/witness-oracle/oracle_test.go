@@ -11,6 +11,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"net/url"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -21,6 +22,7 @@ import (
 	"filippo.io/torchwood"
 	"github.com/transparency-dev/formats/log"
 	fnote "github.com/transparency-dev/formats/note"
+	fwitness "github.com/transparency-dev/formats/witness"
 	"golang.org/x/crypto/ssh"
 	"golang.org/x/crypto/ssh/agent"
 	"golang.org/x/mod/sumdb/note"
@@ -215,6 +217,14 @@ func TestOurCosignaturesVerifyWithForeignCode(t *testing.T) {
 	if !found {
 		t.Fatalf("formats did not verify the witness's cosignature:\n%s", cosigned)
 	}
+	root, _ := url.Parse(srv.URL)
+	policy, err := fwitness.New(w.VerifierKey(), root)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !policy.Satisfied(cosigned) {
+		t.Fatalf("formats' witness policy is not satisfied by our witness's cosignature:\n%s", cosigned)
+	}
 
 	// Tampered: each must fail formats' verifier.
 	blob := func(l []byte) []byte {
@@ -245,6 +255,9 @@ func TestOurCosignaturesVerifyWithForeignCode(t *testing.T) {
 		n, err := note.Open(tampered, note.VerifierList(cosigV))
 		if err == nil {
 			t.Errorf("%s: formats verified a tampered cosignature (%d sigs)", name, len(n.Sigs))
+		}
+		if policy.Satisfied(tampered) {
+			t.Errorf("%s: formats' witness policy is satisfied by a tampered cosignature", name)
 		}
 	}
 
@@ -410,6 +423,19 @@ func checkKept(t *testing.T, path, logKey, witnessKey string, want uint64) {
 	}
 	if len(n.Sigs) != 2 || cp.Size != want {
 		t.Fatalf("the kept checkpoint is size %d with %d verified signatures, want %d with the log's and the witness's", cp.Size, len(n.Sigs), want)
+	}
+	// formats' witness policy, as a verifier that requires this
+	// witness's cosignature applies it.
+	root, _ := url.Parse("http://witness.invalid/prefix")
+	policy, err := fwitness.New(witnessKey, root)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !policy.Satisfied(b) {
+		t.Fatalf("formats' witness policy is not satisfied by the kept checkpoint:\n%s", b)
+	}
+	if _, ok := policy.Endpoints()["http://witness.invalid/prefix"+journal.AddCheckpointPath]; !ok {
+		t.Fatalf("formats posts to %v; serve posts to --witness + %s", policy.Endpoints(), journal.AddCheckpointPath)
 	}
 }
 
