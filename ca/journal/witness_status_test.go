@@ -2,6 +2,9 @@ package journal_test
 
 import (
 	"context"
+	"crypto/ed25519"
+	"crypto/rand"
+	"encoding/base64"
 	"errors"
 	"fmt"
 	"path/filepath"
@@ -58,4 +61,36 @@ func TestLatestCheckpoint(t *testing.T) {
 			t.Fatalf("LatestCheckpoint = %+v, %v; want size 3, the last of %d", got, err, len(all))
 		}
 	})
+}
+
+// TestNewExportRefusesABadWitnessKey: serve refuses to start with a
+// --witness-key that is not a cosignature/v1 key (the journal's own
+// Ed25519 note key, type 0x01), or whose key hash does not match its name
+// and key, rather than failing every cosignature later.
+func TestNewExportRefusesABadWitnessKey(t *testing.T) {
+	_, priv, err := ed25519.GenerateKey(rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, logKey, err := journal.NewCheckpointSigner("trustmesh.journal/example.org", priv)
+	if err != nil {
+		t.Fatal(err)
+	}
+	keyData := append([]byte{journal.AlgCosignatureV1}, priv.Public().(ed25519.PublicKey)...)
+	good := fmt.Sprintf("witness.example/w+%08x+%s", journal.NoteKeyHash("witness.example/w", keyData), base64.StdEncoding.EncodeToString(keyData))
+	wrongHash := fmt.Sprintf("witness.example/w+%08x+%s", journal.NoteKeyHash("witness.example/x", keyData), base64.StdEncoding.EncodeToString(keyData))
+	for name, c := range map[string]struct {
+		key string
+		ok  bool
+	}{
+		"a cosignature/v1 key":       {good, true},
+		"the log's own note key":     {logKey, false},
+		"a key hash of another name": {wrongHash, false},
+		"not a key":                  {"witness.example/w", false},
+	} {
+		_, err := journal.NewExport(journal.ExportConfig{Target: "https://witness.example/", Key: c.key})
+		if (err == nil) != c.ok {
+			t.Errorf("%s: %v, want ok=%v", name, err, c.ok)
+		}
+	}
 }
