@@ -133,11 +133,30 @@ func (c Config) HTTPServer(h http.Handler) *http.Server {
 	}
 }
 
+// Per-connection buffers of gRPC servers. A mesh keeps one connection
+// open per proxy, mostly idle (xDS), so what an idle connection holds is
+// what the control plane's memory grows by per proxy. grpc-go (v1.80 on)
+// takes a connection's 32 KiB write buffer from a pool only while a write
+// is in flight (SharedWriteBuffer, set here so that a change of default
+// does not bring it back per connection); but over TLS its read side keeps
+// a 32 KiB bufio.Reader per connection for the connection's life (its
+// pooled reader needs a raw socket, not a tls.Conn). TLS below already
+// buffers a whole record, so the read buffer only batches frame headers:
+// 4 KiB saves 28 KiB per connection, which the xDS benchmark's live heap
+// shows (27 kB per connection at 500 connections).
+const (
+	grpcReadBuffer  = 4 << 10
+	grpcWriteBuffer = 32 << 10
+)
+
 // GRPCOptions are the server options that bound connection setup, idle
-// connections and client keepalive pings.
+// connections, client keepalive pings and what an idle connection holds.
 func (c Config) GRPCOptions() []grpc.ServerOption {
 	c = c.WithDefaults()
 	return []grpc.ServerOption{
+		grpc.SharedWriteBuffer(true),
+		grpc.ReadBufferSize(grpcReadBuffer),
+		grpc.WriteBufferSize(grpcWriteBuffer),
 		grpc.ConnectionTimeout(c.HandshakeTimeout),
 		grpc.KeepaliveParams(keepalive.ServerParameters{
 			MaxConnectionIdle: c.IdleTimeout,
