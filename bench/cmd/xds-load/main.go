@@ -98,9 +98,12 @@ type result struct {
 	ToolCPUFirstConfigS   float64 `json:"tool_cpu_first_config_s"`
 	FirstConfigP50S       float64 `json:"first_config_p50_s"`
 	FirstConfigP99S       float64 `json:"first_config_p99_s"`
-	// Each change round: per-client convergence percentiles and serve's CPU.
+	FirstConfigP999S      float64 `json:"first_config_p999_s"`
+	// Each change round: per-client convergence percentiles, serve's and
+	// this tool's CPU.
 	ConvergeP50S    []float64 `json:"convergence_p50_s"`
 	ConvergeP99S    []float64 `json:"convergence_p99_s"`
+	ConvergeP999S   []float64 `json:"convergence_p999_s"`
 	ServerCPUPushS  []float64 `json:"server_cpu_push_s,omitempty"`
 	ToolCPUPushS    []float64 `json:"tool_cpu_push_s"`
 	ServerRSSPushMB []float64 `json:"server_rss_after_push_mb,omitempty"`
@@ -325,7 +328,7 @@ func run(o options) (*result, error) {
 	if err := wait(cold); err != nil {
 		return nil, err
 	}
-	r.FirstConfigS, r.FirstConfigP50S, r.FirstConfigP99S = cold.stats()
+	r.FirstConfigS, r.FirstConfigP50S, r.FirstConfigP99S, r.FirstConfigP999S = cold.stats()
 	srv2, self2 := cpuSeconds(o.serverPID), cpuSeconds(os.Getpid())
 	if o.serverPID > 0 {
 		r.ServerCPUFirstConfigS = srv2 - srv1
@@ -358,7 +361,8 @@ func run(o options) (*result, error) {
 		if err := wait(rd); err != nil {
 			return nil, err
 		}
-		all, p50, p99 := rd.stats()
+		all, p50, p99, p999 := rd.stats()
+		r.ConvergeP999S = append(r.ConvergeP999S, p999)
 		r.ToolCPUPushS = append(r.ToolCPUPushS, cpuSeconds(os.Getpid())-self)
 		r.ConvergeS, r.ConvergeP50S, r.ConvergeP99S = append(r.ConvergeS, all), append(r.ConvergeP50S, p50), append(r.ConvergeP99S, p99)
 		if smp != nil {
@@ -420,16 +424,16 @@ func handshakes(ctx context.Context, conns []*grpc.ClientConn, conc int, timeout
 	return nil
 }
 
-// stats is when the last client reached the round, and the p50 and p99
-// over clients, in seconds after the round started.
-func (r *round) stats() (last, p50, p99 float64) {
+// stats is when the last client reached the round, and the p50, p99 and
+// p99.9 over clients, in seconds after the round started.
+func (r *round) stats() (last, p50, p99, p999 float64) {
 	d := make([]float64, len(r.at))
 	for i := range r.at {
 		d[i] = time.Duration(r.at[i].Load()).Seconds()
 	}
 	slices.Sort(d)
 	q := func(p float64) float64 { return d[min(len(d)-1, int(p*float64(len(d))))] }
-	return d[len(d)-1], q(0.50), q(0.99)
+	return d[len(d)-1], q(0.50), q(0.99), q(0.999)
 }
 
 // cpuSeconds is a process's user and system CPU time from /proc, or 0.
