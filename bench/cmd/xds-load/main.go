@@ -51,6 +51,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"io"
 	"os"
 	"runtime/pprof"
 	"slices"
@@ -114,7 +115,7 @@ type result struct {
 	GRPCConnectS  float64   `json:"grpc_connect_s,omitempty"`
 	GRPCConvergeS []float64 `json:"grpc_convergence_s,omitempty"`
 	GRPCAgreed    bool      `json:"grpc_agreed"`
-	// Streams the server's side cut (Unavailable) and the client opened
+	// Streams the server's side cut (Unavailable) or ended (EOF) and the client opened
 	// again, and the last such error; a client cut more than maxReopens
 	// times fails the run.
 	StreamsReopened int64  `json:"streams_reopened"`
@@ -293,7 +294,9 @@ func run(o options) (*result, error) {
 			seen := -1
 			observe := func(set string) { f.observe(i, &seen, set) }
 			var err error
-			// A stream cut with its connection (Unavailable) is opened
+			// A stream cut with its connection (Unavailable) or ended by
+			// the server (io.EOF: the handler returned, which
+			// go-control-plane does when its receive fails) is opened
 			// again, as an Envoy re-subscribes; each is counted.
 			for again := 0; again <= maxReopens; again++ {
 				if o.delta {
@@ -301,7 +304,7 @@ func run(o options) (*result, error) {
 				} else {
 					err = sotwClient(ctx, client, node, observe)
 				}
-				if ctx.Err() != nil || status.Code(err) != codes.Unavailable {
+				if ctx.Err() != nil || (!errors.Is(err, io.EOF) && status.Code(err) != codes.Unavailable) {
 					break
 				}
 				reopened.Add(1)
