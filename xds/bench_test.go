@@ -300,7 +300,7 @@ func sotwClient(ctx context.Context, c discoveryv3.AggregatedDiscoveryServiceCli
 			ready.Done()
 		}
 	}()
-	s, err := c.StreamAggregatedResources(ctx)
+	s, err := c.StreamAggregatedResources(ctx, grpc.WaitForReady(true))
 	if err != nil {
 		return err
 	}
@@ -343,7 +343,7 @@ func deltaClient(ctx context.Context, c discoveryv3.AggregatedDiscoveryServiceCl
 			ready.Done()
 		}
 	}()
-	s, err := c.DeltaAggregatedResources(ctx)
+	s, err := c.DeltaAggregatedResources(ctx, grpc.WaitForReady(true))
 	if err != nil {
 		return err
 	}
