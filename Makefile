@@ -34,6 +34,9 @@ otelcol:
 # Then the PKCS#11 back end (-tags pkcs11, cgo) against a SoftHSM token that
 # hack/softhsm.sh creates (installing Debian's softhsm2 when it is missing).
 # First, the committed generated files must be current (about 6 s warm).
+# test/witness-oracle, a module of its own, checks the journal's checkpoints,
+# cosignatures and tlog-witness client against torchwood and
+# transparency-dev/formats, which the main module does not depend on.
 # The browser tests (test/browser) drive Debian's chromium, installed when
 # missing, and inject axe-core, which npm ci installs from its lock file
 # through npm's cache; under make test they fail, never skip, without them.
@@ -56,6 +59,8 @@ test: envtest otelcol generate-check
 	{ echo "istio-oracle: the oracle module did not build or run (see above)"; exit 1; }; } && \
 	TRUSTMESH_ORACLE_CORPUS="$$tmp/corpus.jsonl.gz" $(GO) test -count=1 -run '^TestIstioOracle$$' ./authz/conformance || \
 	{ echo "istio-oracle: disagreements with fresh seed $$seed"; exit 1; }
+	@(cd test/witness-oracle && $(GO) vet ./... && $(GO) test -count=1 ./...) || \
+	{ echo "witness-oracle: trustmesh's checkpoints, cosignatures or tlog-witness client disagree with torchwood or transparency-dev/formats (see above)"; exit 1; }
 
 # Benchmarks, each quoted against a peer measured in the same run.
 bench:
