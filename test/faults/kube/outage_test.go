@@ -33,6 +33,7 @@ import (
 	pb "istio.io/api/security/v1alpha1"
 	authv1 "k8s.io/api/authentication/v1"
 	corev1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/intstr"
 	"k8s.io/client-go/kubernetes"
@@ -42,6 +43,7 @@ import (
 
 	"github.com/trustmesh/trustmesh/controlplane"
 	"github.com/trustmesh/trustmesh/test/kubeapi"
+	"github.com/trustmesh/trustmesh/xds"
 )
 
 const clusterType = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
@@ -270,7 +272,12 @@ func issue(t *testing.T, r *replica, w *workloadKey, token string, clk *clocktes
 	if token != "" {
 		ctx = metadata.NewOutgoingContext(ctx, metadata.Pairs("Authorization", "Bearer "+token))
 	}
-	resp, err := pb.NewIstioCertificateServiceClient(dial(t, r, w, clk)).CreateCertificate(ctx,
+	// Each call's connection closes with it: a test that polls would
+	// otherwise pile up open connections until the server's connection
+	// cap (connlimit.DefaultMaxConnections) stops accepting new ones.
+	conn := dial(t, r, w, clk)
+	defer conn.Close()
+	resp, err := pb.NewIstioCertificateServiceClient(conn).CreateCertificate(ctx,
 		&pb.IstioCertificateRequest{Csr: w.csr(t), ValidityDuration: int64(time.Hour / time.Second)})
 	if err != nil {
 		return err
@@ -293,14 +300,13 @@ func clusters(t *testing.T, r *replica, w *workloadKey, clk *clocktesting.FakeCl
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
-	stream, err := discoveryv3.NewAggregatedDiscoveryServiceClient(dial(t, r, w, clk)).StreamAggregatedResources(ctx)
+	conn := dial(t, r, w, clk) // closed with the call, as issue's
+	defer conn.Close()
+	stream, err := discoveryv3.NewAggregatedDiscoveryServiceClient(conn).StreamAggregatedResources(ctx)
 	if err != nil {
 		return nil, "", err
 	}
-	md, _ := structpb.NewStruct(map[string]any{"SERVICE_ACCOUNT": "web", "NAMESPACE": "team-a"})
-	if err := stream.Send(&discoveryv3.DiscoveryRequest{
-		Node: &corev3.Node{Id: "sidecar~10.0.0.5~web-0.team-a~team-a.svc.cluster.local", Metadata: md}, TypeUrl: clusterType,
-	}); err != nil {
+	if err := stream.Send(&discoveryv3.DiscoveryRequest{Node: adsNode(), TypeUrl: clusterType}); err != nil {
 		return nil, "", err
 	}
 	resp, err := stream.Recv()
@@ -313,6 +319,82 @@ func clusters(t *testing.T, r *replica, w *workloadKey, clk *clocktesting.FakeCl
 	}
 	slices.Sort(names)
 	return names, resp.VersionInfo, nil
+}
+
+// adsNode is the sidecar of team-a/web that asks for configuration.
+func adsNode() *corev3.Node {
+	md, _ := structpb.NewStruct(map[string]any{"SERVICE_ACCOUNT": "web", "NAMESPACE": "team-a"})
+	return &corev3.Node{Id: "sidecar~10.0.0.5~web-0.team-a~team-a.svc.cluster.local", Metadata: md}
+}
+
+// clusterWatch is an ADS stream that stays open, as a proxy's does: it
+// acknowledges every CDS response and keeps the last one.
+type clusterWatch struct {
+	mu        sync.Mutex
+	responses int
+	names     []string
+	err       error
+}
+
+// watchClusters opens a clusterWatch to a replica as the sidecar of
+// team-a/web with w's certificate, and waits for its first response.
+func watchClusters(t *testing.T, r *replica, w *workloadKey, clk *clocktesting.FakeClock) *clusterWatch {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	stream, err := discoveryv3.NewAggregatedDiscoveryServiceClient(dial(t, r, w, clk)).StreamAggregatedResources(ctx)
+	if err != nil {
+		cancel()
+		t.Fatalf("open an ADS stream: %v", err)
+	}
+	cw := &clusterWatch{}
+	done := make(chan struct{})
+	t.Cleanup(func() { cancel(); <-done })
+	if err := stream.Send(&discoveryv3.DiscoveryRequest{Node: adsNode(), TypeUrl: clusterType}); err != nil {
+		t.Fatalf("ask for clusters: %v", err)
+	}
+	go func() {
+		defer close(done)
+		for {
+			resp, err := stream.Recv()
+			if err == nil {
+				err = stream.Send(&discoveryv3.DiscoveryRequest{TypeUrl: clusterType,
+					VersionInfo: resp.VersionInfo, ResponseNonce: resp.Nonce})
+			}
+			cw.mu.Lock()
+			if err != nil {
+				cw.err = err
+				cw.mu.Unlock()
+				return
+			}
+			cw.responses++
+			cw.names = cw.names[:0]
+			for _, res := range resp.Resources {
+				cw.names = append(cw.names, string(res.Value))
+			}
+			slices.Sort(cw.names)
+			cw.mu.Unlock()
+		}
+	}()
+	eventually(t, 20*time.Second, "the first response on a stream that stays open", func() error {
+		if n, _, err := cw.last(); n == 0 {
+			return fmt.Errorf("no response yet (%v)", err)
+		}
+		return nil
+	})
+	return cw
+}
+
+// last returns how many responses the stream has had, the resources of
+// the last one, and the error that ended it, if one did.
+func (cw *clusterWatch) last() (int, []string, error) {
+	cw.mu.Lock()
+	defer cw.mu.Unlock()
+	return cw.responses, slices.Clone(cw.names), cw.err
+}
+
+// hasCluster reports whether one of the clusters names host.
+func hasCluster(clusters []string, host string) bool {
+	return slices.ContainsFunc(clusters, func(c string) bool { return strings.Contains(c, host) })
 }
 
 func leaders(rs ...*replica) int {
@@ -334,7 +416,8 @@ func leaders(rs ...*replica) int {
 // resources; the leader stops leading within its renew deadline and CA
 // rotation runs nowhere; everything else is served. Once it is back:
 // exactly one Lease holder within 30 s, renewal works again, and a Service
-// created after the return reaches the mesh model and xDS.
+// created after the return reaches xDS, on a stream held open through the
+// outage and on new streams to both replicas.
 func TestKubeAPIServerStopped(t *testing.T) {
 	api := startAPIServer(t)
 	ctx := context.Background()
@@ -366,6 +449,34 @@ func TestKubeAPIServerStopped(t *testing.T) {
 		}
 	}
 	service("web")
+	// envtest runs no controllers, so the test writes the EndpointSlice
+	// that the endpoint-slice controller would for a Service's pod: xDS
+	// gives a sidecar a cluster only for a service with endpoints.
+	backend := func(name, ip string) {
+		t.Helper()
+		if _, err := cs.CoreV1().ServiceAccounts("team-a").Create(ctx, &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Name: name}}, metav1.CreateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		pod := name + "-0"
+		if _, err := cs.CoreV1().Pods("team-a").Create(ctx, &corev1.Pod{
+			ObjectMeta: metav1.ObjectMeta{Name: pod, Labels: map[string]string{"app": name}},
+			Spec: corev1.PodSpec{ServiceAccountName: name, AutomountServiceAccountToken: new(bool),
+				Containers: []corev1.Container{{Name: "app", Image: "registry.invalid/app"}}},
+		}, metav1.CreateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		ready, port, portName := true, int32(8080), "http"
+		if _, err := cs.DiscoveryV1().EndpointSlices("team-a").Create(ctx, &discoveryv1.EndpointSlice{
+			ObjectMeta:  metav1.ObjectMeta{Name: pod, Labels: map[string]string{discoveryv1.LabelServiceName: name}},
+			AddressType: discoveryv1.AddressTypeIPv4,
+			Endpoints: []discoveryv1.Endpoint{{Addresses: []string{ip}, Conditions: discoveryv1.EndpointConditions{Ready: &ready},
+				TargetRef: &corev1.ObjectReference{Kind: "Pod", Namespace: "team-a", Name: pod}}},
+			Ports: []discoveryv1.EndpointPort{{Name: &portName, Port: &port}},
+		}, metav1.CreateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		service(name)
+	}
 	token := func() string {
 		t.Helper()
 		exp := int64(3600)
@@ -406,6 +517,11 @@ func TestKubeAPIServerStopped(t *testing.T) {
 	// are dated by the fake clock, which runs minutes ahead of the real one
 	// that TLS checks validity with.
 	webXDS := &workloadKey{key: web.key, chain: web.chain}
+	// A proxy's stream, opened before the outage and held through it.
+	held := watchClusters(t, a, webXDS, clk)
+	if _, got, _ := held.last(); !slices.Equal(got, wantClusters) {
+		t.Fatalf("a held stream's first response has %d clusters; want the %d a one-shot request got", len(got), len(wantClusters))
+	}
 
 	// The apiserver stops.
 	api.stop(t)
@@ -468,6 +584,10 @@ func TestKubeAPIServerStopped(t *testing.T) {
 	}
 	t.Logf("past the limit: %v", err)
 
+	if n, _, err := held.last(); n != 1 || err != nil {
+		t.Fatalf("the stream held through the outage: %d responses, ended by %v; want it open and sent nothing new", n, err)
+	}
+
 	// The apiserver is back.
 	api.start(t)
 	back := time.Now()
@@ -490,4 +610,44 @@ func TestKubeAPIServerStopped(t *testing.T) {
 	eventually(t, 60*time.Second, "renewal after the return", func() error { return issue(t, a, web, "", clk) })
 	// That renewal needed the service-account informer to list and watch
 	// again: past the limit, the stale cache alone refused it above.
+
+	// A Service (with a pod and its endpoints) created after the return
+	// reaches xDS: each replica's
+	// informers list and watch again, its mesh feed publishes, and its xDS
+	// server pushes, to the stream held through the outage and to new
+	// ones. xDS debounces pushes on the control plane's clock, here the
+	// fake one, which the test advances at about the real rate.
+	backend("api", "10.0.0.6")
+	const apiHost = "api.team-a.svc.cluster.local"
+	created := time.Now()
+	tick := func() {
+		time.Sleep(xds.DefaultDebounce)
+		clk.Step(xds.DefaultDebounce)
+	}
+	eventually(t, 60*time.Second, "the new Service on the stream held through the outage", func() error {
+		tick()
+		_, got, err := held.last()
+		if err != nil {
+			return fmt.Errorf("the held stream ended: %w", err)
+		}
+		if !hasCluster(got, apiHost) {
+			return fmt.Errorf("no cluster for %s among %d", apiHost, len(got))
+		}
+		return nil
+	})
+	t.Logf("the new Service reached the held stream %s after it was created", time.Since(created).Round(time.Millisecond))
+	for _, r := range []*replica{a, b} {
+		eventually(t, 60*time.Second, "the new Service on a new stream to each replica", func() error {
+			tick()
+			got, _, err := clusters(t, r, webXDS, clk)
+			if err != nil {
+				return err
+			}
+			if !hasCluster(got, apiHost) {
+				return fmt.Errorf("no cluster for %s among %d", apiHost, len(got))
+			}
+			return nil
+		})
+	}
+	t.Logf("the new Service reached new streams to both replicas %s after it was created", time.Since(created).Round(time.Millisecond))
 }
