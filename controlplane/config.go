@@ -360,6 +360,18 @@ func (c *CAConfig) check(v *validated) []error {
 	if c.MinWorkloadTTL <= 0 || c.MinWorkloadTTL > c.MaxWorkloadTTL {
 		errs = append(errs, setting("min-workload-ttl", fmt.Errorf("%s must be positive and at most --max-workload-ttl %s", c.MinWorkloadTTL, c.MaxWorkloadTTL)))
 	}
+	backdate := c.WorkloadBackdate
+	if backdate == 0 {
+		backdate = ca.DefaultBackdate
+	}
+	if c.MinWorkloadTTL > 0 && c.MinWorkloadTTL < 2*backdate {
+		// A certificate lives TTL plus the backdate, and an agent renews it
+		// at half that life: (TTL-backdate)/2 after issuance, which is at
+		// once for a TTL at or below the backdate, and within seconds
+		// close above it, so such agents renew in a loop.
+		errs = append(errs, setting("min-workload-ttl", fmt.Errorf("%s must be at least %s, twice the %s workload certificates are backdated: agents renew at half a certificate's life counted from its backdated start, so a shorter certificate is renewed within seconds of its issue, over and over",
+			c.MinWorkloadTTL, 2*backdate, backdate)))
+	}
 	if c.DefaultWorkloadTTL < c.MinWorkloadTTL || c.DefaultWorkloadTTL > c.MaxWorkloadTTL {
 		errs = append(errs, setting("default-workload-ttl", fmt.Errorf("%s is outside [%s, %s] (--min-workload-ttl, --max-workload-ttl)", c.DefaultWorkloadTTL, c.MinWorkloadTTL, c.MaxWorkloadTTL)))
 	}
