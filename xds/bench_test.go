@@ -23,7 +23,9 @@ import (
 	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/structpb"
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
@@ -234,7 +236,10 @@ func runBenchClients() int {
 		epoch     atomic.Int64 // bumped by "go"
 		converged atomic.Int64
 		failed    atomic.Int64
-		done      = make(chan struct{}, 1)
+		// reconnects counts streams opened again after the server
+		// reset them.
+		reconnects atomic.Int64
+		done       = make(chan struct{}, 1)
 	)
 	onEDS := func(seen *int64) {
 		if e := epoch.Load(); e > 0 && *seen < e {
@@ -250,12 +255,28 @@ func runBenchClients() int {
 		node := &corev3.Node{Id: fmt.Sprintf("sidecar~10.200.%d.%d~client-%d.bench~bench.svc.cluster.local", i/250, i%250, i), Metadata: md}
 		client := discoveryv3.NewAggregatedDiscoveryServiceClient(conns[i/streamsPerConn])
 		go func() {
-			var err error
-			if delta {
-				err = deltaClient(ctx, client, node, &ready, onEDS)
-			} else {
-				err = sotwClient(ctx, client, node, &ready, onEDS)
+			var (
+				err       error
+				seen      int64
+				once      sync.Once
+				readyDone = func() { once.Do(ready.Done) }
+			)
+			// A stream the server resets (a client process starved of
+			// CPU for longer than the server's TCP user timeout) opens
+			// again, as an Envoy does; a few times at most.
+			for attempt := 0; attempt < 10 && ctx.Err() == nil; attempt++ {
+				if delta {
+					err = deltaClient(ctx, client, node, readyDone, &seen, onEDS)
+				} else {
+					err = sotwClient(ctx, client, node, readyDone, &seen, onEDS)
+				}
+				if status.Code(err) != codes.Unavailable {
+					break
+				}
+				reconnects.Add(1)
+				time.Sleep(100 * time.Millisecond)
 			}
+			readyDone()
 			if ctx.Err() == nil {
 				fmt.Fprintln(os.Stderr, "client:", err)
 				failed.Add(1)
@@ -271,6 +292,7 @@ func runBenchClients() int {
 		fmt.Println("failed")
 		return 1
 	}
+	fmt.Fprintf(os.Stderr, "streams opened again after a reset while connecting: %d\n", reconnects.Load())
 	fmt.Println("ready")
 	in := bufio.NewScanner(os.Stdin)
 	for in.Scan() {
@@ -293,13 +315,7 @@ func runBenchClients() int {
 
 var benchTypes = []string{resource.ClusterType, resource.EndpointType, resource.ListenerType, resource.RouteType}
 
-func sotwClient(ctx context.Context, c discoveryv3.AggregatedDiscoveryServiceClient, node *corev3.Node, ready *sync.WaitGroup, onEDS func(*int64)) (err error) {
-	first := true
-	defer func() {
-		if first {
-			ready.Done()
-		}
-	}()
+func sotwClient(ctx context.Context, c discoveryv3.AggregatedDiscoveryServiceClient, node *corev3.Node, readyDone func(), seen *int64, onEDS func(*int64)) (err error) {
 	s, err := c.StreamAggregatedResources(ctx, grpc.WaitForReady(true))
 	if err != nil {
 		return err
@@ -313,7 +329,6 @@ func sotwClient(ctx context.Context, c discoveryv3.AggregatedDiscoveryServiceCli
 			return err
 		}
 	}
-	var seen int64
 	for {
 		resp, err := s.Recv()
 		if err != nil {
@@ -327,22 +342,13 @@ func sotwClient(ctx context.Context, c discoveryv3.AggregatedDiscoveryServiceCli
 			return err
 		}
 		if resp.GetTypeUrl() == resource.EndpointType {
-			if first {
-				first = false
-				ready.Done()
-			}
-			onEDS(&seen)
+			readyDone()
+			onEDS(seen)
 		}
 	}
 }
 
-func deltaClient(ctx context.Context, c discoveryv3.AggregatedDiscoveryServiceClient, node *corev3.Node, ready *sync.WaitGroup, onEDS func(*int64)) (err error) {
-	first := true
-	defer func() {
-		if first {
-			ready.Done()
-		}
-	}()
+func deltaClient(ctx context.Context, c discoveryv3.AggregatedDiscoveryServiceClient, node *corev3.Node, readyDone func(), seen *int64, onEDS func(*int64)) (err error) {
 	s, err := c.DeltaAggregatedResources(ctx, grpc.WaitForReady(true))
 	if err != nil {
 		return err
@@ -356,7 +362,6 @@ func deltaClient(ctx context.Context, c discoveryv3.AggregatedDiscoveryServiceCl
 			return err
 		}
 	}
-	var seen int64
 	for {
 		resp, err := s.Recv()
 		if err != nil {
@@ -366,11 +371,8 @@ func deltaClient(ctx context.Context, c discoveryv3.AggregatedDiscoveryServiceCl
 			return err
 		}
 		if resp.GetTypeUrl() == resource.EndpointType {
-			if first {
-				first = false
-				ready.Done()
-			}
-			onEDS(&seen)
+			readyDone()
+			onEDS(seen)
 		}
 	}
 }
