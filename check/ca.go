@@ -6,9 +6,9 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net/http"
-	"net/url"
+	"io/fs"
 	"os"
+	"path/filepath"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -31,6 +31,10 @@ const (
 	CodeWitnessReach   = "TM-WIT-001"
 	CodeWitnessConsist = "TM-WIT-002"
 	CodeWitnessBehind  = "TM-WIT-003"
+	// CodeWitnessCosigned judges the checkpoint a tlog-witness (a URL
+	// --witness) last cosigned, as serve keeps it: verified with
+	// --witness-key (error when it does not verify), or missing (warning).
+	CodeWitnessCosigned = "TM-WIT-004"
 )
 
 // overdueAfter is how long a due rotation step may wait before it is a
@@ -141,9 +145,14 @@ func checkJournal(ctx context.Context, cfg Config, r *Report) spiffeid.TrustDoma
 	return td
 }
 
-// checkWitness reads the witness's copy of the latest checkpoint and
-// verifies the journal against it: the findings journal.Verify adds with
-// the witness's checkpoint are the witness's.
+// checkWitness holds the journal to what the witness saw. A file witness
+// keeps serve's checkpoints itself: its copy is read. A URL witness is a
+// C2SP tlog-witness, which takes checkpoints but serves nothing back:
+// check reads the checkpoint it last cosigned, as serve keeps it in the
+// data directory (journal.WitnessCosignedFile), and verifies both
+// signatures with the journal's key and --witness-key. Either way the
+// findings journal.Verify adds with the witness's checkpoint are the
+// witness's.
 func checkWitness(ctx context.Context, cfg Config, r *Report, store *journal.Store, key string, base *journal.Report, latest uint64) {
 	if cfg.Witness == "" {
 		r.add(CodeWitnessReach, Info, "witness", "pass serve's --witness to check it", "no --witness given; the witness was not checked")
@@ -152,18 +161,22 @@ func checkWitness(ctx context.Context, cfg Config, r *Report, store *journal.Sto
 	// The subject names the witness without the credentials its URL may
 	// carry (user information, query).
 	subject := journal.RedactTarget(cfg.Witness)
-	signed, err := fetchWitness(ctx, cfg)
-	if err != nil {
-		r.add(CodeWitnessReach, Error, subject, "serve exports every checkpoint there; check the path or URL, and serve's log for export errors",
-			"the witness cannot be read: %v", err)
-		return
+	var signed []byte
+	if journal.IsURL(cfg.Witness) {
+		signed = readCosigned(cfg, r, subject, key, latest)
+		if signed == nil {
+			return
+		}
+	} else {
+		b, err := readWitnessFile(cfg.Witness)
+		if err != nil {
+			r.add(CodeWitnessReach, Error, subject, "serve exports every checkpoint there; check the path, and serve's log for export errors",
+				"the witness cannot be read: %v", err)
+			return
+		}
+		r.add(CodeWitnessReach, OK, subject, "", "the witness holds a checkpoint")
+		signed = b
 	}
-	if signed == nil {
-		r.add(CodeWitnessReach, Info, subject, "check the witness's own copy with trustmesh audit verify --checkpoint FILE",
-			"the witness answers but does not serve its copy back; its consistency was not checked")
-		return
-	}
-	r.add(CodeWitnessReach, OK, subject, "", "the witness holds a checkpoint")
 	cp, err := journal.ParseCheckpoint(signed, key)
 	if err != nil {
 		r.add(CodeWitnessConsist, Error, subject, "the witness is another journal's, or its copy was altered: check --witness",
@@ -180,8 +193,8 @@ func checkWitness(ctx context.Context, cfg Config, r *Report, store *journal.Sto
 		if !containsFinding(base.Findings, f) {
 			consistent = false
 			r.add(CodeWitnessConsist, Error, subject,
-				"the journal was rewritten or cut after the witness saw it: run trustmesh audit verify --checkpoint with the witness's copy",
-				"%s: %s", f.Kind, f.Detail)
+				"the journal was rewritten or rolled back after the witness saw it: run trustmesh audit verify --checkpoint with the witness's checkpoint, and treat it as an incident (SECURITY.md)",
+				"possible rewrite or rollback: the journal does not extend the witness's checkpoint at size %d: %s: %s", cp.Size, f.Kind, f.Detail)
 		}
 	}
 	if !consistent {
@@ -189,11 +202,43 @@ func checkWitness(ctx context.Context, cfg Config, r *Report, store *journal.Sto
 	}
 	r.add(CodeWitnessConsist, OK, subject, "", "the journal is consistent with the witness's checkpoint at size %d", cp.Size)
 	if cp.Size < latest {
-		r.add(CodeWitnessBehind, Warning, subject, "serve exports checkpoints off the commit path; if this persists, serve cannot write to the witness (see its log)",
+		r.add(CodeWitnessBehind, Warning, subject, "serve exports checkpoints off the commit path; if this persists, serve cannot reach the witness or the witness refuses it (see serve's log and trustmesh_journal_witness_failures_total)",
 			"the witness is at size %d, the journal's last checkpoint at %d", cp.Size, latest)
 	}
 }
 
+// readCosigned reads and verifies the checkpoint a tlog-witness last
+// cosigned, as serve keeps it in the data directory. It returns nil when
+// there is none to hold the journal to, having said why.
+func readCosigned(cfg Config, r *Report, subject, key string, latest uint64) []byte {
+	file := filepath.Join(string(cfg.DataDir), journal.WitnessCosignedFile)
+	if cfg.WitnessKey == "" {
+		r.add(CodeWitnessCosigned, Error, subject, "pass serve's --witness-key: the witness's cosignature/v1 verifier key",
+			"a tlog-witness's cosignature cannot be verified without its key; the witness was not checked")
+		return nil
+	}
+	b, err := readWitnessFile(file)
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+		r.add(CodeWitnessCosigned, Warning, subject,
+			"serve pushes every checkpoint to the witness and keeps what it cosigns in "+journal.WitnessCosignedFile+": is serve running with this --witness and --witness-key? See its log and trustmesh_journal_witness_failures_total",
+			"the witness has cosigned no checkpoint yet; the journal's last checkpoint is at size %d", latest)
+		return nil
+	case err != nil:
+		r.add(CodeWitnessCosigned, Error, subject, "serve keeps the witness's cosigned checkpoint in --data-dir; check the file",
+			"the witness's cosigned checkpoint cannot be read: %v", err)
+		return nil
+	}
+	c, err := journal.OpenCosigned(b, key, cfg.WitnessKey)
+	if err != nil {
+		r.add(CodeWitnessCosigned, Error, subject,
+			"the file was altered, or --witness-key is not the witness's key: compare with serve's --witness-key; run trustmesh audit cosigned",
+			"the cosigned checkpoint in %s does not verify: %v", journal.WitnessCosignedFile, err)
+		return nil
+	}
+	r.add(CodeWitnessCosigned, OK, subject, "", "cosigned by the witness %s at size %d, %s", c.Witness, c.Size, human.Time(c.At))
+	return b
+}
 func containsFinding(fs []journal.Finding, f journal.Finding) bool {
 	for _, g := range fs {
 		if g == f {
@@ -203,51 +248,24 @@ func containsFinding(fs []journal.Finding, f journal.Finding) bool {
 	return false
 }
 
-// maxWitness bounds what is read of a witness: a checkpoint is a few
-// hundred bytes.
+// maxWitness bounds what is read of a witness's checkpoint: a checkpoint
+// is a few hundred bytes.
 const maxWitness = 64 << 10
 
-// fetchWitness reads the witness's checkpoint: the file, or a GET of the
-// URL. A URL that takes checkpoints but does not serve them back (404,
-// 405) returns nil and no error.
-func fetchWitness(ctx context.Context, cfg Config) ([]byte, error) {
-	if !journal.IsURL(cfg.Witness) {
-		b, err := os.ReadFile(cfg.Witness)
-		if err != nil {
-			return nil, fmt.Errorf("check: witness: %w", err)
-		}
-		return b, nil
-	}
-	ctx, cancel := context.WithTimeout(ctx, cfg.Timeout)
-	defer cancel()
-	// Errors name the witness redacted: net/url's and net/http's quote the
-	// URL, query included.
-	target := journal.RedactTarget(cfg.Witness)
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, cfg.Witness, nil)
+// readWitnessFile reads a checkpoint file: a file witness's copy, or the
+// cosigned checkpoint serve keeps.
+func readWitnessFile(name string) ([]byte, error) {
+	f, err := os.Open(name)
 	if err != nil {
-		return nil, fmt.Errorf("check: witness %s: the URL does not parse", target)
+		return nil, fmt.Errorf("check: witness: %w", err)
 	}
-	resp, err := cfg.HTTP.Do(req)
-	if err != nil {
-		var uerr *url.Error
-		if errors.As(err, &uerr) {
-			err = uerr.Err
-		}
-		return nil, fmt.Errorf("check: witness %s: %w", target, err)
-	}
-	defer resp.Body.Close()
-	switch {
-	case resp.StatusCode == http.StatusNotFound || resp.StatusCode == http.StatusMethodNotAllowed:
-		return nil, nil
-	case resp.StatusCode/100 != 2:
-		return nil, fmt.Errorf("check: witness %s answered %s", target, resp.Status)
-	}
-	b, err := io.ReadAll(io.LimitReader(resp.Body, maxWitness+1))
+	defer f.Close()
+	b, err := io.ReadAll(io.LimitReader(f, maxWitness+1))
 	if err != nil {
 		return nil, fmt.Errorf("check: witness: %w", err)
 	}
 	if len(b) > maxWitness || len(bytes.TrimSpace(b)) == 0 {
-		return nil, errors.New("check: the witness's answer is not a checkpoint")
+		return nil, fmt.Errorf("check: witness: %s is not a checkpoint", name)
 	}
 	return b, nil
 }

@@ -21,6 +21,7 @@ import (
 
 	"github.com/trustmesh/trustmesh/authz/source"
 	"github.com/trustmesh/trustmesh/ca/admin"
+	"github.com/trustmesh/trustmesh/ca/journal"
 	"github.com/trustmesh/trustmesh/ca/rotation"
 )
 
@@ -136,6 +137,10 @@ type Config struct {
 	// Witness is serve's --witness: a file or an http(s) URL. Empty skips
 	// the witness checks.
 	Witness string
+	// WitnessKey is serve's --witness-key: the cosignature/v1 verifier key
+	// of a URL witness (a C2SP tlog-witness), required with one. Check
+	// verifies with it the cosigned checkpoint serve keeps in DataDir.
+	WitnessKey string
 	// Policies is an AuthorizationPolicy directory and Bundles the Rego
 	// bundles serve loads with it (--bundle, and those the directory's
 	// bundles file names); RootNamespace is serve's. Empty skips.
@@ -152,8 +157,8 @@ type Config struct {
 	StaleAfter time.Duration
 	// Timeout bounds each network request.
 	Timeout time.Duration
-	// HTTP is the client for the monitoring port and an http(s) witness;
-	// nil means a plain client with Timeout.
+	// HTTP is the client for the monitoring port; nil means a plain client
+	// with Timeout.
 	HTTP *http.Client
 	// Now is the time the CA and the journal are judged at.
 	Now time.Time
@@ -193,6 +198,14 @@ func (c Config) Validate() error {
 	}{{"--min-validity", c.MinValidity}, {"--max-checkpoint-age", c.MaxCheckpointAge}, {"--stale-after", c.StaleAfter}, {"--timeout", c.Timeout}} {
 		if d.v < 0 {
 			errs = append(errs, fmt.Errorf("check: %s %s must not be negative", d.flag, d.v))
+		}
+	}
+	switch {
+	case c.WitnessKey != "" && !journal.IsURL(c.Witness):
+		errs = append(errs, errors.New("check: --witness-key is the key of a URL --witness (a tlog-witness); a file witness has none"))
+	case c.WitnessKey != "":
+		if _, _, _, err := journal.ParseCosignatureKey(c.WitnessKey); err != nil {
+			errs = append(errs, fmt.Errorf("check: --witness-key: %w", err))
 		}
 	}
 	return errors.Join(errs...)

@@ -204,8 +204,8 @@ func TestMissingDataDir(t *testing.T) {
 }
 
 // TestWitness: a witness file with the journal's latest checkpoint is
-// consistent; one from before the journal was cut is not; a URL that does
-// not answer is unreachable.
+// consistent; one from before the journal was cut is not; a missing file
+// is unreachable. (A URL witness: TestWitnessTlogCosigned.)
 func TestWitness(t *testing.T) {
 	now := time.Now()
 	dir := newDataDir(t, now, 0)
@@ -243,10 +243,7 @@ func TestWitness(t *testing.T) {
 	rep = run(t, check.Config{DataDir: dir, Now: now, Witness: witness})
 	wantOnly(t, rep, check.CodeWitnessConsist, check.Error)
 
-	srv := httptest.NewServer(http.NotFoundHandler())
-	url := srv.URL
-	srv.Close()
-	rep = run(t, check.Config{DataDir: dir, Now: now, Witness: url, Timeout: time.Second})
+	rep = run(t, check.Config{DataDir: dir, Now: now, Witness: filepath.Join(t.TempDir(), "missing")})
 	wantOnly(t, rep, check.CodeWitnessReach, check.Error)
 }
 
@@ -275,8 +272,9 @@ func TestParseFailOnAndDuration(t *testing.T) {
 
 // TestWitnessURLCredentialsNotShown: a witness URL's user information and
 // query carry credentials; the findings name the witness without them,
-// whether it answers with an error, cannot be reached, or is spelled with
-// an upper-case scheme (once taken for a file path and shown whole).
+// with or without --witness-key, whether or not it answers (check does not
+// ask it), or spelled with an upper-case scheme (once taken for a file
+// path and shown whole).
 func TestWitnessURLCredentialsNotShown(t *testing.T) {
 	now := time.Now()
 	dir := newDataDir(t, now, 0)
@@ -288,12 +286,17 @@ func TestWitnessURLCredentialsNotShown(t *testing.T) {
 	gone.Close()
 	for _, base := range []string{failing.URL, gone.URL, strings.Replace(failing.URL, "http://", "HTTP://", 1)} {
 		witness := strings.Replace(base, "://", "://alice:s3cretpw@", 1) + "/w?api_key=k3ysecret"
-		rep := run(t, check.Config{DataDir: dir, Now: now, Witness: witness, Timeout: 2 * time.Second})
-		fs := wantOnly(t, rep, check.CodeWitnessReach, check.Error)
-		for _, f := range fs {
-			for _, secret := range []string{"s3cretpw", "k3ysecret", "alice"} {
-				if strings.Contains(f.Subject+f.Message+f.Hint, secret) {
-					t.Errorf("%s: the finding shows %q: %+v", base, secret, f)
+		for _, key := range []string{"", newTestWitness(t, "witness.example/w").vkey} {
+			rep := run(t, check.Config{DataDir: dir, Now: now, Witness: witness, WitnessKey: key, Timeout: 2 * time.Second})
+			fs := find(rep, check.CodeWitnessCosigned)
+			if len(fs) == 0 {
+				t.Fatalf("no %s finding in %+v", check.CodeWitnessCosigned, rep.Findings)
+			}
+			for _, f := range rep.Findings {
+				for _, secret := range []string{"s3cretpw", "k3ysecret", "alice"} {
+					if strings.Contains(f.Subject+f.Message+f.Hint, secret) {
+						t.Errorf("%s: the finding shows %q: %+v", base, secret, f)
+					}
 				}
 			}
 		}

@@ -36,12 +36,14 @@ func newCheckCmd() *cobra.Command {
 	)
 	minValidity, maxAge := daysValue(check.DefaultMinValidity), daysValue(check.DefaultMaxCheckpointAge)
 	cmd := &cobra.Command{
-		Use:   "check --data-dir DIR [--monitoring HOST:PORT] [--policies DIR] [--mesh DIR] [--witness FILE|URL]",
+		Use:   "check --data-dir DIR [--monitoring HOST:PORT] [--policies DIR] [--mesh DIR] [--witness FILE | --witness URL --witness-key VKEY]",
 		Short: "Check an installation: the CA, the journal and its witness, the policies and mesh, the running control plane",
 		Long: `Check a trustmesh installation before and while it runs, as linkerd check and
 istioctl analyze do: the root and intermediate are valid for --min-validity
 and the next rotation step; the journal matches its signed checkpoints and
-its last checkpoint is fresh; the witness is reachable and consistent; the
+its last checkpoint is fresh; the witness is reachable and consistent (for
+a tlog-witness URL, the checkpoint it last cosigned, as serve keeps it in
+--data-dir, is verified with --witness-key and the journal held to it); the
 policies and the mesh files compile; and, with --monitoring, the control
 plane's /readyz and its xDS clients (connected, synced, stale), read from
 ` + "`GET /debug/xds/clients`" + ` on the monitoring port.
@@ -85,6 +87,7 @@ It writes nothing.`,
 	f.StringVar(&cfg.RootNamespace, "root-namespace", engine.DefaultRootNamespace, "namespace whose policies apply mesh-wide, as serve's")
 	f.StringVar(&cfg.Mesh, "mesh", "", "the mesh directory serve loads")
 	f.StringVar(&cfg.Witness, "witness", "", "serve's --witness: the file or http(s) URL that receives its checkpoints")
+	f.StringVar(&cfg.WitnessKey, "witness-key", "", "serve's --witness-key: the cosignature/v1 verifier key of a URL --witness; check verifies the cosigned checkpoint serve keeps in --data-dir with it")
 	f.Var(&minValidity, "min-validity", "warn when the active root or intermediate expires within this (e.g. 30d)")
 	f.Var(&maxAge, "max-checkpoint-age", "warn when the journal's last checkpoint is older than this")
 	f.DurationVar(&cfg.StaleAfter, "stale-after", check.DefaultStaleAfter, "an xDS client that leaves a version unacknowledged this long is stale")
