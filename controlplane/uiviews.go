@@ -270,6 +270,13 @@ func (u *uiJournal) Journal(ctx context.Context) (*ui.JournalView, error) {
 		default:
 			v.Witness.State = fmt.Sprintf("exported size %d at %s", st.LastSize, st.LastExport.UTC().Format(time.RFC3339))
 		}
+		// A tlog-witness's verdict: the latest checkpoint whose cosignature
+		// verified with --witness-key (kept in the data directory).
+		if st.Cosigned > 0 {
+			v.Witness.State += fmt.Sprintf("; cosigned by the witness at size %d, %s", st.Cosigned, st.CosignedAt.UTC().Format(time.RFC3339))
+		} else if journal.IsURL(u.witness) {
+			v.Witness.State += "; not cosigned by the witness yet"
+		}
 	}
 	return v, nil
 }
