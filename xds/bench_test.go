@@ -156,9 +156,13 @@ func benchConvergence(b *testing.B, n int, delta bool) {
 	if p := os.Getenv("TRUSTMESH_XDS_BENCH_CPU"); p != "" {
 		if f, err := os.Create(p); err == nil {
 			if err := pprof.StartCPUProfile(f); err == nil {
-				defer pprof.StopCPUProfile()
+				defer func() {
+					pprof.StopCPUProfile()
+					f.Close()
+				}()
+			} else {
+				f.Close()
 			}
-			defer f.Close()
 		}
 	}
 	for i := range b.N {
