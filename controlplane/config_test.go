@@ -31,6 +31,7 @@ func groups(err error) []string {
 
 func TestValidateReportsEveryGroupAtFault(t *testing.T) {
 	off := controlplane.KubernetesConfig{Mode: controlplane.KubernetesOff}
+	witnessKey := newWitnessKey(t)
 	for _, tc := range []struct {
 		name string
 		cfg  controlplane.Config
@@ -49,7 +50,11 @@ func TestValidateReportsEveryGroupAtFault(t *testing.T) {
 		{"control-plane ID elsewhere", controlplane.Config{Kubernetes: off, CA: controlplane.CAConfig{ControlPlaneID: "spiffe://other.example/cp"}}, []string{"CA"}},
 		{"shared journal, own keys", controlplane.Config{Kubernetes: off, Journal: controlplane.JournalConfig{DSN: "postgres://db"}}, []string{"Journal"}},
 		{"witness of another scheme", controlplane.Config{Kubernetes: off, Journal: controlplane.JournalConfig{Witness: "ftp://witness.example/c"}}, []string{"Journal"}},
-		{"witness URL in capitals", controlplane.Config{Kubernetes: off, Journal: controlplane.JournalConfig{Witness: "HTTPS://witness.example/c"}}, nil},
+		{"witness URL in capitals", controlplane.Config{Kubernetes: off, Journal: controlplane.JournalConfig{Witness: "HTTPS://witness.example/c", WitnessKey: witnessKey}}, nil},
+		{"witness URL without its key", controlplane.Config{Kubernetes: off, Journal: controlplane.JournalConfig{Witness: "https://witness.example/c"}}, []string{"Journal"}},
+		{"witness file, no key", controlplane.Config{Kubernetes: off, Journal: controlplane.JournalConfig{Witness: "/var/lib/witness/checkpoint"}}, nil},
+		{"witness key without a URL", controlplane.Config{Kubernetes: off, Journal: controlplane.JournalConfig{Witness: "/var/lib/witness/checkpoint", WitnessKey: witnessKey}}, []string{"Journal"}},
+		{"witness key that is not cosignature/v1", controlplane.Config{Kubernetes: off, Journal: controlplane.JournalConfig{Witness: "https://witness.example/c", WitnessKey: "log.example+01234567+AQ=="}}, []string{"Journal"}},
 		{"rotation cuts certificates short", controlplane.Config{Kubernetes: off, Rotation: controlplane.RotationConfig{IntermediateTTL: 12 * time.Hour}}, []string{"Rotation"}},
 		{"rotation fast enough", controlplane.Config{Kubernetes: off,
 			CA:       controlplane.CAConfig{MinWorkloadTTL: 20 * time.Second, DefaultWorkloadTTL: 20 * time.Second, MaxWorkloadTTL: 20 * time.Second, WorkloadBackdate: 5 * time.Second},

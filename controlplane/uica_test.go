@@ -124,6 +124,7 @@ func TestUIJournalHidesWitnessCredentials(t *testing.T) {
 	e := start(t, func(c *controlplane.Config) {
 		c.Listen.UI = "127.0.0.1:0"
 		c.Journal.Witness = "http://witness-user:S3cretPassw0rd@127.0.0.1:1/ckpt?api_key=TOPSECRET"
+		c.Journal.WitnessKey = newWitnessKey(t)
 	})
 	id := spiffeid.RequireFromString("spiffe://cluster.local/ns/demo/sa/echo")
 	e.obtain(newClient(t), e.token(id, time.Minute), id) // a checkpoint to export

@@ -81,3 +81,15 @@ func TestUIJournalShowsWitnessCosignature(t *testing.T) {
 		t.Errorf("witness state %q (checkpoint at size %d), want \"exported ...%s\"", j.Witness.State, j.Checkpoint.Size, want)
 	}
 }
+
+// newWitnessKey returns a tlog-witness's cosignature/v1 verifier key, as
+// serve's --witness-key takes it.
+func newWitnessKey(t *testing.T) string {
+	t.Helper()
+	w, err := witness.Open(t.TempDir(), "witness.example/test", time.Now)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { w.Close() })
+	return w.VerifierKey()
+}
