@@ -249,7 +249,12 @@ func run(o options) (*result, error) {
 		c, err := grpc.NewClient(o.addr, grpc.WithTransportCredentials(creds),
 			// Envoy's HTTP/2 defaults for its xDS connection: 256 MiB
 			// windows, so the server is not held to grpc-go's 64 KiB.
-			grpc.WithInitialWindowSize(envoyWindow), grpc.WithInitialConnWindowSize(envoyWindow))
+			grpc.WithInitialWindowSize(envoyWindow), grpc.WithInitialConnWindowSize(envoyWindow),
+			// This tool's own memory: a small read buffer (frames larger
+			// than it are read straight into their own) and write buffers
+			// shared between connections, so that N connections in one
+			// process do not hold 64 KiB each.
+			grpc.WithReadBufferSize(toolReadBuffer), grpc.WithSharedWriteBuffer(true))
 		if err != nil {
 			return nil, fmt.Errorf("xds-load: %w", err)
 		}
@@ -393,6 +398,9 @@ func run(o options) (*result, error) {
 	r.WallS = time.Since(wall).Seconds()
 	return r, nil
 }
+
+// toolReadBuffer is the read buffer of each simulated Envoy's connection.
+const toolReadBuffer = 4 << 10
 
 // maxReopens is how many times one simulated client may have its stream
 // cut before the run fails.
