@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"path/filepath"
 	"sort"
 	"time"
 
@@ -287,18 +288,37 @@ func (u *uiJournal) Verify(ctx context.Context) (*ui.VerifyResult, error) {
 		return nil, err
 	}
 	var witness [][]byte
-	if u.witness != "" && !journal.IsURL(u.witness) {
+	var cosignature []ui.Finding
+	switch {
+	case u.witness == "":
+	case !journal.IsURL(u.witness):
 		if b, err := os.ReadFile(u.witness); err == nil {
 			witness = append(witness, b)
 		} else if !errors.Is(err, os.ErrNotExist) {
 			return nil, fmt.Errorf("the witness's checkpoint: %w", err)
+		}
+	default:
+		// A tlog-witness serves nothing back: hold the journal to the
+		// checkpoint it last cosigned, as serve keeps it, once both its
+		// signatures verify (as trustmesh check does).
+		b, err := os.ReadFile(filepath.Join(string(u.dir), journal.WitnessCosignedFile))
+		switch {
+		case errors.Is(err, os.ErrNotExist):
+		case err != nil:
+			return nil, fmt.Errorf("the witness's cosigned checkpoint: %w", err)
+		default:
+			if _, err := journal.OpenCosigned(b, key, u.cp.cfg.Journal.WitnessKey); err != nil {
+				cosignature = append(cosignature, ui.Finding{Detail: "witness-cosignature: the cosigned checkpoint in " + journal.WitnessCosignedFile + " does not verify: " + err.Error()})
+			} else {
+				witness = append(witness, b)
+			}
 		}
 	}
 	rep, err := journal.Verify(ctx, u.cp.journal, key, witness)
 	if err != nil {
 		return nil, err
 	}
-	res := &ui.VerifyResult{Checked: rep.Entries, Findings: []ui.Finding{}}
+	res := &ui.VerifyResult{Checked: rep.Entries, Findings: append([]ui.Finding{}, cosignature...)}
 	for _, f := range rep.Findings {
 		fd := ui.Finding{Detail: f.Kind + ": " + f.Detail}
 		if f.Kind != "forged-checkpoint" {

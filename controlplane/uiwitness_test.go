@@ -1,6 +1,7 @@
 package controlplane_test
 
 import (
+	"encoding/json"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -80,6 +81,41 @@ func TestUIJournalShowsWitnessCosignature(t *testing.T) {
 	if c.Size != j.Checkpoint.Size || !strings.HasPrefix(j.Witness.State, "exported") || !strings.HasSuffix(j.Witness.State, want) {
 		t.Errorf("witness state %q (checkpoint at size %d), want \"exported ...%s\"", j.Witness.State, j.Checkpoint.Size, want)
 	}
+
+	// Verify holds the journal to the cosigned checkpoint once its
+	// cosignature verifies; an altered cosignature is a finding.
+	if v := uiVerify(t, e); !v.OK || v.Checked != j.Size {
+		t.Errorf("verify with the cosigned checkpoint: %+v, want OK over %d entries", v, j.Size)
+	}
+	altered := []byte(strings.Replace(string(b), "— "+c.Witness+" ", "— "+c.Witness+" A", 1))
+	if err := os.WriteFile(filepath.Join(dataDir, journal.WitnessCosignedFile), altered, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	e.clock.Step(ui.DefaultVerifyInterval) // one verification per interval
+	if v := uiVerify(t, e); v.OK || len(v.Findings) != 1 || !strings.HasPrefix(v.Findings[0].Detail, "witness-cosignature: ") {
+		t.Errorf("verify with an altered cosignature: %+v, want one witness-cosignature finding", v)
+	}
+}
+
+// uiVerify runs the journal view's Verify now.
+func uiVerify(t *testing.T, e *env) ui.VerifyResult {
+	t.Helper()
+	base := "http://" + e.cp.Addrs().UI.String()
+	var sess ui.Session
+	uiGet(t, e, "/ui/api/session", &sess)
+	req, _ := http.NewRequest(http.MethodPost, base+"/ui/api/journal/verify", nil)
+	req.Header.Set("Origin", base)
+	req.Header.Set(ui.CSRFHeader, sess.CSRFToken)
+	r, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Body.Close()
+	var v ui.VerifyResult
+	if err := json.NewDecoder(r.Body).Decode(&v); err != nil || r.StatusCode != http.StatusOK {
+		t.Fatalf("verify: %d %v", r.StatusCode, err)
+	}
+	return v
 }
 
 // newWitnessKey returns a tlog-witness's cosignature/v1 verifier key, as
