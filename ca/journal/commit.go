@@ -287,19 +287,6 @@ func (s *Store) commitBatch(ctx context.Context, batch []*op) (opErrs []error, s
 			s.ledger.truncate(savedLedger)
 		}
 	}()
-	if s.fastPath(batch) {
-		written, signed, err := s.commitFast(ctx, batch)
-		if err != nil || written {
-			return make([]error, len(batch)), signed, err
-		}
-		// Another writer appended since: the transaction below catches
-		// up with its rows and checks them against the latest checkpoint.
-		s.rng = saved
-		s.ledger.truncate(savedLedger)
-		if saved, err = copyRange(&s.hasher.f, s.rng); err != nil {
-			return nil, nil, err
-		}
-	}
 	tx, err := s.db.BeginTx(ctx, nil)
 	if err != nil {
 		return nil, nil, fmt.Errorf("journal: begin: %w", err)
@@ -386,63 +373,6 @@ func (s *Store) commitBatch(ctx context.Context, batch []*op) (opErrs []error, s
 	}
 	s.ledger.publish()
 	return opErrs, signed, nil
-}
-
-// fastPath says whether a batch may commit in one statement
-// (commitFast): on PostgreSQL, when every op only appends entries, and no
-// outage asks for the stored log to be checked against its latest
-// checkpoint first. An op with a precondition runs in the transaction,
-// under its own savepoint; an op with no entries asks to catch up with
-// what others appended (a lookup that missed), which only the full path
-// reads.
-func (s *Store) fastPath(batch []*op) bool {
-	if !s.postgres || s.recheck || s.stmts.appendFast == nil {
-		return false
-	}
-	for _, o := range batch {
-		if o.pre != nil || len(o.entries) == 0 {
-			return false
-		}
-	}
-	return true
-}
-
-// commitFast commits a batch in one round trip on PostgreSQL: it appends
-// the entries to the in-memory log, signs the checkpoint over the new
-// size, and sends rows and checkpoint to trustmesh_journal_append, which
-// writes them in one transaction under the append lock only if the stored
-// log still ends where this Store's does. written is false when another
-// writer appended in between: nothing was written, and the caller puts the
-// in-memory log back and takes the full path (commitBatch), which catches
-// up with those rows and checks them against their checkpoint. The
-// checkpoint signed here is then dropped unpublished. On an error the
-// caller puts the in-memory log back too.
-func (s *Store) commitFast(ctx context.Context, batch []*op) (written bool, signed []byte, err error) {
-	start := s.rng.End()
-	var buf rows
-	for _, o := range batch {
-		if err := s.appendEntries(o, &buf); err != nil {
-			return false, nil, err
-		}
-	}
-	root, err := s.rng.GetRootHash(nil)
-	if err != nil {
-		return false, nil, fmt.Errorf("journal: root: %w", err)
-	}
-	cp := Checkpoint{Origin: s.cfg.Origin, Size: s.rng.End(), Root: root}
-	if signed, err = signCheckpoint(cp, s.cfg.Signer); err != nil {
-		return false, nil, err
-	}
-	idxs, kinds, ids, serials, times, bodies, leaves := buf.columns()
-	if err := s.stmts.appendFast.QueryRowContext(ctx, int64(start), idxs, kinds, times, ids, serials, bodies, leaves,
-		int64(cp.Size), root, signed, time.Now().UnixNano()).Scan(&written); err != nil {
-		return false, nil, fmt.Errorf("journal: append: %w", err)
-	}
-	if !written {
-		return false, nil, nil
-	}
-	s.ledger.publish()
-	return true, signed, nil
 }
 
 // noteAvailability logs when the database stops or starts taking commits,

@@ -63,37 +63,10 @@ CREATE TABLE IF NOT EXISTS checkpoints (
 	note    BYTEA  NOT NULL,
 	time_ns BIGINT NOT NULL
 );
--- trustmesh_journal_append is a batch's whole commit in one statement, so
--- one round trip (commit.go, commitFast): it takes the append lock, and
--- only if the log still ends at expect (nobody appended since this
--- replica last looked) writes the rows and their signed checkpoint, in
--- the statement's own transaction. It returns whether it wrote. Being
--- VOLATILE plpgsql, each statement inside takes a new snapshot, so the
--- head is read after the lock is held and sees every row committed
--- before it (a single SQL statement's snapshot would predate the lock).
-CREATE OR REPLACE FUNCTION trustmesh_journal_append(expect BIGINT,
-	idxs BIGINT[], kinds TEXT[], times BIGINT[], ids TEXT[], serials TEXT[], bodies BYTEA[], leaves BYTEA[],
-	cp_size BIGINT, cp_root BYTEA, cp_note BYTEA, cp_time BIGINT)
-RETURNS BOOLEAN LANGUAGE plpgsql VOLATILE AS $fn$
-DECLARE
-	head BIGINT;
-BEGIN
-	PERFORM pg_advisory_xact_lock(7160321947);
-	SELECT COALESCE(MAX(idx)+1, 0) INTO head FROM entries;
-	IF head <> expect THEN
-		RETURN FALSE;
-	END IF;
-	INSERT INTO entries (idx, kind, time_ns, spiffe_id, serial, body, leaf_hash)
-		SELECT * FROM unnest(idxs, kinds, times, ids, serials, bodies, leaves);
-	INSERT INTO checkpoints (size, root, note, time_ns) VALUES (cp_size, cp_root, cp_note, cp_time);
-	RETURN TRUE;
-END
-$fn$;
 `
 
 // postgresAppendLock serialises appenders across replicas for the length of
-// one transaction. The number is arbitrary and fixed; trustmesh_journal_append
-// takes the same one.
+// one transaction. The number is arbitrary and fixed.
 const postgresAppendLock = `SELECT pg_advisory_xact_lock(7160321947)`
 
 // postgresSchemaLock serialises schema creation across replicas starting at

@@ -19,8 +19,6 @@ type statements struct {
 	// binary digits of their count.
 	insertEntries [insertSizes]*sql.Stmt
 	entryBySerial *sql.Stmt
-	// appendFast calls trustmesh_journal_append (PostgreSQL only).
-	appendFast *sql.Stmt
 }
 
 // insertSizes is how many multi-row insert statements are prepared: the
@@ -64,10 +62,6 @@ func (s *Store) prepare(ctx context.Context) error {
 		{&s.stmts.entryBySerial, `SELECT idx, kind, body FROM entries
 			WHERE serial = $1 AND serial != '' AND kind = $2 ORDER BY idx LIMIT 1`},
 	}
-	if s.postgres {
-		preps = append(preps, prep{&s.stmts.appendFast,
-			`SELECT trustmesh_journal_append($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)`})
-	}
 	for k := range s.stmts.insertEntries {
 		preps = append(preps, prep{&s.stmts.insertEntries[k], insertEntriesQuery(1 << k)})
 	}
@@ -83,7 +77,7 @@ func (s *Store) prepare(ctx context.Context) error {
 }
 
 func (st *statements) close() {
-	all := append([]*sql.Stmt{st.nextIndex, st.insertCheckpoint, st.entryBySerial, st.appendFast}, st.insertEntries[:]...)
+	all := append([]*sql.Stmt{st.nextIndex, st.insertCheckpoint, st.entryBySerial}, st.insertEntries[:]...)
 	for _, s := range all {
 		if s != nil {
 			s.Close()
@@ -127,19 +121,4 @@ func (s *Store) flush(ctx context.Context, tx *sql.Tx, r *rows) error {
 		return fmt.Errorf("journal: append: %d values of a row left unwritten", len(args))
 	}
 	return nil
-}
-
-// columns are the buffered rows as one array per column, the arguments of
-// trustmesh_journal_append.
-func (r *rows) columns() (idxs []int64, kinds, ids, serials []string, times []int64, bodies, leaves [][]byte) {
-	n := r.len()
-	idxs, times = make([]int64, n), make([]int64, n)
-	kinds, ids, serials = make([]string, n), make([]string, n), make([]string, n)
-	bodies, leaves = make([][]byte, n), make([][]byte, n)
-	for i := range n {
-		v := r.args[i*entryColumns : (i+1)*entryColumns]
-		idxs[i], kinds[i], times[i], ids[i], serials[i] = v[0].(int64), v[1].(string), v[2].(int64), v[3].(string), v[4].(string)
-		bodies[i], leaves[i] = v[5].([]byte), v[6].([]byte)
-	}
-	return idxs, kinds, ids, serials, times, bodies, leaves
 }
