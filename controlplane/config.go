@@ -399,18 +399,13 @@ func (c *JournalConfig) check(ca CAConfig) []error {
 		errs = append(errs, setting("journal-dsn", errors.New("with a shared journal (replicas), the CA keys must live in a Kubernetes Secret (--ca-secret) or come from --cacerts (with --ca-key-uri for a KMS), never in a replica's own data directory")))
 	}
 	errs = append(errs, setting("witness", journal.CheckTarget(c.Witness)))
-	switch {
+	switch _, _, _, kerr := journal.ParseCosignatureKey(c.WitnessKey); {
 	case journal.IsURL(c.Witness) && c.WitnessKey == "":
-		// Without its key a tlog-witness's cosignature proves nothing: it is
-		// neither verified nor kept, and nothing can hold the journal to it.
 		errs = append(errs, setting("witness-key", errors.New("a --witness URL is a tlog-witness: give its cosignature/v1 verifier key (the witness's vkey), or its cosignatures cannot be verified")))
-	case c.WitnessKey == "":
-	case !journal.IsURL(c.Witness):
+	case c.WitnessKey != "" && !journal.IsURL(c.Witness):
 		errs = append(errs, setting("witness-key", errors.New("a witness key needs --witness to be the http(s) URL of a tlog-witness")))
-	default:
-		if _, _, _, err := journal.ParseCosignatureKey(c.WitnessKey); err != nil {
-			errs = append(errs, setting("witness-key", err))
-		}
+	case c.WitnessKey != "" && kerr != nil:
+		errs = append(errs, setting("witness-key", kerr))
 	}
 	return errs
 }
