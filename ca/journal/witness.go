@@ -117,7 +117,7 @@ func NewExport(cfg ExportConfig) (*ExportWitness, error) {
 			return nil, err
 		}
 	}
-	return &ExportWitness{cfg: cfg, client: &http.Client{Timeout: 10 * time.Second}, wake: make(chan struct{}, 1), failures: map[string]uint64{}}, nil
+	return &ExportWitness{cfg: cfg, client: &http.Client{Timeout: 10 * time.Second, CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}, wake: make(chan struct{}, 1), failures: map[string]uint64{}}, nil
 }
 
 // SetProver gives the witness the log's consistency proofs; a tlog-witness

@@ -99,6 +99,15 @@ func (w *ExportWitness) addCheckpoint(ctx context.Context, signed []byte) error 
 	w.mu.Unlock()
 	for range maxConflicts {
 		if old > cp.Size {
+			// The witness holds a larger tree than this checkpoint. Either a
+			// newer checkpoint got there first (another replica's, on a
+			// shared journal), and this one is merely stale, or the journal
+			// was cut after the witness saw it. Only the journal can tell.
+			if prover != nil {
+				if _, perr := prover.ConsistencyBetween(ctx, cp.Size, old); perr == nil {
+					return nil // stale: the next checkpoint carries a proof from the witness's size
+				}
+			}
 			return &WitnessError{Reason: ReasonInconsistent, Err: fmt.Errorf("the witness has cosigned size %d of %s, larger than this journal's %d: the journal was cut or rolled back after the witness saw it", old, cp.Origin, cp.Size)}
 		}
 		proof := [][]byte{}
@@ -122,10 +131,9 @@ func (w *ExportWitness) addCheckpoint(ctx context.Context, signed []byte) error 
 			if perr != nil || latest == old {
 				return &WitnessError{Reason: ReasonProtocol, Status: status, Err: fmt.Errorf("a conflict that names no new size: %q", firstLine(body))}
 			}
+			// An unauthenticated answer: used for this export only, never
+			// kept, so that one forged 409 cannot poison later exports.
 			old = latest
-			w.mu.Lock()
-			w.witnessSize = latest
-			w.mu.Unlock()
 		case status == http.StatusUnprocessableEntity:
 			return &WitnessError{Reason: ReasonInconsistent, Status: status, Err: fmt.Errorf("the witness refused the consistency proof from size %d to %d: this journal does not extend the tree the witness cosigned: %s", old, cp.Size, firstLine(body))}
 		case status == http.StatusForbidden || status == http.StatusNotFound:
@@ -142,10 +150,10 @@ func (w *ExportWitness) addCheckpoint(ctx context.Context, signed []byte) error 
 // accepted verifies the witness's cosignature and keeps the cosigned
 // checkpoint.
 func (w *ExportWitness) accepted(cp Checkpoint, signed, body []byte) error {
-	w.mu.Lock()
-	w.witnessSize = cp.Size
-	w.mu.Unlock()
 	if w.cfg.Key == "" {
+		w.mu.Lock()
+		w.witnessSize = cp.Size
+		w.mu.Unlock()
 		return nil
 	}
 	var line []byte
@@ -176,6 +184,7 @@ func (w *ExportWitness) accepted(cp Checkpoint, signed, body []byte) error {
 		}
 	}
 	w.mu.Lock()
+	w.witnessSize = cp.Size
 	w.status.Cosigned, w.status.CosignedAt = cp.Size, at
 	w.mu.Unlock()
 	return nil
