@@ -169,6 +169,10 @@ func deltaUpdate(ds *deltaStream, req *cachev3.DeltaRequest, sub cachev3.Subscri
 		v := deltaAbsent
 		if mark, ok := returned[name]; ok && mark == "" {
 			v = ""
+		} else if _, held := k.held(name); !held {
+			// A name it does not hold (one it made up): nothing changes,
+			// and nothing is kept.
+			continue
 		}
 		if k.over == nil {
 			k.over = map[string]string{}
