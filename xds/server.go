@@ -362,7 +362,9 @@ func (s *Server) reload(first bool) error {
 	}
 	s.policyVersion = version
 	s.logRefusals(m)
+	prev := s.gen
 	s.gen = newGeneration(proxyconfig.NewBuilder(s.cfg.Proxy, m, ps), s.log)
+	s.gen.carryFrom(prev)
 	s.gen.policyVersion = version
 	s.pushes++
 	for _, ns := range s.nodes {

@@ -1,6 +1,7 @@
 package xds
 
 import (
+	"bytes"
 	"crypto/sha256"
 	"encoding/binary"
 	"encoding/hex"
@@ -39,6 +40,10 @@ type generation struct {
 	snaps map[string]*built // by shareKey
 	// keys are the nodes' shareKeys, by configKey.
 	keys map[string]string
+	// checked are the resources of this generation that passed every
+	// check, by their content; carried are the previous generation's
+	// (read only). See infoOf.
+	checked, carried map[contentKey]*resInfo
 	// byID counts the mesh's pods per SPIFFE ID, once per generation.
 	byID map[spiffeid.ID]int
 	// policyVersion is the version of the policy snapshot the builder
@@ -77,7 +82,23 @@ type resInfo struct {
 }
 
 func newGeneration(b *proxyconfig.Builder, log *slog.Logger) *generation {
-	return &generation{builder: b, log: log, info: map[proto.Message]*resInfo{}, snaps: map[string]*built{}, keys: map[string]string{}}
+	return &generation{builder: b, log: log, info: map[proto.Message]*resInfo{}, checked: map[contentKey]*resInfo{},
+		snaps: map[string]*built{}, keys: map[string]string{}}
+}
+
+// carryFrom lets g reuse the resources prev checked (infoOf). It copies
+// prev's set, under prev's lock, so that g holds no reference to prev and
+// prev may still be read (Resources) while g is built.
+func (g *generation) carryFrom(prev *generation) {
+	if prev == nil {
+		return
+	}
+	prev.mu.Lock()
+	carried := maps.Clone(prev.checked)
+	prev.mu.Unlock()
+	g.mu.Lock()
+	g.carried = carried
+	g.mu.Unlock()
 }
 
 // configKey identifies what a node's resources depend on: its kind and
@@ -190,20 +211,63 @@ func (g *generation) nodeResources(n *proxyconfig.Node) (*proxyconfig.Resources,
 	return g.builder.Build(n)
 }
 
+// contentKey indexes checked resources by type and the FNV-1a hash of
+// their deterministic encoding (their version). It only finds a
+// candidate: reuse also needs the bytes to be equal.
+type contentKey struct {
+	typeURL string
+	sum     uint64
+}
+
+// infoOf validates, checks and marshals a resource once per generation.
+// A resource whose type and deterministic encoding are byte for byte
+// those of one that passed in this generation or the previous one is
+// not checked again: its resInfo is reused. That is sound because every
+// check here (Validate, CheckStrictResource) and everything else kept in
+// a resInfo (name, references, version, Any) is a function of the
+// message's value alone, not of the node or the configuration it is
+// built for, and the deterministic encoding determines the value: the
+// bytes decode to a message equal to both. The checks that do depend on
+// the node and its configuration (CheckSecrets, consistency in check)
+// run per configuration as before. A resource that failed is never
+// carried, so it is checked again. g.mu is held.
 func (g *generation) infoOf(r types.Resource) *resInfo {
 	if ri, ok := g.info[r]; ok {
 		return ri
+	}
+	typeURL := "type.googleapis.com/" + string(r.ProtoReflect().Descriptor().FullName())
+	raw, merr := (proto.MarshalOptions{Deterministic: true}).Marshal(r)
+	var key contentKey
+	if merr == nil {
+		key = contentKey{typeURL: typeURL, sum: fnvSum(raw)}
+		for _, set := range []map[contentKey]*resInfo{g.checked, g.carried} {
+			if ri, ok := set[key]; ok && bytes.Equal(ri.any.GetValue(), raw) {
+				g.checked[key] = ri
+				g.info[r] = ri
+				return ri
+			}
+		}
 	}
 	ri := &resInfo{name: cachev3.GetResourceName(r)}
 	if ri.err = proxyconfig.Validate(r); ri.err == nil {
 		ri.err = proxyconfig.CheckStrictResource(r)
 	}
 	if ri.err == nil {
-		ri.hash, ri.any, ri.err = marshalResource(r)
+		ri.err = merr
 	}
 	ri.refs = cachev3.GetResourceReferences(map[string]types.ResourceWithTTL{ri.name: {Resource: r}})
+	if ri.err == nil {
+		ri.hash, ri.any = fmt.Sprintf("%x", key.sum), &anypb.Any{TypeUrl: typeURL, Value: raw}
+		g.checked[key] = ri
+	}
 	g.info[r] = ri
 	return ri
+}
+
+func fnvSum(raw []byte) uint64 {
+	h := fnv.New64a()
+	h.Write(raw)
+	return h.Sum64()
 }
 
 // marshalResource marshals a resource once, deterministically, and hashes
@@ -214,9 +278,7 @@ func marshalResource(r proto.Message) (string, *anypb.Any, error) {
 	if err != nil {
 		return "", nil, err
 	}
-	h := fnv.New64a()
-	h.Write(raw)
-	return fmt.Sprintf("%x", h.Sum64()), &anypb.Any{TypeUrl: "type.googleapis.com/" + string(r.ProtoReflect().Descriptor().FullName()), Value: raw}, nil
+	return fmt.Sprintf("%x", fnvSum(raw)), &anypb.Any{TypeUrl: "type.googleapis.com/" + string(r.ProtoReflect().Descriptor().FullName()), Value: raw}, nil
 }
 
 // typeVersion is a type's version (state of the world): a hash of its
