@@ -245,20 +245,42 @@ func (m *Manager) rootPropagation(st State) time.Duration {
 	return m.policy.RootPropagation
 }
 
+// minRecordedLifetime is the shortest recorded intermediate lifetime an
+// operator's manager mints with; the shortest serve's own policy accepts
+// in tests is a minute.
+const minRecordedLifetime = time.Minute
+
 // lifetimes returns how long new CA certificates live: the serving
 // manager's own policy, or for an operator's the lifetimes the serving one
 // recorded.
-func (m *Manager) lifetimes(st State) (intermediate, root time.Duration) {
+//
+// Recorded lifetimes are checked before use, as far as the state allows
+// (serve validated them against its whole policy, which is not recorded):
+// an intermediate must live at least minRecordedLifetime, and a root longer
+// than its intermediate. A state that says otherwise was edited or
+// damaged, and minting from it would activate a CA certificate that is
+// dead at once.
+func (m *Manager) lifetimes(st State) (intermediate, root time.Duration, err error) {
 	intermediate, root = m.policy.IntermediateLifetime, m.policy.RootLifetime
-	if !m.serving {
-		if st.IntermediateLifetime > 0 {
-			intermediate = st.IntermediateLifetime
-		}
-		if st.RootLifetime > 0 {
-			root = st.RootLifetime
-		}
+	if m.serving {
+		return intermediate, root, nil
 	}
-	return intermediate, root
+	if st.IntermediateLifetime < 0 || st.RootLifetime < 0 {
+		return 0, 0, fmt.Errorf("%w: %s records a negative CA lifetime; %s", ErrCorruptState, stateFile, restoreHint)
+	}
+	if st.IntermediateLifetime > 0 {
+		intermediate = st.IntermediateLifetime
+	}
+	if st.RootLifetime > 0 {
+		root = st.RootLifetime
+	}
+	if intermediate < minRecordedLifetime {
+		return 0, 0, fmt.Errorf("%w: %s records an intermediate lifetime of %s, under %s; %s", ErrCorruptState, stateFile, intermediate, minRecordedLifetime, restoreHint)
+	}
+	if root <= intermediate {
+		return 0, 0, fmt.Errorf("%w: %s records a root lifetime of %s, not longer than the intermediate's %s; %s", ErrCorruptState, stateFile, root, intermediate, restoreHint)
+	}
+	return intermediate, root, nil
 }
 
 // ReadState returns the state, creating the first generation when there is
@@ -376,11 +398,13 @@ func (m *Manager) Prepare(ctx context.Context, root bool) error {
 // or with root set, a new root and an intermediate under it.
 func (m *Manager) mint(ctx context.Context, snap Snapshot, st State, root bool, now time.Time) (map[string][]byte, *x509.Certificate, *x509.Certificate, error) {
 	active := genFiles(snap, st.Active)
-	interLife, rootLife := m.lifetimes(st)
+	interLife, rootLife, err := m.lifetimes(st)
+	if err != nil {
+		return nil, nil, nil, err
+	}
 	var (
 		parent    *x509.Certificate
 		parentKey crypto.Signer
-		err       error
 	)
 	if root {
 		if parent, parentKey, err = authority.Mint(authority.MintRequest{
