@@ -331,14 +331,35 @@ func (w *Witness) Add(signed []byte, oldSize uint64, consistency [][]byte) ([]by
 	return w.signer.cosign(cp, w.clock())
 }
 
+// maxEvidence bounds the refused checkpoints kept per log: anyone who can
+// reach /add-checkpoint can replay the log's public, validly signed old
+// checkpoints, and each would otherwise be a file.
+const maxEvidence = 256
+
 // keepEvidence writes a refused checkpoint beside the history, and returns
-// its path ("" when it could not be written; the refusal stands).
+// its path ("" when it could not be written, or maxEvidence are kept
+// already; the refusal stands and is counted either way). A checkpoint
+// already kept is not written again.
 func (w *Witness) keepEvidence(l *logState, kind string, signed []byte) string {
 	sum := sha256.Sum256(signed)
-	path := filepath.Join(l.dir, "refused", fmt.Sprintf("%s-%s-%s%s", w.clock().UTC().Format("20060102T150405Z"), kind, hex.EncodeToString(sum[:4]), historySuffix))
-	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
+	dir := filepath.Join(l.dir, "refused")
+	name := fmt.Sprintf("-%s-%s%s", kind, hex.EncodeToString(sum[:8]), historySuffix)
+	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return ""
 	}
+	kept, err := os.ReadDir(dir)
+	if err != nil {
+		return ""
+	}
+	for _, e := range kept {
+		if strings.HasSuffix(e.Name(), name) {
+			return filepath.Join(dir, e.Name())
+		}
+	}
+	if len(kept) >= maxEvidence {
+		return ""
+	}
+	path := filepath.Join(dir, w.clock().UTC().Format("20060102T150405Z")+name)
 	if err := atomicfile.WriteFile(path, signed, 0o600); err != nil {
 		return ""
 	}
