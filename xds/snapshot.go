@@ -44,6 +44,10 @@ type generation struct {
 	// check, by their content; carried are the previous generation's
 	// (read only). See infoOf.
 	checked, carried map[contentKey]*resInfo
+	// owns are the sidecars' own inputs and the shareKeys derived from
+	// them, by configKey; carriedOwns are the previous generation's (read
+	// only). See shareKey.
+	owns, carriedOwns map[string]ownMemo
 	// byID counts the mesh's pods per SPIFFE ID, once per generation.
 	byID map[spiffeid.ID]int
 	// policyVersion is the version of the policy snapshot the builder
@@ -83,21 +87,29 @@ type resInfo struct {
 
 func newGeneration(b *proxyconfig.Builder, log *slog.Logger) *generation {
 	return &generation{builder: b, log: log, info: map[proto.Message]*resInfo{}, checked: map[contentKey]*resInfo{},
-		snaps: map[string]*built{}, keys: map[string]string{}}
+		owns: map[string]ownMemo{}, snaps: map[string]*built{}, keys: map[string]string{}}
 }
 
-// carryFrom lets g reuse the resources prev checked (infoOf). It copies
-// prev's set, under prev's lock, so that g holds no reference to prev and
-// prev may still be read (Resources) while g is built.
+// ownMemo is a sidecar's own inputs (proxyconfig.SidecarOwnInputs) and
+// the shareKey they gave.
+type ownMemo struct {
+	inputs, key string
+}
+
+// carryFrom lets g reuse the resources prev checked (infoOf) and the
+// sidecars' keys prev derived (shareKey). prev's builder must have g's
+// Config (the Server's). It copies prev's sets, under prev's lock, so
+// that g holds no reference to prev and prev may still be read
+// (Resources) while g is built.
 func (g *generation) carryFrom(prev *generation) {
 	if prev == nil {
 		return
 	}
 	prev.mu.Lock()
-	carried := maps.Clone(prev.checked)
+	carried, owns := maps.Clone(prev.checked), maps.Clone(prev.owns)
 	prev.mu.Unlock()
 	g.mu.Lock()
-	g.carried = carried
+	g.carried, g.carriedOwns = carried, owns
 	g.mu.Unlock()
 }
 
@@ -114,7 +126,10 @@ func configKey(n *proxyconfig.Node) string {
 // bytes get equal resources: they share one snapshot, keyed by those
 // bytes. Every other node (gateways, proxyless clients, and a pod Build
 // refuses) keeps its own, keyed by its pod. The key is computed once per
-// node and generation.
+// node and generation; a sidecar whose own inputs
+// (proxyconfig.SidecarOwnInputs) are those it had in the previous
+// generation keeps its key without building and encoding its own
+// resources again: equal inputs, under one Config, build equal resources.
 func (g *generation) shareKey(n *proxyconfig.Node) (string, error) {
 	pod := configKey(n)
 	g.mu.Lock()
@@ -123,18 +138,32 @@ func (g *generation) shareKey(n *proxyconfig.Node) (string, error) {
 	if ok {
 		return key, nil
 	}
-	own, ok, err := g.builder.SidecarOwn(n)
+	inputs, ok, err := g.builder.SidecarOwnInputs(n)
 	if err != nil {
 		return "", err
 	}
 	key = pod
 	if ok {
-		if key, err = ownKey(n, own); err != nil {
-			return "", err
+		g.mu.Lock()
+		m, found := g.carriedOwns[pod]
+		g.mu.Unlock()
+		if found && m.inputs == inputs {
+			key = m.key
+		} else {
+			own, _, err := g.builder.SidecarOwn(n)
+			if err != nil {
+				return "", err
+			}
+			if key, err = ownKey(n, own); err != nil {
+				return "", err
+			}
 		}
 	}
 	g.mu.Lock()
 	g.keys[pod] = key
+	if ok {
+		g.owns[pod] = ownMemo{inputs: inputs, key: key}
+	}
 	g.mu.Unlock()
 	return key, nil
 }

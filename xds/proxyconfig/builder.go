@@ -13,8 +13,10 @@
 package proxyconfig
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
+	"maps"
 	"slices"
 	"sort"
 	"sync"
@@ -537,6 +539,60 @@ func (b *Builder) SidecarOwn(n *Node) (own *Resources, ok bool, err error) {
 		return nil, false, nil
 	}
 	return b.sidecarOwn(w), true, nil
+}
+
+// SidecarOwnInputs encodes everything of the mesh that sidecarOwn reads
+// for the node: its workload's namespace, name, labels and addresses, the
+// ports it serves (served), and the tracer the mesh gives. Two Builders of
+// one Config give a node equal own resources (SidecarOwn) whenever they
+// give it equal inputs: callers may reuse what they derived from one for
+// the other. ok is false where SidecarOwn's is. Anything sidecarOwn comes
+// to read from the mesh must be added here (TestSidecarOwnInputs).
+func (b *Builder) SidecarOwnInputs(n *Node) (inputs string, ok bool, err error) {
+	w, err := b.Workload(n)
+	if err != nil {
+		return "", false, err
+	}
+	if n.Type != Sidecar || n.Proxyless || w.Mode() == mesh.DataPlaneAmbient {
+		return "", false, nil
+	}
+	var enc []byte
+	field := func(s string) {
+		enc = binary.AppendUvarint(enc, uint64(len(s)))
+		enc = append(enc, s...)
+	}
+	field(w.Namespace)
+	field(w.Name)
+	field(string(w.Mode()))
+	keys := slices.Sorted(maps.Keys(w.Labels))
+	enc = binary.AppendUvarint(enc, uint64(len(keys)))
+	for _, k := range keys {
+		field(k)
+		field(w.Labels[k])
+	}
+	served := b.served(w)
+	enc = binary.AppendUvarint(enc, uint64(len(served)))
+	for _, sp := range served {
+		enc = binary.AppendUvarint(enc, uint64(sp.target))
+		field(string(sp.protocol))
+		enc = binary.AppendUvarint(enc, uint64(len(sp.services)))
+		for _, s := range sp.services {
+			field(s)
+		}
+	}
+	addrs := b.workloadAddresses(w)
+	enc = binary.AppendUvarint(enc, uint64(len(addrs)))
+	for _, a := range addrs {
+		field(a)
+	}
+	if t := b.tracerFor(); t != nil {
+		field("tracer")
+		field(t.host)
+		field(t.cluster)
+	} else {
+		field("")
+	}
+	return string(enc), true, nil
 }
 
 // sidecarOwn is a sidecar's inbound side.
