@@ -3,6 +3,9 @@ package xds
 import (
 	"context"
 	"fmt"
+	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 	"runtime"
 	"testing"
 	"time"
@@ -38,7 +41,7 @@ func TestDeltaUnsubscribingUnknownNamesKeepsNothing(t *testing.T) {
 		s.send(&discoveryv3.DeltaDiscoveryRequest{TypeUrl: resource.EndpointType, ResourceNamesUnsubscribe: names})
 	}
 	var over int
-	deadline := time.Now().Add(30 * time.Second)
+	deadline := time.Now().Add(5 * time.Second)
 	for time.Now().Before(deadline) {
 		c.mu.Lock()
 		for _, ds := range c.deltas {
@@ -68,5 +71,49 @@ func TestDeltaUnsubscribingUnknownNamesKeepsNothing(t *testing.T) {
 	t.Logf("one wildcard request's walk under c.mu: %s", time.Since(start))
 	if over > 1000 {
 		t.Errorf("the stream's overlay holds %d names the client made up (bound it by the names the typeSet has)", over)
+	}
+}
+
+// A stream that subscribes to more than MaxSubscribedNames names of a type
+// is ended with ResourceExhausted: go-control-plane keeps every subscribed
+// name, and each request and push of the stream would walk them under the
+// cache's lock.
+func TestSubscribingTooManyNamesEndsTheStream(t *testing.T) {
+	c := newCache(0, 0, nil)
+	client := deltaServe(t, c)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	if err := c.set("n1", deltaPub(map[string]string{"a": "1", "b": "1"})); err != nil {
+		t.Fatal(err)
+	}
+	s, err := client.DeltaAggregatedResources(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Send(&discoveryv3.DeltaDiscoveryRequest{Node: &corev3.Node{Id: "n1"}, TypeUrl: resource.EndpointType, ResourceNamesSubscribe: []string{"a"}}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Recv(); err != nil {
+		t.Fatal(err)
+	}
+	const perReq = 15000
+	for r := range MaxSubscribedNames/perReq + 1 {
+		names := make([]string, perReq)
+		for i := range names {
+			names[i] = fmt.Sprintf("y%05d-%05d", r, i)
+		}
+		if err := s.Send(&discoveryv3.DeltaDiscoveryRequest{TypeUrl: resource.EndpointType, ResourceNamesSubscribe: names}); err != nil {
+			break // the server has ended the stream
+		}
+	}
+	for {
+		_, err := s.Recv()
+		if err == nil {
+			continue
+		}
+		if status.Code(err) != codes.ResourceExhausted {
+			t.Fatalf("a stream subscribing %d names ended with %v, want ResourceExhausted", (MaxSubscribedNames/perReq+1)*perReq, err)
+		}
+		return
 	}
 }

@@ -9,6 +9,8 @@ import (
 
 	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	cachev3 "github.com/envoyproxy/go-control-plane/pkg/cache/v3"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/anypb"
 	"k8s.io/utils/clock"
 )
@@ -412,6 +414,9 @@ func (c *cache) clear(id string) {
 // the request's, or holds a resource the client subscribes to and has not
 // been sent; otherwise it waits for the next set.
 func (c *cache) CreateWatch(req *cachev3.Request, sub cachev3.Subscription, out chan cachev3.Response) (func(), error) {
+	if err := subscriptionBound(req.GetTypeUrl(), sub); err != nil {
+		return nil, err
+	}
 	id := req.GetNode().GetId()
 	c.mu.Lock()
 	n := c.node(id)
@@ -459,6 +464,9 @@ func (c *cache) CreateWatch(req *cachev3.Request, sub cachev3.Subscription, out 
 // answers at once if the node's configuration holds something the
 // stream's client lacks, or waits for the next set (delta.go).
 func (c *cache) CreateDeltaWatch(req *cachev3.DeltaRequest, sub cachev3.Subscription, out chan cachev3.DeltaResponse) (func(), error) {
+	if err := subscriptionBound(req.GetTypeUrl(), sub); err != nil {
+		return nil, err
+	}
 	id, typ := req.GetNode().GetId(), req.GetTypeUrl()
 	c.mu.Lock()
 	ds, err := c.deltaStreamOf(req)
@@ -501,6 +509,23 @@ func (c *cache) CreateDeltaWatch(req *cachev3.DeltaRequest, sub cachev3.Subscrip
 			}
 		}
 	}, nil
+}
+
+// MaxSubscribedNames bounds the resource names one stream may subscribe
+// to per type. go-control-plane keeps every name a client subscribes, and
+// each request and push of a named stream walks them under the cache's
+// lock, so without a bound one workload's stream could delay every other
+// node's configuration. A sidecar names at most the clusters it was sent,
+// far fewer than this.
+const MaxSubscribedNames = 1 << 16
+
+// subscriptionBound refuses, ending the stream, a subscription to more
+// than MaxSubscribedNames names of one type.
+func subscriptionBound(typ string, sub cachev3.Subscription) error {
+	if n := len(sub.SubscribedResources()); n > MaxSubscribedNames {
+		return status.Errorf(codes.ResourceExhausted, "xds: a stream may subscribe to at most %d resources of %s, not %d", MaxSubscribedNames, typ, n)
+	}
+	return nil
 }
 
 // Fetch refuses: only ADS streams are served.
