@@ -55,8 +55,10 @@ func PolicyFiles(dir string) ([]string, error) {
 
 // ParseDir reads every policy file directly in dir (PolicyFiles) with
 // ParseFile. Two policies with the same namespace and name are refused
-// (DuplicateError). Any error refuses the whole directory; the errors of
-// every file are joined.
+// (DuplicateError), and so is a file that holds none: an empty file is
+// what a reader sees between an in-place writer's truncation and its first
+// write, and loading it would drop every policy the file held. Any error
+// refuses the whole directory; the errors of every file are joined.
 func ParseDir(dir, defaultNamespace string) ([]*policy.Policy, error) {
 	files, err := PolicyFiles(dir)
 	if err != nil {
@@ -76,6 +78,10 @@ func ParseDir(dir, defaultNamespace string) ([]*policy.Policy, error) {
 		ps, err := ParseFile(path, data, defaultNamespace)
 		if err != nil {
 			errs = append(errs, err)
+			continue
+		}
+		if len(ps) == 0 {
+			errs = append(errs, fmt.Errorf("policy: %s: %w: the file holds no AuthorizationPolicy; a file is refused empty, as one caught between its truncation and its first write would be (delete the file to remove its policies)", path, policy.ErrInvalid))
 			continue
 		}
 		for _, p := range ps {
