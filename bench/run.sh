@@ -7,7 +7,7 @@
 # not set its own; the defaults below keep the whole run under 15 minutes
 # once SPIRE is in the cache (bench/spire-build.sh, about 14 minutes cold):
 # the whole run took 16 min 38 s on 2 cores with 5 s CA points and 4 s authz
-# points, so they are 4 s and 3 s now (about 2 minutes less).
+# points, and 14 min 52 s with the 4 s and 3 s below.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 shared=${TRUSTMESH_SHARED_BENCH:-$root/../shared/bench}
