@@ -336,7 +336,11 @@ func (c *CA) sign(ctx context.Context, id spiffeid.ID, tmpl *x509.Certificate, p
 	tmpl.ExtKeyUsage = []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth}
 	tmpl.BasicConstraintsValid = true
 	tmpl.IsCA = false
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, m.Cert, pub, m.Signer)
+	// The signer is the material's key, reporting the issuing
+	// certificate's public key as its own: CreateCertificate verifies the
+	// signature it gets back under the signer's Public(), so the leaf's
+	// signature is checked under m.Cert's key there (see selfCheck).
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, m.Cert, pub, issuerSigner{Signer: m.Signer, cert: m.Cert})
 	if err != nil {
 		return nil, nil, now, refuseErr(ReasonSignFailed, KindInternal, fmt.Errorf("sign: %w", err))
 	}
@@ -350,16 +354,39 @@ func (c *CA) sign(ctx context.Context, id spiffeid.ID, tmpl *x509.Certificate, p
 	return leaf, m, now, nil
 }
 
+// issuerSigner signs with an issuing key and reports the issuing
+// certificate's public key as its Public(), whatever the key behind it says.
+//
+// x509.CreateCertificate checks the signature a crypto.Signer returns, under
+// that signer's Public(), before it returns a certificate ("x509: signature
+// returned by signer is invalid"; crypto/x509 signTBS). With Public() pinned
+// to the issuing certificate's key, that check is exactly
+// leaf.CheckSignatureFrom(cert)'s signature check: the same TBS bytes, the
+// same signature, the same public key. A key that is not the certificate's,
+// a signer whose Public() lies, or one that returns garbage is refused there,
+// and the CA issues nothing. TestSignerMisbehaving holds Go to it.
+type issuerSigner struct {
+	crypto.Signer
+	cert *x509.Certificate
+}
+
+func (s issuerSigner) Public() crypto.PublicKey { return s.cert.PublicKey }
+
 // selfCheck verifies a freshly minted certificate as a relying party would:
 // it chains to the current bundle at now, names exactly the caller's SPIFFE
 // ID, is no CA, and is valid for the window it was minted for.
 //
-// The leaf's own signature is checked on every call, against the issuing
-// certificate's key. The rest of the chain, issuing certificate up to a root
-// of the bundle, is the same for every certificate of one generation of key
-// material: it is verified once per generation (issuingLink) and, on each
-// call, only confirmed to be still in force (its root still in the bundle,
-// now inside every certificate's validity).
+// The leaf's own signature under the issuing certificate's key is already
+// verified, by x509.CreateCertificate itself, on every issuance (see
+// issuerSigner); it is not verified a second time here. What remains of
+// CheckSignatureFrom, that the issuing certificate may sign certificates,
+// and the leaf's issuer name, are checked here. The rest of the chain,
+// issuing certificate up to a root of the bundle, is the same for every
+// certificate of one generation of key material: it is verified once per
+// generation (issuingLink) and, on each call, only confirmed to be still in
+// force (its root still in the bundle, now inside every certificate's
+// validity). A chain with name or policy constraints is path-validated in
+// full, leaf included, on every call.
 func (c *CA) selfCheck(leaf *x509.Certificate, m *authority.Material, want spiffeid.ID, now, notAfter time.Time) error {
 	id, err := x509svid.IDFromCert(leaf)
 	if err != nil {
@@ -396,9 +423,6 @@ func (c *CA) selfCheck(leaf *x509.Certificate, m *authority.Material, want spiff
 	if !bytes.Equal(leaf.RawIssuer, m.Cert.RawSubject) {
 		return errors.New("self-check: the minted certificate's issuer is not the issuing certificate's subject")
 	}
-	if err := leaf.CheckSignatureFrom(m.Cert); err != nil {
-		return fmt.Errorf("self-check: %w", err)
-	}
 	return nil
 }
 
@@ -425,6 +449,14 @@ func (c *CA) issuingLink(m *authority.Material, bundle *x509bundle.Bundle, now t
 	}
 	if len(m.Chain) == 0 || !m.Chain[0].Equal(m.Cert) {
 		return nil, errors.New("the material's chain does not start at its issuing certificate")
+	}
+	// What CheckSignatureFrom requires of a parent beyond the signature,
+	// as crypto/x509 words it.
+	if m.Cert.Version == 3 && !m.Cert.BasicConstraintsValid || m.Cert.BasicConstraintsValid && !m.Cert.IsCA {
+		return nil, errors.New("the issuing certificate is not a CA")
+	}
+	if m.Cert.KeyUsage != 0 && m.Cert.KeyUsage&x509.KeyUsageCertSign == 0 {
+		return nil, errors.New("the issuing certificate may not sign certificates")
 	}
 	roots := x509.NewCertPool()
 	for _, r := range bundle.X509Authorities() {

@@ -7,6 +7,7 @@ import (
 	"crypto/rand"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"io"
 	"math/big"
 	"net/url"
 	"sync/atomic"
@@ -99,6 +100,13 @@ func TestSelfCheckAppliesTheChainsNameConstraints(t *testing.T) {
 // are constrained to host permitted.
 func constrainedMaterial(t *testing.T, permitted string) *authority.Material {
 	t.Helper()
+	return issuingMaterial(t, func(inter *x509.Certificate) { inter.PermittedURIDomains = []string{permitted} })
+}
+
+// issuingMaterial is a root and an intermediate under it, the intermediate's
+// template changed by shape first.
+func issuingMaterial(t *testing.T, shape func(inter *x509.Certificate)) *authority.Material {
+	t.Helper()
 	mk := func(tmpl, parent *x509.Certificate, pub crypto.PublicKey, key crypto.Signer) *x509.Certificate {
 		der, err := x509.CreateCertificate(rand.Reader, tmpl, parent, pub, key)
 		if err != nil {
@@ -119,8 +127,91 @@ func constrainedMaterial(t *testing.T, permitted string) *authority.Material {
 	rootTmpl := base(1, "constrained test root")
 	root := mk(rootTmpl, rootTmpl, rootKey.Public(), rootKey)
 	interTmpl := base(2, "constrained test intermediate")
-	interTmpl.PermittedURIDomains = []string{permitted}
+	shape(interTmpl)
 	inter := mk(interTmpl, root, interKey.Public(), rootKey)
 	return &authority.Material{Signer: interKey, Cert: inter, Chain: []*x509.Certificate{inter},
 		Roots: []*x509.Certificate{root}, Anchor: root}
+}
+
+// misbehavingSigner is an issuing key gone wrong, as a broken KMS or HSM
+// backend might be.
+type misbehavingSigner struct {
+	// reports is what Public() says; after is what it says once Sign has
+	// been called, when set.
+	reports, after crypto.PublicKey
+	// signs is the key that actually signs; nil returns garbage.
+	signs  crypto.Signer
+	signed atomic.Bool
+}
+
+func (s *misbehavingSigner) Public() crypto.PublicKey {
+	if s.after != nil && s.signed.Load() {
+		return s.after
+	}
+	return s.reports
+}
+
+func (s *misbehavingSigner) Sign(r io.Reader, digest []byte, opts crypto.SignerOpts) ([]byte, error) {
+	s.signed.Store(true)
+	if s.signs == nil {
+		return []byte("not a signature"), nil
+	}
+	return s.signs.Sign(r, digest, opts)
+}
+
+// The self-check does not verify the leaf's signature itself: it relies on
+// x509.CreateCertificate verifying it under the issuing certificate's key
+// (ca.go, issuerSigner). Every way an issuing key can misbehave must still
+// end in a refusal, with nothing journalled and no certificate returned.
+// This also holds Go to that check: a crypto/x509 that stopped verifying
+// what a signer returns would fail it.
+func TestSignerMisbehaving(t *testing.T) {
+	f := newFixture(t)
+	ctx := context.Background()
+	m := f.auth.Current()
+	other := ecKey(t, elliptic.P256())
+	// An intermediate whose basic constraints say it is no CA, although
+	// its key usage allows certificate signing: only its CA bit is wrong.
+	notCA := issuingMaterial(t, func(inter *x509.Certificate) { inter.IsCA = false })
+	for _, tc := range []struct {
+		name string
+		m    authority.Material
+	}{
+		{"signs with another key and says so", withSigner(m, &misbehavingSigner{reports: other.Public(), signs: other})},
+		{"says it is the issuing key but signs with another", withSigner(m, &misbehavingSigner{reports: m.Cert.PublicKey, signs: other})},
+		{"says it is the issuing key until it has signed with another", withSigner(m, &misbehavingSigner{reports: m.Cert.PublicKey, after: other.Public(), signs: other})},
+		{"returns garbage", withSigner(m, &misbehavingSigner{reports: m.Cert.PublicKey})},
+		{"the issuing certificate is no CA", *notCA},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			a := &swappableAuthority{m: &tc.m}
+			a.bundle.Store(x509bundle.FromX509Authorities(td, tc.m.Roots))
+			c, err := ca.New(ca.Config{TrustDomain: td, Authority: a, Recorder: f.store, Clock: f.clock})
+			if err != nil {
+				t.Fatal(err)
+			}
+			before, err := f.store.Size(ctx)
+			if err != nil {
+				t.Fatal(err)
+			}
+			got, err := c.Issue(ctx, caller, makeCSR(t, csrOpts{}), 0)
+			r, ok := ca.AsRefusal(err)
+			if !ok || r.Kind != ca.KindInternal || (r.Reason != ca.ReasonSignFailed && r.Reason != ca.ReasonSelfCheckFailed) || got != nil {
+				t.Fatalf("Issue() = %v, %v; want a sign or self-check refusal and no certificate", got, err)
+			}
+			if after, err := f.store.Size(ctx); err != nil || after != before {
+				t.Fatalf("journal size %d, %v after the refusal; want %d", after, err, before)
+			}
+		})
+	}
+	// The same CA with the material's own key issues.
+	if _, err := f.ca.Issue(ctx, caller, makeCSR(t, csrOpts{}), 0); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func withSigner(m *authority.Material, s crypto.Signer) authority.Material {
+	c := *m
+	c.Signer = s
+	return c
 }
