@@ -44,6 +44,8 @@ type caFixture struct {
 	ca      *ca.CA
 	tokens  *authn.JoinTokens
 	renewal *authn.Renewal
+	// journal opens the same journal again, as another replica would.
+	journal journal.Config
 }
 
 // holds is a mesh model in which every node holds every identity.
@@ -53,6 +55,12 @@ func (holds) Entries(context.Context, string) ([]ca.NodeEntry, string, error) { 
 func (holds) MayHold(context.Context, string, spiffeid.ID) error              { return nil }
 
 func newCAFixture(t *testing.T) *caFixture {
+	t.Helper()
+	return newCAFixtureOn(t, filepath.Join(t.TempDir(), "journal.db"))
+}
+
+// newCAFixtureOn is newCAFixture with its journal at dsn.
+func newCAFixtureOn(t *testing.T, dsn string) *caFixture {
 	t.Helper()
 	ctx := context.Background()
 	now := time.Now().Truncate(time.Second)
@@ -64,16 +72,17 @@ func newCAFixture(t *testing.T) *caFixture {
 	if err != nil {
 		t.Fatal(err)
 	}
-	signer, _, err := journal.NewCheckpointSigner("trustmesh.journal/test", key)
+	signer, vkey, err := journal.NewCheckpointSigner("trustmesh.journal/test", key)
 	if err != nil {
 		t.Fatal(err)
 	}
-	store, err := journal.Open(ctx, journal.Config{DSN: filepath.Join(t.TempDir(), "journal.db"), Signer: signer})
+	journalCfg := journal.Config{DSN: dsn, Signer: signer, VerifierKey: vkey}
+	store, err := journal.Open(ctx, journalCfg)
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { store.Close() })
-	f := &caFixture{clock: clocktesting.NewFakeClock(now), auth: authority.New(td, m), store: store}
+	f := &caFixture{clock: clocktesting.NewFakeClock(now), auth: authority.New(td, m), store: store, journal: journalCfg}
 	if f.ca, err = ca.New(ca.Config{TrustDomain: td, Authority: f.auth, Recorder: store, Clock: f.clock, Nodes: holds{}}); err != nil {
 		t.Fatal(err)
 	}

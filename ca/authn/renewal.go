@@ -55,7 +55,7 @@ type Renewal struct {
 // returns the identity it names.
 func (r *Renewal) Authenticate(ctx context.Context, chain []*x509.Certificate) (ca.Caller, error) {
 	now := r.Clock.Now()
-	id, err := r.verifyChain(chain, now)
+	id, key, err := r.verifyChain(chain, now)
 	if err != nil {
 		return ca.Caller{}, ca.Refuse(ca.KindUnauthenticated, ca.ReasonCertInvalid, fmt.Errorf("client certificate: %w", err))
 	}
@@ -63,25 +63,13 @@ func (r *Renewal) Authenticate(ctx context.Context, chain []*x509.Certificate) (
 		return ca.Caller{}, ca.Refuse(ca.KindUnauthenticated, ca.ReasonCertInvalid, fmt.Errorf("client certificate is for trust domain %s", id.TrustDomain()))
 	}
 	serial := ca.SerialHex(chain[0])
-	iss, err := r.Store.LookupIssuance(ctx, serial)
-	if errors.Is(err, journal.ErrNotFound) {
-		return ca.Caller{}, ca.Refuse(ca.KindUnauthenticated, ca.ReasonCertNotRecorded,
-			fmt.Errorf("client certificate %s verifies but was never recorded as issued", serial))
-	}
+	iss, err := r.recordedIssuance(ctx, key, chain[0], id)
 	if err != nil {
-		return ca.Caller{}, ca.Refuse(ca.KindUnavailable, ca.ReasonRenewalCheckFailed, err)
+		return ca.Caller{}, err
 	}
-	if iss.SPIFFEID != id.String() {
-		return ca.Caller{}, ca.Refuse(ca.KindUnauthenticated, ca.ReasonCertNotRecorded,
-			fmt.Errorf("client certificate %s names %s but was recorded for %s", serial, id, iss.SPIFFEID))
-	}
-	// The serial and the identity are public: a leaf forged with a stolen
-	// (say, tainted) intermediate key can copy both. Only the certificate
-	// the CA issued, byte for byte, renews.
-	if sum := sha256.Sum256(chain[0].Raw); iss.CertSHA256 != hex.EncodeToString(sum[:]) {
-		return ca.Caller{}, ca.Refuse(ca.KindUnauthenticated, ca.ReasonCertNotRecorded,
-			fmt.Errorf("client certificate %s is not the certificate recorded under that serial", serial))
-	}
+	// What follows reads the journal and the Kubernetes API on every call:
+	// an enrolment revoked or a service account deleted, by this replica or
+	// another, refuses the next renewal.
 	switch iss.Origin {
 	case journal.OriginKubernetes:
 		if r.Kubernetes == nil {
@@ -107,6 +95,41 @@ func (r *Renewal) Authenticate(ctx context.Context, chain []*x509.Certificate) (
 		EnrolmentID: iss.EnrolmentID,
 		SubjectUID:  iss.SubjectUID,
 	}, nil
+}
+
+// recordedIssuance returns the journal's record of the client certificate
+// leaf, after checking that it names id and is that certificate byte for
+// byte. A record that passed is remembered with the verified chain (key):
+// the journal only appends, and an issuance is never rewritten or revoked
+// by itself (revocation is of an identity's enrolments, checked on every
+// call), so the record of one certificate's bytes cannot change. A journal
+// found tampered with fails closed on its own: the CA then signs nothing.
+func (r *Renewal) recordedIssuance(ctx context.Context, key [sha256.Size]byte, leaf *x509.Certificate, id spiffeid.ID) (journal.Issuance, error) {
+	if iss, ok := r.verified.issuance(key); ok {
+		return iss, nil
+	}
+	serial := ca.SerialHex(leaf)
+	iss, err := r.Store.LookupIssuance(ctx, serial)
+	if errors.Is(err, journal.ErrNotFound) {
+		return journal.Issuance{}, ca.Refuse(ca.KindUnauthenticated, ca.ReasonCertNotRecorded,
+			fmt.Errorf("client certificate %s verifies but was never recorded as issued", serial))
+	}
+	if err != nil {
+		return journal.Issuance{}, ca.Refuse(ca.KindUnavailable, ca.ReasonRenewalCheckFailed, err)
+	}
+	if iss.SPIFFEID != id.String() {
+		return journal.Issuance{}, ca.Refuse(ca.KindUnauthenticated, ca.ReasonCertNotRecorded,
+			fmt.Errorf("client certificate %s names %s but was recorded for %s", serial, id, iss.SPIFFEID))
+	}
+	// The serial and the identity are public: a leaf forged with a stolen
+	// (say, tainted) intermediate key can copy both. Only the certificate
+	// the CA issued, byte for byte, renews.
+	if sum := sha256.Sum256(leaf.Raw); iss.CertSHA256 != hex.EncodeToString(sum[:]) {
+		return journal.Issuance{}, ca.Refuse(ca.KindUnauthenticated, ca.ReasonCertNotRecorded,
+			fmt.Errorf("client certificate %s is not the certificate recorded under that serial", serial))
+	}
+	r.verified.setIssuance(key, iss)
+	return iss, nil
 }
 
 func (r *Renewal) checkEnrolment(ctx context.Context, enrolmentID string, id spiffeid.ID, now time.Time) error {
@@ -140,21 +163,23 @@ func (r *Renewal) checkEnrolment(ctx context.Context, enrolmentID string, id spi
 // verified before is not checked again while the root it chained to is still
 // in the bundle and now is inside the validity of every certificate on its
 // verified path: that is exactly when verifying it again would succeed.
-func (r *Renewal) verifyChain(chain []*x509.Certificate, now time.Time) (spiffeid.ID, error) {
+//
+// It also returns the key the chain is remembered under.
+func (r *Renewal) verifyChain(chain []*x509.Certificate, now time.Time) (spiffeid.ID, [sha256.Size]byte, error) {
 	if len(chain) == 0 {
-		return spiffeid.ID{}, errors.New("no client certificate")
+		return spiffeid.ID{}, [sha256.Size]byte{}, errors.New("no client certificate")
 	}
 	key := chainKey(chain)
 	if v, ok := r.verified.get(key); ok && v.validAt(now) {
 		b, err := r.Bundle.GetX509BundleForTrustDomain(v.id.TrustDomain())
 		if err == nil && b.HasX509Authority(v.anchor) {
-			return v.id, nil
+			return v.id, key, nil
 		}
 	}
 	id, chains, err := x509svid.Verify(chain, r.Bundle, x509svid.WithTime(now))
 	if err != nil {
 		r.verified.drop(key)
-		return spiffeid.ID{}, err
+		return spiffeid.ID{}, key, err
 	}
 	v := verifiedChain{id: id, anchor: chains[0][len(chains[0])-1]}
 	for i, c := range chains[0] {
@@ -166,7 +191,7 @@ func (r *Renewal) verifyChain(chain []*x509.Certificate, now time.Time) (spiffei
 		}
 	}
 	r.verified.put(key, v)
-	return id, nil
+	return id, key, nil
 }
 
 // chainKey names a presented chain by its certificates' bytes.
@@ -195,6 +220,10 @@ type verifiedChain struct {
 	// notBefore and notAfter bound the time in which every certificate of
 	// the verified path, the anchor included, is valid.
 	notBefore, notAfter time.Time
+	// iss is the journal's record of the leaf, once recordedIssuance has
+	// checked it (recorded set).
+	iss      journal.Issuance
+	recorded bool
 }
 
 func (v verifiedChain) validAt(now time.Time) bool {
@@ -227,6 +256,26 @@ func (c *chainCache) put(k [sha256.Size]byte, v verifiedChain) {
 		}
 	}
 	c.m[k] = v
+}
+
+// issuance returns the leaf's checked record, if one is remembered with the
+// chain k.
+func (c *chainCache) issuance(k [sha256.Size]byte) (journal.Issuance, bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	v, ok := c.m[k]
+	return v.iss, ok && v.recorded
+}
+
+// setIssuance remembers the leaf's checked record with the chain k, if the
+// chain is still remembered.
+func (c *chainCache) setIssuance(k [sha256.Size]byte, iss journal.Issuance) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if v, ok := c.m[k]; ok {
+		v.iss, v.recorded = iss, true
+		c.m[k] = v
+	}
 }
 
 func (c *chainCache) drop(k [sha256.Size]byte) {
