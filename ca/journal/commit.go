@@ -2,7 +2,6 @@ package journal
 
 import (
 	"context"
-	"database/sql"
 	"errors"
 	"fmt"
 	"time"
@@ -25,11 +24,13 @@ type pending struct {
 	body     []byte
 }
 
-// op is one append: a precondition run inside the transaction (for example
-// spending a join token), then its entries. An op that fails leaves nothing
-// behind, and does not fail the others in its batch.
+// op is one append: a precondition (for example that a join token is
+// unspent), checked against the ledger once the committer holds the append
+// lock and has caught up with every other writer, then its entries. An op
+// whose precondition fails appends nothing and does not fail the others in
+// its batch.
 type op struct {
-	pre     func(ctx context.Context, tx *sql.Tx) error
+	pre     func() error
 	entries []pending
 	// first is the index of the op's first entry, set on success.
 	first uint64
@@ -272,10 +273,21 @@ func (s *Store) commit(batch []*op) {
 }
 
 // commitBatch writes a batch in one transaction: it takes the log's write
-// lock, catches up with appends from elsewhere, runs each op under a
-// savepoint, then signs and stores a checkpoint over the new size. Either the
+// lock, catches up with appends from elsewhere, stages the ops (stage), then
+// stores the rows and the signed checkpoint over the new size. Either the
 // whole transaction commits or the in-memory tree is put back.
+//
+// On PostgreSQL the batch first goes down the two-round-trip pipeline
+// (pipeline.go); when that finds the log grown by another writer it has
+// staged and signed nothing, and the batch takes this transaction, which
+// catches up and checks the new rows against their signed checkpoint.
 func (s *Store) commitBatch(ctx context.Context, batch []*op) (opErrs []error, signed []byte, err error) {
+	if s.postgres && !s.recheck {
+		opErrs, signed, err = s.commitPipelined(ctx, batch)
+		if !errors.Is(err, errHeadMoved) {
+			return opErrs, signed, err
+		}
+	}
 	saved, err := copyRange(&s.hasher.f, s.rng)
 	if err != nil {
 		return nil, nil, err
@@ -329,43 +341,24 @@ func (s *Store) commitBatch(ctx context.Context, batch []*op) (opErrs []error, s
 		}
 		savedLedger = s.ledger.size()
 	}
-	start := s.rng.End()
-	// Rows of ops without a precondition are buffered and written together;
-	// an op with one runs under its own savepoint, so what is buffered goes
-	// in before it.
 	var buf rows
-	opErrs = make([]error, len(batch))
-	for i, o := range batch {
-		if o.pre == nil {
-			// Nothing can fail but the insert itself, which fails the batch.
-			if err := s.appendEntries(o, &buf); err != nil {
-				return nil, nil, err
-			}
-			continue
-		}
-		if err := s.flush(ctx, tx, &buf); err != nil {
-			return nil, nil, err
-		}
-		opErrs[i] = s.applyOp(ctx, tx, o)
+	opErrs, appendedHere, err := s.stage(batch, &buf)
+	if err != nil {
+		return nil, nil, err
+	}
+	if !appendedHere {
+		// Nothing to sign; failed preconditions wrote nothing.
+		return opErrs, nil, tx.Commit()
 	}
 	if err := s.flush(ctx, tx, &buf); err != nil {
 		return nil, nil, err
 	}
-	if s.rng.End() == start {
-		// Nothing to sign; failed preconditions wrote nothing.
-		return opErrs, nil, tx.Commit()
-	}
-	root, err := s.rng.GetRootHash(nil)
-	if err != nil {
-		return nil, nil, fmt.Errorf("journal: root: %w", err)
-	}
-	cp := Checkpoint{Origin: s.cfg.Origin, Size: s.rng.End(), Root: root}
-	signed, err = signCheckpoint(cp, s.cfg.Signer)
+	cp, signed, err := s.sign()
 	if err != nil {
 		return nil, nil, err
 	}
 	if _, err := tx.StmtContext(ctx, s.stmts.insertCheckpoint).ExecContext(ctx,
-		int64(cp.Size), root, signed, time.Now().UnixNano()); err != nil {
+		int64(cp.Size), cp.Root, signed, time.Now().UnixNano()); err != nil {
 		return nil, nil, fmt.Errorf("journal: store checkpoint: %w", err)
 	}
 	if err := tx.Commit(); err != nil {
@@ -373,6 +366,47 @@ func (s *Store) commitBatch(ctx context.Context, batch []*op) (opErrs []error, s
 	}
 	s.ledger.publish()
 	return opErrs, signed, nil
+}
+
+// stage applies a batch to the in-memory log: each op's precondition,
+// checked against the ledger as the batch's earlier ops left it, then its
+// entries, whose rows go to buf. It returns each op's error and whether any
+// entry was appended.
+//
+// The caller must hold the append lock and have caught up with every row
+// another writer appended before it stages, and so before it signs (sign).
+func (s *Store) stage(batch []*op, buf *rows) (opErrs []error, appended bool, err error) {
+	start := s.rng.End()
+	opErrs = make([]error, len(batch))
+	for i, o := range batch {
+		if o.pre != nil {
+			if opErrs[i] = o.pre(); opErrs[i] != nil {
+				continue
+			}
+		}
+		// Nothing can fail but the in-memory append, which fails the
+		// batch.
+		if err := s.appendEntries(o, buf); err != nil {
+			return nil, false, err
+		}
+	}
+	return opErrs, s.rng.End() != start, nil
+}
+
+// sign signs the checkpoint over the in-memory log. The checkpoint key must
+// never sign two different trees of one size, so the caller holds the
+// append lock and has caught up with every other writer's rows (stage).
+func (s *Store) sign() (Checkpoint, []byte, error) {
+	root, err := s.rng.GetRootHash(nil)
+	if err != nil {
+		return Checkpoint{}, nil, fmt.Errorf("journal: root: %w", err)
+	}
+	cp := Checkpoint{Origin: s.cfg.Origin, Size: s.rng.End(), Root: root}
+	signed, err := signCheckpoint(cp, s.cfg.Signer)
+	if err != nil {
+		return Checkpoint{}, nil, err
+	}
+	return cp, signed, nil
 }
 
 // noteAvailability logs when the database stops or starts taking commits,
@@ -390,38 +424,6 @@ func (s *Store) noteAvailability(err error) {
 		s.recheck = false
 		s.cfg.Log.Info("journal: the database takes commits again", "size", s.rng.End(), "checked_against_checkpoint", s.verifier != nil)
 	}
-}
-
-// applyOp runs one op under a savepoint; on failure the savepoint and the
-// in-memory range are rolled back and the op's error returned.
-func (s *Store) applyOp(ctx context.Context, tx *sql.Tx, o *op) (err error) {
-	before, err := copyRange(&s.hasher.f, s.rng)
-	if err != nil {
-		return err
-	}
-	if _, err := tx.ExecContext(ctx, `SAVEPOINT journal_op`); err != nil {
-		return fmt.Errorf("journal: savepoint: %w", err)
-	}
-	defer func() {
-		if err != nil {
-			s.rng = before
-			s.ledger.truncate(before.End())
-			if _, rerr := tx.ExecContext(ctx, `ROLLBACK TO SAVEPOINT journal_op`); rerr != nil {
-				err = errors.Join(err, rerr)
-			}
-		}
-		if _, rerr := tx.ExecContext(ctx, `RELEASE SAVEPOINT journal_op`); rerr != nil && err == nil {
-			err = rerr
-		}
-	}()
-	if err := o.pre(ctx, tx); err != nil {
-		return err
-	}
-	var buf rows
-	if err := s.appendEntries(o, &buf); err != nil {
-		return err
-	}
-	return s.flush(ctx, tx, &buf)
 }
 
 // appendEntries appends an op's entries to the in-memory range and ledger

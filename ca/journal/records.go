@@ -37,7 +37,7 @@ func (s *Store) RecordIssuance(ctx context.Context, iss Issuance, redeem *Redemp
 	}
 	o := &op{entries: []pending{{kind: KindIssuance, time: iss.Time, spiffeID: iss.SPIFFEID, serial: iss.Serial, body: body}}}
 	if redeem != nil {
-		o.pre = func(context.Context, *sql.Tx) error {
+		o.pre = func() error {
 			return s.ledger.redeemable(redeem, iss, s.ledger.size())
 		}
 	}
@@ -84,7 +84,7 @@ func (s *Store) CreateJoinToken(ctx context.Context, hash []byte, tok JoinToken)
 		return err
 	}
 	o := &op{
-		pre: func(context.Context, *sql.Tx) error {
+		pre: func() error {
 			bound := s.ledger.size()
 			if _, dup := s.ledger.tokenByID(tok.ID, bound); dup {
 				return fmt.Errorf("journal: join token %s exists", tok.ID)
@@ -124,7 +124,7 @@ func (s *Store) RevokeStanding(ctx context.Context, spiffeID string, now time.Ti
 func (s *Store) revoke(ctx context.Context, spiffeID string, now time.Time, mustStand bool) (Revocation, error) {
 	rev := Revocation{Time: now.UTC(), SPIFFEID: spiffeID}
 	o := &op{}
-	o.pre = func(context.Context, *sql.Tx) error {
+	o.pre = func() error {
 		rev.Enrolments, rev.Tokens = s.ledger.standing(spiffeID, s.ledger.size())
 		if mustStand && rev.Enrolments == 0 && rev.Tokens == 0 {
 			return ErrNothingToRevoke

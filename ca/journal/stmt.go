@@ -29,6 +29,16 @@ const insertSizes = 7
 // entryColumns is how many values one entry row binds.
 const entryColumns = 7
 
+// insertEntriesQueries[k] is the INSERT of 1<<k entry rows: prepared on
+// the pool (prepare), and queued by text in the PostgreSQL pipeline
+// (pipeline.go), where pgx caches it per connection.
+var insertEntriesQueries = func() (q [insertSizes]string) {
+	for k := range q {
+		q[k] = insertEntriesQuery(1 << k)
+	}
+	return q
+}()
+
 // insertEntriesQuery is the INSERT of n entry rows.
 func insertEntriesQuery(n int) string {
 	var b strings.Builder
@@ -49,6 +59,13 @@ func insertEntriesQuery(n int) string {
 	return b.String()
 }
 
+// The other statements a commit runs, by text: prepared on the pool and
+// queued in the PostgreSQL pipeline alike.
+const (
+	nextIndexQuery        = `SELECT COALESCE(MAX(idx)+1, 0) FROM entries`
+	insertCheckpointQuery = `INSERT INTO checkpoints (size, root, note, time_ns) VALUES ($1, $2, $3, $4)`
+)
+
 // prepare prepares the hot statements. It runs at Open, once the schema
 // exists.
 func (s *Store) prepare(ctx context.Context) error {
@@ -57,13 +74,13 @@ func (s *Store) prepare(ctx context.Context) error {
 		query string
 	}
 	preps := []prep{
-		{&s.stmts.nextIndex, `SELECT COALESCE(MAX(idx)+1, 0) FROM entries`},
-		{&s.stmts.insertCheckpoint, `INSERT INTO checkpoints (size, root, note, time_ns) VALUES ($1, $2, $3, $4)`},
+		{&s.stmts.nextIndex, nextIndexQuery},
+		{&s.stmts.insertCheckpoint, insertCheckpointQuery},
 		{&s.stmts.entryBySerial, `SELECT idx, kind, body FROM entries
 			WHERE serial = $1 AND serial != '' AND kind = $2 ORDER BY idx LIMIT 1`},
 	}
 	for k := range s.stmts.insertEntries {
-		preps = append(preps, prep{&s.stmts.insertEntries[k], insertEntriesQuery(1 << k)})
+		preps = append(preps, prep{&s.stmts.insertEntries[k], insertEntriesQueries[k]})
 	}
 	for _, p := range preps {
 		st, err := s.db.PrepareContext(ctx, p.query)
@@ -100,10 +117,24 @@ func (r *rows) len() int { return len(r.args) / entryColumns }
 // flush writes the buffered rows in tx, largest statements first, and
 // empties the buffer whatever the outcome.
 func (s *Store) flush(ctx context.Context, tx *sql.Tx, r *rows) error {
-	defer func() {
-		clear(r.args)
-		r.args = r.args[:0]
-	}()
+	defer r.reset()
+	return r.chunks(func(k int, vals []any) error {
+		if _, err := tx.StmtContext(ctx, s.stmts.insertEntries[k]).ExecContext(ctx, vals...); err != nil {
+			return fmt.Errorf("journal: append: %w", err)
+		}
+		return nil
+	})
+}
+
+func (r *rows) reset() {
+	clear(r.args)
+	r.args = r.args[:0]
+}
+
+// chunks splits the buffered rows over the multi-row inserts, largest
+// first: f gets k, the insert of 1<<k rows (insertEntriesQueries[k]), and
+// its values. Every row goes to exactly one chunk.
+func (r *rows) chunks(f func(k int, vals []any) error) error {
 	args := r.args
 	for k := insertSizes - 1; k >= 0 && len(args) > 0; {
 		n := 1 << k
@@ -111,8 +142,8 @@ func (s *Store) flush(ctx context.Context, tx *sql.Tx, r *rows) error {
 			k--
 			continue
 		}
-		if _, err := tx.StmtContext(ctx, s.stmts.insertEntries[k]).ExecContext(ctx, args[:n*entryColumns]...); err != nil {
-			return fmt.Errorf("journal: append: %w", err)
+		if err := f(k, args[:n*entryColumns]); err != nil {
+			return err
 		}
 		args = args[n*entryColumns:]
 	}

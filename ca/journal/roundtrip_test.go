@@ -1,0 +1,139 @@
+package journal_test
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"net/url"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/trustmesh/trustmesh/ca/journal"
+)
+
+// turnCounter is a TCP proxy in front of PostgreSQL that counts round trips:
+// each time the client sends after the server last spoke (or first) is one.
+type turnCounter struct {
+	ln net.Listener
+
+	mu         sync.Mutex
+	turns      int
+	serverLast bool
+}
+
+func newTurnCounter(t *testing.T, target string) *turnCounter {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := &turnCounter{ln: ln, serverLast: true}
+	var wg sync.WaitGroup
+	t.Cleanup(func() {
+		ln.Close()
+		wg.Wait()
+	})
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			client, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			server, err := net.Dial("tcp", target)
+			if err != nil {
+				client.Close()
+				continue
+			}
+			wg.Add(2)
+			go func() { defer wg.Done(); p.copy(server, client, true); server.Close() }()
+			go func() { defer wg.Done(); p.copy(client, server, false); client.Close() }()
+		}
+	}()
+	return p
+}
+
+func (p *turnCounter) copy(dst io.Writer, src io.Reader, fromClient bool) {
+	buf := make([]byte, 64<<10)
+	for {
+		n, err := src.Read(buf)
+		if n > 0 {
+			p.mu.Lock()
+			if fromClient && p.serverLast {
+				p.turns++
+			}
+			p.serverLast = !fromClient
+			p.mu.Unlock()
+			if _, werr := dst.Write(buf[:n]); werr != nil {
+				return
+			}
+		}
+		if err != nil {
+			return
+		}
+	}
+}
+
+func (p *turnCounter) reset() int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	n := p.turns
+	p.turns = 0
+	return n
+}
+
+// A commit of plain appends on PostgreSQL takes two round trips: [BEGIN,
+// the append lock, the log's size] and [the rows, the signed checkpoint,
+// COMMIT]. So does one that redeems a join token: its precondition reads
+// the ledger, not the database.
+func TestPostgresCommitTakesTwoRoundTrips(t *testing.T) {
+	bs := backends(t)
+	if len(bs) < 2 {
+		t.Skip("needs PostgreSQL")
+	}
+	u, err := url.Parse(bs[1].dsn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := newTurnCounter(t, u.Host)
+	u.Host = p.ln.Addr().String()
+	s := backend{name: "postgres", dsn: u.String()}.open(t)
+	ctx := context.Background()
+	const id = "spiffe://cluster.local/ns/rt/sa/a"
+	// Warm up: the connection prepares each statement once.
+	for i := range 3 {
+		if _, err := s.RecordIssuance(ctx, renewal(fmt.Sprintf("warm-%d", i), id), nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	p.reset()
+	const n = 20
+	for i := range n {
+		if _, err := s.RecordIssuance(ctx, renewal(fmt.Sprintf("rt-%d", i), id), nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if got := p.reset(); got != 2*n {
+		t.Errorf("%d sequential appends took %d round trips, want %d (2 per commit)", n, got, 2*n)
+	}
+
+	// A join token's creation and its redemption: ops with a precondition.
+	hash := []byte("0123456789abcdef0123456789abcdef")
+	if err := s.CreateJoinToken(ctx, hash, journal.JoinToken{ID: "rt-tok", SPIFFEID: id, CreatedAt: t0, ExpiresAt: t0.Add(time.Hour)}); err != nil {
+		t.Fatal(err)
+	}
+	if got := p.reset(); got != 2 {
+		t.Errorf("creating a join token took %d round trips, want 2", got)
+	}
+	iss := issuance("rt-redeem", id)
+	iss.EnrolmentID = "rt-tok"
+	if _, err := s.RecordIssuance(ctx, iss, &journal.Redemption{TokenHash: hash, TokenID: "rt-tok"}); err != nil {
+		t.Fatal(err)
+	}
+	if got := p.reset(); got != 2 {
+		t.Errorf("redeeming a join token took %d round trips, want 2", got)
+	}
+}
