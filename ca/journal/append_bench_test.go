@@ -3,6 +3,7 @@ package journal_test
 import (
 	"context"
 	"fmt"
+	"math"
 	"os"
 	"path/filepath"
 	"sync"
@@ -46,7 +47,12 @@ func benchmarkAppend(b *testing.B, be backend, c int) {
 		// backends call, and its log only grows.
 		be.dsn = filepath.Join(b.TempDir(), "journal.db")
 	}
-	syncs := syncRate(b, b.TempDir())
+	// The testing package discards the metrics of its one-op probe run:
+	// spare it the 200 synced writes.
+	syncs := math.NaN()
+	if b.N > 1 {
+		syncs = syncRate(b, b.TempDir())
+	}
 	s := be.open(b)
 	before, err := s.Checkpoints(ctx)
 	if err != nil {
