@@ -84,22 +84,54 @@ echo "== CA issuance, journal on vs off, $dur per point (goal: >= 3000 durable a
        }'
 
 # The journal alone (BenchmarkAppend: durable records per second, no
-# signing), beside the disk's own floor in the same run: 4 KiB writes with
-# O_DSYNC on the file system the benchmarks' temporary files live on. A lone
-# caller waits for its own commit, so at c=1 the journal can at best match
-# the synced writes per second; group commit is what lifts c=16 and c=256.
-echo "== journal appends alone, $dur per point, beside the disk's synced-write floor"
+# signing), on SQLite and on PostgreSQL, beside the disk's own floor in the
+# same run: 4 KiB writes with O_DSYNC on the file system the benchmarks'
+# temporary files live on. A lone caller waits for its own commit, so at c=1
+# the journal can at best match the synced writes per second; group commit is
+# what lifts c=16 and c=256. PostgreSQL is a private instance from
+# hack/postgres.sh (fsync and synchronous_commit at their defaults, on: every
+# commit waits for its WAL flush), on a free port, stopped afterwards; its
+# points run BENCH_JOURNAL_PG_DURATION (default 2s) each, to fit make bench's
+# budget. The CPU per append is the benchmark process's (for PostgreSQL, the
+# client side only).
+pg_dur=${BENCH_JOURNAL_PG_DURATION:-2s}
+echo "== journal appends alone, SQLite $dur and PostgreSQL $pg_dur per point, beside the disk's synced-write floor"
 sync_dir=$(mktemp -d)
 sync_rate=$(dd if=/dev/zero of="$sync_dir/f" bs=4k count=500 oflag=dsync 2>&1 |
   awk '/copied/ { for (i = 1; i <= NF; i++) if ($i ~ /^s,?$/) print 500 / $(i-1) }')
 rm -rf "$sync_dir"
-(cd "$root" && go test ./ca/journal/ -run '^$' -bench '^BenchmarkAppend$' -benchtime "$dur" -count 1) | tee "$out/journal-append.txt" |
+pg_port=
+for p in $(seq 55600 55699); do
+  if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then pg_port=$p; break; fi
+done
+[ -n "$pg_port" ] || { echo "bench/ca.sh: no free port in 55600-55699 for PostgreSQL" >&2; exit 1; }
+# The cluster runs as the postgres user, which must reach its directory.
+pg_dir=$(mktemp -d)
+chmod 0755 "$pg_dir"
+journal_pg() { TRUSTMESH_PG_DIR="$pg_dir/pg" TRUSTMESH_PG_PORT="$pg_port" "$root/hack/postgres.sh" "$1"; }
+trap 'journal_pg stop; rm -rf "$pg_dir"; cleanup' EXIT
+# initdb and start-up overlap the build of the benchmark, not a measurement.
+journal_pg start >"$pg_dir/dsn" &
+pg_start=$!
+(cd "$root" && go test -c -o "$tools/journal.test" ./ca/journal/)
+wait "$pg_start"
+pg_dsn=$(cat "$pg_dir/dsn")
+echo "PostgreSQL $(psql "$pg_dsn" -Atc 'SHOW server_version'): fsync=$(psql "$pg_dsn" -Atc 'SHOW fsync')" \
+  "synchronous_commit=$(psql "$pg_dsn" -Atc 'SHOW synchronous_commit') wal_sync_method=$(psql "$pg_dsn" -Atc 'SHOW wal_sync_method')"
+append_bench() { # back end, benchtime
+  (cd "$root/ca/journal" && TRUSTMESH_TEST_POSTGRES_DSN="$pg_dsn" "$tools/journal.test" -test.run '^$' \
+    -test.bench "^BenchmarkAppend\$/^$1/" -test.benchtime "$2" -test.count 1)
+}
+{ append_bench sqlite "$dur"; append_bench postgres "$pg_dur"; } | tee "$out/journal-append.txt" |
   awk -v floor="$sync_rate" '/^BenchmarkAppend\// {
          split($1, p, "/"); c = p[2] "/" p[3]; sub(/-[0-9]+$/, "", c)
-         for (i = 1; i <= NF; i++) if ($i == "appends/s") r = $(i-1)
-         printf "%-14s %8.0f durable appends/s (%s 3000)   synced 4 KiB writes %6.0f/s   appends per synced write = %.1f\n",
-           c, r, (r >= 3000 ? ">=" : "<"), floor, r / floor
+         for (i = 1; i <= NF; i++) { if ($i == "appends/s") r = $(i-1); if ($i == "cpu-us/append") cpu = $(i-1) }
+         printf "%-14s %8.0f durable appends/s (%s 3000)   %6.1f us CPU/append   synced 4 KiB writes %6.0f/s   appends per synced write = %.1f\n",
+           c, r, (r >= 3000 ? ">=" : "<"), cpu, floor, r / floor
        }'
+journal_pg stop
+rm -rf "$pg_dir"
+trap cleanup EXIT
 
 echo "== CA over the wire, $wire_dur per point, median of $rounds interleaved rounds"
 spire=$("$root/bench/spire-build.sh")
