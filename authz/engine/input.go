@@ -34,26 +34,13 @@ func envoyInputValue(req *authv3.CheckRequest, normalizedPath string) (ast.Value
 	root.Insert(ast.InternedTerm("version"), ast.NewTerm(versionValue))
 	h := req.GetAttributes().GetRequest().GetHttp()
 
-	segs := pathSegments(normalizedPath)
-	segTerms := make([]*ast.Term, len(segs))
-	for i, seg := range segs {
-		segTerms[i] = ast.StringTerm(seg)
-	}
-	root.Insert(ast.InternedTerm("parsed_path"), ast.ArrayTerm(segTerms...))
+	root.Insert(ast.InternedTerm("parsed_path"), pathTerm(normalizedPath))
 
 	vals, err := queryValues(h.GetPath())
 	if err != nil {
 		return nil, err
 	}
-	query := ast.NewObject()
-	for k, vs := range vals {
-		a := make([]*ast.Term, len(vs))
-		for i, v := range vs {
-			a[i] = ast.StringTerm(v)
-		}
-		query.Insert(ast.StringTerm(k), ast.ArrayTerm(a...))
-	}
-	root.Insert(ast.InternedTerm("parsed_query"), ast.NewTerm(query))
+	root.Insert(ast.InternedTerm("parsed_query"), queryTerm(vals))
 
 	body, truncated, err := parsedBody(h)
 	if err != nil {
@@ -68,6 +55,29 @@ func envoyInputValue(req *authv3.CheckRequest, normalizedPath string) (ast.Value
 	root.Insert(ast.InternedTerm("parsed_body"), ast.NewTerm(bodyValue))
 	root.Insert(ast.InternedTerm("truncated_body"), ast.InternedTerm(truncated))
 	return root, nil
+}
+
+// pathTerm is input.parsed_path as a Rego array.
+func pathTerm(normalizedPath string) *ast.Term {
+	segs := pathSegments(normalizedPath)
+	ts := make([]*ast.Term, len(segs))
+	for i, seg := range segs {
+		ts[i] = ast.StringTerm(seg)
+	}
+	return ast.ArrayTerm(ts...)
+}
+
+// queryTerm is input.parsed_query as a Rego object.
+func queryTerm(vals url.Values) *ast.Term {
+	query := ast.NewObject()
+	for k, vs := range vals {
+		a := make([]*ast.Term, len(vs))
+		for i, v := range vs {
+			a[i] = ast.StringTerm(v)
+		}
+		query.Insert(ast.StringTerm(k), ast.ArrayTerm(a...))
+	}
+	return ast.NewTerm(query)
 }
 
 // pathSegments is input.parsed_path: the normalized path split at "/",
@@ -116,15 +126,7 @@ func messageValue(m protoreflect.Message) (ast.Object, error) {
 	var err error
 	m.Range(func(fd protoreflect.FieldDescriptor, v protoreflect.Value) bool {
 		var t *ast.Term
-		switch {
-		case fd.IsMap():
-			t, err = mapTerm(fd, v.Map())
-		case fd.IsList():
-			t, err = listTerm(fd, v.List())
-		default:
-			t, err = singularTerm(fd, v)
-		}
-		if err != nil {
+		if t, err = fieldTerm(fd, v); err != nil {
 			err = fmt.Errorf("%s: %w", fd.JSONName(), err)
 			return false
 		}
@@ -135,6 +137,17 @@ func messageValue(m protoreflect.Message) (ast.Object, error) {
 		return nil, err
 	}
 	return obj, nil
+}
+
+// fieldTerm is the value v of field fd, as protojson writes it.
+func fieldTerm(fd protoreflect.FieldDescriptor, v protoreflect.Value) (*ast.Term, error) {
+	switch {
+	case fd.IsMap():
+		return mapTerm(fd, v.Map())
+	case fd.IsList():
+		return listTerm(fd, v.List())
+	}
+	return singularTerm(fd, v)
 }
 
 // fieldNames holds the JSON name of every field of a CheckRequest, and of
@@ -282,6 +295,11 @@ const (
 	maxTimestamp = 253402300799
 )
 
+// timestampInRange reports whether protojson writes the Timestamp.
+func timestampInRange(secs int64, nanos int32) bool {
+	return secs >= minTimestamp && secs <= maxTimestamp && nanos >= 0 && nanos < 1e9
+}
+
 // timestampTerm writes a google.protobuf.Timestamp as protojson does: RFC
 // 3339 in UTC with 0, 3, 6 or 9 digits of fraction. Out of range, it
 // answers false and protojson gives the error it always gave.
@@ -289,7 +307,7 @@ func timestampTerm(m protoreflect.Message) (*ast.Term, bool) {
 	fields := m.Descriptor().Fields()
 	secs := m.Get(fields.ByNumber(1)).Int()
 	nanos := m.Get(fields.ByNumber(2)).Int()
-	if secs < minTimestamp || secs > maxTimestamp || nanos < 0 || nanos >= 1e9 {
+	if !timestampInRange(secs, int32(nanos)) {
 		return nil, false
 	}
 	s := time.Unix(secs, nanos).UTC().Format("2006-01-02T15:04:05")

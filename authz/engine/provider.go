@@ -111,6 +111,9 @@ func (e *MissingBundleError) Is(target error) bool { return target == ErrUnknown
 type provider struct {
 	name  string
 	query oparego.PreparedEvalQuery
+	// reads is what the bundles' rules read of input (nil: everything);
+	// evalRequest builds no more than that.
+	reads *inputReads
 }
 
 // decision returns the Rego reference of a provider the bundles define:
@@ -164,7 +167,7 @@ func (cb *compiledBundles) provider(ctx context.Context, name string) (*provider
 	if err != nil {
 		return nil, fmt.Errorf("preparing provider %q: %w", name, err)
 	}
-	return &provider{name: name, query: pq}, nil
+	return &provider{name: name, query: pq, reads: readsOfModules(cb.compiler.Modules)}, nil
 }
 
 func dataHas(data map[string]any, ref ast.Ref) bool {
@@ -211,10 +214,10 @@ type Header struct {
 
 // evalRequest asks the provider about req, whose path normalizes to
 // normalizedPath. The input is built as a Rego value straight from the
-// proto (envoyInputValue) and evaluated by the query prepared when the set
-// was built.
+// proto, reduced to what the bundles' rules can read (envoyInputReads),
+// and evaluated by the query prepared when the set was built.
 func (p *provider) evalRequest(ctx context.Context, req *authv3.CheckRequest, normalizedPath string, timeout time.Duration) (*ProviderResult, error) {
-	input, err := envoyInputValue(req, normalizedPath)
+	input, err := envoyInputReads(req, normalizedPath, p.reads)
 	if err != nil {
 		return nil, err
 	}
