@@ -8,12 +8,14 @@ import (
 	"net/http"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	authv3 "github.com/envoyproxy/go-control-plane/envoy/service/auth/v3"
 	"github.com/open-policy-agent/opa/v1/ast"
 	oparego "github.com/open-policy-agent/opa/v1/rego"
 	"github.com/open-policy-agent/opa/v1/storage/inmem"
+	"github.com/open-policy-agent/opa/v1/topdown"
 	"github.com/open-policy-agent/opa/v1/util"
 	"google.golang.org/protobuf/encoding/protojson"
 
@@ -224,12 +226,24 @@ func (p *provider) evalRequest(ctx context.Context, req *authv3.CheckRequest, no
 	return p.eval(ctx, input, timeout)
 }
 
+// eval evaluates the prepared query on input, cancelled when timeout
+// runs out or ctx ends. The cancellation is OPA's own (topdown.Cancel),
+// set by a timer and by ctx: without it, OPA starts a goroutine per
+// evaluation to watch ctx, and the timeout needs a context and a timer of
+// its own on every call.
 func (p *provider) eval(ctx context.Context, input ast.Value, timeout time.Duration) (*ProviderResult, error) {
-	ctx, cancel := context.WithTimeout(ctx, timeout)
-	defer cancel()
-	rs, err := p.query.Eval(ctx, oparego.EvalParsedInput(input), oparego.EvalMetrics(noMetrics))
+	c := topdown.NewCancel()
+	var timedOut atomic.Bool
+	timer := time.AfterFunc(timeout, func() {
+		timedOut.Store(true)
+		c.Cancel()
+	})
+	stop := context.AfterFunc(ctx, c.Cancel)
+	rs, err := p.query.Eval(ctx, oparego.EvalParsedInput(input), oparego.EvalMetrics(noMetrics), oparego.EvalExternalCancel(c))
+	timer.Stop()
+	stop()
 	if err != nil {
-		if ctx.Err() != nil {
+		if timedOut.Load() || ctx.Err() != nil {
 			return nil, fmt.Errorf("%w (%v): %w", ErrEvalTimeout, timeout, err)
 		}
 		return nil, err
