@@ -2,7 +2,8 @@ package journal
 
 // The two dialects differ only in their DDL and in how an appender takes the
 // log's write lock; every query is written once, with $N placeholders, which
-// both SQLite and PostgreSQL accept.
+// both SQLite and PostgreSQL accept, except the multi-row insert of entries,
+// which SQLite gets with ? placeholders (stmt.go).
 
 const sqliteSchema = `
 CREATE TABLE IF NOT EXISTS meta (

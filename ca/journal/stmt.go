@@ -32,15 +32,22 @@ const entryColumns = 7
 // insertEntriesQueries[k] is the INSERT of 1<<k entry rows: prepared on
 // the pool (prepare), and queued by text in the PostgreSQL pipeline
 // (pipeline.go), where pgx caches it per connection.
-var insertEntriesQueries = func() (q [insertSizes]string) {
+// sqliteInsertEntriesQueries are the same with anonymous placeholders: the
+// SQLite driver looks up the name of every named placeholder at every bind
+// (sqlite3_bind_parameter_name, then parsing "$N"), for each of the seven
+// values of each row; an anonymous one binds by position at once.
+var insertEntriesQueries, sqliteInsertEntriesQueries = insertQueries(false), insertQueries(true)
+
+func insertQueries(anonymous bool) (q [insertSizes]string) {
 	for k := range q {
-		q[k] = insertEntriesQuery(1 << k)
+		q[k] = insertEntriesQuery(1<<k, anonymous)
 	}
 	return q
-}()
+}
 
-// insertEntriesQuery is the INSERT of n entry rows.
-func insertEntriesQuery(n int) string {
+// insertEntriesQuery is the INSERT of n entry rows, with $N placeholders,
+// or ? ones when anonymous (SQLite only).
+func insertEntriesQuery(n int, anonymous bool) string {
 	var b strings.Builder
 	b.WriteString(`INSERT INTO entries (idx, kind, time_ns, spiffe_id, serial, body, leaf_hash) VALUES `)
 	for r := range n {
@@ -52,7 +59,11 @@ func insertEntriesQuery(n int) string {
 			if c > 0 {
 				b.WriteByte(',')
 			}
-			fmt.Fprintf(&b, "$%d", r*entryColumns+c+1)
+			if anonymous {
+				b.WriteByte('?')
+			} else {
+				fmt.Fprintf(&b, "$%d", r*entryColumns+c+1)
+			}
 		}
 		b.WriteByte(')')
 	}
@@ -79,8 +90,12 @@ func (s *Store) prepare(ctx context.Context) error {
 		{&s.stmts.entryBySerial, `SELECT idx, kind, body FROM entries
 			WHERE serial = $1 AND serial != '' AND kind = $2 ORDER BY idx LIMIT 1`},
 	}
+	inserts := insertEntriesQueries
+	if !s.postgres {
+		inserts = sqliteInsertEntriesQueries
+	}
 	for k := range s.stmts.insertEntries {
-		preps = append(preps, prep{&s.stmts.insertEntries[k], insertEntriesQueries[k]})
+		preps = append(preps, prep{&s.stmts.insertEntries[k], inserts[k]})
 	}
 	for _, p := range preps {
 		st, err := s.db.PrepareContext(ctx, p.query)
