@@ -4,11 +4,10 @@ import (
 	"encoding/json"
 	"strconv"
 	"strings"
-	"sync"
+	"unicode/utf8"
 
 	authv3 "github.com/envoyproxy/go-control-plane/envoy/service/auth/v3"
 	"github.com/open-policy-agent/opa/v1/ast"
-	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/reflect/protoreflect"
 )
 
@@ -222,8 +221,9 @@ func mapReads(fd protoreflect.FieldDescriptor, m protoreflect.Map, reads *inputR
 // through a request building all of it refuses. When it answers false,
 // envoyInputReads builds everything, which refuses what it refuses.
 // messageValue fails on exactly three things:
-//   - invalid UTF-8 in a string or map key: proto.Marshal refuses the same
-//     strings (proto3), with no reflection and into a pooled buffer;
+//   - invalid UTF-8 in a string or map key: stringsValid checks every
+//     string of a CheckRequest through the generated getters, without
+//     reflection (TestStringsValidSeesEveryString);
 //   - a Timestamp outside protojson's range: the one Timestamp of a
 //     CheckRequest, attributes.request.time, is checked;
 //   - another well-known type protojson refuses: metadata_context and
@@ -240,20 +240,55 @@ func requestBuilds(req *authv3.CheckRequest) bool {
 	if t := a.GetRequest().GetTime(); t != nil && !timestampInRange(t.GetSeconds(), t.GetNanos()) {
 		return false
 	}
-	bp := marshalBuffers.Get().(*[]byte)
-	b, err := proto.MarshalOptions{}.MarshalAppend((*bp)[:0], req)
-	if cap(b) <= maxPooledBuffer {
-		*bp = b[:0]
-		marshalBuffers.Put(bp)
-	}
-	return err == nil
+	return stringsValid(req)
 }
 
-// marshalBuffers are requestBuilds' scratch buffers.
-var marshalBuffers = sync.Pool{New: func() any { b := make([]byte, 0, 2048); return &b }}
+// stringsValid reports whether every string and map key of req is valid
+// UTF-8 (those of metadata aside, which requestBuilds leaves to the whole
+// build).
+func stringsValid(req *authv3.CheckRequest) bool {
+	a := req.GetAttributes()
+	h := a.GetRequest().GetHttp()
+	if !peerValid(a.GetSource()) || !peerValid(a.GetDestination()) ||
+		!mapValid(a.GetContextExtensions()) || !utf8.ValidString(a.GetTlsSession().GetSni()) ||
+		!mapValid(h.GetHeaders()) {
+		return false
+	}
+	for _, hv := range h.GetHeaderMap().GetHeaders() {
+		if !utf8.ValidString(hv.GetKey()) || !utf8.ValidString(hv.GetValue()) {
+			return false
+		}
+	}
+	for _, s := range [...]string{h.GetId(), h.GetMethod(), h.GetPath(), h.GetHost(), h.GetScheme(),
+		h.GetQuery(), h.GetFragment(), h.GetProtocol(), h.GetBody()} {
+		if !utf8.ValidString(s) {
+			return false
+		}
+	}
+	return true
+}
 
-// maxPooledBuffer keeps the rare huge request's buffer out of the pool.
-const maxPooledBuffer = 64 << 10
+func peerValid(p *authv3.AttributeContext_Peer) bool {
+	ad := p.GetAddress()
+	sa, ia := ad.GetSocketAddress(), ad.GetEnvoyInternalAddress()
+	for _, s := range [...]string{sa.GetAddress(), sa.GetNamedPort(), sa.GetResolverName(), sa.GetNetworkNamespaceFilepath(),
+		ad.GetPipe().GetPath(), ia.GetServerListenerName(), ia.GetEndpointId(),
+		p.GetService(), p.GetPrincipal(), p.GetCertificate()} {
+		if !utf8.ValidString(s) {
+			return false
+		}
+	}
+	return mapValid(p.GetLabels())
+}
+
+func mapValid(m map[string]string) bool {
+	for k, v := range m {
+		if !utf8.ValidString(k) || !utf8.ValidString(v) {
+			return false
+		}
+	}
+	return true
+}
 
 // bodyParses reports whether parsedBody succeeds on h, without building
 // the body: the content-length parses and the body is valid JSON, where

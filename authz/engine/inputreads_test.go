@@ -290,3 +290,80 @@ func TestWellKnownFieldsOfCheckRequest(t *testing.T) {
 		t.Fatalf("fields of well-known types in CheckRequest:\n%s\nrequestBuilds knows:\n%s", strings.Join(found, "\n"), strings.Join(want, "\n"))
 	}
 }
+
+// TestStringsValidSeesEveryString: for every string field and every
+// string-keyed map of a CheckRequest, found from its descriptor (metadata
+// aside, which requestBuilds builds whole), a request holding invalid
+// UTF-8 there, and only there, is refused by stringsValid, and the same
+// request with valid UTF-8 is not. A field go-control-plane adds that
+// stringsValid does not check fails this test.
+func TestStringsValidSeesEveryString(t *testing.T) {
+	type setter func(m protoreflect.Message, bad bool)
+	var cases []string
+	var setters []setter
+	var walk func(md protoreflect.MessageDescriptor, path string, reach func(protoreflect.Message) protoreflect.Message)
+	walk = func(md protoreflect.MessageDescriptor, path string, reach func(protoreflect.Message) protoreflect.Message) {
+		fields := md.Fields()
+		for i := 0; i < fields.Len(); i++ {
+			fd := fields.Get(i)
+			p := path + string(fd.Name())
+			if p == "attributes.metadata_context" || p == "attributes.route_metadata_context" {
+				continue
+			}
+			str := func(bad bool) string {
+				if bad {
+					return "a\xffb"
+				}
+				return "ab"
+			}
+			switch {
+			case fd.IsMap() && fd.MapKey().Kind() == protoreflect.StringKind:
+				cases = append(cases, p+" (key)")
+				setters = append(setters, func(m protoreflect.Message, bad bool) {
+					mm := reach(m).Mutable(fd).Map()
+					mm.Set(protoreflect.ValueOfString(str(bad)).MapKey(), protoreflect.ValueOfString("v"))
+				})
+				if fd.MapValue().Kind() == protoreflect.StringKind {
+					cases = append(cases, p+" (value)")
+					setters = append(setters, func(m protoreflect.Message, bad bool) {
+						mm := reach(m).Mutable(fd).Map()
+						mm.Set(protoreflect.ValueOfString("k").MapKey(), protoreflect.ValueOfString(str(bad)))
+					})
+				}
+			case fd.IsList() && fd.Message() != nil:
+				walk(fd.Message(), p+"[0].", func(m protoreflect.Message) protoreflect.Message {
+					l := reach(m).Mutable(fd).List()
+					if l.Len() == 0 {
+						l.Append(l.NewElement())
+					}
+					return l.Get(0).Message()
+				})
+			case fd.Kind() == protoreflect.StringKind:
+				cases = append(cases, p)
+				setters = append(setters, func(m protoreflect.Message, bad bool) {
+					reach(m).Set(fd, protoreflect.ValueOfString(str(bad)))
+				})
+			case fd.Message() != nil && fd.Message().FullName().Parent() != "google.protobuf":
+				walk(fd.Message(), p+".", func(m protoreflect.Message) protoreflect.Message {
+					return reach(m).Mutable(fd).Message()
+				})
+			}
+		}
+	}
+	walk((&authv3.CheckRequest{}).ProtoReflect().Descriptor(), "", func(m protoreflect.Message) protoreflect.Message { return m })
+	if len(cases) < 30 {
+		t.Fatalf("found %d strings in a CheckRequest; the walk is broken", len(cases))
+	}
+	for i, set := range setters {
+		for _, bad := range []bool{false, true} {
+			req := &authv3.CheckRequest{}
+			set(req.ProtoReflect(), bad)
+			if got := stringsValid(req); got == bad {
+				t.Errorf("%s: invalid UTF-8 %v, stringsValid = %v", cases[i], bad, got)
+			}
+			if _, err := envoyInputValue(req, "/"); (err != nil) != bad {
+				t.Errorf("%s: invalid UTF-8 %v, the whole build's error: %v", cases[i], bad, err)
+			}
+		}
+	}
+}
