@@ -53,14 +53,28 @@ trap cleanup EXIT
 (cd "$shared" && go build -o "$tools/" ./spiffe-mint-load)
 (cd "$root" && go build -o "$tools/" ./cmd/trustmesh ./bench/cmd/ca-load)
 
-echo "== CA issuance, in-process, $dur per point"
+# Beside the rates, the CPU each side spends per issuance (user + system
+# time of the whole process over CA_CPU_ISSUES issuances, key and CSR
+# generation included on both sides; trustmesh's also holds its benchmark
+# fixture and one warm-up issuance): a ratio that other load on the machine
+# moves far less than it moves the rates.
+cpu_of() { # command...: prints its user + system CPU seconds
+  local TIMEFORMAT='%U %S'
+  { time "$@" >/dev/null 2>&1; } 2>&1 | awk '{ print $1 + $2 }'
+}
+cpu_n=${CA_CPU_ISSUES:-2000}
+(cd "$root" && go test -c -o "$tools/ca.test" ./ca/)
+echo "== CA issuance, in-process, $dur per point; CPU per issuance over $cpu_n issuances"
 for c in 1 16; do
   peer=$("$tools/spiffe-mint-load" -inprocess -c "$c" -d "$dur")
   echo "$peer" > "$out/mint-inprocess-c$c.json"
-  ours=$(cd "$root" && go test ./ca/ -run '^$' -bench "^BenchmarkIssueConcurrent/c=$c\$" -benchtime "$dur" -count 1 |
+  ours=$(cd "$root/ca" && "$tools/ca.test" -test.run '^$' -test.bench "^BenchmarkIssueConcurrent/c=$c\$" -test.benchtime "$dur" -test.count 1 |
     tee "$out/ca-issue-c$c.txt" | awk '/^BenchmarkIssueConcurrent/ {for (i = 1; i <= NF; i++) if ($i == "issues/s") print $(i-1)}')
-  awk -v c="$c" -v ours="$ours" -v peer="$(jq .rps <<<"$peer")" 'BEGIN {
-    printf "c=%-3s trustmesh issue %10.0f/s   signing floor %10.0f/s   trustmesh/floor = %.3f\n", c, ours, peer, ours / peer }'
+  peer_cpu=$(cpu_of "$tools/spiffe-mint-load" -inprocess -c "$c" -n "$cpu_n" -d 10m)
+  ours_cpu=$(cd "$root/ca" && cpu_of "$tools/ca.test" -test.run '^$' -test.bench "^BenchmarkIssueConcurrent/c=$c\$" -test.benchtime "${cpu_n}x")
+  awk -v c="$c" -v ours="$ours" -v peer="$(jq .rps <<<"$peer")" -v oc="$ours_cpu" -v pc="$peer_cpu" -v n="$cpu_n" 'BEGIN {
+    printf "c=%-3s trustmesh issue %10.0f/s   signing floor %10.0f/s   trustmesh/floor = %.3f   CPU/issuance %4.0f us vs floor %4.0f us: floor/trustmesh = %.3f\n",
+      c, ours, peer, ours / peer, oc * 1e6 / n, pc * 1e6 / n, pc / oc }'
 done
 
 # Issuance with the durable Merkle journal on against the same issuance with
