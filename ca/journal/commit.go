@@ -275,18 +275,12 @@ func (s *Store) commit(batch []*op) {
 // commitBatch writes a batch in one transaction: it takes the log's write
 // lock, catches up with appends from elsewhere, stages the ops (stage), then
 // stores the rows and the signed checkpoint over the new size. Either the
-// whole transaction commits or the in-memory tree is put back.
-//
-// On PostgreSQL the batch first goes down the two-round-trip pipeline
-// (pipeline.go); when that finds the log grown by another writer it has
-// staged and signed nothing, and the batch takes this transaction, which
-// catches up and checks the new rows against their signed checkpoint.
+// whole transaction commits or the in-memory tree is put back. On SQLite the
+// write lock is the transaction's own (BEGIN IMMEDIATE); PostgreSQL takes
+// the two-round-trip pipeline (pipeline.go).
 func (s *Store) commitBatch(ctx context.Context, batch []*op) (opErrs []error, signed []byte, err error) {
-	if s.postgres && !s.recheck {
-		opErrs, signed, err = s.commitPipelined(ctx, batch)
-		if !errors.Is(err, errHeadMoved) {
-			return opErrs, signed, err
-		}
+	if s.postgres {
+		return s.commitPipelined(ctx, batch)
 	}
 	saved, err := copyRange(&s.hasher.f, s.rng)
 	if err != nil {
@@ -304,38 +298,15 @@ func (s *Store) commitBatch(ctx context.Context, batch []*op) (opErrs []error, s
 		return nil, nil, fmt.Errorf("journal: begin: %w", err)
 	}
 	defer tx.Rollback() //nolint:errcheck // after Commit it is a no-op
-	if s.postgres {
-		if _, err := tx.ExecContext(ctx, postgresAppendLock); err != nil {
-			return nil, nil, fmt.Errorf("journal: lock: %w", err)
-		}
-	}
 	before := s.rng.End()
 	if err := s.catchUp(ctx, tx); err != nil {
 		return nil, nil, err
 	}
-	// Rows written elsewhere (another replica, the CLI) count only when the
-	// latest signed checkpoint vouches for them: rows slipped in behind the
-	// journal's back are never signed into the log. After the database was
-	// out of reach the stored log is checked against its latest checkpoint
-	// even when its size did not change: a commit whose outcome the lost
-	// connection hid, or a server restored from elsewhere, is found here
-	// rather than assumed away.
-	appended := s.rng.End() != before
-	if appended || s.recheck {
-		// Another writer may have issued: the clock guard reads the log
-		// again rather than trust what it last read.
-		s.latest.drop()
+	vouched, err := s.vouch(s.rng.End() != before, func() error { return s.checkLatest(ctx, tx) })
+	if err != nil {
+		return nil, nil, err
 	}
-	if appended && s.verifier == nil {
-		return nil, nil, fmt.Errorf("%w: rows were appended elsewhere and no verifier key is set", ErrTampered)
-	}
-	if appended || (s.recheck && s.verifier != nil) {
-		if err := s.checkLatest(ctx, tx); err != nil {
-			return nil, nil, err
-		}
-		// They are durable and vouched for: lookups may rely on them,
-		// whatever becomes of this batch.
-		s.ledger.publish()
+	if vouched {
 		if saved, err = copyRange(&s.hasher.f, s.rng); err != nil {
 			return nil, nil, err
 		}
@@ -366,6 +337,35 @@ func (s *Store) commitBatch(ctx context.Context, batch []*op) (opErrs []error, s
 	}
 	s.ledger.publish()
 	return opErrs, signed, nil
+}
+
+// vouch runs once a commit has caught up under the append lock. Rows
+// written elsewhere (another replica, the CLI) count only when the latest
+// signed checkpoint vouches for them: rows slipped in behind the journal's
+// back are never signed into the log. After the database was out of reach
+// the stored log is checked against its latest checkpoint (check) even when
+// its size did not change: a commit whose outcome the lost connection hid,
+// or a server restored from elsewhere, is found here rather than assumed
+// away. vouched reports that check passed and the caught-up rows are
+// published: they stay whatever becomes of the batch.
+func (s *Store) vouch(appended bool, check func() error) (vouched bool, err error) {
+	if appended || s.recheck {
+		// Another writer may have issued: the clock guard reads the log
+		// again rather than trust what it last read.
+		s.latest.drop()
+	}
+	if appended && s.verifier == nil {
+		return false, fmt.Errorf("%w: rows were appended elsewhere and no verifier key is set", ErrTampered)
+	}
+	if !appended && !(s.recheck && s.verifier != nil) {
+		return false, nil
+	}
+	if err := check(); err != nil {
+		return false, err
+	}
+	// They are durable and vouched for: lookups may rely on them.
+	s.ledger.publish()
+	return true, nil
 }
 
 // stage applies a batch to the in-memory log: each op's precondition,

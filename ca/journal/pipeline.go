@@ -11,11 +11,6 @@ import (
 	"github.com/jackc/pgx/v5/stdlib"
 )
 
-// errHeadMoved: the pipelined commit found rows another writer appended.
-// It has staged and signed nothing; the batch takes the full transaction,
-// which catches them up and checks them against their signed checkpoint.
-var errHeadMoved = errors.New("journal: the log grew elsewhere")
-
 // rollbackTimeout bounds the ROLLBACK that ends a pipelined transaction
 // which did not commit.
 const rollbackTimeout = 5 * time.Second
@@ -23,14 +18,15 @@ const rollbackTimeout = 5 * time.Second
 // commitPipelined commits a batch on PostgreSQL in two round trips of
 // pipelined statements on one connection:
 //
-//  1. BEGIN; the append lock; the log's size.
+//  1. BEGIN; the append lock; the log's size; the rows from this replica's
+//     size on (none, unless another writer appended); the latest checkpoint.
 //  2. The rows; the signed checkpoint; COMMIT.
 //
-// The checkpoint is signed between the two, once this committer holds the
-// append lock and has seen that the log ends where its in-memory tree does:
-// the key never signs a tree of a size another writer may already have
-// signed. When the log grew elsewhere, it rolls back and returns
-// errHeadMoved with nothing staged or signed.
+// Between the two it catches up with whatever another writer appended and
+// checks it against the latest signed checkpoint (vouch), as the SQLite
+// transaction does, and only then signs: the checkpoint key never signs a
+// tree before this committer holds the append lock and has every row
+// appended before it, so it never signs two different trees of one size.
 //
 // An op with a precondition takes this path too: preconditions read the
 // ledger, never the database, so they need no savepoint.
@@ -67,22 +63,6 @@ func (s *Store) pipeline(ctx context.Context, c *pgx.Conn, batch []*op) (opErrs 
 		}
 	}()
 
-	// Round trip 1: the lock, then the size under it. READ COMMITTED gives
-	// the SELECT a snapshot taken after the lock was granted, so it sees
-	// every row the previous holder committed.
-	var next int64
-	b := &pgx.Batch{}
-	b.Queue("BEGIN")
-	b.Queue(postgresAppendLock)
-	b.Queue(nextIndexQuery).QueryRow(func(r pgx.Row) error { return r.Scan(&next) })
-	if err := c.SendBatch(ctx, b).Close(); err != nil {
-		return nil, nil, fmt.Errorf("journal: begin and lock: %w", err)
-	}
-	if next < 0 || uint64(next) != s.rng.End() {
-		// Grown elsewhere (or shrunk: the full transaction says so).
-		return nil, nil, errHeadMoved
-	}
-
 	saved, err := copyRange(&s.hasher.f, s.rng)
 	if err != nil {
 		return nil, nil, err
@@ -94,6 +74,36 @@ func (s *Store) pipeline(ctx context.Context, c *pgx.Conn, batch []*op) (opErrs 
 			s.ledger.truncate(savedLedger)
 		}
 	}()
+
+	// Round trip 1: the lock, then the log under it. READ COMMITTED gives
+	// each SELECT a snapshot taken after the lock was granted, so it sees
+	// every row the previous holder committed.
+	b := &pgx.Batch{}
+	b.Queue("BEGIN")
+	b.Queue(postgresAppendLock)
+	b.Queue(nextIndexQuery)
+	b.Queue(entriesFromQuery, int64(s.rng.End()))
+	b.Queue(latestCheckpointQuery)
+	br := c.SendBatch(ctx, b)
+	before := s.rng.End()
+	latest, found, err := s.readHead(br)
+	if cerr := br.Close(); err == nil && cerr != nil {
+		err = fmt.Errorf("journal: begin and lock: %w", cerr)
+	}
+	if err != nil {
+		return nil, nil, err
+	}
+	vouched, err := s.vouch(s.rng.End() != before, func() error { return s.checkSigned(latest, found) })
+	if err != nil {
+		return nil, nil, err
+	}
+	if vouched {
+		if saved, err = copyRange(&s.hasher.f, s.rng); err != nil {
+			return nil, nil, err
+		}
+		savedLedger = s.ledger.size()
+	}
+
 	var buf rows
 	opErrs, appended, err := s.stage(batch, &buf)
 	if err != nil {
@@ -131,4 +141,40 @@ func (s *Store) pipeline(ctx context.Context, c *pgx.Conn, batch []*op) (opErrs 
 		s.ledger.publish()
 	}
 	return opErrs, signed, nil
+}
+
+// readHead reads round trip 1's results: it catches the in-memory log up
+// with the rows another writer appended (extend), and returns the latest
+// stored checkpoint's note, found false when there is none.
+func (s *Store) readHead(br pgx.BatchResults) (latest []byte, found bool, err error) {
+	if _, err := br.Exec(); err != nil {
+		return nil, false, fmt.Errorf("journal: begin: %w", err)
+	}
+	if _, err := br.Exec(); err != nil {
+		return nil, false, fmt.Errorf("journal: lock: %w", err)
+	}
+	var n int64
+	if err := br.QueryRow().Scan(&n); err != nil {
+		return nil, false, fmt.Errorf("journal: %w", err)
+	}
+	rows, err := br.Query()
+	if err != nil {
+		return nil, false, fmt.Errorf("journal: %w", err)
+	}
+	err = s.extend(n, rows)
+	rows.Close()
+	if err != nil {
+		return nil, false, err
+	}
+	if err := rows.Err(); err != nil {
+		return nil, false, fmt.Errorf("journal: %w", err)
+	}
+	var size int64
+	switch err := br.QueryRow().Scan(&size, &latest); {
+	case errors.Is(err, pgx.ErrNoRows):
+		return nil, false, nil
+	case err != nil:
+		return nil, false, fmt.Errorf("journal: %w", err)
+	}
+	return latest, true, nil
 }

@@ -87,8 +87,9 @@ func (p *turnCounter) reset() int {
 
 // A commit of plain appends on PostgreSQL takes two round trips: [BEGIN,
 // the append lock, the log's size] and [the rows, the signed checkpoint,
-// COMMIT]. So does one that redeems a join token: its precondition reads
-// the ledger, not the database.
+// COMMIT]. So does one that redeems a join token (its precondition reads
+// the ledger, not the database), and one that follows another replica's
+// appends.
 func TestPostgresCommitTakesTwoRoundTrips(t *testing.T) {
 	bs := backends(t)
 	if len(bs) < 2 {
@@ -135,5 +136,28 @@ func TestPostgresCommitTakesTwoRoundTrips(t *testing.T) {
 	}
 	if got := p.reset(); got != 2 {
 		t.Errorf("redeeming a join token took %d round trips, want 2", got)
+	}
+
+	// Another replica appends: the next commit catches its rows up, and
+	// checks them against their signed checkpoint, in the same two.
+	other := bs[1].open(t)
+	for i := range 3 {
+		if _, err := other.RecordIssuance(ctx, renewal(fmt.Sprintf("other-%d", i), id), nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	p.reset()
+	if _, err := s.RecordIssuance(ctx, renewal("after-other", id), nil); err != nil {
+		t.Fatal(err)
+	}
+	if got := p.reset(); got != 2 {
+		t.Errorf("an append after another replica's took %d round trips, want 2", got)
+	}
+	e, err := s.Entries(ctx, 0, 100)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := 3 + n + 2 + 3 + 1; len(e) != want {
+		t.Errorf("the log holds %d entries, want %d", len(e), want)
 	}
 }

@@ -412,18 +412,38 @@ func (s *Store) catchUp(ctx context.Context, q querier) error {
 	if err := q.StmtContext(ctx, s.stmts.nextIndex).QueryRowContext(ctx).Scan(&n); err != nil {
 		return fmt.Errorf("journal: %w", err)
 	}
-	have := s.rng.End()
-	switch {
-	case uint64(n) == have:
-		return nil
-	case uint64(n) < have:
-		return fmt.Errorf("%w: it holds %d entries, %d were appended", ErrTampered, n, have)
+	if uint64(n) <= s.rng.End() {
+		return s.extend(n, nil)
 	}
-	rows, err := q.QueryContext(ctx, `SELECT idx, body FROM entries WHERE idx >= $1 ORDER BY idx`, int64(have))
+	rows, err := q.QueryContext(ctx, entriesFromQuery, int64(s.rng.End()))
 	if err != nil {
 		return fmt.Errorf("journal: %w", err)
 	}
 	defer rows.Close()
+	return s.extend(n, rows)
+}
+
+// entriesFromQuery reads the rows a catch-up appends.
+const entriesFromQuery = `SELECT idx, body FROM entries WHERE idx >= $1 ORDER BY idx`
+
+// entryRows are the rows of entriesFromQuery, from database/sql or pgx.
+type entryRows interface {
+	Next() bool
+	Scan(dest ...any) error
+	Err() error
+}
+
+// extend appends to the in-memory range the rows that take the log from its
+// size to n, as read by entriesFromQuery from that size on; rows is only
+// read when n is larger. The log may only grow, without gaps.
+func (s *Store) extend(n int64, rows entryRows) error {
+	have := s.rng.End()
+	switch {
+	case n >= 0 && uint64(n) == have:
+		return nil
+	case n < 0 || uint64(n) < have:
+		return fmt.Errorf("%w: it holds %d entries, %d were appended", ErrTampered, n, have)
+	}
 	next := have
 	for rows.Next() {
 		var idx int64
@@ -460,15 +480,27 @@ func (s *Store) catchUp(ctx context.Context, q querier) error {
 func (s *Store) checkLatest(ctx context.Context, q querier) error {
 	var size int64
 	var signed []byte
-	err := q.QueryRowContext(ctx, `SELECT size, note FROM checkpoints ORDER BY size DESC LIMIT 1`).Scan(&size, &signed)
+	err := q.QueryRowContext(ctx, latestCheckpointQuery).Scan(&size, &signed)
 	if errors.Is(err, sql.ErrNoRows) {
+		return s.checkSigned(nil, false)
+	}
+	if err != nil {
+		return fmt.Errorf("journal: %w", err)
+	}
+	return s.checkSigned(signed, true)
+}
+
+// latestCheckpointQuery reads the latest stored checkpoint.
+const latestCheckpointQuery = `SELECT size, note FROM checkpoints ORDER BY size DESC LIMIT 1`
+
+// checkSigned compares the in-memory log with the latest stored checkpoint's
+// signed note; found is false when there is none.
+func (s *Store) checkSigned(signed []byte, found bool) error {
+	if !found {
 		if s.rng.End() == 0 {
 			return nil
 		}
 		return fmt.Errorf("%w: %d entries and no checkpoint", ErrTampered, s.rng.End())
-	}
-	if err != nil {
-		return fmt.Errorf("journal: %w", err)
 	}
 	n, err := note.Open(signed, note.VerifierList(s.verifier))
 	if err != nil {
