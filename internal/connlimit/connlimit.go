@@ -154,6 +154,9 @@ const (
 func (c Config) GRPCOptions() []grpc.ServerOption {
 	c = c.WithDefaults()
 	return []grpc.ServerOption{
+		// Encoded content that many streams send (a message's unknown
+		// fields) is sent by reference, not copied per stream (codec.go).
+		grpc.ForceServerCodecV2(newSharedCodec()),
 		grpc.SharedWriteBuffer(true),
 		grpc.ReadBufferSize(grpcReadBuffer),
 		grpc.WriteBufferSize(grpcWriteBuffer),

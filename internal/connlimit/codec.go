@@ -1,0 +1,59 @@
+package connlimit
+
+import (
+	"fmt"
+
+	"google.golang.org/grpc/encoding"
+	"google.golang.org/grpc/encoding/proto"
+	"google.golang.org/grpc/mem"
+	protov2 "google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/reflect/protoreflect"
+)
+
+// sharedCodec is grpc-go's proto codec, except for a message that carries
+// unknown fields: their bytes are sent by reference, not copied into a
+// buffer of the stream's own. A server that sends thousands of streams
+// the same large, already encoded content (the xDS server's first
+// configurations: a megabyte each at a thousand services) puts it in a
+// response's unknown fields once and every stream's message shares it
+// until the transport has written it. The bytes on the wire are what
+// grpc-go's codec writes for the same message: the known fields, then
+// the unknown ones verbatim (protobuf's own order).
+type sharedCodec struct {
+	base encoding.CodecV2
+}
+
+func newSharedCodec() sharedCodec {
+	return sharedCodec{base: encoding.GetCodecV2(proto.Name)}
+}
+
+// Name is the proto codec's: clients see application/grpc+proto as ever.
+func (c sharedCodec) Name() string { return proto.Name }
+
+func (c sharedCodec) Marshal(v any) (mem.BufferSlice, error) {
+	m, ok := v.(protov2.Message)
+	if !ok {
+		return c.base.Marshal(v)
+	}
+	r := m.ProtoReflect()
+	shared := r.GetUnknown()
+	if len(shared) == 0 {
+		return c.base.Marshal(v)
+	}
+	known := r.New()
+	r.Range(func(fd protoreflect.FieldDescriptor, v protoreflect.Value) bool {
+		known.Set(fd, v)
+		return true
+	})
+	head, err := protov2.Marshal(known.Interface())
+	if err != nil {
+		return nil, fmt.Errorf("connlimit: marshaling %s: %w", r.Descriptor().FullName(), err)
+	}
+	// SliceBuffer's Free does nothing: the shared bytes stay the
+	// message's, and no pool ever gets them back.
+	return mem.BufferSlice{mem.SliceBuffer(head), mem.SliceBuffer(shared)}, nil
+}
+
+func (c sharedCodec) Unmarshal(data mem.BufferSlice, v any) error {
+	return c.base.Unmarshal(data, v)
+}
