@@ -57,6 +57,22 @@ type deltaDiff struct {
 	upserts []*discoveryv3.Resource // new or changed, in name order
 	removed []string                // in name order
 	added   []string                // names new in the target
+	// sends counts the responses that sent all of upserts; encoded are
+	// upserts as a response's encoded resources (encoded.go), made for
+	// the second.
+	sends   int
+	encoded []byte
+}
+
+// encodedUpserts returns the diff's upserts encoded for a response that
+// sends them all, or nil for the first such response: a diff that only
+// one stream is sent (a pod with a configuration of its own) keeps no
+// encoding besides its resources. c.mu is held.
+func (d *deltaDiff) encodedUpserts() []byte {
+	if d.sends++; d.sends > 1 && d.encoded == nil {
+		d.encoded = encodeDeltaResources(d.upserts)
+	}
+	return d.encoded
 }
 
 // deltaStream is one delta stream's state: what its client holds, by
@@ -269,6 +285,8 @@ func (c *cache) deltaAnswer(k *deltaKnown, req *cachev3.DeltaRequest, sub cachev
 		upserts []*discoveryv3.Resource
 		removed []string
 		next    *deltaKnown
+		// encoded are upserts encoded, when they are a shared diff's.
+		encoded []byte
 	)
 	wildcard := sub.IsWildcard()
 	subscribed := sub.SubscribedResources()
@@ -283,6 +301,10 @@ func (c *cache) deltaAnswer(k *deltaKnown, req *cachev3.DeltaRequest, sub cachev
 			upserts, removed = d.upserts, d.removed
 		} else {
 			upserts = filterResources(d.upserts, subscribed)
+			if len(upserts) == len(d.upserts) {
+				// Nothing filtered out: the shared slice itself.
+				upserts = d.upserts
+			}
 			removed = filterNames(d.removed, subscribed)
 			// Names new in to that it does not subscribe to are not sent.
 			for _, name := range d.added {
@@ -294,21 +316,30 @@ func (c *cache) deltaAnswer(k *deltaKnown, req *cachev3.DeltaRequest, sub cachev
 				}
 			}
 		}
+		if len(upserts) > 0 && len(upserts) == len(d.upserts) {
+			encoded = d.encodedUpserts()
+		}
 	} else {
 		upserts, removed, next = c.deltaSlow(k, to, wildcard, subscribed)
 	}
 	if len(upserts) == 0 && len(removed) == 0 && !(wildcard && first) {
 		return nil, nil
 	}
+	resp := &discoveryv3.DeltaDiscoveryResponse{
+		Resources:         upserts,
+		RemovedResources:  removed,
+		TypeUrl:           typ,
+		SystemVersionInfo: to.version,
+	}
+	if encoded != nil {
+		// The shared encoding instead of the stream's own (encoded.go).
+		resp.Resources = nil
+		resp.ProtoReflect().SetUnknown(encoded)
+	}
 	return &cachev3.DeltaPassthroughResponse{
-		DeltaRequest:   req,
-		NextVersionMap: map[string]string{},
-		DeltaDiscoveryResponse: &discoveryv3.DeltaDiscoveryResponse{
-			Resources:         upserts,
-			RemovedResources:  removed,
-			TypeUrl:           typ,
-			SystemVersionInfo: to.version,
-		},
+		DeltaRequest:           req,
+		NextVersionMap:         map[string]string{},
+		DeltaDiscoveryResponse: resp,
 	}, next
 }
 

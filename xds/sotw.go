@@ -31,6 +31,11 @@ type typeSet struct {
 
 	allOnce sync.Once
 	all     []*anypb.Any // in the order of names
+	// allSends counts the wildcard responses of the type; allEncoded is
+	// all as a response's encoded resources (encoded.go), made for the
+	// second. Guarded by the cache's mu.
+	allSends   int
+	allEncoded []byte
 
 	// Delta (delta.go), guarded by the cache's mu: each resource's
 	// version (the snapshot's version map); the delta resources every
@@ -51,6 +56,17 @@ func (ts *typeSet) allAnys() []*anypb.Any {
 		}
 	})
 	return ts.all
+}
+
+// encodedAll returns all the type's resources encoded for a wildcard
+// response, or nil for the first one: a type that only one stream is
+// sent (a pod with a configuration of its own) keeps no encoding besides
+// its resources. c.mu is held.
+func (ts *typeSet) encodedAll() []byte {
+	if ts.allSends++; ts.allSends > 1 && ts.allEncoded == nil {
+		ts.allEncoded = encodeResources(ts.allAnys())
+	}
+	return ts.allEncoded
 }
 
 // sentAll is the one entry of what a wildcard watch was returned: its
@@ -554,14 +570,16 @@ func unsent(ts *typeSet, sub cachev3.Subscription) bool {
 // the marshaled resources, and a wildcard response the list of them too;
 // only the response itself is the stream's own (the server sets the nonce
 // on it), with what it returned: the resources of a named subscription,
-// or sentAll for a wildcard one.
+// or sentAll for a wildcard one. c.mu is held.
 func respond(w *sotwWatch, ts *typeSet) {
 	var (
 		resources []*anypb.Any
 		returned  map[string]string
+		encoded   []byte
 	)
 	if w.sub.IsWildcard() {
 		resources = ts.allAnys()
+		encoded = ts.encodedAll()
 		returned = map[string]string{sentAll: ts.version}
 	} else {
 		var names []string
@@ -578,10 +596,16 @@ func respond(w *sotwWatch, ts *typeSet) {
 			returned[name] = ts.version
 		}
 	}
+	resp := &discoveryv3.DiscoveryResponse{VersionInfo: ts.version, Resources: resources, TypeUrl: w.req.GetTypeUrl()}
+	if encoded != nil {
+		// The shared encoding instead of the stream's own (encoded.go).
+		resp.Resources = nil
+		resp.ProtoReflect().SetUnknown(encoded)
+	}
 	// The channel holds one response and each watch gets one.
 	w.out <- &cachev3.PassthroughResponse{
 		Request:           w.req,
-		DiscoveryResponse: &discoveryv3.DiscoveryResponse{VersionInfo: ts.version, Resources: resources, TypeUrl: w.req.GetTypeUrl()},
+		DiscoveryResponse: resp,
 		ReturnedResources: returned,
 	}
 }

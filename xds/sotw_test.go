@@ -5,9 +5,11 @@ import (
 	"time"
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	cachev3 "github.com/envoyproxy/go-control-plane/pkg/cache/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
 	streamv3 "github.com/envoyproxy/go-control-plane/pkg/server/stream/v3"
+	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/anypb"
 	clocktesting "k8s.io/utils/clock/testing"
 )
@@ -21,11 +23,24 @@ func pubOf(version string, names ...string) *published {
 	return &published{snap: &cachev3.Snapshot{}, types: map[string]*typeSet{resource.EndpointType: ts}}
 }
 
+// receive returns the response a watch was sent, its DiscoveryResponse as
+// the client parses it off the wire (a wildcard one carries its resources
+// encoded, encoded.go).
 func receive(t *testing.T, ch chan cachev3.Response) *cachev3.PassthroughResponse {
 	t.Helper()
 	select {
 	case r := <-ch:
-		return r.(*cachev3.PassthroughResponse)
+		p := r.(*cachev3.PassthroughResponse)
+		b, err := proto.Marshal(p.DiscoveryResponse)
+		if err != nil {
+			t.Fatal(err)
+		}
+		got := &discoveryv3.DiscoveryResponse{}
+		if err := proto.Unmarshal(b, got); err != nil {
+			t.Fatal(err)
+		}
+		p.DiscoveryResponse = got
+		return p
 	default:
 		return nil
 	}
