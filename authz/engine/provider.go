@@ -232,6 +232,10 @@ func (p *provider) evalRequest(ctx context.Context, req *authv3.CheckRequest, no
 // evaluation to watch ctx, and the timeout needs a context and a timer of
 // its own on every call.
 func (p *provider) eval(ctx context.Context, input ast.Value, timeout time.Duration) (*ProviderResult, error) {
+	if input == nil {
+		// A policy evaluated without input could allow through "not deny".
+		return nil, errors.New("authz: no input to evaluate the provider on")
+	}
 	c := topdown.NewCancel()
 	var timedOut atomic.Bool
 	timer := time.AfterFunc(timeout, func() {
