@@ -100,7 +100,7 @@ func main() {
 	flag.IntVar(&o.conc, "c", 1, "concurrent workers")
 	flag.DurationVar(&o.dur, "d", 10*time.Second, "measured duration")
 	flag.BoolVar(&o.handshakePerCall, "handshake-per-call", false, "dial a fresh TLS connection for every call instead of keeping one per worker")
-	flag.BoolVar(&o.sameChain, "same-chain", false, "present the enrolment certificate on every renewal over one kept connection (the CA's verified-chain cache then answers), instead of the certificate just issued")
+	flag.BoolVar(&o.sameChain, "same-chain", false, "present the enrolment certificate on every renewal over one kept connection, instead of the certificate just issued: after the first renewal the CA's cache of the verified chain and of the journal's proven record of its certificate answers, while the enrolment is still checked and the renewal journalled durably every call. This is the issue's kept connection, what a node agent delegating over one connection costs; without it, each renewal is what a per-pod agent renewing with its new certificate costs (the handshake-per-renewal point)")
 	flag.IntVar(&o.serverPID, "server-pid", 0, "the server's process id, to report its CPU time per certificate from /proc")
 	serveNoop := flag.String("serve-noop", "", "serve a no-op CA on this address, writing its client material to -data-dir, until killed")
 	flag.Parse()
