@@ -277,7 +277,9 @@ func (s *Store) commit(batch []*op) {
 // stores the rows and the signed checkpoint over the new size. Either the
 // whole transaction commits or the in-memory tree is put back. On SQLite the
 // write lock is the transaction's own (BEGIN IMMEDIATE); PostgreSQL takes
-// the two-round-trip pipeline (pipeline.go).
+// the three-round-trip pipeline (pipeline.go). Either way the rows are
+// written before the checkpoint is signed, and a checkpoint row beyond the
+// log's size is refused before it is (checkpointBeyond).
 func (s *Store) commitBatch(ctx context.Context, batch []*op) (opErrs []error, signed []byte, err error) {
 	if s.postgres {
 		return s.commitPipelined(ctx, batch)
@@ -300,6 +302,13 @@ func (s *Store) commitBatch(ctx context.Context, batch []*op) (opErrs []error, s
 	defer tx.Rollback() //nolint:errcheck // after Commit it is a no-op
 	before := s.rng.End()
 	if err := s.catchUp(ctx, tx); err != nil {
+		return nil, nil, err
+	}
+	var cpMax int64
+	if err := tx.StmtContext(ctx, s.stmts.maxCheckpoint).QueryRowContext(ctx).Scan(&cpMax); err != nil {
+		return nil, nil, fmt.Errorf("journal: %w", err)
+	}
+	if err := checkpointBeyond(cpMax, int64(s.rng.End())); err != nil {
 		return nil, nil, err
 	}
 	vouched, err := s.vouch(s.rng.End() != before, func() error { return s.checkLatest(ctx, tx) })

@@ -11,23 +11,34 @@ import (
 	"github.com/jackc/pgx/v5/stdlib"
 )
 
+// uniqueViolation is PostgreSQL's SQLSTATE for a duplicate key.
+const uniqueViolation = "23505"
+
 // rollbackTimeout bounds the ROLLBACK that ends a pipelined transaction
 // which did not commit.
 const rollbackTimeout = 5 * time.Second
 
-// commitPipelined commits a batch on PostgreSQL in two round trips of
+// commitPipelined commits a batch on PostgreSQL in three round trips of
 // pipelined statements on one connection:
 //
-//  1. BEGIN; the append lock; the log's size.
-//  2. The rows; the signed checkpoint; COMMIT.
+//  1. BEGIN; the append lock; the log's size; the largest checkpoint size.
+//  2. The rows.
+//  3. The signed checkpoint; COMMIT.
 //
 // When the size shows that another writer appended (or after an outage),
-// one more round trip between the two reads the new rows and the latest
-// checkpoint; the committer catches up and checks them against the signed
-// checkpoint (vouch), as the SQLite transaction does. Only then does it
-// sign: the checkpoint key never signs a tree before this committer holds
-// the append lock and has every row appended before it, so it never signs
-// two different trees of one size.
+// one more round trip between the first two reads the new rows and the
+// latest checkpoint; the committer catches up and checks them against the
+// signed checkpoint (vouch), as the SQLite transaction does. Only then does
+// it stage, and it signs only once the database has taken the rows: the
+// checkpoint key never signs a tree before this committer holds the append
+// lock and has every row appended before it, so it never signs two
+// different trees of one size, and a row INSERT that fails leaves no
+// signed note behind. A checkpoint row beyond the log's size (one the
+// checkpoint INSERT would collide with after signing) is refused as
+// tampering before anything is signed (checkpointBeyond).
+//
+// A commit that appends nothing (every precondition failed, or a catch-up
+// alone) takes round trips 1 and 3, the latter being COMMIT alone.
 //
 // An op with a precondition takes this path too: preconditions read the
 // ledger, never the database, so they need no savepoint.
@@ -76,16 +87,21 @@ func (s *Store) pipeline(ctx context.Context, c *pgx.Conn, batch []*op) (opErrs 
 		}
 	}()
 
-	// Round trip 1: the lock, then the log's size under it. READ COMMITTED
-	// gives each SELECT a snapshot taken after the lock was granted, so it
-	// sees every row the previous holder committed.
+	// Round trip 1: the lock, then the log's size and the largest
+	// checkpoint's size under it. READ COMMITTED gives each SELECT a
+	// snapshot taken after the lock was granted, so it sees every row the
+	// previous holder committed.
 	b := &pgx.Batch{}
 	b.Queue("BEGIN")
 	b.Queue(postgresAppendLock)
-	var n int64
+	var n, cpMax int64
 	b.Queue(nextIndexQuery).QueryRow(func(r pgx.Row) error { return r.Scan(&n) })
+	b.Queue(maxCheckpointQuery).QueryRow(func(r pgx.Row) error { return r.Scan(&cpMax) })
 	if err := c.SendBatch(ctx, b).Close(); err != nil {
 		return nil, nil, fmt.Errorf("journal: begin and lock: %w", err)
+	}
+	if err := checkpointBeyond(cpMax, n); err != nil {
+		return nil, nil, err
 	}
 	before := s.rng.End()
 	var latest []byte
@@ -125,20 +141,26 @@ func (s *Store) pipeline(ctx context.Context, c *pgx.Conn, batch []*op) (opErrs 
 	}
 	b = &pgx.Batch{}
 	if appended {
+		// Round trip 2: the rows, in a round trip of their own. No signed
+		// note leaves the process before the database has taken its rows.
+		rb := &pgx.Batch{}
+		if err := buf.chunks(func(k int, vals []any) error {
+			rb.Queue(insertEntriesQueries[k], vals...)
+			return nil
+		}); err != nil {
+			return nil, nil, err
+		}
+		if err := c.SendBatch(ctx, rb).Close(); err != nil {
+			return nil, nil, fmt.Errorf("journal: append: %w", err)
+		}
 		cp, note, err := s.sign()
 		if err != nil {
 			return nil, nil, err
 		}
 		signed = note
-		if err := buf.chunks(func(k int, vals []any) error {
-			b.Queue(insertEntriesQueries[k], vals...)
-			return nil
-		}); err != nil {
-			return nil, nil, err
-		}
 		b.Queue(insertCheckpointQuery, int64(cp.Size), cp.Root, signed, time.Now().UnixNano())
 	}
-	// Round trip 2: the rows, the checkpoint and COMMIT (or COMMIT alone).
+	// Round trip 3: the checkpoint and COMMIT (or COMMIT alone).
 	var committed bool
 	b.Queue("COMMIT").Exec(func(tag pgconn.CommandTag) error {
 		// COMMIT of a failed transaction answers ROLLBACK, not an error.
@@ -146,6 +168,16 @@ func (s *Store) pipeline(ctx context.Context, c *pgx.Conn, batch []*op) (opErrs 
 		return nil
 	})
 	if err := c.SendBatch(ctx, b).Close(); err != nil {
+		var pg *pgconn.PgError
+		if errors.As(err, &pg) && pg.Code == uniqueViolation && pg.TableName == "checkpoints" {
+			// Round trip 1 found no checkpoint at this size, and no other
+			// committer writes one without the append lock: a row was
+			// inserted behind the journal's back in a transaction that
+			// committed while this one held the lock. The note just signed
+			// is orphaned; failing closed here keeps this process from
+			// signing a different tree of the same size next.
+			return nil, nil, fmt.Errorf("%w: a checkpoint row at size %d was inserted behind the journal while it committed; the note it signed there is orphaned: %w", ErrTampered, s.rng.End(), err)
+		}
 		return nil, nil, fmt.Errorf("journal: commit: %w", err)
 	}
 	if !committed {

@@ -13,7 +13,7 @@ import (
 // that no commit or renewal parses SQL. (The embedded SQLite parses in Go;
 // parsing was a quarter of a commit's CPU.)
 type statements struct {
-	nextIndex, insertCheckpoint *sql.Stmt
+	nextIndex, maxCheckpoint, insertCheckpoint *sql.Stmt
 	// insertEntries[k] inserts 1<<k entries in one statement: a batch's
 	// rows go in as few statements (and, on PostgreSQL, round trips) as the
 	// binary digits of their count.
@@ -86,6 +86,7 @@ func (s *Store) prepare(ctx context.Context) error {
 	}
 	preps := []prep{
 		{&s.stmts.nextIndex, nextIndexQuery},
+		{&s.stmts.maxCheckpoint, maxCheckpointQuery},
 		{&s.stmts.insertCheckpoint, insertCheckpointQuery},
 		{&s.stmts.entryBySerial, `SELECT idx, kind, body FROM entries
 			WHERE serial = $1 AND serial != '' AND kind = $2 ORDER BY idx LIMIT 1`},
@@ -109,7 +110,7 @@ func (s *Store) prepare(ctx context.Context) error {
 }
 
 func (st *statements) close() {
-	all := append([]*sql.Stmt{st.nextIndex, st.insertCheckpoint, st.entryBySerial}, st.insertEntries[:]...)
+	all := append([]*sql.Stmt{st.nextIndex, st.maxCheckpoint, st.insertCheckpoint, st.entryBySerial}, st.insertEntries[:]...)
 	for _, s := range all {
 		if s != nil {
 			s.Close()

@@ -493,6 +493,25 @@ func (s *Store) checkLatest(ctx context.Context, q querier) error {
 // latestCheckpointQuery reads the latest stored checkpoint.
 const latestCheckpointQuery = `SELECT size, note FROM checkpoints ORDER BY size DESC LIMIT 1`
 
+// maxCheckpointQuery reads the largest stored checkpoint's size (0 when
+// there is none): a commit reads it under the append lock, before it signs.
+const maxCheckpointQuery = `SELECT COALESCE(MAX(size), 0) FROM checkpoints`
+
+// checkpointBeyond refuses a checkpoint row at a size beyond the n entries
+// the log holds. Only the committer holding the append lock writes a
+// checkpoint, and only over rows it wrote in the same transaction, so such
+// a row was put there behind the journal's back. Left alone, the commit
+// would sign a tree of that size and then fail on the row's primary key
+// after its note had been sent, and the next commit would sign a different
+// tree of the same size: the checkpoint key would equivocate. It is
+// checked before anything is signed.
+func checkpointBeyond(maxSize, n int64) error {
+	if maxSize > n {
+		return fmt.Errorf("%w: a checkpoint row at size %d is beyond the log's %d entries", ErrTampered, maxSize, n)
+	}
+	return nil
+}
+
 // checkSigned compares the in-memory log with the latest stored checkpoint's
 // signed note; found is false when there is none.
 func (s *Store) checkSigned(signed []byte, found bool) error {
