@@ -40,7 +40,7 @@ echo "== xDS"
 "$root/bench/xds.sh" "${BENCH_XDS_CLIENTS:-2000}" 1000
 
 # What tracing costs on the authorization path, off and on (issue 18).
-"$root/bench/tracing.sh"
+BENCH_DURATION=${BENCH_DURATION:-5s} BENCH_TRACING_COUNT=${BENCH_TRACING_COUNT:-3} "$root/bench/tracing.sh"
 
 # The node agent of ambient mode holding 1,000 identities: memory per
 # identity, the time to issue all at start and after a restart, and the CA
