@@ -25,12 +25,14 @@ fi
 # transport and spire-server v1.13.3, in interleaved rounds.
 echo "== CA"
 BENCH_DURATION=${BENCH_DURATION:-4s} BENCH_CA_WIRE_DURATION=${BENCH_CA_WIRE_DURATION:-4s} "$root/bench/ca.sh"
+echo "== bench/ca.sh done, $SECONDS s into make bench"
 
 # Authorization over the wire (issue 11): trustmesh authz beside the no-op
 # ext_authz floor and an opa-envoy-plugin stand-in, plaintext and mTLS,
 # 10 to 10,000 policies, decision log off and on; medians of 3 rounds.
 echo "== authz over the wire"
 BENCH_DURATION=${BENCH_DURATION:-3s} BENCH_WARMUP=${BENCH_WARMUP:-1s} "$root/bench/authz.sh"
+echo "== bench/authz.sh done, $SECONDS s into make bench"
 
 # xDS (issue 11): a mesh of 1,000 services and BENCH_XDS_CLIENTS simulated
 # sidecars (2,000 here, to keep make bench under 15 minutes; the issue's
@@ -38,16 +40,20 @@ BENCH_DURATION=${BENCH_DURATION:-3s} BENCH_WARMUP=${BENCH_WARMUP:-1s} "$root/ben
 # and serve's RSS per client.
 echo "== xDS"
 "$root/bench/xds.sh" "${BENCH_XDS_CLIENTS:-2000}" 1000
+echo "== bench/xds.sh done, $SECONDS s into make bench"
 
 # What tracing costs on the authorization path, off and on (issue 18).
 BENCH_DURATION=${BENCH_DURATION:-5s} BENCH_TRACING_COUNT=${BENCH_TRACING_COUNT:-3} "$root/bench/tracing.sh"
+echo "== bench/tracing.sh done, $SECONDS s into make bench"
 
 # The node agent of ambient mode holding 1,000 identities: memory per
 # identity, the time to issue all at start and after a restart, and the CA
 # calls of a renewal round against 1,000 per-pod agents (issue 15).
 echo "== node agent, 1,000 identities"
 "$root/bench/node-load.sh" 1000
+echo "== bench/node-load.sh done, $SECONDS s into make bench"
 
 # The node proxy of ambient mode against direct TCP between the same
 # namespaces, on loopback and veth, in one run (issue 16).
 "$root/bench/ambientnet.sh"
+echo "== bench/ambientnet.sh done, $SECONDS s into make bench"
