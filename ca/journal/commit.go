@@ -233,6 +233,15 @@ func (s *Store) commit(batch []*op) {
 	for _, o := range batch {
 		o.batch, o.waited = len(batch), began.Sub(o.queued)
 	}
+	// A journal found tampered with commits nothing more, not even ops
+	// queued before it was found: the next batch would sign a tree of a
+	// size whose note may just have been orphaned.
+	if err := s.Integrity(); err != nil {
+		for _, o := range batch {
+			o.done <- err
+		}
+		return
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), commitTimeout)
 	defer cancel()
 	errs, note, err := s.commitBatch(ctx, batch)
