@@ -26,7 +26,12 @@
 // key), so that the floor pays the handshakes trustmesh's workers pay.
 //
 // With -server-pid, the JSON line also carries the server's CPU time per
-// certificate, from /proc/<pid>/stat across the measured window.
+// certificate, from /proc/<pid>/stat across the measured window; it always
+// carries the load generator's own, since both sides share the machine and
+// throughput follows their sum. -conns N (with -same-chain) shares N kept
+// connections among the workers, as spiffe-mint-load's -conns does (its
+// default is one for all): what a node agent multiplexing its renewals over
+// one connection does.
 package main
 
 import (
@@ -75,6 +80,10 @@ type summary struct {
 	// ServerCPUus is the server's user+system CPU time per certificate
 	// over the measured window, when -server-pid names it.
 	ServerCPUus float64 `json:"server_cpu_us_per_cert,omitempty"`
+	// ClientCPUus is this load generator's own user+system CPU time per
+	// certificate over the measured window (its set-up, the enrolments,
+	// left out): the client's share of a machine both sides run on.
+	ClientCPUus float64 `json:"client_cpu_us_per_cert,omitempty"`
 }
 
 // Modes.
@@ -90,6 +99,7 @@ type options struct {
 	handshakePerCall    bool
 	sameChain           bool
 	serverPID           int
+	conns               int
 }
 
 func main() {
@@ -101,6 +111,7 @@ func main() {
 	flag.DurationVar(&o.dur, "d", 10*time.Second, "measured duration")
 	flag.BoolVar(&o.handshakePerCall, "handshake-per-call", false, "dial a fresh TLS connection for every call instead of keeping one per worker")
 	flag.BoolVar(&o.sameChain, "same-chain", false, "present the enrolment certificate on every renewal over one kept connection, instead of the certificate just issued: after the first renewal the CA's cache of the verified chain and of the journal's proven record of its certificate answers, while the enrolment is still checked and the renewal journalled durably every call. This is the issue's kept connection, what a node agent delegating over one connection costs; without it, each renewal is what a per-pod agent renewing with its new certificate costs (the handshake-per-renewal point)")
+	flag.IntVar(&o.conns, "conns", 0, "with -same-chain: the number of kept connections the workers share, worker i using connection i mod conns and its enrolment, as spiffe-mint-load's -conns spreads its workers; 0 keeps one connection per worker")
 	flag.IntVar(&o.serverPID, "server-pid", 0, "the server's process id, to report its CPU time per certificate from /proc")
 	serveNoop := flag.String("serve-noop", "", "serve a no-op CA on this address, writing its client material to -data-dir, until killed")
 	flag.Parse()
@@ -117,6 +128,10 @@ func main() {
 	}
 	if o.dataDir == "" || o.conc < 1 || o.dur <= 0 || (o.mode != modeRenew && o.mode != modeNoop) {
 		fmt.Fprintln(os.Stderr, "ca-load: -data-dir is required; -c and -d must be positive; -mode is renew or noop-floor")
+		os.Exit(2)
+	}
+	if o.conns < 0 || o.conns > o.conc || (o.conns > 0 && (!o.sameChain || o.handshakePerCall)) {
+		fmt.Fprintln(os.Stderr, "ca-load: -conns must be in 0..c, and needs -same-chain without -handshake-per-call (a worker that presents each new certificate needs a connection of its own)")
 		os.Exit(2)
 	}
 	if err := run(o); err != nil {
@@ -147,6 +162,12 @@ func run(o options) error {
 	ctx := context.Background()
 	workers := make([]*worker, o.conc)
 	for i := range workers {
+		if o.conns > 0 && i >= o.conns {
+			// Shares connection i mod conns, and the identity it
+			// presents: nothing of it changes under -same-chain.
+			workers[i] = workers[i%o.conns]
+			continue
+		}
 		w, err := newWorker(ctx, o, i)
 		if err != nil {
 			return err
@@ -158,6 +179,10 @@ func run(o options) error {
 	var firstErr atomic.Value
 	lat := make([][]time.Duration, o.conc)
 	cpu0, err := processCPU(o.serverPID)
+	if err != nil {
+		return err
+	}
+	self0, err := processCPU(os.Getpid())
 	if err != nil {
 		return err
 	}
@@ -194,6 +219,10 @@ func run(o options) error {
 	if err != nil {
 		return err
 	}
+	self1, err := processCPU(os.Getpid())
+	if err != nil {
+		return err
+	}
 	var all []time.Duration
 	for _, l := range lat {
 		all = append(all, l...)
@@ -210,6 +239,9 @@ func run(o options) error {
 		RPS: float64(ok.Load()) / elapsed, P50us: pct(0.5), P99us: pct(0.99), P999us: pct(0.999)}
 	if o.serverPID != 0 && s.OK > 0 {
 		s.ServerCPUus = float64((cpu1 - cpu0).Microseconds()) / float64(s.OK)
+	}
+	if s.OK > 0 {
+		s.ClientCPUus = float64((self1 - self0).Microseconds()) / float64(s.OK)
 	}
 	if v, _ := firstErr.Load().(string); v != "" {
 		s.FirstError = v
@@ -315,21 +347,23 @@ func (w *worker) call(ctx context.Context) error {
 		return fmt.Errorf("the response holds %d certificates, want a leaf, its chain and a root", len(resp.CertChain))
 	}
 	var chain [][]byte
+	var leaf *x509.Certificate
 	for _, p := range resp.CertChain[:len(resp.CertChain)-1] {
 		c, err := pemutil.ParseCertificate([]byte(p))
 		if err != nil {
 			return err
 		}
+		if leaf == nil {
+			leaf = c
+		}
 		chain = append(chain, c.Raw)
-	}
-	leaf, err := x509.ParseCertificate(chain[0])
-	if err != nil {
-		return err
 	}
 	if !w.checkKey {
 		// The floor's canned chain holds no requested key: it keeps
 		// presenting its own, but reconnects as trustmesh's workers do.
-		w.stale = !w.sameChain
+		if !w.sameChain {
+			w.stale = true
+		}
 		return nil
 	}
 	if !key.PublicKey.Equal(leaf.PublicKey) {
