@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"crypto/sha256"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -14,6 +15,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"sync"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"google.golang.org/protobuf/encoding/protojson"
@@ -85,11 +87,19 @@ func (s Static) Watch(ctx context.Context, _ func()) (<-chan error, error) {
 //     match to receive it.
 //
 // Unknown kinds and fields are errors.
+//
+// A Dir remembers what each document parsed to, keyed by the document's
+// bytes, so that a read after a change parses only the documents that
+// changed; every file is still read in full on every read, and a
+// TLSSecret's certificate and key files are read again each time.
 type Dir struct {
 	Path string
 	// Domain is the DNS domain of service hostnames; empty means
 	// DefaultDomain.
 	Domain string
+
+	mu    sync.Mutex
+	cache *docCache
 }
 
 var _ Source = (*Dir)(nil)
@@ -191,6 +201,10 @@ func (d *Dir) Mesh() (*Mesh, error) {
 		}
 	}
 	sort.Strings(names)
+	d.mu.Lock()
+	last := d.cache
+	d.mu.Unlock()
+	next := newDocCache(d)
 	m := &Mesh{}
 	var errs []error
 	for _, n := range names {
@@ -200,10 +214,13 @@ func (d *Dir) Mesh() (*Mesh, error) {
 			errs = append(errs, fmt.Errorf("mesh: %w", err))
 			continue
 		}
-		if err := d.parse(m, path, data); err != nil {
+		if err := d.parse(m, path, data, last, next); err != nil {
 			errs = append(errs, err)
 		}
 	}
+	d.mu.Lock()
+	d.cache = next
+	d.mu.Unlock()
 	if len(errs) > 0 {
 		return nil, errors.Join(errs...)
 	}
@@ -243,10 +260,25 @@ func joinEndpoints(m *Mesh) error {
 }
 
 // parse reads mesh documents into m; origin names them in errors, and
-// files named by TLSSecrets are relative to dir.
-func (d *Dir) parse(m *Mesh, origin string, data []byte) error {
+// files named by TLSSecrets are relative to dir. A file, or a document,
+// with the same bytes as one in last (or met before in this read) is not
+// parsed again; what parses and reads nothing but its own bytes goes into
+// next.
+func (d *Dir) parse(m *Mesh, origin string, data []byte, last, next *docCache) error {
+	fk := docKey(sha256.Sum256(data))
+	if docs := next.file(d, fk, last); docs != nil {
+		for _, doc := range docs {
+			next.docs[doc.key] = doc.parse
+			doc.parse.addTo(m)
+		}
+		return nil
+	}
 	r := k8syaml.NewYAMLReader(bufio.NewReader(bytes.NewReader(data)))
-	var errs []error
+	var (
+		errs       []error
+		docs       []fileDocParse
+		readsFiles bool
+	)
 	for doc := 1; ; doc++ {
 		raw, err := r.Read()
 		if errors.Is(err, io.EOF) {
@@ -255,19 +287,37 @@ func (d *Dir) parse(m *Mesh, origin string, data []byte) error {
 		if err != nil {
 			return fmt.Errorf("%w: %s: %w", ErrFile, origin, err)
 		}
-		js, err := yaml.YAMLToJSON(raw)
-		if err != nil {
-			errs = append(errs, fmt.Errorf("%w: %s (document %d): %w", ErrFile, origin, doc, err))
-			continue
+		k := docKey(sha256.Sum256(raw))
+		p := next.doc(d, k, last)
+		if p == nil {
+			js, err := yaml.YAMLToJSON(raw)
+			if err != nil {
+				errs = append(errs, fmt.Errorf("%w: %s (document %d): %w", ErrFile, origin, doc, err))
+				continue
+			}
+			p = &docParse{}
+			if t := bytes.TrimSpace(js); len(t) > 0 && !bytes.Equal(t, []byte("null")) {
+				if err := d.parseDoc(p, js); err != nil {
+					errs = append(errs, fmt.Errorf("%w: %s (document %d): %w", ErrFile, origin, doc, err))
+					continue
+				}
+			}
+			if p.readsFiles {
+				readsFiles = true
+			} else {
+				next.docs[k] = p
+			}
 		}
-		if t := bytes.TrimSpace(js); len(t) == 0 || bytes.Equal(t, []byte("null")) {
-			continue
-		}
-		if err := d.parseDoc(m, js); err != nil {
-			errs = append(errs, fmt.Errorf("%w: %s (document %d): %w", ErrFile, origin, doc, err))
-		}
+		docs = append(docs, fileDocParse{key: k, parse: p})
+		p.addTo(m)
 	}
-	return errors.Join(errs...)
+	if len(errs) > 0 {
+		return errors.Join(errs...)
+	}
+	if !readsFiles {
+		next.files[fk] = docs
+	}
+	return nil
 }
 
 func strictJSON(data []byte, v any) error {
@@ -283,7 +333,10 @@ func (d *Dir) domain() string {
 	return d.Domain
 }
 
-func (d *Dir) parseDoc(m *Mesh, js []byte) error {
+// parseDoc parses one document into p, and marks it when it read files
+// besides its own bytes.
+func (d *Dir) parseDoc(p *docParse, js []byte) error {
+	m := &p.m
 	var doc fileDoc
 	if err := strictJSON(js, &doc); err != nil {
 		return err
@@ -391,6 +444,7 @@ func (d *Dir) parseDoc(m *Mesh, js []byte) error {
 		if err := strictJSON(spec, &fsec); err != nil {
 			return err
 		}
+		p.readsFiles = true
 		cert, err := os.ReadFile(d.rel(fsec.CertFile))
 		if err != nil {
 			return fmt.Errorf("certFile: %w", err)
