@@ -86,8 +86,10 @@ for c in 1 16; do
     tee "$out/ca-issue-c$c.txt" | awk '/^BenchmarkIssueConcurrent/ {for (i = 1; i <= NF; i++) if ($i == "issues/s") print $(i-1)}')
   peer_cpu=$(cpu_of "$tools/spiffe-mint-load" -inprocess -c "$c" -n "$cpu_n" -d 10m)
   ours_cpu=$(cd "$root/ca" && cpu_of "$tools/ca.test" -test.run '^$' -test.bench "^BenchmarkIssueConcurrent/c=$c\$" -test.benchtime "${cpu_n}x")
-  awk -v c="$c" -v ours="$ours" -v peer="$(jq .rps <<<"$peer")" -v oc="$ours_cpu" -v pc="$peer_cpu" -v n="$cpu_n" 'BEGIN {
+  idle=$(awk '/^BenchmarkIssueConcurrent/ {for (i = 1; i <= NF; i++) if ($i == "idle-frac") print $(i-1)}' "$out/ca-issue-c$c.txt")
+  awk -v c="$c" -v ours="$ours" -v peer="$(jq .rps <<<"$peer")" -v oc="$ours_cpu" -v pc="$peer_cpu" -v n="$cpu_n" -v idle="$idle" 'BEGIN {
     printf "c=%-3s trustmesh issue %10.0f/s   signing floor %10.0f/s   trustmesh/floor (rate) = %.3f\n", c, ours, peer, ours / peer
+    printf "      trustmesh'"'"'s Ps idle (callers waiting for the durable commit, not for a CPU): %.1f%% of GOMAXPROCS x wall\n", idle * 100
     printf "      CPU per issuance, the benchmark'"'"'s own key and CSR included (not the goal'"'"'s figure; the goal is the rate ratio): %.0f us vs floor %.0f us: floor/trustmesh = %.3f\n",
       oc * 1e6 / n, pc * 1e6 / n, pc / oc
     if (c == 16)
