@@ -202,9 +202,8 @@ func (d *Dir) Mesh() (*Mesh, error) {
 	}
 	sort.Strings(names)
 	d.mu.Lock()
-	last := d.cache
+	cr := newCacheRead(d, d.cache)
 	d.mu.Unlock()
-	next := newDocCache(d)
 	m := &Mesh{}
 	var errs []error
 	for _, n := range names {
@@ -214,12 +213,12 @@ func (d *Dir) Mesh() (*Mesh, error) {
 			errs = append(errs, fmt.Errorf("mesh: %w", err))
 			continue
 		}
-		if err := d.parse(m, path, data, last, next); err != nil {
+		if err := d.parse(m, path, data, cr); err != nil {
 			errs = append(errs, err)
 		}
 	}
 	d.mu.Lock()
-	d.cache = next
+	d.cache = cr.next
 	d.mu.Unlock()
 	if len(errs) > 0 {
 		return nil, errors.Join(errs...)
@@ -261,63 +260,62 @@ func joinEndpoints(m *Mesh) error {
 
 // parse reads mesh documents into m; origin names them in errors, and
 // files named by TLSSecrets are relative to dir. A file, or a document,
-// with the same bytes as one in last (or met before in this read) is not
-// parsed again; what parses and reads nothing but its own bytes goes into
-// next.
-func (d *Dir) parse(m *Mesh, origin string, data []byte, last, next *docCache) error {
+// with the same bytes as one the cache read has met is not parsed again.
+func (d *Dir) parse(m *Mesh, origin string, data []byte, cr *cacheRead) error {
 	fk := docKey(sha256.Sum256(data))
-	if docs := next.file(d, fk, last); docs != nil {
+	if docs := cr.file(fk); docs != nil {
 		for _, doc := range docs {
-			next.docs[doc.key] = doc.parse
 			doc.parse.addTo(m)
 		}
+		cr.keep(fk, docs, true)
 		return nil
 	}
 	r := k8syaml.NewYAMLReader(bufio.NewReader(bytes.NewReader(data)))
 	var (
-		errs       []error
-		docs       []fileDocParse
-		readsFiles bool
+		errs []error
+		docs []fileDocParse
+		// whole: every document parsed, and none reads other files.
+		whole = true
 	)
+	defer func() { cr.keep(fk, docs, whole) }()
 	for doc := 1; ; doc++ {
 		raw, err := r.Read()
 		if errors.Is(err, io.EOF) {
 			break
 		}
 		if err != nil {
+			whole = false
 			return fmt.Errorf("%w: %s: %w", ErrFile, origin, err)
 		}
 		k := docKey(sha256.Sum256(raw))
-		p := next.doc(d, k, last)
+		p := cr.doc(k)
 		if p == nil {
 			js, err := yaml.YAMLToJSON(raw)
 			if err != nil {
+				whole = false
 				errs = append(errs, fmt.Errorf("%w: %s (document %d): %w", ErrFile, origin, doc, err))
 				continue
 			}
-			p = &docParse{}
+			var dm Mesh
+			var readsFiles bool
 			if t := bytes.TrimSpace(js); len(t) > 0 && !bytes.Equal(t, []byte("null")) {
-				if err := d.parseDoc(p, js); err != nil {
+				if err := d.parseDoc(&dm, js, &readsFiles); err != nil {
+					whole = false
 					errs = append(errs, fmt.Errorf("%w: %s (document %d): %w", ErrFile, origin, doc, err))
 					continue
 				}
 			}
-			if p.readsFiles {
-				readsFiles = true
+			p = newDocParse(&dm, readsFiles)
+			if readsFiles {
+				whole = false
 			} else {
-				next.docs[k] = p
+				cr.parsed[k] = p
 			}
 		}
 		docs = append(docs, fileDocParse{key: k, parse: p})
 		p.addTo(m)
 	}
-	if len(errs) > 0 {
-		return errors.Join(errs...)
-	}
-	if !readsFiles {
-		next.files[fk] = docs
-	}
-	return nil
+	return errors.Join(errs...)
 }
 
 func strictJSON(data []byte, v any) error {
@@ -333,10 +331,9 @@ func (d *Dir) domain() string {
 	return d.Domain
 }
 
-// parseDoc parses one document into p, and marks it when it read files
-// besides its own bytes.
-func (d *Dir) parseDoc(p *docParse, js []byte) error {
-	m := &p.m
+// parseDoc parses one document into m, and sets readsFiles when it read
+// files besides its own bytes.
+func (d *Dir) parseDoc(m *Mesh, js []byte, readsFiles *bool) error {
 	var doc fileDoc
 	if err := strictJSON(js, &doc); err != nil {
 		return err
@@ -444,7 +441,7 @@ func (d *Dir) parseDoc(p *docParse, js []byte) error {
 		if err := strictJSON(spec, &fsec); err != nil {
 			return err
 		}
-		p.readsFiles = true
+		*readsFiles = true
 		cert, err := os.ReadFile(d.rel(fsec.CertFile))
 		if err != nil {
 			return fmt.Errorf("certFile: %w", err)

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"reflect"
 	"strings"
 	"testing"
 	"time"
@@ -72,6 +73,54 @@ func TestDirParsesOnlyWhatChanged(t *testing.T) {
 	if after["client-1"] != nil || after["client-9"] == nil {
 		t.Errorf("after renaming client-1 to client-9: %v", after)
 	}
+	// A file that fails keeps the documents that parsed for the next
+	// read, which finds it mended.
+	broken := strings.Replace(edited, "kind: Workload\nmetadata: {name: client-0,", "kind: Workloda\nmetadata: {name: client-0,", 1)
+	if err := os.WriteFile(path, []byte(broken), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := d.Mesh(); err == nil {
+		t.Fatal("a file with an unknown kind was read")
+	}
+	if err := os.WriteFile(path, []byte(edited), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	mended := workloadsByName(t, d)
+	if mended["client-2"] != first["client-2"] || mended["client-9"] != after["client-9"] {
+		t.Error("after a failed read, the documents that had parsed were parsed again")
+	}
+}
+
+// TestDocParseKeepsEveryKind: what a document parses to comes back whole
+// from the cache, for every list a Mesh has; a list added to Mesh without
+// a place in docParse fails here.
+func TestDocParseKeepsEveryKind(t *testing.T) {
+	var in Mesh
+	v := reflect.ValueOf(&in).Elem()
+	lists := 0
+	for i := range v.NumField() {
+		f := v.Field(i)
+		if !v.Type().Field(i).IsExported() || f.Kind() != reflect.Slice {
+			continue
+		}
+		e := reflect.New(f.Type().Elem()).Elem()
+		if e.Kind() == reflect.Pointer {
+			e.Set(reflect.New(e.Type().Elem()))
+		}
+		f.Set(reflect.Append(f, e))
+		lists++
+	}
+	var out Mesh
+	newDocParse(&in, false).addTo(&out)
+	o := reflect.ValueOf(&out).Elem()
+	for i := range o.NumField() {
+		if name := o.Type().Field(i).Name; v.Field(i).Kind() == reflect.Slice && v.Type().Field(i).IsExported() && o.Field(i).Len() != 1 {
+			t.Errorf("Mesh.%s: %d objects came back from the cache, want 1", name, o.Field(i).Len())
+		}
+	}
+	if lists < 7 {
+		t.Fatalf("only %d lists in Mesh", lists)
+	}
 }
 
 // TestDirCacheHoldsOnlyTheDirectory: as files and documents come and go,
@@ -96,11 +145,32 @@ func TestDirCacheHoldsOnlyTheDirectory(t *testing.T) {
 		if len(m.Workloads) != 11 {
 			t.Fatalf("round %d: %d workloads, want 11", round, len(m.Workloads))
 		}
-		d.mu.Lock()
-		files, docs := len(d.cache.files), len(d.cache.docs)
-		d.mu.Unlock()
-		if files != 2 || docs != 11 {
-			t.Fatalf("round %d: the cache holds %d files and %d documents, want 2 and 11", round, files, docs)
+		checkCacheHolds(t, d, 2, 11)
+	}
+	// A broken file whose good documents change each round.
+	for round := range 20 {
+		data := clientDoc(2000+round) + "---\n" + clientDoc(3000+round) + "---\nkind: Workloda\n"
+		if err := os.WriteFile(filepath.Join(dir, "broken.yaml"), []byte(data), 0o600); err != nil {
+			t.Fatal(err)
 		}
+		if _, err := d.Mesh(); err == nil {
+			t.Fatal("a file with an unknown kind was read")
+		}
+		checkCacheHolds(t, d, 2, 13)
+	}
+}
+
+// checkCacheHolds checks the number of whole files and of documents d's
+// cache holds.
+func checkCacheHolds(t *testing.T, d *Dir, wantFiles, wantDocs int) {
+	t.Helper()
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	files, docs := len(d.cache.files), len(d.cache.loose)
+	for _, fd := range d.cache.files {
+		docs += len(fd)
+	}
+	if files != wantFiles || docs != wantDocs {
+		t.Fatalf("the cache holds %d files and %d documents, want %d and %d", files, docs, wantFiles, wantDocs)
 	}
 }
