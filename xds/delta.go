@@ -4,6 +4,7 @@ import (
 	"errors"
 	"slices"
 	"strings"
+	"sync/atomic"
 
 	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	cachev3 "github.com/envoyproxy/go-control-plane/pkg/cache/v3"
@@ -94,6 +95,13 @@ type deltaWatch struct {
 	// one is answered even with nothing in it, or Envoy would not
 	// finish initializing.
 	first bool
+	// answered is set, under c.mu, once a set answered the watch and
+	// dropped it from its node: go-control-plane cancels every watch
+	// when the stream's next request of the type arrives (the
+	// acknowledgement of that answer), and the cancel of an answered
+	// watch has nothing to do, so it does not take c.mu, which a push
+	// holds for each node in turn.
+	answered atomic.Bool
 }
 
 // ErrUnknownDeltaStream: a delta watch for a request the stream callbacks
@@ -101,10 +109,12 @@ type deltaWatch struct {
 var ErrUnknownDeltaStream = errors.New("xds: delta request of an unknown stream")
 
 // deltaRequest notes the stream a request arrived on, for the
-// CreateDeltaWatch that go-control-plane calls next with it.
+// CreateDeltaWatch that go-control-plane calls next with it. It takes
+// c.streamsMu, not c.mu: an acknowledgement takes c.mu once, in
+// CreateDeltaWatch.
 func (c *cache) deltaRequest(stream int64, req *discoveryv3.DeltaDiscoveryRequest) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
+	c.streamsMu.Lock()
+	defer c.streamsMu.Unlock()
 	ds := c.deltas[stream]
 	if ds == nil {
 		ds = &deltaStream{known: map[string]*deltaKnown{}}
@@ -119,17 +129,19 @@ func (c *cache) deltaRequest(stream int64, req *discoveryv3.DeltaDiscoveryReques
 
 // deltaClosed forgets a delta stream.
 func (c *cache) deltaClosed(stream int64) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
+	c.streamsMu.Lock()
+	defer c.streamsMu.Unlock()
 	if ds := c.deltas[stream]; ds != nil && ds.pending != nil {
 		delete(c.deltaReqs, ds.pending)
 	}
 	delete(c.deltas, stream)
 }
 
-// deltaStreamOf returns the state of the stream req arrived on.
-// c.mu is held.
+// deltaStreamOf returns the state of the stream req arrived on. c.mu is
+// held (the stream's known is c.mu's), c.streamsMu is taken.
 func (c *cache) deltaStreamOf(req *cachev3.DeltaRequest) (*deltaStream, error) {
+	c.streamsMu.Lock()
+	defer c.streamsMu.Unlock()
 	id, ok := c.deltaReqs[req]
 	if !ok {
 		return nil, ErrUnknownDeltaStream
@@ -423,6 +435,7 @@ func (c *cache) deltaRespond(w *deltaWatch, pub *published) bool {
 		return false
 	}
 	w.stream.known[typ] = next
+	w.answered.Store(true)
 	// The channel holds two responses per type and each watch gets one.
 	w.out <- resp
 	return true

@@ -114,12 +114,17 @@ type cache struct {
 	queue    []*sotwNode
 	draining bool
 
-	// deltaReqs are the delta requests the stream callbacks have seen
-	// and CreateDeltaWatch not yet, with their stream; deltas the state
-	// of the open delta streams; nextTypeSet numbers typeSets.
-	deltaReqs   map[*discoveryv3.DeltaDiscoveryRequest]int64
-	deltas      map[int64]*deltaStream
+	// nextTypeSet numbers typeSets.
 	nextTypeSet uint64
+
+	// streamsMu guards deltaReqs, the delta requests the stream
+	// callbacks have seen and CreateDeltaWatch not yet, with their
+	// stream, and deltas, the open delta streams (but not what they
+	// hold, which is c.mu's), and their pending requests. It is taken
+	// alone or inside c.mu.
+	streamsMu sync.Mutex
+	deltaReqs map[*discoveryv3.DeltaDiscoveryRequest]int64
+	deltas    map[int64]*deltaStream
 }
 
 var _ cachev3.Cache = (*cache)(nil)
@@ -516,6 +521,10 @@ func (c *cache) CreateDeltaWatch(req *cachev3.DeltaRequest, sub cachev3.Subscrip
 	wid := c.next
 	n.dwatches[wid] = w
 	return func() {
+		if w.answered.Load() {
+			// set answered it and dropped it from the node.
+			return
+		}
 		c.mu.Lock()
 		defer c.mu.Unlock()
 		if n := c.nodes[id]; n != nil {
