@@ -12,6 +12,7 @@ import (
 	"maps"
 	"slices"
 	"sort"
+	"strconv"
 	"sync"
 
 	"github.com/envoyproxy/go-control-plane/pkg/cache/types"
@@ -106,17 +107,22 @@ func (g *generation) carryFrom(prev *generation) {
 		return
 	}
 	prev.mu.Lock()
-	carried, owns := maps.Clone(prev.checked), maps.Clone(prev.owns)
+	carried, owns, keys := maps.Clone(prev.checked), maps.Clone(prev.owns), len(prev.keys)
 	prev.mu.Unlock()
 	g.mu.Lock()
 	g.carried, g.carriedOwns = carried, owns
+	if len(g.keys) == 0 && len(g.owns) == 0 {
+		// Sized for the nodes prev had: each asks for its key on the push.
+		g.keys, g.owns = make(map[string]string, keys), make(map[string]ownMemo, len(owns))
+	}
 	g.mu.Unlock()
 }
 
 // configKey identifies what a node's resources depend on: its kind and
 // its pod, whose labels and service account the mesh gives.
 func configKey(n *proxyconfig.Node) string {
-	return fmt.Sprintf("%s|%t|%s|%s|pod:%s", n.Type, n.Proxyless, n.Namespace, n.ServiceAccount, n.Pod)
+	// Concatenated, not formatted: every node's is made on every push.
+	return string(n.Type) + "|" + strconv.FormatBool(n.Proxyless) + "|" + n.Namespace + "|" + n.ServiceAccount + "|pod:" + n.Pod
 }
 
 // shareKey is the key under which a node's snapshot is kept and shared.
