@@ -263,11 +263,9 @@ func joinEndpoints(m *Mesh) error {
 // with the same bytes as one the cache read has met is not parsed again.
 func (d *Dir) parse(m *Mesh, origin string, data []byte, cr *cacheRead) error {
 	fk := docKey(sha256.Sum256(data))
-	if docs := cr.file(fk); docs != nil {
-		for _, doc := range docs {
-			doc.parse.addTo(m)
-		}
-		cr.keep(fk, docs, true)
+	if f := cr.file(fk); f != nil {
+		f.sorted.addTo(m)
+		cr.keepFile(fk, f)
 		return nil
 	}
 	r := k8syaml.NewYAMLReader(bufio.NewReader(bytes.NewReader(data)))
@@ -277,14 +275,13 @@ func (d *Dir) parse(m *Mesh, origin string, data []byte, cr *cacheRead) error {
 		// whole: every document parsed, and none reads other files.
 		whole = true
 	)
-	defer func() { cr.keep(fk, docs, whole) }()
 	for doc := 1; ; doc++ {
 		raw, err := r.Read()
 		if errors.Is(err, io.EOF) {
 			break
 		}
 		if err != nil {
-			whole = false
+			cr.keepDocs(docs)
 			return fmt.Errorf("%w: %s: %w", ErrFile, origin, err)
 		}
 		k := docKey(sha256.Sum256(raw))
@@ -313,9 +310,18 @@ func (d *Dir) parse(m *Mesh, origin string, data []byte, cr *cacheRead) error {
 			}
 		}
 		docs = append(docs, fileDocParse{key: k, parse: p})
-		p.addTo(m)
 	}
-	return errors.Join(errs...)
+	if !whole {
+		cr.keepDocs(docs)
+		for _, doc := range docs {
+			doc.parse.addTo(m)
+		}
+		return errors.Join(errs...)
+	}
+	f := newCachedFile(docs)
+	cr.keepFile(fk, f)
+	f.sorted.addTo(m)
+	return nil
 }
 
 func strictJSON(data []byte, v any) error {

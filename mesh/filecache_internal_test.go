@@ -167,8 +167,8 @@ func checkCacheHolds(t *testing.T, d *Dir, wantFiles, wantDocs int) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	files, docs := len(d.cache.files), len(d.cache.loose)
-	for _, fd := range d.cache.files {
-		docs += len(fd)
+	for _, f := range d.cache.files {
+		docs += len(f.docs)
 	}
 	if files != wantFiles || docs != wantDocs {
 		t.Fatalf("the cache holds %d files and %d documents, want %d and %d", files, docs, wantFiles, wantDocs)

@@ -352,3 +352,30 @@ func TestDirConcurrentReads(t *testing.T) {
 		}
 	}
 }
+
+// TestDirMeshIsSorted: a mesh read from files whose keys interleave is in
+// Sort's order, on a first read and on one that takes every file from the
+// cache.
+func TestDirMeshIsSorted(t *testing.T) {
+	dir := t.TempDir()
+	workload := func(name string) string {
+		return "apiVersion: mesh.trustmesh.io/v1alpha1\nkind: Workload\nmetadata: {name: " + name +
+			", namespace: shop}\nspec: {spiffeID: spiffe://cluster.local/ns/shop/sa/client}\n---\n"
+	}
+	writeFile(t, filepath.Join(dir, "a.yaml"), workload("client-3")+workload("client-10")+workload("client-1"))
+	writeFile(t, filepath.Join(dir, "b.yaml"), workload("client-2")+workload("client-0"))
+	writeFile(t, filepath.Join(dir, "services.yaml"), cacheServices)
+	d := &mesh.Dir{Path: dir}
+	for _, read := range []string{"first", "cached"} {
+		m, err := d.Mesh()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := workloadNames(m); got != "client-0,client-1,client-10,client-2,client-3" {
+			t.Errorf("%s read: workloads %s", read, got)
+		}
+		if got := m.Services[0].Name + "," + m.Services[1].Name; got != "db,web" {
+			t.Errorf("%s read: services %s", read, got)
+		}
+	}
+}
