@@ -156,7 +156,7 @@ func (c Config) GRPCOptions() []grpc.ServerOption {
 	return []grpc.ServerOption{
 		// Encoded content that many streams send (a message's unknown
 		// fields) is sent by reference, not copied per stream (codec.go).
-		grpc.ForceServerCodecV2(newSharedCodec()),
+		grpc.ForceServerCodecV2(newSharedCodec(false)),
 		grpc.SharedWriteBuffer(true),
 		grpc.ReadBufferSize(grpcReadBuffer),
 		grpc.WriteBufferSize(grpcWriteBuffer),
@@ -171,4 +171,21 @@ func (c Config) GRPCOptions() []grpc.ServerOption {
 			PermitWithoutStream: true,
 		}),
 	}
+}
+
+// GRPCTLSOptions are GRPCOptions for a port that serves TLS only and
+// whose streams last as long as their clients stay connected: the CA and
+// xDS port, where a mesh keeps one connection and two streams per proxy
+// open. Two things that every connection or stream holds for its life go:
+//   - the framer's read buffer: crypto/tls already holds a whole decrypted
+//     record and hands the framer's small reads out of it, so the buffer
+//     only copied it once more (4 KiB per connection);
+//   - stack grown while decoding: messages are decoded aside (codec.go),
+//     so a stream's receiving goroutine keeps the stack of its wait.
+//
+// A plaintext port must not use them: without the buffer, every frame
+// header would be a read system call.
+func (c Config) GRPCTLSOptions() []grpc.ServerOption {
+	// Later options win: these replace GRPCOptions' read buffer and codec.
+	return append(c.GRPCOptions(), grpc.ReadBufferSize(0), grpc.ForceServerCodecV2(newSharedCodec(true)))
 }
