@@ -18,6 +18,7 @@ import (
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/peer"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
 
 	"github.com/trustmesh/trustmesh/xds/proxyconfig"
 )
@@ -139,6 +140,7 @@ func (s *Server) callbacks() serverv3.Callbacks {
 			if err := s.request(sotwKey(id), req.GetNode()); err != nil {
 				return err
 			}
+			keepNodeID(req.GetNode())
 			s.nack(sotwKey(id), req)
 			return nil
 		},
@@ -157,6 +159,7 @@ func (s *Server) callbacks() serverv3.Callbacks {
 			if err := s.request(deltaKey(id), req.GetNode()); err != nil {
 				return err
 			}
+			keepNodeID(req.GetNode())
 			s.cache.deltaRequest(id, req)
 			return nil
 		},
@@ -285,6 +288,24 @@ func (s *Server) request(id streamKey, n *corev3.Node) error {
 	s.nodes[pn.ID] = &nodeState{node: pn, id: st.identity.ID, streams: 1}
 	s.publishLocked(pn)
 	return nil
+}
+
+// keepNodeID empties a request's node but for its id, once request has
+// checked it. go-control-plane keeps the last node a stream sent for as
+// long as the stream is open (the state of the world server keeps this
+// very message; the delta server takes it from the request after the
+// callback), and the cache keeps each type's last request; what the
+// server needs of a node it parsed on the stream's first request
+// (stream.node), and later requests are checked against it by id alone.
+// An Envoy's node metadata runs to kilobytes, held once per stream for
+// nothing.
+func keepNodeID(n *corev3.Node) {
+	if n == nil {
+		return
+	}
+	id := n.GetId()
+	proto.Reset(n)
+	n.Id = id
 }
 
 // nack handles a state-of-the-world NACK: the client rejected the version
