@@ -158,6 +158,13 @@ func (c Config) GRPCOptions() []grpc.ServerOption {
 		// fields) is sent by reference, not copied per stream (codec.go).
 		grpc.ForceServerCodecV2(newSharedCodec(false)),
 		grpc.SharedWriteBuffer(true),
+		// A fixed window: grpc-go's dynamic one (BDP estimation) pings the
+		// peer on the first DATA frame after each ping ack, so each small
+		// request or acknowledgement costs both sides a PING and its ack
+		// (a write and a read each). 1 MiB per connection also bounds what
+		// one peer can make the server buffer (the dynamic one grows to 16 MiB).
+		grpc.StaticStreamWindowSize(1 << 20),
+		grpc.StaticConnWindowSize(1 << 20),
 		grpc.ReadBufferSize(grpcReadBuffer),
 		grpc.WriteBufferSize(grpcWriteBuffer),
 		grpc.ConnectionTimeout(c.HandshakeTimeout),
