@@ -58,8 +58,10 @@ import (
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/metadata"
 	pb "istio.io/api/security/v1alpha1"
+	"k8s.io/utils/clock"
 
 	"github.com/trustmesh/trustmesh/ca/admin"
+	"github.com/trustmesh/trustmesh/ca/authn"
 )
 
 type summary struct {
@@ -161,6 +163,17 @@ type worker struct {
 func run(o options) error {
 	ctx := context.Background()
 	workers := make([]*worker, o.conc)
+	var en *enrolments
+	if o.mode == modeRenew {
+		n := o.conc
+		if o.conns > 0 {
+			n = o.conns
+		}
+		var err error
+		if en, err = prepareEnrolments(ctx, o.dataDir, n); err != nil {
+			return err
+		}
+	}
 	for i := range workers {
 		if o.conns > 0 && i >= o.conns {
 			// Shares connection i mod conns, and the identity it
@@ -168,7 +181,7 @@ func run(o options) error {
 			workers[i] = workers[i%o.conns]
 			continue
 		}
-		w, err := newWorker(ctx, o, i)
+		w, err := newWorker(ctx, o, i, en)
 		if err != nil {
 			return err
 		}
@@ -249,9 +262,48 @@ func run(o options) error {
 	return json.NewEncoder(os.Stdout).Encode(s)
 }
 
-// newWorker enrols worker i with trustmesh, or takes the no-op server's
-// client certificate, and opens the connection it keeps.
-func newWorker(ctx context.Context, o options, i int) (*worker, error) {
+// enrolments are the trust bundle and one join token per enrolling worker,
+// made with one opening of the data directory's journal: each opening
+// checks the whole log, whose length grows with every point a benchmark
+// run has measured.
+type enrolments struct {
+	roots  *x509.CertPool
+	ids    []spiffeid.ID
+	tokens []string
+}
+
+func prepareEnrolments(ctx context.Context, dataDir string, n int) (*enrolments, error) {
+	dir := admin.DataDir(dataDir)
+	// TrustBundle refuses a data directory that trustmesh serve has not set
+	// up, before OpenJournal could create anything in it.
+	b, err := admin.TrustBundle(ctx, dir, admin.JournalOptions{}, "")
+	if err != nil {
+		return nil, err
+	}
+	en := &enrolments{roots: x509.NewCertPool()}
+	for _, c := range b.X509Authorities() {
+		en.roots.AddCert(c)
+	}
+	store, td, err := dir.OpenJournal(ctx, b.TrustDomain().Name(), admin.JournalOptions{}, false)
+	if err != nil {
+		return nil, err
+	}
+	defer store.Close()
+	jt := &authn.JoinTokens{TrustDomain: td, Store: store, Clock: clock.RealClock{}}
+	for i := range n {
+		id := spiffeid.RequireFromPath(td, fmt.Sprintf("/bench/w%d", i))
+		tok, _, err := jt.Create(ctx, id, 10*time.Minute)
+		if err != nil {
+			return nil, fmt.Errorf("join token for %s: %w", id, err)
+		}
+		en.ids, en.tokens = append(en.ids, id), append(en.tokens, tok)
+	}
+	return en, nil
+}
+
+// newWorker enrols worker i with trustmesh (en), or takes the no-op
+// server's client certificate, and opens the connection it keeps.
+func newWorker(ctx context.Context, o options, i int, en *enrolments) (*worker, error) {
 	w := &worker{addr: o.addr, checkKey: o.mode == modeRenew, sameChain: o.sameChain}
 	if o.mode == modeNoop {
 		m, err := readNoopMaterial(o.dataDir)
@@ -260,22 +312,9 @@ func newWorker(ctx context.Context, o options, i int) (*worker, error) {
 		}
 		w.roots, w.key, w.chain = m.roots, m.key, m.chain
 	} else {
-		dir := admin.DataDir(o.dataDir)
-		b, err := admin.TrustBundle(ctx, dir, admin.JournalOptions{}, "")
-		if err != nil {
-			return nil, err
-		}
-		w.roots = x509.NewCertPool()
-		for _, c := range b.X509Authorities() {
-			w.roots.AddCert(c)
-		}
-		id := spiffeid.RequireFromPath(b.TrustDomain(), fmt.Sprintf("/bench/w%d", i))
-		tok, err := admin.CreateJoinToken(ctx, dir, admin.JournalOptions{}, id.String(), 10*time.Minute)
-		if err != nil {
-			return nil, err
-		}
-		if err := w.enrol(ctx, tok); err != nil {
-			return nil, fmt.Errorf("enrol %s: %w", id, err)
+		w.roots = en.roots
+		if err := w.enrol(ctx, en.tokens[i]); err != nil {
+			return nil, fmt.Errorf("enrol %s: %w", en.ids[i], err)
 		}
 	}
 	if err := w.dial(); err != nil {
