@@ -235,10 +235,20 @@ func (d *Dir) Mesh() (*Mesh, error) {
 // addresses, dataplane mode) holds for the endpoint too. Validate reports
 // the two when their identities or labels differ. An ambient workload must
 // list the addresses it serves at, or the node proxy would not know them.
+//
+// It indexes the endpoints' pods, not every workload: a mesh may list far
+// more workloads (clients) than endpoints, and this runs on every read.
 func joinEndpoints(m *Mesh) error {
 	declared := map[string]*Workload{}
+	for _, s := range m.Services {
+		for _, e := range s.Endpoints {
+			declared[e.Workload.Key()] = nil
+		}
+	}
 	for _, w := range m.Workloads {
-		declared[w.Key()] = w
+		if _, ok := declared[w.Key()]; ok {
+			declared[w.Key()] = w
+		}
 	}
 	var errs []error
 	for _, s := range m.Services {
