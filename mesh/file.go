@@ -187,8 +187,9 @@ func IsMeshFile(name string) bool {
 	return (ext == ".yaml" || ext == ".yml") && !strings.HasPrefix(filepath.Base(name), ".")
 }
 
-// Mesh parses every file. Any error refuses the whole directory, naming the
-// file and document.
+// Mesh reads every file, and parses the documents whose bytes it has not
+// parsed before. Any error refuses the whole directory, naming the file and
+// document.
 func (d *Dir) Mesh() (*Mesh, error) {
 	entries, err := os.ReadDir(d.Path)
 	if err != nil {
