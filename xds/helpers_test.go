@@ -152,8 +152,8 @@ func startSources(t testing.TB, meshSrc mesh.Source, polSrc *settable) *env {
 		Certificates: []tls.Certificate{serving.tlsCert()}, ClientAuth: tls.RequestClientCert, MinVersion: tls.VersionTLS12,
 	}))}
 	if os.Getenv("TRUSTMESH_XDS_BENCH_SERVER_OPTIONS") == "connlimit" {
-		// The benchmarks measure serve's connection options when asked.
-		opts = append(opts, connlimit.Config{}.GRPCOptions()...)
+		// The benchmarks measure serve's connection options (the CA and xDS port's) when asked.
+		opts = append(opts, connlimit.Config{}.GRPCTLSOptions()...)
 	}
 	gs := grpc.NewServer(opts...)
 	var err error
