@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"net"
 	"strconv"
+	"time"
 
 	"github.com/trustmesh/trustmesh/xds"
 	"github.com/trustmesh/trustmesh/xds/proxyconfig"
@@ -32,7 +33,11 @@ func (cp *ControlPlane) newXDS(v *validated) (*xds.Server, error) {
 			Tracing: proxyconfig.Tracing{Collector: v.XDS.Tracing.Collector, SamplingPercent: v.XDS.Tracing.SamplingPercent}},
 		MaxStreamsPerIdentity: v.XDS.MaxStreamsPerIdentity, MaxNodesPerIdentity: v.XDS.MaxNodesPerIdentity,
 		FirstPushHold: v.XDS.FirstPushHold,
-		Clock:         v.Clock, Log: v.Log, Registerer: cp.registry,
+		// The mesh and policy feeds settle their own changes (250 ms), so
+		// the server's debounce only has to coalesce two feeds publishing
+		// together: a second 100 ms wait in series bought nothing.
+		Debounce: 10 * time.Millisecond,
+		Clock:    v.Clock, Log: v.Log, Registerer: cp.registry,
 		TracerProvider: v.TracerProvider,
 	}
 	if cfg.Mesh, err = cp.meshSource(v); err != nil {
