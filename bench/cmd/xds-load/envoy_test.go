@@ -37,8 +37,8 @@ func socketEndpoint(addr string, port uint32) *endpointv3.LbEndpoint {
 		LoadBalancingWeight: nil}
 }
 
-// The simulated Envoys read svc-0's endpoints off the wire; they must
-// read what decoding the whole message reads, whatever else it holds.
+// The simulated Envoys read svc-0's endpoints with claSet; it must read
+// what decoding the whole message reads, whatever else it holds.
 func TestClaSetReadsWhatDecodingReads(t *testing.T) {
 	cases := map[string]*endpointv3.ClusterLoadAssignment{
 		"none": {ClusterName: svc0Cluster},
@@ -82,7 +82,8 @@ func TestClaSetReadsWhatDecodingReads(t *testing.T) {
 		return protowire.AppendBytes(protowire.AppendTag(nil, num, protowire.BytesType), v)
 	}
 	lb := nest(1, nest(1, nest(1, append(sa("10.0.0.1", 1), sa("10.0.0.2", 2)...))))
-	twice := nest(2, nest(2, lb))
+	name := protowire.AppendString(protowire.AppendTag(nil, 1, protowire.BytesType), svc0Cluster)
+	twice := append(name, nest(2, nest(2, lb))...)
 	got, err := claSet(twice)
 	if err != nil {
 		t.Fatal(err)
@@ -97,5 +98,97 @@ func TestClaSetReadsWhatDecodingReads(t *testing.T) {
 		if _, err := claSet(b[:cut]); err == nil {
 			t.Errorf("claSet of the first %d of %d bytes: no error", cut, len(b))
 		}
+	}
+}
+
+// Encodings where a walk along the path to the socket addresses parts ways
+// with decoding: a later member of a oneof replaces an earlier one, a field
+// of the wrong wire type is unknown, and a malformed field off the path,
+// or a string that is not UTF-8, makes the whole message invalid. claSet
+// must read each as proto.Unmarshal does, or refuse it as it does; and it
+// refuses svc-0's answer holding another cluster's assignment.
+func TestClaSetAgreesWithDecodingOnOddEncodings(t *testing.T) {
+	nest := func(num protowire.Number, v []byte) []byte {
+		return protowire.AppendBytes(protowire.AppendTag(nil, num, protowire.BytesType), v)
+	}
+	str := func(num protowire.Number, s string) []byte {
+		return protowire.AppendString(protowire.AppendTag(nil, num, protowire.BytesType), s)
+	}
+	vint := func(num protowire.Number, x uint64) []byte {
+		return protowire.AppendVarint(protowire.AppendTag(nil, num, protowire.VarintType), x)
+	}
+	cat := func(bs ...[]byte) []byte {
+		var out []byte
+		for _, b := range bs {
+			out = append(out, b...)
+		}
+		return out
+	}
+	sa := cat(str(2, "10.0.0.1"), vint(3, 8080)) // SocketAddress
+	addr := nest(1, sa)                          // Address{socket_address}
+	ep := nest(1, addr)                          // Endpoint{address}
+	cla := func(lb []byte) []byte { return cat(str(1, svc0Cluster), nest(2, nest(2, lb))) }
+	cases := map[string][]byte{
+		"lb endpoint then endpoint_name":    cla(cat(nest(1, ep), str(5, "named"))),
+		"socket address then pipe":          cla(nest(1, nest(1, cat(addr, nest(2, str(1, "/p")))))),
+		"port_value then named_port":        cla(nest(1, nest(1, nest(1, cat(sa, str(4, "http")))))),
+		"port_value with a wrong wire type": cla(nest(1, nest(1, nest(1, cat(sa, nest(3, nil)))))),
+		"malformed metadata":                cla(cat(nest(1, ep), nest(3, []byte{0xff}))),
+		"malformed policy":                  cat(cla(nest(1, ep)), nest(4, []byte{0x0a, 0x05})),
+		"address not utf-8":                 cla(nest(1, nest(1, nest(1, cat(str(2, "10.0.0.\xff"), vint(3, 8080)))))),
+	}
+	for name, b := range cases {
+		got, err := claSet(b)
+		var m endpointv3.ClusterLoadAssignment
+		derr := proto.Unmarshal(b, &m)
+		switch {
+		case derr != nil && err == nil:
+			t.Errorf("%s: proto.Unmarshal refuses it (%v); claSet reads it as %q", name, derr, got)
+		case derr == nil && err != nil:
+			t.Errorf("%s: decoding reads it as %q; claSet refuses it (%v)", name, claSetDecoded(t, b), err)
+		case derr == nil:
+			if want := claSetDecoded(t, b); got != want {
+				t.Errorf("%s: claSet = %q, decoding gives %q", name, got, want)
+			}
+		}
+	}
+	other := cat(str(1, "outbound|8080||svc-1"), nest(2, nest(2, nest(1, ep))))
+	if got, err := claSet(other); err == nil {
+		t.Errorf("another cluster's assignment: claSet = %q, want an error", got)
+	}
+}
+
+// go test -run '^$' -bench BenchmarkClaSet ./bench/cmd/xds-load/: the cost
+// per client of reading svc-0's endpoints from the shared encoding.
+func BenchmarkClaSet(b *testing.B) {
+	cla := &endpointv3.ClusterLoadAssignment{ClusterName: svc0Cluster, Endpoints: []*endpointv3.LocalityLbEndpoints{{
+		LbEndpoints: []*endpointv3.LbEndpoint{socketEndpoint("10.0.0.2", 8080), socketEndpoint("10.0.0.1", 8080), socketEndpoint("10.0.0.3", 8080)}}}}
+	w, err := proto.Marshal(cla)
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.ReportAllocs()
+	b.RunParallel(func(pb *testing.PB) {
+		for pb.Next() {
+			if _, err := claSet(w); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+}
+
+// claName picks svc-0's assignment out of a state-of-the-world answer; a
+// cluster_name given twice is the last one, as when decoding.
+func TestClaNameIsTheLastGiven(t *testing.T) {
+	name := func(s string) []byte {
+		return protowire.AppendString(protowire.AppendTag(nil, 1, protowire.BytesType), s)
+	}
+	b := append(name("outbound|8080||svc-1"), name(svc0Cluster)...)
+	var m endpointv3.ClusterLoadAssignment
+	if err := proto.Unmarshal(b, &m); err != nil {
+		t.Fatal(err)
+	}
+	if got := claName(b); got != m.GetClusterName() || got != svc0Cluster {
+		t.Errorf("claName = %q, decoding gives %q", got, m.GetClusterName())
 	}
 }
