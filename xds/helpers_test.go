@@ -138,6 +138,10 @@ func startWith(t testing.TB, m mesh.Source) *env {
 	return startSources(t, m, &settable{})
 }
 
+// streamInterceptor, when a test sets it, is installed on the servers
+// startSources starts (a test that sets it must not run in parallel).
+var streamInterceptor grpc.StreamServerInterceptor
+
 func startSources(t testing.TB, meshSrc mesh.Source, polSrc *settable) *env {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
@@ -154,6 +158,9 @@ func startSources(t testing.TB, meshSrc mesh.Source, polSrc *settable) *env {
 	if os.Getenv("TRUSTMESH_XDS_BENCH_SERVER_OPTIONS") == "connlimit" {
 		// The benchmarks measure serve's connection options (the CA and xDS port's) when asked.
 		opts = append(opts, connlimit.Config{}.GRPCTLSOptions()...)
+	}
+	if streamInterceptor != nil {
+		opts = append(opts, grpc.StreamInterceptor(streamInterceptor))
 	}
 	gs := grpc.NewServer(opts...)
 	var err error
