@@ -77,7 +77,8 @@ func (d *deltaDiff) encodedUpserts() []byte {
 }
 
 // deltaStream is one delta stream's state: what its client holds, by
-// type. c.mu guards it.
+// type. c.mu guards known; c.streamsMu guards pending, as it guards the
+// c.deltas map that holds the stream.
 type deltaStream struct {
 	known map[string]*deltaKnown
 	// pending is the request the callbacks saw last, until

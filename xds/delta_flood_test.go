@@ -43,12 +43,15 @@ func TestDeltaUnsubscribingUnknownNamesKeepsNothing(t *testing.T) {
 	var over int
 	deadline := time.Now().Add(5 * time.Second)
 	for time.Now().Before(deadline) {
+		// c.deltas is c.streamsMu's, what a stream holds c.mu's.
 		c.mu.Lock()
+		c.streamsMu.Lock()
 		for _, ds := range c.deltas {
 			if k := ds.known[resource.EndpointType]; k != nil {
 				over = len(k.over)
 			}
 		}
+		c.streamsMu.Unlock()
 		c.mu.Unlock()
 		if over >= perReq*reqs {
 			break
@@ -62,10 +65,16 @@ func TestDeltaUnsubscribingUnknownNamesKeepsNothing(t *testing.T) {
 	// Time one more request under the lock.
 	start := time.Now()
 	c.mu.Lock()
+	c.streamsMu.Lock()
+	var held []*deltaKnown
 	for _, ds := range c.deltas {
 		if k := ds.known[resource.EndpointType]; k != nil {
-			c.deltaSlow(k, c.nodes["n1"].pub.types[resource.EndpointType], true, nil)
+			held = append(held, k)
 		}
+	}
+	c.streamsMu.Unlock()
+	for _, k := range held {
+		c.deltaSlow(k, c.nodes["n1"].pub.types[resource.EndpointType], true, nil)
 	}
 	c.mu.Unlock()
 	t.Logf("one wildcard request's walk under c.mu: %s", time.Since(start))
