@@ -5,11 +5,16 @@
 # simulated Envoy sidecars over state of the world, then over delta:
 #   - the cold connect of all N (each its own mTLS connection, as each
 #     real Envoy has its own, unless XDS_PER_CONN says how many share one,
-#     which spares only the load tool: fewer handshakes, less memory);
+#     which spares the load tool and serve alike: serve holds grpc-go's
+#     reader, writer and keepalive goroutines and the TLS and transport
+#     state per connection, about 40 kB of RSS each as measured at 4,000
+#     clients, so with XDS_PER_CONN above 1 serve's RSS per proxy is
+#     understated: quote it as "N proxies on N/XDS_PER_CONN connections");
 #   - the time from a mesh change (one more endpoint on svc-0, the
 #     endpoints of every sidecar change) until every client holds exactly
-#     the new endpoints, 3 rounds, the server's 100 ms debounce included:
-#     when the last did, and the p50 and p99 over clients;
+#     the new endpoints, 3 rounds, the mesh feed's 250 ms settle and
+#     serve's 10 ms xDS debounce included: when the last did, and the p50
+#     and p99 over clients;
 #   - serve's RSS with every client connected, and per client;
 #   - a sample of XDS_GRPC_CLIENTS (default 8) real grpc-go proxyless xDS
 #     clients, which must see svc-0's endpoints as the simulated ones do
@@ -17,12 +22,15 @@
 # The cold connect is reported in two phases: the mTLS handshakes of every
 # connection (XDS_DIAL_CONCURRENCY in flight, default 256), with serve's CPU
 # per handshake, then every client's first configuration.
-# GOMEMLIMIT is left unset; serve's --max-connections (default 1,024 per
-# listener) is raised to N+1,024, or the clients past it would wait. Each
-# client's certificate is the one the load tool enrols with a join token:
-# the pods of a service account share a SPIFFE ID, and serve's
-# per-handshake work is the same for any key. One JSON line per mode goes
-# to $BENCH_OUT/xds.jsonl; the script's wall time goes to stderr.
+# GOMEMLIMIT, GOGC and GODEBUG are unset for serve, so that no memory
+# limit or GC tuning comes in from the caller's environment; serve's
+# --max-connections (default 1,024 per listener) is raised to N+1,024, or
+# the clients past it would wait. If serve cannot bind its random ports,
+# the mode is retried once on fresh ones. Each client's certificate is the
+# one the load tool enrols with a join token: the pods of a service
+# account share a SPIFFE ID, and serve's per-handshake work is the same
+# for any key. One JSON line per mode goes to $BENCH_OUT/xds.jsonl; the
+# script's wall time goes to stderr.
 #
 #   bench/xds.sh [N] [S]
 #
@@ -50,19 +58,50 @@ trap cleanup EXIT
 echo "bench/xds.sh: built in $(($(date +%s) - started)) s" >&2
 port() { echo "127.0.0.1:$((20000 + RANDOM % 20000))"; }
 
-for mode in $modes; do
+# start_serve MODE: starts serve on fresh random ports (sets ca, mon and
+# serve) and waits up to 120 s for it to be ready. Returns 0 when ready, 2
+# when serve exited because a port was taken (the random ports collide now
+# and then), and exits the script on any other failure.
+start_serve() {
+  local mode=$1 log="$out/xds-serve-$1.log" t
   ca=$(port) mon=$(port)
-  rm -rf "$dir/mesh" "$dir/data"
-  "$dir/xds-load" -gen -mesh "$dir/mesh" -services "$services" -clients "$n" -grpc-clients "$grpcclients"
-  env -u GOMEMLIMIT "$dir/trustmesh" serve --data-dir "$dir/data" --kubernetes off --mesh "$dir/mesh" --listen-ca "$ca" \
-    --listen-monitoring "$mon" --listen-bundle "" --listen-authz off --listen-ui off --log-level warn --max-connections $((n + 1024)) \
-    >"$out/xds-serve-$mode.log" 2>&1 &
+  while [ "$mon" = "$ca" ]; do mon=$(port); done
+  rm -rf "$dir/data"
+  env -u GOMEMLIMIT -u GOGC -u GODEBUG "$dir/trustmesh" serve --data-dir "$dir/data" --kubernetes off --mesh "$dir/mesh" \
+    --listen-ca "$ca" --listen-monitoring "$mon" --listen-bundle "" --listen-authz off --listen-ui off --log-level warn \
+    --max-connections $((n + 1024)) >"$log" 2>&1 &
   serve=$!
-  pids+=("$serve")
+  pids=("$serve")
   t=$(date +%s)
-  for _ in $(seq 600); do curl -sf "http://$mon/readyz" >/dev/null && break; sleep 0.2; done
-  curl -sf "http://$mon/readyz" >/dev/null || { echo "bench/xds.sh: serve not ready after 120 s (log: $out/xds-serve-$mode.log)" >&2; exit 1; }
+  for _ in $(seq 600); do
+    curl -sf "http://$mon/readyz" >/dev/null && break
+    if ! kill -0 "$serve" 2>/dev/null; then
+      wait "$serve" 2>/dev/null || true
+      pids=()
+      if grep -q "address already in use" "$log"; then
+        echo "bench/xds.sh: $mode: serve could not bind $ca or $mon (log: $log)" >&2
+        return 2
+      fi
+      echo "bench/xds.sh: $mode: serve exited before it was ready (log: $log)" >&2
+      exit 1
+    fi
+    sleep 0.2
+  done
+  curl -sf "http://$mon/readyz" >/dev/null || { echo "bench/xds.sh: $mode: serve not ready after 120 s (log: $log)" >&2; exit 1; }
   echo "bench/xds.sh: $mode: serve ready in $(($(date +%s) - t)) s" >&2
+}
+
+for mode in $modes; do
+  rm -rf "$dir/mesh"
+  "$dir/xds-load" -gen -mesh "$dir/mesh" -services "$services" -clients "$n" -grpc-clients "$grpcclients"
+  # A port collision is retried once, on fresh ports.
+  rc=0
+  start_serve "$mode" || rc=$?
+  if [ "$rc" = 2 ]; then
+    rc=0
+    start_serve "$mode" || rc=$?
+  fi
+  [ "$rc" = 0 ] || exit 1
   "$dir/trustmesh" ca bundle --data-dir "$dir/data" >"$dir/ca.pem"
   tok=$("$dir/trustmesh" ca token create --data-dir "$dir/data" --spiffe-id spiffe://cluster.local/ns/bench/sa/client --ttl 10m)
   delta=false
@@ -71,5 +110,6 @@ for mode in $modes; do
     -per-conn "$perconn" -grpc-clients "$grpcclients" -dial-concurrency "$dialconc" -delta="$delta" -rounds 3 -server-pid "$serve" | tee -a "$out/xds.jsonl"
   kill "$serve"
   wait "$serve" 2>/dev/null || true
+  pids=()
 done
 echo "bench/xds.sh $n $services (modes: $modes, clients per connection: $perconn): $(($(date +%s) - started)) s" >&2
