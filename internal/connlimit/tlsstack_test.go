@@ -29,24 +29,7 @@ import (
 // TestDecodeAsideKeepsTheCallersStack, testing the codec alone, does not
 // see.
 func TestGRPCTLSOptionsFreeTheDecodingsStack(t *testing.T) {
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "connlimit"},
-		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
-		IPAddresses: []net.IP{net.IPv4(127, 0, 0, 1)}, KeyUsage: x509.KeyUsageDigitalSignature,
-		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	leaf, err := x509.ParseCertificate(der)
-	if err != nil {
-		t.Fatal(err)
-	}
-	pool := x509.NewCertPool()
-	pool.AddCert(leaf)
+	cert, pool := selfSignedLoopback(t)
 	// A Value nested 400 lists deep: protobuf decodes it recursively,
 	// hundreds of kilobytes of stack.
 	v := structpb.NewStringValue("leaf")
@@ -63,7 +46,7 @@ func TestGRPCTLSOptionsFreeTheDecodingsStack(t *testing.T) {
 		}
 		received := make(chan struct{}, streams)
 		g := grpc.NewServer(append([]grpc.ServerOption{grpc.Creds(credentials.NewTLS(&tls.Config{
-			Certificates: []tls.Certificate{{Certificate: [][]byte{der}, PrivateKey: key, Leaf: leaf}}, MinVersion: tls.VersionTLS13,
+			Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS13,
 		}))}, opts...)...)
 		g.RegisterService(&grpc.ServiceDesc{ServiceName: "trustmesh.test.Park", HandlerType: (*any)(nil),
 			Streams: []grpc.StreamDesc{{StreamName: "Park", ServerStreams: true, ClientStreams: true,
@@ -118,4 +101,29 @@ func TestGRPCTLSOptionsFreeTheDecodingsStack(t *testing.T) {
 	if tlsOpts*4 > plain {
 		t.Fatalf("GRPCTLSOptions: parked streams hold %d kB of stack, GRPCOptions %d kB: want the decoding's stack freed", tlsOpts>>10, plain>>10)
 	}
+}
+
+// selfSignedLoopback is a self-signed P-256 server certificate for
+// 127.0.0.1, and a pool that trusts it.
+func selfSignedLoopback(t *testing.T) (tls.Certificate, *x509.CertPool) {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "connlimit"},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
+		IPAddresses: []net.IP{net.IPv4(127, 0, 0, 1)}, KeyUsage: x509.KeyUsageDigitalSignature,
+		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	leaf, err := x509.ParseCertificate(der)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pool := x509.NewCertPool()
+	pool.AddCert(leaf)
+	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key, Leaf: leaf}, pool
 }
