@@ -189,10 +189,10 @@ func (cp *ControlPlane) newCAServer(ctx context.Context, v *validated, authentic
 	}); err != nil {
 		return err
 	}
-	// Requests on this port are small (a CSR is at most 16 KiB); refuse
-	// anything larger before reading it.
-	cp.grpc = grpc.NewServer(append([]grpc.ServerOption{grpc.Creds(credentials.NewTLS(cp.serving.TLSConfig())),
-		grpc.MaxRecvMsgSize(256 << 10), grpc.MaxConcurrentStreams(1024)}, v.Listen.Connections.GRPCTLSOptions()...)...)
+	// connlimit sets what requests on this port may hold: their size, the
+	// streams per connection, and how many and how long may be arriving.
+	cp.grpc = grpc.NewServer(append([]grpc.ServerOption{grpc.Creds(credentials.NewTLS(cp.serving.TLSConfig()))},
+		v.Listen.Connections.GRPCTLSOptions()...)...)
 	pb.RegisterIstioCertificateServiceServer(cp.grpc, server.NewCertificateService(server.CertificateServiceConfig{
 		Issuer: cp.ca, Authenticator: authenticator, Refusals: cp.refusals, Metrics: metrics, Clock: v.Clock, Log: v.Log,
 		TracerProvider: v.TracerProvider,

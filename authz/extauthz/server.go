@@ -172,8 +172,12 @@ func (s *Server) Serve(ctx context.Context, lis net.Listener) error {
 		creds = insecure.NewCredentials()
 	}
 	lis = s.cfg.Connections.Limit(lis)
+	// A CheckRequest is Envoy's request headers (at most 60 KiB by
+	// default) and the peer's certificate, never the body here: 128 KiB.
+	// Envoy multiplexes its checks on one connection, so every stream a
+	// connection may open may be arriving at once (connlimit.Requests).
 	g := grpc.NewServer(append([]grpc.ServerOption{grpc.Creds(creds), grpc.NumStreamWorkers(streamWorkers)},
-		s.cfg.Connections.GRPCOptions()...)...)
+		s.cfg.Connections.GRPCOptionsFor(connlimit.Requests{MaxMessage: 128 << 10, MaxStreams: 1024})...)...)
 	authv3.RegisterAuthorizationServer(g, s)
 	errc := make(chan error, 1)
 	go func() { errc <- g.Serve(lis) }()

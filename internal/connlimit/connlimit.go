@@ -53,8 +53,10 @@ type Config struct {
 	// preface (gRPC). Zero means DefaultHandshakeTimeout.
 	HandshakeTimeout time.Duration
 	// ReadTimeout and WriteTimeout bound reading a whole HTTP request and
-	// writing its response. gRPC streams are long-lived and are bounded by
-	// keepalive instead. Zero means the defaults.
+	// writing its response. On a gRPC port, ReadTimeout bounds the wait for
+	// an RPC's (first) request message (arrivals.go); the streams
+	// themselves are long-lived and are bounded by keepalive. Zero means
+	// the defaults.
 	ReadTimeout, WriteTimeout time.Duration
 	// IdleTimeout closes a connection that has no request (HTTP keep-alive)
 	// or no RPC (gRPC) in flight for this long. Zero means
@@ -149,11 +151,15 @@ const (
 	grpcWriteBuffer = 32 << 10
 )
 
-// GRPCOptions are the server options that bound connection setup, idle
-// connections, client keepalive pings and what an idle connection holds.
-func (c Config) GRPCOptions() []grpc.ServerOption {
-	c = c.WithDefaults()
-	return []grpc.ServerOption{
+// GRPCOptions are GRPCOptionsFor with the default Requests.
+func (c Config) GRPCOptions() []grpc.ServerOption { return c.GRPCOptionsFor(Requests{}) }
+
+// GRPCOptionsFor are the server options that bound connection setup, idle
+// connections, client keepalive pings, what an idle connection holds, and
+// what requests may make the server hold (r and arrivals.go).
+func (c Config) GRPCOptionsFor(r Requests) []grpc.ServerOption {
+	c, r = c.WithDefaults(), r.withDefaults()
+	opts := []grpc.ServerOption{
 		// Encoded content that many streams send (a message's unknown
 		// fields) is sent by reference, not copied per stream (codec.go).
 		grpc.ForceServerCodecV2(newSharedCodec(false)),
@@ -161,10 +167,20 @@ func (c Config) GRPCOptions() []grpc.ServerOption {
 		// A fixed window: grpc-go's dynamic one (BDP estimation) pings the
 		// peer on the first DATA frame after each ping ack, so each small
 		// request or acknowledgement costs both sides a PING and its ack
-		// (a write and a read each). 1 MiB per connection also bounds what
-		// one peer can make the server buffer (the dynamic one grows to 16 MiB).
-		grpc.StaticStreamWindowSize(1 << 20),
+		// (a write and a read each). The window bounds what a stream may
+		// send before its handler reads; grpc-go widens it to fit a message
+		// the handler is reading (up to MaxMessage), and returns the
+		// connection's window as data arrives, read or not: so unread data
+		// is bounded per stream, 64 KiB (grpc-go's least) x MaxStreams per
+		// connection, and the connection window bounds nothing unread.
+		grpc.StaticStreamWindowSize(64 << 10),
 		grpc.StaticConnWindowSize(1 << 20),
+		grpc.MaxRecvMsgSize(r.MaxMessage),
+		grpc.MaxConcurrentStreams(r.MaxStreams),
+		// A header block is held whole while it arrives, one per
+		// connection: grpc-go's default allows 16 MiB. gRPC metadata here
+		// is a few KiB (a service-account token is the largest).
+		grpc.MaxHeaderListSize(maxHeaderList),
 		grpc.ReadBufferSize(grpcReadBuffer),
 		grpc.WriteBufferSize(grpcWriteBuffer),
 		grpc.ConnectionTimeout(c.HandshakeTimeout),
@@ -178,12 +194,25 @@ func (c Config) GRPCOptions() []grpc.ServerOption {
 			PermitWithoutStream: true,
 		}),
 	}
+	return append(opts, newArrivals(r, c.ReadTimeout).options()...)
 }
 
-// GRPCTLSOptions are GRPCOptions for a port that serves TLS only and
-// whose streams last as long as their clients stay connected: the CA and
-// xDS port, where a mesh keeps one connection and two streams per proxy
-// open. Two things that every connection or stream holds for its life go:
+// maxHeaderList is the largest header block a gRPC port accepts.
+const maxHeaderList = 64 << 10
+
+// caPortRequests are the CA and xDS port's: requests are small (a CSR is
+// at most 16 KiB; an xDS request names at most a few thousand resources);
+// a mesh keeps one connection per proxy with one or two streams open (an
+// agent, a few; a load generator sharing a connection, 16 unary RPCs at
+// once), and clients need no credentials to open a stream, so one
+// connection may have at most 64 RPCs waiting for their message (16 MiB).
+var caPortRequests = Requests{MaxMessage: 256 << 10, MaxStreams: 1024, MaxArriving: 64}
+
+// GRPCTLSOptions are GRPCOptionsFor for the CA and xDS port (its Requests
+// included), a port that serves TLS only and whose streams last as long
+// as their clients stay connected: a mesh keeps one connection and two
+// streams per proxy open. Two things that every connection or stream
+// holds for its life go:
 //   - the framer's read buffer: crypto/tls already holds a whole decrypted
 //     record and hands the framer's small reads out of it, so the buffer
 //     only copied it once more (4 KiB per connection);
@@ -194,5 +223,5 @@ func (c Config) GRPCOptions() []grpc.ServerOption {
 // header would be a read system call.
 func (c Config) GRPCTLSOptions() []grpc.ServerOption {
 	// Later options win: these replace GRPCOptions' read buffer and codec.
-	return append(c.GRPCOptions(), grpc.ReadBufferSize(0), grpc.ForceServerCodecV2(newSharedCodec(true)))
+	return append(c.GRPCOptionsFor(caPortRequests), grpc.ReadBufferSize(0), grpc.ForceServerCodecV2(newSharedCodec(true)))
 }
