@@ -85,6 +85,11 @@ var (
 //     such place exists is the new RPC refused;
 //   - is cut after timeout.
 //
+// An RPC whose stream ends before its message is in (the client reset
+// it, or grpc-go refused the message) keeps its place until the timeout
+// passes or a full connection or port looks for room: then its place is
+// freed first.
+//
 // Once the message is in, the RPC holds what its handler holds. A
 // long-lived stream's later messages (an xDS proxy's requests) are not
 // bounded here: only a proxy with a workload certificate gets a stream
@@ -94,21 +99,26 @@ type arrivals struct {
 	timeout, grace    time.Duration
 	now               func() time.Time
 
-	mu    sync.Mutex
-	total int
-	// conns holds the arriving RPCs of each connection that has one, in
-	// arrival order, keyed by the connection's peer (grpc-go puts one
-	// *peer.Peer in the context of every stream of a connection).
-	conns map[*peer.Peer][]*arrival
+	mu sync.Mutex
+	// The arriving RPCs, oldest first (all have the same timeout, so the
+	// first is the next to expire), and how many each connection has,
+	// keyed by its peer (grpc-go puts one *peer.Peer in the context of
+	// every stream of a connection).
+	head, tail *arrival
+	total      int
+	perConn    map[*peer.Peer]int
+	// timer fires when head's time is up, while armed.
+	timer *time.Timer
+	armed bool
 }
 
 type arrival struct {
-	conn   *peer.Peer
-	since  time.Time
-	cancel context.CancelCauseFunc
-	timer  *time.Timer
-	stop   func() bool // the context.AfterFunc that ends it with its stream
-	done   bool        // under arrivals.mu
+	conn       *peer.Peer
+	since      time.Time
+	ctx        context.Context
+	cancel     context.CancelCauseFunc
+	prev, next *arrival
+	done       bool // under arrivals.mu
 }
 
 type arrivalKey struct{}
@@ -120,7 +130,7 @@ func newArrivals(r Requests, timeout time.Duration) *arrivals {
 		timeout:    timeout,
 		grace:      arrivalGrace,
 		now:        time.Now,
-		conns:      map[*peer.Peer][]*arrival{},
+		perConn:    map[*peer.Peer]int{},
 	}
 }
 
@@ -130,45 +140,78 @@ func (ar *arrivals) tap(ctx context.Context, _ *tap.Info) (context.Context, erro
 	p, _ := peer.FromContext(ctx)
 	now := ar.now()
 	ar.mu.Lock()
-	mine := len(ar.conns[p])
-	if mine >= ar.maxPerConn {
-		ar.mu.Unlock()
-		return nil, errConnArriving
+	if ar.perConn[p] >= ar.maxPerConn {
+		ar.purgeLocked(p)
+		if ar.perConn[p] >= ar.maxPerConn {
+			ar.mu.Unlock()
+			return nil, errConnArriving
+		}
 	}
 	var cut *arrival
 	if ar.total >= ar.slots {
-		if cut = ar.victimLocked(mine, now); cut == nil {
-			ar.mu.Unlock()
-			return nil, errPortArriving
+		ar.purgeLocked(nil)
+		if ar.total >= ar.slots {
+			if cut = ar.victimLocked(ar.perConn[p], now); cut == nil {
+				ar.mu.Unlock()
+				return nil, errPortArriving
+			}
+			ar.removeLocked(cut)
 		}
-		ar.removeLocked(cut)
 	}
-	ctx, cancel := context.WithCancelCause(ctx)
-	a := &arrival{conn: p, since: now, cancel: cancel}
-	a.timer = time.AfterFunc(ar.timeout, func() { ar.cut(a, errSlowRequest) })
-	a.stop = context.AfterFunc(ctx, func() { ar.arrived(a) })
-	ar.conns[p] = append(ar.conns[p], a)
+	a := &arrival{conn: p, since: now}
+	a.ctx, a.cancel = context.WithCancelCause(ctx)
+	if a.prev = ar.tail; ar.tail != nil {
+		ar.tail.next = a
+	} else {
+		ar.head = a
+	}
+	ar.tail = a
+	ar.perConn[p]++
 	ar.total++
+	if !ar.armed {
+		ar.armLocked(now)
+	}
 	ar.mu.Unlock()
 	if cut != nil {
-		cut.end(errMadeRoom)
+		cut.cancel(errMadeRoom)
 	}
-	return context.WithValue(ctx, arrivalKey{}, a), nil
+	return context.WithValue(a.ctx, arrivalKey{}, a), nil
 }
 
 // victimLocked returns the RPC whose place a new RPC of a connection with
 // mine arriving RPCs takes, or nil.
 func (ar *arrivals) victimLocked(mine int, now time.Time) *arrival {
-	var fattest []*arrival
-	for _, as := range ar.conns {
-		if len(as) > len(fattest) {
-			fattest = as
+	var fattest *peer.Peer
+	most := 0
+	for p, n := range ar.perConn {
+		if n > most {
+			fattest, most = p, n
 		}
 	}
-	if len(fattest) < mine+2 || now.Sub(fattest[0].since) < ar.grace {
+	if most < mine+2 {
 		return nil
 	}
-	return fattest[0]
+	for a := ar.head; a != nil; a = a.next {
+		if a.conn == fattest {
+			if now.Sub(a.since) < ar.grace {
+				return nil
+			}
+			return a
+		}
+	}
+	return nil
+}
+
+// purgeLocked frees the places of RPCs (of connection p, or of all if p
+// is nil) whose streams have ended.
+func (ar *arrivals) purgeLocked(p *peer.Peer) {
+	for a := ar.head; a != nil; {
+		next := a.next
+		if (p == nil || a.conn == p) && a.ctx.Err() != nil {
+			ar.removeLocked(a)
+		}
+		a = next
+	}
 }
 
 // removeLocked takes a out of the arriving RPCs; it reports false if a
@@ -178,49 +221,65 @@ func (ar *arrivals) removeLocked(a *arrival) bool {
 		return false
 	}
 	a.done = true
-	as := ar.conns[a.conn]
-	for i, b := range as {
-		if b == a {
-			as = append(as[:i], as[i+1:]...)
-			break
-		}
-	}
-	if len(as) == 0 {
-		delete(ar.conns, a.conn)
+	if a.prev != nil {
+		a.prev.next = a.next
 	} else {
-		ar.conns[a.conn] = as
+		ar.head = a.next
+	}
+	if a.next != nil {
+		a.next.prev = a.prev
+	} else {
+		ar.tail = a.prev
+	}
+	a.prev, a.next = nil, nil
+	if ar.perConn[a.conn]--; ar.perConn[a.conn] == 0 {
+		delete(ar.perConn, a.conn)
 	}
 	ar.total--
 	return true
 }
 
-// arrived ends a's wait: its message is in, or its stream ended.
+// armLocked sets the timer for the oldest arriving RPC.
+func (ar *arrivals) armLocked(now time.Time) {
+	if ar.head == nil {
+		return
+	}
+	d := ar.head.since.Add(ar.timeout).Sub(now)
+	if ar.timer == nil {
+		ar.timer = time.AfterFunc(d, ar.expire)
+	} else {
+		ar.timer.Reset(d)
+	}
+	ar.armed = true
+}
+
+// expire cuts the RPCs whose message is still arriving after timeout.
+func (ar *arrivals) expire() {
+	var cut []*arrival
+	ar.mu.Lock()
+	now := ar.now()
+	for ar.head != nil && !now.Before(ar.head.since.Add(ar.timeout)) {
+		a := ar.head
+		ar.removeLocked(a)
+		if a.ctx.Err() == nil {
+			cut = append(cut, a)
+		}
+	}
+	ar.armed = false
+	ar.armLocked(now)
+	ar.mu.Unlock()
+	// grpc-go abandons the read and resets the stream, freeing what it
+	// received.
+	for _, a := range cut {
+		a.cancel(errSlowRequest)
+	}
+}
+
+// arrived ends a's wait: its message is in.
 func (ar *arrivals) arrived(a *arrival) {
 	ar.mu.Lock()
-	ok := ar.removeLocked(a)
+	ar.removeLocked(a)
 	ar.mu.Unlock()
-	if ok {
-		a.timer.Stop()
-		a.stop()
-	}
-}
-
-// cut ends a's RPC if its message is still arriving.
-func (ar *arrivals) cut(a *arrival, why error) {
-	ar.mu.Lock()
-	ok := ar.removeLocked(a)
-	ar.mu.Unlock()
-	if ok {
-		a.end(why)
-	}
-}
-
-// end cancels the RPC of a, which is no longer among the arriving: grpc-go
-// abandons the read and resets the stream, freeing what it received.
-func (a *arrival) end(why error) {
-	a.timer.Stop()
-	a.stop()
-	a.cancel(why)
 }
 
 func (ar *arrivals) arrivedCtx(ctx context.Context) {

@@ -116,6 +116,31 @@ func TestArrivingPerConnection(t *testing.T) {
 	}
 }
 
+// An RPC whose stream ended before its message was in (here: grpc-go
+// refused the message as too large) gives its place back when its
+// connection needs it, not only when ReadTimeout passes.
+func TestEndedRPCsFreeTheirPlace(t *testing.T) {
+	addr, _ := serveRequests(t, connlimit.Config{}, connlimit.Requests{MaxMessage: 4 << 10, MaxArriving: 2})
+	p := slowPeer(t, addr)
+	for i := range 2 {
+		if err := p.OpenPartial(uint32(2*i+1), checkPath, 1<<20); err != nil {
+			t.Fatal(err)
+		}
+		if why := p.AwaitEnded(uint32(2*i+1), 5*time.Second); !strings.HasPrefix(why, "grpc-status 8 ") {
+			t.Fatalf("a message over MaxMessage ended %q, want RESOURCE_EXHAUSTED", why)
+		}
+	}
+	for i := 2; i < 4; i++ {
+		if err := p.OpenPartial(uint32(2*i+1), checkPath, 1000); err != nil {
+			t.Fatal(err)
+		}
+	}
+	time.Sleep(200 * time.Millisecond)
+	if why := p.Ended(5) + p.Ended(7); why != "" {
+		t.Fatalf("after two refused messages, a connection that may have 2 arriving could not open 2: %s", why)
+	}
+}
+
 // When the port's places for arriving RPCs are full, a new RPC of another
 // connection is refused while the requests holding them are young, and
 // takes the place of the oldest of the connection with the most once they
