@@ -3,15 +3,8 @@ package connlimit_test
 import (
 	"bytes"
 	"context"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/tls"
-	"crypto/x509"
-	"crypto/x509/pkix"
 	"fmt"
-	"math/big"
-	"net"
 	"sync"
 	"testing"
 	"time"
@@ -29,24 +22,7 @@ import (
 // several TLS records and HTTP/2 frames, on concurrent streams of one
 // connection, arrive intact and in order.
 func TestGRPCTLSOptionsCarryMessagesIntact(t *testing.T) {
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "connlimit"},
-		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
-		IPAddresses: []net.IP{net.IPv4(127, 0, 0, 1)}, KeyUsage: x509.KeyUsageDigitalSignature,
-		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	leaf, err := x509.ParseCertificate(der)
-	if err != nil {
-		t.Fatal(err)
-	}
-	pool := x509.NewCertPool()
-	pool.AddCert(leaf)
+	cert, pool := selfSignedLoopback(t)
 
 	cfg := connlimit.Config{}
 	l, err := cfg.Listen("tcp", "127.0.0.1:0")
@@ -54,7 +30,7 @@ func TestGRPCTLSOptionsCarryMessagesIntact(t *testing.T) {
 		t.Fatal(err)
 	}
 	g := grpc.NewServer(append([]grpc.ServerOption{grpc.Creds(credentials.NewTLS(&tls.Config{
-		Certificates: []tls.Certificate{{Certificate: [][]byte{der}, PrivateKey: key, Leaf: leaf}}, MinVersion: tls.VersionTLS13,
+		Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS13,
 	}))}, cfg.GRPCTLSOptions()...)...)
 	g.RegisterService(&grpc.ServiceDesc{
 		ServiceName: "trustmesh.test.Echo", HandlerType: (*any)(nil),
