@@ -41,7 +41,8 @@ echo "== bench/authz.sh done, $SECONDS s into make bench"
 # xDS (issue 11): a mesh of 1,000 services and BENCH_XDS_CLIENTS simulated
 # sidecars (2,000 here, to keep make bench under 15 minutes; the issue's
 # goal is 20,000: bench/xds.sh 20000 1000): cold connect, push convergence
-# and serve's RSS per client.
+# and serve's RSS per client, each beside the no-op xDS floor on the same
+# transport (xds-load -serve-noop).
 echo "== xDS"
 "$root/bench/xds.sh" "${BENCH_XDS_CLIENTS:-2000}" 1000
 echo "== bench/xds.sh done, $SECONDS s into make bench"

@@ -22,6 +22,14 @@
 # The cold connect is reported in two phases: the mTLS handshakes of every
 # connection (XDS_DIAL_CONCURRENCY in flight, default 256), with serve's CPU
 # per handshake, then every client's first configuration.
+# Beside serve, in the same run, each mode drives the no-op floor
+# (xds-load -serve-noop, bench/cmd/xds-load/noop.go): grpc-go with serve's
+# transport options and TLS, one goroutine per stream, svc-0's endpoints
+# and nothing else, pushed when services.yaml changes. Its RSS and push
+# times are what holding and pushing to the same fleet costs before any
+# configuration is built; a line per mode gives serve's ratios to it
+# (XDS_FLOOR=0 leaves it out). The proxyless sample is serve's alone: the
+# floor serves no listeners, routes or clusters.
 # GOMEMLIMIT, GOGC and GODEBUG are unset for serve, so that no memory
 # limit or GC tuning comes in from the caller's environment; serve's
 # --max-connections (default 1,024 per listener) is raised to N+1,024, or
@@ -46,6 +54,9 @@ modes=${XDS_MODES:-sotw delta}
 grpcclients=${XDS_GRPC_CLIENTS:-8}
 dialconc=${XDS_DIAL_CONCURRENCY:-256}
 started=$(date +%s)
+for tool in jq curl; do
+  command -v "$tool" >/dev/null || { echo "bench/xds.sh: $tool is required" >&2; exit 1; }
+done
 out=${BENCH_OUT:-$root/bench/results}
 mkdir -p "$out"
 # Each connection is a descriptor on both sides.
@@ -91,7 +102,44 @@ start_serve() {
   echo "bench/xds.sh: $mode: serve ready in $(($(date +%s) - t)) s" >&2
 }
 
+# floor MODE DELTA: the no-op floor's point of MODE, one JSON line with
+# "server":"noop-floor" in $out/xds.jsonl and in $dir/floor.json.
+floor() {
+  local mode=$1 delta=$2 addr f t
+  rm -rf "$dir/mesh" "$dir/floor-ca.pem"
+  "$dir/xds-load" -gen -mesh "$dir/mesh" -services "$services" -clients "$n" -grpc-clients 0
+  addr=$(port)
+  env -u GOMEMLIMIT -u GOGC -u GODEBUG "$dir/xds-load" -serve-noop "$addr" -mesh "$dir/mesh" -ca-out "$dir/floor-ca.pem" \
+    >"$out/xds-floor-$mode.log" 2>&1 &
+  f=$!
+  pids=("$f")
+  for _ in $(seq 100); do [ -f "$dir/floor-ca.pem" ] || ! kill -0 "$f" 2>/dev/null && break; sleep 0.1; done
+  [ -f "$dir/floor-ca.pem" ] || { echo "bench/xds.sh: $mode: the floor did not start (log: $out/xds-floor-$mode.log)" >&2; exit 1; }
+  "$dir/xds-load" -mesh "$dir/mesh" -services "$services" -clients "$n" -addr "$addr" -ca-file "$dir/floor-ca.pem" -token floor \
+    -per-conn "$perconn" -grpc-clients 0 -dial-concurrency "$dialconc" -delta="$delta" -rounds 3 -server-pid "$f" |
+    jq -c '{server: "noop-floor"} + .' | tee "$dir/floor.json" | tee -a "$out/xds.jsonl"
+  kill "$f"
+  wait "$f" 2>/dev/null || true
+  pids=()
+}
+
+# ratios MODE: serve's point ($dir/serve.json) against the floor's.
+ratios() {
+  jq -rn --arg mode "$1" --slurpfile s "$dir/serve.json" --slurpfile f "$dir/floor.json" '
+    def med: sort | .[length / 2 | floor];
+    def r(a; b): if b > 0 then (a / b * 100 | round / 100) else "n/a" end;
+    $s[0] as $s | $f[0] as $f |
+    "bench/xds.sh: \($mode), \($s.clients) clients on \($s.connections) connections: serve/floor: " +
+    "RSS \(r($s.server_rss_mb; $f.server_rss_mb)) (\($s.server_rss_mb | round) / \($f.server_rss_mb | round) MB), " +
+    "convergence median of 3 \(r($s.convergence_s | med; $f.convergence_s | med)) (\($s.convergence_s | med * 100 | round / 100) / \($f.convergence_s | med * 100 | round / 100) s), " +
+    "serve CPU per push median \(r($s.server_cpu_push_s | med; $f.server_cpu_push_s | med)), " +
+    "handshakes \(r($s.handshakes_s; $f.handshakes_s)), first configurations \(r($s.first_config_s; $f.first_config_s))"' >&2
+}
+
 for mode in $modes; do
+  delta=false
+  [ "$mode" = delta ] && delta=true
+  [ "${XDS_FLOOR:-1}" = 0 ] || floor "$mode" "$delta"
   rm -rf "$dir/mesh"
   "$dir/xds-load" -gen -mesh "$dir/mesh" -services "$services" -clients "$n" -grpc-clients "$grpcclients"
   # A port collision is retried once, on fresh ports.
@@ -104,12 +152,12 @@ for mode in $modes; do
   [ "$rc" = 0 ] || exit 1
   "$dir/trustmesh" ca bundle --data-dir "$dir/data" >"$dir/ca.pem"
   tok=$("$dir/trustmesh" ca token create --data-dir "$dir/data" --spiffe-id spiffe://cluster.local/ns/bench/sa/client --ttl 10m)
-  delta=false
-  [ "$mode" = delta ] && delta=true
   "$dir/xds-load" -mesh "$dir/mesh" -services "$services" -clients "$n" -addr "$ca" -ca-file "$dir/ca.pem" -token "$tok" \
-    -per-conn "$perconn" -grpc-clients "$grpcclients" -dial-concurrency "$dialconc" -delta="$delta" -rounds 3 -server-pid "$serve" | tee -a "$out/xds.jsonl"
+    -per-conn "$perconn" -grpc-clients "$grpcclients" -dial-concurrency "$dialconc" -delta="$delta" -rounds 3 -server-pid "$serve" |
+    jq -c '{server: "trustmesh"} + .' | tee "$dir/serve.json" | tee -a "$out/xds.jsonl"
   kill "$serve"
   wait "$serve" 2>/dev/null || true
   pids=()
+  [ "${XDS_FLOOR:-1}" = 0 ] || ratios "$mode"
 done
 echo "bench/xds.sh $n $services (modes: $modes, clients per connection: $perconn): $(($(date +%s) - started)) s" >&2

@@ -152,7 +152,20 @@ func main() {
 	flag.DurationVar(&o.roundTimeout, "round-timeout", 5*time.Minute, "how long a phase or round may take before the run fails")
 	flag.DurationVar(&o.grpcTimeout, "grpc-timeout", time.Minute, "how long the proxyless clients may lag the simulated ones before the round fails")
 	cpuProfile := flag.String("cpuprofile", "", "write this tool's CPU profile to the file")
+	serveNoopAddr := flag.String("serve-noop", "", "serve the no-op floor (noop.go) on this address for the mesh -mesh, writing its root to -ca-out, until killed")
+	caOut := flag.String("ca-out", "", "with -serve-noop: where the floor writes its root, PEM, once it listens")
 	flag.Parse()
+	if *serveNoopAddr != "" {
+		if o.meshDir == "" || *caOut == "" {
+			fmt.Fprintln(os.Stderr, "xds-load: -serve-noop needs -mesh and -ca-out")
+			os.Exit(2)
+		}
+		if err := serveNoop(*serveNoopAddr, o.meshDir, *caOut); err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			os.Exit(1)
+		}
+		return
+	}
 	if o.meshDir == "" || o.services <= 0 || o.clients <= 0 || o.perConn <= 0 || o.grpcClients < 0 || o.dialConcurrency <= 0 {
 		fmt.Fprintln(os.Stderr, "xds-load: -mesh is required; -services, -clients, -per-conn and -dial-concurrency must be positive, -grpc-clients not negative")
 		os.Exit(2)
