@@ -29,7 +29,11 @@
 # times are what holding and pushing to the same fleet costs before any
 # configuration is built; a line per mode gives serve's ratios to it
 # (XDS_FLOOR=0 leaves it out). The proxyless sample is serve's alone: the
-# floor serves no listeners, routes or clusters.
+# floor serves no listeners, routes or clusters. RSS is read after each
+# round, while the heap is as full as the pushes left it; XDS_HOLD (a Go
+# duration, default 0) keeps each fleet connected and idle that long after
+# the rounds, reading RSS every 10 s, so that Go's forced collection
+# (every 2 minutes) shows what a quiet server holds.
 # GOMEMLIMIT, GOGC and GODEBUG are unset for serve, so that no memory
 # limit or GC tuning comes in from the caller's environment; serve's
 # --max-connections (default 1,024 per listener) is raised to N+1,024, or
@@ -53,6 +57,7 @@ perconn=${XDS_PER_CONN:-1}
 modes=${XDS_MODES:-sotw delta}
 grpcclients=${XDS_GRPC_CLIENTS:-8}
 dialconc=${XDS_DIAL_CONCURRENCY:-256}
+hold=${XDS_HOLD:-0}
 started=$(date +%s)
 for tool in jq curl; do
   command -v "$tool" >/dev/null || { echo "bench/xds.sh: $tool is required" >&2; exit 1; }
@@ -116,7 +121,7 @@ floor() {
   for _ in $(seq 100); do [ -f "$dir/floor-ca.pem" ] || ! kill -0 "$f" 2>/dev/null && break; sleep 0.1; done
   [ -f "$dir/floor-ca.pem" ] || { echo "bench/xds.sh: $mode: the floor did not start (log: $out/xds-floor-$mode.log)" >&2; exit 1; }
   "$dir/xds-load" -mesh "$dir/mesh" -services "$services" -clients "$n" -addr "$addr" -ca-file "$dir/floor-ca.pem" -token floor \
-    -per-conn "$perconn" -grpc-clients 0 -dial-concurrency "$dialconc" -delta="$delta" -rounds 3 -server-pid "$f" |
+    -per-conn "$perconn" -grpc-clients 0 -dial-concurrency "$dialconc" -delta="$delta" -rounds 3 -hold "$hold" -server-pid "$f" |
     jq -c '{server: "noop-floor"} + .' | tee "$dir/floor.json" | tee -a "$out/xds.jsonl"
   kill "$f"
   wait "$f" 2>/dev/null || true
@@ -133,7 +138,10 @@ ratios() {
     "RSS \(r($s.server_rss_mb; $f.server_rss_mb)) (\($s.server_rss_mb | round) / \($f.server_rss_mb | round) MB), " +
     "convergence median of 3 \(r($s.convergence_s | med; $f.convergence_s | med)) (\($s.convergence_s | med * 100 | round / 100) / \($f.convergence_s | med * 100 | round / 100) s), " +
     "serve CPU per push median \(r($s.server_cpu_push_s | med; $f.server_cpu_push_s | med)), " +
-    "handshakes \(r($s.handshakes_s; $f.handshakes_s)), first configurations \(r($s.first_config_s; $f.first_config_s))"' >&2
+    "handshakes \(r($s.handshakes_s; $f.handshakes_s)), first configurations \(r($s.first_config_s; $f.first_config_s))" +
+    (if ($s.server_rss_held_mb // []) != [] and ($f.server_rss_held_mb // []) != [] then
+      ", RSS at the end of the hold \(r($s.server_rss_held_mb[-1]; $f.server_rss_held_mb[-1])) (\($s.server_rss_held_mb[-1] | round) / \($f.server_rss_held_mb[-1] | round) MB)"
+    else "" end)' >&2
 }
 
 for mode in $modes; do
@@ -153,7 +161,7 @@ for mode in $modes; do
   "$dir/trustmesh" ca bundle --data-dir "$dir/data" >"$dir/ca.pem"
   tok=$("$dir/trustmesh" ca token create --data-dir "$dir/data" --spiffe-id spiffe://cluster.local/ns/bench/sa/client --ttl 10m)
   "$dir/xds-load" -mesh "$dir/mesh" -services "$services" -clients "$n" -addr "$ca" -ca-file "$dir/ca.pem" -token "$tok" \
-    -per-conn "$perconn" -grpc-clients "$grpcclients" -dial-concurrency "$dialconc" -delta="$delta" -rounds 3 -server-pid "$serve" |
+    -per-conn "$perconn" -grpc-clients "$grpcclients" -dial-concurrency "$dialconc" -delta="$delta" -rounds 3 -hold "$hold" -server-pid "$serve" |
     jq -c '{server: "trustmesh"} + .' | tee "$dir/serve.json" | tee -a "$out/xds.jsonl"
   kill "$serve"
   wait "$serve" 2>/dev/null || true

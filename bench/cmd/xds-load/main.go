@@ -108,6 +108,9 @@ type result struct {
 	ServerCPUPushS  []float64 `json:"server_cpu_push_s,omitempty"`
 	ToolCPUPushS    []float64 `json:"tool_cpu_push_s"`
 	ServerRSSPushMB []float64 `json:"server_rss_after_push_mb,omitempty"`
+	// With -hold: serve's RSS every holdSample while the fleet stays
+	// connected and idle after the rounds.
+	ServerRSSHeldMB []float64 `json:"server_rss_held_mb,omitempty"`
 	// The proxyless grpc-go sample: its first endpoints after it starts,
 	// and each round's time until the last of them balances over the set
 	// the simulated clients received (from the same mesh write).
@@ -131,7 +134,7 @@ type options struct {
 	grpcClients, dialConcurrency       int
 	delta                              bool
 	serverPID                          int
-	roundTimeout, grpcTimeout          time.Duration
+	roundTimeout, grpcTimeout, hold    time.Duration
 }
 
 func main() {
@@ -148,6 +151,7 @@ func main() {
 	flag.IntVar(&o.dialConcurrency, "dial-concurrency", 256, "mTLS handshakes in flight at once during the cold connect")
 	flag.BoolVar(&o.delta, "delta", false, "delta ADS instead of state of the world")
 	flag.IntVar(&o.rounds, "rounds", 3, "configuration changes to time")
+	flag.DurationVar(&o.hold, "hold", 0, "after the rounds, keep every client connected and idle this long, reading serve's RSS every 10 s")
 	flag.IntVar(&o.serverPID, "server-pid", 0, "serve's process id, for its RSS and CPU")
 	flag.DurationVar(&o.roundTimeout, "round-timeout", 5*time.Minute, "how long a phase or round may take before the run fails")
 	flag.DurationVar(&o.grpcTimeout, "grpc-timeout", time.Minute, "how long the proxyless clients may lag the simulated ones before the round fails")
@@ -399,6 +403,12 @@ func run(o options) (*result, error) {
 		}
 	}
 	r.GRPCAgreed = smp != nil
+	if o.serverPID > 0 && o.hold > 0 {
+		for end := time.Now().Add(o.hold); time.Now().Before(end); {
+			time.Sleep(min(holdSample, time.Until(end)))
+			r.ServerRSSHeldMB = append(r.ServerRSSHeldMB, procMB(o.serverPID, "VmRSS"))
+		}
+	}
 	if o.serverPID > 0 {
 		r.RSSMB, r.PeakRSSMB = procMB(o.serverPID, "VmRSS"), procMB(o.serverPID, "VmHWM")
 		r.KBPerClient = r.RSSMB * 1024 / float64(n)
@@ -414,6 +424,9 @@ func run(o options) (*result, error) {
 
 // toolReadBuffer is the read buffer of each simulated Envoy's connection.
 const toolReadBuffer = 4 << 10
+
+// holdSample is how often -hold reads serve's RSS.
+const holdSample = 10 * time.Second
 
 // maxReopens is how many times one simulated client may have its stream
 // cut before the run fails.
