@@ -41,7 +41,8 @@
 # the mode is retried once on fresh ones. Each client's certificate is the
 # one the load tool enrols with a join token: the pods of a service
 # account share a SPIFFE ID, and serve's per-handshake work is the same
-# for any key. One JSON line per mode goes to $BENCH_OUT/xds.jsonl; the
+# for any key. Two JSON lines per mode, the floor's and serve's (field
+# "server"), go to $BENCH_OUT/xds.jsonl; the
 # script's wall time goes to stderr.
 #
 #   bench/xds.sh [N] [S]
@@ -113,13 +114,25 @@ floor() {
   local mode=$1 delta=$2 addr f t
   rm -rf "$dir/mesh" "$dir/floor-ca.pem"
   "$dir/xds-load" -gen -mesh "$dir/mesh" -services "$services" -clients "$n" -grpc-clients 0
-  addr=$(port)
-  env -u GOMEMLIMIT -u GOGC -u GODEBUG "$dir/xds-load" -serve-noop "$addr" -mesh "$dir/mesh" -ca-out "$dir/floor-ca.pem" \
-    >"$out/xds-floor-$mode.log" 2>&1 &
-  f=$!
-  pids=("$f")
-  for _ in $(seq 100); do [ -f "$dir/floor-ca.pem" ] || ! kill -0 "$f" 2>/dev/null && break; sleep 0.1; done
-  [ -f "$dir/floor-ca.pem" ] || { echo "bench/xds.sh: $mode: the floor did not start (log: $out/xds-floor-$mode.log)" >&2; exit 1; }
+  # A port collision is retried once, on a fresh port (the floor writes
+  # its root only once it listens).
+  for t in 1 2; do
+    addr=$(port)
+    env -u GOMEMLIMIT -u GOGC -u GODEBUG "$dir/xds-load" -serve-noop "$addr" -mesh "$dir/mesh" -ca-out "$dir/floor-ca.pem" \
+      >"$out/xds-floor-$mode.log" 2>&1 &
+    f=$!
+    pids=("$f")
+    for _ in $(seq 100); do [ -f "$dir/floor-ca.pem" ] || ! kill -0 "$f" 2>/dev/null && break; sleep 0.1; done
+    [ -f "$dir/floor-ca.pem" ] && break
+    wait "$f" 2>/dev/null || true
+    pids=()
+    if [ "$t" = 1 ] && grep -q "address already in use" "$out/xds-floor-$mode.log"; then
+      echo "bench/xds.sh: $mode: the floor could not bind $addr; retrying on another port" >&2
+      continue
+    fi
+    echo "bench/xds.sh: $mode: the floor did not start (log: $out/xds-floor-$mode.log)" >&2
+    exit 1
+  done
   "$dir/xds-load" -mesh "$dir/mesh" -services "$services" -clients "$n" -addr "$addr" -ca-file "$dir/floor-ca.pem" -token floor \
     -per-conn "$perconn" -grpc-clients 0 -dial-concurrency "$dialconc" -delta="$delta" -rounds 3 -hold "$hold" -server-pid "$f" |
     jq -c '{server: "noop-floor"} + .' | tee "$dir/floor.json" | tee -a "$out/xds.jsonl"
@@ -128,20 +141,24 @@ floor() {
   pids=()
 }
 
-# ratios MODE: serve's point ($dir/serve.json) against the floor's.
+# ratios MODE: serve's point ($dir/serve.json) against the floor's: the
+# server's own CPU where the result has it (the wall times include the
+# load tool's, on the same cores), and RSS above what each held before its
+# first client, per client.
 ratios() {
   jq -rn --arg mode "$1" --slurpfile s "$dir/serve.json" --slurpfile f "$dir/floor.json" '
-    def med: sort | .[length / 2 | floor];
-    def r(a; b): if b > 0 then (a / b * 100 | round / 100) else "n/a" end;
+    def med: (. // [0]) | sort | .[length / 2 | floor];
+    def r(a; b): if (b // 0) > 0 then ((a // 0) / b * 100 | round / 100) else "n/a" end;
+    def kb(p): ((p.server_rss_mb // 0) - (p.server_rss_base_mb // 0)) * 1024 / p.clients | round;
+    def s2(x): x * 100 | round / 100;
     $s[0] as $s | $f[0] as $f |
-    "bench/xds.sh: \($mode), \($s.clients) clients on \($s.connections) connections: serve/floor: " +
-    "RSS \(r($s.server_rss_mb; $f.server_rss_mb)) (\($s.server_rss_mb | round) / \($f.server_rss_mb | round) MB), " +
-    "convergence median of 3 \(r($s.convergence_s | med; $f.convergence_s | med)) (\($s.convergence_s | med * 100 | round / 100) / \($f.convergence_s | med * 100 | round / 100) s), " +
-    "serve CPU per push median \(r($s.server_cpu_push_s | med; $f.server_cpu_push_s | med)), " +
-    "handshakes \(r($s.handshakes_s; $f.handshakes_s)), first configurations \(r($s.first_config_s; $f.first_config_s))" +
-    (if ($s.server_rss_held_mb // []) != [] and ($f.server_rss_held_mb // []) != [] then
-      ", RSS at the end of the hold \(r($s.server_rss_held_mb[-1]; $f.server_rss_held_mb[-1])) (\($s.server_rss_held_mb[-1] | round) / \($f.server_rss_held_mb[-1] | round) MB)"
-    else "" end)' >&2
+    "bench/xds.sh: \($mode), \($s.clients) clients on \($s.connections) connections, serve/floor: " +
+    "RSS \(if ($s.hold_s // 0) > 0 then "after a \($s.hold_s) s idle hold" else "after the last push" end) \(r($s.server_rss_mb; $f.server_rss_mb)) (\($s.server_rss_mb // 0 | round) / \($f.server_rss_mb // 0 | round) MB; " +
+    "above each one'"'"'s base, per client: \(kb($s)) / \(kb($f)) kB); " +
+    "convergence, median of 3 rounds, both after serve'"'"'s 260 ms wait: \(r($s.convergence_s | med; $f.convergence_s | med)) (\(s2($s.convergence_s | med)) / \(s2($f.convergence_s | med)) s); " +
+    "server CPU: per push, median \(r($s.server_cpu_push_s | med; $f.server_cpu_push_s | med)) (\(s2($s.server_cpu_push_s | med)) / \(s2($f.server_cpu_push_s | med)) s, 10 ms ticks), " +
+    "per handshake \(r($s.server_cpu_ms_per_handshake; $f.server_cpu_ms_per_handshake)), " +
+    "for every first configuration \(r($s.server_cpu_first_config_s; $f.server_cpu_first_config_s)) (\(s2($s.server_cpu_first_config_s // 0)) / \(s2($f.server_cpu_first_config_s // 0)) s)"' >&2
 }
 
 for mode in $modes; do

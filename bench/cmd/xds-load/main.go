@@ -108,9 +108,13 @@ type result struct {
 	ServerCPUPushS  []float64 `json:"server_cpu_push_s,omitempty"`
 	ToolCPUPushS    []float64 `json:"tool_cpu_push_s"`
 	ServerRSSPushMB []float64 `json:"server_rss_after_push_mb,omitempty"`
-	// With -hold: serve's RSS every holdSample while the fleet stays
-	// connected and idle after the rounds.
+	// With -hold: how long the fleet stayed connected and idle after the
+	// rounds, and serve's RSS every holdSample meanwhile (server_rss_mb is
+	// then read at its end).
+	HoldS           float64   `json:"hold_s,omitempty"`
 	ServerRSSHeldMB []float64 `json:"server_rss_held_mb,omitempty"`
+	// serve's RSS before the first handshake: what it holds with no client.
+	ServerRSSBaseMB float64 `json:"server_rss_base_mb,omitempty"`
 	// The proxyless grpc-go sample: its first endpoints after it starts,
 	// and each round's time until the last of them balances over the set
 	// the simulated clients received (from the same mesh write).
@@ -283,6 +287,9 @@ func run(o options) (*result, error) {
 	defer cancel()
 
 	// Phase 1: the handshakes.
+	if o.serverPID > 0 {
+		r.ServerRSSBaseMB = procMB(o.serverPID, "VmRSS")
+	}
 	srv0, self0 := cpuSeconds(o.serverPID), cpuSeconds(os.Getpid())
 	t0 := time.Now()
 	if err := handshakes(ctx, conns, o.dialConcurrency, o.roundTimeout); err != nil {
@@ -404,9 +411,17 @@ func run(o options) (*result, error) {
 	}
 	r.GRPCAgreed = smp != nil
 	if o.serverPID > 0 && o.hold > 0 {
+		r.HoldS = o.hold.Seconds()
 		for end := time.Now().Add(o.hold); time.Now().Before(end); {
 			time.Sleep(min(holdSample, time.Until(end)))
 			r.ServerRSSHeldMB = append(r.ServerRSSHeldMB, procMB(o.serverPID, "VmRSS"))
+		}
+		// Every client must still be connected: a fleet that fell away
+		// would make the held RSS small for the wrong reason.
+		select {
+		case <-failure:
+			return nil, fmt.Errorf("xds-load: during the hold %d clients failed, the first: %v", failed.Load(), firstErr.Load())
+		default:
 		}
 	}
 	if o.serverPID > 0 {

@@ -25,12 +25,19 @@ import (
 	"syscall"
 	"time"
 
+	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	endpointv3 "github.com/envoyproxy/go-control-plane/envoy/config/endpoint/v3"
+	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
+	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
 	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/peer"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/anypb"
 	pb "istio.io/api/security/v1alpha1"
 
@@ -38,27 +45,43 @@ import (
 )
 
 // The no-op floor (-serve-noop): an ADS server that does the least a
-// server must to hold this tool's fleet, on serve's transport, so that
-// serve's memory and push time can be quoted beside what the transport
-// alone costs (bench/xds.sh runs both in one run). It is grpc-go with the
-// options serve's CA and xDS port uses (connlimit.GRPCTLSOptions), TLS 1.3
-// with the client's chain verified in the handshake (serve verifies it per
-// stream), and per stream one goroutine, the handler, waiting in Recv. It
-// answers each stream's first request of a type: the clusters, listeners
-// and routes with nothing, the endpoints with svc-0's assignment; it
-// builds no configuration, checks no identity and keeps no snapshot. It
-// polls services.yaml in -mesh every 10 ms (serve's mesh feed settles for
-// 250 ms), counts svc-0's endpoints in it, and sends the new assignment,
-// encoded once, to every stream that subscribed to endpoints. It enrols
-// the tool as serve's CA does (CreateCertificate, the same chain shape),
-// signing the request's key with no check, and writes its root to
-// -ca-out once it listens.
+// server must to hold this tool's fleet and keep it current, on serve's
+// transport, so that serve's memory and push time can be quoted beside
+// what the transport alone costs (bench/xds.sh runs both in one run).
+//   - Transport: grpc-go with the options of serve's CA and xDS port
+//     (connlimit.GRPCTLSOptions, whose codec sends pre-encoded bytes by
+//     reference), and TLS that requests the client's certificate without
+//     verifying it in the handshake; each stream verifies the chain when it
+//     opens, as serve's does (xds/stream.go), before it is answered.
+//   - Per stream one goroutine, the handler, waiting in Recv; no snapshot,
+//     no identity or node check, no per-stream state beyond the last
+//     version it was sent.
+//   - What it sends is what any server must send this fleet: for each
+//     type, one resource per service (a cluster, an endpoint assignment
+//     and a virtual host of route 8080 per service, and a listener), built
+//     from services.yaml and encoded once per version into a response's
+//     unknown fields, which every stream's response shares. A stream's
+//     first request of a type gets all of that type. A change sends svc-0's
+//     assignment alone over delta and every assignment over state of the
+//     world, as serve does. The resources are minimal (no TLS contexts,
+//     filters or policies), so they are smaller than serve's.
+//   - It polls services.yaml every 10 ms, and after a change waits as
+//     serve does (its mesh feed's 250 ms settle and its 10 ms xDS
+//     debounce), so that a round's convergence compares the work after the
+//     wait.
+//   - It enrols the tool as serve's CA does (CreateCertificate, the same
+//     chain shape), signing the request's key with no check, and writes
+//     its root to -ca-out once it listens.
 
-// noopPollInterval is how often the floor looks at services.yaml.
-const noopPollInterval = 10 * time.Millisecond
-
-// noopPushers send a new assignment to the streams in parallel.
-const noopPushers = 4
+const (
+	// noopPollInterval is how often the floor looks at services.yaml.
+	noopPollInterval = 10 * time.Millisecond
+	// noopWait is serve's wait after a mesh change: mesh.DefaultSettle
+	// plus the xDS debounce controlplane sets.
+	noopWait = 260 * time.Millisecond
+	// noopPushers send a new version to the streams in parallel.
+	noopPushers = 4
+)
 
 type noopFloor struct {
 	discoveryv3.UnimplementedAggregatedDiscoveryServiceServer
@@ -66,67 +89,135 @@ type noopFloor struct {
 	inter     *x509.Certificate
 	interKey  crypto.Signer
 	chainTail []string // the intermediate and the root, PEM
+	roots     *x509.CertPool
 
-	// cur is svc-0's assignment as every stream is sent it.
-	cur atomic.Pointer[noopAssignment]
+	// cur is the configuration every stream is sent.
+	cur atomic.Pointer[noopConfig]
 
 	mu      sync.Mutex
 	streams map[*noopStream]struct{}
 }
 
-// noopAssignment is one version of svc-0's assignment, as a delta and as a
-// state-of-the-world response.
-type noopAssignment struct {
-	version int
-	delta   *discoveryv3.DeltaDiscoveryResponse
-	sotw    *discoveryv3.DiscoveryResponse
+// noopConfig is one version of the floor's configuration: per type, its
+// resources encoded as a delta and as a state-of-the-world response's
+// resources field, and svc-0's assignment alone for a delta push.
+type noopConfig struct {
+	version       int
+	delta, sotw   map[string][]byte
+	svc0Delta     []byte
+	versionString string
 }
 
 // noopStream is one ADS stream; mu serialises its sends (the handler's
 // answers and the pushers').
 type noopStream struct {
-	mu   sync.Mutex
-	send func(*noopAssignment) error
-	eds  bool // it subscribed to endpoints
-	sent int  // the version it was last sent
+	mu     sync.Mutex
+	delta  bool
+	send   func(typ string, resources []byte) error
+	eds    bool // it subscribed to endpoints
+	sent   int  // the version it was last sent
+	closed bool // its handler returned
 }
 
-func (s *noopStream) push(a *noopAssignment) {
+// push sends the stream what changed from the version it holds to c:
+// svc-0's assignment (delta) or every assignment (state of the world).
+func (s *noopStream) push(c *noopConfig) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.eds && s.sent != a.version {
-		if s.send(a) == nil {
-			s.sent = a.version
-		}
+	if s.closed || !s.eds || s.sent >= c.version {
+		return
+	}
+	b := c.sotw[resource.EndpointType]
+	if s.delta {
+		b = c.svc0Delta
+	}
+	if s.send(resource.EndpointType, b) == nil {
+		s.sent = c.version
 	}
 }
 
-func newNoopAssignment(version, endpoints int) (*noopAssignment, error) {
-	cla := &endpointv3.ClusterLoadAssignment{ClusterName: svc0Cluster}
-	loc := &endpointv3.LocalityLbEndpoints{}
-	for j := range endpoints {
-		loc.LbEndpoints = append(loc.LbEndpoints, &endpointv3.LbEndpoint{HostIdentifier: &endpointv3.LbEndpoint_Endpoint{Endpoint: &endpointv3.Endpoint{
-			Address: &corev3.Address{Address: &corev3.Address_SocketAddress{SocketAddress: &corev3.SocketAddress{
-				Address: endpointAddr(0, j), PortSpecifier: &corev3.SocketAddress_PortValue{PortValue: servicePort},
-			}}},
-		}}})
+// newNoopConfig builds the resources of a services.yaml that writeMesh
+// wrote: its services, with svc0 endpoints on svc-0 and two on the rest.
+func newNoopConfig(version, services, svc0 int) (*noopConfig, error) {
+	byType := map[string][]proto.Message{}
+	names := map[string][]string{}
+	add := func(typ, name string, m proto.Message) {
+		byType[typ] = append(byType[typ], m)
+		names[typ] = append(names[typ], name)
 	}
-	cla.Endpoints = []*endpointv3.LocalityLbEndpoints{loc}
-	a, err := anypb.New(cla)
+	vhosts := make([]*routev3.VirtualHost, 0, services)
+	var svc0CLA *endpointv3.ClusterLoadAssignment
+	for i := range services {
+		host := fmt.Sprintf("svc-%d.%s.svc.cluster.local", i, meshNS)
+		cluster := fmt.Sprintf("outbound|%d||%s", servicePort, host)
+		add(resource.ClusterType, cluster, &clusterv3.Cluster{Name: cluster,
+			ClusterDiscoveryType: &clusterv3.Cluster_Type{Type: clusterv3.Cluster_EDS},
+			EdsClusterConfig: &clusterv3.Cluster_EdsClusterConfig{EdsConfig: &corev3.ConfigSource{
+				ConfigSourceSpecifier: &corev3.ConfigSource_Ads{Ads: &corev3.AggregatedConfigSource{}}}}})
+		n := 2
+		if i == 0 {
+			n = svc0
+		}
+		cla := &endpointv3.ClusterLoadAssignment{ClusterName: cluster, Endpoints: []*endpointv3.LocalityLbEndpoints{{}}}
+		for j := range n {
+			cla.Endpoints[0].LbEndpoints = append(cla.Endpoints[0].LbEndpoints, &endpointv3.LbEndpoint{
+				HostIdentifier: &endpointv3.LbEndpoint_Endpoint{Endpoint: &endpointv3.Endpoint{
+					Address: &corev3.Address{Address: &corev3.Address_SocketAddress{SocketAddress: &corev3.SocketAddress{
+						Address: endpointAddr(i, j), PortSpecifier: &corev3.SocketAddress_PortValue{PortValue: servicePort}}}}}}})
+		}
+		if i == 0 {
+			svc0CLA = cla
+		}
+		add(resource.EndpointType, cluster, cla)
+		vhosts = append(vhosts, &routev3.VirtualHost{Name: host, Domains: []string{host, fmt.Sprintf("%s:%d", host, servicePort)},
+			Routes: []*routev3.Route{{Match: &routev3.RouteMatch{PathSpecifier: &routev3.RouteMatch_Prefix{Prefix: "/"}},
+				Action: &routev3.Route_Route{Route: &routev3.RouteAction{ClusterSpecifier: &routev3.RouteAction_Cluster{Cluster: cluster}}}}}})
+	}
+	add(resource.RouteType, "8080", &routev3.RouteConfiguration{Name: "8080", VirtualHosts: vhosts})
+	add(resource.ListenerType, "virtualOutbound", &listenerv3.Listener{Name: "virtualOutbound",
+		Address: &corev3.Address{Address: &corev3.Address_SocketAddress{SocketAddress: &corev3.SocketAddress{
+			Address: "0.0.0.0", PortSpecifier: &corev3.SocketAddress_PortValue{PortValue: 15001}}}}})
+	v := strconv.Itoa(version)
+	c := &noopConfig{version: version, versionString: v, delta: map[string][]byte{}, sotw: map[string][]byte{}}
+	for typ, ms := range byType {
+		var rs []*discoveryv3.Resource
+		var as []*anypb.Any
+		for i, m := range ms {
+			a, err := anypb.New(m)
+			if err != nil {
+				return nil, fmt.Errorf("xds-load: floor: %w", err)
+			}
+			as = append(as, a)
+			rs = append(rs, &discoveryv3.Resource{Name: names[typ][i], Version: v, Resource: a})
+			if m == proto.Message(svc0CLA) {
+				b, err := proto.Marshal(&discoveryv3.DeltaDiscoveryResponse{Resources: []*discoveryv3.Resource{rs[i]}})
+				if err != nil {
+					return nil, fmt.Errorf("xds-load: floor: %w", err)
+				}
+				c.svc0Delta = b
+			}
+		}
+		var err error
+		if c.delta[typ], err = proto.Marshal(&discoveryv3.DeltaDiscoveryResponse{Resources: rs}); err != nil {
+			return nil, fmt.Errorf("xds-load: floor: %w", err)
+		}
+		if c.sotw[typ], err = proto.Marshal(&discoveryv3.DiscoveryResponse{Resources: as}); err != nil {
+			return nil, fmt.Errorf("xds-load: floor: %w", err)
+		}
+	}
+	return c, nil
+}
+
+// readNoopConfig builds version version of the configuration from the
+// services.yaml at path.
+func readNoopConfig(path string, version int) (*noopConfig, error) {
+	b, err := os.ReadFile(path)
 	if err != nil {
 		return nil, fmt.Errorf("xds-load: floor: %w", err)
 	}
-	v := strconv.Itoa(version)
-	return &noopAssignment{
-		version: version,
-		delta: &discoveryv3.DeltaDiscoveryResponse{TypeUrl: resource.EndpointType, Nonce: v, SystemVersionInfo: v,
-			Resources: []*discoveryv3.Resource{{Name: svc0Cluster, Version: v, Resource: a}}},
-		sotw: &discoveryv3.DiscoveryResponse{TypeUrl: resource.EndpointType, Nonce: v, VersionInfo: v, Resources: []*anypb.Any{a}},
-	}, nil
+	yaml := string(b)
+	return newNoopConfig(version, strings.Count(yaml, "kind: Service\n"), strings.Count(yaml, "pod: svc-0-"))
 }
-
-// svc0Endpoints counts svc-0's endpoints in a services.yaml writeMesh wrote.
-func svc0Endpoints(yaml string) int { return strings.Count(yaml, "pod: svc-0-") }
 
 func (f *noopFloor) add(s *noopStream) {
 	f.mu.Lock()
@@ -138,34 +229,65 @@ func (f *noopFloor) remove(s *noopStream) {
 	f.mu.Lock()
 	delete(f.streams, s)
 	f.mu.Unlock()
+	s.mu.Lock()
+	s.closed = true
+	s.mu.Unlock()
 }
 
-// answer is a stream's answer to its first request of typ: svc-0's
-// assignment for endpoints, nothing for the rest.
-func (f *noopFloor) answer(s *noopStream, typ string, empty func() error) error {
+// answer is a stream's answer to its first request of typ: every resource
+// of the type at the current version.
+func (f *noopFloor) answer(s *noopStream, typ string) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if typ != resource.EndpointType {
-		return empty()
+	c := f.cur.Load()
+	b := c.sotw[typ]
+	if s.delta {
+		b = c.delta[typ]
 	}
-	s.eds = true
-	a := f.cur.Load()
-	s.sent = a.version
-	return s.send(a)
+	if typ == resource.EndpointType {
+		s.eds = true
+		s.sent = c.version
+	}
+	return s.send(typ, b)
+}
+
+// verifyPeer verifies the stream's client chain against the floor's root,
+// as serve verifies each stream's.
+func (f *noopFloor) verifyPeer(ctx context.Context) error {
+	p, ok := peer.FromContext(ctx)
+	if !ok {
+		return status.Error(codes.Unauthenticated, "xds-load: floor: no peer")
+	}
+	info, ok := p.AuthInfo.(credentials.TLSInfo)
+	if !ok || len(info.State.PeerCertificates) == 0 {
+		return status.Error(codes.Unauthenticated, "xds-load: floor: no client certificate")
+	}
+	chain := info.State.PeerCertificates
+	inter := x509.NewCertPool()
+	for _, c := range chain[1:] {
+		inter.AddCert(c)
+	}
+	if _, err := chain[0].Verify(x509.VerifyOptions{Roots: f.roots, Intermediates: inter,
+		KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}}); err != nil {
+		return status.Errorf(codes.Unauthenticated, "xds-load: floor: %v", err)
+	}
+	return nil
 }
 
 func (f *noopFloor) DeltaAggregatedResources(st grpc.BidiStreamingServer[discoveryv3.DeltaDiscoveryRequest, discoveryv3.DeltaDiscoveryResponse]) error {
-	return noopServe(f, st, func(a *noopAssignment) *discoveryv3.DeltaDiscoveryResponse { return a.delta },
-		func(typ string) *discoveryv3.DeltaDiscoveryResponse {
-			return &discoveryv3.DeltaDiscoveryResponse{TypeUrl: typ, Nonce: "0"}
-		})
+	return noopServe(f, st, true, func(typ, version string, resources []byte) *discoveryv3.DeltaDiscoveryResponse {
+		r := &discoveryv3.DeltaDiscoveryResponse{TypeUrl: typ, Nonce: version, SystemVersionInfo: version}
+		r.ProtoReflect().SetUnknown(resources)
+		return r
+	})
 }
 
 func (f *noopFloor) StreamAggregatedResources(st grpc.BidiStreamingServer[discoveryv3.DiscoveryRequest, discoveryv3.DiscoveryResponse]) error {
-	return noopServe(f, st, func(a *noopAssignment) *discoveryv3.DiscoveryResponse { return a.sotw },
-		func(typ string) *discoveryv3.DiscoveryResponse {
-			return &discoveryv3.DiscoveryResponse{TypeUrl: typ, Nonce: "0", VersionInfo: "0"}
-		})
+	return noopServe(f, st, false, func(typ, version string, resources []byte) *discoveryv3.DiscoveryResponse {
+		r := &discoveryv3.DiscoveryResponse{TypeUrl: typ, Nonce: version, VersionInfo: version}
+		r.ProtoReflect().SetUnknown(resources)
+		return r
+	})
 }
 
 // noopRequest is what the floor reads of a request, delta or not.
@@ -175,12 +297,18 @@ type noopRequest[T any] interface {
 	GetTypeUrl() string
 }
 
-// noopServe is one stream: it answers each first request of a type
-// (assignment for endpoints, empty for the rest) and ignores the
-// acknowledgements; the pushers send it the new assignments.
-func noopServe[Req any, PReq noopRequest[Req], Resp any](f *noopFloor, st grpc.BidiStreamingServer[Req, Resp],
-	assignment func(*noopAssignment) *Resp, empty func(typ string) *Resp) error {
-	s := &noopStream{send: func(a *noopAssignment) error { return st.Send(assignment(a)) }}
+// noopServe is one stream: it verifies the client's chain, answers each
+// first request of a type, and ignores the acknowledgements; the pushers
+// send it the new versions.
+func noopServe[Req any, PReq noopRequest[Req], Resp any](f *noopFloor, st grpc.BidiStreamingServer[Req, Resp], delta bool,
+	response func(typ, version string, resources []byte) *Resp) error {
+	if err := f.verifyPeer(st.Context()); err != nil {
+		return err
+	}
+	s := &noopStream{delta: delta}
+	s.send = func(typ string, resources []byte) error {
+		return st.Send(response(typ, f.cur.Load().versionString, resources))
+	}
 	f.add(s)
 	defer f.remove(s)
 	for {
@@ -192,8 +320,7 @@ func noopServe[Req any, PReq noopRequest[Req], Resp any](f *noopFloor, st grpc.B
 		if req.GetResponseNonce() != "" {
 			continue // an acknowledgement
 		}
-		typ := req.GetTypeUrl()
-		if err := f.answer(s, typ, func() error { return st.Send(empty(typ)) }); err != nil {
+		if err := f.answer(s, req.GetTypeUrl()); err != nil {
 			return err
 		}
 	}
@@ -222,10 +349,10 @@ func (f *noopFloor) CreateCertificate(_ context.Context, req *pb.IstioCertificat
 	return &pb.IstioCertificateResponse{CertChain: append([]string{string(pemCert(leaf))}, f.chainTail...)}, nil
 }
 
-// watch polls services.yaml and pushes each new svc-0 assignment.
-func (f *noopFloor) watch(ctx context.Context, path string) {
-	var last time.Time
-	var size int64
+// watch polls services.yaml from the state at start, and after each
+// change waits as serve does, builds the next version from the file as it
+// is then, and pushes it.
+func (f *noopFloor) watch(ctx context.Context, path string, at os.FileInfo) {
 	for {
 		select {
 		case <-ctx.Done():
@@ -233,20 +360,22 @@ func (f *noopFloor) watch(ctx context.Context, path string) {
 		case <-time.After(noopPollInterval):
 		}
 		fi, err := os.Stat(path)
-		if err != nil || (fi.ModTime().Equal(last) && fi.Size() == size) {
+		if err != nil || os.SameFile(fi, at) && fi.ModTime().Equal(at.ModTime()) && fi.Size() == at.Size() {
 			continue
 		}
-		last, size = fi.ModTime(), fi.Size()
-		b, err := os.ReadFile(path)
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(noopWait):
+		}
+		if at, err = os.Stat(path); err != nil {
+			continue
+		}
+		c, err := readNoopConfig(path, f.cur.Load().version+1)
 		if err != nil {
 			continue
 		}
-		cur := f.cur.Load()
-		a, err := newNoopAssignment(cur.version+1, svc0Endpoints(string(b)))
-		if err != nil {
-			continue
-		}
-		f.cur.Store(a)
+		f.cur.Store(c)
 		f.mu.Lock()
 		streams := make([]*noopStream, 0, len(f.streams))
 		for s := range f.streams {
@@ -257,7 +386,7 @@ func (f *noopFloor) watch(ctx context.Context, path string) {
 		for w := range noopPushers {
 			wg.Go(func() {
 				for i := w; i < len(streams); i += noopPushers {
-					streams[i].push(a)
+					streams[i].push(c)
 				}
 			})
 		}
@@ -318,23 +447,25 @@ func startNoop(meshDir, caOut string) (srv *grpc.Server, stopWatch func(), err e
 	if err != nil {
 		return nil, nil, err
 	}
-	b, err := os.ReadFile(filepath.Join(meshDir, "services.yaml"))
+	path := filepath.Join(meshDir, "services.yaml")
+	at, err := os.Stat(path)
 	if err != nil {
 		return nil, nil, fmt.Errorf("xds-load: floor: %w", err)
 	}
-	first, err := newNoopAssignment(1, svc0Endpoints(string(b)))
+	first, err := readNoopConfig(path, 1)
 	if err != nil {
 		return nil, nil, err
 	}
-	f := &noopFloor{inter: inter, interKey: interKey, streams: map[*noopStream]struct{}{},
-		chainTail: []string{string(pemCert(inter)), string(pemCert(root))}}
-	f.cur.Store(first)
 	pool := x509.NewCertPool()
 	pool.AddCert(root)
+	f := &noopFloor{inter: inter, interKey: interKey, streams: map[*noopStream]struct{}{}, roots: pool,
+		chainTail: []string{string(pemCert(inter)), string(pemCert(root))}}
+	f.cur.Store(first)
 	opts := append(connlimit.Config{}.GRPCTLSOptions(), grpc.Creds(credentials.NewTLS(&tls.Config{
-		MinVersion:   tls.VersionTLS12,
-		ClientAuth:   tls.VerifyClientCertIfGiven,
-		ClientCAs:    pool,
+		MinVersion: tls.VersionTLS12,
+		// As serve's port: the certificate is requested here and verified
+		// per stream (verifyPeer).
+		ClientAuth:   tls.RequestClientCert,
 		Certificates: []tls.Certificate{{Certificate: [][]byte{serving.Raw, inter.Raw}, PrivateKey: servingKey, Leaf: serving}},
 		NextProtos:   []string{"h2"},
 	})))
@@ -348,7 +479,7 @@ func startNoop(meshDir, caOut string) (srv *grpc.Server, stopWatch func(), err e
 		return nil, nil, err
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	go f.watch(ctx, filepath.Join(meshDir, "services.yaml"))
+	go f.watch(ctx, path, at)
 	return srv, cancel, nil
 }
 
