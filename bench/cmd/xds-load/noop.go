@@ -64,7 +64,9 @@ import (
 //     first request of a type gets all of that type. A change sends svc-0's
 //     assignment alone over delta and every assignment over state of the
 //     world, as serve does. The resources are minimal (no TLS contexts,
-//     filters or policies), so they are smaller than serve's.
+//     filters or policies), so they are smaller than serve's. At most 256
+//     first answers are sent at once, as serve bounds its first
+//     configurations.
 //   - It polls services.yaml every 10 ms, and after a change waits as
 //     serve does (its mesh feed's 250 ms settle and its 10 ms xDS
 //     debounce), so that a round's convergence compares the work after the
@@ -81,6 +83,12 @@ const (
 	noopWait = 260 * time.Millisecond
 	// noopPushers send a new version to the streams in parallel.
 	noopPushers = 4
+	// noopFirstAnswers bounds the first answers being sent at once, as
+	// serve bounds its first configurations (xds.DefaultInitialPushes):
+	// at a cold connect of 20,000 clients, sending every first answer at
+	// once starves the connections' readers, and the port's arrival guard
+	// then refuses new streams.
+	noopFirstAnswers = 256
 )
 
 type noopFloor struct {
@@ -93,6 +101,8 @@ type noopFloor struct {
 
 	// cur is the configuration every stream is sent.
 	cur atomic.Pointer[noopConfig]
+	// first holds a slot per first answer being sent.
+	first chan struct{}
 
 	mu      sync.Mutex
 	streams map[*noopStream]struct{}
@@ -237,6 +247,8 @@ func (f *noopFloor) remove(s *noopStream) {
 // answer is a stream's answer to its first request of typ: every resource
 // of the type at the current version.
 func (f *noopFloor) answer(s *noopStream, typ string) error {
+	f.first <- struct{}{}
+	defer func() { <-f.first }()
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	c := f.cur.Load()
@@ -297,24 +309,30 @@ type noopRequest[T any] interface {
 	GetTypeUrl() string
 }
 
-// noopServe is one stream: it verifies the client's chain, answers each
-// first request of a type, and ignores the acknowledgements; the pushers
-// send it the new versions.
+// noopServe is one stream: it verifies the client's chain once the first
+// request is in, answers each first request of a type, and ignores the
+// acknowledgements; the pushers send it the new versions.
 func noopServe[Req any, PReq noopRequest[Req], Resp any](f *noopFloor, st grpc.BidiStreamingServer[Req, Resp], delta bool,
 	response func(typ, version string, resources []byte) *Resp) error {
-	if err := f.verifyPeer(st.Context()); err != nil {
-		return err
-	}
 	s := &noopStream{delta: delta}
 	s.send = func(typ string, resources []byte) error {
 		return st.Send(response(typ, f.cur.Load().versionString, resources))
 	}
-	f.add(s)
-	defer f.remove(s)
-	for {
+	for first := true; ; first = false {
 		m, err := st.Recv()
 		if err != nil {
 			return err
+		}
+		if first {
+			// After the first message, as serve's streams: go-control-plane
+			// receives on a goroutine of its own while serve verifies the
+			// stream's chain, and the port's arrival guard counts a stream
+			// until its first message is read.
+			if err := f.verifyPeer(st.Context()); err != nil {
+				return err
+			}
+			f.add(s)
+			defer f.remove(s)
 		}
 		req := PReq(m)
 		if req.GetResponseNonce() != "" {
@@ -458,7 +476,7 @@ func startNoop(meshDir, caOut string) (srv *grpc.Server, stopWatch func(), err e
 	}
 	pool := x509.NewCertPool()
 	pool.AddCert(root)
-	f := &noopFloor{inter: inter, interKey: interKey, streams: map[*noopStream]struct{}{}, roots: pool,
+	f := &noopFloor{inter: inter, interKey: interKey, streams: map[*noopStream]struct{}{}, roots: pool, first: make(chan struct{}, noopFirstAnswers),
 		chainTail: []string{string(pemCert(inter)), string(pemCert(root))}}
 	f.cur.Store(first)
 	opts := append(connlimit.Config{}.GRPCTLSOptions(), grpc.Creds(credentials.NewTLS(&tls.Config{
