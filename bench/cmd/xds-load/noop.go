@@ -83,12 +83,17 @@ const (
 	noopWait = 260 * time.Millisecond
 	// noopPushers send a new version to the streams in parallel.
 	noopPushers = 4
-	// noopFirstAnswers bounds the first answers being sent at once, as
-	// serve bounds its first configurations (xds.DefaultInitialPushes):
-	// at a cold connect of 20,000 clients, sending every first answer at
-	// once starves the connections' readers, and the port's arrival guard
-	// then refuses new streams.
+	// noopFirstAnswers bounds the streams with first answers not yet
+	// acknowledged, as serve bounds the nodes being sent a first
+	// configuration (xds.DefaultInitialPushes, held until the node
+	// acknowledges): a Send returns once the message is queued, so without
+	// it a cold connect of 20,000 clients queues every first answer at
+	// once, gigabytes into the kernel's socket buffers, and loopback TCP
+	// under memory pressure drops segments and times connections out.
 	noopFirstAnswers = 256
+	// noopFirstHold is how long a stream may hold its place without
+	// acknowledging (xds.DefaultFirstPushHold).
+	noopFirstHold = 10 * time.Second
 )
 
 type noopFloor struct {
@@ -127,6 +132,10 @@ type noopStream struct {
 	eds    bool // it subscribed to endpoints
 	sent   int  // the version it was last sent
 	closed bool // its handler returned
+	// holding: it holds a place in noopFloor.first (holdGen numbers the
+	// takings); unacked counts its answers not yet acknowledged.
+	holding          bool
+	holdGen, unacked int
 }
 
 // push sends the stream what changed from the version it holds to c:
@@ -247,8 +256,22 @@ func (f *noopFloor) remove(s *noopStream) {
 // answer is a stream's answer to its first request of typ: every resource
 // of the type at the current version.
 func (f *noopFloor) answer(s *noopStream, typ string) error {
-	f.first <- struct{}{}
-	defer func() { <-f.first }()
+	s.mu.Lock()
+	holding := s.holding
+	s.mu.Unlock()
+	if !holding {
+		// A stream takes its place before its first answers and gives it
+		// back once it has acknowledged them all (ack), or at the hold
+		// time; it never waits for a place while it holds one. Only the
+		// handler's goroutine takes one.
+		f.first <- struct{}{}
+		s.mu.Lock()
+		s.holding = true
+		s.holdGen++
+		gen := s.holdGen
+		s.mu.Unlock()
+		time.AfterFunc(noopFirstHold, func() { s.releaseIf(f, gen) })
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	c := f.cur.Load()
@@ -260,7 +283,38 @@ func (f *noopFloor) answer(s *noopStream, typ string) error {
 		s.eds = true
 		s.sent = c.version
 	}
+	s.unacked++
 	return s.send(typ, b)
+}
+
+// ack notes an acknowledgement; the last one of the answers sent while
+// the stream held its place gives the place back. The handler's goroutine
+// calls it.
+func (s *noopStream) ack(f *noopFloor) {
+	s.mu.Lock()
+	if s.unacked > 0 {
+		s.unacked--
+	}
+	done := s.unacked == 0
+	gen := s.holdGen
+	s.mu.Unlock()
+	if done {
+		s.releaseIf(f, gen)
+	}
+}
+
+// releaseIf gives the stream's place back if it still holds the one it
+// took as gen.
+func (s *noopStream) releaseIf(f *noopFloor, gen int) {
+	s.mu.Lock()
+	release := s.holding && s.holdGen == gen
+	if release {
+		s.holding = false
+	}
+	s.mu.Unlock()
+	if release {
+		<-f.first
+	}
 }
 
 // verifyPeer verifies the stream's client chain against the floor's root,
@@ -333,10 +387,12 @@ func noopServe[Req any, PReq noopRequest[Req], Resp any](f *noopFloor, st grpc.B
 			}
 			f.add(s)
 			defer f.remove(s)
+			defer func() { s.releaseIf(f, s.holdGen) }()
 		}
 		req := PReq(m)
 		if req.GetResponseNonce() != "" {
-			continue // an acknowledgement
+			s.ack(f) // an acknowledgement
+			continue
 		}
 		if err := f.answer(s, req.GetTypeUrl()); err != nil {
 			return err
