@@ -22,18 +22,19 @@
 # The cold connect is reported in two phases: the mTLS handshakes of every
 # connection (XDS_DIAL_CONCURRENCY in flight, default 256), with serve's CPU
 # per handshake, then every client's first configuration.
-# Beside serve, in the same run, each mode drives the no-op floor
+# Beside serve, in the same run, each mode first drives the no-op floor
 # (xds-load -serve-noop, bench/cmd/xds-load/noop.go): grpc-go with serve's
-# transport options and TLS, one goroutine per stream, svc-0's endpoints
-# and nothing else, pushed when services.yaml changes. Its RSS and push
-# times are what holding and pushing to the same fleet costs before any
-# configuration is built; a line per mode gives serve's ratios to it
-# (XDS_FLOOR=0 leaves it out). The proxyless sample is serve's alone: the
-# floor serves no listeners, routes or clusters. RSS is read after each
-# round, while the heap is as full as the pushes left it; XDS_HOLD (a Go
-# duration, default 0) keeps each fleet connected and idle that long after
-# the rounds, reading RSS every 10 s, so that Go's forced collection
-# (every 2 minutes) shows what a quiet server holds.
+# transport options and TLS, the client chain verified per stream, one
+# goroutine per stream, a minimal cluster, assignment and virtual host per
+# service encoded once per version, serve's 260 ms wait after a change. Its
+# RSS, push times and CPU are what holding and updating the same fleet costs
+# before any configuration is built; a line per mode gives serve's ratios
+# to it (XDS_FLOOR=0 leaves it out). The proxyless sample is serve's alone:
+# its check needs serve's real resources. RSS is read after each round,
+# while the heap is as full as the pushes left it; XDS_HOLD (a Go duration,
+# default 0) keeps each fleet connected and idle that long after the
+# rounds, reading RSS every 10 s, so that RSS is also read after Go's
+# forced collection (every 2 minutes, when nothing else collects).
 # GOMEMLIMIT, GOGC and GODEBUG are unset for serve, so that no memory
 # limit or GC tuning comes in from the caller's environment; serve's
 # --max-connections (default 1,024 per listener) is raised to N+1,024, or

@@ -65,8 +65,8 @@ import (
 //     assignment alone over delta and every assignment over state of the
 //     world, as serve does. The resources are minimal (no TLS contexts,
 //     filters or policies), so they are smaller than serve's. At most 256
-//     first answers are sent at once, as serve bounds its first
-//     configurations.
+//     streams have first answers not yet acknowledged, as serve bounds
+//     the nodes being sent a state-of-the-world first configuration.
 //   - It polls services.yaml every 10 ms, and after a change waits as
 //     serve does (its mesh feed's 250 ms settle and its 10 ms xDS
 //     debounce), so that a round's convergence compares the work after the
