@@ -352,3 +352,52 @@ func TestSotwCacheThrottlesPushes(t *testing.T) {
 		t.Fatalf("after the holds expired answered %v, want n3 and n4 at v2", got)
 	}
 }
+
+// TestDeltaCacheThrottlesFirstAnswers: delta first answers take the same
+// tokens as state-of-the-world ones. With one token, a second node's first
+// delta answer waits until the first node acknowledges its own.
+func TestDeltaCacheThrottlesFirstAnswers(t *testing.T) {
+	c := newCache(1, 0, nil)
+	defer c.stop()
+	for _, id := range []string{"a", "b"} {
+		if err := c.set(id, deltaPub(map[string]string{"x": "1"})); err != nil {
+			t.Fatal(err)
+		}
+	}
+	request := func(stream int64, id, nonce string) *discoveryv3.DeltaDiscoveryRequest {
+		req := &discoveryv3.DeltaDiscoveryRequest{Node: &corev3.Node{Id: id}, TypeUrl: resource.EndpointType, ResponseNonce: nonce}
+		c.deltaRequest(stream, req)
+		return req
+	}
+	subA := streamv3.NewDeltaSubscription(nil, nil, nil, true)
+	chA := make(chan cachev3.DeltaResponse, 2)
+	if _, err := c.CreateDeltaWatch(request(1, "a", ""), subA, chA); err != nil {
+		t.Fatal(err)
+	}
+	var r cachev3.DeltaResponse
+	select {
+	case r = <-chA:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the first node got no answer")
+	}
+	chB := make(chan cachev3.DeltaResponse, 2)
+	reqB := request(2, "b", "")
+	go func() {
+		_, _ = c.CreateDeltaWatch(reqB, streamv3.NewDeltaSubscription(nil, nil, nil, true), chB)
+	}()
+	select {
+	case <-chB:
+		t.Fatal("the second node was answered while the first held the only token")
+	case <-time.After(50 * time.Millisecond):
+	}
+	// A's acknowledgement frees the token.
+	subA.SetReturnedResources(r.GetNextVersionMap())
+	if _, err := c.CreateDeltaWatch(request(1, "a", "1"), subA, chA); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-chB:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the second node was never answered")
+	}
+}
