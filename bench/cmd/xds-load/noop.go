@@ -470,7 +470,13 @@ func (f *noopFloor) watch(ctx context.Context, path string, at os.FileInfo) {
 
 // serveNoop serves the floor on addr until SIGINT or SIGTERM.
 func serveNoop(addr, meshDir, caOut string) error {
-	lis, err := net.Listen("tcp", addr)
+	// serve's listener is connlimit's, whose connections are not
+	// *net.TCPConn, so grpc-go sets no TCP_USER_TIMEOUT on them; on a bare
+	// listener it would set its keepalive time-out (10 s), and the kernel
+	// would abort a connection whose client has not read for that long,
+	// which a loaded client at 20,000 proxies does. The limit is serve's
+	// own shape, high enough never to wait.
+	lis, err := connlimit.Config{MaxConnections: 1 << 20}.Listen("tcp", addr)
 	if err != nil {
 		return err
 	}
