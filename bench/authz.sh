@@ -336,6 +336,13 @@ for s, name in [("floor", "no-op floor (extauthz-load -noop-server)"), ("standin
 print(f"  stand-in/floor rps c=16: {fmt(xsm, xsrs)}; counts: {'yes' if band_ok else 'no'} (must lie within 0.35-0.39)")
 print(f"  trustmesh Rego/floor rps c=16: {fmt(xrm, xrrs)}")
 print(f"  trustmesh Rego/stand-in rps c=16: {fmt(xgm, xgrs, 2)}")
+# The issue's own figures, with no stand-in: opa-envoy-plugin made
+# 0.35-0.39 of the floor, so trustmesh Rego at xrm of the floor is xrm/0.39
+# to xrm/0.35 times it; 1.5x across the whole band takes 1.5 x 0.39 = 0.585.
+if xrm is not None:
+    print(f"  against opa-envoy-plugin's 0.35-0.39 of the floor in the issue (information, no stand-in): "
+          f"{xrm / 0.39:.2f}-{xrm / 0.35:.2f}x; 1.5x across the whole band takes Rego/floor >= 0.585: "
+          f"{'yes' if xrm >= 0.585 else 'no'}")
 for tr in ["plain", "mtls"]:
     print(f"\n{tr}: rps and latencies are medians of the rounds; /floor is the median of the per-round ratios to the floor on the same transport")
     print(f"{'server':44} {'rps c=16':>10} {'/floor':>7} {'p99 us':>8} {'p99.9 us':>9} {'p50 c=1':>8} {'/floor':>7} {'p99 c=1':>8} {'p99.9 c=1':>9}")
