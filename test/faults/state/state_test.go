@@ -261,8 +261,10 @@ func TestCorruptAgentState(t *testing.T) {
 	stateDir := filepath.Join(t.TempDir(), "state")
 	sock := filepath.Join(t.TempDir(), "agent.sock")
 	agent := func(args ...string) *exec.Cmd {
+		// No monitoring port: the default, 127.0.0.1:15024, is one that
+		// other packages' agents may hold while this one runs.
 		return exec.Command(bin, append([]string{"agent", "--ca-address", caAddr, "--ca-server-name", "localhost",
-			"--ca-bundle", bundle, "--state-dir", stateDir, "--socket", sock}, args...)...)
+			"--ca-bundle", bundle, "--state-dir", stateDir, "--socket", sock, "--listen-monitoring", ""}, args...)...)
 	}
 	// Enrol once, so that the state directory holds an identity.
 	first := agent("--join-token-file", tokFile)

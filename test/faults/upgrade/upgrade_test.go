@@ -160,8 +160,10 @@ func TestUpgradeFrom78c56eb(t *testing.T) {
 	// The new agent restores the old identity from its state.
 	agentSock := filepath.Join(t.TempDir(), "agent.sock")
 	bundleFile := filepath.Join(stateDir, "bundle.pem")
+	// No monitoring port: the default, 127.0.0.1:15024, is one that other
+	// packages' agents may hold while this one runs.
 	agent := exec.CommandContext(ctx, bin, "agent", "--ca-address", caAddr, "--ca-server-name", "localhost",
-		"--ca-bundle", bundleFile, "--state-dir", stateDir, "--socket", agentSock)
+		"--ca-bundle", bundleFile, "--state-dir", stateDir, "--socket", agentSock, "--listen-monitoring", "")
 	agent.Env = append(os.Environ(), "TRUSTMESH_JOIN_TOKEN=")
 	var agentOut lockedBuffer
 	agent.Stdout, agent.Stderr = &agentOut, &agentOut
