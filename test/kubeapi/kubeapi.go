@@ -13,6 +13,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"k8s.io/client-go/rest"
 	"sigs.k8s.io/controller-runtime/pkg/envtest"
@@ -27,7 +28,11 @@ func Start() (*envtest.Environment, *rest.Config, error) {
 	if err != nil {
 		return nil, nil, err
 	}
-	env := &envtest.Environment{BinaryAssetsDirectory: assets}
+	// Bringing it up and stopping it can take longer than envtest's 20 s
+	// defaults while make test runs other packages' apiservers and -race
+	// binaries on the same cores.
+	env := &envtest.Environment{BinaryAssetsDirectory: assets,
+		ControlPlaneStartTimeout: time.Minute, ControlPlaneStopTimeout: time.Minute}
 	// kube-apiserver refuses a loopback advertise address with the endpoint
 	// reconciler on, and finds none at all without a default route.
 	env.ControlPlane.GetAPIServer().Configure().
