@@ -89,7 +89,8 @@ func TestCreateCertificateIssuesVerifiedChain(t *testing.T) {
 }
 
 // TestCreateCertificateRefusals: every refusal a caller can provoke over the
-// wire gets the right code and reason, is journalled under an authenticated
+// wire (a join token malformed, unknown, used, expired or of a revoked
+// identity among them) gets the right code and reason, is journalled under an authenticated
 // name only, and is counted; unauthenticated callers learn nothing from the
 // message. The CSR size limit is exact.
 func TestCreateCertificateRefusals(t *testing.T) {
@@ -105,6 +106,13 @@ func TestCreateCertificateRefusals(t *testing.T) {
 		t.Fatal(err)
 	}
 	f.clock.Step(2 * time.Second)
+	// A token whose identity the operator revoked after creating it (bob:
+	// no other case holds a token of bob's, which the revocation would
+	// revoke too).
+	revoked := f.joinToken(t, bob)
+	if _, err := f.store.Revoke(context.Background(), bob.String(), f.clock.Now()); err != nil {
+		t.Fatal(err)
+	}
 	validCSR := makeCSR(t, newKey(t))
 	impersonate := &structpb.Struct{Fields: map[string]*structpb.Value{"ImpersonatedIdentity": structpb.NewStringValue(bob.String())}}
 
@@ -128,6 +136,8 @@ func TestCreateCertificateRefusals(t *testing.T) {
 			code: codes.Unauthenticated, reason: ca.ReasonJoinTokenUsed, method: "join-token", wire: cav1.JoinTokenUsed},
 		{name: "expired join token", client: anon, ctx: bearer(expiring), req: &pb.IstioCertificateRequest{Csr: validCSR},
 			code: codes.Unauthenticated, reason: ca.ReasonJoinTokenExpired, method: "join-token", wire: cav1.JoinTokenExpired},
+		{name: "join token of a revoked identity", client: anon, ctx: bearer(revoked), req: &pb.IstioCertificateRequest{Csr: validCSR},
+			code: codes.Unauthenticated, reason: ca.ReasonJoinTokenRevoked, method: "join-token", wire: cav1.JoinTokenRevoked},
 		{name: "join token cut short", client: anon, ctx: bearer(spent[:3]), req: &pb.IstioCertificateRequest{Csr: validCSR},
 			code: codes.Unauthenticated, reason: ca.ReasonJoinTokenMalformed, method: "join-token", wire: cav1.JoinTokenMalformed},
 		{name: "kubernetes token with kubernetes off", client: anon, ctx: bearer("eyJhbGciOiJSUzI1NiJ9.e30.c2ln"), req: &pb.IstioCertificateRequest{Csr: validCSR},
