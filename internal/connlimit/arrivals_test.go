@@ -2,9 +2,11 @@ package connlimit_test
 
 import (
 	"context"
+	"errors"
 	"net"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -258,5 +260,38 @@ func TestUnreadDataBoundedPerStream(t *testing.T) {
 			streams, sent>>10, win)
 	} else {
 		t.Logf("%d never-read streams: the server took %d KiB (initial window %d)", streams, sent>>10, win)
+	}
+}
+
+// A header block is at most 64 KiB: a call whose header list comes to more
+// is refused, its stream reset or its connection closed, before any
+// handler runs; one a little under it is served.
+func TestHeaderBlockBound(t *testing.T) {
+	addr, _ := serveRequests(t, connlimit.Config{}, connlimit.Requests{})
+	under := slowPeer(t, addr)
+	if err := under.OpenWithHeader(1, "/rv.Sink/Hold", 63<<10); err != nil {
+		t.Fatal(err)
+	}
+	if why := under.AwaitEnded(1, time.Second); why != "" {
+		t.Fatalf("a call with a 63 KiB header was refused: %s", why)
+	}
+	if open, why := under.Open(); open != 1 {
+		t.Fatalf("a call with a 63 KiB header: %d open (%s)", open, why)
+	}
+	over := slowPeer(t, addr)
+	if err := over.OpenWithHeader(1, "/rv.Sink/Hold", 65<<10); err != nil && !errors.Is(err, syscall.ECONNRESET) && !errors.Is(err, syscall.EPIPE) {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		open, why := over.Open()
+		if open == 0 {
+			t.Logf("a call with a 65 KiB header: %s", why)
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("a call with a 65 KiB header is still open after 5 s")
+		}
+		time.Sleep(20 * time.Millisecond)
 	}
 }

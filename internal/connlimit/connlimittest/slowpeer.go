@@ -235,6 +235,40 @@ func (p *SlowPeer) OpenHeaderBlock(stream uint32, size int) (int, error) {
 	return sent, nil
 }
 
+// OpenWithHeader opens stream (odd, increasing) with a complete header
+// block of a gRPC call of path that carries one more header, x-pad, of pad
+// bytes, over a HEADERS frame and CONTINUATION frames of at most 16 KiB,
+// and sends nothing else: what a server does with a header list of that
+// size, before any message.
+func (p *SlowPeer) OpenWithHeader(stream uint32, path string, pad int) error {
+	var hb bytes.Buffer
+	enc := hpack.NewEncoder(&hb)
+	for _, kv := range [][2]string{{":method", "POST"}, {":scheme", p.scheme}, {":path", path}, {":authority", "localhost"},
+		{"content-type", "application/grpc"}, {"te", "trailers"}, {"x-pad", string(bytes.Repeat([]byte{'a'}, pad))}} {
+		_ = enc.WriteField(hpack.HeaderField{Name: kv[0], Value: kv[1]})
+	}
+	p.mu.Lock()
+	p.streamWin[stream] = p.initWin
+	p.mu.Unlock()
+	p.wmu.Lock()
+	defer p.wmu.Unlock()
+	blk := hb.Bytes()
+	const frame = 16384
+	first := blk[:min(frame, len(blk))]
+	blk = blk[len(first):]
+	if err := p.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: stream, BlockFragment: first, EndHeaders: len(blk) == 0}); err != nil {
+		return err
+	}
+	for len(blk) > 0 {
+		next := blk[:min(frame, len(blk))]
+		blk = blk[len(next):]
+		if err := p.fr.WriteContinuation(stream, len(blk) == 0, next); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
 // Sent returns how many bytes of messages the server has let it send.
 func (p *SlowPeer) Sent() int64 {
 	p.mu.Lock()
