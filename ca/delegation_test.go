@@ -374,7 +374,10 @@ func TestIssueDelegatedWaitsOncePerBatch(t *testing.T) {
 			t.Fatalf("param %d was issued", i)
 		}
 	}
-	if took := time.Since(start); took > 2*wait {
+	// A wait per wave of DelegationConcurrency params takes 4 waits at
+	// least; the bound leaves the one shared wait 2 waits of slack, for
+	// make test's loaded cores.
+	if took := time.Since(start); took >= 3*wait {
 		t.Fatalf("a batch of %d params not on the node took %s; want about one wait of %s", len(reqs), took, wait)
 	}
 	// Outside a batch, each wait is its own.

@@ -115,7 +115,9 @@ func TestNodeModelKubernetes(t *testing.T) {
 			t.Fatalf("MayHold(node-a, %s) = nil in a batch", id)
 		}
 	}
-	if d := time.Since(start); d < 200*time.Millisecond || d > 2*200*time.Millisecond {
+	// Three waits of their own take 600ms at least; the bound leaves the
+	// shared one 400ms of slack, for make test's loaded cores.
+	if d := time.Since(start); d < 200*time.Millisecond || d >= 3*200*time.Millisecond {
 		t.Fatalf("three refusals in one batch took %s: they should share one wait of 200ms", d)
 	}
 	if node, uid, err := n.NodeOfPod(ctx, "a", "db-0"); err != nil || node != "node-b" || uid != "uid-db-0" {
