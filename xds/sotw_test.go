@@ -112,9 +112,11 @@ func TestSotwCache(t *testing.T) {
 }
 
 // TestSotwCacheThrottlesFirstAnswers: with one token, a second node's
-// first answer waits until the first node acknowledges its own.
+// first answer waits until the first node acknowledges its own. The hold
+// time is a minute, longer than the test waits, so that a token given
+// back only when its hold expires fails it.
 func TestSotwCacheThrottlesFirstAnswers(t *testing.T) {
-	c := newCache(1, 0, nil)
+	c := newCache(1, time.Minute, nil)
 	defer c.stop()
 	for _, id := range []string{"a", "b"} {
 		if err := c.set(id, pubOf("v1", "x")); err != nil {
@@ -355,9 +357,10 @@ func TestSotwCacheThrottlesPushes(t *testing.T) {
 
 // TestDeltaCacheThrottlesFirstAnswers: delta first answers take the same
 // tokens as state-of-the-world ones. With one token, a second node's first
-// delta answer waits until the first node acknowledges its own.
+// delta answer waits until the first node acknowledges its own (the hold
+// time is a minute, as in TestSotwCacheThrottlesFirstAnswers).
 func TestDeltaCacheThrottlesFirstAnswers(t *testing.T) {
-	c := newCache(1, 0, nil)
+	c := newCache(1, time.Minute, nil)
 	defer c.stop()
 	for _, id := range []string{"a", "b"} {
 		if err := c.set(id, deltaPub(map[string]string{"x": "1"})); err != nil {
