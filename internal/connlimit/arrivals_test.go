@@ -265,7 +265,8 @@ func TestUnreadDataBoundedPerStream(t *testing.T) {
 
 // A header block is at most 64 KiB: a call whose header list comes to more
 // is refused, its stream reset or its connection closed, before any
-// handler runs; one a little under it is served.
+// handler runs; one a little under it (64,838 bytes as grpc-go counts a
+// header list) is not refused.
 func TestHeaderBlockBound(t *testing.T) {
 	addr, _ := serveRequests(t, connlimit.Config{}, connlimit.Requests{})
 	under := slowPeer(t, addr)

@@ -66,7 +66,8 @@ import (
 //     world, as serve does. The resources are minimal (no TLS contexts,
 //     filters or policies), so they are smaller than serve's. At most 256
 //     streams have first answers not yet acknowledged, as serve bounds
-//     the nodes being sent a state-of-the-world first configuration.
+//     the nodes being sent a first configuration, delta or state of the
+//     world.
 //   - It polls services.yaml every 10 ms, and after a change waits as
 //     serve does (its mesh feed's 250 ms settle and its 10 ms xDS
 //     debounce), so that a round's convergence compares the work after the

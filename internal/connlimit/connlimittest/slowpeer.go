@@ -296,9 +296,9 @@ func (p *SlowPeer) AwaitEnded(stream uint32, d time.Duration) string {
 	return p.Ended(stream)
 }
 
-// Open counts the streams opened with OpenPartial that the server has not
-// ended, and says how the last ended one did (and why the connection
-// ended, if it did).
+// Open counts the streams opened with OpenPartial or OpenWithHeader that
+// the server has not ended, and says how the last ended one did (and why
+// the connection ended, if it did).
 func (p *SlowPeer) Open() (open int, why string) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
