@@ -43,12 +43,12 @@ otelcol:
 # test/tracing exports spans to a real OpenTelemetry Collector (make otelcol),
 # named by TRUSTMESH_OTELCOL; with TRUSTMESH_TRACING_TESTS=1 it fails, never
 # skips, without one, and a failing hack/otelcol.sh stops the run.
-# TEST_PARALLEL test binaries run at once (go test -p), 4 by default: many
-# packages wait on real clocks (rotations, certificate lifetimes, time-outs),
-# and with go's default of one per CPU their waits left cores idle. On 2
-# cores, warm, make test took 16 min 32 s with 2; with 4, 14 min 17 s and
-# 11 min 10 s in two runs, using 85% of both cores.
-TEST_PARALLEL ?= 4
+# TEST_PARALLEL test binaries run at once (go test -p): 4, or one per CPU on
+# machines with more. Many packages wait on real clocks (rotations,
+# certificate lifetimes, time-outs), and with go's default of one per CPU
+# their waits left cores idle. On 2 cores, warm, make test took 16 min 32 s
+# with 2; with 4, 11 to 14 minutes over four runs, using 85% of both cores.
+TEST_PARALLEL ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ "$$n" -gt 4 ] && echo "$$n" || echo 4)
 test: envtest otelcol generate-check
 	@hack/debian-tools.sh openssl chromium npm iptables ip6tables=iptables tcpdump ip=iproute2 nsenter=util-linux curl
 	@cd test/browser && npm ci --prefer-offline --no-audit --no-fund --loglevel=error >/dev/null
