@@ -2,6 +2,7 @@ package journal
 
 import (
 	"context"
+	"database/sql"
 	"errors"
 	"fmt"
 	"time"
@@ -138,6 +139,7 @@ const (
 // treated as lone, whatever the batch before the pause held.
 func (s *Store) commitLoop() {
 	defer s.wg.Done()
+	defer s.releaseWriter()
 	for {
 		first, idle, ok := s.next()
 		if !ok {
@@ -304,7 +306,18 @@ func (s *Store) commitBatch(ctx context.Context, batch []*op) (opErrs []error, s
 			s.ledger.truncate(savedLedger)
 		}
 	}()
-	tx, err := s.db.BeginTx(ctx, nil)
+	w, err := s.writerConn(ctx)
+	if err != nil {
+		return nil, nil, fmt.Errorf("journal: begin: %w", err)
+	}
+	defer func() {
+		if err != nil {
+			// The next commit takes a fresh connection: this one may be
+			// the reason it failed.
+			s.releaseWriter()
+		}
+	}()
+	tx, err := w.BeginTx(ctx, nil)
 	if err != nil {
 		return nil, nil, fmt.Errorf("journal: begin: %w", err)
 	}
@@ -355,6 +368,33 @@ func (s *Store) commitBatch(ctx context.Context, batch []*op) (opErrs []error, s
 	}
 	s.ledger.publish()
 	return opErrs, signed, nil
+}
+
+// writerConn is the connection SQLite commits are written on, kept from
+// one commit to the next. SQLite keeps a page cache per connection and
+// drops it whenever another connection wrote since its last transaction;
+// on a connection only the committer writes on, the pages every commit
+// touches (the tree's right edge, the indexes' leaves) stay cached, and
+// the hot statements stay prepared, where a connection from the pool
+// (whichever a lookup last returned) reads them again from the file.
+// Only the committer goroutine calls it.
+func (s *Store) writerConn(ctx context.Context) (*sql.Conn, error) {
+	if s.writer == nil {
+		c, err := s.db.Conn(ctx)
+		if err != nil {
+			return nil, err
+		}
+		s.writer = c
+	}
+	return s.writer, nil
+}
+
+// releaseWriter returns the commit connection to the pool.
+func (s *Store) releaseWriter() {
+	if s.writer != nil {
+		_ = s.writer.Close()
+		s.writer = nil
+	}
 }
 
 // vouch runs once a commit has caught up under the append lock. Rows

@@ -101,6 +101,7 @@ type Store struct {
 	// and end of the last batch. Only the committer goroutine touches them
 	// after Open.
 	rng        *compact.Range
+	writer     *sql.Conn
 	lastBatch  int
 	lastCommit time.Time
 	// recheck is set once a commit failed with ErrUnavailable: the next
