@@ -264,7 +264,13 @@ func openSQLite(path string, existing bool) (*sql.DB, error) {
 			return nil, fmt.Errorf("journal: %w", err)
 		}
 	}
-	for _, p := range []string{"journal_mode(WAL)", "synchronous(FULL)", "busy_timeout(10000)", "foreign_keys(ON)"} {
+	// temp_store(MEMORY): a multi-row INSERT keeps a statement journal of
+	// the pages it changes, so that a failed row can be undone alone; past
+	// 64 KiB SQLite spills it to a temporary file, a write system call per
+	// page, which a commit of a dozen entries reaches. In memory it is
+	// bounded by the pages one INSERT changes: 64 rows (stmt.go) and their
+	// index entries, well under a megabyte.
+	for _, p := range []string{"journal_mode(WAL)", "synchronous(FULL)", "busy_timeout(10000)", "foreign_keys(ON)", "temp_store(MEMORY)"} {
 		q.Add("_pragma", p)
 	}
 	// Write transactions take the write lock at BEGIN: this is what
