@@ -14,6 +14,7 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
+	"math/big"
 	"net"
 	"net/url"
 	"path/filepath"
@@ -287,6 +288,44 @@ func TestIssueNeverOutlivesIssuer(t *testing.T) {
 	}
 	if !got.Leaf.NotAfter.Equal(issuerEnd) {
 		t.Fatalf("NotAfter = %s, want the issuer's %s", got.Leaf.NotAfter, issuerEnd)
+	}
+}
+
+// TestSerialsFollowIssuanceTime: a serial is the issuance time in
+// nanoseconds then 64 random bits, so that the journal's serial index
+// grows at its end; certificates of the same instant still differ.
+func TestSerialsFollowIssuanceTime(t *testing.T) {
+	f := newFixture(t)
+	var earlier, last string // the largest serial of the instants before, of this one
+	for i := range 8 {
+		if i > 0 {
+			f.clock.Step(time.Duration(i) * time.Millisecond)
+		}
+		now := f.clock.Now()
+		earlier = last
+		var same []*big.Int
+		for range 2 {
+			got, err := f.ca.Issue(context.Background(), caller, makeCSR(t, csrOpts{}), 0)
+			if err != nil {
+				t.Fatal(err)
+			}
+			n := got.Leaf.SerialNumber
+			if n.Sign() <= 0 || n.BitLen() > 128 {
+				t.Fatalf("serial %x: want a positive number of at most 128 bits", n)
+			}
+			if hi := new(big.Int).Rsh(n, 64); hi.Uint64() != uint64(now.UnixNano()) {
+				t.Fatalf("serial %x: its high 64 bits are %x, want the issuance time %x", n, hi, now.UnixNano())
+			}
+			hex := ca.SerialHex(got.Leaf)
+			if hex <= earlier {
+				t.Fatalf("serial %s issued at %s sorts before or with %s, issued earlier", hex, now, earlier)
+			}
+			last = max(last, hex)
+			same = append(same, n)
+		}
+		if same[0].Cmp(same[1]) == 0 {
+			t.Fatalf("two certificates issued at %s share serial %x", now, same[0])
+		}
 	}
 }
 
