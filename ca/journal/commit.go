@@ -3,6 +3,7 @@ package journal
 import (
 	"context"
 	"database/sql"
+	"database/sql/driver"
 	"errors"
 	"fmt"
 	"time"
@@ -139,7 +140,7 @@ const (
 // treated as lone, whatever the batch before the pause held.
 func (s *Store) commitLoop() {
 	defer s.wg.Done()
-	defer s.releaseWriter()
+	defer s.releaseWriter(false)
 	for {
 		first, idle, ok := s.next()
 		if !ok {
@@ -312,9 +313,9 @@ func (s *Store) commitBatch(ctx context.Context, batch []*op) (opErrs []error, s
 	}
 	defer func() {
 		if err != nil {
-			// The next commit takes a fresh connection: this one may be
+			// The next commit opens a new connection: this one may be
 			// the reason it failed.
-			s.releaseWriter()
+			s.releaseWriter(true)
 		}
 	}()
 	tx, err := w.BeginTx(ctx, nil)
@@ -374,9 +375,9 @@ func (s *Store) commitBatch(ctx context.Context, batch []*op) (opErrs []error, s
 // one commit to the next. SQLite keeps a page cache per connection and
 // drops it whenever another connection wrote since its last transaction;
 // on a connection only the committer writes on, the pages every commit
-// touches (the tree's right edge, the indexes' leaves) stay cached, and
-// the hot statements stay prepared, where a connection from the pool
-// (whichever a lookup last returned) reads them again from the file.
+// touches (the trees' right edges, the indexes' leaves) stay cached until
+// another process writes, where a connection from the pool (whichever a
+// lookup last returned) reads them again from the file.
 // Only the committer goroutine calls it.
 func (s *Store) writerConn(ctx context.Context) (*sql.Conn, error) {
 	if s.writer == nil {
@@ -389,12 +390,19 @@ func (s *Store) writerConn(ctx context.Context) (*sql.Conn, error) {
 	return s.writer, nil
 }
 
-// releaseWriter returns the commit connection to the pool.
-func (s *Store) releaseWriter() {
-	if s.writer != nil {
-		_ = s.writer.Close()
-		s.writer = nil
+// releaseWriter gives up the commit connection: back to the pool when
+// the committer stops, closed when discard is set (after a failed commit),
+// so that the pool does not hand the same connection straight back.
+func (s *Store) releaseWriter(discard bool) {
+	if s.writer == nil {
+		return
 	}
+	if discard {
+		// database/sql closes a connection whose Raw call reports it bad.
+		_ = s.writer.Raw(func(any) error { return driver.ErrBadConn })
+	}
+	_ = s.writer.Close()
+	s.writer = nil
 }
 
 // vouch runs once a commit has caught up under the append lock. Rows

@@ -224,3 +224,37 @@ func TestAppendAfterCloseFails(t *testing.T) {
 		t.Fatalf("second Close = %v", err)
 	}
 }
+
+// TestFailedCommitDiscardsItsConnection: the committer keeps one SQLite
+// connection from commit to commit, and after a failed commit the next
+// one runs on a new connection, not on the one the pool hands back first.
+func TestFailedCommitDiscardsItsConnection(t *testing.T) {
+	ctx := context.Background()
+	db, err := openSQLite(filepath.Join(t.TempDir(), "journal.db"), false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	s := &Store{db: db}
+	driverConn := func() any {
+		t.Helper()
+		w, err := s.writerConn(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var dc any
+		if err := w.Raw(func(c any) error { dc = c; return nil }); err != nil {
+			t.Fatal(err)
+		}
+		return dc
+	}
+	first := driverConn()
+	if again := driverConn(); again != first {
+		t.Fatal("the commit connection changed between two commits")
+	}
+	s.releaseWriter(true)
+	if next := driverConn(); next == first {
+		t.Fatal("after a failed commit the next one ran on the same connection")
+	}
+	s.releaseWriter(false)
+}
