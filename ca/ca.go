@@ -507,13 +507,16 @@ func SerialHex(c *x509.Certificate) string { return c.SerialNumber.Text(16) }
 
 // newSerial is a certificate serial number of 16 bytes: the issuance time
 // in nanoseconds since the epoch, big-endian, then 64 bits from the
-// system's CSPRNG (the least the CA/Browser Forum's Baseline Requirements
-// ask of a serial, 7.1). Serials of certificates issued later sort later,
-// as numbers and as the journal's hex (SerialHex; the time keeps the same
-// number of hex digits until 2262), so each issuance extends the
-// journal's serial index at its end, where random serials put each one on
-// a page of its own: a page written to the log per entry of a commit.
-// Two certificates of one nanosecond differ in their random half.
+// system's CSPRNG. 64 is exactly the least the CA/Browser Forum's Baseline
+// Requirements ask (7.1): do not trim it. Serials of certificates issued
+// later sort later, as numbers and as the journal's hex (SerialHex; the
+// time keeps the same number of hex digits until 2262), so each issuance
+// extends the journal's serial index at its end, where random serials put
+// each one on a page of its own: a page written to the log per entry of a
+// commit. Two certificates of one nanosecond differ in their random half.
+// A serial so tells its issuance time to the nanosecond, the CA's clock
+// included, where NotBefore tells the second less the backdate; serials
+// are public (SECURITY.md).
 func newSerial(now time.Time) (*big.Int, error) {
 	var b [16]byte
 	binary.BigEndian.PutUint64(b[:8], uint64(now.UnixNano()))

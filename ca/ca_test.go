@@ -293,10 +293,12 @@ func TestIssueNeverOutlivesIssuer(t *testing.T) {
 
 // TestSerialsFollowIssuanceTime: a serial is the issuance time in
 // nanoseconds then 64 random bits, so that the journal's serial index
-// grows at its end; certificates of the same instant still differ.
+// grows at its end; certificates of the same instant still differ, and
+// the low halves look random (no two equal or consecutive).
 func TestSerialsFollowIssuanceTime(t *testing.T) {
 	f := newFixture(t)
 	var earlier, last string // the largest serial of the instants before, of this one
+	lows := map[uint64]bool{}
 	for i := range 8 {
 		if i > 0 {
 			f.clock.Step(time.Duration(i) * time.Millisecond)
@@ -315,6 +317,14 @@ func TestSerialsFollowIssuanceTime(t *testing.T) {
 			}
 			if hi := new(big.Int).Rsh(n, 64); hi.Uint64() != uint64(now.UnixNano()) {
 				t.Fatalf("serial %x: its high 64 bits are %x, want the issuance time %x", n, hi, now.UnixNano())
+			}
+			low := new(big.Int).And(n, new(big.Int).SetUint64(^uint64(0))).Uint64()
+			if lows[low] || lows[low-1] || lows[low+1] {
+				t.Fatalf("serial %x: its low 64 bits %x equal or follow another serial's", n, low)
+			}
+			lows[low] = true
+			if der := len(n.Bytes()); der != 16 {
+				t.Fatalf("serial %x is %d bytes, want 16", n, der)
 			}
 			hex := ca.SerialHex(got.Leaf)
 			if hex <= earlier {

@@ -269,7 +269,7 @@ func openSQLite(path string, existing bool) (*sql.DB, error) {
 	// 64 KiB SQLite spills it to a temporary file, a write system call per
 	// page, which a commit of a dozen entries reaches. In memory it is
 	// bounded by the pages one INSERT changes: 64 rows (stmt.go) and their
-	// index entries, well under a megabyte.
+	// index entries, under a megabyte.
 	for _, p := range []string{"journal_mode(WAL)", "synchronous(FULL)", "busy_timeout(10000)", "foreign_keys(ON)", "temp_store(MEMORY)"} {
 		q.Add("_pragma", p)
 	}
