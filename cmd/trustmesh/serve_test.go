@@ -360,6 +360,16 @@ func TestSecondServeOnADataDirIsRefused(t *testing.T) {
 	startServe(t, dataDir).stop(t)
 }
 
+// freeListenAddrs sets every serve listener to a port the kernel picks, so
+// that a test's serve, or its --validate, never binds a default port.
+func freeListenAddrs() []string {
+	var args []string
+	for _, l := range []string{"ca", "monitoring", "bundle", "authz", "injector", "ui"} {
+		args = append(args, "--listen-"+l, "127.0.0.1:0")
+	}
+	return args
+}
+
 // TestServeValidateChecksWhatStartChecks runs serve --validate over
 // configurations a start refuses: each is refused (exit 2) naming the flag,
 // and nothing is written.
@@ -374,6 +384,11 @@ func TestServeValidateChecksWhatStartChecks(t *testing.T) {
 		t.Fatal(err)
 	}
 	missing := filepath.Join(t.TempDir(), "missing")
+	// --validate binds each listen address for a moment, as a start would:
+	// on the default ports that could refuse a serve another package's test
+	// starts on them at that moment (go test runs packages in parallel).
+	// Each case's own flags come after these, and the last one given wins.
+	ports := freeListenAddrs()
 	for _, tc := range []struct {
 		name string
 		args []string
@@ -394,7 +409,7 @@ func TestServeValidateChecksWhatStartChecks(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			dataDir := filepath.Join(t.TempDir(), "data")
-			code, stderr := refuse(t, append([]string{"serve", "--validate", "--data-dir", dataDir}, tc.args...)...)
+			code, stderr := refuse(t, append(append([]string{"serve", "--validate", "--data-dir", dataDir}, ports...), tc.args...)...)
 			if code != 2 {
 				t.Errorf("exit code %d, want 2", code)
 			}
@@ -409,8 +424,8 @@ func TestServeValidateChecksWhatStartChecks(t *testing.T) {
 		})
 	}
 	dataDir := filepath.Join(t.TempDir(), "data")
-	if out := run(t, "serve", "--validate", "--data-dir", dataDir, "--policies", t.TempDir(), "--mesh", t.TempDir(),
-		"--listen-ca", "127.0.0.1:0", "--listen-monitoring", "127.0.0.1:0", "--listen-bundle", "127.0.0.1:0", "--listen-authz", "127.0.0.1:0"); !strings.Contains(out, "configuration is valid") {
+	if out := run(t, append([]string{"serve", "--validate", "--data-dir", dataDir, "--policies", t.TempDir(), "--mesh", t.TempDir()},
+		ports...)...); !strings.Contains(out, "configuration is valid") {
 		t.Fatalf("serve --validate of a good configuration printed %q", out)
 	}
 	if _, err := os.Stat(dataDir); !errors.Is(err, fs.ErrNotExist) {
@@ -439,7 +454,7 @@ func TestServeValidateRefusesWhatStartRefuses(t *testing.T) {
 	held := filepath.Join(t.TempDir(), "data")
 	holder := startServe(t, held)
 	missing := filepath.Join(t.TempDir(), "missing", "dir")
-	ports := []string{"--listen-ca", "127.0.0.1:0", "--listen-monitoring", "127.0.0.1:0", "--listen-bundle", "127.0.0.1:0"}
+	ports := freeListenAddrs()
 	for _, tc := range []struct {
 		name    string
 		dataDir string // default: a missing one
