@@ -21,7 +21,9 @@
 // so -per-conn above 1 only spares this tool handshakes and memory). A
 // stream waits for its connection to be ready (grpc-go's backoff), and a
 // stream cut with its connection is opened again, as an Envoy retries its
-// xDS connection; the reopened streams are counted in the result.
+// xDS connection, as is one the server refused with ResourceExhausted,
+// after Envoy's retry backoff; the reopened streams are counted in the
+// result.
 //
 // The cold connect is two phases, reported apart: every connection's mTLS
 // handshake (at most -dial-concurrency in flight, as a mesh's proxies do
@@ -52,6 +54,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	mrand "math/rand/v2"
 	"os"
 	"runtime/pprof"
 	"slices"
@@ -122,9 +125,9 @@ type result struct {
 	GRPCConnectS  float64   `json:"grpc_connect_s,omitempty"`
 	GRPCConvergeS []float64 `json:"grpc_convergence_s,omitempty"`
 	GRPCAgreed    bool      `json:"grpc_agreed"`
-	// Streams the server's side cut (Unavailable) or ended (EOF) and the client opened
-	// again, and the last such error; a client cut more than maxReopens
-	// times fails the run.
+	// Streams the server's side cut (Unavailable), ended (EOF) or refused
+	// (ResourceExhausted) and the client opened again, and the last such
+	// error; a client cut more than maxReopens times fails the run.
 	StreamsReopened int64  `json:"streams_reopened"`
 	LastReopen      string `json:"last_reopen_error,omitempty"`
 	// This tool's own peak RSS, to size the machine for a large run.
@@ -139,6 +142,9 @@ type options struct {
 	delta                              bool
 	serverPID                          int
 	roundTimeout, grpcTimeout, hold    time.Duration
+	// retryBackoff is how long a refused stream waits before it is opened
+	// again, by the refusals in a row before it (envoyRetryBackoff).
+	retryBackoff func(refusals int) time.Duration
 }
 
 func main() {
@@ -246,6 +252,9 @@ func enrol(addr string, roots *x509.CertPool, token string) (tls.Certificate, er
 
 func run(o options) (*result, error) {
 	wall := time.Now()
+	if o.retryBackoff == nil {
+		o.retryBackoff = envoyRetryBackoff
+	}
 	rootPEM, err := os.ReadFile(o.caFile)
 	if err != nil {
 		return nil, fmt.Errorf("xds-load: %w", err)
@@ -321,20 +330,48 @@ func run(o options) (*result, error) {
 		client := discoveryv3.NewAggregatedDiscoveryServiceClient(conns[i/o.perConn])
 		go func() {
 			seen := -1
-			observe := func(set string) { f.observe(i, &seen, set) }
+			// answered: the stream now open has had a response.
+			answered := false
+			observe := func(set string) { answered = true; f.observe(i, &seen, set) }
 			var err error
 			// A stream cut with its connection (Unavailable) or ended by
 			// the server (io.EOF: the handler returned, which
 			// go-control-plane does when its receive fails) is opened
-			// again, as an Envoy re-subscribes; each is counted.
+			// again, as an Envoy re-subscribes; each is counted. A
+			// stream the server refused before any response
+			// (ResourceExhausted: serve sheds new streams while too many
+			// are still waiting for their first request, as at a cold
+			// connect of thousands on 2 cores) is opened again after
+			// Envoy's xDS retry backoff, which grows with the refusals in
+			// a row; also counted. A client reopened more than
+			// maxReopens times in the run fails it.
+			refusals := 0
+		reopen:
 			for again := 0; again <= maxReopens; again++ {
+				answered = false
 				if o.delta {
 					err = deltaClient(ctx, client, node, observe)
 				} else {
 					err = sotwClient(ctx, client, node, observe)
 				}
-				if ctx.Err() != nil || (!errors.Is(err, io.EOF) && status.Code(err) != codes.Unavailable) {
+				if ctx.Err() != nil {
 					break
+				}
+				switch code := status.Code(err); {
+				case errors.Is(err, io.EOF), code == codes.Unavailable:
+					refusals = 0
+				case code == codes.ResourceExhausted && !answered:
+					if again == maxReopens {
+						break reopen
+					}
+					select {
+					case <-time.After(o.retryBackoff(refusals)):
+					case <-ctx.Done():
+						break reopen
+					}
+					refusals++
+				default:
+					break reopen
 				}
 				reopened.Add(1)
 				lastReopen.Store(fmt.Sprintf("client-%d: %v", i, err))
@@ -446,6 +483,16 @@ const holdSample = 10 * time.Second
 // maxReopens is how many times one simulated client may have its stream
 // cut before the run fails.
 const maxReopens = 3
+
+// envoyRetryBackoff is how long an Envoy waits before it opens its xDS
+// stream again after the attempt-th failure in a row (counted from 0):
+// jittered exponential backoff, uniform below 500 ms doubled per
+// attempt, at most 30 s (Envoy's GrpcStream: RetryInitialDelayMs,
+// RetryMaxDelayMs).
+func envoyRetryBackoff(attempt int) time.Duration {
+	ceiling := min(500*time.Millisecond<<min(attempt, 6), 30*time.Second)
+	return time.Duration(mrand.Int64N(int64(ceiling))) + time.Millisecond
+}
 
 // handshakes connects every connection, at most conc at once, and waits
 // until each is READY (TLS handshake and HTTP/2 prefaces done).

@@ -495,7 +495,7 @@ func serveNoop(addr, meshDir, caOut string) error {
 
 // startNoop makes the floor's server, writes its root to caOut
 // and starts its watch of meshDir, which stopWatch ends.
-func startNoop(meshDir, caOut string) (srv *grpc.Server, stopWatch func(), err error) {
+func startNoop(meshDir, caOut string, extra ...grpc.ServerOption) (srv *grpc.Server, stopWatch func(), err error) {
 	now := time.Now()
 	rootKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
@@ -550,7 +550,7 @@ func startNoop(meshDir, caOut string) (srv *grpc.Server, stopWatch func(), err e
 		Certificates: []tls.Certificate{{Certificate: [][]byte{serving.Raw, inter.Raw}, PrivateKey: servingKey, Leaf: serving}},
 		NextProtos:   []string{"h2"},
 	})))
-	srv = grpc.NewServer(opts...)
+	srv = grpc.NewServer(append(opts, extra...)...)
 	discoveryv3.RegisterAggregatedDiscoveryServiceServer(srv, f)
 	pb.RegisterIstioCertificateServiceServer(srv, f)
 	if err := os.WriteFile(caOut+".tmp", pemCert(root), 0o644); err != nil {
