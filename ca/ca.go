@@ -12,6 +12,7 @@ import (
 	"crypto/rsa"
 	"crypto/sha256"
 	"crypto/x509"
+	"encoding/base64"
 	"encoding/binary"
 	"encoding/hex"
 	"encoding/pem"
@@ -20,6 +21,8 @@ import (
 	"math/big"
 	"net"
 	"net/url"
+	"slices"
+	"strings"
 	"sync/atomic"
 	"time"
 
@@ -116,6 +119,9 @@ type CA struct {
 	// link is the issuing chain last verified by a self-check, for the
 	// generation of key material it belongs to.
 	link atomic.Pointer[chainLink]
+	// tail is the PEM of the chain and root that every certificate of one
+	// generation of key material is returned with (chainPEM).
+	tail atomic.Pointer[pemTail]
 }
 
 // New validates cfg, fills in defaults and returns a CA.
@@ -179,16 +185,69 @@ type Issued struct {
 	Anchor *x509.Certificate
 	// Seq is the record's position in the journal.
 	Seq int64
+	// tail is the PEM of Chain and Anchor, shared by the certificates of
+	// one generation (PEMChain).
+	tail *pemTail
 }
 
 // PEMChain returns the leaf, the intermediates and the root, one PEM
 // certificate per element, in that order, as Istio's API returns them.
+// The intermediates and the root are encoded once per generation of key
+// material, not per certificate, and shared.
 func (i *Issued) PEMChain() []string {
-	out := make([]string, 0, 2+len(i.Chain))
-	for _, c := range append(append([]*x509.Certificate{i.Leaf}, i.Chain...), i.Anchor) {
-		out = append(out, string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: c.Raw})))
+	tail := i.tail
+	if !tail.of(i.Chain, i.Anchor) {
+		tail = newPEMTail(i.Chain, i.Anchor)
 	}
-	return out
+	return append(append(make([]string, 0, 1+len(tail.pem)), certPEM(i.Leaf)), tail.pem...)
+}
+
+// pemTail is the PEM of an issuing chain and its root, in PEMChain's
+// order, with the certificates it encodes: its own copy of the chain, so
+// that a chain slice changed in place no longer matches it. A
+// certificate's Raw bytes changed in place would go unnoticed; nothing
+// changes a parsed certificate.
+type pemTail struct {
+	chain  []*x509.Certificate
+	anchor *x509.Certificate
+	pem    []string
+}
+
+func newPEMTail(chain []*x509.Certificate, anchor *x509.Certificate) *pemTail {
+	t := &pemTail{chain: slices.Clone(chain), anchor: anchor, pem: make([]string, 0, len(chain)+1)}
+	for _, c := range chain {
+		t.pem = append(t.pem, certPEM(c))
+	}
+	t.pem = append(t.pem, certPEM(anchor))
+	return t
+}
+
+// of reports whether t encodes exactly chain and anchor.
+func (t *pemTail) of(chain []*x509.Certificate, anchor *x509.Certificate) bool {
+	return t != nil && t.anchor == anchor && slices.Equal(t.chain, chain)
+}
+
+// chainPEM returns the PEM tail of the certificates m issues, encoded once
+// per generation: m is replaced, never changed, when the authority rotates.
+func (c *CA) chainPEM(m *authority.Material) *pemTail {
+	if t := c.tail.Load(); t.of(m.Chain, m.Anchor) {
+		return t
+	}
+	t := newPEMTail(m.Chain, m.Anchor)
+	c.tail.Store(t)
+	return t
+}
+
+// certPEM is c's PEM encoding, written into a string sized for it.
+func certPEM(c *x509.Certificate) string {
+	const begin, end = "-----BEGIN CERTIFICATE-----\n", "-----END CERTIFICATE-----\n"
+	n := base64.StdEncoding.EncodedLen(len(c.Raw))
+	var b strings.Builder
+	b.Grow(len(begin) + n + (n+63)/64 + len(end))
+	// pem.Encode fails only when its writer does; a strings.Builder does
+	// not.
+	_ = pem.Encode(&b, &pem.Block{Type: "CERTIFICATE", Bytes: c.Raw})
+	return b.String()
 }
 
 // Issue mints a workload certificate for an authenticated caller. The CSR
@@ -292,7 +351,7 @@ func (c *CA) issue(ctx context.Context, caller Caller, tmpl *x509.Certificate, p
 		}
 		return nil, refuseErr(ReasonRecordFailed, KindInternal, err)
 	}
-	return &Issued{Leaf: leaf, Chain: m.Chain, Anchor: m.Anchor, Seq: seq}, nil
+	return &Issued{Leaf: leaf, Chain: m.Chain, Anchor: m.Anchor, Seq: seq, tail: c.chainPEM(m)}, nil
 }
 
 // Tracing: the ca.sign span, a child of the certificate service's ca.Issue

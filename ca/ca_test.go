@@ -20,7 +20,6 @@ import (
 	"path/filepath"
 	"runtime"
 	"runtime/metrics"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -247,9 +246,69 @@ func checkIssued(t testing.TB, f *fixture, got *ca.Issued, want spiffeid.ID) {
 		t.Fatalf("record = %+v, does not match the certificate", rec)
 	}
 	chain := got.PEMChain()
-	if len(chain) != 3 || !strings.Contains(chain[0], "CERTIFICATE") {
+	if len(chain) != 3 {
 		t.Fatalf("PEM chain has %d elements, want leaf, intermediate and root", len(chain))
 	}
+	checkPEMChain(t, got, append(append([]*x509.Certificate{got.Leaf}, got.Chain...), got.Anchor))
+}
+
+// checkPEMChain checks that got's PEM chain is exactly want, each element
+// as encoding/pem writes it.
+func checkPEMChain(t testing.TB, got *ca.Issued, want []*x509.Certificate) {
+	t.Helper()
+	chain := got.PEMChain()
+	if len(chain) != len(want) {
+		t.Fatalf("PEM chain has %d elements, want %d", len(chain), len(want))
+	}
+	for i, c := range want {
+		if w := string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: c.Raw})); chain[i] != w {
+			t.Fatalf("PEM chain element %d:\n%s\nwant\n%s", i, chain[i], w)
+		}
+	}
+}
+
+// The PEM chain a certificate is returned with is its own generation's:
+// after a rotation, the new chain and root, and for an Issued whose chain
+// was changed after issuance, the changed one. The intermediates and root
+// are encoded once per generation, so a returned chain costs fewer
+// allocations than one encoded in full.
+func TestPEMChainFollowsTheGeneration(t *testing.T) {
+	f := newFixture(t)
+	ctx := context.Background()
+	first, err := f.ca.Issue(ctx, caller, makeCSR(t, csrOpts{}), 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, err := authority.Generate(ctx, td, t0, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.auth.Replace(m)
+	second, err := f.ca.Issue(ctx, caller, makeCSR(t, csrOpts{}), 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if second.Anchor != m.Anchor || first.Anchor == m.Anchor {
+		t.Fatal("the rotation did not change the anchor certificates are issued under")
+	}
+	checkPEMChain(t, second, []*x509.Certificate{second.Leaf, m.Chain[0], m.Anchor})
+	checkPEMChain(t, first, append(append([]*x509.Certificate{first.Leaf}, first.Chain...), first.Anchor))
+
+	changed := *first
+	changed.Chain, changed.Anchor = m.Chain, m.Anchor
+	checkPEMChain(t, &changed, []*x509.Certificate{first.Leaf, m.Chain[0], m.Anchor})
+
+	full := &ca.Issued{Leaf: second.Leaf, Chain: second.Chain, Anchor: second.Anchor}
+	checkPEMChain(t, full, []*x509.Certificate{second.Leaf, m.Chain[0], m.Anchor})
+	shared, encoded := testing.AllocsPerRun(100, func() { second.PEMChain() }), testing.AllocsPerRun(100, func() { full.PEMChain() })
+	if shared >= encoded {
+		t.Fatalf("PEMChain of an issued certificate: %.0f allocations, of the same chain encoded in full %.0f; want fewer", shared, encoded)
+	}
+
+	// Last, as it changes the material's own chain slice, which the
+	// Issued shares: a chain changed in place is encoded as it now is.
+	second.Chain[0] = first.Chain[0]
+	checkPEMChain(t, second, []*x509.Certificate{second.Leaf, first.Chain[0], m.Anchor})
 }
 
 // A CA that cannot record does not issue.
