@@ -237,9 +237,17 @@ func runWorkloads(ctx context.Context, cfg Config, out *printer, cp *controlplan
 	// and gRFC A36 asks for serving resumptions to be visible. SERVING is
 	// news, not an error; NOT_SERVING is a warning, as the listener keeps
 	// trying.
+	//
+	// The client's first call waits for the first SERVING: a connection
+	// the echo server accepts before it has its listener is closed, and
+	// the client's channel then backs off for a second, longer than the
+	// first call's deadline.
+	serving := make(chan struct{})
+	var servingOnce sync.Once
 	modes := grpcxds.ServingModeCallback(func(addr net.Addr, args grpcxds.ServingModeChangeArgs) {
 		if args.Mode == connectivity.ServingModeServing {
 			out.say("echo serves on %s: its listener and RBAC came from the xDS server", addr)
+			servingOnce.Do(func() { close(serving) })
 			return
 		}
 		out.say("echo stopped serving on %s: %v", addr, args.Err)
@@ -282,9 +290,23 @@ func runWorkloads(ctx context.Context, cfg Config, out *printer, cp *controlplan
 		},
 		func(ctx context.Context) error { return watchRotations(ctx, out, dirs, cfg.Interval) },
 		func(ctx context.Context) error { return watchPushes(ctx, out, cp, cfg.Interval) },
-		func(ctx context.Context) error { return call(ctx, out, healthpb.NewHealthClient(conn), cfg.Interval) },
+		func(ctx context.Context) error {
+			// Not forever: an echo server that never gets its listener
+			// is shown by the calls that fail.
+			select {
+			case <-serving:
+			case <-time.After(firstServingWait):
+			case <-ctx.Done():
+				return nil
+			}
+			return call(ctx, out, healthpb.NewHealthClient(conn), cfg.Interval)
+		},
 	)
 }
+
+// firstServingWait is how long the client waits for the echo server's
+// first SERVING before it calls anyway.
+const firstServingWait = 10 * time.Second
 
 type printer struct {
 	mu sync.Mutex
