@@ -2,7 +2,9 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"io"
 	"net"
 	"strconv"
 	"sync"
@@ -160,6 +162,21 @@ var claMemo = struct {
 	m map[string]string
 }{m: map[string]string{}}
 
+// sendFailure is the error a failed Send stands for. grpc-go's Send
+// returns io.EOF once the server has ended the stream, as when it refuses
+// it before reading a request; the stream's status comes only from Recv.
+// Without this, a refusal that lands before the client's Send reads as an
+// ordinary end of stream and is reopened without Envoy's backoff.
+func sendFailure(err error, recv func() error) error {
+	if !errors.Is(err, io.EOF) {
+		return err
+	}
+	if rerr := recv(); rerr != nil {
+		return rerr
+	}
+	return err
+}
+
 func sotwClient(ctx context.Context, c discoveryv3.AggregatedDiscoveryServiceClient, node *corev3.Node, observe func(string)) error {
 	s, err := c.StreamAggregatedResources(ctx, grpc.WaitForReady(true), grpc.ForceCodecV2(newEnvoyCodec()))
 	if err != nil {
@@ -171,7 +188,7 @@ func sotwClient(ctx context.Context, c discoveryv3.AggregatedDiscoveryServiceCli
 			req.ResourceNames = []string{"8080"}
 		}
 		if err := s.Send(req); err != nil {
-			return err
+			return sendFailure(err, func() error { _, err := s.Recv(); return err })
 		}
 	}
 	for {
@@ -184,7 +201,7 @@ func sotwClient(ctx context.Context, c discoveryv3.AggregatedDiscoveryServiceCli
 			req.ResourceNames = []string{"8080"}
 		}
 		if err := s.Send(req); err != nil {
-			return err
+			return sendFailure(err, func() error { _, err := s.Recv(); return err })
 		}
 		if resp.GetTypeUrl() != resource.EndpointType {
 			continue
@@ -214,7 +231,7 @@ func deltaClient(ctx context.Context, c discoveryv3.AggregatedDiscoveryServiceCl
 			req.ResourceNamesSubscribe = []string{"8080"}
 		}
 		if err := s.Send(req); err != nil {
-			return err
+			return sendFailure(err, func() error { _, err := s.Recv(); return err })
 		}
 	}
 	for {
@@ -223,7 +240,7 @@ func deltaClient(ctx context.Context, c discoveryv3.AggregatedDiscoveryServiceCl
 			return err
 		}
 		if err := s.Send(&discoveryv3.DeltaDiscoveryRequest{TypeUrl: resp.GetTypeUrl(), ResponseNonce: resp.GetNonce()}); err != nil {
-			return err
+			return sendFailure(err, func() error { _, err := s.Recv(); return err })
 		}
 		if resp.GetTypeUrl() != resource.EndpointType {
 			continue

@@ -145,6 +145,8 @@ type options struct {
 	// retryBackoff is how long a refused stream waits before it is opened
 	// again, by the refusals in a row before it (envoyRetryBackoff).
 	retryBackoff func(refusals int) time.Duration
+	// dialOptions are added to every simulated client's connection (tests).
+	dialOptions []grpc.DialOption
 }
 
 func main() {
@@ -276,7 +278,7 @@ func run(o options) (*result, error) {
 		}
 	}()
 	for range (n + o.perConn - 1) / o.perConn {
-		c, err := grpc.NewClient(o.addr, grpc.WithTransportCredentials(creds),
+		c, err := grpc.NewClient(o.addr, append([]grpc.DialOption{grpc.WithTransportCredentials(creds),
 			// Envoy's HTTP/2 defaults for its xDS connection: 256 MiB
 			// windows, so the server is not held to grpc-go's 64 KiB.
 			grpc.WithInitialWindowSize(envoyWindow), grpc.WithInitialConnWindowSize(envoyWindow),
@@ -284,7 +286,7 @@ func run(o options) (*result, error) {
 			// than it are read straight into their own) and write buffers
 			// shared between connections, so that N connections in one
 			// process do not hold 64 KiB each.
-			grpc.WithReadBufferSize(toolReadBuffer), grpc.WithSharedWriteBuffer(true))
+			grpc.WithReadBufferSize(toolReadBuffer), grpc.WithSharedWriteBuffer(true)}, o.dialOptions...)...)
 		if err != nil {
 			return nil, fmt.Errorf("xds-load: %w", err)
 		}

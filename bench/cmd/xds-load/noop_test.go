@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"net"
 	"path/filepath"
 	"slices"
@@ -37,34 +38,62 @@ func TestNoopFloorHoldsAndPushes(t *testing.T) {
 // A stream the server refuses with ResourceExhausted, as serve's port does
 // when too many streams are still waiting for their first request, is
 // opened again after Envoy's backoff and counted, as an Envoy retries it;
-// it does not fail the run.
+// it does not fail the run. The refusal may reach the client before or
+// after its first Send; "late send" forces the second, where grpc-go's
+// Send reports only io.EOF and the refusal must be read from Recv.
 func TestRefusedStreamsAreOpenedAgain(t *testing.T) {
-	const refuse = 10
-	var refused atomic.Int64
-	o, stop := startTestFloor(t, grpc.ChainStreamInterceptor(
-		func(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
-			if strings.HasSuffix(info.FullMethod, "AggregatedResources") && refused.Add(1) <= refuse {
-				return status.Error(codes.ResourceExhausted, "connlimit: too many requests still arriving")
+	lateSend := grpc.WithChainStreamInterceptor(func(ctx context.Context, desc *grpc.StreamDesc, cc *grpc.ClientConn, method string, streamer grpc.Streamer, opts ...grpc.CallOption) (grpc.ClientStream, error) {
+		s, err := streamer(ctx, desc, cc, method, opts...)
+		if err != nil {
+			return nil, err
+		}
+		return &lateSender{ClientStream: s}, nil
+	})
+	for name, dial := range map[string][]grpc.DialOption{"send first": nil, "late send": {lateSend}} {
+		t.Run(name, func(t *testing.T) {
+			const refuse = 10
+			var refused atomic.Int64
+			o, stop := startTestFloor(t, grpc.ChainStreamInterceptor(
+				func(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
+					if strings.HasSuffix(info.FullMethod, "AggregatedResources") && refused.Add(1) <= refuse {
+						return status.Error(codes.ResourceExhausted, "connlimit: too many requests still arriving")
+					}
+					return handler(srv, ss)
+				}))
+			defer stop()
+			o.delta, o.rounds, o.dialOptions = true, 1, dial
+			var waits atomic.Int64
+			o.retryBackoff = func(int) time.Duration {
+				waits.Add(1)
+				return time.Millisecond
 			}
-			return handler(srv, ss)
-		}))
-	defer stop()
-	o.delta, o.rounds = true, 1
-	var waits atomic.Int64
-	o.retryBackoff = func(int) time.Duration {
-		waits.Add(1)
-		return time.Millisecond
+			r, err := run(o)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if r.StreamsReopened != refuse || !strings.Contains(r.LastReopen, "ResourceExhausted") {
+				t.Fatalf("%d streams reopened, the last after %q; want %d, after ResourceExhausted", r.StreamsReopened, r.LastReopen, refuse)
+			}
+			if waits.Load() != refuse {
+				t.Fatalf("%d backoff waits, want %d: a refused stream must wait before it is opened again", waits.Load(), refuse)
+			}
+		})
 	}
-	r, err := run(o)
-	if err != nil {
-		t.Fatal(err)
+}
+
+// lateSender holds a stream's first Send until the server has had time
+// to refuse it, so that the Send finds the stream already ended.
+type lateSender struct {
+	grpc.ClientStream
+	sent bool
+}
+
+func (s *lateSender) SendMsg(m any) error {
+	if !s.sent {
+		s.sent = true
+		time.Sleep(50 * time.Millisecond)
 	}
-	if r.StreamsReopened != refuse || !strings.Contains(r.LastReopen, "ResourceExhausted") {
-		t.Fatalf("%d streams reopened, the last after %q; want %d, after ResourceExhausted", r.StreamsReopened, r.LastReopen, refuse)
-	}
-	if waits.Load() != refuse {
-		t.Fatalf("%d backoff waits, want %d: a refused stream must wait before it is opened again", waits.Load(), refuse)
-	}
+	return s.ClientStream.SendMsg(m)
 }
 
 // A client refused more often than it may reopen fails the run, without
