@@ -35,6 +35,7 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
@@ -53,7 +54,6 @@ import (
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
-	"go.step.sm/crypto/pemutil"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/metadata"
@@ -385,17 +385,27 @@ func (w *worker) call(ctx context.Context) error {
 	if len(resp.CertChain) < 2 {
 		return fmt.Errorf("the response holds %d certificates, want a leaf, its chain and a root", len(resp.CertChain))
 	}
+	// As spiffe-mint-load, parse only the leaf. The rest of the chain is
+	// only decoded from PEM, and only when the worker keeps it to present.
+	leafDER, err := certDER(resp.CertChain[0])
+	if err != nil {
+		return err
+	}
+	leaf, err := x509.ParseCertificate(leafDER)
+	if err != nil {
+		return err
+	}
+	keep := w.chain == nil || !w.sameChain
 	var chain [][]byte
-	var leaf *x509.Certificate
-	for _, p := range resp.CertChain[:len(resp.CertChain)-1] {
-		c, err := pemutil.ParseCertificate([]byte(p))
-		if err != nil {
-			return err
+	if keep {
+		chain = [][]byte{leafDER}
+		for _, p := range resp.CertChain[1 : len(resp.CertChain)-1] {
+			der, err := certDER(p)
+			if err != nil {
+				return err
+			}
+			chain = append(chain, der)
 		}
-		if leaf == nil {
-			leaf = c
-		}
-		chain = append(chain, c.Raw)
 	}
 	if !w.checkKey {
 		// The floor's canned chain holds no requested key: it keeps
@@ -408,8 +418,17 @@ func (w *worker) call(ctx context.Context) error {
 	if !key.PublicKey.Equal(leaf.PublicKey) {
 		return errors.New("the certificate does not hold the requested key")
 	}
-	if w.chain == nil || !w.sameChain {
+	if keep {
 		w.key, w.chain, w.stale = key, chain, true
 	}
 	return nil
+}
+
+// certDER is the DER of the one PEM certificate p holds.
+func certDER(p string) ([]byte, error) {
+	b, rest := pem.Decode([]byte(p))
+	if b == nil || b.Type != "CERTIFICATE" || len(bytes.TrimSpace(rest)) != 0 {
+		return nil, errors.New("the response's chain holds an element that is not one PEM certificate")
+	}
+	return b.Bytes, nil
 }
