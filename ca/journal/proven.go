@@ -50,12 +50,25 @@ func (s *Store) fresh(ctx context.Context) error {
 	// What the ledger holds first: it only grows, and every entry in it was
 	// committed before the read below, so the log can only be longer.
 	have := s.ledger.publishedSize()
+	// Read before the log, so that a commit between the two reads is
+	// caught by the next lookup (walindex.go).
+	var h walHeader
+	hok := false
+	if s.wal != nil {
+		if h, hok = s.wal.header(); hok && s.wal.unchanged(h, have) {
+			return nil
+		}
+	}
+	s.sizeReads.Add(1)
 	var n int64
 	if err := s.stmts.nextIndex.QueryRowContext(ctx).Scan(&n); err != nil {
 		return fmt.Errorf("journal: %w", err)
 	}
 	switch {
 	case uint64(n) == have:
+		if hok {
+			s.wal.record(h, uint64(n))
+		}
 		return nil
 	case uint64(n) < have:
 		return s.tampered(fmt.Errorf("%w: it holds %d entries, %d were verified", ErrTampered, n, have))
@@ -63,7 +76,15 @@ func (s *Store) fresh(ctx context.Context) error {
 	if err := s.submit(ctx, &op{}); err != nil {
 		return err
 	}
-	return s.readable()
+	if err := s.readable(); err != nil {
+		return err
+	}
+	// The log held n entries at most when h was read, and the ledger now
+	// holds at least those.
+	if hok && s.ledger.publishedSize() >= uint64(n) {
+		s.wal.record(h, uint64(n))
+	}
+	return nil
 }
 
 // verifiedRecord reads the row the serial column names for kind and

@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -96,6 +97,11 @@ type Store struct {
 	wg      sync.WaitGroup
 	// stmts are the prepared hot statements (stmt.go).
 	stmts statements
+	// wal, for SQLite, lets a lookup skip reading the log's size when no
+	// commit came since the last read (walindex.go); nil otherwise.
+	wal *walIndex
+	// sizeReads counts the lookups that read the log's size (tests).
+	sizeReads atomic.Int64
 
 	// Committer state: the compact range of the whole log, and the size
 	// and end of the last batch. Only the committer goroutine touches them
@@ -192,18 +198,21 @@ func Open(ctx context.Context, cfg Config) (*Store, error) {
 		s.db.Close()
 		return nil, err
 	}
+	if !s.postgres {
+		if s.wal, err = openWALIndex(ctx, s.db, cfg.DSN); err != nil {
+			cfg.Log.Info("lookups read the journal's size every time: its wal-index cannot be read", "error", err)
+		}
+	}
 	s.rng = s.hasher.f.NewEmptyRange(0)
 	s.ledger = newLedger()
 	if cfg.VerifierKey != "" {
 		if s.verifier, err = note.NewVerifier(cfg.VerifierKey); err != nil {
-			s.stmts.close()
-			s.db.Close()
+			s.closeDB()
 			return nil, fmt.Errorf("journal: checkpoint key: %w", err)
 		}
 	}
 	if err := s.load(ctx); err != nil {
-		s.stmts.close()
-		s.db.Close()
+		s.closeDB()
 		return nil, err
 	}
 	s.wg.Add(1)
@@ -373,8 +382,17 @@ func (s *Store) Close() error {
 	close(s.closed)
 	s.closeMu.Unlock()
 	s.wg.Wait()
+	return s.closeDB()
+}
+
+// closeDB closes the prepared statements, the wal-index and the database.
+func (s *Store) closeDB() error {
 	s.stmts.close()
-	return s.db.Close()
+	var werr error
+	if s.wal != nil {
+		werr = s.wal.close()
+	}
+	return errors.Join(s.db.Close(), werr)
 }
 
 // Integrity returns nil when the stored log matched its latest checkpoint at

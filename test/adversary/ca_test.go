@@ -15,11 +15,13 @@ import (
 	"net/url"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+	pb "istio.io/api/security/v1alpha1"
 )
 
 var (
@@ -316,5 +318,59 @@ func TestRenewalWithForeignChain(t *testing.T) {
 	// The real certificate still renews: the refusals did not spend it.
 	if _, err := createCertificate(s.dialCA(t, real), "", csrPEM(t, real.key, nil), time.Hour); err != nil {
 		t.Fatalf("the real workload's renewal: %v", err)
+	}
+}
+
+// A thief renewing a stolen identity as fast as it can, over several kept
+// connections, is refused from the moment `trustmesh ca revoke`, another
+// process writing the journal, returns. serve's renewals skip re-reading
+// the log's size while the database's wal-index says nothing was committed
+// since the last read, which concurrent renewals between two commits do;
+// the revocation is a commit, so none may skip past it. The thief pauses
+// while the operator revokes, as on a quiet CA: no commit of serve's own
+// comes between the revocation and the next renewal to bring the
+// revocation in.
+func TestRevocationByAnotherProcessStopsRenewalsAtOnce(t *testing.T) {
+	s := shared(t)
+	id := td + "/ns/revoke/sa/stolen"
+	thief := s.enrol(t, id)
+	csr := csrPEM(t, thief.key, nil)
+	conns := make([]pb.IstioCertificateServiceClient, 8)
+	for i := range conns {
+		conns[i] = s.dialCA(t, thief)
+	}
+	// renew has every connection renew n times at once and returns how
+	// many renewals succeeded; any error but PermissionDenied fails.
+	renew := func(n int) int64 {
+		var ok atomic.Int64
+		var wg sync.WaitGroup
+		for _, c := range conns {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				for range n {
+					_, err := createCertificate(c, "", csr, time.Hour)
+					switch status.Code(err) {
+					case codes.OK:
+						ok.Add(1)
+					case codes.PermissionDenied:
+					default:
+						t.Errorf("a renewal: %v, want success, or PermissionDenied once revoked", err)
+						return
+					}
+				}
+			}()
+		}
+		wg.Wait()
+		return ok.Load()
+	}
+	if ok := renew(25); ok != 200 {
+		t.Fatalf("%d of 200 renewals before the revocation succeeded, want all", ok)
+	}
+	if out, err := s.cli("ca", "revoke", "--data-dir", s.dataDir, "--spiffe-id", id); err != nil {
+		t.Fatalf("trustmesh ca revoke: %v\n%s", err, out)
+	}
+	if ok := renew(25); ok != 0 {
+		t.Fatalf("%d of 200 renewals after trustmesh ca revoke returned succeeded, want none", ok)
 	}
 }
