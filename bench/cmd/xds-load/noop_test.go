@@ -36,9 +36,10 @@ func TestNoopFloorHoldsAndPushes(t *testing.T) {
 }
 
 // A stream the server refuses with ResourceExhausted, as serve's port does
-// when too many streams are still waiting for their first request, is
-// opened again after Envoy's backoff and counted, as an Envoy retries it;
-// it does not fail the run. The refusal may reach the client before or
+// when too many streams are still waiting for their first request, or
+// cuts before answering it (Canceled, as serve's port does to a stream
+// whose first request is slow to arrive), is opened again after Envoy's
+// backoff and counted, as an Envoy retries it; it does not fail the run. The refusal may reach the client before or
 // after its first Send; "late send" forces the second, where grpc-go's
 // Send reports only io.EOF and the refusal must be read from Recv.
 func TestRefusedStreamsAreOpenedAgain(t *testing.T) {
@@ -49,35 +50,40 @@ func TestRefusedStreamsAreOpenedAgain(t *testing.T) {
 		}
 		return &lateSender{ClientStream: s}, nil
 	})
-	for name, dial := range map[string][]grpc.DialOption{"send first": nil, "late send": {lateSend}} {
-		t.Run(name, func(t *testing.T) {
-			const refuse = 10
-			var refused atomic.Int64
-			o, stop := startTestFloor(t, grpc.ChainStreamInterceptor(
-				func(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
-					if strings.HasSuffix(info.FullMethod, "AggregatedResources") && refused.Add(1) <= refuse {
-						return status.Error(codes.ResourceExhausted, "connlimit: too many requests still arriving")
-					}
-					return handler(srv, ss)
-				}))
-			defer stop()
-			o.delta, o.rounds, o.dialOptions = true, 1, dial
-			var waits atomic.Int64
-			o.retryBackoff = func(int) time.Duration {
-				waits.Add(1)
-				return time.Millisecond
-			}
-			r, err := run(o)
-			if err != nil {
-				t.Fatal(err)
-			}
-			if r.StreamsReopened != refuse || !strings.Contains(r.LastReopen, "ResourceExhausted") {
-				t.Fatalf("%d streams reopened, the last after %q; want %d, after ResourceExhausted", r.StreamsReopened, r.LastReopen, refuse)
-			}
-			if waits.Load() != refuse {
-				t.Fatalf("%d backoff waits, want %d: a refused stream must wait before it is opened again", waits.Load(), refuse)
-			}
-		})
+	for _, refusal := range []*status.Status{
+		status.New(codes.ResourceExhausted, "connlimit: too many requests still arriving"),
+		status.New(codes.Canceled, context.Canceled.Error()),
+	} {
+		for name, dial := range map[string][]grpc.DialOption{"send first": nil, "late send": {lateSend}} {
+			t.Run(refusal.Code().String()+"/"+name, func(t *testing.T) {
+				const refuse = 10
+				var refused atomic.Int64
+				o, stop := startTestFloor(t, grpc.ChainStreamInterceptor(
+					func(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
+						if strings.HasSuffix(info.FullMethod, "AggregatedResources") && refused.Add(1) <= refuse {
+							return refusal.Err()
+						}
+						return handler(srv, ss)
+					}))
+				defer stop()
+				o.delta, o.rounds, o.dialOptions = true, 1, dial
+				var waits atomic.Int64
+				o.retryBackoff = func(int) time.Duration {
+					waits.Add(1)
+					return time.Millisecond
+				}
+				r, err := run(o)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if r.StreamsReopened != refuse || !strings.Contains(r.LastReopen, refusal.Code().String()) {
+					t.Fatalf("%d streams reopened, the last after %q; want %d, after %s", r.StreamsReopened, r.LastReopen, refuse, refusal.Code())
+				}
+				if waits.Load() != refuse {
+					t.Fatalf("%d backoff waits, want %d: a refused stream must wait before it is opened again", waits.Load(), refuse)
+				}
+			})
+		}
 	}
 }
 
