@@ -98,11 +98,15 @@ func (cp *ControlPlane) newWebhooks(v *validated) error {
 		return err
 	}
 	mux.Handle(admission.Path, h)
+	// The port bindAll bound is handed over, not released and bound
+	// again, which would let another process take it in between.
 	if cp.webhooks, err = webhook.New(webhook.Config{
-		Address: v.Listen.Injector, Handler: mux, GetCertificate: cp.serving.GetCertificate, Connections: v.Listen.Connections, Log: v.Log,
+		Address: v.Listen.Injector, Listener: cp.reserved["listen-injector"], Handler: mux,
+		GetCertificate: cp.serving.GetCertificate, Connections: v.Listen.Connections, Log: v.Log,
 	}); err != nil {
 		return fmt.Errorf("controlplane: %w", err)
 	}
+	delete(cp.reserved, "listen-injector") // the webhook server's now
 	return nil
 }
 

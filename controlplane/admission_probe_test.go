@@ -31,20 +31,18 @@ func TestServeKeepsIgnoreWhenNotFailClosed(t *testing.T) {
 		t.Fatal(err)
 	}
 	const name = "trustmesh-validator-keepignore"
-	addr := freeAddr(t)
-	api := cs.AdmissionregistrationV1().ValidatingWebhookConfigurations()
-	if _, err := api.Create(ctx, validatingWebhook(name, addr), metav1.CreateOptions{}); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = api.Delete(context.Background(), name, metav1.DeleteOptions{}) })
-	start(t, func(c *controlplane.Config) {
+	e := start(t, func(c *controlplane.Config) {
 		c.Kubernetes.RestConfig = cfg
 		c.Kubernetes.Mode = controlplane.KubernetesOn
 		c.Authz.RootNamespace = "keepignore"
-		c.Listen.Injector = addr
 		c.Admission.WebhookConfig = name
 		c.Admission.KeepIgnore = true
 	})
+	api := cs.AdmissionregistrationV1().ValidatingWebhookConfigurations()
+	if _, err := api.Create(ctx, validatingWebhook(name, e.cp.Addrs().Injector.String()), metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = api.Delete(context.Background(), name, metav1.DeleteOptions{}) })
 	// The webhook answers: a policy the engine refuses is refused.
 	ic := istioclient.NewForConfigOrDie(cfg)
 	bad := &securityv1.AuthorizationPolicy{
@@ -90,20 +88,19 @@ func TestServeKeepsNoValidatingWebhookWhenOff(t *testing.T) {
 	if _, err := cs.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "validationoff"}}, metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	addr := freeAddr(t)
+	e := start(t, func(c *controlplane.Config) {
+		c.Kubernetes.RestConfig = cfg
+		c.Kubernetes.Mode = controlplane.KubernetesOn
+		c.Authz.RootNamespace = "validationoff"
+		c.Admission.WebhookConfig = controlplane.ValidationWebhookOff
+	})
+	addr := e.cp.Addrs().Injector.String()
 	api := cs.AdmissionregistrationV1().ValidatingWebhookConfigurations()
 	if _, err := api.Create(ctx, validatingWebhook(controlplane.ValidationWebhookOff, addr), metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() {
 		_ = api.Delete(context.Background(), controlplane.ValidationWebhookOff, metav1.DeleteOptions{})
-	})
-	e := start(t, func(c *controlplane.Config) {
-		c.Kubernetes.RestConfig = cfg
-		c.Kubernetes.Mode = controlplane.KubernetesOn
-		c.Authz.RootNamespace = "validationoff"
-		c.Listen.Injector = addr
-		c.Admission.WebhookConfig = controlplane.ValidationWebhookOff
 	})
 	// /validate answers (a review without a request is refused as such).
 	hc := &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: rootPool(e), ServerName: "127.0.0.1"}}}

@@ -98,26 +98,27 @@ func TestServeValidatesOnKubernetes(t *testing.T) {
 	}{{"injection on", true}, {"injection off", false}} {
 		t.Run(tc.name, func(t *testing.T) {
 			name := "trustmesh-validator-" + strings.ReplaceAll(tc.name, " ", "-")
-			addr := freeAddr(t)
 			api := cs.AdmissionregistrationV1().ValidatingWebhookConfigurations()
 			w, err := api.Watch(ctx, metav1.ListOptions{FieldSelector: "metadata.name=" + name})
 			if err != nil {
 				t.Fatal(err)
 			}
 			defer w.Stop()
-			if _, err := api.Create(ctx, validatingWebhook(name, addr), metav1.CreateOptions{}); err != nil {
-				t.Fatal(err)
-			}
-			t.Cleanup(func() { _ = api.Delete(context.Background(), name, metav1.DeleteOptions{}) })
-
+			// The webhook port is bound first, on port 0 (start's
+			// default); then the configuration names it, as the chart's
+			// names the Service.
 			e := start(t, func(c *controlplane.Config) {
 				c.Kubernetes.RestConfig = cfg
 				c.Kubernetes.Mode = controlplane.KubernetesOn
 				c.Authz.RootNamespace = "shop"
-				c.Listen.Injector = addr
 				c.Injector.Disabled = !tc.injection
 				c.Admission.WebhookConfig = name
 			})
+			addr := e.cp.Addrs().Injector.String()
+			if _, err := api.Create(ctx, validatingWebhook(name, addr), metav1.CreateOptions{}); err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { _ = api.Delete(context.Background(), name, metav1.DeleteOptions{}) })
 			timeout := time.After(60 * time.Second)
 			for flipped := false; !flipped; {
 				select {
@@ -242,7 +243,6 @@ func TestServeLeavesIgnoreWhileTheWebhookDoesNotAnswer(t *testing.T) {
 		c.Kubernetes.RestConfig = cfg
 		c.Kubernetes.Mode = controlplane.KubernetesOn
 		c.Authz.RootNamespace = "unanswered"
-		c.Listen.Injector = freeAddr(t)
 		c.Admission.WebhookConfig = name
 		c.Log = slog.New(logs)
 	})

@@ -69,9 +69,10 @@ type ControlPlane struct {
 	caLis      net.Listener
 	monLis     net.Listener
 	bundleLis  net.Listener
-	// reserved holds the authorization service's and the injector's
-	// ports, which their servers bind themselves, from New's check that
-	// every port is free until just before each server binds it.
+	// reserved holds the authorization service's port, which its server
+	// binds itself once its policies load, from New's check that every
+	// port is free until Run; and the injector's, until New hands it to
+	// the webhook server.
 	reserved map[string]net.Listener
 	// lock holds the data directory while this control plane runs.
 	lock  *dirlock.Lock
@@ -173,7 +174,6 @@ func New(ctx context.Context, cfg Config) (_ *ControlPlane, err error) {
 	if cp.authz, err = cp.newAuthz(v); err != nil {
 		return nil, err
 	}
-	cp.release("listen-injector")
 	if err := cp.newWebhooks(v); err != nil {
 		return nil, err
 	}
@@ -275,6 +275,9 @@ type Addrs struct {
 	CA, Monitoring, Bundle net.Addr
 	// UI is the web UI's address, nil when it is off.
 	UI net.Addr
+	// Injector is the admission webhooks' address, nil when they are off
+	// (off Kubernetes, or --listen-injector=off).
+	Injector net.Addr
 }
 
 // Addrs returns the bound listener addresses.
@@ -285,6 +288,9 @@ func (cp *ControlPlane) Addrs() Addrs {
 	}
 	if cp.uiLis != nil {
 		a.UI = cp.uiLis.Addr()
+	}
+	if cp.webhooks != nil {
+		a.Injector = cp.webhooks.Addr()
 	}
 	return a
 }

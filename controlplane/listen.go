@@ -84,8 +84,9 @@ func (v *validated) ports() []port {
 
 // bindAll binds every port this control plane serves on, and ext_authz's
 // unix socket, so that a port in use fails the start before anything is
-// created. The authorization service and the injector bind their own
-// listeners later; their ports are held in cp.reserved until then.
+// created. The authorization service binds its own listener later, and
+// the injector takes its bound one later; their ports are held in
+// cp.reserved until then.
 func (cp *ControlPlane) bindAll(v *validated) error {
 	for _, p := range v.ports() {
 		l, err := listen(v, p)

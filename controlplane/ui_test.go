@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"io"
 	"net/http"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -25,7 +26,9 @@ import (
 // of its policies over its mesh, a denial it made, and its journal, which
 // verify-now finds intact.
 func TestServeUIShowsRealData(t *testing.T) {
-	authzAddr := freeAddr(t)
+	// A unix socket: the authorization service binds its port only once
+	// its policies load, so a TCP port chosen here could be taken first.
+	authzAddr := "unix://" + filepath.Join(t.TempDir(), "authz.sock")
 	e := start(t, func(c *controlplane.Config) {
 		c.Listen.UI = "127.0.0.1:0"
 		c.Listen.Authz = authzAddr

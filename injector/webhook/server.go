@@ -20,6 +20,11 @@ const DefaultAddress = ":15017"
 type Config struct {
 	// Address to listen on; default DefaultAddress.
 	Address string
+	// Listener, if set, is served instead of binding Address: a caller
+	// that bound the port earlier (to fail its start on a port in use)
+	// hands it over rather than closing it and binding again, which
+	// another process could take the port in between. Close closes it.
+	Listener net.Listener
 	// Handler is the admission handler, from NewHandler.
 	Handler http.Handler
 	// GetCertificate returns the serving certificate for each handshake;
@@ -67,9 +72,12 @@ func New(cfg Config) (*Server, error) {
 	if len(errs) > 0 {
 		return nil, fmt.Errorf("webhook: %w", errors.Join(errs...))
 	}
-	lis, err := cfg.Connections.Listen("tcp", cfg.Address)
-	if err != nil {
-		return nil, fmt.Errorf("webhook: listen on %s: %w", cfg.Address, err)
+	lis := cfg.Listener
+	if lis == nil {
+		var err error
+		if lis, err = cfg.Connections.Listen("tcp", cfg.Address); err != nil {
+			return nil, fmt.Errorf("webhook: listen on %s: %w", cfg.Address, err)
+		}
 	}
 	srv := cfg.Connections.HTTPServer(cfg.Handler)
 	srv.TLSConfig = &tls.Config{

@@ -8,6 +8,7 @@ import (
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"math/big"
+	"net"
 	"net/http"
 	"testing"
 	"time"
@@ -43,6 +44,44 @@ func TestServerBoundsConnections(t *testing.T) {
 	t.Run("cap", func(t *testing.T) {
 		connlimittest.CapHolds(t, serve(t, connlimit.Config{MaxConnections: 8}), 8, connlimittest.HTTP(client, "/"))
 	})
+}
+
+// TestServerServesAHandedListener: a server given a bound listener serves
+// on it and binds nothing itself, so a caller that held the port since its
+// start leaves no moment in which another process could take it. Address
+// here names a port in use, which binding would fail on.
+func TestServerServesAHandedListener(t *testing.T) {
+	cert := selfSigned(t)
+	taken, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer taken.Close()
+	lis, err := connlimit.Config{}.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv, err := webhook.New(webhook.Config{
+		Address: taken.Addr().String(), Listener: lis, Handler: http.NotFoundHandler(),
+		GetCertificate: func(*tls.ClientHelloInfo) (*tls.Certificate, error) { return cert, nil },
+	})
+	if err != nil {
+		t.Fatalf("New with a listener: %v", err)
+	}
+	if srv.Addr() != lis.Addr() {
+		t.Fatalf("Addr = %v, want the handed listener's %v", srv.Addr(), lis.Addr())
+	}
+	run(t, "webhook server", srv.Run)
+	hc := &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{InsecureSkipVerify: true}}}
+	defer hc.CloseIdleConnections()
+	resp, err := hc.Get("https://" + lis.Addr().String() + "/")
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusNotFound {
+		t.Errorf("GET / on the handed listener = %d, want the handler's 404", resp.StatusCode)
+	}
 }
 
 func selfSigned(t *testing.T) *tls.Certificate {
