@@ -90,8 +90,11 @@ type deltaStream struct {
 type deltaWatch struct {
 	stream *deltaStream
 	req    *cachev3.DeltaRequest
-	sub    cachev3.Subscription
-	out    chan cachev3.DeltaResponse
+	// typ is req's type URL, kept here so that a push passes over a
+	// watch of a type it did not change without reading req.
+	typ string
+	sub cachev3.Subscription
+	out chan cachev3.DeltaResponse
 	// first is whether req is the stream's first of its type: a wildcard
 	// one is answered even with nothing in it, or Envoy would not
 	// finish initializing.
@@ -429,8 +432,15 @@ func (c *cache) deltaSlow(k *deltaKnown, to *typeSet, wildcard bool, subscribed 
 // deltaRespond answers a delta watch if the node's configuration holds
 // something its client lacks, and reports whether it did. c.mu is held.
 func (c *cache) deltaRespond(w *deltaWatch, pub *published) bool {
-	typ := w.req.GetTypeUrl()
+	typ := w.typ
 	k := w.stream.known[typ]
+	if !w.first && len(k.over) == 0 && k.at != nil && k.at == pub.types[typ] {
+		// The client holds all of the type's set: a push that changed
+		// other types (an endpoint: every stream's clusters, listeners
+		// and routes stay) has nothing to send here, which deltaAnswer
+		// would find out with a diff of the set with itself.
+		return false
+	}
 	resp, next := c.deltaAnswer(k, w.req, w.sub, w.first, pub)
 	if resp == nil {
 		return false

@@ -6,8 +6,10 @@ import (
 	"math/rand/v2"
 	"testing"
 
+	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/anypb"
 
 	"github.com/trustmesh/trustmesh/mesh"
 	"github.com/trustmesh/trustmesh/xds/internal/meshtest"
@@ -184,4 +186,70 @@ func TestSharedSnapshotsNeverDiffer(t *testing.T) {
 		t.Fatal("no two nodes shared a snapshot: the test checked nothing")
 	}
 	t.Logf("%d nodes shared another's snapshot", shared)
+}
+
+// TestUnchangedTypeSetsCarryOver: a generation publishes, for a type whose
+// resources are byte for byte the previous generation's, the previous
+// generation's set itself, so that delta streams holding it are passed
+// over (deltaRespond) and its encodings are not made again; a type that
+// changed gets a set of its own. A set of the same version whose bytes
+// differ (a hash collision) is never taken for it.
+func TestUnchangedTypeSetsCarryOver(t *testing.T) {
+	id := func(sa string) spiffeid.ID { return spiffeid.RequireFromSegments(shareTD, "ns", "shop", "sa", sa) }
+	client := &mesh.Workload{Namespace: "shop", Name: "client-0", ServiceAccount: "client", ID: id("client")}
+	meshWith := func(endpoints ...string) *mesh.Mesh {
+		s := &mesh.Service{Namespace: "shop", Name: "web", Hostname: "web.shop.svc.cluster.local",
+			Ports: []mesh.Port{{Name: "http", Port: 8080, Protocol: mesh.HTTP}}}
+		for i, addr := range endpoints {
+			s.Endpoints = append(s.Endpoints, mesh.Endpoint{Address: addr, Workload: &mesh.Workload{Namespace: "shop", Name: fmt.Sprintf("web-%d", i),
+				ServiceAccount: "web", ID: id("web"), Labels: map[string]string{"app": "web"}}})
+		}
+		m := &mesh.Mesh{Services: []*mesh.Service{s}, Workloads: []*mesh.Workload{client}}
+		if err := m.Validate(shareTD); err != nil {
+			t.Fatal(err)
+		}
+		return m
+	}
+	publish := func(prev *generation, m *mesh.Mesh) (*generation, *published) {
+		t.Helper()
+		g := newGeneration(proxyconfig.NewBuilder(shareProxy(t), m, nil), slog.New(slog.DiscardHandler))
+		g.carryFrom(prev)
+		p, _, err := g.snapshot(parsedNode(t, "sidecar", "10.1.0.1", client, false))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return g, p
+	}
+	g1, p1 := publish(nil, meshWith("10.0.0.1"))
+	g2, p2 := publish(g1, meshWith("10.0.0.1", "10.0.0.2"))
+	for _, typ := range []string{resource.ClusterType, resource.ListenerType, resource.RouteType} {
+		if p1.types[typ] == nil || p2.types[typ] != p1.types[typ] {
+			t.Errorf("%s: a new set after a push that changed only endpoints", typ)
+		}
+	}
+	if p2.types[resource.EndpointType] == p1.types[resource.EndpointType] {
+		t.Fatal("endpoints: the previous set after a push that changed them")
+	}
+	// Carried over two pushes, and from a generation that carried it.
+	_, p3 := publish(g2, meshWith("10.0.0.1", "10.0.0.2"))
+	if p3.types[resource.ClusterType] != p1.types[resource.ClusterType] || p3.types[resource.EndpointType] != p2.types[resource.EndpointType] {
+		t.Error("a set unchanged since the previous push was not kept")
+	}
+
+	// A collision: the previous generation's set has the version of the
+	// next one's but other bytes.
+	eds := p2.types[resource.EndpointType]
+	forged := &typeSet{version: eds.version, names: eds.names, anys: map[string]*anypb.Any{}, versions: eds.versions}
+	for name, a := range eds.anys {
+		forged.anys[name] = &anypb.Any{TypeUrl: a.GetTypeUrl(), Value: append([]byte{0}, a.GetValue()...)}
+	}
+	g4 := newGeneration(proxyconfig.NewBuilder(shareProxy(t), meshWith("10.0.0.1", "10.0.0.2"), nil), slog.New(slog.DiscardHandler))
+	g4.carriedSets = map[typeSetKey]*typeSet{{resource.EndpointType, eds.version}: forged}
+	p4, _, err := g4.snapshot(parsedNode(t, "sidecar", "10.1.0.1", client, false))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if p4.types[resource.EndpointType] == forged {
+		t.Error("a set of the same version but other bytes was taken for the new one")
+	}
 }

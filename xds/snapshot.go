@@ -49,6 +49,9 @@ type generation struct {
 	// them, by configKey; carriedOwns are the previous generation's (read
 	// only). See shareKey.
 	owns, carriedOwns map[string]ownMemo
+	// carriedSets are the type sets the previous generation published,
+	// by type and version (read only). See check.
+	carriedSets map[typeSetKey]*typeSet
 	// byID counts the mesh's pods per SPIFFE ID, once per generation.
 	byID map[spiffeid.ID]int
 	// policyVersion is the version of the policy snapshot the builder
@@ -108,9 +111,17 @@ func (g *generation) carryFrom(prev *generation) {
 	}
 	prev.mu.Lock()
 	carried, owns, keys := maps.Clone(prev.checked), maps.Clone(prev.owns), len(prev.keys)
+	sets := map[typeSetKey]*typeSet{}
+	for _, b := range prev.snaps {
+		if b.pub != nil {
+			for typ, ts := range b.pub.types {
+				sets[typeSetKey{typ, ts.version}] = ts
+			}
+		}
+	}
 	prev.mu.Unlock()
 	g.mu.Lock()
-	g.carried, g.carriedOwns = carried, owns
+	g.carried, g.carriedOwns, g.carriedSets = carried, owns, sets
 	if len(g.keys) == 0 && len(g.owns) == 0 {
 		// Sized for the nodes prev had: each asks for its key on the push.
 		g.keys, g.owns = make(map[string]string, keys), make(map[string]ownMemo, len(owns))
@@ -316,6 +327,28 @@ func marshalResource(r proto.Message) (string, *anypb.Any, error) {
 	return fmt.Sprintf("%x", fnvSum(raw)), &anypb.Any{TypeUrl: "type.googleapis.com/" + string(r.ProtoReflect().Descriptor().FullName()), Value: raw}, nil
 }
 
+// typeSetKey finds a carried typeSet: its type and version.
+type typeSetKey struct{ typ, version string }
+
+// sameSet is whether a and b hold the same resources, byte for byte:
+// a version is a hash, and reusing a set on a collision would leave its
+// clients without the change.
+func sameSet(a, b *typeSet) bool {
+	if a.version != b.version || len(a.names) != len(b.names) {
+		return false
+	}
+	for i, name := range a.names {
+		if b.names[i] != name {
+			return false
+		}
+		x, y := a.anys[name], b.anys[name]
+		if x != y && (x.GetTypeUrl() != y.GetTypeUrl() || !bytes.Equal(x.GetValue(), y.GetValue())) {
+			return false
+		}
+	}
+	return true
+}
+
 // typeVersion is a type's version (state of the world): a hash of its
 // resources' sorted names and versions.
 func typeVersion(sorted []string, versions map[string]string) string {
@@ -370,7 +403,16 @@ func (g *generation) check(res *proxyconfig.Resources) (*published, error) {
 		version := typeVersion(names, versions)
 		snap.Resources[idx] = cachev3.NewResourcesWithTTL(version, withTTL)
 		snap.VersionMap[typ] = versions
-		pub.types[typ] = &typeSet{version: version, names: names, anys: anys, versions: versions}
+		ts := &typeSet{version: version, names: names, anys: anys, versions: versions}
+		if prev := g.carriedSets[typeSetKey{typ, version}]; prev != nil && sameSet(prev, ts) {
+			// What the previous generation published of the type, and
+			// what every client that holds it holds: kept, so that a
+			// push that changed other types finds nothing to diff or send
+			// here (deltaRespond), and the set's encodings and diffs
+			// are not made again.
+			ts = prev
+		}
+		pub.types[typ] = ts
 	}
 	// As Snapshot.Consistent: the routes and endpoints are exactly those
 	// the listeners and clusters name.

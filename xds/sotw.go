@@ -513,7 +513,7 @@ func (c *cache) CreateDeltaWatch(req *cachev3.DeltaRequest, sub cachev3.Subscrip
 		n.unacked[typ] = ""
 	}
 	defer c.mu.Unlock()
-	w := &deltaWatch{stream: ds, req: req, sub: sub, out: out, first: !seen}
+	w := &deltaWatch{stream: ds, req: req, typ: typ, sub: sub, out: out, first: !seen}
 	if n.pub != nil && c.deltaRespond(w, n.pub) {
 		return func() {}, nil
 	}
