@@ -68,7 +68,7 @@ type Mesh struct {
 	// byKey indexes every workload by Key, built on the first lookup: a
 	// Mesh is not changed once it is looked up.
 	indexOnce sync.Once
-	byKey     map[string]*Workload
+	byKey     map[workloadKey]*Workload
 	byNode    map[string][]*Workload
 	byAddr    map[netip.Addr]*Workload
 }
@@ -246,6 +246,12 @@ func (w *Workload) Mode() DataPlaneMode {
 // Key is "namespace/name".
 func (w *Workload) Key() string { return w.Namespace + "/" + w.Name }
 
+// workloadKey is a workload's namespace and name: a map key, which unlike
+// Key costs no allocation (a mesh's workloads are indexed on every load).
+type workloadKey struct{ namespace, name string }
+
+func (w *Workload) key() workloadKey { return workloadKey{w.Namespace, w.Name} }
+
 // ExternalService is a host outside the mesh that sidecars may reach, only
 // through the egress gateway.
 type ExternalService struct {
@@ -365,17 +371,17 @@ func (m *Mesh) Service(key string) *Service {
 // endpoints of services and the other workloads.
 func (m *Mesh) Workload(ns, name string) *Workload {
 	m.index()
-	return m.byKey[ns+"/"+name]
+	return m.byKey[workloadKey{ns, name}]
 }
 
 func (m *Mesh) index() {
 	m.indexOnce.Do(func() {
-		m.byKey = map[string]*Workload{}
+		m.byKey = map[workloadKey]*Workload{}
 		m.byNode = map[string][]*Workload{}
 		m.byAddr = map[netip.Addr]*Workload{}
 		claimed := map[netip.Addr]bool{}
 		for _, w := range m.AllWorkloads() {
-			m.byKey[w.Key()] = w
+			m.byKey[w.key()] = w
 			if w.Node != "" {
 				m.byNode[w.Node] = append(m.byNode[w.Node], w)
 			}
@@ -407,11 +413,11 @@ func (m *Mesh) WorkloadByAddress(addr netip.Addr) *Workload {
 
 // AllWorkloads lists every workload the mesh knows once, endpoints first.
 func (m *Mesh) AllWorkloads() []*Workload {
-	seen := map[string]bool{}
-	var out []*Workload
+	seen := make(map[workloadKey]bool, len(m.Workloads))
+	out := make([]*Workload, 0, len(m.Workloads))
 	add := func(w *Workload) {
-		if w != nil && !seen[w.Key()] {
-			seen[w.Key()] = true
+		if w != nil && !seen[w.key()] {
+			seen[w.key()] = true
 			out = append(out, w)
 		}
 	}
@@ -488,7 +494,7 @@ func (m *Mesh) Validate(td spiffeid.TrustDomain) error {
 	}
 	services := map[string]bool{}
 	hosts := map[string]string{}
-	workloads := map[string]*Workload{}
+	workloads := map[workloadKey]*Workload{}
 	for _, s := range m.Services {
 		if s.Namespace == "" || s.Name == "" || s.Hostname == "" {
 			fail("service %q: namespace, name and hostname are required", s.Key())
@@ -551,10 +557,10 @@ func (m *Mesh) Validate(td spiffeid.TrustDomain) error {
 			case w.ID != want:
 				fail("service %s: endpoint %d: workload %s has SPIFFE ID %q, want %s", s.Key(), i, w.Key(), w.ID, want)
 			}
-			if prev, ok := workloads[w.Key()]; ok && !sameWorkload(prev, w) {
+			if prev, ok := workloads[w.key()]; ok && !sameWorkload(prev, w) {
 				fail("workload %s is declared twice with different identities, labels, nodes, addresses or dataplane modes", w.Key())
 			}
-			workloads[w.Key()] = w
+			workloads[w.key()] = w
 		}
 	}
 	for i, w := range m.Workloads {
@@ -568,10 +574,10 @@ func (m *Mesh) Validate(td spiffeid.TrustDomain) error {
 		case w.ID != want:
 			fail("workload %s has SPIFFE ID %q, want %s", w.Key(), w.ID, want)
 		}
-		if prev, ok := workloads[w.Key()]; ok && prev != w && !sameWorkload(prev, w) {
+		if prev, ok := workloads[w.key()]; ok && prev != w && !sameWorkload(prev, w) {
 			fail("workload %s is declared twice with different identities, labels, nodes, addresses or dataplane modes", w.Key())
 		}
-		workloads[w.Key()] = w
+		workloads[w.key()] = w
 	}
 	errs = append(errs, validateDataPlane(m.AllWorkloads())...)
 	for _, x := range m.External {
@@ -714,7 +720,7 @@ func validateDataPlane(ws []*Workload) []error {
 	fail := func(format string, args ...any) {
 		errs = append(errs, fmt.Errorf("%w: "+format, append([]any{ErrInvalid}, args...)...))
 	}
-	owner := map[netip.Addr]string{}
+	owner := map[netip.Addr]*Workload{}
 	for _, w := range ws {
 		for _, a := range w.Addresses {
 			ip, err := netip.ParseAddr(a)
@@ -727,10 +733,10 @@ func validateDataPlane(ws []*Workload) []error {
 				continue
 			}
 			ip = ip.Unmap()
-			if prev, dup := owner[ip]; dup && prev != w.Key() {
-				fail("workload %s: address %s is also workload %s's", w.Key(), ip, prev)
+			if prev, dup := owner[ip]; dup && prev.key() != w.key() {
+				fail("workload %s: address %s is also workload %s's", w.Key(), ip, prev.Key())
 			}
-			owner[ip] = w.Key()
+			owner[ip] = w
 		}
 		if w.DataPlaneMode != "" {
 			if _, err := ParseDataPlaneMode(string(w.DataPlaneMode)); err != nil {
