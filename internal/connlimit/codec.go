@@ -7,7 +7,6 @@ import (
 	"google.golang.org/grpc/encoding/proto"
 	"google.golang.org/grpc/mem"
 	protov2 "google.golang.org/protobuf/proto"
-	"google.golang.org/protobuf/reflect/protoreflect"
 )
 
 // sharedCodec is grpc-go's proto codec, except for a message that carries
@@ -50,12 +49,14 @@ func (c sharedCodec) Marshal(v any) (mem.BufferSlice, error) {
 	if len(shared) == 0 {
 		return c.base.Marshal(v)
 	}
-	known := r.New()
-	r.Range(func(fd protoreflect.FieldDescriptor, v protoreflect.Value) bool {
-		known.Set(fd, v)
-		return true
-	})
-	head, err := protov2.Marshal(known.Interface())
+	// The known fields alone: the message's unknown fields are set
+	// aside while it is marshaled, and put back. A message is sent by the
+	// goroutine of its one stream, which waits here, so nothing else
+	// reads it meanwhile (go-control-plane sets each response's nonce
+	// before sending it, which already makes a response one stream's).
+	r.SetUnknown(nil)
+	head, err := protov2.Marshal(m)
+	r.SetUnknown(shared)
 	if err != nil {
 		return nil, fmt.Errorf("connlimit: marshaling %s: %w", r.Descriptor().FullName(), err)
 	}
