@@ -494,7 +494,7 @@ func (m *Mesh) Validate(td spiffeid.TrustDomain) error {
 	}
 	services := map[string]bool{}
 	hosts := map[string]string{}
-	workloads := map[workloadKey]*Workload{}
+	workloads := make(map[workloadKey]*Workload, len(m.Workloads))
 	for _, s := range m.Services {
 		if s.Namespace == "" || s.Name == "" || s.Hostname == "" {
 			fail("service %q: namespace, name and hostname are required", s.Key())
