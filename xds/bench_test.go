@@ -91,6 +91,24 @@ func benchMesh(extra, clients int) *mesh.Mesh {
 	return m
 }
 
+// writeHeap writes a heap profile to prefix+suffix, unless prefix is
+// empty.
+func writeHeap(b *testing.B, prefix, suffix string) {
+	if prefix == "" {
+		return
+	}
+	// The profile is as of the last collection.
+	runtime.GC()
+	f, err := os.Create(prefix + suffix)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer f.Close()
+	if err := pprof.Lookup("allocs").WriteTo(f, 0); err != nil {
+		b.Fatal(err)
+	}
+}
+
 func rssMB(field string) float64 {
 	b, err := os.ReadFile("/proc/self/status")
 	if err != nil {
@@ -165,6 +183,11 @@ func benchConvergence(b *testing.B, n int, delta bool) {
 			}
 		}
 	}
+	// TRUSTMESH_XDS_BENCH_ALLOCS=file writes heap profiles to file.before
+	// and file.after the pushes; `go tool pprof -sample_index=alloc_space
+	// -base file.before file.after` is what the pushes allocated.
+	allocs := os.Getenv("TRUSTMESH_XDS_BENCH_ALLOCS")
+	writeHeap(b, allocs, ".before")
 	for i := range b.N {
 		b.StopTimer()
 		if _, err := io.WriteString(stdin, "go\n"); err != nil {
@@ -178,6 +201,7 @@ func benchConvergence(b *testing.B, n int, delta bool) {
 		total += time.Since(t0)
 	}
 	b.StopTimer()
+	writeHeap(b, allocs, ".after")
 	b.ReportMetric(total.Seconds()/float64(b.N), "s/convergence")
 	b.ReportMetric(rssMB("VmRSS"), "MB-RSS")
 	b.ReportMetric(rssMB("VmHWM"), "MB-peak-RSS")
