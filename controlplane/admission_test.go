@@ -4,7 +4,6 @@ import (
 	"context"
 	"crypto/tls"
 	"log/slog"
-	"net"
 	"net/http"
 	"os/exec"
 	"path/filepath"
@@ -24,6 +23,7 @@ import (
 
 	"github.com/trustmesh/trustmesh/admission"
 	"github.com/trustmesh/trustmesh/controlplane"
+	"github.com/trustmesh/trustmesh/internal/freeport"
 )
 
 // installIstioCRDs installs Istio's CRDs into the shared apiserver;
@@ -38,17 +38,6 @@ func installIstioCRDs(t *testing.T, cfg *rest.Config) {
 		Paths: []string{filepath.Join(strings.TrimSpace(string(out)), "kubernetes", "customresourcedefinitions.gen.yaml")}}); err != nil {
 		t.Fatal(err)
 	}
-}
-
-// freeAddr is a loopback address with a port free when it returns.
-func freeAddr(t *testing.T) string {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().String()
 }
 
 // validatingWebhook is the chart's ValidatingWebhookConfiguration as
@@ -234,7 +223,7 @@ func TestServeLeavesIgnoreWhileTheWebhookDoesNotAnswer(t *testing.T) {
 	const name = "trustmesh-validator-unanswered"
 	api := cs.AdmissionregistrationV1().ValidatingWebhookConfigurations()
 	// The configuration calls an address nothing listens on.
-	if _, err := api.Create(ctx, validatingWebhook(name, freeAddr(t)), metav1.CreateOptions{}); err != nil {
+	if _, err := api.Create(ctx, validatingWebhook(name, freeport.Addr(t)), metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = api.Delete(context.Background(), name, metav1.DeleteOptions{}) })

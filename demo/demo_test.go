@@ -2,10 +2,8 @@ package demo_test
 
 import (
 	"context"
-	"fmt"
 	"io/fs"
 	"log/slog"
-	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -16,6 +14,7 @@ import (
 
 	"github.com/trustmesh/trustmesh/demo"
 	"github.com/trustmesh/trustmesh/examples"
+	"github.com/trustmesh/trustmesh/internal/freeport"
 )
 
 // lines collects the demo's output and lets the test wait for a line.
@@ -95,16 +94,6 @@ func (l *lines) lineAt(offset int) string {
 	return s[start : offset+end]
 }
 
-func freePort(t *testing.T) string {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return fmt.Sprint(l.Addr().(*net.TCPAddr).Port)
-}
-
 func copyFile(t *testing.T, from, to string, replace ...string) {
 	t.Helper()
 	b, err := os.ReadFile(from)
@@ -123,7 +112,7 @@ func copyFile(t *testing.T, from, to string, replace ...string) {
 // edit that does not parse is refused and the demo says so, and
 // cancelling stops everything cleanly.
 func TestDemo(t *testing.T) {
-	port := freePort(t)
+	port := freeport.Port(t)
 	meshDir, polDir := t.TempDir(), t.TempDir()
 	copyFile(t, "../examples/mesh/demo.yaml", filepath.Join(meshDir, "demo.yaml"), "17070", port)
 	policy := filepath.Join(polDir, "echo.yaml")
@@ -185,7 +174,7 @@ func TestDemoRunsAnywhere(t *testing.T) {
 		}
 		b, err := fs.ReadFile(examples.Mesh(), path)
 		if path == "demo.yaml" {
-			b = []byte(strings.ReplaceAll(string(b), "17070", freePort(t)))
+			b = []byte(strings.ReplaceAll(string(b), "17070", freeport.Port(t)))
 		}
 		mesh[path] = &fstest.MapFile{Data: b, Mode: 0o644}
 		return err

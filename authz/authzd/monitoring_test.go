@@ -17,17 +17,8 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 
 	"github.com/trustmesh/trustmesh/authz/decisionlog"
+	"github.com/trustmesh/trustmesh/internal/freeport"
 )
-
-func freeAddr(t *testing.T) string {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().String()
-}
 
 func get(t *testing.T, url string) (int, string) {
 	t.Helper()
@@ -52,7 +43,7 @@ func TestMonitoringCountsTheDecisionLog(t *testing.T) {
 		t.Fatal(err)
 	}
 	sock := filepath.Join(t.TempDir(), "authz.sock")
-	mon := freeAddr(t)
+	mon := freeport.Addr(t)
 	var dl bytes.Buffer // read only after Run returned
 	svc, err := New(Config{Address: "unix://" + sock, PolicyDir: dir, DecisionLog: &dl, Monitoring: mon})
 	if err != nil {

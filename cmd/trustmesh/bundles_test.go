@@ -13,6 +13,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/trustmesh/trustmesh/internal/freeport"
 )
 
 // syncBuffer is a bytes.Buffer a test may read while a process writes it.
@@ -55,11 +57,11 @@ func TestExamplePoliciesAsShipped(t *testing.T) {
 		}
 	})
 	t.Run("serve", func(t *testing.T) {
-		monitoring := freePort(t)
+		monitoring := freeport.Addr(t)
 		var stderr syncBuffer
 		cmd := exec.Command(binary, "serve", "--policies", "examples/policies",
-			"--data-dir", filepath.Join(t.TempDir(), "data"), "--listen-ca", freePort(t), "--listen-monitoring", monitoring,
-			"--listen-authz", freePort(t), "--listen-bundle", "", "--listen-ui", "off")
+			"--data-dir", filepath.Join(t.TempDir(), "data"), "--listen-ca", freeport.Addr(t), "--listen-monitoring", monitoring,
+			"--listen-authz", freeport.Addr(t), "--listen-bundle", "", "--listen-ui", "off")
 		cmd.Dir, cmd.Stderr = repoRoot, &stderr
 		if err := cmd.Start(); err != nil {
 			t.Fatal(err)
@@ -103,8 +105,8 @@ func TestServeRefusesAStartWithoutTheBundle(t *testing.T) {
 	var stderr bytes.Buffer
 	dataDir := filepath.Join(t.TempDir(), "data")
 	cmd := exec.Command(binary, "serve", "--policies", dir,
-		"--data-dir", dataDir, "--listen-ca", freePort(t), "--listen-monitoring", freePort(t),
-		"--listen-authz", freePort(t), "--listen-bundle", "", "--listen-ui", "off")
+		"--data-dir", dataDir, "--listen-ca", freeport.Addr(t), "--listen-monitoring", freeport.Addr(t),
+		"--listen-authz", freeport.Addr(t), "--listen-bundle", "", "--listen-ui", "off")
 	cmd.Stderr = &stderr
 	done := make(chan error, 1)
 	if err := cmd.Start(); err != nil {

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/trustmesh/trustmesh/examples"
+	"github.com/trustmesh/trustmesh/internal/freeport"
 )
 
 // TestDemoLogs runs `trustmesh demo` from a directory other than the
@@ -27,7 +28,7 @@ func TestDemoLogs(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	_, port, _ := strings.Cut(freePort(t), ":")
+	_, port, _ := strings.Cut(freeport.Addr(t), ":")
 	if err := os.WriteFile(meshFile, []byte(strings.ReplaceAll(string(b), "17070", port)), 0o600); err != nil {
 		t.Fatal(err)
 	}

@@ -34,6 +34,8 @@ import (
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/metadata"
 	pb "istio.io/api/security/v1alpha1"
+
+	"github.com/trustmesh/trustmesh/internal/freeport"
 )
 
 // binary is the trustmesh binary built for process-level tests.
@@ -55,16 +57,6 @@ func TestMain(m *testing.M) {
 	os.Exit(code)
 }
 
-func freePort(t *testing.T) string {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().String()
-}
-
 type serveProc struct {
 	cmd            *exec.Cmd
 	ca, monitoring string
@@ -74,7 +66,7 @@ type serveProc struct {
 // startServe runs `trustmesh serve` as a process and waits until it is ready.
 func startServe(t *testing.T, dataDir string) *serveProc {
 	t.Helper()
-	p := &serveProc{ca: freePort(t), monitoring: freePort(t)}
+	p := &serveProc{ca: freeport.Addr(t), monitoring: freeport.Addr(t)}
 	p.cmd = exec.Command(binary, "serve", "--data-dir", dataDir,
 		"--listen-ca", p.ca, "--listen-monitoring", p.monitoring, "--listen-bundle", "", "--listen-ui", "off")
 	p.cmd.Stderr = &p.stderr

@@ -17,6 +17,8 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/metadata"
+
+	"github.com/trustmesh/trustmesh/internal/freeport"
 )
 
 // withEnv is the test's environment without OTEL_ variables, plus kv.
@@ -59,7 +61,7 @@ func TestTracingEnvironmentIsChecked(t *testing.T) {
 // its metadata, stops the process, and finds the ext_authz.Check span in
 // the caller's trace on stderr: the span was batched, and exit flushed it.
 func TestAuthzTracesToConsoleAndFlushesAtExit(t *testing.T) {
-	addr := freePort(t)
+	addr := freeport.Addr(t)
 	var stderr syncBuffer
 	cmd := exec.Command(binary, "authz", "--insecure-plaintext", "--listen", addr, "--policies", t.TempDir(), "--decision-log", "")
 	// A batch delay far longer than the test: only the flush at exit

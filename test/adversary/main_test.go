@@ -14,7 +14,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -25,6 +24,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/trustmesh/trustmesh/internal/freeport"
 	"github.com/trustmesh/trustmesh/test/leakcheck"
 )
 
@@ -103,7 +103,7 @@ func startServer(cfg serveConfig) (*server, error) {
 			return nil, err
 		}
 		// The authz port is not logged, so it is chosen here.
-		if s.authz, err = freePort(); err != nil {
+		if s.authz, err = freeport.Get(); err != nil {
 			return nil, err
 		}
 		args = append(args, "--policies", p, "--listen-authz", s.authz)
@@ -295,16 +295,6 @@ func writeFiles(dir string, files map[string][]byte) error {
 		}
 	}
 	return nil
-}
-
-// freePort returns a loopback address with a port nothing listens on.
-func freePort() (string, error) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return "", err
-	}
-	defer l.Close()
-	return l.Addr().String(), nil
 }
 
 // start starts a server of the test's own, stopped when the test ends.

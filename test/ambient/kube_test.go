@@ -20,6 +20,7 @@ import (
 	clientcmdapi "k8s.io/client-go/tools/clientcmd/api"
 	"sigs.k8s.io/controller-runtime/pkg/envtest"
 
+	"github.com/trustmesh/trustmesh/internal/freeport"
 	"github.com/trustmesh/trustmesh/test/kubeapi"
 )
 
@@ -116,7 +117,7 @@ func TestNodeAgentOnKubernetes(t *testing.T) {
 	// (as a kind node's kubelet has /kubelet), which the node agent is told.
 	kubeletRoot := fmt.Sprintf("%d-kubelet", os.Getpid())
 	node := &nodeAgent{name: "node-a", socket: filepath.Join(dir, "node.sock")}
-	node.monitoring = freePort(t)
+	node.monitoring = freeport.Addr(t)
 	node.proc = startProc(t, "trustmesh node node-a", nil, "node", "--node-name", "node-a",
 		"--ca-address", s.ca, "--ca-bundle-file", s.bundleFile, "--token-file", tokenFile,
 		"--socket", node.socket, "--monitoring-address", node.monitoring, "--pending-wait", "2s",

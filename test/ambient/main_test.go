@@ -16,7 +16,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -27,6 +26,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/trustmesh/trustmesh/internal/freeport"
 	"github.com/trustmesh/trustmesh/test/internal/binary"
 	"github.com/trustmesh/trustmesh/test/leakcheck"
 )
@@ -319,23 +319,12 @@ func joinNode(t *testing.T, s *server, name string) *nodeAgent {
 // same flags, as a service manager would restart it).
 func (n *nodeAgent) start(t *testing.T, s *server, extra ...string) {
 	t.Helper()
-	n.monitoring = freePort(t)
+	n.monitoring = freeport.Addr(t)
 	args := append([]string{"node", "--node-name", n.name,
 		"--ca-address", s.ca, "--ca-bundle-file", s.bundleFile, "--join-token-file", n.tokenFile,
 		"--state-dir", n.stateDir, "--socket", n.socket, "--monitoring-address", n.monitoring,
 		"--pending-wait", "2s", "--sync-interval", "1s"}, extra...)
 	n.proc = startProc(t, "trustmesh node "+n.name, nil, args...)
-}
-
-// freePort returns a loopback host:port that was free a moment ago.
-func freePort(t *testing.T) string {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().String()
 }
 
 // pod stands in for a pod: a network namespace, a cgroup and a user of its

@@ -15,7 +15,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -26,6 +25,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/trustmesh/trustmesh/internal/freeport"
 	"github.com/trustmesh/trustmesh/test/internal/binary"
 )
 
@@ -207,7 +207,7 @@ func startServe(t *testing.T, dir string, mesh, policies map[string]string) *ser
 	for name, c := range policies {
 		writeFile(t, filepath.Join(s.policyDir, name), c)
 	}
-	s.authz = freePort(t)
+	s.authz = freeport.Addr(t)
 	cmd := exec.Command(bin, "serve", "--data-dir", s.dataDir, "--kubernetes", "off", "--log-format", "json",
 		"--listen-ca", "127.0.0.1:0", "--listen-monitoring", "127.0.0.1:0", "--listen-bundle", "",
 		"--listen-authz", s.authz, "--listen-ui", "off", "--mesh", s.meshDir, "--policies", s.policyDir)
@@ -258,16 +258,6 @@ func waitHTTP(t *testing.T, url string, d time.Duration) {
 	}
 }
 
-func freePort(t *testing.T) string {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().String()
-}
-
 // startNode joins and runs `trustmesh node --proxy` for name.
 func startNode(t *testing.T, s *server, dir, name, nodeIP string) (*proc, string) {
 	t.Helper()
@@ -278,7 +268,7 @@ func startNode(t *testing.T, s *server, dir, name, nodeIP string) (*proc, string
 	tok := filepath.Join(d, "token")
 	writeFile(t, tok, sh(t, bin, "ca", "token", "create", "--data-dir", s.dataDir, "--node", name, "--ttl", "10m"))
 	socket := filepath.Join(d, "node.sock")
-	mon := freePort(t)
+	mon := freeport.Addr(t)
 	cmd := exec.Command(bin, "node", "--node-name", name, "--ca-address", s.ca, "--ca-bundle-file", s.bundleFile,
 		"--join-token-file", tok, "--state-dir", filepath.Join(d, "state"), "--socket", socket,
 		"--monitoring-address", mon, "--sync-interval", "1s", "--pending-wait", "2s",

@@ -9,7 +9,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -26,6 +25,8 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/status"
+
+	"github.com/trustmesh/trustmesh/internal/freeport"
 )
 
 const td = "spiffe://cluster.local"
@@ -447,12 +448,11 @@ func cli(args ...string) ([]byte, error) {
 func freePorts(n int) ([]string, error) {
 	var out []string
 	for range n {
-		l, err := net.Listen("tcp", "127.0.0.1:0")
+		a, err := freeport.Get()
 		if err != nil {
 			return nil, err
 		}
-		defer l.Close()
-		out = append(out, l.Addr().String())
+		out = append(out, a)
 	}
 	return out, nil
 }

@@ -21,6 +21,7 @@ import (
 
 	"github.com/trustmesh/trustmesh/agent/certdir"
 	"github.com/trustmesh/trustmesh/api/probe"
+	"github.com/trustmesh/trustmesh/internal/freeport"
 )
 
 var (
@@ -47,16 +48,6 @@ func trustmeshBinary(t *testing.T) string {
 		t.Fatalf("build trustmesh: %v\n%s", buildErr, buildOut)
 	}
 	return binary
-}
-
-func freeAddr(t *testing.T) string {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().String()
 }
 
 type proc struct {
@@ -137,7 +128,7 @@ func TestProcessesEndToEnd(t *testing.T) {
 	}
 	t.Cleanup(func() { os.RemoveAll(dir) })
 	dataDir := filepath.Join(dir, "data")
-	caAddr, caMon := freeAddr(t), freeAddr(t)
+	caAddr, caMon := freeport.Addr(t), freeport.Addr(t)
 
 	serve := startProc(t, nil, "serve", "--data-dir", dataDir, "--kubernetes", "off",
 		"--listen-ca", caAddr, "--listen-monitoring", caMon, "--listen-bundle", "", "--listen-ui", "off")
@@ -172,7 +163,7 @@ func TestProcessesEndToEnd(t *testing.T) {
 	}
 
 	socketPath := filepath.Join(dir, "agent.sock")
-	agentMon := freeAddr(t)
+	agentMon := freeport.Addr(t)
 	agent := startProc(t, []string{probe.EnvVar + "=" + probers}, "agent", "--ca-address", caAddr, "--ca-bundle", bundleFile,
 		"--join-token-file", tokenFile, "--socket", socketPath, "--listen-monitoring", agentMon,
 		"--cert-dir", filepath.Join(dir, "certs"))

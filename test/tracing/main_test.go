@@ -17,7 +17,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -27,6 +26,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/trustmesh/trustmesh/internal/freeport"
 )
 
 // bin is the trustmesh binary, built once by TestMain; collector is the
@@ -82,17 +83,6 @@ func needCollector(t *testing.T) {
 	if collector == "" {
 		t.Skip("TRUSTMESH_OTELCOL is unset or unusable: it names the OpenTelemetry Collector that hack/otelcol.sh builds (make test sets it)")
 	}
-}
-
-// freePort returns a loopback address with a port nothing listens on.
-func freePort(t *testing.T) string {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().String()
 }
 
 // process is a running child process whose stderr is kept.
@@ -193,7 +183,7 @@ service:
 func startCollector(t *testing.T) *otelcol {
 	t.Helper()
 	dir := t.TempDir()
-	c := &otelcol{grpc: freePort(t), http: freePort(t), file: filepath.Join(dir, "spans.jsonl")}
+	c := &otelcol{grpc: freeport.Addr(t), http: freeport.Addr(t), file: filepath.Join(dir, "spans.jsonl")}
 	cfg := filepath.Join(dir, "otelcol.yaml")
 	if err := os.WriteFile(cfg, fmt.Appendf(nil, collectorConfig, c.grpc, c.http, c.file), 0o600); err != nil {
 		t.Fatal(err)
@@ -232,7 +222,7 @@ type serve struct {
 func startServe(t *testing.T, policies, mesh map[string]string, args, env []string) *serve {
 	t.Helper()
 	dir := t.TempDir()
-	s := &serve{dataDir: filepath.Join(dir, "data"), authz: freePort(t), decisionLog: filepath.Join(dir, "decisions.log"), caServingName: "localhost"}
+	s := &serve{dataDir: filepath.Join(dir, "data"), authz: freeport.Addr(t), decisionLog: filepath.Join(dir, "decisions.log"), caServingName: "localhost"}
 	pdir := filepath.Join(dir, "policies")
 	if err := os.MkdirAll(pdir, 0o700); err != nil {
 		t.Fatal(err)

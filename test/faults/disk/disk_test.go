@@ -10,7 +10,6 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -24,6 +23,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/trustmesh/trustmesh/ca/journal"
+	"github.com/trustmesh/trustmesh/internal/freeport"
 )
 
 // tmpfsSize bounds the data directory: room for the CA, its keys and a
@@ -54,7 +54,7 @@ func startInTmpfs(t *testing.T, dataDir string) *tmpfsServe {
 	if os.Geteuid() != 0 {
 		t.Skip("mounting a tmpfs needs root (CAP_SYS_ADMIN); skipping the full-disk fault")
 	}
-	p := &serveProc{ca: freePort(t), monitoring: freePort(t)}
+	p := &serveProc{ca: freeport.Addr(t), monitoring: freeport.Addr(t)}
 	script := `dir=$1 size=$2 bin=$3; shift 3
 mount -t tmpfs -o "size=$size,mode=0700" tmpfs "$dir" || exit ` + fmt.Sprint(exitNoMount) + `
 "$bin" serve --data-dir "$dir" "$@" </dev/null &
@@ -183,16 +183,6 @@ func (ts *tmpfsServe) copyOut(t *testing.T) string {
 		t.Fatal(err)
 	}
 	return dst
-}
-
-func freePort(t *testing.T) string {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().String()
 }
 
 // fill writes a file into dir until the file system is full, and returns

@@ -10,7 +10,6 @@ import (
 	"context"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -27,6 +26,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
 
+	"github.com/trustmesh/trustmesh/internal/freeport"
 	"github.com/trustmesh/trustmesh/test/internal/binary"
 )
 
@@ -124,7 +124,7 @@ func startHarness(t *testing.T) *harness {
 	if err := os.Mkdir(pdir, 0o700); err != nil {
 		t.Fatal(err)
 	}
-	h := &harness{file: filepath.Join(pdir, "10-shop.yaml"), mon: freeAddr(t)}
+	h := &harness{file: filepath.Join(pdir, "10-shop.yaml"), mon: freeport.Addr(t)}
 	writeFile(t, h.file, denyAdmin)
 	// A unix socket: how a sidecar's Envoy reaches a local ext_authz, and
 	// plaintext there is what users run.
@@ -479,16 +479,6 @@ func (p *proc) exited() bool {
 	default:
 		return false
 	}
-}
-
-func freeAddr(t *testing.T) string {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().String()
 }
 
 // eventually polls cond every 50 ms until it holds or within passes.

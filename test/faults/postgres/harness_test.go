@@ -34,6 +34,7 @@ import (
 
 	"github.com/trustmesh/trustmesh/ca"
 	"github.com/trustmesh/trustmesh/ca/authority"
+	"github.com/trustmesh/trustmesh/internal/freeport"
 	"github.com/trustmesh/trustmesh/test/internal/binary"
 )
 
@@ -75,7 +76,7 @@ func startPostgres(t *testing.T) *postgres {
 	if err := os.Chmod(parent, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	p := &postgres{t: t, state: filepath.Join(parent, "pg"), port: freePort(t)}
+	p := &postgres{t: t, state: filepath.Join(parent, "pg"), port: freeport.Addr(t)}
 	_, p.port, _ = net.SplitHostPort(p.port)
 	t.Cleanup(func() {
 		p.pgctl("stop", "-m", "immediate", "-w")
@@ -143,16 +144,6 @@ func (p *postgres) restart() {
 		}
 		time.Sleep(200 * time.Millisecond)
 	}
-}
-
-func freePort(t *testing.T) string {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().String()
 }
 
 // sharedCA is what replicas on one journal share: an operator-supplied CA
@@ -233,7 +224,7 @@ type serveProc struct {
 // ready.
 func startServe(t *testing.T, extra ...string) *serveProc {
 	t.Helper()
-	p := &serveProc{ca: freePort(t), monitoring: freePort(t)}
+	p := &serveProc{ca: freeport.Addr(t), monitoring: freeport.Addr(t)}
 	args := append([]string{"serve", "--listen-ca", p.ca, "--listen-monitoring", p.monitoring,
 		"--listen-bundle", "", "--listen-ui", "off", "--kubernetes", "off", "--decision-log", ""}, extra...)
 	p.cmd = exec.Command(bin, args...)

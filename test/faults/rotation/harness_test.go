@@ -16,6 +16,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/trustmesh/trustmesh/internal/freeport"
 	"github.com/trustmesh/trustmesh/test/internal/binary"
 )
 
@@ -115,16 +116,6 @@ func cli(t *testing.T, args ...string) string {
 	return stdout.String()
 }
 
-func freeAddr(t *testing.T) string {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().String()
-}
-
 // eventually polls cond every 50 ms until it holds or within passes.
 func eventually(t *testing.T, within time.Duration, what string, cond func() bool) {
 	t.Helper()
@@ -149,9 +140,9 @@ type serve struct {
 // second, and waits for its CA port.
 func startServe(t *testing.T, dataDir string, extra ...string) *serve {
 	t.Helper()
-	s := &serve{dataDir: dataDir, caAddr: freeAddr(t)}
+	s := &serve{dataDir: dataDir, caAddr: freeport.Addr(t)}
 	s.args = append([]string{"serve", "--data-dir", dataDir, "--kubernetes", "off",
-		"--listen-ca", s.caAddr, "--listen-monitoring", freeAddr(t), "--listen-bundle", "", "--listen-ui", "off",
+		"--listen-ca", s.caAddr, "--listen-monitoring", freeport.Addr(t), "--listen-bundle", "", "--listen-ui", "off",
 		"--listen-authz", "off", "--listen-injector", "off", "--ca-rotation-interval", "1s"}, extra...)
 	s.restart(t)
 	return s

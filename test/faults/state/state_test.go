@@ -11,7 +11,6 @@ import (
 	"encoding/hex"
 	"fmt"
 	"io/fs"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -20,6 +19,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/trustmesh/trustmesh/internal/freeport"
 	"github.com/trustmesh/trustmesh/test/internal/binary"
 )
 
@@ -41,24 +41,13 @@ func TestMain(m *testing.M) {
 	os.Exit(code)
 }
 
-// freeAddr returns a loopback address no one listens on now.
-func freeAddr(t *testing.T) string {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().String()
-}
-
 // serve runs trustmesh serve on dataDir until it exits or timeout passes,
 // and returns whether it exited by itself, its exit code and its stderr.
 func serve(t *testing.T, dataDir string, timeout time.Duration) (exited bool, code int, stderr string) {
 	t.Helper()
 	var out bytes.Buffer
 	cmd := exec.Command(bin, "serve", "--data-dir", dataDir, "--kubernetes", "off",
-		"--listen-ca", freeAddr(t), "--listen-monitoring", freeAddr(t), "--listen-authz", "off",
+		"--listen-ca", freeport.Addr(t), "--listen-monitoring", freeport.Addr(t), "--listen-authz", "off",
 		"--listen-bundle", "", "--listen-injector", "off", "--listen-ui", "off")
 	cmd.Stdout, cmd.Stderr = &out, &out
 	if err := cmd.Start(); err != nil {
@@ -234,8 +223,8 @@ func TestCorruptAgentState(t *testing.T) {
 	base := newDataDir(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	caAddr := freeAddr(t)
-	monAddr := freeAddr(t)
+	caAddr := freeport.Addr(t)
+	monAddr := freeport.Addr(t)
 	srv := exec.CommandContext(ctx, bin, "serve", "--data-dir", base, "--kubernetes", "off",
 		"--listen-ca", caAddr, "--listen-monitoring", monAddr, "--listen-authz", "off",
 		"--listen-bundle", "", "--listen-injector", "off", "--listen-ui", "off")

@@ -17,7 +17,6 @@ import (
 	"encoding/pem"
 	"fmt"
 	"io/fs"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -30,6 +29,7 @@ import (
 	"google.golang.org/grpc/credentials"
 	pb "istio.io/api/security/v1alpha1"
 
+	"github.com/trustmesh/trustmesh/internal/freeport"
 	"github.com/trustmesh/trustmesh/test/internal/binary"
 )
 
@@ -52,16 +52,6 @@ func TestMain(m *testing.M) {
 }
 
 const agentID = "spiffe://cluster.local/vm/db-1"
-
-func freeAddr(t *testing.T) string {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().String()
-}
 
 // copyFixture copies testdata/name to an owner-only directory, as the old
 // build left it (git keeps no modes).
@@ -124,11 +114,11 @@ func TestUpgradeFrom78c56eb(t *testing.T) {
 		t.Fatalf("audit verify of the old journal: %s", out)
 	}
 
-	caAddr := freeAddr(t)
+	caAddr := freeport.Addr(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
 	defer cancel()
 	srv := exec.CommandContext(ctx, bin, "serve", "--data-dir", data, "--kubernetes", "off",
-		"--listen-ca", caAddr, "--listen-monitoring", freeAddr(t), "--listen-authz", "off",
+		"--listen-ca", caAddr, "--listen-monitoring", freeport.Addr(t), "--listen-authz", "off",
 		"--listen-bundle", "", "--listen-injector", "off", "--listen-ui", "off", "--manual-ca-rotation",
 		"--ca-intermediate-ttl", "60000h", "--max-workload-ttl", "50000h", "--default-workload-ttl", "50000h")
 	var srvOut lockedBuffer

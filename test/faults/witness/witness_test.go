@@ -14,7 +14,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"net"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -34,6 +33,7 @@ import (
 	"github.com/trustmesh/trustmesh/ca/authority"
 	"github.com/trustmesh/trustmesh/ca/journal"
 	"github.com/trustmesh/trustmesh/ca/witness"
+	"github.com/trustmesh/trustmesh/internal/freeport"
 	"github.com/trustmesh/trustmesh/test/internal/binary"
 )
 
@@ -78,21 +78,11 @@ type serveProc struct {
 	stderr     lockedBuffer
 }
 
-func freePort(t *testing.T) string {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().String()
-}
-
 // startServe runs `trustmesh serve` on dataDir and waits until it is ready.
 func startServe(t *testing.T, dataDir string, extra ...string) *serveProc {
 	t.Helper()
-	p := &serveProc{monitoring: freePort(t)}
-	p.cmd = exec.Command(bin, append([]string{"serve", "--data-dir", dataDir, "--listen-ca", freePort(t), "--listen-monitoring", p.monitoring,
+	p := &serveProc{monitoring: freeport.Addr(t)}
+	p.cmd = exec.Command(bin, append([]string{"serve", "--data-dir", dataDir, "--listen-ca", freeport.Addr(t), "--listen-monitoring", p.monitoring,
 		"--listen-bundle", "", "--listen-ui", "off", "--kubernetes", "off", "--decision-log", ""}, extra...)...)
 	p.cmd.Stderr = &p.stderr
 	if err := p.cmd.Start(); err != nil {
