@@ -23,8 +23,12 @@ CREATE TABLE IF NOT EXISTS entries (
 	leaf_hash BLOB    NOT NULL
 );
 CREATE INDEX IF NOT EXISTS entries_serial ON entries(serial) WHERE serial != '';
-CREATE INDEX IF NOT EXISTS entries_spiffe_id ON entries(spiffe_id, idx);
 CREATE INDEX IF NOT EXISTS entries_time ON entries(time_ns);
+-- No query reads entries by SPIFFE ID: the ledger and the audit read the
+-- log in order. An index on it put each entry of a commit on an index page
+-- of its own (its workload's place in the index), a page written to the
+-- log per entry; journals from before lose it.
+DROP INDEX IF EXISTS entries_spiffe_id;
 -- checkpoints are signed notes over the log's first size entries, one per
 -- commit batch.
 --
@@ -56,8 +60,8 @@ CREATE TABLE IF NOT EXISTS entries (
 	leaf_hash BYTEA  NOT NULL
 );
 CREATE INDEX IF NOT EXISTS entries_serial ON entries(serial) WHERE serial != '';
-CREATE INDEX IF NOT EXISTS entries_spiffe_id ON entries(spiffe_id, idx);
 CREATE INDEX IF NOT EXISTS entries_time ON entries(time_ns);
+DROP INDEX IF EXISTS entries_spiffe_id;
 CREATE TABLE IF NOT EXISTS checkpoints (
 	size    BIGINT PRIMARY KEY,
 	root    BYTEA  NOT NULL,
