@@ -323,6 +323,13 @@ func (s *Store) commitBatch(ctx context.Context, batch []*op) (opErrs []error, s
 		return nil, nil, fmt.Errorf("journal: begin: %w", err)
 	}
 	defer tx.Rollback() //nolint:errcheck // after Commit it is a no-op
+	// Under the write lock the transaction took at BEGIN: no other commit
+	// can change the wal-index header until this one ends (ownCommit).
+	var locked walHeader
+	lockedOK := false
+	if s.wal != nil {
+		locked, lockedOK = s.wal.header()
+	}
 	before := s.rng.End()
 	if err := s.catchUp(ctx, tx); err != nil {
 		return nil, nil, err
@@ -368,6 +375,9 @@ func (s *Store) commitBatch(ctx context.Context, batch []*op) (opErrs []error, s
 		return nil, nil, fmt.Errorf("journal: commit: %w", err)
 	}
 	s.ledger.publish()
+	if lockedOK {
+		s.wal.ownCommit(locked, s.ledger.publishedSize())
+	}
 	return opErrs, signed, nil
 }
 

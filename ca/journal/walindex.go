@@ -120,6 +120,25 @@ func (w *walIndex) record(h walHeader, size uint64) {
 	w.seen, w.size, w.ok = h, size, true
 }
 
+// ownCommit records the header after a commit of this process's, which
+// made the log size entries long, the ledger holding them all; locked is
+// the header read under that commit's write lock, before it. Without it,
+// the first lookup after each of the journal's own commits would read the
+// log's size: under load, every lookup. It records only if the header now
+// counts exactly one transaction more than locked (its iChange, which
+// SQLite increments once per commit, and only then): that one is this
+// commit, and no other came after it. A checkpoint that restarts the WAL
+// changes the header without a commit, and appends nothing.
+func (w *walIndex) ownCommit(locked walHeader, size uint64) {
+	h, ok := w.header()
+	if ok && h.change() == locked.change()+1 {
+		w.record(h, size)
+	}
+}
+
+// change is the header's iChange: the count of transactions committed.
+func (h walHeader) change() uint32 { return binary.NativeEndian.Uint32(h[8:12]) }
+
 // close releases the held connection. The file stays open (shmFile).
 func (w *walIndex) close() error {
 	if err := w.hold.Close(); err != nil {

@@ -121,7 +121,7 @@ func checkSkips(t *testing.T, dsnA, dsnOther string) {
 	}
 
 	enrol(a, "tok-a", "spiffe://cluster.local/a")
-	lookup("tok-a", 1) // a's own commits changed the header
+	lookup("tok-a", 0) // a's own commits are recorded as they commit
 	lookup("tok-a", 0)
 	lookup("tok-a", 0)
 
@@ -129,6 +129,14 @@ func checkSkips(t *testing.T, dsnA, dsnOther string) {
 	enrol(other, "tok-b", "spiffe://cluster.local/b")
 	lookup("tok-b", 1)
 	lookup("tok-b", 0)
+
+	// Another writer's commit, then one of a's before any lookup: a's
+	// commit caught up with the other under its write lock, so its
+	// lookups skip and still find what the other wrote.
+	enrol(other, "tok-c", "spiffe://cluster.local/c")
+	enrol(a, "tok-d", "spiffe://cluster.local/d")
+	lookup("tok-c", 0)
+	lookup("tok-d", 0)
 
 	// Another writer's revocation: the very next lookup reports it.
 	if _, err := other.Revoke(ctx, "spiffe://cluster.local/a", t0.Add(time.Minute)); err != nil {
@@ -159,5 +167,38 @@ func checkSkips(t *testing.T, dsnA, dsnOther string) {
 	}
 	if _, err := a.LookupEnrolment(ctx, "tok-a"); err == nil {
 		t.Fatal("a lookup after an entry was deleted succeeded, want ErrTampered")
+	}
+}
+
+// A commit from elsewhere between the journal's own commit and its reading
+// of the header must not be recorded as seen: the header then counts two
+// transactions more than under the write lock, and the next lookup reads
+// the log's size and finds the other's entry.
+func TestOwnCommitRecordsOnlyItsOwnTransaction(t *testing.T) {
+	ctx := context.Background()
+	dsn := filepath.Join(t.TempDir(), "journal.db")
+	a, other := openTestStore(t, dsn), openTestStore(t, dsn)
+	t0 := time.Now().UTC().Truncate(time.Second)
+	token := func(s *Store, id string) {
+		t.Helper()
+		hash := []byte(id + "-0123456789abcdef0123456789abcdef")[:32]
+		if err := s.CreateJoinToken(ctx, hash, JoinToken{ID: id, SPIFFEID: "spiffe://cluster.local/" + id, CreatedAt: t0, ExpiresAt: t0.Add(time.Hour)}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	token(a, "first")
+	locked, ok := a.wal.header()
+	if !ok {
+		t.Fatal("no wal-index header")
+	}
+	token(other, "own")   // stands for a's commit
+	token(other, "later") // lands before a reads the header
+	a.wal.ownCommit(locked, a.ledger.publishedSize())
+	before := a.sizeReads.Load()
+	if _, err := a.LookupJoinToken(ctx, []byte("later-0123456789abcdef0123456789abcdef")[:32]); err != nil {
+		t.Fatalf("the token committed after: %v", err)
+	}
+	if a.sizeReads.Load() == before {
+		t.Fatal("the lookup trusted a header that counts a commit not its own")
 	}
 }
