@@ -5,7 +5,9 @@
 #  1. in process: trustmesh's issuance (CSR checks, signing, the self-check
 #     and the durable journal record) against the bare signing floor of
 #     shared/bench's spiffe-mint-load -inprocess (CSR parse and signature
-#     check, then x509.CreateCertificate), at c=1 and c=16;
+#     check, then x509.CreateCertificate), at c=1 and c=16, and at c=16
+#     the same issuance with the journal off (a recorder that exists only in
+#     the test binary), to show what the journal takes;
 #  2. the journal: issuance with the durable journal on and off at 1, 16 and
 #     256 callers, and the journal's absolute durable appends per second
 #     against the goal of 3,000/s;
@@ -21,8 +23,12 @@
 #     while the enrolment is still checked and the renewal journalled
 #     durably on every call. This is the issue's "kept connection", and what
 #     a node agent delegating identities over one connection costs; the
-#     no-op floor of both on the same transport (ca-load -serve-noop), and
-#     spire-server v1.13.3's MintX509SVID on its admin socket. Each point
+#     no-op floor of both on the same transport (ca-load -serve-noop); the
+#     signing floor on it (ca-load -serve-noop -sign: the CSR's signature
+#     checked and a leaf signed with crypto/x509, nothing else), whose ratio
+#     to the no-op floor bounds what any CA that signs for the caller's key
+#     can reach against that floor here; and spire-server v1.13.3's
+#     MintX509SVID on its admin socket. Each point
 #     gives rps, p50, p99, p99.9 and the server's CPU per certificate from
 #     /proc/<pid>/stat. Ratios are taken inside a round (the jsonl files
 #     line up by round) and the median of the per-round ratios decides, with
@@ -97,6 +103,16 @@ for c in 1 16; do
       oc * 1e6 / n, pc * 1e6 / n, pc / oc
     if (c == 16)
       printf "%s: in process, c=16 trustmesh/signing floor (rate) >= 0.75: %.3f\n", (peer > 0 && ours / peer >= 0.75 ? "PASS" : "FAIL"), (peer > 0 ? ours / peer : 0) }'
+  if [ "$c" = 16 ]; then
+    # The same issuance with the journal off (a recorder that does nothing,
+    # which exists only in the test binary), right after: the one part of
+    # an issuance the signing floor does not do, shown by its absence.
+    off=$(cd "$root/ca" && "$tools/ca.test" -test.run '^$' -test.bench '^BenchmarkIssueJournalOff/c=16$' -test.benchtime "$dur" -test.count 1 |
+      tee "$out/ca-issue-journal-off-c16.txt" | awk '/^BenchmarkIssueJournalOff/ {for (i = 1; i <= NF; i++) if ($i == "issues/s") print $(i-1)}')
+    awk -v off="$off" -v ours="$ours" -v peer="$(jq .rps <<<"$peer")" 'BEGIN {
+      printf "      the same with the journal off (test-only): %.0f/s, %.3f of the signing floor; the durable journal takes %.1f%% of the rate\n",
+        off, (peer > 0 ? off / peer : 0), (off > 0 ? (1 - ours / off) * 100 : 0) }'
+  fi
 done
 fi
 
@@ -193,6 +209,9 @@ pids+=("$tm_pid")
 "$tools/ca-load" -serve-noop 127.0.0.1:25316 -data-dir "$work/noop" 2>"$out/noop.log" &
 noop_pid=$!
 pids+=("$noop_pid")
+"$tools/ca-load" -serve-noop 127.0.0.1:25318 -sign -data-dir "$work/sign" 2>"$out/sign.log" &
+sign_pid=$!
+pids+=("$sign_pid")
 mkdir -p "$work/spire/data"
 cat >"$work/spire/server.conf" <<CONF
 server {
@@ -225,11 +244,11 @@ spire_pid=$!
 pids+=("$spire_pid")
 ready=
 for i in $(seq 1 300); do
-  if curl -fs http://127.0.0.1:25314/readyz >/dev/null 2>&1 && [ -f "$work/noop/noop-root.pem" ] &&
+  if curl -fs http://127.0.0.1:25314/readyz >/dev/null 2>&1 && [ -f "$work/noop/noop-root.pem" ] && [ -f "$work/sign/noop-root.pem" ] &&
      "$spire" healthcheck -socketPath "$work/spire/api.sock" >/dev/null 2>&1; then ready=1; break; fi
   sleep 0.1
 done
-[ -n "$ready" ] || { echo "bench/ca.sh: trustmesh serve, the no-op CA or spire-server did not become ready" >&2; exit 1; }
+[ -n "$ready" ] || { echo "bench/ca.sh: trustmesh serve, the no-op or signing CA or spire-server did not become ready" >&2; exit 1; }
 
 # One point: target c. Each prints one JSON line with rps, p50_us, p99_us,
 # p999_us (spiffe-mint-load has none: shown as -) and server_cpu_us_per_cert.
@@ -240,6 +259,7 @@ point() {
     tm-same)  "$tools/ca-load" -addr 127.0.0.1:25312 -data-dir "$work/tm" -c "$c" -d "$wire_dur" -server-pid "$tm_pid" -same-chain ;;
     noop)     "$tools/ca-load" -mode noop-floor -addr 127.0.0.1:25316 -data-dir "$work/noop" -c "$c" -d "$wire_dur" -server-pid "$noop_pid" ;;
     noop-same) "$tools/ca-load" -mode noop-floor -addr 127.0.0.1:25316 -data-dir "$work/noop" -c "$c" -d "$wire_dur" -server-pid "$noop_pid" -same-chain ;;
+    sign-same) "$tools/ca-load" -mode sign-floor -addr 127.0.0.1:25318 -data-dir "$work/sign" -c "$c" -d "$wire_dur" -server-pid "$sign_pid" -same-chain ;;
     tm-1conn) "$tools/ca-load" -addr 127.0.0.1:25312 -data-dir "$work/tm" -c "$c" -d "$wire_dur" -server-pid "$tm_pid" -same-chain -conns 1 ;;
     noop-1conn) "$tools/ca-load" -mode noop-floor -addr 127.0.0.1:25316 -data-dir "$work/noop" -c "$c" -d "$wire_dur" -server-pid "$noop_pid" -same-chain -conns 1 ;;
     spire)
@@ -265,7 +285,7 @@ point() {
 # spiffe-mint-load gives SPIRE's client (-conns 1, given above) and a node
 # agent multiplexing its renewals uses. The goals stay judged on the issue's
 # one connection per worker.
-targets="tm tm-same noop noop-same spire"
+targets="tm tm-same noop noop-same sign-same spire"
 targets_of() { if [ "$1" = 16 ]; then echo "$targets tm-1conn noop-1conn"; else echo "$targets"; fi; }
 rm -f "$out"/ca-wire-*.jsonl "$out/spire-load.err"
 for r in $(seq 1 "$rounds"); do
@@ -325,6 +345,8 @@ for c in 1 16; do
   if [ "$c" = 16 ]; then goal_spire=1.0 goal_noop=0.75; fi
   show "$c" tm-same spire "$kept" "$goal_spire"
   show "$c" tm-same noop-same "$kept" "$goal_noop"
+  show "$c" sign-same noop-same "the signing floor: CSR checked and a leaf signed, nothing else; no CA that signs for the caller's key exceeds it"
+  show "$c" tm-same sign-same "$kept; what trustmesh adds to signing"
   show "$c" tm spire "per-pod renewal, handshake per renewal"
   show "$c" tm noop "per-pod renewal, handshake per renewal"
 done

@@ -25,6 +25,14 @@
 // after each call (presenting the canned chain, which holds no requested
 // key), so that the floor pays the handshakes trustmesh's workers pay.
 //
+// The signing floor sits between the two: `ca-load -serve-noop ADDR -sign
+// -data-dir DIR`, then `ca-load -mode sign-floor ...`. That server checks
+// each CSR's signature and signs a leaf for its key with crypto/x509, as
+// spiffe-mint-load's in-process CA does, and does nothing else (no
+// authentication, no record). Its rate over the no-op floor's is the most
+// that any CA answering with a certificate signed for the caller's key can
+// reach on this transport and machine, whatever else it does.
+//
 // With -server-pid, the JSON line also carries the server's CPU time per
 // certificate, from /proc/<pid>/stat across the measured window; it always
 // carries the load generator's own, since both sides share the machine and
@@ -92,6 +100,7 @@ type summary struct {
 const (
 	modeRenew = "renew"
 	modeNoop  = "noop-floor"
+	modeSign  = "sign-floor"
 )
 
 type options struct {
@@ -108,7 +117,7 @@ func main() {
 	var o options
 	flag.StringVar(&o.addr, "addr", "127.0.0.1:15012", "the CA's address")
 	flag.StringVar(&o.dataDir, "data-dir", "", "the CA's data directory, for join tokens and its bundle; for the no-op floor, the no-op server's (required)")
-	flag.StringVar(&o.mode, "mode", modeRenew, "renew: renewals against trustmesh; noop-floor: the same calls against a no-op server (-serve-noop)")
+	flag.StringVar(&o.mode, "mode", modeRenew, "renew: renewals against trustmesh; noop-floor: the same calls against a no-op server (-serve-noop); sign-floor: against a signing one (-serve-noop -sign)")
 	flag.IntVar(&o.conc, "c", 1, "concurrent workers")
 	flag.DurationVar(&o.dur, "d", 10*time.Second, "measured duration")
 	flag.BoolVar(&o.handshakePerCall, "handshake-per-call", false, "dial a fresh TLS connection for every call instead of keeping one per worker")
@@ -116,20 +125,25 @@ func main() {
 	flag.IntVar(&o.conns, "conns", 0, "with -same-chain: the number of kept connections the workers share, worker i using connection i mod conns and its enrolment, as spiffe-mint-load's -conns spreads its workers; 0 keeps one connection per worker")
 	flag.IntVar(&o.serverPID, "server-pid", 0, "the server's process id, to report its CPU time per certificate from /proc")
 	serveNoop := flag.String("serve-noop", "", "serve a no-op CA on this address, writing its client material to -data-dir, until killed")
+	sign := flag.Bool("sign", false, "with -serve-noop: check each CSR's signature and sign a leaf for its key, and nothing more (the signing floor)")
 	flag.Parse()
 	if *serveNoop != "" {
 		if o.dataDir == "" {
 			fmt.Fprintln(os.Stderr, "ca-load: -serve-noop needs -data-dir")
 			os.Exit(2)
 		}
-		if err := serveNoopCA(*serveNoop, o.dataDir); err != nil {
+		if err := serveNoopCA(*serveNoop, o.dataDir, *sign); err != nil {
 			fmt.Fprintln(os.Stderr, "ca-load:", err)
 			os.Exit(1)
 		}
 		return
 	}
-	if o.dataDir == "" || o.conc < 1 || o.dur <= 0 || (o.mode != modeRenew && o.mode != modeNoop) {
-		fmt.Fprintln(os.Stderr, "ca-load: -data-dir is required; -c and -d must be positive; -mode is renew or noop-floor")
+	if *sign {
+		fmt.Fprintln(os.Stderr, "ca-load: -sign goes with -serve-noop")
+		os.Exit(2)
+	}
+	if o.dataDir == "" || o.conc < 1 || o.dur <= 0 || (o.mode != modeRenew && o.mode != modeNoop && o.mode != modeSign) {
+		fmt.Fprintln(os.Stderr, "ca-load: -data-dir is required; -c and -d must be positive; -mode is renew, noop-floor or sign-floor")
 		os.Exit(2)
 	}
 	if o.conns < 0 || o.conns > o.conc || (o.conns > 0 && (!o.sameChain || o.handshakePerCall)) {
@@ -146,7 +160,7 @@ type worker struct {
 	addr  string
 	roots *x509.CertPool
 	// checkKey is false against the no-op floor, whose canned chain does
-	// not hold the requested key.
+	// not hold the requested key; the signing floor's leaf holds it.
 	checkKey bool
 	// sameChain keeps the enrolment key and chain; otherwise each renewal
 	// replaces them and marks the connection stale.
@@ -301,11 +315,11 @@ func prepareEnrolments(ctx context.Context, dataDir string, n int) (*enrolments,
 	return en, nil
 }
 
-// newWorker enrols worker i with trustmesh (en), or takes the no-op
-// server's client certificate, and opens the connection it keeps.
+// newWorker enrols worker i with trustmesh (en), or takes the no-op or
+// signing server's client certificate, and opens the connection it keeps.
 func newWorker(ctx context.Context, o options, i int, en *enrolments) (*worker, error) {
-	w := &worker{addr: o.addr, checkKey: o.mode == modeRenew, sameChain: o.sameChain}
-	if o.mode == modeNoop {
+	w := &worker{addr: o.addr, checkKey: o.mode != modeNoop, sameChain: o.sameChain}
+	if o.mode != modeRenew {
 		m, err := readNoopMaterial(o.dataDir)
 		if err != nil {
 			return nil, err

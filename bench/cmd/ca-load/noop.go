@@ -24,7 +24,9 @@ import (
 	"time"
 
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/status"
 	pb "istio.io/api/security/v1alpha1"
 )
 
@@ -37,19 +39,62 @@ const (
 
 // noopCA answers every CreateCertificate with one canned chain, made at
 // start: leaf, intermediate and root, the shape trustmesh answers with.
+// With a signer it is the signing floor instead: it answers with a leaf
+// signed for the CSR's key (signer.sign) before the same intermediate and
+// root.
 type noopCA struct {
 	pb.UnimplementedIstioCertificateServiceServer
-	chain []string
+	chain  []string
+	signer *csrSigner
 }
 
-func (n *noopCA) CreateCertificate(context.Context, *pb.IstioCertificateRequest) (*pb.IstioCertificateResponse, error) {
-	return &pb.IstioCertificateResponse{CertChain: n.chain}, nil
+func (n *noopCA) CreateCertificate(_ context.Context, req *pb.IstioCertificateRequest) (*pb.IstioCertificateResponse, error) {
+	if n.signer == nil {
+		return &pb.IstioCertificateResponse{CertChain: n.chain}, nil
+	}
+	leaf, err := n.signer.sign([]byte(req.GetCsr()))
+	if err != nil {
+		return nil, status.Error(codes.InvalidArgument, err.Error())
+	}
+	leafPEM := pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: leaf})
+	return &pb.IstioCertificateResponse{CertChain: append([]string{string(leafPEM)}, n.chain[1:]...)}, nil
+}
+
+// csrSigner does what the least CA does with a request, and no more: the
+// steps of shared/bench's spiffe-mint-load in-process CA. It parses the
+// CSR, checks its signature (the proof that the caller holds the key), and
+// signs a leaf for that key with crypto/x509, which checks the signature it
+// made. It authenticates nobody and records nothing.
+type csrSigner struct {
+	issuer *x509.Certificate
+	key    crypto.Signer
+	id     *url.URL
+}
+
+func (s *csrSigner) sign(csrPEM []byte) ([]byte, error) {
+	b, _ := pem.Decode(csrPEM)
+	if b == nil || b.Type != "CERTIFICATE REQUEST" {
+		return nil, errors.New("the request holds no PEM CSR")
+	}
+	csr, err := x509.ParseCertificateRequest(b.Bytes)
+	if err != nil {
+		return nil, err
+	}
+	if err := csr.CheckSignature(); err != nil {
+		return nil, err
+	}
+	return mintDER(s.issuer, s.key, csr.PublicKey, time.Now(), func(t *x509.Certificate) {
+		t.URIs = []*url.URL{s.id}
+		t.KeyUsage = x509.KeyUsageDigitalSignature
+		t.ExtKeyUsage = []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth}
+	})
 }
 
 // serveNoopCA serves the no-op CA on addr until SIGINT or SIGTERM, with a
 // root, an intermediate, a serving certificate for localhost and a client
 // certificate of its own, the last written to dir for the load's workers.
-func serveNoopCA(addr, dir string) error {
+// With sign it serves the signing floor (csrSigner) instead.
+func serveNoopCA(addr, dir string, sign bool) error {
 	now := time.Now()
 	root, rootKey, err := mintCert(nil, nil, now, func(t *x509.Certificate) {
 		t.Subject, t.IsCA, t.KeyUsage = pkix.Name{CommonName: "ca-load no-op root"}, true, x509.KeyUsageCertSign
@@ -116,7 +161,11 @@ func serveNoopCA(addr, dir string) error {
 		Certificates: []tls.Certificate{{Certificate: [][]byte{serving.Raw, inter.Raw}, PrivateKey: servingKey, Leaf: serving}},
 		NextProtos:   []string{"h2"},
 	})))
-	pb.RegisterIstioCertificateServiceServer(srv, &noopCA{chain: chain})
+	ca := &noopCA{chain: chain}
+	if sign {
+		ca.signer = &csrSigner{issuer: inter, key: interKey, id: canned.URIs[0]}
+	}
+	pb.RegisterIstioCertificateServiceServer(srv, ca)
 	stop := make(chan os.Signal, 1)
 	signal.Notify(stop, syscall.SIGINT, syscall.SIGTERM)
 	go func() { <-stop; srv.Stop() }()
@@ -130,21 +179,30 @@ func mintCert(parent *x509.Certificate, parentKey crypto.Signer, now time.Time, 
 	if err != nil {
 		return nil, nil, err
 	}
-	serial, err := rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 128))
-	if err != nil {
-		return nil, nil, err
-	}
-	tmpl := &x509.Certificate{SerialNumber: serial, NotBefore: now.Add(-time.Minute), NotAfter: now.Add(24 * time.Hour), BasicConstraintsValid: true}
-	set(tmpl)
 	if parent == nil {
-		parent, parentKey = tmpl, key
+		parentKey = key
 	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, parent, key.Public(), parentKey)
+	der, err := mintDER(parent, parentKey, key.Public(), now, set)
 	if err != nil {
 		return nil, nil, err
 	}
 	cert, err := x509.ParseCertificate(der)
 	return cert, key, err
+}
+
+// mintDER makes a certificate for pub, signed by parent's key (self-signed
+// when parent is nil), shaped by set.
+func mintDER(parent *x509.Certificate, parentKey crypto.Signer, pub any, now time.Time, set func(*x509.Certificate)) ([]byte, error) {
+	serial, err := rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 128))
+	if err != nil {
+		return nil, err
+	}
+	tmpl := &x509.Certificate{SerialNumber: serial, NotBefore: now.Add(-time.Minute), NotAfter: now.Add(24 * time.Hour), BasicConstraintsValid: true}
+	set(tmpl)
+	if parent == nil {
+		parent = tmpl
+	}
+	return x509.CreateCertificate(rand.Reader, tmpl, parent, pub, parentKey)
 }
 
 func pemCerts(certs ...*x509.Certificate) []byte {
