@@ -12,7 +12,6 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
-	"math/big"
 	"net"
 	"net/url"
 	"os"
@@ -28,6 +27,8 @@ import (
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/status"
 	pb "istio.io/api/security/v1alpha1"
+
+	"github.com/trustmesh/trustmesh/bench/internal/benchpki"
 )
 
 // Files the no-op server leaves in its data directory for the client.
@@ -83,7 +84,7 @@ func (s *csrSigner) sign(csrPEM []byte) ([]byte, error) {
 	if err := csr.CheckSignature(); err != nil {
 		return nil, err
 	}
-	return mintDER(s.issuer, s.key, csr.PublicKey, time.Now(), func(t *x509.Certificate) {
+	return benchpki.Sign(s.issuer, s.key, csr.PublicKey, time.Now(), func(t *x509.Certificate) {
 		t.URIs = []*url.URL{s.id}
 		t.KeyUsage = x509.KeyUsageDigitalSignature
 		t.ExtKeyUsage = []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth}
@@ -182,27 +183,12 @@ func mintCert(parent *x509.Certificate, parentKey crypto.Signer, now time.Time, 
 	if parent == nil {
 		parentKey = key
 	}
-	der, err := mintDER(parent, parentKey, key.Public(), now, set)
+	der, err := benchpki.Sign(parent, parentKey, key.Public(), now, set)
 	if err != nil {
 		return nil, nil, err
 	}
 	cert, err := x509.ParseCertificate(der)
 	return cert, key, err
-}
-
-// mintDER makes a certificate for pub, signed by parent's key (self-signed
-// when parent is nil), shaped by set.
-func mintDER(parent *x509.Certificate, parentKey crypto.Signer, pub any, now time.Time, set func(*x509.Certificate)) ([]byte, error) {
-	serial, err := rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 128))
-	if err != nil {
-		return nil, err
-	}
-	tmpl := &x509.Certificate{SerialNumber: serial, NotBefore: now.Add(-time.Minute), NotAfter: now.Add(24 * time.Hour), BasicConstraintsValid: true}
-	set(tmpl)
-	if parent == nil {
-		parent = tmpl
-	}
-	return x509.CreateCertificate(rand.Reader, tmpl, parent, pub, parentKey)
 }
 
 func pemCerts(certs ...*x509.Certificate) []byte {

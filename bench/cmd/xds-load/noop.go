@@ -12,7 +12,6 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
-	"math/big"
 	"net"
 	"net/url"
 	"os"
@@ -41,6 +40,7 @@ import (
 	"google.golang.org/protobuf/types/known/anypb"
 	pb "istio.io/api/security/v1alpha1"
 
+	"github.com/trustmesh/trustmesh/bench/internal/benchpki"
 	"github.com/trustmesh/trustmesh/internal/connlimit"
 )
 
@@ -567,16 +567,7 @@ func startNoop(meshDir, caOut string, extra ...grpc.ServerOption) (srv *grpc.Ser
 // signCert makes a certificate for pub signed by parent's key
 // (self-signed when parent is nil), shaped by set.
 func signCert(parent *x509.Certificate, parentKey crypto.Signer, pub crypto.PublicKey, now time.Time, set func(*x509.Certificate)) (*x509.Certificate, error) {
-	serial, err := rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 128))
-	if err != nil {
-		return nil, err
-	}
-	tmpl := &x509.Certificate{SerialNumber: serial, NotBefore: now.Add(-time.Minute), NotAfter: now.Add(24 * time.Hour), BasicConstraintsValid: true}
-	set(tmpl)
-	if parent == nil {
-		parent = tmpl
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, parent, pub, parentKey)
+	der, err := benchpki.Sign(parent, parentKey, pub, now, set)
 	if err != nil {
 		return nil, fmt.Errorf("xds-load: floor: %w", err)
 	}
