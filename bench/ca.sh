@@ -26,8 +26,8 @@
 #     no-op floor of both on the same transport (ca-load -serve-noop); at
 #     c=16 the signing floor on it (ca-load -serve-noop -sign: the CSR's signature
 #     checked and a leaf signed with crypto/x509, nothing else), whose ratio
-#     to the no-op floor bounds what any CA that signs for the caller's key
-#     can reach against that floor here; and spire-server v1.13.3's
+#     to the no-op floor bounds what a CA that checks the CSR and signs with
+#     crypto/x509 can reach against that floor here; and spire-server v1.13.3's
 #     MintX509SVID on its admin socket. Each point
 #     gives rps, p50, p99, p99.9 and the server's CPU per certificate from
 #     /proc/<pid>/stat. Ratios are taken inside a round (the jsonl files
@@ -349,7 +349,7 @@ for c in 1 16; do
   show "$c" tm spire "per-pod renewal, handshake per renewal"
   show "$c" tm noop "per-pod renewal, handshake per renewal"
 done
-show 16 sign-same noop-same "the signing floor: CSR checked and a leaf signed, nothing else; no CA that signs for the caller's key exceeds it"
+show 16 sign-same noop-same "the signing floor: CSR checked and a leaf signed, nothing else; no CA that checks the CSR and signs with crypto/x509 exceeds it"
 show 16 tm-same sign-same "$kept; what trustmesh adds to signing"
 show 16 tm-1conn spire "kept connection shared by the 16 workers, as SPIRE's client shares one (information)"
 show 16 tm-1conn noop-1conn "kept connection shared by the 16 workers, both sides (information)"

@@ -30,8 +30,9 @@
 // each CSR's signature and signs a leaf for its key with crypto/x509, as
 // spiffe-mint-load's in-process CA does, and does nothing else (no
 // authentication, no record). Its rate over the no-op floor's is the most
-// that any CA answering with a certificate signed for the caller's key can
-// reach on this transport and machine, whatever else it does.
+// that a CA which checks the CSR and signs with crypto/x509 (which verifies
+// each signature it makes) can reach on this transport and machine,
+// whatever else it does.
 //
 // With -server-pid, the JSON line also carries the server's CPU time per
 // certificate, from /proc/<pid>/stat across the measured window; it always
