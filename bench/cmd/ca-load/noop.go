@@ -140,6 +140,12 @@ func serveNoopCA(addr, dir string, sign bool) error {
 		noopClientFile:    pemCerts(client, inter),
 		noopClientKeyFile: pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: keyDER}),
 	}
+	// Listen before writing the client's files: a script waits for them
+	// as the sign that the server is up.
+	lis, err := net.Listen("tcp", addr)
+	if err != nil {
+		return err
+	}
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return err
 	}
@@ -151,10 +157,6 @@ func serveNoopCA(addr, dir string, sign bool) error {
 	var chain []string
 	for _, c := range []*x509.Certificate{canned, inter, root} {
 		chain = append(chain, string(pemCerts(c)))
-	}
-	lis, err := net.Listen("tcp", addr)
-	if err != nil {
-		return err
 	}
 	srv := grpc.NewServer(grpc.Creds(credentials.NewTLS(&tls.Config{
 		MinVersion:   tls.VersionTLS12,
