@@ -257,6 +257,15 @@ func eventually(t *testing.T, what string, cond func() bool) {
 	}
 }
 
+// idle waits until the holder's two loops are both blocked on the clock:
+// the sync loop on its next fetch, the issue loop on its next renewal. A
+// step taken before that can land between a loop's reading the time and
+// its setting a timer, which then fires a step late, or never.
+func idle(t *testing.T, clk *clocktesting.FakeClock) {
+	t.Helper()
+	eventually(t, "both loops waiting on the clock", func() bool { return clk.Waiters() == 2 })
+}
+
 // caMaxRecvMsgSize is the CA's gRPC receive limit (controlplane/ca.go).
 const caMaxRecvMsgSize = 256 << 10
 
@@ -333,6 +342,7 @@ func TestHolderBatchesIssuanceAndRenewals(t *testing.T) {
 	}
 	for round := 1; round <= 2; round++ {
 		// Just before half-life nothing is renewed; at it, everything is.
+		idle(t, clk)
 		clk.Step(30*time.Minute - 10*time.Minute)
 		time.Sleep(100 * time.Millisecond)
 		if b, _, _ := f.counts(); b != 2*round {
@@ -372,11 +382,13 @@ func TestHolderCoalescesRenewalsWithinWindow(t *testing.T) {
 	// timer, and a fetch that ran before the change would find no second
 	// identity and wait for the next step, which never comes.
 	f.setEntries("r2", ids...)
+	idle(t, clk)
 	clk.Step(4 * time.Minute) // within 6 minutes (10% of 1h) of the first
 	eventually(t, "second identity", func() bool { return h.Held() == 2 })
 	if b, _, _ := f.counts(); b != 2 {
 		t.Fatalf("%d batch calls, want 2", b)
 	}
+	idle(t, clk)
 	clk.Step(26 * time.Minute) // the first's half-life; the second's is 4 minutes on
 	eventually(t, "one renewal round", func() bool { b, _, _ := f.counts(); return b >= 3 })
 	time.Sleep(100 * time.Millisecond)
@@ -398,9 +410,10 @@ func TestHolderDropsNotOnNode(t *testing.T) {
 	h, _ := startHolder(t, f, reg)
 	eventually(t, "refusal", func() bool { return f.askedFor(ids[1]) == 1 && h.Held() == 1 })
 	for range 5 {
+		idle(t, clk)
 		clk.Step(DefaultSyncInterval)
-		time.Sleep(20 * time.Millisecond)
 	}
+	idle(t, clk)
 	_, fetches, _ := f.counts()
 	if fetches < 3 {
 		t.Fatalf("only %d fetches", fetches)
@@ -421,6 +434,7 @@ func TestHolderDropsNotOnNode(t *testing.T) {
 	delete(f.notOnNode, ids[1].String())
 	f.mu.Unlock()
 	f.setEntries("r2", ids...)
+	idle(t, clk)
 	clk.Step(DefaultSyncInterval)
 	eventually(t, "the identity back after the entries changed", func() bool { return h.Held() == 2 })
 }
@@ -583,6 +597,7 @@ func TestHolderDropsRemovedEntries(t *testing.T) {
 	_, changed := h.Entries()
 	_, stChanged := st.Load()
 	f.setEntries("r2", ids[0])
+	idle(t, clk)
 	clk.Step(DefaultSyncInterval)
 	eventually(t, "removal", func() bool { return h.Held() == 1 })
 	<-changed
@@ -599,6 +614,7 @@ func TestHolderDropsRemovedEntries(t *testing.T) {
 	}
 	// Later renewal rounds never ask for it.
 	asked := f.askedFor(ids[1])
+	idle(t, clk)
 	clk.Step(time.Hour)
 	eventually(t, "renewal of the remaining one", func() bool { return f.askedFor(ids[0]) >= 2 })
 	if f.askedFor(ids[1]) != asked {
@@ -627,8 +643,23 @@ func TestHolderRefreshCoalesces(t *testing.T) {
 	if _, n, _ := f.counts(); n != 1 {
 		t.Fatalf("%d fetches before the refresh interval passed, want 1", n)
 	}
+	// A Refresh that reads its target only after the step asks for one
+	// more fetch, which waits its refresh interval on the clock: step
+	// again until every Refresh has returned.
+	returned := make(chan struct{})
+	go func() { wg.Wait(); close(returned) }()
 	clk.Step(DefaultRefreshInterval)
-	wg.Wait()
+	for deadline := time.Now().Add(20 * time.Second); ; clk.Step(DefaultRefreshInterval) {
+		select {
+		case <-returned:
+		case <-time.After(time.Second):
+			if time.Now().After(deadline) {
+				t.Fatal("20 concurrent refreshes did not return")
+			}
+			continue
+		}
+		break
+	}
 	close(errs)
 	for err := range errs {
 		if err != nil {

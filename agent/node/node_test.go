@@ -85,9 +85,11 @@ func TestRunOffKubernetesWithJoinToken(t *testing.T) {
 	if len(calls) != 1 || calls[0].Token != "join-a" || calls[0].Issued != nodeSVID {
 		t.Errorf("CreateCertificate calls = %+v, want one with the join token for %s", calls, nodeSVID)
 	}
-	if _, err := os.Stat(filepath.Join(dir, "state", "svid.pem")); err != nil {
-		t.Errorf("the node SVID is not kept in the state directory: %v", err)
-	}
+	// The state directory is written beside issuance, not before it.
+	eventually(t, "the node SVID kept in the state directory", func() bool {
+		_, err := os.Stat(filepath.Join(dir, "state", "svid.pem"))
+		return err == nil
+	})
 }
 
 // A join token for another identity than spiffe://TD/node/NAME stops the
