@@ -5,7 +5,6 @@ import (
 	"context"
 	"crypto/tls"
 	"errors"
-	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -22,6 +21,7 @@ import (
 
 	"github.com/trustmesh/trustmesh/authz/decisionlog"
 	"github.com/trustmesh/trustmesh/controlplane"
+	"github.com/trustmesh/trustmesh/internal/freeport"
 )
 
 const denyAdmin = `apiVersion: security.istio.io/v1
@@ -45,12 +45,7 @@ func TestServeEnforcesAuthorizationPolicies(t *testing.T) {
 	if err := os.WriteFile(filepath.Join(policies, "deny-admin.yaml"), []byte(denyAdmin), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := l.Addr().String()
-	l.Close()
+	addr := freeport.Addr(t)
 	var decisions bytes.Buffer // read once the control plane stopped
 	e := start(t, func(c *controlplane.Config) {
 		c.Authz.PolicyDir = policies

@@ -3,7 +3,6 @@ package controlplane_test
 import (
 	"context"
 	"crypto/tls"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -33,6 +32,7 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/envtest"
 
 	"github.com/trustmesh/trustmesh/controlplane"
+	"github.com/trustmesh/trustmesh/internal/freeport"
 )
 
 // TestControlPlaneInCluster runs the control plane against a real
@@ -92,12 +92,7 @@ func TestControlPlaneInCluster(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	authzAddr := l.Addr().String()
-	l.Close()
+	authzAddr := freeport.Addr(t)
 	// Every component reaches the API server through the clients the
 	// control plane builds once per start: one transport, however many
 	// components (CA Secret, checkpoint key, leader election, token

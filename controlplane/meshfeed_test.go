@@ -3,7 +3,6 @@ package controlplane_test
 import (
 	"fmt"
 	"log/slog"
-	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -11,6 +10,7 @@ import (
 	"time"
 
 	"github.com/trustmesh/trustmesh/controlplane"
+	"github.com/trustmesh/trustmesh/internal/freeport"
 	"github.com/trustmesh/trustmesh/xds"
 )
 
@@ -44,12 +44,7 @@ spec: {spiffeID: spiffe://cluster.local/ns/demo/sa/extra-%[1]d}
 		}
 	}
 	write(0)
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	authzAddr := l.Addr().String()
-	l.Close()
+	authzAddr := freeport.Addr(t)
 	var logs lockedBuffer
 	e := start(t, func(c *controlplane.Config) {
 		c.XDS.MeshDir = meshDir

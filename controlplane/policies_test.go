@@ -7,7 +7,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"log/slog"
-	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -26,6 +25,7 @@ import (
 	"google.golang.org/protobuf/types/known/structpb"
 
 	"github.com/trustmesh/trustmesh/controlplane"
+	"github.com/trustmesh/trustmesh/internal/freeport"
 	"github.com/trustmesh/trustmesh/xds"
 )
 
@@ -87,12 +87,7 @@ func TestOnePolicyFeed(t *testing.T) {
 		}
 	}
 	write(echoDeny("/admin"))
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	authzAddr := l.Addr().String()
-	l.Close()
+	authzAddr := freeport.Addr(t)
 	var decisions, logs lockedBuffer
 	e := start(t, func(c *controlplane.Config) {
 		c.XDS.MeshDir = "../examples/mesh"

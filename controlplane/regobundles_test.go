@@ -9,7 +9,6 @@ import (
 	"crypto/x509"
 	"encoding/pem"
 	"errors"
-	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -26,6 +25,7 @@ import (
 
 	"github.com/trustmesh/trustmesh/authz/source"
 	"github.com/trustmesh/trustmesh/controlplane"
+	"github.com/trustmesh/trustmesh/internal/freeport"
 )
 
 // serve --policies examples/policies loads the Rego bundle that the
@@ -33,12 +33,7 @@ import (
 // the example request is allowed for a user the bundle knows and denied
 // for one it does not, which no AuthorizationPolicy alone tells apart.
 func TestServeDecidesWithTheExampleBundle(t *testing.T) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := l.Addr().String()
-	l.Close()
+	addr := freeport.Addr(t)
 	var decisions bytes.Buffer // read once the control plane stopped
 	e := start(t, func(c *controlplane.Config) {
 		c.Authz.PolicyDir = "../examples/policies"

@@ -97,14 +97,16 @@ func TestViewCacheCallerGoneKeepsFlight(t *testing.T) {
 	release := make(chan struct{})
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
+	started := make(chan struct{})
 	go func() {
 		_, err := c.get(ctx, slots, journalKey{}, func(ctx context.Context) (int, error) {
+			close(started)
 			<-release
 			return 1, ctx.Err()
 		})
 		done <- err
 	}()
-	time.Sleep(50 * time.Millisecond)
+	<-started // the flight is in store: the next caller shares it
 	waiter := make(chan error, 1)
 	go func() {
 		_, err := c.get(context.Background(), slots, journalKey{}, nil)
