@@ -113,7 +113,18 @@ func TestStolenIntermediateAfterTaint(t *testing.T) {
 	oldInter := genuine[1]
 
 	cli(t, "ca", "rotate", "--taint", "--data-dir", s.dataDir)
-	time.Sleep(2 * time.Second) // serve's next rotation check (1 s)
+	// serve picks the rotation up at its next check (every second); the
+	// first handshake after that gets a serving certificate from the new
+	// intermediate.
+	eventually(t, 30*time.Second, "serve signing under the new intermediate", func() bool {
+		conn, err := tls.Dial("tcp", s.caAddr, &tls.Config{RootCAs: pool, ServerName: "127.0.0.1"})
+		if err != nil {
+			return false
+		}
+		defer conn.Close()
+		chain := conn.ConnectionState().PeerCertificates
+		return len(chain) > 1 && !chain[1].Equal(oldInter)
+	})
 
 	keyPEM, err := os.ReadFile(filepath.Join(s.dataDir, "ca", "gen-1", "ca-key.pem"))
 	if err != nil {

@@ -138,10 +138,11 @@ func TestServePushesToATlogWitness(t *testing.T) {
 	grow(t, data, 2)
 	p = startServe(t, data, witnessArgs...)
 	want := latestSize(t, data)
-	waitFor(t, "the first cosignature", p, func() bool { return keptSize() == want })
-	if got := p.metric(t, "trustmesh_journal_witness_cosigned_size"); got != strconv.FormatUint(want, 10) {
-		t.Errorf("trustmesh_journal_witness_cosigned_size = %q, want %d", got, want)
-	}
+	// The file is kept, then its directory synced, and only then the
+	// metric set: wait for the last of them.
+	waitFor(t, "the first cosignature, kept and in the metric", p, func() bool {
+		return keptSize() == want && p.metric(t, "trustmesh_journal_witness_cosigned_size") == strconv.FormatUint(want, 10)
+	})
 	p.stop(t)
 
 	// Restarted over a grown journal: a proof from the witness's size.
@@ -162,12 +163,11 @@ func TestServePushesToATlogWitness(t *testing.T) {
 	// Rewritten with the checkpoint key: refused, visible, serving.
 	rewrite(t, data, newAttacker(t, data))
 	p = startServe(t, data, witnessArgs...)
-	waitFor(t, "the refusal", p, func() bool {
-		return p.metric(t, `trustmesh_journal_witness_failures_total{reason="inconsistent"}`) == "1"
+	// The failure is counted, then logged: wait for both.
+	waitFor(t, "the refusal, counted and logged", p, func() bool {
+		return p.metric(t, `trustmesh_journal_witness_failures_total{reason="inconsistent"}`) == "1" &&
+			strings.Contains(p.stderr.String(), "reason=inconsistent")
 	})
-	if !strings.Contains(p.stderr.String(), "reason=inconsistent") {
-		t.Errorf("serve's log does not say the witness found the journal inconsistent:\n%s", p.stderr.String())
-	}
 	if resp, err := http.Get("http://" + p.monitoring + "/readyz"); err != nil || resp.StatusCode != http.StatusOK {
 		t.Errorf("serve is not ready after the witness refused it: %v", err)
 	} else {
