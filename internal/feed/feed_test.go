@@ -521,8 +521,19 @@ func TestWatchEndsWithItsContext(t *testing.T) {
 	case <-time.After(10 * time.Second):
 		t.Fatal("a watch outlived its context")
 	}
+	// A live watch is told once the new snapshot and its gauge are
+	// published, which is after the read reload waits for.
+	live := make(chan struct{}, 16)
+	if _, err := fx.feed.Watch(t.Context(), func() { live <- struct{}{} }); err != nil {
+		t.Fatal(err)
+	}
 	fx.src.set("b", nil)
 	fx.reload(t)
+	select {
+	case <-live:
+	case <-time.After(10 * time.Second):
+		t.Fatal("a live watch was not told of the change")
+	}
 	fx.check(t, 2, "b")
 	select {
 	case <-ch:

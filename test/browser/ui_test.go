@@ -244,19 +244,23 @@ func TestMarkupRendersAsText(t *testing.T) {
 		t.Fatalf("bypassing the CSP: %v", err)
 	}
 
-	// What the API says, which the page must show as it is.
-	var den denialsAPI
-	if err := s.getJSON("/ui/api/denials", &den); err != nil {
-		t.Fatal(err)
-	}
+	// What the API says, which the page must show as it is. The decision
+	// log keeps a denial for the view after the Check has answered, so
+	// the API is asked until it has it.
 	var path, id string
-	for _, d := range den.Denials {
-		if strings.Contains(d.Path, m) {
-			path, id = d.Path, d.DecisionID
+	for deadline := time.Now().Add(10 * time.Second); path == ""; time.Sleep(50 * time.Millisecond) {
+		var den denialsAPI
+		if err := s.getJSON("/ui/api/denials", &den); err != nil {
+			t.Fatal(err)
 		}
-	}
-	if path == "" {
-		t.Fatalf("/ui/api/denials lacks the denial %s", m)
+		for _, d := range den.Denials {
+			if strings.Contains(d.Path, m) {
+				path, id = d.Path, d.DecisionID
+			}
+		}
+		if path == "" && time.Now().After(deadline) {
+			t.Fatalf("/ui/api/denials lacks the denial %s after 10 s", m)
+		}
 	}
 	if missing := missingFrom(path, xssMarkup...); len(missing) > 0 {
 		t.Logf("the decision log's path is %q; it changed %q", path, missing)

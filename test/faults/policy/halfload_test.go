@@ -174,7 +174,14 @@ func TestHalfWrittenPolicy(t *testing.T) {
 	refusals := metric(t, h.mon, "trustmesh_policy_refusals_total")
 	logged := len(h.p.stderr.String())
 	h.tr.setExpect("B-refused-file", underB)
-	writeFile(t, h.file, unknownField)
+	// Replaced whole, by a rename: an in-place write could be read empty
+	// and refused for that first, a second refusal this test does not
+	// count on.
+	tmp := filepath.Join(filepath.Dir(h.file), ".tmp-"+filepath.Base(h.file))
+	writeFile(t, tmp, unknownField)
+	if err := os.Rename(tmp, h.file); err != nil {
+		t.Fatal(err)
+	}
 	eventually(t, 10*time.Second, "refusal logged", func() bool {
 		return strings.Contains(h.p.stderr.String()[logged:], "policy update refused; last good policy set kept")
 	})
@@ -229,13 +236,16 @@ func writeInPlace(t *testing.T, tr *traffic, file, content string, cut int, phas
 		t.Fatal(err)
 	}
 	time.Sleep(1500 * time.Millisecond)
+	// From the moment the rest is written, authz may reload (250 ms
+	// after the change, sooner than a sync on a busy disk returns): no
+	// decision is judged until the caller's waitFor.
+	tr.setExpect(phase+"-landing", nil)
 	if _, err := f.WriteString(content[cut:]); err != nil {
 		t.Fatal(err)
 	}
 	if err := f.Sync(); err != nil {
 		t.Fatal(err)
 	}
-	tr.setExpect(phase+"-landing", nil)
 }
 
 // waitFor waits until decisions follow w, then judges traffic against it.
