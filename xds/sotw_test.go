@@ -325,12 +325,24 @@ func TestSotwCacheThrottlesPushes(t *testing.T) {
 		t.Fatalf("after one acknowledgement answered %v, want n2 at v3", got)
 	}
 	// n1 and n2 never acknowledge: their holds expire and n3 and n4 are
-	// answered then, not before.
+	// answered then, not before. The clock moves only once the drain
+	// waits on it: a step between its reading the time and setting its
+	// timer would set the timer a step late.
+	drainWaits := func() {
+		t.Helper()
+		for deadline := time.Now().Add(10 * time.Second); !clk.HasWaiters(); time.Sleep(time.Millisecond) {
+			if time.Now().After(deadline) {
+				t.Fatal("the drain does not wait for the next hold's expiry")
+			}
+		}
+	}
+	drainWaits()
 	clk.Step(9 * time.Second)
 	time.Sleep(50 * time.Millisecond)
 	if got := answered(); len(got) != 0 {
 		t.Fatalf("answered %v before any hold expired", got)
 	}
+	drainWaits()
 	clk.Step(time.Second)
 	deadline := time.Now().Add(10 * time.Second)
 	got = map[string]string{}

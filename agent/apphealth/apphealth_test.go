@@ -23,6 +23,7 @@ import (
 
 	"github.com/trustmesh/trustmesh/agent/apphealth"
 	"github.com/trustmesh/trustmesh/api/probe"
+	"github.com/trustmesh/trustmesh/internal/freeport"
 	"github.com/trustmesh/trustmesh/test/leakcheck"
 )
 
@@ -139,16 +140,16 @@ func (c *canary) contacted(t *testing.T) []string {
 	return nil
 }
 
-// closedPort returns a loopback port nothing listens on.
+// closedPort returns a loopback port nothing listens on: one below the
+// ephemeral range, which no listener on port 0 and no outgoing
+// connection is given, as a port just closed could be.
 func closedPort(t *testing.T) int32 {
 	t.Helper()
-	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	p, err := strconv.ParseInt(freeport.Port(t), 10, 32)
 	if err != nil {
 		t.Fatal(err)
 	}
-	p := portOf(lis.Addr())
-	lis.Close()
-	return p
+	return int32(p)
 }
 
 func grpcServer(t *testing.T, impl healthpb.HealthServer) int32 {

@@ -151,18 +151,36 @@ func TestArrivingPortMakesRoom(t *testing.T) {
 	// 64 MiB messages: the port's 256 MiB budget is 4 places.
 	addr, _ := serveRequests(t, connlimit.Config{}, connlimit.Requests{MaxMessage: 64 << 20, MaxArriving: 4})
 	p := slowPeer(t, addr)
+	opened := time.Now()
 	for i := range 4 {
 		if err := p.OpenPartial(uint32(2*i+1), checkPath, 1000); err != nil {
 			t.Fatal(err)
 		}
 	}
-	time.Sleep(100 * time.Millisecond) // the four are in
-	if err := check(addr); status.Code(err) != codes.ResourceExhausted {
-		t.Fatalf("a request while the port's places hold young requests: %v, want ResourceExhausted", err)
+	// Until the four are in, a request passes (and holds no place once
+	// answered); then it is refused while they are young, and passes,
+	// cutting the oldest, once they have been arriving for a second.
+	time.Sleep(100 * time.Millisecond) // most often, the four are in by now
+	var err error
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		if err = check(addr); err != nil || time.Now().After(deadline) {
+			break
+		}
 	}
-	time.Sleep(1100 * time.Millisecond)
-	if err := check(addr); err != nil {
+	if status.Code(err) != codes.ResourceExhausted || time.Since(opened) >= time.Second {
+		t.Fatalf("a request while the port's places hold young requests: %v after %s, want ResourceExhausted within a second",
+			err, time.Since(opened))
+	}
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+		if err = check(addr); err == nil || time.Now().After(deadline) {
+			break
+		}
+	}
+	if err != nil {
 		t.Fatalf("a request while the port's places hold requests arriving for over a second: %v", err)
+	}
+	if since := time.Since(opened); since < time.Second {
+		t.Fatalf("a young request was cut %s after it began to arrive, within the second's grace", since)
 	}
 	if why := p.AwaitEnded(1, 5*time.Second); why == "" {
 		t.Fatal("the oldest slow request was not cut to make room")
