@@ -11,6 +11,7 @@ import (
 	"net"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -630,28 +631,48 @@ func TestHolderRefreshCoalesces(t *testing.T) {
 	f.setEntries("r1", workloadIDs(1)...)
 	h, _ := startHolder(t, f, nil)
 	eventually(t, "first fetch", func() bool { _, n, _ := f.counts(); return n == 1 })
-	var wg sync.WaitGroup
+	var (
+		wg       sync.WaitGroup
+		returned atomic.Int32
+	)
 	errs := make(chan error, 20)
 	for range 20 {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
 			errs <- h.Refresh(context.Background())
+			returned.Add(1)
 		}()
 	}
 	time.Sleep(100 * time.Millisecond)
 	if _, n, _ := f.counts(); n != 1 {
 		t.Fatalf("%d fetches before the refresh interval passed, want 1", n)
 	}
-	// A Refresh that reads its target only after the step asks for one
-	// more fetch, which waits its refresh interval on the clock: step
-	// again until every Refresh has returned.
-	returned := make(chan struct{})
-	go func() { wg.Wait(); close(returned) }()
-	clk.Step(DefaultRefreshInterval)
+	// The refresh interval passes: one more fetch. The clock is stepped
+	// again only if a step landed before the sync loop set its timer.
+	for deadline := time.Now().Add(20 * time.Second); ; {
+		clk.Step(DefaultRefreshInterval)
+		fetched := func() bool { _, n, _ := f.counts(); return n >= 2 }
+		for wait := time.Now().Add(time.Second); !fetched() && time.Now().Before(wait); time.Sleep(5 * time.Millisecond) {
+		}
+		if fetched() {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("no fetch after the refresh interval")
+		}
+	}
+	// The Refresh whose call woke the sync loop asked for that fetch, and
+	// returns with it: no further step.
+	eventually(t, "a Refresh returning with the fetch it asked for", func() bool { return returned.Load() > 0 })
+	// A Refresh that read its target only after that fetch began asks for
+	// one more, which waits its refresh interval on the clock: step until
+	// every Refresh has returned.
+	done := make(chan struct{})
+	go func() { wg.Wait(); close(done) }()
 	for deadline := time.Now().Add(20 * time.Second); ; clk.Step(DefaultRefreshInterval) {
 		select {
-		case <-returned:
+		case <-done:
 		case <-time.After(time.Second):
 			if time.Now().After(deadline) {
 				t.Fatal("20 concurrent refreshes did not return")

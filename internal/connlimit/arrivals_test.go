@@ -148,6 +148,8 @@ func TestEndedRPCsFreeTheirPlace(t *testing.T) {
 // takes the place of the oldest of the connection with the most once they
 // have been arriving for a second.
 func TestArrivingPortMakesRoom(t *testing.T) {
+	// connlimit's arrivalGrace, which an external test cannot read.
+	const arrivalGrace = time.Second
 	// 64 MiB messages: the port's 256 MiB budget is 4 places.
 	addr, _ := serveRequests(t, connlimit.Config{}, connlimit.Requests{MaxMessage: 64 << 20, MaxArriving: 4})
 	p := slowPeer(t, addr)
@@ -157,30 +159,31 @@ func TestArrivingPortMakesRoom(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	// Until the four are in, a request passes (and holds no place once
-	// answered); then it is refused while they are young, and passes,
-	// cutting the oldest, once they have been arriving for a second.
-	time.Sleep(100 * time.Millisecond) // most often, the four are in by now
+	// The server admits an RPC when it reads its HEADERS: once it has
+	// answered a PING sent after the four, the four are in.
+	if err := p.Ping(5 * time.Second); err != nil {
+		t.Fatal(err)
+	}
+	in := time.Now()
+	if err := check(addr); status.Code(err) != codes.ResourceExhausted {
+		t.Fatalf("a request while the port's places hold young requests (%s after they were in): %v, want ResourceExhausted",
+			time.Since(in), err)
+	}
+	// Once they have been arriving for a second, the next request takes
+	// the oldest one's place: not before (they began to arrive after
+	// opened), and not much after (they were in by in).
 	var err error
-	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(10 * time.Millisecond) {
-		if err = check(addr); err != nil || time.Now().After(deadline) {
-			break
-		}
-	}
-	if status.Code(err) != codes.ResourceExhausted || time.Since(opened) >= time.Second {
-		t.Fatalf("a request while the port's places hold young requests: %v after %s, want ResourceExhausted within a second",
-			err, time.Since(opened))
-	}
-	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+	for deadline := in.Add(arrivalGrace + 1500*time.Millisecond); ; time.Sleep(20 * time.Millisecond) {
 		if err = check(addr); err == nil || time.Now().After(deadline) {
 			break
 		}
 	}
 	if err != nil {
-		t.Fatalf("a request while the port's places hold requests arriving for over a second: %v", err)
+		t.Fatalf("a request %s after the port's places were filled, %s past the grace: %v",
+			time.Since(in), time.Since(in)-arrivalGrace, err)
 	}
-	if since := time.Since(opened); since < time.Second {
-		t.Fatalf("a young request was cut %s after it began to arrive, within the second's grace", since)
+	if since := time.Since(opened); since < arrivalGrace {
+		t.Fatalf("a young request was cut %s after it began to arrive, within the grace of %s", since, arrivalGrace)
 	}
 	if why := p.AwaitEnded(1, 5*time.Second); why == "" {
 		t.Fatal("the oldest slow request was not cut to make room")

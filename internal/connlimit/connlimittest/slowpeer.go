@@ -39,6 +39,8 @@ type SlowPeer struct {
 	goaway     string
 	readErr    error
 	sent       int64 // DATA bytes written
+	pings      uint64
+	acked      map[[8]byte]bool // PINGs the server has acknowledged
 }
 
 // NewSlowPeer starts HTTP/2 on conn (a *tls.Conn negotiated to h2, or a
@@ -46,7 +48,7 @@ type SlowPeer struct {
 func NewSlowPeer(t testing.TB, conn net.Conn) *SlowPeer {
 	t.Helper()
 	p := &SlowPeer{t: t, fr: http2.NewFramer(conn, conn), scheme: "http", initWin: 65535, connWin: 65535,
-		maxStreams: 1 << 31, streamWin: map[uint32]int64{}, ended: map[uint32]string{}}
+		maxStreams: 1 << 31, streamWin: map[uint32]int64{}, ended: map[uint32]string{}, acked: map[[8]byte]bool{}}
 	if _, ok := conn.(*tls.Conn); ok {
 		p.scheme = "https"
 	}
@@ -105,7 +107,9 @@ func (p *SlowPeer) read() {
 				p.wmu.Unlock()
 			}
 		case *http2.PingFrame:
-			if !f.IsAck() {
+			if f.IsAck() {
+				p.acked[f.Data] = true
+			} else {
 				p.wmu.Lock()
 				_ = p.fr.WritePing(true, f.Data)
 				p.wmu.Unlock()
@@ -267,6 +271,38 @@ func (p *SlowPeer) OpenWithHeader(stream uint32, path string, pad int) error {
 		}
 	}
 	return nil
+}
+
+// Ping sends a PING and waits up to d for the server to acknowledge it. A
+// server reads a connection's frames in order, so once it has, it has
+// read every frame sent before the PING: the HEADERS of every stream
+// opened so far, and whatever it does on reading them (grpc-go's tap
+// handle, for one).
+func (p *SlowPeer) Ping(d time.Duration) error {
+	var data [8]byte
+	p.mu.Lock()
+	p.pings++
+	binary.BigEndian.PutUint64(data[:], p.pings)
+	p.mu.Unlock()
+	p.wmu.Lock()
+	err := p.fr.WritePing(false, data)
+	p.wmu.Unlock()
+	if err != nil {
+		return err
+	}
+	for deadline := time.Now().Add(d); ; time.Sleep(5 * time.Millisecond) {
+		p.mu.Lock()
+		acked, readErr := p.acked[data], p.readErr
+		p.mu.Unlock()
+		switch {
+		case acked:
+			return nil
+		case readErr != nil:
+			return fmt.Errorf("no PING ACK: %w", readErr)
+		case time.Now().After(deadline):
+			return fmt.Errorf("no PING ACK within %s", d)
+		}
+	}
 }
 
 // Sent returns how many bytes of messages the server has let it send.
